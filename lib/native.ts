@@ -1,0 +1,79 @@
+/**
+ * The typed boundary to the native addon: the only module that touches untyped native objects.
+ * node-gyp-build loads build/Release (a local build) or prebuilds/<platform>-<arch> (what ships).
+ */
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { errorFromNative } from './errors.js';
+
+export interface NativeStoreOptions {
+  mode: 'create' | 'attach';
+  name: string;
+  capacity?: number;
+  maxObjects?: number;
+  spillDirectory?: string;
+  prefaultWindow?: number;
+}
+
+export interface NativeStoreStats {
+  segmentSize: number;
+  capacity: number;
+  bytesInUse: number;
+  objectCount: number;
+  maxObjects: number;
+  pinnedObjects: number;
+  spilledObjects: number;
+  spilledBytes: number;
+  totalSpilledBytes: number;
+  totalRestoredBytes: number;
+  totalSpilledObjects: number;
+  totalRestoredObjects: number;
+  recoveries: number;
+  prefaultedBytes: number;
+  attachedProcesses: number;
+}
+
+/** A pinned view: the data buffer (one pin), a copy of the metadata, and the pin's token. */
+export type NativeView = [data: ArrayBuffer, metadata: Uint8Array | null, token: number];
+
+export interface NativeObjectStore {
+  readonly name: string;
+  readonly segmentSize: number;
+  create(id: string, size: number, metadata?: Uint8Array): NativeView;
+  write(id: string, bytes: ArrayBufferView | ArrayBuffer, offset?: number): void;
+  seal(id: string): void;
+  abort(id: string): void;
+  put(id: string, data: ArrayBufferView | ArrayBuffer, metadata?: Uint8Array): void;
+  /** A view, or 0 when the id is absent, 1 when it is not sealed yet. */
+  get(id: string): NativeView | 0 | 1;
+  release(token: number, buffer?: ArrayBuffer): boolean;
+  delete(id: string): void;
+  state(id: string): 'absent' | 'created' | 'sealed' | 'spilled';
+  stats(): NativeStoreStats;
+  reapDeadProcesses(): number;
+  watchSeals(callback: () => void): void;
+  unwatchSeals(): void;
+  close(): void;
+  setCrashPoint(point: string): void;
+  holdLockForever(): never;
+}
+
+export interface NativeAddon {
+  setErrorFactory(factory: (code: string, message: string, details: Record<string, unknown>) => Error): void;
+  NativeObjectStore: new (options: NativeStoreOptions) => NativeObjectStore;
+  defaultStoreCapacity(): number;
+}
+
+/** The package root: lib/ under tests, dist/ once built. Both sit one level below it. */
+export const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
+
+function load(): NativeAddon {
+  const require = createRequire(import.meta.url);
+  const nodeGypBuild = require('node-gyp-build') as (root: string) => unknown;
+  const addon = nodeGypBuild(packageRoot) as NativeAddon;
+  addon.setErrorFactory(errorFromNative);
+  return addon;
+}
+
+export const native: NativeAddon = load();

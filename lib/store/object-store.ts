@@ -1,0 +1,416 @@
+/**
+ * The shared-memory object store of one node, as seen from one process. The node's owner creates
+ * the segment; every other process (workers) attaches to it by name. Reads are zero-copy views.
+ */
+import { mkdirSync, readdirSync, rmSync, statfsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { GetTimeoutError, InvalidArgumentError, StoreClosedError } from '../errors.js';
+import { native, type NativeObjectStore, type NativeView } from '../native.js';
+import { newObjectId, type ObjectId } from './object-id.js';
+
+export interface ObjectStoreOptions {
+  /** Segment name, unique on the host. Default: trellis-<pid>-<random>. */
+  name?: string;
+  /** Bytes for objects. Default: 30% of RAM, capped at what /dev/shm has free. */
+  capacity?: number;
+  /** Object table size. Default: one entry per 16 KiB of capacity, 4,096 to 1,048,576. */
+  maxObjects?: number;
+  /** Where sealed, unpinned objects go when the store is full; false disables spilling. */
+  spillDirectory?: string | false;
+  /** Bytes kept faulted in above the allocation frontier by a background thread; 0 disables. */
+  prefaultWindow?: number;
+}
+
+export interface StoreStats {
+  /** Bytes available for objects. */
+  capacity: number;
+  /** Bytes of the whole segment, tables included. */
+  segmentSize: number;
+  bytesInUse: number;
+  objectCount: number;
+  maxObjects: number;
+  pinnedObjects: number;
+  spilledObjects: number;
+  spilledBytes: number;
+  totalSpilledBytes: number;
+  totalRestoredBytes: number;
+  totalSpilledObjects: number;
+  totalRestoredObjects: number;
+  /** Times a process died inside the store's lock and the store rebuilt its tables. */
+  recoveries: number;
+  prefaultedBytes: number;
+  attachedProcesses: number;
+}
+
+export type ObjectState = 'absent' | 'created' | 'sealed' | 'spilled';
+
+type Bytes = ArrayBufferView | ArrayBuffer;
+
+/**
+ * A zero-copy, read-only-by-contract view of a sealed object. It pins the object: the store will
+ * not free or spill it while the view lives. `release()` unpins it at once and detaches the
+ * buffer, so a stale reference reads nothing rather than another object's bytes; otherwise the pin
+ * goes when the buffer is garbage-collected (including every TypedArray or Arrow table made on it).
+ */
+export class ObjectView {
+  readonly id: ObjectId;
+  readonly data: Uint8Array;
+  readonly metadata: Uint8Array | null;
+  readonly #store: NativeObjectStore;
+  readonly #token: number;
+
+  constructor(id: ObjectId, store: NativeObjectStore, view: NativeView) {
+    this.id = id;
+    this.#store = store;
+    this.data = new Uint8Array(view[0]);
+    this.metadata = view[1];
+    this.#token = view[2];
+  }
+
+  get size(): number {
+    return this.data.byteLength;
+  }
+
+  #released = false;
+
+  get released(): boolean {
+    return this.#released;
+  }
+
+  release(): void {
+    if (this.#released) return;
+    this.#released = true;
+    this.#store.release(this.#token, this.data.buffer as ArrayBuffer);
+  }
+
+  [Symbol.dispose](): void {
+    this.release();
+  }
+}
+
+/** An unsealed object being written by this process. */
+export class ObjectBuilder {
+  readonly id: ObjectId;
+  /** Writable bytes of the object: fill them, then seal. Detached once sealed or aborted. */
+  readonly data: Uint8Array;
+  readonly #store: ObjectStore;
+  readonly #token: number;
+
+  constructor(store: ObjectStore, id: ObjectId, view: NativeView) {
+    this.#store = store;
+    this.id = id;
+    this.data = new Uint8Array(view[0]);
+    this.#token = view[2];
+  }
+
+  write(bytes: Bytes, offset = 0): void {
+    this.#store.write(this.id, bytes, offset);
+  }
+
+  seal(): void {
+    this.#store.seal(this.id);
+  }
+
+  abort(): void {
+    this.#store.abort(this.id);
+  }
+
+  /** @internal */
+  detach(native: NativeObjectStore): void {
+    native.release(this.#token, this.data.buffer as ArrayBuffer);
+  }
+}
+
+interface Waiter {
+  id: ObjectId;
+  resolve: (view: ObjectView) => void;
+  reject: (error: Error) => void;
+  timer?: NodeJS.Timeout;
+}
+
+const ownedStores = new Set<ObjectStore>();
+let exitHookInstalled = false;
+
+function installExitHook(): void {
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  // A segment outlives its processes unless unlinked: the owner takes it along when it exits.
+  process.on('exit', () => {
+    for (const store of ownedStores) store.close();
+  });
+}
+
+/** Unlinks segments left by owners that were killed before they could clean up. */
+function removeStaleSegments(): void {
+  let names: string[];
+  try {
+    names = readdirSync('/dev/shm');
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    const match = /^trellis-(\d+)-/.exec(name);
+    if (!match) continue;
+    const pid = Number(match[1]);
+    if (pid === process.pid) continue;
+    try {
+      process.kill(pid, 0);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'ESRCH') rmSync(join('/dev/shm', name), { force: true });
+    }
+  }
+}
+
+export class ObjectStore {
+  readonly name: string;
+  /** True in the process that created the segment: it unlinks it on close. */
+  readonly isOwner: boolean;
+  readonly #native: NativeObjectStore;
+  readonly #builders = new Map<ObjectId, ObjectBuilder>();
+  readonly #waiters = new Map<ObjectId, Set<Waiter>>();
+  readonly #spillDirectory: string | undefined;
+  #waiterCount = 0;
+  #closed = false;
+
+  private constructor(nativeStore: NativeObjectStore, isOwner: boolean, spillDirectory?: string) {
+    this.#native = nativeStore;
+    this.name = nativeStore.name;
+    this.isOwner = isOwner;
+    this.#spillDirectory = spillDirectory;
+  }
+
+  /** Creates a node's segment; this process owns it. */
+  static create(options: ObjectStoreOptions = {}): ObjectStore {
+    const name = options.name ?? `trellis-${process.pid}-${newObjectId().slice(0, 12)}`;
+    if (options.capacity !== undefined) {
+      if (!Number.isSafeInteger(options.capacity) || options.capacity <= 0) {
+        throw new InvalidArgumentError(`capacity must be a positive integer of bytes, got ${options.capacity}`);
+      }
+      const shm = statfsSync('/dev/shm');
+      const free = shm.bavail * shm.bsize;
+      if (options.capacity > free) {
+        throw new InvalidArgumentError(
+          `capacity of ${options.capacity} bytes exceeds the ${free} bytes free in /dev/shm; ` +
+            'a larger segment would crash its users with SIGBUS once /dev/shm fills',
+        );
+      }
+    }
+    removeStaleSegments();
+    let spillDirectory: string | undefined;
+    if (options.spillDirectory !== false) {
+      spillDirectory = options.spillDirectory ?? join(tmpdir(), `${name}-spill`);
+      mkdirSync(spillDirectory, { recursive: true });
+    }
+    const nativeStore = new native.NativeObjectStore({
+      mode: 'create',
+      name,
+      capacity: options.capacity,
+      maxObjects: options.maxObjects,
+      spillDirectory,
+      prefaultWindow: options.prefaultWindow,
+    });
+    const store = new ObjectStore(nativeStore, true, options.spillDirectory === undefined ? spillDirectory : undefined);
+    ownedStores.add(store);
+    installExitHook();
+    return store;
+  }
+
+  /** Attaches to a segment that another process created. */
+  static attach(name: string): ObjectStore {
+    if (typeof name !== 'string' || name.length === 0) throw new InvalidArgumentError('segment name must be a non-empty string');
+    return new ObjectStore(new native.NativeObjectStore({ mode: 'attach', name }), false);
+  }
+
+  static defaultCapacity(): number {
+    return native.defaultStoreCapacity();
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Allocates an object for writing; fill `builder.data` (or call write) and seal it. */
+  create(id: ObjectId, size: number, options: { metadata?: Uint8Array } = {}): ObjectBuilder {
+    this.#checkOpen();
+    const view = this.#native.create(id, size, options.metadata);
+    const builder = new ObjectBuilder(this, id, view);
+    this.#builders.set(id, builder);
+    return builder;
+  }
+
+  write(id: ObjectId, bytes: Bytes, offset = 0): void {
+    this.#checkOpen();
+    this.#native.write(id, bytes, offset);
+  }
+
+  seal(id: ObjectId): void {
+    this.#checkOpen();
+    this.#native.seal(id);
+    this.#dropBuilder(id);
+  }
+
+  abort(id: ObjectId): void {
+    this.#checkOpen();
+    const builder = this.#builders.get(id);
+    this.#builders.delete(id);
+    builder?.detach(this.#native);
+    this.#native.abort(id);
+  }
+
+  /** create + copy + seal in one native call. */
+  put(id: ObjectId, data: Bytes, options: { metadata?: Uint8Array } = {}): void {
+    this.#checkOpen();
+    this.#native.put(id, data, options.metadata);
+  }
+
+  /** A view of a sealed object, waiting up to `timeout` ms (default: forever) for it to be sealed. */
+  get(id: ObjectId, options: { timeout?: number } = {}): Promise<ObjectView> {
+    try {
+      const view = this.getIfSealed(id);
+      if (view) return Promise.resolve(view);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    const timeout = options.timeout ?? Infinity;
+    if (timeout <= 0) return Promise.reject(this.#timeoutError(id, timeout));
+    return new Promise<ObjectView>((resolve, reject) => {
+      const waiter: Waiter = { id, resolve, reject };
+      if (Number.isFinite(timeout)) {
+        waiter.timer = setTimeout(() => {
+          this.#removeWaiter(waiter);
+          reject(this.#timeoutError(id, timeout));
+        }, timeout);
+      }
+      let set = this.#waiters.get(id);
+      if (!set) this.#waiters.set(id, (set = new Set()));
+      set.add(waiter);
+      if (this.#waiterCount++ === 0) this.#native.watchSeals(() => this.#recheckWaiters());
+      // A seal may have landed between the first look and the watch starting.
+      this.#recheckWaiters();
+    });
+  }
+
+  /** A view if the object is sealed now, else undefined. Never waits. */
+  getIfSealed(id: ObjectId): ObjectView | undefined {
+    this.#checkOpen();
+    const result = this.#native.get(id);
+    if (typeof result === 'number') return undefined;
+    return new ObjectView(id, this.#native, result);
+  }
+
+  /** The object's state in the store (sealed objects that were spilled read as 'spilled'). */
+  state(id: ObjectId): ObjectState {
+    this.#checkOpen();
+    return this.#native.state(id);
+  }
+
+  contains(id: ObjectId): boolean {
+    const state = this.state(id);
+    return state === 'sealed' || state === 'spilled';
+  }
+
+  /** Deletes now, or once the last pin anywhere goes. The id is free for reuse at once. */
+  delete(id: ObjectId): void {
+    this.#checkOpen();
+    this.#native.delete(id);
+    this.#dropBuilder(id);
+  }
+
+  stats(): StoreStats {
+    this.#checkOpen();
+    return this.#native.stats();
+  }
+
+  /** Drops pins, unsealed objects and unfinished spills of dead processes. Returns how many died. */
+  reapDeadProcesses(): number {
+    this.#checkOpen();
+    return this.#native.reapDeadProcesses();
+  }
+
+  /**
+   * Detaches this process: its pins and unsealed objects are dropped and pending gets rejected. The
+   * owner also unlinks the segment and its spill files. Views already handed out stay readable
+   * until collected.
+   */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    ownedStores.delete(this);
+    for (const set of this.#waiters.values()) {
+      for (const waiter of set) {
+        clearTimeout(waiter.timer);
+        waiter.reject(new StoreClosedError('ERR_STORE_CLOSED', `object store '${this.name}' was closed while waiting for ${waiter.id}`));
+      }
+    }
+    this.#waiters.clear();
+    this.#waiterCount = 0;
+    for (const builder of this.#builders.values()) builder.detach(this.#native);
+    this.#builders.clear();
+    this.#native.close();
+    if (this.#spillDirectory) rmSync(this.#spillDirectory, { recursive: true, force: true });
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.close();
+  }
+
+  /** @internal Test hooks: die at a named point inside the lock, or hold the lock forever. */
+  debugSetCrashPoint(point: string): void {
+    this.#native.setCrashPoint(point);
+  }
+
+  /** @internal */
+  debugHoldLockForever(): never {
+    return this.#native.holdLockForever();
+  }
+
+  #dropBuilder(id: ObjectId): void {
+    const builder = this.#builders.get(id);
+    if (!builder) return;
+    this.#builders.delete(id);
+    builder.detach(this.#native);
+  }
+
+  #checkOpen(): void {
+    if (this.#closed) throw new StoreClosedError('ERR_STORE_CLOSED', `object store '${this.name}' is closed`);
+  }
+
+  #timeoutError(id: ObjectId, timeout: number): GetTimeoutError {
+    const state = this.#closed ? 'absent' : this.#native.state(id);
+    return new GetTimeoutError(`object ${id} was not sealed within ${timeout} ms (it is ${state} in store '${this.name}')`);
+  }
+
+  #removeWaiter(waiter: Waiter): void {
+    const set = this.#waiters.get(waiter.id);
+    if (!set?.delete(waiter)) return;
+    if (set.size === 0) this.#waiters.delete(waiter.id);
+    if (--this.#waiterCount === 0 && !this.#closed) this.#native.unwatchSeals();
+  }
+
+  #recheckWaiters(): void {
+    if (this.#closed) return;
+    for (const [id, set] of [...this.#waiters]) {
+      for (const waiter of [...set]) {
+        let view: ObjectView | undefined;
+        try {
+          view = this.getIfSealed(id);
+        } catch (error) {
+          clearTimeout(waiter.timer);
+          this.#removeWaiter(waiter);
+          waiter.reject(error as Error);
+          continue;
+        }
+        if (!view) break;
+        clearTimeout(waiter.timer);
+        this.#removeWaiter(waiter);
+        waiter.resolve(view);
+      }
+    }
+  }
+}
+

@@ -1,0 +1,29 @@
+// Registers the native parts of trellis. Each part lives in its own folder and exposes one
+// Register function; lib/native.ts is the typed face of everything registered here.
+#include <napi.h>
+
+#include "common/js_error.h"
+#include "store/store_binding.h"
+
+namespace {
+
+Napi::Value SetErrorFactory(const Napi::CallbackInfo& info) {
+  auto* data = info.Env().GetInstanceData<trellis::AddonData>();
+  if (!info[0].IsFunction()) {
+    Napi::TypeError::New(info.Env(), "setErrorFactory expects a function").ThrowAsJavaScriptException();
+    return info.Env().Undefined();
+  }
+  data->error_factory = Napi::Persistent(info[0].As<Napi::Function>());
+  return info.Env().Undefined();
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  env.SetInstanceData(new trellis::AddonData());
+  exports.Set("setErrorFactory", Napi::Function::New(env, SetErrorFactory));
+  trellis::store::RegisterStoreBinding(env, exports);
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(trellis, Init)

@@ -1,0 +1,398 @@
+// Node-API face of the object store. Views are external ArrayBuffers over the one mapping of the
+// segment; each holds one pin, dropped when the buffer is released (and detached, so no stale
+// view can read a reused block) or garbage-collected.
+#include "store/store_binding.h"
+
+#include <atomic>
+#include <cmath>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "common/js_error.h"
+#include "store/store.h"
+
+namespace trellis::store {
+namespace {
+
+struct PinToken {
+  std::shared_ptr<Store> store;
+  uint32_t entry;
+  uint32_t generation;
+  uint64_t id;
+  std::atomic<bool> released{false};
+};
+
+// Tokens by number, so JS can name a pin to release without holding a native pointer.
+struct TokenRegistry {
+  std::mutex mutex;
+  std::unordered_map<uint64_t, PinToken*> tokens;
+  uint64_t next = 1;
+};
+
+ObjectId IdArgument(const Napi::Value& value) {
+  if (!value.IsString()) throw InvalidArgument("object id must be a 40-character hex string");
+  return ObjectId::FromHex(value.As<Napi::String>().Utf8Value());
+}
+
+uint64_t SizeArgument(const Napi::Value& value, const char* what) {
+  if (!value.IsNumber()) throw InvalidArgument(std::string(what) + " must be a number");
+  double number = value.As<Napi::Number>().DoubleValue();
+  if (!(number >= 0) || std::floor(number) != number || number > 9007199254740991.0) {
+    throw InvalidArgument(std::string(what) + " must be a non-negative integer, got " + value.ToString().Utf8Value());
+  }
+  return static_cast<uint64_t>(number);
+}
+
+struct Bytes {
+  const uint8_t* data = nullptr;
+  uint64_t length = 0;
+};
+
+Bytes BytesArgument(const Napi::Value& value, const char* what) {
+  if (value.IsTypedArray()) {
+    auto array = value.As<Napi::TypedArray>();
+    auto buffer = array.ArrayBuffer();
+    return {static_cast<const uint8_t*>(buffer.Data()) + array.ByteOffset(), array.ByteLength()};
+  }
+  if (value.IsDataView()) {
+    auto view = value.As<Napi::DataView>();
+    return {static_cast<const uint8_t*>(view.ArrayBuffer().Data()) + view.ByteOffset(), view.ByteLength()};
+  }
+  if (value.IsArrayBuffer()) {
+    auto buffer = value.As<Napi::ArrayBuffer>();
+    return {static_cast<const uint8_t*>(buffer.Data()), buffer.ByteLength()};
+  }
+  throw InvalidArgument(std::string(what) + " must be a TypedArray, DataView or ArrayBuffer");
+}
+
+class StoreBinding : public Napi::ObjectWrap<StoreBinding> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "NativeObjectStore",
+                       {
+                           InstanceMethod<&StoreBinding::CreateObject>("create"),
+                           InstanceMethod<&StoreBinding::Write>("write"),
+                           InstanceMethod<&StoreBinding::Seal>("seal"),
+                           InstanceMethod<&StoreBinding::Abort>("abort"),
+                           InstanceMethod<&StoreBinding::Put>("put"),
+                           InstanceMethod<&StoreBinding::Get>("get"),
+                           InstanceMethod<&StoreBinding::Release>("release"),
+                           InstanceMethod<&StoreBinding::Delete>("delete"),
+                           InstanceMethod<&StoreBinding::State>("state"),
+                           InstanceMethod<&StoreBinding::Stats>("stats"),
+                           InstanceMethod<&StoreBinding::Reap>("reapDeadProcesses"),
+                           InstanceMethod<&StoreBinding::WatchSeals>("watchSeals"),
+                           InstanceMethod<&StoreBinding::UnwatchSeals>("unwatchSeals"),
+                           InstanceMethod<&StoreBinding::Close>("close"),
+                           InstanceMethod<&StoreBinding::SetCrashPoint>("setCrashPoint"),
+                           InstanceMethod<&StoreBinding::HoldLockForever>("holdLockForever"),
+                           InstanceAccessor<&StoreBinding::Name>("name"),
+                           InstanceAccessor<&StoreBinding::SegmentSize>("segmentSize"),
+                       });
+  }
+
+  explicit StoreBinding(const Napi::CallbackInfo& info) : Napi::ObjectWrap<StoreBinding>(info) {
+    Napi::Env env = info.Env();
+    Guarded(env, [&] {
+      if (!info[0].IsObject()) throw InvalidArgument("NativeObjectStore expects an options object");
+      Napi::Object options = info[0].As<Napi::Object>();
+      std::string mode = options.Get("mode").ToString().Utf8Value();
+      std::string name = options.Get("name").ToString().Utf8Value();
+      if (mode == "create") {
+        CreateOptions create;
+        create.name = name;
+        if (options.Has("capacity") && !options.Get("capacity").IsUndefined()) create.capacity = SizeArgument(options.Get("capacity"), "capacity");
+        if (options.Has("maxObjects") && !options.Get("maxObjects").IsUndefined()) {
+          create.max_objects = static_cast<uint32_t>(SizeArgument(options.Get("maxObjects"), "maxObjects"));
+        }
+        if (options.Has("spillDirectory") && options.Get("spillDirectory").IsString()) {
+          create.spill_directory = options.Get("spillDirectory").As<Napi::String>().Utf8Value();
+        }
+        if (options.Has("prefaultWindow") && !options.Get("prefaultWindow").IsUndefined()) {
+          create.prefault_window = SizeArgument(options.Get("prefaultWindow"), "prefaultWindow");
+        }
+        store_ = Store::Create(create);
+      } else if (mode == "attach") {
+        store_ = Store::Attach(name);
+      } else {
+        throw InvalidArgument("mode must be 'create' or 'attach'");
+      }
+      return 0;
+    });
+  }
+
+  ~StoreBinding() override { StopWatcher(); }
+
+ private:
+  Store& store() {
+    if (!store_) throw NativeError("ERR_STORE_CLOSED", "object store is closed");
+    return *store_;
+  }
+
+  // An external ArrayBuffer over `object`'s data that owns one pin.
+  Napi::Array MakeView(Napi::Env env, const PinnedObject& object) {
+    auto* token = new PinToken();
+    token->store = store_;
+    token->entry = object.entry;
+    token->generation = object.generation;
+    {
+      std::lock_guard<std::mutex> guard(registry_->mutex);
+      token->id = registry_->next++;
+      registry_->tokens.emplace(token->id, token);
+    }
+    std::shared_ptr<TokenRegistry> registry = registry_;
+    Napi::ArrayBuffer buffer = Napi::ArrayBuffer::New(
+        env, object.data, object.data_size,
+        [registry](Napi::Env, void*, PinToken* finalized) {
+          {
+            std::lock_guard<std::mutex> guard(registry->mutex);
+            registry->tokens.erase(finalized->id);
+          }
+          if (!finalized->released.exchange(true)) {
+            try {
+              finalized->store->Release(finalized->entry, finalized->generation);
+            } catch (...) {
+              // A finalizer cannot throw; a closed store already dropped the pin.
+            }
+          }
+          delete finalized;
+        },
+        token);
+    Napi::Array result = Napi::Array::New(env, 3);
+    result.Set(0u, buffer);
+    if (object.metadata_size > 0) {
+      result.Set(1u, Napi::Buffer<uint8_t>::Copy(env, object.metadata, object.metadata_size));
+    } else {
+      result.Set(1u, env.Null());
+    }
+    result.Set(2u, Napi::Number::New(env, static_cast<double>(token->id)));
+    return result;
+  }
+
+  Napi::Value CreateObject(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      ObjectId id = IdArgument(info[0]);
+      uint64_t size = SizeArgument(info[1], "size");
+      Bytes metadata;
+      if (info.Length() > 2 && !info[2].IsUndefined() && !info[2].IsNull()) metadata = BytesArgument(info[2], "metadata");
+      PinnedObject object = store().Create(id, size, metadata.data, metadata.length);
+      return MakeView(info.Env(), object);
+    });
+  }
+
+  Napi::Value Write(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      ObjectId id = IdArgument(info[0]);
+      Bytes bytes = BytesArgument(info[1], "bytes");
+      uint64_t offset = info.Length() > 2 && !info[2].IsUndefined() ? SizeArgument(info[2], "offset") : 0;
+      store().Write(id, offset, bytes.data, bytes.length);
+      return info.Env().Undefined();
+    });
+  }
+
+  Napi::Value Seal(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      store().Seal(IdArgument(info[0]));
+      return info.Env().Undefined();
+    });
+  }
+
+  Napi::Value Abort(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      store().Abort(IdArgument(info[0]));
+      return info.Env().Undefined();
+    });
+  }
+
+  Napi::Value Put(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      ObjectId id = IdArgument(info[0]);
+      Bytes data = BytesArgument(info[1], "data");
+      Bytes metadata;
+      if (info.Length() > 2 && !info[2].IsUndefined() && !info[2].IsNull()) metadata = BytesArgument(info[2], "metadata");
+      store().Put(id, data.data, data.length, metadata.data, metadata.length);
+      return info.Env().Undefined();
+    });
+  }
+
+  // Returns [ArrayBuffer, metadata | null, token], or 0 when absent, 1 when not sealed yet.
+  Napi::Value Get(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      ObjectId id = IdArgument(info[0]);
+      PinnedObject object;
+      GetStatus status = store().TryGet(id, &object);
+      if (status == GetStatus::kAbsent) return Napi::Number::New(info.Env(), 0);
+      if (status == GetStatus::kNotReady) return Napi::Number::New(info.Env(), 1);
+      return MakeView(info.Env(), object);
+    });
+  }
+
+  // release(token, buffer?): drops the pin and detaches the buffer so stale views read nothing.
+  Napi::Value Release(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      uint64_t id = SizeArgument(info[0], "token");
+      PinToken* token = nullptr;
+      {
+        std::lock_guard<std::mutex> guard(registry_->mutex);
+        auto found = registry_->tokens.find(id);
+        if (found != registry_->tokens.end()) token = found->second;
+      }
+      if (info.Length() > 1 && info[1].IsArrayBuffer()) {
+        Napi::ArrayBuffer buffer = info[1].As<Napi::ArrayBuffer>();
+        if (!buffer.IsDetached()) buffer.Detach();
+      }
+      if (token != nullptr && !token->released.exchange(true)) {
+        token->store->Release(token->entry, token->generation);
+        return Napi::Boolean::New(info.Env(), true);
+      }
+      return Napi::Boolean::New(info.Env(), false);
+    });
+  }
+
+  Napi::Value Delete(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      store().Delete(IdArgument(info[0]));
+      return info.Env().Undefined();
+    });
+  }
+
+  Napi::Value State(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      return Napi::String::New(info.Env(), store().StateOf(IdArgument(info[0])));
+    });
+  }
+
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      StoreStats stats = store().Stats();
+      Napi::Env env = info.Env();
+      Napi::Object out = Napi::Object::New(env);
+      auto set = [&](const char* key, uint64_t value) { out.Set(key, Napi::Number::New(env, static_cast<double>(value))); };
+      set("segmentSize", stats.capacity);
+      set("capacity", stats.data_capacity);
+      set("bytesInUse", stats.bytes_in_use);
+      set("objectCount", stats.object_count);
+      set("maxObjects", stats.max_objects);
+      set("pinnedObjects", stats.pinned_objects);
+      set("spilledObjects", stats.spilled_objects);
+      set("spilledBytes", stats.spilled_bytes);
+      set("totalSpilledBytes", stats.total_spilled_bytes);
+      set("totalRestoredBytes", stats.total_restored_bytes);
+      set("totalSpilledObjects", stats.total_spilled_objects);
+      set("totalRestoredObjects", stats.total_restored_objects);
+      set("recoveries", stats.recoveries);
+      set("prefaultedBytes", stats.prefaulted_bytes);
+      set("attachedProcesses", stats.attached_processes);
+      return out;
+    });
+  }
+
+  Napi::Value Reap(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      return Napi::Number::New(info.Env(), store().ReapDeadProcesses());
+    });
+  }
+
+  // watchSeals(callback): a native thread waits on the segment's seal futex and calls back on the
+  // JS thread (coalesced) whenever anything is sealed, restored or deleted, so that pending gets
+  // re-check without occupying libuv's thread pool.
+  Napi::Value WatchSeals(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      if (!info[0].IsFunction()) throw InvalidArgument("watchSeals expects a callback");
+      Store& s = store();
+      if (watcher_running_) return info.Env().Undefined();
+      watcher_stop_.store(false);
+      notify_pending_.store(false);
+      tsfn_ = Napi::ThreadSafeFunction::New(info.Env(), info[0].As<Napi::Function>(), "trellis-seal-watch", 0, 1);
+      watcher_running_ = true;
+      std::shared_ptr<Store> keep = store_;
+      uint32_t seen = s.seal_sequence();
+      watcher_ = std::thread([this, keep, seen]() mutable {
+        while (!watcher_stop_.load()) {
+          keep->WaitForSeal(seen, 200);
+          uint32_t now = keep->seal_sequence();
+          if (now == seen || watcher_stop_.load()) continue;
+          seen = now;
+          if (!notify_pending_.exchange(true)) {
+            tsfn_.NonBlockingCall([this](Napi::Env, Napi::Function callback) {
+              notify_pending_.store(false);
+              callback.Call({});
+            });
+          }
+        }
+      });
+      return info.Env().Undefined();
+    });
+  }
+
+  Napi::Value UnwatchSeals(const Napi::CallbackInfo& info) {
+    StopWatcher();
+    return info.Env().Undefined();
+  }
+
+  void StopWatcher() {
+    if (!watcher_running_) return;
+    watcher_stop_.store(true);
+    if (watcher_.joinable()) watcher_.join();
+    tsfn_.Release();
+    watcher_running_ = false;
+  }
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      StopWatcher();
+      if (store_) store_->Close();
+      // Views keep the Store (and its mapping) alive until they are collected.
+      store_.reset();
+      return info.Env().Undefined();
+    });
+  }
+
+  Napi::Value SetCrashPoint(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      store().SetCrashPoint(info[0].ToString().Utf8Value());
+      return info.Env().Undefined();
+    });
+  }
+
+  Napi::Value HoldLockForever(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value { store().HoldLockForever(); });
+  }
+
+  Napi::Value Name(const Napi::CallbackInfo& info) {
+    return Napi::String::New(info.Env(), name_cache());
+  }
+
+  Napi::Value SegmentSize(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      return Napi::Number::New(info.Env(), static_cast<double>(store().segment_size()));
+    });
+  }
+
+  std::string name_cache() {
+    if (store_) name_ = store_->name();
+    return name_;
+  }
+
+  std::shared_ptr<Store> store_;
+  std::shared_ptr<TokenRegistry> registry_ = std::make_shared<TokenRegistry>();
+  std::string name_;
+  std::thread watcher_;
+  std::atomic<bool> watcher_stop_{false};
+  std::atomic<bool> notify_pending_{false};
+  bool watcher_running_ = false;
+  Napi::ThreadSafeFunction tsfn_;
+};
+
+}  // namespace
+
+void RegisterStoreBinding(Napi::Env env, Napi::Object exports) {
+  exports.Set("NativeObjectStore", StoreBinding::Define(env));
+  exports.Set("defaultStoreCapacity", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
+                return Napi::Number::New(info.Env(), static_cast<double>(DefaultCapacity()));
+              }));
+}
+
+}  // namespace trellis::store
