@@ -34,20 +34,26 @@ export interface NativeStoreStats {
   attachedProcesses: number;
 }
 
-/** A pinned view: the data buffer (one pin), a copy of the metadata, and the pin's token. */
-export type NativeView = [data: ArrayBuffer, metadata: Uint8Array | null, token: number];
+/**
+ * A pinned object: where its data sits in the region buffer, a copy of its metadata, and the pin's
+ * name (entry, generation) for release.
+ */
+export type NativePinned = [offset: number, size: number, metadata: Uint8Array | null, entry: number, generation: number];
 
 export interface NativeObjectStore {
   readonly name: string;
   readonly segmentSize: number;
-  create(id: string, size: number, metadata?: Uint8Array): NativeView;
+  create(id: string, size: number, metadata?: Uint8Array): NativePinned;
   write(id: string, bytes: ArrayBufferView | ArrayBuffer, offset?: number): void;
   seal(id: string): void;
   abort(id: string): void;
   put(id: string, data: ArrayBufferView | ArrayBuffer, metadata?: Uint8Array): void;
-  /** A view, or 0 when the id is absent, 1 when it is not sealed yet. */
-  get(id: string): NativeView | 0 | 1;
-  release(token: number, buffer?: ArrayBuffer): boolean;
+  /** The pinned object, or 0 when the id is absent, 1 when it is not sealed yet. */
+  get(id: string): NativePinned | 0 | 1;
+  /** Drops one pin of this process. */
+  release(entry: number, generation: number): void;
+  /** The whole data region as one ArrayBuffer, made once per process. */
+  region(): ArrayBuffer;
   delete(id: string): void;
   state(id: string): 'absent' | 'created' | 'sealed' | 'spilled';
   stats(): NativeStoreStats;

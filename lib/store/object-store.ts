@@ -6,7 +6,7 @@ import { mkdirSync, readdirSync, rmSync, statfsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { GetTimeoutError, InvalidArgumentError, StoreClosedError } from '../errors.js';
-import { native, type NativeObjectStore, type NativeView } from '../native.js';
+import { native, type NativeObjectStore, type NativePinned } from '../native.js';
 import { newObjectId, type ObjectId } from './object-id.js';
 
 export interface ObjectStoreOptions {
@@ -47,41 +47,57 @@ export type ObjectState = 'absent' | 'created' | 'sealed' | 'spilled';
 
 type Bytes = ArrayBufferView | ArrayBuffer;
 
+const empty = new Uint8Array(0);
+
+/** Drops the pin of a view that was garbage-collected without release(). */
+const pinFinalizer = new FinalizationRegistry<{ store: NativeObjectStore; entry: number; generation: number }>((pin) => {
+  pin.store.release(pin.entry, pin.generation);
+});
+
 /**
- * A zero-copy, read-only-by-contract view of a sealed object. It pins the object: the store will
- * not free or spill it while the view lives. `release()` unpins it at once and detaches the
- * buffer, so a stale reference reads nothing rather than another object's bytes; otherwise the pin
- * goes when the buffer is garbage-collected (including every TypedArray or Arrow table made on it).
+ * A zero-copy view of a sealed object: `data` is a Uint8Array over the store's shared memory (a
+ * slice of one buffer that maps the whole segment, so arrays made from it must use its
+ * byteOffset, as `tableFromIPC` and `subarray` do). The view pins the object: the store will not
+ * free or spill it while the view is held. `release()` unpins at once, after which `data` reads as
+ * empty; a view that is dropped unpins when garbage-collected. Keep the view (or its `data`)
+ * reachable for as long as arrays made from it are used.
  */
 export class ObjectView {
   readonly id: ObjectId;
-  readonly data: Uint8Array;
   readonly metadata: Uint8Array | null;
+  #data: Uint8Array;
   readonly #store: NativeObjectStore;
-  readonly #token: number;
+  readonly #entry: number;
+  readonly #generation: number;
 
-  constructor(id: ObjectId, store: NativeObjectStore, view: NativeView) {
+  /** @internal */
+  constructor(id: ObjectId, store: NativeObjectStore, region: ArrayBuffer, pinned: NativePinned) {
     this.id = id;
     this.#store = store;
-    this.data = new Uint8Array(view[0]);
-    this.metadata = view[1];
-    this.#token = view[2];
+    this.#data = new Uint8Array(region, pinned[0], pinned[1]);
+    this.metadata = pinned[2];
+    this.#entry = pinned[3];
+    this.#generation = pinned[4];
+    pinFinalizer.register(this.#data, { store, entry: pinned[3], generation: pinned[4] }, this);
+  }
+
+  get data(): Uint8Array {
+    return this.#data;
   }
 
   get size(): number {
-    return this.data.byteLength;
+    return this.#data.byteLength;
   }
 
-  #released = false;
-
   get released(): boolean {
-    return this.#released;
+    return this.#data === empty;
   }
 
   release(): void {
-    if (this.#released) return;
-    this.#released = true;
-    this.#store.release(this.#token, this.data.buffer as ArrayBuffer);
+    if (this.#data === empty) return;
+    this.#data = empty;
+    pinFinalizer.unregister(this);
+    this.#store.release(this.#entry, this.#generation);
   }
 
   [Symbol.dispose](): void {
@@ -92,16 +108,19 @@ export class ObjectView {
 /** An unsealed object being written by this process. */
 export class ObjectBuilder {
   readonly id: ObjectId;
-  /** Writable bytes of the object: fill them, then seal. Detached once sealed or aborted. */
-  readonly data: Uint8Array;
   readonly #store: ObjectStore;
-  readonly #token: number;
+  #data: Uint8Array;
 
-  constructor(store: ObjectStore, id: ObjectId, view: NativeView) {
+  /** @internal */
+  constructor(store: ObjectStore, id: ObjectId, region: ArrayBuffer, pinned: NativePinned) {
     this.#store = store;
     this.id = id;
-    this.data = new Uint8Array(view[0]);
-    this.#token = view[2];
+    this.#data = new Uint8Array(region, pinned[0], pinned[1]);
+  }
+
+  /** Writable bytes of the object: fill them, then seal. Empty once sealed or aborted. */
+  get data(): Uint8Array {
+    return this.#data;
   }
 
   write(bytes: Bytes, offset = 0): void {
@@ -116,9 +135,9 @@ export class ObjectBuilder {
     this.#store.abort(this.id);
   }
 
-  /** @internal */
-  detach(native: NativeObjectStore): void {
-    native.release(this.#token, this.data.buffer as ArrayBuffer);
+  /** @internal The store sealed, aborted or deleted the object: the bytes are no longer ours. */
+  detach(): void {
+    this.#data = empty;
   }
 }
 
@@ -167,6 +186,7 @@ export class ObjectStore {
   /** True in the process that created the segment: it unlinks it on close. */
   readonly isOwner: boolean;
   readonly #native: NativeObjectStore;
+  #region: ArrayBuffer | undefined;
   readonly #builders = new Map<ObjectId, ObjectBuilder>();
   readonly #waiters = new Map<ObjectId, Set<Waiter>>();
   readonly #spillDirectory: string | undefined;
@@ -233,8 +253,8 @@ export class ObjectStore {
   /** Allocates an object for writing; fill `builder.data` (or call write) and seal it. */
   create(id: ObjectId, size: number, options: { metadata?: Uint8Array } = {}): ObjectBuilder {
     this.#checkOpen();
-    const view = this.#native.create(id, size, options.metadata);
-    const builder = new ObjectBuilder(this, id, view);
+    const pinned = this.#native.create(id, size, options.metadata);
+    const builder = new ObjectBuilder(this, id, this.#regionBuffer(), pinned);
     this.#builders.set(id, builder);
     return builder;
   }
@@ -254,7 +274,7 @@ export class ObjectStore {
     this.#checkOpen();
     const builder = this.#builders.get(id);
     this.#builders.delete(id);
-    builder?.detach(this.#native);
+    builder?.detach();
     this.#native.abort(id);
   }
 
@@ -296,7 +316,7 @@ export class ObjectStore {
     this.#checkOpen();
     const result = this.#native.get(id);
     if (typeof result === 'number') return undefined;
-    return new ObjectView(id, this.#native, result);
+    return new ObjectView(id, this.#native, this.#regionBuffer(), result);
   }
 
   /** The object's state in the store (sealed objects that were spilled read as 'spilled'). */
@@ -345,7 +365,7 @@ export class ObjectStore {
     }
     this.#waiters.clear();
     this.#waiterCount = 0;
-    for (const builder of this.#builders.values()) builder.detach(this.#native);
+    for (const builder of this.#builders.values()) builder.detach();
     this.#builders.clear();
     this.#native.close();
     if (this.#spillDirectory) rmSync(this.#spillDirectory, { recursive: true, force: true });
@@ -373,7 +393,11 @@ export class ObjectStore {
     const builder = this.#builders.get(id);
     if (!builder) return;
     this.#builders.delete(id);
-    builder.detach(this.#native);
+    builder.detach();
+  }
+
+  #regionBuffer(): ArrayBuffer {
+    return (this.#region ??= this.#native.region());
   }
 
   #checkOpen(): void {

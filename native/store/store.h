@@ -61,6 +61,8 @@ class Store : public std::enable_shared_from_this<Store> {
   uint64_t segment_size() const { return header_->segment_size; }
   bool is_creator() const { return is_creator_; }
   bool closed() const { return closed_.load(); }
+  uint8_t* data_base() const { return data_; }
+  uint64_t data_size() const { return header_->data_size; }
 
   // Allocates and pins an object for writing by this process.
   PinnedObject Create(const ObjectId& id, uint64_t data_size, const uint8_t* metadata, uint64_t metadata_size);

@@ -1,6 +1,5 @@
-// Node-API face of the object store. Views are external ArrayBuffers over the one mapping of the
-// segment; each holds one pin, dropped when the buffer is released (and detached, so no stale
-// view can read a reused block) or garbage-collected.
+// Node-API face of the object store. Views are slices of one external ArrayBuffer over the
+// segment's data region; each view's pin is released by JS (explicitly or when it is collected).
 #include "store/store_binding.h"
 
 #include <atomic>
@@ -15,21 +14,6 @@
 
 namespace trellis::store {
 namespace {
-
-struct PinToken {
-  std::shared_ptr<Store> store;
-  uint32_t entry;
-  uint32_t generation;
-  uint64_t id;
-  std::atomic<bool> released{false};
-};
-
-// Tokens by number, so JS can name a pin to release without holding a native pointer.
-struct TokenRegistry {
-  std::mutex mutex;
-  std::unordered_map<uint64_t, PinToken*> tokens;
-  uint64_t next = 1;
-};
 
 ObjectId IdArgument(const Napi::Value& value) {
   if (!value.IsString()) throw InvalidArgument("object id must be a 40-character hex string");
@@ -79,6 +63,7 @@ class StoreBinding : public Napi::ObjectWrap<StoreBinding> {
                            InstanceMethod<&StoreBinding::Put>("put"),
                            InstanceMethod<&StoreBinding::Get>("get"),
                            InstanceMethod<&StoreBinding::Release>("release"),
+                           InstanceMethod<&StoreBinding::Region>("region"),
                            InstanceMethod<&StoreBinding::Delete>("delete"),
                            InstanceMethod<&StoreBinding::State>("state"),
                            InstanceMethod<&StoreBinding::Stats>("stats"),
@@ -131,44 +116,35 @@ class StoreBinding : public Napi::ObjectWrap<StoreBinding> {
     return *store_;
   }
 
-  // An external ArrayBuffer over `object`'s data that owns one pin.
-  Napi::Array MakeView(Napi::Env env, const PinnedObject& object) {
-    auto* token = new PinToken();
-    token->store = store_;
-    token->entry = object.entry;
-    token->generation = object.generation;
-    {
-      std::lock_guard<std::mutex> guard(registry_->mutex);
-      token->id = registry_->next++;
-      registry_->tokens.emplace(token->id, token);
-    }
-    std::shared_ptr<TokenRegistry> registry = registry_;
-    Napi::ArrayBuffer buffer = Napi::ArrayBuffer::New(
-        env, object.data, object.data_size,
-        [registry](Napi::Env, void*, PinToken* finalized) {
-          {
-            std::lock_guard<std::mutex> guard(registry->mutex);
-            registry->tokens.erase(finalized->id);
-          }
-          if (!finalized->released.exchange(true)) {
-            try {
-              finalized->store->Release(finalized->entry, finalized->generation);
-            } catch (...) {
-              // A finalizer cannot throw; a closed store already dropped the pin.
-            }
-          }
-          delete finalized;
-        },
-        token);
-    Napi::Array result = Napi::Array::New(env, 3);
-    result.Set(0u, buffer);
+  // [offset in the data region, size, metadata copy | null, entry, generation]: JS makes the view
+  // as a slice of the one region buffer, and names the pin by (entry, generation) to release it.
+  Napi::Array Describe(Napi::Env env, const PinnedObject& object) {
+    Napi::Array result = Napi::Array::New(env, 5);
+    result.Set(0u, Napi::Number::New(env, static_cast<double>(object.data - store_->data_base())));
+    result.Set(1u, Napi::Number::New(env, static_cast<double>(object.data_size)));
     if (object.metadata_size > 0) {
-      result.Set(1u, Napi::Buffer<uint8_t>::Copy(env, object.metadata, object.metadata_size));
+      result.Set(2u, Napi::Buffer<uint8_t>::Copy(env, object.metadata, object.metadata_size));
     } else {
-      result.Set(1u, env.Null());
+      result.Set(2u, env.Null());
     }
-    result.Set(2u, Napi::Number::New(env, static_cast<double>(token->id)));
+    result.Set(3u, Napi::Number::New(env, object.entry));
+    result.Set(4u, Napi::Number::New(env, object.generation));
     return result;
+  }
+
+  // One external ArrayBuffer over the whole data region, made once per process. Views are slices
+  // of it: creating an external buffer per object would make V8 count its bytes as fresh
+  // allocation and collect garbage after every large get. The buffer keeps the mapping alive.
+  Napi::Value Region(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      if (!region_.IsEmpty()) return region_.Value();
+      Store& s = store();
+      auto* keep = new std::shared_ptr<Store>(store_);
+      Napi::ArrayBuffer buffer = Napi::ArrayBuffer::New(
+          info.Env(), s.data_base(), s.data_size(), [](Napi::Env, void*, std::shared_ptr<Store>* held) { delete held; }, keep);
+      region_ = Napi::Weak(buffer);
+      return buffer;
+    });
   }
 
   Napi::Value CreateObject(const Napi::CallbackInfo& info) {
@@ -178,7 +154,7 @@ class StoreBinding : public Napi::ObjectWrap<StoreBinding> {
       Bytes metadata;
       if (info.Length() > 2 && !info[2].IsUndefined() && !info[2].IsNull()) metadata = BytesArgument(info[2], "metadata");
       PinnedObject object = store().Create(id, size, metadata.data, metadata.length);
-      return MakeView(info.Env(), object);
+      return Describe(info.Env(), object);
     });
   }
 
@@ -225,29 +201,16 @@ class StoreBinding : public Napi::ObjectWrap<StoreBinding> {
       GetStatus status = store().TryGet(id, &object);
       if (status == GetStatus::kAbsent) return Napi::Number::New(info.Env(), 0);
       if (status == GetStatus::kNotReady) return Napi::Number::New(info.Env(), 1);
-      return MakeView(info.Env(), object);
+      return Describe(info.Env(), object);
     });
   }
 
-  // release(token, buffer?): drops the pin and detaches the buffer so stale views read nothing.
+  // release(entry, generation): drops one pin this process holds.
   Napi::Value Release(const Napi::CallbackInfo& info) {
     return Guarded(info.Env(), [&]() -> Napi::Value {
-      uint64_t id = SizeArgument(info[0], "token");
-      PinToken* token = nullptr;
-      {
-        std::lock_guard<std::mutex> guard(registry_->mutex);
-        auto found = registry_->tokens.find(id);
-        if (found != registry_->tokens.end()) token = found->second;
-      }
-      if (info.Length() > 1 && info[1].IsArrayBuffer()) {
-        Napi::ArrayBuffer buffer = info[1].As<Napi::ArrayBuffer>();
-        if (!buffer.IsDetached()) buffer.Detach();
-      }
-      if (token != nullptr && !token->released.exchange(true)) {
-        token->store->Release(token->entry, token->generation);
-        return Napi::Boolean::New(info.Env(), true);
-      }
-      return Napi::Boolean::New(info.Env(), false);
+      if (!store_) return info.Env().Undefined();  // closing dropped every pin already
+      store_->Release(static_cast<uint32_t>(SizeArgument(info[0], "entry")), static_cast<uint32_t>(SizeArgument(info[1], "generation")));
+      return info.Env().Undefined();
     });
   }
 
@@ -377,7 +340,7 @@ class StoreBinding : public Napi::ObjectWrap<StoreBinding> {
   }
 
   std::shared_ptr<Store> store_;
-  std::shared_ptr<TokenRegistry> registry_ = std::make_shared<TokenRegistry>();
+  Napi::Reference<Napi::ArrayBuffer> region_;
   std::string name_;
   std::thread watcher_;
   std::atomic<bool> watcher_stop_{false};
