@@ -1,0 +1,18 @@
+import { ObjectStore, newObjectId } from '/work/main/lib/index.js';
+import { tableFromArrays, tableToIPC, tableFromIPC } from 'apache-arrow';
+const s = ObjectStore.create({ capacity: 16 << 20, spillDirectory: '/tmp/scratch/spill' });
+const id = newObjectId();
+s.put(id, new Uint8Array([1,2,3]), { metadata: new Uint8Array([9]) });
+const v = await s.get(id);
+console.log(v.data, v.metadata, s.stats());
+v.release();
+console.log(v.data.byteLength, s.stats().pinnedObjects);
+const t = tableFromArrays({ x: new Float64Array([1,2,3,4]), y: new Int32Array([5,6,7,8]) });
+const id2 = newObjectId();
+s.put(id2, tableToIPC(t));
+const v2 = await s.get(id2);
+const t2 = tableFromIPC(v2.data);
+console.log(t2.getChild('x')!.data[0].values.buffer === v2.data.buffer, t2.getChild('y')!.data[0].values.buffer === v2.data.buffer, t2.toArray().map(r=>r.toJSON()));
+const up = id.toUpperCase();
+console.log('upper state', s.state(up));
+s.close();

@@ -1,0 +1,61 @@
+/**
+ * Proves that users' installs compile and download nothing: packs the package, installs the
+ * tarball into an empty project with --ignore-scripts, and runs a two-process object-store program
+ * that can only work if the addon loads from prebuilds/.
+ */
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const root = new URL('..', import.meta.url).pathname;
+const work = mkdtempSync(join(tmpdir(), 'trellis-pack-'));
+const run = (command: string, args: string[], cwd: string) =>
+  execFileSync(command, args, { cwd, stdio: ['ignore', 'pipe', 'inherit'], encoding: 'utf8' });
+
+try {
+  // Build the prebuild and dist first: lifecycle output would otherwise mix with pack's JSON.
+  execFileSync('npm', ['run', 'prebuild'], { cwd: root, stdio: 'inherit' });
+  execFileSync('npm', ['run', 'build'], { cwd: root, stdio: 'inherit' });
+  const packed = JSON.parse(run('npm', ['pack', '--json', '--ignore-scripts', '--pack-destination', work], root)) as Array<{
+    filename: string;
+    files: Array<{ path: string }>;
+  }>;
+  const tarball = join(work, packed[0].filename);
+  const files = packed[0].files.map((file) => file.path);
+  const prebuilt = files.filter((file) => file.startsWith('prebuilds/') && file.endsWith('.node'));
+  if (prebuilt.length === 0) throw new Error('the tarball holds no prebuilt addon under prebuilds/');
+  console.log(`packed ${packed[0].filename}: ${files.length} files, prebuilds: ${prebuilt.join(', ')}`);
+
+  const project = join(work, 'consumer');
+  run('mkdir', ['-p', project], work);
+  writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'consumer', version: '1.0.0', type: 'module' }));
+  run('npm', ['install', '--ignore-scripts', '--no-audit', '--no-fund', tarball], project);
+  const installed = join(project, 'node_modules', 'trellis');
+  if (existsSync(join(installed, 'build'))) throw new Error('the installed package has a build/ folder: something compiled');
+  console.log(`installed; package holds: ${readdirSync(installed).join(', ')}`);
+
+  writeFileSync(
+    join(project, 'main.mjs'),
+    `import { ObjectStore, newObjectId } from 'trellis';
+import { execFileSync } from 'node:child_process';
+const store = ObjectStore.create({ capacity: 16 << 20 });
+const id = newObjectId();
+store.put(id, new Float64Array([1.5, 2.5, 3.5]));
+const child = \`import { ObjectStore } from 'trellis';
+const store = ObjectStore.attach(process.argv[1]);
+const view = await store.get(process.argv[2]);
+const values = new Float64Array(view.data.buffer, view.data.byteOffset, 3);
+console.log(values.reduce((a, b) => a + b));
+store.close();\`;
+const sum = execFileSync(process.execPath, ['--input-type=module', '-e', child, store.name, id], { encoding: 'utf8' }).trim();
+store.close();
+if (sum !== '7.5') throw new Error('child read ' + sum);
+console.log('example ran: a second process read the object zero-copy, sum ' + sum);
+`,
+  );
+  console.log(run(process.execPath, ['main.mjs'], project).trim());
+  console.log('pack check passed');
+} finally {
+  rmSync(work, { recursive: true, force: true });
+}
