@@ -95,3 +95,90 @@ export function errorFromNative(code: string, message: string, details: Record<s
       return new ObjectStoreError(code, message);
   }
 }
+
+/** What a remote error looked like where it was thrown. */
+export interface RemoteErrorInfo {
+  name: string;
+  message: string;
+  code?: string;
+  stack?: string;
+}
+
+/**
+ * A task or actor method threw. `cause` is an Error carrying the original name, message and code;
+ * `remoteStack` is the stack where it was thrown.
+ */
+export class TaskError extends TrellisError {
+  readonly taskName: string;
+  readonly remoteStack: string;
+  constructor(taskName: string, info: RemoteErrorInfo) {
+    const cause = Object.assign(new Error(info.message), { name: info.name }) as Error & { code?: string };
+    if (info.code !== undefined) cause.code = info.code;
+    cause.stack = info.stack ?? `${info.name}: ${info.message}`;
+    super('ERR_TASK_FAILED', `${taskName} failed: ${info.name}: ${info.message}`, { cause });
+    this.taskName = taskName;
+    this.remoteStack = info.stack ?? '';
+  }
+}
+
+/** The worker running a task died, and the task has no retries left. */
+export class WorkerCrashedError extends TrellisError {
+  constructor(message: string) {
+    super('ERR_WORKER_CRASHED', message);
+  }
+}
+
+/** The actor is dead (killed, crashed past maxRestarts, or its constructor failed). */
+export class ActorDiedError extends TrellisError {
+  readonly actorId: string;
+  constructor(actorId: string, message: string) {
+    super('ERR_ACTOR_DIED', message);
+    this.actorId = actorId;
+  }
+}
+
+/** An object's value is gone and cannot be recomputed (a lost `put`, or a freed object). */
+export class ObjectLostError extends TrellisError {
+  readonly objectId: string;
+  constructor(objectId: string, message: string) {
+    super('ERR_OBJECT_LOST', message);
+    this.objectId = objectId;
+  }
+}
+
+/** No node of the cluster could ever provide what a task or actor asks for. */
+export class InfeasibleTaskError extends TrellisError {
+  readonly missing: Record<string, number>;
+  constructor(message: string, missing: Record<string, number>) {
+    super('ERR_INFEASIBLE', message);
+    this.missing = missing;
+  }
+}
+
+/** The task was cancelled before it finished. */
+export class TaskCancelledError extends TrellisError {
+  constructor(message: string) {
+    super('ERR_TASK_CANCELLED', message);
+  }
+}
+
+/** An operation needs `init()` first, or ran after `shutdown()`. */
+export class NotInitializedError extends TrellisError {
+  constructor(message = 'trellis is not initialized: call init() first') {
+    super('ERR_NOT_INITIALIZED', message);
+  }
+}
+
+/** A remote function or class was used wrongly: not registered at module top level, bad name. */
+export class RegistrationError extends TrellisError {
+  constructor(message: string) {
+    super('ERR_REGISTRATION', message);
+  }
+}
+
+/** A value cannot be sent to another process. */
+export class SerializationError extends TrellisError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_SERIALIZATION', message, options);
+  }
+}

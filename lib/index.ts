@@ -16,3 +16,23 @@ export { ObjectStore, ObjectView, ObjectBuilder } from './store/object-store.js'
 export type { ObjectStoreOptions, StoreStats, ObjectState } from './store/object-store.js';
 export { newObjectId, isObjectId } from './store/object-id.js';
 export type { ObjectId } from './store/object-id.js';
+export {
+  TaskError,
+  WorkerCrashedError,
+  ActorDiedError,
+  ObjectLostError,
+  InfeasibleTaskError,
+  TaskCancelledError,
+  NotInitializedError,
+  RegistrationError,
+  SerializationError,
+} from './errors.js';
+export type { RemoteErrorInfo } from './errors.js';
+export { init, shutdown, isInitialized, get, put, wait, cancel, kill, getActor, getRuntimeContext, state, events } from './core/api.js';
+export type { InitOptions, ClusterState } from './core/cluster.js';
+export { remote } from './core/registry.js';
+export type { RemoteFunction, ActorClass, ActorHandle, ActorMethod, RemoteArgs } from './core/registry.js';
+export { ObjectRef } from './core/object-ref.js';
+export type { RefOr } from './core/object-ref.js';
+export type { TaskOptions, ActorOptions, SchedulingStrategy } from './core/options.js';
+export type { RuntimeContext } from './core/runtime-context.js';

@@ -52,8 +52,10 @@ export interface NativeObjectStore {
   get(id: string): NativePinned | 0 | 1;
   /** Drops one pin of this process. */
   release(entry: number, generation: number): void;
-  /** The whole data region as one ArrayBuffer, made once per process. */
-  region(): ArrayBuffer;
+  /** An ArrayBuffer over [start, start + length) of the data region (length at most 4 GiB - 4 KiB). */
+  region(start: number, length: number): ArrayBuffer;
+  /** Bytes of the data region. */
+  readonly dataSize: number;
   delete(id: string): void;
   state(id: string): 'absent' | 'created' | 'sealed' | 'spilled';
   stats(): NativeStoreStats;

@@ -5,7 +5,7 @@
 import { mkdirSync, readdirSync, rmSync, statfsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { GetTimeoutError, InvalidArgumentError, StoreClosedError } from '../errors.js';
+import { GetTimeoutError, InvalidArgumentError, ObjectNotFoundError, StoreClosedError } from '../errors.js';
 import { native, type NativeObjectStore, type NativePinned } from '../native.js';
 import { newObjectId, type ObjectId } from './object-id.js';
 
@@ -48,6 +48,8 @@ export type ObjectState = 'absent' | 'created' | 'sealed' | 'spilled';
 type Bytes = ArrayBufferView | ArrayBuffer;
 
 const empty = new Uint8Array(0);
+const WINDOW_STRIDE = 2 ** 31;
+const WINDOW_LENGTH = 2 ** 32 - 4096;
 
 /** Drops the pin of a view that was garbage-collected without release(). */
 const pinFinalizer = new FinalizationRegistry<{ store: NativeObjectStore; entry: number; generation: number }>((pin) => {
@@ -100,6 +102,16 @@ export class ObjectView {
     this.#store.release(this.#entry, this.#generation);
   }
 
+  /**
+   * @internal Ties the pin to `target` (an array or table made from this view) instead of the
+   * view, for values handed to users who never see the view.
+   */
+  transferPinTo(target: object): void {
+    if (this.#data === empty) return;
+    pinFinalizer.unregister(this);
+    pinFinalizer.register(target, { store: this.#store, entry: this.#entry, generation: this.#generation });
+  }
+
   [Symbol.dispose](): void {
     this.release();
   }
@@ -110,12 +122,16 @@ export class ObjectBuilder {
   readonly id: ObjectId;
   readonly #store: ObjectStore;
   #data: Uint8Array;
+  readonly #entry: number;
+  readonly #generation: number;
 
   /** @internal */
   constructor(store: ObjectStore, id: ObjectId, region: ArrayBuffer, pinned: NativePinned) {
     this.#store = store;
     this.id = id;
     this.#data = new Uint8Array(region, pinned[0], pinned[1]);
+    this.#entry = pinned[3];
+    this.#generation = pinned[4];
   }
 
   /** Writable bytes of the object: fill them, then seal. Empty once sealed or aborted. */
@@ -135,8 +151,14 @@ export class ObjectBuilder {
     this.#store.abort(this.id);
   }
 
-  /** @internal The store sealed, aborted or deleted the object: the bytes are no longer ours. */
-  detach(): void {
+  /**
+   * @internal The store sealed, aborted or deleted the object: the bytes are no longer ours. Seal
+   * and abort drop the creator's pin themselves; an object deleted before it was sealed is only
+   * hidden while that pin lasts, and no seal or abort can find it by id any more, so `unpin` drops
+   * the pin here (else the block stays allocated until this process closes).
+   */
+  detach(unpin?: NativeObjectStore): void {
+    unpin?.release(this.#entry, this.#generation);
     this.#data = empty;
   }
 }
@@ -186,7 +208,7 @@ export class ObjectStore {
   /** True in the process that created the segment: it unlinks it on close. */
   readonly isOwner: boolean;
   readonly #native: NativeObjectStore;
-  #region: ArrayBuffer | undefined;
+  readonly #windows = new Map<number, ArrayBuffer>();
   readonly #builders = new Map<ObjectId, ObjectBuilder>();
   readonly #waiters = new Map<ObjectId, Set<Waiter>>();
   readonly #spillDirectory: string | undefined;
@@ -222,14 +244,21 @@ export class ObjectStore {
       spillDirectory = options.spillDirectory ?? join(tmpdir(), `${name}-spill`);
       mkdirSync(spillDirectory, { recursive: true });
     }
-    const nativeStore = new native.NativeObjectStore({
-      mode: 'create',
-      name,
-      capacity: options.capacity,
-      maxObjects: options.maxObjects,
-      spillDirectory,
-      prefaultWindow: options.prefaultWindow,
-    });
+    let nativeStore: NativeObjectStore;
+    try {
+      nativeStore = new native.NativeObjectStore({
+        mode: 'create',
+        name,
+        capacity: options.capacity,
+        maxObjects: options.maxObjects,
+        spillDirectory,
+        prefaultWindow: options.prefaultWindow,
+      });
+    } catch (error) {
+      // The default spill directory was made for this store alone: no store, no directory.
+      if (options.spillDirectory === undefined && spillDirectory) rmSync(spillDirectory, { recursive: true, force: true });
+      throw error;
+    }
     const store = new ObjectStore(nativeStore, true, options.spillDirectory === undefined ? spillDirectory : undefined);
     ownedStores.add(store);
     installExitHook();
@@ -254,7 +283,7 @@ export class ObjectStore {
   create(id: ObjectId, size: number, options: { metadata?: Uint8Array } = {}): ObjectBuilder {
     this.#checkOpen();
     const pinned = this.#native.create(id, size, options.metadata);
-    const builder = new ObjectBuilder(this, id, this.#regionBuffer(), pinned);
+    const builder = new ObjectBuilder(this, id, ...this.#locate(pinned));
     this.#builders.set(id, builder);
     return builder;
   }
@@ -266,16 +295,24 @@ export class ObjectStore {
 
   seal(id: ObjectId): void {
     this.#checkOpen();
-    this.#native.seal(id);
+    try {
+      this.#native.seal(id);
+    } catch (error) {
+      this.#dropDeletedBuilder(id, error);
+      throw error;
+    }
     this.#dropBuilder(id);
   }
 
   abort(id: ObjectId): void {
     this.#checkOpen();
-    const builder = this.#builders.get(id);
-    this.#builders.delete(id);
-    builder?.detach();
-    this.#native.abort(id);
+    try {
+      this.#native.abort(id);
+    } catch (error) {
+      this.#dropDeletedBuilder(id, error);
+      throw error;
+    }
+    this.#dropBuilder(id);
   }
 
   /** create + copy + seal in one native call. */
@@ -316,7 +353,7 @@ export class ObjectStore {
     this.#checkOpen();
     const result = this.#native.get(id);
     if (typeof result === 'number') return undefined;
-    return new ObjectView(id, this.#native, this.#regionBuffer(), result);
+    return new ObjectView(id, this.#native, ...this.#locate(result));
   }
 
   /** The object's state in the store (sealed objects that were spilled read as 'spilled'). */
@@ -334,7 +371,7 @@ export class ObjectStore {
   delete(id: ObjectId): void {
     this.#checkOpen();
     this.#native.delete(id);
-    this.#dropBuilder(id);
+    this.#dropBuilder(id, true);
   }
 
   stats(): StoreStats {
@@ -389,15 +426,34 @@ export class ObjectStore {
     return this.#native.holdLockForever();
   }
 
-  #dropBuilder(id: ObjectId): void {
+  #dropBuilder(id: ObjectId, unpin = false): void {
     const builder = this.#builders.get(id);
     if (!builder) return;
     this.#builders.delete(id);
-    builder.detach();
+    builder.detach(unpin ? this.#native : undefined);
   }
 
-  #regionBuffer(): ArrayBuffer {
-    return (this.#region ??= this.#native.region());
+  /** A seal or abort that finds no object: another process deleted it unsealed; drop our pin. */
+  #dropDeletedBuilder(id: ObjectId, error: unknown): void {
+    if (error instanceof ObjectNotFoundError) this.#dropBuilder(id, true);
+  }
+
+  /**
+   * The buffer to slice a pinned object's view from, and the object's offset in it. Windows of
+   * 4 GiB start every 2 GiB (one buffer may hold at most 4 GiB on Node 20), so any object up to
+   * 2 GiB lies whole inside the window where it starts; a larger one gets a buffer of its own.
+   */
+  #locate(pinned: NativePinned): [ArrayBuffer, NativePinned] {
+    const [offset, size] = pinned;
+    const index = Math.floor(offset / WINDOW_STRIDE);
+    const start = index * WINDOW_STRIDE;
+    let window = this.#windows.get(index);
+    if (!window) {
+      window = this.#native.region(start, Math.min(this.#native.dataSize - start, WINDOW_LENGTH));
+      this.#windows.set(index, window);
+    }
+    if (offset + size <= start + window.byteLength) return [window, [offset - start, ...pinned.slice(1)] as NativePinned];
+    return [this.#native.region(offset, size), [0, ...pinned.slice(1)] as NativePinned];
   }
 
   #checkOpen(): void {

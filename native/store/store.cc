@@ -96,10 +96,11 @@ uint64_t RoundUpPow2(uint64_t v) {
   return p;
 }
 
+// Ids are lowercase hex only (as isObjectId in lib/store/object-id.ts says): accepting 'A'-'F'
+// too would let two different strings name one object, and a view's id differ from its object's.
 int HexValue(char c) {
   if (c >= '0' && c <= '9') return c - '0';
   if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
   return -1;
 }
 
@@ -165,7 +166,7 @@ ObjectId ObjectId::FromHex(const std::string& hex) {
     int hi = HexValue(hex[2 * i]);
     int lo = HexValue(hex[2 * i + 1]);
     if (hi < 0 || lo < 0) {
-      throw StoreError("ERR_INVALID_OBJECT_ID", "object id '" + hex + "' holds a character that is not hex");
+      throw StoreError("ERR_INVALID_OBJECT_ID", "object id '" + hex + "' holds a character that is not lowercase hex");
     }
     id.bytes[i] = static_cast<uint8_t>(hi << 4 | lo);
   }

@@ -15,6 +15,9 @@
 namespace trellis::store {
 namespace {
 
+// Node 20 creates external ArrayBuffers through Buffer, which holds at most 2^32 bytes.
+constexpr uint64_t kMaxWindow = (1ull << 32) - 4096;
+
 ObjectId IdArgument(const Napi::Value& value) {
   if (!value.IsString()) throw InvalidArgument("object id must be a 40-character hex string");
   return ObjectId::FromHex(value.As<Napi::String>().Utf8Value());
@@ -64,6 +67,7 @@ class StoreBinding : public Napi::ObjectWrap<StoreBinding> {
                            InstanceMethod<&StoreBinding::Get>("get"),
                            InstanceMethod<&StoreBinding::Release>("release"),
                            InstanceMethod<&StoreBinding::Region>("region"),
+                           InstanceAccessor<&StoreBinding::DataSize>("dataSize"),
                            InstanceMethod<&StoreBinding::Delete>("delete"),
                            InstanceMethod<&StoreBinding::State>("state"),
                            InstanceMethod<&StoreBinding::Stats>("stats"),
@@ -132,18 +136,25 @@ class StoreBinding : public Napi::ObjectWrap<StoreBinding> {
     return result;
   }
 
-  // One external ArrayBuffer over the whole data region, made once per process. Views are slices
-  // of it: creating an external buffer per object would make V8 count its bytes as fresh
-  // allocation and collect garbage after every large get. The buffer keeps the mapping alive.
+  // region(start, length): an external ArrayBuffer over [start, start + length) of the data
+  // region. JS asks for a few overlapping windows (Node 20 caps one buffer at 4 GiB) and slices
+  // views from them: creating an external buffer per object would make V8 count its bytes as
+  // fresh allocation and collect garbage after every large get. Each buffer keeps the mapping alive.
   Napi::Value Region(const Napi::CallbackInfo& info) {
     return Guarded(info.Env(), [&]() -> Napi::Value {
-      if (!region_.IsEmpty()) return region_.Value();
       Store& s = store();
+      uint64_t start = SizeArgument(info[0], "start");
+      uint64_t length = SizeArgument(info[1], "length");
+      if (start > s.data_size() || length > s.data_size() - start) {
+        throw NativeError("ERR_OUT_OF_RANGE", "region window [" + std::to_string(start) + ", +" + std::to_string(length) +
+                                                  ") is outside the data region of " + std::to_string(s.data_size()) + " bytes");
+      }
+      if (length > kMaxWindow) {
+        throw NativeError("ERR_OUT_OF_RANGE", "a view window of " + std::to_string(length) + " bytes exceeds this Node.js's buffer limit");
+      }
       auto* keep = new std::shared_ptr<Store>(store_);
-      Napi::ArrayBuffer buffer = Napi::ArrayBuffer::New(
-          info.Env(), s.data_base(), s.data_size(), [](Napi::Env, void*, std::shared_ptr<Store>* held) { delete held; }, keep);
-      region_ = Napi::Weak(buffer);
-      return buffer;
+      return Napi::ArrayBuffer::New(
+          info.Env(), s.data_base() + start, length, [](Napi::Env, void*, std::shared_ptr<Store>* held) { delete held; }, keep);
     });
   }
 
@@ -324,6 +335,12 @@ class StoreBinding : public Napi::ObjectWrap<StoreBinding> {
     return Guarded(info.Env(), [&]() -> Napi::Value { store().HoldLockForever(); });
   }
 
+  Napi::Value DataSize(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      return Napi::Number::New(info.Env(), static_cast<double>(store().data_size()));
+    });
+  }
+
   Napi::Value Name(const Napi::CallbackInfo& info) {
     return Napi::String::New(info.Env(), name_cache());
   }
@@ -340,7 +357,6 @@ class StoreBinding : public Napi::ObjectWrap<StoreBinding> {
   }
 
   std::shared_ptr<Store> store_;
-  Napi::Reference<Napi::ArrayBuffer> region_;
   std::string name_;
   std::thread watcher_;
   std::atomic<bool> watcher_stop_{false};

@@ -1,0 +1,103 @@
+/** The runtime's public functions: init, shutdown, get, put, wait, cancel, actors, state. */
+import { cpus } from 'node:os';
+import { InvalidArgumentError, NotInitializedError } from '../errors.js';
+import { Cluster, type ClusterState, type InitOptions } from './cluster.js';
+import { ObjectRef } from './object-ref.js';
+import { actorHandleInfo, makeActorHandle, type ActorHandle } from './registry.js';
+import { currentRuntime, hasRuntime, setRuntime, type RuntimeContext } from './runtime-context.js';
+import { setHandleCodec } from './serialization.js';
+
+let cluster: Cluster | undefined;
+
+setHandleCodec({
+  isHandle: (value) => actorHandleInfo(value) !== undefined,
+  write: (value) => {
+    const { actorId, descriptor, methods } = actorHandleInfo((value as { handle: unknown }).handle)!;
+    return [actorId, descriptor.module, descriptor.name, methods];
+  },
+  read: (data) => {
+    const [actorId, module, name, methods] = data as [string, string, string, string[]];
+    return makeActorHandle(actorId, { module, name }, methods);
+  },
+});
+
+/** Starts an embedded local cluster in this process. */
+export async function init(options: InitOptions = {}): Promise<void> {
+  if (cluster) throw new InvalidArgumentError('trellis is already initialized: call shutdown() first', 'ERR_ALREADY_INITIALIZED');
+  if (hasRuntime()) throw new InvalidArgumentError('init() is for the driver; this process is a worker', 'ERR_ALREADY_INITIALIZED');
+  const defaults = { numCpus: cpus().length, ...options };
+  cluster = await Cluster.start(defaults);
+  setRuntime(cluster);
+}
+
+/** Stops every worker and removes every segment, socket and spill file. */
+export async function shutdown(): Promise<void> {
+  const current = cluster;
+  cluster = undefined;
+  setRuntime(undefined);
+  await current?.shutdown();
+}
+
+export function isInitialized(): boolean {
+  return cluster !== undefined;
+}
+
+function toArray<T>(refs: ObjectRef<T> | ObjectRef<T>[]): ObjectRef<T>[] {
+  return Array.isArray(refs) ? refs : [refs];
+}
+
+/** The values of refs, waiting up to `timeout` ms (default: forever). A failed task throws its error. */
+export function get<T>(ref: ObjectRef<T>, options?: { timeout?: number }): Promise<T>;
+export function get<T extends readonly ObjectRef<unknown>[]>(refs: T, options?: { timeout?: number }): Promise<{ [K in keyof T]: T[K] extends ObjectRef<infer V> ? V : never }>;
+export async function get(refs: ObjectRef<unknown> | ObjectRef<unknown>[], options: { timeout?: number } = {}): Promise<unknown> {
+  const list = toArray(refs);
+  for (const ref of list) {
+    if (!(ref instanceof ObjectRef)) throw new InvalidArgumentError(`get() takes ObjectRefs, got ${typeof ref}`);
+  }
+  const values = await currentRuntime().get(list, options.timeout ?? Infinity);
+  return Array.isArray(refs) ? values : values[0];
+}
+
+export function put<T>(value: T): ObjectRef<T> {
+  return currentRuntime().put(value) as ObjectRef<T>;
+}
+
+/** Splits refs into [ready, notReady] once `numReturns` are ready or `timeout` ms pass. */
+export function wait<T>(refs: ObjectRef<T>[], options: { numReturns?: number; timeout?: number } = {}): Promise<[ObjectRef<T>[], ObjectRef<T>[]]> {
+  const numReturns = options.numReturns ?? 1;
+  if (numReturns > refs.length) throw new InvalidArgumentError(`numReturns (${numReturns}) exceeds the ${refs.length} refs given`);
+  return currentRuntime().wait(refs, numReturns, options.timeout ?? Infinity) as Promise<[ObjectRef<T>[], ObjectRef<T>[]]>;
+}
+
+export function cancel(ref: ObjectRef<unknown>, options: { force?: boolean } = {}): void {
+  currentRuntime().cancel(ref, options.force ?? false);
+}
+
+/** Kills an actor's process; it does not restart unless `noRestart` is false. */
+export function kill(handle: ActorHandle<unknown>, options: { noRestart?: boolean } = {}): void {
+  const info = actorHandleInfo(handle);
+  if (!info) throw new InvalidArgumentError('kill() takes an actor handle');
+  currentRuntime().kill(info.actorId, options.noRestart ?? true);
+}
+
+/** A handle to the live actor registered under `name`. */
+export async function getActor<T = unknown>(name: string): Promise<ActorHandle<T>> {
+  const found = await currentRuntime().getActor(name);
+  return makeActorHandle(found.actorId, found.descriptor, found.methods) as ActorHandle<T>;
+}
+
+export function getRuntimeContext(): RuntimeContext {
+  return currentRuntime().context();
+}
+
+/** Nodes, workers, tasks by state, actors, objects and store use. */
+export function state(): ClusterState {
+  if (!cluster) throw new NotInitializedError('state() is available in the driver after init()');
+  return cluster.state();
+}
+
+/** Cluster events: 'warning' for tasks that wait on resources over 1 s. */
+export function events(): import('node:events').EventEmitter {
+  if (!cluster) throw new NotInitializedError();
+  return cluster.events;
+}

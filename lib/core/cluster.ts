@@ -1,0 +1,1160 @@
+/**
+ * The driver's embedded cluster: head services (scheduler, object directory, actor registry) and
+ * one node (store segment and worker pool) per logical node. The driver owns every object: it
+ * counts handles (its own, workers' borrows, tasks' arguments, containing values) and keeps each
+ * task's lineage while its result is referenced.
+ */
+import { EventEmitter } from 'node:events';
+import { createServer, type Server } from 'node:net';
+import { rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import {
+  ActorDiedError,
+  GetTimeoutError,
+  InfeasibleTaskError,
+  ObjectLostError,
+  RegistrationError,
+  TaskCancelledError,
+  TaskError,
+  WorkerCrashedError,
+  type RemoteErrorInfo,
+} from '../errors.js';
+import { newObjectId } from '../store/object-id.js';
+import { ObjectRef, setRefTracker } from './object-ref.js';
+import type { ActorOptions, SchedulingStrategy, TaskOptions } from './options.js';
+import { requestOf } from './options.js';
+import {
+  FrameConnection,
+  type DriverMessage,
+  type FunctionDescriptor,
+  type WireValue,
+  type WorkerMessage,
+} from './protocol.js';
+import { Node, WorkerProcess, type NodeOptions } from './node.js';
+import { describeResources, toFixed } from './resources.js';
+import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
+import { decodeStored, encodeValue, pack, unpack } from './serialization.js';
+
+/** Tasks sent ahead to a leased worker, hiding the round trip between tasks. */
+const PIPELINE_DEPTH = 8;
+
+interface ObjectRecord {
+  id: string;
+  state: 'pending' | 'ready' | 'failed';
+  value?: WireValue;
+  error?: Error;
+  /** Nodes whose store holds a copy (stored values only). */
+  nodes: Set<string>;
+  size: number;
+  holds: number;
+  nested?: string[];
+  lineage?: TaskRecord;
+  waiters: Array<() => void>;
+}
+
+interface TaskRecord {
+  taskId: string;
+  name: string;
+  fn?: FunctionDescriptor;
+  actorId?: string;
+  method?: string;
+  args: Uint8Array;
+  /** Top-level ref arguments, resolved before the task runs. */
+  argRefs: string[];
+  /** Refs held for the task's life: top-level and nested arguments. */
+  held: string[];
+  returnId: string;
+  request: Map<string, number>;
+  classKey: string;
+  strategy: SchedulingStrategy;
+  maxRetries: number;
+  retryExceptions: boolean;
+  attempts: number;
+  state: 'waiting' | 'queued' | 'running' | 'done';
+  worker?: WorkerProcess;
+  cancelled?: boolean;
+  pendingSince: number;
+  warned?: boolean;
+}
+
+interface Lease {
+  worker: WorkerProcess;
+  node: Node;
+  classKey: string;
+  request: Map<string, number>;
+  gpuIds: number[];
+  inflight: number;
+}
+
+interface ActorRecord {
+  id: string;
+  name: string;
+  registeredName?: string;
+  cls: FunctionDescriptor;
+  methods: string[];
+  args: Uint8Array;
+  argRefs: string[];
+  held: string[];
+  options: ActorOptions;
+  request: Map<string, number>;
+  state: 'pending' | 'starting' | 'alive' | 'restarting' | 'dead';
+  worker?: WorkerProcess;
+  node?: Node;
+  gpuIds: number[];
+  restarts: number;
+  /** Calls in submission order not yet sent. */
+  queue: TaskRecord[];
+  /** Calls sent and not finished. */
+  running: Map<string, TaskRecord>;
+  deathCause?: string;
+}
+
+export interface InitOptions extends NodeOptions {
+  /** Several logical nodes on this host, each with its own resources, worker pool and store. */
+  nodes?: NodeOptions[];
+  /** Workers started per node before the first task (default: the node's CPU count). */
+  prestartWorkers?: number;
+}
+
+export class Cluster implements Runtime {
+  readonly events = new EventEmitter();
+  readonly nodes: Node[] = [];
+  readonly #server: Server;
+  readonly #socketPath: string;
+  readonly #objects = new Map<string, ObjectRecord>();
+  readonly #tasks = new Map<string, TaskRecord>();
+  readonly #queues = new Map<string, TaskRecord[]>();
+  readonly #leases = new Map<string, Lease[]>();
+  readonly #leaseByWorker = new Map<WorkerProcess, Lease>();
+  readonly #actors = new Map<string, ActorRecord>();
+  readonly #namedActors = new Map<string, string>();
+  readonly #finalizer = new FinalizationRegistry<string>((id) => this.#dropHold(id));
+  readonly #infeasibleTimer: NodeJS.Timeout;
+  #spreadCursor = 0;
+  #closed = false;
+  #scheduling = false;
+
+  private constructor(options: InitOptions, server: Server, socketPath: string) {
+    this.#server = server;
+    this.#socketPath = socketPath;
+    const specs = options.nodes ?? [options];
+    specs.forEach((spec, index) => this.nodes.push(new Node(spec, index)));
+    this.#infeasibleTimer = setInterval(() => this.#warnPending(), 1000).unref();
+  }
+
+  static async start(options: InitOptions): Promise<Cluster> {
+    const socketPath = join(tmpdir(), `trellis-${process.pid}-${newObjectId().slice(0, 8)}.sock`);
+    const server = createServer();
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(socketPath, () => resolve());
+    });
+    const cluster = new Cluster(options, server, socketPath);
+    server.on('connection', (socket) => cluster.#accept(socket));
+    setRefTracker({ onHandleCreated: (ref) => cluster.#onHandle(ref) });
+    const prestart = options.prestartWorkers;
+    for (const node of cluster.nodes) {
+      const count = prestart ?? node.softLimit;
+      for (let i = 0; i < count; i++) cluster.#spawn(node);
+    }
+    await Promise.all(cluster.nodes.flatMap((node) => [...node.workers.values()].map((worker) => worker.ready)));
+    return cluster;
+  }
+
+  get headNode(): Node {
+    return this.nodes[0];
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Workers
+
+  #spawn(node: Node): WorkerProcess {
+    const worker = node.spawnWorker(this.#socketPath);
+    worker.child.on('exit', () => this.#onWorkerExit(worker));
+    return worker;
+  }
+
+  #accept(socket: import('node:net').Socket): void {
+    let worker: WorkerProcess | undefined;
+    const connection = new FrameConnection<WorkerMessage, DriverMessage>(
+      socket,
+      (message) => {
+        if (message.t === 'hello') {
+          worker = this.#findWorker(message.workerId);
+          if (!worker) {
+            connection.close();
+            return;
+          }
+          worker.connection = connection;
+          if (worker.state === 'starting') {
+            worker.state = 'idle';
+            worker.idleSince = Date.now();
+          }
+          worker.resolveReady();
+          this.#schedule();
+          return;
+        }
+        if (worker) this.#onWorkerMessage(worker, message);
+      },
+      () => worker?.kill(),
+    );
+  }
+
+  #findWorker(id: string): WorkerProcess | undefined {
+    for (const node of this.nodes) {
+      const worker = node.workers.get(id);
+      if (worker) return worker;
+    }
+    return undefined;
+  }
+
+  #onWorkerExit(worker: WorkerProcess): void {
+    worker.exited = true;
+    const wasActor = worker.state === 'actor';
+    worker.state = 'dead';
+    worker.node.workers.delete(worker.id);
+    worker.resolveReady();
+    worker.node.store.reapDeadProcesses();
+    if (this.#closed) return;
+    const lease = this.#leaseByWorker.get(worker);
+    if (lease) this.#endLease(lease);
+    for (const taskId of worker.inflight) {
+      const task = this.#tasks.get(taskId);
+      if (!task || task.actorId) continue;
+      task.worker = undefined;
+      if (task.cancelled) continue;
+      if (task.attempts <= task.maxRetries) {
+        task.state = 'queued';
+        this.#enqueue(task, true);
+      } else {
+        this.#failTask(task, new WorkerCrashedError(`${task.name}: its worker died and it has no retries left (${task.maxRetries} allowed)`));
+      }
+    }
+    worker.inflight.clear();
+    if (wasActor) {
+      for (const actor of this.#actors.values()) if (actor.worker === worker) this.#onActorWorkerDied(actor);
+    }
+    this.#schedule();
+  }
+
+  #onWorkerMessage(worker: WorkerProcess, message: WorkerMessage): void {
+    switch (message.t) {
+      case 'done':
+        return this.#onTaskDone(worker, message.taskId, message.value, message.nested, message.error);
+      case 'actor-ready':
+        return this.#onActorReady(message.actorId, message.error);
+      case 'borrow':
+        for (const id of message.add) this.#addHold(id);
+        for (const id of message.drop) this.#dropHold(id);
+        return;
+      case 'request':
+        return void this.#onRequest(worker, message.requestId, message.op, message.body);
+    }
+  }
+
+  async #onRequest(worker: WorkerProcess, requestId: number, op: string, body: any): Promise<void> {
+    const reply = (value: unknown) => worker.send({ t: 'reply', requestId, ok: true, value });
+    try {
+      switch (op) {
+        case 'submit': {
+          const task = this.#makeTask(body.fn, undefined, undefined, body.args, body.argRefs, body.held, body.options, body.returnId);
+          this.#addHold(body.returnId); // the submitting worker's handle
+          this.#submit(task);
+          return;
+        }
+        case 'actor-call': {
+          this.#addHold(body.returnId);
+          this.#submitActorCall(body.actorId, body.method, body.args, body.argRefs, body.held, body.returnId);
+          return;
+        }
+        case 'create-actor': {
+          this.#createActorRecord(body.actorId, body.cls, body.args, body.argRefs, body.held, body.options, body.methods);
+          return;
+        }
+        case 'register': {
+          // A worker stored a value it put: the driver owns it from here; the worker holds one handle.
+          this.#objects.set(body.id, this.#newRecord(body.id, 1));
+          this.#resolveObject(body.id, body.value, body.nested, body.size);
+          return;
+        }
+        case 'get': {
+          // The worker blocks: lend its CPU to others meanwhile, and take back tasks it has not begun.
+          const lease = this.#leaseByWorker.get(worker);
+          for (const taskId of body.returnTasks as string[]) {
+            const task = this.#tasks.get(taskId);
+            if (!task || task.state !== 'running') continue;
+            worker.inflight.delete(taskId);
+            if (lease) lease.inflight--;
+            task.state = 'queued';
+            task.worker = undefined;
+            this.#enqueue(task, true);
+          }
+          if (lease) lease.node.pool.release(lease.request);
+          this.#schedule();
+          try {
+            const values = await this.#locateAll(body.ids, body.timeout, worker.node);
+            reply(values);
+          } finally {
+            if (lease && this.#leaseByWorker.get(worker) === lease) lease.node.pool.acquire(lease.request);
+          }
+          return;
+        }
+        case 'wait': {
+          const [ready] = await this.#waitIds(body.ids, body.numReturns, body.timeout);
+          reply(ready);
+          return;
+        }
+        case 'get-actor': {
+          reply(this.#lookupActor(body.name));
+          return;
+        }
+        case 'kill':
+          this.kill(body.actorId, body.noRestart);
+          return;
+        case 'cancel':
+          this.#cancelId(body.id, body.force);
+          return;
+        default:
+          throw new Error(`unknown request '${op}'`);
+      }
+    } catch (error) {
+      const err = error as Error & { code?: string };
+      worker.send({ t: 'reply', requestId, ok: false, error: { name: err.name, message: err.message, code: err.code, stack: err.stack } });
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Objects: directory, holds, values
+
+  #newRecord(id: string, holds: number): ObjectRecord {
+    return { id, state: 'pending', nodes: new Set(), size: 0, holds, waiters: [] };
+  }
+
+  #onHandle(ref: ObjectRef<unknown>): void {
+    this.#addHold(ref.id);
+    this.#finalizer.register(ref, ref.id);
+  }
+
+  #addHold(id: string): void {
+    const record = this.#objects.get(id);
+    if (record) record.holds++;
+    else this.#objects.set(id, this.#newRecord(id, 1));
+  }
+
+  #dropHold(id: string): void {
+    const record = this.#objects.get(id);
+    if (!record || --record.holds > 0) return;
+    this.#objects.delete(id);
+    for (const nodeId of record.nodes) {
+      const node = this.nodes.find((candidate) => candidate.id === nodeId);
+      try {
+        node?.store.delete(id);
+      } catch {
+        // Already gone (e.g. the store closed).
+      }
+    }
+    for (const nested of record.nested ?? []) this.#dropHold(nested);
+  }
+
+  #resolveObject(id: string, value: WireValue | undefined, nested: string[] | undefined, size = 0): void {
+    const record = this.#objects.get(id);
+    if (!record) {
+      // Nobody holds it any more: drop what the worker stored.
+      if (value && 'node' in value) this.nodes.find((node) => node.id === value.node)?.store.delete(id);
+      return;
+    }
+    record.state = 'ready';
+    record.value = value;
+    record.size = size;
+    if (value && 'node' in value) record.nodes.add(value.node);
+    if (nested?.length) {
+      record.nested = nested;
+      for (const child of nested) this.#addHold(child);
+    }
+    const waiters = record.waiters;
+    record.waiters = [];
+    for (const waiter of waiters) waiter();
+  }
+
+  #failObject(id: string, error: Error): void {
+    const record = this.#objects.get(id);
+    if (!record) return;
+    record.state = 'failed';
+    record.error = error;
+    const waiters = record.waiters;
+    record.waiters = [];
+    for (const waiter of waiters) waiter();
+  }
+
+  #whenSettled(id: string, timeout: number): Promise<ObjectRecord> {
+    const record = this.#objects.get(id);
+    if (!record) return Promise.reject(new ObjectLostError(id, `object ${id} is unknown to its owner (freed, or never created)`));
+    if (record.state !== 'pending') return Promise.resolve(record);
+    return new Promise((resolve, reject) => {
+      let timer: NodeJS.Timeout | undefined;
+      const waiter = () => {
+        clearTimeout(timer);
+        resolve(record);
+      };
+      record.waiters.push(waiter);
+      if (Number.isFinite(timeout)) {
+        timer = setTimeout(() => {
+          record.waiters = record.waiters.filter((candidate) => candidate !== waiter);
+          reject(new GetTimeoutError(`object ${id} was not ready within ${timeout} ms`));
+        }, timeout);
+      }
+    });
+  }
+
+  /** Where each object can be read from `node`: inline bytes, or a copy in that node's store. */
+  async #locateAll(ids: string[], timeout: number, node: Node): Promise<Array<WireValue | { error: RemoteErrorInfo & { kind: string } }>> {
+    const records = await Promise.all(ids.map((id) => this.#whenSettled(id, timeout)));
+    return records.map((record) => {
+      if (record.state === 'failed') return { error: serializeError(record.error!) };
+      return this.#valueOn(record, node);
+    });
+  }
+
+  #valueOn(record: ObjectRecord, node: Node): WireValue {
+    const value = record.value!;
+    if ('inline' in value) return value;
+    if (!record.nodes.has(node.id)) this.#copyToNode(record, node);
+    return { node: node.id, id: record.id };
+  }
+
+  /** Objects that cross logical nodes are copied between their segments. */
+  #copyToNode(record: ObjectRecord, target: Node): void {
+    const sourceId = [...record.nodes][0];
+    const source = this.nodes.find((node) => node.id === sourceId);
+    const view = source?.store.getIfSealed(record.id);
+    if (!view) throw new ObjectLostError(record.id, `object ${record.id} is missing from the store of ${sourceId}`);
+    try {
+      target.store.put(record.id, view.data, { metadata: view.metadata ?? undefined });
+    } finally {
+      view.release();
+    }
+    record.nodes.add(target.id);
+  }
+
+  #readValue(record: ObjectRecord): unknown {
+    if (record.state === 'failed') throw record.error;
+    const value = record.value!;
+    if ('inline' in value) return unpack(value.inline);
+    const node = this.nodes.find((candidate) => record.nodes.has(candidate.id))!;
+    const view = node.store.getIfSealed(record.id);
+    if (!view) throw new ObjectLostError(record.id, `object ${record.id} is missing from the store of ${node.id}`);
+    return decodeStored(view);
+  }
+
+  /** Encodes one top-level argument; large ones go to the head node's store as objects. */
+  #encodeArgs(args: unknown[]): { bytes: Uint8Array; argRefs: string[]; held: string[] } {
+    const argRefs: string[] = [];
+    const prepared = args.map((arg) => {
+      if (arg instanceof ObjectRef) {
+        argRefs.push(arg.id);
+        return arg;
+      }
+      const encoded = encodeValue(arg);
+      if ('inline' in encoded) return arg;
+      const ref = this.put(arg);
+      argRefs.push(ref.id);
+      return ref;
+    });
+    const nested: string[] = [];
+    const bytes = pack(prepared, nested);
+    return { bytes, argRefs, held: nested };
+  }
+
+  put(value: unknown): ObjectRef<unknown> {
+    const id = newObjectId();
+    const ref = new ObjectRef(id);
+    const encoded = encodeValue(value);
+    if ('inline' in encoded) {
+      this.#resolveObject(id, { inline: encoded.inline }, encoded.nested, encoded.inline.byteLength);
+    } else {
+      const node = this.headNode;
+      node.store.put(id, encoded.stored.payload, { metadata: encoded.stored.metadata });
+      this.#resolveObject(id, { node: node.id, id }, encoded.nested, encoded.stored.payload.byteLength);
+    }
+    return ref;
+  }
+
+  async get(refs: ObjectRef<unknown>[], timeout: number): Promise<unknown[]> {
+    const records = await Promise.all(refs.map((ref) => this.#whenSettled(ref.id, timeout)));
+    return records.map((record) => this.#readValue(record));
+  }
+
+  async #waitIds(ids: string[], numReturns: number, timeout: number): Promise<[string[], string[]]> {
+    const settled = new Set<string>();
+    const check = () => ids.filter((id) => this.#objects.get(id)?.state !== 'pending');
+    let ready = check();
+    if (ready.length < numReturns) {
+      await new Promise<void>((resolve) => {
+        let timer: NodeJS.Timeout | undefined;
+        const done = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+        if (Number.isFinite(timeout)) timer = setTimeout(done, timeout);
+        for (const id of ids) {
+          const record = this.#objects.get(id);
+          if (!record || record.state !== 'pending') continue;
+          record.waiters.push(() => {
+            settled.add(id);
+            if (check().length >= numReturns) done();
+          });
+        }
+      });
+      ready = check();
+    }
+    const readySet = new Set(ready.slice(0, numReturns));
+    return [ids.filter((id) => readySet.has(id)), ids.filter((id) => !readySet.has(id))];
+  }
+
+  async wait(refs: ObjectRef<unknown>[], numReturns: number, timeout: number): Promise<[ObjectRef<unknown>[], ObjectRef<unknown>[]]> {
+    const [ready] = await this.#waitIds(refs.map((ref) => ref.id), numReturns, timeout);
+    const readySet = new Set(ready);
+    return [refs.filter((ref) => readySet.has(ref.id)), refs.filter((ref) => !readySet.has(ref.id))];
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Tasks
+
+  submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions): ObjectRef<unknown> {
+    const { bytes, argRefs, held } = this.#encodeArgs(args);
+    const returnId = newObjectId();
+    const ref = new ObjectRef(returnId);
+    const task = this.#makeTask(fn, undefined, undefined, bytes, argRefs, held, options, returnId);
+    this.#submit(task);
+    return ref;
+  }
+
+  #makeTask(
+    fn: FunctionDescriptor | undefined,
+    actorId: string | undefined,
+    method: string | undefined,
+    args: Uint8Array,
+    argRefs: string[],
+    held: string[],
+    options: TaskOptions,
+    returnId: string,
+  ): TaskRecord {
+    const request = toFixed(requestOf(options, 1));
+    const strategy = options.schedulingStrategy ?? 'DEFAULT';
+    const name = options.name ?? (fn ? fn.name : `${method}`);
+    const allHeld = [...argRefs, ...held];
+    for (const id of allHeld) this.#addHold(id);
+    if (!this.#objects.has(returnId)) this.#objects.set(returnId, this.#newRecord(returnId, 0));
+    const task: TaskRecord = {
+      taskId: newObjectId(),
+      name,
+      fn,
+      actorId,
+      method,
+      args,
+      argRefs,
+      held: allHeld,
+      returnId,
+      request,
+      classKey: `${fn?.module}#${fn?.name}#${[...request].join(';')}#${JSON.stringify(strategy, (key, value) => (key === 'placementGroup' ? value.id : value))}`,
+      strategy,
+      maxRetries: options.maxRetries ?? 3,
+      retryExceptions: options.retryExceptions ?? false,
+      attempts: 0,
+      state: 'waiting',
+      pendingSince: Date.now(),
+    };
+    this.#objects.get(returnId)!.lineage = task;
+    this.#tasks.set(task.taskId, task);
+    return task;
+  }
+
+  #submit(task: TaskRecord): void {
+    const infeasible = this.#infeasibility(task.request, task.strategy);
+    if (infeasible) {
+      this.#failTask(task, new InfeasibleTaskError(`task ${task.name} can never be scheduled: ${infeasible.reason}`, infeasible.missing));
+      return;
+    }
+    this.#afterDependencies(task.argRefs, () => {
+      if (task.state === 'done') return;
+      task.state = 'queued';
+      this.#enqueue(task, false);
+      this.#schedule();
+    });
+  }
+
+  #afterDependencies(ids: string[], then: () => void): void {
+    let remaining = 0;
+    for (const id of ids) {
+      const record = this.#objects.get(id);
+      if (record && record.state === 'pending') {
+        remaining++;
+        record.waiters.push(() => {
+          if (--remaining === 0) then();
+        });
+      }
+    }
+    if (remaining === 0) then();
+  }
+
+  #enqueue(task: TaskRecord, front: boolean): void {
+    let queue = this.#queues.get(task.classKey);
+    if (!queue) this.#queues.set(task.classKey, (queue = []));
+    if (front) queue.unshift(task);
+    else queue.push(task);
+  }
+
+  /** Why `request` can never be met under `strategy`, or undefined when some node could. */
+  #infeasibility(request: Map<string, number>, strategy: SchedulingStrategy): { reason: string; missing: Record<string, number> } | undefined {
+    if (typeof strategy === 'object' && strategy.type === 'node' && !strategy.soft) {
+      const node = this.nodes.find((candidate) => candidate.id === strategy.nodeId);
+      if (!node) return { reason: `node ${strategy.nodeId} does not exist`, missing: {} };
+      if (!node.pool.fitsTotal(request)) {
+        const missing = node.pool.missing(request);
+        return { reason: `node ${node.id} lacks ${describeResources(toFixed(missing))}`, missing };
+      }
+      return undefined;
+    }
+    if (this.nodes.some((node) => node.pool.fitsTotal(request))) return undefined;
+    const missing = this.nodes[0].pool.missing(request);
+    return { reason: `it asks for ${describeResources(request)} and no node has that much in total (missing on ${this.nodes[0].id}: ${describeResources(toFixed(missing))})`, missing };
+  }
+
+  /** Picks a node for `request` now, or undefined when none has it free. */
+  #pickNode(request: Map<string, number>, strategy: SchedulingStrategy, localityIds: string[] = []): Node | undefined {
+    const fits = this.nodes.filter((node) => node.pool.fits(request) && node.canAssignGpus(request.get('GPU') ?? 0));
+    if (typeof strategy === 'object' && strategy.type === 'node') {
+      const node = fits.find((candidate) => candidate.id === strategy.nodeId);
+      if (node || !strategy.soft) return node;
+    }
+    if (fits.length === 0) return undefined;
+    if (strategy === 'SPREAD') {
+      const node = fits[this.#spreadCursor % fits.length];
+      this.#spreadCursor++;
+      return node;
+    }
+    if (localityIds.length > 0 && this.nodes.length > 1) {
+      // Data locality: the node already holding the most argument bytes.
+      let best: Node | undefined;
+      let bestBytes = 0;
+      for (const node of fits) {
+        let bytes = 0;
+        for (const id of localityIds) {
+          const record = this.#objects.get(id);
+          if (record?.nodes.has(node.id)) bytes += record.size;
+        }
+        if (bytes > bestBytes) {
+          best = node;
+          bestBytes = bytes;
+        }
+      }
+      if (best) return best;
+    }
+    // Hybrid: pack nodes in order while they stay at or under half use, then spread to the least used.
+    const names = [...request.keys()];
+    for (const node of fits) {
+      node.pool.acquire(request);
+      const used = node.pool.utilization(names);
+      node.pool.release(request);
+      if (used <= 0.5) return node;
+    }
+    return fits.reduce((best, node) => (node.pool.utilization(names) < best.pool.utilization(names) ? node : best));
+  }
+
+  #schedule(): void {
+    if (this.#scheduling || this.#closed) return;
+    this.#scheduling = true;
+    try {
+      for (const [classKey, queue] of this.#queues) {
+        while (queue.length > 0) {
+          const task = queue[0];
+          if (task.state !== 'queued') {
+            queue.shift();
+            continue;
+          }
+          const lease = this.#leaseFor(classKey, task);
+          if (!lease) break;
+          queue.shift();
+          this.#dispatch(task, lease);
+        }
+        if (queue.length === 0) this.#queues.delete(classKey);
+      }
+      this.#startActors();
+    } finally {
+      this.#scheduling = false;
+    }
+  }
+
+  #leaseFor(classKey: string, task: TaskRecord): Lease | undefined {
+    const leases = this.#leases.get(classKey) ?? [];
+    let best: Lease | undefined;
+    for (const lease of leases) if (lease.inflight < PIPELINE_DEPTH && (!best || lease.inflight < best.inflight)) best = lease;
+    // A fresh lease when the best existing one already has work queued, if resources allow.
+    if (best && best.inflight === 0) return best;
+    const node = this.#pickNode(task.request, task.strategy, task.argRefs);
+    if (node) {
+      const worker = node.idleWorker();
+      if (worker) {
+        const gpuIds = node.assignGpus(task.request.get('GPU') ?? 0) ?? [];
+        node.pool.acquire(task.request);
+        worker.state = 'leased';
+        const lease: Lease = { worker, node, classKey, request: task.request, gpuIds, inflight: 0 };
+        leases.push(lease);
+        this.#leases.set(classKey, leases);
+        this.#leaseByWorker.set(worker, lease);
+        return lease;
+      }
+      if (![...node.workers.values()].some((candidate) => candidate.state === 'starting')) this.#spawn(node);
+    }
+    return best;
+  }
+
+  #dispatch(task: TaskRecord, lease: Lease): void {
+    task.state = 'running';
+    task.attempts++;
+    task.worker = lease.worker;
+    lease.inflight++;
+    lease.worker.inflight.add(task.taskId);
+    let resolved: Record<string, WireValue>;
+    try {
+      resolved = this.#resolvedArgs(task.argRefs, lease.node);
+    } catch (error) {
+      lease.inflight--;
+      lease.worker.inflight.delete(task.taskId);
+      this.#failTask(task, error as Error);
+      return;
+    }
+    lease.worker.send({
+      t: 'task',
+      taskId: task.taskId,
+      name: task.name,
+      fn: task.fn,
+      args: task.args,
+      resolved,
+      returnId: task.returnId,
+      gpuIds: lease.gpuIds,
+    });
+  }
+
+  #resolvedArgs(ids: string[], node: Node): Record<string, WireValue> {
+    const resolved: Record<string, WireValue> = {};
+    for (const id of ids) {
+      const record = this.#objects.get(id);
+      if (!record) throw new ObjectLostError(id, `argument ${id} was freed before the task ran`);
+      if (record.state === 'failed') throw record.error!;
+      resolved[id] = this.#valueOn(record, node);
+    }
+    return resolved;
+  }
+
+  #endLease(lease: Lease): void {
+    const leases = this.#leases.get(lease.classKey);
+    if (leases) {
+      const index = leases.indexOf(lease);
+      if (index >= 0) leases.splice(index, 1);
+      if (leases.length === 0) this.#leases.delete(lease.classKey);
+    }
+    this.#leaseByWorker.delete(lease.worker);
+    lease.node.pool.release(lease.request);
+    lease.node.releaseGpus(lease.gpuIds, lease.request.get('GPU') ?? 0);
+    if (lease.worker.state === 'leased') {
+      lease.worker.state = 'idle';
+      lease.worker.idleSince = Date.now();
+    }
+  }
+
+  #onTaskDone(worker: WorkerProcess, taskId: string, value: WireValue | undefined, nested: string[] | undefined, error: RemoteErrorInfo | undefined): void {
+    worker.inflight.delete(taskId);
+    const task = this.#tasks.get(taskId);
+    if (task?.actorId) {
+      this.#onActorCallDone(task, value, nested, error);
+      return;
+    }
+    const lease = this.#leaseByWorker.get(worker);
+    if (lease) {
+      lease.inflight--;
+      const queue = this.#queues.get(lease.classKey);
+      if (lease.inflight === 0 && (!queue || queue.length === 0)) this.#endLease(lease);
+    }
+    if (task && !task.cancelled && task.state === 'running') {
+      if (error) {
+        if (task.retryExceptions && task.attempts <= task.maxRetries) {
+          task.state = 'queued';
+          this.#enqueue(task, true);
+        } else {
+          this.#failTask(task, new TaskError(task.name, error));
+        }
+      } else {
+        this.#finishTask(task, value, nested);
+      }
+    } else if (value && 'node' in value && task) {
+      // Cancelled meanwhile: its stored result has no reader.
+      worker.node.store.delete(task.returnId);
+    }
+    this.#schedule();
+  }
+
+  #finishTask(task: TaskRecord, value: WireValue | undefined, nested: string[] | undefined): void {
+    task.state = 'done';
+    this.#tasks.delete(task.taskId);
+    const size = value && 'inline' in value ? value.inline.byteLength : 0;
+    this.#resolveObject(task.returnId, value, nested, size);
+    this.#releaseTaskHolds(task);
+  }
+
+  #failTask(task: TaskRecord, error: Error): void {
+    task.state = 'done';
+    this.#tasks.delete(task.taskId);
+    this.#failObject(task.returnId, error);
+    this.#releaseTaskHolds(task);
+  }
+
+  #releaseTaskHolds(task: TaskRecord): void {
+    const held = task.held;
+    task.held = [];
+    for (const id of held) this.#dropHold(id);
+  }
+
+  cancel(ref: ObjectRef<unknown>, force: boolean): void {
+    this.#cancelId(ref.id, force);
+  }
+
+  #cancelId(id: string, force: boolean): void {
+    const task = this.#objects.get(id)?.lineage;
+    if (!task || task.state === 'done') return;
+    task.cancelled = true;
+    const worker = task.worker;
+    this.#failTask(task, new TaskCancelledError(`task ${task.name} was cancelled`));
+    if (force && worker && !task.actorId) worker.kill();
+  }
+
+  #warnPending(): void {
+    const now = Date.now();
+    for (const queue of this.#queues.values()) {
+      for (const task of queue) {
+        if (task.warned || now - task.pendingSince < 1000) continue;
+        task.warned = true;
+        this.events.emit('warning', {
+          kind: 'pending-resources',
+          task: task.name,
+          message: `task ${task.name} has waited over 1 s for ${describeResources(task.request)}`,
+        });
+      }
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Actors
+
+  createActor(cls: FunctionDescriptor, args: unknown[], options: ActorOptions, methods: string[]): string {
+    const { bytes, argRefs, held } = this.#encodeArgs(args);
+    const actorId = `actor-${newObjectId().slice(0, 16)}`;
+    this.#createActorRecord(actorId, cls, bytes, argRefs, held, options, methods);
+    return actorId;
+  }
+
+  #createActorRecord(
+    actorId: string,
+    cls: FunctionDescriptor,
+    args: Uint8Array,
+    argRefs: string[],
+    held: string[],
+    options: ActorOptions,
+    methods: string[],
+  ): void {
+    if (options.name && this.#namedActors.has(options.name)) {
+      throw new RegistrationError(`an actor named '${options.name}' already exists`);
+    }
+    const allHeld = [...argRefs, ...held];
+    for (const id of allHeld) this.#addHold(id);
+    const actor: ActorRecord = {
+      id: actorId,
+      name: cls.name,
+      registeredName: options.name,
+      cls,
+      methods,
+      args,
+      argRefs,
+      held: allHeld,
+      options,
+      request: toFixed(requestOf(options, 0)),
+      state: 'pending',
+      gpuIds: [],
+      restarts: 0,
+      queue: [],
+      running: new Map(),
+    };
+    this.#actors.set(actorId, actor);
+    if (options.name) this.#namedActors.set(options.name, actorId);
+    const infeasible = this.#infeasibility(actor.request, options.schedulingStrategy ?? 'DEFAULT');
+    if (infeasible) {
+      this.#actorDied(actor, `actor ${cls.name} can never be scheduled: ${infeasible.reason}`);
+      return;
+    }
+    this.#afterDependencies(argRefs, () => this.#schedule());
+  }
+
+  #startActors(): void {
+    for (const actor of this.#actors.values()) {
+      if (actor.state !== 'pending' && actor.state !== 'restarting') continue;
+      if (actor.worker) continue;
+      if (actor.argRefs.some((id) => this.#objects.get(id)?.state === 'pending')) continue;
+      const node = this.#pickNode(actor.request, actor.options.schedulingStrategy ?? 'DEFAULT');
+      if (!node) continue;
+      node.pool.acquire(actor.request);
+      actor.gpuIds = node.assignGpus(actor.request.get('GPU') ?? 0) ?? [];
+      actor.node = node;
+      // A dedicated, fresh process: an actor's state must not leak into pooled task workers.
+      const worker = this.#spawn(node);
+      worker.state = 'actor';
+      actor.worker = worker;
+      actor.state = 'starting';
+      void worker.ready.then(() => {
+        if (worker.exited || actor.worker !== worker) return;
+        let resolved: Record<string, WireValue>;
+        try {
+          resolved = this.#resolvedArgs(actor.argRefs, node);
+        } catch (error) {
+          this.#actorDied(actor, `actor ${actor.name} could not get its constructor arguments: ${(error as Error).message}`);
+          worker.kill();
+          return;
+        }
+        worker.send({
+          t: 'actor',
+          actorId: actor.id,
+          name: actor.name,
+          cls: actor.cls,
+          args: actor.args,
+          resolved,
+          maxConcurrency: actor.options.maxConcurrency ?? 1,
+          gpuIds: actor.gpuIds,
+        });
+      });
+    }
+  }
+
+  #onActorReady(actorId: string, error: RemoteErrorInfo | undefined): void {
+    const actor = this.#actors.get(actorId);
+    if (!actor || actor.state === 'dead') return;
+    if (error) {
+      this.#actorDied(actor, `actor ${actor.name}'s constructor threw ${error.name}: ${error.message}`, new TaskError(`${actor.name}.constructor`, error));
+      actor.worker?.kill();
+      return;
+    }
+    actor.state = 'alive';
+    this.#pumpActor(actor);
+  }
+
+  submitActorTask(actorId: string, method: string, args: unknown[]): ObjectRef<unknown> {
+    const { bytes, argRefs, held } = this.#encodeArgs(args);
+    const returnId = newObjectId();
+    const ref = new ObjectRef(returnId);
+    this.#submitActorCall(actorId, method, bytes, argRefs, held, returnId);
+    return ref;
+  }
+
+  #submitActorCall(actorId: string, method: string, args: Uint8Array, argRefs: string[], held: string[], returnId: string): void {
+    const actor = this.#actors.get(actorId);
+    const task = this.#makeTask(undefined, actorId, method, args, argRefs, held, { numCpus: 0, maxRetries: 0 }, returnId);
+    task.name = `${actor?.name ?? 'actor'}.${method}`;
+    if (!actor) {
+      this.#failTask(task, new ActorDiedError(actorId, `actor ${actorId} does not exist in this cluster`));
+      return;
+    }
+    task.maxRetries = actor.options.maxTaskRetries ?? 0;
+    if (actor.state === 'dead') {
+      this.#failTask(task, new ActorDiedError(actorId, actor.deathCause ?? `actor ${actor.name} is dead`));
+      return;
+    }
+    task.state = 'queued';
+    actor.queue.push(task);
+    this.#afterDependencies(argRefs, () => this.#pumpActor(actor));
+  }
+
+  /** Sends queued calls in submission order; a call waiting on arguments holds back later ones. */
+  #pumpActor(actor: ActorRecord): void {
+    if (actor.state !== 'alive' || !actor.worker) return;
+    while (actor.queue.length > 0) {
+      const task = actor.queue[0];
+      if (task.state === 'done') {
+        actor.queue.shift();
+        continue;
+      }
+      if (task.argRefs.some((id) => this.#objects.get(id)?.state === 'pending')) return;
+      actor.queue.shift();
+      let resolved: Record<string, WireValue>;
+      try {
+        resolved = this.#resolvedArgs(task.argRefs, actor.node!);
+      } catch (error) {
+        this.#failTask(task, error as Error);
+        continue;
+      }
+      task.state = 'running';
+      task.attempts++;
+      task.worker = actor.worker;
+      actor.running.set(task.taskId, task);
+      actor.worker.inflight.add(task.taskId);
+      actor.worker.send({ t: 'task', taskId: task.taskId, name: task.name, actorId: actor.id, method: task.method, args: task.args, resolved, returnId: task.returnId });
+    }
+  }
+
+  #onActorCallDone(task: TaskRecord, value: WireValue | undefined, nested: string[] | undefined, error: RemoteErrorInfo | undefined): void {
+    const actor = this.#actors.get(task.actorId!);
+    actor?.running.delete(task.taskId);
+    if (task.state !== 'running' || task.cancelled) return;
+    if (error) this.#failTask(task, new TaskError(task.name, error));
+    else this.#finishTask(task, value, nested);
+  }
+
+  #onActorWorkerDied(actor: ActorRecord): void {
+    if (actor.state === 'dead') return;
+    actor.worker = undefined;
+    if (actor.node) {
+      actor.node.pool.release(actor.request);
+      actor.node.releaseGpus(actor.gpuIds, actor.request.get('GPU') ?? 0);
+    }
+    const maxRestarts = actor.options.maxRestarts ?? 0;
+    const running = [...actor.running.values()];
+    actor.running.clear();
+    if (maxRestarts === -1 || actor.restarts < maxRestarts) {
+      actor.restarts++;
+      actor.state = 'restarting';
+      // Calls that were running: retried first (in order) while maxTaskRetries allows.
+      const retry: TaskRecord[] = [];
+      for (const task of running) {
+        if (task.attempts <= task.maxRetries) {
+          task.state = 'queued';
+          retry.push(task);
+        } else {
+          this.#failTask(task, new ActorDiedError(actor.id, `actor ${actor.name} died while running ${task.name}; the actor restarts but the call has no retries left`));
+        }
+      }
+      actor.queue.unshift(...retry);
+      this.#schedule();
+      return;
+    }
+    for (const task of running) {
+      this.#failTask(task, new ActorDiedError(actor.id, `actor ${actor.name} died while running ${task.name}`));
+    }
+    this.#actorDied(actor, `actor ${actor.name} died (its process exited) and has no restarts left`);
+  }
+
+  #actorDied(actor: ActorRecord, cause: string, error?: Error): void {
+    actor.state = 'dead';
+    actor.deathCause = cause;
+    const died = new ActorDiedError(actor.id, cause);
+    if (error) Object.defineProperty(died, 'cause', { value: error });
+    for (const task of actor.queue) this.#failTask(task, died);
+    actor.queue = [];
+    for (const task of actor.running.values()) this.#failTask(task, died);
+    actor.running.clear();
+    if (actor.registeredName) this.#namedActors.delete(actor.registeredName);
+    const held = actor.held;
+    actor.held = [];
+    for (const id of held) this.#dropHold(id);
+  }
+
+  kill(actorId: string, noRestart: boolean): void {
+    const actor = this.#actors.get(actorId);
+    if (!actor || actor.state === 'dead') return;
+    if (noRestart) {
+      const worker = actor.worker;
+      if (actor.node && worker) {
+        actor.node.pool.release(actor.request);
+        actor.node.releaseGpus(actor.gpuIds, actor.request.get('GPU') ?? 0);
+      }
+      actor.worker = undefined;
+      this.#actorDied(actor, `actor ${actor.name} was killed`);
+      worker?.kill();
+    } else {
+      actor.worker?.kill();
+    }
+  }
+
+  #lookupActor(name: string): ActorLookup {
+    const actorId = this.#namedActors.get(name);
+    const actor = actorId ? this.#actors.get(actorId) : undefined;
+    if (!actor) throw new ActorDiedError('', `no live actor is named '${name}'`);
+    return { actorId: actor.id, descriptor: actor.cls, methods: actor.methods };
+  }
+
+  async getActor(name: string): Promise<ActorLookup> {
+    return this.#lookupActor(name);
+  }
+
+  context(): RuntimeContext {
+    return { nodeId: this.headNode.id, workerId: 'driver', gpuIds: [], isDriver: true };
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // State and shutdown
+
+  state(): ClusterState {
+    const tasks: Record<string, number> = {};
+    for (const task of this.#tasks.values()) tasks[task.state] = (tasks[task.state] ?? 0) + 1;
+    return {
+      nodes: this.nodes.map((node) => ({
+        nodeId: node.id,
+        resources: node.pool.snapshot(),
+        store: node.store.stats(),
+        storeName: node.store.name,
+      })),
+      workers: this.nodes.flatMap((node) =>
+        [...node.workers.values()].map((worker) => ({ workerId: worker.id, nodeId: node.id, pid: worker.child.pid ?? 0, state: worker.state })),
+      ),
+      tasks,
+      actors: [...this.#actors.values()].map((actor) => ({
+        actorId: actor.id,
+        className: actor.name,
+        name: actor.registeredName,
+        state: actor.state,
+        nodeId: actor.node?.id,
+        restarts: actor.restarts,
+        pid: actor.worker?.child.pid,
+      })),
+      objects: { count: this.#objects.size },
+    };
+  }
+
+  async shutdown(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    clearInterval(this.#infeasibleTimer);
+    setRefTracker(undefined);
+    const exits: Promise<void>[] = [];
+    for (const node of this.nodes) {
+      for (const worker of node.workers.values()) {
+        if (worker.exited) continue;
+        exits.push(new Promise((resolve) => worker.child.once('exit', () => resolve())));
+        worker.send({ t: 'exit' });
+        worker.kill();
+      }
+    }
+    await Promise.all(exits);
+    for (const node of this.nodes) node.close();
+    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+    rmSync(this.#socketPath, { force: true });
+    const error = new Error('trellis was shut down');
+    for (const record of this.#objects.values()) {
+      if (record.state === 'pending') {
+        record.state = 'failed';
+        record.error = error;
+        for (const waiter of record.waiters) waiter();
+      }
+    }
+  }
+}
+
+export interface ClusterState {
+  nodes: Array<{ nodeId: string; resources: { total: Record<string, number>; available: Record<string, number> }; store: ReturnType<Node['store']['stats']>; storeName: string }>;
+  workers: Array<{ workerId: string; nodeId: string; pid: number; state: string }>;
+  tasks: Record<string, number>;
+  actors: Array<{ actorId: string; className: string; name?: string; state: string; nodeId?: string; restarts: number; pid?: number }>;
+  objects: { count: number };
+}
+
+export function serializeError(error: Error): RemoteErrorInfo & { kind: string } {
+  const err = error as Error & { code?: string };
+  return { kind: err.constructor.name, name: err.name, message: err.message, code: err.code, stack: err.stack };
+}

@@ -1,0 +1,133 @@
+/**
+ * A logical node: its resources, its object-store segment and its pool of worker processes.
+ * Workers are prestarted, reused, and reaped when idle above the soft limit.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { ObjectStore } from '../store/object-store.js';
+import { newObjectId } from '../store/object-id.js';
+import type { FrameConnection, DriverMessage, WorkerMessage } from './protocol.js';
+import { ResourcePool, type Resources } from './resources.js';
+
+const here = fileURLToPath(import.meta.url);
+const workerEntry = join(dirname(here), here.endsWith('.ts') ? 'worker-main.ts' : 'worker-main.js');
+
+export type WorkerState = 'starting' | 'idle' | 'leased' | 'actor' | 'dead';
+
+export class WorkerProcess {
+  readonly id: string;
+  readonly node: Node;
+  readonly child: ChildProcess;
+  state: WorkerState = 'starting';
+  connection?: FrameConnection<WorkerMessage, DriverMessage>;
+  /** Tasks sent to this worker and not finished, by task id. */
+  readonly inflight = new Set<string>();
+  idleSince = 0;
+  readonly ready: Promise<void>;
+  resolveReady!: () => void;
+  exited = false;
+
+  constructor(node: Node, socketPath: string) {
+    this.id = `worker-${newObjectId().slice(0, 12)}`;
+    this.node = node;
+    this.ready = new Promise((resolve) => (this.resolveReady = resolve));
+    this.child = spawn(process.execPath, ['--import', 'tsx', workerEntry], {
+      env: {
+        ...process.env,
+        TRELLIS_SOCKET: socketPath,
+        TRELLIS_WORKER_ID: this.id,
+        TRELLIS_NODE_ID: node.id,
+        TRELLIS_STORE: node.store.name,
+      },
+      stdio: ['ignore', 'inherit', 'inherit'],
+    });
+  }
+
+  send(message: DriverMessage): void {
+    this.connection?.send(message);
+  }
+
+  kill(): void {
+    if (!this.exited) this.child.kill('SIGKILL');
+  }
+}
+
+export interface NodeOptions {
+  id?: string;
+  numCpus?: number;
+  numGpus?: number;
+  memory?: number;
+  resources?: Resources;
+  objectStoreMemory?: number;
+}
+
+export class Node {
+  readonly id: string;
+  readonly pool: ResourcePool;
+  readonly store: ObjectStore;
+  readonly workers = new Map<string, WorkerProcess>();
+  readonly numGpus: number;
+  /** Fixed-point share of each GPU still free, for assigning GPU ids. */
+  readonly gpuFree: number[];
+  readonly softLimit: number;
+
+  constructor(options: NodeOptions, index: number) {
+    this.id = options.id ?? `node-${index}`;
+    const numCpus = options.numCpus ?? 2;
+    this.numGpus = options.numGpus ?? 0;
+    this.pool = new ResourcePool({
+      ...(options.resources ?? {}),
+      CPU: numCpus,
+      GPU: this.numGpus,
+      memory: options.memory ?? 0,
+    });
+    this.gpuFree = Array.from({ length: this.numGpus }, () => 10_000);
+    this.softLimit = Math.max(1, Math.ceil(numCpus));
+    this.store = ObjectStore.create({ capacity: options.objectStoreMemory });
+  }
+
+  spawnWorker(socketPath: string): WorkerProcess {
+    const worker = new WorkerProcess(this, socketPath);
+    this.workers.set(worker.id, worker);
+    return worker;
+  }
+
+  idleWorker(): WorkerProcess | undefined {
+    for (const worker of this.workers.values()) if (worker.state === 'idle') return worker;
+    return undefined;
+  }
+
+  canAssignGpus(amount: number): boolean {
+    if (amount <= 0) return true;
+    if (amount < 10_000) return this.gpuFree.some((free) => free >= amount);
+    return this.gpuFree.filter((free) => free === 10_000).length >= Math.ceil(amount / 10_000);
+  }
+
+  /** Assigns GPU ids for a fixed-point GPU request; undefined if they cannot be found now. */
+  assignGpus(amount: number): number[] | undefined {
+    if (amount <= 0) return [];
+    if (amount < 10_000) {
+      const index = this.gpuFree.findIndex((free) => free >= amount);
+      if (index < 0) return undefined;
+      this.gpuFree[index] -= amount;
+      return [index];
+    }
+    const whole = Math.ceil(amount / 10_000);
+    const free = this.gpuFree.map((value, index) => [value, index]).filter(([value]) => value === 10_000).map(([, index]) => index);
+    if (free.length < whole) return undefined;
+    const chosen = free.slice(0, whole);
+    for (const index of chosen) this.gpuFree[index] = 0;
+    return chosen;
+  }
+
+  releaseGpus(ids: number[], amount: number): void {
+    if (ids.length === 1 && amount < 10_000) this.gpuFree[ids[0]] += amount;
+    else for (const index of ids) this.gpuFree[index] = 10_000;
+  }
+
+  close(): void {
+    for (const worker of this.workers.values()) worker.kill();
+    this.store.close();
+  }
+}

@@ -1,0 +1,156 @@
+/**
+ * Messages between the driver and its workers: length-prefixed msgpack frames over one Unix
+ * domain socket per worker. Writes made in one tick leave in one syscall.
+ */
+import type { Socket } from 'node:net';
+import type { RemoteErrorInfo } from '../errors.js';
+import { pack, unpack } from './serialization.js';
+
+/** A value as a message carries it: inline msgpack bytes, or "in the store of node N". */
+export type WireValue = { inline: Uint8Array } | { node: string; id: string };
+
+export interface FunctionDescriptor {
+  module: string;
+  name: string;
+}
+
+export interface TaskMessage {
+  t: 'task';
+  taskId: string;
+  name: string;
+  fn?: FunctionDescriptor;
+  actorId?: string;
+  method?: string;
+  /** msgpack of the argument array; top-level ObjectRefs are resolved from `resolved`. */
+  args: Uint8Array;
+  resolved: Record<string, WireValue>;
+  returnId: string;
+  gpuIds?: number[];
+}
+
+export interface CreateActorMessage {
+  t: 'actor';
+  actorId: string;
+  name: string;
+  cls: FunctionDescriptor;
+  args: Uint8Array;
+  resolved: Record<string, WireValue>;
+  maxConcurrency: number;
+  gpuIds?: number[];
+}
+
+export interface ReplyMessage {
+  t: 'reply';
+  requestId: number;
+  ok: boolean;
+  value?: unknown;
+  error?: RemoteErrorInfo & { kind?: string };
+}
+
+export interface ExitMessage {
+  t: 'exit';
+}
+
+export type DriverMessage = TaskMessage | CreateActorMessage | ReplyMessage | ExitMessage;
+
+export interface HelloMessage {
+  t: 'hello';
+  workerId: string;
+  pid: number;
+}
+
+export interface DoneMessage {
+  t: 'done';
+  taskId: string;
+  /** Result: inline bytes, or stored by the worker under the task's return id. */
+  value?: WireValue;
+  nested?: string[];
+  error?: RemoteErrorInfo;
+}
+
+export interface ActorReadyMessage {
+  t: 'actor-ready';
+  actorId: string;
+  error?: RemoteErrorInfo;
+}
+
+export interface RequestMessage {
+  t: 'request';
+  requestId: number;
+  op: string;
+  body: unknown;
+}
+
+/** A worker's handles on refs it received: +1 when it first holds one, -1 when all are collected. */
+export interface BorrowMessage {
+  t: 'borrow';
+  add: string[];
+  drop: string[];
+}
+
+export type WorkerMessage = HelloMessage | DoneMessage | ActorReadyMessage | RequestMessage | BorrowMessage;
+
+export class FrameConnection<Incoming, Outgoing> {
+  readonly #socket: Socket;
+  #pending: Buffer[] = [];
+  #pendingBytes = 0;
+  #flushScheduled = false;
+  #closed = false;
+
+  constructor(socket: Socket, onMessage: (message: Incoming) => void, onClose: () => void) {
+    this.#socket = socket;
+    socket.setNoDelay?.(true);
+    socket.on('data', (chunk: Buffer) => {
+      this.#pending.push(chunk);
+      this.#pendingBytes += chunk.length;
+      this.#drain(onMessage);
+    });
+    const close = () => {
+      if (this.#closed) return;
+      this.#closed = true;
+      onClose();
+    };
+    socket.on('close', close);
+    socket.on('error', close);
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  send(message: Outgoing): void {
+    if (this.#closed) return;
+    const body = pack(message);
+    const header = Buffer.allocUnsafe(4);
+    header.writeUInt32LE(body.byteLength, 0);
+    if (!this.#flushScheduled) {
+      this.#flushScheduled = true;
+      this.#socket.cork();
+      process.nextTick(() => {
+        this.#flushScheduled = false;
+        this.#socket.uncork();
+      });
+    }
+    this.#socket.write(header);
+    this.#socket.write(body);
+  }
+
+  close(): void {
+    this.#closed = true;
+    this.#socket.destroy();
+  }
+
+  #drain(onMessage: (message: Incoming) => void): void {
+    while (this.#pendingBytes >= 4) {
+      if (this.#pending.length > 1) this.#pending = [Buffer.concat(this.#pending)];
+      const buffer = this.#pending[0];
+      const length = buffer.readUInt32LE(0);
+      if (buffer.length < 4 + length) return;
+      const message = unpack(buffer.subarray(4, 4 + length)) as Incoming;
+      const rest = buffer.subarray(4 + length);
+      this.#pending = rest.length > 0 ? [rest] : [];
+      this.#pendingBytes = rest.length;
+      onMessage(message);
+    }
+  }
+}

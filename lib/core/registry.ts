@@ -1,0 +1,135 @@
+/**
+ * remote(): registers a function or class under (module URL, name) at its module's top level.
+ * Closures are never shipped: a worker imports the same module, whose top-level remote() calls
+ * register the same names, and looks the name up.
+ */
+import { RegistrationError } from '../errors.js';
+import type { ObjectRef, RefOr } from './object-ref.js';
+import type { ActorOptions, TaskOptions } from './options.js';
+import type { FunctionDescriptor } from './protocol.js';
+import { currentRuntime } from './runtime-context.js';
+
+type AnyFunction = (...args: any[]) => any;
+type AnyClass = new (...args: any[]) => any;
+
+const registered = new Map<string, Map<string, AnyFunction | AnyClass>>();
+
+/** Arguments as a remote call takes them: each a value or a ref to one. */
+export type RemoteArgs<A extends unknown[]> = { [K in keyof A]: RefOr<A[K]> };
+
+export interface RemoteFunction<F extends AnyFunction> {
+  remote(...args: RemoteArgs<Parameters<F>>): ObjectRef<Awaited<ReturnType<F>>>;
+  options(options: TaskOptions): RemoteFunction<F>;
+  readonly descriptor: FunctionDescriptor;
+}
+
+export interface ActorMethod<F extends AnyFunction> {
+  remote(...args: RemoteArgs<Parameters<F>>): ObjectRef<Awaited<ReturnType<F>>>;
+}
+
+type MethodKeys<T> = { [K in keyof T]: T[K] extends AnyFunction ? K : never }[keyof T] & string;
+
+export type ActorHandle<T> = { readonly [K in MethodKeys<T>]: ActorMethod<T[K] & AnyFunction> } & {
+  readonly actorId: string;
+};
+
+export interface ActorClass<C extends AnyClass> {
+  remote(...args: RemoteArgs<ConstructorParameters<C>>): ActorHandle<InstanceType<C>>;
+  options(options: ActorOptions): ActorClass<C>;
+  readonly descriptor: FunctionDescriptor;
+}
+
+export function lookupRegistered(descriptor: FunctionDescriptor): AnyFunction | AnyClass | undefined {
+  return registered.get(descriptor.module)?.get(descriptor.name);
+}
+
+/** Methods a class's instances have, from its prototype chain. */
+export function methodNames(cls: AnyClass): string[] {
+  const names = new Set<string>();
+  for (let proto = cls.prototype; proto && proto !== Object.prototype; proto = Object.getPrototypeOf(proto)) {
+    for (const key of Object.getOwnPropertyNames(proto)) {
+      if (key !== 'constructor' && typeof Object.getOwnPropertyDescriptor(proto, key)?.value === 'function') names.add(key);
+    }
+  }
+  return [...names];
+}
+
+function isClass(target: AnyFunction | AnyClass): target is AnyClass {
+  return /^class[\s{]/.test(Function.prototype.toString.call(target));
+}
+
+export function remote<C extends AnyClass>(meta: ImportMeta, target: C, options?: ActorOptions & { name?: string }): ActorClass<C>;
+export function remote<F extends AnyFunction>(meta: ImportMeta, target: F, options?: TaskOptions): RemoteFunction<F>;
+export function remote(meta: ImportMeta, target: AnyFunction | AnyClass, options: TaskOptions | ActorOptions = {}): unknown {
+  if (!meta || typeof meta.url !== 'string') {
+    throw new RegistrationError('remote() takes import.meta first: remote(import.meta, fn)');
+  }
+  if (typeof target !== 'function') throw new RegistrationError('remote() takes a function or a class');
+  const name = target.name;
+  if (!name) {
+    throw new RegistrationError(
+      `remote() needs a named function or class (in ${meta.url}): workers find it again by (module, name)`,
+    );
+  }
+  let names = registered.get(meta.url);
+  if (!names) registered.set(meta.url, (names = new Map()));
+  const existing = names.get(name);
+  if (existing !== undefined && existing !== target) {
+    throw new RegistrationError(
+      `'${name}' is registered twice in ${meta.url}: call remote() once per function or class, at module top level`,
+    );
+  }
+  names.set(name, target);
+  const descriptor: FunctionDescriptor = { module: meta.url, name };
+  return isClass(target) ? makeActorClass(descriptor, target, options as ActorOptions) : makeRemoteFunction(descriptor, options as TaskOptions);
+}
+
+function makeRemoteFunction(descriptor: FunctionDescriptor, options: TaskOptions): RemoteFunction<AnyFunction> {
+  return {
+    descriptor,
+    remote: (...args: unknown[]) => currentRuntime().submitTask(descriptor, args, options) as ObjectRef<any>,
+    options: (more: TaskOptions) => makeRemoteFunction(descriptor, { ...options, ...more }),
+  };
+}
+
+function makeActorClass(descriptor: FunctionDescriptor, cls: AnyClass, options: ActorOptions): ActorClass<AnyClass> {
+  const methods = methodNames(cls);
+  return {
+    descriptor,
+    remote: (...args: unknown[]) => {
+      const actorId = currentRuntime().createActor(descriptor, args, options, methods);
+      return makeActorHandle(actorId, descriptor, methods) as ActorHandle<any>;
+    },
+    options: (more: ActorOptions) => makeActorClass(descriptor, cls, { ...options, ...more }),
+  };
+}
+
+const handleInfo = new WeakMap<object, { actorId: string; descriptor: FunctionDescriptor; methods: string[] }>();
+
+export function actorHandleInfo(value: unknown): { actorId: string; descriptor: FunctionDescriptor; methods: string[] } | undefined {
+  return typeof value === 'object' && value !== null ? handleInfo.get(value) : undefined;
+}
+
+/** A handle whose known methods have `.remote`; an unknown method is an error naming the class. */
+export function makeActorHandle(actorId: string, descriptor: FunctionDescriptor, methods: string[]): ActorHandle<unknown> {
+  const known = new Set(methods);
+  const cache = new Map<string, ActorMethod<AnyFunction>>();
+  const target = { actorId };
+  const handle = new Proxy(target, {
+    get(object, key) {
+      if (typeof key === 'symbol' || key === 'actorId') return Reflect.get(object, key);
+      if (key === 'then' || key === 'toJSON') return undefined;
+      if (!known.has(key)) {
+        throw new RegistrationError(`actor class ${descriptor.name} has no method '${key}' (it has: ${methods.join(', ') || 'none'})`);
+      }
+      let method = cache.get(key);
+      if (!method) {
+        method = { remote: (...args: unknown[]) => currentRuntime().submitActorTask(actorId, key, args) as ObjectRef<any> };
+        cache.set(key, method);
+      }
+      return method;
+    },
+  });
+  handleInfo.set(handle, { actorId, descriptor, methods });
+  return handle as unknown as ActorHandle<unknown>;
+}

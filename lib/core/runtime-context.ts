@@ -1,0 +1,51 @@
+/**
+ * The runtime of this process: the driver's cluster after init(), or a worker's link to its
+ * driver. The public API delegates to it.
+ */
+import { NotInitializedError } from '../errors.js';
+import type { ObjectRef } from './object-ref.js';
+import type { ActorOptions, TaskOptions } from './options.js';
+import type { FunctionDescriptor } from './protocol.js';
+
+export interface RuntimeContext {
+  nodeId: string;
+  workerId: string;
+  taskId?: string;
+  actorId?: string;
+  gpuIds: number[];
+  isDriver: boolean;
+}
+
+export interface ActorLookup {
+  actorId: string;
+  descriptor: FunctionDescriptor;
+  methods: string[];
+}
+
+export interface Runtime {
+  submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions): ObjectRef<unknown>;
+  createActor(cls: FunctionDescriptor, args: unknown[], options: ActorOptions, methods: string[]): string;
+  submitActorTask(actorId: string, method: string, args: unknown[]): ObjectRef<unknown>;
+  get(refs: ObjectRef<unknown>[], timeout: number): Promise<unknown[]>;
+  put(value: unknown): ObjectRef<unknown>;
+  wait(refs: ObjectRef<unknown>[], numReturns: number, timeout: number): Promise<[ObjectRef<unknown>[], ObjectRef<unknown>[]]>;
+  cancel(ref: ObjectRef<unknown>, force: boolean): void;
+  kill(actorId: string, noRestart: boolean): void;
+  getActor(name: string): Promise<ActorLookup>;
+  context(): RuntimeContext;
+}
+
+let runtime: Runtime | undefined;
+
+export function setRuntime(next: Runtime | undefined): void {
+  runtime = next;
+}
+
+export function currentRuntime(): Runtime {
+  if (!runtime) throw new NotInitializedError();
+  return runtime;
+}
+
+export function hasRuntime(): boolean {
+  return runtime !== undefined;
+}

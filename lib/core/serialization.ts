@@ -1,0 +1,214 @@
+/**
+ * Values crossing processes. Small values travel inline as msgpack; large values, binary data and
+ * Arrow tables go to the object store as raw bytes (read back zero-copy) or msgpack. ObjectRefs and
+ * actor handles nested in values survive as refs and handles; their ids are collected so that the
+ * container keeps them alive.
+ */
+import { Packr, addExtension } from 'msgpackr';
+import { Table, tableFromIPC, tableToIPC } from 'apache-arrow';
+import { SerializationError } from '../errors.js';
+import type { ObjectView } from '../store/object-store.js';
+import { ObjectRef } from './object-ref.js';
+
+/** Values up to this many bytes travel inline in messages. */
+export const INLINE_LIMIT = 100 * 1024;
+
+export const enum StoredKind {
+  Msgpack = 0,
+  TypedArray = 1,
+  Arrow = 2,
+  ArrayBuffer = 3,
+  Buffer = 4,
+}
+
+const typedArrayConstructors = [
+  Int8Array, Uint8Array, Uint8ClampedArray, Int16Array, Uint16Array, Int32Array, Uint32Array,
+  Float32Array, Float64Array, BigInt64Array, BigUint64Array,
+] as const;
+
+/** Set by the actor module: how to rebuild an actor handle from its id on the receiving side. */
+export interface HandleCodec {
+  isHandle(value: unknown): boolean;
+  write(value: unknown): unknown;
+  read(data: unknown): unknown;
+}
+
+let nestedCollector: string[] | undefined;
+let handleCodec: HandleCodec | undefined;
+
+export function setHandleCodec(codec: HandleCodec): void {
+  handleCodec = codec;
+}
+
+class ActorHandleMarker {}
+
+addExtension({
+  Class: ObjectRef,
+  type: 0x54,
+  write(ref: ObjectRef) {
+    nestedCollector?.push(ref.id);
+    return ref.id;
+  },
+  read(id: string) {
+    return new ObjectRef(id);
+  },
+});
+
+addExtension({
+  Class: Map,
+  type: 0x55,
+  write(map: Map<unknown, unknown>) {
+    return [...map.entries()];
+  },
+  read(entries: Array<[unknown, unknown]>) {
+    return new Map(entries);
+  },
+});
+
+addExtension({
+  Class: ActorHandleMarker,
+  type: 0x56,
+  write(value: unknown) {
+    return handleCodec!.write(value);
+  },
+  read(data: unknown) {
+    if (!handleCodec) throw new SerializationError('an actor handle arrived before the runtime started');
+    return handleCodec.read(data);
+  },
+});
+
+const packr = new Packr({ useRecords: false, moreTypes: true, structuredClone: true });
+
+/** Packs `value`, collecting the ids of refs nested in it. */
+export function pack(value: unknown, nested?: string[]): Uint8Array {
+  const previous = nestedCollector;
+  nestedCollector = nested;
+  try {
+    return packr.pack(prepare(value));
+  } catch (error) {
+    if (error instanceof SerializationError) throw error;
+    throw new SerializationError(`value cannot be sent to another process: ${(error as Error).message}`, { cause: error });
+  } finally {
+    nestedCollector = previous;
+  }
+}
+
+export function unpack(bytes: Uint8Array): unknown {
+  return packr.unpack(bytes);
+}
+
+/** Rejects what msgpack would silently mangle, and marks actor handles for their extension. */
+function prepare(value: unknown, depth = 0): unknown {
+  if (depth > 64) throw new SerializationError('value is nested more than 64 levels deep (or is cyclic)');
+  switch (typeof value) {
+    case 'function':
+      throw new SerializationError(
+        `a function cannot be sent to another process (${value.name || 'anonymous'}); register it with remote() and pass its result instead`,
+      );
+    case 'symbol':
+      throw new SerializationError('a symbol cannot be sent to another process');
+    case 'object': {
+      if (value === null || value instanceof ObjectRef || ArrayBuffer.isView(value) || value instanceof ArrayBuffer) return value;
+      if (handleCodec?.isHandle(value)) return Object.setPrototypeOf({ handle: value }, ActorHandleMarker.prototype);
+      if (value instanceof Date || value instanceof RegExp || value instanceof Error) return value;
+      if (value instanceof Promise) throw new SerializationError('a Promise cannot be sent to another process; await it first');
+      if (value instanceof WeakMap || value instanceof WeakSet) throw new SerializationError('a WeakMap or WeakSet cannot be sent');
+      if (Array.isArray(value)) {
+        let copy: unknown[] | undefined;
+        for (let i = 0; i < value.length; i++) {
+          const prepared = prepare(value[i], depth + 1);
+          if (prepared !== value[i]) (copy ??= [...value])[i] = prepared;
+        }
+        return copy ?? value;
+      }
+      if (value instanceof Map) {
+        return new Map([...value].map(([k, v]) => [prepare(k, depth + 1), prepare(v, depth + 1)]));
+      }
+      if (value instanceof Set) return new Set([...value].map((v) => prepare(v, depth + 1)));
+      const prototype = Object.getPrototypeOf(value);
+      if (prototype !== Object.prototype && prototype !== null) {
+        throw new SerializationError(
+          `an instance of ${prototype?.constructor?.name ?? 'a class'} cannot be sent to another process: send plain objects, arrays, typed arrays, Maps, Sets or Arrow tables`,
+        );
+      }
+      let copy: Record<string, unknown> | undefined;
+      for (const key of Object.keys(value)) {
+        const original = (value as Record<string, unknown>)[key];
+        const prepared = prepare(original, depth + 1);
+        if (prepared !== original) (copy ??= { ...(value as Record<string, unknown>) })[key] = prepared;
+      }
+      return copy ?? value;
+    }
+    default:
+      return value;
+  }
+}
+
+/** A value ready for the object store: metadata names how to read the payload back. */
+export interface StoredValue {
+  metadata: Uint8Array;
+  payload: Uint8Array;
+  nested: string[];
+}
+
+/** A value encoded for transport: inline msgpack, or bytes bound for the store. */
+export type EncodedValue = { inline: Uint8Array; nested: string[] } | { stored: StoredValue; nested: string[] };
+
+export function encodeValue(value: unknown): EncodedValue {
+  if (value instanceof Table) {
+    const payload = tableToIPC(value, 'stream');
+    return { stored: { metadata: Uint8Array.of(StoredKind.Arrow), payload, nested: [] }, nested: [] };
+  }
+  if (ArrayBuffer.isView(value) && value.byteLength > INLINE_LIMIT) {
+    const payload = new Uint8Array(value.buffer, value.byteOffset, value.byteLength);
+    if (Buffer.isBuffer(value)) return { stored: { metadata: Uint8Array.of(StoredKind.Buffer), payload, nested: [] }, nested: [] };
+    const index = typedArrayConstructors.findIndex((constructor) => value instanceof constructor);
+    if (index >= 0) {
+      return { stored: { metadata: Uint8Array.of(StoredKind.TypedArray, index), payload, nested: [] }, nested: [] };
+    }
+  }
+  if (value instanceof ArrayBuffer && value.byteLength > INLINE_LIMIT) {
+    return { stored: { metadata: Uint8Array.of(StoredKind.ArrayBuffer), payload: new Uint8Array(value), nested: [] }, nested: [] };
+  }
+  const nested: string[] = [];
+  const bytes = pack(value, nested);
+  if (bytes.byteLength > INLINE_LIMIT) {
+    return { stored: { metadata: Uint8Array.of(StoredKind.Msgpack), payload: bytes, nested }, nested };
+  }
+  return { inline: bytes, nested };
+}
+
+/** Reads a stored value. Raw kinds are zero-copy: the pin moves to the array or table made. */
+export function decodeStored(view: ObjectView): unknown {
+  const kind = view.metadata?.[0] ?? StoredKind.Msgpack;
+  const data = view.data;
+  switch (kind) {
+    case StoredKind.TypedArray: {
+      const constructor = typedArrayConstructors[view.metadata![1]];
+      const array = new constructor(data.buffer as ArrayBuffer, data.byteOffset, data.byteLength / constructor.BYTES_PER_ELEMENT);
+      view.transferPinTo(array);
+      return array;
+    }
+    case StoredKind.Buffer: {
+      const buffer = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+      view.transferPinTo(buffer);
+      return buffer;
+    }
+    case StoredKind.ArrayBuffer: {
+      // An ArrayBuffer cannot be a window on shared memory: copy.
+      const copy = data.slice().buffer;
+      view.release();
+      return copy;
+    }
+    case StoredKind.Arrow: {
+      const table = tableFromIPC(data);
+      view.transferPinTo(table);
+      return table;
+    }
+    default: {
+      const value = unpack(data);
+      view.release();
+      return value;
+    }
+  }
+}

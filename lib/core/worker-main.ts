@@ -1,0 +1,334 @@
+/**
+ * A worker process: connects to its driver, attaches its node's store, imports the modules that
+ * define remote functions and classes, and runs tasks or one actor. It exits when the driver goes.
+ */
+import { connect } from 'node:net';
+import { TaskError, type RemoteErrorInfo } from '../errors.js';
+import { ObjectStore } from '../store/object-store.js';
+import { newObjectId } from '../store/object-id.js';
+import { ObjectRef, setRefTracker } from './object-ref.js';
+import type { ActorOptions, TaskOptions } from './options.js';
+import {
+  FrameConnection,
+  type CreateActorMessage,
+  type DriverMessage,
+  type FunctionDescriptor,
+  type TaskMessage,
+  type WireValue,
+  type WorkerMessage,
+} from './protocol.js';
+import { actorHandleInfo, lookupRegistered, makeActorHandle } from './registry.js';
+import { setRuntime, type ActorLookup, type Runtime, type RuntimeContext } from './runtime-context.js';
+import { decodeStored, encodeValue, pack, setHandleCodec, unpack } from './serialization.js';
+
+const socketPath = process.env.TRELLIS_SOCKET!;
+const workerId = process.env.TRELLIS_WORKER_ID!;
+const nodeId = process.env.TRELLIS_NODE_ID!;
+const store = ObjectStore.attach(process.env.TRELLIS_STORE!);
+
+function errorInfo(error: unknown): RemoteErrorInfo {
+  if (error instanceof Error) {
+    return { name: error.name, message: error.message, code: (error as { code?: string }).code, stack: error.stack };
+  }
+  return { name: 'Error', message: String(error) };
+}
+
+class WorkerRuntime implements Runtime {
+  readonly #connection: FrameConnection<DriverMessage, WorkerMessage>;
+  readonly #requests = new Map<number, { resolve: (value: any) => void; reject: (error: Error) => void }>();
+  #nextRequest = 1;
+  /** Handles this process holds, per object id. */
+  readonly #handles = new Map<string, number>();
+  readonly #finalizer = new FinalizationRegistry<string>((id) => this.#release(id));
+  #borrowAdd: string[] = [];
+  #borrowDrop: string[] = [];
+  #borrowFlush = false;
+  /** Tasks received and not yet started. */
+  readonly queue: TaskMessage[] = [];
+  current?: { taskId?: string; actorId?: string; gpuIds: number[] };
+
+  constructor(connection: FrameConnection<DriverMessage, WorkerMessage>) {
+    this.#connection = connection;
+  }
+
+  send(message: WorkerMessage): void {
+    this.#connection.send(message);
+  }
+
+  onHandle(ref: ObjectRef<unknown>, alreadyCounted = false): void {
+    const count = this.#handles.get(ref.id) ?? 0;
+    this.#handles.set(ref.id, count + 1);
+    if (count === 0 && !alreadyCounted) this.#borrow(ref.id, true);
+    this.#finalizer.register(ref, ref.id);
+  }
+
+  #release(id: string): void {
+    const count = (this.#handles.get(id) ?? 1) - 1;
+    if (count > 0) {
+      this.#handles.set(id, count);
+      return;
+    }
+    this.#handles.delete(id);
+    this.#borrow(id, false);
+  }
+
+  #borrow(id: string, add: boolean): void {
+    (add ? this.#borrowAdd : this.#borrowDrop).push(id);
+    if (this.#borrowFlush) return;
+    this.#borrowFlush = true;
+    queueMicrotask(() => {
+      this.#borrowFlush = false;
+      this.send({ t: 'borrow', add: this.#borrowAdd, drop: this.#borrowDrop });
+      this.#borrowAdd = [];
+      this.#borrowDrop = [];
+    });
+  }
+
+  /** Refs made here for ids the driver already counts for us (submits, puts). */
+  #ownedRef(id: string): ObjectRef<unknown> {
+    this.#handles.set(id, (this.#handles.get(id) ?? 0) + 1);
+    setRefTracker(undefined);
+    const ref = new ObjectRef(id);
+    setRefTracker(tracker);
+    this.#finalizer.register(ref, id);
+    return ref;
+  }
+
+  request(op: string, body: unknown): Promise<any> {
+    const requestId = this.#nextRequest++;
+    return new Promise((resolve, reject) => {
+      this.#requests.set(requestId, { resolve, reject });
+      this.send({ t: 'request', requestId, op, body });
+    });
+  }
+
+  notify(op: string, body: unknown): void {
+    this.send({ t: 'request', requestId: 0, op, body });
+  }
+
+  onReply(requestId: number, ok: boolean, value: unknown, error?: RemoteErrorInfo): void {
+    const pending = this.#requests.get(requestId);
+    if (!pending) return;
+    this.#requests.delete(requestId);
+    if (ok) pending.resolve(value);
+    else pending.reject(Object.assign(new Error(error?.message), { name: error?.name, code: error?.code }));
+  }
+
+  #encodeArgs(args: unknown[]): { args: Uint8Array; argRefs: string[]; held: string[] } {
+    const argRefs: string[] = [];
+    const prepared = args.map((arg) => {
+      if (arg instanceof ObjectRef) {
+        argRefs.push(arg.id);
+        return arg;
+      }
+      if ('inline' in encodeValue(arg)) return arg;
+      const ref = this.put(arg);
+      argRefs.push(ref.id);
+      return ref;
+    });
+    const held: string[] = [];
+    return { args: pack(prepared, held), argRefs, held };
+  }
+
+  submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions): ObjectRef<unknown> {
+    const returnId = newObjectId();
+    this.notify('submit', { fn, ...this.#encodeArgs(args), options, returnId });
+    return this.#ownedRef(returnId);
+  }
+
+  createActor(cls: FunctionDescriptor, args: unknown[], options: ActorOptions, methods: string[]): string {
+    const actorId = `actor-${newObjectId().slice(0, 16)}`;
+    this.notify('create-actor', { actorId, cls, ...this.#encodeArgs(args), options, methods });
+    return actorId;
+  }
+
+  submitActorTask(actorId: string, method: string, args: unknown[]): ObjectRef<unknown> {
+    const returnId = newObjectId();
+    this.notify('actor-call', { actorId, method, ...this.#encodeArgs(args), returnId });
+    return this.#ownedRef(returnId);
+  }
+
+  async get(refs: ObjectRef<unknown>[], timeout: number): Promise<unknown[]> {
+    // Blocking: hand back tasks not begun, so that they can run elsewhere meanwhile.
+    const returnTasks = this.queue.splice(0).map((task) => task.taskId);
+    const values = (await this.request('get', { ids: refs.map((ref) => ref.id), timeout, returnTasks })) as Array<
+      WireValue | { error: RemoteErrorInfo & { kind: string } }
+    >;
+    return values.map((value, index) => {
+      if ('error' in value) throw rebuildError(value.error, refs[index].id);
+      return readWire(value);
+    });
+  }
+
+  put(value: unknown): ObjectRef<unknown> {
+    const id = newObjectId();
+    const encoded = encodeValue(value);
+    if ('inline' in encoded) {
+      this.notify('register', { id, value: { inline: encoded.inline }, nested: encoded.nested, size: encoded.inline.byteLength });
+    } else {
+      store.put(id, encoded.stored.payload, { metadata: encoded.stored.metadata });
+      this.notify('register', { id, value: { node: nodeId, id }, nested: encoded.nested, size: encoded.stored.payload.byteLength });
+    }
+    return this.#ownedRef(id);
+  }
+
+  async wait(refs: ObjectRef<unknown>[], numReturns: number, timeout: number): Promise<[ObjectRef<unknown>[], ObjectRef<unknown>[]]> {
+    const ready = new Set<string>(await this.request('wait', { ids: refs.map((ref) => ref.id), numReturns, timeout }));
+    return [refs.filter((ref) => ready.has(ref.id)), refs.filter((ref) => !ready.has(ref.id))];
+  }
+
+  cancel(ref: ObjectRef<unknown>, force: boolean): void {
+    this.notify('cancel', { id: ref.id, force });
+  }
+
+  kill(actorId: string, noRestart: boolean): void {
+    this.notify('kill', { actorId, noRestart });
+  }
+
+  getActor(name: string): Promise<ActorLookup> {
+    return this.request('get-actor', { name });
+  }
+
+  context(): RuntimeContext {
+    return { nodeId, workerId, taskId: this.current?.taskId, actorId: this.current?.actorId, gpuIds: this.current?.gpuIds ?? [], isDriver: false };
+  }
+}
+
+function rebuildError(info: RemoteErrorInfo & { kind: string }, id: string): Error {
+  if (info.kind === 'TaskError') {
+    const error = new TaskError('', { name: 'Error', message: '' });
+    error.message = info.message;
+    error.stack = info.stack;
+    return error;
+  }
+  return Object.assign(new Error(info.message), { name: info.name, code: info.code, stack: info.stack, objectId: id });
+}
+
+function readWire(value: WireValue): unknown {
+  if ('inline' in value) return unpack(value.inline);
+  const view = store.getIfSealed(value.id);
+  if (!view) throw new Error(`object ${value.id} is missing from this node's store`);
+  return decodeStored(view);
+}
+
+async function resolveArgs(bytes: Uint8Array, resolved: Record<string, WireValue>): Promise<unknown[]> {
+  const args = unpack(bytes) as unknown[];
+  return args.map((arg) => (arg instanceof ObjectRef && resolved[arg.id] ? readWire(resolved[arg.id]) : arg));
+}
+
+/** Sends a result: inline, or stored in this node's store under the task's return id. */
+function sendResult(taskId: string, returnId: string, value: unknown): void {
+  let encoded;
+  try {
+    encoded = encodeValue(value);
+  } catch (error) {
+    runtime.send({ t: 'done', taskId, error: errorInfo(error) });
+    return;
+  }
+  if ('inline' in encoded) {
+    runtime.send({ t: 'done', taskId, value: { inline: encoded.inline }, nested: encoded.nested });
+    return;
+  }
+  store.put(returnId, encoded.stored.payload, { metadata: encoded.stored.metadata });
+  runtime.send({ t: 'done', taskId, value: { node: nodeId, id: returnId }, nested: encoded.nested });
+}
+
+let actorInstance: any;
+let actorConcurrency = 1;
+let running = 0;
+
+async function runTask(task: TaskMessage): Promise<void> {
+  running++;
+  runtime.current = { taskId: task.taskId, actorId: task.actorId, gpuIds: task.gpuIds ?? runtime.current?.gpuIds ?? [] };
+  if (task.gpuIds && task.gpuIds.length > 0 && !task.actorId) process.env.CUDA_VISIBLE_DEVICES = task.gpuIds.join(',');
+  try {
+    const args = await resolveArgs(task.args, task.resolved);
+    let result: unknown;
+    if (task.actorId) {
+      const method = actorInstance?.[task.method!];
+      if (typeof method !== 'function') throw new TypeError(`actor has no method '${task.method}'`);
+      result = await method.apply(actorInstance, args);
+    } else {
+      const fn = await loadRegistered(task.fn!);
+      result = await (fn as (...a: unknown[]) => unknown)(...args);
+    }
+    sendResult(task.taskId, task.returnId, result);
+  } catch (error) {
+    runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(error) });
+  } finally {
+    running--;
+    pump();
+  }
+}
+
+function pump(): void {
+  while (running < actorConcurrency && runtime.queue.length > 0) void runTask(runtime.queue.shift()!);
+}
+
+async function loadRegistered(descriptor: FunctionDescriptor): Promise<unknown> {
+  let target = lookupRegistered(descriptor);
+  if (!target) {
+    await import(descriptor.module);
+    target = lookupRegistered(descriptor);
+  }
+  if (!target) {
+    throw new Error(
+      `'${descriptor.name}' is not registered in ${descriptor.module}: remote() must be called at that module's top level`,
+    );
+  }
+  return target;
+}
+
+async function startActor(message: CreateActorMessage): Promise<void> {
+  actorConcurrency = message.maxConcurrency;
+  runtime.current = { actorId: message.actorId, gpuIds: message.gpuIds ?? [] };
+  if (message.gpuIds && message.gpuIds.length > 0) process.env.CUDA_VISIBLE_DEVICES = message.gpuIds.join(',');
+  try {
+    const cls = (await loadRegistered(message.cls)) as new (...args: unknown[]) => unknown;
+    const args = await resolveArgs(message.args, message.resolved);
+    actorInstance = new cls(...args);
+    runtime.send({ t: 'actor-ready', actorId: message.actorId });
+  } catch (error) {
+    runtime.send({ t: 'actor-ready', actorId: message.actorId, error: errorInfo(error) });
+  }
+}
+
+const socket = connect(socketPath);
+const connection = new FrameConnection<DriverMessage, WorkerMessage>(
+  socket,
+  (message) => {
+    switch (message.t) {
+      case 'task':
+        runtime.queue.push(message);
+        pump();
+        return;
+      case 'actor':
+        void startActor(message);
+        return;
+      case 'reply':
+        runtime.onReply(message.requestId, message.ok, message.value, message.error);
+        return;
+      case 'exit':
+        process.exit(0);
+    }
+  },
+  // The driver is gone: nothing left to work for.
+  () => process.exit(0),
+);
+const runtime = new WorkerRuntime(connection);
+const tracker = { onHandleCreated: (ref: ObjectRef<unknown>) => runtime.onHandle(ref) };
+setRefTracker(tracker);
+setRuntime(runtime);
+setHandleCodec({
+  isHandle: (value) => actorHandleInfo(value) !== undefined,
+  write: (value) => {
+    const info = (value as { handle: unknown }).handle;
+    const { actorId, descriptor, methods } = actorHandleInfo(info)!;
+    return [actorId, descriptor.module, descriptor.name, methods];
+  },
+  read: (data) => {
+    const [actorId, module, name, methods] = data as [string, string, string, string[]];
+    return makeActorHandle(actorId, { module, name }, methods);
+  },
+});
+runtime.send({ t: 'hello', workerId, pid: process.pid });
