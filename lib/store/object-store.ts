@@ -283,7 +283,16 @@ export class ObjectStore {
   create(id: ObjectId, size: number, options: { metadata?: Uint8Array } = {}): ObjectBuilder {
     this.#checkOpen();
     const pinned = this.#native.create(id, size, options.metadata);
-    const builder = new ObjectBuilder(this, id, ...this.#locate(pinned));
+    let located: [ArrayBuffer, NativePinned];
+    try {
+      located = this.#locate(pinned);
+    } catch (error) {
+      // No view can be made (an object over 4 GiB on Node 20): nobody could fill it, so it must
+      // not stay allocated and pinned until this process closes.
+      this.#native.abort(id);
+      throw error;
+    }
+    const builder = new ObjectBuilder(this, id, ...located);
     this.#builders.set(id, builder);
     return builder;
   }
@@ -353,7 +362,14 @@ export class ObjectStore {
     this.#checkOpen();
     const result = this.#native.get(id);
     if (typeof result === 'number') return undefined;
-    return new ObjectView(id, this.#native, ...this.#locate(result));
+    let located: [ArrayBuffer, NativePinned];
+    try {
+      located = this.#locate(result);
+    } catch (error) {
+      this.#native.release(result[3], result[4]); // no view holds the pin: drop it
+      throw error;
+    }
+    return new ObjectView(id, this.#native, ...located);
   }
 
   /** The object's state in the store (sealed objects that were spilled read as 'spilled'). */

@@ -1160,7 +1160,13 @@ void Store::Abort(const ObjectId& id) {
 void Store::Put(const ObjectId& id, const uint8_t* data, uint64_t data_size, const uint8_t* metadata, uint64_t metadata_size) {
   PinnedObject object = Create(id, data_size, metadata, metadata_size);
   if (data_size > 0) std::memcpy(object.data, data, data_size);
-  Seal(id);
+  try {
+    Seal(id);
+  } catch (const NativeError&) {
+    // Deleted by another process while we copied: our creator pin is all that keeps it.
+    Release(object.entry, object.generation);
+    throw;
+  }
 }
 
 GetStatus Store::TryGet(const ObjectId& id, PinnedObject* out) {
@@ -1183,6 +1189,8 @@ GetStatus Store::TryGet(const ObjectId& id, PinnedObject* out) {
   }
   return GetStatus::kNotReady;
 }
+
+void Store::WakeSealWaiters() { FutexWakeAll(&header_->seal_sequence); }
 
 bool Store::WaitForSeal(uint32_t seen_sequence, int64_t timeout_ms) {
   if (closed_.load()) return false;

@@ -78,6 +78,8 @@ class Store : public std::enable_shared_from_this<Store> {
   GetStatus TryGet(const ObjectId& id, PinnedObject* out);
   // Blocks up to timeout_ms for a seal anywhere in the store; returns false on timeout.
   bool WaitForSeal(uint32_t seen_sequence, int64_t timeout_ms);
+  // Wakes every waiter (here and in other processes); they re-check and sleep again if nothing changed.
+  void WakeSealWaiters();
   uint32_t seal_sequence() const { return header_->seal_sequence.load(std::memory_order_acquire); }
   void Release(uint32_t entry, uint32_t generation);
 

@@ -309,6 +309,7 @@ class StoreBinding : public Napi::ObjectWrap<StoreBinding> {
   void StopWatcher() {
     if (!watcher_running_) return;
     watcher_stop_.store(true);
+    if (store_) store_->WakeSealWaiters();
     if (watcher_.joinable()) watcher_.join();
     tsfn_.Release();
     watcher_running_ = false;

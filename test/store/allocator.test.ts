@@ -12,15 +12,11 @@ import {
   createStore,
   expectBytes,
   expectError,
-  expectNoLeakedSegments,
-  removeTempDirs,
+  finish,
 } from './helpers.js';
 
 afterEach(cleanup);
-afterAll(() => {
-  expectNoLeakedSegments();
-  removeTempDirs();
-});
+afterAll(finish);
 
 /** A small deterministic PRNG (mulberry32), so a failing sequence can be replayed. */
 function random(seed: number): () => number {

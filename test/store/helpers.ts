@@ -18,8 +18,9 @@ const openStores: ObjectStore[] = [];
 const createdNames = new Set<string>();
 const tempDirs: string[] = [];
 const children = new Set<Fixture>();
+let spare: Fixture | undefined;
 
-/** A fresh directory under the OS temp dir, removed by {@link cleanup}. */
+/** A fresh directory under the OS temp dir, removed by {@link finish}. */
 export function tempDir(prefix = 'trellis-test-'): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));
   tempDirs.push(dir);
@@ -30,8 +31,8 @@ export function tempDir(prefix = 'trellis-test-'): string {
 export function createStore(options: ObjectStoreOptions = {}): ObjectStore {
   const store = ObjectStore.create({
     capacity: 16 * MiB,
-    spillDirectory: options.spillDirectory === undefined ? tempDir('trellis-spill-') : options.spillDirectory,
     ...options,
+    spillDirectory: options.spillDirectory === undefined ? tempDir('trellis-spill-') : options.spillDirectory,
   });
   openStores.push(store);
   createdNames.add(store.name);
@@ -58,6 +59,21 @@ export async function cleanup(): Promise<void> {
   const stores = openStores.splice(0);
   for (const store of stores.filter((s) => !s.isOwner)) store.close();
   for (const store of stores.filter((s) => s.isOwner)) store.close();
+}
+
+/** Ends the warm spare worker, if any (a spare also exits by itself when this process does). */
+export async function stopSpare(): Promise<void> {
+  const last = spare;
+  spare = undefined;
+  await last?.stop();
+}
+
+/** For afterAll: stops the spare worker, removes temp dirs, and checks /dev/shm for leftovers. */
+export async function finish(): Promise<void> {
+  await cleanup();
+  await stopSpare();
+  removeTempDirs();
+  expectNoLeakedSegments();
 }
 
 export function removeTempDirs(): void {
@@ -161,8 +177,8 @@ export interface Exit {
 export type Reply = Record<string, any>;
 
 /**
- * A child process running a fixture with tsx. `request` speaks the worker protocol (see
- * fixtures/worker.ts); `line` waits for a plain line from the simpler fixtures.
+ * A child process running a fixture with tsx. `request` and `send` speak the worker protocol (see
+ * fixtures/worker.ts); `line` waits for a plain line of output (such as 'locked').
  */
 export class Fixture {
   readonly child: ChildProcess;
@@ -204,9 +220,20 @@ export class Fixture {
     return new Fixture(fixture, args, options.exposeGc ? ['--expose-gc'] : []);
   }
 
-  /** A worker attached to the store `name`. */
+  /**
+   * A worker attached to the store `name`. Workers start while earlier tests run (one spare is
+   * kept warm): starting node with tsx is most of a worker's cost.
+   */
   static async worker(name: string, options: { exposeGc?: boolean } = {}): Promise<Fixture> {
-    const worker = Fixture.start('worker.ts', [], options);
+    let worker: Fixture;
+    if (options.exposeGc) {
+      worker = Fixture.start('worker.ts', [], options);
+    } else {
+      worker = spare && !spare.#exit ? spare : Fixture.start('worker.ts');
+      spare = new Fixture('worker.ts', [], []);
+      children.delete(spare); // a spare outlives tests; stopSpare() ends it
+    }
+    children.add(worker);
     await worker.request('attach', { name });
     return worker;
   }
@@ -249,7 +276,7 @@ export class Fixture {
     return reply;
   }
 
-  /** Waits for a line of plain output (from the simpler fixtures). */
+  /** Waits for a plain (non-JSON) line of output. */
   async line(expected: string, limitMs = 30_000): Promise<void> {
     const deadline = Date.now() + limitMs;
     for (;;) {

@@ -13,17 +13,13 @@ import {
   createStore,
   expectBytes,
   expectError,
-  expectNoLeakedSegments,
+  finish,
   expectRejection,
-  removeTempDirs,
   sleep,
 } from './helpers.js';
 
 afterEach(cleanup);
-afterAll(() => {
-  expectNoLeakedSegments();
-  removeTempDirs();
-});
+afterAll(finish);
 
 describe('several processes', () => {
   it('read each other’s objects, contents and metadata checked both ways', async () => {

@@ -16,17 +16,13 @@ import {
   cleanup,
   createStore,
   expectBytes,
-  expectNoLeakedSegments,
-  removeTempDirs,
+  finish,
   tempDir,
   track,
 } from './helpers.js';
 
 afterEach(cleanup);
-afterAll(() => {
-  expectNoLeakedSegments();
-  removeTempDirs();
-});
+afterAll(finish);
 
 interface Put {
   id: string;

@@ -23,18 +23,14 @@ import {
   cleanup,
   createStore,
   expectError,
-  expectNoLeakedSegments,
+  finish,
   expectRejection,
-  removeTempDirs,
   segmentExists,
   segmentName,
 } from './helpers.js';
 
 afterEach(cleanup);
-afterAll(() => {
-  expectNoLeakedSegments();
-  removeTempDirs();
-});
+afterAll(finish);
 
 const malformedIds: Array<[string, string]> = [
   ['empty', ''],

@@ -3,25 +3,24 @@
  * without copying, and the pin a view holds until it is released or garbage-collected.
  */
 import { Table, Utf8, makeVector, tableFromArrays, tableFromIPC, tableToIPC, vectorFromArray } from 'apache-arrow';
+import { statfsSync } from 'node:fs';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
-import { ObjectStore, newObjectId } from '../../lib/index.js';
-import { bytesFor } from './fixtures/content.js';
+import { InvalidArgumentError, ObjectStore, newObjectId } from '../../lib/index.js';
+import { bytesFor, digestFor } from './fixtures/content.js';
 import {
   Fixture,
   MiB,
   cleanup,
   createStore,
+  blockSize,
   expectBytes,
-  expectNoLeakedSegments,
-  removeTempDirs,
+  expectError,
+  finish,
   track,
 } from './helpers.js';
 
 afterEach(cleanup);
-afterAll(() => {
-  expectNoLeakedSegments();
-  removeTempDirs();
-});
+afterAll(finish);
 
 describe('zero-copy views', () => {
   it('are Uint8Arrays over the shared mapping, not copies', async () => {
@@ -188,6 +187,69 @@ describe('views and garbage collection (child process with --expose-gc)', () => 
     expect(stats.error?.code).toBe('ERR_STORE_CLOSED');
     expect(store.stats()).toMatchObject({ objectCount: 1, pinnedObjects: 0 });
     expect((await child.end()).code).toBe(0);
+  });
+});
+
+const GiB = 2 ** 30;
+const shm = statfsSync('/dev/shm');
+// These segments are sparse: only the few pages written are ever backed by memory.
+const roomForLargeSegments = shm.bavail * shm.bsize > 12 * GiB;
+
+describe.skipIf(!roomForLargeSegments)('views in segments over 4 GiB (sparse, prefaulting off)', () => {
+  it('reads objects anywhere in the data region, across window boundaries, in both processes', async () => {
+    const store = createStore({ capacity: 9 * GiB, prefaultWindow: 0, maxObjects: 64, spillDirectory: false });
+    // Unsealed fillers, never touched, push the next objects to where the view windows meet.
+    const fill = (size: number) => store.create(newObjectId(), size);
+    const small: Array<{ id: string; seed: number; size: number }> = [];
+    const put = (seed: number, size: number) => {
+      const id = newObjectId();
+      store.put(id, bytesFor(seed, size));
+      small.push({ id, seed, size });
+    };
+    fill(2.5 * GiB);
+    put(1, 100_000); // in the second window only
+    // Next, an object whose data starts just below 4 GiB - 4 KiB and runs past 4 GiB.
+    const top = blockSize(2.5 * GiB) + blockSize(100_000);
+    const crossingBlock = 4 * GiB - 4096 - 1024;
+    fill(crossingBlock - top - 64);
+    put(2, 8192);
+    put(3, 100_000); // above 4 GiB: the third window
+    fill(1.5 * GiB);
+    // An object over 2 GiB that crosses its window's end gets a buffer of its own.
+    const bigId = newObjectId();
+    const big = store.create(bigId, 3 * GiB);
+    expect(big.data.byteLength).toBe(3 * GiB);
+    big.write(bytesFor(4, 4096), 0);
+    big.write(bytesFor(5, 4096), 3 * GiB - 4096);
+    big.seal();
+
+    for (const object of small) {
+      const view = await store.get(object.id);
+      expectBytes(view.data, bytesFor(object.seed, object.size), `object ${object.seed}`);
+      view.release();
+    }
+    const view = await store.get(bigId);
+    expect(view.size).toBe(3 * GiB);
+    expectBytes(view.data.subarray(0, 4096), bytesFor(4, 4096));
+    expectBytes(view.data.subarray(3 * GiB - 4096), bytesFor(5, 4096));
+    view.release();
+
+    const child = await Fixture.worker(store.name);
+    const reply = await child.request('getMany', { ids: small.map((object) => object.id), timeout: 0 });
+    for (const object of small) expect(reply.results[object.id].digest).toBe(digestFor(object.seed, object.size));
+    expect((await child.end()).code).toBe(0);
+  });
+
+  it('refuses an object too large to view without leaking it', () => {
+    const store = createStore({ capacity: 9 * GiB, prefaultWindow: 0, maxObjects: 64, spillDirectory: false });
+    const id = newObjectId();
+    expectError(() => store.create(id, 5 * GiB), InvalidArgumentError, 'ERR_OUT_OF_RANGE');
+    expect(store.state(id)).toBe('absent');
+    expect(store.stats()).toMatchObject({ objectCount: 0, bytesInUse: 0, pinnedObjects: 0 });
+    // The space is all there.
+    const whole = store.create(newObjectId(), 4 * GiB - 4096 - 64);
+    whole.abort();
+    expect(store.stats()).toMatchObject({ objectCount: 0, bytesInUse: 0, pinnedObjects: 0 });
   });
 });
 
