@@ -3,11 +3,13 @@
  * against the floor it measured in the same run; with --json, one JSON object per suite:
  * {"suite": "...", "results": {"<metric>": {"value": <number>, "unit": "..."}}}.
  */
+import { coreSuite } from './core.js';
 import { storeSuite } from './store.js';
 import type { Suite } from './harness.js';
 
 const suites: Record<string, Suite> = {
   store: storeSuite,
+  core: coreSuite,
 };
 
 const args = process.argv.slice(2);

@@ -28,7 +28,9 @@ export {
   SerializationError,
 } from './errors.js';
 export type { RemoteErrorInfo } from './errors.js';
-export { init, shutdown, isInitialized, get, put, wait, cancel, kill, getActor, getRuntimeContext, state, events } from './core/api.js';
+export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getActor, getRuntimeContext, state, events, placementGroup, removePlacementGroup } from './core/api.js';
+export type { PlacementGroup, PlacementStrategy } from './core/placement-group.js';
+export type { Resources } from './core/resources.js';
 export type { InitOptions, ClusterState } from './core/cluster.js';
 export { remote } from './core/registry.js';
 export type { RemoteFunction, ActorClass, ActorHandle, ActorMethod, RemoteArgs } from './core/registry.js';

@@ -6,6 +6,8 @@ import { ObjectRef } from './object-ref.js';
 import { actorHandleInfo, makeActorHandle, type ActorHandle } from './registry.js';
 import { currentRuntime, hasRuntime, setRuntime, type RuntimeContext } from './runtime-context.js';
 import { setHandleCodec } from './serialization.js';
+import type { PlacementGroup, PlacementStrategy } from './placement-group.js';
+import type { Resources } from './resources.js';
 
 let cluster: Cluster | undefined;
 
@@ -53,6 +55,7 @@ export async function get(refs: ObjectRef<unknown> | ObjectRef<unknown>[], optio
   const list = toArray(refs);
   for (const ref of list) {
     if (!(ref instanceof ObjectRef)) throw new InvalidArgumentError(`get() takes ObjectRefs, got ${typeof ref}`);
+    if (!ref.live) throw new InvalidArgumentError(`${ref} was disposed; get() needs a live handle`, 'ERR_REF_DISPOSED');
   }
   const values = await currentRuntime().get(list, options.timeout ?? Infinity);
   return Array.isArray(refs) ? values : values[0];
@@ -67,6 +70,11 @@ export function wait<T>(refs: ObjectRef<T>[], options: { numReturns?: number; ti
   const numReturns = options.numReturns ?? 1;
   if (numReturns > refs.length) throw new InvalidArgumentError(`numReturns (${numReturns}) exceeds the ${refs.length} refs given`);
   return currentRuntime().wait(refs, numReturns, options.timeout ?? Infinity) as Promise<[ObjectRef<T>[], ObjectRef<T>[]]>;
+}
+
+/** Lets go of handles now (see ObjectRef[Symbol.dispose]). */
+export function free(refs: ObjectRef<unknown> | ObjectRef<unknown>[]): void {
+  for (const ref of toArray(refs)) ref[Symbol.dispose]();
 }
 
 export function cancel(ref: ObjectRef<unknown>, options: { force?: boolean } = {}): void {
@@ -94,6 +102,18 @@ export function getRuntimeContext(): RuntimeContext {
 export function state(): ClusterState {
   if (!cluster) throw new NotInitializedError('state() is available in the driver after init()');
   return cluster.state();
+}
+
+/** Reserves bundles of resources together (see PlacementGroup.ready()). */
+export function placementGroup(bundles: Resources[], strategy: PlacementStrategy = 'PACK'): PlacementGroup {
+  if (!cluster) throw new NotInitializedError('placement groups are created by the driver after init()');
+  return cluster.createPlacementGroup(bundles, strategy);
+}
+
+/** Gives a group's resources back; actors placed in it are killed, tasks waiting for it fail. */
+export function removePlacementGroup(group: PlacementGroup): void {
+  if (!cluster) throw new NotInitializedError();
+  cluster.removePlacementGroup(group);
 }
 
 /** Cluster events: 'warning' for tasks that wait on resources over 1 s. */

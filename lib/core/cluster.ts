@@ -32,7 +32,8 @@ import {
   type WorkerMessage,
 } from './protocol.js';
 import { Node, WorkerProcess, type NodeOptions } from './node.js';
-import { describeResources, toFixed } from './resources.js';
+import { PlacementGroup, infeasibility as groupInfeasibility, releaseGroup, reserve, type PlacementStrategy } from './placement-group.js';
+import { ResourcePool, describeResources, toFixed, type Resources } from './resources.js';
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
 import { decodeStored, encodeValue, pack, unpack } from './serialization.js';
 
@@ -62,8 +63,11 @@ interface TaskRecord {
   args: Uint8Array;
   /** Top-level ref arguments, resolved before the task runs. */
   argRefs: string[];
-  /** Refs held for the task's life: top-level and nested arguments. */
+  /** Refs nested in the arguments (not resolved before the task runs). */
+  nested: string[];
+  /** Refs held for the task's life, and for its result's life when it can be recomputed. */
   held: string[];
+  options: TaskOptions;
   returnId: string;
   request: Map<string, number>;
   classKey: string;
@@ -78,9 +82,15 @@ interface TaskRecord {
   warned?: boolean;
 }
 
-interface Lease {
-  worker: WorkerProcess;
+/** Where resources were taken from: a node, or a placement group's bundle on a node. */
+interface Placement {
   node: Node;
+  pool: ResourcePool;
+  group?: PlacementGroup;
+}
+
+interface Lease extends Placement {
+  worker: WorkerProcess;
   classKey: string;
   request: Map<string, number>;
   gpuIds: number[];
@@ -101,6 +111,7 @@ interface ActorRecord {
   state: 'pending' | 'starting' | 'alive' | 'restarting' | 'dead';
   worker?: WorkerProcess;
   node?: Node;
+  placement?: Placement;
   gpuIds: number[];
   restarts: number;
   /** Calls in submission order not yet sent. */
@@ -129,6 +140,7 @@ export class Cluster implements Runtime {
   readonly #leaseByWorker = new Map<WorkerProcess, Lease>();
   readonly #actors = new Map<string, ActorRecord>();
   readonly #namedActors = new Map<string, string>();
+  readonly #groups = new Map<string, PlacementGroup>();
   readonly #finalizer = new FinalizationRegistry<string>((id) => this.#dropHold(id));
   readonly #infeasibleTimer: NodeJS.Timeout;
   #spreadCursor = 0;
@@ -140,7 +152,10 @@ export class Cluster implements Runtime {
     this.#socketPath = socketPath;
     const specs = options.nodes ?? [options];
     specs.forEach((spec, index) => this.nodes.push(new Node(spec, index)));
-    this.#infeasibleTimer = setInterval(() => this.#warnPending(), 1000).unref();
+    this.#infeasibleTimer = setInterval(() => {
+      this.#warnPending();
+      this.#reapIdleWorkers();
+    }, 1000).unref();
   }
 
   static async start(options: InitOptions): Promise<Cluster> {
@@ -152,7 +167,13 @@ export class Cluster implements Runtime {
     });
     const cluster = new Cluster(options, server, socketPath);
     server.on('connection', (socket) => cluster.#accept(socket));
-    setRefTracker({ onHandleCreated: (ref) => cluster.#onHandle(ref) });
+    setRefTracker({
+      onHandleCreated: (ref) => cluster.#onHandle(ref),
+      onHandleDisposed: (ref) => {
+        cluster.#finalizer.unregister(ref);
+        cluster.#dropHold(ref.id);
+      },
+    });
     const prestart = options.prestartWorkers;
     for (const node of cluster.nodes) {
       const count = prestart ?? node.softLimit;
@@ -290,13 +311,13 @@ export class Cluster implements Runtime {
             task.worker = undefined;
             this.#enqueue(task, true);
           }
-          if (lease) lease.node.pool.release(lease.request);
+          if (lease) lease.pool.release(lease.request);
           this.#schedule();
           try {
             const values = await this.#locateAll(body.ids, body.timeout, worker.node);
             reply(values);
           } finally {
-            if (lease && this.#leaseByWorker.get(worker) === lease) lease.node.pool.acquire(lease.request);
+            if (lease && this.#leaseByWorker.get(worker) === lease) lease.pool.acquire(lease.request);
           }
           return;
         }
@@ -333,7 +354,7 @@ export class Cluster implements Runtime {
 
   #onHandle(ref: ObjectRef<unknown>): void {
     this.#addHold(ref.id);
-    this.#finalizer.register(ref, ref.id);
+    this.#finalizer.register(ref, ref.id, ref);
   }
 
   #addHold(id: string): void {
@@ -346,6 +367,7 @@ export class Cluster implements Runtime {
     const record = this.#objects.get(id);
     if (!record || --record.holds > 0) return;
     this.#objects.delete(id);
+    if (record.lineage?.state === 'done') this.#releaseTaskHolds(record.lineage);
     for (const nodeId of record.nodes) {
       const node = this.nodes.find((candidate) => candidate.id === nodeId);
       try {
@@ -409,7 +431,7 @@ export class Cluster implements Runtime {
 
   /** Where each object can be read from `node`: inline bytes, or a copy in that node's store. */
   async #locateAll(ids: string[], timeout: number, node: Node): Promise<Array<WireValue | { error: RemoteErrorInfo & { kind: string } }>> {
-    const records = await Promise.all(ids.map((id) => this.#whenSettled(id, timeout)));
+    const records = await this.#settledResident(ids, timeout);
     return records.map((record) => {
       if (record.state === 'failed') return { error: serializeError(record.error!) };
       return this.#valueOn(record, node);
@@ -439,6 +461,7 @@ export class Cluster implements Runtime {
 
   #readValue(record: ObjectRecord): unknown {
     if (record.state === 'failed') throw record.error;
+    if (!this.#resident(record)) throw new ObjectLostError(record.id, `object ${record.id} was lost and could not be recomputed`);
     const value = record.value!;
     if ('inline' in value) return unpack(value.inline);
     const node = this.nodes.find((candidate) => record.nodes.has(candidate.id))!;
@@ -481,8 +504,51 @@ export class Cluster implements Runtime {
   }
 
   async get(refs: ObjectRef<unknown>[], timeout: number): Promise<unknown[]> {
-    const records = await Promise.all(refs.map((ref) => this.#whenSettled(ref.id, timeout)));
+    const records = await this.#settledResident(refs.map((ref) => ref.id), timeout);
     return records.map((record) => this.#readValue(record));
+  }
+
+  /** Waits for the objects, recomputing any whose stored value vanished (a few rounds at most). */
+  async #settledResident(ids: string[], timeout: number): Promise<ObjectRecord[]> {
+    for (let round = 0; ; round++) {
+      const records = await Promise.all(ids.map((id) => this.#whenSettled(id, timeout)));
+      const lost = records.filter((record) => record.state === 'ready' && !this.#resident(record));
+      if (lost.length === 0 || round >= 3) return records;
+      for (const record of lost) this.#reconstruct(record);
+    }
+  }
+
+  /** Forgets store copies that vanished; true while the value can still be read somewhere. */
+  #resident(record: ObjectRecord): boolean {
+    const value = record.value;
+    if (!value || 'inline' in value) return true;
+    for (const nodeId of [...record.nodes]) {
+      const node = this.nodes.find((candidate) => candidate.id === nodeId);
+      if (!node || node.store.closed || !node.store.contains(record.id)) record.nodes.delete(nodeId);
+    }
+    return record.nodes.size > 0;
+  }
+
+  /** A stored value vanished: recompute it from its lineage, or fail it with ObjectLostError. */
+  #reconstruct(record: ObjectRecord): void {
+    const lineage = record.lineage;
+    if (!lineage?.fn || lineage.state !== 'done') {
+      record.state = 'failed';
+      record.error = new ObjectLostError(
+        record.id,
+        `object ${record.id} was lost from the object store and cannot be recomputed: it was stored by put(), not computed by a task`,
+      );
+      return;
+    }
+    record.state = 'pending';
+    record.value = undefined;
+    record.nodes.clear();
+    for (const child of record.nested ?? []) this.#dropHold(child);
+    record.nested = undefined;
+    const task = this.#makeTask(lineage.fn, undefined, undefined, lineage.args, lineage.argRefs, lineage.nested, lineage.options, record.id);
+    this.#releaseTaskHolds(lineage);
+    this.events.emit('reconstruct', { objectId: record.id, task: task.name });
+    this.#submit(task);
   }
 
   async #waitIds(ids: string[], numReturns: number, timeout: number): Promise<[string[], string[]]> {
@@ -554,7 +620,9 @@ export class Cluster implements Runtime {
       method,
       args,
       argRefs,
+      nested: held,
       held: allHeld,
+      options,
       returnId,
       request,
       classKey: `${fn?.module}#${fn?.name}#${[...request].join(';')}#${JSON.stringify(strategy, (key, value) => (key === 'placementGroup' ? value.id : value))}`,
@@ -607,6 +675,22 @@ export class Cluster implements Runtime {
 
   /** Why `request` can never be met under `strategy`, or undefined when some node could. */
   #infeasibility(request: Map<string, number>, strategy: SchedulingStrategy): { reason: string; missing: Record<string, number> } | undefined {
+    if (typeof strategy === 'object' && strategy.type === 'placement-group') {
+      const group = this.#groups.get(strategy.placementGroup.id);
+      if (!group || group.state === 'removed' || group.state === 'infeasible') {
+        return { reason: `placement group ${strategy.placementGroup.id} is ${group?.state ?? 'unknown'}`, missing: {} };
+      }
+      const index = strategy.bundleIndex;
+      if (index !== undefined && index >= 0 && !group.bundles[index]) {
+        return { reason: `placement group ${group.id} has no bundle ${index} (it has ${group.bundles.length})`, missing: {} };
+      }
+      const bundles = index === undefined || index < 0 ? group.bundles : [group.bundles[index]];
+      const fits = bundles.some((bundle) => [...request].every(([name, amount]) => (bundle.request.get(name) ?? 0) >= amount));
+      if (!fits) {
+        return { reason: `it asks for ${describeResources(request)}, more than any bundle of placement group ${group.id} holds`, missing: {} };
+      }
+      return undefined;
+    }
     if (typeof strategy === 'object' && strategy.type === 'node' && !strategy.soft) {
       const node = this.nodes.find((candidate) => candidate.id === strategy.nodeId);
       if (!node) return { reason: `node ${strategy.nodeId} does not exist`, missing: {} };
@@ -621,7 +705,30 @@ export class Cluster implements Runtime {
     return { reason: `it asks for ${describeResources(request)} and no node has that much in total (missing on ${this.nodes[0].id}: ${describeResources(toFixed(missing))})`, missing };
   }
 
-  /** Picks a node for `request` now, or undefined when none has it free. */
+  /** Where `request` can run now under `strategy`, or undefined when nothing has it free. */
+  #place(request: Map<string, number>, strategy: SchedulingStrategy, localityIds: string[] = []): Placement | undefined {
+    if (typeof strategy === 'object' && strategy.type === 'placement-group') {
+      const group = this.#groups.get(strategy.placementGroup.id);
+      if (!group || group.state !== 'created') return undefined;
+      const bundles = strategy.bundleIndex === undefined || strategy.bundleIndex < 0 ? group.bundles : [group.bundles[strategy.bundleIndex]];
+      for (const bundle of bundles) {
+        if (bundle?.pool?.fits(request) && bundle.node!.canAssignGpus(request.get('GPU') ?? 0)) {
+          return { node: bundle.node!, pool: bundle.pool, group };
+        }
+      }
+      return undefined;
+    }
+    const node = this.#pickNode(request, strategy, localityIds);
+    return node ? { node, pool: node.pool } : undefined;
+  }
+
+  /** Gives back what a placement took (to the node itself once its group is removed). */
+  #release(placement: Placement, request: Map<string, number>, gpuIds: number[]): void {
+    if (placement.group?.state === 'removed') placement.node.pool.release(request);
+    else placement.pool.release(request);
+    placement.node.releaseGpus(gpuIds, request.get('GPU') ?? 0);
+  }
+
   #pickNode(request: Map<string, number>, strategy: SchedulingStrategy, localityIds: string[] = []): Node | undefined {
     const fits = this.nodes.filter((node) => node.pool.fits(request) && node.canAssignGpus(request.get('GPU') ?? 0));
     if (typeof strategy === 'object' && strategy.type === 'node') {
@@ -666,6 +773,7 @@ export class Cluster implements Runtime {
     if (this.#scheduling || this.#closed) return;
     this.#scheduling = true;
     try {
+      this.#placeGroups();
       for (const [classKey, queue] of this.#queues) {
         while (queue.length > 0) {
           const task = queue[0];
@@ -692,14 +800,15 @@ export class Cluster implements Runtime {
     for (const lease of leases) if (lease.inflight < PIPELINE_DEPTH && (!best || lease.inflight < best.inflight)) best = lease;
     // A fresh lease when the best existing one already has work queued, if resources allow.
     if (best && best.inflight === 0) return best;
-    const node = this.#pickNode(task.request, task.strategy, task.argRefs);
-    if (node) {
+    const placement = this.#place(task.request, task.strategy, task.argRefs);
+    if (placement) {
+      const node = placement.node;
       const worker = node.idleWorker();
       if (worker) {
         const gpuIds = node.assignGpus(task.request.get('GPU') ?? 0) ?? [];
-        node.pool.acquire(task.request);
+        placement.pool.acquire(task.request);
         worker.state = 'leased';
-        const lease: Lease = { worker, node, classKey, request: task.request, gpuIds, inflight: 0 };
+        const lease: Lease = { ...placement, worker, classKey, request: task.request, gpuIds, inflight: 0 };
         leases.push(lease);
         this.#leases.set(classKey, leases);
         this.#leaseByWorker.set(worker, lease);
@@ -722,7 +831,19 @@ export class Cluster implements Runtime {
     } catch (error) {
       lease.inflight--;
       lease.worker.inflight.delete(task.taskId);
-      this.#failTask(task, error as Error);
+      if (error instanceof ArgumentsRecovering) {
+        // An argument is being recomputed: wait for it again.
+        task.attempts--;
+        task.state = 'waiting';
+        task.worker = undefined;
+        this.#afterDependencies(task.argRefs, () => {
+          task.state = 'queued';
+          this.#enqueue(task, true);
+          this.#schedule();
+        });
+      } else {
+        this.#failTask(task, error as Error);
+      }
       return;
     }
     lease.worker.send({
@@ -743,6 +864,11 @@ export class Cluster implements Runtime {
       const record = this.#objects.get(id);
       if (!record) throw new ObjectLostError(id, `argument ${id} was freed before the task ran`);
       if (record.state === 'failed') throw record.error!;
+      if (record.state === 'ready' && !this.#resident(record)) {
+        this.#reconstruct(record);
+        if ((record.state as ObjectRecord['state']) === 'pending') throw new ArgumentsRecovering();
+        throw record.error!;
+      }
       resolved[id] = this.#valueOn(record, node);
     }
     return resolved;
@@ -756,8 +882,7 @@ export class Cluster implements Runtime {
       if (leases.length === 0) this.#leases.delete(lease.classKey);
     }
     this.#leaseByWorker.delete(lease.worker);
-    lease.node.pool.release(lease.request);
-    lease.node.releaseGpus(lease.gpuIds, lease.request.get('GPU') ?? 0);
+    this.#release(lease, lease.request, lease.gpuIds);
     if (lease.worker.state === 'leased') {
       lease.worker.state = 'idle';
       lease.worker.idleSince = Date.now();
@@ -800,7 +925,8 @@ export class Cluster implements Runtime {
     this.#tasks.delete(task.taskId);
     const size = value && 'inline' in value ? value.inline.byteLength : 0;
     this.#resolveObject(task.returnId, value, nested, size);
-    this.#releaseTaskHolds(task);
+    // Lineage: a task's arguments stay alive with its result, so a lost result can be recomputed.
+    if (!task.fn || !this.#objects.has(task.returnId)) this.#releaseTaskHolds(task);
   }
 
   #failTask(task: TaskRecord, error: Error): void {
@@ -829,6 +955,22 @@ export class Cluster implements Runtime {
     if (force && worker && !task.actorId) worker.kill();
   }
 
+  /** Idle workers above a node's soft limit (its CPU count) go after a second of idleness. */
+  #reapIdleWorkers(): void {
+    const now = Date.now();
+    for (const node of this.nodes) {
+      const idle = [...node.workers.values()].filter((worker) => worker.state === 'idle').sort((a, b) => a.idleSince - b.idleSince);
+      let pooled = [...node.workers.values()].filter((worker) => worker.state !== 'actor' && worker.state !== 'dead').length;
+      for (const worker of idle) {
+        if (pooled <= node.softLimit || now - worker.idleSince < 1000) break;
+        worker.state = 'dead';
+        if (worker.connection) worker.send({ t: 'exit' });
+        else worker.kill();
+        pooled--;
+      }
+    }
+  }
+
   #warnPending(): void {
     const now = Date.now();
     for (const queue of this.#queues.values()) {
@@ -841,6 +983,48 @@ export class Cluster implements Runtime {
           message: `task ${task.name} has waited over 1 s for ${describeResources(task.request)}`,
         });
       }
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Placement groups
+
+  createPlacementGroup(bundles: Resources[], strategy: PlacementStrategy): PlacementGroup {
+    const group = new PlacementGroup(bundles, strategy);
+    this.#groups.set(group.id, group);
+    const impossible = groupInfeasibility(group, this.nodes);
+    if (impossible) group.markFailed(impossible);
+    else this.#schedule();
+    return group;
+  }
+
+  removePlacementGroup(group: PlacementGroup): void {
+    const known = this.#groups.get(group.id);
+    if (!known || known.state === 'removed') return;
+    const wasCreated = known.state === 'created';
+    known.markRemoved();
+    this.#groups.delete(group.id);
+    if (wasCreated) releaseGroup(known);
+    // Actors placed in the group go with it; tasks still waiting for it fail.
+    for (const actor of this.#actors.values()) {
+      if (actor.placement?.group === known || (typeof actor.options.schedulingStrategy === 'object' && actor.options.schedulingStrategy.type === 'placement-group' && actor.options.schedulingStrategy.placementGroup.id === known.id)) {
+        this.kill(actor.id, true);
+      }
+    }
+    for (const queue of this.#queues.values()) {
+      for (const task of queue) {
+        const strategy = task.strategy;
+        if (typeof strategy === 'object' && strategy.type === 'placement-group' && strategy.placementGroup.id === known.id && task.state === 'queued') {
+          this.#failTask(task, new InfeasibleTaskError(`task ${task.name} waited on placement group ${known.id}, which was removed`, {}));
+        }
+      }
+    }
+    this.#schedule();
+  }
+
+  #placeGroups(): void {
+    for (const group of this.#groups.values()) {
+      if (group.state === 'pending' && reserve(group, this.nodes)) group.markCreated();
     }
   }
 
@@ -900,11 +1084,13 @@ export class Cluster implements Runtime {
       if (actor.state !== 'pending' && actor.state !== 'restarting') continue;
       if (actor.worker) continue;
       if (actor.argRefs.some((id) => this.#objects.get(id)?.state === 'pending')) continue;
-      const node = this.#pickNode(actor.request, actor.options.schedulingStrategy ?? 'DEFAULT');
-      if (!node) continue;
-      node.pool.acquire(actor.request);
+      const placement = this.#place(actor.request, actor.options.schedulingStrategy ?? 'DEFAULT');
+      if (!placement) continue;
+      const node = placement.node;
+      placement.pool.acquire(actor.request);
       actor.gpuIds = node.assignGpus(actor.request.get('GPU') ?? 0) ?? [];
       actor.node = node;
+      actor.placement = placement;
       // A dedicated, fresh process: an actor's state must not leak into pooled task workers.
       const worker = this.#spawn(node);
       worker.state = 'actor';
@@ -1010,10 +1196,8 @@ export class Cluster implements Runtime {
   #onActorWorkerDied(actor: ActorRecord): void {
     if (actor.state === 'dead') return;
     actor.worker = undefined;
-    if (actor.node) {
-      actor.node.pool.release(actor.request);
-      actor.node.releaseGpus(actor.gpuIds, actor.request.get('GPU') ?? 0);
-    }
+    if (actor.placement) this.#release(actor.placement, actor.request, actor.gpuIds);
+    actor.placement = undefined;
     const maxRestarts = actor.options.maxRestarts ?? 0;
     const running = [...actor.running.values()];
     actor.running.clear();
@@ -1060,10 +1244,8 @@ export class Cluster implements Runtime {
     if (!actor || actor.state === 'dead') return;
     if (noRestart) {
       const worker = actor.worker;
-      if (actor.node && worker) {
-        actor.node.pool.release(actor.request);
-        actor.node.releaseGpus(actor.gpuIds, actor.request.get('GPU') ?? 0);
-      }
+      if (actor.placement && worker) this.#release(actor.placement, actor.request, actor.gpuIds);
+      actor.placement = undefined;
       actor.worker = undefined;
       this.#actorDied(actor, `actor ${actor.name} was killed`);
       worker?.kill();
@@ -1114,6 +1296,12 @@ export class Cluster implements Runtime {
         pid: actor.worker?.child.pid,
       })),
       objects: { count: this.#objects.size },
+      placementGroups: [...this.#groups.values()].map((group) => ({
+        id: group.id,
+        strategy: group.strategy,
+        state: group.state,
+        bundles: group.bundles.map((bundle) => ({ nodeId: bundle.node?.id, available: bundle.pool?.snapshot().available })),
+      })),
     };
   }
 
@@ -1126,9 +1314,18 @@ export class Cluster implements Runtime {
     for (const node of this.nodes) {
       for (const worker of node.workers.values()) {
         if (worker.exited) continue;
-        exits.push(new Promise((resolve) => worker.child.once('exit', () => resolve())));
-        worker.send({ t: 'exit' });
-        worker.kill();
+        exits.push(
+          new Promise((resolve) => {
+            // Ask first (the worker flushes and exits), then insist.
+            const timer = setTimeout(() => worker.kill(), 2000);
+            worker.child.once('exit', () => {
+              clearTimeout(timer);
+              resolve();
+            });
+          }),
+        );
+        if (worker.connection) worker.send({ t: 'exit' });
+        else worker.kill();
       }
     }
     await Promise.all(exits);
@@ -1152,7 +1349,10 @@ export interface ClusterState {
   tasks: Record<string, number>;
   actors: Array<{ actorId: string; className: string; name?: string; state: string; nodeId?: string; restarts: number; pid?: number }>;
   objects: { count: number };
+  placementGroups: Array<{ id: string; strategy: string; state: string; bundles: Array<{ nodeId?: string; available?: Record<string, number> }> }>;
 }
+
+class ArgumentsRecovering extends Error {}
 
 export function serializeError(error: Error): RemoteErrorInfo & { kind: string } {
   const err = error as Error & { code?: string };

@@ -32,7 +32,9 @@ export class WorkerProcess {
     this.id = `worker-${newObjectId().slice(0, 12)}`;
     this.node = node;
     this.ready = new Promise((resolve) => (this.resolveReady = resolve));
-    this.child = spawn(process.execPath, ['--import', 'tsx', workerEntry], {
+    // TRELLIS_WORKER_NODE_ARGS: extra Node.js flags for workers (profiling, inspecting).
+    const extra = process.env.TRELLIS_WORKER_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
+    this.child = spawn(process.execPath, [...extra, '--import', 'tsx', workerEntry], {
       env: {
         ...process.env,
         TRELLIS_SOCKET: socketPath,

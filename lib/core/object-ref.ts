@@ -8,9 +8,12 @@ import type { ObjectId } from '../store/object-id.js';
 /** Where handles report their birth and collection; set by the process's runtime. */
 export interface RefTracker {
   onHandleCreated(ref: ObjectRef<unknown>): void;
+  /** The handle was disposed before being collected. */
+  onHandleDisposed(ref: ObjectRef<unknown>): void;
 }
 
 let tracker: RefTracker | undefined;
+const trackedBy = new WeakMap<ObjectRef<unknown>, RefTracker>();
 
 export function setRefTracker(next: RefTracker | undefined): void {
   tracker = next;
@@ -23,7 +26,27 @@ export class ObjectRef<T = unknown> {
 
   constructor(id: ObjectId) {
     this.id = id;
-    tracker?.onHandleCreated(this);
+    if (tracker) {
+      trackedBy.set(this, tracker);
+      tracker.onHandleCreated(this);
+    }
+  }
+
+  /**
+   * Lets go of this handle now rather than when it is garbage-collected: with `using`, or
+   * `free()`, memory-heavy loops return store space at once. Using the handle afterwards is an
+   * error; other handles to the same object keep it alive.
+   */
+  [Symbol.dispose](): void {
+    const owner = trackedBy.get(this);
+    if (!owner) return;
+    trackedBy.delete(this);
+    owner.onHandleDisposed(this);
+  }
+
+  /** False once disposed. */
+  get live(): boolean {
+    return trackedBy.has(this);
   }
 
   toString(): string {

@@ -4,7 +4,11 @@
  */
 import type { Socket } from 'node:net';
 import type { RemoteErrorInfo } from '../errors.js';
-import { pack, unpack } from './serialization.js';
+import { Packr } from 'msgpackr';
+
+// Envelopes hold only plain fields and byte arrays (user values are packed separately, with the
+// richer codec): a plain codec keeps the per-message cost low.
+const envelopes = new Packr({ useRecords: false });
 
 /** A value as a message carries it: inline msgpack bytes, or "in the store of node N". */
 export type WireValue = { inline: Uint8Array } | { node: string; id: string };
@@ -94,6 +98,7 @@ export class FrameConnection<Incoming, Outgoing> {
   readonly #socket: Socket;
   #pending: Buffer[] = [];
   #pendingBytes = 0;
+  #outgoing: Buffer[] = [];
   #flushScheduled = false;
   #closed = false;
 
@@ -120,19 +125,23 @@ export class FrameConnection<Incoming, Outgoing> {
 
   send(message: Outgoing): void {
     if (this.#closed) return;
-    const body = pack(message);
-    const header = Buffer.allocUnsafe(4);
-    header.writeUInt32LE(body.byteLength, 0);
-    if (!this.#flushScheduled) {
-      this.#flushScheduled = true;
-      this.#socket.cork();
-      process.nextTick(() => {
-        this.#flushScheduled = false;
-        this.#socket.uncork();
-      });
-    }
-    this.#socket.write(header);
-    this.#socket.write(body);
+    const body = envelopes.pack(message);
+    const frame = Buffer.allocUnsafe(4 + body.byteLength);
+    frame.writeUInt32LE(body.byteLength, 0);
+    frame.set(body, 4);
+    this.#outgoing.push(frame);
+    if (this.#flushScheduled) return;
+    // Messages sent in the same tick leave in one write.
+    this.#flushScheduled = true;
+    process.nextTick(() => this.#flush());
+  }
+
+  #flush(): void {
+    this.#flushScheduled = false;
+    const frames = this.#outgoing;
+    this.#outgoing = [];
+    if (this.#closed || frames.length === 0) return;
+    this.#socket.write(frames.length === 1 ? frames[0] : Buffer.concat(frames));
   }
 
   close(): void {
@@ -146,7 +155,7 @@ export class FrameConnection<Incoming, Outgoing> {
       const buffer = this.#pending[0];
       const length = buffer.readUInt32LE(0);
       if (buffer.length < 4 + length) return;
-      const message = unpack(buffer.subarray(4, 4 + length)) as Incoming;
+      const message = envelopes.unpack(buffer.subarray(4, 4 + length)) as Incoming;
       const rest = buffer.subarray(4 + length);
       this.#pending = rest.length > 0 ? [rest] : [];
       this.#pendingBytes = rest.length;

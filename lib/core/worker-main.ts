@@ -59,7 +59,12 @@ class WorkerRuntime implements Runtime {
     const count = this.#handles.get(ref.id) ?? 0;
     this.#handles.set(ref.id, count + 1);
     if (count === 0 && !alreadyCounted) this.#borrow(ref.id, true);
-    this.#finalizer.register(ref, ref.id);
+    this.#finalizer.register(ref, ref.id, ref);
+  }
+
+  onDispose(ref: ObjectRef<unknown>): void {
+    this.#finalizer.unregister(ref);
+    this.#release(ref.id);
   }
 
   #release(id: string): void {
@@ -87,10 +92,10 @@ class WorkerRuntime implements Runtime {
   /** Refs made here for ids the driver already counts for us (submits, puts). */
   #ownedRef(id: string): ObjectRef<unknown> {
     this.#handles.set(id, (this.#handles.get(id) ?? 0) + 1);
-    setRefTracker(undefined);
+    setRefTracker(quietTracker);
     const ref = new ObjectRef(id);
     setRefTracker(tracker);
-    this.#finalizer.register(ref, id);
+    this.#finalizer.register(ref, id, ref);
     return ref;
   }
 
@@ -316,7 +321,12 @@ const connection = new FrameConnection<DriverMessage, WorkerMessage>(
   () => process.exit(0),
 );
 const runtime = new WorkerRuntime(connection);
-const tracker = { onHandleCreated: (ref: ObjectRef<unknown>) => runtime.onHandle(ref) };
+const tracker = {
+  onHandleCreated: (ref: ObjectRef<unknown>) => runtime.onHandle(ref),
+  onHandleDisposed: (ref: ObjectRef<unknown>) => runtime.onDispose(ref),
+};
+// For refs whose count the driver already took on this worker's behalf (submits, puts).
+const quietTracker = { onHandleCreated: () => {}, onHandleDisposed: tracker.onHandleDisposed };
 setRefTracker(tracker);
 setRuntime(runtime);
 setHandleCodec({

@@ -1,0 +1,30 @@
+/** Remote functions and actors for the core suite (registered at module top level). */
+import { get, remote } from '../lib/index.js';
+
+export const noop = remote(import.meta, function noop() {
+  return 0;
+});
+
+export class Sink {
+  calls = 0;
+  ping() {
+    return ++this.calls;
+  }
+  async pingAsync() {
+    return ++this.calls;
+  }
+}
+export const RemoteSink = remote(import.meta, Sink);
+
+/** A client inside the cluster: submits `count` tasks and waits for them all. */
+export const taskClient = remote(import.meta, async function taskClient(count: number) {
+  await get(Array.from({ length: count }, () => noop.remote()));
+  return count;
+});
+
+/** A client inside the cluster calling its own actor. */
+export const actorClient = remote(import.meta, async function actorClient(count: number) {
+  const sink = RemoteSink.remote();
+  await get(Array.from({ length: count }, () => sink.ping.remote()));
+  return count;
+});

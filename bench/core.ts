@@ -1,0 +1,89 @@
+/**
+ * Core suite: Ray's microbenchmark shapes on the embedded cluster, and piscina running the same
+ * trivial task with one thread per core in the same run (the baseline).
+ */
+import { cpus } from 'node:os';
+import { fileURLToPath } from 'node:url';
+import { Piscina } from 'piscina';
+import { get, init, put, shutdown } from '../lib/index.js';
+import { actorClient, noop, RemoteSink, taskClient } from './core-tasks.js';
+import { elapsedSeconds, nowNs, round, type Results, type Suite } from './harness.js';
+
+async function rate(count: number, body: () => Promise<void>): Promise<number> {
+  await body(); // warm-up round
+  const start = nowNs();
+  await body();
+  return count / elapsedSeconds(start);
+}
+
+async function piscinaRate(count: number): Promise<number> {
+  const pool = new Piscina({
+    filename: fileURLToPath(new URL('./piscina-task.mjs', import.meta.url)),
+    minThreads: cpus().length,
+    maxThreads: cpus().length,
+  });
+  try {
+    return await rate(count, async () => {
+      await Promise.all(Array.from({ length: count }, () => pool.run(null)));
+    });
+  } finally {
+    await pool.destroy();
+  }
+}
+
+export const coreSuite: Suite = {
+  name: 'core',
+  ratios: [['tasks async / piscina', 'single_client_tasks_async', 'piscina_tasks_async', '>= 0.6']],
+  async run(): Promise<Results> {
+    const results: Results = {};
+    const perSecond = (name: string, value: number) => (results[name] = { value: Math.round(value), unit: 'per_s' });
+    await init({ numCpus: cpus().length });
+    try {
+      perSecond('single_client_tasks_sync', await rate(2_000, async () => {
+        for (let i = 0; i < 2_000; i++) await get(noop.remote());
+      }));
+      perSecond('single_client_tasks_async', await rate(20_000, async () => {
+        await get(Array.from({ length: 20_000 }, () => noop.remote()));
+      }));
+      perSecond('multi_client_tasks_async', await rate(20_000, async () => {
+        await get(Array.from({ length: 4 }, () => taskClient.remote(5_000)));
+      }));
+      const sink = RemoteSink.remote();
+      perSecond('1_1_actor_calls_sync', await rate(2_000, async () => {
+        for (let i = 0; i < 2_000; i++) await get(sink.ping.remote());
+      }));
+      perSecond('1_1_actor_calls_async', await rate(20_000, async () => {
+        await get(Array.from({ length: 20_000 }, () => sink.ping.remote()));
+      }));
+      const concurrent = RemoteSink.options({ maxConcurrency: 16 }).remote();
+      perSecond('1_1_actor_calls_concurrent', await rate(20_000, async () => {
+        await get(Array.from({ length: 20_000 }, () => concurrent.pingAsync.remote()));
+      }));
+      const sinks = Array.from({ length: 4 }, () => RemoteSink.remote());
+      perSecond('1_n_actor_calls_async', await rate(20_000, async () => {
+        await get(Array.from({ length: 20_000 }, (_, i) => sinks[i % sinks.length].ping.remote()));
+      }));
+      perSecond('n_n_actor_calls_async', await rate(20_000, async () => {
+        await get(Array.from({ length: 4 }, () => actorClient.remote(5_000)));
+      }));
+      perSecond('single_client_put_calls', await rate(20_000, async () => {
+        for (let i = 0; i < 20_000; i++) put(i);
+      }));
+      const stored = put(42);
+      perSecond('single_client_get_calls', await rate(20_000, async () => {
+        for (let i = 0; i < 20_000; i++) await get(stored);
+      }));
+      const block = new Uint8Array(100 * 2 ** 20).fill(1);
+      results.single_client_put_gigabytes = {
+        value: round((await rate(10, async () => {
+          for (let i = 0; i < 10; i++) put(block);
+        })) * block.byteLength / 1e9),
+        unit: 'GB/s',
+      };
+    } finally {
+      await shutdown();
+    }
+    perSecond('piscina_tasks_async', await piscinaRate(20_000));
+    return results;
+  },
+};
