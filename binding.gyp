@@ -5,7 +5,9 @@
       "sources": [
         "native/addon.cc",
         "native/store/store.cc",
-        "native/store/store_binding.cc"
+        "native/store/store_binding.cc",
+        "native/collective/shm_communicator.cc",
+        "native/collective/communicator_binding.cc"
       ],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")",

@@ -91,6 +91,13 @@ export function errorFromNative(code: string, message: string, details: Record<s
       return new ObjectTooLargeError(code, message, details);
     case 'ERR_STORE_CLOSED':
       return new StoreClosedError(code, message);
+    case 'ERR_COMMUNICATOR_ABORTED':
+    case 'ERR_COMMUNICATOR_TIMEOUT':
+    case 'ERR_COMMUNICATOR_DESTROYED':
+    case 'ERR_COMMUNICATOR_NOT_FOUND':
+    case 'ERR_PEER_DIED':
+    case 'ERR_COMMUNICATOR':
+      return new CommunicatorError(code, message);
     default:
       return new ObjectStoreError(code, message);
   }
@@ -182,3 +189,6 @@ export class SerializationError extends TrellisError {
     super('ERR_SERIALIZATION', message, options);
   }
 }
+
+/** A collective or point-to-point operation failed: aborted group, dead peer, timeout. */
+export class CommunicatorError extends TrellisError {}

@@ -67,10 +67,30 @@ export interface NativeObjectStore {
   holdLockForever(): never;
 }
 
+/** One rank of a shared-memory communicator; operations run in order off the JS thread. */
+export interface NativeShmCommunicator {
+  allreduce(tensor: ArrayBufferView, dtype: string, op: string): Promise<void>;
+  allgather(input: ArrayBufferView, output: ArrayBufferView): Promise<void>;
+  reducescatter(input: ArrayBufferView, output: ArrayBufferView, dtype: string, op: string): Promise<void>;
+  broadcast(tensor: ArrayBufferView, root: number): Promise<void>;
+  /** Sends and receives that complete together: [isSend, peer, bytes]. */
+  transfer(transfers: Array<[boolean, number, ArrayBufferView]>): Promise<void>;
+  barrier(): Promise<void>;
+  abort(reason?: string): void;
+  destroy(): void;
+}
+
+export interface NativeShmCommunicatorClass {
+  new (segment: string, rank: number, size: number, timeoutMs: number): NativeShmCommunicator;
+  createSegment(segment: string, size: number, slotBytes: number): void;
+  unlinkSegment(segment: string): void;
+}
+
 export interface NativeAddon {
   setErrorFactory(factory: (code: string, message: string, details: Record<string, unknown>) => Error): void;
   NativeObjectStore: new (options: NativeStoreOptions) => NativeObjectStore;
   defaultStoreCapacity(): number;
+  NativeShmCommunicator: NativeShmCommunicatorClass;
 }
 
 /** The package root: lib/ under tests, dist/ once built. Both sit one level below it. */

@@ -3,6 +3,7 @@
 #include <napi.h>
 
 #include "common/js_error.h"
+#include "collective/communicator_binding.h"
 #include "store/store_binding.h"
 
 namespace {
@@ -21,6 +22,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData(new trellis::AddonData());
   exports.Set("setErrorFactory", Napi::Function::New(env, SetErrorFactory));
   trellis::store::RegisterStoreBinding(env, exports);
+  trellis::collective::RegisterCommunicatorBinding(env, exports);
   return exports;
 }
 

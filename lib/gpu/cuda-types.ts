@@ -1,0 +1,68 @@
+/**
+ * What the CUDA and NCCL layers offer the rest of lib/gpu. Implemented by cuda.ts and nccl.ts over
+ * the native driver-API and NCCL tables (loaded with dlopen at run time).
+ */
+
+export interface DeviceInfo {
+  index: number;
+  name: string;
+  totalMemory: number;
+  freeMemory: number;
+  computeCapability: [major: number, minor: number];
+  uuid: string;
+}
+
+/** A CUDA IPC export: enough for another process on the node to map the same device memory. */
+export interface IpcHandle {
+  /** cuIpcGetMemHandle's 64 bytes, for the base allocation holding the buffer. */
+  handle: Uint8Array;
+  /** Offset of the buffer within that allocation. */
+  offset: number;
+  byteLength: number;
+  device: number;
+  /** Device UUID, so an importer can find the same physical GPU under its own numbering. */
+  deviceUuid: string;
+}
+
+/** Device memory owned by this process (from the caching allocator) or mapped from another (IPC). */
+export interface DeviceMemory {
+  readonly device: number;
+  readonly byteLength: number;
+  /** Device address, for logging and tests. */
+  readonly address: bigint;
+  readonly imported: boolean;
+  copyFromHost(source: ArrayBufferView, byteOffset?: number): void;
+  copyToHost(target: ArrayBufferView, byteOffset?: number): void;
+  copyFromDevice(source: DeviceMemory, byteLength?: number, sourceOffset?: number, targetOffset?: number): void;
+  /** Asynchronous copies on `stream` (default: the device's copy stream); resolve when complete. */
+  copyFromHostAsync(source: ArrayBufferView, stream?: Stream): Promise<void>;
+  copyToHostAsync(target: ArrayBufferView, stream?: Stream): Promise<void>;
+  fill(byte: number): void;
+  exportIpc(): IpcHandle;
+  /** Back to the caching allocator (or unmapped, for imports); idempotent. */
+  free(): void;
+}
+
+export interface Stream {
+  readonly device: number;
+  /** Resolves when all work queued so far is done; never blocks the event loop. */
+  synchronize(): Promise<void>;
+  destroy(): void;
+}
+
+export interface CudaApi {
+  readonly available: boolean;
+  /** Why CUDA is not available (no libcuda.so.1, no device, init failure), when it is not. */
+  readonly reason?: string;
+  readonly driverVersion?: number;
+  readonly libraryPath?: string;
+  deviceCount(): number;
+  devices(): DeviceInfo[];
+  allocate(device: number, byteLength: number): DeviceMemory;
+  importIpc(handle: IpcHandle): DeviceMemory;
+  createStream(device: number): Stream;
+  /** Allocator statistics per device: bytes held by live buffers, bytes cached for reuse. */
+  allocatorStats(device: number): { allocatedBytes: number; cachedBytes: number; allocations: number; reuses: number };
+  /** Frees cached (unused) device memory. */
+  emptyCache(device?: number): void;
+}
