@@ -815,6 +815,9 @@ export class Cluster implements Runtime {
         return lease;
       }
       if (![...node.workers.values()].some((candidate) => candidate.state === 'starting')) this.#spawn(node);
+      // Resources are free and a worker is coming: wait for it rather than queue behind a busy
+      // worker, where the task would hold nothing and could wait on the very task ahead of it.
+      return undefined;
     }
     return best;
   }

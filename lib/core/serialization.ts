@@ -9,6 +9,9 @@ import { Table, tableFromIPC, tableToIPC } from 'apache-arrow';
 import { SerializationError } from '../errors.js';
 import type { ObjectView } from '../store/object-store.js';
 import { ObjectRef } from './object-ref.js';
+import { Tensor, parseDevice } from '../gpu/tensor.js';
+import { BYTES_PER_ELEMENT, DTYPES, viewAs, type DType } from '../gpu/dtype.js';
+import { cuda } from '../gpu/cuda.js';
 
 /** Values up to this many bytes travel inline in messages. */
 export const INLINE_LIMIT = 100 * 1024;
@@ -19,6 +22,18 @@ export const enum StoredKind {
   Arrow = 2,
   ArrayBuffer = 3,
   Buffer = 4,
+  Tensor = 5,
+}
+
+/** Rebuilds a tensor's device: back on its GPU where this process has it, else on the CPU. */
+function restoreDevice(tensor: Tensor, device: string): Tensor {
+  if (device === 'cpu') return tensor;
+  const parsed = parseDevice(device);
+  return parsed.kind === 'cuda' && cuda.available && parsed.index < cuda.deviceCount() ? tensor.to(device as `cuda:${number}`) : tensor;
+}
+
+function tensorHeader(tensor: Tensor): unknown[] {
+  return [tensor.dtype, [...tensor.shape], tensor.device];
 }
 
 const typedArrayConstructors = [
@@ -54,8 +69,15 @@ addExtension({
   },
 });
 
+/**
+ * msgpackr writes a plain Map as a msgpack map before it looks at extensions, and reads msgpack
+ * maps back as objects (keys stringified): prepare() hands it this subclass instead, so that the
+ * extension below keeps Maps (and their non-string keys) intact.
+ */
+class PackedMap extends Map<unknown, unknown> {}
+
 addExtension({
-  Class: Map,
+  Class: PackedMap,
   type: 0x55,
   write(map: Map<unknown, unknown>) {
     return [...map.entries()];
@@ -74,6 +96,20 @@ addExtension({
   read(data: unknown) {
     if (!handleCodec) throw new SerializationError('an actor handle arrived before the runtime started');
     return handleCodec.read(data);
+  },
+});
+
+addExtension({
+  Class: Tensor,
+  type: 0x57,
+  write(tensor: Tensor) {
+    const host = tensor.device === 'cpu' ? tensor : tensor.cpu();
+    return [...tensorHeader(tensor), host.bytes().slice()];
+  },
+  read([dtype, shape, device, bytes]: [DType, number[], string, Uint8Array]) {
+    const copy = new Uint8Array(bytes);
+    const tensor = Tensor.wrap(viewAs(dtype, copy.buffer, 0, copy.byteLength / BYTES_PER_ELEMENT[dtype]), dtype, shape);
+    return restoreDevice(tensor, device);
   },
 });
 
@@ -108,7 +144,7 @@ function prepare(value: unknown, depth = 0): unknown {
     case 'symbol':
       throw new SerializationError('a symbol cannot be sent to another process');
     case 'object': {
-      if (value === null || value instanceof ObjectRef || ArrayBuffer.isView(value) || value instanceof ArrayBuffer) return value;
+      if (value === null || value instanceof ObjectRef || ArrayBuffer.isView(value) || value instanceof ArrayBuffer || value instanceof Tensor) return value;
       if (handleCodec?.isHandle(value)) return Object.setPrototypeOf({ handle: value }, ActorHandleMarker.prototype);
       if (value instanceof Date || value instanceof RegExp || value instanceof Error) return value;
       if (value instanceof Promise) throw new SerializationError('a Promise cannot be sent to another process; await it first');
@@ -122,7 +158,7 @@ function prepare(value: unknown, depth = 0): unknown {
         return copy ?? value;
       }
       if (value instanceof Map) {
-        return new Map([...value].map(([k, v]) => [prepare(k, depth + 1), prepare(v, depth + 1)]));
+        return new PackedMap([...value].map(([k, v]) => [prepare(k, depth + 1), prepare(v, depth + 1)]));
       }
       if (value instanceof Set) return new Set([...value].map((v) => prepare(v, depth + 1)));
       const prototype = Object.getPrototypeOf(value);
@@ -155,6 +191,15 @@ export interface StoredValue {
 export type EncodedValue = { inline: Uint8Array; nested: string[] } | { stored: StoredValue; nested: string[] };
 
 export function encodeValue(value: unknown): EncodedValue {
+  if (value instanceof Tensor && value.byteLength > INLINE_LIMIT) {
+    // Raw bytes in the store, read back zero-copy; metadata: kind, then JSON of dtype, shape, device.
+    const host = value.device === 'cpu' ? value : value.cpu();
+    const header = new TextEncoder().encode(JSON.stringify(tensorHeader(value)));
+    const metadata = new Uint8Array(1 + header.byteLength);
+    metadata[0] = StoredKind.Tensor;
+    metadata.set(header, 1);
+    return { stored: { metadata, payload: host.bytes(), nested: [] }, nested: [] };
+  }
   if (value instanceof Table) {
     const payload = tableToIPC(value, 'stream');
     return { stored: { metadata: Uint8Array.of(StoredKind.Arrow), payload, nested: [] }, nested: [] };
@@ -199,6 +244,19 @@ export function decodeStored(view: ObjectView): unknown {
       const copy = data.slice().buffer;
       view.release();
       return copy;
+    }
+    case StoredKind.Tensor: {
+      const [dtype, shape, device] = JSON.parse(new TextDecoder().decode(view.metadata!.subarray(1))) as [DType, number[], string];
+      if (!DTYPES.includes(dtype)) throw new SerializationError(`stored tensor has unknown dtype '${dtype}'`);
+      const tensor = Tensor.wrap(viewAs(dtype, data.buffer, data.byteOffset, data.byteLength / BYTES_PER_ELEMENT[dtype]), dtype, shape);
+      if (device === 'cpu') {
+        view.transferPinTo(tensor);
+        return tensor;
+      }
+      const restored = restoreDevice(tensor, device);
+      if (restored === tensor) view.transferPinTo(tensor);
+      else view.release();
+      return restored;
     }
     case StoredKind.Arrow: {
       const table = tableFromIPC(data);

@@ -20,6 +20,9 @@ import {
 import { actorHandleInfo, lookupRegistered, makeActorHandle } from './registry.js';
 import { setRuntime, type ActorLookup, type Runtime, type RuntimeContext } from './runtime-context.js';
 import { decodeStored, encodeValue, pack, setHandleCodec, unpack } from './serialization.js';
+import { SYSTEM_PREFIX, systemMethod } from './system-methods.js';
+// Registers the collective-group system methods in every worker.
+import '../gpu/collective.js';
 
 const socketPath = process.env.TRELLIS_SOCKET!;
 const workerId = process.env.TRELLIS_WORKER_ID!;
@@ -238,6 +241,19 @@ function sendResult(taskId: string, returnId: string, value: unknown): void {
   runtime.send({ t: 'done', taskId, value: { node: nodeId, id: returnId }, nested: encoded.nested });
 }
 
+/** What this process inherited, for tasks without GPUs on a pooled worker. */
+const inheritedVisibleDevices = process.env.CUDA_VISIBLE_DEVICES;
+
+/**
+ * Pooled workers run tasks with different GPU ids one after another: each task sees its own ids,
+ * and a task without GPUs sees what a fresh worker would, not the ids of the task before it.
+ */
+function showGpus(gpuIds: number[]): void {
+  if (gpuIds.length > 0) process.env.CUDA_VISIBLE_DEVICES = gpuIds.join(',');
+  else if (inheritedVisibleDevices === undefined) delete process.env.CUDA_VISIBLE_DEVICES;
+  else process.env.CUDA_VISIBLE_DEVICES = inheritedVisibleDevices;
+}
+
 let actorInstance: any;
 let actorConcurrency = 1;
 let running = 0;
@@ -245,11 +261,14 @@ let running = 0;
 async function runTask(task: TaskMessage): Promise<void> {
   running++;
   runtime.current = { taskId: task.taskId, actorId: task.actorId, gpuIds: task.gpuIds ?? runtime.current?.gpuIds ?? [] };
-  if (task.gpuIds && task.gpuIds.length > 0 && !task.actorId) process.env.CUDA_VISIBLE_DEVICES = task.gpuIds.join(',');
+  if (!task.actorId) showGpus(task.gpuIds ?? []);
   try {
     const args = await resolveArgs(task.args, task.resolved);
     let result: unknown;
-    if (task.actorId) {
+    const system = task.method?.startsWith(SYSTEM_PREFIX) ? systemMethod(task.method) : undefined;
+    if (system) {
+      result = await system(...args);
+    } else if (task.actorId) {
       const method = actorInstance?.[task.method!];
       if (typeof method !== 'function') throw new TypeError(`actor has no method '${task.method}'`);
       result = await method.apply(actorInstance, args);
