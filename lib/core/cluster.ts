@@ -22,12 +22,13 @@ import {
 } from '../errors.js';
 import { newObjectId } from '../store/object-id.js';
 import { ObjectRef, setRefTracker } from './object-ref.js';
-import type { ActorOptions, SchedulingStrategy, TaskOptions } from './options.js';
+import type { ActorCallOptions, ActorOptions, SchedulingStrategy, TaskOptions } from './options.js';
 import { requestOf } from './options.js';
 import {
   FrameConnection,
   type DriverMessage,
   type FunctionDescriptor,
+  type HeldMeta,
   type WireValue,
   type WorkerMessage,
 } from './protocol.js';
@@ -52,6 +53,11 @@ interface ObjectRecord {
   nested?: string[];
   lineage?: TaskRecord;
   waiters: Array<() => void>;
+  /** Tensors still held by the actor that made them (tensor transport). */
+  held?: { actorId: string; transport: string; meta: HeldMeta };
+  /** CUDA IPC handles of held tensors, once exported. */
+  ipcHandles?: unknown[];
+  materializing?: Promise<void>;
 }
 
 interface TaskRecord {
@@ -80,6 +86,9 @@ interface TaskRecord {
   cancelled?: boolean;
   pendingSince: number;
   warned?: boolean;
+  tensorTransport?: string;
+  /** Held tensors among the arguments are being materialized or exported. */
+  preparing?: boolean;
 }
 
 /** Where resources were taken from: a node, or a placement group's bundle on a node. */
@@ -141,6 +150,7 @@ export class Cluster implements Runtime {
   readonly #actors = new Map<string, ActorRecord>();
   readonly #namedActors = new Map<string, string>();
   readonly #groups = new Map<string, PlacementGroup>();
+  readonly #collectiveGroups = new Map<string, { actorIds: readonly string[]; backend: 'cpu' | 'nccl' }>();
   readonly #finalizer = new FinalizationRegistry<string>((id) => this.#dropHold(id));
   readonly #infeasibleTimer: NodeJS.Timeout;
   #spreadCursor = 0;
@@ -262,7 +272,7 @@ export class Cluster implements Runtime {
   #onWorkerMessage(worker: WorkerProcess, message: WorkerMessage): void {
     switch (message.t) {
       case 'done':
-        return this.#onTaskDone(worker, message.taskId, message.value, message.nested, message.error);
+        return this.#onTaskDone(worker, message.taskId, message.value, message.nested, message.error, message.held);
       case 'actor-ready':
         return this.#onActorReady(message.actorId, message.error);
       case 'borrow':
@@ -286,7 +296,7 @@ export class Cluster implements Runtime {
         }
         case 'actor-call': {
           this.#addHold(body.returnId);
-          this.#submitActorCall(body.actorId, body.method, body.args, body.argRefs, body.held, body.returnId);
+          this.#submitActorCall(body.actorId, body.method, body.args, body.argRefs, body.held, body.returnId, body.options ?? {});
           return;
         }
         case 'create-actor': {
@@ -368,10 +378,12 @@ export class Cluster implements Runtime {
     if (!record || --record.holds > 0) return;
     this.#objects.delete(id);
     if (record.lineage?.state === 'done') this.#releaseTaskHolds(record.lineage);
+    if (record.held) this.#freeHeld(record.held.actorId, id);
+    const storedId = record.value && 'node' in record.value ? record.value.id : id;
     for (const nodeId of record.nodes) {
       const node = this.nodes.find((candidate) => candidate.id === nodeId);
       try {
-        node?.store.delete(id);
+        node?.store.delete(storedId);
       } catch {
         // Already gone (e.g. the store closed).
       }
@@ -442,17 +454,17 @@ export class Cluster implements Runtime {
     const value = record.value!;
     if ('inline' in value) return value;
     if (!record.nodes.has(node.id)) this.#copyToNode(record, node);
-    return { node: node.id, id: record.id };
+    return { node: node.id, id: storedIdOf(record) };
   }
 
   /** Objects that cross logical nodes are copied between their segments. */
   #copyToNode(record: ObjectRecord, target: Node): void {
     const sourceId = [...record.nodes][0];
     const source = this.nodes.find((node) => node.id === sourceId);
-    const view = source?.store.getIfSealed(record.id);
+    const view = source?.store.getIfSealed(storedIdOf(record));
     if (!view) throw new ObjectLostError(record.id, `object ${record.id} is missing from the store of ${sourceId}`);
     try {
-      target.store.put(record.id, view.data, { metadata: view.metadata ?? undefined });
+      target.store.put(storedIdOf(record), view.data, { metadata: view.metadata ?? undefined });
     } finally {
       view.release();
     }
@@ -465,7 +477,7 @@ export class Cluster implements Runtime {
     const value = record.value!;
     if ('inline' in value) return unpack(value.inline);
     const node = this.nodes.find((candidate) => record.nodes.has(candidate.id))!;
-    const view = node.store.getIfSealed(record.id);
+    const view = node.store.getIfSealed(storedIdOf(record));
     if (!view) throw new ObjectLostError(record.id, `object ${record.id} is missing from the store of ${node.id}`);
     return decodeStored(view);
   }
@@ -512,6 +524,9 @@ export class Cluster implements Runtime {
   async #settledResident(ids: string[], timeout: number): Promise<ObjectRecord[]> {
     for (let round = 0; ; round++) {
       const records = await Promise.all(ids.map((id) => this.#whenSettled(id, timeout)));
+      // Tensors an actor still holds come into the store for readers outside its group.
+      const held = records.filter((record) => record.held);
+      if (held.length > 0) await Promise.all(held.map((record) => this.#materialize(record)));
       const lost = records.filter((record) => record.state === 'ready' && !this.#resident(record));
       if (lost.length === 0 || round >= 3) return records;
       for (const record of lost) this.#reconstruct(record);
@@ -524,7 +539,7 @@ export class Cluster implements Runtime {
     if (!value || 'inline' in value) return true;
     for (const nodeId of [...record.nodes]) {
       const node = this.nodes.find((candidate) => candidate.id === nodeId);
-      if (!node || node.store.closed || !node.store.contains(record.id)) record.nodes.delete(nodeId);
+      if (!node || node.store.closed || !node.store.contains(storedIdOf(record))) record.nodes.delete(nodeId);
     }
     return record.nodes.size > 0;
   }
@@ -644,12 +659,14 @@ export class Cluster implements Runtime {
       this.#failTask(task, new InfeasibleTaskError(`task ${task.name} can never be scheduled: ${infeasible.reason}`, infeasible.missing));
       return;
     }
-    this.#afterDependencies(task.argRefs, () => {
-      if (task.state === 'done') return;
-      task.state = 'queued';
-      this.#enqueue(task, false);
-      this.#schedule();
-    });
+    this.#afterDependencies(task.argRefs, () =>
+      this.#prepareThen(task, () => {
+        if (task.state === 'done') return;
+        task.state = 'queued';
+        this.#enqueue(task, false);
+        this.#schedule();
+      }),
+    );
   }
 
   #afterDependencies(ids: string[], then: () => void): void {
@@ -861,12 +878,16 @@ export class Cluster implements Runtime {
     });
   }
 
-  #resolvedArgs(ids: string[], node: Node): Record<string, WireValue> {
+  #resolvedArgs(ids: string[], node: Node, consumerActorId?: string): Record<string, WireValue> {
     const resolved: Record<string, WireValue> = {};
     for (const id of ids) {
       const record = this.#objects.get(id);
       if (!record) throw new ObjectLostError(id, `argument ${id} was freed before the task ran`);
       if (record.state === 'failed') throw record.error!;
+      if (record.held) {
+        resolved[id] = this.#heldWire(record, node, consumerActorId);
+        continue;
+      }
       if (record.state === 'ready' && !this.#resident(record)) {
         this.#reconstruct(record);
         if ((record.state as ObjectRecord['state']) === 'pending') throw new ArgumentsRecovering();
@@ -892,11 +913,18 @@ export class Cluster implements Runtime {
     }
   }
 
-  #onTaskDone(worker: WorkerProcess, taskId: string, value: WireValue | undefined, nested: string[] | undefined, error: RemoteErrorInfo | undefined): void {
+  #onTaskDone(
+    worker: WorkerProcess,
+    taskId: string,
+    value: WireValue | undefined,
+    nested: string[] | undefined,
+    error: RemoteErrorInfo | undefined,
+    held?: { transport: string; meta: HeldMeta },
+  ): void {
     worker.inflight.delete(taskId);
     const task = this.#tasks.get(taskId);
     if (task?.actorId) {
-      this.#onActorCallDone(task, value, nested, error);
+      this.#onActorCallDone(task, value, nested, error, held);
       return;
     }
     const lease = this.#leaseByWorker.get(worker);
@@ -987,6 +1015,132 @@ export class Cluster implements Runtime {
         });
       }
     }
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Tensor transport: results an actor holds move when read
+
+  registerCollectiveGroup(name: string, actorIds: readonly string[], backend: 'cpu' | 'nccl'): void {
+    this.#collectiveGroups.set(name, { actorIds, backend });
+  }
+
+  unregisterCollectiveGroup(name: string): void {
+    this.#collectiveGroups.delete(name);
+  }
+
+  /** The group over which `record`'s held tensors can go to `consumer`, if any. */
+  #communicatorRoute(record: ObjectRecord, consumer: string | undefined): { group: string; source: number; destination: number } | undefined {
+    const held = record.held;
+    if (!held || !consumer || (held.transport !== 'nccl' && held.transport !== 'auto')) return undefined;
+    // Sends and receives pair up in call order: only a consumer that runs one call at a time.
+    if ((this.#actors.get(consumer)?.options.maxConcurrency ?? 1) !== 1) return undefined;
+    const onGpu = held.meta.tensors.some(([, , device]) => device !== 'cpu');
+    for (const [name, group] of this.#collectiveGroups) {
+      if ((group.backend === 'nccl') !== onGpu) continue;
+      const source = group.actorIds.indexOf(held.actorId);
+      const destination = group.actorIds.indexOf(consumer);
+      if (source >= 0 && destination >= 0 && source !== destination) return { group: name, source, destination };
+    }
+    return undefined;
+  }
+
+  #ipcRoute(record: ObjectRecord, node: Node): boolean {
+    const held = record.held;
+    if (!held || (held.transport !== 'ipc' && held.transport !== 'auto')) return false;
+    const producer = this.#actors.get(held.actorId);
+    return producer?.node === node && held.meta.tensors.every(([, , device]) => device !== 'cpu');
+  }
+
+  /** Before a task or call is sent: materialize or export the held tensors it reads. */
+  #prepareThen(task: TaskRecord, then: () => void): void {
+    const waits: Promise<unknown>[] = [];
+    for (const id of task.argRefs) {
+      const record = this.#objects.get(id);
+      if (!record?.held || this.#communicatorRoute(record, task.actorId)) continue;
+      const producerNode = this.#actors.get(record.held.actorId)?.node;
+      if (producerNode && this.#ipcRoute(record, producerNode)) {
+        if (!record.ipcHandles) waits.push(this.#exportIpc(record));
+        continue;
+      }
+      waits.push(this.#materialize(record));
+    }
+    if (waits.length === 0) return then();
+    task.preparing = true;
+    Promise.all(waits).then(
+      () => {
+        task.preparing = false;
+        then();
+      },
+      (error: Error) => {
+        task.preparing = false;
+        this.#failTask(task, error);
+        then();
+      },
+    );
+  }
+
+  #heldWire(record: ObjectRecord, node: Node, consumer: string | undefined): WireValue {
+    const route = this.#communicatorRoute(record, consumer);
+    if (route) {
+      const send = this.submitActorTask(record.held!.actorId, '__trellis_send_held', [record.id, route.group, route.destination]);
+      void this.get([send], Infinity).then(
+        () => send[Symbol.dispose](),
+        (error: Error) => this.events.emit('warning', { kind: 'tensor-transport', message: `sending ${record.id} failed: ${error.message}` }),
+      );
+      this.events.emit('tensor-transport', { objectId: record.id, route: 'communicator', group: route.group });
+      return { recv: { group: route.group, source: route.source, meta: record.held!.meta } };
+    }
+    if (record.ipcHandles && this.#ipcRoute(record, node)) {
+      this.events.emit('tensor-transport', { objectId: record.id, route: 'ipc' });
+      return { ipc: { handles: record.ipcHandles, meta: record.held!.meta } };
+    }
+    // Neither route fits this reader: bring the tensors into the store first.
+    void this.#materialize(record).then(() => this.#schedule(), () => this.#schedule());
+    throw new ArgumentsRecovering();
+  }
+
+  async #exportIpc(record: ObjectRecord): Promise<void> {
+    const ref = this.submitActorTask(record.held!.actorId, '__trellis_export_held', [record.id]);
+    try {
+      record.ipcHandles = (await this.get([ref], Infinity))[0] as unknown[];
+    } finally {
+      ref[Symbol.dispose]();
+    }
+  }
+
+  /** Moves held tensors into the object store under a system call's result, then adopts it. */
+  #materialize(record: ObjectRecord): Promise<void> {
+    const held = record.held;
+    if (!held) return Promise.resolve();
+    record.materializing ??= (async () => {
+      const ref = this.submitActorTask(held.actorId, '__trellis_materialize', [record.id]);
+      try {
+        const [source] = await Promise.all([this.#whenSettled(ref.id, Infinity)]);
+        if (source.state === 'failed') throw source.error!;
+        record.value = source.value;
+        record.nodes = source.nodes;
+        record.size = source.size;
+        // The store copy now belongs to `record`: dropping the call's ref must not delete it.
+        source.nodes = new Set();
+        source.value = { inline: pack(null) };
+        record.held = undefined;
+        this.events.emit('tensor-transport', { objectId: record.id, route: 'store' });
+      } finally {
+        record.materializing = undefined;
+        ref[Symbol.dispose]();
+      }
+    })();
+    return record.materializing;
+  }
+
+  #freeHeld(actorId: string, id: string): void {
+    const actor = this.#actors.get(actorId);
+    if (!actor || actor.state === 'dead' || this.#closed) return;
+    const ref = this.submitActorTask(actorId, '__trellis_free_held', [id]);
+    void this.get([ref], Infinity).then(
+      () => ref[Symbol.dispose](),
+      () => ref[Symbol.dispose](),
+    );
   }
 
   // -------------------------------------------------------------------------------------------
@@ -1135,15 +1289,23 @@ export class Cluster implements Runtime {
     this.#pumpActor(actor);
   }
 
-  submitActorTask(actorId: string, method: string, args: unknown[]): ObjectRef<unknown> {
+  submitActorTask(actorId: string, method: string, args: unknown[], options: ActorCallOptions = {}): ObjectRef<unknown> {
     const { bytes, argRefs, held } = this.#encodeArgs(args);
     const returnId = newObjectId();
     const ref = new ObjectRef(returnId);
-    this.#submitActorCall(actorId, method, bytes, argRefs, held, returnId);
+    this.#submitActorCall(actorId, method, bytes, argRefs, held, returnId, options);
     return ref;
   }
 
-  #submitActorCall(actorId: string, method: string, args: Uint8Array, argRefs: string[], held: string[], returnId: string): void {
+  #submitActorCall(
+    actorId: string,
+    method: string,
+    args: Uint8Array,
+    argRefs: string[],
+    held: string[],
+    returnId: string,
+    options: ActorCallOptions = {},
+  ): void {
     const actor = this.#actors.get(actorId);
     const task = this.#makeTask(undefined, actorId, method, args, argRefs, held, { numCpus: 0, maxRetries: 0 }, returnId);
     task.name = `${actor?.name ?? 'actor'}.${method}`;
@@ -1152,13 +1314,14 @@ export class Cluster implements Runtime {
       return;
     }
     task.maxRetries = actor.options.maxTaskRetries ?? 0;
+    task.tensorTransport = options.tensorTransport ?? actor.options.methods?.[method]?.tensorTransport;
     if (actor.state === 'dead') {
       this.#failTask(task, new ActorDiedError(actorId, actor.deathCause ?? `actor ${actor.name} is dead`));
       return;
     }
     task.state = 'queued';
     actor.queue.push(task);
-    this.#afterDependencies(argRefs, () => this.#pumpActor(actor));
+    this.#afterDependencies(argRefs, () => this.#prepareThen(task, () => this.#pumpActor(actor)));
   }
 
   /** Sends queued calls in submission order; a call waiting on arguments holds back later ones. */
@@ -1170,12 +1333,18 @@ export class Cluster implements Runtime {
         actor.queue.shift();
         continue;
       }
-      if (task.argRefs.some((id) => this.#objects.get(id)?.state === 'pending')) return;
+      if (task.preparing || task.argRefs.some((id) => this.#objects.get(id)?.state === 'pending')) return;
       actor.queue.shift();
       let resolved: Record<string, WireValue>;
       try {
-        resolved = this.#resolvedArgs(task.argRefs, actor.node!);
+        resolved = this.#resolvedArgs(task.argRefs, actor.node!, actor.id);
       } catch (error) {
+        if (error instanceof ArgumentsRecovering) {
+          // An argument is being recomputed or materialized: keep the call at the head.
+          actor.queue.unshift(task);
+          this.#afterDependencies(task.argRefs, () => this.#prepareThen(task, () => this.#pumpActor(actor)));
+          return;
+        }
         this.#failTask(task, error as Error);
         continue;
       }
@@ -1184,16 +1353,39 @@ export class Cluster implements Runtime {
       task.worker = actor.worker;
       actor.running.set(task.taskId, task);
       actor.worker.inflight.add(task.taskId);
-      actor.worker.send({ t: 'task', taskId: task.taskId, name: task.name, actorId: actor.id, method: task.method, args: task.args, resolved, returnId: task.returnId });
+      actor.worker.send({
+        t: 'task',
+        taskId: task.taskId,
+        name: task.name,
+        actorId: actor.id,
+        method: task.method,
+        args: task.args,
+        resolved,
+        returnId: task.returnId,
+        tensorTransport: task.tensorTransport,
+      });
     }
   }
 
-  #onActorCallDone(task: TaskRecord, value: WireValue | undefined, nested: string[] | undefined, error: RemoteErrorInfo | undefined): void {
+  #onActorCallDone(
+    task: TaskRecord,
+    value: WireValue | undefined,
+    nested: string[] | undefined,
+    error: RemoteErrorInfo | undefined,
+    held?: { transport: string; meta: HeldMeta },
+  ): void {
     const actor = this.#actors.get(task.actorId!);
     actor?.running.delete(task.taskId);
     if (task.state !== 'running' || task.cancelled) return;
-    if (error) this.#failTask(task, new TaskError(task.name, error));
-    else this.#finishTask(task, value, nested);
+    if (error) {
+      this.#failTask(task, new TaskError(task.name, error));
+      return;
+    }
+    // Marked before the result resolves: readers woken by it must see that the actor holds it.
+    const record = this.#objects.get(task.returnId);
+    if (held && record) record.held = { actorId: task.actorId!, ...held };
+    else if (held) this.#freeHeld(task.actorId!, task.returnId);
+    this.#finishTask(task, value, nested);
   }
 
   #onActorWorkerDied(actor: ActorRecord): void {
@@ -1356,6 +1548,11 @@ export interface ClusterState {
 }
 
 class ArgumentsRecovering extends Error {}
+
+/** The store id of a stored value: its own id, or the id it was materialized under. */
+function storedIdOf(record: ObjectRecord): string {
+  return record.value && 'node' in record.value ? record.value.id : record.id;
+}
 
 export function serializeError(error: Error): RemoteErrorInfo & { kind: string } {
   const err = error as Error & { code?: string };

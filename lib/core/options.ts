@@ -24,7 +24,22 @@ export interface TaskOptions {
   name?: string;
 }
 
+/**
+ * How tensors returned by an actor method reach their readers: 'store' copies them through host
+ * shared memory; 'ipc' leaves CUDA tensors in the producer's GPU memory for readers on the node to
+ * map; 'nccl' sends them over the communicator of a collective group both actors are in (the CPU
+ * communicator for CPU tensors); 'auto' picks NCCL within a group, IPC for CUDA tensors on one node,
+ * else the store.
+ */
+export type TensorTransport = 'auto' | 'ipc' | 'nccl' | 'store';
+
+export interface ActorCallOptions {
+  tensorTransport?: TensorTransport;
+}
+
 export interface ActorOptions {
+  /** Per-method options, e.g. { forward: { tensorTransport: 'nccl' } }. */
+  methods?: Record<string, ActorCallOptions>;
   numCpus?: number;
   numGpus?: number;
   memory?: number;

@@ -10,8 +10,22 @@ import { Packr } from 'msgpackr';
 // richer codec): a plain codec keeps the per-message cost low.
 const envelopes = new Packr({ useRecords: false });
 
-/** A value as a message carries it: inline msgpack bytes, or "in the store of node N". */
-export type WireValue = { inline: Uint8Array } | { node: string; id: string };
+/** dtype, shape and device of each tensor a held result holds; `array` when it was a Tensor[]. */
+export interface HeldMeta {
+  tensors: Array<[dtype: string, shape: number[], device: string]>;
+  array: boolean;
+}
+
+/**
+ * A value as a message carries it: inline msgpack bytes, "in the store of node N under id", or,
+ * for tensors still held by the actor that made them, "receive them from rank R of group G" or
+ * "map them from these CUDA IPC handles".
+ */
+export type WireValue =
+  | { inline: Uint8Array }
+  | { node: string; id: string }
+  | { recv: { group: string; source: number; meta: HeldMeta } }
+  | { ipc: { handles: unknown[]; meta: HeldMeta } };
 
 export interface FunctionDescriptor {
   module: string;
@@ -30,6 +44,8 @@ export interface TaskMessage {
   resolved: Record<string, WireValue>;
   returnId: string;
   gpuIds?: number[];
+  /** For actor calls: keep tensors in the result here, to hand over by NCCL/IPC or on request. */
+  tensorTransport?: string;
 }
 
 export interface CreateActorMessage {
@@ -70,6 +86,8 @@ export interface DoneMessage {
   value?: WireValue;
   nested?: string[];
   error?: RemoteErrorInfo;
+  /** The result's tensors stayed with the actor (tensor transport). */
+  held?: { transport: string; meta: HeldMeta };
 }
 
 export interface ActorReadyMessage {

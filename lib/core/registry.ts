@@ -5,7 +5,7 @@
  */
 import { RegistrationError } from '../errors.js';
 import type { ObjectRef, RefOr } from './object-ref.js';
-import type { ActorOptions, TaskOptions } from './options.js';
+import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
 import type { FunctionDescriptor } from './protocol.js';
 import { currentRuntime } from './runtime-context.js';
 
@@ -25,6 +25,7 @@ export interface RemoteFunction<F extends AnyFunction> {
 
 export interface ActorMethod<F extends AnyFunction> {
   remote(...args: RemoteArgs<Parameters<F>>): ObjectRef<Awaited<ReturnType<F>>>;
+  options(options: ActorCallOptions): ActorMethod<F>;
 }
 
 type MethodKeys<T> = { [K in keyof T]: T[K] extends AnyFunction ? K : never }[keyof T] & string;
@@ -110,6 +111,13 @@ export function actorHandleInfo(value: unknown): { actorId: string; descriptor: 
   return typeof value === 'object' && value !== null ? handleInfo.get(value) : undefined;
 }
 
+function actorMethod(actorId: string, name: string, options: ActorCallOptions): ActorMethod<AnyFunction> {
+  return {
+    remote: (...args: unknown[]) => currentRuntime().submitActorTask(actorId, name, args, options) as ObjectRef<any>,
+    options: (more: ActorCallOptions) => actorMethod(actorId, name, { ...options, ...more }),
+  };
+}
+
 /** A handle whose known methods have `.remote`; an unknown method is an error naming the class. */
 export function makeActorHandle(actorId: string, descriptor: FunctionDescriptor, methods: string[]): ActorHandle<unknown> {
   const known = new Set(methods);
@@ -124,7 +132,7 @@ export function makeActorHandle(actorId: string, descriptor: FunctionDescriptor,
       }
       let method = cache.get(key);
       if (!method) {
-        method = { remote: (...args: unknown[]) => currentRuntime().submitActorTask(actorId, key, args) as ObjectRef<any> };
+        method = actorMethod(actorId, key, {});
         cache.set(key, method);
       }
       return method;

@@ -4,7 +4,7 @@
  */
 import { NotInitializedError } from '../errors.js';
 import type { ObjectRef } from './object-ref.js';
-import type { ActorOptions, TaskOptions } from './options.js';
+import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
 import type { FunctionDescriptor } from './protocol.js';
 
 export interface RuntimeContext {
@@ -25,7 +25,10 @@ export interface ActorLookup {
 export interface Runtime {
   submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions): ObjectRef<unknown>;
   createActor(cls: FunctionDescriptor, args: unknown[], options: ActorOptions, methods: string[]): string;
-  submitActorTask(actorId: string, method: string, args: unknown[]): ObjectRef<unknown>;
+  submitActorTask(actorId: string, method: string, args: unknown[], options?: ActorCallOptions): ObjectRef<unknown>;
+  /** Driver only: collective groups, so that tensors can move between their members by NCCL. */
+  registerCollectiveGroup?(name: string, actorIds: readonly string[], backend: 'cpu' | 'nccl'): void;
+  unregisterCollectiveGroup?(name: string): void;
   get(refs: ObjectRef<unknown>[], timeout: number): Promise<unknown[]>;
   put(value: unknown): ObjectRef<unknown>;
   wait(refs: ObjectRef<unknown>[], numReturns: number, timeout: number): Promise<[ObjectRef<unknown>[], ObjectRef<unknown>[]]>;

@@ -217,7 +217,10 @@ export function encodeValue(value: unknown): EncodedValue {
   }
   const nested: string[] = [];
   const bytes = pack(value, nested);
-  if (bytes.byteLength > INLINE_LIMIT) {
+  // Binary data is measured by its own bytes, not msgpack's few header bytes: else an array just
+  // under the limit would go to the store as msgpack, copied on every read.
+  const binary = (ArrayBuffer.isView(value) || value instanceof ArrayBuffer) && value.byteLength <= INLINE_LIMIT;
+  if (bytes.byteLength > INLINE_LIMIT && !binary) {
     return { stored: { metadata: Uint8Array.of(StoredKind.Msgpack), payload: bytes, nested }, nested };
   }
   return { inline: bytes, nested };

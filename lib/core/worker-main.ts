@@ -7,7 +7,7 @@ import { TaskError, type RemoteErrorInfo } from '../errors.js';
 import { ObjectStore } from '../store/object-store.js';
 import { newObjectId } from '../store/object-id.js';
 import { ObjectRef, setRefTracker } from './object-ref.js';
-import type { ActorOptions, TaskOptions } from './options.js';
+import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
 import {
   FrameConnection,
   type CreateActorMessage,
@@ -23,6 +23,7 @@ import { decodeStored, encodeValue, pack, setHandleCodec, unpack } from './seria
 import { SYSTEM_PREFIX, systemMethod } from './system-methods.js';
 // Registers the collective-group system methods in every worker.
 import '../gpu/collective.js';
+import { holdResult, receiveHeld } from '../gpu/transport.js';
 
 const socketPath = process.env.TRELLIS_SOCKET!;
 const workerId = process.env.TRELLIS_WORKER_ID!;
@@ -150,9 +151,9 @@ class WorkerRuntime implements Runtime {
     return actorId;
   }
 
-  submitActorTask(actorId: string, method: string, args: unknown[]): ObjectRef<unknown> {
+  submitActorTask(actorId: string, method: string, args: unknown[], options: ActorCallOptions = {}): ObjectRef<unknown> {
     const returnId = newObjectId();
-    this.notify('actor-call', { actorId, method, ...this.#encodeArgs(args), returnId });
+    this.notify('actor-call', { actorId, method, ...this.#encodeArgs(args), returnId, options });
     return this.#ownedRef(returnId);
   }
 
@@ -162,10 +163,12 @@ class WorkerRuntime implements Runtime {
     const values = (await this.request('get', { ids: refs.map((ref) => ref.id), timeout, returnTasks })) as Array<
       WireValue | { error: RemoteErrorInfo & { kind: string } }
     >;
-    return values.map((value, index) => {
-      if ('error' in value) throw rebuildError(value.error, refs[index].id);
-      return readWire(value);
-    });
+    return Promise.all(
+      values.map((value, index) => {
+        if ('error' in value) throw rebuildError(value.error, refs[index].id);
+        return readWire(value);
+      }),
+    );
   }
 
   put(value: unknown): ObjectRef<unknown> {
@@ -214,6 +217,7 @@ function rebuildError(info: RemoteErrorInfo & { kind: string }, id: string): Err
 
 function readWire(value: WireValue): unknown {
   if ('inline' in value) return unpack(value.inline);
+  if ('recv' in value || 'ipc' in value) return receiveHeld(value);
   const view = store.getIfSealed(value.id);
   if (!view) throw new Error(`object ${value.id} is missing from this node's store`);
   return decodeStored(view);
@@ -221,7 +225,16 @@ function readWire(value: WireValue): unknown {
 
 async function resolveArgs(bytes: Uint8Array, resolved: Record<string, WireValue>): Promise<unknown[]> {
   const args = unpack(bytes) as unknown[];
-  return args.map((arg) => (arg instanceof ObjectRef && resolved[arg.id] ? readWire(resolved[arg.id]) : arg));
+  // Held tensors arrive by a communicator or IPC: wait for those.
+  return Promise.all(
+    args.map((arg) => {
+      if (!(arg instanceof ObjectRef) || !resolved[arg.id]) return arg;
+      // The task gets the value, never this handle: let it go now, not at this process's next
+      // garbage collection (an idle worker may never run one, keeping the object alive).
+      arg[Symbol.dispose]();
+      return readWire(resolved[arg.id]);
+    }),
+  );
 }
 
 /** Sends a result: inline, or stored in this node's store under the task's return id. */
@@ -276,7 +289,9 @@ async function runTask(task: TaskMessage): Promise<void> {
       const fn = await loadRegistered(task.fn!);
       result = await (fn as (...a: unknown[]) => unknown)(...args);
     }
-    sendResult(task.taskId, task.returnId, result);
+    const meta = task.tensorTransport && task.tensorTransport !== 'store' && !system ? holdResult(task.returnId, result) : undefined;
+    if (meta) runtime.send({ t: 'done', taskId: task.taskId, value: { inline: pack(null) }, held: { transport: task.tensorTransport!, meta } });
+    else sendResult(task.taskId, task.returnId, result);
   } catch (error) {
     runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(error) });
   } finally {

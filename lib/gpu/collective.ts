@@ -62,6 +62,7 @@ export class CollectiveGroup {
     if (this.#destroyed) return;
     this.#destroyed = true;
     const runtime = currentRuntime();
+    runtime.unregisterCollectiveGroup?.(this.name);
     await Promise.allSettled(this.actorIds.map((actorId) => get(runtime.submitActorTask(actorId, '__trellis_leave_group', [this.name]))));
     if (this.#segment) removeCpuGroupSegment(this.#segment);
   }
@@ -103,6 +104,7 @@ export async function createCollectiveGroup(actors: ActorHandle<any>[], options:
     if (segment) removeCpuGroupSegment(segment);
     throw error;
   }
+  runtime.registerCollectiveGroup?.(name, actorIds, backend);
   return new CollectiveGroup(name, backend, actorIds, segment);
 }
 

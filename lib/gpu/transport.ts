@@ -1,0 +1,67 @@
+/**
+ * Tensor transport, the actor side: results of methods declared with a tensorTransport other than
+ * 'store' stay with the actor that made them (in GPU memory for CUDA tensors), and move only when a
+ * reader needs them — sent over a collective group's communicator, mapped by CUDA IPC, or
+ * materialized into the object store for the driver or readers outside the group.
+ */
+import { TrellisError } from '../errors.js';
+import { registerSystemMethod } from '../core/system-methods.js';
+import type { HeldMeta } from '../core/protocol.js';
+import { getCommunicator } from './collective.js';
+import { cuda } from './cuda.js';
+import type { IpcHandle } from './cuda-types.js';
+import type { DType } from './dtype.js';
+import { Tensor, type Device } from './tensor.js';
+
+const held = new Map<string, { value: Tensor | Tensor[]; tensors: Tensor[] }>();
+
+/** Keeps `value` here if it is a Tensor or an array of Tensors; returns what readers need to know. */
+export function holdResult(returnId: string, value: unknown): HeldMeta | undefined {
+  const tensors = value instanceof Tensor ? [value] : Array.isArray(value) && value.length > 0 && value.every((item) => item instanceof Tensor) ? (value as Tensor[]) : undefined;
+  if (!tensors) return undefined;
+  held.set(returnId, { value: value as Tensor | Tensor[], tensors });
+  return { tensors: tensors.map((tensor) => [tensor.dtype, [...tensor.shape], tensor.device]), array: Array.isArray(value) };
+}
+
+function take(id: string): { value: Tensor | Tensor[]; tensors: Tensor[] } {
+  const entry = held.get(id);
+  if (!entry) throw new TrellisError('ERR_OBJECT_LOST', `tensors of object ${id} are no longer held by this actor`);
+  return entry;
+}
+
+/** Reads held tensors into this process: received over the group, or mapped by IPC. */
+export async function receiveHeld(wire: { recv: { group: string; source: number; meta: HeldMeta } } | { ipc: { handles: unknown[]; meta: HeldMeta } }): Promise<unknown> {
+  if ('ipc' in wire) {
+    const tensors = wire.ipc.meta.tensors.map(([dtype, shape], index) => Tensor.onDevice(cuda.importIpc(wire.ipc.handles[index] as IpcHandle), dtype as DType, shape));
+    return wire.ipc.meta.array ? tensors : tensors[0];
+  }
+  const communicator = getCommunicator(wire.recv.group);
+  // NCCL receives into this process's GPU; the CPU communicator into host memory.
+  const device: Device = communicator.backend === 'nccl' ? 'cuda:0' : 'cpu';
+  const tensors = wire.recv.meta.tensors.map(([dtype, shape]) => Tensor.empty(shape, { dtype: dtype as DType, device }));
+  communicator.groupStart();
+  for (const tensor of tensors) void communicator.recv(tensor, wire.recv.source);
+  await communicator.groupEnd();
+  return wire.recv.meta.array ? tensors : tensors[0];
+}
+
+registerSystemMethod('__trellis_materialize', (id: string) => {
+  const entry = take(id);
+  held.delete(id);
+  return entry.value;
+});
+
+registerSystemMethod('__trellis_send_held', async (id: string, group: string, destination: number) => {
+  const communicator = getCommunicator(group);
+  communicator.groupStart();
+  for (const tensor of take(id).tensors) void communicator.send(communicator.backend === 'cpu' ? tensor.cpu() : tensor, destination);
+  await communicator.groupEnd();
+});
+
+registerSystemMethod('__trellis_export_held', (id: string) => take(id).tensors.map((tensor) => tensor.memory.exportIpc()));
+
+registerSystemMethod('__trellis_free_held', (id: string) => {
+  const entry = held.get(id);
+  held.delete(id);
+  for (const tensor of entry?.tensors ?? []) tensor.free();
+});
