@@ -91,6 +91,12 @@ export function errorFromNative(code: string, message: string, details: Record<s
       return new ObjectTooLargeError(code, message, details);
     case 'ERR_STORE_CLOSED':
       return new StoreClosedError(code, message);
+    case 'ERR_CHANNEL_CLOSED':
+    case 'ERR_CHANNEL_TIMEOUT':
+    case 'ERR_CHANNEL_NOT_FOUND':
+    case 'ERR_CHANNEL_FULL':
+    case 'ERR_CHANNEL_EMPTY':
+      return new ChannelError(code, message);
     case 'ERR_COMMUNICATOR_ABORTED':
     case 'ERR_COMMUNICATOR_TIMEOUT':
     case 'ERR_COMMUNICATOR_DESTROYED':
@@ -98,6 +104,16 @@ export function errorFromNative(code: string, message: string, details: Record<s
     case 'ERR_PEER_DIED':
     case 'ERR_COMMUNICATOR':
       return new CommunicatorError(code, message);
+    case 'ERR_CUDA':
+    case 'ERR_CUDA_UNAVAILABLE':
+    case 'ERR_CUDA_FREED':
+      return new CudaError(code, message, details);
+    case 'ERR_NCCL':
+    case 'ERR_NCCL_UNAVAILABLE':
+    case 'ERR_NCCL_TIMEOUT':
+    case 'ERR_NCCL_ABORTED':
+    case 'ERR_NCCL_DESTROYED':
+      return new NcclError(code, message, details);
     default:
       return new ObjectStoreError(code, message);
   }
@@ -192,3 +208,37 @@ export class SerializationError extends TrellisError {
 
 /** A collective or point-to-point operation failed: aborted group, dead peer, timeout. */
 export class CommunicatorError extends TrellisError {}
+
+/**
+ * A CUDA driver call failed ('ERR_CUDA'; `call` names it, `result` is its CUresult), CUDA is not
+ * available here ('ERR_CUDA_UNAVAILABLE'), or freed memory or a destroyed stream was used
+ * ('ERR_CUDA_FREED').
+ */
+export class CudaError extends TrellisError {
+  readonly call: string;
+  readonly result: number;
+  constructor(code: string, message: string, details: { call?: unknown; result?: unknown } = {}) {
+    super(code, message);
+    this.call = typeof details.call === 'string' ? details.call : '';
+    this.result = typeof details.result === 'number' ? details.result : 0;
+  }
+}
+
+/**
+ * An NCCL call failed ('ERR_NCCL'; `call` names it, `result` is its ncclResult_t), NCCL is not
+ * available ('ERR_NCCL_UNAVAILABLE'), an operation outlived the communicator's timeout and the
+ * communicator was aborted ('ERR_NCCL_TIMEOUT'), or it was aborted or destroyed
+ * ('ERR_NCCL_ABORTED', 'ERR_NCCL_DESTROYED'). A CommunicatorError, like the CPU communicator's.
+ */
+export class NcclError extends CommunicatorError {
+  readonly call: string;
+  readonly result: number;
+  constructor(code: string, message: string, details: { call?: unknown; result?: unknown } = {}) {
+    super(code, message);
+    this.call = typeof details.call === 'string' ? details.call : '';
+    this.result = typeof details.result === 'number' ? details.result : 0;
+  }
+}
+
+/** A compiled graph's channel was closed (teardown, an actor's death) or an operation timed out. */
+export class ChannelError extends TrellisError {}

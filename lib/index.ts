@@ -48,3 +48,8 @@ export { createCollectiveGroup, getCommunicator, CollectiveGroup } from './gpu/c
 export type { CollectiveBackend, CollectiveGroupOptions } from './gpu/collective.js';
 export { cuda } from './gpu/cuda.js';
 export type { CudaApi, DeviceInfo, DeviceMemory, IpcHandle, Stream } from './gpu/cuda-types.js';
+export { ChannelError } from './errors.js';
+export { InputNode, MultiOutputNode, ClassMethodNode, CollectiveNode, DAGNode, collective } from './dag/nodes.js';
+export type { CompileOptions, EdgeTransport } from './dag/nodes.js';
+export { CompiledGraph, CompiledRef } from './dag/compiled-graph.js';
+export { GraphValidationError } from './dag/compile.js';

@@ -86,11 +86,149 @@ export interface NativeShmCommunicatorClass {
   unlinkSegment(segment: string): void;
 }
 
+export interface NativeCudaStatus {
+  available: boolean;
+  /** Why not, when not: the dlopen error, the missing symbol, or cuInit's error. */
+  reason?: string;
+  /** libcuda.so.1, or $TRELLIS_CUDA_DRIVER. */
+  libraryPath: string;
+  /** cuDriverGetVersion (e.g. 13000), when the library loaded. */
+  driverVersion?: number;
+  deviceCount: number;
+}
+
+export interface NativeDeviceInfo {
+  index: number;
+  name: string;
+  totalMemory: number;
+  freeMemory: number;
+  computeCapability: [major: number, minor: number];
+  uuid: string;
+}
+
+export interface NativeIpcHandle {
+  handle: Uint8Array;
+  offset: number;
+  byteLength: number;
+  device: number;
+  deviceUuid: string;
+}
+
+export interface NativeCudaStream {
+  readonly device: number;
+  synchronize(): Promise<void>;
+  destroy(): void;
+}
+
+/** Device memory from the caching allocator, or mapped from another process by CUDA IPC. */
+export interface NativeDeviceMemory {
+  readonly device: number;
+  readonly byteLength: number;
+  readonly address: bigint;
+  readonly imported: boolean;
+  readonly freed: boolean;
+  /** Synchronous: complete when they return. */
+  copyFromHost(source: ArrayBufferView, byteOffset: number): void;
+  copyToHost(target: ArrayBufferView, byteOffset: number): void;
+  copyFromDevice(source: NativeDeviceMemory, byteLength: number, sourceOffset: number, targetOffset: number): void;
+  /** Staged through pinned memory; `stream` null means the device's copy stream. */
+  copyFromHostAsync(source: ArrayBufferView, stream: NativeCudaStream | null): Promise<void>;
+  copyToHostAsync(target: ArrayBufferView, stream: NativeCudaStream | null): Promise<void>;
+  fill(byte: number): void;
+  exportIpc(): NativeIpcHandle;
+  free(): void;
+}
+
+export interface NativeAllocatorStats {
+  allocatedBytes: number;
+  cachedBytes: number;
+  allocations: number;
+  reuses: number;
+}
+
+export interface NativeCuda {
+  status(): NativeCudaStatus;
+  deviceCount(): number;
+  deviceInfo(device: number): NativeDeviceInfo;
+  allocatorStats(device: number): NativeAllocatorStats;
+  /** Frees cached device blocks (of every device when undefined) and cached pinned buffers. */
+  emptyCache(device?: number): void;
+  /** IPC mappings open in this process. */
+  ipcMappings(): number;
+  DeviceMemory: new (options: { device: number; byteLength: number } | { ipc: NativeIpcHandle }) => NativeDeviceMemory;
+  Stream: new (device: number) => NativeCudaStream;
+}
+
+export interface NativeNcclStatus {
+  available: boolean;
+  reason?: string;
+  /** libnccl.so.2, or $TRELLIS_NCCL_LIBRARY. */
+  libraryPath: string;
+  /** ncclGetVersion, e.g. 22809 for 2.28.9. */
+  version?: number;
+}
+
+/** NCCL enum values (nccl.h). */
+export type NativeNcclDataType = number;
+export type NativeNcclRedOp = number;
+
+export interface NativeNcclCommunicator {
+  readonly rank: number;
+  readonly size: number;
+  readonly device: number;
+  /** Resolves when every rank has joined (ncclCommInitRank). */
+  ready(): Promise<void>;
+  allreduce(send: NativeDeviceMemory, recv: NativeDeviceMemory, count: number, dtype: NativeNcclDataType, op: NativeNcclRedOp): Promise<void>;
+  allgather(send: NativeDeviceMemory, recv: NativeDeviceMemory, sendCount: number, dtype: NativeNcclDataType): Promise<void>;
+  reducescatter(send: NativeDeviceMemory, recv: NativeDeviceMemory, recvCount: number, dtype: NativeNcclDataType, op: NativeNcclRedOp): Promise<void>;
+  broadcast(send: NativeDeviceMemory, recv: NativeDeviceMemory, count: number, dtype: NativeNcclDataType, root: number): Promise<void>;
+  send(buffer: NativeDeviceMemory, count: number, dtype: NativeNcclDataType, peer: number): Promise<void>;
+  recv(buffer: NativeDeviceMemory, count: number, dtype: NativeNcclDataType, peer: number): Promise<void>;
+  groupStart(): void;
+  groupEnd(): Promise<void>;
+  abort(reason?: string): void;
+  /** ncclCommDestroy after everything queued. */
+  destroy(): Promise<void>;
+}
+
+export interface NativeNccl {
+  status(): NativeNcclStatus;
+  uniqueId(): Uint8Array;
+  Communicator: new (options: { rank: number; size: number; uniqueId: Uint8Array; device: number; timeoutMs?: number }) => NativeNcclCommunicator;
+}
+
+/** One end of a channel: the writer (reader -1) or reader number N. */
+export interface NativeChannel {
+  /** Writes now if there is room (after spinning up to spinMicros); false when the ring is full. */
+  tryWrite(bytes: Uint8Array, spinMicros?: number): boolean;
+  /** Waits for room off the JS thread, then writes. */
+  writeAsync(bytes: Uint8Array, timeoutMs?: number): Promise<void>;
+  /** The next message (a copy) if one arrives within spinMicros, else null. */
+  tryRead(spinMicros?: number): Uint8Array | null;
+  readAsync(timeoutMs?: number): Promise<Uint8Array>;
+  /** Closes the channel for every end: waiters wake with ERR_CHANNEL_CLOSED. */
+  close(): void;
+  /** Unmaps this end. */
+  release(): void;
+  readonly written: number;
+  readonly read: number;
+  readonly closed: boolean;
+}
+
+export interface NativeChannelClass {
+  new (name: string, reader: number): NativeChannel;
+  create(name: string, slots: number, readers: number, slotBytes: number): void;
+  destroy(name: string): void;
+}
+
 export interface NativeAddon {
   setErrorFactory(factory: (code: string, message: string, details: Record<string, unknown>) => Error): void;
   NativeObjectStore: new (options: NativeStoreOptions) => NativeObjectStore;
   defaultStoreCapacity(): number;
   NativeShmCommunicator: NativeShmCommunicatorClass;
+  NativeChannel: NativeChannelClass;
+  cuda: NativeCuda;
+  nccl: NativeNccl;
 }
 
 /** The package root: lib/ under tests, dist/ once built. Both sit one level below it. */

@@ -494,6 +494,9 @@ export class Cluster implements Runtime {
       if ('inline' in encoded) return arg;
       const ref = this.put(arg);
       argRefs.push(ref.id);
+      // The caller's task or actor takes its own hold on this object right after (synchronously);
+      // this handle must go then, not when garbage collection finds it.
+      queueMicrotask(() => ref[Symbol.dispose]());
       return ref;
     });
     const nested: string[] = [];
@@ -954,7 +957,13 @@ export class Cluster implements Runtime {
   #finishTask(task: TaskRecord, value: WireValue | undefined, nested: string[] | undefined): void {
     task.state = 'done';
     this.#tasks.delete(task.taskId);
-    const size = value && 'inline' in value ? value.inline.byteLength : 0;
+    let size = value && 'inline' in value ? value.inline.byteLength : 0;
+    if (value && 'node' in value) {
+      // Stored results weigh in data locality too: record their bytes, which 'done' does not carry.
+      const view = this.nodes.find((node) => node.id === value.node)?.store.getIfSealed(value.id);
+      size = view?.size ?? 0;
+      view?.release();
+    }
     this.#resolveObject(task.returnId, value, nested, size);
     // Lineage: a task's arguments stay alive with its result, so a lost result can be recomputed.
     if (!task.fn || !this.#objects.has(task.returnId)) this.#releaseTaskHolds(task);
@@ -1399,6 +1408,8 @@ export class Cluster implements Runtime {
     if (maxRestarts === -1 || actor.restarts < maxRestarts) {
       actor.restarts++;
       actor.state = 'restarting';
+      // Its state is gone: compiled graphs running on it must stop.
+      this.events.emit('actor-died', { actorId: actor.id, cause: `actor ${actor.name} died and restarts`, restarting: true });
       // Calls that were running: retried first (in order) while maxTaskRetries allows.
       const retry: TaskRecord[] = [];
       for (const task of running) {
@@ -1422,6 +1433,7 @@ export class Cluster implements Runtime {
   #actorDied(actor: ActorRecord, cause: string, error?: Error): void {
     actor.state = 'dead';
     actor.deathCause = cause;
+    this.events.emit('actor-died', { actorId: actor.id, cause, restarting: false });
     const died = new ActorDiedError(actor.id, cause);
     if (error) Object.defineProperty(died, 'cause', { value: error });
     for (const task of actor.queue) this.#failTask(task, died);

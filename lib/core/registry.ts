@@ -8,6 +8,7 @@ import type { ObjectRef, RefOr } from './object-ref.js';
 import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
 import type { FunctionDescriptor } from './protocol.js';
 import { currentRuntime } from './runtime-context.js';
+import { ClassMethodNode } from '../dag/nodes.js';
 
 type AnyFunction = (...args: any[]) => any;
 type AnyClass = new (...args: any[]) => any;
@@ -26,6 +27,8 @@ export interface RemoteFunction<F extends AnyFunction> {
 export interface ActorMethod<F extends AnyFunction> {
   remote(...args: RemoteArgs<Parameters<F>>): ObjectRef<Awaited<ReturnType<F>>>;
   options(options: ActorCallOptions): ActorMethod<F>;
+  /** A node of a compiled graph: this method called with nodes or constants. */
+  bind(...args: unknown[]): ClassMethodNode;
 }
 
 type MethodKeys<T> = { [K in keyof T]: T[K] extends AnyFunction ? K : never }[keyof T] & string;
@@ -111,10 +114,11 @@ export function actorHandleInfo(value: unknown): { actorId: string; descriptor: 
   return typeof value === 'object' && value !== null ? handleInfo.get(value) : undefined;
 }
 
-function actorMethod(actorId: string, name: string, options: ActorCallOptions): ActorMethod<AnyFunction> {
+function actorMethod(actorId: string, name: string, options: ActorCallOptions, className: string): ActorMethod<AnyFunction> {
   return {
+    bind: (...args: unknown[]) => new ClassMethodNode(actorId, className, name, args),
     remote: (...args: unknown[]) => currentRuntime().submitActorTask(actorId, name, args, options) as ObjectRef<any>,
-    options: (more: ActorCallOptions) => actorMethod(actorId, name, { ...options, ...more }),
+    options: (more: ActorCallOptions) => actorMethod(actorId, name, { ...options, ...more }, className),
   };
 }
 
@@ -132,7 +136,7 @@ export function makeActorHandle(actorId: string, descriptor: FunctionDescriptor,
       }
       let method = cache.get(key);
       if (!method) {
-        method = actorMethod(actorId, key, {});
+        method = actorMethod(actorId, key, {}, descriptor.name);
         cache.set(key, method);
       }
       return method;

@@ -24,6 +24,8 @@ import { SYSTEM_PREFIX, systemMethod } from './system-methods.js';
 // Registers the collective-group system methods in every worker.
 import '../gpu/collective.js';
 import { holdResult, receiveHeld } from '../gpu/transport.js';
+// Registers the compiled-graph exec loop's system methods.
+import '../dag/exec-loop.js';
 
 const socketPath = process.env.TRELLIS_SOCKET!;
 const workerId = process.env.TRELLIS_WORKER_ID!;
@@ -133,6 +135,9 @@ class WorkerRuntime implements Runtime {
       if ('inline' in encodeValue(arg)) return arg;
       const ref = this.put(arg);
       argRefs.push(ref.id);
+      // The driver takes the call's own hold when its message arrives (sent synchronously after
+      // this); this handle must go then, not when garbage collection finds it.
+      queueMicrotask(() => ref[Symbol.dispose]());
       return ref;
     });
     const held: string[] = [];
@@ -280,7 +285,8 @@ async function runTask(task: TaskMessage): Promise<void> {
     let result: unknown;
     const system = task.method?.startsWith(SYSTEM_PREFIX) ? systemMethod(task.method) : undefined;
     if (system) {
-      result = await system(...args);
+      // System methods see the actor (if any) as `this`: exec loops call its methods.
+      result = await system.apply(actorInstance, args);
     } else if (task.actorId) {
       const method = actorInstance?.[task.method!];
       if (typeof method !== 'function') throw new TypeError(`actor has no method '${task.method}'`);

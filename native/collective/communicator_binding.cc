@@ -2,25 +2,14 @@
 // communicator (a collective blocks until its peers arrive) and resolve promises on the JS thread.
 #include "collective/communicator_binding.h"
 
-#include <condition_variable>
-#include <deque>
-#include <functional>
 #include <memory>
-#include <mutex>
-#include <thread>
 
 #include "collective/shm_communicator.h"
 #include "common/js_error.h"
+#include "common/serial_executor.h"
 
 namespace trellis::collective {
 namespace {
-
-struct Job {
-  std::function<void()> work;
-  Napi::Promise::Deferred deferred;
-  std::vector<Napi::Reference<Napi::Value>> keep;  // buffers the work touches, alive until it ends
-  std::unique_ptr<NativeError> error;
-};
 
 struct Span {
   uint8_t* data;
@@ -80,9 +69,8 @@ class CommunicatorBinding : public Napi::ObjectWrap<CommunicatorBinding> {
       std::string name = info[0].ToString().Utf8Value();
       communicator_ = std::make_shared<ShmCommunicator>(name, IntArgument(info[1], "rank"), IntArgument(info[2], "size"),
                                                         info[3].IsNumber() ? info[3].As<Napi::Number>().Int64Value() : 60000);
-      tsfn_ = Napi::ThreadSafeFunction::New(info.Env(), Napi::Function::New(info.Env(), [](const Napi::CallbackInfo&) {}), "trellis-communicator", 0, 1);
-      tsfn_.Unref(info.Env());
-      thread_ = std::thread([this] { Run(); });
+      // Pending operations keep this object (and the process) alive.
+      executor_ = std::make_unique<SerialExecutor>(info.Env(), "trellis-communicator", [this] { Ref(); }, [this] { Unref(); });
       return 0;
     });
   }
@@ -104,77 +92,21 @@ class CommunicatorBinding : public Napi::ObjectWrap<CommunicatorBinding> {
   }
 
   ShmCommunicator& communicator() {
-    if (!communicator_ || stopping_) throw NativeError("ERR_COMMUNICATOR_DESTROYED", "the communicator was destroyed");
+    if (!communicator_ || stopped_) throw NativeError("ERR_COMMUNICATOR_DESTROYED", "the communicator was destroyed");
     return *communicator_;
   }
 
-  // Queues `work` on the communicator's thread; the promise settles when it has run.
   Napi::Value Enqueue(Napi::Env env, std::function<void()> work, std::initializer_list<Napi::Value> buffers) {
     communicator();
-    auto job = std::make_shared<Job>(Job{std::move(work), Napi::Promise::Deferred::New(env), {}, nullptr});
-    for (const auto& buffer : buffers) job->keep.push_back(Napi::Persistent(buffer));
-    Napi::Promise promise = job->deferred.Promise();
-    {
-      std::lock_guard<std::mutex> guard(mutex_);
-      if (pending_++ == 0) {
-        // Keep the process and this object alive while work is queued.
-        tsfn_.Ref(env);
-        Ref();
-      }
-      queue_.push_back(job);
-    }
-    ready_.notify_one();
-    return promise;
-  }
-
-  void Run() {
-    for (;;) {
-      std::shared_ptr<Job> job;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        ready_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-        if (queue_.empty()) return;
-        job = queue_.front();
-        queue_.pop_front();
-      }
-      try {
-        job->work();
-      } catch (const NativeError& error) {
-        job->error = std::make_unique<NativeError>(error);
-      } catch (const std::exception& error) {
-        job->error = std::make_unique<NativeError>("ERR_COMMUNICATOR", error.what());
-      }
-      tsfn_.BlockingCall([this, job](Napi::Env env, Napi::Function) {
-        if (job->error) job->deferred.Reject(ToJsError(env, *job->error).Value());
-        else job->deferred.Resolve(env.Undefined());
-        job->keep.clear();
-        bool idle;
-        {
-          std::lock_guard<std::mutex> guard(mutex_);
-          idle = --pending_ == 0;
-        }
-        if (idle) {
-          tsfn_.Unref(env);
-          Unref();
-        }
-      });
-    }
+    return executor_->Enqueue(env, std::move(work), nullptr, std::vector<Napi::Value>(buffers));
   }
 
   void Stop() {
-    bool busy;
-    {
-      std::lock_guard<std::mutex> guard(mutex_);
-      if (stopped_) return;
-      stopping_ = true;
-      stopped_ = true;
-      busy = pending_ > 0;
-    }
+    if (stopped_ || !executor_) return;
+    stopped_ = true;
     // Work still waiting on peers would wait forever: abort the group (as ncclCommAbort does).
-    if (busy && communicator_) communicator_->Abort("a rank destroyed its communicator with work pending");
-    ready_.notify_all();
-    if (thread_.joinable()) thread_.join();
-    tsfn_.Release();
+    if (executor_->pending() > 0 && communicator_) communicator_->Abort("a rank destroyed its communicator with work pending");
+    executor_->Stop();
   }
 
   Napi::Value AllReduce(const Napi::CallbackInfo& info) {
@@ -261,14 +193,8 @@ class CommunicatorBinding : public Napi::ObjectWrap<CommunicatorBinding> {
   }
 
   std::shared_ptr<ShmCommunicator> communicator_;
-  std::thread thread_;
-  std::mutex mutex_;
-  std::condition_variable ready_;
-  std::deque<std::shared_ptr<Job>> queue_;
-  size_t pending_ = 0;
-  bool stopping_ = false;
+  std::unique_ptr<SerialExecutor> executor_;
   bool stopped_ = false;
-  Napi::ThreadSafeFunction tsfn_;
 };
 
 }  // namespace

@@ -1,0 +1,282 @@
+/**
+ * A compiled graph in the driver: writes each execution's input to the input channel, reads the
+ * outputs in order (buffering them for out-of-order gets), and tears everything down — channels,
+ * exec loops, communicators — without ever hanging, also when an actor dies mid-graph.
+ */
+import { ActorDiedError, ChannelError, GetTimeoutError, InvalidArgumentError, TaskError, TrellisError, type RemoteErrorInfo } from '../errors.js';
+import { events, get, kill } from '../core/api.js';
+import { currentRuntime } from '../core/runtime-context.js';
+import { makeActorHandle, type ActorHandle } from '../core/registry.js';
+import { CollectiveGroup, createCollectiveGroup } from '../gpu/collective.js';
+import { native } from '../native.js';
+import { ChannelReader, ChannelWriter, destroyChannel, type Message } from './channel.js';
+import type { CompileOptions } from './nodes.js';
+import type { ActorPlan } from './plan.js';
+
+export interface GraphLayout {
+  graphId: string;
+  channels: string[];
+  inputChannel: string;
+  outputs: Array<{ channel: string; reader: number; label: string }>;
+  plans: ActorPlan[];
+  groups: Array<{ name: string; actorIds: string[] }>;
+  /** The root was a MultiOutputNode: results are arrays. */
+  multiOutput: boolean;
+  steps?: Map<number, number>;
+  labels?: Map<number, string>;
+  actorNames?: Map<string, string>;
+}
+
+/** Bounds every wait of a teardown, so that it always ends. */
+const TEARDOWN_STEP_MS = 5_000;
+
+function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T | undefined> {
+  let timer: NodeJS.Timeout;
+  return Promise.race([promise, new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), ms)))]).finally(() => clearTimeout(timer));
+}
+
+/** The result of one execution: await it, or get() it with a timeout. */
+export class CompiledRef<T = unknown> implements PromiseLike<T> {
+  readonly sequence: number;
+  readonly #graph: CompiledGraph;
+  #promise: Promise<T> | undefined;
+
+  /** @internal */
+  constructor(graph: CompiledGraph, sequence: number) {
+    this.#graph = graph;
+    this.sequence = sequence;
+  }
+
+  get(options: { timeout?: number } = {}): Promise<T> {
+    return this.#graph.result(this.sequence, options.timeout) as Promise<T>;
+  }
+
+  then<A = T, B = never>(onResolved?: ((value: T) => A | PromiseLike<A>) | null, onRejected?: ((reason: unknown) => B | PromiseLike<B>) | null): Promise<A | B> {
+    this.#promise ??= this.get();
+    return this.#promise.then(onResolved, onRejected);
+  }
+}
+
+type Settled = { ok: true; value: unknown } | { ok: false; error: Error };
+
+export class CompiledGraph {
+  readonly graphId: string;
+  readonly #layout: GraphLayout;
+  readonly #options: CompileOptions;
+  readonly #input: ChannelWriter;
+  readonly #outputs: ChannelReader[];
+  readonly #groups: CollectiveGroup[];
+  readonly #results = new Map<number, Settled>();
+  readonly #actorIds: string[];
+  #submitted = 0;
+  #readSequence = 0;
+  #reading: Promise<void> | undefined;
+  /** Writes that found the input ring full, in submission order. */
+  #writeChain: Promise<void> = Promise.resolve();
+  #pendingWrites = 0;
+  #broken: Error | undefined;
+  #tornDown = false;
+  readonly #onActorDied: (event: { actorId: string; cause: string }) => void;
+
+  private constructor(layout: GraphLayout, options: CompileOptions, groups: CollectiveGroup[]) {
+    this.graphId = layout.graphId;
+    this.#layout = layout;
+    this.#options = options;
+    this.#groups = groups;
+    this.#input = new ChannelWriter(layout.inputChannel);
+    this.#outputs = layout.outputs.map((output) => new ChannelReader(output.channel, output.reader));
+    this.#actorIds = layout.plans.map((plan) => plan.actorId);
+    this.#onActorDied = (event) => {
+      if (!this.#actorIds.includes(event.actorId) || this.#tornDown) return;
+      this.#break(new ActorDiedError(event.actorId, `an actor of compiled graph ${this.graphId} died: ${event.cause}`));
+    };
+    events().on('actor-died', this.#onActorDied);
+  }
+
+  /** @internal */
+  static async start(layout: GraphLayout, options: CompileOptions): Promise<CompiledGraph> {
+    const groups: CollectiveGroup[] = [];
+    const runtime = currentRuntime();
+    try {
+      for (const group of layout.groups) {
+        const handles = group.actorIds.map((actorId) => makeActorHandle(actorId, { module: '', name: layout.actorNames?.get(actorId) ?? 'actor' }, []));
+        groups.push(await createCollectiveGroup(handles as ActorHandle<any>[], { backend: 'cpu', name: group.name }));
+      }
+      // Each actor opens its channel ends before any execution is written.
+      await get(layout.plans.map((plan) => runtime.submitActorTask(plan.actorId, '__trellis_dag_start', [plan])));
+    } catch (error) {
+      for (const group of groups) await group.destroy().catch(() => {});
+      for (const name of layout.channels) destroyChannel(name);
+      throw error;
+    }
+    return new CompiledGraph(layout, options, groups);
+  }
+
+  /** Runs the graph on `args`; with maxInflight executions unread, the input waits for room. */
+  execute<T = unknown>(...args: unknown[]): CompiledRef<T> {
+    if (this.#tornDown) throw new TrellisError('ERR_GRAPH_TORN_DOWN', `compiled graph ${this.graphId} was torn down`);
+    if (this.#broken) throw this.#broken;
+    const sequence = this.#submitted++;
+    const message: Message = { ok: true, value: args };
+    if (this.#pendingWrites === 0) {
+      const waiting = this.#input.write(message, this.#options.submitTimeout ?? Infinity);
+      if (waiting) this.#queueWrite(sequence, waiting);
+    } else {
+      this.#queueWrite(sequence, this.#writeChain.then(() => this.#input.write(message, this.#options.submitTimeout ?? Infinity)));
+    }
+    return new CompiledRef<T>(this, sequence);
+  }
+
+  #queueWrite(sequence: number, waiting: Promise<void>): void {
+    this.#pendingWrites++;
+    this.#writeChain = waiting.then(
+      () => {
+        this.#pendingWrites--;
+      },
+      (error: Error) => {
+        this.#pendingWrites--;
+        this.#results.set(sequence, { ok: false, error: this.#translate(error, 'submit') });
+      },
+    );
+  }
+
+  /** @internal The settled result of execution `sequence`, reading outputs in order as needed. */
+  async result(sequence: number, timeout = this.#options.getTimeout ?? Infinity): Promise<unknown> {
+    const deadline = Date.now() + timeout;
+    for (;;) {
+      const settled = this.#results.get(sequence);
+      if (settled) {
+        this.#results.delete(sequence);
+        if (settled.ok) return settled.value;
+        throw settled.error;
+      }
+      if (sequence >= this.#submitted) throw new InvalidArgumentError(`execution ${sequence} was never submitted`);
+      if (this.#broken) throw this.#broken;
+      const remaining = deadline - Date.now();
+      if (remaining <= 0) throw new GetTimeoutError(`execution ${sequence} of compiled graph ${this.graphId} did not finish within ${timeout} ms`);
+      this.#reading ??= this.#readNext(remaining).finally(() => (this.#reading = undefined));
+      await this.#reading.catch((error) => {
+        if (error instanceof GetTimeoutError) throw error;
+      });
+    }
+  }
+
+  async #readNext(timeout: number): Promise<void> {
+    const sequence = this.#readSequence;
+    const messages: Message[] = [];
+    try {
+      for (const reader of this.#outputs) {
+        const read = reader.read(timeout);
+        messages.push(read instanceof Promise ? await read : read);
+      }
+    } catch (error) {
+      if (error instanceof ChannelError && error.code === 'ERR_CHANNEL_TIMEOUT') {
+        throw new GetTimeoutError(`compiled graph ${this.graphId} produced no result within ${timeout} ms`);
+      }
+      this.#break(this.#translate(error as Error, 'get'));
+      return;
+    }
+    this.#readSequence++;
+    const failed = messages.find((message): message is { ok: false; error: RemoteErrorInfo } => !message.ok);
+    if (failed) {
+      this.#results.set(sequence, { ok: false, error: new TaskError(failed.error.code === 'ERR_DAG_NODE' ? failed.error.message : 'compiled graph node', failed.error) });
+    } else {
+      const values = messages.map((message) => (message as { value: unknown }).value);
+      this.#results.set(sequence, { ok: true, value: this.#layout.multiOutput ? values : values[0] });
+    }
+  }
+
+  #translate(error: Error, what: string): Error {
+    if (this.#broken) return this.#broken;
+    if (error instanceof ChannelError && error.code === 'ERR_CHANNEL_CLOSED') {
+      return new TrellisError('ERR_GRAPH_TORN_DOWN', `compiled graph ${this.graphId} was torn down during ${what}`);
+    }
+    return error;
+  }
+
+  /** An actor died: close every channel so that nobody waits on it, and fail what is pending. */
+  #break(error: Error): void {
+    if (this.#broken) return;
+    this.#broken = error;
+    this.#closeChannels();
+    void this.teardown();
+  }
+
+  #closeChannels(): void {
+    for (const name of this.#layout.channels) {
+      try {
+        const end = new native.NativeChannel(name, -1);
+        end.close();
+        end.release();
+      } catch {
+        // Already destroyed.
+      }
+    }
+  }
+
+  /**
+   * Stops the graph: closes its channels (waking any reader or writer blocked on them), ends the
+   * exec loops, destroys communicators and channels. The actors stay usable, unless killActors.
+   */
+  async teardown(options: { killActors?: boolean } = {}): Promise<void> {
+    if (this.#tornDown) return;
+    this.#tornDown = true;
+    events().off('actor-died', this.#onActorDied);
+    this.#closeChannels();
+    const runtime = currentRuntime();
+    const stops = this.#actorIds.map((actorId) => get(runtime.submitActorTask(actorId, '__trellis_dag_stop', [this.graphId])).catch(() => {}));
+    await withTimeout(Promise.all(stops), TEARDOWN_STEP_MS);
+    for (const group of this.#groups) await withTimeout(group.destroy().catch(() => {}), TEARDOWN_STEP_MS);
+    await withTimeout(this.#writeChain, TEARDOWN_STEP_MS);
+    this.#input.release();
+    for (const reader of this.#outputs) reader.release();
+    for (const name of this.#layout.channels) destroyChannel(name);
+    if (options.killActors) {
+      for (const actorId of this.#actorIds) kill(makeActorHandle(actorId, { module: '', name: 'actor' }, []));
+    }
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.teardown();
+  }
+
+  /** The graph as Graphviz DOT and as text: actors, operations in schedule order, and channels. */
+  visualize(): { dot: string; text: string } {
+    const label = (id: number) => this.#layout.labels?.get(id) ?? `#${id}`;
+    const lines: string[] = [`compiled graph ${this.graphId}`];
+    const dot: string[] = ['digraph compiled {', '  rankdir=LR;', '  driver [shape=box, label="driver"];'];
+    this.#layout.plans.forEach((plan, index) => {
+      lines.push(`actor ${this.#layout.actorNames?.get(plan.actorId) ?? ''} (${plan.actorId}):`);
+      dot.push(`  subgraph cluster_${index} {`, `    label="${this.#layout.actorNames?.get(plan.actorId) ?? 'actor'} ${plan.actorId}";`);
+      plan.operations.forEach((operation, step) => {
+        let text: string;
+        switch (operation.op) {
+          case 'read': text = `READ ${label(operation.node)} from ${operation.channel}[${operation.reader}]`; break;
+          case 'write': text = `WRITE ${label(operation.node)} to ${operation.channel}`; break;
+          case 'compute': text = `COMPUTE ${operation.label}`; break;
+          case 'attr': text = `INPUT ${label(operation.node)}`; break;
+          case 'collective': text = `${operation.kind.toUpperCase()} ${label(operation.node)} over ${operation.group}`; break;
+          case 'exchange': text = `EXCHANGE ${[...operation.sends.map((s) => `send ${label(s.node)}->rank ${s.peer}`), ...operation.recvs.map((r) => `recv ${label(r.node)}<-rank ${r.peer}`)].join(', ')}`; break;
+        }
+        lines.push(`  ${String(step).padStart(2)}. ${text}`);
+        dot.push(`    a${index}_${step} [label="${text.replace(/"/g, "'")}"];`);
+        if (step > 0) dot.push(`    a${index}_${step - 1} -> a${index}_${step} [style=dotted];`);
+      });
+      dot.push('  }');
+    });
+    lines.push('channels:');
+    lines.push(`  input: ${this.#layout.inputChannel}`);
+    this.#layout.outputs.forEach((output) => lines.push(`  output ${output.label}: ${output.channel}[${output.reader}]`));
+    for (const name of this.#layout.channels) dot.push(`  "${name}" [shape=cds];`);
+    this.#layout.plans.forEach((plan, index) =>
+      plan.operations.forEach((operation, step) => {
+        if (operation.op === 'read') dot.push(`  "${operation.channel}" -> a${index}_${step};`);
+        if (operation.op === 'write') dot.push(`  a${index}_${step} -> "${operation.channel}";`);
+      }),
+    );
+    dot.push(`  driver -> "${this.#layout.inputChannel}";`);
+    for (const output of this.#layout.outputs) dot.push(`  "${output.channel}" -> driver;`);
+    dot.push('}');
+    return { dot: dot.join('\n'), text: lines.join('\n') };
+  }
+}

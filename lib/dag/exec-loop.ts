@@ -1,0 +1,192 @@
+/**
+ * The actor side of compiled graphs: one exec loop per graph, running the actor's operations in
+ * the static schedule, execution after execution, until its channels close. Reads and writes
+ * spin briefly, then wait off the JS thread, so the actor keeps answering ordinary calls and other
+ * graphs' loops in between. An exception in a method flows downstream as an error value.
+ */
+import { registerSystemMethod } from '../core/system-methods.js';
+import { unpack } from '../core/serialization.js';
+import { getCommunicator } from '../gpu/collective.js';
+import { Tensor } from '../gpu/tensor.js';
+import { ChannelReader, ChannelWriter, isChannelClosed, type Message } from './channel.js';
+import type { ActorPlan, ArgSpec, Operation } from './plan.js';
+
+interface Loop {
+  plan: ActorPlan;
+  readers: Map<string, ChannelReader>;
+  writers: Map<string, ChannelWriter>;
+  stopped: boolean;
+  done: Promise<void>;
+}
+
+const loops = new Map<string, Loop>();
+
+function errorInfo(error: unknown, label: string) {
+  const err = error instanceof Error ? error : new Error(String(error));
+  return { name: err.name, message: `${label}: ${err.message}`, code: (err as { code?: string }).code, stack: err.stack };
+}
+
+function tensorOf(message: Message | undefined, what: string): Tensor {
+  if (!message?.ok || !(message.value instanceof Tensor)) throw new TypeError(`${what} needs a Tensor`);
+  return message.value;
+}
+
+async function runOperation(loop: Loop, actor: any, operation: Operation, values: Map<number, Message>, prefetched: Map<string, Promise<Message> | Message>): Promise<void> {
+  switch (operation.op) {
+    case 'read': {
+      const pending = prefetched.get(operation.channel);
+      prefetched.delete(operation.channel);
+      const read = pending ?? loop.readers.get(operation.channel)!.read();
+      values.set(operation.node, read instanceof Promise ? await read : read);
+      return;
+    }
+    case 'attr': {
+      const input = values.get(operation.input)!;
+      if (!input.ok) return void values.set(operation.node, input);
+      const args = input.value as unknown[];
+      const value = operation.index !== undefined ? args[operation.index] : (args[0] as Record<string, unknown> | undefined)?.[operation.key!];
+      values.set(operation.node, { ok: true, value });
+      return;
+    }
+    case 'compute': {
+      const args: unknown[] = [];
+      for (const spec of operation.args as ArgSpec[]) {
+        if ('constant' in spec) args.push(unpack(spec.constant));
+        else if ('input' in spec) {
+          const input = values.get(loop.plan.inputNode);
+          if (!input?.ok) return void values.set(operation.node, input ?? { ok: false, error: errorInfo('no input', operation.label) });
+          args.push((input.value as unknown[])[0]);
+        } else {
+          const message = values.get(spec.node);
+          if (!message) return void values.set(operation.node, { ok: false, error: errorInfo(`missing input #${spec.node}`, operation.label) });
+          // An upstream failure flows on in place of this node's result.
+          if (!message.ok) return void values.set(operation.node, message);
+          args.push(message.value);
+        }
+      }
+      try {
+        const method = actor?.[operation.method];
+        if (typeof method !== 'function') throw new TypeError(`the actor has no method '${operation.method}'`);
+        values.set(operation.node, { ok: true, value: await method.apply(actor, args) });
+      } catch (error) {
+        values.set(operation.node, { ok: false, error: errorInfo(error, operation.label) });
+      }
+      return;
+    }
+    case 'write': {
+      const waiting = loop.writers.get(operation.channel)!.write(values.get(operation.node)!, loop.plan.writeTimeout);
+      if (waiting) await waiting;
+      return;
+    }
+    case 'collective': {
+      const source = values.get(operation.source);
+      if (!source?.ok) return void values.set(operation.node, source!);
+      try {
+        const communicator = getCommunicator(operation.group);
+        const tensor = tensorOf(source, operation.kind);
+        if (operation.kind === 'allreduce') {
+          const output = Tensor.fromArray(tensor.data as Float32Array, { dtype: tensor.dtype, shape: tensor.shape });
+          await communicator.allreduce(output, operation.reduce);
+          values.set(operation.node, { ok: true, value: output });
+        } else if (operation.kind === 'allgather') {
+          const output = Tensor.empty([communicator.size * tensor.numel], { dtype: tensor.dtype });
+          await communicator.allgather(tensor, output);
+          values.set(operation.node, { ok: true, value: output });
+        } else {
+          const output = Tensor.empty([tensor.numel / communicator.size], { dtype: tensor.dtype });
+          await communicator.reducescatter(tensor, output, operation.reduce);
+          values.set(operation.node, { ok: true, value: output });
+        }
+      } catch (error) {
+        values.set(operation.node, { ok: false, error: errorInfo(error, operation.kind) });
+      }
+      return;
+    }
+    case 'exchange': {
+      // Headers first (dtype and shape, so receivers can allocate), then the tensors, each phase
+      // issued as one group so that sends and receives of the same step meet.
+      const communicator = getCommunicator(operation.group);
+      const headerBytes = 256;
+      const sendHeaders = operation.sends.map((send) => {
+        const message = values.get(send.node);
+        const tensor = message?.ok && message.value instanceof Tensor ? message.value : undefined;
+        const header = new TextEncoder().encode(JSON.stringify(tensor ? [tensor.dtype, tensor.shape] : ['error', message && !message.ok ? message.error.message : 'not a tensor']));
+        const padded = new Uint8Array(headerBytes);
+        padded.set(header.subarray(0, headerBytes));
+        return { send, tensor, header: Tensor.wrap(padded, 'u8') };
+      });
+      const recvHeaders = operation.recvs.map((recv) => ({ recv, header: Tensor.empty([headerBytes], { dtype: 'u8' }) }));
+      communicator.groupStart();
+      for (const { send, header } of sendHeaders) void communicator.send(header, send.peer);
+      for (const { recv, header } of recvHeaders) void communicator.recv(header, recv.peer);
+      await communicator.groupEnd();
+      const incoming = recvHeaders.map(({ recv, header }) => {
+        const text = new TextDecoder().decode(header.data as Uint8Array).replace(/\0+$/, '');
+        const [dtype, shape] = JSON.parse(text) as [string, number[] | string];
+        return { recv, dtype, shape, tensor: dtype === 'error' ? undefined : Tensor.empty(shape as number[], { dtype: dtype as never }) };
+      });
+      communicator.groupStart();
+      for (const { send, tensor } of sendHeaders) if (tensor) void communicator.send(tensor, send.peer);
+      for (const { tensor, recv } of incoming) if (tensor) void communicator.recv(tensor, recv.peer);
+      await communicator.groupEnd();
+      for (const { recv, tensor, shape } of incoming) {
+        values.set(recv.node, tensor ? { ok: true, value: tensor } : { ok: false, error: { name: 'Error', message: `upstream node failed: ${shape}` } });
+      }
+      return;
+    }
+  }
+}
+
+async function run(loop: Loop, actor: unknown): Promise<void> {
+  const prefetched = new Map<string, Promise<Message> | Message>();
+  const reads = loop.plan.operations.filter((op): op is Extract<Operation, { op: 'read' }> => op.op === 'read');
+  const lastRead = loop.plan.operations.lastIndexOf(reads[reads.length - 1]);
+  try {
+    while (!loop.stopped) {
+      const values = new Map<number, Message>();
+      for (let index = 0; index < loop.plan.operations.length; index++) {
+        await runOperation(loop, actor, loop.plan.operations[index], values, prefetched);
+        // Overlap: once this execution's inputs are in, start receiving the next one's.
+        if (loop.plan.overlap && index === lastRead) {
+          for (const read of reads) {
+            const next = loop.readers.get(read.channel)!.read();
+            if (next instanceof Promise) next.catch(() => {});
+            prefetched.set(read.channel, next);
+          }
+        }
+      }
+    }
+  } catch (error) {
+    if (!isChannelClosed(error) && !loop.stopped) {
+      // Something beyond a method failed: close the graph's channels this actor writes, so the
+      // driver and the other actors see it instead of waiting.
+      for (const writer of loop.writers.values()) writer.close();
+      console.error(`trellis: exec loop of ${loop.plan.graphId} failed:`, error);
+    }
+  } finally {
+    for (const reader of loop.readers.values()) reader.release();
+    for (const writer of loop.writers.values()) writer.release();
+    loops.delete(loop.plan.graphId);
+  }
+}
+
+registerSystemMethod('__trellis_dag_start', function (this: unknown, plan: ActorPlan) {
+  const readers = new Map<string, ChannelReader>();
+  const writers = new Map<string, ChannelWriter>();
+  for (const operation of plan.operations) {
+    if (operation.op === 'read' && !readers.has(operation.channel)) readers.set(operation.channel, new ChannelReader(operation.channel, operation.reader));
+    if (operation.op === 'write' && !writers.has(operation.channel)) writers.set(operation.channel, new ChannelWriter(operation.channel));
+  }
+  const loop: Loop = { plan, readers, writers, stopped: false, done: Promise.resolve() };
+  loops.set(plan.graphId, loop);
+  loop.done = run(loop, this);
+  return true;
+});
+
+registerSystemMethod('__trellis_dag_stop', async (graphId: string) => {
+  const loop = loops.get(graphId);
+  if (!loop) return;
+  loop.stopped = true;
+  for (const reader of loop.readers.values()) reader.close();
+  await loop.done;
+});

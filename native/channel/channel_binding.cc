@@ -1,0 +1,186 @@
+// Node-API face of channels. The fast path is synchronous with a short spin (a compiled graph's
+// next message usually arrives within microseconds); longer waits go to a thread of the channel's
+// own and settle a promise, so the event loop keeps serving other work meanwhile.
+#include "channel/channel_binding.h"
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "channel/channel.h"
+#include "common/js_error.h"
+#include "common/serial_executor.h"
+
+namespace trellis::channel {
+namespace {
+
+int64_t Milliseconds(const Napi::Value& value) {
+  if (value.IsUndefined() || value.IsNull()) return -1;
+  double number = value.As<Napi::Number>().DoubleValue();
+  return std::isinf(number) || number < 0 ? -1 : static_cast<int64_t>(number);
+}
+
+NativeError Failure(WaitResult result, const std::string& name, const char* what) {
+  if (result == WaitResult::kClosed) return NativeError("ERR_CHANNEL_CLOSED", std::string(what) + " on channel '" + name + "': the channel is closed");
+  return NativeError("ERR_CHANNEL_TIMEOUT", std::string(what) + " on channel '" + name + "' timed out");
+}
+
+class ChannelBinding : public Napi::ObjectWrap<ChannelBinding> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "NativeChannel",
+                       {
+                           StaticMethod<&ChannelBinding::Create>("create"),
+                           StaticMethod<&ChannelBinding::Destroy>("destroy"),
+                           InstanceMethod<&ChannelBinding::TryWrite>("tryWrite"),
+                           InstanceMethod<&ChannelBinding::WriteAsync>("writeAsync"),
+                           InstanceMethod<&ChannelBinding::TryRead>("tryRead"),
+                           InstanceMethod<&ChannelBinding::ReadAsync>("readAsync"),
+                           InstanceMethod<&ChannelBinding::Close>("close"),
+                           InstanceMethod<&ChannelBinding::Release>("release"),
+                           InstanceAccessor<&ChannelBinding::Written>("written"),
+                           InstanceAccessor<&ChannelBinding::Read>("read"),
+                           InstanceAccessor<&ChannelBinding::Closed>("closed"),
+                       });
+  }
+
+  // new NativeChannel(name, reader): reader -1 opens the writing end.
+  explicit ChannelBinding(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ChannelBinding>(info) {
+    Guarded(info.Env(), [&] {
+      name_ = info[0].ToString().Utf8Value();
+      channel_ = std::make_shared<Channel>(name_, info[1].As<Napi::Number>().Int32Value());
+      executor_ = std::make_unique<SerialExecutor>(info.Env(), "trellis-channel", [this] { Ref(); }, [this] { Unref(); });
+      return 0;
+    });
+  }
+
+  ~ChannelBinding() override { StopExecutor(); }
+
+ private:
+  Channel& channel() {
+    if (!channel_) throw NativeError("ERR_CHANNEL_CLOSED", "channel '" + name_ + "' was released in this process");
+    return *channel_;
+  }
+
+  static Napi::Value Create(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      Channel::Create(info[0].ToString().Utf8Value(), info[1].As<Napi::Number>().Uint32Value(), info[2].As<Napi::Number>().Uint32Value(),
+                      static_cast<uint64_t>(info[3].As<Napi::Number>().Int64Value()));
+      return info.Env().Undefined();
+    });
+  }
+
+  static Napi::Value Destroy(const Napi::CallbackInfo& info) {
+    Channel::Destroy(info[0].ToString().Utf8Value());
+    return info.Env().Undefined();
+  }
+
+  static std::pair<const uint8_t*, uint64_t> Bytes(const Napi::Value& value) {
+    if (!value.IsTypedArray()) throw InvalidArgument("channel messages are Uint8Arrays");
+    auto array = value.As<Napi::TypedArray>();
+    return {static_cast<const uint8_t*>(array.ArrayBuffer().Data()) + array.ByteOffset(), array.ByteLength()};
+  }
+
+  // tryWrite(bytes, spinMicros): true when written now; false when the ring is full.
+  Napi::Value TryWrite(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      auto [data, length] = Bytes(info[0]);
+      Channel& c = channel();
+      WaitResult result = c.WaitWritable(0, info[1].IsNumber() ? info[1].As<Napi::Number>().Int64Value() : 0);
+      if (result == WaitResult::kClosed) throw Failure(result, name_, "write");
+      if (result != WaitResult::kReady) return Napi::Boolean::New(info.Env(), false);
+      c.Write(data, length);
+      return Napi::Boolean::New(info.Env(), true);
+    });
+  }
+
+  // writeAsync(bytes, timeoutMs): waits for room on the channel's thread, then writes.
+  Napi::Value WriteAsync(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      auto [data, length] = Bytes(info[0]);
+      int64_t timeout = Milliseconds(info[1]);
+      auto c = channel_;
+      channel();
+      std::string name = name_;
+      return executor_->Enqueue(
+          info.Env(),
+          [c, data, length, timeout, name] {
+            WaitResult result = c->WaitWritable(timeout, 0);
+            if (result != WaitResult::kReady) throw Failure(result, name, "write");
+            c->Write(data, length);
+          },
+          nullptr, {info[0]});
+    });
+  }
+
+  // tryRead(spinMicros): the next message (a copy), or null when none arrived within the spin.
+  Napi::Value TryRead(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      Channel& c = channel();
+      WaitResult result = c.WaitReadable(0, info[0].IsNumber() ? info[0].As<Napi::Number>().Int64Value() : 0);
+      if (result == WaitResult::kClosed) throw Failure(result, name_, "read");
+      if (result != WaitResult::kReady) return info.Env().Null();
+      return TakeMessage(info.Env(), c);
+    });
+  }
+
+  static Napi::Value TakeMessage(Napi::Env env, Channel& c) {
+    uint64_t length = 0;
+    const uint8_t* data = c.Peek(&length);
+    Napi::Buffer<uint8_t> copy = Napi::Buffer<uint8_t>::Copy(env, data, length);
+    c.Advance();
+    return copy;
+  }
+
+  // readAsync(timeoutMs): waits for the next message on the channel's thread.
+  Napi::Value ReadAsync(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      int64_t timeout = Milliseconds(info[0]);
+      auto c = channel_;
+      channel();
+      std::string name = name_;
+      return executor_->Enqueue(
+          info.Env(),
+          [c, timeout, name] {
+            WaitResult result = c->WaitReadable(timeout, 0);
+            if (result != WaitResult::kReady) throw Failure(result, name, "read");
+          },
+          [c](Napi::Env env) { return TakeMessage(env, *c); });
+    });
+  }
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    if (channel_) channel_->Close();
+    return info.Env().Undefined();
+  }
+
+  // Unmaps this process's end; a waiting operation fails.
+  Napi::Value Release(const Napi::CallbackInfo& info) {
+    StopExecutor();
+    channel_.reset();
+    return info.Env().Undefined();
+  }
+
+  void StopExecutor() {
+    if (!executor_) return;
+    // A thread blocked in a wait returns on close; the channel is unusable afterwards anyway.
+    if (executor_->pending() > 0 && channel_) channel_->Close();
+    executor_->Stop();
+    executor_.reset();
+  }
+
+  Napi::Value Written(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), channel_ ? static_cast<double>(channel_->written()) : 0); }
+  Napi::Value Read(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), channel_ ? static_cast<double>(channel_->read()) : 0); }
+  Napi::Value Closed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !channel_ || channel_->closed()); }
+
+  std::string name_;
+  std::shared_ptr<Channel> channel_;
+  std::unique_ptr<SerialExecutor> executor_;
+};
+
+}  // namespace
+
+void RegisterChannelBinding(Napi::Env env, Napi::Object exports) { exports.Set("NativeChannel", ChannelBinding::Define(env)); }
+
+}  // namespace trellis::channel
