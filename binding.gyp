@@ -7,7 +7,15 @@
         "native/store/store.cc",
         "native/store/store_binding.cc",
         "native/collective/shm_communicator.cc",
-        "native/collective/communicator_binding.cc"
+        "native/collective/communicator_binding.cc",
+        "native/channel/channel.cc",
+        "native/channel/channel_binding.cc",
+        "native/cuda/driver.cc",
+        "native/cuda/memory.cc",
+        "native/cuda/completion.cc",
+        "native/cuda/cuda_binding.cc",
+        "native/nccl/library.cc",
+        "native/nccl/nccl_binding.cc"
       ],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")",

@@ -53,3 +53,5 @@ export { InputNode, MultiOutputNode, ClassMethodNode, CollectiveNode, DAGNode, c
 export type { CompileOptions, EdgeTransport } from './dag/nodes.js';
 export { CompiledGraph, CompiledRef } from './dag/compiled-graph.js';
 export { GraphValidationError } from './dag/compile.js';
+export { nccl, NcclCommunicator } from './gpu/nccl.js';
+export { CudaError, NcclError } from './errors.js';

@@ -199,12 +199,12 @@ export interface NativeNccl {
 
 /** One end of a channel: the writer (reader -1) or reader number N. */
 export interface NativeChannel {
-  /** Writes now if there is room (after spinning up to spinMicros); false when the ring is full. */
-  tryWrite(bytes: Uint8Array, spinMicros?: number): boolean;
+  /** Writes if there is room within spinMicros of spinning plus waitMillis asleep (blocking). */
+  tryWrite(bytes: Uint8Array, spinMicros?: number, waitMillis?: number): boolean;
   /** Waits for room off the JS thread, then writes. */
   writeAsync(bytes: Uint8Array, timeoutMs?: number): Promise<void>;
-  /** The next message (a copy) if one arrives within spinMicros, else null. */
-  tryRead(spinMicros?: number): Uint8Array | null;
+  /** The next message (a copy) if one arrives within spinMicros + waitMillis (blocking), else null. */
+  tryRead(spinMicros?: number, waitMillis?: number): Uint8Array | null;
   readAsync(timeoutMs?: number): Promise<Uint8Array>;
   /** Closes the channel for every end: waiters wake with ERR_CHANNEL_CLOSED. */
   close(): void;

@@ -3,6 +3,9 @@
 #include <napi.h>
 
 #include "common/js_error.h"
+#include "cuda/cuda_binding.h"
+#include "nccl/nccl_binding.h"
+#include "channel/channel_binding.h"
 #include "collective/communicator_binding.h"
 #include "store/store_binding.h"
 
@@ -22,7 +25,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData(new trellis::AddonData());
   exports.Set("setErrorFactory", Napi::Function::New(env, SetErrorFactory));
   trellis::store::RegisterStoreBinding(env, exports);
+  trellis::cuda::RegisterCudaBinding(env, exports);
+  trellis::nccl::RegisterNcclBinding(env, exports);
   trellis::collective::RegisterCommunicatorBinding(env, exports);
+  trellis::channel::RegisterChannelBinding(env, exports);
   return exports;
 }
 

@@ -1,19 +1,182 @@
-/** Placeholder until the native CUDA layer lands: CUDA is reported unavailable. */
-import { TrellisError } from '../errors.js';
-import type { CudaApi } from './cuda-types.js';
+/**
+ * CUDA through the native driver-API table: libcuda.so.1 (or $TRELLIS_CUDA_DRIVER) is opened with
+ * dlopen on first use, never linked. Where it is absent or unusable, `cuda.available` is false,
+ * `cuda.reason` says why, and every other member throws a CudaError with code
+ * 'ERR_CUDA_UNAVAILABLE'.
+ *
+ * Synchronous copies and fill() are complete when they return. Asynchronous copies are staged
+ * through pinned host memory and resolve when the device is done; their promises are settled by a
+ * native completion thread, so they never block the event loop or libuv's thread pool.
+ */
+import { CudaError, InvalidArgumentError } from '../errors.js';
+import { native, type NativeCudaStatus, type NativeCudaStream, type NativeDeviceMemory } from '../native.js';
+import type { CudaApi, DeviceInfo, DeviceMemory, IpcHandle, Stream } from './cuda-types.js';
 
-const unavailable = (): never => {
-  throw new TrellisError('ERR_CUDA_UNAVAILABLE', 'CUDA is not available: the CUDA layer is not built yet');
-};
+let loaded: NativeCudaStatus | undefined;
+
+/** Loads the driver once (dlopen, cuInit) and says whether it is usable. */
+function status(): NativeCudaStatus {
+  loaded ??= native.cuda.status();
+  return loaded;
+}
+
+function requireCuda(call: string): void {
+  const { available, reason } = status();
+  if (!available) throw new CudaError('ERR_CUDA_UNAVAILABLE', `${call}: CUDA is not available: ${reason}`, { call });
+}
+
+class CudaStream implements Stream {
+  /** @internal */
+  readonly native: NativeCudaStream;
+
+  constructor(handle: NativeCudaStream) {
+    this.native = handle;
+  }
+
+  get device(): number {
+    return this.native.device;
+  }
+
+  synchronize(): Promise<void> {
+    return this.native.synchronize();
+  }
+
+  destroy(): void {
+    this.native.destroy();
+  }
+}
+
+function nativeStream(stream: Stream | undefined): NativeCudaStream | null {
+  if (stream === undefined) return null;
+  if (!(stream instanceof CudaStream)) throw new InvalidArgumentError('stream must come from cuda.createStream()');
+  return stream.native;
+}
+
+class CudaDeviceMemory implements DeviceMemory {
+  readonly #native: NativeDeviceMemory;
+
+  constructor(handle: NativeDeviceMemory) {
+    this.#native = handle;
+  }
+
+  static unwrap(memory: DeviceMemory): NativeDeviceMemory {
+    if (!(memory instanceof CudaDeviceMemory)) throw new InvalidArgumentError('device memory must come from cuda.allocate() or cuda.importIpc()');
+    return memory.#native;
+  }
+
+  get device(): number {
+    return this.#native.device;
+  }
+
+  get byteLength(): number {
+    return this.#native.byteLength;
+  }
+
+  get address(): bigint {
+    return this.#native.address;
+  }
+
+  get imported(): boolean {
+    return this.#native.imported;
+  }
+
+  /** Writes all of `source` at `byteOffset` of this memory. */
+  copyFromHost(source: ArrayBufferView, byteOffset = 0): void {
+    this.#native.copyFromHost(source, byteOffset);
+  }
+
+  /** Fills all of `target` from `byteOffset` of this memory. */
+  copyToHost(target: ArrayBufferView, byteOffset = 0): void {
+    this.#native.copyToHost(target, byteOffset);
+  }
+
+  /** Copies `byteLength` bytes (default: the rest of `source` after `sourceOffset`). */
+  copyFromDevice(source: DeviceMemory, byteLength?: number, sourceOffset = 0, targetOffset = 0): void {
+    this.#native.copyFromDevice(CudaDeviceMemory.unwrap(source), byteLength ?? source.byteLength - sourceOffset, sourceOffset, targetOffset);
+  }
+
+  copyFromHostAsync(source: ArrayBufferView, stream?: Stream): Promise<void> {
+    return this.#native.copyFromHostAsync(source, nativeStream(stream));
+  }
+
+  copyToHostAsync(target: ArrayBufferView, stream?: Stream): Promise<void> {
+    return this.#native.copyToHostAsync(target, nativeStream(stream));
+  }
+
+  fill(byte: number): void {
+    this.#native.fill(byte);
+  }
+
+  exportIpc(): IpcHandle {
+    return this.#native.exportIpc();
+  }
+
+  free(): void {
+    this.#native.free();
+  }
+}
+
+/** The native handle behind DeviceMemory from this module (for the NCCL communicator). */
+export function nativeMemory(memory: DeviceMemory): NativeDeviceMemory {
+  return CudaDeviceMemory.unwrap(memory);
+}
 
 export const cuda: CudaApi = {
-  available: false,
-  reason: 'the CUDA layer is not built yet',
-  deviceCount: () => 0,
-  devices: () => [],
-  allocate: unavailable,
-  importIpc: unavailable,
-  createStream: unavailable,
-  allocatorStats: unavailable,
-  emptyCache: () => {},
+  get available() {
+    return status().available;
+  },
+  get reason() {
+    return status().reason;
+  },
+  get driverVersion() {
+    return status().driverVersion;
+  },
+  get libraryPath() {
+    return status().libraryPath;
+  },
+
+  deviceCount(): number {
+    requireCuda('deviceCount');
+    return native.cuda.deviceCount();
+  },
+
+  /**
+   * Every visible device. Free memory is read in each device's primary context, so this retains
+   * one on every visible device (as torch.cuda.mem_get_info does).
+   */
+  devices(): DeviceInfo[] {
+    requireCuda('devices');
+    return Array.from({ length: native.cuda.deviceCount() }, (_, index) => native.cuda.deviceInfo(index));
+  },
+
+  allocate(device: number, byteLength: number): DeviceMemory {
+    requireCuda('allocate');
+    return new CudaDeviceMemory(new native.cuda.DeviceMemory({ device, byteLength }));
+  },
+
+  importIpc(handle: IpcHandle): DeviceMemory {
+    requireCuda('importIpc');
+    return new CudaDeviceMemory(new native.cuda.DeviceMemory({ ipc: handle }));
+  },
+
+  createStream(device: number): Stream {
+    requireCuda('createStream');
+    return new CudaStream(new native.cuda.Stream(device));
+  },
+
+  allocatorStats(device: number) {
+    requireCuda('allocatorStats');
+    return native.cuda.allocatorStats(device);
+  },
+
+  emptyCache(device?: number): void {
+    requireCuda('emptyCache');
+    native.cuda.emptyCache(device);
+  },
 };
+
+/** CUDA IPC mappings open in this process (each exported allocation is opened once). */
+export function openIpcMappings(): number {
+  requireCuda('openIpcMappings');
+  return native.cuda.ipcMappings();
+}

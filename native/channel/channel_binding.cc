@@ -82,12 +82,13 @@ class ChannelBinding : public Napi::ObjectWrap<ChannelBinding> {
     return {static_cast<const uint8_t*>(array.ArrayBuffer().Data()) + array.ByteOffset(), array.ByteLength()};
   }
 
-  // tryWrite(bytes, spinMicros): true when written now; false when the ring is full.
+  // tryWrite(bytes, spinMicros, waitMillis): true when written; false when the ring stayed full.
   Napi::Value TryWrite(const Napi::CallbackInfo& info) {
     return Guarded(info.Env(), [&]() -> Napi::Value {
       auto [data, length] = Bytes(info[0]);
       Channel& c = channel();
-      WaitResult result = c.WaitWritable(0, info[1].IsNumber() ? info[1].As<Napi::Number>().Int64Value() : 0);
+      WaitResult result = c.WaitWritable(info[2].IsNumber() ? info[2].As<Napi::Number>().Int64Value() : 0,
+                                         info[1].IsNumber() ? info[1].As<Napi::Number>().Int64Value() : 0);
       if (result == WaitResult::kClosed) throw Failure(result, name_, "write");
       if (result != WaitResult::kReady) return Napi::Boolean::New(info.Env(), false);
       c.Write(data, length);
@@ -114,11 +115,13 @@ class ChannelBinding : public Napi::ObjectWrap<ChannelBinding> {
     });
   }
 
-  // tryRead(spinMicros): the next message (a copy), or null when none arrived within the spin.
+  // tryRead(spinMicros, waitMillis): the next message (a copy), or null when none arrived in time.
+  // Waiting here blocks the JS thread: callers keep waitMillis short and yield in between.
   Napi::Value TryRead(const Napi::CallbackInfo& info) {
     return Guarded(info.Env(), [&]() -> Napi::Value {
       Channel& c = channel();
-      WaitResult result = c.WaitReadable(0, info[0].IsNumber() ? info[0].As<Napi::Number>().Int64Value() : 0);
+      WaitResult result = c.WaitReadable(info[1].IsNumber() ? info[1].As<Napi::Number>().Int64Value() : 0,
+                                         info[0].IsNumber() ? info[0].As<Napi::Number>().Int64Value() : 0);
       if (result == WaitResult::kClosed) throw Failure(result, name_, "read");
       if (result != WaitResult::kReady) return info.Env().Null();
       return TakeMessage(info.Env(), c);

@@ -1,0 +1,480 @@
+// Node-API face of native/cuda. Every method runs under Guarded, so failures reach JS as typed
+// errors (CudaError with `call`, or ERR_CUDA_UNAVAILABLE when the driver is absent).
+#include "cuda/cuda_binding.h"
+
+#include <cmath>
+#include <cstring>
+#include <optional>
+
+#include "common/js_error.h"
+#include "cuda/completion.h"
+
+namespace trellis::cuda {
+namespace {
+
+// Tags tell our wrapped objects apart from any other ObjectWrap before unwrapping.
+constexpr napi_type_tag kDeviceMemoryTag = {0x7472656c6c697301ull, 0x6465766d656d6f72ull};
+constexpr napi_type_tag kStreamTag = {0x7472656c6c697302ull, 0x73747265616d0000ull};
+
+uint64_t IntegerArgument(const Napi::Value& value, const char* what) {
+  if (!value.IsNumber()) throw InvalidArgument(std::string(what) + " must be a number");
+  double number = value.As<Napi::Number>().DoubleValue();
+  if (!(number >= 0) || std::floor(number) != number || number > 9007199254740991.0) {
+    throw InvalidArgument(std::string(what) + " must be a non-negative integer, got " + value.ToString().Utf8Value());
+  }
+  return static_cast<uint64_t>(number);
+}
+
+int DeviceArgument(const Napi::Value& value) {
+  uint64_t device = IntegerArgument(value, "device");
+  if (device > 1u << 16) throw InvalidArgument("device " + std::to_string(device) + " is out of range");
+  return static_cast<int>(device);
+}
+
+struct HostBytes {
+  uint8_t* data = nullptr;
+  size_t length = 0;
+};
+
+HostBytes ViewArgument(const Napi::Value& value, const char* what) {
+  if (value.IsTypedArray()) {
+    auto array = value.As<Napi::TypedArray>();
+    return {static_cast<uint8_t*>(array.ArrayBuffer().Data()) + array.ByteOffset(), array.ByteLength()};
+  }
+  if (value.IsDataView()) {
+    auto view = value.As<Napi::DataView>();
+    return {static_cast<uint8_t*>(view.ArrayBuffer().Data()) + view.ByteOffset(), view.ByteLength()};
+  }
+  throw InvalidArgument(std::string(what) + " must be a TypedArray or DataView");
+}
+
+void CheckRange(uint64_t offset, uint64_t length, uint64_t size, const char* what) {
+  if (offset > size || length > size - offset) {
+    throw NativeError("ERR_OUT_OF_RANGE", std::string(what) + " [" + std::to_string(offset) + ", +" + std::to_string(length) +
+                                              ") is outside device memory of " + std::to_string(size) + " bytes");
+  }
+}
+
+// After enqueueing work that reads or writes `keep`, a failure must not let the memory go back to
+// a cache while the copy may still run: wait for the stream, then rethrow.
+template <typename Body>
+void EnqueueOrDrain(CUstream stream, Body&& body) {
+  try {
+    body();
+  } catch (const NativeError&) {
+    Driver().cuStreamSynchronize(stream);  // best effort; the first error is the one reported
+    throw;
+  }
+}
+
+class StreamBinding : public Napi::ObjectWrap<StreamBinding> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "CudaStream",
+                       {
+                           InstanceAccessor<&StreamBinding::Device>("device"),
+                           InstanceMethod<&StreamBinding::Synchronize>("synchronize"),
+                           InstanceMethod<&StreamBinding::Destroy>("destroy"),
+                       });
+  }
+
+  explicit StreamBinding(const Napi::CallbackInfo& info) : Napi::ObjectWrap<StreamBinding>(info) {
+    Guarded(info.Env(), [&] {
+      Driver("createStream");
+      device_ = DeviceArgument(info[0]);
+      stream_ = std::make_shared<Stream>(device_);
+      info.This().As<Napi::Object>().TypeTag(&kStreamTag);
+      return 0;
+    });
+  }
+
+  // The stream, or ERR_CUDA_FREED after destroy().
+  const std::shared_ptr<Stream>& stream() const {
+    if (!stream_) throw NativeError("ERR_CUDA_FREED", "the CUDA stream was destroyed");
+    return stream_;
+  }
+
+  static StreamBinding* From(const Napi::Value& value) {
+    if (!value.IsObject() || !value.As<Napi::Object>().CheckTypeTag(&kStreamTag)) {
+      throw InvalidArgument("stream must be a CUDA Stream (or omitted)");
+    }
+    return Unwrap(value.As<Napi::Object>());
+  }
+
+ private:
+  Napi::Value Device(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), device_); }
+
+  Napi::Value Synchronize(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      const std::shared_ptr<Stream>& s = stream();
+      const DriverTable& cu = Driver("synchronize");
+      std::shared_ptr<Event> event = AcquireEvent(device_);
+      MakeCurrent(device_);
+      Check(cu.cuEventRecord(event->event, s->get()), "cuEventRecord");
+      return Submit(info.Env(), std::make_unique<EventPending>(std::move(event), s));
+    });
+  }
+
+  Napi::Value Destroy(const Napi::CallbackInfo& info) {
+    stream_.reset();  // queued work still completes; synchronize() promises hold the stream
+    return info.Env().Undefined();
+  }
+
+  int device_ = 0;
+  std::shared_ptr<Stream> stream_;
+};
+
+// Holds what an async copy touches until its event completes.
+struct CopyKeep {
+  DeviceBuffer buffer;
+  std::shared_ptr<PinnedBuffer> pinned;
+  std::shared_ptr<Stream> stream;
+};
+
+// A device-to-host copy staged through pinned memory. The completion thread moves the bytes into
+// the JS view once the DMA is done (as fs.read fills buffers from libuv's threads); the persistent
+// reference keeps the view's memory alive until the promise settles.
+class CopyToHostPending : public EventPending {
+ public:
+  CopyToHostPending(std::shared_ptr<Event> event, std::shared_ptr<CopyKeep> keep, Napi::Value target, HostBytes bytes)
+      : EventPending(std::move(event), keep), keep_(std::move(keep)), target_(Napi::Persistent(target)), bytes_(bytes) {}
+
+  bool Poll() override {
+    if (!EventPending::Poll()) return false;
+    std::memcpy(bytes_.data, keep_->pinned->data, bytes_.length);
+    return true;
+  }
+
+  void Abandon() override { target_.SuppressDestruct(); }
+
+ private:
+  std::shared_ptr<CopyKeep> keep_;
+  Napi::Reference<Napi::Value> target_;
+  HostBytes bytes_;
+};
+
+class DeviceMemoryBinding : public Napi::ObjectWrap<DeviceMemoryBinding> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "DeviceMemory",
+                       {
+                           InstanceAccessor<&DeviceMemoryBinding::DeviceValue>("device"),
+                           InstanceAccessor<&DeviceMemoryBinding::ByteLength>("byteLength"),
+                           InstanceAccessor<&DeviceMemoryBinding::Address>("address"),
+                           InstanceAccessor<&DeviceMemoryBinding::Imported>("imported"),
+                           InstanceAccessor<&DeviceMemoryBinding::Freed>("freed"),
+                           InstanceMethod<&DeviceMemoryBinding::CopyFromHost>("copyFromHost"),
+                           InstanceMethod<&DeviceMemoryBinding::CopyToHost>("copyToHost"),
+                           InstanceMethod<&DeviceMemoryBinding::CopyFromDevice>("copyFromDevice"),
+                           InstanceMethod<&DeviceMemoryBinding::CopyFromHostAsync>("copyFromHostAsync"),
+                           InstanceMethod<&DeviceMemoryBinding::CopyToHostAsync>("copyToHostAsync"),
+                           InstanceMethod<&DeviceMemoryBinding::Fill>("fill"),
+                           InstanceMethod<&DeviceMemoryBinding::ExportIpcHandle>("exportIpc"),
+                           InstanceMethod<&DeviceMemoryBinding::Free>("free"),
+                       });
+  }
+
+  // new DeviceMemory({ device, byteLength }) allocates; new DeviceMemory({ ipc }) imports.
+  explicit DeviceMemoryBinding(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DeviceMemoryBinding>(info) {
+    Guarded(info.Env(), [&] {
+      if (!info[0].IsObject()) throw InvalidArgument("DeviceMemory expects { device, byteLength } or { ipc }");
+      Napi::Object options = info[0].As<Napi::Object>();
+      Napi::Value ipc = options.Get("ipc");
+      if (ipc.IsObject()) {
+        buffer_ = Import(ipc.As<Napi::Object>());
+      } else {
+        int device = DeviceArgument(options.Get("device"));
+        buffer_ = Allocate(device, IntegerArgument(options.Get("byteLength"), "byteLength"));
+      }
+      device_ = buffer_->device;
+      size_ = buffer_->size;
+      address_ = buffer_->ptr;
+      imported_ = buffer_->imported;
+      info.This().As<Napi::Object>().TypeTag(&kDeviceMemoryTag);
+      return 0;
+    });
+  }
+
+  const DeviceBuffer& buffer() const {
+    if (!buffer_) throw NativeError("ERR_CUDA_FREED", "device memory was freed");
+    return *buffer_;
+  }
+
+  static DeviceMemoryBinding* From(const Napi::Value& value, const char* what) {
+    if (!value.IsObject() || !value.As<Napi::Object>().CheckTypeTag(&kDeviceMemoryTag)) {
+      throw InvalidArgument(std::string(what) + " must be CUDA DeviceMemory");
+    }
+    return Unwrap(value.As<Napi::Object>());
+  }
+
+ private:
+  static DeviceBuffer Import(Napi::Object ipc) {
+    Napi::Value handle_value = ipc.Get("handle");
+    if (!handle_value.IsTypedArray() || handle_value.As<Napi::TypedArray>().ByteLength() != sizeof(CUipcMemHandle)) {
+      throw InvalidArgument("ipc.handle must be the 64 bytes of a CUDA IPC memory handle");
+    }
+    HostBytes bytes = ViewArgument(handle_value, "ipc.handle");
+    CUipcMemHandle handle;
+    std::memcpy(handle.reserved, bytes.data, sizeof handle.reserved);
+    uint64_t offset = IntegerArgument(ipc.Get("offset"), "ipc.offset");
+    uint64_t size = IntegerArgument(ipc.Get("byteLength"), "ipc.byteLength");
+    // The exporter's device, found by UUID under this process's numbering; if it is not visible
+    // here, the mapping goes into device 0's context (the driver enables peer access lazily).
+    int device = -1;
+    Napi::Value uuid = ipc.Get("deviceUuid");
+    Driver("importIpc");
+    if (uuid.IsString() && !uuid.As<Napi::String>().Utf8Value().empty()) {
+      device = DeviceByUuid(uuid.As<Napi::String>().Utf8Value());
+    } else {
+      device = DeviceArgument(ipc.Get("device"));
+    }
+    if (device < 0) device = 0;
+    return ImportIpc(device, handle, offset, size);
+  }
+
+  Napi::Value DeviceValue(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), device_); }
+  Napi::Value ByteLength(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), static_cast<double>(size_)); }
+  Napi::Value Address(const Napi::CallbackInfo& info) { return Napi::BigInt::New(info.Env(), static_cast<uint64_t>(address_)); }
+  Napi::Value Imported(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), imported_); }
+  Napi::Value Freed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !buffer_.has_value()); }
+
+  // copyFromHost(source, byteOffset): writes all of `source` at `byteOffset`; complete on return.
+  Napi::Value CopyFromHost(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      const DeviceBuffer& b = buffer();
+      HostBytes source = ViewArgument(info[0], "source");
+      uint64_t offset = IntegerArgument(info[1], "byteOffset");
+      CheckRange(offset, source.length, b.size, "copyFromHost");
+      if (source.length > 0) {
+        const DriverTable& cu = Driver("copyFromHost");
+        MakeCurrent(b.device);
+        Check(cu.cuMemcpyHtoD(b.ptr + offset, source.data, source.length), "cuMemcpyHtoD_v2");
+        // From pageable memory the call may return before the DMA lands.
+        Check(cu.cuStreamSynchronize(nullptr), "cuStreamSynchronize");
+      }
+      return info.Env().Undefined();
+    });
+  }
+
+  // copyToHost(target, byteOffset): fills `target` from `byteOffset`; complete on return.
+  Napi::Value CopyToHost(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      const DeviceBuffer& b = buffer();
+      HostBytes target = ViewArgument(info[0], "target");
+      uint64_t offset = IntegerArgument(info[1], "byteOffset");
+      CheckRange(offset, target.length, b.size, "copyToHost");
+      if (target.length > 0) {
+        const DriverTable& cu = Driver("copyToHost");
+        MakeCurrent(b.device);
+        Check(cu.cuMemcpyDtoH(target.data, b.ptr + offset, target.length), "cuMemcpyDtoH_v2");
+      }
+      return info.Env().Undefined();
+    });
+  }
+
+  // copyFromDevice(source, byteLength, sourceOffset, targetOffset); complete on return.
+  Napi::Value CopyFromDevice(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      const DeviceBuffer& target = buffer();
+      DeviceBuffer source = From(info[0], "source")->buffer();
+      uint64_t length = IntegerArgument(info[1], "byteLength");
+      uint64_t source_offset = IntegerArgument(info[2], "sourceOffset");
+      uint64_t target_offset = IntegerArgument(info[3], "targetOffset");
+      CheckRange(source_offset, length, source.size, "copyFromDevice source");
+      CheckRange(target_offset, length, target.size, "copyFromDevice target");
+      if (length > 0) {
+        const DriverTable& cu = Driver("copyFromDevice");
+        MakeCurrent(target.device);
+        Check(cu.cuMemcpyDtoD(target.ptr + target_offset, source.ptr + source_offset, length), "cuMemcpyDtoD_v2");
+        Check(cu.cuStreamSynchronize(nullptr), "cuStreamSynchronize");
+      }
+      return info.Env().Undefined();
+    });
+  }
+
+  std::shared_ptr<Stream> StreamArgument(const Napi::Value& value, int device) {
+    if (value.IsUndefined() || value.IsNull()) return nullptr;
+    std::shared_ptr<Stream> stream = StreamBinding::From(value)->stream();
+    if (stream->device() != device) {
+      throw InvalidArgument("the stream is on device " + std::to_string(stream->device()) + ", the memory on device " +
+                            std::to_string(device));
+    }
+    return stream;
+  }
+
+  // copyFromHostAsync(source, stream | null): stages `source` in pinned memory (so the caller may
+  // reuse it at once) and resolves when the copy to device offset 0 has completed.
+  Napi::Value CopyFromHostAsync(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      const DriverTable& cu = Driver("copyFromHostAsync");
+      const DeviceBuffer& b = buffer();
+      HostBytes source = ViewArgument(info[0], "source");
+      CheckRange(0, source.length, b.size, "copyFromHostAsync");
+      auto keep = std::make_shared<CopyKeep>(CopyKeep{b, AllocatePinned(b.device, source.length), StreamArgument(info[1], b.device)});
+      CUstream stream = keep->stream ? keep->stream->get() : CopyStream(b.device);
+      std::memcpy(keep->pinned->data, source.data, source.length);
+      std::shared_ptr<Event> event = AcquireEvent(b.device);
+      MakeCurrent(b.device);
+      EnqueueOrDrain(stream, [&] {
+        if (source.length > 0) Check(cu.cuMemcpyHtoDAsync(b.ptr, keep->pinned->data, source.length, stream), "cuMemcpyHtoDAsync_v2");
+        Check(cu.cuEventRecord(event->event, stream), "cuEventRecord");
+      });
+      return Submit(info.Env(), std::make_unique<EventPending>(std::move(event), std::move(keep)));
+    });
+  }
+
+  // copyToHostAsync(target, stream | null): device offset 0 into pinned memory, then into
+  // `target` on the completion thread; resolves after both.
+  Napi::Value CopyToHostAsync(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      const DriverTable& cu = Driver("copyToHostAsync");
+      const DeviceBuffer& b = buffer();
+      HostBytes target = ViewArgument(info[0], "target");
+      CheckRange(0, target.length, b.size, "copyToHostAsync");
+      auto keep = std::make_shared<CopyKeep>(CopyKeep{b, AllocatePinned(b.device, target.length), StreamArgument(info[1], b.device)});
+      CUstream stream = keep->stream ? keep->stream->get() : CopyStream(b.device);
+      std::shared_ptr<Event> event = AcquireEvent(b.device);
+      MakeCurrent(b.device);
+      EnqueueOrDrain(stream, [&] {
+        if (target.length > 0) Check(cu.cuMemcpyDtoHAsync(keep->pinned->data, b.ptr, target.length, stream), "cuMemcpyDtoHAsync_v2");
+        Check(cu.cuEventRecord(event->event, stream), "cuEventRecord");
+      });
+      return Submit(info.Env(), std::make_unique<CopyToHostPending>(std::move(event), std::move(keep), info[0], target));
+    });
+  }
+
+  // fill(byte): every byte of the buffer; complete on return.
+  Napi::Value Fill(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      const DeviceBuffer& b = buffer();
+      uint64_t byte = IntegerArgument(info[0], "byte");
+      if (byte > 255) throw InvalidArgument("fill byte must be 0..255");
+      if (b.size > 0) {
+        const DriverTable& cu = Driver("fill");
+        MakeCurrent(b.device);
+        Check(cu.cuMemsetD8(b.ptr, static_cast<unsigned char>(byte), b.size), "cuMemsetD8_v2");
+        Check(cu.cuStreamSynchronize(nullptr), "cuStreamSynchronize");
+      }
+      return info.Env().Undefined();
+    });
+  }
+
+  Napi::Value ExportIpcHandle(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      const DeviceBuffer& b = buffer();
+      IpcExport exported = ExportIpc(b);
+      Napi::Env env = info.Env();
+      Napi::Object out = Napi::Object::New(env);
+      auto handle = Napi::Uint8Array::New(env, sizeof exported.handle.reserved);
+      std::memcpy(handle.Data(), exported.handle.reserved, sizeof exported.handle.reserved);
+      out.Set("handle", handle);
+      out.Set("offset", Napi::Number::New(env, static_cast<double>(exported.offset)));
+      out.Set("byteLength", Napi::Number::New(env, static_cast<double>(b.size)));
+      out.Set("device", Napi::Number::New(env, b.device));
+      out.Set("deviceUuid", Napi::String::New(env, DeviceUuid(b.device)));
+      return out;
+    });
+  }
+
+  Napi::Value Free(const Napi::CallbackInfo& info) {
+    buffer_.reset();  // back to the cache (or unmapped) once work in flight is done with it
+    return info.Env().Undefined();
+  }
+
+  std::optional<DeviceBuffer> buffer_;
+  int device_ = 0;
+  size_t size_ = 0;
+  CUdeviceptr address_ = 0;
+  bool imported_ = false;
+};
+
+Napi::Object StatusObject(Napi::Env env) {
+  const DriverStatus& status = Status();
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("available", Napi::Boolean::New(env, status.available));
+  if (!status.available) out.Set("reason", Napi::String::New(env, status.reason));
+  out.Set("libraryPath", Napi::String::New(env, status.library_path));
+  if (status.driver_version != 0) out.Set("driverVersion", Napi::Number::New(env, status.driver_version));
+  out.Set("deviceCount", Napi::Number::New(env, status.device_count));
+  return out;
+}
+
+Napi::Value DeviceInfo(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    const DriverTable& cu = Driver("deviceInfo");
+    int device = DeviceArgument(info[0]);
+    MakeCurrent(device);  // validates; cuMemGetInfo_v2 reads the current context's device
+    CUdevice handle = 0;
+    Check(cu.cuDeviceGet(&handle, device), "cuDeviceGet");
+    char name[256] = {};
+    Check(cu.cuDeviceGetName(name, sizeof name - 1, handle), "cuDeviceGetName");
+    size_t total = 0;
+    Check(cu.cuDeviceTotalMem(&total, handle), "cuDeviceTotalMem_v2");
+    size_t free_bytes = 0;
+    size_t context_total = 0;
+    Check(cu.cuMemGetInfo(&free_bytes, &context_total), "cuMemGetInfo_v2");
+    int major = 0;
+    int minor = 0;
+    Check(cu.cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, handle), "cuDeviceGetAttribute");
+    Check(cu.cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, handle), "cuDeviceGetAttribute");
+    Napi::Env env = info.Env();
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("index", Napi::Number::New(env, device));
+    out.Set("name", Napi::String::New(env, name));
+    out.Set("totalMemory", Napi::Number::New(env, static_cast<double>(total)));
+    out.Set("freeMemory", Napi::Number::New(env, static_cast<double>(free_bytes)));
+    Napi::Array capability = Napi::Array::New(env, 2);
+    capability.Set(0u, Napi::Number::New(env, major));
+    capability.Set(1u, Napi::Number::New(env, minor));
+    out.Set("computeCapability", capability);
+    out.Set("uuid", Napi::String::New(env, DeviceUuid(device)));
+    return out;
+  });
+}
+
+Napi::Value AllocatorStatsValue(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    AllocatorStats stats = Stats(DeviceArgument(info[0]));
+    Napi::Env env = info.Env();
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("allocatedBytes", Napi::Number::New(env, static_cast<double>(stats.allocated_bytes)));
+    out.Set("cachedBytes", Napi::Number::New(env, static_cast<double>(stats.cached_bytes)));
+    out.Set("allocations", Napi::Number::New(env, static_cast<double>(stats.allocations)));
+    out.Set("reuses", Napi::Number::New(env, static_cast<double>(stats.reuses)));
+    return out;
+  });
+}
+
+}  // namespace
+
+DeviceBuffer BufferOf(const Napi::Value& value, const char* what) { return DeviceMemoryBinding::From(value, what)->buffer(); }
+
+void RegisterCudaBinding(Napi::Env env, Napi::Object exports) {
+  Napi::Object cuda = Napi::Object::New(env);
+  cuda.Set("status", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value { return StatusObject(info.Env()); }));
+  cuda.Set("deviceCount", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+             return Guarded(info.Env(), [&]() -> Napi::Value {
+               Driver("deviceCount");
+               return Napi::Number::New(info.Env(), Status().device_count);
+             });
+           }));
+  cuda.Set("deviceInfo", Napi::Function::New(env, DeviceInfo));
+  cuda.Set("allocatorStats", Napi::Function::New(env, AllocatorStatsValue));
+  cuda.Set("emptyCache", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+             return Guarded(info.Env(), [&]() -> Napi::Value {
+               EmptyCache(info[0].IsUndefined() ? -1 : DeviceArgument(info[0]));
+               return info.Env().Undefined();
+             });
+           }));
+  cuda.Set("ipcMappings", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+             return Guarded(info.Env(), [&]() -> Napi::Value {
+               Driver("ipcMappings");
+               return Napi::Number::New(info.Env(), static_cast<double>(OpenIpcMappings()));
+             });
+           }));
+  cuda.Set("DeviceMemory", DeviceMemoryBinding::Define(env));
+  cuda.Set("Stream", StreamBinding::Define(env));
+  exports.Set("cuda", cuda);
+}
+
+}  // namespace trellis::cuda

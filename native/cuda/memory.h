@@ -1,0 +1,63 @@
+// Device memory: a caching allocator per device, pinned host staging buffers, and CUDA IPC
+// export/import. No Node-API here.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "cuda/driver.h"
+
+namespace trellis::cuda {
+
+// A span of device memory. `owner` keeps what backs it alive: an allocator block (which goes back
+// to the cache when the last owner drops it) or an IPC mapping (closed when the last view drops
+// it). Copies of a DeviceBuffer share the owner, so work in flight holds its memory.
+struct DeviceBuffer {
+  int device = 0;
+  CUdeviceptr ptr = 0;
+  size_t size = 0;
+  bool imported = false;
+  std::shared_ptr<void> owner;
+};
+
+struct AllocatorStats {
+  uint64_t allocated_bytes = 0;  // rounded bytes of live blocks
+  uint64_t cached_bytes = 0;     // rounded bytes of freed blocks kept for reuse
+  uint64_t allocations = 0;      // Allocate calls
+  uint64_t reuses = 0;           // of which served from the cache
+};
+
+// Sizes round up to a class: to 512 B up to 1 MiB, to 2 MiB above. Each class keeps its own list of
+// freed blocks; every block is its own cuMemAlloc, so it is the base of its allocation (IPC).
+size_t RoundSize(size_t bytes);
+
+// Allocates from `device`'s cache (or cuMemAlloc_v2; on out-of-memory the cache is emptied and the
+// allocation retried once).
+DeviceBuffer Allocate(int device, size_t bytes);
+AllocatorStats Stats(int device);
+// Frees cached device blocks of `device` (every device when -1) and all cached pinned buffers.
+void EmptyCache(int device);
+
+// A pinned (page-locked, portable) host buffer from the staging cache; back to it when dropped.
+struct PinnedBuffer {
+  void* data = nullptr;
+  size_t size = 0;
+};
+std::shared_ptr<PinnedBuffer> AllocatePinned(int device, size_t bytes);
+
+struct IpcExport {
+  CUipcMemHandle handle;
+  uint64_t offset;  // of the buffer within the exported allocation
+};
+IpcExport ExportIpc(const DeviceBuffer& buffer);
+
+// Opens `handle` in `device`'s context (once per process per allocation: later imports share the
+// mapping, which is closed when its last view is dropped) and returns the view
+// [base + offset, + size).
+DeviceBuffer ImportIpc(int device, const CUipcMemHandle& handle, uint64_t offset, size_t size);
+// Number of IPC mappings open in this process (for tests).
+size_t OpenIpcMappings();
+
+}  // namespace trellis::cuda

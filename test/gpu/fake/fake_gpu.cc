@@ -1,0 +1,373 @@
+// A fake CUDA driver and NCCL in one shared library, for exercising trellis's native GPU layer on
+// hosts without a GPU (TRELLIS_CUDA_DRIVER and TRELLIS_NCCL_LIBRARY point at it). "Device" memory
+// is host memory from memfd (so CUDA IPC works between processes through /proc/<pid>/fd); copies
+// run at once; an event reports completion FAKE_CUDA_EVENT_DELAY_US after it was recorded
+// (default 2000), so promises wait on the completion thread's polling for real. NCCL has one-rank
+// semantics; more ranks never join (init blocks until the process ends). FAKE_NCCL_HANG=1 makes
+// collectives block until the communicator is aborted; FAKE_NCCL_ASYNC_ERROR=1 makes
+// ncclCommGetAsyncError report ncclRemoteError once an operation was issued.
+// Test scaffolding only: it is not the CUDA API's behaviour in any detail beyond what trellis uses.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+
+namespace {
+
+using CUresult = int;
+using CUdeviceptr = unsigned long long;
+struct Handle {
+  uint64_t magic;
+  int64_t pid;
+  int64_t fd;
+  uint64_t size;
+  char pad[32];
+};
+static_assert(sizeof(Handle) == 64);
+
+constexpr CUresult kSuccess = 0, kInvalidValue = 1, kOutOfMemory = 2, kNoDevice = 100, kInvalidDevice = 101,
+                   kInvalidContext = 201, kMapFailed = 205, kInvalidHandle = 400, kNotReady = 600;
+constexpr uint64_t kMagic = 0x66616b6567707521ull;
+
+std::mutex mutex;
+struct Allocation {
+  int fd;
+  size_t size;
+  bool imported;
+  int refs;
+  std::string key;
+};
+std::map<CUdeviceptr, Allocation> allocations;        // by base address
+std::map<std::string, CUdeviceptr> imports;           // handle bytes -> base
+thread_local void* current = nullptr;
+uint64_t total_allocated = 0;
+
+int DeviceCount() {
+  const char* env = std::getenv("FAKE_CUDA_DEVICES");
+  return env ? std::atoi(env) : 1;
+}
+
+bool Find(CUdeviceptr ptr, CUdeviceptr* base, Allocation** out) {
+  auto it = allocations.upper_bound(ptr);
+  if (it == allocations.begin()) return false;
+  --it;
+  if (ptr >= it->first + it->second.size) return false;
+  *base = it->first;
+  *out = &it->second;
+  return true;
+}
+
+struct Event {
+  std::chrono::steady_clock::time_point done{};
+  bool recorded = false;
+};
+
+long EventDelayUs() {
+  const char* env = std::getenv("FAKE_CUDA_EVENT_DELAY_US");
+  return env ? std::atol(env) : 2000;
+}
+
+}  // namespace
+
+extern "C" {
+
+CUresult cuGetErrorName(CUresult error, const char** out) {
+  switch (error) {
+    case kSuccess: *out = "CUDA_SUCCESS"; return kSuccess;
+    case kInvalidValue: *out = "CUDA_ERROR_INVALID_VALUE"; return kSuccess;
+    case kOutOfMemory: *out = "CUDA_ERROR_OUT_OF_MEMORY"; return kSuccess;
+    case kNoDevice: *out = "CUDA_ERROR_NO_DEVICE"; return kSuccess;
+    case kInvalidDevice: *out = "CUDA_ERROR_INVALID_DEVICE"; return kSuccess;
+    case kInvalidContext: *out = "CUDA_ERROR_INVALID_CONTEXT"; return kSuccess;
+    case kMapFailed: *out = "CUDA_ERROR_MAP_FAILED"; return kSuccess;
+    case kInvalidHandle: *out = "CUDA_ERROR_INVALID_HANDLE"; return kSuccess;
+    case kNotReady: *out = "CUDA_ERROR_NOT_READY"; return kSuccess;
+    default: *out = nullptr; return kInvalidValue;
+  }
+}
+CUresult cuGetErrorString(CUresult error, const char** out) {
+  if (error == kNoDevice) *out = "no CUDA-capable device is detected";
+  else if (error == kOutOfMemory) *out = "out of memory";
+  else *out = "fake driver error";
+  return kSuccess;
+}
+CUresult cuInit(unsigned) { return std::getenv("FAKE_CUDA_NO_DEVICE") ? kNoDevice : kSuccess; }
+CUresult cuDriverGetVersion(int* version) { *version = 13000; return kSuccess; }
+CUresult cuDeviceGetCount(int* count) { *count = DeviceCount(); return kSuccess; }
+CUresult cuDeviceGet(int* device, int ordinal) {
+  if (ordinal < 0 || ordinal >= DeviceCount()) return kInvalidDevice;
+  *device = ordinal;
+  return kSuccess;
+}
+CUresult cuDeviceGetName(char* name, int length, int device) {
+  std::snprintf(name, static_cast<size_t>(length), "Fake GPU %d", device);
+  return kSuccess;
+}
+CUresult cuDeviceGetAttribute(int* value, int attribute, int) {
+  *value = attribute == 75 ? 9 : attribute == 76 ? 0 : 0;
+  return kSuccess;
+}
+CUresult cuDeviceTotalMem_v2(size_t* bytes, int) { *bytes = 80ull << 30; return kSuccess; }
+CUresult cuDeviceGetUuid_v2(char* uuid, int device) {
+  for (int i = 0; i < 16; ++i) uuid[i] = static_cast<char>(0x10 * device + i);
+  return kSuccess;
+}
+CUresult cuDevicePrimaryCtxRetain(void** context, int device) {
+  *context = reinterpret_cast<void*>(static_cast<uintptr_t>(0x1000 + device));
+  return kSuccess;
+}
+CUresult cuCtxSetCurrent(void* context) { current = context; return kSuccess; }
+CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+  if (current == nullptr) return kInvalidContext;
+  std::lock_guard<std::mutex> lock(mutex);
+  *total = 80ull << 30;
+  *free_bytes = *total - total_allocated;
+  return kSuccess;
+}
+CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t size) {
+  if (current == nullptr) return kInvalidContext;
+  if (size == 0) return kInvalidValue;
+  const char* limit = std::getenv("FAKE_CUDA_MEMORY_LIMIT");
+  std::lock_guard<std::mutex> lock(mutex);
+  if (limit && total_allocated + size > std::strtoull(limit, nullptr, 10)) return kOutOfMemory;
+  int fd = memfd_create("fake-cuda", MFD_CLOEXEC);
+  if (fd < 0 || ftruncate(fd, static_cast<off_t>(size)) != 0) return kOutOfMemory;
+  void* data = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (data == MAP_FAILED) {
+    close(fd);
+    return kOutOfMemory;
+  }
+  *ptr = reinterpret_cast<CUdeviceptr>(data);
+  allocations[*ptr] = Allocation{fd, size, false, 1, ""};
+  total_allocated += size;
+  return kSuccess;
+}
+CUresult cuMemFree_v2(CUdeviceptr ptr) {
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = allocations.find(ptr);
+  if (it == allocations.end() || it->second.imported) return kInvalidValue;
+  munmap(reinterpret_cast<void*>(ptr), it->second.size);
+  close(it->second.fd);
+  total_allocated -= it->second.size;
+  allocations.erase(it);
+  return kSuccess;
+}
+CUresult cuMemGetAddressRange_v2(CUdeviceptr* base, size_t* size, CUdeviceptr ptr) {
+  std::lock_guard<std::mutex> lock(mutex);
+  Allocation* found = nullptr;
+  CUdeviceptr start = 0;
+  if (!Find(ptr, &start, &found)) return kInvalidValue;
+  if (base) *base = start;
+  if (size) *size = found->size;
+  return kSuccess;
+}
+CUresult cuMemHostAlloc(void** data, size_t size, unsigned) {
+  if (current == nullptr) return kInvalidContext;
+  *data = std::aligned_alloc(4096, (size + 4095) / 4096 * 4096);
+  return *data ? kSuccess : kOutOfMemory;
+}
+CUresult cuMemFreeHost(void* data) { std::free(data); return kSuccess; }
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) { std::memcpy(reinterpret_cast<void*>(dst), src, n); return kSuccess; }
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) { std::memcpy(dst, reinterpret_cast<void*>(src), n); return kSuccess; }
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) { std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), n); return kSuccess; }
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void* stream) { return stream ? cuMemcpyHtoD_v2(dst, src, n) : kInvalidHandle; }
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* stream) { return stream ? cuMemcpyDtoH_v2(dst, src, n) : kInvalidHandle; }
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void* stream) { return stream ? cuMemcpyDtoD_v2(dst, src, n) : kInvalidHandle; }
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n) { std::memset(reinterpret_cast<void*>(dst), value, n); return kSuccess; }
+CUresult cuStreamCreate(void** stream, unsigned flags) {
+  if (current == nullptr) return kInvalidContext;
+  *stream = new int(static_cast<int>(flags));
+  return kSuccess;
+}
+CUresult cuStreamDestroy_v2(void* stream) { delete static_cast<int*>(stream); return kSuccess; }
+CUresult cuStreamSynchronize(void*) { return kSuccess; }
+CUresult cuEventCreate(void** event, unsigned) {
+  if (current == nullptr) return kInvalidContext;
+  *event = new Event();
+  return kSuccess;
+}
+CUresult cuEventRecord(void* event, void* stream) {
+  auto* e = static_cast<Event*>(event);
+  e->done = std::chrono::steady_clock::now() + std::chrono::microseconds(EventDelayUs());
+  e->recorded = true;
+  return stream ? kSuccess : kInvalidHandle;
+}
+CUresult cuEventQuery(void* event) {
+  auto* e = static_cast<Event*>(event);
+  return !e->recorded || std::chrono::steady_clock::now() >= e->done ? kSuccess : kNotReady;
+}
+CUresult cuIpcGetMemHandle(Handle* handle, CUdeviceptr base) {
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = allocations.find(base);
+  if (it == allocations.end() || it->second.imported) return kInvalidValue;
+  std::memset(handle, 0, sizeof *handle);
+  *handle = Handle{kMagic, getpid(), it->second.fd, it->second.size, {}};
+  return kSuccess;
+}
+CUresult cuIpcOpenMemHandle_v2(CUdeviceptr* ptr, Handle handle, unsigned flags) {
+  if (current == nullptr) return kInvalidContext;
+  if (handle.magic != kMagic || flags != 1) return kInvalidValue;
+  if (handle.pid == getpid()) return kInvalidContext;  // as the real driver: not in the exporting process
+  std::string key(reinterpret_cast<const char*>(&handle), sizeof handle);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = imports.find(key); it != imports.end()) {
+    allocations[it->second].refs += 1;
+    *ptr = it->second;
+    return kSuccess;
+  }
+  std::string path = "/proc/" + std::to_string(handle.pid) + "/fd/" + std::to_string(handle.fd);
+  int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) return kMapFailed;
+  void* data = mmap(nullptr, handle.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (data == MAP_FAILED) {
+    close(fd);
+    return kMapFailed;
+  }
+  *ptr = reinterpret_cast<CUdeviceptr>(data);
+  allocations[*ptr] = Allocation{fd, handle.size, true, 1, key};
+  imports[key] = *ptr;
+  return kSuccess;
+}
+CUresult cuIpcCloseMemHandle(CUdeviceptr ptr) {
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = allocations.find(ptr);
+  if (it == allocations.end() || !it->second.imported) return kInvalidValue;
+  if (--it->second.refs > 0) return kSuccess;
+  munmap(reinterpret_cast<void*>(ptr), it->second.size);
+  close(it->second.fd);
+  imports.erase(it->second.key);
+  allocations.erase(it);
+  return kSuccess;
+}
+
+// How many mappings the fake has open (imports) — for tests that check closing.
+int fakeCudaOpenImports() {
+  std::lock_guard<std::mutex> lock(mutex);
+  return static_cast<int>(imports.size());
+}
+
+// ---------------------------------------------------------------------------------------------
+// NCCL
+
+struct ncclComm {
+  int rank;
+  int size;
+  std::atomic<bool> aborted{false};
+  std::atomic<bool> issued{false};
+  std::deque<std::pair<const void*, size_t>> sends;
+  std::deque<std::pair<void*, size_t>> recvs;
+};
+
+int ncclGetVersion(int* version) { *version = 22809; return 0; }
+const char* ncclGetErrorString(int result) {
+  switch (result) {
+    case 0: return "no error";
+    case 4: return "invalid argument";
+    case 5: return "invalid usage";
+    case 6: return "remote process exited or there was a network error";
+    default: return "fake nccl error";
+  }
+}
+const char* ncclGetLastError(ncclComm*) { return ""; }
+int ncclGetUniqueId(char* id) {
+  std::random_device random;
+  for (int i = 0; i < 128; ++i) id[i] = static_cast<char>(random());
+  return 0;
+}
+struct UniqueId {
+  char internal[128];
+};
+int ncclCommInitRank(ncclComm** comm, int size, UniqueId, int rank) {
+  if (size < 1 || rank < 0 || rank >= size) return 4;
+  while (size > 1) std::this_thread::sleep_for(std::chrono::milliseconds(50));  // peers never come
+  *comm = new ncclComm();
+  (*comm)->rank = rank;
+  (*comm)->size = size;
+  return 0;
+}
+int ncclCommAbort(ncclComm* comm) {
+  comm->aborted = true;  // leaked on purpose: a hung call may still read it
+  return 0;
+}
+int ncclCommDestroy(ncclComm* comm) {
+  delete comm;
+  return 0;
+}
+int ncclCommGetAsyncError(ncclComm* comm, int* result) {
+  *result = std::getenv("FAKE_NCCL_ASYNC_ERROR") && comm->issued ? 6 : 0;
+  return 0;
+}
+
+static size_t Size(int type) {
+  static const size_t sizes[] = {1, 1, 4, 4, 8, 8, 2, 4, 8, 2};
+  return type >= 0 && type <= 9 ? sizes[type] : 0;
+}
+
+static int Collective(ncclComm* comm, const void* send, void* recv, size_t bytes, void* stream) {
+  if (comm->aborted) return 3;
+  if (stream == nullptr) return 4;
+  comm->issued = true;
+  if (std::getenv("FAKE_NCCL_HANG")) {
+    while (!comm->aborted) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    return 3;
+  }
+  if (send != recv) std::memmove(recv, send, bytes);
+  return 0;
+}
+
+int ncclAllReduce(const void* send, void* recv, size_t count, int type, int op, ncclComm* comm, void* stream) {
+  if (Size(type) == 0 || op < 0 || op > 4) return 4;
+  return Collective(comm, send, recv, count * Size(type), stream);
+}
+int ncclBroadcast(const void* send, void* recv, size_t count, int type, int root, ncclComm* comm, void* stream) {
+  if (Size(type) == 0 || root < 0 || root >= comm->size) return 4;
+  return Collective(comm, send, recv, count * Size(type), stream);
+}
+int ncclAllGather(const void* send, void* recv, size_t count, int type, ncclComm* comm, void* stream) {
+  if (Size(type) == 0) return 4;
+  return Collective(comm, send, recv, count * Size(type), stream);
+}
+int ncclReduceScatter(const void* send, void* recv, size_t count, int type, int op, ncclComm* comm, void* stream) {
+  if (Size(type) == 0 || op < 0 || op > 4) return 4;
+  return Collective(comm, send, recv, count * Size(type), stream);
+}
+int ncclSend(const void* send, size_t count, int type, int peer, ncclComm* comm, void* stream) {
+  if (Size(type) == 0 || peer < 0 || peer >= comm->size || stream == nullptr) return 4;
+  size_t bytes = count * Size(type);
+  if (!comm->recvs.empty()) {
+    auto [recv, capacity] = comm->recvs.front();
+    comm->recvs.pop_front();
+    std::memcpy(recv, send, bytes < capacity ? bytes : capacity);
+  } else {
+    comm->sends.emplace_back(send, bytes);
+  }
+  return 0;
+}
+int ncclRecv(void* recv, size_t count, int type, int peer, ncclComm* comm, void* stream) {
+  if (Size(type) == 0 || peer < 0 || peer >= comm->size || stream == nullptr) return 4;
+  size_t bytes = count * Size(type);
+  if (!comm->sends.empty()) {
+    auto [send, length] = comm->sends.front();
+    comm->sends.pop_front();
+    std::memcpy(recv, send, length < bytes ? length : bytes);
+  } else {
+    comm->recvs.emplace_back(recv, bytes);
+  }
+  return 0;
+}
+thread_local int group_depth = 0;
+int ncclGroupStart() { ++group_depth; return 0; }
+int ncclGroupEnd() { return group_depth-- > 0 ? 0 : 5; }
+
+}  // extern "C"

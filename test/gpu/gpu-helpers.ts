@@ -1,0 +1,70 @@
+/**
+ * Plumbing for the native GPU tests: scenarios (fixtures/gpu-scenarios.ts) run in child processes,
+ * so each loads the CUDA driver and NCCL fresh under the environment the test gives it (a failed
+ * or fake dlopen never leaks into another test); and the fake driver (fake/fake_gpu.cc), compiled
+ * once per test file where a C++ compiler is present.
+ */
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const scenarios = join(here, 'fixtures', 'gpu-scenarios.ts');
+
+export interface ScenarioRun {
+  code: number | null;
+  stderr: string;
+  /** The scenario's JSON report (its last stdout line). */
+  report: any;
+}
+
+/** Runs a scenario; `env` is added to (or, with `undefined` values, removed from) this process's. */
+export function runScenario(name: string, args: string[] = [], env: Record<string, string | undefined> = {}, timeoutMs = 120_000): Promise<ScenarioRun> {
+  const childEnv: NodeJS.ProcessEnv = { ...process.env };
+  for (const key of ['TRELLIS_CUDA_DRIVER', 'TRELLIS_NCCL_LIBRARY']) delete childEnv[key];
+  for (const [key, value] of Object.entries(env)) {
+    if (value === undefined) delete childEnv[key];
+    else childEnv[key] = value;
+  }
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ['--expose-gc', '--import', 'tsx', scenarios, name, ...args], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+    child.stdout.on('data', (chunk) => (stdout += chunk));
+    child.stderr.on('data', (chunk) => (stderr += chunk));
+    child.on('error', reject);
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      const last = stdout.trim().split('\n').pop() ?? '';
+      let report: unknown;
+      try {
+        report = last ? JSON.parse(last) : undefined;
+      } catch {
+        report = undefined;
+      }
+      resolve({ code, stderr, report });
+    });
+  });
+}
+
+/** Runs a scenario that must succeed, and returns its report (stderr in the failure message). */
+export async function scenario(name: string, args: string[] = [], env: Record<string, string | undefined> = {}, timeoutMs?: number): Promise<any> {
+  const run = await runScenario(name, args, env, timeoutMs);
+  if (run.code !== 0) throw new Error(`scenario ${name} exited with ${run.code}:\n${run.stderr}`);
+  return run.report;
+}
+
+/** Compiles the fake CUDA driver + NCCL library; undefined (with the reason) where that fails. */
+export function buildFakeGpu(): { path?: string; reason?: string } {
+  const out = join(mkdtempSync(join(tmpdir(), 'trellis-fake-gpu-')), 'libfake_gpu.so');
+  const compiler = process.env.CXX ?? 'g++';
+  try {
+    execFileSync(compiler, ['-std=c++17', '-O1', '-shared', '-fPIC', '-o', out, join(here, 'fake', 'fake_gpu.cc'), '-lpthread'], { stdio: 'pipe' });
+    return { path: out };
+  } catch (error) {
+    return { reason: `could not compile the fake GPU library with ${compiler}: ${(error as Error).message}` };
+  }
+}

@@ -1,0 +1,60 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createCollectiveGroup, events, get, init, shutdown, state, Tensor } from '../../lib/index.js';
+import { RemoteStage } from './fixtures/collective.js';
+
+describe('tensor transport with CPU tensors', () => {
+  const routes: Array<{ objectId: string; route: string }> = [];
+  beforeAll(async () => {
+    await init({ numCpus: 2 });
+    events().on('tensor-transport', (event) => routes.push(event));
+  });
+  afterAll(async () => {
+    await shutdown();
+  });
+
+  it('hands a held tensor to a group member over the communicator, to others through the store', async () => {
+    const [producer, member, outsider] = [RemoteStage.remote(), RemoteStage.remote(), RemoteStage.remote()];
+    const group = await createCollectiveGroup([producer, member], { backend: 'cpu', name: 'pipeline' });
+    const tensor = producer.produce.remote(500_000, 2);
+    expect(await get(member.consume.remote(tensor))).toEqual([{ dtype: 'f32', numel: 500_000, sum: 1_000_000 }]);
+    expect(routes.filter((event) => event.objectId === tensor.id).map((event) => event.route)).toEqual(['communicator']);
+    // Nothing was stored for it so far.
+    expect(await get(outsider.consume.remote(tensor))).toEqual([{ dtype: 'f32', numel: 500_000, sum: 1_000_000 }]);
+    expect(routes.filter((event) => event.objectId === tensor.id).map((event) => event.route)).toEqual(['communicator', 'store']);
+    // The driver reads it from the store too.
+    const value = (await get(tensor)) as Tensor;
+    expect(value.numel).toBe(500_000);
+    await group.destroy();
+  });
+
+  it('keeps calls in order when many held tensors move between the same pair', async () => {
+    const [producer, consumer] = [RemoteStage.remote(), RemoteStage.remote()];
+    const group = await createCollectiveGroup([producer, consumer], { backend: 'cpu', name: 'ordered' });
+    const tensors = Array.from({ length: 30 }, (_, i) => producer.produce.remote(100 + i, i));
+    const sums = (await get(tensors.map((t) => consumer.consume.remote(t)))).map((result) => result[0]);
+    sums.forEach((result, i) => expect(result).toEqual({ dtype: 'f32', numel: 100 + i, sum: (100 + i) * i }));
+    await group.destroy();
+  });
+
+  it('moves a Tensor[] result and frees held tensors when the last ref goes', async () => {
+    const [producer, consumer] = [RemoteStage.remote(), RemoteStage.remote()];
+    const group = await createCollectiveGroup([producer, consumer], { backend: 'cpu', name: 'pairs' });
+    {
+      using pair = producer.producePair.remote(10);
+      expect(await get(consumer.consume.remote(pair))).toEqual([
+        { dtype: 'f32', numel: 10, sum: 10 },
+        { dtype: 'i32', numel: 3, sum: 21 },
+      ]);
+    }
+    const before = state().nodes[0].store.objectCount;
+    expect(before).toBeGreaterThanOrEqual(0);
+    await group.destroy();
+  });
+
+  it('ships an explicit per-call transport choice', async () => {
+    const [producer, consumer] = [RemoteStage.remote(), RemoteStage.remote()];
+    const tensor = producer.produce.options({ tensorTransport: 'store' }).remote(1000, 3);
+    expect(await get(consumer.consume.remote(tensor))).toEqual([{ dtype: 'f32', numel: 1000, sum: 3000 }]);
+    expect(routes.some((event) => event.objectId === tensor.id)).toBe(false);
+  });
+});
