@@ -1,0 +1,68 @@
+/** Helpers shared by the core suite (not a test file, not imported by workers). */
+import { mkdtempSync, readdirSync, rmSync, writeFileSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+/** A scratch directory for gate and marker files; `cleanup()` removes it. */
+export function scratch(): { path: (name: string) => string; cleanup: () => void } {
+  const dir = mkdtempSync(join(tmpdir(), 'trellis-core-test-'));
+  let next = 0;
+  return {
+    path: (name: string) => join(dir, `${name}-${next++}`),
+    cleanup: () => rmSync(dir, { recursive: true, force: true }),
+  };
+}
+
+export function openGate(path: string): void {
+  writeFileSync(path, '');
+}
+
+/**
+ * Polls until `condition` holds. A hang guard only: tests wait for states, never for durations,
+ * and the guard is far above anything a passing run needs.
+ */
+export async function until(condition: () => boolean, what: string, guardMs = 20_000): Promise<void> {
+  const deadline = Date.now() + guardMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+export function started(gate: string): boolean {
+  return existsSync(`${gate}.started`);
+}
+
+export function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code !== 'ESRCH';
+  }
+}
+
+export function shmSegments(): string[] {
+  try {
+    return readdirSync('/dev/shm').filter((name) => name.startsWith('trellis-'));
+  } catch {
+    return [];
+  }
+}
+
+/** Socket files this process's clusters create: trellis-<pid>-*.sock in the temp directory. */
+export function ownSockets(): string[] {
+  const prefix = `trellis-${process.pid}-`;
+  return readdirSync(tmpdir()).filter((name) => name.startsWith(prefix) && name.endsWith('.sock'));
+}
+
+/** Awaits a promise expected to reject, returning the error (fails the test if it resolves). */
+export async function rejection(promise: Promise<unknown>): Promise<any> {
+  let value: unknown;
+  try {
+    value = await promise;
+  } catch (error) {
+    return error;
+  }
+  throw new Error(`expected a rejection, got ${JSON.stringify(value)}`);
+}
