@@ -58,26 +58,30 @@ async function adaptive<T>(state: { hot: boolean }, attempt: (waitMs: number) =>
 export class ChannelWriter {
   readonly name: string;
   readonly #native: NativeChannel;
-  readonly #state = { hot: true };
 
   constructor(name: string) {
     this.name = name;
     this.#native = new native.NativeChannel(name, -1);
   }
 
-  /** Writes now when there is room (undefined); otherwise a promise that settles once written. */
-  write(message: Message, timeout = Infinity): Promise<void> | undefined {
-    return this.writeBytes(encodeMessage(message), timeout);
+  /** Writes now if there is room; false when the ring is full (nothing written). */
+  tryWrite(bytes: Uint8Array): boolean {
+    return this.#native.tryWrite(bytes, 0, 0);
   }
 
-  writeBytes(bytes: Uint8Array, timeout = Infinity): Promise<void> | undefined {
+  /**
+   * Writes now when there is room (undefined); otherwise a promise that settles once a thread of
+   * the channel's own has written it. A writer never blocks the JS thread: what frees room may
+   * need this very thread (a reader of another channel).
+   */
+  write(message: Message, timeout = Infinity): Promise<void> | undefined {
+    const bytes = encodeMessage(message);
     if (this.#native.tryWrite(bytes, 0, 0)) return undefined;
-    return adaptive(
-      this.#state,
-      (waitMs) => (this.#native.tryWrite(bytes, 0, waitMs) ? true : null),
-      (remaining) => this.#native.writeAsync(bytes, remaining).then(() => true),
-      timeout,
-    ).then(() => undefined);
+    return this.#native.writeAsync(bytes, timeout);
+  }
+
+  writeAsync(bytes: Uint8Array, timeout = Infinity): Promise<void> {
+    return this.#native.writeAsync(bytes, timeout);
   }
 
   close(): void {
@@ -99,10 +103,14 @@ export class ChannelReader {
     this.#native = new native.NativeChannel(name, reader);
   }
 
-  /** The next message: at once when one is waiting, else a promise of it. */
-  read(timeout = Infinity): Message | Promise<Message> {
+  /**
+   * The next message: at once when one is waiting, else a promise of it. `blocking` allows hot
+   * waiting on the JS thread; pass false when this thread has other work the message depends on.
+   */
+  read(timeout = Infinity, blocking = true): Message | Promise<Message> {
     const bytes = this.#native.tryRead(0, 0);
     if (bytes) return decodeMessage(bytes);
+    if (!blocking) return this.#native.readAsync(timeout).then(decodeMessage);
     return adaptive(
       this.#state,
       (waitMs) => this.#native.tryRead(0, waitMs),

@@ -9,7 +9,7 @@ import { currentRuntime } from '../core/runtime-context.js';
 import { makeActorHandle, type ActorHandle } from '../core/registry.js';
 import { CollectiveGroup, createCollectiveGroup } from '../gpu/collective.js';
 import { native } from '../native.js';
-import { ChannelReader, ChannelWriter, destroyChannel, type Message } from './channel.js';
+import { ChannelReader, ChannelWriter, destroyChannel, encodeMessage, type Message } from './channel.js';
 import type { CompileOptions } from './nodes.js';
 import type { ActorPlan } from './plan.js';
 
@@ -71,9 +71,9 @@ export class CompiledGraph {
   #submitted = 0;
   #readSequence = 0;
   #reading: Promise<void> | undefined;
-  /** Writes that found the input ring full, in submission order. */
-  #writeChain: Promise<void> = Promise.resolve();
-  #pendingWrites = 0;
+  /** Inputs that found the input ring full, in submission order, and the write in progress. */
+  readonly #queued: Array<{ sequence: number; bytes: Uint8Array }> = [];
+  #writing: Promise<void> | undefined;
   #broken: Error | undefined;
   #tornDown = false;
   readonly #onActorDied: (event: { actorId: string; cause: string }) => void;
@@ -114,28 +114,34 @@ export class CompiledGraph {
 
   /** Runs the graph on `args`; with maxInflight executions unread, the input waits for room. */
   execute<T = unknown>(...args: unknown[]): CompiledRef<T> {
-    if (this.#tornDown) throw new TrellisError('ERR_GRAPH_TORN_DOWN', `compiled graph ${this.graphId} was torn down`);
     if (this.#broken) throw this.#broken;
+    if (this.#tornDown) throw new TrellisError('ERR_GRAPH_TORN_DOWN', `compiled graph ${this.graphId} was torn down`);
     const sequence = this.#submitted++;
-    const message: Message = { ok: true, value: args };
-    if (this.#pendingWrites === 0) {
-      const waiting = this.#input.write(message, this.#options.submitTimeout ?? Infinity);
-      if (waiting) this.#queueWrite(sequence, waiting);
-    } else {
-      this.#queueWrite(sequence, this.#writeChain.then(() => this.#input.write(message, this.#options.submitTimeout ?? Infinity)));
+    const bytes = encodeMessage({ ok: true, value: args });
+    if (this.#queued.length > 0 || !this.#input.tryWrite(bytes)) {
+      // Backpressure: held here in order, written as readers make room.
+      this.#queued.push({ sequence, bytes });
+      this.#writeQueued();
     }
     return new CompiledRef<T>(this, sequence);
   }
 
-  #queueWrite(sequence: number, waiting: Promise<void>): void {
-    this.#pendingWrites++;
-    this.#writeChain = waiting.then(
+  /** Writes queued inputs: at once while there is room, else one at a time on the channel's thread. */
+  #writeQueued(): void {
+    if (this.#writing) return;
+    while (this.#queued.length > 0 && this.#input.tryWrite(this.#queued[0].bytes)) this.#queued.shift();
+    const head = this.#queued[0];
+    if (!head || this.#tornDown) return;
+    this.#writing = this.#input.writeAsync(head.bytes, this.#options.submitTimeout ?? Infinity).then(
       () => {
-        this.#pendingWrites--;
+        this.#queued.shift();
+        this.#writing = undefined;
+        this.#writeQueued();
       },
       (error: Error) => {
-        this.#pendingWrites--;
-        this.#results.set(sequence, { ok: false, error: this.#translate(error, 'submit') });
+        this.#writing = undefined;
+        // The head and everything behind it can no longer be submitted in order.
+        for (const { sequence } of this.#queued.splice(0)) this.#results.set(sequence, { ok: false, error: this.#translate(error, 'submit') });
       },
     );
   }
@@ -166,7 +172,8 @@ export class CompiledGraph {
     const messages: Message[] = [];
     try {
       for (const reader of this.#outputs) {
-        const read = reader.read(timeout);
+        // Block the JS thread only when it has no queued input to write meanwhile.
+        const read = reader.read(timeout, this.#queued.length === 0);
         messages.push(read instanceof Promise ? await read : read);
       }
     } catch (error) {
@@ -227,7 +234,7 @@ export class CompiledGraph {
     const stops = this.#actorIds.map((actorId) => get(runtime.submitActorTask(actorId, '__trellis_dag_stop', [this.graphId])).catch(() => {}));
     await withTimeout(Promise.all(stops), TEARDOWN_STEP_MS);
     for (const group of this.#groups) await withTimeout(group.destroy().catch(() => {}), TEARDOWN_STEP_MS);
-    await withTimeout(this.#writeChain, TEARDOWN_STEP_MS);
+    if (this.#writing) await withTimeout(this.#writing, TEARDOWN_STEP_MS);
     this.#input.release();
     for (const reader of this.#outputs) reader.release();
     for (const name of this.#layout.channels) destroyChannel(name);

@@ -188,5 +188,16 @@ registerSystemMethod('__trellis_dag_stop', async (graphId: string) => {
   if (!loop) return;
   loop.stopped = true;
   for (const reader of loop.readers.values()) reader.close();
+  // A loop blocked in a collective or an exchange waits on its peers, not on a channel: abort the
+  // graph's communicators so that it fails at once (this call holds the actor's queue meanwhile).
+  for (const operation of loop.plan.operations) {
+    if (operation.op === 'collective' || operation.op === 'exchange') {
+      try {
+        getCommunicator(operation.group).abort(`compiled graph ${graphId} was torn down`);
+      } catch {
+        // The group is already gone.
+      }
+    }
+  }
   await loop.done;
 });
