@@ -4,12 +4,14 @@
  * {"suite": "...", "results": {"<metric>": {"value": <number>, "unit": "..."}}}.
  */
 import { coreSuite } from './core.js';
+import { dagSuite } from './dag.js';
 import { storeSuite } from './store.js';
 import type { Suite } from './harness.js';
 
 const suites: Record<string, Suite> = {
   store: storeSuite,
   core: coreSuite,
+  dag: dagSuite,
 };
 
 const args = process.argv.slice(2);

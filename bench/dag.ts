@@ -1,0 +1,80 @@
+/**
+ * Compiled-graph suite: each shape run through ordinary actor calls and compiled, one execution at
+ * a time (median microseconds) and pipelined (executions per second), with the floor measured in
+ * the same run: a raw futex ping-pong between two processes (bench/native/futex_pingpong.cc).
+ */
+import { execFileSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { InputNode, MultiOutputNode, get, init, shutdown, type CompiledGraph, type DAGNode } from '../lib/index.js';
+import { RemoteStage } from '../test/dag/fixtures/stages.js';
+import { median, nowNs, elapsedSeconds, round, type Results, type Suite } from './harness.js';
+
+function futexFloor(): number {
+  const directory = fileURLToPath(new URL('./native', import.meta.url));
+  execFileSync('make', ['-s', '-C', directory, 'out/futex_pingpong'], { stdio: 'inherit' });
+  return Number(execFileSync(`${directory}/out/futex_pingpong`, ['20000'], { encoding: 'utf8' }).trim());
+}
+
+async function sequentialUs(count: number, run: () => Promise<unknown>): Promise<number> {
+  for (let i = 0; i < Math.min(200, count); i++) await run();
+  const times: number[] = [];
+  for (let i = 0; i < count; i++) {
+    const start = nowNs();
+    await run();
+    times.push(elapsedSeconds(start) * 1e6);
+  }
+  return median(times);
+}
+
+async function pipelinedPerSecond(graph: CompiledGraph, count: number): Promise<number> {
+  const start = nowNs();
+  const refs = Array.from({ length: count }, (_, i) => graph.execute(i));
+  for (const ref of refs) await ref.get();
+  return count / elapsedSeconds(start);
+}
+
+export const dagSuite: Suite = {
+  name: 'dag',
+  ratios: [
+    ['compiled single actor / futex ping-pong', 'compiled_single_actor_us', 'futex_pingpong_us', '<= 3'],
+    ['dynamic / compiled, single actor', 'dynamic_single_actor_us', 'compiled_single_actor_us', '>= 10'],
+  ],
+  async run(): Promise<Results> {
+    const results: Results = {};
+    results.futex_pingpong_us = { value: round(futexFloor(), 2), unit: 'us' };
+    await init({ numCpus: 2 });
+    try {
+      const stages = [1, 2, 3, 4, 5].map((offset) => RemoteStage.remote(offset));
+      await get(stages.map((stage) => stage.pid.remote()));
+      const [a, b, c, d] = stages;
+      const shapes: Record<string, { dynamic: (x: number) => Promise<unknown>; graph: (input: InputNode) => DAGNode }> = {
+        single_actor: {
+          dynamic: (x) => get(a.add.remote(x)),
+          graph: (input) => a.add.bind(input),
+        },
+        chain_4: {
+          dynamic: (x) => get(d.add.remote(c.add.remote(b.add.remote(a.add.remote(x))))),
+          graph: (input) => d.add.bind(c.add.bind(b.add.bind(a.add.bind(input)))),
+        },
+        scatter_gather_4: {
+          dynamic: (x) => get([a, b, c, d].map((stage) => stage.add.remote(x))),
+          graph: (input) => new MultiOutputNode([a, b, c, d].map((stage) => stage.add.bind(input))),
+        },
+      };
+      for (const [shape, { dynamic, graph }] of Object.entries(shapes)) {
+        results[`dynamic_${shape}_us`] = { value: round(await sequentialUs(500, () => dynamic(1)), 1), unit: 'us' };
+        const compiled = await graph(new InputNode()).compile({ maxInflight: 16 });
+        try {
+          results[`compiled_${shape}_us`] = { value: round(await sequentialUs(2000, () => compiled.execute(1).get()), 1), unit: 'us' };
+          await pipelinedPerSecond(compiled, 1000);
+          results[`compiled_${shape}_per_s`] = { value: Math.round(await pipelinedPerSecond(compiled, 10_000)), unit: 'per_s' };
+        } finally {
+          await compiled.teardown();
+        }
+      }
+    } finally {
+      await shutdown();
+    }
+    return results;
+  },
+};
