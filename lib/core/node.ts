@@ -34,7 +34,9 @@ export class WorkerProcess {
     this.ready = new Promise((resolve) => (this.resolveReady = resolve));
     // TRELLIS_WORKER_NODE_ARGS: extra Node.js flags for workers (profiling, inspecting).
     const extra = process.env.TRELLIS_WORKER_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
-    this.child = spawn(process.execPath, [...extra, '--import', 'tsx', workerEntry], {
+    // --expose-gc: a worker collects garbage when the zero-copy views it made may pin much of the
+    // store (see worker-main.ts).
+    this.child = spawn(process.execPath, [...extra, '--expose-gc', '--import', 'tsx', workerEntry], {
       env: {
         ...process.env,
         TRELLIS_SOCKET: socketPath,

@@ -220,11 +220,25 @@ function rebuildError(info: RemoteErrorInfo & { kind: string }, id: string): Err
   return Object.assign(new Error(info.message), { name: info.name, code: info.code, stack: info.stack, objectId: id });
 }
 
+/**
+ * Zero-copy values pin their objects until garbage-collected, and an idle worker may not collect
+ * for a long time: after reading an eighth of the store that way, collect once a task ends.
+ */
+const collectAfterBytes = Math.max(1 << 20, store.stats().capacity / 8);
+let zeroCopyBytes = 0;
+
+function collectIfPinningMuch(): void {
+  if (zeroCopyBytes < collectAfterBytes) return;
+  zeroCopyBytes = 0;
+  (globalThis as { gc?: () => void }).gc?.();
+}
+
 function readWire(value: WireValue): unknown {
   if ('inline' in value) return unpack(value.inline);
   if ('recv' in value || 'ipc' in value) return receiveHeld(value);
   const view = store.getIfSealed(value.id);
   if (!view) throw new Error(`object ${value.id} is missing from this node's store`);
+  zeroCopyBytes += view.size;
   return decodeStored(view);
 }
 
@@ -302,6 +316,7 @@ async function runTask(task: TaskMessage): Promise<void> {
     runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(error) });
   } finally {
     running--;
+    collectIfPinningMuch();
     pump();
   }
 }
