@@ -5,6 +5,7 @@
  */
 import { coreSuite } from './core.js';
 import { dagSuite } from './dag.js';
+import { gpuSuite } from './gpu.js';
 import { storeSuite } from './store.js';
 import type { Suite } from './harness.js';
 
@@ -12,6 +13,7 @@ const suites: Record<string, Suite> = {
   store: storeSuite,
   core: coreSuite,
   dag: dagSuite,
+  gpu: gpuSuite,
 };
 
 const args = process.argv.slice(2);

@@ -73,7 +73,7 @@ export class CollectiveGroup {
 }
 
 /** Wires `actors` (rank = position) into one communicator named `options.name`. */
-export async function createCollectiveGroup(actors: ActorHandle<any>[], options: CollectiveGroupOptions = {}): Promise<CollectiveGroup> {
+export async function createCollectiveGroup(actors: ReadonlyArray<{ readonly actorId: string }>, options: CollectiveGroupOptions = {}): Promise<CollectiveGroup> {
   if (!Array.isArray(actors) || actors.length === 0) throw new InvalidArgumentError('a collective group needs at least one actor');
   const actorIds = actors.map((actor, index) => {
     const info = actorHandleInfo(actor);

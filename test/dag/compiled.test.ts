@@ -83,7 +83,7 @@ describe('compiled graphs', () => {
     const [a, b] = stages;
     const graph = await b.add.bind(a.fail.bind(input)).compile();
     try {
-      const error = await graph.execute(-5).get().catch((caught) => caught);
+      const error = (await graph.execute(-5).get().catch((caught: unknown) => caught)) as TaskError & { cause: Error };
       expect(error).toBeInstanceOf(TaskError);
       expect(error.cause.name).toBe('RangeError');
       expect(error.cause.message).toMatch(/negative input -5/);
@@ -142,7 +142,7 @@ describe('compiled graphs', () => {
       await computed.teardown();
     }
     const naive = await build().compile({ schedule: 'naive', getTimeout: 1_500 });
-    const error = await naive.execute(n).get().catch((caught) => caught);
+    const error: unknown = await naive.execute(n).get().catch((caught: unknown) => caught);
     expect(error).toBeInstanceOf(GetTimeoutError);
     await naive.teardown(); // must end even with both actors stuck mid-exchange
   });

@@ -74,7 +74,7 @@ describe('CPU communicator across worker processes', () => {
         }
         specs.push({ op: 'barrier', dtype: 'f32', length: 1 });
         for (const spec of specs) {
-          const results = await get(members.map((rank) => rank.run.remote(group.name, spec)));
+          const results = (await get(members.map((rank) => rank.run.remote(group.name, spec)))) as number[][];
           const want = expected(size, spec).map((values) => normalize(values, spec.dtype, spec.reduce));
           for (let rank = 0; rank < size; rank++) {
             const got = results[rank];
@@ -95,7 +95,7 @@ describe('CPU communicator across worker processes', () => {
       const length = 1_200_001; // 4.8 MB of f32 per rank: more than one 4 MiB slot
       for (const op of ['allreduce', 'sendrecv', 'broadcast'] as const) {
         const spec: OpSpec = { op, dtype: 'f32', length, root: 1 };
-        const results = await get(members.map((rank) => rank.run.remote(group.name, spec)));
+        const results = (await get(members.map((rank) => rank.run.remote(group.name, spec)))) as number[][];
         const want = expected(3, spec);
         for (let rank = 0; rank < 3; rank++) {
           for (const i of [0, 1, length >> 1, length - 2, length - 1]) expect(results[rank][i]).toBe(want[rank][i]);
