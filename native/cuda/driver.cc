@@ -1,11 +1,11 @@
 #include "cuda/driver.h"
 
-#include <dlfcn.h>
-
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <vector>
+
+#include "common/dynamic_library.h"
 
 namespace trellis::cuda {
 namespace {
@@ -14,31 +14,14 @@ DriverTable table;
 
 DriverStatus Load() {
   DriverStatus status;
-  const char* override_path = std::getenv("TRELLIS_CUDA_DRIVER");
-  status.library_path = override_path != nullptr && *override_path != '\0' ? override_path : "libcuda.so.1";
-  void* handle = dlopen(status.library_path.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (handle == nullptr) {
-    const char* error = dlerror();
-    std::string text = error != nullptr ? error : "unknown dlopen error";
-    bool missing = text.find("No such file") != std::string::npos;
-    status.reason = status.library_path + (missing ? " not found: " : " could not be loaded: ") + text;
-    return status;
-  }
+  DynamicLibrary library("TRELLIS_CUDA_DRIVER", "libcuda.so.1", "CUDA driver");
+  status.library_path = library.path();
   DriverTable loaded;
-#define TRELLIS_CUDA_RESOLVE(field, symbol, type)                                                          \
-  if (status.reason.empty()) {                                                                             \
-    dlerror();                                                                                             \
-    loaded.field = reinterpret_cast<type>(dlsym(handle, symbol));                                          \
-    if (loaded.field == nullptr) {                                                                         \
-      const char* error = dlerror();                                                                       \
-      status.reason = status.library_path + " is not a usable CUDA driver: symbol " symbol " not found" + \
-                      (error != nullptr ? std::string(" (") + error + ")" : std::string());                \
-    }                                                                                                      \
-  }
+#define TRELLIS_CUDA_RESOLVE(field, symbol, type) library.Resolve(loaded.field, symbol);
   TRELLIS_CUDA_FUNCTIONS(TRELLIS_CUDA_RESOLVE)
 #undef TRELLIS_CUDA_RESOLVE
-  if (!status.reason.empty()) {
-    dlclose(handle);
+  if (!library.ok()) {
+    status.reason = library.reason();
     return status;
   }
   table = loaded;  // the library stays loaded for the life of the process

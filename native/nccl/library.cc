@@ -1,8 +1,8 @@
 #include "nccl/library.h"
 
-#include <dlfcn.h>
-
 #include <cstdlib>
+
+#include "common/dynamic_library.h"
 
 namespace trellis::nccl {
 namespace {
@@ -11,34 +11,17 @@ Table table;
 
 LibraryStatus Load() {
   LibraryStatus status;
-  const char* override_path = std::getenv("TRELLIS_NCCL_LIBRARY");
-  status.library_path = override_path != nullptr && *override_path != '\0' ? override_path : "libnccl.so.2";
-  void* handle = dlopen(status.library_path.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (handle == nullptr) {
-    const char* error = dlerror();
-    std::string text = error != nullptr ? error : "unknown dlopen error";
-    bool missing = text.find("No such file") != std::string::npos;
-    status.reason = status.library_path + (missing ? " not found: " : " could not be loaded: ") + text;
-    return status;
-  }
+  DynamicLibrary library("TRELLIS_NCCL_LIBRARY", "libnccl.so.2", "NCCL library");
+  status.library_path = library.path();
   Table loaded;
-#define TRELLIS_NCCL_RESOLVE(name, type)                                                                    \
-  if (status.reason.empty()) {                                                                              \
-    dlerror();                                                                                              \
-    loaded.name = reinterpret_cast<type>(dlsym(handle, #name));                                             \
-    if (loaded.name == nullptr) {                                                                           \
-      const char* error = dlerror();                                                                        \
-      status.reason = status.library_path + " is not a usable NCCL library: symbol " #name " not found" +   \
-                      (error != nullptr ? std::string(" (") + error + ")" : std::string());                 \
-    }                                                                                                       \
-  }
+#define TRELLIS_NCCL_RESOLVE(name, type) library.Resolve(loaded.name, #name);
   TRELLIS_NCCL_FUNCTIONS(TRELLIS_NCCL_RESOLVE)
 #undef TRELLIS_NCCL_RESOLVE
-  if (!status.reason.empty()) {
-    dlclose(handle);
+  if (!library.ok()) {
+    status.reason = library.reason();
     return status;
   }
-  loaded.ncclGetLastError = reinterpret_cast<const char* (*)(ncclComm_t)>(dlsym(handle, "ncclGetLastError"));
+  library.ResolveOptional(loaded.ncclGetLastError, "ncclGetLastError");
   table = loaded;  // stays loaded for the process
   if (ncclResult_t result = table.ncclGetVersion(&status.version); result != ncclSuccess) {
     status.reason = "ncclGetVersion failed: " + ErrorText(result);
