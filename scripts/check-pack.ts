@@ -55,6 +55,27 @@ console.log('example ran: a second process read the object zero-copy, sum ' + su
 `,
   );
   console.log(run(process.execPath, ['main.mjs'], project).trim());
+
+  // Tasks and actors too: workers start from the installed dist/ and import this module.
+  writeFileSync(
+    join(project, 'tasks.mjs'),
+    `import { init, shutdown, get, remote } from 'trellis';
+export const square = remote(import.meta, function square(x) { return x * x; });
+class Counter { n = 0; add(k) { return (this.n += k); } }
+export const RemoteCounter = remote(import.meta, Counter);
+if (import.meta.url === 'file://' + process.argv[1]) {
+  await init({ numCpus: 2 });
+  const squares = await get([1, 2, 3].map((x) => square.remote(x)));
+  const counter = RemoteCounter.remote();
+  counter.add.remote(2);
+  const total = await get(counter.add.remote(3));
+  await shutdown();
+  if (squares.join() !== '1,4,9' || total !== 5) throw new Error('tasks gave ' + squares + ' and ' + total);
+  console.log('tasks and an actor ran in workers started from the installed package');
+}
+`,
+  );
+  console.log(run(process.execPath, ['tasks.mjs'], project).trim());
   console.log('pack check passed');
 } finally {
   rmSync(work, { recursive: true, force: true });
