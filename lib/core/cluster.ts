@@ -37,6 +37,7 @@ import { PlacementGroup, infeasibility as groupInfeasibility, releaseGroup, rese
 import { ResourcePool, describeResources, toFixed, type Resources } from './resources.js';
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
 import { decodeStored, encodeValue, pack, unpack } from './serialization.js';
+import { Deque } from './deque.js';
 
 /** Tasks sent ahead to a leased worker, hiding the round trip between tasks. */
 const PIPELINE_DEPTH = 8;
@@ -100,6 +101,8 @@ interface Placement {
 
 interface Lease extends Placement {
   worker: WorkerProcess;
+  /** Being topped up to PIPELINE_DEPTH. */
+  filling?: boolean;
   classKey: string;
   request: Map<string, number>;
   gpuIds: number[];
@@ -124,7 +127,7 @@ interface ActorRecord {
   gpuIds: number[];
   restarts: number;
   /** Calls in submission order not yet sent. */
-  queue: TaskRecord[];
+  queue: Deque<TaskRecord>;
   /** Calls sent and not finished. */
   running: Map<string, TaskRecord>;
   deathCause?: string;
@@ -144,12 +147,13 @@ export class Cluster implements Runtime {
   readonly #socketPath: string;
   readonly #objects = new Map<string, ObjectRecord>();
   readonly #tasks = new Map<string, TaskRecord>();
-  readonly #queues = new Map<string, TaskRecord[]>();
+  readonly #queues = new Map<string, Deque<TaskRecord>>();
   readonly #leases = new Map<string, Lease[]>();
   readonly #leaseByWorker = new Map<WorkerProcess, Lease>();
   readonly #actors = new Map<string, ActorRecord>();
   readonly #namedActors = new Map<string, string>();
   readonly #groups = new Map<string, PlacementGroup>();
+  readonly #requests = new WeakMap<TaskOptions, { request: Map<string, number>; requestKey: string }>();
   readonly #collectiveGroups = new Map<string, { actorIds: readonly string[]; backend: 'cpu' | 'nccl' }>();
   readonly #finalizer = new FinalizationRegistry<string>((id) => this.#dropHold(id));
   readonly #infeasibleTimer: NodeJS.Timeout;
@@ -624,7 +628,7 @@ export class Cluster implements Runtime {
     options: TaskOptions,
     returnId: string,
   ): TaskRecord {
-    const request = toFixed(requestOf(options, 1));
+    const { request, requestKey } = this.#requestFor(options);
     const strategy = options.schedulingStrategy ?? 'DEFAULT';
     const name = options.name ?? (fn ? fn.name : `${method}`);
     const allHeld = [...argRefs, ...held];
@@ -643,7 +647,7 @@ export class Cluster implements Runtime {
       options,
       returnId,
       request,
-      classKey: `${fn?.module}#${fn?.name}#${[...request].join(';')}#${JSON.stringify(strategy, (key, value) => (key === 'placementGroup' ? value.id : value))}`,
+      classKey: `${fn?.module}#${fn?.name}#${requestKey}`,
       strategy,
       maxRetries: options.maxRetries ?? 3,
       retryExceptions: options.retryExceptions ?? false,
@@ -654,6 +658,18 @@ export class Cluster implements Runtime {
     this.#objects.get(returnId)!.lineage = task;
     this.#tasks.set(task.taskId, task);
     return task;
+  }
+
+  /** A task's resources and scheduling-class key, worked out once per options object. */
+  #requestFor(options: TaskOptions): { request: Map<string, number>; requestKey: string } {
+    let cached = this.#requests.get(options);
+    if (!cached) {
+      const request = toFixed(requestOf(options, 1));
+      const strategy = options.schedulingStrategy ?? 'DEFAULT';
+      const requestKey = `${[...request].join(';')}#${JSON.stringify(strategy, (key, value) => (key === 'placementGroup' ? value.id : value))}`;
+      this.#requests.set(options, (cached = { request, requestKey }));
+    }
+    return cached;
   }
 
   #submit(task: TaskRecord): void {
@@ -688,7 +704,7 @@ export class Cluster implements Runtime {
 
   #enqueue(task: TaskRecord, front: boolean): void {
     let queue = this.#queues.get(task.classKey);
-    if (!queue) this.#queues.set(task.classKey, (queue = []));
+    if (!queue) this.#queues.set(task.classKey, (queue = new Deque()));
     if (front) queue.unshift(task);
     else queue.push(task);
   }
@@ -796,7 +812,7 @@ export class Cluster implements Runtime {
       this.#placeGroups();
       for (const [classKey, queue] of this.#queues) {
         while (queue.length > 0) {
-          const task = queue[0];
+          const task = queue.peek()!;
           if (task.state !== 'queued') {
             queue.shift();
             continue;
@@ -817,7 +833,13 @@ export class Cluster implements Runtime {
   #leaseFor(classKey: string, task: TaskRecord): Lease | undefined {
     const leases = this.#leases.get(classKey) ?? [];
     let best: Lease | undefined;
-    for (const lease of leases) if (lease.inflight < PIPELINE_DEPTH && (!best || lease.inflight < best.inflight)) best = lease;
+    // A lease is topped up once it has drained to half, then filled in one go: one write per batch
+    // of tasks rather than one per finished task.
+    for (const lease of leases) {
+      const open = lease.inflight < PIPELINE_DEPTH && (lease.filling || lease.inflight <= PIPELINE_DEPTH / 2);
+      if (open && (!best || lease.inflight < best.inflight)) best = lease;
+    }
+    if (best) best.filling = best.inflight + 1 < PIPELINE_DEPTH;
     // A fresh lease when the best existing one already has work queued, if resources allow.
     if (best && best.inflight === 0) return best;
     const placement = this.#place(task.request, task.strategy, task.argRefs);
@@ -1232,7 +1254,7 @@ export class Cluster implements Runtime {
       state: 'pending',
       gpuIds: [],
       restarts: 0,
-      queue: [],
+      queue: new Deque(),
       running: new Map(),
     };
     this.#actors.set(actorId, actor);
@@ -1337,7 +1359,7 @@ export class Cluster implements Runtime {
   #pumpActor(actor: ActorRecord): void {
     if (actor.state !== 'alive' || !actor.worker) return;
     while (actor.queue.length > 0) {
-      const task = actor.queue[0];
+      const task = actor.queue.peek()!;
       if (task.state === 'done') {
         actor.queue.shift();
         continue;
@@ -1437,7 +1459,7 @@ export class Cluster implements Runtime {
     const died = new ActorDiedError(actor.id, cause);
     if (error) Object.defineProperty(died, 'cause', { value: error });
     for (const task of actor.queue) this.#failTask(task, died);
-    actor.queue = [];
+    actor.queue = new Deque();
     for (const task of actor.running.values()) this.#failTask(task, died);
     actor.running.clear();
     if (actor.registeredName) this.#namedActors.delete(actor.registeredName);
