@@ -39,6 +39,9 @@ import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js'
 import { decodeStored, encodeValue, pack, unpack } from './serialization.js';
 import { Deque } from './deque.js';
 
+/** Actor calls hold no resources of their own (the actor holds them) and retry per actor. */
+const ACTOR_CALL_OPTIONS: TaskOptions = Object.freeze({ numCpus: 0, maxRetries: 0 });
+
 /** Tasks sent ahead to a leased worker, hiding the round trip between tasks. */
 const PIPELINE_DEPTH = 8;
 
@@ -1338,7 +1341,7 @@ export class Cluster implements Runtime {
     options: ActorCallOptions = {},
   ): void {
     const actor = this.#actors.get(actorId);
-    const task = this.#makeTask(undefined, actorId, method, args, argRefs, held, { numCpus: 0, maxRetries: 0 }, returnId);
+    const task = this.#makeTask(undefined, actorId, method, args, argRefs, held, ACTOR_CALL_OPTIONS, returnId);
     task.name = `${actor?.name ?? 'actor'}.${method}`;
     if (!actor) {
       this.#failTask(task, new ActorDiedError(actorId, `actor ${actorId} does not exist in this cluster`));
