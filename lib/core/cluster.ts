@@ -10,6 +10,7 @@ import { rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
+  TrellisError,
   ActorDiedError,
   GetTimeoutError,
   InfeasibleTaskError,
@@ -1564,7 +1565,7 @@ export class Cluster implements Runtime {
     for (const node of this.nodes) node.close();
     await new Promise<void>((resolve) => this.#server.close(() => resolve()));
     rmSync(this.#socketPath, { force: true });
-    const error = new Error('trellis was shut down');
+    const error = new TrellisError('ERR_SHUTDOWN', 'trellis was shut down before this object was ready');
     for (const record of this.#objects.values()) {
       if (record.state === 'pending') {
         record.state = 'failed';

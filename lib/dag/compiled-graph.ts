@@ -100,7 +100,7 @@ export class CompiledGraph {
     try {
       for (const group of layout.groups) {
         const handles = group.actorIds.map((actorId) => makeActorHandle(actorId, { module: '', name: layout.actorNames?.get(actorId) ?? 'actor' }, []));
-        groups.push(await createCollectiveGroup(handles as ActorHandle<any>[], { backend: 'cpu', name: group.name }));
+        groups.push(await createCollectiveGroup(handles as ActorHandle<any>[], { backend: options.communicator ?? 'cpu', name: group.name }));
       }
       // Each actor opens its channel ends before any execution is written.
       await get(layout.plans.map((plan) => runtime.submitActorTask(plan.actorId, '__trellis_dag_start', [plan])));

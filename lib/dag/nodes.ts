@@ -24,6 +24,8 @@ export interface CompileOptions {
   overlap?: boolean;
   /** 'computed' (default): the static deadlock-free schedule; 'naive': each actor's bind order. */
   schedule?: 'computed' | 'naive';
+  /** Communicators for collectives and 'nccl' edges: 'cpu' (default) or 'nccl' for CUDA tensors. */
+  communicator?: 'cpu' | 'nccl';
 }
 
 export abstract class DAGNode {

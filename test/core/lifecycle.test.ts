@@ -90,7 +90,7 @@ describe('init and shutdown', () => {
     expect(left.pids).toContain(taskPid);
     expect(left.pids.length).toBeGreaterThanOrEqual(3);
     await shutdown();
-    await expect(pending).rejects.toThrow(/shut down/);
+    await expect(pending).rejects.toMatchObject({ code: 'ERR_SHUTDOWN', message: expect.stringMatching(/shut down/) });
     rmSync(`${gate}.started`, { force: true });
     await expectNothingLeft(left);
   });
