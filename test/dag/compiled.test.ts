@@ -60,6 +60,34 @@ describe('compiled graphs', () => {
     }
   });
 
+  it('with overlap, reads the next execution while the current one computes, results unchanged', async () => {
+    const input = new InputNode();
+    const [a, b] = stages;
+    const graph = await b.add.bind(a.slow.bind(input, 2)).compile({ overlap: true, maxInflight: 4 });
+    try {
+      const refs = Array.from({ length: 12 }, (_, i) => graph.execute(i));
+      expect(await Promise.all(refs.map((ref) => ref.get()))).toEqual(Array.from({ length: 12 }, (_, i) => i + 10));
+    } finally {
+      await graph.teardown();
+    }
+  });
+
+  it('fails an execution that cannot be submitted within submitTimeout', async () => {
+    const input = new InputNode();
+    const graph = await stages[2].slow.bind(input, 400).compile({ maxInflight: 1, submitTimeout: 50 });
+    try {
+      // One computing, one in the input slot, one in the output slot: the rest wait for room.
+      const refs = Array.from({ length: 6 }, (_, i) => graph.execute(i));
+      const settled = await Promise.allSettled(refs.map((ref) => ref.get({ timeout: 10_000 })));
+      const failed = settled.filter((result) => result.status === 'rejected') as PromiseRejectedResult[];
+      expect(failed.length).toBeGreaterThan(0);
+      expect(failed[0].reason.code).toBe('ERR_CHANNEL_TIMEOUT');
+      expect(settled[0]).toEqual({ status: 'fulfilled', value: 0 });
+    } finally {
+      await graph.teardown();
+    }
+  });
+
   it('scatters and gathers, with input attributes and constants', async () => {
     const input = new InputNode();
     const [a, b, c, d] = stages;
