@@ -500,7 +500,7 @@ export class Cluster implements Runtime {
       }
       const encoded = encodeValue(arg);
       if ('inline' in encoded) return arg;
-      const ref = this.put(arg);
+      const ref = this.#putEncoded(encoded);
       argRefs.push(ref.id);
       // The caller's task or actor takes its own hold on this object right after (synchronously);
       // this handle must go then, not when garbage collection finds it.
@@ -513,9 +513,12 @@ export class Cluster implements Runtime {
   }
 
   put(value: unknown): ObjectRef<unknown> {
+    return this.#putEncoded(encodeValue(value));
+  }
+
+  #putEncoded(encoded: ReturnType<typeof encodeValue>): ObjectRef<unknown> {
     const id = newObjectId();
     const ref = new ObjectRef(id);
-    const encoded = encodeValue(value);
     if ('inline' in encoded) {
       this.#resolveObject(id, { inline: encoded.inline }, encoded.nested, encoded.inline.byteLength);
     } else {

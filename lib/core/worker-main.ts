@@ -132,8 +132,9 @@ class WorkerRuntime implements Runtime {
         argRefs.push(arg.id);
         return arg;
       }
-      if ('inline' in encodeValue(arg)) return arg;
-      const ref = this.put(arg);
+      const encoded = encodeValue(arg);
+      if ('inline' in encoded) return arg;
+      const ref = this.#putEncoded(encoded);
       argRefs.push(ref.id);
       // The driver takes the call's own hold when its message arrives (sent synchronously after
       // this); this handle must go then, not when garbage collection finds it.
@@ -177,8 +178,11 @@ class WorkerRuntime implements Runtime {
   }
 
   put(value: unknown): ObjectRef<unknown> {
+    return this.#putEncoded(encodeValue(value));
+  }
+
+  #putEncoded(encoded: ReturnType<typeof encodeValue>): ObjectRef<unknown> {
     const id = newObjectId();
-    const encoded = encodeValue(value);
     if ('inline' in encoded) {
       this.notify('register', { id, value: { inline: encoded.inline }, nested: encoded.nested, size: encoded.inline.byteLength });
     } else {
