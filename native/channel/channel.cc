@@ -36,8 +36,15 @@ uint64_t NowUs() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
 }
 
+// POSIX shared-memory names start with '/'. (Built by append: GCC 12 warns falsely on "/" + name.)
+std::string ShmPath(const std::string& name) {
+  std::string path("/");
+  path += name;
+  return path;
+}
+
 std::pair<uint8_t*, uint64_t> MapSegment(const std::string& name, bool create, uint64_t size) {
-  std::string path = "/" + name;
+  std::string path = ShmPath(name);
   int fd = shm_open(path.c_str(), create ? (O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC) : (O_RDWR | O_CLOEXEC), 0600);
   if (fd < 0) {
     if (!create && errno == ENOENT) throw NativeError("ERR_CHANNEL_NOT_FOUND", "no channel segment named '" + name + "'");
@@ -119,12 +126,12 @@ void Channel::Destroy(const std::string& name) {
     auto* header = reinterpret_cast<Header*>(base);
     for (uint32_t slot = 0; slot < header->slots; ++slot) {
       uint32_t generation = header->overflow_generation[slot];
-      if (generation != 0) shm_unlink(("/" + name + "-s" + std::to_string(slot) + "-g" + std::to_string(generation)).c_str());
+      if (generation != 0) shm_unlink(ShmPath(name + "-s" + std::to_string(slot) + "-g" + std::to_string(generation)).c_str());
     }
     munmap(base, size);
   } catch (const NativeError&) {
   }
-  shm_unlink(("/" + name).c_str());
+  shm_unlink(ShmPath(name).c_str());
 }
 
 Channel::Channel(const std::string& name, int reader) : name_(name), reader_(reader) {
@@ -228,7 +235,7 @@ uint8_t* Channel::SlotData(uint32_t slot, uint64_t need) {
       uint32_t next = generation + 1;
       Unmap(mapping);
       auto [base, mapped] = MapSegment(OverflowName(slot, next), true, size);
-      if (generation != 0) shm_unlink(("/" + OverflowName(slot, generation)).c_str());
+      if (generation != 0) shm_unlink(ShmPath(OverflowName(slot, generation)).c_str());
       header_->overflow_generation[slot] = next;
       slots[slot].overflow_size = size;
       mapping = Mapping{base, mapped, next};

@@ -88,6 +88,18 @@ describe('compiled graphs', () => {
     }
   });
 
+  it('carries messages larger than a slot (the slot grows) and leaves no segment behind', async () => {
+    const input = new InputNode();
+    const [a, b] = stages;
+    const graph = await b.sum.bind(a.tensor.bind(input, 1)).compile({ bufferBytes: 64 * 1024, maxInflight: 2 });
+    try {
+      for (const n of [1_000, 300_000, 1_000_000, 10, 600_000]) expect(await graph.execute(n)).toBe(n);
+    } finally {
+      await graph.teardown();
+    }
+    expect(readdirSync('/dev/shm').filter((name) => name.startsWith(`trellis-${process.pid}-ch-`))).toEqual([]);
+  });
+
   it('scatters and gathers, with input attributes and constants', async () => {
     const input = new InputNode();
     const [a, b, c, d] = stages;
