@@ -6,6 +6,7 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { errorFromNative } from './errors.js';
+import type { DeviceInfo, IpcHandle } from './gpu/cuda-types.js';
 
 export interface NativeStoreOptions {
   mode: 'create' | 'attach';
@@ -97,22 +98,9 @@ export interface NativeCudaStatus {
   deviceCount: number;
 }
 
-export interface NativeDeviceInfo {
-  index: number;
-  name: string;
-  totalMemory: number;
-  freeMemory: number;
-  computeCapability: [major: number, minor: number];
-  uuid: string;
-}
-
-export interface NativeIpcHandle {
-  handle: Uint8Array;
-  offset: number;
-  byteLength: number;
-  device: number;
-  deviceUuid: string;
-}
+/** The addon hands devices and IPC exports over in exactly the public shapes. */
+export type NativeDeviceInfo = DeviceInfo;
+export type NativeIpcHandle = IpcHandle;
 
 export interface NativeCudaStream {
   readonly device: number;

@@ -37,7 +37,7 @@ import { Node, WorkerProcess, type NodeOptions } from './node.js';
 import { PlacementGroup, infeasibility as groupInfeasibility, releaseGroup, reserve, type PlacementStrategy } from './placement-group.js';
 import { ResourcePool, describeResources, toFixed, type Resources } from './resources.js';
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
-import { decodeStored, encodeValue, pack, unpack } from './serialization.js';
+import { decodeStored, encodeArguments, encodeValue, pack, unpack } from './serialization.js';
 import { Deque } from './deque.js';
 
 /** Actor calls hold no resources of their own (the actor holds them) and retry per actor. */
@@ -490,26 +490,9 @@ export class Cluster implements Runtime {
     return decodeStored(view);
   }
 
-  /** Encodes one top-level argument; large ones go to the head node's store as objects. */
+  /** Large arguments go to the head node's store as objects. */
   #encodeArgs(args: unknown[]): { bytes: Uint8Array; argRefs: string[]; held: string[] } {
-    const argRefs: string[] = [];
-    const prepared = args.map((arg) => {
-      if (arg instanceof ObjectRef) {
-        argRefs.push(arg.id);
-        return arg;
-      }
-      const encoded = encodeValue(arg);
-      if ('inline' in encoded) return arg;
-      const ref = this.#putEncoded(encoded);
-      argRefs.push(ref.id);
-      // The caller's task or actor takes its own hold on this object right after (synchronously);
-      // this handle must go then, not when garbage collection finds it.
-      queueMicrotask(() => ref[Symbol.dispose]());
-      return ref;
-    });
-    const nested: string[] = [];
-    const bytes = pack(prepared, nested);
-    return { bytes, argRefs, held: nested };
+    return encodeArguments(args, (encoded) => this.#putEncoded(encoded));
   }
 
   put(value: unknown): ObjectRef<unknown> {

@@ -226,6 +226,35 @@ export function encodeValue(value: unknown): EncodedValue {
   return { inline: bytes, nested };
 }
 
+/**
+ * Encodes a call's arguments. Top-level refs are listed (resolved before the call runs); an
+ * argument too large to travel inline is stored through `store` and replaced by a ref to it;
+ * refs nested deeper are listed as held (the call keeps them alive).
+ */
+export function encodeArguments(
+  args: unknown[],
+  store: (encoded: EncodedValue & { stored: StoredValue }) => ObjectRef<unknown>,
+): { bytes: Uint8Array; argRefs: string[]; held: string[] } {
+  const argRefs: string[] = [];
+  const prepared = args.map((arg) => {
+    if (arg instanceof ObjectRef) {
+      argRefs.push(arg.id);
+      return arg;
+    }
+    const encoded = encodeValue(arg);
+    if ('inline' in encoded) return arg;
+    const ref = store(encoded);
+    argRefs.push(ref.id);
+    // The call takes its own hold on this object right after, synchronously (in the driver, or
+    // when its message arrives there): this handle must go then, not when garbage collection
+    // finds it.
+    queueMicrotask(() => ref[Symbol.dispose]());
+    return ref;
+  });
+  const held: string[] = [];
+  return { bytes: pack(prepared, held), argRefs, held };
+}
+
 /** Reads a stored value. Raw kinds are zero-copy: the pin moves to the array or table made. */
 export function decodeStored(view: ObjectView): unknown {
   const kind = view.metadata?.[0] ?? StoredKind.Msgpack;

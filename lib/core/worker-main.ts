@@ -19,7 +19,7 @@ import {
 } from './protocol.js';
 import { actorHandleInfo, lookupRegistered, makeActorHandle } from './registry.js';
 import { setRuntime, type ActorLookup, type Runtime, type RuntimeContext } from './runtime-context.js';
-import { decodeStored, encodeValue, pack, setHandleCodec, unpack } from './serialization.js';
+import { decodeStored, encodeArguments, encodeValue, pack, setHandleCodec, unpack } from './serialization.js';
 import { SYSTEM_PREFIX, systemMethod } from './system-methods.js';
 // Registers the collective-group system methods in every worker.
 import '../gpu/collective.js';
@@ -125,24 +125,10 @@ class WorkerRuntime implements Runtime {
     else pending.reject(Object.assign(new Error(error?.message), { name: error?.name, code: error?.code }));
   }
 
+  /** Large arguments go to this node's store as objects the driver then owns. */
   #encodeArgs(args: unknown[]): { args: Uint8Array; argRefs: string[]; held: string[] } {
-    const argRefs: string[] = [];
-    const prepared = args.map((arg) => {
-      if (arg instanceof ObjectRef) {
-        argRefs.push(arg.id);
-        return arg;
-      }
-      const encoded = encodeValue(arg);
-      if ('inline' in encoded) return arg;
-      const ref = this.#putEncoded(encoded);
-      argRefs.push(ref.id);
-      // The driver takes the call's own hold when its message arrives (sent synchronously after
-      // this); this handle must go then, not when garbage collection finds it.
-      queueMicrotask(() => ref[Symbol.dispose]());
-      return ref;
-    });
-    const held: string[] = [];
-    return { args: pack(prepared, held), argRefs, held };
+    const { bytes, argRefs, held } = encodeArguments(args, (encoded) => this.#putEncoded(encoded));
+    return { args: bytes, argRefs, held };
   }
 
   submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions): ObjectRef<unknown> {
