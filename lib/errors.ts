@@ -242,3 +242,22 @@ export class NcclError extends CommunicatorError {
 
 /** A compiled graph's channel was closed (teardown, an actor's death) or an operation timed out. */
 export class ChannelError extends TrellisError {}
+
+/**
+ * A dataset job failed. Names the operator and, where one block caused it, the block and its row
+ * range; `cause` carries the underlying error (a TaskError for a throwing UDF).
+ */
+export class DataError extends TrellisError {
+  readonly operator?: string;
+  readonly block?: number;
+  readonly rows?: readonly [number, number];
+  constructor(code: string, message: string, details: { operator?: string; block?: number; rows?: readonly [number, number]; cause?: unknown } = {}) {
+    super(code, message, { cause: details.cause });
+    this.operator = details.operator;
+    this.block = details.block;
+    this.rows = details.rows;
+  }
+}
+
+/** No operator of a dataset made progress within the watchdog's window. */
+export class DataStallError extends DataError {}

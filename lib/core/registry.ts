@@ -43,6 +43,18 @@ export interface ActorClass<C extends AnyClass> {
   readonly descriptor: FunctionDescriptor;
 }
 
+const descriptors = new WeakMap<object, FunctionDescriptor>();
+
+/** Where workers find a registered function or class again; undefined if it was never registered. */
+export function descriptorOf(target: unknown): FunctionDescriptor | undefined {
+  if (typeof target === 'function') return descriptors.get(target);
+  if (typeof target === 'object' && target !== null && 'descriptor' in target) {
+    const descriptor = (target as { descriptor: unknown }).descriptor as FunctionDescriptor | undefined;
+    return descriptor && typeof descriptor.module === 'string' ? descriptor : undefined;
+  }
+  return undefined;
+}
+
 export function lookupRegistered(descriptor: FunctionDescriptor): AnyFunction | AnyClass | undefined {
   return registered.get(descriptor.module)?.get(descriptor.name);
 }
@@ -58,7 +70,7 @@ export function methodNames(cls: AnyClass): string[] {
   return [...names];
 }
 
-function isClass(target: AnyFunction | AnyClass): target is AnyClass {
+export function isClass(target: AnyFunction | AnyClass): target is AnyClass {
   return /^class[\s{]/.test(Function.prototype.toString.call(target));
 }
 
@@ -85,6 +97,7 @@ export function remote(meta: ImportMeta, target: AnyFunction | AnyClass, options
   }
   names.set(name, target);
   const descriptor: FunctionDescriptor = { module: meta.url, name };
+  descriptors.set(target, descriptor);
   return isClass(target) ? makeActorClass(descriptor, target, options as ActorOptions) : makeRemoteFunction(descriptor, options as TaskOptions);
 }
 

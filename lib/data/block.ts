@@ -1,0 +1,287 @@
+/**
+ * Blocks: the unit a dataset moves. A block is an Arrow table; rows are plain objects; columns are
+ * a record of arrays. Conversions infer Arrow types the way a user would expect from JavaScript
+ * values (numbers are float64, bigints int64, strings utf8 — not dictionaries — typed arrays
+ * lists of their element type), and keep a schema when one is given.
+ */
+import {
+  Binary, Bool, DataType, Field, Float32, Float64, Int16, Int32, Int64, Int8, List, Null, Schema, Struct, Table, TimestampMillisecond,
+  Uint16, Uint32, Uint64, Uint8, Utf8, makeData, makeVector, tableFromArrays, vectorFromArray, type Vector,
+} from 'apache-arrow';
+import { InvalidArgumentError } from '../errors.js';
+
+export type Block = Table;
+export type Row = Record<string, unknown>;
+export type Columns = Record<string, ArrayLike<unknown>>;
+export type BatchFormat = 'arrow' | 'rows' | 'columns';
+
+/** What the executor knows of a block without reading it. */
+export interface BlockMetadata {
+  rows: number;
+  bytes: number;
+  /** Files the block was read from, where known. */
+  inputFiles?: string[];
+}
+
+const typedArrayElement = (value: ArrayBufferView): DataType | undefined => {
+  if (value instanceof Float32Array) return new Float32();
+  if (value instanceof Float64Array) return new Float64();
+  if (value instanceof Int8Array) return new Int8();
+  if (value instanceof Int16Array) return new Int16();
+  if (value instanceof Int32Array) return new Int32();
+  if (value instanceof BigInt64Array) return new Int64();
+  if (value instanceof Uint16Array) return new Uint16();
+  if (value instanceof Uint32Array) return new Uint32();
+  if (value instanceof BigUint64Array) return new Uint64();
+  return undefined;
+};
+
+/** The Arrow type of one JavaScript value, or undefined for null/undefined. */
+function typeOfValue(value: unknown, path: string): DataType | undefined {
+  if (value === null || value === undefined) return undefined;
+  switch (typeof value) {
+    case 'number':
+      return new Float64();
+    case 'bigint':
+      return new Int64();
+    case 'string':
+      return new Utf8();
+    case 'boolean':
+      return new Bool();
+    case 'object':
+      break;
+    default:
+      throw new InvalidArgumentError(`column '${path}' holds a ${typeof value}, which has no Arrow type`, 'ERR_DATA_TYPE');
+  }
+  if (value instanceof Date) return new TimestampMillisecond();
+  if (value instanceof Uint8Array || value instanceof ArrayBuffer) return new Binary();
+  if (ArrayBuffer.isView(value)) {
+    const element = typedArrayElement(value);
+    if (element) return new List(new Field('item', element, true));
+  }
+  if (Array.isArray(value)) {
+    let element: DataType | undefined;
+    for (const item of value) {
+      const type = typeOfValue(item, `${path}[]`);
+      if (type) element = element ? widen(element, type, `${path}[]`) : type;
+    }
+    return new List(new Field('item', element ?? new Null(), true));
+  }
+  if (Object.getPrototypeOf(value) === Object.prototype || Object.getPrototypeOf(value) === null) {
+    const fields = Object.entries(value as Row).map(
+      ([key, item]) => new Field(key, typeOfValue(item, `${path}.${key}`) ?? new Null(), true),
+    );
+    return new Struct(fields);
+  }
+  throw new InvalidArgumentError(
+    `column '${path}' holds a ${(value as object).constructor?.name ?? 'object'}, which has no Arrow type`,
+    'ERR_DATA_TYPE',
+  );
+}
+
+/** Two inferred types for the same column: equal, or one absorbs the other (null into anything). */
+function widen(a: DataType, b: DataType, path: string): DataType {
+  if (a instanceof Null) return b;
+  if (b instanceof Null) return a;
+  if (String(a) === String(b)) return a;
+  if (a instanceof List && b instanceof List) {
+    return new List(new Field('item', widen(a.children[0].type, b.children[0].type, `${path}[]`), true));
+  }
+  if (a instanceof Struct && b instanceof Struct) {
+    const fields = new Map<string, DataType>();
+    for (const field of [...a.children, ...b.children]) {
+      const seen = fields.get(field.name);
+      fields.set(field.name, seen ? widen(seen, field.type, `${path}.${field.name}`) : field.type);
+    }
+    return new Struct([...fields].map(([name, type]) => new Field(name, type, true)));
+  }
+  throw new InvalidArgumentError(`column '${path}' mixes ${a} and ${b}`, 'ERR_DATA_TYPE');
+}
+
+function normalizeCell(value: unknown): unknown {
+  if (value === undefined) return null;
+  if (value instanceof ArrayBuffer) return new Uint8Array(value);
+  if (ArrayBuffer.isView(value) && !(value instanceof Uint8Array)) return Array.from(value as unknown as ArrayLike<unknown>);
+  return value;
+}
+
+function vectorOf(values: unknown[], type: DataType): Vector {
+  if (type instanceof Null) return makeVector(makeData({ type, length: values.length, nullCount: values.length }));
+  return vectorFromArray(values.map(normalizeCell), type);
+}
+
+/** Rows to a block, inferring the schema or following the one given. */
+export function rowsToBlock(rows: readonly Row[], schema?: Schema): Block {
+  if (schema) {
+    const columns: Record<string, Vector> = {};
+    for (const field of schema.fields) columns[field.name] = vectorOf(rows.map((row) => row[field.name]), field.type);
+    return new Table(schema, columns);
+  }
+  const names: string[] = [];
+  const types = new Map<string, DataType | undefined>();
+  for (const row of rows) {
+    if (typeof row !== 'object' || row === null || Array.isArray(row)) {
+      throw new InvalidArgumentError(`a row must be a plain object, got ${row === null ? 'null' : Array.isArray(row) ? 'an array' : typeof row}`, 'ERR_DATA_TYPE');
+    }
+    for (const [name, value] of Object.entries(row)) {
+      if (!types.has(name)) {
+        names.push(name);
+        types.set(name, undefined);
+      }
+      const type = typeOfValue(value, name);
+      if (type) {
+        const seen = types.get(name);
+        types.set(name, seen ? widen(seen, type, name) : type);
+      }
+    }
+  }
+  const columns: Record<string, Vector> = {};
+  for (const name of names) columns[name] = vectorOf(rows.map((row) => row[name]), types.get(name) ?? new Null());
+  return new Table(columns);
+}
+
+/** Columns (arrays or typed arrays of one length) to a block. Typed arrays are used zero-copy. */
+export function columnsToBlock(columns: Columns): Block {
+  const lengths = new Set(Object.values(columns).map((column) => column.length));
+  if (lengths.size > 1) {
+    const described = Object.entries(columns).map(([name, column]) => `${name}=${column.length}`).join(', ');
+    throw new InvalidArgumentError(`columns of a batch must have one length, got ${described}`, 'ERR_DATA_TYPE');
+  }
+  const typed: Record<string, ArrayBufferView> = {};
+  const other: Record<string, unknown[]> = {};
+  for (const [name, column] of Object.entries(columns)) {
+    if (ArrayBuffer.isView(column) && typedArrayElement(column)) typed[name] = column;
+    else other[name] = Array.from(column);
+  }
+  if (Object.keys(other).length === 0) return tableFromArrays(typed as Parameters<typeof tableFromArrays>[0]);
+  const length = lengths.values().next().value ?? 0;
+  const rows: Row[] = Array.from({ length }, () => ({}));
+  for (const [name, column] of Object.entries(other)) column.forEach((value, index) => (rows[index][name] = value));
+  const inferred = rowsToBlock(rows);
+  const vectors: Record<string, Vector> = {};
+  for (const name of Object.keys(columns)) {
+    vectors[name] = name in typed ? tableFromArrays({ [name]: typed[name] } as Parameters<typeof tableFromArrays>[0]).getChild(name)! : inferred.getChild(name)!;
+  }
+  return new Table(vectors);
+}
+
+/** A value a user function returned, as a block: a table, rows, or columns. */
+export function toBlock(value: unknown, what: string): Block {
+  if (value instanceof Table) return value;
+  if (Array.isArray(value)) return rowsToBlock(value as Row[]);
+  if (typeof value === 'object' && value !== null && Object.values(value).every((column) => Array.isArray(column) || ArrayBuffer.isView(column))) {
+    return columnsToBlock(value as Columns);
+  }
+  throw new InvalidArgumentError(
+    `${what} must return an Arrow table, an array of rows or a record of column arrays; got ${value === null ? 'null' : typeof value}`,
+    'ERR_DATA_TYPE',
+  );
+}
+
+/** Plain JavaScript rows of a block: bigints stay bigints, timestamps become Dates, lists arrays. */
+export function blockToRows(block: Block): Row[] {
+  const names = block.schema.fields.map((field) => field.name);
+  const columns = names.map((name) => block.getChild(name)!);
+  const types = block.schema.fields.map((field) => field.type);
+  const rows: Row[] = new Array(block.numRows);
+  for (let index = 0; index < block.numRows; index++) {
+    const row: Row = {};
+    for (let column = 0; column < names.length; column++) row[names[column]] = plain(columns[column].get(index), types[column]);
+    rows[index] = row;
+  }
+  return rows;
+}
+
+function plain(value: unknown, type: DataType): unknown {
+  if (value === null || value === undefined) return null;
+  if (DataType.isTimestamp(type) || DataType.isDate(type)) return new Date(Number(value));
+  if (DataType.isList(type) || DataType.isFixedSizeList(type)) {
+    const child = (type as List).children[0].type;
+    return Array.from(value as Iterable<unknown>, (item) => plain(item, child));
+  }
+  if (DataType.isStruct(type)) {
+    const row: Row = {};
+    for (const field of (type as Struct).children) row[field.name] = plain((value as Record<string, unknown>)[field.name], field.type);
+    return row;
+  }
+  if (DataType.isDictionary(type)) return value;
+  return value;
+}
+
+/** Columns of a block: typed arrays where the column is a primitive without nulls, else arrays. */
+export function blockToColumns(block: Block): Record<string, unknown[] | ArrayBufferView> {
+  const columns: Record<string, unknown[] | ArrayBufferView> = {};
+  for (const field of block.schema.fields) {
+    const vector = block.getChild(field.name)!;
+    const primitive = DataType.isInt(field.type) || DataType.isFloat(field.type);
+    if (primitive && vector.nullCount === 0) {
+      columns[field.name] = vector.toArray() as ArrayBufferView;
+    } else {
+      const values: unknown[] = new Array(vector.length);
+      for (let index = 0; index < vector.length; index++) values[index] = plain(vector.get(index), field.type);
+      columns[field.name] = values;
+    }
+  }
+  return columns;
+}
+
+/** A block in the format a user function asked for. */
+export function formatBatch(block: Block, format: BatchFormat): Block | Row[] | Record<string, unknown[] | ArrayBufferView> {
+  if (format === 'arrow') return block;
+  if (format === 'rows') return blockToRows(block);
+  return blockToColumns(block);
+}
+
+/** Bytes of a block's buffers (what it occupies in the store, near enough). */
+export function blockBytes(block: Block): number {
+  let bytes = 0;
+  for (const batch of block.batches) {
+    const stack: Array<import('apache-arrow').Data> = [batch.data];
+    while (stack.length) {
+      const data = stack.pop()!;
+      for (const buffer of [data.values, data.valueOffsets, data.nullBitmap, data.typeIds] as Array<ArrayBufferView | undefined>) {
+        if (buffer) bytes += buffer.byteLength;
+      }
+      stack.push(...data.children);
+      if (data.dictionary) stack.push(...data.dictionary.data);
+    }
+  }
+  return bytes;
+}
+
+/** Blocks with one schema as one; a single block is returned as it is. */
+export function concatBlocks(blocks: readonly Block[]): Block {
+  if (blocks.length === 0) return new Table();
+  if (blocks.length === 1) return blocks[0];
+  const nonEmpty = blocks.filter((block) => block.numRows > 0);
+  if (nonEmpty.length === 0) return blocks[0];
+  const [first, ...rest] = nonEmpty;
+  try {
+    return first.concat(...rest);
+  } catch (error) {
+    throw new InvalidArgumentError(
+      `blocks with different schemas cannot be joined: ${first.schema.fields.map(String).join(', ')} vs ${rest[0].schema.fields.map(String).join(', ')}`,
+      'ERR_DATA_SCHEMA',
+    );
+  }
+}
+
+/** Splits a block into slices of at most `rows` rows (zero-copy). */
+export function sliceRows(block: Block, rows: number): Block[] {
+  if (block.numRows <= rows) return [block];
+  const slices: Block[] = [];
+  for (let start = 0; start < block.numRows; start += rows) slices.push(block.slice(start, Math.min(block.numRows, start + rows)));
+  return slices;
+}
+
+/** Splits a block so no piece exceeds `maxBytes`, keeping at least one row a piece. */
+export function splitBySize(block: Block, maxBytes: number): Block[] {
+  const bytes = blockBytes(block);
+  if (bytes <= maxBytes || block.numRows <= 1) return [block];
+  const pieces = Math.ceil(bytes / maxBytes);
+  return sliceRows(block, Math.max(1, Math.ceil(block.numRows / pieces)));
+}
+
+export function schemaOf(block: Block): Schema {
+  return block.schema;
+}

@@ -1,0 +1,94 @@
+/**
+ * The contracts a user implements to read from and write to their own systems.
+ *
+ * A Datasource plans reads in the driver: getReadTasks(parallelism) returns ReadTasks, each naming
+ * a registered read function and its arguments, so that workers can run it. A Datasink's write()
+ * runs in write tasks on workers (the sink travels by its fields; its class is registered); its
+ * onWriteStart, onWriteComplete and onWriteFailed run in the driver.
+ */
+import { InvalidArgumentError } from '../errors.js';
+import type { Block, BlockMetadata, Row } from './block.js';
+import { loadUdf, resolveUdf, type UdfSpec, type UdfTarget } from './udf.js';
+
+/** What a read function may produce: blocks or rows, at once or as a (possibly async) stream. */
+export type ReadOutput = Block | Row | Row[];
+export type ReadResult = Iterable<ReadOutput> | AsyncIterable<ReadOutput> | Block | Row[] | Promise<Block | Row[]>;
+
+export interface ReadTaskMetadata extends Partial<BlockMetadata> {}
+
+/** One unit of reading: a registered function called with `args` in a worker. */
+export class ReadTask {
+  readonly spec: UdfSpec;
+  readonly args: unknown[];
+  readonly metadata: ReadTaskMetadata;
+
+  constructor(read: UdfTarget, args: unknown[] = [], metadata: ReadTaskMetadata = {}) {
+    this.spec = resolveUdf(read, 'ReadTask');
+    if (this.spec.kind !== 'function') throw new InvalidArgumentError('ReadTask takes a read function, not a class', 'ERR_DATA_UDF');
+    if (!Array.isArray(args)) throw new InvalidArgumentError('ReadTask args must be an array', 'ERR_INVALID_ARGUMENT');
+    this.args = args;
+    this.metadata = metadata;
+  }
+
+  /** Runs the read here (the executor runs it in a worker). */
+  async *read(): AsyncGenerator<ReadOutput> {
+    const fn = (await loadUdf(this.spec.descriptor)) as (...args: unknown[]) => ReadResult;
+    yield* iterateReadResult(await fn(...this.args));
+  }
+}
+
+export async function* iterateReadResult(result: Awaited<ReadResult>): AsyncGenerator<ReadOutput> {
+  if (result === null || result === undefined) return;
+  if (Array.isArray(result)) {
+    yield result;
+    return;
+  }
+  if (typeof (result as AsyncIterable<ReadOutput>)[Symbol.asyncIterator] === 'function' || typeof (result as Iterable<ReadOutput>)[Symbol.iterator] === 'function') {
+    // An Arrow table is iterable (by rows): take it whole.
+    if ((result as Block).schema !== undefined && typeof (result as Block).numRows === 'number') {
+      yield result as Block;
+      return;
+    }
+    yield* result as AsyncIterable<ReadOutput>;
+    return;
+  }
+  yield result as Block;
+}
+
+export abstract class Datasource {
+  /** Shown in plans and progress. */
+  get name(): string {
+    return this.constructor.name.replace(/Datasource$/, '') || 'Datasource';
+  }
+  /** At most `parallelism` read tasks (fewer when the data is smaller). */
+  abstract getReadTasks(parallelism: number): ReadTask[] | Promise<ReadTask[]>;
+  /** Bytes the data occupies in memory, where known: sizes the default parallelism. */
+  estimateInMemorySize?(): number | undefined;
+}
+
+export interface WriteContext {
+  /** Which write task this is, from 0. */
+  taskIndex: number;
+  /** Which attempt of that task, from 0 (a retried write after a worker died is attempt 1). */
+  attempt: number;
+  /** One id per write job, shared by its tasks: useful for naming files. */
+  writeId: string;
+}
+
+export abstract class Datasink<Result = unknown> {
+  get name(): string {
+    return this.constructor.name.replace(/Datasink$/, '') || 'Datasink';
+  }
+  /** Driver, before any write task. */
+  onWriteStart(): void | Promise<void> {}
+  /** Worker: writes its blocks and returns what onWriteComplete receives. */
+  abstract write(blocks: Block[], context: WriteContext): Result | Promise<Result>;
+  /** Driver, once every write task succeeded, with their results in task order. */
+  onWriteComplete(_results: Result[]): void | Promise<void> {}
+  /** Driver, once when the job fails, with the error that failed it. */
+  onWriteFailed(_error: Error): void | Promise<void> {}
+  /** Blocks per write task; default: every block that reaches the sink is its own task. */
+  get minRowsPerWrite(): number | undefined {
+    return undefined;
+  }
+}

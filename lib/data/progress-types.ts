@@ -1,0 +1,38 @@
+/** What the streaming executor reports of a running job, for progress displays and stats. */
+
+export interface OperatorProgress {
+  /** The physical operator, with fused stages joined by '->', e.g. 'ReadNumbers->Map(tokenize)'. */
+  name: string;
+  rowsDone: number;
+  /** Known when the source gave row counts and no operator changes them unpredictably. */
+  rowsTotal?: number;
+  blocksDone: number;
+  blocksTotal?: number;
+  activeTasks: number;
+  queuedTasks: number;
+  /** Actor pools only. */
+  actors?: { running: number; pending: number; min: number; max: number };
+  /** Bytes of this operator's outputs held in the object store, not yet consumed downstream. */
+  storeBytes: number;
+  /** Why the operator may not start more work now, e.g. 'memory budget' or 'output queue full'. */
+  backpressure?: string;
+  done: boolean;
+}
+
+export interface JobProgress {
+  /** e.g. 'Dataset.write' */
+  job: string;
+  elapsedMs: number;
+  operators: OperatorProgress[];
+  /** Bytes of the job's blocks in the store now, and the budget they are held under. */
+  storeBytes: number;
+  budgetBytes: number;
+  rowsOut: number;
+}
+
+/** Draws progress: a terminal display, periodic plain lines, or nothing. */
+export interface ProgressReporter {
+  update(progress: JobProgress): void;
+  /** The last state; draws a final line and releases the terminal. */
+  finish(progress: JobProgress, error?: Error): void;
+}
