@@ -35,6 +35,11 @@ export class Deque<T> implements Iterable<T> {
     }
   }
 
+  clear(): void {
+    this.#items = [];
+    this.#head = 0;
+  }
+
   *[Symbol.iterator](): Iterator<T> {
     for (let i = this.#head; i < this.#items.length; i++) yield this.#items[i] as T;
   }

@@ -1,0 +1,418 @@
+/**
+ * Dataset: a lazy, immutable logical plan. Transforms return new datasets; consumers (take, count,
+ * iterBatches, write, ...) plan the physical operators and stream through them.
+ */
+import type { Schema } from 'apache-arrow';
+import { get, isInitialized, put } from '../core/api.js';
+import type { ObjectRef } from '../core/object-ref.js';
+import { InvalidArgumentError, NotInitializedError } from '../errors.js';
+import {
+  blockBytes, concatBlocks, formatBatch, rowsToBlock, sliceRows, type BatchFormat, type Block, type Row,
+} from './block.js';
+import type { Datasink, Datasource } from './datasource.js';
+import { StreamingExecutor, type ExecutionOptions, type JobStats } from './executor.js';
+import { describeLogical, planPhysical, type ActorPoolOptions, type ComputeOptions, type InputBlock, type LogicalOperator, type PhysicalOperatorSpec } from './plan.js';
+import type { StageKind, StageSpec } from './stages.js';
+import { resolveUdf, udfName, type UdfTarget } from './udf.js';
+
+export interface TransformOptions extends Omit<ComputeOptions, 'concurrency'> {
+  /** Extra arguments after the row or batch. */
+  fnArgs?: unknown[];
+  /** Function transforms: at most this many tasks at once. */
+  concurrency?: number | [number, number];
+}
+
+export interface MapBatchesOptions extends TransformOptions {
+  /** Rows per batch (default 1024); null: each block whole. */
+  batchSize?: number | null;
+  /** What the function receives: an Arrow table, an array of rows, or a record of columns (default). */
+  batchFormat?: BatchFormat;
+  /** Classes: arguments of the constructor, run once per actor. */
+  constructorArgs?: unknown[];
+  /** Classes: the method each batch goes through (default 'call'). */
+  method?: string;
+  /** Classes: batches queued at each actor beyond the one running (default 4 in flight). */
+  maxTasksInFlightPerActor?: number;
+  /** Classes: how long a constructor may take (ms, default 10 min). */
+  actorStartTimeoutMs?: number;
+  /** Classes: an actor idle this long above the pool's minimum stops (ms, default 2 s). */
+  actorIdleTimeoutMs?: number;
+}
+
+export interface ReadOptions extends ComputeOptions {
+  /** How many read tasks to aim for (default: twice the cluster's CPUs). */
+  parallelism?: number;
+}
+
+export interface IterBatchesOptions extends ExecutionOptions {
+  /** Rows per batch (default 256); null: each block whole. */
+  batchSize?: number | null;
+  batchFormat?: BatchFormat;
+}
+
+function checkPositiveInteger(value: unknown, what: string, allowZero = false): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < (allowZero ? 0 : 1)) {
+    throw new InvalidArgumentError(`${what} must be a ${allowZero ? 'non-negative' : 'positive'} integer, got ${String(value)}`);
+  }
+  return value;
+}
+
+function checkCompute(options: Omit<ComputeOptions, 'concurrency'>, what: string): ComputeOptions {
+  for (const key of ['numCpus', 'numGpus', 'memory'] as const) {
+    const value = options[key];
+    if (value !== undefined && (typeof value !== 'number' || !(value >= 0) || !Number.isFinite(value))) {
+      throw new InvalidArgumentError(`${what}: ${key} must be a non-negative number, got ${String(value)}`);
+    }
+  }
+  return { numCpus: options.numCpus, numGpus: options.numGpus, memory: options.memory, resources: options.resources };
+}
+
+function checkFormat(format: unknown, what: string): BatchFormat {
+  if (format !== 'arrow' && format !== 'rows' && format !== 'columns') {
+    throw new InvalidArgumentError(`${what}: batchFormat must be 'arrow', 'rows' or 'columns', got ${String(format)}`);
+  }
+  return format;
+}
+
+function requireCluster(what: string): void {
+  if (!isInitialized()) throw new NotInitializedError(`${what} runs on the cluster: call init() first`);
+}
+
+export class Dataset {
+  readonly #plan: readonly LogicalOperator[];
+  #lastStats?: JobStats;
+
+  /** @internal Datasets are made by the sources (range, fromItems, readDatasource, ...). */
+  constructor(plan: readonly LogicalOperator[]) {
+    this.#plan = plan;
+  }
+
+  #with(operator: LogicalOperator): Dataset {
+    return new Dataset([...this.#plan, operator]);
+  }
+
+  #stage(kind: StageKind, label: string, target: UdfTarget, options: MapBatchesOptions, isClassAllowed: boolean): Dataset {
+    const method = options.method ?? 'call';
+    const udf = resolveUdf(target, `${label}()`, method);
+    if (udf.kind === 'class' && !isClassAllowed) {
+      throw new InvalidArgumentError(`${label}() takes a function; classes run through mapBatches() on an actor pool`, 'ERR_DATA_UDF');
+    }
+    const fnArgs = options.fnArgs ?? [];
+    if (!Array.isArray(fnArgs)) throw new InvalidArgumentError(`${label}(): fnArgs must be an array`);
+    const compute = checkCompute(options, `${label}()`);
+    const stage: StageSpec = { kind, name: `${label[0].toUpperCase()}${label.slice(1)}(${udfName(udf).replace(/\.call$/, '')})`, udf, fnArgs };
+    let pool: ActorPoolOptions | undefined;
+    if (kind === 'mapBatches') {
+      const batchSize = options.batchSize === undefined ? 1024 : options.batchSize;
+      if (batchSize !== null) stage.batchSize = checkPositiveInteger(batchSize, `${label}(): batchSize`);
+      stage.batchFormat = checkFormat(options.batchFormat ?? 'columns', `${label}()`);
+    }
+    const concurrency = options.concurrency;
+    let bounds: [number, number] | undefined;
+    if (concurrency !== undefined) {
+      bounds = typeof concurrency === 'number' ? [concurrency, concurrency] : concurrency;
+      if (!Array.isArray(bounds) || bounds.length !== 2) throw new InvalidArgumentError(`${label}(): concurrency must be n or [min, max]`);
+      checkPositiveInteger(bounds[0], `${label}(): concurrency min`);
+      if (bounds[1] !== Infinity) checkPositiveInteger(bounds[1], `${label}(): concurrency max`);
+      if (bounds[1] < bounds[0]) throw new InvalidArgumentError(`${label}(): concurrency max (${bounds[1]}) is below its min (${bounds[0]})`);
+    }
+    if (udf.kind === 'class') {
+      const constructorArgs = options.constructorArgs ?? [];
+      if (!Array.isArray(constructorArgs)) throw new InvalidArgumentError(`${label}(): constructorArgs must be an array`);
+      stage.constructorArgs = constructorArgs;
+      pool = {
+        min: bounds?.[0] ?? 1,
+        max: bounds?.[1] ?? Infinity,
+        maxTasksInFlightPerActor: checkPositiveInteger(options.maxTasksInFlightPerActor ?? 4, `${label}(): maxTasksInFlightPerActor`),
+        startTimeoutMs: options.actorStartTimeoutMs ?? 10 * 60_000,
+        idleTimeoutMs: options.actorIdleTimeoutMs ?? 2_000,
+      };
+    } else if (options.constructorArgs !== undefined) {
+      throw new InvalidArgumentError(`${label}(): constructorArgs is for classes; ${udf.descriptor.name} is a function`);
+    } else if (bounds) {
+      compute.concurrency = bounds[1];
+    }
+    return this.#with({ op: 'stage', stage, compute, pool });
+  }
+
+  /** Each row through `fn`, which returns the new row. */
+  map(fn: UdfTarget, options: TransformOptions = {}): Dataset {
+    return this.#stage('map', 'map', fn, options, false);
+  }
+
+  /** Each row through `fn`, which returns zero or more rows. */
+  flatMap(fn: UdfTarget, options: TransformOptions = {}): Dataset {
+    return this.#stage('flatMap', 'flatMap', fn, options, false);
+  }
+
+  /** The rows for which `fn` returns true. */
+  filter(fn: UdfTarget, options: TransformOptions = {}): Dataset {
+    return this.#stage('filter', 'filter', fn, options, false);
+  }
+
+  /**
+   * Batches through a function (tasks) or a class (an actor pool: the constructor runs once per
+   * actor, e.g. to load a model, then `method` runs per batch).
+   */
+  mapBatches(fnOrClass: UdfTarget, options: MapBatchesOptions = {}): Dataset {
+    return this.#stage('mapBatches', 'mapBatches', fnOrClass, options, true);
+  }
+
+  /** Exactly `numBlocks` blocks of (nearly) equal rows. Waits for all of its input. */
+  repartition(numBlocks: number): Dataset {
+    return this.#with({ op: 'repartition', numBlocks: checkPositiveInteger(numBlocks, 'repartition(numBlocks)') });
+  }
+
+  /** The first `rows` rows; upstream work stops once they are made. */
+  limit(rows: number): Dataset {
+    return this.#with({ op: 'limit', rows: checkPositiveInteger(rows, 'limit(rows)', true) });
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Consumers
+
+  #executor(options: ExecutionOptions, job: string, sink?: Datasink): StreamingExecutor {
+    requireCluster(job);
+    return new StreamingExecutor(planPhysical(this.#plan, sink), options, job);
+  }
+
+  /** Output blocks as they are made; each ref is disposed once the loop moves past it. */
+  async *#blocks(options: ExecutionOptions, job: string, plan: readonly LogicalOperator[] = this.#plan): AsyncGenerator<{ block: Block; meta: InputBlock['meta'] }> {
+    requireCluster(job);
+    const executor = new StreamingExecutor(planPhysical(plan), options, job);
+    await executor.start();
+    try {
+      for await (const output of executor.outputs()) {
+        try {
+          const block = (await get(output.ref)) as Block;
+          yield { block, meta: output.meta };
+        } finally {
+          output.ref[Symbol.dispose]();
+        }
+      }
+    } finally {
+      this.#lastStats = executor.stats();
+    }
+  }
+
+  /** Batches of `batchSize` rows in `batchFormat` (default 'columns'), streamed as they are made. */
+  async *iterBatches(options: IterBatchesOptions = {}): AsyncGenerator<Block | Row[] | Record<string, unknown[] | ArrayBufferView>> {
+    const batchSize = options.batchSize === undefined ? 256 : options.batchSize;
+    if (batchSize !== null) checkPositiveInteger(batchSize, 'iterBatches(): batchSize');
+    const format = checkFormat(options.batchFormat ?? 'columns', 'iterBatches()');
+    let pending: Block[] = [];
+    let pendingRows = 0;
+    for await (const { block } of this.#blocks(options, 'Dataset.iterBatches')) {
+      if (batchSize === null) {
+        if (block.numRows > 0) yield formatBatch(block, format);
+        continue;
+      }
+      pending.push(block);
+      pendingRows += block.numRows;
+      if (pendingRows < batchSize) continue;
+      const joined = concatBlocks(pending);
+      const whole = Math.floor(joined.numRows / batchSize) * batchSize;
+      for (const batch of sliceRows(joined.slice(0, whole), batchSize)) yield formatBatch(batch, format);
+      pending = whole < joined.numRows ? [joined.slice(whole)] : [];
+      pendingRows = joined.numRows - whole;
+    }
+    if (pendingRows > 0) yield formatBatch(concatBlocks(pending), format);
+  }
+
+  /** Rows one at a time, as plain objects. */
+  async *iterRows(options: ExecutionOptions = {}): AsyncGenerator<Row> {
+    for await (const batch of this.iterBatches({ ...options, batchSize: null, batchFormat: 'rows' })) yield* batch as Row[];
+  }
+
+  /** The first `rows` rows (default 20). */
+  async take(rows = 20, options: ExecutionOptions = {}): Promise<Row[]> {
+    checkPositiveInteger(rows, 'take(rows)', true);
+    const out: Row[] = [];
+    if (rows === 0) return out;
+    for await (const row of this.limit(rows).iterRows(options)) out.push(row);
+    return out;
+  }
+
+  /** Every row. Mind the driver's memory. */
+  async takeAll(options: ExecutionOptions = {}): Promise<Row[]> {
+    const out: Row[] = [];
+    for await (const row of this.iterRows(options)) out.push(row);
+    return out;
+  }
+
+  /** The first `rows` rows as one batch. */
+  async takeBatch(rows = 20, options: ExecutionOptions & { batchFormat?: BatchFormat } = {}): Promise<Block | Row[] | Record<string, unknown[] | ArrayBufferView>> {
+    checkPositiveInteger(rows, 'takeBatch(rows)');
+    const format = checkFormat(options.batchFormat ?? 'columns', 'takeBatch()');
+    const blocks: Block[] = [];
+    for await (const { block } of this.#blocks(options, 'Dataset.takeBatch', [...this.#plan, { op: 'limit', rows }])) blocks.push(block);
+    return formatBatch(concatBlocks(blocks), format);
+  }
+
+  /** Prints the first `rows` rows, one JSON line each. */
+  async show(rows = 20, options: ExecutionOptions = {}): Promise<void> {
+    for (const row of await this.take(rows, options)) {
+      console.log(JSON.stringify(row, (_key, value) => (typeof value === 'bigint' ? value.toString() : value)));
+    }
+  }
+
+  /** Rows in the dataset: from metadata alone when the source knows its counts and nothing changes them. */
+  async count(options: ExecutionOptions = {}): Promise<number> {
+    const [head, ...rest] = this.#plan;
+    if (rest.length === 0 && head?.op === 'input') return head.blocks.reduce((sum, block) => sum + block.meta.rows, 0);
+    if (rest.length === 0 && head?.op === 'read') {
+      const tasks = await head.datasource.getReadTasks(head.parallelism ?? 1);
+      if (tasks.every((task) => typeof task.metadata.rows === 'number')) return tasks.reduce((sum, task) => sum + task.metadata.rows!, 0);
+    }
+    let rows = 0;
+    const executor = this.#executor(options, 'Dataset.count');
+    await executor.start();
+    for await (const output of executor.outputs()) {
+      rows += output.meta.rows;
+      output.ref[Symbol.dispose]();
+    }
+    this.#lastStats = executor.stats();
+    return rows;
+  }
+
+  /** The Arrow schema of the output (runs the plan up to its first block); undefined when empty. */
+  async schema(options: ExecutionOptions = {}): Promise<Schema | undefined> {
+    for await (const { block } of this.#blocks(options, 'Dataset.schema', [...this.#plan, { op: 'limit', rows: 1 }])) return block.schema;
+    return undefined;
+  }
+
+  /** Runs the plan and keeps its blocks in the object store: later consumers start from them. */
+  async materialize(options: ExecutionOptions = {}): Promise<Dataset> {
+    const executor = this.#executor(options, 'Dataset.materialize');
+    await executor.start();
+    const blocks: InputBlock[] = [];
+    for await (const output of executor.outputs()) blocks.push(output);
+    this.#lastStats = executor.stats();
+    return new Dataset([{ op: 'input', name: 'Materialized', blocks }]);
+  }
+
+  /**
+   * Writes through a sink: onWriteStart, then write() in write tasks as blocks arrive, then
+   * onWriteComplete with every task's result (or onWriteFailed with the error that stopped it).
+   */
+  async write<Result>(sink: Datasink<Result>, options: ExecutionOptions = {}): Promise<Result[]> {
+    if (!sink || typeof (sink as Datasink).write !== 'function') throw new InvalidArgumentError('write() takes a Datasink (an object with write(blocks, context))');
+    const executor = this.#executor(options, `Dataset.write(${sink.name})`, sink);
+    await sink.onWriteStart();
+    try {
+      await executor.start();
+      await executor.run();
+    } catch (error) {
+      this.#lastStats = executor.stats();
+      await sink.onWriteFailed(error as Error);
+      throw error;
+    }
+    this.#lastStats = executor.stats();
+    const results = executor.writeResults() as Result[];
+    await sink.onWriteComplete(results);
+    return results;
+  }
+
+  /** Statistics of the last job this dataset ran. */
+  stats(): JobStats | undefined {
+    return this.#lastStats;
+  }
+
+  /** The logical plan, the physical plan with its fused operators, and the tasks each will run. */
+  async explain(options: { print?: boolean } = {}): Promise<string> {
+    const lines = ['Logical plan:'];
+    this.#plan.forEach((operator, index) => lines.push(`  ${index === 0 ? '' : '-> '}${describeLogical(operator)}`));
+    lines.push('Physical plan:');
+    const physical = planPhysical(this.#plan);
+    let blocksEstimate: number | undefined;
+    let rowsEstimate: number | undefined;
+    for (const [index, operator] of physical.entries()) {
+      const { text, blocks, rows } = await describePhysical(operator, blocksEstimate, rowsEstimate);
+      blocksEstimate = blocks;
+      rowsEstimate = rows;
+      lines.push(`  ${index + 1}. ${text}`);
+    }
+    const text = lines.join('\n');
+    if (options.print !== false) console.log(text);
+    return text;
+  }
+
+  /** @internal */
+  get logicalPlan(): readonly LogicalOperator[] {
+    return this.#plan;
+  }
+}
+
+async function describePhysical(
+  operator: PhysicalOperatorSpec,
+  upstreamBlocks: number | undefined,
+  upstreamRows: number | undefined,
+): Promise<{ text: string; blocks?: number; rows?: number }> {
+  const approx = (value: number | undefined) => (value === undefined ? 'one per input block' : `~${value}`);
+  const fused = (stages: readonly StageSpec[]) => (stages.length ? ` (fused: ${stages.map((stage) => stage.name).join(', ')})` : '');
+  switch (operator.kind) {
+    case 'input':
+      return { text: `${operator.name}: ${operator.blocks.length} blocks in the store, no tasks`, blocks: operator.blocks.length, rows: operator.blocks.reduce((sum, block) => sum + block.meta.rows, 0) };
+    case 'read': {
+      const tasks = await operator.datasource.getReadTasks(operator.parallelism ?? 4);
+      const known = tasks.every((task) => typeof task.metadata.rows === 'number');
+      const rows = known ? tasks.reduce((sum, task) => sum + (task.metadata.rows ?? 0), 0) : undefined;
+      return { text: `${operator.name}: ${tasks.length} read tasks${fused(operator.stages)}${rows !== undefined ? `, ${rows} rows` : ''}`, blocks: tasks.length, rows };
+    }
+    case 'task-map': {
+      const calls = operator.bundleRows && upstreamRows !== undefined ? Math.ceil(upstreamRows / operator.bundleRows) : upstreamBlocks;
+      return { text: `${operator.name}: ${approx(calls)} tasks${fused(operator.stages.slice(1))}`, blocks: calls, rows: upstreamRows };
+    }
+    case 'actor-map': {
+      const calls = operator.bundleRows && upstreamRows !== undefined ? Math.ceil(upstreamRows / operator.bundleRows) : upstreamBlocks;
+      const max = operator.pool.max === Infinity ? 'as resources allow' : String(operator.pool.max);
+      return {
+        text: `${operator.name}: actor pool of ${operator.pool.min}..${max} actors, ${approx(calls)} calls${operator.bundleRows ? ` of ${operator.bundleRows} rows` : ''}${fused(operator.following)}`,
+        blocks: calls,
+        rows: upstreamRows,
+      };
+    }
+    case 'repartition':
+      return { text: `${operator.name}: ${operator.numBlocks} tasks after all input arrives`, blocks: operator.numBlocks, rows: upstreamRows };
+    case 'limit':
+      return { text: `${operator.name}: in the driver, stops upstream at ${operator.rows} rows`, blocks: upstreamBlocks, rows: upstreamRows === undefined ? operator.rows : Math.min(upstreamRows, operator.rows) };
+    case 'write':
+      return { text: `${operator.name}: ${approx(upstreamBlocks)} write tasks`, blocks: 0, rows: upstreamRows };
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sources
+
+/** A dataset over items in the driver: stored as `parallelism` blocks (default: up to 200 rows each). */
+export function fromItems(items: readonly unknown[], options: { parallelism?: number } = {}): Dataset {
+  requireCluster('fromItems()');
+  if (!Array.isArray(items)) throw new InvalidArgumentError('fromItems() takes an array');
+  const rows: Row[] = items.map((item) => (typeof item === 'object' && item !== null && !Array.isArray(item) && !(item instanceof Date) ? (item as Row) : { item }));
+  const parallelism = options.parallelism ?? Math.max(1, Math.min(200, rows.length));
+  checkPositiveInteger(parallelism, 'fromItems(): parallelism');
+  const perBlock = Math.max(1, Math.ceil(rows.length / parallelism));
+  const blocks: InputBlock[] = [];
+  for (let start = 0; start < rows.length; start += perBlock) {
+    const block = rowsToBlock(rows.slice(start, start + perBlock));
+    blocks.push({ ref: put(block) as ObjectRef<Block>, meta: { rows: block.numRows, bytes: blockBytes(block) } });
+  }
+  return new Dataset([{ op: 'input', name: 'FromItems', blocks }]);
+}
+
+/** A dataset over Arrow tables already in the driver. */
+export function fromArrow(tables: Block | readonly Block[]): Dataset {
+  requireCluster('fromArrow()');
+  const list = Array.isArray(tables) ? tables : [tables as Block];
+  const blocks = list.map((table) => ({ ref: put(table) as ObjectRef<Block>, meta: { rows: table.numRows, bytes: blockBytes(table) } }));
+  return new Dataset([{ op: 'input', name: 'FromArrow', blocks }]);
+}
+
+/** Reads through a custom Datasource. */
+export function readDatasource(datasource: Datasource, options: ReadOptions = {}): Dataset {
+  if (!datasource || typeof (datasource as Datasource).getReadTasks !== 'function') {
+    throw new InvalidArgumentError('readDatasource() takes a Datasource (an object with getReadTasks(parallelism))');
+  }
+  if (options.parallelism !== undefined) checkPositiveInteger(options.parallelism, 'readDatasource(): parallelism');
+  return new Dataset([{ op: 'read', datasource, parallelism: options.parallelism, compute: checkCompute(options, 'readDatasource()') }]);
+}

@@ -1,0 +1,1213 @@
+/**
+ * The streaming executor: every physical operator runs at once, blocks flow downstream as they are
+ * made, and a memory budget on the blocks alive in the object store holds back the operators that
+ * create data (reads and inputs) while downstream work drains it. Downstream operators are served
+ * first, since running them frees memory. A watchdog turns a stall into an error naming the
+ * operator, and a failure anywhere stops the whole job and releases everything it held.
+ */
+import { cancel, get, kill, state } from '../core/api.js';
+import { ObjectRef } from '../core/object-ref.js';
+import type { ActorHandle } from '../core/registry.js';
+import { ActorDiedError, DataError, DataStallError, TaskError, TrellisError, WorkerCrashedError } from '../errors.js';
+import { Deque } from '../core/deque.js';
+import type { Block } from './block.js';
+import type { Datasink, ReadTask, WriteContext } from './datasource.js';
+import type { InputBlock, PhysicalOperatorSpec, ComputeOptions, ActorPoolOptions } from './plan.js';
+import { createProgressReporter, type ProgressOption } from './progress.js';
+import type { JobProgress, OperatorProgress, ProgressReporter } from './progress-types.js';
+import type { StageSpec } from './stages.js';
+import { dataTask, RemoteDataPoolActor, sliceTask, writeTask, type DataPoolActor, type StageErrorInfo, type TaskResult, type TaskTargets, type WriteResult } from './worker-tasks.js';
+import { shipInstance } from './udf.js';
+import { newObjectId } from '../store/object-id.js';
+import { get as getValue, put } from '../core/api.js';
+
+/** How a job runs; each field has a default in `DataContext`. */
+export interface ExecutionOptions {
+  /** Bytes of the job's blocks allowed in the object store at once (default: half the store). */
+  memoryBudgetBytes?: number;
+  /** Blocks are joined toward at least this size (default 1 MiB)... */
+  minBlockBytes?: number;
+  /** ...and split above this size (default 128 MiB). */
+  maxBlockBytes?: number;
+  /** Outputs leave each operator in input order (default true: results are deterministic). */
+  preserveOrder?: boolean;
+  /** Blocks whose stage throws that are counted and skipped rather than failing the job (default 0). */
+  maxErroredBlocks?: number;
+  /** With no progress for this long, the job fails naming the stuck operator (ms; default 10 min). */
+  stallTimeoutMs?: number;
+  /** A display of the job's progress: 'auto' (default), false, or a reporter of your own. */
+  progress?: ProgressOption;
+  /** Retries of a task or batch whose worker died (default 3). */
+  maxRetries?: number;
+}
+
+/** Defaults for every job; change fields here to change them process-wide. */
+export const DataContext: Required<Omit<ExecutionOptions, 'memoryBudgetBytes'>> & { memoryBudgetBytes?: number } = {
+  memoryBudgetBytes: undefined,
+  minBlockBytes: 1 << 20,
+  maxBlockBytes: 128 << 20,
+  preserveOrder: true,
+  maxErroredBlocks: 0,
+  stallTimeoutMs: 10 * 60_000,
+  progress: 'auto',
+  maxRetries: 3,
+};
+
+/** What a finished job reports. */
+export interface JobStats {
+  rowsOut: number;
+  blocksOut: number;
+  erroredBlocks: number;
+  peakBudgetBytes: number;
+  wallMs: number;
+  operators: OperatorProgress[];
+}
+
+interface Unit {
+  seq: number;
+  blocks: InputBlock[];
+  rows: number;
+  bytes: number;
+  /** Row offset of the unit in the operator's input stream, where known. */
+  rowStart?: number;
+  attempts: number;
+  /** Read tasks: the task. */
+  read?: ReadTask;
+}
+
+interface Completed {
+  seq: number;
+  blocks: InputBlock[];
+}
+
+const noBlocks: InputBlock[] = [];
+
+function unitRows(blocks: readonly InputBlock[]): number {
+  return blocks.reduce((sum, block) => sum + block.meta.rows, 0);
+}
+function unitBytes(blocks: readonly InputBlock[]): number {
+  return blocks.reduce((sum, block) => sum + block.meta.bytes, 0);
+}
+
+function dispose(blocks: readonly InputBlock[]): void {
+  for (const block of blocks) block.ref[Symbol.dispose]();
+}
+
+function taskOptionsOf(compute: ComputeOptions, name: string, maxRetries: number) {
+  return {
+    numCpus: compute.numCpus ?? 1,
+    numGpus: compute.numGpus,
+    memory: compute.memory,
+    resources: compute.resources,
+    maxRetries,
+    name,
+  };
+}
+
+/** One running operator: its input queue, its work in flight, and its ordered outputs. */
+abstract class Operator {
+  readonly inputs = new Deque<InputBlock>();
+  inputBytes = 0;
+  inputRows = 0;
+  upstreamDone = false;
+  /** Stopped by a limit downstream: takes no more input and starts no more work. */
+  truncated = false;
+  active = 0;
+  activeInputBytes = 0;
+  rowsDone = 0;
+  blocksDone = 0;
+  blocksOut = 0;
+  unitsLaunched = 0;
+  outputBytes = 0;
+  rowsTotal?: number;
+  blocksTotal?: number;
+  backpressure?: string;
+  lastCompletion = Date.now();
+  /** Average output bytes per unit of work, learned as units finish. */
+  #outputBytesSeen = 0;
+  #unitsSeen = 0;
+  #reorder = new Map<number, InputBlock[]>();
+  #nextRelease = 0;
+  #nextSeq = 0;
+  #inputRowCursor = 0;
+  readonly downstreamQueue: InputBlock[] = [];
+
+  constructor(
+    readonly executor: StreamingExecutor,
+    readonly spec: PhysicalOperatorSpec,
+    readonly index: number,
+  ) {}
+
+  get name(): string {
+    return this.spec.name;
+  }
+
+  /** Sources make data from nothing: only they are held back by the budget unconditionally. */
+  get isSource(): boolean {
+    return false;
+  }
+
+  async start(): Promise<void> {}
+
+  /** A unit is ready to launch now. */
+  abstract hasWork(): boolean;
+  /** Units that could run at once. */
+  abstract capacity(): number;
+  abstract launch(): void;
+
+  get queuedUnits(): number {
+    return this.inputs.length;
+  }
+
+  done(): boolean {
+    return (this.upstreamDone || this.truncated) && this.inputs.length === 0 && this.active === 0 && this.#reorder.size === 0;
+  }
+
+  estimateOutputBytes(unitBytes: number): number {
+    if (this.#unitsSeen === 0) return unitBytes;
+    return this.#outputBytesSeen / this.#unitsSeen;
+  }
+
+  takeInput(block: InputBlock): void {
+    if (this.truncated) {
+      dispose([block]);
+      return;
+    }
+    this.inputs.push(block);
+    this.inputBytes += block.meta.bytes;
+    this.inputRows += block.meta.rows;
+  }
+
+  /** Takes blocks off the input queue toward a unit of `rows` rows (one block when undefined). */
+  protected nextUnit(rows?: number): Unit {
+    const blocks: InputBlock[] = [];
+    let total = 0;
+    while (this.inputs.length > 0 && (blocks.length === 0 || (rows !== undefined && total < rows))) {
+      const block = this.inputs.shift()!;
+      blocks.push(block);
+      total += block.meta.rows;
+      this.inputBytes -= block.meta.bytes;
+      this.inputRows -= block.meta.rows;
+    }
+    const unit: Unit = { seq: this.#nextSeq++, blocks, rows: total, bytes: unitBytes(blocks), attempts: 0, rowStart: this.#inputRowCursor };
+    this.#inputRowCursor += total;
+    return unit;
+  }
+
+  protected newSeq(): number {
+    return this.#nextSeq++;
+  }
+
+  /** Whether enough rows wait to fill a unit of `rows` (or any, at the end of input). */
+  protected hasUnitOf(rows?: number): boolean {
+    if (this.inputs.length === 0) return false;
+    if (rows === undefined || this.upstreamDone) return true;
+    return this.inputRows >= rows;
+  }
+
+  protected began(unit: Unit): void {
+    this.active++;
+    this.unitsLaunched++;
+    this.activeInputBytes += unit.bytes;
+    this.executor.touch();
+  }
+
+  /** A unit finished: its outputs are released downstream in order, its inputs let go. */
+  protected finished(unit: Unit, outputs: InputBlock[], inputsConsumed = true): void {
+    this.active--;
+    this.activeInputBytes -= unit.bytes;
+    if (inputsConsumed) dispose(unit.blocks);
+    this.blocksDone += Math.max(1, unit.blocks.length);
+    this.lastCompletion = Date.now();
+    const bytes = unitBytes(outputs);
+    this.#outputBytesSeen += bytes;
+    this.#unitsSeen++;
+    this.#release(unit.seq, outputs);
+    this.executor.touch();
+    this.executor.schedule();
+  }
+
+  /** A unit made nothing and never will (skipped after an error, or cut by a limit). */
+  protected skipped(unit: Unit): void {
+    this.finished(unit, noBlocks);
+  }
+
+  #release(seq: number, outputs: InputBlock[]): void {
+    if (this.truncated) {
+      dispose(outputs);
+      outputs = noBlocks;
+    }
+    if (!this.executor.options.preserveOrder) {
+      this.#emit(outputs);
+      return;
+    }
+    this.#reorder.set(seq, outputs);
+    this.outputBytes += unitBytes(outputs);
+    while (this.#reorder.has(this.#nextRelease)) {
+      const ready = this.#reorder.get(this.#nextRelease)!;
+      this.#reorder.delete(this.#nextRelease);
+      this.outputBytes -= unitBytes(ready);
+      this.#nextRelease++;
+      this.#emit(ready);
+    }
+  }
+
+  /** Units never launched (a truncated operator) must not hold back the order. */
+  protected abandonSeq(seq: number): void {
+    this.#release(seq, noBlocks);
+  }
+
+  #emit(outputs: InputBlock[]): void {
+    for (const block of outputs) {
+      this.rowsDone += block.meta.rows;
+      this.blocksOut++;
+      this.executor.emit(this, block);
+    }
+  }
+
+  /** Held bytes: queued input, input of running work, and finished output waiting for its turn. */
+  heldBytes(): number {
+    return this.inputBytes + this.activeInputBytes + this.outputBytes;
+  }
+
+  /** Stops taking work: queued input is let go. */
+  truncate(): void {
+    this.truncated = true;
+    while (this.inputs.length) dispose([this.inputs.shift()!]);
+    this.inputBytes = 0;
+    this.inputRows = 0;
+  }
+
+  progress(): OperatorProgress {
+    return {
+      name: this.name,
+      rowsDone: this.rowsDone,
+      rowsTotal: this.rowsTotal,
+      blocksDone: this.blocksDone,
+      blocksTotal: this.blocksTotal,
+      activeTasks: this.active,
+      queuedTasks: this.queuedUnits,
+      storeBytes: this.heldBytes(),
+      backpressure: this.backpressure,
+      done: this.done(),
+    };
+  }
+
+  async shutdown(): Promise<void> {}
+
+  /** Errors of a unit's stages, named by operator, block and rows. */
+  protected stageError(unit: Unit, info: StageErrorInfo): DataError {
+    const rows: [number, number] | undefined =
+      info.rows && unit.rowStart !== undefined && !unit.read ? [unit.rowStart + info.rows[0], unit.rowStart + info.rows[1]] : info.rows;
+    const where = unit.read ? `read task ${unit.seq}` : `block ${unit.seq}`;
+    const rowText = rows ? `, rows ${rows[0]}-${rows[1]}${unit.read ? ' of that read task' : ''}` : '';
+    const cause = Object.assign(new Error(info.message), { name: info.name, code: info.code, stack: info.stack });
+    return new DataError('ERR_DATA_UDF_FAILED', `operator ${this.name} failed at ${info.stage} on ${where}${rowText}: ${info.name}: ${info.message}`, {
+      operator: this.name,
+      block: unit.seq,
+      rows,
+      cause,
+    });
+  }
+
+  /** A stage threw: the job fails, or the block is counted and skipped within maxErroredBlocks. */
+  protected onStageError(unit: Unit, info: StageErrorInfo): void {
+    const error = this.stageError(unit, info);
+    if (this.executor.countErroredBlock(error)) this.skipped(unit);
+    else this.executor.fail(error);
+  }
+
+  protected onInfrastructureError(unit: Unit, error: unknown): void {
+    const err = error instanceof Error ? error : new Error(String(error));
+    this.executor.fail(
+      new DataError('ERR_DATA_TASK_FAILED', `operator ${this.name} failed on block ${unit.seq}: ${err.message}`, { operator: this.name, block: unit.seq, cause: err }),
+    );
+  }
+}
+
+/** Blocks already in the store (fromItems, a materialized dataset): released under the budget. */
+class InputOperator extends Operator {
+  readonly #pending: InputBlock[];
+
+  constructor(executor: StreamingExecutor, spec: Extract<PhysicalOperatorSpec, { kind: 'input' }>, index: number) {
+    super(executor, spec, index);
+    // The dataset keeps its own handles; the job holds its own, let go as blocks are consumed.
+    this.#pending = spec.blocks.map((block) => ({ ref: new ObjectRef<Block>(block.ref.id), meta: block.meta }));
+    this.upstreamDone = true;
+    this.rowsTotal = unitRows(spec.blocks);
+    this.blocksTotal = spec.blocks.length;
+  }
+  override get isSource(): boolean {
+    return true;
+  }
+  override get queuedUnits(): number {
+    return this.#pending.length;
+  }
+  override done(): boolean {
+    return (this.#pending.length === 0 || this.truncated) && super.done();
+  }
+  hasWork(): boolean {
+    return !this.truncated && this.#pending.length > 0;
+  }
+  capacity(): number {
+    return Infinity;
+  }
+  override estimateOutputBytes(): number {
+    return this.#pending[0]?.meta.bytes ?? 0;
+  }
+  override heldBytes(): number {
+    return super.heldBytes();
+  }
+  launch(): void {
+    const block = this.#pending.shift()!;
+    const unit: Unit = { seq: this.newSeq(), blocks: [], rows: 0, bytes: 0, attempts: 0 };
+    this.began(unit);
+    this.finished(unit, [block]);
+  }
+  override truncate(): void {
+    super.truncate();
+    dispose(this.#pending.splice(0));
+  }
+  override async shutdown(): Promise<void> {
+    dispose(this.#pending.splice(0));
+  }
+}
+
+/** Shared by operators that run data tasks: submission, completion and retries. */
+abstract class TaskOperator extends Operator {
+  #running = new Map<Unit, ObjectRef<unknown>>();
+
+  protected abstract submit(unit: Unit): ObjectRef<TaskResult>;
+
+  protected run(unit: Unit): void {
+    this.began(unit);
+    const ref = this.submit(unit);
+    this.#running.set(unit, ref);
+    get(ref).then(
+      (result) => {
+        this.#running.delete(unit);
+        ref[Symbol.dispose]();
+        if (this.executor.failed) {
+          dispose(result.blocks.map((block) => ({ ref: block.ref, meta: block })));
+          return;
+        }
+        if (result.error) {
+          dispose(result.blocks.map((block) => ({ ref: block.ref, meta: block })));
+          this.onStageError(unit, result.error);
+          return;
+        }
+        this.finished(
+          unit,
+          result.blocks.map((block) => ({ ref: block.ref, meta: { rows: block.rows, bytes: block.bytes } })),
+        );
+      },
+      (error: unknown) => {
+        this.#running.delete(unit);
+        ref[Symbol.dispose]();
+        if (this.executor.failed) return;
+        this.onInfrastructureError(unit, error);
+      },
+    );
+  }
+
+  override async shutdown(): Promise<void> {
+    for (const ref of this.#running.values()) {
+      try {
+        cancel(ref, { force: false });
+      } catch {
+        // Already finished or the cluster is gone.
+      }
+    }
+  }
+}
+
+function taskTargets(executor: StreamingExecutor): TaskTargets {
+  return {
+    minBlockBytes: executor.options.minBlockBytes,
+    maxBlockBytes: executor.options.maxBlockBytes,
+    collectAfterBytes: Math.max(1 << 20, executor.budgetBytes / 8),
+  };
+}
+
+/** Read tasks, with the function stages fused after the read. */
+class ReadOperator extends TaskOperator {
+  readonly #tasks = new Deque<ReadTask>();
+  #total = 0;
+  declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'read' }>;
+
+  override get isSource(): boolean {
+    return true;
+  }
+  override async start(): Promise<void> {
+    const parallelism = this.spec.parallelism ?? this.executor.defaultParallelism;
+    const tasks = await this.spec.datasource.getReadTasks(parallelism);
+    if (!Array.isArray(tasks)) throw new DataError('ERR_DATA_SOURCE', `${this.spec.datasource.name}.getReadTasks() must return an array of ReadTasks`, { operator: this.name });
+    for (const task of tasks) {
+      if (!task || typeof task !== 'object' || !('spec' in task)) {
+        throw new DataError('ERR_DATA_SOURCE', `${this.spec.datasource.name}.getReadTasks() returned something that is not a ReadTask`, { operator: this.name });
+      }
+      this.#tasks.push(task);
+    }
+    this.#total = tasks.length;
+    this.blocksTotal = tasks.length;
+    this.upstreamDone = true;
+    const rowsKnown = tasks.every((task) => typeof task.metadata.rows === 'number');
+    const rowPreserving = this.spec.stages.every((stage) => stage.kind === 'map' || stage.kind === 'mapBatches');
+    if (rowsKnown && rowPreserving) this.rowsTotal = tasks.reduce((sum, task) => sum + (task.metadata.rows ?? 0), 0);
+  }
+  override get queuedUnits(): number {
+    return this.#tasks.length;
+  }
+  override done(): boolean {
+    return (this.#tasks.length === 0 || this.truncated) && super.done();
+  }
+  get readTaskCount(): number {
+    return this.#total;
+  }
+  hasWork(): boolean {
+    return !this.truncated && this.#tasks.length > 0;
+  }
+  capacity(): number {
+    return this.executor.taskSlots(this.spec.compute);
+  }
+  override estimateOutputBytes(): number {
+    return super.estimateOutputBytes(this.#tasks.peek()?.metadata.bytes ?? this.executor.options.minBlockBytes);
+  }
+  override truncate(): void {
+    super.truncate();
+    this.#tasks.clear();
+  }
+  launch(): void {
+    const read = this.#tasks.shift()!;
+    const unit: Unit = { seq: this.newSeq(), blocks: [], rows: 0, bytes: 0, attempts: 0, read };
+    this.run(unit);
+  }
+  protected submit(unit: Unit): ObjectRef<TaskResult> {
+    const read = unit.read!;
+    return dataTask
+      .options(taskOptionsOf(this.spec.compute, this.name, this.executor.options.maxRetries))
+      .remote({ kind: 'read', read: read.spec, args: read.args }, this.spec.stages, taskTargets(this.executor));
+  }
+}
+
+/** Function stages over blocks, one task per block or per bundle of batchSize rows. */
+class TaskMapOperator extends TaskOperator {
+  declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'task-map' }>;
+  hasWork(): boolean {
+    return !this.truncated && this.hasUnitOf(this.spec.bundleRows);
+  }
+  capacity(): number {
+    return this.executor.taskSlots(this.spec.compute);
+  }
+  override estimateOutputBytes(): number {
+    return super.estimateOutputBytes(this.inputs.peek()?.meta.bytes ?? 0);
+  }
+  launch(): void {
+    this.run(this.nextUnit(this.spec.bundleRows));
+  }
+  protected submit(unit: Unit): ObjectRef<TaskResult> {
+    return dataTask
+      .options(taskOptionsOf(this.spec.compute, this.name, this.executor.options.maxRetries))
+      .remote({ kind: 'blocks' }, this.spec.stages, taskTargets(this.executor), ...(unit.blocks.map((block) => block.ref) as unknown as Block[]));
+  }
+}
+
+interface PoolActor {
+  handle: ActorHandle<DataPoolActor>;
+  state: 'starting' | 'ready' | 'stopping';
+  inflight: number;
+  idleSince: number;
+}
+
+/** A class stage on an autoscaling pool of actors, each built once (its model loaded once). */
+class ActorMapOperator extends Operator {
+  declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'actor-map' }>;
+  readonly #actors = new Set<PoolActor>();
+  readonly #retry = new Deque<Unit>();
+  #lastScaleCheck = 0;
+  #resourcesFree = true;
+
+  get pool(): ActorPoolOptions {
+    return this.spec.pool;
+  }
+  get className(): string {
+    return this.spec.classStage.udf.descriptor.name;
+  }
+
+  override async start(): Promise<void> {
+    // The pool's minimum starts before the first batch arrives, so models load while data is read.
+    for (let i = 0; i < this.pool.min; i++) this.#addActor();
+  }
+
+  #addActor(): void {
+    const compute = this.spec.compute;
+    const handle = RemoteDataPoolActor.options({
+      numCpus: compute.numCpus ?? 1,
+      numGpus: compute.numGpus,
+      memory: compute.memory,
+      resources: compute.resources,
+      maxConcurrency: 1,
+    }).remote();
+    const actor: PoolActor = { handle, state: 'starting', inflight: 0, idleSince: Date.now() };
+    this.#actors.add(actor);
+    const started = get(handle.start.remote(this.spec.classStage, this.spec.following));
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new DataError('ERR_DATA_ACTOR_START', `actor pool ${this.name}: ${this.className}'s constructor did not finish within ${this.pool.startTimeoutMs} ms`, { operator: this.name })),
+        this.pool.startTimeoutMs,
+      );
+      timer.unref();
+    });
+    Promise.race([started, timeout]).then(
+      () => {
+        clearTimeout(timer);
+        if (actor.state !== 'starting') return;
+        actor.state = 'ready';
+        actor.idleSince = Date.now();
+        this.executor.touch();
+        this.executor.schedule();
+      },
+      (error: unknown) => {
+        clearTimeout(timer);
+        if (actor.state === 'stopping' || this.executor.failed) return;
+        this.#removeActor(actor);
+        if (error instanceof ActorDiedError && this.#actors.size > 0) return; // lost before it started; the pool refills
+        const cause = error instanceof TaskError ? (error.cause as Error) : (error as Error);
+        const message =
+          error instanceof DataError ? error.message : `actor pool ${this.name}: ${this.className}'s constructor failed: ${cause?.name ?? 'Error'}: ${cause?.message ?? String(error)}`;
+        this.executor.fail(new DataError('ERR_DATA_ACTOR_START', message, { operator: this.name, cause: error }));
+      },
+    );
+  }
+
+  #removeActor(actor: PoolActor, killIt = true): void {
+    if (!this.#actors.delete(actor)) return;
+    actor.state = 'stopping';
+    if (killIt) {
+      try {
+        kill(actor.handle);
+      } catch {
+        // The cluster may be shutting down.
+      }
+    }
+  }
+
+  counts(): { running: number; pending: number } {
+    let running = 0;
+    let pending = 0;
+    for (const actor of this.#actors) {
+      if (actor.state === 'ready') running++;
+      else if (actor.state === 'starting') pending++;
+    }
+    return { running, pending };
+  }
+
+  override get queuedUnits(): number {
+    return this.inputs.length + this.#retry.length;
+  }
+
+  hasWork(): boolean {
+    if (this.truncated) return false;
+    return this.#retry.length > 0 || this.hasUnitOf(this.spec.bundleRows);
+  }
+
+  #freeActor(): PoolActor | undefined {
+    let best: PoolActor | undefined;
+    for (const actor of this.#actors) {
+      if (actor.state !== 'ready' || actor.inflight >= this.pool.maxTasksInFlightPerActor) continue;
+      if (!best || actor.inflight < best.inflight) best = actor;
+    }
+    return best;
+  }
+
+  capacity(): number {
+    return this.#freeActor() ? this.active + 1 : this.active;
+  }
+
+  override estimateOutputBytes(): number {
+    return super.estimateOutputBytes(this.inputs.peek()?.meta.bytes ?? 0);
+  }
+
+  launch(): void {
+    const actor = this.#freeActor()!;
+    const unit = this.#retry.length > 0 ? this.#retry.shift()! : this.nextUnit(this.spec.bundleRows);
+    actor.inflight++;
+    this.began(unit);
+    const ref = actor.handle.process.remote(taskTargets(this.executor), ...(unit.blocks.map((block) => block.ref) as unknown as Block[])) as ObjectRef<TaskResult>;
+    get(ref).then(
+      (result) => {
+        ref[Symbol.dispose]();
+        this.#callEnded(actor);
+        const outputs = result.blocks.map((block) => ({ ref: block.ref, meta: { rows: block.rows, bytes: block.bytes } }));
+        if (this.executor.failed) return dispose(outputs);
+        if (result.error) {
+          dispose(outputs);
+          return this.onStageError(unit, result.error);
+        }
+        this.finished(unit, outputs);
+      },
+      (error: unknown) => {
+        ref[Symbol.dispose]();
+        this.#callEnded(actor);
+        if (this.executor.failed) return;
+        if (error instanceof ActorDiedError && unit.attempts < this.executor.options.maxRetries) {
+          // The batch goes to another actor; the pool refills to its minimum.
+          this.#removeActor(actor, false);
+          unit.attempts++;
+          this.active--;
+          this.activeInputBytes -= unit.bytes;
+          this.#retry.push(unit);
+          this.executor.warn(`actor pool ${this.name}: an actor died; block ${unit.seq} is retried (attempt ${unit.attempts + 1})`);
+          this.executor.schedule();
+          return;
+        }
+        this.onInfrastructureError(unit, error);
+      },
+    );
+  }
+
+  #callEnded(actor: PoolActor): void {
+    actor.inflight--;
+    if (actor.inflight === 0) actor.idleSince = Date.now();
+  }
+
+  /** Grows on queued work the actors cannot take; shrinks actors idle past the timeout. */
+  autoscale(): void {
+    if (this.executor.failed) return;
+    const { running, pending } = this.counts();
+    const total = running + pending;
+    const now = Date.now();
+    if (this.done()) {
+      for (const actor of [...this.#actors]) this.#removeActor(actor);
+      return;
+    }
+    if (total < this.pool.min) {
+      for (let i = total; i < this.pool.min; i++) this.#addActor();
+      return;
+    }
+    const waiting = this.hasWork() && !this.#freeActor();
+    if (waiting && pending === 0 && total < this.pool.max) {
+      // Resources are read at most every 100 ms: state() walks the whole cluster.
+      if (now - this.#lastScaleCheck > 100) {
+        this.#lastScaleCheck = now;
+        this.#resourcesFree = this.executor.resourcesFree(this.spec.compute);
+      }
+      if (this.#resourcesFree) {
+        this.#resourcesFree = false;
+        this.#addActor();
+      }
+      return;
+    }
+    if (!this.hasWork() && total > this.pool.min) {
+      for (const actor of this.#actors) {
+        if (this.counts().running + this.counts().pending <= this.pool.min) break;
+        if (actor.state === 'ready' && actor.inflight === 0 && now - actor.idleSince >= this.pool.idleTimeoutMs) this.#removeActor(actor);
+      }
+    }
+  }
+
+  override truncate(): void {
+    super.truncate();
+    this.#retry.clear();
+  }
+
+  override progress(): OperatorProgress {
+    const { running, pending } = this.counts();
+    return { ...super.progress(), actors: { running, pending, min: this.pool.min, max: this.pool.max } };
+  }
+
+  override async shutdown(): Promise<void> {
+    for (const actor of [...this.#actors]) this.#removeActor(actor);
+    for (const unit of this.#retry) dispose(unit.blocks);
+    this.#retry.clear();
+  }
+}
+
+/** A limit: passes blocks until it has its rows, cuts the last one, and stops everything upstream. */
+class LimitOperator extends Operator {
+  declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'limit' }>;
+  #remaining: number;
+  constructor(executor: StreamingExecutor, spec: Extract<PhysicalOperatorSpec, { kind: 'limit' }>, index: number) {
+    super(executor, spec, index);
+    this.#remaining = spec.rows;
+    this.rowsTotal = spec.rows;
+  }
+  hasWork(): boolean {
+    return this.inputs.length > 0 && !this.truncated;
+  }
+  capacity(): number {
+    return 1;
+  }
+  override done(): boolean {
+    return super.done() || (this.#remaining === 0 && this.active === 0);
+  }
+  launch(): void {
+    const unit = this.nextUnit();
+    this.began(unit);
+    const block = unit.blocks[0];
+    if (block.meta.rows <= this.#remaining) {
+      this.#remaining -= block.meta.rows;
+      this.finished(unit, [block], false);
+      if (this.#remaining === 0) this.executor.truncateUpstreamOf(this);
+      return;
+    }
+    const keep = this.#remaining;
+    this.#remaining = 0;
+    this.executor.truncateUpstreamOf(this);
+    // Cutting a block reads it here (zero-copy) and stores the cut: the copy is at most a block.
+    getValue(block.ref).then(
+      (table) => {
+        const cut = (table as Block).slice(0, keep);
+        const ref = put(cut) as ObjectRef<Block>;
+        const bytes = Math.ceil((block.meta.bytes * keep) / Math.max(1, block.meta.rows));
+        this.finished(unit, [{ ref, meta: { rows: keep, bytes } }]);
+      },
+      (error: unknown) => this.onInfrastructureError(unit, error),
+    );
+  }
+}
+
+/** Repartition: waits for all input, then cuts it into numBlocks blocks of equal rows. */
+class RepartitionOperator extends Operator {
+  declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'repartition' }>;
+  #planned = false;
+  #held: InputBlock[] = [];
+  #outstanding = 0;
+
+  hasWork(): boolean {
+    return !this.#planned && this.upstreamDone && !this.truncated;
+  }
+  capacity(): number {
+    return 1;
+  }
+  override get queuedUnits(): number {
+    return this.#planned ? 0 : this.inputs.length;
+  }
+  override done(): boolean {
+    return this.#planned && this.#outstanding === 0 && super.done();
+  }
+  override heldBytes(): number {
+    return super.heldBytes() + unitBytes(this.#held);
+  }
+  launch(): void {
+    this.#planned = true;
+    this.#held = [];
+    while (this.inputs.length) this.#held.push(this.inputs.shift()!);
+    this.inputBytes = 0;
+    this.inputRows = 0;
+    const total = unitRows(this.#held);
+    const parts = Math.max(1, this.spec.numBlocks);
+    this.blocksTotal = parts;
+    this.rowsTotal = total;
+    // Output i covers rows [start_i, end_i) of the concatenated input.
+    let blockIndex = 0;
+    let offsetInBlock = 0;
+    this.#outstanding = parts;
+    for (let part = 0; part < parts; part++) {
+      const want = Math.floor(total / parts) + (part < total % parts ? 1 : 0);
+      const refs: ObjectRef<Block>[] = [];
+      const slices: Array<[number, number]> = [];
+      let need = want;
+      let bytes = 0;
+      while (need > 0 && blockIndex < this.#held.length) {
+        const block = this.#held[blockIndex];
+        const take = Math.min(need, block.meta.rows - offsetInBlock);
+        if (take > 0) {
+          refs.push(block.ref);
+          slices.push([offsetInBlock, take]);
+          bytes += Math.ceil((block.meta.bytes * take) / Math.max(1, block.meta.rows));
+        }
+        need -= take;
+        offsetInBlock += take;
+        if (offsetInBlock >= block.meta.rows) {
+          blockIndex++;
+          offsetInBlock = 0;
+        }
+      }
+      const unit: Unit = { seq: this.newSeq(), blocks: [], rows: want, bytes: 0, attempts: 0 };
+      this.began(unit);
+      if (refs.length === 0) {
+        this.#partDone(unit, []);
+        continue;
+      }
+      const ref = sliceTask
+        .options({ numCpus: 1, maxRetries: this.executor.options.maxRetries, name: this.name })
+        .remote(slices, taskTargets(this.executor), ...(refs as unknown as Block[]));
+      get(ref).then(
+        (result) => {
+          ref[Symbol.dispose]();
+          this.#partDone(unit, result.blocks.map((block) => ({ ref: block.ref, meta: { rows: block.rows, bytes: block.bytes } })));
+        },
+        (error: unknown) => this.onInfrastructureError(unit, error),
+      );
+    }
+  }
+  #partDone(unit: Unit, outputs: InputBlock[]): void {
+    this.#outstanding--;
+    if (this.#outstanding === 0) {
+      dispose(this.#held);
+      this.#held = [];
+    }
+    this.finished(unit, outputs);
+  }
+  override async shutdown(): Promise<void> {
+    dispose(this.#held);
+    this.#held = [];
+  }
+}
+
+/** Write tasks: the sink's write() per block (or bundle), on workers. */
+class WriteOperator extends Operator {
+  declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'write' }>;
+  readonly results: Array<{ seq: number; result: unknown }> = [];
+  readonly writeId = newObjectId().slice(0, 12);
+  readonly #shipped;
+
+  constructor(executor: StreamingExecutor, spec: Extract<PhysicalOperatorSpec, { kind: 'write' }>, index: number) {
+    super(executor, spec, index);
+    this.#shipped = shipInstance(spec.sink, 'write()');
+  }
+
+  hasWork(): boolean {
+    return this.hasUnitOf(this.spec.sink.minRowsPerWrite);
+  }
+  capacity(): number {
+    return this.executor.taskSlots(this.spec.compute);
+  }
+  override estimateOutputBytes(): number {
+    return 0;
+  }
+  launch(): void {
+    const unit = this.nextUnit(this.spec.sink.minRowsPerWrite);
+    this.began(unit);
+    this.#attempt(unit);
+  }
+  #attempt(unit: Unit): void {
+    const context: WriteContext = { taskIndex: unit.seq, attempt: unit.attempts, writeId: this.writeId };
+    // Retried here rather than by the runtime, so that the sink sees which attempt it is.
+    const ref = writeTask
+      .options({ ...taskOptionsOf(this.spec.compute, this.name, 0) })
+      .remote(this.#shipped, context, taskTargets(this.executor), ...(unit.blocks.map((block) => block.ref) as unknown as Block[])) as ObjectRef<WriteResult>;
+    get(ref).then(
+      (result) => {
+        ref[Symbol.dispose]();
+        if (this.executor.failed) return;
+        if (result.error) return this.onStageError(unit, result.error);
+        this.results.push({ seq: unit.seq, result: result.result });
+        this.rowsDone += result.rows;
+        this.finished(unit, noBlocks);
+      },
+      (error: unknown) => {
+        ref[Symbol.dispose]();
+        if (this.executor.failed) return;
+        if (error instanceof WorkerCrashedError && unit.attempts < this.executor.options.maxRetries) {
+          unit.attempts++;
+          this.executor.warn(`${this.name}: write task ${unit.seq}'s worker died; retrying (attempt ${unit.attempts + 1})`);
+          this.#attempt(unit);
+          return;
+        }
+        this.onInfrastructureError(unit, error);
+      },
+    );
+  }
+}
+
+/** Runs one job: a chain of physical operators, feeding a consumer or a sink. */
+export class StreamingExecutor {
+  readonly options: Required<Omit<ExecutionOptions, 'memoryBudgetBytes' | 'progress'>> & { progress: ProgressOption };
+  readonly operators: Operator[] = [];
+  readonly budgetBytes: number;
+  readonly defaultParallelism: number;
+  failed?: Error;
+  erroredBlocks = 0;
+  peakBytes = 0;
+  rowsOut = 0;
+  blocksOut = 0;
+  readonly #output: InputBlock[] = [];
+  #outputBytes = 0;
+  #waiter?: () => void;
+  #lastProgress = Date.now();
+  readonly #started = Date.now();
+  #timer?: NodeJS.Timeout;
+  #reporter?: ProgressReporter;
+  #scheduling = false;
+  #rescheduled = false;
+  #finished = false;
+  readonly #totalCpus: number;
+  readonly #job: string;
+  readonly #warnings: string[] = [];
+
+  constructor(specs: PhysicalOperatorSpec[], options: ExecutionOptions, job: string) {
+    this.options = {
+      minBlockBytes: options.minBlockBytes ?? DataContext.minBlockBytes,
+      maxBlockBytes: options.maxBlockBytes ?? DataContext.maxBlockBytes,
+      preserveOrder: options.preserveOrder ?? DataContext.preserveOrder,
+      maxErroredBlocks: options.maxErroredBlocks ?? DataContext.maxErroredBlocks,
+      stallTimeoutMs: options.stallTimeoutMs ?? DataContext.stallTimeoutMs,
+      progress: options.progress ?? DataContext.progress,
+      maxRetries: options.maxRetries ?? DataContext.maxRetries,
+    };
+    const cluster = state();
+    const capacity = cluster.nodes.reduce((sum, node) => sum + node.store.capacity, 0);
+    this.budgetBytes = options.memoryBudgetBytes ?? DataContext.memoryBudgetBytes ?? Math.floor(capacity / 2);
+    this.#totalCpus = cluster.nodes.reduce((sum, node) => sum + (node.resources.total.CPU ?? 0), 0);
+    this.defaultParallelism = Math.max(2, this.#totalCpus * 2);
+    this.#job = job;
+    specs.forEach((spec, index) => this.operators.push(this.#make(spec, index)));
+  }
+
+  #make(spec: PhysicalOperatorSpec, index: number): Operator {
+    switch (spec.kind) {
+      case 'input':
+        return new InputOperator(this, spec, index);
+      case 'read':
+        return new ReadOperator(this, spec, index);
+      case 'task-map':
+        return new TaskMapOperator(this, spec, index);
+      case 'actor-map':
+        return new ActorMapOperator(this, spec, index);
+      case 'limit':
+        return new LimitOperator(this, spec, index);
+      case 'repartition':
+        return new RepartitionOperator(this, spec, index);
+      case 'write':
+        return new WriteOperator(this, spec, index);
+    }
+  }
+
+  /** Tasks of this shape that can run at once across the cluster, with some queued ahead. */
+  taskSlots(compute: ComputeOptions): number {
+    const cpus = compute.numCpus ?? 1;
+    const byCpu = cpus > 0 ? Math.floor(this.#totalCpus / cpus) : 64;
+    return Math.min(compute.concurrency ?? Infinity, Math.max(1, byCpu) * 2);
+  }
+
+  /** Whether some node has room for one more actor of this shape now. */
+  resourcesFree(compute: ComputeOptions): boolean {
+    const need: Record<string, number> = { ...(compute.resources ?? {}), CPU: compute.numCpus ?? 1, GPU: compute.numGpus ?? 0 };
+    return state().nodes.some((node) => Object.entries(need).every(([name, amount]) => amount <= 0 || (node.resources.available[name] ?? 0) >= amount - 1e-9));
+  }
+
+  touch(): void {
+    this.#lastProgress = Date.now();
+  }
+
+  warn(message: string): void {
+    this.#warnings.push(message);
+  }
+
+  countErroredBlock(error: DataError): boolean {
+    if (this.erroredBlocks >= this.options.maxErroredBlocks) return false;
+    this.erroredBlocks++;
+    this.warn(`skipped: ${error.message}`);
+    return true;
+  }
+
+  usedBytes(): number {
+    let bytes = this.#outputBytes;
+    for (const operator of this.operators) bytes += operator.heldBytes();
+    return bytes;
+  }
+
+  /** An operator's output: the next operator's input, or the job's output. */
+  emit(from: Operator, block: InputBlock): void {
+    const next = this.operators[from.index + 1];
+    if (next) next.takeInput(block);
+    else {
+      this.#output.push(block);
+      this.#outputBytes += block.meta.bytes;
+      this.#wake();
+    }
+  }
+
+  truncateUpstreamOf(operator: Operator): void {
+    for (let index = 0; index < operator.index; index++) this.operators[index].truncate();
+  }
+
+  async start(): Promise<void> {
+    this.#reporter = createProgressReporter(this.options.progress);
+    try {
+      for (const operator of this.operators) await operator.start();
+    } catch (error) {
+      this.fail(error instanceof Error ? error : new Error(String(error)));
+      throw this.failed;
+    }
+    const tick = Math.min(250, Math.max(20, this.options.stallTimeoutMs / 4));
+    this.#timer = setInterval(() => this.#tick(), tick);
+    this.#timer.unref();
+    this.schedule();
+  }
+
+  #tick(): void {
+    if (this.#finished) return;
+    for (const operator of this.operators) if (operator instanceof ActorMapOperator) operator.autoscale();
+    this.schedule();
+    this.#reporter?.update(this.snapshot());
+    const stalled = Date.now() - this.#lastProgress;
+    const busy = this.operators.filter((operator) => operator.active > 0 || (operator instanceof ActorMapOperator && operator.counts().pending > 0));
+    if (stalled > this.options.stallTimeoutMs && busy.length > 0) {
+      const stuck = busy.reduce((oldest, operator) => (operator.lastCompletion < oldest.lastCompletion ? operator : oldest));
+      this.fail(
+        new DataStallError(
+          'ERR_DATA_STALLED',
+          `no progress for ${Math.round(stalled / 1000)} s: operator ${stuck.name} has ${stuck.active} task(s) running and none finished ` +
+            `(stallTimeoutMs is ${this.options.stallTimeoutMs})`,
+          { operator: stuck.name },
+        ),
+      );
+    }
+  }
+
+  /** Starts what may start: downstream operators first, sources only within the budget. */
+  schedule(): void {
+    if (this.#scheduling) {
+      this.#rescheduled = true;
+      return;
+    }
+    this.#scheduling = true;
+    try {
+      do {
+        this.#rescheduled = false;
+        this.#scheduleOnce();
+      } while (this.#rescheduled);
+    } finally {
+      this.#scheduling = false;
+    }
+  }
+
+  #scheduleOnce(): void {
+    if (this.failed || this.#finished) return;
+    let used = this.usedBytes();
+    for (let index = this.operators.length - 1; index >= 0; index--) {
+      const operator = this.operators[index];
+      if (index > 0 && this.operators[index - 1].done()) operator.upstreamDone = true;
+      operator.backpressure = undefined;
+      if (operator instanceof ActorMapOperator) operator.autoscale();
+      while (operator.hasWork()) {
+        if (operator.active >= operator.capacity()) {
+          operator.backpressure = operator instanceof ActorMapOperator ? 'all actors busy' : undefined;
+          break;
+        }
+        const estimate = operator.estimateOutputBytes(0);
+        // Work that consumes queued blocks frees about what it makes, so one unit always may run;
+        // sources only start what fits (or one, if nothing at all is held, so a huge block passes).
+        const fits = used + estimate <= this.budgetBytes;
+        const mayOverrun = operator.isSource ? used === 0 && operator.active === 0 : operator.active === 0;
+        if (!fits && !mayOverrun) {
+          operator.backpressure = 'memory budget';
+          break;
+        }
+        operator.launch();
+        used += estimate;
+        if (this.failed) return;
+      }
+    }
+    for (let index = 1; index < this.operators.length; index++) {
+      if (this.operators[index - 1].done()) this.operators[index].upstreamDone = true;
+    }
+    this.peakBytes = Math.max(this.peakBytes, this.usedBytes());
+    if (this.operators.every((operator) => operator.done())) this.#wake();
+  }
+
+  get finishedAll(): boolean {
+    return this.operators.every((operator) => operator.done());
+  }
+
+  /** The job's output blocks, in order; the caller disposes each block's ref when done with it. */
+  async *outputs(): AsyncGenerator<InputBlock> {
+    try {
+      while (true) {
+        if (this.failed) throw this.failed;
+        const block = this.#output.shift();
+        if (block) {
+          this.#outputBytes -= block.meta.bytes;
+          this.rowsOut += block.meta.rows;
+          this.blocksOut++;
+          this.touch();
+          this.schedule();
+          yield block;
+          continue;
+        }
+        if (this.finishedAll) return;
+        await new Promise<void>((resolve) => (this.#waiter = resolve));
+      }
+    } finally {
+      await this.close();
+    }
+  }
+
+  /** Runs to the end without a consumer (a write job). */
+  async run(): Promise<void> {
+    for await (const block of this.outputs()) dispose([block]);
+  }
+
+  #wake(): void {
+    const waiter = this.#waiter;
+    this.#waiter = undefined;
+    waiter?.();
+  }
+
+  fail(error: Error): void {
+    if (this.failed || this.#finished) return;
+    this.failed = error;
+    for (const operator of this.operators) {
+      operator.truncate();
+      void operator.shutdown();
+    }
+    this.#wake();
+  }
+
+  writeResults(): unknown[] {
+    const write = this.operators.find((operator) => operator instanceof WriteOperator) as WriteOperator | undefined;
+    return write ? write.results.sort((a, b) => a.seq - b.seq).map((entry) => entry.result) : [];
+  }
+
+  /** Stops the job and lets go of everything it holds. */
+  async close(): Promise<void> {
+    if (this.#finished) return;
+    this.#finished = true;
+    if (this.#timer) clearInterval(this.#timer);
+    dispose(this.#output.splice(0));
+    this.#outputBytes = 0;
+    for (const operator of this.operators) {
+      operator.truncate();
+      await operator.shutdown();
+    }
+    this.#reporter?.finish(this.snapshot(), this.failed);
+  }
+
+  get warnings(): readonly string[] {
+    return this.#warnings;
+  }
+
+  snapshot(): JobProgress {
+    return {
+      job: this.#job,
+      elapsedMs: Date.now() - this.#started,
+      operators: this.operators.map((operator) => operator.progress()),
+      storeBytes: this.usedBytes(),
+      budgetBytes: this.budgetBytes,
+      rowsOut: this.rowsOut,
+    };
+  }
+
+  stats(): JobStats {
+    return {
+      rowsOut: this.rowsOut,
+      blocksOut: this.blocksOut,
+      erroredBlocks: this.erroredBlocks,
+      peakBudgetBytes: this.peakBytes,
+      wallMs: Date.now() - this.#started,
+      operators: this.operators.map((operator) => operator.progress()),
+    };
+  }
+
+  /** Read tasks per read operator, for explain(). */
+  readTaskCounts(): number[] {
+    return this.operators.filter((operator) => operator instanceof ReadOperator).map((operator) => (operator as ReadOperator).readTaskCount);
+  }
+}
+
+export { TrellisError };
+export type { StageSpec };

@@ -1,0 +1,127 @@
+/**
+ * A dataset's logical plan (what the user asked for) and its physical plan (what runs): adjacent
+ * function stages fuse into the read or task before them; a class stage gets an actor pool, with
+ * the function stages after it fused into its calls; limit, repartition and write are operators of
+ * their own.
+ */
+import type { ObjectRef } from '../core/object-ref.js';
+import type { Block, BlockMetadata } from './block.js';
+import type { Datasink, Datasource } from './datasource.js';
+import type { StageSpec } from './stages.js';
+
+export interface InputBlock {
+  ref: ObjectRef<Block>;
+  meta: BlockMetadata;
+}
+
+/** Resources and scheduling of the tasks or actors an operator starts. */
+export interface ComputeOptions {
+  numCpus?: number;
+  numGpus?: number;
+  memory?: number;
+  resources?: Record<string, number>;
+  /** Function stages: at most this many tasks at once. */
+  concurrency?: number;
+}
+
+export interface ActorPoolOptions {
+  min: number;
+  max: number;
+  maxTasksInFlightPerActor: number;
+  /** How long an actor's constructor may take before the job fails (ms). */
+  startTimeoutMs: number;
+  /** An actor idle this long above the pool's minimum is stopped (ms). */
+  idleTimeoutMs: number;
+}
+
+export type LogicalOperator =
+  | { op: 'read'; datasource: Datasource; parallelism?: number; compute: ComputeOptions }
+  | { op: 'input'; name: string; blocks: InputBlock[] }
+  | { op: 'stage'; stage: StageSpec; compute: ComputeOptions; pool?: ActorPoolOptions }
+  | { op: 'repartition'; numBlocks: number }
+  | { op: 'limit'; rows: number };
+
+export type PhysicalOperatorSpec =
+  | { kind: 'input'; name: string; blocks: InputBlock[] }
+  | { kind: 'read'; name: string; datasource: Datasource; parallelism?: number; stages: StageSpec[]; compute: ComputeOptions }
+  | { kind: 'task-map'; name: string; stages: StageSpec[]; compute: ComputeOptions; bundleRows?: number }
+  | { kind: 'actor-map'; name: string; classStage: StageSpec; following: StageSpec[]; compute: ComputeOptions; pool: ActorPoolOptions; bundleRows?: number }
+  | { kind: 'repartition'; name: string; numBlocks: number }
+  | { kind: 'limit'; name: string; rows: number }
+  | { kind: 'write'; name: string; sink: Datasink; compute: ComputeOptions };
+
+function sameCompute(a: ComputeOptions, b: ComputeOptions): boolean {
+  return JSON.stringify(a) === JSON.stringify(b);
+}
+
+function fusedName(head: string, stages: readonly StageSpec[]): string {
+  return [head, ...stages.map((stage) => stage.name)].filter(Boolean).join('->');
+}
+
+/** The physical operators for a chain of logical ones, fusing what can run in one process. */
+export function planPhysical(logical: readonly LogicalOperator[], sink?: Datasink): PhysicalOperatorSpec[] {
+  const physical: PhysicalOperatorSpec[] = [];
+  for (const operator of logical) {
+    const last = physical[physical.length - 1];
+    if (operator.op === 'read') {
+      physical.push({ kind: 'read', name: `Read${operator.datasource.name}`, datasource: operator.datasource, parallelism: operator.parallelism, stages: [], compute: operator.compute });
+    } else if (operator.op === 'input') {
+      physical.push({ kind: 'input', name: operator.name, blocks: operator.blocks });
+    } else if (operator.op === 'stage') {
+      const stage = operator.stage;
+      if (stage.udf.kind === 'class') {
+        physical.push({
+          kind: 'actor-map', name: stage.name, classStage: stage, following: [], compute: operator.compute, pool: operator.pool!, bundleRows: stage.batchSize,
+        });
+        continue;
+      }
+      // A function stage joins the operator before it when it runs with the same resources; a
+      // batch stage with a batch size joins only a read (whose task sees the whole read), since
+      // blocks bundled for it are sized by its batch size.
+      const batchSized = stage.kind === 'mapBatches' && stage.batchSize !== undefined;
+      if (last?.kind === 'read' && sameCompute(last.compute, operator.compute)) {
+        last.stages.push(stage);
+        last.name = fusedName(`Read${last.datasource.name}`, last.stages);
+      } else if (last?.kind === 'task-map' && sameCompute(last.compute, operator.compute) && !batchSized) {
+        last.stages.push(stage);
+        last.name = fusedName('', last.stages);
+      } else if (last?.kind === 'actor-map' && !batchSized) {
+        last.following.push(stage);
+        last.name = fusedName(last.classStage.name, last.following);
+      } else {
+        physical.push({ kind: 'task-map', name: stage.name, stages: [stage], compute: operator.compute, bundleRows: stage.batchSize });
+      }
+    } else if (operator.op === 'repartition') {
+      physical.push({ kind: 'repartition', name: `Repartition(${operator.numBlocks})`, numBlocks: operator.numBlocks });
+    } else {
+      // Two limits in a row keep the smaller.
+      if (last?.kind === 'limit') last.rows = Math.min(last.rows, operator.rows);
+      else physical.push({ kind: 'limit', name: `Limit(${operator.rows})`, rows: operator.rows });
+    }
+  }
+  if (sink) physical.push({ kind: 'write', name: `Write(${sink.name})`, sink, compute: {} });
+  return physical;
+}
+
+export function describeLogical(operator: LogicalOperator): string {
+  switch (operator.op) {
+    case 'read':
+      return `Read${operator.datasource.name}${operator.parallelism ? ` [parallelism ${operator.parallelism}]` : ''}`;
+    case 'input':
+      return `${operator.name} [${operator.blocks.length} blocks]`;
+    case 'stage': {
+      const stage = operator.stage;
+      const details = [
+        stage.batchSize ? `batchSize ${stage.batchSize}` : '',
+        stage.kind === 'mapBatches' && stage.batchFormat ? `format ${stage.batchFormat}` : '',
+        operator.pool ? `actors ${operator.pool.min}..${operator.pool.max}` : '',
+        operator.compute.numGpus ? `numGpus ${operator.compute.numGpus}` : '',
+      ].filter(Boolean);
+      return `${stage.name}${details.length ? ` [${details.join(', ')}]` : ''}`;
+    }
+    case 'repartition':
+      return `Repartition(${operator.numBlocks})`;
+    case 'limit':
+      return `Limit(${operator.rows})`;
+  }
+}

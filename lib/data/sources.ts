@@ -1,0 +1,45 @@
+/** Built-in sources that make data rather than read files: range. */
+import { tableFromArrays } from 'apache-arrow';
+import { remote } from '../core/registry.js';
+import { InvalidArgumentError } from '../errors.js';
+import { Datasource, ReadTask } from './datasource.js';
+import { Dataset, readDatasource, type ReadOptions } from './dataset.js';
+
+/** Rows { id } from start to end (exclusive), in blocks of at most 64 Ki rows per read task. */
+export const readRange = remote(import.meta, function* readRange(start: number, end: number) {
+  const int32 = end <= 2 ** 31;
+  for (let from = start; from < end; from += 65_536) {
+    const to = Math.min(end, from + 65_536);
+    const ids = int32 ? new Int32Array(to - from) : new Float64Array(to - from);
+    for (let index = 0; index < ids.length; index++) ids[index] = from + index;
+    yield tableFromArrays({ id: ids });
+  }
+});
+
+export class RangeDatasource extends Datasource {
+  constructor(readonly count: number) {
+    super();
+  }
+  override get name(): string {
+    return 'Range';
+  }
+  getReadTasks(parallelism: number): ReadTask[] {
+    const tasks: ReadTask[] = [];
+    const per = Math.max(1, Math.ceil(this.count / Math.max(1, parallelism)));
+    const bytesPerRow = this.count <= 2 ** 31 ? 4 : 8;
+    for (let start = 0; start < this.count; start += per) {
+      const end = Math.min(this.count, start + per);
+      tasks.push(new ReadTask(readRange, [start, end], { rows: end - start, bytes: (end - start) * bytesPerRow }));
+    }
+    return tasks;
+  }
+  override estimateInMemorySize(): number {
+    return this.count * 4;
+  }
+}
+
+/** A dataset of rows { id: 0 .. n-1 }. */
+export function range(n: number, options: ReadOptions = {}): Dataset {
+  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError(`range(n) takes a non-negative integer, got ${String(n)}`);
+  return readDatasource(new RangeDatasource(n), options);
+}

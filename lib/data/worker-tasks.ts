@@ -1,0 +1,229 @@
+/**
+ * What runs in workers for a dataset: data tasks (a read or input blocks through fused stages),
+ * the actor of an actor pool, and write tasks. Registered at this module's top level so that any
+ * worker finds them. A stage that throws is reported as a value, located by stage and rows, so the
+ * driver can name the operator, the block and the row range.
+ */
+import { put } from '../core/api.js';
+import { remote } from '../core/registry.js';
+import type { ObjectRef } from '../core/object-ref.js';
+import { blockBytes, concatBlocks, rowsToBlock, splitBySize, type Block, type Row } from './block.js';
+import { iterateReadResult, type Datasink, type WriteContext } from './datasource.js';
+import { constructStageInstance, fromBlocks, loadStage, runStages, StageFailure, type LoadedStage, type StageSpec } from './stages.js';
+import { loadUdf, reviveInstance, type ShippedInstance, type UdfSpec } from './udf.js';
+
+export interface BlockOut {
+  ref: ObjectRef<Block>;
+  rows: number;
+  bytes: number;
+}
+
+export interface StageErrorInfo {
+  stage: string;
+  rows?: [number, number];
+  name: string;
+  message: string;
+  code?: string;
+  stack?: string;
+}
+
+export interface TaskResult {
+  blocks: BlockOut[];
+  rowsIn: number;
+  bytesIn: number;
+  error?: StageErrorInfo;
+}
+
+/** Output sizing and worker memory hygiene, decided by the driver. */
+export interface TaskTargets {
+  minBlockBytes: number;
+  maxBlockBytes: number;
+  /** Collect garbage after reading this many bytes zero-copy, so that freed blocks leave the store. */
+  collectAfterBytes: number;
+}
+
+export type TaskInput = { kind: 'read'; read: UdfSpec; args: unknown[] } | { kind: 'blocks' };
+
+let bytesSinceCollect = 0;
+
+function collectIfPinningMuch(bytesIn: number, targets: TaskTargets): void {
+  bytesSinceCollect += bytesIn;
+  if (bytesSinceCollect < targets.collectAfterBytes) return;
+  bytesSinceCollect = 0;
+  (globalThis as { gc?: () => void }).gc?.();
+}
+
+function describeError(error: unknown, stage: string): StageErrorInfo {
+  const failure = error instanceof StageFailure ? error : undefined;
+  const original = (failure ? failure.original : error) as Error & { code?: string };
+  const isError = original instanceof Error;
+  return {
+    stage: failure?.stage ?? stage,
+    rows: failure?.rows,
+    name: isError ? original.name : 'Error',
+    message: isError ? original.message : String(original),
+    code: isError ? original.code : undefined,
+    stack: isError ? original.stack : undefined,
+  };
+}
+
+/** A read function's output as blocks: consecutive single rows are gathered. */
+async function* readBlocks(read: UdfSpec, args: unknown[]): AsyncGenerator<Block> {
+  const fn = (await loadUdf(read.descriptor)) as (...a: unknown[]) => unknown;
+  let rows: Row[] = [];
+  for await (const item of iterateReadResult((await fn(...args)) as never)) {
+    if (Array.isArray(item)) {
+      if (rows.length) yield rowsToBlock(rows.splice(0));
+      if (item.length) yield rowsToBlock(item);
+    } else if (typeof (item as Block).numRows === 'number' && (item as Block).schema) {
+      if (rows.length) yield rowsToBlock(rows.splice(0));
+      yield item as Block;
+    } else {
+      rows.push(item as Row);
+      if (rows.length >= 4096) yield rowsToBlock(rows.splice(0));
+    }
+  }
+  if (rows.length) yield rowsToBlock(rows);
+}
+
+/** Stores blocks toward the target size: large ones split, small consecutive ones joined. */
+async function storeBlocks(stream: AsyncIterable<Block>, targets: TaskTargets): Promise<BlockOut[]> {
+  const out: BlockOut[] = [];
+  let pending: Block[] = [];
+  let pendingBytes = 0;
+  const flush = () => {
+    if (pending.length === 0) return;
+    const block = concatBlocks(pending);
+    out.push({ ref: put(block) as ObjectRef<Block>, rows: block.numRows, bytes: pendingBytes });
+    pending = [];
+    pendingBytes = 0;
+  };
+  for await (const produced of stream) {
+    for (const piece of splitBySize(produced, targets.maxBlockBytes)) {
+      if (piece.numRows === 0) continue;
+      const bytes = blockBytes(piece);
+      if (pending.length && (pendingBytes + bytes > targets.maxBlockBytes || String(pending[0].schema) !== String(piece.schema))) flush();
+      pending.push(piece);
+      pendingBytes += bytes;
+      if (pendingBytes >= targets.minBlockBytes) flush();
+    }
+  }
+  flush();
+  return out;
+}
+
+async function runToBlocks(input: AsyncIterable<Block>, stages: LoadedStage[], targets: TaskTargets, firstStage: string): Promise<Pick<TaskResult, 'blocks' | 'error'>> {
+  try {
+    return { blocks: await storeBlocks(runStages(input, stages), targets) };
+  } catch (error) {
+    return { blocks: [], error: describeError(error, firstStage) };
+  }
+}
+
+function inputSize(blocks: Block[]): { rowsIn: number; bytesIn: number } {
+  let rowsIn = 0;
+  let bytesIn = 0;
+  for (const block of blocks) {
+    rowsIn += block.numRows;
+    bytesIn += blockBytes(block);
+  }
+  return { rowsIn, bytesIn };
+}
+
+/** A task-pool data task: a read or input blocks, through fused function stages. */
+export const dataTask = remote(import.meta, async function trellisDataTask(
+  input: TaskInput,
+  stages: StageSpec[],
+  targets: TaskTargets,
+  ...blocks: Block[]
+): Promise<TaskResult> {
+  let loaded: LoadedStage[];
+  try {
+    loaded = await Promise.all(stages.map((stage) => loadStage(stage)));
+  } catch (error) {
+    return { blocks: [], rowsIn: 0, bytesIn: 0, error: describeError(error, stages[0]?.name ?? 'Read') };
+  }
+  if (input.kind === 'read') {
+    let rowsIn = 0;
+    let bytesIn = 0;
+    const counted = async function* () {
+      for await (const block of readBlocks(input.read, input.args)) {
+        rowsIn += block.numRows;
+        bytesIn += blockBytes(block);
+        yield block;
+      }
+    };
+    const result = await runToBlocks(counted(), loaded, targets, 'Read');
+    return { ...result, rowsIn, bytesIn };
+  }
+  const size = inputSize(blocks);
+  const result = await runToBlocks(fromBlocks(blocks), loaded, targets, stages[0]?.name ?? 'Map');
+  blocks.length = 0;
+  collectIfPinningMuch(size.bytesIn, targets);
+  return { ...result, ...size };
+});
+
+/**
+ * The actor of an actor pool: start() builds the user's class once (loading the model), then
+ * process() runs batches through it and any function stages fused after it.
+ */
+export class DataPoolActor {
+  #stages: LoadedStage[] = [];
+
+  async start(classStage: StageSpec, following: StageSpec[]): Promise<{ pid: number }> {
+    const instance = await constructStageInstance(classStage);
+    this.#stages = [await loadStage(classStage, instance), ...(await Promise.all(following.map((stage) => loadStage(stage))))];
+    return { pid: process.pid };
+  }
+
+  async process(targets: TaskTargets, ...blocks: Block[]): Promise<TaskResult> {
+    const size = inputSize(blocks);
+    const result = await runToBlocks(fromBlocks(blocks), this.#stages, targets, this.#stages[0]?.spec.name ?? 'MapBatches');
+    blocks.length = 0;
+    collectIfPinningMuch(size.bytesIn, targets);
+    return { ...result, ...size };
+  }
+}
+export const RemoteDataPoolActor = remote(import.meta, DataPoolActor);
+
+export interface WriteResult {
+  result?: unknown;
+  rows: number;
+  bytes: number;
+  error?: StageErrorInfo;
+}
+
+/** A write task: the sink, rebuilt from its fields, writes its blocks. */
+export const writeTask = remote(import.meta, async function trellisWriteTask(
+  sink: ShippedInstance,
+  context: WriteContext,
+  targets: TaskTargets,
+  ...blocks: Block[]
+): Promise<WriteResult> {
+  const size = inputSize(blocks);
+  try {
+    const instance = await reviveInstance<Datasink>(sink);
+    const result = await instance.write(blocks, context);
+    return { result, rows: size.rowsIn, bytes: size.bytesIn };
+  } catch (error) {
+    return { rows: size.rowsIn, bytes: size.bytesIn, error: describeError(error, `Write(${sink.descriptor.name})`) };
+  } finally {
+    blocks.length = 0;
+    collectIfPinningMuch(size.bytesIn, targets);
+  }
+});
+
+/** Repartition: joins slices of several blocks into one. `slices[i]` is [offset, length] of blocks[i]. */
+export const sliceTask = remote(import.meta, async function trellisSliceTask(
+  slices: Array<[number, number]>,
+  targets: TaskTargets,
+  ...blocks: Block[]
+): Promise<TaskResult> {
+  const size = inputSize(blocks);
+  const pieces = blocks.map((block, index) => block.slice(slices[index][0], slices[index][0] + slices[index][1]));
+  const joined = concatBlocks(pieces);
+  const out = { ref: put(joined) as ObjectRef<Block>, rows: joined.numRows, bytes: blockBytes(joined) };
+  blocks.length = 0;
+  collectIfPinningMuch(size.bytesIn, targets);
+  return { blocks: [out], ...size };
+});

@@ -1,0 +1,20 @@
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { init, shutdown, range, fromItems, readDatasource } from '../../lib/index.js';
+import { double, isEven, addColumn, Scaler, NumbersSource } from './fixtures/udfs.js';
+
+beforeAll(async () => { await init({ numCpus: 2 }); });
+afterAll(async () => { await shutdown(); });
+
+it('range map filter', async () => {
+  const rows = await range(100, { parallelism: 4 }).map(double).filter(isEven).take(5, { progress: false });
+  expect(rows).toEqual([0, 2, 4, 6, 8].map((id) => ({ id, doubled: id * 2 })));
+  expect(await range(1000).count()).toBe(1000);
+  expect(await range(1000).filter(isEven).count({ progress: false })).toBe(500);
+});
+it('mapBatches class', async () => {
+  const rows = await readDatasource(new NumbersSource(100, 5)).mapBatches(Scaler, { constructorArgs: [3], batchSize: 16, concurrency: [1, 2] }).takeAll({ progress: false });
+  expect(rows.length).toBe(100);
+  expect(rows[10].scaled).toBe(30);
+  const cols = await fromItems([{id: 1}, {id: 2}]).mapBatches(addColumn).takeAll({ progress: false });
+  expect(cols).toEqual([{id:1, squared:1},{id:2,squared:4}]);
+});
