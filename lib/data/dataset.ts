@@ -184,7 +184,8 @@ export class Dataset {
     try {
       for await (const output of executor.outputs()) {
         try {
-          const block = (await get(output.ref)) as Block;
+          const stored = (await get(output.ref)) as Block;
+          const block = output.slice ? stored.slice(output.slice[0], output.slice[0] + output.slice[1]) : stored;
           yield { block, meta: output.meta };
         } finally {
           output.ref[Symbol.dispose]();

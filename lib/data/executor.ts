@@ -12,12 +12,12 @@ import { ActorDiedError, DataError, DataStallError, TaskError, TrellisError, Wor
 import { Deque } from '../core/deque.js';
 import type { Block } from './block.js';
 import type { Datasink, ReadTask, WriteContext } from './datasource.js';
-import type { InputBlock, PhysicalOperatorSpec, ComputeOptions, ActorPoolOptions } from './plan.js';
+import { slicesOf, type InputBlock, type PhysicalOperatorSpec, type ComputeOptions, type ActorPoolOptions } from './plan.js';
 import { createProgressReporter, type ProgressOption } from './progress.js';
 import type { JobProgress, OperatorProgress, ProgressReporter } from './progress-types.js';
 import type { StageSpec } from './stages.js';
-import { dataTask, RemoteDataPoolActor, sliceTask, writeTask, type DataPoolActor, type StageErrorInfo, type TaskResult, type TaskTargets, type WriteResult } from './worker-tasks.js';
-import { shipInstance } from './udf.js';
+import { dataTask, RemoteDataPoolActor, sliceTask, writeTask, type DataPoolActor, type FusedWrite, type StageErrorInfo, type TaskResult, type TaskTargets, type WriteResult } from './worker-tasks.js';
+import { shipInstance, type ShippedInstance } from './udf.js';
 import { newObjectId } from '../store/object-id.js';
 import { get as getValue, put } from '../core/api.js';
 
@@ -89,6 +89,19 @@ function unitBytes(blocks: readonly InputBlock[]): number {
   return blocks.reduce((sum, block) => sum + block.meta.bytes, 0);
 }
 
+function splitInputBlock(block: InputBlock, rows: number): [InputBlock, InputBlock] {
+  const offset = block.slice?.[0] ?? 0;
+  const headBytes = Math.ceil((block.meta.bytes * rows) / Math.max(1, block.meta.rows));
+  const head: InputBlock = { ref: block.ref, meta: { rows, bytes: headBytes }, slice: [offset, rows] };
+  const restRows = block.meta.rows - rows;
+  const rest: InputBlock = {
+    ref: new ObjectRef<Block>(block.ref.id),
+    meta: { rows: restRows, bytes: Math.max(0, block.meta.bytes - headBytes) },
+    slice: [offset + rows, restRows],
+  };
+  return [head, rest];
+}
+
 function dispose(blocks: readonly InputBlock[]): void {
   for (const block of blocks) block.ref[Symbol.dispose]();
 }
@@ -130,13 +143,28 @@ abstract class Operator {
   #nextRelease = 0;
   #nextSeq = 0;
   #inputRowCursor = 0;
-  readonly downstreamQueue: InputBlock[] = [];
+  /** Results of write() calls made by this operator (its own, or a sink fused into it). */
+  readonly writeResults: Array<{ seq: number; result: unknown }> = [];
+  readonly #fusedSink?: ShippedInstance;
 
   constructor(
     readonly executor: StreamingExecutor,
     readonly spec: PhysicalOperatorSpec,
     readonly index: number,
-  ) {}
+  ) {
+    if (spec.kind !== 'write' && 'sink' in spec && spec.sink) this.#fusedSink = shipInstance(spec.sink, 'write()');
+  }
+
+  /** What a task needs to write its output through a fused sink, or null. */
+  protected fusedWrite(unit: Unit): FusedWrite | null {
+    if (!this.#fusedSink) return null;
+    return { sink: this.#fusedSink, context: { taskIndex: unit.seq, attempt: unit.attempts, writeId: this.executor.writeId } };
+  }
+
+  protected recordWrite(unit: Unit, written: { result: unknown; rows: number }): void {
+    if (written.rows > 0) this.writeResults.push({ seq: unit.seq, result: written.result });
+    this.rowsDone += written.rows;
+  }
 
   get name(): string {
     return this.spec.name;
@@ -183,7 +211,14 @@ abstract class Operator {
     const blocks: InputBlock[] = [];
     let total = 0;
     while (this.inputs.length > 0 && (blocks.length === 0 || (rows !== undefined && total < rows))) {
-      const block = this.inputs.shift()!;
+      let block = this.inputs.shift()!;
+      if (rows !== undefined && total + block.meta.rows > rows) {
+        // Cut the block so the unit has exactly `rows` rows; the rest stays first in line under a
+        // handle of its own, so each part lets go of the object independently.
+        const [head, rest] = splitInputBlock(block, rows - total);
+        this.inputs.unshift(rest);
+        block = head;
+      }
       blocks.push(block);
       total += block.meta.rows;
       this.inputBytes -= block.meta.bytes;
@@ -332,7 +367,7 @@ class InputOperator extends Operator {
   constructor(executor: StreamingExecutor, spec: Extract<PhysicalOperatorSpec, { kind: 'input' }>, index: number) {
     super(executor, spec, index);
     // The dataset keeps its own handles; the job holds its own, let go as blocks are consumed.
-    this.#pending = spec.blocks.map((block) => ({ ref: new ObjectRef<Block>(block.ref.id), meta: block.meta }));
+    this.#pending = spec.blocks.map((block) => ({ ref: new ObjectRef<Block>(block.ref.id), meta: block.meta, slice: block.slice }));
     this.upstreamDone = true;
     this.rowsTotal = unitRows(spec.blocks);
     this.blocksTotal = spec.blocks.length;
@@ -396,6 +431,7 @@ abstract class TaskOperator extends Operator {
           this.onStageError(unit, result.error);
           return;
         }
+        if (result.written) this.recordWrite(unit, result.written);
         this.finished(
           unit,
           result.blocks.map((block) => ({ ref: block.ref, meta: { rows: block.rows, bytes: block.bytes } })),
@@ -486,7 +522,7 @@ class ReadOperator extends TaskOperator {
     const read = unit.read!;
     return dataTask
       .options(taskOptionsOf(this.spec.compute, this.name, this.executor.options.maxRetries))
-      .remote({ kind: 'read', read: read.spec, args: read.args }, this.spec.stages, taskTargets(this.executor));
+      .remote({ kind: 'read', read: read.spec, args: read.args }, this.spec.stages, taskTargets(this.executor), this.fusedWrite(unit));
   }
 }
 
@@ -508,7 +544,7 @@ class TaskMapOperator extends TaskOperator {
   protected submit(unit: Unit): ObjectRef<TaskResult> {
     return dataTask
       .options(taskOptionsOf(this.spec.compute, this.name, this.executor.options.maxRetries))
-      .remote({ kind: 'blocks' }, this.spec.stages, taskTargets(this.executor), ...(unit.blocks.map((block) => block.ref) as unknown as Block[]));
+      .remote({ kind: 'blocks', slices: slicesOf(unit.blocks) }, this.spec.stages, taskTargets(this.executor), this.fusedWrite(unit), ...(unit.blocks.map((block) => block.ref) as unknown as Block[]));
   }
 }
 
@@ -634,7 +670,7 @@ class ActorMapOperator extends Operator {
     const unit = this.#retry.length > 0 ? this.#retry.shift()! : this.nextUnit(this.spec.bundleRows);
     actor.inflight++;
     this.began(unit);
-    const ref = actor.handle.process.remote(taskTargets(this.executor), ...(unit.blocks.map((block) => block.ref) as unknown as Block[])) as ObjectRef<TaskResult>;
+    const ref = actor.handle.process.remote(taskTargets(this.executor), this.fusedWrite(unit), slicesOf(unit.blocks), ...(unit.blocks.map((block) => block.ref) as unknown as Block[])) as ObjectRef<TaskResult>;
     get(ref).then(
       (result) => {
         ref[Symbol.dispose]();
@@ -645,6 +681,7 @@ class ActorMapOperator extends Operator {
           dispose(outputs);
           return this.onStageError(unit, result.error);
         }
+        if (result.written) this.recordWrite(unit, result.written);
         this.finished(unit, outputs);
       },
       (error: unknown) => {
@@ -758,7 +795,8 @@ class LimitOperator extends Operator {
     // Cutting a block reads it here (zero-copy) and stores the cut: the copy is at most a block.
     getValue(block.ref).then(
       (table) => {
-        const cut = (table as Block).slice(0, keep);
+        const offset = block.slice?.[0] ?? 0;
+        const cut = (table as Block).slice(offset, offset + keep);
         const ref = put(cut) as ObjectRef<Block>;
         const bytes = Math.ceil((block.meta.bytes * keep) / Math.max(1, block.meta.rows));
         this.finished(unit, [{ ref, meta: { rows: keep, bytes } }]);
@@ -815,7 +853,7 @@ class RepartitionOperator extends Operator {
         const take = Math.min(need, block.meta.rows - offsetInBlock);
         if (take > 0) {
           refs.push(block.ref);
-          slices.push([offsetInBlock, take]);
+          slices.push([(block.slice?.[0] ?? 0) + offsetInBlock, take]);
           bytes += Math.ceil((block.meta.bytes * take) / Math.max(1, block.meta.rows));
         }
         need -= take;
@@ -860,8 +898,6 @@ class RepartitionOperator extends Operator {
 /** Write tasks: the sink's write() per block (or bundle), on workers. */
 class WriteOperator extends Operator {
   declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'write' }>;
-  readonly results: Array<{ seq: number; result: unknown }> = [];
-  readonly writeId = newObjectId().slice(0, 12);
   readonly #shipped;
 
   constructor(executor: StreamingExecutor, spec: Extract<PhysicalOperatorSpec, { kind: 'write' }>, index: number) {
@@ -884,17 +920,17 @@ class WriteOperator extends Operator {
     this.#attempt(unit);
   }
   #attempt(unit: Unit): void {
-    const context: WriteContext = { taskIndex: unit.seq, attempt: unit.attempts, writeId: this.writeId };
+    const context: WriteContext = { taskIndex: unit.seq, attempt: unit.attempts, writeId: this.executor.writeId };
     // Retried here rather than by the runtime, so that the sink sees which attempt it is.
     const ref = writeTask
       .options({ ...taskOptionsOf(this.spec.compute, this.name, 0) })
-      .remote(this.#shipped, context, taskTargets(this.executor), ...(unit.blocks.map((block) => block.ref) as unknown as Block[])) as ObjectRef<WriteResult>;
+      .remote(this.#shipped, context, taskTargets(this.executor), slicesOf(unit.blocks), ...(unit.blocks.map((block) => block.ref) as unknown as Block[])) as ObjectRef<WriteResult>;
     get(ref).then(
       (result) => {
         ref[Symbol.dispose]();
         if (this.executor.failed) return;
         if (result.error) return this.onStageError(unit, result.error);
-        this.results.push({ seq: unit.seq, result: result.result });
+        if (result.rows > 0) this.writeResults.push({ seq: unit.seq, result: result.result });
         this.rowsDone += result.rows;
         this.finished(unit, noBlocks);
       },
@@ -919,6 +955,8 @@ export class StreamingExecutor {
   readonly operators: Operator[] = [];
   readonly budgetBytes: number;
   readonly defaultParallelism: number;
+  /** One id per job, shared by its write tasks (for naming files). */
+  readonly writeId = newObjectId().slice(0, 12);
   failed?: Error;
   erroredBlocks = 0;
   peakBytes = 0;
@@ -1158,9 +1196,10 @@ export class StreamingExecutor {
     this.#wake();
   }
 
+  /** What the sink's write() calls returned, in task order. */
   writeResults(): unknown[] {
-    const write = this.operators.find((operator) => operator instanceof WriteOperator) as WriteOperator | undefined;
-    return write ? write.results.sort((a, b) => a.seq - b.seq).map((entry) => entry.result) : [];
+    const results = this.operators.flatMap((operator) => operator.writeResults);
+    return results.sort((a, b) => a.seq - b.seq).map((entry) => entry.result);
   }
 
   /** Stops the job and lets go of everything it holds. */

@@ -12,6 +12,13 @@ import type { StageSpec } from './stages.js';
 export interface InputBlock {
   ref: ObjectRef<Block>;
   meta: BlockMetadata;
+  /** Part of the stored block: [offset, rows]. Batches are cut exactly this way, without copies. */
+  slice?: [number, number];
+}
+
+/** Slices of a unit's blocks as a task takes them: null where every block is whole. */
+export function slicesOf(blocks: readonly InputBlock[]): Array<[number, number] | null> | null {
+  return blocks.some((block) => block.slice) ? blocks.map((block) => block.slice ?? null) : null;
 }
 
 /** Resources and scheduling of the tasks or actors an operator starts. */
@@ -43,9 +50,9 @@ export type LogicalOperator =
 
 export type PhysicalOperatorSpec =
   | { kind: 'input'; name: string; blocks: InputBlock[] }
-  | { kind: 'read'; name: string; datasource: Datasource; parallelism?: number; stages: StageSpec[]; compute: ComputeOptions }
-  | { kind: 'task-map'; name: string; stages: StageSpec[]; compute: ComputeOptions; bundleRows?: number }
-  | { kind: 'actor-map'; name: string; classStage: StageSpec; following: StageSpec[]; compute: ComputeOptions; pool: ActorPoolOptions; bundleRows?: number }
+  | { kind: 'read'; name: string; datasource: Datasource; parallelism?: number; stages: StageSpec[]; compute: ComputeOptions; sink?: Datasink }
+  | { kind: 'task-map'; name: string; stages: StageSpec[]; compute: ComputeOptions; bundleRows?: number; sink?: Datasink }
+  | { kind: 'actor-map'; name: string; classStage: StageSpec; following: StageSpec[]; compute: ComputeOptions; pool: ActorPoolOptions; bundleRows?: number; sink?: Datasink }
   | { kind: 'repartition'; name: string; numBlocks: number }
   | { kind: 'limit'; name: string; rows: number }
   | { kind: 'write'; name: string; sink: Datasink; compute: ComputeOptions };
@@ -99,7 +106,18 @@ export function planPhysical(logical: readonly LogicalOperator[], sink?: Datasin
       else physical.push({ kind: 'limit', name: `Limit(${operator.rows})`, rows: operator.rows });
     }
   }
-  if (sink) physical.push({ kind: 'write', name: `Write(${sink.name})`, sink, compute: {} });
+  if (sink) {
+    // The write joins the operator that makes its blocks (as Ray fuses it): the blocks go from
+    // the stage straight to the sink in one process, never through the store, and an actor pool
+    // holding every CPU cannot starve separate write tasks.
+    const last = physical[physical.length - 1];
+    if (last && (last.kind === 'read' || last.kind === 'task-map' || last.kind === 'actor-map')) {
+      last.sink = sink;
+      last.name = `${last.name}->Write(${sink.name})`;
+    } else {
+      physical.push({ kind: 'write', name: `Write(${sink.name})`, sink, compute: {} });
+    }
+  }
   return physical;
 }
 

@@ -27,8 +27,16 @@ export interface StageErrorInfo {
   stack?: string;
 }
 
+/** A sink fused into a task: its blocks are written there instead of stored. */
+export interface FusedWrite {
+  sink: ShippedInstance;
+  context: WriteContext;
+}
+
 export interface TaskResult {
   blocks: BlockOut[];
+  /** With a fused sink: what its write() returned, and the rows it wrote. */
+  written?: { result: unknown; rows: number };
   rowsIn: number;
   bytesIn: number;
   error?: StageErrorInfo;
@@ -42,7 +50,17 @@ export interface TaskTargets {
   collectAfterBytes: number;
 }
 
-export type TaskInput = { kind: 'read'; read: UdfSpec; args: unknown[] } | { kind: 'blocks' };
+export type BlockSlices = Array<[number, number] | null> | null;
+
+export type TaskInput = { kind: 'read'; read: UdfSpec; args: unknown[] } | { kind: 'blocks'; slices: BlockSlices };
+
+/** Cuts the parts of stored blocks a unit covers (zero-copy). */
+function applySlices(blocks: Block[], slices: BlockSlices): void {
+  if (!slices) return;
+  slices.forEach((slice, index) => {
+    if (slice) blocks[index] = blocks[index].slice(slice[0], slice[0] + slice[1]);
+  });
+}
 
 let bytesSinceCollect = 0;
 
@@ -112,11 +130,28 @@ async function storeBlocks(stream: AsyncIterable<Block>, targets: TaskTargets): 
   return out;
 }
 
-async function runToBlocks(input: AsyncIterable<Block>, stages: LoadedStage[], targets: TaskTargets, firstStage: string): Promise<Pick<TaskResult, 'blocks' | 'error'>> {
+async function runToBlocks(
+  input: AsyncIterable<Block>,
+  stages: LoadedStage[],
+  targets: TaskTargets,
+  firstStage: string,
+  write: FusedWrite | null,
+): Promise<Pick<TaskResult, 'blocks' | 'error' | 'written'>> {
+  let output: Block[] | undefined;
   try {
-    return { blocks: await storeBlocks(runStages(input, stages), targets) };
+    if (!write) return { blocks: await storeBlocks(runStages(input, stages), targets) };
+    output = [];
+    for await (const block of runStages(input, stages)) output.push(block);
   } catch (error) {
     return { blocks: [], error: describeError(error, firstStage) };
+  }
+  try {
+    const sink = await reviveInstance<Datasink>(write.sink);
+    const rows = output.reduce((sum, block) => sum + block.numRows, 0);
+    const result = rows > 0 ? await sink.write(output, write.context) : undefined;
+    return { blocks: [], written: { result, rows } };
+  } catch (error) {
+    return { blocks: [], error: describeError(error, `Write(${write.sink.descriptor.name})`) };
   }
 }
 
@@ -135,6 +170,7 @@ export const dataTask = remote(import.meta, async function trellisDataTask(
   input: TaskInput,
   stages: StageSpec[],
   targets: TaskTargets,
+  write: FusedWrite | null,
   ...blocks: Block[]
 ): Promise<TaskResult> {
   let loaded: LoadedStage[];
@@ -153,11 +189,12 @@ export const dataTask = remote(import.meta, async function trellisDataTask(
         yield block;
       }
     };
-    const result = await runToBlocks(counted(), loaded, targets, 'Read');
+    const result = await runToBlocks(counted(), loaded, targets, 'Read', write);
     return { ...result, rowsIn, bytesIn };
   }
+  applySlices(blocks, input.slices);
   const size = inputSize(blocks);
-  const result = await runToBlocks(fromBlocks(blocks), loaded, targets, stages[0]?.name ?? 'Map');
+  const result = await runToBlocks(fromBlocks(blocks), loaded, targets, stages[0]?.name ?? 'Map', write);
   blocks.length = 0;
   collectIfPinningMuch(size.bytesIn, targets);
   return { ...result, ...size };
@@ -176,9 +213,10 @@ export class DataPoolActor {
     return { pid: process.pid };
   }
 
-  async process(targets: TaskTargets, ...blocks: Block[]): Promise<TaskResult> {
+  async process(targets: TaskTargets, write: FusedWrite | null, slices: BlockSlices, ...blocks: Block[]): Promise<TaskResult> {
+    applySlices(blocks, slices);
     const size = inputSize(blocks);
-    const result = await runToBlocks(fromBlocks(blocks), this.#stages, targets, this.#stages[0]?.spec.name ?? 'MapBatches');
+    const result = await runToBlocks(fromBlocks(blocks), this.#stages, targets, this.#stages[0]?.spec.name ?? 'MapBatches', write);
     blocks.length = 0;
     collectIfPinningMuch(size.bytesIn, targets);
     return { ...result, ...size };
@@ -198,8 +236,10 @@ export const writeTask = remote(import.meta, async function trellisWriteTask(
   sink: ShippedInstance,
   context: WriteContext,
   targets: TaskTargets,
+  slices: BlockSlices,
   ...blocks: Block[]
 ): Promise<WriteResult> {
+  applySlices(blocks, slices);
   const size = inputSize(blocks);
   try {
     const instance = await reviveInstance<Datasink>(sink);

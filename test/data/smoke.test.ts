@@ -18,3 +18,14 @@ it('mapBatches class', async () => {
   const cols = await fromItems([{id: 1}, {id: 2}]).mapBatches(addColumn).takeAll({ progress: false });
   expect(cols).toEqual([{id:1, squared:1},{id:2,squared:4}]);
 });
+it('writes through a fused sink', async () => {
+  const { mkdtempSync, readdirSync, readFileSync } = await import('node:fs');
+  const { LinesSink } = await import('./fixtures/udfs.js');
+  const dir = mkdtempSync('/tmp/trellis-sink-');
+  const sink = new LinesSink(dir);
+  const results = await readDatasource(new NumbersSource(100, 5)).mapBatches(Scaler, { constructorArgs: [2], batchSize: 16 }).write(sink, { progress: false });
+  expect(results.length).toBe(7); // 100 rows in exact batches of 16
+  expect(sink.completed?.length).toBe(7);
+  const lines = readdirSync(dir).flatMap((file) => readFileSync(`${dir}/${file}`, 'utf8').trim().split('\n'));
+  expect(lines.length).toBe(100);
+});
