@@ -5,6 +5,7 @@
  */
 import { coreSuite } from './core.js';
 import { dagSuite } from './dag.js';
+import { dataSuite } from './data.js';
 import { gpuSuite } from './gpu.js';
 import { storeSuite } from './store.js';
 import type { Suite } from './harness.js';
@@ -14,6 +15,7 @@ const suites: Record<string, Suite> = {
   core: coreSuite,
   dag: dagSuite,
   gpu: gpuSuite,
+  data: dataSuite,
 };
 
 const args = process.argv.slice(2);

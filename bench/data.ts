@@ -1,0 +1,73 @@
+/**
+ * Data suite. pipeline_rows_per_s: the example's classifier through mapBatches on 2 CPU actors,
+ * start to finish (actor start-up included); single_process_rows_per_s: the same model over the
+ * same batches in one plain loop, in this run; block_overhead_ms: wall time per block of an
+ * identity map, with task_roundtrip_ms, one trivial task per block through the core runtime, as
+ * its floor.
+ */
+import { fromArrow, get, init, remote, rowsToBlock, shutdown, type Block } from '../lib/index.js';
+import { Classifier } from '../examples/batch-inference.js';
+import { ReviewClassifier, reviewText } from '../examples/model/review-classifier.js';
+import { identity } from '../test/data/fixtures/udfs.js';
+import { elapsedSeconds, nowNs, round, type Results, type Suite } from './harness.js';
+
+export const passBlock = remote(import.meta, function passBlock(block: Block) {
+  return block.numRows;
+});
+
+const ROWS = 8192;
+const BATCH = 64;
+const OVERHEAD_BLOCKS = 400;
+
+export const dataSuite: Suite = {
+  name: 'data',
+  ratios: [
+    ['pipeline (2 actors) / single process', 'pipeline_rows_per_s', 'single_process_rows_per_s', '>= 1.6'],
+    ['block overhead / task round trip', 'block_overhead_ms', 'task_roundtrip_ms', '(floor)'],
+  ],
+  async run(): Promise<Results> {
+    const rows = Array.from({ length: ROWS }, (_, id) => ({ id, text: reviewText(id) }));
+
+    // The same model over the same batches, in one process.
+    const model = new ReviewClassifier(7);
+    model.predict(rows.slice(0, BATCH).map((row) => row.text));
+    let start = nowNs();
+    for (let first = 0; first < ROWS; first += BATCH) model.predict(rows.slice(first, first + BATCH).map((row) => row.text));
+    const single = ROWS / elapsedSeconds(start);
+
+    await init({ numCpus: 2 });
+    try {
+      const blocks: Block[] = [];
+      for (let first = 0; first < ROWS; first += 1024) blocks.push(rowsToBlock(rows.slice(first, first + 1024)));
+      const source = fromArrow(blocks);
+      start = nowNs();
+      const classified = await source
+        .mapBatches(Classifier, { batchSize: BATCH, constructorArgs: [7], concurrency: 2, numCpus: 1 })
+        .count({ progress: false });
+      const pipeline = classified / elapsedSeconds(start);
+
+      const small = Array.from({ length: OVERHEAD_BLOCKS }, (_, index) => rowsToBlock([{ id: index, value: index * 0.5 }]));
+      const tiny = fromArrow(small);
+      await tiny.mapBatches(identity, { batchSize: null, batchFormat: 'arrow' }).count({ progress: false });
+      start = nowNs();
+      const mapped = await tiny.mapBatches(identity, { batchSize: null, batchFormat: 'arrow' }).count({ progress: false });
+      const blockOverhead = (elapsedSeconds(start) * 1000) / OVERHEAD_BLOCKS;
+      if (mapped !== OVERHEAD_BLOCKS) throw new Error(`identity map returned ${mapped} rows of ${OVERHEAD_BLOCKS}`);
+
+      const refs = (await tiny.materialize({ progress: false })).logicalPlan[0];
+      const inputRefs = refs.op === 'input' ? refs.blocks.map((block) => block.ref) : [];
+      start = nowNs();
+      await get(inputRefs.map((ref) => passBlock.remote(ref as never)));
+      const roundTrip = (elapsedSeconds(start) * 1000) / inputRefs.length;
+
+      return {
+        pipeline_rows_per_s: { value: round(pipeline, 0), unit: 'rows/s' },
+        single_process_rows_per_s: { value: round(single, 0), unit: 'rows/s' },
+        block_overhead_ms: { value: round(blockOverhead, 3), unit: 'ms' },
+        task_roundtrip_ms: { value: round(roundTrip, 3), unit: 'ms' },
+      };
+    } finally {
+      await shutdown();
+    }
+  },
+};
