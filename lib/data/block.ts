@@ -98,16 +98,30 @@ function widen(a: DataType, b: DataType, path: string): DataType {
   throw new InvalidArgumentError(`column '${path}' mixes ${a} and ${b}`, 'ERR_DATA_TYPE');
 }
 
-function normalizeCell(value: unknown): unknown {
-  if (value === undefined) return null;
+/**
+ * A value as vectorFromArray takes it for `type`. Nested values are walked too: Arrow's builders
+ * read a missing struct key or an undefined list item as '' or NaN rather than null.
+ */
+function normalizeCell(value: unknown, type: DataType): unknown {
+  if (value === undefined || value === null) return null;
+  if (typeof value !== 'object') return value;
   if (value instanceof ArrayBuffer) return new Uint8Array(value);
-  if (ArrayBuffer.isView(value) && !(value instanceof Uint8Array)) return Array.from(value as unknown as ArrayLike<unknown>);
+  if (ArrayBuffer.isView(value) && (DataType.isList(type) || !(value instanceof Uint8Array))) value = Array.from(value as unknown as ArrayLike<unknown>);
+  if (DataType.isList(type) && Array.isArray(value)) {
+    const child = (type as List).children[0].type;
+    return value.map((item) => normalizeCell(item, child));
+  }
+  if (DataType.isStruct(type) && !Array.isArray(value) && !(value instanceof Date) && !ArrayBuffer.isView(value)) {
+    const struct: Row = {};
+    for (const field of (type as Struct).children) struct[field.name] = normalizeCell((value as Row)[field.name], field.type);
+    return struct;
+  }
   return value;
 }
 
 function vectorOf(values: unknown[], type: DataType): Vector {
   if (type instanceof Null) return makeVector(makeData({ type, length: values.length, nullCount: values.length }));
-  return vectorFromArray(values.map(normalizeCell), type);
+  return vectorFromArray(values.map((value) => normalizeCell(value, type)), type);
 }
 
 /** Rows to a block, inferring the schema or following the one given. */
@@ -150,7 +164,8 @@ export function columnsToBlock(columns: Columns): Block {
   const typed: Record<string, ArrayBufferView> = {};
   const other: Record<string, unknown[]> = {};
   for (const [name, column] of Object.entries(columns)) {
-    if (ArrayBuffer.isView(column) && typedArrayElement(column)) typed[name] = column;
+    // Uint8Array is not in typedArrayElement (as a value it means binary), but a whole column of it is uint8 numbers.
+    if (ArrayBuffer.isView(column) && (column instanceof Uint8Array || typedArrayElement(column))) typed[name] = column;
     else other[name] = Array.from(column);
   }
   if (Object.keys(other).length === 0) return tableFromArrays(typed as Parameters<typeof tableFromArrays>[0]);
@@ -256,14 +271,24 @@ export function concatBlocks(blocks: readonly Block[]): Block {
   const nonEmpty = blocks.filter((block) => block.numRows > 0);
   if (nonEmpty.length === 0) return blocks[0];
   const [first, ...rest] = nonEmpty;
-  try {
-    return first.concat(...rest);
-  } catch (error) {
+  // Table.concat does not compare schemas: joining mismatched blocks would silently read one
+  // block's buffers as another's types.
+  const signature = schemaSignature(first.schema);
+  const other = rest.find((block) => schemaSignature(block.schema) !== signature);
+  if (other) {
     throw new InvalidArgumentError(
-      `blocks with different schemas cannot be joined: ${first.schema.fields.map(String).join(', ')} vs ${rest[0].schema.fields.map(String).join(', ')}`,
+      `blocks with different schemas cannot be joined: ${first.schema.fields.map(String).join(', ')} vs ${other.schema.fields.map(String).join(', ')}`,
       'ERR_DATA_SCHEMA',
     );
   }
+  return first.concat(...rest);
+}
+
+/** Names and types of a schema's fields, nested ones included (nullability aside). */
+function schemaSignature(schema: Schema): string {
+  const describe = (field: Field): string =>
+    `${JSON.stringify(field.name)}:${field.type}${field.type.children?.length ? `<${field.type.children.map(describe).join(',')}>` : ''}`;
+  return schema.fields.map(describe).join(',');
 }
 
 /** Splits a block into slices of at most `rows` rows (zero-copy). */

@@ -1,0 +1,179 @@
+/**
+ * Arrow IPC files, in the file format (random access: a footer lists the record batches) and the
+ * stream format. Batches are read as Arrow lays them out, without conversion: each batch's arrays
+ * view the bytes read for it. A file in the file format can be split across read tasks by record
+ * batches.
+ */
+import { open, type FileHandle } from 'node:fs/promises';
+import { RecordBatchReader, Table, tableToIPC, type RecordBatch } from 'apache-arrow';
+import { InvalidArgumentError } from '../../errors.js';
+import { remote } from '../../core/registry.js';
+import { blockBytes, concatBlocks, type Block } from '../block.js';
+import { Datasource, ReadTask } from '../datasource.js';
+import {
+  DEFAULT_BLOCK_BYTES, FileDatasink, checkColumns, checkExtensions, checkParallelism, checkPositiveInteger, expandPaths, planPieces,
+  type FileEntry, type FilePiece, type FileUnit,
+} from './files.js';
+
+export const ARROW_EXTENSIONS: readonly string[] = ['.arrow', '.arrows', '.feather', '.ipc'];
+
+export interface ArrowReadOptions {
+  /** Only these columns (all by default). */
+  columns?: string[];
+  /** Consecutive record batches are handed on together up to about this many bytes (default 4 MiB). */
+  blockBytes?: number;
+  /** Which files of a directory are read (default .arrow, .arrows, .feather, .ipc). */
+  extensions?: string[];
+}
+
+interface ArrowTaskOptions {
+  columns?: string[];
+  blockBytes: number;
+}
+
+type IpcReader = Awaited<ReturnType<typeof openReader>>['reader'];
+
+async function openReader(path: string): Promise<{ handle: FileHandle; reader: Awaited<ReturnType<typeof RecordBatchReader.from<any>>> }> {
+  const handle = await open(path, 'r');
+  try {
+    const reader = await RecordBatchReader.from(handle);
+    await reader.open();
+    return { handle, reader };
+  } catch (error) {
+    await handle.close().catch(() => undefined);
+    throw new InvalidArgumentError(`'${path}' is not an Arrow IPC file or stream: ${(error as Error).message}`, 'ERR_DATA_PARSE');
+  }
+}
+
+async function* batchesOf(reader: IpcReader, pieces: number[] | undefined, path: string): AsyncGenerator<RecordBatch> {
+  if (!pieces) {
+    yield* reader as AsyncIterable<RecordBatch>;
+    return;
+  }
+  if (!reader.isFile()) throw new InvalidArgumentError(`'${path}' is an Arrow IPC stream: its record batches cannot be read by index`, 'ERR_DATA_PARSE');
+  for (const index of pieces) {
+    const batch = await reader.readRecordBatch(index);
+    if (!batch) throw new InvalidArgumentError(`'${path}' has no record batch ${index}`, 'ERR_DATA_PARSE');
+    yield batch;
+  }
+}
+
+function project(table: Table, columns: string[] | undefined, path: string): Table {
+  if (!columns) return table;
+  const names = new Set(table.schema.fields.map((field) => field.name));
+  const missing = columns.filter((name) => !names.has(name));
+  if (missing.length) {
+    throw new InvalidArgumentError(`Arrow file '${path}' has no column ${missing.map((name) => `'${name}'`).join(', ')} (it has: ${[...names].join(', ')})`, 'ERR_DATA_SCHEMA');
+  }
+  return table.select(columns);
+}
+
+export const readArrowFiles = remote(import.meta, async function* readArrowFiles(units: FileUnit[], options: ArrowTaskOptions): AsyncGenerator<Block> {
+  for (const unit of units) {
+    const { handle, reader } = await openReader(unit.path);
+    try {
+      // Batches of a file share its schema; gather small ones so a block is not a few rows.
+      let batches: RecordBatch[] = [];
+      let bytes = 0;
+      for await (const batch of batchesOf(reader, unit.pieces, unit.path)) {
+        batches.push(batch);
+        bytes += blockBytes(new Table(batch));
+        if (bytes >= options.blockBytes) {
+          yield project(new Table(batches), options.columns, unit.path);
+          batches = [];
+          bytes = 0;
+        }
+      }
+      if (batches.length) yield project(new Table(batches), options.columns, unit.path);
+    } finally {
+      await reader.cancel().catch(() => undefined);
+      await handle.close().catch(() => undefined);
+    }
+  }
+});
+
+export class ArrowDatasource extends Datasource {
+  readonly files: FileEntry[];
+  private readonly taskOptions: ArrowTaskOptions;
+
+  constructor(paths: string | readonly string[], options: ArrowReadOptions = {}) {
+    super();
+    const columns = checkColumns(options.columns, 'Arrow');
+    this.taskOptions = {
+      blockBytes: checkPositiveInteger(options.blockBytes, 'blockBytes') ?? DEFAULT_BLOCK_BYTES,
+      ...(columns ? { columns } : {}),
+    };
+    this.files = expandPaths(paths, checkExtensions(options.extensions, ARROW_EXTENSIONS), 'Arrow');
+  }
+
+  override get name(): string {
+    return 'Arrow';
+  }
+
+  /**
+   * With fewer files than tasks wanted, reads the footers of files in the file format so that
+   * their record batches can be spread over tasks; stream-format files are read whole.
+   */
+  async getReadTasks(parallelism: number): Promise<ReadTask[]> {
+    checkParallelism(parallelism);
+    const pieces: FilePiece[] = [];
+    for (const file of this.files) {
+      if (this.files.length >= parallelism) {
+        pieces.push({ path: file.path, bytes: file.bytes });
+        continue;
+      }
+      const { handle, reader } = await openReader(file.path);
+      try {
+        const footer = reader.isFile() ? reader.footer : null;
+        if (!footer || reader.numRecordBatches < 2) {
+          pieces.push({ path: file.path, bytes: file.bytes });
+        } else {
+          for (let index = 0; index < reader.numRecordBatches; index++) {
+            pieces.push({ path: file.path, bytes: Number(footer.getRecordBatch(index)?.bodyLength ?? 0), index });
+          }
+        }
+      } finally {
+        await reader.cancel().catch(() => undefined);
+        await handle.close().catch(() => undefined);
+      }
+    }
+    return planPieces(pieces, parallelism).map(
+      (task) => new ReadTask(readArrowFiles, [task.units, this.taskOptions], { bytes: task.bytes, inputFiles: task.inputFiles }),
+    );
+  }
+
+  override estimateInMemorySize(): number {
+    return this.files.reduce((sum, file) => sum + file.bytes, 0);
+  }
+}
+
+export interface ArrowWriteOptions {
+  /** 'file' (random access, .arrow; the default) or 'stream' (.arrows). */
+  format?: 'file' | 'stream';
+}
+
+/** Writes each write task's blocks as one Arrow IPC file; the blocks must share a schema. */
+export class ArrowDatasink extends FileDatasink<{ format: 'file' | 'stream' }> {
+  constructor(path: string, options: ArrowWriteOptions = {}) {
+    const format = options.format ?? 'file';
+    if (format !== 'file' && format !== 'stream') {
+      throw new InvalidArgumentError(`Arrow sink option 'format' must be 'file' or 'stream', got ${JSON.stringify(format)}`, 'ERR_INVALID_ARGUMENT');
+    }
+    super(path, { format }, 'Arrow');
+  }
+
+  override get name(): string {
+    return 'Arrow';
+  }
+
+  protected get extension(): string {
+    return this.options.format === 'stream' ? '.arrows' : '.arrow';
+  }
+
+  protected async writeBlocks(blocks: Block[], handle: FileHandle): Promise<number> {
+    const table = concatBlocks(blocks);
+    await handle.write(tableToIPC(table, this.options.format));
+    return table.numRows;
+  }
+}
+remote(import.meta, ArrowDatasink);

@@ -1,0 +1,442 @@
+/**
+ * CSV with a header row and RFC 4180 quoting. Read tasks stream their files (or byte ranges of a
+ * large file: every range task reads the header from the file's start) and infer each column's
+ * type: all numbers → float64, all true/false → bool, otherwise utf8; an empty unquoted field is
+ * null, a quoted empty field ("") the empty string.
+ */
+import type { FileHandle } from 'node:fs/promises';
+import { Bool, DataType, Float64, Null, Table, Utf8, vectorFromArray, type Schema, type Vector } from 'apache-arrow';
+import { InvalidArgumentError } from '../../errors.js';
+import { remote } from '../../core/registry.js';
+import { blockToColumns, type Block } from '../block.js';
+import { Datasource, ReadTask } from '../datasource.js';
+import {
+  DEFAULT_BLOCK_BYTES, DEFAULT_MIN_SPLIT_BYTES, FileDatasink, TextWriter, boolColumn, checkExtensions, checkPositiveInteger, checkSchema, coerceValue,
+  expandPaths, filesOf, float64Column, isNumberText, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, readLineBatches, readLines, schemaFromBytes, schemaToBytes, utf8Column,
+  type FileEntry, type FileRange,
+} from './files.js';
+
+export const CSV_EXTENSIONS: readonly string[] = ['.csv'];
+
+export interface CsvReadOptions {
+  /** One character between fields (default ','). */
+  delimiter?: string;
+  /**
+   * Quoted fields may hold line breaks. Such a file cannot be cut at line boundaries, so it is read
+   * whole by one task. Default false: large files may be split across tasks, and a quoted line
+   * break in a split file is reported as an error. A file read whole always honours them.
+   */
+  quotedNewlines?: boolean;
+  /** Columns and their types; without it types are inferred per column. */
+  schema?: Schema;
+  /** Rows per block; by default a block holds about `blockBytes` of text. */
+  rowsPerBlock?: number;
+  /** Text bytes per block when `rowsPerBlock` is not given (default 4 MiB). */
+  blockBytes?: number;
+  /** A file is split across read tasks only into ranges at least this large (default 4 MiB). */
+  minSplitBytes?: number;
+  /** Which files of a directory are read (default .csv). */
+  extensions?: string[];
+}
+
+interface CsvTaskOptions {
+  delimiter: string;
+  schema?: Uint8Array;
+  rowsPerBlock?: number;
+  blockBytes: number;
+}
+
+/** A field as read: text, or null for an empty unquoted field. */
+type Cell = string | null;
+
+/**
+ * Parses records a line at a time. A quoted field that reaches the end of a line continues on the
+ * next (feed returns undefined until the record is complete). Malformed quoting throws a message;
+ * the caller adds the file and line.
+ */
+export class CsvRecordParser {
+  private fields: Cell[] = [];
+  private field = '';
+  private quoted = false;
+  private inQuotes = false;
+  private afterQuote = false;
+
+  constructor(private readonly delimiter: string) {}
+
+  /** A quoted field is open: the record continues on the next line. */
+  get pending(): boolean {
+    return this.inQuotes;
+  }
+
+  feed(line: string): Cell[] | undefined {
+    // Most lines hold no quote at all: a plain split is many times faster than the scan below.
+    if (!this.inQuotes && this.fields.length === 0 && line.indexOf('"') < 0) {
+      const fields: Cell[] = line.split(this.delimiter);
+      for (let index = 0; index < fields.length; index++) if (fields[index] === '') fields[index] = null;
+      return fields;
+    }
+    const delimiter = this.delimiter;
+    let index = 0;
+    while (index < line.length) {
+      if (this.inQuotes) {
+        const quote = line.indexOf('"', index);
+        if (quote < 0) {
+          this.field += line.slice(index);
+          index = line.length;
+          break;
+        }
+        this.field += line.slice(index, quote);
+        if (line[quote + 1] === '"') {
+          this.field += '"';
+          index = quote + 2;
+        } else {
+          this.inQuotes = false;
+          this.afterQuote = true;
+          index = quote + 1;
+        }
+        continue;
+      }
+      const char = line[index];
+      if (char === delimiter) {
+        this.endField();
+        index++;
+        continue;
+      }
+      if (this.afterQuote) throw new Error(`unexpected ${JSON.stringify(char)} after the closing quote of field ${this.fields.length + 1}`);
+      if (char === '"' && this.field === '') {
+        this.inQuotes = true;
+        this.quoted = true;
+        index++;
+        continue;
+      }
+      // A quote inside an unquoted field is taken literally (as in `5" screen`), as most readers do.
+      const next = line.indexOf(delimiter, index);
+      const stop = next < 0 ? line.length : next;
+      this.field += line.slice(index, stop);
+      index = stop;
+    }
+    if (this.inQuotes) {
+      this.field += '\n';
+      return undefined;
+    }
+    this.endField();
+    const record = this.fields;
+    this.fields = [];
+    return record;
+  }
+
+  private endField(): void {
+    this.fields.push(this.quoted || this.field !== '' ? this.field : null);
+    this.field = '';
+    this.quoted = false;
+    this.afterQuote = false;
+  }
+}
+
+interface Header {
+  names: string[];
+  /** Byte offset where the first data line begins. */
+  end: number;
+}
+
+async function readHeader(path: string, delimiter: string): Promise<Header | undefined> {
+  const parser = new CsvRecordParser(delimiter);
+  let recordStart = 0;
+  for await (const line of readLines(path)) {
+    if (!parser.pending && line.text === '') continue;
+    if (!parser.pending) recordStart = line.offset;
+    let record: Cell[] | undefined;
+    try {
+      record = parser.feed(line.text);
+    } catch (error) {
+      throw await lineError(path, recordStart, (error as Error).message);
+    }
+    if (!record) continue;
+    const names = record.map((name) => name ?? '');
+    const seen = new Set<string>();
+    for (const name of names) {
+      if (seen.has(name)) throw await lineError(path, recordStart, `the header names column '${name}' twice`);
+      seen.add(name);
+    }
+    return { names, end: line.next };
+  }
+  if (parser.pending) throw await lineError(path, recordStart, 'unbalanced quote: the quoted field is never closed');
+  return undefined;
+}
+
+async function lineError(path: string, offset: number, reason: string): Promise<InvalidArgumentError> {
+  return parseError(`CSV file '${path}', line ${await lineNumberAt(path, offset)}: ${reason}`);
+}
+
+export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ranges: FileRange[], options: CsvTaskOptions): AsyncGenerator<Block> {
+  const schema = options.schema ? schemaFromBytes(options.schema) : undefined;
+  const known = new Map<string, DataType>();
+  let names: string[] = [];
+  let columns: unknown[][] = [];
+  let rows = 0;
+  let bytes = 0;
+  const flush = (): Block => {
+    const block = schema ? typedBlock(schema, columns, rows) : inferredBlock(names, columns as Cell[][], known);
+    columns = columns.map(() => []);
+    rows = 0;
+    bytes = 0;
+    return block;
+  };
+  for (const range of ranges) {
+    const header = await readHeader(range.path, options.delimiter);
+    if (!header) continue;
+    // With a schema, its fields are the columns (in its order); the header says where each is.
+    const positions = schema ? schemaPositions(schema, header, range.path) : header.names.map((_, index) => index);
+    const wanted = schema ? schema.fields.map((field) => field.name) : header.names;
+    if (wanted.join('\u0000') !== names.join('\u0000') || columns.length === 0) {
+      if (rows > 0) yield flush();
+      names = wanted;
+      columns = names.map(() => []);
+    }
+    const parser = new CsvRecordParser(options.delimiter);
+    let recordStart = 0;
+    for await (const lines of readLineBatches(range.path, Math.max(range.start, header.end), range.end)) {
+      for (const line of lines) {
+        if (!parser.pending) {
+          if (line.text === '') continue;
+          recordStart = line.offset;
+        }
+        let record: Cell[] | undefined;
+        try {
+          record = parser.feed(line.text);
+        } catch (error) {
+          throw await lineError(range.path, recordStart, (error as Error).message);
+        }
+        if (!record) {
+          if (range.split) {
+            throw await lineError(
+              range.path,
+              recordStart,
+              'unbalanced quote: a quoted field runs past the end of the line. Quoted line breaks cannot be read from a file split ' +
+                'across read tasks: pass { quotedNewlines: true } to read such files whole',
+            );
+          }
+          continue;
+        }
+        if (record.length !== header.names.length) {
+          throw await lineError(range.path, recordStart, `expected ${header.names.length} fields as in the header, found ${record.length}`);
+        }
+        if (schema) {
+          for (let column = 0; column < positions.length; column++) {
+            const field = schema.fields[column];
+            try {
+              columns[column].push(cellAs(record[positions[column]], field.type));
+            } catch (error) {
+              throw await lineError(range.path, recordStart, `column '${field.name}': ${(error as Error).message}`);
+            }
+          }
+        } else {
+          for (let column = 0; column < record.length; column++) columns[column].push(record[column]);
+        }
+        rows++;
+        bytes += line.next - recordStart;
+        if (options.rowsPerBlock ? rows >= options.rowsPerBlock : bytes >= options.blockBytes) yield flush();
+      }
+    }
+    if (parser.pending) throw await lineError(range.path, recordStart, 'unbalanced quote: the quoted field is never closed');
+  }
+  if (rows > 0) yield flush();
+});
+
+function schemaPositions(schema: Schema, header: Header, path: string): number[] {
+  return schema.fields.map((field) => {
+    const position = header.names.indexOf(field.name);
+    if (position < 0) throw parseError(`CSV file '${path}': column '${field.name}' of the schema is not in the header (${header.names.join(', ')})`);
+    return position;
+  });
+}
+
+/**
+ * A cell as a schema's type wants it. A quoted empty field is the empty string, or empty bytes (the
+ * base64 of nothing); for other types it can only mean null.
+ */
+function cellAs(cell: Cell, type: DataType): unknown {
+  if (cell === null) return null;
+  if (DataType.isUtf8(type) || DataType.isLargeUtf8(type)) return cell;
+  if (cell === '' && !(DataType.isBinary(type) || DataType.isLargeBinary(type))) return null;
+  return coerceValue(cell, type);
+}
+
+function typedBlock(schema: Schema, columns: unknown[][], rows: number): Block {
+  const vectors: Record<string, Vector> = {};
+  schema.fields.forEach((field, index) => {
+    vectors[field.name] = vectorFromArray(columns[index] ?? new Array(rows).fill(null), field.type);
+  });
+  return new Table(schema, vectors);
+}
+
+const BOOLEAN_TEXT = /^(?:true|false)$/i;
+
+/**
+ * A column's type from its cells. A type earlier blocks of the task inferred is kept when it can
+ * hold these cells (utf8 holds anything), so that the blocks of a task agree where possible.
+ */
+function inferCellType(cells: Cell[], known: DataType | undefined): DataType {
+  let empty = true;
+  let numeric = true;
+  let boolean = true;
+  for (const cell of cells) {
+    if (cell === null) continue;
+    empty = false;
+    if (numeric && !isNumberText(cell)) numeric = false;
+    if (boolean && !BOOLEAN_TEXT.test(cell)) boolean = false;
+    if (!numeric && !boolean) break;
+  }
+  if (empty) return known ?? new Null();
+  if (known) {
+    if (DataType.isUtf8(known)) return known;
+    if (DataType.isFloat(known) && numeric) return known;
+    if (DataType.isBool(known) && boolean) return known;
+  }
+  return numeric ? new Float64() : boolean ? new Bool() : new Utf8();
+}
+
+function inferredBlock(names: string[], columns: Cell[][], known: Map<string, DataType>): Block {
+  const vectors: Record<string, Vector> = {};
+  names.forEach((name, index) => {
+    const cells = columns[index];
+    const type = inferCellType(cells, known.get(name));
+    if (type instanceof Null) {
+      vectors[name] = nullColumn(cells.length);
+      return;
+    }
+    known.set(name, type);
+    if (DataType.isFloat(type)) vectors[name] = float64Column(cells.map((cell) => (cell === null ? null : Number(cell))));
+    else if (DataType.isBool(type)) vectors[name] = boolColumn(cells.map((cell) => (cell === null ? null : cell.toLowerCase() === 'true')));
+    else vectors[name] = utf8Column(cells);
+  });
+  return new Table(vectors);
+}
+
+function checkDelimiter(value: unknown, format: string): string {
+  if (value === undefined) return ',';
+  if (typeof value !== 'string' || value.length !== 1 || value === '"' || value === '\n' || value === '\r') {
+    throw new InvalidArgumentError(`${format} option 'delimiter' must be one character other than a quote or a line break, got ${JSON.stringify(value)}`, 'ERR_INVALID_ARGUMENT');
+  }
+  return value;
+}
+
+export class CsvDatasource extends Datasource {
+  readonly files: FileEntry[];
+  private readonly taskOptions: CsvTaskOptions;
+  private readonly minSplitBytes: number;
+  private readonly splittable: boolean;
+
+  constructor(paths: string | readonly string[], options: CsvReadOptions = {}) {
+    super();
+    const schema = checkSchema(options.schema, 'CSV');
+    const rowsPerBlock = checkPositiveInteger(options.rowsPerBlock, 'rowsPerBlock');
+    this.taskOptions = {
+      delimiter: checkDelimiter(options.delimiter, 'CSV'),
+      blockBytes: checkPositiveInteger(options.blockBytes, 'blockBytes') ?? DEFAULT_BLOCK_BYTES,
+      ...(schema ? { schema: schemaToBytes(schema) } : {}),
+      ...(rowsPerBlock ? { rowsPerBlock } : {}),
+    };
+    this.minSplitBytes = checkPositiveInteger(options.minSplitBytes, 'minSplitBytes') ?? DEFAULT_MIN_SPLIT_BYTES;
+    this.splittable = options.quotedNewlines !== true;
+    this.files = expandPaths(paths, checkExtensions(options.extensions, CSV_EXTENSIONS), 'CSV');
+  }
+
+  override get name(): string {
+    return 'CSV';
+  }
+
+  getReadTasks(parallelism: number): ReadTask[] {
+    return planLineRanges(this.files, parallelism, { splittable: this.splittable, minSplitBytes: this.minSplitBytes }).map(
+      (ranges) =>
+        new ReadTask(readCsvFiles, [ranges, this.taskOptions], {
+          bytes: ranges.reduce((sum, range) => sum + range.end - range.start, 0),
+          inputFiles: filesOf(ranges),
+        }),
+    );
+  }
+
+  override estimateInMemorySize(): number {
+    return this.files.reduce((sum, file) => sum + file.bytes, 0);
+  }
+}
+
+export interface CsvWriteOptions {
+  /** One character between fields (default ','). */
+  delimiter?: string;
+  /** Write the header row (default true; the CSV reader needs it). */
+  header?: boolean;
+}
+
+/**
+ * Writes blocks as CSV. Fields are quoted when they hold the delimiter, a quote or a line break,
+ * and the empty string is written "" so that it reads back apart from null (an empty field).
+ * Timestamps are ISO strings, binary base64, lists and structs JSON.
+ */
+export class CsvDatasink extends FileDatasink<{ delimiter: string; header: boolean }> {
+  constructor(path: string, options: CsvWriteOptions = {}) {
+    super(path, { delimiter: checkDelimiter(options.delimiter, 'CSV'), header: options.header !== false }, 'CSV');
+  }
+
+  override get name(): string {
+    return 'CSV';
+  }
+
+  protected get extension(): string {
+    return '.csv';
+  }
+
+  protected async writeBlocks(blocks: Block[], handle: FileHandle): Promise<number> {
+    const { delimiter, header } = this.options;
+    const names = blocks[0].schema.fields.map((field) => field.name);
+    const writer = new TextWriter(handle);
+    if (header) await writer.write(`${names.map((name) => csvField(name, delimiter)).join(delimiter)}\n`);
+    let rows = 0;
+    for (const block of blocks) {
+      const blockNames = block.schema.fields.map((field) => field.name);
+      if (blockNames.join('\u0000') !== names.join('\u0000')) {
+        throw new InvalidArgumentError(`CSV sink: a write task's blocks have different columns: (${names.join(', ')}) vs (${blockNames.join(', ')})`, 'ERR_DATA_SCHEMA');
+      }
+      const columns = blockToColumns(block);
+      const values = names.map((name) => columns[name] as ArrayLike<unknown>);
+      for (let row = 0; row < block.numRows; row++) {
+        let line = '';
+        for (let column = 0; column < values.length; column++) {
+          if (column > 0) line += delimiter;
+          line += csvCell(values[column][row], delimiter);
+        }
+        await writer.write(`${line}\n`);
+      }
+      rows += block.numRows;
+    }
+    await writer.flush();
+    return rows;
+  }
+}
+remote(import.meta, CsvDatasink);
+
+function csvCell(value: unknown, delimiter: string): string {
+  if (value === null || value === undefined) return '';
+  switch (typeof value) {
+    case 'string':
+      return csvField(value, delimiter, true);
+    case 'number':
+    case 'bigint':
+    case 'boolean':
+      return String(value);
+    default:
+      break;
+  }
+  if (value instanceof Date) return value.toISOString();
+  // Empty bytes are "" (an empty field would read back as null).
+  if (value instanceof Uint8Array) return csvField(Buffer.from(value.buffer, value.byteOffset, value.byteLength).toString('base64'), delimiter, true);
+  return csvField(JSON.stringify(value, jsonReplacer), delimiter, true);
+}
+
+function csvField(text: string, delimiter: string, quoteEmpty = false): string {
+  if ((quoteEmpty && text === '') || text.includes(delimiter) || text.includes('"') || text.includes('\n') || text.includes('\r')) {
+    return `"${text.replaceAll('"', '""')}"`;
+  }
+  return text;
+}
+

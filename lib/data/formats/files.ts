@@ -1,0 +1,630 @@
+/**
+ * What the file formats share: expanding the paths a user names into files, planning read tasks
+ * over them (whole files, byte ranges of line-based files, or pieces such as row groups), reading
+ * lines of a byte range, coercing values to a schema, shipping a schema to workers, and writing a
+ * file so that readers never see it half written.
+ */
+import { readdirSync, statSync, type Stats } from 'node:fs';
+import { mkdir, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { basename, dirname, extname, join, resolve } from 'node:path';
+import {
+  Bool, DataType, Float64, Null, Schema, Table, Utf8, makeData, makeVector, tableFromIPC, tableToIPC, type Field, type List, type Struct, type Vector,
+} from 'apache-arrow';
+import { InvalidArgumentError } from '../../errors.js';
+import type { Block, Row } from '../block.js';
+import { Datasink, type WriteContext } from '../datasource.js';
+
+/** A file found on disk, with its size when it was listed. */
+export interface FileEntry {
+  path: string;
+  bytes: number;
+}
+
+/**
+ * Part of a file one read task reads. `start`/`end` are byte offsets for line-based formats: the
+ * task reads the lines that begin in [start, end). `split` says the file was cut into several
+ * ranges, so a record may not continue past a line end.
+ */
+export interface FileRange {
+  path: string;
+  start: number;
+  end: number;
+  split: boolean;
+}
+
+/** How large a piece of a file must be before splitting a file across tasks is worth a task. */
+export const DEFAULT_MIN_SPLIT_BYTES = 4 << 20;
+/** Text read into one block before it is converted and handed on: blocks of a few MiB. */
+export const DEFAULT_BLOCK_BYTES = 4 << 20;
+
+const describeInput = (paths: unknown): string => (typeof paths === 'string' ? `'${paths}'` : typeof paths);
+
+/**
+ * The files `paths` names, in a stable order: a file is taken as it is (whatever its extension);
+ * a directory contributes its files with one of `extensions`, found recursively and sorted, without
+ * hidden files and files starting with '_' (temp files of sinks, markers such as _SUCCESS).
+ */
+export function expandPaths(paths: string | readonly string[], extensions: readonly string[], format: string): FileEntry[] {
+  const list = typeof paths === 'string' ? [paths] : paths;
+  if (!Array.isArray(list) || list.length === 0 || list.some((path) => typeof path !== 'string' || path === '')) {
+    throw new InvalidArgumentError(`${format} source takes a path or a non-empty array of paths, got ${describeInput(paths)}`, 'ERR_DATA_PATH');
+  }
+  const wanted = extensions.map((extension) => extension.toLowerCase());
+  const files: FileEntry[] = [];
+  for (const given of list) {
+    const path = resolve(given);
+    let info: Stats;
+    try {
+      info = statSync(path);
+    } catch {
+      throw new InvalidArgumentError(`${format} source: path '${given}' does not exist`, 'ERR_DATA_PATH');
+    }
+    if (info.isDirectory()) {
+      const found = listDirectory(path, wanted);
+      if (found.length === 0) {
+        throw new InvalidArgumentError(
+          `${format} source: directory '${given}' holds no files ending in ${wanted.join(', ')}`,
+          'ERR_DATA_PATH',
+        );
+      }
+      files.push(...found);
+    } else if (info.isFile()) {
+      files.push({ path, bytes: info.size });
+    } else {
+      throw new InvalidArgumentError(`${format} source: path '${given}' is neither a file nor a directory`, 'ERR_DATA_PATH');
+    }
+  }
+  return files;
+}
+
+function listDirectory(directory: string, extensions: readonly string[]): FileEntry[] {
+  const found: FileEntry[] = [];
+  const walk = (current: string) => {
+    const names = readdirSync(current).sort();
+    for (const name of names) {
+      if (name.startsWith('.') || name.startsWith('_')) continue;
+      const path = join(current, name);
+      const info = statSync(path);
+      if (info.isDirectory()) walk(path);
+      else if (info.isFile() && extensions.some((extension) => name.toLowerCase().endsWith(extension))) found.push({ path, bytes: info.size });
+    }
+  };
+  walk(directory);
+  return found;
+}
+
+export function checkParallelism(parallelism: number): number {
+  if (!Number.isInteger(parallelism) || parallelism < 1) {
+    throw new InvalidArgumentError(`parallelism must be a positive integer, got ${parallelism}`, 'ERR_INVALID_ARGUMENT');
+  }
+  return parallelism;
+}
+
+/**
+ * Cuts `units` (in order) into at most `parallelism` contiguous groups of about equal weight.
+ * Contiguous groups keep the order of the files across tasks, so reading is deterministic. A unit
+ * goes to the group its weight's midpoint falls in, which balances without ever splitting a unit.
+ */
+export function groupByWeight<T>(units: readonly T[], weight: (unit: T) => number, parallelism: number): T[][] {
+  checkParallelism(parallelism);
+  // Every unit weighs at least one, so empty files still spread over tasks instead of piling up.
+  const weights = units.map((unit) => Math.max(1, weight(unit)));
+  const total = weights.reduce((sum, value) => sum + value, 0);
+  const groups: T[][] = [];
+  let before = 0;
+  let current = -1;
+  units.forEach((unit, index) => {
+    const slot = Math.min(parallelism - 1, Math.floor(((before + weights[index] / 2) / total) * parallelism));
+    if (slot !== current) {
+      groups.push([]);
+      current = slot;
+    }
+    groups[groups.length - 1].push(unit);
+    before += weights[index];
+  });
+  return groups;
+}
+
+/**
+ * Read tasks over line-based files: at most `parallelism` groups of byte ranges. When there are
+ * fewer files than tasks wanted, files larger than a task's share are cut into ranges of about
+ * that share (never smaller than `minSplitBytes`).
+ */
+export function planLineRanges(files: readonly FileEntry[], parallelism: number, options: { splittable: boolean; minSplitBytes: number }): FileRange[][] {
+  checkParallelism(parallelism);
+  const total = files.reduce((sum, file) => sum + file.bytes, 0);
+  const share = Math.max(1, Math.ceil(total / parallelism));
+  const ranges: FileRange[] = [];
+  for (const file of files) {
+    const pieces = options.splittable && files.length < parallelism
+      ? Math.min(Math.ceil(file.bytes / share), Math.floor(file.bytes / Math.max(1, options.minSplitBytes)), parallelism)
+      : 1;
+    if (pieces <= 1) {
+      ranges.push({ path: file.path, start: 0, end: file.bytes, split: false });
+      continue;
+    }
+    for (let piece = 0; piece < pieces; piece++) {
+      const start = Math.floor((file.bytes * piece) / pieces);
+      const end = piece === pieces - 1 ? file.bytes : Math.floor((file.bytes * (piece + 1)) / pieces);
+      ranges.push({ path: file.path, start, end, split: true });
+    }
+  }
+  return groupByWeight(ranges, (range) => range.end - range.start, parallelism);
+}
+
+/** The files a group of ranges reads, each once, in order. */
+export function filesOf(ranges: readonly { path: string }[]): string[] {
+  return [...new Set(ranges.map((range) => range.path))];
+}
+
+/** One line of a file: its text (without the line break) and where it begins. */
+export interface Line {
+  text: string;
+  /** Byte offset of the line's first byte. */
+  offset: number;
+  /** Byte offset just past the line break (where the next line begins). */
+  next: number;
+}
+
+const NEWLINE = 0x0a;
+const READ_CHUNK_BYTES = 1 << 20;
+
+/**
+ * The lines that begin in [start, end) of a file, streamed in chunks so memory stays bounded, and
+ * handed on a chunk's worth at a time (an await per line would cost more than reading it). A
+ * range that starts inside a line leaves that line to the range before it, and the last line is
+ * read past `end` to its break: together the ranges of a file read each line exactly once. A
+ * newline byte never occurs inside a UTF-8 multi-byte sequence, so cutting on it is safe.
+ */
+export async function* readLineBatches(path: string, start = 0, end = Number.POSITIVE_INFINITY): AsyncGenerator<Line[]> {
+  if (start >= end) return;
+  const handle = await open(path, 'r');
+  try {
+    const buffer = Buffer.allocUnsafe(READ_CHUNK_BYTES);
+    // Read from one byte before `start`: if that byte is a newline, a line begins exactly at start.
+    let position = start > 0 ? start - 1 : 0;
+    let skipping = start > 0;
+    let lineStart = start;
+    let carried: Buffer[] = [];
+    let finished = false;
+    while (!finished) {
+      const { bytesRead } = await handle.read(buffer, 0, READ_CHUNK_BYTES, position);
+      if (bytesRead === 0) break;
+      const chunk = buffer.subarray(0, bytesRead);
+      const chunkOffset = position;
+      position += bytesRead;
+      let cursor = 0;
+      if (skipping) {
+        const newline = chunk.indexOf(NEWLINE);
+        if (newline < 0) continue;
+        skipping = false;
+        cursor = newline + 1;
+        lineStart = chunkOffset + cursor;
+        if (lineStart >= end) return;
+      }
+      const lines: Line[] = [];
+      while (cursor < bytesRead) {
+        const newline = chunk.indexOf(NEWLINE, cursor);
+        if (newline < 0) {
+          // The buffer is reused by the next read: keep a copy of the unfinished line.
+          carried.push(Buffer.from(chunk.subarray(cursor)));
+          break;
+        }
+        const bytes = carried.length ? Buffer.concat([...carried, chunk.subarray(cursor, newline)]) : chunk.subarray(cursor, newline);
+        carried = [];
+        const next = chunkOffset + newline + 1;
+        lines.push({ text: decodeLine(bytes, lineStart), offset: lineStart, next });
+        lineStart = next;
+        cursor = newline + 1;
+        if (lineStart >= end) {
+          finished = true;
+          break;
+        }
+      }
+      if (lines.length) yield lines;
+    }
+    if (!finished && !skipping && carried.length && lineStart < end) {
+      const bytes = Buffer.concat(carried);
+      yield [{ text: decodeLine(bytes, lineStart), offset: lineStart, next: lineStart + bytes.length }];
+    }
+  } finally {
+    await handle.close();
+  }
+}
+
+/** Lines one at a time, for callers that read only a few (a header). */
+export async function* readLines(path: string, start = 0, end = Number.POSITIVE_INFINITY): AsyncGenerator<Line> {
+  for await (const lines of readLineBatches(path, start, end)) yield* lines;
+}
+
+function decodeLine(bytes: Buffer, offset: number): string {
+  let text = bytes.toString('utf8');
+  if (text.endsWith('\r')) text = text.slice(0, -1);
+  // A byte-order mark is not part of the first record.
+  if (offset === 0 && text.charCodeAt(0) === 0xfeff) text = text.slice(1);
+  return text;
+}
+
+/**
+ * The 1-based number of the line that begins at `offset`. Range tasks do not know how many lines
+ * precede their range; counting them is only worth it when an error must name the line.
+ */
+export async function lineNumberAt(path: string, offset: number): Promise<number> {
+  if (offset === 0) return 1;
+  const handle = await open(path, 'r');
+  try {
+    const buffer = Buffer.allocUnsafe(READ_CHUNK_BYTES);
+    let lines = 1;
+    for (let position = 0; position < offset; ) {
+      const { bytesRead } = await handle.read(buffer, 0, Math.min(READ_CHUNK_BYTES, offset - position), position);
+      if (bytesRead === 0) break;
+      const chunk = buffer.subarray(0, bytesRead);
+      for (let index = chunk.indexOf(NEWLINE); index >= 0; index = chunk.indexOf(NEWLINE, index + 1)) lines++;
+      position += bytesRead;
+    }
+    return lines;
+  } finally {
+    await handle.close();
+  }
+}
+
+export function parseError(message: string): InvalidArgumentError {
+  return new InvalidArgumentError(message, 'ERR_DATA_PARSE');
+}
+
+/**
+ * A schema travels to workers as the Arrow IPC bytes of an empty table: task arguments are plain
+ * data (class instances are refused by the codec), and IPC is Arrow's own lossless encoding.
+ */
+export function schemaToBytes(schema: Schema): Uint8Array {
+  return tableToIPC(new Table(schema), 'stream');
+}
+
+export function schemaFromBytes(bytes: Uint8Array): Schema {
+  return tableFromIPC(bytes).schema;
+}
+
+export function checkSchema(schema: unknown, format: string): Schema | undefined {
+  if (schema === undefined) return undefined;
+  if (!(schema instanceof Schema)) throw new InvalidArgumentError(`${format} option 'schema' must be an apache-arrow Schema`, 'ERR_INVALID_ARGUMENT');
+  return schema;
+}
+
+export function checkPositiveInteger(value: unknown, name: string): number | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) {
+    throw new InvalidArgumentError(`option '${name}' must be a positive integer, got ${String(value)}`, 'ERR_INVALID_ARGUMENT');
+  }
+  return value;
+}
+
+export function checkExtensions(value: unknown, fallback: readonly string[]): readonly string[] {
+  if (value === undefined) return fallback;
+  if (!Array.isArray(value) || value.length === 0 || value.some((extension) => typeof extension !== 'string' || extension === '')) {
+    throw new InvalidArgumentError(`option 'extensions' must be a non-empty array of strings such as ['.jsonl']`, 'ERR_INVALID_ARGUMENT');
+  }
+  return value.map((extension: string) => (extension.startsWith('.') ? extension : `.${extension}`));
+}
+
+/**
+ * `value` as `type` expects it, for data whose text form lost its type (JSON, CSV): ISO strings
+ * become timestamps, base64 strings binary, numbers 64-bit integers. Throws a message (without
+ * location: the caller adds file and line) when the value cannot be that type.
+ */
+export function coerceValue(value: unknown, type: DataType): unknown {
+  if (value === null || value === undefined) return null;
+  if (DataType.isTimestamp(type) || DataType.isDate(type)) {
+    const milliseconds = value instanceof Date ? value.getTime() : typeof value === 'number' ? value : typeof value === 'string' ? Date.parse(value) : Number.NaN;
+    if (!Number.isFinite(milliseconds)) throw new TypeError(`${describeValue(value)} is not a date or time`);
+    // Arrow stores second-resolution timestamps as whole seconds and rejects a fraction.
+    return DataType.isTimestamp(type) && type.unit === 0 ? Math.floor(milliseconds / 1000) * 1000 : milliseconds;
+  }
+  if (DataType.isInt(type)) {
+    // Integer text straight to BigInt: through a number it would lose digits past 2^53.
+    if (type.bitWidth === 64 && typeof value === 'string' && /^\s*[-+]?\d+\s*$/.test(value)) return BigInt(value.trim());
+    const number = typeof value === 'string' && value.trim() !== '' ? Number(value) : value;
+    if (typeof number === 'bigint') return type.bitWidth === 64 ? number : Number(number);
+    if (typeof number !== 'number' || !Number.isInteger(number)) throw new TypeError(`${describeValue(value)} is not an integer`);
+    return type.bitWidth === 64 ? BigInt(number) : number;
+  }
+  if (DataType.isFloat(type)) {
+    if (typeof value === 'number') return value;
+    if (typeof value === 'bigint') return Number(value);
+    if (typeof value === 'string' && isNumberText(value)) return Number(value);
+    throw new TypeError(`${describeValue(value)} is not a number`);
+  }
+  if (DataType.isBool(type)) {
+    if (typeof value === 'boolean') return value;
+    if (typeof value === 'string' && /^(true|false)$/i.test(value.trim())) return value.trim().toLowerCase() === 'true';
+    throw new TypeError(`${describeValue(value)} is not a boolean`);
+  }
+  if (DataType.isUtf8(type) || DataType.isLargeUtf8(type)) {
+    if (typeof value === 'string') return value;
+    if (typeof value === 'object') return JSON.stringify(value, jsonReplacer);
+    return String(value);
+  }
+  if (DataType.isBinary(type) || DataType.isLargeBinary(type) || DataType.isFixedSizeBinary(type)) {
+    if (value instanceof Uint8Array) return value;
+    if (typeof value === 'string') return new Uint8Array(Buffer.from(value, 'base64'));
+    if (Array.isArray(value) && value.every((byte) => Number.isInteger(byte) && byte >= 0 && byte < 256)) return Uint8Array.from(value);
+    throw new TypeError(`${describeValue(value)} is not binary (expected a base64 string)`);
+  }
+  if (DataType.isList(type) || DataType.isFixedSizeList(type)) {
+    const items = typeof value === 'string' ? JSON.parse(value) : value;
+    if (!Array.isArray(items) && !ArrayBuffer.isView(items)) throw new TypeError(`${describeValue(value)} is not a list`);
+    const child = (type as List).children[0].type;
+    return Array.from(items as ArrayLike<unknown>, (item) => coerceValue(item, child));
+  }
+  if (DataType.isStruct(type)) {
+    const object = typeof value === 'string' ? JSON.parse(value) : value;
+    if (typeof object !== 'object' || object === null || Array.isArray(object)) throw new TypeError(`${describeValue(value)} is not an object`);
+    return coerceRow(object as Row, (type as Struct).children);
+  }
+  return value;
+}
+
+/** A row with exactly the schema's fields, each coerced to its type. */
+export function coerceRow(row: Row, fields: readonly Field[]): Row {
+  const result: Row = {};
+  for (const field of fields) {
+    try {
+      result[field.name] = coerceValue(row[field.name], field.type);
+    } catch (error) {
+      throw new TypeError(`column '${field.name}': ${(error as Error).message}`);
+    }
+  }
+  return result;
+}
+
+const describeValue = (value: unknown): string => {
+  const text = typeof value === 'string' ? JSON.stringify(value) : typeof value === 'object' ? JSON.stringify(value, jsonReplacer) ?? String(value) : String(value);
+  return text.length > 60 ? `${text.slice(0, 57)}...` : text;
+};
+
+/** Decimal, exponent, and the spellings JavaScript writes for non-finite numbers. */
+const NUMBER_TEXT = /^\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*$|^\s*(?:NaN|[-+]?Infinity)\s*$/;
+
+export function isNumberText(text: string): boolean {
+  return NUMBER_TEXT.test(text);
+}
+
+/**
+ * JSON for values JSON has no form of: bigints as numbers when exact and strings otherwise, bytes
+ * as base64. Dates arrive here already as ISO strings (their toJSON runs first).
+ */
+export function jsonReplacer(this: unknown, _key: string, value: unknown): unknown {
+  if (typeof value === 'bigint') return value >= BigInt(Number.MIN_SAFE_INTEGER) && value <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(value) : value.toString();
+  if (value instanceof Uint8Array) return Buffer.from(value.buffer, value.byteOffset, value.byteLength).toString('base64');
+  if (ArrayBuffer.isView(value)) return Array.from(value as unknown as ArrayLike<unknown>);
+  return value;
+}
+
+/** What a write task reports for its file (path null: it had no block, so no file). */
+export interface WrittenFile {
+  path: string | null;
+  rows: number;
+  bytes: number;
+}
+
+export function outputFileName(writeId: string, taskIndex: number, extension: string): string {
+  return `${writeId}_${String(taskIndex).padStart(6, '0')}${extension}`;
+}
+
+/** A write task's temp file: hidden (so readers skip it) and unique to the attempt and process. */
+export function tempPathFor(finalPath: string, attempt: number): string {
+  return join(dirname(finalPath), `.${basename(finalPath)}.${attempt}.${process.pid}.tmp`);
+}
+
+/**
+ * Writes through `produce` to a temp file, then renames it into place: rename is atomic within a
+ * directory, so a task that dies midway (or is retried) never leaves a partial file under the
+ * final name. Returns the bytes written.
+ */
+export async function writeFileAtomically(finalPath: string, attempt: number, produce: (handle: FileHandle) => Promise<void>): Promise<number> {
+  await mkdir(dirname(finalPath), { recursive: true });
+  const temp = tempPathFor(finalPath, attempt);
+  const handle = await open(temp, 'w');
+  try {
+    await produce(handle);
+    await handle.close();
+  } catch (error) {
+    await handle.close().catch(() => undefined);
+    await unlink(temp).catch(() => undefined);
+    throw error;
+  }
+  await rename(temp, finalPath);
+  return (await stat(finalPath)).size;
+}
+
+/** Collects text and writes it in large pieces: one write per line would cost a syscall each. */
+export class TextWriter {
+  private parts: string[] = [];
+  private pending = 0;
+  constructor(private readonly handle: FileHandle, private readonly flushAt = 1 << 20) {}
+  async write(text: string): Promise<void> {
+    this.parts.push(text);
+    this.pending += text.length;
+    if (this.pending >= this.flushAt) await this.flush();
+  }
+  async flush(): Promise<void> {
+    if (this.parts.length === 0) return;
+    const text = this.parts.join('');
+    this.parts = [];
+    this.pending = 0;
+    await this.handle.write(text);
+  }
+}
+
+/**
+ * Removes temp files that attempts of one write job left behind (a worker that died mid-write
+ * cannot remove its own). Only files of this job: other jobs may be writing the same directory.
+ */
+export async function removeTempFiles(directory: string, writeId: string): Promise<void> {
+  let names: string[];
+  try {
+    names = await readdir(directory);
+  } catch {
+    return;
+  }
+  await Promise.all(
+    names.filter((name) => name.startsWith(`.${writeId}_`) && name.endsWith('.tmp')).map((name) => unlink(join(directory, name)).catch(() => undefined)),
+  );
+}
+
+/** The write id of a job, from the name of a file one of its tasks wrote. */
+export function writeIdOf(path: string): string | undefined {
+  const match = /^(.*)_\d{6,}$/.exec(basename(path, extname(path)));
+  return match?.[1];
+}
+
+/**
+ * A sink writing one file per write task into a directory. Workers receive it by its own fields
+ * (see shipInstance in udf.ts), so its state is plain data: the directory and the options.
+ */
+export abstract class FileDatasink<Options extends object = object> extends Datasink<WrittenFile> {
+  /** The directory files are written into. */
+  readonly path: string;
+  readonly options: Options;
+
+  constructor(path: string, options: Options, format: string) {
+    super();
+    if (typeof path !== 'string' || path === '') {
+      throw new InvalidArgumentError(`${format} sink takes a directory path, got ${describeInput(path)}`, 'ERR_DATA_PATH');
+    }
+    this.path = resolve(path);
+    let info: Stats | undefined;
+    try {
+      info = statSync(this.path);
+    } catch {
+      info = undefined;
+    }
+    if (info && !info.isDirectory()) throw new InvalidArgumentError(`${format} sink: '${path}' exists and is not a directory`, 'ERR_DATA_PATH');
+    this.options = options;
+  }
+
+  /** The extension of the files written, with its dot. */
+  protected abstract get extension(): string;
+
+  /** Writes the blocks to an open file; returns the rows written. */
+  protected abstract writeBlocks(blocks: Block[], handle: FileHandle): Promise<number>;
+
+  override async onWriteStart(): Promise<void> {
+    await mkdir(this.path, { recursive: true });
+  }
+
+  async write(blocks: Block[], context: WriteContext): Promise<WrittenFile> {
+    if (typeof context?.writeId !== 'string' || context.writeId === '' || /[\\/]/.test(context.writeId)) {
+      throw new InvalidArgumentError(`write context needs a writeId usable in a file name, got ${String(context?.writeId)}`, 'ERR_INVALID_ARGUMENT');
+    }
+    // A task without blocks has no schema to write (a Parquet or Arrow file needs one): no file.
+    if (blocks.length === 0) return { path: null, rows: 0, bytes: 0 };
+    const finalPath = join(this.path, outputFileName(context.writeId, context.taskIndex, this.extension));
+    let rows = 0;
+    const bytes = await writeFileAtomically(finalPath, context.attempt ?? 0, async (handle) => {
+      rows = await this.writeBlocks(blocks, handle);
+    });
+    return { path: finalPath, rows, bytes };
+  }
+
+  override async onWriteComplete(results: WrittenFile[]): Promise<void> {
+    const written = results.find((result) => result?.path);
+    const writeId = written?.path ? writeIdOf(written.path) : undefined;
+    if (writeId) await removeTempFiles(this.path, writeId);
+  }
+}
+
+/**
+ * A numbered piece of a file that can be read alone: a record batch of an Arrow IPC file, a row
+ * group of a Parquet file. `index` undefined means the whole file.
+ */
+export interface FilePiece {
+  path: string;
+  bytes: number;
+  rows?: number;
+  index?: number;
+}
+
+/** What a read task of a piece-wise format reads: files, or chosen pieces of them, in order. */
+export interface FileUnit {
+  path: string;
+  /** The pieces to read; absent: all of them. */
+  pieces?: number[];
+}
+
+/** Pieces grouped into at most `parallelism` tasks, consecutive pieces of a file merged into one unit. */
+export function planPieces(pieces: readonly FilePiece[], parallelism: number): Array<{ units: FileUnit[]; bytes: number; rows?: number; inputFiles: string[] }> {
+  return groupByWeight(pieces, (piece) => piece.bytes, parallelism).map((group) => {
+    const units: FileUnit[] = [];
+    for (const piece of group) {
+      const last = units[units.length - 1];
+      if (piece.index === undefined) units.push({ path: piece.path });
+      else if (last && last.path === piece.path && last.pieces) last.pieces.push(piece.index);
+      else units.push({ path: piece.path, pieces: [piece.index] });
+    }
+    const rowsKnown = group.every((piece) => piece.rows !== undefined);
+    return {
+      units,
+      bytes: group.reduce((sum, piece) => sum + piece.bytes, 0),
+      ...(rowsKnown ? { rows: group.reduce((sum, piece) => sum + (piece.rows ?? 0), 0) } : {}),
+      inputFiles: filesOf(group),
+    };
+  });
+}
+
+export function checkColumns(value: unknown, format: string): string[] | undefined {
+  if (value === undefined) return undefined;
+  if (!Array.isArray(value) || value.length === 0 || value.some((name) => typeof name !== 'string')) {
+    throw new InvalidArgumentError(`${format} option 'columns' must be a non-empty array of column names`, 'ERR_INVALID_ARGUMENT');
+  }
+  return [...value];
+}
+
+/**
+ * Fast column builders for the flat types text formats produce. Arrow's generic vectorFromArray
+ * costs about a microsecond a value; writing the buffers directly is several times cheaper, and
+ * the reader's time goes mostly into building columns.
+ */
+function validity(values: readonly unknown[]): { nullBitmap: Uint8Array | undefined; nullCount: number } {
+  let nullCount = 0;
+  for (let index = 0; index < values.length; index++) if (values[index] === null || values[index] === undefined) nullCount++;
+  if (nullCount === 0) return { nullBitmap: undefined, nullCount };
+  const nullBitmap = new Uint8Array(((values.length + 63) >> 6) << 3);
+  for (let index = 0; index < values.length; index++) {
+    if (values[index] !== null && values[index] !== undefined) nullBitmap[index >> 3] |= 1 << (index & 7);
+  }
+  return { nullBitmap, nullCount };
+}
+
+export function float64Column(values: readonly (number | null | undefined)[]): Vector {
+  const data = new Float64Array(values.length);
+  for (let index = 0; index < values.length; index++) data[index] = values[index] ?? 0;
+  return makeVector(makeData({ type: new Float64(), length: values.length, data, ...validity(values) }));
+}
+
+export function boolColumn(values: readonly (boolean | null | undefined)[]): Vector {
+  const data = new Uint8Array(((values.length + 63) >> 6) << 3);
+  for (let index = 0; index < values.length; index++) if (values[index] === true) data[index >> 3] |= 1 << (index & 7);
+  return makeVector(makeData({ type: new Bool(), length: values.length, data, ...validity(values) }));
+}
+
+export function utf8Column(values: readonly (string | null | undefined)[]): Vector {
+  const valueOffsets = new Int32Array(values.length + 1);
+  let total = 0;
+  for (let index = 0; index < values.length; index++) {
+    const value = values[index];
+    if (typeof value === 'string') total += Buffer.byteLength(value, 'utf8');
+    valueOffsets[index + 1] = total;
+  }
+  // Its own buffer, not Buffer's shared pool: the block may outlive many small allocations.
+  const data = new Uint8Array(total);
+  const writer = Buffer.from(data.buffer, 0, total);
+  for (let index = 0; index < values.length; index++) {
+    const value = values[index];
+    if (typeof value === 'string' && value.length > 0) writer.write(value, valueOffsets[index], 'utf8');
+  }
+  return makeVector(makeData({ type: new Utf8(), length: values.length, data, valueOffsets, ...validity(values) }));
+}
+
+export function nullColumn(length: number): Vector {
+  return makeVector(makeData({ type: new Null(), length, nullCount: length }));
+}
