@@ -57,7 +57,13 @@ export { nccl, NcclCommunicator } from './gpu/nccl.js';
 export { CudaError, NcclError } from './errors.js';
 export { Dataset, fromItems, fromArrow, readDatasource } from './data/dataset.js';
 export type { TransformOptions, MapBatchesOptions, ReadOptions, IterBatchesOptions } from './data/dataset.js';
-export { range, RangeDatasource } from './data/sources.js';
+export { range, RangeDatasource, readJsonl, readCsv, readArrow, readParquet } from './data/sources.js';
+export {
+  JsonlDatasource, CsvDatasource, ArrowDatasource, ParquetDatasource, JsonlDatasink, CsvDatasink, ArrowDatasink, ParquetDatasink,
+} from './data/formats/index.js';
+export type {
+  Paths, JsonlReadOptions, CsvReadOptions, ArrowReadOptions, ParquetReadOptions, CsvWriteOptions, ArrowWriteOptions, ParquetWriteOptions, WrittenFile,
+} from './data/formats/index.js';
 export { Datasource, Datasink, ReadTask } from './data/datasource.js';
 export type { WriteContext, ReadTaskMetadata, ReadResult, ReadOutput } from './data/datasource.js';
 export { DataContext } from './data/executor.js';

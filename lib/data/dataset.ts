@@ -14,6 +14,9 @@ import { StreamingExecutor, type ExecutionOptions, type JobStats } from './execu
 import { describeLogical, planPhysical, type ActorPoolOptions, type ComputeOptions, type InputBlock, type LogicalOperator, type PhysicalOperatorSpec } from './plan.js';
 import type { StageKind, StageSpec } from './stages.js';
 import { resolveUdf, udfName, type UdfTarget } from './udf.js';
+import {
+  arrowSink, csvSink, jsonlSink, parquetSink, type ArrowWriteOptions, type CsvWriteOptions, type ParquetWriteOptions, type WrittenFile,
+} from './formats/index.js';
 
 export interface TransformOptions extends Omit<ComputeOptions, 'concurrency'> {
   /** Extra arguments after the row or batch. */
@@ -312,6 +315,26 @@ export class Dataset {
     const results = executor.writeResults() as Result[];
     await sink.onWriteComplete(results);
     return results;
+  }
+
+  /** Writes JSON Lines files into `directory`, one per write task. */
+  writeJsonl(directory: string, options: ExecutionOptions = {}): Promise<WrittenFile[]> {
+    return this.write(jsonlSink(directory), options);
+  }
+
+  /** Writes CSV files with a header row into `directory`, one per write task. */
+  writeCsv(directory: string, options: ExecutionOptions & CsvWriteOptions = {}): Promise<WrittenFile[]> {
+    return this.write(csvSink(directory, options), options);
+  }
+
+  /** Writes Parquet files into `directory`, one per write task (snappy by default). */
+  writeParquet(directory: string, options: ExecutionOptions & ParquetWriteOptions = {}): Promise<WrittenFile[]> {
+    return this.write(parquetSink(directory, options), options);
+  }
+
+  /** Writes Arrow IPC files into `directory`, one per write task. */
+  writeArrow(directory: string, options: ExecutionOptions & ArrowWriteOptions = {}): Promise<WrittenFile[]> {
+    return this.write(arrowSink(directory, options), options);
   }
 
   /** Statistics of the last job this dataset ran. */

@@ -1,9 +1,13 @@
-/** Built-in sources that make data rather than read files: range. */
+/** Built-in sources: range, and the file formats as Datasets. */
 import { tableFromArrays } from 'apache-arrow';
 import { remote } from '../core/registry.js';
 import { InvalidArgumentError } from '../errors.js';
 import { Datasource, ReadTask } from './datasource.js';
 import { Dataset, readDatasource, type ReadOptions } from './dataset.js';
+import {
+  arrowSource, csvSource, jsonlSource, parquetSource,
+  type ArrowReadOptions, type CsvReadOptions, type JsonlReadOptions, type ParquetReadOptions, type Paths,
+} from './formats/index.js';
 
 /** Rows { id } from start to end (exclusive), in blocks of at most 64 Ki rows per read task. */
 export const readRange = remote(import.meta, function* readRange(start: number, end: number) {
@@ -42,4 +46,24 @@ export class RangeDatasource extends Datasource {
 export function range(n: number, options: ReadOptions = {}): Dataset {
   if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError(`range(n) takes a non-negative integer, got ${String(n)}`);
   return readDatasource(new RangeDatasource(n), options);
+}
+
+/** Reads JSON Lines files (a file, a directory, or a list of them): one row per line. */
+export function readJsonl(paths: Paths, options: ReadOptions & JsonlReadOptions = {}): Dataset {
+  return readDatasource(jsonlSource(paths, options), options);
+}
+
+/** Reads CSV files with a header row; column types are inferred unless a schema is given. */
+export function readCsv(paths: Paths, options: ReadOptions & CsvReadOptions = {}): Dataset {
+  return readDatasource(csvSource(paths, options), options);
+}
+
+/** Reads Arrow IPC files (file or stream format), split by record batch. */
+export function readArrow(paths: Paths, options: ReadOptions & ArrowReadOptions = {}): Dataset {
+  return readDatasource(arrowSource(paths, options), options);
+}
+
+/** Reads Parquet files (through parquet-wasm), split by row group. */
+export function readParquet(paths: Paths, options: ReadOptions & ParquetReadOptions = {}): Dataset {
+  return readDatasource(parquetSource(paths, options), options);
 }

@@ -29,3 +29,18 @@ it('writes through a fused sink', async () => {
   const lines = readdirSync(dir).flatMap((file) => readFileSync(`${dir}/${file}`, 'utf8').trim().split('\n'));
   expect(lines.length).toBe(100);
 });
+it('round-trips files through the cluster', async () => {
+  const { mkdtempSync } = await import('node:fs');
+  const { readParquet, readJsonl, readCsv } = await import('../../lib/index.js');
+  const dir = mkdtempSync('/tmp/trellis-files-');
+  const base = range(1000, { parallelism: 4 }).map(double);
+  const written = await base.writeParquet(`${dir}/pq`, { progress: false });
+  expect(written.reduce((sum, file) => sum + file.rows, 0)).toBe(1000);
+  await base.writeJsonl(`${dir}/jsonl`, { progress: false });
+  await base.writeCsv(`${dir}/csv`, { progress: false });
+  for (const dataset of [readParquet(`${dir}/pq`), readJsonl(`${dir}/jsonl`), readCsv(`${dir}/csv`)]) {
+    const rows = await dataset.takeAll({ progress: false });
+    expect(rows.length).toBe(1000);
+    expect(rows.map((row) => Number(row.doubled)).sort((a, b) => a - b)[999]).toBe(1998);
+  }
+});
