@@ -71,18 +71,18 @@ export class ReviewClassifier {
   predict(texts: readonly string[]): Prediction[] {
     const rows = texts.length;
     const input = this.featurize(texts);
-    // hidden = relu(input x W1 + b1), accumulated row by row so W1 is read in order.
+    // hidden = relu(input x W1 + b1): W1 is stored unit-major, so each hidden unit is one dot
+    // product over contiguous memory, accumulated in a register.
     const hidden = new Float32Array(rows * HIDDEN);
+    const weights = this.#hiddenWeights;
     for (let row = 0; row < rows; row++) {
-      const out = hidden.subarray(row * HIDDEN, (row + 1) * HIDDEN);
-      out.set(this.#hiddenBias);
-      const weights = this.#hiddenWeights;
-      for (let feature = 0; feature < FEATURES; feature++) {
-        const value = input[row * FEATURES + feature];
-        const base = feature * HIDDEN;
-        for (let unit = 0; unit < HIDDEN; unit++) out[unit] += value * weights[base + unit];
+      const inputBase = row * FEATURES;
+      for (let unit = 0; unit < HIDDEN; unit++) {
+        const weightBase = unit * FEATURES;
+        let sum = this.#hiddenBias[unit];
+        for (let feature = 0; feature < FEATURES; feature++) sum += input[inputBase + feature] * weights[weightBase + feature];
+        hidden[row * HIDDEN + unit] = sum > 0 ? sum : 0;
       }
-      for (let unit = 0; unit < HIDDEN; unit++) if (out[unit] < 0) out[unit] = 0;
     }
     return texts.map((text, row) => {
       const logits = [0, 0, 0];
