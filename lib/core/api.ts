@@ -51,14 +51,23 @@ function toArray<T>(refs: ObjectRef<T> | ObjectRef<T>[]): ObjectRef<T>[] {
 /** The values of refs, waiting up to `timeout` ms (default: forever). A failed task throws its error. */
 export function get<T>(ref: ObjectRef<T>, options?: { timeout?: number }): Promise<T>;
 export function get<T extends readonly ObjectRef<unknown>[]>(refs: T, options?: { timeout?: number }): Promise<{ [K in keyof T]: T[K] extends ObjectRef<infer V> ? V : never }>;
-export async function get(refs: ObjectRef<unknown> | ObjectRef<unknown>[], options: { timeout?: number } = {}): Promise<unknown> {
-  const list = toArray(refs);
-  for (const ref of list) {
-    if (!(ref instanceof ObjectRef)) throw new InvalidArgumentError(`get() takes ObjectRefs, got ${typeof ref}`);
-    if (!ref.live) throw new InvalidArgumentError(`${ref} was disposed; get() needs a live handle`, 'ERR_REF_DISPOSED');
+export function get(refs: ObjectRef<unknown> | ObjectRef<unknown>[], options: { timeout?: number } = {}): Promise<unknown> {
+  try {
+    const timeout = options.timeout ?? Infinity;
+    if (!Array.isArray(refs)) {
+      checkLive(refs);
+      return currentRuntime().getOne(refs, timeout);
+    }
+    for (const ref of refs) checkLive(ref);
+    return currentRuntime().get(refs, timeout);
+  } catch (error) {
+    return Promise.reject(error);
   }
-  const values = await currentRuntime().get(list, options.timeout ?? Infinity);
-  return Array.isArray(refs) ? values : values[0];
+}
+
+function checkLive(ref: ObjectRef<unknown>): void {
+  if (!(ref instanceof ObjectRef)) throw new InvalidArgumentError(`get() takes ObjectRefs, got ${typeof ref}`);
+  if (!ref.live) throw new InvalidArgumentError(`${ref} was disposed; get() needs a live handle`, 'ERR_REF_DISPOSED');
 }
 
 export function put<T>(value: T): ObjectRef<T> {

@@ -13,7 +13,6 @@ export interface RefTracker {
 }
 
 let tracker: RefTracker | undefined;
-const trackedBy = new WeakMap<ObjectRef<unknown>, RefTracker>();
 
 export function setRefTracker(next: RefTracker | undefined): void {
   tracker = next;
@@ -24,10 +23,13 @@ export class ObjectRef<T = unknown> {
   /** Phantom: carries T for type checking; never set. */
   declare readonly __type?: T;
 
+  /** Who counts this handle; unset once disposed. A field, not a WeakMap: every call makes a ref. */
+  #owner: RefTracker | undefined;
+
   constructor(id: ObjectId) {
     this.id = id;
     if (tracker) {
-      trackedBy.set(this, tracker);
+      this.#owner = tracker;
       tracker.onHandleCreated(this);
     }
   }
@@ -38,15 +40,15 @@ export class ObjectRef<T = unknown> {
    * error; other handles to the same object keep it alive.
    */
   [Symbol.dispose](): void {
-    const owner = trackedBy.get(this);
+    const owner = this.#owner;
     if (!owner) return;
-    trackedBy.delete(this);
+    this.#owner = undefined;
     owner.onHandleDisposed(this);
   }
 
   /** False once disposed. */
   get live(): boolean {
-    return trackedBy.has(this);
+    return this.#owner !== undefined;
   }
 
   toString(): string {

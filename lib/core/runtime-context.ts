@@ -30,6 +30,8 @@ export interface Runtime {
   registerCollectiveGroup?(name: string, actorIds: readonly string[], backend: 'cpu' | 'nccl'): void;
   unregisterCollectiveGroup?(name: string): void;
   get(refs: ObjectRef<unknown>[], timeout: number): Promise<unknown[]>;
+  /** The value of one ref: what a synchronous call loop waits on, so it has a path of its own. */
+  getOne(ref: ObjectRef<unknown>, timeout: number): Promise<unknown>;
   put(value: unknown): ObjectRef<unknown>;
   wait(refs: ObjectRef<unknown>[], numReturns: number, timeout: number): Promise<[ObjectRef<unknown>[], ObjectRef<unknown>[]]>;
   cancel(ref: ObjectRef<unknown>, force: boolean): void;

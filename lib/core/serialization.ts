@@ -226,6 +226,23 @@ export function encodeValue(value: unknown): EncodedValue {
   return { inline: bytes, nested };
 }
 
+/** msgpack of an empty argument list (shared: frames copy it, nothing writes to it). */
+const NO_ARGUMENTS = pack([]);
+
+function isSmallScalar(value: unknown): boolean {
+  switch (typeof value) {
+    case 'number':
+    case 'boolean':
+    case 'undefined':
+      return true;
+    case 'string':
+      // Three UTF-8 bytes per UTF-16 unit at most.
+      return value.length * 3 <= INLINE_LIMIT;
+    default:
+      return value === null;
+  }
+}
+
 /**
  * Encodes a call's arguments. Top-level refs are listed (resolved before the call runs); an
  * argument too large to travel inline is stored through `store` and replaced by a ref to it;
@@ -235,8 +252,11 @@ export function encodeArguments(
   args: unknown[],
   store: (encoded: EncodedValue & { stored: StoredValue }) => ObjectRef<unknown>,
 ): { bytes: Uint8Array; argRefs: string[]; held: string[] } {
+  if (args.length === 0) return { bytes: NO_ARGUMENTS, argRefs: [], held: [] };
   const argRefs: string[] = [];
   const prepared = args.map((arg) => {
+    // Small scalars always travel inline: no need to encode them once to measure them.
+    if (isSmallScalar(arg)) return arg;
     if (arg instanceof ObjectRef) {
       argRefs.push(arg.id);
       return arg;

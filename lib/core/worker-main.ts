@@ -21,6 +21,7 @@ import { actorHandleInfo, lookupRegistered, makeActorHandle } from './registry.j
 import { setRuntime, type ActorLookup, type Runtime, type RuntimeContext } from './runtime-context.js';
 import { decodeStored, encodeArguments, encodeValue, pack, setHandleCodec, unpack } from './serialization.js';
 import { SYSTEM_PREFIX, systemMethod } from './system-methods.js';
+import { Deque } from './deque.js';
 // Registers the collective-group system methods in every worker.
 import '../gpu/collective.js';
 import { holdResult, receiveHeld } from '../gpu/transport.js';
@@ -50,7 +51,7 @@ class WorkerRuntime implements Runtime {
   #borrowDrop: string[] = [];
   #borrowFlush = false;
   /** Tasks received and not yet started. */
-  readonly queue: TaskMessage[] = [];
+  readonly queue = new Deque<TaskMessage>();
   current?: { taskId?: string; actorId?: string; gpuIds: number[] };
 
   constructor(connection: FrameConnection<DriverMessage, WorkerMessage>) {
@@ -151,7 +152,8 @@ class WorkerRuntime implements Runtime {
 
   async get(refs: ObjectRef<unknown>[], timeout: number): Promise<unknown[]> {
     // Blocking: hand back tasks not begun, so that they can run elsewhere meanwhile.
-    const returnTasks = this.queue.splice(0).map((task) => task.taskId);
+    const returnTasks = [...this.queue].map((task) => task.taskId);
+    this.queue.clear();
     const values = (await this.request('get', { ids: refs.map((ref) => ref.id), timeout, returnTasks })) as Array<
       WireValue | { error: RemoteErrorInfo & { kind: string } }
     >;
@@ -161,6 +163,10 @@ class WorkerRuntime implements Runtime {
         return readWire(value);
       }),
     );
+  }
+
+  getOne(ref: ObjectRef<unknown>, timeout: number): Promise<unknown> {
+    return this.get([ref], timeout).then((values) => values[0]);
   }
 
   put(value: unknown): ObjectRef<unknown> {
@@ -232,18 +238,28 @@ function readWire(value: WireValue): unknown {
   return decodeStored(view);
 }
 
-async function resolveArgs(bytes: Uint8Array, resolved: Record<string, WireValue>): Promise<unknown[]> {
+/**
+ * A call's arguments, with top-level refs replaced by their values. Synchronous unless a held
+ * tensor has to arrive by a communicator or IPC (then a promise of them all).
+ */
+function resolveArgs(bytes: Uint8Array, resolved: Record<string, WireValue>): unknown[] | Promise<unknown[]> {
   const args = unpack(bytes) as unknown[];
-  // Held tensors arrive by a communicator or IPC: wait for those.
-  return Promise.all(
-    args.map((arg) => {
-      if (!(arg instanceof ObjectRef) || !resolved[arg.id]) return arg;
-      // The task gets the value, never this handle: let it go now, not at this process's next
-      // garbage collection (an idle worker may never run one, keeping the object alive).
-      arg[Symbol.dispose]();
-      return readWire(resolved[arg.id]);
-    }),
-  );
+  let waits = false;
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i];
+    if (!(arg instanceof ObjectRef) || !resolved[arg.id]) continue;
+    // The task gets the value, never this handle: let it go now, not at this process's next
+    // garbage collection (an idle worker may never run one, keeping the object alive).
+    arg[Symbol.dispose]();
+    const value = readWire(resolved[arg.id]);
+    if (isThenable(value)) waits = true;
+    args[i] = value;
+  }
+  return waits ? Promise.all(args) : args;
+}
+
+function isThenable(value: unknown): value is PromiseLike<unknown> {
+  return typeof (value as { then?: unknown } | null | undefined)?.then === 'function';
 }
 
 /** Sends a result: inline, or stored in this node's store under the task's return id. */
@@ -269,41 +285,74 @@ const inheritedVisibleDevices = process.env.CUDA_VISIBLE_DEVICES;
 /**
  * Pooled workers run tasks with different GPU ids one after another: each task sees its own ids,
  * and a task without GPUs sees what a fresh worker would, not the ids of the task before it.
+ * Written only when it differs (each write or delete goes through libc's environment lock).
  */
 function showGpus(gpuIds: number[]): void {
-  if (gpuIds.length > 0) process.env.CUDA_VISIBLE_DEVICES = gpuIds.join(',');
-  else if (inheritedVisibleDevices === undefined) delete process.env.CUDA_VISIBLE_DEVICES;
-  else process.env.CUDA_VISIBLE_DEVICES = inheritedVisibleDevices;
+  const wanted = gpuIds.length > 0 ? gpuIds.join(',') : inheritedVisibleDevices;
+  if (process.env.CUDA_VISIBLE_DEVICES === wanted) return;
+  if (wanted === undefined) delete process.env.CUDA_VISIBLE_DEVICES;
+  else process.env.CUDA_VISIBLE_DEVICES = wanted;
 }
 
 let actorInstance: any;
 let actorConcurrency = 1;
 let running = 0;
+let pumping = false;
 
-async function runTask(task: TaskMessage): Promise<void> {
+/**
+ * Runs a task or actor call. A synchronous function with arguments at hand runs and reports
+ * here, without a promise: a sync call's latency is mostly such hops. What needs to wait
+ * (held tensors, a module import, an async function) continues asynchronously.
+ */
+function runTask(task: TaskMessage): void {
   running++;
   runtime.current = { taskId: task.taskId, actorId: task.actorId, gpuIds: task.gpuIds ?? runtime.current?.gpuIds ?? [] };
   if (!task.actorId) showGpus(task.gpuIds ?? []);
+  const system = task.method?.startsWith(SYSTEM_PREFIX) ? systemMethod(task.method) : undefined;
+  let outcome: unknown;
   try {
-    const args = await resolveArgs(task.args, task.resolved);
-    let result: unknown;
-    const system = task.method?.startsWith(SYSTEM_PREFIX) ? systemMethod(task.method) : undefined;
-    if (system) {
-      // System methods see the actor (if any) as `this`: exec loops call its methods.
-      result = await system.apply(actorInstance, args);
-    } else if (task.actorId) {
-      const method = actorInstance?.[task.method!];
-      if (typeof method !== 'function') throw new TypeError(`actor has no method '${task.method}'`);
-      result = await method.apply(actorInstance, args);
-    } else {
-      const fn = await loadRegistered(task.fn!);
-      result = await (fn as (...a: unknown[]) => unknown)(...args);
-    }
-    const meta = task.tensorTransport && task.tensorTransport !== 'store' && !system ? holdResult(task.returnId, result) : undefined;
-    if (meta) runtime.send({ t: 'done', taskId: task.taskId, value: { inline: pack(null) }, held: { transport: task.tensorTransport!, meta } });
-    else sendResult(task.taskId, task.returnId, result);
+    const args = resolveArgs(task.args, task.resolved);
+    outcome = isThenable(args) ? args.then((resolved) => invoke(task, system, resolved)) : invoke(task, system, args);
   } catch (error) {
-    runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(error) });
+    finishTask(task, system, true, error);
+    return;
+  }
+  if (isThenable(outcome)) {
+    Promise.resolve(outcome).then(
+      (result) => finishTask(task, system, false, result),
+      (error: unknown) => finishTask(task, system, true, error),
+    );
+  } else {
+    finishTask(task, system, false, outcome);
+  }
+}
+
+function invoke(task: TaskMessage, system: ((...args: unknown[]) => unknown) | undefined, args: unknown[]): unknown {
+  // System methods see the actor (if any) as `this`: exec loops call its methods.
+  if (system) return system.apply(actorInstance, args);
+  if (task.actorId) {
+    const method = actorInstance?.[task.method!];
+    if (typeof method !== 'function') throw new TypeError(`actor has no method '${task.method}'`);
+    return method.apply(actorInstance, args);
+  }
+  const fn = lookupRegistered(task.fn!) as ((...a: unknown[]) => unknown) | undefined;
+  if (fn) return fn(...args);
+  return loadRegistered(task.fn!).then((loaded) => (loaded as (...a: unknown[]) => unknown)(...args));
+}
+
+/** `outcome` is the result, or what was thrown when `failed`. */
+function finishTask(task: TaskMessage, system: unknown, failed: boolean, outcome: unknown): void {
+  try {
+    if (failed) {
+      runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(outcome) });
+    } else {
+      const result = outcome;
+      const meta = task.tensorTransport && task.tensorTransport !== 'store' && !system ? holdResult(task.returnId, result) : undefined;
+      if (meta) runtime.send({ t: 'done', taskId: task.taskId, value: { inline: pack(null) }, held: { transport: task.tensorTransport!, meta } });
+      else sendResult(task.taskId, task.returnId, result);
+    }
+  } catch (failure) {
+    runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(failure) });
   } finally {
     running--;
     collectIfPinningMuch();
@@ -311,8 +360,15 @@ async function runTask(task: TaskMessage): Promise<void> {
   }
 }
 
+/** Starts queued tasks while concurrency allows; iterative, since a sync task finishes inside it. */
 function pump(): void {
-  while (running < actorConcurrency && runtime.queue.length > 0) void runTask(runtime.queue.shift()!);
+  if (pumping) return;
+  pumping = true;
+  try {
+    while (running < actorConcurrency && runtime.queue.length > 0) runTask(runtime.queue.shift()!);
+  } finally {
+    pumping = false;
+  }
 }
 
 async function loadRegistered(descriptor: FunctionDescriptor): Promise<unknown> {
