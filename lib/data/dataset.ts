@@ -2,18 +2,19 @@
  * Dataset: a lazy, immutable logical plan. Transforms return new datasets; consumers (take, count,
  * iterBatches, write, ...) plan the physical operators and stream through them.
  */
-import type { Schema } from 'apache-arrow';
+import { Data, RecordBatch, Table, makeVector, type Schema, type Vector } from 'apache-arrow';
 import { get, isInitialized, put } from '../core/api.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { InvalidArgumentError, NotInitializedError } from '../errors.js';
 import {
-  blockBytes, concatBlocks, formatBatch, rowsToBlock, sliceRows, type BatchFormat, type Block, type Row,
+  blockToRows, concatBlocks, formatBatch, rowsToBlock, sliceRows, type BatchFormat, type Block, type Row,
 } from './block.js';
-import type { Datasink, Datasource } from './datasource.js';
-import { StreamingExecutor, type ExecutionOptions, type JobStats } from './executor.js';
+import { ReadTask, type Datasink, type Datasource } from './datasource.js';
+import { StreamingExecutor, checkExecutionOptions, type ExecutionOptions, type JobStats } from './executor.js';
 import { describeLogical, planPhysical, type ActorPoolOptions, type ComputeOptions, type InputBlock, type LogicalOperator, type PhysicalOperatorSpec } from './plan.js';
 import type { StageKind, StageSpec } from './stages.js';
 import { resolveUdf, udfName, type UdfTarget } from './udf.js';
+import { storedBytes } from './worker-tasks.js';
 import {
   arrowSink, csvSink, jsonlSink, parquetSink, type ArrowWriteOptions, type CsvWriteOptions, type ParquetWriteOptions, type WrittenFile,
 } from './formats/index.js';
@@ -179,16 +180,26 @@ export class Dataset {
     return new StreamingExecutor(planPhysical(this.#plan, sink), options, job);
   }
 
-  /** Output blocks as they are made; each ref is disposed once the loop moves past it. */
+  /**
+   * Output blocks as they are made, copied out of the store: the consumer may keep what it is
+   * given (a batch, a column, a binary cell) long after the job let the stored block go, and a
+   * view of the store would then read whatever the store put there next. Workers still read
+   * blocks zero-copy; the driver's one copy per block is what a consumer's batches live in.
+   */
   async *#blocks(options: ExecutionOptions, job: string, plan: readonly LogicalOperator[] = this.#plan): AsyncGenerator<{ block: Block; meta: InputBlock['meta'] }> {
     requireCluster(job);
     const executor = new StreamingExecutor(planPhysical(plan), options, job);
-    await executor.start();
+    try {
+      await executor.start();
+    } catch (error) {
+      await executor.close();
+      throw error;
+    }
     try {
       for await (const output of executor.outputs()) {
         try {
-          const stored = (await get(output.ref)) as Block;
-          const block = output.slice ? stored.slice(output.slice[0], output.slice[0] + output.slice[1]) : stored;
+          let block = copyBlock((await get(output.ref)) as Block);
+          if (output.slice) block = block.slice(output.slice[0], output.slice[0] + output.slice[1]);
           yield { block, meta: output.meta };
         } finally {
           output.ref[Symbol.dispose]();
@@ -233,7 +244,7 @@ export class Dataset {
     checkPositiveInteger(rows, 'take(rows)', true);
     const out: Row[] = [];
     if (rows === 0) return out;
-    for await (const row of this.limit(rows).iterRows(options)) out.push(row);
+    for await (const { block } of this.#blocks(options, 'Dataset.take', [...this.#plan, { op: 'limit', rows }])) out.push(...blockToRows(block));
     return out;
   }
 
@@ -262,11 +273,14 @@ export class Dataset {
 
   /** Rows in the dataset: from metadata alone when the source knows its counts and nothing changes them. */
   async count(options: ExecutionOptions = {}): Promise<number> {
+    checkExecutionOptions(options);
     const [head, ...rest] = this.#plan;
     if (rest.length === 0 && head?.op === 'input') return head.blocks.reduce((sum, block) => sum + block.meta.rows, 0);
     if (rest.length === 0 && head?.op === 'read') {
       const tasks = await head.datasource.getReadTasks(head.parallelism ?? 1);
-      if (tasks.every((task) => typeof task.metadata.rows === 'number')) return tasks.reduce((sum, task) => sum + task.metadata.rows!, 0);
+      // Anything but read tasks that all know their rows runs (and is reported) as a job.
+      const known = Array.isArray(tasks) && tasks.every((task) => task instanceof ReadTask && typeof task.metadata.rows === 'number');
+      if (known) return tasks.reduce((sum, task) => sum + task.metadata.rows!, 0);
     }
     let rows = 0;
     const executor = this.#executor(options, 'Dataset.count');
@@ -419,7 +433,7 @@ export function fromItems(items: readonly unknown[], options: { parallelism?: nu
   const blocks: InputBlock[] = [];
   for (let start = 0; start < rows.length; start += perBlock) {
     const block = rowsToBlock(rows.slice(start, start + perBlock));
-    blocks.push({ ref: put(block) as ObjectRef<Block>, meta: { rows: block.numRows, bytes: blockBytes(block) } });
+    blocks.push({ ref: put(block) as ObjectRef<Block>, meta: { rows: block.numRows, bytes: storedBytes(block) } });
   }
   return new Dataset([{ op: 'input', name: 'FromItems', blocks }]);
 }
@@ -428,7 +442,7 @@ export function fromItems(items: readonly unknown[], options: { parallelism?: nu
 export function fromArrow(tables: Block | readonly Block[]): Dataset {
   requireCluster('fromArrow()');
   const list = Array.isArray(tables) ? tables : [tables as Block];
-  const blocks = list.map((table) => ({ ref: put(table) as ObjectRef<Block>, meta: { rows: table.numRows, bytes: blockBytes(table) } }));
+  const blocks = list.map((table) => ({ ref: put(table) as ObjectRef<Block>, meta: { rows: table.numRows, bytes: storedBytes(table) } }));
   return new Dataset([{ op: 'input', name: 'FromArrow', blocks }]);
 }
 
@@ -439,4 +453,23 @@ export function readDatasource(datasource: Datasource, options: ReadOptions = {}
   }
   if (options.parallelism !== undefined) checkPositiveInteger(options.parallelism, 'readDatasource(): parallelism');
   return new Dataset([{ op: 'read', datasource, parallelism: options.parallelism, compute: checkCompute(options, 'readDatasource()') }]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Copies out of the store
+
+/** A block whose buffers live in this process's heap (a deep copy of every buffer). */
+function copyBlock(block: Block): Block {
+  const batches = block.batches.map((batch) => new RecordBatch(batch.schema, copyData(batch.data)));
+  return new Table(block.schema, batches);
+}
+
+function copyBuffer<T extends { slice(): T } | null | undefined>(buffer: T): T {
+  return (buffer ? buffer.slice() : buffer) as T;
+}
+
+function copyData<T extends Data>(data: T): T {
+  const buffers = [copyBuffer(data.valueOffsets), copyBuffer(data.values), copyBuffer(data.nullBitmap), copyBuffer(data.typeIds)];
+  const dictionary = data.dictionary ? (makeVector(data.dictionary.data.map((chunk) => copyData(chunk))) as Vector) : undefined;
+  return new Data(data.type, data.offset, data.length, data.nullCount, buffers as never, data.children.map((child) => copyData(child)), dictionary) as T;
 }

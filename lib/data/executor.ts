@@ -8,7 +8,7 @@
 import { cancel, get, kill, state } from '../core/api.js';
 import { ObjectRef } from '../core/object-ref.js';
 import type { ActorHandle } from '../core/registry.js';
-import { ActorDiedError, DataError, DataStallError, TaskError, TrellisError, WorkerCrashedError } from '../errors.js';
+import { ActorDiedError, DataError, DataStallError, InvalidArgumentError, TaskError, TrellisError, WorkerCrashedError } from '../errors.js';
 import { Deque } from '../core/deque.js';
 import type { Block } from './block.js';
 import type { Datasink, ReadTask, WriteContext } from './datasource.js';
@@ -53,6 +53,28 @@ export const DataContext: Required<Omit<ExecutionOptions, 'memoryBudgetBytes'>> 
   maxRetries: 3,
 };
 
+/** Checks a job's options (and the DataContext defaults they fall back to) before anything runs. */
+export function checkExecutionOptions(options: ExecutionOptions): void {
+  if (typeof options !== 'object' || options === null) throw new InvalidArgumentError(`execution options must be an object, got ${String(options)}`);
+  const merged = { ...DataContext, ...Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined)) } as ExecutionOptions;
+  const positive = (key: keyof ExecutionOptions, integer: boolean, allowZero = false) => {
+    const value = merged[key];
+    if (value === undefined && key === 'memoryBudgetBytes') return;
+    const ok = typeof value === 'number' && (allowZero ? value >= 0 : value > 0) && (integer ? Number.isSafeInteger(value) || value === Infinity : Number.isFinite(value) || value === Infinity);
+    if (!ok) throw new InvalidArgumentError(`${key} must be a ${allowZero ? 'non-negative' : 'positive'} ${integer ? 'integer' : 'number'}, got ${String(value)}`);
+  };
+  positive('memoryBudgetBytes', false);
+  positive('minBlockBytes', true);
+  positive('maxBlockBytes', true);
+  positive('maxErroredBlocks', true, true);
+  positive('stallTimeoutMs', false);
+  positive('maxRetries', true, true);
+  if (merged.maxBlockBytes! < merged.minBlockBytes!) {
+    throw new InvalidArgumentError(`maxBlockBytes (${merged.maxBlockBytes}) is below minBlockBytes (${merged.minBlockBytes})`);
+  }
+  if (typeof merged.preserveOrder !== 'boolean') throw new InvalidArgumentError(`preserveOrder must be true or false, got ${String(merged.preserveOrder)}`);
+}
+
 /** What a finished job reports. */
 export interface JobStats {
   rowsOut: number;
@@ -73,6 +95,10 @@ interface Unit {
   attempts: number;
   /** Read tasks: the task. */
   read?: ReadTask;
+  /** Bytes of output this unit may store while it runs, held against the budget until it ends. */
+  reserved?: number;
+  /** The operator's estimate of `reserved`, where it knows better than its input size. */
+  estimate?: number;
 }
 
 interface Completed {
@@ -135,9 +161,14 @@ abstract class Operator {
   rowsTotal?: number;
   blocksTotal?: number;
   backpressure?: string;
+  /** Since when the store's lag in freeing what the job let go has held this operator back. */
+  lagWaitSince?: number;
   lastCompletion = Date.now();
-  /** Average output bytes per unit of work, learned as units finish. */
+  /** Output bytes reserved for running units (their outputs reach the store before they end). */
+  reservedBytes = 0;
+  /** Output per unit and per input byte, learned as units finish. */
   #outputBytesSeen = 0;
+  #inputBytesSeen = 0;
   #unitsSeen = 0;
   #reorder = new Map<number, InputBlock[]>();
   #nextRelease = 0;
@@ -191,9 +222,35 @@ abstract class Operator {
     return (this.upstreamDone || this.truncated) && this.inputs.length === 0 && this.active === 0 && this.#reorder.size === 0;
   }
 
+  /** Whether this operator's outputs go to the store (not when a sink is fused into it). */
+  get storesOutput(): boolean {
+    return !this.#fusedSink;
+  }
+
+  /**
+   * Bytes a unit of `unitBytes` input will store: scaled by what finished units made of their
+   * input, or their average output where units have no input (reads); before any finished, the
+   * operator's own guess.
+   */
   estimateOutputBytes(unitBytes: number): number {
-    if (this.#unitsSeen === 0) return unitBytes;
-    return this.#outputBytesSeen / this.#unitsSeen;
+    if (!this.storesOutput) return 0;
+    if (this.#unitsSeen === 0) return this.firstEstimate(unitBytes);
+    if (unitBytes > 0 && this.#inputBytesSeen > 0) return Math.ceil((unitBytes * this.#outputBytesSeen) / this.#inputBytesSeen);
+    return Math.ceil(this.#outputBytesSeen / this.#unitsSeen);
+  }
+
+  /** The output estimate before any unit finished: as much as it takes in. */
+  protected firstEstimate(unitBytes: number): number {
+    return unitBytes;
+  }
+
+  /** Input bytes of the unit that would launch next. */
+  nextUnitBytes(): number {
+    const bundleRows = 'bundleRows' in this.spec ? this.spec.bundleRows : undefined;
+    const head = this.inputs.peek();
+    if (!head) return 0;
+    if (bundleRows === undefined || head.meta.rows === 0) return head.meta.bytes;
+    return Math.ceil((bundleRows * Math.max(this.inputBytes, head.meta.bytes)) / Math.max(1, this.inputRows, head.meta.rows));
   }
 
   takeInput(block: InputBlock): void {
@@ -244,18 +301,28 @@ abstract class Operator {
     this.active++;
     this.unitsLaunched++;
     this.activeInputBytes += unit.bytes;
+    unit.reserved = unit.estimate ?? this.estimateOutputBytes(unit.bytes);
+    this.reservedBytes += unit.reserved;
     this.executor.touch();
+  }
+
+  /** A unit stops running without finishing (it goes back to be retried). */
+  protected unlaunched(unit: Unit): void {
+    this.active--;
+    this.activeInputBytes -= unit.bytes;
+    this.reservedBytes -= unit.reserved ?? 0;
+    unit.reserved = undefined;
   }
 
   /** A unit finished: its outputs are released downstream in order, its inputs let go. */
   protected finished(unit: Unit, outputs: InputBlock[], inputsConsumed = true): void {
-    this.active--;
-    this.activeInputBytes -= unit.bytes;
+    this.unlaunched(unit);
     if (inputsConsumed) dispose(unit.blocks);
     this.blocksDone += Math.max(1, unit.blocks.length);
     this.lastCompletion = Date.now();
     const bytes = unitBytes(outputs);
     this.#outputBytesSeen += bytes;
+    this.#inputBytesSeen += unit.bytes;
     this.#unitsSeen++;
     this.#release(unit.seq, outputs);
     this.executor.touch();
@@ -300,14 +367,24 @@ abstract class Operator {
     }
   }
 
-  /** Held bytes: queued input, input of running work, and finished output waiting for its turn. */
+  /** Held bytes: queued input, input and reserved output of running work, and finished output waiting for its turn. */
   heldBytes(): number {
-    return this.inputBytes + this.activeInputBytes + this.outputBytes;
+    return this.inputBytes + this.activeInputBytes + this.reservedBytes + this.outputBytes;
   }
 
-  /** Stops taking work: queued input is let go. */
+  /** Stops taking work: queued input is let go, and so is output waiting for its turn. */
   truncate(): void {
     this.truncated = true;
+    this.dropInputs();
+    for (const [seq, blocks] of this.#reorder) {
+      if (blocks.length === 0) continue;
+      dispose(blocks);
+      this.outputBytes -= unitBytes(blocks);
+      this.#reorder.set(seq, noBlocks);
+    }
+  }
+
+  protected dropInputs(): void {
     while (this.inputs.length) dispose([this.inputs.shift()!]);
     this.inputBytes = 0;
     this.inputRows = 0;
@@ -331,11 +408,32 @@ abstract class Operator {
   async shutdown(): Promise<void> {}
 
   /** Errors of a unit's stages, named by operator, block and rows. */
+  /** The stages this operator's tasks run, in order. */
+  protected get stages(): readonly StageSpec[] {
+    if (this.spec.kind === 'read' || this.spec.kind === 'task-map') return this.spec.stages;
+    if (this.spec.kind === 'actor-map') return [this.spec.classStage, ...this.spec.following];
+    return [];
+  }
+
+  /**
+   * Errors of a unit's stages, named by operator, block and rows. Rows count in the operator's
+   * input (a read's: the dataset's, when the source gave row counts), as far as every stage before
+   * the failing one maps row to row; past a filter or a batch stage, they count in that stage's
+   * input within the block.
+   */
   protected stageError(unit: Unit, info: StageErrorInfo): DataError {
-    const rows: [number, number] | undefined =
-      info.rows && unit.rowStart !== undefined && !unit.read ? [unit.rowStart + info.rows[0], unit.rowStart + info.rows[1]] : info.rows;
+    const stages = this.stages;
+    const failing = stages.findIndex((stage) => stage.name === info.stage);
+    const aligned = failing >= 0 && stages.slice(0, failing).every((stage) => stage.kind === 'map');
+    let rows: [number, number] | undefined = info.rows;
+    let rowText = '';
+    if (rows && aligned && unit.rowStart !== undefined) {
+      rows = [unit.rowStart + rows[0], unit.rowStart + rows[1]];
+      rowText = rows[1] - rows[0] === 1 ? `, row ${rows[0]}` : `, rows ${rows[0]}-${rows[1] - 1}`;
+    } else if (rows) {
+      rowText = `, ${rows[1] - rows[0] === 1 ? `row ${rows[0]}` : `rows ${rows[0]}-${rows[1] - 1}`} of ${info.stage}'s input in that ${unit.read ? 'read task' : 'block'}`;
+    }
     const where = unit.read ? `read task ${unit.seq}` : `block ${unit.seq}`;
-    const rowText = rows ? `, rows ${rows[0]}-${rows[1]}${unit.read ? ' of that read task' : ''}` : '';
     const cause = Object.assign(new Error(info.message), { name: info.name, code: info.code, stack: info.stack });
     return new DataError('ERR_DATA_UDF_FAILED', `operator ${this.name} failed at ${info.stage} on ${where}${rowText}: ${info.name}: ${info.message}`, {
       operator: this.name,
@@ -348,15 +446,25 @@ abstract class Operator {
   /** A stage threw: the job fails, or the block is counted and skipped within maxErroredBlocks. */
   protected onStageError(unit: Unit, info: StageErrorInfo): void {
     const error = this.stageError(unit, info);
-    if (this.executor.countErroredBlock(error)) this.skipped(unit);
-    else this.executor.fail(error);
+    if (this.executor.countErroredBlock(error)) return this.skipped(unit);
+    this.dropUnit(unit);
+    this.executor.fail(error);
   }
 
   protected onInfrastructureError(unit: Unit, error: unknown): void {
     const err = error instanceof Error ? error : new Error(String(error));
+    this.dropUnit(unit);
     this.executor.fail(
       new DataError('ERR_DATA_TASK_FAILED', `operator ${this.name} failed on block ${unit.seq}: ${err.message}`, { operator: this.name, block: unit.seq, cause: err }),
     );
+  }
+
+  /** A unit that ends without output because the job failed: its inputs are let go. */
+  protected dropUnit(unit: Unit): void {
+    if (unit.reserved === undefined) return; // already ended
+    this.unlaunched(unit);
+    unit.reserved = undefined;
+    dispose(unit.blocks);
   }
 }
 
@@ -390,9 +498,6 @@ class InputOperator extends Operator {
   override estimateOutputBytes(): number {
     return this.#pending[0]?.meta.bytes ?? 0;
   }
-  override heldBytes(): number {
-    return super.heldBytes();
-  }
   launch(): void {
     const block = this.#pending.shift()!;
     const unit: Unit = { seq: this.newSeq(), blocks: [], rows: 0, bytes: 0, attempts: 0 };
@@ -424,6 +529,7 @@ abstract class TaskOperator extends Operator {
         ref[Symbol.dispose]();
         if (this.executor.failed) {
           dispose(result.blocks.map((block) => ({ ref: block.ref, meta: block })));
+          this.dropUnit(unit);
           return;
         }
         if (result.error) {
@@ -440,16 +546,18 @@ abstract class TaskOperator extends Operator {
       (error: unknown) => {
         this.#running.delete(unit);
         ref[Symbol.dispose]();
-        if (this.executor.failed) return;
+        if (this.executor.failed) return this.dropUnit(unit);
         this.onInfrastructureError(unit, error);
       },
     );
   }
 
+  /** Cancels running tasks; after a stall, their workers are killed too (they may never return). */
   override async shutdown(): Promise<void> {
+    const force = this.executor.failed instanceof DataStallError;
     for (const ref of this.#running.values()) {
       try {
-        cancel(ref, { force: false });
+        cancel(ref, { force });
       } catch {
         // Already finished or the cluster is gone.
       }
@@ -468,6 +576,8 @@ function taskTargets(executor: StreamingExecutor): TaskTargets {
 /** Read tasks, with the function stages fused after the read. */
 class ReadOperator extends TaskOperator {
   readonly #tasks = new Deque<ReadTask>();
+  /** The first row of each read task, where the source gave every task's row count. */
+  readonly #rowStarts: number[] = [];
   #total = 0;
   declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'read' }>;
 
@@ -488,8 +598,15 @@ class ReadOperator extends TaskOperator {
     this.blocksTotal = tasks.length;
     this.upstreamDone = true;
     const rowsKnown = tasks.every((task) => typeof task.metadata.rows === 'number');
-    const rowPreserving = this.spec.stages.every((stage) => stage.kind === 'map' || stage.kind === 'mapBatches');
-    if (rowsKnown && rowPreserving) this.rowsTotal = tasks.reduce((sum, task) => sum + (task.metadata.rows ?? 0), 0);
+    if (rowsKnown) {
+      let start = 0;
+      for (const task of tasks) {
+        this.#rowStarts.push(start);
+        start += task.metadata.rows!;
+      }
+      // Row maps keep the count; filters, flat maps and batch functions may change it.
+      if (this.spec.stages.every((stage) => stage.kind === 'map')) this.rowsTotal = start;
+    }
   }
   override get queuedUnits(): number {
     return this.#tasks.length;
@@ -506,16 +623,25 @@ class ReadOperator extends TaskOperator {
   capacity(): number {
     return this.executor.taskSlots(this.spec.compute);
   }
-  override estimateOutputBytes(): number {
-    return super.estimateOutputBytes(this.#tasks.peek()?.metadata.bytes ?? this.executor.options.minBlockBytes);
+  /** The next read's output: its metadata's size where given, else what reads made so far. */
+  override estimateOutputBytes(unitBytes: number): number {
+    if (!this.storesOutput) return 0;
+    const bytes = this.#tasks.peek()?.metadata.bytes;
+    // Metadata counts the data; its blocks in the store carry their descriptions too.
+    return bytes !== undefined ? bytes + 4096 : super.estimateOutputBytes(unitBytes);
+  }
+  protected override firstEstimate(): number {
+    return this.executor.options.minBlockBytes;
   }
   override truncate(): void {
     super.truncate();
     this.#tasks.clear();
   }
   launch(): void {
+    const estimate = this.estimateOutputBytes(0);
     const read = this.#tasks.shift()!;
-    const unit: Unit = { seq: this.newSeq(), blocks: [], rows: 0, bytes: 0, attempts: 0, read };
+    const seq = this.newSeq();
+    const unit: Unit = { seq, blocks: [], rows: 0, bytes: 0, attempts: 0, read, estimate, rowStart: this.#rowStarts[seq] };
     this.run(unit);
   }
   protected submit(unit: Unit): ObjectRef<TaskResult> {
@@ -534,9 +660,6 @@ class TaskMapOperator extends TaskOperator {
   }
   capacity(): number {
     return this.executor.taskSlots(this.spec.compute);
-  }
-  override estimateOutputBytes(): number {
-    return super.estimateOutputBytes(this.inputs.peek()?.meta.bytes ?? 0);
   }
   launch(): void {
     this.run(this.nextUnit(this.spec.bundleRows));
@@ -586,7 +709,8 @@ class ActorMapOperator extends Operator {
     }).remote();
     const actor: PoolActor = { handle, state: 'starting', inflight: 0, idleSince: Date.now() };
     this.#actors.add(actor);
-    const started = get(handle.start.remote(this.spec.classStage, this.spec.following));
+    const startRef = handle.start.remote(this.spec.classStage, this.spec.following);
+    const started = get(startRef).finally(() => startRef[Symbol.dispose]());
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(
@@ -617,16 +741,39 @@ class ActorMapOperator extends Operator {
     );
   }
 
+  /**
+   * Takes an actor out of the pool and stops it. An idle, ready actor is asked to drain first: the
+   * release of what its last call stored may still be on its way, and a process killed before it
+   * arrives would leave those blocks counted for good. Busy or unstarted actors are killed at once.
+   */
   #removeActor(actor: PoolActor, killIt = true): void {
     if (!this.#actors.delete(actor)) return;
+    const wasIdle = actor.state === 'ready' && actor.inflight === 0;
     actor.state = 'stopping';
-    if (killIt) {
+    if (!killIt) return;
+    const stop = () => {
       try {
         kill(actor.handle);
       } catch {
         // The cluster may be shutting down.
       }
+    };
+    if (!wasIdle) return stop();
+    let drained: ObjectRef<boolean>;
+    try {
+      drained = actor.handle.drain.remote() as ObjectRef<boolean>;
+    } catch {
+      return stop();
     }
+    const guard = setTimeout(stop, 5_000);
+    guard.unref();
+    get(drained)
+      .catch(() => undefined)
+      .then(() => {
+        clearTimeout(guard);
+        drained[Symbol.dispose]();
+        stop();
+      });
   }
 
   counts(): { running: number; pending: number } {
@@ -661,8 +808,8 @@ class ActorMapOperator extends Operator {
     return this.#freeActor() ? this.active + 1 : this.active;
   }
 
-  override estimateOutputBytes(): number {
-    return super.estimateOutputBytes(this.inputs.peek()?.meta.bytes ?? 0);
+  override nextUnitBytes(): number {
+    return this.#retry.peek()?.bytes ?? super.nextUnitBytes();
   }
 
   launch(): void {
@@ -676,7 +823,10 @@ class ActorMapOperator extends Operator {
         ref[Symbol.dispose]();
         this.#callEnded(actor);
         const outputs = result.blocks.map((block) => ({ ref: block.ref, meta: { rows: block.rows, bytes: block.bytes } }));
-        if (this.executor.failed) return dispose(outputs);
+        if (this.executor.failed) {
+          dispose(outputs);
+          return this.dropUnit(unit);
+        }
         if (result.error) {
           dispose(outputs);
           return this.onStageError(unit, result.error);
@@ -687,13 +837,12 @@ class ActorMapOperator extends Operator {
       (error: unknown) => {
         ref[Symbol.dispose]();
         this.#callEnded(actor);
-        if (this.executor.failed) return;
+        if (this.executor.failed) return this.dropUnit(unit);
         if (error instanceof ActorDiedError && unit.attempts < this.executor.options.maxRetries) {
           // The batch goes to another actor; the pool refills to its minimum.
           this.#removeActor(actor, false);
           unit.attempts++;
-          this.active--;
-          this.activeInputBytes -= unit.bytes;
+          this.unlaunched(unit);
           this.#retry.push(unit);
           this.executor.warn(`actor pool ${this.name}: an actor died; block ${unit.seq} is retried (attempt ${unit.attempts + 1})`);
           this.executor.schedule();
@@ -746,6 +895,7 @@ class ActorMapOperator extends Operator {
 
   override truncate(): void {
     super.truncate();
+    for (const unit of this.#retry) dispose(unit.blocks);
     this.#retry.clear();
   }
 
@@ -771,13 +921,25 @@ class LimitOperator extends Operator {
     this.rowsTotal = spec.rows;
   }
   hasWork(): boolean {
-    return this.inputs.length > 0 && !this.truncated;
+    return this.inputs.length > 0 && !this.truncated && this.#remaining > 0;
   }
   capacity(): number {
     return 1;
   }
+  override takeInput(block: InputBlock): void {
+    // Blocks made upstream after the limit was reached are not needed.
+    if (this.#remaining === 0) return dispose([block]);
+    super.takeInput(block);
+  }
   override done(): boolean {
     return super.done() || (this.#remaining === 0 && this.active === 0);
+  }
+  #reached(): void {
+    this.dropInputs();
+    this.executor.truncateUpstreamOf(this);
+  }
+  override async start(): Promise<void> {
+    if (this.#remaining === 0) this.#reached();
   }
   launch(): void {
     const unit = this.nextUnit();
@@ -786,12 +948,12 @@ class LimitOperator extends Operator {
     if (block.meta.rows <= this.#remaining) {
       this.#remaining -= block.meta.rows;
       this.finished(unit, [block], false);
-      if (this.#remaining === 0) this.executor.truncateUpstreamOf(this);
+      if (this.#remaining === 0) this.#reached();
       return;
     }
     const keep = this.#remaining;
     this.#remaining = 0;
-    this.executor.truncateUpstreamOf(this);
+    this.#reached();
     // Cutting a block reads it here (zero-copy) and stores the cut: the copy is at most a block.
     getValue(block.ref).then(
       (table) => {
@@ -863,7 +1025,7 @@ class RepartitionOperator extends Operator {
           offsetInBlock = 0;
         }
       }
-      const unit: Unit = { seq: this.newSeq(), blocks: [], rows: want, bytes: 0, attempts: 0 };
+      const unit: Unit = { seq: this.newSeq(), blocks: [], rows: want, bytes: 0, attempts: 0, estimate: bytes };
       this.began(unit);
       if (refs.length === 0) {
         this.#partDone(unit, []);
@@ -928,7 +1090,7 @@ class WriteOperator extends Operator {
     get(ref).then(
       (result) => {
         ref[Symbol.dispose]();
-        if (this.executor.failed) return;
+        if (this.executor.failed) return this.dropUnit(unit);
         if (result.error) return this.onStageError(unit, result.error);
         if (result.rows > 0) this.writeResults.push({ seq: unit.seq, result: result.result });
         this.rowsDone += result.rows;
@@ -936,7 +1098,7 @@ class WriteOperator extends Operator {
       },
       (error: unknown) => {
         ref[Symbol.dispose]();
-        if (this.executor.failed) return;
+        if (this.executor.failed) return this.dropUnit(unit);
         if (error instanceof WorkerCrashedError && unit.attempts < this.executor.options.maxRetries) {
           unit.attempts++;
           this.executor.warn(`${this.name}: write task ${unit.seq}'s worker died; retrying (attempt ${unit.attempts + 1})`);
@@ -968,6 +1130,8 @@ export class StreamingExecutor {
   #lastProgress = Date.now();
   readonly #started = Date.now();
   #timer?: NodeJS.Timeout;
+  #recheck?: NodeJS.Timeout;
+  #storeBase = 0;
   #reporter?: ProgressReporter;
   #scheduling = false;
   #rescheduled = false;
@@ -977,6 +1141,7 @@ export class StreamingExecutor {
   readonly #warnings: string[] = [];
 
   constructor(specs: PhysicalOperatorSpec[], options: ExecutionOptions, job: string) {
+    checkExecutionOptions(options);
     this.options = {
       minBlockBytes: options.minBlockBytes ?? DataContext.minBlockBytes,
       maxBlockBytes: options.maxBlockBytes ?? DataContext.maxBlockBytes,
@@ -1048,6 +1213,41 @@ export class StreamingExecutor {
     return bytes;
   }
 
+  /**
+   * What the store really holds for the job, at least: its growth since the job began, plus the
+   * output reserved for running work (not all of it stored yet). Blocks the job let go can stay
+   * in the store a moment longer than its accounting says — a worker's views pin its inputs until
+   * that worker collects garbage, just after it replies — so starting new work checks this too.
+   */
+  #storeBytes(): number {
+    const stored = state().nodes.reduce((sum, node) => sum + node.store.bytesInUse, 0) - this.#storeBase;
+    let reserved = 0;
+    for (const operator of this.operators) reserved += operator.reservedBytes;
+    return Math.max(0, stored) + reserved;
+  }
+
+  /**
+   * Work that may overrun the budget (nothing else would free memory) waits for the store's lag
+   * only briefly: what holds the store then may not be the job's at all (the driver's own views,
+   * other work), and waiting longer could wait forever.
+   */
+  #lagWaitOver(operator: Operator, mayOverrun: boolean): boolean {
+    if (!mayOverrun) return false;
+    const now = Date.now();
+    operator.lagWaitSince ??= now;
+    return now - operator.lagWaitSince >= 250;
+  }
+
+  /** Schedules again shortly: for blocks let go whose memory the store has not freed yet. */
+  #recheckSoon(): void {
+    if (this.#recheck || this.#finished) return;
+    this.#recheck = setTimeout(() => {
+      this.#recheck = undefined;
+      this.schedule();
+    }, 5);
+    this.#recheck.unref();
+  }
+
   /** An operator's output: the next operator's input, or the job's output. */
   emit(from: Operator, block: InputBlock): void {
     const next = this.operators[from.index + 1];
@@ -1065,6 +1265,7 @@ export class StreamingExecutor {
 
   async start(): Promise<void> {
     this.#reporter = createProgressReporter(this.options.progress);
+    this.#storeBase = state().nodes.reduce((sum, node) => sum + node.store.bytesInUse, 0);
     try {
       for (const operator of this.operators) await operator.start();
     } catch (error) {
@@ -1083,7 +1284,9 @@ export class StreamingExecutor {
     this.schedule();
     this.#reporter?.update(this.snapshot());
     const stalled = Date.now() - this.#lastProgress;
-    const busy = this.operators.filter((operator) => operator.active > 0 || (operator instanceof ActorMapOperator && operator.counts().pending > 0));
+    // Work running and none finishing is a stall; actors still starting are not (their
+    // constructors have their own timeout, actorStartTimeoutMs: loading a model may take long).
+    const busy = this.operators.filter((operator) => operator.active > 0);
     if (stalled > this.options.stallTimeoutMs && busy.length > 0) {
       const stuck = busy.reduce((oldest, operator) => (operator.lastCompletion < oldest.lastCompletion ? operator : oldest));
       this.fail(
@@ -1116,7 +1319,6 @@ export class StreamingExecutor {
 
   #scheduleOnce(): void {
     if (this.failed || this.#finished) return;
-    let used = this.usedBytes();
     for (let index = this.operators.length - 1; index >= 0; index--) {
       const operator = this.operators[index];
       if (index > 0 && this.operators[index - 1].done()) operator.upstreamDone = true;
@@ -1127,17 +1329,28 @@ export class StreamingExecutor {
           operator.backpressure = operator instanceof ActorMapOperator ? 'all actors busy' : undefined;
           break;
         }
-        const estimate = operator.estimateOutputBytes(0);
-        // Work that consumes queued blocks frees about what it makes, so one unit always may run;
-        // sources only start what fits (or one, if nothing at all is held, so a huge block passes).
-        const fits = used + estimate <= this.budgetBytes;
-        const mayOverrun = operator.isSource ? used === 0 && operator.active === 0 : operator.active === 0;
-        if (!fits && !mayOverrun) {
+        const used = this.usedBytes();
+        const estimate = operator.estimateOutputBytes(operator.nextUnitBytes());
+        // Sources start what fits with room left for every operator downstream to run one unit on
+        // it: downstream work always may start (it frees its input as it goes), and the room kept
+        // for it keeps that within the budget too. With nothing held or running anywhere, one
+        // unit starts whatever its size, so a block above the budget still passes.
+        const need = estimate + (operator.isSource ? this.#downstreamRoom(operator, estimate) : 0);
+        const mayOverrun = operator.isSource ? used === 0 && this.operators.every((other) => other.active === 0) : operator.active === 0;
+        if (!mayOverrun && used + need > this.budgetBytes) {
           operator.backpressure = 'memory budget';
           break;
         }
+        if (estimate > 0 && this.#storeBytes() + need > this.budgetBytes && !this.#lagWaitOver(operator, mayOverrun)) {
+          // Within the budget by the job's accounting, but the store has yet to free what the
+          // job let go (workers unpin their inputs when they collect, just after replying): look
+          // again in a moment.
+          operator.backpressure = 'memory budget';
+          this.#recheckSoon();
+          break;
+        }
+        operator.lagWaitSince = undefined;
         operator.launch();
-        used += estimate;
         if (this.failed) return;
       }
     }
@@ -1146,6 +1359,18 @@ export class StreamingExecutor {
     }
     this.peakBytes = Math.max(this.peakBytes, this.usedBytes());
     if (this.operators.every((operator) => operator.done())) this.#wake();
+  }
+
+  /** Output bytes of one unit of each operator after `source`, fed `bytes` of the source's output. */
+  #downstreamRoom(source: Operator, bytes: number): number {
+    let room = 0;
+    for (let index = source.index + 1; index < this.operators.length; index++) {
+      const operator = this.operators[index];
+      if (operator.done() || operator.truncated) continue;
+      bytes = operator.estimateOutputBytes(bytes);
+      room += bytes;
+    }
+    return room;
   }
 
   get finishedAll(): boolean {
@@ -1207,6 +1432,7 @@ export class StreamingExecutor {
     if (this.#finished) return;
     this.#finished = true;
     if (this.#timer) clearInterval(this.#timer);
+    if (this.#recheck) clearTimeout(this.#recheck);
     dispose(this.#output.splice(0));
     this.#outputBytes = 0;
     for (const operator of this.operators) {

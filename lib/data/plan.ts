@@ -57,8 +57,14 @@ export type PhysicalOperatorSpec =
   | { kind: 'limit'; name: string; rows: number }
   | { kind: 'write'; name: string; sink: Datasink; compute: ComputeOptions };
 
+/** Resources as tasks get them: defaults filled in, so `{ numCpus: 1 }` and `{}` are the same. */
+function normalCompute(compute: ComputeOptions): string {
+  const resources = Object.entries(compute.resources ?? {}).filter(([, amount]) => amount > 0).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+  return JSON.stringify([compute.numCpus ?? 1, compute.numGpus ?? 0, compute.memory ?? 0, resources, compute.concurrency ?? null]);
+}
+
 function sameCompute(a: ComputeOptions, b: ComputeOptions): boolean {
-  return JSON.stringify(a) === JSON.stringify(b);
+  return normalCompute(a) === normalCompute(b);
 }
 
 function fusedName(head: string, stages: readonly StageSpec[]): string {
@@ -102,7 +108,10 @@ export function planPhysical(logical: readonly LogicalOperator[], sink?: Datasin
       physical.push({ kind: 'repartition', name: `Repartition(${operator.numBlocks})`, numBlocks: operator.numBlocks });
     } else {
       // Two limits in a row keep the smaller.
-      if (last?.kind === 'limit') last.rows = Math.min(last.rows, operator.rows);
+      if (last?.kind === 'limit') {
+        last.rows = Math.min(last.rows, operator.rows);
+        last.name = `Limit(${last.rows})`;
+      }
       else physical.push({ kind: 'limit', name: `Limit(${operator.rows})`, rows: operator.rows });
     }
   }

@@ -64,10 +64,37 @@ function applySlices(blocks: Block[], slices: BlockSlices): void {
 
 let bytesSinceCollect = 0;
 
-function collectIfPinningMuch(bytesIn: number, targets: TaskTargets): void {
+/**
+ * What a data task does once its reply has left (a setImmediate runs after the runtime sent it):
+ * it lets go of its handles on the blocks it stored, which the driver holds from the reply on (a
+ * handle left to this process's garbage collector would keep each block alive until the worker
+ * happens to collect); and, once it has read `collectAfterBytes` zero-copy, it collects garbage so
+ * that the views of its inputs unpin them. Collecting inside the task would free nothing: the
+ * runtime still holds the task's arguments until the reply is sent.
+ */
+function afterReply(stored: readonly BlockOut[], bytesIn: number, targets: TaskTargets): void {
   bytesSinceCollect += bytesIn;
-  if (bytesSinceCollect < targets.collectAfterBytes) return;
-  bytesSinceCollect = 0;
+  const collect = bytesSinceCollect >= targets.collectAfterBytes;
+  if (collect) bytesSinceCollect = 0;
+  setImmediate(() => {
+    for (const block of stored) block.ref[Symbol.dispose]();
+    if (collect) collectGarbage();
+  });
+  // A worker that goes idle may never collect on its own, and the views of its last inputs would
+  // pin them for good: collect once no data task has ended for a moment.
+  clearTimeout(idleCollect);
+  if (!collect && bytesSinceCollect > 0) {
+    idleCollect = setTimeout(() => {
+      bytesSinceCollect = 0;
+      collectGarbage();
+    }, 100);
+  }
+}
+
+let idleCollect: NodeJS.Timeout | undefined;
+
+function collectGarbage(): void {
+  clearTimeout(idleCollect);
   (globalThis as { gc?: () => void }).gc?.();
 }
 
@@ -104,15 +131,34 @@ async function* readBlocks(read: UdfSpec, args: unknown[]): AsyncGenerator<Block
   if (rows.length) yield rowsToBlock(rows);
 }
 
+/**
+ * Bytes a block takes in the store, at most: its buffers, each padded to 8 bytes, plus the Arrow
+ * IPC messages that describe them (a schema, one message per batch) and the store's own header
+ * and alignment. The budget counts this, so that blocks of many columns are not undercounted.
+ */
+export function storedBytes(block: Block): number {
+  let nodes = 0;
+  const count = (data: { children: readonly unknown[]; dictionary?: { data: readonly unknown[] } }) => {
+    nodes++;
+    for (const child of data.children) count(child as never);
+    for (const chunk of data.dictionary?.data ?? []) count(chunk as never);
+  };
+  let padding = 0;
+  for (const batch of block.batches) {
+    count(batch.data as never);
+    padding += 256;
+  }
+  return blockBytes(block) + 1024 + padding + 256 * nodes;
+}
+
 /** Stores blocks toward the target size: large ones split, small consecutive ones joined. */
-async function storeBlocks(stream: AsyncIterable<Block>, targets: TaskTargets): Promise<BlockOut[]> {
-  const out: BlockOut[] = [];
+async function storeBlocks(stream: AsyncIterable<Block>, targets: TaskTargets, out: BlockOut[]): Promise<void> {
   let pending: Block[] = [];
   let pendingBytes = 0;
   const flush = () => {
     if (pending.length === 0) return;
     const block = concatBlocks(pending);
-    out.push({ ref: put(block) as ObjectRef<Block>, rows: block.numRows, bytes: pendingBytes });
+    out.push({ ref: put(block) as ObjectRef<Block>, rows: block.numRows, bytes: storedBytes(block) });
     pending = [];
     pendingBytes = 0;
   };
@@ -127,7 +173,6 @@ async function storeBlocks(stream: AsyncIterable<Block>, targets: TaskTargets): 
     }
   }
   flush();
-  return out;
 }
 
 async function runToBlocks(
@@ -138,11 +183,17 @@ async function runToBlocks(
   write: FusedWrite | null,
 ): Promise<Pick<TaskResult, 'blocks' | 'error' | 'written'>> {
   let output: Block[] | undefined;
+  const stored: BlockOut[] = [];
   try {
-    if (!write) return { blocks: await storeBlocks(runStages(input, stages), targets) };
+    if (!write) {
+      await storeBlocks(runStages(input, stages), targets, stored);
+      return { blocks: stored };
+    }
     output = [];
     for await (const block of runStages(input, stages)) output.push(block);
   } catch (error) {
+    // Blocks stored before the failure never reach the driver: let them go now.
+    for (const block of stored) block.ref[Symbol.dispose]();
     return { blocks: [], error: describeError(error, firstStage) };
   }
   try {
@@ -190,13 +241,14 @@ export const dataTask = remote(import.meta, async function trellisDataTask(
       }
     };
     const result = await runToBlocks(counted(), loaded, targets, 'Read', write);
+    afterReply(result.blocks, 0, targets);
     return { ...result, rowsIn, bytesIn };
   }
   applySlices(blocks, input.slices);
   const size = inputSize(blocks);
   const result = await runToBlocks(fromBlocks(blocks), loaded, targets, stages[0]?.name ?? 'Map', write);
   blocks.length = 0;
-  collectIfPinningMuch(size.bytesIn, targets);
+  afterReply(result.blocks, size.bytesIn, targets);
   return { ...result, ...size };
 });
 
@@ -218,8 +270,18 @@ export class DataPoolActor {
     const size = inputSize(blocks);
     const result = await runToBlocks(fromBlocks(blocks), this.#stages, targets, this.#stages[0]?.spec.name ?? 'MapBatches', write);
     blocks.length = 0;
-    collectIfPinningMuch(size.bytesIn, targets);
+    afterReply(result.blocks, size.bytesIn, targets);
     return { ...result, ...size };
+  }
+
+  /**
+   * Answers once every call before it has replied and let go of its handles: the pool calls it
+   * before stopping an actor, so that what the actor's last call stored is not left counted for a
+   * process that is gone.
+   */
+  async drain(): Promise<boolean> {
+    await new Promise((resolve) => setImmediate(resolve));
+    return true;
   }
 }
 export const RemoteDataPoolActor = remote(import.meta, DataPoolActor);
@@ -249,7 +311,7 @@ export const writeTask = remote(import.meta, async function trellisWriteTask(
     return { rows: size.rowsIn, bytes: size.bytesIn, error: describeError(error, `Write(${sink.descriptor.name})`) };
   } finally {
     blocks.length = 0;
-    collectIfPinningMuch(size.bytesIn, targets);
+    afterReply([], size.bytesIn, targets);
   }
 });
 
@@ -262,8 +324,8 @@ export const sliceTask = remote(import.meta, async function trellisSliceTask(
   const size = inputSize(blocks);
   const pieces = blocks.map((block, index) => block.slice(slices[index][0], slices[index][0] + slices[index][1]));
   const joined = concatBlocks(pieces);
-  const out = { ref: put(joined) as ObjectRef<Block>, rows: joined.numRows, bytes: blockBytes(joined) };
+  const out = { ref: put(joined) as ObjectRef<Block>, rows: joined.numRows, bytes: storedBytes(joined) };
   blocks.length = 0;
-  collectIfPinningMuch(size.bytesIn, targets);
+  afterReply([out], size.bytesIn, targets);
   return { blocks: [out], ...size };
 });

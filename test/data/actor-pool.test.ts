@@ -1,0 +1,163 @@
+/**
+ * Actor pools: actors start before the first batch and load their model once (GPU pools
+ * included), pools grow on queued work and shrink when idle, constructors that throw or take too
+ * long fail the job naming the class, and a batch whose actor dies is retried on another.
+ */
+import { existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { DataContext, DataError, fromItems, init, readDatasource, shutdown, state, type Row } from '../../lib/index.js';
+import { BrokenModel, GatedSource, RecordingModel, SlowModel } from './fixtures/udfs.js';
+import { RecordingReporter, expectReleased, isAlive, openGate, rejection, scratch, startedPids, storeUse, until } from './helpers.js';
+
+const scratchDir = scratch();
+let baseline: ReturnType<typeof storeUse>;
+
+beforeAll(async () => {
+  DataContext.progress = false;
+  // Two logical GPUs: pools of GPU actors are scheduled on them like on real ones.
+  await init({ numCpus: 2, numGpus: 2 });
+});
+afterAll(async () => {
+  await shutdown();
+  DataContext.progress = 'auto';
+  scratchDir.cleanup();
+});
+beforeEach(() => {
+  baseline = storeUse();
+});
+afterEach(async (context) => {
+  if (context.task.result?.state !== 'fail') {
+    // Pools stop their actors once the job ends, and the job leaves no objects behind.
+    await until(() => state().actors.every((actor) => actor.state === 'dead'), 'every pool actor to stop');
+    await expectReleased(baseline, context.task.name);
+  }
+});
+
+/** A fresh directory for one test's model-load records. */
+function loadsDir(): string {
+  const dir = scratchDir.path('loads');
+  mkdirSync(dir);
+  return dir;
+}
+/** Model loads recorded in `dir`: pid and the GPU ids that load saw, per load. */
+function loads(dir: string): Array<{ pid: number; load: number; gpus: string }> {
+  return readdirSync(dir).map((name) => {
+    const [, pid, load] = name.split('.');
+    return { pid: Number(pid), load: Number(load), gpus: readFileSync(`${dir}/${name}`, 'utf8') };
+  });
+}
+const ids = (rows: Row[]) => rows.map((row) => row.id as number).sort((a, b) => a - b);
+const sequence = (n: number) => Array.from({ length: n }, (_, index) => index);
+
+describe('actor pools', () => {
+  it('a GPU pool starts its actors before the first batch; each loads its model once, on its own GPU', async () => {
+    const dir = loadsDir();
+    const gate = scratchDir.path('first-read');
+    const marker = scratchDir.path('reads');
+    // The only read waits at a gate: no batch exists until it opens.
+    const ds = readDatasource(new GatedSource(100, 100, { 0: gate }, marker), { numCpus: 0.5 }).mapBatches(RecordingModel, {
+      constructorArgs: [dir],
+      concurrency: 2,
+      numGpus: 1,
+      numCpus: 0.5,
+      batchSize: 10,
+    });
+    const reporter = new RecordingReporter();
+    const rows = ds.takeAll({ progress: reporter });
+    await until(() => loads(dir).length === 2, 'both actors to load their model');
+    await until(() => existsSync(`${marker}.read.0`), 'the read to start');
+    expect(existsSync(gate)).toBe(false); // the read waits: no batch exists yet
+    const loaded = loads(dir);
+    expect(new Set(loaded.map((load) => load.gpus))).toEqual(new Set(['0', '1']));
+    openGate(gate);
+    const out = await rows;
+    expect(ids(out)).toEqual(sequence(100));
+    // Every row went through one of the two actors, and each loaded its model exactly once.
+    const pids = new Set(out.map((row) => row.pid as number));
+    expect([...pids].every((pid) => loaded.some((load) => load.pid === pid))).toBe(true);
+    expect(loads(dir)).toHaveLength(2);
+    expect(loads(dir).every((load) => load.load === 0)).toBe(true);
+    expect(reporter.snapshots.some((snapshot) => snapshot.operators[1].actors?.running === 2)).toBe(true);
+    expect(reporter.finished!.progress.operators[1].actors).toMatchObject({ min: 2, max: 2 });
+  });
+
+  it('a pool grows on queued work and shrinks back when idle', async () => {
+    const dir = loadsDir();
+    const work = scratchDir.path('work');
+    const tail = scratchDir.path('tail');
+    // Reads 0-4 come at once; read 5 waits for `tail`. Every batch waits for `work`.
+    const source = readDatasource(new GatedSource(60, 10, { 5: tail }), { numCpus: 0.5 });
+    const ds = source.mapBatches(RecordingModel, {
+      constructorArgs: [dir],
+      fnArgs: [work],
+      concurrency: [1, 2],
+      numCpus: 0.5,
+      batchSize: 10,
+      maxTasksInFlightPerActor: 1,
+      actorIdleTimeoutMs: 300,
+    });
+    const reporter = new RecordingReporter();
+    const pool = () => reporter.last?.operators[1].actors;
+    const rows = ds.takeAll({ progress: reporter });
+
+    // Work queues behind the first actor: the pool grows to its maximum, both actors busy.
+    await until(() => startedPids(work).length === 2, 'a second actor to take a batch');
+    await until(() => pool()?.running === 2, 'the progress to show two actors');
+    expect(reporter.snapshots.every((snapshot) => (snapshot.operators[1].actors?.running ?? 0) + (snapshot.operators[1].actors?.pending ?? 0) <= 2)).toBe(true);
+    // At most maxTasksInFlightPerActor batches per actor.
+    expect(reporter.snapshots.every((snapshot) => snapshot.operators[1].activeTasks <= 2)).toBe(true);
+
+    // The queued work drains; the tail is still to come, so the job goes on with an idle pool.
+    openGate(work);
+    await until(() => pool()?.running === 1 && pool()?.pending === 0, 'the pool to shrink to its minimum');
+    await until(() => state().actors.filter((actor) => actor.className === 'DataPoolActor' && actor.state !== 'dead').length === 1, 'one actor alive');
+
+    openGate(tail);
+    const out = await rows;
+    expect(ids(out)).toEqual(sequence(60));
+    // Each actor loaded its model once.
+    expect(loads(dir)).toHaveLength(2);
+    expect(loads(dir).every((load) => load.load === 0)).toBe(true);
+  });
+
+  it('a batch whose actor dies is retried on another actor: every row exactly once', async () => {
+    const dir = loadsDir();
+    const gate = scratchDir.path('kill-actor');
+    const ds = fromItems(sequence(40).map((id) => ({ id })), { parallelism: 4 }).mapBatches(RecordingModel, {
+      constructorArgs: [dir],
+      fnArgs: [gate],
+      concurrency: 1,
+      batchSize: 10,
+      maxTasksInFlightPerActor: 1,
+    });
+    const rows = ds.takeAll();
+    await until(() => startedPids(gate).length === 1, 'the actor to take its first batch');
+    const [victim] = startedPids(gate);
+    process.kill(victim, 'SIGKILL');
+    await until(() => !isAlive(victim), 'the actor to die');
+    openGate(gate);
+    const out = await rows;
+    expect(ids(out)).toEqual(sequence(40));
+    // The killed actor finished nothing; a new actor (a second model load) did it all.
+    expect(out.some((row) => row.pid === victim)).toBe(false);
+    expect(loads(dir)).toHaveLength(2);
+  });
+
+  it('a constructor that throws fails the job naming the class', async () => {
+    const error = await rejection(fromItems(sequence(10)).mapBatches(BrokenModel, { concurrency: 2 }).takeAll());
+    expect(error).toBeInstanceOf(DataError);
+    expect(error.code).toBe('ERR_DATA_ACTOR_START');
+    expect(error.operator).toBe('MapBatches(BrokenModel)');
+    expect(error.message).toContain('BrokenModel');
+    expect(error.message).toContain('weights file is missing');
+  });
+
+  it('a constructor slower than actorStartTimeoutMs fails the job naming the class', async () => {
+    const ds = fromItems(sequence(10)).mapBatches(SlowModel, { constructorArgs: [120_000], actorStartTimeoutMs: 300 });
+    const error = await rejection(ds.takeAll());
+    expect(error).toBeInstanceOf(DataError);
+    expect(error.code).toBe('ERR_DATA_ACTOR_START');
+    expect(error.message).toContain('SlowModel');
+    expect(error.message).toContain('300 ms');
+  });
+});

@@ -1,0 +1,180 @@
+/**
+ * The streaming executor: the memory budget (a dataset ten times the budget through a map, with
+ * the store's use sampled all along), block sizing, progress snapshots and statistics, ordering,
+ * and the watchdog.
+ */
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { DataContext, DataStallError, init, range, readDatasource, shutdown, state, type Row } from '../../lib/index.js';
+import { BytesSource, CountingSink, GatedSource, NumbersSource, StuckModel, double, identity, plusOne, stuck } from './fixtures/udfs.js';
+import { RecordingReporter, expectReleased, isAlive, rejection, scratch, startedPids, storeUse, until } from './helpers.js';
+
+const MiB = 1 << 20;
+const scratchDir = scratch();
+let baseline: ReturnType<typeof storeUse>;
+
+beforeAll(async () => {
+  DataContext.progress = false;
+  await init({ numCpus: 2, objectStoreMemory: 128 * MiB });
+});
+afterAll(async () => {
+  await shutdown();
+  DataContext.progress = 'auto';
+  scratchDir.cleanup();
+});
+beforeEach(() => {
+  baseline = storeUse();
+});
+afterEach(async (context) => {
+  if (context.task.result?.state !== 'fail') await expectReleased(baseline, context.task.name);
+});
+
+/** Samples the store's bytes in use (above what was there before) while `run` runs. */
+async function peakStoreUse<T>(run: () => Promise<T>): Promise<{ value: T; peak: number; samples: number }> {
+  const base = state().nodes[0].store.bytesInUse;
+  let peak = 0;
+  let samples = 0;
+  const sample = () => {
+    peak = Math.max(peak, state().nodes[0].store.bytesInUse - base);
+    samples++;
+  };
+  const timer = setInterval(sample, 1);
+  try {
+    const value = await run();
+    sample();
+    return { value, peak, samples };
+  } finally {
+    clearInterval(timer);
+  }
+}
+
+describe('memory budget', () => {
+  it('a dataset ten times the budget streams through a map with the store under the budget', async () => {
+    const budget = 16 * MiB;
+    const blockBytes = 2 * MiB;
+    const blocks = 80; // 160 MiB in all: ten times the budget
+    const spilledBefore = state().nodes[0].store.totalSpilledObjects;
+    const reporter = new RecordingReporter();
+    const ds = readDatasource(new BytesSource(blocks, 1, blockBytes)).mapBatches(plusOne, { batchSize: null, numCpus: 0.5 });
+    const options = { memoryBudgetBytes: budget, minBlockBytes: MiB, maxBlockBytes: blockBytes, progress: reporter };
+    const { value: rows, peak, samples } = await peakStoreUse(() => ds.count(options));
+    expect(rows).toBe((blocks * blockBytes) / 8);
+    expect(samples).toBeGreaterThan(10);
+    // The store never held more of the job's blocks than the budget allows, and spilled nothing.
+    expect(peak).toBeLessThanOrEqual(budget);
+    expect(peak).toBeGreaterThan(blockBytes);
+    expect(state().nodes[0].store.totalSpilledObjects).toBe(spilledBefore);
+    const stats = ds.stats()!;
+    expect(stats.peakBudgetBytes).toBeLessThanOrEqual(budget);
+    expect(stats.rowsOut).toBe(rows);
+    expect(stats.operators.map((operator) => operator.name)).toEqual(['ReadBytesSource', 'MapBatches(plusOne)']);
+    // The read was held back by the budget at some point.
+    expect(reporter.snapshots.some((snapshot) => snapshot.operators[0].backpressure === 'memory budget')).toBe(true);
+    expect(reporter.snapshots.every((snapshot) => snapshot.budgetBytes === budget && snapshot.storeBytes <= budget)).toBe(true);
+  });
+
+  it('the same through a sink fused into the map (five times the budget)', async () => {
+    const budget = 16 * MiB;
+    const blockBytes = 2 * MiB;
+    const sink = new CountingSink();
+    const ds = readDatasource(new BytesSource(20, 2, blockBytes)).mapBatches(plusOne, { batchSize: null, numCpus: 0.5 });
+    const { value: results, peak } = await peakStoreUse(() => ds.write(sink, { memoryBudgetBytes: budget, minBlockBytes: MiB, maxBlockBytes: blockBytes }));
+    expect(results.reduce((sum, result) => sum + result.rows, 0)).toBe((40 * blockBytes) / 8);
+    expect(sink.completed).toEqual(results);
+    expect(peak).toBeLessThanOrEqual(budget);
+    expect(ds.stats()!.peakBudgetBytes).toBeLessThanOrEqual(budget);
+  });
+
+  it('the default budget is half the store', async () => {
+    const reporter = new RecordingReporter();
+    await range(10).map(double).count({ progress: reporter });
+    expect(reporter.finished?.progress.budgetBytes).toBe(Math.floor(state().nodes[0].store.capacity / 2));
+  });
+});
+
+describe('blocks', () => {
+  it('defaults: at least 1 MiB, at most 128 MiB', () => {
+    expect(DataContext.minBlockBytes).toBe(MiB);
+    expect(DataContext.maxBlockBytes).toBe(128 * MiB);
+  });
+
+  it('large outputs are split to maxBlockBytes, small ones coalesced toward minBlockBytes', async () => {
+    // One read of one 4 MiB block, cut to 1 MiB blocks.
+    const split = readDatasource(new BytesSource(1, 1, 4 * MiB));
+    const sizes: number[] = [];
+    for await (const batch of split.iterBatches({ batchSize: null, batchFormat: 'arrow', maxBlockBytes: MiB })) sizes.push((batch as { numRows: number }).numRows);
+    expect(sizes).toEqual([MiB / 8, MiB / 8, MiB / 8, MiB / 8]);
+    // A read yielding one row at a time (gathered 4096 rows a block), joined into one block.
+    const joined = readDatasource(new NumbersSource(20_000, 20_000));
+    const counts: number[] = [];
+    for await (const batch of joined.iterBatches({ batchSize: null, batchFormat: 'arrow' })) counts.push((batch as { numRows: number }).numRows);
+    expect(counts).toEqual([20_000]);
+    // With a small minimum, joined only up to it.
+    const small: number[] = [];
+    for await (const batch of joined.iterBatches({ batchSize: null, batchFormat: 'arrow', minBlockBytes: 64 * 1024 })) small.push((batch as { numRows: number }).numRows);
+    expect(small.length).toBeGreaterThan(1);
+    expect(small.reduce((a, b) => a + b, 0)).toBe(20_000);
+  });
+});
+
+describe('progress and statistics', () => {
+  it('every operator reports rows, blocks and tasks; stats match the output', async () => {
+    const reporter = new RecordingReporter();
+    const ds = range(1000, { parallelism: 4 }).map(double).mapBatches(identity, { batchSize: 100, batchFormat: 'arrow', numCpus: 0.5 }).limit(900);
+    const rows = await ds.takeAll({ progress: reporter });
+    expect(rows.length).toBe(900);
+    const final = reporter.finished!.progress;
+    expect(reporter.finished!.error).toBeUndefined();
+    expect(final.operators.map((operator) => operator.name)).toEqual(['ReadRange->Map(double)', 'MapBatches(identity)', 'Limit(900)']);
+    expect(final.operators.every((operator) => operator.done && operator.activeTasks === 0)).toBe(true);
+    expect(final.operators[0].rowsTotal).toBe(1000);
+    expect(final.operators[0].blocksTotal).toBe(4);
+    expect(final.rowsOut).toBe(900);
+    const stats = ds.stats()!;
+    expect(stats.rowsOut).toBe(900);
+    expect(stats.erroredBlocks).toBe(0);
+    expect(stats.wallMs).toBeGreaterThan(0);
+  });
+
+  it('preserveOrder: false may reorder blocks but keeps every row', async () => {
+    const rows = await readDatasource(new NumbersSource(200, 10)).map(double).takeAll({ preserveOrder: false });
+    expect(rows.map((row: Row) => row.id as number).sort((a, b) => a - b)).toEqual(Array.from({ length: 200 }, (_, id) => id));
+  });
+});
+
+describe('watchdog', () => {
+  it('a task that never finishes fails the job naming its operator, and its worker is stopped', async () => {
+    const marker = scratchDir.path('stuck');
+    const ds = range(10, { parallelism: 1 }).mapBatches(stuck, { batchSize: null, batchFormat: 'arrow', fnArgs: [marker] });
+    const error = await rejection(ds.count({ stallTimeoutMs: 500 }));
+    expect(error).toBeInstanceOf(DataStallError);
+    expect(error.code).toBe('ERR_DATA_STALLED');
+    expect(error.operator).toBe('ReadRange->MapBatches(stuck)');
+    expect(error.message).toContain('ReadRange->MapBatches(stuck)');
+    const [pid] = startedPids(marker);
+    expect(pid).toBeGreaterThan(0);
+    await until(() => !isAlive(pid), 'the stuck worker to be stopped');
+    await until(() => Object.values(state().tasks).every((count) => count === 0), 'no task left');
+  });
+
+  it('an actor that never finishes fails the job naming the pool; the actor is stopped', async () => {
+    const marker = scratchDir.path('stuck-actor');
+    const ds = range(10, { parallelism: 1 }).mapBatches(StuckModel, { batchSize: null, batchFormat: 'arrow', fnArgs: [marker], concurrency: 1 });
+    const error = await rejection(ds.count({ stallTimeoutMs: 500 }));
+    expect(error).toBeInstanceOf(DataStallError);
+    expect(error.operator).toBe('MapBatches(StuckModel)');
+    const [pid] = startedPids(marker);
+    expect(pid).toBeGreaterThan(0);
+    await until(() => !isAlive(pid), 'the stuck actor to be stopped');
+    await until(() => state().actors.every((actor) => actor.state === 'dead'), 'no actor left');
+  });
+
+  it('a slow source is not a stall while it makes progress', async () => {
+    const gate = scratchDir.path('slow');
+    const ds = readDatasource(new GatedSource(40, 10, { 3: gate }));
+    const counting = ds.count({ stallTimeoutMs: 60_000 });
+    await until(() => true, 'nothing');
+    const { writeFileSync } = await import('node:fs');
+    writeFileSync(gate, '');
+    expect(await counting).toBe(40);
+  });
+});

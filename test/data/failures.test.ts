@@ -1,0 +1,145 @@
+/**
+ * Failures: a user function's exception names the operator, the block and the rows (or is
+ * counted and skipped within maxErroredBlocks), a worker killed mid-map or mid-write is retried,
+ * reads and sources that fail, and sinks that fail (onWriteFailed).
+ */
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { DataContext, DataError, fromItems, init, range, readDatasource, shutdown, state, type Row } from '../../lib/index.js';
+import { BadSource, CountingSink, FailingSource, GatedSink, failOn, gatedRow, isEven } from './fixtures/udfs.js';
+import { expectReleased, isAlive, openGate, rejection, scratch, startedPids, storeUse, until } from './helpers.js';
+
+const scratchDir = scratch();
+let baseline: ReturnType<typeof storeUse>;
+
+beforeAll(async () => {
+  DataContext.progress = false;
+  await init({ numCpus: 2 });
+});
+afterAll(async () => {
+  await shutdown();
+  DataContext.progress = 'auto';
+  scratchDir.cleanup();
+});
+beforeEach(() => {
+  baseline = storeUse();
+});
+afterEach(async (context) => {
+  if (context.task.result?.state !== 'fail') {
+    await until(() => Object.values(state().tasks).every((count) => count === 0), 'no task left running');
+    await expectReleased(baseline, context.task.name);
+  }
+});
+
+const items = (n: number) => Array.from({ length: n }, (_, id) => ({ id }));
+const sequence = (n: number) => Array.from({ length: n }, (_, index) => index);
+const ids = (rows: Row[]) => rows.map((row) => row.id as number).sort((a, b) => a - b);
+
+describe('exceptions in user functions', () => {
+  it('fail the job naming the operator, the block and the row, with the original error as cause', async () => {
+    const error = await rejection(fromItems(items(100), { parallelism: 10 }).map(failOn, { fnArgs: [57] }).takeAll());
+    expect(error).toBeInstanceOf(DataError);
+    expect(error.code).toBe('ERR_DATA_UDF_FAILED');
+    expect(error.operator).toBe('Map(failOn)');
+    expect(error.block).toBe(5);
+    expect(error.rows).toEqual([57, 58]);
+    expect(error.message).toContain('Map(failOn)');
+    expect(error.message).toContain('block 5');
+    expect(error.message).toContain('row 57');
+    expect(error.cause.message).toBe('bad row 57');
+    expect(error.cause.code).toBe('E_BAD_ROW');
+  });
+
+  it('in a map fused into a read: the read task, and the row of the dataset', async () => {
+    const error = await rejection(range(100, { parallelism: 4 }).map(failOn, { fnArgs: [57] }).count());
+    expect(error.operator).toBe('ReadRange->Map(failOn)');
+    expect(error.block).toBe(2);
+    expect(error.message).toContain('read task 2');
+    expect(error.rows).toEqual([57, 58]);
+    // After a filter, rows count in the failing stage's own input.
+    const filtered = await rejection(range(100, { parallelism: 4 }).filter(isEven).map(failOn, { fnArgs: [58] }).count());
+    expect(filtered.operator).toBe('ReadRange->Filter(isEven)->Map(failOn)');
+    expect(filtered.rows).toEqual([4, 5]);
+    expect(filtered.message).toContain("row 4 of Map(failOn)'s input in that read task");
+  });
+
+  it('with maxErroredBlocks, failing blocks are counted and skipped', async () => {
+    const ds = fromItems(items(100), { parallelism: 10 }).map(failOn, { fnArgs: [57] });
+    const rows = await ds.takeAll({ maxErroredBlocks: 1 });
+    expect(ids(rows)).toEqual(sequence(100).filter((id) => id < 50 || id >= 60));
+    expect(ds.stats()?.erroredBlocks).toBe(1);
+    // A second failing block is one too many.
+    const twice = fromItems(items(100), { parallelism: 10 }).map(failOn, { fnArgs: [57] }).map(failOn, { fnArgs: [23] });
+    const error = await rejection(twice.takeAll({ maxErroredBlocks: 1 }));
+    expect(error.code).toBe('ERR_DATA_UDF_FAILED');
+  });
+
+  it('a read that throws names the read operator and keeps the cause', async () => {
+    const error = await rejection(readDatasource(new FailingSource()).takeAll());
+    expect(error).toBeInstanceOf(DataError);
+    expect(error.operator).toBe('ReadFailingSource');
+    expect(error.block).toBe(1);
+    expect(error.cause.message).toBe('connection reset by peer');
+    expect(error.cause.code).toBe('ECONNRESET');
+    const bad = await rejection(readDatasource(new BadSource()).count());
+    expect(bad.code).toBe('ERR_DATA_SOURCE');
+  });
+});
+
+describe('workers that die', () => {
+  it('a map task whose worker is killed is retried: every row exactly once', async () => {
+    const gate = scratchDir.path('kill-task');
+    const rows = fromItems(items(40), { parallelism: 4 }).map(gatedRow, { fnArgs: [gate] }).takeAll();
+    await until(() => startedPids(gate).length >= 1, 'a map task to start');
+    const [victim] = startedPids(gate);
+    process.kill(victim, 'SIGKILL');
+    await until(() => !isAlive(victim), 'the worker to die');
+    openGate(gate);
+    expect(ids(await rows)).toEqual(sequence(40));
+  });
+
+  it('a write task whose worker is killed is retried as attempt 1', async () => {
+    const gate = scratchDir.path('kill-write');
+    const sink = new GatedSink(gate);
+    // After a limit, the write is an operator of its own (its tasks retried by the executor).
+    const writing = range(40, { parallelism: 2 }).limit(40).write(sink);
+    await until(() => startedPids(gate).length >= 1, 'a write task to start');
+    const [victim] = startedPids(gate);
+    process.kill(victim, 'SIGKILL');
+    await until(() => !isAlive(victim), 'the worker to die');
+    openGate(gate);
+    const results = await writing;
+    expect(results.reduce((sum, result) => sum + result.rows, 0)).toBe(40);
+    expect(results.some((result) => result.attempt === 1)).toBe(true);
+    expect(sink.completed).toEqual(results);
+  });
+});
+
+describe('sinks that fail', () => {
+  it('a failing write() calls onWriteFailed in the driver and rejects', async () => {
+    const sink = new CountingSink(2);
+    const error = await rejection(range(100, { parallelism: 4 }).write(sink));
+    expect(error).toBeInstanceOf(DataError);
+    expect(error.code).toBe('ERR_DATA_UDF_FAILED');
+    expect(error.operator).toBe('ReadRange->Write(CountingSink)');
+    expect(error.cause.message).toBe('sink refused task 2');
+    expect(error.cause.code).toBe('E_SINK');
+    expect(sink.started).toBe(1);
+    expect(sink.failed).toBe(error);
+    expect(sink.completed).toBeUndefined();
+  });
+
+  it('a separate write operator fails the same way', async () => {
+    const sink = new CountingSink(1);
+    const error = await rejection(range(100, { parallelism: 4 }).limit(100).write(sink));
+    expect(error.operator).toBe('Write(CountingSink)');
+    expect(sink.failed).toBe(error);
+    expect(sink.completed).toBeUndefined();
+  });
+
+  it('a failing upstream stage also reaches onWriteFailed', async () => {
+    const sink = new CountingSink();
+    const error = await rejection(range(100, { parallelism: 4 }).map(failOn, { fnArgs: [3] }).write(sink));
+    expect(error.operator).toBe('ReadRange->Map(failOn)->Write(CountingSink)');
+    expect(sink.failed).toBe(error);
+  });
+});

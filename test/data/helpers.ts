@@ -1,0 +1,66 @@
+/** Helpers shared by the data suite (not a test file, not imported by workers). */
+import { existsSync, readdirSync } from 'node:fs';
+import { basename, dirname } from 'node:path';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
+import { state, type JobProgress, type ProgressReporter } from '../../lib/index.js';
+import { until } from '../core/helpers.js';
+
+export { until, scratch, openGate, isAlive, rejection } from '../core/helpers.js';
+
+setFlagsFromString('--expose-gc');
+/** A full garbage collection in this process (the driver's views pin what they read until collected). */
+export const collectGarbage = runInNewContext('gc') as () => void;
+
+/** Objects the driver knows, and bytes and objects in the (first) node's store. */
+export function storeUse(): { objects: number; bytes: number; stored: number } {
+  const cluster = state();
+  return { objects: cluster.objects.count, bytes: cluster.nodes[0].store.bytesInUse, stored: cluster.nodes[0].store.objectCount };
+}
+
+/** Waits until every object made since `baseline` is gone from the driver's table and the store. */
+export async function expectReleased(baseline: ReturnType<typeof storeUse>, what = 'the job'): Promise<void> {
+  let last = storeUse();
+  try {
+    await until(() => {
+      collectGarbage();
+      last = storeUse();
+      return last.objects <= baseline.objects && last.bytes <= baseline.bytes && last.stored <= baseline.stored;
+    }, `${what} to release its objects`);
+  } catch (error) {
+    throw new Error(`${(error as Error).message}: baseline ${JSON.stringify(baseline)}, now ${JSON.stringify(last)}`);
+  }
+}
+
+/** Pids of processes that marked `${gate}.started.${pid}`. */
+export function startedPids(gate: string): number[] {
+  const prefix = `${basename(gate)}.started.`;
+  if (!existsSync(dirname(gate))) return [];
+  return readdirSync(dirname(gate))
+    .filter((name) => name.startsWith(prefix))
+    .map((name) => Number(name.slice(prefix.length)));
+}
+
+/** A progress reporter that keeps every snapshot. */
+export class RecordingReporter implements ProgressReporter {
+  readonly snapshots: JobProgress[] = [];
+  finished?: { progress: JobProgress; error?: Error };
+  update(progress: JobProgress): void {
+    this.snapshots.push(structuredClone(progress));
+  }
+  finish(progress: JobProgress, error?: Error): void {
+    this.finished = { progress: structuredClone(progress), error };
+  }
+  get last(): JobProgress | undefined {
+    return this.snapshots[this.snapshots.length - 1];
+  }
+}
+
+/** Actors of a class alive in the cluster. */
+export function liveActors(className: string): Array<{ actorId: string; pid?: number; state: string }> {
+  return state().actors.filter((actor) => actor.className === className && actor.state !== 'dead');
+}
+
+export async function waitUntil(condition: () => boolean, what: string, guardMs?: number): Promise<void> {
+  await until(condition, what, guardMs);
+}
