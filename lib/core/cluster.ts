@@ -22,7 +22,7 @@ import {
   type RemoteErrorInfo,
 } from '../errors.js';
 import { newObjectId } from '../store/object-id.js';
-import { ObjectRef, setRefTracker } from './object-ref.js';
+import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
 import type { ActorCallOptions, ActorOptions, SchedulingStrategy, TaskOptions } from './options.js';
 import { requestOf } from './options.js';
 import {
@@ -57,7 +57,8 @@ interface ObjectRecord {
   holds: number;
   nested?: string[];
   lineage?: TaskRecord;
-  waiters: Array<() => void>;
+  /** Made on the first wait: most results are read once, by a get that finds them pending. */
+  waiters?: Array<() => void>;
   /** Tensors still held by the actor that made them (tensor transport). */
   held?: { actorId: string; transport: string; meta: HeldMeta };
   /** CUDA IPC handles of held tensors, once exported. */
@@ -168,7 +169,7 @@ export class Cluster implements Runtime {
   readonly #groups = new Map<string, PlacementGroup>();
   readonly #requests = new WeakMap<TaskOptions, RequestInfo>();
   readonly #collectiveGroups = new Map<string, { actorIds: readonly string[]; backend: 'cpu' | 'nccl' }>();
-  readonly #finalizer = new FinalizationRegistry<string>((id) => this.#dropHold(id));
+  readonly #handles = new HandleReleaser((id) => this.#dropHold(id));
   readonly #infeasibleTimer: NodeJS.Timeout;
   #spreadCursor = 0;
   #closed = false;
@@ -196,10 +197,7 @@ export class Cluster implements Runtime {
     server.on('connection', (socket) => cluster.#accept(socket));
     setRefTracker({
       onHandleCreated: (ref) => cluster.#onHandle(ref),
-      onHandleDisposed: (ref) => {
-        cluster.#finalizer.unregister(ref);
-        cluster.#dropHold(ref.id);
-      },
+      onHandleDisposed: (ref) => cluster.#handles.disposed(ref),
     });
     const prestart = options.prestartWorkers;
     for (const node of cluster.nodes) {
@@ -376,12 +374,12 @@ export class Cluster implements Runtime {
   // Objects: directory, holds, values
 
   #newRecord(id: string, holds: number): ObjectRecord {
-    return { id, state: 'pending', nodes: new Set(), size: 0, holds, waiters: [] };
+    return { id, state: 'pending', nodes: NO_NODES, size: 0, holds };
   }
 
   #onHandle(ref: ObjectRef<unknown>): void {
     this.#addHold(ref.id);
-    this.#finalizer.register(ref, ref.id, ref);
+    this.#handles.track(ref);
   }
 
   #addHold(id: string): void {
@@ -418,14 +416,14 @@ export class Cluster implements Runtime {
     record.state = 'ready';
     record.value = value;
     record.size = size;
-    if (value && 'node' in value) record.nodes.add(value.node);
+    if (value && 'node' in value) addNode(record, value.node);
     if (nested?.length) {
       record.nested = nested;
       for (const child of nested) this.#addHold(child);
     }
     const waiters = record.waiters;
-    record.waiters = [];
-    for (const waiter of waiters) waiter();
+    record.waiters = undefined;
+    if (waiters) for (const waiter of waiters) waiter();
   }
 
   #failObject(id: string, error: Error): void {
@@ -434,8 +432,8 @@ export class Cluster implements Runtime {
     record.state = 'failed';
     record.error = error;
     const waiters = record.waiters;
-    record.waiters = [];
-    for (const waiter of waiters) waiter();
+    record.waiters = undefined;
+    if (waiters) for (const waiter of waiters) waiter();
   }
 
   #whenSettled(id: string, timeout: number): Promise<ObjectRecord> {
@@ -448,10 +446,10 @@ export class Cluster implements Runtime {
         clearTimeout(timer);
         resolve(record);
       };
-      record.waiters.push(waiter);
+      (record.waiters ??= []).push(waiter);
       if (Number.isFinite(timeout)) {
         timer = setTimeout(() => {
-          record.waiters = record.waiters.filter((candidate) => candidate !== waiter);
+          record.waiters = record.waiters?.filter((candidate) => candidate !== waiter);
           reject(new GetTimeoutError(`object ${id} was not ready within ${timeout} ms`));
         }, timeout);
       }
@@ -485,7 +483,7 @@ export class Cluster implements Runtime {
     } finally {
       view.release();
     }
-    record.nodes.add(target.id);
+    addNode(record, target.id);
   }
 
   #readValue(record: ObjectRecord): unknown {
@@ -534,7 +532,7 @@ export class Cluster implements Runtime {
     const record = this.#objects.get(ref.id);
     if (!record || timeout !== Infinity) return this.#getOneSlowly(ref, timeout);
     return new Promise((resolve, reject) => {
-      if (record.state === 'pending') record.waiters.push(() => this.#settleOne(record, ref, resolve, reject));
+      if (record.state === 'pending') (record.waiters ??= []).push(() => this.#settleOne(record, ref, resolve, reject));
       else this.#settleOne(record, ref, resolve, reject);
     });
   }
@@ -615,7 +613,7 @@ export class Cluster implements Runtime {
         for (const id of ids) {
           const record = this.#objects.get(id);
           if (!record || record.state !== 'pending') continue;
-          record.waiters.push(() => {
+          (record.waiters ??= []).push(() => {
             settled.add(id);
             if (check().length >= numReturns) done();
           });
@@ -736,7 +734,7 @@ export class Cluster implements Runtime {
       const record = this.#objects.get(id);
       if (record && record.state === 'pending') {
         remaining++;
-        record.waiters.push(() => {
+        (record.waiters ??= []).push(() => {
           if (--remaining === 0) then();
         });
       }
@@ -1032,6 +1030,11 @@ export class Cluster implements Runtime {
     }
     this.#resolveObject(task.returnId, value, nested, size);
     // Lineage: a task's arguments stay alive with its result, so a lost result can be recomputed.
+    // An actor call cannot be rerun: its record need not keep the call alive.
+    if (!task.fn) {
+      const record = this.#objects.get(task.returnId);
+      if (record?.lineage === task) record.lineage = undefined;
+    }
     if (!task.fn || !this.#objects.has(task.returnId)) this.#releaseTaskHolds(task);
   }
 
@@ -1196,7 +1199,7 @@ export class Cluster implements Runtime {
         record.nodes = source.nodes;
         record.size = source.size;
         // The store copy now belongs to `record`: dropping the call's ref must not delete it.
-        source.nodes = new Set();
+        source.nodes = NO_NODES;
         source.value = { inline: pack(null) };
         record.held = undefined;
         this.events.emit('tensor-transport', { objectId: record.id, route: 'store' });
@@ -1611,7 +1614,7 @@ export class Cluster implements Runtime {
       if (record.state === 'pending') {
         record.state = 'failed';
         record.error = error;
-        for (const waiter of record.waiters) waiter();
+        for (const waiter of record.waiters ?? []) waiter();
       }
     }
   }
@@ -1627,6 +1630,19 @@ export interface ClusterState {
 }
 
 class ArgumentsRecovering extends Error {}
+
+/** The empty node set every record starts with (most values are inline and never get one). */
+class NoNodes extends Set<string> {
+  override add(): this {
+    throw new Error('internal error: the shared empty node set was added to');
+  }
+}
+const NO_NODES: Set<string> = new NoNodes();
+
+function addNode(record: ObjectRecord, nodeId: string): void {
+  if (record.nodes === NO_NODES) record.nodes = new Set();
+  record.nodes.add(nodeId);
+}
 
 /** The store id of a stored value: its own id, or the id it was materialized under. */
 function storedIdOf(record: ObjectRecord): string {

@@ -6,7 +6,7 @@ import { connect } from 'node:net';
 import { TaskError, type RemoteErrorInfo } from '../errors.js';
 import { ObjectStore } from '../store/object-store.js';
 import { newObjectId } from '../store/object-id.js';
-import { ObjectRef, setRefTracker } from './object-ref.js';
+import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
 import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
 import {
   FrameConnection,
@@ -46,7 +46,7 @@ class WorkerRuntime implements Runtime {
   #nextRequest = 1;
   /** Handles this process holds, per object id. */
   readonly #handles = new Map<string, number>();
-  readonly #finalizer = new FinalizationRegistry<string>((id) => this.#release(id));
+  readonly #releaser = new HandleReleaser((id) => this.#release(id));
   #borrowAdd: string[] = [];
   #borrowDrop: string[] = [];
   #borrowFlush = false;
@@ -66,12 +66,11 @@ class WorkerRuntime implements Runtime {
     const count = this.#handles.get(ref.id) ?? 0;
     this.#handles.set(ref.id, count + 1);
     if (count === 0 && !alreadyCounted) this.#borrow(ref.id, true);
-    this.#finalizer.register(ref, ref.id, ref);
+    this.#releaser.track(ref);
   }
 
   onDispose(ref: ObjectRef<unknown>): void {
-    this.#finalizer.unregister(ref);
-    this.#release(ref.id);
+    this.#releaser.disposed(ref);
   }
 
   #release(id: string): void {
@@ -102,7 +101,7 @@ class WorkerRuntime implements Runtime {
     setRefTracker(quietTracker);
     const ref = new ObjectRef(id);
     setRefTracker(tracker);
-    this.#finalizer.register(ref, id, ref);
+    this.#releaser.track(ref);
     return ref;
   }
 
