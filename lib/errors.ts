@@ -169,6 +169,19 @@ export class ObjectLostError extends TrellisError {
   }
 }
 
+/**
+ * The owner of an object is gone, so the object can never be read. The driver owns every object
+ * of its cluster: this arises only in a worker whose driver went away, for its get, wait and
+ * other requests pending then or made afterwards. `objectIds` names the objects asked for.
+ */
+export class OwnerDiedError extends TrellisError {
+  readonly objectIds: readonly string[];
+  constructor(message: string, objectIds: readonly string[] = []) {
+    super('ERR_OWNER_DIED', message);
+    this.objectIds = objectIds;
+  }
+}
+
 /** No node of the cluster could ever provide what a task or actor asks for. */
 export class InfeasibleTaskError extends TrellisError {
   readonly missing: Record<string, number>;

@@ -21,6 +21,7 @@ export {
   WorkerCrashedError,
   ActorDiedError,
   ObjectLostError,
+  OwnerDiedError,
   InfeasibleTaskError,
   TaskCancelledError,
   NotInitializedError,

@@ -22,6 +22,7 @@ import { setRuntime, type ActorLookup, type Runtime, type RuntimeContext } from 
 import { decodeStored, encodeArguments, encodeValue, pack, setHandleCodec, unpack } from './serialization.js';
 import { SYSTEM_PREFIX, systemMethod } from './system-methods.js';
 import { Deque } from './deque.js';
+import { DriverRequests } from './requests.js';
 // Registers the collective-group system methods in every worker.
 import '../gpu/collective.js';
 import { holdResult, receiveHeld } from '../gpu/transport.js';
@@ -42,8 +43,7 @@ function errorInfo(error: unknown): RemoteErrorInfo {
 
 class WorkerRuntime implements Runtime {
   readonly #connection: FrameConnection<DriverMessage, WorkerMessage>;
-  readonly #requests = new Map<number, { resolve: (value: any) => void; reject: (error: Error) => void }>();
-  #nextRequest = 1;
+  readonly #requests: DriverRequests;
   /** Handles this process holds, per object id. */
   readonly #handles = new Map<string, number>();
   readonly #releaser = new HandleReleaser((id) => this.#release(id));
@@ -56,6 +56,7 @@ class WorkerRuntime implements Runtime {
 
   constructor(connection: FrameConnection<DriverMessage, WorkerMessage>) {
     this.#connection = connection;
+    this.#requests = new DriverRequests((message) => connection.send(message));
   }
 
   send(message: WorkerMessage): void {
@@ -106,23 +107,20 @@ class WorkerRuntime implements Runtime {
   }
 
   request(op: string, body: unknown): Promise<any> {
-    const requestId = this.#nextRequest++;
-    return new Promise((resolve, reject) => {
-      this.#requests.set(requestId, { resolve, reject });
-      this.send({ t: 'request', requestId, op, body });
-    });
+    return this.#requests.request(op, body);
   }
 
   notify(op: string, body: unknown): void {
-    this.send({ t: 'request', requestId: 0, op, body });
+    this.#requests.notify(op, body);
   }
 
   onReply(requestId: number, ok: boolean, value: unknown, error?: RemoteErrorInfo): void {
-    const pending = this.#requests.get(requestId);
-    if (!pending) return;
-    this.#requests.delete(requestId);
-    if (ok) pending.resolve(value);
-    else pending.reject(Object.assign(new Error(error?.message), { name: error?.name, code: error?.code }));
+    this.#requests.settle(requestId, ok, value, error);
+  }
+
+  /** The driver went away: what waits on it fails with OwnerDiedError. */
+  onOwnerDied(): void {
+    this.#requests.ownerDied();
   }
 
   /** Large arguments go to this node's store as objects the driver then owns. */
@@ -417,8 +415,13 @@ const connection = new FrameConnection<DriverMessage, WorkerMessage>(
         process.exit(0);
     }
   },
-  // The driver is gone: nothing left to work for.
-  () => process.exit(0),
+  () => {
+    // The driver is gone, and with it every object (it owns them all): pending gets and waits
+    // fail with OwnerDiedError rather than hang. Their handlers run (microtasks come before the
+    // check phase), then the worker exits, with nothing left to work for.
+    runtime.onOwnerDied();
+    setImmediate(() => process.exit(0));
+  },
 );
 const runtime = new WorkerRuntime(connection);
 const tracker = {
