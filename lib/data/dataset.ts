@@ -10,7 +10,7 @@ import {
   blockToRows, concatBlocks, formatBatch, rowsToBlock, sliceRows, type BatchFormat, type Block, type Row,
 } from './block.js';
 import { ReadTask, type Datasink, type Datasource } from './datasource.js';
-import { StreamingExecutor, checkExecutionOptions, type ExecutionOptions, type JobStats } from './executor.js';
+import { StreamingExecutor, checkExecutionOptions, trackDriverView, type ExecutionOptions, type JobStats } from './executor.js';
 import { describeLogical, planPhysical, type ActorPoolOptions, type ComputeOptions, type InputBlock, type LogicalOperator, type PhysicalOperatorSpec } from './plan.js';
 import type { StageKind, StageSpec } from './stages.js';
 import { resolveUdf, udfName, type UdfTarget } from './udf.js';
@@ -198,7 +198,9 @@ export class Dataset {
     try {
       for await (const output of executor.outputs()) {
         try {
-          let block = copyBlock((await get(output.ref)) as Block);
+          const stored = (await get(output.ref)) as Block;
+          trackDriverView(stored, output.meta.bytes);
+          let block = copyBlock(stored);
           if (output.slice) block = block.slice(output.slice[0], output.slice[0] + output.slice[1]);
           yield { block, meta: output.meta };
         } finally {

@@ -53,6 +53,21 @@ export const DataContext: Required<Omit<ExecutionOptions, 'memoryBudgetBytes'>> 
   maxRetries: 3,
 };
 
+/**
+ * Bytes of blocks the driver read from the store (a consumer's, a limit's cut) whose views it has
+ * not collected yet: they stay pinned in the store until then.
+ */
+let driverViewBytes = 0;
+const driverViews = new FinalizationRegistry<number>((bytes) => {
+  driverViewBytes -= bytes;
+});
+
+/** Counts a block the driver read zero-copy until it is collected. */
+export function trackDriverView(block: object, bytes: number): void {
+  driverViewBytes += bytes;
+  driverViews.register(block, bytes);
+}
+
 /** Checks a job's options (and the DataContext defaults they fall back to) before anything runs. */
 export function checkExecutionOptions(options: ExecutionOptions): void {
   if (typeof options !== 'object' || options === null) throw new InvalidArgumentError(`execution options must be an object, got ${String(options)}`);
@@ -318,6 +333,7 @@ abstract class Operator {
   protected finished(unit: Unit, outputs: InputBlock[], inputsConsumed = true): void {
     this.unlaunched(unit);
     if (inputsConsumed) dispose(unit.blocks);
+    this.executor.noteFreed(inputsConsumed ? unit.bytes : 0);
     this.blocksDone += Math.max(1, unit.blocks.length);
     this.lastCompletion = Date.now();
     const bytes = unitBytes(outputs);
@@ -874,8 +890,8 @@ class ActorMapOperator extends Operator {
     }
     const waiting = this.hasWork() && !this.#freeActor();
     if (waiting && pending === 0 && total < this.pool.max) {
-      // Resources are read at most every 100 ms: state() walks the whole cluster.
-      if (now - this.#lastScaleCheck > 100) {
+      // Resources are read at most every 200 ms: state() walks the whole cluster (and the store).
+      if (now - this.#lastScaleCheck > 200) {
         this.#lastScaleCheck = now;
         this.#resourcesFree = this.executor.resourcesFree(this.spec.compute);
       }
@@ -957,6 +973,7 @@ class LimitOperator extends Operator {
     // Cutting a block reads it here (zero-copy) and stores the cut: the copy is at most a block.
     getValue(block.ref).then(
       (table) => {
+        trackDriverView(table as Block, block.meta.bytes);
         const offset = block.slice?.[0] ?? 0;
         const cut = (table as Block).slice(offset, offset + keep);
         const ref = put(cut) as ObjectRef<Block>;
@@ -1132,6 +1149,10 @@ export class StreamingExecutor {
   #timer?: NodeJS.Timeout;
   #recheck?: NodeJS.Timeout;
   #storeBase = 0;
+  #driverViewBase = 0;
+  #storeRead?: { at: number; bytes: number };
+  readonly #freed = new Deque<[number, number]>();
+  #freedBytes = 0;
   #reporter?: ProgressReporter;
   #scheduling = false;
   #rescheduled = false;
@@ -1220,10 +1241,34 @@ export class StreamingExecutor {
    * that worker collects garbage, just after it replies — so starting new work checks this too.
    */
   #storeBytes(): number {
-    const stored = state().nodes.reduce((sum, node) => sum + node.store.bytesInUse, 0) - this.#storeBase;
+    const now = Date.now();
+    // Reading the store's statistics is not free (state() walks the cluster and the store's
+    // tables): once per 10 ms, or again once a unit ended (its reservation is then stored).
+    if (this.#storeRead === undefined || now - this.#storeRead.at >= 10) {
+      const stored = state().nodes.reduce((sum, node) => sum + node.store.bytesInUse, 0) - this.#storeBase;
+      // Blocks the driver itself read stay pinned until the driver collects them: not the
+      // job's lag, and nothing the job can wait for.
+      this.#storeRead = { at: now, bytes: stored - (driverViewBytes - this.#driverViewBase) };
+    }
     let reserved = 0;
     for (const operator of this.operators) reserved += operator.reservedBytes;
-    return Math.max(0, stored) + reserved;
+    return Math.max(0, this.#storeRead.bytes) + reserved;
+  }
+
+  /** Bytes of blocks the job let go in the last second: what the store may not have freed yet. */
+  #recentlyFreed(): number {
+    const cutoff = Date.now() - 1000;
+    while (this.#freed.length > 0 && this.#freed.peek()![0] < cutoff) this.#freedBytes -= this.#freed.shift()![1];
+    return this.#freedBytes;
+  }
+
+  /** A unit consumed its inputs: their memory returns once the worker that read them collects. */
+  noteFreed(bytes: number): void {
+    // A unit ended: its reservation became stored blocks, so a store reading from before is stale.
+    this.#storeRead = undefined;
+    if (bytes <= 0) return;
+    this.#freed.push([Date.now(), bytes]);
+    this.#freedBytes += bytes;
   }
 
   /**
@@ -1244,7 +1289,7 @@ export class StreamingExecutor {
     this.#recheck = setTimeout(() => {
       this.#recheck = undefined;
       this.schedule();
-    }, 5);
+    }, 10);
     this.#recheck.unref();
   }
 
@@ -1266,6 +1311,7 @@ export class StreamingExecutor {
   async start(): Promise<void> {
     this.#reporter = createProgressReporter(this.options.progress);
     this.#storeBase = state().nodes.reduce((sum, node) => sum + node.store.bytesInUse, 0);
+    this.#driverViewBase = driverViewBytes;
     try {
       for (const operator of this.operators) await operator.start();
     } catch (error) {
@@ -1341,7 +1387,8 @@ export class StreamingExecutor {
           operator.backpressure = 'memory budget';
           break;
         }
-        if (estimate > 0 && this.#storeBytes() + need > this.budgetBytes && !this.#lagWaitOver(operator, mayOverrun)) {
+        const mayLag = estimate > 0 && used + need + this.#recentlyFreed() > this.budgetBytes;
+        if (mayLag && this.#storeBytes() + need > this.budgetBytes && !this.#lagWaitOver(operator, mayOverrun)) {
           // Within the budget by the job's accounting, but the store has yet to free what the
           // job let go (workers unpin their inputs when they collect, just after replying): look
           // again in a moment.

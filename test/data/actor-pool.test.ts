@@ -64,12 +64,16 @@ describe('actor pools', () => {
     });
     const reporter = new RecordingReporter();
     const rows = ds.takeAll({ progress: reporter });
-    await until(() => loads(dir).length === 2, 'both actors to load their model');
-    await until(() => existsSync(`${marker}.read.0`), 'the read to start');
-    expect(existsSync(gate)).toBe(false); // the read waits: no batch exists yet
-    const loaded = loads(dir);
-    expect(new Set(loaded.map((load) => load.gpus))).toEqual(new Set(['0', '1']));
-    openGate(gate);
+    let loaded: ReturnType<typeof loads>;
+    try {
+      await until(() => loads(dir).length === 2, 'both actors to load their model');
+      await until(() => existsSync(`${marker}.read.0`), 'the read to start');
+      expect(reporter.last?.rowsOut ?? 0).toBe(0); // the read waits at its gate: no batch exists yet
+      loaded = loads(dir);
+      expect(new Set(loaded.map((load) => load.gpus))).toEqual(new Set(['0', '1']));
+    } finally {
+      openGate(gate);
+    }
     const out = await rows;
     expect(ids(out)).toEqual(sequence(100));
     // Every row went through one of the two actors, and each loaded its model exactly once.
@@ -99,25 +103,31 @@ describe('actor pools', () => {
     const reporter = new RecordingReporter();
     const pool = () => reporter.last?.operators[1].actors;
     const rows = ds.takeAll({ progress: reporter });
-
-    // Work queues behind the first actor: the pool grows to its maximum, both actors busy.
-    await until(() => startedPids(work).length === 2, 'a second actor to take a batch');
-    await until(() => pool()?.running === 2, 'the progress to show two actors');
-    expect(reporter.snapshots.every((snapshot) => (snapshot.operators[1].actors?.running ?? 0) + (snapshot.operators[1].actors?.pending ?? 0) <= 2)).toBe(true);
-    // At most maxTasksInFlightPerActor batches per actor.
-    expect(reporter.snapshots.every((snapshot) => snapshot.operators[1].activeTasks <= 2)).toBe(true);
-
-    // The queued work drains; the tail is still to come, so the job goes on with an idle pool.
-    openGate(work);
-    await until(() => pool()?.running === 1 && pool()?.pending === 0, 'the pool to shrink to its minimum');
-    await until(() => state().actors.filter((actor) => actor.className === 'DataPoolActor' && actor.state !== 'dead').length === 1, 'one actor alive');
-
-    openGate(tail);
+    try {
+      await scaleUpAndDown();
+    } finally {
+      openGate(work);
+      openGate(tail);
+    }
     const out = await rows;
     expect(ids(out)).toEqual(sequence(60));
     // Each actor loaded its model once.
     expect(loads(dir)).toHaveLength(2);
     expect(loads(dir).every((load) => load.load === 0)).toBe(true);
+
+    async function scaleUpAndDown(): Promise<void> {
+      // Work queues behind the first actor: the pool grows to its maximum, both actors busy.
+      await until(() => startedPids(work).length === 2, 'a second actor to take a batch');
+      await until(() => pool()?.running === 2, 'the progress to show two actors');
+      expect(reporter.snapshots.every((snapshot) => (snapshot.operators[1].actors?.running ?? 0) + (snapshot.operators[1].actors?.pending ?? 0) <= 2)).toBe(true);
+      // At most maxTasksInFlightPerActor batches per actor.
+      expect(reporter.snapshots.every((snapshot) => snapshot.operators[1].activeTasks <= 2)).toBe(true);
+
+      // The queued work drains; the tail is still to come, so the job goes on with an idle pool.
+      openGate(work);
+      await until(() => pool()?.running === 1 && pool()?.pending === 0, 'the pool to shrink to its minimum');
+      await until(() => state().actors.filter((actor) => actor.className === 'DataPoolActor' && actor.state !== 'dead').length === 1, 'one actor alive');
+    }
   });
 
   it('a batch whose actor dies is retried on another actor: every row exactly once', async () => {
@@ -131,11 +141,15 @@ describe('actor pools', () => {
       maxTasksInFlightPerActor: 1,
     });
     const rows = ds.takeAll();
-    await until(() => startedPids(gate).length === 1, 'the actor to take its first batch');
-    const [victim] = startedPids(gate);
-    process.kill(victim, 'SIGKILL');
-    await until(() => !isAlive(victim), 'the actor to die');
-    openGate(gate);
+    let victim: number;
+    try {
+      await until(() => startedPids(gate).length === 1, 'the actor to take its first batch');
+      [victim] = startedPids(gate);
+      process.kill(victim, 'SIGKILL');
+      await until(() => !isAlive(victim), 'the actor to die');
+    } finally {
+      openGate(gate);
+    }
     const out = await rows;
     expect(ids(out)).toEqual(sequence(40));
     // The killed actor finished nothing; a new actor (a second model load) did it all.

@@ -34,6 +34,14 @@ const items = (n: number) => Array.from({ length: n }, (_, id) => ({ id }));
 const sequence = (n: number) => Array.from({ length: n }, (_, index) => index);
 const ids = (rows: Row[]) => rows.map((row) => row.id as number).sort((a, b) => a - b);
 
+/** SIGKILLs the first worker that reached `gate`, and waits for it to be gone. */
+async function killFirstStarted(gate: string): Promise<void> {
+  await until(() => startedPids(gate).length >= 1, 'a task to reach its gate');
+  const [victim] = startedPids(gate);
+  process.kill(victim, 'SIGKILL');
+  await until(() => !isAlive(victim), 'the worker to die');
+}
+
 describe('exceptions in user functions', () => {
   it('fail the job naming the operator, the block and the row, with the original error as cause', async () => {
     const error = await rejection(fromItems(items(100), { parallelism: 10 }).map(failOn, { fnArgs: [57] }).takeAll());
@@ -89,11 +97,11 @@ describe('workers that die', () => {
   it('a map task whose worker is killed is retried: every row exactly once', async () => {
     const gate = scratchDir.path('kill-task');
     const rows = fromItems(items(40), { parallelism: 4 }).map(gatedRow, { fnArgs: [gate] }).takeAll();
-    await until(() => startedPids(gate).length >= 1, 'a map task to start');
-    const [victim] = startedPids(gate);
-    process.kill(victim, 'SIGKILL');
-    await until(() => !isAlive(victim), 'the worker to die');
-    openGate(gate);
+    try {
+      await killFirstStarted(gate);
+    } finally {
+      openGate(gate);
+    }
     expect(ids(await rows)).toEqual(sequence(40));
   });
 
@@ -102,11 +110,11 @@ describe('workers that die', () => {
     const sink = new GatedSink(gate);
     // After a limit, the write is an operator of its own (its tasks retried by the executor).
     const writing = range(40, { parallelism: 2 }).limit(40).write(sink);
-    await until(() => startedPids(gate).length >= 1, 'a write task to start');
-    const [victim] = startedPids(gate);
-    process.kill(victim, 'SIGKILL');
-    await until(() => !isAlive(victim), 'the worker to die');
-    openGate(gate);
+    try {
+      await killFirstStarted(gate);
+    } finally {
+      openGate(gate);
+    }
     const results = await writing;
     expect(results.reduce((sum, result) => sum + result.rows, 0)).toBe(40);
     expect(results.some((result) => result.attempt === 1)).toBe(true);
