@@ -10,7 +10,7 @@ import {
   blockToRows, concatBlocks, formatBatch, rowsToBlock, sliceRows, type BatchFormat, type Block, type Row,
 } from './block.js';
 import { ReadTask, type Datasink, type Datasource } from './datasource.js';
-import { StreamingExecutor, checkExecutionOptions, trackDriverView, type ExecutionOptions, type JobStats } from './executor.js';
+import { StreamingExecutor, checkExecutionOptions, defaultParallelism, trackDriverView, type ExecutionOptions, type JobStats } from './executor.js';
 import { describeLogical, planPhysical, type ActorPoolOptions, type ComputeOptions, type InputBlock, type LogicalOperator, type PhysicalOperatorSpec } from './plan.js';
 import type { StageKind, StageSpec } from './stages.js';
 import { resolveUdf, udfName, type UdfTarget } from './udf.js';
@@ -189,12 +189,7 @@ export class Dataset {
   async *#blocks(options: ExecutionOptions, job: string, plan: readonly LogicalOperator[] = this.#plan): AsyncGenerator<{ block: Block; meta: InputBlock['meta'] }> {
     requireCluster(job);
     const executor = new StreamingExecutor(planPhysical(plan), options, job);
-    try {
-      await executor.start();
-    } catch (error) {
-      await executor.close();
-      throw error;
-    }
+    await startOrClose(executor);
     try {
       for await (const output of executor.outputs()) {
         try {
@@ -286,7 +281,7 @@ export class Dataset {
     }
     let rows = 0;
     const executor = this.#executor(options, 'Dataset.count');
-    await executor.start();
+    await startOrClose(executor);
     for await (const output of executor.outputs()) {
       rows += output.meta.rows;
       output.ref[Symbol.dispose]();
@@ -304,7 +299,7 @@ export class Dataset {
   /** Runs the plan and keeps its blocks in the object store: later consumers start from them. */
   async materialize(options: ExecutionOptions = {}): Promise<Dataset> {
     const executor = this.#executor(options, 'Dataset.materialize');
-    await executor.start();
+    await startOrClose(executor);
     const blocks: InputBlock[] = [];
     for await (const output of executor.outputs()) blocks.push(output);
     this.#lastStats = executor.stats();
@@ -320,7 +315,7 @@ export class Dataset {
     const executor = this.#executor(options, `Dataset.write(${sink.name})`, sink);
     await sink.onWriteStart();
     try {
-      await executor.start();
+      await startOrClose(executor);
       await executor.run();
     } catch (error) {
       this.#lastStats = executor.stats();
@@ -394,7 +389,7 @@ async function describePhysical(
     case 'input':
       return { text: `${operator.name}: ${operator.blocks.length} blocks in the store, no tasks`, blocks: operator.blocks.length, rows: operator.blocks.reduce((sum, block) => sum + block.meta.rows, 0) };
     case 'read': {
-      const tasks = await operator.datasource.getReadTasks(operator.parallelism ?? 4);
+      const tasks = await operator.datasource.getReadTasks(operator.parallelism ?? defaultParallelism());
       const known = tasks.every((task) => typeof task.metadata.rows === 'number');
       const rows = known ? tasks.reduce((sum, task) => sum + (task.metadata.rows ?? 0), 0) : undefined;
       return { text: `${operator.name}: ${tasks.length} read tasks${fused(operator.stages)}${rows !== undefined ? `, ${rows} rows` : ''}`, blocks: tasks.length, rows };
@@ -455,6 +450,16 @@ export function readDatasource(datasource: Datasource, options: ReadOptions = {}
   }
   if (options.parallelism !== undefined) checkPositiveInteger(options.parallelism, 'readDatasource(): parallelism');
   return new Dataset([{ op: 'read', datasource, parallelism: options.parallelism, compute: checkCompute(options, 'readDatasource()') }]);
+}
+
+/** Starts a job; one that fails to start still stops (its progress display, its actors). */
+async function startOrClose(executor: StreamingExecutor): Promise<void> {
+  try {
+    await executor.start();
+  } catch (error) {
+    await executor.close();
+    throw error;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
  * first, since running them frees memory. A watchdog turns a stall into an error naming the
  * operator, and a failure anywhere stops the whole job and releases everything it held.
  */
-import { cancel, get, kill, state } from '../core/api.js';
+import { cancel, get, isInitialized, kill, state } from '../core/api.js';
 import { ObjectRef } from '../core/object-ref.js';
 import type { ActorHandle } from '../core/registry.js';
 import { ActorDiedError, DataError, DataStallError, InvalidArgumentError, TaskError, TrellisError, WorkerCrashedError } from '../errors.js';
@@ -66,6 +66,11 @@ const driverViews = new FinalizationRegistry<number>((bytes) => {
 export function trackDriverView(block: object, bytes: number): void {
   driverViewBytes += bytes;
   driverViews.register(block, bytes);
+}
+
+/** Read tasks a source is asked for when the dataset does not say: twice the cluster's CPUs. */
+export function defaultParallelism(totalCpus = isInitialized() ? state().nodes.reduce((sum, node) => sum + (node.resources.total.CPU ?? 0), 0) : 2): number {
+  return Math.max(2, totalCpus * 2);
 }
 
 /** Checks a job's options (and the DataContext defaults they fall back to) before anything runs. */
@@ -1176,7 +1181,7 @@ export class StreamingExecutor {
     const capacity = cluster.nodes.reduce((sum, node) => sum + node.store.capacity, 0);
     this.budgetBytes = options.memoryBudgetBytes ?? DataContext.memoryBudgetBytes ?? Math.floor(capacity / 2);
     this.#totalCpus = cluster.nodes.reduce((sum, node) => sum + (node.resources.total.CPU ?? 0), 0);
-    this.defaultParallelism = Math.max(2, this.#totalCpus * 2);
+    this.defaultParallelism = defaultParallelism(this.#totalCpus);
     this.#job = job;
     specs.forEach((spec, index) => this.operators.push(this.#make(spec, index)));
   }
@@ -1330,20 +1335,26 @@ export class StreamingExecutor {
     this.schedule();
     this.#reporter?.update(this.snapshot());
     const stalled = Date.now() - this.#lastProgress;
+    if (stalled <= this.options.stallTimeoutMs || this.finishedAll) return;
     // Work running and none finishing is a stall; actors still starting are not (their
     // constructors have their own timeout, actorStartTimeoutMs: loading a model may take long).
     const busy = this.operators.filter((operator) => operator.active > 0);
-    if (stalled > this.options.stallTimeoutMs && busy.length > 0) {
-      const stuck = busy.reduce((oldest, operator) => (operator.lastCompletion < oldest.lastCompletion ? operator : oldest));
-      this.fail(
-        new DataStallError(
-          'ERR_DATA_STALLED',
-          `no progress for ${Math.round(stalled / 1000)} s: operator ${stuck.name} has ${stuck.active} task(s) running and none finished ` +
-            `(stallTimeoutMs is ${this.options.stallTimeoutMs})`,
-          { operator: stuck.name },
-        ),
-      );
+    let stuck: Operator | undefined;
+    let why = '';
+    if (busy.length > 0) {
+      stuck = busy.reduce((oldest, operator) => (operator.lastCompletion < oldest.lastCompletion ? operator : oldest));
+      why = `operator ${stuck.name} has ${stuck.active} task(s) running and none finished`;
+    } else if (this.#output.length === 0 && !this.operators.some((operator) => operator instanceof ActorMapOperator && operator.counts().pending > 0)) {
+      // Nothing runs, nothing waits for the consumer, yet the job is not done: it would hang.
+      stuck = this.operators.find((operator) => !operator.done());
+      why = `operator ${stuck?.name} has work left (${stuck?.queuedUnits} queued${stuck?.backpressure ? `, held back: ${stuck.backpressure}` : ''}) and nothing runs`;
     }
+    if (!stuck) return;
+    this.fail(
+      new DataStallError('ERR_DATA_STALLED', `no progress for ${Math.round(stalled / 1000)} s: ${why} (stallTimeoutMs is ${this.options.stallTimeoutMs})`, {
+        operator: stuck.name,
+      }),
+    );
   }
 
   /** Starts what may start: downstream operators first, sources only within the budget. */

@@ -5,7 +5,7 @@
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { Table, tableFromArrays } from 'apache-arrow';
 import {
-  DataContext, Dataset, InvalidArgumentError, NotInitializedError, fromArrow, fromItems, init, isInitialized, range, readDatasource, shutdown, type Row,
+  DataContext, Dataset, Datasink, InvalidArgumentError, NotInitializedError, fromArrow, fromItems, init, isInitialized, range, readDatasource, shutdown, type Row,
 } from '../../lib/index.js';
 import { planPhysical } from '../../lib/data/plan.js';
 import {
@@ -339,6 +339,15 @@ describe('argument checks', () => {
     expect(await rejection(ds.takeBatch(2, { batchFormat: 'numpy' as never }))).toBeInstanceOf(InvalidArgumentError);
     expect(await rejection(ds.iterBatches({ batchSize: 0 }).next())).toBeInstanceOf(InvalidArgumentError);
     expect(await rejection(ds.write({} as never))).toBeInstanceOf(InvalidArgumentError);
+    // A sink's write() runs in workers: its class must be registered.
+    class LocalSink extends Datasink {
+      write() {
+        return 0;
+      }
+    }
+    const unregistered = await rejection(ds.write(new LocalSink()));
+    expect(unregistered.code).toBe('ERR_DATA_UDF');
+    expect(unregistered.message).toContain('remote(import.meta, LocalSink)');
     expect(await rejection(ds.count({ memoryBudgetBytes: -5 }))).toBeInstanceOf(InvalidArgumentError);
     expect(await rejection(ds.map(double).count({ maxErroredBlocks: 1.5 }))).toBeInstanceOf(InvalidArgumentError);
   });
