@@ -144,6 +144,7 @@ interface ActorRecord {
   queue: Deque<TaskRecord>;
   /** Calls sent and not finished. */
   running: Map<string, TaskRecord>;
+  callNames: Map<string, string>;
   deathCause?: string;
 }
 
@@ -172,6 +173,7 @@ export class Cluster implements Runtime {
   readonly #handles = new HandleReleaser((id) => this.#dropHold(id));
   readonly #infeasibleTimer: NodeJS.Timeout;
   #spreadCursor = 0;
+  #nextTaskId = 1;
   #closed = false;
   #scheduling = false;
 
@@ -659,9 +661,11 @@ export class Cluster implements Runtime {
     const name = options.name ?? (fn ? fn.name : `${method}`);
     const allHeld = argRefs.length === 0 && held.length === 0 ? [] : [...argRefs, ...held];
     for (const id of allHeld) this.#addHold(id);
-    if (!this.#objects.has(returnId)) this.#objects.set(returnId, this.#newRecord(returnId, 0));
+    let record = this.#objects.get(returnId);
+    if (!record) this.#objects.set(returnId, (record = this.#newRecord(returnId, 0)));
     const task: TaskRecord = {
-      taskId: newObjectId(),
+      // Only this driver makes task ids: a counter does, cheaper than random hex.
+      taskId: `task-${(this.#nextTaskId++).toString(36)}`,
       name,
       fn,
       actorId,
@@ -681,7 +685,7 @@ export class Cluster implements Runtime {
       state: 'waiting',
       pendingSince: Date.now(),
     };
-    this.#objects.get(returnId)!.lineage = task;
+    record.lineage = task;
     this.#tasks.set(task.taskId, task);
     return task;
   }
@@ -1303,6 +1307,7 @@ export class Cluster implements Runtime {
       restarts: 0,
       queue: new Deque(),
       running: new Map(),
+      callNames: new Map(),
     };
     this.#actors.set(actorId, actor);
     if (options.name) this.#namedActors.set(options.name, actorId);
@@ -1386,7 +1391,7 @@ export class Cluster implements Runtime {
   ): void {
     const actor = this.#actors.get(actorId);
     const task = this.#makeTask(undefined, actorId, method, args, argRefs, held, ACTOR_CALL_OPTIONS, returnId);
-    task.name = `${actor?.name ?? 'actor'}.${method}`;
+    task.name = actor ? callName(actor, method) : `actor.${method}`;
     if (!actor) {
       this.#failTask(task, new ActorDiedError(actorId, `actor ${actorId} does not exist in this cluster`));
       return;
@@ -1630,6 +1635,13 @@ export interface ClusterState {
 }
 
 class ArgumentsRecovering extends Error {}
+
+/** "Class.method", made once per actor and method (a fresh string per call is copied into each frame). */
+function callName(actor: ActorRecord, method: string): string {
+  let name = actor.callNames.get(method);
+  if (name === undefined) actor.callNames.set(method, (name = `${actor.name}.${method}`));
+  return name;
+}
 
 /** The empty node set every record starts with (most values are inline and never get one). */
 class NoNodes extends Set<string> {

@@ -114,9 +114,13 @@ addExtension({
 });
 
 const packr = new Packr({ useRecords: false, moreTypes: true, structuredClone: true });
+// Scalars encode the same without the rich codec's structured-clone bookkeeping (a Map per pack).
+const scalars = new Packr({ useRecords: false });
 
 /** Packs `value`, collecting the ids of refs nested in it. */
 export function pack(value: unknown, nested?: string[]): Uint8Array {
+  const kind = typeof value;
+  if (kind === 'number' || kind === 'boolean' || kind === 'string' || value == null) return scalars.pack(value);
   const previous = nestedCollector;
   nestedCollector = nested;
   try {
@@ -126,10 +130,30 @@ export function pack(value: unknown, nested?: string[]): Uint8Array {
     throw new SerializationError(`value cannot be sent to another process: ${(error as Error).message}`, { cause: error });
   } finally {
     nestedCollector = previous;
+    // The structured-clone codec keeps the last value it packed (its reference map) until its
+    // next pack: a handle in it would never be collected once scalars stopped going through it.
+    packr.pack(null);
   }
 }
 
 export function unpack(bytes: Uint8Array): unknown {
+  // One-byte values (small integers, null, booleans, an empty list: most results and argument
+  // lists of calls) are read here rather than through the codec's setup.
+  if (bytes.length === 1) {
+    const byte = bytes[0];
+    if (byte <= 0x7f) return byte;
+    if (byte >= 0xe0) return byte - 0x100;
+    switch (byte) {
+      case 0xc0:
+        return null;
+      case 0xc2:
+        return false;
+      case 0xc3:
+        return true;
+      case 0x90:
+        return [];
+    }
+  }
   return packr.unpack(bytes);
 }
 
