@@ -152,6 +152,11 @@ function dispose(blocks: readonly InputBlock[]): void {
   for (const block of blocks) block.ref[Symbol.dispose]();
 }
 
+/** What one task or actor of this shape asks of a node. */
+function resourcesOf(compute: ComputeOptions): Record<string, number> {
+  return { ...(compute.resources ?? {}), CPU: compute.numCpus ?? 1, GPU: compute.numGpus ?? 0, memory: compute.memory ?? 0 };
+}
+
 function taskOptionsOf(compute: ComputeOptions, name: string, maxRetries: number) {
   return {
     numCpus: compute.numCpus ?? 1,
@@ -715,6 +720,16 @@ class ActorMapOperator extends Operator {
   }
 
   override async start(): Promise<void> {
+    // A pool whose minimum the cluster cannot hold would wait for its actors forever.
+    const fit = this.executor.actorsThatFit(this.spec.compute);
+    if (fit < this.pool.min) {
+      const need = Object.entries(resourcesOf(this.spec.compute)).filter(([, amount]) => amount > 0).map(([name, amount]) => `${name} ${amount}`).join(', ');
+      throw new DataError(
+        'ERR_DATA_ACTOR_START',
+        `actor pool ${this.name}: ${this.pool.min} ${this.className} actor(s) of ${need} each cannot start: the cluster holds ${fit} at most`,
+        { operator: this.name },
+      );
+    }
     // The pool's minimum starts before the first batch arrives, so models load while data is read.
     for (let i = 0; i < this.pool.min; i++) this.#addActor();
   }
@@ -1214,8 +1229,15 @@ export class StreamingExecutor {
 
   /** Whether some node has room for one more actor of this shape now. */
   resourcesFree(compute: ComputeOptions): boolean {
-    const need: Record<string, number> = { ...(compute.resources ?? {}), CPU: compute.numCpus ?? 1, GPU: compute.numGpus ?? 0 };
+    const need = resourcesOf(compute);
     return state().nodes.some((node) => Object.entries(need).every(([name, amount]) => amount <= 0 || (node.resources.available[name] ?? 0) >= amount - 1e-9));
+  }
+
+  /** How many actors of this shape the cluster could hold at once, were it idle. */
+  actorsThatFit(compute: ComputeOptions): number {
+    const need = Object.entries(resourcesOf(compute)).filter(([, amount]) => amount > 0);
+    if (need.length === 0) return Infinity;
+    return state().nodes.reduce((sum, node) => sum + Math.min(...need.map(([name, amount]) => Math.floor((node.resources.total[name] ?? 0) / amount + 1e-9))), 0);
   }
 
   touch(): void {

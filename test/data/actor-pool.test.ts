@@ -157,6 +157,15 @@ describe('actor pools', () => {
     expect(loads(dir)).toHaveLength(2);
   });
 
+  it('a pool the cluster cannot hold fails at once, naming the class and what it needs', async () => {
+    const error = await rejection(fromItems(sequence(10)).mapBatches(BrokenModel, { numGpus: 1, concurrency: 3 }).takeAll());
+    expect(error).toBeInstanceOf(DataError);
+    expect(error.code).toBe('ERR_DATA_ACTOR_START');
+    expect(error.message).toContain('BrokenModel');
+    expect(error.message).toContain('GPU 1');
+    expect(error.message).toContain('holds 2 at most');
+  });
+
   it('a constructor that throws fails the job naming the class', async () => {
     const error = await rejection(fromItems(sequence(10)).mapBatches(BrokenModel, { concurrency: 2 }).takeAll());
     expect(error).toBeInstanceOf(DataError);

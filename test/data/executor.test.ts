@@ -5,8 +5,8 @@
  */
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { DataContext, DataStallError, fromItems, init, range, readDatasource, shutdown, state, type Row } from '../../lib/index.js';
-import { BytesSource, CountingSink, NumbersSource, SlowModel, StuckModel, double, identity, plusOne, stuck, viewInfo } from './fixtures/udfs.js';
-import { RecordingReporter, expectReleased, isAlive, rejection, scratch, startedPids, storeUse, until } from './helpers.js';
+import { BytesSource, CountingSink, NumbersSource, SlowModel, StuckModel, double, gatedRow, identity, plusOne, stuck, viewInfo } from './fixtures/udfs.js';
+import { RecordingReporter, expectReleased, isAlive, openGate, rejection, scratch, startedPids, storeUse, until } from './helpers.js';
 
 const MiB = 1 << 20;
 const scratchDir = scratch();
@@ -113,6 +113,22 @@ describe('blocks', () => {
     for await (const batch of joined.iterBatches({ batchSize: null, batchFormat: 'arrow', minBlockBytes: 64 * 1024 })) small.push((batch as { numRows: number }).numRows);
     expect(small.length).toBeGreaterThan(1);
     expect(small.reduce((a, b) => a + b, 0)).toBe(20_000);
+  });
+});
+
+describe('concurrency', () => {
+  it('a function transform with concurrency n runs at most n tasks at once', async () => {
+    const gate = scratchDir.path('one-at-a-time');
+    const rows = fromItems(Array.from({ length: 40 }, (_, id) => ({ id })), { parallelism: 4 }).map(gatedRow, { fnArgs: [gate], concurrency: 1 }).takeAll();
+    try {
+      await until(() => startedPids(gate).length > 0, 'a task to start');
+      // One task submitted: the others wait in the executor, not in the cluster.
+      const submitted = Object.values(state().tasks).reduce((sum, count) => sum + count, 0);
+      expect(submitted).toBe(1);
+    } finally {
+      openGate(gate);
+    }
+    expect((await rows).map((row) => row.id)).toEqual(Array.from({ length: 40 }, (_, id) => id));
   });
 });
 

@@ -4,7 +4,7 @@
  * reads and sources that fail, and sinks that fail (onWriteFailed).
  */
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { DataContext, DataError, fromItems, init, range, readDatasource, shutdown, state, type Row } from '../../lib/index.js';
+import { DataContext, DataError, WorkerCrashedError, fromItems, init, range, readDatasource, shutdown, state, type Row } from '../../lib/index.js';
 import { BadSource, CountingSink, FailingSource, GatedSink, failOn, gatedRow, isEven } from './fixtures/udfs.js';
 import { expectReleased, isAlive, openGate, rejection, scratch, startedPids, storeUse, until } from './helpers.js';
 
@@ -103,6 +103,21 @@ describe('workers that die', () => {
       openGate(gate);
     }
     expect(ids(await rows)).toEqual(sequence(40));
+  });
+
+  it('with maxRetries: 0, a killed worker fails the job naming the operator', async () => {
+    const gate = scratchDir.path('kill-no-retry');
+    const failing = rejection(fromItems(items(40), { parallelism: 4 }).map(gatedRow, { fnArgs: [gate] }).takeAll({ maxRetries: 0 }));
+    try {
+      await killFirstStarted(gate);
+    } finally {
+      openGate(gate);
+    }
+    const error = await failing;
+    expect(error).toBeInstanceOf(DataError);
+    expect(error.code).toBe('ERR_DATA_TASK_FAILED');
+    expect(error.operator).toBe('Map(gatedRow)');
+    expect(error.cause).toBeInstanceOf(WorkerCrashedError);
   });
 
   it('a write task whose worker is killed is retried as attempt 1', async () => {
