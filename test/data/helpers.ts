@@ -3,7 +3,7 @@ import { existsSync, readdirSync } from 'node:fs';
 import { basename, dirname } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { put, state, type JobProgress, type ProgressReporter } from '../../lib/index.js';
+import { state, type JobProgress, type ProgressReporter } from '../../lib/index.js';
 import { until } from '../core/helpers.js';
 
 export { until, scratch, openGate, isAlive, rejection } from '../core/helpers.js';
@@ -23,10 +23,6 @@ export async function expectReleased(baseline: ReturnType<typeof storeUse>, what
   let last = storeUse();
   try {
     await until(() => {
-      // The driver's codec (msgpackr with structuredClone) keeps the last value it encoded
-      // reachable until it encodes the next one: the last task's arguments, and so the handles
-      // in them. Encoding something lets them go, as the next call of any program would.
-      put(null)[Symbol.dispose]();
       collectGarbage();
       last = storeUse();
       return last.objects <= baseline.objects && last.bytes <= baseline.bytes && last.stored <= baseline.stored;
