@@ -37,7 +37,7 @@ async function peakStoreUse<T>(run: () => Promise<T>): Promise<{ value: T; peak:
     peak = Math.max(peak, state().nodes[0].store.bytesInUse - base);
     samples++;
   };
-  const timer = setInterval(sample, 1);
+  const timer = setInterval(sample, 2);
   try {
     const value = await run();
     sample();
@@ -49,9 +49,9 @@ async function peakStoreUse<T>(run: () => Promise<T>): Promise<{ value: T; peak:
 
 describe('memory budget', () => {
   it('a dataset ten times the budget streams through a map with the store under the budget', async () => {
-    const budget = 16 * MiB;
-    const blockBytes = 2 * MiB;
-    const blocks = 80; // 160 MiB in all: ten times the budget
+    const budget = 8 * MiB;
+    const blockBytes = MiB;
+    const blocks = 80; // 80 MiB in all: ten times the budget
     const spilledBefore = state().nodes[0].store.totalSpilledObjects;
     const reporter = new RecordingReporter();
     const ds = readDatasource(new BytesSource(blocks, 1, blockBytes)).mapBatches(plusOne, { batchSize: null, numCpus: 0.5 });
@@ -73,8 +73,8 @@ describe('memory budget', () => {
   });
 
   it('the same through a sink fused into the map (five times the budget)', async () => {
-    const budget = 16 * MiB;
-    const blockBytes = 2 * MiB;
+    const budget = 8 * MiB;
+    const blockBytes = MiB;
     const sink = new CountingSink();
     const ds = readDatasource(new BytesSource(20, 2, blockBytes)).mapBatches(plusOne, { batchSize: null, numCpus: 0.5 });
     const { value: results, peak } = await peakStoreUse(() => ds.write(sink, { memoryBudgetBytes: budget, minBlockBytes: MiB, maxBlockBytes: blockBytes }));
