@@ -894,6 +894,7 @@ export class Cluster implements Runtime {
         const gpuIds = node.assignGpus(task.request.get('GPU') ?? 0) ?? [];
         placement.pool.acquire(task.request);
         worker.state = 'leased';
+        worker.leasedOnce = true;
         // Fields listed, not spread from the placement: spreading made this the costliest line of a
         // synchronous task's dispatch.
         const lease: Lease = { node, pool: placement.pool, group: placement.group, worker, classKey, request: task.request, gpuIds, inflight: 0 };
@@ -1331,8 +1332,12 @@ export class Cluster implements Runtime {
       actor.gpuIds = node.assignGpus(actor.request.get('GPU') ?? 0) ?? [];
       actor.node = node;
       actor.placement = placement;
-      // A dedicated, fresh process: an actor's state must not leak into pooled task workers.
-      const worker = this.#spawn(node);
+      // A dedicated, fresh process: an actor's state must not leak into pooled task workers. A
+      // prestarted worker that never ran a task is as fresh as a new one and saves the start-up
+      // (a second or more of loading); a replacement is started for the pool.
+      let worker = [...node.workers.values()].find((candidate) => candidate.state === 'idle' && !candidate.leasedOnce);
+      if (worker) this.#spawn(node);
+      else worker = this.#spawn(node);
       worker.state = 'actor';
       actor.worker = worker;
       actor.state = 'starting';

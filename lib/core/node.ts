@@ -24,6 +24,8 @@ export class WorkerProcess {
   /** Tasks sent to this worker and not finished, by task id. */
   readonly inflight = new Set<string>();
   idleSince = 0;
+  /** Has held a lease: no longer clean enough to become an actor's dedicated process. */
+  leasedOnce = false;
   readonly ready: Promise<void>;
   resolveReady!: () => void;
   exited = false;
