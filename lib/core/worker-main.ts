@@ -148,9 +148,13 @@ class WorkerRuntime implements Runtime {
   }
 
   async get(refs: ObjectRef<unknown>[], timeout: number): Promise<unknown[]> {
-    // Blocking: hand back tasks not begun, so that they can run elsewhere meanwhile.
-    const returnTasks = [...this.queue].map((task) => task.taskId);
-    this.queue.clear();
+    // Blocking: a pooled worker hands back tasks not begun, so that they can run elsewhere
+    // meanwhile. An actor keeps its queued calls: they belong to its state and its order.
+    let returnTasks: string[] = [];
+    if (!isActorWorker) {
+      returnTasks = [...this.queue].map((task) => task.taskId);
+      this.queue.clear();
+    }
     const values = (await this.request('get', { ids: refs.map((ref) => ref.id), timeout, returnTasks })) as Array<
       WireValue | { error: RemoteErrorInfo & { kind: string } }
     >;
@@ -292,6 +296,8 @@ function showGpus(gpuIds: number[]): void {
 }
 
 let actorInstance: any;
+/** Set before the constructor runs: its get() must not hand queued calls back either. */
+let isActorWorker = false;
 let actorConcurrency = 1;
 let running = 0;
 let pumping = false;
@@ -383,6 +389,7 @@ async function loadRegistered(descriptor: FunctionDescriptor): Promise<unknown> 
 }
 
 async function startActor(message: CreateActorMessage): Promise<void> {
+  isActorWorker = true;
   actorConcurrency = message.maxConcurrency;
   runtime.current = { actorId: message.actorId, gpuIds: message.gpuIds ?? [] };
   if (message.gpuIds && message.gpuIds.length > 0) process.env.CUDA_VISIBLE_DEVICES = message.gpuIds.join(',');

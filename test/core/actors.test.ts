@@ -17,7 +17,7 @@ import {
   state,
   type ActorHandle,
 } from '../../lib/index.js';
-import { RemoteCounter, type Counter, type Recorder, RemoteFaulty, RemoteRecorder, callThrough } from './fixtures/actors.js';
+import { RemoteCounter, type Counter, type Recorder, RemoteFaulty, RemoteRecorder, RemoteDelegator, callThrough } from './fixtures/actors.js';
 import { gated } from './fixtures/core.js';
 import { isAlive, openGate, rejection, scratch, started, until } from './helpers.js';
 
@@ -117,6 +117,13 @@ describe('actors', () => {
     const error = await rejection(get(faulty.never.remote()));
     expect(error).toBeInstanceOf(ActorDiedError);
     expect(error.message).toMatch(/no model/);
+  });
+
+  it('a method blocked in get() keeps the calls queued behind it on its actor, in order', async () => {
+    const delegator = RemoteDelegator.remote();
+    const refs = [delegator.delegate.remote(1), delegator.note.remote('a'), delegator.delegate.remote(5), delegator.note.remote('b')];
+    expect(await get(refs)).toEqual([2, 2, 6, 4]);
+    expect(await get(delegator.entries.remote())).toEqual(['delegate 1', 'a', 'delegate 5', 'b']);
   });
 
   it('handles travel to tasks, which call the actor through them', async () => {
