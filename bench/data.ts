@@ -15,7 +15,7 @@ export const passBlock = remote(import.meta, function passBlock(block: Block) {
   return block.numRows;
 });
 
-const ROWS = 8192;
+const ROWS = 16_384;
 const BATCH = 64;
 const OVERHEAD_BLOCKS = 400;
 

@@ -1334,10 +1334,9 @@ export class Cluster implements Runtime {
       actor.placement = placement;
       // A dedicated, fresh process: an actor's state must not leak into pooled task workers. A
       // prestarted worker that never ran a task is as fresh as a new one and saves the start-up
-      // (a second or more of loading); a replacement is started for the pool.
-      let worker = [...node.workers.values()].find((candidate) => candidate.state === 'idle' && !candidate.leasedOnce);
-      if (worker) this.#spawn(node);
-      else worker = this.#spawn(node);
+      // (a second or more of loading). The pool starts another worker when a task next needs one,
+      // not now: a start-up competing with the actor's first calls costs more than it saves.
+      const worker = [...node.workers.values()].find((candidate) => candidate.state === 'idle' && !candidate.leasedOnce) ?? this.#spawn(node);
       worker.state = 'actor';
       actor.worker = worker;
       actor.state = 'starting';

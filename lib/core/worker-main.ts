@@ -452,3 +452,10 @@ setHandleCodec({
   },
 });
 runtime.send({ t: 'hello', workerId, pid: process.pid });
+
+// User modules import the public API, which a fresh worker would load (and, from TypeScript
+// sources, transpile) on its first task: a second of CPU on the critical path of an actor's first
+// call. Loading it while the worker idles after its hello takes that off the path.
+setImmediate(() => {
+  import('../index.js').catch(() => undefined);
+});
