@@ -1224,7 +1224,11 @@ export class StreamingExecutor {
   taskSlots(compute: ComputeOptions): number {
     const cpus = compute.numCpus ?? 1;
     const byCpu = cpus > 0 ? Math.floor(this.#totalCpus / cpus) : 64;
-    return Math.min(compute.concurrency ?? Infinity, Math.max(1, byCpu) * 2);
+    // Eight per slot: the runtime pipelines queued tasks onto its leased workers, and with fewer
+    // in flight small blocks leave both the driver and the workers waiting on each other's
+    // messages (measured: idle more than half the time at two per slot). The budget still
+    // bounds the memory they hold.
+    return Math.min(compute.concurrency ?? Infinity, Math.max(1, byCpu) * 8);
   }
 
   /** Whether some node has room for one more actor of this shape now. */
