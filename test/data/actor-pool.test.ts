@@ -4,34 +4,13 @@
  * long fail the job naming the class, and a batch whose actor dies is retried on another.
  */
 import { existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
-import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { DataContext, DataError, fromItems, init, readDatasource, shutdown, state, type Row } from '../../lib/index.js';
+import { describe, expect, it } from 'vitest';
+import { DataError, fromItems, readDatasource, state, type Row } from '../../lib/index.js';
 import { BrokenModel, GatedSource, RecordingModel, SlowModel } from './fixtures/udfs.js';
-import { RecordingReporter, expectReleased, isAlive, openGate, rejection, scratch, startedPids, storeUse, until } from './helpers.js';
+import { RecordingReporter, isAlive, openGate, rejection, startedPids, until, useDataCluster } from './helpers.js';
 
-const scratchDir = scratch();
-let baseline: ReturnType<typeof storeUse>;
-
-beforeAll(async () => {
-  DataContext.progress = false;
-  // Two logical GPUs: pools of GPU actors are scheduled on them like on real ones.
-  await init({ numCpus: 2, numGpus: 2 });
-});
-afterAll(async () => {
-  await shutdown();
-  DataContext.progress = 'auto';
-  scratchDir.cleanup();
-});
-beforeEach(() => {
-  baseline = storeUse();
-});
-afterEach(async (context) => {
-  if (context.task.result?.state !== 'fail') {
-    // Pools stop their actors once the job ends, and the job leaves no objects behind.
-    await until(() => state().actors.every((actor) => actor.state === 'dead'), 'every pool actor to stop');
-    await expectReleased(baseline, context.task.name);
-  }
-});
+// Two logical GPUs: pools of GPU actors are scheduled on them like on real ones.
+const { scratchDir } = useDataCluster({ numCpus: 2, numGpus: 2 }, () => until(() => state().actors.every((actor) => actor.state === 'dead'), 'every pool actor to stop'));
 
 /** A fresh directory for one test's model-load records. */
 function loadsDir(): string {

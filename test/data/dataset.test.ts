@@ -2,36 +2,19 @@
  * The Dataset API: transforms, consumers, every batch format, plans and explain(), argument
  * checks, limit, repartition, materialize, and that no job leaves objects behind.
  */
-import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { Table, tableFromArrays } from 'apache-arrow';
 import {
-  DataContext, Dataset, Datasink, InvalidArgumentError, NotInitializedError, fromArrow, fromItems, init, isInitialized, range, readDatasource, shutdown, type Row,
+  Dataset, Datasink, InvalidArgumentError, NotInitializedError, fromArrow, fromItems, init, range, readDatasource, shutdown, type Row,
 } from '../../lib/index.js';
 import { planPhysical } from '../../lib/data/plan.js';
 import {
   CountingSink, GatedSource, NoCallModel, NumbersSource, Scaler, addColumn, batchSizes, double, identity, isEven, notRegistered, repeat,
 } from './fixtures/udfs.js';
-import { collectGarbage, expectReleased, rejection, scratch, storeUse } from './helpers.js';
+import { collectGarbage, rejection, storeUse, useDataCluster } from './helpers.js';
 
-const scratchDir = scratch();
-let baseline: ReturnType<typeof storeUse>;
-
-beforeAll(async () => {
-  DataContext.progress = false;
-  await init({ numCpus: 2 });
-});
-afterAll(async () => {
-  await shutdown();
-  DataContext.progress = 'auto';
-  scratchDir.cleanup();
-});
-beforeEach(() => {
-  baseline = storeUse();
-});
-afterEach(async (context) => {
-  // Every job lets go of its blocks: nothing stays in the driver's table or the store.
-  if (context.task.result?.state !== 'fail' && isInitialized()) await expectReleased(baseline, context.task.name);
-});
+const cluster = useDataCluster({ numCpus: 2 });
+const scratchDir = cluster.scratchDir;
 
 const ids = (rows: Row[]) => rows.map((row) => row.id as number);
 const sequence = (n: number, from = 0) => Array.from({ length: n }, (_, index) => from + index);
@@ -201,7 +184,7 @@ describe('consumers', () => {
     expect(ids(await materialized.filter(isEven).takeAll())).toEqual(sequence(30).map((n) => 2 * n));
     expect(readsDone()).toBe(3);
     // The materialized dataset holds its blocks until it is collected: the baseline moves with it.
-    baseline = { ...baseline, objects: baseline.objects + 3, stored: baseline.stored + 3, bytes: storeUse().bytes };
+    cluster.baseline = { ...cluster.baseline, objects: cluster.baseline.objects + 3, stored: cluster.baseline.stored + 3, bytes: storeUse().bytes };
   });
 
   it('write() sends every block through the sink and reports results in task order', async () => {

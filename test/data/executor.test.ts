@@ -3,30 +3,13 @@
  * the store's use sampled all along), block sizing, progress snapshots and statistics, ordering,
  * and the watchdog.
  */
-import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { DataContext, DataStallError, fromItems, init, range, readDatasource, shutdown, state, type Row } from '../../lib/index.js';
+import { describe, expect, it } from 'vitest';
+import { DataContext, DataStallError, fromItems, range, readDatasource, state, type Row } from '../../lib/index.js';
 import { BytesSource, CountingSink, NumbersSource, SlowModel, StuckModel, double, gatedRow, identity, plusOne, stuck, viewInfo } from './fixtures/udfs.js';
-import { RecordingReporter, expectReleased, isAlive, openGate, rejection, scratch, startedPids, storeUse, until } from './helpers.js';
+import { RecordingReporter, isAlive, openGate, rejection, startedPids, until, useDataCluster } from './helpers.js';
 
 const MiB = 1 << 20;
-const scratchDir = scratch();
-let baseline: ReturnType<typeof storeUse>;
-
-beforeAll(async () => {
-  DataContext.progress = false;
-  await init({ numCpus: 2, objectStoreMemory: 128 * MiB });
-});
-afterAll(async () => {
-  await shutdown();
-  DataContext.progress = 'auto';
-  scratchDir.cleanup();
-});
-beforeEach(() => {
-  baseline = storeUse();
-});
-afterEach(async (context) => {
-  if (context.task.result?.state !== 'fail') await expectReleased(baseline, context.task.name);
-});
+const { scratchDir } = useDataCluster({ numCpus: 2, objectStoreMemory: 128 * MiB });
 
 /** Samples the store's bytes in use (above what was there before) while `run` runs. */
 async function peakStoreUse<T>(run: () => Promise<T>): Promise<{ value: T; peak: number; samples: number }> {

@@ -3,32 +3,12 @@
  * counted and skipped within maxErroredBlocks), a worker killed mid-map or mid-write is retried,
  * reads and sources that fail, and sinks that fail (onWriteFailed).
  */
-import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { DataContext, DataError, WorkerCrashedError, fromItems, init, range, readDatasource, shutdown, state, type Row } from '../../lib/index.js';
+import { describe, expect, it } from 'vitest';
+import { DataError, WorkerCrashedError, fromItems, range, readDatasource, state, type Row } from '../../lib/index.js';
 import { BadSource, CountingSink, FailingSource, GatedSink, failOn, gatedRow, isEven } from './fixtures/udfs.js';
-import { expectReleased, isAlive, openGate, rejection, scratch, startedPids, storeUse, until } from './helpers.js';
+import { isAlive, openGate, rejection, startedPids, until, useDataCluster } from './helpers.js';
 
-const scratchDir = scratch();
-let baseline: ReturnType<typeof storeUse>;
-
-beforeAll(async () => {
-  DataContext.progress = false;
-  await init({ numCpus: 2 });
-});
-afterAll(async () => {
-  await shutdown();
-  DataContext.progress = 'auto';
-  scratchDir.cleanup();
-});
-beforeEach(() => {
-  baseline = storeUse();
-});
-afterEach(async (context) => {
-  if (context.task.result?.state !== 'fail') {
-    await until(() => Object.values(state().tasks).every((count) => count === 0), 'no task left running');
-    await expectReleased(baseline, context.task.name);
-  }
-});
+const { scratchDir } = useDataCluster({ numCpus: 2 }, () => until(() => Object.values(state().tasks).every((count) => count === 0), 'no task left running'));
 
 const items = (n: number) => Array.from({ length: n }, (_, id) => ({ id }));
 const sequence = (n: number) => Array.from({ length: n }, (_, index) => index);

@@ -3,8 +3,9 @@ import { existsSync, readdirSync } from 'node:fs';
 import { basename, dirname } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { state, type JobProgress, type ProgressReporter } from '../../lib/index.js';
-import { until } from '../core/helpers.js';
+import { afterAll, afterEach, beforeAll, beforeEach } from 'vitest';
+import { DataContext, init, isInitialized, shutdown, state, type InitOptions, type JobProgress, type ProgressReporter } from '../../lib/index.js';
+import { scratch, until } from '../core/helpers.js';
 
 export { until, scratch, openGate, isAlive, rejection } from '../core/helpers.js';
 
@@ -63,4 +64,36 @@ export function liveActors(className: string): Array<{ actorId: string; pid?: nu
 
 export async function waitUntil(condition: () => boolean, what: string, guardMs?: number): Promise<void> {
   await until(condition, what, guardMs);
+}
+
+/**
+ * One cluster for a test file, without progress output; after each passing test, `settle` waits for
+ * what the file's jobs leave running to end, then the store and the driver's table must be back
+ * where they were: every job lets go of its blocks. Returns the file's scratch directory and
+ * the baseline (a test that keeps objects on purpose moves it).
+ */
+export function useDataCluster(
+  options: InitOptions,
+  settle?: () => Promise<void>,
+): { scratchDir: ReturnType<typeof scratch>; baseline: ReturnType<typeof storeUse> } {
+  const scratchDir = scratch();
+  const cluster = { scratchDir, baseline: { objects: 0, bytes: 0, stored: 0 } };
+  beforeAll(async () => {
+    DataContext.progress = false;
+    await init(options);
+  });
+  afterAll(async () => {
+    await shutdown();
+    DataContext.progress = 'auto';
+    scratchDir.cleanup();
+  });
+  beforeEach(() => {
+    cluster.baseline = storeUse();
+  });
+  afterEach(async (context) => {
+    if (context.task.result?.state === 'fail' || !isInitialized()) return;
+    await settle?.();
+    await expectReleased(cluster.baseline, context.task.name);
+  });
+  return cluster;
 }
