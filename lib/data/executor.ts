@@ -5,10 +5,10 @@
  * first, since running them frees memory. A watchdog turns a stall into an error naming the
  * operator, and a failure anywhere stops the whole job and releases everything it held.
  */
-import { cancel, get, isInitialized, kill, state } from '../core/api.js';
+import { cancel, get, isInitialized, kill, put, state } from '../core/api.js';
 import { ObjectRef } from '../core/object-ref.js';
 import type { ActorHandle } from '../core/registry.js';
-import { ActorDiedError, DataError, DataStallError, InvalidArgumentError, TaskError, TrellisError, WorkerCrashedError } from '../errors.js';
+import { ActorDiedError, DataError, DataStallError, InvalidArgumentError, TaskError, WorkerCrashedError } from '../errors.js';
 import { Deque } from '../core/deque.js';
 import type { Block } from './block.js';
 import type { Datasink, ReadTask, WriteContext } from './datasource.js';
@@ -19,7 +19,6 @@ import type { StageSpec } from './stages.js';
 import { dataTask, RemoteDataPoolActor, sliceTask, writeTask, type DataPoolActor, type FusedWrite, type StageErrorInfo, type TaskResult, type TaskTargets, type WriteResult } from './worker-tasks.js';
 import { shipInstance, type ShippedInstance } from './udf.js';
 import { newObjectId } from '../store/object-id.js';
-import { get as getValue, put } from '../core/api.js';
 
 /** How a job runs; each field has a default in `DataContext`. */
 export interface ExecutionOptions {
@@ -121,11 +120,6 @@ interface Unit {
   estimate?: number;
 }
 
-interface Completed {
-  seq: number;
-  blocks: InputBlock[];
-}
-
 const noBlocks: InputBlock[] = [];
 
 function unitRows(blocks: readonly InputBlock[]): number {
@@ -181,7 +175,6 @@ abstract class Operator {
   rowsDone = 0;
   blocksDone = 0;
   blocksOut = 0;
-  unitsLaunched = 0;
   outputBytes = 0;
   rowsTotal?: number;
   blocksTotal?: number;
@@ -324,7 +317,6 @@ abstract class Operator {
 
   protected began(unit: Unit): void {
     this.active++;
-    this.unitsLaunched++;
     this.activeInputBytes += unit.bytes;
     unit.reserved = unit.estimate ?? this.estimateOutputBytes(unit.bytes);
     this.reservedBytes += unit.reserved;
@@ -604,7 +596,6 @@ class ReadOperator extends TaskOperator {
   readonly #tasks = new Deque<ReadTask>();
   /** The first row of each read task, where the source gave every task's row count. */
   readonly #rowStarts: number[] = [];
-  #total = 0;
   declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'read' }>;
 
   override get isSource(): boolean {
@@ -620,7 +611,6 @@ class ReadOperator extends TaskOperator {
       }
       this.#tasks.push(task);
     }
-    this.#total = tasks.length;
     this.blocksTotal = tasks.length;
     this.upstreamDone = true;
     const rowsKnown = tasks.every((task) => typeof task.metadata.rows === 'number');
@@ -639,9 +629,6 @@ class ReadOperator extends TaskOperator {
   }
   override done(): boolean {
     return (this.#tasks.length === 0 || this.truncated) && super.done();
-  }
-  get readTaskCount(): number {
-    return this.#total;
   }
   hasWork(): boolean {
     return !this.truncated && this.#tasks.length > 0;
@@ -991,7 +978,7 @@ class LimitOperator extends Operator {
     this.#remaining = 0;
     this.#reached();
     // Cutting a block reads it here (zero-copy) and stores the cut: the copy is at most a block.
-    getValue(block.ref).then(
+    get(block.ref).then(
       (table) => {
         trackDriverView(table as Block, block.meta.bytes);
         const offset = block.slice?.[0] ?? 0;
@@ -1551,12 +1538,5 @@ export class StreamingExecutor {
       operators: this.operators.map((operator) => operator.progress()),
     };
   }
-
-  /** Read tasks per read operator, for explain(). */
-  readTaskCounts(): number[] {
-    return this.operators.filter((operator) => operator instanceof ReadOperator).map((operator) => (operator as ReadOperator).readTaskCount);
-  }
 }
 
-export { TrellisError };
-export type { StageSpec };
