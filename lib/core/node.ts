@@ -3,6 +3,7 @@
  * Workers are prestarted, reused, and reaped when idle above the soft limit.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ObjectStore } from '../store/object-store.js';
@@ -12,6 +13,31 @@ import { ResourcePool, type Resources } from './resources.js';
 
 const here = fileURLToPath(import.meta.url);
 const workerEntry = join(dirname(here), here.endsWith('.ts') ? 'worker-main.ts' : 'worker-main.js');
+
+/**
+ * The Node.js flags a worker starts with. Workers import the driver's modules, so they need a
+ * TypeScript loader exactly when the driver has one (or trellis itself runs from its sources).
+ * A loader's hooks see every module loaded after them, one message to the hooks thread each:
+ * apache-arrow alone is 158 modules, about 0.8 s of CPU per worker through tsx, against 0.1 s
+ * without. So the large dependencies load first, before the loader registers its hooks.
+ */
+function workerNodeFlags(): string[] {
+  const driverFlags = [...process.execArgv, ...(process.env.NODE_OPTIONS?.split(/\s+/) ?? [])];
+  const flags: string[] = driverFlags.filter((flag) => flag === '--experimental-strip-types' || flag === '--experimental-transform-types');
+  const typeScript = workerEntry.endsWith('.ts')
+    || driverFlags.some((flag) => /(^|[/\\=])tsx([/\\]|$)/.test(flag) || flag.includes('/tsx/dist/'))
+    || /\.[mc]?tsx?$/.test(process.argv[1] ?? '');
+  if (!typeScript) return flags;
+  for (const dependency of ['apache-arrow', 'msgpackr']) {
+    try {
+      flags.push('--import', import.meta.resolve(dependency));
+    } catch {
+      // Older Node.js without a synchronous import.meta.resolve: the loader loads it, more slowly.
+    }
+  }
+  return [...flags, '--import', 'tsx'];
+}
+const workerFlags = workerNodeFlags();
 
 export type WorkerState = 'starting' | 'idle' | 'leased' | 'actor' | 'dead';
 
@@ -29,6 +55,17 @@ export class WorkerProcess {
   readonly ready: Promise<void>;
   resolveReady!: () => void;
   exited = false;
+  /**
+   * Holds the driver took on this worker's behalf (its borrows, and the handles to what it put or
+   * submitted), per object id: the driver drops them all once the worker is gone.
+   */
+  readonly holds = new Map<string, number>();
+  /** The worker names its stored puts by this sequence (see sequentialObjectId). */
+  readonly putIds = randomBytes(20);
+  /** Stored puts the worker registered: the next id of its sequence is the first unreported one. */
+  storedPuts = 0;
+  /** Its holds and unreported puts were dropped (it exited and its connection closed). */
+  released = false;
 
   constructor(node: Node, socketPath: string) {
     this.id = `worker-${newObjectId().slice(0, 12)}`;
@@ -38,13 +75,14 @@ export class WorkerProcess {
     const extra = process.env.TRELLIS_WORKER_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
     // --expose-gc: a worker collects garbage when the zero-copy views it made may pin much of the
     // store (see worker-main.ts).
-    this.child = spawn(process.execPath, [...extra, '--expose-gc', '--import', 'tsx', workerEntry], {
+    this.child = spawn(process.execPath, [...extra, '--expose-gc', ...workerFlags, workerEntry], {
       env: {
         ...process.env,
         TRELLIS_SOCKET: socketPath,
         TRELLIS_WORKER_ID: this.id,
         TRELLIS_NODE_ID: node.id,
         TRELLIS_STORE: node.store.name,
+        TRELLIS_PUT_IDS: this.putIds.toString('hex'),
       },
       stdio: ['ignore', 'inherit', 'inherit'],
     });
