@@ -205,6 +205,10 @@ abstract class Operator {
   }
 
   /** What a task needs to write its output through a fused sink, or null. */
+  protected get hasFusedSink(): boolean {
+    return this.#fusedSink !== undefined;
+  }
+
   protected fusedWrite(unit: Unit): FusedWrite | null {
     if (!this.#fusedSink) return null;
     return { sink: this.#fusedSink, context: { taskIndex: unit.seq, attempt: unit.attempts, writeId: this.executor.writeId } };
@@ -539,6 +543,18 @@ abstract class TaskOperator extends Operator {
 
   protected run(unit: Unit): void {
     this.began(unit);
+    this.#attempt(unit);
+  }
+
+  /**
+   * Retries after a worker died: the runtime's, or this operator's where a sink is fused in, so
+   * that the sink's WriteContext says which attempt it is.
+   */
+  protected get runtimeRetries(): number {
+    return this.hasFusedSink ? 0 : this.executor.options.maxRetries;
+  }
+
+  #attempt(unit: Unit): void {
     const ref = this.submit(unit);
     this.#running.set(unit, ref);
     get(ref).then(
@@ -565,6 +581,12 @@ abstract class TaskOperator extends Operator {
         this.#running.delete(unit);
         ref[Symbol.dispose]();
         if (this.executor.failed) return this.dropUnit(unit);
+        if (this.hasFusedSink && error instanceof WorkerCrashedError && unit.attempts < this.executor.options.maxRetries) {
+          unit.attempts++;
+          this.executor.warn(`${this.name}: task ${unit.seq}'s worker died; retrying (attempt ${unit.attempts + 1})`);
+          this.#attempt(unit);
+          return;
+        }
         this.onInfrastructureError(unit, error);
       },
     );
@@ -660,7 +682,7 @@ class ReadOperator extends TaskOperator {
   protected submit(unit: Unit): ObjectRef<TaskResult> {
     const read = unit.read!;
     return dataTask
-      .options(taskOptionsOf(this.spec.compute, this.name, this.executor.options.maxRetries))
+      .options(taskOptionsOf(this.spec.compute, this.name, this.runtimeRetries))
       .remote({ kind: 'read', read: read.spec, args: read.args }, this.spec.stages, taskTargets(this.executor), this.fusedWrite(unit));
   }
 }
@@ -679,7 +701,7 @@ class TaskMapOperator extends TaskOperator {
   }
   protected submit(unit: Unit): ObjectRef<TaskResult> {
     return dataTask
-      .options(taskOptionsOf(this.spec.compute, this.name, this.executor.options.maxRetries))
+      .options(taskOptionsOf(this.spec.compute, this.name, this.runtimeRetries))
       .remote({ kind: 'blocks', slices: slicesOf(unit.blocks) }, this.spec.stages, taskTargets(this.executor), this.fusedWrite(unit), ...(unit.blocks.map((block) => block.ref) as unknown as Block[]));
   }
 }

@@ -115,6 +115,22 @@ describe('workers that die', () => {
     expect(results.some((result) => result.attempt === 1)).toBe(true);
     expect(sink.completed).toEqual(results);
   });
+
+  it('a sink fused into its read task sees attempt 1 after the worker is killed', async () => {
+    const gate = scratchDir.path('kill-fused-write');
+    const sink = new GatedSink(gate);
+    // No operator between the read and the sink: the write runs inside the read task.
+    const writing = range(40, { parallelism: 2 }).write(sink);
+    try {
+      await killFirstStarted(gate);
+    } finally {
+      openGate(gate);
+    }
+    const results = await writing;
+    expect(results.reduce((sum, result) => sum + result.rows, 0)).toBe(40);
+    expect(results.some((result) => result.attempt === 1)).toBe(true);
+    expect(sink.completed).toEqual(results);
+  });
 });
 
 describe('sinks that fail', () => {
