@@ -11,7 +11,7 @@ import { remote } from '../../core/registry.js';
 import { blockBytes, concatBlocks, type Block } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import {
-  DEFAULT_BLOCK_BYTES, FileDatasink, checkColumns, checkExtensions, checkParallelism, checkPositiveInteger, expandPaths, planPieces,
+  DEFAULT_BLOCK_BYTES, FileDatasink, checkColumns, checkExtensions, checkPositiveInteger, expandPaths, planFileReads,
   type FileEntry, type FilePiece, type FileUnit,
 } from './files.js';
 
@@ -115,29 +115,20 @@ export class ArrowDatasource extends Datasource {
    * their record batches can be spread over tasks; stream-format files are read whole.
    */
   async getReadTasks(parallelism: number): Promise<ReadTask[]> {
-    checkParallelism(parallelism);
-    const pieces: FilePiece[] = [];
-    for (const file of this.files) {
-      if (this.files.length >= parallelism) {
-        pieces.push({ path: file.path, bytes: file.bytes });
-        continue;
-      }
+    const plan = await planFileReads(this.files, parallelism, async (file) => {
       const { handle, reader } = await openReader(file.path);
       try {
         const footer = reader.isFile() ? reader.footer : null;
-        if (!footer || reader.numRecordBatches < 2) {
-          pieces.push({ path: file.path, bytes: file.bytes });
-        } else {
-          for (let index = 0; index < reader.numRecordBatches; index++) {
-            pieces.push({ path: file.path, bytes: Number(footer.getRecordBatch(index)?.bodyLength ?? 0), index });
-          }
-        }
+        if (!footer || reader.numRecordBatches < 2) return [];
+        return Array.from({ length: reader.numRecordBatches }, (_, index) => ({
+          path: file.path, bytes: Number(footer.getRecordBatch(index)?.bodyLength ?? 0), index,
+        }));
       } finally {
         await reader.cancel().catch(() => undefined);
         await handle.close().catch(() => undefined);
       }
-    }
-    return planPieces(pieces, parallelism).map(
+    });
+    return plan.map(
       (task) => new ReadTask(readArrowFiles, [task.units, this.taskOptions], { bytes: task.bytes, inputFiles: task.inputFiles }),
     );
   }

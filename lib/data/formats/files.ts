@@ -551,8 +551,34 @@ export interface FileUnit {
   pieces?: number[];
 }
 
+export interface PlannedRead {
+  units: FileUnit[];
+  bytes: number;
+  rows?: number;
+  inputFiles: string[];
+}
+
+/**
+ * Read tasks for a piece-wise format. With at least as many files as tasks wanted, each file is
+ * read whole; with fewer, `splitFile` reads a file's footer and names its pieces (record batches,
+ * row groups; none when it cannot be split), which are then spread over the tasks.
+ */
+export async function planFileReads(
+  files: readonly FileEntry[],
+  parallelism: number,
+  splitFile: (file: FileEntry) => Promise<FilePiece[]>,
+): Promise<PlannedRead[]> {
+  checkParallelism(parallelism);
+  const pieces: FilePiece[] = [];
+  for (const file of files) {
+    const split = files.length >= parallelism ? [] : await splitFile(file);
+    pieces.push(...(split.length ? split : [{ path: file.path, bytes: file.bytes }]));
+  }
+  return planPieces(pieces, parallelism);
+}
+
 /** Pieces grouped into at most `parallelism` tasks, consecutive pieces of a file merged into one unit. */
-export function planPieces(pieces: readonly FilePiece[], parallelism: number): Array<{ units: FileUnit[]; bytes: number; rows?: number; inputFiles: string[] }> {
+export function planPieces(pieces: readonly FilePiece[], parallelism: number): PlannedRead[] {
   return groupByWeight(pieces, (piece) => piece.bytes, parallelism).map((group) => {
     const units: FileUnit[] = [];
     for (const piece of group) {

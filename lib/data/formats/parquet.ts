@@ -12,7 +12,7 @@ import { remote } from '../../core/registry.js';
 import { concatBlocks, type Block } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import {
-  FileDatasink, checkColumns, checkExtensions, checkParallelism, checkPositiveInteger, expandPaths, planPieces,
+  FileDatasink, checkColumns, checkExtensions, checkPositiveInteger, expandPaths, planFileReads,
   type FileEntry, type FilePiece, type FileUnit,
 } from './files.js';
 
@@ -125,29 +125,25 @@ export class ParquetDatasource extends Datasource {
    * spread over tasks (and rows and uncompressed sizes are known); otherwise tasks take whole files.
    */
   async getReadTasks(parallelism: number): Promise<ReadTask[]> {
-    checkParallelism(parallelism);
-    const pieces: FilePiece[] = [];
-    for (const file of this.files) {
-      if (this.files.length >= parallelism) {
-        pieces.push({ path: file.path, bytes: file.bytes });
-        continue;
-      }
+    const plan = await planFileReads(this.files, parallelism, async (file) => {
       const handle = await openParquet(file.path);
       try {
         const metadata = handle.metadata();
         const count = metadata.numRowGroups();
-        if (count === 0) pieces.push({ path: file.path, bytes: file.bytes, rows: 0 });
-        for (let index = 0; index < count; index++) {
+        if (count === 0) return [{ path: file.path, bytes: file.bytes, rows: 0 }];
+        const pieces = Array.from({ length: count }, (_, index) => {
           const group = metadata.rowGroup(index);
-          pieces.push({ path: file.path, bytes: Number(group.totalByteSize()), rows: Number(group.numRows()), index });
+          const piece = { path: file.path, bytes: Number(group.totalByteSize()), rows: Number(group.numRows()), index };
           group.free();
-        }
+          return piece;
+        });
         metadata.free();
+        return pieces;
       } finally {
         handle.free();
       }
-    }
-    return planPieces(pieces, parallelism).map(
+    });
+    return plan.map(
       (task) =>
         new ReadTask(readParquetFiles, [task.units, this.taskOptions], {
           bytes: task.bytes,
