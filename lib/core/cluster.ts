@@ -21,7 +21,7 @@ import {
   WorkerCrashedError,
   type RemoteErrorInfo,
 } from '../errors.js';
-import { newObjectId } from '../store/object-id.js';
+import { newObjectId, sequentialObjectId } from '../store/object-id.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
 import type { ActorCallOptions, ActorOptions, SchedulingStrategy, TaskOptions } from './options.js';
 import { requestOf } from './options.js';
@@ -245,7 +245,11 @@ export class Cluster implements Runtime {
         }
         if (worker) this.#onWorkerMessage(worker, message);
       },
-      () => worker?.kill(),
+      () => {
+        if (!worker) return;
+        worker.kill();
+        this.#onWorkerGone(worker);
+      },
     );
   }
 
@@ -269,6 +273,9 @@ export class Cluster implements Runtime {
     if (lease) this.#endLease(lease);
     for (const taskId of worker.inflight) {
       const task = this.#tasks.get(taskId);
+      // A result stored and not reported ('done' may never have left) has no reader, and a retry
+      // must be able to store it again.
+      if (task) this.#dropUnreportedResult(worker.node, task.returnId);
       if (!task || task.actorId) continue;
       task.worker = undefined;
       if (task.cancelled) continue;
@@ -283,18 +290,64 @@ export class Cluster implements Runtime {
     if (wasActor) {
       for (const actor of this.#actors.values()) if (actor.worker === worker) this.#onActorWorkerDied(actor);
     }
+    this.#onWorkerGone(worker);
     this.#schedule();
+  }
+
+  /**
+   * Once a worker has exited and everything it sent has been read (its connection closed): drops
+   * the holds it had (borrows, handles to its puts and submissions) and deletes what it put but
+   * never registered. Earlier, a register or borrow still in the socket could arrive afterwards.
+   */
+  #onWorkerGone(worker: WorkerProcess): void {
+    if (worker.released || !worker.exited || (worker.connection && !worker.connection.closed)) return;
+    worker.released = true;
+    if (this.#closed) return;
+    const store = worker.node.store;
+    // Its stored puts follow a sequence: those after the last registered one were never reported.
+    for (let n = worker.storedPuts; !store.closed; n++) {
+      const id = sequentialObjectId(worker.putIds, n);
+      if (store.state(id) === 'absent') break;
+      deleteQuietly(store, id);
+    }
+    const holds = [...worker.holds];
+    worker.holds.clear();
+    for (const [id, count] of holds) for (let i = 0; i < count; i++) this.#dropHold(id);
+  }
+
+  /** Deletes a task's stored result that its owner never heard of. */
+  #dropUnreportedResult(node: Node, id: string): void {
+    const record = this.#objects.get(id);
+    if (record?.state === 'ready' && record.nodes.has(node.id) && storedIdOf(record) === id) return;
+    if (!node.store.closed && node.store.state(id) !== 'absent') deleteQuietly(node.store, id);
+  }
+
+  /** A hold taken for `worker`, dropped with the worker if it dies holding it. */
+  #addWorkerHold(worker: WorkerProcess, id: string): void {
+    this.#addHold(id);
+    worker.holds.set(id, (worker.holds.get(id) ?? 0) + 1);
+  }
+
+  #dropWorkerHold(worker: WorkerProcess, id: string): void {
+    const count = worker.holds.get(id);
+    if (count === 1) worker.holds.delete(id);
+    else if (count !== undefined) worker.holds.set(id, count - 1);
+    this.#dropHold(id);
   }
 
   #onWorkerMessage(worker: WorkerProcess, message: WorkerMessage): void {
     switch (message.t) {
       case 'done':
+        // Read after the worker's exit, which settled its tasks (retried or failed) and deleted
+        // any result it had stored: a late report must not finish a retry running elsewhere.
+        if (worker.exited) return;
         return this.#onTaskDone(worker, message.taskId, message.value, message.nested, message.error, message.held);
       case 'actor-ready':
+        if (worker.exited) return;
         return this.#onActorReady(message.actorId, message.error);
       case 'borrow':
-        for (const id of message.add) this.#addHold(id);
-        for (const id of message.drop) this.#dropHold(id);
+        for (const id of message.add) this.#addWorkerHold(worker, id);
+        for (const id of message.drop) this.#dropWorkerHold(worker, id);
         return;
       case 'request':
         return void this.#onRequest(worker, message.requestId, message.op, message.body);
@@ -307,12 +360,12 @@ export class Cluster implements Runtime {
       switch (op) {
         case 'submit': {
           const task = this.#makeTask(body.fn, undefined, undefined, body.args, body.argRefs, body.held, body.options, body.returnId);
-          this.#addHold(body.returnId); // the submitting worker's handle
+          this.#addWorkerHold(worker, body.returnId); // the submitting worker's handle
           this.#submit(task);
           return;
         }
         case 'actor-call': {
-          this.#addHold(body.returnId);
+          this.#addWorkerHold(worker, body.returnId);
           this.#submitActorCall(body.actorId, body.method, body.args, body.argRefs, body.held, body.returnId, body.options ?? {});
           return;
         }
@@ -322,7 +375,9 @@ export class Cluster implements Runtime {
         }
         case 'register': {
           // A worker stored a value it put: the driver owns it from here; the worker holds one handle.
-          this.#objects.set(body.id, this.#newRecord(body.id, 1));
+          this.#objects.set(body.id, this.#newRecord(body.id, 0));
+          this.#addWorkerHold(worker, body.id);
+          if ('node' in body.value) worker.storedPuts++;
           this.#resolveObject(body.id, body.value, body.nested, body.size);
           return;
         }
@@ -1016,9 +1071,9 @@ export class Cluster implements Runtime {
       } else {
         this.#finishTask(task, value, nested);
       }
-    } else if (value && 'node' in value && task) {
-      // Cancelled meanwhile: its stored result has no reader.
-      worker.node.store.delete(task.returnId);
+    } else if (value && 'node' in value) {
+      // Cancelled meanwhile (and so forgotten): its stored result has no reader.
+      this.#dropUnreportedResult(worker.node, value.id);
     }
     this.#schedule();
   }
@@ -1658,6 +1713,15 @@ const NO_NODES: Set<string> = new NoNodes();
 function addNode(record: ObjectRecord, nodeId: string): void {
   if (record.nodes === NO_NODES) record.nodes = new Set();
   record.nodes.add(nodeId);
+}
+
+/** Deletes an object that may already be gone (deleted by another path, or its store closed). */
+function deleteQuietly(store: Node['store'], id: string): void {
+  try {
+    store.delete(id);
+  } catch {
+    // Nothing left to delete.
+  }
 }
 
 /** The store id of a stored value: its own id, or the id it was materialized under. */

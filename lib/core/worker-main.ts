@@ -2,10 +2,11 @@
  * A worker process: connects to its driver, attaches its node's store, imports the modules that
  * define remote functions and classes, and runs tasks or one actor. It exits when the driver goes.
  */
+import { randomBytes } from 'node:crypto';
 import { connect } from 'node:net';
 import { TaskError, type RemoteErrorInfo } from '../errors.js';
 import { ObjectStore } from '../store/object-store.js';
-import { newObjectId } from '../store/object-id.js';
+import { newObjectId, sequentialObjectId } from '../store/object-id.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
 import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
 import {
@@ -33,6 +34,9 @@ const socketPath = process.env.TRELLIS_SOCKET!;
 const workerId = process.env.TRELLIS_WORKER_ID!;
 const nodeId = process.env.TRELLIS_NODE_ID!;
 const store = ObjectStore.attach(process.env.TRELLIS_STORE!);
+/** Stored puts are named by a sequence the driver knows, so that it can find unreported ones. */
+const putIds = process.env.TRELLIS_PUT_IDS ? Buffer.from(process.env.TRELLIS_PUT_IDS, 'hex') : randomBytes(20);
+let storedPuts = 0;
 
 function errorInfo(error: unknown): RemoteErrorInfo {
   if (error instanceof Error) {
@@ -56,10 +60,13 @@ class WorkerRuntime implements Runtime {
 
   constructor(connection: FrameConnection<DriverMessage, WorkerMessage>) {
     this.#connection = connection;
-    this.#requests = new DriverRequests((message) => connection.send(message));
+    this.#requests = new DriverRequests((message) => this.send(message));
   }
 
   send(message: WorkerMessage): void {
+    // Borrows first: a ref kept from a call's arguments must be counted before the call's 'done'
+    // lets the driver drop the arguments (and, with its own handle gone, delete the object).
+    if (this.#borrowAdd.length > 0 || this.#borrowDrop.length > 0) this.#sendBorrows();
     this.#connection.send(message);
   }
 
@@ -90,10 +97,15 @@ class WorkerRuntime implements Runtime {
     this.#borrowFlush = true;
     queueMicrotask(() => {
       this.#borrowFlush = false;
-      this.send({ t: 'borrow', add: this.#borrowAdd, drop: this.#borrowDrop });
-      this.#borrowAdd = [];
-      this.#borrowDrop = [];
+      if (this.#borrowAdd.length > 0 || this.#borrowDrop.length > 0) this.#sendBorrows();
     });
+  }
+
+  #sendBorrows(): void {
+    const message: WorkerMessage = { t: 'borrow', add: this.#borrowAdd, drop: this.#borrowDrop };
+    this.#borrowAdd = [];
+    this.#borrowDrop = [];
+    this.#connection.send(message);
   }
 
   /** Refs made here for ids the driver already counts for us (submits, puts). */
@@ -175,11 +187,17 @@ class WorkerRuntime implements Runtime {
   }
 
   #putEncoded(encoded: ReturnType<typeof encodeValue>): ObjectRef<unknown> {
-    const id = newObjectId();
+    let id: string;
     if ('inline' in encoded) {
+      id = newObjectId();
       this.notify('register', { id, value: { inline: encoded.inline }, nested: encoded.nested, size: encoded.inline.byteLength });
     } else {
+      // The sequence advances only on a stored put, and each is registered before the next: if
+      // this process dies before its register leaves, the driver finds the object at the id after
+      // the last one registered.
+      id = sequentialObjectId(putIds, storedPuts);
       store.put(id, encoded.stored.payload, { metadata: encoded.stored.metadata });
+      storedPuts++;
       this.notify('register', { id, value: { node: nodeId, id }, nested: encoded.nested, size: encoded.stored.payload.byteLength });
     }
     return this.#ownedRef(id);

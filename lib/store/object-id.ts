@@ -20,6 +20,21 @@ export function newObjectId(): ObjectId {
   return id;
 }
 
+/**
+ * The `n`th id of a sequence drawn from 20 random `base` bytes: `base` with its first eight bytes
+ * XORed with `n`. A worker names the objects it puts this way, so that once it dies its driver can
+ * find (by trying the ids after the last one it heard of) those it put and never got to report.
+ * The counter sits in the bytes the store hashes, so one sequence's ids spread over the index.
+ */
+export function sequentialObjectId(base: Uint8Array, n: number): ObjectId {
+  if (base.byteLength !== 20) throw new InvalidArgumentError(`an id sequence base must be 20 bytes, got ${base.byteLength}`);
+  if (!Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError(`an id sequence number must be a non-negative integer, got ${n}`);
+  const bytes = Buffer.from(base);
+  bytes.writeUInt32LE((bytes.readUInt32LE(0) ^ n % 2 ** 32) >>> 0, 0);
+  bytes.writeUInt32LE((bytes.readUInt32LE(4) ^ Math.floor(n / 2 ** 32)) >>> 0, 4);
+  return bytes.toString('hex');
+}
+
 export function isObjectId(value: unknown): value is ObjectId {
   return typeof value === 'string' && pattern.test(value);
 }

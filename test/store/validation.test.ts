@@ -18,6 +18,7 @@ import {
   isObjectId,
   newObjectId,
 } from '../../lib/index.js';
+import { sequentialObjectId } from '../../lib/store/object-id.js';
 import {
   MiB,
   cleanup,
@@ -48,6 +49,20 @@ describe('object ids', () => {
     const ids = new Set(Array.from({ length: 2000 }, () => newObjectId()));
     expect(ids.size).toBe(2000);
     for (const id of ids) expect(isObjectId(id)).toBe(true);
+  });
+
+  it('sequentialObjectId: well-formed, distinct, reproducible ids that differ in the hashed bytes', () => {
+    const base = Buffer.from(newObjectId(), 'hex');
+    const numbers = [0, 1, 2, 255, 256, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 40 + 7, Number.MAX_SAFE_INTEGER];
+    const ids = numbers.map((n) => sequentialObjectId(base, n));
+    expect(new Set(ids).size).toBe(numbers.length);
+    for (const id of ids) expect(isObjectId(id)).toBe(true);
+    expect(sequentialObjectId(base, 0)).toBe(base.toString('hex'));
+    expect(numbers.map((n) => sequentialObjectId(base, n))).toEqual(ids);
+    // Only the first eight bytes (the ones the store's index hashes) vary along a sequence.
+    for (const id of ids) expect(id.slice(16)).toBe(base.toString('hex').slice(16));
+    expect(() => sequentialObjectId(base.subarray(1), 0)).toThrow(InvalidArgumentError);
+    for (const bad of [-1, 1.5, Number.NaN, 2 ** 53]) expect(() => sequentialObjectId(base, bad)).toThrow(InvalidArgumentError);
   });
 
   it.each(malformedIds)('rejects a malformed id (%s) everywhere with ERR_INVALID_OBJECT_ID', async (_, id) => {
