@@ -14,6 +14,16 @@ export interface RefTracker {
 
 let tracker: RefTracker | undefined;
 
+/** One handle's hold, released once: by disposal, or by collection if never disposed. */
+interface Hold {
+  readonly id: string;
+  released: boolean;
+}
+
+/** Reach the private hold of a handle (for HandleReleaser only). */
+let holdOf: (ref: ObjectRef<unknown>) => Hold | undefined;
+let setHold: (ref: ObjectRef<unknown>, hold: Hold) => void;
+
 export function setRefTracker(next: RefTracker | undefined): void {
   tracker = next;
 }
@@ -25,6 +35,15 @@ export class ObjectRef<T = unknown> {
 
   /** Who counts this handle; unset once disposed. A field, not a WeakMap: every call makes a ref. */
   #owner: RefTracker | undefined;
+  /** Set by the HandleReleaser that tracks this handle; its finalizer gets the hold, not the handle. */
+  #hold: Hold | undefined;
+
+  static {
+    holdOf = (ref) => ref.#hold;
+    setHold = (ref, hold) => {
+      ref.#hold = hold;
+    };
+  }
 
   constructor(id: ObjectId) {
     this.id = id;
@@ -63,33 +82,37 @@ export type RefOr<T> = T | ObjectRef<T>;
  * Calls `release(id)` once per handle: when it is disposed, or when it is collected if it never
  * was. Handles register without an unregister token: V8 keeps tokens in a weak table that made
  * each registration about ten times dearer (4.4 us against 0.4 us measured here), and every task
- * or actor call makes a handle. Early disposals are counted per id instead, and the collection of
- * a disposed handle is skipped.
+ * or actor call makes a handle. Instead each handle gets a small hold record, shared by the handle
+ * and its finalizer, that says whether it was released already. It is per handle, not per id: a
+ * disposed handle that is still reachable must not stand in for another handle to the same
+ * object that is collected first.
  */
 export class HandleReleaser {
   readonly #release: (id: string) => void;
-  readonly #registry: FinalizationRegistry<string>;
-  /** Handles disposed and not yet collected, per id. */
-  readonly #disposed = new Map<string, number>();
+  readonly #registry: FinalizationRegistry<Hold>;
 
   constructor(release: (id: string) => void) {
     this.#release = release;
-    this.#registry = new FinalizationRegistry((id) => this.#collected(id));
+    this.#registry = new FinalizationRegistry((hold) => this.#collected(hold));
   }
 
   track(ref: ObjectRef<unknown>): void {
-    this.#registry.register(ref, ref.id);
+    const hold: Hold = { id: ref.id, released: false };
+    setHold(ref, hold);
+    this.#registry.register(ref, hold);
   }
 
   disposed(ref: ObjectRef<unknown>): void {
-    this.#disposed.set(ref.id, (this.#disposed.get(ref.id) ?? 0) + 1);
-    this.#release(ref.id);
+    const hold = holdOf(ref);
+    if (hold === undefined) return this.#release(ref.id);
+    if (hold.released) return;
+    hold.released = true;
+    this.#release(hold.id);
   }
 
-  #collected(id: string): void {
-    const early = this.#disposed.get(id);
-    if (early === undefined) return this.#release(id);
-    if (early === 1) this.#disposed.delete(id);
-    else this.#disposed.set(id, early - 1);
+  #collected(hold: Hold): void {
+    if (hold.released) return;
+    hold.released = true;
+    this.#release(hold.id);
   }
 }
