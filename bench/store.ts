@@ -72,6 +72,12 @@ function measureSmall(store: ObjectStore, count: number): { puts: number; gets: 
   return { puts, gets };
 }
 
+/** One stats() call: running counts read under the lock (once a scan of every entry). */
+function measureStats(store: ObjectStore, runs: number): number {
+  store.stats();
+  return median(timeRuns(runs, () => store.stats())) * 1e6;
+}
+
 export const storeSuite: Suite = {
   name: 'store',
   ratios: [
@@ -85,12 +91,14 @@ export const storeSuite: Suite = {
       const put = measurePut(store, size, 15);
       const small = measureSmall(store, 50_000);
       const getUs = await measureRemoteGet(store);
+      const statsUs = measureStats(store, 200);
       return {
         put_100MB_GBps: { value: round(put), unit: 'GB/s' },
         memcpy_100MB_GBps: { value: round(memcpy), unit: 'GB/s' },
         get_1GB_us: { value: round(getUs, 1), unit: 'us' },
         small_put_per_s: { value: Math.round(small.puts), unit: 'ops/s' },
         small_get_per_s: { value: Math.round(small.gets), unit: 'ops/s' },
+        stats_us: { value: round(statsUs, 1), unit: 'us' },
       };
     } finally {
       store.close();

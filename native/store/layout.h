@@ -17,7 +17,7 @@
 namespace trellis::store {
 
 constexpr uint64_t kSegmentMagic = 0x45524f5453524c54ull;  // "TLRSTORE" little-endian
-constexpr uint32_t kLayoutVersion = 1;
+constexpr uint32_t kLayoutVersion = 2;
 constexpr uint64_t kAlignment = 64;
 constexpr uint64_t kBlockHeaderSize = 64;
 constexpr uint64_t kMinSplitRemainder = 2 * kBlockHeaderSize;
@@ -114,11 +114,14 @@ struct SegmentHeader {
   uint32_t index_used;
   uint32_t index_tombstones;
 
-  // Statistics: the first group is derived, the second cumulative.
+  // Statistics: the first group is derived, the second cumulative. Kept as running counts so that
+  // reading them costs no scan of the tables under the lock.
   uint64_t bytes_in_use;
   uint64_t object_count;
   uint64_t spilled_objects;
   uint64_t spilled_bytes;
+  uint64_t pinned_objects;      // entries with a pin, deleted ones included
+  uint64_t attached_processes;  // process slots in use, dead ones included until reaped
   uint64_t total_spilled_bytes;
   uint64_t total_restored_bytes;
   uint64_t total_spilled_objects;

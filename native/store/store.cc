@@ -378,6 +378,7 @@ void Store::RegisterProcess() {
     if (processes_[i].pid == 0) {
       processes_[i].start_time = start_time;
       processes_[i].pid = pid;
+      header_->attached_processes++;
       slot_ = i;
       return;
     }
@@ -400,6 +401,7 @@ void Store::Close() {
     if (slot_ != kNil) {
       ReleaseProcessLocked(slot_);
       processes_[slot_].pid = 0;
+      header_->attached_processes--;
       slot_ = kNil;
     }
     closed_.store(true);
@@ -559,6 +561,7 @@ void Store::FreeEntryLocked(uint32_t index) {
     header_->bytes_in_use -= entry.block_size;
   }
   if (!(entry.flags & kFlagDeleted)) header_->object_count--;
+  if (entry.pin_count > 0) header_->pinned_objects--;
   entry.state.store(static_cast<uint32_t>(ObjectState::kFree));
   entry.flags = 0;
   entry.block = 0;
@@ -575,7 +578,7 @@ void Store::PinLocked(uint32_t index, uint32_t process) {
   for (uint32_t r = entry.pin_head; r != kNil; r = pins_[r].next) {
     if (pins_[r].process == process) {
       pins_[r].count.fetch_add(1);
-      entry.pin_count++;
+      entry.pin_count++;  // already counted as pinned: this record held a pin
       return;
     }
   }
@@ -593,7 +596,10 @@ void Store::PinLocked(uint32_t index, uint32_t process) {
   pins_[record].count.store(1);
   pins_[record].next = entry.pin_head;
   entry.pin_head = record;
-  entry.pin_count++;
+  if (entry.pin_count++ == 0) {
+    MaybeCrash("pin:before-count");
+    header_->pinned_objects++;
+  }
 }
 
 bool Store::UnpinLocked(uint32_t index, uint32_t process) {
@@ -601,7 +607,7 @@ bool Store::UnpinLocked(uint32_t index, uint32_t process) {
   uint32_t previous = kNil;
   for (uint32_t r = entry.pin_head; r != kNil; previous = r, r = pins_[r].next) {
     if (pins_[r].process != process) continue;
-    entry.pin_count--;
+    if (--entry.pin_count == 0) header_->pinned_objects--;
     if (pins_[r].count.fetch_sub(1) == 1) {
       if (previous == kNil) entry.pin_head = pins_[r].next;
       else pins_[previous].next = pins_[r].next;
@@ -745,6 +751,8 @@ void Store::RecoverLocked() {
   header_->bytes_in_use = 0;
   header_->spilled_objects = 0;
   header_->spilled_bytes = 0;
+  header_->pinned_objects = 0;
+  header_->attached_processes = 0;
   std::vector<std::pair<uint64_t, uint32_t>> resident;
   for (uint32_t i = max_objects; i-- > 0;) {
     ObjectEntry& entry = entries_[i];
@@ -817,6 +825,14 @@ void Store::RecoverLocked() {
   header_->top.store(cursor);
   header_->top_previous_size = previous_size;
   RebuildIndexLocked();
+  for (uint32_t i = 0; i < max_objects; ++i) {
+    if (entries_[i].state.load() != static_cast<uint32_t>(ObjectState::kFree) && entries_[i].pin_count > 0) {
+      header_->pinned_objects++;
+    }
+  }
+  for (uint32_t i = 0; i < kMaxProcesses; ++i) {
+    if (processes_[i].pid != 0) header_->attached_processes++;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -829,6 +845,7 @@ uint32_t Store::ReapDeadProcessesLocked() {
     if (ProcessAlive(processes_[i])) continue;
     ReleaseProcessLocked(i);
     processes_[i].pid = 0;
+    header_->attached_processes--;
     ++reaped;
   }
   return reaped;
@@ -1256,12 +1273,8 @@ StoreStats Store::Stats() {
   stats.total_restored_objects = header_->total_restored_objects;
   stats.recoveries = header_->recoveries;
   stats.prefaulted_bytes = header_->prefaulted.load();
-  for (uint32_t i = 0; i < header_->max_objects; ++i) {
-    if (entries_[i].state.load() != 0 && entries_[i].pin_count > 0) stats.pinned_objects++;
-  }
-  for (uint32_t i = 0; i < kMaxProcesses; ++i) {
-    if (processes_[i].pid != 0) stats.attached_processes++;
-  }
+  stats.pinned_objects = header_->pinned_objects;
+  stats.attached_processes = header_->attached_processes;
   return stats;
 }
 
