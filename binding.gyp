@@ -4,6 +4,7 @@
       "target_name": "trellis",
       "sources": [
         "native/addon.cc",
+        "native/common/bulk_copy.cc",
         "native/store/store.cc",
         "native/store/store_binding.cc",
         "native/collective/shm_communicator.cc",

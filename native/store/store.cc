@@ -19,6 +19,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "common/bulk_copy.h"
 #include "common/error.h"
 
 #ifndef MADV_POPULATE_WRITE
@@ -1141,7 +1142,7 @@ void Store::Write(const ObjectId& id, uint64_t offset, const uint8_t* bytes, uin
     destination = data_ + entry.block + kBlockHeaderSize + offset;
   }
   // The creator's pin keeps the block alive: copy outside the lock.
-  std::memcpy(destination, bytes, length);
+  BulkCopy(destination, bytes, length);
 }
 
 void Store::Seal(const ObjectId& id) {
@@ -1176,7 +1177,7 @@ void Store::Abort(const ObjectId& id) {
 
 void Store::Put(const ObjectId& id, const uint8_t* data, uint64_t data_size, const uint8_t* metadata, uint64_t metadata_size) {
   PinnedObject object = Create(id, data_size, metadata, metadata_size);
-  if (data_size > 0) std::memcpy(object.data, data, data_size);
+  BulkCopy(object.data, data, data_size);
   try {
     Seal(id);
   } catch (const NativeError&) {
