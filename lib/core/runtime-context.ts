@@ -38,6 +38,11 @@ export interface Runtime {
   kill(actorId: string, noRestart: boolean): void;
   getActor(name: string): Promise<ActorLookup>;
   context(): RuntimeContext;
+  /**
+   * Worker only: once the running task has replied, collect garbage if this many bytes or more
+   * were read zero-copy since the last collection (their views pin them in the store till then).
+   */
+  collectGarbageAfter?(bytes: number): void;
 }
 
 let runtime: Runtime | undefined;

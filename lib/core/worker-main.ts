@@ -220,6 +220,10 @@ class WorkerRuntime implements Runtime {
     return this.request('get-actor', { name });
   }
 
+  collectGarbageAfter(bytes: number): void {
+    collector.collectAfter(bytes);
+  }
+
   context(): RuntimeContext {
     return { nodeId, workerId, taskId: this.current?.taskId, actorId: this.current?.actorId, gpuIds: this.current?.gpuIds ?? [], isDriver: false };
   }
@@ -236,24 +240,56 @@ function rebuildError(info: RemoteErrorInfo & { kind: string }, id: string): Err
 }
 
 /**
- * Zero-copy values pin their objects until garbage-collected, and an idle worker may not collect
- * for a long time: after reading an eighth of the store that way, collect once a task ends.
+ * Zero-copy values pin their objects until garbage-collected, and a worker may not collect for a
+ * long time (an idle one, never): the objects stay in the store though nothing uses them. So a
+ * worker collects once a task has replied when it has read more than a threshold zero-copy since
+ * it last collected (an eighth of the store, or less where a task asks: a data task asks for an
+ * eighth of its job's memory budget), and once it has been idle a moment after reading any.
+ * Collecting inside the task would free nothing: its arguments are held until it has replied.
  */
-const collectAfterBytes = Math.max(1 << 20, store.stats().capacity / 8);
-let zeroCopyBytes = 0;
+class ZeroCopyCollector {
+  readonly #defaultThreshold = Math.max(1 << 20, store.stats().capacity / 8);
+  #bytes = 0;
+  #requested = Infinity;
+  #idle: NodeJS.Timeout | undefined;
 
-function collectIfPinningMuch(): void {
-  if (zeroCopyBytes < collectAfterBytes) return;
-  zeroCopyBytes = 0;
+  read(bytes: number): void {
+    this.#bytes += bytes;
+  }
+
+  /** The running task asks for a collection after this many bytes. */
+  collectAfter(bytes: number): void {
+    this.#requested = Math.min(this.#requested, bytes);
+  }
+
+  taskEnded(): void {
+    const threshold = Math.min(this.#defaultThreshold, this.#requested);
+    this.#requested = Infinity;
+    clearTimeout(this.#idle);
+    if (this.#bytes >= threshold) {
+      this.#bytes = 0;
+      setImmediate(collectGarbage);
+    } else if (this.#bytes > 0) {
+      this.#idle = setTimeout(() => {
+        this.#bytes = 0;
+        collectGarbage();
+      }, 100);
+    }
+  }
+}
+
+function collectGarbage(): void {
   (globalThis as { gc?: () => void }).gc?.();
 }
+
+const collector = new ZeroCopyCollector();
 
 function readWire(value: WireValue): unknown {
   if ('inline' in value) return unpack(value.inline);
   if ('recv' in value || 'ipc' in value) return receiveHeld(value);
   const view = store.getIfSealed(value.id);
   if (!view) throw new Error(`object ${value.id} is missing from this node's store`);
-  zeroCopyBytes += view.size;
+  collector.read(view.size);
   return decodeStored(view);
 }
 
@@ -376,7 +412,7 @@ function finishTask(task: TaskMessage, system: unknown, failed: boolean, outcome
     runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(failure) });
   } finally {
     running--;
-    collectIfPinningMuch();
+    collector.taskEnded();
     pump();
   }
 }
@@ -469,11 +505,9 @@ setHandleCodec({
     return makeActorHandle(actorId, { module, name }, methods);
   },
 });
-runtime.send({ t: 'hello', workerId, pid: process.pid });
-
-// User modules import the public API, which a fresh worker would load (and, from TypeScript
-// sources, transpile) on its first task: a second of CPU on the critical path of an actor's first
-// call. Loading it while the worker idles after its hello takes that off the path.
-setImmediate(() => {
-  import('../index.js').catch(() => undefined);
-});
+// User modules import the public API. A worker loads it before its hello, so that a worker the
+// driver counts as ready runs its first task (an actor's constructor, say) without a second of
+// module loading and transpiling first, competing for the CPUs with the work already running.
+import('../index.js')
+  .catch(() => undefined)
+  .finally(() => runtime.send({ t: 'hello', workerId, pid: process.pid }));

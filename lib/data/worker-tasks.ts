@@ -6,6 +6,7 @@
  */
 import { put } from '../core/api.js';
 import { remote } from '../core/registry.js';
+import { currentRuntime } from '../core/runtime-context.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { blockBytes, concatBlocks, rowsToBlock, splitBySize, type Block, type Row } from './block.js';
 import { iterateReadResult, type Datasink, type WriteContext } from './datasource.js';
@@ -62,40 +63,19 @@ function applySlices(blocks: Block[], slices: BlockSlices): void {
   });
 }
 
-let bytesSinceCollect = 0;
-
 /**
- * What a data task does once its reply has left (a setImmediate runs after the runtime sent it):
- * it lets go of its handles on the blocks it stored, which the driver holds from the reply on (a
- * handle left to this process's garbage collector would keep each block alive until the worker
- * happens to collect); and, once it has read `collectAfterBytes` zero-copy, it collects garbage so
- * that the views of its inputs unpin them. Collecting inside the task would free nothing: the
- * runtime still holds the task's arguments until the reply is sent.
+ * What a data task does as it ends. Once its reply has left (a setImmediate runs after the
+ * runtime sent it), it lets go of its handles on the blocks it stored, which the driver holds from
+ * the reply on: a handle left to this process's garbage collector would keep each block alive
+ * until the worker happens to collect. And it asks the runtime to collect garbage sooner than for
+ * plain tasks, after an eighth of the job's budget read zero-copy, so that the views of its
+ * inputs unpin them within the budget.
  */
-function afterReply(stored: readonly BlockOut[], bytesIn: number, targets: TaskTargets): void {
-  bytesSinceCollect += bytesIn;
-  const collect = bytesSinceCollect >= targets.collectAfterBytes;
-  if (collect) bytesSinceCollect = 0;
-  setImmediate(() => {
+function afterReply(stored: readonly BlockOut[], targets: TaskTargets): void {
+  if (stored.length) setImmediate(() => {
     for (const block of stored) block.ref[Symbol.dispose]();
-    if (collect) collectGarbage();
   });
-  // A worker that goes idle may never collect on its own, and the views of its last inputs would
-  // pin them for good: collect once no data task has ended for a moment.
-  clearTimeout(idleCollect);
-  if (!collect && bytesSinceCollect > 0) {
-    idleCollect = setTimeout(() => {
-      bytesSinceCollect = 0;
-      collectGarbage();
-    }, 100);
-  }
-}
-
-let idleCollect: NodeJS.Timeout | undefined;
-
-function collectGarbage(): void {
-  clearTimeout(idleCollect);
-  (globalThis as { gc?: () => void }).gc?.();
+  currentRuntime().collectGarbageAfter?.(targets.collectAfterBytes);
 }
 
 function describeError(error: unknown, stage: string): StageErrorInfo {
@@ -241,14 +221,14 @@ export const dataTask = remote(import.meta, async function trellisDataTask(
       }
     };
     const result = await runToBlocks(counted(), loaded, targets, 'Read', write);
-    afterReply(result.blocks, 0, targets);
+    afterReply(result.blocks, targets);
     return { ...result, rowsIn, bytesIn };
   }
   applySlices(blocks, input.slices);
   const size = inputSize(blocks);
   const result = await runToBlocks(fromBlocks(blocks), loaded, targets, stages[0]?.name ?? 'Map', write);
   blocks.length = 0;
-  afterReply(result.blocks, size.bytesIn, targets);
+  afterReply(result.blocks, targets);
   return { ...result, ...size };
 });
 
@@ -270,7 +250,7 @@ export class DataPoolActor {
     const size = inputSize(blocks);
     const result = await runToBlocks(fromBlocks(blocks), this.#stages, targets, this.#stages[0]?.spec.name ?? 'MapBatches', write);
     blocks.length = 0;
-    afterReply(result.blocks, size.bytesIn, targets);
+    afterReply(result.blocks, targets);
     return { ...result, ...size };
   }
 
@@ -311,7 +291,7 @@ export const writeTask = remote(import.meta, async function trellisWriteTask(
     return { rows: size.rowsIn, bytes: size.bytesIn, error: describeError(error, `Write(${sink.descriptor.name})`) };
   } finally {
     blocks.length = 0;
-    afterReply([], size.bytesIn, targets);
+    afterReply([], targets);
   }
 });
 
@@ -326,6 +306,6 @@ export const sliceTask = remote(import.meta, async function trellisSliceTask(
   const joined = concatBlocks(pieces);
   const out = { ref: put(joined) as ObjectRef<Block>, rows: joined.numRows, bytes: storedBytes(joined) };
   blocks.length = 0;
-  afterReply([out], size.bytesIn, targets);
+  afterReply([out], targets);
   return { blocks: [out], ...size };
 });
