@@ -9,7 +9,7 @@ import { currentRuntime } from '../core/runtime-context.js';
 import { makeActorHandle, type ActorHandle } from '../core/registry.js';
 import { CollectiveGroup, createCollectiveGroup } from '../gpu/collective.js';
 import { native } from '../native.js';
-import { ChannelReader, ChannelWriter, destroyChannel, encodeMessage, type Message } from './channel.js';
+import { ChannelReader, ChannelWriter, destroyChannel, encodeMessage, eventLoopTurn, starving, type Message } from './channel.js';
 import type { CompileOptions } from './nodes.js';
 import type { ActorPlan } from './plan.js';
 
@@ -71,6 +71,8 @@ export class CompiledGraph {
   #submitted = 0;
   #readSequence = 0;
   #reading: Promise<void> | undefined;
+  /** This execution's outputs read so far (all of them, or some before a get timed out). */
+  #partial: Message[] = [];
   /** Inputs that found the input ring full, in submission order, and the write in progress. */
   readonly #queued: Array<{ sequence: number; bytes: Uint8Array }> = [];
   #writing: Promise<void> | undefined;
@@ -147,49 +149,110 @@ export class CompiledGraph {
   }
 
   /** @internal The settled result of execution `sequence`, reading outputs in order as needed. */
-  async result(sequence: number, timeout = this.#options.getTimeout ?? Infinity): Promise<unknown> {
+  result(sequence: number, timeout = this.#options.getTimeout ?? Infinity): Promise<unknown> {
+    // The common case, the next execution in order with nothing else reading: its outputs usually
+    // come within the readers' first (synchronous) wait, and the result costs no promise hop.
+    if (sequence === this.#readSequence && !this.#reading && !this.#broken && !this.#results.has(sequence) && sequence < this.#submitted && !starving()) {
+      let reading: Promise<void> | undefined;
+      try {
+        reading = this.#readNext(timeout);
+      } catch (error) {
+        return Promise.reject(error);
+      }
+      if (reading) this.#reading = reading.finally(() => (this.#reading = undefined));
+      else return this.#settle(sequence) ?? this.#waitFor(sequence, timeout);
+    }
+    return this.#waitFor(sequence, timeout);
+  }
+
+  /** The promise of execution `sequence`'s settled result, once it is read; undefined until then. */
+  #settle(sequence: number): Promise<unknown> | undefined {
+    const settled = this.#results.get(sequence);
+    if (!settled) return undefined;
+    this.#results.delete(sequence);
+    return settled.ok ? Promise.resolve(settled.value) : Promise.reject(settled.error);
+  }
+
+  async #waitFor(sequence: number, timeout: number): Promise<unknown> {
     const deadline = Date.now() + timeout;
     for (;;) {
-      const settled = this.#results.get(sequence);
-      if (settled) {
-        this.#results.delete(sequence);
-        if (settled.ok) return settled.value;
-        throw settled.error;
-      }
+      const settled = this.#settle(sequence);
+      if (settled) return settled;
       if (sequence >= this.#submitted) throw new InvalidArgumentError(`execution ${sequence} was never submitted`);
       if (this.#broken) throw this.#broken;
       const remaining = deadline - Date.now();
       if (remaining <= 0) throw new GetTimeoutError(`execution ${sequence} of compiled graph ${this.graphId} did not finish within ${timeout} ms`);
-      this.#reading ??= this.#readNext(remaining).finally(() => (this.#reading = undefined));
+      if (!this.#reading) {
+        // Give the event loop a turn first when the reads before kept it from one.
+        if (starving()) await eventLoopTurn();
+        if (this.#results.has(sequence) || this.#reading) continue;
+        const reading = this.#readNext(remaining);
+        if (!reading) continue;
+        this.#reading = reading.finally(() => (this.#reading = undefined));
+      }
       await this.#reading.catch((error) => {
         if (error instanceof GetTimeoutError) throw error;
       });
     }
   }
 
-  async #readNext(timeout: number): Promise<void> {
-    const sequence = this.#readSequence;
-    const messages: Message[] = [];
+  /**
+   * Reads the next execution's outputs into #results: synchronously (undefined) when each comes
+   * within its reader's first wait, else a promise of the end.
+   */
+  #readNext(timeout: number): Promise<void> | undefined {
+    // Outputs read before a timeout stay here for the next try: they belong to this execution.
+    const messages = this.#partial;
+    // Block the JS thread only when it has no queued input to write meanwhile.
+    const blocking = this.#queued.length === 0;
     try {
-      for (const reader of this.#outputs) {
-        // Block the JS thread only when it has no queued input to write meanwhile.
-        const read = reader.read(timeout, this.#queued.length === 0);
+      while (messages.length < this.#outputs.length) {
+        const read = this.#outputs[messages.length].read(timeout, blocking);
+        if (read instanceof Promise) return this.#readRest(read, timeout);
+        messages.push(read);
+      }
+    } catch (error) {
+      this.#readFailed(error as Error, timeout);
+      return undefined;
+    }
+    this.#store();
+    return undefined;
+  }
+
+  async #readRest(pending: Promise<Message>, timeout: number): Promise<void> {
+    const messages = this.#partial;
+    try {
+      messages.push(await pending);
+      while (messages.length < this.#outputs.length) {
+        const read = this.#outputs[messages.length].read(timeout, this.#queued.length === 0);
         messages.push(read instanceof Promise ? await read : read);
       }
     } catch (error) {
-      if (error instanceof ChannelError && error.code === 'ERR_CHANNEL_TIMEOUT') {
-        throw new GetTimeoutError(`compiled graph ${this.graphId} produced no result within ${timeout} ms`);
-      }
-      this.#break(this.#translate(error as Error, 'get'));
+      this.#readFailed(error as Error, timeout);
       return;
     }
-    this.#readSequence++;
-    const failed = messages.find((message): message is { ok: false; error: RemoteErrorInfo } => !message.ok);
+    this.#store();
+  }
+
+  #readFailed(error: Error, timeout: number): void {
+    if (error instanceof ChannelError && error.code === 'ERR_CHANNEL_TIMEOUT') {
+      throw new GetTimeoutError(`compiled graph ${this.graphId} produced no result within ${timeout} ms`);
+    }
+    this.#break(this.#translate(error, 'get'));
+  }
+
+  #store(): void {
+    const messages = this.#partial;
+    this.#partial = [];
+    const sequence = this.#readSequence++;
+    let failed: { ok: false; error: RemoteErrorInfo } | undefined;
+    for (const message of messages) if (!message.ok) failed ??= message;
     if (failed) {
       this.#results.set(sequence, { ok: false, error: new TaskError(failed.error.code === 'ERR_DAG_NODE' ? failed.error.message : 'compiled graph node', failed.error) });
+    } else if (this.#layout.multiOutput) {
+      this.#results.set(sequence, { ok: true, value: messages.map((message) => (message as { value: unknown }).value) });
     } else {
-      const values = messages.map((message) => (message as { value: unknown }).value);
-      this.#results.set(sequence, { ok: true, value: this.#layout.multiOutput ? values : values[0] });
+      this.#results.set(sequence, { ok: true, value: (messages[0] as { value: unknown }).value });
     }
   }
 

@@ -8,7 +8,7 @@ import { registerSystemMethod } from '../core/system-methods.js';
 import { unpack } from '../core/serialization.js';
 import { getCommunicator } from '../gpu/collective.js';
 import { Tensor } from '../gpu/tensor.js';
-import { ChannelReader, ChannelWriter, isChannelClosed, type Message } from './channel.js';
+import { ChannelReader, ChannelWriter, encodeMessage, eventLoopTurn, isChannelClosed, starving, type Message } from './channel.js';
 import type { ActorPlan, ArgSpec, Operation } from './plan.js';
 
 interface Loop {
@@ -31,14 +31,20 @@ function tensorOf(message: Message | undefined, what: string): Tensor {
   return message.value;
 }
 
-async function runOperation(loop: Loop, actor: any, operation: Operation, values: Map<number, Message>, prefetched: Map<string, Promise<Message> | Message>): Promise<void> {
+/**
+ * Runs one operation: synchronously when it can (a read whose message is there or comes within the
+ * hot wait, a method that returns a plain value, a write with room), else a promise of its end.
+ * Most executions of a small graph thus run without a single promise.
+ */
+function runOperation(loop: Loop, actor: any, operation: Operation, values: Map<number, Message>, prefetched: Map<string, Promise<Message> | Message>): Promise<void> | undefined {
   switch (operation.op) {
     case 'read': {
       const pending = prefetched.get(operation.channel);
-      prefetched.delete(operation.channel);
+      if (pending !== undefined) prefetched.delete(operation.channel);
       const read = pending ?? loop.readers.get(operation.channel)!.read();
-      values.set(operation.node, read instanceof Promise ? await read : read);
-      return;
+      if (read instanceof Promise) return read.then((message) => void values.set(operation.node, message));
+      values.set(operation.node, read);
+      return undefined;
     }
     case 'attr': {
       const input = values.get(operation.input)!;
@@ -46,7 +52,7 @@ async function runOperation(loop: Loop, actor: any, operation: Operation, values
       const args = input.value as unknown[];
       const value = operation.index !== undefined ? args[operation.index] : (args[0] as Record<string, unknown> | undefined)?.[operation.key!];
       values.set(operation.node, { ok: true, value });
-      return;
+      return undefined;
     }
     case 'compute': {
       const args: unknown[] = [];
@@ -64,20 +70,40 @@ async function runOperation(loop: Loop, actor: any, operation: Operation, values
           args.push(message.value);
         }
       }
+      let result: unknown;
       try {
         const method = actor?.[operation.method];
         if (typeof method !== 'function') throw new TypeError(`the actor has no method '${operation.method}'`);
-        values.set(operation.node, { ok: true, value: await method.apply(actor, args) });
+        result = method.apply(actor, args);
       } catch (error) {
-        values.set(operation.node, { ok: false, error: errorInfo(error, operation.label) });
+        return void values.set(operation.node, { ok: false, error: errorInfo(error, operation.label) });
       }
-      return;
+      if (result !== null && typeof result === 'object' && typeof (result as PromiseLike<unknown>).then === 'function') {
+        return Promise.resolve(result).then(
+          (value) => void values.set(operation.node, { ok: true, value }),
+          (error) => void values.set(operation.node, { ok: false, error: errorInfo(error, operation.label) }),
+        );
+      }
+      values.set(operation.node, { ok: true, value: result });
+      return undefined;
     }
     case 'write': {
-      const waiting = loop.writers.get(operation.channel)!.write(values.get(operation.node)!, loop.plan.writeTimeout);
-      if (waiting) await waiting;
-      return;
+      let bytes: Uint8Array;
+      try {
+        bytes = encodeMessage(values.get(operation.node)!);
+      } catch (error) {
+        // A result that cannot be sent fails its execution, not the graph.
+        bytes = encodeMessage({ ok: false, error: errorInfo(error, `the result of node #${operation.node}`) });
+      }
+      return loop.writers.get(operation.channel)!.writeBytes(bytes, loop.plan.writeTimeout);
     }
+    default:
+      return runCommunication(operation, values);
+  }
+}
+
+async function runCommunication(operation: Operation, values: Map<number, Message>): Promise<void> {
+  switch (operation.op) {
     case 'collective': {
       const source = values.get(operation.source);
       if (!source?.ok) return void values.set(operation.node, source!);
@@ -139,22 +165,29 @@ async function runOperation(loop: Loop, actor: any, operation: Operation, values
 
 async function run(loop: Loop, actor: unknown): Promise<void> {
   const prefetched = new Map<string, Promise<Message> | Message>();
-  const reads = loop.plan.operations.filter((op): op is Extract<Operation, { op: 'read' }> => op.op === 'read');
-  const lastRead = loop.plan.operations.lastIndexOf(reads[reads.length - 1]);
+  const operations = loop.plan.operations;
+  const reads = operations.filter((op): op is Extract<Operation, { op: 'read' }> => op.op === 'read');
+  const lastRead = operations.lastIndexOf(reads[reads.length - 1]);
+  const values = new Map<number, Message>();
   try {
     while (!loop.stopped) {
-      const values = new Map<number, Message>();
-      for (let index = 0; index < loop.plan.operations.length; index++) {
-        await runOperation(loop, actor, loop.plan.operations[index], values, prefetched);
+      values.clear();
+      for (let index = 0; index < operations.length; index++) {
+        const pending = runOperation(loop, actor, operations[index], values, prefetched);
+        if (pending) await pending;
         // Overlap: once this execution's inputs are in, start receiving the next one's.
         if (loop.plan.overlap && index === lastRead) {
           for (const read of reads) {
-            const next = loop.readers.get(read.channel)!.read();
+            // Not blocking: this thread has the current execution to compute meanwhile.
+            const next = loop.readers.get(read.channel)!.read(Infinity, false);
             if (next instanceof Promise) next.catch(() => {});
             prefetched.set(read.channel, next);
           }
         }
       }
+      // Executions that find their inputs at once never leave the microtask queue: let the
+      // actor's socket (ordinary calls, the stop of this loop) have a turn now and then.
+      if (starving()) await eventLoopTurn();
     }
   } catch (error) {
     if (!isChannelClosed(error) && !loop.stopped) {

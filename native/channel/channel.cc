@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <linux/futex.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -189,9 +190,15 @@ static WaitResult WaitOn(std::atomic<uint32_t>* bell, std::atomic<uint32_t>* wai
   if (closed->load(std::memory_order_acquire)) return WaitResult::kClosed;
   if (timeout_ms == 0 && spin_us <= 0) return WaitResult::kTimeout;
   uint64_t start = NowUs();
+  // The spin yields the CPU between looks: when the peer that will write shares this CPU (the
+  // scheduler often puts a woken process next to its waker), a pure spin would keep it from
+  // running for the whole spin. With nothing else runnable here, sched_yield returns at once.
   while (NowUs() - start < static_cast<uint64_t>(std::max<int64_t>(spin_us, 0))) {
-    if (ready()) return WaitResult::kReady;
-    __builtin_ia32_pause();
+    for (int i = 0; i < 16; ++i) {
+      if (ready()) return WaitResult::kReady;
+      __builtin_ia32_pause();
+    }
+    sched_yield();
   }
   for (;;) {
     uint32_t seen = bell->load(std::memory_order_acquire);

@@ -1,8 +1,9 @@
 // A channel: a ring of `slots` message slots in shared memory between one writer and any number
 // of readers (each reads every message). The writer waits while the slowest reader is `slots`
-// messages behind (backpressure); readers wait for the next message. Waits spin briefly, then
-// sleep on a futex. A message larger than a slot goes to a segment of its own for that slot,
-// replaced (and the old one unlinked) when a still larger one comes. close() wakes every waiter.
+// messages behind (backpressure); readers wait for the next message. Waits spin briefly (yielding
+// the CPU between looks), then sleep on a futex. A message larger than a slot goes to a segment of
+// its own for that slot, replaced (and the old one unlinked) when a still larger one comes.
+// close() wakes every waiter.
 #pragma once
 
 #include <atomic>

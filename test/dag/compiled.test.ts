@@ -132,6 +132,47 @@ describe('compiled graphs', () => {
     }
   });
 
+  it('a result that cannot be sent fails its execution only', async () => {
+    const graph = await stages[0].unsendable.bind(new InputNode()).compile();
+    try {
+      const error = (await graph.execute(-1).get().catch((caught: unknown) => caught)) as TaskError & { cause: Error };
+      expect(error).toBeInstanceOf(TaskError);
+      expect(error.cause.message).toMatch(/function cannot be sent/);
+      expect(await graph.execute(3)).toBe(3);
+    } finally {
+      await graph.teardown();
+    }
+  });
+
+  it('a graph kept busy leaves its actor and the driver free to answer calls, and tears down at once', async () => {
+    const graph = await stages[0].add.bind(new InputNode()).compile({ maxInflight: 8 });
+    let streaming = true;
+    let executions = 0;
+    // Results come back synchronously here, so without turns of the event loop the driver and
+    // the actor would never read their sockets while this runs.
+    const stream = (async () => {
+      while (streaming) {
+        const refs = Array.from({ length: 8 }, (_, i) => graph.execute(i));
+        for (const ref of refs) await ref.get();
+        executions += refs.length;
+      }
+    })();
+    try {
+      for (let i = 0; i < 5; i++) {
+        const started = Date.now();
+        expect(await get(stages[0].echo.remote(i))).toBe(i);
+        expect(Date.now() - started).toBeLessThan(1000);
+      }
+    } finally {
+      streaming = false;
+      await stream;
+    }
+    expect(executions).toBeGreaterThan(0);
+    const started = Date.now();
+    await graph.teardown();
+    expect(Date.now() - started).toBeLessThan(2000);
+  });
+
   it('shares actors between graphs, which still answer ordinary calls', async () => {
     const input = new InputNode();
     const [a, b] = stages;
