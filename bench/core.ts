@@ -7,13 +7,25 @@ import { fileURLToPath } from 'node:url';
 import { Piscina } from 'piscina';
 import { get, init, put, shutdown } from '../lib/index.js';
 import { actorClient, noop, RemoteSink, taskClient } from './core-tasks.js';
-import { elapsedSeconds, nowNs, round, type Results, type Suite } from './harness.js';
+import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
 
+/** Rounds measured per rate, after one warm-up round. */
+const ROUNDS = 5;
+
+/**
+ * The median rate of ROUNDS rounds of `body` (each doing `count` operations). One round swings
+ * with whatever else the machine does (a sync round trip is a few scheduler wake-ups): the
+ * median of several is what a rerun reproduces.
+ */
 async function rate(count: number, body: () => Promise<void>): Promise<number> {
   await body(); // warm-up round
-  const start = nowNs();
-  await body();
-  return count / elapsedSeconds(start);
+  const rates: number[] = [];
+  for (let round = 0; round < ROUNDS; round++) {
+    const start = nowNs();
+    await body();
+    rates.push(count / elapsedSeconds(start));
+  }
+  return median(rates);
 }
 
 async function piscinaRate(count: number): Promise<number> {
