@@ -22,17 +22,29 @@ export function newObjectId(): ObjectId {
 
 /**
  * The `n`th id of a sequence drawn from 20 random `base` bytes: `base` with its first eight bytes
- * XORed with `n`. A worker names the objects it puts this way, so that once it dies its driver can
- * find (by trying the ids after the last one it heard of) those it put and never got to report.
- * The counter sits in the bytes the store hashes, so one sequence's ids spread over the index.
+ * XORed with a scrambling of `n`. A worker names the objects it puts this way, so that once it dies
+ * its driver can find (by trying the ids after the last one it heard of) those it put and never got
+ * to report. The store's index hashes the first eight bytes with linear probing: `n` itself would
+ * fill a run of adjacent slots, which every other id landing in it would probe through, so its low
+ * half goes through a bijective mix (murmur3's finalizer) first.
  */
 export function sequentialObjectId(base: Uint8Array, n: number): ObjectId {
   if (base.byteLength !== 20) throw new InvalidArgumentError(`an id sequence base must be 20 bytes, got ${base.byteLength}`);
   if (!Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError(`an id sequence number must be a non-negative integer, got ${n}`);
   const bytes = Buffer.from(base);
-  bytes.writeUInt32LE((bytes.readUInt32LE(0) ^ n % 2 ** 32) >>> 0, 0);
+  bytes.writeUInt32LE((bytes.readUInt32LE(0) ^ mix32(n % 2 ** 32)) >>> 0, 0);
   bytes.writeUInt32LE((bytes.readUInt32LE(4) ^ Math.floor(n / 2 ** 32)) >>> 0, 4);
   return bytes.toString('hex');
+}
+
+function mix32(value: number): number {
+  let h = value >>> 0;
+  h ^= h >>> 16;
+  h = Math.imul(h, 0x85ebca6b);
+  h ^= h >>> 13;
+  h = Math.imul(h, 0xc2b2ae35);
+  h ^= h >>> 16;
+  return h >>> 0;
 }
 
 export function isObjectId(value: unknown): value is ObjectId {

@@ -61,6 +61,10 @@ describe('object ids', () => {
     expect(numbers.map((n) => sequentialObjectId(base, n))).toEqual(ids);
     // Only the first eight bytes (the ones the store's index hashes) vary along a sequence.
     for (const id of ids) expect(id.slice(16)).toBe(base.toString('hex').slice(16));
+    // Consecutive ids scatter over the index rather than fill a run of adjacent slots.
+    const slots = new Set(Array.from({ length: 1024 }, (_, n) => Buffer.from(sequentialObjectId(base, n), 'hex').readUInt32LE(0) & 0xffff));
+    const runs = [...slots].filter((slot) => slots.has((slot + 1) & 0xffff)).length;
+    expect(runs).toBeLessThan(100);
     expect(() => sequentialObjectId(base.subarray(1), 0)).toThrow(InvalidArgumentError);
     for (const bad of [-1, 1.5, Number.NaN, 2 ** 53]) expect(() => sequentialObjectId(base, bad)).toThrow(InvalidArgumentError);
   });
