@@ -163,6 +163,16 @@ export class SpinPolicy {
   }
 }
 
+/** The addon's read into a caller's buffer (lib/native.ts does not declare it yet). */
+interface InboxChannel extends NativeChannel {
+  tryReadInto?(inbox: Uint8Array, spinMicros: number, waitMillis: number): number | Uint8Array | null;
+}
+
+/** writeAsync also takes a list (lib/native.ts does not declare it yet). */
+interface BatchChannel extends Omit<NativeChannel, 'writeAsync'> {
+  writeAsync(bytes: Uint8Array | Uint8Array[], timeoutMs?: number): Promise<void>;
+}
+
 export class ChannelWriter {
   readonly name: string;
   readonly #native: NativeChannel;
@@ -192,8 +202,14 @@ export class ChannelWriter {
     return this.#native.writeAsync(bytes, timeout);
   }
 
-  writeAsync(bytes: Uint8Array, timeout = Infinity): Promise<void> {
-    return this.#native.writeAsync(bytes, timeout);
+  /** Writes on the channel's thread, a list in order, each waiting up to `timeout` for room; see `written`. */
+  writeAsync(bytes: Uint8Array | Uint8Array[], timeout = Infinity): Promise<void> {
+    return (this.#native as BatchChannel).writeAsync(bytes, timeout);
+  }
+
+  /** Messages written to the channel so far, by every process. */
+  get written(): number {
+    return this.#native.written;
   }
 
   close(): void {
@@ -203,11 +219,6 @@ export class ChannelWriter {
   release(): void {
     this.#native.release();
   }
-}
-
-/** The addon's read into a caller's buffer (lib/native.ts does not declare it yet). */
-interface InboxChannel extends NativeChannel {
-  tryReadInto?(inbox: Uint8Array, spinMicros: number, waitMillis: number): number | Uint8Array | null;
 }
 
 export class ChannelReader {

@@ -73,9 +73,15 @@ export class CompiledGraph {
   #reading: Promise<void> | undefined;
   /** This execution's outputs read so far (all of them, or some before a get timed out). */
   #partial: Message[] = [];
-  /** Inputs that found the input ring full, in submission order, and the write in progress. */
+  /**
+   * Inputs that found the input ring full, in submission order; the first #batch of them are being
+   * written by the channel's thread (#writing).
+   */
   readonly #queued: Array<{ sequence: number; bytes: Uint8Array }> = [];
+  #batch = 0;
   #writing: Promise<void> | undefined;
+  /** Executions whose input could not be written: no output will come for them. */
+  readonly #unsubmitted = new Set<number>();
   #broken: Error | undefined;
   #tornDown = false;
   readonly #onActorDied: (event: { actorId: string; cause: string }) => void;
@@ -128,22 +134,35 @@ export class CompiledGraph {
     return new CompiledRef<T>(this, sequence);
   }
 
-  /** Writes queued inputs: at once while there is room, else one at a time on the channel's thread. */
+  /**
+   * Writes queued inputs: at once while there is room, the rest handed to the channel's thread as
+   * one batch, which it writes in order as room comes (no JS turn per input, so the driver may wait
+   * for results on this thread meanwhile). Inputs queued during a batch go in the next one.
+   */
   #writeQueued(): void {
     if (this.#writing) return;
     while (this.#queued.length > 0 && this.#input.tryWrite(this.#queued[0].bytes)) this.#queued.shift();
-    const head = this.#queued[0];
-    if (!head || this.#tornDown) return;
-    this.#writing = this.#input.writeAsync(head.bytes, this.#options.submitTimeout ?? Infinity).then(
+    if (this.#queued.length === 0 || this.#tornDown) return;
+    const batch = this.#queued.map((entry) => entry.bytes);
+    const before = this.#input.written;
+    this.#batch = batch.length;
+    this.#writing = this.#input.writeAsync(batch, this.#options.submitTimeout ?? Infinity).then(
       () => {
-        this.#queued.shift();
+        this.#queued.splice(0, this.#batch);
+        this.#batch = 0;
         this.#writing = undefined;
         this.#writeQueued();
       },
       (error: Error) => {
+        // The first input the thread could not write, and everything behind it, can no longer be
+        // submitted in order.
+        this.#queued.splice(0, Math.max(0, this.#input.written - before));
+        this.#batch = 0;
         this.#writing = undefined;
-        // The head and everything behind it can no longer be submitted in order.
-        for (const { sequence } of this.#queued.splice(0)) this.#results.set(sequence, { ok: false, error: this.#translate(error, 'submit') });
+        for (const { sequence } of this.#queued.splice(0)) {
+          this.#unsubmitted.add(sequence);
+          this.#results.set(sequence, { ok: false, error: this.#translate(error, 'submit') });
+        }
       },
     );
   }
@@ -203,8 +222,8 @@ export class CompiledGraph {
   #readNext(timeout: number): Promise<void> | undefined {
     // Outputs read before a timeout stay here for the next try: they belong to this execution.
     const messages = this.#partial;
-    // Block the JS thread only when it has no queued input to write meanwhile.
-    const blocking = this.#queued.length === 0;
+    // Block the JS thread only when no queued input waits for it (those of a batch do not).
+    const blocking = this.#queued.length === this.#batch;
     try {
       while (messages.length < this.#outputs.length) {
         const read = this.#outputs[messages.length].read(timeout, blocking);
@@ -224,7 +243,7 @@ export class CompiledGraph {
     try {
       messages.push(await pending);
       while (messages.length < this.#outputs.length) {
-        const read = this.#outputs[messages.length].read(timeout, this.#queued.length === 0);
+        const read = this.#outputs[messages.length].read(timeout, this.#queued.length === this.#batch);
         messages.push(read instanceof Promise ? await read : read);
       }
     } catch (error) {
@@ -244,6 +263,7 @@ export class CompiledGraph {
   #store(): void {
     const messages = this.#partial;
     this.#partial = [];
+    while (this.#unsubmitted.delete(this.#readSequence)) this.#readSequence++;
     const sequence = this.#readSequence++;
     let failed: { ok: false; error: RemoteErrorInfo } | undefined;
     for (const message of messages) if (!message.ok) failed ??= message;

@@ -3,6 +3,7 @@
 // own and settle a promise, so the event loop keeps serving other work meanwhile.
 #include "channel/channel_binding.h"
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -14,6 +15,9 @@
 
 namespace trellis::channel {
 namespace {
+
+// Microseconds a batch writer spins (yielding) for room before it sleeps.
+constexpr int64_t kWriteSpinMicros = 50;
 
 int64_t Milliseconds(const Napi::Value& value) {
   if (value.IsUndefined() || value.IsNull()) return -1;
@@ -97,20 +101,38 @@ class ChannelBinding : public Napi::ObjectWrap<ChannelBinding> {
     });
   }
 
-  // writeAsync(bytes, timeoutMs): waits for room on the channel's thread, then writes.
+  // writeAsync(bytes | bytes[], timeoutMs): on the channel's thread, waits for room (up to timeoutMs
+  // for each message) and writes, in order; stops at the first failure (how many were written
+  // then shows in `written`). A list lets a writer hand over a whole backlog at once, so that the
+  // backlog drains while the JS thread does other things, e.g. waits for results.
   Napi::Value WriteAsync(const Napi::CallbackInfo& info) {
     return Guarded(info.Env(), [&]() -> Napi::Value {
-      auto [data, length] = Bytes(info[0]);
+      std::vector<std::pair<const uint8_t*, uint64_t>> messages;
+      if (info[0].IsArray()) {
+        auto list = info[0].As<Napi::Array>();
+        messages.reserve(list.Length());
+        for (uint32_t i = 0; i < list.Length(); ++i) messages.push_back(Bytes(list.Get(i)));
+      } else {
+        messages.push_back(Bytes(info[0]));
+      }
       int64_t timeout = Milliseconds(info[1]);
       auto c = channel_;
       channel();
       std::string name = name_;
       return executor_->Enqueue(
           info.Env(),
-          [c, data, length, timeout, name] {
-            WaitResult result = c->WaitWritable(timeout, 0);
-            if (result != WaitResult::kReady) throw Failure(result, name, "write");
-            c->Write(data, length);
+          [c, messages = std::move(messages), timeout, name] {
+            // While room comes soon (a reader draining the ring), spin for it rather than sleep:
+            // a sleeping writer costs the reader a wake-up call per message and itself a wake.
+            int64_t spin_us = kWriteSpinMicros;
+            for (const auto& [data, length] : messages) {
+              auto started = std::chrono::steady_clock::now();
+              WaitResult result = c->WaitWritable(timeout, spin_us);
+              if (result != WaitResult::kReady) throw Failure(result, name, "write");
+              c->Write(data, length);
+              auto waited = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started).count();
+              spin_us = waited < 4 * kWriteSpinMicros ? kWriteSpinMicros : 0;
+            }
           },
           nullptr, {info[0]});
     });

@@ -82,6 +82,11 @@ describe('compiled graphs', () => {
       expect(failed.length).toBeGreaterThan(0);
       expect(failed[0].reason.code).toBe('ERR_CHANNEL_TIMEOUT');
       expect(settled[0]).toEqual({ status: 'fulfilled', value: 0 });
+      // What was submitted came back in order, and later executions get their own results.
+      const submitted = settled.filter((result) => result.status === 'fulfilled').map((result) => (result as PromiseFulfilledResult<number>).value);
+      expect(submitted).toEqual(submitted.map((_, i) => i));
+      expect(await graph.execute(42).get({ timeout: 10_000 })).toBe(42);
+      expect(await graph.execute(43).get({ timeout: 10_000 })).toBe(43);
     } finally {
       await graph.teardown();
     }
