@@ -44,7 +44,8 @@ const SPIN_PAUSE = 64;
 /** Longest a compiled graph's loop may keep the event loop from a turn (ms). */
 const STARVE_MS = 1;
 
-export type Message = { ok: true; value: unknown } | { ok: false; error: RemoteErrorInfo };
+/** A message; `ipc` marks a value that is CUDA IPC handles (see ipc.ts), not the value itself. */
+export type Message = { ok: true; value: unknown; ipc?: true } | { ok: false; error: RemoteErrorInfo };
 
 const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
 
@@ -102,10 +103,16 @@ function isPlain(value: unknown): boolean {
 const OK = 0;
 const FAILED = 1;
 const OK_PLAIN = 2;
+const OK_IPC = 3;
 
 export function encodeMessage(message: Message): Uint8Array {
   if (message.ok && isPlain(message.value)) return plain.pack([OK_PLAIN, message.value]);
   return pack(message.ok ? [OK, message.value] : [FAILED, message.error]);
+}
+
+/** A message whose value is `payload`, CUDA IPC handles for the reader to map (see ipc.ts). */
+export function encodeIpcMessage(payload: unknown): Uint8Array {
+  return pack([OK_IPC, payload]);
 }
 
 export function decodeMessage(bytes: Uint8Array): Message {
@@ -113,7 +120,8 @@ export function decodeMessage(bytes: Uint8Array): Message {
 }
 
 function toMessage([kind, payload]: [number, unknown]): Message {
-  return kind === FAILED ? { ok: false, error: payload as RemoteErrorInfo } : { ok: true, value: payload };
+  if (kind === FAILED) return { ok: false, error: payload as RemoteErrorInfo };
+  return kind === OK_IPC ? { ok: true, value: payload, ipc: true } : { ok: true, value: payload };
 }
 
 /** Bytes of a reader's inbox: messages up to this size are copied into it instead of a buffer of their own. */
@@ -175,9 +183,11 @@ interface InboxChannel extends NativeChannel {
   tryReadInto?(inbox: Uint8Array, spinMicros: number, waitMillis: number): number | Uint8Array | null;
 }
 
-/** writeAsync also takes a list (lib/native.ts does not declare it yet). */
+/** writeAsync also takes a list; finish and finished (lib/native.ts does not declare them yet). */
 interface BatchChannel extends Omit<NativeChannel, 'writeAsync'> {
   writeAsync(bytes: Uint8Array | Uint8Array[], timeoutMs?: number): Promise<void>;
+  finish(count: number): void;
+  readonly finished: number;
 }
 
 export class ChannelWriter {
@@ -217,6 +227,11 @@ export class ChannelWriter {
   /** Messages written to the channel so far, by every process. */
   get written(): number {
     return this.#native.written;
+  }
+
+  /** Messages every reader is done with (see ChannelReader.finish). */
+  get finished(): number {
+    return (this.#native as unknown as BatchChannel).finished;
   }
 
   close(): void {
@@ -290,6 +305,14 @@ export class ChannelReader {
     }
     this.#hot = false;
     return this.#cold(timeout - (performance.now() - started));
+  }
+
+  /**
+   * This reader is done with its first `count` messages: not only read, but no longer in use (a
+   * CUDA IPC message's memory is in use until the execution that read it ends).
+   */
+  finish(count: number): void {
+    (this.#native as unknown as BatchChannel).finish(count);
   }
 
   async #cold(timeout: number): Promise<Message> {

@@ -5,7 +5,8 @@
  * actor.
  */
 import { InvalidArgumentError, SerializationError } from '../errors.js';
-import { state } from '../core/api.js';
+import { get, state } from '../core/api.js';
+import { currentRuntime } from '../core/runtime-context.js';
 import { pack } from '../core/serialization.js';
 import { createChannel } from './channel.js';
 import { CompiledGraph, type GraphLayout } from './compiled-graph.js';
@@ -56,6 +57,14 @@ export function describe(node: DAGNode): string {
   if (node instanceof InputAttributeNode) return node.index !== undefined ? `input[${node.index}]` : `input.${node.key}`;
   if (node instanceof InputNode) return 'input';
   return `node#${node.id}`;
+}
+
+/** The actors among `actorIds` that can use CUDA (asked of each; none when none is asked). */
+async function probeCuda(actorIds: string[]): Promise<Set<string>> {
+  if (actorIds.length === 0) return new Set();
+  const runtime = currentRuntime();
+  const answers = (await get(actorIds.map((actorId) => runtime.submitActorTask(actorId, '__trellis_dag_probe', [])))) as Array<{ cuda: boolean }>;
+  return new Set(actorIds.filter((_, index) => answers[index].cuda));
 }
 
 export async function compileGraph(root: DAGNode, options: CompileOptions): Promise<CompiledGraph> {
@@ -141,7 +150,8 @@ export async function compileGraph(root: DAGNode, options: CompileOptions): Prom
       const from = source instanceof InputAttributeNode ? source.input : source;
       const producer = actorOf(from);
       if (producer === node.actorId) continue;
-      // 'auto' and 'ipc' edges of CPU tensors travel like 'shm' ones: through the channel.
+      // 'auto' and 'ipc' edges travel through the channel too: CPU tensors as bytes, CUDA tensors
+      // as IPC handles where the channel allows (see ipcNodes below).
       if (from !== input && from.transport === 'nccl') use(from).exchange.add(node.actorId);
       else use(from).shm.add(node.actorId);
     }
@@ -149,6 +159,20 @@ export async function compileGraph(root: DAGNode, options: CompileOptions): Prom
   for (const output of outputs) use(output).driver = true;
 
   if (!consumers.get(input)?.shm.size) throw new GraphValidationError('the graph never reads its InputNode');
+
+  // CUDA IPC: a value on an 'ipc' edge, or an 'auto' one whose actors all have CUDA, read only by
+  // actors (the driver reads through shared memory), carries CUDA tensors as IPC handles.
+  const ipcCandidates = [...consumers].filter(([node, entry]) => node !== input && (node.transport === 'ipc' || node.transport === 'auto') && !entry.driver && entry.shm.size > 0);
+  const autoActors = new Set<string>();
+  for (const [node, entry] of ipcCandidates) {
+    if (node.transport !== 'auto') continue;
+    autoActors.add(actorOf(node)!);
+    for (const actor of entry.shm) autoActors.add(actor);
+  }
+  const withCuda = await probeCuda([...autoActors]);
+  const ipcNodes = new Set(
+    ipcCandidates.filter(([node, entry]) => node.transport === 'ipc' || [actorOf(node)!, ...entry.shm].every((actor) => withCuda.has(actor))).map(([node]) => node),
+  );
 
   // Channels: one per value read through shared memory, one reader per consuming actor (+ driver).
   const channelOf = new Map<DAGNode, { name: string; readers: Map<string, number> }>();
@@ -201,7 +225,7 @@ export async function compileGraph(root: DAGNode, options: CompileOptions): Prom
         readDone.add(from);
         const channel = channelOf.get(from);
         if (channel?.readers.has(actorId)) {
-          add(at, 0, order, { op: 'read', channel: channel.name, reader: channel.readers.get(actorId)!, node: from.id });
+          add(at, 0, order, { op: 'read', channel: channel.name, reader: channel.readers.get(actorId)!, node: from.id, ...(ipcNodes.has(from) ? { ipc: true } : {}) });
         } else {
           // Received over the exchange group: at the producer's step (computed), or just before use (naive).
           const peer = exchangeRanks.indexOf(actorOf(from)!);
@@ -222,7 +246,7 @@ export async function compileGraph(root: DAGNode, options: CompileOptions): Prom
         add(at, 2, order, { op: 'collective', node: node.id, kind: node.kind, source: node.source.id, group: groupNames.get(node.groupKey)!, reduce: node.op });
       }
       const channel = channelOf.get(node);
-      if (channel) add(at, 3, order, { op: 'write', channel: channel.name, node: node.id });
+      if (channel) add(at, 3, order, { op: 'write', channel: channel.name, node: node.id, ...(ipcNodes.has(node) ? { ipc: true } : {}) });
       for (const consumer of consumers.get(node)?.exchange ?? []) {
         add(at, naive ? 3 : 4, order, { op: 'exchange', group: exchangeGroup, sends: [{ node: node.id, peer: exchangeRanks.indexOf(consumer) }], recvs: [] });
       }

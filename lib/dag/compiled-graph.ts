@@ -341,8 +341,8 @@ export class CompiledGraph {
       plan.operations.forEach((operation, step) => {
         let text: string;
         switch (operation.op) {
-          case 'read': text = `READ ${label(operation.node)} from ${operation.channel}[${operation.reader}]`; break;
-          case 'write': text = `WRITE ${label(operation.node)} to ${operation.channel}`; break;
+          case 'read': text = `READ ${label(operation.node)} from ${operation.channel}[${operation.reader}]${operation.ipc ? ' (CUDA IPC)' : ''}`; break;
+          case 'write': text = `WRITE ${label(operation.node)} to ${operation.channel}${operation.ipc ? ' (CUDA IPC)' : ''}`; break;
           case 'compute': text = `COMPUTE ${operation.label}`; break;
           case 'attr': text = `INPUT ${label(operation.node)}`; break;
           case 'collective': text = `${operation.kind.toUpperCase()} ${label(operation.node)} over ${operation.group}`; break;

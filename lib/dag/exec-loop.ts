@@ -8,13 +8,23 @@ import { registerSystemMethod } from '../core/system-methods.js';
 import { unpack } from '../core/serialization.js';
 import { getCommunicator } from '../gpu/collective.js';
 import { Tensor } from '../gpu/tensor.js';
-import { ChannelReader, ChannelWriter, encodeMessage, eventLoopTurn, isChannelClosed, starving, type Message } from './channel.js';
+import type { DeviceMemory } from '../gpu/cuda-types.js';
+import { cuda } from '../gpu/cuda.js';
+import { ChannelReader, ChannelWriter, encodeIpcMessage, encodeMessage, eventLoopTurn, isChannelClosed, starving, type Message } from './channel.js';
+import { IpcImporter, IpcLender, cudaTensorsOf, exportTensors, type IpcPayload } from './ipc.js';
 import type { ActorPlan, ArgSpec, Operation } from './plan.js';
 
 interface Loop {
   plan: ActorPlan;
   readers: Map<string, ChannelReader>;
   writers: Map<string, ChannelWriter>;
+  /** CUDA IPC: per channel written, the tensors lent and the count of messages written. */
+  lenders: Map<string, { lender: IpcLender; sent: number }>;
+  /** CUDA IPC: per channel read, the count of executions done with its messages. */
+  finished: Map<string, number>;
+  importer: IpcImporter | undefined;
+  /** Views of other processes' memory that this execution's reads mapped. */
+  views: DeviceMemory[];
   stopped: boolean;
   done: Promise<void>;
 }
@@ -42,8 +52,8 @@ function runOperation(loop: Loop, actor: any, operation: Operation, values: Map<
       const pending = prefetched.get(operation.channel);
       if (pending !== undefined) prefetched.delete(operation.channel);
       const read = pending ?? loop.readers.get(operation.channel)!.read();
-      if (read instanceof Promise) return read.then((message) => void values.set(operation.node, message));
-      values.set(operation.node, read);
+      if (read instanceof Promise) return read.then((message) => void values.set(operation.node, received(loop, message)));
+      values.set(operation.node, received(loop, read));
       return undefined;
     }
     case 'attr': {
@@ -88,17 +98,55 @@ function runOperation(loop: Loop, actor: any, operation: Operation, values: Map<
       return undefined;
     }
     case 'write': {
+      const writer = loop.writers.get(operation.channel)!;
+      const message = values.get(operation.node)!;
       let bytes: Uint8Array;
       try {
-        bytes = encodeMessage(values.get(operation.node)!);
+        bytes = operation.ipc ? encodeForIpc(loop, writer, message) : encodeMessage(message);
       } catch (error) {
         // A result that cannot be sent fails its execution, not the graph.
         bytes = encodeMessage({ ok: false, error: errorInfo(error, `the result of node #${operation.node}`) });
       }
-      return loop.writers.get(operation.channel)!.writeBytes(bytes, loop.plan.writeTimeout);
+      return writer.writeBytes(bytes, loop.plan.writeTimeout);
     }
     default:
       return runCommunication(operation, values);
+  }
+}
+
+/** A message as read: CUDA IPC handles mapped to tensors (views of the writer's memory). */
+function received(loop: Loop, message: Message): Message {
+  if (!message.ok || !message.ipc) return message;
+  try {
+    loop.importer ??= new IpcImporter();
+    return { ok: true, value: loop.importer.open(message.value as IpcPayload, loop.views) };
+  } catch (error) {
+    return { ok: false, error: errorInfo(error, 'mapping a CUDA tensor by IPC') };
+  }
+}
+
+/**
+ * A message for a CUDA IPC channel: CUDA tensors as handles (held until every reader is done with
+ * this message), anything else as usual.
+ */
+function encodeForIpc(loop: Loop, writer: ChannelWriter, message: Message): Uint8Array {
+  let entry = loop.lenders.get(writer.name);
+  if (!entry) loop.lenders.set(writer.name, (entry = { lender: new IpcLender(), sent: 0 }));
+  entry.lender.settle(writer.finished);
+  const sequence = entry.sent++;
+  const found = message.ok ? cudaTensorsOf(message.value) : undefined;
+  if (!found) return encodeMessage(message);
+  const { payload, held } = exportTensors(found);
+  entry.lender.lend(sequence, held);
+  return encodeIpcMessage(payload);
+}
+
+/** An execution ended: free the views it mapped, and tell IPC writers it is done with their messages. */
+function endExecution(loop: Loop): void {
+  for (const view of loop.views.splice(0)) view.free();
+  for (const [channel, count] of loop.finished) {
+    loop.finished.set(channel, count + 1);
+    loop.readers.get(channel)!.finish(count + 1);
   }
 }
 
@@ -185,6 +233,7 @@ async function run(loop: Loop, actor: unknown): Promise<void> {
           }
         }
       }
+      if (loop.finished.size > 0 || loop.views.length > 0) endExecution(loop);
       // Executions that find their inputs at once never leave the microtask queue: let the
       // actor's socket (ordinary calls, the stop of this loop) have a turn now and then.
       if (starving()) await eventLoopTurn();
@@ -197,6 +246,9 @@ async function run(loop: Loop, actor: unknown): Promise<void> {
       console.error(`trellis: exec loop of ${loop.plan.graphId} failed:`, error);
     }
   } finally {
+    for (const view of loop.views.splice(0)) view.free();
+    loop.importer?.close();
+    for (const { lender } of loop.lenders.values()) lender.clear();
     for (const reader of loop.readers.values()) reader.release();
     for (const writer of loop.writers.values()) writer.release();
     loops.delete(loop.plan.graphId);
@@ -210,11 +262,16 @@ registerSystemMethod('__trellis_dag_start', function (this: unknown, plan: Actor
     if (operation.op === 'read' && !readers.has(operation.channel)) readers.set(operation.channel, new ChannelReader(operation.channel, operation.reader));
     if (operation.op === 'write' && !writers.has(operation.channel)) writers.set(operation.channel, new ChannelWriter(operation.channel));
   }
-  const loop: Loop = { plan, readers, writers, stopped: false, done: Promise.resolve() };
+  const finished = new Map<string, number>();
+  for (const operation of plan.operations) if (operation.op === 'read' && operation.ipc) finished.set(operation.channel, 0);
+  const loop: Loop = { plan, readers, writers, lenders: new Map(), finished, importer: undefined, views: [], stopped: false, done: Promise.resolve() };
   loops.set(plan.graphId, loop);
   loop.done = run(loop, this);
   return true;
 });
+
+/** What compile needs to choose 'auto' edges' transport: whether this actor can use CUDA (IPC). */
+registerSystemMethod('__trellis_dag_probe', () => ({ cuda: cuda.available }));
 
 registerSystemMethod('__trellis_dag_stop', async (graphId: string) => {
   const loop = loops.get(graphId);

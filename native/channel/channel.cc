@@ -100,6 +100,7 @@ struct Channel::Header {
   uint32_t reserved[3];
   std::atomic<uint64_t> write_seq;
   std::atomic<uint64_t> read_seq[kMaxReaders];
+  std::atomic<uint64_t> finish_seq[kMaxReaders];  // see Finish
   uint32_t overflow_generation[1];  // per slot, grows with slots (see Create)
 };
 
@@ -172,6 +173,20 @@ uint64_t Channel::read() const { return reader_ >= 0 ? header_->read_seq[reader_
 uint64_t Channel::SlowestReader() const {
   uint64_t slowest = UINT64_MAX;
   for (uint32_t r = 0; r < header_->readers; ++r) slowest = std::min(slowest, header_->read_seq[r].load(std::memory_order_acquire));
+  return slowest;
+}
+
+void Channel::Finish(uint64_t count) {
+  if (reader_ < 0) throw NativeError("ERR_INVALID_ARGUMENT", "finish is for a channel's readers");
+  std::atomic<uint64_t>& seq = header_->finish_seq[reader_];
+  uint64_t seen = seq.load(std::memory_order_relaxed);
+  while (seen < count && !seq.compare_exchange_weak(seen, count, std::memory_order_release, std::memory_order_relaxed)) {
+  }
+}
+
+uint64_t Channel::finished() const {
+  uint64_t slowest = UINT64_MAX;
+  for (uint32_t r = 0; r < header_->readers; ++r) slowest = std::min(slowest, header_->finish_seq[r].load(std::memory_order_acquire));
   return slowest;
 }
 

@@ -41,6 +41,12 @@ class Channel {
   // Reader: done with the current message.
   void Advance();
 
+  // Reader: it is done with the first `count` messages it read (not only read them: a CUDA IPC
+  // message's memory stays in use until the execution that read it ends). Never moves back.
+  void Finish(uint64_t count);
+  // Writer: how many messages every reader is done with (the slowest reader's Finish).
+  uint64_t finished() const;
+
   void Close();
   bool closed() const;
   uint64_t written() const;

@@ -44,6 +44,8 @@ class ChannelBinding : public Napi::ObjectWrap<ChannelBinding> {
                            InstanceMethod<&ChannelBinding::ReadAsync>("readAsync"),
                            InstanceMethod<&ChannelBinding::Close>("close"),
                            InstanceMethod<&ChannelBinding::Release>("release"),
+                           InstanceMethod<&ChannelBinding::Finish>("finish"),
+                           InstanceAccessor<&ChannelBinding::Finished>("finished"),
                            InstanceAccessor<&ChannelBinding::Written>("written"),
                            InstanceAccessor<&ChannelBinding::Read>("read"),
                            InstanceAccessor<&ChannelBinding::Closed>("closed"),
@@ -217,6 +219,15 @@ class ChannelBinding : public Napi::ObjectWrap<ChannelBinding> {
     executor_.reset();
   }
 
+  // finish(count): this reader is done with its first `count` messages (see Channel::Finish).
+  Napi::Value Finish(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      channel().Finish(static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value()));
+      return info.Env().Undefined();
+    });
+  }
+
+  Napi::Value Finished(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), channel_ ? static_cast<double>(channel_->finished()) : 0); }
   Napi::Value Written(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), channel_ ? static_cast<double>(channel_->written()) : 0); }
   Napi::Value Read(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), channel_ ? static_cast<double>(channel_->read()) : 0); }
   Napi::Value Closed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !channel_ || channel_->closed()); }
