@@ -251,6 +251,8 @@ class ZeroCopyCollector {
   readonly #defaultThreshold = Math.max(1 << 20, store.stats().capacity / 8);
   #bytes = 0;
   #requested = Infinity;
+  #lastTaskEnded = 0;
+  /** One timer for idleness, re-armed lazily: tasks end far more often than the worker idles. */
   #idle: NodeJS.Timeout | undefined;
 
   read(bytes: number): void {
@@ -265,18 +267,29 @@ class ZeroCopyCollector {
   taskEnded(): void {
     const threshold = Math.min(this.#defaultThreshold, this.#requested);
     this.#requested = Infinity;
-    clearTimeout(this.#idle);
+    this.#lastTaskEnded = performance.now();
     if (this.#bytes >= threshold) {
       this.#bytes = 0;
       setImmediate(collectGarbage);
-    } else if (this.#bytes > 0) {
-      this.#idle = setTimeout(() => {
-        this.#bytes = 0;
-        collectGarbage();
-      }, 100);
+    } else if (this.#bytes > 0 && !this.#idle) {
+      this.#armIdle(IDLE_COLLECT_MS);
     }
   }
+
+  #armIdle(delay: number): void {
+    this.#idle = setTimeout(() => {
+      this.#idle = undefined;
+      const idleFor = performance.now() - this.#lastTaskEnded;
+      if (idleFor < IDLE_COLLECT_MS) return this.#armIdle(IDLE_COLLECT_MS - idleFor);
+      if (running > 0 || this.#bytes === 0) return;
+      this.#bytes = 0;
+      collectGarbage();
+    }, delay);
+  }
 }
+
+/** How long a worker stays without a task ending before it collects what its reads left. */
+const IDLE_COLLECT_MS = 100;
 
 function collectGarbage(): void {
   (globalThis as { gc?: () => void }).gc?.();
