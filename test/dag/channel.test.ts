@@ -1,3 +1,5 @@
+import { spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ChannelReader, ChannelWriter, SpinPolicy, createChannel, destroyChannel, encodeMessage, decodeMessage, type Message } from '../../lib/dag/channel.js';
 
@@ -78,6 +80,15 @@ describe('channel ends', () => {
     await third;
     expect(reader.read()).toEqual({ ok: true, value: 1 });
     expect(reader.read()).toEqual({ ok: true, value: 2 });
+  });
+});
+
+describe('channel ends at exit', () => {
+  it('a process that ends with channel ends still open (one has used its thread) exits cleanly', () => {
+    const script = fileURLToPath(new URL('./fixtures/exit-with-open-ends.ts', import.meta.url));
+    const child = spawnSync(process.execPath, ['--import', 'tsx', script], { encoding: 'utf8', timeout: 30_000 });
+    // Without the release on 'exit', Node aborted while tearing the ends' thread-safe functions down (134).
+    expect({ status: child.status, signal: child.signal }).toEqual({ status: 0, signal: null });
   });
 });
 
