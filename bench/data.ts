@@ -3,7 +3,7 @@
  * start to finish (actor start-up included); single_process_rows_per_s: the same model over the
  * same batches in one plain loop, in this run; block_overhead_ms: wall time per block of an
  * identity map, with task_roundtrip_ms, one trivial task per block through the core runtime, as
- * its floor (both in steady state: the median of five runs after three warm-up runs).
+ * its floor (both in steady state: the median of five runs after five warm-up runs).
  */
 import { fromArrow, get, init, remote, rowsToBlock, shutdown, type Block } from '../lib/index.js';
 import { Classifier } from '../examples/batch-inference.js';
@@ -19,9 +19,9 @@ const ROWS = 16_384;
 const BATCH = 64;
 const OVERHEAD_BLOCKS = 400;
 
-/** Milliseconds per block of `run` (over OVERHEAD_BLOCKS blocks): the median of 5 runs after 3 warm-up runs. */
+/** Milliseconds per block of `run` (over OVERHEAD_BLOCKS blocks): the median of 5 runs after 5 warm-up runs. */
 async function steadyMs(run: () => Promise<void>): Promise<number> {
-  for (let round = 0; round < 3; round++) await run();
+  for (let round = 0; round < 5; round++) await run();
   const times: number[] = [];
   for (let round = 0; round < 5; round++) {
     const start = nowNs();
