@@ -1,19 +1,24 @@
 /**
- * Typed ends of a native channel. A message is [0, value] or [1, error]: application errors flow
- * through a compiled graph as values, so one failing execution does not stop the graph.
+ * Typed ends of a native channel. A message is [kind, payload]: a value (kind 0; 2 when it is plain
+ * msgpack, decoded in place; 3 when it is CUDA IPC handles, see ipc.ts) or an error (1): application
+ * errors flow through a compiled graph as values, so one failing execution does not stop the graph.
  *
  * Waiting is adaptive. While messages flow ("hot"), a read first waits synchronously on the JS
- * thread: a short spin (which yields the CPU between looks, see channel.cc), then a futex wait of
- * one slice. A message that comes within it is returned as a value, not a promise, so a round trip
+ * thread: a spin (which yields the CPU between looks, see channel.cc), then a futex wait of one
+ * slice. A message that comes within it is returned as a value, not a promise, so a round trip
  * costs no promise or event-loop hop. Longer waits continue in 1 ms slices with a turn of the
  * event loop between them; after 10 ms without a message the end turns "cold" and waits on a
  * thread of its own, leaving the event loop entirely free.
  *
- * What the round trip of a one-actor graph is made of (measured on 2 cores): each futex wake costs
- * 4 us (same CPU) to 7 us (across CPUs); the JS work on both sides (encode, write, read, decode,
- * the call) is 5 to 10 us. A spin that finds the message skips the wakes; a pure spin whose writer
- * sits on the same CPU blocks that writer for the whole spin (the round trip went from 15 to
- * 140 us), hence the yielding spin and the spin being dropped after repeated misses.
+ * What a one-actor round trip is made of (2-core VM, other load): a futex wake costs ~3.5 us when
+ * both processes share a CPU and ~7 us across CPUs (the ping-pong floor is two wakes: 6-20 us from
+ * run to run, by placement); the JS and native work of both ends is ~2.4 us in all once small
+ * messages skip Buffer allocation (it was ~5.4 us, half of it malloc and V8 backing stores). A spin
+ * that finds the message skips both wakes: ~5 us a round trip, below the floor. Two traps found on
+ * the way: a pure spin whose writer sits on the same CPU (the scheduler often puts a woken process
+ * next to its waker) blocks that writer for the whole spin, 15 -> 140 us a round trip, hence the
+ * yielding spin and the spin dropped after misses; and the first second or so after actors start
+ * runs 5-10x slower (V8 still compiling, workers still loading), which a short warm-up measured.
  */
 import { Packr } from 'msgpackr';
 import { ChannelError, type RemoteErrorInfo } from '../errors.js';
@@ -310,7 +315,7 @@ export class ChannelReader {
 
   /** One blocking attempt: the policy's spin, then a futex wait of at most one slice. */
   #attempt(started: number, timeout: number): Message | null {
-    const spun = this.spin.spinMicros();
+    const spun = Math.min(this.spin.spinMicros(), Math.max(0, timeout) * 1000);
     const begun = performance.now();
     const message = this.#take(spun, Math.min(SLICE_MS, timeout));
     if (message) {
@@ -329,7 +334,8 @@ export class ChannelReader {
       const message = this.#attempt(started, Math.max(0, timeout - (performance.now() - started)));
       if (message) return message;
     }
-    this.#hot = false;
+    // Cold after HOT_MS without a message; a shorter timeout that ran out says nothing of the flow.
+    if (limit === HOT_MS) this.#hot = false;
     return this.#cold(timeout - (performance.now() - started));
   }
 
