@@ -239,7 +239,9 @@ async function run(loop: Loop, actor: unknown): Promise<void> {
       if (starving()) await eventLoopTurn();
     }
   } catch (error) {
-    if (!isChannelClosed(error) && !loop.stopped) {
+    // Another actor's stop may abort a shared communicator before this actor's own stop arrives.
+    const tornDown = (error as { code?: string }).code === 'ERR_COMMUNICATOR_ABORTED' && String((error as Error).message).includes(`compiled graph ${loop.plan.graphId} was torn down`);
+    if (!isChannelClosed(error) && !loop.stopped && !tornDown) {
       // Something beyond a method failed: close the graph's channels this actor writes, so the
       // driver and the other actors see it instead of waiting.
       for (const writer of loop.writers.values()) writer.close();
