@@ -100,11 +100,11 @@ describe('workers that die', () => {
     expect(error.cause).toBeInstanceOf(WorkerCrashedError);
   });
 
-  it('a write task whose worker is killed is retried as attempt 1', async () => {
-    const gate = scratchDir.path('kill-write');
+  /** Writes 40 rows through a GatedSink, SIGKILLing the first writer: every row once, one write as attempt 1. */
+  async function expectWriteRetried(gateName: string, write: (sink: GatedSink) => Promise<Array<{ rows: number; attempt: number }>>) {
+    const gate = scratchDir.path(gateName);
     const sink = new GatedSink(gate);
-    // After a limit, the write is an operator of its own (its tasks retried by the executor).
-    const writing = range(40, { parallelism: 2 }).limit(40).write(sink);
+    const writing = write(sink);
     try {
       await killFirstStarted(gate);
     } finally {
@@ -114,22 +114,16 @@ describe('workers that die', () => {
     expect(results.reduce((sum, result) => sum + result.rows, 0)).toBe(40);
     expect(results.some((result) => result.attempt === 1)).toBe(true);
     expect(sink.completed).toEqual(results);
+  }
+
+  it('a write task whose worker is killed is retried as attempt 1', async () => {
+    // After a limit, the write is an operator of its own (its tasks retried by the executor).
+    await expectWriteRetried('kill-write', (sink) => range(40, { parallelism: 2 }).limit(40).write(sink));
   });
 
   it('a sink fused into its read task sees attempt 1 after the worker is killed', async () => {
-    const gate = scratchDir.path('kill-fused-write');
-    const sink = new GatedSink(gate);
     // No operator between the read and the sink: the write runs inside the read task.
-    const writing = range(40, { parallelism: 2 }).write(sink);
-    try {
-      await killFirstStarted(gate);
-    } finally {
-      openGate(gate);
-    }
-    const results = await writing;
-    expect(results.reduce((sum, result) => sum + result.rows, 0)).toBe(40);
-    expect(results.some((result) => result.attempt === 1)).toBe(true);
-    expect(sink.completed).toEqual(results);
+    await expectWriteRetried('kill-fused-write', (sink) => range(40, { parallelism: 2 }).write(sink));
   });
 });
 
