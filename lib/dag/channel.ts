@@ -43,9 +43,16 @@ const MAX_SPIN_MICROS = 200;
  * a core from the process that is producing them.
  */
 const SPIN_WHEN_WAITS_UNDER_US = MAX_SPIN_MICROS;
-/** After this many spins in a row that missed, a reader stops spinning for SPIN_PAUSE waits. */
+/**
+ * After this many spins in a row that missed, a reader stops spinning for SPIN_PAUSE waits, twice
+ * as many each time misses pause it again (up to MAX_SPIN_PAUSE), back to SPIN_PAUSE after
+ * SPIN_HITS hits in a row. Misses come in runs where the CPUs are busy with other work: a yield
+ * there hands the CPU away for a whole time slice.
+ */
 const SPIN_MISSES = 4;
 const SPIN_PAUSE = 64;
+const MAX_SPIN_PAUSE = 1024;
+const SPIN_HITS = 32;
 /** Longest a compiled graph's loop may keep the event loop from a turn (ms). */
 const STARVE_MS = 1;
 
@@ -178,7 +185,9 @@ export class SpinPolicy {
   /** Moving average of recent waits (microseconds, from the start of a wait to its message). */
   recentWaitUs = 0;
   #misses = 0;
+  #hits = 0;
   #paused = 0;
+  #pause = SPIN_PAUSE;
 
   spinMicros(): number {
     if (this.#paused > 0) {
@@ -193,8 +202,9 @@ export class SpinPolicy {
   record(spun: number, attemptUs: number, waitedUs: number): void {
     this.recentWaitUs = 0.8 * this.recentWaitUs + 0.2 * waitedUs;
     if (spun <= 0) return;
-    if (attemptUs <= spun + 5) this.#misses = 0;
-    else this.#missed();
+    if (attemptUs > spun + 5) return this.#missed();
+    this.#misses = 0;
+    if (++this.#hits >= SPIN_HITS) this.#pause = SPIN_PAUSE;
   }
 
   /** An attempt that spun `spun` us passed without a message. */
@@ -203,9 +213,11 @@ export class SpinPolicy {
   }
 
   #missed(): void {
+    this.#hits = 0;
     if (++this.#misses < SPIN_MISSES) return;
     this.#misses = 0;
-    this.#paused = SPIN_PAUSE;
+    this.#paused = this.#pause;
+    this.#pause = Math.min(MAX_SPIN_PAUSE, 2 * this.#pause);
   }
 }
 

@@ -21,6 +21,8 @@ namespace {
 
 constexpr uint64_t kMagic = 0x4c454e4e41484354ull;  // "TCHANNEL"
 constexpr int64_t kSliceMs = 100;
+// A sched_yield longer than this ran another task for a while (see WaitOn).
+constexpr uint64_t kLongYieldUs = 50;
 
 void FutexWait(std::atomic<uint32_t>* word, uint32_t expected, int64_t timeout_ms) {
   struct timespec ts{timeout_ms / 1000, (timeout_ms % 1000) * 1000000};
@@ -207,13 +209,18 @@ static WaitResult WaitOn(std::atomic<uint32_t>* bell, std::atomic<uint32_t>* wai
   uint64_t start = NowUs();
   // The spin yields the CPU between looks: when the peer that will write shares this CPU (the
   // scheduler often puts a woken process next to its waker), a pure spin would keep it from
-  // running for the whole spin. With nothing else runnable here, sched_yield returns at once.
+  // running for the whole spin. With nothing else runnable here, sched_yield returns at once. A
+  // yield that took long handed the CPU to something else for its time slice: a busy CPU, where
+  // further yields would cost as much again, so the wait goes to sleep instead (a woken sleeper
+  // gets the CPU back sooner than a yielder).
   while (NowUs() - start < static_cast<uint64_t>(std::max<int64_t>(spin_us, 0))) {
     for (int i = 0; i < 16; ++i) {
       if (ready()) return WaitResult::kReady;
       __builtin_ia32_pause();
     }
+    uint64_t before = NowUs();
     sched_yield();
+    if (NowUs() - before > kLongYieldUs) break;
   }
   for (;;) {
     uint32_t seen = bell->load(std::memory_order_acquire);

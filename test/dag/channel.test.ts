@@ -125,4 +125,23 @@ describe('spin policy', () => {
     expect(paused).toBeGreaterThan(10);
     expect(paused).toBeLessThan(200);
   });
+
+  it('pauses longer each time misses recur, and shorter again after a run of hits', () => {
+    const policy = new SpinPolicy();
+    const pauseAfterMisses = () => {
+      for (let misses = 0; misses < 4; ) {
+        const spun = policy.spinMicros();
+        if (spun > 0) misses++;
+        policy.record(spun, spun + 40, spun + 40);
+      }
+      let paused = 0;
+      while (policy.spinMicros() === 0) paused++;
+      return paused;
+    };
+    const first = pauseAfterMisses();
+    const second = pauseAfterMisses();
+    expect(second).toBe(2 * first);
+    for (let i = 0; i < 40; i++) policy.record(policy.spinMicros() || 50, 3, 3);
+    expect(pauseAfterMisses()).toBe(first);
+  });
 });
