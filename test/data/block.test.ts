@@ -144,6 +144,26 @@ describe('columns', () => {
     expect(blockToRows(block)).toEqual([{ x: 1, name: 'a', when: new Date(1) }, { x: 2, name: null, when: new Date(2) }]);
   });
 
+  it('builds plain number, string and boolean columns as rows would infer them, nulls included', () => {
+    const columns = {
+      n: [1.5, null, -3, undefined, 0],
+      s: ['a', 'héllo 🌍', null, '', 'z'],
+      b: [true, false, null, true, false],
+      nulls: [null, null, null, null, null],
+      mixed: [1, 'one', null, 2, 'two'],
+    };
+    const { mixed: _mixed, ...simple } = columns;
+    const rows = Array.from({ length: 5 }, (_, index) => Object.fromEntries(Object.entries(simple).map(([name, column]) => [name, column[index] ?? null])));
+    const block = columnsToBlock(simple);
+    const reference = rowsToBlock(rows);
+    expect(typesOf(block)).toEqual(typesOf(reference));
+    expect(typesOf(block)).toEqual({ n: 'Float64', s: 'Utf8', b: 'Bool', nulls: 'Null' });
+    expect(blockToRows(block)).toEqual(blockToRows(reference));
+    expect(blockToRows(tableFromIPC(tableToIPC(block)))).toEqual(blockToRows(reference));
+    // A column mixing types is refused, as rows mixing them are.
+    expect(thrown(() => columnsToBlock(columns)).code).toBe('ERR_DATA_TYPE');
+  });
+
   it('refuses columns of different lengths', () => {
     const error = thrown(() => columnsToBlock({ a: [1, 2], b: [1] }));
     expect(error.code).toBe('ERR_DATA_TYPE');
