@@ -189,10 +189,19 @@ export interface NativeNccl {
 export interface NativeChannel {
   /** Writes if there is room within spinMicros of spinning plus waitMillis asleep (blocking). */
   tryWrite(bytes: Uint8Array, spinMicros?: number, waitMillis?: number): boolean;
-  /** Waits for room off the JS thread, then writes. */
-  writeAsync(bytes: Uint8Array, timeoutMs?: number): Promise<void>;
+  /** Waits for room off the JS thread, then writes the message, or the messages in order. */
+  writeAsync(bytes: Uint8Array | Uint8Array[], timeoutMs?: number): Promise<void>;
   /** The next message (a copy) if one arrives within spinMicros + waitMillis (blocking), else null. */
   tryRead(spinMicros?: number, waitMillis?: number): Uint8Array | null;
+  /**
+   * As tryRead, but a message that fits `inbox` is copied into it and its length returned (no new
+   * buffer per message); a larger one comes back as a copy of its own.
+   */
+  tryReadInto(inbox: Uint8Array, spinMicros: number, waitMillis: number): number | Uint8Array | null;
+  /** A reader: it is done with every message up to the `count`th it read (what it holds of them). */
+  finish(count: number): void;
+  /** The writer: how many messages every reader has finished with. */
+  readonly finished: number;
   readAsync(timeoutMs?: number): Promise<Uint8Array>;
   /** Closes the channel for every end: waiters wake with ERR_CHANNEL_CLOSED. */
   close(): void;

@@ -221,18 +221,6 @@ export class SpinPolicy {
   }
 }
 
-/** The addon's read into a caller's buffer (lib/native.ts does not declare it yet). */
-interface InboxChannel extends NativeChannel {
-  tryReadInto?(inbox: Uint8Array, spinMicros: number, waitMillis: number): number | Uint8Array | null;
-}
-
-/** writeAsync also takes a list; finish and finished (lib/native.ts does not declare them yet). */
-interface BatchChannel extends Omit<NativeChannel, 'writeAsync'> {
-  writeAsync(bytes: Uint8Array | Uint8Array[], timeoutMs?: number): Promise<void>;
-  finish(count: number): void;
-  readonly finished: number;
-}
-
 export class ChannelWriter {
   readonly name: string;
   readonly #native: NativeChannel;
@@ -264,7 +252,7 @@ export class ChannelWriter {
 
   /** Writes on the channel's thread, a list in order, each waiting up to `timeout` for room; see `written`. */
   writeAsync(bytes: Uint8Array | Uint8Array[], timeout = Infinity): Promise<void> {
-    return (this.#native as BatchChannel).writeAsync(bytes, timeout);
+    return this.#native.writeAsync(bytes, timeout);
   }
 
   /** Messages written to the channel so far, by every process. */
@@ -274,7 +262,7 @@ export class ChannelWriter {
 
   /** Messages every reader is done with (see ChannelReader.finish). */
   get finished(): number {
-    return (this.#native as unknown as BatchChannel).finished;
+    return this.#native.finished;
   }
 
   close(): void {
@@ -288,25 +276,19 @@ export class ChannelWriter {
 
 export class ChannelReader {
   readonly name: string;
-  readonly #native: InboxChannel;
+  readonly #native: NativeChannel;
   readonly spin = new SpinPolicy();
   readonly #inbox = new Uint8Array(INBOX_BYTES);
-  readonly #intoInbox: boolean;
   #hot = true;
 
   constructor(name: string, reader: number) {
     this.name = name;
     this.#native = openEnd(name, reader);
-    this.#intoInbox = typeof this.#native.tryReadInto === 'function';
   }
 
   /** The next message if one comes within `spinMicros` spinning plus `waitMillis` asleep, else null. */
   #take(spinMicros: number, waitMillis: number): Message | null {
-    if (!this.#intoInbox) {
-      const bytes = this.#native.tryRead(spinMicros, waitMillis);
-      return bytes ? decodeMessage(bytes) : null;
-    }
-    const got = this.#native.tryReadInto!(this.#inbox, spinMicros, waitMillis);
+    const got = this.#native.tryReadInto(this.#inbox, spinMicros, waitMillis);
     if (got === null) return null;
     return typeof got === 'number' ? decodeInbox(this.#inbox, got) : decodeMessage(got);
   }
@@ -356,7 +338,7 @@ export class ChannelReader {
    * CUDA IPC message's memory is in use until the execution that read it ends).
    */
   finish(count: number): void {
-    (this.#native as unknown as BatchChannel).finish(count);
+    this.#native.finish(count);
   }
 
   async #cold(timeout: number): Promise<Message> {
