@@ -389,6 +389,11 @@ export class FrameConnection<Incoming extends AnyMessage, Outgoing extends AnyMe
     process.nextTick(this.#flushNow);
   }
 
+  /** Writes what was sent so far now, rather than at the end of this tick. */
+  flush(): void {
+    this.#flush();
+  }
+
   #flush(): void {
     this.#flushScheduled = false;
     if (this.#writer.length === 0) return;

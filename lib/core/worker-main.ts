@@ -63,6 +63,11 @@ class WorkerRuntime implements Runtime {
     this.#requests = new DriverRequests((message) => this.send(message));
   }
 
+  /** Writes the messages sent so far now (see finishTask). */
+  flush(): void {
+    this.#connection.flush();
+  }
+
   send(message: WorkerMessage): void {
     // Borrows first: a ref kept from a call's arguments must be counted before the call's 'done'
     // lets the driver drop the arguments (and, with its own handle gone, delete the object).
@@ -376,6 +381,7 @@ let pumping = false;
  */
 function runTask(task: TaskMessage): void {
   running++;
+  taskStartedAt.set(task.taskId, performance.now());
   runtime.current = { taskId: task.taskId, actorId: task.actorId, gpuIds: task.gpuIds ?? runtime.current?.gpuIds ?? [] };
   if (!task.actorId) showGpus(task.gpuIds ?? []);
   const system = task.method?.startsWith(SYSTEM_PREFIX) ? systemMethod(task.method) : undefined;
@@ -411,6 +417,16 @@ function invoke(task: TaskMessage, system: ((...args: unknown[]) => unknown) | u
 }
 
 /** `outcome` is the result, or what was thrown when `failed`. */
+/**
+ * When each running task began. Messages sent in one tick leave in one write at its end, but a
+ * task that finishes inside a promise continuation starts the next queued one in that same tick:
+ * a call loop of long async calls (an actor's batches) would hold every result back until its
+ * queue ran dry, and the driver, seeing nothing done, would send no more work meanwhile. So a
+ * task that ran 1 ms or longer writes its result at once; short ones still share a write.
+ */
+const taskStartedAt = new Map<string, number>();
+const FLUSH_AFTER_MS = 1;
+
 function finishTask(task: TaskMessage, system: unknown, failed: boolean, outcome: unknown): void {
   try {
     if (failed) {
@@ -426,6 +442,9 @@ function finishTask(task: TaskMessage, system: unknown, failed: boolean, outcome
   } finally {
     running--;
     collector.taskEnded();
+    const started = taskStartedAt.get(task.taskId);
+    taskStartedAt.delete(task.taskId);
+    if (started !== undefined && runtime.queue.length > 0 && performance.now() - started >= FLUSH_AFTER_MS) runtime.flush();
     pump();
   }
 }

@@ -17,7 +17,8 @@ import {
   state,
   type ActorHandle,
 } from '../../lib/index.js';
-import { RemoteCounter, type Counter, type Recorder, RemoteFaulty, RemoteRecorder, RemoteDelegator, callThrough } from './fixtures/actors.js';
+import { RemoteBatcher, RemoteCounter, type Counter, type Recorder, RemoteFaulty, RemoteRecorder, RemoteDelegator, callThrough } from './fixtures/actors.js';
+import { writeFileSync } from 'node:fs';
 import { gated } from './fixtures/core.js';
 import { isAlive, openGate, rejection, scratch, started, until } from './helpers.js';
 
@@ -51,6 +52,21 @@ describe('actors', () => {
     expect(actorState(counter.actorId)).toMatchObject({ className: 'Counter', state: 'alive', pid: actorPid });
     // A dedicated process, not one of the pooled task workers.
     expect(state().workers.find((worker) => worker.pid === actorPid)?.state).toBe('actor');
+  });
+
+  it('report each long call as it ends, while later queued calls still run', async () => {
+    // The result of call 1 must reach the driver while call 3 runs: before, results of calls that
+    // end inside promise continuations were held back until the actor's queue ran dry.
+    const batcher = RemoteBatcher.remote();
+    await get(batcher.work.remote(0));
+    const seen = files.path('first-result');
+    const first = batcher.work.remote(50);
+    const second = batcher.work.remote(50);
+    const third = batcher.untilSeen.remote(seen, 10_000);
+    expect(await get(first)).toBe(50);
+    writeFileSync(seen, '');
+    expect(await get(third)).toBe(true);
+    expect(await get(second)).toBe(50);
   });
 
   it('take refs as constructor and method arguments', async () => {
