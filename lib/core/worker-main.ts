@@ -71,7 +71,7 @@ class WorkerRuntime implements Runtime {
   send(message: WorkerMessage): void {
     // Borrows first: a ref kept from a call's arguments must be counted before the call's 'done'
     // lets the driver drop the arguments (and, with its own handle gone, delete the object).
-    if (this.#borrowAdd.length > 0 || this.#borrowDrop.length > 0) this.#sendBorrows();
+    this.#sendBorrows();
     this.#connection.send(message);
   }
 
@@ -102,11 +102,13 @@ class WorkerRuntime implements Runtime {
     this.#borrowFlush = true;
     queueMicrotask(() => {
       this.#borrowFlush = false;
-      if (this.#borrowAdd.length > 0 || this.#borrowDrop.length > 0) this.#sendBorrows();
+      this.#sendBorrows();
     });
   }
 
+  /** Sends the borrows and drops not yet reported, if any. */
   #sendBorrows(): void {
+    if (this.#borrowAdd.length === 0 && this.#borrowDrop.length === 0) return;
     const message: WorkerMessage = { t: 'borrow', add: this.#borrowAdd, drop: this.#borrowDrop };
     this.#borrowAdd = [];
     this.#borrowDrop = [];
@@ -381,7 +383,7 @@ let pumping = false;
  */
 function runTask(task: TaskMessage): void {
   running++;
-  taskStartedAt.set(task.taskId, performance.now());
+  const started = performance.now();
   runtime.current = { taskId: task.taskId, actorId: task.actorId, gpuIds: task.gpuIds ?? runtime.current?.gpuIds ?? [] };
   if (!task.actorId) showGpus(task.gpuIds ?? []);
   const system = task.method?.startsWith(SYSTEM_PREFIX) ? systemMethod(task.method) : undefined;
@@ -390,16 +392,16 @@ function runTask(task: TaskMessage): void {
     const args = resolveArgs(task.args, task.resolved);
     outcome = isThenable(args) ? args.then((resolved) => invoke(task, system, resolved)) : invoke(task, system, args);
   } catch (error) {
-    finishTask(task, system, true, error);
+    finishTask(task, system, started, true, error);
     return;
   }
   if (isThenable(outcome)) {
     Promise.resolve(outcome).then(
-      (result) => finishTask(task, system, false, result),
-      (error: unknown) => finishTask(task, system, true, error),
+      (result) => finishTask(task, system, started, false, result),
+      (error: unknown) => finishTask(task, system, started, true, error),
     );
   } else {
-    finishTask(task, system, false, outcome);
+    finishTask(task, system, started, false, outcome);
   }
 }
 
@@ -416,18 +418,17 @@ function invoke(task: TaskMessage, system: ((...args: unknown[]) => unknown) | u
   return loadRegistered(task.fn!).then((loaded) => (loaded as (...a: unknown[]) => unknown)(...args));
 }
 
-/** `outcome` is the result, or what was thrown when `failed`. */
 /**
- * When each running task began. Messages sent in one tick leave in one write at its end, but a
- * task that finishes inside a promise continuation starts the next queued one in that same tick:
- * a call loop of long async calls (an actor's batches) would hold every result back until its
- * queue ran dry, and the driver, seeing nothing done, would send no more work meanwhile. So a
- * task that ran 1 ms or longer writes its result at once; short ones still share a write.
+ * Messages sent in one tick leave in one write at its end, but a task that finishes inside a
+ * promise continuation starts the next queued one in that same tick: a call loop of long async
+ * calls (an actor's batches) would hold every result back until its queue ran dry, and the
+ * driver, seeing nothing done, would send no more work meanwhile. So a task that ran this long
+ * writes its result at once; short ones still share a write.
  */
-const taskStartedAt = new Map<string, number>();
 const FLUSH_AFTER_MS = 1;
 
-function finishTask(task: TaskMessage, system: unknown, failed: boolean, outcome: unknown): void {
+/** `outcome` is the result, or what was thrown when `failed`; `started` is when the task began. */
+function finishTask(task: TaskMessage, system: unknown, started: number, failed: boolean, outcome: unknown): void {
   try {
     if (failed) {
       runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(outcome) });
@@ -442,9 +443,7 @@ function finishTask(task: TaskMessage, system: unknown, failed: boolean, outcome
   } finally {
     running--;
     collector.taskEnded();
-    const started = taskStartedAt.get(task.taskId);
-    taskStartedAt.delete(task.taskId);
-    if (started !== undefined && runtime.queue.length > 0 && performance.now() - started >= FLUSH_AFTER_MS) runtime.flush();
+    if (runtime.queue.length > 0 && performance.now() - started >= FLUSH_AFTER_MS) runtime.flush();
     pump();
   }
 }

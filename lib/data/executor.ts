@@ -205,6 +205,18 @@ abstract class Operator {
   }
 
   /** What a task needs to write its output through a fused sink, or null. */
+  /**
+   * A unit retried by this operator (not the runtime) whose worker died runs again while
+   * maxRetries allows, as its next attempt: true when `again` was called.
+   */
+  protected retriedAfterCrash(unit: Unit, error: unknown, what: string, again: () => void): boolean {
+    if (!(error instanceof WorkerCrashedError) || unit.attempts >= this.executor.options.maxRetries) return false;
+    unit.attempts++;
+    this.executor.warn(`${this.name}: ${what}'s worker died; retrying (attempt ${unit.attempts + 1})`);
+    again();
+    return true;
+  }
+
   protected get hasFusedSink(): boolean {
     return this.#fusedSink !== undefined;
   }
@@ -581,12 +593,7 @@ abstract class TaskOperator extends Operator {
         this.#running.delete(unit);
         ref[Symbol.dispose]();
         if (this.executor.failed) return this.dropUnit(unit);
-        if (this.hasFusedSink && error instanceof WorkerCrashedError && unit.attempts < this.executor.options.maxRetries) {
-          unit.attempts++;
-          this.executor.warn(`${this.name}: task ${unit.seq}'s worker died; retrying (attempt ${unit.attempts + 1})`);
-          this.#attempt(unit);
-          return;
-        }
+        if (this.hasFusedSink && this.retriedAfterCrash(unit, error, `task ${unit.seq}`, () => this.#attempt(unit))) return;
         this.onInfrastructureError(unit, error);
       },
     );
@@ -1145,12 +1152,7 @@ class WriteOperator extends Operator {
       (error: unknown) => {
         ref[Symbol.dispose]();
         if (this.executor.failed) return this.dropUnit(unit);
-        if (error instanceof WorkerCrashedError && unit.attempts < this.executor.options.maxRetries) {
-          unit.attempts++;
-          this.executor.warn(`${this.name}: write task ${unit.seq}'s worker died; retrying (attempt ${unit.attempts + 1})`);
-          this.#attempt(unit);
-          return;
-        }
+        if (this.retriedAfterCrash(unit, error, `write task ${unit.seq}`, () => this.#attempt(unit))) return;
         this.onInfrastructureError(unit, error);
       },
     );
