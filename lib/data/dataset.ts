@@ -395,15 +395,19 @@ async function describePhysical(
       return { text: `${operator.name}: ${tasks.length} read tasks${fused(operator.stages)}${rows !== undefined ? `, ${rows} rows` : ''}`, blocks: tasks.length, rows };
     }
     case 'task-map': {
-      const calls = operator.bundleRows && upstreamRows !== undefined ? Math.ceil(upstreamRows / operator.bundleRows) : upstreamBlocks;
-      return { text: `${operator.name}: ${approx(calls)} tasks${fused(operator.stages.slice(1))}`, blocks: calls, rows: upstreamRows };
+      if (operator.bundleRows) {
+        const batches = upstreamRows !== undefined ? Math.ceil(upstreamRows / operator.bundleRows) : undefined;
+        return { text: `${operator.name}: ${approx(batches)} batches of ${operator.bundleRows} rows, several to a task${fused(operator.stages.slice(1))}`, blocks: batches ?? upstreamBlocks, rows: upstreamRows };
+      }
+      return { text: `${operator.name}: ${approx(upstreamBlocks)} tasks${fused(operator.stages.slice(1))}`, blocks: upstreamBlocks, rows: upstreamRows };
     }
     case 'actor-map': {
-      const calls = operator.bundleRows && upstreamRows !== undefined ? Math.ceil(upstreamRows / operator.bundleRows) : upstreamBlocks;
+      const batches = operator.bundleRows && upstreamRows !== undefined ? Math.ceil(upstreamRows / operator.bundleRows) : undefined;
       const max = operator.pool.max === Infinity ? 'as resources allow' : String(operator.pool.max);
+      const work = operator.bundleRows ? `${approx(batches)} batches of ${operator.bundleRows} rows, several to a call` : `${approx(upstreamBlocks)} calls`;
       return {
-        text: `${operator.name}: actor pool of ${operator.pool.min}..${max} actors, ${approx(calls)} calls${operator.bundleRows ? ` of ${operator.bundleRows} rows` : ''}${fused(operator.following)}`,
-        blocks: calls,
+        text: `${operator.name}: actor pool of ${operator.pool.min}..${max} actors, ${work}${fused(operator.following)}`,
+        blocks: batches ?? upstreamBlocks,
         rows: upstreamRows,
       };
     }

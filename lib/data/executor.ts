@@ -122,6 +122,9 @@ interface Unit {
 
 const noBlocks: InputBlock[] = [];
 
+/** The most batches one call of a batch stage carries (see Operator.unitRows). */
+const MAX_BATCHES_PER_UNIT = 16;
+
 function unitRows(blocks: readonly InputBlock[]): number {
   return blocks.reduce((sum, block) => sum + block.meta.rows, 0);
 }
@@ -204,7 +207,6 @@ abstract class Operator {
     if (spec.kind !== 'write' && 'sink' in spec && spec.sink) this.#fusedSink = shipInstance(spec.sink, 'write()');
   }
 
-  /** What a task needs to write its output through a fused sink, or null. */
   /**
    * A unit retried by this operator (not the runtime) whose worker died runs again while
    * maxRetries allows, as its next attempt: true when `again` was called.
@@ -221,6 +223,7 @@ abstract class Operator {
     return this.#fusedSink !== undefined;
   }
 
+  /** What a task needs to write its output through a fused sink, or null. */
   protected fusedWrite(unit: Unit): FusedWrite | null {
     if (!this.#fusedSink) return null;
     return { sink: this.#fusedSink, context: { taskIndex: unit.seq, attempt: unit.attempts, writeId: this.executor.writeId } };
@@ -280,11 +283,40 @@ abstract class Operator {
 
   /** Input bytes of the unit that would launch next. */
   nextUnitBytes(): number {
-    const bundleRows = 'bundleRows' in this.spec ? this.spec.bundleRows : undefined;
+    const rows = this.unitRows();
     const head = this.inputs.peek();
     if (!head) return 0;
-    if (bundleRows === undefined || head.meta.rows === 0) return head.meta.bytes;
-    return Math.ceil((bundleRows * Math.max(this.inputBytes, head.meta.bytes)) / Math.max(1, this.inputRows, head.meta.rows));
+    if (rows === undefined || head.meta.rows === 0) return head.meta.bytes;
+    return Math.ceil((rows * Math.max(this.inputBytes, head.meta.bytes)) / Math.max(1, this.inputRows, head.meta.rows));
+  }
+
+  /** Rows in a batch of this operator's stage, when it cuts its input into batches. */
+  get batchRows(): number | undefined {
+    return 'bundleRows' in this.spec ? this.spec.bundleRows : undefined;
+  }
+
+  /** How many units of this operator can run or wait at their workers at once. */
+  protected concurrentUnits(): number {
+    return 1;
+  }
+
+  /**
+   * Rows of the next unit of a batch stage: a whole number of batches, so every batch but the
+   * job's last keeps batchSize rows. One batch per call made the driver's cost per call (and
+   * the worker's: a message, a reply, a stored block) a share of every batch; a call of many
+   * batches spreads it. Units still get no larger than an even share of the queued rows over
+   * the units that run at once, so the tail of a job is cut fine and no worker is left with the
+   * last big unit while the others wait; nor larger than MAX_BATCHES_PER_UNIT batches or a
+   * block's maximum bytes, which bounds the work a worker death loses and the memory a call holds.
+   */
+  protected unitRows(): number | undefined {
+    const batch = this.batchRows;
+    if (batch === undefined) return undefined;
+    let batches = Math.min(MAX_BATCHES_PER_UNIT, Math.floor(this.inputRows / Math.max(1, this.concurrentUnits()) / batch));
+    if (this.inputRows > 0 && this.inputBytes > 0) {
+      batches = Math.min(batches, Math.floor(this.executor.options.maxBlockBytes / ((this.inputBytes / this.inputRows) * batch)));
+    }
+    return Math.max(1, batches) * batch;
   }
 
   takeInput(block: InputBlock): void {
@@ -703,8 +735,11 @@ class TaskMapOperator extends TaskOperator {
   capacity(): number {
     return this.executor.taskSlots(this.spec.compute);
   }
+  protected override concurrentUnits(): number {
+    return this.executor.taskSlots(this.spec.compute);
+  }
   launch(): void {
-    this.run(this.nextUnit(this.spec.bundleRows));
+    this.run(this.nextUnit(this.unitRows()));
   }
   protected submit(unit: Unit): ObjectRef<TaskResult> {
     return dataTask
@@ -842,6 +877,11 @@ class ActorMapOperator extends Operator {
     return this.inputs.length + this.#retry.length;
   }
 
+  /** A unit waiting for its retry is work still to do, even with the input queue empty. */
+  override done(): boolean {
+    return (this.#retry.length === 0 || this.truncated) && super.done();
+  }
+
   hasWork(): boolean {
     if (this.truncated) return false;
     return this.#retry.length > 0 || this.hasUnitOf(this.spec.bundleRows);
@@ -864,9 +904,15 @@ class ActorMapOperator extends Operator {
     return this.#retry.peek()?.bytes ?? super.nextUnitBytes();
   }
 
+  /** Every call the pool could hold at its largest: its tail is cut for that many. */
+  protected override concurrentUnits(): number {
+    const actors = Number.isFinite(this.pool.max) ? this.pool.max : Math.max(this.pool.min, this.#actors.size, 1);
+    return actors * this.pool.maxTasksInFlightPerActor;
+  }
+
   launch(): void {
     const actor = this.#freeActor()!;
-    const unit = this.#retry.length > 0 ? this.#retry.shift()! : this.nextUnit(this.spec.bundleRows);
+    const unit = this.#retry.length > 0 ? this.#retry.shift()! : this.nextUnit(this.unitRows());
     actor.inflight++;
     this.began(unit);
     const ref = actor.handle.process.remote(taskTargets(this.executor), this.fusedWrite(unit), slicesOf(unit.blocks), ...(unit.blocks.map((block) => block.ref) as unknown as Block[])) as ObjectRef<TaskResult>;

@@ -136,6 +136,31 @@ describe('actor pools', () => {
     expect(loads(dir)).toHaveLength(2);
   });
 
+  it('the job waits for a retried batch even when it was the last work left', async () => {
+    const dir = loadsDir();
+    const gate = scratchDir.path('kill-last');
+    // One block, one batch: when its actor dies, nothing else is queued.
+    const ds = fromItems(sequence(10).map((id) => ({ id })), { parallelism: 1 }).mapBatches(RecordingModel, {
+      constructorArgs: [dir],
+      fnArgs: [gate],
+      concurrency: 1,
+      batchSize: 10,
+    });
+    const rows = ds.takeAll();
+    let victim: number;
+    try {
+      await until(() => startedPids(gate).length === 1, 'the actor to take the batch');
+      [victim] = startedPids(gate);
+      process.kill(victim, 'SIGKILL');
+      await until(() => !isAlive(victim), 'the actor to die');
+    } finally {
+      openGate(gate);
+    }
+    const out = await rows;
+    expect(ids(out)).toEqual(sequence(10));
+    expect(out.some((row) => row.pid === victim)).toBe(false);
+  });
+
   it('a pool the cluster cannot hold fails at once, naming the class and what it needs', async () => {
     const error = await rejection(fromItems(sequence(10)).mapBatches(BrokenModel, { numGpus: 1, concurrency: 3 }).takeAll());
     expect(error).toBeInstanceOf(DataError);

@@ -56,6 +56,27 @@ describe('transforms', () => {
     expect(single.map((row) => row.size)).toEqual([...Array(14).fill(7), 2]);
   });
 
+  it('an actor pool call carries several whole batches, and the tail is cut to single batches', async () => {
+    // 2,048 rows in blocks of 256, batches of 16: 128 batches for 2 actors x 4 calls in flight.
+    const tables = Array.from({ length: 8 }, (_, block) => tableFromArrays({ id: Int32Array.from({ length: 256 }, (_, row) => block * 256 + row) }));
+    const mapped = fromArrow(tables).mapBatches(Scaler, { constructorArgs: [2], batchSize: 16, concurrency: 2 });
+    const rows = await mapped.takeAll();
+    expect(ids(rows)).toEqual(sequence(2048));
+    // Small outputs are joined per call: each output block is one call's batches, in order.
+    const plan = (await mapped.materialize()).logicalPlan[0];
+    const calls = plan.op === 'input' ? plan.blocks.map((block) => block.meta.rows) : [];
+    expect(calls.reduce((sum, rows) => sum + rows, 0)).toBe(2048);
+    expect(calls.every((rows) => rows % 16 === 0)).toBe(true);
+    // Far fewer calls than batches: the first calls carry 16 batches each...
+    expect(calls.length).toBeLessThan(64);
+    expect(calls[0]).toBe(256);
+    // ...and the last ones one batch each, so no actor is left with a long last call.
+    expect(calls.slice(-3)).toEqual([16, 16, 16]);
+    // Each batch still has exactly batchSize rows.
+    const sizes = await fromArrow(tables).mapBatches(batchSizes, { batchFormat: 'rows', batchSize: 16, concurrency: 2 }).takeAll();
+    expect(sizes.every((row) => row.size === 16)).toBe(true);
+  });
+
   it('a class runs on an actor pool with its constructor arguments', async () => {
     const rows = await readDatasource(new NumbersSource(40, 10)).mapBatches(Scaler, { constructorArgs: [3], batchSize: 16, concurrency: 1 }).takeAll();
     expect(ids(rows)).toEqual(sequence(40));
@@ -238,7 +259,7 @@ describe('plans', () => {
     expect(text).toContain('Logical plan:');
     expect(text).toContain('Physical plan:');
     expect(text).toMatch(/1\. ReadRange->Map\(double\)->Filter\(isEven\): 4 read tasks/);
-    expect(text).toMatch(/2\. MapBatches\(Scaler\)->Map\(double\): actor pool of 1\.\.3 actors, ~\d+ calls of 100 rows/);
+    expect(text).toMatch(/2\. MapBatches\(Scaler\)->Map\(double\): actor pool of 1\.\.3 actors, ~\d+ batches of 100 rows, several to a call/);
     expect(text).toMatch(/3\. Limit\(10\)/);
     const log = vi.spyOn(console, 'log').mockImplementation(() => {});
     try {
