@@ -1,7 +1,8 @@
 /**
  * Data suite. pipeline_rows_per_s: the example's classifier through mapBatches on 2 CPU actors,
  * start to finish (actor start-up included); single_process_rows_per_s: the same model over the
- * same batches in one plain loop, in this run (each the median of three alternating rounds);
+ * same batches in one plain loop, in this run (each the median of five alternating rounds, each
+ * round's pair printed to stderr);
  * block_overhead_ms: wall time per block of an identity map, with task_roundtrip_ms, one trivial
  * task per block through the core runtime, as its floor (both in steady state: the median of five
  * runs after five warm-up runs).
@@ -19,7 +20,7 @@ export const passBlock = remote(import.meta, function passBlock(block: Block) {
 const ROWS = 16_384;
 const BATCH = 64;
 const OVERHEAD_BLOCKS = 400;
-const PIPELINE_ROUNDS = 3;
+const PIPELINE_ROUNDS = 5;
 
 /** Milliseconds per block of `run` (over OVERHEAD_BLOCKS blocks): the median of 5 runs after 5 warm-up runs. */
 async function steadyMs(run: () => Promise<void>): Promise<number> {
@@ -70,6 +71,8 @@ export const dataSuite: Suite = {
     }
     const single = median(singles);
     const pipeline = median(pipelines);
+    // stderr, so that --json stays one object: how far the rounds spread on this machine.
+    console.error(`data rounds (pipeline / single rows/s): ${pipelines.map((value, index) => `${Math.round(value)} / ${Math.round(singles[index])}`).join(', ')}`);
 
     await init({ numCpus: 2 });
     try {

@@ -86,32 +86,6 @@ export function starving(): boolean {
 
 export const eventLoopTurn = yieldToEventLoop;
 
-/**
- * Ends not released yet. Each has a thread and a thread-safe function of its own; one still open
- * when the process exits is finalized while Node tears down those functions, which aborts the
- * process (exit code 134). So whatever is left is released on 'exit', while that is still safe.
- */
-const openEnds = new Set<NativeChannel>();
-let exitHooked = false;
-
-function openEnd(name: string, reader: number): NativeChannel {
-  const end = new native.NativeChannel(name, reader);
-  openEnds.add(end);
-  if (!exitHooked) {
-    exitHooked = true;
-    process.on('exit', () => {
-      for (const open of openEnds) open.release();
-      openEnds.clear();
-    });
-  }
-  return end;
-}
-
-function releaseEnd(end: NativeChannel): void {
-  openEnds.delete(end);
-  end.release();
-}
-
 export function createChannel(slots: number, readers: number, slotBytes: number): string {
   const name = `trellis-${process.pid}-ch-${newObjectId().slice(0, 12)}`;
   native.NativeChannel.create(name, slots, readers, slotBytes);
@@ -227,7 +201,7 @@ export class ChannelWriter {
 
   constructor(name: string) {
     this.name = name;
-    this.#native = openEnd(name, -1);
+    this.#native = new native.NativeChannel(name, -1);
   }
 
   /** Writes now if there is room; false when the ring is full (nothing written). */
@@ -270,7 +244,7 @@ export class ChannelWriter {
   }
 
   release(): void {
-    releaseEnd(this.#native);
+    this.#native.release();
   }
 }
 
@@ -283,7 +257,7 @@ export class ChannelReader {
 
   constructor(name: string, reader: number) {
     this.name = name;
-    this.#native = openEnd(name, reader);
+    this.#native = new native.NativeChannel(name, reader);
   }
 
   /** The next message if one comes within `spinMicros` spinning plus `waitMillis` asleep, else null. */
@@ -352,7 +326,7 @@ export class ChannelReader {
   }
 
   release(): void {
-    releaseEnd(this.#native);
+    this.#native.release();
   }
 }
 

@@ -57,7 +57,9 @@ class ChannelBinding : public Napi::ObjectWrap<ChannelBinding> {
     Guarded(info.Env(), [&] {
       name_ = info[0].ToString().Utf8Value();
       channel_ = std::make_shared<Channel>(name_, info[1].As<Napi::Number>().Int32Value());
-      executor_ = std::make_unique<SerialExecutor>(info.Env(), "trellis-channel", [this] { Ref(); }, [this] { Unref(); });
+      // A thread blocked in a wait returns on close; the channel is unusable afterwards anyway.
+      executor_ = std::make_unique<SerialExecutor>(info.Env(), "trellis-channel", [this] { Ref(); }, [this] { Unref(); },
+                                                   [this] { if (channel_) channel_->Close(); });
       return 0;
     });
   }
@@ -213,8 +215,6 @@ class ChannelBinding : public Napi::ObjectWrap<ChannelBinding> {
 
   void StopExecutor() {
     if (!executor_) return;
-    // A thread blocked in a wait returns on close; the channel is unusable afterwards anyway.
-    if (executor_->pending() > 0 && channel_) channel_->Close();
     executor_->Stop();
     executor_.reset();
   }

@@ -70,7 +70,11 @@ class CommunicatorBinding : public Napi::ObjectWrap<CommunicatorBinding> {
       communicator_ = std::make_shared<ShmCommunicator>(name, IntArgument(info[1], "rank"), IntArgument(info[2], "size"),
                                                         info[3].IsNumber() ? info[3].As<Napi::Number>().Int64Value() : 60000);
       // Pending operations keep this object (and the process) alive.
-      executor_ = std::make_unique<SerialExecutor>(info.Env(), "trellis-communicator", [this] { Ref(); }, [this] { Unref(); });
+      // Work still waiting on peers would wait forever once this rank stops (destroyed, or its
+      // process exiting): the group is aborted, as ncclCommAbort does.
+      executor_ = std::make_unique<SerialExecutor>(info.Env(), "trellis-communicator", [this] { Ref(); }, [this] { Unref(); }, [this] {
+        if (communicator_) communicator_->Abort("a rank destroyed its communicator with work pending");
+      });
       return 0;
     });
   }
@@ -104,8 +108,6 @@ class CommunicatorBinding : public Napi::ObjectWrap<CommunicatorBinding> {
   void Stop() {
     if (stopped_ || !executor_) return;
     stopped_ = true;
-    // Work still waiting on peers would wait forever: abort the group (as ncclCommAbort does).
-    if (executor_->pending() > 0 && communicator_) communicator_->Abort("a rank destroyed its communicator with work pending");
     executor_->Stop();
   }
 

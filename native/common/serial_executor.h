@@ -1,6 +1,13 @@
 // Runs blocking work in order on one thread of its own and settles a promise per job on the JS
 // thread. Used by objects whose operations wait on other processes (communicators, channels), so
 // that waiting never blocks the event loop nor occupies libuv's thread pool.
+//
+// Lifetime: the worker thread and the completions it queues share a core with the executor, so a
+// completion that reaches the JS thread after the executor was stopped (its owner released) still
+// settles its promise without touching the executor. The executor also stops itself in an
+// environment cleanup hook: an owner still open when the process exits is stopped (its wait
+// interrupted, its thread joined, its thread-safe function released) before Node tears down
+// thread-safe functions and finalizes objects, which otherwise aborts the process.
 #pragma once
 
 #include <napi.h>
@@ -24,15 +31,25 @@ class SerialExecutor {
   using Finish = std::function<Napi::Value(Napi::Env)>;
 
   // on_busy/on_idle run on the JS thread when the first job is queued / the last one settles
-  // (owners keep themselves alive between the two).
-  SerialExecutor(Napi::Env env, const char* name, std::function<void()> on_busy, std::function<void()> on_idle)
-      : on_busy_(std::move(on_busy)), on_idle_(std::move(on_idle)) {
-    tsfn_ = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}), name, 0, 1);
-    tsfn_.Unref(env);
-    thread_ = std::thread([this] { Run(); });
+  // (owners keep themselves alive between the two). interrupt runs on the JS thread when the
+  // executor stops with work pending: it must make a running job return (close the channel,
+  // abort the group), since stopping joins the thread.
+  SerialExecutor(Napi::Env env, const char* name, std::function<void()> on_busy, std::function<void()> on_idle,
+                 std::function<void()> interrupt)
+      : env_(env), core_(std::make_shared<Core>()), interrupt_(std::move(interrupt)) {
+    core_->on_busy = std::move(on_busy);
+    core_->on_idle = std::move(on_idle);
+    core_->tsfn = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}), name, 0, 1);
+    core_->tsfn.Unref(env);
+    NAPI_THROW_IF_FAILED_VOID(env, napi_add_env_cleanup_hook(env, &SerialExecutor::OnEnvironmentCleanup, this));
+    hooked_ = true;
+    thread_ = std::thread([core = core_] { Run(core); });
   }
 
-  ~SerialExecutor() { Stop(); }
+  ~SerialExecutor() {
+    Stop();
+    if (hooked_) napi_remove_env_cleanup_hook(env_, &SerialExecutor::OnEnvironmentCleanup, this);
+  }
   SerialExecutor(const SerialExecutor&) = delete;
   SerialExecutor& operator=(const SerialExecutor&) = delete;
 
@@ -42,52 +59,28 @@ class SerialExecutor {
     Napi::Value promise = job->deferred.Promise();
     bool first;
     {
-      std::lock_guard<std::mutex> guard(mutex_);
-      if (stopping_) throw NativeError("ERR_DESTROYED", "the object was destroyed");
-      first = pending_++ == 0;
-      queue_.push_back(job);
+      std::lock_guard<std::mutex> guard(core_->mutex);
+      if (core_->stopping) throw NativeError("ERR_DESTROYED", "the object was destroyed");
+      first = core_->pending++ == 0;
+      core_->queue.push_back(job);
     }
     if (first) {
-      tsfn_.Ref(env);
-      on_busy_();
+      core_->tsfn.Ref(env);
+      core_->on_busy();
     }
-    ready_.notify_one();
+    core_->ready.notify_one();
     return promise;
   }
 
   size_t pending() {
-    std::lock_guard<std::mutex> guard(mutex_);
-    return pending_;
+    std::lock_guard<std::mutex> guard(core_->mutex);
+    return core_->pending;
   }
 
-  // Finishes the job running now (the owner must make it return, e.g. by aborting its wait) and
-  // drops jobs not started.
-  void Stop() {
-    {
-      std::lock_guard<std::mutex> guard(mutex_);
-      if (stopped_) return;
-      stopping_ = stopped_ = true;
-    }
-    ready_.notify_all();
-    if (thread_.joinable()) thread_.join();
-    // Jobs never started fail rather than hang (Stop runs on the JS thread).
-    std::deque<std::shared_ptr<Job>> dropped;
-    {
-      std::lock_guard<std::mutex> guard(mutex_);
-      dropped.swap(queue_);
-    }
-    for (auto& job : dropped) {
-      Napi::Env env = job->deferred.Env();
-      job->deferred.Reject(ToJsError(env, NativeError("ERR_DESTROYED", "the object was destroyed before this operation ran")).Value());
-      bool idle;
-      {
-        std::lock_guard<std::mutex> guard(mutex_);
-        idle = --pending_ == 0;
-      }
-      if (idle) on_idle_();
-    }
-    tsfn_.Release();
-  }
+  // Interrupts the job running now (through interrupt), joins the thread and fails jobs not
+  // started. Completions already queued still settle their promises when the JS thread reaches
+  // them. Runs on the JS thread; a second call does nothing.
+  void Stop() { StopFrom(false); }
 
  private:
   struct Job {
@@ -98,15 +91,66 @@ class SerialExecutor {
     std::unique_ptr<NativeError> error;
   };
 
-  void Run() {
+  // What the thread and queued completions share with the executor (and outlive it with).
+  struct Core {
+    std::mutex mutex;
+    std::condition_variable ready;
+    std::deque<std::shared_ptr<Job>> queue;
+    size_t pending = 0;
+    bool stopping = false;
+    // Set once stopped: completions settle their promise but leave the owner's bookkeeping alone.
+    bool detached = false;
+    std::function<void()> on_busy;
+    std::function<void()> on_idle;
+    Napi::ThreadSafeFunction tsfn;
+  };
+
+  static void OnEnvironmentCleanup(void* data) {
+    auto* self = static_cast<SerialExecutor*>(data);
+    self->hooked_ = false;
+    self->StopFrom(true);
+  }
+
+  void StopFrom(bool exiting) {
+    bool busy;
+    {
+      std::lock_guard<std::mutex> guard(core_->mutex);
+      if (core_->stopping) return;
+      core_->stopping = true;
+      busy = core_->pending > 0;
+    }
+    if (busy && interrupt_) interrupt_();
+    core_->ready.notify_all();
+    if (thread_.joinable()) thread_.join();
+    std::deque<std::shared_ptr<Job>> dropped;
+    bool was_busy;
+    {
+      std::lock_guard<std::mutex> guard(core_->mutex);
+      dropped.swap(core_->queue);
+      was_busy = core_->pending > 0;
+      core_->pending = 0;
+      core_->detached = true;
+    }
+    // At exit nothing may call into JavaScript any more: the jobs are dropped unsettled.
+    if (!exiting) {
+      for (auto& job : dropped) {
+        Napi::Env env = job->deferred.Env();
+        job->deferred.Reject(ToJsError(env, NativeError("ERR_DESTROYED", "the object was destroyed before this operation ran")).Value());
+      }
+      if (was_busy) core_->on_idle();
+    }
+    core_->tsfn.Release();
+  }
+
+  static void Run(std::shared_ptr<Core> core) {
     for (;;) {
       std::shared_ptr<Job> job;
       {
-        std::unique_lock<std::mutex> lock(mutex_);
-        ready_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-        if (stopping_ || queue_.empty()) return;
-        job = queue_.front();
-        queue_.pop_front();
+        std::unique_lock<std::mutex> lock(core->mutex);
+        core->ready.wait(lock, [&] { return core->stopping || !core->queue.empty(); });
+        if (core->stopping || core->queue.empty()) return;
+        job = core->queue.front();
+        core->queue.pop_front();
       }
       try {
         job->work();
@@ -115,40 +159,39 @@ class SerialExecutor {
       } catch (const std::exception& error) {
         job->error = std::make_unique<NativeError>("ERR_NATIVE", error.what());
       }
-      tsfn_.BlockingCall([this, job](Napi::Env env, Napi::Function) {
-        if (job->error) {
-          job->deferred.Reject(ToJsError(env, *job->error).Value());
-        } else {
-          try {
-            job->deferred.Resolve(job->finish ? job->finish(env) : env.Undefined());
-          } catch (const Napi::Error& error) {
-            job->deferred.Reject(error.Value());
-          }
-        }
-        job->keep.clear();
-        bool idle;
-        {
-          std::lock_guard<std::mutex> guard(mutex_);
-          idle = --pending_ == 0;
-        }
-        if (idle) {
-          tsfn_.Unref(env);
-          on_idle_();
-        }
-      });
+      // Fails only while the environment is going away; the job is then dropped with it.
+      core->tsfn.BlockingCall([core, job](Napi::Env env, Napi::Function) { Settle(core, job, env); });
     }
   }
 
-  std::function<void()> on_busy_;
-  std::function<void()> on_idle_;
-  Napi::ThreadSafeFunction tsfn_;
+  static void Settle(const std::shared_ptr<Core>& core, const std::shared_ptr<Job>& job, Napi::Env env) {
+    if (job->error) {
+      job->deferred.Reject(ToJsError(env, *job->error).Value());
+    } else {
+      try {
+        job->deferred.Resolve(job->finish ? job->finish(env) : env.Undefined());
+      } catch (const Napi::Error& error) {
+        job->deferred.Reject(error.Value());
+      }
+    }
+    job->keep.clear();
+    bool idle;
+    {
+      std::lock_guard<std::mutex> guard(core->mutex);
+      if (core->detached) return;
+      idle = --core->pending == 0;
+    }
+    if (idle) {
+      core->tsfn.Unref(env);
+      core->on_idle();
+    }
+  }
+
+  Napi::Env env_;
+  std::shared_ptr<Core> core_;
+  std::function<void()> interrupt_;
   std::thread thread_;
-  std::mutex mutex_;
-  std::condition_variable ready_;
-  std::deque<std::shared_ptr<Job>> queue_;
-  size_t pending_ = 0;
-  bool stopping_ = false;
-  bool stopped_ = false;
+  bool hooked_ = false;
 };
 
 }  // namespace trellis

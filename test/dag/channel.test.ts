@@ -87,7 +87,8 @@ describe('channel ends at exit', () => {
   it('a process that ends with channel ends still open (one has used its thread) exits cleanly', () => {
     const script = fileURLToPath(new URL('./fixtures/exit-with-open-ends.ts', import.meta.url));
     const child = spawnSync(process.execPath, ['--import', 'tsx', script], { encoding: 'utf8', timeout: 30_000 });
-    // Without the release on 'exit', Node aborted while tearing the ends' thread-safe functions down (134).
+    // Node aborted (134) when it tore the ends' thread-safe functions down before finalizing the
+    // ends; each end's executor now stops itself in an environment cleanup hook first.
     expect({ status: child.status, signal: child.signal }).toEqual({ status: 0, signal: null });
   });
 });

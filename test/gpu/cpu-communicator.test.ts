@@ -1,3 +1,5 @@
+import { spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { readdirSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createCollectiveGroup, get, init, kill, shutdown, state, CommunicatorError, TaskError, type ActorHandle, type DType } from '../../lib/index.js';
@@ -139,5 +141,14 @@ describe('CPU communicator across worker processes', () => {
     // Refused before any segment was made: none of this process's communicator segments remain.
     const leftovers = readdirSync('/dev/shm').filter((name) => name.startsWith(`trellis-${process.pid}-comm-`));
     expect(leftovers).toEqual([]);
+  });
+});
+
+describe('CPU communicators at exit', () => {
+  const script = fileURLToPath(new URL('./fixtures/exit-with-open-communicator.ts', import.meta.url));
+  it.each(['idle', 'waiting'])('a process that exits with a communicator still open (%s) exits cleanly and at once', (mode) => {
+    // 'waiting': its thread waits on a peer for up to 10 minutes; exit must interrupt it, not join it.
+    const child = spawnSync(process.execPath, ['--import', 'tsx', script, mode], { encoding: 'utf8', timeout: 30_000 });
+    expect({ status: child.status, signal: child.signal, stderr: child.stderr }).toEqual({ status: 0, signal: null, stderr: '' });
   });
 });
