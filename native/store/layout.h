@@ -17,7 +17,7 @@
 namespace trellis::store {
 
 constexpr uint64_t kSegmentMagic = 0x45524f5453524c54ull;  // "TLRSTORE" little-endian
-constexpr uint32_t kLayoutVersion = 2;
+constexpr uint32_t kLayoutVersion = 3;
 constexpr uint64_t kAlignment = 64;
 constexpr uint64_t kBlockHeaderSize = 64;
 constexpr uint64_t kMinSplitRemainder = 2 * kBlockHeaderSize;
@@ -113,6 +113,11 @@ struct SegmentHeader {
   uint32_t free_pin_head;
   uint32_t index_used;
   uint32_t index_tombstones;
+  // One past the highest entry and pin record ever taken from the free lists (which hand out low
+  // indices first): scans for a dead process's pins and objects, and for a spill victim, stop
+  // here instead of walking tables sized for the store's maximum.
+  uint32_t entries_high_water;
+  uint32_t pins_high_water;
 
   // Statistics: the first group is derived, the second cumulative. Kept as running counts so that
   // reading them costs no scan of the tables under the lock.

@@ -413,7 +413,7 @@ void Store::Close() {
     shm_unlink(ShmPath(name_).c_str());
     if (header_->spill_directory[0] != 0) {
       // Spill files are named after their objects: remove every file this segment spilled.
-      for (uint32_t i = 0; i < header_->max_objects; ++i) {
+      for (uint32_t i = 0; i < header_->entries_high_water; ++i) {
         ObjectEntry& entry = entries_[i];
         auto state = static_cast<ObjectState>(entry.state.load());
         if (state == ObjectState::kSpilled || state == ObjectState::kSpilling || state == ObjectState::kRestoring) {
@@ -545,6 +545,7 @@ uint32_t Store::PopFreeEntryLocked() {
         .with("requested", 0.0);
   }
   header_->free_entry_head = entries_[entry].next_free;
+  if (entry >= header_->entries_high_water) header_->entries_high_water = entry + 1;
   return entry;
 }
 
@@ -592,6 +593,7 @@ void Store::PinLocked(uint32_t index, uint32_t process) {
         .with("requested", 0.0);
   }
   header_->free_pin_head = pins_[record].next;
+  if (record >= header_->pins_high_water) header_->pins_high_water = record + 1;
   pins_[record].entry = index;
   pins_[record].process = process;
   pins_[record].count.store(1);
@@ -754,6 +756,8 @@ void Store::RecoverLocked() {
   header_->spilled_bytes = 0;
   header_->pinned_objects = 0;
   header_->attached_processes = 0;
+  header_->entries_high_water = 0;
+  header_->pins_high_water = 0;
   std::vector<std::pair<uint64_t, uint32_t>> resident;
   for (uint32_t i = max_objects; i-- > 0;) {
     ObjectEntry& entry = entries_[i];
@@ -765,6 +769,7 @@ void Store::RecoverLocked() {
       header_->free_entry_head = i;
       continue;
     }
+    if (header_->entries_high_water == 0) header_->entries_high_water = i + 1;
     if (!(entry.flags & kFlagDeleted)) header_->object_count++;
     if (state == ObjectState::kSpilled) {
       entry.block_size = 0;
@@ -784,6 +789,7 @@ void Store::RecoverLocked() {
       header_->free_pin_head = r;
       continue;
     }
+    if (header_->pins_high_water == 0) header_->pins_high_water = r + 1;
     ObjectEntry& entry = entries_[record.entry];
     record.next = entry.pin_head;
     entry.pin_head = r;
@@ -853,14 +859,14 @@ uint32_t Store::ReapDeadProcessesLocked() {
 }
 
 void Store::ReleaseProcessLocked(uint32_t slot) {
-  for (uint32_t r = 0; r < header_->max_pins; ++r) {
+  for (uint32_t r = 0; r < header_->pins_high_water; ++r) {
     PinRecord& record = pins_[r];
     if (record.count.load() == 0 || record.process != slot) continue;
     uint32_t entry = record.entry;
     while (record.count.load() > 0 && UnpinLocked(entry, slot)) {
     }
   }
-  for (uint32_t i = 0; i < header_->max_objects; ++i) {
+  for (uint32_t i = 0; i < header_->entries_high_water; ++i) {
     ObjectEntry& entry = entries_[i];
     auto state = static_cast<ObjectState>(entry.state.load());
     if (state == ObjectState::kCreated && entry.creator == slot) {
@@ -913,7 +919,7 @@ bool Store::SpillOneLocked(Lock& lock) {
   if (header_->spill_directory[0] == 0) return false;
   uint32_t victim = kNil;
   uint64_t oldest = UINT64_MAX;
-  for (uint32_t i = 0; i < header_->max_objects; ++i) {
+  for (uint32_t i = 0; i < header_->entries_high_water; ++i) {
     const ObjectEntry& entry = entries_[i];
     if (entry.state.load() != static_cast<uint32_t>(ObjectState::kSealed)) continue;
     if (entry.pin_count != 0 || (entry.flags & kFlagDeleted)) continue;

@@ -236,6 +236,38 @@ describe('a process killed while pinning', () => {
     view.release();
   });
 
+  it('has its pins reaped on every table entry ever used, before and after a recovery', async () => {
+    // Reaps scan the object and pin tables only up to the highest entry ever handed out: fill
+    // the tables high, free the low entries, then pin high ones from a child that dies while the
+    // objects wait, deleted, for their pins to go.
+    const store = createStore({ capacity: 8 * MiB, maxObjects: 256, spillDirectory: false });
+    const ids = Array.from({ length: 200 }, () => newObjectId());
+    ids.forEach((id, seed) => store.put(id, bytesFor(seed, 100)));
+    for (const id of ids.slice(0, 150)) store.delete(id);
+    const rounds = { before: ids.slice(180, 190), after: ids.slice(190) };
+    let live = 50;
+    for (const [round, high] of Object.entries(rounds)) {
+      const child = await Fixture.worker(store.name);
+      for (const [index, id] of high.entries()) await child.request('hold', { id, key: `view${index}` });
+      for (const id of high) store.delete(id);
+      live -= high.length;
+      if (round === 'after') {
+        // A holder that dies inside the lock: the next locker recovers, recounting the tables.
+        const holder = await Fixture.worker(store.name);
+        void holder.send('holdLock').catch(() => {});
+        await holder.line('locked');
+        await waitFor(() => lockOwner(store.name) === holder.pid, 'the holder to take the lock');
+        await holder.kill('SIGKILL');
+        expect(store.stats().recoveries).toBe(1);
+        expect(store.reapDeadProcesses()).toBe(1);
+      }
+      expect(store.stats()).toMatchObject({ pinnedObjects: high.length, bytesInUse: (live + high.length) * blockSize(100) });
+      await child.kill('SIGKILL');
+      expect(store.reapDeadProcesses()).toBe(1);
+      expect(store.stats()).toMatchObject({ pinnedObjects: 0, objectCount: live, bytesInUse: live * blockSize(100), attachedProcesses: 1 });
+    }
+  });
+
   it('has its pins and unsealed objects reaped when another process attaches', async () => {
     const store = createStore();
     const pinned = newObjectId();
