@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU check: every GPU test, then the benchmarks, then the demo on the GPU, on a host with a
+# CUDA device. Builds nothing when the addon (build/), the JS (dist/) and the native benchmark
+# (bench/native/out/) came with the tree; each step has its own time limit, a failing step does
+# not stop the next, full logs go to $OUT (or .gpu-check/), and a table of steps comes last.
+#   npm run check:gpu            (or: bash scripts/check-gpu.sh)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+logs=${OUT:-.gpu-check}
+mkdir -p "$logs"
+declare -a summary=()
+
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local started=$SECONDS
+  echo "== $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" >"$logs/$name.log" 2>&1
+  local rc=$?
+  local verdict=ok
+  [ $rc -eq 0 ] || verdict="FAILED rc=$rc"
+  [ $rc -eq 124 ] && verdict="TIMED OUT"
+  summary+=("$(printf '%-12s %-16s %4ss' "$name" "$verdict" $((SECONDS - started)))")
+  tail -n 15 "$logs/$name.log"
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "nvidia-smi: not found"
+  node --version
+  node -e "import('./dist/index.js').then(({ cuda, nccl }) => console.log(JSON.stringify({ cuda: cuda.available ? { driver: cuda.driverVersion, devices: cuda.devices() } : cuda.reason, nccl: nccl.available ? nccl.versionString : nccl.reason })))" 2>&1
+} | tee "$logs/host.log"
+
+# Correctness first: the GPU layer, CUDA IPC edges of compiled graphs, then the data layer's GPU pool.
+step tests 240 npx vitest run test/gpu test/dag/ipc.test.ts test/data/actor-pool.test.ts
+[ -x bench/native/out/gpu_native ] || make -C bench/native >"$logs/make.log" 2>&1
+step native 120 bench/native/out/gpu_native --json
+step bench 240 node --import tsx bench/run.ts gpu --json
+step demo 120 node --import tsx examples/batch-inference.ts
+
+echo
+echo "step         result           time"
+printf '%s\n' "${summary[@]}" | tee "$logs/summary.txt"
+grep -h '^{' "$logs/native.log" "$logs/bench.log" 2>/dev/null | tee "$logs/figures.jsonl" >/dev/null
+echo "logs in $logs/"
