@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check: every GPU test, then the benchmarks, then the demo on the GPU, on a host with a
-# CUDA device. Builds nothing when the addon (build/), the JS (dist/) and the native benchmark
-# (bench/native/out/) came with the tree; each step has its own time limit, a failing step does
-# not stop the next, full logs go to $OUT (or .gpu-check/), and a table of steps comes last.
-#   npm run check:gpu            (or: bash scripts/check-gpu.sh)
+# CUDA device. Builds nothing when the addon (build/Release/ or, after `npm run build`,
+# prebuilds/), the JS (dist/) and the native benchmark (bench/native/out/) came with the tree;
+# each step has its own time limit, a failing step does not stop the next, full logs go to $OUT
+# (or .gpu-check/), and a table of steps comes last.
+#   bash scripts/check-gpu.sh    (npm run check:gpu; the GPU host has node but no npm)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=${OUT:-.gpu-check}
@@ -31,7 +32,7 @@ step() {
 } | tee "$logs/host.log"
 
 # Correctness first: the GPU layer, CUDA IPC edges of compiled graphs, then the data layer's GPU pool.
-step tests 240 npx vitest run test/gpu test/dag/ipc.test.ts test/data/actor-pool.test.ts
+step tests 240 node node_modules/vitest/vitest.mjs run test/gpu test/dag/ipc.test.ts test/data/actor-pool.test.ts
 [ -x bench/native/out/gpu_native ] || make -C bench/native >"$logs/make.log" 2>&1
 step native 120 bench/native/out/gpu_native --json
 step bench 240 node --import tsx bench/run.ts gpu --json
