@@ -12,7 +12,7 @@ export {
   GetTimeoutError,
   StoreClosedError,
 } from './errors.js';
-export { ObjectStore, ObjectView, ObjectBuilder } from './store/object-store.js';
+export { ObjectStore, ObjectView, ObjectBuilder, isStoreMemory } from './store/object-store.js';
 export type { ObjectStoreOptions, StoreStats, ObjectState } from './store/object-store.js';
 export { newObjectId, isObjectId } from './store/object-id.js';
 export type { ObjectId } from './store/object-id.js';

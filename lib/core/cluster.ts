@@ -549,7 +549,8 @@ export class Cluster implements Runtime {
     const value = record.value!;
     if ('inline' in value) return unpack(value.inline);
     const node = this.nodes.find((candidate) => record.nodes.has(candidate.id))!;
-    const view = node.store.getIfSealed(storedIdOf(record));
+    // A buffer of its own, so that whatever is made from the value keeps the object pinned.
+    const view = node.store.getIfSealed(storedIdOf(record), { ownBuffer: true });
     if (!view) throw new ObjectLostError(record.id, `object ${record.id} is missing from the store of ${node.id}`);
     return decodeStored(view);
   }

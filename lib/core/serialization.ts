@@ -299,7 +299,10 @@ export function encodeArguments(
   return { bytes: pack(prepared, held), argRefs, held };
 }
 
-/** Reads a stored value. Raw kinds are zero-copy: the pin moves to the array or table made. */
+/**
+ * Reads a stored value. Raw kinds are zero-copy: the pin moves to the array or table made (a view
+ * with a buffer of its own keeps it on that buffer, so columns and subarrays keep it too).
+ */
 export function decodeStored(view: ObjectView): unknown {
   const kind = view.metadata?.[0] ?? StoredKind.Msgpack;
   const data = view.data;

@@ -307,7 +307,9 @@ const collector = new ZeroCopyCollector();
 function readWire(value: WireValue): unknown {
   if ('inline' in value) return unpack(value.inline);
   if ('recv' in value || 'ipc' in value) return receiveHeld(value);
-  const view = store.getIfSealed(value.id);
+  // A buffer of its own: user code may keep any array or column made from the value, and the
+  // object must stay pinned for as long as it does.
+  const view = store.getIfSealed(value.id, { ownBuffer: true });
   if (!view) throw new Error(`object ${value.id} is missing from this node's store`);
   collector.read(view.size);
   return decodeStored(view);

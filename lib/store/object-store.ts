@@ -51,18 +51,30 @@ const empty = new Uint8Array(0);
 const WINDOW_STRIDE = 2 ** 31;
 const WINDOW_LENGTH = 2 ** 32 - 4096;
 
+/** The store's memory as this process maps it: window buffers and buffers of one object each. */
+const storeBuffers = new WeakSet<ArrayBufferLike>();
+
+/** Whether `buffer` is the object store's shared memory (arrays over it were read zero-copy). */
+export function isStoreMemory(buffer: ArrayBufferLike): boolean {
+  return storeBuffers.has(buffer);
+}
+
 /** Drops the pin of a view that was garbage-collected without release(). */
 const pinFinalizer = new FinalizationRegistry<{ store: NativeObjectStore; entry: number; generation: number }>((pin) => {
   pin.store.release(pin.entry, pin.generation);
 });
 
 /**
- * A zero-copy view of a sealed object: `data` is a Uint8Array over the store's shared memory (a
- * slice of one buffer that maps the whole segment, so arrays made from it must use its
- * byteOffset, as `tableFromIPC` and `subarray` do). The view pins the object: the store will not
- * free or spill it while the view is held. `release()` unpins at once, after which `data` reads as
- * empty; a view that is dropped unpins when garbage-collected. Keep the view (or its `data`)
- * reachable for as long as arrays made from it are used.
+ * A zero-copy view of a sealed object: `data` is a Uint8Array over the store's shared memory, so
+ * arrays made from it must use its byteOffset, as `tableFromIPC` and `subarray` do. The view pins
+ * the object: the store will not free or spill it while the view is held. `release()` unpins at
+ * once, after which `data` reads as empty.
+ *
+ * By default `data` is a slice of one buffer that maps a window of the segment, and a view that is
+ * dropped unpins when `data` is garbage-collected: keep the view (or its `data`) reachable for as
+ * long as arrays made from it are used. A view got with `{ ownBuffer: true }` has a buffer of its
+ * own over exactly its object, and the pin lasts as long as that buffer: any array made from the
+ * view keeps the object pinned, however long it outlives the view.
  */
 export class ObjectView {
   readonly id: ObjectId;
@@ -71,16 +83,18 @@ export class ObjectView {
   readonly #store: NativeObjectStore;
   readonly #entry: number;
   readonly #generation: number;
+  readonly #ownBuffer: boolean;
 
   /** @internal */
-  constructor(id: ObjectId, store: NativeObjectStore, region: ArrayBuffer, pinned: NativePinned) {
+  constructor(id: ObjectId, store: NativeObjectStore, region: ArrayBuffer, pinned: NativePinned, ownBuffer = false) {
     this.id = id;
     this.#store = store;
     this.#data = new Uint8Array(region, pinned[0], pinned[1]);
     this.metadata = pinned[2];
     this.#entry = pinned[3];
     this.#generation = pinned[4];
-    pinFinalizer.register(this.#data, { store, entry: pinned[3], generation: pinned[4] }, this);
+    this.#ownBuffer = ownBuffer;
+    pinFinalizer.register(ownBuffer ? region : this.#data, { store, entry: pinned[3], generation: pinned[4] }, this);
   }
 
   get data(): Uint8Array {
@@ -107,7 +121,8 @@ export class ObjectView {
    * view, for values handed to users who never see the view.
    */
   transferPinTo(target: object): void {
-    if (this.#data === empty) return;
+    // A view with a buffer of its own already pins for as long as anything made from it lives.
+    if (this.#data === empty || this.#ownBuffer) return;
     pinFinalizer.unregister(this);
     pinFinalizer.register(target, { store: this.#store, entry: this.#entry, generation: this.#generation });
   }
@@ -357,19 +372,24 @@ export class ObjectStore {
     });
   }
 
-  /** A view if the object is sealed now, else undefined. Never waits. */
-  getIfSealed(id: ObjectId): ObjectView | undefined {
+  /**
+   * A view if the object is sealed now, else undefined. Never waits. `ownBuffer`: the view gets a
+   * buffer of its own (see ObjectView), for values whose arrays are handed to code that may keep
+   * any of them; it costs an external buffer per call, which V8 counts toward collecting garbage.
+   */
+  getIfSealed(id: ObjectId, options: { ownBuffer?: boolean } = {}): ObjectView | undefined {
     this.#checkOpen();
     const result = this.#native.get(id);
     if (typeof result === 'number') return undefined;
     let located: [ArrayBuffer, NativePinned];
+    const own = options.ownBuffer === true && result[1] > 0 && result[1] <= WINDOW_LENGTH;
     try {
-      located = this.#locate(result);
+      located = own ? this.#ownBuffer(result) : this.#locate(result);
     } catch (error) {
       this.#native.release(result[3], result[4]); // no view holds the pin: drop it
       throw error;
     }
-    return new ObjectView(id, this.#native, ...located);
+    return new ObjectView(id, this.#native, ...located, own);
   }
 
   /** The object's state in the store (sealed objects that were spilled read as 'spilled'). */
@@ -466,10 +486,18 @@ export class ObjectStore {
     let window = this.#windows.get(index);
     if (!window) {
       window = this.#native.region(start, Math.min(this.#native.dataSize - start, WINDOW_LENGTH));
+      storeBuffers.add(window);
       this.#windows.set(index, window);
     }
     if (offset + size <= start + window.byteLength) return [window, [offset - start, ...pinned.slice(1)] as NativePinned];
-    return [this.#native.region(offset, size), [0, ...pinned.slice(1)] as NativePinned];
+    return this.#ownBuffer(pinned);
+  }
+
+  /** A buffer over exactly one pinned object's bytes. */
+  #ownBuffer(pinned: NativePinned): [ArrayBuffer, NativePinned] {
+    const buffer = this.#native.region(pinned[0], pinned[1]);
+    storeBuffers.add(buffer);
+    return [buffer, [0, ...pinned.slice(1)] as NativePinned];
   }
 
   #checkOpen(): void {
