@@ -124,6 +124,8 @@ const noBlocks: InputBlock[] = [];
 
 /** The most batches one call of a batch stage carries (see Operator.unitRows). */
 const MAX_BATCHES_PER_UNIT = 16;
+/** The most small blocks one task or call of a stage without batches carries (see Operator.#nextBundle). */
+const MAX_BLOCKS_PER_UNIT = 16;
 
 function unitRows(blocks: readonly InputBlock[]): number {
   return blocks.reduce((sum, block) => sum + block.meta.rows, 0);
@@ -283,11 +285,56 @@ abstract class Operator {
 
   /** Input bytes of the unit that would launch next. */
   nextUnitBytes(): number {
-    const rows = this.unitRows();
     const head = this.inputs.peek();
     if (!head) return 0;
+    if (this.bundlesBlocks) return this.#nextBundle().bytes;
+    const rows = this.unitRows();
     if (rows === undefined || head.meta.rows === 0) return head.meta.bytes;
     return Math.ceil((rows * Math.max(this.inputBytes, head.meta.bytes)) / Math.max(1, this.inputRows, head.meta.rows));
+  }
+
+  /** Whether units of this operator are bundles of whole blocks (a map with no batch size). */
+  protected get bundlesBlocks(): boolean {
+    return false;
+  }
+
+  /**
+   * The next bundle of whole blocks: small blocks go several to a task, as a batch stage's
+   * batches do (see unitRows), up to MAX_BLOCKS_PER_UNIT blocks of together at most the minimum
+   * block size, and no more than an even share of the queue over the units that run at once.
+   * Each block still reaches the stage whole and alone.
+   */
+  #nextBundle(): { count: number; bytes: number } {
+    const share = Math.floor(this.inputs.length / Math.max(1, this.concurrentUnits()));
+    const limit = this.executor.options.maxErroredBlocks > 0 ? 1 : Math.max(1, Math.min(MAX_BLOCKS_PER_UNIT, share));
+    let count = 0;
+    let bytes = 0;
+    for (const block of this.inputs) {
+      if (count >= limit || (count > 0 && bytes + block.meta.bytes > this.executor.options.minBlockBytes)) break;
+      count++;
+      bytes += block.meta.bytes;
+    }
+    return { count, bytes };
+  }
+
+  /** Takes the next bundle of whole blocks off the input queue (see #nextBundle). */
+  protected nextBlockBundle(): Unit {
+    const { count } = this.#nextBundle();
+    const blocks: InputBlock[] = [];
+    for (let i = 0; i < count; i++) blocks.push(this.inputs.shift()!);
+    for (const block of blocks) {
+      this.inputBytes -= block.meta.bytes;
+      this.inputRows -= block.meta.rows;
+    }
+    const total = blocks.reduce((sum, block) => sum + block.meta.rows, 0);
+    const unit: Unit = { seq: this.#nextSeq++, blocks, rows: total, bytes: unitBytes(blocks), attempts: 0, rowStart: this.#inputRowCursor };
+    this.#inputRowCursor += total;
+    return unit;
+  }
+
+  /** The next unit of a map: a bundle of whole blocks, or whole batches cut to the rows. */
+  protected nextMapUnit(): Unit {
+    return this.bundlesBlocks ? this.nextBlockBundle() : this.nextUnit(this.unitRows());
   }
 
   /** Rows in a batch of this operator's stage, when it cuts its input into batches. */
@@ -312,6 +359,8 @@ abstract class Operator {
   protected unitRows(): number | undefined {
     const batch = this.batchRows;
     if (batch === undefined) return undefined;
+    // A failing unit is skipped whole under maxErroredBlocks: one batch each keeps that exact.
+    if (this.executor.options.maxErroredBlocks > 0) return batch;
     let batches = Math.min(MAX_BATCHES_PER_UNIT, Math.floor(this.inputRows / Math.max(1, this.concurrentUnits()) / batch));
     if (this.inputRows > 0 && this.inputBytes > 0) {
       batches = Math.min(batches, Math.floor(this.executor.options.maxBlockBytes / ((this.inputBytes / this.inputRows) * batch)));
@@ -738,8 +787,11 @@ class TaskMapOperator extends TaskOperator {
   protected override concurrentUnits(): number {
     return this.executor.taskSlots(this.spec.compute);
   }
+  protected override get bundlesBlocks(): boolean {
+    return this.spec.bundleRows === undefined;
+  }
   launch(): void {
-    this.run(this.nextUnit(this.unitRows()));
+    this.run(this.nextMapUnit());
   }
   protected submit(unit: Unit): ObjectRef<TaskResult> {
     return dataTask
@@ -904,6 +956,10 @@ class ActorMapOperator extends Operator {
     return this.#retry.peek()?.bytes ?? super.nextUnitBytes();
   }
 
+  protected override get bundlesBlocks(): boolean {
+    return this.spec.bundleRows === undefined;
+  }
+
   /** Every call the pool could hold at its largest: its tail is cut for that many. */
   protected override concurrentUnits(): number {
     const actors = Number.isFinite(this.pool.max) ? this.pool.max : Math.max(this.pool.min, this.#actors.size, 1);
@@ -912,7 +968,7 @@ class ActorMapOperator extends Operator {
 
   launch(): void {
     const actor = this.#freeActor()!;
-    const unit = this.#retry.length > 0 ? this.#retry.shift()! : this.nextUnit(this.unitRows());
+    const unit = this.#retry.length > 0 ? this.#retry.shift()! : this.nextMapUnit();
     actor.inflight++;
     this.began(unit);
     const ref = actor.handle.process.remote(taskTargets(this.executor), this.fusedWrite(unit), slicesOf(unit.blocks), ...(unit.blocks.map((block) => block.ref) as unknown as Block[])) as ObjectRef<TaskResult>;

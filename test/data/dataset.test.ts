@@ -9,7 +9,7 @@ import {
 } from '../../lib/index.js';
 import { planPhysical } from '../../lib/data/plan.js';
 import {
-  CountingSink, GatedSource, NoCallModel, NumbersSource, Scaler, addColumn, batchSizes, double, identity, isEven, notRegistered, repeat,
+  CountingSink, GatedSource, NoCallModel, NumbersSource, Scaler, addColumn, batchSizes, callOfTask, double, identity, isEven, notRegistered, repeat,
 } from './fixtures/udfs.js';
 import { collectGarbage, rejection, storeUse, useDataCluster } from './helpers.js';
 
@@ -75,6 +75,23 @@ describe('transforms', () => {
     // Each batch still has exactly batchSize rows.
     const sizes = await fromArrow(tables).mapBatches(batchSizes, { batchFormat: 'rows', batchSize: 16, concurrency: 2 }).takeAll();
     expect(sizes.every((row) => row.size === 16)).toBe(true);
+  });
+
+  it('small blocks go several to a task, each still reaching the function whole and alone', async () => {
+    // 256 blocks of 5 rows; 2 CPUs. batchSize null: one call per block.
+    const tables = Array.from({ length: 256 }, (_, block) => tableFromArrays({ id: Int32Array.from({ length: 5 }, (_, row) => block * 5 + row) }));
+    const calls = await fromArrow(tables).mapBatches(callOfTask, { batchFormat: 'rows', batchSize: null }).takeAll();
+    expect(calls).toHaveLength(256);
+    expect(calls.every((call) => call.rows === 5)).toBe(true);
+    const perTask = new Map<unknown, number>();
+    for (const call of calls) perTask.set(call.task, (perTask.get(call.task) ?? 0) + 1);
+    // Far fewer tasks than blocks, the first ones full; the tail cut back to single blocks.
+    expect(perTask.size).toBeLessThan(128);
+    expect(Math.max(...perTask.values())).toBe(16);
+    expect(Math.min(...perTask.values())).toBe(1);
+    // With maxErroredBlocks a failing task is skipped whole: one block each keeps that exact.
+    const exact = await fromArrow(tables).mapBatches(callOfTask, { batchFormat: 'rows', batchSize: null }).takeAll({ maxErroredBlocks: 1 });
+    expect(new Set(exact.map((call) => call.task)).size).toBe(256);
   });
 
   it('a class runs on an actor pool with its constructor arguments', async () => {
