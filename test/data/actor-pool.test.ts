@@ -109,17 +109,19 @@ describe('actor pools', () => {
     }
   });
 
-  it('a batch whose actor dies is retried on another actor: every row exactly once', async () => {
-    const dir = loadsDir();
-    const gate = scratchDir.path('kill-actor');
-    const ds = fromItems(sequence(40).map((id) => ({ id })), { parallelism: 4 }).mapBatches(RecordingModel, {
+  /**
+   * Runs `rows` of RecordingModel batches of 10 on one actor behind `gate`, SIGKILLs the actor that
+   * takes the first batch, then opens the gate: the job's rows and the killed actor's pid.
+   */
+  async function killFirstBatchActor(rows: number, parallelism: number, gate: string, dir: string, inflight?: number): Promise<{ out: Row[]; victim: number }> {
+    const ds = fromItems(sequence(rows).map((id) => ({ id })), { parallelism }).mapBatches(RecordingModel, {
       constructorArgs: [dir],
       fnArgs: [gate],
       concurrency: 1,
       batchSize: 10,
-      maxTasksInFlightPerActor: 1,
+      maxTasksInFlightPerActor: inflight,
     });
-    const rows = ds.takeAll();
+    const running = ds.takeAll();
     let victim: number;
     try {
       await until(() => startedPids(gate).length === 1, 'the actor to take its first batch');
@@ -129,7 +131,12 @@ describe('actor pools', () => {
     } finally {
       openGate(gate);
     }
-    const out = await rows;
+    return { out: await running, victim: victim! };
+  }
+
+  it('a batch whose actor dies is retried on another actor: every row exactly once', async () => {
+    const dir = loadsDir();
+    const { out, victim } = await killFirstBatchActor(40, 4, scratchDir.path('kill-actor'), dir, 1);
     expect(ids(out)).toEqual(sequence(40));
     // The killed actor finished nothing; a new actor (a second model load) did it all.
     expect(out.some((row) => row.pid === victim)).toBe(false);
@@ -137,26 +144,8 @@ describe('actor pools', () => {
   });
 
   it('the job waits for a retried batch even when it was the last work left', async () => {
-    const dir = loadsDir();
-    const gate = scratchDir.path('kill-last');
     // One block, one batch: when its actor dies, nothing else is queued.
-    const ds = fromItems(sequence(10).map((id) => ({ id })), { parallelism: 1 }).mapBatches(RecordingModel, {
-      constructorArgs: [dir],
-      fnArgs: [gate],
-      concurrency: 1,
-      batchSize: 10,
-    });
-    const rows = ds.takeAll();
-    let victim: number;
-    try {
-      await until(() => startedPids(gate).length === 1, 'the actor to take the batch');
-      [victim] = startedPids(gate);
-      process.kill(victim, 'SIGKILL');
-      await until(() => !isAlive(victim), 'the actor to die');
-    } finally {
-      openGate(gate);
-    }
-    const out = await rows;
+    const { out, victim } = await killFirstBatchActor(10, 1, scratchDir.path('kill-last'), loadsDir());
     expect(ids(out)).toEqual(sequence(10));
     expect(out.some((row) => row.pid === victim)).toBe(false);
   });
