@@ -183,8 +183,10 @@ export class Dataset {
   /**
    * Output blocks as they are made, copied out of the store: the consumer may keep what it is
    * given (a batch, a column, a binary cell) long after the job let the stored block go, and a
-   * view of the store would then read whatever the store put there next. Workers still read
-   * blocks zero-copy; the driver's one copy per block is what a consumer's batches live in.
+   * view would keep the block pinned in the store all that time, counted against the job's
+   * budget: a consumer that gathers batches would stall the job behind its own memory. Workers
+   * still read blocks zero-copy; the driver's one copy per block is what a consumer's batches
+   * live in, on the driver's heap.
    */
   async *#blocks(options: ExecutionOptions, job: string, plan: readonly LogicalOperator[] = this.#plan): AsyncGenerator<{ block: Block; meta: InputBlock['meta'] }> {
     requireCluster(job);
