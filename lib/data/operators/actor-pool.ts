@@ -1,0 +1,276 @@
+/** A class stage on an autoscaling pool of actors. */
+import { get, kill, state } from '../../core/api.js';
+import { ObjectRef } from '../../core/object-ref.js';
+import type { ActorHandle } from '../../core/registry.js';
+import { ActorDiedError, DataError, TaskError } from '../../errors.js';
+import { Deque } from '../../core/deque.js';
+import type { Block } from '../block.js';
+import { slicesOf, type PhysicalOperatorSpec, type ActorPoolOptions } from '../plan.js';
+import type { OperatorProgress } from '../progress-types.js';
+import { RemoteDataPoolActor, type DataPoolActor, type TaskResult } from '../worker-tasks.js';
+import { Operator, dispose, resourcesOf, taskTargets, type Unit } from './operator.js';
+
+interface PoolActor {
+  handle: ActorHandle<DataPoolActor>;
+  state: 'starting' | 'ready' | 'stopping';
+  inflight: number;
+  idleSince: number;
+}
+
+/** A class stage on an autoscaling pool of actors, each built once (its model loaded once). */
+export class ActorMapOperator extends Operator {
+  declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'actor-map' }>;
+  readonly #actors = new Set<PoolActor>();
+  readonly #retry = new Deque<Unit>();
+  #lastScaleCheck = 0;
+  #resourcesFree = true;
+
+  get pool(): ActorPoolOptions {
+    return this.spec.pool;
+  }
+  get className(): string {
+    return this.spec.classStage.udf.descriptor.name;
+  }
+
+  override async start(): Promise<void> {
+    // A pool whose minimum the cluster cannot hold would wait for its actors forever.
+    const fit = this.executor.actorsThatFit(this.spec.compute);
+    if (fit < this.pool.min) {
+      const need = Object.entries(resourcesOf(this.spec.compute)).filter(([, amount]) => amount > 0).map(([name, amount]) => `${name} ${amount}`).join(', ');
+      throw new DataError(
+        'ERR_DATA_ACTOR_START',
+        `actor pool ${this.name}: ${this.pool.min} ${this.className} actor(s) of ${need} each cannot start: the cluster holds ${fit} at most`,
+        { operator: this.name },
+      );
+    }
+    // The pool's minimum starts before the first batch arrives, so models load while data is read.
+    for (let i = 0; i < this.pool.min; i++) this.#addActor();
+  }
+
+  #addActor(): void {
+    const compute = this.spec.compute;
+    const handle = RemoteDataPoolActor.options({
+      numCpus: compute.numCpus ?? 1,
+      numGpus: compute.numGpus,
+      memory: compute.memory,
+      resources: compute.resources,
+      maxConcurrency: 1,
+    }).remote();
+    const actor: PoolActor = { handle, state: 'starting', inflight: 0, idleSince: Date.now() };
+    this.#actors.add(actor);
+    const startRef = handle.start.remote(this.spec.classStage, this.spec.following);
+    const started = get(startRef).finally(() => startRef[Symbol.dispose]());
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new DataError('ERR_DATA_ACTOR_START', `actor pool ${this.name}: ${this.className}'s constructor did not finish within ${this.pool.startTimeoutMs} ms`, { operator: this.name })),
+        this.pool.startTimeoutMs,
+      );
+      timer.unref();
+    });
+    Promise.race([started, timeout]).then(
+      () => {
+        clearTimeout(timer);
+        if (actor.state !== 'starting') return;
+        actor.state = 'ready';
+        actor.idleSince = Date.now();
+        this.executor.touch();
+        this.executor.schedule();
+      },
+      (error: unknown) => {
+        clearTimeout(timer);
+        if (actor.state === 'stopping' || this.executor.failed) return;
+        this.#removeActor(actor);
+        if (error instanceof ActorDiedError && this.#actors.size > 0) return; // lost before it started; the pool refills
+        const cause = error instanceof TaskError ? (error.cause as Error) : (error as Error);
+        const message =
+          error instanceof DataError ? error.message : `actor pool ${this.name}: ${this.className}'s constructor failed: ${cause?.name ?? 'Error'}: ${cause?.message ?? String(error)}`;
+        this.executor.fail(new DataError('ERR_DATA_ACTOR_START', message, { operator: this.name, cause: error }));
+      },
+    );
+  }
+
+  /**
+   * Takes an actor out of the pool and stops it. An idle, ready actor is asked to drain first: the
+   * release of what its last call stored may still be on its way, and a process killed before it
+   * arrives would leave those blocks counted for good. Busy or unstarted actors are killed at once.
+   */
+  #removeActor(actor: PoolActor, killIt = true): void {
+    if (!this.#actors.delete(actor)) return;
+    const wasIdle = actor.state === 'ready' && actor.inflight === 0;
+    actor.state = 'stopping';
+    if (!killIt) return;
+    const stop = () => {
+      try {
+        kill(actor.handle);
+      } catch {
+        // The cluster may be shutting down.
+      }
+    };
+    if (!wasIdle) return stop();
+    let drained: ObjectRef<boolean>;
+    try {
+      drained = actor.handle.drain.remote() as ObjectRef<boolean>;
+    } catch {
+      return stop();
+    }
+    const guard = setTimeout(stop, 5_000);
+    guard.unref();
+    get(drained)
+      .catch(() => undefined)
+      .then(() => {
+        clearTimeout(guard);
+        drained[Symbol.dispose]();
+        stop();
+      });
+  }
+
+  counts(): { running: number; pending: number } {
+    let running = 0;
+    let pending = 0;
+    for (const actor of this.#actors) {
+      if (actor.state === 'ready') running++;
+      else if (actor.state === 'starting') pending++;
+    }
+    return { running, pending };
+  }
+
+  override get queuedUnits(): number {
+    return this.inputs.length + this.#retry.length;
+  }
+
+  /** A unit waiting for its retry is work still to do, even with the input queue empty. */
+  override done(): boolean {
+    return (this.#retry.length === 0 || this.truncated) && super.done();
+  }
+
+  hasWork(): boolean {
+    if (this.truncated) return false;
+    return this.#retry.length > 0 || this.hasUnitOf(this.spec.bundleRows);
+  }
+
+  #freeActor(): PoolActor | undefined {
+    let best: PoolActor | undefined;
+    for (const actor of this.#actors) {
+      if (actor.state !== 'ready' || actor.inflight >= this.pool.maxTasksInFlightPerActor) continue;
+      if (!best || actor.inflight < best.inflight) best = actor;
+    }
+    return best;
+  }
+
+  capacity(): number {
+    return this.#freeActor() ? this.active + 1 : this.active;
+  }
+
+  override nextUnitBytes(): number {
+    return this.#retry.peek()?.bytes ?? super.nextUnitBytes();
+  }
+
+  protected override get bundlesBlocks(): boolean {
+    return this.spec.bundleRows === undefined;
+  }
+
+  /** Every call the pool could hold at its largest: its tail is cut for that many. */
+  protected override concurrentUnits(): number {
+    const actors = Number.isFinite(this.pool.max) ? this.pool.max : Math.max(this.pool.min, this.#actors.size, 1);
+    return actors * this.pool.maxTasksInFlightPerActor;
+  }
+
+  launch(): void {
+    const actor = this.#freeActor()!;
+    const unit = this.#retry.length > 0 ? this.#retry.shift()! : this.nextMapUnit();
+    actor.inflight++;
+    this.began(unit);
+    const ref = actor.handle.process.remote(taskTargets(this.executor), this.fusedWrite(unit), slicesOf(unit.blocks), ...(unit.blocks.map((block) => block.ref) as unknown as Block[])) as ObjectRef<TaskResult>;
+    get(ref).then(
+      (result) => {
+        ref[Symbol.dispose]();
+        this.#callEnded(actor);
+        const outputs = result.blocks.map((block) => ({ ref: block.ref, meta: { rows: block.rows, bytes: block.bytes } }));
+        if (this.executor.failed) {
+          dispose(outputs);
+          return this.dropUnit(unit);
+        }
+        if (result.error) {
+          dispose(outputs);
+          return this.onStageError(unit, result.error);
+        }
+        if (result.written) this.recordWrite(unit, result.written);
+        this.finished(unit, outputs);
+      },
+      (error: unknown) => {
+        ref[Symbol.dispose]();
+        this.#callEnded(actor);
+        if (this.executor.failed) return this.dropUnit(unit);
+        if (error instanceof ActorDiedError && unit.attempts < this.executor.options.maxRetries) {
+          // The batch goes to another actor; the pool refills to its minimum.
+          this.#removeActor(actor, false);
+          unit.attempts++;
+          this.unlaunched(unit);
+          this.#retry.push(unit);
+          this.executor.warn(`actor pool ${this.name}: an actor died; block ${unit.seq} is retried (attempt ${unit.attempts + 1})`);
+          this.executor.schedule();
+          return;
+        }
+        this.onInfrastructureError(unit, error);
+      },
+    );
+  }
+
+  #callEnded(actor: PoolActor): void {
+    actor.inflight--;
+    if (actor.inflight === 0) actor.idleSince = Date.now();
+  }
+
+  /** Grows on queued work the actors cannot take; shrinks actors idle past the timeout. */
+  autoscale(): void {
+    if (this.executor.failed) return;
+    const { running, pending } = this.counts();
+    const total = running + pending;
+    const now = Date.now();
+    if (this.done()) {
+      for (const actor of [...this.#actors]) this.#removeActor(actor);
+      return;
+    }
+    if (total < this.pool.min) {
+      for (let i = total; i < this.pool.min; i++) this.#addActor();
+      return;
+    }
+    const waiting = this.hasWork() && !this.#freeActor();
+    if (waiting && pending === 0 && total < this.pool.max) {
+      // Resources are read at most every 200 ms: state() walks the whole cluster (and the store).
+      if (now - this.#lastScaleCheck > 200) {
+        this.#lastScaleCheck = now;
+        this.#resourcesFree = this.executor.resourcesFree(this.spec.compute);
+      }
+      if (this.#resourcesFree) {
+        this.#resourcesFree = false;
+        this.#addActor();
+      }
+      return;
+    }
+    if (!this.hasWork() && total > this.pool.min) {
+      for (const actor of this.#actors) {
+        if (this.counts().running + this.counts().pending <= this.pool.min) break;
+        if (actor.state === 'ready' && actor.inflight === 0 && now - actor.idleSince >= this.pool.idleTimeoutMs) this.#removeActor(actor);
+      }
+    }
+  }
+
+  override truncate(): void {
+    super.truncate();
+    for (const unit of this.#retry) dispose(unit.blocks);
+    this.#retry.clear();
+  }
+
+  override progress(): OperatorProgress {
+    const { running, pending } = this.counts();
+    return { ...super.progress(), actors: { running, pending, min: this.pool.min, max: this.pool.max } };
+  }
+
+  override async shutdown(): Promise<void> {
+    for (const actor of [...this.#actors]) this.#removeActor(actor);
+    for (const unit of this.#retry) dispose(unit.blocks);
+    this.#retry.clear();
+  }
+}

@@ -1,0 +1,225 @@
+/** Operators that run data tasks on the worker pool: reads, function maps and writes. */
+import { cancel, get } from '../../core/api.js';
+import { ObjectRef } from '../../core/object-ref.js';
+import { DataError, DataStallError } from '../../errors.js';
+import { Deque } from '../../core/deque.js';
+import type { Block } from '../block.js';
+import type { ReadTask, WriteContext } from '../datasource.js';
+import { slicesOf, type PhysicalOperatorSpec } from '../plan.js';
+import { dataTask, writeTask, type TaskResult, type WriteResult } from '../worker-tasks.js';
+import { shipInstance } from '../udf.js';
+import type { StreamingExecutor } from '../executor.js';
+import { Operator, dispose, noBlocks, taskOptionsOf, taskTargets, unitBytes, type Unit } from './operator.js';
+
+/** Shared by operators that run data tasks: submission, completion and retries. */
+export abstract class TaskOperator extends Operator {
+  #running = new Map<Unit, ObjectRef<unknown>>();
+
+  protected abstract submit(unit: Unit): ObjectRef<TaskResult>;
+
+  protected run(unit: Unit): void {
+    this.began(unit);
+    this.#attempt(unit);
+  }
+
+  /**
+   * Retries after a worker died: the runtime's, or this operator's where a sink is fused in, so
+   * that the sink's WriteContext says which attempt it is.
+   */
+  protected get runtimeRetries(): number {
+    return this.hasFusedSink ? 0 : this.executor.options.maxRetries;
+  }
+
+  #attempt(unit: Unit): void {
+    const ref = this.submit(unit);
+    this.#running.set(unit, ref);
+    get(ref).then(
+      (result) => {
+        this.#running.delete(unit);
+        ref[Symbol.dispose]();
+        if (this.executor.failed) {
+          dispose(result.blocks.map((block) => ({ ref: block.ref, meta: block })));
+          this.dropUnit(unit);
+          return;
+        }
+        if (result.error) {
+          dispose(result.blocks.map((block) => ({ ref: block.ref, meta: block })));
+          this.onStageError(unit, result.error);
+          return;
+        }
+        if (result.written) this.recordWrite(unit, result.written);
+        this.finished(
+          unit,
+          result.blocks.map((block) => ({ ref: block.ref, meta: { rows: block.rows, bytes: block.bytes } })),
+        );
+      },
+      (error: unknown) => {
+        this.#running.delete(unit);
+        ref[Symbol.dispose]();
+        if (this.executor.failed) return this.dropUnit(unit);
+        if (this.hasFusedSink && this.retriedAfterCrash(unit, error, `task ${unit.seq}`, () => this.#attempt(unit))) return;
+        this.onInfrastructureError(unit, error);
+      },
+    );
+  }
+
+  /** Cancels running tasks; after a stall, their workers are killed too (they may never return). */
+  override async shutdown(): Promise<void> {
+    const force = this.executor.failed instanceof DataStallError;
+    for (const ref of this.#running.values()) {
+      try {
+        cancel(ref, { force });
+      } catch {
+        // Already finished or the cluster is gone.
+      }
+    }
+  }
+}
+
+/** Read tasks, with the function stages fused after the read. */
+export class ReadOperator extends TaskOperator {
+  readonly #tasks = new Deque<ReadTask>();
+  /** The first row of each read task, where the source gave every task's row count. */
+  readonly #rowStarts: number[] = [];
+  declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'read' }>;
+
+  override get isSource(): boolean {
+    return true;
+  }
+  override async start(): Promise<void> {
+    const parallelism = this.spec.parallelism ?? this.executor.defaultParallelism;
+    const tasks = await this.spec.datasource.getReadTasks(parallelism);
+    if (!Array.isArray(tasks)) throw new DataError('ERR_DATA_SOURCE', `${this.spec.datasource.name}.getReadTasks() must return an array of ReadTasks`, { operator: this.name });
+    for (const task of tasks) {
+      if (!task || typeof task !== 'object' || !('spec' in task)) {
+        throw new DataError('ERR_DATA_SOURCE', `${this.spec.datasource.name}.getReadTasks() returned something that is not a ReadTask`, { operator: this.name });
+      }
+      this.#tasks.push(task);
+    }
+    this.blocksTotal = tasks.length;
+    this.upstreamDone = true;
+    const rowsKnown = tasks.every((task) => typeof task.metadata.rows === 'number');
+    if (rowsKnown) {
+      let start = 0;
+      for (const task of tasks) {
+        this.#rowStarts.push(start);
+        start += task.metadata.rows!;
+      }
+      // Row maps keep the count; filters, flat maps and batch functions may change it.
+      if (this.spec.stages.every((stage) => stage.kind === 'map')) this.rowsTotal = start;
+    }
+  }
+  override get queuedUnits(): number {
+    return this.#tasks.length;
+  }
+  override done(): boolean {
+    return (this.#tasks.length === 0 || this.truncated) && super.done();
+  }
+  hasWork(): boolean {
+    return !this.truncated && this.#tasks.length > 0;
+  }
+  capacity(): number {
+    return this.executor.taskSlots(this.spec.compute);
+  }
+  /** The next read's output: its metadata's size where given, else what reads made so far. */
+  override estimateOutputBytes(unitBytes: number): number {
+    if (!this.storesOutput) return 0;
+    const bytes = this.#tasks.peek()?.metadata.bytes;
+    // Metadata counts the data; its blocks in the store carry their descriptions too.
+    return bytes !== undefined ? bytes + 4096 : super.estimateOutputBytes(unitBytes);
+  }
+  protected override firstEstimate(): number {
+    return this.executor.options.minBlockBytes;
+  }
+  override truncate(): void {
+    super.truncate();
+    this.#tasks.clear();
+  }
+  launch(): void {
+    const estimate = this.estimateOutputBytes(0);
+    const read = this.#tasks.shift()!;
+    const seq = this.newSeq();
+    const unit: Unit = { seq, blocks: [], rows: 0, bytes: 0, attempts: 0, read, estimate, rowStart: this.#rowStarts[seq] };
+    this.run(unit);
+  }
+  protected submit(unit: Unit): ObjectRef<TaskResult> {
+    const read = unit.read!;
+    return dataTask
+      .options(taskOptionsOf(this.spec.compute, this.name, this.runtimeRetries))
+      .remote({ kind: 'read', read: read.spec, args: read.args }, this.spec.stages, taskTargets(this.executor), this.fusedWrite(unit));
+  }
+}
+
+/** Function stages over blocks, one task per block or per bundle of batchSize rows. */
+export class TaskMapOperator extends TaskOperator {
+  declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'task-map' }>;
+  hasWork(): boolean {
+    return !this.truncated && this.hasUnitOf(this.spec.bundleRows);
+  }
+  capacity(): number {
+    return this.executor.taskSlots(this.spec.compute);
+  }
+  protected override concurrentUnits(): number {
+    return this.executor.taskSlots(this.spec.compute);
+  }
+  protected override get bundlesBlocks(): boolean {
+    return this.spec.bundleRows === undefined;
+  }
+  launch(): void {
+    this.run(this.nextMapUnit());
+  }
+  protected submit(unit: Unit): ObjectRef<TaskResult> {
+    return dataTask
+      .options(taskOptionsOf(this.spec.compute, this.name, this.runtimeRetries))
+      .remote({ kind: 'blocks', slices: slicesOf(unit.blocks) }, this.spec.stages, taskTargets(this.executor), this.fusedWrite(unit), ...(unit.blocks.map((block) => block.ref) as unknown as Block[]));
+  }
+}
+
+/** Write tasks: the sink's write() per block (or bundle), on workers. */
+export class WriteOperator extends Operator {
+  declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'write' }>;
+  readonly #shipped;
+
+  constructor(executor: StreamingExecutor, spec: Extract<PhysicalOperatorSpec, { kind: 'write' }>, index: number) {
+    super(executor, spec, index);
+    this.#shipped = shipInstance(spec.sink, 'write()');
+  }
+
+  hasWork(): boolean {
+    return this.hasUnitOf(this.spec.sink.minRowsPerWrite);
+  }
+  capacity(): number {
+    return this.executor.taskSlots(this.spec.compute);
+  }
+  override estimateOutputBytes(): number {
+    return 0;
+  }
+  launch(): void {
+    const unit = this.nextUnit(this.spec.sink.minRowsPerWrite);
+    this.began(unit);
+    this.#attempt(unit);
+  }
+  #attempt(unit: Unit): void {
+    const context: WriteContext = { taskIndex: unit.seq, attempt: unit.attempts, writeId: this.executor.writeId };
+    // Retried here rather than by the runtime, so that the sink sees which attempt it is.
+    const ref = writeTask
+      .options({ ...taskOptionsOf(this.spec.compute, this.name, 0) })
+      .remote(this.#shipped, context, taskTargets(this.executor), slicesOf(unit.blocks), ...(unit.blocks.map((block) => block.ref) as unknown as Block[])) as ObjectRef<WriteResult>;
+    get(ref).then(
+      (result) => {
+        ref[Symbol.dispose]();
+        if (this.executor.failed) return this.dropUnit(unit);
+        if (result.error) return this.onStageError(unit, result.error);
+        if (result.rows > 0) this.writeResults.push({ seq: unit.seq, result: result.result });
+        this.rowsDone += result.rows;
+        this.finished(unit, noBlocks);
+      },
+      (error: unknown) => {
+        ref[Symbol.dispose]();
+        if (this.executor.failed) return this.dropUnit(unit);
+        if (this.retriedAfterCrash(unit, error, `write task ${unit.seq}`, () => this.#attempt(unit))) return;
+        this.onInfrastructureError(unit, error);
+      },
+    );
+  }
+}
