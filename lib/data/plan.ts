@@ -14,6 +14,8 @@ export interface InputBlock {
   meta: BlockMetadata;
   /** Part of the stored block: [offset, rows]. Batches are cut exactly this way, without copies. */
   slice?: [number, number];
+  /** A leading part whose stored block goes on in a later unit (progress counts the block once). */
+  continued?: true;
 }
 
 /** Slices of a unit's blocks as a task takes them: null where every block is whole. */

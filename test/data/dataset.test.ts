@@ -62,6 +62,8 @@ describe('transforms', () => {
     const mapped = fromArrow(tables).mapBatches(Scaler, { constructorArgs: [2], batchSize: 16, concurrency: 2 });
     const rows = await mapped.takeAll();
     expect(ids(rows)).toEqual(sequence(2048));
+    // Progress counts each input block once, however many calls its batches went to.
+    expect(mapped.stats()?.operators[1].blocksDone).toBe(8);
     // Small outputs are joined per call: each output block is one call's batches, in order.
     const plan = (await mapped.materialize()).logicalPlan[0];
     const calls = plan.op === 'input' ? plan.blocks.map((block) => block.meta.rows) : [];

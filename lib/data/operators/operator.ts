@@ -49,7 +49,7 @@ export function unitBytes(blocks: readonly InputBlock[]): number {
 export function splitInputBlock(block: InputBlock, rows: number): [InputBlock, InputBlock] {
   const offset = block.slice?.[0] ?? 0;
   const headBytes = Math.ceil((block.meta.bytes * rows) / Math.max(1, block.meta.rows));
-  const head: InputBlock = { ref: block.ref, meta: { rows, bytes: headBytes }, slice: [offset, rows] };
+  const head: InputBlock = { ref: block.ref, meta: { rows, bytes: headBytes }, slice: [offset, rows], continued: true };
   const restRows = block.meta.rows - rows;
   const rest: InputBlock = {
     ref: new ObjectRef<Block>(block.ref.id),
@@ -354,7 +354,8 @@ export abstract class Operator {
     this.unlaunched(unit);
     if (inputsConsumed) dispose(unit.blocks);
     this.executor.noteFreed(inputsConsumed ? unit.bytes : 0);
-    this.blocksDone += Math.max(1, unit.blocks.length);
+    // A read task counts as its one block; a block cut over several units counts with its last part.
+    this.blocksDone += unit.blocks.length === 0 ? 1 : unit.blocks.filter((block) => !block.continued).length;
     this.lastCompletion = Date.now();
     const bytes = unitBytes(outputs);
     this.#outputBytesSeen += bytes;
