@@ -59,6 +59,17 @@ export function isStoreMemory(buffer: ArrayBufferLike): boolean {
   return storeBuffers.has(buffer);
 }
 
+interface OwnBuffer {
+  generation: number;
+  buffer: WeakRef<ArrayBuffer>;
+}
+
+/** Forgets a collected buffer of one object's own, unless a newer one took its place. */
+const ownBufferEntries = new FinalizationRegistry<{ buffers: Map<number, OwnBuffer>; entry: number; generation: number }>((held) => {
+  const current = held.buffers.get(held.entry);
+  if (current?.generation === held.generation && current.buffer.deref() === undefined) held.buffers.delete(held.entry);
+});
+
 /** Drops the pin of a view that was garbage-collected without release(). */
 const pinFinalizer = new FinalizationRegistry<{ store: NativeObjectStore; entry: number; generation: number }>((pin) => {
   pin.store.release(pin.entry, pin.generation);
@@ -224,6 +235,8 @@ export class ObjectStore {
   readonly isOwner: boolean;
   readonly #native: NativeObjectStore;
   readonly #windows = new Map<number, ArrayBuffer>();
+  /** Per object entry: the buffer of its own last made for it (see #ownBuffer). */
+  readonly #ownBuffers = new Map<number, OwnBuffer>();
   readonly #builders = new Map<ObjectId, ObjectBuilder>();
   readonly #waiters = new Map<ObjectId, Set<Waiter>>();
   readonly #spillDirectory: string | undefined;
@@ -493,10 +506,22 @@ export class ObjectStore {
     return this.#ownBuffer(pinned);
   }
 
-  /** A buffer over exactly one pinned object's bytes. */
+  /**
+   * A buffer over exactly one pinned object's bytes. V8 counts each new external buffer as fresh
+   * memory and collects garbage after every 64 MB or so of them, so a buffer still alive for the
+   * same object (entry and generation) is handed out again rather than a second one made: getting
+   * one large object again and again costs nothing more.
+   */
   #ownBuffer(pinned: NativePinned): [ArrayBuffer, NativePinned] {
-    const buffer = this.#native.region(pinned[0], pinned[1]);
-    storeBuffers.add(buffer);
+    const [offset, size, , entry, generation] = pinned;
+    const cached = this.#ownBuffers.get(entry);
+    let buffer = cached?.generation === generation ? cached.buffer.deref() : undefined;
+    if (!buffer) {
+      buffer = this.#native.region(offset, size);
+      storeBuffers.add(buffer);
+      this.#ownBuffers.set(entry, { generation, buffer: new WeakRef(buffer) });
+      ownBufferEntries.register(buffer, { buffers: this.#ownBuffers, entry, generation });
+    }
     return [buffer, [0, ...pinned.slice(1)] as NativePinned];
   }
 
