@@ -503,7 +503,10 @@ export class ObjectStore {
       this.#windows.set(index, window);
     }
     if (offset + size <= start + window.byteLength) return [window, [offset - start, ...pinned.slice(1)] as NativePinned];
-    return this.#ownBuffer(pinned);
+    // Past a window's end: a buffer of its own, pinned through the view like any window slice.
+    const single = this.#native.region(offset, size);
+    storeBuffers.add(single);
+    return [single, [0, ...pinned.slice(1)] as NativePinned];
   }
 
   /**

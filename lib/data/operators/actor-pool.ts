@@ -166,10 +166,6 @@ export class ActorMapOperator extends Operator {
     return this.#retry.peek()?.bytes ?? super.nextUnitBytes();
   }
 
-  protected override get bundlesBlocks(): boolean {
-    return this.spec.bundleRows === undefined;
-  }
-
   /** Every call the pool could hold at its largest: its tail is cut for that many. */
   protected override concurrentUnits(): number {
     const actors = Number.isFinite(this.pool.max) ? this.pool.max : Math.max(this.pool.min, this.#actors.size, 1);

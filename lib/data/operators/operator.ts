@@ -216,7 +216,12 @@ export abstract class Operator {
 
   /** Whether units of this operator are bundles of whole blocks (a map with no batch size). */
   protected get bundlesBlocks(): boolean {
-    return false;
+    return (this.spec.kind === 'task-map' || this.spec.kind === 'actor-map') && this.spec.bundleRows === undefined;
+  }
+
+  /** A failing unit is skipped whole under maxErroredBlocks: one batch or block each keeps that exact. */
+  get #oneUnitEach(): boolean {
+    return this.executor.options.maxErroredBlocks > 0;
   }
 
   /**
@@ -227,7 +232,7 @@ export abstract class Operator {
    */
   #nextBundle(): { count: number; bytes: number } {
     const share = Math.floor(this.inputs.length / Math.max(1, this.concurrentUnits()));
-    const limit = this.executor.options.maxErroredBlocks > 0 ? 1 : Math.max(1, Math.min(MAX_BLOCKS_PER_UNIT, share));
+    const limit = this.#oneUnitEach ? 1 : Math.max(1, Math.min(MAX_BLOCKS_PER_UNIT, share));
     let count = 0;
     let bytes = 0;
     for (const block of this.inputs) {
@@ -243,13 +248,17 @@ export abstract class Operator {
     const { count } = this.#nextBundle();
     const blocks: InputBlock[] = [];
     for (let i = 0; i < count; i++) blocks.push(this.inputs.shift()!);
-    for (const block of blocks) {
-      this.inputBytes -= block.meta.bytes;
-      this.inputRows -= block.meta.rows;
-    }
-    const total = blocks.reduce((sum, block) => sum + block.meta.rows, 0);
-    const unit: Unit = { seq: this.#nextSeq++, blocks, rows: total, bytes: unitBytes(blocks), attempts: 0, rowStart: this.#inputRowCursor };
-    this.#inputRowCursor += total;
+    return this.#unitOf(blocks);
+  }
+
+  /** A unit of blocks just taken off the input queue: the queue's counts drop by them. */
+  #unitOf(blocks: InputBlock[]): Unit {
+    const rows = unitRows(blocks);
+    const bytes = unitBytes(blocks);
+    this.inputRows -= rows;
+    this.inputBytes -= bytes;
+    const unit: Unit = { seq: this.#nextSeq++, blocks, rows, bytes, attempts: 0, rowStart: this.#inputRowCursor };
+    this.#inputRowCursor += rows;
     return unit;
   }
 
@@ -280,8 +289,7 @@ export abstract class Operator {
   protected unitRows(): number | undefined {
     const batch = this.batchRows;
     if (batch === undefined) return undefined;
-    // A failing unit is skipped whole under maxErroredBlocks: one batch each keeps that exact.
-    if (this.executor.options.maxErroredBlocks > 0) return batch;
+    if (this.#oneUnitEach) return batch;
     let batches = Math.min(MAX_BATCHES_PER_UNIT, Math.floor(this.inputRows / Math.max(1, this.concurrentUnits()) / batch));
     if (this.inputRows > 0 && this.inputBytes > 0) {
       batches = Math.min(batches, Math.floor(this.executor.options.maxBlockBytes / ((this.inputBytes / this.inputRows) * batch)));
@@ -314,12 +322,8 @@ export abstract class Operator {
       }
       blocks.push(block);
       total += block.meta.rows;
-      this.inputBytes -= block.meta.bytes;
-      this.inputRows -= block.meta.rows;
     }
-    const unit: Unit = { seq: this.#nextSeq++, blocks, rows: total, bytes: unitBytes(blocks), attempts: 0, rowStart: this.#inputRowCursor };
-    this.#inputRowCursor += total;
-    return unit;
+    return this.#unitOf(blocks);
   }
 
   protected newSeq(): number {

@@ -162,9 +162,6 @@ export class TaskMapOperator extends TaskOperator {
   protected override concurrentUnits(): number {
     return this.executor.taskSlots(this.spec.compute);
   }
-  protected override get bundlesBlocks(): boolean {
-    return this.spec.bundleRows === undefined;
-  }
   launch(): void {
     this.run(this.nextMapUnit());
   }
