@@ -5,6 +5,7 @@
       "sources": [
         "native/addon.cc",
         "native/common/bulk_copy.cc",
+        "native/common/host_mappings.cc",
         "native/store/store.cc",
         "native/store/store_binding.cc",
         "native/collective/shm_communicator.cc",

@@ -1,5 +1,5 @@
 /** Actors of the GPU suite: a producer of CUDA tensors and a consumer that checks and copies them. */
-import { Tensor, cuda, remote, type IpcHandle } from '../lib/index.js';
+import { Tensor, cuda, getRuntimeContext, remote, type IpcHandle } from '../lib/index.js';
 
 export class Producer {
   make(bytes: number, value: number) {
@@ -10,16 +10,29 @@ export class Producer {
 }
 
 export class Consumer {
-  /** Copies the received tensor into memory of its own (the transfer's last step) and checks it. */
+  /**
+   * Copies the received tensor into memory of its own (the transfer's last step) and checks it.
+   * Returns the seconds the call spent getting the tensor (mapping it, or reading it from the
+   * store onto the GPU) and copying it.
+   */
   take(tensor: Tensor, value: number) {
+    const argumentsSeconds = (getRuntimeContext().argumentsMs ?? NaN) / 1000;
     const copy = cuda.allocate(0, tensor.byteLength);
+    const start = performance.now();
     if (tensor.device === 'cpu') copy.copyFromHost(tensor.data);
     else copy.copyFromDevice(tensor.memory, tensor.byteLength);
+    const copySeconds = (performance.now() - start) / 1000;
     const probe = new Uint8Array(Math.min(4096, tensor.byteLength));
-    copy.copyToHost(probe);
+    copy.copyToHost(probe, tensor.byteLength - probe.byteLength);
     copy.free();
+    const onDevice = tensor.device !== 'cpu';
     tensor.free();
-    return probe.every((byte) => byte === value);
+    return { ok: onDevice && probe.every((byte) => byte === value), argumentsSeconds, copySeconds };
+  }
+
+  /** An empty call: the floor under actor_to_actor_4KiB_us. */
+  ping() {
+    return 0;
   }
 
   /** Microseconds to map another process's allocation (first open in this process). */

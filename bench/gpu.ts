@@ -1,13 +1,21 @@
 /**
- * GPU suite (needs a CUDA device): the device-to-device copy is the floor; actor-to-actor
- * transfers by CUDA IPC and through the object store, pinned host-to-device copies, IPC open time,
- * and a 4 KiB actor-to-actor round trip. Sizes 4 KiB to 1 GiB; metrics at 256 MiB unless named.
+ * GPU suite (needs a CUDA device). The floor is the device-to-device copy in this process.
+ * Transfers go actor to actor on one GPU, content checked, in steady state (the producer's
+ * allocator hands out the same block again, the consumer's IPC mapping stays open):
+ * - `<route>_transfer_GBps`: bytes over the time the consumer's call spent getting the tensor (an
+ *   IPC mapping, or a read from the store onto the GPU) plus copying it into memory of its own,
+ *   both timed in the consumer. The call's fixed cost is `actor_to_actor_4KiB_us`.
+ * - `<route>_call_GBps`: bytes over the whole call, as the driver sees it.
+ * The store route's producer side (device to host into the store) happens when the result is made
+ * and is not in the transfer. Sizes 4 KiB to 1 GiB; unnamed sizes are 256 MiB.
  */
-import { Tensor, cuda, get, init, shutdown } from '../lib/index.js';
+import { Tensor, cuda, events, get, init, shutdown, wait } from '../lib/index.js';
 import { RemoteConsumer, RemoteProducer } from './gpu-actors.js';
 import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
 
 const MiB = 2 ** 20;
+const SIZES = [4096, 64 * 1024, MiB, 16 * MiB, 256 * MiB, 1024 * MiB];
+const label = (bytes: number) => (bytes >= MiB ? `${bytes / MiB}MiB` : `${bytes / 1024}KiB`);
 
 function copyRate(bytes: number, runs: number, copy: () => void): number {
   copy();
@@ -20,65 +28,95 @@ function copyRate(bytes: number, runs: number, copy: () => void): number {
   return bytes / median(times) / 1e9;
 }
 
+type Transport = 'ipc' | 'store' | 'auto';
+interface Sample {
+  callSeconds: number;
+  transferSeconds: number;
+}
+
 export const gpuSuite: Suite = {
   name: 'gpu',
   ratios: [
     ['IPC transfer / device copy (256 MiB)', 'ipc_transfer_GBps', 'd2d_copy_GBps', '>= 0.90'],
     ['store transfer / pinned host-to-device', 'store_transfer_GBps', 'h2d_pinned_GBps', '>= 0.60'],
+    ['4 KiB actor to actor / empty call', 'actor_to_actor_4KiB_us', 'empty_call_us', ''],
   ],
   async run(): Promise<Results> {
     if (!cuda.available) {
       throw new Error(`the gpu suite needs CUDA: ${cuda.reason}`);
     }
     const results: Results = {};
-    const size = 256 * MiB;
-    const a = cuda.allocate(0, size);
-    const b = cuda.allocate(0, size);
-    for (let bytes = 4096; bytes <= 1024 * MiB; bytes *= 16) {
+    for (const bytes of SIZES) {
       const source = cuda.allocate(0, bytes);
       const target = cuda.allocate(0, bytes);
-      results[`d2d_copy_${bytes >= MiB ? `${bytes / MiB}MiB` : `${bytes / 1024}KiB`}_GBps`] = {
-        value: round(copyRate(bytes, 5, () => target.copyFromDevice(source, bytes))),
-        unit: 'GB/s',
-      };
+      results[`d2d_copy_${label(bytes)}_GBps`] = { value: round(copyRate(bytes, 5, () => target.copyFromDevice(source, bytes))), unit: 'GB/s' };
       source.free();
       target.free();
     }
+    const size = 256 * MiB;
+    const a = cuda.allocate(0, size);
+    const b = cuda.allocate(0, size);
     results.d2d_copy_GBps = { value: round(copyRate(size, 10, () => b.copyFromDevice(a, size))), unit: 'GB/s' };
-    const host = Buffer.alloc(size, 1);
-    const times: number[] = [];
-    for (let i = 0; i < 6; i++) {
-      const start = nowNs();
-      await a.copyFromHostAsync(host);
-      times.push(elapsedSeconds(start));
-    }
-    results.h2d_pinned_GBps = { value: round(size / median(times.slice(1)) / 1e9), unit: 'GB/s' };
+    const pinned = cuda.allocateHost(size);
+    pinned.fill(1);
+    results.h2d_pinned_GBps = { value: round(copyRate(size, 6, () => a.copyFromHost(pinned))), unit: 'GB/s' };
+    const pageable = Buffer.alloc(size, 1);
+    results.h2d_pageable_GBps = { value: round(copyRate(size, 6, () => a.copyFromHost(pageable))), unit: 'GB/s' };
     a.free();
     b.free();
 
     await init({ numCpus: 4, numGpus: 1 });
+    const routes = new Map<string, string[]>();
+    events().on('tensor-transport', (event) => routes.set(event.objectId, [...(routes.get(event.objectId) ?? []), event.route]));
     try {
       const producer = RemoteProducer.options({ numGpus: 0.5 }).remote();
       const consumer = RemoteConsumer.options({ numGpus: 0.5 }).remote();
-      const transfer = async (bytes: number, transport: 'ipc' | 'store') => {
-        const made = producer.make.options({ tensorTransport: transport }).remote(bytes, 7);
-        await get(made).catch(() => undefined); // produce first: time only the transfer
+      const transfer = async (bytes: number, transport: Transport): Promise<Sample> => {
+        using made = producer.make.options({ tensorTransport: transport }).remote(bytes, 7);
+        await wait([made]); // produced first (wait leaves it where it is): time only the transfer
         const start = nowNs();
-        const ok = await get(consumer.take.remote(made, 7));
-        const seconds = elapsedSeconds(start);
-        if (!ok) throw new Error(`content check failed for ${transport} transfer of ${bytes} bytes`);
-        return seconds;
+        const taken = (await get(consumer.take.remote(made, 7))) as { ok: boolean; argumentsSeconds: number; copySeconds: number };
+        const callSeconds = elapsedSeconds(start);
+        if (!taken.ok) throw new Error(`content check failed for the ${transport} transfer of ${bytes} bytes`);
+        const expected = transport === 'ipc' || (transport === 'auto' && bytes > MiB) ? ['ipc'] : [];
+        const seen = routes.get(made.id) ?? [];
+        if (seen.join() !== expected.join()) throw new Error(`the ${transport} transfer of ${bytes} bytes took route [${seen}], not [${expected}]`);
+        return { callSeconds, transferSeconds: taken.argumentsSeconds + taken.copySeconds };
       };
-      const rate = async (transport: 'ipc' | 'store') => {
-        const samples: number[] = [];
-        for (let i = 0; i < 4; i++) samples.push(await transfer(size, transport));
-        return size / median(samples.slice(1)) / 1e9;
+      const measure = async (bytes: number, transport: Transport, runs = 5) => {
+        const samples: Sample[] = [];
+        await transfer(bytes, transport); // warm: first mapping, first store window
+        for (let i = 0; i < runs; i++) samples.push(await transfer(bytes, transport));
+        return {
+          transfer: bytes / median(samples.map((sample) => sample.transferSeconds)) / 1e9,
+          call: bytes / median(samples.map((sample) => sample.callSeconds)) / 1e9,
+          callUs: median(samples.map((sample) => sample.callSeconds)) * 1e6,
+        };
       };
-      results.ipc_transfer_GBps = { value: round(await rate('ipc')), unit: 'GB/s' };
-      results.store_transfer_GBps = { value: round(await rate('store')), unit: 'GB/s' };
-      const small: number[] = [];
-      for (let i = 0; i < 50; i++) small.push(await transfer(4096, 'ipc'));
-      results.actor_to_actor_4KiB_us = { value: round(median(small.slice(5)) * 1e6, 1), unit: 'us' };
+      const sweeps: Array<[Transport, number[]]> = [
+        ['ipc', SIZES],
+        ['store', [MiB, 16 * MiB, size]],
+      ];
+      for (const [transport, sizes] of sweeps) {
+        for (const bytes of sizes) {
+          const rates = await measure(bytes, transport);
+          const names = [`${label(bytes)}_`, ...(bytes === size ? [''] : [])];
+          for (const name of names) {
+            results[`${transport}_transfer_${name}GBps`] = { value: round(rates.transfer), unit: 'GB/s' };
+            results[`${transport}_call_${name}GBps`] = { value: round(rates.call), unit: 'GB/s' };
+          }
+        }
+      }
+      const pings: number[] = [];
+      for (let i = 0; i < 60; i++) {
+        const start = nowNs();
+        await get(consumer.ping.remote());
+        pings.push(elapsedSeconds(start));
+      }
+      results.empty_call_us = { value: round(median(pings.slice(10)) * 1e6, 1), unit: 'us' };
+      // 'auto' sends a tensor this small by value; 'ipc' maps it (an idle mapping, reused).
+      results.actor_to_actor_4KiB_us = { value: round((await measure(4096, 'auto', 50)).callUs, 1), unit: 'us' };
+      results.ipc_actor_to_actor_4KiB_us = { value: round((await measure(4096, 'ipc', 50)).callUs, 1), unit: 'us' };
       const exported = Tensor.empty([MiB], { dtype: 'u8', device: 'cuda:0' });
       results.ipc_open_us = { value: round((await get(consumer.openIpc.remote(exported.memory.exportIpc()))) as number, 1), unit: 'us' };
       exported.free();

@@ -41,6 +41,6 @@ for (const name of chosen) {
   }
   for (const [label, numerator, denominator, target] of suite.ratios ?? []) {
     const ratio = results[numerator].value / results[denominator].value;
-    console.log(`  ratio ${label}: ${ratio.toFixed(2)} (target ${target})`);
+    console.log(`  ratio ${label}: ${ratio.toFixed(2)} (${target ? `target ${target}` : "to the floor measured in the same run"})`);
   }
 }

@@ -48,7 +48,7 @@ export { CpuCommunicator } from './gpu/cpu-communicator.js';
 export { createCollectiveGroup, getCommunicator, CollectiveGroup } from './gpu/collective.js';
 export type { CollectiveBackend, CollectiveGroupOptions } from './gpu/collective.js';
 export { cuda } from './gpu/cuda.js';
-export type { CudaApi, DeviceInfo, DeviceMemory, IpcHandle, Stream } from './gpu/cuda-types.js';
+export type { CudaApi, DeviceInfo, DeviceMemory, IpcHandle, IpcStats, PageLockStats, Stream } from './gpu/cuda-types.js';
 export { ChannelError } from './errors.js';
 export { InputNode, MultiOutputNode, ClassMethodNode, CollectiveNode, DAGNode, collective } from './dag/nodes.js';
 export type { CompileOptions, EdgeTransport } from './dag/nodes.js';

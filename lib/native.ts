@@ -6,7 +6,7 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { errorFromNative } from './errors.js';
-import type { DeviceInfo, IpcHandle } from './gpu/cuda-types.js';
+import type { DeviceInfo, IpcHandle, IpcStats, PageLockStats } from './gpu/cuda-types.js';
 
 export interface NativeStoreOptions {
   mode: 'create' | 'attach';
@@ -141,8 +141,9 @@ export interface NativeCuda {
   allocatorStats(device: number): NativeAllocatorStats;
   /** Frees cached device blocks (of every device when undefined) and cached pinned buffers. */
   emptyCache(device?: number): void;
-  /** IPC mappings open in this process. */
-  ipcMappings(): number;
+  ipcStats(): IpcStats;
+  pageLockStats(): PageLockStats;
+  allocateHost(device: number, byteLength: number): Uint8Array;
   DeviceMemory: new (options: { device: number; byteLength: number } | { ipc: NativeIpcHandle }) => NativeDeviceMemory;
   Stream: new (device: number) => NativeCudaStream;
 }

@@ -31,12 +31,17 @@ step() {
   node -e "import('./dist/index.js').then(({ cuda, nccl }) => console.log(JSON.stringify({ cuda: cuda.available ? { driver: cuda.driverVersion, devices: cuda.devices() } : cuda.reason, nccl: nccl.available ? nccl.versionString : nccl.reason })))" 2>&1
 } | tee "$logs/host.log"
 
+# CHECK_STEPS picks steps (a rerun after a fix: CHECK_STEPS=bench), CHECK_TESTS the test files.
+steps=" ${CHECK_STEPS:-tests native bench demo} "
+wanted() { [[ $steps == *" $1 "* ]]; }
+
 # Correctness first: the GPU layer, CUDA IPC edges of compiled graphs, then the data layer's GPU pool.
-step tests 240 node node_modules/vitest/vitest.mjs run test/gpu test/dag/ipc.test.ts test/data/actor-pool.test.ts
+# shellcheck disable=SC2086
+wanted tests && step tests 200 node node_modules/vitest/vitest.mjs run --reporter=verbose ${CHECK_TESTS:-test/gpu test/dag/ipc.test.ts test/data/actor-pool.test.ts}
 [ -x bench/native/out/gpu_native ] || make -C bench/native >"$logs/make.log" 2>&1
-step native 120 bench/native/out/gpu_native --json
-step bench 240 node --import tsx bench/run.ts gpu --json
-step demo 120 node --import tsx examples/batch-inference.ts
+wanted native && step native 60 bench/native/out/gpu_native --json
+wanted bench && step bench 120 node --import tsx bench/run.ts gpu --json
+wanted demo && step demo 60 node --import tsx examples/batch-inference.ts
 
 echo
 echo "step         result           time"

@@ -1527,7 +1527,11 @@ export class Cluster implements Runtime {
     }
     // Marked before the result resolves: readers woken by it must see that the actor holds it.
     const record = this.#objects.get(task.returnId);
-    if (held && record) record.held = { actorId: task.actorId!, ...held };
+    if (held && record) {
+      const { ipc, ...meta } = held.meta;
+      record.held = { actorId: task.actorId!, transport: held.transport, meta };
+      if (ipc) record.ipcHandles = ipc;
+    }
     else if (held) this.#freeHeld(task.actorId!, task.returnId);
     this.#finishTask(task, value, nested);
   }

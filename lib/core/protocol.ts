@@ -16,6 +16,8 @@ const envelopes = new Packr({ useRecords: false });
 export interface HeldMeta {
   tensors: Array<[dtype: string, shape: number[], device: string]>;
   array: boolean;
+  /** CUDA IPC handles of the tensors, exported when the result was made. */
+  ipc?: unknown[];
 }
 
 /**

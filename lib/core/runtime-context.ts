@@ -14,6 +14,11 @@ export interface RuntimeContext {
   actorId?: string;
   gpuIds: number[];
   isDriver: boolean;
+  /**
+   * In a task or actor call: milliseconds spent getting its arguments before it ran (store reads,
+   * CUDA IPC mappings, communicator receives, copies back onto the GPU).
+   */
+  argumentsMs?: number;
 }
 
 export interface ActorLookup {

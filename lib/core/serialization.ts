@@ -25,9 +25,19 @@ export const enum StoredKind {
   Tensor = 5,
 }
 
-/** Rebuilds a tensor's device: back on its GPU where this process has it, else on the CPU. */
+let tensorsBackOnDevice = false;
+
+/**
+ * Workers call this: a CUDA tensor that travelled as bytes goes back onto its GPU where the worker
+ * has one. The driver keeps what it reads on the host (`get()` copies GPU results to host memory).
+ */
+export function restoreTensorsOnDevice(enabled: boolean): void {
+  tensorsBackOnDevice = enabled;
+}
+
+/** Rebuilds a tensor's device: back on its GPU in a worker that has it, else on the CPU. */
 function restoreDevice(tensor: Tensor, device: string): Tensor {
-  if (device === 'cpu') return tensor;
+  if (device === 'cpu' || !tensorsBackOnDevice) return tensor;
   const parsed = parseDevice(device);
   return parsed.kind === 'cuda' && cuda.available && parsed.index < cuda.deviceCount() ? tensor.to(device as `cuda:${number}`) : tensor;
 }

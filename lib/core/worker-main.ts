@@ -20,13 +20,13 @@ import {
 } from './protocol.js';
 import { actorHandleInfo, lookupRegistered, makeActorHandle } from './registry.js';
 import { setRuntime, type ActorLookup, type Runtime, type RuntimeContext } from './runtime-context.js';
-import { decodeStored, encodeArguments, encodeValue, pack, setHandleCodec, unpack } from './serialization.js';
+import { decodeStored, encodeArguments, encodeValue, pack, restoreTensorsOnDevice, setHandleCodec, unpack } from './serialization.js';
 import { SYSTEM_PREFIX, systemMethod } from './system-methods.js';
 import { Deque } from './deque.js';
 import { DriverRequests } from './requests.js';
 // Registers the collective-group system methods in every worker.
 import '../gpu/collective.js';
-import { holdResult, receiveHeld } from '../gpu/transport.js';
+import { holdResult, mapHeld, receiveHeld } from '../gpu/transport.js';
 // Registers the compiled-graph exec loop's system methods.
 import '../dag/exec-loop.js';
 
@@ -56,7 +56,7 @@ class WorkerRuntime implements Runtime {
   #borrowFlush = false;
   /** Tasks received and not yet started. */
   readonly queue = new Deque<TaskMessage>();
-  current?: { taskId?: string; actorId?: string; gpuIds: number[] };
+  current?: { taskId?: string; actorId?: string; gpuIds: number[]; argumentsMs?: number };
 
   constructor(connection: FrameConnection<DriverMessage, WorkerMessage>) {
     this.#connection = connection;
@@ -232,7 +232,8 @@ class WorkerRuntime implements Runtime {
   }
 
   context(): RuntimeContext {
-    return { nodeId, workerId, taskId: this.current?.taskId, actorId: this.current?.actorId, gpuIds: this.current?.gpuIds ?? [], isDriver: false };
+    const current = this.current;
+    return { nodeId, workerId, taskId: current?.taskId, actorId: current?.actorId, gpuIds: current?.gpuIds ?? [], isDriver: false, argumentsMs: current?.argumentsMs };
   }
 }
 
@@ -306,7 +307,8 @@ const collector = new ZeroCopyCollector();
 
 function readWire(value: WireValue): unknown {
   if ('inline' in value) return unpack(value.inline);
-  if ('recv' in value || 'ipc' in value) return receiveHeld(value);
+  if ('ipc' in value) return mapHeld(value.ipc);
+  if ('recv' in value) return receiveHeld(value);
   // A buffer of its own: user code may keep any array or column made from the value, and the
   // object must stay pinned for as long as it does.
   const view = store.getIfSealed(value.id, { ownBuffer: true });
@@ -390,9 +392,18 @@ function runTask(task: TaskMessage): void {
   if (!task.actorId) showGpus(task.gpuIds ?? []);
   const system = task.method?.startsWith(SYSTEM_PREFIX) ? systemMethod(task.method) : undefined;
   let outcome: unknown;
+  const current = runtime.current;
   try {
     const args = resolveArgs(task.args, task.resolved);
-    outcome = isThenable(args) ? args.then((resolved) => invoke(task, system, resolved)) : invoke(task, system, args);
+    if (isThenable(args)) {
+      outcome = args.then((resolved) => {
+        current.argumentsMs = performance.now() - started;
+        return invoke(task, system, resolved);
+      });
+    } else {
+      current.argumentsMs = performance.now() - started;
+      outcome = invoke(task, system, args);
+    }
   } catch (error) {
     finishTask(task, system, started, true, error);
     return;
@@ -436,7 +447,7 @@ function finishTask(task: TaskMessage, system: unknown, started: number, failed:
       runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(outcome) });
     } else {
       const result = outcome;
-      const meta = task.tensorTransport && task.tensorTransport !== 'store' && !system ? holdResult(task.returnId, result) : undefined;
+      const meta = task.tensorTransport && task.tensorTransport !== 'store' && !system ? holdResult(task.returnId, result, task.tensorTransport) : undefined;
       if (meta) runtime.send({ t: 'done', taskId: task.taskId, value: { inline: pack(null) }, held: { transport: task.tensorTransport!, meta } });
       else sendResult(task.taskId, task.returnId, result);
     }
@@ -526,6 +537,7 @@ const tracker = {
 const quietTracker = { onHandleCreated: () => {}, onHandleDisposed: tracker.onHandleDisposed };
 setRefTracker(tracker);
 setRuntime(runtime);
+restoreTensorsOnDevice(true);
 setHandleCodec({
   isHandle: (value) => actorHandleInfo(value) !== undefined,
   write: (value) => {

@@ -63,6 +63,40 @@ export interface CudaApi {
   createStream(device: number): Stream;
   /** Allocator statistics per device: bytes held by live buffers, bytes cached for reuse. */
   allocatorStats(device: number): { allocatedBytes: number; cachedBytes: number; allocations: number; reuses: number };
-  /** Frees cached (unused) device memory. */
+  /**
+   * Frees cached (unused) device memory and closes idle CUDA IPC mappings. Blocks this process
+   * exported over IPC stay cached: another process may still map them.
+   */
   emptyCache(device?: number): void;
+  /**
+   * CUDA IPC mappings of this process: in use (with live views), idle (kept open for the same
+   * handle's next import), and the opens, reuses and closes so far with the time spent opening.
+   */
+  ipcStats(): IpcStats;
+  /**
+   * Page-locked host memory (portable: every device DMAs from and to it), for copies at full
+   * speed. Returned to a cache when the array is collected.
+   */
+  allocateHost(byteLength: number): Uint8Array;
+  /**
+   * The object store's memory as copies to and from devices page-lock it: 64 MiB chunks, each
+   * locked on the first copy that touches it and unlocked when the store is closed.
+   */
+  pageLockStats(): PageLockStats;
+}
+
+export interface PageLockStats {
+  lockedBytes: number;
+  chunksLocked: number;
+  chunksRefused: number;
+  lockMs: number;
+}
+
+export interface IpcStats {
+  inUse: number;
+  idle: number;
+  opens: number;
+  reuses: number;
+  closes: number;
+  openMicros: number;
 }

@@ -4,13 +4,15 @@
  * `cuda.reason` says why, and every other member throws a CudaError with code
  * 'ERR_CUDA_UNAVAILABLE'.
  *
- * Synchronous copies and fill() are complete when they return. Asynchronous copies are staged
- * through pinned host memory and resolve when the device is done; their promises are settled by a
- * native completion thread, so they never block the event loop or libuv's thread pool.
+ * Synchronous copies and fill() are complete when they return; from or to the object store's
+ * memory they page-lock the chunks they touch first (once per process), and so run by DMA.
+ * Asynchronous copies are staged through pinned host memory and resolve when the device is done;
+ * their promises are settled by a native completion thread, so they never block the event loop or
+ * libuv's thread pool.
  */
 import { CudaError, InvalidArgumentError } from '../errors.js';
 import { native, type NativeCudaStatus, type NativeCudaStream, type NativeDeviceMemory } from '../native.js';
-import type { CudaApi, DeviceInfo, DeviceMemory, IpcHandle, Stream } from './cuda-types.js';
+import type { CudaApi, DeviceInfo, DeviceMemory, IpcHandle, IpcStats, PageLockStats, Stream } from './cuda-types.js';
 
 let loaded: NativeCudaStatus | undefined;
 
@@ -173,10 +175,25 @@ export const cuda: CudaApi = {
     requireCuda('emptyCache');
     native.cuda.emptyCache(device);
   },
+
+  ipcStats(): IpcStats {
+    requireCuda('ipcStats');
+    return native.cuda.ipcStats();
+  },
+
+  allocateHost(byteLength: number): Uint8Array {
+    requireCuda('allocateHost');
+    return native.cuda.allocateHost(0, byteLength);
+  },
+
+  pageLockStats(): PageLockStats {
+    requireCuda('pageLockStats');
+    return native.cuda.pageLockStats();
+  },
 };
 
-/** CUDA IPC mappings open in this process (each exported allocation is opened once). */
+/** CUDA IPC mappings in use in this process (each exported allocation is opened once). */
 export function openIpcMappings(): number {
   requireCuda('openIpcMappings');
-  return native.cuda.ipcMappings();
+  return native.cuda.ipcStats().inUse;
 }

@@ -247,8 +247,7 @@ class DeviceMemoryBinding : public Napi::ObjectWrap<DeviceMemoryBinding> {
       CheckRange(offset, source.length, b.size, "copyFromHost");
       if (source.length > 0) {
         const DriverTable& cu = Driver("copyFromHost");
-        MakeCurrent(b.device);
-        Check(cu.cuMemcpyHtoD(b.ptr + offset, source.data, source.length), "cuMemcpyHtoD_v2");
+        CopyHostToDevice(b.device, b.ptr + offset, source.data, source.length);
         // From pageable memory the call may return before the DMA lands.
         Check(cu.cuStreamSynchronize(nullptr), "cuStreamSynchronize");
       }
@@ -264,9 +263,7 @@ class DeviceMemoryBinding : public Napi::ObjectWrap<DeviceMemoryBinding> {
       uint64_t offset = IntegerArgument(info[1], "byteOffset");
       CheckRange(offset, target.length, b.size, "copyToHost");
       if (target.length > 0) {
-        const DriverTable& cu = Driver("copyToHost");
-        MakeCurrent(b.device);
-        Check(cu.cuMemcpyDtoH(target.data, b.ptr + offset, target.length), "cuMemcpyDtoH_v2");
+        CopyDeviceToHost(b.device, target.data, b.ptr + offset, target.length);
       }
       return info.Env().Undefined();
     });
@@ -445,6 +442,34 @@ Napi::Value AllocatorStatsValue(const Napi::CallbackInfo& info) {
   });
 }
 
+Napi::Value PageLockStatsValue(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    Driver("pageLockStats");
+    PageLockStats stats = PageLockStatistics();
+    Napi::Env env = info.Env();
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("lockedBytes", Napi::Number::New(env, static_cast<double>(stats.locked_bytes)));
+    out.Set("chunksLocked", Napi::Number::New(env, static_cast<double>(stats.chunks_locked)));
+    out.Set("chunksRefused", Napi::Number::New(env, static_cast<double>(stats.chunks_failed)));
+    out.Set("lockMs", Napi::Number::New(env, static_cast<double>(stats.lock_ns) / 1e6));
+    return out;
+  });
+}
+
+// allocateHost(device, byteLength): page-locked host memory as a Uint8Array; back to the pinned
+// cache when the array is collected.
+Napi::Value AllocateHostValue(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    int device = DeviceArgument(info[0]);
+    uint64_t length = IntegerArgument(info[1], "byteLength");
+    if (length == 0) throw InvalidArgument("allocateHost: byteLength must be positive");
+    auto* pinned = new std::shared_ptr<PinnedBuffer>(AllocatePinned(device, length));
+    Napi::ArrayBuffer buffer = Napi::ArrayBuffer::New(info.Env(), (*pinned)->data, length,
+                                                      [](Napi::Env, void*, std::shared_ptr<PinnedBuffer>* hold) { delete hold; }, pinned);
+    return Napi::Uint8Array::New(info.Env(), length, buffer, 0);
+  });
+}
+
 }  // namespace
 
 DeviceBuffer BufferOf(const Napi::Value& value, const char* what) { return DeviceMemoryBinding::From(value, what)->buffer(); }
@@ -460,16 +485,26 @@ void RegisterCudaBinding(Napi::Env env, Napi::Object exports) {
            }));
   cuda.Set("deviceInfo", Napi::Function::New(env, DeviceInfo));
   cuda.Set("allocatorStats", Napi::Function::New(env, AllocatorStatsValue));
+  cuda.Set("pageLockStats", Napi::Function::New(env, PageLockStatsValue));
+  cuda.Set("allocateHost", Napi::Function::New(env, AllocateHostValue));
   cuda.Set("emptyCache", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
              return Guarded(info.Env(), [&]() -> Napi::Value {
                EmptyCache(info[0].IsUndefined() ? -1 : DeviceArgument(info[0]));
                return info.Env().Undefined();
              });
            }));
-  cuda.Set("ipcMappings", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+  cuda.Set("ipcStats", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
              return Guarded(info.Env(), [&]() -> Napi::Value {
-               Driver("ipcMappings");
-               return Napi::Number::New(info.Env(), static_cast<double>(OpenIpcMappings()));
+               Driver("ipcStats");
+               IpcStats stats = IpcStatistics();
+               Napi::Object out = Napi::Object::New(info.Env());
+               out.Set("inUse", static_cast<double>(stats.in_use));
+               out.Set("idle", static_cast<double>(stats.idle));
+               out.Set("opens", static_cast<double>(stats.opens));
+               out.Set("reuses", static_cast<double>(stats.reuses));
+               out.Set("closes", static_cast<double>(stats.closes));
+               out.Set("openMicros", static_cast<double>(stats.open_ns) / 1000.0);
+               return out;
              });
            }));
   cuda.Set("DeviceMemory", DeviceMemoryBinding::Define(env));

@@ -122,9 +122,14 @@ std::string DeviceUuid(int device) {
 }
 
 int DeviceByUuid(const std::string& uuid) {
-  int count = Status().device_count;
-  for (int device = 0; device < count; ++device) {
-    if (DeviceUuid(device) == uuid) return device;
+  // Read once: every IPC import names its device by UUID, and a device's UUID never changes.
+  static const std::vector<std::string> uuids = [] {
+    std::vector<std::string> all;
+    for (int device = 0; device < Status().device_count; ++device) all.push_back(DeviceUuid(device));
+    return all;
+  }();
+  for (size_t device = 0; device < uuids.size(); ++device) {
+    if (uuids[device] == uuid) return static_cast<int>(device);
   }
   return -1;
 }

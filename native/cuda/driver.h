@@ -34,6 +34,7 @@ constexpr int CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76;
 constexpr unsigned CU_STREAM_NON_BLOCKING = 0x1;
 constexpr unsigned CU_EVENT_DISABLE_TIMING = 0x2;
 constexpr unsigned CU_MEMHOSTALLOC_PORTABLE = 0x1;
+constexpr unsigned CU_MEMHOSTREGISTER_PORTABLE = 0x1;
 constexpr unsigned CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x1;
 
 // field, exported symbol, signature
@@ -56,6 +57,8 @@ constexpr unsigned CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x1;
   X(cuMemGetAddressRange, "cuMemGetAddressRange_v2", CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr)) \
   X(cuMemHostAlloc, "cuMemHostAlloc", CUresult (*)(void**, size_t, unsigned))                       \
   X(cuMemFreeHost, "cuMemFreeHost", CUresult (*)(void*))                                            \
+  X(cuMemHostRegister, "cuMemHostRegister_v2", CUresult (*)(void*, size_t, unsigned))               \
+  X(cuMemHostUnregister, "cuMemHostUnregister", CUresult (*)(void*))                                \
   X(cuMemcpyHtoD, "cuMemcpyHtoD_v2", CUresult (*)(CUdeviceptr, const void*, size_t))                \
   X(cuMemcpyDtoH, "cuMemcpyDtoH_v2", CUresult (*)(void*, CUdeviceptr, size_t))                      \
   X(cuMemcpyDtoD, "cuMemcpyDtoD_v2", CUresult (*)(CUdeviceptr, CUdeviceptr, size_t))                \

@@ -1,7 +1,14 @@
 #include "cuda/memory.h"
 
+#include "common/host_mappings.h"
+
+#include <algorithm>
+#include <chrono>
+#include <list>
+#include <map>
 #include <mutex>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace trellis::cuda {
@@ -17,6 +24,10 @@ using FreeLists = std::unordered_map<size_t, std::vector<void*>>;
 struct DeviceCache {
   std::mutex mutex;
   FreeLists free;  // CUdeviceptr values stored as void*
+  // Blocks ever exported over CUDA IPC. cuMemFree on memory another process still maps is
+  // undefined behaviour, and readers keep mappings open past their last view (below), so these
+  // stay cached for reuse and are never given back to the driver before the process ends.
+  std::unordered_set<CUdeviceptr> exported;
   AllocatorStats stats;
 };
 
@@ -24,6 +35,7 @@ struct Block {
   int device;
   CUdeviceptr ptr;
   size_t rounded;
+  bool exported = false;  // guarded by the device cache's mutex
 };
 
 // Caches live for the process (leaked on purpose: blocks may come back from any thread, late).
@@ -52,22 +64,29 @@ struct Mapping {
   size_t size;
   std::string key;
 };
+
+// Mappings without views stay open, up to this many (least recently used closed first): a
+// producer's caching allocator hands out the same blocks again, so the same handles come back, and
+// opening one costs about 125 µs on an H100 (closing as much again) against a few µs of a copy.
+constexpr size_t kIdleMappings = 64;
+
+struct IpcState {
+  std::unordered_map<std::string, std::weak_ptr<Mapping>> in_use;
+  std::list<Mapping*> idle;  // most recently used first
+  std::unordered_map<std::string, std::list<Mapping*>::iterator> idle_by_key;
+  IpcStats stats;
+};
 std::mutex ipc_mutex;
-std::unordered_map<std::string, std::weak_ptr<Mapping>>& Mappings() {
-  static auto* mappings = new std::unordered_map<std::string, std::weak_ptr<Mapping>>();
-  return *mappings;
+IpcState& Ipc() {
+  static auto* state = new IpcState();
+  return *state;
 }
 
 std::string KeyOf(int device, const CUipcMemHandle& handle) {
   return std::to_string(device) + ":" + std::string(handle.reserved, sizeof handle.reserved);
 }
 
-void CloseMapping(Mapping* mapping) {
-  {
-    std::lock_guard<std::mutex> lock(ipc_mutex);
-    auto it = Mappings().find(mapping->key);
-    if (it != Mappings().end() && it->second.expired()) Mappings().erase(it);
-  }
+void CloseNow(Mapping* mapping) {
   // An importer that raced us opened the handle again before this close: the driver counts opens
   // of one handle per context, so its mapping stays valid.
   try {
@@ -78,7 +97,146 @@ void CloseMapping(Mapping* mapping) {
   delete mapping;
 }
 
+// The last view of `mapping` is gone: keep it open for the next import of its handle.
+void RetireMapping(Mapping* mapping) {
+  Mapping* evicted = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(ipc_mutex);
+    IpcState& ipc = Ipc();
+    auto it = ipc.in_use.find(mapping->key);
+    if (it != ipc.in_use.end() && it->second.expired()) ipc.in_use.erase(it);
+    if (ipc.idle_by_key.count(mapping->key) == 0) {
+      ipc.idle.push_front(mapping);
+      ipc.idle_by_key[mapping->key] = ipc.idle.begin();
+      mapping = nullptr;
+      if (ipc.idle.size() > kIdleMappings) {
+        evicted = ipc.idle.back();
+        ipc.idle_by_key.erase(evicted->key);
+        ipc.idle.pop_back();
+      }
+    }
+    ipc.stats.closes += (mapping != nullptr ? 1 : 0) + (evicted != nullptr ? 1 : 0);
+  }
+  if (mapping != nullptr) CloseNow(mapping);
+  if (evicted != nullptr) CloseNow(evicted);
+}
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Page-locked chunks of shared host mappings, by mapping base: one state per chunk.
+constexpr size_t kLockChunk = size_t{64} << 20;
+enum class ChunkState : int8_t { kPageable, kLocked, kRefused };
+struct LockedMapping {
+  int device;
+  size_t size;
+  std::vector<ChunkState> chunks;
+};
+std::mutex lock_mutex;
+std::map<uintptr_t, LockedMapping>& LockedMappings() {
+  static auto* mappings = new std::map<uintptr_t, LockedMapping>();
+  return *mappings;
+}
+PageLockStats lock_stats;  // guarded by lock_mutex
+
+// The store's mapping is going away: unlock its chunks first (munmap leaves them locked).
+void UnlockMapping(void* base, size_t) {
+  std::lock_guard<std::mutex> lock(lock_mutex);
+  auto it = LockedMappings().find(reinterpret_cast<uintptr_t>(base));
+  if (it == LockedMappings().end()) return;
+  try {
+    const DriverTable& cu = Driver("cuMemHostUnregister");
+    MakeCurrent(it->second.device);
+    for (size_t i = 0; i < it->second.chunks.size(); ++i) {
+      if (it->second.chunks[i] != ChunkState::kLocked) continue;
+      cu.cuMemHostUnregister(static_cast<uint8_t*>(base) + i * kLockChunk);  // best effort: the mapping goes either way
+      lock_stats.locked_bytes -= std::min(kLockChunk, it->second.size - i * kLockChunk);
+    }
+  } catch (const NativeError&) {
+  }
+  LockedMappings().erase(it);
+}
+
 }  // namespace
+
+namespace {
+
+// Page-locks the chunks of the shared host mapping that [data, data + length) touches. Returns
+// the mapping's base (0 where the memory is in none), whose chunk boundaries split the copy.
+uintptr_t PageLockForCopy(int device, const void* data, size_t length) {
+  void* base = nullptr;
+  size_t size = 0;
+  if (length == 0 || !host_mappings::Find(data, length, &base, &size)) return 0;
+  const DriverTable& cu = Driver("pageLock");
+  auto key = reinterpret_cast<uintptr_t>(base);
+  size_t first = (reinterpret_cast<uintptr_t>(data) - key) / kLockChunk;
+  size_t last = (reinterpret_cast<uintptr_t>(data) + length - 1 - key) / kLockChunk;
+  std::lock_guard<std::mutex> lock(lock_mutex);
+  auto [it, added] = LockedMappings().try_emplace(key, LockedMapping{device, size, {}});
+  if (added) {
+    it->second.chunks.assign((size + kLockChunk - 1) / kLockChunk, ChunkState::kPageable);
+    host_mappings::SetRemovalHook(UnlockMapping);
+  }
+  for (size_t i = first; i <= last; ++i) {
+    ChunkState& state = it->second.chunks[i];
+    if (state == ChunkState::kPageable) {
+      int64_t started = NowNs();
+      MakeCurrent(it->second.device);
+      size_t bytes = std::min(kLockChunk, size - i * kLockChunk);
+      CUresult result = cu.cuMemHostRegister(static_cast<uint8_t*>(base) + i * kLockChunk, bytes, CU_MEMHOSTREGISTER_PORTABLE);
+      state = result == CUDA_SUCCESS ? ChunkState::kLocked : ChunkState::kRefused;
+      lock_stats.lock_ns += static_cast<uint64_t>(NowNs() - started);
+      if (result == CUDA_SUCCESS) {
+        lock_stats.locked_bytes += bytes;
+        lock_stats.chunks_locked += 1;
+      } else {
+        lock_stats.chunks_failed += 1;
+      }
+    }
+  }
+  return key;
+}
+
+// Calls copy(offset, length) once per chunk of the mapping at `base` that the host span touches.
+template <typename Copy>
+void ByChunk(uintptr_t base, const void* host, size_t length, Copy copy) {
+  if (base == 0) return copy(0, length);
+  auto start = reinterpret_cast<uintptr_t>(host);
+  size_t done = 0;
+  while (done < length) {
+    uintptr_t at = start + done;
+    size_t to_boundary = kLockChunk - (at - base) % kLockChunk;
+    size_t piece = std::min(length - done, to_boundary);
+    copy(done, piece);
+    done += piece;
+  }
+}
+
+}  // namespace
+
+void CopyHostToDevice(int device, CUdeviceptr target, const void* source, size_t length) {
+  const DriverTable& cu = Driver("copyFromHost");
+  uintptr_t base = PageLockForCopy(device, source, length);
+  MakeCurrent(device);
+  ByChunk(base, source, length, [&](size_t offset, size_t piece) {
+    Check(cu.cuMemcpyHtoD(target + offset, static_cast<const uint8_t*>(source) + offset, piece), "cuMemcpyHtoD_v2");
+  });
+}
+
+void CopyDeviceToHost(int device, void* target, CUdeviceptr source, size_t length) {
+  const DriverTable& cu = Driver("copyToHost");
+  uintptr_t base = PageLockForCopy(device, target, length);
+  MakeCurrent(device);
+  ByChunk(base, target, length, [&](size_t offset, size_t piece) {
+    Check(cu.cuMemcpyDtoH(static_cast<uint8_t*>(target) + offset, source + offset, piece), "cuMemcpyDtoH_v2");
+  });
+}
+
+PageLockStats PageLockStatistics() {
+  std::lock_guard<std::mutex> lock(lock_mutex);
+  return lock_stats;
+}
 
 size_t RoundSize(size_t bytes) {
   if (bytes == 0) return kSmallRound;
@@ -126,6 +284,7 @@ DeviceBuffer Allocate(int device, size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(home.mutex);
       home.free[block->rounded].push_back(reinterpret_cast<void*>(block->ptr));
+      if (block->exported) home.exported.insert(block->ptr);
       home.stats.allocated_bytes -= block->rounded;
       home.stats.cached_bytes += block->rounded;
     }
@@ -150,13 +309,33 @@ void EmptyCache(int device) {
     FreeLists taken;
     {
       std::lock_guard<std::mutex> lock(cache.mutex);
-      taken.swap(cache.free);
-      cache.stats.cached_bytes = 0;
+      for (auto& [size, blocks] : cache.free) {
+        std::vector<void*> kept;
+        for (void* block : blocks) {
+          if (cache.exported.count(reinterpret_cast<CUdeviceptr>(block)) != 0) {
+            kept.push_back(block);
+          } else {
+            taken[size].push_back(block);
+            cache.stats.cached_bytes -= size;
+          }
+        }
+        blocks.swap(kept);
+      }
     }
     for (auto& [size, blocks] : taken) {
       for (void* block : blocks) Check(cu.cuMemFree(reinterpret_cast<CUdeviceptr>(block)), "cuMemFree_v2");
     }
   }
+  // This process's idle IPC mappings are closed too: emptying caches gives everything back.
+  std::vector<Mapping*> idle;
+  {
+    std::lock_guard<std::mutex> lock(ipc_mutex);
+    idle.assign(Ipc().idle.begin(), Ipc().idle.end());
+    Ipc().idle.clear();
+    Ipc().idle_by_key.clear();
+    Ipc().stats.closes += idle.size();
+  }
+  for (Mapping* mapping : idle) CloseNow(mapping);
   FreeLists pinned;
   {
     std::lock_guard<std::mutex> lock(Pinned().mutex);
@@ -205,6 +384,11 @@ IpcExport ExportIpc(const DeviceBuffer& buffer) {
   IpcExport out{};
   Check(cu.cuIpcGetMemHandle(&out.handle, base), "cuIpcGetMemHandle");
   out.offset = buffer.ptr - base;
+  // Every non-imported buffer is owned by its allocator block (the base of its allocation).
+  auto* block = static_cast<Block*>(buffer.owner.get());
+  DeviceCache& cache = Caches()[static_cast<size_t>(block->device)];
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  block->exported = true;
   return out;
 }
 
@@ -214,9 +398,20 @@ DeviceBuffer ImportIpc(int device, const CUipcMemHandle& handle, uint64_t offset
   std::shared_ptr<Mapping> mapping;
   {
     std::lock_guard<std::mutex> lock(ipc_mutex);
-    auto it = Mappings().find(key);
-    if (it != Mappings().end()) mapping = it->second.lock();
+    IpcState& ipc = Ipc();
+    auto it = ipc.in_use.find(key);
+    if (it != ipc.in_use.end()) mapping = it->second.lock();
     if (!mapping) {
+      auto idle = ipc.idle_by_key.find(key);
+      if (idle != ipc.idle_by_key.end()) {
+        mapping = std::shared_ptr<Mapping>(*idle->second, RetireMapping);
+        ipc.idle.erase(idle->second);
+        ipc.idle_by_key.erase(idle);
+        ipc.stats.reuses += 1;
+      }
+    }
+    if (!mapping) {
+      int64_t started = NowNs();
       MakeCurrent(device);
       CUdeviceptr base = 0;
       Check(cu.cuIpcOpenMemHandle(&base, handle, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS), "cuIpcOpenMemHandle_v2");
@@ -227,9 +422,11 @@ DeviceBuffer ImportIpc(int device, const CUipcMemHandle& handle, uint64_t offset
         cu.cuIpcCloseMemHandle(base);
         Check(result, "cuMemGetAddressRange_v2");
       }
-      mapping = std::shared_ptr<Mapping>(new Mapping{device, base, range_size, key}, CloseMapping);
-      Mappings()[key] = mapping;
+      mapping = std::shared_ptr<Mapping>(new Mapping{device, base, range_size, key}, RetireMapping);
+      ipc.stats.opens += 1;
+      ipc.stats.open_ns += static_cast<uint64_t>(NowNs() - started);
     }
+    ipc.in_use[key] = mapping;
   }
   // Thrown outside the lock: dropping the last reference to `mapping` takes it.
   if (offset > mapping->size || size > mapping->size - offset) {
@@ -240,11 +437,12 @@ DeviceBuffer ImportIpc(int device, const CUipcMemHandle& handle, uint64_t offset
   return DeviceBuffer{device, ptr, size, true, std::move(mapping)};
 }
 
-size_t OpenIpcMappings() {
+IpcStats IpcStatistics() {
   std::lock_guard<std::mutex> lock(ipc_mutex);
-  size_t open = 0;
-  for (auto& [key, mapping] : Mappings()) open += mapping.expired() ? 0 : 1;
-  return open;
+  IpcStats stats = Ipc().stats;
+  for (auto& [key, mapping] : Ipc().in_use) stats.in_use += mapping.expired() ? 0 : 1;
+  stats.idle = Ipc().idle.size();
+  return stats;
 }
 
 }  // namespace trellis::cuda

@@ -47,6 +47,23 @@ struct PinnedBuffer {
 };
 std::shared_ptr<PinnedBuffer> AllocatePinned(int device, size_t bytes);
 
+// Synchronous copies between host memory and `device` (the caller makes it current). Where the
+// host side lies in a shared host mapping (the object store's), the 64 MiB chunks of it the copy
+// touches are page-locked first, once per process, so that the copy runs by DMA at full speed
+// rather than through the driver's staging; the copy then goes chunk by chunk, as one DMA may not
+// span two registrations. A chunk the driver refuses stays pageable (and is not tried again).
+// Chunks are unlocked when their mapping is removed.
+void CopyHostToDevice(int device, CUdeviceptr target, const void* source, size_t length);
+void CopyDeviceToHost(int device, void* target, CUdeviceptr source, size_t length);
+
+struct PageLockStats {
+  uint64_t locked_bytes = 0;  // page-locked now
+  uint64_t chunks_locked = 0; // cuMemHostRegister calls that succeeded
+  uint64_t chunks_failed = 0;
+  uint64_t lock_ns = 0;       // time spent locking
+};
+PageLockStats PageLockStatistics();
+
 struct IpcExport {
   CUipcMemHandle handle;
   uint64_t offset;  // of the buffer within the exported allocation
@@ -54,10 +71,18 @@ struct IpcExport {
 IpcExport ExportIpc(const DeviceBuffer& buffer);
 
 // Opens `handle` in `device`'s context (once per process per allocation: later imports share the
-// mapping, which is closed when its last view is dropped) and returns the view
-// [base + offset, + size).
+// mapping) and returns the view [base + offset, + size). A mapping whose last view is dropped stays
+// open, idle, for the handle's next import (the 64 most recently used; EmptyCache closes them).
 DeviceBuffer ImportIpc(int device, const CUipcMemHandle& handle, uint64_t offset, size_t size);
-// Number of IPC mappings open in this process (for tests).
-size_t OpenIpcMappings();
+
+struct IpcStats {
+  uint64_t in_use = 0;  // mappings with live views
+  uint64_t idle = 0;    // mappings kept open without views
+  uint64_t opens = 0;   // cuIpcOpenMemHandle calls
+  uint64_t reuses = 0;  // imports served by an idle mapping
+  uint64_t closes = 0;  // cuIpcCloseMemHandle calls
+  uint64_t open_ns = 0; // time spent opening
+};
+IpcStats IpcStatistics();
 
 }  // namespace trellis::cuda

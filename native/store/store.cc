@@ -1,4 +1,5 @@
 #include "store/store.h"
+#include "common/host_mappings.h"
 
 #include <fcntl.h>
 #include <linux/futex.h>
@@ -370,6 +371,7 @@ void Store::MapSegment(int fd, uint64_t size, bool create) {
   base_ = static_cast<uint8_t*>(address);
   mapped_size_ = size;
   header_ = reinterpret_cast<SegmentHeader*>(base_);
+  host_mappings::Add(base_, mapped_size_);
   (void)create;
 }
 
@@ -395,7 +397,10 @@ void Store::RegisterProcess() {
 
 Store::~Store() {
   StopPrefaulter();
-  if (base_ != nullptr) munmap(base_, mapped_size_);
+  if (base_ != nullptr) {
+    host_mappings::Remove(base_, mapped_size_);  // unlocks what GPU copies page-locked
+    munmap(base_, mapped_size_);
+  }
 }
 
 void Store::Close() {
@@ -414,6 +419,8 @@ void Store::Close() {
   }
   header_->seal_sequence.fetch_add(1);
   FutexWakeAll(&header_->seal_sequence);
+  // Views may keep the mapping a while, but what GPU copies page-locked is let go now.
+  host_mappings::Remove(base_, mapped_size_);
   if (is_creator_) {
     shm_unlink(ShmPath(name_).c_str());
     if (header_->spill_directory[0] != 0) {

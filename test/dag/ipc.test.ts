@@ -8,6 +8,7 @@ import { InputNode, MultiOutputNode, Tensor, cuda, get, init, shutdown, type Act
 import { ChannelReader, ChannelWriter, createChannel, destroyChannel, decodeMessage, encodeIpcMessage } from '../../lib/dag/channel.js';
 import { IpcImporter, IpcLender, cudaTensorsOf, type IpcPayload } from '../../lib/dag/ipc.js';
 import { RemoteStage, type Stage } from './fixtures/stages.js';
+import { checkOverlappedIpcPipeline } from './fixtures/ipc-checks.js';
 
 function fakeHandle(allocation: number, offset = 0, byteLength = 16): IpcHandle {
   const handle = new Uint8Array(64);
@@ -99,7 +100,7 @@ describe('CUDA IPC bookkeeping', () => {
   });
 });
 
-describe('compiled graphs with IPC edges, CPU only', () => {
+describe('compiled graphs with IPC edges', () => {
   let stages: Array<ActorHandle<Stage>>;
   beforeAll(async () => {
     await init({ numCpus: 2 });
@@ -110,7 +111,7 @@ describe('compiled graphs with IPC edges, CPU only', () => {
     await shutdown();
   });
 
-  it("marks 'ipc' edges between actors; the driver's reads and 'auto' edges without CUDA stay in shared memory", async () => {
+  it("marks 'ipc' edges between actors; the driver's reads, and 'auto' edges where CUDA is absent, stay in shared memory", async () => {
     const [a, b, c] = stages;
     const input = new InputNode();
     const produced = a.tensor.bind(input, 2).withTensorTransport('ipc');
@@ -119,9 +120,10 @@ describe('compiled graphs with IPC edges, CPU only', () => {
     try {
       const text = graph.visualize().text;
       const ipcLines = text.split('\n').filter((line) => line.includes('(CUDA IPC)'));
-      // a writes the 'ipc' tensor once (one channel, two readers: b and c), each reader reads it by IPC.
-      expect(ipcLines.filter((line) => line.includes('WRITE'))).toHaveLength(1);
-      expect(ipcLines.filter((line) => line.includes('READ'))).toHaveLength(2);
+      // a writes the 'ipc' tensor once (one channel, two readers: b and c), each reader reads it by
+      // IPC; where CUDA is present, b's 'auto' edge to c goes by IPC too.
+      expect(ipcLines.filter((line) => line.includes('WRITE'))).toHaveLength(cuda.available ? 2 : 1);
+      expect(ipcLines.filter((line) => line.includes('READ'))).toHaveLength(cuda.available ? 3 : 2);
       // CPU tensors on an 'ipc' edge still travel as bytes.
       const [sumB, sumC, sumC2, direct] = (await graph.execute(4)) as [number, number, number, Tensor];
       expect([sumB, sumC, sumC2]).toEqual([8, 12, 8]);
@@ -132,7 +134,6 @@ describe('compiled graphs with IPC edges, CPU only', () => {
   });
 
   it.skipIf(!cuda.available)(`GPU tensors travel by IPC between two actors${cuda.available ? '' : ` (skipped: CUDA is not available here: ${cuda.reason})`}`, async () => {
-    // Unverified on a GPU host when written (none was at hand); ipc-fake-gpu.test.ts runs the path on the fake driver.
     const [a, b] = stages;
     const input = new InputNode();
     const graph = await b.inspect.bind(a.cudaFill.bind(input, 3).withTensorTransport('ipc')).compile({ maxInflight: 4 });
@@ -142,5 +143,10 @@ describe('compiled graphs with IPC edges, CPU only', () => {
       await graph.teardown();
     }
     expect(await get(b.ipcMappings.remote())).toBe(0);
+  });
+
+  it.skipIf(!cuda.available)(`with overlap, GPU tensors pipeline by IPC: 4 in flight, results in order${cuda.available ? '' : ' (skipped: no CUDA)'}`, async () => {
+    const [a, b] = stages;
+    await checkOverlappedIpcPipeline(a, b);
   });
 });

@@ -47,6 +47,12 @@ describe(`CUDA on this host${noCuda}`, () => {
     const report = await scenario('ipc-export', [String(64 << 20)]);
     expect(report.child).toMatchObject({ bytes: 64 << 20, reexport: 'ERR_CUDA' });
   });
+
+  it.skipIf(!cuda.available)('page-locks object store memory for copies, once, and unlocks it when the store closes', async () => {
+    const report = await scenario('page-lock');
+    expect(report.stats.chunksRefused).toBe(0);
+    expect(report.rounds[1].chunksLocked).toBe(2 * report.rounds[0].chunksLocked);
+  });
 });
 
 describe(`NCCL on this host${noNccl}`, () => {

@@ -74,9 +74,17 @@ describe.skipIf(!fake.path)(`the native GPU layer on a fake driver${fake.reason 
     expect(turns).toBeGreaterThan(10);
   });
 
-  it('hands device memory to another process over CUDA IPC, opened once and closed with its last view', async () => {
+  it('hands device memory to another process over CUDA IPC, opened once, kept idle after its last view, closed by emptyCache', async () => {
     const report = await scenario('ipc-export', [String(3 * MiB + 5)], env());
     expect(report.child).toMatchObject({ bytes: 3 * MiB + 5, reexport: 'ERR_CUDA' });
+  });
+
+  it('page-locks the object store chunks that copies touch, once, and unlocks them when the store closes', async () => {
+    const report = await scenario('page-lock', [], env());
+    expect(report.rounds).toEqual([
+      { chunksLocked: 1, lockedBytes: 64 * MiB },
+      { chunksLocked: 2, lockedBytes: 64 * MiB },
+    ]);
   });
 
   it('runs every collective on one rank, for every dtype', async () => {

@@ -178,8 +178,53 @@ CUresult cuMemHostAlloc(void** data, size_t size, unsigned) {
   return *data ? kSuccess : kOutOfMemory;
 }
 CUresult cuMemFreeHost(void* data) { std::free(data); return kSuccess; }
-CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) { std::memcpy(reinterpret_cast<void*>(dst), src, n); return kSuccess; }
-CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) { std::memcpy(dst, reinterpret_cast<void*>(src), n); return kSuccess; }
+
+// Page-locked ranges, as cuMemHostRegister keeps them: overlaps and unknown bases are refused.
+std::map<uintptr_t, size_t> registered;
+
+// As the real driver: a copy that starts in page-locked memory must end in the same registration.
+bool SpansRegistrations(const void* host, size_t n) {
+  auto start = reinterpret_cast<uintptr_t>(host);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = registered.upper_bound(start);
+  if (it == registered.begin()) return false;
+  --it;
+  return start < it->first + it->second && start + n > it->first + it->second;
+}
+
+CUresult cuMemHostRegister_v2(void* data, size_t size, unsigned flags) {
+  if (current == nullptr) return kInvalidContext;
+  if (data == nullptr || size == 0 || flags != 1) return kInvalidValue;
+  auto start = reinterpret_cast<uintptr_t>(data);
+  std::lock_guard<std::mutex> lock(mutex);
+  for (auto& [base, length] : registered) {
+    if (start < base + length && base < start + size) return 712;  // CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED
+  }
+  registered[start] = size;
+  return kSuccess;
+}
+CUresult cuMemHostUnregister(void* data) {
+  std::lock_guard<std::mutex> lock(mutex);
+  if (registered.erase(reinterpret_cast<uintptr_t>(data)) == 0) return 713;  // CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED
+  return kSuccess;
+}
+// Bytes page-locked now — for tests that check unlocking.
+size_t fakeCudaRegisteredBytes() {
+  std::lock_guard<std::mutex> lock(mutex);
+  size_t total = 0;
+  for (auto& [base, length] : registered) total += length;
+  return total;
+}
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+  if (SpansRegistrations(src, n)) return kInvalidValue;
+  std::memcpy(reinterpret_cast<void*>(dst), src, n);
+  return kSuccess;
+}
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+  if (SpansRegistrations(dst, n)) return kInvalidValue;
+  std::memcpy(dst, reinterpret_cast<void*>(src), n);
+  return kSuccess;
+}
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) { std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), n); return kSuccess; }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void* stream) { return stream ? cuMemcpyHtoD_v2(dst, src, n) : kInvalidHandle; }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* stream) { return stream ? cuMemcpyDtoH_v2(dst, src, n) : kInvalidHandle; }

@@ -1,0 +1,118 @@
+/**
+ * Where the time of a small GPU transfer goes (run on a GPU host): each CUDA call in this process,
+ * then the steps of one actor-to-actor call as the consumer times them, with its IPC mapping stats.
+ *   node --import tsx bench/gpu-probe.ts
+ */
+import { cuda, get, getRuntimeContext, init, remote, shutdown, Tensor, wait } from '../lib/index.js';
+import { RemoteProducer } from './gpu-actors.js';
+
+const us = (ms: number) => Math.round(ms * 10000) / 10;
+function time(runs: number, body: () => void): number {
+  const samples: number[] = [];
+  for (let i = 0; i < runs; i++) {
+    const start = performance.now();
+    body();
+    samples.push(performance.now() - start);
+  }
+  samples.sort((a, b) => a - b);
+  return us(samples[samples.length >> 1]);
+}
+
+export class Probe {
+  /** A first GPU operation on local memory, then the same steps. */
+  warmSteps(tensor: Tensor) {
+    const start = performance.now();
+    const scratch = cuda.allocate(0, 4096);
+    scratch.fill(0);
+    scratch.free();
+    return { warmup: us(performance.now() - start), ...this.steps(tensor) };
+  }
+  /** Microseconds of one small GPU operation (allocate, fill, free). */
+  warmup() {
+    const start = performance.now();
+    const scratch = cuda.allocate(0, 4096);
+    scratch.fill(0);
+    scratch.free();
+    return us(performance.now() - start);
+  }
+  steps(tensor: Tensor) {
+    const steps: Record<string, number> = { arguments: us(getRuntimeContext().argumentsMs ?? NaN) };
+    let start = performance.now();
+    const copy = cuda.allocate(0, tensor.byteLength);
+    steps.allocate = us(performance.now() - start);
+    start = performance.now();
+    copy.copyFromDevice(tensor.memory, tensor.byteLength);
+    steps.copyFromDevice = us(performance.now() - start);
+    start = performance.now();
+    copy.copyFromDevice(tensor.memory, tensor.byteLength);
+    steps.copyAgain = us(performance.now() - start);
+    const probe = new Uint8Array(Math.min(4096, tensor.byteLength));
+    start = performance.now();
+    copy.copyToHost(probe);
+    steps.copyToHost = us(performance.now() - start);
+    start = performance.now();
+    copy.free();
+    tensor.free();
+    steps.free = us(performance.now() - start);
+    return steps;
+  }
+  ping() {
+    return 0;
+  }
+  ipcStats() {
+    return cuda.ipcStats();
+  }
+}
+const RemoteProbe = remote(import.meta, Probe);
+
+if (!process.env.TRELLIS_WORKER_ID) {
+  const memory = cuda.allocate(0, 4096);
+  const other = cuda.allocate(0, 4096);
+  const host = new Uint8Array(4096);
+  console.log('in process (median us):', JSON.stringify({
+    allocateFree: time(200, () => cuda.allocate(0, 4096).free()),
+    copyFromHost: time(200, () => memory.copyFromHost(host)),
+    copyToHost: time(200, () => memory.copyToHost(host)),
+    copyFromDevice: time(200, () => other.copyFromDevice(memory)),
+    fill: time(200, () => memory.fill(1)),
+    exportIpc: time(200, () => memory.exportIpc()),
+    tensorToCuda: time(200, () => Tensor.fromArray(host, { dtype: 'u8', device: 'cuda:0' }).free()),
+    tensorToCpu: time(200, () => Tensor.empty([4096], { dtype: 'u8', device: 'cuda:0' }).cpu()),
+  }));
+  await init({ numCpus: 4, numGpus: 1 });
+  const producer = RemoteProducer.options({ numGpus: 0.5 }).remote();
+  const probe = RemoteProbe.options({ numGpus: 0.5 }).remote();
+  for (const [transport, method] of [['auto', 'steps'], ['ipc', 'steps'], ['ipc', 'warmSteps']] as const) {
+    const rows: Array<Record<string, number>> = [];
+    for (let i = 0; i < 40; i++) {
+      using made = producer.make.options({ tensorTransport: transport }).remote(4096, 7);
+      await wait([made]);
+      const start = performance.now();
+      const steps = (await get(probe[method].remote(made))) as Record<string, number>;
+      rows.push({ call: us(performance.now() - start), ...steps });
+    }
+    const medians = Object.fromEntries(Object.keys(rows[0]).map((key) => [key, rows.map((row) => row[key]).sort((a, b) => a - b)[20]]));
+    console.log(`${transport} 4 KiB ${method} (median us):`, JSON.stringify(medians));
+  }
+  // Is the first operation slow because the GPU last ran another process's work? Compare a
+  // small operation right after the producer's with the same operation right after its own.
+  const afterProducer: number[] = [];
+  const afterSelf: number[] = [];
+  for (let i = 0; i < 40; i++) {
+    using made = producer.make.remote(4096, 1);
+    await wait([made]);
+    afterProducer.push((await get(probe.warmup.remote())) as number);
+    afterSelf.push((await get(probe.warmup.remote())) as number);
+  }
+  const middle = (values: number[]) => values.sort((a, b) => a - b)[values.length >> 1];
+  console.log('consumer GPU op (median us): after the producer', middle(afterProducer), 'after its own', middle(afterSelf));
+  const pings: number[] = [];
+  for (let i = 0; i < 100; i++) {
+    const start = performance.now();
+    await get(probe.ping.remote());
+    pings.push(performance.now() - start);
+  }
+  console.log('empty call (median us):', us(pings.sort((a, b) => a - b)[50]));
+  console.log('consumer IPC stats:', JSON.stringify(await get(probe.ipcStats.remote())));
+  await shutdown();
+}

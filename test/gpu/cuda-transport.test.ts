@@ -1,0 +1,87 @@
+/**
+ * Tensor transport of CUDA tensors between two actors on one GPU: by CUDA IPC, by value for small
+ * 'auto' results, through the store when asked, and the driver's get() onto the host. Runs on the
+ * real driver where there is one, else on the fake driver (host memory behind the CUDA ABI), so the
+ * routing and the bookkeeping are checked in CI and the real mappings on a GPU host.
+ */
+import { rmSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { events, get, init, shutdown, Tensor, type ActorHandle } from '../../lib/index.js';
+import { buildFakeGpu, scenario } from './gpu-helpers.js';
+import { RemoteConsumer, RemoteProducer, type Consumer, type Producer } from './fixtures/cuda-actors.js';
+
+const MiB = 1 << 20;
+// Decided in a child process, so this one loads whichever driver is chosen, once.
+const real = (await scenario('absent')).cuda.available === true;
+const fake = real ? {} : buildFakeGpu();
+if (fake.path) process.env.TRELLIS_CUDA_DRIVER = fake.path;
+const driver = real ? 'the CUDA driver' : fake.path ? 'the fake CUDA driver' : undefined;
+
+async function until<T>(read: () => Promise<T>, done: (value: T) => boolean): Promise<T> {
+  for (let i = 0; ; i++) {
+    const value = await read();
+    if (done(value) || i === 200) return value;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `skipped: ${fake.reason}`})`, () => {
+  const routes: Array<{ objectId: string; route: string }> = [];
+  let producer: ActorHandle<Producer>;
+  let consumer: ActorHandle<Consumer>;
+  beforeAll(async () => {
+    await init({ numCpus: 2, numGpus: 1 });
+    events().on('tensor-transport', (event) => routes.push(event));
+    producer = RemoteProducer.options({ numGpus: 0.5 }).remote();
+    consumer = RemoteConsumer.options({ numGpus: 0.5 }).remote();
+  });
+  afterAll(async () => {
+    await shutdown();
+    if (fake.path) rmSync(dirname(fake.path), { recursive: true, force: true });
+  });
+  const routeOf = (id: string) => routes.filter((event) => event.objectId === id).map((event) => event.route);
+
+  it("maps an 'ipc' result in the reader by CUDA IPC, content checked, and frees it with the last ref", async () => {
+    const baseline = await get(producer.allocatedBytes.remote());
+    {
+      using made = producer.make.remote(3 * MiB + 5, 9);
+      for (let i = 0; i < 2; i++) {
+        expect(await get(consumer.inspect.remote(made))).toEqual([{ device: 'cuda:0', imported: true, numel: 3 * MiB + 5, sum: 9 * (3 * MiB + 5) }]);
+      }
+      expect(routeOf(made.id)).toEqual(['ipc', 'ipc']);
+      // The reader closed its mapping with its last view.
+      expect(await get(consumer.mappings.remote())).toBe(0);
+      expect(await get(producer.allocatedBytes.remote())).toBeGreaterThan(baseline);
+    }
+    expect(await until(() => get(producer.allocatedBytes.remote()), (bytes) => bytes === baseline)).toBe(baseline);
+  });
+
+  it("sends small 'auto' results by value onto the reader's GPU, and large ones by IPC", async () => {
+    using pair = producer.makePair.remote(1000);
+    expect(await get(consumer.inspect.remote(pair))).toEqual([
+      { device: 'cuda:0', imported: false, numel: 1000, sum: 1000 },
+      { device: 'cuda:0', imported: false, numel: 3, sum: 21 },
+    ]);
+    expect(routeOf(pair.id)).toEqual([]);
+    using large = producer.makePair.remote(MiB);
+    expect(await get(consumer.inspect.remote(large))).toEqual([
+      { device: 'cuda:0', imported: true, numel: MiB, sum: MiB },
+      { device: 'cuda:0', imported: true, numel: 3, sum: 21 },
+    ]);
+    expect(routeOf(large.id)).toEqual(['ipc']);
+  });
+
+  it("goes through the store when asked, back onto the reader's GPU; the driver's get() copies to host", async () => {
+    using stored = producer.make.options({ tensorTransport: 'store' }).remote(2 * MiB, 4);
+    expect(await get(consumer.inspect.remote(stored))).toEqual([{ device: 'cuda:0', imported: false, numel: 2 * MiB, sum: 8 * MiB }]);
+    expect(routeOf(stored.id)).toEqual([]);
+    using held = producer.make.remote(MiB, 2);
+    const onHost = (await get(held)) as Tensor;
+    expect(onHost.device).toBe('cpu');
+    expect(onHost.bytes().every((byte) => byte === 2)).toBe(true);
+    // Once stored for the driver, other readers take the stored copy.
+    expect(await get(consumer.inspect.remote(held))).toEqual([{ device: 'cuda:0', imported: false, numel: MiB, sum: 2 * MiB }]);
+    expect(routeOf(held.id)).toEqual(['store']);
+  });
+});
