@@ -27,6 +27,13 @@ export class Probe {
     scratch.free();
     return { warmup: us(performance.now() - start), ...this.steps(tensor) };
   }
+  /** Wall-clock marks (ms since the epoch) of this call: arguments begun, method begun and ended. */
+  marks(tensor?: Tensor) {
+    const begun = performance.timeOrigin + performance.now();
+    tensor?.free();
+    const ended = performance.timeOrigin + performance.now();
+    return { argumentsBegun: begun - (getRuntimeContext().argumentsMs ?? 0), begun, ended };
+  }
   /** Microseconds of one small GPU operation (allocate, fill, free). */
   warmup() {
     const start = performance.now();
@@ -106,6 +113,27 @@ if (!process.env.TRELLIS_WORKER_ID) {
   }
   const middle = (values: number[]) => values.sort((a, b) => a - b)[values.length >> 1];
   console.log('consumer GPU op (median us): after the producer', middle(afterProducer), 'after its own', middle(afterSelf));
+  // Where a call's time goes between processes: driver to reader, in the reader, reader to driver.
+  const wall = () => performance.timeOrigin + performance.now();
+  // 'none after producer': the producer works first, the reader gets no argument (its idle time
+  // and the driver's, without the transfer). Clocks of two processes may be offset: the sum of
+  // the two hops is the reliable figure.
+  for (const transport of ['none', 'none after producer', 'auto', 'ipc'] as const) {
+    const hops: Array<Record<string, number>> = [];
+    for (let i = 0; i < 40; i++) {
+      const withArgument = transport === 'auto' || transport === 'ipc';
+      using made = transport === 'none' ? undefined : producer.make.options({ tensorTransport: withArgument ? transport : 'store' }).remote(4096, 1);
+      if (made) await wait([made]);
+      const sent = wall();
+      const marks = (await get(withArgument ? probe.marks.remote(made) : probe.marks.remote())) as { argumentsBegun: number; begun: number; ended: number };
+      const back = wall();
+      const toReader = (marks.argumentsBegun - sent) * 1000;
+      const toDriver = (back - marks.ended) * 1000;
+      hops.push({ toReader, toDriver, bothHops: toReader + toDriver, arguments: (marks.begun - marks.argumentsBegun) * 1000, method: (marks.ended - marks.begun) * 1000 });
+    }
+    const medians = Object.fromEntries(Object.keys(hops[0]).map((key) => [key, Math.round(hops.map((hop) => hop[key]).sort((a, b) => a - b)[20])]));
+    console.log(`hops with a ${transport} 4 KiB argument (median us):`, JSON.stringify(medians));
+  }
   const pings: number[] = [];
   for (let i = 0; i < 100; i++) {
     const start = performance.now();
