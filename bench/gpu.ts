@@ -81,7 +81,7 @@ export const gpuSuite: Suite = {
         const taken = (await get(consumer.take.remote(made, 7, warm))) as { ok: boolean; argumentsSeconds: number; copySeconds: number };
         const callSeconds = elapsedSeconds(start);
         if (!taken.ok) throw new Error(`content check failed for the ${transport} transfer of ${bytes} bytes`);
-        const expected = transport === 'ipc' || (transport === 'auto' && bytes > MiB) ? ['ipc'] : [];
+        const expected = transport === 'store' ? [] : ['ipc'];
         const seen = routes.get(made.id) ?? [];
         if (seen.join() !== expected.join()) throw new Error(`the ${transport} transfer of ${bytes} bytes took route [${seen}], not [${expected}]`);
         return { callSeconds, transferSeconds: taken.argumentsSeconds + taken.copySeconds };
@@ -121,9 +121,8 @@ export const gpuSuite: Suite = {
         pings.push(elapsedSeconds(start));
       }
       results.empty_call_us = { value: round(median(pings.slice(10)) * 1e6, 1), unit: 'us' };
-      // 'auto' sends a tensor this small by value; 'ipc' maps it (an idle mapping, reused).
+      // 'auto' maps it by IPC (the reader's idle mapping of the producer's reused block).
       results.actor_to_actor_4KiB_us = { value: round((await measure(4096, 'auto', 50)).callUs, 1), unit: 'us' };
-      results.ipc_actor_to_actor_4KiB_us = { value: round((await measure(4096, 'ipc', 50)).callUs, 1), unit: 'us' };
       const exported = Tensor.empty([MiB], { dtype: 'u8', device: 'cuda:0' });
       results.ipc_open_us = { value: round((await get(consumer.openIpc.remote(exported.memory.exportIpc()))) as number, 1), unit: 'us' };
       exported.free();

@@ -1,6 +1,6 @@
 /**
- * Tensor transport of CUDA tensors between two actors on one GPU: by CUDA IPC, by value for small
- * 'auto' results, through the store when asked, and the driver's get() onto the host. Runs on the
+ * Tensor transport of CUDA tensors between two actors on one GPU: by CUDA IPC, through the store
+ * when asked, and the driver's get() onto the host. Runs on the
  * real driver where there is one, else on the fake driver (host memory behind the CUDA ABI), so the
  * routing and the bookkeeping are checked in CI and the real mappings on a GPU host.
  */
@@ -57,13 +57,13 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
     expect(await until(() => get(producer.allocatedBytes.remote()), (bytes) => bytes === baseline)).toBe(baseline);
   });
 
-  it("sends small 'auto' results by value onto the reader's GPU, and large ones by IPC", async () => {
+  it("maps 'auto' results of any size by IPC on one node, a Tensor[] whole", async () => {
     using pair = producer.makePair.remote(1000);
     expect(await get(consumer.inspect.remote(pair))).toEqual([
-      { device: 'cuda:0', imported: false, numel: 1000, sum: 1000 },
-      { device: 'cuda:0', imported: false, numel: 3, sum: 21 },
+      { device: 'cuda:0', imported: true, numel: 1000, sum: 1000 },
+      { device: 'cuda:0', imported: true, numel: 3, sum: 21 },
     ]);
-    expect(routeOf(pair.id)).toEqual([]);
+    expect(routeOf(pair.id)).toEqual(['ipc']);
     using large = producer.makePair.remote(MiB);
     expect(await get(consumer.inspect.remote(large))).toEqual([
       { device: 'cuda:0', imported: true, numel: MiB, sum: MiB },
