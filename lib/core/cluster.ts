@@ -37,7 +37,7 @@ import { Node, WorkerProcess, type NodeOptions } from './node.js';
 import { PlacementGroup, infeasibility as groupInfeasibility, releaseGroup, reserve, type PlacementStrategy } from './placement-group.js';
 import { ResourcePool, describeResources, toFixed, type Resources } from './resources.js';
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
-import { decodeStored, encodeArguments, encodeValue, pack, unpack } from './serialization.js';
+import { decodeStored, encodeArguments, encodeValue, pack, putStored, unpack } from './serialization.js';
 import { Deque } from './deque.js';
 
 /** Actor calls hold no resources of their own (the actor holds them) and retry per actor. */
@@ -571,7 +571,7 @@ export class Cluster implements Runtime {
       this.#resolveObject(id, { inline: encoded.inline }, encoded.nested, encoded.inline.byteLength);
     } else {
       const node = this.headNode;
-      node.store.put(id, encoded.stored.payload, { metadata: encoded.stored.metadata });
+      putStored(node.store, id, encoded.stored);
       this.#resolveObject(id, { node: node.id, id }, encoded.nested, encoded.stored.payload.byteLength);
     }
     return ref;

@@ -7,7 +7,8 @@
 import { Packr, addExtension } from 'msgpackr';
 import { Table, tableFromIPC, tableToIPC } from 'apache-arrow';
 import { SerializationError } from '../errors.js';
-import type { ObjectView } from '../store/object-store.js';
+import type { ObjectStore, ObjectView } from '../store/object-store.js';
+import type { ObjectId } from '../store/object-id.js';
 import { ObjectRef } from './object-ref.js';
 import { Tensor, parseDevice } from '../gpu/tensor.js';
 import { BYTES_PER_ELEMENT, DTYPES, viewAs, type DType } from '../gpu/dtype.js';
@@ -214,11 +215,35 @@ function prepare(value: unknown, depth = 0): unknown {
   }
 }
 
+/**
+ * Bytes bound for the store, or a writer that fills the object's memory in place: a CUDA tensor
+ * goes from the device straight into the store (page-locked there, so by DMA), not through a
+ * host copy first.
+ */
+export type StoredPayload = Uint8Array | { byteLength: number; writeTo(target: Uint8Array): void };
+
 /** A value ready for the object store: metadata names how to read the payload back. */
 export interface StoredValue {
   metadata: Uint8Array;
-  payload: Uint8Array;
+  payload: StoredPayload;
   nested: string[];
+}
+
+/** Puts a stored value under `id`; a writer payload fills the object before it is sealed. */
+export function putStored(store: ObjectStore, id: ObjectId, stored: StoredValue): void {
+  const { payload, metadata } = stored;
+  if (payload instanceof Uint8Array) {
+    store.put(id, payload, { metadata });
+    return;
+  }
+  const builder = store.create(id, payload.byteLength, { metadata });
+  try {
+    payload.writeTo(builder.data);
+  } catch (error) {
+    builder.abort();
+    throw error;
+  }
+  builder.seal();
 }
 
 /** A value encoded for transport: inline msgpack, or bytes bound for the store. */
@@ -227,12 +252,12 @@ export type EncodedValue = { inline: Uint8Array; nested: string[] } | { stored: 
 export function encodeValue(value: unknown): EncodedValue {
   if (value instanceof Tensor && value.byteLength > INLINE_LIMIT) {
     // Raw bytes in the store, read back zero-copy; metadata: kind, then JSON of dtype, shape, device.
-    const host = value.device === 'cpu' ? value : value.cpu();
     const header = new TextEncoder().encode(JSON.stringify(tensorHeader(value)));
     const metadata = new Uint8Array(1 + header.byteLength);
     metadata[0] = StoredKind.Tensor;
     metadata.set(header, 1);
-    return { stored: { metadata, payload: host.bytes(), nested: [] }, nested: [] };
+    const payload: StoredPayload = value.device === 'cpu' ? value.bytes() : { byteLength: value.byteLength, writeTo: (target) => value.memory.copyToHost(target) };
+    return { stored: { metadata, payload, nested: [] }, nested: [] };
   }
   if (value instanceof Table) {
     const payload = tableToIPC(value, 'stream');

@@ -20,7 +20,7 @@ import {
 } from './protocol.js';
 import { actorHandleInfo, lookupRegistered, makeActorHandle } from './registry.js';
 import { setRuntime, type ActorLookup, type Runtime, type RuntimeContext } from './runtime-context.js';
-import { decodeStored, encodeArguments, encodeValue, pack, restoreTensorsOnDevice, setHandleCodec, unpack } from './serialization.js';
+import { decodeStored, encodeArguments, encodeValue, pack, putStored, restoreTensorsOnDevice, setHandleCodec, unpack } from './serialization.js';
 import { SYSTEM_PREFIX, systemMethod } from './system-methods.js';
 import { Deque } from './deque.js';
 import { DriverRequests } from './requests.js';
@@ -203,7 +203,7 @@ class WorkerRuntime implements Runtime {
       // this process dies before its register leaves, the driver finds the object at the id after
       // the last one registered.
       id = sequentialObjectId(putIds, storedPuts);
-      store.put(id, encoded.stored.payload, { metadata: encoded.stored.metadata });
+      putStored(store, id, encoded.stored);
       storedPuts++;
       this.notify('register', { id, value: { node: nodeId, id }, nested: encoded.nested, size: encoded.stored.payload.byteLength });
     }
@@ -354,7 +354,7 @@ function sendResult(taskId: string, returnId: string, value: unknown): void {
     runtime.send({ t: 'done', taskId, value: { inline: encoded.inline }, nested: encoded.nested });
     return;
   }
-  store.put(returnId, encoded.stored.payload, { metadata: encoded.stored.metadata });
+  putStored(store, returnId, encoded.stored);
   runtime.send({ t: 'done', taskId, value: { node: nodeId, id: returnId }, nested: encoded.nested });
 }
 

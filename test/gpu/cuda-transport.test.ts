@@ -76,6 +76,8 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
     using stored = producer.make.options({ tensorTransport: 'store' }).remote(2 * MiB, 4);
     expect(await get(consumer.inspect.remote(stored))).toEqual([{ device: 'cuda:0', imported: false, numel: 2 * MiB, sum: 8 * MiB }]);
     expect(routeOf(stored.id)).toEqual([]);
+    // The producer copied it from the device straight into store memory, page-locked for it.
+    expect(await get(producer.chunksLocked.remote())).toBeGreaterThan(0);
     using held = producer.make.remote(MiB, 2);
     const onHost = (await get(held)) as Tensor;
     expect(onHost.device).toBe('cpu');

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { InvalidArgumentError, ObjectStore, Tensor, TrellisError, cuda, newObjectId } from '../../lib/index.js';
 import { bf16ToFloat, f16ToFloat, floatToBf16, floatToF16 } from '../../lib/gpu/dtype.js';
-import { decodeStored, encodeValue, pack, unpack } from '../../lib/core/serialization.js';
+import { decodeStored, encodeValue, pack, putStored, unpack } from '../../lib/core/serialization.js';
 
 describe('Tensor', () => {
   it('holds every dtype with its shape, and round-trips values', () => {
@@ -73,7 +73,7 @@ describe('Tensor', () => {
       expect('stored' in encoded).toBe(true);
       if (!('stored' in encoded)) return;
       const id = newObjectId();
-      store.put(id, encoded.stored.payload, { metadata: encoded.stored.metadata });
+      putStored(store, id, encoded.stored);
       const view = store.getIfSealed(id)!;
       const read = decodeStored(view) as Tensor;
       expect(read.shape).toEqual([1000, 100]);
