@@ -158,16 +158,21 @@ async function runCommunication(operation: Operation, values: Map<number, Messag
       try {
         const communicator = getCommunicator(operation.group);
         const tensor = tensorOf(source, operation.kind);
+        // Outputs live where the input does: host memory for the CPU communicator, the GPU for NCCL.
+        const options = { dtype: tensor.dtype, device: tensor.device };
         if (operation.kind === 'allreduce') {
-          const output = Tensor.fromArray(tensor.data as Float32Array, { dtype: tensor.dtype, shape: tensor.shape });
+          // Reduced in a copy: other readers of the input must still see it as it was.
+          const output = Tensor.empty(tensor.shape, options);
+          if (tensor.isCuda) output.memory.copyFromDevice(tensor.memory, tensor.byteLength);
+          else output.bytes().set(tensor.bytes());
           await communicator.allreduce(output, operation.reduce);
           values.set(operation.node, { ok: true, value: output });
         } else if (operation.kind === 'allgather') {
-          const output = Tensor.empty([communicator.size * tensor.numel], { dtype: tensor.dtype });
+          const output = Tensor.empty([communicator.size * tensor.numel], options);
           await communicator.allgather(tensor, output);
           values.set(operation.node, { ok: true, value: output });
         } else {
-          const output = Tensor.empty([tensor.numel / communicator.size], { dtype: tensor.dtype });
+          const output = Tensor.empty([tensor.numel / communicator.size], options);
           await communicator.reducescatter(tensor, output, operation.reduce);
           values.set(operation.node, { ok: true, value: output });
         }

@@ -194,6 +194,19 @@ describe('compiled graphs', () => {
     expect(await get(b.add.remote(1))).toBe(11);
   });
 
+  it('reduces half-precision tensors in a collective node, and leaves the input as it was', async () => {
+    const input = new InputNode();
+    const [a, b] = stages;
+    const halves = [a, b].map((stage, rank) => stage.halfTensor.bind(input, rank + 0.5));
+    const reduced = collective.allreduce.bind(halves);
+    const graph = await new MultiOutputNode([a.values.bind(reduced[0]), b.values.bind(reduced[1]), a.values.bind(halves[0])]).compile();
+    try {
+      expect(await graph.execute(3)).toEqual([[2, 2, 2], [2, 2, 2], [0.5, 0.5, 0.5]]);
+    } finally {
+      await graph.teardown();
+    }
+  });
+
   it('runs collectives over several actors (the CPU communicator for CPU tensors)', async () => {
     const input = new InputNode();
     const [a, b, c] = stages;

@@ -10,7 +10,7 @@ import { dirname } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { InputNode, MultiOutputNode, get, init, shutdown, type ActorHandle, type Tensor } from '../../lib/index.js';
 import { buildFakeGpu } from '../gpu/gpu-helpers.js';
-import { checkOverlappedIpcPipeline } from './fixtures/ipc-checks.js';
+import { checkNcclCollectiveOneRank, checkOverlappedIpcPipeline } from './fixtures/ipc-checks.js';
 import type { Stage } from './fixtures/stages.js';
 
 const fake = buildFakeGpu();
@@ -20,6 +20,7 @@ describe.skipIf(!fake.path)(`CUDA IPC edges on the fake driver${fake.reason ? ` 
   beforeAll(async () => {
     // Workers inherit this: every actor (and the driver) loads the fake driver.
     process.env.TRELLIS_CUDA_DRIVER = fake.path;
+    process.env.TRELLIS_NCCL_LIBRARY = fake.path;
     const { RemoteStage } = await import('./fixtures/stages.js');
     await init({ numCpus: 2 });
     stages = [1, 2, 3].map((offset) => RemoteStage.remote(offset));
@@ -28,6 +29,7 @@ describe.skipIf(!fake.path)(`CUDA IPC edges on the fake driver${fake.reason ? ` 
   afterAll(async () => {
     await shutdown();
     delete process.env.TRELLIS_CUDA_DRIVER;
+    delete process.env.TRELLIS_NCCL_LIBRARY;
     if (fake.path) rmSync(dirname(fake.path), { recursive: true, force: true });
   });
 
@@ -57,6 +59,10 @@ describe.skipIf(!fake.path)(`CUDA IPC edges on the fake driver${fake.reason ? ` 
     } finally {
       await graph.teardown();
     }
+  });
+
+  it('runs a collective node on NCCL with CUDA tensors (one rank)', async () => {
+    await checkNcclCollectiveOneRank(stages[0]);
   });
 
   it('with overlap, pipelines IPC edges: 4 in flight, results in order', async () => {

@@ -4,11 +4,11 @@
  * actors. ipc-fake-gpu.test.ts runs the same path end to end on the fake driver.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { InputNode, MultiOutputNode, Tensor, cuda, get, init, shutdown, type ActorHandle, type DeviceMemory, type IpcHandle } from '../../lib/index.js';
+import { InputNode, MultiOutputNode, Tensor, cuda, get, init, nccl, shutdown, type ActorHandle, type DeviceMemory, type IpcHandle } from '../../lib/index.js';
 import { ChannelReader, ChannelWriter, createChannel, destroyChannel, decodeMessage, encodeIpcMessage } from '../../lib/dag/channel.js';
 import { IpcImporter, IpcLender, cudaTensorsOf, type IpcPayload } from '../../lib/dag/ipc.js';
 import { RemoteStage, type Stage } from './fixtures/stages.js';
-import { checkOverlappedIpcPipeline } from './fixtures/ipc-checks.js';
+import { checkNcclCollectiveOneRank, checkOverlappedIpcPipeline } from './fixtures/ipc-checks.js';
 
 function fakeHandle(allocation: number, offset = 0, byteLength = 16): IpcHandle {
   const handle = new Uint8Array(64);
@@ -148,5 +148,9 @@ describe('compiled graphs with IPC edges', () => {
   it.skipIf(!cuda.available)(`with overlap, GPU tensors pipeline by IPC: 4 in flight, results in order${cuda.available ? '' : ' (skipped: no CUDA)'}`, async () => {
     const [a, b] = stages;
     await checkOverlappedIpcPipeline(a, b);
+  });
+
+  it.skipIf(!cuda.available || !nccl.available)(`runs a collective node on NCCL with CUDA tensors (one rank)${cuda.available && nccl.available ? '' : ' (skipped: needs CUDA and NCCL)'}`, async () => {
+    await checkNcclCollectiveOneRank(stages[0]);
   });
 });
