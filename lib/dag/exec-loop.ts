@@ -7,7 +7,8 @@
 import { registerSystemMethod } from '../core/system-methods.js';
 import { unpack } from '../core/serialization.js';
 import { getCommunicator } from '../gpu/collective.js';
-import { Tensor } from '../gpu/tensor.js';
+import { Tensor, type Device } from '../gpu/tensor.js';
+import type { NcclCommunicator } from '../gpu/nccl.js';
 import type { DeviceMemory } from '../gpu/cuda-types.js';
 import { cuda } from '../gpu/cuda.js';
 import { ChannelReader, ChannelWriter, encodeIpcMessage, encodeMessage, eventLoopTurn, isChannelClosed, starving, type Message } from './channel.js';
@@ -185,6 +186,8 @@ async function runCommunication(operation: Operation, values: Map<number, Messag
       // Headers first (dtype and shape, so receivers can allocate), then the tensors, each phase
       // issued as one group so that sends and receives of the same step meet.
       const communicator = getCommunicator(operation.group);
+      // NCCL moves device memory only: headers and received tensors live on this rank's GPU.
+      const device: Device = communicator.backend === 'nccl' ? `cuda:${(communicator as NcclCommunicator).device}` : 'cpu';
       const headerBytes = 256;
       const sendHeaders = operation.sends.map((send) => {
         const message = values.get(send.node);
@@ -192,20 +195,20 @@ async function runCommunication(operation: Operation, values: Map<number, Messag
         const header = new TextEncoder().encode(JSON.stringify(tensor ? [tensor.dtype, tensor.shape] : ['error', message && !message.ok ? message.error.message : 'not a tensor']));
         const padded = new Uint8Array(headerBytes);
         padded.set(header.subarray(0, headerBytes));
-        return { send, tensor, header: Tensor.wrap(padded, 'u8') };
+        return { send, tensor, header: Tensor.wrap(padded, 'u8').to(device) };
       });
-      const recvHeaders = operation.recvs.map((recv) => ({ recv, header: Tensor.empty([headerBytes], { dtype: 'u8' }) }));
+      const recvHeaders = operation.recvs.map((recv) => ({ recv, header: Tensor.empty([headerBytes], { dtype: 'u8', device }) }));
       communicator.groupStart();
       for (const { send, header } of sendHeaders) void communicator.send(header, send.peer);
       for (const { recv, header } of recvHeaders) void communicator.recv(header, recv.peer);
       await communicator.groupEnd();
       const incoming = recvHeaders.map(({ recv, header }) => {
-        const text = new TextDecoder().decode(header.data as Uint8Array).replace(/\0+$/, '');
+        const text = new TextDecoder().decode(header.cpu().data as Uint8Array).replace(/\0+$/, '');
         const [dtype, shape] = JSON.parse(text) as [string, number[] | string];
-        return { recv, dtype, shape, tensor: dtype === 'error' ? undefined : Tensor.empty(shape as number[], { dtype: dtype as never }) };
+        return { recv, dtype, shape, tensor: dtype === 'error' ? undefined : Tensor.empty(shape as number[], { dtype: dtype as never, device }) };
       });
       communicator.groupStart();
-      for (const { send, tensor } of sendHeaders) if (tensor) void communicator.send(tensor, send.peer);
+      for (const { send, tensor } of sendHeaders) if (tensor) void communicator.send(tensor.to(device), send.peer);
       for (const { tensor, recv } of incoming) if (tensor) void communicator.recv(tensor, recv.peer);
       await communicator.groupEnd();
       for (const { recv, tensor, shape } of incoming) {
