@@ -10,7 +10,7 @@ import { dirname } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { InputNode, MultiOutputNode, get, init, shutdown, type ActorHandle, type Tensor } from '../../lib/index.js';
 import { buildFakeGpu } from '../gpu/gpu-helpers.js';
-import { checkNcclCollectiveOneRank, checkOverlappedIpcPipeline } from './fixtures/ipc-checks.js';
+import { checkNcclCollectiveOneRank, checkNcclTwoRanks, checkOverlappedIpcPipeline } from './fixtures/ipc-checks.js';
 import type { Stage } from './fixtures/stages.js';
 
 const fake = buildFakeGpu();
@@ -63,6 +63,10 @@ describe.skipIf(!fake.path)(`CUDA IPC edges on the fake driver${fake.reason ? ` 
 
   it('runs a collective node on NCCL with CUDA tensors (one rank)', async () => {
     await checkNcclCollectiveOneRank(stages[0]);
+  });
+
+  it("swaps CUDA tensors over 'nccl' edges and allreduces them on an NCCL communicator of two ranks", async () => {
+    await checkNcclTwoRanks(stages[0], stages[1]);
   });
 
   it('with overlap, pipelines IPC edges: 4 in flight, results in order', async () => {

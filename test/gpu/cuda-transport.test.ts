@@ -7,7 +7,7 @@
 import { rmSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { events, get, init, shutdown, Tensor, type ActorHandle } from '../../lib/index.js';
+import { createCollectiveGroup, events, get, init, shutdown, Tensor, type ActorHandle } from '../../lib/index.js';
 import { buildFakeGpu, scenario } from './gpu-helpers.js';
 import { RemoteConsumer, RemoteProducer, type Consumer, type Producer } from './fixtures/cuda-actors.js';
 
@@ -15,7 +15,9 @@ const MiB = 1 << 20;
 // Decided in a child process, so this one loads whichever driver is chosen, once.
 const real = (await scenario('absent')).cuda.available === true;
 const fake = real ? {} : buildFakeGpu();
-if (fake.path) process.env.TRELLIS_CUDA_DRIVER = fake.path;
+if (fake.path) process.env.TRELLIS_CUDA_DRIVER = process.env.TRELLIS_NCCL_LIBRARY = fake.path;
+// Two NCCL ranks need two GPUs on a real host (NCCL refuses two on one); the fake has no such rule.
+const twoRanks = fake.path !== undefined || (real && (await scenario('devices')).devices.length >= 2);
 const driver = real ? 'the CUDA driver' : fake.path ? 'the fake CUDA driver' : undefined;
 
 async function until<T>(read: () => Promise<T>, done: (value: T) => boolean): Promise<T> {
@@ -70,6 +72,17 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
       { device: 'cuda:0', imported: true, numel: 3, sum: 21 },
     ]);
     expect(routeOf(large.id)).toEqual(['ipc']);
+  });
+
+  it.skipIf(!twoRanks)(`sends 'nccl' results to a member of the producer's NCCL group over the communicator${twoRanks ? '' : ' (skipped: needs two GPUs)'}`, async () => {
+    const group = await createCollectiveGroup([producer, consumer], { backend: 'nccl', name: 'cuda-pair' });
+    try {
+      using made = producer.make.options({ tensorTransport: 'nccl' }).remote(3 * MiB, 5);
+      expect(await get(consumer.inspect.remote(made))).toEqual([{ device: 'cuda:0', imported: false, numel: 3 * MiB, sum: 15 * MiB }]);
+      expect(routeOf(made.id)).toEqual(['communicator']);
+    } finally {
+      await group.destroy();
+    }
   });
 
   it("goes through the store when asked, back onto the reader's GPU; the driver's get() copies to host", async () => {

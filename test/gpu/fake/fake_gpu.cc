@@ -2,8 +2,10 @@
 // hosts without a GPU (TRELLIS_CUDA_DRIVER and TRELLIS_NCCL_LIBRARY point at it). "Device" memory
 // is host memory from memfd (so CUDA IPC works between processes through /proc/<pid>/fd); copies
 // run at once; an event reports completion FAKE_CUDA_EVENT_DELAY_US after it was recorded
-// (default 2000), so promises wait on the completion thread's polling for real. NCCL has one-rank
-// semantics; more ranks never join (init blocks until the process ends). FAKE_NCCL_HANG=1 makes
+// (default 2000), so promises wait on the completion thread's polling for real. NCCL ranks in
+// several processes meet in a shared segment named after the unique id (up to 8 ranks; half
+// precision is not reduced across ranks); a rank whose peers never come waits in init, as NCCL's
+// blocking init does. FAKE_NCCL_HANG=1 makes
 // collectives block until the communicator is aborted; FAKE_NCCL_ASYNC_ERROR=1 makes
 // ncclCommGetAsyncError report ncclRemoteError once an operation was issued.
 // Test scaffolding only: it is not the CUDA API's behaviour in any detail beyond what trellis uses.
@@ -11,9 +13,11 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -22,6 +26,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace {
 
@@ -305,14 +310,84 @@ int fakeCudaOpenImports() {
 // ---------------------------------------------------------------------------------------------
 // NCCL
 
+// Several ranks (processes) meet in a shared segment named after the unique id: per ordered pair
+// of ranks a ring of slots carries messages in order, a chunk a slot. Operations run on the
+// calling thread (trellis's communicator thread); inside a group they are queued and run at the
+// outermost ncclGroupEnd, all of them progressing together, as NCCL's grouped calls do.
+constexpr size_t kSlotBytes = size_t{1} << 20;
+constexpr uint32_t kSlots = 8;
+constexpr int kMaxRanks = 8;
+struct Slot {
+  std::atomic<uint32_t> full;
+  uint32_t length;
+  char data[kSlotBytes];
+};
+struct Segment {
+  std::atomic<int> arrived;
+  std::atomic<int> departed;
+  Slot slots[kMaxRanks][kMaxRanks][kSlots];  // [source][destination][index]
+};
+
 struct ncclComm {
   int rank;
   int size;
   std::atomic<bool> aborted{false};
   std::atomic<bool> issued{false};
-  std::deque<std::pair<const void*, size_t>> sends;
+  std::deque<std::pair<const void*, size_t>> sends;  // one rank: sends to self wait for a receive
   std::deque<std::pair<void*, size_t>> recvs;
+  Segment* segment = nullptr;
+  std::string segment_name;
+  uint32_t next_write[kMaxRanks] = {};
+  uint32_t next_read[kMaxRanks] = {};
 };
+
+// A point-to-point transfer in progress: `done` bytes of `bytes` moved so far.
+struct Transfer {
+  bool send;
+  int peer;
+  char* data;
+  size_t bytes;
+  size_t done = 0;
+  bool started = false;
+};
+
+// Moves what it can of `t` now; true when it is complete.
+static bool Progress(ncclComm* comm, Transfer& t) {
+  while (t.done < t.bytes || !t.started) {
+    t.started = true;
+    if (t.send) {
+      Slot& slot = comm->segment->slots[comm->rank][t.peer][comm->next_write[t.peer] % kSlots];
+      if (slot.full.load(std::memory_order_acquire)) return false;
+      size_t piece = std::min(kSlotBytes, t.bytes - t.done);
+      std::memcpy(slot.data, t.data + t.done, piece);
+      slot.length = static_cast<uint32_t>(piece);
+      slot.full.store(1, std::memory_order_release);
+      comm->next_write[t.peer] += 1;
+      t.done += piece;
+    } else {
+      Slot& slot = comm->segment->slots[t.peer][comm->rank][comm->next_read[t.peer] % kSlots];
+      if (!slot.full.load(std::memory_order_acquire)) return false;
+      size_t piece = std::min<size_t>(slot.length, t.bytes - t.done);
+      std::memcpy(t.data + t.done, slot.data, piece);
+      slot.full.store(0, std::memory_order_release);
+      comm->next_read[t.peer] += 1;
+      t.done += slot.length;
+    }
+    if (t.bytes == 0) break;
+  }
+  return true;
+}
+
+// Runs transfers together until all are complete (or the communicator is aborted: 3).
+static int RunTransfers(ncclComm* comm, std::vector<Transfer>& transfers) {
+  for (;;) {
+    bool all = true;
+    for (Transfer& t : transfers) all = Progress(comm, t) && all;
+    if (all) return 0;
+    if (comm->aborted) return 3;
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+}
 
 int ncclGetVersion(int* version) { *version = 22809; return 0; }
 const char* ncclGetErrorString(int result) {
@@ -333,19 +408,40 @@ int ncclGetUniqueId(char* id) {
 struct UniqueId {
   char internal[128];
 };
-int ncclCommInitRank(ncclComm** comm, int size, UniqueId, int rank) {
-  if (size < 1 || rank < 0 || rank >= size) return 4;
-  while (size > 1) std::this_thread::sleep_for(std::chrono::milliseconds(50));  // peers never come
-  *comm = new ncclComm();
-  (*comm)->rank = rank;
-  (*comm)->size = size;
+int ncclCommInitRank(ncclComm** comm, int size, UniqueId id, int rank) {
+  if (size < 1 || rank < 0 || rank >= size || size > kMaxRanks) return 4;
+  auto* made = new ncclComm();
+  made->rank = rank;
+  made->size = size;
+  if (size > 1) {
+    char name[64] = "/fake-nccl-";
+    for (int i = 0; i < 8; ++i) std::snprintf(name + 11 + 2 * i, 3, "%02x", static_cast<unsigned char>(id.internal[i]));
+    made->segment_name = name;
+    int fd = shm_open(name, O_RDWR | O_CREAT, 0600);
+    if (fd < 0 || ftruncate(fd, sizeof(Segment)) != 0) return 2;
+    void* address = mmap(nullptr, sizeof(Segment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (address == MAP_FAILED) return 2;
+    made->segment = static_cast<Segment*>(address);
+    made->segment->arrived.fetch_add(1);
+    // Peers that never come leave this rank waiting, as NCCL's blocking init does.
+    while (made->segment->arrived.load() < size) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  *comm = made;
   return 0;
+}
+static void Leave(ncclComm* comm) {
+  if (comm->segment == nullptr) return;
+  if (comm->segment->departed.fetch_add(1) + 1 == comm->size) shm_unlink(comm->segment_name.c_str());
+  munmap(comm->segment, sizeof(Segment));
+  comm->segment = nullptr;
 }
 int ncclCommAbort(ncclComm* comm) {
   comm->aborted = true;  // leaked on purpose: a hung call may still read it
   return 0;
 }
 int ncclCommDestroy(ncclComm* comm) {
+  Leave(comm);
   delete comm;
   return 0;
 }
@@ -359,7 +455,48 @@ static size_t Size(int type) {
   return type >= 0 && type <= 9 ? sizes[type] : 0;
 }
 
-static int Collective(ncclComm* comm, const void* send, void* recv, size_t bytes, void* stream) {
+}  // extern "C"
+
+// Reduces `count` elements of `from` into `into` (sum, prod, max, min; avg sums and divides later).
+template <typename T>
+static void ReduceInto(T* into, const T* from, size_t count, int op) {
+  for (size_t i = 0; i < count; ++i) {
+    if (op == 0 || op == 4) into[i] = into[i] + from[i];
+    else if (op == 1) into[i] = into[i] * from[i];
+    else if (op == 2) into[i] = std::max(into[i], from[i]);
+    else into[i] = std::min(into[i], from[i]);
+  }
+}
+static bool Reduce(void* into, const void* from, size_t count, int type, int op) {
+  switch (type) {
+    case 0: ReduceInto(static_cast<int8_t*>(into), static_cast<const int8_t*>(from), count, op); return true;
+    case 1: ReduceInto(static_cast<uint8_t*>(into), static_cast<const uint8_t*>(from), count, op); return true;
+    case 2: ReduceInto(static_cast<int32_t*>(into), static_cast<const int32_t*>(from), count, op); return true;
+    case 3: ReduceInto(static_cast<uint32_t*>(into), static_cast<const uint32_t*>(from), count, op); return true;
+    case 4: ReduceInto(static_cast<int64_t*>(into), static_cast<const int64_t*>(from), count, op); return true;
+    case 5: ReduceInto(static_cast<uint64_t*>(into), static_cast<const uint64_t*>(from), count, op); return true;
+    case 7: ReduceInto(static_cast<float*>(into), static_cast<const float*>(from), count, op); return true;
+    case 8: ReduceInto(static_cast<double*>(into), static_cast<const double*>(from), count, op); return true;
+    default: return false;  // half precision: not reduced across ranks by this fake
+  }
+}
+
+extern "C" {
+
+// Every rank's `bytes` from `send` into `gathered` (rank order), by sending to and receiving from each.
+static int Exchange(ncclComm* comm, const void* send, size_t bytes, std::vector<char>& gathered) {
+  gathered.assign(bytes * comm->size, 0);
+  std::memcpy(gathered.data() + bytes * comm->rank, send, bytes);
+  std::vector<Transfer> transfers;
+  for (int peer = 0; peer < comm->size; ++peer) {
+    if (peer == comm->rank) continue;
+    transfers.push_back({true, peer, const_cast<char*>(static_cast<const char*>(send)), bytes});
+    transfers.push_back({false, peer, gathered.data() + bytes * peer, bytes});
+  }
+  return RunTransfers(comm, transfers);
+}
+
+static int Begin(ncclComm* comm, void* stream) {
   if (comm->aborted) return 3;
   if (stream == nullptr) return 4;
   comm->issued = true;
@@ -367,52 +504,127 @@ static int Collective(ncclComm* comm, const void* send, void* recv, size_t bytes
     while (!comm->aborted) std::this_thread::sleep_for(std::chrono::milliseconds(5));
     return 3;
   }
-  if (send != recv) std::memmove(recv, send, bytes);
+  return 0;
+}
+
+// all: the reduced whole in recv; else only this rank's share of it (reducescatter).
+static int ReduceAll(const void* send, void* recv, size_t count, int type, int op, ncclComm* comm, bool all) {
+  size_t element = Size(type);
+  size_t total = all ? count : count * comm->size;
+  std::vector<char> result(static_cast<const char*>(send), static_cast<const char*>(send) + total * element);
+  if (comm->size > 1) {
+    std::vector<char> gathered;
+    if (int failed = Exchange(comm, send, total * element, gathered)) return failed;
+    std::memcpy(result.data(), gathered.data(), total * element);
+    for (int peer = 1; peer < comm->size; ++peer) {
+      if (!Reduce(result.data(), gathered.data() + total * element * peer, total, type, op)) return 5;
+    }
+    if (op == 4 && (type == 7 || type == 8)) {
+      for (size_t i = 0; i < total; ++i) {
+        if (type == 7) reinterpret_cast<float*>(result.data())[i] /= comm->size;
+        else reinterpret_cast<double*>(result.data())[i] /= comm->size;
+      }
+    }
+  }
+  std::memcpy(recv, result.data() + (all ? 0 : count * element * comm->rank), count * element);
   return 0;
 }
 
 int ncclAllReduce(const void* send, void* recv, size_t count, int type, int op, ncclComm* comm, void* stream) {
   if (Size(type) == 0 || op < 0 || op > 4) return 4;
-  return Collective(comm, send, recv, count * Size(type), stream);
-}
-int ncclBroadcast(const void* send, void* recv, size_t count, int type, int root, ncclComm* comm, void* stream) {
-  if (Size(type) == 0 || root < 0 || root >= comm->size) return 4;
-  return Collective(comm, send, recv, count * Size(type), stream);
-}
-int ncclAllGather(const void* send, void* recv, size_t count, int type, ncclComm* comm, void* stream) {
-  if (Size(type) == 0) return 4;
-  return Collective(comm, send, recv, count * Size(type), stream);
+  if (int failed = Begin(comm, stream)) return failed;
+  return ReduceAll(send, recv, count, type, op, comm, true);
 }
 int ncclReduceScatter(const void* send, void* recv, size_t count, int type, int op, ncclComm* comm, void* stream) {
   if (Size(type) == 0 || op < 0 || op > 4) return 4;
-  return Collective(comm, send, recv, count * Size(type), stream);
+  if (int failed = Begin(comm, stream)) return failed;
+  return ReduceAll(send, recv, count, type, op, comm, false);
+}
+int ncclAllGather(const void* send, void* recv, size_t count, int type, ncclComm* comm, void* stream) {
+  if (Size(type) == 0) return 4;
+  if (int failed = Begin(comm, stream)) return failed;
+  size_t bytes = count * Size(type);
+  if (comm->size == 1) {
+    if (send != recv) std::memmove(recv, send, bytes);
+    return 0;
+  }
+  std::vector<char> gathered;
+  if (int failed = Exchange(comm, send, bytes, gathered)) return failed;
+  std::memcpy(recv, gathered.data(), gathered.size());
+  return 0;
+}
+int ncclBroadcast(const void* send, void* recv, size_t count, int type, int root, ncclComm* comm, void* stream) {
+  if (Size(type) == 0 || root < 0 || root >= comm->size) return 4;
+  if (int failed = Begin(comm, stream)) return failed;
+  size_t bytes = count * Size(type);
+  if (comm->size == 1) {
+    if (send != recv) std::memmove(recv, send, bytes);
+    return 0;
+  }
+  std::vector<Transfer> transfers;
+  if (comm->rank == root) {
+    for (int peer = 0; peer < comm->size; ++peer) {
+      if (peer != root) transfers.push_back({true, peer, const_cast<char*>(static_cast<const char*>(send)), bytes});
+    }
+    if (send != recv) std::memmove(recv, send, bytes);
+  } else {
+    transfers.push_back({false, root, static_cast<char*>(recv), bytes});
+  }
+  return RunTransfers(comm, transfers);
+}
+
+// Point to point: with one rank, a send to self meets a receive from self in either order. With
+// several, calls queue inside a group and run together at its end; outside one they run at once.
+thread_local int group_depth = 0;
+thread_local std::vector<std::pair<ncclComm*, Transfer>> grouped;
+
+static int PointToPoint(bool send, void* data, size_t count, int type, int peer, ncclComm* comm, void* stream) {
+  if (Size(type) == 0 || peer < 0 || peer >= comm->size || stream == nullptr) return 4;
+  if (comm->aborted) return 3;
+  comm->issued = true;
+  size_t bytes = count * Size(type);
+  if (comm->size == 1) {
+    if (send ? !comm->recvs.empty() : !comm->sends.empty()) {
+      if (send) {
+        auto [recv, capacity] = comm->recvs.front();
+        comm->recvs.pop_front();
+        std::memcpy(recv, data, bytes < capacity ? bytes : capacity);
+      } else {
+        auto [source, length] = comm->sends.front();
+        comm->sends.pop_front();
+        std::memcpy(data, source, length < bytes ? length : bytes);
+      }
+    } else if (send) {
+      comm->sends.emplace_back(data, bytes);
+    } else {
+      comm->recvs.emplace_back(data, bytes);
+    }
+    return 0;
+  }
+  Transfer transfer{send, peer, static_cast<char*>(data), bytes};
+  if (group_depth > 0) {
+    grouped.emplace_back(comm, transfer);
+    return 0;
+  }
+  std::vector<Transfer> one{transfer};
+  return RunTransfers(comm, one);
 }
 int ncclSend(const void* send, size_t count, int type, int peer, ncclComm* comm, void* stream) {
-  if (Size(type) == 0 || peer < 0 || peer >= comm->size || stream == nullptr) return 4;
-  size_t bytes = count * Size(type);
-  if (!comm->recvs.empty()) {
-    auto [recv, capacity] = comm->recvs.front();
-    comm->recvs.pop_front();
-    std::memcpy(recv, send, bytes < capacity ? bytes : capacity);
-  } else {
-    comm->sends.emplace_back(send, bytes);
-  }
-  return 0;
+  return PointToPoint(true, const_cast<void*>(send), count, type, peer, comm, stream);
 }
 int ncclRecv(void* recv, size_t count, int type, int peer, ncclComm* comm, void* stream) {
-  if (Size(type) == 0 || peer < 0 || peer >= comm->size || stream == nullptr) return 4;
-  size_t bytes = count * Size(type);
-  if (!comm->sends.empty()) {
-    auto [send, length] = comm->sends.front();
-    comm->sends.pop_front();
-    std::memcpy(recv, send, length < bytes ? length : bytes);
-  } else {
-    comm->recvs.emplace_back(recv, bytes);
-  }
-  return 0;
+  return PointToPoint(false, recv, count, type, peer, comm, stream);
 }
-thread_local int group_depth = 0;
 int ncclGroupStart() { ++group_depth; return 0; }
-int ncclGroupEnd() { return group_depth-- > 0 ? 0 : 5; }
+int ncclGroupEnd() {
+  if (group_depth <= 0) return 5;
+  if (--group_depth > 0 || grouped.empty()) return 0;
+  // One communicator per group here (trellis groups the calls of one communicator).
+  ncclComm* comm = grouped.front().first;
+  std::vector<Transfer> transfers;
+  for (auto& [owner, transfer] : grouped) transfers.push_back(transfer);
+  grouped.clear();
+  return RunTransfers(comm, transfers);
+}
 
 }  // extern "C"
