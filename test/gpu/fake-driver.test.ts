@@ -6,7 +6,7 @@
  * asynchronous NCCL error, abort). What the fake cannot tell — the real driver's and NCCL's
  * behaviour — is checked by cuda.test.ts on a GPU host.
  */
-import { rmSync } from 'node:fs';
+import { readdirSync, rmSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { buildFakeGpu, scenario } from './gpu-helpers.js';
@@ -16,6 +16,8 @@ const MiB = 1 << 20;
 
 afterAll(() => {
   if (fake.path) rmSync(dirname(fake.path), { recursive: true, force: true });
+  // The fake NCCL's meeting segment of a rank whose peer never came (the init timeout test).
+  for (const name of readdirSync('/dev/shm')) if (name.startsWith('fake-nccl-')) rmSync(`/dev/shm/${name}`, { force: true });
 });
 
 function env(extra: Record<string, string> = {}): Record<string, string> {
@@ -90,6 +92,10 @@ describe.skipIf(!fake.path)(`the native GPU layer on a fake driver${fake.reason 
   it('runs every collective on one rank, for every dtype', async () => {
     const report = await scenario('nccl-one-rank', [], env());
     expect(report).toMatchObject({ version: '2.28.9', errors: { shape: 'ERR_INVALID_SHAPE', cpuTensor: 'ERR_TENSOR_DEVICE', afterDestroy: 'ERR_NCCL_DESTROYED' } });
+  });
+
+  it('runs every collective and a send/recv ring across 3 ranks in 3 processes', async () => {
+    expect(await scenario('nccl-ranks', ['3'], env())).toMatchObject({ size: 3, ranks: 3 });
   });
 
   it('gives up on a peer that never joins with ERR_NCCL_TIMEOUT', async () => {

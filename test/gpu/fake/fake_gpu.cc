@@ -324,7 +324,6 @@ struct Slot {
 };
 struct Segment {
   std::atomic<int> arrived;
-  std::atomic<int> departed;
   Slot slots[kMaxRanks][kMaxRanks][kSlots];  // [source][destination][index]
 };
 
@@ -336,7 +335,6 @@ struct ncclComm {
   std::deque<std::pair<const void*, size_t>> sends;  // one rank: sends to self wait for a receive
   std::deque<std::pair<void*, size_t>> recvs;
   Segment* segment = nullptr;
-  std::string segment_name;
   uint32_t next_write[kMaxRanks] = {};
   uint32_t next_read[kMaxRanks] = {};
 };
@@ -416,15 +414,16 @@ int ncclCommInitRank(ncclComm** comm, int size, UniqueId id, int rank) {
   if (size > 1) {
     char name[64] = "/fake-nccl-";
     for (int i = 0; i < 8; ++i) std::snprintf(name + 11 + 2 * i, 3, "%02x", static_cast<unsigned char>(id.internal[i]));
-    made->segment_name = name;
     int fd = shm_open(name, O_RDWR | O_CREAT, 0600);
     if (fd < 0 || ftruncate(fd, sizeof(Segment)) != 0) return 2;
     void* address = mmap(nullptr, sizeof(Segment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
     if (address == MAP_FAILED) return 2;
     made->segment = static_cast<Segment*>(address);
-    made->segment->arrived.fetch_add(1);
-    // Peers that never come leave this rank waiting, as NCCL's blocking init does.
+    // The last to arrive unlinks the name: every rank has the segment mapped by then, and none is
+    // left behind however the ranks end. Peers that never come leave this rank waiting (and the
+    // name in /dev/shm), as NCCL's blocking init waits.
+    if (made->segment->arrived.fetch_add(1) + 1 == size) shm_unlink(name);
     while (made->segment->arrived.load() < size) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   *comm = made;
@@ -432,7 +431,6 @@ int ncclCommInitRank(ncclComm** comm, int size, UniqueId id, int rank) {
 }
 static void Leave(ncclComm* comm) {
   if (comm->segment == nullptr) return;
-  if (comm->segment->departed.fetch_add(1) + 1 == comm->size) shm_unlink(comm->segment_name.c_str());
   munmap(comm->segment, sizeof(Segment));
   comm->segment = nullptr;
 }
