@@ -158,10 +158,6 @@ void UnlockMapping(void* base, size_t) {
   LockedMappings().erase(it);
 }
 
-}  // namespace
-
-namespace {
-
 // Page-locks the chunks of the shared host mapping that [data, data + length) touches. Returns
 // the mapping's base (0 where the memory is in none), whose chunk boundaries split the copy.
 uintptr_t PageLockForCopy(int device, const void* data, size_t length) {
