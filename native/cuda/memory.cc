@@ -264,8 +264,17 @@ DeviceBuffer Allocate(int device, size_t bytes) {
       result = cu.cuMemAlloc(&ptr, rounded);
     }
     if (result != CUDA_SUCCESS) {
+      // What emptying the cache could not give back: blocks exported over IPC (see DeviceCache).
+      std::string kept;
+      if (result == CUDA_ERROR_OUT_OF_MEMORY) {
+        std::lock_guard<std::mutex> lock(cache.mutex);
+        if (cache.stats.cached_bytes > 0) {
+          kept = "; " + std::to_string(cache.stats.cached_bytes) +
+                 " bytes stay cached in blocks this process exported over CUDA IPC (another process may still map them)";
+        }
+      }
       throw NativeError("ERR_CUDA", "cuMemAlloc_v2 failed: " + ErrorText(result) + " allocating " + std::to_string(rounded) +
-                                        " bytes on device " + std::to_string(device))
+                                        " bytes on device " + std::to_string(device) + kept)
           .with("call", "cuMemAlloc_v2")
           .with("result", static_cast<double>(result))
           .with("bytes", static_cast<double>(rounded));

@@ -94,6 +94,13 @@ describe.skipIf(!fake.path)(`the native GPU layer on a fake driver${fake.reason 
     expect(report).toMatchObject({ version: '2.28.9', errors: { shape: 'ERR_INVALID_SHAPE', cpuTensor: 'ERR_TENSOR_DEVICE', afterDestroy: 'ERR_NCCL_DESTROYED' } });
   });
 
+  it('fails out of device memory with a typed error that names what stays cached (blocks exported over IPC)', async () => {
+    const { plain, withExported } = await scenario('out-of-memory', [], env({ FAKE_CUDA_MEMORY_LIMIT: String(8 * MiB) }));
+    expect(plain).toMatchObject({ name: 'CudaError', code: 'ERR_CUDA', call: 'cuMemAlloc_v2' });
+    expect(plain.message).toBe('cuMemAlloc_v2 failed: CUDA_ERROR_OUT_OF_MEMORY (out of memory) allocating 10485760 bytes on device 0');
+    expect(withExported.message).toContain('allocating 6291456 bytes on device 0; 4194304 bytes stay cached in blocks this process exported over CUDA IPC');
+  });
+
   it('runs every collective and a send/recv ring across 3 ranks in 3 processes', async () => {
     expect(await scenario('nccl-ranks', ['3'], env())).toMatchObject({ size: 3, ranks: 3 });
   });
