@@ -7,8 +7,7 @@
 import { registerSystemMethod } from '../core/system-methods.js';
 import { unpack } from '../core/serialization.js';
 import { getCommunicator } from '../gpu/collective.js';
-import { Tensor, type Device } from '../gpu/tensor.js';
-import type { NcclCommunicator } from '../gpu/nccl.js';
+import { Tensor } from '../gpu/tensor.js';
 import type { DeviceMemory } from '../gpu/cuda-types.js';
 import { cuda } from '../gpu/cuda.js';
 import { ChannelReader, ChannelWriter, encodeIpcMessage, encodeMessage, eventLoopTurn, isChannelClosed, starving, type Message } from './channel.js';
@@ -186,8 +185,8 @@ async function runCommunication(operation: Operation, values: Map<number, Messag
       // Headers first (dtype and shape, so receivers can allocate), then the tensors, each phase
       // issued as one group so that sends and receives of the same step meet.
       const communicator = getCommunicator(operation.group);
-      // NCCL moves device memory only: headers and received tensors live on this rank's GPU.
-      const device: Device = communicator.backend === 'nccl' ? `cuda:${(communicator as NcclCommunicator).device}` : 'cpu';
+      // Headers and received tensors live where the communicator moves them (NCCL: the rank's GPU).
+      const device = communicator.tensorDevice;
       const headerBytes = 256;
       const sendHeaders = operation.sends.map((send) => {
         const message = values.get(send.node);

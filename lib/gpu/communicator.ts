@@ -4,7 +4,7 @@
  * rank calls the same collectives in the same order; point-to-point calls inside
  * groupStart()/groupEnd() are issued together, so that matching sends and receives cannot deadlock.
  */
-import type { Tensor } from './tensor.js';
+import type { Device, Tensor } from './tensor.js';
 
 export type ReduceOp = 'sum' | 'prod' | 'min' | 'max' | 'avg';
 
@@ -12,6 +12,8 @@ export interface Communicator {
   readonly rank: number;
   readonly size: number;
   readonly backend: 'nccl' | 'cpu';
+  /** Where the tensors it moves must live: host memory for the CPU communicator, the rank's GPU for NCCL. */
+  readonly tensorDevice: Device;
   /** In place: every rank's `tensor` becomes the reduction of all ranks' tensors. */
   allreduce(tensor: Tensor, op?: ReduceOp): Promise<void>;
   /** `output` (size × input elements) receives every rank's `input`, in rank order. */

@@ -40,6 +40,7 @@ export class CpuCommunicator implements Communicator {
   readonly rank: number;
   readonly size: number;
   readonly backend = 'cpu' as const;
+  readonly tensorDevice = 'cpu' as const;
   readonly #native: NativeShmCommunicator;
   #group: Array<[boolean, number, ArrayBufferView]> | undefined;
   #destroyed = false;

@@ -15,7 +15,7 @@ import type { Communicator, ReduceOp } from './communicator.js';
 import { cuda, nativeMemory } from './cuda.js';
 import type { DeviceMemory } from './cuda-types.js';
 import type { DType } from './dtype.js';
-import type { Tensor } from './tensor.js';
+import type { Device, Tensor } from './tensor.js';
 
 /** ncclDataType_t of each tensor dtype (nccl.h). */
 export const NCCL_DATA_TYPES: Readonly<Record<DType, number>> = { i8: 0, u8: 1, i32: 2, i64: 4, f16: 6, f32: 7, bf16: 9 };
@@ -102,6 +102,7 @@ export class NcclCommunicator implements Communicator {
   readonly size: number;
   readonly device: number;
   readonly backend = 'nccl' as const;
+  readonly tensorDevice: Device;
   readonly #native: NativeNcclCommunicator;
   #groupDepth = 0;
   #barrier: DeviceMemory | undefined;
@@ -112,6 +113,7 @@ export class NcclCommunicator implements Communicator {
     this.rank = handle.rank;
     this.size = handle.size;
     this.device = handle.device;
+    this.tensorDevice = `cuda:${handle.device}`;
   }
 
   /** Joins the group; resolves once every rank has called create() with the same unique id. */

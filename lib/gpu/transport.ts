@@ -11,8 +11,7 @@ import { getCommunicator } from './collective.js';
 import { cuda } from './cuda.js';
 import type { IpcHandle } from './cuda-types.js';
 import type { DType } from './dtype.js';
-import type { NcclCommunicator } from './nccl.js';
-import { Tensor, type Device } from './tensor.js';
+import { Tensor } from './tensor.js';
 
 const held = new Map<string, { value: Tensor | Tensor[]; tensors: Tensor[] }>();
 
@@ -56,9 +55,7 @@ export function mapHeld(wire: { handles: unknown[]; meta: HeldMeta }): Tensor | 
 /** Receives held tensors into this process over the group's communicator. */
 export async function receiveHeld(wire: { recv: { group: string; source: number; meta: HeldMeta } }): Promise<unknown> {
   const communicator = getCommunicator(wire.recv.group);
-  // NCCL receives into its rank's GPU; the CPU communicator into host memory.
-  const device: Device = communicator.backend === 'nccl' ? `cuda:${(communicator as NcclCommunicator).device}` : 'cpu';
-  const tensors = wire.recv.meta.tensors.map(([dtype, shape]) => Tensor.empty(shape, { dtype: dtype as DType, device }));
+  const tensors = wire.recv.meta.tensors.map(([dtype, shape]) => Tensor.empty(shape, { dtype: dtype as DType, device: communicator.tensorDevice }));
   communicator.groupStart();
   for (const tensor of tensors) void communicator.recv(tensor, wire.recv.source);
   await communicator.groupEnd();
@@ -74,7 +71,7 @@ registerSystemMethod('__trellis_materialize', (id: string) => {
 registerSystemMethod('__trellis_send_held', async (id: string, group: string, destination: number) => {
   const communicator = getCommunicator(group);
   communicator.groupStart();
-  for (const tensor of take(id).tensors) void communicator.send(communicator.backend === 'cpu' ? tensor.cpu() : tensor, destination);
+  for (const tensor of take(id).tensors) void communicator.send(tensor.to(communicator.tensorDevice), destination);
   await communicator.groupEnd();
 });
 

@@ -35,7 +35,6 @@ struct Block {
   int device;
   CUdeviceptr ptr;
   size_t rounded;
-  bool exported = false;  // guarded by the device cache's mutex
 };
 
 // Caches live for the process (leaked on purpose: blocks may come back from any thread, late).
@@ -289,7 +288,6 @@ DeviceBuffer Allocate(int device, size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(home.mutex);
       home.free[block->rounded].push_back(reinterpret_cast<void*>(block->ptr));
-      if (block->exported) home.exported.insert(block->ptr);
       home.stats.allocated_bytes -= block->rounded;
       home.stats.cached_bytes += block->rounded;
     }
@@ -389,11 +387,10 @@ IpcExport ExportIpc(const DeviceBuffer& buffer) {
   IpcExport out{};
   Check(cu.cuIpcGetMemHandle(&out.handle, base), "cuIpcGetMemHandle");
   out.offset = buffer.ptr - base;
-  // Every non-imported buffer is owned by its allocator block (the base of its allocation).
-  auto* block = static_cast<Block*>(buffer.owner.get());
-  DeviceCache& cache = Caches()[static_cast<size_t>(block->device)];
+  // Every allocator block is its own allocation, so `base` names the block.
+  DeviceCache& cache = Caches()[static_cast<size_t>(buffer.device)];
   std::lock_guard<std::mutex> lock(cache.mutex);
-  block->exported = true;
+  cache.exported.insert(base);
   return out;
 }
 

@@ -47,12 +47,12 @@ struct PinnedBuffer {
 };
 std::shared_ptr<PinnedBuffer> AllocatePinned(int device, size_t bytes);
 
-// Synchronous copies between host memory and `device` (the caller makes it current). Where the
-// host side lies in a shared host mapping (the object store's), the 64 MiB chunks of it the copy
-// touches are page-locked first, once per process, so that the copy runs by DMA at full speed
-// rather than through the driver's staging; the copy then goes chunk by chunk, as one DMA may not
-// span two registrations. A chunk the driver refuses stays pageable (and is not tried again).
-// Chunks are unlocked when their mapping is removed.
+// Synchronous copies between host memory and `device`. Where the host side lies in a shared host
+// mapping (the object store's), the 64 MiB chunks of it the copy touches are page-locked first,
+// once per process, so that the copy runs by DMA at full speed rather than through the driver's
+// staging; the copy then goes chunk by chunk, as one DMA may not span two registrations. A chunk
+// the driver refuses stays pageable (and is not tried again). Chunks are unlocked when their
+// mapping is removed.
 void CopyHostToDevice(int device, CUdeviceptr target, const void* source, size_t length);
 void CopyDeviceToHost(int device, void* target, CUdeviceptr source, size_t length);
 
