@@ -10,8 +10,11 @@
  *   switch from the producer's context, paid by any work there) done before the timed part.
  * The store route's producer side (device to host into the store) happens when the result is made
  * and is not in the transfer. Sizes 4 KiB to 1 GiB; unnamed sizes are 256 MiB.
+ * Where nvidia-cuda-mps-control is found, the actor figures are measured again with the workers
+ * as clients of a CUDA MPS server (`init({ gpuSharing: 'mps' })`), named `<metric>_mps_<unit>`.
  */
 import { Tensor, cuda, events, get, init, shutdown, wait } from '../lib/index.js';
+import { findControlProgram } from '../lib/gpu/mps.js';
 import { RemoteConsumer, RemoteProducer } from './gpu-actors.js';
 import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
 
@@ -43,6 +46,8 @@ export const gpuSuite: Suite = {
     ['IPC transfer, consumer context warm / device copy', 'ipc_transfer_warm_GBps', 'd2d_copy_GBps', ''],
     ['store transfer / pinned host-to-device', 'store_transfer_GBps', 'h2d_pinned_GBps', '>= 0.60'],
     ['4 KiB actor to actor / empty call', 'actor_to_actor_4KiB_us', 'empty_call_us', ''],
+    ['IPC transfer under MPS / device copy', 'ipc_transfer_mps_GBps', 'd2d_copy_GBps', ''],
+    ['4 KiB actor to actor under MPS / empty call', 'actor_to_actor_4KiB_mps_us', 'empty_call_mps_us', ''],
   ],
   async run(): Promise<Results> {
     if (!cuda.available) {
@@ -68,67 +73,80 @@ export const gpuSuite: Suite = {
     a.free();
     b.free();
 
-    await init({ numCpus: 4, numGpus: 1 });
-    const routes = new Map<string, string[]>();
-    events().on('tensor-transport', (event) => routes.set(event.objectId, [...(routes.get(event.objectId) ?? []), event.route]));
-    try {
-      const producer = RemoteProducer.options({ numGpus: 0.5 }).remote();
-      const consumer = RemoteConsumer.options({ numGpus: 0.5 }).remote();
-      const transfer = async (bytes: number, transport: Transport, warm = false): Promise<Sample> => {
-        using made = producer.make.options({ tensorTransport: transport }).remote(bytes, 7);
-        await wait([made]); // produced first (wait leaves it where it is): time only the transfer
-        const start = nowNs();
-        const taken = (await get(consumer.take.remote(made, 7, warm))) as { ok: boolean; argumentsSeconds: number; copySeconds: number };
-        const callSeconds = elapsedSeconds(start);
-        if (!taken.ok) throw new Error(`content check failed for the ${transport} transfer of ${bytes} bytes`);
-        const expected = transport === 'store' ? [] : ['ipc'];
-        const seen = routes.get(made.id) ?? [];
-        if (seen.join() !== expected.join()) throw new Error(`the ${transport} transfer of ${bytes} bytes took route [${seen}], not [${expected}]`);
-        return { callSeconds, transferSeconds: taken.argumentsSeconds + taken.copySeconds };
-      };
-      const measure = async (bytes: number, transport: Transport, runs = 5, warm = false) => {
-        const samples: Sample[] = [];
-        await transfer(bytes, transport, warm); // the first mapping, the first store chunks
-        for (let i = 0; i < runs; i++) samples.push(await transfer(bytes, transport, warm));
-        return {
-          transfer: bytes / median(samples.map((sample) => sample.transferSeconds)) / 1e9,
-          call: bytes / median(samples.map((sample) => sample.callSeconds)) / 1e9,
-          callUs: median(samples.map((sample) => sample.callSeconds)) * 1e6,
-        };
-      };
-      const sweeps: Array<[Transport, number[]]> = [
-        ['ipc', SIZES],
-        ['store', [MiB, 16 * MiB, size]],
-      ];
-      for (const [transport, sizes] of sweeps) {
-        for (const bytes of sizes) {
-          const rates = await measure(bytes, transport);
-          const names = [`${label(bytes)}_`, ...(bytes === size ? [''] : [])];
-          for (const name of names) {
-            results[`${transport}_transfer_${name}GBps`] = { value: round(rates.transfer), unit: 'GB/s' };
-            results[`${transport}_call_${name}GBps`] = { value: round(rates.call), unit: 'GB/s' };
-          }
-        }
-      }
-      // Without the GPU's context switch from producer to consumer (see gpu-actors.ts).
-      results.ipc_transfer_warm_GBps = { value: round((await measure(size, 'ipc', 5, true)).transfer), unit: 'GB/s' };
-      const locked = (await get(consumer.pageLockStats.remote())) as { chunksLocked: number; lockMs: number };
-      results.store_page_lock_ms_per_64MiB = { value: round(locked.lockMs / Math.max(1, locked.chunksLocked), 2), unit: 'ms' };
-      const pings: number[] = [];
-      for (let i = 0; i < 60; i++) {
-        const start = nowNs();
-        await get(consumer.ping.remote());
-        pings.push(elapsedSeconds(start));
-      }
-      results.empty_call_us = { value: round(median(pings.slice(10)) * 1e6, 1), unit: 'us' };
-      // 'auto' maps it by IPC (the reader's idle mapping of the producer's reused block).
-      results.actor_to_actor_4KiB_us = { value: round((await measure(4096, 'auto', 50)).callUs, 1), unit: 'us' };
-      const exported = Tensor.empty([MiB], { dtype: 'u8', device: 'cuda:0' });
-      results.ipc_open_us = { value: round((await get(consumer.openIpc.remote(exported.memory.exportIpc()))) as number, 1), unit: 'us' };
-      exported.free();
-    } finally {
-      await shutdown();
-    }
+    await measureActors(results, 'time-slice');
+    if (findControlProgram()) await measureActors(results, 'mps');
+    else console.error('gpu: nvidia-cuda-mps-control is not on PATH: no figures under MPS');
     return results;
   },
 };
+
+/**
+ * Actor-to-actor figures, with the workers sharing the GPU by `sharing`. Under MPS the names get
+ * `_mps` before the unit, for the same transfers without the GPU's context switch between the
+ * producer's process and the reader's, and the sweep is shorter.
+ */
+async function measureActors(results: Results, sharing: 'time-slice' | 'mps'): Promise<void> {
+  const record = (metric: string, value: number, unit: string) => {
+    results[sharing === 'mps' ? metric.replace(/_(GBps|us|ms_per_64MiB)$/, '_mps_$1') : metric] = { value, unit };
+  };
+  const size = 256 * MiB;
+  await init({ numCpus: 4, numGpus: 1, gpuSharing: sharing });
+  const routes = new Map<string, string[]>();
+  events().on('tensor-transport', (event) => routes.set(event.objectId, [...(routes.get(event.objectId) ?? []), event.route]));
+  try {
+    const producer = RemoteProducer.options({ numGpus: 0.5 }).remote();
+    const consumer = RemoteConsumer.options({ numGpus: 0.5 }).remote();
+    const transfer = async (bytes: number, transport: Transport, warm = false): Promise<Sample> => {
+      using made = producer.make.options({ tensorTransport: transport }).remote(bytes, 7);
+      await wait([made]); // produced first (wait leaves it where it is): time only the transfer
+      const start = nowNs();
+      const taken = (await get(consumer.take.remote(made, 7, warm))) as { ok: boolean; argumentsSeconds: number; copySeconds: number };
+      const callSeconds = elapsedSeconds(start);
+      if (!taken.ok) throw new Error(`content check failed for the ${transport} transfer of ${bytes} bytes`);
+      const expected = transport === 'store' ? [] : ['ipc'];
+      const seen = routes.get(made.id) ?? [];
+      if (seen.join() !== expected.join()) throw new Error(`the ${transport} transfer of ${bytes} bytes took route [${seen}], not [${expected}]`);
+      return { callSeconds, transferSeconds: taken.argumentsSeconds + taken.copySeconds };
+    };
+    const measure = async (bytes: number, transport: Transport, runs = 5, warm = false) => {
+      const samples: Sample[] = [];
+      await transfer(bytes, transport, warm); // the first mapping, the first store chunks
+      for (let i = 0; i < runs; i++) samples.push(await transfer(bytes, transport, warm));
+      return {
+        transfer: bytes / median(samples.map((sample) => sample.transferSeconds)) / 1e9,
+        call: bytes / median(samples.map((sample) => sample.callSeconds)) / 1e9,
+        callUs: median(samples.map((sample) => sample.callSeconds)) * 1e6,
+      };
+    };
+    const sweeps: Array<[Transport, number[]]> = sharing === 'mps'
+      ? [['ipc', [size, 1024 * MiB]], ['store', [size]]]
+      : [['ipc', SIZES], ['store', [MiB, 16 * MiB, size]]];
+    for (const [transport, sizes] of sweeps) {
+      for (const bytes of sizes) {
+        const rates = await measure(bytes, transport);
+        for (const name of [`${label(bytes)}_`, ...(bytes === size ? [''] : [])]) {
+          record(`${transport}_transfer_${name}GBps`, round(rates.transfer), 'GB/s');
+          record(`${transport}_call_${name}GBps`, round(rates.call), 'GB/s');
+        }
+      }
+    }
+    // Without the GPU's context switch from producer to consumer (see gpu-actors.ts).
+    record('ipc_transfer_warm_GBps', round((await measure(size, 'ipc', 5, true)).transfer), 'GB/s');
+    const locked = (await get(consumer.pageLockStats.remote())) as { chunksLocked: number; lockMs: number };
+    record('store_page_lock_ms_per_64MiB', round(locked.lockMs / Math.max(1, locked.chunksLocked), 2), 'ms');
+    const pings: number[] = [];
+    for (let i = 0; i < 60; i++) {
+      const start = nowNs();
+      await get(consumer.ping.remote());
+      pings.push(elapsedSeconds(start));
+    }
+    record('empty_call_us', round(median(pings.slice(10)) * 1e6, 1), 'us');
+    // 'auto' maps it by IPC (the reader's idle mapping of the producer's reused block).
+    record('actor_to_actor_4KiB_us', round((await measure(4096, 'auto', 50)).callUs, 1), 'us');
+    const exported = Tensor.empty([MiB], { dtype: 'u8', device: 'cuda:0' });
+    record('ipc_open_us', round((await get(consumer.openIpc.remote(exported.memory.exportIpc()))) as number, 1), 'us');
+    exported.free();
+  } finally {
+    await shutdown();
+  }
+}

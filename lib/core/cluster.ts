@@ -14,6 +14,7 @@ import {
   ActorDiedError,
   GetTimeoutError,
   InfeasibleTaskError,
+  InvalidArgumentError,
   ObjectLostError,
   RegistrationError,
   TaskCancelledError,
@@ -39,6 +40,7 @@ import { ResourcePool, describeResources, toFixed, type Resources } from './reso
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
 import { decodeStored, encodeArguments, encodeValue, pack, putStored, unpack } from './serialization.js';
 import { Deque } from './deque.js';
+import { MultiProcessService } from '../gpu/mps.js';
 
 /** Actor calls hold no resources of their own (the actor holds them) and retry per actor. */
 const ACTOR_CALL_OPTIONS: TaskOptions = Object.freeze({ numCpus: 0, maxRetries: 0 });
@@ -153,6 +155,14 @@ export interface InitOptions extends NodeOptions {
   nodes?: NodeOptions[];
   /** Workers started per node before the first task (default: the node's CPU count). */
   prestartWorkers?: number;
+  /**
+   * How worker processes share a GPU. 'time-slice' (the default): each has a GPU context of its
+   * own and the GPU switches between them. 'mps': CUDA's Multi-Process Service, started for this
+   * cluster and stopped with it; workers join it as clients, share one context (no switch between
+   * a producer's work and its reader's) and their work can overlap. Needs nvidia-cuda-mps-control
+   * (or TRELLIS_MPS_CONTROL); without it init fails with CudaError ERR_MPS_UNAVAILABLE.
+   */
+  gpuSharing?: 'time-slice' | 'mps';
 }
 
 export class Cluster implements Runtime {
@@ -172,16 +182,18 @@ export class Cluster implements Runtime {
   readonly #collectiveGroups = new Map<string, { actorIds: readonly string[]; backend: 'cpu' | 'nccl' }>();
   readonly #handles = new HandleReleaser((id) => this.#dropHold(id));
   readonly #infeasibleTimer: NodeJS.Timeout;
+  readonly #multiProcessService: MultiProcessService | undefined;
   #spreadCursor = 0;
   #nextTaskId = 1;
   #closed = false;
   #scheduling = false;
 
-  private constructor(options: InitOptions, server: Server, socketPath: string) {
+  private constructor(options: InitOptions, server: Server, socketPath: string, multiProcessService: MultiProcessService | undefined) {
     this.#server = server;
     this.#socketPath = socketPath;
+    this.#multiProcessService = multiProcessService;
     const specs = options.nodes ?? [options];
-    specs.forEach((spec, index) => this.nodes.push(new Node(spec, index)));
+    specs.forEach((spec, index) => this.nodes.push(new Node(spec, index, multiProcessService?.environment)));
     this.#infeasibleTimer = setInterval(() => {
       this.#warnPending();
       this.#reapIdleWorkers();
@@ -189,13 +201,24 @@ export class Cluster implements Runtime {
   }
 
   static async start(options: InitOptions): Promise<Cluster> {
+    const sharing = options.gpuSharing ?? 'time-slice';
+    if (sharing !== 'time-slice' && sharing !== 'mps') throw new InvalidArgumentError(`gpuSharing must be 'time-slice' or 'mps', got ${String(sharing)}`);
+    if (sharing === 'mps' && !(options.nodes ?? [options]).some((node) => (node.numGpus ?? 0) > 0)) {
+      throw new InvalidArgumentError("gpuSharing 'mps' shares GPUs between workers, but no node has numGpus > 0");
+    }
+    const multiProcessService = sharing === 'mps' ? await MultiProcessService.start() : undefined;
     const socketPath = join(tmpdir(), `trellis-${process.pid}-${newObjectId().slice(0, 8)}.sock`);
     const server = createServer();
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(socketPath, () => resolve());
-    });
-    const cluster = new Cluster(options, server, socketPath);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(socketPath, () => resolve());
+      });
+    } catch (error) {
+      await multiProcessService?.close();
+      throw error;
+    }
+    const cluster = new Cluster(options, server, socketPath, multiProcessService);
     server.on('connection', (socket) => cluster.#accept(socket));
     setRefTracker({
       onHandleCreated: (ref) => cluster.#onHandle(ref),
@@ -1642,6 +1665,7 @@ export class Cluster implements Runtime {
         pid: actor.worker?.child.pid,
       })),
       objects: { count: this.#objects.size },
+      gpuSharing: this.#multiProcessService ? { mode: 'mps', pipeDirectory: this.#multiProcessService.pipeDirectory } : { mode: 'time-slice' },
       placementGroups: [...this.#groups.values()].map((group) => ({
         id: group.id,
         strategy: group.strategy,
@@ -1676,6 +1700,8 @@ export class Cluster implements Runtime {
     }
     await Promise.all(exits);
     for (const node of this.nodes) node.close();
+    // After the workers: the daemon waits for its clients before it quits.
+    await this.#multiProcessService?.close();
     await new Promise<void>((resolve) => this.#server.close(() => resolve()));
     rmSync(this.#socketPath, { force: true });
     const error = new TrellisError('ERR_SHUTDOWN', 'trellis was shut down before this object was ready');
@@ -1695,6 +1721,8 @@ export interface ClusterState {
   tasks: Record<string, number>;
   actors: Array<{ actorId: string; className: string; name?: string; state: string; nodeId?: string; restarts: number; pid?: number }>;
   objects: { count: number };
+  /** With 'mps', CUDA_MPS_PIPE_DIRECTORY of the cluster's daemon (for nvidia-cuda-mps-control). */
+  gpuSharing: { mode: 'time-slice' | 'mps'; pipeDirectory?: string };
   placementGroups: Array<{ id: string; strategy: string; state: string; bundles: Array<{ nodeId?: string; available?: Record<string, number> }> }>;
 }
 

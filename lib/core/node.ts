@@ -83,6 +83,7 @@ export class WorkerProcess {
         TRELLIS_NODE_ID: node.id,
         TRELLIS_STORE: node.store.name,
         TRELLIS_PUT_IDS: this.putIds.toString('hex'),
+        ...node.workerEnvironment,
       },
       stdio: ['ignore', 'inherit', 'inherit'],
     });
@@ -115,8 +116,11 @@ export class Node {
   /** Fixed-point share of each GPU still free, for assigning GPU ids. */
   readonly gpuFree: number[];
   readonly softLimit: number;
+  /** Added to every worker's environment (the cluster's MPS pipe directory, say). */
+  readonly workerEnvironment: Readonly<Record<string, string>>;
 
-  constructor(options: NodeOptions, index: number) {
+  constructor(options: NodeOptions, index: number, workerEnvironment: Record<string, string> = {}) {
+    this.workerEnvironment = workerEnvironment;
     this.id = options.id ?? `node-${index}`;
     const numCpus = options.numCpus ?? 2;
     this.numGpus = options.numGpus ?? 0;

@@ -7,7 +7,8 @@
 // precision is not reduced across ranks); a rank whose peers never come waits in init, as NCCL's
 // blocking init does. FAKE_NCCL_HANG=1 makes
 // collectives block until the communicator is aborted; FAKE_NCCL_ASYNC_ERROR=1 makes
-// ncclCommGetAsyncError report ncclRemoteError once an operation was issued.
+// ncclCommGetAsyncError report ncclRemoteError once an operation was issued. Under a CUDA MPS
+// pipe directory, cuInit records the process as a client (see mps-control beside this file).
 // Test scaffolding only: it is not the CUDA API's behaviour in any detail beyond what trellis uses.
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -107,7 +108,19 @@ CUresult cuGetErrorString(CUresult error, const char** out) {
   else *out = "fake driver error";
   return kSuccess;
 }
-CUresult cuInit(unsigned) { return std::getenv("FAKE_CUDA_NO_DEVICE") ? kNoDevice : kSuccess; }
+CUresult cuInit(unsigned) {
+  if (std::getenv("FAKE_CUDA_NO_DEVICE")) return kNoDevice;
+  // An MPS client joins the daemon named by CUDA_MPS_PIPE_DIRECTORY when CUDA starts: here it
+  // signs a list the fake control daemon (test/gpu/fake/mps-control) reads.
+  const char* pipes = std::getenv("CUDA_MPS_PIPE_DIRECTORY");
+  if (pipes != nullptr && access((std::string(pipes) + "/control").c_str(), F_OK) == 0) {
+    if (FILE* clients = std::fopen((std::string(pipes) + "/fake-clients").c_str(), "a")) {
+      std::fprintf(clients, "%d\n", static_cast<int>(getpid()));
+      std::fclose(clients);
+    }
+  }
+  return kSuccess;
+}
 CUresult cuDriverGetVersion(int* version) { *version = 13000; return kSuccess; }
 CUresult cuDeviceGetCount(int* count) { *count = DeviceCount(); return kSuccess; }
 CUresult cuDeviceGet(int* device, int ordinal) {
