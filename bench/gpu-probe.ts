@@ -1,7 +1,8 @@
 /**
  * Where the time of a small GPU transfer goes (run on a GPU host): each CUDA call in this process,
  * then the steps of one actor-to-actor call as the consumer times them, with its IPC mapping stats.
- *   node --import tsx bench/gpu-probe.ts
+ *   node --import tsx bench/gpu-probe.ts [--mps]
+ * With --mps the actors are clients of a CUDA MPS server (init's gpuSharing: 'mps').
  */
 import { cuda, get, getRuntimeContext, init, remote, shutdown, Tensor, wait } from '../lib/index.js';
 import { RemoteProducer } from './gpu-actors.js';
@@ -86,7 +87,7 @@ if (!process.env.TRELLIS_WORKER_ID) {
     tensorToCuda: time(200, () => Tensor.fromArray(host, { dtype: 'u8', device: 'cuda:0' }).free()),
     tensorToCpu: time(200, () => Tensor.empty([4096], { dtype: 'u8', device: 'cuda:0' }).cpu()),
   }));
-  await init({ numCpus: 4, numGpus: 1 });
+  await init({ numCpus: 4, numGpus: 1, gpuSharing: process.argv.includes('--mps') ? 'mps' : 'time-slice' });
   const producer = RemoteProducer.options({ numGpus: 0.5 }).remote();
   const probe = RemoteProbe.options({ numGpus: 0.5 }).remote();
   for (const [transport, method] of [['auto', 'steps'], ['ipc', 'steps'], ['ipc', 'warmSteps']] as const) {

@@ -26,13 +26,14 @@ step() {
 }
 
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "nvidia-smi: not found"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,compute_mode --format=csv,noheader 2>&1 || echo "nvidia-smi: not found"
+  echo "MPS control: $(command -v nvidia-cuda-mps-control || echo 'not on PATH')"
   node --version
   node -e "import('./dist/index.js').then(({ cuda, nccl }) => console.log(JSON.stringify({ cuda: cuda.available ? { driver: cuda.driverVersion, devices: cuda.devices() } : cuda.reason, nccl: nccl.available ? nccl.versionString : nccl.reason })))" 2>&1
 } | tee "$logs/host.log"
 
 # CHECK_STEPS picks steps (a rerun after a fix: CHECK_STEPS=bench), CHECK_TESTS the test files.
-steps=" ${CHECK_STEPS:-tests native bench demo} "
+steps=" ${CHECK_STEPS:-tests native bench probe demo} "
 wanted() { [[ $steps == *" $1 "* ]]; }
 
 # Correctness first: the GPU layer, CUDA IPC edges of compiled graphs, then the data layer's GPU pool.
@@ -40,7 +41,10 @@ wanted() { [[ $steps == *" $1 "* ]]; }
 wanted tests && step tests 200 node node_modules/vitest/vitest.mjs run --reporter=verbose ${CHECK_TESTS:-test/gpu test/dag/ipc.test.ts test/dag/compiled.test.ts test/data/actor-pool.test.ts}
 [ -x bench/native/out/gpu_native ] || make -C bench/native >"$logs/make.log" 2>&1
 wanted native && step native 60 bench/native/out/gpu_native --json
-wanted bench && step bench 120 node --import tsx bench/run.ts gpu --json
+wanted bench && step bench 180 node --import tsx bench/run.ts gpu --json
+# Where a small transfer's time goes, with each process's own GPU context and under MPS.
+wanted probe && step probe 60 node --import tsx bench/gpu-probe.ts
+command -v nvidia-cuda-mps-control >/dev/null && wanted probe && step probe-mps 60 node --import tsx bench/gpu-probe.ts --mps
 wanted demo && step demo 60 node --import tsx examples/batch-inference.ts
 
 echo
