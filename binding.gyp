@@ -6,6 +6,7 @@
         "native/addon.cc",
         "native/common/bulk_copy.cc",
         "native/common/host_mappings.cc",
+        "native/loop/busy_poll.cc",
         "native/store/store.cc",
         "native/store/store_binding.cc",
         "native/collective/shm_communicator.cc",

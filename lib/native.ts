@@ -227,6 +227,15 @@ export interface NativeAddon {
   NativeChannel: NativeChannelClass;
   cuda: NativeCuda;
   nccl: NativeNccl;
+  busyPoll: NativeBusyPoll;
+}
+
+/** Spinning before the event loop sleeps (native/loop/busy_poll.cc). */
+export interface NativeBusyPoll {
+  /** Microseconds to spin after each arm(); 0 turns it off. */
+  configure(budgetMicros: number): void;
+  arm(): void;
+  stats(): { budgetMicros: number; spins: number; hits: number; spunMicros: number };
 }
 
 /** The package root: lib/ under tests, dist/ once built. Both sit one level below it. */

@@ -7,6 +7,7 @@
 #include "nccl/nccl_binding.h"
 #include "channel/channel_binding.h"
 #include "collective/communicator_binding.h"
+#include "loop/busy_poll.h"
 #include "store/store_binding.h"
 
 namespace {
@@ -29,6 +30,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   trellis::nccl::RegisterNcclBinding(env, exports);
   trellis::collective::RegisterCommunicatorBinding(env, exports);
   trellis::channel::RegisterChannelBinding(env, exports);
+  trellis::loop::RegisterBusyPoll(env, exports);
   return exports;
 }
 

@@ -42,8 +42,10 @@ wanted tests && step tests 200 node node_modules/vitest/vitest.mjs run --reporte
 [ -x bench/native/out/gpu_native ] || make -C bench/native >"$logs/make.log" 2>&1
 wanted native && step native 60 bench/native/out/gpu_native --json
 wanted bench && step bench 180 node --import tsx bench/run.ts gpu --json
-# Where a small transfer's time goes, with each process's own GPU context and under MPS.
+# Where a small transfer's time goes: with each process's own GPU context, under MPS, and without
+# busy-polling (on by default on hosts with 8 cores or more).
 wanted probe && step probe 60 node --import tsx bench/gpu-probe.ts
+wanted probe && step probe-nospin 60 env TRELLIS_BUSY_POLL_US=0 node --import tsx bench/gpu-probe.ts
 command -v nvidia-cuda-mps-control >/dev/null && wanted probe && step probe-mps 60 node --import tsx bench/gpu-probe.ts --mps
 wanted demo && step demo 60 node --import tsx examples/batch-inference.ts
 

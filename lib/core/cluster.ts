@@ -40,6 +40,7 @@ import { ResourcePool, describeResources, toFixed, type Resources } from './reso
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
 import { decodeStored, encodeArguments, encodeValue, pack, putStored, unpack } from './serialization.js';
 import { Deque } from './deque.js';
+import { configureBusyPoll, expectReply } from './busy-poll.js';
 import { MultiProcessService } from '../gpu/mps.js';
 
 /** Actor calls hold no resources of their own (the actor holds them) and retry per actor. */
@@ -207,6 +208,7 @@ export class Cluster implements Runtime {
       throw new InvalidArgumentError("gpuSharing 'mps' shares GPUs between workers, but no node has numGpus > 0");
     }
     const multiProcessService = sharing === 'mps' ? await MultiProcessService.start() : undefined;
+    configureBusyPoll();
     const socketPath = join(tmpdir(), `trellis-${process.pid}-${newObjectId().slice(0, 8)}.sock`);
     const server = createServer();
     try {
@@ -273,6 +275,7 @@ export class Cluster implements Runtime {
         worker.kill();
         this.#onWorkerGone(worker);
       },
+      expectReply,
     );
   }
 

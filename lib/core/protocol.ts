@@ -360,9 +360,12 @@ export class FrameConnection<Incoming extends AnyMessage, Outgoing extends AnyMe
   #flushScheduled = false;
   #closed = false;
   readonly #flushNow = () => this.#flush();
+  readonly #afterWrite: (() => void) | undefined;
 
-  constructor(socket: Socket, onMessage: (message: Incoming) => void, onClose: () => void) {
+  /** `afterWrite` runs after each write (the busy-poll arm: an answer is expected). */
+  constructor(socket: Socket, onMessage: (message: Incoming) => void, onClose: () => void, afterWrite?: () => void) {
     this.#socket = socket;
+    this.#afterWrite = afterWrite;
     socket.setNoDelay?.(true);
     socket.on('data', (chunk: Buffer) => {
       this.#pending.push(chunk);
@@ -402,6 +405,7 @@ export class FrameConnection<Incoming extends AnyMessage, Outgoing extends AnyMe
     const data = this.#writer.take();
     if (this.#closed) return;
     this.#socket.write(data);
+    this.#afterWrite?.();
   }
 
   close(): void {

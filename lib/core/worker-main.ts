@@ -24,6 +24,7 @@ import { decodeStored, encodeArguments, encodeValue, pack, putStored, restoreTen
 import { SYSTEM_PREFIX, systemMethod } from './system-methods.js';
 import { Deque } from './deque.js';
 import { DriverRequests } from './requests.js';
+import { configureBusyPoll, expectReply } from './busy-poll.js';
 // Registers the collective-group system methods in every worker.
 import '../gpu/collective.js';
 import { holdResult, mapHeld, receiveHeld } from '../gpu/transport.js';
@@ -527,7 +528,9 @@ const connection = new FrameConnection<DriverMessage, WorkerMessage>(
     runtime.onOwnerDied();
     setImmediate(() => process.exit(0));
   },
+  expectReply,
 );
+configureBusyPoll();
 const runtime = new WorkerRuntime(connection);
 const tracker = {
   onHandleCreated: (ref: ObjectRef<unknown>) => runtime.onHandle(ref),
