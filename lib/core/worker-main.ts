@@ -107,13 +107,20 @@ class WorkerRuntime implements Runtime {
     });
   }
 
-  /** Sends the borrows and drops not yet reported, if any. */
+  /**
+   * Sends the borrows and drops not yet reported, if any. An id both added and dropped since the
+   * last report nets out (a call's argument ref, revived and let go before the call ran): the
+   * driver's count would end where it is, and the call holds the object meanwhile.
+   */
   #sendBorrows(): void {
     if (this.#borrowAdd.length === 0 && this.#borrowDrop.length === 0) return;
-    const message: WorkerMessage = { t: 'borrow', add: this.#borrowAdd, drop: this.#borrowDrop };
+    let add = this.#borrowAdd;
+    let drop = this.#borrowDrop;
     this.#borrowAdd = [];
     this.#borrowDrop = [];
-    this.#connection.send(message);
+    if (add.length > 0 && drop.length > 0) [add, drop] = netOut(add, drop);
+    if (add.length === 0 && drop.length === 0) return;
+    this.#connection.send({ t: 'borrow', add, drop });
   }
 
   /** Refs made here for ids the driver already counts for us (submits, puts). */
@@ -295,6 +302,25 @@ class ZeroCopyCollector {
       collectGarbage();
     }, delay);
   }
+}
+
+/** `add` and `drop` without the ids they share, counted with multiplicity. */
+function netOut(add: string[], drop: string[]): [string[], string[]] {
+  const dropped = new Map<string, number>();
+  for (const id of drop) dropped.set(id, (dropped.get(id) ?? 0) + 1);
+  const kept = add.filter((id) => {
+    const count = dropped.get(id) ?? 0;
+    if (count === 0) return true;
+    dropped.set(id, count - 1);
+    return false;
+  });
+  const left = drop.filter((id) => {
+    const count = dropped.get(id) ?? 0;
+    if (count === 0) return false;
+    dropped.set(id, count - 1);
+    return true;
+  });
+  return [kept, left];
 }
 
 /** How long a worker stays without a task ending before it collects what its reads left. */
