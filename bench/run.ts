@@ -40,6 +40,7 @@ for (const name of chosen) {
     console.log(`  ${metric.padEnd(width)}  ${String(value).padStart(12)} ${unit}`);
   }
   for (const [label, numerator, denominator, target] of suite.ratios ?? []) {
+    if (!results[numerator] || !results[denominator]) continue; // not measured in this run
     const ratio = results[numerator].value / results[denominator].value;
     console.log(`  ratio ${label}: ${ratio.toFixed(2)} (${target ? `target ${target}` : "to the floor measured in the same run"})`);
   }

@@ -41,7 +41,9 @@ wanted() { [[ $steps == *" $1 "* ]]; }
 wanted tests && step tests 200 node node_modules/vitest/vitest.mjs run --reporter=verbose ${CHECK_TESTS:-test/gpu test/dag/ipc.test.ts test/dag/compiled.test.ts test/data/actor-pool.test.ts}
 [ -x bench/native/out/gpu_native ] || make -C bench/native >"$logs/make.log" 2>&1
 wanted native && step native 60 bench/native/out/gpu_native --json
-wanted bench && step bench 180 node --import tsx bench/run.ts gpu --json
+wanted bench && step bench 150 env TRELLIS_GPU_BENCH_SHARING=time-slice node --import tsx bench/run.ts gpu --json
+# The actor figures again with the workers as clients of a CUDA MPS server of the cluster's own.
+command -v nvidia-cuda-mps-control >/dev/null && wanted bench && step bench-mps 120 env TRELLIS_GPU_BENCH_SHARING=mps node --import tsx bench/run.ts gpu --json
 # Where a small transfer's time goes: with each process's own GPU context, under MPS, and without
 # busy-polling (on by default on hosts with 8 cores or more).
 wanted probe && step probe 60 node --import tsx bench/gpu-probe.ts
@@ -52,5 +54,5 @@ wanted demo && step demo 60 node --import tsx examples/batch-inference.ts
 echo
 echo "step         result           time"
 printf '%s\n' "${summary[@]}" | tee "$logs/summary.txt"
-grep -h '^{' "$logs/native.log" "$logs/bench.log" 2>/dev/null | tee "$logs/figures.jsonl" >/dev/null
+grep -h '^{' "$logs/native.log" "$logs/bench.log" "$logs/bench-mps.log" 2>/dev/null | tee "$logs/figures.jsonl" >/dev/null
 echo "logs in $logs/"
