@@ -23,11 +23,16 @@ using FreeLists = std::unordered_map<size_t, std::vector<void*>>;
 
 struct DeviceCache {
   std::mutex mutex;
-  FreeLists free;  // CUdeviceptr values stored as void*
+  FreeLists free;  // CUdeviceptr values stored as void*; never an exported block
   // Blocks ever exported over CUDA IPC. cuMemFree on memory another process still maps is
   // undefined behaviour, and readers keep mappings open past their last view (below), so these
   // stay cached for reuse and are never given back to the driver before the process ends.
   std::unordered_set<CUdeviceptr> exported;
+  // Exported blocks now free, by rounded size. A request takes the smallest of them up to twice
+  // its size: exact size classes alone would keep one block per size ever exported (a tensor
+  // of every sequence length, say) and grow without bound; with the factor of two the blocks
+  // kept are bounded by about twice the largest, per tensor alive at once.
+  std::multimap<size_t, void*> exported_free;
   AllocatorStats stats;
 };
 
@@ -251,6 +256,12 @@ DeviceBuffer Allocate(int device, size_t bytes) {
     if (it != cache.free.end() && !it->second.empty()) {
       ptr = reinterpret_cast<CUdeviceptr>(it->second.back());
       it->second.pop_back();
+    } else if (auto fit = cache.exported_free.lower_bound(rounded); fit != cache.exported_free.end() && fit->first / 2 <= rounded) {
+      ptr = reinterpret_cast<CUdeviceptr>(fit->second);
+      rounded = fit->first;  // the block's own size goes back to the cache with it
+      cache.exported_free.erase(fit);
+    }
+    if (ptr != 0) {
       cache.stats.reuses += 1;
       cache.stats.cached_bytes -= rounded;
     }
@@ -287,7 +298,8 @@ DeviceBuffer Allocate(int device, size_t bytes) {
     DeviceCache& home = Caches()[static_cast<size_t>(block->device)];
     {
       std::lock_guard<std::mutex> lock(home.mutex);
-      home.free[block->rounded].push_back(reinterpret_cast<void*>(block->ptr));
+      if (home.exported.count(block->ptr) != 0) home.exported_free.emplace(block->rounded, reinterpret_cast<void*>(block->ptr));
+      else home.free[block->rounded].push_back(reinterpret_cast<void*>(block->ptr));
       home.stats.allocated_bytes -= block->rounded;
       home.stats.cached_bytes += block->rounded;
     }
@@ -309,21 +321,12 @@ void EmptyCache(int device) {
   for (int d = 0; d < count; ++d) {
     if (device != -1 && d != device) continue;
     DeviceCache& cache = CacheOf(d);
+    // Exported blocks stay (see DeviceCache): they are not on these lists.
     FreeLists taken;
     {
       std::lock_guard<std::mutex> lock(cache.mutex);
-      for (auto& [size, blocks] : cache.free) {
-        std::vector<void*> kept;
-        for (void* block : blocks) {
-          if (cache.exported.count(reinterpret_cast<CUdeviceptr>(block)) != 0) {
-            kept.push_back(block);
-          } else {
-            taken[size].push_back(block);
-            cache.stats.cached_bytes -= size;
-          }
-        }
-        blocks.swap(kept);
-      }
+      taken.swap(cache.free);
+      for (auto& [size, blocks] : taken) cache.stats.cached_bytes -= size * blocks.size();
     }
     for (auto& [size, blocks] : taken) {
       for (void* block : blocks) Check(cu.cuMemFree(reinterpret_cast<CUdeviceptr>(block)), "cuMemFree_v2");

@@ -20,10 +20,11 @@ describe(`CUDA on this host${noCuda}`, () => {
     expect(driverVersion).toBeGreaterThanOrEqual(12000);
   });
 
-  it.skipIf(!cuda.available)('reuses freed blocks by size class', async () => {
+  it.skipIf(!cuda.available)('reuses freed blocks by size class, and exported blocks for requests down to half their size', async () => {
     const { stats } = await scenario('allocator');
     expect(stats.allocatedBytes).toBe(0);
-    expect(stats.reuses).toBe(2);
+    expect(stats.reuses).toBe(3);
+    expect(stats.cachedBytes).toBe(10 * 2 ** 20);
   });
 
   it.skipIf(!cuda.available)('copies every size from 1 byte to 1 GiB (sync, async, device to device)', async () => {
