@@ -87,6 +87,19 @@ class WorkerRuntime implements Runtime {
     this.#releaser.disposed(ref);
   }
 
+  /** A hold on object `id` that is not a handle (a mapped tensor); returns its release (once). */
+  hold(id: string): () => void {
+    const count = this.#handles.get(id) ?? 0;
+    this.#handles.set(id, count + 1);
+    if (count === 0) this.#borrow(id, true);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.#release(id);
+    };
+  }
+
   #release(id: string): void {
     const count = (this.#handles.get(id) ?? 1) - 1;
     if (count > 0) {
@@ -188,7 +201,7 @@ class WorkerRuntime implements Runtime {
     return Promise.all(
       values.map((value, index) => {
         if ('error' in value) throw rebuildError(value.error, refs[index].id);
-        return readWire(value);
+        return readWire(value, refs[index].id);
       }),
     );
   }
@@ -332,9 +345,9 @@ function collectGarbage(): void {
 
 const collector = new ZeroCopyCollector();
 
-function readWire(value: WireValue): unknown {
+function readWire(value: WireValue, id: string): unknown {
   if ('inline' in value) return unpack(value.inline);
-  if ('ipc' in value) return mapHeld(value.ipc);
+  if ('ipc' in value) return mapHeld(value.ipc, () => runtime.hold(id));
   if ('recv' in value) return receiveHeld(value);
   // A buffer of its own: user code may keep any array or column made from the value, and the
   // object must stay pinned for as long as it does.
@@ -357,7 +370,7 @@ function resolveArgs(bytes: Uint8Array, resolved: Record<string, WireValue>): un
     // The task gets the value, never this handle: let it go now, not at this process's next
     // garbage collection (an idle worker may never run one, keeping the object alive).
     arg[Symbol.dispose]();
-    const value = readWire(resolved[arg.id]);
+    const value = readWire(resolved[arg.id], arg.id);
     if (isThenable(value)) waits = true;
     args[i] = value;
   }

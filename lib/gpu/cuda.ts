@@ -54,11 +54,24 @@ function nativeStream(stream: Stream | undefined): NativeCudaStream | null {
   return stream.native;
 }
 
+/** Callbacks of memory that runs them when it is freed or collected (see whenReleased). */
+const releasedByCollection = new FinalizationRegistry<() => void>((release) => release());
+
 class CudaDeviceMemory implements DeviceMemory {
   readonly #native: NativeDeviceMemory;
+  #onRelease: (() => void) | undefined;
 
   constructor(handle: NativeDeviceMemory) {
     this.#native = handle;
+  }
+
+  /** @internal See whenReleased. */
+  static whenReleased(memory: DeviceMemory, release: () => void): void {
+    if (!(memory instanceof CudaDeviceMemory)) throw new InvalidArgumentError('device memory must come from cuda.allocate() or cuda.importIpc()');
+    const previous = memory.#onRelease;
+    memory.#onRelease = previous ? () => (previous(), release()) : release;
+    // Tied to the native handle, which an operation in flight keeps alive, not to this wrapper.
+    releasedByCollection.register(memory.#native, release, memory.#native);
   }
 
   static unwrap(memory: DeviceMemory): NativeDeviceMemory {
@@ -115,7 +128,20 @@ class CudaDeviceMemory implements DeviceMemory {
 
   free(): void {
     this.#native.free();
+    const release = this.#onRelease;
+    if (!release) return;
+    this.#onRelease = undefined;
+    releasedByCollection.unregister(this.#native);
+    release();
   }
+}
+
+/**
+ * Runs `release` once, when `memory` is freed or its native handle is collected: what a mapping
+ * of another process's tensor keeps alive there (a borrow of the object) goes with the mapping.
+ */
+export function whenReleased(memory: DeviceMemory, release: () => void): void {
+  CudaDeviceMemory.whenReleased(memory, release);
 }
 
 /** The native handle behind DeviceMemory from this module (for the NCCL communicator). */

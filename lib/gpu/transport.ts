@@ -8,7 +8,7 @@ import { TrellisError } from '../errors.js';
 import { registerSystemMethod } from '../core/system-methods.js';
 import type { HeldMeta } from '../core/protocol.js';
 import { getCommunicator } from './collective.js';
-import { cuda } from './cuda.js';
+import { cuda, whenReleased } from './cuda.js';
 import type { IpcHandle } from './cuda-types.js';
 import type { DType } from './dtype.js';
 import { Tensor } from './tensor.js';
@@ -46,9 +46,19 @@ function take(id: string): { value: Tensor | Tensor[]; tensors: Tensor[] } {
   return entry;
 }
 
-/** Maps held tensors into this process by CUDA IPC (at once: no promise, no extra turn). */
-export function mapHeld(wire: { handles: unknown[]; meta: HeldMeta }): Tensor | Tensor[] {
-  const tensors = wire.meta.tensors.map(([dtype, shape], index) => Tensor.onDevice(cuda.importIpc(wire.handles[index] as IpcHandle), dtype as DType, shape));
+/**
+ * Maps held tensors into this process by CUDA IPC (at once: no promise, no extra turn). The
+ * mapping reads the producer's memory in place, so each tensor keeps the object alive while it
+ * lives: `hold` takes a borrow of it and returns its release, run when the tensor's memory is
+ * freed or collected. Without it, a reader that kept a tensor past the object's last ref would
+ * read whatever the producer's allocator put in that block next.
+ */
+export function mapHeld(wire: { handles: unknown[]; meta: HeldMeta }, hold?: () => () => void): Tensor | Tensor[] {
+  const tensors = wire.meta.tensors.map(([dtype, shape], index) => {
+    const memory = cuda.importIpc(wire.handles[index] as IpcHandle);
+    if (hold) whenReleased(memory, hold());
+    return Tensor.onDevice(memory, dtype as DType, shape);
+  });
   return wire.meta.array ? tensors : tensors[0];
 }
 

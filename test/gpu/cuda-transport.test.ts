@@ -44,6 +44,27 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
   });
   const routeOf = (id: string) => routes.filter((event) => event.objectId === id).map((event) => event.route);
 
+  it('keeps the producer\'s tensor while a reader keeps its mapping, past the last ref, and frees it after', async () => {
+    const baseline = await get(producer.allocatedBytes.remote());
+    for (const collect of [false, true]) {
+      {
+        using made = producer.make.remote(2 * MiB, 5);
+        expect(await get(consumer.keep.remote(made))).toBe('cuda:0');
+      }
+      // The ref is gone, but the reader's tensor still maps the block: it stays the producer's,
+      // and a new tensor of the same size gets another block, not that one.
+      for (let i = 0; i < 3; i++) {
+        using other = producer.make.remote(2 * MiB, 9);
+        expect(await get(consumer.inspect.remote(other))).toEqual([{ device: 'cuda:0', imported: true, numel: 2 * MiB, sum: 18 * MiB }]);
+      }
+      expect(await get(consumer.readKept.remote())).toBe(10 * MiB);
+      expect(await get(producer.allocatedBytes.remote())).toBeGreaterThan(baseline);
+      // Freed (or collected) in the reader: the object goes, and the producer's memory with it.
+      await get(consumer.dropKept.remote(collect));
+      expect(await until(() => get(producer.allocatedBytes.remote()), (bytes) => bytes === baseline)).toBe(baseline);
+    }
+  });
+
   it("maps an 'ipc' result in the reader by CUDA IPC, content checked, and frees it with the last ref", async () => {
     const baseline = await get(producer.allocatedBytes.remote());
     {
