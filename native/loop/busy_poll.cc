@@ -39,10 +39,20 @@ struct BusyPoll {
   napi_async_cleanup_hook_handle cleanup = nullptr;
   int64_t budget_ns = 0;
   int64_t deadline_ns = 0;
+  // Backing off where answers come later than the budget (a driver whose calls run for
+  // milliseconds): after kMissesBeforePause misses in a row, the next `pause` arms do not spin;
+  // each pause that ends in misses again doubles it, up to kMaxPause; a hit resets it.
+  int misses_in_row = 0;
+  int paused_arms = 0;
+  int pause = kPause;
   // Statistics: spins begun, spins that saw I/O arrive, nanoseconds spent spinning.
   uint64_t spins = 0;
   uint64_t hits = 0;
   uint64_t spun_ns = 0;
+
+  static constexpr int kMissesBeforePause = 8;
+  static constexpr int kPause = 64;
+  static constexpr int kMaxPause = 4096;
 };
 
 void OnPrepare(uv_prepare_t* handle) {
@@ -55,13 +65,18 @@ void OnPrepare(uv_prepare_t* handle) {
   int timeout_ms = uv_backend_timeout(state->loop);
   if (timeout_ms == 0) return;  // libuv will not block: nothing to save
   if (timeout_ms > 0) until = std::min(until, started + static_cast<int64_t>(timeout_ms) * 1'000'000);
+  if (state->paused_arms > 0) {
+    state->paused_arms -= 1;
+    return;
+  }
   pollfd backend{uv_backend_fd(state->loop), POLLIN, 0};
   state->spins += 1;
+  bool hit = false;
   int64_t now = started;
   while (now < until) {
     int ready = poll(&backend, 1, 0);
     if (ready > 0) {
-      state->hits += 1;
+      hit = true;
       break;
     }
     if (ready < 0 && errno != EINTR) break;
@@ -69,6 +84,15 @@ void OnPrepare(uv_prepare_t* handle) {
     now = NowNs();
   }
   state->spun_ns += static_cast<uint64_t>(NowNs() - started);
+  if (hit) {
+    state->hits += 1;
+    state->misses_in_row = 0;
+    state->pause = BusyPoll::kPause;
+  } else if (++state->misses_in_row >= BusyPoll::kMissesBeforePause) {
+    state->paused_arms = state->pause;
+    state->pause = std::min(state->pause * 2, BusyPoll::kMaxPause);
+    state->misses_in_row = 0;
+  }
 }
 
 void OnClosed(uv_handle_t* handle) {

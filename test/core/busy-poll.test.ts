@@ -8,7 +8,7 @@ import { availableParallelism } from 'node:os';
 import { afterEach, describe, expect, it } from 'vitest';
 import { get, init, shutdown } from '../../lib/index.js';
 import { busyPollBudget, busyPollStats } from '../../lib/core/busy-poll.js';
-import { busyPollOfWorker, square } from './fixtures/core.js';
+import { busyPollOfWorker, sleepFor, square } from './fixtures/core.js';
 
 const saved = process.env.TRELLIS_BUSY_POLL_US;
 afterEach(async () => {
@@ -43,6 +43,18 @@ describe('busy-polling', () => {
     const worker = await get(busyPollOfWorker.remote());
     expect(worker.budgetMicros).toBe(200);
     expect(worker.spins).toBeGreaterThan(0);
+  });
+
+  it('stops spinning for a while where answers keep coming later than the budget', async () => {
+    process.env.TRELLIS_BUSY_POLL_US = '50';
+    await init({ numCpus: 1, prestartWorkers: 1 });
+    await get(sleepFor.remote(0));
+    const before = busyPollStats();
+    for (let i = 0; i < 40; i++) await get(sleepFor.remote(3));
+    const after = busyPollStats();
+    // Each call arms a spin that misses (the answer comes 3 ms later): 8 misses in a row pause it
+    // for the next 64 arms.
+    expect(after.spins - before.spins).toBeLessThan(20);
   });
 
   it('never spins with a budget of 0', async () => {
