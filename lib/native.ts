@@ -142,6 +142,7 @@ export interface NativeCuda {
   /** Frees cached device blocks (of every device when undefined) and cached pinned buffers. */
   emptyCache(device?: number): void;
   ipcStats(): IpcStats;
+  setIdleIpcMappings(count: number): void;
   pageLockStats(): PageLockStats;
   allocateHost(device: number, byteLength: number): Uint8Array;
   DeviceMemory: new (options: { device: number; byteLength: number } | { ipc: NativeIpcHandle }) => NativeDeviceMemory;

@@ -74,6 +74,12 @@ export interface CudaApi {
    */
   ipcStats(): IpcStats;
   /**
+   * How many IPC mappings without views this process keeps open (default 64, or
+   * TRELLIS_IPC_IDLE_MAPPINGS, which workers inherit); 0 closes each with its last view. Lowering
+   * it closes the surplus now.
+   */
+  setIdleIpcMappings(count: number): void;
+  /**
    * Page-locked host memory (portable: every device DMAs from and to it), for copies at full
    * speed. Returned to a cache when the array is collected.
    */

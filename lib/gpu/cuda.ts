@@ -207,6 +207,12 @@ export const cuda: CudaApi = {
     return native.cuda.ipcStats();
   },
 
+  setIdleIpcMappings(count: number): void {
+    requireCuda('setIdleIpcMappings');
+    if (!Number.isSafeInteger(count) || count < 0) throw new InvalidArgumentError(`setIdleIpcMappings expects a count of 0 or more, got ${count}`);
+    native.cuda.setIdleIpcMappings(count);
+  },
+
   allocateHost(byteLength: number): Uint8Array {
     requireCuda('allocateHost');
     return native.cuda.allocateHost(0, byteLength);

@@ -493,6 +493,13 @@ void RegisterCudaBinding(Napi::Env env, Napi::Object exports) {
                return info.Env().Undefined();
              });
            }));
+  cuda.Set("setIdleIpcMappings", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+             return Guarded(info.Env(), [&]() -> Napi::Value {
+               Driver("setIdleIpcMappings");
+               SetIdleMappings(static_cast<size_t>(IntegerArgument(info[0], "count")));
+               return info.Env().Undefined();
+             });
+           }));
   cuda.Set("ipcStats", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
              return Guarded(info.Env(), [&]() -> Napi::Value {
                Driver("ipcStats");

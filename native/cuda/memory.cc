@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <list>
 #include <map>
 #include <mutex>
@@ -72,12 +73,22 @@ struct Mapping {
 // Mappings without views stay open, up to this many (least recently used closed first): a
 // producer's caching allocator hands out the same blocks again, so the same handles come back, and
 // opening one costs about 125 µs on an H100 (closing as much again) against a few µs of a copy.
+// TRELLIS_IPC_IDLE_MAPPINGS sets it per process (0: a mapping closes with its last view).
 constexpr size_t kIdleMappings = 64;
+
+size_t IdleMappingsFromEnvironment() {
+  const char* text = std::getenv("TRELLIS_IPC_IDLE_MAPPINGS");
+  if (text == nullptr || *text == '\0') return kIdleMappings;
+  char* end = nullptr;
+  long long value = std::strtoll(text, &end, 10);
+  return (end != nullptr && *end == '\0' && value >= 0) ? static_cast<size_t>(value) : kIdleMappings;
+}
 
 struct IpcState {
   std::unordered_map<std::string, std::weak_ptr<Mapping>> in_use;
   std::list<Mapping*> idle;  // most recently used first
   std::unordered_map<std::string, std::list<Mapping*>::iterator> idle_by_key;
+  size_t idle_limit = IdleMappingsFromEnvironment();
   IpcStats stats;
 };
 std::mutex ipc_mutex;
@@ -109,11 +120,11 @@ void RetireMapping(Mapping* mapping) {
     IpcState& ipc = Ipc();
     auto it = ipc.in_use.find(mapping->key);
     if (it != ipc.in_use.end() && it->second.expired()) ipc.in_use.erase(it);
-    if (ipc.idle_by_key.count(mapping->key) == 0) {
+    if (ipc.idle_limit > 0 && ipc.idle_by_key.count(mapping->key) == 0) {
       ipc.idle.push_front(mapping);
       ipc.idle_by_key[mapping->key] = ipc.idle.begin();
       mapping = nullptr;
-      if (ipc.idle.size() > kIdleMappings) {
+      if (ipc.idle.size() > ipc.idle_limit) {
         evicted = ipc.idle.back();
         ipc.idle_by_key.erase(evicted->key);
         ipc.idle.pop_back();
@@ -440,6 +451,22 @@ DeviceBuffer ImportIpc(int device, const CUipcMemHandle& handle, uint64_t offset
   }
   CUdeviceptr ptr = mapping->base + offset;
   return DeviceBuffer{device, ptr, size, true, std::move(mapping)};
+}
+
+void SetIdleMappings(size_t limit) {
+  std::vector<Mapping*> evicted;
+  {
+    std::lock_guard<std::mutex> lock(ipc_mutex);
+    IpcState& ipc = Ipc();
+    ipc.idle_limit = limit;
+    while (ipc.idle.size() > limit) {
+      evicted.push_back(ipc.idle.back());
+      ipc.idle_by_key.erase(ipc.idle.back()->key);
+      ipc.idle.pop_back();
+    }
+    ipc.stats.closes += evicted.size();
+  }
+  for (Mapping* mapping : evicted) CloseNow(mapping);
 }
 
 IpcStats IpcStatistics() {

@@ -72,8 +72,12 @@ IpcExport ExportIpc(const DeviceBuffer& buffer);
 
 // Opens `handle` in `device`'s context (once per process per allocation: later imports share the
 // mapping) and returns the view [base + offset, + size). A mapping whose last view is dropped stays
-// open, idle, for the handle's next import (the 64 most recently used; EmptyCache closes them).
+// open, idle, for the handle's next import (the 64 most recently used, or
+// TRELLIS_IPC_IDLE_MAPPINGS; EmptyCache closes them).
 DeviceBuffer ImportIpc(int device, const CUipcMemHandle& handle, uint64_t offset, size_t size);
+
+// How many idle mappings to keep (0: close each with its last view); closes the surplus now.
+void SetIdleMappings(size_t limit);
 
 struct IpcStats {
   uint64_t in_use = 0;  // mappings with live views

@@ -8,7 +8,7 @@ import { cuda } from '../../lib/gpu/cuda.js';
 import { nccl } from '../../lib/gpu/nccl.js';
 import { scenario } from './gpu-helpers.js';
 
-const cudaCalls = ['deviceCount', 'devices', 'allocate', 'importIpc', 'createStream', 'allocatorStats', 'emptyCache', 'openIpcMappings', 'ipcStats', 'allocateHost', 'pageLockStats', 'tensor'];
+const cudaCalls = ['deviceCount', 'devices', 'allocate', 'importIpc', 'createStream', 'allocatorStats', 'emptyCache', 'openIpcMappings', 'ipcStats', 'setIdleIpcMappings', 'allocateHost', 'pageLockStats', 'tensor'];
 const ncclCalls = ['nccl.uniqueId', 'nccl.create'];
 
 function expectTypedFailures(calls: Record<string, { name: string; code: string; message: string }>, names: string[], code: string, reason: string): void {

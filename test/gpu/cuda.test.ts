@@ -49,6 +49,10 @@ describe(`CUDA on this host${noCuda}`, () => {
     expect(report.child).toMatchObject({ bytes: 64 << 20, reexport: 'ERR_CUDA' });
   });
 
+  it.skipIf(!cuda.available)('closes an IPC mapping with its last view where none are kept idle', async () => {
+    expect(await scenario('ipc-strict')).toMatchObject({ inUse: 0, idle: 0, opens: 2, reuses: 0, closes: 2 });
+  });
+
   it.skipIf(!cuda.available)('page-locks object store memory for copies, once, and unlocks it when the store closes', async () => {
     const report = await scenario('page-lock');
     expect(report.stats.chunksRefused).toBe(0);

@@ -81,6 +81,10 @@ describe.skipIf(!fake.path)(`the native GPU layer on a fake driver${fake.reason 
     expect(report.child).toMatchObject({ bytes: 3 * MiB + 5, reexport: 'ERR_CUDA' });
   });
 
+  it('closes an IPC mapping with its last view in a process that keeps none idle (TRELLIS_IPC_IDLE_MAPPINGS=0)', async () => {
+    expect(await scenario('ipc-strict', [], env())).toMatchObject({ inUse: 0, idle: 0, opens: 2, reuses: 0, closes: 2 });
+  });
+
   it('page-locks the object store chunks that copies touch, once, and unlocks them when the store closes', async () => {
     const report = await scenario('page-lock', [], env());
     expect(report.rounds).toEqual([
