@@ -38,7 +38,7 @@ wanted() { [[ $steps == *" $1 "* ]]; }
 
 # Correctness first: the GPU layer, CUDA IPC edges of compiled graphs, then the data layer's GPU pool.
 # shellcheck disable=SC2086
-wanted tests && step tests 200 node node_modules/vitest/vitest.mjs run --reporter=verbose ${CHECK_TESTS:-test/gpu test/dag/ipc.test.ts test/dag/compiled.test.ts test/data/actor-pool.test.ts}
+wanted tests && step tests 300 node node_modules/vitest/vitest.mjs run --reporter=verbose ${CHECK_TESTS:-test/gpu test/dag/ipc.test.ts test/dag/compiled.test.ts test/data/actor-pool.test.ts}
 [ -x bench/native/out/gpu_native ] || make -C bench/native >"$logs/make.log" 2>&1
 wanted native && step native 60 bench/native/out/gpu_native --json
 wanted bench && step bench 150 env TRELLIS_GPU_BENCH_SHARING=time-slice node --import tsx bench/run.ts gpu --json
