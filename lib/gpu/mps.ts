@@ -13,7 +13,7 @@
  * driver is gone (as the store removes segments whose creator is gone).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { accessSync, constants, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { delimiter, join } from 'node:path';
 import { CudaError } from '../errors.js';
@@ -87,8 +87,9 @@ export class MultiProcessService implements AsyncDisposable {
   }
 
   /**
-   * Starts a control daemon and waits for its control pipe. Throws CudaError ERR_MPS_UNAVAILABLE
-   * when there is no control program or the daemon does not come up (with what it printed).
+   * Starts a control daemon and waits until it answers a command. Throws CudaError
+   * ERR_MPS_UNAVAILABLE when there is no control program or the daemon does not come up (with
+   * what it printed).
    */
   static async start(): Promise<MultiProcessService> {
     const program = findControlProgram();
@@ -97,17 +98,17 @@ export class MultiProcessService implements AsyncDisposable {
     }
     stopAbandonedDaemons(program);
     const service = new MultiProcessService(program, mkdtempSync(join(tmpdir(), `${DIRECTORY_PREFIX}${process.pid}-`)));
-    const control = join(service.pipeDirectory, 'control');
     const deadline = Date.now() + START_TIMEOUT_MS;
     let exited = false;
     void service.#exited.then(() => (exited = true));
-    while (!existsSync(control)) {
+    // Ready once it answers (what its pipe directory holds is its own business).
+    while (!(await runControl(program, service.environment, 'get_server_list').then(() => true, () => false))) {
       if (exited || Date.now() > deadline) {
-        const why = exited ? `exited (${service.#daemon.exitCode ?? service.#daemon.signalCode ?? 'did not start'})` : `did not open its control pipe within ${START_TIMEOUT_MS} ms`;
+        const why = exited ? `exited (${service.#daemon.exitCode ?? service.#daemon.signalCode ?? 'did not start'})` : `did not answer within ${START_TIMEOUT_MS} ms`;
         await service.close();
         throw unavailable(`the CUDA MPS control daemon (${program}) ${why}${service.#output ? `: ${service.#output.trim()}` : ''}`);
       }
-      await new Promise((resolve) => setTimeout(resolve, 10));
+      await new Promise((resolve) => setTimeout(resolve, 20));
     }
     return service;
   }
@@ -115,21 +116,6 @@ export class MultiProcessService implements AsyncDisposable {
   /** What a client process needs in its environment, before it initializes CUDA. */
   get environment(): Record<string, string> {
     return { CUDA_MPS_PIPE_DIRECTORY: this.pipeDirectory, CUDA_MPS_LOG_DIRECTORY: this.logDirectory };
-  }
-
-  get running(): boolean {
-    return this.#daemon.exitCode === null && this.#daemon.signalCode === null && this.#closed === undefined;
-  }
-
-  /** The process ids of the MPS servers running for this daemon (one once a client has joined). */
-  async serverPids(): Promise<number[]> {
-    const answer = await this.command('get_server_list');
-    return answer.split(/\s+/).filter((word) => /^\d+$/.test(word)).map(Number);
-  }
-
-  /** Sends one command of nvidia-cuda-mps-control's language and returns its answer. */
-  command(line: string): Promise<string> {
-    return runControl(this.#program, this.environment, line);
   }
 
   /**
@@ -184,6 +170,8 @@ function runControl(program: string, environment: Record<string, string>, line: 
       if (code === 0) resolve(output.trim());
       else reject(new CudaError('ERR_MPS', `${CONTROL} answered '${line}' with exit code ${code}: ${output.trim()}`, { call: CONTROL }));
     });
+    // A client that finds no daemon exits without reading: its 'close' reports it, not EPIPE.
+    client.stdin.on('error', () => undefined);
     client.stdin.end(`${line}\n`);
   });
 }
