@@ -33,6 +33,18 @@ export class Consumer {
     return { ok: onDevice && probe.every((byte) => byte === value), argumentsSeconds, copySeconds };
   }
 
+  /**
+   * The tensor as it arrived (mapped, for IPC), its last bytes read back to the host and checked:
+   * one GPU operation, where take() also copies it into memory of its own.
+   */
+  check(tensor: Tensor, value: number) {
+    const probe = new Uint8Array(Math.min(4096, tensor.byteLength));
+    tensor.memory.copyToHost(probe, tensor.byteLength - probe.byteLength);
+    const onDevice = tensor.device !== 'cpu';
+    tensor.free();
+    return onDevice && probe.every((byte) => byte === value);
+  }
+
   pageLockStats() {
     return cuda.pageLockStats();
   }
