@@ -48,6 +48,7 @@ export { CpuCommunicator } from './gpu/cpu-communicator.js';
 export { createCollectiveGroup, getCommunicator, CollectiveGroup } from './gpu/collective.js';
 export type { CollectiveBackend, CollectiveGroupOptions } from './gpu/collective.js';
 export { cuda } from './gpu/cuda.js';
+export { reclaimIpcMemory } from './gpu/transport.js';
 export type { CudaApi, DeviceInfo, DeviceMemory, IpcHandle, IpcStats, PageLockStats, Stream } from './gpu/cuda-types.js';
 export { ChannelError } from './errors.js';
 export { InputNode, MultiOutputNode, ClassMethodNode, CollectiveNode, DAGNode, collective } from './dag/nodes.js';

@@ -143,6 +143,12 @@ export interface NativeCuda {
   emptyCache(device?: number): void;
   ipcStats(): IpcStats;
   setIdleIpcMappings(count: number): void;
+  /** Exported blocks now free in this process's cache: their ids (one per free spell) and handles. */
+  exportedFreeBlocks(device: number): Array<{ id: number; byteLength: number; handle: Uint8Array }>;
+  /** Gives the blocks with these ids back to the driver if they are still free; the bytes freed. */
+  freeExportedBlocks(device: number, ids: number[]): number;
+  /** Closes idle mappings of these handles; returns the handles of mappings still in use. */
+  closeIdleIpcMappings(handles: Uint8Array[]): Uint8Array[];
   pageLockStats(): PageLockStats;
   allocateHost(device: number, byteLength: number): Uint8Array;
   DeviceMemory: new (options: { device: number; byteLength: number } | { ipc: NativeIpcHandle }) => NativeDeviceMemory;

@@ -42,6 +42,10 @@ import { decodeStored, encodeArguments, encodeValue, pack, putStored, unpack } f
 import { Deque } from './deque.js';
 import { configureBusyPoll, expectReply } from './busy-poll.js';
 import { MultiProcessService } from '../gpu/mps.js';
+import { closeIdleMappingsOf } from '../gpu/cuda.js';
+
+/** How long a close-ipc round waits for a worker's answer (see closeIpcMappings). */
+const CLOSE_IPC_TIMEOUT_MS = 10_000;
 
 /** Actor calls hold no resources of their own (the actor holds them) and retry per actor. */
 const ACTOR_CALL_OPTIONS: TaskOptions = Object.freeze({ numCpus: 0, maxRetries: 0 });
@@ -184,6 +188,9 @@ export class Cluster implements Runtime {
   readonly #handles = new HandleReleaser((id) => this.#dropHold(id));
   readonly #infeasibleTimer: NodeJS.Timeout;
   readonly #multiProcessService: MultiProcessService | undefined;
+  /** close-ipc rounds waiting on workers' answers, by request id. */
+  readonly #closeRounds = new Map<number, { waiting: Set<WorkerProcess>; answer: (worker: WorkerProcess, inUse: Uint8Array[]) => void }>();
+  #nextCloseRound = 1;
   #spreadCursor = 0;
   #nextTaskId = 1;
   #closed = false;
@@ -273,6 +280,7 @@ export class Cluster implements Runtime {
       () => {
         if (!worker) return;
         worker.kill();
+        for (const round of this.#closeRounds.values()) round.answer(worker, []);
         this.#onWorkerGone(worker);
       },
       expectReply,
@@ -377,6 +385,8 @@ export class Cluster implements Runtime {
         return;
       case 'request':
         return void this.#onRequest(worker, message.requestId, message.op, message.body);
+      case 'closed-ipc':
+        return this.#closeRounds.get(message.requestId)?.answer(worker, message.inUse);
     }
   }
 
@@ -443,6 +453,9 @@ export class Cluster implements Runtime {
           return;
         case 'cancel':
           this.#cancelId(body.id, body.force);
+          return;
+        case 'close-ipc':
+          reply(await this.closeIpcMappings(body.handles, worker));
           return;
         default:
           throw new Error(`unknown request '${op}'`);
@@ -1639,6 +1652,44 @@ export class Cluster implements Runtime {
 
   context(): RuntimeContext {
     return { nodeId: this.headNode.id, workerId: 'driver', gpuIds: [], isDriver: true };
+  }
+
+  /**
+   * Runtime.closeIpcMappings: the driver's own idle mappings, then one round through every other
+   * connected worker (`asker` excepted: a process cannot map what it exported). A worker that
+   * goes away meanwhile counts as an answer: its mappings went with it. One that does not answer
+   * within CLOSE_IPC_TIMEOUT_MS (busy in a long synchronous call) may still map every handle.
+   */
+  closeIpcMappings(handles: Uint8Array[], asker?: WorkerProcess): Promise<Uint8Array[]> {
+    const inUse = new Map<string, Uint8Array>();
+    const note = (list: Uint8Array[]) => {
+      for (const handle of list) inUse.set(Buffer.from(handle).toString('hex'), handle);
+    };
+    note(closeIdleMappingsOf(handles));
+    const workers = this.nodes.flatMap((node) => [...node.workers.values()]).filter((worker) => worker !== asker && worker.connection && !worker.connection.closed);
+    if (workers.length === 0) return Promise.resolve([...inUse.values()]);
+    return new Promise((resolve) => {
+      const requestId = this.#nextCloseRound++;
+      const waiting = new Set(workers);
+      const settle = () => {
+        clearTimeout(timer);
+        this.#closeRounds.delete(requestId);
+        resolve([...inUse.values()]);
+      };
+      const timer = setTimeout(() => {
+        note(handles);
+        settle();
+      }, CLOSE_IPC_TIMEOUT_MS);
+      this.#closeRounds.set(requestId, {
+        waiting,
+        answer: (worker, list) => {
+          if (!waiting.delete(worker)) return;
+          note(list);
+          if (waiting.size === 0) settle();
+        },
+      });
+      for (const worker of workers) worker.send({ t: 'close-ipc', requestId, handles });
+    });
   }
 
   // -------------------------------------------------------------------------------------------

@@ -75,7 +75,14 @@ export interface ExitMessage {
   t: 'exit';
 }
 
-export type DriverMessage = TaskMessage | CreateActorMessage | ReplyMessage | ExitMessage;
+/** Close idle CUDA IPC mappings of these handles (a producer reclaims its exported blocks). */
+export interface CloseIpcMessage {
+  t: 'close-ipc';
+  requestId: number;
+  handles: Uint8Array[];
+}
+
+export type DriverMessage = TaskMessage | CreateActorMessage | ReplyMessage | ExitMessage | CloseIpcMessage;
 
 export interface HelloMessage {
   t: 'hello';
@@ -114,7 +121,14 @@ export interface BorrowMessage {
   drop: string[];
 }
 
-export type WorkerMessage = HelloMessage | DoneMessage | ActorReadyMessage | RequestMessage | BorrowMessage;
+/** The answer to close-ipc: the handles whose mappings this process still uses. */
+export interface ClosedIpcMessage {
+  t: 'closed-ipc';
+  requestId: number;
+  inUse: Uint8Array[];
+}
+
+export type WorkerMessage = HelloMessage | DoneMessage | ActorReadyMessage | RequestMessage | BorrowMessage | ClosedIpcMessage;
 
 /**
  * Compact frames start with a tag below 0x10; a msgpack envelope (always a map) starts at 0x80 or

@@ -34,6 +34,11 @@ export interface Runtime {
   /** Driver only: collective groups, so that tensors can move between their members by NCCL. */
   registerCollectiveGroup?(name: string, actorIds: readonly string[], backend: 'cpu' | 'nccl'): void;
   unregisterCollectiveGroup?(name: string): void;
+  /**
+   * Asks every other process of the cluster to close its idle CUDA IPC mappings of `handles`;
+   * resolves to the handles some process still maps with live views.
+   */
+  closeIpcMappings(handles: Uint8Array[]): Promise<Uint8Array[]>;
   get(refs: ObjectRef<unknown>[], timeout: number): Promise<unknown[]>;
   /** The value of one ref: what a synchronous call loop waits on, so it has a path of its own. */
   getOne(ref: ObjectRef<unknown>, timeout: number): Promise<unknown>;

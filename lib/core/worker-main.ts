@@ -28,6 +28,7 @@ import { configureBusyPoll, expectReply } from './busy-poll.js';
 // Registers the collective-group system methods in every worker.
 import '../gpu/collective.js';
 import { holdResult, mapHeld, receiveHeld } from '../gpu/transport.js';
+import { closeIdleMappingsOf } from '../gpu/cuda.js';
 // Registers the compiled-graph exec loop's system methods.
 import '../dag/exec-loop.js';
 
@@ -148,6 +149,10 @@ class WorkerRuntime implements Runtime {
 
   request(op: string, body: unknown): Promise<any> {
     return this.#requests.request(op, body);
+  }
+
+  closeIpcMappings(handles: Uint8Array[]): Promise<Uint8Array[]> {
+    return this.request('close-ipc', { handles });
   }
 
   notify(op: string, body: unknown): void {
@@ -555,6 +560,9 @@ const connection = new FrameConnection<DriverMessage, WorkerMessage>(
         return;
       case 'reply':
         runtime.onReply(message.requestId, message.ok, message.value, message.error);
+        return;
+      case 'close-ipc':
+        runtime.send({ t: 'closed-ipc', requestId: message.requestId, inUse: closeIdleMappingsOf(message.handles) });
         return;
       case 'exit':
         process.exit(0);

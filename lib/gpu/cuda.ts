@@ -22,6 +22,14 @@ function status(): NativeCudaStatus {
   return loaded;
 }
 
+/**
+ * Closes this process's idle IPC mappings of `handles` and returns those it still uses. A process
+ * that never loaded CUDA maps nothing, and asking does not load it (nor join it to an MPS server).
+ */
+export function closeIdleMappingsOf(handles: Uint8Array[]): Uint8Array[] {
+  return loaded?.available === true && handles.length > 0 ? native.cuda.closeIdleIpcMappings(handles) : [];
+}
+
 function requireCuda(call: string): void {
   const { available, reason } = status();
   if (!available) throw new CudaError('ERR_CUDA_UNAVAILABLE', `${call}: CUDA is not available: ${reason}`, { call });

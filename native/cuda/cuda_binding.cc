@@ -48,6 +48,12 @@ HostBytes ViewArgument(const Napi::Value& value, const char* what) {
   throw InvalidArgument(std::string(what) + " must be a TypedArray or DataView");
 }
 
+Napi::Uint8Array HandleBytes(Napi::Env env, const CUipcMemHandle& handle) {
+  auto bytes = Napi::Uint8Array::New(env, sizeof handle.reserved);
+  std::memcpy(bytes.Data(), handle.reserved, sizeof handle.reserved);
+  return bytes;
+}
+
 void CheckRange(uint64_t offset, uint64_t length, uint64_t size, const char* what) {
   if (offset > size || length > size - offset) {
     throw NativeError("ERR_OUT_OF_RANGE", std::string(what) + " [" + std::to_string(offset) + ", +" + std::to_string(length) +
@@ -362,9 +368,7 @@ class DeviceMemoryBinding : public Napi::ObjectWrap<DeviceMemoryBinding> {
       IpcExport exported = ExportIpc(b);
       Napi::Env env = info.Env();
       Napi::Object out = Napi::Object::New(env);
-      auto handle = Napi::Uint8Array::New(env, sizeof exported.handle.reserved);
-      std::memcpy(handle.Data(), exported.handle.reserved, sizeof exported.handle.reserved);
-      out.Set("handle", handle);
+      out.Set("handle", HandleBytes(env, exported.handle));
       out.Set("offset", Napi::Number::New(env, static_cast<double>(exported.offset)));
       out.Set("byteLength", Napi::Number::New(env, static_cast<double>(b.size)));
       out.Set("device", Napi::Number::New(env, b.device));
@@ -498,6 +502,49 @@ void RegisterCudaBinding(Napi::Env env, Napi::Object exports) {
                Driver("setIdleIpcMappings");
                SetIdleMappings(static_cast<size_t>(IntegerArgument(info[0], "count")));
                return info.Env().Undefined();
+             });
+           }));
+  cuda.Set("exportedFreeBlocks", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+             return Guarded(info.Env(), [&]() -> Napi::Value {
+               std::vector<ExportedBlock> blocks = ExportedFreeBlocks(DeviceArgument(info[0]));
+               Napi::Array out = Napi::Array::New(info.Env(), blocks.size());
+               for (size_t i = 0; i < blocks.size(); ++i) {
+                 Napi::Object block = Napi::Object::New(info.Env());
+                 block.Set("id", static_cast<double>(blocks[i].id));
+                 block.Set("byteLength", static_cast<double>(blocks[i].bytes));
+                 block.Set("handle", HandleBytes(info.Env(), blocks[i].handle));
+                 out.Set(i, block);
+               }
+               return out;
+             });
+           }));
+  cuda.Set("freeExportedBlocks", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+             return Guarded(info.Env(), [&]() -> Napi::Value {
+               int device = DeviceArgument(info[0]);
+               if (!info[1].IsArray()) throw InvalidArgument("freeExportedBlocks expects an array of block ids");
+               Napi::Array list = info[1].As<Napi::Array>();
+               std::vector<uint64_t> ids;
+               for (uint32_t i = 0; i < list.Length(); ++i) ids.push_back(IntegerArgument(list.Get(i), "block id"));
+               return Napi::Number::New(info.Env(), static_cast<double>(FreeExportedBlocks(device, ids)));
+             });
+           }));
+  cuda.Set("closeIdleIpcMappings", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+             return Guarded(info.Env(), [&]() -> Napi::Value {
+               Driver("closeIdleIpcMappings");
+               if (!info[0].IsArray()) throw InvalidArgument("closeIdleIpcMappings expects an array of IPC handles");
+               Napi::Array list = info[0].As<Napi::Array>();
+               std::vector<CUipcMemHandle> handles;
+               for (uint32_t i = 0; i < list.Length(); ++i) {
+                 HostBytes bytes = ViewArgument(list.Get(i), "IPC handle");
+                 if (bytes.length != sizeof(CUipcMemHandle)) throw InvalidArgument("an IPC handle is 64 bytes");
+                 CUipcMemHandle handle;
+                 std::memcpy(handle.reserved, bytes.data, sizeof handle.reserved);
+                 handles.push_back(handle);
+               }
+               std::vector<CUipcMemHandle> in_use = CloseIdleMappingsOf(handles);
+               Napi::Array out = Napi::Array::New(info.Env(), in_use.size());
+               for (size_t i = 0; i < in_use.size(); ++i) out.Set(i, HandleBytes(info.Env(), in_use[i]));
+               return out;
              });
            }));
   cuda.Set("ipcStats", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {

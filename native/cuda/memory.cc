@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <list>
 #include <map>
 #include <mutex>
@@ -28,12 +29,20 @@ struct DeviceCache {
   // Blocks ever exported over CUDA IPC. cuMemFree on memory another process still maps is
   // undefined behaviour, and readers keep mappings open past their last view (below), so these
   // stay cached for reuse and are never given back to the driver before the process ends.
-  std::unordered_set<CUdeviceptr> exported;
+  // Each with its IPC handle (readers' mappings are keyed by it; see FreeExportedBlocks).
+  std::unordered_map<CUdeviceptr, CUipcMemHandle> exported;
   // Exported blocks now free, by rounded size. A request takes the smallest of them up to twice
   // its size: exact size classes alone would keep one block per size ever exported (a tensor
   // of every sequence length, say) and grow without bound; with the factor of two the blocks
-  // kept are bounded by about twice the largest, per tensor alive at once.
-  std::multimap<size_t, void*> exported_free;
+  // kept are bounded by about twice the largest, per tensor alive at once. Each entry has an id
+  // of its own (a block freed again gets a new one), so a block can be given back to the driver
+  // only if it stayed free since its readers were asked to close their mappings.
+  struct ExportedFree {
+    void* block;
+    uint64_t id;
+  };
+  std::multimap<size_t, ExportedFree> exported_free;
+  uint64_t next_free_id = 1;
   AllocatorStats stats;
 };
 
@@ -268,7 +277,7 @@ DeviceBuffer Allocate(int device, size_t bytes) {
       ptr = reinterpret_cast<CUdeviceptr>(it->second.back());
       it->second.pop_back();
     } else if (auto fit = cache.exported_free.lower_bound(rounded); fit != cache.exported_free.end() && fit->first / 2 <= rounded) {
-      ptr = reinterpret_cast<CUdeviceptr>(fit->second);
+      ptr = reinterpret_cast<CUdeviceptr>(fit->second.block);
       rounded = fit->first;  // the block's own size goes back to the cache with it
       cache.exported_free.erase(fit);
     }
@@ -309,7 +318,9 @@ DeviceBuffer Allocate(int device, size_t bytes) {
     DeviceCache& home = Caches()[static_cast<size_t>(block->device)];
     {
       std::lock_guard<std::mutex> lock(home.mutex);
-      if (home.exported.count(block->ptr) != 0) home.exported_free.emplace(block->rounded, reinterpret_cast<void*>(block->ptr));
+      if (home.exported.count(block->ptr) != 0) {
+        home.exported_free.emplace(block->rounded, DeviceCache::ExportedFree{reinterpret_cast<void*>(block->ptr), home.next_free_id++});
+      }
       else home.free[block->rounded].push_back(reinterpret_cast<void*>(block->ptr));
       home.stats.allocated_bytes -= block->rounded;
       home.stats.cached_bytes += block->rounded;
@@ -404,8 +415,44 @@ IpcExport ExportIpc(const DeviceBuffer& buffer) {
   // Every allocator block is its own allocation, so `base` names the block.
   DeviceCache& cache = Caches()[static_cast<size_t>(buffer.device)];
   std::lock_guard<std::mutex> lock(cache.mutex);
-  cache.exported.insert(base);
+  cache.exported.emplace(base, out.handle);
   return out;
+}
+
+std::vector<ExportedBlock> ExportedFreeBlocks(int device) {
+  Driver("exportedFreeBlocks");
+  DeviceCache& cache = CacheOf(device);
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  std::vector<ExportedBlock> blocks;
+  for (const auto& [size, entry] : cache.exported_free) {
+    blocks.push_back(ExportedBlock{entry.id, size, cache.exported.at(reinterpret_cast<CUdeviceptr>(entry.block))});
+  }
+  return blocks;
+}
+
+uint64_t FreeExportedBlocks(int device, const std::vector<uint64_t>& ids) {
+  const DriverTable& cu = Driver("freeExportedBlocks");
+  DeviceCache& cache = CacheOf(device);
+  std::unordered_set<uint64_t> wanted(ids.begin(), ids.end());
+  std::vector<CUdeviceptr> taken;
+  uint64_t bytes = 0;
+  {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    for (auto it = cache.exported_free.begin(); it != cache.exported_free.end();) {
+      if (wanted.count(it->second.id) == 0) {
+        ++it;
+        continue;
+      }
+      auto ptr = reinterpret_cast<CUdeviceptr>(it->second.block);
+      taken.push_back(ptr);
+      cache.exported.erase(ptr);
+      cache.stats.cached_bytes -= it->first;
+      bytes += it->first;
+      it = cache.exported_free.erase(it);
+    }
+  }
+  for (CUdeviceptr ptr : taken) Check(cu.cuMemFree(ptr), "cuMemFree_v2");
+  return bytes;
 }
 
 DeviceBuffer ImportIpc(int device, const CUipcMemHandle& handle, uint64_t offset, size_t size) {
@@ -451,6 +498,38 @@ DeviceBuffer ImportIpc(int device, const CUipcMemHandle& handle, uint64_t offset
   }
   CUdeviceptr ptr = mapping->base + offset;
   return DeviceBuffer{device, ptr, size, true, std::move(mapping)};
+}
+
+std::vector<CUipcMemHandle> CloseIdleMappingsOf(const std::vector<CUipcMemHandle>& handles) {
+  std::unordered_set<std::string> wanted;
+  for (const CUipcMemHandle& handle : handles) wanted.insert(std::string(handle.reserved, sizeof handle.reserved));
+  // Keys are "<device>:<handle bytes>" (KeyOf): match on the handle, whatever device maps it.
+  auto handle_of = [](const std::string& key) { return key.substr(key.find(':') + 1); };
+  std::vector<Mapping*> closing;
+  std::vector<CUipcMemHandle> in_use;
+  {
+    std::lock_guard<std::mutex> lock(ipc_mutex);
+    IpcState& ipc = Ipc();
+    for (auto it = ipc.idle.begin(); it != ipc.idle.end();) {
+      if (wanted.count(handle_of((*it)->key)) == 0) {
+        ++it;
+        continue;
+      }
+      closing.push_back(*it);
+      ipc.idle_by_key.erase((*it)->key);
+      it = ipc.idle.erase(it);
+    }
+    for (const auto& [key, mapping] : ipc.in_use) {
+      std::string bytes = handle_of(key);
+      if (mapping.expired() || wanted.count(bytes) == 0) continue;
+      CUipcMemHandle handle{};
+      std::memcpy(handle.reserved, bytes.data(), sizeof handle.reserved);
+      in_use.push_back(handle);
+    }
+    ipc.stats.closes += closing.size();
+  }
+  for (Mapping* mapping : closing) CloseNow(mapping);
+  return in_use;
 }
 
 void SetIdleMappings(size_t limit) {

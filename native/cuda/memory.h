@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <vector>
 #include <string>
 
 #include "cuda/driver.h"
@@ -78,6 +79,19 @@ DeviceBuffer ImportIpc(int device, const CUipcMemHandle& handle, uint64_t offset
 
 // How many idle mappings to keep (0: close each with its last view); closes the surplus now.
 void SetIdleMappings(size_t limit);
+
+// Reclaiming exported blocks (a round through every process that may map them):
+// the producer lists its free exported blocks; every reader closes its idle mappings of their
+// handles and names those it still uses; the producer then gives back to the driver the blocks
+// that no reader uses and that stayed free meanwhile (by id: a block freed again has a new one).
+struct ExportedBlock {
+  uint64_t id;
+  size_t bytes;
+  CUipcMemHandle handle;
+};
+std::vector<ExportedBlock> ExportedFreeBlocks(int device);
+uint64_t FreeExportedBlocks(int device, const std::vector<uint64_t>& ids);
+std::vector<CUipcMemHandle> CloseIdleMappingsOf(const std::vector<CUipcMemHandle>& handles);
 
 struct IpcStats {
   uint64_t in_use = 0;  // mappings with live views

@@ -65,6 +65,29 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
     }
   });
 
+  it('gives freed exported blocks back to the driver once readers have closed their idle mappings', async () => {
+    const size = 14 * MiB + 3; // a size class no other test uses
+    {
+      using made = producer.make.remote(size, 4);
+      expect(await get(consumer.inspect.remote(made))).toEqual([{ device: 'cuda:0', imported: true, numel: size, sum: 4 * size }]);
+    }
+    // The block went back to the producer's cache, and the reader keeps its mapping idle.
+    const cached = await until(() => get(producer.cachedBytes.remote()), (bytes) => bytes >= 16 * MiB);
+    expect(cached).toBeGreaterThanOrEqual(16 * MiB);
+    const before = await get(consumer.ipcStats.remote());
+    expect(before.idle).toBeGreaterThan(0);
+    const { freedBytes } = await get(producer.reclaim.remote());
+    expect(freedBytes).toBeGreaterThanOrEqual(16 * MiB);
+    expect(await get(producer.cachedBytes.remote())).toBe(cached - freedBytes);
+    const after = await get(consumer.ipcStats.remote());
+    expect(after.idle).toBe(0);
+    expect(after.closes - before.closes).toBe(before.idle);
+    // Nothing left to give back, and transfers go on with fresh blocks and mappings.
+    expect(await get(producer.reclaim.remote())).toEqual({ freedBytes: 0 });
+    using again = producer.make.remote(size, 6);
+    expect(await get(consumer.inspect.remote(again))).toEqual([{ device: 'cuda:0', imported: true, numel: size, sum: 6 * size }]);
+  });
+
   it("maps an 'ipc' result in the reader by CUDA IPC, content checked, and frees it with the last ref", async () => {
     const baseline = await get(producer.allocatedBytes.remote());
     {
