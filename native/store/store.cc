@@ -1019,7 +1019,9 @@ uint64_t Store::AllocateMakingRoomLocked(Lock& lock, uint64_t block_size, uint64
                      "object store '" + name_ + "' is full: requested " + std::to_string(requested) + " bytes, capacity " +
                          std::to_string(header_->data_size) + " bytes, " + std::to_string(header_->bytes_in_use) +
                          " bytes in use by " + std::to_string(header_->object_count) +
-                         " objects, and nothing can be spilled or freed")
+                         " objects, and nothing can be spilled or freed (" + std::to_string(header_->pinned_objects) +
+                         " objects are pinned by readers: a value read zero-copy pins its object until it is "
+                         "released, or collected after the reader's next turn of the event loop)")
         .with("requested", static_cast<double>(requested))
         .with("capacity", static_cast<double>(header_->data_size))
         .with("used", static_cast<double>(header_->bytes_in_use));

@@ -141,7 +141,9 @@ describe('allocator', () => {
       const ids = [newObjectId(), newObjectId(), newObjectId(), newObjectId()];
       ids.forEach((id, i) => store.put(id, bytesFor(i, quarter - 64)));
       expect(store.stats().bytesInUse).toBe(capacity);
-      expectError(() => store.put(newObjectId(), new Uint8Array(1)), ObjectStoreFullError, 'ERR_OBJECT_STORE_FULL');
+      const full = expectError(() => store.put(newObjectId(), new Uint8Array(1)), ObjectStoreFullError, 'ERR_OBJECT_STORE_FULL');
+      // The message says how many objects readers pin (none here: nothing was read).
+      expect(full.message).toContain('(0 objects are pinned by readers');
       return ids;
     };
     // Frees `order` (indexes into the four quarters), then expects one object of `quarters` to fit.
