@@ -300,7 +300,8 @@ DeviceBuffer Allocate(int device, size_t bytes) {
         std::lock_guard<std::mutex> lock(cache.mutex);
         if (cache.stats.cached_bytes > 0) {
           kept = "; " + std::to_string(cache.stats.cached_bytes) +
-                 " bytes stay cached in blocks this process exported over CUDA IPC (another process may still map them)";
+                 " bytes stay cached in blocks this process exported over CUDA IPC (another process may still map them; "
+                 "reclaimIpcMemory() gives back those that no process maps)";
         }
       }
       throw NativeError("ERR_CUDA", "cuMemAlloc_v2 failed: " + ErrorText(result) + " allocating " + std::to_string(rounded) +

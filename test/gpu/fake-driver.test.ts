@@ -103,6 +103,7 @@ describe.skipIf(!fake.path)(`the native GPU layer on a fake driver${fake.reason 
     expect(plain).toMatchObject({ name: 'CudaError', code: 'ERR_CUDA', call: 'cuMemAlloc_v2' });
     expect(plain.message).toBe('cuMemAlloc_v2 failed: CUDA_ERROR_OUT_OF_MEMORY (out of memory) allocating 10485760 bytes on device 0');
     expect(withExported.message).toContain('allocating 6291456 bytes on device 0; 4194304 bytes stay cached in blocks this process exported over CUDA IPC');
+    expect(withExported.message).toContain('reclaimIpcMemory()');
   });
 
   it('runs every collective and a send/recv ring across 3 ranks in 3 processes', async () => {
