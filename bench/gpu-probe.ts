@@ -5,6 +5,7 @@
  * With --mps the actors are clients of a CUDA MPS server (init's gpuSharing: 'mps').
  */
 import { cuda, get, getRuntimeContext, init, remote, shutdown, Tensor, wait } from '../lib/index.js';
+import { busyPollStats } from '../lib/core/busy-poll.js';
 import { RemoteProducer } from './gpu-actors.js';
 
 const us = (ms: number) => Math.round(ms * 10000) / 10;
@@ -69,6 +70,9 @@ export class Probe {
   }
   ipcStats() {
     return cuda.ipcStats();
+  }
+  busyPoll() {
+    return busyPollStats();
   }
 }
 const RemoteProbe = remote(import.meta, Probe);
@@ -143,5 +147,7 @@ if (!process.env.TRELLIS_WORKER_ID) {
   }
   console.log('empty call (median us):', us(pings.sort((a, b) => a - b)[50]));
   console.log('consumer IPC stats:', JSON.stringify(await get(probe.ipcStats.remote())));
+  // Spins begun and those that saw the answer arrive (TRELLIS_BUSY_POLL_US; off below 8 cores).
+  console.log('busy-poll: driver', JSON.stringify(busyPollStats()), 'consumer', JSON.stringify(await get(probe.busyPoll.remote())));
   await shutdown();
 }
