@@ -78,9 +78,7 @@ class WorkerRuntime implements Runtime {
   }
 
   onHandle(ref: ObjectRef<unknown>, alreadyCounted = false): void {
-    const count = this.#handles.get(ref.id) ?? 0;
-    this.#handles.set(ref.id, count + 1);
-    if (count === 0 && !alreadyCounted) this.#borrow(ref.id, true);
+    this.#count(ref.id, !alreadyCounted);
     this.#releaser.track(ref);
   }
 
@@ -90,15 +88,20 @@ class WorkerRuntime implements Runtime {
 
   /** A hold on object `id` that is not a handle (a mapped tensor); returns its release (once). */
   hold(id: string): () => void {
-    const count = this.#handles.get(id) ?? 0;
-    this.#handles.set(id, count + 1);
-    if (count === 0) this.#borrow(id, true);
+    this.#count(id, true);
     let released = false;
     return () => {
       if (released) return;
       released = true;
       this.#release(id);
     };
+  }
+
+  /** One more hold on `id` here; the first is reported to the driver as a borrow when `borrow`. */
+  #count(id: string, borrow: boolean): void {
+    const count = this.#handles.get(id) ?? 0;
+    this.#handles.set(id, count + 1);
+    if (count === 0 && borrow) this.#borrow(id, true);
   }
 
   #release(id: string): void {
@@ -139,7 +142,7 @@ class WorkerRuntime implements Runtime {
 
   /** Refs made here for ids the driver already counts for us (submits, puts). */
   #ownedRef(id: string): ObjectRef<unknown> {
-    this.#handles.set(id, (this.#handles.get(id) ?? 0) + 1);
+    this.#count(id, false);
     setRefTracker(quietTracker);
     const ref = new ObjectRef(id);
     setRefTracker(tracker);

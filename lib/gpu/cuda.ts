@@ -30,6 +30,17 @@ export function closeIdleMappingsOf(handles: Uint8Array[]): Uint8Array[] {
   return loaded?.available === true && handles.length > 0 ? native.cuda.closeIdleIpcMappings(handles) : [];
 }
 
+/** Blocks this process exported over IPC and has since freed (none where CUDA is unavailable). */
+export function exportedFreeBlocks(device: number): Array<{ id: number; byteLength: number; handle: Uint8Array }> {
+  return status().available ? native.cuda.exportedFreeBlocks(device) : [];
+}
+
+/** Gives back to the driver those of `ids` still free; the bytes freed (see reclaimIpcMemory). */
+export function freeExportedBlocks(device: number, ids: number[]): number {
+  requireCuda('freeExportedBlocks');
+  return native.cuda.freeExportedBlocks(device, ids);
+}
+
 function requireCuda(call: string): void {
   const { available, reason } = status();
   if (!available) throw new CudaError('ERR_CUDA_UNAVAILABLE', `${call}: CUDA is not available: ${reason}`, { call });

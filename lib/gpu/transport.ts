@@ -7,10 +7,9 @@
 import { TrellisError } from '../errors.js';
 import { registerSystemMethod } from '../core/system-methods.js';
 import { currentRuntime } from '../core/runtime-context.js';
-import { native } from '../native.js';
 import type { HeldMeta } from '../core/protocol.js';
 import { getCommunicator } from './collective.js';
-import { cuda, whenReleased } from './cuda.js';
+import { cuda, exportedFreeBlocks, freeExportedBlocks, whenReleased } from './cuda.js';
 import type { IpcHandle } from './cuda-types.js';
 import type { DType } from './dtype.js';
 import { Tensor } from './tensor.js';
@@ -84,12 +83,12 @@ export async function receiveHeld(wire: { recv: { group: string; source: number;
  * the rest of the cache.
  */
 export async function reclaimIpcMemory(device = 0): Promise<{ freedBytes: number }> {
-  const blocks = cuda.available ? native.cuda.exportedFreeBlocks(device) : [];
+  const blocks = exportedFreeBlocks(device);
   if (blocks.length === 0) return { freedBytes: 0 };
   const hex = (handle: Uint8Array) => Buffer.from(handle).toString('hex');
   const stillMapped = new Set((await currentRuntime().closeIpcMappings(blocks.map((block) => block.handle))).map(hex));
   const ids = blocks.filter((block) => !stillMapped.has(hex(block.handle))).map((block) => block.id);
-  return { freedBytes: native.cuda.freeExportedBlocks(device, ids) };
+  return { freedBytes: freeExportedBlocks(device, ids) };
 }
 
 registerSystemMethod('__trellis_materialize', (id: string) => {

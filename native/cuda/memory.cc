@@ -26,10 +26,10 @@ using FreeLists = std::unordered_map<size_t, std::vector<void*>>;
 struct DeviceCache {
   std::mutex mutex;
   FreeLists free;  // CUdeviceptr values stored as void*; never an exported block
-  // Blocks ever exported over CUDA IPC. cuMemFree on memory another process still maps is
-  // undefined behaviour, and readers keep mappings open past their last view (below), so these
-  // stay cached for reuse and are never given back to the driver before the process ends.
-  // Each with its IPC handle (readers' mappings are keyed by it; see FreeExportedBlocks).
+  // Blocks ever exported over CUDA IPC, each with its handle. cuMemFree on memory another process
+  // still maps is undefined behaviour, and readers keep mappings open past their last view
+  // (below), so these stay cached for reuse: neither EmptyCache nor the out-of-memory retry gives
+  // them back, only FreeExportedBlocks, once every reader has closed its mappings.
   std::unordered_map<CUdeviceptr, CUipcMemHandle> exported;
   // Exported blocks now free, by rounded size. A request takes the smallest of them up to twice
   // its size: exact size classes alone would keep one block per size ever exported (a tensor
@@ -321,8 +321,9 @@ DeviceBuffer Allocate(int device, size_t bytes) {
       std::lock_guard<std::mutex> lock(home.mutex);
       if (home.exported.count(block->ptr) != 0) {
         home.exported_free.emplace(block->rounded, DeviceCache::ExportedFree{reinterpret_cast<void*>(block->ptr), home.next_free_id++});
+      } else {
+        home.free[block->rounded].push_back(reinterpret_cast<void*>(block->ptr));
       }
-      else home.free[block->rounded].push_back(reinterpret_cast<void*>(block->ptr));
       home.stats.allocated_bytes -= block->rounded;
       home.stats.cached_bytes += block->rounded;
     }
