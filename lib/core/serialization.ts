@@ -68,6 +68,25 @@ export function setHandleCodec(codec: HandleCodec): void {
 
 class ActorHandleMarker {}
 
+/**
+ * A top-level ref argument of a call, as it travels: the worker puts the argument's value in its
+ * place. Not an ObjectRef, which the worker would count as a borrow only to drop it at once.
+ */
+export class ArgumentSlot {
+  constructor(readonly id: string) {}
+}
+
+addExtension({
+  Class: ArgumentSlot,
+  type: 0x58,
+  write(slot: ArgumentSlot) {
+    return slot.id;
+  },
+  read(id: string) {
+    return new ArgumentSlot(id);
+  },
+});
+
 addExtension({
   Class: ObjectRef,
   type: 0x54,
@@ -179,7 +198,7 @@ function prepare(value: unknown, depth = 0): unknown {
     case 'symbol':
       throw new SerializationError('a symbol cannot be sent to another process');
     case 'object': {
-      if (value === null || value instanceof ObjectRef || ArrayBuffer.isView(value) || value instanceof ArrayBuffer || value instanceof Tensor) return value;
+      if (value === null || value instanceof ObjectRef || value instanceof ArgumentSlot || ArrayBuffer.isView(value) || value instanceof ArrayBuffer || value instanceof Tensor) return value;
       if (handleCodec?.isHandle(value)) return Object.setPrototypeOf({ handle: value }, ActorHandleMarker.prototype);
       if (value instanceof Date || value instanceof RegExp || value instanceof Error) return value;
       if (value instanceof Promise) throw new SerializationError('a Promise cannot be sent to another process; await it first');
@@ -303,9 +322,10 @@ function isSmallScalar(value: unknown): boolean {
 }
 
 /**
- * Encodes a call's arguments. Top-level refs are listed (resolved before the call runs); an
- * argument too large to travel inline is stored through `store` and replaced by a ref to it;
- * refs nested deeper are listed as held (the call keeps them alive).
+ * Encodes a call's arguments. Top-level refs are listed in `argRefs` and travel as slots (their
+ * values are resolved before the call runs); an argument too large to travel inline is stored
+ * through `store` and takes a slot too; refs nested deeper are listed in `held` (the call keeps
+ * them alive).
  */
 export function encodeArguments(
   args: unknown[],
@@ -318,7 +338,7 @@ export function encodeArguments(
     if (isSmallScalar(arg)) return arg;
     if (arg instanceof ObjectRef) {
       argRefs.push(arg.id);
-      return arg;
+      return new ArgumentSlot(arg.id);
     }
     const encoded = encodeValue(arg);
     if ('inline' in encoded) return arg;
@@ -328,7 +348,7 @@ export function encodeArguments(
     // when its message arrives there): this handle must go then, not when garbage collection
     // finds it.
     queueMicrotask(() => ref[Symbol.dispose]());
-    return ref;
+    return new ArgumentSlot(ref.id);
   });
   const held: string[] = [];
   return { bytes: pack(prepared, held), argRefs, held };

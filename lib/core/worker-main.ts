@@ -20,7 +20,7 @@ import {
 } from './protocol.js';
 import { actorHandleInfo, lookupRegistered, makeActorHandle } from './registry.js';
 import { setRuntime, type ActorLookup, type Runtime, type RuntimeContext } from './runtime-context.js';
-import { decodeStored, encodeArguments, encodeValue, pack, putStored, restoreTensorsOnDevice, setHandleCodec, unpack } from './serialization.js';
+import { ArgumentSlot, decodeStored, encodeArguments, encodeValue, pack, putStored, restoreTensorsOnDevice, setHandleCodec, unpack } from './serialization.js';
 import { SYSTEM_PREFIX, systemMethod } from './system-methods.js';
 import { Deque } from './deque.js';
 import { DriverRequests } from './requests.js';
@@ -373,12 +373,11 @@ function resolveArgs(bytes: Uint8Array, resolved: Record<string, WireValue>): un
   const args = unpack(bytes) as unknown[];
   let waits = false;
   for (let i = 0; i < args.length; i++) {
-    const arg = args[i];
-    if (!(arg instanceof ObjectRef) || !resolved[arg.id]) continue;
-    // The task gets the value, never this handle: let it go now, not at this process's next
-    // garbage collection (an idle worker may never run one, keeping the object alive).
-    arg[Symbol.dispose]();
-    const value = readWire(resolved[arg.id], arg.id);
+    const slot = args[i];
+    if (!(slot instanceof ArgumentSlot)) continue;
+    const wire = resolved[slot.id];
+    // The driver resolves every slot; a handle is what the task would get otherwise.
+    const value = wire ? readWire(wire, slot.id) : new ObjectRef(slot.id);
     if (isThenable(value)) waits = true;
     args[i] = value;
   }

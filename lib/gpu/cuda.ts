@@ -73,12 +73,27 @@ function nativeStream(stream: Stream | undefined): NativeCudaStream | null {
   return stream.native;
 }
 
-/** Callbacks of memory that runs them when it is freed or collected (see whenReleased). */
-const releasedByCollection = new FinalizationRegistry<() => void>((release) => release());
+/**
+ * What runs when memory is freed or collected (see whenReleased), shared by the wrapper and the
+ * finalizer: whichever comes first takes it. Registered without an unregister token, which would
+ * make each registration several times dearer (see HandleReleaser): every IPC-mapped argument
+ * registers one.
+ */
+interface Releases {
+  run: (() => void) | undefined;
+}
+
+const releasedByCollection = new FinalizationRegistry<Releases>(runReleases);
+
+function runReleases(releases: Releases): void {
+  const run = releases.run;
+  releases.run = undefined;
+  run?.();
+}
 
 class CudaDeviceMemory implements DeviceMemory {
   readonly #native: NativeDeviceMemory;
-  #onRelease: (() => void) | undefined;
+  #releases: Releases | undefined;
 
   constructor(handle: NativeDeviceMemory) {
     this.#native = handle;
@@ -87,10 +102,15 @@ class CudaDeviceMemory implements DeviceMemory {
   /** @internal See whenReleased. */
   static whenReleased(memory: DeviceMemory, release: () => void): void {
     if (!(memory instanceof CudaDeviceMemory)) throw new InvalidArgumentError('device memory must come from cuda.allocate() or cuda.importIpc()');
-    const previous = memory.#onRelease;
-    memory.#onRelease = previous ? () => (previous(), release()) : release;
+    const releases = memory.#releases;
+    if (releases) {
+      const previous = releases.run;
+      releases.run = previous ? () => (previous(), release()) : release;
+      return;
+    }
+    memory.#releases = { run: release };
     // Tied to the native handle, which an operation in flight keeps alive, not to this wrapper.
-    releasedByCollection.register(memory.#native, release, memory.#native);
+    releasedByCollection.register(memory.#native, memory.#releases);
   }
 
   static unwrap(memory: DeviceMemory): NativeDeviceMemory {
@@ -147,11 +167,7 @@ class CudaDeviceMemory implements DeviceMemory {
 
   free(): void {
     this.#native.free();
-    const release = this.#onRelease;
-    if (!release) return;
-    this.#onRelease = undefined;
-    releasedByCollection.unregister(this.#native);
-    release();
+    if (this.#releases) runReleases(this.#releases);
   }
 }
 

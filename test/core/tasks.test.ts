@@ -77,6 +77,9 @@ describe('remote functions and arguments', () => {
     // A task's result as the nested ref, too.
     const fromTask = await get(inspectArgs.remote(1, [square.remote(12)]));
     expect(fromTask.innerValue).toBe(144);
+    // One object both as an argument (its value) and nested in another (a ref).
+    const both = await get(inspectArgs.remote(inner, [inner]));
+    expect(both).toEqual({ topIsRef: false, top: 'inner value', innerIsRef: true, innerValue: 'inner value' });
   });
 
   it('.options() applies to the calls made through it, leaving the function as it was', async () => {
