@@ -124,6 +124,8 @@ export interface NativeDeviceMemory {
   copyToHostAsync(target: ArrayBufferView, stream: NativeCudaStream | null): Promise<void>;
   fill(byte: number): void;
   exportIpc(): NativeIpcHandle;
+  /** The same as 96 bytes that `new DeviceMemory(packed)` imports (see cuda.ts exportPackedIpc). */
+  exportIpcPacked(): Uint8Array;
   free(): void;
 }
 
@@ -151,7 +153,7 @@ export interface NativeCuda {
   closeIdleIpcMappings(handles: Uint8Array[]): Uint8Array[];
   pageLockStats(): PageLockStats;
   allocateHost(device: number, byteLength: number): Uint8Array;
-  DeviceMemory: new (options: { device: number; byteLength: number } | { ipc: NativeIpcHandle }) => NativeDeviceMemory;
+  DeviceMemory: new (options: { device: number; byteLength: number } | { ipc: NativeIpcHandle } | Uint8Array) => NativeDeviceMemory;
   Stream: new (device: number) => NativeCudaStream;
 }
 

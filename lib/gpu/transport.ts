@@ -9,8 +9,7 @@ import { registerSystemMethod } from '../core/system-methods.js';
 import { currentRuntime } from '../core/runtime-context.js';
 import type { HeldMeta } from '../core/protocol.js';
 import { getCommunicator } from './collective.js';
-import { cuda, exportedFreeBlocks, freeExportedBlocks, whenReleased } from './cuda.js';
-import type { IpcHandle } from './cuda-types.js';
+import { exportPackedIpc, exportedFreeBlocks, freeExportedBlocks, importPackedIpc, whenReleased } from './cuda.js';
 import type { DType } from './dtype.js';
 import { Tensor } from './tensor.js';
 
@@ -29,10 +28,10 @@ export function holdResult(returnId: string, value: unknown, transport: string):
   const tensors = value instanceof Tensor ? [value] : Array.isArray(value) && value.length > 0 && value.every((item) => item instanceof Tensor) ? (value as Tensor[]) : undefined;
   if (!tensors) return undefined;
   const onGpu = tensors.every((tensor) => tensor.device !== 'cpu');
-  let ipc: IpcHandle[] | undefined;
+  let ipc: Uint8Array[] | undefined;
   if (onGpu && (transport === 'ipc' || transport === 'auto')) {
     try {
-      ipc = tensors.map((tensor) => tensor.memory.exportIpc());
+      ipc = tensors.map((tensor) => exportPackedIpc(tensor.memory));
     } catch {
       ipc = undefined; // exported on demand instead, where the failure reaches the reader
     }
@@ -56,7 +55,7 @@ function take(id: string): { value: Tensor | Tensor[]; tensors: Tensor[] } {
  */
 export function mapHeld(wire: { handles: unknown[]; meta: HeldMeta }, hold?: () => () => void): Tensor | Tensor[] {
   const tensors = wire.meta.tensors.map(([dtype, shape], index) => {
-    const memory = cuda.importIpc(wire.handles[index] as IpcHandle);
+    const memory = importPackedIpc(wire.handles[index] as Uint8Array);
     if (hold) whenReleased(memory, hold());
     return Tensor.onDevice(memory, dtype as DType, shape);
   });
@@ -104,7 +103,7 @@ registerSystemMethod('__trellis_send_held', async (id: string, group: string, de
   await communicator.groupEnd();
 });
 
-registerSystemMethod('__trellis_export_held', (id: string) => take(id).tensors.map((tensor) => tensor.memory.exportIpc()));
+registerSystemMethod('__trellis_export_held', (id: string) => take(id).tensors.map((tensor) => exportPackedIpc(tensor.memory)));
 
 registerSystemMethod('__trellis_free_held', (id: string) => {
   const entry = held.get(id);

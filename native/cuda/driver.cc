@@ -2,6 +2,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -103,13 +104,31 @@ void MakeCurrent(int device) {
   Check(cu.cuCtxSetCurrent(state.context), "cuCtxSetCurrent");
 }
 
-std::string DeviceUuid(int device) {
+CUuuid DeviceUuidBytes(int device) {
   const DriverTable& cu = Driver("deviceUuid");
   StateOf(device);
   CUdevice handle = 0;
   Check(cu.cuDeviceGet(&handle, device), "cuDeviceGet");
   CUuuid uuid{};
   Check(cu.cuDeviceGetUuid(&uuid, handle), "cuDeviceGetUuid_v2");
+  return uuid;
+}
+
+int DeviceByUuidBytes(const unsigned char* uuid) {
+  // Read once, as in DeviceByUuid.
+  static const std::vector<CUuuid> uuids = [] {
+    std::vector<CUuuid> all;
+    for (int device = 0; device < Status().device_count; ++device) all.push_back(DeviceUuidBytes(device));
+    return all;
+  }();
+  for (size_t device = 0; device < uuids.size(); ++device) {
+    if (std::memcmp(uuids[device].bytes, uuid, sizeof uuids[device].bytes) == 0) return static_cast<int>(device);
+  }
+  return -1;
+}
+
+std::string DeviceUuid(int device) {
+  CUuuid uuid = DeviceUuidBytes(device);
   // nvidia-smi's form: GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx
   std::string out = "GPU-";
   char hex[3];

@@ -118,6 +118,9 @@ void MakeCurrent(int device);
 // Index of the visible device with this UUID ("GPU-xxxxxxxx-..."), or -1.
 int DeviceByUuid(const std::string& uuid);
 std::string DeviceUuid(int device);
+// The same by the UUID's 16 raw bytes (the packed IPC handle's form).
+int DeviceByUuidBytes(const unsigned char* uuid);
+CUuuid DeviceUuidBytes(int device);
 
 // A recorded-completion marker from a per-device pool (CU_EVENT_DISABLE_TIMING); it goes back to
 // the pool when the last owner drops it. Pooled events live for the process.

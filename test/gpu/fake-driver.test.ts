@@ -63,6 +63,7 @@ describe.skipIf(!fake.path)(`the native GPU layer on a fake driver${fake.reason 
       badFill: 'ERR_INVALID_ARGUMENT',
       badSource: 'ERR_INVALID_ARGUMENT',
       badHandle: 'ERR_INVALID_ARGUMENT',
+      badPackedHandle: 'ERR_INVALID_ARGUMENT',
       ownHandle: 'ERR_CUDA',
       destroyedStream: 'ERR_CUDA_FREED',
       useAfterFree: 'ERR_CUDA_FREED',
