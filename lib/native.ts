@@ -241,10 +241,13 @@ export interface NativeAddon {
 
 /** Spinning before the event loop sleeps (native/loop/busy_poll.cc). */
 export interface NativeBusyPoll {
-  /** Microseconds to spin after each arm(); 0 turns it off. */
-  configure(budgetMicros: number): void;
+  /** The longest spin after an arm(), in microseconds; 0 turns it off. */
+  configure(capMicros: number): void;
   arm(): void;
-  stats(): { budgetMicros: number; spins: number; hits: number; spunMicros: number };
+  /** A message arrived: the outstanding arm's wait is learned. */
+  answered(): void;
+  /** spinMicros: the spin that recent answers call for (0: later than the cap); hits: answers that found the loop awake. */
+  stats(): { capMicros: number; spinMicros: number; spins: number; hits: number; spunMicros: number };
 }
 
 /** The package root: lib/ under tests, dist/ once built. Both sit one level below it. */

@@ -1,40 +1,52 @@
 /**
  * How long a process spins for an expected reply before its event loop sleeps. Waking a sleeping
  * process costs each hop of a call tens of microseconds (about 130 µs over a call's two hops on
- * the 16-core GPU host); spinning for a moment after a send catches a quick answer awake. It pays
- * only where cores are spare: on two cores the spinning process takes the CPU its peer needs
- * (an empty call went from 106 to 345 µs), so the default is off below 8 cores.
- * TRELLIS_BUSY_POLL_US sets the budget for the driver and its workers (0: off).
+ * the 16-core GPU host); spinning after a send catches a quick answer awake. The spin's length is
+ * learned from how long recent answers took (native/loop/busy_poll.cc), up to a cap: answers that
+ * usually come later than the cap are not spun for. It pays only where cores are spare: on two
+ * cores the spinning process takes the CPU its peer needs (an empty call went from 106 to 345 µs),
+ * so the default is off below 8 cores. TRELLIS_BUSY_POLL_US sets the cap for the driver and its
+ * workers (0: off).
  */
 import { availableParallelism } from 'node:os';
 import { native } from '../native.js';
 
-/** Spin budget where the host has cores to spare. */
-const DEFAULT_BUDGET_US = 100;
+/** The cap where the host has cores to spare: replies of an actor call with a GPU tensor took
+ * 0.3-0.7 ms on the GPU host, a task's a tenth of that; longer waits are not worth a core. */
+const DEFAULT_CAP_US = 1000;
 const MIN_CORES = 8;
+const MAX_CAP_US = 10_000;
 
-export function busyPollBudget(): number {
+export function busyPollCap(): number {
   const chosen = process.env.TRELLIS_BUSY_POLL_US;
   if (chosen !== undefined && chosen !== '') {
     const value = Number(chosen);
-    if (Number.isFinite(value) && value >= 0) return Math.min(value, 10_000);
+    if (Number.isFinite(value) && value >= 0) return Math.min(value, MAX_CAP_US);
   }
-  return availableParallelism() >= MIN_CORES ? DEFAULT_BUDGET_US : 0;
+  return availableParallelism() >= MIN_CORES ? DEFAULT_CAP_US : 0;
 }
 
 let armed = false;
 
-/** Reads the budget once per process; a budget of 0 leaves arm() a no-op. */
+/** Reads the cap once per process; a cap of 0 leaves arm() a no-op. */
 export function configureBusyPoll(): void {
-  const budget = busyPollBudget();
-  native.busyPoll.configure(budget);
-  armed = budget > 0;
+  const cap = busyPollCap();
+  native.busyPoll.configure(cap);
+  armed = cap > 0;
 }
 
-/** A message that expects an answer just left: spin for it before the loop next sleeps. */
-export function expectReply(): void {
-  if (armed) native.busyPoll.arm();
-}
+/**
+ * What a connection tells busy-polling: a message left (an answer is expected: spin for it before
+ * the loop next sleeps) and data arrived (the answer: how long it took sets later spins).
+ */
+export const busyPollTraffic = {
+  sent(): void {
+    if (armed) native.busyPoll.arm();
+  },
+  received(): void {
+    if (armed) native.busyPoll.answered();
+  },
+};
 
 export function busyPollStats(): ReturnType<typeof native.busyPoll.stats> {
   return native.busyPoll.stats();

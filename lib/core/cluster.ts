@@ -40,7 +40,7 @@ import { ResourcePool, describeResources, toFixed, type Resources } from './reso
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
 import { decodeStored, encodeArguments, encodeValue, pack, putStored, unpack } from './serialization.js';
 import { Deque } from './deque.js';
-import { configureBusyPoll, expectReply } from './busy-poll.js';
+import { busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 import { MultiProcessService } from '../gpu/mps.js';
 import { closeIdleMappingsOf } from '../gpu/cuda.js';
 
@@ -283,7 +283,7 @@ export class Cluster implements Runtime {
         for (const round of this.#closeRounds.values()) round.answer(worker, []);
         this.#onWorkerGone(worker);
       },
-      expectReply,
+      busyPollTraffic,
     );
   }
 

@@ -366,6 +366,12 @@ export function encodeFrame(message: AnyMessage): Buffer {
   return writer.take();
 }
 
+/** Told when a connection wrote (an answer is now expected) and when data arrived. */
+export interface TrafficObserver {
+  sent(): void;
+  received(): void;
+}
+
 export class FrameConnection<Incoming extends AnyMessage, Outgoing extends AnyMessage> {
   readonly #socket: Socket;
   #pending: Buffer[] = [];
@@ -374,14 +380,15 @@ export class FrameConnection<Incoming extends AnyMessage, Outgoing extends AnyMe
   #flushScheduled = false;
   #closed = false;
   readonly #flushNow = () => this.#flush();
-  readonly #afterWrite: (() => void) | undefined;
+  readonly #traffic: TrafficObserver | undefined;
 
-  /** `afterWrite` runs after each write (the busy-poll arm: an answer is expected). */
-  constructor(socket: Socket, onMessage: (message: Incoming) => void, onClose: () => void, afterWrite?: () => void) {
+  /** `traffic` hears of each write and each arrival (busy-polling: see busy-poll.ts). */
+  constructor(socket: Socket, onMessage: (message: Incoming) => void, onClose: () => void, traffic?: TrafficObserver) {
     this.#socket = socket;
-    this.#afterWrite = afterWrite;
+    this.#traffic = traffic;
     socket.setNoDelay?.(true);
     socket.on('data', (chunk: Buffer) => {
+      this.#traffic?.received();
       this.#pending.push(chunk);
       this.#pendingBytes += chunk.length;
       this.#drain(onMessage);
@@ -419,7 +426,7 @@ export class FrameConnection<Incoming extends AnyMessage, Outgoing extends AnyMe
     const data = this.#writer.take();
     if (this.#closed) return;
     this.#socket.write(data);
-    this.#afterWrite?.();
+    this.#traffic?.sent();
   }
 
   close(): void {

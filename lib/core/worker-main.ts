@@ -24,7 +24,7 @@ import { ArgumentSlot, decodeStored, encodeArguments, encodeValue, pack, putStor
 import { SYSTEM_PREFIX, systemMethod } from './system-methods.js';
 import { Deque } from './deque.js';
 import { DriverRequests } from './requests.js';
-import { configureBusyPoll, expectReply } from './busy-poll.js';
+import { busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 // Registers the collective-group system methods in every worker.
 import '../gpu/collective.js';
 import { holdResult, mapHeld, receiveHeld } from '../gpu/transport.js';
@@ -577,7 +577,7 @@ const connection = new FrameConnection<DriverMessage, WorkerMessage>(
     runtime.onOwnerDied();
     setImmediate(() => process.exit(0));
   },
-  expectReply,
+  busyPollTraffic,
 );
 configureBusyPoll();
 const runtime = new WorkerRuntime(connection);
