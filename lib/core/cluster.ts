@@ -44,8 +44,14 @@ import { busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 import { MultiProcessService } from '../gpu/mps.js';
 import { closeIdleMappingsOf } from '../gpu/cuda.js';
 
-/** How long a close-ipc round waits for a worker's answer (see closeIpcMappings). */
-const CLOSE_IPC_TIMEOUT_MS = 10_000;
+/**
+ * How long a close-ipc round waits for a worker's answer (see closeIpcMappings);
+ * TRELLIS_CLOSE_IPC_TIMEOUT_MS sets another.
+ */
+function closeIpcTimeoutMs(): number {
+  const chosen = Number(process.env.TRELLIS_CLOSE_IPC_TIMEOUT_MS);
+  return Number.isFinite(chosen) && chosen > 0 ? chosen : 10_000;
+}
 
 /** Actor calls hold no resources of their own (the actor holds them) and retry per actor. */
 const ACTOR_CALL_OPTIONS: TaskOptions = Object.freeze({ numCpus: 0, maxRetries: 0 });
@@ -1658,7 +1664,7 @@ export class Cluster implements Runtime {
    * Runtime.closeIpcMappings: the driver's own idle mappings, then one round through every other
    * connected worker (`asker` excepted: a process cannot map what it exported). A worker that
    * goes away meanwhile counts as an answer: its mappings went with it. One that does not answer
-   * within CLOSE_IPC_TIMEOUT_MS (busy in a long synchronous call) may still map every handle.
+   * within closeIpcTimeoutMs() (busy in a long synchronous call) may still map every handle.
    */
   closeIpcMappings(handles: Uint8Array[], asker?: WorkerProcess): Promise<Uint8Array[]> {
     const inUse = new Map<string, Uint8Array>();
@@ -1679,7 +1685,7 @@ export class Cluster implements Runtime {
       const timer = setTimeout(() => {
         note(handles);
         settle();
-      }, CLOSE_IPC_TIMEOUT_MS);
+      }, closeIpcTimeoutMs());
       this.#closeRounds.set(requestId, {
         waiting,
         answer: (worker, list) => {

@@ -4,10 +4,11 @@
  * real driver where there is one, else on the fake driver (host memory behind the CUDA ABI), so the
  * routing and the bookkeeping are checked in CI and the real mappings on a GPU host.
  */
-import { rmSync } from 'node:fs';
-import { dirname } from 'node:path';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createCollectiveGroup, events, get, init, shutdown, Tensor, type ActorHandle } from '../../lib/index.js';
+import { createCollectiveGroup, events, get, init, kill, shutdown, Tensor, type ActorHandle } from '../../lib/index.js';
 import { buildFakeGpu, scenario } from './gpu-helpers.js';
 import { RemoteConsumer, RemoteProducer, type Consumer, type Producer } from './fixtures/cuda-actors.js';
 
@@ -32,7 +33,10 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
   const routes: Array<{ objectId: string; route: string }> = [];
   let producer: ActorHandle<Producer>;
   let consumer: ActorHandle<Consumer>;
+  // A close-ipc round gives up on a silent worker after this (10 s by default).
+  const closeTimeoutMs = 1500;
   beforeAll(async () => {
+    process.env.TRELLIS_CLOSE_IPC_TIMEOUT_MS = String(closeTimeoutMs);
     await init({ numCpus: 2, numGpus: 1 });
     events().on('tensor-transport', (event) => routes.push(event));
     producer = RemoteProducer.options({ numGpus: 0.5 }).remote();
@@ -40,6 +44,7 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
   });
   afterAll(async () => {
     await shutdown();
+    delete process.env.TRELLIS_CLOSE_IPC_TIMEOUT_MS;
     if (fake.path) rmSync(dirname(fake.path), { recursive: true, force: true });
   });
   const routeOf = (id: string) => routes.filter((event) => event.objectId === id).map((event) => event.route);
@@ -86,6 +91,33 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
     expect(await get(producer.reclaim.remote())).toEqual({ freedBytes: 0 });
     using again = producer.make.remote(size, 6);
     expect(await get(consumer.inspect.remote(again))).toEqual([{ device: 'cuda:0', imported: true, numel: size, sum: 6 * size }]);
+  });
+
+  it('gives up on a worker busy in a long call, counting it as mapping every handle, and reclaims once it answers', async () => {
+    const size = 13 * MiB + 3; // a size class no other test uses
+    {
+      using made = producer.make.remote(size, 2);
+      expect(await get(consumer.inspect.remote(made))).toEqual([{ device: 'cuda:0', imported: true, numel: size, sum: 2 * size }]);
+    }
+    expect(await until(() => get(producer.cachedBytes.remote()), (bytes) => bytes >= 14 * MiB)).toBeGreaterThanOrEqual(14 * MiB);
+    const files = mkdtempSync(join(tmpdir(), 'trellis-busy-'));
+    const busy = RemoteConsumer.remote();
+    try {
+      const blocked = busy.blockUntil.remote(join(files, 'gate'), join(files, 'started'));
+      await until(async () => existsSync(join(files, 'started')), (started) => started);
+      const started = performance.now();
+      // The busy worker cannot say what it maps: every handle counts as mapped, nothing is freed,
+      // and the round ends at its timeout instead of waiting for the call.
+      expect(await get(producer.reclaim.remote())).toEqual({ freedBytes: 0 });
+      expect(performance.now() - started).toBeGreaterThanOrEqual(closeTimeoutMs - 50);
+      writeFileSync(join(files, 'gate'), '');
+      expect(await get(blocked)).toBe(true);
+      expect((await get(producer.reclaim.remote())).freedBytes).toBeGreaterThanOrEqual(14 * MiB);
+    } finally {
+      writeFileSync(join(files, 'gate'), '');
+      kill(busy);
+      rmSync(files, { recursive: true, force: true });
+    }
   });
 
   it("maps an 'ipc' result in the reader by CUDA IPC, content checked, and frees it with the last ref", async () => {
