@@ -29,7 +29,8 @@ export interface TaskOptions {
  * shared memory; 'ipc' leaves CUDA tensors in the producer's GPU memory for readers on the node to
  * map; 'nccl' sends them over the communicator of a collective group both actors are in (the CPU
  * communicator for CPU tensors); 'auto' picks NCCL within a group, IPC for CUDA tensors on one node,
- * else the store.
+ * else the store. Tensors may sit anywhere in the result (plain objects, arrays, Maps, Sets): the
+ * rest of it travels inline, up to 100 KiB (a larger rest sends the whole result through the store).
  */
 export type TensorTransport = 'auto' | 'ipc' | 'nccl' | 'store';
 

@@ -12,10 +12,15 @@ import { Packr } from 'msgpackr';
 // richer codec): a plain codec keeps the per-message cost low.
 const envelopes = new Packr({ useRecords: false });
 
-/** dtype, shape and device of each tensor a held result holds; `array` when it was a Tensor[]. */
+/**
+ * dtype, shape and device of each tensor a held result holds; `array` when it was a Tensor[];
+ * `skeleton` when the tensors sat inside another value: that value, packed, with TensorSlots in
+ * their places.
+ */
 export interface HeldMeta {
   tensors: Array<[dtype: string, shape: number[], device: string]>;
   array: boolean;
+  skeleton?: Uint8Array;
   /** CUDA IPC handles of the tensors, exported when the result was made. */
   ipc?: unknown[];
 }

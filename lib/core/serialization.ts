@@ -143,6 +143,25 @@ addExtension({
   },
 });
 
+/**
+ * A tensor's place in a held result's skeleton: the value with its tensors taken out, which travels
+ * inline while the tensors stay with the actor that made them (lib/gpu/transport.ts).
+ */
+export class TensorSlot {
+  constructor(readonly index: number) {}
+}
+
+addExtension({
+  Class: TensorSlot,
+  type: 0x59,
+  write(slot: TensorSlot) {
+    return slot.index;
+  },
+  read(index: number) {
+    return new TensorSlot(index);
+  },
+});
+
 const packr = new Packr({ useRecords: false, moreTypes: true, structuredClone: true });
 // Scalars encode the same without the rich codec's structured-clone bookkeeping (a Map per pack).
 const scalars = new Packr({ useRecords: false });
@@ -198,7 +217,7 @@ function prepare(value: unknown, depth = 0): unknown {
     case 'symbol':
       throw new SerializationError('a symbol cannot be sent to another process');
     case 'object': {
-      if (value === null || value instanceof ObjectRef || value instanceof ArgumentSlot || ArrayBuffer.isView(value) || value instanceof ArrayBuffer || value instanceof Tensor) return value;
+      if (value === null || value instanceof ObjectRef || value instanceof ArgumentSlot || value instanceof TensorSlot || ArrayBuffer.isView(value) || value instanceof ArrayBuffer || value instanceof Tensor) return value;
       if (handleCodec?.isHandle(value)) return Object.setPrototypeOf({ handle: value }, ActorHandleMarker.prototype);
       if (value instanceof Date || value instanceof RegExp || value instanceof Error) return value;
       if (value instanceof Promise) throw new SerializationError('a Promise cannot be sent to another process; await it first');

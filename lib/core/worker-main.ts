@@ -494,8 +494,8 @@ function finishTask(task: TaskMessage, system: unknown, started: number, failed:
       runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(outcome) });
     } else {
       const result = outcome;
-      const meta = task.tensorTransport && task.tensorTransport !== 'store' && !system ? holdResult(task.returnId, result, task.tensorTransport) : undefined;
-      if (meta) runtime.send({ t: 'done', taskId: task.taskId, value: { inline: pack(null) }, held: { transport: task.tensorTransport!, meta } });
+      const kept = task.tensorTransport && task.tensorTransport !== 'store' && !system ? holdResult(task.returnId, result, task.tensorTransport) : undefined;
+      if (kept) runtime.send({ t: 'done', taskId: task.taskId, value: { inline: pack(null) }, nested: kept.nested.length > 0 ? kept.nested : undefined, held: { transport: task.tensorTransport!, meta: kept.meta } });
       else sendResult(task.taskId, task.returnId, result);
     }
   } catch (failure) {

@@ -150,6 +150,19 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
     expect(routeOf(large.id)).toEqual(['ipc']);
   });
 
+  it('maps CUDA tensors nested in a result by IPC, and rebuilds the value around them', async () => {
+    using named = producer.makeNamed.remote(MiB);
+    expect(await get(consumer.inspectNamed.remote(named))).toEqual({
+      hidden: [{ device: 'cuda:0', imported: true, numel: MiB, sum: 3 * MiB }],
+      ids: [{ device: 'cuda:0', imported: true, numel: 3, sum: 6 }],
+      step: 7,
+    });
+    expect(routeOf(named.id)).toEqual(['ipc']);
+    // The driver's get() copies the tensors to host, in the same value.
+    const local = (await get(named)) as { hidden: Tensor; extra: { ids: Tensor[]; step: number } };
+    expect([local.hidden.device, local.hidden.numel, local.extra.ids[0].toArray(), local.extra.step]).toEqual(['cpu', MiB, [1, 2, 3], 7]);
+  });
+
   it.skipIf(!twoRanks)(`sends 'nccl' results to a member of the producer's NCCL group over the communicator${twoRanks ? '' : ' (skipped: needs two GPUs)'}`, async () => {
     const group = await createCollectiveGroup([producer, consumer], { backend: 'nccl', name: 'cuda-pair' });
     try {

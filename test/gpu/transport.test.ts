@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createCollectiveGroup, events, get, init, shutdown, state, Tensor } from '../../lib/index.js';
+import { createCollectiveGroup, events, get, init, ObjectRef, put, shutdown, state, Tensor } from '../../lib/index.js';
 import { RemoteStage } from './fixtures/collective.js';
 
 describe('tensor transport with CPU tensors', () => {
@@ -48,6 +48,27 @@ describe('tensor transport with CPU tensors', () => {
     }
     const before = state().nodes[0].store.objectCount;
     expect(before).toBeGreaterThanOrEqual(0);
+    await group.destroy();
+  });
+
+  it('holds tensors nested in a result (objects, arrays, Maps) and rebuilds the value around them', async () => {
+    const [producer, member, outsider] = [RemoteStage.remote(), RemoteStage.remote(), RemoteStage.remote()];
+    const group = await createCollectiveGroup([producer, member], { backend: 'cpu', name: 'named' });
+    const expected = { hidden: ['f32', 1000, 2000], ids: [['i32', 6]], step: 7, label: 'batch-1', mask: ['u8', 2], refIsRef: true };
+    {
+      using nestedRef = put('kept alive by the result');
+      using value = producer.produceNamed.remote(1000, [nestedRef]);
+      // Over the communicator to a member, through the store to anyone else, and to the driver.
+      expect(await get(member.describeNamed.remote(value))).toEqual(expected);
+      expect(await get(outsider.describeNamed.remote(value))).toEqual(expected);
+      expect(routes.filter((event) => event.objectId === value.id).map((event) => event.route)).toEqual(['communicator', 'store']);
+      const local = (await get(value)) as { hidden: Tensor; extra: { step: number }; ref: unknown[] };
+      expect(local.hidden.numel).toBe(1000);
+      expect(local.extra.step).toBe(7);
+      // The ref nested in the result is held with it: its object outlives the handle passed in.
+      nestedRef[Symbol.dispose]();
+      expect(await get(local.ref[0] as ObjectRef<string>)).toBe('kept alive by the result');
+    }
     await group.destroy();
   });
 
