@@ -76,16 +76,12 @@ export class ArgumentSlot {
   constructor(readonly id: string) {}
 }
 
-addExtension({
-  Class: ArgumentSlot,
-  type: 0x58,
-  write(slot: ArgumentSlot) {
-    return slot.id;
-  },
-  read(id: string) {
-    return new ArgumentSlot(id);
-  },
-});
+/** A marker class of one field travels as that field, and is made again from it when read. */
+function addMarkerExtension<Marker, Field>(Class: new (field: Field) => Marker, type: number, field: (marker: Marker) => Field): void {
+  addExtension({ Class, type, write: field, read: (value: Field) => new Class(value) });
+}
+
+addMarkerExtension(ArgumentSlot, 0x58, (slot) => slot.id);
 
 addExtension({
   Class: ObjectRef,
@@ -151,16 +147,7 @@ export class TensorSlot {
   constructor(readonly index: number) {}
 }
 
-addExtension({
-  Class: TensorSlot,
-  type: 0x59,
-  write(slot: TensorSlot) {
-    return slot.index;
-  },
-  read(index: number) {
-    return new TensorSlot(index);
-  },
-});
+addMarkerExtension(TensorSlot, 0x59, (slot) => slot.index);
 
 const packr = new Packr({ useRecords: false, moreTypes: true, structuredClone: true });
 // Scalars encode the same without the rich codec's structured-clone bookkeeping (a Map per pack).
