@@ -1592,6 +1592,7 @@ export class Cluster implements Runtime {
     if (maxRestarts === -1 || actor.restarts < maxRestarts) {
       actor.restarts++;
       actor.state = 'restarting';
+      this.#loseHeld(actor, `actor ${actor.name} died and restarts without it`);
       // Its state is gone: compiled graphs running on it must stop.
       this.events.emit('actor-died', { actorId: actor.id, cause: `actor ${actor.name} died and restarts`, restarting: true });
       // Calls that were running: retried first (in order) while maxTaskRetries allows.
@@ -1617,6 +1618,7 @@ export class Cluster implements Runtime {
   #actorDied(actor: ActorRecord, cause: string, error?: Error): void {
     actor.state = 'dead';
     actor.deathCause = cause;
+    this.#loseHeld(actor, cause);
     this.events.emit('actor-died', { actorId: actor.id, cause, restarting: false });
     const died = new ActorDiedError(actor.id, cause);
     if (error) Object.defineProperty(died, 'cause', { value: error });
@@ -1628,6 +1630,20 @@ export class Cluster implements Runtime {
     const held = actor.held;
     actor.held = [];
     for (const id of held) this.#dropHold(id);
+  }
+
+  /**
+   * Results the actor's process held (tensor transport) went with it: reading them fails with
+   * ObjectLostError rather than mapping a dead process's memory or asking a new process for them.
+   */
+  #loseHeld(actor: ActorRecord, cause: string): void {
+    for (const record of this.#objects.values()) {
+      if (record.held?.actorId !== actor.id) continue;
+      record.held = undefined;
+      record.ipcHandles = undefined;
+      record.state = 'failed';
+      record.error = new ObjectLostError(record.id, `object ${record.id} was held by actor ${actor.name} (tensor transport) and is lost: ${cause}`);
+    }
   }
 
   kill(actorId: string, noRestart: boolean): void {

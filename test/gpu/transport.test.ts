@@ -1,6 +1,10 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createCollectiveGroup, events, get, init, ObjectRef, put, shutdown, state, Tensor } from '../../lib/index.js';
+import { createCollectiveGroup, events, get, init, kill, ObjectLostError, ObjectRef, put, shutdown, state, Tensor, wait } from '../../lib/index.js';
 import { RemoteStage } from './fixtures/collective.js';
+
+async function until(check: () => Promise<boolean>): Promise<void> {
+  for (let i = 0; i < 500 && !(await check()); i++) await new Promise((resolve) => setTimeout(resolve, 10));
+}
 
 describe('tensor transport with CPU tensors', () => {
   const routes: Array<{ objectId: string; route: string }> = [];
@@ -70,6 +74,28 @@ describe('tensor transport with CPU tensors', () => {
       expect(await get(local.ref[0] as ObjectRef<string>)).toBe('kept alive by the result');
     }
     await group.destroy();
+  });
+
+  it('fails reads of a held result with ObjectLostError once the actor holding it is gone', async () => {
+    const failure = (promise: Promise<unknown>) => promise.then(() => undefined, (error: Error) => error);
+    for (const restarts of [false, true]) {
+      const producer = RemoteStage.options({ maxRestarts: restarts ? 1 : 0 }).remote();
+      const consumer = RemoteStage.remote();
+      await createCollectiveGroup([producer, consumer], { backend: 'cpu', name: `lost-${restarts}` });
+      const tensor = producer.produce.remote(100, 1);
+      await wait([tensor]);
+      // Killed for good, or its process killed and restarted: either way its memory is gone.
+      kill(producer, { noRestart: !restarts });
+      const cause = restarts ? /held by actor Stage \(tensor transport\) and is lost: actor Stage died and restarts/ : /held by actor Stage \(tensor transport\) and is lost: actor Stage was killed/;
+      await until(async () => (await failure(get(tensor))) instanceof ObjectLostError);
+      const read = await failure(get(consumer.consume.remote(tensor)));
+      expect(read).toBeInstanceOf(ObjectLostError);
+      expect((read as Error).message).toMatch(cause);
+      expect(await failure(get(tensor))).toBeInstanceOf(ObjectLostError);
+      if (restarts) expect(await get(producer.produce.options({ tensorTransport: 'store' }).remote(3, 2))).toBeInstanceOf(Tensor);
+      kill(producer);
+      kill(consumer);
+    }
   });
 
   it('ships an explicit per-call transport choice', async () => {
