@@ -1240,7 +1240,7 @@ export class Cluster implements Runtime {
     const waits: Promise<unknown>[] = [];
     for (const id of task.argRefs) {
       const record = this.#objects.get(id);
-      if (!record?.held || this.#communicatorRoute(record, task.actorId)) continue;
+      if (!record?.held || record.held.actorId === task.actorId || this.#communicatorRoute(record, task.actorId)) continue;
       const producerNode = this.#actors.get(record.held.actorId)?.node;
       if (producerNode && this.#ipcRoute(record, producerNode)) {
         if (!record.ipcHandles) waits.push(this.#exportIpc(record));
@@ -1264,6 +1264,11 @@ export class Cluster implements Runtime {
   }
 
   #heldWire(record: ObjectRecord, node: Node, consumer: string | undefined): WireValue {
+    // The actor that holds them reads its own tensors where they are.
+    if (consumer === record.held!.actorId) {
+      this.events.emit('tensor-transport', { objectId: record.id, route: 'local' });
+      return { local: record.id };
+    }
     const route = this.#communicatorRoute(record, consumer);
     if (route) {
       const send = this.submitActorTask(record.held!.actorId, '__trellis_send_held', [record.id, route.group, route.destination]);

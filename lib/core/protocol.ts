@@ -27,14 +27,15 @@ export interface HeldMeta {
 
 /**
  * A value as a message carries it: inline msgpack bytes, "in the store of node N under id", or,
- * for tensors still held by the actor that made them, "receive them from rank R of group G" or
- * "map them from these CUDA IPC handles".
+ * for tensors still held by the actor that made them, "receive them from rank R of group G",
+ * "map them from these CUDA IPC handles", or, for that actor itself, "you hold object X".
  */
 export type WireValue =
   | { inline: Uint8Array }
   | { node: string; id: string }
   | { recv: { group: string; source: number; meta: HeldMeta } }
-  | { ipc: { handles: unknown[]; meta: HeldMeta } };
+  | { ipc: { handles: unknown[]; meta: HeldMeta } }
+  | { local: string };
 
 export interface FunctionDescriptor {
   module: string;

@@ -27,7 +27,7 @@ import { DriverRequests } from './requests.js';
 import { busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 // Registers the collective-group system methods in every worker.
 import '../gpu/collective.js';
-import { holdResult, mapHeld, receiveHeld } from '../gpu/transport.js';
+import { holdResult, mapHeld, ownHeld, receiveHeld } from '../gpu/transport.js';
 import { closeIdleMappingsOf } from '../gpu/cuda.js';
 // Registers the compiled-graph exec loop's system methods.
 import '../dag/exec-loop.js';
@@ -357,6 +357,7 @@ function readWire(value: WireValue, id: string): unknown {
   if ('inline' in value) return unpack(value.inline);
   if ('ipc' in value) return mapHeld(value.ipc, () => runtime.hold(id));
   if ('recv' in value) return receiveHeld(value);
+  if ('local' in value) return ownHeld(value.local);
   // A buffer of its own: user code may keep any array or column made from the value, and the
   // object must stay pinned for as long as it does.
   const view = store.getIfSealed(value.id, { ownBuffer: true });

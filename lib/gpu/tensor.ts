@@ -170,6 +170,14 @@ export class Tensor {
     return this.to('cpu');
   }
 
+  /** A copy in memory of its own on the same device (for a CUDA tensor, a device-to-device copy). */
+  clone(): Tensor {
+    if (this.device === 'cpu') return Tensor.wrap(this.data.slice(), this.dtype, this.shape);
+    const copy = Tensor.empty(this.shape, { dtype: this.dtype, device: this.device });
+    copy.memory.copyFromDevice(this.memory, this.byteLength);
+    return copy;
+  }
+
   /** A tensor with the same data and a new shape of the same element count (CPU: no copy). */
   reshape(shape: readonly number[]): Tensor {
     if (checkShape(shape) !== this.numel) {

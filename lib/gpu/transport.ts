@@ -47,16 +47,24 @@ export function holdResult(returnId: string, value: unknown, transport: string):
   }
   const onGpu = tensors.every((tensor) => tensor.device !== 'cpu');
   let ipc: Uint8Array[] | undefined;
+  let copied = false;
   if (onGpu && (transport === 'ipc' || transport === 'auto')) {
+    // A tensor this actor received by IPC (passed on as it came) maps another process's memory,
+    // which CUDA will not export again: readers get a copy of it, made on the GPU.
+    if (tensors.some((tensor) => tensor.memory.imported)) {
+      tensors = tensors.map((tensor) => (tensor.memory.imported ? tensor.clone() : tensor));
+      copied = true;
+    }
     try {
       ipc = tensors.map((tensor) => exportPackedIpc(tensor.memory));
     } catch {
       ipc = undefined; // exported on demand instead, where the failure reaches the reader
     }
   }
-  held.set(returnId, { value, tensors });
   const meta: HeldMeta = { tensors: tensors.map((tensor) => [tensor.dtype, [...tensor.shape], tensor.device]), array: Array.isArray(value) && !skeleton };
   if (skeleton) meta.skeleton = skeleton;
+  // Kept as readers in this process and the store path see it: around the copies, if any.
+  held.set(returnId, { value: copied ? assemble(meta, tensors) : value, tensors });
   if (ipc) meta.ipc = ipc;
   return { meta, nested };
 }
@@ -128,6 +136,11 @@ export function mapHeld(wire: { handles: unknown[]; meta: HeldMeta }, hold?: () 
     return Tensor.onDevice(memory, dtype as DType, shape);
   });
   return assemble(wire.meta, tensors);
+}
+
+/** A result this actor holds, read by the actor itself: the value as the method returned it. */
+export function ownHeld(id: string): unknown {
+  return take(id).value;
 }
 
 /** Receives held tensors into this process over the group's communicator. */

@@ -163,6 +163,21 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
     expect([local.hidden.device, local.hidden.numel, local.extra.ids[0].toArray(), local.extra.step]).toEqual(['cpu', MiB, [1, 2, 3], 7]);
   });
 
+  it('hands an actor its own held result as it is, without IPC', async () => {
+    using made = producer.make.remote(MiB, 4);
+    expect(await get(producer.inspectOwn.remote(made))).toEqual({ device: 'cuda:0', imported: false, numel: MiB, sum: 4 * MiB });
+    expect(routeOf(made.id)).toEqual(['local']);
+  });
+
+  it('passes on a tensor received by IPC as a copy of its own on the GPU, which readers map', async () => {
+    using made = producer.make.remote(MiB, 6);
+    using passed = consumer.passOn.remote(made);
+    // The producer maps the consumer's copy: the content of its own tensor, in another block.
+    expect(await get(producer.inspectOwn.remote(passed))).toEqual({ device: 'cuda:0', imported: true, numel: MiB, sum: 6 * MiB });
+    expect(routeOf(made.id)).toEqual(['ipc']);
+    expect(routeOf(passed.id)).toEqual(['ipc']);
+  });
+
   it.skipIf(!twoRanks)(`sends 'nccl' results to a member of the producer's NCCL group over the communicator${twoRanks ? '' : ' (skipped: needs two GPUs)'}`, async () => {
     const group = await createCollectiveGroup([producer, consumer], { backend: 'nccl', name: 'cuda-pair' });
     try {

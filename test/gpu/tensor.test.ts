@@ -38,6 +38,14 @@ describe('Tensor', () => {
     expect(() => tensor.reshape([3])).toThrow(InvalidArgumentError);
   });
 
+  it('clones into memory of its own', () => {
+    const original = Tensor.fromArray([1, 2, 3, 4], { dtype: 'i32', shape: [2, 2] });
+    const copy = original.clone();
+    expect([copy.dtype, copy.shape, copy.device, copy.toArray()]).toEqual(['i32', [2, 2], 'cpu', [1, 2, 3, 4]]);
+    (copy.data as Int32Array)[0] = 9;
+    expect(original.toArray()).toEqual([1, 2, 3, 4]);
+  });
+
   it('rejects bad dtypes, shapes and devices with typed errors', () => {
     expect(() => Tensor.fromArray([1], { dtype: 'f64' as 'f32' })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_DTYPE' }));
     expect(() => Tensor.fromArray([1, 2, 3], { shape: [2, 2] })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_SHAPE' }));

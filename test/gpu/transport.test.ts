@@ -98,6 +98,13 @@ describe('tensor transport with CPU tensors', () => {
     }
   });
 
+  it('hands an actor its own held result as it is, outside any group', async () => {
+    const producer = RemoteStage.remote();
+    using tensor = producer.produce.remote(1000, 3);
+    expect(await get(producer.consume.remote(tensor))).toEqual([{ dtype: 'f32', numel: 1000, sum: 3000 }]);
+    expect(routes.filter((event) => event.objectId === tensor.id).map((event) => event.route)).toEqual(['local']);
+  });
+
   it('ships an explicit per-call transport choice', async () => {
     const [producer, consumer] = [RemoteStage.remote(), RemoteStage.remote()];
     const tensor = producer.produce.options({ tensorTransport: 'store' }).remote(1000, 3);
