@@ -438,7 +438,7 @@ export class Cluster implements Runtime {
           if (lease) lease.pool.release(lease.request);
           this.#schedule();
           try {
-            const values = await this.#locateAll(body.ids, body.timeout, worker.node);
+            const values = await this.#locateAll(body.ids, body.timeout, worker.node, this.#actorOn(worker));
             reply(values);
           } finally {
             if (lease && this.#leaseByWorker.get(worker) === lease) lease.pool.acquire(lease.request);
@@ -559,12 +559,25 @@ export class Cluster implements Runtime {
   }
 
   /** Where each object can be read from `node`: inline bytes, or a copy in that node's store. */
-  async #locateAll(ids: string[], timeout: number, node: Node): Promise<Array<WireValue | { error: RemoteErrorInfo & { kind: string } }>> {
-    const records = await this.#settledResident(ids, timeout);
+  /**
+   * What a worker's get() reads. Held tensors stay out of the store where the reader can take them
+   * directly: the actor holding them reads its own, a reader on the producer's node maps them by
+   * CUDA IPC. (Not over a communicator: a get inside a call would break the pairing of sends and
+   * receives in call order.)
+   */
+  async #locateAll(ids: string[], timeout: number, node: Node, reader?: string): Promise<Array<WireValue | { error: RemoteErrorInfo & { kind: string } }>> {
+    const direct = (record: ObjectRecord) => record.held !== undefined && (record.held.actorId === reader || (record.ipcHandles !== undefined && this.#ipcRoute(record, node)));
+    const records = await this.#settledResident(ids, timeout, direct);
     return records.map((record) => {
       if (record.state === 'failed') return { error: serializeError(record.error!) };
-      return this.#valueOn(record, node);
+      return (record.held && this.#directWire(record, node, reader)) || this.#valueOn(record, node);
     });
+  }
+
+  /** The actor whose process `worker` is, if any. */
+  #actorOn(worker: WorkerProcess): string | undefined {
+    for (const actor of this.#actors.values()) if (actor.worker === worker) return actor.id;
+    return undefined;
   }
 
   #valueOn(record: ObjectRecord, node: Node): WireValue {
@@ -656,11 +669,12 @@ export class Cluster implements Runtime {
   }
 
   /** Waits for the objects, recomputing any whose stored value vanished (a few rounds at most). */
-  async #settledResident(ids: string[], timeout: number): Promise<ObjectRecord[]> {
+  async #settledResident(ids: string[], timeout: number, readsHeld?: (record: ObjectRecord) => boolean): Promise<ObjectRecord[]> {
     for (let round = 0; ; round++) {
       const records = await Promise.all(ids.map((id) => this.#whenSettled(id, timeout)));
-      // Tensors an actor still holds come into the store for readers outside its group.
-      const held = records.filter((record) => record.held);
+      // Tensors an actor still holds come into the store for readers outside its group, unless
+      // the reader takes them where they are (`readsHeld`).
+      const held = records.filter((record) => record.held && !readsHeld?.(record));
       if (held.length > 0) await Promise.all(held.map((record) => this.#materialize(record)));
       const lost = records.filter((record) => record.state === 'ready' && !this.#resident(record));
       if (lost.length === 0 || round >= 3) return records;
@@ -1265,10 +1279,7 @@ export class Cluster implements Runtime {
 
   #heldWire(record: ObjectRecord, node: Node, consumer: string | undefined): WireValue {
     // The actor that holds them reads its own tensors where they are.
-    if (consumer === record.held!.actorId) {
-      this.events.emit('tensor-transport', { objectId: record.id, route: 'local' });
-      return { local: record.id };
-    }
+    if (consumer === record.held!.actorId) return this.#directWire(record, node, consumer)!;
     const route = this.#communicatorRoute(record, consumer);
     if (route) {
       const send = this.submitActorTask(record.held!.actorId, '__trellis_send_held', [record.id, route.group, route.destination]);
@@ -1279,13 +1290,24 @@ export class Cluster implements Runtime {
       this.events.emit('tensor-transport', { objectId: record.id, route: 'communicator', group: route.group });
       return { recv: { group: route.group, source: route.source, meta: record.held!.meta } };
     }
+    const direct = this.#directWire(record, node, consumer);
+    if (direct) return direct;
+    // Neither route fits this reader: bring the tensors into the store first.
+    void this.#materialize(record).then(() => this.#schedule(), () => this.#schedule());
+    throw new ArgumentsRecovering();
+  }
+
+  /** Held tensors read without moving them first: by their holder itself, or mapped by IPC. */
+  #directWire(record: ObjectRecord, node: Node, reader: string | undefined): WireValue | undefined {
+    if (reader !== undefined && reader === record.held?.actorId) {
+      this.events.emit('tensor-transport', { objectId: record.id, route: 'local' });
+      return { local: record.id };
+    }
     if (record.ipcHandles && this.#ipcRoute(record, node)) {
       this.events.emit('tensor-transport', { objectId: record.id, route: 'ipc' });
       return { ipc: { handles: record.ipcHandles, meta: record.held!.meta } };
     }
-    // Neither route fits this reader: bring the tensors into the store first.
-    void this.#materialize(record).then(() => this.#schedule(), () => this.#schedule());
-    throw new ArgumentsRecovering();
+    return undefined;
   }
 
   async #exportIpc(record: ObjectRecord): Promise<void> {

@@ -169,6 +169,13 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
     expect(routeOf(made.id)).toEqual(['local']);
   });
 
+  it("maps a held result that an actor's get() fetches from a nested ref, and hands the holder its own", async () => {
+    using made = producer.make.remote(MiB, 2);
+    expect(await get(consumer.inspectNested.remote({ ref: made }))).toEqual([{ device: 'cuda:0', imported: true, numel: MiB, sum: 2 * MiB }]);
+    expect(await get(producer.inspectOwnNested.remote({ ref: made }))).toEqual({ device: 'cuda:0', imported: false, numel: MiB, sum: 2 * MiB });
+    expect(routeOf(made.id)).toEqual(['ipc', 'local']);
+  });
+
   it('passes on a tensor received by IPC as a copy of its own on the GPU, which readers map', async () => {
     using made = producer.make.remote(MiB, 6);
     using passed = consumer.passOn.remote(made);
