@@ -47,12 +47,7 @@ export function cudaTensorsOf(value: unknown): { tensors: Tensor[]; array: boole
  * process first, and the copy is what the writer holds.
  */
 export function exportTensors(found: { tensors: Tensor[]; array: boolean }): { payload: IpcPayload; held: Tensor[] } {
-  const held = found.tensors.map((tensor) => {
-    if (!tensor.memory.imported) return tensor;
-    const copy = Tensor.empty(tensor.shape, { dtype: tensor.dtype, device: tensor.device });
-    copy.memory.copyFromDevice(tensor.memory, tensor.byteLength);
-    return copy;
-  });
+  const held = found.tensors.map((tensor) => (tensor.memory.imported ? tensor.clone() : tensor));
   const tensors = held.map((tensor): IpcTensor => [tensor.dtype, [...tensor.shape], tensor.memory.exportIpc()]);
   return { payload: { tensors, array: found.array }, held };
 }
