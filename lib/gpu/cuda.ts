@@ -93,10 +93,18 @@ function runReleases(releases: Releases): void {
 
 class CudaDeviceMemory implements DeviceMemory {
   readonly #native: NativeDeviceMemory;
+  /** False for a shared view (see sharedView): free() leaves the memory to its owner. */
+  readonly #owns: boolean;
   #releases: Releases | undefined;
 
-  constructor(handle: NativeDeviceMemory) {
+  constructor(handle: NativeDeviceMemory, owns = true) {
     this.#native = handle;
+    this.#owns = owns;
+  }
+
+  /** @internal See sharedView. */
+  static shared(memory: DeviceMemory): DeviceMemory {
+    return new CudaDeviceMemory(CudaDeviceMemory.unwrap(memory), false);
   }
 
   /** @internal See whenReleased. */
@@ -166,9 +174,19 @@ class CudaDeviceMemory implements DeviceMemory {
   }
 
   free(): void {
-    this.#native.free();
+    if (this.#owns) this.#native.free();
     if (this.#releases) runReleases(this.#releases);
   }
+}
+
+/**
+ * The same memory for another user that does not own it: its free() leaves the memory alone, and
+ * once the owner frees it, using the view fails with ERR_CUDA_FREED. An actor reading a result it
+ * holds gets such views, so that freeing its input (as readers of mapped tensors do) cannot free
+ * what other readers will still map.
+ */
+export function sharedView(memory: DeviceMemory): DeviceMemory {
+  return CudaDeviceMemory.shared(memory);
 }
 
 /**

@@ -10,11 +10,11 @@ import { currentRuntime } from '../core/runtime-context.js';
 import type { HeldMeta } from '../core/protocol.js';
 import { INLINE_LIMIT, TensorSlot, pack, unpack } from '../core/serialization.js';
 import { getCommunicator } from './collective.js';
-import { exportPackedIpc, exportedFreeBlocks, freeExportedBlocks, importPackedIpc, whenReleased } from './cuda.js';
+import { exportPackedIpc, exportedFreeBlocks, freeExportedBlocks, importPackedIpc, sharedView, whenReleased } from './cuda.js';
 import type { DType } from './dtype.js';
 import { Tensor } from './tensor.js';
 
-const held = new Map<string, { value: unknown; tensors: Tensor[] }>();
+const held = new Map<string, { value: unknown; tensors: Tensor[]; meta: HeldMeta }>();
 
 /** What a held result tells the driver and its readers, and the refs nested in its skeleton. */
 export interface HeldResult {
@@ -64,7 +64,7 @@ export function holdResult(returnId: string, value: unknown, transport: string):
   const meta: HeldMeta = { tensors: tensors.map((tensor) => [tensor.dtype, [...tensor.shape], tensor.device]), array: Array.isArray(value) && !skeleton };
   if (skeleton) meta.skeleton = skeleton;
   // Kept as readers in this process and the store path see it: around the copies, if any.
-  held.set(returnId, { value: copied ? assemble(meta, tensors) : value, tensors });
+  held.set(returnId, { value: copied ? assemble(meta, tensors) : value, tensors, meta });
   if (ipc) meta.ipc = ipc;
   return { meta, nested };
 }
@@ -116,7 +116,7 @@ function assemble(meta: HeldMeta, tensors: Tensor[]): unknown {
   return meta.array ? tensors : tensors[0];
 }
 
-function take(id: string): { value: unknown; tensors: Tensor[] } {
+function take(id: string): { value: unknown; tensors: Tensor[]; meta: HeldMeta } {
   const entry = held.get(id);
   if (!entry) throw new TrellisError('ERR_OBJECT_LOST', `tensors of object ${id} are no longer held by this actor`);
   return entry;
@@ -138,9 +138,14 @@ export function mapHeld(wire: { handles: unknown[]; meta: HeldMeta }, hold?: () 
   return assemble(wire.meta, tensors);
 }
 
-/** A result this actor holds, read by the actor itself: the value as the method returned it. */
+/**
+ * A result this actor holds, read by the actor itself: its tensors where they are, as views that
+ * the reader may free (as it would a mapped tensor) without freeing what the result holds.
+ */
 export function ownHeld(id: string): unknown {
-  return take(id).value;
+  const entry = take(id);
+  const views = entry.tensors.map((tensor) => (tensor.device === 'cpu' ? tensor : Tensor.onDevice(sharedView(tensor.memory), tensor.dtype, tensor.shape)));
+  return assemble(entry.meta, views);
 }
 
 /** Receives held tensors into this process over the group's communicator. */

@@ -163,10 +163,17 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
     expect([local.hidden.device, local.hidden.numel, local.extra.ids[0].toArray(), local.extra.step]).toEqual(['cpu', MiB, [1, 2, 3], 7]);
   });
 
-  it('hands an actor its own held result as it is, without IPC', async () => {
+  it('hands an actor its own held result where it is, as a view its free() leaves to the result', async () => {
     using made = producer.make.remote(MiB, 4);
     expect(await get(producer.inspectOwn.remote(made))).toEqual({ device: 'cuda:0', imported: false, numel: MiB, sum: 4 * MiB });
-    expect(routeOf(made.id)).toEqual(['local']);
+    // Its free() did not give the block back: new tensors of that size get other blocks, and a
+    // reader still maps the result's content.
+    for (let i = 0; i < 2; i++) {
+      using other = producer.make.remote(MiB, 9);
+      await get(consumer.inspect.remote(other));
+    }
+    expect(await get(consumer.inspect.remote(made))).toEqual([{ device: 'cuda:0', imported: true, numel: MiB, sum: 4 * MiB }]);
+    expect(routeOf(made.id)).toEqual(['local', 'ipc']);
   });
 
   it("maps a held result that an actor's get() fetches from a nested ref, and hands the holder its own", async () => {
