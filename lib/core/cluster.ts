@@ -558,16 +558,14 @@ export class Cluster implements Runtime {
     });
   }
 
-  /** Where each object can be read from `node`: inline bytes, or a copy in that node's store. */
   /**
-   * What a worker's get() reads. Held tensors stay out of the store where the reader can take them
-   * directly: the actor holding them reads its own, a reader on the producer's node maps them by
-   * CUDA IPC. (Not over a communicator: a get inside a call would break the pairing of sends and
-   * receives in call order.)
+   * Where each object can be read from `node` by a worker's get() (of actor `reader`, if any):
+   * inline bytes, or a copy in that node's store. Held tensors stay out of the store where the
+   * reader can take them directly (see #directWire); not over a communicator, though: a get inside
+   * a call would break the pairing of sends and receives in call order.
    */
   async #locateAll(ids: string[], timeout: number, node: Node, reader?: string): Promise<Array<WireValue | { error: RemoteErrorInfo & { kind: string } }>> {
-    const direct = (record: ObjectRecord) => record.held !== undefined && (record.held.actorId === reader || (record.ipcHandles !== undefined && this.#ipcRoute(record, node)));
-    const records = await this.#settledResident(ids, timeout, direct);
+    const records = await this.#settledResident(ids, timeout, (record) => this.#readsDirectly(record, node, reader));
     return records.map((record) => {
       if (record.state === 'failed') return { error: serializeError(record.error!) };
       return (record.held && this.#directWire(record, node, reader)) || this.#valueOn(record, node);
@@ -1297,17 +1295,21 @@ export class Cluster implements Runtime {
     throw new ArgumentsRecovering();
   }
 
+  /** Whether `reader` on `node` takes `record`'s held tensors without moving them (#directWire). */
+  #readsDirectly(record: ObjectRecord, node: Node, reader: string | undefined): boolean {
+    if (!record.held) return false;
+    return (reader !== undefined && reader === record.held.actorId) || (record.ipcHandles !== undefined && this.#ipcRoute(record, node));
+  }
+
   /** Held tensors read without moving them first: by their holder itself, or mapped by IPC. */
   #directWire(record: ObjectRecord, node: Node, reader: string | undefined): WireValue | undefined {
-    if (reader !== undefined && reader === record.held?.actorId) {
+    if (!this.#readsDirectly(record, node, reader)) return undefined;
+    if (reader === record.held!.actorId) {
       this.events.emit('tensor-transport', { objectId: record.id, route: 'local' });
       return { local: record.id };
     }
-    if (record.ipcHandles && this.#ipcRoute(record, node)) {
-      this.events.emit('tensor-transport', { objectId: record.id, route: 'ipc' });
-      return { ipc: { handles: record.ipcHandles, meta: record.held!.meta } };
-    }
-    return undefined;
+    this.events.emit('tensor-transport', { objectId: record.id, route: 'ipc' });
+    return { ipc: { handles: record.ipcHandles!, meta: record.held!.meta } };
   }
 
   async #exportIpc(record: ObjectRecord): Promise<void> {
