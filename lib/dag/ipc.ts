@@ -1,7 +1,8 @@
 /**
  * CUDA tensors on compiled-graph edges by CUDA IPC ('ipc' edges, and 'auto' ones whose actors all
  * have CUDA): the channel carries a 64-byte IPC handle plus dtype, shape and offset per tensor, not
- * the data; the reader maps the writer's device memory.
+ * the data; the reader maps the writer's device memory. The tensors may sit anywhere in the value:
+ * the rest of it travels inline around them.
  *
  * Buffer lifetime. The writer holds each sent message's tensors (IpcLender) until every reader has
  * finished the execution that read it: until then their memory can neither be garbage-collected
@@ -23,22 +24,35 @@ import type { DeviceMemory, IpcHandle } from '../gpu/cuda-types.js';
 import { cuda } from '../gpu/cuda.js';
 import type { DType } from '../gpu/dtype.js';
 import { Tensor } from '../gpu/tensor.js';
+import { putTensors, takeTensors } from '../gpu/tensor-tree.js';
 
 /** One tensor as it travels: dtype, shape, and where its memory is. */
 export type IpcTensor = [dtype: DType, shape: number[], handle: IpcHandle];
 
-/** A message's value when it is CUDA tensors: a Tensor, or an array of them. */
+/**
+ * A message's value when it holds CUDA tensors: a Tensor, an array of them, or (`skeleton`) any
+ * other value with CUDA tensors inside, TensorSlots in their places (see lib/gpu/tensor-tree.ts).
+ */
 export interface IpcPayload {
   tensors: IpcTensor[];
   array: boolean;
+  skeleton?: unknown;
 }
 
-/** The CUDA tensors of `value` — a CUDA Tensor, or a non-empty array of only CUDA Tensors — else undefined. */
-export function cudaTensorsOf(value: unknown): { tensors: Tensor[]; array: boolean } | undefined {
+/** What of a value goes by IPC: its CUDA tensors, and the rest around them where there is a rest. */
+export interface CudaTensorsFound {
+  tensors: Tensor[];
+  array: boolean;
+  skeleton?: unknown;
+}
+
+/** The CUDA tensors of `value`, wherever they sit in it; undefined where it has none. */
+export function cudaTensorsOf(value: unknown): CudaTensorsFound | undefined {
   if (value instanceof Tensor) return value.isCuda ? { tensors: [value], array: false } : undefined;
-  if (!Array.isArray(value) || value.length === 0) return undefined;
-  for (const item of value) if (!(item instanceof Tensor) || !item.isCuda) return undefined;
-  return { tensors: value as Tensor[], array: true };
+  if (Array.isArray(value) && value.length > 0 && value.every((item) => item instanceof Tensor && item.isCuda)) return { tensors: value as Tensor[], array: true };
+  const tensors: Tensor[] = [];
+  const skeleton = takeTensors(value, tensors, (tensor) => tensor.isCuda);
+  return tensors.length > 0 ? { tensors, array: false, skeleton } : undefined;
 }
 
 /**
@@ -46,10 +60,12 @@ export function cudaTensorsOf(value: unknown): { tensors: Tensor[]; array: boole
  * (a method passing on what it received) cannot be exported again: it is copied to memory of this
  * process first, and the copy is what the writer holds.
  */
-export function exportTensors(found: { tensors: Tensor[]; array: boolean }): { payload: IpcPayload; held: Tensor[] } {
+export function exportTensors(found: CudaTensorsFound): { payload: IpcPayload; held: Tensor[] } {
   const held = found.tensors.map((tensor) => (tensor.memory.imported ? tensor.clone() : tensor));
   const tensors = held.map((tensor): IpcTensor => [tensor.dtype, [...tensor.shape], tensor.memory.exportIpc()]);
-  return { payload: { tensors, array: found.array }, held };
+  const payload: IpcPayload = { tensors, array: found.array };
+  if (found.skeleton !== undefined) payload.skeleton = found.skeleton;
+  return { payload, held };
 }
 
 /** Writer side: holds the tensors of each sent message until every reader is done with it. */
@@ -96,13 +112,14 @@ export class IpcImporter {
   }
 
   /** The value of `payload`: views of the writer's memory, also pushed to `views` (free them when done). */
-  open(payload: IpcPayload, views: DeviceMemory[]): Tensor | Tensor[] {
+  open(payload: IpcPayload, views: DeviceMemory[]): unknown {
     const tensors = payload.tensors.map(([dtype, shape, handle]) => {
       this.#keep(handle);
       const view = this.#import(handle);
       views.push(view);
       return Tensor.onDevice(view, dtype, shape);
     });
+    if (payload.skeleton !== undefined) return putTensors(payload.skeleton, tensors);
     return payload.array ? tensors : tensors[0];
   }
 

@@ -8,7 +8,8 @@ import { TrellisError } from '../errors.js';
 import { registerSystemMethod } from '../core/system-methods.js';
 import { currentRuntime } from '../core/runtime-context.js';
 import type { HeldMeta } from '../core/protocol.js';
-import { INLINE_LIMIT, TensorSlot, pack, unpack } from '../core/serialization.js';
+import { INLINE_LIMIT, pack, unpack } from '../core/serialization.js';
+import { putTensors, takeTensors } from './tensor-tree.js';
 import { getCommunicator } from './collective.js';
 import { exportPackedIpc, exportedFreeBlocks, freeExportedBlocks, importPackedIpc, sharedView, whenReleased } from './cuda.js';
 import type { DType } from './dtype.js';
@@ -39,7 +40,7 @@ export function holdResult(returnId: string, value: unknown, transport: string):
   const nested: string[] = [];
   if (!tensors) {
     const found: Tensor[] = [];
-    const shape = takeTensors(value, found, 0);
+    const shape = takeTensors(value, found);
     if (found.length === 0) return undefined;
     skeleton = pack(shape, nested);
     if (skeleton.byteLength > INLINE_LIMIT) return undefined;
@@ -71,43 +72,6 @@ export function holdResult(returnId: string, value: unknown, transport: string):
 
 function isTensorArray(value: unknown): value is Tensor[] {
   return Array.isArray(value) && value.length > 0 && value.every((item) => item instanceof Tensor);
-}
-
-/** `value` with each Tensor in it replaced by its TensorSlot (its index in `found`). */
-function takeTensors(value: unknown, found: Tensor[], depth: number): unknown {
-  if (value instanceof Tensor) {
-    found.push(value);
-    return new TensorSlot(found.length - 1);
-  }
-  // Deeper values and everything but plain containers travel as they are (the codec checks them).
-  if (depth > 64 || typeof value !== 'object' || value === null || ArrayBuffer.isView(value)) return value;
-  if (Array.isArray(value)) return value.map((item) => takeTensors(item, found, depth + 1));
-  if (value instanceof Map) return new Map([...value].map(([key, item]) => [key, takeTensors(item, found, depth + 1)]));
-  if (value instanceof Set) return new Set([...value].map((item) => takeTensors(item, found, depth + 1)));
-  const prototype = Object.getPrototypeOf(value);
-  if (prototype !== Object.prototype && prototype !== null) return value;
-  const copy: Record<string, unknown> = {};
-  for (const key of Object.keys(value)) copy[key] = takeTensors((value as Record<string, unknown>)[key], found, depth + 1);
-  return copy;
-}
-
-/** The skeleton's value with its TensorSlots replaced by `tensors`. */
-function putTensors(value: unknown, tensors: Tensor[]): unknown {
-  if (value instanceof TensorSlot) return tensors[value.index];
-  if (typeof value !== 'object' || value === null || ArrayBuffer.isView(value)) return value;
-  if (Array.isArray(value)) {
-    for (let i = 0; i < value.length; i++) value[i] = putTensors(value[i], tensors);
-    return value;
-  }
-  if (value instanceof Map) {
-    for (const [key, item] of value) value.set(key, putTensors(item, tensors));
-    return value;
-  }
-  if (value instanceof Set) return new Set([...value].map((item) => putTensors(item, tensors)));
-  const prototype = Object.getPrototypeOf(value);
-  if (prototype !== Object.prototype && prototype !== null) return value;
-  for (const key of Object.keys(value)) (value as Record<string, unknown>)[key] = putTensors((value as Record<string, unknown>)[key], tensors);
-  return value;
 }
 
 /** What a reader gets: the tensors as the result held them. */

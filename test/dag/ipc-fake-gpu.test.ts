@@ -49,6 +49,24 @@ describe.skipIf(!fake.path)(`CUDA IPC edges on the fake driver${fake.reason ? ` 
     expect(await get(b.ipcMappings.remote())).toBe(0);
   });
 
+  it('maps CUDA tensors nested in a value, and sends the rest (a CPU tensor, plain data) inline', async () => {
+    const [a, b] = stages;
+    const graph = await b.inspectNamed.bind(a.cudaNamed.bind(new InputNode()).withTensorTransport('ipc')).compile();
+    try {
+      for (let i = 0; i < 10; i++) {
+        expect(await graph.execute(50 + i)).toEqual({
+          hidden: { device: 'cuda:0', imported: true, sum: 2 * (50 + i) },
+          mask: { device: 'cuda:0', imported: true, sum: 2 },
+          onHost: { device: 'cpu', imported: false, sum: 10 },
+          step: 50 + i,
+        });
+      }
+    } finally {
+      await graph.teardown();
+    }
+    expect(await get(b.ipcMappings.remote())).toBe(0);
+  });
+
   it("opens each allocation once however many messages point into it ('auto' between actors that have CUDA)", async () => {
     const [a, b] = stages;
     const graph = await b.inspect.bind(a.cudaConstant.bind(new InputNode()).withTensorTransport('auto')).compile();
