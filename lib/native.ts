@@ -122,6 +122,7 @@ export interface NativeDeviceMemory {
   /** Staged through pinned memory; `stream` null means the device's copy stream. */
   copyFromHostAsync(source: ArrayBufferView, stream: NativeCudaStream | null): Promise<void>;
   copyToHostAsync(target: ArrayBufferView, stream: NativeCudaStream | null): Promise<void>;
+  copyFromDeviceAsync(source: NativeDeviceMemory, byteLength: number, sourceOffset: number, targetOffset: number, stream: NativeCudaStream | null): Promise<void>;
   fill(byte: number): void;
   exportIpc(): NativeIpcHandle;
   /** The same as 96 bytes that `new DeviceMemory(packed)` imports (see cuda.ts exportPackedIpc). */

@@ -37,6 +37,8 @@ export interface DeviceMemory {
   /** Asynchronous copies on `stream` (default: the device's copy stream); resolve when complete. */
   copyFromHostAsync(source: ArrayBufferView, stream?: Stream): Promise<void>;
   copyToHostAsync(target: ArrayBufferView, stream?: Stream): Promise<void>;
+  /** copyFromDevice on `stream`, device to device (never through the host). */
+  copyFromDeviceAsync(source: DeviceMemory, byteLength?: number, sourceOffset?: number, targetOffset?: number, stream?: Stream): Promise<void>;
   fill(byte: number): void;
   exportIpc(): IpcHandle;
   /** Back to the caching allocator (or unmapped, for imports); idempotent. */

@@ -161,6 +161,10 @@ class CudaDeviceMemory implements DeviceMemory {
     return this.#native.copyFromHostAsync(source, nativeStream(stream));
   }
 
+  copyFromDeviceAsync(source: DeviceMemory, byteLength?: number, sourceOffset = 0, targetOffset = 0, stream?: Stream): Promise<void> {
+    return this.#native.copyFromDeviceAsync(CudaDeviceMemory.unwrap(source), byteLength ?? source.byteLength - sourceOffset, sourceOffset, targetOffset, nativeStream(stream));
+  }
+
   copyToHostAsync(target: ArrayBufferView, stream?: Stream): Promise<void> {
     return this.#native.copyToHostAsync(target, nativeStream(stream));
   }

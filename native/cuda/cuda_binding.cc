@@ -140,6 +140,14 @@ struct CopyKeep {
   std::shared_ptr<Stream> stream;
 };
 
+// What a device-to-device copy in flight needs alive: both buffers (neither goes back to a cache
+// or closes its mapping before the copy is done) and the stream.
+struct DeviceCopyKeep {
+  DeviceBuffer target;
+  DeviceBuffer source;
+  std::shared_ptr<Stream> stream;
+};
+
 // A device-to-host copy staged through pinned memory. The completion thread moves the bytes into
 // the JS view once the DMA is done (as fs.read fills buffers from libuv's threads); the persistent
 // reference keeps the view's memory alive until the promise settles.
@@ -175,6 +183,7 @@ class DeviceMemoryBinding : public Napi::ObjectWrap<DeviceMemoryBinding> {
                            InstanceMethod<&DeviceMemoryBinding::CopyFromHost>("copyFromHost"),
                            InstanceMethod<&DeviceMemoryBinding::CopyToHost>("copyToHost"),
                            InstanceMethod<&DeviceMemoryBinding::CopyFromDevice>("copyFromDevice"),
+                           InstanceMethod<&DeviceMemoryBinding::CopyFromDeviceAsync>("copyFromDeviceAsync"),
                            InstanceMethod<&DeviceMemoryBinding::CopyFromHostAsync>("copyFromHostAsync"),
                            InstanceMethod<&DeviceMemoryBinding::CopyToHostAsync>("copyToHostAsync"),
                            InstanceMethod<&DeviceMemoryBinding::Fill>("fill"),
@@ -363,6 +372,32 @@ class DeviceMemoryBinding : public Napi::ObjectWrap<DeviceMemoryBinding> {
 
   // copyFromHostAsync(source, stream | null): stages `source` in pinned memory (so the caller may
   // reuse it at once) and resolves when the copy to device offset 0 has completed.
+  // copyFromDeviceAsync(source, byteLength, sourceOffset, targetOffset, stream): on `stream` (null:
+  // this device's copy stream), never staged through the host; settles when the copy is done.
+  Napi::Value CopyFromDeviceAsync(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      const DriverTable& cu = Driver("copyFromDeviceAsync");
+      const DeviceBuffer& target = buffer();
+      DeviceBuffer source = From(info[0], "source")->buffer();
+      uint64_t length = IntegerArgument(info[1], "byteLength");
+      uint64_t source_offset = IntegerArgument(info[2], "sourceOffset");
+      uint64_t target_offset = IntegerArgument(info[3], "targetOffset");
+      CheckRange(source_offset, length, source.size, "copyFromDeviceAsync source");
+      CheckRange(target_offset, length, target.size, "copyFromDeviceAsync target");
+      auto keep = std::make_shared<DeviceCopyKeep>(DeviceCopyKeep{target, std::move(source), StreamArgument(info[4], target.device)});
+      CUstream stream = keep->stream ? keep->stream->get() : CopyStream(target.device);
+      std::shared_ptr<Event> event = AcquireEvent(target.device);
+      MakeCurrent(target.device);
+      EnqueueOrDrain(stream, [&] {
+        if (length > 0) {
+          Check(cu.cuMemcpyDtoDAsync(keep->target.ptr + target_offset, keep->source.ptr + source_offset, length, stream), "cuMemcpyDtoDAsync_v2");
+        }
+        Check(cu.cuEventRecord(event->event, stream), "cuEventRecord");
+      });
+      return Submit(info.Env(), std::make_unique<EventPending>(std::move(event), std::move(keep)));
+    });
+  }
+
   Napi::Value CopyFromHostAsync(const Napi::CallbackInfo& info) {
     return Guarded(info.Env(), [&]() -> Napi::Value {
       const DriverTable& cu = Driver("copyFromHostAsync");

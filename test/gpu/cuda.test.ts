@@ -37,6 +37,7 @@ describe(`CUDA on this host${noCuda}`, () => {
     expect(results.outOfRange.code).toBe('ERR_OUT_OF_RANGE');
     expect(results.ownHandle.code).toBe('ERR_CUDA'); // a process cannot open its own IPC handle
     expect(results.badPackedHandle.code).toBe('ERR_INVALID_ARGUMENT');
+    expect(results.asyncDeviceOutOfRange.code).toBe('ERR_OUT_OF_RANGE');
     expect(results.useAfterFree.code).toBe('ERR_CUDA_FREED');
   });
 

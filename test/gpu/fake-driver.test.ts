@@ -64,6 +64,7 @@ describe.skipIf(!fake.path)(`the native GPU layer on a fake driver${fake.reason 
       badSource: 'ERR_INVALID_ARGUMENT',
       badHandle: 'ERR_INVALID_ARGUMENT',
       badPackedHandle: 'ERR_INVALID_ARGUMENT',
+      asyncDeviceOutOfRange: 'ERR_OUT_OF_RANGE',
       ownHandle: 'ERR_CUDA',
       destroyedStream: 'ERR_CUDA_FREED',
       useAfterFree: 'ERR_CUDA_FREED',
