@@ -43,6 +43,8 @@ export interface DeviceMemory {
   exportIpc(): IpcHandle;
   /** Back to the caching allocator (or unmapped, for imports); idempotent. */
   free(): void;
+  /** free(), for `using`. */
+  [Symbol.dispose](): void;
 }
 
 export interface Stream {
@@ -50,6 +52,8 @@ export interface Stream {
   /** Resolves when all work queued so far is done; never blocks the event loop. */
   synchronize(): Promise<void>;
   destroy(): void;
+  /** destroy(), for `using`. */
+  [Symbol.dispose](): void;
 }
 
 export interface CudaApi {

@@ -65,6 +65,10 @@ class CudaStream implements Stream {
   destroy(): void {
     this.native.destroy();
   }
+
+  [Symbol.dispose](): void {
+    this.destroy();
+  }
 }
 
 function nativeStream(stream: Stream | undefined): NativeCudaStream | null {
@@ -180,6 +184,10 @@ class CudaDeviceMemory implements DeviceMemory {
   free(): void {
     if (this.#owns) this.#native.free();
     if (this.#releases) runReleases(this.#releases);
+  }
+
+  [Symbol.dispose](): void {
+    this.free();
   }
 }
 
