@@ -49,7 +49,7 @@ export { createCollectiveGroup, getCommunicator, CollectiveGroup } from './gpu/c
 export type { CollectiveBackend, CollectiveGroupOptions } from './gpu/collective.js';
 export { cuda } from './gpu/cuda.js';
 export { reclaimIpcMemory } from './gpu/transport.js';
-export type { CudaApi, DeviceInfo, DeviceMemory, IpcHandle, IpcStats, PageLockStats, Stream } from './gpu/cuda-types.js';
+export type { CudaApi, CudaEvent, DeviceInfo, DeviceMemory, IpcHandle, IpcStats, PageLockStats, Stream } from './gpu/cuda-types.js';
 export { ChannelError } from './errors.js';
 export { InputNode, MultiOutputNode, ClassMethodNode, CollectiveNode, DAGNode, collective } from './dag/nodes.js';
 export type { CompileOptions, EdgeTransport } from './dag/nodes.js';

@@ -105,7 +105,14 @@ export type NativeIpcHandle = IpcHandle;
 export interface NativeCudaStream {
   readonly device: number;
   synchronize(): Promise<void>;
+  wait(event: NativeCudaEvent): void;
   destroy(): void;
+}
+
+export interface NativeCudaEvent {
+  readonly device: number;
+  done(): boolean;
+  synchronize(): Promise<void>;
 }
 
 /** Device memory from the caching allocator, or mapped from another process by CUDA IPC. */
@@ -156,6 +163,8 @@ export interface NativeCuda {
   allocateHost(device: number, byteLength: number): Uint8Array;
   DeviceMemory: new (options: { device: number; byteLength: number } | { ipc: NativeIpcHandle } | Uint8Array) => NativeDeviceMemory;
   Stream: new (device: number) => NativeCudaStream;
+  /** Recorded on the stream when made. */
+  CudaEvent: new (stream: NativeCudaStream) => NativeCudaEvent;
 }
 
 export interface NativeNcclStatus {

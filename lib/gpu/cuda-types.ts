@@ -51,9 +51,22 @@ export interface Stream {
   readonly device: number;
   /** Resolves when all work queued so far is done; never blocks the event loop. */
   synchronize(): Promise<void>;
+  /** An event marking the work queued on this stream so far. */
+  record(): CudaEvent;
+  /** Work queued on this stream from now on waits for `event` (on the GPU: the host goes on). */
+  wait(event: CudaEvent): void;
   destroy(): void;
   /** destroy(), for `using`. */
   [Symbol.dispose](): void;
+}
+
+/** A point in a stream's work (stream.record()): to wait for on the host or from another stream. */
+export interface CudaEvent {
+  readonly device: number;
+  /** Whether the work before it is done, without waiting. */
+  done(): boolean;
+  /** Resolves when the work before it is done; never blocks the event loop. */
+  synchronize(): Promise<void>;
 }
 
 export interface CudaApi {

@@ -11,8 +11,8 @@
  * libuv's thread pool.
  */
 import { CudaError, InvalidArgumentError } from '../errors.js';
-import { native, type NativeCudaStatus, type NativeCudaStream, type NativeDeviceMemory } from '../native.js';
-import type { CudaApi, DeviceInfo, DeviceMemory, IpcHandle, IpcStats, PageLockStats, Stream } from './cuda-types.js';
+import { native, type NativeCudaEvent, type NativeCudaStatus, type NativeCudaStream, type NativeDeviceMemory } from '../native.js';
+import type { CudaApi, CudaEvent, DeviceInfo, DeviceMemory, IpcHandle, IpcStats, PageLockStats, Stream } from './cuda-types.js';
 
 let loaded: NativeCudaStatus | undefined;
 
@@ -62,12 +62,42 @@ class CudaStream implements Stream {
     return this.native.synchronize();
   }
 
+  record(): CudaEvent {
+    return new RecordedEvent(new native.cuda.CudaEvent(this.native));
+  }
+
+  wait(event: CudaEvent): void {
+    if (!(event instanceof RecordedEvent)) throw new InvalidArgumentError('wait() takes an event from stream.record()');
+    this.native.wait(event.native);
+  }
+
   destroy(): void {
     this.native.destroy();
   }
 
   [Symbol.dispose](): void {
     this.destroy();
+  }
+}
+
+class RecordedEvent implements CudaEvent {
+  /** @internal */
+  readonly native: NativeCudaEvent;
+
+  constructor(handle: NativeCudaEvent) {
+    this.native = handle;
+  }
+
+  get device(): number {
+    return this.native.device;
+  }
+
+  done(): boolean {
+    return this.native.done();
+  }
+
+  synchronize(): Promise<void> {
+    return this.native.synchronize();
   }
 }
 

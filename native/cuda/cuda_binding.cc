@@ -15,6 +15,7 @@ namespace {
 // Tags tell our wrapped objects apart from any other ObjectWrap before unwrapping.
 constexpr napi_type_tag kDeviceMemoryTag = {0x7472656c6c697301ull, 0x6465766d656d6f72ull};
 constexpr napi_type_tag kStreamTag = {0x7472656c6c697302ull, 0x73747265616d0000ull};
+constexpr napi_type_tag kEventTag = {0x7472656c6c697303ull, 0x6576656e74000000ull};
 
 // exportIpcPacked()'s bytes: see DeviceMemoryBinding::ImportPacked.
 constexpr size_t kPackedIpcBytes = 96;
@@ -83,6 +84,7 @@ class StreamBinding : public Napi::ObjectWrap<StreamBinding> {
                        {
                            InstanceAccessor<&StreamBinding::Device>("device"),
                            InstanceMethod<&StreamBinding::Synchronize>("synchronize"),
+                           InstanceMethod<&StreamBinding::Wait>("wait"),
                            InstanceMethod<&StreamBinding::Destroy>("destroy"),
                        });
   }
@@ -124,6 +126,9 @@ class StreamBinding : public Napi::ObjectWrap<StreamBinding> {
     });
   }
 
+  // wait(event): work queued on this stream from now on starts after `event`'s work is done.
+  Napi::Value Wait(const Napi::CallbackInfo& info);
+
   Napi::Value Destroy(const Napi::CallbackInfo& info) {
     stream_.reset();  // queued work still completes; synchronize() promises hold the stream
     return info.Env().Undefined();
@@ -132,6 +137,67 @@ class StreamBinding : public Napi::ObjectWrap<StreamBinding> {
   int device_ = 0;
   std::shared_ptr<Stream> stream_;
 };
+
+// new CudaEvent(stream): a marker recorded on `stream` now, done once the work queued there
+// before it is. A pooled event without timing (see AcquireEvent), back to its pool when collected.
+class EventBinding : public Napi::ObjectWrap<EventBinding> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "CudaEvent",
+                       {
+                           InstanceAccessor<&EventBinding::Device>("device"),
+                           InstanceMethod<&EventBinding::Done>("done"),
+                           InstanceMethod<&EventBinding::Synchronize>("synchronize"),
+                       });
+  }
+
+  explicit EventBinding(const Napi::CallbackInfo& info) : Napi::ObjectWrap<EventBinding>(info) {
+    Guarded(info.Env(), [&] {
+      const DriverTable& cu = Driver("record");
+      stream_ = StreamBinding::From(info[0])->stream();
+      event_ = AcquireEvent(stream_->device());
+      MakeCurrent(stream_->device());
+      Check(cu.cuEventRecord(event_->event, stream_->get()), "cuEventRecord");
+      info.This().As<Napi::Object>().TypeTag(&kEventTag);
+      return 0;
+    });
+  }
+
+  static EventBinding* From(const Napi::Value& value) {
+    if (!value.IsObject() || !value.As<Napi::Object>().CheckTypeTag(&kEventTag)) {
+      throw InvalidArgument("event must be a CUDA event from stream.record()");
+    }
+    return Unwrap(value.As<Napi::Object>());
+  }
+
+  const std::shared_ptr<Event>& event() const { return event_; }
+
+ private:
+  Napi::Value Device(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), event_ ? event_->device : -1); }
+
+  Napi::Value Done(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value { return Napi::Boolean::New(info.Env(), EventDone(*event_)); });
+  }
+
+  // Settled by the completion thread: the event loop never blocks on it.
+  Napi::Value Synchronize(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value { return Submit(info.Env(), std::make_unique<EventPending>(event_, stream_)); });
+  }
+
+  std::shared_ptr<Stream> stream_;
+  std::shared_ptr<Event> event_;
+};
+
+Napi::Value StreamBinding::Wait(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    const std::shared_ptr<Stream>& s = stream();
+    const std::shared_ptr<Event>& event = EventBinding::From(info[0])->event();
+    const DriverTable& cu = Driver("wait");
+    MakeCurrent(device_);
+    Check(cu.cuStreamWaitEvent(s->get(), event->event, 0), "cuStreamWaitEvent");
+    return info.Env().Undefined();
+  });
+}
 
 // Holds what an async copy touches until its event completes.
 struct CopyKeep {
@@ -654,6 +720,7 @@ void RegisterCudaBinding(Napi::Env env, Napi::Object exports) {
            }));
   cuda.Set("DeviceMemory", DeviceMemoryBinding::Define(env));
   cuda.Set("Stream", StreamBinding::Define(env));
+  cuda.Set("CudaEvent", EventBinding::Define(env));
   exports.Set("cuda", cuda);
 }
 

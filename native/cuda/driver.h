@@ -72,6 +72,7 @@ constexpr unsigned CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x1;
   X(cuEventCreate, "cuEventCreate", CUresult (*)(CUevent*, unsigned))                               \
   X(cuEventRecord, "cuEventRecord", CUresult (*)(CUevent, CUstream))                                \
   X(cuEventQuery, "cuEventQuery", CUresult (*)(CUevent))                                            \
+  X(cuStreamWaitEvent, "cuStreamWaitEvent", CUresult (*)(CUstream, CUevent, unsigned))              \
   X(cuIpcGetMemHandle, "cuIpcGetMemHandle", CUresult (*)(CUipcMemHandle*, CUdeviceptr))             \
   X(cuIpcOpenMemHandle, "cuIpcOpenMemHandle_v2", CUresult (*)(CUdeviceptr*, CUipcMemHandle, unsigned)) \
   X(cuIpcCloseMemHandle, "cuIpcCloseMemHandle", CUresult (*)(CUdeviceptr))
