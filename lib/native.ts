@@ -113,6 +113,7 @@ export interface NativeCudaEvent {
   readonly device: number;
   done(): boolean;
   synchronize(): Promise<void>;
+  elapsedMs(later: NativeCudaEvent): number;
 }
 
 /** Device memory from the caching allocator, or mapped from another process by CUDA IPC. */
@@ -164,7 +165,7 @@ export interface NativeCuda {
   DeviceMemory: new (options: { device: number; byteLength: number } | { ipc: NativeIpcHandle } | Uint8Array) => NativeDeviceMemory;
   Stream: new (device: number) => NativeCudaStream;
   /** Recorded on the stream when made. */
-  CudaEvent: new (stream: NativeCudaStream) => NativeCudaEvent;
+  CudaEvent: new (stream: NativeCudaStream, timing: boolean) => NativeCudaEvent;
 }
 
 export interface NativeNcclStatus {

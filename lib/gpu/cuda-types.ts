@@ -51,8 +51,8 @@ export interface Stream {
   readonly device: number;
   /** Resolves when all work queued so far is done; never blocks the event loop. */
   synchronize(): Promise<void>;
-  /** An event marking the work queued on this stream so far. */
-  record(): CudaEvent;
+  /** An event marking the work queued on this stream so far; `timing` for elapsedMs(). */
+  record(options?: { timing?: boolean }): CudaEvent;
   /** Work queued on this stream from now on waits for `event` (on the GPU: the host goes on). */
   wait(event: CudaEvent): void;
   destroy(): void;
@@ -67,6 +67,11 @@ export interface CudaEvent {
   done(): boolean;
   /** Resolves when the work before it is done; never blocks the event loop. */
   synchronize(): Promise<void>;
+  /**
+   * Milliseconds of GPU time from this event to `later`, both recorded with `{ timing: true }`
+   * and both done (else ERR_CUDA_NOT_READY: await their synchronize() first).
+   */
+  elapsedMs(later: CudaEvent): number;
 }
 
 export interface CudaApi {

@@ -62,8 +62,8 @@ class CudaStream implements Stream {
     return this.native.synchronize();
   }
 
-  record(): CudaEvent {
-    return new RecordedEvent(new native.cuda.CudaEvent(this.native));
+  record(options: { timing?: boolean } = {}): CudaEvent {
+    return new RecordedEvent(new native.cuda.CudaEvent(this.native, options.timing === true));
   }
 
   wait(event: CudaEvent): void {
@@ -98,6 +98,11 @@ class RecordedEvent implements CudaEvent {
 
   synchronize(): Promise<void> {
     return this.native.synchronize();
+  }
+
+  elapsedMs(later: CudaEvent): number {
+    if (!(later instanceof RecordedEvent)) throw new InvalidArgumentError('elapsedMs() takes an event from stream.record()');
+    return this.native.elapsedMs(later.native);
   }
 }
 

@@ -148,6 +148,7 @@ class EventBinding : public Napi::ObjectWrap<EventBinding> {
                            InstanceAccessor<&EventBinding::Device>("device"),
                            InstanceMethod<&EventBinding::Done>("done"),
                            InstanceMethod<&EventBinding::Synchronize>("synchronize"),
+                           InstanceMethod<&EventBinding::ElapsedMs>("elapsedMs"),
                        });
   }
 
@@ -155,7 +156,7 @@ class EventBinding : public Napi::ObjectWrap<EventBinding> {
     Guarded(info.Env(), [&] {
       const DriverTable& cu = Driver("record");
       stream_ = StreamBinding::From(info[0])->stream();
-      event_ = AcquireEvent(stream_->device());
+      event_ = AcquireEvent(stream_->device(), info[1].ToBoolean().Value());
       MakeCurrent(stream_->device());
       Check(cu.cuEventRecord(event_->event, stream_->get()), "cuEventRecord");
       info.This().As<Napi::Object>().TypeTag(&kEventTag);
@@ -182,6 +183,23 @@ class EventBinding : public Napi::ObjectWrap<EventBinding> {
   // Settled by the completion thread: the event loop never blocks on it.
   Napi::Value Synchronize(const Napi::CallbackInfo& info) {
     return Guarded(info.Env(), [&]() -> Napi::Value { return Submit(info.Env(), std::make_unique<EventPending>(event_, stream_)); });
+  }
+
+  // elapsedMs(later): milliseconds of GPU time from this event to `later`, both recorded with
+  // timing and both done.
+  Napi::Value ElapsedMs(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      const std::shared_ptr<Event>& later = From(info[0])->event();
+      if (!event_->timing || !later->timing) throw InvalidArgument("elapsedMs needs two events recorded with { timing: true }");
+      if (!EventDone(*event_) || !EventDone(*later)) {
+        throw NativeError("ERR_CUDA_NOT_READY", "elapsedMs: an event's work is not done yet (await its synchronize() first)");
+      }
+      const DriverTable& cu = Driver("elapsedMs");
+      float ms = 0;
+      MakeCurrent(event_->device);
+      Check(cu.cuEventElapsedTime(&ms, event_->event, later->event), "cuEventElapsedTime");
+      return Napi::Number::New(info.Env(), ms);
+    });
   }
 
   std::shared_ptr<Stream> stream_;

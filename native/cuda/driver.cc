@@ -49,6 +49,7 @@ struct DeviceState {
   CUcontext context = nullptr;
   std::mutex mutex;  // guards the pool and the copy stream
   std::vector<CUevent> events;
+  std::vector<CUevent> timing_events;
   CUstream copy_stream = nullptr;
 };
 
@@ -153,25 +154,27 @@ int DeviceByUuid(const std::string& uuid) {
   return -1;
 }
 
-std::shared_ptr<Event> AcquireEvent(int device) {
+std::shared_ptr<Event> AcquireEvent(int device, bool timing) {
   const DriverTable& cu = Driver("cuEventCreate");
   DeviceState& state = StateOf(device);
   CUevent event = nullptr;
   {
     std::lock_guard<std::mutex> lock(state.mutex);
-    if (!state.events.empty()) {
-      event = state.events.back();
-      state.events.pop_back();
+    std::vector<CUevent>& pool = timing ? state.timing_events : state.events;
+    if (!pool.empty()) {
+      event = pool.back();
+      pool.pop_back();
     }
   }
   if (event == nullptr) {
     MakeCurrent(device);
-    Check(cu.cuEventCreate(&event, CU_EVENT_DISABLE_TIMING), "cuEventCreate");
+    Check(cu.cuEventCreate(&event, timing ? CU_EVENT_DEFAULT : CU_EVENT_DISABLE_TIMING), "cuEventCreate");
   }
-  return std::shared_ptr<Event>(new Event{device, event}, [](Event* done) {
+  return std::shared_ptr<Event>(new Event{device, event, timing}, [](Event* done) {
     DeviceState& owner = Devices()[static_cast<size_t>(done->device)];
     std::lock_guard<std::mutex> lock(owner.mutex);
-    owner.events.push_back(done->event);  // a recorded event may be re-recorded: no need to wait
+    // A recorded event may be re-recorded: no need to wait.
+    (done->timing ? owner.timing_events : owner.events).push_back(done->event);
     delete done;
   });
 }

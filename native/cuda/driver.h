@@ -32,6 +32,7 @@ constexpr CUresult CUDA_ERROR_NOT_READY = 600;
 constexpr int CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75;
 constexpr int CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76;
 constexpr unsigned CU_STREAM_NON_BLOCKING = 0x1;
+constexpr unsigned CU_EVENT_DEFAULT = 0x0;
 constexpr unsigned CU_EVENT_DISABLE_TIMING = 0x2;
 constexpr unsigned CU_MEMHOSTALLOC_PORTABLE = 0x1;
 constexpr unsigned CU_MEMHOSTREGISTER_PORTABLE = 0x1;
@@ -73,6 +74,7 @@ constexpr unsigned CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x1;
   X(cuEventRecord, "cuEventRecord", CUresult (*)(CUevent, CUstream))                                \
   X(cuEventQuery, "cuEventQuery", CUresult (*)(CUevent))                                            \
   X(cuStreamWaitEvent, "cuStreamWaitEvent", CUresult (*)(CUstream, CUevent, unsigned))              \
+  X(cuEventElapsedTime, "cuEventElapsedTime", CUresult (*)(float*, CUevent, CUevent))               \
   X(cuIpcGetMemHandle, "cuIpcGetMemHandle", CUresult (*)(CUipcMemHandle*, CUdeviceptr))             \
   X(cuIpcOpenMemHandle, "cuIpcOpenMemHandle_v2", CUresult (*)(CUdeviceptr*, CUipcMemHandle, unsigned)) \
   X(cuIpcCloseMemHandle, "cuIpcCloseMemHandle", CUresult (*)(CUdeviceptr))
@@ -123,13 +125,16 @@ std::string DeviceUuid(int device);
 int DeviceByUuidBytes(const unsigned char* uuid);
 CUuuid DeviceUuidBytes(int device);
 
-// A recorded-completion marker from a per-device pool (CU_EVENT_DISABLE_TIMING); it goes back to
-// the pool when the last owner drops it. Pooled events live for the process.
+// A recorded-completion marker from a per-device pool; it goes back to the pool when the last owner
+// drops it. Pooled events live for the process.
 struct Event {
   int device;
   CUevent event;
+  bool timing = false;
 };
-std::shared_ptr<Event> AcquireEvent(int device);
+// From the device's pool; `timing` events (for elapsed times) come from a pool of their own, the
+// others are made without timing, which makes recording them cheaper.
+std::shared_ptr<Event> AcquireEvent(int device, bool timing = false);
 
 // The device's own non-blocking stream for copies that name no stream (lives for the process).
 CUstream CopyStream(int device);

@@ -74,8 +74,10 @@ describe.skipIf(!fake.path)(`the native GPU layer on a fake driver${fake.reason 
   });
 
   it('keeps the event loop turning while async copies are in flight', async () => {
-    const { turns } = await scenario('event-loop', [], env({ FAKE_CUDA_EVENT_DELAY_US: '30000' }));
+    const { turns, pending, doneAfter } = await scenario('event-loop', [], env({ FAKE_CUDA_EVENT_DELAY_US: '30000' }));
     expect(turns).toBeGreaterThan(10);
+    // An event whose work is still running is not done, and has no elapsed time yet.
+    expect([pending, doneAfter]).toEqual(['ERR_CUDA_NOT_READY', true]);
   });
 
   it('hands device memory to another process over CUDA IPC, opened once, kept idle after its last view, closed by emptyCache', async () => {

@@ -77,6 +77,7 @@ bool Find(CUdeviceptr ptr, CUdeviceptr* base, Allocation** out) {
 struct Event {
   std::chrono::steady_clock::time_point done{};
   bool recorded = false;
+  bool timing = false;
 };
 
 long EventDelayUs() {
@@ -255,9 +256,21 @@ CUresult cuStreamCreate(void** stream, unsigned flags) {
 }
 CUresult cuStreamDestroy_v2(void* stream) { delete static_cast<int*>(stream); return kSuccess; }
 CUresult cuStreamSynchronize(void*) { return kSuccess; }
-CUresult cuEventCreate(void** event, unsigned) {
+CUresult cuEventCreate(void** event, unsigned flags) {
   if (current == nullptr) return kInvalidContext;
-  *event = new Event();
+  auto* made = new Event();
+  made->timing = (flags & 0x2) == 0;  // without CU_EVENT_DISABLE_TIMING
+  *event = made;
+  return kSuccess;
+}
+// As the real driver: both recorded with timing and done; the time between their completions.
+CUresult cuEventElapsedTime(float* ms, void* start, void* end) {
+  auto* first = static_cast<Event*>(start);
+  auto* last = static_cast<Event*>(end);
+  if (!first->timing || !last->timing || !first->recorded || !last->recorded) return kInvalidHandle;
+  auto now = std::chrono::steady_clock::now();
+  if (now < first->done || now < last->done) return kNotReady;
+  *ms = std::chrono::duration<float, std::milli>(last->done - first->done).count();
   return kSuccess;
 }
 CUresult cuEventRecord(void* event, void* stream) {
