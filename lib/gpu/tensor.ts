@@ -207,13 +207,9 @@ export class Tensor {
       return new Tensor(this.dtype, this.shape, 'cpu', host);
     }
     const memory = cuda.allocate(target.index, this.byteLength);
+    // From another GPU: a peer copy, GPU to GPU.
     if (this.#host) memory.copyFromHost(this.#host);
-    else if (this.memory.device === target.index) memory.copyFromDevice(this.memory, this.byteLength);
-    else {
-      const staging = allocateHost(this.dtype, this.numel);
-      this.memory.copyToHost(staging);
-      memory.copyFromHost(staging);
-    }
+    else memory.copyFromDevice(this.memory, this.byteLength);
     return new Tensor(this.dtype, this.shape, device, undefined, memory);
   }
 }

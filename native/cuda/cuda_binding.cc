@@ -437,7 +437,13 @@ class DeviceMemoryBinding : public Napi::ObjectWrap<DeviceMemoryBinding> {
       if (length > 0) {
         const DriverTable& cu = Driver("copyFromDevice");
         MakeCurrent(target.device);
-        Check(cu.cuMemcpyDtoD(target.ptr + target_offset, source.ptr + source_offset, length), "cuMemcpyDtoD_v2");
+        if (source.device == target.device) {
+          Check(cu.cuMemcpyDtoD(target.ptr + target_offset, source.ptr + source_offset, length), "cuMemcpyDtoD_v2");
+        } else {
+          // Between two devices' contexts, GPU to GPU (over NVLink or PCIe), never through the host.
+          Check(cu.cuMemcpyPeer(target.ptr + target_offset, ContextOf(target.device), source.ptr + source_offset, ContextOf(source.device), length),
+                "cuMemcpyPeer");
+        }
         Check(cu.cuStreamSynchronize(nullptr), "cuStreamSynchronize");
       }
       return info.Env().Undefined();
@@ -473,8 +479,12 @@ class DeviceMemoryBinding : public Napi::ObjectWrap<DeviceMemoryBinding> {
       std::shared_ptr<Event> event = AcquireEvent(target.device);
       MakeCurrent(target.device);
       EnqueueOrDrain(stream, [&] {
-        if (length > 0) {
+        if (length > 0 && keep->source.device == keep->target.device) {
           Check(cu.cuMemcpyDtoDAsync(keep->target.ptr + target_offset, keep->source.ptr + source_offset, length, stream), "cuMemcpyDtoDAsync_v2");
+        } else if (length > 0) {
+          Check(cu.cuMemcpyPeerAsync(keep->target.ptr + target_offset, ContextOf(keep->target.device), keep->source.ptr + source_offset,
+                                     ContextOf(keep->source.device), length, stream),
+                "cuMemcpyPeerAsync");
         }
         Check(cu.cuEventRecord(event->event, stream), "cuEventRecord");
       });

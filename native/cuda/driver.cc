@@ -94,15 +94,20 @@ std::string ErrorText(CUresult result) {
   return std::string(name) + " (" + text + ")";
 }
 
-void MakeCurrent(int device) {
-  const DriverTable& cu = Driver("MakeCurrent");
+CUcontext ContextOf(int device) {
+  const DriverTable& cu = Driver("context");
   DeviceState& state = StateOf(device);
   std::call_once(state.context_once, [&] {  // an exception leaves the flag unset, so a later call retries
     CUdevice handle = 0;
     Check(cu.cuDeviceGet(&handle, device), "cuDeviceGet");
     Check(cu.cuDevicePrimaryCtxRetain(&state.context, handle), "cuDevicePrimaryCtxRetain");
   });
-  Check(cu.cuCtxSetCurrent(state.context), "cuCtxSetCurrent");
+  return state.context;
+}
+
+void MakeCurrent(int device) {
+  CUcontext context = ContextOf(device);
+  Check(Driver("MakeCurrent").cuCtxSetCurrent(context), "cuCtxSetCurrent");
 }
 
 CUuuid DeviceUuidBytes(int device) {

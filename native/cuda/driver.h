@@ -66,6 +66,8 @@ constexpr unsigned CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x1;
   X(cuMemcpyHtoDAsync, "cuMemcpyHtoDAsync_v2", CUresult (*)(CUdeviceptr, const void*, size_t, CUstream)) \
   X(cuMemcpyDtoHAsync, "cuMemcpyDtoHAsync_v2", CUresult (*)(void*, CUdeviceptr, size_t, CUstream))  \
   X(cuMemcpyDtoDAsync, "cuMemcpyDtoDAsync_v2", CUresult (*)(CUdeviceptr, CUdeviceptr, size_t, CUstream)) \
+  X(cuMemcpyPeer, "cuMemcpyPeer", CUresult (*)(CUdeviceptr, CUcontext, CUdeviceptr, CUcontext, size_t)) \
+  X(cuMemcpyPeerAsync, "cuMemcpyPeerAsync", CUresult (*)(CUdeviceptr, CUcontext, CUdeviceptr, CUcontext, size_t, CUstream)) \
   X(cuMemsetD8, "cuMemsetD8_v2", CUresult (*)(CUdeviceptr, unsigned char, size_t))                  \
   X(cuStreamCreate, "cuStreamCreate", CUresult (*)(CUstream*, unsigned))                            \
   X(cuStreamDestroy, "cuStreamDestroy_v2", CUresult (*)(CUstream))                                  \
@@ -114,8 +116,10 @@ inline void Check(CUresult result, const char* call) {
   }
 }
 
-// Checks `device` is a valid index, retains its primary context once per process and makes it
-// current on the calling thread.
+// The device's primary context, retained on first use (one per device per process); checks that
+// `device` is a valid index.
+CUcontext ContextOf(int device);
+// ContextOf(device), made current on the calling thread.
 void MakeCurrent(int device);
 
 // Index of the visible device with this UUID ("GPU-xxxxxxxx-..."), or -1.

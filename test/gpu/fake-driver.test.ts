@@ -52,6 +52,10 @@ describe.skipIf(!fake.path)(`the native GPU layer on a fake driver${fake.reason 
     expect(report.checked).toBeGreaterThan(70);
   });
 
+  it('copies between two devices GPU to GPU (peer copies), sync, on a stream and by Tensor.to()', async () => {
+    expect(await scenario('peer-copies', [], env({ FAKE_CUDA_DEVICES: '2' }))).toMatchObject({ size: 3 * MiB + 5 });
+  });
+
   it('turns misuse into typed errors', async () => {
     const { results } = await scenario('errors', [], env());
     expect(Object.fromEntries(Object.entries(results as Record<string, { code: string }>).map(([key, value]) => [key, value.code]))).toEqual({

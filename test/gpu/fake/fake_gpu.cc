@@ -53,6 +53,7 @@ struct Allocation {
   bool imported;
   int refs;
   std::string key;
+  void* context = nullptr;  // the context current when it was made or mapped
 };
 std::map<CUdeviceptr, Allocation> allocations;        // by base address
 std::map<std::string, CUdeviceptr> imports;           // handle bytes -> base
@@ -168,7 +169,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t size) {
     return kOutOfMemory;
   }
   *ptr = reinterpret_cast<CUdeviceptr>(data);
-  allocations[*ptr] = Allocation{fd, size, false, 1, ""};
+  allocations[*ptr] = Allocation{fd, size, false, 1, "", current};
   total_allocated += size;
   return kSuccess;
 }
@@ -244,9 +245,40 @@ CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
   std::memcpy(dst, reinterpret_cast<void*>(src), n);
   return kSuccess;
 }
-CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) { std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), n); return kSuccess; }
+CUresult CopyDeviceBytes(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+  std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), n);
+  return kSuccess;
+}
+// Within one device. Between devices trellis copies with cuMemcpyPeer, and this fake refuses
+// anything else there (perhaps more strictly than the real driver), so that tests see which ran.
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    CUdeviceptr base = 0;
+    Allocation* target = nullptr;
+    Allocation* source = nullptr;
+    if (Find(dst, &base, &target) && Find(src, &base, &source) && target->context != source->context) return kInvalidValue;
+  }
+  return CopyDeviceBytes(dst, src, n);
+}
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void* stream) { return stream ? cuMemcpyHtoD_v2(dst, src, n) : kInvalidHandle; }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* stream) { return stream ? cuMemcpyDtoH_v2(dst, src, n) : kInvalidHandle; }
+// Every fake device is host memory: a copy between two devices' contexts is a copy, once each
+// pointer is checked to belong to the context named with it (as the real driver requires).
+CUresult cuMemcpyPeer(CUdeviceptr dst, void* dst_context, CUdeviceptr src, void* src_context, size_t n) {
+  if (dst_context == nullptr || src_context == nullptr) return kInvalidContext;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    CUdeviceptr base = 0;
+    Allocation* allocation = nullptr;
+    if (Find(dst, &base, &allocation) && allocation->context != dst_context) return kInvalidValue;
+    if (Find(src, &base, &allocation) && allocation->context != src_context) return kInvalidValue;
+  }
+  return CopyDeviceBytes(dst, src, n);
+}
+CUresult cuMemcpyPeerAsync(CUdeviceptr dst, void* dst_context, CUdeviceptr src, void* src_context, size_t n, void* stream) {
+  return stream ? cuMemcpyPeer(dst, dst_context, src, src_context, n) : kInvalidHandle;
+}
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void* stream) { return stream ? cuMemcpyDtoD_v2(dst, src, n) : kInvalidHandle; }
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n) { std::memset(reinterpret_cast<void*>(dst), value, n); return kSuccess; }
 CUresult cuStreamCreate(void** stream, unsigned flags) {
@@ -315,7 +347,7 @@ CUresult cuIpcOpenMemHandle_v2(CUdeviceptr* ptr, Handle handle, unsigned flags) 
     return kMapFailed;
   }
   *ptr = reinterpret_cast<CUdeviceptr>(data);
-  allocations[*ptr] = Allocation{fd, handle.size, true, 1, key};
+  allocations[*ptr] = Allocation{fd, handle.size, true, 1, key, current};
   imports[key] = *ptr;
   return kSuccess;
 }
