@@ -15,22 +15,23 @@ import { native } from '../native.js';
  * 0.3-0.7 ms on the GPU host, a task's a tenth of that; longer waits are not worth a core. */
 const DEFAULT_CAP_US = 1000;
 const MIN_CORES = 8;
-const MAX_CAP_US = 10_000;
+/** The largest cap accepted. */
+export const MAX_BUSY_POLL_US = 10_000;
 
 export function busyPollCap(): number {
   const chosen = process.env.TRELLIS_BUSY_POLL_US;
   if (chosen !== undefined && chosen !== '') {
     const value = Number(chosen);
-    if (Number.isFinite(value) && value >= 0) return Math.min(value, MAX_CAP_US);
+    if (Number.isFinite(value) && value >= 0) return Math.min(value, MAX_BUSY_POLL_US);
   }
   return availableParallelism() >= MIN_CORES ? DEFAULT_CAP_US : 0;
 }
 
 let armed = false;
 
-/** Reads the cap once per process; a cap of 0 leaves arm() a no-op. */
-export function configureBusyPoll(): void {
-  const cap = busyPollCap();
+/** Sets the cap once per process (`chosen`, else busyPollCap()); a cap of 0 leaves arm() a no-op. */
+export function configureBusyPoll(chosen?: number): void {
+  const cap = chosen ?? busyPollCap();
   native.busyPoll.configure(cap);
   armed = cap > 0;
 }

@@ -40,7 +40,7 @@ import { ResourcePool, describeResources, toFixed, type Resources } from './reso
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
 import { decodeStored, encodeArguments, encodeValue, pack, putStored, unpack } from './serialization.js';
 import { Deque } from './deque.js';
-import { busyPollTraffic, configureBusyPoll } from './busy-poll.js';
+import { MAX_BUSY_POLL_US, busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 import { MultiProcessService } from '../gpu/mps.js';
 import { closeIdleMappingsOf } from '../gpu/cuda.js';
 
@@ -174,6 +174,12 @@ export interface InitOptions extends NodeOptions {
    * (or TRELLIS_MPS_CONTROL); without it init fails with CudaError ERR_MPS_UNAVAILABLE.
    */
   gpuSharing?: 'time-slice' | 'mps';
+  /**
+   * The longest a process of the cluster spins for an expected answer before its event loop
+   * sleeps, in microseconds (0: never). Default: TRELLIS_BUSY_POLL_US, else 1000 on hosts with 8
+   * cores or more and 0 below (see busy-poll.ts).
+   */
+  busyPollMicros?: number;
 }
 
 export class Cluster implements Runtime {
@@ -207,7 +213,9 @@ export class Cluster implements Runtime {
     this.#socketPath = socketPath;
     this.#multiProcessService = multiProcessService;
     const specs = options.nodes ?? [options];
-    specs.forEach((spec, index) => this.nodes.push(new Node(spec, index, multiProcessService?.environment)));
+    // Workers read the cap from their environment, as the driver's own from init or the variable.
+    const environment = { ...multiProcessService?.environment, ...(options.busyPollMicros !== undefined ? { TRELLIS_BUSY_POLL_US: String(options.busyPollMicros) } : {}) };
+    specs.forEach((spec, index) => this.nodes.push(new Node(spec, index, environment)));
     this.#infeasibleTimer = setInterval(() => {
       this.#warnPending();
       this.#reapIdleWorkers();
@@ -220,8 +228,12 @@ export class Cluster implements Runtime {
     if (sharing === 'mps' && !(options.nodes ?? [options]).some((node) => (node.numGpus ?? 0) > 0)) {
       throw new InvalidArgumentError("gpuSharing 'mps' shares GPUs between workers, but no node has numGpus > 0");
     }
+    const cap = options.busyPollMicros;
+    if (cap !== undefined && !(typeof cap === 'number' && Number.isFinite(cap) && cap >= 0 && cap <= MAX_BUSY_POLL_US)) {
+      throw new InvalidArgumentError(`busyPollMicros must be a number of microseconds from 0 to ${MAX_BUSY_POLL_US}, got ${String(cap)}`);
+    }
     const multiProcessService = sharing === 'mps' ? await MultiProcessService.start() : undefined;
-    configureBusyPoll();
+    configureBusyPoll(cap);
     const socketPath = join(tmpdir(), `trellis-${process.pid}-${newObjectId().slice(0, 8)}.sock`);
     const server = createServer();
     try {

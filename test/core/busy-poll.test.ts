@@ -7,7 +7,7 @@
 import { spawnSync } from 'node:child_process';
 import { availableParallelism } from 'node:os';
 import { afterEach, describe, expect, it } from 'vitest';
-import { get, init, shutdown } from '../../lib/index.js';
+import { get, init, InvalidArgumentError, shutdown } from '../../lib/index.js';
 import { busyPollCap, busyPollStats } from '../../lib/core/busy-poll.js';
 import { busyPollOfWorker, sleepFor, square } from './fixtures/core.js';
 
@@ -73,6 +73,17 @@ describe('busy-polling', () => {
     expect(after.spinMicros).toBeGreaterThan(1000);
     expect(after.spinMicros).toBeLessThanOrEqual(10_000);
     expect(after.hits - before.hits).toBeGreaterThan(0);
+  });
+
+  it("takes init's busyPollMicros over the variable, in the driver and its workers, and rejects bad ones", async () => {
+    process.env.TRELLIS_BUSY_POLL_US = '0';
+    await init({ numCpus: 1, prestartWorkers: 1, busyPollMicros: 2500 });
+    expect(busyPollStats().capMicros).toBe(2500);
+    expect((await get(busyPollOfWorker.remote())).capMicros).toBe(2500);
+    await shutdown();
+    for (const bad of [-1, 20_000, Number.NaN, '100' as unknown as number]) {
+      await expect(init({ busyPollMicros: bad })).rejects.toThrow(InvalidArgumentError);
+    }
   });
 
   it('never spins with a cap of 0', async () => {
