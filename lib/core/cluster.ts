@@ -450,7 +450,7 @@ export class Cluster implements Runtime {
           if (lease) lease.pool.release(lease.request);
           this.#schedule();
           try {
-            const values = await this.#locateAll(body.ids, body.timeout, worker.node, this.#actorOn(worker));
+            const values = await this.#locateAll(body.ids, body.timeout, worker.node, worker.actorId);
             reply(values);
           } finally {
             if (lease && this.#leaseByWorker.get(worker) === lease) lease.pool.acquire(lease.request);
@@ -582,12 +582,6 @@ export class Cluster implements Runtime {
       if (record.state === 'failed') return { error: serializeError(record.error!) };
       return (record.held && this.#directWire(record, node, reader)) || this.#valueOn(record, node);
     });
-  }
-
-  /** The actor whose process `worker` is, if any. */
-  #actorOn(worker: WorkerProcess): string | undefined {
-    for (const actor of this.#actors.values()) if (actor.worker === worker) return actor.id;
-    return undefined;
   }
 
   #valueOn(record: ObjectRecord, node: Node): WireValue {
@@ -1480,6 +1474,7 @@ export class Cluster implements Runtime {
       // not now: a start-up competing with the actor's first calls costs more than it saves.
       const worker = [...node.workers.values()].find((candidate) => candidate.state === 'idle' && !candidate.leasedOnce) ?? this.#spawn(node);
       worker.state = 'actor';
+      worker.actorId = actor.id;
       actor.worker = worker;
       actor.state = 'starting';
       void worker.ready.then(() => {

@@ -46,6 +46,8 @@ export class WorkerProcess {
   readonly node: Node;
   readonly child: ChildProcess;
   state: WorkerState = 'starting';
+  /** The actor whose dedicated process this is (state 'actor'). */
+  actorId?: string;
   connection?: FrameConnection<WorkerMessage, DriverMessage>;
   /** Tasks sent to this worker and not finished, by task id. */
   readonly inflight = new Set<string>();

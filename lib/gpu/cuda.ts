@@ -67,8 +67,7 @@ class CudaStream implements Stream {
   }
 
   wait(event: CudaEvent): void {
-    if (!(event instanceof RecordedEvent)) throw new InvalidArgumentError('wait() takes an event from stream.record()');
-    this.native.wait(event.native);
+    this.native.wait(nativeEvent(event, 'wait'));
   }
 
   destroy(): void {
@@ -101,9 +100,13 @@ class RecordedEvent implements CudaEvent {
   }
 
   elapsedMs(later: CudaEvent): number {
-    if (!(later instanceof RecordedEvent)) throw new InvalidArgumentError('elapsedMs() takes an event from stream.record()');
-    return this.native.elapsedMs(later.native);
+    return this.native.elapsedMs(nativeEvent(later, 'elapsedMs'));
   }
+}
+
+function nativeEvent(event: CudaEvent, call: string): NativeCudaEvent {
+  if (!(event instanceof RecordedEvent)) throw new InvalidArgumentError(`${call}() takes an event from stream.record()`);
+  return event.native;
 }
 
 function nativeStream(stream: Stream | undefined): NativeCudaStream | null {
