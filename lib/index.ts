@@ -48,7 +48,7 @@ export { CpuCommunicator } from './gpu/cpu-communicator.js';
 export { createCollectiveGroup, getCommunicator, CollectiveGroup } from './gpu/collective.js';
 export type { CollectiveBackend, CollectiveGroupOptions } from './gpu/collective.js';
 export { cuda } from './gpu/cuda.js';
-export { reclaimIpcMemory } from './gpu/transport.js';
+export { reclaimIpcMemory } from './gpu/ipc-reclaim.js';
 export type { CudaApi, CudaEvent, DeviceInfo, DeviceMemory, IpcHandle, IpcStats, PageLockStats, Stream } from './gpu/cuda-types.js';
 export { ChannelError } from './errors.js';
 export { InputNode, MultiOutputNode, ClassMethodNode, CollectiveNode, DAGNode, collective } from './dag/nodes.js';

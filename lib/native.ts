@@ -155,7 +155,7 @@ export interface NativeCuda {
   ipcStats(): IpcStats;
   setIdleIpcMappings(count: number): void;
   /** Exported blocks now free in this process's cache: their ids (one per free spell) and handles. */
-  exportedFreeBlocks(device: number): Array<{ id: number; byteLength: number; handle: Uint8Array }>;
+  exportedFreeBlocks(device: number): Array<{ id: number; byteLength: number; handle: Uint8Array; idleMs: number }>;
   /** Gives the blocks with these ids back to the driver if they are still free; the bytes freed. */
   freeExportedBlocks(device: number, ids: number[]): number;
   /** Closes idle mappings of these handles; returns the handles of mappings still in use. */

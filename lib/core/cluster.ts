@@ -41,6 +41,7 @@ import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js'
 import { decodeStored, encodeArguments, encodeValue, pack, putStored, unpack } from './serialization.js';
 import { Deque } from './deque.js';
 import { MAX_BUSY_POLL_US, busyPollTraffic, configureBusyPoll } from './busy-poll.js';
+import { MAX_RECLAIM_IPC_AFTER_MS, configureIpcReclaim } from '../gpu/ipc-reclaim.js';
 import { MultiProcessService } from '../gpu/mps.js';
 import { closeIdleMappingsOf } from '../gpu/cuda.js';
 
@@ -180,6 +181,13 @@ export interface InitOptions extends NodeOptions {
    * cores or more and 0 below (see busy-poll.ts).
    */
   busyPollMicros?: number;
+  /**
+   * How long a block exported over CUDA IPC stays free in its producer's cache before it goes back
+   * to the CUDA driver, once no process maps it, in milliseconds (0: only on reclaimIpcMemory(),
+   * cuda.emptyCache() or an allocation out of memory). Default: TRELLIS_RECLAIM_IPC_AFTER_MS, else
+   * 10 s (see ipc-reclaim.ts).
+   */
+  reclaimIpcAfterMs?: number;
 }
 
 export class Cluster implements Runtime {
@@ -214,7 +222,11 @@ export class Cluster implements Runtime {
     this.#multiProcessService = multiProcessService;
     const specs = options.nodes ?? [options];
     // Workers read the cap from their environment, as the driver's own from init or the variable.
-    const environment = { ...multiProcessService?.environment, ...(options.busyPollMicros !== undefined ? { TRELLIS_BUSY_POLL_US: String(options.busyPollMicros) } : {}) };
+    const environment = {
+      ...multiProcessService?.environment,
+      ...(options.busyPollMicros !== undefined ? { TRELLIS_BUSY_POLL_US: String(options.busyPollMicros) } : {}),
+      ...(options.reclaimIpcAfterMs !== undefined ? { TRELLIS_RECLAIM_IPC_AFTER_MS: String(options.reclaimIpcAfterMs) } : {}),
+    };
     specs.forEach((spec, index) => this.nodes.push(new Node(spec, index, environment)));
     this.#infeasibleTimer = setInterval(() => {
       this.#warnPending();
@@ -232,8 +244,13 @@ export class Cluster implements Runtime {
     if (cap !== undefined && !(typeof cap === 'number' && Number.isFinite(cap) && cap >= 0 && cap <= MAX_BUSY_POLL_US)) {
       throw new InvalidArgumentError(`busyPollMicros must be a number of microseconds from 0 to ${MAX_BUSY_POLL_US}, got ${String(cap)}`);
     }
+    const reclaimAfter = options.reclaimIpcAfterMs;
+    if (reclaimAfter !== undefined && !(typeof reclaimAfter === 'number' && Number.isFinite(reclaimAfter) && reclaimAfter >= 0 && reclaimAfter <= MAX_RECLAIM_IPC_AFTER_MS)) {
+      throw new InvalidArgumentError(`reclaimIpcAfterMs must be a number of milliseconds from 0 to ${MAX_RECLAIM_IPC_AFTER_MS}, got ${String(reclaimAfter)}`);
+    }
     const multiProcessService = sharing === 'mps' ? await MultiProcessService.start() : undefined;
     configureBusyPoll(cap);
+    configureIpcReclaim(reclaimAfter);
     const socketPath = join(tmpdir(), `trellis-${process.pid}-${newObjectId().slice(0, 8)}.sock`);
     const server = createServer();
     try {

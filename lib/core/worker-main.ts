@@ -29,6 +29,8 @@ import { busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 import '../gpu/collective.js';
 import { holdResult, mapHeld, ownHeld, receiveHeld } from '../gpu/transport.js';
 import { closeIdleMappingsOf } from '../gpu/cuda.js';
+// Idle blocks this worker exports over IPC go back to the driver on their own (see ipc-reclaim.ts).
+import '../gpu/ipc-reclaim.js';
 // Registers the compiled-graph exec loop's system methods.
 import '../dag/exec-loop.js';
 

@@ -15,6 +15,7 @@ import { native, type NativeCudaEvent, type NativeCudaStatus, type NativeCudaStr
 import type { CudaApi, CudaEvent, DeviceInfo, DeviceMemory, IpcHandle, IpcStats, PageLockStats, Stream } from './cuda-types.js';
 
 let loaded: NativeCudaStatus | undefined;
+const CUDA_ERROR_OUT_OF_MEMORY = 2;
 
 /** Loads the driver once (dlopen, cuInit) and says whether it is usable. */
 function status(): NativeCudaStatus {
@@ -31,7 +32,7 @@ export function closeIdleMappingsOf(handles: Uint8Array[]): Uint8Array[] {
 }
 
 /** Blocks this process exported over IPC and has since freed (none where CUDA is unavailable). */
-export function exportedFreeBlocks(device: number): Array<{ id: number; byteLength: number; handle: Uint8Array }> {
+export function exportedFreeBlocks(device: number): Array<{ id: number; byteLength: number; handle: Uint8Array; idleMs: number }> {
   return status().available ? native.cuda.exportedFreeBlocks(device) : [];
 }
 
@@ -39,6 +40,31 @@ export function exportedFreeBlocks(device: number): Array<{ id: number; byteLeng
 export function freeExportedBlocks(device: number, ids: number[]): number {
   requireCuda('freeExportedBlocks');
   return native.cuda.freeExportedBlocks(device, ids);
+}
+
+/**
+ * What the allocator tells the reclaiming of exported blocks (ipc-reclaim.ts registers it; this
+ * module cannot import it without a cycle): a device's first export, after which that device's
+ * idle exported blocks are watched, and a wish to give them all back soon (an emptied cache, an
+ * allocation out of memory).
+ */
+export interface ExportedBlockWatcher {
+  exporting(device: number): void;
+  releaseSoon(device?: number): void;
+}
+
+let watcher: ExportedBlockWatcher | undefined;
+const exportingDevices = new Set<number>();
+
+export function watchExportedBlocks(registered: ExportedBlockWatcher): void {
+  watcher = registered;
+  for (const device of exportingDevices) registered.exporting(device);
+}
+
+function exported(device: number): void {
+  if (exportingDevices.has(device)) return;
+  exportingDevices.add(device);
+  watcher?.exporting(device);
 }
 
 function requireCuda(call: string): void {
@@ -216,7 +242,9 @@ class CudaDeviceMemory implements DeviceMemory {
   }
 
   exportIpc(): IpcHandle {
-    return this.#native.exportIpc();
+    const handle = this.#native.exportIpc();
+    exported(this.#native.device);
+    return handle;
   }
 
   free(): void {
@@ -254,7 +282,10 @@ export function whenReleased(memory: DeviceMemory, release: () => void): void {
  * IPC argument.
  */
 export function exportPackedIpc(memory: DeviceMemory): Uint8Array {
-  return CudaDeviceMemory.unwrap(memory).exportIpcPacked();
+  const source = CudaDeviceMemory.unwrap(memory);
+  const packed = source.exportIpcPacked();
+  exported(source.device);
+  return packed;
 }
 
 export function importPackedIpc(packed: Uint8Array): DeviceMemory {
@@ -297,7 +328,14 @@ export const cuda: CudaApi = {
 
   allocate(device: number, byteLength: number): DeviceMemory {
     requireCuda('allocate');
-    return new CudaDeviceMemory(new native.cuda.DeviceMemory({ device, byteLength }));
+    try {
+      return new CudaDeviceMemory(new native.cuda.DeviceMemory({ device, byteLength }));
+    } catch (error) {
+      // Blocks exported over IPC outlive emptying the cache (see reclaimIpcMemory): start giving
+      // back those no process maps, so that a retry can find the memory.
+      if (error instanceof CudaError && error.result === CUDA_ERROR_OUT_OF_MEMORY && exportingDevices.has(device)) watcher?.releaseSoon(device);
+      throw error;
+    }
   },
 
   importIpc(handle: IpcHandle): DeviceMemory {
@@ -318,6 +356,7 @@ export const cuda: CudaApi = {
   emptyCache(device?: number): void {
     requireCuda('emptyCache');
     native.cuda.emptyCache(device);
+    watcher?.releaseSoon(device);
   },
 
   ipcStats(): IpcStats {

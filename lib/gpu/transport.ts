@@ -6,12 +6,11 @@
  */
 import { TrellisError } from '../errors.js';
 import { registerSystemMethod } from '../core/system-methods.js';
-import { currentRuntime } from '../core/runtime-context.js';
 import type { HeldMeta } from '../core/protocol.js';
 import { INLINE_LIMIT, pack, unpack } from '../core/serialization.js';
 import { putTensors, takeTensors } from './tensor-tree.js';
 import { getCommunicator } from './collective.js';
-import { exportPackedIpc, exportedFreeBlocks, freeExportedBlocks, importPackedIpc, sharedView, whenReleased } from './cuda.js';
+import { exportPackedIpc, importPackedIpc, sharedView, whenReleased } from './cuda.js';
 import type { DType } from './dtype.js';
 import { Tensor } from './tensor.js';
 
@@ -120,24 +119,6 @@ export async function receiveHeld(wire: { recv: { group: string; source: number;
   for (const tensor of tensors) void communicator.recv(tensor, wire.recv.source);
   await communicator.groupEnd();
   return assemble(wire.recv.meta, tensors);
-}
-
-/**
- * Gives the blocks this process exported over CUDA IPC, and has since freed, back to the CUDA
- * driver. They stay in its allocator's cache otherwise (cuMemFree of memory another process
- * still maps is undefined behaviour, and readers keep idle mappings for reuse): every other
- * process of the cluster first closes its idle mappings of them, and a block goes back only if no
- * process still maps it and it stayed free meanwhile. Call it in an actor whose exported tensors'
- * sizes changed for good (after a warm-up with larger batches, say); `cuda.emptyCache()` releases
- * the rest of the cache.
- */
-export async function reclaimIpcMemory(device = 0): Promise<{ freedBytes: number }> {
-  const blocks = exportedFreeBlocks(device);
-  if (blocks.length === 0) return { freedBytes: 0 };
-  const hex = (handle: Uint8Array) => Buffer.from(handle).toString('hex');
-  const stillMapped = new Set((await currentRuntime().closeIpcMappings(blocks.map((block) => block.handle))).map(hex));
-  const ids = blocks.filter((block) => !stillMapped.has(hex(block.handle))).map((block) => block.id);
-  return { freedBytes: freeExportedBlocks(device, ids) };
 }
 
 registerSystemMethod('__trellis_materialize', (id: string) => {

@@ -698,6 +698,7 @@ void RegisterCudaBinding(Napi::Env env, Napi::Object exports) {
                  block.Set("id", static_cast<double>(blocks[i].id));
                  block.Set("byteLength", static_cast<double>(blocks[i].bytes));
                  block.Set("handle", HandleBytes(info.Env(), blocks[i].handle));
+                 block.Set("idleMs", blocks[i].idle_ms);
                  out.Set(i, block);
                }
                return out;

@@ -40,6 +40,7 @@ struct DeviceCache {
   struct ExportedFree {
     void* block;
     uint64_t id;
+    std::chrono::steady_clock::time_point freed_at;
   };
   std::multimap<size_t, ExportedFree> exported_free;
   uint64_t next_free_id = 1;
@@ -301,7 +302,7 @@ DeviceBuffer Allocate(int device, size_t bytes) {
         if (cache.stats.cached_bytes > 0) {
           kept = "; " + std::to_string(cache.stats.cached_bytes) +
                  " bytes stay cached in blocks this process exported over CUDA IPC (another process may still map them; "
-                 "reclaimIpcMemory() gives back those that no process maps)";
+                 "they go back to the driver once no process maps them, and reclaimIpcMemory() waits for that)";
         }
       }
       throw NativeError("ERR_CUDA", "cuMemAlloc_v2 failed: " + ErrorText(result) + " allocating " + std::to_string(rounded) +
@@ -320,7 +321,8 @@ DeviceBuffer Allocate(int device, size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(home.mutex);
       if (home.exported.count(block->ptr) != 0) {
-        home.exported_free.emplace(block->rounded, DeviceCache::ExportedFree{reinterpret_cast<void*>(block->ptr), home.next_free_id++});
+        home.exported_free.emplace(block->rounded, DeviceCache::ExportedFree{reinterpret_cast<void*>(block->ptr), home.next_free_id++,
+                                                                              std::chrono::steady_clock::now()});
       } else {
         home.free[block->rounded].push_back(reinterpret_cast<void*>(block->ptr));
       }
@@ -426,8 +428,10 @@ std::vector<ExportedBlock> ExportedFreeBlocks(int device) {
   DeviceCache& cache = CacheOf(device);
   std::lock_guard<std::mutex> lock(cache.mutex);
   std::vector<ExportedBlock> blocks;
+  const auto now = std::chrono::steady_clock::now();
   for (const auto& [size, entry] : cache.exported_free) {
-    blocks.push_back(ExportedBlock{entry.id, size, cache.exported.at(reinterpret_cast<CUdeviceptr>(entry.block))});
+    const double idle_ms = std::chrono::duration<double, std::milli>(now - entry.freed_at).count();
+    blocks.push_back(ExportedBlock{entry.id, size, cache.exported.at(reinterpret_cast<CUdeviceptr>(entry.block)), idle_ms});
   }
   return blocks;
 }

@@ -88,6 +88,7 @@ struct ExportedBlock {
   uint64_t id;
   size_t bytes;
   CUipcMemHandle handle;
+  double idle_ms;  // since it was freed (idle blocks go back on their own: lib/gpu/ipc-reclaim.ts)
 };
 std::vector<ExportedBlock> ExportedFreeBlocks(int device);
 uint64_t FreeExportedBlocks(int device, const std::vector<uint64_t>& ids);
