@@ -156,6 +156,8 @@ export interface NativeCuda {
   setIdleIpcMappings(count: number): void;
   /** Exported blocks now free in this process's cache: their ids (one per free spell) and handles. */
   exportedFreeBlocks(device: number): Array<{ id: number; byteLength: number; handle: Uint8Array; idleMs: number }>;
+  /** Closes mappings of memory the process `processId` exported (see cuda.ts); how many. */
+  closeMappingsOfExporter(processId: number): number;
   /** Gives the blocks with these ids back to the driver if they are still free; the bytes freed. */
   freeExportedBlocks(device: number, ids: number[]): number;
   /** Closes idle mappings of these handles; returns the handles of mappings still in use. */

@@ -43,7 +43,7 @@ import { Deque } from './deque.js';
 import { MAX_BUSY_POLL_US, busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 import { MAX_RECLAIM_IPC_AFTER_MS, configureIpcReclaim } from '../gpu/ipc-reclaim.js';
 import { MultiProcessService } from '../gpu/mps.js';
-import { closeIdleMappingsOf } from '../gpu/cuda.js';
+import { closeIdleMappingsOf, closeMappingsOfExporter } from '../gpu/cuda.js';
 
 /**
  * How long a close-ipc round waits for a worker's answer (see closeIpcMappings);
@@ -359,8 +359,24 @@ export class Cluster implements Runtime {
     if (wasActor) {
       for (const actor of this.#actors.values()) if (actor.worker === worker) this.#onActorWorkerDied(actor);
     }
+    this.#exporterGone(worker);
     this.#onWorkerGone(worker);
     this.#schedule();
+  }
+
+  /**
+   * Processes on the worker's node close their mappings of GPU memory it exported over CUDA IPC:
+   * nothing can read that memory any more, and a mapping kept idle could pin it (a restarted
+   * producer would then hold its memory twice). Sent on every exit, as the driver does not know
+   * which processes exported; one that never loaded CUDA ignores it.
+   */
+  #exporterGone(worker: WorkerProcess): void {
+    const processId = worker.child.pid;
+    if (processId === undefined) return;
+    closeMappingsOfExporter(processId);
+    for (const other of worker.node.workers.values()) {
+      if (other.connection && !other.connection.closed) other.send({ t: 'exporter-gone', processId });
+    }
   }
 
   /**

@@ -88,7 +88,16 @@ export interface CloseIpcMessage {
   handles: Uint8Array[];
 }
 
-export type DriverMessage = TaskMessage | CreateActorMessage | ReplyMessage | ExitMessage | CloseIpcMessage;
+/**
+ * A process that may have exported GPU memory over CUDA IPC is gone: close the mappings of its
+ * memory (idle ones now, those in use with their last view). Nothing can read it any more.
+ */
+export interface ExporterGoneMessage {
+  t: 'exporter-gone';
+  processId: number;
+}
+
+export type DriverMessage = TaskMessage | CreateActorMessage | ReplyMessage | ExitMessage | CloseIpcMessage | ExporterGoneMessage;
 
 export interface HelloMessage {
   t: 'hello';

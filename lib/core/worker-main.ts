@@ -28,7 +28,7 @@ import { busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 // Registers the collective-group system methods in every worker.
 import '../gpu/collective.js';
 import { holdResult, mapHeld, ownHeld, receiveHeld } from '../gpu/transport.js';
-import { closeIdleMappingsOf } from '../gpu/cuda.js';
+import { closeIdleMappingsOf, closeMappingsOfExporter } from '../gpu/cuda.js';
 // Idle blocks this worker exports over IPC go back to the driver on their own (see ipc-reclaim.ts).
 import '../gpu/ipc-reclaim.js';
 // Registers the compiled-graph exec loop's system methods.
@@ -568,6 +568,9 @@ const connection = new FrameConnection<DriverMessage, WorkerMessage>(
         return;
       case 'close-ipc':
         runtime.send({ t: 'closed-ipc', requestId: message.requestId, inUse: closeIdleMappingsOf(message.handles) });
+        return;
+      case 'exporter-gone':
+        closeMappingsOfExporter(message.processId);
         return;
       case 'exit':
         process.exit(0);

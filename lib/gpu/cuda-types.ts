@@ -22,6 +22,11 @@ export interface IpcHandle {
   device: number;
   /** Device UUID, so an importer can find the same physical GPU under its own numbering. */
   deviceUuid: string;
+  /**
+   * The exporting process's pid: once the cluster sees it gone, importers close their mappings
+   * of its memory rather than keep them idle. Optional on import.
+   */
+  processId?: number;
 }
 
 /** Device memory owned by this process (from the caching allocator) or mapped from another (IPC). */

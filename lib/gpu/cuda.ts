@@ -31,6 +31,14 @@ export function closeIdleMappingsOf(handles: Uint8Array[]): Uint8Array[] {
   return loaded?.available === true && handles.length > 0 ? native.cuda.closeIdleIpcMappings(handles) : [];
 }
 
+/**
+ * Closes this process's mappings of memory exported by the process `processId`, which is gone
+ * (idle ones now, those in use with their last view). Does not load CUDA where it was not.
+ */
+export function closeMappingsOfExporter(processId: number): number {
+  return loaded?.available === true ? native.cuda.closeMappingsOfExporter(processId) : 0;
+}
+
 /** Blocks this process exported over IPC and has since freed (none where CUDA is unavailable). */
 export function exportedFreeBlocks(device: number): Array<{ id: number; byteLength: number; handle: Uint8Array; idleMs: number }> {
   return status().available ? native.cuda.exportedFreeBlocks(device) : [];
@@ -276,8 +284,8 @@ export function whenReleased(memory: DeviceMemory, release: () => void): void {
 }
 
 /**
- * An export in its compact form, for tensor transport: 96 bytes (handle, offset, size, device
- * UUID) that importPackedIpc reads in one go. The IpcHandle object costs each import five
+ * An export in its compact form, for tensor transport: 104 bytes (handle, offset, size, device
+ * UUID, the exporter's pid) that importPackedIpc reads in one go. The IpcHandle object costs each import five
  * property reads and a string across the addon boundary, several microseconds of a reader's every
  * IPC argument.
  */

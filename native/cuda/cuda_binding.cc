@@ -6,6 +6,8 @@
 #include <cstring>
 #include <optional>
 
+#include <unistd.h>
+
 #include "common/js_error.h"
 #include "cuda/completion.h"
 
@@ -18,7 +20,7 @@ constexpr napi_type_tag kStreamTag = {0x7472656c6c697302ull, 0x73747265616d0000u
 constexpr napi_type_tag kEventTag = {0x7472656c6c697303ull, 0x6576656e74000000ull};
 
 // exportIpcPacked()'s bytes: see DeviceMemoryBinding::ImportPacked.
-constexpr size_t kPackedIpcBytes = 96;
+constexpr size_t kPackedIpcBytes = 104;
 
 uint64_t IntegerArgument(const Napi::Value& value, const char* what) {
   if (!value.IsNumber()) throw InvalidArgument(std::string(what) + " must be a number");
@@ -342,13 +344,14 @@ class DeviceMemoryBinding : public Napi::ObjectWrap<DeviceMemoryBinding> {
       device = DeviceArgument(ipc.Get("device"));
     }
     if (device < 0) device = 0;
-    return ImportIpc(device, handle, offset, size);
+    Napi::Value exporter = ipc.Get("processId");
+    return ImportIpc(device, handle, offset, size, exporter.IsNumber() ? exporter.As<Napi::Number>().Uint32Value() : 0);
   }
 
   // The packed form, for tensor transport: one typed array read with no property lookups or
   // strings, where the object form costs a reader's every IPC argument several microseconds.
   // Layout: handle (64 bytes), offset and size (u64 each, host order: only processes of this host
-  // read it), device UUID (16 bytes).
+  // read it), device UUID (16 bytes), the exporter's pid (u32), 4 bytes of padding.
   static DeviceBuffer ImportPacked(const Napi::Value& value) {
     napi_typedarray_type type;
     size_t length = 0;
@@ -367,7 +370,9 @@ class DeviceMemoryBinding : public Napi::ObjectWrap<DeviceMemoryBinding> {
     Driver("importIpc");
     // As in Import: the exporter's device by UUID, else device 0's context.
     int device = DeviceByUuidBytes(bytes + 80);
-    return ImportIpc(device < 0 ? 0 : device, handle, offset, size);
+    uint32_t exporter = 0;
+    std::memcpy(&exporter, bytes + 96, sizeof exporter);
+    return ImportIpc(device < 0 ? 0 : device, handle, offset, size, exporter);
   }
 
   Napi::Value ExportIpcPacked(const Napi::CallbackInfo& info) {
@@ -383,6 +388,9 @@ class DeviceMemoryBinding : public Napi::ObjectWrap<DeviceMemoryBinding> {
       std::memcpy(out + 64, &offset, sizeof offset);
       std::memcpy(out + 72, &size, sizeof size);
       std::memcpy(out + 80, uuid.bytes, sizeof uuid.bytes);
+      const uint32_t exporter = static_cast<uint32_t>(getpid());
+      std::memcpy(out + 96, &exporter, sizeof exporter);
+      std::memset(out + 100, 0, 4);
       return packed;
     });
   }
@@ -558,6 +566,7 @@ class DeviceMemoryBinding : public Napi::ObjectWrap<DeviceMemoryBinding> {
       out.Set("byteLength", Napi::Number::New(env, static_cast<double>(b.size)));
       out.Set("device", Napi::Number::New(env, b.device));
       out.Set("deviceUuid", Napi::String::New(env, DeviceUuid(b.device)));
+      out.Set("processId", Napi::Number::New(env, static_cast<double>(getpid())));
       return out;
     });
   }
@@ -712,6 +721,13 @@ void RegisterCudaBinding(Napi::Env env, Napi::Object exports) {
                std::vector<uint64_t> ids;
                for (uint32_t i = 0; i < list.Length(); ++i) ids.push_back(IntegerArgument(list.Get(i), "block id"));
                return Napi::Number::New(info.Env(), static_cast<double>(FreeExportedBlocks(device, ids)));
+             });
+           }));
+  cuda.Set("closeMappingsOfExporter", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+             return Guarded(info.Env(), [&]() -> Napi::Value {
+               uint64_t pid = IntegerArgument(info[0], "processId");
+               if (pid > UINT32_MAX) throw InvalidArgument("processId must be a process id, got " + std::to_string(pid));
+               return Napi::Number::New(info.Env(), static_cast<double>(CloseMappingsOfExporter(static_cast<uint32_t>(pid))));
              });
            }));
   cuda.Set("closeIdleIpcMappings", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {

@@ -78,6 +78,8 @@ struct Mapping {
   CUdeviceptr base;
   size_t size;
   std::string key;
+  uint32_t exporter;     // the exporting process's pid (0: not known)
+  bool closing = false;  // its exporter is gone: close with the last view instead of idling
 };
 
 // Mappings without views stay open, up to this many (least recently used closed first): a
@@ -130,7 +132,7 @@ void RetireMapping(Mapping* mapping) {
     IpcState& ipc = Ipc();
     auto it = ipc.in_use.find(mapping->key);
     if (it != ipc.in_use.end() && it->second.expired()) ipc.in_use.erase(it);
-    if (ipc.idle_limit > 0 && ipc.idle_by_key.count(mapping->key) == 0) {
+    if (ipc.idle_limit > 0 && !mapping->closing && ipc.idle_by_key.count(mapping->key) == 0) {
       ipc.idle.push_front(mapping);
       ipc.idle_by_key[mapping->key] = ipc.idle.begin();
       mapping = nullptr;
@@ -461,7 +463,7 @@ uint64_t FreeExportedBlocks(int device, const std::vector<uint64_t>& ids) {
   return bytes;
 }
 
-DeviceBuffer ImportIpc(int device, const CUipcMemHandle& handle, uint64_t offset, size_t size) {
+DeviceBuffer ImportIpc(int device, const CUipcMemHandle& handle, uint64_t offset, size_t size, uint32_t exporter) {
   const DriverTable& cu = Driver("importIpc");
   std::string key = KeyOf(device, handle);
   std::shared_ptr<Mapping> mapping;
@@ -491,7 +493,7 @@ DeviceBuffer ImportIpc(int device, const CUipcMemHandle& handle, uint64_t offset
         cu.cuIpcCloseMemHandle(base);
         Check(result, "cuMemGetAddressRange_v2");
       }
-      mapping = std::shared_ptr<Mapping>(new Mapping{device, base, range_size, key}, RetireMapping);
+      mapping = std::shared_ptr<Mapping>(new Mapping{device, base, range_size, key, exporter}, RetireMapping);
       ipc.stats.opens += 1;
       ipc.stats.open_ns += static_cast<uint64_t>(NowNs() - started);
     }
@@ -536,6 +538,35 @@ std::vector<CUipcMemHandle> CloseIdleMappingsOf(const std::vector<CUipcMemHandle
   }
   for (Mapping* mapping : closing) CloseNow(mapping);
   return in_use;
+}
+
+size_t CloseMappingsOfExporter(uint32_t exporter) {
+  if (exporter == 0) return 0;
+  std::vector<Mapping*> closing;
+  // Mappings in use, marked; released after the lock, as the last reference retires its mapping.
+  std::vector<std::shared_ptr<Mapping>> marked;
+  {
+    std::lock_guard<std::mutex> lock(ipc_mutex);
+    IpcState& ipc = Ipc();
+    for (auto it = ipc.idle.begin(); it != ipc.idle.end();) {
+      if ((*it)->exporter != exporter) {
+        ++it;
+        continue;
+      }
+      closing.push_back(*it);
+      ipc.idle_by_key.erase((*it)->key);
+      it = ipc.idle.erase(it);
+    }
+    for (auto& [key, weak] : ipc.in_use) {
+      std::shared_ptr<Mapping> mapping = weak.lock();
+      if (!mapping || mapping->exporter != exporter) continue;
+      mapping->closing = true;
+      marked.push_back(std::move(mapping));
+    }
+    ipc.stats.closes += closing.size();
+  }
+  for (Mapping* mapping : closing) CloseNow(mapping);
+  return closing.size() + marked.size();
 }
 
 void SetIdleMappings(size_t limit) {

@@ -75,7 +75,13 @@ IpcExport ExportIpc(const DeviceBuffer& buffer);
 // mapping) and returns the view [base + offset, + size). A mapping whose last view is dropped stays
 // open, idle, for the handle's next import (the 64 most recently used, or
 // TRELLIS_IPC_IDLE_MAPPINGS; EmptyCache closes them).
-DeviceBuffer ImportIpc(int device, const CUipcMemHandle& handle, uint64_t offset, size_t size);
+// `exporter` is the exporting process's pid (0: unknown), for CloseMappingsOfExporter.
+DeviceBuffer ImportIpc(int device, const CUipcMemHandle& handle, uint64_t offset, size_t size, uint32_t exporter);
+
+// The exporting process `exporter` is gone: closes the idle mappings of its memory now, and those
+// in use when their last view goes (rather than keeping them idle). What it exported can no longer
+// be read by anyone, and a mapping kept open could pin its memory. Returns how many it affected.
+size_t CloseMappingsOfExporter(uint32_t exporter);
 
 // How many idle mappings to keep (0: close each with its last view); closes the surplus now.
 void SetIdleMappings(size_t limit);

@@ -1,12 +1,13 @@
 /**
  * Blocks exported over CUDA IPC going back to the CUDA driver on their own: after being left free
- * for init's reclaimIpcAfterMs, after cuda.emptyCache(), and after an allocation out of memory. On
- * the real driver where there is one, else on the fake driver.
+ * for init's reclaimIpcAfterMs, after cuda.emptyCache(), and after an allocation out of memory;
+ * and readers' mappings of a producer that died closing. On the real driver where there is one,
+ * else on the fake driver.
  */
 import { rmSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { get, init, InvalidArgumentError, shutdown, type ActorHandle } from '../../lib/index.js';
+import { get, init, InvalidArgumentError, kill, shutdown, type ActorHandle } from '../../lib/index.js';
 import { buildFakeGpu, scenario } from './gpu-helpers.js';
 import { RemoteConsumer, RemoteProducer, type Consumer, type Producer } from './fixtures/cuda-actors.js';
 
@@ -127,5 +128,23 @@ describe.skipIf(!driver)(`with reclaimIpcAfterMs 0, exported blocks go back only
     const reclaims = await get(producer.idleReclaims.remote());
     expect(reclaims.freedBytes).toBeGreaterThanOrEqual(8 * MiB);
     expect(reclaims.failures).toBe(0);
+  });
+
+  // Last: it kills the producer.
+  it("closes a reader's mappings of a producer that died: idle ones at once, one in use with its last view", async () => {
+    await sendOnce(MiB + 3, 4);
+    {
+      using kept = producer.make.remote(3 * MiB + 3, 5);
+      expect(await get(consumer.keep.remote(kept))).toBe('cuda:0');
+    }
+    const before = await get(consumer.ipcStats.remote());
+    expect([before.idle, before.inUse]).toEqual([1, 1]);
+    kill(producer);
+    const after = await until(() => get(consumer.ipcStats.remote()), (stats) => stats.idle === 0);
+    expect([after.idle, after.inUse, after.closes - before.closes]).toEqual([0, 1, 1]);
+    // The kept tensor's mapping closes with it, instead of staying idle.
+    await get(consumer.dropKept.remote(false));
+    const dropped = await get(consumer.ipcStats.remote());
+    expect([dropped.idle, dropped.inUse, dropped.closes - before.closes]).toEqual([0, 0, 2]);
   });
 });
