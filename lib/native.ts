@@ -164,7 +164,7 @@ export interface NativeCuda {
   closeIdleIpcMappings(handles: Uint8Array[]): Uint8Array[];
   pageLockStats(): PageLockStats;
   allocateHost(device: number, byteLength: number): Uint8Array;
-  DeviceMemory: new (options: { device: number; byteLength: number } | { ipc: NativeIpcHandle } | Uint8Array) => NativeDeviceMemory;
+  DeviceMemory: new (options: { device: number; byteLength: number } | { ipc: NativeIpcHandle } | { share: NativeDeviceMemory } | Uint8Array) => NativeDeviceMemory;
   Stream: new (device: number) => NativeCudaStream;
   /** Recorded on the stream when made. */
   CudaEvent: new (stream: NativeCudaStream, timing: boolean) => NativeCudaEvent;

@@ -43,6 +43,7 @@ import { Deque } from './deque.js';
 import { MAX_BUSY_POLL_US, busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 import { MAX_RECLAIM_IPC_AFTER_MS, configureIpcReclaim } from '../gpu/ipc-reclaim.js';
 import { MultiProcessService } from '../gpu/mps.js';
+import { isImmediateSystemMethod } from './system-methods.js';
 import { closeIdleMappingsOf, closeMappingsOfExporter } from '../gpu/cuda.js';
 
 /**
@@ -1577,7 +1578,10 @@ export class Cluster implements Runtime {
       return;
     }
     task.state = 'queued';
-    actor.queue.push(task);
+    // Bookkeeping that runs between the actor's calls (see isImmediateSystemMethod) goes ahead of
+    // calls still waiting on their arguments, which may wait on the very call it unblocks.
+    if (isImmediateSystemMethod(method)) actor.queue.unshift(task);
+    else actor.queue.push(task);
     if (argRefs.length === 0) this.#pumpActor(actor);
     else this.#afterDependencies(argRefs, () => this.#prepareThen(task, () => this.#pumpActor(actor)));
   }

@@ -21,7 +21,7 @@ import {
 import { actorHandleInfo, lookupRegistered, makeActorHandle } from './registry.js';
 import { setRuntime, type ActorLookup, type Runtime, type RuntimeContext } from './runtime-context.js';
 import { ArgumentSlot, decodeStored, encodeArguments, encodeValue, pack, putStored, restoreTensorsOnDevice, setHandleCodec, unpack } from './serialization.js';
-import { SYSTEM_PREFIX, systemMethod } from './system-methods.js';
+import { SYSTEM_PREFIX, isImmediateSystemMethod, systemMethod } from './system-methods.js';
 import { Deque } from './deque.js';
 import { DriverRequests } from './requests.js';
 import { busyPollTraffic, configureBusyPoll } from './busy-poll.js';
@@ -511,6 +511,21 @@ function finishTask(task: TaskMessage, system: unknown, started: number, failed:
   }
 }
 
+/**
+ * Runs an immediate system method (see isImmediateSystemMethod) at once, outside the actor's queue
+ * and without becoming the current task; false for any other call.
+ */
+function runImmediately(task: TaskMessage): boolean {
+  const method = isImmediateSystemMethod(task.method!) ? systemMethod(task.method!) : undefined;
+  if (!method) return false;
+  try {
+    sendResult(task.taskId, task.returnId, method.apply(actorInstance, unpack(task.args) as unknown[]));
+  } catch (error) {
+    runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(error) });
+  }
+  return true;
+}
+
 /** Starts queued tasks while concurrency allows; iterative, since a sync task finishes inside it. */
 function pump(): void {
   if (pumping) return;
@@ -557,6 +572,7 @@ const connection = new FrameConnection<DriverMessage, WorkerMessage>(
   (message) => {
     switch (message.t) {
       case 'task':
+        if (message.method !== undefined && runImmediately(message)) return;
         runtime.queue.push(message);
         pump();
         return;

@@ -46,7 +46,13 @@ export interface DeviceMemory {
   copyFromDeviceAsync(source: DeviceMemory, byteLength?: number, sourceOffset?: number, targetOffset?: number, stream?: Stream): Promise<void>;
   fill(byte: number): void;
   exportIpc(): IpcHandle;
-  /** Back to the caching allocator (or unmapped, for imports); idempotent. */
+  /**
+   * Another holder of the same memory: it goes back to the allocator (or is unmapped) once every
+   * share has been freed or collected. An actor that returns a buffer it keeps using returns a
+   * tensor over a share of it (Tensor.share()), as the result frees its tensors with its last ref.
+   */
+  share(): DeviceMemory;
+  /** Back to the caching allocator (or unmapped, for imports) once no other share holds it; idempotent. */
   free(): void;
   /** free(), for `using`. */
   [Symbol.dispose](): void;

@@ -150,18 +150,31 @@ function nativeStream(stream: Stream | undefined): NativeCudaStream | null {
 }
 
 /**
- * What runs when memory is freed or collected (see whenReleased), shared by the wrapper and the
- * finalizer: whichever comes first takes it. Registered without an unregister token, which would
- * make each registration several times dearer (see HandleReleaser): every IPC-mapped argument
- * registers one.
+ * What runs once memory is let go of (see whenReleased): freed or collected, by each of its
+ * holders (the memory and its shares, see share()), the last one running it.
  */
 interface Releases {
   run: (() => void) | undefined;
+  holders: number;
 }
 
-const releasedByCollection = new FinalizationRegistry<Releases>(runReleases);
+/**
+ * One holder's part in Releases, shared by the wrapper and the finalizer: whichever comes first
+ * counts. Registered without an unregister token, which would make each registration several
+ * times dearer (see HandleReleaser): every IPC-mapped argument registers one.
+ */
+interface ReleaseHold {
+  releases: Releases;
+  done: boolean;
+}
 
-function runReleases(releases: Releases): void {
+const releasedByCollection = new FinalizationRegistry<ReleaseHold>(letGo);
+
+function letGo(hold: ReleaseHold): void {
+  if (hold.done) return;
+  hold.done = true;
+  const releases = hold.releases;
+  if (--releases.holders > 0) return;
   const run = releases.run;
   releases.run = undefined;
   run?.();
@@ -169,32 +182,29 @@ function runReleases(releases: Releases): void {
 
 class CudaDeviceMemory implements DeviceMemory {
   readonly #native: NativeDeviceMemory;
-  /** False for a shared view (see sharedView): free() leaves the memory to its owner. */
-  readonly #owns: boolean;
-  #releases: Releases | undefined;
+  #hold: ReleaseHold | undefined;
 
-  constructor(handle: NativeDeviceMemory, owns = true) {
+  constructor(handle: NativeDeviceMemory) {
     this.#native = handle;
-    this.#owns = owns;
-  }
-
-  /** @internal See sharedView. */
-  static shared(memory: DeviceMemory): DeviceMemory {
-    return new CudaDeviceMemory(CudaDeviceMemory.unwrap(memory), false);
   }
 
   /** @internal See whenReleased. */
   static whenReleased(memory: DeviceMemory, release: () => void): void {
     if (!(memory instanceof CudaDeviceMemory)) throw new InvalidArgumentError('device memory must come from cuda.allocate() or cuda.importIpc()');
-    const releases = memory.#releases;
-    if (releases) {
-      const previous = releases.run;
-      releases.run = previous ? () => (previous(), release()) : release;
+    const hold = memory.#hold;
+    if (hold) {
+      const previous = hold.releases.run;
+      hold.releases.run = previous ? () => (previous(), release()) : release;
       return;
     }
-    memory.#releases = { run: release };
+    memory.#holdFor({ run: release, holders: 1 });
+  }
+
+  /** Takes part in `releases` until freed or collected. */
+  #holdFor(releases: Releases): void {
+    this.#hold = { releases, done: false };
     // Tied to the native handle, which an operation in flight keeps alive, not to this wrapper.
-    releasedByCollection.register(memory.#native, memory.#releases);
+    releasedByCollection.register(this.#native, this.#hold);
   }
 
   static unwrap(memory: DeviceMemory): NativeDeviceMemory {
@@ -255,24 +265,28 @@ class CudaDeviceMemory implements DeviceMemory {
     return handle;
   }
 
+  /**
+   * Another holder of this memory, with a share of its own: the memory goes back once every share
+   * has been freed or collected, and what is due then (a mapped tensor's borrow) waits for the last.
+   */
+  share(): DeviceMemory {
+    const share = new CudaDeviceMemory(new native.cuda.DeviceMemory({ share: this.#native }));
+    const hold = this.#hold;
+    if (hold && !hold.done) {
+      hold.releases.holders++;
+      share.#holdFor(hold.releases);
+    }
+    return share;
+  }
+
   free(): void {
-    if (this.#owns) this.#native.free();
-    if (this.#releases) runReleases(this.#releases);
+    this.#native.free();
+    if (this.#hold) letGo(this.#hold);
   }
 
   [Symbol.dispose](): void {
     this.free();
   }
-}
-
-/**
- * The same memory for another user that does not own it: its free() leaves the memory alone, and
- * once the owner frees it, using the view fails with ERR_CUDA_FREED. An actor reading a result it
- * holds gets such views, so that freeing its input (as readers of mapped tensors do) cannot free
- * what other readers will still map.
- */
-export function sharedView(memory: DeviceMemory): DeviceMemory {
-  return CudaDeviceMemory.shared(memory);
 }
 
 /**

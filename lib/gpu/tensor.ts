@@ -53,6 +53,9 @@ export class Tensor {
   readonly numel: number;
   #host: HostArray | undefined;
   #memory: DeviceMemory | undefined;
+  #freed = false;
+  #onFreed: (() => void) | undefined;
+  #whenFreed: Promise<void> | undefined;
 
   private constructor(dtype: DType, shape: readonly number[], device: Device, host?: HostArray, memory?: DeviceMemory) {
     this.dtype = dtype;
@@ -186,9 +189,34 @@ export class Tensor {
     return new Tensor(this.dtype, shape, this.device, this.#host, this.#memory);
   }
 
+  /**
+   * Another tensor over the same data, holding a share of it: freeing either leaves the data to the
+   * other (device memory goes back once every share is freed or collected). A method with a
+   * tensorTransport hands the tensors it returns over to its result, which frees them with its
+   * last ref: to keep using a buffer (a cache, a CUDA graph's static output), return a share of
+   * it, and `await share.whenFreed()` before writing the buffer again, when readers are done.
+   */
+  share(): Tensor {
+    return new Tensor(this.dtype, this.shape, this.device, this.#host, this.#memory?.share());
+  }
+
+  /**
+   * Resolves once free() has been called on this tensor: by its owner, or by the runtime for a
+   * tensor returned with a tensorTransport, when the result's last ref (readers' included) is
+   * gone. A tensor collected without free() never resolves it.
+   */
+  whenFreed(): Promise<void> {
+    if (this.#freed) return Promise.resolve();
+    this.#whenFreed ??= new Promise((resolve) => (this.#onFreed = resolve));
+    return this.#whenFreed;
+  }
+
   /** Returns device memory to the allocator now rather than at garbage collection. */
   free(): void {
     this.#memory?.free();
+    if (this.#freed) return;
+    this.#freed = true;
+    this.#onFreed?.();
   }
 
   [Symbol.dispose](): void {

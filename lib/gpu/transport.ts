@@ -10,7 +10,7 @@ import type { HeldMeta } from '../core/protocol.js';
 import { INLINE_LIMIT, pack, unpack } from '../core/serialization.js';
 import { putTensors, takeTensors } from './tensor-tree.js';
 import { getCommunicator } from './collective.js';
-import { exportPackedIpc, importPackedIpc, sharedView, whenReleased } from './cuda.js';
+import { exportPackedIpc, importPackedIpc, whenReleased } from './cuda.js';
 import type { DType } from './dtype.js';
 import { Tensor } from './tensor.js';
 
@@ -102,13 +102,13 @@ export function mapHeld(wire: { handles: unknown[]; meta: HeldMeta }, hold?: () 
 }
 
 /**
- * A result this actor holds, read by the actor itself: its tensors where they are, as views that
- * the reader may free (as it would a mapped tensor) without freeing what the result holds.
+ * A result this actor holds, read by the actor itself: its tensors where they are, as shares that
+ * the reader may free (as it would a mapped tensor) without freeing what the result holds, and
+ * that stay valid if the result is freed first.
  */
 export function ownHeld(id: string): unknown {
   const entry = take(id);
-  const views = entry.tensors.map((tensor) => (tensor.device === 'cpu' ? tensor : Tensor.onDevice(sharedView(tensor.memory), tensor.dtype, tensor.shape)));
-  return assemble(entry.meta, views);
+  return assemble(entry.meta, entry.tensors.map((tensor) => tensor.share()));
 }
 
 /** Receives held tensors into this process over the group's communicator. */
@@ -124,6 +124,11 @@ export async function receiveHeld(wire: { recv: { group: string; source: number;
 registerSystemMethod('__trellis_materialize', (id: string) => {
   const entry = take(id);
   held.delete(id);
+  // The value is stored (copied to host) as this synchronous call finishes, before microtasks
+  // run: its tensors then go at once, rather than whenever their wrappers are collected.
+  queueMicrotask(() => {
+    for (const tensor of entry.tensors) tensor.free();
+  });
   return entry.value;
 });
 

@@ -280,7 +280,8 @@ class DeviceMemoryBinding : public Napi::ObjectWrap<DeviceMemoryBinding> {
   }
 
   // new DeviceMemory({ device, byteLength }) allocates; new DeviceMemory({ ipc }) imports, and so
-  // does new DeviceMemory(packed), from exportIpcPacked()'s bytes.
+  // does new DeviceMemory(packed), from exportIpcPacked()'s bytes; new DeviceMemory({ share })
+  // holds another share of `share`'s memory.
   explicit DeviceMemoryBinding(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DeviceMemoryBinding>(info) {
     Guarded(info.Env(), [&] {
       if (info[0].IsTypedArray()) {
@@ -292,10 +293,14 @@ class DeviceMemoryBinding : public Napi::ObjectWrap<DeviceMemoryBinding> {
         info.This().As<Napi::Object>().TypeTag(&kDeviceMemoryTag);
         return 0;
       }
-      if (!info[0].IsObject()) throw InvalidArgument("DeviceMemory expects { device, byteLength } or { ipc }");
+      if (!info[0].IsObject()) throw InvalidArgument("DeviceMemory expects { device, byteLength }, { ipc } or { share }");
       Napi::Object options = info[0].As<Napi::Object>();
       Napi::Value ipc = options.Get("ipc");
-      if (ipc.IsObject()) {
+      Napi::Value share = options.Get("share");
+      if (share.IsObject()) {
+        // A share of the same memory: it goes back once every share has been freed or collected.
+        buffer_ = From(share, "share")->buffer();
+      } else if (ipc.IsObject()) {
         buffer_ = Import(ipc.As<Napi::Object>());
       } else {
         int device = DeviceArgument(options.Get("device"));

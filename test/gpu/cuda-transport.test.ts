@@ -70,6 +70,31 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
     }
   });
 
+  it('frees only the shares an actor returns of a buffer it keeps; a share a reader keeps holds the mapping as the tensor did', async () => {
+    const baseline = await get(producer.allocatedBytes.remote());
+    for (const value of [3, 4]) {
+      using shared = producer.fillShared.remote(value);
+      expect(await get(consumer.inspect.remote(shared))).toEqual([{ device: 'cuda:0', imported: true, numel: MiB, sum: value * MiB }]);
+    }
+    // Both results' shares were freed with their last refs; the buffer is still the producer's.
+    expect(await get(producer.bufferByte.remote())).toBe(4);
+    const withBuffer = await until(() => get(producer.allocatedBytes.remote()), (bytes) => bytes > baseline);
+    {
+      using made = producer.make.remote(2 * MiB, 5);
+      expect(await get(consumer.keepShare.remote(made))).toBe('cuda:0');
+    }
+    // The reader freed the tensor but keeps a share: the block stays the producer's.
+    {
+      using other = producer.make.remote(2 * MiB, 9);
+      expect(await get(consumer.inspect.remote(other))).toEqual([{ device: 'cuda:0', imported: true, numel: 2 * MiB, sum: 18 * MiB }]);
+    }
+    expect(await get(consumer.readKept.remote())).toBe(10 * MiB);
+    await get(consumer.dropKept.remote(false));
+    expect(await until(() => get(producer.allocatedBytes.remote()), (bytes) => bytes === withBuffer)).toBe(withBuffer);
+    await get(producer.dropBuffer.remote());
+    expect(await get(producer.allocatedBytes.remote())).toBe(baseline);
+  });
+
   it('gives freed exported blocks back to the driver once readers have closed their idle mappings', async () => {
     const size = 14 * MiB + 3; // a size class no other test uses
     {

@@ -31,6 +31,28 @@ describe('tensor transport with CPU tensors', () => {
     await group.destroy();
   });
 
+  it('lets an actor return shares of a buffer it keeps, and wait until readers are done before writing it again', async () => {
+    const stage = RemoteStage.remote();
+    const first = stage.step.remote(1);
+    await wait([first]);
+    // The next step waits for the first share to be freed, and a call on its result waits too.
+    const second = stage.step.remote(2);
+    const after = stage.consume.remote(second);
+    const [ready] = await wait([second], { timeout: 300 });
+    expect(ready).toEqual([]);
+    // The first result's last ref goes: its share is freed (ahead of the calls waiting), and the
+    // step goes on.
+    first[Symbol.dispose]();
+    expect(await get(after)).toEqual([{ dtype: 'f32', numel: 4, sum: 8 }]);
+    expect(((await get(second)) as Tensor).toArray()).toEqual([2, 2, 2, 2]);
+    // The buffer stayed the actor's: the runtime freed only the shares.
+    expect(await get(stage.bufferSum.remote())).toBe(8);
+    const third = stage.step.remote(3);
+    second[Symbol.dispose]();
+    expect(((await get(third)) as Tensor).toArray()).toEqual([3, 3, 3, 3]);
+    kill(stage);
+  });
+
   it('keeps calls in order when many held tensors move between the same pair', async () => {
     const [producer, consumer] = [RemoteStage.remote(), RemoteStage.remote()];
     const group = await createCollectiveGroup([producer, consumer], { backend: 'cpu', name: 'ordered' });
