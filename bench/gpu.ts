@@ -9,6 +9,8 @@
  * - `actor_to_actor_4KiB_us`: a call whose reader gets a 4 KiB CUDA tensor by IPC and reads it
  *   back to the host to check it, as the driver sees it (`_copied`: copied into the reader's
  *   own memory first, as in the transfer figures; the figure sessions up to 5 reported).
+ * - `<route>_reader_arguments_us` (256 MiB): the part of the transfer spent getting the argument,
+ *   its fixed cost; the rest is the copy.
  * - `ipc_transfer_warm_GBps`: as ipc_transfer, with the consumer's first GPU operation (the GPU's
  *   switch from the producer's context, paid by any work there) done before the timed part.
  * The store route's producer side (device to host into the store) happens when the result is made
@@ -40,6 +42,7 @@ type Transport = 'ipc' | 'store' | 'auto';
 interface Sample {
   callSeconds: number;
   transferSeconds: number;
+  argumentsSeconds: number;
 }
 
 export const gpuSuite: Suite = {
@@ -120,13 +123,14 @@ async function measureActors(results: Results, sharing: 'time-slice' | 'mps'): P
       const expected = transport === 'store' ? [] : ['ipc'];
       const seen = routes.get(made.id) ?? [];
       if (seen.join() !== expected.join()) throw new Error(`the ${transport} transfer of ${bytes} bytes took route [${seen}], not [${expected}]`);
-      return { callSeconds, transferSeconds: taken.argumentsSeconds + taken.copySeconds };
+      return { callSeconds, transferSeconds: taken.argumentsSeconds + taken.copySeconds, argumentsSeconds: taken.argumentsSeconds };
     };
     const measure = async (bytes: number, transport: Transport, runs = 5, warm = false) => {
       const samples: Sample[] = [];
       await transfer(bytes, transport, warm); // the first mapping, the first store chunks
       for (let i = 0; i < runs; i++) samples.push(await transfer(bytes, transport, warm));
       return {
+        argumentsUs: median(samples.map((sample) => sample.argumentsSeconds)) * 1e6,
         transfer: bytes / median(samples.map((sample) => sample.transferSeconds)) / 1e9,
         call: bytes / median(samples.map((sample) => sample.callSeconds)) / 1e9,
         callUs: median(samples.map((sample) => sample.callSeconds)) * 1e6,
@@ -142,6 +146,8 @@ async function measureActors(results: Results, sharing: 'time-slice' | 'mps'): P
           record(`${transport}_transfer_${name}GBps`, round(rates.transfer), 'GB/s');
           record(`${transport}_call_${name}GBps`, round(rates.call), 'GB/s');
         }
+        // The transfer's fixed part: the reader getting its argument (mapping it, or the store read).
+        if (bytes === size) record(`${transport}_reader_arguments_us`, round(rates.argumentsUs, 1), 'us');
       }
     }
     // Without the GPU's context switch from producer to consumer (see gpu-actors.ts).
