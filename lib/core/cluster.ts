@@ -78,6 +78,11 @@ interface ObjectRecord {
   held?: { actorId: string; transport: string; meta: HeldMeta };
   /** CUDA IPC handles of held tensors, once exported. */
   ipcHandles?: unknown[];
+  /**
+   * The actor that held this object's tensors before they were brought into the store: it keeps
+   * them until the object's last ref goes, as readers may still map them by IPC.
+   */
+  retiredBy?: string;
   materializing?: Promise<void>;
 }
 
@@ -541,7 +546,8 @@ export class Cluster implements Runtime {
     if (!record || --record.holds > 0) return;
     this.#objects.delete(id);
     if (record.lineage?.state === 'done') this.#releaseTaskHolds(record.lineage);
-    if (record.held) this.#freeHeld(record.held.actorId, id);
+    const holder = record.held?.actorId ?? record.retiredBy;
+    if (holder) this.#freeHeld(holder, id);
     const storedId = record.value && 'node' in record.value ? record.value.id : id;
     for (const nodeId of record.nodes) {
       const node = this.nodes.find((candidate) => candidate.id === nodeId);
@@ -1377,6 +1383,7 @@ export class Cluster implements Runtime {
         source.nodes = NO_NODES;
         source.value = { inline: pack(null) };
         record.held = undefined;
+        record.retiredBy = held.actorId;
         this.events.emit('tensor-transport', { objectId: record.id, route: 'store' });
       } finally {
         record.materializing = undefined;

@@ -15,6 +15,8 @@ import type { DType } from './dtype.js';
 import { Tensor } from './tensor.js';
 
 const held = new Map<string, { value: unknown; tensors: Tensor[]; meta: HeldMeta }>();
+/** Tensors of held results since brought into the store, kept until the object goes. */
+const retired = new Map<string, Tensor[]>();
 
 /** What a held result tells the driver and its readers, and the refs nested in its skeleton. */
 export interface HeldResult {
@@ -124,11 +126,9 @@ export async function receiveHeld(wire: { recv: { group: string; source: number;
 registerSystemMethod('__trellis_materialize', (id: string) => {
   const entry = take(id);
   held.delete(id);
-  // The value is stored (copied to host) as this synchronous call finishes, before microtasks
-  // run: its tensors then go at once, rather than whenever their wrappers are collected.
-  queueMicrotask(() => {
-    for (const tensor of entry.tensors) tensor.free();
-  });
+  // Readers that mapped the tensors by IPC may still use them: they stay until the object's last
+  // ref goes (free_held), not until their wrappers happen to be collected.
+  retired.set(id, entry.tensors);
   return entry.value;
 });
 
@@ -142,7 +142,8 @@ registerSystemMethod('__trellis_send_held', async (id: string, group: string, de
 registerSystemMethod('__trellis_export_held', (id: string) => take(id).tensors.map((tensor) => exportPackedIpc(tensor.memory)));
 
 registerSystemMethod('__trellis_free_held', (id: string) => {
-  const entry = held.get(id);
+  const tensors = held.get(id)?.tensors ?? retired.get(id) ?? [];
   held.delete(id);
-  for (const tensor of entry?.tensors ?? []) tensor.free();
+  retired.delete(id);
+  for (const tensor of tensors) tensor.free();
 });

@@ -70,6 +70,24 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
     }
   });
 
+  it("keeps a result's tensors for a reader that maps them after the driver's get() brought them into the store, and frees them after", async () => {
+    const baseline = await get(producer.allocatedBytes.remote());
+    {
+      using made = producer.make.remote(2 * MiB, 5);
+      expect(await get(consumer.keep.remote(made))).toBe('cuda:0');
+      const local = (await get(made)) as Tensor;
+      expect(local.device).toBe('cpu');
+    }
+    // The result went into the store and its ref is gone; the reader's mapping still reads it.
+    for (let i = 0; i < 3; i++) {
+      using other = producer.make.remote(2 * MiB, 9);
+      expect(await get(consumer.inspect.remote(other))).toEqual([{ device: 'cuda:0', imported: true, numel: 2 * MiB, sum: 18 * MiB }]);
+    }
+    expect(await get(consumer.readKept.remote())).toBe(10 * MiB);
+    await get(consumer.dropKept.remote(false));
+    expect(await until(() => get(producer.allocatedBytes.remote()), (bytes) => bytes === baseline)).toBe(baseline);
+  });
+
   it('frees only the shares an actor returns of a buffer it keeps; a share a reader keeps holds the mapping as the tensor did', async () => {
     const baseline = await get(producer.allocatedBytes.remote());
     for (const value of [3, 4]) {
