@@ -139,7 +139,9 @@ registerSystemMethod('__trellis_send_held', async (id: string, group: string, de
   await communicator.groupEnd();
 });
 
-registerSystemMethod('__trellis_export_held', (id: string) => take(id).tensors.map((tensor) => exportPackedIpc(tensor.memory)));
+// A result brought into the store meanwhile (both run on arrival, in send order) still has its
+// tensors here, kept for readers that map them.
+registerSystemMethod('__trellis_export_held', (id: string) => (retired.get(id) ?? take(id).tensors).map((tensor) => exportPackedIpc(tensor.memory)));
 
 registerSystemMethod('__trellis_free_held', (id: string) => {
   const tensors = held.get(id)?.tensors ?? retired.get(id) ?? [];
