@@ -46,6 +46,9 @@ function checkShape(shape: readonly number[]): number {
   return numel;
 }
 
+/** Tensors freed by the result they were returned into (see markFreedByResult). */
+const freedByResult = new WeakSet<Tensor>();
+
 export class Tensor {
   readonly dtype: DType;
   readonly shape: readonly number[];
@@ -145,6 +148,12 @@ export class Tensor {
   /** The device memory of a CUDA tensor. */
   get memory(): DeviceMemory {
     if (!this.#memory) throw new TrellisError('ERR_TENSOR_DEVICE', `tensor is on ${this.device}, not a CUDA device`);
+    if (this.#freed && freedByResult.has(this)) {
+      throw new TrellisError(
+        'ERR_CUDA_FREED',
+        `${this} was returned by a method with a tensorTransport, and its result freed it with its last ref; return tensor.share() to keep using it`,
+      );
+    }
     return this.#memory;
   }
 
@@ -240,6 +249,15 @@ export class Tensor {
     else memory.copyFromDevice(this.memory, this.byteLength);
     return new Tensor(this.dtype, this.shape, device, undefined, memory);
   }
+}
+
+/**
+ * Frees a tensor returned with a tensor transport, as its result's last ref goes: the owner's
+ * later use of it then fails with an error saying so, rather than only that memory was freed.
+ */
+export function freeAsResult(tensor: Tensor): void {
+  freedByResult.add(tensor);
+  tensor.free();
 }
 
 export { viewAs };

@@ -12,7 +12,7 @@ import { putTensors, takeTensors } from './tensor-tree.js';
 import { getCommunicator } from './collective.js';
 import { exportPackedIpc, importPackedIpc, whenReleased } from './cuda.js';
 import type { DType } from './dtype.js';
-import { Tensor } from './tensor.js';
+import { freeAsResult, Tensor } from './tensor.js';
 
 const held = new Map<string, { value: unknown; tensors: Tensor[]; meta: HeldMeta }>();
 /** Tensors of held results since brought into the store, kept until the object goes. */
@@ -147,5 +147,5 @@ registerSystemMethod('__trellis_free_held', (id: string) => {
   const tensors = held.get(id)?.tensors ?? retired.get(id) ?? [];
   held.delete(id);
   retired.delete(id);
-  for (const tensor of tensors) tensor.free();
+  for (const tensor of tensors) freeAsResult(tensor);
 });

@@ -113,6 +113,16 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
     expect(await get(producer.allocatedBytes.remote())).toBe(baseline);
   });
 
+  it('says why a tensor an actor returned itself (not a share) fails once its result is freed', async () => {
+    {
+      using returned = producer.fillReturned.remote(6);
+      expect(await get(consumer.inspect.remote(returned))).toEqual([{ device: 'cuda:0', imported: true, numel: MiB, sum: 6 * MiB }]);
+    }
+    const failure = await until(() => get(producer.bufferByte.remote()).then(() => undefined, (error: Error) => error), (error) => error !== undefined);
+    expect(failure?.message).toMatch(/Tensor\(u8, \[1048576\], cuda:0\) was returned by a method with a tensorTransport, and its result freed it with its last ref; return tensor.share\(\) to keep using it/);
+    await get(producer.dropBuffer.remote());
+  });
+
   it('gives freed exported blocks back to the driver once readers have closed their idle mappings', async () => {
     const size = 14 * MiB + 3; // a size class no other test uses
     {
