@@ -196,6 +196,14 @@ export interface InitOptions extends NodeOptions {
   reclaimIpcAfterMs?: number;
 }
 
+/**
+ * What a task's failure reported by its worker becomes: its own error as a TaskError, or, where it
+ * could not get an argument whose holder died on the way, that argument's loss.
+ */
+function taskFailure(task: TaskRecord, error: RemoteErrorInfo, lostArgument: string | undefined): Error {
+  return lostArgument ? new ObjectLostError(lostArgument, `${task.name}: ${error.message}`) : new TaskError(task.name, error);
+}
+
 export class Cluster implements Runtime {
   readonly events = new EventEmitter();
   readonly nodes: Node[] = [];
@@ -432,7 +440,7 @@ export class Cluster implements Runtime {
         // Read after the worker's exit, which settled its tasks (retried or failed) and deleted
         // any result it had stored: a late report must not finish a retry running elsewhere.
         if (worker.exited) return;
-        return this.#onTaskDone(worker, message.taskId, message.value, message.nested, message.error, message.held);
+        return this.#onTaskDone(worker, message.taskId, message.value, message.nested, message.error, message.held, message.lostArgument);
       case 'actor-ready':
         if (worker.exited) return;
         return this.#onActorReady(message.actorId, message.error);
@@ -1151,11 +1159,12 @@ export class Cluster implements Runtime {
     nested: string[] | undefined,
     error: RemoteErrorInfo | undefined,
     held?: { transport: string; meta: HeldMeta },
+    lostArgument?: string,
   ): void {
     worker.inflight.delete(taskId);
     const task = this.#tasks.get(taskId);
     if (task?.actorId) {
-      this.#onActorCallDone(task, value, nested, error, held);
+      this.#onActorCallDone(task, value, nested, error, held, lostArgument);
       return;
     }
     const lease = this.#leaseByWorker.get(worker);
@@ -1166,11 +1175,11 @@ export class Cluster implements Runtime {
     }
     if (task && !task.cancelled && task.state === 'running') {
       if (error) {
-        if (task.retryExceptions && task.attempts <= task.maxRetries) {
+        if (task.retryExceptions && task.attempts <= task.maxRetries && !lostArgument) {
           task.state = 'queued';
           this.#enqueue(task, true);
         } else {
-          this.#failTask(task, new TaskError(task.name, error));
+          this.#failTask(task, taskFailure(task, error, lostArgument));
         }
       } else {
         this.#finishTask(task, value, nested);
@@ -1642,12 +1651,13 @@ export class Cluster implements Runtime {
     nested: string[] | undefined,
     error: RemoteErrorInfo | undefined,
     held?: { transport: string; meta: HeldMeta },
+    lostArgument?: string,
   ): void {
     const actor = this.#actors.get(task.actorId!);
     actor?.running.delete(task.taskId);
     if (task.state !== 'running' || task.cancelled) return;
     if (error) {
-      this.#failTask(task, new TaskError(task.name, error));
+      this.#failTask(task, taskFailure(task, error, lostArgument));
       return;
     }
     // Marked before the result resolves: readers woken by it must see that the actor holds it.

@@ -112,6 +112,8 @@ export interface DoneMessage {
   value?: WireValue;
   nested?: string[];
   error?: RemoteErrorInfo;
+  /** The error is this argument's loss: its held tensors could not be mapped (their holder died). */
+  lostArgument?: string;
   /** The result's tensors stayed with the actor (tensor transport). */
   held?: { transport: string; meta: HeldMeta };
 }

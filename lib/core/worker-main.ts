@@ -4,7 +4,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { connect } from 'node:net';
-import { TaskError, type RemoteErrorInfo } from '../errors.js';
+import { ObjectLostError, TaskError, type RemoteErrorInfo } from '../errors.js';
 import { ObjectStore } from '../store/object-store.js';
 import { newObjectId, sequentialObjectId } from '../store/object-id.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
@@ -355,9 +355,22 @@ function collectGarbage(): void {
 
 const collector = new ZeroCopyCollector();
 
+/** Errors that are an argument's loss, not the task's own (see DoneMessage.lostArgument). */
+const lostArguments = new WeakSet<object>();
+
 function readWire(value: WireValue, id: string): unknown {
   if ('inline' in value) return unpack(value.inline);
-  if ('ipc' in value) return mapHeld(value.ipc, () => runtime.hold(id));
+  if ('ipc' in value) {
+    try {
+      return mapHeld(value.ipc, () => runtime.hold(id));
+    } catch (error) {
+      // The driver sent the handles while the object lived, so the holder's memory is gone: its
+      // process died on the way (the driver marks the object lost once it sees the exit).
+      const lost = new ObjectLostError(id, `object ${id}'s tensors could not be mapped from the process holding them, which has most likely died: ${(error as Error).message}`);
+      lostArguments.add(lost);
+      throw lost;
+    }
+  }
   if ('recv' in value) return receiveHeld(value);
   if ('local' in value) return ownHeld(value.local);
   // A buffer of its own: user code may keep any array or column made from the value, and the
@@ -494,7 +507,8 @@ const FLUSH_AFTER_MS = 1;
 function finishTask(task: TaskMessage, system: unknown, started: number, failed: boolean, outcome: unknown): void {
   try {
     if (failed) {
-      runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(outcome) });
+      const lostArgument = lostArguments.has(outcome as object) ? (outcome as ObjectLostError).objectId : undefined;
+      runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(outcome), ...(lostArgument ? { lostArgument } : {}) });
     } else {
       const result = outcome;
       const kept = task.tensorTransport && task.tensorTransport !== 'store' && !system ? holdResult(task.returnId, result, task.tensorTransport) : undefined;

@@ -8,7 +8,7 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createCollectiveGroup, events, get, init, kill, shutdown, Tensor, type ActorHandle } from '../../lib/index.js';
+import { createCollectiveGroup, events, get, init, kill, ObjectLostError, shutdown, Tensor, wait, type ActorHandle } from '../../lib/index.js';
 import { buildFakeGpu, scenario } from './gpu-helpers.js';
 import { RemoteConsumer, RemoteProducer, type Consumer, type Producer } from './fixtures/cuda-actors.js';
 
@@ -166,6 +166,41 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
       writeFileSync(join(files, 'gate'), '');
       expect(await get(blocked)).toBe(true);
       expect((await get(producer.reclaim.remote())).freedBytes).toBeGreaterThanOrEqual(14 * MiB);
+    } finally {
+      writeFileSync(join(files, 'gate'), '');
+      kill(busy);
+      rmSync(files, { recursive: true, force: true });
+    }
+  });
+
+  it('fails a call with ObjectLostError when its held argument\'s holder dies after the call was sent', async () => {
+    const files = mkdtempSync(join(tmpdir(), 'trellis-lost-'));
+    const doomed = RemoteProducer.remote();
+    const busy = RemoteConsumer.remote(); // a process of its own: no idle mapping to reuse
+    try {
+      const pid = await get(doomed.processId.remote());
+      const blocked = busy.blockUntil.remote(join(files, 'gate'), join(files, 'started'));
+      await until(async () => existsSync(join(files, 'started')), (started) => started);
+      using made = doomed.make.remote(3 * MiB + 5, 2);
+      await wait([made]);
+      // Sent at once with the IPC handles, it waits in the busy worker while the holder dies.
+      const reading = busy.inspect.remote(made);
+      kill(doomed);
+      const alive = () => {
+        try {
+          process.kill(pid, 0);
+          return true;
+        } catch {
+          return false;
+        }
+      };
+      await until(async () => alive(), (running) => !running);
+      writeFileSync(join(files, 'gate'), '');
+      expect(await get(blocked)).toBe(true);
+      const failure = await get(reading).then(() => undefined, (error: Error) => error);
+      expect(failure).toBeInstanceOf(ObjectLostError);
+      expect((failure as ObjectLostError).objectId).toBe(made.id);
+      expect(failure?.message).toMatch(/Consumer\.inspect: object [0-9a-f]+'s tensors could not be mapped from the process holding them, which has most likely died/);
     } finally {
       writeFileSync(join(files, 'gate'), '');
       kill(busy);
