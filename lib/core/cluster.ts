@@ -1736,6 +1736,12 @@ export class Cluster implements Runtime {
     }
   }
 
+  whenActorProcessGone(actorId: string): Promise<void> {
+    const child = this.#actors.get(actorId)?.worker?.child;
+    if (!child || child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
+    return new Promise((resolve) => child.once('exit', () => resolve()));
+  }
+
   kill(actorId: string, noRestart: boolean): void {
     const actor = this.#actors.get(actorId);
     if (!actor || actor.state === 'dead') return;

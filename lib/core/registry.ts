@@ -7,7 +7,7 @@ import { RegistrationError } from '../errors.js';
 import type { ObjectRef, RefOr } from './object-ref.js';
 import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
 import type { FunctionDescriptor } from './protocol.js';
-import { currentRuntime } from './runtime-context.js';
+import { currentRuntime, hasRuntime } from './runtime-context.js';
 import { ClassMethodNode } from '../dag/nodes.js';
 
 type AnyFunction = (...args: any[]) => any;
@@ -35,6 +35,13 @@ type MethodKeys<T> = { [K in keyof T]: T[K] extends AnyFunction ? K : never }[ke
 
 export type ActorHandle<T> = { readonly [K in MethodKeys<T>]: ActorMethod<T[K] & AnyFunction> } & {
   readonly actorId: string;
+  /** Kills the actor for good (as kill()): `using actor = ...` ends it with the scope. */
+  [Symbol.dispose](): void;
+  /**
+   * Kills the actor for good and resolves once its process has exited, with its GPU memory:
+   * `await using actor = ...` frees what it held before the code after the scope runs.
+   */
+  [Symbol.asyncDispose](): Promise<void>;
 };
 
 export interface ActorClass<C extends AnyClass> {
@@ -139,7 +146,20 @@ function actorMethod(actorId: string, name: string, options: ActorCallOptions, c
 export function makeActorHandle(actorId: string, descriptor: FunctionDescriptor, methods: string[]): ActorHandle<unknown> {
   const known = new Set(methods);
   const cache = new Map<string, ActorMethod<AnyFunction>>();
-  const target = { actorId };
+  const target = {
+    actorId,
+    // After shutdown() there is nothing left to end.
+    [Symbol.dispose](): void {
+      if (hasRuntime()) currentRuntime().kill(actorId, true);
+    },
+    async [Symbol.asyncDispose](): Promise<void> {
+      if (!hasRuntime()) return;
+      const runtime = currentRuntime();
+      const gone = runtime.whenActorProcessGone(actorId);
+      runtime.kill(actorId, true);
+      await gone;
+    },
+  };
   const handle = new Proxy(target, {
     get(object, key) {
       if (typeof key === 'symbol' || key === 'actorId') return Reflect.get(object, key);

@@ -46,6 +46,11 @@ export interface Runtime {
   wait(refs: ObjectRef<unknown>[], numReturns: number, timeout: number): Promise<[ObjectRef<unknown>[], ObjectRef<unknown>[]]>;
   cancel(ref: ObjectRef<unknown>, force: boolean): void;
   kill(actorId: string, noRestart: boolean): void;
+  /**
+   * Resolves once the actor's current process (if any) has exited, its GPU memory with it; at
+   * once in a worker, which cannot see other processes exit.
+   */
+  whenActorProcessGone(actorId: string): Promise<void>;
   getActor(name: string): Promise<ActorLookup>;
   context(): RuntimeContext;
   /**

@@ -254,6 +254,10 @@ class WorkerRuntime implements Runtime {
     this.notify('kill', { actorId, noRestart });
   }
 
+  whenActorProcessGone(): Promise<void> {
+    return Promise.resolve();
+  }
+
   getActor(name: string): Promise<ActorLookup> {
     return this.request('get-actor', { name });
   }

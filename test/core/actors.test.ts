@@ -166,6 +166,27 @@ describe('actor death', () => {
     expect(actorState(counter.actorId).state).toBe('dead');
   });
 
+  it('a handle disposed by `using` kills its actor with the scope; `await using` also waits for its process to exit', async () => {
+    let actorId: string;
+    let actorPid: number;
+    {
+      await using scoped = RemoteCounter.remote(0);
+      actorId = scoped.actorId;
+      actorPid = await get(scoped.pid.remote());
+      expect(await get(scoped.increment.remote())).toBe(1);
+    }
+    // Its process, and whatever GPU memory it held, is gone before the next line runs.
+    expect(isAlive(actorPid)).toBe(false);
+    expect(actorState(actorId).state).toBe('dead');
+    {
+      using scoped = RemoteCounter.remote(0);
+      actorId = scoped.actorId;
+      actorPid = await get(scoped.pid.remote());
+    }
+    expect(actorState(actorId).state).toBe('dead');
+    await until(() => !isAlive(actorPid), 'the disposed actor to exit');
+  });
+
   it('a crash without restarts fails pending and later calls with ActorDiedError', async () => {
     const counter = RemoteCounter.remote(0);
     const gate = files.path('crash');
