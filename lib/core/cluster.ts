@@ -1417,6 +1417,7 @@ export class Cluster implements Runtime {
 
   createPlacementGroup(bundles: Resources[], strategy: PlacementStrategy): PlacementGroup {
     const group = new PlacementGroup(bundles, strategy);
+    group.bindRemoval(() => (this.#closed ? Promise.resolve() : this.removePlacementGroup(group)));
     this.#groups.set(group.id, group);
     const impossible = groupInfeasibility(group, this.nodes);
     if (impossible) group.markFailed(impossible);
@@ -1424,9 +1425,11 @@ export class Cluster implements Runtime {
     return group;
   }
 
-  removePlacementGroup(group: PlacementGroup): void {
+  /** Resolves once the processes of the actors it killed have exited. */
+  removePlacementGroup(group: PlacementGroup): Promise<void> {
     const known = this.#groups.get(group.id);
-    if (!known || known.state === 'removed') return;
+    if (!known || known.state === 'removed') return Promise.resolve();
+    const gone: Promise<void>[] = [];
     const wasCreated = known.state === 'created';
     known.markRemoved();
     this.#groups.delete(group.id);
@@ -1434,6 +1437,7 @@ export class Cluster implements Runtime {
     // Actors placed in the group go with it; tasks still waiting for it fail.
     for (const actor of this.#actors.values()) {
       if (actor.placement?.group === known || (typeof actor.options.schedulingStrategy === 'object' && actor.options.schedulingStrategy.type === 'placement-group' && actor.options.schedulingStrategy.placementGroup.id === known.id)) {
+        gone.push(this.whenActorProcessGone(actor.id));
         this.kill(actor.id, true);
       }
     }
@@ -1446,6 +1450,7 @@ export class Cluster implements Runtime {
       }
     }
     this.#schedule();
+    return Promise.all(gone).then(() => undefined);
   }
 
   #placeGroups(): void {

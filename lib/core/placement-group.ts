@@ -25,6 +25,7 @@ export class PlacementGroup {
   state: 'pending' | 'created' | 'removed' | 'infeasible' = 'pending';
   readonly #ready: Promise<void>;
   #settle!: { resolve: () => void; reject: (error: Error) => void };
+  #remove: (() => Promise<void>) | undefined;
 
   constructor(bundles: Resources[], strategy: PlacementStrategy) {
     if (!Array.isArray(bundles) || bundles.length === 0) throw new InvalidArgumentError('a placement group needs at least one bundle');
@@ -48,6 +49,21 @@ export class PlacementGroup {
   /** Resolves once every bundle is reserved; rejects if that can never happen. */
   ready(): Promise<void> {
     return this.#ready;
+  }
+
+  /** Gives its resources back, as removePlacementGroup(): `using group = placementGroup(...)`. */
+  [Symbol.dispose](): void {
+    void this.#remove?.();
+  }
+
+  /** Gives its resources back and resolves once the actors placed in it have exited. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.#remove?.();
+  }
+
+  /** @internal The cluster's removal of this group. */
+  bindRemoval(remove: () => Promise<void>): void {
+    this.#remove = remove;
   }
 
   /** @internal */

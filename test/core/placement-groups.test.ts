@@ -17,7 +17,7 @@ import {
 } from '../../lib/index.js';
 import { RemoteCounter } from './fixtures/actors.js';
 import { context, gated } from './fixtures/core.js';
-import { openGate, rejection, scratch, started, until } from './helpers.js';
+import { isAlive, openGate, rejection, scratch, started, until } from './helpers.js';
 
 const files = scratch();
 const created: PlacementGroup[] = [];
@@ -134,6 +134,24 @@ describe('reservation and removal', () => {
 });
 
 describe('tasks and actors in groups', () => {
+  it('a group in an `await using` scope goes with it: resources back, its actors killed and their processes gone', async () => {
+    let actorPid: number;
+    {
+      await using pg = placementGroup([{ CPU: 1 }], 'PACK');
+      await pg.ready();
+      const counter = RemoteCounter.options({ schedulingStrategy: pgStrategy(pg, 0) }).remote(0);
+      actorPid = await get(counter.pid.remote());
+      expect(Object.values(freeCpus()).reduce((a, b) => a + b, 0)).toBe(5);
+    }
+    expect(isAlive(actorPid)).toBe(false);
+    expect(freeCpus()).toEqual(allFree);
+    {
+      using pg = placementGroup([{ CPU: 2 }], 'STRICT_PACK');
+      await pg.ready();
+    }
+    expect(freeCpus()).toEqual(allFree);
+  });
+
   it('removing a group while its task runs gives the task\'s share back when the task ends', async () => {
     const pg = group([{ CPU: 2 }], 'STRICT_PACK');
     await pg.ready();
