@@ -30,6 +30,7 @@ export {
 } from './errors.js';
 export type { RemoteErrorInfo } from './errors.js';
 export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getActor, getRuntimeContext, state, events, placementGroup, removePlacementGroup } from './core/api.js';
+export type { ClusterSession } from './core/api.js';
 export type { PlacementGroup, PlacementStrategy } from './core/placement-group.js';
 export type { Resources } from './core/resources.js';
 export type { InitOptions, ClusterState } from './core/cluster.js';

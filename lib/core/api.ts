@@ -24,12 +24,24 @@ setHandleCodec({
 });
 
 /** Starts an embedded local cluster in this process. */
-export async function init(options: InitOptions = {}): Promise<void> {
+/**
+ * The cluster init() started: `await using session = await init()` shuts it down with the scope.
+ * Ending a session whose cluster is already shut down does nothing (to a later cluster either).
+ */
+export interface ClusterSession {
+  shutdown(): Promise<void>;
+  [Symbol.asyncDispose](): Promise<void>;
+}
+
+export async function init(options: InitOptions = {}): Promise<ClusterSession> {
   if (cluster) throw new InvalidArgumentError('trellis is already initialized: call shutdown() first', 'ERR_ALREADY_INITIALIZED');
   if (hasRuntime()) throw new InvalidArgumentError('init() is for the driver; this process is a worker', 'ERR_ALREADY_INITIALIZED');
   const defaults = { numCpus: cpus().length, ...options };
-  cluster = await Cluster.start(defaults);
-  setRuntime(cluster);
+  const started = await Cluster.start(defaults);
+  cluster = started;
+  setRuntime(started);
+  const end = () => (cluster === started ? shutdown() : Promise.resolve());
+  return { shutdown: end, [Symbol.asyncDispose]: end };
 }
 
 /** Stops every worker and removes every segment, socket and spill file. */

@@ -45,6 +45,23 @@ describe('init and shutdown', () => {
     await shutdown();
   });
 
+  it('returns a session that shuts the cluster down with an `await using` scope, and only that cluster', async () => {
+    let pids: number[];
+    {
+      await using session = await init({ numCpus: 1 });
+      expect(await get(put(3))).toBe(3);
+      pids = footprint().pids;
+      expect(typeof session.shutdown).toBe('function');
+    }
+    expect(isInitialized()).toBe(false);
+    for (const workerPid of pids) expect(isAlive(workerPid)).toBe(false);
+    const earlier = await init({ numCpus: 1 });
+    await shutdown();
+    await init({ numCpus: 1 });
+    await earlier[Symbol.asyncDispose]();
+    expect(isInitialized()).toBe(true);
+  });
+
   it('applies numCpus, numGpus, custom resources and objectStoreMemory, and prestarts workers', async () => {
     expect(ownSegments()).toEqual([]);
     await init({ numCpus: 3, numGpus: 2, resources: { accelerator: 4, 'region:eu': 1 }, objectStoreMemory: 64 << 20 });
