@@ -134,7 +134,7 @@ export function placementGroup(bundles: Resources[], strategy: PlacementStrategy
 /** Gives a group's resources back; actors placed in it are killed, tasks waiting for it fail. */
 export function removePlacementGroup(group: PlacementGroup): void {
   if (!cluster) throw new NotInitializedError();
-  cluster.removePlacementGroup(group);
+  void cluster.removePlacementGroup(group);
 }
 
 /** Cluster events: 'warning' for tasks that wait on resources over 1 s. */
