@@ -53,6 +53,22 @@ describe('tensor transport with CPU tensors', () => {
     kill(stage);
   });
 
+  it('lets a step with a second call slot await a share that a group member reads over the communicator', async () => {
+    const [stage, member] = [RemoteStage.options({ maxConcurrency: 2 }).remote(), RemoteStage.remote()];
+    const group = await createCollectiveGroup([stage, member], { backend: 'cpu', name: 'stepper' });
+    const first = stage.step.remote(1);
+    await wait([first]);
+    const second = stage.step.remote(2);
+    // The send of the first result runs in the second slot while the step awaits its share.
+    expect(await get(member.consume.remote(first))).toEqual([{ dtype: 'f32', numel: 4, sum: 4 }]);
+    expect(routes.filter((event) => event.objectId === first.id).map((event) => event.route)).toEqual(['communicator']);
+    first[Symbol.dispose]();
+    expect(((await get(second)) as Tensor).toArray()).toEqual([2, 2, 2, 2]);
+    await group.destroy();
+    kill(stage);
+    kill(member);
+  });
+
   it('keeps calls in order when many held tensors move between the same pair', async () => {
     const [producer, consumer] = [RemoteStage.remote(), RemoteStage.remote()];
     const group = await createCollectiveGroup([producer, consumer], { backend: 'cpu', name: 'ordered' });
