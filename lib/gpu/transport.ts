@@ -14,9 +14,19 @@ import { exportPackedIpc, importPackedIpc, whenReleased } from './cuda.js';
 import type { DType } from './dtype.js';
 import { freeAsResult, Tensor } from './tensor.js';
 
-const held = new Map<string, { value: unknown; tensors: Tensor[]; meta: HeldMeta }>();
-/** Tensors of held results since brought into the store, kept until the object goes. */
-const retired = new Map<string, Tensor[]>();
+interface HeldEntry {
+  value: unknown;
+  tensors: Tensor[];
+  meta: HeldMeta;
+}
+
+const held = new Map<string, HeldEntry>();
+/**
+ * Held results since brought into the store, kept until the object goes: IPC readers may still
+ * map their tensors, and calls sent before the move (a send to a group member, the holder's own
+ * read), which the move overtook as it runs on arrival, still take them from here.
+ */
+const retired = new Map<string, HeldEntry>();
 
 /** What a held result tells the driver and its readers, and the refs nested in its skeleton. */
 export interface HeldResult {
@@ -81,8 +91,8 @@ function assemble(meta: HeldMeta, tensors: Tensor[]): unknown {
   return meta.array ? tensors : tensors[0];
 }
 
-function take(id: string): { value: unknown; tensors: Tensor[]; meta: HeldMeta } {
-  const entry = held.get(id);
+function take(id: string): HeldEntry {
+  const entry = held.get(id) ?? retired.get(id);
   if (!entry) throw new TrellisError('ERR_OBJECT_LOST', `tensors of object ${id} are no longer held by this actor`);
   return entry;
 }
@@ -126,9 +136,8 @@ export async function receiveHeld(wire: { recv: { group: string; source: number;
 registerSystemMethod('__trellis_materialize', (id: string) => {
   const entry = take(id);
   held.delete(id);
-  // Readers that mapped the tensors by IPC may still use them: they stay until the object's last
-  // ref goes (free_held), not until their wrappers happen to be collected.
-  retired.set(id, entry.tensors);
+  // Kept until the object's last ref goes (free_held), not until collected: see `retired`.
+  retired.set(id, entry);
   return entry.value;
 });
 
@@ -139,12 +148,10 @@ registerSystemMethod('__trellis_send_held', async (id: string, group: string, de
   await communicator.groupEnd();
 });
 
-// A result brought into the store meanwhile (both run on arrival, in send order) still has its
-// tensors here, kept for readers that map them.
-registerSystemMethod('__trellis_export_held', (id: string) => (retired.get(id) ?? take(id).tensors).map((tensor) => exportPackedIpc(tensor.memory)));
+registerSystemMethod('__trellis_export_held', (id: string) => take(id).tensors.map((tensor) => exportPackedIpc(tensor.memory)));
 
 registerSystemMethod('__trellis_free_held', (id: string) => {
-  const tensors = held.get(id)?.tensors ?? retired.get(id) ?? [];
+  const tensors = (held.get(id) ?? retired.get(id))?.tensors ?? [];
   held.delete(id);
   retired.delete(id);
   for (const tensor of tensors) freeAsResult(tensor);

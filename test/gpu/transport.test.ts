@@ -1,3 +1,6 @@
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createCollectiveGroup, events, get, init, kill, ObjectLostError, ObjectRef, put, shutdown, state, Tensor, wait } from '../../lib/index.js';
 import { RemoteStage } from './fixtures/collective.js';
@@ -67,6 +70,29 @@ describe('tensor transport with CPU tensors', () => {
     await group.destroy();
     kill(stage);
     kill(member);
+  });
+
+  it('sends a held result to a group member even after a get() brought it into the store first', async () => {
+    const [producer, member] = [RemoteStage.remote(), RemoteStage.remote()];
+    const group = await createCollectiveGroup([producer, member], { backend: 'cpu', name: 'overtaken' });
+    const gate = join(mkdtempSync(join(tmpdir(), 'trellis-gate-')), 'open');
+    try {
+      const tensor = producer.produce.remote(1000, 3);
+      await wait([tensor]);
+      const blocked = producer.waitFor.remote(gate);
+      // The send waits behind the call in progress; the move into the store runs on arrival.
+      const read = member.consume.remote(tensor);
+      expect(((await get(tensor)) as Tensor).numel).toBe(1000);
+      writeFileSync(gate, '');
+      expect(await get(blocked)).toBe(true);
+      expect(await get(read)).toEqual([{ dtype: 'f32', numel: 1000, sum: 3000 }]);
+      expect(routes.filter((event) => event.objectId === tensor.id).map((event) => event.route)).toEqual(['communicator', 'store']);
+    } finally {
+      writeFileSync(gate, '');
+      await group.destroy();
+      kill(producer);
+      kill(member);
+    }
   });
 
   it('keeps calls in order when many held tensors move between the same pair', async () => {
