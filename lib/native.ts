@@ -104,6 +104,7 @@ export type NativeIpcHandle = IpcHandle;
 
 export interface NativeCudaStream {
   readonly device: number;
+  readonly address: bigint;
   synchronize(): Promise<void>;
   wait(event: NativeCudaEvent): void;
   destroy(): void;

@@ -33,7 +33,10 @@ export interface IpcHandle {
 export interface DeviceMemory {
   readonly device: number;
   readonly byteLength: number;
-  /** Device address, for logging and tests. */
+  /**
+   * The device pointer (CUdeviceptr), for other CUDA code in this process (a model runtime, kernels
+   * of your own) to read or write this memory in place.
+   */
   readonly address: bigint;
   readonly imported: boolean;
   copyFromHost(source: ArrayBufferView, byteOffset?: number): void;
@@ -60,6 +63,12 @@ export interface DeviceMemory {
 
 export interface Stream {
   readonly device: number;
+  /**
+   * The CUstream, for other CUDA code in this process to queue work on, ordered with this stream's
+   * copies and events. It lives on the device's primary context, which CUDA's runtime API uses too.
+   * ERR_CUDA_FREED after destroy().
+   */
+  readonly address: bigint;
   /** Resolves when all work queued so far is done; never blocks the event loop. */
   synchronize(): Promise<void>;
   /** An event marking the work queued on this stream so far; `timing` for elapsedMs(). */

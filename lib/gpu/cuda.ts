@@ -92,6 +92,10 @@ class CudaStream implements Stream {
     return this.native.device;
   }
 
+  get address(): bigint {
+    return this.native.address;
+  }
+
   synchronize(): Promise<void> {
     return this.native.synchronize();
   }

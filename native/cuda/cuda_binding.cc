@@ -85,6 +85,7 @@ class StreamBinding : public Napi::ObjectWrap<StreamBinding> {
     return DefineClass(env, "CudaStream",
                        {
                            InstanceAccessor<&StreamBinding::Device>("device"),
+                           InstanceAccessor<&StreamBinding::Address>("address"),
                            InstanceMethod<&StreamBinding::Synchronize>("synchronize"),
                            InstanceMethod<&StreamBinding::Wait>("wait"),
                            InstanceMethod<&StreamBinding::Destroy>("destroy"),
@@ -116,6 +117,13 @@ class StreamBinding : public Napi::ObjectWrap<StreamBinding> {
 
  private:
   Napi::Value Device(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), device_); }
+
+  // The CUstream, for other CUDA code in the process (a model runtime's kernels) to queue on.
+  Napi::Value Address(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      return Napi::BigInt::New(info.Env(), static_cast<uint64_t>(reinterpret_cast<uintptr_t>(stream()->get())));
+    });
+  }
 
   Napi::Value Synchronize(const Napi::CallbackInfo& info) {
     return Guarded(info.Env(), [&]() -> Napi::Value {
