@@ -10,6 +10,7 @@
  */
 import { availableParallelism } from 'node:os';
 import { native } from '../native.js';
+import { environmentNumber } from './settings.js';
 
 /** The cap where the host has cores to spare: replies of an actor call with a GPU tensor took
  * 0.3-0.7 ms on the GPU host, a task's a tenth of that; longer waits are not worth a core. */
@@ -19,12 +20,7 @@ const MIN_CORES = 8;
 export const MAX_BUSY_POLL_US = 10_000;
 
 export function busyPollCap(): number {
-  const chosen = process.env.TRELLIS_BUSY_POLL_US;
-  if (chosen !== undefined && chosen !== '') {
-    const value = Number(chosen);
-    if (Number.isFinite(value) && value >= 0) return Math.min(value, MAX_BUSY_POLL_US);
-  }
-  return availableParallelism() >= MIN_CORES ? DEFAULT_CAP_US : 0;
+  return environmentNumber('TRELLIS_BUSY_POLL_US', MAX_BUSY_POLL_US) ?? (availableParallelism() >= MIN_CORES ? DEFAULT_CAP_US : 0);
 }
 
 let armed = false;

@@ -44,6 +44,7 @@ import { MAX_BUSY_POLL_US, busyPollTraffic, configureBusyPoll } from './busy-pol
 import { MAX_RECLAIM_IPC_AFTER_MS, configureIpcReclaim } from '../gpu/ipc-reclaim.js';
 import { MultiProcessService } from '../gpu/mps.js';
 import { isImmediateSystemMethod } from './system-methods.js';
+import { checkRangeOption } from './settings.js';
 import { closeIdleMappingsOf, closeMappingsOfExporter } from '../gpu/cuda.js';
 
 /**
@@ -254,17 +255,11 @@ export class Cluster implements Runtime {
     if (sharing === 'mps' && !(options.nodes ?? [options]).some((node) => (node.numGpus ?? 0) > 0)) {
       throw new InvalidArgumentError("gpuSharing 'mps' shares GPUs between workers, but no node has numGpus > 0");
     }
-    const cap = options.busyPollMicros;
-    if (cap !== undefined && !(typeof cap === 'number' && Number.isFinite(cap) && cap >= 0 && cap <= MAX_BUSY_POLL_US)) {
-      throw new InvalidArgumentError(`busyPollMicros must be a number of microseconds from 0 to ${MAX_BUSY_POLL_US}, got ${String(cap)}`);
-    }
-    const reclaimAfter = options.reclaimIpcAfterMs;
-    if (reclaimAfter !== undefined && !(typeof reclaimAfter === 'number' && Number.isFinite(reclaimAfter) && reclaimAfter >= 0 && reclaimAfter <= MAX_RECLAIM_IPC_AFTER_MS)) {
-      throw new InvalidArgumentError(`reclaimIpcAfterMs must be a number of milliseconds from 0 to ${MAX_RECLAIM_IPC_AFTER_MS}, got ${String(reclaimAfter)}`);
-    }
+    checkRangeOption('busyPollMicros', options.busyPollMicros, MAX_BUSY_POLL_US, 'microseconds');
+    checkRangeOption('reclaimIpcAfterMs', options.reclaimIpcAfterMs, MAX_RECLAIM_IPC_AFTER_MS, 'milliseconds');
     const multiProcessService = sharing === 'mps' ? await MultiProcessService.start() : undefined;
-    configureBusyPoll(cap);
-    configureIpcReclaim(reclaimAfter);
+    configureBusyPoll(options.busyPollMicros);
+    configureIpcReclaim(options.reclaimIpcAfterMs);
     const socketPath = join(tmpdir(), `trellis-${process.pid}-${newObjectId().slice(0, 8)}.sock`);
     const server = createServer();
     try {

@@ -15,6 +15,7 @@
  * `reclaimIpcMemory()` runs a round now and says how much it freed.
  */
 import { currentRuntime, hasRuntime } from '../core/runtime-context.js';
+import { environmentNumber } from '../core/settings.js';
 import { exportedFreeBlocks, freeExportedBlocks, watchExportedBlocks } from './cuda.js';
 
 export const DEFAULT_RECLAIM_IPC_AFTER_MS = 10_000;
@@ -44,12 +45,7 @@ async function reclaim(device: number, idleMs: number): Promise<number> {
 
 /** The wait before idle exported blocks go back: TRELLIS_RECLAIM_IPC_AFTER_MS, else the default. */
 export function reclaimIpcAfterMs(): number {
-  const chosen = process.env.TRELLIS_RECLAIM_IPC_AFTER_MS;
-  if (chosen !== undefined && chosen !== '') {
-    const value = Number(chosen);
-    if (Number.isFinite(value) && value >= 0) return Math.min(value, MAX_RECLAIM_IPC_AFTER_MS);
-  }
-  return DEFAULT_RECLAIM_IPC_AFTER_MS;
+  return environmentNumber('TRELLIS_RECLAIM_IPC_AFTER_MS', MAX_RECLAIM_IPC_AFTER_MS) ?? DEFAULT_RECLAIM_IPC_AFTER_MS;
 }
 
 export interface IdleReclaimStats {
