@@ -13,6 +13,8 @@
         "native/collective/communicator_binding.cc",
         "native/channel/channel.cc",
         "native/channel/channel_binding.cc",
+        "native/channel/connection_ring.cc",
+        "native/channel/connection_ring_binding.cc",
         "native/cuda/driver.cc",
         "native/cuda/memory.cc",
         "native/cuda/completion.cc",

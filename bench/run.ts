@@ -3,6 +3,7 @@
  * against the floor it measured in the same run; with --json, one JSON object per suite:
  * {"suite": "...", "results": {"<metric>": {"value": <number>, "unit": "..."}}}.
  */
+import { callsSuite } from './calls.js';
 import { coreSuite } from './core.js';
 import { dagSuite } from './dag.js';
 import { dataSuite } from './data.js';
@@ -13,6 +14,7 @@ import type { Suite } from './harness.js';
 const suites: Record<string, Suite> = {
   store: storeSuite,
   core: coreSuite,
+  calls: callsSuite,
   dag: dagSuite,
   gpu: gpuSuite,
   data: dataSuite,

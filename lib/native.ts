@@ -242,12 +242,35 @@ export interface NativeChannelClass {
   destroy(name: string): void;
 }
 
+/**
+ * One driver-worker connection's shared memory (native/channel/connection_ring.cc): a byte ring
+ * each way, the creator writing the first. Units are written whole or not at all.
+ */
+export interface NativeConnectionRing {
+  /** 0: written; 1: written, and the reader sleeps (ring its socket); 2: no room. */
+  write(bytes: Uint8Array): 0 | 1 | 2;
+  /** Every byte that arrived, or undefined when none did. */
+  take(): Buffer | undefined;
+  /** The creator's descriptor for the peer (-1 once closed, and always at the peer). */
+  readonly fd: number;
+  closeFd(): void;
+  /** Unmaps this end (once the event loop no longer watches it). */
+  close(): void;
+  readonly capacity: number;
+}
+
+export interface NativeConnectionRingClass {
+  create(capacity: number): NativeConnectionRing;
+  open(fd: number): NativeConnectionRing;
+}
+
 export interface NativeAddon {
   setErrorFactory(factory: (code: string, message: string, details: Record<string, unknown>) => Error): void;
   NativeObjectStore: new (options: NativeStoreOptions) => NativeObjectStore;
   defaultStoreCapacity(): number;
   NativeShmCommunicator: NativeShmCommunicatorClass;
   NativeChannel: NativeChannelClass;
+  ConnectionRing: NativeConnectionRingClass;
   cuda: NativeCuda;
   nccl: NativeNccl;
   busyPoll: NativeBusyPoll;
@@ -262,6 +285,11 @@ export interface NativeBusyPoll {
   answered(): void;
   /** spinMicros: the spin that recent answers call for (0: later than the cap); hits: answers that found the loop awake. */
   stats(): { capMicros: number; spinMicros: number; spins: number; hits: number; spunMicros: number };
+  /** The loop watches this ring (read by this process) before it sleeps and while it spins. */
+  watchRing(ring: NativeConnectionRing, id: number): void;
+  unwatchRing(id: number): void;
+  /** Called after the loop's poll with the ids of watched rings that have bytes. */
+  onRingsReadable(callback: (ids: number[]) => void): void;
 }
 
 /** The package root: lib/ under tests, dist/ once built. Both sit one level below it. */

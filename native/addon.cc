@@ -6,6 +6,7 @@
 #include "cuda/cuda_binding.h"
 #include "nccl/nccl_binding.h"
 #include "channel/channel_binding.h"
+#include "channel/connection_ring_binding.h"
 #include "collective/communicator_binding.h"
 #include "loop/busy_poll.h"
 #include "store/store_binding.h"
@@ -30,6 +31,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   trellis::nccl::RegisterNcclBinding(env, exports);
   trellis::collective::RegisterCommunicatorBinding(env, exports);
   trellis::channel::RegisterChannelBinding(env, exports);
+  trellis::channel::RegisterConnectionRingBinding(env, exports);
   trellis::loop::RegisterBusyPoll(env, exports);
   return exports;
 }

@@ -45,6 +45,11 @@ export const busyPollTraffic = {
   },
 };
 
+/** Whether this process spins before its loop sleeps (a cap above 0 was configured). */
+export function busyPolling(): boolean {
+  return armed;
+}
+
 export function busyPollStats(): ReturnType<typeof native.busyPoll.stats> {
   return native.busyPoll.stats();
 }

@@ -26,8 +26,8 @@ import { newObjectId, sequentialObjectId } from '../store/object-id.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
 import type { ActorCallOptions, ActorOptions, SchedulingStrategy, TaskOptions } from './options.js';
 import { requestOf } from './options.js';
+import { FrameConnection } from './connection.js';
 import {
-  FrameConnection,
   type DriverMessage,
   type FunctionDescriptor,
   type HeldMeta,
@@ -311,6 +311,8 @@ export class Cluster implements Runtime {
             return;
           }
           worker.connection = connection;
+          const ring = worker.takeRing();
+          if (ring) connection.attachRing(ring);
           if (worker.state === 'starting') {
             worker.state = 'idle';
             worker.idleSince = Date.now();
@@ -341,6 +343,8 @@ export class Cluster implements Runtime {
 
   #onWorkerExit(worker: WorkerProcess): void {
     worker.exited = true;
+    // A worker that never said hello never had its ring taken over by the connection.
+    worker.takeRing()?.close();
     const wasActor = worker.state === 'actor';
     worker.state = 'dead';
     worker.node.workers.delete(worker.id);

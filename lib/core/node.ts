@@ -8,7 +8,9 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ObjectStore } from '../store/object-store.js';
 import { newObjectId } from '../store/object-id.js';
-import type { FrameConnection, DriverMessage, WorkerMessage } from './protocol.js';
+import { RING_BYTES, connectionRingWanted, type FrameConnection } from './connection.js';
+import { native, type NativeConnectionRing } from '../native.js';
+import type { DriverMessage, WorkerMessage } from './protocol.js';
 import { ResourcePool, type Resources } from './resources.js';
 
 const here = fileURLToPath(import.meta.url);
@@ -69,10 +71,17 @@ export class WorkerProcess {
   /** Its holds and unreported puts were dropped (it exited and its connection closed). */
   released = false;
 
+  /**
+   * The connection's shared memory, made here and mapped by the worker from descriptor 3; the
+   * connection takes it over at the worker's hello (until then it is closed with the worker).
+   */
+  ring: NativeConnectionRing | undefined;
+
   constructor(node: Node, socketPath: string) {
     this.id = `worker-${newObjectId().slice(0, 12)}`;
     this.node = node;
     this.ready = new Promise((resolve) => (this.resolveReady = resolve));
+    this.ring = connectionRingWanted() ? native.ConnectionRing.create(RING_BYTES) : undefined;
     // TRELLIS_WORKER_NODE_ARGS: extra Node.js flags for workers (profiling, inspecting).
     const extra = process.env.TRELLIS_WORKER_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
     // --expose-gc: a worker collects garbage when the zero-copy views it made may pin much of the
@@ -86,9 +95,19 @@ export class WorkerProcess {
         TRELLIS_STORE: node.store.name,
         TRELLIS_PUT_IDS: this.putIds.toString('hex'),
         ...node.workerEnvironment,
+        ...(this.ring ? { TRELLIS_RING_FD: '3' } : {}),
       },
-      stdio: ['ignore', 'inherit', 'inherit'],
+      stdio: ['ignore', 'inherit', 'inherit', ...(this.ring ? [this.ring.fd] : [])],
     });
+    // The child has its own copy of the descriptor now; the mapping here stays.
+    this.ring?.closeFd();
+  }
+
+  /** The ring goes to the connection, which closes it with itself. */
+  takeRing(): NativeConnectionRing | undefined {
+    const ring = this.ring;
+    this.ring = undefined;
+    return ring;
   }
 
   send(message: DriverMessage): void {

@@ -1,10 +1,9 @@
 /**
- * Messages between the driver and its workers: length-prefixed frames over one Unix domain socket
- * per worker. Writes made in one tick leave in one syscall. Most messages are msgpack maps; the
+ * Messages between the driver and its workers, and their frames: a length, then the body
+ * (connection.ts carries them, in batches). Most messages are msgpack maps; the
  * two that every task and actor call sends (the task and its inline result) have a compact binary
  * form, since generic encoding of their keyed fields was a measurable share of a call's latency.
  */
-import type { Socket } from 'node:net';
 import type { RemoteErrorInfo } from '../errors.js';
 import { Packr } from 'msgpackr';
 
@@ -171,7 +170,8 @@ function hasKeys(record: Record<string, unknown>): boolean {
  * Appends frames to one growing buffer. Ids (object, task and actor ids, all ASCII) are written as
  * latin1 with a one-byte length; other strings as UTF-8 with a two-byte length.
  */
-class FrameWriter {
+/** A growing buffer that frames are written into (connection.ts sends what it holds). */
+export class FrameWriter {
   buffer = Buffer.allocUnsafe(64 * 1024);
   length = 0;
 
@@ -339,10 +339,10 @@ function readDone(reader: FrameReader): DoneMessage {
   return { t: 'done', taskId, value: { inline: reader.bytes() }, nested };
 }
 
-type AnyMessage = DriverMessage | WorkerMessage;
+export type AnyMessage = DriverMessage | WorkerMessage;
 
 /** Writes one frame: a length, then the compact form where there is one, else msgpack. */
-function writeFrame(writer: FrameWriter, message: AnyMessage): void {
+export function writeFrame(writer: FrameWriter, message: AnyMessage): void {
   writer.reserve(4);
   const start = writer.length;
   writer.length += 4;
@@ -381,87 +381,4 @@ export function encodeFrame(message: AnyMessage): Buffer {
   const writer = new FrameWriter();
   writeFrame(writer, message);
   return writer.take();
-}
-
-/** Told when a connection wrote (an answer is now expected) and when data arrived. */
-export interface TrafficObserver {
-  sent(): void;
-  received(): void;
-}
-
-export class FrameConnection<Incoming extends AnyMessage, Outgoing extends AnyMessage> {
-  readonly #socket: Socket;
-  #pending: Buffer[] = [];
-  #pendingBytes = 0;
-  readonly #writer = new FrameWriter();
-  #flushScheduled = false;
-  #closed = false;
-  readonly #flushNow = () => this.#flush();
-  readonly #traffic: TrafficObserver | undefined;
-
-  /** `traffic` hears of each write and each arrival (busy-polling: see busy-poll.ts). */
-  constructor(socket: Socket, onMessage: (message: Incoming) => void, onClose: () => void, traffic?: TrafficObserver) {
-    this.#socket = socket;
-    this.#traffic = traffic;
-    socket.setNoDelay?.(true);
-    socket.on('data', (chunk: Buffer) => {
-      this.#traffic?.received();
-      this.#pending.push(chunk);
-      this.#pendingBytes += chunk.length;
-      this.#drain(onMessage);
-    });
-    const close = () => {
-      if (this.#closed) return;
-      this.#closed = true;
-      onClose();
-    };
-    socket.on('close', close);
-    socket.on('error', close);
-  }
-
-  get closed(): boolean {
-    return this.#closed;
-  }
-
-  send(message: Outgoing): void {
-    if (this.#closed) return;
-    writeFrame(this.#writer, message);
-    if (this.#flushScheduled) return;
-    // Messages sent in the same tick leave in one write.
-    this.#flushScheduled = true;
-    process.nextTick(this.#flushNow);
-  }
-
-  /** Writes what was sent so far now, rather than at the end of this tick. */
-  flush(): void {
-    this.#flush();
-  }
-
-  #flush(): void {
-    this.#flushScheduled = false;
-    if (this.#writer.length === 0) return;
-    const data = this.#writer.take();
-    if (this.#closed) return;
-    this.#socket.write(data);
-    this.#traffic?.sent();
-  }
-
-  close(): void {
-    this.#closed = true;
-    this.#socket.destroy();
-  }
-
-  #drain(onMessage: (message: Incoming) => void): void {
-    while (this.#pendingBytes >= 4) {
-      if (this.#pending.length > 1) this.#pending = [Buffer.concat(this.#pending)];
-      const buffer = this.#pending[0];
-      const length = buffer.readUInt32LE(0);
-      if (buffer.length < 4 + length) return;
-      const message = decodeFrame(buffer.subarray(4, 4 + length)) as Incoming;
-      const rest = buffer.subarray(4 + length);
-      this.#pending = rest.length > 0 ? [rest] : [];
-      this.#pendingBytes = rest.length;
-      onMessage(message);
-    }
-  }
 }

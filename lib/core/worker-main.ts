@@ -3,14 +3,16 @@
  * define remote functions and classes, and runs tasks or one actor. It exits when the driver goes.
  */
 import { randomBytes } from 'node:crypto';
+import { closeSync } from 'node:fs';
 import { connect } from 'node:net';
 import { ObjectLostError, TaskError, type RemoteErrorInfo } from '../errors.js';
 import { ObjectStore } from '../store/object-store.js';
 import { newObjectId, sequentialObjectId } from '../store/object-id.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
 import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
+import { FrameConnection } from './connection.js';
+import { native, type NativeConnectionRing } from '../native.js';
 import {
-  FrameConnection,
   type CreateActorMessage,
   type DriverMessage,
   type FunctionDescriptor,
@@ -585,6 +587,19 @@ async function startActor(message: CreateActorMessage): Promise<void> {
 }
 
 const socket = connect(socketPath);
+/** The connection's shared memory, from the driver (see connection.ts). */
+const ring = openRing();
+
+function openRing(): NativeConnectionRing | undefined {
+  const fd = Number(process.env.TRELLIS_RING_FD);
+  if (!Number.isInteger(fd) || fd < 0) return undefined;
+  delete process.env.TRELLIS_RING_FD;
+  try {
+    return native.ConnectionRing.open(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
 const connection = new FrameConnection<DriverMessage, WorkerMessage>(
   socket,
   (message) => {
@@ -647,4 +662,9 @@ setHandleCodec({
 // module loading and transpiling first, competing for the CPUs with the work already running.
 import('../index.js')
   .catch(() => undefined)
-  .finally(() => runtime.send({ t: 'hello', workerId, pid: process.pid }));
+  .finally(() => {
+    runtime.send({ t: 'hello', workerId, pid: process.pid });
+    // The hello goes by socket (it tells the driver whose ring this is); the rest by the ring.
+    connection.flush();
+    if (ring) connection.attachRing(ring);
+  });

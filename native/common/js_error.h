@@ -14,6 +14,7 @@ namespace trellis {
 struct AddonData {
   Napi::FunctionReference error_factory;
   Napi::FunctionReference store_constructor;
+  Napi::FunctionReference connection_ring_constructor;
 };
 
 inline Napi::Error ToJsError(Napi::Env env, const NativeError& error) {

@@ -11,6 +11,12 @@
 // milliseconds wastes nothing, one whose replies take 300 us spins about 300 us. Readiness alone
 // cannot tell an answer: V8's background threads wake the loop too (seen here 15-40 us after each
 // send), so a spin ended by something else resumes on the next pass while its time lasts.
+//
+// The same hooks watch the connection rings this process reads (native/channel/connection_ring):
+// the spin looks at them as well as at the backend, and before the loop blocks each ring is
+// marked sleeping (its writer then rings the socket). A ring with bytes keeps the loop from
+// blocking (an idle handle), and a uv_check handle, which runs right after the poll, marks the
+// rings awake and hands the ids of those with bytes to JS.
 #include "loop/busy_poll.h"
 
 #include <poll.h>
@@ -21,7 +27,11 @@
 #include <array>
 #include <cerrno>
 #include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
 
+#include "channel/connection_ring_binding.h"
 #include "common/js_error.h"
 
 namespace trellis::loop {
@@ -43,9 +53,22 @@ inline void Relax() {
 
 constexpr size_t kWaits = 16;
 
+struct WatchedRing {
+  uint32_t id;
+  std::shared_ptr<channel::ConnectionRing> ring;
+};
+
 struct BusyPoll {
   uv_prepare_t prepare{};
+  uv_check_t check{};
+  uv_idle_t idle{};  // active: the loop must not block (a ring has bytes)
+  int open_handles = 0;
   uv_loop_t* loop = nullptr;
+  napi_env env = nullptr;
+  std::vector<WatchedRing> rings;
+  bool rings_marked = false;  // marked sleeping before this pass's poll
+  Napi::FunctionReference on_readable;
+  std::optional<Napi::AsyncContext> context;
   napi_async_cleanup_hook_handle cleanup = nullptr;
   int64_t cap_ns = 0;
   int64_t armed_at_ns = 0;  // the outstanding arm (0: none)
@@ -76,11 +99,38 @@ void LearnWait(BusyPoll* state, int64_t wait_ns) {
   state->spin_ns = typical <= state->cap_ns ? std::min(wanted, state->cap_ns) : 0;
 }
 
+bool AnyRingReadable(const BusyPoll* state) {
+  for (const WatchedRing& watched : state->rings) {
+    if (watched.ring->Readable()) return true;
+  }
+  return false;
+}
+
+void Idle(uv_idle_t*) {}
+
+// Keeps libuv's coming poll from blocking: the check phase reads the rings right after it.
+void StayAwake(BusyPoll* state) { uv_idle_start(&state->idle, Idle); }
+
+// The loop is about to block: each ring is marked sleeping, unless bytes came meanwhile.
+void MarkRingsSleeping(BusyPoll* state) {
+  state->rings_marked = !state->rings.empty();
+  for (const WatchedRing& watched : state->rings) {
+    if (!watched.ring->MarkSleeping()) StayAwake(state);
+  }
+}
+
 void OnPrepare(uv_prepare_t* handle) {
   auto* state = static_cast<BusyPoll*>(handle->data);
-  if (state->armed_at_ns == 0 || state->slept) return;
   int timeout_ms = uv_backend_timeout(state->loop);
   if (timeout_ms == 0) return;  // libuv will not block: nothing to save, and the arm stays
+  if (AnyRingReadable(state)) {
+    StayAwake(state);
+    return;
+  }
+  if (state->armed_at_ns == 0 || state->slept) {
+    MarkRingsSleeping(state);
+    return;
+  }
   int64_t started = NowNs();
   int64_t until = state->armed_at_ns + state->spin_ns;
   if (timeout_ms > 0) until = std::min(until, started + static_cast<int64_t>(timeout_ms) * 1'000'000);
@@ -89,7 +139,12 @@ void OnPrepare(uv_prepare_t* handle) {
     state->spins += 1;
     int64_t now = started;
     bool ready = false;
+    bool ring_ready = false;
     while (now < until) {
+      if (AnyRingReadable(state)) {
+        ring_ready = true;
+        break;
+      }
       int polled = poll(&backend, 1, 0);
       if (polled > 0) {
         ready = true;
@@ -100,22 +155,61 @@ void OnPrepare(uv_prepare_t* handle) {
       now = NowNs();
     }
     state->spun_ns += static_cast<uint64_t>(NowNs() - started);
+    if (ring_ready) {
+      StayAwake(state);
+      return;
+    }
     if (ready) return;  // the answer, or a wake of another kind: the next pass spins on if so
   }
   state->slept = true;
+  MarkRingsSleeping(state);
+}
+
+void OnCheck(uv_check_t* handle) {
+  auto* state = static_cast<BusyPoll*>(handle->data);
+  uv_idle_stop(&state->idle);
+  if (state->rings_marked) {
+    for (const WatchedRing& watched : state->rings) watched.ring->MarkAwake();
+    state->rings_marked = false;
+  }
+  if (state->on_readable.IsEmpty() || !state->context) return;
+  std::vector<uint32_t> readable;
+  for (const WatchedRing& watched : state->rings) {
+    if (watched.ring->Readable()) readable.push_back(watched.id);
+  }
+  if (readable.empty()) return;
+  Napi::Env env(state->env);
+  Napi::HandleScope scope(env);
+  Napi::Array ids = Napi::Array::New(env, readable.size());
+  for (size_t i = 0; i < readable.size(); i++) ids.Set(static_cast<uint32_t>(i), readable[i]);
+  try {
+    // MakeCallback: promises the callback settles run their continuations before it returns.
+    state->on_readable.MakeCallback(env.Global(), {ids}, *state->context);
+  } catch (const Napi::Error& error) {
+    // As a throw from a socket's data handler would: the process's uncaught-exception path.
+    napi_fatal_exception(state->env, error.Value());
+  }
 }
 
 void OnClosed(uv_handle_t* handle) {
   auto* state = static_cast<BusyPoll*>(handle->data);
+  if (--state->open_handles > 0) return;
   napi_remove_async_cleanup_hook(state->cleanup);
   delete state;
 }
 
-// At environment teardown: the handle must be closed before the loop is.
+// At environment teardown: the handles must be closed before the loop is.
 void OnCleanup(napi_async_cleanup_hook_handle, void* data) {
   auto* state = static_cast<BusyPoll*>(data);
+  state->on_readable.Reset();
+  state->context.reset();
+  state->rings.clear();
   uv_prepare_stop(&state->prepare);
+  uv_check_stop(&state->check);
+  uv_idle_stop(&state->idle);
   uv_close(reinterpret_cast<uv_handle_t*>(&state->prepare), OnClosed);
+  uv_close(reinterpret_cast<uv_handle_t*>(&state->check), OnClosed);
+  uv_close(reinterpret_cast<uv_handle_t*>(&state->idle), OnClosed);
 }
 
 BusyPoll* StateOf(const Napi::CallbackInfo& info) { return static_cast<BusyPoll*>(info.Data()); }
@@ -129,14 +223,20 @@ void RegisterBusyPoll(Napi::Env env, Napi::Object exports) {
   }
   auto* state = new BusyPoll();
   state->loop = loop;
+  state->env = env;
   state->prepare.data = state;
-  if (uv_prepare_init(loop, &state->prepare) != 0) {
-    delete state;
-    throw Napi::Error::New(env, "busyPoll: uv_prepare_init failed");
+  state->check.data = state;
+  state->idle.data = state;
+  if (uv_prepare_init(loop, &state->prepare) != 0 || uv_check_init(loop, &state->check) != 0 || uv_idle_init(loop, &state->idle) != 0) {
+    throw Napi::Error::New(env, "busyPoll: initializing the event loop's handles failed");
   }
+  state->open_handles = 3;
   uv_prepare_start(&state->prepare, OnPrepare);
-  // It never keeps the process alive by itself.
+  uv_check_start(&state->check, OnCheck);
+  // They never keep the process alive by themselves.
   uv_unref(reinterpret_cast<uv_handle_t*>(&state->prepare));
+  uv_unref(reinterpret_cast<uv_handle_t*>(&state->check));
+  uv_unref(reinterpret_cast<uv_handle_t*>(&state->idle));
   if (napi_add_async_cleanup_hook(env, OnCleanup, state, &state->cleanup) != napi_ok) {
     throw Napi::Error::New(env, "busyPoll: napi_add_async_cleanup_hook failed");
   }
@@ -182,6 +282,30 @@ void RegisterBusyPoll(Napi::Env env, Napi::Object exports) {
     stats.Set("spunMicros", static_cast<double>(state->spun_ns) / 1000);
     return stats;
   }, "stats", state));
+  // watchRing(ring, id): read by this process; its id goes to the readable callback.
+  busy_poll.Set("watchRing", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      BusyPoll* state = StateOf(info);
+      auto ring = channel::RingOf(info[0]);
+      if (!info[1].IsNumber()) throw InvalidArgument("busyPoll.watchRing expects a ring and a numeric id");
+      state->rings.push_back({info[1].As<Napi::Number>().Uint32Value(), std::move(ring)});
+      return info.Env().Undefined();
+    });
+  }, "watchRing", state));
+  busy_poll.Set("unwatchRing", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    BusyPoll* state = StateOf(info);
+    uint32_t id = info[0].As<Napi::Number>().Uint32Value();
+    std::erase_if(state->rings, [id](const WatchedRing& watched) { return watched.id == id; });
+    return info.Env().Undefined();
+  }, "unwatchRing", state));
+  // onRingsReadable(callback): called with the ids of watched rings that have bytes.
+  busy_poll.Set("onRingsReadable", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    BusyPoll* state = StateOf(info);
+    if (!info[0].IsFunction()) throw Napi::TypeError::New(info.Env(), "busyPoll.onRingsReadable expects a function");
+    state->on_readable = Napi::Persistent(info[0].As<Napi::Function>());
+    if (!state->context) state->context.emplace(info.Env(), "trellis:connection-ring");
+    return info.Env().Undefined();
+  }, "onRingsReadable", state));
   exports.Set("busyPoll", busy_poll);
 }
 
