@@ -251,6 +251,12 @@ export interface NativeConnectionRing {
   write(bytes: Uint8Array): 0 | 1 | 2;
   /** Every byte that arrived, or undefined when none did. */
   take(): Buffer | undefined;
+  /**
+   * The reader's marks, set by the event loop around its poll (native/loop); here for tests.
+   * markSleeping() is false when bytes arrived meanwhile (then the reader stays awake).
+   */
+  markSleeping(): boolean;
+  markAwake(): void;
   /** The creator's descriptor for the peer (-1 once closed, and always at the peer). */
   readonly fd: number;
   closeFd(): void;

@@ -30,7 +30,7 @@ export function connectionRingWanted(): boolean {
 }
 
 /** Bytes each way. A batch larger than the free room (a big inline value) goes by socket. */
-export const RING_BYTES = 1 << 20;
+export const RING_BYTES = 256 * 1024;
 const HEADER_BYTES = 8;
 /** The doorbell's sequence number, which no batch has. */
 const DOORBELL = 0xffffffff;

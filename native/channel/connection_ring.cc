@@ -158,8 +158,10 @@ void ConnectionRing::Take(uint8_t* into, uint64_t length) {
 
 bool ConnectionRing::MarkSleeping() {
   Direction& direction = incoming();
-  // Rung already: a doorbell is on its way and will wake the loop.
-  if (direction.reader_state.load(std::memory_order_relaxed) == kAwake) direction.reader_state.store(kSleeping, std::memory_order_seq_cst);
+  // Even if it reads "rung": that doorbell may have been read already (while this loop was busy
+  // and never marked it), and a writer that sees "rung" does not ring. A doorbell still on its
+  // way only wakes the loop once more for nothing.
+  direction.reader_state.store(kSleeping, std::memory_order_seq_cst);
   if (direction.tail.load(std::memory_order_seq_cst) != direction.head.load(std::memory_order_relaxed)) {
     direction.reader_state.store(kAwake, std::memory_order_seq_cst);
     return false;

@@ -21,6 +21,8 @@ class ConnectionRingBinding : public Napi::ObjectWrap<ConnectionRingBinding> {
                            StaticMethod<&ConnectionRingBinding::Open>("open"),
                            InstanceMethod<&ConnectionRingBinding::Write>("write"),
                            InstanceMethod<&ConnectionRingBinding::Take>("take"),
+                           InstanceMethod<&ConnectionRingBinding::MarkSleeping>("markSleeping"),
+                           InstanceMethod<&ConnectionRingBinding::MarkAwake>("markAwake"),
                            InstanceMethod<&ConnectionRingBinding::CloseFd>("closeFd"),
                            InstanceMethod<&ConnectionRingBinding::Close>("close"),
                            InstanceAccessor<&ConnectionRingBinding::Fd>("fd"),
@@ -82,6 +84,17 @@ class ConnectionRingBinding : public Napi::ObjectWrap<ConnectionRingBinding> {
       Napi::Buffer<uint8_t> buffer = Napi::Buffer<uint8_t>::New(info.Env(), length);
       ring.Take(buffer.Data(), length);
       return buffer;
+    });
+  }
+
+  // What the event loop does around its poll (native/loop), for tests to drive by hand.
+  Napi::Value MarkSleeping(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value { return Napi::Boolean::New(info.Env(), ring_or_throw().MarkSleeping()); });
+  }
+  Napi::Value MarkAwake(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      ring_or_throw().MarkAwake();
+      return info.Env().Undefined();
     });
   }
 

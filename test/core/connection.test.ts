@@ -62,13 +62,23 @@ describe('connection ring (native)', () => {
     }
   });
 
-  it('rings once for a reader that sleeps, until it wakes', () => {
+  it('rings once for a reader that sleeps, and again each time it goes back to sleep', () => {
     const writer = native.ConnectionRing.create(4096);
     const reader = native.ConnectionRing.open(writer.fd);
     // A fresh ring's reader counts as sleeping: the first write rings, the next ones do not.
     expect(writer.write(new Uint8Array(8))).toBe(1);
     expect(writer.write(new Uint8Array(8))).toBe(0);
     expect(reader.take()?.length).toBe(16);
+    // Its loop never slept meanwhile (so never marked it awake): going to sleep now must still
+    // make the next write ring, the doorbell above having been read.
+    expect(reader.markSleeping()).toBe(true);
+    expect(writer.write(new Uint8Array(8))).toBe(1);
+    // Bytes that came before it marks itself keep it awake; an awake reader is not rung.
+    expect(reader.markSleeping()).toBe(false);
+    expect(writer.write(new Uint8Array(8))).toBe(0);
+    expect(reader.take()?.length).toBe(16);
+    reader.markAwake();
+    expect(writer.write(new Uint8Array(8))).toBe(0);
     writer.close();
     reader.close();
   });
