@@ -167,6 +167,13 @@ interface ActorRecord {
   running: Map<string, TaskRecord>;
   callNames: Map<string, string>;
   deathCause?: string;
+  /** No handle to it is left: it ends once its calls are done and no result it holds is read. */
+  unreferenced?: boolean;
+}
+
+/** Actor ids share the namespace of holds with object ids (hex), told apart by their prefix. */
+function isActorId(id: string): boolean {
+  return id.startsWith('actor-');
 }
 
 export interface InitOptions extends NodeOptions {
@@ -217,6 +224,8 @@ export class Cluster implements Runtime {
   readonly #leaseByWorker = new Map<WorkerProcess, Lease>();
   readonly #actors = new Map<string, ActorRecord>();
   readonly #namedActors = new Map<string, string>();
+  /** Handles counted per actor id (see makeActorHandle), as holds are per object. */
+  readonly #actorHolds = new Map<string, number>();
   readonly #groups = new Map<string, PlacementGroup>();
   readonly #requests = new WeakMap<TaskOptions, RequestInfo>();
   readonly #collectiveGroups = new Map<string, { actorIds: readonly string[]; backend: 'cpu' | 'nccl' }>();
@@ -543,12 +552,30 @@ export class Cluster implements Runtime {
   }
 
   #addHold(id: string): void {
+    if (isActorId(id)) {
+      this.#actorHolds.set(id, (this.#actorHolds.get(id) ?? 0) + 1);
+      return;
+    }
     const record = this.#objects.get(id);
     if (record) record.holds++;
     else this.#objects.set(id, this.#newRecord(id, 1));
   }
 
   #dropHold(id: string): void {
+    if (isActorId(id)) {
+      const holds = (this.#actorHolds.get(id) ?? 0) - 1;
+      if (holds > 0) {
+        this.#actorHolds.set(id, holds);
+        return;
+      }
+      this.#actorHolds.delete(id);
+      const actor = this.#actors.get(id);
+      // A name is a handle the cluster keeps: named actors live until killed.
+      if (!actor || actor.registeredName || this.#closed) return;
+      actor.unreferenced = true;
+      this.#endIfUnreferenced(actor);
+      return;
+    }
     const record = this.#objects.get(id);
     if (!record || --record.holds > 0) return;
     this.#objects.delete(id);
@@ -1659,6 +1686,7 @@ export class Cluster implements Runtime {
   ): void {
     const actor = this.#actors.get(task.actorId!);
     actor?.running.delete(task.taskId);
+    if (actor?.unreferenced) queueMicrotask(() => this.#endIfUnreferenced(actor));
     if (task.state !== 'running' || task.cancelled) return;
     if (error) {
       this.#failTask(task, taskFailure(task, error, lostArgument));
@@ -1749,16 +1777,32 @@ export class Cluster implements Runtime {
   kill(actorId: string, noRestart: boolean): void {
     const actor = this.#actors.get(actorId);
     if (!actor || actor.state === 'dead') return;
-    if (noRestart) {
-      const worker = actor.worker;
-      if (actor.placement && worker) this.#release(actor.placement, actor.request, actor.gpuIds);
-      actor.placement = undefined;
-      actor.worker = undefined;
-      this.#actorDied(actor, `actor ${actor.name} was killed`);
-      worker?.kill();
-    } else {
-      actor.worker?.kill();
+    if (noRestart) this.#end(actor, `actor ${actor.name} was killed`);
+    else actor.worker?.kill();
+  }
+
+  /** Ends an actor for good: its process, its resources, and its queue (failed with `cause`). */
+  #end(actor: ActorRecord, cause: string): void {
+    const worker = actor.worker;
+    if (actor.placement && worker) this.#release(actor.placement, actor.request, actor.gpuIds);
+    actor.placement = undefined;
+    actor.worker = undefined;
+    this.#actorDied(actor, cause);
+    worker?.kill();
+  }
+
+  /**
+   * An unnamed actor with no handle left ends, as Ray's does, once nothing it was asked remains:
+   * calls queued or running (a call's result may still be read), and results it holds (tensor
+   * transport) that something still references, whose freeing is itself a call.
+   */
+  #endIfUnreferenced(actor: ActorRecord): void {
+    if (!actor.unreferenced || actor.state === 'dead' || this.#closed) return;
+    if (actor.queue.length > 0 || actor.running.size > 0) return;
+    for (const record of this.#objects.values()) {
+      if (record.held?.actorId === actor.id || record.retiredBy === actor.id) return;
     }
+    this.#end(actor, `actor ${actor.name} ended: no handle to it was left`);
   }
 
   #lookupActor(name: string): ActorLookup {

@@ -4,7 +4,7 @@
  * register the same names, and looks the name up.
  */
 import { RegistrationError } from '../errors.js';
-import type { ObjectRef, RefOr } from './object-ref.js';
+import { ObjectRef, type RefOr } from './object-ref.js';
 import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
 import type { FunctionDescriptor } from './protocol.js';
 import { currentRuntime, hasRuntime } from './runtime-context.js';
@@ -134,20 +134,34 @@ export function actorHandleInfo(value: unknown): { actorId: string; descriptor: 
   return typeof value === 'object' && value !== null ? handleInfo.get(value) : undefined;
 }
 
-function actorMethod(actorId: string, name: string, options: ActorCallOptions, className: string): ActorMethod<AnyFunction> {
+/**
+ * `lifetime` is the handle's count on its actor (see makeActorHandle): a method kept apart from
+ * its handle, and a graph node bound to it, keep the actor alive as the handle would.
+ */
+function actorMethod(actorId: string, name: string, options: ActorCallOptions, className: string, lifetime: ObjectRef<unknown>): ActorMethod<AnyFunction> {
   return {
-    bind: (...args: unknown[]) => new ClassMethodNode(actorId, className, name, args),
+    bind: (...args: unknown[]) => new ClassMethodNode(actorId, className, name, args, lifetime),
     remote: (...args: unknown[]) => currentRuntime().submitActorTask(actorId, name, args, options) as ObjectRef<any>,
-    options: (more: ActorCallOptions) => actorMethod(actorId, name, { ...options, ...more }, className),
+    options: (more: ActorCallOptions) => actorMethod(actorId, name, { ...options, ...more }, className, lifetime),
   };
 }
 
-/** A handle whose known methods have `.remote`; an unknown method is an error naming the class. */
+/** Where a handle keeps its count on the actor (a symbol: any method name stays the class's). */
+const lifetimeKey = Symbol('trellis.actorLifetime');
+
+/**
+ * A handle whose known methods have `.remote`; an unknown method is an error naming the class.
+ * Each handle counts as a reference to its actor, through a ref under the actor's id that the
+ * owner counts like any other (garbage collection, borrows by workers, handles inside values):
+ * an unnamed actor ends once no handle to it is left and its calls are done.
+ */
 export function makeActorHandle(actorId: string, descriptor: FunctionDescriptor, methods: string[]): ActorHandle<unknown> {
   const known = new Set(methods);
   const cache = new Map<string, ActorMethod<AnyFunction>>();
+  const lifetime = new ObjectRef<unknown>(actorId);
   const target = {
     actorId,
+    [lifetimeKey]: lifetime,
     // After shutdown() there is nothing left to end.
     [Symbol.dispose](): void {
       if (hasRuntime()) currentRuntime().kill(actorId, true);
@@ -169,7 +183,7 @@ export function makeActorHandle(actorId: string, descriptor: FunctionDescriptor,
       }
       let method = cache.get(key);
       if (!method) {
-        method = actorMethod(actorId, key, {}, descriptor.name);
+        method = actorMethod(actorId, key, {}, descriptor.name, lifetime);
         cache.set(key, method);
       }
       return method;

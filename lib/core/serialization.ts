@@ -1,8 +1,8 @@
 /**
  * Values crossing processes. Small values travel inline as msgpack; large values, binary data and
  * Arrow tables go to the object store as raw bytes (read back zero-copy) or msgpack. ObjectRefs and
- * actor handles nested in values survive as refs and handles; their ids are collected so that the
- * container keeps them alive.
+ * actor handles nested in values survive as refs and handles; their ids (an actor's for a handle)
+ * are collected so that the container keeps them alive.
  */
 import { Packr, addExtension } from 'msgpackr';
 import { Table, tableFromIPC, tableToIPC } from 'apache-arrow';
@@ -117,7 +117,10 @@ addExtension({
   Class: ActorHandleMarker,
   type: 0x56,
   write(value: unknown) {
-    return handleCodec!.write(value);
+    const data = handleCodec!.write(value) as [actorId: string, ...rest: unknown[]];
+    // A value holding a handle holds the actor, as one holding a ref holds its object.
+    nestedCollector?.push(data[0]);
+    return data;
   },
   read(data: unknown) {
     if (!handleCodec) throw new SerializationError('an actor handle arrived before the runtime started');

@@ -86,8 +86,12 @@ export class CompiledGraph {
   #tornDown = false;
   readonly #onActorDied: (event: { actorId: string; cause: string }) => void;
 
+  /** Handles to its actors: a graph keeps them alive until teardown, as a handle would. */
+  #actorHandles: unknown[];
+
   private constructor(layout: GraphLayout, options: CompileOptions, groups: CollectiveGroup[]) {
     this.graphId = layout.graphId;
+    this.#actorHandles = layout.plans.map((plan) => makeActorHandle(plan.actorId, { module: '', name: layout.actorNames?.get(plan.actorId) ?? 'actor' }, []));
     this.#layout = layout;
     this.#options = options;
     this.#groups = groups;
@@ -324,6 +328,8 @@ export class CompiledGraph {
     if (options.killActors) {
       for (const actorId of this.#actorIds) kill(makeActorHandle(actorId, { module: '', name: 'actor' }, []));
     }
+    // From here the actors live only as long as handles elsewhere do.
+    this.#actorHandles = [];
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

@@ -93,8 +93,12 @@ export class ClassMethodNode extends DAGNode {
   readonly method: string;
   readonly args: unknown[];
 
-  constructor(actorId: string, className: string, method: string, args: unknown[]) {
+  /** Keeps the actor alive while the node (and a graph compiled from it) lives. */
+  readonly #lifetime: unknown;
+
+  constructor(actorId: string, className: string, method: string, args: unknown[], lifetime?: unknown) {
     super();
+    this.#lifetime = lifetime;
     this.actorId = actorId;
     this.className = className;
     this.method = method;
