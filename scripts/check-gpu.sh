@@ -45,7 +45,7 @@ wanted bench && step bench 150 env TRELLIS_GPU_BENCH_SHARING=time-slice node --i
 # The actor figures again with the workers as clients of a CUDA MPS server of the cluster's own.
 command -v nvidia-cuda-mps-control >/dev/null && wanted bench && step bench-mps 120 env TRELLIS_GPU_BENCH_SHARING=mps node --import tsx bench/run.ts gpu --json
 # Actor calls with the connections' rings and with sockets only (busy-polling on and off).
-wanted bench && step calls 90 node --import tsx bench/run.ts calls --json
+wanted bench && step calls 60 node --import tsx bench/run.ts calls --json
 # Where a small transfer's time goes: with each process's own GPU context, under MPS, and without
 # busy-polling (on by default on hosts with 8 cores or more).
 wanted probe && step probe 60 node --import tsx bench/gpu-probe.ts
