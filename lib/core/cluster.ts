@@ -479,6 +479,7 @@ export class Cluster implements Runtime {
           return;
         }
         case 'create-actor': {
+          this.#addWorkerHold(worker, body.actorId); // the creating worker's handle
           this.#createActorRecord(body.actorId, body.cls, body.args, body.argRefs, body.held, body.options, body.methods);
           return;
         }
@@ -1488,11 +1489,11 @@ export class Cluster implements Runtime {
   // -------------------------------------------------------------------------------------------
   // Actors
 
-  createActor(cls: FunctionDescriptor, args: unknown[], options: ActorOptions, methods: string[]): string {
+  createActor(cls: FunctionDescriptor, args: unknown[], options: ActorOptions, methods: string[]): { actorId: string; lifetime: ObjectRef<unknown> } {
     const { bytes, argRefs, held } = this.#encodeArgs(args);
     const actorId = `actor-${newObjectId().slice(0, 16)}`;
     this.#createActorRecord(actorId, cls, bytes, argRefs, held, options, methods);
-    return actorId;
+    return { actorId, lifetime: new ObjectRef(actorId) };
   }
 
   #createActorRecord(

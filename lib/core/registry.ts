@@ -121,8 +121,8 @@ function makeActorClass(descriptor: FunctionDescriptor, cls: AnyClass, options: 
   return {
     descriptor,
     remote: (...args: unknown[]) => {
-      const actorId = currentRuntime().createActor(descriptor, args, options, methods);
-      return makeActorHandle(actorId, descriptor, methods) as ActorHandle<any>;
+      const { actorId, lifetime } = currentRuntime().createActor(descriptor, args, options, methods);
+      return makeActorHandle(actorId, descriptor, methods, lifetime) as ActorHandle<any>;
     },
     options: (more: ActorOptions) => makeActorClass(descriptor, cls, { ...options, ...more }),
   };
@@ -155,10 +155,14 @@ const lifetimeKey = Symbol('trellis.actorLifetime');
  * owner counts like any other (garbage collection, borrows by workers, handles inside values):
  * an unnamed actor ends once no handle to it is left and its calls are done.
  */
-export function makeActorHandle(actorId: string, descriptor: FunctionDescriptor, methods: string[]): ActorHandle<unknown> {
+export function makeActorHandle(
+  actorId: string,
+  descriptor: FunctionDescriptor,
+  methods: string[],
+  lifetime: ObjectRef<unknown> = new ObjectRef<unknown>(actorId),
+): ActorHandle<unknown> {
   const known = new Set(methods);
   const cache = new Map<string, ActorMethod<AnyFunction>>();
-  const lifetime = new ObjectRef<unknown>(actorId);
   const target = {
     actorId,
     [lifetimeKey]: lifetime,

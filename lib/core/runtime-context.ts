@@ -29,7 +29,8 @@ export interface ActorLookup {
 
 export interface Runtime {
   submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions): ObjectRef<unknown>;
-  createActor(cls: FunctionDescriptor, args: unknown[], options: ActorOptions, methods: string[]): string;
+  /** The new actor's id, and the creator's count on it (its first handle holds it). */
+  createActor(cls: FunctionDescriptor, args: unknown[], options: ActorOptions, methods: string[]): { actorId: string; lifetime: ObjectRef<unknown> };
   submitActorTask(actorId: string, method: string, args: unknown[], options?: ActorCallOptions): ObjectRef<unknown>;
   /** Driver only: collective groups, so that tensors can move between their members by NCCL. */
   registerCollectiveGroup?(name: string, actorIds: readonly string[], backend: 'cpu' | 'nccl'): void;

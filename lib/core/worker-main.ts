@@ -187,10 +187,12 @@ class WorkerRuntime implements Runtime {
     return this.#ownedRef(returnId);
   }
 
-  createActor(cls: FunctionDescriptor, args: unknown[], options: ActorOptions, methods: string[]): string {
+  createActor(cls: FunctionDescriptor, args: unknown[], options: ActorOptions, methods: string[]): { actorId: string; lifetime: ObjectRef<unknown> } {
     const actorId = `actor-${newObjectId().slice(0, 16)}`;
     this.notify('create-actor', { actorId, cls, ...this.#encodeArgs(args), options, methods });
-    return actorId;
+    // Counted by the driver on creation, as a submit's result is, and dropped with this worker:
+    // a worker that dies before its next report leaves no actor behind.
+    return { actorId, lifetime: this.#ownedRef(actorId) };
   }
 
   submitActorTask(actorId: string, method: string, args: unknown[], options: ActorCallOptions = {}): ObjectRef<unknown> {

@@ -29,6 +29,8 @@ describe('actor lifetime', () => {
       // A result it holds (tensor transport) keeps it until freed.
       heldAlive: true,
       heldEnded: true,
+      // An actor a task made and dropped at once.
+      workerCreatedEnded: true,
       // A compiled graph keeps its actors until teardown.
       graphAlive: true,
       graphResult: 101,
