@@ -555,7 +555,7 @@ export class Cluster implements Runtime {
   #addHold(id: string): void {
     if (isActorId(id)) {
       this.#actorHolds.set(id, (this.#actorHolds.get(id) ?? 0) + 1);
-      // A handle made again while its last calls ran (read back from a value): it stays.
+      // A handle made again before its last calls finished: the actor stays.
       const actor = this.#actors.get(id);
       if (actor) actor.unreferenced = false;
       return;
