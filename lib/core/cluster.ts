@@ -1887,6 +1887,7 @@ export class Cluster implements Runtime {
         nodeId: actor.node?.id,
         restarts: actor.restarts,
         pid: actor.worker?.child.pid,
+        ...(actor.deathCause ? { deathCause: actor.deathCause } : {}),
       })),
       objects: { count: this.#objects.size },
       gpuSharing: this.#multiProcessService ? { mode: 'mps', pipeDirectory: this.#multiProcessService.pipeDirectory } : { mode: 'time-slice' },
@@ -1943,7 +1944,8 @@ export interface ClusterState {
   nodes: Array<{ nodeId: string; resources: { total: Record<string, number>; available: Record<string, number> }; store: ReturnType<Node['store']['stats']>; storeName: string }>;
   workers: Array<{ workerId: string; nodeId: string; pid: number; state: string }>;
   tasks: Record<string, number>;
-  actors: Array<{ actorId: string; className: string; name?: string; state: string; nodeId?: string; restarts: number; pid?: number }>;
+  /** `deathCause` for dead ones: killed, died with no restarts left, or ended with no handle left. */
+  actors: Array<{ actorId: string; className: string; name?: string; state: string; nodeId?: string; restarts: number; pid?: number; deathCause?: string }>;
   objects: { count: number };
   /** With 'mps', CUDA_MPS_PIPE_DIRECTORY of the cluster's daemon (for nvidia-cuda-mps-control). */
   gpuSharing: { mode: 'time-slice' | 'mps'; pipeDirectory?: string };

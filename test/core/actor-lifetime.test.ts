@@ -16,6 +16,7 @@ describe('actor lifetime', () => {
       // A dropped handle: the actor is dead and its process gone.
       droppedEnded: true,
       droppedState: 'dead',
+      droppedCause: 'actor Counter ended: no handle to it was left',
       // A call in flight when the handle went finished first.
       inFlightResult: 5,
       inFlightEnded: true,
