@@ -168,16 +168,13 @@ void OnPrepare(uv_prepare_t* handle) {
 void OnCheck(uv_check_t* handle) {
   auto* state = static_cast<BusyPoll*>(handle->data);
   uv_idle_stop(&state->idle);
-  if (state->rings_marked) {
-    for (const WatchedRing& watched : state->rings) watched.ring->MarkAwake();
-    state->rings_marked = false;
-  }
-  if (state->on_readable.IsEmpty() || !state->context) return;
   std::vector<uint32_t> readable;
   for (const WatchedRing& watched : state->rings) {
+    if (state->rings_marked) watched.ring->MarkAwake();
     if (watched.ring->Readable()) readable.push_back(watched.id);
   }
-  if (readable.empty()) return;
+  state->rings_marked = false;
+  if (readable.empty() || state->on_readable.IsEmpty() || !state->context) return;
   Napi::Env env(state->env);
   Napi::HandleScope scope(env);
   Napi::Array ids = Napi::Array::New(env, readable.size());
