@@ -20,7 +20,9 @@
         "native/cuda/completion.cc",
         "native/cuda/cuda_binding.cc",
         "native/nccl/library.cc",
-        "native/nccl/nccl_binding.cc"
+        "native/nccl/nccl_binding.cc",
+        "native/kernels/cpu_kernels.cc",
+        "native/kernels/kernels_binding.cc"
       ],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")",

@@ -8,6 +8,7 @@ import { coreSuite } from './core.js';
 import { dagSuite } from './dag.js';
 import { dataSuite } from './data.js';
 import { gpuSuite } from './gpu.js';
+import { llmSuite } from './llm.js';
 import { storeSuite } from './store.js';
 import type { Suite } from './harness.js';
 
@@ -18,6 +19,7 @@ const suites: Record<string, Suite> = {
   dag: dagSuite,
   gpu: gpuSuite,
   data: dataSuite,
+  llm: llmSuite,
 };
 
 const args = process.argv.slice(2);

@@ -274,3 +274,20 @@ export class DataError extends TrellisError {
 
 /** No operator of a dataset made progress within the watchdog's window. */
 export class DataStallError extends DataError {}
+
+/**
+ * A model checkpoint or configuration that cannot be used: names the file and tensor where known.
+ * Checkpoint reading uses 'ERR_SAFETENSORS_HEADER' (malformed header), 'ERR_SAFETENSORS_RANGE'
+ * (offsets outside the file, overlapping, or not matching dtype and shape), 'ERR_SAFETENSORS_DTYPE'
+ * (a dtype it cannot convert), 'ERR_CHECKPOINT_INDEX' (a malformed index), 'ERR_TENSOR_NOT_FOUND',
+ * 'ERR_CHECKPOINT_NOT_FOUND' and 'ERR_CHECKPOINT_CLOSED'.
+ */
+export class ModelLoadError extends TrellisError {
+  readonly file?: string;
+  readonly tensor?: string;
+  constructor(code: string, message: string, details: { file?: string; tensor?: string; cause?: unknown } = {}) {
+    super(code, message, { cause: details.cause });
+    this.file = details.file;
+    this.tensor = details.tensor;
+  }
+}

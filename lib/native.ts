@@ -270,6 +270,26 @@ export interface NativeConnectionRingClass {
   open(fd: number): NativeConnectionRing;
 }
 
+/**
+ * f32 row-major CPU kernels for the transformer in lib/llm (native/kernels/cpu_kernels.cc). They
+ * run synchronously on the calling thread and check every argument (types, lengths against the
+ * dimensions, overlap of out with the inputs), throwing InvalidArgumentError; lib/llm/kernels.ts
+ * is their typed face.
+ */
+export interface NativeKernels {
+  /** out[m, n] = x[m, k] · weight[n, k]ᵀ + bias[n]; weight is [out features, in features]; bias may be null. */
+  linear(out: Float32Array, x: Float32Array, weight: Float32Array, bias: Float32Array | null, m: number, k: number, n: number): void;
+  /** Per row of `cols`: (x - mean) / sqrt(var + eps) · gamma + beta; out may be x itself. */
+  layerNorm(out: Float32Array, x: Float32Array, gamma: Float32Array, beta: Float32Array, rows: number, cols: number, eps: number): void;
+  /** In place, GPT-2's tanh approximation of GELU, over the whole array. */
+  gelu(x: Float32Array): void;
+  /**
+   * Causal self-attention of one sequence: q and out [queries, heads, headDim], keys and values
+   * [>= past + queries, heads, headDim]; query i attends to positions 0..past + i.
+   */
+  attention(out: Float32Array, q: Float32Array, keys: Float32Array, values: Float32Array, queries: number, past: number, heads: number, headDim: number): void;
+}
+
 export interface NativeAddon {
   setErrorFactory(factory: (code: string, message: string, details: Record<string, unknown>) => Error): void;
   NativeObjectStore: new (options: NativeStoreOptions) => NativeObjectStore;
@@ -280,6 +300,7 @@ export interface NativeAddon {
   cuda: NativeCuda;
   nccl: NativeNccl;
   busyPoll: NativeBusyPoll;
+  kernels: NativeKernels;
 }
 
 /** Spinning before the event loop sleeps (native/loop/busy_poll.cc). */

@@ -223,6 +223,7 @@ export class Cluster implements Runtime {
   readonly #leases = new Map<string, Lease[]>();
   readonly #leaseByWorker = new Map<WorkerProcess, Lease>();
   readonly #actors = new Map<string, ActorRecord>();
+  readonly #actorWatches = new Set<{ actorIds: Set<string>; onDeath: (actorId: string, cause: string) => void }>();
   readonly #namedActors = new Map<string, string>();
   /** Handles counted per actor id (see makeActorHandle), as holds are per object. */
   readonly #actorHolds = new Map<string, number>();
@@ -352,6 +353,8 @@ export class Cluster implements Runtime {
 
   #onWorkerExit(worker: WorkerProcess): void {
     worker.exited = true;
+    for (const watch of worker.actorWatches.values()) watch.stop();
+    worker.actorWatches.clear();
     // A worker that never said hello never had its ring taken over by the connection.
     worker.takeRing()?.close();
     const wasActor = worker.state === 'actor';
@@ -531,6 +534,23 @@ export class Cluster implements Runtime {
         case 'close-ipc':
           reply(await this.closeIpcMappings(body.handles, worker));
           return;
+        case 'watch-actors': {
+          // Answered at the first death, or with null once the worker stops watching.
+          const watchId = body.watchId as number;
+          const stop = this.watchActors(body.actorIds, (actorId, cause) => {
+            worker.actorWatches.delete(watchId);
+            reply({ actorId, cause });
+          });
+          worker.actorWatches.set(watchId, { stop, answer: reply });
+          return;
+        }
+        case 'unwatch-actors': {
+          const watch = worker.actorWatches.get(body.watchId);
+          worker.actorWatches.delete(body.watchId);
+          watch?.stop();
+          watch?.answer(null);
+          return;
+        }
         default:
           throw new Error(`unknown request '${op}'`);
       }
@@ -1746,6 +1766,11 @@ export class Cluster implements Runtime {
     actor.deathCause = cause;
     this.#loseHeld(actor, cause);
     this.events.emit('actor-died', { actorId: actor.id, cause, restarting: false });
+    for (const watch of [...this.#actorWatches]) {
+      if (!watch.actorIds.has(actor.id)) continue;
+      this.#actorWatches.delete(watch);
+      watch.onDeath(actor.id, cause);
+    }
     const died = new ActorDiedError(actor.id, cause);
     if (error) Object.defineProperty(died, 'cause', { value: error });
     for (const task of actor.queue) this.#failTask(task, died);
@@ -1770,6 +1795,19 @@ export class Cluster implements Runtime {
       record.state = 'failed';
       record.error = new ObjectLostError(record.id, `object ${record.id} was held by actor ${actor.name} (tensor transport) and is lost: ${cause}`);
     }
+  }
+
+  watchActors(actorIds: readonly string[], onDeath: (actorId: string, cause: string) => void): () => void {
+    const watch = { actorIds: new Set(actorIds), onDeath };
+    const stop = () => void this.#actorWatches.delete(watch);
+    const dead = actorIds.find((actorId) => (this.#actors.get(actorId)?.state ?? 'dead') === 'dead');
+    if (dead !== undefined) {
+      const cause = this.#actors.get(dead)?.deathCause ?? `actor ${dead} is unknown`;
+      queueMicrotask(() => onDeath(dead, cause));
+      return () => {};
+    }
+    this.#actorWatches.add(watch);
+    return stop;
   }
 
   whenActorProcessGone(actorId: string): Promise<void> {

@@ -68,6 +68,8 @@ export class WorkerProcess {
   readonly putIds = randomBytes(20);
   /** Stored puts the worker registered: the next id of its sequence is the first unreported one. */
   storedPuts = 0;
+  /** Its watches of other actors' deaths (see Runtime.watchActors), by the worker's watch id. */
+  readonly actorWatches = new Map<number, { stop: () => void; answer: (death: { actorId: string; cause: string } | null) => void }>();
   /** Its holds and unreported puts were dropped (it exited and its connection closed). */
   released = false;
 

@@ -52,6 +52,12 @@ export interface Runtime {
    * once in a worker, which cannot see other processes exit.
    */
   whenActorProcessGone(actorId: string): Promise<void>;
+  /**
+   * Calls `onDeath` once, when the first of these actors dies for good (soon after the call if
+   * one already has); the returned function stops watching. What compiled graphs use to fail
+   * rather than wait on a dead actor, in the driver and in workers alike.
+   */
+  watchActors(actorIds: readonly string[], onDeath: (actorId: string, cause: string) => void): () => void;
   getActor(name: string): Promise<ActorLookup>;
   context(): RuntimeContext;
   /**

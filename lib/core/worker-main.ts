@@ -60,6 +60,7 @@ class WorkerRuntime implements Runtime {
   #borrowAdd: string[] = [];
   #borrowDrop: string[] = [];
   #borrowFlush = false;
+  #nextWatch = 0;
   /** Tasks received and not yet started. */
   readonly queue = new Deque<TaskMessage>();
   current?: { taskId?: string; actorId?: string; gpuIds: number[]; argumentsMs?: number };
@@ -256,6 +257,25 @@ class WorkerRuntime implements Runtime {
 
   kill(actorId: string, noRestart: boolean): void {
     this.notify('kill', { actorId, noRestart });
+  }
+
+  watchActors(actorIds: readonly string[], onDeath: (actorId: string, cause: string) => void): () => void {
+    const watchId = this.#nextWatch++;
+    let watching = true;
+    this.request('watch-actors', { watchId, actorIds }).then(
+      (death: { actorId: string; cause: string } | null) => {
+        if (watching && death) onDeath(death.actorId, death.cause);
+        watching = false;
+      },
+      () => {
+        // The driver is gone: everything fails with it, not through this watch.
+      },
+    );
+    return () => {
+      if (!watching) return;
+      watching = false;
+      this.notify('unwatch-actors', { watchId });
+    };
   }
 
   whenActorProcessGone(): Promise<void> {

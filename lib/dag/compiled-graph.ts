@@ -4,7 +4,7 @@
  * exec loops, communicators — without ever hanging, also when an actor dies mid-graph.
  */
 import { ActorDiedError, ChannelError, GetTimeoutError, InvalidArgumentError, TaskError, TrellisError, type RemoteErrorInfo } from '../errors.js';
-import { events, get, kill } from '../core/api.js';
+import { get, kill } from '../core/api.js';
 import { currentRuntime } from '../core/runtime-context.js';
 import { makeActorHandle, type ActorHandle } from '../core/registry.js';
 import { CollectiveGroup, createCollectiveGroup } from '../gpu/collective.js';
@@ -84,7 +84,7 @@ export class CompiledGraph {
   readonly #unsubmitted = new Set<number>();
   #broken: Error | undefined;
   #tornDown = false;
-  readonly #onActorDied: (event: { actorId: string; cause: string }) => void;
+  readonly #stopWatching: () => void;
 
   /** Handles to its actors: a graph keeps them alive until teardown, as a handle would. */
   #actorHandles: unknown[];
@@ -98,11 +98,10 @@ export class CompiledGraph {
     this.#input = new ChannelWriter(layout.inputChannel);
     this.#outputs = layout.outputs.map((output) => new ChannelReader(output.channel, output.reader));
     this.#actorIds = layout.plans.map((plan) => plan.actorId);
-    this.#onActorDied = (event) => {
-      if (!this.#actorIds.includes(event.actorId) || this.#tornDown) return;
-      this.#break(new ActorDiedError(event.actorId, `an actor of compiled graph ${this.graphId} died: ${event.cause}`));
-    };
-    events().on('actor-died', this.#onActorDied);
+    this.#stopWatching = currentRuntime().watchActors(this.#actorIds, (actorId, cause) => {
+      if (this.#tornDown) return;
+      this.#break(new ActorDiedError(actorId, `an actor of compiled graph ${this.graphId} died: ${cause}`));
+    });
   }
 
   /** @internal */
@@ -315,7 +314,7 @@ export class CompiledGraph {
   async teardown(options: { killActors?: boolean } = {}): Promise<void> {
     if (this.#tornDown) return;
     this.#tornDown = true;
-    events().off('actor-died', this.#onActorDied);
+    this.#stopWatching();
     this.#closeChannels();
     const runtime = currentRuntime();
     const stops = this.#actorIds.map((actorId) => get(runtime.submitActorTask(actorId, '__trellis_dag_stop', [this.graphId])).catch(() => {}));

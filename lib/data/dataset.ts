@@ -37,6 +37,12 @@ export interface MapBatchesOptions extends TransformOptions {
   method?: string;
   /** Classes: batches queued at each actor beyond the one running (default 4 in flight). */
   maxTasksInFlightPerActor?: number;
+  /**
+   * Classes: batches one actor works on at once (default 1). Above 1, the batches of an async
+   * method interleave, for a class that batches across calls (a model engine); at most
+   * maxTasksInFlightPerActor.
+   */
+  maxConcurrency?: number;
   /** Classes: how long a constructor may take (ms, default 10 min). */
   actorStartTimeoutMs?: number;
   /** Classes: an actor idle this long above the pool's minimum stops (ms, default 2 s). */
@@ -127,10 +133,13 @@ export class Dataset {
       pool = {
         min: bounds?.[0] ?? 1,
         max: bounds?.[1] ?? Infinity,
-        maxTasksInFlightPerActor: checkPositiveInteger(options.maxTasksInFlightPerActor ?? 4, `${label}(): maxTasksInFlightPerActor`),
+        maxTasksInFlightPerActor: checkPositiveInteger(options.maxTasksInFlightPerActor ?? Math.max(4, options.maxConcurrency ?? 1), `${label}(): maxTasksInFlightPerActor`),
+        maxConcurrency: checkPositiveInteger(options.maxConcurrency ?? 1, `${label}(): maxConcurrency`),
         startTimeoutMs: options.actorStartTimeoutMs ?? 10 * 60_000,
         idleTimeoutMs: options.actorIdleTimeoutMs ?? 2_000,
       };
+    } else if (options.maxConcurrency !== undefined) {
+      throw new InvalidArgumentError(`${label}(): maxConcurrency is for classes; ${udf.descriptor.name} is a function (use concurrency)`);
     } else if (options.constructorArgs !== undefined) {
       throw new InvalidArgumentError(`${label}(): constructorArgs is for classes; ${udf.descriptor.name} is a function`);
     } else if (bounds) {

@@ -37,6 +37,8 @@ export interface ActorPoolOptions {
   min: number;
   max: number;
   maxTasksInFlightPerActor: number;
+  /** Batches one actor works on at once. */
+  maxConcurrency: number;
   /** How long an actor's constructor may take before the job fails (ms). */
   startTimeoutMs: number;
   /** An actor idle this long above the pool's minimum is stopped (ms). */

@@ -16,6 +16,7 @@ import {
   type ActorHandle,
 } from '../../lib/index.js';
 import { RemoteStage, type Stage } from './fixtures/stages.js';
+import { RemoteGraphOwner } from './fixtures/graph-owner.js';
 
 const openDescriptors = () => readdirSync('/proc/self/fd').length;
 const channelSegments = () => readdirSync('/dev/shm').filter((name) => name.startsWith(`trellis-${process.pid}-ch-`)).length;
@@ -304,5 +305,15 @@ describe('compiled graphs', () => {
     expect(() => graph.execute(3)).toThrow(ActorDiedError);
     await graph.teardown();
     expect(await get(other.add.remote(1))).toBe(6);
+  });
+
+  it('runs a graph compiled inside an actor, which learns of its actors\' deaths', async () => {
+    const owner = RemoteGraphOwner.remote();
+    const [, second] = (await get(owner.build.remote())) as number[];
+    expect(await get(owner.run.remote(5))).toBe(16);
+    process.kill(second, 'SIGKILL');
+    // Not a hang: the driver tells the owner's process that the actor died.
+    expect(await get(owner.outcome.remote(7))).toMatchObject({ name: 'ActorDiedError', code: 'ERR_ACTOR_DIED' });
+    expect(await get(owner.teardown.remote())).toBe(true);
   });
 });

@@ -9,7 +9,7 @@ import {
 } from '../../lib/index.js';
 import { planPhysical } from '../../lib/data/plan.js';
 import {
-  CountingSink, GatedSource, NoCallModel, NumbersSource, Scaler, addColumn, batchSizes, callOfTask, double, identity, isEven, notRegistered, repeat,
+  CountingSink, GatedSource, GroupingModel, NoCallModel, NumbersSource, Scaler, addColumn, batchSizes, callOfTask, double, identity, isEven, notRegistered, repeat,
 } from './fixtures/udfs.js';
 import { collectGarbage, rejection, storeUse, useDataCluster } from './helpers.js';
 
@@ -102,6 +102,15 @@ describe('transforms', () => {
     expect(rows.map((row) => row.scaled)).toEqual(sequence(40).map((id) => id * 3));
     // concurrency: 1 is one actor: one pid for every row.
     expect(new Set(rows.map((row) => row.pid)).size).toBe(1);
+  });
+
+  it('an actor works on maxConcurrency batches at once', async () => {
+    // Each batch is held until three are in the actor together: one at a time would never finish.
+    const rows = await readDatasource(new NumbersSource(12, 2)).mapBatches(GroupingModel, { constructorArgs: [3], batchSize: 2, concurrency: 1, maxConcurrency: 3 }).takeAll();
+    expect(ids(rows)).toEqual(sequence(12));
+    expect(Math.max(...rows.map((row) => row.together as number))).toBe(3);
+    expect(() => range(10).mapBatches(addColumn, { maxConcurrency: 2 })).toThrow(/maxConcurrency is for classes/);
+    expect(() => range(10).mapBatches(Scaler, { maxConcurrency: 0 })).toThrow(/maxConcurrency must be a positive integer/);
   });
 
   it('fromArrow takes tables as they are', async () => {

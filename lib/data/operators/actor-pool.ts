@@ -54,7 +54,7 @@ export class ActorMapOperator extends Operator {
       numGpus: compute.numGpus,
       memory: compute.memory,
       resources: compute.resources,
-      maxConcurrency: 1,
+      maxConcurrency: this.pool.maxConcurrency,
     }).remote();
     const actor: PoolActor = { handle, state: 'starting', inflight: 0, idleSince: Date.now() };
     this.#actors.add(actor);

@@ -1,0 +1,98 @@
+/**
+ * Model sharding suite (CPU kernels). A decoder of random weights in GPT-2's layout, written as a
+ * real checkpoint, generates for 16 prompts at once (greedy, continuous batching):
+ * - `llm_in_process_tokens_per_s`: one DecoderShard in this process stepping the same schedule,
+ *   no actors, no channels: the floor the replicas are measured against;
+ * - `llm_tp<T>_pp<P>_tokens_per_s`: a ModelReplica of T × P rank actors on a compiled graph;
+ * - `linear_m<M>_gflops`: the matmul kernel alone, the model's hidden × MLP shape.
+ * Generated tokens per second of wall time, prompt reading included.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { DecoderShard, ModelReplica, init, planSharding, shutdown, type DecoderConfig } from '../lib/index.js';
+import { linear } from '../lib/llm/kernels.js';
+import { randomWeights, writeCheckpoint } from '../examples/model/random-gpt2.js';
+import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
+
+const CONFIG: DecoderConfig = { vocabSize: 8192, hiddenSize: 512, numLayers: 8, numHeads: 8, intermediateSize: 2048, maxPositions: 256, layerNormEpsilon: 1e-5 };
+const PROMPTS = 16;
+const PROMPT_TOKENS = 48;
+const NEW_TOKENS = 32;
+const prompts = Array.from({ length: PROMPTS }, (_, p) => Array.from({ length: PROMPT_TOKENS }, (_, t) => (p * 131 + t * 17) % CONFIG.vocabSize));
+
+async function inProcess(checkpoint: string): Promise<number> {
+  const shard = await DecoderShard.load({ checkpoint, config: CONFIG, plan: planSharding(CONFIG), stage: 0, rank: 0 });
+  const run = async (round: number) => {
+    const ids = prompts.map((_, index) => round * PROMPTS + index);
+    let result = (await shard.forward({ step: 0, released: [], sequences: ids.map((id) => ({ id, past: 0, count: PROMPT_TOKENS })), tokens: Int32Array.from(prompts.flat()) })) as { tokens: Int32Array };
+    for (let step = 1; step < NEW_TOKENS; step++) {
+      const past = PROMPT_TOKENS + step - 1;
+      result = (await shard.forward({ step, released: [], sequences: ids.map((id) => ({ id, past, count: 1 })), tokens: result.tokens })) as { tokens: Int32Array };
+    }
+    shard.clear();
+  };
+  await run(0);
+  const times: number[] = [];
+  for (let round = 1; round <= 3; round++) {
+    const start = nowNs();
+    await run(round);
+    times.push(elapsedSeconds(start));
+  }
+  return (PROMPTS * NEW_TOKENS) / median(times);
+}
+
+async function replica(checkpoint: string, tensorParallel: number, pipelineParallel: number): Promise<number> {
+  await using model = await ModelReplica.create({ checkpoint, tensorParallel, pipelineParallel });
+  const requests = prompts.map((tokens) => ({ tokens, maxNewTokens: NEW_TOKENS }));
+  await model.generate(requests);
+  const times: number[] = [];
+  for (let round = 0; round < 3; round++) {
+    const start = nowNs();
+    await model.generate(requests);
+    times.push(elapsedSeconds(start));
+  }
+  return (PROMPTS * NEW_TOKENS) / median(times);
+}
+
+function linearGflops(m: number): number {
+  const k = CONFIG.hiddenSize;
+  const n = CONFIG.intermediateSize;
+  const x = new Float32Array(m * k).fill(0.5);
+  const weight = new Float32Array(n * k).fill(0.25);
+  const out = new Float32Array(m * n);
+  const runs = Math.max(3, Math.ceil(2e9 / (2 * m * k * n)));
+  linear(out, x, weight, null, m, k, n);
+  const start = nowNs();
+  for (let i = 0; i < runs; i++) linear(out, x, weight, null, m, k, n);
+  return (2 * m * k * n * runs) / elapsedSeconds(start) / 1e9;
+}
+
+export const llmSuite: Suite = {
+  name: 'llm',
+  ratios: [
+    ['replica tp1 pp1 / in process', 'llm_tp1_pp1_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
+    ['replica tp2 pp1 / in process', 'llm_tp2_pp1_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
+    ['replica tp1 pp2 / in process', 'llm_tp1_pp2_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
+  ],
+  async run(): Promise<Results> {
+    const results: Results = {};
+    for (const m of [1, 16, 512]) results[`linear_m${m}_gflops`] = { value: round(linearGflops(m), 2), unit: 'GFLOP/s' };
+    const directory = mkdtempSync(join(tmpdir(), 'trellis-bench-llm-'));
+    try {
+      const checkpoint = await writeCheckpoint(directory, CONFIG, randomWeights(CONFIG, 3));
+      results.llm_in_process_tokens_per_s = { value: round(await inProcess(checkpoint), 1), unit: 'tokens/s' };
+      await init({ numCpus: 4 });
+      try {
+        for (const [tensorParallel, pipelineParallel] of [[1, 1], [2, 1], [1, 2]]) {
+          results[`llm_tp${tensorParallel}_pp${pipelineParallel}_tokens_per_s`] = { value: round(await replica(checkpoint, tensorParallel, pipelineParallel), 1), unit: 'tokens/s' };
+        }
+      } finally {
+        await shutdown();
+      }
+    } finally {
+      rmSync(directory, { recursive: true, force: true });
+    }
+    return results;
+  },
+};

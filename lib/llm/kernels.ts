@@ -1,0 +1,144 @@
+/**
+ * f32 row-major CPU kernels for the decoder's shards (native/kernels/cpu_kernels.cc). They run
+ * synchronously on the calling thread: each worker process is one rank.
+ *
+ * Arguments are checked here, so a mistake is reported with the caller's names before the addon
+ * is reached; the addon checks them again, as it must never trust numbers it indexes memory with.
+ * `out` may not overlap an input (layerNorm's out may be x itself); arrays may be longer than the
+ * dimensions need, and may be subarrays.
+ */
+import { types } from 'node:util';
+import { InvalidArgumentError } from '../errors.js';
+import { native } from '../native.js';
+
+function describe(value: unknown): string {
+  if (value === null || value === undefined) return String(value);
+  if (ArrayBuffer.isView(value)) return `a ${value.constructor.name}`;
+  if (Array.isArray(value)) return 'an Array';
+  if (typeof value === 'number') return String(value);
+  return typeof value === 'object' ? 'an object' : `a ${typeof value}`;
+}
+
+function requireFloats(kernel: string, name: string, value: unknown): asserts value is Float32Array {
+  // util.types rather than instanceof: an array made in another realm is still a Float32Array.
+  if (!types.isFloat32Array(value)) throw new InvalidArgumentError(`${kernel}: ${name} must be a Float32Array, got ${describe(value)}`);
+}
+
+function requireDimension(kernel: string, name: string, value: unknown, minimum: 0 | 1): asserts value is number {
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < minimum) {
+    const expected = minimum === 1 ? 'a positive integer' : 'a non-negative integer';
+    throw new InvalidArgumentError(`${kernel}: ${name} must be ${expected}, got ${describe(value)}`);
+  }
+}
+
+function product(kernel: string, formula: string, ...factors: number[]): number {
+  const result = factors.reduce((total, factor) => total * factor, 1);
+  if (!Number.isSafeInteger(result)) throw new InvalidArgumentError(`${kernel}: ${formula} = ${factors.join(' * ')} is too large`);
+  return result;
+}
+
+function requireLength(kernel: string, name: string, array: Float32Array, needed: number, formula: string): void {
+  if (array.length < needed) {
+    throw new InvalidArgumentError(`${kernel}: ${name} must hold at least ${formula} = ${needed} floats, got ${array.length}`);
+  }
+}
+
+/** Writing out while an overlapping input is still being read would corrupt the input. */
+function requireDisjoint(kernel: string, out: Float32Array, outUsed: number, input: Float32Array, inputUsed: number, inputName: string): void {
+  if (out.buffer !== input.buffer || outUsed === 0 || inputUsed === 0) return;
+  const outEnd = out.byteOffset + outUsed * 4;
+  const inputEnd = input.byteOffset + inputUsed * 4;
+  if (out.byteOffset < inputEnd && input.byteOffset < outEnd) throw new InvalidArgumentError(`${kernel}: out must not overlap ${inputName}`);
+}
+
+/** out[m,n] = x[m,k] · weight[n,k]ᵀ + bias[n] (bias optional: null). weight is stored as PyTorch's Linear stores it: [out features, in features]. */
+export function linear(out: Float32Array, x: Float32Array, weight: Float32Array, bias: Float32Array | null, m: number, k: number, n: number): void {
+  const kernel = 'linear';
+  requireFloats(kernel, 'out', out);
+  requireFloats(kernel, 'x', x);
+  requireFloats(kernel, 'weight', weight);
+  if (bias !== null) requireFloats(kernel, 'bias', bias);
+  requireDimension(kernel, 'm', m, 1);
+  requireDimension(kernel, 'k', k, 1);
+  requireDimension(kernel, 'n', n, 1);
+  const outSize = product(kernel, 'm * n', m, n);
+  const xSize = product(kernel, 'm * k', m, k);
+  const weightSize = product(kernel, 'n * k', n, k);
+  requireLength(kernel, 'out', out, outSize, `m * n = ${m} * ${n}`);
+  requireLength(kernel, 'x', x, xSize, `m * k = ${m} * ${k}`);
+  requireLength(kernel, 'weight', weight, weightSize, `n * k = ${n} * ${k}`);
+  if (bias !== null) requireLength(kernel, 'bias', bias, n, 'n');
+  requireDisjoint(kernel, out, outSize, x, xSize, 'x');
+  requireDisjoint(kernel, out, outSize, weight, weightSize, 'weight');
+  if (bias !== null) requireDisjoint(kernel, out, outSize, bias, n, 'bias');
+  native.kernels.linear(out, x, weight, bias, m, k, n);
+}
+
+/** Per row of `cols`: (x - mean) / sqrt(var + eps) * gamma + beta. out may be x itself. */
+export function layerNorm(out: Float32Array, x: Float32Array, gamma: Float32Array, beta: Float32Array, rows: number, cols: number, eps: number): void {
+  const kernel = 'layerNorm';
+  requireFloats(kernel, 'out', out);
+  requireFloats(kernel, 'x', x);
+  requireFloats(kernel, 'gamma', gamma);
+  requireFloats(kernel, 'beta', beta);
+  requireDimension(kernel, 'rows', rows, 1);
+  requireDimension(kernel, 'cols', cols, 1);
+  if (typeof eps !== 'number' || !Number.isFinite(eps) || eps < 0) {
+    throw new InvalidArgumentError(`${kernel}: eps must be a finite number >= 0, got ${describe(eps)}`);
+  }
+  const size = product(kernel, 'rows * cols', rows, cols);
+  const formula = `rows * cols = ${rows} * ${cols}`;
+  requireLength(kernel, 'out', out, size, formula);
+  requireLength(kernel, 'x', x, size, formula);
+  requireLength(kernel, 'gamma', gamma, cols, 'cols');
+  requireLength(kernel, 'beta', beta, cols, 'cols');
+  const inPlace = out.buffer === x.buffer && out.byteOffset === x.byteOffset;
+  if (!inPlace) requireDisjoint(kernel, out, size, x, size, 'x (unless it is x itself)');
+  requireDisjoint(kernel, out, size, gamma, cols, 'gamma');
+  requireDisjoint(kernel, out, size, beta, cols, 'beta');
+  native.kernels.layerNorm(out, x, gamma, beta, rows, cols, eps);
+}
+
+/** In place, GPT-2's tanh approximation: 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))). */
+export function gelu(x: Float32Array): void {
+  requireFloats('gelu', 'x', x);
+  native.kernels.gelu(x);
+}
+
+/**
+ * Causal self-attention of one sequence against its key/value cache.
+ * q: [queries, heads, headDim]; keys and values: [rows >= past + queries, heads, headDim] of which the first past + queries rows are valid;
+ * out: [queries, heads, headDim]. Query i sits at position past + i and attends to positions 0..past+i, scale 1/sqrt(headDim), softmax in f32 with max subtraction.
+ */
+export function attention(
+  out: Float32Array,
+  q: Float32Array,
+  keys: Float32Array,
+  values: Float32Array,
+  queries: number,
+  past: number,
+  heads: number,
+  headDim: number,
+): void {
+  const kernel = 'attention';
+  requireFloats(kernel, 'out', out);
+  requireFloats(kernel, 'q', q);
+  requireFloats(kernel, 'keys', keys);
+  requireFloats(kernel, 'values', values);
+  requireDimension(kernel, 'queries', queries, 1);
+  requireDimension(kernel, 'past', past, 0);
+  requireDimension(kernel, 'heads', heads, 1);
+  requireDimension(kernel, 'headDim', headDim, 1);
+  const positions = past + queries;
+  const querySize = product(kernel, 'queries * heads * headDim', queries, heads, headDim);
+  const cacheSize = product(kernel, '(past + queries) * heads * headDim', positions, heads, headDim);
+  product(kernel, 'queries * (past + queries)', queries, positions);
+  requireLength(kernel, 'out', out, querySize, `queries * heads * headDim = ${queries} * ${heads} * ${headDim}`);
+  requireLength(kernel, 'q', q, querySize, `queries * heads * headDim = ${queries} * ${heads} * ${headDim}`);
+  requireLength(kernel, 'keys', keys, cacheSize, `(past + queries) * heads * headDim = ${positions} * ${heads} * ${headDim}`);
+  requireLength(kernel, 'values', values, cacheSize, `(past + queries) * heads * headDim = ${positions} * ${heads} * ${headDim}`);
+  requireDisjoint(kernel, out, querySize, q, querySize, 'q');
+  requireDisjoint(kernel, out, querySize, keys, cacheSize, 'keys');
+  requireDisjoint(kernel, out, querySize, values, cacheSize, 'values');
+  native.kernels.attention(out, q, keys, values, queries, past, heads, headDim);
+}

@@ -1,0 +1,101 @@
+/**
+ * Batch inference over a dataset with a sharded model, as Ray's build_llm_processor: each replica
+ * is an actor of a mapBatches pool that starts its own tensorParallel × pipelineParallel ranks,
+ * and the pool's batches interleave in it, so the replica's continuous batching sees several
+ * batches' sequences at once and keeps its pipeline full.
+ */
+import { InvalidArgumentError } from '../errors.js';
+import { remote } from '../core/registry.js';
+import type { Dataset } from '../data/dataset.js';
+import type { Row } from '../data/block.js';
+import { ModelReplica, type Generation, type GenerateRequest, type ModelReplicaOptions } from './replica.js';
+import { checkSampling, type SamplingParameters } from './sampling.js';
+
+export interface LLMProcessorOptions extends ModelReplicaOptions {
+  /** Replicas: a number, or [min, max] for a pool that grows with the backlog (default 1). */
+  concurrency?: number | [number, number];
+  /** Rows per batch handed to a replica (default 64). */
+  batchSize?: number;
+  /** Batches a replica works on at once (default 2 × stepsInFlight, at least 2). */
+  batchesPerReplica?: number;
+  /** The column holding each row's prompt tokens (default 'tokens'). */
+  tokensColumn?: string;
+  /** Defaults for every row; a row's own `maxNewTokens` or `sampling` column wins. */
+  maxNewTokens?: number;
+  stopTokens?: number[];
+  sampling?: SamplingParameters;
+  /** Functions registered with remote() that run on each row before and after generation. */
+  preprocess?: (row: Row) => Row | Promise<Row>;
+  postprocess?: (row: Row) => Row | Promise<Row>;
+}
+
+/** What the engine gets: the replica's options and the row defaults (functions stay in the driver). */
+type EngineOptions = Omit<LLMProcessorOptions, 'preprocess' | 'postprocess' | 'concurrency' | 'batchSize' | 'batchesPerReplica'>;
+
+/** The pool's class: one model replica, fed every row of every batch it is given. */
+export class LLMEngine {
+  readonly ready: Promise<void>;
+  #replica: ModelReplica | undefined;
+  readonly #options: EngineOptions;
+
+  constructor(options: EngineOptions) {
+    this.#options = options;
+    this.ready = ModelReplica.create(options).then((replica) => {
+      this.#replica = replica;
+    });
+  }
+
+  async call(rows: Row[]): Promise<Row[]> {
+    await this.ready;
+    const column = this.#options.tokensColumn ?? 'tokens';
+    const requests: GenerateRequest[] = rows.map((row, index) => {
+      const tokens = row[column];
+      if (!Array.isArray(tokens) && !ArrayBuffer.isView(tokens)) {
+        throw new InvalidArgumentError(`row ${index}: column '${column}' must hold the prompt's token ids, got ${tokens === undefined ? 'nothing' : typeof tokens}`, 'ERR_PROMPT');
+      }
+      return {
+        tokens: tokens as ArrayLike<number>,
+        maxNewTokens: (row.maxNewTokens as number | undefined) ?? this.#options.maxNewTokens,
+        stopTokens: this.#options.stopTokens,
+        sampling: (row.sampling as SamplingParameters | undefined) ?? this.#options.sampling,
+      };
+    });
+    const generations: Generation[] = await this.#replica!.generate(requests);
+    return rows.map((row, index) => ({
+      ...row,
+      generatedTokens: generations[index].tokens,
+      finishReason: generations[index].finishReason,
+      promptTokens: generations[index].promptTokens,
+    }));
+  }
+}
+
+export const RemoteLLMEngine = remote(import.meta, LLMEngine);
+
+/**
+ * A function from a dataset of prompts to a dataset of generations: each row gains
+ * `generatedTokens`, `finishReason` and `promptTokens`.
+ */
+export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Dataset) => Dataset {
+  if (typeof options !== 'object' || options === null || typeof options.checkpoint !== 'string') {
+    throw new InvalidArgumentError('buildLLMProcessor() needs options with a checkpoint path');
+  }
+  const { preprocess, postprocess, concurrency = 1, batchSize = 64, batchesPerReplica, ...engine } = options;
+  if (engine.sampling !== undefined) checkSampling(engine.sampling, 'buildLLMProcessor()');
+  const steps = engine.stepsInFlight ?? engine.pipelineParallel ?? 1;
+  const interleaved = batchesPerReplica ?? Math.max(2, 2 * steps);
+  return (dataset: Dataset) => {
+    let result = preprocess ? dataset.map(preprocess) : dataset;
+    result = result.mapBatches(LLMEngine, {
+      constructorArgs: [engine],
+      batchSize,
+      batchFormat: 'rows',
+      concurrency,
+      // The engine holds its ranks' CPUs, so that a replica is scheduled whole or not at all.
+      numCpus: (engine.tensorParallel ?? 1) * (engine.pipelineParallel ?? 1) * (engine.numCpusPerRank ?? 1),
+      maxConcurrency: interleaved,
+      maxTasksInFlightPerActor: interleaved,
+    });
+    return postprocess ? result.map(postprocess) : result;
+  };
+}

@@ -1,0 +1,360 @@
+/**
+ * A model replica: tensorParallel × pipelineParallel ShardWorker actors, a collective group per
+ * stage, and a compiled graph through the stages. generate() feeds it by continuous batching:
+ * each step carries every running sequence's next token and as much of waiting prompts as the
+ * step's budget allows, so new requests join between steps instead of waiting for a batch to end;
+ * with pipeline parallelism, up to `stepsInFlight` steps (each with its own sequences) fill the
+ * stages at once.
+ */
+import { InvalidArgumentError, ModelLoadError, TrellisError } from '../errors.js';
+import { get, kill, placementGroup, removePlacementGroup } from '../core/api.js';
+import type { PlacementGroup } from '../core/placement-group.js';
+import { actorHandleInfo, type ActorHandle } from '../core/registry.js';
+import { currentRuntime } from '../core/runtime-context.js';
+import { newObjectId } from '../store/object-id.js';
+import { createCollectiveGroup, type CollectiveGroup } from '../gpu/collective.js';
+import { InputNode, MultiOutputNode, type DAGNode } from '../dag/nodes.js';
+import type { CompiledGraph } from '../dag/compiled-graph.js';
+import { checkDecoderConfig, readCheckpointConfig, type DecoderConfig } from './config.js';
+import { planSharding, type ParallelismOptions, type ShardingPlan } from './plan.js';
+import { Checkpoint } from './safetensors.js';
+import { checkSampling, type SamplingParameters } from './sampling.js';
+import { checkCheckpoint, type StepMessage, type StepResult, type StepSequence } from './shard.js';
+import { RemoteShardWorker, type ShardWorker } from './shard-worker.js';
+
+export interface ModelReplicaOptions extends ParallelismOptions {
+  /** A .safetensors file, a directory with model.safetensors or model.safetensors.index.json, or that index. */
+  checkpoint: string;
+  /** The decoder's shape; default: the config.json beside the checkpoint. */
+  config?: DecoderConfig;
+  /**
+   * CPUs each rank's actor asks for (default 1). Made inside an actor, a replica's ranks ask for
+   * none: that actor is expected to hold tensorParallel × pipelineParallel × numCpusPerRank.
+   */
+  numCpusPerRank?: number;
+  /** Most sequences in one step (default 64). */
+  maxSequencesPerStep?: number;
+  /** Most tokens read in one step; longer prompts are read over several steps (default 2048). */
+  maxTokensPerStep?: number;
+  /** Steps in the pipeline at once (default: pipelineParallel). */
+  stepsInFlight?: number;
+}
+
+export interface GenerateRequest {
+  /** The prompt's token ids. */
+  tokens: ArrayLike<number>;
+  /** Tokens to generate at most (default 16). */
+  maxNewTokens?: number;
+  /** Generation ends after any of these tokens (it is kept in the output). */
+  stopTokens?: number[];
+  sampling?: SamplingParameters;
+}
+
+export interface Generation {
+  /** The generated tokens, without the prompt. */
+  tokens: number[];
+  finishReason: 'length' | 'stop' | 'max-positions';
+  promptTokens: number;
+}
+
+export interface ReplicaStats {
+  steps: number;
+  promptTokens: number;
+  generatedTokens: number;
+  /** Sequences waiting for their first step, and those between steps or in one. */
+  waiting: number;
+  running: number;
+  weightBytes: number;
+}
+
+interface Sequence {
+  id: number;
+  prompt: Int32Array;
+  generated: number[];
+  maxNewTokens: number;
+  stopTokens: Set<number>;
+  sampling: SamplingParameters | undefined;
+  /** Tokens the shards hold for it. */
+  past: number;
+  inFlight: boolean;
+  finish: (generation: Generation) => void;
+  fail: (error: Error) => void;
+}
+
+function positiveInteger(value: unknown, what: string, fallback: number): number {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) throw new InvalidArgumentError(`${what} must be a positive integer, got ${String(value)}`);
+  return value;
+}
+
+export class ModelReplica {
+  readonly config: DecoderConfig;
+  readonly plan: ShardingPlan;
+  readonly #workers: Array<Array<ActorHandle<ShardWorker>>>;
+  readonly #groups: CollectiveGroup[];
+  readonly #graph: CompiledGraph;
+  readonly #placement: PlacementGroup | undefined;
+  readonly #maxSequences: number;
+  readonly #maxTokens: number;
+  readonly #stepsInFlight: number;
+  readonly #weightBytes: number;
+  readonly #waiting: Sequence[] = [];
+  readonly #running: Sequence[] = [];
+  #released: number[] = [];
+  #inFlight = 0;
+  #nextSequence = 0;
+  #steps = 0;
+  #promptTokens = 0;
+  #generatedTokens = 0;
+  #broken: Error | undefined;
+  #closed: Promise<void> | undefined;
+
+  private constructor(parts: {
+    config: DecoderConfig;
+    plan: ShardingPlan;
+    workers: Array<Array<ActorHandle<ShardWorker>>>;
+    groups: CollectiveGroup[];
+    graph: CompiledGraph;
+    placement: PlacementGroup | undefined;
+    weightBytes: number;
+    options: ModelReplicaOptions;
+  }) {
+    this.config = parts.config;
+    this.plan = parts.plan;
+    this.#workers = parts.workers;
+    this.#groups = parts.groups;
+    this.#graph = parts.graph;
+    this.#placement = parts.placement;
+    this.#weightBytes = parts.weightBytes;
+    this.#maxSequences = positiveInteger(parts.options.maxSequencesPerStep, 'maxSequencesPerStep', 64);
+    this.#maxTokens = positiveInteger(parts.options.maxTokensPerStep, 'maxTokensPerStep', 2048);
+    this.#stepsInFlight = positiveInteger(parts.options.stepsInFlight, 'stepsInFlight', parts.plan.pipelineParallel);
+  }
+
+  /** Starts the ranks, loads their weights and compiles the graph through them. */
+  static async create(options: ModelReplicaOptions): Promise<ModelReplica> {
+    if (typeof options !== 'object' || options === null || typeof options.checkpoint !== 'string') {
+      throw new InvalidArgumentError('a model replica needs options with a checkpoint path');
+    }
+    const config = options.config ? checkDecoderConfig(options.config) : readCheckpointConfig(options.checkpoint);
+    if (!config) {
+      throw new ModelLoadError('ERR_MODEL_CONFIG', `no config.json beside the checkpoint ${options.checkpoint}: pass the decoder's config`, { file: options.checkpoint });
+    }
+    const plan = planSharding(config, options);
+    for (const what of ['maxSequencesPerStep', 'maxTokensPerStep', 'stepsInFlight'] as const) positiveInteger(options[what], what, 1);
+    const numCpus = options.numCpusPerRank ?? 1;
+    if (typeof numCpus !== 'number' || !(numCpus >= 0)) throw new InvalidArgumentError(`numCpusPerRank must be a number >= 0, got ${String(numCpus)}`);
+    // Fail here, in the caller, on a checkpoint that cannot be used, rather than in every rank.
+    {
+      await using checkpoint = await Checkpoint.open(options.checkpoint);
+      checkCheckpoint(checkpoint, config);
+    }
+
+    const ranks = plan.tensorParallel * plan.pipelineParallel;
+    const id = newObjectId().slice(0, 12);
+    // The ranks' resources are reserved all together, so that two replicas starting at once cannot
+    // each take part of the cluster and wait for the rest forever: from the driver by a placement
+    // group; inside an actor (a processor's engine) by that actor, which asked for all of them,
+    // and whose node the ranks then share.
+    const context = currentRuntime().context();
+    const placement = context.isDriver && numCpus > 0 ? placementGroup(Array.from({ length: ranks }, () => ({ CPU: numCpus })), 'PACK') : undefined;
+    const workers: Array<Array<ActorHandle<ShardWorker>>> = [];
+    const groups: CollectiveGroup[] = [];
+    try {
+      await placement?.ready();
+      for (const stage of plan.stages) {
+        workers.push(Array.from({ length: plan.tensorParallel }, (_, rank) => RemoteShardWorker.options(placement
+          ? { numCpus, schedulingStrategy: { type: 'placement-group', placementGroup: placement, bundleIndex: stage.index * plan.tensorParallel + rank } }
+          : { numCpus: context.isDriver ? numCpus : 0, schedulingStrategy: { type: 'node', nodeId: context.nodeId } }).remote()));
+      }
+      const groupNames: Array<string | undefined> = [];
+      for (const stage of plan.stages) {
+        if (plan.tensorParallel === 1) {
+          groupNames.push(undefined);
+          continue;
+        }
+        const name = `llm-${id}-stage-${stage.index}`;
+        groups.push(await createCollectiveGroup(workers[stage.index], { backend: 'cpu', name }));
+        groupNames.push(name);
+      }
+      const loaded = (await get(plan.stages.flatMap((stage) => workers[stage.index].map((worker, rank) =>
+        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank }, groupNames[stage.index]))))) as Array<{ weightBytes: number }>;
+      const stepsInFlight = positiveInteger(options.stepsInFlight, 'stepsInFlight', plan.pipelineParallel);
+      const input = new InputNode();
+      // Rank r of each stage feeds rank r of the next: after the stage's allreduce every rank
+      // holds the same hidden states, and each channel then has exactly one reader.
+      let previous: DAGNode[] = workers[0].map((worker) => worker.forward.bind(input));
+      for (const stage of plan.stages.slice(1)) previous = workers[stage.index].map((worker, rank) => worker.forward.bind(previous[rank]));
+      const graph = await new MultiOutputNode(previous).compile({ maxInflight: Math.max(2, stepsInFlight + 1) });
+      return new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), options });
+    } catch (error) {
+      await Promise.allSettled(groups.map((group) => group.destroy()));
+      for (const worker of workers.flat()) kill(worker);
+      if (placement) removePlacementGroup(placement);
+      throw error;
+    }
+  }
+
+  /** Generates for every request; resolves in the requests' order once all are done. */
+  generate(requests: GenerateRequest[]): Promise<Generation[]> {
+    if (!Array.isArray(requests)) return Promise.reject(new InvalidArgumentError('generate() takes an array of requests'));
+    if (this.#broken) return Promise.reject(this.#broken);
+    if (this.#closed) return Promise.reject(new TrellisError('ERR_REPLICA_CLOSED', 'the model replica is closed'));
+    let sequences: Array<Omit<Sequence, 'finish' | 'fail'>>;
+    try {
+      sequences = requests.map((request, index) => this.#checkRequest(request, index));
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    const done = sequences.map((sequence) => new Promise<Generation>((finish, fail) => this.#waiting.push({ ...sequence, finish, fail })));
+    this.#pump();
+    return Promise.all(done);
+  }
+
+  #checkRequest(request: GenerateRequest, index: number): Omit<Sequence, 'finish' | 'fail'> {
+    const what = `request ${index}`;
+    if (typeof request !== 'object' || request === null || request.tokens === undefined) throw new InvalidArgumentError(`${what}: needs tokens`, 'ERR_PROMPT');
+    const prompt = Int32Array.from(request.tokens as ArrayLike<number>);
+    if (prompt.length === 0) throw new InvalidArgumentError(`${what}: the prompt is empty`, 'ERR_PROMPT');
+    if (prompt.length >= this.config.maxPositions) {
+      throw new InvalidArgumentError(`${what}: the prompt's ${prompt.length} tokens leave no room in the model's ${this.config.maxPositions} positions`, 'ERR_PROMPT_TOO_LONG');
+    }
+    for (let position = 0; position < prompt.length; position++) {
+      const token = (request.tokens as ArrayLike<number>)[position];
+      if (!Number.isInteger(token) || token < 0 || token >= this.config.vocabSize) {
+        throw new InvalidArgumentError(`${what}: token ${String(token)} at position ${position} is outside the vocabulary of ${this.config.vocabSize}`, 'ERR_TOKEN');
+      }
+    }
+    const stopTokens = request.stopTokens ?? [];
+    if (!Array.isArray(stopTokens) || stopTokens.some((token) => !Number.isInteger(token))) throw new InvalidArgumentError(`${what}: stopTokens must be an array of token ids`, 'ERR_PROMPT');
+    return {
+      id: this.#nextSequence++,
+      prompt,
+      generated: [],
+      maxNewTokens: positiveInteger(request.maxNewTokens, `${what}: maxNewTokens`, 16),
+      stopTokens: new Set(stopTokens),
+      sampling: checkSampling(request.sampling, what),
+      past: 0,
+      inFlight: false,
+    };
+  }
+
+  /** Starts steps while the pipeline has room and some sequence can take part. */
+  #pump(): void {
+    while (!this.#broken && this.#inFlight < this.#stepsInFlight) {
+      const chosen: Sequence[] = [];
+      const parts: StepSequence[] = [];
+      const tokens: number[] = [];
+      let budget = this.#maxTokens;
+      // With several steps in flight, each takes its share of the sequences, so that the
+      // pipeline's stages work on different steps at once instead of waiting on one big one.
+      const share = Math.ceil((this.#running.length + this.#waiting.length) / this.#stepsInFlight);
+      const limit = Math.min(this.#maxSequences, Math.max(1, share));
+      // Running sequences first (one token each), then prompts, as far as the budget goes.
+      const admit = (sequence: Sequence) => {
+        const known = sequence.prompt.length + sequence.generated.length;
+        const count = Math.min(known - sequence.past, budget);
+        if (count <= 0 || chosen.length >= limit) return false;
+        for (let position = sequence.past; position < sequence.past + count; position++) {
+          tokens.push(position < sequence.prompt.length ? sequence.prompt[position] : sequence.generated[position - sequence.prompt.length]);
+        }
+        budget -= count;
+        chosen.push(sequence);
+        parts.push({ id: sequence.id, past: sequence.past, count, ...(sequence.sampling ? { sampling: sequence.sampling } : {}) });
+        sequence.inFlight = true;
+        return true;
+      };
+      for (const sequence of this.#running) if (!sequence.inFlight) admit(sequence);
+      while (this.#waiting.length > 0 && budget > 0 && chosen.length < limit) {
+        const sequence = this.#waiting.shift()!;
+        this.#running.push(sequence);
+        admit(sequence);
+      }
+      if (chosen.length === 0 && this.#released.length === 0) return;
+      const message: StepMessage = { step: this.#steps++, sequences: parts, released: this.#released, tokens: Int32Array.from(tokens) };
+      this.#released = [];
+      this.#inFlight++;
+      this.#graph.execute(message).then(
+        (outputs) => this.#finishStep(chosen, parts, (outputs as StepResult[])[0]),
+        (error: unknown) => this.#fail(error as Error),
+      );
+    }
+  }
+
+  #finishStep(chosen: Sequence[], parts: StepSequence[], result: StepResult): void {
+    this.#inFlight--;
+    chosen.forEach((sequence, index) => {
+      sequence.inFlight = false;
+      sequence.past += parts[index].count;
+      if (sequence.past < sequence.prompt.length) return; // more of the prompt to read first
+      if (sequence.past === sequence.prompt.length) this.#promptTokens += sequence.prompt.length;
+      const token = result.tokens[index];
+      sequence.generated.push(token);
+      this.#generatedTokens++;
+      const total = sequence.prompt.length + sequence.generated.length;
+      const reason = sequence.stopTokens.has(token) ? 'stop' : sequence.generated.length >= sequence.maxNewTokens ? 'length' : total >= this.config.maxPositions ? 'max-positions' : undefined;
+      if (reason) {
+        this.#running.splice(this.#running.indexOf(sequence), 1);
+        this.#released.push(sequence.id);
+        sequence.finish({ tokens: sequence.generated, finishReason: reason, promptTokens: sequence.prompt.length });
+      }
+    });
+    this.#pump();
+  }
+
+  /** A failed step leaves the shards' caches unknown: the replica fails everything and stops. */
+  #fail(error: Error): void {
+    this.#inFlight--;
+    if (!this.#broken) {
+      this.#broken = error;
+      for (const sequence of [...this.#running, ...this.#waiting.splice(0)]) sequence.fail(error);
+      this.#running.length = 0;
+    }
+  }
+
+  /** Where each rank runs: its stage, its place in the stage's group, and its actor. */
+  ranks(): Array<{ stage: number; rank: number; actorId: string }> {
+    return this.#workers.flatMap((stage, index) => stage.map((worker, rank) => ({ stage: index, rank, actorId: actorHandleInfo(worker)!.actorId })));
+  }
+
+  stats(): ReplicaStats {
+    return {
+      steps: this.#steps,
+      promptTokens: this.#promptTokens,
+      generatedTokens: this.#generatedTokens,
+      waiting: this.#waiting.length,
+      running: this.#running.length,
+      weightBytes: this.#weightBytes,
+    };
+  }
+
+  /** Ends the graph, the groups and the ranks' actors; requests still running fail. */
+  close(): Promise<void> {
+    this.#closed ??= (async () => {
+      const error = new TrellisError('ERR_REPLICA_CLOSED', 'the model replica was closed');
+      for (const sequence of [...this.#running, ...this.#waiting.splice(0)]) sequence.fail(error);
+      this.#running.length = 0;
+      this.#broken ??= error;
+      // Taken before the kills: a killed actor no longer knows its process.
+      const runtime = currentRuntime();
+      const gone = this.ranks().map((rank) => runtime.whenActorProcessGone(rank.actorId));
+      await this.#graph.teardown({ killActors: true }).catch(() => {});
+      await Promise.allSettled(this.#groups.map((group) => group.destroy()));
+      for (const worker of this.#workers.flat()) {
+        try {
+          kill(worker);
+        } catch {
+          // Already gone with the graph.
+        }
+      }
+      // Closed means the ranks' processes, and the memory they held, are gone.
+      await Promise.all(gone);
+      if (this.#placement) removePlacementGroup(this.#placement);
+    })();
+    return this.#closed;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}

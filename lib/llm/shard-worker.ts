@@ -1,0 +1,28 @@
+/**
+ * The actor that holds one rank of a sharded decoder. Its methods are what a replica's compiled
+ * graph binds (forward) and what the replica calls around it (load, stats).
+ */
+import { remote } from '../core/registry.js';
+import { getCommunicator } from '../gpu/collective.js';
+import { DecoderShard, type ShardSpec, type StepMessage, type StepResult } from './shard.js';
+
+export class ShardWorker {
+  #shard: DecoderShard | undefined;
+
+  /** Reads this rank's weights; `group` names the stage's tensor-parallel group, when it has one. */
+  async load(spec: ShardSpec, group?: string): Promise<{ weightBytes: number }> {
+    this.#shard = await DecoderShard.load(spec, group ? getCommunicator(group) : undefined);
+    return { weightBytes: this.#shard.weightBytes };
+  }
+
+  forward(message: StepMessage): Promise<StepMessage | StepResult> {
+    if (!this.#shard) throw new Error('forward before load: the shard has no weights');
+    return this.#shard.forward(message);
+  }
+
+  stats(): { cachedSequences: number; weightBytes: number } {
+    return { cachedSequences: this.#shard?.cachedSequences ?? 0, weightBytes: this.#shard?.weightBytes ?? 0 };
+  }
+}
+
+export const RemoteShardWorker = remote(import.meta, ShardWorker);

@@ -1,0 +1,453 @@
+// The prebuilt addon must run on any x86-64, so it is compiled for the baseline and the hot loops
+// come twice: AVX2+FMA versions (target attributes, chosen at run time by CPUID) and portable ones
+// written with GCC vector extensions (SSE2 on x86-64, NEON elsewhere).
+//
+// Linear and attention's scores are dot products of contiguous rows (weights are [out, in]), so
+// both run through one blocked kernel: a tile of several x rows × several weight rows keeps one
+// vector accumulator per pair in registers, each loaded vector feeding several FMAs. Weight rows
+// are walked in column blocks sized to stay in L2 while every x row passes over them, and long
+// rows are cut into depth blocks so a tile's rows stay in L1.
+#include "kernels/cpu_kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(TRELLIS_KERNELS_PORTABLE_ONLY)
+#define TRELLIS_KERNELS_AVX2 1
+#include <immintrin.h>
+#define TRELLIS_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+namespace trellis::kernels {
+namespace {
+
+// out[r, c] = (first ? bias[c] or 0 : out[r, c]) + Σ_d x[r, d] · weight[c, d], over one depth
+// block; the pointers already sit at the block's first element.
+struct DotProblem {
+  const float* x;
+  size_t x_stride;
+  size_t rows;
+  const float* weight;
+  size_t weight_stride;
+  size_t columns;
+  size_t depth;
+  float* out;
+  size_t out_stride;
+  const float* bias;
+  // Attention needs row r only up to column causal_past + r: strips stop there (a strip may still
+  // compute a few columns past the limit of its first rows, which the caller ignores).
+  bool causal;
+  size_t causal_past;
+};
+
+// Accumulators per tile: Rows × ColumnsPerTile plus the Rows x vectors and one weight vector fill
+// the 16 vector registers of both SSE2 and AVX2.
+constexpr int ColumnsPerTile(int rows) { return rows == 3 ? 4 : rows == 2 ? 6 : 8; }
+constexpr size_t kMaxRowsPerStrip = 3;
+// A multiple of every ColumnsPerTile, so column blocks split into whole tiles.
+constexpr size_t kColumnBlockGranule = 24;
+
+struct Blocking {
+  size_t depth;
+  size_t columns;
+};
+
+Blocking ChooseBlocking(size_t depth) {
+  // Rows up to 1024 floats run whole (a 3 × 4 tile then reads 28 KiB, about L1); longer ones in
+  // near-equal blocks of whole vectors, so the partial sums cost few extra passes over out.
+  constexpr size_t kMaxDepthBlock = 1024;
+  size_t depth_block = depth;
+  if (depth > kMaxDepthBlock) {
+    size_t blocks = (depth + kMaxDepthBlock - 1) / kMaxDepthBlock;
+    depth_block = ((depth + blocks - 1) / blocks + 7) / 8 * 8;
+  }
+  // A column block's weights take about a third of a typical 512 KiB L2, leaving room for the x
+  // rows streaming past and for out.
+  constexpr size_t kWeightBlockBytes = 160 * 1024;
+  size_t columns = kWeightBlockBytes / (depth_block * sizeof(float));
+  columns = std::max(kColumnBlockGranule, columns / kColumnBlockGranule * kColumnBlockGranule);
+  return {depth_block, columns};
+}
+
+inline void StoreTileSum(float* out, size_t column, float sum, bool first, const float* bias) {
+  if (!first) *out += sum;
+  else *out = (bias != nullptr ? bias[column] : 0.0f) + sum;
+}
+
+// Calls Tile<Rows, Count> for a run-time count below Columns (the last, partial tile of a strip).
+template <class Isa, int Rows, int Columns>
+inline void PartialTile(size_t count, const DotProblem& problem, size_t row, size_t column, bool first) {
+  if constexpr (Columns > 0) {
+    if (count == Columns) Isa::template Tile<Rows, Columns>(problem, row, column, first);
+    else PartialTile<Isa, Rows, Columns - 1>(count, problem, row, column, first);
+  }
+}
+
+template <class Isa>
+void DotProducts(const DotProblem& whole) {
+  const Blocking blocking = ChooseBlocking(whole.depth);
+  for (size_t depth_begin = 0; depth_begin < whole.depth; depth_begin += blocking.depth) {
+    DotProblem problem = whole;
+    problem.x += depth_begin;
+    problem.weight += depth_begin;
+    problem.depth = std::min(blocking.depth, whole.depth - depth_begin);
+    const bool first = depth_begin == 0;
+    for (size_t column_begin = 0; column_begin < whole.columns; column_begin += blocking.columns) {
+      const size_t column_end = std::min(whole.columns, column_begin + blocking.columns);
+      for (size_t row = 0; row < whole.rows;) {
+        // Four rows left run as 2 + 2: a 1-row strip loads almost a vector per FMA.
+        const size_t left = whole.rows - row;
+        const size_t rows = left == 4 ? 2 : std::min(kMaxRowsPerStrip, left);
+        size_t end = column_end;
+        if (whole.causal) end = std::min(end, whole.causal_past + row + rows);
+        if (end > column_begin) {
+          // The strip's loop lives in the Isa so its tiles inline within the Isa's target.
+          if (rows == 3) Isa::template RunStrip<3>(problem, row, column_begin, end, first);
+          else if (rows == 2) Isa::template RunStrip<2>(problem, row, column_begin, end, first);
+          else Isa::template RunStrip<1>(problem, row, column_begin, end, first);
+        }
+        row += rows;
+      }
+    }
+  }
+}
+
+// GPT-2's tanh form equals x · sigmoid(2u): 0.5(1 + tanh(u)) = 1 / (1 + e^(-2u)). The sigmoid form
+// has no 1 + tanh cancellation for negative x.
+constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
+constexpr float kGeluCubic = 0.044715f;
+
+inline float GeluScalar(float x) {
+  const float u = kGeluScale * (x + kGeluCubic * x * x * x);
+  return x / (1.0f + std::exp(-2.0f * u));
+}
+
+void SoftmaxScalar(float* scores, size_t count, float scale) {
+  float maximum = scores[0];
+  for (size_t i = 1; i < count; ++i) maximum = std::max(maximum, scores[i]);
+  float sum = 0.0f;
+  for (size_t i = 0; i < count; ++i) {
+    scores[i] = std::exp((scores[i] - maximum) * scale);
+    sum += scores[i];
+  }
+  const float inverse = 1.0f / sum;
+  for (size_t i = 0; i < count; ++i) scores[i] *= inverse;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Portable: 4-float GCC vector extensions.
+
+typedef float Float4 __attribute__((vector_size(16)));
+
+inline Float4 Load4(const float* source) {
+  Float4 value;
+  std::memcpy(&value, source, sizeof(value));
+  return value;
+}
+
+struct Portable {
+  template <int Rows, int Columns>
+  static void Tile(const DotProblem& problem, size_t row, size_t column, bool first) {
+    const float* x = problem.x + row * problem.x_stride;
+    const float* weight = problem.weight + column * problem.weight_stride;
+    Float4 accumulators[Rows][Columns] = {};
+    size_t d = 0;
+    for (; d + 4 <= problem.depth; d += 4) {
+      Float4 x_vectors[Rows];
+      for (int r = 0; r < Rows; ++r) x_vectors[r] = Load4(x + r * problem.x_stride + d);
+      for (int c = 0; c < Columns; ++c) {
+        const Float4 w = Load4(weight + c * problem.weight_stride + d);
+        for (int r = 0; r < Rows; ++r) accumulators[r][c] += x_vectors[r] * w;
+      }
+    }
+    for (int r = 0; r < Rows; ++r) {
+      for (int c = 0; c < Columns; ++c) {
+        const Float4 a = accumulators[r][c];
+        float sum = (a[0] + a[2]) + (a[1] + a[3]);
+        for (size_t tail = d; tail < problem.depth; ++tail) sum += x[r * problem.x_stride + tail] * weight[c * problem.weight_stride + tail];
+        StoreTileSum(problem.out + (row + r) * problem.out_stride + column + c, column + c, sum, first, problem.bias);
+      }
+    }
+  }
+
+  template <int Rows>
+  static void RunStrip(const DotProblem& problem, size_t row, size_t column_begin, size_t column_end, bool first) {
+    constexpr int kColumns = ColumnsPerTile(Rows);
+    size_t column = column_begin;
+    for (; column + kColumns <= column_end; column += kColumns) Tile<Rows, kColumns>(problem, row, column, first);
+    if (column < column_end) PartialTile<Portable, Rows, kColumns - 1>(column_end - column, problem, row, column, first);
+  }
+
+  static void Softmax(float* scores, size_t count, float scale) { SoftmaxScalar(scores, count, scale); }
+
+  static void WeightedSum(float* out, const float* weights, size_t count, const float* values, size_t stride, size_t size) {
+    std::fill(out, out + size, 0.0f);
+    for (size_t position = 0; position < count; ++position) {
+      const float weight = weights[position];
+      const float* row = values + position * stride;
+      for (size_t i = 0; i < size; ++i) out[i] += weight * row[i];
+    }
+  }
+
+  static void Gelu(float* x, size_t count) {
+    for (size_t i = 0; i < count; ++i) x[i] = GeluScalar(x[i]);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA.
+
+#ifdef TRELLIS_KERNELS_AVX2
+
+// Lanes [0, count) set: masked loads read nothing past a row's end (and so cannot fault).
+TRELLIS_TARGET_AVX2 inline __m256i TailMask(size_t count) {
+  static const int32_t kMaskSource[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kMaskSource + 8 - count));
+}
+
+TRELLIS_TARGET_AVX2 inline float Sum8(__m256 value) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(value), _mm256_extractf128_ps(value, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  return _mm_cvtss_f32(sum);
+}
+
+// The sums of four accumulators, one per lane: three horizontal adds instead of four reductions.
+TRELLIS_TARGET_AVX2 inline __m128 Sum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+}
+
+TRELLIS_TARGET_AVX2 inline float Max8(__m256 value) {
+  __m128 maximum = _mm_max_ps(_mm256_castps256_ps128(value), _mm256_extractf128_ps(value, 1));
+  maximum = _mm_max_ps(maximum, _mm_movehl_ps(maximum, maximum));
+  maximum = _mm_max_ss(maximum, _mm_movehdup_ps(maximum));
+  return _mm_cvtss_f32(maximum);
+}
+
+// e^x to about 2 ulp (Cephes' expf): e^x = 2^n · e^r with |r| <= ln2/2 and a degree-6 polynomial
+// for e^r. Inputs are clamped to the normal range; NaN stays NaN (max/min return their second
+// operand when either is NaN).
+TRELLIS_TARGET_AVX2 inline __m256 Exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);
+  x = _mm256_min_ps(_mm256_set1_ps(88.3f), x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // ln 2 in two parts, so n · ln2_high is exact and r keeps its low bits.
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+  p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+
+struct Avx2 {
+  template <int Rows, int Columns>
+  TRELLIS_TARGET_AVX2 static inline void Tile(const DotProblem& problem, size_t row, size_t column, bool first) {
+    const float* x = problem.x + row * problem.x_stride;
+    const float* weight = problem.weight + column * problem.weight_stride;
+    __m256 accumulators[Rows][Columns];
+    for (int r = 0; r < Rows; ++r) {
+      for (int c = 0; c < Columns; ++c) accumulators[r][c] = _mm256_setzero_ps();
+    }
+    size_t d = 0;
+    for (; d + 8 <= problem.depth; d += 8) {
+      __m256 x_vectors[Rows];
+      for (int r = 0; r < Rows; ++r) x_vectors[r] = _mm256_loadu_ps(x + r * problem.x_stride + d);
+      for (int c = 0; c < Columns; ++c) {
+        const __m256 w = _mm256_loadu_ps(weight + c * problem.weight_stride + d);
+        for (int r = 0; r < Rows; ++r) accumulators[r][c] = _mm256_fmadd_ps(x_vectors[r], w, accumulators[r][c]);
+      }
+    }
+    if (d < problem.depth) {
+      const __m256i mask = TailMask(problem.depth - d);
+      __m256 x_vectors[Rows];
+      for (int r = 0; r < Rows; ++r) x_vectors[r] = _mm256_maskload_ps(x + r * problem.x_stride + d, mask);
+      for (int c = 0; c < Columns; ++c) {
+        const __m256 w = _mm256_maskload_ps(weight + c * problem.weight_stride + d, mask);
+        for (int r = 0; r < Rows; ++r) accumulators[r][c] = _mm256_fmadd_ps(x_vectors[r], w, accumulators[r][c]);
+      }
+    }
+    for (int r = 0; r < Rows; ++r) {
+      float* target = problem.out + (row + r) * problem.out_stride + column;
+      int c = 0;
+      for (; c + 4 <= Columns; c += 4) {
+        __m128 sums = Sum4x8(accumulators[r][c], accumulators[r][c + 1], accumulators[r][c + 2], accumulators[r][c + 3]);
+        if (!first) sums = _mm_add_ps(sums, _mm_loadu_ps(target + c));
+        else if (problem.bias != nullptr) sums = _mm_add_ps(sums, _mm_loadu_ps(problem.bias + column + c));
+        _mm_storeu_ps(target + c, sums);
+      }
+      for (; c < Columns; ++c) StoreTileSum(target + c, column + c, Sum8(accumulators[r][c]), first, problem.bias);
+    }
+  }
+
+  template <int Rows>
+  TRELLIS_TARGET_AVX2 static void RunStrip(const DotProblem& problem, size_t row, size_t column_begin, size_t column_end, bool first) {
+    constexpr int kColumns = ColumnsPerTile(Rows);
+    size_t column = column_begin;
+    for (; column + kColumns <= column_end; column += kColumns) Tile<Rows, kColumns>(problem, row, column, first);
+    if (column < column_end) PartialTile<Avx2, Rows, kColumns - 1>(column_end - column, problem, row, column, first);
+  }
+
+  TRELLIS_TARGET_AVX2 static void Softmax(float* scores, size_t count, float scale) {
+    size_t i = 0;
+    __m256 maximum = _mm256_set1_ps(scores[0]);
+    for (; i + 8 <= count; i += 8) maximum = _mm256_max_ps(maximum, _mm256_loadu_ps(scores + i));
+    float largest = Max8(maximum);
+    for (; i < count; ++i) largest = std::max(largest, scores[i]);
+    const __m256 largest_vector = _mm256_set1_ps(largest);
+    const __m256 scale_vector = _mm256_set1_ps(scale);
+    __m256 sums = _mm256_setzero_ps();
+    i = 0;
+    for (; i + 8 <= count; i += 8) {
+      const __m256 e = Exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + i), largest_vector), scale_vector));
+      _mm256_storeu_ps(scores + i, e);
+      sums = _mm256_add_ps(sums, e);
+    }
+    float sum = Sum8(sums);
+    for (; i < count; ++i) {
+      scores[i] = std::exp((scores[i] - largest) * scale);
+      sum += scores[i];
+    }
+    const __m256 inverse = _mm256_set1_ps(1.0f / sum);
+    i = 0;
+    for (; i + 8 <= count; i += 8) _mm256_storeu_ps(scores + i, _mm256_mul_ps(_mm256_loadu_ps(scores + i), inverse));
+    for (; i < count; ++i) scores[i] *= 1.0f / sum;
+  }
+
+  // out[0, size) = Σ_p weights[p] · values[p · stride, +size). Up to 64 outputs at a time stay in
+  // registers over all positions: eight independent FMA chains hide FMA latency.
+  TRELLIS_TARGET_AVX2 static void WeightedSum(float* out, const float* weights, size_t count, const float* values, size_t stride,
+                                              size_t size) {
+    size_t begin = 0;
+    for (; begin + 64 <= size; begin += 64) WeightedSumChunk<8>(out + begin, weights, count, values + begin, stride);
+    for (; begin + 8 <= size; begin += 8) WeightedSumChunk<1>(out + begin, weights, count, values + begin, stride);
+    if (begin < size) {
+      const __m256i mask = TailMask(size - begin);
+      __m256 sum = _mm256_setzero_ps();
+      for (size_t position = 0; position < count; ++position) {
+        sum = _mm256_fmadd_ps(_mm256_set1_ps(weights[position]), _mm256_maskload_ps(values + position * stride + begin, mask), sum);
+      }
+      _mm256_maskstore_ps(out + begin, mask, sum);
+    }
+  }
+
+  template <int Vectors>
+  TRELLIS_TARGET_AVX2 static inline void WeightedSumChunk(float* out, const float* weights, size_t count, const float* values, size_t stride) {
+    __m256 sums[Vectors];
+    for (int v = 0; v < Vectors; ++v) sums[v] = _mm256_setzero_ps();
+    for (size_t position = 0; position < count; ++position) {
+      const __m256 weight = _mm256_set1_ps(weights[position]);
+      const float* row = values + position * stride;
+      for (int v = 0; v < Vectors; ++v) sums[v] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(row + 8 * v), sums[v]);
+    }
+    for (int v = 0; v < Vectors; ++v) _mm256_storeu_ps(out + 8 * v, sums[v]);
+  }
+
+  TRELLIS_TARGET_AVX2 static void Gelu(float* x, size_t count) {
+    const __m256 scale = _mm256_set1_ps(kGeluScale);
+    const __m256 cubic = _mm256_set1_ps(kGeluScale * kGeluCubic);
+    const __m256 minus_two = _mm256_set1_ps(-2.0f);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    size_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+      const __m256 value = _mm256_loadu_ps(x + i);
+      const __m256 u = _mm256_mul_ps(value, _mm256_fmadd_ps(cubic, _mm256_mul_ps(value, value), scale));
+      const __m256 e = Exp8(_mm256_mul_ps(minus_two, u));
+      _mm256_storeu_ps(x + i, _mm256_div_ps(value, _mm256_add_ps(one, e)));
+    }
+    for (; i < count; ++i) x[i] = GeluScalar(x[i]);
+  }
+};
+
+bool UseAvx2() {
+  // libgcc's check includes the OS saving the YMM registers (XGETBV), not only CPUID.
+  static const bool use = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return use;
+}
+
+#endif  // TRELLIS_KERNELS_AVX2
+
+template <class Isa>
+void AttentionWith(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
+                   size_t head_size) {
+  const size_t positions = past + queries;
+  const size_t stride = heads * head_size;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_size)));
+  std::vector<float> scores(queries * positions);
+  for (size_t head = 0; head < heads; ++head) {
+    const size_t offset = head * head_size;
+    DotProblem problem{q + offset, stride, queries, keys + offset, stride, positions, head_size, scores.data(), positions, nullptr, true, past};
+    DotProducts<Isa>(problem);
+    for (size_t query = 0; query < queries; ++query) {
+      float* row = scores.data() + query * positions;
+      const size_t count = past + query + 1;
+      Isa::Softmax(row, count, scale);
+      Isa::WeightedSum(out + query * stride + offset, row, count, values + offset, stride, head_size);
+    }
+  }
+}
+
+}  // namespace
+
+void Linear(float* out, const float* x, const float* weight, const float* bias, size_t rows, size_t depth, size_t columns) {
+  const DotProblem problem{x, depth, rows, weight, depth, columns, depth, out, columns, bias, false, 0};
+#ifdef TRELLIS_KERNELS_AVX2
+  if (UseAvx2()) return DotProducts<Avx2>(problem);
+#endif
+  DotProducts<Portable>(problem);
+}
+
+void LayerNorm(float* out, const float* x, const float* gamma, const float* beta, size_t rows, size_t columns, float epsilon) {
+  for (size_t row = 0; row < rows; ++row) {
+    const float* in = x + row * columns;
+    float* target = out + row * columns;
+    // Two passes in double: the variance of (x - mean) does not cancel as E[x²] - mean² can.
+    double sums[4] = {0, 0, 0, 0};
+    size_t i = 0;
+    for (; i + 4 <= columns; i += 4) {
+      for (int lane = 0; lane < 4; ++lane) sums[lane] += in[i + lane];
+    }
+    for (; i < columns; ++i) sums[0] += in[i];
+    const double mean = (sums[0] + sums[1] + sums[2] + sums[3]) / static_cast<double>(columns);
+    double squares[4] = {0, 0, 0, 0};
+    for (i = 0; i + 4 <= columns; i += 4) {
+      for (int lane = 0; lane < 4; ++lane) {
+        const double centered = in[i + lane] - mean;
+        squares[lane] += centered * centered;
+      }
+    }
+    for (; i < columns; ++i) squares[0] += (in[i] - mean) * (in[i] - mean);
+    const double variance = (squares[0] + squares[1] + squares[2] + squares[3]) / static_cast<double>(columns);
+    const float mean_float = static_cast<float>(mean);
+    const float inverse_deviation = static_cast<float>(1.0 / std::sqrt(variance + static_cast<double>(epsilon)));
+    // Element i of the row is read before it is written, so out == x is safe.
+    for (i = 0; i < columns; ++i) target[i] = (in[i] - mean_float) * inverse_deviation * gamma[i] + beta[i];
+  }
+}
+
+void Gelu(float* x, size_t count) {
+#ifdef TRELLIS_KERNELS_AVX2
+  if (UseAvx2()) return Avx2::Gelu(x, count);
+#endif
+  Portable::Gelu(x, count);
+}
+
+void Attention(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
+               size_t head_size) {
+#ifdef TRELLIS_KERNELS_AVX2
+  if (UseAvx2()) return AttentionWith<Avx2>(out, q, keys, values, queries, past, heads, head_size);
+#endif
+  AttentionWith<Portable>(out, q, keys, values, queries, past, heads, head_size);
+}
+
+}  // namespace trellis::kernels

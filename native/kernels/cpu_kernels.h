@@ -1,0 +1,29 @@
+// f32 row-major CPU kernels for the transformer that runs in worker processes (lib/llm). Each call
+// runs on the calling thread: a worker process is one rank, and its parallelism is the ranks.
+// The kernels trust their arguments; kernels_binding.cc checks them before any call from JS.
+#pragma once
+
+#include <cstddef>
+
+namespace trellis::kernels {
+
+// out[rows, columns] = x[rows, depth] · weight[columns, depth]ᵀ + bias[columns]; bias may be null.
+// weight is laid out as PyTorch's Linear stores it, [out features, in features], so each output is
+// a dot product of two contiguous rows. out must not overlap x, weight or bias.
+void Linear(float* out, const float* x, const float* weight, const float* bias, size_t rows, size_t depth, size_t columns);
+
+// Per row of `columns`: (x - mean) / sqrt(variance + epsilon) * gamma + beta. out may be x itself
+// (but may not overlap it otherwise).
+void LayerNorm(float* out, const float* x, const float* gamma, const float* beta, size_t rows, size_t columns, float epsilon);
+
+// In place, GPT-2's tanh approximation 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x³))).
+void Gelu(float* x, size_t count);
+
+// Causal self-attention of one sequence against its key/value cache. q and out: [queries, heads,
+// head_size]; keys and values: [past + queries, heads, head_size]. Query i sits at position
+// past + i and attends to positions 0..past + i with scale 1/sqrt(head_size). out must not overlap
+// the inputs.
+void Attention(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
+               size_t head_size);
+
+}  // namespace trellis::kernels

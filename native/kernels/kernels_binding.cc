@@ -1,0 +1,205 @@
+// Node-API face of the CPU kernels. The kernels run synchronously on the JS thread: each worker
+// process is one rank computing its own shard, so there is no other work for that thread to do.
+// Every argument is checked here, whatever lib/llm/kernels.ts already checked: the kernels index
+// raw memory with these numbers, and a wrong one must be an error, not a stray read or write.
+#include "kernels/kernels_binding.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include "common/js_error.h"
+#include "kernels/cpu_kernels.h"
+
+namespace trellis::kernels {
+namespace {
+
+struct FloatArray {
+  float* data;
+  size_t length;
+};
+
+std::string FormatNumber(double value) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.17g", value);
+  return text;
+}
+
+std::string Describe(const Napi::Value& value) {
+  switch (value.Type()) {
+    case napi_undefined: return "undefined";
+    case napi_null: return "null";
+    case napi_boolean: return "a boolean";
+    case napi_number: return FormatNumber(value.As<Napi::Number>().DoubleValue());
+    case napi_string: return "a string";
+    case napi_bigint: return "a bigint";
+    case napi_function: return "a function";
+    default: break;
+  }
+  if (value.IsTypedArray()) {
+    static const char* kNames[] = {"Int8Array",    "Uint8Array",   "Uint8ClampedArray", "Int16Array",    "Uint16Array",     "Int32Array",
+                                   "Uint32Array",  "Float32Array", "Float64Array",      "BigInt64Array", "BigUint64Array"};
+    const auto type = static_cast<size_t>(value.As<Napi::TypedArray>().TypedArrayType());
+    return type < sizeof(kNames) / sizeof(kNames[0]) ? std::string("a ") + kNames[type] : "a TypedArray";
+  }
+  if (value.IsArray()) return "an Array";
+  if (value.IsArrayBuffer()) return "an ArrayBuffer";
+  if (value.IsDataView()) return "a DataView";
+  return "an object";
+}
+
+FloatArray FloatArrayArgument(const char* kernel, const Napi::Value& value, const char* name) {
+  if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array) {
+    throw InvalidArgument(std::string(kernel) + ": " + name + " must be a Float32Array, got " + Describe(value));
+  }
+  // Float32Array::Data() already points at the view's first element (byteOffset applied).
+  auto array = value.As<Napi::Float32Array>();
+  return {array.Data(), array.ElementLength()};
+}
+
+// A positive (or, with minimum 0, non-negative) integer that a size_t and a double both hold exactly.
+size_t DimensionArgument(const char* kernel, const Napi::Value& value, const char* name, double minimum) {
+  const double number = value.IsNumber() ? value.As<Napi::Number>().DoubleValue() : NAN;
+  if (!std::isfinite(number) || std::floor(number) != number || number < minimum || number > 9007199254740991.0 ||
+      number > static_cast<double>(SIZE_MAX)) {
+    const char* expected = minimum > 0 ? " must be a positive integer" : " must be a non-negative integer";
+    throw InvalidArgument(std::string(kernel) + ": " + name + expected + ", got " + Describe(value));
+  }
+  return static_cast<size_t>(number);
+}
+
+// a * b, or an error naming the product when it does not fit in memory at all.
+size_t Product(const char* kernel, const std::string& what, size_t a, size_t b) {
+  size_t product;
+  if (__builtin_mul_overflow(a, b, &product) || product > SIZE_MAX / sizeof(float)) {
+    throw InvalidArgument(std::string(kernel) + ": " + what + " = " + std::to_string(a) + " * " + std::to_string(b) + " is too large");
+  }
+  return product;
+}
+
+void RequireLength(const char* kernel, const FloatArray& array, const char* name, size_t needed, const std::string& formula) {
+  if (array.length < needed) {
+    throw InvalidArgument(std::string(kernel) + ": " + name + " must hold at least " + formula + " = " + std::to_string(needed) +
+                          " floats, got " + std::to_string(array.length));
+  }
+}
+
+// Writing out while reading an overlapping input would corrupt inputs not yet read.
+void RequireDisjoint(const char* kernel, const FloatArray& out, size_t out_used, const FloatArray& input, size_t input_used, const char* input_name) {
+  const auto out_begin = reinterpret_cast<uintptr_t>(out.data);
+  const auto input_begin = reinterpret_cast<uintptr_t>(input.data);
+  const bool disjoint = out_used == 0 || input_used == 0 || out_begin + out_used * sizeof(float) <= input_begin ||
+                        input_begin + input_used * sizeof(float) <= out_begin;
+  if (!disjoint) throw InvalidArgument(std::string(kernel) + ": out must not overlap " + input_name);
+}
+
+// linear(out, x, weight, bias | null, m, k, n)
+Napi::Value LinearFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    const char* kernel = "linear";
+    const FloatArray out = FloatArrayArgument(kernel, info[0], "out");
+    const FloatArray x = FloatArrayArgument(kernel, info[1], "x");
+    const FloatArray weight = FloatArrayArgument(kernel, info[2], "weight");
+    const bool has_bias = !info[3].IsNull() && !info[3].IsUndefined();
+    const FloatArray bias = has_bias ? FloatArrayArgument(kernel, info[3], "bias") : FloatArray{nullptr, 0};
+    const size_t m = DimensionArgument(kernel, info[4], "m", 1);
+    const size_t k = DimensionArgument(kernel, info[5], "k", 1);
+    const size_t n = DimensionArgument(kernel, info[6], "n", 1);
+    const size_t out_size = Product(kernel, "m * n", m, n);
+    const size_t x_size = Product(kernel, "m * k", m, k);
+    const size_t weight_size = Product(kernel, "n * k", n, k);
+    RequireLength(kernel, out, "out", out_size, "m * n = " + std::to_string(m) + " * " + std::to_string(n));
+    RequireLength(kernel, x, "x", x_size, "m * k = " + std::to_string(m) + " * " + std::to_string(k));
+    RequireLength(kernel, weight, "weight", weight_size, "n * k = " + std::to_string(n) + " * " + std::to_string(k));
+    if (has_bias) RequireLength(kernel, bias, "bias", n, "n");
+    RequireDisjoint(kernel, out, out_size, x, x_size, "x");
+    RequireDisjoint(kernel, out, out_size, weight, weight_size, "weight");
+    if (has_bias) RequireDisjoint(kernel, out, out_size, bias, n, "bias");
+    Linear(out.data, x.data, weight.data, has_bias ? bias.data : nullptr, m, k, n);
+    return info.Env().Undefined();
+  });
+}
+
+// layerNorm(out, x, gamma, beta, rows, cols, eps)
+Napi::Value LayerNormFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    const char* kernel = "layerNorm";
+    const FloatArray out = FloatArrayArgument(kernel, info[0], "out");
+    const FloatArray x = FloatArrayArgument(kernel, info[1], "x");
+    const FloatArray gamma = FloatArrayArgument(kernel, info[2], "gamma");
+    const FloatArray beta = FloatArrayArgument(kernel, info[3], "beta");
+    const size_t rows = DimensionArgument(kernel, info[4], "rows", 1);
+    const size_t cols = DimensionArgument(kernel, info[5], "cols", 1);
+    const double eps = info[6].IsNumber() ? info[6].As<Napi::Number>().DoubleValue() : NAN;
+    if (!std::isfinite(eps) || eps < 0) throw InvalidArgument(std::string(kernel) + ": eps must be a finite number >= 0, got " + Describe(info[6]));
+    const size_t size = Product(kernel, "rows * cols", rows, cols);
+    const std::string formula = "rows * cols = " + std::to_string(rows) + " * " + std::to_string(cols);
+    RequireLength(kernel, out, "out", size, formula);
+    RequireLength(kernel, x, "x", size, formula);
+    RequireLength(kernel, gamma, "gamma", cols, "cols");
+    RequireLength(kernel, beta, "beta", cols, "cols");
+    // Normalizing in place is the one overlap the kernel allows.
+    if (out.data != x.data) RequireDisjoint(kernel, out, size, x, size, "x (unless it is x itself)");
+    RequireDisjoint(kernel, out, size, gamma, cols, "gamma");
+    RequireDisjoint(kernel, out, size, beta, cols, "beta");
+    LayerNorm(out.data, x.data, gamma.data, beta.data, rows, cols, static_cast<float>(eps));
+    return info.Env().Undefined();
+  });
+}
+
+// gelu(x), in place
+Napi::Value GeluFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    const FloatArray x = FloatArrayArgument("gelu", info[0], "x");
+    Gelu(x.data, x.length);
+    return info.Env().Undefined();
+  });
+}
+
+// attention(out, q, keys, values, queries, past, heads, headDim)
+Napi::Value AttentionFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    const char* kernel = "attention";
+    const FloatArray out = FloatArrayArgument(kernel, info[0], "out");
+    const FloatArray q = FloatArrayArgument(kernel, info[1], "q");
+    const FloatArray keys = FloatArrayArgument(kernel, info[2], "keys");
+    const FloatArray values = FloatArrayArgument(kernel, info[3], "values");
+    const size_t queries = DimensionArgument(kernel, info[4], "queries", 1);
+    const size_t past = DimensionArgument(kernel, info[5], "past", 0);
+    const size_t heads = DimensionArgument(kernel, info[6], "heads", 1);
+    const size_t head_dim = DimensionArgument(kernel, info[7], "headDim", 1);
+    size_t positions;
+    if (__builtin_add_overflow(past, queries, &positions)) throw InvalidArgument(std::string(kernel) + ": past + queries is too large");
+    const size_t width = Product(kernel, "heads * headDim", heads, head_dim);
+    const size_t query_size = Product(kernel, "queries * heads * headDim", queries, width);
+    const size_t cache_size = Product(kernel, "(past + queries) * heads * headDim", positions, width);
+    // The score scratch holds queries * (past + queries) floats.
+    Product(kernel, "queries * (past + queries)", queries, positions);
+    const std::string shape = std::to_string(heads) + " * " + std::to_string(head_dim);
+    const std::string query_formula = "queries * heads * headDim = " + std::to_string(queries) + " * " + shape;
+    const std::string cache_formula = "(past + queries) * heads * headDim = " + std::to_string(positions) + " * " + shape;
+    RequireLength(kernel, out, "out", query_size, query_formula);
+    RequireLength(kernel, q, "q", query_size, query_formula);
+    RequireLength(kernel, keys, "keys", cache_size, cache_formula);
+    RequireLength(kernel, values, "values", cache_size, cache_formula);
+    RequireDisjoint(kernel, out, query_size, q, query_size, "q");
+    RequireDisjoint(kernel, out, query_size, keys, cache_size, "keys");
+    RequireDisjoint(kernel, out, query_size, values, cache_size, "values");
+    Attention(out.data, q.data, keys.data, values.data, queries, past, heads, head_dim);
+    return info.Env().Undefined();
+  });
+}
+
+}  // namespace
+
+void RegisterKernelsBinding(Napi::Env env, Napi::Object exports) {
+  Napi::Object kernels = Napi::Object::New(env);
+  kernels.Set("linear", Napi::Function::New(env, LinearFunction, "linear"));
+  kernels.Set("layerNorm", Napi::Function::New(env, LayerNormFunction, "layerNorm"));
+  kernels.Set("gelu", Napi::Function::New(env, GeluFunction, "gelu"));
+  kernels.Set("attention", Napi::Function::New(env, AttentionFunction, "attention"));
+  exports.Set("kernels", kernels);
+}
+
+}  // namespace trellis::kernels

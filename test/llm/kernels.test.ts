@@ -1,0 +1,353 @@
+import { describe, expect, it } from 'vitest';
+import { InvalidArgumentError } from '../../lib/errors.js';
+import { attention, gelu, layerNorm, linear } from '../../lib/llm/kernels.js';
+import { native } from '../../lib/native.js';
+
+/** mulberry32: deterministic data, so a failure reproduces. */
+function generator(seed: number): () => number {
+  let state = seed >>> 0;
+  return () => {
+    state = (state + 0x6d2b79f5) >>> 0;
+    let t = state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function randomFloats(count: number, seed: number, scale = 1): Float32Array {
+  const next = generator(seed);
+  const values = new Float32Array(count);
+  for (let i = 0; i < count; i++) values[i] = (next() * 2 - 1) * scale;
+  return values;
+}
+
+/** A view `offset` floats into a larger buffer (byteOffset not a multiple of 16), copying `values`. */
+function offsetView(values: Float32Array, offset: number): Float32Array {
+  const backing = new Float32Array(values.length + offset + 5).fill(12345);
+  const view = backing.subarray(offset, offset + values.length);
+  view.set(values);
+  return view;
+}
+
+function expectClose(actual: Float32Array, expected: ArrayLike<number>, relative = 1e-4, absolute = 1e-5): void {
+  expect(actual.length).toBe(expected.length);
+  for (let i = 0; i < expected.length; i++) {
+    const difference = Math.abs(actual[i] - expected[i]);
+    if (!(difference <= absolute + relative * Math.abs(expected[i]))) {
+      expect.fail(`element ${i}: got ${actual[i]}, expected ${expected[i]} (difference ${difference})`);
+    }
+  }
+}
+
+function referenceLinear(x: Float32Array, weight: Float32Array, bias: Float32Array | null, m: number, k: number, n: number): Float64Array {
+  const out = new Float64Array(m * n);
+  for (let row = 0; row < m; row++) {
+    for (let column = 0; column < n; column++) {
+      let sum = bias === null ? 0 : bias[column];
+      for (let d = 0; d < k; d++) sum += x[row * k + d] * weight[column * k + d];
+      out[row * n + column] = sum;
+    }
+  }
+  return out;
+}
+
+function referenceLayerNorm(x: Float32Array, gamma: Float32Array, beta: Float32Array, rows: number, cols: number, eps: number): Float64Array {
+  const out = new Float64Array(rows * cols);
+  for (let row = 0; row < rows; row++) {
+    let mean = 0;
+    for (let i = 0; i < cols; i++) mean += x[row * cols + i];
+    mean /= cols;
+    let variance = 0;
+    for (let i = 0; i < cols; i++) variance += (x[row * cols + i] - mean) ** 2;
+    variance /= cols;
+    for (let i = 0; i < cols; i++) out[row * cols + i] = ((x[row * cols + i] - mean) / Math.sqrt(variance + eps)) * gamma[i] + beta[i];
+  }
+  return out;
+}
+
+function referenceGelu(x: ArrayLike<number>): Float64Array {
+  return Float64Array.from(x, (value) => 0.5 * value * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (value + 0.044715 * value ** 3))));
+}
+
+function referenceAttention(q: Float32Array, keys: Float32Array, values: Float32Array, queries: number, past: number, heads: number, headDim: number): Float64Array {
+  const width = heads * headDim;
+  const out = new Float64Array(queries * width);
+  for (let query = 0; query < queries; query++) {
+    for (let head = 0; head < heads; head++) {
+      const count = past + query + 1;
+      const scores = new Float64Array(count);
+      for (let position = 0; position < count; position++) {
+        let dot = 0;
+        for (let d = 0; d < headDim; d++) dot += q[query * width + head * headDim + d] * keys[position * width + head * headDim + d];
+        scores[position] = dot / Math.sqrt(headDim);
+      }
+      const maximum = Math.max(...scores);
+      let sum = 0;
+      for (let position = 0; position < count; position++) sum += scores[position] = Math.exp(scores[position] - maximum);
+      for (let d = 0; d < headDim; d++) {
+        let value = 0;
+        for (let position = 0; position < count; position++) value += (scores[position] / sum) * values[position * width + head * headDim + d];
+        out[query * width + head * headDim + d] = value;
+      }
+    }
+  }
+  return out;
+}
+
+function expectInvalid(call: () => unknown, ...fragments: string[]): void {
+  let thrown: unknown;
+  try {
+    call();
+  } catch (error) {
+    thrown = error;
+  }
+  expect(thrown, 'expected a throw').toBeInstanceOf(InvalidArgumentError);
+  const error = thrown as InvalidArgumentError;
+  expect(error.code).toBe('ERR_INVALID_ARGUMENT');
+  for (const fragment of fragments) expect(error.message).toContain(fragment);
+}
+
+/** The addon's own checks, reached without the TypeScript layer's. */
+const unchecked = native.kernels as unknown as Record<'linear' | 'layerNorm' | 'gelu' | 'attention', (...args: unknown[]) => void>;
+
+describe('linear', () => {
+  // Every strip shape (3, 2 + 2, 3 + 2, 1 and 2 rows), partial tiles, several column blocks, and
+  // depths cut into blocks (over 1024) with a tail that is not a whole vector.
+  const shapes: Array<[m: number, k: number, n: number]> = [
+    [1, 67, 131],
+    [2, 9, 7],
+    [3, 8, 4],
+    [4, 16, 25],
+    [5, 1, 3],
+    [6, 33, 11],
+    [16, 768, 37],
+    [37, 67, 131],
+    [5, 1031, 53],
+    [7, 2051, 50],
+  ];
+
+  it('matches a plain reference on odd shapes, with and without bias', () => {
+    shapes.forEach(([m, k, n], index) => {
+      const x = randomFloats(m * k, 1 + index);
+      const weight = randomFloats(n * k, 100 + index);
+      const bias = index % 2 === 0 ? randomFloats(n, 200 + index) : null;
+      const out = new Float32Array(m * n);
+      linear(out, x, weight, bias, m, k, n);
+      expectClose(out, referenceLinear(x, weight, bias, m, k, n));
+    });
+  });
+
+  it('reads and writes subarrays at their byteOffset and writes nothing outside out', () => {
+    const [m, k, n] = [5, 67, 131];
+    const x = randomFloats(m * k, 7);
+    const weight = randomFloats(n * k, 8);
+    const bias = randomFloats(n, 9);
+    const out = offsetView(new Float32Array(m * n), 3);
+    linear(out, offsetView(x, 1), offsetView(weight, 2), offsetView(bias, 3), m, k, n);
+    expectClose(out, referenceLinear(x, weight, bias, m, k, n));
+    const backing = new Float32Array(out.buffer);
+    expect([...backing.subarray(0, 3), ...backing.subarray(3 + m * n)]).toEqual(new Array(8).fill(12345));
+  });
+
+  it('accepts arrays longer than the dimensions need', () => {
+    const x = randomFloats(2 * 3 + 4, 10);
+    const weight = randomFloats(5 * 3 + 1, 11);
+    const out = new Float32Array(2 * 5 + 2).fill(-1);
+    linear(out, x, weight, null, 2, 3, 5);
+    expectClose(out.subarray(0, 10), referenceLinear(x, weight, null, 2, 3, 5));
+    expect([...out.subarray(10)]).toEqual([-1, -1]);
+  });
+});
+
+describe('layerNorm', () => {
+  it('matches a plain reference', () => {
+    for (const [rows, cols, seed] of [
+      [1, 768, 1],
+      [3, 67, 2],
+      [5, 1, 3],
+      [2, 1031, 4],
+    ]) {
+      const x = randomFloats(rows * cols, seed, 3);
+      const gamma = randomFloats(cols, seed + 10);
+      const beta = randomFloats(cols, seed + 20);
+      const out = new Float32Array(rows * cols);
+      layerNorm(out, x, gamma, beta, rows, cols, 1e-5);
+      expectClose(out, referenceLayerNorm(x, gamma, beta, rows, cols, 1e-5));
+    }
+  });
+
+  it('normalizes in place when out is x, and reads subarrays', () => {
+    const [rows, cols] = [4, 131];
+    const x = randomFloats(rows * cols, 5, 2);
+    const gamma = randomFloats(cols, 6);
+    const beta = randomFloats(cols, 7);
+    const expected = referenceLayerNorm(x, gamma, beta, rows, cols, 1e-5);
+    const inPlace = offsetView(x, 1);
+    layerNorm(inPlace, inPlace, offsetView(gamma, 2), offsetView(beta, 3), rows, cols, 1e-5);
+    expectClose(inPlace, expected);
+  });
+});
+
+describe('gelu', () => {
+  it("matches GPT-2's tanh approximation, in place, over a subarray", () => {
+    const values = randomFloats(1003, 1, 8);
+    values.set([0, -0.5, 0.5, -20, 20, -100, 100], 0);
+    const view = offsetView(values, 3);
+    gelu(view);
+    expectClose(view, referenceGelu(values));
+    const backing = new Float32Array(view.buffer);
+    expect([backing[2], backing[3 + values.length]]).toEqual([12345, 12345]);
+  });
+});
+
+describe('attention', () => {
+  const cases: Array<[queries: number, past: number, heads: number, headDim: number]> = [
+    [1, 0, 2, 64],
+    [5, 0, 3, 13],
+    [4, 7, 2, 67],
+    [1, 100, 12, 64],
+    [9, 20, 1, 8],
+  ];
+
+  it('matches a plain reference for prefill and decode, past 0 and past > 0', () => {
+    cases.forEach(([queries, past, heads, headDim], index) => {
+      const width = heads * headDim;
+      const q = randomFloats(queries * width, 1 + index, 2);
+      // Rows past past + queries are not valid cache: NaN there shows they are never read.
+      const spare = 3;
+      const keys = randomFloats((past + queries + spare) * width, 10 + index, 2).fill(NaN, (past + queries) * width);
+      const values = randomFloats((past + queries + spare) * width, 20 + index).fill(NaN, (past + queries) * width);
+      const out = new Float32Array(queries * width);
+      attention(out, q, keys, values, queries, past, heads, headDim);
+      expectClose(out, referenceAttention(q, keys, values, queries, past, heads, headDim));
+    });
+  });
+
+  it('is causal: a key or value after a query position does not change that query', () => {
+    const [queries, past, heads, headDim] = [6, 3, 2, 16];
+    const width = heads * headDim;
+    const q = randomFloats(queries * width, 1);
+    const keys = randomFloats((past + queries) * width, 2);
+    const values = randomFloats((past + queries) * width, 3);
+    const before = new Float32Array(queries * width);
+    attention(before, q, keys, values, queries, past, heads, headDim);
+    const changed = past + 2;
+    keys.fill(50, changed * width, (changed + 1) * width);
+    values.fill(-50, changed * width, (changed + 1) * width);
+    const after = new Float32Array(queries * width);
+    attention(after, q, keys, values, queries, past, heads, headDim);
+    for (let query = 0; query < queries; query++) {
+      const rows = [before, after].map((array) => [...array.subarray(query * width, (query + 1) * width)]);
+      if (past + query < changed) expect(rows[1]).toEqual(rows[0]);
+      else expect(rows[1]).not.toEqual(rows[0]);
+    }
+  });
+
+  it('reads and writes subarrays', () => {
+    const [queries, past, heads, headDim] = [3, 5, 2, 12];
+    const width = heads * headDim;
+    const q = randomFloats(queries * width, 4);
+    const keys = randomFloats((past + queries) * width, 5);
+    const values = randomFloats((past + queries) * width, 6);
+    const out = offsetView(new Float32Array(queries * width), 1);
+    attention(out, offsetView(q, 2), offsetView(keys, 3), offsetView(values, 1), queries, past, heads, headDim);
+    expectClose(out, referenceAttention(q, keys, values, queries, past, heads, headDim));
+  });
+});
+
+describe('argument errors', () => {
+  const floats = (count: number) => new Float32Array(count);
+  // Each case runs against the TypeScript face and the addon directly: both must refuse it.
+  const layers = [
+    ['kernels.ts', { linear, layerNorm, gelu, attention } as unknown as typeof unchecked],
+    ['addon', unchecked],
+  ] as const;
+
+  for (const [layer, kernels] of layers) {
+    it(`${layer}: linear checks types, lengths, dimensions and overlap`, () => {
+      const valid = () => [floats(6), floats(8), floats(12), floats(3), 2, 4, 3] as unknown[];
+      const withArgument = (index: number, value: unknown) => {
+        const args = valid();
+        args[index] = value;
+        return () => kernels.linear(...args);
+      };
+      expect(() => kernels.linear(...valid())).not.toThrow();
+      expect(() => kernels.linear(floats(6), floats(8), floats(12), null, 2, 4, 3)).not.toThrow();
+      expectInvalid(withArgument(0, floats(5)), 'out must hold at least', '= 6 floats, got 5');
+      expectInvalid(withArgument(1, floats(7)), 'x must hold at least', '= 8 floats, got 7');
+      expectInvalid(withArgument(2, floats(11)), 'weight must hold at least', '= 12 floats, got 11');
+      expectInvalid(withArgument(3, floats(2)), 'bias must hold at least', '= 3 floats, got 2');
+      expectInvalid(withArgument(1, new Float64Array(8)), 'x must be a Float32Array', 'Float64Array');
+      expectInvalid(withArgument(2, [1, 2, 3]), 'weight must be a Float32Array');
+      expectInvalid(withArgument(0, undefined), 'out must be a Float32Array');
+      expectInvalid(withArgument(4, 1.5), 'm must be a', 'integer');
+      expectInvalid(withArgument(5, 0), 'k must be a', 'positive integer');
+      expectInvalid(withArgument(6, -3), 'n must be a', 'positive integer');
+      expectInvalid(withArgument(6, NaN), 'n must be a', 'integer');
+      expectInvalid(withArgument(4, '2'), 'm must be a', 'integer');
+      expectInvalid(withArgument(5, 2 ** 60), 'k must be a positive integer');
+      // Dimensions whose products no array could hold (the second overflows 64 bits).
+      expectInvalid(() => kernels.linear(floats(6), floats(8), floats(12), null, 2 ** 30, 4, 2 ** 30), 'm * n');
+      expectInvalid(() => kernels.linear(floats(6), floats(8), floats(12), null, 2 ** 40, 4, 2 ** 40), 'm * n', 'too large');
+      const shared = floats(20);
+      expectInvalid(() => kernels.linear(shared.subarray(0, 6), shared.subarray(4, 12), floats(12), null, 2, 4, 3), 'out must not overlap x');
+    });
+
+    it(`${layer}: layerNorm checks types, lengths, dimensions and eps`, () => {
+      const valid = () => [floats(6), floats(6), floats(3), floats(3), 2, 3, 1e-5] as unknown[];
+      const withArgument = (index: number, value: unknown) => {
+        const args = valid();
+        args[index] = value;
+        return () => kernels.layerNorm(...args);
+      };
+      expect(() => kernels.layerNorm(...valid())).not.toThrow();
+      expectInvalid(withArgument(0, floats(5)), 'out must hold at least', '= 6 floats, got 5');
+      expectInvalid(withArgument(1, floats(5)), 'x must hold at least', '= 6 floats, got 5');
+      expectInvalid(withArgument(2, floats(2)), 'gamma must hold at least', '= 3 floats, got 2');
+      expectInvalid(withArgument(3, floats(2)), 'beta must hold at least', '= 3 floats, got 2');
+      expectInvalid(withArgument(2, new Int32Array(3)), 'gamma must be a Float32Array');
+      expectInvalid(withArgument(3, null), 'beta must be a Float32Array');
+      expectInvalid(withArgument(4, 2.5), 'rows must be a', 'integer');
+      expectInvalid(withArgument(5, 0), 'cols must be a', 'positive integer');
+      expectInvalid(withArgument(6, -1), 'eps must be a finite number');
+      expectInvalid(withArgument(6, Infinity), 'eps must be a finite number');
+      const shared = floats(12);
+      expectInvalid(() => kernels.layerNorm(shared.subarray(1, 7), shared.subarray(0, 6), floats(3), floats(3), 2, 3, 1e-5), 'out must not overlap x');
+    });
+
+    it(`${layer}: gelu takes only a Float32Array`, () => {
+      expect(() => kernels.gelu(floats(0))).not.toThrow();
+      expectInvalid(() => kernels.gelu(new Float64Array(4)), 'x must be a Float32Array');
+      expectInvalid(() => kernels.gelu([1, 2]), 'x must be a Float32Array');
+      expectInvalid(() => kernels.gelu(undefined), 'x must be a Float32Array');
+    });
+
+    it(`${layer}: attention checks types, lengths, dimensions and overlap`, () => {
+      // queries 2, past 1, heads 2, headDim 3: q and out hold 12, keys and values 18.
+      const valid = () => [floats(12), floats(12), floats(18), floats(18), 2, 1, 2, 3] as unknown[];
+      const withArgument = (index: number, value: unknown) => {
+        const args = valid();
+        args[index] = value;
+        return () => kernels.attention(...args);
+      };
+      expect(() => kernels.attention(...valid())).not.toThrow();
+      expect(withArgument(5, 0)).not.toThrow();
+      expectInvalid(withArgument(0, floats(11)), 'out must hold at least', '= 12 floats, got 11');
+      expectInvalid(withArgument(1, floats(11)), 'q must hold at least', '= 12 floats, got 11');
+      expectInvalid(withArgument(2, floats(17)), 'keys must hold at least', '= 18 floats, got 17');
+      expectInvalid(withArgument(3, floats(17)), 'values must hold at least', '= 18 floats, got 17');
+      expectInvalid(withArgument(5, 2), 'keys must hold at least (past + queries) * heads * headDim = 4 * 2 * 3 = 24 floats, got 18');
+      expectInvalid(withArgument(3, new Uint8Array(72)), 'values must be a Float32Array');
+      expectInvalid(withArgument(4, 0), 'queries must be a', 'positive integer');
+      expectInvalid(withArgument(5, -1), 'past must be a', 'non-negative integer');
+      expectInvalid(withArgument(6, 1.25), 'heads must be a', 'integer');
+      expectInvalid(withArgument(7, undefined), 'headDim must be a', 'integer');
+      const shared = floats(40);
+      expectInvalid(
+        () => kernels.attention(shared.subarray(0, 12), floats(12), shared.subarray(10, 28), floats(18), 2, 1, 2, 3),
+        'out must not overlap keys',
+      );
+    });
+  }
+});

@@ -1,0 +1,177 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ActorDiedError, DataError, InvalidArgumentError, ModelLoadError, fromItems, init, shutdown, state } from '../../lib/index.js';
+import { buildLLMProcessor, DecoderShard, ModelReplica, planSharding, readCheckpointConfig } from '../../lib/index.js';
+import { isAlive, until } from '../core/helpers.js';
+import { randomWeights, referenceGenerate, referenceLogits, TINY, writeCheckpoint, type Weights } from './fixtures/gpt2.js';
+
+const PROMPTS = [[5, 17, 3], [42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [96, 0, 33, 12], [7, 7, 7, 7, 7, 7]];
+
+describe('model sharding', () => {
+  let directory: string;
+  let checkpoint: string;
+  let weights: Weights;
+  let expected: number[][];
+
+  beforeAll(async () => {
+    directory = mkdtempSync(join(tmpdir(), 'trellis-llm-'));
+    weights = randomWeights(TINY, 7);
+    checkpoint = await writeCheckpoint(join(directory, 'tiny'), TINY, weights, { prefix: 'transformer.' });
+    expected = PROMPTS.map((prompt) => referenceGenerate(TINY, weights, prompt, 6));
+    await init({ numCpus: 6 });
+  });
+  afterAll(async () => {
+    await shutdown();
+    rmSync(directory, { recursive: true, force: true });
+  });
+
+  it('plans layers, heads and vocabulary across ranks, and refuses cuts that do not divide', () => {
+    const plan = planSharding({ ...TINY, numLayers: 7 }, { tensorParallel: 2, pipelineParallel: 3 });
+    expect(plan.stages.map((stage) => [stage.firstLayer, stage.endLayer])).toEqual([[0, 2], [2, 5], [5, 7]]);
+    expect(plan.stages.map((stage) => [stage.embeds, stage.hasHead])).toEqual([[true, false], [false, false], [false, true]]);
+    expect(plan).toMatchObject({ headsPerRank: 2, headSize: 8, intermediatePerRank: 32, vocabularyPerRank: 49 });
+    const refused = (options: object, pattern: RegExp) => {
+      try {
+        planSharding(TINY, options);
+        throw new Error('not refused');
+      } catch (error) {
+        expect(error).toBeInstanceOf(InvalidArgumentError);
+        expect((error as InvalidArgumentError).code).toBe('ERR_PARALLELISM');
+        expect((error as Error).message).toMatch(pattern);
+      }
+    };
+    refused({ tensorParallel: 3 }, /does not divide the model's 4 attention heads/);
+    refused({ pipelineParallel: 5 }, /more than the model's 4 layers/);
+    refused({ tensorParallel: 0 }, /tensorParallel must be a positive integer/);
+  });
+
+  it('reads config.json beside the checkpoint', () => {
+    expect(readCheckpointConfig(checkpoint)).toEqual(TINY);
+    expect(readCheckpointConfig(join(checkpoint, 'model.safetensors'))).toEqual(TINY);
+  });
+
+  it('one shard with a key/value cache gives the reference logits, prompt read whole or in pieces', async () => {
+    const config = TINY;
+    const shard = await DecoderShard.load({ checkpoint, config, plan: planSharding(config), stage: 0, rank: 0 });
+    const prompt = PROMPTS[2];
+    const reference = referenceLogits(config, weights, prompt);
+    // Two sequences in one step: the prompt whole (id 0), and its first 4 tokens (id 1).
+    const first = (await shard.forward({ step: 0, sequences: [{ id: 0, past: 0, count: prompt.length }, { id: 1, past: 0, count: 4 }], released: [], tokens: Int32Array.from([...prompt, ...prompt.slice(0, 4)]), logits: true })) as { logits: Float32Array };
+    const close = (actual: Float32Array, wanted: number[]) => {
+      const scale = Math.max(...wanted.map(Math.abs));
+      for (let v = 0; v < wanted.length; v++) expect(Math.abs(actual[v] - wanted[v])).toBeLessThan(1e-4 * scale + 1e-5);
+    };
+    close(first.logits.subarray(0, config.vocabSize), reference[prompt.length - 1]);
+    close(first.logits.subarray(config.vocabSize), reference[3]);
+    // Sequence 1 reads the rest of the prompt from its cache, one token then six.
+    const second = (await shard.forward({ step: 1, sequences: [{ id: 1, past: 4, count: 1 }], released: [0], tokens: Int32Array.from([prompt[4]]), logits: true })) as { logits: Float32Array };
+    close(second.logits, reference[4]);
+    const third = (await shard.forward({ step: 2, sequences: [{ id: 1, past: 5, count: 6 }], released: [], tokens: Int32Array.from(prompt.slice(5)), logits: true })) as { logits: Float32Array };
+    close(third.logits, reference[prompt.length - 1]);
+    expect(shard.cachedSequences).toBe(1);
+    await expect(shard.forward({ step: 3, sequences: [{ id: 1, past: 3, count: 1 }], released: [], tokens: Int32Array.from([1]) })).rejects.toMatchObject({ code: 'ERR_SEQUENCE_STATE' });
+  });
+
+  it('tensor 2 × pipeline 2 generates what the plain reference generates, with continuous batching', async () => {
+    await using replica = await ModelReplica.create({ checkpoint, tensorParallel: 2, pipelineParallel: 2, maxTokensPerStep: 9, maxSequencesPerStep: 3 });
+    // Two calls at once: their sequences share steps; prompts longer than 9 tokens are read in pieces.
+    const [first, second] = await Promise.all([
+      replica.generate(PROMPTS.slice(0, 3).map((tokens) => ({ tokens, maxNewTokens: 6 }))),
+      replica.generate(PROMPTS.slice(3).map((tokens) => ({ tokens, maxNewTokens: 6 }))),
+    ]);
+    expect([...first, ...second].map((generation) => generation.tokens)).toEqual(expected);
+    expect(first.every((generation) => generation.finishReason === 'length')).toBe(true);
+    const stats = replica.stats();
+    expect(stats).toMatchObject({ generatedTokens: 30, promptTokens: PROMPTS.flat().length, waiting: 0, running: 0 });
+    // Fewer steps than one per sequence per token: sequences shared them.
+    expect(stats.steps).toBeLessThan(30);
+    // A stop token ends a sequence early and is kept.
+    const stop = expected[0][2];
+    const [stopped] = await replica.generate([{ tokens: PROMPTS[0], maxNewTokens: 6, stopTokens: [stop] }]);
+    expect(stopped.tokens).toEqual(expected[0].slice(0, expected[0].indexOf(stop) + 1));
+    expect(stopped.finishReason).toBe('stop');
+  });
+
+  it('samples the same tokens for the same seed, however the model is cut', async () => {
+    const sampling = { temperature: 0.8, topK: 20, seed: 11 };
+    const requests = PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 5, sampling }));
+    let whole: number[][];
+    {
+      await using replica = await ModelReplica.create({ checkpoint });
+      whole = (await replica.generate(requests)).map((generation) => generation.tokens);
+      const other = (await replica.generate(requests.map((request) => ({ ...request, sampling: { ...sampling, seed: 12 } })))).map((generation) => generation.tokens);
+      expect(other).not.toEqual(whole);
+    }
+    await using sharded = await ModelReplica.create({ checkpoint, tensorParallel: 2 });
+    expect((await sharded.generate(requests)).map((generation) => generation.tokens)).toEqual(whole);
+  });
+
+  it('stops at the model\'s positions, and names what is wrong with a request', async () => {
+    await using replica = await ModelReplica.create({ checkpoint, tensorParallel: 2 });
+    const [long] = await replica.generate([{ tokens: Array.from({ length: 60 }, (_, i) => i % 90), maxNewTokens: 10 }]);
+    expect(long).toMatchObject({ finishReason: 'max-positions', promptTokens: 60 });
+    expect(long.tokens).toHaveLength(4);
+    await expect(replica.generate([{ tokens: [1, 2, 97] }])).rejects.toMatchObject({ code: 'ERR_TOKEN', message: expect.stringMatching(/token 97 at position 2 is outside the vocabulary of 97/) });
+    await expect(replica.generate([{ tokens: [] }])).rejects.toMatchObject({ code: 'ERR_PROMPT' });
+    await expect(replica.generate([{ tokens: Array.from({ length: 64 }, () => 1) }])).rejects.toMatchObject({ code: 'ERR_PROMPT_TOO_LONG' });
+    await expect(replica.generate([{ tokens: [1], sampling: { temperature: -1 } }])).rejects.toMatchObject({ code: 'ERR_SAMPLING' });
+    // The replica still works after refusing them.
+    expect((await replica.generate([{ tokens: PROMPTS[1], maxNewTokens: 6 }]))[0].tokens).toEqual(expected[1]);
+  });
+
+  it('refuses checkpoints that do not match, with the file or tensor named', async () => {
+    await expect(ModelReplica.create({ checkpoint: join(directory, 'missing') })).rejects.toBeInstanceOf(ModelLoadError);
+    const wrong = join(directory, 'wrong');
+    await writeCheckpoint(wrong, TINY, weights);
+    writeFileSync(join(wrong, 'config.json'), JSON.stringify({ model_type: 'gpt2', vocab_size: 97, n_embd: 32, n_layer: 4, n_head: 4, n_inner: 48, n_positions: 64 }));
+    const error = await ModelReplica.create({ checkpoint: wrong }).catch((caught: unknown) => caught);
+    expect(error).toBeInstanceOf(ModelLoadError);
+    expect(error).toMatchObject({ code: 'ERR_MODEL_SHAPE', tensor: 'h.0.mlp.c_fc.weight' });
+    writeFileSync(join(wrong, 'config.json'), JSON.stringify({ model_type: 'llama' }));
+    await expect(ModelReplica.create({ checkpoint: wrong })).rejects.toMatchObject({ code: 'ERR_MODEL_ARCHITECTURE' });
+    // No rank is left behind by a replica that failed to start.
+    await until(() => state().actors.every((actor) => actor.className !== 'ShardWorker' || actor.state === 'dead'), 'the failed replicas\' ranks to end');
+  });
+
+  it('fails its requests, and does not hang, when a rank dies mid-generation', async () => {
+    const replica = await ModelReplica.create({ checkpoint, tensorParallel: 2, pipelineParallel: 2 });
+    const running = replica.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 40 })));
+    await until(() => replica.stats().steps > 3, 'a few steps');
+    const ranks = replica.ranks();
+    expect(ranks.map((rank) => [rank.stage, rank.rank])).toEqual([[0, 0], [0, 1], [1, 0], [1, 1]]);
+    const pids = ranks.map((rank) => state().actors.find((actor) => actor.actorId === rank.actorId)!.pid!);
+    process.kill(pids[3], 'SIGKILL');
+    await expect(running).rejects.toBeInstanceOf(ActorDiedError);
+    await expect(replica.generate([{ tokens: [1] }])).rejects.toBeInstanceOf(ActorDiedError);
+    await replica.close();
+    // Closed means gone: no rank's process is left.
+    expect(pids.filter(isAlive)).toEqual([]);
+  });
+
+  it('fails a processor\'s job, naming the cause, when a rank dies, and leaves no rank behind', async () => {
+    const processor = buildLLMProcessor({ checkpoint, tensorParallel: 2, pipelineParallel: 2, batchSize: 2, maxNewTokens: 50 });
+    const job = processor(fromItems(Array.from({ length: 40 }, (_, id) => ({ id, tokens: [id % 90, 3, 4] })))).takeAll();
+    const outcome = job.then(() => undefined, (error: unknown) => error);
+    const before = new Set(state().actors.map((actor) => actor.actorId));
+    const ranks = () => state().actors.filter((actor) => actor.className === 'ShardWorker' && !before.has(actor.actorId));
+    await until(() => ranks().length === 4 && ranks().every((actor) => actor.state === 'alive'), 'the engine\'s ranks');
+    process.kill(ranks()[2].pid!, 'SIGKILL');
+    const error = await outcome;
+    expect(error).toBeInstanceOf(DataError);
+    // Killed while loading or while generating: either way the job says which actor died.
+    expect((error as Error).message).toMatch(/ActorDiedError: .*actor ShardWorker died/);
+    // The engine's process went with the job; its ranks end with it (no handle to them is left).
+    await until(() => ranks().every((actor) => actor.state === 'dead'), 'the ranks to end');
+  });
+
+  it('runs a dataset through replicas as a batch processor', async () => {
+    const processor = buildLLMProcessor({ checkpoint, tensorParallel: 2, pipelineParallel: 2, concurrency: 1, batchSize: 2, maxNewTokens: 6 });
+    const rows = await processor(fromItems(PROMPTS.map((tokens, id) => ({ id, tokens })))).takeAll();
+    rows.sort((a, b) => (a.id as number) - (b.id as number));
+    expect(rows.map((row) => Array.from(row.generatedTokens as number[]))).toEqual(expected);
+    expect(rows.map((row) => row.finishReason)).toEqual(PROMPTS.map(() => 'length'));
+    expect(rows.map((row) => row.promptTokens)).toEqual(PROMPTS.map((prompt) => prompt.length));
+  });
+});
