@@ -63,30 +63,34 @@ export function bf16ToFloat(bits: number): number {
   return f32[0];
 }
 
+/** f32 bits (as a Uint32Array holds them) to f16 bits, rounding to nearest even. */
+export function floatBitsToF16(bits: number): number {
+  const sign = (bits >>> 16) & 0x8000;
+  const magnitude = bits & 0x7fffffff;
+  if (magnitude >= 0x7f800000) return sign | 0x7c00 | (magnitude > 0x7f800000 ? 0x200 : 0);
+  // 65520, halfway between the largest half (65504) and 2^16, rounds to even: infinity.
+  if (magnitude >= 0x477ff000) return sign | 0x7c00;
+  if (magnitude < 0x38800000) {
+    // Below 2^-14: a subnormal half, counting units of 2^-24. 2^-25 and below round to zero.
+    if (magnitude <= 0x33000000) return sign;
+    const shift = 126 - (magnitude >>> 23);
+    const mantissa = (magnitude & 0x7fffff) | 0x800000;
+    let units = mantissa >>> shift;
+    const remainder = mantissa & ((1 << shift) - 1);
+    const halfway = 1 << (shift - 1);
+    if (remainder > halfway || (remainder === halfway && (units & 1) !== 0)) units++;
+    return sign | units;
+  }
+  // Rebias the exponent (127 to 15) and keep the top ten mantissa bits; a carry out of the mantissa correctly bumps the exponent.
+  let result = (magnitude >>> 13) - (112 << 10);
+  const remainder = magnitude & 0x1fff;
+  if (remainder > 0x1000 || (remainder === 0x1000 && (result & 1) !== 0)) result++;
+  return sign | result;
+}
+
 export function floatToF16(value: number): number {
   f32[0] = value;
-  const x = u32[0];
-  const sign = (x >>> 16) & 0x8000;
-  const exponent = (x >>> 23) & 0xff;
-  let mantissa = x & 0x7fffff;
-  if (exponent === 0xff) return sign | 0x7c00 | (mantissa ? 0x200 : 0);
-  let e = exponent - 127 + 15;
-  if (e >= 0x1f) return sign | 0x7c00;
-  if (e <= 0) {
-    if (e < -10) return sign;
-    mantissa = (mantissa | 0x800000) >>> (1 - e);
-    if (mantissa & 0x1000) mantissa += 0x2000;
-    return sign | (mantissa >>> 13);
-  }
-  if (mantissa & 0x1000) {
-    mantissa += 0x2000;
-    if (mantissa & 0x800000) {
-      mantissa = 0;
-      e += 1;
-      if (e >= 0x1f) return sign | 0x7c00;
-    }
-  }
-  return sign | (e << 10) | (mantissa >>> 13);
+  return floatBitsToF16(u32[0]);
 }
 
 export function f16ToFloat(bits: number): number {

@@ -9,7 +9,7 @@ import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { InvalidArgumentError, ModelLoadError } from '../errors.js';
-import { f16ToFloat, floatToBf16 } from '../gpu/dtype.js';
+import { f16ToFloat, floatBitsToF16, floatToBf16 } from '../gpu/dtype.js';
 
 /** The dtypes a safetensors file commonly holds. */
 export type SafetensorsDType = 'F64' | 'F32' | 'F16' | 'BF16' | 'I64' | 'I32' | 'I16' | 'I8' | 'U8' | 'BOOL';
@@ -343,31 +343,6 @@ function convertToFloat32(dtype: string, source: ArrayBuffer, sourceIndex: numbe
   }
 }
 
-/** f32 bits to f16 bits, rounding to nearest even (dtype.ts's floatToF16 rounds ties away from zero). */
-function f32BitsToF16(bits: number): number {
-  const sign = (bits >>> 16) & 0x8000;
-  const magnitude = bits & 0x7fffffff;
-  if (magnitude >= 0x7f800000) return sign | 0x7c00 | (magnitude > 0x7f800000 ? 0x200 : 0);
-  // 65520, halfway between the largest half (65504) and 2^16, rounds to even: infinity.
-  if (magnitude >= 0x477ff000) return sign | 0x7c00;
-  if (magnitude < 0x38800000) {
-    // Below 2^-14: a subnormal half, counting units of 2^-24. 2^-25 and below round to zero.
-    if (magnitude <= 0x33000000) return sign;
-    const shift = 126 - (magnitude >>> 23);
-    const mantissa = (magnitude & 0x7fffff) | 0x800000;
-    let units = mantissa >>> shift;
-    const remainder = mantissa & ((1 << shift) - 1);
-    const halfway = 1 << (shift - 1);
-    if (remainder > halfway || (remainder === halfway && (units & 1) !== 0)) units++;
-    return sign | units;
-  }
-  // Rebias the exponent (127 to 15) and keep the top ten mantissa bits; a carry out of the mantissa correctly bumps the exponent.
-  let result = (magnitude >>> 13) - (112 << 10);
-  const remainder = magnitude & 0x1fff;
-  if (remainder > 0x1000 || (remainder === 0x1000 && (result & 1) !== 0)) result++;
-  return sign | result;
-}
-
 /**
  * Writes one file, converting from f32 (round to nearest even for F16 and BF16); header padded
  * with spaces to a multiple of 8 bytes. Tensors are laid out widest dtype first, then by name, as
@@ -463,7 +438,7 @@ async function writeTensorData(handle: FileHandle, tensor: WritableTensor, posit
       new Uint32Array(scratch, 0, count).set(bits.subarray(done, done + count));
     } else if (dtype === 'F16') {
       const halves = new Uint16Array(scratch, 0, count);
-      for (let index = 0; index < count; index++) halves[index] = f32BitsToF16(bits[done + index]);
+      for (let index = 0; index < count; index++) halves[index] = floatBitsToF16(bits[done + index]);
     } else {
       const halves = new Uint16Array(scratch, 0, count);
       for (let index = 0; index < count; index++) halves[index] = floatToBf16(data[done + index]);

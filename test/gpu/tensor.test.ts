@@ -26,6 +26,11 @@ describe('Tensor', () => {
     }
     expect(f16ToFloat(floatToF16(1e6))).toBe(Infinity);
     expect(Number.isNaN(bf16ToFloat(floatToBf16(NaN)))).toBe(true);
+    // Ties go to the even neighbour: 1 + 2^-11 is halfway between 1 and 1 + 2^-10.
+    expect(f16ToFloat(floatToF16(1 + 2 ** -11))).toBe(1);
+    expect(f16ToFloat(floatToF16(1 + 3 * 2 ** -11))).toBe(1 + 2 * 2 ** -10);
+    expect(f16ToFloat(floatToF16(2 ** -25))).toBe(0);
+    expect(f16ToFloat(floatToF16(3 * 2 ** -25))).toBe(2 ** -23);
   });
 
   it('wraps TypedArrays without copying and reshapes in place', () => {
