@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DecoderShard, ModelReplica, init, planSharding, shutdown, type DecoderConfig } from '../lib/index.js';
 import { linear } from '../lib/llm/kernels.js';
-import { randomWeights, writeCheckpoint } from '../examples/model/random-gpt2.js';
+import { randomWeights, writeCheckpoint } from '../examples/model/random-decoder.js';
 import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
 
 const CONFIG: DecoderConfig = { vocabSize: 8192, hiddenSize: 512, numLayers: 8, numHeads: 8, intermediateSize: 2048, maxPositions: 256, layerNormEpsilon: 1e-5 };

@@ -13,7 +13,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { buildLLMProcessor, fromItems, init, shutdown } from '../lib/index.js';
-import { randomWeights, writeCheckpoint } from './model/random-gpt2.js';
+import { randomWeights, writeCheckpoint } from './model/random-decoder.js';
 
 const given = process.argv[2];
 const scratch = given ? undefined : mkdtempSync(join(tmpdir(), 'trellis-gpt2-'));

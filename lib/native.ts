@@ -283,11 +283,31 @@ export interface NativeKernels {
   layerNorm(out: Float32Array, x: Float32Array, gamma: Float32Array, beta: Float32Array, rows: number, cols: number, eps: number): void;
   /** In place, GPT-2's tanh approximation of GELU, over the whole array. */
   gelu(x: Float32Array): void;
+  /** Per row of `cols`: x / sqrt(mean(x²) + eps) · gamma (Llama's RMSNorm); out may be x itself. */
+  rmsNorm(out: Float32Array, x: Float32Array, gamma: Float32Array, rows: number, cols: number, eps: number): void;
+  /** out[i] = gate[i] / (1 + e^-gate[i]) · up[i] over arrays of one length; out may be gate itself. */
+  siluMultiply(out: Float32Array, gate: Float32Array, up: Float32Array): void;
+  /**
+   * In place, rotary position embedding of x [rows, heads, headDim] (Hugging Face's rotate_half
+   * pairing): element i of each head turns with element i + headDim / 2 by positions[row] · inverseFrequencies[i].
+   */
+  rotary(x: Float32Array, positions: Int32Array, inverseFrequencies: Float32Array, rows: number, heads: number, headDim: number): void;
   /**
    * Causal self-attention of one sequence: q and out [queries, heads, headDim], keys and values
-   * [>= past + queries, heads, headDim]; query i attends to positions 0..past + i.
+   * [>= past + queries, kvHeads, headDim] (kvHeads defaults to heads; query head h reads kv head
+   * h / (heads / kvHeads)); query i attends to positions 0..past + i.
    */
-  attention(out: Float32Array, q: Float32Array, keys: Float32Array, values: Float32Array, queries: number, past: number, heads: number, headDim: number): void;
+  attention(
+    out: Float32Array,
+    q: Float32Array,
+    keys: Float32Array,
+    values: Float32Array,
+    queries: number,
+    past: number,
+    heads: number,
+    headDim: number,
+    kvHeads?: number,
+  ): void;
 }
 
 export interface NativeAddon {

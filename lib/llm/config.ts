@@ -1,72 +1,178 @@
 /**
- * The decoder a sharded model runs: GPT-2's architecture (pre-norm blocks, learned positions,
- * GELU MLP, tied embedding and head), the layout most small open checkpoints share. The config is
- * read from a checkpoint's config.json (Hugging Face names) or given directly.
+ * The decoders a sharded model runs, described by one config:
+ * - 'gpt2': pre-norm blocks with layer norm, learned positions, a GELU MLP, a tied head; Conv1D
+ *   matrices ([in, out]) in its checkpoints;
+ * - 'llama': RMS norm, rotary positions, grouped-query attention, a gated SiLU MLP; Linear
+ *   matrices ([out, in]). Qwen2's checkpoints are this layout with biases on query, key and
+ *   value, and load as it.
+ * Read from a checkpoint's config.json (Hugging Face names) or given directly.
  */
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { InvalidArgumentError, ModelLoadError } from '../errors.js';
 
+export type Architecture = 'gpt2' | 'llama';
+
+/** Llama 3's stretch of the rotary frequencies for contexts past the one it was trained on. */
+export interface RopeScaling {
+  type: 'llama3';
+  factor: number;
+  lowFrequencyFactor: number;
+  highFrequencyFactor: number;
+  originalMaxPositions: number;
+}
+
 export interface DecoderConfig {
+  /** Default 'gpt2'. */
+  architecture?: Architecture;
   vocabSize: number;
   hiddenSize: number;
   numLayers: number;
   numHeads: number;
+  /** Key/value heads, fewer than numHeads for grouped-query attention (default numHeads). */
+  numKeyValueHeads?: number;
+  /** Width of a head (default hiddenSize / numHeads). */
+  headSize?: number;
   /** The MLP's inner width (GPT-2: 4 × hiddenSize). */
   intermediateSize: number;
-  /** Longest sequence, prompt and generated tokens together (the position table's rows). */
+  /** Longest sequence, prompt and generated tokens together. */
   maxPositions: number;
+  /** The norms' epsilon (layer norm for gpt2, RMS norm for llama). */
   layerNormEpsilon: number;
+  /** Rotary positions (llama): the base of the frequencies (default 10000). */
+  ropeTheta?: number;
+  ropeScaling?: RopeScaling;
+  /** The head reads the token embedding's rows (gpt2: always; llama: as its config says, default false). */
+  tieWordEmbeddings?: boolean;
 }
 
 const INTEGER_FIELDS = ['vocabSize', 'hiddenSize', 'numLayers', 'numHeads', 'intermediateSize', 'maxPositions'] as const;
 
-/** The config checked field by field; errors name the field. */
-export function checkDecoderConfig(config: unknown): DecoderConfig {
+function configError(message: string): InvalidArgumentError {
+  return new InvalidArgumentError(`decoder config: ${message}`, 'ERR_MODEL_CONFIG');
+}
+
+function positiveNumber(value: unknown, field: string): number {
+  if (typeof value !== 'number' || !(value > 0) || !Number.isFinite(value)) throw configError(`${field} must be a positive number, got ${String(value)}`);
+  return value;
+}
+
+function positiveInteger(value: unknown, field: string): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) throw configError(`${field} must be a positive integer, got ${String(value)}`);
+  return value;
+}
+
+/** The config checked field by field (errors name the field), with every default filled in. */
+export function checkDecoderConfig(config: unknown): Required<Omit<DecoderConfig, 'ropeScaling'>> & Pick<DecoderConfig, 'ropeScaling'> {
   if (typeof config !== 'object' || config === null) throw new InvalidArgumentError(`a decoder config must be an object, got ${String(config)}`, 'ERR_MODEL_CONFIG');
   const fields = config as Record<string, unknown>;
-  for (const field of INTEGER_FIELDS) {
-    const value = fields[field];
-    if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) {
-      throw new InvalidArgumentError(`decoder config: ${field} must be a positive integer, got ${String(value)}`, 'ERR_MODEL_CONFIG');
-    }
+  const architecture = fields.architecture ?? 'gpt2';
+  if (architecture !== 'gpt2' && architecture !== 'llama') throw configError(`architecture must be 'gpt2' or 'llama', got ${String(architecture)}`);
+  for (const field of INTEGER_FIELDS) positiveInteger(fields[field], field);
+  const numHeads = fields.numHeads as number;
+  const hiddenSize = fields.hiddenSize as number;
+  const numKeyValueHeads = positiveInteger(fields.numKeyValueHeads ?? numHeads, 'numKeyValueHeads');
+  if (numHeads % numKeyValueHeads !== 0) throw configError(`numHeads ${numHeads} is not a multiple of numKeyValueHeads ${numKeyValueHeads}`);
+  if (fields.headSize === undefined && hiddenSize % numHeads !== 0) throw configError(`hiddenSize ${hiddenSize} is not a multiple of numHeads ${numHeads}`);
+  const headSize = positiveInteger(fields.headSize ?? hiddenSize / numHeads, 'headSize');
+  if (architecture === 'gpt2' && (numKeyValueHeads !== numHeads || headSize * numHeads !== hiddenSize)) {
+    throw configError('gpt2 has as many key/value heads as heads, of hiddenSize / numHeads each');
   }
-  const epsilon = fields.layerNormEpsilon ?? 1e-5;
-  if (typeof epsilon !== 'number' || !(epsilon > 0) || !Number.isFinite(epsilon)) {
-    throw new InvalidArgumentError(`decoder config: layerNormEpsilon must be a positive number, got ${String(epsilon)}`, 'ERR_MODEL_CONFIG');
-  }
-  const checked = { ...(fields as unknown as DecoderConfig), layerNormEpsilon: epsilon };
-  if (checked.hiddenSize % checked.numHeads !== 0) {
-    throw new InvalidArgumentError(`decoder config: hiddenSize ${checked.hiddenSize} is not a multiple of numHeads ${checked.numHeads}`, 'ERR_MODEL_CONFIG');
+  if (architecture === 'llama' && headSize % 2 !== 0) throw configError(`rotary positions need an even headSize, got ${headSize}`);
+  const tieWordEmbeddings = fields.tieWordEmbeddings ?? architecture === 'gpt2';
+  if (typeof tieWordEmbeddings !== 'boolean') throw configError(`tieWordEmbeddings must be a boolean, got ${String(tieWordEmbeddings)}`);
+  if (architecture === 'gpt2' && !tieWordEmbeddings) throw configError('gpt2 ties its head to the token embedding');
+  let ropeScaling: RopeScaling | undefined;
+  if (fields.ropeScaling !== undefined && fields.ropeScaling !== null) {
+    const scaling = fields.ropeScaling as Record<string, unknown>;
+    if (scaling.type !== 'llama3') throw configError(`ropeScaling.type must be 'llama3', got ${String(scaling.type)}`);
+    ropeScaling = {
+      type: 'llama3',
+      factor: positiveNumber(scaling.factor, 'ropeScaling.factor'),
+      lowFrequencyFactor: positiveNumber(scaling.lowFrequencyFactor, 'ropeScaling.lowFrequencyFactor'),
+      highFrequencyFactor: positiveNumber(scaling.highFrequencyFactor, 'ropeScaling.highFrequencyFactor'),
+      originalMaxPositions: positiveInteger(scaling.originalMaxPositions, 'ropeScaling.originalMaxPositions'),
+    };
+    if (ropeScaling.highFrequencyFactor <= ropeScaling.lowFrequencyFactor) throw configError('ropeScaling.highFrequencyFactor must be above lowFrequencyFactor');
   }
   return {
-    vocabSize: checked.vocabSize,
-    hiddenSize: checked.hiddenSize,
-    numLayers: checked.numLayers,
-    numHeads: checked.numHeads,
-    intermediateSize: checked.intermediateSize,
-    maxPositions: checked.maxPositions,
-    layerNormEpsilon: checked.layerNormEpsilon,
+    architecture,
+    vocabSize: fields.vocabSize as number,
+    hiddenSize,
+    numLayers: fields.numLayers as number,
+    numHeads,
+    numKeyValueHeads,
+    headSize,
+    intermediateSize: fields.intermediateSize as number,
+    maxPositions: fields.maxPositions as number,
+    layerNormEpsilon: positiveNumber(fields.layerNormEpsilon ?? 1e-5, 'layerNormEpsilon'),
+    ropeTheta: positiveNumber(fields.ropeTheta ?? 10000, 'ropeTheta'),
+    tieWordEmbeddings,
+    ...(ropeScaling ? { ropeScaling } : {}),
   };
 }
 
-/** A Hugging Face GPT-2 config.json (n_embd, n_layer, ...) as a DecoderConfig. */
-export function configFromHuggingFace(json: Record<string, unknown>, file = 'config.json'): DecoderConfig {
-  const modelType = json.model_type;
-  if (modelType !== undefined && modelType !== 'gpt2') {
-    throw new ModelLoadError('ERR_MODEL_ARCHITECTURE', `${file}: model_type '${String(modelType)}' is not supported (the sharded decoder runs GPT-2's architecture)`, { file });
+/** A resolved config: every default filled in. */
+export type ResolvedDecoderConfig = ReturnType<typeof checkDecoderConfig>;
+
+function fromGpt2(json: Record<string, unknown>): DecoderConfig {
+  const hiddenSize = json.n_embd as number;
+  return {
+    architecture: 'gpt2',
+    vocabSize: json.vocab_size as number,
+    hiddenSize,
+    numLayers: json.n_layer as number,
+    numHeads: json.n_head as number,
+    intermediateSize: (json.n_inner as number | null | undefined) ?? (typeof hiddenSize === 'number' ? 4 * hiddenSize : NaN),
+    maxPositions: json.n_positions as number,
+    layerNormEpsilon: (json.layer_norm_epsilon as number | undefined) ?? 1e-5,
+  };
+}
+
+function fromLlama(json: Record<string, unknown>, file: string): DecoderConfig {
+  const scaling = json.rope_scaling as Record<string, unknown> | null | undefined;
+  let ropeScaling: DecoderConfig['ropeScaling'];
+  if (scaling) {
+    const type = scaling.rope_type ?? scaling.type;
+    if (type !== 'llama3') throw new ModelLoadError('ERR_MODEL_CONFIG', `${file}: rope_scaling of type '${String(type)}' is not supported (only 'llama3')`, { file });
+    ropeScaling = {
+      type: 'llama3',
+      factor: scaling.factor as number,
+      lowFrequencyFactor: scaling.low_freq_factor as number,
+      highFrequencyFactor: scaling.high_freq_factor as number,
+      originalMaxPositions: scaling.original_max_position_embeddings as number,
+    };
   }
-  const hiddenSize = json.n_embd ?? json.hidden_size;
+  const sliding = json.use_sliding_window === true ? (json.sliding_window as number | null | undefined) : json.model_type === 'mistral' ? (json.sliding_window as number | null | undefined) : undefined;
+  if (typeof sliding === 'number' && sliding < (json.max_position_embeddings as number)) {
+    throw new ModelLoadError('ERR_MODEL_ARCHITECTURE', `${file}: sliding-window attention (window ${sliding}) is not supported`, { file });
+  }
+  return {
+    architecture: 'llama',
+    vocabSize: json.vocab_size as number,
+    hiddenSize: json.hidden_size as number,
+    numLayers: json.num_hidden_layers as number,
+    numHeads: json.num_attention_heads as number,
+    numKeyValueHeads: (json.num_key_value_heads as number | undefined) ?? (json.num_attention_heads as number),
+    ...(json.head_dim !== undefined && json.head_dim !== null ? { headSize: json.head_dim as number } : {}),
+    intermediateSize: json.intermediate_size as number,
+    maxPositions: json.max_position_embeddings as number,
+    layerNormEpsilon: (json.rms_norm_eps as number | undefined) ?? 1e-6,
+    ropeTheta: (json.rope_theta as number | undefined) ?? 10000,
+    tieWordEmbeddings: (json.tie_word_embeddings as boolean | undefined) ?? false,
+    ...(ropeScaling ? { ropeScaling } : {}),
+  };
+}
+
+/** A Hugging Face config.json as a DecoderConfig: GPT-2, or the Llama layout (llama, mistral without a window, qwen2). */
+export function configFromHuggingFace(json: Record<string, unknown>, file = 'config.json'): ResolvedDecoderConfig {
+  const modelType = json.model_type ?? 'gpt2';
+  let config: DecoderConfig;
+  if (modelType === 'gpt2') config = fromGpt2(json);
+  else if (modelType === 'llama' || modelType === 'mistral' || modelType === 'qwen2') config = fromLlama(json, file);
+  else throw new ModelLoadError('ERR_MODEL_ARCHITECTURE', `${file}: model_type '${String(modelType)}' is not supported (gpt2, llama, mistral, qwen2)`, { file });
   try {
-    return checkDecoderConfig({
-      vocabSize: json.vocab_size,
-      hiddenSize,
-      numLayers: json.n_layer ?? json.num_hidden_layers,
-      numHeads: json.n_head ?? json.num_attention_heads,
-      intermediateSize: json.n_inner ?? (typeof hiddenSize === 'number' ? 4 * hiddenSize : undefined),
-      maxPositions: json.n_positions ?? json.max_position_embeddings,
-      layerNormEpsilon: json.layer_norm_epsilon ?? 1e-5,
-    });
+    return checkDecoderConfig(config);
   } catch (error) {
     throw new ModelLoadError('ERR_MODEL_CONFIG', `${file}: ${(error as Error).message}`, { file });
   }
@@ -76,7 +182,7 @@ export function configFromHuggingFace(json: Record<string, unknown>, file = 'con
  * The config beside a checkpoint: config.json in the checkpoint's directory (or in the directory
  * given). Undefined when there is none.
  */
-export function readCheckpointConfig(checkpoint: string): DecoderConfig | undefined {
+export function readCheckpointConfig(checkpoint: string): ResolvedDecoderConfig | undefined {
   const directory = existsSync(checkpoint) && statSync(checkpoint).isDirectory() ? checkpoint : dirname(checkpoint);
   const file = join(directory, 'config.json');
   if (!existsSync(file)) return undefined;
@@ -88,4 +194,27 @@ export function readCheckpointConfig(checkpoint: string): DecoderConfig | undefi
   }
   if (typeof json !== 'object' || json === null) throw new ModelLoadError('ERR_MODEL_CONFIG', `${file} does not hold an object`, { file });
   return configFromHuggingFace(json as Record<string, unknown>, file);
+}
+
+/** The rotary inverse frequencies of a head (headSize / 2 of them), Llama 3's scaling applied. */
+export function rotaryInverseFrequencies(config: ResolvedDecoderConfig): Float32Array {
+  const half = config.headSize / 2;
+  const frequencies = new Float32Array(half);
+  const scaling = config.ropeScaling;
+  for (let index = 0; index < half; index++) {
+    let frequency = 1 / config.ropeTheta ** ((2 * index) / config.headSize);
+    if (scaling) {
+      // Long wavelengths are slowed by the factor, short ones kept, those between blended.
+      const wavelength = (2 * Math.PI) / frequency;
+      const lowWavelength = scaling.originalMaxPositions / scaling.lowFrequencyFactor;
+      const highWavelength = scaling.originalMaxPositions / scaling.highFrequencyFactor;
+      if (wavelength > lowWavelength) frequency /= scaling.factor;
+      else if (wavelength >= highWavelength) {
+        const smooth = (scaling.originalMaxPositions / wavelength - scaling.lowFrequencyFactor) / (scaling.highFrequencyFactor - scaling.lowFrequencyFactor);
+        frequency = (1 - smooth) * (frequency / scaling.factor) + smooth * frequency;
+      }
+    }
+    frequencies[index] = frequency;
+  }
+  return frequencies;
 }

@@ -4,8 +4,8 @@
  *
  * Arguments are checked here, so a mistake is reported with the caller's names before the addon
  * is reached; the addon checks them again, as it must never trust numbers it indexes memory with.
- * `out` may not overlap an input (layerNorm's out may be x itself); arrays may be longer than the
- * dimensions need, and may be subarrays.
+ * `out` may not overlap an input (layerNorm's and rmsNorm's out may be x itself, siluMultiply's may
+ * be gate itself); arrays may be longer than the dimensions need, and may be subarrays.
  */
 import { types } from 'node:util';
 import { InvalidArgumentError } from '../errors.js';
@@ -22,6 +22,10 @@ function describe(value: unknown): string {
 function requireFloats(kernel: string, name: string, value: unknown): asserts value is Float32Array {
   // util.types rather than instanceof: an array made in another realm is still a Float32Array.
   if (!types.isFloat32Array(value)) throw new InvalidArgumentError(`${kernel}: ${name} must be a Float32Array, got ${describe(value)}`);
+}
+
+function requireInts(kernel: string, name: string, value: unknown): asserts value is Int32Array {
+  if (!types.isInt32Array(value)) throw new InvalidArgumentError(`${kernel}: ${name} must be an Int32Array, got ${describe(value)}`);
 }
 
 function requireDimension(kernel: string, name: string, value: unknown, minimum: 0 | 1): asserts value is number {
@@ -43,12 +47,26 @@ function requireLength(kernel: string, name: string, array: Float32Array, needed
   }
 }
 
-/** Writing out while an overlapping input is still being read would corrupt the input. */
-function requireDisjoint(kernel: string, out: Float32Array, outUsed: number, input: Float32Array, inputUsed: number, inputName: string): void {
+function requireEpsilon(kernel: string, eps: unknown): asserts eps is number {
+  if (typeof eps !== 'number' || !Number.isFinite(eps) || eps < 0) {
+    throw new InvalidArgumentError(`${kernel}: eps must be a finite number >= 0, got ${describe(eps)}`);
+  }
+}
+
+/** Writing out while an overlapping input is still being read would corrupt the input. Both hold 4-byte elements. */
+function requireDisjoint(
+  kernel: string,
+  out: Float32Array,
+  outUsed: number,
+  input: Float32Array | Int32Array,
+  inputUsed: number,
+  inputName: string,
+  outName = 'out',
+): void {
   if (out.buffer !== input.buffer || outUsed === 0 || inputUsed === 0) return;
   const outEnd = out.byteOffset + outUsed * 4;
   const inputEnd = input.byteOffset + inputUsed * 4;
-  if (out.byteOffset < inputEnd && input.byteOffset < outEnd) throw new InvalidArgumentError(`${kernel}: out must not overlap ${inputName}`);
+  if (out.byteOffset < inputEnd && input.byteOffset < outEnd) throw new InvalidArgumentError(`${kernel}: ${outName} must not overlap ${inputName}`);
 }
 
 /** out[m,n] = x[m,k] · weight[n,k]ᵀ + bias[n] (bias optional: null). weight is stored as PyTorch's Linear stores it: [out features, in features]. */
@@ -83,9 +101,7 @@ export function layerNorm(out: Float32Array, x: Float32Array, gamma: Float32Arra
   requireFloats(kernel, 'beta', beta);
   requireDimension(kernel, 'rows', rows, 1);
   requireDimension(kernel, 'cols', cols, 1);
-  if (typeof eps !== 'number' || !Number.isFinite(eps) || eps < 0) {
-    throw new InvalidArgumentError(`${kernel}: eps must be a finite number >= 0, got ${describe(eps)}`);
-  }
+  requireEpsilon(kernel, eps);
   const size = product(kernel, 'rows * cols', rows, cols);
   const formula = `rows * cols = ${rows} * ${cols}`;
   requireLength(kernel, 'out', out, size, formula);
@@ -105,10 +121,78 @@ export function gelu(x: Float32Array): void {
   native.kernels.gelu(x);
 }
 
+/** Per row of `cols`: x / sqrt(mean(x^2) + eps) * gamma (Llama's RMSNorm; the mean in f64). out may be x itself. */
+export function rmsNorm(out: Float32Array, x: Float32Array, gamma: Float32Array, rows: number, cols: number, eps: number): void {
+  const kernel = 'rmsNorm';
+  requireFloats(kernel, 'out', out);
+  requireFloats(kernel, 'x', x);
+  requireFloats(kernel, 'gamma', gamma);
+  requireDimension(kernel, 'rows', rows, 1);
+  requireDimension(kernel, 'cols', cols, 1);
+  requireEpsilon(kernel, eps);
+  const size = product(kernel, 'rows * cols', rows, cols);
+  const formula = `rows * cols = ${rows} * ${cols}`;
+  requireLength(kernel, 'out', out, size, formula);
+  requireLength(kernel, 'x', x, size, formula);
+  requireLength(kernel, 'gamma', gamma, cols, 'cols');
+  const inPlace = out.buffer === x.buffer && out.byteOffset === x.byteOffset;
+  if (!inPlace) requireDisjoint(kernel, out, size, x, size, 'x (unless it is x itself)');
+  requireDisjoint(kernel, out, size, gamma, cols, 'gamma');
+  native.kernels.rmsNorm(out, x, gamma, rows, cols, eps);
+}
+
 /**
- * Causal self-attention of one sequence against its key/value cache.
- * q: [queries, heads, headDim]; keys and values: [rows >= past + queries, heads, headDim] of which the first past + queries rows are valid;
- * out: [queries, heads, headDim]. Query i sits at position past + i and attends to positions 0..past+i, scale 1/sqrt(headDim), softmax in f32 with max subtraction.
+ * out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i], the gated MLP of Llama-family decoders, over whole arrays of one
+ * length. out may be gate itself.
+ */
+export function siluMultiply(out: Float32Array, gate: Float32Array, up: Float32Array): void {
+  const kernel = 'siluMultiply';
+  requireFloats(kernel, 'out', out);
+  requireFloats(kernel, 'gate', gate);
+  requireFloats(kernel, 'up', up);
+  // The arrays carry the size, so a length that differs is a mistake rather than spare room.
+  for (const [name, array] of [['gate', gate], ['up', up]] as const) {
+    if (array.length !== out.length) throw new InvalidArgumentError(`${kernel}: ${name} must have the length of out (${out.length}), got ${array.length}`);
+  }
+  const inPlace = out.buffer === gate.buffer && out.byteOffset === gate.byteOffset;
+  if (!inPlace) requireDisjoint(kernel, out, out.length, gate, gate.length, 'gate (unless it is gate itself)');
+  requireDisjoint(kernel, out, out.length, up, up.length, 'up');
+  native.kernels.siluMultiply(out, gate, up);
+}
+
+/**
+ * In place, rotary position embedding (RoPE) of x: [rows, heads, headDim], in Hugging Face's rotate_half pairing (Llama): for i < headDim / 2,
+ * element i of each head turns with element i + headDim / 2 by the angle positions[row] * inverseFrequencies[i]:
+ * (a, b) -> (a cos - b sin, b cos + a sin). The angle and its cos/sin are computed in f64, so large positions lose no precision.
+ * positions: Int32Array of >= rows positions, each >= 0; inverseFrequencies: >= headDim / 2 floats; headDim even.
+ */
+export function rotary(x: Float32Array, positions: Int32Array, inverseFrequencies: Float32Array, rows: number, heads: number, headDim: number): void {
+  const kernel = 'rotary';
+  requireFloats(kernel, 'x', x);
+  requireInts(kernel, 'positions', positions);
+  requireFloats(kernel, 'inverseFrequencies', inverseFrequencies);
+  requireDimension(kernel, 'rows', rows, 1);
+  requireDimension(kernel, 'heads', heads, 1);
+  requireDimension(kernel, 'headDim', headDim, 1);
+  if (headDim % 2 !== 0) throw new InvalidArgumentError(`${kernel}: headDim must be even, got ${headDim}`);
+  const half = headDim / 2;
+  const size = product(kernel, 'rows * heads * headDim', rows, heads, headDim);
+  requireLength(kernel, 'x', x, size, `rows * heads * headDim = ${rows} * ${heads} * ${headDim}`);
+  if (positions.length < rows) throw new InvalidArgumentError(`${kernel}: positions must hold at least rows = ${rows} integers, got ${positions.length}`);
+  requireLength(kernel, 'inverseFrequencies', inverseFrequencies, half, 'headDim / 2');
+  for (let row = 0; row < rows; row++) {
+    if (positions[row] < 0) throw new InvalidArgumentError(`${kernel}: positions[${row}] must be >= 0, got ${positions[row]}`);
+  }
+  requireDisjoint(kernel, x, size, positions, rows, 'positions', 'x');
+  requireDisjoint(kernel, x, size, inverseFrequencies, half, 'inverseFrequencies', 'x');
+  native.kernels.rotary(x, positions, inverseFrequencies, rows, heads, headDim);
+}
+
+/**
+ * Causal self-attention of one sequence against its key/value cache, with grouped-query attention when kvHeads < heads.
+ * q: [queries, heads, headDim]; keys and values: [rows >= past + queries, kvHeads, headDim] of which the first past + queries rows are valid;
+ * out: [queries, heads, headDim]. heads must be a multiple of kvHeads; query head h reads kv head floor(h / (heads / kvHeads)).
+ * Query i sits at position past + i and attends to positions 0..past+i, scale 1/sqrt(headDim), softmax in f32 with max subtraction.
  */
 export function attention(
   out: Float32Array,
@@ -119,6 +203,7 @@ export function attention(
   past: number,
   heads: number,
   headDim: number,
+  kvHeads = heads,
 ): void {
   const kernel = 'attention';
   requireFloats(kernel, 'out', out);
@@ -129,16 +214,19 @@ export function attention(
   requireDimension(kernel, 'past', past, 0);
   requireDimension(kernel, 'heads', heads, 1);
   requireDimension(kernel, 'headDim', headDim, 1);
+  requireDimension(kernel, 'kvHeads', kvHeads, 1);
+  if (heads % kvHeads !== 0) throw new InvalidArgumentError(`${kernel}: heads must be a multiple of kvHeads, got heads ${heads} and kvHeads ${kvHeads}`);
   const positions = past + queries;
   const querySize = product(kernel, 'queries * heads * headDim', queries, heads, headDim);
-  const cacheSize = product(kernel, '(past + queries) * heads * headDim', positions, heads, headDim);
+  const cacheSize = product(kernel, '(past + queries) * kvHeads * headDim', positions, kvHeads, headDim);
   product(kernel, 'queries * (past + queries)', queries, positions);
+  product(kernel, 'heads / kvHeads * (past + queries)', heads / kvHeads, positions);
   requireLength(kernel, 'out', out, querySize, `queries * heads * headDim = ${queries} * ${heads} * ${headDim}`);
   requireLength(kernel, 'q', q, querySize, `queries * heads * headDim = ${queries} * ${heads} * ${headDim}`);
-  requireLength(kernel, 'keys', keys, cacheSize, `(past + queries) * heads * headDim = ${positions} * ${heads} * ${headDim}`);
-  requireLength(kernel, 'values', values, cacheSize, `(past + queries) * heads * headDim = ${positions} * ${heads} * ${headDim}`);
+  requireLength(kernel, 'keys', keys, cacheSize, `(past + queries) * kvHeads * headDim = ${positions} * ${kvHeads} * ${headDim}`);
+  requireLength(kernel, 'values', values, cacheSize, `(past + queries) * kvHeads * headDim = ${positions} * ${kvHeads} * ${headDim}`);
   requireDisjoint(kernel, out, querySize, q, querySize, 'q');
   requireDisjoint(kernel, out, querySize, keys, cacheSize, 'keys');
   requireDisjoint(kernel, out, querySize, values, cacheSize, 'values');
-  native.kernels.attention(out, q, keys, values, queries, past, heads, headDim);
+  native.kernels.attention(out, q, keys, values, queries, past, heads, headDim, kvHeads);
 }

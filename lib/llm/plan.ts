@@ -2,13 +2,13 @@
  * How a decoder is cut across tensorParallel × pipelineParallel ranks (Megatron's layout):
  * - Pipeline: consecutive layers per stage, as even as the count allows; the first stage also
  *   embeds the tokens, the last applies the final norm and the head.
- * - Tensor: in each block, attention heads and the MLP's inner columns are split across the
- *   stage's ranks. The first matrix of each pair is cut by output (column-parallel), the second
+ * - Tensor: in each block, attention heads (query and key/value heads alike) and the MLP's
+ *   inner columns are split across the stage's ranks. The first matrix of each pair is cut by output (column-parallel), the second
  *   by input (row-parallel), so a block needs one allreduce after attention and one after the MLP.
  * - The head is cut by vocabulary rows; the last stage's ranks gather their logits.
  */
 import { InvalidArgumentError } from '../errors.js';
-import type { DecoderConfig } from './config.js';
+import { checkDecoderConfig, type DecoderConfig } from './config.js';
 
 export interface ParallelismOptions {
   /** Ranks that split each layer (default 1). */
@@ -31,6 +31,7 @@ export interface ShardingPlan {
   pipelineParallel: number;
   stages: StagePlan[];
   headsPerRank: number;
+  keyValueHeadsPerRank: number;
   headSize: number;
   intermediatePerRank: number;
   /** Vocabulary rows of the head per rank; the last rank's slice may be shorter (padded in the gather). */
@@ -45,11 +46,15 @@ function checkCount(value: unknown, what: string): number {
   return value;
 }
 
-export function planSharding(config: DecoderConfig, options: ParallelismOptions = {}): ShardingPlan {
+export function planSharding(decoder: DecoderConfig, options: ParallelismOptions = {}): ShardingPlan {
+  const config = checkDecoderConfig(decoder);
   const tensorParallel = checkCount(options.tensorParallel, 'tensorParallel');
   const pipelineParallel = checkCount(options.pipelineParallel, 'pipelineParallel');
   if (config.numHeads % tensorParallel !== 0) {
     throw new InvalidArgumentError(`tensorParallel ${tensorParallel} does not divide the model's ${config.numHeads} attention heads`, 'ERR_PARALLELISM');
+  }
+  if (config.numKeyValueHeads % tensorParallel !== 0) {
+    throw new InvalidArgumentError(`tensorParallel ${tensorParallel} does not divide the model's ${config.numKeyValueHeads} key/value heads`, 'ERR_PARALLELISM');
   }
   if (config.intermediateSize % tensorParallel !== 0) {
     throw new InvalidArgumentError(`tensorParallel ${tensorParallel} does not divide the model's MLP width ${config.intermediateSize}`, 'ERR_PARALLELISM');
@@ -73,7 +78,8 @@ export function planSharding(config: DecoderConfig, options: ParallelismOptions 
     pipelineParallel,
     stages,
     headsPerRank: config.numHeads / tensorParallel,
-    headSize: config.hiddenSize / config.numHeads,
+    keyValueHeadsPerRank: config.numKeyValueHeads / tensorParallel,
+    headSize: config.headSize,
     intermediatePerRank: config.intermediateSize / tensorParallel,
     vocabularyPerRank: Math.ceil(config.vocabSize / tensorParallel),
   };

@@ -15,11 +15,12 @@ import { newObjectId } from '../store/object-id.js';
 import { createCollectiveGroup, type CollectiveGroup } from '../gpu/collective.js';
 import { InputNode, MultiOutputNode, type DAGNode } from '../dag/nodes.js';
 import type { CompiledGraph } from '../dag/compiled-graph.js';
-import { checkDecoderConfig, readCheckpointConfig, type DecoderConfig } from './config.js';
+import { checkDecoderConfig, readCheckpointConfig, type DecoderConfig, type ResolvedDecoderConfig } from './config.js';
 import { planSharding, type ParallelismOptions, type ShardingPlan } from './plan.js';
 import { Checkpoint } from './safetensors.js';
 import { checkSampling, type SamplingParameters } from './sampling.js';
-import { checkCheckpoint, type StepMessage, type StepResult, type StepSequence } from './shard.js';
+import type { StepMessage, StepResult, StepSequence } from './shard.js';
+import { checkCheckpoint } from './weights.js';
 import { RemoteShardWorker, type ShardWorker } from './shard-worker.js';
 
 export interface ModelReplicaOptions extends ParallelismOptions {
@@ -88,7 +89,7 @@ function positiveInteger(value: unknown, what: string, fallback: number): number
 }
 
 export class ModelReplica {
-  readonly config: DecoderConfig;
+  readonly config: ResolvedDecoderConfig;
   readonly plan: ShardingPlan;
   readonly #workers: Array<Array<ActorHandle<ShardWorker>>>;
   readonly #groups: CollectiveGroup[];
@@ -110,7 +111,7 @@ export class ModelReplica {
   #closed: Promise<void> | undefined;
 
   private constructor(parts: {
-    config: DecoderConfig;
+    config: ResolvedDecoderConfig;
     plan: ShardingPlan;
     workers: Array<Array<ActorHandle<ShardWorker>>>;
     groups: CollectiveGroup[];

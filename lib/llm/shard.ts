@@ -1,17 +1,18 @@
 /**
- * One rank of a sharded decoder: the weights of its stage's layers cut for its place in the
- * stage's tensor-parallel group, the key/value cache of every sequence it has seen, and the
- * forward pass of one step over many sequences at once. Sequences are packed end to end (no
+ * One rank of a sharded decoder (lib/llm/weights.ts says which weights it holds), the key/value
+ * cache of every sequence it has seen, and the forward pass of one step over many sequences at
+ * once. Sequences are packed end to end (no
  * padding): a step may mix prompts being read whole with sequences generating one token each.
  */
-import { InvalidArgumentError, ModelLoadError } from '../errors.js';
+import { InvalidArgumentError } from '../errors.js';
 import type { Communicator } from '../gpu/communicator.js';
 import { Tensor } from '../gpu/tensor.js';
-import type { DecoderConfig } from './config.js';
-import { attention, gelu, layerNorm, linear } from './kernels.js';
+import { checkDecoderConfig, rotaryInverseFrequencies, type DecoderConfig, type ResolvedDecoderConfig } from './config.js';
+import { attention, gelu, layerNorm, linear, rmsNorm, rotary, siluMultiply } from './kernels.js';
 import type { ShardingPlan } from './plan.js';
 import { Checkpoint } from './safetensors.js';
 import { pickToken, type SamplingParameters } from './sampling.js';
+import { loadShardWeights, type LayerWeights, type NormWeights, type ShardWeights } from './weights.js';
 
 /** A sequence's part in one step: `count` new tokens after the `past` it has already read. */
 export interface StepSequence {
@@ -51,30 +52,7 @@ export interface ShardSpec {
   rank: number;
 }
 
-interface LayerWeights {
-  attentionNorm: [gamma: Float32Array, beta: Float32Array];
-  /** This rank's query, key and value heads, [3 × heads × headSize, hidden]. */
-  qkvWeight: Float32Array;
-  qkvBias: Float32Array;
-  /** Row-parallel: [hidden, heads × headSize]; its bias is added once, after the allreduce. */
-  projectionWeight: Float32Array;
-  projectionBias: Float32Array;
-  mlpNorm: [gamma: Float32Array, beta: Float32Array];
-  upWeight: Float32Array;
-  upBias: Float32Array;
-  downWeight: Float32Array;
-  downBias: Float32Array;
-}
-
-interface ShardWeights {
-  layers: LayerWeights[];
-  tokenEmbedding?: Float32Array;
-  positionEmbedding?: Float32Array;
-  finalNorm?: [Float32Array, Float32Array];
-  head?: Float32Array;
-}
-
-/** One sequence's keys and values for each of this shard's layers, [capacity, heads, headSize]. */
+/** One sequence's keys and values for each of this shard's layers, [capacity, kvHeads, headSize]. */
 interface SequenceCache {
   length: number;
   capacity: number;
@@ -82,151 +60,42 @@ interface SequenceCache {
   values: Float32Array[];
 }
 
-/** GPT-2 stores its matrices as Conv1D, [in, out]; the kernels take Linear's [out, in]. */
-function transpose(matrix: Float32Array, rows: number, columns: number): Float32Array {
-  const result = new Float32Array(matrix.length);
-  for (let row = 0; row < rows; row++) {
-    for (let column = 0; column < columns; column++) result[column * rows + row] = matrix[row * columns + column];
-  }
-  return result;
-}
-
-/** Names in GPT2LMHeadModel checkpoints carry 'transformer.'; GPT2Model's do not. */
-function namePrefix(checkpoint: Checkpoint): string {
-  if (checkpoint.has('transformer.wte.weight')) return 'transformer.';
-  if (checkpoint.has('wte.weight')) return '';
-  throw new ModelLoadError('ERR_TENSOR_NOT_FOUND', 'the checkpoint has no token embedding (wte.weight or transformer.wte.weight): is it a GPT-2 checkpoint?', { tensor: 'wte.weight' });
-}
-
-/** Every tensor a GPT-2 decoder of `config` reads, with its shape in the checkpoint (Conv1D: [in, out]). */
-function expectedTensors(config: DecoderConfig): Array<[name: string, shape: number[]]> {
-  const hidden = config.hiddenSize;
-  const inner = config.intermediateSize;
-  const tensors: Array<[string, number[]]> = [['wte.weight', [config.vocabSize, hidden]], ['wpe.weight', [config.maxPositions, hidden]]];
-  for (let layer = 0; layer < config.numLayers; layer++) {
-    const base = `h.${layer}.`;
-    tensors.push(
-      [`${base}ln_1.weight`, [hidden]], [`${base}ln_1.bias`, [hidden]],
-      [`${base}attn.c_attn.weight`, [hidden, 3 * hidden]], [`${base}attn.c_attn.bias`, [3 * hidden]],
-      [`${base}attn.c_proj.weight`, [hidden, hidden]], [`${base}attn.c_proj.bias`, [hidden]],
-      [`${base}ln_2.weight`, [hidden]], [`${base}ln_2.bias`, [hidden]],
-      [`${base}mlp.c_fc.weight`, [hidden, inner]], [`${base}mlp.c_fc.bias`, [inner]],
-      [`${base}mlp.c_proj.weight`, [inner, hidden]], [`${base}mlp.c_proj.bias`, [hidden]],
-    );
-  }
-  tensors.push(['ln_f.weight', [hidden]], ['ln_f.bias', [hidden]]);
-  return tensors;
-}
-
-/**
- * Checks that the checkpoint holds every tensor of `config`'s decoder in the shape the config
- * implies, before any rank reads it; returns the prefix its names carry.
- */
-export function checkCheckpoint(checkpoint: Checkpoint, config: DecoderConfig): string {
-  const prefix = namePrefix(checkpoint);
-  const tensors = expectedTensors(config);
-  if (checkpoint.has('lm_head.weight')) tensors.push(['lm_head.weight', [config.vocabSize, config.hiddenSize]]);
-  for (const [name, shape] of tensors) {
-    const full = name === 'lm_head.weight' ? name : prefix + name;
-    const info = checkpoint.info(full);
-    if (info.shape.length !== shape.length || info.shape.some((size: number, axis: number) => size !== shape[axis])) {
-      throw new ModelLoadError('ERR_MODEL_SHAPE', `${full} has shape [${info.shape}], the config says [${shape}]`, { file: info.file, tensor: full });
-    }
-  }
-  return prefix;
-}
-
 export class DecoderShard {
   readonly spec: ShardSpec;
+  readonly config: ResolvedDecoderConfig;
   readonly #communicator: Communicator | undefined;
-  readonly #layers: LayerWeights[];
-  readonly #tokenEmbedding: Float32Array | undefined;
-  readonly #positionEmbedding: Float32Array | undefined;
-  readonly #finalNorm: [Float32Array, Float32Array] | undefined;
-  /** This rank's rows of the head, [vocabularyPerRank, hidden], zero past the vocabulary's end. */
-  readonly #head: Float32Array | undefined;
+  readonly #weights: ShardWeights;
+  readonly #inverseFrequencies: Float32Array | undefined;
   readonly #caches = new Map<number, SequenceCache>();
   /** Bytes of weights this rank holds. */
   readonly weightBytes: number;
 
-  private constructor(spec: ShardSpec, communicator: Communicator | undefined, weights: ShardWeights) {
+  private constructor(spec: ShardSpec, config: ResolvedDecoderConfig, communicator: Communicator | undefined, weights: ShardWeights) {
     this.spec = spec;
+    this.config = config;
     this.#communicator = communicator;
-    this.#layers = weights.layers;
-    this.#tokenEmbedding = weights.tokenEmbedding;
-    this.#positionEmbedding = weights.positionEmbedding;
-    this.#finalNorm = weights.finalNorm;
-    this.#head = weights.head;
-    let bytes = 0;
-    for (const layer of weights.layers) {
-      for (const value of Object.values(layer)) bytes += Array.isArray(value) ? value[0].byteLength + value[1].byteLength : (value as Float32Array).byteLength;
-    }
-    for (const array of [weights.tokenEmbedding, weights.positionEmbedding, weights.head, ...(weights.finalNorm ?? [])]) bytes += array?.byteLength ?? 0;
-    this.weightBytes = bytes;
+    this.#weights = weights;
+    this.#inverseFrequencies = config.architecture === 'llama' ? rotaryInverseFrequencies(config) : undefined;
+    const arrays = (value: unknown): Float32Array[] => {
+      if (value instanceof Float32Array) return [value];
+      if (Array.isArray(value)) return value.flatMap(arrays);
+      if (typeof value === 'object' && value !== null) return Object.values(value).flatMap(arrays);
+      return [];
+    };
+    this.weightBytes = arrays(weights).reduce((sum, array) => sum + array.byteLength, 0);
   }
 
   /** Reads this rank's slices of the checkpoint (only the bytes it needs). */
   static async load(spec: ShardSpec, communicator?: Communicator): Promise<DecoderShard> {
-    const { config, plan, rank } = spec;
-    const stage = plan.stages[spec.stage];
-    if (!stage) throw new InvalidArgumentError(`stage ${spec.stage} is not in the plan's ${plan.stages.length} stages`);
+    const { plan, rank } = spec;
+    const config = checkDecoderConfig(spec.config);
+    if (!plan.stages[spec.stage]) throw new InvalidArgumentError(`stage ${spec.stage} is not in the plan's ${plan.stages.length} stages`);
     if (!(rank >= 0 && rank < plan.tensorParallel)) throw new InvalidArgumentError(`rank ${rank} is not in the stage's ${plan.tensorParallel} ranks`);
     if (plan.tensorParallel > 1 && communicator?.size !== plan.tensorParallel) {
       throw new InvalidArgumentError(`tensor parallelism ${plan.tensorParallel} needs a communicator of that size, got ${communicator ? communicator.size : 'none'}`);
     }
     await using checkpoint = await Checkpoint.open(spec.checkpoint);
-    const prefix = checkCheckpoint(checkpoint, config);
-    const hidden = config.hiddenSize;
-    const width = plan.headsPerRank * plan.headSize;
-    const inner = plan.intermediatePerRank;
-    const read = (name: string, slice?: { rows?: [number, number]; columns?: [number, number] }) => checkpoint.readFloat32(prefix + name, slice);
-    const norm = async (name: string): Promise<[Float32Array, Float32Array]> => [await read(`${name}.weight`), await read(`${name}.bias`)];
-    const layers: LayerWeights[] = [];
-    for (let layer = stage.firstLayer; layer < stage.endLayer; layer++) {
-      const base = `h.${layer}.`;
-      const qkvWeight = new Float32Array(3 * width * hidden);
-      const qkvBias = new Float32Array(3 * width);
-      const fullBias = await read(`${base}attn.c_attn.bias`);
-      for (let part = 0; part < 3; part++) {
-        // Query, key and value sit side by side in c_attn's columns: this rank's heads of each.
-        const first = part * hidden + rank * width;
-        const columns = await read(`${base}attn.c_attn.weight`, { columns: [first, first + width] });
-        qkvWeight.set(transpose(columns, hidden, width), part * width * hidden);
-        qkvBias.set(fullBias.subarray(first, first + width), part * width);
-      }
-      const projectionRows = await read(`${base}attn.c_proj.weight`, { rows: [rank * width, (rank + 1) * width] });
-      const upColumns = await read(`${base}mlp.c_fc.weight`, { columns: [rank * inner, (rank + 1) * inner] });
-      const upBias = (await read(`${base}mlp.c_fc.bias`)).slice(rank * inner, (rank + 1) * inner);
-      const downRows = await read(`${base}mlp.c_proj.weight`, { rows: [rank * inner, (rank + 1) * inner] });
-      layers.push({
-        attentionNorm: await norm(`${base}ln_1`),
-        qkvWeight,
-        qkvBias,
-        projectionWeight: transpose(projectionRows, width, hidden),
-        projectionBias: await read(`${base}attn.c_proj.bias`),
-        mlpNorm: await norm(`${base}ln_2`),
-        upWeight: transpose(upColumns, hidden, inner),
-        upBias,
-        downWeight: transpose(downRows, inner, hidden),
-        downBias: await read(`${base}mlp.c_proj.bias`),
-      });
-    }
-    const weights: ShardWeights = { layers };
-    if (stage.embeds) {
-      weights.tokenEmbedding = await read('wte.weight');
-      weights.positionEmbedding = await read('wpe.weight');
-    }
-    if (stage.hasHead) {
-      weights.finalNorm = await norm('ln_f');
-      const first = rank * plan.vocabularyPerRank;
-      const end = Math.min(config.vocabSize, first + plan.vocabularyPerRank);
-      const head = new Float32Array(plan.vocabularyPerRank * hidden);
-      // An untied head (lm_head.weight, [vocab, hidden]) wins over the tied embedding.
-      const headName = checkpoint.has('lm_head.weight') ? 'lm_head.weight' : `${prefix}wte.weight`;
-      if (end > first) head.set(await checkpoint.readFloat32(headName, { rows: [first, end] }));
-      weights.head = head;
-    }
-    return new DecoderShard(spec, communicator, weights);
+    return new DecoderShard(spec, config, communicator, await loadShardWeights(checkpoint, config, plan, spec.stage, rank));
   }
 
   /** Sequences whose keys and values this rank holds. */
@@ -236,8 +105,8 @@ export class DecoderShard {
 
   /** One step of this stage: the next stage's message, or on the last stage the next tokens. */
   async forward(message: StepMessage): Promise<StepMessage | StepResult> {
-    const { config, plan } = this.spec;
-    const stage = plan.stages[this.spec.stage];
+    const { config } = this;
+    const stage = this.spec.plan.stages[this.spec.stage];
     for (const id of message.released) this.#caches.delete(id);
     if (message.sequences.length === 0) {
       // A step that only releases caches still passes through every stage.
@@ -261,7 +130,10 @@ export class DecoderShard {
       throw new InvalidArgumentError(`step ${message.step}: stage ${stage.index} needs hidden states of ${total} × ${hiddenSize}, got ${hidden?.length ?? 'none'}`);
     }
     for (const sequence of message.sequences) this.#reserve(sequence.id, sequence.past + sequence.count);
-    for (let layer = 0; layer < this.#layers.length; layer++) await this.#block(layer, hidden, message.sequences, total);
+    const positions = new Int32Array(total);
+    let row = 0;
+    for (const sequence of message.sequences) for (let index = 0; index < sequence.count; index++) positions[row++] = sequence.past + index;
+    for (let layer = 0; layer < this.#weights.layers.length; layer++) await this.#block(layer, hidden, message.sequences, positions);
     for (const sequence of message.sequences) this.#caches.get(sequence.id)!.length = sequence.past + sequence.count;
     if (!stage.hasHead) return { step: message.step, sequences: message.sequences, released: message.released, hidden, ...(message.logits ? { logits: true } : {}) };
     const all = message.logits ? new Float32Array(message.sequences.length * config.vocabSize) : undefined;
@@ -269,13 +141,15 @@ export class DecoderShard {
   }
 
   #embed(message: StepMessage, total: number): Float32Array {
-    const { config } = this.spec;
+    const { config } = this;
     const tokens = message.tokens;
     if (!(tokens instanceof Int32Array) || tokens.length !== total) {
       throw new InvalidArgumentError(`step ${message.step}: the first stage needs ${total} tokens as an Int32Array, got ${tokens?.length ?? 'none'}`);
     }
     const size = config.hiddenSize;
     const hidden = new Float32Array(total * size);
+    const table = this.#weights.tokenEmbedding!;
+    const positions = this.#weights.positionEmbedding;
     let row = 0;
     for (const sequence of message.sequences) {
       for (let index = 0; index < sequence.count; index++, row++) {
@@ -283,11 +157,13 @@ export class DecoderShard {
         if (!(token >= 0 && token < config.vocabSize)) {
           throw new InvalidArgumentError(`sequence ${sequence.id}: token ${token} is outside the vocabulary of ${config.vocabSize}`, 'ERR_TOKEN');
         }
-        const position = sequence.past + index;
         const out = hidden.subarray(row * size, (row + 1) * size);
-        out.set(this.#tokenEmbedding!.subarray(token * size, (token + 1) * size));
-        const positionRow = this.#positionEmbedding!.subarray(position * size, (position + 1) * size);
-        for (let column = 0; column < size; column++) out[column] += positionRow[column];
+        out.set(table.subarray(token * size, (token + 1) * size));
+        if (positions) {
+          const position = sequence.past + index;
+          const positionRow = positions.subarray(position * size, (position + 1) * size);
+          for (let column = 0; column < size; column++) out[column] += positionRow[column];
+        }
       }
     }
     return hidden;
@@ -295,75 +171,97 @@ export class DecoderShard {
 
   /** Room in each layer's cache for `length` tokens, grown by doubling. */
   #reserve(id: number, length: number): void {
-    const rowSize = this.spec.plan.headsPerRank * this.spec.plan.headSize;
+    const rowSize = this.spec.plan.keyValueHeadsPerRank * this.spec.plan.headSize;
     let cache = this.#caches.get(id);
     if (!cache) {
       cache = { length: 0, capacity: 0, keys: [], values: [] };
       this.#caches.set(id, cache);
     }
     if (cache.capacity >= length) return;
-    const capacity = Math.min(this.spec.config.maxPositions, Math.max(16, 2 ** Math.ceil(Math.log2(length))));
+    const capacity = Math.min(this.config.maxPositions, Math.max(16, 2 ** Math.ceil(Math.log2(length))));
     const grow = (old: Float32Array | undefined) => {
       const next = new Float32Array(capacity * rowSize);
       if (old) next.set(old.subarray(0, cache!.length * rowSize));
       return next;
     };
-    for (let layer = 0; layer < this.#layers.length; layer++) {
+    for (let layer = 0; layer < this.#weights.layers.length; layer++) {
       cache.keys[layer] = grow(cache.keys[layer]);
       cache.values[layer] = grow(cache.values[layer]);
     }
     cache.capacity = capacity;
   }
 
+  #norm(out: Float32Array, x: Float32Array, weights: NormWeights, rows: number): void {
+    if (weights.beta) layerNorm(out, x, weights.gamma, weights.beta, rows, this.config.hiddenSize, this.config.layerNormEpsilon);
+    else rmsNorm(out, x, weights.gamma, rows, this.config.hiddenSize, this.config.layerNormEpsilon);
+  }
+
   async #allreduce(values: Float32Array): Promise<void> {
     if (this.spec.plan.tensorParallel > 1) await this.#communicator!.allreduce(Tensor.wrap(values, 'f32'), 'sum');
   }
 
-  async #block(layerIndex: number, hidden: Float32Array, sequences: StepSequence[], total: number): Promise<void> {
-    const { config, plan } = this.spec;
-    const layer = this.#layers[layerIndex];
+  async #block(layerIndex: number, hidden: Float32Array, sequences: StepSequence[], positions: Int32Array): Promise<void> {
+    const { config } = this;
+    const { plan } = this.spec;
+    const layer: LayerWeights = this.#weights.layers[layerIndex];
+    const total = positions.length;
     const size = config.hiddenSize;
-    const heads = plan.headsPerRank;
     const headSize = plan.headSize;
-    const width = heads * headSize;
+    const queryWidth = plan.headsPerRank * headSize;
+    const keyWidth = plan.keyValueHeadsPerRank * headSize;
+    const rowWidth = queryWidth + 2 * keyWidth;
     const normed = new Float32Array(total * size);
-    layerNorm(normed, hidden, layer.attentionNorm[0], layer.attentionNorm[1], total, size, config.layerNormEpsilon);
-    const qkv = new Float32Array(total * 3 * width);
-    linear(qkv, normed, layer.qkvWeight, layer.qkvBias, total, size, 3 * width);
-    const attended = new Float32Array(total * width);
+    this.#norm(normed, hidden, layer.attentionNorm, total);
+    const qkv = new Float32Array(total * rowWidth);
+    linear(qkv, normed, layer.qkvWeight, layer.qkvBias ?? null, total, size, rowWidth);
+    const attended = new Float32Array(total * queryWidth);
     let row = 0;
     for (const sequence of sequences) {
       const cache = this.#caches.get(sequence.id)!;
       const keys = cache.keys[layerIndex];
       const values = cache.values[layerIndex];
-      const queries = new Float32Array(sequence.count * width);
+      const queries = new Float32Array(sequence.count * queryWidth);
       for (let index = 0; index < sequence.count; index++) {
-        const source = (row + index) * 3 * width;
-        const position = (sequence.past + index) * width;
-        queries.set(qkv.subarray(source, source + width), index * width);
-        keys.set(qkv.subarray(source + width, source + 2 * width), position);
-        values.set(qkv.subarray(source + 2 * width, source + 3 * width), position);
+        const source = (row + index) * rowWidth;
+        const position = (sequence.past + index) * keyWidth;
+        queries.set(qkv.subarray(source, source + queryWidth), index * queryWidth);
+        keys.set(qkv.subarray(source + queryWidth, source + queryWidth + keyWidth), position);
+        values.set(qkv.subarray(source + queryWidth + keyWidth, source + rowWidth), position);
       }
-      attention(attended.subarray(row * width, (row + sequence.count) * width), queries, keys, values, sequence.count, sequence.past, heads, headSize);
+      if (this.#inverseFrequencies) {
+        // Rotary positions turn the new queries and keys; the cache keeps keys already turned.
+        const at = positions.subarray(row, row + sequence.count);
+        rotary(queries, at, this.#inverseFrequencies, sequence.count, plan.headsPerRank, headSize);
+        rotary(keys.subarray(sequence.past * keyWidth, (sequence.past + sequence.count) * keyWidth), at, this.#inverseFrequencies, sequence.count, plan.keyValueHeadsPerRank, headSize);
+      }
+      attention(attended.subarray(row * queryWidth, (row + sequence.count) * queryWidth), queries, keys, values, sequence.count, sequence.past, plan.headsPerRank, headSize, plan.keyValueHeadsPerRank);
       row += sequence.count;
     }
     const projected = new Float32Array(total * size);
-    linear(projected, attended, layer.projectionWeight, null, total, width, size);
+    linear(projected, attended, layer.projectionWeight, null, total, queryWidth, size);
     await this.#allreduce(projected);
     addResidual(hidden, projected, layer.projectionBias, size);
-    layerNorm(normed, hidden, layer.mlpNorm[0], layer.mlpNorm[1], total, size, config.layerNormEpsilon);
+    this.#norm(normed, hidden, layer.mlpNorm, total);
     const inner = plan.intermediatePerRank;
     const up = new Float32Array(total * inner);
-    linear(up, normed, layer.upWeight, layer.upBias, total, size, inner);
-    gelu(up);
+    linear(up, normed, layer.upWeight, layer.upBias ?? null, total, size, inner);
+    let activated = up;
+    if (layer.gateWeight) {
+      activated = new Float32Array(total * inner);
+      linear(activated, normed, layer.gateWeight, null, total, size, inner);
+      siluMultiply(activated, activated, up);
+    } else {
+      gelu(up);
+    }
     const down = projected;
-    linear(down, up, layer.downWeight, null, total, inner, size);
+    linear(down, activated, layer.downWeight, null, total, inner, size);
     await this.#allreduce(down);
     addResidual(hidden, down, layer.downBias, size);
   }
 
   async #nextTokens(hidden: Float32Array, sequences: StepSequence[], keep: Float32Array | undefined): Promise<Int32Array> {
-    const { config, plan } = this.spec;
+    const { config } = this;
+    const { plan } = this.spec;
     const size = config.hiddenSize;
     const count = sequences.length;
     const last = new Float32Array(count * size);
@@ -372,10 +270,10 @@ export class DecoderShard {
       row += sequence.count;
       last.set(hidden.subarray((row - 1) * size, row * size), index * size);
     });
-    layerNorm(last, last, this.#finalNorm![0], this.#finalNorm![1], count, size, config.layerNormEpsilon);
+    this.#norm(last, last, this.#weights.finalNorm!, count);
     const slice = plan.vocabularyPerRank;
     const local = new Float32Array(count * slice);
-    linear(local, last, this.#head!, null, count, size, slice);
+    linear(local, last, this.#weights.head!, null, count, size, slice);
     let gathered = local;
     if (plan.tensorParallel > 1) {
       gathered = new Float32Array(plan.tensorParallel * count * slice);
@@ -405,7 +303,8 @@ export class DecoderShard {
   }
 }
 
-/** hidden += update + bias, row by row. */
-function addResidual(hidden: Float32Array, update: Float32Array, bias: Float32Array, size: number): void {
-  for (let index = 0; index < hidden.length; index++) hidden[index] += update[index] + bias[index % size];
+/** hidden += update (+ bias), row by row. */
+function addResidual(hidden: Float32Array, update: Float32Array, bias: Float32Array | undefined, size: number): void {
+  if (bias) for (let index = 0; index < hidden.length; index++) hidden[index] += update[index] + bias[index % size];
+  else for (let index = 0; index < hidden.length; index++) hidden[index] += update[index];
 }

@@ -125,6 +125,9 @@ inline float GeluScalar(float x) {
   return x / (1.0f + std::exp(-2.0f * u));
 }
 
+// For x below about -88, e^-x overflows to infinity and the quotient is -0, SiLU's limit.
+inline float SiluScalar(float x) { return x / (1.0f + std::exp(-x)); }
+
 void SoftmaxScalar(float* scores, size_t count, float scale) {
   float maximum = scores[0];
   for (size_t i = 1; i < count; ++i) maximum = std::max(maximum, scores[i]);
@@ -194,6 +197,10 @@ struct Portable {
 
   static void Gelu(float* x, size_t count) {
     for (size_t i = 0; i < count; ++i) x[i] = GeluScalar(x[i]);
+  }
+
+  static void SiluMultiply(float* out, const float* gate, const float* up, size_t count) {
+    for (size_t i = 0; i < count; ++i) out[i] = SiluScalar(gate[i]) * up[i];
   }
 };
 
@@ -358,14 +365,35 @@ struct Avx2 {
     const __m256 cubic = _mm256_set1_ps(kGeluScale * kGeluCubic);
     const __m256 minus_two = _mm256_set1_ps(-2.0f);
     const __m256 one = _mm256_set1_ps(1.0f);
+    // As in SiluMultiply: past Exp8's clamp the quotient would grow with |x| where GELU vanishes.
+    const __m256 clamp = _mm256_set1_ps(88.3f);
     size_t i = 0;
     for (; i + 8 <= count; i += 8) {
       const __m256 value = _mm256_loadu_ps(x + i);
       const __m256 u = _mm256_mul_ps(value, _mm256_fmadd_ps(cubic, _mm256_mul_ps(value, value), scale));
-      const __m256 e = Exp8(_mm256_mul_ps(minus_two, u));
-      _mm256_storeu_ps(x + i, _mm256_div_ps(value, _mm256_add_ps(one, e)));
+      const __m256 exponent = _mm256_mul_ps(minus_two, u);
+      const __m256 vanishing = _mm256_cmp_ps(exponent, clamp, _CMP_GT_OQ);
+      const __m256 e = Exp8(exponent);
+      _mm256_storeu_ps(x + i, _mm256_andnot_ps(vanishing, _mm256_div_ps(value, _mm256_add_ps(one, e))));
     }
     for (; i < count; ++i) x[i] = GeluScalar(x[i]);
+  }
+
+  TRELLIS_TARGET_AVX2 static void SiluMultiply(float* out, const float* gate, const float* up, size_t count) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    // Exp8 clamps its input at 88.3, so below gate = -88.3 the quotient would be gate / e^88.3,
+    // growing with |gate| while SiLU shrinks to 0 (it is already under 4e-37 there): those lanes
+    // are set to 0. NaN compares false and stays NaN.
+    const __m256 vanishing = _mm256_set1_ps(-88.3f);
+    size_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+      const __m256 value = _mm256_loadu_ps(gate + i);
+      const __m256 e = Exp8(_mm256_xor_ps(value, sign));
+      const __m256 silu = _mm256_andnot_ps(_mm256_cmp_ps(value, vanishing, _CMP_LT_OQ), _mm256_div_ps(value, _mm256_add_ps(one, e)));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+    }
+    for (; i < count; ++i) out[i] = SiluScalar(gate[i]) * up[i];
   }
 };
 
@@ -379,20 +407,41 @@ bool UseAvx2() {
 
 template <class Isa>
 void AttentionWith(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
-                   size_t head_size) {
+                   size_t head_size, size_t kv_heads) {
   const size_t positions = past + queries;
   const size_t stride = heads * head_size;
+  const size_t kv_stride = kv_heads * head_size;
+  const size_t group = heads / kv_heads;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_size)));
-  std::vector<float> scores(queries * positions);
-  for (size_t head = 0; head < heads; ++head) {
-    const size_t offset = head * head_size;
-    DotProblem problem{q + offset, stride, queries, keys + offset, stride, positions, head_size, scores.data(), positions, nullptr, true, past};
-    DotProducts<Isa>(problem);
-    for (size_t query = 0; query < queries; ++query) {
-      float* row = scores.data() + query * positions;
-      const size_t count = past + query + 1;
-      Isa::Softmax(row, count, scale);
-      Isa::WeightedSum(out + query * stride + offset, row, count, values + offset, stride, head_size);
+  // One query (decoding) scores a kv head's whole group at once: the group's query heads lie side
+  // by side in q, so they are the rows of one dot problem and each key vector loaded from the cache
+  // feeds every head of the group. Several queries (prefill) are rows of one head instead.
+  const bool decoding = queries == 1;
+  std::vector<float> scores((decoding ? group : queries) * positions);
+  for (size_t kv_head = 0; kv_head < kv_heads; ++kv_head) {
+    const float* head_keys = keys + kv_head * head_size;
+    const float* head_values = values + kv_head * head_size;
+    if (decoding) {
+      const size_t offset = kv_head * group * head_size;
+      DotProblem problem{q + offset, head_size, group, head_keys, kv_stride, positions, head_size, scores.data(), positions, nullptr, false, 0};
+      DotProducts<Isa>(problem);
+      for (size_t member = 0; member < group; ++member) {
+        float* row = scores.data() + member * positions;
+        Isa::Softmax(row, positions, scale);
+        Isa::WeightedSum(out + offset + member * head_size, row, positions, head_values, kv_stride, head_size);
+      }
+      continue;
+    }
+    for (size_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
+      const size_t offset = head * head_size;
+      DotProblem problem{q + offset, stride, queries, head_keys, kv_stride, positions, head_size, scores.data(), positions, nullptr, true, past};
+      DotProducts<Isa>(problem);
+      for (size_t query = 0; query < queries; ++query) {
+        float* row = scores.data() + query * positions;
+        const size_t count = past + query + 1;
+        Isa::Softmax(row, count, scale);
+        Isa::WeightedSum(out + query * stride + offset, row, count, head_values, kv_stride, head_size);
+      }
     }
   }
 }
@@ -442,12 +491,69 @@ void Gelu(float* x, size_t count) {
   Portable::Gelu(x, count);
 }
 
-void Attention(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
-               size_t head_size) {
+void RmsNorm(float* out, const float* x, const float* gamma, size_t rows, size_t columns, float epsilon) {
+  for (size_t row = 0; row < rows; ++row) {
+    const float* in = x + row * columns;
+    float* target = out + row * columns;
+    // In double, as LayerNorm: an f32 sum over thousands of columns would drift with their order.
+    double squares[4] = {0, 0, 0, 0};
+    size_t i = 0;
+    for (; i + 4 <= columns; i += 4) {
+      for (int lane = 0; lane < 4; ++lane) {
+        const double value = in[i + lane];
+        squares[lane] += value * value;
+      }
+    }
+    for (; i < columns; ++i) squares[0] += static_cast<double>(in[i]) * in[i];
+    const double mean_square = (squares[0] + squares[1] + squares[2] + squares[3]) / static_cast<double>(columns);
+    const float inverse_root = static_cast<float>(1.0 / std::sqrt(mean_square + static_cast<double>(epsilon)));
+    // Element i of the row is read before it is written, so out == x is safe.
+    for (i = 0; i < columns; ++i) target[i] = in[i] * inverse_root * gamma[i];
+  }
+}
+
+void SiluMultiply(float* out, const float* gate, const float* up, size_t count) {
 #ifdef TRELLIS_KERNELS_AVX2
-  if (UseAvx2()) return AttentionWith<Avx2>(out, q, keys, values, queries, past, heads, head_size);
+  if (UseAvx2()) return Avx2::SiluMultiply(out, gate, up, count);
 #endif
-  AttentionWith<Portable>(out, q, keys, values, queries, past, heads, head_size);
+  Portable::SiluMultiply(out, gate, up, count);
+}
+
+// The trig is per (row, frequency) and shared by the row's heads, so a row costs head_size / 2
+// cos/sin pairs and then only multiply-adds, which the compiler vectorizes on its own.
+void Rotary(float* x, const int32_t* positions, const float* inverse_frequencies, size_t rows, size_t heads, size_t head_size) {
+  const size_t half = head_size / 2;
+  std::vector<float> cosines(half);
+  std::vector<float> sines(half);
+  for (size_t row = 0; row < rows; ++row) {
+    // Angles in double: at position 1e5 an f32 product is already off by about 4e-3 radians, and
+    // cos/sin of it would carry that error. Only the results are rounded to f32.
+    const double position = positions[row];
+    for (size_t i = 0; i < half; ++i) {
+      const double angle = position * static_cast<double>(inverse_frequencies[i]);
+      cosines[i] = static_cast<float>(std::cos(angle));
+      sines[i] = static_cast<float>(std::sin(angle));
+    }
+    float* row_x = x + row * heads * head_size;
+    for (size_t head = 0; head < heads; ++head) {
+      float* first = row_x + head * head_size;
+      float* second = first + half;
+      for (size_t i = 0; i < half; ++i) {
+        const float a = first[i];
+        const float b = second[i];
+        first[i] = a * cosines[i] - b * sines[i];
+        second[i] = b * cosines[i] + a * sines[i];
+      }
+    }
+  }
+}
+
+void Attention(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
+               size_t head_size, size_t kv_heads) {
+#ifdef TRELLIS_KERNELS_AVX2
+  if (UseAvx2()) return AttentionWith<Avx2>(out, q, keys, values, queries, past, heads, head_size, kv_heads);
+#endif
+  AttentionWith<Portable>(out, q, keys, values, queries, past, heads, head_size, kv_heads);
 }
 
 }  // namespace trellis::kernels

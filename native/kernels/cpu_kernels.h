@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace trellis::kernels {
 
@@ -19,11 +20,26 @@ void LayerNorm(float* out, const float* x, const float* gamma, const float* beta
 // In place, GPT-2's tanh approximation 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x³))).
 void Gelu(float* x, size_t count);
 
+// Per row of `columns`: x / sqrt(mean(x²) + epsilon) * gamma (Llama's RMSNorm). out may be x itself
+// (but may not overlap it otherwise).
+void RmsNorm(float* out, const float* x, const float* gamma, size_t rows, size_t columns, float epsilon);
+
+// out[i] = gate[i] / (1 + e^-gate[i]) * up[i]: SiLU(gate) · up, the gated MLP of Llama-family
+// decoders. out may be gate itself (but may not overlap it otherwise, nor up).
+void SiluMultiply(float* out, const float* gate, const float* up, size_t count);
+
+// In place, rotary position embedding of x[rows, heads, head_size] in Hugging Face's rotate_half
+// pairing: element i of each head turns with element i + head_size / 2 by the angle
+// positions[row] · inverse_frequencies[i]. head_size is even, positions are >= 0, and x overlaps
+// neither positions nor inverse_frequencies.
+void Rotary(float* x, const int32_t* positions, const float* inverse_frequencies, size_t rows, size_t heads, size_t head_size);
+
 // Causal self-attention of one sequence against its key/value cache. q and out: [queries, heads,
-// head_size]; keys and values: [past + queries, heads, head_size]. Query i sits at position
-// past + i and attends to positions 0..past + i with scale 1/sqrt(head_size). out must not overlap
-// the inputs.
+// head_size]; keys and values: [past + queries, kv_heads, head_size], heads a multiple of kv_heads
+// (grouped-query attention: query head h reads kv head h / (heads / kv_heads)). Query i sits at
+// position past + i and attends to positions 0..past + i with scale 1/sqrt(head_size). out must
+// not overlap the inputs.
 void Attention(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
-               size_t head_size);
+               size_t head_size, size_t kv_heads);
 
 }  // namespace trellis::kernels

@@ -20,6 +20,11 @@ struct FloatArray {
   size_t length;
 };
 
+struct IntArray {
+  int32_t* data;
+  size_t length;
+};
+
 std::string FormatNumber(double value) {
   char text[32];
   std::snprintf(text, sizeof(text), "%.17g", value);
@@ -58,6 +63,14 @@ FloatArray FloatArrayArgument(const char* kernel, const Napi::Value& value, cons
   return {array.Data(), array.ElementLength()};
 }
 
+IntArray Int32ArrayArgument(const char* kernel, const Napi::Value& value, const char* name) {
+  if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array) {
+    throw InvalidArgument(std::string(kernel) + ": " + name + " must be an Int32Array, got " + Describe(value));
+  }
+  auto array = value.As<Napi::Int32Array>();
+  return {array.Data(), array.ElementLength()};
+}
+
 // A positive (or, with minimum 0, non-negative) integer that a size_t and a double both hold exactly.
 size_t DimensionArgument(const char* kernel, const Napi::Value& value, const char* name, double minimum) {
   const double number = value.IsNumber() ? value.As<Napi::Number>().DoubleValue() : NAN;
@@ -85,13 +98,24 @@ void RequireLength(const char* kernel, const FloatArray& array, const char* name
   }
 }
 
-// Writing out while reading an overlapping input would corrupt inputs not yet read.
+// Writing one array while reading an overlapping one would corrupt inputs not yet read.
+void RequireDisjointBytes(const char* kernel, const char* written_name, const void* written, size_t written_bytes, const void* input,
+                          size_t input_bytes, const char* input_name) {
+  const auto written_begin = reinterpret_cast<uintptr_t>(written);
+  const auto input_begin = reinterpret_cast<uintptr_t>(input);
+  const bool disjoint = written_bytes == 0 || input_bytes == 0 || written_begin + written_bytes <= input_begin ||
+                        input_begin + input_bytes <= written_begin;
+  if (!disjoint) throw InvalidArgument(std::string(kernel) + ": " + written_name + " must not overlap " + input_name);
+}
+
 void RequireDisjoint(const char* kernel, const FloatArray& out, size_t out_used, const FloatArray& input, size_t input_used, const char* input_name) {
-  const auto out_begin = reinterpret_cast<uintptr_t>(out.data);
-  const auto input_begin = reinterpret_cast<uintptr_t>(input.data);
-  const bool disjoint = out_used == 0 || input_used == 0 || out_begin + out_used * sizeof(float) <= input_begin ||
-                        input_begin + input_used * sizeof(float) <= out_begin;
-  if (!disjoint) throw InvalidArgument(std::string(kernel) + ": out must not overlap " + input_name);
+  RequireDisjointBytes(kernel, "out", out.data, out_used * sizeof(float), input.data, input_used * sizeof(float), input_name);
+}
+
+double EpsilonArgument(const char* kernel, const Napi::Value& value) {
+  const double eps = value.IsNumber() ? value.As<Napi::Number>().DoubleValue() : NAN;
+  if (!std::isfinite(eps) || eps < 0) throw InvalidArgument(std::string(kernel) + ": eps must be a finite number >= 0, got " + Describe(value));
+  return eps;
 }
 
 // linear(out, x, weight, bias | null, m, k, n)
@@ -131,8 +155,7 @@ Napi::Value LayerNormFunction(const Napi::CallbackInfo& info) {
     const FloatArray beta = FloatArrayArgument(kernel, info[3], "beta");
     const size_t rows = DimensionArgument(kernel, info[4], "rows", 1);
     const size_t cols = DimensionArgument(kernel, info[5], "cols", 1);
-    const double eps = info[6].IsNumber() ? info[6].As<Napi::Number>().DoubleValue() : NAN;
-    if (!std::isfinite(eps) || eps < 0) throw InvalidArgument(std::string(kernel) + ": eps must be a finite number >= 0, got " + Describe(info[6]));
+    const double eps = EpsilonArgument(kernel, info[6]);
     const size_t size = Product(kernel, "rows * cols", rows, cols);
     const std::string formula = "rows * cols = " + std::to_string(rows) + " * " + std::to_string(cols);
     RequireLength(kernel, out, "out", size, formula);
@@ -157,7 +180,85 @@ Napi::Value GeluFunction(const Napi::CallbackInfo& info) {
   });
 }
 
-// attention(out, q, keys, values, queries, past, heads, headDim)
+// rmsNorm(out, x, gamma, rows, cols, eps)
+Napi::Value RmsNormFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    const char* kernel = "rmsNorm";
+    const FloatArray out = FloatArrayArgument(kernel, info[0], "out");
+    const FloatArray x = FloatArrayArgument(kernel, info[1], "x");
+    const FloatArray gamma = FloatArrayArgument(kernel, info[2], "gamma");
+    const size_t rows = DimensionArgument(kernel, info[3], "rows", 1);
+    const size_t cols = DimensionArgument(kernel, info[4], "cols", 1);
+    const double eps = EpsilonArgument(kernel, info[5]);
+    const size_t size = Product(kernel, "rows * cols", rows, cols);
+    const std::string formula = "rows * cols = " + std::to_string(rows) + " * " + std::to_string(cols);
+    RequireLength(kernel, out, "out", size, formula);
+    RequireLength(kernel, x, "x", size, formula);
+    RequireLength(kernel, gamma, "gamma", cols, "cols");
+    // Normalizing in place is the one overlap the kernel allows.
+    if (out.data != x.data) RequireDisjoint(kernel, out, size, x, size, "x (unless it is x itself)");
+    RequireDisjoint(kernel, out, size, gamma, cols, "gamma");
+    RmsNorm(out.data, x.data, gamma.data, rows, cols, static_cast<float>(eps));
+    return info.Env().Undefined();
+  });
+}
+
+// siluMultiply(out, gate, up), elementwise over arrays of one length
+Napi::Value SiluMultiplyFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    const char* kernel = "siluMultiply";
+    const FloatArray out = FloatArrayArgument(kernel, info[0], "out");
+    const FloatArray gate = FloatArrayArgument(kernel, info[1], "gate");
+    const FloatArray up = FloatArrayArgument(kernel, info[2], "up");
+    // The arrays carry the size, so a length that differs is a mistake rather than spare room.
+    for (const auto& [array, name] : {std::pair{gate, "gate"}, std::pair{up, "up"}}) {
+      if (array.length != out.length) {
+        throw InvalidArgument(std::string(kernel) + ": " + name + " must have the length of out (" + std::to_string(out.length) + "), got " +
+                              std::to_string(array.length));
+      }
+    }
+    // Gating in place is the one overlap the kernel allows.
+    if (out.data != gate.data) RequireDisjoint(kernel, out, out.length, gate, gate.length, "gate (unless it is gate itself)");
+    RequireDisjoint(kernel, out, out.length, up, up.length, "up");
+    SiluMultiply(out.data, gate.data, up.data, out.length);
+    return info.Env().Undefined();
+  });
+}
+
+// rotary(x, positions, inverseFrequencies, rows, heads, headDim), in place
+Napi::Value RotaryFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    const char* kernel = "rotary";
+    const FloatArray x = FloatArrayArgument(kernel, info[0], "x");
+    const IntArray positions = Int32ArrayArgument(kernel, info[1], "positions");
+    const FloatArray inverse_frequencies = FloatArrayArgument(kernel, info[2], "inverseFrequencies");
+    const size_t rows = DimensionArgument(kernel, info[3], "rows", 1);
+    const size_t heads = DimensionArgument(kernel, info[4], "heads", 1);
+    const size_t head_dim = DimensionArgument(kernel, info[5], "headDim", 1);
+    if (head_dim % 2 != 0) throw InvalidArgument(std::string(kernel) + ": headDim must be even, got " + std::to_string(head_dim));
+    const size_t half = head_dim / 2;
+    const size_t size = Product(kernel, "rows * heads * headDim", rows, Product(kernel, "heads * headDim", heads, head_dim));
+    RequireLength(kernel, x, "x", size,
+                  "rows * heads * headDim = " + std::to_string(rows) + " * " + std::to_string(heads) + " * " + std::to_string(head_dim));
+    if (positions.length < rows) {
+      throw InvalidArgument(std::string(kernel) + ": positions must hold at least rows = " + std::to_string(rows) + " integers, got " +
+                            std::to_string(positions.length));
+    }
+    RequireLength(kernel, inverse_frequencies, "inverseFrequencies", half, "headDim / 2");
+    // A negative position would rotate without complaint; it can only come from a caller's mistake.
+    for (size_t row = 0; row < rows; ++row) {
+      if (positions.data[row] < 0) {
+        throw InvalidArgument(std::string(kernel) + ": positions[" + std::to_string(row) + "] must be >= 0, got " + std::to_string(positions.data[row]));
+      }
+    }
+    RequireDisjointBytes(kernel, "x", x.data, size * sizeof(float), positions.data, rows * sizeof(int32_t), "positions");
+    RequireDisjointBytes(kernel, "x", x.data, size * sizeof(float), inverse_frequencies.data, half * sizeof(float), "inverseFrequencies");
+    Rotary(x.data, positions.data, inverse_frequencies.data, rows, heads, head_dim);
+    return info.Env().Undefined();
+  });
+}
+
+// attention(out, q, keys, values, queries, past, heads, headDim[, kvHeads])
 Napi::Value AttentionFunction(const Napi::CallbackInfo& info) {
   return Guarded(info.Env(), [&]() -> Napi::Value {
     const char* kernel = "attention";
@@ -169,16 +270,25 @@ Napi::Value AttentionFunction(const Napi::CallbackInfo& info) {
     const size_t past = DimensionArgument(kernel, info[5], "past", 0);
     const size_t heads = DimensionArgument(kernel, info[6], "heads", 1);
     const size_t head_dim = DimensionArgument(kernel, info[7], "headDim", 1);
+    // Without a kvHeads (the callers before grouped-query attention) each query head has its own.
+    const size_t kv_heads = info[8].IsUndefined() ? heads : DimensionArgument(kernel, info[8], "kvHeads", 1);
+    if (heads % kv_heads != 0) {
+      throw InvalidArgument(std::string(kernel) + ": heads must be a multiple of kvHeads, got heads " + std::to_string(heads) + " and kvHeads " +
+                            std::to_string(kv_heads));
+    }
     size_t positions;
     if (__builtin_add_overflow(past, queries, &positions)) throw InvalidArgument(std::string(kernel) + ": past + queries is too large");
     const size_t width = Product(kernel, "heads * headDim", heads, head_dim);
     const size_t query_size = Product(kernel, "queries * heads * headDim", queries, width);
-    const size_t cache_size = Product(kernel, "(past + queries) * heads * headDim", positions, width);
-    // The score scratch holds queries * (past + queries) floats.
+    const size_t cache_size = Product(kernel, "(past + queries) * kvHeads * headDim", positions, Product(kernel, "kvHeads * headDim", kv_heads, head_dim));
+    // The score scratch holds queries * (past + queries) floats, or for one query a row per query
+    // head of a kv head's group.
     Product(kernel, "queries * (past + queries)", queries, positions);
-    const std::string shape = std::to_string(heads) + " * " + std::to_string(head_dim);
-    const std::string query_formula = "queries * heads * headDim = " + std::to_string(queries) + " * " + shape;
-    const std::string cache_formula = "(past + queries) * heads * headDim = " + std::to_string(positions) + " * " + shape;
+    Product(kernel, "heads / kvHeads * (past + queries)", heads / kv_heads, positions);
+    const std::string query_formula =
+        "queries * heads * headDim = " + std::to_string(queries) + " * " + std::to_string(heads) + " * " + std::to_string(head_dim);
+    const std::string cache_formula =
+        "(past + queries) * kvHeads * headDim = " + std::to_string(positions) + " * " + std::to_string(kv_heads) + " * " + std::to_string(head_dim);
     RequireLength(kernel, out, "out", query_size, query_formula);
     RequireLength(kernel, q, "q", query_size, query_formula);
     RequireLength(kernel, keys, "keys", cache_size, cache_formula);
@@ -186,7 +296,7 @@ Napi::Value AttentionFunction(const Napi::CallbackInfo& info) {
     RequireDisjoint(kernel, out, query_size, q, query_size, "q");
     RequireDisjoint(kernel, out, query_size, keys, cache_size, "keys");
     RequireDisjoint(kernel, out, query_size, values, cache_size, "values");
-    Attention(out.data, q.data, keys.data, values.data, queries, past, heads, head_dim);
+    Attention(out.data, q.data, keys.data, values.data, queries, past, heads, head_dim, kv_heads);
     return info.Env().Undefined();
   });
 }
@@ -198,6 +308,9 @@ void RegisterKernelsBinding(Napi::Env env, Napi::Object exports) {
   kernels.Set("linear", Napi::Function::New(env, LinearFunction, "linear"));
   kernels.Set("layerNorm", Napi::Function::New(env, LayerNormFunction, "layerNorm"));
   kernels.Set("gelu", Napi::Function::New(env, GeluFunction, "gelu"));
+  kernels.Set("rmsNorm", Napi::Function::New(env, RmsNormFunction, "rmsNorm"));
+  kernels.Set("siluMultiply", Napi::Function::New(env, SiluMultiplyFunction, "siluMultiply"));
+  kernels.Set("rotary", Napi::Function::New(env, RotaryFunction, "rotary"));
   kernels.Set("attention", Napi::Function::New(env, AttentionFunction, "attention"));
   exports.Set("kernels", kernels);
 }

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { InvalidArgumentError } from '../../lib/errors.js';
-import { attention, gelu, layerNorm, linear } from '../../lib/llm/kernels.js';
+import { attention, gelu, layerNorm, linear, rmsNorm, rotary, siluMultiply } from '../../lib/llm/kernels.js';
 import { native } from '../../lib/native.js';
 
 /** mulberry32: deterministic data, so a failure reproduces. */
@@ -70,16 +70,65 @@ function referenceGelu(x: ArrayLike<number>): Float64Array {
   return Float64Array.from(x, (value) => 0.5 * value * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (value + 0.044715 * value ** 3))));
 }
 
-function referenceAttention(q: Float32Array, keys: Float32Array, values: Float32Array, queries: number, past: number, heads: number, headDim: number): Float64Array {
+function referenceRmsNorm(x: Float32Array, gamma: Float32Array, rows: number, cols: number, eps: number): Float64Array {
+  const out = new Float64Array(rows * cols);
+  for (let row = 0; row < rows; row++) {
+    let meanSquare = 0;
+    for (let i = 0; i < cols; i++) meanSquare += x[row * cols + i] ** 2;
+    meanSquare /= cols;
+    for (let i = 0; i < cols; i++) out[row * cols + i] = (x[row * cols + i] / Math.sqrt(meanSquare + eps)) * gamma[i];
+  }
+  return out;
+}
+
+function referenceSiluMultiply(gate: ArrayLike<number>, up: ArrayLike<number>): Float64Array {
+  return Float64Array.from(gate, (value, i) => (value / (1 + Math.exp(-value))) * up[i]);
+}
+
+/** Hugging Face's rotate_half rotation, entirely in f64. */
+function referenceRotary(x: Float32Array, positions: Int32Array, inverseFrequencies: Float32Array, rows: number, heads: number, headDim: number): Float64Array {
+  const out = Float64Array.from(x.subarray(0, rows * heads * headDim));
+  const half = headDim / 2;
+  for (let row = 0; row < rows; row++) {
+    for (let head = 0; head < heads; head++) {
+      const base = (row * heads + head) * headDim;
+      for (let i = 0; i < half; i++) {
+        const angle = positions[row] * inverseFrequencies[i];
+        const [a, b] = [x[base + i], x[base + i + half]];
+        out[base + i] = a * Math.cos(angle) - b * Math.sin(angle);
+        out[base + i + half] = b * Math.cos(angle) + a * Math.sin(angle);
+      }
+    }
+  }
+  return out;
+}
+
+/** Llama's inverse frequencies 1 / base^(2i / headDim), rounded to f32 as a checkpoint's config would give them. */
+function inverseFrequenciesFor(headDim: number, base = 10000): Float32Array {
+  return Float32Array.from({ length: headDim / 2 }, (_, i) => 1 / base ** ((2 * i) / headDim));
+}
+
+function referenceAttention(
+  q: Float32Array,
+  keys: Float32Array,
+  values: Float32Array,
+  queries: number,
+  past: number,
+  heads: number,
+  headDim: number,
+  kvHeads = heads,
+): Float64Array {
   const width = heads * headDim;
+  const kvWidth = kvHeads * headDim;
   const out = new Float64Array(queries * width);
   for (let query = 0; query < queries; query++) {
     for (let head = 0; head < heads; head++) {
+      const kvOffset = Math.floor(head / (heads / kvHeads)) * headDim;
       const count = past + query + 1;
       const scores = new Float64Array(count);
       for (let position = 0; position < count; position++) {
         let dot = 0;
-        for (let d = 0; d < headDim; d++) dot += q[query * width + head * headDim + d] * keys[position * width + head * headDim + d];
+        for (let d = 0; d < headDim; d++) dot += q[query * width + head * headDim + d] * keys[position * kvWidth + kvOffset + d];
         scores[position] = dot / Math.sqrt(headDim);
       }
       const maximum = Math.max(...scores);
@@ -87,7 +136,7 @@ function referenceAttention(q: Float32Array, keys: Float32Array, values: Float32
       for (let position = 0; position < count; position++) sum += scores[position] = Math.exp(scores[position] - maximum);
       for (let d = 0; d < headDim; d++) {
         let value = 0;
-        for (let position = 0; position < count; position++) value += (scores[position] / sum) * values[position * width + head * headDim + d];
+        for (let position = 0; position < count; position++) value += (scores[position] / sum) * values[position * kvWidth + kvOffset + d];
         out[query * width + head * headDim + d] = value;
       }
     }
@@ -109,7 +158,10 @@ function expectInvalid(call: () => unknown, ...fragments: string[]): void {
 }
 
 /** The addon's own checks, reached without the TypeScript layer's. */
-const unchecked = native.kernels as unknown as Record<'linear' | 'layerNorm' | 'gelu' | 'attention', (...args: unknown[]) => void>;
+const unchecked = native.kernels as unknown as Record<
+  'linear' | 'layerNorm' | 'gelu' | 'rmsNorm' | 'siluMultiply' | 'rotary' | 'attention',
+  (...args: unknown[]) => void
+>;
 
 describe('linear', () => {
   // Every strip shape (3, 2 + 2, 3 + 2, 1 and 2 rows), partial tiles, several column blocks, and
@@ -199,6 +251,126 @@ describe('gelu', () => {
     const backing = new Float32Array(view.buffer);
     expect([backing[2], backing[3 + values.length]]).toEqual([12345, 12345]);
   });
+
+  it('vanishes for huge negative inputs, on the vector path too', () => {
+    const values = new Float32Array(16).fill(-1e30);
+    values[15] = -1e3;
+    gelu(values);
+    for (const value of values) expect(Math.abs(value)).toBe(0);
+  });
+});
+
+describe('rmsNorm', () => {
+  it('matches a plain reference on odd sizes', () => {
+    for (const [rows, cols, seed, eps] of [
+      [1, 768, 1, 1e-5],
+      [3, 67, 2, 1e-6],
+      [5, 1, 3, 1e-5],
+      [2, 1031, 4, 0],
+      [4, 4096, 5, 1e-5],
+    ]) {
+      const x = randomFloats(rows * cols, seed, 3);
+      const gamma = randomFloats(cols, seed + 10);
+      const out = new Float32Array(rows * cols);
+      rmsNorm(out, x, gamma, rows, cols, eps);
+      expectClose(out, referenceRmsNorm(x, gamma, rows, cols, eps));
+    }
+  });
+
+  it('normalizes in place when out is x, reads subarrays and writes nothing outside x', () => {
+    const [rows, cols] = [3, 131];
+    const x = randomFloats(rows * cols, 6, 100);
+    const gamma = randomFloats(cols, 7);
+    const expected = referenceRmsNorm(x, gamma, rows, cols, 1e-5);
+    const inPlace = offsetView(x, 1);
+    rmsNorm(inPlace, inPlace, offsetView(gamma, 2), rows, cols, 1e-5);
+    expectClose(inPlace, expected);
+    const backing = new Float32Array(inPlace.buffer);
+    expect([backing[0], backing[1 + rows * cols]]).toEqual([12345, 12345]);
+  });
+});
+
+describe('siluMultiply', () => {
+  // Far below -88 the vector exp clamps, and far above 88 e^-x underflows: both ends, in the vector
+  // body (the start) and in the scalar tail (the last elements of 1003).
+  const extremes = [0, -0.5, 0.5, -20, 20, -88, -88.5, -89, -100, -1000, -1e30, 88.5, 100, 1000, 1e30];
+
+  function inputs(): { gate: Float32Array; up: Float32Array } {
+    const gate = randomFloats(1003, 1, 8);
+    gate.set(extremes, 0);
+    gate.set([-1000, 1000, -90], 1000);
+    return { gate, up: randomFloats(1003, 2, 2) };
+  }
+
+  it('matches gate / (1 + exp(-gate)) * up, extreme gates included', () => {
+    const { gate, up } = inputs();
+    const out = new Float32Array(gate.length);
+    siluMultiply(out, gate, up);
+    expectClose(out, referenceSiluMultiply(gate, up));
+    expect(out.every(Number.isFinite)).toBe(true);
+  });
+
+  it('gates in place when out is gate, reads subarrays and writes nothing outside out', () => {
+    const { gate, up } = inputs();
+    const expected = referenceSiluMultiply(gate, up);
+    const inPlace = offsetView(gate, 3);
+    siluMultiply(inPlace, inPlace, offsetView(up, 1));
+    expectClose(inPlace, expected);
+    const backing = new Float32Array(inPlace.buffer);
+    expect([backing[2], backing[3 + gate.length]]).toEqual([12345, 12345]);
+  });
+
+  it('keeps NaN and accepts empty arrays', () => {
+    const out = new Float32Array(9);
+    siluMultiply(out, new Float32Array(9).fill(NaN), new Float32Array(9).fill(1));
+    expect(out.every(Number.isNaN)).toBe(true);
+    expect(() => siluMultiply(new Float32Array(0), new Float32Array(0), new Float32Array(0))).not.toThrow();
+  });
+});
+
+describe('rotary', () => {
+  const cases: Array<[rows: number, heads: number, headDim: number, positions: number[]]> = [
+    [6, 5, 64, [0, 1, 17, 4095, 32767, 100000]],
+    [3, 3, 2, [100000, 7, 2 ** 31 - 1]],
+    [2, 1, 130, [65536, 3]],
+    [4, 7, 18, [5, 500001, 0, 123456]],
+  ];
+
+  it('matches an f64 rotate_half reference, large positions included', () => {
+    cases.forEach(([rows, heads, headDim, positionList], index) => {
+      const x = randomFloats(rows * heads * headDim, 1 + index, 2);
+      const positions = Int32Array.from(positionList);
+      const inverseFrequencies = inverseFrequenciesFor(headDim, index % 2 === 0 ? 10000 : 500000);
+      const expected = referenceRotary(x, positions, inverseFrequencies, rows, heads, headDim);
+      rotary(x, positions, inverseFrequencies, rows, heads, headDim);
+      expectClose(x, expected, 1e-5, 1e-6);
+    });
+  });
+
+  it('leaves a row at position 0 unchanged', () => {
+    const [rows, heads, headDim] = [3, 4, 16];
+    const x = randomFloats(rows * heads * headDim, 9);
+    const before = x.slice();
+    rotary(x, Int32Array.of(0, 5, 0), inverseFrequenciesFor(headDim), rows, heads, headDim);
+    const width = heads * headDim;
+    expect(x.subarray(0, width)).toEqual(before.subarray(0, width));
+    expect(x.subarray(2 * width)).toEqual(before.subarray(2 * width));
+    expect(x.subarray(width, 2 * width)).not.toEqual(before.subarray(width, 2 * width));
+  });
+
+  it('reads subarrays, ignores spare positions and frequencies, and writes nothing outside rows * heads * headDim', () => {
+    const [rows, heads, headDim] = [2, 3, 10];
+    const x = randomFloats(rows * heads * headDim, 10);
+    const positionBacking = Int32Array.of(-1, -1, 40000, 9, -5);
+    const positions = positionBacking.subarray(2);
+    const inverseFrequencies = offsetView(Float32Array.from([...inverseFrequenciesFor(headDim), NaN]), 1);
+    const expected = referenceRotary(x, positions, inverseFrequencies, rows, heads, headDim);
+    const view = offsetView(x, 3);
+    rotary(view, positions, inverseFrequencies, rows, heads, headDim);
+    expectClose(view, expected, 1e-5, 1e-6);
+    const backing = new Float32Array(view.buffer);
+    expect([backing[2], backing[3 + x.length]]).toEqual([12345, 12345]);
+  });
 });
 
 describe('attention', () => {
@@ -244,6 +416,63 @@ describe('attention', () => {
     }
   });
 
+  it('groups query heads onto kv heads (kvHeads 2 and 1), decode and prefill, past 0 and past > 0', () => {
+    const cases: Array<[queries: number, past: number, heads: number, headDim: number, kvHeads: number]> = [
+      [1, 0, 8, 16, 2],
+      [1, 37, 8, 64, 2],
+      [1, 20, 8, 13, 1],
+      [5, 0, 8, 16, 1],
+      [4, 9, 8, 24, 2],
+      [3, 6, 6, 8, 3],
+    ];
+    cases.forEach(([queries, past, heads, headDim, kvHeads], index) => {
+      const kvWidth = kvHeads * headDim;
+      const q = randomFloats(queries * heads * headDim, 30 + index, 2);
+      // Spare rows of NaN, as above: they must never be read.
+      const keys = randomFloats((past + queries + 2) * kvWidth, 40 + index, 2).fill(NaN, (past + queries) * kvWidth);
+      const values = randomFloats((past + queries + 2) * kvWidth, 50 + index).fill(NaN, (past + queries) * kvWidth);
+      const out = new Float32Array(queries * heads * headDim);
+      attention(out, q, keys, values, queries, past, heads, headDim, kvHeads);
+      expectClose(out, referenceAttention(q, keys, values, queries, past, heads, headDim, kvHeads));
+    });
+  });
+
+  it('with kvHeads equal to heads is the same as without it', () => {
+    const [queries, past, heads, headDim] = [3, 4, 4, 8];
+    const width = heads * headDim;
+    const q = randomFloats(queries * width, 60);
+    const keys = randomFloats((past + queries) * width, 61);
+    const values = randomFloats((past + queries) * width, 62);
+    const [implicit, explicit] = [new Float32Array(queries * width), new Float32Array(queries * width)];
+    attention(implicit, q, keys, values, queries, past, heads, headDim);
+    attention(explicit, q, keys, values, queries, past, heads, headDim, heads);
+    expect(explicit).toEqual(implicit);
+  });
+
+  it('with grouped kv heads is causal, and a kv head reaches only its own group of query heads', () => {
+    const [queries, past, heads, headDim, kvHeads] = [4, 2, 8, 8, 2];
+    const [width, kvWidth] = [heads * headDim, kvHeads * headDim];
+    const q = randomFloats(queries * width, 70);
+    const keys = randomFloats((past + queries) * kvWidth, 71);
+    const values = randomFloats((past + queries) * kvWidth, 72);
+    const before = new Float32Array(queries * width);
+    attention(before, q, keys, values, queries, past, heads, headDim, kvHeads);
+    // Kv head 1 at one position: query heads 4..7 read it, 0..3 do not.
+    const changed = past + 1;
+    keys.fill(50, changed * kvWidth + headDim, (changed + 1) * kvWidth);
+    values.fill(-50, changed * kvWidth + headDim, (changed + 1) * kvWidth);
+    const after = new Float32Array(queries * width);
+    attention(after, q, keys, values, queries, past, heads, headDim, kvHeads);
+    for (let query = 0; query < queries; query++) {
+      for (let head = 0; head < heads; head++) {
+        const begin = query * width + head * headDim;
+        const rows = [before, after].map((array) => [...array.subarray(begin, begin + headDim)]);
+        if (past + query < changed || head < 4) expect(rows[1], `query ${query} head ${head}`).toEqual(rows[0]);
+        else expect(rows[1], `query ${query} head ${head}`).not.toEqual(rows[0]);
+      }
+    }
+  });
+
   it('reads and writes subarrays', () => {
     const [queries, past, heads, headDim] = [3, 5, 2, 12];
     const width = heads * headDim;
@@ -260,7 +489,7 @@ describe('argument errors', () => {
   const floats = (count: number) => new Float32Array(count);
   // Each case runs against the TypeScript face and the addon directly: both must refuse it.
   const layers = [
-    ['kernels.ts', { linear, layerNorm, gelu, attention } as unknown as typeof unchecked],
+    ['kernels.ts', { linear, layerNorm, gelu, rmsNorm, siluMultiply, rotary, attention } as unknown as typeof unchecked],
     ['addon', unchecked],
   ] as const;
 
@@ -337,7 +566,7 @@ describe('argument errors', () => {
       expectInvalid(withArgument(1, floats(11)), 'q must hold at least', '= 12 floats, got 11');
       expectInvalid(withArgument(2, floats(17)), 'keys must hold at least', '= 18 floats, got 17');
       expectInvalid(withArgument(3, floats(17)), 'values must hold at least', '= 18 floats, got 17');
-      expectInvalid(withArgument(5, 2), 'keys must hold at least (past + queries) * heads * headDim = 4 * 2 * 3 = 24 floats, got 18');
+      expectInvalid(withArgument(5, 2), 'keys must hold at least (past + queries) * kvHeads * headDim = 4 * 2 * 3 = 24 floats, got 18');
       expectInvalid(withArgument(3, new Uint8Array(72)), 'values must be a Float32Array');
       expectInvalid(withArgument(4, 0), 'queries must be a', 'positive integer');
       expectInvalid(withArgument(5, -1), 'past must be a', 'non-negative integer');
@@ -348,6 +577,106 @@ describe('argument errors', () => {
         () => kernels.attention(shared.subarray(0, 12), floats(12), shared.subarray(10, 28), floats(18), 2, 1, 2, 3),
         'out must not overlap keys',
       );
+    });
+
+    it(`${layer}: attention checks kvHeads`, () => {
+      // queries 2, past 1, heads 4, headDim 3, kvHeads 2: q and out hold 24, keys and values 18.
+      const valid = () => [floats(24), floats(24), floats(18), floats(18), 2, 1, 4, 3, 2] as unknown[];
+      const withArgument = (index: number, value: unknown) => {
+        const args = valid();
+        args[index] = value;
+        return () => kernels.attention(...args);
+      };
+      expect(() => kernels.attention(...valid())).not.toThrow();
+      expect(withArgument(8, 1)).not.toThrow();
+      expect(withArgument(8, undefined)).toThrow('(past + queries) * kvHeads * headDim = 3 * 4 * 3 = 36 floats, got 18');
+      expectInvalid(withArgument(2, floats(17)), 'keys must hold at least (past + queries) * kvHeads * headDim = 3 * 2 * 3 = 18 floats, got 17');
+      expectInvalid(withArgument(3, floats(17)), 'values must hold at least', '= 18 floats, got 17');
+      expectInvalid(withArgument(8, 3), 'heads must be a multiple of kvHeads, got heads 4 and kvHeads 3');
+      expectInvalid(withArgument(8, 8), 'heads must be a multiple of kvHeads, got heads 4 and kvHeads 8');
+      expectInvalid(withArgument(8, 0), 'kvHeads must be a', 'positive integer');
+      expectInvalid(withArgument(8, 1.5), 'kvHeads must be a', 'integer');
+      expectInvalid(withArgument(8, null), 'kvHeads must be a', 'integer');
+    });
+
+    it(`${layer}: rmsNorm checks types, lengths, dimensions, eps and overlap`, () => {
+      const valid = () => [floats(6), floats(6), floats(3), 2, 3, 1e-5] as unknown[];
+      const withArgument = (index: number, value: unknown) => {
+        const args = valid();
+        args[index] = value;
+        return () => kernels.rmsNorm(...args);
+      };
+      expect(() => kernels.rmsNorm(...valid())).not.toThrow();
+      const same = floats(6);
+      expect(() => kernels.rmsNorm(same, same, floats(3), 2, 3, 1e-5)).not.toThrow();
+      expectInvalid(withArgument(0, floats(5)), 'out must hold at least rows * cols = 2 * 3 = 6 floats, got 5');
+      expectInvalid(withArgument(1, floats(5)), 'x must hold at least', '= 6 floats, got 5');
+      expectInvalid(withArgument(2, floats(2)), 'gamma must hold at least cols = 3 floats, got 2');
+      expectInvalid(withArgument(2, new Float64Array(3)), 'gamma must be a Float32Array');
+      expectInvalid(withArgument(1, undefined), 'x must be a Float32Array');
+      expectInvalid(withArgument(3, 0), 'rows must be a', 'positive integer');
+      expectInvalid(withArgument(4, 1.5), 'cols must be a', 'integer');
+      expectInvalid(withArgument(5, -1), 'eps must be a finite number');
+      expectInvalid(withArgument(5, NaN), 'eps must be a finite number');
+      expectInvalid(withArgument(5, undefined), 'eps must be a finite number');
+      const shared = floats(12);
+      expectInvalid(() => kernels.rmsNorm(shared.subarray(1, 7), shared.subarray(0, 6), floats(3), 2, 3, 1e-5), 'out must not overlap x');
+      expectInvalid(() => kernels.rmsNorm(shared.subarray(0, 6), floats(6), shared.subarray(5, 8), 2, 3, 1e-5), 'out must not overlap gamma');
+    });
+
+    it(`${layer}: siluMultiply checks types, lengths and overlap`, () => {
+      const valid = () => [floats(5), floats(5), floats(5)] as unknown[];
+      const withArgument = (index: number, value: unknown) => {
+        const args = valid();
+        args[index] = value;
+        return () => kernels.siluMultiply(...args);
+      };
+      expect(() => kernels.siluMultiply(...valid())).not.toThrow();
+      const same = floats(5);
+      expect(() => kernels.siluMultiply(same, same, floats(5))).not.toThrow();
+      expectInvalid(withArgument(1, floats(4)), 'gate must have the length of out (5), got 4');
+      expectInvalid(withArgument(2, floats(6)), 'up must have the length of out (5), got 6');
+      expectInvalid(withArgument(0, floats(4)), 'gate must have the length of out (4), got 5');
+      expectInvalid(withArgument(0, new Float64Array(5)), 'out must be a Float32Array', 'Float64Array');
+      expectInvalid(withArgument(1, [1, 2, 3, 4, 5]), 'gate must be a Float32Array');
+      expectInvalid(withArgument(2, null), 'up must be a Float32Array');
+      const shared = floats(12);
+      expectInvalid(() => kernels.siluMultiply(shared.subarray(0, 5), shared.subarray(1, 6), floats(5)), 'out must not overlap gate');
+      expectInvalid(() => kernels.siluMultiply(shared.subarray(0, 5), floats(5), shared.subarray(4, 9)), 'out must not overlap up');
+      expectInvalid(() => kernels.siluMultiply(same, floats(5), same), 'out must not overlap up');
+    });
+
+    it(`${layer}: rotary checks types, lengths, dimensions, positions and overlap`, () => {
+      // rows 2, heads 3, headDim 4: x holds 24, positions 2, inverseFrequencies 2.
+      const valid = () => [floats(24), Int32Array.of(0, 5), floats(2), 2, 3, 4] as unknown[];
+      const withArgument = (index: number, value: unknown) => {
+        const args = valid();
+        args[index] = value;
+        return () => kernels.rotary(...args);
+      };
+      expect(() => kernels.rotary(...valid())).not.toThrow();
+      expectInvalid(withArgument(0, floats(23)), 'x must hold at least rows * heads * headDim = 2 * 3 * 4 = 24 floats, got 23');
+      expectInvalid(withArgument(1, Int32Array.of(0)), 'positions must hold at least rows = 2 integers, got 1');
+      expectInvalid(withArgument(2, floats(1)), 'inverseFrequencies must hold at least headDim / 2 = 2 floats, got 1');
+      expectInvalid(withArgument(5, 3), 'headDim must be even, got 3');
+      expectInvalid(withArgument(5, 0), 'headDim must be a', 'positive integer');
+      expectInvalid(withArgument(3, 0), 'rows must be a', 'positive integer');
+      expectInvalid(withArgument(4, -1), 'heads must be a', 'positive integer');
+      expectInvalid(withArgument(1, Int32Array.of(0, -1)), 'positions[1] must be >= 0, got -1');
+      expectInvalid(withArgument(1, Int32Array.of(-2147483648, 0)), 'positions[0] must be >= 0, got -2147483648');
+      expectInvalid(withArgument(1, Float32Array.of(0, 1)), 'positions must be an Int32Array', 'Float32Array');
+      expectInvalid(withArgument(1, Uint32Array.of(0, 1)), 'positions must be an Int32Array', 'Uint32Array');
+      expectInvalid(withArgument(1, [0, 1]), 'positions must be an Int32Array', 'an Array');
+      expectInvalid(withArgument(0, new Float64Array(24)), 'x must be a Float32Array');
+      expectInvalid(withArgument(2, undefined), 'inverseFrequencies must be a Float32Array');
+      const shared = new ArrayBuffer(4 * 30);
+      expectInvalid(() => kernels.rotary(new Float32Array(shared, 0, 24), new Int32Array(shared, 4 * 23, 2), floats(2), 2, 3, 4), 'x must not overlap positions');
+      expectInvalid(
+        () => kernels.rotary(new Float32Array(shared, 4 * 6, 24), Int32Array.of(0, 5), new Float32Array(shared, 4 * 5, 2), 2, 3, 4),
+        'x must not overlap inverseFrequencies',
+      );
+      // Spare positions and frequencies past what the shape needs may share x's buffer.
+      expect(() => kernels.rotary(new Float32Array(shared, 0, 24), new Int32Array(shared, 4 * 24, 2), new Float32Array(shared, 4 * 26, 2), 2, 3, 4)).not.toThrow();
     });
   }
 });

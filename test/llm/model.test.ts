@@ -3,9 +3,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ActorDiedError, DataError, InvalidArgumentError, ModelLoadError, fromItems, init, shutdown, state } from '../../lib/index.js';
-import { buildLLMProcessor, DecoderShard, ModelReplica, planSharding, readCheckpointConfig } from '../../lib/index.js';
+import { buildLLMProcessor, checkDecoderConfig, configFromHuggingFace, DecoderShard, ModelReplica, planSharding, readCheckpointConfig } from '../../lib/index.js';
 import { isAlive, until } from '../core/helpers.js';
-import { randomWeights, referenceGenerate, referenceLogits, TINY, writeCheckpoint, type Weights } from './fixtures/gpt2.js';
+import { randomWeights, referenceGenerate, referenceLogits, TINY, TINY_LLAMA, writeCheckpoint, type Weights } from './fixtures/decoders.js';
 
 const PROMPTS = [[5, 17, 3], [42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [96, 0, 33, 12], [7, 7, 7, 7, 7, 7]];
 
@@ -48,8 +48,60 @@ describe('model sharding', () => {
   });
 
   it('reads config.json beside the checkpoint', () => {
-    expect(readCheckpointConfig(checkpoint)).toEqual(TINY);
-    expect(readCheckpointConfig(join(checkpoint, 'model.safetensors'))).toEqual(TINY);
+    expect(readCheckpointConfig(checkpoint)).toEqual(checkDecoderConfig(TINY));
+    expect(readCheckpointConfig(join(checkpoint, 'model.safetensors'))).toEqual(checkDecoderConfig(TINY));
+  });
+
+  it('reads Llama-layout configs, and refuses what it cannot run with the reason', () => {
+    const llama = {
+      model_type: 'llama', vocab_size: 128256, hidden_size: 4096, num_hidden_layers: 32, num_attention_heads: 32, num_key_value_heads: 8,
+      intermediate_size: 14336, max_position_embeddings: 131072, rms_norm_eps: 1e-5, rope_theta: 500000, tie_word_embeddings: false,
+      rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 },
+    };
+    expect(configFromHuggingFace(llama)).toMatchObject({ architecture: 'llama', numKeyValueHeads: 8, headSize: 128, ropeTheta: 500000, tieWordEmbeddings: false, ropeScaling: { factor: 8, originalMaxPositions: 8192 } });
+    expect(planSharding(configFromHuggingFace(llama), { tensorParallel: 8, pipelineParallel: 4 })).toMatchObject({ headsPerRank: 4, keyValueHeadsPerRank: 1, intermediatePerRank: 1792 });
+    expect(() => planSharding(configFromHuggingFace(llama), { tensorParallel: 16 })).toThrow(/does not divide the model's 8 key\/value heads/);
+    const refused = (json: Record<string, unknown>, code: string, pattern: RegExp) => {
+      try {
+        configFromHuggingFace(json, '/models/x/config.json');
+        throw new Error('not refused');
+      } catch (error) {
+        expect(error).toBeInstanceOf(ModelLoadError);
+        expect(error).toMatchObject({ code, file: '/models/x/config.json' });
+        expect((error as Error).message).toMatch(pattern);
+      }
+    };
+    refused({ ...llama, model_type: 'mistral', sliding_window: 4096 }, 'ERR_MODEL_ARCHITECTURE', /sliding-window attention \(window 4096\)/);
+    refused({ ...llama, rope_scaling: { rope_type: 'yarn', factor: 4 } }, 'ERR_MODEL_CONFIG', /rope_scaling of type 'yarn'/);
+    refused({ model_type: 'bert' }, 'ERR_MODEL_ARCHITECTURE', /model_type 'bert' is not supported/);
+    refused({ ...llama, num_key_value_heads: 5 }, 'ERR_MODEL_CONFIG', /numHeads 32 is not a multiple of numKeyValueHeads 5/);
+  });
+
+  it('a Llama-layout decoder (grouped-query attention, rotary positions, query/key/value biases) matches the reference, cut or whole', async () => {
+    const llamaWeights = randomWeights(TINY_LLAMA, 5);
+    // Qwen2's biases on query, key and value.
+    const h = TINY_LLAMA.hiddenSize;
+    for (let layer = 0; layer < TINY_LLAMA.numLayers; layer++) {
+      for (const [name, size] of [['q_proj', 48], ['k_proj', 12], ['v_proj', 12]] as const) {
+        llamaWeights[`layers.${layer}.self_attn.${name}.bias`] = { shape: [size], data: Float32Array.from({ length: size }, (_, i) => Math.sin(i + layer + h) * 0.2) };
+      }
+    }
+    const llama = await writeCheckpoint(join(directory, 'llama'), TINY_LLAMA, llamaWeights, { prefix: 'model.' });
+    const config = readCheckpointConfig(llama)!;
+    // One shard, prompt read in two pieces: rotary positions continue across the cache.
+    const shard = await DecoderShard.load({ checkpoint: llama, config, plan: planSharding(config), stage: 0, rank: 0 });
+    const prompt = [3, 99, 14, 15, 92, 65, 35, 89, 79];
+    const reference = referenceLogits(TINY_LLAMA, llamaWeights, prompt);
+    await shard.forward({ step: 0, sequences: [{ id: 0, past: 0, count: 5 }], released: [], tokens: Int32Array.from(prompt.slice(0, 5)) });
+    const rest = (await shard.forward({ step: 1, sequences: [{ id: 0, past: 5, count: 4 }], released: [], tokens: Int32Array.from(prompt.slice(5)), logits: true })) as { logits: Float32Array };
+    const wanted = reference[prompt.length - 1];
+    const scale = Math.max(...wanted.map(Math.abs));
+    for (let v = 0; v < wanted.length; v++) expect(Math.abs(rest.logits[v] - wanted[v])).toBeLessThan(1e-4 * scale + 1e-5);
+    // Cut two ways in each layer (one key/value head per rank) and across two stages.
+    const prompts = [prompt, [1, 2], [50, 60, 70, 80, 90, 100, 0, 10, 20, 30, 40, 5]];
+    await using replica = await ModelReplica.create({ checkpoint: llama, tensorParallel: 2, pipelineParallel: 2, maxTokensPerStep: 8 });
+    const generated = await replica.generate(prompts.map((tokens) => ({ tokens, maxNewTokens: 5 })));
+    expect(generated.map((generation) => generation.tokens)).toEqual(prompts.map((tokens) => referenceGenerate(TINY_LLAMA, llamaWeights, tokens, 5)));
   });
 
   it('one shard with a key/value cache gives the reference logits, prompt read whole or in pieces', async () => {
@@ -129,7 +181,7 @@ describe('model sharding', () => {
     const error = await ModelReplica.create({ checkpoint: wrong }).catch((caught: unknown) => caught);
     expect(error).toBeInstanceOf(ModelLoadError);
     expect(error).toMatchObject({ code: 'ERR_MODEL_SHAPE', tensor: 'h.0.mlp.c_fc.weight' });
-    writeFileSync(join(wrong, 'config.json'), JSON.stringify({ model_type: 'llama' }));
+    writeFileSync(join(wrong, 'config.json'), JSON.stringify({ model_type: 'falcon' }));
     await expect(ModelReplica.create({ checkpoint: wrong })).rejects.toMatchObject({ code: 'ERR_MODEL_ARCHITECTURE' });
     // No rank is left behind by a replica that failed to start.
     await until(() => state().actors.every((actor) => actor.className !== 'ShardWorker' || actor.state === 'dead'), 'the failed replicas\' ranks to end');
