@@ -92,13 +92,12 @@ export function linear(out: Float32Array, x: Float32Array, weight: Float32Array,
   native.kernels.linear(out, x, weight, bias, m, k, n);
 }
 
-/** Per row of `cols`: (x - mean) / sqrt(var + eps) * gamma + beta. out may be x itself. */
-export function layerNorm(out: Float32Array, x: Float32Array, gamma: Float32Array, beta: Float32Array, rows: number, cols: number, eps: number): void {
-  const kernel = 'layerNorm';
+/** The checks both norms share; beta is layer norm's shift (undefined for RMS norm). */
+function checkNorm(kernel: string, out: Float32Array, x: Float32Array, gamma: Float32Array, beta: Float32Array | null | undefined, rows: number, cols: number, eps: number): void {
   requireFloats(kernel, 'out', out);
   requireFloats(kernel, 'x', x);
   requireFloats(kernel, 'gamma', gamma);
-  requireFloats(kernel, 'beta', beta);
+  if (beta !== undefined) requireFloats(kernel, 'beta', beta);
   requireDimension(kernel, 'rows', rows, 1);
   requireDimension(kernel, 'cols', cols, 1);
   requireEpsilon(kernel, eps);
@@ -107,11 +106,17 @@ export function layerNorm(out: Float32Array, x: Float32Array, gamma: Float32Arra
   requireLength(kernel, 'out', out, size, formula);
   requireLength(kernel, 'x', x, size, formula);
   requireLength(kernel, 'gamma', gamma, cols, 'cols');
-  requireLength(kernel, 'beta', beta, cols, 'cols');
+  if (beta) requireLength(kernel, 'beta', beta, cols, 'cols');
   const inPlace = out.buffer === x.buffer && out.byteOffset === x.byteOffset;
   if (!inPlace) requireDisjoint(kernel, out, size, x, size, 'x (unless it is x itself)');
   requireDisjoint(kernel, out, size, gamma, cols, 'gamma');
-  requireDisjoint(kernel, out, size, beta, cols, 'beta');
+  if (beta) requireDisjoint(kernel, out, size, beta, cols, 'beta');
+}
+
+/** Per row of `cols`: (x - mean) / sqrt(var + eps) * gamma + beta. out may be x itself. */
+export function layerNorm(out: Float32Array, x: Float32Array, gamma: Float32Array, beta: Float32Array, rows: number, cols: number, eps: number): void {
+  // null, not undefined, for a missing beta: layer norm needs one, and checkNorm then says so.
+  checkNorm('layerNorm', out, x, gamma, beta ?? null, rows, cols, eps);
   native.kernels.layerNorm(out, x, gamma, beta, rows, cols, eps);
 }
 
@@ -123,21 +128,7 @@ export function gelu(x: Float32Array): void {
 
 /** Per row of `cols`: x / sqrt(mean(x^2) + eps) * gamma (Llama's RMSNorm; the mean in f64). out may be x itself. */
 export function rmsNorm(out: Float32Array, x: Float32Array, gamma: Float32Array, rows: number, cols: number, eps: number): void {
-  const kernel = 'rmsNorm';
-  requireFloats(kernel, 'out', out);
-  requireFloats(kernel, 'x', x);
-  requireFloats(kernel, 'gamma', gamma);
-  requireDimension(kernel, 'rows', rows, 1);
-  requireDimension(kernel, 'cols', cols, 1);
-  requireEpsilon(kernel, eps);
-  const size = product(kernel, 'rows * cols', rows, cols);
-  const formula = `rows * cols = ${rows} * ${cols}`;
-  requireLength(kernel, 'out', out, size, formula);
-  requireLength(kernel, 'x', x, size, formula);
-  requireLength(kernel, 'gamma', gamma, cols, 'cols');
-  const inPlace = out.buffer === x.buffer && out.byteOffset === x.byteOffset;
-  if (!inPlace) requireDisjoint(kernel, out, size, x, size, 'x (unless it is x itself)');
-  requireDisjoint(kernel, out, size, gamma, cols, 'gamma');
+  checkNorm('rmsNorm', out, x, gamma, undefined, rows, cols, eps);
   native.kernels.rmsNorm(out, x, gamma, rows, cols, eps);
 }
 

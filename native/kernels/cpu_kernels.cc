@@ -446,6 +446,32 @@ void AttentionWith(float* out, const float* q, const float* keys, const float* v
   }
 }
 
+// The sum of a row, or of its squared distances from `center`, in double and four lanes at a
+// time: an f32 sum over thousands of columns would drift with their order, and the variance of
+// (x - mean) does not cancel as E[x²] - mean² can.
+double RowSum(const float* in, size_t columns) {
+  double sums[4] = {0, 0, 0, 0};
+  size_t i = 0;
+  for (; i + 4 <= columns; i += 4) {
+    for (int lane = 0; lane < 4; ++lane) sums[lane] += in[i + lane];
+  }
+  for (; i < columns; ++i) sums[0] += in[i];
+  return sums[0] + sums[1] + sums[2] + sums[3];
+}
+
+double SquaredDistances(const float* in, size_t columns, double center) {
+  double squares[4] = {0, 0, 0, 0};
+  size_t i = 0;
+  for (; i + 4 <= columns; i += 4) {
+    for (int lane = 0; lane < 4; ++lane) {
+      const double distance = in[i + lane] - center;
+      squares[lane] += distance * distance;
+    }
+  }
+  for (; i < columns; ++i) squares[0] += (in[i] - center) * (in[i] - center);
+  return squares[0] + squares[1] + squares[2] + squares[3];
+}
+
 }  // namespace
 
 void Linear(float* out, const float* x, const float* weight, const float* bias, size_t rows, size_t depth, size_t columns) {
@@ -460,27 +486,12 @@ void LayerNorm(float* out, const float* x, const float* gamma, const float* beta
   for (size_t row = 0; row < rows; ++row) {
     const float* in = x + row * columns;
     float* target = out + row * columns;
-    // Two passes in double: the variance of (x - mean) does not cancel as E[x²] - mean² can.
-    double sums[4] = {0, 0, 0, 0};
-    size_t i = 0;
-    for (; i + 4 <= columns; i += 4) {
-      for (int lane = 0; lane < 4; ++lane) sums[lane] += in[i + lane];
-    }
-    for (; i < columns; ++i) sums[0] += in[i];
-    const double mean = (sums[0] + sums[1] + sums[2] + sums[3]) / static_cast<double>(columns);
-    double squares[4] = {0, 0, 0, 0};
-    for (i = 0; i + 4 <= columns; i += 4) {
-      for (int lane = 0; lane < 4; ++lane) {
-        const double centered = in[i + lane] - mean;
-        squares[lane] += centered * centered;
-      }
-    }
-    for (; i < columns; ++i) squares[0] += (in[i] - mean) * (in[i] - mean);
-    const double variance = (squares[0] + squares[1] + squares[2] + squares[3]) / static_cast<double>(columns);
+    const double mean = RowSum(in, columns) / static_cast<double>(columns);
+    const double variance = SquaredDistances(in, columns, mean) / static_cast<double>(columns);
     const float mean_float = static_cast<float>(mean);
     const float inverse_deviation = static_cast<float>(1.0 / std::sqrt(variance + static_cast<double>(epsilon)));
     // Element i of the row is read before it is written, so out == x is safe.
-    for (i = 0; i < columns; ++i) target[i] = (in[i] - mean_float) * inverse_deviation * gamma[i] + beta[i];
+    for (size_t i = 0; i < columns; ++i) target[i] = (in[i] - mean_float) * inverse_deviation * gamma[i] + beta[i];
   }
 }
 
@@ -495,20 +506,10 @@ void RmsNorm(float* out, const float* x, const float* gamma, size_t rows, size_t
   for (size_t row = 0; row < rows; ++row) {
     const float* in = x + row * columns;
     float* target = out + row * columns;
-    // In double, as LayerNorm: an f32 sum over thousands of columns would drift with their order.
-    double squares[4] = {0, 0, 0, 0};
-    size_t i = 0;
-    for (; i + 4 <= columns; i += 4) {
-      for (int lane = 0; lane < 4; ++lane) {
-        const double value = in[i + lane];
-        squares[lane] += value * value;
-      }
-    }
-    for (; i < columns; ++i) squares[0] += static_cast<double>(in[i]) * in[i];
-    const double mean_square = (squares[0] + squares[1] + squares[2] + squares[3]) / static_cast<double>(columns);
+    const double mean_square = SquaredDistances(in, columns, 0.0) / static_cast<double>(columns);
     const float inverse_root = static_cast<float>(1.0 / std::sqrt(mean_square + static_cast<double>(epsilon)));
     // Element i of the row is read before it is written, so out == x is safe.
-    for (i = 0; i < columns; ++i) target[i] = in[i] * inverse_root * gamma[i];
+    for (size_t i = 0; i < columns; ++i) target[i] = in[i] * inverse_root * gamma[i];
   }
 }
 
