@@ -196,6 +196,30 @@ export function readCheckpointConfig(checkpoint: string): ResolvedDecoderConfig 
   return configFromHuggingFace(json as Record<string, unknown>, file);
 }
 
+/**
+ * The tokens that end a generation by default: eos_token_id of generation_config.json, else of
+ * config.json, beside the checkpoint (a number or a list). Empty when neither names one.
+ */
+export function readEndOfSequenceTokens(checkpoint: string): number[] {
+  const directory = existsSync(checkpoint) && statSync(checkpoint).isDirectory() ? checkpoint : dirname(checkpoint);
+  for (const name of ['generation_config.json', 'config.json']) {
+    const file = join(directory, name);
+    if (!existsSync(file)) continue;
+    let json: { eos_token_id?: unknown };
+    try {
+      json = JSON.parse(readFileSync(file, 'utf8')) as { eos_token_id?: unknown };
+    } catch (error) {
+      throw new ModelLoadError('ERR_MODEL_CONFIG', `${file} is not valid JSON: ${(error as Error).message}`, { file });
+    }
+    const ids = json?.eos_token_id;
+    if (ids === undefined || ids === null) continue;
+    const list = Array.isArray(ids) ? ids : [ids];
+    if (!list.every((id) => Number.isInteger(id) && id >= 0)) throw new ModelLoadError('ERR_MODEL_CONFIG', `${file}: eos_token_id must be a token id or a list of them, got ${JSON.stringify(ids)}`, { file });
+    return list as number[];
+  }
+  return [];
+}
+
 /** The rotary inverse frequencies of a head (headSize / 2 of them), Llama 3's scaling applied. */
 export function rotaryInverseFrequencies(config: ResolvedDecoderConfig): Float32Array {
   const half = config.headSize / 2;

@@ -22,7 +22,6 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
   tokensColumn?: string;
   /** Defaults for every row; a row's own `maxNewTokens` or `sampling` column wins. */
   maxNewTokens?: number;
-  stopTokens?: number[];
   sampling?: SamplingParameters;
   /** Functions registered with remote() that run on each row before and after generation. */
   preprocess?: (row: Row) => Row | Promise<Row>;
@@ -56,7 +55,6 @@ export class LLMEngine {
       return {
         tokens: tokens as ArrayLike<number>,
         maxNewTokens: (row.maxNewTokens as number | undefined) ?? this.#options.maxNewTokens,
-        stopTokens: this.#options.stopTokens,
         sampling: (row.sampling as SamplingParameters | undefined) ?? this.#options.sampling,
       };
     });

@@ -15,7 +15,7 @@ import { newObjectId } from '../store/object-id.js';
 import { createCollectiveGroup, type CollectiveGroup } from '../gpu/collective.js';
 import { InputNode, MultiOutputNode, type DAGNode } from '../dag/nodes.js';
 import type { CompiledGraph } from '../dag/compiled-graph.js';
-import { checkDecoderConfig, readCheckpointConfig, type DecoderConfig, type ResolvedDecoderConfig } from './config.js';
+import { checkDecoderConfig, readCheckpointConfig, readEndOfSequenceTokens, type DecoderConfig, type ResolvedDecoderConfig } from './config.js';
 import { planSharding, type ParallelismOptions, type ShardingPlan } from './plan.js';
 import { Checkpoint } from './safetensors.js';
 import { checkSampling, type SamplingParameters } from './sampling.js';
@@ -39,6 +39,11 @@ export interface ModelReplicaOptions extends ParallelismOptions {
   maxTokensPerStep?: number;
   /** Steps in the pipeline at once (default: pipelineParallel). */
   stepsInFlight?: number;
+  /**
+   * Tokens that end a generation when a request names none (default: the checkpoint's
+   * eos_token_id, from generation_config.json or config.json; [] for none).
+   */
+  stopTokens?: number[];
 }
 
 export interface GenerateRequest {
@@ -46,7 +51,7 @@ export interface GenerateRequest {
   tokens: ArrayLike<number>;
   /** Tokens to generate at most (default 16). */
   maxNewTokens?: number;
-  /** Generation ends after any of these tokens (it is kept in the output). */
+  /** Generation ends after any of these tokens, kept in the output (default: the replica's stopTokens). */
   stopTokens?: number[];
   sampling?: SamplingParameters;
 }
@@ -99,6 +104,7 @@ export class ModelReplica {
   readonly #maxTokens: number;
   readonly #stepsInFlight: number;
   readonly #weightBytes: number;
+  readonly #stopTokens: number[];
   readonly #waiting: Sequence[] = [];
   readonly #running: Sequence[] = [];
   #released: number[] = [];
@@ -118,6 +124,7 @@ export class ModelReplica {
     graph: CompiledGraph;
     placement: PlacementGroup | undefined;
     weightBytes: number;
+    stopTokens: number[];
     options: ModelReplicaOptions;
   }) {
     this.config = parts.config;
@@ -130,6 +137,12 @@ export class ModelReplica {
     this.#maxSequences = positiveInteger(parts.options.maxSequencesPerStep, 'maxSequencesPerStep', 64);
     this.#maxTokens = positiveInteger(parts.options.maxTokensPerStep, 'maxTokensPerStep', 2048);
     this.#stepsInFlight = positiveInteger(parts.options.stepsInFlight, 'stepsInFlight', parts.plan.pipelineParallel);
+    this.#stopTokens = parts.stopTokens;
+  }
+
+  /** The tokens that end a generation by default. */
+  get stopTokens(): readonly number[] {
+    return this.#stopTokens;
   }
 
   /** Starts the ranks, loads their weights and compiles the graph through them. */
@@ -142,6 +155,8 @@ export class ModelReplica {
       throw new ModelLoadError('ERR_MODEL_CONFIG', `no config.json beside the checkpoint ${options.checkpoint}: pass the decoder's config`, { file: options.checkpoint });
     }
     const plan = planSharding(config, options);
+    const stopTokens = options.stopTokens ?? readEndOfSequenceTokens(options.checkpoint);
+    if (!Array.isArray(stopTokens) || stopTokens.some((token) => !Number.isInteger(token))) throw new InvalidArgumentError('stopTokens must be an array of token ids', 'ERR_PROMPT');
     for (const what of ['maxSequencesPerStep', 'maxTokensPerStep', 'stepsInFlight'] as const) positiveInteger(options[what], what, 1);
     const numCpus = options.numCpusPerRank ?? 1;
     if (typeof numCpus !== 'number' || !(numCpus >= 0)) throw new InvalidArgumentError(`numCpusPerRank must be a number >= 0, got ${String(numCpus)}`);
@@ -187,7 +202,7 @@ export class ModelReplica {
       let previous: DAGNode[] = workers[0].map((worker) => worker.forward.bind(input));
       for (const stage of plan.stages.slice(1)) previous = workers[stage.index].map((worker, rank) => worker.forward.bind(previous[rank]));
       const graph = await new MultiOutputNode(previous).compile({ maxInflight: Math.max(2, stepsInFlight + 1) });
-      return new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), options });
+      return new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), stopTokens, options });
     } catch (error) {
       await Promise.allSettled(groups.map((group) => group.destroy()));
       for (const worker of workers.flat()) kill(worker);
@@ -226,7 +241,7 @@ export class ModelReplica {
         throw new InvalidArgumentError(`${what}: token ${String(token)} at position ${position} is outside the vocabulary of ${this.config.vocabSize}`, 'ERR_TOKEN');
       }
     }
-    const stopTokens = request.stopTokens ?? [];
+    const stopTokens = request.stopTokens ?? this.#stopTokens;
     if (!Array.isArray(stopTokens) || stopTokens.some((token) => !Number.isInteger(token))) throw new InvalidArgumentError(`${what}: stopTokens must be an array of token ids`, 'ERR_PROMPT');
     return {
       id: this.#nextSequence++,

@@ -146,6 +146,17 @@ describe('model sharding', () => {
     expect(stopped.finishReason).toBe('stop');
   });
 
+  it('stops at the checkpoint\'s end-of-sequence tokens unless a request names its own', async () => {
+    const withEnd = await writeCheckpoint(join(directory, 'with-end'), TINY, weights);
+    const end = expected[0][2];
+    writeFileSync(join(withEnd, 'generation_config.json'), JSON.stringify({ eos_token_id: [end, 96] }));
+    await using replica = await ModelReplica.create({ checkpoint: withEnd });
+    expect(replica.stopTokens).toEqual([end, 96]);
+    const [ended, unstopped] = await replica.generate([{ tokens: PROMPTS[0], maxNewTokens: 6 }, { tokens: PROMPTS[0], maxNewTokens: 6, stopTokens: [] }]);
+    expect(ended).toMatchObject({ tokens: expected[0].slice(0, expected[0].indexOf(end) + 1), finishReason: 'stop' });
+    expect(unstopped).toMatchObject({ tokens: expected[0], finishReason: 'length' });
+  });
+
   it('samples the same tokens for the same seed, however the model is cut', async () => {
     const sampling = { temperature: 0.8, topK: 20, seed: 11 };
     const requests = PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 5, sampling }));
