@@ -351,9 +351,11 @@ export class ModelReplica {
       for (const sequence of [...this.#running, ...this.#waiting.splice(0)]) sequence.fail(error);
       this.#running.length = 0;
       this.#broken ??= error;
-      // Taken before the kills: a killed actor no longer knows its process.
+      // Taken before the kills: a killed actor no longer knows its process. A worker cannot see
+      // processes exit, only the driver's word that each rank is dead.
       const runtime = currentRuntime();
-      const gone = this.ranks().map((rank) => runtime.whenActorProcessGone(rank.actorId));
+      const inDriver = runtime.context().isDriver;
+      const gone = this.ranks().map((rank) => (inDriver ? runtime.whenActorProcessGone(rank.actorId) : new Promise<void>((resolve) => runtime.watchActors([rank.actorId], () => resolve()))));
       await this.#graph.teardown({ killActors: true }).catch(() => {});
       await Promise.allSettled(this.#groups.map((group) => group.destroy()));
       for (const worker of this.#workers.flat()) {
@@ -364,7 +366,10 @@ export class ModelReplica {
         }
       }
       // Closed means the ranks' processes, and the memory they held, are gone.
-      await Promise.all(gone);
+      // Bounded, so that close() always ends: a rank's process is killed outright well before.
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([Promise.all(gone), new Promise((resolve) => (timer = setTimeout(resolve, 30_000).unref()))]);
+      clearTimeout(timer);
       if (this.#placement) removePlacementGroup(this.#placement);
     })();
     return this.#closed;
