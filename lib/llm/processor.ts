@@ -4,12 +4,15 @@
  * and the pool's batches interleave in it, so the replica's continuous batching sees several
  * batches' sequences at once and keeps its pipeline full.
  */
-import { InvalidArgumentError } from '../errors.js';
+import { existsSync, statSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { InvalidArgumentError, ModelLoadError } from '../errors.js';
 import { remote } from '../core/registry.js';
 import type { Dataset } from '../data/dataset.js';
 import type { Row } from '../data/block.js';
 import { ModelReplica, type Generation, type GenerateRequest, type ModelReplicaOptions } from './replica.js';
 import { checkSampling, type SamplingParameters } from './sampling.js';
+import { Tokenizer } from './tokenizer.js';
 
 export interface LLMProcessorOptions extends ModelReplicaOptions {
   /** Replicas: a number, or [min, max] for a pool that grows with the backlog (default 1). */
@@ -20,6 +23,13 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
   batchesPerReplica?: number;
   /** The column holding each row's prompt tokens (default 'tokens'). */
   tokensColumn?: string;
+  /**
+   * A column of text prompts instead: encoded with the checkpoint's tokenizer.json (or
+   * `tokenizer`), and each row also gains `generatedText`.
+   */
+  promptColumn?: string;
+  /** A tokenizer.json, or a directory holding one (default: the checkpoint's directory). */
+  tokenizer?: string;
   /** Defaults for every row; a row's own `maxNewTokens` or `sampling` column wins. */
   maxNewTokens?: number;
   sampling?: SamplingParameters;
@@ -35,25 +45,47 @@ type EngineOptions = Omit<LLMProcessorOptions, 'preprocess' | 'postprocess' | 'c
 export class LLMEngine {
   readonly ready: Promise<void>;
   #replica: ModelReplica | undefined;
+  #tokenizer: Tokenizer | undefined;
   readonly #options: EngineOptions;
 
   constructor(options: EngineOptions) {
     this.#options = options;
-    this.ready = ModelReplica.create(options).then((replica) => {
-      this.#replica = replica;
-    });
+    this.ready = (async () => {
+      if (options.promptColumn !== undefined) this.#tokenizer = await Tokenizer.load(options.tokenizer ?? checkpointDirectory(options.checkpoint));
+      this.#replica = await ModelReplica.create(options);
+      if (this.#tokenizer && this.#tokenizer.vocabSize > this.#replica.config.vocabSize) {
+        await this.#replica.close();
+        throw new ModelLoadError('ERR_TOKENIZER', `the tokenizer's ${this.#tokenizer.vocabSize} tokens do not fit the model's vocabulary of ${this.#replica.config.vocabSize}`);
+      }
+    })();
+  }
+
+  #prompt(row: Row, index: number): ArrayLike<number> {
+    const { promptColumn } = this.#options;
+    if (promptColumn !== undefined) {
+      const text = row[promptColumn];
+      if (typeof text !== 'string') throw new InvalidArgumentError(`row ${index}: column '${promptColumn}' must hold the prompt's text, got ${text === undefined ? 'nothing' : typeof text}`, 'ERR_PROMPT');
+      return this.#tokenizer!.encode(text);
+    }
+    const column = this.#options.tokensColumn ?? 'tokens';
+    const tokens = row[column];
+    if (!Array.isArray(tokens) && !ArrayBuffer.isView(tokens)) {
+      throw new InvalidArgumentError(`row ${index}: column '${column}' must hold the prompt's token ids, got ${tokens === undefined ? 'nothing' : typeof tokens}`, 'ERR_PROMPT');
+    }
+    return tokens as ArrayLike<number>;
+  }
+
+  /** Models often have more ids than their tokenizer (a vocabulary padded for speed): those have no text. */
+  #text(tokens: number[]): string {
+    const tokenizer = this.#tokenizer!;
+    return tokenizer.decode(tokens.filter((token) => token < tokenizer.vocabSize));
   }
 
   async call(rows: Row[]): Promise<Row[]> {
     await this.ready;
-    const column = this.#options.tokensColumn ?? 'tokens';
     const requests: GenerateRequest[] = rows.map((row, index) => {
-      const tokens = row[column];
-      if (!Array.isArray(tokens) && !ArrayBuffer.isView(tokens)) {
-        throw new InvalidArgumentError(`row ${index}: column '${column}' must hold the prompt's token ids, got ${tokens === undefined ? 'nothing' : typeof tokens}`, 'ERR_PROMPT');
-      }
       return {
-        tokens: tokens as ArrayLike<number>,
+        tokens: this.#prompt(row, index),
         maxNewTokens: (row.maxNewTokens as number | undefined) ?? this.#options.maxNewTokens,
         sampling: (row.sampling as SamplingParameters | undefined) ?? this.#options.sampling,
       };
@@ -62,6 +94,7 @@ export class LLMEngine {
     return rows.map((row, index) => ({
       ...row,
       generatedTokens: generations[index].tokens,
+      ...(this.#tokenizer ? { generatedText: this.#text(generations[index].tokens) } : {}),
       finishReason: generations[index].finishReason,
       promptTokens: generations[index].promptTokens,
     }));
@@ -70,9 +103,14 @@ export class LLMEngine {
 
 export const RemoteLLMEngine = remote(import.meta, LLMEngine);
 
+/** The directory a checkpoint path (a directory, a .safetensors file or an index) names. */
+function checkpointDirectory(checkpoint: string): string {
+  return existsSync(checkpoint) && statSync(checkpoint).isDirectory() ? checkpoint : dirname(checkpoint);
+}
+
 /**
  * A function from a dataset of prompts to a dataset of generations: each row gains
- * `generatedTokens`, `finishReason` and `promptTokens`.
+ * `generatedTokens`, `finishReason` and `promptTokens` (and `generatedText` for text prompts).
  */
 export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Dataset) => Dataset {
   if (typeof options !== 'object' || options === null || typeof options.checkpoint !== 'string') {

@@ -3,7 +3,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ActorDiedError, DataError, InvalidArgumentError, ModelLoadError, fromItems, init, shutdown, state } from '../../lib/index.js';
-import { buildLLMProcessor, checkDecoderConfig, configFromHuggingFace, DecoderShard, ModelReplica, planSharding, readCheckpointConfig } from '../../lib/index.js';
+import { buildLLMProcessor, checkDecoderConfig, configFromHuggingFace, DecoderShard, ModelReplica, planSharding, readCheckpointConfig, Tokenizer } from '../../lib/index.js';
+import { gpt2StyleTokenizerJson } from './fixtures/tokenizers.js';
 import { isAlive, until } from '../core/helpers.js';
 import { randomWeights, referenceGenerate, referenceLogits, TINY, TINY_LLAMA, writeCheckpoint, type Weights } from './fixtures/decoders.js';
 
@@ -227,6 +228,28 @@ describe('model sharding', () => {
     expect((error as Error).message).toMatch(/ActorDiedError: .*actor ShardWorker died/);
     // The engine's process went with the job; its ranks end with it (no handle to them is left).
     await until(() => ranks().every((actor) => actor.state === 'dead'), 'the ranks to end');
+  });
+
+  it('takes text prompts and gives text back, through the checkpoint\'s tokenizer', async () => {
+    // A model with more ids than its tokenizer, as real ones often have: those ids have no text.
+    const config = { ...TINY, vocabSize: 300 };
+    const textWeights = randomWeights(config, 9);
+    const textModel = await writeCheckpoint(join(directory, 'text'), config, textWeights);
+    const json = gpt2StyleTokenizerJson();
+    writeFileSync(join(textModel, 'tokenizer.json'), JSON.stringify(json));
+    const tokenizer = Tokenizer.fromJSON(json);
+    const prompts = ['Hello world', 'the cat sat', "it's 42!"];
+    const processor = buildLLMProcessor({ checkpoint: textModel, promptColumn: 'prompt', tensorParallel: 2, maxNewTokens: 5 });
+    const rows = await processor(fromItems(prompts.map((prompt, id) => ({ id, prompt })))).takeAll();
+    rows.sort((a, b) => (a.id as number) - (b.id as number));
+    prompts.forEach((prompt, index) => {
+      const wanted = referenceGenerate(config, textWeights, tokenizer.encode(prompt), 5);
+      expect(Array.from(rows[index].generatedTokens as number[])).toEqual(wanted);
+      expect(rows[index].generatedText).toBe(tokenizer.decode(wanted.filter((token) => token < tokenizer.vocabSize)));
+      expect(rows[index].promptTokens).toBe(tokenizer.encode(prompt).length);
+    });
+    // A prompt column without text is named.
+    await expect(processor(fromItems([{ id: 0, prompt: 7 }])).takeAll()).rejects.toThrow(/column 'prompt' must hold the prompt's text, got number/);
   });
 
   it('runs a dataset through replicas as a batch processor', async () => {
