@@ -6,7 +6,7 @@
  */
 import { existsSync, statSync } from 'node:fs';
 import { dirname } from 'node:path';
-import { InvalidArgumentError, ModelLoadError } from '../errors.js';
+import { ActorDiedError, InvalidArgumentError, ModelLoadError } from '../errors.js';
 import { remote } from '../core/registry.js';
 import type { Dataset } from '../data/dataset.js';
 import type { Row } from '../data/block.js';
@@ -33,6 +33,11 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
   /** Defaults for every row; a row's own `maxNewTokens` or `sampling` column wins. */
   maxNewTokens?: number;
   sampling?: SamplingParameters;
+  /**
+   * Times a replica is rebuilt after one of its ranks dies (default 2). Its batches in flight
+   * then run again from their prompts on the new ranks; seeded sampling gives the same text.
+   */
+  maxReplicaRestarts?: number;
   /** Functions registered with remote() that run on each row before and after generation. */
   preprocess?: (row: Row) => Row | Promise<Row>;
   postprocess?: (row: Row) => Row | Promise<Row>;
@@ -45,6 +50,9 @@ type EngineOptions = Omit<LLMProcessorOptions, 'preprocess' | 'postprocess' | 'c
 export class LLMEngine {
   readonly ready: Promise<void>;
   #replica: ModelReplica | undefined;
+  /** The rebuild under way, shared by every batch the dead replica failed. */
+  #rebuilding: Promise<ModelReplica> | undefined;
+  #restarts = 0;
   #tokenizer: Tokenizer | undefined;
   readonly #options: EngineOptions;
 
@@ -52,7 +60,7 @@ export class LLMEngine {
     this.#options = options;
     this.ready = (async () => {
       if (options.promptColumn !== undefined) this.#tokenizer = await Tokenizer.load(options.tokenizer ?? checkpointDirectory(options.checkpoint));
-      this.#replica = await ModelReplica.create(options);
+      this.#replica = await this.#startReplica();
       if (this.#tokenizer && this.#tokenizer.vocabSize > this.#replica.config.vocabSize) {
         await this.#replica.close();
         throw new ModelLoadError('ERR_TOKENIZER', `the tokenizer's ${this.#tokenizer.vocabSize} tokens do not fit the model's vocabulary of ${this.#replica.config.vocabSize}`);
@@ -81,6 +89,59 @@ export class LLMEngine {
     return tokenizer.decode(tokens.filter((token) => token < tokenizer.vocabSize));
   }
 
+  /** Generates on the current replica; a rank's death rebuilds the replica and runs the batch again. */
+  async #generate(requests: GenerateRequest[]): Promise<Generation[]> {
+    for (;;) {
+      const replica = this.#replica!;
+      try {
+        return await replica.generate(requests);
+      } catch (error) {
+        if (!LLMEngine.#isRankDeath(error)) throw error;
+        await this.#rebuild(replica, error);
+      }
+    }
+  }
+
+  /** A rank's death, whether seen by a compiled graph here or by a call's result from the driver. */
+  static #isRankDeath(error: unknown): error is Error {
+    return error instanceof ActorDiedError || (error as { code?: string } | undefined)?.code === 'ERR_ACTOR_DIED';
+  }
+
+  /** Takes one restart of the budget, or throws `cause` when none is left. */
+  #takeRestart(cause: Error): void {
+    if (this.#restarts >= (this.#options.maxReplicaRestarts ?? 2)) throw cause;
+    this.#restarts++;
+  }
+
+  /** A new replica; a rank that dies while the replica starts costs a restart, as one dying later does. */
+  async #startReplica(): Promise<ModelReplica> {
+    for (;;) {
+      try {
+        return await ModelReplica.create(this.#options);
+      } catch (error) {
+        if (!LLMEngine.#isRankDeath(error)) throw error;
+        this.#takeRestart(error);
+      }
+    }
+  }
+
+  async #rebuild(dead: ModelReplica, cause: Error): Promise<void> {
+    if (this.#replica !== dead) return; // another batch already rebuilt it
+    if (!this.#rebuilding) {
+      this.#takeRestart(cause);
+      this.#rebuilding = (async () => {
+        await dead.close();
+        return this.#startReplica();
+      })();
+    }
+    const rebuilding = this.#rebuilding;
+    try {
+      this.#replica = await rebuilding;
+    } finally {
+      if (this.#rebuilding === rebuilding) this.#rebuilding = undefined;
+    }
+  }
+
   async call(rows: Row[]): Promise<Row[]> {
     await this.ready;
     const requests: GenerateRequest[] = rows.map((row, index) => {
@@ -90,7 +151,7 @@ export class LLMEngine {
         sampling: (row.sampling as SamplingParameters | undefined) ?? this.#options.sampling,
       };
     });
-    const generations: Generation[] = await this.#replica!.generate(requests);
+    const generations = await this.#generate(requests);
     return rows.map((row, index) => ({
       ...row,
       generatedTokens: generations[index].tokens,
@@ -117,6 +178,9 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
     throw new InvalidArgumentError('buildLLMProcessor() needs options with a checkpoint path');
   }
   const { preprocess, postprocess, concurrency = 1, batchSize = 64, batchesPerReplica, ...engine } = options;
+  if (engine.maxReplicaRestarts !== undefined && !(Number.isInteger(engine.maxReplicaRestarts) && engine.maxReplicaRestarts >= 0)) {
+    throw new InvalidArgumentError(`maxReplicaRestarts must be an integer >= 0, got ${String(engine.maxReplicaRestarts)}`);
+  }
   if (engine.sampling !== undefined) checkSampling(engine.sampling, 'buildLLMProcessor()');
   const steps = engine.stepsInFlight ?? engine.pipelineParallel ?? 1;
   const interleaved = batchesPerReplica ?? Math.max(2, 2 * steps);

@@ -214,8 +214,22 @@ describe('model sharding', () => {
     expect(pids.filter(isAlive)).toEqual([]);
   });
 
-  it('fails a processor\'s job, naming the cause, when a rank dies, and leaves no rank behind', async () => {
-    const processor = buildLLMProcessor({ checkpoint, tensorParallel: 2, pipelineParallel: 2, batchSize: 2, maxNewTokens: 50 });
+  it('rebuilds a processor\'s replica when a rank dies, and the job\'s output is unchanged', async () => {
+    const processor = buildLLMProcessor({ checkpoint, tensorParallel: 2, pipelineParallel: 2, batchSize: 1, maxNewTokens: 6 });
+    const job = processor(fromItems(PROMPTS.map((tokens, id) => ({ id, tokens })))).takeAll();
+    const before = new Set(state().actors.map((actor) => actor.actorId));
+    const ranks = () => state().actors.filter((actor) => actor.className === 'ShardWorker' && !before.has(actor.actorId));
+    await until(() => ranks().length === 4 && ranks().every((actor) => actor.state === 'alive'), 'the engine\'s ranks');
+    process.kill(ranks()[1].pid!, 'SIGKILL');
+    const rows = await job;
+    rows.sort((a, b) => (a.id as number) - (b.id as number));
+    expect(rows.map((row) => Array.from(row.generatedTokens as number[]))).toEqual(expected);
+    // A second set of four ranks replaced the first.
+    expect(ranks().length).toBe(8);
+  });
+
+  it('fails a processor\'s job, naming the cause, when a rank dies with no restarts left, and leaves no rank behind', async () => {
+    const processor = buildLLMProcessor({ checkpoint, tensorParallel: 2, pipelineParallel: 2, batchSize: 2, maxNewTokens: 50, maxReplicaRestarts: 0 });
     const job = processor(fromItems(Array.from({ length: 40 }, (_, id) => ({ id, tokens: [id % 90, 3, 4] })))).takeAll();
     const outcome = job.then(() => undefined, (error: unknown) => error);
     const before = new Set(state().actors.map((actor) => actor.actorId));
