@@ -290,7 +290,15 @@ export class ModelReplica {
       const message: StepMessage = { step: this.#steps++, sequences: parts, released: this.#released, tokens: Int32Array.from(tokens) };
       this.#released = [];
       this.#inFlight++;
-      this.#graph.execute(message).then(
+      let execution: PromiseLike<unknown>;
+      try {
+        execution = this.#graph.execute(message);
+      } catch (error) {
+        // The graph broke (an actor died) before this step's rejections reached the replica.
+        this.#fail(error as Error);
+        return;
+      }
+      execution.then(
         (outputs) => this.#finishStep(chosen, parts, (outputs as StepResult[])[0]),
         (error: unknown) => this.#fail(error as Error),
       );
@@ -299,6 +307,7 @@ export class ModelReplica {
 
   #finishStep(chosen: Sequence[], parts: StepSequence[], result: StepResult): void {
     this.#inFlight--;
+    if (this.#broken) return; // its sequences were failed with the replica
     chosen.forEach((sequence, index) => {
       sequence.inFlight = false;
       sequence.past += parts[index].count;
