@@ -21,6 +21,13 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
   batchSize?: number;
   /** Batches a replica works on at once (default 2 × stepsInFlight, at least 2). */
   batchesPerReplica?: number;
+  /**
+   * A replica above the pool's minimum that idles this long is stopped (ms, default 60 s: a model
+   * takes long to load again, unlike the data layer's usual actors).
+   */
+  replicaIdleTimeoutMs?: number;
+  /** How long a replica may take to start, weights loaded (ms, default 30 min). */
+  replicaStartTimeoutMs?: number;
   /** The column holding each row's prompt tokens (default 'tokens'). */
   tokensColumn?: string;
   /**
@@ -44,7 +51,7 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
 }
 
 /** What the engine gets: the replica's options and the row defaults (functions stay in the driver). */
-type EngineOptions = Omit<LLMProcessorOptions, 'preprocess' | 'postprocess' | 'concurrency' | 'batchSize' | 'batchesPerReplica'>;
+type EngineOptions = Omit<LLMProcessorOptions, 'preprocess' | 'postprocess' | 'concurrency' | 'batchSize' | 'batchesPerReplica' | 'replicaIdleTimeoutMs' | 'replicaStartTimeoutMs'>;
 
 /** The pool's class: one model replica, fed every row of every batch it is given. */
 export class LLMEngine {
@@ -177,7 +184,7 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
   if (typeof options !== 'object' || options === null || typeof options.checkpoint !== 'string') {
     throw new InvalidArgumentError('buildLLMProcessor() needs options with a checkpoint path');
   }
-  const { preprocess, postprocess, concurrency = 1, batchSize = 64, batchesPerReplica, ...engine } = options;
+  const { preprocess, postprocess, concurrency = 1, batchSize = 64, batchesPerReplica, replicaIdleTimeoutMs = 60_000, replicaStartTimeoutMs = 30 * 60_000, ...engine } = options;
   if (engine.maxReplicaRestarts !== undefined && !(Number.isInteger(engine.maxReplicaRestarts) && engine.maxReplicaRestarts >= 0)) {
     throw new InvalidArgumentError(`maxReplicaRestarts must be an integer >= 0, got ${String(engine.maxReplicaRestarts)}`);
   }
@@ -195,6 +202,8 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
       numCpus: (engine.tensorParallel ?? 1) * (engine.pipelineParallel ?? 1) * (engine.numCpusPerRank ?? 1),
       maxConcurrency: interleaved,
       maxTasksInFlightPerActor: interleaved,
+      actorIdleTimeoutMs: replicaIdleTimeoutMs,
+      actorStartTimeoutMs: replicaStartTimeoutMs,
     });
     return postprocess ? result.map(postprocess) : result;
   };
