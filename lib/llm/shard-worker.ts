@@ -2,6 +2,7 @@
  * The actor that holds one rank of a sharded decoder. Its methods are what a replica's compiled
  * graph binds (forward) and what the replica calls around it (load, stats).
  */
+import { TrellisError } from '../errors.js';
 import { remote } from '../core/registry.js';
 import { getCommunicator } from '../gpu/collective.js';
 import { DecoderShard, type ShardSpec, type StepMessage, type StepResult } from './shard.js';
@@ -16,7 +17,7 @@ export class ShardWorker {
   }
 
   forward(message: StepMessage): Promise<StepMessage | StepResult> {
-    if (!this.#shard) throw new Error('forward before load: the shard has no weights');
+    if (!this.#shard) throw new TrellisError('ERR_SHARD_NOT_LOADED', 'forward before load: this rank has no weights yet');
     return this.#shard.forward(message);
   }
 
