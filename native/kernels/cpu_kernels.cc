@@ -5,8 +5,9 @@
 // Linear and attention's scores are dot products of contiguous rows (weights are [out, in]), so
 // both run through one blocked kernel: a tile of several x rows × several weight rows keeps one
 // vector accumulator per pair in registers, each loaded vector feeding several FMAs. Weight rows
-// are walked in column blocks sized to stay in L2 while every x row passes over them, and long
-// rows are cut into depth blocks so a tile's rows stay in L1.
+// are walked in column blocks sized to stay in L2 while the x rows pass over them (many x rows go
+// in chunks that stay in L2 too), and long rows are cut into depth blocks so a tile's rows stay
+// in L1.
 #include "kernels/cpu_kernels.h"
 
 #include <algorithm>
@@ -53,6 +54,9 @@ constexpr size_t kColumnBlockGranule = 24;
 struct Blocking {
   size_t depth;
   size_t columns;
+  size_t row_chunk;
+  // Up to this many rows run as one chunk.
+  size_t whole_rows;
 };
 
 Blocking ChooseBlocking(size_t depth) {
@@ -69,7 +73,19 @@ Blocking ChooseBlocking(size_t depth) {
   constexpr size_t kWeightBlockBytes = 160 * 1024;
   size_t columns = kWeightBlockBytes / (depth_block * sizeof(float));
   columns = std::max(kColumnBlockGranule, columns / kColumnBlockGranule * kColumnBlockGranule);
-  return {depth_block, columns};
+  // Many rows of x would stream from L3 once per column block, and a second process doing the
+  // same (another rank) then halves both. So rows go in chunks whose depth block stays in L2 next
+  // to the column block (about 400 KiB together, under a 512 KiB L2). Chunks are a multiple of
+  // the strip height, and at least 96 rows so each re-read of the weights still feeds many rows.
+  // x that fits a 1 MiB L2 by itself runs whole: there is little L3 traffic to save, and each
+  // extra chunk re-reads the weights.
+  constexpr size_t kRowChunkBytes = 256 * 1024;
+  constexpr size_t kMinRowChunk = 96;
+  size_t chunk = std::max(kMinRowChunk, kRowChunkBytes / (depth_block * sizeof(float)));
+  chunk = chunk / kMaxRowsPerStrip * kMaxRowsPerStrip;
+  constexpr size_t kWholeXBytes = 1024 * 1024;
+  const size_t whole_rows = std::max(2 * chunk, kWholeXBytes / (depth_block * sizeof(float)));
+  return {depth_block, columns, chunk, whole_rows};
 }
 
 inline void StoreTileSum(float* out, size_t column, float sum, bool first, const float* bias) {
@@ -89,27 +105,36 @@ inline void PartialTile(size_t count, const DotProblem& problem, size_t row, siz
 template <class Isa>
 void DotProducts(const DotProblem& whole) {
   const Blocking blocking = ChooseBlocking(whole.depth);
+  size_t chunk_rows = whole.rows;
+  if (whole.rows > blocking.whole_rows) {
+    // Near-equal chunks, so no small leftover chunk re-reads every weight for a few rows.
+    const size_t chunks = (whole.rows + blocking.row_chunk - 1) / blocking.row_chunk;
+    chunk_rows = ((whole.rows + chunks - 1) / chunks + kMaxRowsPerStrip - 1) / kMaxRowsPerStrip * kMaxRowsPerStrip;
+  }
   for (size_t depth_begin = 0; depth_begin < whole.depth; depth_begin += blocking.depth) {
     DotProblem problem = whole;
     problem.x += depth_begin;
     problem.weight += depth_begin;
     problem.depth = std::min(blocking.depth, whole.depth - depth_begin);
     const bool first = depth_begin == 0;
-    for (size_t column_begin = 0; column_begin < whole.columns; column_begin += blocking.columns) {
-      const size_t column_end = std::min(whole.columns, column_begin + blocking.columns);
-      for (size_t row = 0; row < whole.rows;) {
-        // Four rows left run as 2 + 2: a 1-row strip loads almost a vector per FMA.
-        const size_t left = whole.rows - row;
-        const size_t rows = left == 4 ? 2 : std::min(kMaxRowsPerStrip, left);
-        size_t end = column_end;
-        if (whole.causal) end = std::min(end, whole.causal_past + row + rows);
-        if (end > column_begin) {
-          // The strip's loop lives in the Isa so its tiles inline within the Isa's target.
-          if (rows == 3) Isa::template RunStrip<3>(problem, row, column_begin, end, first);
-          else if (rows == 2) Isa::template RunStrip<2>(problem, row, column_begin, end, first);
-          else Isa::template RunStrip<1>(problem, row, column_begin, end, first);
+    for (size_t chunk_begin = 0; chunk_begin < whole.rows; chunk_begin += chunk_rows) {
+      const size_t chunk_end = std::min(whole.rows, chunk_begin + chunk_rows);
+      for (size_t column_begin = 0; column_begin < whole.columns; column_begin += blocking.columns) {
+        const size_t column_end = std::min(whole.columns, column_begin + blocking.columns);
+        for (size_t row = chunk_begin; row < chunk_end;) {
+          // Four rows left run as 2 + 2: a 1-row strip loads almost a vector per FMA.
+          const size_t left = chunk_end - row;
+          const size_t rows = left == 4 ? 2 : std::min(kMaxRowsPerStrip, left);
+          size_t end = column_end;
+          if (whole.causal) end = std::min(end, whole.causal_past + row + rows);
+          if (end > column_begin) {
+            // The strip's loop lives in the Isa so its tiles inline within the Isa's target.
+            if (rows == 3) Isa::template RunStrip<3>(problem, row, column_begin, end, first);
+            else if (rows == 2) Isa::template RunStrip<2>(problem, row, column_begin, end, first);
+            else Isa::template RunStrip<1>(problem, row, column_begin, end, first);
+          }
+          row += rows;
         }
-        row += rows;
       }
     }
   }

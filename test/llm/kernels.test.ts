@@ -165,7 +165,8 @@ const unchecked = native.kernels as unknown as Record<
 
 describe('linear', () => {
   // Every strip shape (3, 2 + 2, 3 + 2, 1 and 2 rows), partial tiles, several column blocks, and
-  // depths cut into blocks (over 1024) with a tail that is not a whole vector.
+  // depths cut into blocks (over 1024) with a tail that is not a whole vector, and enough rows that
+  // x is cut into row chunks (uneven last chunk; one depth block and two).
   const shapes: Array<[m: number, k: number, n: number]> = [
     [1, 67, 131],
     [2, 9, 7],
@@ -177,6 +178,8 @@ describe('linear', () => {
     [37, 67, 131],
     [5, 1031, 53],
     [7, 2051, 50],
+    [901, 300, 50],
+    [503, 1100, 30],
   ];
 
   it('matches a plain reference on odd shapes, with and without bias', () => {
