@@ -178,12 +178,17 @@ export function configFromHuggingFace(json: Record<string, unknown>, file = 'con
   }
 }
 
+/** The directory a checkpoint path names: itself, or the one holding a .safetensors file or an index. */
+export function checkpointDirectory(checkpoint: string): string {
+  return existsSync(checkpoint) && statSync(checkpoint).isDirectory() ? checkpoint : dirname(checkpoint);
+}
+
 /**
  * The config beside a checkpoint: config.json in the checkpoint's directory (or in the directory
  * given). Undefined when there is none.
  */
 export function readCheckpointConfig(checkpoint: string): ResolvedDecoderConfig | undefined {
-  const directory = existsSync(checkpoint) && statSync(checkpoint).isDirectory() ? checkpoint : dirname(checkpoint);
+  const directory = checkpointDirectory(checkpoint);
   const file = join(directory, 'config.json');
   if (!existsSync(file)) return undefined;
   let json: unknown;
@@ -201,7 +206,7 @@ export function readCheckpointConfig(checkpoint: string): ResolvedDecoderConfig 
  * config.json, beside the checkpoint (a number or a list). Empty when neither names one.
  */
 export function readEndOfSequenceTokens(checkpoint: string): number[] {
-  const directory = existsSync(checkpoint) && statSync(checkpoint).isDirectory() ? checkpoint : dirname(checkpoint);
+  const directory = checkpointDirectory(checkpoint);
   for (const name of ['generation_config.json', 'config.json']) {
     const file = join(directory, name);
     if (!existsSync(file)) continue;

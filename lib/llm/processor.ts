@@ -4,13 +4,12 @@
  * and the pool's batches interleave in it, so the replica's continuous batching sees several
  * batches' sequences at once and keeps its pipeline full.
  */
-import { existsSync, statSync } from 'node:fs';
-import { dirname } from 'node:path';
 import { ActorDiedError, InvalidArgumentError, ModelLoadError } from '../errors.js';
 import { remote } from '../core/registry.js';
 import type { Dataset } from '../data/dataset.js';
 import type { Row } from '../data/block.js';
 import { ModelReplica, type Generation, type GenerateRequest, type ModelReplicaOptions } from './replica.js';
+import { checkpointDirectory } from './config.js';
 import { checkSampling, type SamplingParameters } from './sampling.js';
 import { Tokenizer } from './tokenizer.js';
 
@@ -170,11 +169,6 @@ export class LLMEngine {
 }
 
 export const RemoteLLMEngine = remote(import.meta, LLMEngine);
-
-/** The directory a checkpoint path (a directory, a .safetensors file or an index) names. */
-function checkpointDirectory(checkpoint: string): string {
-  return existsSync(checkpoint) && statSync(checkpoint).isDirectory() ? checkpoint : dirname(checkpoint);
-}
 
 /**
  * A function from a dataset of prompts to a dataset of generations: each row gains

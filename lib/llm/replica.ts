@@ -87,6 +87,13 @@ interface Sequence {
   fail: (error: Error) => void;
 }
 
+/** How much one step may carry, and how many steps run at once. */
+interface StepLimits {
+  maxSequences: number;
+  maxTokens: number;
+  stepsInFlight: number;
+}
+
 function positiveInteger(value: unknown, what: string, fallback: number): number {
   if (value === undefined) return fallback;
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) throw new InvalidArgumentError(`${what} must be a positive integer, got ${String(value)}`);
@@ -125,7 +132,7 @@ export class ModelReplica {
     placement: PlacementGroup | undefined;
     weightBytes: number;
     stopTokens: number[];
-    options: ModelReplicaOptions;
+    limits: StepLimits;
   }) {
     this.config = parts.config;
     this.plan = parts.plan;
@@ -134,9 +141,9 @@ export class ModelReplica {
     this.#graph = parts.graph;
     this.#placement = parts.placement;
     this.#weightBytes = parts.weightBytes;
-    this.#maxSequences = positiveInteger(parts.options.maxSequencesPerStep, 'maxSequencesPerStep', 64);
-    this.#maxTokens = positiveInteger(parts.options.maxTokensPerStep, 'maxTokensPerStep', 2048);
-    this.#stepsInFlight = positiveInteger(parts.options.stepsInFlight, 'stepsInFlight', parts.plan.pipelineParallel);
+    this.#maxSequences = parts.limits.maxSequences;
+    this.#maxTokens = parts.limits.maxTokens;
+    this.#stepsInFlight = parts.limits.stepsInFlight;
     this.#stopTokens = parts.stopTokens;
   }
 
@@ -157,7 +164,11 @@ export class ModelReplica {
     const plan = planSharding(config, options);
     const stopTokens = options.stopTokens ?? readEndOfSequenceTokens(options.checkpoint);
     if (!Array.isArray(stopTokens) || stopTokens.some((token) => !Number.isInteger(token))) throw new InvalidArgumentError('stopTokens must be an array of token ids', 'ERR_PROMPT');
-    for (const what of ['maxSequencesPerStep', 'maxTokensPerStep', 'stepsInFlight'] as const) positiveInteger(options[what], what, 1);
+    const limits: StepLimits = {
+      maxSequences: positiveInteger(options.maxSequencesPerStep, 'maxSequencesPerStep', 64),
+      maxTokens: positiveInteger(options.maxTokensPerStep, 'maxTokensPerStep', 2048),
+      stepsInFlight: positiveInteger(options.stepsInFlight, 'stepsInFlight', plan.pipelineParallel),
+    };
     const numCpus = options.numCpusPerRank ?? 1;
     if (typeof numCpus !== 'number' || !(numCpus >= 0)) throw new InvalidArgumentError(`numCpusPerRank must be a number >= 0, got ${String(numCpus)}`);
     // Fail here, in the caller, on a checkpoint that cannot be used, rather than in every rank.
@@ -195,14 +206,13 @@ export class ModelReplica {
       }
       const loaded = (await get(plan.stages.flatMap((stage) => workers[stage.index].map((worker, rank) =>
         worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank }, groupNames[stage.index]))))) as Array<{ weightBytes: number }>;
-      const stepsInFlight = positiveInteger(options.stepsInFlight, 'stepsInFlight', plan.pipelineParallel);
       const input = new InputNode();
       // Rank r of each stage feeds rank r of the next: after the stage's allreduce every rank
       // holds the same hidden states, and each channel then has exactly one reader.
       let previous: DAGNode[] = workers[0].map((worker) => worker.forward.bind(input));
       for (const stage of plan.stages.slice(1)) previous = workers[stage.index].map((worker, rank) => worker.forward.bind(previous[rank]));
-      const graph = await new MultiOutputNode(previous).compile({ maxInflight: Math.max(2, stepsInFlight + 1) });
-      return new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), stopTokens, options });
+      const graph = await new MultiOutputNode(previous).compile({ maxInflight: Math.max(2, limits.stepsInFlight + 1) });
+      return new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), stopTokens, limits });
     } catch (error) {
       await Promise.allSettled(groups.map((group) => group.destroy()));
       for (const worker of workers.flat()) kill(worker);
