@@ -4,14 +4,19 @@
  * - `llm_in_process_tokens_per_s`: one DecoderShard in this process stepping the same schedule,
  *   no actors, no channels: the floor the replicas are measured against;
  * - `llm_tp<T>_pp<P>_tokens_per_s`: a ModelReplica of T × P rank actors on a compiled graph;
- * - `linear_m<M>_gflops`: the matmul kernel alone, the model's hidden × MLP shape.
+ * - `llm_in_process_bf16_tokens_per_s`: the same shard from the same weights saved in bf16 and
+ *   kept in 16 bits (the default for such checkpoints), against the f32 one;
+ * - `linear_m<M>_gflops`: the matmul kernel alone, the model's hidden × MLP shape, and
+ *   `linear_bf16_m<M>_gflops` with the weights in bf16; `linear_m1_4096_gflops` and its bf16 twin
+ *   a 4096 × 4096 matrix (64 MiB in f32: a real model's layer, streamed from memory each step).
  * Generated tokens per second of wall time, prompt reading included.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DecoderShard, ModelReplica, init, planSharding, shutdown, type DecoderConfig } from '../lib/index.js';
-import { linear } from '../lib/llm/kernels.js';
+import { linear, type WeightMatrix } from '../lib/llm/kernels.js';
+import { floatToBf16 } from '../lib/gpu/dtype.js';
 import { randomWeights, writeCheckpoint } from '../examples/model/random-decoder.js';
 import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
 
@@ -55,11 +60,9 @@ async function replica(checkpoint: string, tensorParallel: number, pipelineParal
   return (PROMPTS * NEW_TOKENS) / median(times);
 }
 
-function linearGflops(m: number): number {
-  const k = CONFIG.hiddenSize;
-  const n = CONFIG.intermediateSize;
+function linearGflops(m: number, dtype: 'f32' | 'bf16', k = CONFIG.hiddenSize, n = CONFIG.intermediateSize): number {
   const x = new Float32Array(m * k).fill(0.5);
-  const weight = new Float32Array(n * k).fill(0.25);
+  const weight: WeightMatrix = dtype === 'f32' ? new Float32Array(n * k).fill(0.25) : { dtype, bits: new Uint16Array(n * k).fill(floatToBf16(0.25)) };
   const out = new Float32Array(m * n);
   const runs = Math.max(3, Math.ceil(2e9 / (2 * m * k * n)));
   linear(out, x, weight, null, m, k, n);
@@ -74,14 +77,27 @@ export const llmSuite: Suite = {
     ['replica tp1 pp1 / in process', 'llm_tp1_pp1_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
     ['replica tp2 pp1 / in process', 'llm_tp2_pp1_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
     ['replica tp1 pp2 / in process', 'llm_tp1_pp2_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
+    ['bf16 weights / f32 weights, in process', 'llm_in_process_bf16_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
+    ['linear bf16 / f32, m 1', 'linear_bf16_m1_gflops', 'linear_m1_gflops', ''],
+    ['linear bf16 / f32, m 16', 'linear_bf16_m16_gflops', 'linear_m16_gflops', ''],
+    ['linear bf16 / f32, m 512', 'linear_bf16_m512_gflops', 'linear_m512_gflops', ''],
+    ['linear bf16 / f32, m 1, 4096 × 4096', 'linear_bf16_m1_4096_gflops', 'linear_m1_4096_gflops', ''],
   ],
   async run(): Promise<Results> {
     const results: Results = {};
-    for (const m of [1, 16, 512]) results[`linear_m${m}_gflops`] = { value: round(linearGflops(m), 2), unit: 'GFLOP/s' };
+    for (const m of [1, 16, 512]) {
+      results[`linear_m${m}_gflops`] = { value: round(linearGflops(m, 'f32'), 2), unit: 'GFLOP/s' };
+      results[`linear_bf16_m${m}_gflops`] = { value: round(linearGflops(m, 'bf16'), 2), unit: 'GFLOP/s' };
+    }
+    results.linear_m1_4096_gflops = { value: round(linearGflops(1, 'f32', 4096, 4096), 2), unit: 'GFLOP/s' };
+    results.linear_bf16_m1_4096_gflops = { value: round(linearGflops(1, 'bf16', 4096, 4096), 2), unit: 'GFLOP/s' };
     const directory = mkdtempSync(join(tmpdir(), 'trellis-bench-llm-'));
     try {
-      const checkpoint = await writeCheckpoint(directory, CONFIG, randomWeights(CONFIG, 3));
+      const weights = randomWeights(CONFIG, 3);
+      const checkpoint = await writeCheckpoint(directory, CONFIG, weights);
+      const bf16Checkpoint = await writeCheckpoint(join(directory, 'bf16'), CONFIG, weights, { dtype: 'BF16' });
       results.llm_in_process_tokens_per_s = { value: round(await inProcess(checkpoint), 1), unit: 'tokens/s' };
+      results.llm_in_process_bf16_tokens_per_s = { value: round(await inProcess(bf16Checkpoint), 1), unit: 'tokens/s' };
       await init({ numCpus: 4 });
       try {
         for (const [tensorParallel, pipelineParallel] of [[1, 1], [2, 1], [1, 2]]) {

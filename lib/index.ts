@@ -91,3 +91,4 @@ export { Checkpoint, writeSafetensors, writeShardedCheckpoint } from './llm/safe
 export type { TensorInfo, SliceOptions, WritableTensor } from './llm/safetensors.js';
 export { Tokenizer } from './llm/tokenizer.js';
 export type { EncodeOptions, DecodeOptions } from './llm/tokenizer.js';
+export type { WeightDType, HalfMatrix, WeightMatrix } from './llm/kernels.js';

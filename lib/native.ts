@@ -271,14 +271,17 @@ export interface NativeConnectionRingClass {
 }
 
 /**
- * f32 row-major CPU kernels for the transformer in lib/llm (native/kernels/cpu_kernels.cc). They
+ * f32 row-major CPU kernels for the transformer in lib/llm (native/kernels/cpu_kernels.cc), with
+ * linear's weights in f32, bf16 or f16. They
  * run synchronously on the calling thread and check every argument (types, lengths against the
  * dimensions, overlap of out with the inputs), throwing InvalidArgumentError; lib/llm/kernels.ts
  * is their typed face.
  */
 export interface NativeKernels {
   /** out[m, n] = x[m, k] · weight[n, k]ᵀ + bias[n]; weight is [out features, in features]; bias may be null. */
-  linear(out: Float32Array, x: Float32Array, weight: Float32Array, bias: Float32Array | null, m: number, k: number, n: number): void;
+  linear(out: Float32Array, x: Float32Array, weight: Float32Array | Uint16Array, bias: Float32Array | null, m: number, k: number, n: number, weightDtype?: 'f32' | 'bf16' | 'f16'): void;
+  /** out[0, count) = the first count 16-bit floats of bits, widened to f32 (exact). */
+  widen(out: Float32Array, bits: Uint16Array, dtype: 'bf16' | 'f16', count: number): void;
   /** Per row of `cols`: (x - mean) / sqrt(var + eps) · gamma + beta; out may be x itself. */
   layerNorm(out: Float32Array, x: Float32Array, gamma: Float32Array, beta: Float32Array, rows: number, cols: number, eps: number): void;
   /** In place, GPT-2's tanh approximation of GELU, over the whole array. */

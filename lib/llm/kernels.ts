@@ -1,5 +1,6 @@
 /**
- * f32 row-major CPU kernels for the decoder's shards (native/kernels/cpu_kernels.cc). They run
+ * f32 row-major CPU kernels for the decoder's shards (native/kernels/cpu_kernels.cc), with
+ * linear's weights in f32, bf16 or f16. They run
  * synchronously on the calling thread: each worker process is one rank.
  *
  * Arguments are checked here, so a mistake is reported with the caller's names before the addon
@@ -69,12 +70,52 @@ function requireDisjoint(
   if (out.byteOffset < inputEnd && input.byteOffset < outEnd) throw new InvalidArgumentError(`${kernel}: ${outName} must not overlap ${inputName}`);
 }
 
-/** out[m,n] = x[m,k] · weight[n,k]ᵀ + bias[n] (bias optional: null). weight is stored as PyTorch's Linear stores it: [out features, in features]. */
-export function linear(out: Float32Array, x: Float32Array, weight: Float32Array, bias: Float32Array | null, m: number, k: number, n: number): void {
+/** The encodings a weight matrix may be kept in. */
+export type WeightDType = 'f32' | 'bf16' | 'f16';
+
+/**
+ * A matrix kept in 16-bit floats, as checkpoints store them: the raw bits of each bf16 or f16
+ * value. It takes half the memory of its f32 widening and gives exactly the same results.
+ */
+export interface HalfMatrix {
+  dtype: 'bf16' | 'f16';
+  bits: Uint16Array;
+}
+
+/** A weight matrix: f32 values, or 16-bit ones. */
+export type WeightMatrix = Float32Array | HalfMatrix;
+
+export function isHalfMatrix(value: unknown): value is HalfMatrix {
+  return typeof value === 'object' && value !== null && !ArrayBuffer.isView(value) && ((value as HalfMatrix).dtype === 'bf16' || (value as HalfMatrix).dtype === 'f16');
+}
+
+/** Bytes a weight matrix takes. */
+export function weightBytes(weight: WeightMatrix): number {
+  return isHalfMatrix(weight) ? weight.bits.byteLength : weight.byteLength;
+}
+
+function requireHalf(kernel: string, name: string, value: HalfMatrix): void {
+  if (!types.isUint16Array(value.bits)) throw new InvalidArgumentError(`${kernel}: ${name}.bits must be a Uint16Array holding ${value.dtype} values, got ${describe(value.bits)}`);
+}
+
+/** Element ranges in bytes, for overlap checks between arrays of different element sizes. */
+function overlaps(a: ArrayBufferView, aBytes: number, b: ArrayBufferView, bBytes: number): boolean {
+  if (a.buffer !== b.buffer || aBytes === 0 || bBytes === 0) return false;
+  return a.byteOffset < b.byteOffset + bBytes && b.byteOffset < a.byteOffset + aBytes;
+}
+
+/**
+ * out[m,n] = x[m,k] · weight[n,k]ᵀ + bias[n] (bias optional: null). weight is stored as PyTorch's
+ * Linear stores it: [out features, in features], in f32 or as a HalfMatrix (bf16 or f16, widened
+ * as it is read: the same result as its f32 widening, bit for bit).
+ */
+export function linear(out: Float32Array, x: Float32Array, weight: WeightMatrix, bias: Float32Array | null, m: number, k: number, n: number): void {
   const kernel = 'linear';
   requireFloats(kernel, 'out', out);
   requireFloats(kernel, 'x', x);
-  requireFloats(kernel, 'weight', weight);
+  const half = isHalfMatrix(weight);
+  if (half) requireHalf(kernel, 'weight', weight);
+  else requireFloats(kernel, 'weight', weight);
   if (bias !== null) requireFloats(kernel, 'bias', bias);
   requireDimension(kernel, 'm', m, 1);
   requireDimension(kernel, 'k', k, 1);
@@ -84,12 +125,37 @@ export function linear(out: Float32Array, x: Float32Array, weight: Float32Array,
   const weightSize = product(kernel, 'n * k', n, k);
   requireLength(kernel, 'out', out, outSize, `m * n = ${m} * ${n}`);
   requireLength(kernel, 'x', x, xSize, `m * k = ${m} * ${k}`);
-  requireLength(kernel, 'weight', weight, weightSize, `n * k = ${n} * ${k}`);
+  const weightArray = half ? weight.bits : weight;
+  if (weightArray.length < weightSize) throw new InvalidArgumentError(`${kernel}: weight must hold at least n * k = ${n} * ${k} = ${weightSize} ${half ? '16-bit values' : 'floats'}, got ${weightArray.length}`);
   if (bias !== null) requireLength(kernel, 'bias', bias, n, 'n');
   requireDisjoint(kernel, out, outSize, x, xSize, 'x');
-  requireDisjoint(kernel, out, outSize, weight, weightSize, 'weight');
+  if (overlaps(out, outSize * 4, weightArray, weightSize * weightArray.BYTES_PER_ELEMENT)) throw new InvalidArgumentError(`${kernel}: out must not overlap weight`);
   if (bias !== null) requireDisjoint(kernel, out, outSize, bias, n, 'bias');
-  native.kernels.linear(out, x, weight, bias, m, k, n);
+  if (half) native.kernels.linear(out, x, weight.bits, bias, m, k, n, weight.dtype);
+  else native.kernels.linear(out, x, weight, bias, m, k, n);
+}
+
+/**
+ * Rows [first, first + count) of a [rows, width] weight matrix as f32, into out (an embedding
+ * lookup). f32 rows are copied, 16-bit ones widened exactly.
+ */
+export function readRows(out: Float32Array, matrix: WeightMatrix, width: number, first: number, count = 1): void {
+  const kernel = 'readRows';
+  requireFloats(kernel, 'out', out);
+  requireDimension(kernel, 'width', width, 1);
+  requireDimension(kernel, 'first', first, 0);
+  requireDimension(kernel, 'count', count, 0);
+  const begin = product(kernel, 'first * width', first, width);
+  const size = product(kernel, 'count * width', count, width);
+  requireLength(kernel, 'out', out, size, `count * width = ${count} * ${width}`);
+  const half = isHalfMatrix(matrix);
+  if (half) requireHalf(kernel, 'matrix', matrix);
+  else requireFloats(kernel, 'matrix', matrix);
+  const source = half ? matrix.bits : matrix;
+  if (source.length < begin + size) throw new InvalidArgumentError(`${kernel}: rows [${first}, ${first + count}) of width ${width} need ${begin + size} values, the matrix has ${source.length}`);
+  if (overlaps(out, size * 4, source, (begin + size) * source.BYTES_PER_ELEMENT)) throw new InvalidArgumentError(`${kernel}: out must not overlap matrix`);
+  if (half) native.kernels.widen(out, matrix.bits.subarray(begin, begin + size), matrix.dtype, size);
+  else out.set(matrix.subarray(begin, begin + size));
 }
 
 /** The checks both norms share; beta is layer norm's shift (undefined for RMS norm). */

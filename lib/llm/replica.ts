@@ -20,7 +20,8 @@ import { planSharding, type ParallelismOptions, type ShardingPlan } from './plan
 import { Checkpoint } from './safetensors.js';
 import { checkSampling, type SamplingParameters } from './sampling.js';
 import type { StepMessage, StepResult, StepSequence } from './shard.js';
-import { checkCheckpoint } from './weights.js';
+import type { WeightDType } from './kernels.js';
+import { checkCheckpoint, resolveWeightDType } from './weights.js';
 import { RemoteShardWorker, type ShardWorker } from './shard-worker.js';
 
 export interface ModelReplicaOptions extends ParallelismOptions {
@@ -44,6 +45,14 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    * eos_token_id, from generation_config.json or config.json; [] for none).
    */
   stopTokens?: number[];
+  /**
+   * How the ranks keep their matrices (default 'auto': as the checkpoint stores them when that is
+   * bf16 or f16, else f32). 16-bit matrices give exactly the results of their f32 widening, in
+   * half the memory and, for decoding, which streams every weight each step, in less time. 'bf16'
+   * or 'f16' also narrows an f32 checkpoint's matrices (rounding them), and 'f32' widens a 16-bit
+   * one. Norms, biases and positions stay f32.
+   */
+  weightDtype?: WeightDType | 'auto';
 }
 
 export interface GenerateRequest {
@@ -103,6 +112,8 @@ function positiveInteger(value: unknown, what: string, fallback: number): number
 export class ModelReplica {
   readonly config: ResolvedDecoderConfig;
   readonly plan: ShardingPlan;
+  /** How the ranks keep their matrices ('auto' resolved). */
+  readonly weightDtype: WeightDType;
   readonly #workers: Array<Array<ActorHandle<ShardWorker>>>;
   readonly #groups: CollectiveGroup[];
   readonly #graph: CompiledGraph;
@@ -131,11 +142,13 @@ export class ModelReplica {
     graph: CompiledGraph;
     placement: PlacementGroup | undefined;
     weightBytes: number;
+    weightDtype: WeightDType;
     stopTokens: number[];
     limits: StepLimits;
   }) {
     this.config = parts.config;
     this.plan = parts.plan;
+    this.weightDtype = parts.weightDtype;
     this.#workers = parts.workers;
     this.#groups = parts.groups;
     this.#graph = parts.graph;
@@ -172,9 +185,11 @@ export class ModelReplica {
     const numCpus = options.numCpusPerRank ?? 1;
     if (typeof numCpus !== 'number' || !(numCpus >= 0)) throw new InvalidArgumentError(`numCpusPerRank must be a number >= 0, got ${String(numCpus)}`);
     // Fail here, in the caller, on a checkpoint that cannot be used, rather than in every rank.
+    let weightDtype: WeightDType;
     {
       await using checkpoint = await Checkpoint.open(options.checkpoint);
       checkCheckpoint(checkpoint, config);
+      weightDtype = resolveWeightDType(checkpoint, config, options.weightDtype);
     }
 
     const ranks = plan.tensorParallel * plan.pipelineParallel;
@@ -205,14 +220,14 @@ export class ModelReplica {
         groupNames.push(name);
       }
       const loaded = (await get(plan.stages.flatMap((stage) => workers[stage.index].map((worker, rank) =>
-        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank }, groupNames[stage.index]))))) as Array<{ weightBytes: number }>;
+        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype }, groupNames[stage.index]))))) as Array<{ weightBytes: number }>;
       const input = new InputNode();
       // Rank r of each stage feeds rank r of the next: after the stage's allreduce every rank
       // holds the same hidden states, and each channel then has exactly one reader.
       let previous: DAGNode[] = workers[0].map((worker) => worker.forward.bind(input));
       for (const stage of plan.stages.slice(1)) previous = workers[stage.index].map((worker, rank) => worker.forward.bind(previous[rank]));
       const graph = await new MultiOutputNode(previous).compile({ maxInflight: Math.max(2, limits.stepsInFlight + 1) });
-      return new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), stopTokens, limits });
+      return new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, stopTokens, limits });
     } catch (error) {
       await Promise.allSettled(groups.map((group) => group.destroy()));
       for (const worker of workers.flat()) kill(worker);

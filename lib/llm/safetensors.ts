@@ -190,10 +190,24 @@ export class Checkpoint {
    * InvalidArgumentErrors.
    */
   async readFloat32(name: string, slice: SliceOptions = {}): Promise<Float32Array> {
+    return (await this.#read(name, slice, 'f32')) as Float32Array;
+  }
+
+  /**
+   * As readFloat32, but as the raw bits of 16-bit floats in a Uint16Array: a tensor stored in
+   * `dtype` is read as it is, with no conversion; others are rounded to nearest even. A finite
+   * value beyond f16's range (65504) is refused with 'ERR_WEIGHT_RANGE' rather than turned into
+   * infinity.
+   */
+  async readHalf(name: string, dtype: 'bf16' | 'f16', slice: SliceOptions = {}): Promise<Uint16Array> {
+    return (await this.#read(name, slice, dtype)) as Uint16Array;
+  }
+
+  async #read(name: string, slice: SliceOptions, target: TargetEncoding): Promise<Float32Array | Uint16Array> {
     this.#assertOpen();
     const info = this.info(name);
     if (!FLOAT_DTYPES.has(info.dtype)) {
-      throw new ModelLoadError('ERR_SAFETENSORS_DTYPE', `tensor '${name}' in ${info.file} has dtype ${info.dtype}, which cannot be read as f32 (only F32, F16, BF16 and F64 can)`, { file: info.file, tensor: name });
+      throw new ModelLoadError('ERR_SAFETENSORS_DTYPE', `tensor '${name}' in ${info.file} has dtype ${info.dtype}, which cannot be read as ${target} (only F32, F16, BF16 and F64 can)`, { file: info.file, tensor: name });
     }
     const { shape } = info;
     // A scalar is read as one row of one element.
@@ -209,10 +223,10 @@ export class Checkpoint {
     }
     const width = columnEnd - columnStart;
     const rows = rowEnd - rowStart;
-    const output = new Float32Array(rows * width);
+    const output = target === 'f32' ? new Float32Array(rows * width) : new Uint16Array(rows * width);
     if (output.length === 0) return output;
     const handle = this.#handles.get(info.file)!;
-    const reader = new TensorReader(handle, info);
+    const reader = new TensorReader(handle, info, target);
     if (width === rowElements || rows === 1) {
       await reader.readContiguous(rowStart * rowElements + columnStart, output);
     } else {
@@ -237,27 +251,38 @@ export class Checkpoint {
   }
 }
 
-/** Reads elements of one tensor from its file into f32, a scratch chunk at a time. */
+/** What a read produces: f32 values, or the bits of bf16 or f16 ones. */
+type TargetEncoding = 'f32' | 'bf16' | 'f16';
+type TargetArray = Float32Array | Uint16Array;
+
+/** The file dtype whose bytes already are the target's encoding. */
+const SAME_ENCODING: Record<TargetEncoding, string> = { f32: 'F32', bf16: 'BF16', f16: 'F16' };
+
+/** Reads elements of one tensor from its file into the target encoding, a scratch chunk at a time. */
 class TensorReader {
   readonly #handle: FileHandle;
   readonly #info: TensorInfo;
   readonly #elementBytes: number;
+  readonly #target: TargetEncoding;
+  /** f32 values on their way to 16 bits, when the file holds another encoding. */
+  #widened: Float32Array | undefined;
 
-  constructor(handle: FileHandle, info: TensorInfo) {
+  constructor(handle: FileHandle, info: TensorInfo, target: TargetEncoding) {
     this.#handle = handle;
     this.#info = info;
     this.#elementBytes = ELEMENT_BYTES[info.dtype];
+    this.#target = target;
   }
 
   /** `output.length` consecutive elements from element `first`. */
-  async readContiguous(first: number, output: Float32Array): Promise<void> {
+  async readContiguous(first: number, output: TargetArray): Promise<void> {
     const elementBytes = this.#elementBytes;
     const position = this.#info.byteOffset + first * elementBytes;
-    if (this.#info.dtype === 'F32') {
+    if (this.#info.dtype === SAME_ENCODING[this.#target]) {
       // Already the output's encoding: read straight into it, no scratch and no copy.
       const bytes = new Uint8Array(output.buffer, output.byteOffset, output.byteLength);
       await this.#readExactly(bytes, position);
-      if (!LITTLE_ENDIAN_HOST) swapBytes(bytes, 4);
+      if (!LITTLE_ENDIAN_HOST) swapBytes(bytes, elementBytes);
       return;
     }
     const chunkElements = Math.max(1, Math.floor(CHUNK_BYTES / elementBytes));
@@ -267,12 +292,12 @@ class TensorReader {
       const bytes = new Uint8Array(scratch, 0, count * elementBytes);
       await this.#readExactly(bytes, position + done * elementBytes);
       if (!LITTLE_ENDIAN_HOST) swapBytes(bytes, elementBytes);
-      convertToFloat32(this.#info.dtype, scratch, 0, output, done, count);
+      this.#convert(scratch, 0, output, done, count);
     }
   }
 
   /** `rows` runs of `width` elements, `stride` elements apart, the first at element `first`. */
-  async readGathered(first: number, rows: number, stride: number, width: number, output: Float32Array): Promise<void> {
+  async readGathered(first: number, rows: number, stride: number, width: number, output: TargetArray): Promise<void> {
     const elementBytes = this.#elementBytes;
     const chunkElements = Math.floor(CHUNK_BYTES / elementBytes);
     // As many rows per read as fit the chunk (the span of k rows is (k - 1) strides plus one width), at least one.
@@ -283,9 +308,32 @@ class TensorReader {
       const bytes = new Uint8Array(scratch, 0, ((count - 1) * stride + width) * elementBytes);
       await this.#readExactly(bytes, this.#info.byteOffset + (first + row * stride) * elementBytes);
       if (!LITTLE_ENDIAN_HOST) swapBytes(bytes, elementBytes);
-      for (let index = 0; index < count; index++) {
-        convertToFloat32(this.#info.dtype, scratch, index * stride, output, (row + index) * width, width);
+      for (let index = 0; index < count; index++) this.#convert(scratch, index * stride, output, (row + index) * width, width);
+    }
+  }
+
+  #convert(source: ArrayBuffer, sourceIndex: number, output: TargetArray, targetIndex: number, count: number): void {
+    if (this.#target === 'f32') return convertToFloat32(this.#info.dtype, source, sourceIndex, output as Float32Array, targetIndex, count);
+    const halves = output as Uint16Array;
+    if (this.#info.dtype === SAME_ENCODING[this.#target]) {
+      halves.set(new Uint16Array(source, sourceIndex * 2, count), targetIndex);
+      return;
+    }
+    // Through f32: exact from F16 and BF16, and the one rounding F32 needs anyway.
+    if (!this.#widened || this.#widened.length < count) this.#widened = new Float32Array(count);
+    convertToFloat32(this.#info.dtype, source, sourceIndex, this.#widened, 0, count);
+    const bits = new Uint32Array(this.#widened.buffer, 0, count);
+    if (this.#target === 'bf16') {
+      for (let index = 0; index < count; index++) halves[targetIndex + index] = bitsToBf16(bits[index]);
+      return;
+    }
+    for (let index = 0; index < count; index++) {
+      const half = floatBitsToF16(bits[index]);
+      if ((half & 0x7fff) === 0x7c00 && (bits[index] & 0x7f800000) !== 0x7f800000) {
+        const { file, name } = this.#info;
+        throw new ModelLoadError('ERR_WEIGHT_RANGE', `tensor '${name}' in ${file} holds ${this.#widened[index]}, beyond f16's range (±65504): load it as bf16 or f32`, { file, tensor: name });
       }
+      halves[targetIndex + index] = half;
     }
   }
 
@@ -301,6 +349,12 @@ class TensorReader {
       done += bytesRead;
     }
   }
+}
+
+/** f32 bits to bf16 bits, rounding to nearest even; NaN stays a (quiet) NaN. */
+function bitsToBf16(bits: number): number {
+  if ((bits & 0x7fffffff) > 0x7f800000) return ((bits >>> 16) | 0x40) & 0xffff;
+  return ((bits + 0x7fff + ((bits >>> 16) & 1)) >>> 16) & 0xffff;
 }
 
 let f16Table: Float32Array | undefined;

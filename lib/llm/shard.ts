@@ -8,7 +8,7 @@ import { InvalidArgumentError } from '../errors.js';
 import type { Communicator } from '../gpu/communicator.js';
 import { Tensor } from '../gpu/tensor.js';
 import { checkDecoderConfig, rotaryInverseFrequencies, type DecoderConfig, type ResolvedDecoderConfig } from './config.js';
-import { attention, gelu, layerNorm, linear, rmsNorm, rotary, siluMultiply } from './kernels.js';
+import { attention, gelu, layerNorm, linear, readRows, rmsNorm, rotary, siluMultiply, type WeightDType } from './kernels.js';
 import type { ShardingPlan } from './plan.js';
 import { Checkpoint } from './safetensors.js';
 import { pickToken, type SamplingParameters } from './sampling.js';
@@ -50,6 +50,8 @@ export interface ShardSpec {
   plan: ShardingPlan;
   stage: number;
   rank: number;
+  /** How matrices are kept (default 'auto': 16-bit checkpoints stay 16-bit; see resolveWeightDType). */
+  weightDtype?: WeightDType | 'auto';
 }
 
 /** One sequence's keys and values for each of this shard's layers, [capacity, kvHeads, headSize]. */
@@ -76,13 +78,15 @@ export class DecoderShard {
     this.#communicator = communicator;
     this.#weights = weights;
     this.#inverseFrequencies = config.architecture === 'llama' ? rotaryInverseFrequencies(config) : undefined;
-    const arrays = (value: unknown): Float32Array[] => {
-      if (value instanceof Float32Array) return [value];
-      if (Array.isArray(value)) return value.flatMap(arrays);
-      if (typeof value === 'object' && value !== null) return Object.values(value).flatMap(arrays);
-      return [];
+    // Every array once: a matrix may be shared (a tied head is the embedding itself).
+    const arrays = new Set<ArrayBufferView>();
+    const collect = (value: unknown): void => {
+      if (ArrayBuffer.isView(value)) arrays.add(value);
+      else if (Array.isArray(value)) value.forEach(collect);
+      else if (typeof value === 'object' && value !== null) Object.values(value).forEach(collect);
     };
-    this.weightBytes = arrays(weights).reduce((sum, array) => sum + array.byteLength, 0);
+    collect(weights);
+    this.weightBytes = [...arrays].reduce((sum, array) => sum + array.byteLength, 0);
   }
 
   /** Reads this rank's slices of the checkpoint (only the bytes it needs). */
@@ -95,7 +99,7 @@ export class DecoderShard {
       throw new InvalidArgumentError(`tensor parallelism ${plan.tensorParallel} needs a communicator of that size, got ${communicator ? communicator.size : 'none'}`);
     }
     await using checkpoint = await Checkpoint.open(spec.checkpoint);
-    return new DecoderShard(spec, config, communicator, await loadShardWeights(checkpoint, config, plan, spec.stage, rank));
+    return new DecoderShard(spec, config, communicator, await loadShardWeights(checkpoint, config, plan, spec.stage, rank, spec.weightDtype));
   }
 
   /** Sequences whose keys and values this rank holds. */
@@ -158,7 +162,7 @@ export class DecoderShard {
           throw new InvalidArgumentError(`sequence ${sequence.id}: token ${token} is outside the vocabulary of ${config.vocabSize}`, 'ERR_TOKEN');
         }
         const out = hidden.subarray(row * size, (row + 1) * size);
-        out.set(table.subarray(token * size, (token + 1) * size));
+        readRows(out, table, size, token);
         if (positions) {
           const position = sequence.past + index;
           const positionRow = positions.subarray(position * size, (position + 1) * size);

@@ -2,10 +2,13 @@
  * How each architecture's checkpoint maps onto one rank's weights: which tensors a decoder needs
  * (checked before any rank reads), and the slices a rank reads for its heads, its MLP columns and
  * its vocabulary rows. Matrices come out in Linear's [out, in] layout, whatever the checkpoint
- * stores, with a block's query, key and value heads stacked into one matrix.
+ * stores, with a block's query, key and value heads stacked into one matrix, and in the weight
+ * dtype asked for: f32, or bf16 and f16 kept in 16 bits. Norms, biases and learned positions are
+ * small and always f32.
  */
-import { ModelLoadError } from '../errors.js';
+import { InvalidArgumentError, ModelLoadError } from '../errors.js';
 import type { ResolvedDecoderConfig } from './config.js';
+import { isHalfMatrix, type WeightDType, type WeightMatrix } from './kernels.js';
 import type { ShardingPlan } from './plan.js';
 import type { Checkpoint, SliceOptions } from './safetensors.js';
 
@@ -18,50 +21,62 @@ export interface NormWeights {
 export interface LayerWeights {
   attentionNorm: NormWeights;
   /** This rank's query heads, then key heads, then value heads: [(heads + 2 × kvHeads) × headSize, hidden]. */
-  qkvWeight: Float32Array;
+  qkvWeight: WeightMatrix;
   qkvBias?: Float32Array;
   /** Row-parallel, [hidden, heads × headSize]; its bias is added once, after the allreduce. */
-  projectionWeight: Float32Array;
+  projectionWeight: WeightMatrix;
   projectionBias?: Float32Array;
   mlpNorm: NormWeights;
   /** Column-parallel, [inner, hidden]; a gated MLP multiplies silu(gate) into it. */
-  upWeight: Float32Array;
+  upWeight: WeightMatrix;
   upBias?: Float32Array;
-  gateWeight?: Float32Array;
+  gateWeight?: WeightMatrix;
   /** Row-parallel, [hidden, inner]. */
-  downWeight: Float32Array;
+  downWeight: WeightMatrix;
   downBias?: Float32Array;
 }
 
 export interface ShardWeights {
   layers: LayerWeights[];
-  tokenEmbedding?: Float32Array;
+  tokenEmbedding?: WeightMatrix;
   /** Learned positions (gpt2). */
   positionEmbedding?: Float32Array;
   finalNorm?: NormWeights;
   /** This rank's rows of the head, [vocabularyPerRank, hidden], zero past the vocabulary's end. */
-  head?: Float32Array;
+  head?: WeightMatrix;
 }
 
 type Shape = number[];
 
-/** Conv1D ([in, out]) to Linear ([out, in]). */
-function transpose(matrix: Float32Array, rows: number, columns: number): Float32Array {
-  const result = new Float32Array(matrix.length);
-  for (let row = 0; row < rows; row++) {
-    for (let column = 0; column < columns; column++) result[column * rows + row] = matrix[row * columns + column];
-  }
-  return result;
+/** The elements of a matrix, whatever their encoding: moving them needs no arithmetic. */
+function elementsOf(matrix: WeightMatrix): Float32Array | Uint16Array {
+  return isHalfMatrix(matrix) ? matrix.bits : matrix;
 }
 
-function concatenate(parts: Float32Array[]): Float32Array {
-  const result = new Float32Array(parts.reduce((sum, part) => sum + part.length, 0));
+/** A matrix of the same encoding as `like`, over `elements`. */
+function sameEncoding(like: WeightMatrix, elements: Float32Array | Uint16Array): WeightMatrix {
+  return isHalfMatrix(like) ? { dtype: like.dtype, bits: elements as Uint16Array } : (elements as Float32Array);
+}
+
+/** Conv1D ([in, out]) to Linear ([out, in]). */
+function transpose(matrix: WeightMatrix, rows: number, columns: number): WeightMatrix {
+  const source = elementsOf(matrix);
+  const result = new (source.constructor as Float32ArrayConstructor | Uint16ArrayConstructor)(source.length);
+  for (let row = 0; row < rows; row++) {
+    for (let column = 0; column < columns; column++) result[column * rows + row] = source[row * columns + column];
+  }
+  return sameEncoding(matrix, result);
+}
+
+function concatenate<T extends WeightMatrix>(parts: T[]): T {
+  const sources = parts.map(elementsOf);
+  const result = new (sources[0].constructor as Float32ArrayConstructor | Uint16ArrayConstructor)(sources.reduce((sum, part) => sum + part.length, 0));
   let offset = 0;
-  for (const part of parts) {
+  for (const part of sources) {
     result.set(part, offset);
     offset += part.length;
   }
-  return result;
+  return sameEncoding(parts[0], result) as T;
 }
 
 interface Layout {
@@ -76,7 +91,10 @@ interface Layout {
 }
 
 type Reader = {
+  /** A vector (norm, bias, positions) or slice of one, always f32. */
   (name: string, slice?: SliceOptions): Promise<Float32Array>;
+  /** A matrix or slice of one, in the shard's weight dtype. */
+  matrix(name: string, slice?: SliceOptions): Promise<WeightMatrix>;
   has(name: string): boolean;
 };
 
@@ -109,24 +127,24 @@ const gpt2: Layout = {
     const inner = plan.intermediatePerRank;
     const base = `h.${layer}.`;
     const fullBias = await read(`${base}attn.c_attn.bias`);
-    const weights: Float32Array[] = [];
+    const weights: WeightMatrix[] = [];
     const biases: Float32Array[] = [];
     for (let part = 0; part < 3; part++) {
       // Query, key and value sit side by side in c_attn's columns: this rank's heads of each.
       const first = part * hidden + rank * width;
-      weights.push(transpose(await read(`${base}attn.c_attn.weight`, { columns: [first, first + width] }), hidden, width));
+      weights.push(transpose(await read.matrix(`${base}attn.c_attn.weight`, { columns: [first, first + width] }), hidden, width));
       biases.push(fullBias.slice(first, first + width));
     }
     return {
       attentionNorm: { gamma: await read(`${base}ln_1.weight`), beta: await read(`${base}ln_1.bias`) },
       qkvWeight: concatenate(weights),
       qkvBias: concatenate(biases),
-      projectionWeight: transpose(await read(`${base}attn.c_proj.weight`, { rows: [rank * width, (rank + 1) * width] }), width, hidden),
+      projectionWeight: transpose(await read.matrix(`${base}attn.c_proj.weight`, { rows: [rank * width, (rank + 1) * width] }), width, hidden),
       projectionBias: await read(`${base}attn.c_proj.bias`),
       mlpNorm: { gamma: await read(`${base}ln_2.weight`), beta: await read(`${base}ln_2.bias`) },
-      upWeight: transpose(await read(`${base}mlp.c_fc.weight`, { columns: [rank * inner, (rank + 1) * inner] }), hidden, inner),
+      upWeight: transpose(await read.matrix(`${base}mlp.c_fc.weight`, { columns: [rank * inner, (rank + 1) * inner] }), hidden, inner),
       upBias: (await read(`${base}mlp.c_fc.bias`)).slice(rank * inner, (rank + 1) * inner),
-      downWeight: transpose(await read(`${base}mlp.c_proj.weight`, { rows: [rank * inner, (rank + 1) * inner] }), inner, hidden),
+      downWeight: transpose(await read.matrix(`${base}mlp.c_proj.weight`, { rows: [rank * inner, (rank + 1) * inner] }), inner, hidden),
       downBias: await read(`${base}mlp.c_proj.bias`),
     };
   },
@@ -166,8 +184,8 @@ const llama: Layout = {
     const inner = plan.intermediatePerRank;
     const rows = (size: number): SliceOptions => ({ rows: [rank * size, (rank + 1) * size] });
     const parts = [['q_proj', queryRows], ['k_proj', keyRows], ['v_proj', keyRows]] as const;
-    const weights: Float32Array[] = [];
-    for (const [name, size] of parts) weights.push(await read(`${base}${name}.weight`, rows(size)));
+    const weights: WeightMatrix[] = [];
+    for (const [name, size] of parts) weights.push(await read.matrix(`${base}${name}.weight`, rows(size)));
     // Qwen2 puts biases on query, key and value; Llama has none.
     let qkvBias: Float32Array | undefined;
     if (read.has(`${base}q_proj.bias`)) {
@@ -180,11 +198,11 @@ const llama: Layout = {
       attentionNorm: { gamma: await read(`layers.${layer}.input_layernorm.weight`) },
       qkvWeight: concatenate(weights),
       ...(qkvBias ? { qkvBias } : {}),
-      projectionWeight: await read(`${base}o_proj.weight`, { columns: [rank * queryRows, (rank + 1) * queryRows] }),
+      projectionWeight: await read.matrix(`${base}o_proj.weight`, { columns: [rank * queryRows, (rank + 1) * queryRows] }),
       mlpNorm: { gamma: await read(`layers.${layer}.post_attention_layernorm.weight`) },
-      gateWeight: await read(`${mlp}gate_proj.weight`, rows(inner)),
-      upWeight: await read(`${mlp}up_proj.weight`, rows(inner)),
-      downWeight: await read(`${mlp}down_proj.weight`, { columns: [rank * inner, (rank + 1) * inner] }),
+      gateWeight: await read.matrix(`${mlp}gate_proj.weight`, rows(inner)),
+      upWeight: await read.matrix(`${mlp}up_proj.weight`, rows(inner)),
+      downWeight: await read.matrix(`${mlp}down_proj.weight`, { columns: [rank * inner, (rank + 1) * inner] }),
     };
   },
 };
@@ -220,16 +238,55 @@ export function checkCheckpoint(checkpoint: Checkpoint, config: ResolvedDecoderC
   return prefix;
 }
 
-/** One rank's weights: its stage's layers cut for its place in the stage, and the ends the stage has. */
-export async function loadShardWeights(checkpoint: Checkpoint, config: ResolvedDecoderConfig, plan: ShardingPlan, stageIndex: number, rank: number): Promise<ShardWeights> {
+/**
+ * The dtype 'auto' means for this checkpoint: the encoding its token embedding is stored in when
+ * that is bf16 or f16 (checkpoints are saved in one dtype), else f32. Kept as stored, 16-bit
+ * weights compute exactly as their f32 widening would, in half the memory.
+ */
+export function resolveWeightDType(checkpoint: Checkpoint, config: ResolvedDecoderConfig, requested: WeightDType | 'auto' = 'auto'): WeightDType {
+  if (requested !== 'auto') {
+    if (requested !== 'f32' && requested !== 'bf16' && requested !== 'f16') {
+      throw new InvalidArgumentError(`weightDtype must be 'auto', 'f32', 'bf16' or 'f16', got ${JSON.stringify(requested)}`);
+    }
+    return requested;
+  }
+  const layout = LAYOUTS[config.architecture];
+  const stored = checkpoint.info(namePrefix(checkpoint, layout) + layout.embedding).dtype;
+  return stored === 'BF16' ? 'bf16' : stored === 'F16' ? 'f16' : 'f32';
+}
+
+/** Rows [first, end) of a matrix read whole, as the rank's head (zero rows past the end of the vocabulary). */
+async function readHead(checkpoint: Checkpoint, name: string, dtype: WeightDType, rows: number, hidden: number, first: number, end: number): Promise<WeightMatrix> {
+  if (dtype === 'f32') {
+    const head = new Float32Array(rows * hidden);
+    if (end > first) head.set(await checkpoint.readFloat32(name, { rows: [first, end] }));
+    return head;
+  }
+  // Zero bits are +0 in both 16-bit encodings.
+  const bits = new Uint16Array(rows * hidden);
+  if (end > first) bits.set(await checkpoint.readHalf(name, dtype, { rows: [first, end] }));
+  return { dtype, bits };
+}
+
+/**
+ * One rank's weights: its stage's layers cut for its place in the stage, and the ends the stage
+ * has, with matrices in `weightDtype` ('auto': see resolveWeightDType).
+ */
+export async function loadShardWeights(checkpoint: Checkpoint, config: ResolvedDecoderConfig, plan: ShardingPlan, stageIndex: number, rank: number, weightDtype: WeightDType | 'auto' = 'auto'): Promise<ShardWeights> {
   const layout = LAYOUTS[config.architecture];
   const prefix = checkCheckpoint(checkpoint, config);
-  const read = Object.assign((name: string, slice?: SliceOptions) => checkpoint.readFloat32(prefix + name, slice), { has: (name: string) => checkpoint.has(prefix + name) });
+  const dtype = resolveWeightDType(checkpoint, config, weightDtype);
+  const matrix = async (name: string, slice?: SliceOptions): Promise<WeightMatrix> =>
+    dtype === 'f32' ? checkpoint.readFloat32(name, slice) : { dtype, bits: await checkpoint.readHalf(name, dtype, slice) };
+  const read = Object.assign((name: string, slice?: SliceOptions) => checkpoint.readFloat32(prefix + name, slice), {
+    matrix: (name: string, slice?: SliceOptions) => matrix(prefix + name, slice),
+    has: (name: string) => checkpoint.has(prefix + name),
+  });
   const stage = plan.stages[stageIndex];
   const weights: ShardWeights = { layers: [] };
   for (let layer = stage.firstLayer; layer < stage.endLayer; layer++) weights.layers.push(await layout.layer(read, config, plan, layer, rank));
   if (stage.embeds) {
-    weights.tokenEmbedding = await read(layout.embedding);
+    weights.tokenEmbedding = await read.matrix(layout.embedding);
     if (layout.positionEmbedding) weights.positionEmbedding = await read(layout.positionEmbedding);
   }
   if (stage.hasHead) {
@@ -237,11 +294,15 @@ export async function loadShardWeights(checkpoint: Checkpoint, config: ResolvedD
     weights.finalNorm = { gamma: await read(gamma), ...(beta ? { beta: await read(beta) } : {}) };
     const first = rank * plan.vocabularyPerRank;
     const end = Math.min(config.vocabSize, first + plan.vocabularyPerRank);
-    const head = new Float32Array(plan.vocabularyPerRank * config.hiddenSize);
     // An untied head (lm_head.weight, [vocab, hidden], never prefixed) wins over the embedding.
-    const headName = checkpoint.has('lm_head.weight') ? 'lm_head.weight' : prefix + layout.embedding;
-    if (end > first) head.set(await checkpoint.readFloat32(headName, { rows: [first, end] }));
-    weights.head = head;
+    const untied = checkpoint.has('lm_head.weight');
+    if (!untied && weights.tokenEmbedding && first === 0 && plan.vocabularyPerRank === config.vocabSize) {
+      // A tied head that is the whole embedding (one stage, one rank) is the embedding: one copy.
+      weights.head = weights.tokenEmbedding;
+    } else {
+      const headName = untied ? 'lm_head.weight' : prefix + layout.embedding;
+      weights.head = await readHead(checkpoint, headName, dtype, plan.vocabularyPerRank, config.hiddenSize, first, end);
+    }
   }
   return weights;
 }

@@ -19,19 +19,64 @@
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(TRELLIS_KERNELS_PORTABLE_ONLY)
 #define TRELLIS_KERNELS_AVX2 1
 #include <immintrin.h>
-#define TRELLIS_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define TRELLIS_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
 
 namespace trellis::kernels {
 namespace {
 
+// Half-precision weight elements, kept as the checkpoint stores them: distinct types so that the
+// dot kernels pick their widening load by overload.
+struct Bfloat16 {
+  uint16_t bits;
+};
+struct Float16 {
+  uint16_t bits;
+};
+
+inline float WidenScalar(float value) { return value; }
+// A bf16 is the top half of an f32.
+inline float WidenScalar(Bfloat16 value) {
+  const uint32_t bits = static_cast<uint32_t>(value.bits) << 16;
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return result;
+}
+inline float WidenScalar(Float16 value) {
+  const uint32_t sign = static_cast<uint32_t>(value.bits & 0x8000) << 16;
+  const uint32_t exponent = (value.bits >> 10) & 0x1f;
+  uint32_t mantissa = value.bits & 0x3ff;
+  uint32_t bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000 | (mantissa << 13);
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {
+    // Subnormal half: shift the mantissa up until its leading one is the implicit bit.
+    int32_t shift = 0;
+    while ((mantissa & 0x400) == 0) {
+      mantissa <<= 1;
+      ++shift;
+    }
+    bits = sign | (static_cast<uint32_t>(113 - shift) << 23) | ((mantissa & 0x3ff) << 13);
+  }
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return result;
+}
+
 // out[r, c] = (first ? bias[c] or 0 : out[r, c]) + Σ_d x[r, d] · weight[c, d], over one depth
-// block; the pointers already sit at the block's first element.
+// block; the pointers already sit at the block's first element. Weight is float, Bfloat16 or
+// Float16; each is widened to f32 as it is loaded, so the arithmetic (and its order) is the same
+// for all three, and a half-precision matrix gives exactly what its f32 widening gives.
+template <class Weight>
 struct DotProblem {
   const float* x;
   size_t x_stride;
   size_t rows;
-  const float* weight;
+  const Weight* weight;
   size_t weight_stride;
   size_t columns;
   size_t depth;
@@ -59,7 +104,7 @@ struct Blocking {
   size_t whole_rows;
 };
 
-Blocking ChooseBlocking(size_t depth) {
+Blocking ChooseBlocking(size_t depth, size_t weight_bytes) {
   // Rows up to 1024 floats run whole (a 3 × 4 tile then reads 28 KiB, about L1); longer ones in
   // near-equal blocks of whole vectors, so the partial sums cost few extra passes over out.
   constexpr size_t kMaxDepthBlock = 1024;
@@ -71,7 +116,8 @@ Blocking ChooseBlocking(size_t depth) {
   // A column block's weights take about a third of a typical 512 KiB L2, leaving room for the x
   // rows streaming past and for out.
   constexpr size_t kWeightBlockBytes = 160 * 1024;
-  size_t columns = kWeightBlockBytes / (depth_block * sizeof(float));
+  // The depth block depends on depth alone, never on the weight type: it sets the order of the sums.
+  size_t columns = kWeightBlockBytes / (depth_block * weight_bytes);
   columns = std::max(kColumnBlockGranule, columns / kColumnBlockGranule * kColumnBlockGranule);
   // Many rows of x would stream from L3 once per column block, and a second process doing the
   // same (another rank) then halves both. So rows go in chunks whose depth block stays in L2 next
@@ -94,17 +140,17 @@ inline void StoreTileSum(float* out, size_t column, float sum, bool first, const
 }
 
 // Calls Tile<Rows, Count> for a run-time count below Columns (the last, partial tile of a strip).
-template <class Isa, int Rows, int Columns>
-inline void PartialTile(size_t count, const DotProblem& problem, size_t row, size_t column, bool first) {
+template <class Isa, int Rows, int Columns, class Weight>
+inline void PartialTile(size_t count, const DotProblem<Weight>& problem, size_t row, size_t column, bool first) {
   if constexpr (Columns > 0) {
     if (count == Columns) Isa::template Tile<Rows, Columns>(problem, row, column, first);
     else PartialTile<Isa, Rows, Columns - 1>(count, problem, row, column, first);
   }
 }
 
-template <class Isa>
-void DotProducts(const DotProblem& whole) {
-  const Blocking blocking = ChooseBlocking(whole.depth);
+template <class Isa, class Weight>
+void DotProducts(const DotProblem<Weight>& whole) {
+  const Blocking blocking = ChooseBlocking(whole.depth, sizeof(Weight));
   size_t chunk_rows = whole.rows;
   if (whole.rows > blocking.whole_rows) {
     // Near-equal chunks, so no small leftover chunk re-reads every weight for a few rows.
@@ -112,7 +158,7 @@ void DotProducts(const DotProblem& whole) {
     chunk_rows = ((whole.rows + chunks - 1) / chunks + kMaxRowsPerStrip - 1) / kMaxRowsPerStrip * kMaxRowsPerStrip;
   }
   for (size_t depth_begin = 0; depth_begin < whole.depth; depth_begin += blocking.depth) {
-    DotProblem problem = whole;
+    DotProblem<Weight> problem = whole;
     problem.x += depth_begin;
     problem.weight += depth_begin;
     problem.depth = std::min(blocking.depth, whole.depth - depth_begin);
@@ -176,18 +222,25 @@ inline Float4 Load4(const float* source) {
   return value;
 }
 
+inline Float4 LoadWeights4(const float* source) { return Load4(source); }
+
+template <class Half>
+inline Float4 LoadWeights4(const Half* source) {
+  return Float4{WidenScalar(source[0]), WidenScalar(source[1]), WidenScalar(source[2]), WidenScalar(source[3])};
+}
+
 struct Portable {
-  template <int Rows, int Columns>
-  static void Tile(const DotProblem& problem, size_t row, size_t column, bool first) {
+  template <int Rows, int Columns, class Weight>
+  static void Tile(const DotProblem<Weight>& problem, size_t row, size_t column, bool first) {
     const float* x = problem.x + row * problem.x_stride;
-    const float* weight = problem.weight + column * problem.weight_stride;
+    const Weight* weight = problem.weight + column * problem.weight_stride;
     Float4 accumulators[Rows][Columns] = {};
     size_t d = 0;
     for (; d + 4 <= problem.depth; d += 4) {
       Float4 x_vectors[Rows];
       for (int r = 0; r < Rows; ++r) x_vectors[r] = Load4(x + r * problem.x_stride + d);
       for (int c = 0; c < Columns; ++c) {
-        const Float4 w = Load4(weight + c * problem.weight_stride + d);
+        const Float4 w = LoadWeights4(weight + c * problem.weight_stride + d);
         for (int r = 0; r < Rows; ++r) accumulators[r][c] += x_vectors[r] * w;
       }
     }
@@ -195,14 +248,14 @@ struct Portable {
       for (int c = 0; c < Columns; ++c) {
         const Float4 a = accumulators[r][c];
         float sum = (a[0] + a[2]) + (a[1] + a[3]);
-        for (size_t tail = d; tail < problem.depth; ++tail) sum += x[r * problem.x_stride + tail] * weight[c * problem.weight_stride + tail];
+        for (size_t tail = d; tail < problem.depth; ++tail) sum += x[r * problem.x_stride + tail] * WidenScalar(weight[c * problem.weight_stride + tail]);
         StoreTileSum(problem.out + (row + r) * problem.out_stride + column + c, column + c, sum, first, problem.bias);
       }
     }
   }
 
-  template <int Rows>
-  static void RunStrip(const DotProblem& problem, size_t row, size_t column_begin, size_t column_end, bool first) {
+  template <int Rows, class Weight>
+  static void RunStrip(const DotProblem<Weight>& problem, size_t row, size_t column_begin, size_t column_end, bool first) {
     constexpr int kColumns = ColumnsPerTile(Rows);
     size_t column = column_begin;
     for (; column + kColumns <= column_end; column += kColumns) Tile<Rows, kColumns>(problem, row, column, first);
@@ -282,11 +335,34 @@ TRELLIS_TARGET_AVX2 inline __m256 Exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
 }
 
+TRELLIS_TARGET_AVX2 inline __m256 LoadWeights8(const float* source) { return _mm256_loadu_ps(source); }
+
+TRELLIS_TARGET_AVX2 inline __m256 LoadWeights8(const Bfloat16* source) {
+  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(source));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+}
+
+TRELLIS_TARGET_AVX2 inline __m256 LoadWeights8(const Float16* source) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(source)));
+}
+
+// The last count (< 8) elements of a row, the other lanes zero, reading nothing past the row.
+TRELLIS_TARGET_AVX2 inline __m256 LoadWeightsTail(const float* source, size_t count) {
+  return _mm256_maskload_ps(source, TailMask(count));
+}
+
+template <class Half>
+TRELLIS_TARGET_AVX2 inline __m256 LoadWeightsTail(const Half* source, size_t count) {
+  Half padded[8] = {};
+  std::memcpy(padded, source, count * sizeof(Half));
+  return LoadWeights8(padded);
+}
+
 struct Avx2 {
-  template <int Rows, int Columns>
-  TRELLIS_TARGET_AVX2 static inline void Tile(const DotProblem& problem, size_t row, size_t column, bool first) {
+  template <int Rows, int Columns, class Weight>
+  TRELLIS_TARGET_AVX2 static inline void Tile(const DotProblem<Weight>& problem, size_t row, size_t column, bool first) {
     const float* x = problem.x + row * problem.x_stride;
-    const float* weight = problem.weight + column * problem.weight_stride;
+    const Weight* weight = problem.weight + column * problem.weight_stride;
     __m256 accumulators[Rows][Columns];
     for (int r = 0; r < Rows; ++r) {
       for (int c = 0; c < Columns; ++c) accumulators[r][c] = _mm256_setzero_ps();
@@ -296,7 +372,7 @@ struct Avx2 {
       __m256 x_vectors[Rows];
       for (int r = 0; r < Rows; ++r) x_vectors[r] = _mm256_loadu_ps(x + r * problem.x_stride + d);
       for (int c = 0; c < Columns; ++c) {
-        const __m256 w = _mm256_loadu_ps(weight + c * problem.weight_stride + d);
+        const __m256 w = LoadWeights8(weight + c * problem.weight_stride + d);
         for (int r = 0; r < Rows; ++r) accumulators[r][c] = _mm256_fmadd_ps(x_vectors[r], w, accumulators[r][c]);
       }
     }
@@ -305,7 +381,7 @@ struct Avx2 {
       __m256 x_vectors[Rows];
       for (int r = 0; r < Rows; ++r) x_vectors[r] = _mm256_maskload_ps(x + r * problem.x_stride + d, mask);
       for (int c = 0; c < Columns; ++c) {
-        const __m256 w = _mm256_maskload_ps(weight + c * problem.weight_stride + d, mask);
+        const __m256 w = LoadWeightsTail(weight + c * problem.weight_stride + d, problem.depth - d);
         for (int r = 0; r < Rows; ++r) accumulators[r][c] = _mm256_fmadd_ps(x_vectors[r], w, accumulators[r][c]);
       }
     }
@@ -322,8 +398,8 @@ struct Avx2 {
     }
   }
 
-  template <int Rows>
-  TRELLIS_TARGET_AVX2 static void RunStrip(const DotProblem& problem, size_t row, size_t column_begin, size_t column_end, bool first) {
+  template <int Rows, class Weight>
+  TRELLIS_TARGET_AVX2 static void RunStrip(const DotProblem<Weight>& problem, size_t row, size_t column_begin, size_t column_end, bool first) {
     constexpr int kColumns = ColumnsPerTile(Rows);
     size_t column = column_begin;
     for (; column + kColumns <= column_end; column += kColumns) Tile<Rows, kColumns>(problem, row, column, first);
@@ -424,7 +500,7 @@ struct Avx2 {
 
 bool UseAvx2() {
   // libgcc's check includes the OS saving the YMM registers (XGETBV), not only CPUID.
-  static const bool use = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool use = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return use;
 }
 
@@ -448,7 +524,7 @@ void AttentionWith(float* out, const float* q, const float* keys, const float* v
     const float* head_values = values + kv_head * head_size;
     if (decoding) {
       const size_t offset = kv_head * group * head_size;
-      DotProblem problem{q + offset, head_size, group, head_keys, kv_stride, positions, head_size, scores.data(), positions, nullptr, false, 0};
+      DotProblem<float> problem{q + offset, head_size, group, head_keys, kv_stride, positions, head_size, scores.data(), positions, nullptr, false, 0};
       DotProducts<Isa>(problem);
       for (size_t member = 0; member < group; ++member) {
         float* row = scores.data() + member * positions;
@@ -459,7 +535,7 @@ void AttentionWith(float* out, const float* q, const float* keys, const float* v
     }
     for (size_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
       const size_t offset = head * head_size;
-      DotProblem problem{q + offset, stride, queries, head_keys, kv_stride, positions, head_size, scores.data(), positions, nullptr, true, past};
+      DotProblem<float> problem{q + offset, stride, queries, head_keys, kv_stride, positions, head_size, scores.data(), positions, nullptr, true, past};
       DotProducts<Isa>(problem);
       for (size_t query = 0; query < queries; ++query) {
         float* row = scores.data() + query * positions;
@@ -499,12 +575,35 @@ double SquaredDistances(const float* in, size_t columns, double center) {
 
 }  // namespace
 
-void Linear(float* out, const float* x, const float* weight, const float* bias, size_t rows, size_t depth, size_t columns) {
-  const DotProblem problem{x, depth, rows, weight, depth, columns, depth, out, columns, bias, false, 0};
+namespace {
+
+template <class Weight>
+void LinearOf(float* out, const float* x, const Weight* weight, const float* bias, size_t rows, size_t depth, size_t columns) {
+  const DotProblem<Weight> problem{x, depth, rows, weight, depth, columns, depth, out, columns, bias, false, 0};
 #ifdef TRELLIS_KERNELS_AVX2
   if (UseAvx2()) return DotProducts<Avx2>(problem);
 #endif
   DotProducts<Portable>(problem);
+}
+
+}  // namespace
+
+void Linear(float* out, const float* x, const float* weight, const float* bias, size_t rows, size_t depth, size_t columns) {
+  LinearOf(out, x, weight, bias, rows, depth, columns);
+}
+
+void Linear(float* out, const float* x, const uint16_t* weight, WeightType type, const float* bias, size_t rows, size_t depth, size_t columns) {
+  if (type == WeightType::kBfloat16) LinearOf(out, x, reinterpret_cast<const Bfloat16*>(weight), bias, rows, depth, columns);
+  else LinearOf(out, x, reinterpret_cast<const Float16*>(weight), bias, rows, depth, columns);
+}
+
+void Widen(float* out, const uint16_t* in, WeightType type, size_t count) {
+  // Plain loops: gathering embedding rows is a small part of a step, and the compiler vectorizes bf16.
+  if (type == WeightType::kBfloat16) {
+    for (size_t i = 0; i < count; ++i) out[i] = WidenScalar(Bfloat16{in[i]});
+  } else {
+    for (size_t i = 0; i < count; ++i) out[i] = WidenScalar(Float16{in[i]});
+  }
 }
 
 void LayerNorm(float* out, const float* x, const float* gamma, const float* beta, size_t rows, size_t columns, float epsilon) {

@@ -1,4 +1,4 @@
-// f32 row-major CPU kernels for the transformer that runs in worker processes (lib/llm). Each call
+// f32 row-major CPU kernels (weights may be bf16 or f16) for the transformer that runs in worker processes (lib/llm). Each call
 // runs on the calling thread: a worker process is one rank, and its parallelism is the ranks.
 // The kernels trust their arguments; kernels_binding.cc checks them before any call from JS.
 #pragma once
@@ -12,6 +12,18 @@ namespace trellis::kernels {
 // weight is laid out as PyTorch's Linear stores it, [out features, in features], so each output is
 // a dot product of two contiguous rows. out must not overlap x, weight or bias.
 void Linear(float* out, const float* x, const float* weight, const float* bias, size_t rows, size_t depth, size_t columns);
+
+// How a 16-bit weight matrix encodes its values: bfloat16 (the top half of an f32) or IEEE half.
+enum class WeightType { kBfloat16, kFloat16 };
+
+// Linear with weights kept in 16 bits. Each weight is widened to f32 as it is loaded and the sums
+// run in f32 in the same order as the f32 Linear, so the result equals Linear over the widened
+// matrix exactly, while the matrix takes half the memory and half the bandwidth.
+void Linear(float* out, const float* x, const uint16_t* weight, WeightType type, const float* bias, size_t rows, size_t depth,
+            size_t columns);
+
+// out[i] = in[i] widened to f32 (exact). out must not overlap in.
+void Widen(float* out, const uint16_t* in, WeightType type, size_t count);
 
 // Per row of `columns`: (x - mean) / sqrt(variance + epsilon) * gamma + beta. out may be x itself
 // (but may not overlap it otherwise).

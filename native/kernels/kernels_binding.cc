@@ -20,6 +20,15 @@ struct FloatArray {
   size_t length;
 };
 
+// A weight matrix: f32, or 16-bit floats (bf16 or f16) kept in a Uint16Array.
+struct WeightArray {
+  const void* data;
+  size_t length;
+  size_t element_bytes;
+  bool half;
+  WeightType type;
+};
+
 struct IntArray {
   int32_t* data;
   size_t length;
@@ -61,6 +70,26 @@ FloatArray FloatArrayArgument(const char* kernel, const Napi::Value& value, cons
   // Float32Array::Data() already points at the view's first element (byteOffset applied).
   auto array = value.As<Napi::Float32Array>();
   return {array.Data(), array.ElementLength()};
+}
+
+// weight with its dtype: a Float32Array with dtype 'f32' (or none), or a Uint16Array holding the
+// bits of 'bf16' or 'f16' values.
+WeightArray WeightArgument(const char* kernel, const Napi::Value& value, const Napi::Value& dtype_value, const char* name) {
+  std::string dtype = "f32";
+  if (!dtype_value.IsUndefined()) {
+    if (!dtype_value.IsString()) throw InvalidArgument(std::string(kernel) + ": " + name + "'s dtype must be 'f32', 'bf16' or 'f16', got " + Describe(dtype_value));
+    dtype = dtype_value.As<Napi::String>().Utf8Value();
+  }
+  if (dtype == "f32") {
+    const FloatArray array = FloatArrayArgument(kernel, value, name);
+    return {array.data, array.length, sizeof(float), false, WeightType::kBfloat16};
+  }
+  if (dtype != "bf16" && dtype != "f16") throw InvalidArgument(std::string(kernel) + ": " + name + "'s dtype must be 'f32', 'bf16' or 'f16', got '" + dtype + "'");
+  if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_uint16_array) {
+    throw InvalidArgument(std::string(kernel) + ": " + name + " in " + dtype + " must be a Uint16Array, got " + Describe(value));
+  }
+  auto array = value.As<Napi::Uint16Array>();
+  return {array.Data(), array.ElementLength(), sizeof(uint16_t), true, dtype == "bf16" ? WeightType::kBfloat16 : WeightType::kFloat16};
 }
 
 IntArray Int32ArrayArgument(const char* kernel, const Napi::Value& value, const char* name) {
@@ -118,13 +147,13 @@ double EpsilonArgument(const char* kernel, const Napi::Value& value) {
   return eps;
 }
 
-// linear(out, x, weight, bias | null, m, k, n)
+// linear(out, x, weight, bias | null, m, k, n, weightDtype = 'f32')
 Napi::Value LinearFunction(const Napi::CallbackInfo& info) {
   return Guarded(info.Env(), [&]() -> Napi::Value {
     const char* kernel = "linear";
     const FloatArray out = FloatArrayArgument(kernel, info[0], "out");
     const FloatArray x = FloatArrayArgument(kernel, info[1], "x");
-    const FloatArray weight = FloatArrayArgument(kernel, info[2], "weight");
+    const WeightArray weight = WeightArgument(kernel, info[2], info[7], "weight");
     const bool has_bias = !info[3].IsNull() && !info[3].IsUndefined();
     const FloatArray bias = has_bias ? FloatArrayArgument(kernel, info[3], "bias") : FloatArray{nullptr, 0};
     const size_t m = DimensionArgument(kernel, info[4], "m", 1);
@@ -135,12 +164,17 @@ Napi::Value LinearFunction(const Napi::CallbackInfo& info) {
     const size_t weight_size = Product(kernel, "n * k", n, k);
     RequireLength(kernel, out, "out", out_size, "m * n = " + std::to_string(m) + " * " + std::to_string(n));
     RequireLength(kernel, x, "x", x_size, "m * k = " + std::to_string(m) + " * " + std::to_string(k));
-    RequireLength(kernel, weight, "weight", weight_size, "n * k = " + std::to_string(n) + " * " + std::to_string(k));
+    if (weight.length < weight_size) {
+      throw InvalidArgument(std::string(kernel) + ": weight must hold at least n * k = " + std::to_string(n) + " * " + std::to_string(k) + " = " +
+                            std::to_string(weight_size) + (weight.half ? " 16-bit values" : " floats") + ", got " + std::to_string(weight.length));
+    }
     if (has_bias) RequireLength(kernel, bias, "bias", n, "n");
     RequireDisjoint(kernel, out, out_size, x, x_size, "x");
-    RequireDisjoint(kernel, out, out_size, weight, weight_size, "weight");
+    RequireDisjointBytes(kernel, "out", out.data, out_size * sizeof(float), weight.data, weight_size * weight.element_bytes, "weight");
     if (has_bias) RequireDisjoint(kernel, out, out_size, bias, n, "bias");
-    Linear(out.data, x.data, weight.data, has_bias ? bias.data : nullptr, m, k, n);
+    const float* bias_data = has_bias ? bias.data : nullptr;
+    if (weight.half) Linear(out.data, x.data, static_cast<const uint16_t*>(weight.data), weight.type, bias_data, m, k, n);
+    else Linear(out.data, x.data, static_cast<const float*>(weight.data), bias_data, m, k, n);
     return info.Env().Undefined();
   });
 }
@@ -301,6 +335,22 @@ Napi::Value AttentionFunction(const Napi::CallbackInfo& info) {
   });
 }
 
+// widen(out, bits, dtype, count): the first count 16-bit values of bits, as f32, into out.
+Napi::Value WidenFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    const char* kernel = "widen";
+    const FloatArray out = FloatArrayArgument(kernel, info[0], "out");
+    const WeightArray in = WeightArgument(kernel, info[1], info[2], "bits");
+    if (!in.half) throw InvalidArgument(std::string(kernel) + ": dtype must be 'bf16' or 'f16', got 'f32'");
+    const size_t count = DimensionArgument(kernel, info[3], "count", 0);
+    RequireLength(kernel, out, "out", count, "count");
+    if (in.length < count) throw InvalidArgument(std::string(kernel) + ": bits must hold at least count = " + std::to_string(count) + " elements, got " + std::to_string(in.length));
+    RequireDisjointBytes(kernel, "out", out.data, count * sizeof(float), in.data, count * sizeof(uint16_t), "bits");
+    Widen(out.data, static_cast<const uint16_t*>(in.data), in.type, count);
+    return info.Env().Undefined();
+  });
+}
+
 }  // namespace
 
 void RegisterKernelsBinding(Napi::Env env, Napi::Object exports) {
@@ -312,6 +362,7 @@ void RegisterKernelsBinding(Napi::Env env, Napi::Object exports) {
   kernels.Set("siluMultiply", Napi::Function::New(env, SiluMultiplyFunction, "siluMultiply"));
   kernels.Set("rotary", Napi::Function::New(env, RotaryFunction, "rotary"));
   kernels.Set("attention", Napi::Function::New(env, AttentionFunction, "attention"));
+  kernels.Set("widen", Napi::Function::New(env, WidenFunction, "widen"));
   exports.Set("kernels", kernels);
 }
 

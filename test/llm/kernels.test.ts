@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { InvalidArgumentError } from '../../lib/errors.js';
-import { attention, gelu, layerNorm, linear, rmsNorm, rotary, siluMultiply } from '../../lib/llm/kernels.js';
+import { attention, gelu, layerNorm, linear, readRows, rmsNorm, rotary, siluMultiply } from '../../lib/llm/kernels.js';
+import { bf16ToFloat, f16ToFloat, floatToBf16, floatToF16 } from '../../lib/gpu/dtype.js';
 import { native } from '../../lib/native.js';
 
 /** mulberry32: deterministic data, so a failure reproduces. */
@@ -159,7 +160,7 @@ function expectInvalid(call: () => unknown, ...fragments: string[]): void {
 
 /** The addon's own checks, reached without the TypeScript layer's. */
 const unchecked = native.kernels as unknown as Record<
-  'linear' | 'layerNorm' | 'gelu' | 'rmsNorm' | 'siluMultiply' | 'rotary' | 'attention',
+  'linear' | 'layerNorm' | 'gelu' | 'rmsNorm' | 'siluMultiply' | 'rotary' | 'attention' | 'widen',
   (...args: unknown[]) => void
 >;
 
@@ -488,6 +489,58 @@ describe('attention', () => {
   });
 });
 
+describe('linear with 16-bit weights', () => {
+  const shapes: Array<[m: number, k: number, n: number]> = [[1, 67, 131], [3, 8, 4], [4, 16, 25], [5, 1, 3], [16, 768, 37], [5, 1031, 53], [7, 2051, 50], [901, 300, 50]];
+  const narrow = { bf16: floatToBf16, f16: floatToF16 };
+  const widen = { bf16: bf16ToFloat, f16: f16ToFloat };
+
+  it.each(['bf16', 'f16'] as const)('%s weights give exactly what their f32 widening gives, tails, depth blocks and row chunks included', (dtype) => {
+    shapes.forEach(([m, k, n], index) => {
+      const x = randomFloats(m * k, 1 + index);
+      const bits = Uint16Array.from(randomFloats(n * k, 100 + index), narrow[dtype]);
+      const widened = Float32Array.from(bits, widen[dtype]);
+      const bias = index % 2 === 0 ? randomFloats(n, 200 + index) : null;
+      const half = new Float32Array(m * n);
+      const full = new Float32Array(m * n);
+      linear(half, x, { dtype, bits }, bias, m, k, n);
+      linear(full, x, widened, bias, m, k, n);
+      expect(half).toEqual(full);
+      expectClose(half, referenceLinear(x, widened, bias, m, k, n));
+    });
+  });
+
+  it('widens f16 subnormals, infinities and NaN, and reads weight subarrays', () => {
+    // Smallest and largest subnormal, -0, ±infinity, NaN, 1, the largest finite half.
+    const special = Uint16Array.from([0x0001, 0x03ff, 0x8000, 0x7c00, 0xfc00, 0x7e00, 0x3c00, 0x7bff]);
+    const rows = new Float32Array(special.length);
+    readRows(rows, { dtype: 'f16', bits: special }, special.length, 0);
+    expect(Array.from(rows)).toEqual(Array.from(special, f16ToFloat));
+    expect(Object.is(rows[2], -0)).toBe(true);
+    // A weight matrix at an odd element offset, so its 16-byte loads are unaligned.
+    const [m, k, n] = [3, 21, 5];
+    const backing = new Uint16Array(n * k + 3).fill(0x7e00);
+    const bits = backing.subarray(1, 1 + n * k);
+    bits.set(Uint16Array.from(randomFloats(n * k, 4), floatToBf16));
+    const x = randomFloats(m * k, 5);
+    const out = new Float32Array(m * n);
+    linear(out, x, { dtype: 'bf16', bits }, null, m, k, n);
+    expectClose(out, referenceLinear(x, Float32Array.from(bits, bf16ToFloat), null, m, k, n));
+  });
+
+  it('readRows copies f32 rows and widens 16-bit ones, and checks its range', () => {
+    const table = randomFloats(6 * 4, 9);
+    const out = new Float32Array(8);
+    readRows(out, table, 4, 3, 2);
+    expect(out).toEqual(table.subarray(12, 20));
+    const bits = Uint16Array.from(table, floatToBf16);
+    readRows(out, { dtype: 'bf16', bits }, 4, 4, 2);
+    expect(Array.from(out)).toEqual(Array.from(bits.subarray(16, 24), bf16ToFloat));
+    expectInvalid(() => readRows(out, table, 4, 5, 2), 'rows [5, 7) of width 4 need 28 values, the matrix has 24');
+    expectInvalid(() => readRows(new Float32Array(3), table, 4, 0), 'out must hold at least');
+    expectInvalid(() => readRows(out, { dtype: 'bf16', bits: new Float32Array(24) as unknown as Uint16Array }, 4, 0), 'matrix.bits must be a Uint16Array');
+  });
+});
+
 describe('argument errors', () => {
   const floats = (count: number) => new Float32Array(count);
   // Each case runs against the TypeScript face and the addon directly: both must refuse it.
@@ -524,6 +577,29 @@ describe('argument errors', () => {
       expectInvalid(() => kernels.linear(floats(6), floats(8), floats(12), null, 2 ** 40, 4, 2 ** 40), 'm * n', 'too large');
       const shared = floats(20);
       expectInvalid(() => kernels.linear(shared.subarray(0, 6), shared.subarray(4, 12), floats(12), null, 2, 4, 3), 'out must not overlap x');
+    });
+
+    it(`${layer}: linear checks 16-bit weights`, () => {
+      // kernels.ts takes { dtype, bits }; the addon takes the bits and the dtype as its last argument.
+      const call = (bits: unknown, dtype: unknown, out = floats(6)) =>
+        layer === 'addon' ? () => kernels.linear(out, floats(8), bits, null, 2, 4, 3, dtype) : () => kernels.linear(out, floats(8), { dtype, bits }, null, 2, 4, 3);
+      expect(call(new Uint16Array(12), 'bf16')).not.toThrow();
+      expect(call(new Uint16Array(12), 'f16')).not.toThrow();
+      expectInvalid(call(new Uint16Array(11), 'bf16'), 'weight must hold at least n * k = 3 * 4 = 12 16-bit values, got 11');
+      expectInvalid(call(floats(12), 'f16'), 'must be a Uint16Array', 'Float32Array');
+      const shared = new Uint16Array(40);
+      const out = new Float32Array(shared.buffer, 0, 6);
+      expectInvalid(call(shared.subarray(8, 20), 'bf16', out), 'out must not overlap weight');
+      if (layer === 'addon') {
+        expectInvalid(call(new Uint16Array(12), 'f8'), "dtype must be 'f32', 'bf16' or 'f16'", "'f8'");
+        expectInvalid(call(new Uint16Array(12), 7), "dtype must be 'f32', 'bf16' or 'f16'");
+        expectInvalid(() => kernels.widen(floats(2), new Uint16Array(4), 'bf16', 3), 'out must hold at least count = 3');
+        expectInvalid(() => kernels.widen(floats(4), new Uint16Array(2), 'f16', 3), 'bits must hold at least count = 3');
+        expectInvalid(() => kernels.widen(floats(4), floats(4), 'f32', 3), "dtype must be 'bf16' or 'f16'");
+      } else {
+        // An object that is no HalfMatrix is not a Float32Array either.
+        expectInvalid(call(new Uint16Array(12), 'f8'), 'weight must be a Float32Array', 'an object');
+      }
     });
 
     it(`${layer}: layerNorm checks types, lengths, dimensions and eps`, () => {

@@ -6,6 +6,7 @@ import { ActorDiedError, DataError, InvalidArgumentError, ModelLoadError, fromIt
 import { buildLLMProcessor, checkDecoderConfig, configFromHuggingFace, DecoderShard, ModelReplica, planSharding, readCheckpointConfig, Tokenizer } from '../../lib/index.js';
 import { gpt2StyleTokenizerJson } from './fixtures/tokenizers.js';
 import { isAlive, until } from '../core/helpers.js';
+import { bf16ToFloat, floatToBf16 } from '../../lib/gpu/dtype.js';
 import { randomWeights, referenceGenerate, referenceLogits, TINY, TINY_LLAMA, writeCheckpoint, type Weights } from './fixtures/decoders.js';
 
 const PROMPTS = [[5, 17, 3], [42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [96, 0, 33, 12], [7, 7, 7, 7, 7, 7]];
@@ -183,6 +184,51 @@ describe('model sharding', () => {
     await expect(replica.generate([{ tokens: [1], sampling: { temperature: -1 } }])).rejects.toMatchObject({ code: 'ERR_SAMPLING' });
     // The replica still works after refusing them.
     expect((await replica.generate([{ tokens: PROMPTS[1], maxNewTokens: 6 }]))[0].tokens).toEqual(expected[1]);
+  });
+
+  it('keeps a 16-bit checkpoint in 16 bits: exactly the logits of its f32 widening, in about half the memory', async () => {
+    const prompt = PROMPTS[2];
+    const tokens = Int32Array.from([...prompt, ...prompt.slice(0, 4)]);
+    const sequences = [{ id: 0, past: 0, count: prompt.length }, { id: 1, past: 0, count: 4 }];
+    const logitsOf = async (shard: DecoderShard) => ((await shard.forward({ step: 0, sequences, released: [], tokens, logits: true })) as { logits: Float32Array }).logits;
+    for (const dtype of ['BF16', 'F16'] as const) {
+      const path = await writeCheckpoint(join(directory, `tiny-${dtype}`), TINY, weights, { prefix: 'transformer.', dtype });
+      const config = readCheckpointConfig(path)!;
+      const spec = { checkpoint: path, config, plan: planSharding(config), stage: 0, rank: 0 };
+      const kept = await DecoderShard.load(spec);
+      const widened = await DecoderShard.load({ ...spec, weightDtype: 'f32' });
+      expect(await logitsOf(kept)).toEqual(await logitsOf(widened));
+      // The tied head is the embedding itself, counted once; every matrix takes half, the vectors the same.
+      expect(kept.weightBytes / widened.weightBytes).toBeGreaterThan(0.5);
+      expect(kept.weightBytes / widened.weightBytes).toBeLessThan(0.55);
+    }
+    // Narrowing an f32 checkpoint rounds its matrices (only) to nearest even: the logits of an f32
+    // checkpoint holding those rounded matrices.
+    const config = readCheckpointConfig(checkpoint)!;
+    const narrowed = await DecoderShard.load({ checkpoint, config, plan: planSharding(config), stage: 0, rank: 0, weightDtype: 'bf16' });
+    const rounded: Weights = Object.fromEntries(Object.entries(weights).map(([name, tensor]) => [name, tensor.shape.length < 2 || name.endsWith('wpe.weight') ? tensor : { shape: tensor.shape, data: Float32Array.from(tensor.data, (value) => bf16ToFloat(floatToBf16(value))) }]));
+    const roundedPath = await writeCheckpoint(join(directory, 'tiny-rounded'), TINY, rounded, { prefix: 'transformer.' });
+    const reference = await DecoderShard.load({ checkpoint: roundedPath, config, plan: planSharding(config), stage: 0, rank: 0 });
+    expect(await logitsOf(narrowed)).toEqual(await logitsOf(reference));
+    // A value f16 cannot hold is refused, naming the tensor, not read as infinity.
+    const large = structuredClone(weights);
+    large['h.1.mlp.c_fc.weight'].data[5] = 1e5;
+    const largePath = await writeCheckpoint(join(directory, 'tiny-large'), TINY, large);
+    await expect(DecoderShard.load({ checkpoint: largePath, config, plan: planSharding(config), stage: 0, rank: 0, weightDtype: 'f16' }))
+      .rejects.toMatchObject({ code: 'ERR_WEIGHT_RANGE', tensor: 'h.1.mlp.c_fc.weight' });
+    await expect(ModelReplica.create({ checkpoint, weightDtype: 'int8' as never })).rejects.toThrow(/weightDtype must be 'auto', 'f32', 'bf16' or 'f16', got "int8"/);
+  });
+
+  it('runs a bf16 Llama-layout checkpoint cut 2 × 2 in 16 bits, token for token the reference on its values', async () => {
+    const llamaWeights = randomWeights(TINY_LLAMA, 11);
+    const path = await writeCheckpoint(join(directory, 'llama-bf16'), TINY_LLAMA, llamaWeights, { prefix: 'model.', dtype: 'BF16' });
+    // The reference runs on the values the file holds.
+    const stored: Weights = Object.fromEntries(Object.entries(llamaWeights).map(([name, tensor]) => [name, { shape: tensor.shape, data: Float32Array.from(tensor.data, (value) => bf16ToFloat(floatToBf16(value))) }]));
+    await using replica = await ModelReplica.create({ checkpoint: path, tensorParallel: 2, pipelineParallel: 2 });
+    expect(replica.weightDtype).toBe('bf16');
+    const prompts = [[3, 99, 14, 15, 92], [1, 2], [50, 60, 70, 80, 90, 100, 0, 10]];
+    const generated = await replica.generate(prompts.map((tokens) => ({ tokens, maxNewTokens: 5 })));
+    expect(generated.map((generation) => generation.tokens)).toEqual(prompts.map((tokens) => referenceGenerate(TINY_LLAMA, stored, tokens, 5)));
   });
 
   it('refuses checkpoints that do not match, with the file or tensor named', async () => {

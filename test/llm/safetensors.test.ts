@@ -170,6 +170,46 @@ describe('round trip', () => {
     expect(Array.from(await checkpoint.readFloat32('brain'))).toEqual([1, 1 + 4 * 2 ** -8, 1 + 2 * 2 ** -8]);
   });
 
+  it('reads 16-bit tensors as their raw bits, and narrows others to bf16 or f16 with rounding to even', async () => {
+    const data = pseudoRandom(40 * 30);
+    const path = freshPath();
+    await writeSafetensors(path, {
+      brain: { dtype: 'BF16', shape: [40, 30], data },
+      half: { dtype: 'F16', shape: [40, 30], data },
+      full: { dtype: 'F32', shape: [40, 30], data },
+      ties: { dtype: 'F32', shape: [4], data: new Float32Array([1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -11, 1 + 3 * 2 ** -11]) },
+      large: { dtype: 'F32', shape: [2, 2], data: new Float32Array([1, 2, 3, 70000]) },
+    });
+    await using checkpoint = await Checkpoint.open(path);
+    const raw = async (name: string) => {
+      const info = checkpoint.info(name);
+      const bytes = await readFile(path);
+      return new Uint16Array(bytes.buffer.slice(bytes.byteOffset + info.byteOffset, bytes.byteOffset + info.byteOffset + info.byteLength));
+    };
+    // Stored in the encoding asked for: the file's bits, unchanged, whole and sliced.
+    expect(await checkpoint.readHalf('brain', 'bf16')).toEqual(await raw('brain'));
+    expect(await checkpoint.readHalf('half', 'f16')).toEqual(await raw('half'));
+    const brainRaw = await raw('brain');
+    const sliced = await checkpoint.readHalf('brain', 'bf16', { rows: [3, 9], columns: [4, 11] });
+    const wanted = new Uint16Array(6 * 7);
+    for (let row = 0; row < 6; row++) wanted.set(brainRaw.subarray((3 + row) * 30 + 4, (3 + row) * 30 + 11), row * 7);
+    expect(sliced).toEqual(wanted);
+    // From F32, rounded once, as the writer rounds: the same bits as the 16-bit tensors written from the same data.
+    expect(await checkpoint.readHalf('full', 'bf16')).toEqual(brainRaw);
+    expect(await checkpoint.readHalf('full', 'f16', { columns: [2, 29] })).toEqual(await checkpoint.readHalf('half', 'f16', { columns: [2, 29] }));
+    // Halfway values go to the even neighbour.
+    expect(Array.from(await checkpoint.readHalf('ties', 'bf16'))).toEqual([0x3f80, 0x3f82, 0x3f80, 0x3f80]);
+    expect(Array.from(await checkpoint.readHalf('ties', 'f16'))).toEqual([0x3c04, 0x3c0c, 0x3c00, 0x3c02]);
+    // Between encodings: f16 to bf16 rounds; bf16 to f16 is exact for these values.
+    const brainWidened = await checkpoint.readFloat32('brain');
+    expect(Array.from(await checkpoint.readHalf('brain', 'f16'), f16ToFloat)).toEqual(Array.from(brainWidened));
+    // 70000 has no f16: refused, naming the tensor, rather than read as infinity; rows without it read.
+    const error = await expectModelLoadError(checkpoint.readHalf('large', 'f16'), 'ERR_WEIGHT_RANGE', "'large'");
+    expect(error.message).toContain('70000');
+    expect(error.tensor).toBe('large');
+    expect(Array.from(await checkpoint.readHalf('large', 'f16', { rows: [0, 1] }), f16ToFloat)).toEqual([1, 2]);
+  });
+
   it('reads F64 and scalars', async () => {
     const doubles = new Float64Array([1.5, -2.25, 1 / 3]);
     const path = await writeRaw(
