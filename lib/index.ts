@@ -90,5 +90,7 @@ export type { SamplingParameters } from './llm/sampling.js';
 export { Checkpoint, writeSafetensors, writeShardedCheckpoint } from './llm/safetensors.js';
 export type { TensorInfo, SliceOptions, WritableTensor } from './llm/safetensors.js';
 export { Tokenizer } from './llm/tokenizer.js';
+export { ChatTemplate } from './llm/chat-template.js';
+export type { ChatMessage, ChatTemplateRenderOptions, ChatTemplateLoadOptions } from './llm/chat-template.js';
 export type { EncodeOptions, DecodeOptions } from './llm/tokenizer.js';
 export type { WeightDType, HalfMatrix, WeightMatrix } from './llm/kernels.js';

@@ -11,6 +11,7 @@ import type { Row } from '../data/block.js';
 import { ModelReplica, type Generation, type GenerateRequest, type ModelReplicaOptions } from './replica.js';
 import { checkpointDirectory } from './config.js';
 import { checkSampling, type SamplingParameters } from './sampling.js';
+import { ChatTemplate, type ChatMessage } from './chat-template.js';
 import { Tokenizer } from './tokenizer.js';
 
 export interface LLMProcessorOptions extends ModelReplicaOptions {
@@ -34,6 +35,16 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
    * `tokenizer`), and each row also gains `generatedText`.
    */
   promptColumn?: string;
+  /**
+   * A column of conversations instead: each row's list of { role, content } turns is rendered by
+   * the checkpoint's chat template (chat_template.jinja or tokenizer_config.json), opened for the
+   * assistant's answer, and encoded with the tokenizer; each row also gains `generatedText`.
+   */
+  messagesColumn?: string;
+  /** A chat template's Jinja source, to use instead of the checkpoint's (with its special tokens). */
+  chatTemplate?: string;
+  /** More variables for the chat template, the same for every row (tools, a template's switches). */
+  chatTemplateVariables?: Record<string, unknown>;
   /** A tokenizer.json, or a directory holding one (default: the checkpoint's directory). */
   tokenizer?: string;
   /** Defaults for every row; a row's own `maxNewTokens` or `sampling` column wins. */
@@ -60,12 +71,16 @@ export class LLMEngine {
   #rebuilding: Promise<ModelReplica> | undefined;
   #restarts = 0;
   #tokenizer: Tokenizer | undefined;
+  #chatTemplate: ChatTemplate | undefined;
   readonly #options: EngineOptions;
 
   constructor(options: EngineOptions) {
     this.#options = options;
     this.ready = (async () => {
-      if (options.promptColumn !== undefined) this.#tokenizer = await Tokenizer.load(options.tokenizer ?? checkpointDirectory(options.checkpoint));
+      const directory = checkpointDirectory(options.checkpoint);
+      if (options.promptColumn !== undefined || options.messagesColumn !== undefined) this.#tokenizer = await Tokenizer.load(options.tokenizer ?? directory);
+      // The template and its special tokens live beside the tokenizer.
+      if (options.messagesColumn !== undefined) this.#chatTemplate = ChatTemplate.load(options.tokenizer ? checkpointDirectory(options.tokenizer) : directory, { source: options.chatTemplate });
       this.#replica = await this.#startReplica();
       if (this.#tokenizer && this.#tokenizer.vocabSize > this.#replica.config.vocabSize) {
         await this.#replica.close();
@@ -75,7 +90,19 @@ export class LLMEngine {
   }
 
   #prompt(row: Row, index: number): ArrayLike<number> {
-    const { promptColumn } = this.#options;
+    const { promptColumn, messagesColumn } = this.#options;
+    if (messagesColumn !== undefined) {
+      const messages = row[messagesColumn];
+      let text: string;
+      try {
+        text = this.#chatTemplate!.render(messages as ChatMessage[], { variables: this.#options.chatTemplateVariables });
+      } catch (error) {
+        if (error instanceof InvalidArgumentError) throw new InvalidArgumentError(`row ${index}: column '${messagesColumn}': ${error.message}`, error.code);
+        throw error;
+      }
+      // The template wrote the special tokens (the beginning of text among them): none are added.
+      return this.#tokenizer!.encode(text, { addSpecialTokens: false });
+    }
     if (promptColumn !== undefined) {
       const text = row[promptColumn];
       if (typeof text !== 'string') throw new InvalidArgumentError(`row ${index}: column '${promptColumn}' must hold the prompt's text, got ${text === undefined ? 'nothing' : typeof text}`, 'ERR_PROMPT');
@@ -172,13 +199,20 @@ export const RemoteLLMEngine = remote(import.meta, LLMEngine);
 
 /**
  * A function from a dataset of prompts to a dataset of generations: each row gains
- * `generatedTokens`, `finishReason` and `promptTokens` (and `generatedText` for text prompts).
+ * `generatedTokens`, `finishReason` and `promptTokens` (and `generatedText` for text prompts and
+ * conversations).
  */
 export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Dataset) => Dataset {
   if (typeof options !== 'object' || options === null || typeof options.checkpoint !== 'string') {
     throw new InvalidArgumentError('buildLLMProcessor() needs options with a checkpoint path');
   }
   const { preprocess, postprocess, concurrency = 1, batchSize = 64, batchesPerReplica, replicaIdleTimeoutMs = 60_000, replicaStartTimeoutMs = 30 * 60_000, ...engine } = options;
+  if (engine.promptColumn !== undefined && engine.messagesColumn !== undefined) {
+    throw new InvalidArgumentError(`give promptColumn ('${engine.promptColumn}') or messagesColumn ('${engine.messagesColumn}'), not both`);
+  }
+  if ((engine.chatTemplate !== undefined || engine.chatTemplateVariables !== undefined) && engine.messagesColumn === undefined) {
+    throw new InvalidArgumentError('chatTemplate and chatTemplateVariables apply to a messagesColumn: name one');
+  }
   if (engine.maxReplicaRestarts !== undefined && !(Number.isInteger(engine.maxReplicaRestarts) && engine.maxReplicaRestarts >= 0)) {
     throw new InvalidArgumentError(`maxReplicaRestarts must be an integer >= 0, got ${String(engine.maxReplicaRestarts)}`);
   }

@@ -312,6 +312,38 @@ describe('model sharding', () => {
     await expect(processor(fromItems([{ id: 0, prompt: 7 }])).takeAll()).rejects.toThrow(/column 'prompt' must hold the prompt's text, got number/);
   });
 
+  it("renders conversations with the checkpoint's chat template, then generates", async () => {
+    const config = { ...TINY, vocabSize: 300 };
+    const chatWeights = randomWeights(config, 13);
+    const chatModel = await writeCheckpoint(join(directory, 'chat'), config, chatWeights);
+    const json = gpt2StyleTokenizerJson();
+    writeFileSync(join(chatModel, 'tokenizer.json'), JSON.stringify(json));
+    const template = "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}";
+    writeFileSync(join(chatModel, 'tokenizer_config.json'), JSON.stringify({ bos_token: '<|endoftext|>', chat_template: template }));
+    const tokenizer = Tokenizer.fromJSON(json);
+    const conversations = [
+      [{ role: 'system', content: 'be brief' }, { role: 'user', content: 'hi there' }],
+      [{ role: 'user', content: 'the cat sat' }],
+    ];
+    const processor = buildLLMProcessor({ checkpoint: chatModel, messagesColumn: 'messages', maxNewTokens: 4 });
+    const rows = await processor(fromItems(conversations.map((messages, id) => ({ id, messages })))).takeAll();
+    rows.sort((a, b) => (a.id as number) - (b.id as number));
+    conversations.forEach((messages, index) => {
+      const text = `<|endoftext|>${messages.map((m) => `${m.role}: ${m.content}\n`).join('')}assistant:`;
+      // The template's special token is read as that token, and none is added again.
+      const prompt = tokenizer.encode(text, { addSpecialTokens: false });
+      expect(prompt[0]).toBe(tokenizer.tokenToId('<|endoftext|>'));
+      const wanted = referenceGenerate(config, chatWeights, prompt, 4);
+      expect(Array.from(rows[index].generatedTokens as number[])).toEqual(wanted);
+      expect(rows[index].promptTokens).toBe(prompt.length);
+      expect(typeof rows[index].generatedText).toBe('string');
+    });
+    // A row whose column is not a conversation is named, with the turn at fault.
+    await expect(processor(fromItems([{ id: 0, messages: [{ role: 'user', content: 5 }] }])).takeAll()).rejects.toThrow(/row 0: column 'messages': message 0 \(user\): content must be a string/);
+    expect(() => buildLLMProcessor({ checkpoint: chatModel, messagesColumn: 'messages', promptColumn: 'prompt' })).toThrow(/promptColumn \('prompt'\) or messagesColumn \('messages'\), not both/);
+    expect(() => buildLLMProcessor({ checkpoint: chatModel, chatTemplate: 'x' })).toThrow(/apply to a messagesColumn/);
+  });
+
   it('runs a dataset through replicas as a batch processor', async () => {
     const processor = buildLLMProcessor({ checkpoint, tensorParallel: 2, pipelineParallel: 2, concurrency: 1, batchSize: 2, maxNewTokens: 6 });
     const rows = await processor(fromItems(PROMPTS.map((tokens, id) => ({ id, tokens })))).takeAll();
