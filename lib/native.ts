@@ -310,6 +310,8 @@ export interface NativeKernels {
     heads: number,
     headDim: number,
     kvHeads?: number,
+    /** Attend only to the last `window` positions, itself included (0 or absent: all). */
+    window?: number,
   ): void;
 }
 

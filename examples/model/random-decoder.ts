@@ -81,8 +81,9 @@ function huggingFaceConfig(decoder: DecoderConfig): Record<string, unknown> {
       n_inner: config.intermediateSize, n_positions: config.maxPositions, layer_norm_epsilon: config.layerNormEpsilon,
     };
   }
+  // A window is Mistral's: the same layout, under its own model type.
   return {
-    model_type: 'llama', vocab_size: config.vocabSize, hidden_size: config.hiddenSize, num_hidden_layers: config.numLayers,
+    model_type: config.slidingWindow ? 'mistral' : 'llama', ...(config.slidingWindow ? { sliding_window: config.slidingWindow } : {}), vocab_size: config.vocabSize, hidden_size: config.hiddenSize, num_hidden_layers: config.numLayers,
     num_attention_heads: config.numHeads, num_key_value_heads: config.numKeyValueHeads, head_dim: config.headSize,
     intermediate_size: config.intermediateSize, max_position_embeddings: config.maxPositions, rms_norm_eps: config.layerNormEpsilon,
     rope_theta: config.ropeTheta, tie_word_embeddings: config.tieWordEmbeddings,

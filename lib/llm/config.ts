@@ -44,6 +44,11 @@ export interface DecoderConfig {
   ropeScaling?: RopeScaling;
   /** The head reads the token embedding's rows (gpt2: always; llama: as its config says, default false). */
   tieWordEmbeddings?: boolean;
+  /**
+   * Sliding-window attention (llama layout, as Mistral's): each position attends to the last
+   * `slidingWindow` positions, itself included. Default 0: every earlier position.
+   */
+  slidingWindow?: number;
 }
 
 const INTEGER_FIELDS = ['vocabSize', 'hiddenSize', 'numLayers', 'numHeads', 'intermediateSize', 'maxPositions'] as const;
@@ -82,6 +87,9 @@ export function checkDecoderConfig(config: unknown): Required<Omit<DecoderConfig
   const tieWordEmbeddings = fields.tieWordEmbeddings ?? architecture === 'gpt2';
   if (typeof tieWordEmbeddings !== 'boolean') throw configError(`tieWordEmbeddings must be a boolean, got ${String(tieWordEmbeddings)}`);
   if (architecture === 'gpt2' && !tieWordEmbeddings) throw configError('gpt2 ties its head to the token embedding');
+  const slidingWindow = fields.slidingWindow ?? 0;
+  if (typeof slidingWindow !== 'number' || !Number.isInteger(slidingWindow) || slidingWindow < 0) throw configError(`slidingWindow must be an integer >= 0 (0: none), got ${String(slidingWindow)}`);
+  if (architecture === 'gpt2' && slidingWindow !== 0) throw configError('gpt2 has no sliding window');
   let ropeScaling: RopeScaling | undefined;
   if (fields.ropeScaling !== undefined && fields.ropeScaling !== null) {
     const scaling = fields.ropeScaling as Record<string, unknown>;
@@ -108,6 +116,8 @@ export function checkDecoderConfig(config: unknown): Required<Omit<DecoderConfig
     layerNormEpsilon: positiveNumber(fields.layerNormEpsilon ?? 1e-5, 'layerNormEpsilon'),
     ropeTheta: positiveNumber(fields.ropeTheta ?? 10000, 'ropeTheta'),
     tieWordEmbeddings,
+    // A window as long as the positions is no window.
+    slidingWindow: slidingWindow >= (fields.maxPositions as number) ? 0 : slidingWindow,
     ...(ropeScaling ? { ropeScaling } : {}),
   };
 }
@@ -143,10 +153,12 @@ function fromLlama(json: Record<string, unknown>, file: string): DecoderConfig {
       originalMaxPositions: scaling.original_max_position_embeddings as number,
     };
   }
-  const sliding = json.use_sliding_window === true ? (json.sliding_window as number | null | undefined) : json.model_type === 'mistral' ? (json.sliding_window as number | null | undefined) : undefined;
-  if (typeof sliding === 'number' && sliding < (json.max_position_embeddings as number)) {
-    throw new ModelLoadError('ERR_MODEL_ARCHITECTURE', `${file}: sliding-window attention (window ${sliding}) is not supported`, { file });
+  // Mistral's window covers every layer; Qwen2's covers only the layers from max_window_layers on
+  // (and its configs disagree on which), which this decoder does not do.
+  if (json.model_type === 'qwen2' && json.use_sliding_window === true) {
+    throw new ModelLoadError('ERR_MODEL_ARCHITECTURE', `${file}: Qwen2's per-layer sliding window (use_sliding_window) is not supported`, { file });
   }
+  const sliding = json.model_type === 'mistral' ? (json.sliding_window as number | null | undefined) : undefined;
   return {
     architecture: 'llama',
     vocabSize: json.vocab_size as number,
@@ -160,11 +172,12 @@ function fromLlama(json: Record<string, unknown>, file: string): DecoderConfig {
     layerNormEpsilon: (json.rms_norm_eps as number | undefined) ?? 1e-6,
     ropeTheta: (json.rope_theta as number | undefined) ?? 10000,
     tieWordEmbeddings: (json.tie_word_embeddings as boolean | undefined) ?? false,
+    ...(typeof sliding === 'number' ? { slidingWindow: sliding } : {}),
     ...(ropeScaling ? { ropeScaling } : {}),
   };
 }
 
-/** A Hugging Face config.json as a DecoderConfig: GPT-2, or the Llama layout (llama, mistral without a window, qwen2). */
+/** A Hugging Face config.json as a DecoderConfig: GPT-2, or the Llama layout (llama, mistral with its sliding window, qwen2). */
 export function configFromHuggingFace(json: Record<string, unknown>, file = 'config.json'): ResolvedDecoderConfig {
   const modelType = json.model_type ?? 'gpt2';
   let config: DecoderConfig;

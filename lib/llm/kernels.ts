@@ -249,7 +249,8 @@ export function rotary(x: Float32Array, positions: Int32Array, inverseFrequencie
  * Causal self-attention of one sequence against its key/value cache, with grouped-query attention when kvHeads < heads.
  * q: [queries, heads, headDim]; keys and values: [rows >= past + queries, kvHeads, headDim] of which the first past + queries rows are valid;
  * out: [queries, heads, headDim]. heads must be a multiple of kvHeads; query head h reads kv head floor(h / (heads / kvHeads)).
- * Query i sits at position past + i and attends to positions 0..past+i, scale 1/sqrt(headDim), softmax in f32 with max subtraction.
+ * Query i sits at position past + i and attends to positions 0..past+i, scale 1/sqrt(headDim), softmax in f32 with max subtraction;
+ * with a sliding window (window > 0, as Mistral's) only to the last `window` of those, itself included (0: no window).
  */
 export function attention(
   out: Float32Array,
@@ -261,6 +262,7 @@ export function attention(
   heads: number,
   headDim: number,
   kvHeads = heads,
+  window = 0,
 ): void {
   const kernel = 'attention';
   requireFloats(kernel, 'out', out);
@@ -272,6 +274,7 @@ export function attention(
   requireDimension(kernel, 'heads', heads, 1);
   requireDimension(kernel, 'headDim', headDim, 1);
   requireDimension(kernel, 'kvHeads', kvHeads, 1);
+  requireDimension(kernel, 'window', window, 0);
   if (heads % kvHeads !== 0) throw new InvalidArgumentError(`${kernel}: heads must be a multiple of kvHeads, got heads ${heads} and kvHeads ${kvHeads}`);
   const positions = past + queries;
   const querySize = product(kernel, 'queries * heads * headDim', queries, heads, headDim);
@@ -285,5 +288,5 @@ export function attention(
   requireDisjoint(kernel, out, querySize, q, querySize, 'q');
   requireDisjoint(kernel, out, querySize, keys, cacheSize, 'keys');
   requireDisjoint(kernel, out, querySize, values, cacheSize, 'values');
-  native.kernels.attention(out, q, keys, values, queries, past, heads, headDim, kvHeads);
+  native.kernels.attention(out, q, keys, values, queries, past, heads, headDim, kvHeads, window);
 }

@@ -238,7 +238,7 @@ export class DecoderShard {
         rotary(queries, at, this.#inverseFrequencies, sequence.count, plan.headsPerRank, headSize);
         rotary(keys.subarray(sequence.past * keyWidth, (sequence.past + sequence.count) * keyWidth), at, this.#inverseFrequencies, sequence.count, plan.keyValueHeadsPerRank, headSize);
       }
-      attention(attended.subarray(row * queryWidth, (row + sequence.count) * queryWidth), queries, keys, values, sequence.count, sequence.past, plan.headsPerRank, headSize, plan.keyValueHeadsPerRank);
+      attention(attended.subarray(row * queryWidth, (row + sequence.count) * queryWidth), queries, keys, values, sequence.count, sequence.past, plan.headsPerRank, headSize, plan.keyValueHeadsPerRank, config.slidingWindow);
       row += sequence.count;
     }
     const projected = new Float32Array(total * size);

@@ -508,8 +508,13 @@ bool UseAvx2() {
 
 template <class Isa>
 void AttentionWith(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
-                   size_t head_size, size_t kv_heads) {
+                   size_t head_size, size_t kv_heads, size_t window) {
   const size_t positions = past + queries;
+  // The first position query i (at past + i) attends to: window positions back, itself included.
+  const auto first_position = [&](size_t query) -> size_t {
+    const size_t position = past + query;
+    return window != 0 && position + 1 > window ? position + 1 - window : 0;
+  };
   const size_t stride = heads * head_size;
   const size_t kv_stride = kv_heads * head_size;
   const size_t group = heads / kv_heads;
@@ -523,13 +528,16 @@ void AttentionWith(float* out, const float* q, const float* keys, const float* v
     const float* head_keys = keys + kv_head * head_size;
     const float* head_values = values + kv_head * head_size;
     if (decoding) {
+      // Only the window's keys are scored: a long sequence with a short window costs the window.
+      const size_t first = first_position(0);
+      const size_t count = positions - first;
       const size_t offset = kv_head * group * head_size;
-      DotProblem<float> problem{q + offset, head_size, group, head_keys, kv_stride, positions, head_size, scores.data(), positions, nullptr, false, 0};
+      DotProblem<float> problem{q + offset, head_size, group, head_keys + first * kv_stride, kv_stride, count, head_size, scores.data(), count, nullptr, false, 0};
       DotProducts<Isa>(problem);
       for (size_t member = 0; member < group; ++member) {
-        float* row = scores.data() + member * positions;
-        Isa::Softmax(row, positions, scale);
-        Isa::WeightedSum(out + offset + member * head_size, row, positions, head_values, kv_stride, head_size);
+        float* row = scores.data() + member * count;
+        Isa::Softmax(row, count, scale);
+        Isa::WeightedSum(out + offset + member * head_size, row, count, head_values + first * kv_stride, kv_stride, head_size);
       }
       continue;
     }
@@ -537,11 +545,13 @@ void AttentionWith(float* out, const float* q, const float* keys, const float* v
       const size_t offset = head * head_size;
       DotProblem<float> problem{q + offset, stride, queries, head_keys, kv_stride, positions, head_size, scores.data(), positions, nullptr, true, past};
       DotProducts<Isa>(problem);
+      // Scores before a row's window are computed with the rest of the strip and then skipped.
       for (size_t query = 0; query < queries; ++query) {
-        float* row = scores.data() + query * positions;
-        const size_t count = past + query + 1;
+        const size_t first = first_position(query);
+        float* row = scores.data() + query * positions + first;
+        const size_t count = past + query + 1 - first;
         Isa::Softmax(row, count, scale);
-        Isa::WeightedSum(out + query * stride + offset, row, count, head_values, kv_stride, head_size);
+        Isa::WeightedSum(out + query * stride + offset, row, count, head_values + first * kv_stride, kv_stride, head_size);
       }
     }
   }
@@ -674,11 +684,11 @@ void Rotary(float* x, const int32_t* positions, const float* inverse_frequencies
 }
 
 void Attention(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
-               size_t head_size, size_t kv_heads) {
+               size_t head_size, size_t kv_heads, size_t window) {
 #ifdef TRELLIS_KERNELS_AVX2
-  if (UseAvx2()) return AttentionWith<Avx2>(out, q, keys, values, queries, past, heads, head_size, kv_heads);
+  if (UseAvx2()) return AttentionWith<Avx2>(out, q, keys, values, queries, past, heads, head_size, kv_heads, window);
 #endif
-  AttentionWith<Portable>(out, q, keys, values, queries, past, heads, head_size, kv_heads);
+  AttentionWith<Portable>(out, q, keys, values, queries, past, heads, head_size, kv_heads, window);
 }
 
 }  // namespace trellis::kernels

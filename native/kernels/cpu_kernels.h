@@ -49,9 +49,10 @@ void Rotary(float* x, const int32_t* positions, const float* inverse_frequencies
 // Causal self-attention of one sequence against its key/value cache. q and out: [queries, heads,
 // head_size]; keys and values: [past + queries, kv_heads, head_size], heads a multiple of kv_heads
 // (grouped-query attention: query head h reads kv head h / (heads / kv_heads)). Query i sits at
-// position past + i and attends to positions 0..past + i with scale 1/sqrt(head_size). out must
-// not overlap the inputs.
+// position past + i and attends to positions 0..past + i with scale 1/sqrt(head_size); with a
+// sliding window (window > 0, Mistral's) only to the last `window` of them, itself included. out
+// must not overlap the inputs.
 void Attention(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
-               size_t head_size, size_t kv_heads);
+               size_t head_size, size_t kv_heads, size_t window = 0);
 
 }  // namespace trellis::kernels

@@ -292,7 +292,7 @@ Napi::Value RotaryFunction(const Napi::CallbackInfo& info) {
   });
 }
 
-// attention(out, q, keys, values, queries, past, heads, headDim[, kvHeads])
+// attention(out, q, keys, values, queries, past, heads, headDim[, kvHeads[, window]])
 Napi::Value AttentionFunction(const Napi::CallbackInfo& info) {
   return Guarded(info.Env(), [&]() -> Napi::Value {
     const char* kernel = "attention";
@@ -306,6 +306,8 @@ Napi::Value AttentionFunction(const Napi::CallbackInfo& info) {
     const size_t head_dim = DimensionArgument(kernel, info[7], "headDim", 1);
     // Without a kvHeads (the callers before grouped-query attention) each query head has its own.
     const size_t kv_heads = info[8].IsUndefined() ? heads : DimensionArgument(kernel, info[8], "kvHeads", 1);
+    // No window (0 or undefined): every earlier position.
+    const size_t window = info[9].IsUndefined() ? 0 : DimensionArgument(kernel, info[9], "window", 0);
     if (heads % kv_heads != 0) {
       throw InvalidArgument(std::string(kernel) + ": heads must be a multiple of kvHeads, got heads " + std::to_string(heads) + " and kvHeads " +
                             std::to_string(kv_heads));
@@ -330,7 +332,7 @@ Napi::Value AttentionFunction(const Napi::CallbackInfo& info) {
     RequireDisjoint(kernel, out, query_size, q, query_size, "q");
     RequireDisjoint(kernel, out, query_size, keys, cache_size, "keys");
     RequireDisjoint(kernel, out, query_size, values, cache_size, "values");
-    Attention(out.data, q.data, keys.data, values.data, queries, past, heads, head_dim, kv_heads);
+    Attention(out.data, q.data, keys.data, values.data, queries, past, heads, head_dim, kv_heads, window);
     return info.Env().Undefined();
   });
 }

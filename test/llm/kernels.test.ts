@@ -118,6 +118,7 @@ function referenceAttention(
   heads: number,
   headDim: number,
   kvHeads = heads,
+  window = 0,
 ): Float64Array {
   const width = heads * headDim;
   const kvWidth = kvHeads * headDim;
@@ -126,15 +127,17 @@ function referenceAttention(
     for (let head = 0; head < heads; head++) {
       const kvOffset = Math.floor(head / (heads / kvHeads)) * headDim;
       const count = past + query + 1;
-      const scores = new Float64Array(count);
-      for (let position = 0; position < count; position++) {
+      // Positions before the window score -infinity: they get no weight.
+      const first = window > 0 ? Math.max(0, count - window) : 0;
+      const scores = new Float64Array(count).fill(-Infinity);
+      for (let position = first; position < count; position++) {
         let dot = 0;
         for (let d = 0; d < headDim; d++) dot += q[query * width + head * headDim + d] * keys[position * kvWidth + kvOffset + d];
         scores[position] = dot / Math.sqrt(headDim);
       }
       const maximum = Math.max(...scores);
       let sum = 0;
-      for (let position = 0; position < count; position++) sum += scores[position] = Math.exp(scores[position] - maximum);
+      for (let position = 0; position < count; position++) sum += scores[position] = position < first ? 0 : Math.exp(scores[position] - maximum);
       for (let d = 0; d < headDim; d++) {
         let value = 0;
         for (let position = 0; position < count; position++) value += (scores[position] / sum) * values[position * kvWidth + kvOffset + d];
@@ -441,6 +444,39 @@ describe('attention', () => {
     });
   });
 
+  it('with a sliding window attends to the last window positions only, decode and prefill, past 0 and past > 0', () => {
+    const cases: Array<[queries: number, past: number, heads: number, headDim: number, kvHeads: number, window: number]> = [
+      [1, 37, 8, 16, 2, 5],
+      [1, 3, 4, 8, 4, 1],
+      [1, 2, 4, 8, 2, 10],
+      [7, 0, 4, 8, 2, 3],
+      [6, 9, 8, 24, 2, 4],
+      [5, 20, 6, 8, 3, 12],
+    ];
+    cases.forEach(([queries, past, heads, headDim, kvHeads, window], index) => {
+      const kvWidth = kvHeads * headDim;
+      const q = randomFloats(queries * heads * headDim, 60 + index, 2);
+      const keys = randomFloats((past + queries) * kvWidth, 70 + index, 2);
+      const values = randomFloats((past + queries) * kvWidth, 80 + index);
+      const out = new Float32Array(queries * heads * headDim);
+      attention(out, q, keys, values, queries, past, heads, headDim, kvHeads, window);
+      expectClose(out, referenceAttention(q, keys, values, queries, past, heads, headDim, kvHeads, window));
+      // What lies before every query's window is never read: NaN there changes nothing.
+      const firstRead = Math.max(0, past + 1 - window);
+      if (firstRead > 0) {
+        const poisoned = new Float32Array(out.length);
+        attention(poisoned, q, keys.slice().fill(NaN, 0, firstRead * kvWidth), values.slice().fill(NaN, 0, firstRead * kvWidth), queries, past, heads, headDim, kvHeads, window);
+        expect(poisoned).toEqual(out);
+      }
+      // A window as long as the sequence is no window.
+      const whole = new Float32Array(out.length);
+      const unwindowed = new Float32Array(out.length);
+      attention(whole, q, keys, values, queries, past, heads, headDim, kvHeads, past + queries);
+      attention(unwindowed, q, keys, values, queries, past, heads, headDim, kvHeads);
+      expect(whole).toEqual(unwindowed);
+    });
+  });
+
   it('with kvHeads equal to heads is the same as without it', () => {
     const [queries, past, heads, headDim] = [3, 4, 4, 8];
     const width = heads * headDim;
@@ -676,6 +712,11 @@ describe('argument errors', () => {
       expectInvalid(withArgument(8, 0), 'kvHeads must be a', 'positive integer');
       expectInvalid(withArgument(8, 1.5), 'kvHeads must be a', 'integer');
       expectInvalid(withArgument(8, null), 'kvHeads must be a', 'integer');
+      const withWindow = (window: unknown) => () => kernels.attention(...valid(), window);
+      expect(withWindow(0)).not.toThrow();
+      expect(withWindow(1)).not.toThrow();
+      expectInvalid(withWindow(-1), 'window must be a non-negative integer');
+      expectInvalid(withWindow(2.5), 'window must be a non-negative integer');
     });
 
     it(`${layer}: rmsNorm checks types, lengths, dimensions, eps and overlap`, () => {

@@ -73,7 +73,14 @@ describe('model sharding', () => {
         expect((error as Error).message).toMatch(pattern);
       }
     };
-    refused({ ...llama, model_type: 'mistral', sliding_window: 4096 }, 'ERR_MODEL_ARCHITECTURE', /sliding-window attention \(window 4096\)/);
+    // Mistral's window is read; one as long as the positions is none; Qwen2's per-layer window is refused.
+    expect(configFromHuggingFace({ ...llama, model_type: 'mistral', sliding_window: 4096 })).toMatchObject({ slidingWindow: 4096 });
+    expect(configFromHuggingFace({ ...llama, model_type: 'mistral', sliding_window: null })).toMatchObject({ slidingWindow: 0 });
+    expect(configFromHuggingFace({ ...llama, model_type: 'mistral', sliding_window: 131072 })).toMatchObject({ slidingWindow: 0 });
+    expect(configFromHuggingFace({ ...llama, model_type: 'qwen2', use_sliding_window: false, sliding_window: 4096 })).toMatchObject({ slidingWindow: 0 });
+    refused({ ...llama, model_type: 'qwen2', use_sliding_window: true, sliding_window: 4096 }, 'ERR_MODEL_ARCHITECTURE', /Qwen2's per-layer sliding window/);
+    expect(() => checkDecoderConfig({ ...TINY, slidingWindow: 8 })).toThrow(/gpt2 has no sliding window/);
+    expect(() => checkDecoderConfig({ ...TINY_LLAMA, slidingWindow: -1 })).toThrow(/slidingWindow must be an integer >= 0/);
     refused({ ...llama, rope_scaling: { rope_type: 'yarn', factor: 4 } }, 'ERR_MODEL_CONFIG', /rope_scaling of type 'yarn'/);
     refused({ model_type: 'bert' }, 'ERR_MODEL_ARCHITECTURE', /model_type 'bert' is not supported/);
     refused({ ...llama, num_key_value_heads: 5 }, 'ERR_MODEL_CONFIG', /numHeads 32 is not a multiple of numKeyValueHeads 5/);
@@ -104,6 +111,21 @@ describe('model sharding', () => {
     await using replica = await ModelReplica.create({ checkpoint: llama, tensorParallel: 2, pipelineParallel: 2, maxTokensPerStep: 8 });
     const generated = await replica.generate(prompts.map((tokens) => ({ tokens, maxNewTokens: 5 })));
     expect(generated.map((generation) => generation.tokens)).toEqual(prompts.map((tokens) => referenceGenerate(TINY_LLAMA, llamaWeights, tokens, 5)));
+  });
+
+  it("a Mistral-style sliding window: the reference's tokens, cut 2 × 2, prompts and generations past the window", async () => {
+    const config = { ...TINY_LLAMA, slidingWindow: 5 };
+    const mistralWeights = randomWeights(config, 17);
+    const path = await writeCheckpoint(join(directory, 'mistral'), config, mistralWeights, { prefix: 'model.' });
+    expect(readCheckpointConfig(path)).toMatchObject({ slidingWindow: 5 });
+    // Prompts longer than the window, read in pieces (maxTokensPerStep 4), then 6 tokens each.
+    const prompts = [[3, 99, 14, 15, 92, 65, 35, 89, 79], [1, 2], [50, 60, 70, 80, 90, 100, 0]];
+    await using replica = await ModelReplica.create({ checkpoint: path, tensorParallel: 2, pipelineParallel: 2, maxTokensPerStep: 4 });
+    const generated = await replica.generate(prompts.map((tokens) => ({ tokens, maxNewTokens: 6 })));
+    const wanted = prompts.map((tokens) => referenceGenerate(config, mistralWeights, tokens, 6));
+    expect(generated.map((generation) => generation.tokens)).toEqual(wanted);
+    // The window matters: without it the same weights generate otherwise.
+    expect(prompts.map((tokens) => referenceGenerate({ ...config, slidingWindow: 0 }, mistralWeights, tokens, 6))).not.toEqual(wanted);
   });
 
   it('one shard with a key/value cache gives the reference logits, prompt read whole or in pieces', async () => {
