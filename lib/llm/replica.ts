@@ -301,7 +301,8 @@ export class ModelReplica {
         }
         budget -= count;
         chosen.push(sequence);
-        parts.push({ id: sequence.id, past: sequence.past, count, ...(sequence.sampling ? { sampling: sequence.sampling } : {}) });
+        const prefill = sequence.past + count < sequence.prompt.length;
+        parts.push({ id: sequence.id, past: sequence.past, count, ...(sequence.sampling ? { sampling: sequence.sampling } : {}), ...(prefill ? { prefill } : {}) });
         sequence.inFlight = true;
         return true;
       };

@@ -11,7 +11,7 @@ import { checkDecoderConfig, rotaryInverseFrequencies, type DecoderConfig, type 
 import { attention, gelu, layerNorm, linear, readRows, rmsNorm, rotary, siluMultiply, type WeightDType } from './kernels.js';
 import type { ShardingPlan } from './plan.js';
 import { Checkpoint } from './safetensors.js';
-import { pickToken, type SamplingParameters } from './sampling.js';
+import { needsHistory, pickToken, type SamplingParameters, type TokenHistory } from './sampling.js';
 import { loadShardWeights, type LayerWeights, type NormWeights, type ShardWeights } from './weights.js';
 
 /** A sequence's part in one step: `count` new tokens after the `past` it has already read. */
@@ -20,6 +20,8 @@ export interface StepSequence {
   past: number;
   count: number;
   sampling?: SamplingParameters;
+  /** The step reads part of the prompt only, more to come: no token is wanted (its token is -1). */
+  prefill?: boolean;
 }
 
 /** What every stage of a step sees; the first stage reads `tokens`, the others `hidden`. */
@@ -28,7 +30,10 @@ export interface StepMessage {
   sequences: StepSequence[];
   /** Sequences finished since the last step: their caches are dropped before this one runs. */
   released: number[];
-  /** The new tokens of every sequence, packed in order (first stage). */
+  /**
+   * The new tokens of every sequence, packed in order: for the first stage, and passed on to the
+   * last when a sequence's sampling penalizes tokens it has seen.
+   */
   tokens?: Int32Array;
   /** The hidden states of the new tokens, [tokens, hiddenSize] (later stages). */
   hidden?: Float32Array;
@@ -69,6 +74,8 @@ export class DecoderShard {
   readonly #weights: ShardWeights;
   readonly #inverseFrequencies: Float32Array | undefined;
   readonly #caches = new Map<number, SequenceCache>();
+  /** On the last stage, for sequences whose sampling has penalties: the tokens each has seen. */
+  readonly #histories = new Map<number, TokenHistory>();
   /** Bytes of weights this rank holds. */
   readonly weightBytes: number;
 
@@ -111,7 +118,10 @@ export class DecoderShard {
   async forward(message: StepMessage): Promise<StepMessage | StepResult> {
     const { config } = this;
     const stage = this.spec.plan.stages[this.spec.stage];
-    for (const id of message.released) this.#caches.delete(id);
+    for (const id of message.released) {
+      this.#caches.delete(id);
+      this.#histories.delete(id);
+    }
     if (message.sequences.length === 0) {
       // A step that only releases caches still passes through every stage.
       return stage.hasHead ? { step: message.step, tokens: new Int32Array(0) } : { step: message.step, sequences: [], released: message.released, hidden: new Float32Array(0) };
@@ -139,9 +149,45 @@ export class DecoderShard {
     for (const sequence of message.sequences) for (let index = 0; index < sequence.count; index++) positions[row++] = sequence.past + index;
     for (let layer = 0; layer < this.#weights.layers.length; layer++) await this.#block(layer, hidden, message.sequences, positions);
     for (const sequence of message.sequences) this.#caches.get(sequence.id)!.length = sequence.past + sequence.count;
-    if (!stage.hasHead) return { step: message.step, sequences: message.sequences, released: message.released, hidden, ...(message.logits ? { logits: true } : {}) };
+    const penalized = message.sequences.some((sequence) => needsHistory(sequence.sampling));
+    if (!stage.hasHead) {
+      return {
+        step: message.step,
+        sequences: message.sequences,
+        released: message.released,
+        hidden,
+        ...(message.logits ? { logits: true } : {}),
+        ...(penalized && message.tokens ? { tokens: message.tokens } : {}),
+      };
+    }
+    if (penalized) this.#recordInputs(message, total);
     const all = message.logits ? new Float32Array(message.sequences.length * config.vocabSize) : undefined;
     return { step: message.step, tokens: await this.#nextTokens(hidden, message.sequences, all), ...(all ? { logits: all } : {}) };
+  }
+
+  /** Adds the step's input tokens (prompt pieces, or the last token generated) to the histories that need them. */
+  #recordInputs(message: StepMessage, total: number): void {
+    const tokens = message.tokens;
+    if (!(tokens instanceof Int32Array) || tokens.length !== total) {
+      throw new InvalidArgumentError(`step ${message.step}: sampling with penalties needs the step's ${total} tokens on the last stage, got ${tokens?.length ?? 'none'}`);
+    }
+    let row = 0;
+    for (const sequence of message.sequences) {
+      if (needsHistory(sequence.sampling)) {
+        const history = this.#historyOf(sequence.id);
+        for (let index = 0; index < sequence.count; index++) history.seen.add(tokens[row + index]);
+      }
+      row += sequence.count;
+    }
+  }
+
+  #historyOf(id: number): TokenHistory {
+    let history = this.#histories.get(id);
+    if (!history) {
+      history = { seen: new Set(), generated: new Map() };
+      this.#histories.set(id, history);
+    }
+    return history;
   }
 
   #embed(message: StepMessage, total: number): Float32Array {
@@ -296,7 +342,17 @@ export class DecoderShard {
       }
       keep?.set(logits, index * config.vocabSize);
       const sequence = sequences[index];
-      tokens[index] = pickToken(logits, sequence.sampling, sequence.past + sequence.count);
+      if (sequence.prefill) {
+        tokens[index] = -1;
+        continue;
+      }
+      const history = needsHistory(sequence.sampling) ? this.#historyOf(sequence.id) : undefined;
+      const token = pickToken(logits, sequence.sampling, sequence.past + sequence.count, history);
+      if (history) {
+        history.seen.add(token);
+        history.generated.set(token, (history.generated.get(token) ?? 0) + 1);
+      }
+      tokens[index] = token;
     }
     return tokens;
   }
@@ -304,6 +360,7 @@ export class DecoderShard {
   /** Drops every cached sequence. */
   clear(): void {
     this.#caches.clear();
+    this.#histories.clear();
   }
 }
 

@@ -195,6 +195,32 @@ describe('model sharding', () => {
     expect((await sharded.generate(requests)).map((generation) => generation.tokens)).toEqual(whole);
   });
 
+  it('penalizes tokens already seen, across a pipeline, as a plain reference does', async () => {
+    const sampling = { repetitionPenalty: 1.8, presencePenalty: 0.4, frequencyPenalty: 0.3 };
+    // The reference: full logits each step, penalties applied by hand, then the most likely token.
+    const penalizedReference = (prompt: number[], count: number) => {
+      const tokens = [...prompt];
+      const generated = new Map<number, number>();
+      for (let step = 0; step < count; step++) {
+        const logits = referenceLogits(TINY, weights, tokens).at(-1)!;
+        for (const token of new Set(tokens)) logits[token] = logits[token] > 0 ? logits[token] / sampling.repetitionPenalty : logits[token] * sampling.repetitionPenalty;
+        for (const [token, times] of generated) logits[token] -= sampling.presencePenalty + sampling.frequencyPenalty * times;
+        const next = logits.indexOf(Math.max(...logits));
+        tokens.push(next);
+        generated.set(next, (generated.get(next) ?? 0) + 1);
+      }
+      return tokens.slice(prompt.length);
+    };
+    // Two stages, prompts read in pieces: the last stage learns each sequence's tokens from the steps.
+    await using replica = await ModelReplica.create({ checkpoint, pipelineParallel: 2, maxTokensPerStep: 5 });
+    const generated = await replica.generate(PROMPTS.map((tokens, index) => ({ tokens, maxNewTokens: 8, ...(index === 1 ? {} : { sampling }) })));
+    const wanted = PROMPTS.map((tokens, index) => (index === 1 ? referenceGenerate(TINY, weights, tokens, 8) : penalizedReference(tokens, 8)));
+    expect(generated.map((generation) => generation.tokens)).toEqual(wanted);
+    // The penalties changed what was generated.
+    expect(wanted).not.toEqual(PROMPTS.map((tokens) => referenceGenerate(TINY, weights, tokens, 8)));
+    await expect(replica.generate([{ tokens: [1], sampling: { topp: 0.9 } as never }])).rejects.toThrow(/sampling has no parameter 'topp'/);
+  });
+
   it('stops at the model\'s positions, and names what is wrong with a request', async () => {
     await using replica = await ModelReplica.create({ checkpoint, tensorParallel: 2 });
     const [long] = await replica.generate([{ tokens: Array.from({ length: 60 }, (_, i) => i % 90), maxNewTokens: 10 }]);
