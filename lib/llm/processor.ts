@@ -47,9 +47,16 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
   chatTemplateVariables?: Record<string, unknown>;
   /** A tokenizer.json, or a directory holding one (default: the checkpoint's directory). */
   tokenizer?: string;
-  /** Defaults for every row; a row's own `maxNewTokens` or `sampling` column wins. */
+  /** Defaults for every row; a row's own `maxNewTokens`, `sampling` or `stop` column wins. */
   maxNewTokens?: number;
   sampling?: SamplingParameters;
+  /**
+   * Text that ends a generation (text prompts and conversations): generatedText stops before it
+   * and finishReason is 'stop'; generatedTokens keep the tokens that spelled it.
+   */
+  stop?: string[];
+  /** Rows also gain `generatedLogprobs`: each generated token's log-probability under the model. */
+  logprobs?: boolean;
   /**
    * Times a replica is rebuilt after one of its ranks dies (default 2). Its batches in flight
    * then run again from their prompts on the new ranks; seeded sampling gives the same text.
@@ -117,9 +124,44 @@ export class LLMEngine {
   }
 
   /** Models often have more ids than their tokenizer (a vocabulary padded for speed): those have no text. */
-  #text(tokens: number[]): string {
+  #text(tokens: readonly number[]): string {
     const tokenizer = this.#tokenizer!;
     return tokenizer.decode(tokens.filter((token) => token < tokenizer.vocabSize));
+  }
+
+  /**
+   * Whether the generated text holds one of `strings`. Only the tail is decoded: a token spells
+   * at least one character or a piece of one (a character takes at most four byte tokens), so
+   * 4 × the longest string's length, and a few more, always reach back past any new match.
+   */
+  #stopWhen(strings: string[]): (generated: readonly number[]) => boolean {
+    const window = 4 * Math.max(...strings.map((text) => text.length)) + 4;
+    return (generated) => {
+      const tail = this.#text(generated.slice(-window));
+      return strings.some((text) => tail.includes(text));
+    };
+  }
+
+  /** The text up to the first stop string, without it. */
+  #cutAtStop(text: string, strings: string[] | undefined): string {
+    let end = text.length;
+    for (const stop of strings ?? []) {
+      const at = text.indexOf(stop);
+      if (at >= 0 && at < end) end = at;
+    }
+    return text.slice(0, end);
+  }
+
+  #stopStrings(row: Row, index: number): string[] | undefined {
+    const value = row.stop ?? this.#options.stop;
+    if (value === undefined || value === null) return undefined;
+    // A row's list column may come as an Arrow vector: any array-like will do.
+    if (typeof value !== 'object' || typeof (value as ArrayLike<unknown>).length !== 'number') throw new InvalidArgumentError(`row ${index}: stop must be a list of strings`, 'ERR_PROMPT');
+    const strings = Array.from(value as ArrayLike<unknown>);
+    if (strings.length === 0) return undefined;
+    if (strings.some((text) => typeof text !== 'string' || text.length === 0)) throw new InvalidArgumentError(`row ${index}: stop must be a list of non-empty strings`, 'ERR_PROMPT');
+    if (!this.#tokenizer) throw new InvalidArgumentError('stop strings need text: give a promptColumn or messagesColumn (for token ids, use stopTokens)', 'ERR_PROMPT');
+    return strings as string[];
   }
 
   /** Generates on the current replica; a rank's death rebuilds the replica and runs the batch again. */
@@ -177,20 +219,24 @@ export class LLMEngine {
 
   async call(rows: Row[]): Promise<Row[]> {
     await this.ready;
+    const stops = rows.map((row, index) => this.#stopStrings(row, index));
     const requests: GenerateRequest[] = rows.map((row, index) => {
       return {
         tokens: this.#prompt(row, index),
         maxNewTokens: (row.maxNewTokens as number | undefined) ?? this.#options.maxNewTokens,
         sampling: (row.sampling as SamplingParameters | undefined) ?? this.#options.sampling,
+        ...(stops[index] ? { stop: this.#stopWhen(stops[index]) } : {}),
+        ...(this.#options.logprobs ? { logprobs: true } : {}),
       };
     });
     const generations = await this.#generate(requests);
     return rows.map((row, index) => ({
       ...row,
       generatedTokens: generations[index].tokens,
-      ...(this.#tokenizer ? { generatedText: this.#text(generations[index].tokens) } : {}),
+      ...(this.#tokenizer ? { generatedText: this.#cutAtStop(this.#text(generations[index].tokens), stops[index]) } : {}),
       finishReason: generations[index].finishReason,
       promptTokens: generations[index].promptTokens,
+      ...(generations[index].logprobs ? { generatedLogprobs: generations[index].logprobs } : {}),
     }));
   }
 }
@@ -217,6 +263,11 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
     throw new InvalidArgumentError(`maxReplicaRestarts must be an integer >= 0, got ${String(engine.maxReplicaRestarts)}`);
   }
   if (engine.sampling !== undefined) checkSampling(engine.sampling, 'buildLLMProcessor()');
+  if (engine.stop !== undefined) {
+    if (!Array.isArray(engine.stop) || engine.stop.some((text) => typeof text !== 'string' || text.length === 0)) throw new InvalidArgumentError('stop must be a list of non-empty strings');
+    if (engine.promptColumn === undefined && engine.messagesColumn === undefined) throw new InvalidArgumentError('stop strings need text: give a promptColumn or messagesColumn (for token ids, use stopTokens)');
+  }
+  if (engine.logprobs !== undefined && typeof engine.logprobs !== 'boolean') throw new InvalidArgumentError('logprobs must be a boolean');
   const steps = engine.stepsInFlight ?? engine.pipelineParallel ?? 1;
   const interleaved = batchesPerReplica ?? Math.max(2, 2 * steps);
   return (dataset: Dataset) => {

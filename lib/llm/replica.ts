@@ -62,7 +62,14 @@ export interface GenerateRequest {
   maxNewTokens?: number;
   /** Generation ends after any of these tokens, kept in the output (default: the replica's stopTokens). */
   stopTokens?: number[];
+  /**
+   * Called after each generated token with all of them so far; true ends the generation with
+   * finishReason 'stop' (how the processor stops at text: stop strings). It runs in this process.
+   */
+  stop?: (generated: readonly number[]) => boolean;
   sampling?: SamplingParameters;
+  /** Return each generated token's log-probability under the model (log-softmax of its logits). */
+  logprobs?: boolean;
 }
 
 export interface Generation {
@@ -70,6 +77,8 @@ export interface Generation {
   tokens: number[];
   finishReason: 'length' | 'stop' | 'max-positions';
   promptTokens: number;
+  /** When asked: each generated token's log-probability, before penalties, temperature and filters (as vLLM reports it). */
+  logprobs?: number[];
 }
 
 export interface ReplicaStats {
@@ -88,7 +97,9 @@ interface Sequence {
   generated: number[];
   maxNewTokens: number;
   stopTokens: Set<number>;
+  stop: ((generated: readonly number[]) => boolean) | undefined;
   sampling: SamplingParameters | undefined;
+  logprobs: number[] | undefined;
   /** Tokens the shards hold for it. */
   past: number;
   inFlight: boolean;
@@ -268,13 +279,17 @@ export class ModelReplica {
     }
     const stopTokens = request.stopTokens ?? this.#stopTokens;
     if (!Array.isArray(stopTokens) || stopTokens.some((token) => !Number.isInteger(token))) throw new InvalidArgumentError(`${what}: stopTokens must be an array of token ids`, 'ERR_PROMPT');
+    if (request.stop !== undefined && typeof request.stop !== 'function') throw new InvalidArgumentError(`${what}: stop must be a function of the generated tokens`, 'ERR_PROMPT');
+    if (request.logprobs !== undefined && typeof request.logprobs !== 'boolean') throw new InvalidArgumentError(`${what}: logprobs must be a boolean`, 'ERR_PROMPT');
     return {
       id: this.#nextSequence++,
       prompt,
       generated: [],
       maxNewTokens: positiveInteger(request.maxNewTokens, `${what}: maxNewTokens`, 16),
       stopTokens: new Set(stopTokens),
+      stop: request.stop,
       sampling: checkSampling(request.sampling, what),
+      logprobs: request.logprobs ? [] : undefined,
       past: 0,
       inFlight: false,
     };
@@ -302,7 +317,14 @@ export class ModelReplica {
         budget -= count;
         chosen.push(sequence);
         const prefill = sequence.past + count < sequence.prompt.length;
-        parts.push({ id: sequence.id, past: sequence.past, count, ...(sequence.sampling ? { sampling: sequence.sampling } : {}), ...(prefill ? { prefill } : {}) });
+        parts.push({
+          id: sequence.id,
+          past: sequence.past,
+          count,
+          ...(sequence.sampling ? { sampling: sequence.sampling } : {}),
+          ...(prefill ? { prefill } : {}),
+          ...(sequence.logprobs && !prefill ? { logprobs: true } : {}),
+        });
         sequence.inFlight = true;
         return true;
       };
@@ -341,13 +363,23 @@ export class ModelReplica {
       if (sequence.past === sequence.prompt.length) this.#promptTokens += sequence.prompt.length;
       const token = result.tokens[index];
       sequence.generated.push(token);
+      sequence.logprobs?.push(result.logprobs![index]);
       this.#generatedTokens++;
       const total = sequence.prompt.length + sequence.generated.length;
-      const reason = sequence.stopTokens.has(token) ? 'stop' : sequence.generated.length >= sequence.maxNewTokens ? 'length' : total >= this.config.maxPositions ? 'max-positions' : undefined;
+      let reason: Generation['finishReason'] | undefined;
+      try {
+        reason = sequence.stopTokens.has(token) || sequence.stop?.(sequence.generated) ? 'stop' : sequence.generated.length >= sequence.maxNewTokens ? 'length' : total >= this.config.maxPositions ? 'max-positions' : undefined;
+      } catch (error) {
+        // A stop function that throws ends its own request with the error, not the replica.
+        this.#running.splice(this.#running.indexOf(sequence), 1);
+        this.#released.push(sequence.id);
+        sequence.fail(error as Error);
+        return;
+      }
       if (reason) {
         this.#running.splice(this.#running.indexOf(sequence), 1);
         this.#released.push(sequence.id);
-        sequence.finish({ tokens: sequence.generated, finishReason: reason, promptTokens: sequence.prompt.length });
+        sequence.finish({ tokens: sequence.generated, finishReason: reason, promptTokens: sequence.prompt.length, ...(sequence.logprobs ? { logprobs: sequence.logprobs } : {}) });
       }
     });
     this.#pump();

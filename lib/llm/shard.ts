@@ -22,6 +22,8 @@ export interface StepSequence {
   sampling?: SamplingParameters;
   /** The step reads part of the prompt only, more to come: no token is wanted (its token is -1). */
   prefill?: boolean;
+  /** Return the picked token's log-probability too. */
+  logprobs?: boolean;
 }
 
 /** What every stage of a step sees; the first stage reads `tokens`, the others `hidden`. */
@@ -47,6 +49,8 @@ export interface StepResult {
   tokens: Int32Array;
   /** When asked: [sequences, vocabSize], the logits each token was picked from. */
   logits?: Float32Array;
+  /** When a sequence asks: its token's log-probability under the logits (NaN for the others). */
+  logprobs?: Float32Array;
 }
 
 export interface ShardSpec {
@@ -162,7 +166,9 @@ export class DecoderShard {
     }
     if (penalized) this.#recordInputs(message, total);
     const all = message.logits ? new Float32Array(message.sequences.length * config.vocabSize) : undefined;
-    return { step: message.step, tokens: await this.#nextTokens(hidden, message.sequences, all), ...(all ? { logits: all } : {}) };
+    const logprobs = message.sequences.some((sequence) => sequence.logprobs) ? new Float32Array(message.sequences.length).fill(NaN) : undefined;
+    const tokens = await this.#nextTokens(hidden, message.sequences, all, logprobs);
+    return { step: message.step, tokens, ...(all ? { logits: all } : {}), ...(logprobs ? { logprobs } : {}) };
   }
 
   /** Adds the step's input tokens (prompt pieces, or the last token generated) to the histories that need them. */
@@ -309,7 +315,7 @@ export class DecoderShard {
     addResidual(hidden, down, layer.downBias, size);
   }
 
-  async #nextTokens(hidden: Float32Array, sequences: StepSequence[], keep: Float32Array | undefined): Promise<Int32Array> {
+  async #nextTokens(hidden: Float32Array, sequences: StepSequence[], keep: Float32Array | undefined, logprobs: Float32Array | undefined): Promise<Int32Array> {
     const { config } = this;
     const { plan } = this.spec;
     const size = config.hiddenSize;
@@ -353,6 +359,7 @@ export class DecoderShard {
         history.generated.set(token, (history.generated.get(token) ?? 0) + 1);
       }
       tokens[index] = token;
+      if (sequence.logprobs) logprobs![index] = logProbability(logits, token);
     }
     return tokens;
   }
@@ -362,6 +369,15 @@ export class DecoderShard {
     this.#caches.clear();
     this.#histories.clear();
   }
+}
+
+/** log softmax(logits)[token], the sum in double with the maximum taken out. */
+function logProbability(logits: Float32Array, token: number): number {
+  let maximum = -Infinity;
+  for (let index = 0; index < logits.length; index++) if (logits[index] > maximum) maximum = logits[index];
+  let sum = 0;
+  for (let index = 0; index < logits.length; index++) sum += Math.exp(logits[index] - maximum);
+  return logits[token] - maximum - Math.log(sum);
 }
 
 /** hidden += update (+ bias), row by row. */

@@ -360,6 +360,53 @@ describe('model sharding', () => {
     await expect(processor(fromItems([{ id: 0, prompt: 7 }])).takeAll()).rejects.toThrow(/column 'prompt' must hold the prompt's text, got number/);
   });
 
+  it('stops at text, and reports log-probabilities, from the processor and the replica', async () => {
+    const config = { ...TINY, vocabSize: 300 };
+    const stopWeights = randomWeights(config, 21);
+    const stopModel = await writeCheckpoint(join(directory, 'stop'), config, stopWeights);
+    const json = gpt2StyleTokenizerJson();
+    writeFileSync(join(stopModel, 'tokenizer.json'), JSON.stringify(json));
+    const tokenizer = Tokenizer.fromJSON(json);
+    const prompt = 'the cat sat';
+    const encoded = tokenizer.encode(prompt);
+    const free = referenceGenerate(config, stopWeights, encoded, 10);
+    // Stop at the text of the fourth generated token that has any: the reference's text, cut there.
+    const spelled = free.filter((token) => token < tokenizer.vocabSize && tokenizer.decode([token]).trim().length > 0);
+    const stop = tokenizer.decode([spelled[Math.min(3, spelled.length - 1)]]).trim();
+    let count = 1;
+    while (!tokenizer.decode(free.slice(0, count).filter((token) => token < tokenizer.vocabSize)).includes(stop)) count++;
+    const fullText = tokenizer.decode(free.slice(0, count).filter((token) => token < tokenizer.vocabSize));
+    expect(count).toBeLessThan(free.length);
+    const processor = buildLLMProcessor({ checkpoint: stopModel, promptColumn: 'prompt', maxNewTokens: 10, stop: [stop], logprobs: true });
+    const [row] = await processor(fromItems([{ prompt }])).takeAll();
+    expect(Array.from(row.generatedTokens as number[])).toEqual(free.slice(0, count));
+    expect(row.finishReason).toBe('stop');
+    expect(row.generatedText).toBe(fullText.slice(0, fullText.indexOf(stop)));
+    // Log-probabilities: log-softmax of the reference's logits at each generated token.
+    const logits = referenceLogits(config, stopWeights, [...encoded, ...free]);
+    const logprobs = Array.from(row.generatedLogprobs as number[]);
+    expect(logprobs).toHaveLength(count);
+    logprobs.forEach((logprob, index) => {
+      const row = logits[encoded.length - 1 + index];
+      const maximum = Math.max(...row);
+      const wanted = row[free[index]] - maximum - Math.log(row.reduce((sum, value) => sum + Math.exp(value - maximum), 0));
+      expect(Math.abs(logprob - wanted)).toBeLessThan(1e-4);
+    });
+    // A row's own stop list wins; stop strings need text.
+    const [unstopped] = await processor(fromItems([{ prompt, stop: ['never in this text'] }])).takeAll();
+    expect(Array.from(unstopped.generatedTokens as number[])).toEqual(free);
+    expect(() => buildLLMProcessor({ checkpoint: stopModel, stop: ['x'] })).toThrow(/stop strings need text/);
+    // The replica's own stop function; one that throws fails its request alone.
+    await using replica = await ModelReplica.create({ checkpoint: stopModel });
+    const [stopped, failed] = await Promise.allSettled([
+      replica.generate([{ tokens: encoded, maxNewTokens: 10, stop: (generated) => generated.length === 3 }]).then(([generation]) => generation),
+      replica.generate([{ tokens: encoded, maxNewTokens: 10, stop: () => { throw new Error('bad stop'); } }]),
+    ]);
+    expect(stopped).toMatchObject({ status: 'fulfilled', value: { tokens: free.slice(0, 3), finishReason: 'stop' } });
+    expect(failed).toMatchObject({ status: 'rejected', reason: { message: 'bad stop' } });
+    expect((await replica.generate([{ tokens: encoded, maxNewTokens: 2 }]))[0].tokens).toEqual(free.slice(0, 2));
+  });
+
   it("renders conversations with the checkpoint's chat template, then generates", async () => {
     const config = { ...TINY, vocabSize: 300 };
     const chatWeights = randomWeights(config, 13);
