@@ -18,7 +18,8 @@ import type { CompiledGraph } from '../dag/compiled-graph.js';
 import { checkDecoderConfig, readCheckpointConfig, readEndOfSequenceTokens, type DecoderConfig, type ResolvedDecoderConfig } from './config.js';
 import { planSharding, type ParallelismOptions, type ShardingPlan } from './plan.js';
 import { Checkpoint } from './safetensors.js';
-import { checkSampling, type SamplingParameters } from './sampling.js';
+import { PrefixCache } from './prefix-cache.js';
+import { checkSampling, needsHistory, type SamplingParameters } from './sampling.js';
 import type { StepMessage, StepResult, StepSequence } from './shard.js';
 import type { WeightDType } from './kernels.js';
 import { checkCheckpoint, resolveWeightDType } from './weights.js';
@@ -53,6 +54,22 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    * one. Norms, biases and positions stay f32.
    */
   weightDtype?: WeightDType | 'auto';
+  /**
+   * Prompts that begin with the same tokens (a system prompt, few-shot examples) read that
+   * beginning once: a new sequence starts from a copy of another's cached positions, in whole
+   * blocks of prefixBlockTokens, and prompts that arrive together wait a step for the first of
+   * them to read it (default true). Sequences with repetition, presence or frequency penalties
+   * read their whole prompt.
+   */
+  prefixCaching?: boolean;
+  /** Tokens a block of prefix has (default 16). */
+  prefixBlockTokens?: number;
+  /**
+   * Cached positions of finished sequences kept for later prompts to start from, all together
+   * (default 4096; 0 keeps none: prefixes are then shared by sequences running at once only).
+   * Each costs numLayers × 2 × numKeyValueHeads × headSize × 4 bytes, cut across the ranks.
+   */
+  prefixCacheTokens?: number;
 }
 
 export interface GenerateRequest {
@@ -89,6 +106,10 @@ export interface ReplicaStats {
   waiting: number;
   running: number;
   weightBytes: number;
+  /** Prompt positions copied from a cached prefix instead of read (of promptTokens). */
+  reusedPromptTokens: number;
+  /** Finished sequences whose caches are kept as prefix sources. */
+  retainedSequences: number;
 }
 
 interface Sequence {
@@ -102,6 +123,8 @@ interface Sequence {
   logprobs: number[] | undefined;
   /** Tokens the shards hold for it. */
   past: number;
+  /** Its first step starts from a copy of another sequence's cached positions. */
+  copyFrom?: { id: number; length: number };
   inFlight: boolean;
   finish: (generation: Generation) => void;
   fail: (error: Error) => void;
@@ -112,6 +135,8 @@ interface StepLimits {
   maxSequences: number;
   maxTokens: number;
   stepsInFlight: number;
+  /** Prefix caching's block and budget, or undefined when it is off. */
+  prefix: { blockTokens: number; retainedTokens: number } | undefined;
 }
 
 function positiveInteger(value: unknown, what: string, fallback: number): number {
@@ -132,6 +157,7 @@ export class ModelReplica {
   readonly #maxSequences: number;
   readonly #maxTokens: number;
   readonly #stepsInFlight: number;
+  readonly #prefixCache: PrefixCache<Sequence> | undefined;
   readonly #weightBytes: number;
   readonly #stopTokens: number[];
   readonly #waiting: Sequence[] = [];
@@ -168,6 +194,8 @@ export class ModelReplica {
     this.#maxSequences = parts.limits.maxSequences;
     this.#maxTokens = parts.limits.maxTokens;
     this.#stepsInFlight = parts.limits.stepsInFlight;
+    const prefix = parts.limits.prefix;
+    this.#prefixCache = prefix ? new PrefixCache<Sequence>(prefix.blockTokens, prefix.retainedTokens) : undefined;
     this.#stopTokens = parts.stopTokens;
   }
 
@@ -192,7 +220,14 @@ export class ModelReplica {
       maxSequences: positiveInteger(options.maxSequencesPerStep, 'maxSequencesPerStep', 64),
       maxTokens: positiveInteger(options.maxTokensPerStep, 'maxTokensPerStep', 2048),
       stepsInFlight: positiveInteger(options.stepsInFlight, 'stepsInFlight', plan.pipelineParallel),
+      prefix: undefined,
     };
+    if (options.prefixCaching !== undefined && typeof options.prefixCaching !== 'boolean') throw new InvalidArgumentError(`prefixCaching must be a boolean, got ${String(options.prefixCaching)}`);
+    if (options.prefixCaching !== false) {
+      const retainedTokens = options.prefixCacheTokens ?? 4096;
+      if (typeof retainedTokens !== 'number' || !Number.isInteger(retainedTokens) || retainedTokens < 0) throw new InvalidArgumentError(`prefixCacheTokens must be an integer >= 0, got ${String(retainedTokens)}`);
+      limits.prefix = { blockTokens: positiveInteger(options.prefixBlockTokens, 'prefixBlockTokens', 16), retainedTokens };
+    }
     const numCpus = options.numCpusPerRank ?? 1;
     if (typeof numCpus !== 'number' || !(numCpus >= 0)) throw new InvalidArgumentError(`numCpusPerRank must be a number >= 0, got ${String(numCpus)}`);
     // Fail here, in the caller, on a checkpoint that cannot be used, rather than in every rank.
@@ -324,16 +359,30 @@ export class ModelReplica {
           ...(sequence.sampling ? { sampling: sequence.sampling } : {}),
           ...(prefill ? { prefill } : {}),
           ...(sequence.logprobs && !prefill ? { logprobs: true } : {}),
+          ...(sequence.copyFrom ? { copyFrom: sequence.copyFrom } : {}),
         });
+        sequence.copyFrom = undefined;
         sequence.inFlight = true;
         return true;
       };
       for (const sequence of this.#running) if (!sequence.inFlight) admit(sequence);
-      while (this.#waiting.length > 0 && budget > 0 && chosen.length < limit) {
+      const deferred: Sequence[] = [];
+      while (this.#waiting.length > 0 && budget > 0 && chosen.length < limit && deferred.length < 4 * limit) {
         const sequence = this.#waiting.shift()!;
+        const prefix = this.#prefixCache?.admit(sequence, !needsHistory(sequence.sampling));
+        if (prefix?.kind === 'wait') {
+          // A sequence already running is reading this prompt's beginning: start from its copy once it has.
+          deferred.push(sequence);
+          continue;
+        }
+        if (prefix?.kind === 'match') {
+          sequence.past = prefix.match.length;
+          sequence.copyFrom = { id: prefix.match.source.id, length: prefix.match.length };
+        }
         this.#running.push(sequence);
         admit(sequence);
       }
+      this.#waiting.unshift(...deferred);
       if (chosen.length === 0 && this.#released.length === 0) return;
       const message: StepMessage = { step: this.#steps++, sequences: parts, released: this.#released, tokens: Int32Array.from(tokens) };
       this.#released = [];
@@ -371,18 +420,22 @@ export class ModelReplica {
         reason = sequence.stopTokens.has(token) || sequence.stop?.(sequence.generated) ? 'stop' : sequence.generated.length >= sequence.maxNewTokens ? 'length' : total >= this.config.maxPositions ? 'max-positions' : undefined;
       } catch (error) {
         // A stop function that throws ends its own request with the error, not the replica.
-        this.#running.splice(this.#running.indexOf(sequence), 1);
-        this.#released.push(sequence.id);
+        this.#end(sequence);
         sequence.fail(error as Error);
         return;
       }
       if (reason) {
-        this.#running.splice(this.#running.indexOf(sequence), 1);
-        this.#released.push(sequence.id);
+        this.#end(sequence);
         sequence.finish({ tokens: sequence.generated, finishReason: reason, promptTokens: sequence.prompt.length, ...(sequence.logprobs ? { logprobs: sequence.logprobs } : {}) });
       }
     });
     this.#pump();
+  }
+
+  /** A sequence is done: the ranks drop its cache, unless prefix caching keeps it as a source for later prompts. */
+  #end(sequence: Sequence): void {
+    this.#running.splice(this.#running.indexOf(sequence), 1);
+    this.#released.push(...(this.#prefixCache ? this.#prefixCache.finish(sequence) : [sequence.id]));
   }
 
   /** A failed step leaves the shards' caches unknown: the replica fails everything and stops. */
@@ -408,6 +461,8 @@ export class ModelReplica {
       waiting: this.#waiting.length,
       running: this.#running.length,
       weightBytes: this.#weightBytes,
+      reusedPromptTokens: this.#prefixCache?.reusedTokens ?? 0,
+      retainedSequences: this.#prefixCache?.retainedSequences ?? 0,
     };
   }
 

@@ -24,6 +24,8 @@ export interface StepSequence {
   prefill?: boolean;
   /** Return the picked token's log-probability too. */
   logprobs?: boolean;
+  /** Before the step: start this (new) sequence's cache from the first `length` positions of sequence `id`'s. */
+  copyFrom?: { id: number; length: number };
 }
 
 /** What every stage of a step sees; the first stage reads `tokens`, the others `hidden`. */
@@ -122,6 +124,8 @@ export class DecoderShard {
   async forward(message: StepMessage): Promise<StepMessage | StepResult> {
     const { config } = this;
     const stage = this.spec.plan.stages[this.spec.stage];
+    // Copies first: a prefix's source may be released by this same message.
+    for (const sequence of message.sequences) if (sequence.copyFrom) this.#copyPrefix(sequence.id, sequence.copyFrom, message.step);
     for (const id of message.released) {
       this.#caches.delete(id);
       this.#histories.delete(id);
@@ -223,6 +227,23 @@ export class DecoderShard {
       }
     }
     return hidden;
+  }
+
+  /** A new sequence's cache, starting as a copy of another's first `length` positions (prefix caching). */
+  #copyPrefix(id: number, from: { id: number; length: number }, step: number): void {
+    const source = this.#caches.get(from.id);
+    if (!source || source.length < from.length) {
+      throw new InvalidArgumentError(`step ${step}: sequence ${id} starts from ${from.length} positions of sequence ${from.id}, which this shard holds ${source ? source.length : 'none'} of`, 'ERR_SEQUENCE_STATE');
+    }
+    if (this.#caches.has(id)) throw new InvalidArgumentError(`step ${step}: sequence ${id} starts from a copy, but this shard already holds it`, 'ERR_SEQUENCE_STATE');
+    this.#reserve(id, from.length);
+    const cache = this.#caches.get(id)!;
+    const rowSize = this.spec.plan.keyValueHeadsPerRank * this.spec.plan.headSize;
+    for (let layer = 0; layer < this.#weights.layers.length; layer++) {
+      cache.keys[layer].set(source.keys[layer].subarray(0, from.length * rowSize));
+      cache.values[layer].set(source.values[layer].subarray(0, from.length * rowSize));
+    }
+    cache.length = from.length;
   }
 
   /** Room in each layer's cache for `length` tokens, grown by doubling. */

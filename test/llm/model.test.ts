@@ -360,6 +360,45 @@ describe('model sharding', () => {
     await expect(processor(fromItems([{ id: 0, prompt: 7 }])).takeAll()).rejects.toThrow(/column 'prompt' must hold the prompt's text, got number/);
   });
 
+  it('reads a shared prompt prefix once: later prompts start from a copy, and generate what the reference does', async () => {
+    const llamaWeights = randomWeights(TINY_LLAMA, 23);
+    const path = await writeCheckpoint(join(directory, 'llama-prefix'), TINY_LLAMA, llamaWeights, { prefix: 'model.' });
+    const shared = [9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11, 12];
+    // Suffixes of 1 to 5 tokens, and the shared part alone (its last block is read: the last token needs logits).
+    const prompts = [[40], [41, 42], [43, 44, 45], [46, 47, 48, 49], [50, 51, 52, 53, 54], []].map((suffix) => [...shared, ...suffix]);
+    const wanted = prompts.map((tokens) => referenceGenerate(TINY_LLAMA, llamaWeights, tokens, 5));
+    const requests = prompts.map((tokens) => ({ tokens, maxNewTokens: 5 }));
+    {
+      await using replica = await ModelReplica.create({ checkpoint: path, tensorParallel: 2, pipelineParallel: 2, prefixBlockTokens: 4 });
+      expect((await replica.generate(requests)).map((generation) => generation.tokens)).toEqual(wanted);
+      // The first prompt reads the 12 shared tokens; the others wait a step, then copy 12 (the last, 8).
+      expect(replica.stats()).toMatchObject({ reusedPromptTokens: 4 * 12 + 8, promptTokens: prompts.flat().length });
+      // Later prompts start from finished sequences' kept caches.
+      expect((await replica.generate(requests.slice(0, 2))).map((generation) => generation.tokens)).toEqual(wanted.slice(0, 2));
+      expect(replica.stats().reusedPromptTokens).toBe(4 * 12 + 8 + 2 * 12);
+      expect(replica.stats().retainedSequences).toBeGreaterThan(0);
+      // Penalized sampling needs the whole prompt's tokens on the last stage: it reads them all.
+      const [penalized] = await replica.generate([{ tokens: prompts[0], maxNewTokens: 3, sampling: { repetitionPenalty: 1.01 } }]);
+      expect(penalized.tokens).toHaveLength(3);
+      expect(replica.stats().reusedPromptTokens).toBe(4 * 12 + 8 + 2 * 12);
+    }
+    {
+      // Keeping no finished caches: sharing among prompts running together only.
+      await using replica = await ModelReplica.create({ checkpoint: path, prefixBlockTokens: 4, prefixCacheTokens: 0 });
+      expect((await replica.generate(requests)).map((generation) => generation.tokens)).toEqual(wanted);
+      const reused = replica.stats().reusedPromptTokens;
+      expect(reused).toBe(4 * 12 + 8);
+      await replica.generate(requests.slice(0, 1));
+      expect(replica.stats()).toMatchObject({ reusedPromptTokens: reused, retainedSequences: 0 });
+    }
+    {
+      await using replica = await ModelReplica.create({ checkpoint: path, prefixCaching: false });
+      expect((await replica.generate(requests)).map((generation) => generation.tokens)).toEqual(wanted);
+      expect(replica.stats().reusedPromptTokens).toBe(0);
+    }
+    await expect(ModelReplica.create({ checkpoint: path, prefixCacheTokens: -1 })).rejects.toThrow(/prefixCacheTokens must be an integer >= 0/);
+  });
+
   it('stops at text, and reports log-probabilities, from the processor and the replica', async () => {
     const config = { ...TINY, vocabSize: 300 };
     const stopWeights = randomWeights(config, 21);

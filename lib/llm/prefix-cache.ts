@@ -1,0 +1,150 @@
+/**
+ * Prefix caching for a replica: prompts that begin alike (a system prompt, few-shot examples, a
+ * shared document) read their common beginning once. The ranks keep a key/value cache per
+ * sequence; a new sequence whose prompt starts with blocks another sequence's cache already
+ * holds starts from a copy of those positions (each rank copies its own layers and heads), and
+ * the prompt is read from there on.
+ *
+ * Prompts are matched in whole blocks of `blockTokens`, through a hash of each block chained to
+ * the blocks before it, and the tokens are compared before a match is used, so a hash collision
+ * costs a recomputation, never a wrong answer. Sources are the sequences running, and finished
+ * ones kept for later prompts up to a budget of cached tokens (least recently used go first).
+ */
+
+/** What the cache needs to know of a sequence. */
+export interface PrefixSequence {
+  readonly id: number;
+  readonly prompt: Int32Array;
+  /** Positions the ranks' cache holds for it. */
+  past: number;
+}
+
+export interface PrefixMatch<S extends PrefixSequence> {
+  source: S;
+  /** Positions to copy: whole blocks, and always short of the whole prompt (its last token must be read for logits). */
+  length: number;
+}
+
+/** Hashes of each whole block of `tokens`, each chained to the blocks before it. */
+function blockHashes(tokens: Int32Array, blockTokens: number): string[] {
+  const hashes: string[] = [];
+  // Two 32-bit FNV-1a lanes with different offsets: a 64-bit key, kept as a string.
+  let first = 0x811c9dc5;
+  let second = 0x01000193 ^ 0x5bd1e995;
+  for (let block = 0; (block + 1) * blockTokens <= tokens.length; block++) {
+    for (let index = block * blockTokens; index < (block + 1) * blockTokens; index++) {
+      const token = tokens[index];
+      for (let shift = 0; shift < 32; shift += 8) {
+        const byte = (token >>> shift) & 0xff;
+        first = Math.imul(first ^ byte, 0x01000193);
+        second = Math.imul(second ^ byte, 0x01000193) ^ (second >>> 13);
+      }
+    }
+    hashes.push(`${(first >>> 0).toString(36)}.${(second >>> 0).toString(36)}`);
+  }
+  return hashes;
+}
+
+function samePrefix(a: Int32Array, b: Int32Array, length: number): boolean {
+  for (let index = 0; index < length; index++) if (a[index] !== b[index]) return false;
+  return true;
+}
+
+export class PrefixCache<S extends PrefixSequence> {
+  readonly blockTokens: number;
+  readonly maxRetainedTokens: number;
+  /** The sequence that holds (or is reading) each chained block hash. */
+  readonly #index = new Map<string, S>();
+  readonly #hashes = new Map<number, string[]>();
+  /** Sequences whose caches the ranks still hold. */
+  readonly #holding = new Set<number>();
+  /** Finished sequences kept as sources, least recently used first. */
+  readonly #retained = new Map<number, S>();
+  #retainedTokens = 0;
+  /** Prompt positions copied rather than read. */
+  reusedTokens = 0;
+
+  constructor(blockTokens: number, maxRetainedTokens: number) {
+    this.blockTokens = blockTokens;
+    this.maxRetainedTokens = maxRetainedTokens;
+  }
+
+  #hashesOf(sequence: S): string[] {
+    let hashes = this.#hashes.get(sequence.id);
+    if (!hashes) {
+      hashes = blockHashes(sequence.prompt, this.blockTokens);
+      this.#hashes.set(sequence.id, hashes);
+    }
+    return hashes;
+  }
+
+  /**
+   * For a sequence about to read its prompt: the longest prefix a cache holds ('match'), or
+   * 'wait' when a longer one is being read by a sequence already running, which will hold it
+   * within a step or two (so prompts that arrive together read their common part once), or
+   * undefined. The sequence is registered as a source of its own blocks either way, except when
+   * it waits.
+   */
+  admit(sequence: S, mayReuse = true): { kind: 'match'; match: PrefixMatch<S> } | { kind: 'wait' } | undefined {
+    const hashes = this.#hashesOf(sequence);
+    // The prompt's last token is always read: its logits give the first generated token.
+    const usable = mayReuse ? Math.min(hashes.length, Math.floor((sequence.prompt.length - 1) / this.blockTokens)) : 0;
+    let match: PrefixMatch<S> | undefined;
+    for (let blocks = usable; blocks >= 1 && !match; blocks--) {
+      const source = this.#index.get(hashes[blocks - 1]);
+      const length = blocks * this.blockTokens;
+      if (!source || source === sequence || !this.#holding.has(source.id) || !samePrefix(source.prompt, sequence.prompt, length)) continue;
+      if (source.past >= length) match = { source, length };
+      else return { kind: 'wait' };
+    }
+    this.#holding.add(sequence.id);
+    // This sequence becomes the source of its blocks that no held sequence already provides.
+    hashes.forEach((hash) => {
+      const holder = this.#index.get(hash);
+      if (!holder || !this.#holding.has(holder.id)) this.#index.set(hash, sequence);
+    });
+    if (!match) return undefined;
+    const retained = this.#retained.get(match.source.id);
+    if (retained) {
+      // Used again: now the most recently used.
+      this.#retained.delete(retained.id);
+      this.#retained.set(retained.id, retained);
+    }
+    this.reusedTokens += match.length;
+    return { kind: 'match', match };
+  }
+
+  /**
+   * A sequence finished: kept as a source when it has a whole block and the budget allows.
+   * Returns the ids whose caches the ranks should now drop (it, or what it pushed out).
+   */
+  finish(sequence: S): number[] {
+    if (this.maxRetainedTokens === 0 || sequence.prompt.length < this.blockTokens) return [this.#drop(sequence)];
+    this.#retained.set(sequence.id, sequence);
+    this.#retainedTokens += sequence.past;
+    const dropped: number[] = [];
+    for (const [id, oldest] of this.#retained) {
+      if (this.#retainedTokens <= this.maxRetainedTokens) break;
+      this.#retained.delete(id);
+      this.#retainedTokens -= oldest.past;
+      dropped.push(this.#drop(oldest));
+    }
+    return dropped;
+  }
+
+  /** The ranks drop its cache: it is no source any more, and its index entries go. */
+  #drop(sequence: S): number {
+    this.#holding.delete(sequence.id);
+    for (const hash of this.#hashes.get(sequence.id) ?? []) if (this.#index.get(hash) === sequence) this.#index.delete(hash);
+    this.#hashes.delete(sequence.id);
+    return sequence.id;
+  }
+
+  get retainedSequences(): number {
+    return this.#retained.size;
+  }
+
+  get retainedTokens(): number {
+    return this.#retainedTokens;
+  }
+}
