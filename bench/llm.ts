@@ -9,6 +9,9 @@
  * - `linear_m<M>_gflops`: the matmul kernel alone, the model's hidden × MLP shape, and
  *   `linear_bf16_m<M>_gflops` with the weights in bf16; `linear_m1_4096_gflops` and its bf16 twin
  *   a 4096 × 4096 matrix (64 MiB in f32: a real model's layer, streamed from memory each step).
+ * - `llm_prefix_cached_tokens_per_s` against `llm_prefix_uncached_tokens_per_s`: 16 prompts that
+ *   share a 192-token beginning (a system prompt), 8 new tokens each, on one rank with prefix
+ *   caching on and off: the shared part read once against 16 times.
  * Generated tokens per second of wall time, prompt reading included.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -60,6 +63,23 @@ async function replica(checkpoint: string, tensorParallel: number, pipelineParal
   return (PROMPTS * NEW_TOKENS) / median(times);
 }
 
+const SHARED_PREFIX = Array.from({ length: 192 }, (_, t) => (t * 29 + 7) % CONFIG.vocabSize);
+const PREFIX_PROMPTS = Array.from({ length: PROMPTS }, (_, p) => [...SHARED_PREFIX, ...Array.from({ length: 16 }, (_, t) => (p * 97 + t * 13 + 1) % CONFIG.vocabSize)]);
+
+async function sharedPrefix(checkpoint: string, prefixCaching: boolean): Promise<number> {
+  // Nothing kept between rounds: each round's prompts share among themselves only.
+  await using model = await ModelReplica.create({ checkpoint, prefixCaching, prefixCacheTokens: 0 });
+  const requests = PREFIX_PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 8 }));
+  await model.generate(requests);
+  const times: number[] = [];
+  for (let round = 0; round < 3; round++) {
+    const start = nowNs();
+    await model.generate(requests);
+    times.push(elapsedSeconds(start));
+  }
+  return (PROMPTS * 8) / median(times);
+}
+
 function linearGflops(m: number, dtype: 'f32' | 'bf16', k = CONFIG.hiddenSize, n = CONFIG.intermediateSize): number {
   const x = new Float32Array(m * k).fill(0.5);
   const weight: WeightMatrix = dtype === 'f32' ? new Float32Array(n * k).fill(0.25) : { dtype, bits: new Uint16Array(n * k).fill(floatToBf16(0.25)) };
@@ -78,6 +98,7 @@ export const llmSuite: Suite = {
     ['replica tp2 pp1 / in process', 'llm_tp2_pp1_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
     ['replica tp1 pp2 / in process', 'llm_tp1_pp2_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
     ['bf16 weights / f32 weights, in process', 'llm_in_process_bf16_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
+    ['shared 192-token prefix, cached / read by each prompt', 'llm_prefix_cached_tokens_per_s', 'llm_prefix_uncached_tokens_per_s', ''],
     ['linear bf16 / f32, m 1', 'linear_bf16_m1_gflops', 'linear_m1_gflops', ''],
     ['linear bf16 / f32, m 16', 'linear_bf16_m16_gflops', 'linear_m16_gflops', ''],
     ['linear bf16 / f32, m 512', 'linear_bf16_m512_gflops', 'linear_m512_gflops', ''],
@@ -103,6 +124,8 @@ export const llmSuite: Suite = {
         for (const [tensorParallel, pipelineParallel] of [[1, 1], [2, 1], [1, 2]]) {
           results[`llm_tp${tensorParallel}_pp${pipelineParallel}_tokens_per_s`] = { value: round(await replica(checkpoint, tensorParallel, pipelineParallel), 1), unit: 'tokens/s' };
         }
+        results.llm_prefix_uncached_tokens_per_s = { value: round(await sharedPrefix(checkpoint, false), 1), unit: 'tokens/s' };
+        results.llm_prefix_cached_tokens_per_s = { value: round(await sharedPrefix(checkpoint, true), 1), unit: 'tokens/s' };
       } finally {
         await shutdown();
       }
