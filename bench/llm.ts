@@ -17,7 +17,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { DecoderShard, ModelReplica, init, planSharding, shutdown, type DecoderConfig } from '../lib/index.js';
+import { DecoderShard, ModelReplica, init, planSharding, shutdown, type DecoderConfig, type ModelReplicaOptions } from '../lib/index.js';
 import { linear, type WeightMatrix } from '../lib/llm/kernels.js';
 import { floatToBf16 } from '../lib/gpu/dtype.js';
 import { randomWeights, writeCheckpoint } from '../examples/model/random-decoder.js';
@@ -50,9 +50,9 @@ async function inProcess(checkpoint: string): Promise<number> {
   return (PROMPTS * NEW_TOKENS) / median(times);
 }
 
-async function replica(checkpoint: string, tensorParallel: number, pipelineParallel: number): Promise<number> {
-  await using model = await ModelReplica.create({ checkpoint, tensorParallel, pipelineParallel });
-  const requests = prompts.map((tokens) => ({ tokens, maxNewTokens: NEW_TOKENS }));
+/** Generated tokens per second of a replica over `requests`: a warm-up round, then the median of three. */
+async function generationRate(options: ModelReplicaOptions, requests: Array<{ tokens: number[]; maxNewTokens: number }>): Promise<number> {
+  await using model = await ModelReplica.create(options);
   await model.generate(requests);
   const times: number[] = [];
   for (let round = 0; round < 3; round++) {
@@ -60,24 +60,19 @@ async function replica(checkpoint: string, tensorParallel: number, pipelineParal
     await model.generate(requests);
     times.push(elapsedSeconds(start));
   }
-  return (PROMPTS * NEW_TOKENS) / median(times);
+  return requests.reduce((sum, request) => sum + request.maxNewTokens, 0) / median(times);
+}
+
+function replica(checkpoint: string, tensorParallel: number, pipelineParallel: number): Promise<number> {
+  return generationRate({ checkpoint, tensorParallel, pipelineParallel }, prompts.map((tokens) => ({ tokens, maxNewTokens: NEW_TOKENS })));
 }
 
 const SHARED_PREFIX = Array.from({ length: 192 }, (_, t) => (t * 29 + 7) % CONFIG.vocabSize);
 const PREFIX_PROMPTS = Array.from({ length: PROMPTS }, (_, p) => [...SHARED_PREFIX, ...Array.from({ length: 16 }, (_, t) => (p * 97 + t * 13 + 1) % CONFIG.vocabSize)]);
 
-async function sharedPrefix(checkpoint: string, prefixCaching: boolean): Promise<number> {
+function sharedPrefix(checkpoint: string, prefixCaching: boolean): Promise<number> {
   // Nothing kept between rounds: each round's prompts share among themselves only.
-  await using model = await ModelReplica.create({ checkpoint, prefixCaching, prefixCacheTokens: 0 });
-  const requests = PREFIX_PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 8 }));
-  await model.generate(requests);
-  const times: number[] = [];
-  for (let round = 0; round < 3; round++) {
-    const start = nowNs();
-    await model.generate(requests);
-    times.push(elapsedSeconds(start));
-  }
-  return (PROMPTS * 8) / median(times);
+  return generationRate({ checkpoint, prefixCaching, prefixCacheTokens: 0 }, PREFIX_PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 8 })));
 }
 
 function linearGflops(m: number, dtype: 'f32' | 'bf16', k = CONFIG.hiddenSize, n = CONFIG.intermediateSize): number {

@@ -29,6 +29,16 @@ describe('model sharding', () => {
     rmSync(directory, { recursive: true, force: true });
   });
 
+  /** A GPT-2-layout model with a tokenizer.json beside it, and more ids than the tokenizer has (as real ones often do). */
+  async function textModel(name: string, seed: number) {
+    const config = { ...TINY, vocabSize: 300 };
+    const modelWeights = randomWeights(config, seed);
+    const path = await writeCheckpoint(join(directory, name), config, modelWeights);
+    const json = gpt2StyleTokenizerJson();
+    writeFileSync(join(path, 'tokenizer.json'), JSON.stringify(json));
+    return { path, config, weights: modelWeights, tokenizer: Tokenizer.fromJSON(json) };
+  }
+
   it('plans layers, heads and vocabulary across ranks, and refuses cuts that do not divide', () => {
     const plan = planSharding({ ...TINY, numLayers: 7 }, { tensorParallel: 2, pipelineParallel: 3 });
     expect(plan.stages.map((stage) => [stage.firstLayer, stage.endLayer])).toEqual([[0, 2], [2, 5], [5, 7]]);
@@ -339,15 +349,10 @@ describe('model sharding', () => {
   });
 
   it('takes text prompts and gives text back, through the checkpoint\'s tokenizer', async () => {
-    // A model with more ids than its tokenizer, as real ones often have: those ids have no text.
-    const config = { ...TINY, vocabSize: 300 };
-    const textWeights = randomWeights(config, 9);
-    const textModel = await writeCheckpoint(join(directory, 'text'), config, textWeights);
-    const json = gpt2StyleTokenizerJson();
-    writeFileSync(join(textModel, 'tokenizer.json'), JSON.stringify(json));
-    const tokenizer = Tokenizer.fromJSON(json);
+    // Ids beyond the tokenizer's have no text.
+    const { path: textModelPath, config, weights: textWeights, tokenizer } = await textModel('text', 9);
     const prompts = ['Hello world', 'the cat sat', "it's 42!"];
-    const processor = buildLLMProcessor({ checkpoint: textModel, promptColumn: 'prompt', tensorParallel: 2, maxNewTokens: 5 });
+    const processor = buildLLMProcessor({ checkpoint: textModelPath, promptColumn: 'prompt', tensorParallel: 2, maxNewTokens: 5 });
     const rows = await processor(fromItems(prompts.map((prompt, id) => ({ id, prompt })))).takeAll();
     rows.sort((a, b) => (a.id as number) - (b.id as number));
     prompts.forEach((prompt, index) => {
@@ -400,12 +405,7 @@ describe('model sharding', () => {
   });
 
   it('stops at text, and reports log-probabilities, from the processor and the replica', async () => {
-    const config = { ...TINY, vocabSize: 300 };
-    const stopWeights = randomWeights(config, 21);
-    const stopModel = await writeCheckpoint(join(directory, 'stop'), config, stopWeights);
-    const json = gpt2StyleTokenizerJson();
-    writeFileSync(join(stopModel, 'tokenizer.json'), JSON.stringify(json));
-    const tokenizer = Tokenizer.fromJSON(json);
+    const { path: stopModel, config, weights: stopWeights, tokenizer } = await textModel('stop', 21);
     const prompt = 'the cat sat';
     const encoded = tokenizer.encode(prompt);
     const free = referenceGenerate(config, stopWeights, encoded, 10);
@@ -447,14 +447,9 @@ describe('model sharding', () => {
   });
 
   it("renders conversations with the checkpoint's chat template, then generates", async () => {
-    const config = { ...TINY, vocabSize: 300 };
-    const chatWeights = randomWeights(config, 13);
-    const chatModel = await writeCheckpoint(join(directory, 'chat'), config, chatWeights);
-    const json = gpt2StyleTokenizerJson();
-    writeFileSync(join(chatModel, 'tokenizer.json'), JSON.stringify(json));
+    const { path: chatModel, config, weights: chatWeights, tokenizer } = await textModel('chat', 13);
     const template = "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}";
     writeFileSync(join(chatModel, 'tokenizer_config.json'), JSON.stringify({ bos_token: '<|endoftext|>', chat_template: template }));
-    const tokenizer = Tokenizer.fromJSON(json);
     const conversations = [
       [{ role: 'system', content: 'be brief' }, { role: 'user', content: 'hi there' }],
       [{ role: 'user', content: 'the cat sat' }],
