@@ -303,8 +303,8 @@ export interface NativeKernels {
   attention(
     out: Float32Array,
     q: Float32Array,
-    keys: Float32Array,
-    values: Float32Array,
+    keys: Float32Array | Uint16Array,
+    values: Float32Array | Uint16Array,
     queries: number,
     past: number,
     heads: number,
@@ -312,7 +312,11 @@ export interface NativeKernels {
     kvHeads?: number,
     /** Attend only to the last `window` positions, itself included (0 or absent: all). */
     window?: number,
+    /** A 16-bit cache: keys and values are Uint16Arrays of bf16 or f16 bits. */
+    kvDtype?: 'f32' | 'bf16' | 'f16',
   ): void;
+  /** out[0, count) = the first count floats of x rounded (to nearest even) to bf16 or f16 bits. */
+  narrow(out: Uint16Array, x: Float32Array, dtype: 'bf16' | 'f16', count: number): void;
 }
 
 export interface NativeAddon {

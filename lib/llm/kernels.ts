@@ -255,8 +255,8 @@ export function rotary(x: Float32Array, positions: Int32Array, inverseFrequencie
 export function attention(
   out: Float32Array,
   q: Float32Array,
-  keys: Float32Array,
-  values: Float32Array,
+  keys: WeightMatrix,
+  values: WeightMatrix,
   queries: number,
   past: number,
   heads: number,
@@ -267,8 +267,18 @@ export function attention(
   const kernel = 'attention';
   requireFloats(kernel, 'out', out);
   requireFloats(kernel, 'q', q);
-  requireFloats(kernel, 'keys', keys);
-  requireFloats(kernel, 'values', values);
+  // A cache kept in 16 bits: keys and values in one dtype, widened as they are read.
+  const half = isHalfMatrix(keys);
+  if (half !== isHalfMatrix(values) || (half && (keys as HalfMatrix).dtype !== (values as HalfMatrix).dtype)) {
+    throw new InvalidArgumentError(`${kernel}: keys and values must be kept in one dtype`);
+  }
+  if (half) {
+    requireHalf(kernel, 'keys', keys as HalfMatrix);
+    requireHalf(kernel, 'values', values as HalfMatrix);
+  } else {
+    requireFloats(kernel, 'keys', keys);
+    requireFloats(kernel, 'values', values);
+  }
   requireDimension(kernel, 'queries', queries, 1);
   requireDimension(kernel, 'past', past, 0);
   requireDimension(kernel, 'heads', heads, 1);
@@ -283,10 +293,23 @@ export function attention(
   product(kernel, 'heads / kvHeads * (past + queries)', heads / kvHeads, positions);
   requireLength(kernel, 'out', out, querySize, `queries * heads * headDim = ${queries} * ${heads} * ${headDim}`);
   requireLength(kernel, 'q', q, querySize, `queries * heads * headDim = ${queries} * ${heads} * ${headDim}`);
-  requireLength(kernel, 'keys', keys, cacheSize, `(past + queries) * kvHeads * headDim = ${positions} * ${kvHeads} * ${headDim}`);
-  requireLength(kernel, 'values', values, cacheSize, `(past + queries) * kvHeads * headDim = ${positions} * ${kvHeads} * ${headDim}`);
+  const cacheFormula = `(past + queries) * kvHeads * headDim = ${positions} * ${kvHeads} * ${headDim}`;
   requireDisjoint(kernel, out, querySize, q, querySize, 'q');
-  requireDisjoint(kernel, out, querySize, keys, cacheSize, 'keys');
-  requireDisjoint(kernel, out, querySize, values, cacheSize, 'values');
-  native.kernels.attention(out, q, keys, values, queries, past, heads, headDim, kvHeads, window);
+  for (const [name, cache] of [['keys', keys], ['values', values]] as const) {
+    const array = isHalfMatrix(cache) ? cache.bits : cache;
+    if (array.length < cacheSize) throw new InvalidArgumentError(`${kernel}: ${name} must hold at least ${cacheFormula} = ${cacheSize} ${half ? '16-bit values' : 'floats'}, got ${array.length}`);
+    if (overlaps(out, querySize * 4, array, cacheSize * array.BYTES_PER_ELEMENT)) throw new InvalidArgumentError(`${kernel}: out must not overlap ${name}`);
+  }
+  if (half) native.kernels.attention(out, q, (keys as HalfMatrix).bits, (values as HalfMatrix).bits, queries, past, heads, headDim, kvHeads, window, (keys as HalfMatrix).dtype);
+  else native.kernels.attention(out, q, keys as Float32Array, values as Float32Array, queries, past, heads, headDim, kvHeads, window);
+}
+
+/** Each of x's floats rounded to the nearest bf16 or f16 (ties to even; f16 beyond ±65504 is infinity), as bits into out. */
+export function narrow(out: HalfMatrix, x: Float32Array): void {
+  const kernel = 'narrow';
+  requireHalf(kernel, 'out', out);
+  requireFloats(kernel, 'x', x);
+  if (out.bits.length < x.length) throw new InvalidArgumentError(`${kernel}: out must hold x's ${x.length} values, got ${out.bits.length}`);
+  if (overlaps(out.bits, x.length * 2, x, x.byteLength)) throw new InvalidArgumentError(`${kernel}: out must not overlap x`);
+  native.kernels.narrow(out.bits, x, out.dtype, x.length);
 }

@@ -55,6 +55,12 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    */
   weightDtype?: WeightDType | 'auto';
   /**
+   * How the ranks keep each sequence's keys and values (default 'auto': as the weights are, so a
+   * bf16 checkpoint's cache is bf16, half the memory of f32, as vLLM's 'auto' does). 16-bit
+   * entries are rounded once, as they enter the cache.
+   */
+  kvCacheDtype?: WeightDType | 'auto';
+  /**
    * Prompts that begin with the same tokens (a system prompt, few-shot examples) read that
    * beginning once: a new sequence starts from a copy of another's cached positions, in whole
    * blocks of prefixBlockTokens, and prompts that arrive together wait a step for the first of
@@ -150,6 +156,8 @@ export class ModelReplica {
   readonly plan: ShardingPlan;
   /** How the ranks keep their matrices ('auto' resolved). */
   readonly weightDtype: WeightDType;
+  /** How the ranks keep their key/value caches ('auto' resolved). */
+  readonly kvCacheDtype: WeightDType;
   readonly #workers: Array<Array<ActorHandle<ShardWorker>>>;
   readonly #groups: CollectiveGroup[];
   readonly #graph: CompiledGraph;
@@ -180,12 +188,14 @@ export class ModelReplica {
     placement: PlacementGroup | undefined;
     weightBytes: number;
     weightDtype: WeightDType;
+    kvCacheDtype: WeightDType;
     stopTokens: number[];
     limits: StepLimits;
   }) {
     this.config = parts.config;
     this.plan = parts.plan;
     this.weightDtype = parts.weightDtype;
+    this.kvCacheDtype = parts.kvCacheDtype;
     this.#workers = parts.workers;
     this.#groups = parts.groups;
     this.#graph = parts.graph;
@@ -237,6 +247,11 @@ export class ModelReplica {
       checkCheckpoint(checkpoint, config);
       weightDtype = resolveWeightDType(checkpoint, config, options.weightDtype);
     }
+    const requestedCache = options.kvCacheDtype ?? 'auto';
+    if (requestedCache !== 'auto' && requestedCache !== 'f32' && requestedCache !== 'bf16' && requestedCache !== 'f16') {
+      throw new InvalidArgumentError(`kvCacheDtype must be 'auto', 'f32', 'bf16' or 'f16', got ${JSON.stringify(requestedCache)}`);
+    }
+    const kvCacheDtype: WeightDType = requestedCache === 'auto' ? weightDtype : requestedCache;
 
     const ranks = plan.tensorParallel * plan.pipelineParallel;
     const id = newObjectId().slice(0, 12);
@@ -266,14 +281,14 @@ export class ModelReplica {
         groupNames.push(name);
       }
       const loaded = (await get(plan.stages.flatMap((stage) => workers[stage.index].map((worker, rank) =>
-        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype }, groupNames[stage.index]))))) as Array<{ weightBytes: number }>;
+        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype }, groupNames[stage.index]))))) as Array<{ weightBytes: number }>;
       const input = new InputNode();
       // Rank r of each stage feeds rank r of the next: after the stage's allreduce every rank
       // holds the same hidden states, and each channel then has exactly one reader.
       let previous: DAGNode[] = workers[0].map((worker) => worker.forward.bind(input));
       for (const stage of plan.stages.slice(1)) previous = workers[stage.index].map((worker, rank) => worker.forward.bind(previous[rank]));
       const graph = await new MultiOutputNode(previous).compile({ maxInflight: Math.max(2, limits.stepsInFlight + 1) });
-      return new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, stopTokens, limits });
+      return new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, kvCacheDtype, stopTokens, limits });
     } catch (error) {
       await Promise.allSettled(groups.map((group) => group.destroy()));
       for (const worker of workers.flat()) kill(worker);

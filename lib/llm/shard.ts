@@ -8,11 +8,11 @@ import { InvalidArgumentError } from '../errors.js';
 import type { Communicator } from '../gpu/communicator.js';
 import { Tensor } from '../gpu/tensor.js';
 import { checkDecoderConfig, rotaryInverseFrequencies, type DecoderConfig, type ResolvedDecoderConfig } from './config.js';
-import { attention, gelu, layerNorm, linear, readRows, rmsNorm, rotary, siluMultiply, type WeightDType } from './kernels.js';
+import { attention, gelu, layerNorm, linear, narrow, readRows, rmsNorm, rotary, siluMultiply, type WeightDType, type WeightMatrix } from './kernels.js';
 import type { ShardingPlan } from './plan.js';
 import { Checkpoint } from './safetensors.js';
 import { needsHistory, pickToken, type SamplingParameters, type TokenHistory } from './sampling.js';
-import { loadShardWeights, type LayerWeights, type NormWeights, type ShardWeights } from './weights.js';
+import { loadShardWeights, resolveWeightDType, type LayerWeights, type NormWeights, type ShardWeights } from './weights.js';
 
 /** A sequence's part in one step: `count` new tokens after the `past` it has already read. */
 export interface StepSequence {
@@ -63,14 +63,16 @@ export interface ShardSpec {
   rank: number;
   /** How matrices are kept (default 'auto': 16-bit checkpoints stay 16-bit; see resolveWeightDType). */
   weightDtype?: WeightDType | 'auto';
+  /** How the key/value cache is kept (default 'auto': as the weights are). */
+  kvCacheDtype?: WeightDType | 'auto';
 }
 
-/** One sequence's keys and values for each of this shard's layers, [capacity, kvHeads, headSize]. */
+/** One sequence's keys and values for each of this shard's layers, [capacity, kvHeads, headSize], in f32 or as 16-bit bits. */
 interface SequenceCache {
   length: number;
   capacity: number;
-  keys: Float32Array[];
-  values: Float32Array[];
+  keys: Array<Float32Array | Uint16Array>;
+  values: Array<Float32Array | Uint16Array>;
 }
 
 export class DecoderShard {
@@ -84,10 +86,13 @@ export class DecoderShard {
   readonly #histories = new Map<number, TokenHistory>();
   /** Bytes of weights this rank holds. */
   readonly weightBytes: number;
+  /** How the key/value cache is kept ('auto' resolved). */
+  readonly kvCacheDtype: WeightDType;
 
-  private constructor(spec: ShardSpec, config: ResolvedDecoderConfig, communicator: Communicator | undefined, weights: ShardWeights) {
+  private constructor(spec: ShardSpec, config: ResolvedDecoderConfig, communicator: Communicator | undefined, weights: ShardWeights, kvCacheDtype: WeightDType) {
     this.spec = spec;
     this.config = config;
+    this.kvCacheDtype = kvCacheDtype;
     this.#communicator = communicator;
     this.#weights = weights;
     this.#inverseFrequencies = config.architecture === 'llama' ? rotaryInverseFrequencies(config) : undefined;
@@ -112,12 +117,25 @@ export class DecoderShard {
       throw new InvalidArgumentError(`tensor parallelism ${plan.tensorParallel} needs a communicator of that size, got ${communicator ? communicator.size : 'none'}`);
     }
     await using checkpoint = await Checkpoint.open(spec.checkpoint);
-    return new DecoderShard(spec, config, communicator, await loadShardWeights(checkpoint, config, plan, spec.stage, rank, spec.weightDtype));
+    const weights = await loadShardWeights(checkpoint, config, plan, spec.stage, rank, spec.weightDtype);
+    const kvCacheDtype = spec.kvCacheDtype ?? 'auto';
+    if (kvCacheDtype !== 'auto' && kvCacheDtype !== 'f32' && kvCacheDtype !== 'bf16' && kvCacheDtype !== 'f16') {
+      throw new InvalidArgumentError(`kvCacheDtype must be 'auto', 'f32', 'bf16' or 'f16', got ${JSON.stringify(kvCacheDtype)}`);
+    }
+    const resolved = kvCacheDtype === 'auto' ? resolveWeightDType(checkpoint, config, spec.weightDtype) : kvCacheDtype;
+    return new DecoderShard(spec, config, communicator, weights, resolved);
   }
 
   /** Sequences whose keys and values this rank holds. */
   get cachedSequences(): number {
     return this.#caches.size;
+  }
+
+  /** Bytes this rank's key/value caches take (their capacity, grown by doubling). */
+  get cacheBytes(): number {
+    let bytes = 0;
+    for (const cache of this.#caches.values()) for (const array of [...cache.keys, ...cache.values]) bytes += array.byteLength;
+    return bytes;
   }
 
   /** One step of this stage: the next stage's message, or on the last stage the next tokens. */
@@ -256,8 +274,8 @@ export class DecoderShard {
     }
     if (cache.capacity >= length) return;
     const capacity = Math.min(this.config.maxPositions, Math.max(16, 2 ** Math.ceil(Math.log2(length))));
-    const grow = (old: Float32Array | undefined) => {
-      const next = new Float32Array(capacity * rowSize);
+    const grow = (old: Float32Array | Uint16Array | undefined) => {
+      const next = this.kvCacheDtype === 'f32' ? new Float32Array(capacity * rowSize) : new Uint16Array(capacity * rowSize);
       if (old) next.set(old.subarray(0, cache!.length * rowSize));
       return next;
     };
@@ -293,25 +311,43 @@ export class DecoderShard {
     linear(qkv, normed, layer.qkvWeight, layer.qkvBias ?? null, total, size, rowWidth);
     const attended = new Float32Array(total * queryWidth);
     let row = 0;
+    const kvDtype = this.kvCacheDtype;
     for (const sequence of sequences) {
       const cache = this.#caches.get(sequence.id)!;
       const keys = cache.keys[layerIndex];
       const values = cache.values[layerIndex];
       const queries = new Float32Array(sequence.count * queryWidth);
+      const newKeys = new Float32Array(sequence.count * keyWidth);
+      const newValues = new Float32Array(sequence.count * keyWidth);
       for (let index = 0; index < sequence.count; index++) {
         const source = (row + index) * rowWidth;
-        const position = (sequence.past + index) * keyWidth;
         queries.set(qkv.subarray(source, source + queryWidth), index * queryWidth);
-        keys.set(qkv.subarray(source + queryWidth, source + queryWidth + keyWidth), position);
-        values.set(qkv.subarray(source + queryWidth + keyWidth, source + rowWidth), position);
+        newKeys.set(qkv.subarray(source + queryWidth, source + queryWidth + keyWidth), index * keyWidth);
+        newValues.set(qkv.subarray(source + queryWidth + keyWidth, source + rowWidth), index * keyWidth);
       }
       if (this.#inverseFrequencies) {
         // Rotary positions turn the new queries and keys; the cache keeps keys already turned.
         const at = positions.subarray(row, row + sequence.count);
         rotary(queries, at, this.#inverseFrequencies, sequence.count, plan.headsPerRank, headSize);
-        rotary(keys.subarray(sequence.past * keyWidth, (sequence.past + sequence.count) * keyWidth), at, this.#inverseFrequencies, sequence.count, plan.keyValueHeadsPerRank, headSize);
+        rotary(newKeys, at, this.#inverseFrequencies, sequence.count, plan.keyValueHeadsPerRank, headSize);
       }
-      attention(attended.subarray(row * queryWidth, (row + sequence.count) * queryWidth), queries, keys, values, sequence.count, sequence.past, plan.headsPerRank, headSize, plan.keyValueHeadsPerRank, config.slidingWindow);
+      const from = sequence.past * keyWidth;
+      const to = (sequence.past + sequence.count) * keyWidth;
+      let cachedKeys: WeightMatrix;
+      let cachedValues: WeightMatrix;
+      if (kvDtype === 'f32') {
+        (keys as Float32Array).set(newKeys, from);
+        (values as Float32Array).set(newValues, from);
+        cachedKeys = keys as Float32Array;
+        cachedValues = values as Float32Array;
+      } else {
+        // Rounded once, as they enter the cache; attention widens them as it reads.
+        narrow({ dtype: kvDtype, bits: (keys as Uint16Array).subarray(from, to) }, newKeys);
+        narrow({ dtype: kvDtype, bits: (values as Uint16Array).subarray(from, to) }, newValues);
+        cachedKeys = { dtype: kvDtype, bits: keys as Uint16Array };
+        cachedValues = { dtype: kvDtype, bits: values as Uint16Array };
+      }
+      attention(attended.subarray(row * queryWidth, (row + sequence.count) * queryWidth), queries, cachedKeys, cachedValues, sequence.count, sequence.past, plan.headsPerRank, headSize, plan.keyValueHeadsPerRank, config.slidingWindow);
       row += sequence.count;
     }
     const projected = new Float32Array(total * size);

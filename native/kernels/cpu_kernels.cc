@@ -264,12 +264,13 @@ struct Portable {
 
   static void Softmax(float* scores, size_t count, float scale) { SoftmaxScalar(scores, count, scale); }
 
-  static void WeightedSum(float* out, const float* weights, size_t count, const float* values, size_t stride, size_t size) {
+  template <class Value>
+  static void WeightedSum(float* out, const float* weights, size_t count, const Value* values, size_t stride, size_t size) {
     std::fill(out, out + size, 0.0f);
     for (size_t position = 0; position < count; ++position) {
       const float weight = weights[position];
-      const float* row = values + position * stride;
-      for (size_t i = 0; i < size; ++i) out[i] += weight * row[i];
+      const Value* row = values + position * stride;
+      for (size_t i = 0; i < size; ++i) out[i] += weight * WidenScalar(row[i]);
     }
   }
 
@@ -434,7 +435,9 @@ struct Avx2 {
 
   // out[0, size) = Σ_p weights[p] · values[p · stride, +size). Up to 64 outputs at a time stay in
   // registers over all positions: eight independent FMA chains hide FMA latency.
-  TRELLIS_TARGET_AVX2 static void WeightedSum(float* out, const float* weights, size_t count, const float* values, size_t stride,
+  // Values are f32 or a 16-bit cache's, widened as they are loaded.
+  template <class Value>
+  TRELLIS_TARGET_AVX2 static void WeightedSum(float* out, const float* weights, size_t count, const Value* values, size_t stride,
                                               size_t size) {
     size_t begin = 0;
     for (; begin + 64 <= size; begin += 64) WeightedSumChunk<8>(out + begin, weights, count, values + begin, stride);
@@ -443,20 +446,20 @@ struct Avx2 {
       const __m256i mask = TailMask(size - begin);
       __m256 sum = _mm256_setzero_ps();
       for (size_t position = 0; position < count; ++position) {
-        sum = _mm256_fmadd_ps(_mm256_set1_ps(weights[position]), _mm256_maskload_ps(values + position * stride + begin, mask), sum);
+        sum = _mm256_fmadd_ps(_mm256_set1_ps(weights[position]), LoadWeightsTail(values + position * stride + begin, size - begin), sum);
       }
       _mm256_maskstore_ps(out + begin, mask, sum);
     }
   }
 
-  template <int Vectors>
-  TRELLIS_TARGET_AVX2 static inline void WeightedSumChunk(float* out, const float* weights, size_t count, const float* values, size_t stride) {
+  template <int Vectors, class Value>
+  TRELLIS_TARGET_AVX2 static inline void WeightedSumChunk(float* out, const float* weights, size_t count, const Value* values, size_t stride) {
     __m256 sums[Vectors];
     for (int v = 0; v < Vectors; ++v) sums[v] = _mm256_setzero_ps();
     for (size_t position = 0; position < count; ++position) {
       const __m256 weight = _mm256_set1_ps(weights[position]);
-      const float* row = values + position * stride;
-      for (int v = 0; v < Vectors; ++v) sums[v] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(row + 8 * v), sums[v]);
+      const Value* row = values + position * stride;
+      for (int v = 0; v < Vectors; ++v) sums[v] = _mm256_fmadd_ps(weight, LoadWeights8(row + 8 * v), sums[v]);
     }
     for (int v = 0; v < Vectors; ++v) _mm256_storeu_ps(out + 8 * v, sums[v]);
   }
@@ -506,8 +509,8 @@ bool UseAvx2() {
 
 #endif  // TRELLIS_KERNELS_AVX2
 
-template <class Isa>
-void AttentionWith(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
+template <class Isa, class KeyValue>
+void AttentionWith(float* out, const float* q, const KeyValue* keys, const KeyValue* values, size_t queries, size_t past, size_t heads,
                    size_t head_size, size_t kv_heads, size_t window) {
   const size_t positions = past + queries;
   // The first position query i (at past + i) attends to: window positions back, itself included.
@@ -525,14 +528,14 @@ void AttentionWith(float* out, const float* q, const float* keys, const float* v
   const bool decoding = queries == 1;
   std::vector<float> scores((decoding ? group : queries) * positions);
   for (size_t kv_head = 0; kv_head < kv_heads; ++kv_head) {
-    const float* head_keys = keys + kv_head * head_size;
-    const float* head_values = values + kv_head * head_size;
+    const KeyValue* head_keys = keys + kv_head * head_size;
+    const KeyValue* head_values = values + kv_head * head_size;
     if (decoding) {
       // Only the window's keys are scored: a long sequence with a short window costs the window.
       const size_t first = first_position(0);
       const size_t count = positions - first;
       const size_t offset = kv_head * group * head_size;
-      DotProblem<float> problem{q + offset, head_size, group, head_keys + first * kv_stride, kv_stride, count, head_size, scores.data(), count, nullptr, false, 0};
+      DotProblem<KeyValue> problem{q + offset, head_size, group, head_keys + first * kv_stride, kv_stride, count, head_size, scores.data(), count, nullptr, false, 0};
       DotProducts<Isa>(problem);
       for (size_t member = 0; member < group; ++member) {
         float* row = scores.data() + member * count;
@@ -543,7 +546,7 @@ void AttentionWith(float* out, const float* q, const float* keys, const float* v
     }
     for (size_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
       const size_t offset = head * head_size;
-      DotProblem<float> problem{q + offset, stride, queries, head_keys, kv_stride, positions, head_size, scores.data(), positions, nullptr, true, past};
+      DotProblem<KeyValue> problem{q + offset, stride, queries, head_keys, kv_stride, positions, head_size, scores.data(), positions, nullptr, true, past};
       DotProducts<Isa>(problem);
       // Scores before a row's window are computed with the rest of the strip and then skipped.
       for (size_t query = 0; query < queries; ++query) {
@@ -683,12 +686,72 @@ void Rotary(float* x, const int32_t* positions, const float* inverse_frequencies
   }
 }
 
-void Attention(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
-               size_t head_size, size_t kv_heads, size_t window) {
+namespace {
+
+template <class KeyValue>
+void AttentionOf(float* out, const float* q, const KeyValue* keys, const KeyValue* values, size_t queries, size_t past, size_t heads,
+                 size_t head_size, size_t kv_heads, size_t window) {
 #ifdef TRELLIS_KERNELS_AVX2
   if (UseAvx2()) return AttentionWith<Avx2>(out, q, keys, values, queries, past, heads, head_size, kv_heads, window);
 #endif
   AttentionWith<Portable>(out, q, keys, values, queries, past, heads, head_size, kv_heads, window);
+}
+
+// f32 to bf16 bits, rounding to nearest even; NaN stays a quiet NaN.
+uint16_t NarrowToBfloat16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffff) > 0x7f800000) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+// f32 to f16 bits, rounding to nearest even; beyond ±65504 is infinity.
+uint16_t NarrowToFloat16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint32_t sign = (bits >> 16) & 0x8000;
+  const uint32_t magnitude = bits & 0x7fffffff;
+  if (magnitude >= 0x7f800000) return static_cast<uint16_t>(sign | 0x7c00 | (magnitude > 0x7f800000 ? 0x200 : 0));
+  if (magnitude >= 0x477ff000) return static_cast<uint16_t>(sign | 0x7c00);
+  if (magnitude < 0x38800000) {
+    // A subnormal half counts units of 2^-24; 2^-25 and below round to zero.
+    if (magnitude <= 0x33000000) return static_cast<uint16_t>(sign);
+    const uint32_t shift = 126 - (magnitude >> 23);
+    const uint32_t mantissa = (magnitude & 0x7fffff) | 0x800000;
+    uint32_t units = mantissa >> shift;
+    const uint32_t remainder = mantissa & ((1u << shift) - 1);
+    const uint32_t halfway = 1u << (shift - 1);
+    if (remainder > halfway || (remainder == halfway && (units & 1) != 0)) ++units;
+    return static_cast<uint16_t>(sign | units);
+  }
+  uint32_t result = (magnitude >> 13) - (112u << 10);
+  const uint32_t remainder = magnitude & 0x1fff;
+  if (remainder > 0x1000 || (remainder == 0x1000 && (result & 1) != 0)) ++result;
+  return static_cast<uint16_t>(sign | result);
+}
+
+}  // namespace
+
+void Attention(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
+               size_t head_size, size_t kv_heads, size_t window) {
+  AttentionOf(out, q, keys, values, queries, past, heads, head_size, kv_heads, window);
+}
+
+void Attention(float* out, const float* q, const uint16_t* keys, const uint16_t* values, WeightType type, size_t queries, size_t past,
+               size_t heads, size_t head_size, size_t kv_heads, size_t window) {
+  if (type == WeightType::kBfloat16) {
+    AttentionOf(out, q, reinterpret_cast<const Bfloat16*>(keys), reinterpret_cast<const Bfloat16*>(values), queries, past, heads, head_size, kv_heads, window);
+  } else {
+    AttentionOf(out, q, reinterpret_cast<const Float16*>(keys), reinterpret_cast<const Float16*>(values), queries, past, heads, head_size, kv_heads, window);
+  }
+}
+
+void Narrow(uint16_t* out, const float* in, WeightType type, size_t count) {
+  if (type == WeightType::kBfloat16) {
+    for (size_t i = 0; i < count; ++i) out[i] = NarrowToBfloat16(in[i]);
+  } else {
+    for (size_t i = 0; i < count; ++i) out[i] = NarrowToFloat16(in[i]);
+  }
 }
 
 }  // namespace trellis::kernels

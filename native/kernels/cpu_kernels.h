@@ -55,4 +55,13 @@ void Rotary(float* x, const int32_t* positions, const float* inverse_frequencies
 void Attention(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
                size_t head_size, size_t kv_heads, size_t window = 0);
 
+// Attention over a key/value cache kept in 16 bits (bf16 or f16), widened as it is read; the same
+// arithmetic as over the cache's f32 widening.
+void Attention(float* out, const float* q, const uint16_t* keys, const uint16_t* values, WeightType type, size_t queries, size_t past,
+               size_t heads, size_t head_size, size_t kv_heads, size_t window = 0);
+
+// out[i] = in[i] rounded to the nearest bf16 or f16 (ties to even; f16 beyond ±65504 is infinity).
+// out must not overlap in.
+void Narrow(uint16_t* out, const float* in, WeightType type, size_t count);
+
 }  // namespace trellis::kernels

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <utility>
 
 #include "common/js_error.h"
 #include "kernels/cpu_kernels.h"
@@ -292,14 +293,15 @@ Napi::Value RotaryFunction(const Napi::CallbackInfo& info) {
   });
 }
 
-// attention(out, q, keys, values, queries, past, heads, headDim[, kvHeads[, window]])
+// attention(out, q, keys, values, queries, past, heads, headDim[, kvHeads[, window[, kvDtype]]])
 Napi::Value AttentionFunction(const Napi::CallbackInfo& info) {
   return Guarded(info.Env(), [&]() -> Napi::Value {
     const char* kernel = "attention";
     const FloatArray out = FloatArrayArgument(kernel, info[0], "out");
     const FloatArray q = FloatArrayArgument(kernel, info[1], "q");
-    const FloatArray keys = FloatArrayArgument(kernel, info[2], "keys");
-    const FloatArray values = FloatArrayArgument(kernel, info[3], "values");
+    // A 16-bit cache (kvDtype 'bf16' or 'f16') comes as Uint16Arrays.
+    const WeightArray keys = WeightArgument(kernel, info[2], info[10], "keys");
+    const WeightArray values = WeightArgument(kernel, info[3], info[10], "values");
     const size_t queries = DimensionArgument(kernel, info[4], "queries", 1);
     const size_t past = DimensionArgument(kernel, info[5], "past", 0);
     const size_t heads = DimensionArgument(kernel, info[6], "heads", 1);
@@ -327,12 +329,38 @@ Napi::Value AttentionFunction(const Napi::CallbackInfo& info) {
         "(past + queries) * kvHeads * headDim = " + std::to_string(positions) + " * " + std::to_string(kv_heads) + " * " + std::to_string(head_dim);
     RequireLength(kernel, out, "out", query_size, query_formula);
     RequireLength(kernel, q, "q", query_size, query_formula);
-    RequireLength(kernel, keys, "keys", cache_size, cache_formula);
-    RequireLength(kernel, values, "values", cache_size, cache_formula);
+    for (const auto& [array, name] : {std::pair{&keys, "keys"}, std::pair{&values, "values"}}) {
+      if (array->length < cache_size) {
+        throw InvalidArgument(std::string(kernel) + ": " + name + " must hold at least " + cache_formula + " = " + std::to_string(cache_size) +
+                              (array->half ? " 16-bit values" : " floats") + ", got " + std::to_string(array->length));
+      }
+      RequireDisjointBytes(kernel, "out", out.data, query_size * sizeof(float), array->data, cache_size * array->element_bytes, name);
+    }
     RequireDisjoint(kernel, out, query_size, q, query_size, "q");
-    RequireDisjoint(kernel, out, query_size, keys, cache_size, "keys");
-    RequireDisjoint(kernel, out, query_size, values, cache_size, "values");
-    Attention(out.data, q.data, keys.data, values.data, queries, past, heads, head_dim, kv_heads, window);
+    if (keys.half) {
+      Attention(out.data, q.data, static_cast<const uint16_t*>(keys.data), static_cast<const uint16_t*>(values.data), keys.type, queries, past, heads,
+                head_dim, kv_heads, window);
+    } else {
+      Attention(out.data, q.data, static_cast<const float*>(keys.data), static_cast<const float*>(values.data), queries, past, heads, head_dim,
+                kv_heads, window);
+    }
+    return info.Env().Undefined();
+  });
+}
+
+// narrow(out, x, dtype, count): the first count floats of x rounded to bf16 or f16, as bits into out.
+Napi::Value NarrowFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    const char* kernel = "narrow";
+    const std::string dtype = info[2].IsString() ? info[2].As<Napi::String>().Utf8Value() : std::string();
+    if (dtype != "bf16" && dtype != "f16") throw InvalidArgument(std::string(kernel) + ": dtype must be 'bf16' or 'f16', got " + (info[2].IsString() ? "'" + dtype + "'" : Describe(info[2])));
+    const WeightArray out = WeightArgument(kernel, info[0], info[2], "out");
+    const FloatArray x = FloatArrayArgument(kernel, info[1], "x");
+    const size_t count = DimensionArgument(kernel, info[3], "count", 0);
+    if (out.length < count) throw InvalidArgument(std::string(kernel) + ": out must hold at least count = " + std::to_string(count) + " elements, got " + std::to_string(out.length));
+    RequireLength(kernel, x, "x", count, "count");
+    RequireDisjointBytes(kernel, "out", out.data, count * sizeof(uint16_t), x.data, count * sizeof(float), "x");
+    Narrow(static_cast<uint16_t*>(const_cast<void*>(out.data)), x.data, out.type, count);
     return info.Env().Undefined();
   });
 }
@@ -365,6 +393,7 @@ void RegisterKernelsBinding(Napi::Env env, Napi::Object exports) {
   kernels.Set("rotary", Napi::Function::New(env, RotaryFunction, "rotary"));
   kernels.Set("attention", Napi::Function::New(env, AttentionFunction, "attention"));
   kernels.Set("widen", Napi::Function::New(env, WidenFunction, "widen"));
+  kernels.Set("narrow", Napi::Function::New(env, NarrowFunction, "narrow"));
   exports.Set("kernels", kernels);
 }
 

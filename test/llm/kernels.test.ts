@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { InvalidArgumentError } from '../../lib/errors.js';
-import { attention, gelu, layerNorm, linear, readRows, rmsNorm, rotary, siluMultiply } from '../../lib/llm/kernels.js';
+import { attention, gelu, layerNorm, linear, narrow, readRows, rmsNorm, rotary, siluMultiply } from '../../lib/llm/kernels.js';
 import { bf16ToFloat, f16ToFloat, floatToBf16, floatToF16 } from '../../lib/gpu/dtype.js';
 import { native } from '../../lib/native.js';
 
@@ -163,7 +163,7 @@ function expectInvalid(call: () => unknown, ...fragments: string[]): void {
 
 /** The addon's own checks, reached without the TypeScript layer's. */
 const unchecked = native.kernels as unknown as Record<
-  'linear' | 'layerNorm' | 'gelu' | 'rmsNorm' | 'siluMultiply' | 'rotary' | 'attention' | 'widen',
+  'linear' | 'layerNorm' | 'gelu' | 'rmsNorm' | 'siluMultiply' | 'rotary' | 'attention' | 'widen' | 'narrow',
   (...args: unknown[]) => void
 >;
 
@@ -477,6 +477,29 @@ describe('attention', () => {
     });
   });
 
+  it.each(['bf16', 'f16'] as const)('over a %s cache gives exactly what the f32 widening of that cache gives', (dtype) => {
+    const toBits = dtype === 'bf16' ? floatToBf16 : floatToF16;
+    const toFloat = dtype === 'bf16' ? bf16ToFloat : f16ToFloat;
+    const cases: Array<[queries: number, past: number, heads: number, headDim: number, kvHeads: number, window: number]> = [
+      [1, 37, 8, 16, 2, 0],
+      [1, 20, 8, 13, 1, 6],
+      [5, 0, 8, 70, 2, 0],
+      [4, 9, 6, 24, 3, 5],
+    ];
+    cases.forEach(([queries, past, heads, headDim, kvHeads, window], index) => {
+      const size = (past + queries) * kvHeads * headDim;
+      const q = randomFloats(queries * heads * headDim, 90 + index, 2);
+      const keyBits = Uint16Array.from(randomFloats(size, 91 + index, 2), toBits);
+      const valueBits = Uint16Array.from(randomFloats(size, 92 + index), toBits);
+      const half = new Float32Array(q.length);
+      const full = new Float32Array(q.length);
+      attention(half, q, { dtype, bits: keyBits }, { dtype, bits: valueBits }, queries, past, heads, headDim, kvHeads, window);
+      attention(full, q, Float32Array.from(keyBits, toFloat), Float32Array.from(valueBits, toFloat), queries, past, heads, headDim, kvHeads, window);
+      expect(half).toEqual(full);
+    });
+    expectInvalid(() => attention(new Float32Array(8), new Float32Array(8), { dtype, bits: new Uint16Array(8) }, new Float32Array(8), 1, 0, 1, 8), 'keys and values must be kept in one dtype');
+  });
+
   it('with kvHeads equal to heads is the same as without it', () => {
     const [queries, past, heads, headDim] = [3, 4, 4, 8];
     const width = heads * headDim;
@@ -574,6 +597,23 @@ describe('linear with 16-bit weights', () => {
     expectInvalid(() => readRows(out, table, 4, 5, 2), 'rows [5, 7) of width 4 need 28 values, the matrix has 24');
     expectInvalid(() => readRows(new Float32Array(3), table, 4, 0), 'out must hold at least');
     expectInvalid(() => readRows(out, { dtype: 'bf16', bits: new Float32Array(24) as unknown as Uint16Array }, 4, 0), 'matrix.bits must be a Uint16Array');
+  });
+});
+
+describe('narrow', () => {
+  it.each(['bf16', 'f16'] as const)('rounds to %s as the conversions in dtype.ts do: ties to even, subnormals, overflow, NaN', (dtype) => {
+    const toBits = dtype === 'bf16' ? floatToBf16 : floatToF16;
+    const special = [0, -0, 1, -2.5, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 2 ** -20, 2 ** -25, 3 * 2 ** -26, 65504, 65519, 65520, 1e10, -1e38, Infinity, -Infinity, NaN];
+    const x = Float32Array.from([...special, ...randomFloats(3000, 7, 100)]);
+    const out = new Uint16Array(x.length + 3).fill(0xabcd);
+    narrow({ dtype, bits: out.subarray(1, 1 + x.length) }, x);
+    const wanted = Array.from(x, toBits);
+    const got = Array.from(out.subarray(1, 1 + x.length));
+    // Both NaN patterns are NaN; compare them as such.
+    const isNaNBits = (bits: number) => (dtype === 'bf16' ? (bits & 0x7f80) === 0x7f80 && (bits & 0x7f) !== 0 : (bits & 0x7c00) === 0x7c00 && (bits & 0x3ff) !== 0);
+    expect(got.map((bits, index) => (isNaNBits(bits) && isNaNBits(wanted[index]) ? -1 : bits))).toEqual(wanted.map((bits) => (isNaNBits(bits) ? -1 : bits)));
+    expect([out[0], out[x.length + 1]]).toEqual([0xabcd, 0xabcd]);
+    expectInvalid(() => narrow({ dtype, bits: new Uint16Array(2) }, new Float32Array(3)), "out must hold x's 3 values, got 2");
   });
 });
 
@@ -717,6 +757,16 @@ describe('argument errors', () => {
       expect(withWindow(1)).not.toThrow();
       expectInvalid(withWindow(-1), 'window must be a non-negative integer');
       expectInvalid(withWindow(2.5), 'window must be a non-negative integer');
+      if (layer === 'addon') {
+        // A 16-bit cache: Uint16Arrays and the dtype after the window.
+        const halves = (keys: unknown, values: unknown, dtype: unknown) => () => kernels.attention(floats(24), floats(24), keys, values, 2, 1, 4, 3, 2, 0, dtype);
+        expect(halves(new Uint16Array(18), new Uint16Array(18), 'bf16')).not.toThrow();
+        expectInvalid(halves(new Uint16Array(17), new Uint16Array(18), 'f16'), 'keys must hold at least', '= 18 16-bit values, got 17');
+        expectInvalid(halves(floats(18), floats(18), 'bf16'), 'keys in bf16 must be a Uint16Array', 'Float32Array');
+        expectInvalid(halves(new Uint16Array(18), new Uint16Array(18), 'f8'), "keys's dtype must be 'f32', 'bf16' or 'f16'");
+        expectInvalid(() => kernels.narrow(new Uint16Array(2), floats(3), 'bf16', 3), 'out must hold at least count = 3');
+        expectInvalid(() => kernels.narrow(new Uint16Array(4), floats(3), 'f32', 3), "dtype must be 'bf16' or 'f16'");
+      }
     });
 
     it(`${layer}: rmsNorm checks types, lengths, dimensions, eps and overlap`, () => {

@@ -6,7 +6,7 @@ import { ActorDiedError, DataError, InvalidArgumentError, ModelLoadError, fromIt
 import { buildLLMProcessor, checkDecoderConfig, configFromHuggingFace, DecoderShard, ModelReplica, planSharding, readCheckpointConfig, Tokenizer } from '../../lib/index.js';
 import { gpt2StyleTokenizerJson } from './fixtures/tokenizers.js';
 import { isAlive, until } from '../core/helpers.js';
-import { bf16ToFloat, floatToBf16 } from '../../lib/gpu/dtype.js';
+import { bf16ToFloat, f16ToFloat, floatToBf16, floatToF16 } from '../../lib/gpu/dtype.js';
 import { randomWeights, referenceGenerate, referenceLogits, TINY, TINY_LLAMA, writeCheckpoint, type Weights } from './fixtures/decoders.js';
 
 const PROMPTS = [[5, 17, 3], [42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [96, 0, 33, 12], [7, 7, 7, 7, 7, 7]];
@@ -252,7 +252,8 @@ describe('model sharding', () => {
     for (const dtype of ['BF16', 'F16'] as const) {
       const path = await writeCheckpoint(join(directory, `tiny-${dtype}`), TINY, weights, { prefix: 'transformer.', dtype });
       const config = readCheckpointConfig(path)!;
-      const spec = { checkpoint: path, config, plan: planSharding(config), stage: 0, rank: 0 };
+      // The cache in f32 for both: this compares the weights alone.
+      const spec = { checkpoint: path, config, plan: planSharding(config), stage: 0, rank: 0, kvCacheDtype: 'f32' as const };
       const kept = await DecoderShard.load(spec);
       const widened = await DecoderShard.load({ ...spec, weightDtype: 'f32' });
       expect(await logitsOf(kept)).toEqual(await logitsOf(widened));
@@ -263,7 +264,7 @@ describe('model sharding', () => {
     // Narrowing an f32 checkpoint rounds its matrices (only) to nearest even: the logits of an f32
     // checkpoint holding those rounded matrices.
     const config = readCheckpointConfig(checkpoint)!;
-    const narrowed = await DecoderShard.load({ checkpoint, config, plan: planSharding(config), stage: 0, rank: 0, weightDtype: 'bf16' });
+    const narrowed = await DecoderShard.load({ checkpoint, config, plan: planSharding(config), stage: 0, rank: 0, weightDtype: 'bf16', kvCacheDtype: 'f32' });
     const rounded: Weights = Object.fromEntries(Object.entries(weights).map(([name, tensor]) => [name, tensor.shape.length < 2 || name.endsWith('wpe.weight') ? tensor : { shape: tensor.shape, data: Float32Array.from(tensor.data, (value) => bf16ToFloat(floatToBf16(value))) }]));
     const roundedPath = await writeCheckpoint(join(directory, 'tiny-rounded'), TINY, rounded, { prefix: 'transformer.' });
     const reference = await DecoderShard.load({ checkpoint: roundedPath, config, plan: planSharding(config), stage: 0, rank: 0 });
@@ -277,16 +278,35 @@ describe('model sharding', () => {
     await expect(ModelReplica.create({ checkpoint, weightDtype: 'int8' as never })).rejects.toThrow(/weightDtype must be 'auto', 'f32', 'bf16' or 'f16', got "int8"/);
   });
 
-  it('runs a bf16 Llama-layout checkpoint cut 2 × 2 in 16 bits, token for token the reference on its values', async () => {
+  it('runs a bf16 Llama-layout checkpoint cut 2 × 2 in 16 bits, cache included, token for token the reference on its values', async () => {
     const llamaWeights = randomWeights(TINY_LLAMA, 11);
     const path = await writeCheckpoint(join(directory, 'llama-bf16'), TINY_LLAMA, llamaWeights, { prefix: 'model.', dtype: 'BF16' });
-    // The reference runs on the values the file holds.
-    const stored: Weights = Object.fromEntries(Object.entries(llamaWeights).map(([name, tensor]) => [name, { shape: tensor.shape, data: Float32Array.from(tensor.data, (value) => bf16ToFloat(floatToBf16(value))) }]));
-    await using replica = await ModelReplica.create({ checkpoint: path, tensorParallel: 2, pipelineParallel: 2 });
-    expect(replica.weightDtype).toBe('bf16');
+    // The reference runs on the values the file holds, and rounds keys and values as a bf16 cache does.
+    const bf16 = (value: number) => bf16ToFloat(floatToBf16(value));
+    const stored: Weights = Object.fromEntries(Object.entries(llamaWeights).map(([name, tensor]) => [name, { shape: tensor.shape, data: Float32Array.from(tensor.data, bf16) }]));
+    await using replica = await ModelReplica.create({ checkpoint: path, tensorParallel: 2, pipelineParallel: 2, maxTokensPerStep: 6 });
+    expect([replica.weightDtype, replica.kvCacheDtype]).toEqual(['bf16', 'bf16']);
     const prompts = [[3, 99, 14, 15, 92], [1, 2], [50, 60, 70, 80, 90, 100, 0, 10]];
-    const generated = await replica.generate(prompts.map((tokens) => ({ tokens, maxNewTokens: 5 })));
-    expect(generated.map((generation) => generation.tokens)).toEqual(prompts.map((tokens) => referenceGenerate(TINY_LLAMA, stored, tokens, 5)));
+    const generated = await replica.generate(prompts.map((tokens) => ({ tokens, maxNewTokens: 6 })));
+    expect(generated.map((generation) => generation.tokens)).toEqual(prompts.map((tokens) => referenceGenerate(TINY_LLAMA, stored, tokens, 6, [], { cacheRounding: bf16 })));
+  });
+
+  it('keeps the key/value cache in f16 or bf16 when asked: half the bytes, the rounded reference\'s tokens', async () => {
+    const f16 = (value: number) => f16ToFloat(floatToF16(value));
+    await using replica = await ModelReplica.create({ checkpoint, kvCacheDtype: 'f16', pipelineParallel: 2, maxTokensPerStep: 5 });
+    expect([replica.weightDtype, replica.kvCacheDtype]).toEqual(['f32', 'f16']);
+    expect((await replica.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 6 })))).map((generation) => generation.tokens))
+      .toEqual(PROMPTS.map((tokens) => referenceGenerate(TINY, weights, tokens, 6, [], { cacheRounding: f16 })));
+    // The same sequences take half the bytes in a 16-bit cache.
+    const config = readCheckpointConfig(checkpoint)!;
+    const message = { step: 0, sequences: [{ id: 0, past: 0, count: 11 }], released: [], tokens: Int32Array.from(PROMPTS[2]) };
+    const bytes = async (kvCacheDtype: 'f32' | 'bf16') => {
+      const shard = await DecoderShard.load({ checkpoint, config, plan: planSharding(config), stage: 0, rank: 0, kvCacheDtype });
+      await shard.forward(message);
+      return shard.cacheBytes;
+    };
+    expect(await bytes('bf16')).toBe((await bytes('f32')) / 2);
+    await expect(ModelReplica.create({ checkpoint, kvCacheDtype: 'f8' as never })).rejects.toThrow(/kvCacheDtype must be 'auto', 'f32', 'bf16' or 'f16', got "f8"/);
   });
 
   it('refuses checkpoints that do not match, with the file or tensor named', async () => {
