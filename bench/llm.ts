@@ -9,6 +9,9 @@
  * - `linear_m<M>_gflops`: the matmul kernel alone, the model's hidden × MLP shape, and
  *   `linear_bf16_m<M>_gflops` with the weights in bf16; `linear_m1_4096_gflops` and its bf16 twin
  *   a 4096 × 4096 matrix (64 MiB in f32: a real model's layer, streamed from memory each step).
+ * - `attention_decode_4096_us` and `attention_decode_bf16_4096_us`: one decoding query (32 heads,
+ *   8 key/value heads of 128) against 4,096 cached positions, the cache in f32 and in bf16 (16
+ *   MiB against 8 MiB per layer: the read is the cost);
  * - `llm_prefix_cached_tokens_per_s` against `llm_prefix_uncached_tokens_per_s`: 16 prompts that
  *   share a 192-token beginning (a system prompt), 8 new tokens each, on one rank with prefix
  *   caching on and off: the shared part read once against 16 times.
@@ -18,7 +21,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DecoderShard, ModelReplica, init, planSharding, shutdown, type DecoderConfig, type ModelReplicaOptions } from '../lib/index.js';
-import { linear, type WeightMatrix } from '../lib/llm/kernels.js';
+import { attention, linear, type WeightMatrix } from '../lib/llm/kernels.js';
 import { floatToBf16 } from '../lib/gpu/dtype.js';
 import { randomWeights, writeCheckpoint } from '../examples/model/random-decoder.js';
 import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
@@ -75,6 +78,21 @@ function sharedPrefix(checkpoint: string, prefixCaching: boolean): Promise<numbe
   return generationRate({ checkpoint, prefixCaching, prefixCacheTokens: 0 }, PREFIX_PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 8 })));
 }
 
+/** Microseconds per decoding attention call over `past` cached positions, the cache in f32 or bf16. */
+function attentionDecodeMicros(dtype: 'f32' | 'bf16', past = 4096, heads = 32, kvHeads = 8, headDim = 128): number {
+  const size = (past + 1) * kvHeads * headDim;
+  const cache = (): WeightMatrix => (dtype === 'f32' ? new Float32Array(size).fill(0.01) : { dtype, bits: new Uint16Array(size).fill(floatToBf16(0.01)) });
+  const keys = cache();
+  const values = cache();
+  const q = new Float32Array(heads * headDim).fill(0.02);
+  const out = new Float32Array(heads * headDim);
+  attention(out, q, keys, values, 1, past, heads, headDim, kvHeads);
+  const runs = 200;
+  const start = nowNs();
+  for (let i = 0; i < runs; i++) attention(out, q, keys, values, 1, past, heads, headDim, kvHeads);
+  return (elapsedSeconds(start) / runs) * 1e6;
+}
+
 function linearGflops(m: number, dtype: 'f32' | 'bf16', k = CONFIG.hiddenSize, n = CONFIG.intermediateSize): number {
   const x = new Float32Array(m * k).fill(0.5);
   const weight: WeightMatrix = dtype === 'f32' ? new Float32Array(n * k).fill(0.25) : { dtype, bits: new Uint16Array(n * k).fill(floatToBf16(0.25)) };
@@ -94,6 +112,7 @@ export const llmSuite: Suite = {
     ['replica tp1 pp2 / in process', 'llm_tp1_pp2_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
     ['bf16 weights / f32 weights, in process', 'llm_in_process_bf16_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
     ['shared 192-token prefix, cached / read by each prompt', 'llm_prefix_cached_tokens_per_s', 'llm_prefix_uncached_tokens_per_s', ''],
+    ['decode attention over 4096 positions, bf16 cache / f32 cache (time)', 'attention_decode_bf16_4096_us', 'attention_decode_4096_us', ''],
     ['linear bf16 / f32, m 1', 'linear_bf16_m1_gflops', 'linear_m1_gflops', ''],
     ['linear bf16 / f32, m 16', 'linear_bf16_m16_gflops', 'linear_m16_gflops', ''],
     ['linear bf16 / f32, m 512', 'linear_bf16_m512_gflops', 'linear_m512_gflops', ''],
@@ -107,6 +126,8 @@ export const llmSuite: Suite = {
     }
     results.linear_m1_4096_gflops = { value: round(linearGflops(1, 'f32', 4096, 4096), 2), unit: 'GFLOP/s' };
     results.linear_bf16_m1_4096_gflops = { value: round(linearGflops(1, 'bf16', 4096, 4096), 2), unit: 'GFLOP/s' };
+    results.attention_decode_4096_us = { value: round(attentionDecodeMicros('f32'), 1), unit: 'us' };
+    results.attention_decode_bf16_4096_us = { value: round(attentionDecodeMicros('bf16'), 1), unit: 'us' };
     const directory = mkdtempSync(join(tmpdir(), 'trellis-bench-llm-'));
     try {
       const weights = randomWeights(CONFIG, 3);
