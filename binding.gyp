@@ -22,7 +22,8 @@
         "native/nccl/library.cc",
         "native/nccl/nccl_binding.cc",
         "native/kernels/cpu_kernels.cc",
-        "native/kernels/kernels_binding.cc"
+        "native/kernels/kernels_binding.cc",
+        "native/kernels/thread_pool.cc"
       ],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")",

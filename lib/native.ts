@@ -315,6 +315,9 @@ export interface NativeKernels {
     /** A 16-bit cache: keys and values are Uint16Arrays of bf16 or f16 bits. */
     kvDtype?: 'f32' | 'bf16' | 'f16',
   ): void;
+  /** The threads this process's kernels use, the caller's included (1: none besides it). */
+  setThreads(threads: number): void;
+  threads(): number;
   /** out[0, count) = the first count floats of x rounded (to nearest even) to bf16 or f16 bits. */
   narrow(out: Uint16Array, x: Float32Array, dtype: 'bf16' | 'f16', count: number): void;
 }

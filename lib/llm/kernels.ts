@@ -313,3 +313,17 @@ export function narrow(out: HalfMatrix, x: Float32Array): void {
   if (overlaps(out.bits, x.length * 2, x, x.byteLength)) throw new InvalidArgumentError(`${kernel}: out must not overlap x`);
   native.kernels.narrow(out.bits, x, out.dtype, x.length);
 }
+
+/**
+ * The threads this process's matmuls and attention use, the calling thread included (default 1).
+ * A rank given several CPUs splits each kernel's independent parts (column blocks, heads) across
+ * them; every output is still computed by one thread in one order, so results do not change.
+ */
+export function setKernelThreads(threads: number): void {
+  requireDimension('setKernelThreads', 'threads', threads, 1);
+  native.kernels.setThreads(threads);
+}
+
+export function kernelThreads(): number {
+  return native.kernels.threads();
+}

@@ -35,6 +35,11 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    * none: that actor is expected to hold tensorParallel × pipelineParallel × numCpusPerRank.
    */
   numCpusPerRank?: number;
+  /**
+   * Threads each rank's matmuls and attention use (default: numCpusPerRank, at least 1). Results
+   * do not depend on it: every output is computed by one thread in one order.
+   */
+  threadsPerRank?: number;
   /** Most sequences in one step (default 64). */
   maxSequencesPerStep?: number;
   /** Most tokens read in one step; longer prompts are read over several steps (default 2048). */
@@ -240,6 +245,7 @@ export class ModelReplica {
     }
     const numCpus = options.numCpusPerRank ?? 1;
     if (typeof numCpus !== 'number' || !(numCpus >= 0)) throw new InvalidArgumentError(`numCpusPerRank must be a number >= 0, got ${String(numCpus)}`);
+    const threads = positiveInteger(options.threadsPerRank, 'threadsPerRank', Math.max(1, Math.floor(numCpus)));
     // Fail here, in the caller, on a checkpoint that cannot be used, rather than in every rank.
     let weightDtype: WeightDType;
     {
@@ -281,7 +287,7 @@ export class ModelReplica {
         groupNames.push(name);
       }
       const loaded = (await get(plan.stages.flatMap((stage) => workers[stage.index].map((worker, rank) =>
-        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype }, groupNames[stage.index]))))) as Array<{ weightBytes: number }>;
+        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype }, groupNames[stage.index], threads))))) as Array<{ weightBytes: number }>;
       const input = new InputNode();
       // Rank r of each stage feeds rank r of the next: after the stage's allreduce every rank
       // holds the same hidden states, and each channel then has exactly one reader.

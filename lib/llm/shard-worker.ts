@@ -5,13 +5,18 @@
 import { TrellisError } from '../errors.js';
 import { remote } from '../core/registry.js';
 import { getCommunicator } from '../gpu/collective.js';
+import { setKernelThreads } from './kernels.js';
 import { DecoderShard, type ShardSpec, type StepMessage, type StepResult } from './shard.js';
 
 export class ShardWorker {
   #shard: DecoderShard | undefined;
 
-  /** Reads this rank's weights; `group` names the stage's tensor-parallel group, when it has one. */
-  async load(spec: ShardSpec, group?: string): Promise<{ weightBytes: number }> {
+  /**
+   * Reads this rank's weights; `group` names the stage's tensor-parallel group, when it has one.
+   * `threads`: the threads this rank's kernels use (its process holds one rank).
+   */
+  async load(spec: ShardSpec, group?: string, threads = 1): Promise<{ weightBytes: number }> {
+    setKernelThreads(threads);
     this.#shard = await DecoderShard.load(spec, group ? getCommunicator(group) : undefined);
     return { weightBytes: this.#shard.weightBytes };
   }

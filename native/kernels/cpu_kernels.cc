@@ -9,6 +9,7 @@
 // in chunks that stay in L2 too), and long rows are cut into depth blocks so a tile's rows stay
 // in L1.
 #include "kernels/cpu_kernels.h"
+#include "kernels/thread_pool.h"
 
 #include <algorithm>
 #include <cmath>
@@ -148,9 +149,25 @@ inline void PartialTile(size_t count, const DotProblem<Weight>& problem, size_t 
   }
 }
 
+// Below this many multiply-adds a call runs on one thread: handing out parts costs more.
+constexpr size_t kParallelMinWork = size_t{1} << 16;
+
+// `parallel`: column blocks may run on the kernel threads (never from inside a ParallelFor task).
+// A column block always starts at a multiple of kColumnBlockGranule, a multiple of every tile's
+// width, so each output lands in the same place of the same tile shape, and is summed in the same
+// order, however the columns are cut: the thread count never changes a result.
 template <class Isa, class Weight>
-void DotProducts(const DotProblem<Weight>& whole) {
+void DotProducts(const DotProblem<Weight>& whole, bool parallel = false) {
   const Blocking blocking = ChooseBlocking(whole.depth, sizeof(Weight));
+  size_t block_columns = blocking.columns;
+  const size_t threads = parallel && whole.rows * whole.columns * whole.depth >= kParallelMinWork ? KernelThreads() : 1;
+  if (threads > 1) {
+    // Enough blocks for every thread to take a couple, in whole granules.
+    const size_t wanted = 2 * threads;
+    const size_t per_block = ((whole.columns + wanted - 1) / wanted + kColumnBlockGranule - 1) / kColumnBlockGranule * kColumnBlockGranule;
+    block_columns = std::max(kColumnBlockGranule, std::min(block_columns, per_block));
+  }
+  const size_t column_blocks = (whole.columns + block_columns - 1) / block_columns;
   size_t chunk_rows = whole.rows;
   if (whole.rows > blocking.whole_rows) {
     // Near-equal chunks, so no small leftover chunk re-reads every weight for a few rows.
@@ -165,8 +182,9 @@ void DotProducts(const DotProblem<Weight>& whole) {
     const bool first = depth_begin == 0;
     for (size_t chunk_begin = 0; chunk_begin < whole.rows; chunk_begin += chunk_rows) {
       const size_t chunk_end = std::min(whole.rows, chunk_begin + chunk_rows);
-      for (size_t column_begin = 0; column_begin < whole.columns; column_begin += blocking.columns) {
-        const size_t column_end = std::min(whole.columns, column_begin + blocking.columns);
+      const auto column_block = [&](size_t block) {
+        const size_t column_begin = block * block_columns;
+        const size_t column_end = std::min(whole.columns, column_begin + block_columns);
         for (size_t row = chunk_begin; row < chunk_end;) {
           // Four rows left run as 2 + 2: a 1-row strip loads almost a vector per FMA.
           const size_t left = chunk_end - row;
@@ -181,6 +199,11 @@ void DotProducts(const DotProblem<Weight>& whole) {
           }
           row += rows;
         }
+      };
+      if (threads > 1) {
+        ParallelFor(column_blocks, column_block);
+      } else {
+        for (size_t block = 0; block < column_blocks; ++block) column_block(block);
       }
     }
   }
@@ -524,39 +547,51 @@ void AttentionWith(float* out, const float* q, const KeyValue* keys, const KeyVa
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_size)));
   // One query (decoding) scores a kv head's whole group at once: the group's query heads lie side
   // by side in q, so they are the rows of one dot problem and each key vector loaded from the cache
-  // feeds every head of the group. Several queries (prefill) are rows of one head instead.
+  // feeds every head of the group. Several queries (prefill) are rows of one head instead. Heads
+  // are independent: with kernel threads, each task takes one (a kv head's group when decoding).
   const bool decoding = queries == 1;
-  std::vector<float> scores((decoding ? group : queries) * positions);
-  for (size_t kv_head = 0; kv_head < kv_heads; ++kv_head) {
+  const auto decode_group = [&](size_t kv_head) {
     const KeyValue* head_keys = keys + kv_head * head_size;
     const KeyValue* head_values = values + kv_head * head_size;
-    if (decoding) {
-      // Only the window's keys are scored: a long sequence with a short window costs the window.
-      const size_t first = first_position(0);
-      const size_t count = positions - first;
-      const size_t offset = kv_head * group * head_size;
-      DotProblem<KeyValue> problem{q + offset, head_size, group, head_keys + first * kv_stride, kv_stride, count, head_size, scores.data(), count, nullptr, false, 0};
-      DotProducts<Isa>(problem);
-      for (size_t member = 0; member < group; ++member) {
-        float* row = scores.data() + member * count;
-        Isa::Softmax(row, count, scale);
-        Isa::WeightedSum(out + offset + member * head_size, row, count, head_values + first * kv_stride, kv_stride, head_size);
-      }
-      continue;
+    // Only the window's keys are scored: a long sequence with a short window costs the window.
+    const size_t first = first_position(0);
+    const size_t count = positions - first;
+    std::vector<float> scores(group * count);
+    const size_t offset = kv_head * group * head_size;
+    DotProblem<KeyValue> problem{q + offset, head_size, group, head_keys + first * kv_stride, kv_stride, count, head_size, scores.data(), count, nullptr, false, 0};
+    DotProducts<Isa>(problem);
+    for (size_t member = 0; member < group; ++member) {
+      float* row = scores.data() + member * count;
+      Isa::Softmax(row, count, scale);
+      Isa::WeightedSum(out + offset + member * head_size, row, count, head_values + first * kv_stride, kv_stride, head_size);
     }
-    for (size_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
-      const size_t offset = head * head_size;
-      DotProblem<KeyValue> problem{q + offset, stride, queries, head_keys, kv_stride, positions, head_size, scores.data(), positions, nullptr, true, past};
-      DotProducts<Isa>(problem);
-      // Scores before a row's window are computed with the rest of the strip and then skipped.
-      for (size_t query = 0; query < queries; ++query) {
-        const size_t first = first_position(query);
-        float* row = scores.data() + query * positions + first;
-        const size_t count = past + query + 1 - first;
-        Isa::Softmax(row, count, scale);
-        Isa::WeightedSum(out + query * stride + offset, row, count, head_values + first * kv_stride, kv_stride, head_size);
-      }
+  };
+  const auto prefill_head = [&](size_t head) {
+    const size_t kv_head = head / group;
+    const KeyValue* head_keys = keys + kv_head * head_size;
+    const KeyValue* head_values = values + kv_head * head_size;
+    std::vector<float> scores(queries * positions);
+    const size_t offset = head * head_size;
+    DotProblem<KeyValue> problem{q + offset, stride, queries, head_keys, kv_stride, positions, head_size, scores.data(), positions, nullptr, true, past};
+    DotProducts<Isa>(problem);
+    // Scores before a row's window are computed with the rest of the strip and then skipped.
+    for (size_t query = 0; query < queries; ++query) {
+      const size_t first = first_position(query);
+      float* row = scores.data() + query * positions + first;
+      const size_t count = past + query + 1 - first;
+      Isa::Softmax(row, count, scale);
+      Isa::WeightedSum(out + query * stride + offset, row, count, head_values + first * kv_stride, kv_stride, head_size);
     }
+  };
+  const size_t tasks = decoding ? kv_heads : heads;
+  if (queries * positions * heads * head_size >= kParallelMinWork && KernelThreads() > 1) {
+    if (decoding) ParallelFor(tasks, decode_group);
+    else ParallelFor(tasks, prefill_head);
+    return;
+  }
+  for (size_t task = 0; task < tasks; ++task) {
+    if (decoding) decode_group(task);
+    else prefill_head(task);
   }
 }
 
@@ -594,9 +629,9 @@ template <class Weight>
 void LinearOf(float* out, const float* x, const Weight* weight, const float* bias, size_t rows, size_t depth, size_t columns) {
   const DotProblem<Weight> problem{x, depth, rows, weight, depth, columns, depth, out, columns, bias, false, 0};
 #ifdef TRELLIS_KERNELS_AVX2
-  if (UseAvx2()) return DotProducts<Avx2>(problem);
+  if (UseAvx2()) return DotProducts<Avx2>(problem, true);
 #endif
-  DotProducts<Portable>(problem);
+  DotProducts<Portable>(problem, true);
 }
 
 }  // namespace

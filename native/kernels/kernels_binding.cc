@@ -4,6 +4,7 @@
 // raw memory with these numbers, and a wrong one must be an error, not a stray read or write.
 #include "kernels/kernels_binding.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -12,6 +13,7 @@
 
 #include "common/js_error.h"
 #include "kernels/cpu_kernels.h"
+#include "kernels/thread_pool.h"
 
 namespace trellis::kernels {
 namespace {
@@ -381,6 +383,26 @@ Napi::Value WidenFunction(const Napi::CallbackInfo& info) {
   });
 }
 
+// setThreads(threads): the threads the kernels of this process use, the caller's included.
+Napi::Value SetThreadsFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    const size_t threads = DimensionArgument("setThreads", info[0], "threads", 1);
+    // A rank never usefully runs more threads than a large host has cores.
+    if (threads > 1024) throw InvalidArgument("setThreads: threads must be at most 1024, got " + std::to_string(threads));
+    SetKernelThreads(threads);
+    return info.Env().Undefined();
+  });
+}
+
+Napi::Value ThreadsFunction(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), static_cast<double>(KernelThreads())); }
+
+// The workers are joined before Node tears down the last environment that loaded the addon (the
+// pool is per process; worker_threads each have an environment of their own).
+std::atomic<int> environments{0};
+void StopThreadsAtCleanup(void*) {
+  if (environments.fetch_sub(1) == 1) StopKernelThreads();
+}
+
 }  // namespace
 
 void RegisterKernelsBinding(Napi::Env env, Napi::Object exports) {
@@ -394,6 +416,10 @@ void RegisterKernelsBinding(Napi::Env env, Napi::Object exports) {
   kernels.Set("attention", Napi::Function::New(env, AttentionFunction, "attention"));
   kernels.Set("widen", Napi::Function::New(env, WidenFunction, "widen"));
   kernels.Set("narrow", Napi::Function::New(env, NarrowFunction, "narrow"));
+  kernels.Set("setThreads", Napi::Function::New(env, SetThreadsFunction, "setThreads"));
+  kernels.Set("threads", Napi::Function::New(env, ThreadsFunction, "threads"));
+  NAPI_THROW_IF_FAILED_VOID(env, napi_add_env_cleanup_hook(env, StopThreadsAtCleanup, nullptr));
+  environments.fetch_add(1);
   exports.Set("kernels", kernels);
 }
 

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { InvalidArgumentError } from '../../lib/errors.js';
-import { attention, gelu, layerNorm, linear, narrow, readRows, rmsNorm, rotary, siluMultiply } from '../../lib/llm/kernels.js';
+import { attention, gelu, kernelThreads, layerNorm, linear, narrow, readRows, rmsNorm, rotary, setKernelThreads, siluMultiply } from '../../lib/llm/kernels.js';
 import { bf16ToFloat, f16ToFloat, floatToBf16, floatToF16 } from '../../lib/gpu/dtype.js';
 import { native } from '../../lib/native.js';
 
@@ -163,7 +163,7 @@ function expectInvalid(call: () => unknown, ...fragments: string[]): void {
 
 /** The addon's own checks, reached without the TypeScript layer's. */
 const unchecked = native.kernels as unknown as Record<
-  'linear' | 'layerNorm' | 'gelu' | 'rmsNorm' | 'siluMultiply' | 'rotary' | 'attention' | 'widen' | 'narrow',
+  'linear' | 'layerNorm' | 'gelu' | 'rmsNorm' | 'siluMultiply' | 'rotary' | 'attention' | 'widen' | 'narrow' | 'setThreads',
   (...args: unknown[]) => void
 >;
 
@@ -597,6 +597,61 @@ describe('linear with 16-bit weights', () => {
     expectInvalid(() => readRows(out, table, 4, 5, 2), 'rows [5, 7) of width 4 need 28 values, the matrix has 24');
     expectInvalid(() => readRows(new Float32Array(3), table, 4, 0), 'out must hold at least');
     expectInvalid(() => readRows(out, { dtype: 'bf16', bits: new Float32Array(24) as unknown as Uint16Array }, 4, 0), 'matrix.bits must be a Uint16Array');
+  });
+});
+
+describe('kernel threads', () => {
+  it('split matmuls and attention across threads without changing a single result', () => {
+    const shapes: Array<[m: number, k: number, n: number]> = [[1, 512, 2048], [7, 2051, 300], [901, 300, 50], [16, 96, 1000], [3, 64, 24]];
+    const run = () => {
+      const outputs: Float32Array[] = [];
+      shapes.forEach(([m, k, n], index) => {
+        const x = randomFloats(m * k, 300 + index);
+        const weights = randomFloats(n * k, 400 + index);
+        for (const weight of [weights, { dtype: 'bf16' as const, bits: Uint16Array.from(weights, floatToBf16) }]) {
+          const out = new Float32Array(m * n);
+          linear(out, x, weight, randomFloats(n, 500 + index), m, k, n);
+          outputs.push(out);
+        }
+      });
+      for (const [queries, past] of [[1, 300], [40, 90]]) {
+        const [heads, headDim, kvHeads] = [16, 64, 4];
+        const out = new Float32Array(queries * heads * headDim);
+        const cache = (seed: number) => randomFloats((past + queries) * kvHeads * headDim, seed);
+        attention(out, randomFloats(out.length, 600 + queries), cache(601), cache(602), queries, past, heads, headDim, kvHeads);
+        outputs.push(out);
+      }
+      return outputs;
+    };
+    try {
+      const single = run();
+      for (const threads of [2, 3]) {
+        setKernelThreads(threads);
+        expect(kernelThreads()).toBe(threads);
+        run().forEach((out, index) => expect(out, `output ${index} with ${threads} threads`).toEqual(single[index]));
+      }
+    } finally {
+      setKernelThreads(1);
+    }
+    expect(kernelThreads()).toBe(1);
+  });
+
+  it('start and stop cleanly, however often, with a kernel call right after each start', () => {
+    // A worker that started after the first job was handed out once missed it, and the call never returned.
+    const x = randomFloats(64 * 256, 1);
+    const weight = randomFloats(256 * 256, 2);
+    const out = new Float32Array(64 * 256);
+    try {
+      for (let round = 0; round < 200; round++) {
+        setKernelThreads(2 + (round % 2));
+        linear(out, x, weight, null, 64, 256, 256);
+        setKernelThreads(1);
+      }
+    } finally {
+      setKernelThreads(1);
+    }
+    for (const bad of [0, 1.5, -1]) expectInvalid(() => setKernelThreads(bad), 'setKernelThreads: threads must be a positive integer');
+    expectInvalid(() => unchecked.setThreads(5000), 'setThreads: threads must be at most 1024, got 5000');
   });
 });
 

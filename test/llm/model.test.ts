@@ -205,6 +205,14 @@ describe('model sharding', () => {
     expect((await sharded.generate(requests)).map((generation) => generation.tokens)).toEqual(whole);
   });
 
+  it('gives ranks kernel threads (numCpusPerRank or threadsPerRank) without changing a token', async () => {
+    await using replica = await ModelReplica.create({ checkpoint, pipelineParallel: 2, numCpusPerRank: 2 });
+    expect((await replica.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 6 })))).map((generation) => generation.tokens)).toEqual(expected);
+    await using threaded = await ModelReplica.create({ checkpoint, tensorParallel: 2, threadsPerRank: 3 });
+    expect((await threaded.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 6 })))).map((generation) => generation.tokens)).toEqual(expected);
+    await expect(ModelReplica.create({ checkpoint, threadsPerRank: 0 })).rejects.toThrow(/threadsPerRank must be a positive integer/);
+  });
+
   it('penalizes tokens already seen, across a pipeline, as a plain reference does', async () => {
     const sampling = { repetitionPenalty: 1.8, presencePenalty: 0.4, frequencyPenalty: 0.3 };
     // The reference: full logits each step, penalties applied by hand, then the most likely token.
