@@ -9,6 +9,8 @@
  * - `linear_m<M>_gflops`: the matmul kernel alone, the model's hidden × MLP shape, and
  *   `linear_bf16_m<M>_gflops` with the weights in bf16; `linear_m1_4096_gflops` and its bf16 twin
  *   a 4096 × 4096 matrix (64 MiB in f32: a real model's layer, streamed from memory each step).
+ * - `linear_m512_2threads_gflops` and `llm_tp1_pp1_2threads_tokens_per_s`: the same with the rank's
+ *   kernels on two threads (numCpusPerRank 2), against one;
  * - `attention_decode_4096_us` and `attention_decode_bf16_4096_us`: one decoding query (32 heads,
  *   8 key/value heads of 128) against 4,096 cached positions, the cache in f32 and in bf16 (16
  *   MiB against 8 MiB per layer: the read is the cost);
@@ -21,7 +23,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DecoderShard, ModelReplica, init, planSharding, shutdown, type DecoderConfig, type ModelReplicaOptions } from '../lib/index.js';
-import { attention, linear, type WeightMatrix } from '../lib/llm/kernels.js';
+import { attention, linear, setKernelThreads, type WeightMatrix } from '../lib/llm/kernels.js';
 import { floatToBf16 } from '../lib/gpu/dtype.js';
 import { randomWeights, writeCheckpoint } from '../examples/model/random-decoder.js';
 import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
@@ -66,8 +68,8 @@ async function generationRate(options: ModelReplicaOptions, requests: Array<{ to
   return requests.reduce((sum, request) => sum + request.maxNewTokens, 0) / median(times);
 }
 
-function replica(checkpoint: string, tensorParallel: number, pipelineParallel: number): Promise<number> {
-  return generationRate({ checkpoint, tensorParallel, pipelineParallel }, prompts.map((tokens) => ({ tokens, maxNewTokens: NEW_TOKENS })));
+function replica(checkpoint: string, tensorParallel: number, pipelineParallel: number, numCpusPerRank = 1): Promise<number> {
+  return generationRate({ checkpoint, tensorParallel, pipelineParallel, numCpusPerRank }, prompts.map((tokens) => ({ tokens, maxNewTokens: NEW_TOKENS })));
 }
 
 const SHARED_PREFIX = Array.from({ length: 192 }, (_, t) => (t * 29 + 7) % CONFIG.vocabSize);
@@ -112,6 +114,8 @@ export const llmSuite: Suite = {
     ['replica tp1 pp2 / in process', 'llm_tp1_pp2_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
     ['bf16 weights / f32 weights, in process', 'llm_in_process_bf16_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
     ['shared 192-token prefix, cached / read by each prompt', 'llm_prefix_cached_tokens_per_s', 'llm_prefix_uncached_tokens_per_s', ''],
+    ['linear m 512, two threads / one', 'linear_m512_2threads_gflops', 'linear_m512_gflops', ''],
+    ['replica tp1 pp1, two kernel threads / one', 'llm_tp1_pp1_2threads_tokens_per_s', 'llm_tp1_pp1_tokens_per_s', ''],
     ['decode attention over 4096 positions, bf16 cache / f32 cache (time)', 'attention_decode_bf16_4096_us', 'attention_decode_4096_us', ''],
     ['linear bf16 / f32, m 1', 'linear_bf16_m1_gflops', 'linear_m1_gflops', ''],
     ['linear bf16 / f32, m 16', 'linear_bf16_m16_gflops', 'linear_m16_gflops', ''],
@@ -126,6 +130,12 @@ export const llmSuite: Suite = {
     }
     results.linear_m1_4096_gflops = { value: round(linearGflops(1, 'f32', 4096, 4096), 2), unit: 'GFLOP/s' };
     results.linear_bf16_m1_4096_gflops = { value: round(linearGflops(1, 'bf16', 4096, 4096), 2), unit: 'GFLOP/s' };
+    setKernelThreads(2);
+    try {
+      results.linear_m512_2threads_gflops = { value: round(linearGflops(512, 'f32'), 2), unit: 'GFLOP/s' };
+    } finally {
+      setKernelThreads(1);
+    }
     results.attention_decode_4096_us = { value: round(attentionDecodeMicros('f32'), 1), unit: 'us' };
     results.attention_decode_bf16_4096_us = { value: round(attentionDecodeMicros('bf16'), 1), unit: 'us' };
     const directory = mkdtempSync(join(tmpdir(), 'trellis-bench-llm-'));
@@ -140,6 +150,7 @@ export const llmSuite: Suite = {
         for (const [tensorParallel, pipelineParallel] of [[1, 1], [2, 1], [1, 2]]) {
           results[`llm_tp${tensorParallel}_pp${pipelineParallel}_tokens_per_s`] = { value: round(await replica(checkpoint, tensorParallel, pipelineParallel), 1), unit: 'tokens/s' };
         }
+        results.llm_tp1_pp1_2threads_tokens_per_s = { value: round(await replica(checkpoint, 1, 1, 2), 1), unit: 'tokens/s' };
         results.llm_prefix_uncached_tokens_per_s = { value: round(await sharedPrefix(checkpoint, false), 1), unit: 'tokens/s' };
         results.llm_prefix_cached_tokens_per_s = { value: round(await sharedPrefix(checkpoint, true), 1), unit: 'tokens/s' };
       } finally {
