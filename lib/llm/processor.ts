@@ -8,7 +8,7 @@ import { ActorDiedError, InvalidArgumentError, ModelLoadError } from '../errors.
 import { remote } from '../core/registry.js';
 import type { Dataset } from '../data/dataset.js';
 import type { Row } from '../data/block.js';
-import { ModelReplica, type Generation, type GenerateRequest, type ModelReplicaOptions } from './replica.js';
+import { ModelReplica, type EmbedRequest, type GenerateRequest, type ModelReplicaOptions } from './replica.js';
 import { checkpointDirectory } from './config.js';
 import { checkSampling, type SamplingParameters } from './sampling.js';
 import { ChatTemplate, type ChatMessage } from './chat-template.js';
@@ -57,6 +57,15 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
   stop?: string[];
   /** Rows also gain `generatedLogprobs`: each generated token's log-probability under the model. */
   logprobs?: boolean;
+  /**
+   * 'generate' (default), or 'embed': each row's prompt is read and the row gains `embedding`
+   * (hiddenSize floats) and `promptTokens`, nothing generated, as decoder embedding models are run.
+   */
+  task?: 'generate' | 'embed';
+  /** For 'embed': the last position's state ('last', default) or the mean of all ('mean'). */
+  pooling?: 'last' | 'mean';
+  /** For 'embed': scale each embedding to length 1 (default true). */
+  normalize?: boolean;
   /**
    * Times a replica is rebuilt after one of its ranks dies (default 2). Its batches in flight
    * then run again from their prompts on the new ranks; seeded sampling gives the same text.
@@ -164,17 +173,25 @@ export class LLMEngine {
     return strings as string[];
   }
 
-  /** Generates on the current replica; a rank's death rebuilds the replica and runs the batch again. */
-  async #generate(requests: GenerateRequest[]): Promise<Generation[]> {
+  /** Runs `work` on the current replica; a rank's death rebuilds the replica and runs it again. */
+  async #onReplica<T>(work: (replica: ModelReplica) => Promise<T>): Promise<T> {
     for (;;) {
       const replica = this.#replica!;
       try {
-        return await replica.generate(requests);
+        return await work(replica);
       } catch (error) {
         if (!LLMEngine.#isRankDeath(error)) throw error;
         await this.#rebuild(replica, error);
       }
     }
+  }
+
+  /** An embedding job's batch: each row gains its embedding and its prompt's length. */
+  async #embed(rows: Row[]): Promise<Row[]> {
+    const { pooling, normalize } = this.#options;
+    const requests: EmbedRequest[] = rows.map((row, index) => ({ tokens: this.#prompt(row, index), ...(pooling ? { pooling } : {}), ...(normalize !== undefined ? { normalize } : {}) }));
+    const embeddings = await this.#onReplica((replica) => replica.embed(requests));
+    return rows.map((row, index) => ({ ...row, embedding: embeddings[index].vector, promptTokens: embeddings[index].promptTokens }));
   }
 
   /** A rank's death, whether seen by a compiled graph here or by a call's result from the driver. */
@@ -219,6 +236,7 @@ export class LLMEngine {
 
   async call(rows: Row[]): Promise<Row[]> {
     await this.ready;
+    if (this.#options.task === 'embed') return this.#embed(rows);
     const stops = rows.map((row, index) => this.#stopStrings(row, index));
     const requests: GenerateRequest[] = rows.map((row, index) => {
       return {
@@ -229,7 +247,7 @@ export class LLMEngine {
         ...(this.#options.logprobs ? { logprobs: true } : {}),
       };
     });
-    const generations = await this.#generate(requests);
+    const generations = await this.#onReplica((replica) => replica.generate(requests));
     return rows.map((row, index) => ({
       ...row,
       generatedTokens: generations[index].tokens,
@@ -268,6 +286,13 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
     if (engine.promptColumn === undefined && engine.messagesColumn === undefined) throw new InvalidArgumentError('stop strings need text: give a promptColumn or messagesColumn (for token ids, use stopTokens)');
   }
   if (engine.logprobs !== undefined && typeof engine.logprobs !== 'boolean') throw new InvalidArgumentError('logprobs must be a boolean');
+  if (engine.task !== undefined && engine.task !== 'generate' && engine.task !== 'embed') throw new InvalidArgumentError(`task must be 'generate' or 'embed', got ${JSON.stringify(engine.task)}`);
+  if (engine.task === 'embed') {
+    if (engine.messagesColumn !== undefined) throw new InvalidArgumentError("task 'embed' reads a promptColumn or a tokensColumn, not conversations");
+    if (engine.pooling !== undefined && engine.pooling !== 'last' && engine.pooling !== 'mean') throw new InvalidArgumentError(`pooling must be 'last' or 'mean', got ${JSON.stringify(engine.pooling)}`);
+  } else if (engine.pooling !== undefined || engine.normalize !== undefined) {
+    throw new InvalidArgumentError("pooling and normalize apply to task 'embed'");
+  }
   const steps = engine.stepsInFlight ?? engine.pipelineParallel ?? 1;
   const interleaved = batchesPerReplica ?? Math.max(2, 2 * steps);
   return (dataset: Dataset) => {

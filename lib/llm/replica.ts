@@ -109,6 +109,24 @@ export interface Generation {
   logprobs?: number[];
 }
 
+export interface EmbedRequest {
+  /** The text's token ids. */
+  tokens: ArrayLike<number>;
+  /**
+   * 'last' (default): the final norm of the last position, as decoder embedding models (e5-mistral,
+   * Qwen3-Embedding) read it; 'mean': the mean over all positions.
+   */
+  pooling?: 'last' | 'mean';
+  /** Scale the vector to length 1 (default true), for cosine similarity by dot product. */
+  normalize?: boolean;
+}
+
+export interface Embedding {
+  /** hiddenSize values. */
+  vector: Float32Array;
+  promptTokens: number;
+}
+
 export interface ReplicaStats {
   steps: number;
   promptTokens: number;
@@ -132,12 +150,14 @@ interface Sequence {
   stop: ((generated: readonly number[]) => boolean) | undefined;
   sampling: SamplingParameters | undefined;
   logprobs: number[] | undefined;
+  /** An embedding request: pooled when its prompt is read, no token generated. */
+  pooling?: 'last' | 'mean';
   /** Tokens the shards hold for it. */
   past: number;
   /** Its first step starts from a copy of another sequence's cached positions. */
   copyFrom?: { id: number; length: number };
   inFlight: boolean;
-  finish: (generation: Generation) => void;
+  finish: (generation: Generation, embedding?: Float32Array) => void;
   fail: (error: Error) => void;
 }
 
@@ -319,13 +339,52 @@ export class ModelReplica {
     return Promise.all(done);
   }
 
-  #checkRequest(request: GenerateRequest, index: number): Omit<Sequence, 'finish' | 'fail'> {
-    const what = `request ${index}`;
+  /**
+   * Embeds each request's tokens: the final norm of its last position, or the mean over all, once
+   * its prompt is read (nothing is generated). Runs alongside generation, sharing its steps.
+   */
+  embed(requests: EmbedRequest[]): Promise<Embedding[]> {
+    if (!Array.isArray(requests)) return Promise.reject(new InvalidArgumentError('embed() takes an array of requests'));
+    if (this.#broken) return Promise.reject(this.#broken);
+    if (this.#closed) return Promise.reject(new TrellisError('ERR_REPLICA_CLOSED', 'the model replica is closed'));
+    let sequences: Array<{ sequence: Omit<Sequence, 'finish' | 'fail'>; normalize: boolean }>;
+    try {
+      sequences = requests.map((request, index) => {
+        const what = `request ${index}`;
+        const prompt = this.#checkPrompt(request, what, true);
+        const { pooling = 'last', normalize = true } = request;
+        if (pooling !== 'last' && pooling !== 'mean') throw new InvalidArgumentError(`${what}: pooling must be 'last' or 'mean', got ${JSON.stringify(pooling)}`, 'ERR_PROMPT');
+        if (typeof normalize !== 'boolean') throw new InvalidArgumentError(`${what}: normalize must be a boolean`, 'ERR_PROMPT');
+        const sequence = { id: this.#nextSequence++, prompt, generated: [], maxNewTokens: 0, stopTokens: new Set<number>(), stop: undefined, sampling: undefined, logprobs: undefined, pooling, past: 0, inFlight: false };
+        return { sequence, normalize };
+      });
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    const done = sequences.map(({ sequence, normalize }) => new Promise<Embedding>((resolve, fail) => {
+      const finish = (generation: Generation, vector?: Float32Array) => {
+        if (normalize) {
+          let squares = 0;
+          for (const value of vector!) squares += value * value;
+          const scale = squares > 0 ? 1 / Math.sqrt(squares) : 1;
+          for (let index = 0; index < vector!.length; index++) vector![index] *= scale;
+        }
+        resolve({ vector: vector!, promptTokens: generation.promptTokens });
+      };
+      this.#waiting.push({ ...sequence, finish, fail });
+    }));
+    this.#pump();
+    return Promise.all(done);
+  }
+
+  /** The request's prompt, checked: token ids in the vocabulary, and room left for what it needs. */
+  #checkPrompt(request: { tokens: ArrayLike<number> } | null | undefined, what: string, embedding: boolean): Int32Array {
     if (typeof request !== 'object' || request === null || request.tokens === undefined) throw new InvalidArgumentError(`${what}: needs tokens`, 'ERR_PROMPT');
     const prompt = Int32Array.from(request.tokens as ArrayLike<number>);
     if (prompt.length === 0) throw new InvalidArgumentError(`${what}: the prompt is empty`, 'ERR_PROMPT');
-    if (prompt.length >= this.config.maxPositions) {
-      throw new InvalidArgumentError(`${what}: the prompt's ${prompt.length} tokens leave no room in the model's ${this.config.maxPositions} positions`, 'ERR_PROMPT_TOO_LONG');
+    // A generation needs room for one token more; an embedding reads the prompt only.
+    if (embedding ? prompt.length > this.config.maxPositions : prompt.length >= this.config.maxPositions) {
+      throw new InvalidArgumentError(`${what}: the prompt's ${prompt.length} tokens ${embedding ? 'exceed' : 'leave no room in'} the model's ${this.config.maxPositions} positions`, 'ERR_PROMPT_TOO_LONG');
     }
     for (let position = 0; position < prompt.length; position++) {
       const token = (request.tokens as ArrayLike<number>)[position];
@@ -333,6 +392,12 @@ export class ModelReplica {
         throw new InvalidArgumentError(`${what}: token ${String(token)} at position ${position} is outside the vocabulary of ${this.config.vocabSize}`, 'ERR_TOKEN');
       }
     }
+    return prompt;
+  }
+
+  #checkRequest(request: GenerateRequest, index: number): Omit<Sequence, 'finish' | 'fail'> {
+    const what = `request ${index}`;
+    const prompt = this.#checkPrompt(request, what, false);
     const stopTokens = request.stopTokens ?? this.#stopTokens;
     if (!Array.isArray(stopTokens) || stopTokens.some((token) => !Number.isInteger(token))) throw new InvalidArgumentError(`${what}: stopTokens must be an array of token ids`, 'ERR_PROMPT');
     if (request.stop !== undefined && typeof request.stop !== 'function') throw new InvalidArgumentError(`${what}: stop must be a function of the generated tokens`, 'ERR_PROMPT');
@@ -381,6 +446,7 @@ export class ModelReplica {
           ...(prefill ? { prefill } : {}),
           ...(sequence.logprobs && !prefill ? { logprobs: true } : {}),
           ...(sequence.copyFrom ? { copyFrom: sequence.copyFrom } : {}),
+          ...(sequence.pooling ? { pooling: sequence.pooling } : {}),
         });
         sequence.copyFrom = undefined;
         sequence.inFlight = true;
@@ -390,7 +456,8 @@ export class ModelReplica {
       const deferred: Sequence[] = [];
       while (this.#waiting.length > 0 && budget > 0 && chosen.length < limit && deferred.length < 4 * limit) {
         const sequence = this.#waiting.shift()!;
-        const prefix = this.#prefixCache?.admit(sequence, !needsHistory(sequence.sampling));
+        // Penalties need every prompt token on the last stage, and a mean every position's state.
+        const prefix = this.#prefixCache?.admit(sequence, !needsHistory(sequence.sampling) && sequence.pooling !== 'mean');
         if (prefix?.kind === 'wait') {
           // A sequence already running is reading this prompt's beginning: start from its copy once it has.
           deferred.push(sequence);
@@ -431,6 +498,12 @@ export class ModelReplica {
       sequence.past += parts[index].count;
       if (sequence.past < sequence.prompt.length) return; // more of the prompt to read first
       if (sequence.past === sequence.prompt.length) this.#promptTokens += sequence.prompt.length;
+      if (sequence.pooling) {
+        const size = this.config.hiddenSize;
+        this.#end(sequence);
+        sequence.finish({ tokens: [], finishReason: 'length', promptTokens: sequence.prompt.length }, result.embeddings!.slice(index * size, (index + 1) * size));
+        return;
+      }
       const token = result.tokens[index];
       sequence.generated.push(token);
       sequence.logprobs?.push(result.logprobs![index]);

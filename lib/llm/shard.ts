@@ -26,6 +26,11 @@ export interface StepSequence {
   logprobs?: boolean;
   /** Before the step: start this (new) sequence's cache from the first `length` positions of sequence `id`'s. */
   copyFrom?: { id: number; length: number };
+  /**
+   * The sequence wants an embedding, not tokens: once its prompt is read, the final norm of its
+   * last position ('last') or the mean over all its positions ('mean') comes back in `embeddings`.
+   */
+  pooling?: 'last' | 'mean';
 }
 
 /** What every stage of a step sees; the first stage reads `tokens`, the others `hidden`. */
@@ -53,6 +58,8 @@ export interface StepResult {
   logits?: Float32Array;
   /** When a sequence asks: its token's log-probability under the logits (NaN for the others). */
   logprobs?: Float32Array;
+  /** When a sequence's pooled embedding is ready: [sequences, hiddenSize] (NaN rows for the others). */
+  embeddings?: Float32Array;
 }
 
 export interface ShardSpec {
@@ -84,6 +91,8 @@ export class DecoderShard {
   readonly #caches = new Map<number, SequenceCache>();
   /** On the last stage, for sequences whose sampling has penalties: the tokens each has seen. */
   readonly #histories = new Map<number, TokenHistory>();
+  /** On the last stage, for sequences mean-pooled: the sum of their positions' final norms so far (in double). */
+  readonly #poolSums = new Map<number, Float64Array>();
   /** Bytes of weights this rank holds. */
   readonly weightBytes: number;
   /** How the key/value cache is kept ('auto' resolved). */
@@ -147,6 +156,7 @@ export class DecoderShard {
     for (const id of message.released) {
       this.#caches.delete(id);
       this.#histories.delete(id);
+      this.#poolSums.delete(id);
     }
     if (message.sequences.length === 0) {
       // A step that only releases caches still passes through every stage.
@@ -189,8 +199,9 @@ export class DecoderShard {
     if (penalized) this.#recordInputs(message, total);
     const all = message.logits ? new Float32Array(message.sequences.length * config.vocabSize) : undefined;
     const logprobs = message.sequences.some((sequence) => sequence.logprobs) ? new Float32Array(message.sequences.length).fill(NaN) : undefined;
+    const embeddings = message.sequences.some((sequence) => sequence.pooling) ? this.#pool(hidden, message.sequences) : undefined;
     const tokens = await this.#nextTokens(hidden, message.sequences, all, logprobs);
-    return { step: message.step, tokens, ...(all ? { logits: all } : {}), ...(logprobs ? { logprobs } : {}) };
+    return { step: message.step, tokens, ...(all ? { logits: all } : {}), ...(logprobs ? { logprobs } : {}), ...(embeddings ? { embeddings } : {}) };
   }
 
   /** Adds the step's input tokens (prompt pieces, or the last token generated) to the histories that need them. */
@@ -372,15 +383,57 @@ export class DecoderShard {
     addResidual(hidden, down, layer.downBias, size);
   }
 
+  /**
+   * The pooled embeddings of the sequences whose prompt this step finishes reading; mean-pooled
+   * sequences also add this step's positions to their sums.
+   */
+  #pool(hidden: Float32Array, sequences: StepSequence[]): Float32Array {
+    const size = this.config.hiddenSize;
+    const embeddings = new Float32Array(sequences.length * size).fill(NaN);
+    let row = 0;
+    sequences.forEach((sequence, index) => {
+      const first = row;
+      row += sequence.count;
+      if (!sequence.pooling) return;
+      const normed = new Float32Array(sequence.pooling === 'last' ? size : sequence.count * size);
+      normed.set(hidden.subarray(sequence.pooling === 'last' ? (row - 1) * size : first * size, row * size));
+      this.#norm(normed, normed, this.#weights.finalNorm!, normed.length / size);
+      const target = embeddings.subarray(index * size, (index + 1) * size);
+      if (sequence.pooling === 'last') {
+        if (!sequence.prefill) target.set(normed);
+        return;
+      }
+      let sums = this.#poolSums.get(sequence.id);
+      if (!sums) this.#poolSums.set(sequence.id, (sums = new Float64Array(size)));
+      for (let position = 0; position < sequence.count; position++) {
+        for (let column = 0; column < size; column++) sums[column] += normed[position * size + column];
+      }
+      if (sequence.prefill) return;
+      const positions = sequence.past + sequence.count;
+      for (let column = 0; column < size; column++) target[column] = sums[column] / positions;
+      this.#poolSums.delete(sequence.id);
+    });
+    return embeddings;
+  }
+
   async #nextTokens(hidden: Float32Array, sequences: StepSequence[], keep: Float32Array | undefined, logprobs: Float32Array | undefined): Promise<Int32Array> {
     const { config } = this;
     const { plan } = this.spec;
     const size = config.hiddenSize;
-    const count = sequences.length;
-    const last = new Float32Array(count * size);
-    let row = 0;
+    // The head runs only for sequences that want a token now: not for a prompt piece, nor for an embedding.
+    const wanting: number[] = [];
     sequences.forEach((sequence, index) => {
-      row += sequence.count;
+      if (!sequence.prefill && !sequence.pooling) wanting.push(index);
+    });
+    const tokens = new Int32Array(sequences.length).fill(-1);
+    const count = wanting.length;
+    if (count === 0) return tokens;
+    const ends: number[] = [];
+    let end = 0;
+    for (const sequence of sequences) ends.push((end += sequence.count));
+    const last = new Float32Array(count * size);
+    wanting.forEach((sequenceIndex, index) => {
+      const row = ends[sequenceIndex];
       last.set(hidden.subarray((row - 1) * size, row * size), index * size);
     });
     this.#norm(last, last, this.#weights.finalNorm!, count);
@@ -393,7 +446,6 @@ export class DecoderShard {
       await this.#communicator!.allgather(Tensor.wrap(local, 'f32'), Tensor.wrap(gathered, 'f32'));
     }
     // Gathered as [rank][sequence][slice]: each sequence's logits are its rows from every rank.
-    const tokens = new Int32Array(count);
     const logits = new Float32Array(config.vocabSize);
     for (let index = 0; index < count; index++) {
       for (let rank = 0; rank < plan.tensorParallel; rank++) {
@@ -403,20 +455,17 @@ export class DecoderShard {
         const start = (rank * count + index) * slice;
         logits.set(gathered.subarray(start, start + length), first);
       }
-      keep?.set(logits, index * config.vocabSize);
-      const sequence = sequences[index];
-      if (sequence.prefill) {
-        tokens[index] = -1;
-        continue;
-      }
+      const sequenceIndex = wanting[index];
+      keep?.set(logits, sequenceIndex * config.vocabSize);
+      const sequence = sequences[sequenceIndex];
       const history = needsHistory(sequence.sampling) ? this.#historyOf(sequence.id) : undefined;
       const token = pickToken(logits, sequence.sampling, sequence.past + sequence.count, history);
       if (history) {
         history.seen.add(token);
         history.generated.set(token, (history.generated.get(token) ?? 0) + 1);
       }
-      tokens[index] = token;
-      if (sequence.logprobs) logprobs![index] = logProbability(logits, token);
+      tokens[sequenceIndex] = token;
+      if (sequence.logprobs) logprobs![sequenceIndex] = logProbability(logits, token);
     }
     return tokens;
   }
@@ -425,6 +474,7 @@ export class DecoderShard {
   clear(): void {
     this.#caches.clear();
     this.#histories.clear();
+    this.#poolSums.clear();
   }
 }
 

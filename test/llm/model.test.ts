@@ -7,7 +7,7 @@ import { buildLLMProcessor, checkDecoderConfig, configFromHuggingFace, DecoderSh
 import { gpt2StyleTokenizerJson } from './fixtures/tokenizers.js';
 import { isAlive, until } from '../core/helpers.js';
 import { bf16ToFloat, f16ToFloat, floatToBf16, floatToF16 } from '../../lib/gpu/dtype.js';
-import { randomWeights, referenceGenerate, referenceLogits, TINY, TINY_LLAMA, writeCheckpoint, type Weights } from './fixtures/decoders.js';
+import { randomWeights, referenceFinalHidden, referenceGenerate, referenceLogits, TINY, TINY_LLAMA, writeCheckpoint, type Weights } from './fixtures/decoders.js';
 
 const PROMPTS = [[5, 17, 3], [42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [96, 0, 33, 12], [7, 7, 7, 7, 7, 7]];
 
@@ -430,6 +430,47 @@ describe('model sharding', () => {
       expect(replica.stats().reusedPromptTokens).toBe(0);
     }
     await expect(ModelReplica.create({ checkpoint: path, prefixCacheTokens: -1 })).rejects.toThrow(/prefixCacheTokens must be an integer >= 0/);
+  });
+
+  it('embeds prompts (last-position or mean pooling, normalized or not), alongside generation, cut 2 × 2', async () => {
+    const llamaWeights = randomWeights(TINY_LLAMA, 29);
+    const path = await writeCheckpoint(join(directory, 'llama-embed'), TINY_LLAMA, llamaWeights, { prefix: 'model.' });
+    const texts = [[3, 99, 14, 15, 92, 65, 35, 89, 79, 4, 8], [1, 2], [50, 60, 70, 80, 90, 100, 0]];
+    const closeTo = (actual: Float32Array, wanted: number[]) => {
+      expect(actual).toHaveLength(wanted.length);
+      const scale = Math.max(...wanted.map(Math.abs));
+      actual.forEach((value, index) => expect(Math.abs(value - wanted[index])).toBeLessThan(1e-4 * scale + 1e-5));
+    };
+    const unit = (vector: number[]) => {
+      const length = Math.sqrt(vector.reduce((sum, value) => sum + value * value, 0));
+      return vector.map((value) => value / length);
+    };
+    // Prompts read in pieces (maxTokensPerStep 4), with a generation running in the same steps.
+    await using replica = await ModelReplica.create({ checkpoint: path, tensorParallel: 2, pipelineParallel: 2, maxTokensPerStep: 4 });
+    const [last, mean, raw, generated] = await Promise.all([
+      replica.embed(texts.map((tokens) => ({ tokens }))),
+      replica.embed(texts.map((tokens) => ({ tokens, pooling: 'mean' as const }))),
+      replica.embed([{ tokens: texts[0], normalize: false }]),
+      replica.generate([{ tokens: texts[1], maxNewTokens: 4 }]),
+    ]);
+    texts.forEach((tokens, index) => {
+      const hidden = referenceFinalHidden(TINY_LLAMA, llamaWeights, tokens);
+      closeTo(last[index].vector, unit(hidden.at(-1)!));
+      closeTo(mean[index].vector, unit(hidden[0].map((_, column) => hidden.reduce((sum, row) => sum + row[column], 0) / hidden.length)));
+      expect(last[index].promptTokens).toBe(tokens.length);
+    });
+    closeTo(raw[0].vector, referenceFinalHidden(TINY_LLAMA, llamaWeights, texts[0]).at(-1)!);
+    expect(generated[0].tokens).toEqual(referenceGenerate(TINY_LLAMA, llamaWeights, texts[1], 4));
+    // An embedding may fill every position; a bad pooling is named.
+    const full = Array.from({ length: TINY_LLAMA.maxPositions }, (_, index) => index % 90);
+    expect((await replica.embed([{ tokens: full }]))[0].vector).toHaveLength(TINY_LLAMA.hiddenSize);
+    await expect(replica.embed([{ tokens: [1], pooling: 'max' as never }])).rejects.toThrow(/pooling must be 'last' or 'mean'/);
+    // Through the processor: rows gain their embedding.
+    const processor = buildLLMProcessor({ checkpoint: path, task: 'embed', pooling: 'mean', tensorParallel: 2 });
+    const rows = await processor(fromItems(texts.map((tokens, id) => ({ id, tokens })))).takeAll();
+    rows.sort((a, b) => (a.id as number) - (b.id as number));
+    rows.forEach((row, index) => closeTo(Float32Array.from(row.embedding as number[]), Array.from(mean[index].vector)));
+    expect(() => buildLLMProcessor({ checkpoint: path, pooling: 'mean' })).toThrow(/pooling and normalize apply to task 'embed'/);
   });
 
   it('stops at text, and reports log-probabilities, from the processor and the replica', async () => {
