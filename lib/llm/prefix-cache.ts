@@ -122,9 +122,14 @@ export class PrefixCache<S extends PrefixSequence> {
     if (this.maxRetainedTokens === 0 || sequence.prompt.length < this.blockTokens) return [this.#drop(sequence)];
     this.#retained.set(sequence.id, sequence);
     this.#retainedTokens += sequence.past;
+    return this.evict(this.maxRetainedTokens);
+  }
+
+  /** Drops kept sequences, least recently used first, until they hold at most `tokens` positions; returns their ids. */
+  evict(tokens: number): number[] {
     const dropped: number[] = [];
     for (const [id, oldest] of this.#retained) {
-      if (this.#retainedTokens <= this.maxRetainedTokens) break;
+      if (this.#retainedTokens <= tokens) break;
       this.#retained.delete(id);
       this.#retainedTokens -= oldest.past;
       dropped.push(this.#drop(oldest));

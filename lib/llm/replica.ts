@@ -6,6 +6,7 @@
  * with pipeline parallelism, up to `stepsInFlight` steps (each with its own sequences) fill the
  * stages at once.
  */
+import { totalmem } from 'node:os';
 import { InvalidArgumentError, ModelLoadError, TrellisError } from '../errors.js';
 import { get, kill, placementGroup, removePlacementGroup } from '../core/api.js';
 import type { PlacementGroup } from '../core/placement-group.js';
@@ -76,6 +77,13 @@ export interface ModelReplicaOptions extends ParallelismOptions {
   /** Tokens a block of prefix has (default 16). */
   prefixBlockTokens?: number;
   /**
+   * Positions the ranks' key/value caches may hold, all sequences together (running ones at their
+   * most: prompt + maxNewTokens; kept prefixes at what they hold). A sequence starts only when its
+   * most fits, so memory stays bounded and no sequence is ever pushed out midway; kept prefixes
+   * go first to make room. Default: what a quarter of this host's memory holds.
+   */
+  maxCacheTokens?: number;
+  /**
    * Cached positions of finished sequences kept for later prompts to start from, all together
    * (default 4096; 0 keeps none: prefixes are then shared by sequences running at once only).
    * Each costs numLayers × 2 × numKeyValueHeads × headSize × 4 bytes, cut across the ranks.
@@ -139,6 +147,9 @@ export interface ReplicaStats {
   reusedPromptTokens: number;
   /** Finished sequences whose caches are kept as prefix sources. */
   retainedSequences: number;
+  /** Positions reserved by running sequences (at their most) and held by kept prefixes. */
+  reservedCacheTokens: number;
+  maxCacheTokens: number;
 }
 
 interface Sequence {
@@ -168,6 +179,8 @@ interface StepLimits {
   stepsInFlight: number;
   /** Prefix caching's block and budget, or undefined when it is off. */
   prefix: { blockTokens: number; retainedTokens: number } | undefined;
+  /** Positions all caches together may hold. */
+  maxCacheTokens: number;
 }
 
 function positiveInteger(value: unknown, what: string, fallback: number): number {
@@ -191,6 +204,9 @@ export class ModelReplica {
   readonly #maxTokens: number;
   readonly #stepsInFlight: number;
   readonly #prefixCache: PrefixCache<Sequence> | undefined;
+  readonly #maxCacheTokens: number;
+  /** Positions reserved by the sequences running: each its prompt plus its most new tokens. */
+  #reservedTokens = 0;
   readonly #weightBytes: number;
   readonly #stopTokens: number[];
   readonly #waiting: Sequence[] = [];
@@ -231,6 +247,7 @@ export class ModelReplica {
     this.#stepsInFlight = parts.limits.stepsInFlight;
     const prefix = parts.limits.prefix;
     this.#prefixCache = prefix ? new PrefixCache<Sequence>(prefix.blockTokens, prefix.retainedTokens) : undefined;
+    this.#maxCacheTokens = parts.limits.maxCacheTokens;
     this.#stopTokens = parts.stopTokens;
   }
 
@@ -256,6 +273,7 @@ export class ModelReplica {
       maxTokens: positiveInteger(options.maxTokensPerStep, 'maxTokensPerStep', 2048),
       stepsInFlight: positiveInteger(options.stepsInFlight, 'stepsInFlight', plan.pipelineParallel),
       prefix: undefined,
+      maxCacheTokens: 0,
     };
     if (options.prefixCaching !== undefined && typeof options.prefixCaching !== 'boolean') throw new InvalidArgumentError(`prefixCaching must be a boolean, got ${String(options.prefixCaching)}`);
     if (options.prefixCaching !== false) {
@@ -278,6 +296,9 @@ export class ModelReplica {
       throw new InvalidArgumentError(`kvCacheDtype must be 'auto', 'f32', 'bf16' or 'f16', got ${JSON.stringify(requestedCache)}`);
     }
     const kvCacheDtype: WeightDType = requestedCache === 'auto' ? weightDtype : requestedCache;
+    // One position of every layer's keys and values, over all ranks together.
+    const bytesPerPosition = config.numLayers * 2 * config.numKeyValueHeads * config.headSize * (kvCacheDtype === 'f32' ? 4 : 2);
+    limits.maxCacheTokens = positiveInteger(options.maxCacheTokens, 'maxCacheTokens', Math.max(config.maxPositions, Math.floor((0.25 * totalmem()) / bytesPerPosition)));
 
     const ranks = plan.tensorParallel * plan.pipelineParallel;
     const id = newObjectId().slice(0, 12);
@@ -455,7 +476,15 @@ export class ModelReplica {
       for (const sequence of this.#running) if (!sequence.inFlight) admit(sequence);
       const deferred: Sequence[] = [];
       while (this.#waiting.length > 0 && budget > 0 && chosen.length < limit && deferred.length < 4 * limit) {
-        const sequence = this.#waiting.shift()!;
+        const sequence = this.#waiting[0];
+        const need = this.#cacheNeed(sequence);
+        if (need > this.#maxCacheTokens) {
+          this.#waiting.shift();
+          sequence.fail(new InvalidArgumentError(`a sequence of ${sequence.prompt.length} prompt tokens and up to ${sequence.maxNewTokens} new ones needs ${need} cached positions, more than maxCacheTokens (${this.#maxCacheTokens})`, 'ERR_CACHE_BUDGET'));
+          continue;
+        }
+        if (!this.#makeRoom(need)) break; // waits, in order, for running sequences to end
+        this.#waiting.shift();
         // Penalties need every prompt token on the last stage, and a mean every position's state.
         const prefix = this.#prefixCache?.admit(sequence, !needsHistory(sequence.sampling) && sequence.pooling !== 'mean');
         if (prefix?.kind === 'wait') {
@@ -467,6 +496,7 @@ export class ModelReplica {
           sequence.past = prefix.match.length;
           sequence.copyFrom = { id: prefix.match.source.id, length: prefix.match.length };
         }
+        this.#reservedTokens += need;
         this.#running.push(sequence);
         admit(sequence);
       }
@@ -526,8 +556,23 @@ export class ModelReplica {
     this.#pump();
   }
 
+  /** Positions a sequence's cache may reach: its prompt and its most new tokens, within the model's positions. */
+  #cacheNeed(sequence: Sequence): number {
+    return Math.min(this.config.maxPositions, sequence.prompt.length + sequence.maxNewTokens);
+  }
+
+  /** Whether `need` more positions fit beside the running sequences and the kept prefixes, dropping kept prefixes if that makes them fit. */
+  #makeRoom(need: number): boolean {
+    const kept = this.#prefixCache?.retainedTokens ?? 0;
+    if (this.#reservedTokens + kept + need <= this.#maxCacheTokens) return true;
+    if (!this.#prefixCache || this.#reservedTokens + need > this.#maxCacheTokens) return false;
+    this.#released.push(...this.#prefixCache.evict(this.#maxCacheTokens - this.#reservedTokens - need));
+    return true;
+  }
+
   /** A sequence is done: the ranks drop its cache, unless prefix caching keeps it as a source for later prompts. */
   #end(sequence: Sequence): void {
+    this.#reservedTokens -= this.#cacheNeed(sequence);
     this.#running.splice(this.#running.indexOf(sequence), 1);
     this.#released.push(...(this.#prefixCache ? this.#prefixCache.finish(sequence) : [sequence.id]));
   }
@@ -557,6 +602,8 @@ export class ModelReplica {
       weightBytes: this.#weightBytes,
       reusedPromptTokens: this.#prefixCache?.reusedTokens ?? 0,
       retainedSequences: this.#prefixCache?.retainedSequences ?? 0,
+      reservedCacheTokens: this.#reservedTokens + (this.#prefixCache?.retainedTokens ?? 0),
+      maxCacheTokens: this.#maxCacheTokens,
     };
   }
 

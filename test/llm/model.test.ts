@@ -473,6 +473,33 @@ describe('model sharding', () => {
     expect(() => buildLLMProcessor({ checkpoint: path, pooling: 'mean' })).toThrow(/pooling and normalize apply to task 'embed'/);
   });
 
+  it('bounds the cache: sequences start only when their most fits, kept prefixes make room, and one too large is refused', async () => {
+    // Prompts of 1 to 11 tokens and 6 new ones need 7 to 17 positions each, 55 together: 40 never holds all five.
+    await using replica = await ModelReplica.create({ checkpoint, maxCacheTokens: 40, prefixBlockTokens: 4, prefixCacheTokens: 100 });
+    let mostRunning = 0;
+    let mostReserved = 0;
+    const watch = setInterval(() => {
+      const stats = replica.stats();
+      mostRunning = Math.max(mostRunning, stats.running);
+      mostReserved = Math.max(mostReserved, stats.reservedCacheTokens);
+    }, 1);
+    try {
+      expect((await replica.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 6 })))).map((generation) => generation.tokens)).toEqual(expected);
+    } finally {
+      clearInterval(watch);
+    }
+    expect(mostRunning).toBeLessThan(PROMPTS.length);
+    expect(mostReserved).toBeLessThanOrEqual(40);
+    // Finished sequences kept as prefixes hold positions; new sequences push them out to start.
+    const kept = replica.stats().retainedSequences;
+    expect(kept).toBeGreaterThan(0);
+    expect(replica.stats().reservedCacheTokens).toBeLessThanOrEqual(40);
+    expect((await replica.generate([{ tokens: PROMPTS[2], maxNewTokens: 6 }, { tokens: PROMPTS[4], maxNewTokens: 6 }])).map((generation) => generation.tokens)).toEqual([expected[2], expected[4]]);
+    expect(replica.stats().retainedSequences).toBeLessThan(kept + 2);
+    await expect(replica.generate([{ tokens: PROMPTS[2], maxNewTokens: 40 }])).rejects.toMatchObject({ code: 'ERR_CACHE_BUDGET' });
+    await expect(ModelReplica.create({ checkpoint, maxCacheTokens: 0 })).rejects.toThrow(/maxCacheTokens must be a positive integer/);
+  });
+
   it('stops at text, and reports log-probabilities, from the processor and the replica', async () => {
     const { path: stopModel, config, weights: stopWeights, tokenizer } = await textModel('stop', 21);
     const prompt = 'the cat sat';
