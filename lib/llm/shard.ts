@@ -394,13 +394,14 @@ export class DecoderShard {
     sequences.forEach((sequence, index) => {
       const first = row;
       row += sequence.count;
-      if (!sequence.pooling) return;
+      // The last position's state is wanted only once the prompt is read.
+      if (!sequence.pooling || (sequence.pooling === 'last' && sequence.prefill)) return;
       const normed = new Float32Array(sequence.pooling === 'last' ? size : sequence.count * size);
       normed.set(hidden.subarray(sequence.pooling === 'last' ? (row - 1) * size : first * size, row * size));
       this.#norm(normed, normed, this.#weights.finalNorm!, normed.length / size);
       const target = embeddings.subarray(index * size, (index + 1) * size);
       if (sequence.pooling === 'last') {
-        if (!sequence.prefill) target.set(normed);
+        target.set(normed);
         return;
       }
       let sums = this.#poolSums.get(sequence.id);
