@@ -23,7 +23,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DecoderShard, ModelReplica, init, planSharding, shutdown, type DecoderConfig, type ModelReplicaOptions } from '../lib/index.js';
-import { attention, linear, setKernelThreads, type WeightMatrix } from '../lib/llm/kernels.js';
+import { attention, linear, setKernelThreads, type HalfMatrix, type WeightMatrix } from '../lib/llm/kernels.js';
 import { floatToBf16 } from '../lib/gpu/dtype.js';
 import { randomWeights, writeCheckpoint } from '../examples/model/random-decoder.js';
 import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
@@ -83,7 +83,7 @@ function sharedPrefix(checkpoint: string, prefixCaching: boolean): Promise<numbe
 /** Microseconds per decoding attention call over `past` cached positions, the cache in f32 or bf16. */
 function attentionDecodeMicros(dtype: 'f32' | 'bf16', past = 4096, heads = 32, kvHeads = 8, headDim = 128): number {
   const size = (past + 1) * kvHeads * headDim;
-  const cache = (): WeightMatrix => (dtype === 'f32' ? new Float32Array(size).fill(0.01) : { dtype, bits: new Uint16Array(size).fill(floatToBf16(0.01)) });
+  const cache = (): Float32Array | HalfMatrix => (dtype === 'f32' ? new Float32Array(size).fill(0.01) : { dtype, bits: new Uint16Array(size).fill(floatToBf16(0.01)) });
   const keys = cache();
   const values = cache();
   const q = new Float32Array(heads * headDim).fill(0.02);

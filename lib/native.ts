@@ -279,7 +279,7 @@ export interface NativeConnectionRingClass {
  */
 export interface NativeKernels {
   /** out[m, n] = x[m, k] · weight[n, k]ᵀ + bias[n]; weight is [out features, in features]; bias may be null. */
-  linear(out: Float32Array, x: Float32Array, weight: Float32Array | Uint16Array, bias: Float32Array | null, m: number, k: number, n: number, weightDtype?: 'f32' | 'bf16' | 'f16'): void;
+  linear(out: Float32Array, x: Float32Array, weight: Float32Array | Uint16Array | Int8Array, bias: Float32Array | null, m: number, k: number, n: number, weightDtype?: 'f32' | 'bf16' | 'f16' | 'int8', scales?: Float32Array): void;
   /** out[0, count) = the first count 16-bit floats of bits, widened to f32 (exact). */
   widen(out: Float32Array, bits: Uint16Array, dtype: 'bf16' | 'f16', count: number): void;
   /** Per row of `cols`: (x - mean) / sqrt(var + eps) · gamma + beta; out may be x itself. */

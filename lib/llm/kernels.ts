@@ -70,8 +70,10 @@ function requireDisjoint(
   if (out.byteOffset < inputEnd && input.byteOffset < outEnd) throw new InvalidArgumentError(`${kernel}: ${outName} must not overlap ${inputName}`);
 }
 
-/** The encodings a weight matrix may be kept in. */
-export type WeightDType = 'f32' | 'bf16' | 'f16';
+/** The encodings a weight matrix may be kept in ('int8': quantized per row, see QuantizedMatrix). */
+export type WeightDType = 'f32' | 'bf16' | 'f16' | 'int8';
+/** The encodings a key/value cache may be kept in. */
+export type CacheDType = 'f32' | 'bf16' | 'f16';
 
 /**
  * A matrix kept in 16-bit floats, as checkpoints store them: the raw bits of each bf16 or f16
@@ -82,16 +84,57 @@ export interface HalfMatrix {
   bits: Uint16Array;
 }
 
-/** A weight matrix: f32 values, or 16-bit ones. */
-export type WeightMatrix = Float32Array | HalfMatrix;
+/**
+ * A [rows, columns] matrix quantized to int8 per row (symmetric): element (r, c) stands for
+ * values[r × columns + c] × scales[r]. A quarter of f32's memory; each row's largest magnitude is
+ * kept to within half a step of 1/127 of it.
+ */
+export interface QuantizedMatrix {
+  dtype: 'int8';
+  values: Int8Array;
+  scales: Float32Array;
+}
+
+/** A weight matrix: f32 values, 16-bit ones, or int8 ones with a scale per row. */
+export type WeightMatrix = Float32Array | HalfMatrix | QuantizedMatrix;
 
 export function isHalfMatrix(value: unknown): value is HalfMatrix {
   return typeof value === 'object' && value !== null && !ArrayBuffer.isView(value) && ((value as HalfMatrix).dtype === 'bf16' || (value as HalfMatrix).dtype === 'f16');
 }
 
+export function isQuantizedMatrix(value: unknown): value is QuantizedMatrix {
+  return typeof value === 'object' && value !== null && !ArrayBuffer.isView(value) && (value as QuantizedMatrix).dtype === 'int8';
+}
+
 /** Bytes a weight matrix takes. */
 export function weightBytes(weight: WeightMatrix): number {
+  if (isQuantizedMatrix(weight)) return weight.values.byteLength + weight.scales.byteLength;
   return isHalfMatrix(weight) ? weight.bits.byteLength : weight.byteLength;
+}
+
+/** A [rows, columns] f32 matrix quantized to int8 per row: scale = the row's largest magnitude / 127, values rounded to nearest. */
+export function quantizeRows(matrix: Float32Array, rows: number, columns: number): QuantizedMatrix {
+  requireFloats('quantizeRows', 'matrix', matrix);
+  if (matrix.length !== rows * columns) throw new InvalidArgumentError(`quantizeRows: matrix holds ${matrix.length} values, not rows * columns = ${rows} * ${columns}`);
+  const values = new Int8Array(matrix.length);
+  const scales = new Float32Array(rows);
+  for (let row = 0; row < rows; row++) {
+    const begin = row * columns;
+    let largest = 0;
+    for (let index = begin; index < begin + columns; index++) largest = Math.max(largest, Math.abs(matrix[index]));
+    if (!Number.isFinite(largest)) throw new InvalidArgumentError(`quantizeRows: row ${row} holds a value that is not finite`);
+    // A row of zeros keeps scale 0: its values are all 0 too.
+    const scale = Math.fround(largest / 127);
+    scales[row] = scale;
+    if (scale === 0) continue;
+    for (let index = begin; index < begin + columns; index++) values[index] = Math.max(-127, Math.min(127, Math.round(matrix[index] / scale)));
+  }
+  return { dtype: 'int8', values, scales };
+}
+
+function requireQuantized(kernel: string, name: string, value: QuantizedMatrix): void {
+  if (!types.isInt8Array(value.values)) throw new InvalidArgumentError(`${kernel}: ${name}.values must be an Int8Array, got ${describe(value.values)}`);
+  if (!types.isFloat32Array(value.scales)) throw new InvalidArgumentError(`${kernel}: ${name}.scales must be a Float32Array, got ${describe(value.scales)}`);
 }
 
 function requireHalf(kernel: string, name: string, value: HalfMatrix): void {
@@ -114,7 +157,9 @@ export function linear(out: Float32Array, x: Float32Array, weight: WeightMatrix,
   requireFloats(kernel, 'out', out);
   requireFloats(kernel, 'x', x);
   const half = isHalfMatrix(weight);
+  const quantized = isQuantizedMatrix(weight);
   if (half) requireHalf(kernel, 'weight', weight);
+  else if (quantized) requireQuantized(kernel, 'weight', weight);
   else requireFloats(kernel, 'weight', weight);
   if (bias !== null) requireFloats(kernel, 'bias', bias);
   requireDimension(kernel, 'm', m, 1);
@@ -125,13 +170,15 @@ export function linear(out: Float32Array, x: Float32Array, weight: WeightMatrix,
   const weightSize = product(kernel, 'n * k', n, k);
   requireLength(kernel, 'out', out, outSize, `m * n = ${m} * ${n}`);
   requireLength(kernel, 'x', x, xSize, `m * k = ${m} * ${k}`);
-  const weightArray = half ? weight.bits : weight;
-  if (weightArray.length < weightSize) throw new InvalidArgumentError(`${kernel}: weight must hold at least n * k = ${n} * ${k} = ${weightSize} ${half ? '16-bit values' : 'floats'}, got ${weightArray.length}`);
+  const weightArray = half ? weight.bits : quantized ? weight.values : weight;
+  if (weightArray.length < weightSize) throw new InvalidArgumentError(`${kernel}: weight must hold at least n * k = ${n} * ${k} = ${weightSize} ${half ? '16-bit values' : quantized ? 'int8 values' : 'floats'}, got ${weightArray.length}`);
+  if (quantized && weight.scales.length < n) throw new InvalidArgumentError(`${kernel}: weight.scales must hold at least n = ${n} floats, got ${weight.scales.length}`);
   if (bias !== null) requireLength(kernel, 'bias', bias, n, 'n');
   requireDisjoint(kernel, out, outSize, x, xSize, 'x');
   if (overlaps(out, outSize * 4, weightArray, weightSize * weightArray.BYTES_PER_ELEMENT)) throw new InvalidArgumentError(`${kernel}: out must not overlap weight`);
   if (bias !== null) requireDisjoint(kernel, out, outSize, bias, n, 'bias');
   if (half) native.kernels.linear(out, x, weight.bits, bias, m, k, n, weight.dtype);
+  else if (quantized) native.kernels.linear(out, x, weight.values, bias, m, k, n, 'int8', weight.scales);
   else native.kernels.linear(out, x, weight, bias, m, k, n);
 }
 
@@ -148,6 +195,15 @@ export function readRows(out: Float32Array, matrix: WeightMatrix, width: number,
   const begin = product(kernel, 'first * width', first, width);
   const size = product(kernel, 'count * width', count, width);
   requireLength(kernel, 'out', out, size, `count * width = ${count} * ${width}`);
+  if (isQuantizedMatrix(matrix)) {
+    requireQuantized(kernel, 'matrix', matrix);
+    if (matrix.values.length < begin + size || matrix.scales.length < first + count) throw new InvalidArgumentError(`${kernel}: rows [${first}, ${first + count}) of width ${width} need ${begin + size} values, the matrix has ${matrix.values.length}`);
+    for (let row = 0; row < count; row++) {
+      const scale = matrix.scales[first + row];
+      for (let column = 0; column < width; column++) out[row * width + column] = matrix.values[begin + row * width + column] * scale;
+    }
+    return;
+  }
   const half = isHalfMatrix(matrix);
   if (half) requireHalf(kernel, 'matrix', matrix);
   else requireFloats(kernel, 'matrix', matrix);
@@ -255,8 +311,8 @@ export function rotary(x: Float32Array, positions: Int32Array, inverseFrequencie
 export function attention(
   out: Float32Array,
   q: Float32Array,
-  keys: WeightMatrix,
-  values: WeightMatrix,
+  keys: Float32Array | HalfMatrix,
+  values: Float32Array | HalfMatrix,
   queries: number,
   past: number,
   heads: number,

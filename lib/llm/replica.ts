@@ -21,8 +21,8 @@ import { planSharding, type ParallelismOptions, type ShardingPlan } from './plan
 import { Checkpoint } from './safetensors.js';
 import { PrefixCache } from './prefix-cache.js';
 import { checkSampling, needsHistory, type SamplingParameters } from './sampling.js';
-import type { StepMessage, StepResult, StepSequence } from './shard.js';
-import type { WeightDType } from './kernels.js';
+import { cacheDTypeFor, type StepMessage, type StepResult, type StepSequence } from './shard.js';
+import type { CacheDType, WeightDType } from './kernels.js';
 import { checkCheckpoint, resolveWeightDType } from './weights.js';
 import { RemoteShardWorker, type ShardWorker } from './shard-worker.js';
 
@@ -65,7 +65,7 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    * bf16 checkpoint's cache is bf16, half the memory of f32, as vLLM's 'auto' does). 16-bit
    * entries are rounded once, as they enter the cache.
    */
-  kvCacheDtype?: WeightDType | 'auto';
+  kvCacheDtype?: CacheDType | 'auto';
   /**
    * Prompts that begin with the same tokens (a system prompt, few-shot examples) read that
    * beginning once: a new sequence starts from a copy of another's cached positions, in whole
@@ -195,7 +195,7 @@ export class ModelReplica {
   /** How the ranks keep their matrices ('auto' resolved). */
   readonly weightDtype: WeightDType;
   /** How the ranks keep their key/value caches ('auto' resolved). */
-  readonly kvCacheDtype: WeightDType;
+  readonly kvCacheDtype: CacheDType;
   readonly #workers: Array<Array<ActorHandle<ShardWorker>>>;
   readonly #groups: CollectiveGroup[];
   readonly #graph: CompiledGraph;
@@ -229,7 +229,7 @@ export class ModelReplica {
     placement: PlacementGroup | undefined;
     weightBytes: number;
     weightDtype: WeightDType;
-    kvCacheDtype: WeightDType;
+    kvCacheDtype: CacheDType;
     stopTokens: number[];
     limits: StepLimits;
   }) {
@@ -295,7 +295,7 @@ export class ModelReplica {
     if (requestedCache !== 'auto' && requestedCache !== 'f32' && requestedCache !== 'bf16' && requestedCache !== 'f16') {
       throw new InvalidArgumentError(`kvCacheDtype must be 'auto', 'f32', 'bf16' or 'f16', got ${JSON.stringify(requestedCache)}`);
     }
-    const kvCacheDtype: WeightDType = requestedCache === 'auto' ? weightDtype : requestedCache;
+    const kvCacheDtype: CacheDType = requestedCache === 'auto' ? cacheDTypeFor(weightDtype) : requestedCache;
     // One position of every layer's keys and values, over all ranks together.
     const bytesPerPosition = config.numLayers * 2 * config.numKeyValueHeads * config.headSize * (kvCacheDtype === 'f32' ? 4 : 2);
     limits.maxCacheTokens = positiveInteger(options.maxCacheTokens, 'maxCacheTokens', Math.max(config.maxPositions, Math.floor((0.25 * totalmem()) / bytesPerPosition)));

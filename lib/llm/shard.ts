@@ -8,7 +8,7 @@ import { InvalidArgumentError } from '../errors.js';
 import type { Communicator } from '../gpu/communicator.js';
 import { Tensor } from '../gpu/tensor.js';
 import { checkDecoderConfig, rotaryInverseFrequencies, type DecoderConfig, type ResolvedDecoderConfig } from './config.js';
-import { attention, gelu, layerNorm, linear, narrow, readRows, rmsNorm, rotary, siluMultiply, type WeightDType, type WeightMatrix } from './kernels.js';
+import { attention, gelu, layerNorm, linear, narrow, readRows, rmsNorm, rotary, siluMultiply, type CacheDType, type HalfMatrix, type WeightDType } from './kernels.js';
 import type { ShardingPlan } from './plan.js';
 import { Checkpoint } from './safetensors.js';
 import { needsHistory, pickToken, type SamplingParameters, type TokenHistory } from './sampling.js';
@@ -70,8 +70,8 @@ export interface ShardSpec {
   rank: number;
   /** How matrices are kept (default 'auto': 16-bit checkpoints stay 16-bit; see resolveWeightDType). */
   weightDtype?: WeightDType | 'auto';
-  /** How the key/value cache is kept (default 'auto': as the weights are). */
-  kvCacheDtype?: WeightDType | 'auto';
+  /** How the key/value cache is kept (default 'auto': as the weights are; bf16 for int8 weights). */
+  kvCacheDtype?: CacheDType | 'auto';
 }
 
 /** One sequence's keys and values for each of this shard's layers, [capacity, kvHeads, headSize], in f32 or as 16-bit bits. */
@@ -96,9 +96,9 @@ export class DecoderShard {
   /** Bytes of weights this rank holds. */
   readonly weightBytes: number;
   /** How the key/value cache is kept ('auto' resolved). */
-  readonly kvCacheDtype: WeightDType;
+  readonly kvCacheDtype: CacheDType;
 
-  private constructor(spec: ShardSpec, config: ResolvedDecoderConfig, communicator: Communicator | undefined, weights: ShardWeights, kvCacheDtype: WeightDType) {
+  private constructor(spec: ShardSpec, config: ResolvedDecoderConfig, communicator: Communicator | undefined, weights: ShardWeights, kvCacheDtype: CacheDType) {
     this.spec = spec;
     this.config = config;
     this.kvCacheDtype = kvCacheDtype;
@@ -131,7 +131,7 @@ export class DecoderShard {
     if (kvCacheDtype !== 'auto' && kvCacheDtype !== 'f32' && kvCacheDtype !== 'bf16' && kvCacheDtype !== 'f16') {
       throw new InvalidArgumentError(`kvCacheDtype must be 'auto', 'f32', 'bf16' or 'f16', got ${JSON.stringify(kvCacheDtype)}`);
     }
-    const resolved = kvCacheDtype === 'auto' ? resolveWeightDType(checkpoint, config, spec.weightDtype) : kvCacheDtype;
+    const resolved = kvCacheDtype === 'auto' ? cacheDTypeFor(resolveWeightDType(checkpoint, config, spec.weightDtype)) : kvCacheDtype;
     return new DecoderShard(spec, config, communicator, weights, resolved);
   }
 
@@ -344,8 +344,8 @@ export class DecoderShard {
       }
       const from = sequence.past * keyWidth;
       const to = (sequence.past + sequence.count) * keyWidth;
-      let cachedKeys: WeightMatrix;
-      let cachedValues: WeightMatrix;
+      let cachedKeys: Float32Array | HalfMatrix;
+      let cachedValues: Float32Array | HalfMatrix;
       if (kvDtype === 'f32') {
         (keys as Float32Array).set(newKeys, from);
         (values as Float32Array).set(newValues, from);
@@ -477,6 +477,11 @@ export class DecoderShard {
     this.#histories.clear();
     this.#poolSums.clear();
   }
+}
+
+/** The cache's dtype when it follows the weights': int8 weights keep a bf16 cache. */
+export function cacheDTypeFor(weights: WeightDType): CacheDType {
+  return weights === 'int8' ? 'bf16' : weights;
 }
 
 /** log softmax(logits)[token], the sum in double with the maximum taken out. */

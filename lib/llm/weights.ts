@@ -8,7 +8,7 @@
  */
 import { InvalidArgumentError, ModelLoadError } from '../errors.js';
 import type { ResolvedDecoderConfig } from './config.js';
-import { isHalfMatrix, type WeightDType, type WeightMatrix } from './kernels.js';
+import { isHalfMatrix, quantizeRows, type HalfMatrix, type WeightDType, type WeightMatrix } from './kernels.js';
 import type { ShardingPlan } from './plan.js';
 import type { Checkpoint, SliceOptions } from './safetensors.js';
 
@@ -48,18 +48,21 @@ export interface ShardWeights {
 
 type Shape = number[];
 
+/** A matrix as read from the checkpoint: f32 or 16-bit (int8 is made from f32 once a layer is assembled). */
+type ReadMatrix = Float32Array | HalfMatrix;
+
 /** The elements of a matrix, whatever their encoding: moving them needs no arithmetic. */
-function elementsOf(matrix: WeightMatrix): Float32Array | Uint16Array {
+function elementsOf(matrix: ReadMatrix): Float32Array | Uint16Array {
   return isHalfMatrix(matrix) ? matrix.bits : matrix;
 }
 
 /** A matrix of the same encoding as `like`, over `elements`. */
-function sameEncoding(like: WeightMatrix, elements: Float32Array | Uint16Array): WeightMatrix {
+function sameEncoding(like: ReadMatrix, elements: Float32Array | Uint16Array): ReadMatrix {
   return isHalfMatrix(like) ? { dtype: like.dtype, bits: elements as Uint16Array } : (elements as Float32Array);
 }
 
 /** Conv1D ([in, out]) to Linear ([out, in]). */
-function transpose(matrix: WeightMatrix, rows: number, columns: number): WeightMatrix {
+function transpose(matrix: ReadMatrix, rows: number, columns: number): ReadMatrix {
   const source = elementsOf(matrix);
   const result = new (source.constructor as Float32ArrayConstructor | Uint16ArrayConstructor)(source.length);
   for (let row = 0; row < rows; row++) {
@@ -68,7 +71,7 @@ function transpose(matrix: WeightMatrix, rows: number, columns: number): WeightM
   return sameEncoding(matrix, result);
 }
 
-function concatenate<T extends WeightMatrix>(parts: T[]): T {
+function concatenate<T extends ReadMatrix>(parts: T[]): T {
   const sources = parts.map(elementsOf);
   const result = new (sources[0].constructor as Float32ArrayConstructor | Uint16ArrayConstructor)(sources.reduce((sum, part) => sum + part.length, 0));
   let offset = 0;
@@ -93,8 +96,8 @@ interface Layout {
 type Reader = {
   /** A vector (norm, bias, positions) or slice of one, always f32. */
   (name: string, slice?: SliceOptions): Promise<Float32Array>;
-  /** A matrix or slice of one, in the shard's weight dtype. */
-  matrix(name: string, slice?: SliceOptions): Promise<WeightMatrix>;
+  /** A matrix or slice of one, as f32 or in the shard's 16-bit dtype. */
+  matrix(name: string, slice?: SliceOptions): Promise<ReadMatrix>;
   has(name: string): boolean;
 };
 
@@ -127,7 +130,7 @@ const gpt2: Layout = {
     const inner = plan.intermediatePerRank;
     const base = `h.${layer}.`;
     const fullBias = await read(`${base}attn.c_attn.bias`);
-    const weights: WeightMatrix[] = [];
+    const weights: ReadMatrix[] = [];
     const biases: Float32Array[] = [];
     for (let part = 0; part < 3; part++) {
       // Query, key and value sit side by side in c_attn's columns: this rank's heads of each.
@@ -184,7 +187,7 @@ const llama: Layout = {
     const inner = plan.intermediatePerRank;
     const rows = (size: number): SliceOptions => ({ rows: [rank * size, (rank + 1) * size] });
     const parts = [['q_proj', queryRows], ['k_proj', keyRows], ['v_proj', keyRows]] as const;
-    const weights: WeightMatrix[] = [];
+    const weights: ReadMatrix[] = [];
     for (const [name, size] of parts) weights.push(await read.matrix(`${base}${name}.weight`, rows(size)));
     // Qwen2 puts biases on query, key and value; Llama has none.
     let qkvBias: Float32Array | undefined;
@@ -245,8 +248,8 @@ export function checkCheckpoint(checkpoint: Checkpoint, config: ResolvedDecoderC
  */
 export function resolveWeightDType(checkpoint: Checkpoint, config: ResolvedDecoderConfig, requested: WeightDType | 'auto' = 'auto'): WeightDType {
   if (requested !== 'auto') {
-    if (requested !== 'f32' && requested !== 'bf16' && requested !== 'f16') {
-      throw new InvalidArgumentError(`weightDtype must be 'auto', 'f32', 'bf16' or 'f16', got ${JSON.stringify(requested)}`);
+    if (requested !== 'f32' && requested !== 'bf16' && requested !== 'f16' && requested !== 'int8') {
+      throw new InvalidArgumentError(`weightDtype must be 'auto', 'f32', 'bf16', 'f16' or 'int8', got ${JSON.stringify(requested)}`);
     }
     return requested;
   }
@@ -256,7 +259,7 @@ export function resolveWeightDType(checkpoint: Checkpoint, config: ResolvedDecod
 }
 
 /** Rows [first, end) of a matrix read whole, as the rank's head (zero rows past the end of the vocabulary). */
-async function readHead(checkpoint: Checkpoint, name: string, dtype: WeightDType, rows: number, hidden: number, first: number, end: number): Promise<WeightMatrix> {
+async function readHead(checkpoint: Checkpoint, name: string, dtype: 'f32' | 'bf16' | 'f16', rows: number, hidden: number, first: number, end: number): Promise<ReadMatrix> {
   if (dtype === 'f32') {
     const head = new Float32Array(rows * hidden);
     if (end > first) head.set(await checkpoint.readFloat32(name, { rows: [first, end] }));
@@ -276,17 +279,33 @@ export async function loadShardWeights(checkpoint: Checkpoint, config: ResolvedD
   const layout = LAYOUTS[config.architecture];
   const prefix = checkCheckpoint(checkpoint, config);
   const dtype = resolveWeightDType(checkpoint, config, weightDtype);
-  const matrix = async (name: string, slice?: SliceOptions): Promise<WeightMatrix> =>
-    dtype === 'f32' ? checkpoint.readFloat32(name, slice) : { dtype, bits: await checkpoint.readHalf(name, dtype, slice) };
+  // int8 is made from f32, per output row, once a matrix is in Linear's layout.
+  const readDtype = dtype === 'int8' ? 'f32' : dtype;
+  const quantize = (matrix: ReadMatrix, columns: number): WeightMatrix =>
+    dtype === 'int8' ? quantizeRows(matrix as Float32Array, (matrix as Float32Array).length / columns, columns) : matrix;
+  const matrix = async (name: string, slice?: SliceOptions): Promise<ReadMatrix> =>
+    readDtype === 'f32' ? checkpoint.readFloat32(name, slice) : { dtype: readDtype, bits: await checkpoint.readHalf(name, readDtype, slice) };
   const read = Object.assign((name: string, slice?: SliceOptions) => checkpoint.readFloat32(prefix + name, slice), {
     matrix: (name: string, slice?: SliceOptions) => matrix(prefix + name, slice),
     has: (name: string) => checkpoint.has(prefix + name),
   });
   const stage = plan.stages[stageIndex];
   const weights: ShardWeights = { layers: [] };
-  for (let layer = stage.firstLayer; layer < stage.endLayer; layer++) weights.layers.push(await layout.layer(read, config, plan, layer, rank));
+  const hidden = config.hiddenSize;
+  for (let layer = stage.firstLayer; layer < stage.endLayer; layer++) {
+    const weightsOfLayer = await layout.layer(read, config, plan, layer, rank);
+    if (dtype === 'int8') {
+      // Each matrix's rows are its outputs; its columns its inputs.
+      weightsOfLayer.qkvWeight = quantize(weightsOfLayer.qkvWeight as ReadMatrix, hidden);
+      weightsOfLayer.projectionWeight = quantize(weightsOfLayer.projectionWeight as ReadMatrix, plan.headsPerRank * plan.headSize);
+      weightsOfLayer.upWeight = quantize(weightsOfLayer.upWeight as ReadMatrix, hidden);
+      if (weightsOfLayer.gateWeight) weightsOfLayer.gateWeight = quantize(weightsOfLayer.gateWeight as ReadMatrix, hidden);
+      weightsOfLayer.downWeight = quantize(weightsOfLayer.downWeight as ReadMatrix, plan.intermediatePerRank);
+    }
+    weights.layers.push(weightsOfLayer);
+  }
   if (stage.embeds) {
-    weights.tokenEmbedding = await read.matrix(layout.embedding);
+    weights.tokenEmbedding = quantize(await read.matrix(layout.embedding), hidden);
     if (layout.positionEmbedding) weights.positionEmbedding = await read(layout.positionEmbedding);
   }
   if (stage.hasHead) {
@@ -301,7 +320,7 @@ export async function loadShardWeights(checkpoint: Checkpoint, config: ResolvedD
       weights.head = weights.tokenEmbedding;
     } else {
       const headName = untied ? 'lm_head.weight' : prefix + layout.embedding;
-      weights.head = await readHead(checkpoint, headName, dtype, plan.vocabularyPerRank, config.hiddenSize, first, end);
+      weights.head = quantize(await readHead(checkpoint, headName, readDtype, plan.vocabularyPerRank, config.hiddenSize, first, end), hidden);
     }
   }
   return weights;

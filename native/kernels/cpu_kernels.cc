@@ -36,6 +36,8 @@ struct Float16 {
 };
 
 inline float WidenScalar(float value) { return value; }
+// An int8 weight is widened as is; its row's scale multiplies the finished sum.
+inline float WidenScalar(int8_t value) { return static_cast<float>(value); }
 // A bf16 is the top half of an f32.
 inline float WidenScalar(Bfloat16 value) {
   const uint32_t bits = static_cast<uint32_t>(value.bits) << 16;
@@ -88,6 +90,8 @@ struct DotProblem {
   // compute a few columns past the limit of its first rows, which the caller ignores).
   bool causal;
   size_t causal_past;
+  // int8 weights: each weight row's scale, applied to its sums (per depth block) before the bias.
+  const float* scales = nullptr;
 };
 
 // Accumulators per tile: Rows × ColumnsPerTile plus the Rows x vectors and one weight vector fill
@@ -135,7 +139,8 @@ Blocking ChooseBlocking(size_t depth, size_t weight_bytes) {
   return {depth_block, columns, chunk, whole_rows};
 }
 
-inline void StoreTileSum(float* out, size_t column, float sum, bool first, const float* bias) {
+inline void StoreTileSum(float* out, size_t column, float sum, bool first, const float* bias, const float* scales) {
+  if (scales != nullptr) sum *= scales[column];
   if (!first) *out += sum;
   else *out = (bias != nullptr ? bias[column] : 0.0f) + sum;
 }
@@ -272,7 +277,7 @@ struct Portable {
         const Float4 a = accumulators[r][c];
         float sum = (a[0] + a[2]) + (a[1] + a[3]);
         for (size_t tail = d; tail < problem.depth; ++tail) sum += x[r * problem.x_stride + tail] * WidenScalar(weight[c * problem.weight_stride + tail]);
-        StoreTileSum(problem.out + (row + r) * problem.out_stride + column + c, column + c, sum, first, problem.bias);
+        StoreTileSum(problem.out + (row + r) * problem.out_stride + column + c, column + c, sum, first, problem.bias, problem.scales);
       }
     }
   }
@@ -370,6 +375,10 @@ TRELLIS_TARGET_AVX2 inline __m256 LoadWeights8(const Float16* source) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(source)));
 }
 
+TRELLIS_TARGET_AVX2 inline __m256 LoadWeights8(const int8_t* source) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(source))));
+}
+
 // The last count (< 8) elements of a row, the other lanes zero, reading nothing past the row.
 TRELLIS_TARGET_AVX2 inline __m256 LoadWeightsTail(const float* source, size_t count) {
   return _mm256_maskload_ps(source, TailMask(count));
@@ -414,11 +423,12 @@ struct Avx2 {
       int c = 0;
       for (; c + 4 <= Columns; c += 4) {
         __m128 sums = Sum4x8(accumulators[r][c], accumulators[r][c + 1], accumulators[r][c + 2], accumulators[r][c + 3]);
+        if (problem.scales != nullptr) sums = _mm_mul_ps(sums, _mm_loadu_ps(problem.scales + column + c));
         if (!first) sums = _mm_add_ps(sums, _mm_loadu_ps(target + c));
         else if (problem.bias != nullptr) sums = _mm_add_ps(sums, _mm_loadu_ps(problem.bias + column + c));
         _mm_storeu_ps(target + c, sums);
       }
-      for (; c < Columns; ++c) StoreTileSum(target + c, column + c, Sum8(accumulators[r][c]), first, problem.bias);
+      for (; c < Columns; ++c) StoreTileSum(target + c, column + c, Sum8(accumulators[r][c]), first, problem.bias, problem.scales);
     }
   }
 
@@ -638,6 +648,15 @@ void LinearOf(float* out, const float* x, const Weight* weight, const float* bia
 
 void Linear(float* out, const float* x, const float* weight, const float* bias, size_t rows, size_t depth, size_t columns) {
   LinearOf(out, x, weight, bias, rows, depth, columns);
+}
+
+void Linear(float* out, const float* x, const int8_t* weight, const float* scales, const float* bias, size_t rows, size_t depth, size_t columns) {
+  DotProblem<int8_t> problem{x, depth, rows, weight, depth, columns, depth, out, columns, bias, false, 0};
+  problem.scales = scales;
+#ifdef TRELLIS_KERNELS_AVX2
+  if (UseAvx2()) return DotProducts<Avx2>(problem, true);
+#endif
+  DotProducts<Portable>(problem, true);
 }
 
 void Linear(float* out, const float* x, const uint16_t* weight, WeightType type, const float* bias, size_t rows, size_t depth, size_t columns) {

@@ -22,6 +22,11 @@ enum class WeightType { kBfloat16, kFloat16 };
 void Linear(float* out, const float* x, const uint16_t* weight, WeightType type, const float* bias, size_t rows, size_t depth,
             size_t columns);
 
+// Linear with weights quantized to int8 per output row: weight[c, d] stands for weight[c, d] ·
+// scales[c]. The int8 values are widened as they are loaded and each row's sum is scaled once
+// (per depth block) before the bias: a quarter of f32's memory and bandwidth.
+void Linear(float* out, const float* x, const int8_t* weight, const float* scales, const float* bias, size_t rows, size_t depth, size_t columns);
+
 // out[i] = in[i] widened to f32 (exact). out must not overlap in.
 void Widen(float* out, const uint16_t* in, WeightType type, size_t count);
 

@@ -23,13 +23,15 @@ struct FloatArray {
   size_t length;
 };
 
-// A weight matrix: f32, or 16-bit floats (bf16 or f16) kept in a Uint16Array.
+// A weight matrix: f32, 16-bit floats (bf16 or f16) kept in a Uint16Array, or int8 (with scales
+// given apart) in an Int8Array.
 struct WeightArray {
   const void* data;
   size_t length;
   size_t element_bytes;
   bool half;
   WeightType type;
+  bool int8 = false;
 };
 
 struct IntArray {
@@ -80,14 +82,21 @@ FloatArray FloatArrayArgument(const char* kernel, const Napi::Value& value, cons
 WeightArray WeightArgument(const char* kernel, const Napi::Value& value, const Napi::Value& dtype_value, const char* name) {
   std::string dtype = "f32";
   if (!dtype_value.IsUndefined()) {
-    if (!dtype_value.IsString()) throw InvalidArgument(std::string(kernel) + ": " + name + "'s dtype must be 'f32', 'bf16' or 'f16', got " + Describe(dtype_value));
+    if (!dtype_value.IsString()) throw InvalidArgument(std::string(kernel) + ": " + name + "'s dtype must be 'f32', 'bf16', 'f16' or 'int8', got " + Describe(dtype_value));
     dtype = dtype_value.As<Napi::String>().Utf8Value();
   }
   if (dtype == "f32") {
     const FloatArray array = FloatArrayArgument(kernel, value, name);
     return {array.data, array.length, sizeof(float), false, WeightType::kBfloat16};
   }
-  if (dtype != "bf16" && dtype != "f16") throw InvalidArgument(std::string(kernel) + ": " + name + "'s dtype must be 'f32', 'bf16' or 'f16', got '" + dtype + "'");
+  if (dtype == "int8") {
+    if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_int8_array) {
+      throw InvalidArgument(std::string(kernel) + ": " + name + " in int8 must be an Int8Array, got " + Describe(value));
+    }
+    auto array = value.As<Napi::Int8Array>();
+    return {array.Data(), array.ElementLength(), 1, false, WeightType::kBfloat16, true};
+  }
+  if (dtype != "bf16" && dtype != "f16") throw InvalidArgument(std::string(kernel) + ": " + name + "'s dtype must be 'f32', 'bf16', 'f16' or 'int8', got '" + dtype + "'");
   if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_uint16_array) {
     throw InvalidArgument(std::string(kernel) + ": " + name + " in " + dtype + " must be a Uint16Array, got " + Describe(value));
   }
@@ -150,7 +159,7 @@ double EpsilonArgument(const char* kernel, const Napi::Value& value) {
   return eps;
 }
 
-// linear(out, x, weight, bias | null, m, k, n, weightDtype = 'f32')
+// linear(out, x, weight, bias | null, m, k, n, weightDtype = 'f32', scales (int8 only))
 Napi::Value LinearFunction(const Napi::CallbackInfo& info) {
   return Guarded(info.Env(), [&]() -> Napi::Value {
     const char* kernel = "linear";
@@ -168,15 +177,23 @@ Napi::Value LinearFunction(const Napi::CallbackInfo& info) {
     RequireLength(kernel, out, "out", out_size, "m * n = " + std::to_string(m) + " * " + std::to_string(n));
     RequireLength(kernel, x, "x", x_size, "m * k = " + std::to_string(m) + " * " + std::to_string(k));
     if (weight.length < weight_size) {
+      const char* unit = weight.int8 ? " int8 values" : weight.half ? " 16-bit values" : " floats";
       throw InvalidArgument(std::string(kernel) + ": weight must hold at least n * k = " + std::to_string(n) + " * " + std::to_string(k) + " = " +
-                            std::to_string(weight_size) + (weight.half ? " 16-bit values" : " floats") + ", got " + std::to_string(weight.length));
+                            std::to_string(weight_size) + unit + ", got " + std::to_string(weight.length));
+    }
+    FloatArray scales{nullptr, 0};
+    if (weight.int8) {
+      scales = FloatArrayArgument(kernel, info[8], "scales");
+      RequireLength(kernel, scales, "scales", n, "n");
+      RequireDisjoint(kernel, out, out_size, scales, n, "scales");
     }
     if (has_bias) RequireLength(kernel, bias, "bias", n, "n");
     RequireDisjoint(kernel, out, out_size, x, x_size, "x");
     RequireDisjointBytes(kernel, "out", out.data, out_size * sizeof(float), weight.data, weight_size * weight.element_bytes, "weight");
     if (has_bias) RequireDisjoint(kernel, out, out_size, bias, n, "bias");
     const float* bias_data = has_bias ? bias.data : nullptr;
-    if (weight.half) Linear(out.data, x.data, static_cast<const uint16_t*>(weight.data), weight.type, bias_data, m, k, n);
+    if (weight.int8) Linear(out.data, x.data, static_cast<const int8_t*>(weight.data), scales.data, bias_data, m, k, n);
+    else if (weight.half) Linear(out.data, x.data, static_cast<const uint16_t*>(weight.data), weight.type, bias_data, m, k, n);
     else Linear(out.data, x.data, static_cast<const float*>(weight.data), bias_data, m, k, n);
     return info.Env().Undefined();
   });
@@ -304,6 +321,7 @@ Napi::Value AttentionFunction(const Napi::CallbackInfo& info) {
     // A 16-bit cache (kvDtype 'bf16' or 'f16') comes as Uint16Arrays.
     const WeightArray keys = WeightArgument(kernel, info[2], info[10], "keys");
     const WeightArray values = WeightArgument(kernel, info[3], info[10], "values");
+    if (keys.int8) throw InvalidArgument(std::string(kernel) + ": kvDtype must be 'f32', 'bf16' or 'f16', got 'int8'");
     const size_t queries = DimensionArgument(kernel, info[4], "queries", 1);
     const size_t past = DimensionArgument(kernel, info[5], "past", 0);
     const size_t heads = DimensionArgument(kernel, info[6], "heads", 1);
@@ -373,7 +391,7 @@ Napi::Value WidenFunction(const Napi::CallbackInfo& info) {
     const char* kernel = "widen";
     const FloatArray out = FloatArrayArgument(kernel, info[0], "out");
     const WeightArray in = WeightArgument(kernel, info[1], info[2], "bits");
-    if (!in.half) throw InvalidArgument(std::string(kernel) + ": dtype must be 'bf16' or 'f16', got 'f32'");
+    if (!in.half) throw InvalidArgument(std::string(kernel) + ": dtype must be 'bf16' or 'f16', got " + (in.int8 ? "'int8'" : "'f32'"));
     const size_t count = DimensionArgument(kernel, info[3], "count", 0);
     RequireLength(kernel, out, "out", count, "count");
     if (in.length < count) throw InvalidArgument(std::string(kernel) + ": bits must hold at least count = " + std::to_string(count) + " elements, got " + std::to_string(in.length));

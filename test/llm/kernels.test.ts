@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { InvalidArgumentError } from '../../lib/errors.js';
-import { attention, gelu, kernelThreads, layerNorm, linear, narrow, readRows, rmsNorm, rotary, setKernelThreads, siluMultiply } from '../../lib/llm/kernels.js';
+import { attention, gelu, kernelThreads, layerNorm, linear, narrow, quantizeRows, readRows, rmsNorm, rotary, setKernelThreads, siluMultiply } from '../../lib/llm/kernels.js';
 import { bf16ToFloat, f16ToFloat, floatToBf16, floatToF16 } from '../../lib/gpu/dtype.js';
 import { native } from '../../lib/native.js';
 
@@ -600,6 +600,44 @@ describe('linear with 16-bit weights', () => {
   });
 });
 
+describe('linear with int8 weights', () => {
+  it('quantizes each row to its largest magnitude / 127 and computes with the dequantized matrix', () => {
+    const shapes: Array<[m: number, k: number, n: number]> = [[1, 67, 131], [3, 8, 4], [5, 1031, 53], [901, 300, 50], [7, 2051, 30]];
+    shapes.forEach(([m, k, n], index) => {
+      const weights = randomFloats(n * k, 700 + index, 3);
+      const quantized = quantizeRows(weights, n, k);
+      const dequantized = Float32Array.from(quantized.values, (value, position) => value * quantized.scales[Math.floor(position / k)]);
+      // Every weight within half a step of its row's scale.
+      weights.forEach((weight, position) => expect(Math.abs(weight - dequantized[position])).toBeLessThanOrEqual(quantized.scales[Math.floor(position / k)] / 2 + 1e-7));
+      const x = randomFloats(m * k, 800 + index);
+      const bias = index % 2 === 0 ? randomFloats(n, 900 + index) : null;
+      const out = new Float32Array(m * n);
+      linear(out, x, quantized, bias, m, k, n);
+      expectClose(out, referenceLinear(x, dequantized, bias, m, k, n), 1e-4, 1e-4);
+      // The same with kernel threads, bit for bit.
+      const threaded = new Float32Array(m * n);
+      try {
+        setKernelThreads(2);
+        linear(threaded, x, quantized, bias, m, k, n);
+      } finally {
+        setKernelThreads(1);
+      }
+      expect(threaded).toEqual(out);
+    });
+    // A zero row keeps scale 0; the largest magnitude maps to ±127; rows read back dequantized.
+    const quantized = quantizeRows(Float32Array.from([0, 0, 0, 2, -4, 1]), 2, 3);
+    expect(Array.from(quantized.scales)).toEqual([0, Math.fround(4 / 127)]);
+    expect(Array.from(quantized.values)).toEqual([0, 0, 0, 64, -127, 32]);
+    const rows = new Float32Array(3);
+    readRows(rows, quantized, 3, 1);
+    expect(Array.from(rows)).toEqual([64, -127, 32].map((value) => value * Math.fround(4 / 127)).map(Math.fround));
+    expectInvalid(() => quantizeRows(Float32Array.from([1, Infinity]), 1, 2), 'row 0 holds a value that is not finite');
+    expectInvalid(() => linear(new Float32Array(2), new Float32Array(3), { ...quantized, scales: new Float32Array(1) }, null, 1, 3, 2), 'weight.scales must hold at least n = 2 floats, got 1');
+    expectInvalid(() => unchecked.linear(new Float32Array(2), new Float32Array(3), new Int8Array(6), null, 1, 3, 2, 'int8'), 'scales must be a Float32Array');
+    expectInvalid(() => unchecked.linear(new Float32Array(2), new Float32Array(3), new Uint8Array(6), null, 1, 3, 2, 'int8', new Float32Array(2)), 'weight in int8 must be an Int8Array');
+  });
+});
+
 describe('kernel threads', () => {
   it('split matmuls and attention across threads without changing a single result', () => {
     const shapes: Array<[m: number, k: number, n: number]> = [[1, 512, 2048], [7, 2051, 300], [901, 300, 50], [16, 96, 1000], [3, 64, 24]];
@@ -722,8 +760,8 @@ describe('argument errors', () => {
       const out = new Float32Array(shared.buffer, 0, 6);
       expectInvalid(call(shared.subarray(8, 20), 'bf16', out), 'out must not overlap weight');
       if (layer === 'addon') {
-        expectInvalid(call(new Uint16Array(12), 'f8'), "dtype must be 'f32', 'bf16' or 'f16'", "'f8'");
-        expectInvalid(call(new Uint16Array(12), 7), "dtype must be 'f32', 'bf16' or 'f16'");
+        expectInvalid(call(new Uint16Array(12), 'f8'), "dtype must be 'f32', 'bf16', 'f16' or 'int8'", "'f8'");
+        expectInvalid(call(new Uint16Array(12), 7), "dtype must be 'f32', 'bf16', 'f16' or 'int8'");
         expectInvalid(() => kernels.widen(floats(2), new Uint16Array(4), 'bf16', 3), 'out must hold at least count = 3');
         expectInvalid(() => kernels.widen(floats(4), new Uint16Array(2), 'f16', 3), 'bits must hold at least count = 3');
         expectInvalid(() => kernels.widen(floats(4), floats(4), 'f32', 3), "dtype must be 'bf16' or 'f16'");
@@ -818,7 +856,7 @@ describe('argument errors', () => {
         expect(halves(new Uint16Array(18), new Uint16Array(18), 'bf16')).not.toThrow();
         expectInvalid(halves(new Uint16Array(17), new Uint16Array(18), 'f16'), 'keys must hold at least', '= 18 16-bit values, got 17');
         expectInvalid(halves(floats(18), floats(18), 'bf16'), 'keys in bf16 must be a Uint16Array', 'Float32Array');
-        expectInvalid(halves(new Uint16Array(18), new Uint16Array(18), 'f8'), "keys's dtype must be 'f32', 'bf16' or 'f16'");
+        expectInvalid(halves(new Uint16Array(18), new Uint16Array(18), 'f8'), "keys's dtype must be 'f32', 'bf16', 'f16' or 'int8'");
         expectInvalid(() => kernels.narrow(new Uint16Array(2), floats(3), 'bf16', 3), 'out must hold at least count = 3');
         expectInvalid(() => kernels.narrow(new Uint16Array(4), floats(3), 'f32', 3), "dtype must be 'bf16' or 'f16'");
       }

@@ -7,6 +7,7 @@ import { buildLLMProcessor, checkDecoderConfig, configFromHuggingFace, DecoderSh
 import { gpt2StyleTokenizerJson } from './fixtures/tokenizers.js';
 import { isAlive, until } from '../core/helpers.js';
 import { bf16ToFloat, f16ToFloat, floatToBf16, floatToF16 } from '../../lib/gpu/dtype.js';
+import { quantizeRows } from '../../lib/llm/kernels.js';
 import { randomWeights, referenceFinalHidden, referenceGenerate, referenceLogits, TINY, TINY_LLAMA, writeCheckpoint, type Weights } from './fixtures/decoders.js';
 
 const PROMPTS = [[5, 17, 3], [42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [96, 0, 33, 12], [7, 7, 7, 7, 7, 7]];
@@ -297,6 +298,51 @@ describe('model sharding', () => {
     const prompts = [[3, 99, 14, 15, 92], [1, 2], [50, 60, 70, 80, 90, 100, 0, 10]];
     const generated = await replica.generate(prompts.map((tokens) => ({ tokens, maxNewTokens: 6 })));
     expect(generated.map((generation) => generation.tokens)).toEqual(prompts.map((tokens) => referenceGenerate(TINY_LLAMA, stored, tokens, 6, [], { cacheRounding: bf16 })));
+  });
+
+  it('quantizes matrices to int8 per row when asked: a quarter of the bytes, the dequantized reference\'s tokens', async () => {
+    const llamaWeights = randomWeights(TINY_LLAMA, 31);
+    const path = await writeCheckpoint(join(directory, 'llama-int8'), TINY_LLAMA, llamaWeights, { prefix: 'model.' });
+    // The reference runs on each matrix as int8 stands for it, the cache rounded to bf16 (int8's default).
+    const config = checkDecoderConfig(TINY_LLAMA);
+    const vectors = new Set(['norm.weight']);
+    const dequantized: Weights = Object.fromEntries(Object.entries(llamaWeights).map(([name, tensor]) => {
+      if (tensor.shape.length < 2 || vectors.has(name)) return [name, tensor];
+      const [rows, columns] = tensor.shape;
+      const quantized = quantizeRows(tensor.data, rows, columns);
+      return [name, { shape: tensor.shape, data: Float32Array.from(quantized.values, (value, index) => value * quantized.scales[Math.floor(index / columns)]) }];
+    }));
+    const bf16 = (value: number) => bf16ToFloat(floatToBf16(value));
+    await using replica = await ModelReplica.create({ checkpoint: path, tensorParallel: 2, pipelineParallel: 2, weightDtype: 'int8' });
+    expect([replica.weightDtype, replica.kvCacheDtype]).toEqual(['int8', 'bf16']);
+    const prompts = [[3, 99, 14, 15, 92], [1, 2], [50, 60, 70, 80, 90, 100, 0, 10]];
+    const generated = await replica.generate(prompts.map((tokens) => ({ tokens, maxNewTokens: 6 })));
+    expect(generated.map((generation) => generation.tokens)).toEqual(prompts.map((tokens) => referenceGenerate(TINY_LLAMA, dequantized, tokens, 6, [], { cacheRounding: bf16 })));
+    // A quarter of f32's bytes for the matrices, plus a scale per row.
+    const plan = planSharding(config);
+    const int8 = await DecoderShard.load({ checkpoint: path, config, plan, stage: 0, rank: 0, weightDtype: 'int8' });
+    const f32 = await DecoderShard.load({ checkpoint: path, config, plan, stage: 0, rank: 0 });
+    expect(int8.weightBytes / f32.weightBytes).toBeLessThan(0.3);
+    // GPT-2's Conv1D matrices ([in, out]) are quantized per output once in Linear's layout.
+    const dequantize = (data: Float32Array, rows: number, columns: number) => {
+      const quantized = quantizeRows(data, rows, columns);
+      return Float32Array.from(quantized.values, (value, index) => value * quantized.scales[Math.floor(index / columns)]);
+    };
+    const transposed = (data: Float32Array, rows: number, columns: number) => Float32Array.from({ length: data.length }, (_, index) => data[(index % rows) * columns + Math.floor(index / rows)]);
+    const gpt2: Weights = Object.fromEntries(Object.entries(weights).map(([name, tensor]) => {
+      if (tensor.shape.length < 2 || name === 'wpe.weight') return [name, tensor];
+      const [rows, columns] = tensor.shape;
+      if (name === 'wte.weight') return [name, { shape: tensor.shape, data: dequantize(tensor.data, rows, columns) }];
+      // [in, out] -> [out, in], quantized per row, and back.
+      return [name, { shape: tensor.shape, data: transposed(dequantize(transposed(tensor.data, rows, columns), columns, rows), columns, rows) }];
+    }));
+    const tinyConfig = readCheckpointConfig(checkpoint)!;
+    const shard = await DecoderShard.load({ checkpoint, config: tinyConfig, plan: planSharding(tinyConfig), stage: 0, rank: 0, weightDtype: 'int8', kvCacheDtype: 'f32' });
+    const prompt = PROMPTS[2];
+    const result = (await shard.forward({ step: 0, sequences: [{ id: 0, past: 0, count: prompt.length }], released: [], tokens: Int32Array.from(prompt), logits: true })) as { logits: Float32Array };
+    const wanted = referenceLogits(TINY, gpt2, prompt).at(-1)!;
+    const scale = Math.max(...wanted.map(Math.abs));
+    wanted.forEach((value, index) => expect(Math.abs(result.logits[index] - value)).toBeLessThan(1e-4 * scale + 1e-5));
   });
 
   it('keeps the key/value cache in f16 or bf16 when asked: half the bytes, the rounded reference\'s tokens', async () => {
