@@ -284,7 +284,7 @@ describe('model sharding', () => {
     const largePath = await writeCheckpoint(join(directory, 'tiny-large'), TINY, large);
     await expect(DecoderShard.load({ checkpoint: largePath, config, plan: planSharding(config), stage: 0, rank: 0, weightDtype: 'f16' }))
       .rejects.toMatchObject({ code: 'ERR_WEIGHT_RANGE', tensor: 'h.1.mlp.c_fc.weight' });
-    await expect(ModelReplica.create({ checkpoint, weightDtype: 'int8' as never })).rejects.toThrow(/weightDtype must be 'auto', 'f32', 'bf16' or 'f16', got "int8"/);
+    await expect(ModelReplica.create({ checkpoint, weightDtype: 'int4' as never })).rejects.toThrow(/weightDtype must be 'auto', 'f32', 'bf16', 'f16' or 'int8', got "int4"/);
   });
 
   it('runs a bf16 Llama-layout checkpoint cut 2 × 2 in 16 bits, cache included, token for token the reference on its values', async () => {
