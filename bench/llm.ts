@@ -8,7 +8,8 @@
  *   kept in 16 bits (the default for such checkpoints), against the f32 one;
  * - `linear_m<M>_gflops`: the matmul kernel alone, the model's hidden × MLP shape, and
  *   `linear_bf16_m<M>_gflops` with the weights in bf16; `linear_m1_4096_gflops` and its bf16 twin
- *   a 4096 × 4096 matrix (64 MiB in f32: a real model's layer, streamed from memory each step).
+ *   a 4096 × 4096 matrix (64 MiB in f32: a real model's layer, streamed from memory each step),
+ *   and `linear_int8_m1_4096_gflops` the same quantized to int8 (16 MiB);
  * - `linear_m512_2threads_gflops` and `llm_tp1_pp1_2threads_tokens_per_s`: the same with the rank's
  *   kernels on two threads (numCpusPerRank 2), against one;
  * - `attention_decode_4096_us` and `attention_decode_bf16_4096_us`: one decoding query (32 heads,
@@ -95,9 +96,11 @@ function attentionDecodeMicros(dtype: 'f32' | 'bf16', past = 4096, heads = 32, k
   return (elapsedSeconds(start) / runs) * 1e6;
 }
 
-function linearGflops(m: number, dtype: 'f32' | 'bf16', k = CONFIG.hiddenSize, n = CONFIG.intermediateSize): number {
+function linearGflops(m: number, dtype: 'f32' | 'bf16' | 'int8', k = CONFIG.hiddenSize, n = CONFIG.intermediateSize): number {
   const x = new Float32Array(m * k).fill(0.5);
-  const weight: WeightMatrix = dtype === 'f32' ? new Float32Array(n * k).fill(0.25) : { dtype, bits: new Uint16Array(n * k).fill(floatToBf16(0.25)) };
+  const weight: WeightMatrix = dtype === 'f32'
+    ? new Float32Array(n * k).fill(0.25)
+    : dtype === 'int8' ? { dtype, values: new Int8Array(n * k).fill(32), scales: new Float32Array(n).fill(1 / 128) } : { dtype, bits: new Uint16Array(n * k).fill(floatToBf16(0.25)) };
   const out = new Float32Array(m * n);
   const runs = Math.max(3, Math.ceil(2e9 / (2 * m * k * n)));
   linear(out, x, weight, null, m, k, n);
@@ -121,6 +124,7 @@ export const llmSuite: Suite = {
     ['linear bf16 / f32, m 16', 'linear_bf16_m16_gflops', 'linear_m16_gflops', ''],
     ['linear bf16 / f32, m 512', 'linear_bf16_m512_gflops', 'linear_m512_gflops', ''],
     ['linear bf16 / f32, m 1, 4096 × 4096', 'linear_bf16_m1_4096_gflops', 'linear_m1_4096_gflops', ''],
+    ['linear int8 / f32, m 1, 4096 × 4096', 'linear_int8_m1_4096_gflops', 'linear_m1_4096_gflops', ''],
   ],
   async run(): Promise<Results> {
     const results: Results = {};
@@ -130,6 +134,7 @@ export const llmSuite: Suite = {
     }
     results.linear_m1_4096_gflops = { value: round(linearGflops(1, 'f32', 4096, 4096), 2), unit: 'GFLOP/s' };
     results.linear_bf16_m1_4096_gflops = { value: round(linearGflops(1, 'bf16', 4096, 4096), 2), unit: 'GFLOP/s' };
+    results.linear_int8_m1_4096_gflops = { value: round(linearGflops(1, 'int8', 4096, 4096), 2), unit: 'GFLOP/s' };
     setKernelThreads(2);
     try {
       results.linear_m512_2threads_gflops = { value: round(linearGflops(512, 'f32'), 2), unit: 'GFLOP/s' };
