@@ -57,7 +57,8 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    * bf16 or f16, else f32). 16-bit matrices give exactly the results of their f32 widening, in
    * half the memory and, for decoding, which streams every weight each step, in less time. 'bf16'
    * or 'f16' also narrows an f32 checkpoint's matrices (rounding them), and 'f32' widens a 16-bit
-   * one. Norms, biases and positions stay f32.
+   * one. 'int8' quantizes each matrix per output row (a quarter of f32's memory; an approximation,
+   * unlike the others). Norms, biases and positions stay f32.
    */
   weightDtype?: WeightDType | 'auto';
   /**
