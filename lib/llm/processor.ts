@@ -67,6 +67,12 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
   /** For 'embed': scale each embedding to length 1 (default true). */
   normalize?: boolean;
   /**
+   * Generations per prompt (default 1; vLLM's n). Each row comes out that many times, with
+   * `sample` 0..n-1, each drawn with the seed plus its sample index, so n > 1 needs a temperature
+   * above 0; with prefix caching the prompt is read once for all of them.
+   */
+  samplesPerPrompt?: number;
+  /**
    * Times a replica is rebuilt after one of its ranks dies (default 2). Its batches in flight
    * then run again from their prompts on the new ranks; seeded sampling gives the same text.
    */
@@ -237,25 +243,35 @@ export class LLMEngine {
   async call(rows: Row[]): Promise<Row[]> {
     await this.ready;
     if (this.#options.task === 'embed') return this.#embed(rows);
+    const samples = this.#options.samplesPerPrompt ?? 1;
     const stops = rows.map((row, index) => this.#stopStrings(row, index));
-    const requests: GenerateRequest[] = rows.map((row, index) => {
-      return {
-        tokens: this.#prompt(row, index),
+    const requests: GenerateRequest[] = rows.flatMap((row, index) => {
+      const tokens = this.#prompt(row, index);
+      const sampling = (row.sampling as SamplingParameters | undefined) ?? this.#options.sampling;
+      if (samples > 1 && !((sampling?.temperature ?? 0) > 0)) {
+        throw new InvalidArgumentError(`row ${index}: samplesPerPrompt ${samples} needs sampling with a temperature above 0 (greedy would give ${samples} copies of one text)`, 'ERR_SAMPLING');
+      }
+      return Array.from({ length: samples }, (_, sample) => ({
+        tokens,
         maxNewTokens: (row.maxNewTokens as number | undefined) ?? this.#options.maxNewTokens,
-        sampling: (row.sampling as SamplingParameters | undefined) ?? this.#options.sampling,
+        sampling: samples > 1 ? { ...sampling, seed: (sampling?.seed ?? 0) + sample } : sampling,
         ...(stops[index] ? { stop: this.#stopWhen(stops[index]) } : {}),
         ...(this.#options.logprobs ? { logprobs: true } : {}),
-      };
+      }));
     });
     const generations = await this.#onReplica((replica) => replica.generate(requests));
-    return rows.map((row, index) => ({
-      ...row,
-      generatedTokens: generations[index].tokens,
-      ...(this.#tokenizer ? { generatedText: this.#cutAtStop(this.#text(generations[index].tokens), stops[index]) } : {}),
-      finishReason: generations[index].finishReason,
-      promptTokens: generations[index].promptTokens,
-      ...(generations[index].logprobs ? { generatedLogprobs: generations[index].logprobs } : {}),
-    }));
+    return generations.map((generation, position) => {
+      const index = Math.floor(position / samples);
+      return {
+        ...rows[index],
+        ...(samples > 1 ? { sample: position % samples } : {}),
+        generatedTokens: generation.tokens,
+        ...(this.#tokenizer ? { generatedText: this.#cutAtStop(this.#text(generation.tokens), stops[index]) } : {}),
+        finishReason: generation.finishReason,
+        promptTokens: generation.promptTokens,
+        ...(generation.logprobs ? { generatedLogprobs: generation.logprobs } : {}),
+      };
+    });
   }
 }
 
@@ -286,6 +302,9 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
     if (engine.promptColumn === undefined && engine.messagesColumn === undefined) throw new InvalidArgumentError('stop strings need text: give a promptColumn or messagesColumn (for token ids, use stopTokens)');
   }
   if (engine.logprobs !== undefined && typeof engine.logprobs !== 'boolean') throw new InvalidArgumentError('logprobs must be a boolean');
+  if (engine.samplesPerPrompt !== undefined && !(Number.isInteger(engine.samplesPerPrompt) && engine.samplesPerPrompt >= 1)) {
+    throw new InvalidArgumentError(`samplesPerPrompt must be a positive integer, got ${String(engine.samplesPerPrompt)}`);
+  }
   if (engine.task !== undefined && engine.task !== 'generate' && engine.task !== 'embed') throw new InvalidArgumentError(`task must be 'generate' or 'embed', got ${JSON.stringify(engine.task)}`);
   if (engine.task === 'embed') {
     if (engine.messagesColumn !== undefined) throw new InvalidArgumentError("task 'embed' reads a promptColumn or a tokensColumn, not conversations");

@@ -615,6 +615,22 @@ describe('model sharding', () => {
     expect(() => buildLLMProcessor({ checkpoint: chatModel, chatTemplate: 'x' })).toThrow(/apply to a messagesColumn/);
   });
 
+  it('draws several samples per prompt, each row once per sample, with its own seed', async () => {
+    const sampling = { temperature: 0.9, seed: 5 };
+    const processor = buildLLMProcessor({ checkpoint, samplesPerPrompt: 3, sampling, maxNewTokens: 5 });
+    const rows = await processor(fromItems(PROMPTS.slice(0, 2).map((tokens, id) => ({ id, tokens })))).takeAll();
+    expect(rows).toHaveLength(6);
+    await using replica = await ModelReplica.create({ checkpoint });
+    for (const [id, tokens] of PROMPTS.slice(0, 2).entries()) {
+      const samples = rows.filter((row) => row.id === id).sort((a, b) => (a.sample as number) - (b.sample as number));
+      expect(samples.map((row) => row.sample)).toEqual([0, 1, 2]);
+      const wanted = await replica.generate([0, 1, 2].map((sample) => ({ tokens, maxNewTokens: 5, sampling: { ...sampling, seed: 5 + sample } })));
+      expect(samples.map((row) => Array.from(row.generatedTokens as number[]))).toEqual(wanted.map((generation) => generation.tokens));
+    }
+    await expect(buildLLMProcessor({ checkpoint, samplesPerPrompt: 2 })(fromItems([{ tokens: [1, 2] }])).takeAll()).rejects.toThrow(/samplesPerPrompt 2 needs sampling with a temperature above 0/);
+    expect(() => buildLLMProcessor({ checkpoint, samplesPerPrompt: 0 })).toThrow(/samplesPerPrompt must be a positive integer/);
+  });
+
   it('runs a dataset through replicas as a batch processor', async () => {
     const processor = buildLLMProcessor({ checkpoint, tensorParallel: 2, pipelineParallel: 2, concurrency: 1, batchSize: 2, maxNewTokens: 6 });
     const rows = await processor(fromItems(PROMPTS.map((tokens, id) => ({ id, tokens })))).takeAll();
