@@ -91,6 +91,7 @@ export { Checkpoint, writeSafetensors, writeShardedCheckpoint } from './llm/safe
 export type { TensorInfo, SliceOptions, WritableTensor } from './llm/safetensors.js';
 export { Tokenizer } from './llm/tokenizer.js';
 export { ChatTemplate } from './llm/chat-template.js';
+export { choiceConstraint } from './llm/choices.js';
 export type { ChatMessage, ChatTemplateRenderOptions, ChatTemplateLoadOptions } from './llm/chat-template.js';
 export type { EncodeOptions, DecodeOptions } from './llm/tokenizer.js';
 export type { WeightDType, HalfMatrix, WeightMatrix } from './llm/kernels.js';

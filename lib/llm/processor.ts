@@ -12,6 +12,7 @@ import { ModelReplica, type EmbedRequest, type GenerateRequest, type ModelReplic
 import { checkpointDirectory } from './config.js';
 import { checkSampling, type SamplingParameters } from './sampling.js';
 import { ChatTemplate, type ChatMessage } from './chat-template.js';
+import { choiceConstraint } from './choices.js';
 import { Tokenizer } from './tokenizer.js';
 
 export interface LLMProcessorOptions extends ModelReplicaOptions {
@@ -58,6 +59,12 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
   /** Rows also gain `generatedLogprobs`: each generated token's log-probability under the model. */
   logprobs?: boolean;
   /**
+   * The answer must be one of these texts (vLLM's guided choice; text prompts and conversations):
+   * each token is picked among those that continue some choice as the tokenizer spells it, by the
+   * sampling (greedy: the most likely choice, token by token). generatedText is the choice.
+   */
+  choices?: string[];
+  /**
    * 'generate' (default), or 'embed': each row's prompt is read and the row gains `embedding`
    * (hiddenSize floats) and `promptTokens`, nothing generated, as decoder embedding models are run.
    */
@@ -94,6 +101,8 @@ export class LLMEngine {
   #restarts = 0;
   #tokenizer: Tokenizer | undefined;
   #chatTemplate: ChatTemplate | undefined;
+  /** The choices as the tokenizer spells them. */
+  #choices: number[][] | undefined;
   readonly #options: EngineOptions;
 
   constructor(options: EngineOptions) {
@@ -103,6 +112,11 @@ export class LLMEngine {
       if (options.promptColumn !== undefined || options.messagesColumn !== undefined) this.#tokenizer = await Tokenizer.load(options.tokenizer ?? directory);
       // The template and its special tokens live beside the tokenizer.
       if (options.messagesColumn !== undefined) this.#chatTemplate = ChatTemplate.load(options.tokenizer ? checkpointDirectory(options.tokenizer) : directory, { source: options.chatTemplate });
+      if (options.choices !== undefined) {
+        this.#choices = options.choices.map((choice) => this.#tokenizer!.encode(choice, { addSpecialTokens: false }));
+        const empty = this.#choices.findIndex((tokens) => tokens.length === 0);
+        if (empty >= 0) throw new InvalidArgumentError(`choice ${empty} (${JSON.stringify(options.choices[empty])}) has no tokens`, 'ERR_CONSTRAINT');
+      }
       this.#replica = await this.#startReplica();
       if (this.#tokenizer && this.#tokenizer.vocabSize > this.#replica.config.vocabSize) {
         await this.#replica.close();
@@ -251,9 +265,12 @@ export class LLMEngine {
       if (samples > 1 && !((sampling?.temperature ?? 0) > 0)) {
         throw new InvalidArgumentError(`row ${index}: samplesPerPrompt ${samples} needs sampling with a temperature above 0 (greedy would give ${samples} copies of one text)`, 'ERR_SAMPLING');
       }
+      const choices = this.#choices;
       return Array.from({ length: samples }, (_, sample) => ({
         tokens,
-        maxNewTokens: (row.maxNewTokens as number | undefined) ?? this.#options.maxNewTokens,
+        // A choice needs its own tokens and, where it could go on, a stop token.
+        maxNewTokens: (row.maxNewTokens as number | undefined) ?? this.#options.maxNewTokens ?? (choices ? Math.max(...choices.map((choice) => choice.length)) + 1 : undefined),
+        ...(choices ? { constraint: choiceConstraint(choices, this.#replica!.stopTokens) } : {}),
         sampling: samples > 1 ? { ...sampling, seed: (sampling?.seed ?? 0) + sample } : sampling,
         ...(stops[index] ? { stop: this.#stopWhen(stops[index]) } : {}),
         ...(this.#options.logprobs ? { logprobs: true } : {}),
@@ -302,6 +319,12 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
     if (engine.promptColumn === undefined && engine.messagesColumn === undefined) throw new InvalidArgumentError('stop strings need text: give a promptColumn or messagesColumn (for token ids, use stopTokens)');
   }
   if (engine.logprobs !== undefined && typeof engine.logprobs !== 'boolean') throw new InvalidArgumentError('logprobs must be a boolean');
+  if (engine.choices !== undefined) {
+    if (!Array.isArray(engine.choices) || engine.choices.length === 0 || engine.choices.some((choice) => typeof choice !== 'string' || choice.length === 0)) {
+      throw new InvalidArgumentError('choices must be a non-empty list of non-empty strings', 'ERR_CONSTRAINT');
+    }
+    if (engine.promptColumn === undefined && engine.messagesColumn === undefined) throw new InvalidArgumentError('choices are text: give a promptColumn or messagesColumn', 'ERR_CONSTRAINT');
+  }
   if (engine.samplesPerPrompt !== undefined && !(Number.isInteger(engine.samplesPerPrompt) && engine.samplesPerPrompt >= 1)) {
     throw new InvalidArgumentError(`samplesPerPrompt must be a positive integer, got ${String(engine.samplesPerPrompt)}`);
   }

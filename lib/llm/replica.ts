@@ -104,6 +104,12 @@ export interface GenerateRequest {
    * finishReason 'stop' (how the processor stops at text: stop strings). It runs in this process.
    */
   stop?: (generated: readonly number[]) => boolean;
+  /**
+   * Constrained decoding: given the tokens generated so far, the ids the next one may be, or null
+   * when the generation is complete (finishReason 'stop'). Called before the first token and after
+   * each one, in this process; the choice among the allowed ids is the sampling's.
+   */
+  constraint?: (generated: readonly number[]) => readonly number[] | null;
   sampling?: SamplingParameters;
   /** Return each generated token's log-probability under the model (log-softmax of its logits). */
   logprobs?: boolean;
@@ -160,6 +166,9 @@ interface Sequence {
   maxNewTokens: number;
   stopTokens: Set<number>;
   stop: ((generated: readonly number[]) => boolean) | undefined;
+  constraint?: (generated: readonly number[]) => readonly number[] | null;
+  /** The ids the constraint allows for the next token. */
+  allowed?: Int32Array;
   sampling: SamplingParameters | undefined;
   logprobs: number[] | undefined;
   /** An embedding request: pooled when its prompt is read, no token generated. */
@@ -399,6 +408,16 @@ export class ModelReplica {
     return Promise.all(done);
   }
 
+  /** A constraint's answer checked: undefined when complete (null), else the ids, each in the vocabulary. */
+  #allowedTokens(answer: readonly number[] | null, what: string): Int32Array | undefined {
+    if (answer === null) return undefined;
+    if (!(Array.isArray(answer) || ArrayBuffer.isView(answer)) || answer.length === 0) throw new InvalidArgumentError(`${what}: a constraint must give a non-empty list of token ids, or null when complete`, 'ERR_CONSTRAINT');
+    for (const token of answer) {
+      if (!Number.isInteger(token) || token < 0 || token >= this.config.vocabSize) throw new InvalidArgumentError(`${what}: the constraint allows token ${String(token)}, outside the vocabulary of ${this.config.vocabSize}`, 'ERR_CONSTRAINT');
+    }
+    return Int32Array.from(answer);
+  }
+
   /** The request's prompt, checked: token ids in the vocabulary, and room left for what it needs. */
   #checkPrompt(request: { tokens: ArrayLike<number> } | null | undefined, what: string, embedding: boolean): Int32Array {
     if (typeof request !== 'object' || request === null || request.tokens === undefined) throw new InvalidArgumentError(`${what}: needs tokens`, 'ERR_PROMPT');
@@ -424,7 +443,14 @@ export class ModelReplica {
     if (!Array.isArray(stopTokens) || stopTokens.some((token) => !Number.isInteger(token))) throw new InvalidArgumentError(`${what}: stopTokens must be an array of token ids`, 'ERR_PROMPT');
     if (request.stop !== undefined && typeof request.stop !== 'function') throw new InvalidArgumentError(`${what}: stop must be a function of the generated tokens`, 'ERR_PROMPT');
     if (request.logprobs !== undefined && typeof request.logprobs !== 'boolean') throw new InvalidArgumentError(`${what}: logprobs must be a boolean`, 'ERR_PROMPT');
+    let allowed: Int32Array | undefined;
+    if (request.constraint !== undefined) {
+      if (typeof request.constraint !== 'function') throw new InvalidArgumentError(`${what}: constraint must be a function of the generated tokens`, 'ERR_CONSTRAINT');
+      allowed = this.#allowedTokens(request.constraint([]), what);
+      if (!allowed) throw new InvalidArgumentError(`${what}: the constraint is complete before any token`, 'ERR_CONSTRAINT');
+    }
     return {
+      ...(request.constraint ? { constraint: request.constraint, allowed } : {}),
       id: this.#nextSequence++,
       prompt,
       generated: [],
@@ -469,6 +495,7 @@ export class ModelReplica {
           ...(sequence.logprobs && !prefill ? { logprobs: true } : {}),
           ...(sequence.copyFrom ? { copyFrom: sequence.copyFrom } : {}),
           ...(sequence.pooling ? { pooling: sequence.pooling } : {}),
+          ...(sequence.allowed && !prefill ? { allowed: sequence.allowed } : {}),
         });
         sequence.copyFrom = undefined;
         sequence.inFlight = true;
@@ -542,9 +569,15 @@ export class ModelReplica {
       const total = sequence.prompt.length + sequence.generated.length;
       let reason: Generation['finishReason'] | undefined;
       try {
-        reason = sequence.stopTokens.has(token) || sequence.stop?.(sequence.generated) ? 'stop' : sequence.generated.length >= sequence.maxNewTokens ? 'length' : total >= this.config.maxPositions ? 'max-positions' : undefined;
+        let complete = false;
+        if (sequence.constraint) {
+          const allowed = this.#allowedTokens(sequence.constraint(sequence.generated), `sequence ${sequence.id}`);
+          complete = allowed === undefined;
+          sequence.allowed = allowed;
+        }
+        reason = complete || sequence.stopTokens.has(token) || sequence.stop?.(sequence.generated) ? 'stop' : sequence.generated.length >= sequence.maxNewTokens ? 'length' : total >= this.config.maxPositions ? 'max-positions' : undefined;
       } catch (error) {
-        // A stop function that throws ends its own request with the error, not the replica.
+        // A stop or constraint function that throws (or allows nothing valid) ends its own request with the error, not the replica.
         this.#end(sequence);
         sequence.fail(error as Error);
         return;

@@ -31,6 +31,8 @@ export interface StepSequence {
    * last position ('last') or the mean over all its positions ('mean') comes back in `embeddings`.
    */
   pooling?: 'last' | 'mean';
+  /** Constrained decoding: the token picked this step is one of these (a choice, a grammar's next tokens). */
+  allowed?: Int32Array;
 }
 
 /** What every stage of a step sees; the first stage reads `tokens`, the others `hidden`. */
@@ -460,7 +462,7 @@ export class DecoderShard {
       keep?.set(logits, sequenceIndex * config.vocabSize);
       const sequence = sequences[sequenceIndex];
       const history = needsHistory(sequence.sampling) ? this.#historyOf(sequence.id) : undefined;
-      const token = pickToken(logits, sequence.sampling, sequence.past + sequence.count, history);
+      const token = pickToken(sequence.allowed ? allowedOnly(logits, sequence.allowed, sequence.id) : logits, sequence.sampling, sequence.past + sequence.count, history);
       if (history) {
         history.seen.add(token);
         history.generated.set(token, (history.generated.get(token) ?? 0) + 1);
@@ -477,6 +479,17 @@ export class DecoderShard {
     this.#histories.clear();
     this.#poolSums.clear();
   }
+}
+
+/** The logits with every token outside `allowed` at -infinity, so no sampling can pick it. */
+function allowedOnly(logits: Float32Array, allowed: Int32Array, id: number): Float32Array {
+  if (allowed.length === 0) throw new InvalidArgumentError(`sequence ${id}: its constraint allows no token`, 'ERR_CONSTRAINT');
+  const masked = new Float32Array(logits.length).fill(-Infinity);
+  for (const token of allowed) {
+    if (!(token >= 0 && token < logits.length)) throw new InvalidArgumentError(`sequence ${id}: its constraint allows token ${token}, outside the vocabulary of ${logits.length}`, 'ERR_CONSTRAINT');
+    masked[token] = logits[token];
+  }
+  return masked;
 }
 
 /** The cache's dtype when it follows the weights': int8 weights keep a bf16 cache. */

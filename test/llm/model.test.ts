@@ -8,6 +8,7 @@ import { gpt2StyleTokenizerJson } from './fixtures/tokenizers.js';
 import { isAlive, until } from '../core/helpers.js';
 import { bf16ToFloat, f16ToFloat, floatToBf16, floatToF16 } from '../../lib/gpu/dtype.js';
 import { quantizeRows } from '../../lib/llm/kernels.js';
+import { choiceConstraint } from '../../lib/llm/choices.js';
 import { randomWeights, referenceFinalHidden, referenceGenerate, referenceLogits, TINY, TINY_LLAMA, writeCheckpoint, type Weights } from './fixtures/decoders.js';
 
 const PROMPTS = [[5, 17, 3], [42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [96, 0, 33, 12], [7, 7, 7, 7, 7, 7]];
@@ -613,6 +614,40 @@ describe('model sharding', () => {
     await expect(processor(fromItems([{ id: 0, messages: [{ role: 'user', content: 5 }] }])).takeAll()).rejects.toThrow(/row 0: column 'messages': message 0 \(user\): content must be a string/);
     expect(() => buildLLMProcessor({ checkpoint: chatModel, messagesColumn: 'messages', promptColumn: 'prompt' })).toThrow(/promptColumn \('prompt'\) or messagesColumn \('messages'\), not both/);
     expect(() => buildLLMProcessor({ checkpoint: chatModel, chatTemplate: 'x' })).toThrow(/apply to a messagesColumn/);
+  });
+
+  it('constrains answers to a set of choices, as a reference restricted to the same tokens picks them', async () => {
+    const { path: choiceModel, config, weights: choiceWeights, tokenizer } = await textModel('choice', 41);
+    const choices = ['the cat', 'a dog', 'hello world', 'the car'];
+    const spelled = choices.map((choice) => tokenizer.encode(choice, { addSpecialTokens: false }));
+    const prompts = ['Hello world', 'it is', 'the'];
+    const processor = buildLLMProcessor({ checkpoint: choiceModel, promptColumn: 'prompt', choices });
+    const rows = await processor(fromItems(prompts.map((prompt, id) => ({ id, prompt })))).takeAll();
+    rows.sort((a, b) => (a.id as number) - (b.id as number));
+    prompts.forEach((prompt, index) => {
+      // The reference: the most likely allowed token, step by step, until a choice is spelled.
+      const constraint = choiceConstraint(spelled, []);
+      const sequence = tokenizer.encode(prompt);
+      const generated: number[] = [];
+      for (let allowed = constraint(generated); allowed; allowed = constraint(generated)) {
+        const logits = referenceLogits(config, choiceWeights, [...sequence, ...generated]).at(-1)!;
+        generated.push(allowed.reduce((best, token) => (logits[token] > logits[best] ? token : best)));
+      }
+      expect(Array.from(rows[index].generatedTokens as number[])).toEqual(generated);
+      expect(choices).toContain(rows[index].generatedText);
+      expect(rows[index].finishReason).toBe('stop');
+    });
+    // At the replica: a constraint that throws fails its request alone; one that allows nothing valid is refused.
+    await using replica = await ModelReplica.create({ checkpoint: choiceModel });
+    const [thrown, fine] = await Promise.allSettled([
+      replica.generate([{ tokens: [1, 2], constraint: (generated) => { if (generated.length > 0) throw new Error('bad constraint'); return [5, 6]; } }]),
+      replica.generate([{ tokens: [1, 2], maxNewTokens: 3, constraint: () => [7] }]),
+    ]);
+    expect(thrown).toMatchObject({ status: 'rejected', reason: { message: 'bad constraint' } });
+    expect(fine).toMatchObject({ status: 'fulfilled', value: [{ tokens: [7, 7, 7], finishReason: 'length' }] });
+    await expect(replica.generate([{ tokens: [1], constraint: () => [config.vocabSize] }])).rejects.toMatchObject({ code: 'ERR_CONSTRAINT' });
+    await expect(replica.generate([{ tokens: [1], constraint: () => [] }])).rejects.toMatchObject({ code: 'ERR_CONSTRAINT' });
+    expect(() => buildLLMProcessor({ checkpoint: choiceModel, choices: ['a'] })).toThrow(/choices are text/);
   });
 
   it('draws several samples per prompt, each row once per sample, with its own seed', async () => {
