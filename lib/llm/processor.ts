@@ -76,7 +76,7 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
   /**
    * Generations per prompt (default 1; vLLM's n). Each row comes out that many times, with
    * `sample` 0..n-1, each drawn with the seed plus its sample index, so n > 1 needs a temperature
-   * above 0; with prefix caching the prompt is read once for all of them.
+   * above 0; prefix caching reads the prompt's whole blocks once for all of them.
    */
   samplesPerPrompt?: number;
   /**
