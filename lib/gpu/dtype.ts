@@ -52,9 +52,12 @@ const u32 = new Uint32Array(f32.buffer);
 
 export function floatToBf16(value: number): number {
   f32[0] = value;
-  const bits = u32[0];
-  if ((bits & 0x7f800000) === 0x7f800000 && (bits & 0x7fffff) !== 0) return 0x7fc0; // NaN
-  // Round to nearest even.
+  return floatBitsToBf16(u32[0]);
+}
+
+/** f32 bits (as a Uint32Array holds them) to bf16 bits, rounding to nearest even; NaN becomes the quiet NaN. */
+export function floatBitsToBf16(bits: number): number {
+  if ((bits & 0x7f800000) === 0x7f800000 && (bits & 0x7fffff) !== 0) return 0x7fc0;
   return ((bits + 0x7fff + ((bits >>> 16) & 1)) >>> 16) & 0xffff;
 }
 

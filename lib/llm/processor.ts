@@ -101,8 +101,9 @@ export class LLMEngine {
   #restarts = 0;
   #tokenizer: Tokenizer | undefined;
   #chatTemplate: ChatTemplate | undefined;
-  /** The choices as the tokenizer spells them. */
+  /** The choices as the tokenizer spells them, and the constraint every request shares. */
   #choices: number[][] | undefined;
+  #choiceConstraint: ((generated: readonly number[]) => readonly number[] | null) | undefined;
   readonly #options: EngineOptions;
 
   constructor(options: EngineOptions) {
@@ -118,6 +119,8 @@ export class LLMEngine {
         if (empty >= 0) throw new InvalidArgumentError(`choice ${empty} (${JSON.stringify(options.choices[empty])}) has no tokens`, 'ERR_CONSTRAINT');
       }
       this.#replica = await this.#startReplica();
+      // A rebuilt replica has the same stop tokens: the trie is built once.
+      if (this.#choices) this.#choiceConstraint = choiceConstraint(this.#choices, this.#replica.stopTokens);
       if (this.#tokenizer && this.#tokenizer.vocabSize > this.#replica.config.vocabSize) {
         await this.#replica.close();
         throw new ModelLoadError('ERR_TOKENIZER', `the tokenizer's ${this.#tokenizer.vocabSize} tokens do not fit the model's vocabulary of ${this.#replica.config.vocabSize}`);
@@ -270,7 +273,7 @@ export class LLMEngine {
         tokens,
         // A choice needs its own tokens and, where it could go on, a stop token.
         maxNewTokens: (row.maxNewTokens as number | undefined) ?? this.#options.maxNewTokens ?? (choices ? Math.max(...choices.map((choice) => choice.length)) + 1 : undefined),
-        ...(choices ? { constraint: choiceConstraint(choices, this.#replica!.stopTokens) } : {}),
+        ...(this.#choiceConstraint ? { constraint: this.#choiceConstraint } : {}),
         sampling: samples > 1 ? { ...sampling, seed: (sampling?.seed ?? 0) + sample } : sampling,
         ...(stops[index] ? { stop: this.#stopWhen(stops[index]) } : {}),
         ...(this.#options.logprobs ? { logprobs: true } : {}),

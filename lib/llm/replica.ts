@@ -21,7 +21,7 @@ import { planSharding, type ParallelismOptions, type ShardingPlan } from './plan
 import { Checkpoint } from './safetensors.js';
 import { PrefixCache } from './prefix-cache.js';
 import { checkSampling, needsHistory, type SamplingParameters } from './sampling.js';
-import { cacheDTypeFor, type StepMessage, type StepResult, type StepSequence } from './shard.js';
+import { resolveCacheDType, type StepMessage, type StepResult, type StepSequence } from './shard.js';
 import type { CacheDType, WeightDType } from './kernels.js';
 import { checkCheckpoint, resolveWeightDType } from './weights.js';
 import { RemoteShardWorker, type ShardWorker } from './shard-worker.js';
@@ -301,11 +301,7 @@ export class ModelReplica {
       checkCheckpoint(checkpoint, config);
       weightDtype = resolveWeightDType(checkpoint, config, options.weightDtype);
     }
-    const requestedCache = options.kvCacheDtype ?? 'auto';
-    if (requestedCache !== 'auto' && requestedCache !== 'f32' && requestedCache !== 'bf16' && requestedCache !== 'f16') {
-      throw new InvalidArgumentError(`kvCacheDtype must be 'auto', 'f32', 'bf16' or 'f16', got ${JSON.stringify(requestedCache)}`);
-    }
-    const kvCacheDtype: CacheDType = requestedCache === 'auto' ? cacheDTypeFor(weightDtype) : requestedCache;
+    const kvCacheDtype = resolveCacheDType(options.kvCacheDtype, weightDtype);
     // One position of every layer's keys and values, over all ranks together.
     const bytesPerPosition = config.numLayers * 2 * config.numKeyValueHeads * config.headSize * (kvCacheDtype === 'f32' ? 4 : 2);
     limits.maxCacheTokens = positiveInteger(options.maxCacheTokens, 'maxCacheTokens', Math.max(config.maxPositions, Math.floor((0.25 * totalmem()) / bytesPerPosition)));

@@ -9,7 +9,7 @@ import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { InvalidArgumentError, ModelLoadError } from '../errors.js';
-import { f16ToFloat, floatBitsToF16, floatToBf16 } from '../gpu/dtype.js';
+import { f16ToFloat, floatBitsToBf16, floatBitsToF16, floatToBf16 } from '../gpu/dtype.js';
 
 /** The dtypes a safetensors file commonly holds. */
 export type SafetensorsDType = 'F64' | 'F32' | 'F16' | 'BF16' | 'I64' | 'I32' | 'I16' | 'I8' | 'U8' | 'BOOL';
@@ -324,7 +324,7 @@ class TensorReader {
     convertToFloat32(this.#info.dtype, source, sourceIndex, this.#widened, 0, count);
     const bits = new Uint32Array(this.#widened.buffer, 0, count);
     if (this.#target === 'bf16') {
-      for (let index = 0; index < count; index++) halves[targetIndex + index] = bitsToBf16(bits[index]);
+      for (let index = 0; index < count; index++) halves[targetIndex + index] = floatBitsToBf16(bits[index]);
       return;
     }
     for (let index = 0; index < count; index++) {
@@ -349,12 +349,6 @@ class TensorReader {
       done += bytesRead;
     }
   }
-}
-
-/** f32 bits to bf16 bits, rounding to nearest even; NaN stays a (quiet) NaN. */
-function bitsToBf16(bits: number): number {
-  if ((bits & 0x7fffffff) > 0x7f800000) return ((bits >>> 16) | 0x40) & 0xffff;
-  return ((bits + 0x7fff + ((bits >>> 16) & 1)) >>> 16) & 0xffff;
 }
 
 let f16Table: Float32Array | undefined;

@@ -45,14 +45,15 @@ function finiteNumber(what: string, name: string, value: unknown, check: (value:
   return value;
 }
 
+const PARAMETERS = new Set(['temperature', 'topK', 'topP', 'minP', 'repetitionPenalty', 'presencePenalty', 'frequencyPenalty', 'seed']);
+
 export function checkSampling(sampling: unknown, what: string): SamplingParameters | undefined {
   if (sampling === undefined || sampling === null) return undefined;
   if (typeof sampling !== 'object') throw samplingError(what, `sampling must be an object, got ${String(sampling)}`);
   const fields = sampling as SamplingParameters;
-  const known = new Set(['temperature', 'topK', 'topP', 'minP', 'repetitionPenalty', 'presencePenalty', 'frequencyPenalty', 'seed']);
-  const unknown = Object.keys(fields).find((key) => !known.has(key));
+  const unknown = Object.keys(fields).find((key) => !PARAMETERS.has(key));
   // A misspelt parameter would otherwise be ignored in silence.
-  if (unknown !== undefined) throw samplingError(what, `sampling has no parameter '${unknown}' (it takes ${[...known].join(', ')})`);
+  if (unknown !== undefined) throw samplingError(what, `sampling has no parameter '${unknown}' (it takes ${[...PARAMETERS].join(', ')})`);
   const temperature = finiteNumber(what, 'temperature', fields.temperature ?? 0, (value) => value >= 0, 'a number >= 0');
   const { topK, seed = 0 } = fields;
   if (topK !== undefined && (typeof topK !== 'number' || !Number.isInteger(topK) || topK < 1)) throw samplingError(what, `topK must be a positive integer, got ${String(topK)}`);

@@ -128,13 +128,9 @@ export class DecoderShard {
       throw new InvalidArgumentError(`tensor parallelism ${plan.tensorParallel} needs a communicator of that size, got ${communicator ? communicator.size : 'none'}`);
     }
     await using checkpoint = await Checkpoint.open(spec.checkpoint);
-    const weights = await loadShardWeights(checkpoint, config, plan, spec.stage, rank, spec.weightDtype);
-    const kvCacheDtype = spec.kvCacheDtype ?? 'auto';
-    if (kvCacheDtype !== 'auto' && kvCacheDtype !== 'f32' && kvCacheDtype !== 'bf16' && kvCacheDtype !== 'f16') {
-      throw new InvalidArgumentError(`kvCacheDtype must be 'auto', 'f32', 'bf16' or 'f16', got ${JSON.stringify(kvCacheDtype)}`);
-    }
-    const resolved = kvCacheDtype === 'auto' ? cacheDTypeFor(resolveWeightDType(checkpoint, config, spec.weightDtype)) : kvCacheDtype;
-    return new DecoderShard(spec, config, communicator, weights, resolved);
+    const weightDtype = resolveWeightDType(checkpoint, config, spec.weightDtype);
+    const weights = await loadShardWeights(checkpoint, config, plan, spec.stage, rank, weightDtype);
+    return new DecoderShard(spec, config, communicator, weights, resolveCacheDType(spec.kvCacheDtype, weightDtype));
   }
 
   /** Sequences whose keys and values this rank holds. */
@@ -330,8 +326,11 @@ export class DecoderShard {
       const keys = cache.keys[layerIndex];
       const values = cache.values[layerIndex];
       const queries = new Float32Array(sequence.count * queryWidth);
-      const newKeys = new Float32Array(sequence.count * keyWidth);
-      const newValues = new Float32Array(sequence.count * keyWidth);
+      const from = sequence.past * keyWidth;
+      const to = (sequence.past + sequence.count) * keyWidth;
+      // An f32 cache takes the new keys and values in place; a 16-bit one from f32 scratch, rounded once.
+      const newKeys = kvDtype === 'f32' ? (keys as Float32Array).subarray(from, to) : new Float32Array(sequence.count * keyWidth);
+      const newValues = kvDtype === 'f32' ? (values as Float32Array).subarray(from, to) : new Float32Array(sequence.count * keyWidth);
       for (let index = 0; index < sequence.count; index++) {
         const source = (row + index) * rowWidth;
         queries.set(qkv.subarray(source, source + queryWidth), index * queryWidth);
@@ -344,17 +343,10 @@ export class DecoderShard {
         rotary(queries, at, this.#inverseFrequencies, sequence.count, plan.headsPerRank, headSize);
         rotary(newKeys, at, this.#inverseFrequencies, sequence.count, plan.keyValueHeadsPerRank, headSize);
       }
-      const from = sequence.past * keyWidth;
-      const to = (sequence.past + sequence.count) * keyWidth;
-      let cachedKeys: Float32Array | HalfMatrix;
-      let cachedValues: Float32Array | HalfMatrix;
-      if (kvDtype === 'f32') {
-        (keys as Float32Array).set(newKeys, from);
-        (values as Float32Array).set(newValues, from);
-        cachedKeys = keys as Float32Array;
-        cachedValues = values as Float32Array;
-      } else {
-        // Rounded once, as they enter the cache; attention widens them as it reads.
+      let cachedKeys: Float32Array | HalfMatrix = keys as Float32Array;
+      let cachedValues: Float32Array | HalfMatrix = values as Float32Array;
+      if (kvDtype !== 'f32') {
+        // Attention widens them as it reads.
         narrow({ dtype: kvDtype, bits: (keys as Uint16Array).subarray(from, to) }, newKeys);
         narrow({ dtype: kvDtype, bits: (values as Uint16Array).subarray(from, to) }, newValues);
         cachedKeys = { dtype: kvDtype, bits: keys as Uint16Array };
@@ -492,9 +484,13 @@ function allowedOnly(logits: Float32Array, allowed: Int32Array, id: number): Flo
   return masked;
 }
 
-/** The cache's dtype when it follows the weights': int8 weights keep a bf16 cache. */
-export function cacheDTypeFor(weights: WeightDType): CacheDType {
-  return weights === 'int8' ? 'bf16' : weights;
+/** The cache's dtype asked for, checked; 'auto' follows the weights' (int8 weights keep a bf16 cache). */
+export function resolveCacheDType(requested: CacheDType | 'auto' = 'auto', weights: WeightDType): CacheDType {
+  if (requested === 'auto') return weights === 'int8' ? 'bf16' : weights;
+  if (requested !== 'f32' && requested !== 'bf16' && requested !== 'f16') {
+    throw new InvalidArgumentError(`kvCacheDtype must be 'auto', 'f32', 'bf16' or 'f16', got ${JSON.stringify(requested)}`);
+  }
+  return requested;
 }
 
 /** log softmax(logits)[token], the sum in double with the maximum taken out. */
