@@ -59,7 +59,11 @@ export { GraphValidationError } from './dag/compile.js';
 export { nccl, NcclCommunicator } from './gpu/nccl.js';
 export { CudaError, NcclError } from './errors.js';
 export { Dataset, fromItems, fromArrow, readDatasource } from './data/dataset.js';
-export type { TransformOptions, MapBatchesOptions, ReadOptions, IterBatchesOptions } from './data/dataset.js';
+export type { TransformOptions, MapBatchesOptions, ReadOptions, IterBatchesOptions, SortOptions, ShuffleOptions, AddColumnOptions } from './data/dataset.js';
+export { GroupedData } from './data/grouped.js';
+export type { MapGroupsOptions } from './data/grouped.js';
+export { Count, Sum, Min, Max, Mean, Std, AbsMax, Unique } from './data/aggregate.js';
+export type { AggregateFn, AggregateOptions, AggregationKind } from './data/aggregate.js';
 export { range, RangeDatasource, readJsonl, readCsv, readArrow, readParquet } from './data/sources.js';
 export {
   JsonlDatasource, CsvDatasource, ArrowDatasource, ParquetDatasource, JsonlDatasink, CsvDatasink, ArrowDatasink, ParquetDatasink,

@@ -119,7 +119,8 @@ function normalizeCell(value: unknown, type: DataType): unknown {
   return value;
 }
 
-function vectorOf(values: unknown[], type: DataType): Vector {
+/** A column of `type` from plain JavaScript values (nulls allowed), as rows' cells are built. */
+export function vectorOf(values: unknown[], type: DataType): Vector {
   if (type instanceof Null) return makeVector(makeData({ type, length: values.length, nullCount: values.length }));
   return vectorFromArray(values.map((value) => normalizeCell(value, type)), type);
 }
@@ -272,7 +273,8 @@ export function blockToRows(block: Block): Row[] {
   return rows;
 }
 
-function plain(value: unknown, type: DataType): unknown {
+/** A cell as rows show it: timestamps as Dates, lists as arrays, structs as plain objects. */
+export function plain(value: unknown, type: DataType): unknown {
   if (value === null || value === undefined) return null;
   if (DataType.isTimestamp(type) || DataType.isDate(type)) return new Date(Number(value));
   if (DataType.isList(type) || DataType.isFixedSizeList(type)) {
@@ -374,4 +376,92 @@ export function splitBySize(block: Block, maxBytes: number): Block[] {
 
 export function schemaOf(block: Block): Schema {
   return block.schema;
+}
+
+/** Signed and unsigned integers and floats: a column of them is one flat buffer of fixed width. */
+function isFixedWidthNumber(type: DataType): boolean {
+  return DataType.isInt(type) || DataType.isFloat(type);
+}
+
+/**
+ * The rows of a block at `indices`, in that order, as a new block of the same schema; an index of
+ * -1 gives a row of nulls. Numbers, strings and binary are gathered buffer to buffer (sort and
+ * shuffle move whole datasets through here); other types through their plain values.
+ */
+export function takeRows(block: Block, indices: Int32Array): Block {
+  const columns: Record<string, Vector> = {};
+  for (const field of block.schema.fields) columns[field.name] = takeColumn(block.getChild(field.name)!, field.type, indices);
+  return new Table(block.schema, columns);
+}
+
+function takeColumn(vector: Vector, type: DataType, indices: Int32Array): Vector {
+  const length = indices.length;
+  let missing = 0;
+  for (let index = 0; index < length; index++) if (indices[index] < 0) missing++;
+  const hasNulls = vector.nullCount > 0 || missing > 0;
+  const validity = (): Uint8Array => {
+    const bits = new Uint8Array((length + 7) >> 3);
+    for (let index = 0; index < length; index++) {
+      const from = indices[index];
+      if (from >= 0 && vector.isValid(from)) bits[index >> 3] |= 1 << (index & 7);
+    }
+    return bits;
+  };
+  const nullCount = (bits: Uint8Array | undefined): number => {
+    if (!bits) return 0;
+    let valid = 0;
+    for (let index = 0; index < length; index++) valid += (bits[index >> 3] >> (index & 7)) & 1;
+    return length - valid;
+  };
+  if (isFixedWidthNumber(type)) {
+    const source = vector.toArray() as unknown as { length: number; [index: number]: number | bigint; constructor: new (length: number) => ArrayLike<number | bigint> & { [index: number]: number | bigint } };
+    const out = new source.constructor(length);
+    for (let index = 0; index < length; index++) {
+      const from = indices[index];
+      if (from >= 0) out[index] = source[from];
+    }
+    const nullBitmap = hasNulls ? validity() : undefined;
+    return makeVector(makeData({ type: type as Int32, length, nullCount: nullCount(nullBitmap), nullBitmap, data: out as unknown as Int32Array }));
+  }
+  if ((DataType.isUtf8(type) || DataType.isBinary(type)) && !DataType.isDictionary(type)) {
+    // Where each row lives: its chunk and its index there.
+    const chunks = vector.data;
+    const chunkOf = new Int32Array(vector.length);
+    const localOf = new Int32Array(vector.length);
+    let start = 0;
+    chunks.forEach((chunk, chunkIndex) => {
+      for (let row = 0; row < chunk.length; row++) {
+        chunkOf[start + row] = chunkIndex;
+        localOf[start + row] = row + chunk.offset;
+      }
+      start += chunk.length;
+    });
+    const offsets = new Int32Array(length + 1);
+    let bytes = 0;
+    for (let index = 0; index < length; index++) {
+      const from = indices[index];
+      if (from >= 0) {
+        const chunkOffsets = chunks[chunkOf[from]].valueOffsets;
+        const local = localOf[from];
+        bytes += chunkOffsets[local + 1] - chunkOffsets[local];
+      }
+      offsets[index + 1] = bytes;
+    }
+    const data = new Uint8Array(bytes);
+    for (let index = 0; index < length; index++) {
+      const from = indices[index];
+      if (from < 0) continue;
+      const chunk = chunks[chunkOf[from]];
+      const local = localOf[from];
+      data.set(chunk.values.subarray(chunk.valueOffsets[local], chunk.valueOffsets[local + 1]), offsets[index]);
+    }
+    const nullBitmap = hasNulls ? validity() : undefined;
+    return makeVector(makeData({ type: type as Utf8, length, nullCount: nullCount(nullBitmap), nullBitmap, valueOffsets: offsets, data }));
+  }
+  const values = new Array<unknown>(length);
+  for (let index = 0; index < length; index++) {
+    const from = indices[index];
+    values[index] = from >= 0 ? plain(vector.get(from), type) : null;
+  }
+  return vectorOf(values, type);
 }

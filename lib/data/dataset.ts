@@ -13,6 +13,10 @@ import { ReadTask, type Datasink, type Datasource } from './datasource.js';
 import { StreamingExecutor, checkExecutionOptions, defaultParallelism, trackDriverView, type ExecutionOptions, type JobStats } from './executor.js';
 import { describeLogical, planPhysical, type ActorPoolOptions, type ComputeOptions, type InputBlock, type LogicalOperator, type PhysicalOperatorSpec } from './plan.js';
 import type { StageKind, StageSpec } from './stages.js';
+import { Max, Mean, Min, Std, Sum, Unique, checkAggregations, type AggregateFn, type AggregateOptions } from './aggregate.js';
+import { addColumn, dropColumns, renameColumns, selectColumns } from './column-ops.js';
+import { GroupedData, checkNumBlocks } from './grouped.js';
+import { checkKeyColumns } from './keys.js';
 import { resolveUdf, udfName, type UdfTarget } from './udf.js';
 import { storedBytes } from './worker-tasks.js';
 import {
@@ -47,6 +51,27 @@ export interface MapBatchesOptions extends TransformOptions {
   actorStartTimeoutMs?: number;
   /** Classes: an actor idle this long above the pool's minimum stops (ms, default 2 s). */
   actorIdleTimeoutMs?: number;
+}
+
+export interface SortOptions {
+  /** Descending order: for every key, or one flag per key (default false). */
+  descending?: boolean | boolean[];
+  /** Output blocks (default: by the data's size, at most one per input block). */
+  numBlocks?: number;
+}
+
+export interface ShuffleOptions {
+  /** The same order on every run (default: a new order each run). */
+  seed?: number;
+  /** Output blocks (default: by the data's size, at most one per input block). */
+  numBlocks?: number;
+}
+
+export interface AddColumnOptions {
+  /** What the function receives: columns (default), rows or an Arrow table. */
+  batchFormat?: BatchFormat;
+  /** Extra arguments after the batch. */
+  fnArgs?: unknown[];
 }
 
 export interface ReadOptions extends ComputeOptions {
@@ -181,8 +206,131 @@ export class Dataset {
     return this.#with({ op: 'limit', rows: checkPositiveInteger(rows, 'limit(rows)', true) });
   }
 
+  /**
+   * Rows sorted by one or more columns (nulls last). The whole input is held (spilling to disk
+   * when the store is full), key ranges are chosen from a sample, and each range is sorted by
+   * its own task; the output blocks come in order.
+   */
+  sort(key: string | string[], options: SortOptions = {}): Dataset {
+    const columns = checkKeyColumns(key, 'sort()');
+    const descending = options.descending ?? false;
+    const directions = Array.isArray(descending) ? descending : columns.map(() => descending);
+    if (directions.length !== columns.length || !directions.every((value) => typeof value === 'boolean')) {
+      throw new InvalidArgumentError(`sort(): descending must be true, false or one boolean per key (${columns.length}), got ${JSON.stringify(descending)}`);
+    }
+    checkNumBlocks(options.numBlocks, 'sort()');
+    const keys = columns.map((column, index) => ({ column, descending: directions[index] }));
+    const name = `Sort(${keys.map((sortKey) => `${sortKey.column}${sortKey.descending ? ' desc' : ''}`).join(', ')})`;
+    return this.#with({ op: 'exchange', name, exchange: { kind: 'sort', keys }, numBlocks: options.numBlocks });
+  }
+
+  /** Rows in a random order (every row may land anywhere); with a seed, the same order every run. */
+  randomShuffle(options: ShuffleOptions = {}): Dataset {
+    if (options.seed !== undefined && (!Number.isInteger(options.seed) || options.seed < 0 || options.seed >= 2 ** 32)) {
+      throw new InvalidArgumentError(`randomShuffle(): seed must be an integer in [0, 2^32), got ${String(options.seed)}`);
+    }
+    checkNumBlocks(options.numBlocks, 'randomShuffle()');
+    return this.#with({ op: 'exchange', name: 'RandomShuffle', exchange: { kind: 'shuffle', seed: options.seed }, numBlocks: options.numBlocks });
+  }
+
+  /** Groups by one or more columns, for aggregate(), count(), sum(), ... or mapGroups(). */
+  groupBy(key: string | string[]): GroupedData {
+    return new GroupedData(this, checkKeyColumns(key, 'groupBy()'), (operator) => this.#with(operator));
+  }
+
+  /** Only the named columns, in that order. */
+  selectColumns(columns: string | string[]): Dataset {
+    const list = checkKeyColumns(columns, 'selectColumns()');
+    return this.#builtin(`SelectColumns(${list.join(', ')})`, selectColumns, [list]);
+  }
+
+  /** Every column but the named ones. */
+  dropColumns(columns: string | string[]): Dataset {
+    const list = checkKeyColumns(columns, 'dropColumns()');
+    return this.#builtin(`DropColumns(${list.join(', ')})`, dropColumns, [list]);
+  }
+
+  /** Columns renamed: `{ old: 'new' }`. */
+  renameColumns(names: Record<string, string>): Dataset {
+    if (typeof names !== 'object' || names === null || Array.isArray(names) || Object.keys(names).length === 0) {
+      throw new InvalidArgumentError(`renameColumns() takes { oldName: 'newName' }, got ${JSON.stringify(names)}`, 'ERR_DATA_COLUMN');
+    }
+    for (const [from, to] of Object.entries(names)) {
+      if (typeof to !== 'string' || to.length === 0) throw new InvalidArgumentError(`renameColumns(): the new name of '${from}' must be a non-empty string, got ${JSON.stringify(to)}`, 'ERR_DATA_COLUMN');
+    }
+    return this.#builtin(`RenameColumns(${Object.entries(names).map(([from, to]) => `${from}->${to}`).join(', ')})`, renameColumns, [{ ...names }]);
+  }
+
+  /**
+   * A column computed per batch by `fn` (registered), which receives the batch (columns by
+   * default) and returns the new column's values; an existing column of that name is replaced.
+   */
+  addColumn(name: string, fn: UdfTarget, options: AddColumnOptions = {}): Dataset {
+    if (typeof name !== 'string' || name.length === 0) throw new InvalidArgumentError(`addColumn() takes a column name first, got ${JSON.stringify(name)}`, 'ERR_DATA_COLUMN');
+    const udf = resolveUdf(fn, `addColumn('${name}')`);
+    if (udf.kind === 'class') throw new InvalidArgumentError(`addColumn('${name}') takes a function; classes run through mapBatches() on an actor pool`, 'ERR_DATA_UDF');
+    const fnArgs = options.fnArgs ?? [];
+    if (!Array.isArray(fnArgs)) throw new InvalidArgumentError(`addColumn('${name}'): fnArgs must be an array`);
+    const format = checkFormat(options.batchFormat ?? 'columns', `addColumn('${name}')`);
+    return this.#builtin(`AddColumn(${name})`, addColumn, [name, udf.descriptor, fnArgs, format]);
+  }
+
+  /** A built-in batch stage over whole blocks (as Arrow tables): it fuses like a user's. */
+  #builtin(name: string, fn: UdfTarget, fnArgs: unknown[]): Dataset {
+    const stage: StageSpec = { kind: 'mapBatches', name, udf: resolveUdf(fn, name), fnArgs, batchFormat: 'arrow' };
+    return this.#with({ op: 'stage', stage, compute: {} });
+  }
+
   // -------------------------------------------------------------------------------------------
   // Consumers
+
+  /**
+   * The aggregations over the whole dataset, as one row (`{ 'sum(price)': 12.5, ... }`). They
+   * stream: each block becomes a partial state as it is made.
+   */
+  async aggregate(...args: [...AggregateFn[]] | [...AggregateFn[], ExecutionOptions]): Promise<Row> {
+    const last = args[args.length - 1] as Partial<AggregateFn> | undefined;
+    const options = last && typeof last === 'object' && !('kind' in last) ? (args.pop() as ExecutionOptions) : {};
+    const aggregations = checkAggregations(args, [], 'aggregate()');
+    const operator: LogicalOperator = { op: 'aggregate', name: `Aggregate(${aggregations.map((aggregation) => aggregation.name).join(', ')})`, plan: { keys: [], aggregations } };
+    const rows: Row[] = [];
+    for await (const { block } of this.#blocks(options, 'Dataset.aggregate', [...this.#plan, operator])) rows.push(...blockToRows(block));
+    return rows[0] ?? {};
+  }
+
+  /** The sum of a column's non-null values (null when it has none; a bigint for int64 columns). */
+  async sum(column: string, options: ExecutionOptions & AggregateOptions = {}): Promise<number | bigint | null> {
+    return (await this.#one(Sum, column, options)) as number | bigint | null;
+  }
+  /** The smallest non-null value of a column (null when it has none). */
+  async min(column: string, options: ExecutionOptions & AggregateOptions = {}): Promise<unknown> {
+    return this.#one(Min, column, options);
+  }
+  /** The largest non-null value of a column (null when it has none). */
+  async max(column: string, options: ExecutionOptions & AggregateOptions = {}): Promise<unknown> {
+    return this.#one(Max, column, options);
+  }
+  /** The mean of a column's non-null values (null when it has none). */
+  async mean(column: string, options: ExecutionOptions & AggregateOptions = {}): Promise<number | null> {
+    return (await this.#one(Mean, column, options)) as number | null;
+  }
+  /** The standard deviation of a column's non-null values (ddof 1 by default). */
+  async std(column: string, options: ExecutionOptions & AggregateOptions & { ddof?: number } = {}): Promise<number | null> {
+    const { ddof, ...rest } = options;
+    return (await this.#one((name, aggregateOptions) => Std(name, { ...aggregateOptions, ddof }), column, rest)) as number | null;
+  }
+  /** A column's distinct values, sorted (null last when present). */
+  async unique(column: string, options: ExecutionOptions & AggregateOptions = {}): Promise<unknown[]> {
+    return (await this.#one(Unique, column, options)) as unknown[];
+  }
+
+  async #one(make: (column: string, options: AggregateOptions) => AggregateFn, column: string, options: ExecutionOptions & AggregateOptions): Promise<unknown> {
+    const { alias: _alias, ignoreNulls, ...execution } = options;
+    const aggregation = make(column, ignoreNulls === undefined ? {} : { ignoreNulls });
+    const row = await this.aggregate(aggregation, execution);
+    return row[aggregation.name] ?? null;
+  }
+
 
   #executor(options: ExecutionOptions, job: string, sink?: Datasink): StreamingExecutor {
     requireCluster(job);
@@ -424,6 +572,13 @@ async function describePhysical(
     }
     case 'repartition':
       return { text: `${operator.name}: ${operator.numBlocks} tasks after all input arrives`, blocks: operator.numBlocks, rows: upstreamRows };
+    case 'exchange': {
+      const partitions = operator.numBlocks ? String(operator.numBlocks) : 'by size';
+      const phases = operator.exchange.kind === 'sort' ? 'sample, map and reduce tasks' : 'map and reduce tasks';
+      return { text: `${operator.name}: all-to-all after all input arrives, ${phases}, ${partitions} output blocks`, blocks: operator.numBlocks ?? upstreamBlocks, rows: operator.exchange.kind === 'mapGroups' ? undefined : upstreamRows };
+    }
+    case 'aggregate':
+      return { text: `${operator.name}: a partial task per block as it arrives, merged 16 at a time, one final task`, blocks: 1, rows: operator.plan.keys.length === 0 ? 1 : undefined };
     case 'limit':
       return { text: `${operator.name}: in the driver, stops upstream at ${operator.rows} rows`, blocks: upstreamBlocks, rows: upstreamRows === undefined ? operator.rows : Math.min(upstreamRows, operator.rows) };
     case 'write':

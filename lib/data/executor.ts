@@ -13,6 +13,8 @@ import { createProgressReporter, type ProgressOption } from './progress.js';
 import type { JobProgress, OperatorProgress, ProgressReporter } from './progress-types.js';
 import { newObjectId } from '../store/object-id.js';
 import { ActorMapOperator } from './operators/actor-pool.js';
+import { AggregateOperator } from './operators/aggregate.js';
+import { ExchangeOperator } from './operators/exchange.js';
 import { InputOperator } from './operators/input.js';
 import { LimitOperator } from './operators/limit.js';
 import { RepartitionOperator } from './operators/repartition.js';
@@ -171,6 +173,10 @@ export class StreamingExecutor {
         return new LimitOperator(this, spec, index);
       case 'repartition':
         return new RepartitionOperator(this, spec, index);
+      case 'exchange':
+        return new ExchangeOperator(this, spec, index);
+      case 'aggregate':
+        return new AggregateOperator(this, spec, index);
       case 'write':
         return new WriteOperator(this, spec, index);
     }
@@ -238,8 +244,12 @@ export class StreamingExecutor {
       this.#storeRead = { at: now, bytes: stored - (driverViewBytes - this.#driverViewBase) };
     }
     let reserved = 0;
-    for (const operator of this.operators) reserved += operator.reservedBytes;
-    return Math.max(0, this.#storeRead.bytes) + reserved;
+    let staged = 0;
+    for (const operator of this.operators) {
+      reserved += operator.reservedBytes;
+      staged += operator.stagedBytes();
+    }
+    return Math.max(0, this.#storeRead.bytes - staged) + reserved;
   }
 
   /** Bytes of blocks the job let go in the last second: what the store may not have freed yet. */

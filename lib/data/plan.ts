@@ -1,12 +1,14 @@
 /**
  * A dataset's logical plan (what the user asked for) and its physical plan (what runs): adjacent
  * function stages fuse into the read or task before them; a class stage gets an actor pool, with
- * the function stages after it fused into its calls; limit, repartition and write are operators of
- * their own.
+ * the function stages after it fused into its calls; limit, repartition, the all-to-all exchanges
+ * (sort, shuffle, mapGroups), aggregations and write are operators of their own.
  */
 import type { ObjectRef } from '../core/object-ref.js';
 import type { Block, BlockMetadata } from './block.js';
+import type { AggregationPlan } from './aggregate.js';
 import type { Datasink, Datasource } from './datasource.js';
+import type { ExchangeSpec } from './exchange.js';
 import type { StageSpec } from './stages.js';
 
 export interface InputBlock {
@@ -50,6 +52,8 @@ export type LogicalOperator =
   | { op: 'input'; name: string; blocks: InputBlock[] }
   | { op: 'stage'; stage: StageSpec; compute: ComputeOptions; pool?: ActorPoolOptions }
   | { op: 'repartition'; numBlocks: number }
+  | { op: 'exchange'; name: string; exchange: ExchangeSpec; numBlocks?: number }
+  | { op: 'aggregate'; name: string; plan: AggregationPlan }
   | { op: 'limit'; rows: number };
 
 export type PhysicalOperatorSpec =
@@ -58,6 +62,8 @@ export type PhysicalOperatorSpec =
   | { kind: 'task-map'; name: string; stages: StageSpec[]; compute: ComputeOptions; bundleRows?: number; sink?: Datasink }
   | { kind: 'actor-map'; name: string; classStage: StageSpec; following: StageSpec[]; compute: ComputeOptions; pool: ActorPoolOptions; bundleRows?: number; sink?: Datasink }
   | { kind: 'repartition'; name: string; numBlocks: number }
+  | { kind: 'exchange'; name: string; exchange: ExchangeSpec; numBlocks?: number }
+  | { kind: 'aggregate'; name: string; plan: AggregationPlan }
   | { kind: 'limit'; name: string; rows: number }
   | { kind: 'write'; name: string; sink: Datasink; compute: ComputeOptions };
 
@@ -110,6 +116,10 @@ export function planPhysical(logical: readonly LogicalOperator[], sink?: Datasin
       }
     } else if (operator.op === 'repartition') {
       physical.push({ kind: 'repartition', name: `Repartition(${operator.numBlocks})`, numBlocks: operator.numBlocks });
+    } else if (operator.op === 'exchange') {
+      physical.push({ kind: 'exchange', name: operator.name, exchange: operator.exchange, numBlocks: operator.numBlocks });
+    } else if (operator.op === 'aggregate') {
+      physical.push({ kind: 'aggregate', name: operator.name, plan: operator.plan });
     } else {
       // Two limits in a row keep the smaller.
       if (last?.kind === 'limit') {
@@ -152,6 +162,10 @@ export function describeLogical(operator: LogicalOperator): string {
     }
     case 'repartition':
       return `Repartition(${operator.numBlocks})`;
+    case 'exchange':
+      return `${operator.name}${operator.numBlocks ? ` [${operator.numBlocks} blocks]` : ''}`;
+    case 'aggregate':
+      return operator.name;
     case 'limit':
       return `Limit(${operator.rows})`;
   }

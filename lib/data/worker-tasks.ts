@@ -56,7 +56,7 @@ export type BlockSlices = Array<[number, number] | null> | null;
 export type TaskInput = { kind: 'read'; read: UdfSpec; args: unknown[] } | { kind: 'blocks'; slices: BlockSlices };
 
 /** Cuts the parts of stored blocks a unit covers (zero-copy). */
-function applySlices(blocks: Block[], slices: BlockSlices): void {
+export function applySlices(blocks: Block[], slices: BlockSlices): void {
   if (!slices) return;
   slices.forEach((slice, index) => {
     if (slice) blocks[index] = blocks[index].slice(slice[0], slice[0] + slice[1]);
@@ -71,14 +71,14 @@ function applySlices(blocks: Block[], slices: BlockSlices): void {
  * plain tasks, after an eighth of the job's budget read zero-copy, so that the views of its
  * inputs unpin them within the budget.
  */
-function afterReply(stored: readonly BlockOut[], targets: TaskTargets): void {
+export function afterReply(stored: readonly BlockOut[], targets: TaskTargets): void {
   if (stored.length) setImmediate(() => {
     for (const block of stored) block.ref[Symbol.dispose]();
   });
   currentRuntime().collectGarbageAfter?.(targets.collectAfterBytes);
 }
 
-function describeError(error: unknown, stage: string): StageErrorInfo {
+export function describeError(error: unknown, stage: string): StageErrorInfo {
   const failure = error instanceof StageFailure ? error : undefined;
   const original = (failure ? failure.original : error) as Error & { code?: string };
   const isError = original instanceof Error;
@@ -132,7 +132,7 @@ export function storedBytes(block: Block): number {
 }
 
 /** Stores blocks toward the target size: large ones split, small consecutive ones joined. */
-async function storeBlocks(stream: AsyncIterable<Block>, targets: TaskTargets, out: BlockOut[]): Promise<void> {
+export async function storeBlocks(stream: AsyncIterable<Block>, targets: TaskTargets, out: BlockOut[]): Promise<void> {
   let pending: Block[] = [];
   let pendingBytes = 0;
   const flush = () => {
@@ -186,7 +186,7 @@ async function runToBlocks(
   }
 }
 
-function inputSize(blocks: Block[]): { rowsIn: number; bytesIn: number } {
+export function inputSize(blocks: Block[]): { rowsIn: number; bytesIn: number } {
   let rowsIn = 0;
   let bytesIn = 0;
   for (const block of blocks) {

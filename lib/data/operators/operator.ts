@@ -380,7 +380,7 @@ export abstract class Operator {
       dispose(outputs);
       outputs = noBlocks;
     }
-    if (!this.executor.options.preserveOrder) {
+    if (!this.ordersOutput) {
       this.#emit(outputs);
       return;
     }
@@ -408,6 +408,19 @@ export abstract class Operator {
     }
   }
 
+  /** Whether outputs leave in the order of their units (preserveOrder; a sort always does). */
+  protected get ordersOutput(): boolean {
+    return this.executor.options.preserveOrder;
+  }
+
+  /**
+   * Bytes an all-to-all operator holds until it has seen its whole input: outside the budget,
+   * since holding them back would wait forever (the store spills them to disk when it is full).
+   */
+  stagedBytes(): number {
+    return 0;
+  }
+
   /** Held bytes: queued input, input and reserved output of running work, and finished output waiting for its turn. */
   heldBytes(): number {
     return this.inputBytes + this.activeInputBytes + this.reservedBytes + this.outputBytes;
@@ -423,6 +436,27 @@ export abstract class Operator {
       this.outputBytes -= unitBytes(blocks);
       this.#reorder.set(seq, noBlocks);
     }
+  }
+
+  /** Every queued input block, taken off the queue. */
+  protected takeAllInputs(): InputBlock[] {
+    const blocks: InputBlock[] = [];
+    while (this.inputs.length) blocks.push(this.inputs.shift()!);
+    this.inputBytes = 0;
+    this.inputRows = 0;
+    return blocks;
+  }
+
+  /**
+   * A failure reported by an exchange or aggregate task: a user function's (mapGroups) is
+   * located like a stage's; a key or type the data does not allow keeps its own code.
+   */
+  protected failTask(unit: Unit, info: StageErrorInfo, userStage?: string): void {
+    if (userStage !== undefined && info.stage === userStage) return this.onStageError(unit, info);
+    this.dropUnit(unit);
+    const cause = Object.assign(new Error(info.message), { name: info.name, code: info.code, stack: info.stack });
+    const code = info.code === 'ERR_DATA_COLUMN' || info.code === 'ERR_DATA_TYPE' || info.code === 'ERR_DATA_SCHEMA' ? info.code : 'ERR_DATA_TASK_FAILED';
+    this.executor.fail(new DataError(code, `operator ${this.name} failed: ${info.message}`, { operator: this.name, cause }));
   }
 
   protected dropInputs(): void {

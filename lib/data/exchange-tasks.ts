@@ -1,0 +1,183 @@
+/**
+ * What runs in workers for sort, randomShuffle, groupBy().mapGroups() and aggregations: the
+ * exchange's sample, map and reduce tasks, and the aggregate's partial, merge and final tasks.
+ * Registered at this module's top level so that any worker finds them. Failures come back as
+ * values (located by stage and rows where a user function threw), as data tasks' do.
+ */
+import { put } from '../core/api.js';
+import { remote } from '../core/registry.js';
+import type { ObjectRef } from '../core/object-ref.js';
+import { finalizeAggregate, mergePartials, partialAggregate, type AggregationPlan } from './aggregate.js';
+import { concatBlocks, formatBatch, toBlock, type Block } from './block.js';
+import { groupsOf, partitionBlock, sampleKeys, shuffleBlock, sortBlock, taskSeed, type ExchangeSpec } from './exchange.js';
+import type { SortKey } from './keys.js';
+import { loadStage, StageFailure } from './stages.js';
+import {
+  afterReply, applySlices, describeError, inputSize, storeBlocks, storedBytes, type BlockOut, type BlockSlices, type StageErrorInfo, type TaskResult, type TaskTargets,
+} from './worker-tasks.js';
+
+export interface SampleResult {
+  samples: unknown[][];
+  error?: StageErrorInfo;
+}
+
+/** The map side's output: one stored part per partition (null where it has no rows). */
+export interface PartsResult {
+  parts: Array<BlockOut | null>;
+  rowsIn: number;
+  bytesIn: number;
+  error?: StageErrorInfo;
+}
+
+/** A sort's sample: up to `perBlock` key tuples of each block. */
+export const exchangeSampleTask = remote(import.meta, async function trellisExchangeSample(
+  keys: SortKey[],
+  perBlock: number,
+  slices: BlockSlices,
+  targets: TaskTargets,
+  ...blocks: Block[]
+): Promise<SampleResult> {
+  applySlices(blocks, slices);
+  try {
+    return { samples: blocks.flatMap((block) => sampleKeys(block, keys, perBlock)) };
+  } catch (error) {
+    return { samples: [], error: describeError(error, 'Sort') };
+  } finally {
+    blocks.length = 0;
+    afterReply([], targets);
+  }
+});
+
+/** The map side: every block cut into `partitions` parts; a partition's parts from all blocks are stored as one. */
+export const exchangeMapTask = remote(import.meta, async function trellisExchangeMap(
+  spec: ExchangeSpec,
+  partitions: number,
+  boundaries: unknown[][],
+  seed: number,
+  slices: BlockSlices,
+  targets: TaskTargets,
+  ...blocks: Block[]
+): Promise<PartsResult> {
+  applySlices(blocks, slices);
+  const size = inputSize(blocks);
+  const stored: Array<BlockOut | null> = [];
+  try {
+    const pieces: Block[][] = Array.from({ length: partitions }, () => []);
+    blocks.forEach((block, index) => {
+      partitionBlock(block, spec, partitions, boundaries, taskSeed(seed, index, 0)).forEach((part, partition) => {
+        if (part) pieces[partition].push(part);
+      });
+    });
+    for (const partition of pieces) {
+      if (partition.length === 0) {
+        stored.push(null);
+        continue;
+      }
+      const block = concatBlocks(partition);
+      stored.push({ ref: put(block) as ObjectRef<Block>, rows: block.numRows, bytes: storedBytes(block) });
+    }
+    return { parts: stored, ...size };
+  } catch (error) {
+    for (const part of stored) part?.ref[Symbol.dispose]();
+    return { parts: [], ...size, error: describeError(error, spec.kind === 'sort' ? 'Sort' : spec.kind === 'shuffle' ? 'RandomShuffle' : 'MapGroups') };
+  } finally {
+    blocks.length = 0;
+    afterReply(
+      stored.filter((part): part is BlockOut => part !== null),
+      targets,
+    );
+  }
+});
+
+/** The groups of a partition through the user's function, one call per group. */
+async function* mapGroups(spec: Extract<ExchangeSpec, { kind: 'mapGroups' }>, joined: Block): AsyncGenerator<Block> {
+  const stage = await loadStage(spec.stage);
+  const { sorted, ranges } = groupsOf(joined, spec.keys);
+  for (const [start, end] of ranges) {
+    let result: unknown;
+    try {
+      result = await stage.call(formatBatch(sorted.slice(start, end), spec.stage.batchFormat ?? 'columns'), ...spec.stage.fnArgs);
+      if (result === undefined || result === null) throw new TypeError(`${spec.stage.name} returned ${result}; return a batch (rows, columns or an Arrow table)`);
+    } catch (error) {
+      throw new StageFailure(spec.stage.name, [start, end], error);
+    }
+    const block = toBlock(result, spec.stage.name);
+    if (block.numRows > 0) yield block;
+  }
+}
+
+/** The reduce side: a partition's parts joined, then sorted, shuffled, or its groups mapped. */
+export const exchangeReduceTask = remote(import.meta, async function trellisExchangeReduce(
+  spec: ExchangeSpec,
+  seed: number,
+  targets: TaskTargets,
+  ...parts: Block[]
+): Promise<TaskResult> {
+  const size = inputSize(parts);
+  const stored: BlockOut[] = [];
+  try {
+    const joined = concatBlocks(parts);
+    parts.length = 0;
+    const output =
+      spec.kind === 'sort'
+        ? (async function* () {
+            yield sortBlock(joined, spec.keys);
+          })()
+        : spec.kind === 'shuffle'
+          ? (async function* () {
+              yield shuffleBlock(joined, seed);
+            })()
+          : mapGroups(spec, joined);
+    await storeBlocks(output, targets, stored);
+    return { blocks: stored, ...size };
+  } catch (error) {
+    for (const block of stored) block.ref[Symbol.dispose]();
+    stored.length = 0;
+    return { blocks: [], ...size, error: describeError(error, spec.kind === 'mapGroups' ? spec.stage.name : spec.kind === 'sort' ? 'Sort' : 'RandomShuffle') };
+  } finally {
+    parts.length = 0;
+    afterReply(stored, targets);
+  }
+});
+
+/**
+ * An aggregation's step: 'partial' turns input blocks into one partial block, 'merge' folds
+ * partial blocks into one, 'final' folds them and makes the result's rows.
+ */
+export const aggregateTask = remote(import.meta, async function trellisAggregate(
+  plan: AggregationPlan,
+  step: 'partial' | 'merge' | 'final',
+  slices: BlockSlices,
+  targets: TaskTargets,
+  ...blocks: Block[]
+): Promise<TaskResult> {
+  applySlices(blocks, slices);
+  const size = inputSize(blocks);
+  const stored: BlockOut[] = [];
+  try {
+    const partials = step === 'partial' ? blocks.map((block) => partialAggregate(block, plan)) : [...blocks];
+    blocks.length = 0;
+    const merged = partials.length === 1 && step === 'partial' ? partials[0] : mergePartials(partials, plan);
+    if (step === 'final') {
+      const result = finalizeAggregate(merged, plan);
+      await storeBlocks(
+        (async function* () {
+          yield result;
+        })(),
+        targets,
+        stored,
+      );
+      // A global aggregation of nothing still has its one row; a grouped one has no rows.
+    } else if (merged) {
+      stored.push({ ref: put(merged) as ObjectRef<Block>, rows: merged.numRows, bytes: storedBytes(merged) });
+    }
+    return { blocks: stored, ...size };
+  } catch (error) {
+    for (const block of stored) block.ref[Symbol.dispose]();
+    stored.length = 0;
+    return { blocks: [], ...size, error: describeError(error, 'Aggregate') };
+  } finally {
+    blocks.length = 0;
+    afterReply(stored, targets);
+  }
+});

@@ -1,0 +1,252 @@
+/**
+ * sort, randomShuffle and groupBy().mapGroups(): all-to-all exchanges. No output row is known
+ * before the last input row has arrived, so the operator holds its whole input (staged, outside
+ * the budget: the store spills it to disk when it must), then runs its phases: a sort samples
+ * the keys to choose its ranges; map tasks cut each group of blocks into one part per output
+ * partition; once every map task is done, one reduce task per partition joins its parts and
+ * sorts, shuffles or maps its groups. Reduce outputs stream downstream within the budget.
+ */
+import { get } from '../../core/api.js';
+import { ObjectRef } from '../../core/object-ref.js';
+import type { Block } from '../block.js';
+import { rangeBoundaries, taskSeed } from '../exchange.js';
+import type { SortKey } from '../keys.js';
+import { exchangeMapTask, exchangeReduceTask, exchangeSampleTask, type PartsResult, type SampleResult } from '../exchange-tasks.js';
+import { slicesOf, type InputBlock, type PhysicalOperatorSpec } from '../plan.js';
+import type { TaskResult } from '../worker-tasks.js';
+import { Operator, dispose, taskTargets, unitBytes, unitRows, type Unit } from './operator.js';
+
+/** The most parts the map side makes (map tasks x partitions): each is an object in the store. */
+const MAX_PARTS = 20_000;
+
+type Phase = 'collect' | 'sample' | 'map' | 'reduce';
+
+export class ExchangeOperator extends Operator {
+  declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'exchange' }>;
+  #phase: Phase = 'collect';
+  #staged: InputBlock[] = [];
+  #stagedBytes = 0;
+  #stagedBlocks = 0;
+  /** Groups of staged blocks, one map task (and sample task) each; cleared as they run. */
+  #groups: InputBlock[][] = [];
+  #nextGroup = 0;
+  #pendingTasks = 0;
+  #samples: unknown[][] = [];
+  #boundaries: unknown[][] = [];
+  #partitions = 1;
+  /** Parts per map task, in the order of the groups. */
+  #parts: Array<Array<InputBlock | null>> = [];
+  #partsBytes = 0;
+  #nextPartition = 0;
+  #seed = 0;
+
+  override async start(): Promise<void> {
+    const exchange = this.spec.exchange;
+    // Unseeded, a new order each run; either way a retried task cuts its blocks the same way.
+    this.#seed = exchange.kind === 'shuffle' && exchange.seed !== undefined ? exchange.seed : (Math.random() * 2 ** 32) >>> 0;
+  }
+
+  /** A sort's keys. */
+  get #sortKeys(): SortKey[] {
+    return this.spec.exchange.kind === 'sort' ? this.spec.exchange.keys : [];
+  }
+
+  override takeInput(block: InputBlock): void {
+    if (this.truncated) return dispose([block]);
+    this.#staged.push(block);
+    this.#stagedBytes += block.meta.bytes;
+  }
+
+  override get queuedUnits(): number {
+    return this.#phase === 'collect' ? this.#staged.length : this.#groups.length - this.#nextGroup + Math.max(0, this.#partitions - this.#nextPartition);
+  }
+
+  override stagedBytes(): number {
+    return this.#stagedBytes + this.#partsBytes;
+  }
+
+  /** A sort's output is its order. */
+  protected override get ordersOutput(): boolean {
+    return this.spec.exchange.kind === 'sort' || super.ordersOutput;
+  }
+
+  capacity(): number {
+    return this.executor.taskSlots({ numCpus: 1 });
+  }
+
+  override done(): boolean {
+    return super.done() && this.#pendingTasks === 0 && (this.truncated || (this.#phase === 'reduce' && this.#nextPartition >= this.#partitions));
+  }
+
+  hasWork(): boolean {
+    if (this.truncated || this.executor.failed) return false;
+    if (this.#phase === 'collect') {
+      if (!this.upstreamDone) {
+        this.backpressure = 'waiting for all input';
+        return false;
+      }
+      this.#plan();
+    }
+    if (this.#phase === 'sample' || this.#phase === 'map') {
+      if (this.#nextGroup < this.#groups.length) return true;
+      if (this.#pendingTasks > 0) return false;
+      if (this.#phase === 'sample') {
+        this.#boundaries = rangeBoundaries(this.#samples, this.#sortKeys, this.#partitions);
+        this.#samples = [];
+        this.#phase = 'map';
+        this.#nextGroup = 0;
+        return this.#groups.length > 0;
+      }
+      this.#phase = 'reduce';
+      this.#skipEmptyPartitions();
+    }
+    return this.#nextPartition < this.#partitions;
+  }
+
+  /** The whole input has arrived: the partitions, and the groups of blocks the map side takes. */
+  #plan(): void {
+    const blocks = this.#staged;
+    const minBytes = this.executor.options.minBlockBytes;
+    this.#partitions = this.spec.numBlocks ?? Math.max(1, Math.min(blocks.length, Math.ceil(this.#stagedBytes / minBytes)));
+    // Consecutive blocks go to one map task up to the minimum block size, and in fewer tasks
+    // where tasks x partitions would make too many parts.
+    const maxGroups = Math.max(1, Math.floor(MAX_PARTS / this.#partitions));
+    const perGroup = Math.max(1, Math.ceil(blocks.length / maxGroups));
+    let group: InputBlock[] = [];
+    let groupBytes = 0;
+    for (const block of blocks) {
+      if (group.length > 0 && (group.length >= perGroup && groupBytes + block.meta.bytes > minBytes)) {
+        this.#groups.push(group);
+        group = [];
+        groupBytes = 0;
+      }
+      group.push(block);
+      groupBytes += block.meta.bytes;
+    }
+    if (group.length > 0) this.#groups.push(group);
+    // The groups own the blocks from here on.
+    this.#stagedBlocks = blocks.length;
+    this.#staged = [];
+    this.rowsTotal = unitRows(blocks);
+    this.blocksTotal = this.#partitions;
+    this.#phase = this.spec.exchange.kind === 'sort' && this.#partitions > 1 ? 'sample' : 'map';
+  }
+
+  launch(): void {
+    if (this.#phase === 'reduce') return this.#launchReduce();
+    const index = this.#nextGroup++;
+    const blocks = this.#groups[index];
+    this.#pendingTasks++;
+    this.active++;
+    this.executor.touch();
+    const targets = taskTargets(this.executor);
+    const options = { numCpus: 1, maxRetries: this.executor.options.maxRetries, name: this.name };
+    const refs = blocks.map((block) => block.ref) as unknown as Block[];
+    const ended = () => {
+      this.#pendingTasks--;
+      this.active--;
+      this.lastCompletion = Date.now();
+      this.executor.touch();
+    };
+    if (this.#phase === 'sample') {
+      const perBlock = Math.min(1000, Math.max(4, Math.ceil((20 * this.#partitions) / Math.max(1, this.#stagedBlocks))));
+      const ref = exchangeSampleTask.options(options).remote(this.#sortKeys, perBlock, slicesOf(blocks), targets, ...refs);
+      this.#await<SampleResult>(ref, (result) => {
+        ended();
+        if (result.error) return this.#failed(result.error);
+        for (const sample of result.samples) this.#samples.push(sample);
+        this.executor.schedule();
+      }, ended);
+      return;
+    }
+    const seed = taskSeed(this.#seed, index, 1);
+    const ref = exchangeMapTask.options(options).remote(this.spec.exchange, this.#partitions, this.#boundaries, seed, slicesOf(blocks), targets, ...refs);
+    this.#await<PartsResult>(ref, (result) => {
+      ended();
+      if (result.error) return this.#failed(result.error);
+      const parts = result.parts.map((part) => (part ? { ref: part.ref, meta: { rows: part.rows, bytes: part.bytes } } : null));
+      if (this.truncated) return dispose(parts.filter((part): part is InputBlock => part !== null));
+      this.#parts[index] = parts;
+      this.#partsBytes += unitBytes(parts.filter((part): part is InputBlock => part !== null));
+      // The staged blocks are cut into parts: they go.
+      this.#stagedBytes -= unitBytes(blocks);
+      dispose(blocks);
+      this.#groups[index] = [];
+      this.executor.noteFreed(0);
+      this.executor.schedule();
+    }, ended);
+  }
+
+  /** Partitions no map task gave rows to make no reduce task. */
+  #skipEmptyPartitions(): void {
+    while (this.#nextPartition < this.#partitions && this.#partsOf(this.#nextPartition).length === 0) this.#nextPartition++;
+  }
+
+  #partsOf(partition: number): InputBlock[] {
+    const parts: InputBlock[] = [];
+    for (const taskParts of this.#parts) {
+      const part = taskParts?.[partition];
+      if (part) parts.push(part);
+    }
+    return parts;
+  }
+
+  override nextUnitBytes(): number {
+    return this.#phase === 'reduce' && this.#nextPartition < this.#partitions ? unitBytes(this.#partsOf(this.#nextPartition)) : 0;
+  }
+
+  #launchReduce(): void {
+    const partition = this.#nextPartition++;
+    const parts = this.#partsOf(partition);
+    for (const taskParts of this.#parts) if (taskParts) taskParts[partition] = null;
+    const bytes = unitBytes(parts);
+    this.#partsBytes -= bytes;
+    const unit: Unit = { seq: this.newSeq(), blocks: parts, rows: unitRows(parts), bytes, attempts: 0 };
+    this.began(unit);
+    this.#skipEmptyPartitions();
+    const exchange = this.spec.exchange;
+    const ref = exchangeReduceTask
+      .options({ numCpus: 1, maxRetries: this.executor.options.maxRetries, name: this.name })
+      .remote(exchange, taskSeed(this.#seed, partition, 2), taskTargets(this.executor), ...(parts.map((part) => part.ref) as unknown as Block[]));
+    get(ref as ObjectRef<TaskResult>).then(
+      (result) => {
+        ref[Symbol.dispose]();
+        if (result.error) return this.failTask(unit, result.error, exchange.kind === 'mapGroups' ? exchange.stage.name : undefined);
+        this.finished(unit, result.blocks.map((block) => ({ ref: block.ref, meta: { rows: block.rows, bytes: block.bytes } })));
+      },
+      (error: unknown) => {
+        ref[Symbol.dispose]();
+        this.onInfrastructureError(unit, error);
+      },
+    );
+  }
+
+  #await<T>(ref: ObjectRef<unknown>, done: (result: T) => void, ended: () => void): void {
+    get(ref as ObjectRef<T>).then(
+      (result) => {
+        ref[Symbol.dispose]();
+        done(result);
+      },
+      (error: unknown) => {
+        ref[Symbol.dispose]();
+        ended();
+        const unit: Unit = { seq: -1, blocks: [], rows: 0, bytes: 0, attempts: 0 };
+        this.onInfrastructureError(unit, error);
+      },
+    );
+  }
+
+  #failed(info: NonNullable<SampleResult['error']>): void {
+    this.failTask({ seq: -1, blocks: [], rows: 0, bytes: 0, attempts: 0 }, info);
+  }
+
+  override async shutdown(): Promise<void> {
+    dispose(this.#staged.splice(0));
+    for (const group of this.#groups) dispose(group);
+    this.#groups = [];
+    for (const taskParts of this.#parts) if (taskParts) dispose(taskParts.filter((part): part is InputBlock => part !== null));
+    this.#parts = [];
+    this.#stagedBytes = 0;
+    this.#partsBytes = 0;
+  }
+}

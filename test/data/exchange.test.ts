@@ -1,0 +1,203 @@
+/**
+ * All-to-all operations and aggregations: sort (by several keys, descending, nulls last, ranges
+ * from a sample), randomShuffle (a permutation; seeded runs agree), groupBy with streaming
+ * aggregations and mapGroups, Dataset aggregations, and column operations. Each result is
+ * checked against a plain computation over the same rows, and no job leaves objects behind.
+ */
+import { describe, expect, it } from 'vitest';
+import {
+  AbsMax, Count, DataError, InvalidArgumentError, Max, Mean, Min, Std, Sum, Unique, fromItems, range, type Row,
+} from '../../lib/index.js';
+import { failOnGroup, never, scaledId, shortColumn, summarizeGroup, withParity } from './fixtures/udfs.js';
+import { rejection, useDataCluster } from './helpers.js';
+
+useDataCluster({ numCpus: 2 });
+
+/** A deterministic pseudo-random sequence for test data. */
+function numbers(count: number, seed: number, modulo: number): number[] {
+  let state = seed;
+  return Array.from({ length: count }, () => {
+    state = (Math.imul(state, 1103515245) + 12345) >>> 0;
+    return state % modulo;
+  });
+}
+
+describe('sort', () => {
+  it('sorts across blocks and ranges, ascending and descending, stable for equal keys', async () => {
+    const values = numbers(3000, 7, 500);
+    const rows = values.map((value, id) => ({ id, value }));
+    const ds = fromItems(rows, { parallelism: 30 });
+    const sorted = await ds.sort('value', { numBlocks: 4 }).takeAll();
+    const expected = [...rows].sort((a, b) => a.value - b.value || a.id - b.id);
+    expect(sorted).toEqual(expected);
+    const descending = await ds.sort('value', { descending: true, numBlocks: 3 }).takeAll();
+    expect(descending).toEqual([...rows].sort((a, b) => b.value - a.value || a.id - b.id));
+    // Several keys, each with its direction.
+    const byTwo = await ds.map(withParity).sort(['parity', 'value'], { descending: [true, false], numBlocks: 5 }).takeAll();
+    expect(byTwo.map((row) => [row.parity, row.value, row.id])).toEqual(
+      rows.map((row) => ({ ...row, parity: row.value % 2 })).sort((a, b) => b.parity - a.parity || a.value - b.value || a.id - b.id).map((row) => [row.parity, row.value, row.id]),
+    );
+  });
+
+  it('sorts strings, puts nulls last, and keeps its order with preserveOrder off', async () => {
+    const names = ['pear', null, 'apple', 'fig', null, 'banana', 'cherry', 'apple'];
+    const rows = names.map((name, id) => ({ id, name }));
+    const sorted = await fromItems(rows, { parallelism: 4 }).sort('name', { numBlocks: 3 }).takeAll({ preserveOrder: false });
+    expect(sorted.map((row) => row.name)).toEqual(['apple', 'apple', 'banana', 'cherry', 'fig', 'pear', null, null]);
+    const descending = await fromItems(rows, { parallelism: 4 }).sort('name', { descending: true }).takeAll();
+    expect(descending.map((row) => row.name)).toEqual(['pear', 'fig', 'cherry', 'banana', 'apple', 'apple', null, null]);
+  });
+
+  it('an empty dataset sorts to nothing; a missing key column is a typed error naming it', async () => {
+    expect(await range(10).filter(never).sort('id').takeAll()).toEqual([]);
+    const error = await rejection(range(10).sort('nope').takeAll());
+    expect(error).toBeInstanceOf(DataError);
+    expect((error as DataError).code).toBe('ERR_DATA_COLUMN');
+    expect((error as Error).message).toMatch(/no column 'nope'.*id/);
+    expect(() => range(10).sort([])).toThrow(InvalidArgumentError);
+    expect(() => range(10).sort('id', { descending: [true, false] })).toThrow(/one boolean per key/);
+  });
+});
+
+describe('randomShuffle', () => {
+  it('is a permutation of the rows; a seed gives the same order every run', async () => {
+    const ds = range(2000, { parallelism: 8 });
+    const first = (await ds.randomShuffle({ seed: 42, numBlocks: 4 }).takeAll()).map((row) => row.id as number);
+    const again = (await ds.randomShuffle({ seed: 42, numBlocks: 4 }).takeAll()).map((row) => row.id as number);
+    const other = (await ds.randomShuffle({ seed: 43, numBlocks: 4 }).takeAll()).map((row) => row.id as number);
+    expect([...first].sort((a, b) => a - b)).toEqual(Array.from({ length: 2000 }, (_, id) => id));
+    expect(again).toEqual(first);
+    expect(other).not.toEqual(first);
+    // Rows move across blocks: the first block's rows are not the first 500 ids.
+    expect(first.slice(0, 500).filter((id) => id >= 500).length).toBeGreaterThan(200);
+    expect(() => ds.randomShuffle({ seed: -1 })).toThrow(/seed/);
+  });
+});
+
+describe('aggregations', () => {
+  const values = numbers(5000, 3, 1000).map((value, id) => ({ id, group: `g${value % 7}`, value, maybe: id % 10 === 0 ? null : value / 10 }));
+
+  it('groupBy().aggregate() gives one sorted row per group, equal to a plain computation', async () => {
+    const ds = fromItems(values, { parallelism: 40 });
+    const out = await ds.groupBy('group').aggregate(Count(), Sum('value'), Min('value'), Max('value'), Mean('maybe'), Std('value'), AbsMax('value'), Count('maybe')).takeAll();
+    const groups = [...new Set(values.map((row) => row.group))].sort();
+    expect(out.map((row) => row.group)).toEqual(groups);
+    for (const row of out) {
+      const members = values.filter((value) => value.group === row.group);
+      const numbersOf = members.map((member) => member.value);
+      const present = members.map((member) => member.maybe).filter((maybe): maybe is number => maybe !== null);
+      const mean = numbersOf.reduce((a, b) => a + b, 0) / numbersOf.length;
+      const std = Math.sqrt(numbersOf.reduce((sum, x) => sum + (x - mean) ** 2, 0) / (numbersOf.length - 1));
+      expect(row['count()']).toBe(members.length);
+      expect(row['sum(value)']).toBe(numbersOf.reduce((a, b) => a + b, 0));
+      expect(row['min(value)']).toBe(Math.min(...numbersOf));
+      expect(row['max(value)']).toBe(Math.max(...numbersOf));
+      expect(row['abs_max(value)']).toBe(Math.max(...numbersOf));
+      expect(row['mean(maybe)']).toBeCloseTo(present.reduce((a, b) => a + b, 0) / present.length, 9);
+      expect(row['std(value)']).toBeCloseTo(std, 9);
+      expect(row['count(maybe)']).toBe(present.length);
+    }
+  });
+
+  it('shortcuts, several keys, aliases, ignoreNulls false, and Unique', async () => {
+    const ds = fromItems(values, { parallelism: 16 }).map(withParity);
+    const counts = await ds.groupBy(['parity', 'group']).count().takeAll();
+    expect(counts.length).toBe(14);
+    expect(counts.reduce((sum, row) => sum + (row['count()'] as number), 0)).toBe(values.length);
+    expect(counts.map((row) => `${row.parity}${row.group}`)).toEqual([...counts.map((row) => `${row.parity}${row.group}`)].sort());
+    const sums = await ds.groupBy('parity').sum(['value', 'id']).takeAll();
+    expect(sums.map((row) => Object.keys(row))).toEqual([['parity', 'sum(value)', 'sum(id)'], ['parity', 'sum(value)', 'sum(id)']]);
+    const strict = await ds.groupBy('parity').aggregate(Sum('maybe', { ignoreNulls: false, alias: 'strict' }), Sum('maybe', { alias: 'lenient' })).takeAll();
+    const parityHasNull = [0, 1].map((parity) => values.some((row) => row.value % 2 === parity && row.maybe === null));
+    expect(parityHasNull).toContain(true);
+    expect(strict.map((row) => row.strict === null)).toEqual(parityHasNull);
+    expect(strict.every((row) => typeof row.lenient === 'number')).toBe(true);
+    const unique = await fromItems([{ k: 1, v: 'b' }, { k: 1, v: 'a' }, { k: 2, v: null }, { k: 1, v: 'b' }]).groupBy('k').aggregate(Unique('v')).takeAll();
+    expect(unique).toEqual([{ k: 1, 'unique(v)': ['a', 'b'] }, { k: 2, 'unique(v)': [null] }]);
+    expect(() => ds.groupBy('group').aggregate(Sum('value'), Sum('value'))).toThrow(/named 'sum\(value\)'/);
+    expect(() => ds.groupBy('group').aggregate()).toThrow(/at least one aggregation/);
+  });
+
+  it('streams through a job many times larger than its budget, merging partial states', async () => {
+    // 200 read tasks; the budget holds a few blocks at once.
+    const ds = range(200_000, { parallelism: 200 }).map(withParity);
+    const out = await ds.groupBy('parity').aggregate(Count(), Sum('id')).takeAll({ memoryBudgetBytes: 400_000 });
+    expect(out).toEqual([
+      { parity: 0, 'count()': 100_000, 'sum(id)': sumOfParity(200_000, 0) },
+      { parity: 1, 'count()': 100_000, 'sum(id)': sumOfParity(200_000, 1) },
+    ]);
+  });
+
+  it('Dataset aggregations: sum, min, max, mean, std, unique, aggregate(); empty datasets', async () => {
+    const ds = range(100, { parallelism: 4 });
+    expect(await ds.sum('id')).toBe(4950);
+    expect(await ds.min('id')).toBe(0);
+    expect(await ds.max('id')).toBe(99);
+    expect(await ds.mean('id')).toBe(49.5);
+    expect(await ds.std('id', { ddof: 0 })).toBeCloseTo(Math.sqrt((100 * 100 - 1) / 12), 9);
+    expect(await fromItems([{ x: 'b' }, { x: 'a' }, { x: 'b' }]).unique('x')).toEqual(['a', 'b']);
+    expect(await ds.aggregate(Count(), Max('id', { alias: 'top' }))).toEqual({ 'count()': 100, top: 99 });
+    const empty = ds.filter(never);
+    expect(await empty.aggregate(Count(), Sum('id'))).toEqual({ 'count()': 0, 'sum(id)': null });
+    expect(await empty.sum('id')).toBeNull();
+    expect(await empty.groupBy('id').count().takeAll()).toEqual([]);
+    const missing = await rejection(ds.sum('nope'));
+    expect((missing as DataError).code).toBe('ERR_DATA_COLUMN');
+    // int64 columns sum to a bigint.
+    expect(await fromItems([{ big: 2n ** 60n }, { big: 1n }]).sum('big')).toBe(2n ** 60n + 1n);
+  });
+});
+
+describe('mapGroups', () => {
+  it('calls the function once per group with all of its rows', async () => {
+    const rows = numbers(3000, 11, 50).map((key, id) => ({ id, key, value: id % 13 }));
+    const out = await fromItems(rows, { parallelism: 20 }).groupBy('key').mapGroups(summarizeGroup, { numBlocks: 4 }).takeAll();
+    const expected = new Map<number, { size: number; total: number }>();
+    for (const row of rows) {
+      const entry = expected.get(row.key) ?? { size: 0, total: 0 };
+      entry.size++;
+      entry.total += row.value;
+      expected.set(row.key, entry);
+    }
+    expect(out.length).toBe(expected.size);
+    for (const row of out) expect({ size: row.size, total: row.total }).toEqual(expected.get(row.key as number));
+  });
+
+  it('a throwing group fails the job naming the operator and the original error', async () => {
+    const rows = Array.from({ length: 40 }, (_, id) => ({ id, key: id % 4 }));
+    const error = await rejection(fromItems(rows, { parallelism: 4 }).groupBy('key').mapGroups(failOnGroup, { batchFormat: 'rows', fnArgs: [2] }).takeAll());
+    expect(error).toBeInstanceOf(DataError);
+    expect((error as DataError).code).toBe('ERR_DATA_UDF_FAILED');
+    expect((error as Error).message).toMatch(/MapGroups\(failOnGroup\).*bad group 2/);
+  });
+});
+
+describe('column operations', () => {
+  it('select, drop, rename and add columns, fused into the tasks before them', async () => {
+    const ds = fromItems([{ a: 1, b: 'x', c: true }, { a: 2, b: 'y', c: false }]);
+    expect(await ds.selectColumns(['c', 'a']).takeAll()).toEqual([{ c: true, a: 1 }, { c: false, a: 2 }]);
+    expect(await ds.dropColumns('b').takeAll()).toEqual([{ a: 1, c: true }, { a: 2, c: false }]);
+    expect(await ds.renameColumns({ a: 'alpha' }).takeAll()).toEqual([{ alpha: 1, b: 'x', c: true }, { alpha: 2, b: 'y', c: false }]);
+    const added = await range(6, { parallelism: 2 }).addColumn('scaled', scaledId, { fnArgs: [3] }).takeAll();
+    expect(added).toEqual(Array.from({ length: 6 }, (_, id) => ({ id, scaled: id * 3 })));
+    const plan = await range(6).map(withParity).selectColumns('id').explain({ print: false });
+    expect(plan).toMatch(/ReadRange->Map\(withParity\)->SelectColumns\(id\)/);
+  });
+
+  it('bad columns are typed errors naming them', async () => {
+    const ds = fromItems([{ a: 1, b: 2 }]);
+    const error = await rejection(ds.selectColumns(['a', 'nope']).takeAll());
+    expect((error as Error).message).toMatch(/no column 'nope' \(the columns are: a, b\)/);
+    expect(await rejection(ds.renameColumns({ a: 'b' }).takeAll())).toHaveProperty('message', expect.stringMatching(/two columns would be named 'b'/));
+    const short = await rejection(range(5).addColumn('x', shortColumn).takeAll());
+    expect((short as Error).message).toMatch(/AddColumn\(x\).*shortColumn returned 1 values for a batch of 2 rows/);
+    expect(() => ds.renameColumns({})).toThrow(InvalidArgumentError);
+    expect(() => ds.selectColumns([])).toThrow(InvalidArgumentError);
+  });
+});
+
+function sumOfParity(count: number, parity: number): number {
+  let sum = 0;
+  for (let id = parity; id < count; id += 2) sum += id;
+  return sum;
+}
