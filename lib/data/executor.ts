@@ -182,6 +182,16 @@ export class StreamingExecutor {
     }
   }
 
+  /** CPUs of the whole cluster. */
+  get totalCpus(): number {
+    return this.#totalCpus;
+  }
+
+  /** Objects the smallest store of the cluster can hold at once. */
+  get storeObjectLimit(): number {
+    return Math.min(...state().nodes.map((node) => node.store.maxObjects));
+  }
+
   /** Tasks of this shape that can run at once across the cluster, with some queued ahead. */
   taskSlots(compute: ComputeOptions): number {
     const cpus = compute.numCpus ?? 1;

@@ -39,6 +39,13 @@ describe('sort', () => {
     );
   });
 
+  it('holds its whole input outside the budget: a sort many times larger than the budget runs', async () => {
+    const ds = range(100_000, { parallelism: 100 }).map(withParity);
+    const sorted = await ds.sort(['parity', 'id'], { descending: [false, true] }).takeAll({ memoryBudgetBytes: 200_000 });
+    const expected = [...Array.from({ length: 50_000 }, (_, index) => 99_998 - 2 * index), ...Array.from({ length: 50_000 }, (_, index) => 99_999 - 2 * index)];
+    expect(sorted.map((row) => row.id)).toEqual(expected);
+  });
+
   it('sorts strings, puts nulls last, and keeps its order with preserveOrder off', async () => {
     const names = ['pear', null, 'apple', 'fig', null, 'banana', 'cherry', 'apple'];
     const rows = names.map((name, id) => ({ id, name }));
@@ -54,6 +61,9 @@ describe('sort', () => {
     expect(error).toBeInstanceOf(DataError);
     expect((error as DataError).code).toBe('ERR_DATA_COLUMN');
     expect((error as Error).message).toMatch(/no column 'nope'.*id/);
+    const plan = await range(10).sort('id', { descending: true }).groupBy('id').count().explain({ print: false });
+    expect(plan).toMatch(/Sort\(id desc\): all-to-all after all input arrives, sample, map and reduce tasks/);
+    expect(plan).toMatch(/Aggregate\(count\(\)\) by id: a partial task per block/);
     expect(() => range(10).sort([])).toThrow(InvalidArgumentError);
     expect(() => range(10).sort('id', { descending: [true, false] })).toThrow(/one boolean per key/);
   });

@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { DataError, WorkerCrashedError, fromItems, range, readDatasource, state, type Row } from '../../lib/index.js';
-import { BadSource, CountingSink, FailingSource, GatedSink, failOn, gatedRow, isEven } from './fixtures/udfs.js';
+import { BadSource, CountingSink, FailingSource, GatedSink, failOn, gatedGroup, gatedRow, isEven, withParity } from './fixtures/udfs.js';
 import { isAlive, openGate, rejection, startedPids, until, useDataCluster } from './helpers.js';
 
 const { scratchDir } = useDataCluster({ numCpus: 2 }, () => until(() => Object.values(state().tasks).every((count) => count === 0), 'no task left running'));
@@ -83,6 +83,17 @@ describe('workers that die', () => {
       openGate(gate);
     }
     expect(ids(await rows)).toEqual(sequence(40));
+  });
+
+  it('a mapGroups reduce task whose worker is killed is retried: every row exactly once', async () => {
+    const gate = scratchDir.path('kill-groups');
+    const rows = fromItems(items(40), { parallelism: 4 }).map(withParity).groupBy('parity').mapGroups(gatedGroup, { batchFormat: 'rows', fnArgs: [gate] }).takeAll();
+    try {
+      await killFirstStarted(gate);
+    } finally {
+      openGate(gate);
+    }
+    expect(ids(await rows).sort((a, b) => a - b)).toEqual(sequence(40));
   });
 
   it('with maxRetries: 0, a killed worker fails the job naming the operator', async () => {

@@ -16,9 +16,6 @@ import { slicesOf, type InputBlock, type PhysicalOperatorSpec } from '../plan.js
 import type { TaskResult } from '../worker-tasks.js';
 import { Operator, dispose, taskTargets, unitBytes, unitRows, type Unit } from './operator.js';
 
-/** The most parts the map side makes (map tasks x partitions): each is an object in the store. */
-const MAX_PARTS = 20_000;
-
 type Phase = 'collect' | 'sample' | 'map' | 'reduce';
 
 export class ExchangeOperator extends Operator {
@@ -103,27 +100,22 @@ export class ExchangeOperator extends Operator {
     return this.#nextPartition < this.#partitions;
   }
 
-  /** The whole input has arrived: the partitions, and the groups of blocks the map side takes. */
+  /**
+   * The whole input has arrived: the partitions (by default blocks of an even share of the data
+   * over four per CPU, within the block size bounds) and the groups of blocks the map side takes.
+   * Every part a map task makes is an object in the store until its reduce task has run, so map
+   * tasks x partitions stays within a quarter of the store's object table.
+   */
   #plan(): void {
     const blocks = this.#staged;
-    const minBytes = this.executor.options.minBlockBytes;
-    this.#partitions = this.spec.numBlocks ?? Math.max(1, Math.min(blocks.length, Math.ceil(this.#stagedBytes / minBytes)));
-    // Consecutive blocks go to one map task up to the minimum block size, and in fewer tasks
-    // where tasks x partitions would make too many parts.
-    const maxGroups = Math.max(1, Math.floor(MAX_PARTS / this.#partitions));
-    const perGroup = Math.max(1, Math.ceil(blocks.length / maxGroups));
-    let group: InputBlock[] = [];
-    let groupBytes = 0;
-    for (const block of blocks) {
-      if (group.length > 0 && (group.length >= perGroup && groupBytes + block.meta.bytes > minBytes)) {
-        this.#groups.push(group);
-        group = [];
-        groupBytes = 0;
-      }
-      group.push(block);
-      groupBytes += block.meta.bytes;
-    }
-    if (group.length > 0) this.#groups.push(group);
+    const { minBlockBytes, maxBlockBytes } = this.executor.options;
+    const maxParts = Math.max(64, Math.floor(this.executor.storeObjectLimit / 4));
+    const target = Math.min(maxBlockBytes, Math.max(minBlockBytes, this.#stagedBytes / (4 * Math.max(1, this.executor.totalCpus))));
+    this.#partitions = this.spec.numBlocks ?? Math.max(1, Math.min(blocks.length, maxParts, Math.ceil(this.#stagedBytes / target)));
+    const groups = Math.max(1, Math.min(blocks.length, Math.floor(maxParts / this.#partitions)));
+    // Consecutive blocks, an even share of them to each map task.
+    const perGroup = Math.ceil(blocks.length / groups);
+    for (let start = 0; start < blocks.length; start += perGroup) this.#groups.push(blocks.slice(start, start + perGroup));
     // The groups own the blocks from here on.
     this.#stagedBlocks = blocks.length;
     this.#staged = [];
