@@ -5,9 +5,17 @@
  * round's pair printed to stderr);
  * block_overhead_ms: wall time per block of an identity map, with task_roundtrip_ms, one trivial
  * task per block through the core runtime, as its floor (both in steady state: the median of five
- * runs after five warm-up runs).
+ * runs after five warm-up runs);
+ * sort_rows_per_s and groupby_rows_per_s: 1 Mi rows (a float64 key, an int32 group, a payload)
+ * sorted by the key, and counted and summed by the group, on the cluster; their baselines
+ * sort_single_process_rows_per_s and groupby_single_process_rows_per_s run the same kernels over
+ * the same blocks in this process, without the runtime (medians of three rounds, after one warm-up).
  */
-import { fromArrow, get, init, remote, rowsToBlock, shutdown, type Block } from '../lib/index.js';
+import { tableFromArrays } from 'apache-arrow';
+import { Count, Sum, fromArrow, get, init, remote, rowsToBlock, shutdown, type Block } from '../lib/index.js';
+import { finalizeAggregate, mergePartials, partialAggregate } from '../lib/data/aggregate.js';
+import { concatBlocks } from '../lib/data/block.js';
+import { sortBlock } from '../lib/data/exchange.js';
 import { Classifier } from '../examples/batch-inference.js';
 import { ReviewClassifier, reviewText } from '../examples/model/review-classifier.js';
 import { identity } from '../test/data/fixtures/udfs.js';
@@ -21,6 +29,40 @@ const ROWS = 16_384;
 const BATCH = 64;
 const OVERHEAD_BLOCKS = 400;
 const PIPELINE_ROUNDS = 5;
+const EXCHANGE_ROWS = 1 << 20;
+const EXCHANGE_BLOCKS = 16;
+
+/** The sort and groupBy input: EXCHANGE_BLOCKS blocks of a random key, a group of 64 and a payload. */
+function exchangeBlocks(): Block[] {
+  let state = 12345;
+  const blocks: Block[] = [];
+  const perBlock = EXCHANGE_ROWS / EXCHANGE_BLOCKS;
+  for (let block = 0; block < EXCHANGE_BLOCKS; block++) {
+    const key = new Float64Array(perBlock);
+    const group = new Int32Array(perBlock);
+    const payload = new Int32Array(perBlock);
+    for (let row = 0; row < perBlock; row++) {
+      state = (Math.imul(state, 1103515245) + 12345) >>> 0;
+      key[row] = state / 2 ** 32;
+      group[row] = state & 63;
+      payload[row] = block * perBlock + row;
+    }
+    blocks.push(tableFromArrays({ key, group, payload }));
+  }
+  return blocks;
+}
+
+/** Rows per second of `run` over EXCHANGE_ROWS rows: the median of three rounds after one warm-up. */
+async function exchangeRate(run: () => Promise<unknown> | unknown): Promise<number> {
+  await run();
+  const rates: number[] = [];
+  for (let round = 0; round < 3; round++) {
+    const start = nowNs();
+    await run();
+    rates.push(EXCHANGE_ROWS / elapsedSeconds(start));
+  }
+  return median(rates);
+}
 
 /** Milliseconds per block of `run` (over OVERHEAD_BLOCKS blocks): the median of 5 runs after 5 warm-up runs. */
 async function steadyMs(run: () => Promise<void>): Promise<number> {
@@ -39,6 +81,8 @@ export const dataSuite: Suite = {
   ratios: [
     ['pipeline (2 actors) / single process', 'pipeline_rows_per_s', 'single_process_rows_per_s', '>= 1.6'],
     ['block overhead / task round trip', 'block_overhead_ms', 'task_roundtrip_ms', '(floor)'],
+    ['sort (2 CPUs) / single process', 'sort_rows_per_s', 'sort_single_process_rows_per_s', '(report)'],
+    ['groupBy (2 CPUs) / single process', 'groupby_rows_per_s', 'groupby_single_process_rows_per_s', '(report)'],
   ],
   async run(): Promise<Results> {
     const rows = Array.from({ length: ROWS }, (_, id) => ({ id, text: reviewText(id) }));
@@ -91,7 +135,28 @@ export const dataSuite: Suite = {
         await get(inputRefs.map((ref) => passBlock.remote(ref as never)));
       });
 
+      // Sort and groupBy: the cluster's exchange and streaming aggregation against the same
+      // kernels in this process.
+      const input = exchangeBlocks();
+      const stored = fromArrow(input);
+      const plan = { keys: ['group'], aggregations: [Count(), Sum('payload')] };
+      const sortRate = await exchangeRate(async () => {
+        let rows = 0;
+        for await (const batch of stored.sort('key').iterBatches({ batchSize: null, batchFormat: 'arrow', progress: false })) rows += (batch as Block).numRows;
+        if (rows !== EXCHANGE_ROWS) throw new Error(`sort returned ${rows} rows of ${EXCHANGE_ROWS}`);
+      });
+      const sortSingle = await exchangeRate(() => sortBlock(concatBlocks(input), [{ column: 'key', descending: false }]));
+      const groupRate = await exchangeRate(async () => {
+        const groups = await stored.groupBy('group').aggregate(Count(), Sum('payload')).count({ progress: false });
+        if (groups !== 64) throw new Error(`groupBy made ${groups} groups of 64`);
+      });
+      const groupSingle = await exchangeRate(() => finalizeAggregate(mergePartials(input.map((block) => partialAggregate(block, plan)), plan), plan));
+
       return {
+        sort_rows_per_s: { value: round(sortRate, 0), unit: 'rows/s' },
+        sort_single_process_rows_per_s: { value: round(sortSingle, 0), unit: 'rows/s' },
+        groupby_rows_per_s: { value: round(groupRate, 0), unit: 'rows/s' },
+        groupby_single_process_rows_per_s: { value: round(groupSingle, 0), unit: 'rows/s' },
         pipeline_rows_per_s: { value: round(pipeline, 0), unit: 'rows/s' },
         single_process_rows_per_s: { value: round(single, 0), unit: 'rows/s' },
         block_overhead_ms: { value: round(blockOverhead, 3), unit: 'ms' },

@@ -5,7 +5,7 @@
  * tasks, and tests run them in-process.
  */
 import { type Block, takeRows } from './block.js';
-import { compareKeys, groupName, hashPartition, keyOf, readKeyColumns, seededRandom, sortedOrder, type SortKey } from './keys.js';
+import { compareKeys, groupName, hashPartition, isPlainNumbers, keyOf, readKeyColumns, seededRandom, sortedOrder, type KeyColumns, type SortKey } from './keys.js';
 import type { StageSpec } from './stages.js';
 
 /** What an exchange does, as it travels to workers. */
@@ -54,6 +54,18 @@ function rangeOf(key: unknown[], boundaries: readonly unknown[][], keys: readonl
   return low;
 }
 
+/** The boundaries as plain numbers, where one key of numbers (typed, no NaN) is sorted by numbers. */
+function numericBounds(columns: KeyColumns, boundaries: readonly unknown[][], keys: readonly SortKey[]): Float64Array | undefined {
+  if (keys.length !== 1 || !isPlainNumbers(columns[0])) return undefined;
+  const bounds = new Float64Array(boundaries.length);
+  for (let index = 0; index < boundaries.length; index++) {
+    const value = boundaries[index][0];
+    if (typeof value !== 'number' || Number.isNaN(value)) return undefined;
+    bounds[index] = value;
+  }
+  return bounds;
+}
+
 /**
  * The map side: the block's rows cut into `partitions` parts, each keeping the rows' order (null
  * where a part has no rows). A sort cuts by key range, a shuffle at random, mapGroups by a hash
@@ -64,7 +76,25 @@ export function partitionBlock(block: Block, spec: ExchangeSpec, partitions: num
   const target = new Int32Array(rows);
   if (spec.kind === 'sort') {
     const columns = readKeyColumns(block, spec.keys.map((key) => key.column), 'sort');
-    for (let row = 0; row < rows; row++) target[row] = rangeOf(keyOf(columns, row), boundaries, spec.keys);
+    const numeric = numericBounds(columns, boundaries, spec.keys);
+    if (numeric) {
+      // One number key: a search over plain numbers, with no tuple per row.
+      const values = columns[0] as ArrayLike<number>;
+      const descending = spec.keys[0].descending;
+      for (let row = 0; row < rows; row++) {
+        const value = values[row];
+        let low = 0;
+        let high = numeric.length;
+        while (low < high) {
+          const middle = (low + high) >>> 1;
+          if (descending ? numeric[middle] >= value : numeric[middle] <= value) low = middle + 1;
+          else high = middle;
+        }
+        target[row] = low;
+      }
+    } else {
+      for (let row = 0; row < rows; row++) target[row] = rangeOf(keyOf(columns, row), boundaries, spec.keys);
+    }
   } else if (spec.kind === 'shuffle') {
     const random = seededRandom(seed);
     for (let row = 0; row < rows; row++) target[row] = Math.floor(random() * partitions);

@@ -146,7 +146,7 @@ export function sortedOrder(columns: KeyColumns, keys: readonly SortKey[], rows:
 }
 
 /** A typed array of numbers (no bigints) without NaN: plain subtraction orders it. */
-function isPlainNumbers(values: ArrayLike<unknown>): boolean {
+export function isPlainNumbers(values: ArrayLike<unknown>): boolean {
   if (!ArrayBuffer.isView(values) || values instanceof BigInt64Array || values instanceof BigUint64Array) return false;
   if (values instanceof Float64Array || values instanceof Float32Array) {
     for (let index = 0; index < values.length; index++) if (values[index] !== values[index]) return false;
