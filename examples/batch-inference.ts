@@ -12,7 +12,7 @@ import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
-  Datasink, Datasource, ReadTask, cuda, init, readDatasource, remote, shutdown, type Block, type WriteContext,
+  Count, Datasink, Datasource, Mean, ReadTask, cuda, init, readDatasource, readJsonl, remote, shutdown, type Block, type WriteContext,
 } from '../lib/index.js';
 import { ReviewClassifier, reviewText } from './model/review-classifier.js';
 
@@ -111,6 +111,12 @@ export async function main(outputDirectory = join(tmpdir(), 'trellis-batch-infer
     const sample = readFileSync(join(outputDirectory, files[0]), 'utf8').split('\n')[0];
     console.log(`\n${rows} rows classified in ${seconds.toFixed(2)} s: ${Math.round(rows / seconds)} rows/s`);
     console.log(`${files.length} files in ${outputDirectory}; first row: ${sample}`);
+    // Read back what was written and summarize it: a streaming aggregation, one row per label.
+    const labels = await readJsonl(files.map((name) => join(outputDirectory, name)))
+      .groupBy('label')
+      .aggregate(Count(), Mean('score'))
+      .takeAll({ progress: false });
+    for (const row of labels) console.log(`  ${row.label}: ${row['count()']} rows, mean score ${(row['mean(score)'] as number).toFixed(3)}`);
   } finally {
     await shutdown();
   }
