@@ -301,7 +301,7 @@ export function mergePartials(partials: readonly Block[], plan: AggregationPlan)
     if (partial.numRows === 0 && plan.keys.length > 0) continue;
     types ??= inputTypesOf(partial, plan, true);
     const keyColumns = readKeyColumns(partial, plan.keys, 'groupBy');
-    const states = readStates(partial, plan, types);
+    const states = readStates(partial, plan);
     for (let row = 0; row < partial.numRows; row++) {
       const group = table.groupAt(keyColumns, row);
       plan.aggregations.forEach((aggregation, index) => mergeState(group.states[index], states[row][index], aggregation));
@@ -348,7 +348,7 @@ function partialBlock(groups: readonly Group[], plan: AggregationPlan, types: In
   return new Table(columns);
 }
 
-function readStates(partial: Block, plan: AggregationPlan, types: InputTypes): State[][] {
+function readStates(partial: Block, plan: AggregationPlan): State[][] {
   const read = (index: number, part: string, type: DataType): ArrayLike<unknown> => columnValues(partial.getChild(stateColumn(index, part))!, type);
   const perAggregation = plan.aggregations.map((aggregation, index) => {
     const n = read(index, 'n', new Float64()) as ArrayLike<number>;
@@ -374,7 +374,6 @@ function readStates(partial: Block, plan: AggregationPlan, types: InputTypes): S
       return state;
     };
   });
-  void types;
   return Array.from({ length: partial.numRows }, (_, row) => perAggregation.map((read) => read(row)));
 }
 
@@ -383,26 +382,21 @@ function readStates(partial: Block, plan: AggregationPlan, types: InputTypes): S
  * keys and no partial (an empty dataset), one row: counts are 0, the rest null.
  */
 export function finalizeAggregate(partial: Block | undefined, plan: AggregationPlan): Block {
+  if (!partial && plan.keys.length > 0) return new Table();
+  const types = partial ? inputTypesOf(partial, plan, true) : { keys: [], values: plan.aggregations.map(() => null) };
   let groups: Group[] = [];
-  let keyTypes: DataType[] = [];
   if (partial) {
-    const types = inputTypesOf(partial, plan, true);
-    keyTypes = types.keys;
     const keyColumns = readKeyColumns(partial, plan.keys, 'groupBy');
-    const states = readStates(partial, plan, types);
-    groups = states.map((row, index) => ({ key: keyOf(keyColumns, index), states: row }));
-  } else if (plan.keys.length > 0) {
-    return new Table();
+    groups = readStates(partial, plan).map((states, row) => ({ key: keyOf(keyColumns, row), states }));
   }
   if (groups.length === 0 && plan.keys.length === 0) groups = [{ key: [], states: plan.aggregations.map(newState) }];
   const ascending = plan.keys.map((column) => ({ column, descending: false }));
   groups.sort((a, b) => compareKeys(a.key, b.key, ascending));
   const columns: Record<string, Vector> = {};
-  plan.keys.forEach((key, index) => (columns[key] = vectorOf(groups.map((group) => group.key[index]), keyTypes[index])));
-  const valueTypes = partial ? inputTypesOf(partial, plan, true).values : plan.aggregations.map(() => null);
+  plan.keys.forEach((key, index) => (columns[key] = vectorOf(groups.map((group) => group.key[index]), types.keys[index])));
   plan.aggregations.forEach((aggregation, index) => {
     const results = groups.map((group) => resultOf(group.states[index], aggregation));
-    columns[aggregation.name] = vectorOf(results, resultType(aggregation, results, valueTypes[index]));
+    columns[aggregation.name] = vectorOf(results, resultType(aggregation, results, types.values[index]));
   });
   return new Table(columns);
 }
