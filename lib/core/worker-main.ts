@@ -337,11 +337,24 @@ class ZeroCopyCollector {
     this.#lastTaskEnded = performance.now();
     if (this.#bytes >= threshold) {
       this.#bytes = 0;
-      setImmediate(collectGarbage);
+      this.#due = true;
     } else if (this.#bytes > 0 && !this.#idle) {
       this.#armIdle(IDLE_COLLECT_MS);
     }
   }
+
+  /**
+   * Whether the worker should collect before it starts another task. Queued tasks run one after
+   * another in promise continuations, never yielding to the event loop while the queue lasts: a
+   * collection left to a later turn would not come until the queue ran dry, and the views of every
+   * task before would pin their objects until then (under a shuffle, more than the whole store).
+   */
+  takeDue(): boolean {
+    const due = this.#due;
+    this.#due = false;
+    return due;
+  }
+  #due = false;
 
   #armIdle(delay: number): void {
     this.#idle = setTimeout(() => {
@@ -470,6 +483,8 @@ let isActorWorker = false;
 let actorConcurrency = 1;
 let running = 0;
 let pumping = false;
+/** A collection is under way between tasks (see ZeroCopyCollector.takeDue). */
+let collecting = false;
 
 /**
  * Runs a task or actor call. A synchronous function with arguments at hand runs and reports
@@ -570,7 +585,20 @@ function runImmediately(task: TaskMessage): boolean {
 
 /** Starts queued tasks while concurrency allows; iterative, since a sync task finishes inside it. */
 function pump(): void {
-  if (pumping) return;
+  if (pumping || collecting) return;
+  if (collector.takeDue()) {
+    // Collect in a turn of its own, then give the loop one more turn, in which the collected
+    // views' finalizers unpin their objects, before the next task starts.
+    collecting = true;
+    setImmediate(() => {
+      collectGarbage();
+      setImmediate(() => {
+        collecting = false;
+        pump();
+      });
+    });
+    return;
+  }
   pumping = true;
   try {
     while (running < actorConcurrency && runtime.queue.length > 0) runTask(runtime.queue.shift()!);

@@ -55,6 +55,16 @@ describe('memory budget', () => {
     expect(reporter.snapshots.every((snapshot) => snapshot.budgetBytes === budget && snapshot.storeBytes <= budget)).toBe(true);
   });
 
+  it('a shuffle of more than the whole store holds its input outside the budget, spilling to disk', async () => {
+    const blocks = 160; // 160 MiB staged in a 128 MiB store
+    const spilledBefore = state().nodes[0].store.totalSpilledObjects;
+    const ds = readDatasource(new BytesSource(blocks, 1, MiB)).randomShuffle({ seed: 7 });
+    const total = await ds.sum('x', { memoryBudgetBytes: 8 * MiB, minBlockBytes: MiB, maxBlockBytes: MiB });
+    const rows = (blocks * MiB) / 8;
+    expect(total).toBe((rows * (rows - 1)) / 2);
+    expect(state().nodes[0].store.totalSpilledObjects).toBeGreaterThan(spilledBefore);
+  });
+
   it('the same through a sink fused into the map (five times the budget)', async () => {
     const budget = 8 * MiB;
     const blockBytes = MiB;
