@@ -238,6 +238,16 @@ export class Dataset {
     return new GroupedData(this, checkKeyColumns(key, 'groupBy()'), (operator) => this.#with(operator));
   }
 
+  /**
+   * This dataset's rows, then each other's (Ray's union). Each input keeps its own plan and fusion;
+   * in order (preserveOrder, the default) the inputs run one after another, otherwise at once.
+   */
+  union(...others: Dataset[]): Dataset {
+    if (others.length === 0) throw new InvalidArgumentError('union() takes one or more datasets');
+    for (const other of others) if (!(other instanceof Dataset)) throw new InvalidArgumentError(`union() takes datasets, got ${other === null ? 'null' : typeof other}`);
+    return new Dataset([{ op: 'union', inputs: [this.#plan, ...others.map((other) => other.logicalPlan)] }]);
+  }
+
   /** Only the named columns, in that order. */
   selectColumns(columns: string | string[]): Dataset {
     const list = checkKeyColumns(columns, 'selectColumns()');
@@ -579,6 +589,24 @@ async function describePhysical(
     }
     case 'aggregate':
       return { text: `${operator.name}: a partial task per block as it arrives, merged 16 at a time, one final task`, blocks: 1, rows: operator.plan.keys.length === 0 ? 1 : undefined };
+    case 'union': {
+      const lines: string[] = [`${operator.name}: its inputs' blocks in the driver, input by input`];
+      let blocks: number | undefined = 0;
+      let rows: number | undefined = 0;
+      for (const [index, chain] of operator.inputs.entries()) {
+        let chainBlocks: number | undefined;
+        let chainRows: number | undefined;
+        for (const [step, inner] of chain.entries()) {
+          const described = await describePhysical(inner, chainBlocks, chainRows);
+          chainBlocks = described.blocks;
+          chainRows = described.rows;
+          lines.push(`     ${index + 1}.${step + 1}. ${described.text}`);
+        }
+        blocks = blocks === undefined || chainBlocks === undefined ? undefined : blocks + chainBlocks;
+        rows = rows === undefined || chainRows === undefined ? undefined : rows + chainRows;
+      }
+      return { text: lines.join('\n'), blocks, rows };
+    }
     case 'limit':
       return { text: `${operator.name}: in the driver, stops upstream at ${operator.rows} rows`, blocks: upstreamBlocks, rows: upstreamRows === undefined ? operator.rows : Math.min(upstreamRows, operator.rows) };
     case 'write':

@@ -17,6 +17,7 @@ import { AggregateOperator } from './operators/aggregate.js';
 import { ExchangeOperator } from './operators/exchange.js';
 import { InputOperator } from './operators/input.js';
 import { LimitOperator } from './operators/limit.js';
+import { UnionOperator } from './operators/union.js';
 import { RepartitionOperator } from './operators/repartition.js';
 import { ReadOperator, TaskMapOperator, WriteOperator } from './operators/tasks.js';
 import { dispose, resourcesOf, type Operator } from './operators/operator.js';
@@ -156,7 +157,38 @@ export class StreamingExecutor {
     this.#totalCpus = cluster.nodes.reduce((sum, node) => sum + (node.resources.total.CPU ?? 0), 0);
     this.defaultParallelism = defaultParallelism(this.#totalCpus);
     this.#job = job;
-    specs.forEach((spec, index) => this.operators.push(this.#make(spec, index)));
+    this.#build(specs);
+  }
+
+  /**
+   * The operators of a chain, linked upstream to downstream; a union's input chains come before
+   * it in `operators`, so that scheduling from the end serves downstream first everywhere. In
+   * order (preserveOrder), a union's inputs run one after another: each waits for the one before.
+   */
+  #build(specs: readonly PhysicalOperatorSpec[]): Operator | undefined {
+    let previous: Operator | undefined;
+    for (const spec of specs) {
+      const upstreams: Operator[] = [];
+      if (spec.kind === 'union') {
+        let before: Operator | undefined;
+        for (const chain of spec.inputs) {
+          const first = this.operators.length;
+          const last = this.#build(chain);
+          if (!last) continue;
+          if (before && this.options.preserveOrder) this.operators[first].startAfter = before;
+          before = last;
+          upstreams.push(last);
+        }
+      } else if (previous) {
+        upstreams.push(previous);
+      }
+      const operator = this.#make(spec, this.operators.length);
+      operator.upstreams = upstreams;
+      for (const upstream of upstreams) upstream.downstream = operator;
+      this.operators.push(operator);
+      previous = operator;
+    }
+    return previous;
   }
 
   #make(spec: PhysicalOperatorSpec, index: number): Operator {
@@ -179,6 +211,8 @@ export class StreamingExecutor {
         return new AggregateOperator(this, spec, index);
       case 'write':
         return new WriteOperator(this, spec, index);
+      case 'union':
+        return new UnionOperator(this, spec, index);
     }
   }
 
@@ -302,7 +336,7 @@ export class StreamingExecutor {
 
   /** An operator's output: the next operator's input, or the job's output. */
   emit(from: Operator, block: InputBlock): void {
-    const next = this.operators[from.index + 1];
+    const next = from.downstream;
     if (next) next.takeInput(block);
     else {
       this.#output.push(block);
@@ -312,7 +346,10 @@ export class StreamingExecutor {
   }
 
   truncateUpstreamOf(operator: Operator): void {
-    for (let index = 0; index < operator.index; index++) this.operators[index].truncate();
+    for (const upstream of operator.upstreams) {
+      upstream.truncate();
+      this.truncateUpstreamOf(upstream);
+    }
   }
 
   async start(): Promise<void> {
@@ -380,8 +417,12 @@ export class StreamingExecutor {
     if (this.failed || this.#finished) return;
     for (let index = this.operators.length - 1; index >= 0; index--) {
       const operator = this.operators[index];
-      if (index > 0 && this.operators[index - 1].done()) operator.upstreamDone = true;
+      if (operator.upstreams.length > 0 && operator.upstreams.every((upstream) => upstream.done())) operator.upstreamDone = true;
       operator.backpressure = undefined;
+      if (operator.startAfter && !operator.startAfter.done()) {
+        operator.backpressure = 'after the union inputs before it';
+        continue;
+      }
       if (operator instanceof ActorMapOperator) operator.autoscale();
       while (operator.hasWork()) {
         if (operator.active >= operator.capacity()) {
@@ -414,8 +455,8 @@ export class StreamingExecutor {
         if (this.failed) return;
       }
     }
-    for (let index = 1; index < this.operators.length; index++) {
-      if (this.operators[index - 1].done()) this.operators[index].upstreamDone = true;
+    for (const operator of this.operators) {
+      if (operator.upstreams.length > 0 && operator.upstreams.every((upstream) => upstream.done())) operator.upstreamDone = true;
     }
     this.peakBytes = Math.max(this.peakBytes, this.usedBytes());
     if (this.operators.every((operator) => operator.done())) this.#wake();
@@ -424,8 +465,7 @@ export class StreamingExecutor {
   /** Output bytes of one unit of each operator after `source`, fed `bytes` of the source's output. */
   #downstreamRoom(source: Operator, bytes: number): number {
     let room = 0;
-    for (let index = source.index + 1; index < this.operators.length; index++) {
-      const operator = this.operators[index];
+    for (let operator = source.downstream; operator; operator = operator.downstream) {
       if (operator.done() || operator.truncated) continue;
       bytes = operator.estimateOutputBytes(bytes);
       room += bytes;

@@ -54,6 +54,7 @@ export type LogicalOperator =
   | { op: 'repartition'; numBlocks: number }
   | { op: 'exchange'; name: string; exchange: ExchangeSpec; numBlocks?: number }
   | { op: 'aggregate'; name: string; plan: AggregationPlan }
+  | { op: 'union'; inputs: Array<readonly LogicalOperator[]> }
   | { op: 'limit'; rows: number };
 
 export type PhysicalOperatorSpec =
@@ -64,6 +65,7 @@ export type PhysicalOperatorSpec =
   | { kind: 'repartition'; name: string; numBlocks: number }
   | { kind: 'exchange'; name: string; exchange: ExchangeSpec; numBlocks?: number }
   | { kind: 'aggregate'; name: string; plan: AggregationPlan }
+  | { kind: 'union'; name: string; inputs: PhysicalOperatorSpec[][] }
   | { kind: 'limit'; name: string; rows: number }
   | { kind: 'write'; name: string; sink: Datasink; compute: ComputeOptions };
 
@@ -120,6 +122,9 @@ export function planPhysical(logical: readonly LogicalOperator[], sink?: Datasin
       physical.push({ kind: 'exchange', name: operator.name, exchange: operator.exchange, numBlocks: operator.numBlocks });
     } else if (operator.op === 'aggregate') {
       physical.push({ kind: 'aggregate', name: operator.name, plan: operator.plan });
+    } else if (operator.op === 'union') {
+      // Each input is planned (and fused) on its own; what follows the union runs on its output.
+      physical.push({ kind: 'union', name: `Union(${operator.inputs.length})`, inputs: operator.inputs.map((input) => planPhysical(input)) });
     } else {
       // Two limits in a row keep the smaller.
       if (last?.kind === 'limit') {
@@ -166,6 +171,8 @@ export function describeLogical(operator: LogicalOperator): string {
       return `${operator.name}${operator.numBlocks ? ` [${operator.numBlocks} blocks]` : ''}`;
     case 'aggregate':
       return operator.name;
+    case 'union':
+      return `Union of ${operator.inputs.length}: ${operator.inputs.map((input) => `[${input.map(describeLogical).join(' -> ')}]`).join(', ')}`;
     case 'limit':
       return `Limit(${operator.rows})`;
   }

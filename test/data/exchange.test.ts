@@ -211,3 +211,32 @@ function sumOfParity(count: number, parity: number): number {
   for (let id = parity; id < count; id += 2) sum += id;
   return sum;
 }
+
+describe('union', () => {
+  it("gives each input's rows in order, input by input, each input fused on its own", async () => {
+    const a = fromItems(Array.from({ length: 50 }, (_, id) => ({ id })), { parallelism: 3 });
+    const b = fromItems(Array.from({ length: 30 }, (_, index) => ({ id: 1000 + index })), { parallelism: 4 }).map(withParity).selectColumns('id');
+    const c = range(5).filter(never);
+    const both = a.union(b, c);
+    expect((await both.takeAll()).map((row) => row.id)).toEqual([...Array.from({ length: 50 }, (_, id) => id), ...Array.from({ length: 30 }, (_, index) => 1000 + index)]);
+    expect(await both.count()).toBe(80);
+    // What follows the union runs on all of it: a map, an aggregation, a sort, a union again.
+    expect(await both.map(withParity).groupBy('parity').count().takeAll()).toEqual([{ parity: 0, 'count()': 40 }, { parity: 1, 'count()': 40 }]);
+    expect((await both.sort('id', { descending: true }).take(2)).map((row) => row.id)).toEqual([1029, 1028]);
+    expect(await both.union(a).count()).toBe(130);
+    // Inputs whose schemas differ (int32 ids from range, float64 from rows) are refused where joined.
+    const mixed = await rejection(range(5).union(a).sort('id').takeAll());
+    expect((mixed as DataError).code).toBe('ERR_DATA_SCHEMA');
+    const plan = await both.explain({ print: false });
+    expect(plan).toMatch(/Union\(3\): its inputs' blocks in the driver/);
+    expect(plan).toMatch(/2\.1\. FromItems: 4 blocks/);
+    expect(plan).toMatch(/2\.2\. Map\(withParity\)->SelectColumns\(id\)/);
+  });
+
+  it('without preserveOrder the inputs run at once; a limit stops them all', async () => {
+    const rows = await range(40, { parallelism: 4 }).union(range(40, { parallelism: 4 }).map(withParity)).takeAll({ preserveOrder: false });
+    expect(rows.length).toBe(80);
+    expect(await range(1000, { parallelism: 10 }).union(range(1000, { parallelism: 10 })).limit(5).count()).toBe(5);
+    expect(() => range(3).union()).toThrow(/one or more datasets/);
+  });
+});

@@ -91,6 +91,12 @@ export function taskTargets(executor: StreamingExecutor): TaskTargets {
 /** One running operator: its input queue, its work in flight, and its ordered outputs. */
 export abstract class Operator {
   readonly inputs = new Deque<InputBlock>();
+  /** The operators whose outputs are this one's input (a union has several; a source none). */
+  upstreams: Operator[] = [];
+  /** Where this operator's outputs go; none for the job's last. */
+  downstream?: Operator;
+  /** A union's later input starts once the one before it is done (in order). */
+  startAfter?: Operator;
   inputBytes = 0;
   inputRows = 0;
   upstreamDone = false;
