@@ -4,7 +4,7 @@
  */
 import { Data, RecordBatch, Table, makeVector, type Schema, type Vector } from 'apache-arrow';
 import { get, isInitialized, put } from '../core/api.js';
-import type { ObjectRef } from '../core/object-ref.js';
+import { ObjectRef } from '../core/object-ref.js';
 import { InvalidArgumentError, NotInitializedError } from '../errors.js';
 import {
   blockToRows, concatBlocks, formatBatch, rowsToBlock, sliceRows, type BatchFormat, type Block, type Row,
@@ -476,6 +476,57 @@ export class Dataset {
   }
 
   /**
+   * Runs the plan and cuts its rows into `n` datasets of nearly equal rows (sizes differ by at
+   * most one; with `equal`, exactly equal, the remainder dropped, as Ray's split does). Blocks are
+   * cut without copies: each split is a view of the materialized blocks.
+   */
+  async split(n: number, options: ExecutionOptions & { equal?: boolean } = {}): Promise<Dataset[]> {
+    checkPositiveInteger(n, 'split(n)');
+    const { equal, ...execution } = options;
+    const blocks = await this.#materializedBlocks(execution, 'Dataset.split');
+    const total = blocks.reduce((sum, block) => sum + block.meta.rows, 0);
+    const sizes = Array.from({ length: n }, (_, index) => (equal ? Math.floor(total / n) : Math.floor(total / n) + (index < total % n ? 1 : 0)));
+    return cutIntoDatasets(blocks, sizes, 'Split');
+  }
+
+  /** Runs the plan and cuts its rows at the given row indices (ascending): indices.length + 1 datasets. */
+  async splitAt(indices: number[], options: ExecutionOptions = {}): Promise<Dataset[]> {
+    if (!Array.isArray(indices) || indices.some((index, at) => !Number.isInteger(index) || index < 0 || (at > 0 && index < indices[at - 1]))) {
+      throw new InvalidArgumentError(`splitAt() takes ascending non-negative row indices, got ${JSON.stringify(indices)}`);
+    }
+    const blocks = await this.#materializedBlocks(options, 'Dataset.splitAt');
+    const total = blocks.reduce((sum, block) => sum + block.meta.rows, 0);
+    const bounds = [0, ...indices.map((index) => Math.min(index, total)), total];
+    return cutIntoDatasets(blocks, bounds.slice(1).map((end, index) => end - bounds[index]), 'SplitAt');
+  }
+
+  /**
+   * A train and a test dataset: the last `testSize` rows (a fraction in (0, 1) or a row count) are
+   * the test set; with `shuffle`, rows are shuffled first (seeded for the same split every run).
+   */
+  async trainTestSplit(testSize: number, options: ExecutionOptions & { shuffle?: boolean; seed?: number } = {}): Promise<[Dataset, Dataset]> {
+    if (typeof testSize !== 'number' || !(testSize > 0) || (testSize >= 1 && !Number.isInteger(testSize))) {
+      throw new InvalidArgumentError(`trainTestSplit() takes a fraction in (0, 1) or a whole number of rows, got ${String(testSize)}`);
+    }
+    const { shuffle, seed, ...execution } = options;
+    const source = shuffle ? this.randomShuffle(seed === undefined ? {} : { seed }) : this;
+    const blocks = await source.#materializedBlocks(execution, 'Dataset.trainTestSplit');
+    const total = blocks.reduce((sum, block) => sum + block.meta.rows, 0);
+    const test = Math.min(total, testSize < 1 ? Math.round(total * testSize) : testSize);
+    const [train, tested] = cutIntoDatasets(blocks, [total - test, test], 'TrainTestSplit');
+    return [train, tested];
+  }
+
+  async #materializedBlocks(options: ExecutionOptions, job: string): Promise<InputBlock[]> {
+    const executor = this.#executor(options, job);
+    await startOrClose(executor);
+    const blocks: InputBlock[] = [];
+    for await (const output of executor.outputs()) blocks.push(output);
+    this.#lastStats = executor.stats();
+    return blocks;
+  }
+
+  /**
    * Writes through a sink: onWriteStart, then write() in write tasks as blocks arrive, then
    * onWriteComplete with every task's result (or onWriteFailed with the error that stopped it).
    */
@@ -648,6 +699,42 @@ export function readDatasource(datasource: Datasource, options: ReadOptions = {}
   }
   if (options.parallelism !== undefined) checkPositiveInteger(options.parallelism, 'readDatasource(): parallelism');
   return new Dataset([{ op: 'read', datasource, parallelism: options.parallelism, compute: checkCompute(options, 'readDatasource()') }]);
+}
+
+/**
+ * Materialized blocks cut into datasets of `sizes` rows each, in order, without copies: a block
+ * cut between two datasets is shared, each holding its own handle on it and its own slice.
+ */
+function cutIntoDatasets(blocks: InputBlock[], sizes: number[], name: string): Dataset[] {
+  let blockIndex = 0;
+  let offsetInBlock = 0;
+  const datasets = sizes.map((size, index) => {
+    const pieces: InputBlock[] = [];
+    let need = size;
+    while (need > 0 && blockIndex < blocks.length) {
+      const block = blocks[blockIndex];
+      const take = Math.min(need, block.meta.rows - offsetInBlock);
+      if (take > 0) {
+        const whole = offsetInBlock === 0 && take === block.meta.rows;
+        const start = (block.slice?.[0] ?? 0) + offsetInBlock;
+        pieces.push({
+          ref: new ObjectRef<Block>(block.ref.id),
+          meta: { rows: take, bytes: whole ? block.meta.bytes : Math.ceil((block.meta.bytes * take) / Math.max(1, block.meta.rows)) },
+          ...(whole && !block.slice ? {} : { slice: [start, take] as [number, number] }),
+        });
+      }
+      need -= take;
+      offsetInBlock += take;
+      if (offsetInBlock >= block.meta.rows) {
+        blockIndex++;
+        offsetInBlock = 0;
+      }
+    }
+    return new Dataset([{ op: 'input', name: `${name}(${index + 1}/${sizes.length})`, blocks: pieces }]);
+  });
+  // Each dataset holds its own handles: the job's go now.
+  for (const block of blocks) block.ref[Symbol.dispose]();
+  return datasets;
 }
 
 /** Starts a job; one that fails to start still stops (its progress display, its actors). */

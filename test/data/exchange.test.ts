@@ -240,3 +240,25 @@ describe('union', () => {
     expect(() => range(3).union()).toThrow(/one or more datasets/);
   });
 });
+
+describe('splits', () => {
+  it('split, splitAt and trainTestSplit cut the rows without copies, in order', async () => {
+    const ds = range(10, { parallelism: 3 });
+    const parts = await ds.split(3);
+    expect(await Promise.all(parts.map(async (part) => (await part.takeAll()).map((row) => row.id)))).toEqual([[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]);
+    expect(await Promise.all((await ds.split(3, { equal: true })).map((part) => part.count()))).toEqual([3, 3, 3]);
+    const at = await ds.splitAt([2, 5, 5]);
+    expect(await Promise.all(at.map(async (part) => (await part.takeAll()).map((row) => row.id)))).toEqual([[0, 1], [2, 3, 4], [], [5, 6, 7, 8, 9]]);
+    const [train, test] = await ds.trainTestSplit(0.2);
+    expect((await test.takeAll()).map((row) => row.id)).toEqual([8, 9]);
+    expect(await train.count()).toBe(8);
+    // Shuffled first, with a seed: the same split every run, every row once.
+    const [shuffledTrain, shuffledTest] = await ds.trainTestSplit(3, { shuffle: true, seed: 5 });
+    const again = (await (await ds.trainTestSplit(3, { shuffle: true, seed: 5 }))[1].takeAll()).map((row) => row.id);
+    const testIds = (await shuffledTest.takeAll()).map((row) => row.id as number);
+    expect(testIds).toEqual(again);
+    expect([...testIds, ...(await shuffledTrain.takeAll()).map((row) => row.id as number)].sort((a, b) => a - b)).toEqual(Array.from({ length: 10 }, (_, id) => id));
+    await expect(ds.splitAt([3, 1])).rejects.toThrow(/ascending/);
+    await expect(ds.trainTestSplit(1.5)).rejects.toThrow(/fraction/);
+  });
+});
