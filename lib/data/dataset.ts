@@ -17,6 +17,7 @@ import { Max, Mean, Min, Std, Sum, Unique, checkAggregations, type AggregateFn, 
 import { addColumn, dropColumns, renameColumns, selectColumns } from './column-ops.js';
 import { GroupedData, checkNumBlocks } from './grouped.js';
 import { checkKeyColumns } from './keys.js';
+import type { JoinType } from './exchange.js';
 import { resolveUdf, udfName, type UdfTarget } from './udf.js';
 import { storedBytes } from './worker-tasks.js';
 import {
@@ -64,6 +65,19 @@ export interface ShuffleOptions {
   /** The same order on every run (default: a new order each run). */
   seed?: number;
   /** Output blocks (default: by the data's size, at most one per input block). */
+  numBlocks?: number;
+}
+
+export interface JoinOptions {
+  /** This side's key column(s). */
+  on: string | string[];
+  /** The other side's key column(s), paired with `on` (default: the same names). */
+  rightOn?: string | string[];
+  /** Which unmatched rows stay: 'inner' (default) none, 'left', 'right', 'outer' both. */
+  how?: JoinType;
+  /** Added to the other side's column names that this side has too (default '_right'). */
+  rightSuffix?: string;
+  /** Partitions, and so output blocks (default: by the data's size). */
   numBlocks?: number;
 }
 
@@ -246,6 +260,34 @@ export class Dataset {
     if (others.length === 0) throw new InvalidArgumentError('union() takes one or more datasets');
     for (const other of others) if (!(other instanceof Dataset)) throw new InvalidArgumentError(`union() takes datasets, got ${other === null ? 'null' : typeof other}`);
     return new Dataset([{ op: 'union', inputs: [this.#plan, ...others.map((other) => other.logicalPlan)] }]);
+  }
+
+  /**
+   * Rows of this dataset paired with rows of `other` whose keys are equal (a hash join: both
+   * sides are exchanged by a hash of their keys, and each partition is joined by one task). `on`
+   * names this side's key columns, `rightOn` the other's (default: the same names); `how` keeps
+   * unmatched rows of the left, the right or both, with nulls on the other side; null keys match
+   * nothing. Output: this side's columns, then the other's but its keys (a name this side has
+   * takes `rightSuffix`, default '_right'), in no particular order.
+   */
+  join(other: Dataset, options: JoinOptions): Dataset {
+    if (!(other instanceof Dataset)) throw new InvalidArgumentError(`join() takes a dataset, got ${other === null ? 'null' : typeof other}`);
+    if (typeof options !== 'object' || options === null) throw new InvalidArgumentError("join() takes options with at least { on: 'key' }");
+    const leftKeys = checkKeyColumns(options.on, 'join(): on');
+    const rightKeys = options.rightOn === undefined ? leftKeys : checkKeyColumns(options.rightOn, 'join(): rightOn');
+    if (rightKeys.length !== leftKeys.length) throw new InvalidArgumentError(`join(): on names ${leftKeys.length} column(s) and rightOn ${rightKeys.length}; they pair up one to one`, 'ERR_DATA_COLUMN');
+    const how = options.how ?? 'inner';
+    if (!['inner', 'left', 'right', 'outer'].includes(how)) throw new InvalidArgumentError(`join(): how must be 'inner', 'left', 'right' or 'outer', got ${JSON.stringify(how)}`);
+    const rightSuffix = options.rightSuffix ?? '_right';
+    if (typeof rightSuffix !== 'string' || rightSuffix.length === 0) throw new InvalidArgumentError('join(): rightSuffix must be a non-empty string');
+    checkNumBlocks(options.numBlocks, 'join()');
+    return new Dataset([{
+      op: 'exchange',
+      name: `Join(${how} on ${leftKeys.join(', ')}${options.rightOn === undefined ? '' : ` = ${rightKeys.join(', ')}`})`,
+      exchange: { kind: 'join', leftKeys, rightKeys, how, rightSuffix },
+      numBlocks: options.numBlocks,
+      inputs: [this.#plan, other.logicalPlan],
+    }]);
   }
 
   /** Only the named columns, in that order. */
@@ -636,33 +678,41 @@ async function describePhysical(
     case 'exchange': {
       const partitions = operator.numBlocks ? String(operator.numBlocks) : 'by size';
       const phases = operator.exchange.kind === 'sort' ? 'sample, map and reduce tasks' : 'map and reduce tasks';
-      return { text: `${operator.name}: all-to-all after all input arrives, ${phases}, ${partitions} output blocks`, blocks: operator.numBlocks ?? upstreamBlocks, rows: operator.exchange.kind === 'mapGroups' ? undefined : upstreamRows };
+      const text = `${operator.name}: all-to-all after all input arrives, ${phases}, ${partitions} output blocks`;
+      if (operator.inputs) return { text: [text, ...(await describeInputs(operator.inputs)).lines].join('\n'), blocks: operator.numBlocks };
+      return { text, blocks: operator.numBlocks ?? upstreamBlocks, rows: operator.exchange.kind === 'mapGroups' ? undefined : upstreamRows };
     }
     case 'aggregate':
       return { text: `${operator.name}: a partial task per block as it arrives, merged 16 at a time, one final task`, blocks: 1, rows: operator.plan.keys.length === 0 ? 1 : undefined };
     case 'union': {
-      const lines: string[] = [`${operator.name}: its inputs' blocks in the driver, input by input`];
-      let blocks: number | undefined = 0;
-      let rows: number | undefined = 0;
-      for (const [index, chain] of operator.inputs.entries()) {
-        let chainBlocks: number | undefined;
-        let chainRows: number | undefined;
-        for (const [step, inner] of chain.entries()) {
-          const described = await describePhysical(inner, chainBlocks, chainRows);
-          chainBlocks = described.blocks;
-          chainRows = described.rows;
-          lines.push(`     ${index + 1}.${step + 1}. ${described.text}`);
-        }
-        blocks = blocks === undefined || chainBlocks === undefined ? undefined : blocks + chainBlocks;
-        rows = rows === undefined || chainRows === undefined ? undefined : rows + chainRows;
-      }
-      return { text: lines.join('\n'), blocks, rows };
+      const inputs = await describeInputs(operator.inputs);
+      return { text: [`${operator.name}: its inputs' blocks in the driver, input by input`, ...inputs.lines].join('\n'), blocks: inputs.blocks, rows: inputs.rows };
     }
     case 'limit':
       return { text: `${operator.name}: in the driver, stops upstream at ${operator.rows} rows`, blocks: upstreamBlocks, rows: upstreamRows === undefined ? operator.rows : Math.min(upstreamRows, operator.rows) };
     case 'write':
       return { text: `${operator.name}: ${approx(upstreamBlocks)} write tasks`, blocks: 0, rows: upstreamRows };
   }
+}
+
+/** The physical plans of a union's or a join's inputs, one numbered line per operator. */
+async function describeInputs(inputs: readonly PhysicalOperatorSpec[][]): Promise<{ lines: string[]; blocks?: number; rows?: number }> {
+  const lines: string[] = [];
+  let blocks: number | undefined = 0;
+  let rows: number | undefined = 0;
+  for (const [index, chain] of inputs.entries()) {
+    let chainBlocks: number | undefined;
+    let chainRows: number | undefined;
+    for (const [step, inner] of chain.entries()) {
+      const described = await describePhysical(inner, chainBlocks, chainRows);
+      chainBlocks = described.blocks;
+      chainRows = described.rows;
+      lines.push(`     ${index + 1}.${step + 1}. ${described.text}`);
+    }
+    blocks = blocks === undefined || chainBlocks === undefined ? undefined : blocks + chainBlocks;
+    rows = rows === undefined || chainRows === undefined ? undefined : rows + chainRows;
+  }
+  return { lines, blocks, rows };
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,12 +4,13 @@
  * Registered at this module's top level so that any worker finds them. Failures come back as
  * values (located by stage and rows where a user function threw), as data tasks' do.
  */
+import { Table, tableFromIPC, tableToIPC } from 'apache-arrow';
 import { put } from '../core/api.js';
 import { remote } from '../core/registry.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { finalizeAggregate, mergePartials, partialAggregate, type AggregationPlan } from './aggregate.js';
 import { concatBlocks, formatBatch, toBlock, type Block } from './block.js';
-import { groupsOf, partitionBlock, sampleKeys, shuffleBlock, sortBlock, taskSeed, type ExchangeSpec } from './exchange.js';
+import { groupsOf, joinBlocks, partitionBlock, sampleKeys, shuffleBlock, sortBlock, taskSeed, type ExchangeSpec } from './exchange.js';
 import type { SortKey } from './keys.js';
 import { loadStage, StageFailure } from './stages.js';
 import {
@@ -24,6 +25,8 @@ export interface SampleResult {
 /** The map side's output: one stored part per partition (null where it has no rows). */
 export interface PartsResult {
   parts: Array<BlockOut | null>;
+  /** A join's input: its blocks' schema (an empty Arrow IPC stream), for the partitions it has no rows in. */
+  schema?: Uint8Array;
   rowsIn: number;
   bytesIn: number;
   error?: StageErrorInfo;
@@ -76,16 +79,54 @@ export const exchangeMapTask = remote(import.meta, async function trellisExchang
       const block = concatBlocks(partition);
       stored.push({ ref: put(block) as ObjectRef<Block>, rows: block.numRows, bytes: storedBytes(block) });
     }
-    return { parts: stored, ...size };
+    const schema = spec.kind === 'hash' && blocks.length > 0 ? tableToIPC(new Table(blocks[0].schema)) : undefined;
+    return { parts: stored, ...size, ...(schema ? { schema } : {}) };
   } catch (error) {
     for (const part of stored) part?.ref[Symbol.dispose]();
-    return { parts: [], ...size, error: describeError(error, spec.kind === 'sort' ? 'Sort' : spec.kind === 'shuffle' ? 'RandomShuffle' : 'MapGroups') };
+    return { parts: [], ...size, error: describeError(error, spec.kind === 'sort' ? 'Sort' : spec.kind === 'shuffle' ? 'RandomShuffle' : spec.kind === 'hash' ? 'Join' : 'MapGroups') };
   } finally {
     blocks.length = 0;
     afterReply(
       stored.filter((part): part is BlockOut => part !== null),
       targets,
     );
+  }
+});
+
+/**
+ * The reduce side of a join: the partition's first `leftParts` parts are the left's, the rest the
+ * right's; a side without rows here is an empty block of its schema.
+ */
+export const exchangeJoinTask = remote(import.meta, async function trellisExchangeJoin(
+  spec: Extract<ExchangeSpec, { kind: 'join' }>,
+  schemas: [Uint8Array | null, Uint8Array | null],
+  leftParts: number,
+  targets: TaskTargets,
+  ...parts: Block[]
+): Promise<TaskResult> {
+  const size = inputSize(parts);
+  const stored: BlockOut[] = [];
+  try {
+    const side = (blocks: Block[], schema: Uint8Array | null) => (blocks.length > 0 ? concatBlocks(blocks) : schema ? tableFromIPC(schema) : new Table());
+    const left = side(parts.slice(0, leftParts), schemas[0]);
+    const right = side(parts.slice(leftParts), schemas[1]);
+    parts.length = 0;
+    const joined = joinBlocks(left, right, spec);
+    await storeBlocks(
+      (async function* () {
+        yield joined;
+      })(),
+      targets,
+      stored,
+    );
+    return { blocks: stored, ...size };
+  } catch (error) {
+    for (const block of stored) block.ref[Symbol.dispose]();
+    stored.length = 0;
+    return { blocks: [], ...size, error: describeError(error, 'Join') };
+  } finally {
+    parts.length = 0;
+    afterReply(stored, targets);
   }
 });
 
@@ -118,6 +159,7 @@ export const exchangeReduceTask = remote(import.meta, async function trellisExch
   try {
     const joined = concatBlocks(parts);
     parts.length = 0;
+    if (spec.kind === 'join' || spec.kind === 'hash') throw new Error(`a ${spec.kind} exchange reduces through its own task`);
     const output =
       spec.kind === 'sort'
         ? (async function* () {

@@ -4,15 +4,22 @@
  * partition's parts and orders them. Pure functions of blocks: workers run them in exchange
  * tasks, and tests run them in-process.
  */
-import { type Block, takeRows } from './block.js';
+import { Table, type Vector } from 'apache-arrow';
+import { InvalidArgumentError } from '../errors.js';
+import { type Block, plain, takeRows, vectorOf } from './block.js';
 import { compareKeys, groupName, hashPartition, isPlainNumbers, keyOf, readKeyColumns, seededRandom, sortedOrder, type KeyColumns, type SortKey } from './keys.js';
 import type { StageSpec } from './stages.js';
+
+export type JoinType = 'inner' | 'left' | 'right' | 'outer';
 
 /** What an exchange does, as it travels to workers. */
 export type ExchangeSpec =
   | { kind: 'sort'; keys: SortKey[] }
   | { kind: 'shuffle'; seed?: number }
-  | { kind: 'mapGroups'; keys: string[]; stage: StageSpec };
+  | { kind: 'mapGroups'; keys: string[]; stage: StageSpec }
+  | { kind: 'join'; leftKeys: string[]; rightKeys: string[]; how: JoinType; rightSuffix: string }
+  /** The map side of a join's input: rows by a hash of these keys. */
+  | { kind: 'hash'; keys: string[] };
 
 /** A seed for one task of a shuffle: the job's seed mixed with the task's place, so tasks differ and reruns agree. */
 export function taskSeed(seed: number, place: number, salt: number): number {
@@ -98,9 +105,11 @@ export function partitionBlock(block: Block, spec: ExchangeSpec, partitions: num
   } else if (spec.kind === 'shuffle') {
     const random = seededRandom(seed);
     for (let row = 0; row < rows; row++) target[row] = Math.floor(random() * partitions);
-  } else {
-    const columns = readKeyColumns(block, spec.keys, 'groupBy');
+  } else if (spec.kind === 'mapGroups' || spec.kind === 'hash') {
+    const columns = readKeyColumns(block, spec.keys, spec.kind === 'hash' ? 'join' : 'groupBy');
     for (let row = 0; row < rows; row++) target[row] = hashPartition(groupName(columns, row), partitions);
+  } else {
+    throw new Error(`a ${spec.kind} is cut by its inputs' hash specs`);
   }
   const counts = new Int32Array(partitions);
   for (let row = 0; row < rows; row++) counts[target[row]]++;
@@ -153,4 +162,77 @@ export function groupsOf(block: Block, keys: readonly string[]): { sorted: Block
     }
   }
   return { sorted, ranges };
+}
+
+/** Whether a row's key has a null: such a row matches nothing (as in SQL). */
+function hasNullKey(columns: KeyColumns, row: number): boolean {
+  for (const column of columns) if (column[row] === null || column[row] === undefined) return true;
+  return false;
+}
+
+/**
+ * The reduce side of a join: a partition's left and right rows (either may have none, as an empty
+ * block of its side's schema) paired on equal keys. Output columns: the left's, then the right's
+ * but its keys, a name the left has taking `rightSuffix`. Unmatched rows of a kept side get nulls
+ * on the other; in right and outer joins the key columns take the right's key where there is no
+ * left row.
+ */
+export function joinBlocks(left: Block, right: Block, spec: Extract<ExchangeSpec, { kind: 'join' }>): Block {
+  const leftKeys = readKeyColumns(left, spec.leftKeys, 'join');
+  const rightKeys = readKeyColumns(right, spec.rightKeys, 'join');
+  const byName = new Map<string, number[]>();
+  for (let row = 0; row < right.numRows; row++) {
+    if (hasNullKey(rightKeys, row)) continue;
+    const name = groupName(rightKeys, row);
+    const rows = byName.get(name);
+    if (rows) rows.push(row);
+    else byName.set(name, [row]);
+  }
+  const leftRows: number[] = [];
+  const rightRows: number[] = [];
+  const matched = new Uint8Array(right.numRows);
+  const keepLeft = spec.how === 'left' || spec.how === 'outer';
+  for (let row = 0; row < left.numRows; row++) {
+    const matches = hasNullKey(leftKeys, row) ? undefined : byName.get(groupName(leftKeys, row));
+    if (matches) {
+      for (const match of matches) {
+        leftRows.push(row);
+        rightRows.push(match);
+        matched[match] = 1;
+      }
+    } else if (keepLeft) {
+      leftRows.push(row);
+      rightRows.push(-1);
+    }
+  }
+  if (spec.how === 'right' || spec.how === 'outer') {
+    for (let row = 0; row < right.numRows; row++) {
+      if (matched[row]) continue;
+      leftRows.push(-1);
+      rightRows.push(row);
+    }
+  }
+  const leftTaken = takeRows(left, Int32Array.from(leftRows));
+  const rightTaken = takeRows(right, Int32Array.from(rightRows));
+  const columns: Record<string, Vector> = {};
+  const coalesce = spec.how === 'right' || spec.how === 'outer';
+  for (const field of left.schema.fields) {
+    const keyIndex = spec.leftKeys.indexOf(field.name);
+    if (keyIndex >= 0 && coalesce) {
+      const leftValues = leftTaken.getChild(field.name)!;
+      const rightValues = rightTaken.getChild(spec.rightKeys[keyIndex])!;
+      const rightType = right.schema.fields.find((candidate) => candidate.name === spec.rightKeys[keyIndex])!.type;
+      const values = leftRows.map((row, index) => (row >= 0 ? plain(leftValues.get(index), field.type) : plain(rightValues.get(index), rightType)));
+      columns[field.name] = vectorOf(values, field.type);
+    } else {
+      columns[field.name] = leftTaken.getChild(field.name)!;
+    }
+  }
+  for (const field of right.schema.fields) {
+    if (spec.rightKeys.includes(field.name)) continue;
+    const name = field.name in columns ? `${field.name}${spec.rightSuffix}` : field.name;
+    if (name in columns) throw new InvalidArgumentError(`join: column '${name}' is on both sides even with the suffix '${spec.rightSuffix}'`, 'ERR_DATA_COLUMN');
+    columns[name] = rightTaken.getChild(field.name)!;
+  }
+  return new Table(columns);
 }

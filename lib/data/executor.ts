@@ -179,6 +179,12 @@ export class StreamingExecutor {
           before = last;
           upstreams.push(last);
         }
+      } else if (spec.kind === 'exchange' && spec.inputs) {
+        // A join: both inputs run at once (it stages them both, outside the budget).
+        for (const chain of spec.inputs) {
+          const last = this.#build(chain);
+          if (last) upstreams.push(last);
+        }
       } else if (previous) {
         upstreams.push(previous);
       }
@@ -337,7 +343,7 @@ export class StreamingExecutor {
   /** An operator's output: the next operator's input, or the job's output. */
   emit(from: Operator, block: InputBlock): void {
     const next = from.downstream;
-    if (next) next.takeInput(block);
+    if (next) next.takeInput(block, from);
     else {
       this.#output.push(block);
       this.#outputBytes += block.meta.bytes;

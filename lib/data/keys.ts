@@ -112,7 +112,8 @@ function valueName(value: unknown): string {
     case 'string':
       return `s${value}`;
     case 'bigint':
-      return `b${value}`;
+      // An int64 key meets the same number in a float64 column (a join of the two).
+      return value >= -9007199254740991n && value <= 9007199254740991n ? `n${value}` : `b${value}`;
     case 'boolean':
       return value ? 't' : 'f';
   }

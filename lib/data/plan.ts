@@ -52,7 +52,7 @@ export type LogicalOperator =
   | { op: 'input'; name: string; blocks: InputBlock[] }
   | { op: 'stage'; stage: StageSpec; compute: ComputeOptions; pool?: ActorPoolOptions }
   | { op: 'repartition'; numBlocks: number }
-  | { op: 'exchange'; name: string; exchange: ExchangeSpec; numBlocks?: number }
+  | { op: 'exchange'; name: string; exchange: ExchangeSpec; numBlocks?: number; inputs?: Array<readonly LogicalOperator[]> }
   | { op: 'aggregate'; name: string; plan: AggregationPlan }
   | { op: 'union'; inputs: Array<readonly LogicalOperator[]> }
   | { op: 'limit'; rows: number };
@@ -63,7 +63,7 @@ export type PhysicalOperatorSpec =
   | { kind: 'task-map'; name: string; stages: StageSpec[]; compute: ComputeOptions; bundleRows?: number; sink?: Datasink }
   | { kind: 'actor-map'; name: string; classStage: StageSpec; following: StageSpec[]; compute: ComputeOptions; pool: ActorPoolOptions; bundleRows?: number; sink?: Datasink }
   | { kind: 'repartition'; name: string; numBlocks: number }
-  | { kind: 'exchange'; name: string; exchange: ExchangeSpec; numBlocks?: number }
+  | { kind: 'exchange'; name: string; exchange: ExchangeSpec; numBlocks?: number; inputs?: PhysicalOperatorSpec[][] }
   | { kind: 'aggregate'; name: string; plan: AggregationPlan }
   | { kind: 'union'; name: string; inputs: PhysicalOperatorSpec[][] }
   | { kind: 'limit'; name: string; rows: number }
@@ -119,7 +119,9 @@ export function planPhysical(logical: readonly LogicalOperator[], sink?: Datasin
     } else if (operator.op === 'repartition') {
       physical.push({ kind: 'repartition', name: `Repartition(${operator.numBlocks})`, numBlocks: operator.numBlocks });
     } else if (operator.op === 'exchange') {
-      physical.push({ kind: 'exchange', name: operator.name, exchange: operator.exchange, numBlocks: operator.numBlocks });
+      // A join's two inputs are planned on their own, as a union's are.
+      const inputs = operator.inputs?.map((input) => planPhysical(input));
+      physical.push({ kind: 'exchange', name: operator.name, exchange: operator.exchange, numBlocks: operator.numBlocks, ...(inputs ? { inputs } : {}) });
     } else if (operator.op === 'aggregate') {
       physical.push({ kind: 'aggregate', name: operator.name, plan: operator.plan });
     } else if (operator.op === 'union') {
@@ -168,12 +170,16 @@ export function describeLogical(operator: LogicalOperator): string {
     case 'repartition':
       return `Repartition(${operator.numBlocks})`;
     case 'exchange':
-      return `${operator.name}${operator.numBlocks ? ` [${operator.numBlocks} blocks]` : ''}`;
+      return `${operator.name}${operator.numBlocks ? ` [${operator.numBlocks} blocks]` : ''}${operator.inputs ? ` of ${describeInputs(operator.inputs)}` : ''}`;
     case 'aggregate':
       return operator.name;
     case 'union':
-      return `Union of ${operator.inputs.length}: ${operator.inputs.map((input) => `[${input.map(describeLogical).join(' -> ')}]`).join(', ')}`;
+      return `Union of ${operator.inputs.length}: ${describeInputs(operator.inputs)}`;
     case 'limit':
       return `Limit(${operator.rows})`;
   }
+}
+
+function describeInputs(inputs: ReadonlyArray<readonly LogicalOperator[]>): string {
+  return inputs.map((input) => `[${input.map(describeLogical).join(' -> ')}]`).join(', ');
 }

@@ -262,3 +262,56 @@ describe('splits', () => {
     await expect(ds.trainTestSplit(1.5)).rejects.toThrow(/fraction/);
   });
 });
+
+describe('join', () => {
+  /** A plain nested-loop join of rows, for comparison (keys as JSON strings, nulls matching nothing). */
+  function expectedJoin(left: Row[], right: Row[], on: string, rightOn: string, how: string, rightColumns: string[], suffix = '_right'): Row[] {
+    const out: Row[] = [];
+    const matchedRight = new Set<number>();
+    const leftColumns = Object.keys(left[0]);
+    const rename = (column: string) => (leftColumns.includes(column) ? `${column}${suffix}` : column);
+    const nullRight = Object.fromEntries(rightColumns.map((column) => [rename(column), null]));
+    for (const row of left) {
+      const matches = right.map((other, index) => [other, index] as const).filter(([other]) => row[on] !== null && other[rightOn] === row[on]);
+      for (const [other, index] of matches) {
+        matchedRight.add(index);
+        out.push({ ...row, ...Object.fromEntries(rightColumns.map((column) => [rename(column), other[column]])) });
+      }
+      if (matches.length === 0 && (how === 'left' || how === 'outer')) out.push({ ...row, ...nullRight });
+    }
+    if (how === 'right' || how === 'outer') {
+      right.forEach((other, index) => {
+        if (matchedRight.has(index)) return;
+        const nullLeft = Object.fromEntries(leftColumns.map((column) => [column, null]));
+        out.push({ ...nullLeft, [on]: other[rightOn], ...Object.fromEntries(rightColumns.map((column) => [rename(column), other[column]])) });
+      });
+    }
+    return out;
+  }
+  const canonical = (rows: Row[]) => rows.map((row) => JSON.stringify(row)).sort();
+
+  const left = Array.from({ length: 300 }, (_, id) => ({ id, key: id % 37 === 0 ? null : id % 50, score: id / 10 }));
+  const right = Array.from({ length: 120 }, (_, index) => ({ key: index % 60, name: `n${index}`, score: index }));
+
+  for (const how of ['inner', 'left', 'right', 'outer'] as const) {
+    it(`${how} join: every pair of equal keys (many to many), unmatched rows as asked, null keys matching nothing`, async () => {
+      const joined = await fromItems(left, { parallelism: 7 }).join(fromItems(right, { parallelism: 3 }), { on: 'key', how, numBlocks: 6 }).takeAll();
+      expect(canonical(joined)).toEqual(canonical(expectedJoin(left, right, 'key', 'key', how, ['name', 'score'])));
+    });
+  }
+
+  it('rightOn pairs differently named keys; explain shows both inputs', async () => {
+    const other = right.map((row) => ({ ref: row.key, label: row.name }));
+    const joined = await fromItems(left, { parallelism: 3 }).join(fromItems(other).map(withParity), { on: 'key', rightOn: 'ref', rightSuffix: '_r' }).takeAll();
+    expect(joined.length).toBe(expectedJoin(left, other, 'key', 'ref', 'inner', ['label']).length);
+    expect(joined[0]).toHaveProperty('label');
+    expect(joined[0]).not.toHaveProperty('ref');
+    const plan = await fromItems(left).join(fromItems(other), { on: 'key', rightOn: 'ref', how: 'left' }).explain({ print: false });
+    expect(plan).toMatch(/Join\(left on key = ref\): all-to-all/);
+    expect(plan).toMatch(/2\.1\. FromItems/);
+    expect(() => fromItems(left).join(fromItems(other), { on: ['key', 'id'], rightOn: 'ref' })).toThrow(/pair up/);
+    expect(() => fromItems(left).join(fromItems(other), { on: 'key', how: 'cross' as never })).toThrow(/how must be/);
+    const missing = await rejection(fromItems(left).join(fromItems(other), { on: 'key' }).takeAll());
+    expect((missing as DataError).code).toBe('ERR_DATA_COLUMN');
+  });
+});

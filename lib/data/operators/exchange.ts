@@ -9,9 +9,9 @@
 import { get } from '../../core/api.js';
 import { ObjectRef } from '../../core/object-ref.js';
 import type { Block } from '../block.js';
-import { rangeBoundaries, taskSeed } from '../exchange.js';
+import { rangeBoundaries, taskSeed, type ExchangeSpec } from '../exchange.js';
 import type { SortKey } from '../keys.js';
-import { exchangeMapTask, exchangeReduceTask, exchangeSampleTask, type PartsResult, type SampleResult } from '../exchange-tasks.js';
+import { exchangeJoinTask, exchangeMapTask, exchangeReduceTask, exchangeSampleTask, type PartsResult, type SampleResult } from '../exchange-tasks.js';
 import { slicesOf, type InputBlock, type PhysicalOperatorSpec } from '../plan.js';
 import type { TaskResult } from '../worker-tasks.js';
 import { Operator, dispose, taskTargets, unitBytes, unitRows, type Unit } from './operator.js';
@@ -21,11 +21,15 @@ type Phase = 'collect' | 'sample' | 'map' | 'reduce';
 export class ExchangeOperator extends Operator {
   declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'exchange' }>;
   #phase: Phase = 'collect';
-  #staged: InputBlock[] = [];
+  /** Staged input, per side (a join has two: its left and right inputs). */
+  #staged: InputBlock[][] = [[]];
   #stagedBytes = 0;
   #stagedBlocks = 0;
-  /** Groups of staged blocks, one map task (and sample task) each; cleared as they run. */
+  /** Groups of staged blocks of one side, one map task (and sample task) each; cleared as they run. */
   #groups: InputBlock[][] = [];
+  #groupSides: number[] = [];
+  /** A join's sides' schemas (empty Arrow IPC streams), from their map tasks. */
+  #schemas: [Uint8Array | null, Uint8Array | null] = [null, null];
   #nextGroup = 0;
   #pendingTasks = 0;
   #samples: unknown[][] = [];
@@ -48,14 +52,15 @@ export class ExchangeOperator extends Operator {
     return this.spec.exchange.kind === 'sort' ? this.spec.exchange.keys : [];
   }
 
-  override takeInput(block: InputBlock): void {
+  override takeInput(block: InputBlock, from?: Operator): void {
     if (this.truncated) return dispose([block]);
-    this.#staged.push(block);
+    const side = from ? Math.max(0, this.upstreams.indexOf(from)) : 0;
+    (this.#staged[side] ??= []).push(block);
     this.#stagedBytes += block.meta.bytes;
   }
 
   override get queuedUnits(): number {
-    return this.#phase === 'collect' ? this.#staged.length : this.#groups.length - this.#nextGroup + Math.max(0, this.#partitions - this.#nextPartition);
+    return this.#phase === 'collect' ? this.#staged.reduce((sum, side) => sum + side.length, 0) : this.#groups.length - this.#nextGroup + Math.max(0, this.#partitions - this.#nextPartition);
   }
 
   override stagedBytes(): number {
@@ -107,15 +112,20 @@ export class ExchangeOperator extends Operator {
    * tasks x partitions stays within a quarter of the store's object table.
    */
   #plan(): void {
-    const blocks = this.#staged;
+    const blocks = this.#staged.flat();
     const { minBlockBytes, maxBlockBytes } = this.executor.options;
     const maxParts = Math.max(64, Math.floor(this.executor.storeObjectLimit / 4));
     const target = Math.min(maxBlockBytes, Math.max(minBlockBytes, this.#stagedBytes / (4 * Math.max(1, this.executor.totalCpus))));
     this.#partitions = this.spec.numBlocks ?? Math.max(1, Math.min(blocks.length, maxParts, Math.ceil(this.#stagedBytes / target)));
     const groups = Math.max(1, Math.min(blocks.length, Math.floor(maxParts / this.#partitions)));
-    // Consecutive blocks, an even share of them to each map task.
+    // Consecutive blocks of one side, an even share of them to each map task.
     const perGroup = Math.ceil(blocks.length / groups);
-    for (let start = 0; start < blocks.length; start += perGroup) this.#groups.push(blocks.slice(start, start + perGroup));
+    this.#staged.forEach((sideBlocks, side) => {
+      for (let start = 0; start < sideBlocks.length; start += perGroup) {
+        this.#groups.push(sideBlocks.slice(start, start + perGroup));
+        this.#groupSides.push(side);
+      }
+    });
     // The groups own the blocks from here on.
     this.#stagedBlocks = blocks.length;
     this.#staged = [];
@@ -152,13 +162,17 @@ export class ExchangeOperator extends Operator {
       return;
     }
     const seed = taskSeed(this.#seed, index, 1);
-    const ref = exchangeMapTask.options(options).remote(this.spec.exchange, this.#partitions, this.#boundaries, seed, slicesOf(blocks), targets, ...refs);
+    const side = this.#groupSides[index];
+    const exchange = this.spec.exchange;
+    const cut: ExchangeSpec = exchange.kind === 'join' ? { kind: 'hash', keys: side === 0 ? exchange.leftKeys : exchange.rightKeys } : exchange;
+    const ref = exchangeMapTask.options(options).remote(cut, this.#partitions, this.#boundaries, seed, slicesOf(blocks), targets, ...refs);
     this.#await<PartsResult>(ref, (result) => {
       ended();
       if (result.error) return this.#failed(result.error);
       const parts = result.parts.map((part) => (part ? { ref: part.ref, meta: { rows: part.rows, bytes: part.bytes } } : null));
       if (this.truncated) return dispose(parts.filter((part): part is InputBlock => part !== null));
       this.#parts[index] = parts;
+      if (result.schema) this.#schemas[side] ??= result.schema;
       this.#partsBytes += unitBytes(parts.filter((part): part is InputBlock => part !== null));
       // The staged blocks are cut into parts: they go.
       this.#stagedBytes -= unitBytes(blocks);
@@ -169,17 +183,26 @@ export class ExchangeOperator extends Operator {
     }, ended);
   }
 
-  /** Partitions no map task gave rows to make no reduce task. */
+  /** Partitions that would make no rows make no reduce task (a join's: by the sides it keeps). */
   #skipEmptyPartitions(): void {
-    while (this.#nextPartition < this.#partitions && this.#partsOf(this.#nextPartition).length === 0) this.#nextPartition++;
+    while (this.#nextPartition < this.#partitions && !this.#makesRows(this.#nextPartition)) this.#nextPartition++;
   }
 
-  #partsOf(partition: number): InputBlock[] {
+  #makesRows(partition: number): boolean {
+    const exchange = this.spec.exchange;
+    if (exchange.kind !== 'join') return this.#partsOf(partition).length > 0;
+    const left = this.#partsOf(partition, 0).length > 0;
+    const right = this.#partsOf(partition, 1).length > 0;
+    return exchange.how === 'inner' ? left && right : exchange.how === 'left' ? left : exchange.how === 'right' ? right : left || right;
+  }
+
+  /** A partition's parts, in map task order; of one side only when `side` is given. */
+  #partsOf(partition: number, side?: number): InputBlock[] {
     const parts: InputBlock[] = [];
-    for (const taskParts of this.#parts) {
+    this.#parts.forEach((taskParts, index) => {
       const part = taskParts?.[partition];
-      if (part) parts.push(part);
-    }
+      if (part && (side === undefined || this.#groupSides[index] === side)) parts.push(part);
+    });
     return parts;
   }
 
@@ -189,17 +212,21 @@ export class ExchangeOperator extends Operator {
 
   #launchReduce(): void {
     const partition = this.#nextPartition++;
-    const parts = this.#partsOf(partition);
+    const exchange = this.spec.exchange;
+    const leftParts = exchange.kind === 'join' ? this.#partsOf(partition, 0) : [];
+    const parts = exchange.kind === 'join' ? [...leftParts, ...this.#partsOf(partition, 1)] : this.#partsOf(partition);
     for (const taskParts of this.#parts) if (taskParts) taskParts[partition] = null;
     const bytes = unitBytes(parts);
     this.#partsBytes -= bytes;
     const unit: Unit = { seq: this.newSeq(), blocks: parts, rows: unitRows(parts), bytes, attempts: 0 };
     this.began(unit);
     this.#skipEmptyPartitions();
-    const exchange = this.spec.exchange;
-    const ref = exchangeReduceTask
-      .options({ numCpus: 1, maxRetries: this.executor.options.maxRetries, name: this.name })
-      .remote(exchange, taskSeed(this.#seed, partition, 2), taskTargets(this.executor), ...(parts.map((part) => part.ref) as unknown as Block[]));
+    const options = { numCpus: 1, maxRetries: this.executor.options.maxRetries, name: this.name };
+    const refs = parts.map((part) => part.ref) as unknown as Block[];
+    const ref =
+      exchange.kind === 'join'
+        ? exchangeJoinTask.options(options).remote(exchange, this.#schemas, leftParts.length, taskTargets(this.executor), ...refs)
+        : exchangeReduceTask.options(options).remote(exchange, taskSeed(this.#seed, partition, 2), taskTargets(this.executor), ...refs);
     get(ref as ObjectRef<TaskResult>).then(
       (result) => {
         ref[Symbol.dispose]();
@@ -233,7 +260,7 @@ export class ExchangeOperator extends Operator {
   }
 
   override async shutdown(): Promise<void> {
-    dispose(this.#staged.splice(0));
+    for (const side of this.#staged) dispose(side.splice(0));
     for (const group of this.#groups) dispose(group);
     this.#groups = [];
     for (const taskParts of this.#parts) if (taskParts) dispose(taskParts.filter((part): part is InputBlock => part !== null));

@@ -303,7 +303,8 @@ export abstract class Operator {
     return Math.max(1, batches) * batch;
   }
 
-  takeInput(block: InputBlock): void {
+  /** A block from upstream (`from`: which upstream, for operators with several). */
+  takeInput(block: InputBlock, _from?: Operator): void {
     if (this.truncated) {
       dispose([block]);
       return;
