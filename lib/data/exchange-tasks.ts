@@ -104,30 +104,10 @@ export const exchangeJoinTask = remote(import.meta, async function trellisExchan
   targets: TaskTargets,
   ...parts: Block[]
 ): Promise<TaskResult> {
-  const size = inputSize(parts);
-  const stored: BlockOut[] = [];
-  try {
+  return storeOutput(parts, targets, 'Join', (input) => {
     const side = (blocks: Block[], schema: Uint8Array | null) => (blocks.length > 0 ? concatBlocks(blocks) : schema ? tableFromIPC(schema) : new Table());
-    const left = side(parts.slice(0, leftParts), schemas[0]);
-    const right = side(parts.slice(leftParts), schemas[1]);
-    parts.length = 0;
-    const joined = joinBlocks(left, right, spec);
-    await storeBlocks(
-      (async function* () {
-        yield joined;
-      })(),
-      targets,
-      stored,
-    );
-    return { blocks: stored, ...size };
-  } catch (error) {
-    for (const block of stored) block.ref[Symbol.dispose]();
-    stored.length = 0;
-    return { blocks: [], ...size, error: describeError(error, 'Join') };
-  } finally {
-    parts.length = 0;
-    afterReply(stored, targets);
-  }
+    return [joinBlocks(side(input.slice(0, leftParts), schemas[0]), side(input.slice(leftParts), schemas[1]), spec)];
+  });
 });
 
 /** The groups of a partition through the user's function, one call per group. */
@@ -154,32 +134,14 @@ export const exchangeReduceTask = remote(import.meta, async function trellisExch
   targets: TaskTargets,
   ...parts: Block[]
 ): Promise<TaskResult> {
-  const size = inputSize(parts);
-  const stored: BlockOut[] = [];
-  try {
-    const joined = concatBlocks(parts);
-    parts.length = 0;
-    if (spec.kind === 'join' || spec.kind === 'hash') throw new Error(`a ${spec.kind} exchange reduces through its own task`);
-    const output =
-      spec.kind === 'sort'
-        ? (async function* () {
-            yield sortBlock(joined, spec.keys);
-          })()
-        : spec.kind === 'shuffle'
-          ? (async function* () {
-              yield shuffleBlock(joined, seed);
-            })()
-          : mapGroups(spec, joined);
-    await storeBlocks(output, targets, stored);
-    return { blocks: stored, ...size };
-  } catch (error) {
-    for (const block of stored) block.ref[Symbol.dispose]();
-    stored.length = 0;
-    return { blocks: [], ...size, error: describeError(error, spec.kind === 'mapGroups' ? spec.stage.name : spec.kind === 'sort' ? 'Sort' : 'RandomShuffle') };
-  } finally {
-    parts.length = 0;
-    afterReply(stored, targets);
-  }
+  const stage = spec.kind === 'mapGroups' ? spec.stage.name : spec.kind === 'sort' ? 'Sort' : 'RandomShuffle';
+  return storeOutput(parts, targets, stage, (input) => {
+    const joined = concatBlocks(input);
+    if (spec.kind === 'sort') return [sortBlock(joined, spec.keys)];
+    if (spec.kind === 'shuffle') return [shuffleBlock(joined, seed)];
+    if (spec.kind === 'mapGroups') return mapGroups(spec, joined);
+    throw new Error(`a ${spec.kind} exchange reduces through its own task`);
+  });
 });
 
 /**
@@ -194,32 +156,42 @@ export const aggregateTask = remote(import.meta, async function trellisAggregate
   ...blocks: Block[]
 ): Promise<TaskResult> {
   applySlices(blocks, slices);
+  return storeOutput(blocks, targets, 'Aggregate', (input) => {
+    const partials = step === 'partial' ? input.map((block) => partialAggregate(block, plan)) : input;
+    const merged = partials.length === 1 && step === 'partial' ? partials[0] : mergePartials(partials, plan);
+    // A global aggregation of nothing still has its one row; a grouped one has no rows.
+    if (step === 'final') return [finalizeAggregate(merged, plan)];
+    return merged ? [merged] : [];
+  });
+});
+
+/**
+ * What `make` yields from a task's input blocks, stored toward the block size targets. A failure
+ * comes back as a value, with nothing it stored left behind.
+ */
+async function storeOutput(blocks: Block[], targets: TaskTargets, stage: string, make: (input: Block[]) => Iterable<Block> | AsyncIterable<Block>): Promise<TaskResult> {
   const size = inputSize(blocks);
+  const input = [...blocks];
+  blocks.length = 0;
   const stored: BlockOut[] = [];
   try {
-    const partials = step === 'partial' ? blocks.map((block) => partialAggregate(block, plan)) : [...blocks];
-    blocks.length = 0;
-    const merged = partials.length === 1 && step === 'partial' ? partials[0] : mergePartials(partials, plan);
-    if (step === 'final') {
-      const result = finalizeAggregate(merged, plan);
-      await storeBlocks(
-        (async function* () {
-          yield result;
-        })(),
-        targets,
-        stored,
-      );
-      // A global aggregation of nothing still has its one row; a grouped one has no rows.
-    } else if (merged) {
-      stored.push({ ref: put(merged) as ObjectRef<Block>, rows: merged.numRows, bytes: storedBytes(merged) });
-    }
+    const output = make(input);
+    await storeBlocks(
+      Symbol.asyncIterator in output
+        ? output
+        : (async function* () {
+            yield* output;
+          })(),
+      targets,
+      stored,
+    );
     return { blocks: stored, ...size };
   } catch (error) {
     for (const block of stored) block.ref[Symbol.dispose]();
     stored.length = 0;
-    return { blocks: [], ...size, error: describeError(error, 'Aggregate') };
+    return { blocks: [], ...size, error: describeError(error, stage) };
   } finally {
-    blocks.length = 0;
+    input.length = 0;
     afterReply(stored, targets);
   }
-});
+}

@@ -3,18 +3,10 @@ import { InvalidArgumentError } from '../../lib/errors.js';
 import { attention, gelu, kernelThreads, layerNorm, linear, narrow, quantizeRows, readRows, rmsNorm, rotary, setKernelThreads, siluMultiply } from '../../lib/llm/kernels.js';
 import { bf16ToFloat, f16ToFloat, floatToBf16, floatToF16 } from '../../lib/gpu/dtype.js';
 import { native } from '../../lib/native.js';
+import { seededRandom } from '../../lib/data/keys.js';
 
-/** mulberry32: deterministic data, so a failure reproduces. */
-function generator(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** Deterministic data, so a failure reproduces. */
+const generator = seededRandom;
 
 function randomFloats(count: number, seed: number, scale = 1): Float32Array {
   const next = generator(seed);
