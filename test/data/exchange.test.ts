@@ -27,7 +27,10 @@ describe('sort', () => {
     const values = numbers(3000, 7, 500);
     const rows = values.map((value, id) => ({ id, value }));
     const ds = fromItems(rows, { parallelism: 30 });
-    const sorted = await ds.sort('value', { numBlocks: 4 }).takeAll();
+    const sortedDataset = ds.sort('value', { numBlocks: 4 });
+    const sorted = await sortedDataset.takeAll();
+    const progress = sortedDataset.stats()!.operators.find((operator) => operator.name === 'Sort(value)')!;
+    expect(progress).toMatchObject({ blocksDone: 4, blocksTotal: 4, rowsDone: 3000, rowsTotal: 3000, done: true });
     const expected = [...rows].sort((a, b) => a.value - b.value || a.id - b.id);
     expect(sorted).toEqual(expected);
     const descending = await ds.sort('value', { descending: true, numBlocks: 3 }).takeAll();
@@ -89,7 +92,9 @@ describe('aggregations', () => {
 
   it('groupBy().aggregate() gives one sorted row per group, equal to a plain computation', async () => {
     const ds = fromItems(values, { parallelism: 40 });
-    const out = await ds.groupBy('group').aggregate(Count(), Sum('value'), Min('value'), Max('value'), Mean('maybe'), Std('value'), AbsMax('value'), Count('maybe')).takeAll();
+    const grouped = ds.groupBy('group').aggregate(Count(), Sum('value'), Min('value'), Max('value'), Mean('maybe'), Std('value'), AbsMax('value'), Count('maybe'));
+    const out = await grouped.takeAll();
+    expect(grouped.stats()!.operators[1]).toMatchObject({ blocksDone: 40, rowsDone: 7, done: true });
     const groups = [...new Set(values.map((row) => row.group))].sort();
     expect(out.map((row) => row.group)).toEqual(groups);
     for (const row of out) {

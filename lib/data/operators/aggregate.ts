@@ -26,6 +26,11 @@ export class AggregateOperator extends Operator {
     return this.upstreamDone && this.active === 0;
   }
 
+  /** Input blocks are counted as their partial steps end; the final step counts none. */
+  protected override blocksDoneBy(): number {
+    return 0;
+  }
+
   capacity(): number {
     return this.executor.taskSlots({ numCpus: 1 });
   }

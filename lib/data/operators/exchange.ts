@@ -72,6 +72,11 @@ export class ExchangeOperator extends Operator {
     return this.spec.exchange.kind === 'sort' || super.ordersOutput;
   }
 
+  /** A reduce task is one output partition of blocksTotal, whatever parts it joined. */
+  protected override blocksDoneBy(): number {
+    return 1;
+  }
+
   capacity(): number {
     return this.executor.taskSlots({ numCpus: 1 });
   }

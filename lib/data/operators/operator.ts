@@ -365,8 +365,7 @@ export abstract class Operator {
     this.unlaunched(unit);
     if (inputsConsumed) dispose(unit.blocks);
     this.executor.noteFreed(inputsConsumed ? unit.bytes : 0);
-    // A read task counts as its one block; a block cut over several units counts with its last part.
-    this.blocksDone += unit.blocks.length === 0 ? 1 : unit.blocks.filter((block) => !block.continued).length;
+    this.blocksDone += this.blocksDoneBy(unit);
     this.lastCompletion = Date.now();
     const bytes = unitBytes(outputs);
     this.#outputBytesSeen += bytes;
@@ -375,6 +374,12 @@ export abstract class Operator {
     this.#release(unit.seq, outputs);
     this.executor.touch();
     this.executor.schedule();
+  }
+
+  /** Input blocks a finished unit counts as done, for progress. */
+  protected blocksDoneBy(unit: Unit): number {
+    // A read task counts as its one block; a block cut over several units counts with its last part.
+    return unit.blocks.length === 0 ? 1 : unit.blocks.filter((block) => !block.continued).length;
   }
 
   /** A unit made nothing and never will (skipped after an error, or cut by a limit). */
