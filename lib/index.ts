@@ -70,7 +70,7 @@ export {
   JsonlDatasource, CsvDatasource, ArrowDatasource, ParquetDatasource, JsonlDatasink, CsvDatasink, ArrowDatasink, ParquetDatasink,
 } from './data/formats/index.js';
 export type {
-  Paths, JsonlReadOptions, CsvReadOptions, ArrowReadOptions, ParquetReadOptions, CsvWriteOptions, ArrowWriteOptions, ParquetWriteOptions, WrittenFile,
+  Paths, JsonlReadOptions, JsonlWriteOptions, CsvReadOptions, ArrowReadOptions, ParquetReadOptions, CsvWriteOptions, ArrowWriteOptions, ParquetWriteOptions, WrittenFile,
 } from './data/formats/index.js';
 export { Datasource, Datasink, ReadTask } from './data/datasource.js';
 export type { WriteContext, ReadTaskMetadata, ReadResult, ReadOutput } from './data/datasource.js';

@@ -21,7 +21,7 @@ import type { JoinType } from './exchange.js';
 import { resolveUdf, udfName, type UdfTarget } from './udf.js';
 import { storedBytes } from './worker-tasks.js';
 import {
-  arrowSink, csvSink, jsonlSink, parquetSink, type ArrowWriteOptions, type CsvWriteOptions, type ParquetWriteOptions, type WrittenFile,
+  arrowSink, csvSink, jsonlSink, parquetSink, type ArrowWriteOptions, type CsvWriteOptions, type JsonlWriteOptions, type ParquetWriteOptions, type WrittenFile,
 } from './formats/index.js';
 
 export interface TransformOptions extends Omit<ComputeOptions, 'concurrency'> {
@@ -591,8 +591,8 @@ export class Dataset {
   }
 
   /** Writes JSON Lines files into `directory`, one per write task. */
-  writeJsonl(directory: string, options: ExecutionOptions = {}): Promise<WrittenFile[]> {
-    return this.write(jsonlSink(directory), options);
+  writeJsonl(directory: string, options: ExecutionOptions & JsonlWriteOptions = {}): Promise<WrittenFile[]> {
+    return this.write(jsonlSink(directory, options), options);
   }
 
   /** Writes CSV files with a header row into `directory`, one per write task. */

@@ -14,10 +14,13 @@ import {
   DEFAULT_BLOCK_BYTES, FileDatasink, checkColumns, checkExtensions, checkPositiveInteger, expandPaths, planFileReads,
   type FileEntry, type FilePiece, type FileUnit,
 } from './files.js';
+import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
 
 export const ARROW_EXTENSIONS: readonly string[] = ['.arrow', '.arrows', '.feather', '.ipc'];
 
 export interface ArrowReadOptions {
+  /** 'hive' (default): `column=value` directories under a given directory become columns; false: ignored. */
+  partitioning?: 'hive' | false;
   /** Only these columns (all by default). */
   columns?: string[];
   /** Consecutive record batches are handed on together up to about this many bytes (default 4 MiB). */
@@ -94,6 +97,8 @@ export const readArrowFiles = remote(import.meta, async function* readArrowFiles
 
 export class ArrowDatasource extends Datasource {
   readonly files: FileEntry[];
+  /** Hive partition values of the files under `k=v` directories (none when partitioning is off). */
+  private readonly partitions: Map<string, PartitionValues> | undefined;
   private readonly taskOptions: ArrowTaskOptions;
 
   constructor(paths: string | readonly string[], options: ArrowReadOptions = {}) {
@@ -104,6 +109,7 @@ export class ArrowDatasource extends Datasource {
       ...(columns ? { columns } : {}),
     };
     this.files = expandPaths(paths, checkExtensions(options.extensions, ARROW_EXTENSIONS), 'Arrow');
+    this.partitions = options.partitioning === false ? undefined : hivePartitions(this.files);
   }
 
   override get name(): string {
@@ -114,8 +120,12 @@ export class ArrowDatasource extends Datasource {
    * With fewer files than tasks wanted, reads the footers of files in the file format so that
    * their record batches can be spread over tasks; stream-format files are read whole.
    */
-  async getReadTasks(parallelism: number): Promise<ReadTask[]> {
-    const plan = await planFileReads(this.files, parallelism, async (file) => {
+  getReadTasks(parallelism: number): Promise<ReadTask[]> {
+    return partitionedReadTasks(this.files, this.partitions, parallelism, (files, share) => this.#plan(files, share));
+  }
+
+  async #plan(files: FileEntry[], parallelism: number): Promise<ReadTask[]> {
+    const plan = await planFileReads(files, parallelism, async (file) => {
       const { handle, reader } = await openReader(file.path);
       try {
         const footer = reader.isFile() ? reader.footer : null;
@@ -139,18 +149,20 @@ export class ArrowDatasource extends Datasource {
 }
 
 export interface ArrowWriteOptions {
+  /** Rows go under `column=value/` directories by these columns' values (left out of the files). */
+  partitionBy?: string | string[];
   /** 'file' (random access, .arrow; the default) or 'stream' (.arrows). */
   format?: 'file' | 'stream';
 }
 
 /** Writes each write task's blocks as one Arrow IPC file; the blocks must share a schema. */
-export class ArrowDatasink extends FileDatasink<{ format: 'file' | 'stream' }> {
+export class ArrowDatasink extends FileDatasink<{ format: 'file' | 'stream'; partitionBy?: string | string[] }> {
   constructor(path: string, options: ArrowWriteOptions = {}) {
     const format = options.format ?? 'file';
     if (format !== 'file' && format !== 'stream') {
       throw new InvalidArgumentError(`Arrow sink option 'format' must be 'file' or 'stream', got ${JSON.stringify(format)}`, 'ERR_INVALID_ARGUMENT');
     }
-    super(path, { format }, 'Arrow');
+    super(path, { format, partitionBy: options.partitionBy }, 'Arrow');
   }
 
   override get name(): string {

@@ -15,10 +15,13 @@ import {
   expandPaths, filesOf, float64Column, isNumberText, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, readLineBatches, readLines, schemaFromBytes, schemaToBytes, utf8Column,
   type FileEntry, type FileRange,
 } from './files.js';
+import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
 
 export const CSV_EXTENSIONS: readonly string[] = ['.csv'];
 
 export interface CsvReadOptions {
+  /** 'hive' (default): `column=value` directories under a given directory become columns; false: ignored. */
+  partitioning?: 'hive' | false;
   /** One character between fields (default ','). */
   delimiter?: string;
   /**
@@ -323,6 +326,8 @@ function checkDelimiter(value: unknown, format: string): string {
 
 export class CsvDatasource extends Datasource {
   readonly files: FileEntry[];
+  /** Hive partition values of the files under `k=v` directories (none when partitioning is off). */
+  private readonly partitions: Map<string, PartitionValues> | undefined;
   private readonly taskOptions: CsvTaskOptions;
   private readonly minSplitBytes: number;
   private readonly splittable: boolean;
@@ -340,14 +345,19 @@ export class CsvDatasource extends Datasource {
     this.minSplitBytes = checkPositiveInteger(options.minSplitBytes, 'minSplitBytes') ?? DEFAULT_MIN_SPLIT_BYTES;
     this.splittable = options.quotedNewlines !== true;
     this.files = expandPaths(paths, checkExtensions(options.extensions, CSV_EXTENSIONS), 'CSV');
+    this.partitions = options.partitioning === false ? undefined : hivePartitions(this.files);
   }
 
   override get name(): string {
     return 'CSV';
   }
 
-  getReadTasks(parallelism: number): ReadTask[] {
-    return planLineRanges(this.files, parallelism, { splittable: this.splittable, minSplitBytes: this.minSplitBytes }).map(
+  getReadTasks(parallelism: number): Promise<ReadTask[]> {
+    return partitionedReadTasks(this.files, this.partitions, parallelism, (files, share) => this.#plan(files, share));
+  }
+
+  #plan(files: FileEntry[], parallelism: number): ReadTask[] {
+    return planLineRanges(files, parallelism, { splittable: this.splittable, minSplitBytes: this.minSplitBytes }).map(
       (ranges) =>
         new ReadTask(readCsvFiles, [ranges, this.taskOptions], {
           bytes: ranges.reduce((sum, range) => sum + range.end - range.start, 0),
@@ -362,6 +372,8 @@ export class CsvDatasource extends Datasource {
 }
 
 export interface CsvWriteOptions {
+  /** Rows go under `column=value/` directories by these columns' values (left out of the files). */
+  partitionBy?: string | string[];
   /** One character between fields (default ','). */
   delimiter?: string;
   /** Write the header row (default true; the CSV reader needs it). */
@@ -373,9 +385,9 @@ export interface CsvWriteOptions {
  * and the empty string is written "" so that it reads back apart from null (an empty field).
  * Timestamps are ISO strings, binary base64, lists and structs JSON.
  */
-export class CsvDatasink extends FileDatasink<{ delimiter: string; header: boolean }> {
+export class CsvDatasink extends FileDatasink<{ delimiter: string; header: boolean; partitionBy?: string | string[] }> {
   constructor(path: string, options: CsvWriteOptions = {}) {
-    super(path, { delimiter: checkDelimiter(options.delimiter, 'CSV'), header: options.header !== false }, 'CSV');
+    super(path, { delimiter: checkDelimiter(options.delimiter, 'CSV'), header: options.header !== false, partitionBy: options.partitionBy }, 'CSV');
   }
 
   override get name(): string {

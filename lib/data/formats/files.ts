@@ -13,11 +13,14 @@ import {
 import { InvalidArgumentError } from '../../errors.js';
 import type { Block, Row } from '../block.js';
 import { Datasink, type WriteContext } from '../datasource.js';
+import { checkPartitionBy, splitByPartition } from './partitioning.js';
 
 /** A file found on disk, with its size when it was listed. */
 export interface FileEntry {
   path: string;
   bytes: number;
+  /** The directory it was found under (hive partition segments are read below it). */
+  root?: string;
 }
 
 /**
@@ -86,7 +89,7 @@ function listDirectory(directory: string, extensions: readonly string[]): FileEn
       const path = join(current, name);
       const info = statSync(path);
       if (info.isDirectory()) walk(path);
-      else if (info.isFile() && extensions.some((extension) => name.toLowerCase().endsWith(extension))) found.push({ path, bytes: info.size });
+      else if (info.isFile() && extensions.some((extension) => name.toLowerCase().endsWith(extension))) found.push({ path, bytes: info.size, root: directory });
     }
   };
   walk(directory);
@@ -404,6 +407,8 @@ export interface WrittenFile {
   path: string | null;
   rows: number;
   bytes: number;
+  /** With partitionBy: every file the task wrote, one per partition its rows fell in. */
+  files?: string[];
 }
 
 export function outputFileName(writeId: string, taskIndex: number, extension: string): string {
@@ -499,7 +504,8 @@ export abstract class FileDatasink<Options extends object = object> extends Data
       info = undefined;
     }
     if (info && !info.isDirectory()) throw new InvalidArgumentError(`${format} sink: '${path}' exists and is not a directory`, 'ERR_DATA_PATH');
-    this.options = options;
+    const partitionBy = checkPartitionBy((options as { partitionBy?: unknown }).partitionBy, format);
+    this.options = partitionBy ? { ...options, partitionBy } : options;
   }
 
   /** The extension of the files written, with its dot. */
@@ -518,7 +524,22 @@ export abstract class FileDatasink<Options extends object = object> extends Data
     }
     // A task without blocks has no schema to write (a Parquet or Arrow file needs one): no file.
     if (blocks.length === 0) return { path: null, rows: 0, bytes: 0 };
-    const finalPath = join(this.path, outputFileName(context.writeId, context.taskIndex, this.extension));
+    const name = outputFileName(context.writeId, context.taskIndex, this.extension);
+    const partitionBy = (this.options as { partitionBy?: string[] }).partitionBy;
+    if (!partitionBy) return this.writeFile(join(this.path, name), blocks, context);
+    // One file per partition this task's rows fall in, under its column=value directories.
+    const written: WrittenFile[] = [];
+    for (const [directory, parts] of splitByPartition(blocks, partitionBy)) written.push(await this.writeFile(join(this.path, directory, name), parts, context));
+    return {
+      path: written[0]?.path ?? null,
+      rows: written.reduce((sum, file) => sum + file.rows, 0),
+      bytes: written.reduce((sum, file) => sum + file.bytes, 0),
+      files: written.map((file) => file.path!),
+    };
+  }
+
+  // Not a #private method: a sink reaches its write tasks rebuilt from its fields, without the brand.
+  protected async writeFile(finalPath: string, blocks: Block[], context: WriteContext): Promise<WrittenFile> {
     let rows = 0;
     const bytes = await writeFileAtomically(finalPath, context.attempt ?? 0, async (handle) => {
       rows = await this.writeBlocks(blocks, handle);
@@ -529,7 +550,10 @@ export abstract class FileDatasink<Options extends object = object> extends Data
   override async onWriteComplete(results: WrittenFile[]): Promise<void> {
     const written = results.find((result) => result?.path);
     const writeId = written?.path ? writeIdOf(written.path) : undefined;
-    if (writeId) await removeTempFiles(this.path, writeId);
+    if (!writeId) return;
+    // Temp files of attempts that died are next to the files they would have been.
+    const directories = new Set([this.path, ...results.flatMap((result) => (result?.files ?? []).map((file) => dirname(file)))]);
+    await Promise.all([...directories].map((directory) => removeTempFiles(directory, writeId)));
   }
 }
 

@@ -5,12 +5,12 @@
  */
 import { ArrowDatasink, ArrowDatasource, type ArrowReadOptions, type ArrowWriteOptions } from './arrow-ipc.js';
 import { CsvDatasink, CsvDatasource, type CsvReadOptions, type CsvWriteOptions } from './csv.js';
-import { JsonlDatasink, JsonlDatasource, type JsonlReadOptions } from './jsonl.js';
+import { JsonlDatasink, JsonlDatasource, type JsonlReadOptions, type JsonlWriteOptions } from './jsonl.js';
 import { ParquetDatasink, ParquetDatasource, type ParquetReadOptions, type ParquetWriteOptions } from './parquet.js';
 
 export { ArrowDatasink, ArrowDatasource, ARROW_EXTENSIONS, readArrowFiles, type ArrowReadOptions, type ArrowWriteOptions } from './arrow-ipc.js';
 export { CsvDatasink, CsvDatasource, CSV_EXTENSIONS, readCsvFiles, type CsvReadOptions, type CsvWriteOptions } from './csv.js';
-export { JsonlDatasink, JsonlDatasource, JSONL_EXTENSIONS, readJsonlFiles, type JsonlReadOptions } from './jsonl.js';
+export { JsonlDatasink, JsonlDatasource, JSONL_EXTENSIONS, readJsonlFiles, type JsonlReadOptions, type JsonlWriteOptions } from './jsonl.js';
 export {
   ParquetDatasink, ParquetDatasource, PARQUET_EXTENSIONS, readParquetFiles, type ParquetCompression, type ParquetReadOptions, type ParquetWriteOptions,
 } from './parquet.js';
@@ -35,8 +35,8 @@ export function parquetSource(paths: Paths, options: ParquetReadOptions = {}): P
   return new ParquetDatasource(paths, options);
 }
 
-export function jsonlSink(directory: string): JsonlDatasink {
-  return new JsonlDatasink(directory);
+export function jsonlSink(directory: string, options: JsonlWriteOptions = {}): JsonlDatasink {
+  return new JsonlDatasink(directory, options);
 }
 
 export function csvSink(directory: string, options: CsvWriteOptions = {}): CsvDatasink {

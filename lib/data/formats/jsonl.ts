@@ -15,10 +15,13 @@ import {
   utf8Column,
   type FileEntry, type FileRange,
 } from './files.js';
+import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
 
 export const JSONL_EXTENSIONS: readonly string[] = ['.jsonl', '.ndjson', '.json'];
 
 export interface JsonlReadOptions {
+  /** 'hive' (default): `column=value` directories under a given directory become columns; false: ignored. */
+  partitioning?: 'hive' | false;
   /** Columns and their types; without it types are inferred (numbers float64, strings utf8, ...). */
   schema?: Schema;
   /** Rows per block; by default a block holds about `blockBytes` of text. */
@@ -171,6 +174,8 @@ function flatBlock(rows: Row[]): Block | undefined {
 
 export class JsonlDatasource extends Datasource {
   readonly files: FileEntry[];
+  /** Hive partition values of the files under `k=v` directories (none when partitioning is off). */
+  private readonly partitions: Map<string, PartitionValues> | undefined;
   private readonly taskOptions: JsonlTaskOptions;
   private readonly minSplitBytes: number;
 
@@ -185,14 +190,19 @@ export class JsonlDatasource extends Datasource {
     };
     this.minSplitBytes = checkPositiveInteger(options.minSplitBytes, 'minSplitBytes') ?? DEFAULT_MIN_SPLIT_BYTES;
     this.files = expandPaths(paths, checkExtensions(options.extensions, JSONL_EXTENSIONS), 'JSONL');
+    this.partitions = options.partitioning === false ? undefined : hivePartitions(this.files);
   }
 
   override get name(): string {
     return 'JSONL';
   }
 
-  getReadTasks(parallelism: number): ReadTask[] {
-    return planLineRanges(this.files, parallelism, { splittable: true, minSplitBytes: this.minSplitBytes }).map(
+  getReadTasks(parallelism: number): Promise<ReadTask[]> {
+    return partitionedReadTasks(this.files, this.partitions, parallelism, (files, share) => this.#plan(files, share));
+  }
+
+  #plan(files: FileEntry[], parallelism: number): ReadTask[] {
+    return planLineRanges(files, parallelism, { splittable: true, minSplitBytes: this.minSplitBytes }).map(
       (ranges) =>
         new ReadTask(readJsonlFiles, [ranges, this.taskOptions], {
           bytes: ranges.reduce((sum, range) => sum + range.end - range.start, 0),
@@ -210,9 +220,14 @@ export class JsonlDatasource extends Datasource {
  * Writes blocks as JSON Lines: timestamps as ISO strings, 64-bit integers as numbers when exact
  * (else strings), binary as base64. Reading back with the schema restores the types.
  */
-export class JsonlDatasink extends FileDatasink<Record<string, never>> {
-  constructor(path: string) {
-    super(path, {}, 'JSONL');
+export interface JsonlWriteOptions {
+  /** Rows go under `column=value/` directories by these columns' values (left out of the files). */
+  partitionBy?: string | string[];
+}
+
+export class JsonlDatasink extends FileDatasink<JsonlWriteOptions> {
+  constructor(path: string, options: JsonlWriteOptions = {}) {
+    super(path, { partitionBy: options.partitionBy }, 'JSONL');
   }
 
   override get name(): string {

@@ -15,6 +15,7 @@ import {
   FileDatasink, checkColumns, checkExtensions, checkPositiveInteger, expandPaths, planFileReads,
   type FileEntry, type FilePiece, type FileUnit,
 } from './files.js';
+import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
 
 type ParquetWasm = typeof import('parquet-wasm/node');
 type ParquetFileHandle = Awaited<ReturnType<ParquetWasm['ParquetFile']['fromFile']>>;
@@ -25,6 +26,8 @@ const loadParquet = (): Promise<ParquetWasm> => (loaded ??= import('parquet-wasm
 export const PARQUET_EXTENSIONS: readonly string[] = ['.parquet', '.pq'];
 
 export interface ParquetReadOptions {
+  /** 'hive' (default): `column=value` directories under a given directory become columns; false: ignored. */
+  partitioning?: 'hive' | false;
   /** Only these columns (all by default): the others are not even read from disk. */
   columns?: string[];
   /**
@@ -107,6 +110,8 @@ function checkColumnsExist(file: ParquetFileHandle, columns: string[], path: str
 
 export class ParquetDatasource extends Datasource {
   readonly files: FileEntry[];
+  /** Hive partition values of the files under `k=v` directories (none when partitioning is off). */
+  private readonly partitions: Map<string, PartitionValues> | undefined;
   private readonly taskOptions: ParquetTaskOptions;
 
   constructor(paths: string | readonly string[], options: ParquetReadOptions = {}) {
@@ -114,6 +119,7 @@ export class ParquetDatasource extends Datasource {
     const columns = checkColumns(options.columns, 'Parquet');
     this.taskOptions = { keepDictionaries: options.keepDictionaries === true, ...(columns ? { columns } : {}) };
     this.files = expandPaths(paths, checkExtensions(options.extensions, PARQUET_EXTENSIONS), 'Parquet');
+    this.partitions = options.partitioning === false ? undefined : hivePartitions(this.files);
   }
 
   override get name(): string {
@@ -124,8 +130,12 @@ export class ParquetDatasource extends Datasource {
    * With fewer files than tasks wanted, reads each file's footer so that its row groups can be
    * spread over tasks (and rows and uncompressed sizes are known); otherwise tasks take whole files.
    */
-  async getReadTasks(parallelism: number): Promise<ReadTask[]> {
-    const plan = await planFileReads(this.files, parallelism, async (file) => {
+  getReadTasks(parallelism: number): Promise<ReadTask[]> {
+    return partitionedReadTasks(this.files, this.partitions, parallelism, (files, share) => this.#plan(files, share));
+  }
+
+  async #plan(files: FileEntry[], parallelism: number): Promise<ReadTask[]> {
+    const plan = await planFileReads(files, parallelism, async (file) => {
       const handle = await openParquet(file.path);
       try {
         const metadata = handle.metadata();
@@ -170,6 +180,8 @@ const COMPRESSIONS: Record<ParquetCompression, keyof ParquetWasm['Compression']>
 };
 
 export interface ParquetWriteOptions {
+  /** Rows go under `column=value/` directories by these columns' values (left out of the files). */
+  partitionBy?: string | string[];
   /** Codec of the column chunks (default 'snappy'). */
   compression?: ParquetCompression;
   /** Most rows in a row group: smaller groups let readers spread a file over more tasks. */
@@ -177,14 +189,14 @@ export interface ParquetWriteOptions {
 }
 
 /** Writes each write task's blocks as one Parquet file; the blocks must share a schema. */
-export class ParquetDatasink extends FileDatasink<{ compression: ParquetCompression; rowGroupRows?: number }> {
+export class ParquetDatasink extends FileDatasink<{ compression: ParquetCompression; rowGroupRows?: number; partitionBy?: string | string[] }> {
   constructor(path: string, options: ParquetWriteOptions = {}) {
     const compression = options.compression ?? 'snappy';
     if (!(compression in COMPRESSIONS)) {
       throw new InvalidArgumentError(`Parquet sink option 'compression' must be one of ${Object.keys(COMPRESSIONS).join(', ')}, got ${JSON.stringify(compression)}`, 'ERR_INVALID_ARGUMENT');
     }
     const rowGroupRows = checkPositiveInteger(options.rowGroupRows, 'rowGroupRows');
-    super(path, { compression, ...(rowGroupRows ? { rowGroupRows } : {}) }, 'Parquet');
+    super(path, { compression, ...(rowGroupRows ? { rowGroupRows } : {}), partitionBy: options.partitionBy }, 'Parquet');
   }
 
   override get name(): string {
