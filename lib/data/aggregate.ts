@@ -223,7 +223,7 @@ function mergeState(into: State, from: State, aggregation: AggregateFn): void {
 /** Groups of one block, in order of first appearance. */
 class GroupTable {
   readonly groups: Group[] = [];
-  readonly #byName = new Map<string, Group>();
+  readonly #byName = new Map<unknown, Group>();
   constructor(readonly plan: AggregationPlan) {}
 
   groupAt(keyColumns: KeyColumns, row: number): Group {
@@ -231,7 +231,10 @@ class GroupTable {
       if (this.groups.length === 0) this.groups.push({ key: [], states: this.plan.aggregations.map(newState) });
       return this.groups[0];
     }
-    const name = groupName(keyColumns, row);
+    // One key of primitives is its own name (Map keys compare as groups do: 0 and -0, NaN and
+    // NaN are one); anything else is named by groupName, without a string per row here.
+    let name: unknown = keyColumns.length === 1 ? keyColumns[0][row] : undefined;
+    if (name === undefined || (typeof name === 'object' && name !== null)) name = groupName(keyColumns, row);
     let group = this.#byName.get(name);
     if (!group) {
       group = { key: keyOf(keyColumns, row), states: this.plan.aggregations.map(newState) };
