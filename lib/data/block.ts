@@ -343,12 +343,70 @@ export function concatBlocks(blocks: readonly Block[]): Block {
   const signature = schemaSignature(first.schema);
   const other = rest.find((block) => schemaSignature(block.schema) !== signature);
   if (other) {
-    throw new InvalidArgumentError(
-      `blocks with different schemas cannot be joined: ${first.schema.fields.map(String).join(', ')} vs ${other.schema.fields.map(String).join(', ')}`,
-      'ERR_DATA_SCHEMA',
-    );
+    // Blocks made apart disagree in ways one type covers: a column all null in one block (typed
+    // Null there), ints beside floats, narrow ints beside wide ones. Those are cast; the rest is refused.
+    const unified = unifySchemas(nonEmpty.map((block) => block.schema));
+    if (!unified) {
+      throw new InvalidArgumentError(
+        `blocks with different schemas cannot be joined: ${first.schema.fields.map(String).join(', ')} vs ${other.schema.fields.map(String).join(', ')}`,
+        'ERR_DATA_SCHEMA',
+      );
+    }
+    const [head, ...tail] = nonEmpty.map((block) => castBlock(block, unified));
+    return head.concat(...tail);
   }
   return first.concat(...rest);
+}
+
+/** The one schema that covers these (same column names, in order), or undefined when there is none. */
+function unifySchemas(schemas: readonly Schema[]): Schema | undefined {
+  const [first] = schemas;
+  const names = first.fields.map((field) => field.name);
+  if (schemas.some((schema) => schema.fields.length !== names.length || schema.fields.some((field, index) => field.name !== names[index]))) return undefined;
+  const fields: Field[] = [];
+  for (let index = 0; index < names.length; index++) {
+    const types = schemas.map((schema) => schema.fields[index].type).filter((type) => !(type instanceof Null));
+    const type = types.length === 0 ? new Null() : unifyTypes(types);
+    if (!type) return undefined;
+    fields.push(new Field(names[index], type, true));
+  }
+  return new Schema(fields);
+}
+
+function unifyTypes(types: readonly DataType[]): DataType | undefined {
+  const distinct = [...new Map(types.map((type) => [String(type), type])).values()];
+  if (distinct.length === 1) return distinct[0];
+  if (!distinct.every((type) => DataType.isInt(type) || DataType.isFloat(type))) return undefined;
+  if (distinct.some((type) => DataType.isFloat(type))) return new Float64();
+  const ints = distinct as Array<DataType & { bitWidth: number; isSigned: boolean }>;
+  const widest = Math.max(...ints.map((type) => type.bitWidth + (type.isSigned ? 0 : 1)));
+  if (widest <= 8) return new Int8();
+  if (widest <= 16) return new Int16();
+  if (widest <= 32) return new Int32();
+  // Past 32 bits, or a 64-bit unsigned: int64 holds it where the values fit.
+  return new Int64();
+}
+
+/** A block with its columns cast to `schema`'s types (only those that differ are rebuilt). */
+function castBlock(block: Block, schema: Schema): Block {
+  if (schemaSignature(block.schema) === schemaSignature(schema)) return block;
+  const columns: Record<string, Vector> = {};
+  for (const field of schema.fields) {
+    const vector = block.getChild(field.name)!;
+    const from = block.schema.fields.find((candidate) => candidate.name === field.name)!.type;
+    if (String(from) === String(field.type)) {
+      columns[field.name] = vector;
+      continue;
+    }
+    const wide = DataType.isInt(field.type) && (field.type as Int64).bitWidth === 64;
+    const values = new Array<unknown>(vector.length);
+    for (let row = 0; row < vector.length; row++) {
+      const value = vector.get(row);
+      values[row] = value === null || value === undefined ? null : wide ? BigInt(value as number) : Number(value);
+    }
+    columns[field.name] = vectorOf(values, field.type);
+  }
+  return new Table(columns);
 }
 
 /** Names and types of a schema's fields, nested ones included (nullability aside). */

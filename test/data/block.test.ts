@@ -216,6 +216,18 @@ describe('joining, slicing and sizing', () => {
     expect(joined.batches).toHaveLength(2);
   });
 
+  it('casts where one type covers both: a column all null in one block, ints beside floats, narrow ints beside wide', () => {
+    const sparse = concatBlocks([rowsToBlock([{ x: 1, note: null }]), rowsToBlock([{ x: 2, note: 'late' }])]);
+    expect(String(sparse.schema.fields[1].type)).toBe('Utf8');
+    expect(blockToRows(sparse)).toEqual([{ x: 1, note: null }, { x: 2, note: 'late' }]);
+    const numbers = concatBlocks([columnsToBlock({ v: Int32Array.of(1, 2) }), rowsToBlock([{ v: 2.5 }]), columnsToBlock({ v: Int8Array.of(-3) })]);
+    expect(String(numbers.schema.fields[0].type)).toBe('Float64');
+    expect(blockToRows(numbers).map((row) => row.v)).toEqual([1, 2, 2.5, -3]);
+    const ints = concatBlocks([columnsToBlock({ v: Int16Array.of(7) }), columnsToBlock({ v: BigInt64Array.of(2n ** 40n) }), columnsToBlock({ v: Uint8Array.of(200) })]);
+    expect(String(ints.schema.fields[0].type)).toBe('Int64');
+    expect(blockToRows(ints).map((row) => row.v)).toEqual([7n, 2n ** 40n, 200n]);
+  });
+
   it('refuses blocks with different schemas instead of mixing their buffers', () => {
     for (const other of [rowsToBlock([{ y: 1 }]), rowsToBlock([{ x: 'one' }]), rowsToBlock([{ x: 1, y: 2 }]), rowsToBlock([{ x: [1] }])]) {
       const error = thrown(() => concatBlocks([rowsToBlock([{ x: 1 }]), other]));
