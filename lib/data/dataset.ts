@@ -290,6 +290,18 @@ export class Dataset {
     }]);
   }
 
+  /**
+   * This dataset's columns and `other`'s side by side, row by row (Ray's zip): both must have the
+   * same number of rows; a column name already taken gets `suffix` (default '_1'). Both inputs are
+   * held until both have ended; rows are aligned without copies, one task per block of this one.
+   */
+  zip(other: Dataset, options: { suffix?: string } = {}): Dataset {
+    if (!(other instanceof Dataset)) throw new InvalidArgumentError(`zip() takes a dataset, got ${other === null ? 'null' : typeof other}`);
+    const suffix = options.suffix ?? '_1';
+    if (typeof suffix !== 'string' || suffix.length === 0) throw new InvalidArgumentError('zip(): suffix must be a non-empty string');
+    return new Dataset([{ op: 'zip', inputs: [this.#plan, other.logicalPlan], suffix }]);
+  }
+
   /** Only the named columns, in that order. */
   selectColumns(columns: string | string[]): Dataset {
     const list = checkKeyColumns(columns, 'selectColumns()');
@@ -684,6 +696,10 @@ async function describePhysical(
     }
     case 'aggregate':
       return { text: `${operator.name}: a partial task per block as it arrives, merged 16 at a time, one final task`, blocks: 1, rows: operator.plan.keys.length === 0 ? 1 : undefined };
+    case 'zip': {
+      const inputs = await describeInputs(operator.inputs);
+      return { text: [`${operator.name}: after both inputs arrive, one task per block of the first`, ...inputs.lines].join('\n'), blocks: undefined, rows: inputs.rows === undefined ? undefined : inputs.rows / 2 };
+    }
     case 'union': {
       const inputs = await describeInputs(operator.inputs);
       return { text: [`${operator.name}: its inputs' blocks in the driver, input by input`, ...inputs.lines].join('\n'), blocks: inputs.blocks, rows: inputs.rows };

@@ -4,7 +4,7 @@
  * Registered at this module's top level so that any worker finds them. Failures come back as
  * values (located by stage and rows where a user function threw), as data tasks' do.
  */
-import { Table, tableFromIPC, tableToIPC } from 'apache-arrow';
+import { Table, tableFromIPC, tableToIPC, type Vector } from 'apache-arrow';
 import { put } from '../core/api.js';
 import { remote } from '../core/registry.js';
 import type { ObjectRef } from '../core/object-ref.js';
@@ -162,6 +162,29 @@ export const aggregateTask = remote(import.meta, async function trellisAggregate
     // A global aggregation of nothing still has its one row; a grouped one has no rows.
     if (step === 'final') return [finalizeAggregate(merged, plan)];
     return merged ? [merged] : [];
+  });
+});
+
+/** zip(): a range of rows of both sides (the first `leftCount` blocks the left's), columns side by side. */
+export const zipTask = remote(import.meta, async function trellisZip(
+  leftCount: number,
+  suffix: string,
+  slices: BlockSlices,
+  targets: TaskTargets,
+  ...blocks: Block[]
+): Promise<TaskResult> {
+  applySlices(blocks, slices);
+  return storeOutput(blocks, targets, 'Zip', (input) => {
+    const left = concatBlocks(input.slice(0, leftCount));
+    const right = concatBlocks(input.slice(leftCount));
+    const columns: Record<string, Vector> = {};
+    for (const field of left.schema.fields) columns[field.name] = left.getChild(field.name)!;
+    for (const field of right.schema.fields) {
+      let name = field.name;
+      while (name in columns) name = `${name}${suffix}`;
+      columns[name] = right.getChild(field.name)!;
+    }
+    return [new Table(columns)];
   });
 });
 

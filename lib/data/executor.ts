@@ -18,6 +18,7 @@ import { ExchangeOperator } from './operators/exchange.js';
 import { InputOperator } from './operators/input.js';
 import { LimitOperator } from './operators/limit.js';
 import { UnionOperator } from './operators/union.js';
+import { ZipOperator } from './operators/zip.js';
 import { RepartitionOperator } from './operators/repartition.js';
 import { ReadOperator, TaskMapOperator, WriteOperator } from './operators/tasks.js';
 import { dispose, resourcesOf, type Operator } from './operators/operator.js';
@@ -179,9 +180,9 @@ export class StreamingExecutor {
           before = last;
           upstreams.push(last);
         }
-      } else if (spec.kind === 'exchange' && spec.inputs) {
-        // A join: both inputs run at once (it stages them both, outside the budget).
-        for (const chain of spec.inputs) {
+      } else if ((spec.kind === 'exchange' && spec.inputs) || spec.kind === 'zip') {
+        // A join or a zip: both inputs run at once (it stages them both, outside the budget).
+        for (const chain of spec.inputs ?? []) {
           const last = this.#build(chain);
           if (last) upstreams.push(last);
         }
@@ -219,6 +220,8 @@ export class StreamingExecutor {
         return new WriteOperator(this, spec, index);
       case 'union':
         return new UnionOperator(this, spec, index);
+      case 'zip':
+        return new ZipOperator(this, spec, index);
     }
   }
 

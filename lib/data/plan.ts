@@ -55,6 +55,7 @@ export type LogicalOperator =
   | { op: 'exchange'; name: string; exchange: ExchangeSpec; numBlocks?: number; inputs?: Array<readonly LogicalOperator[]> }
   | { op: 'aggregate'; name: string; plan: AggregationPlan }
   | { op: 'union'; inputs: Array<readonly LogicalOperator[]> }
+  | { op: 'zip'; inputs: Array<readonly LogicalOperator[]>; suffix: string }
   | { op: 'limit'; rows: number };
 
 export type PhysicalOperatorSpec =
@@ -66,6 +67,7 @@ export type PhysicalOperatorSpec =
   | { kind: 'exchange'; name: string; exchange: ExchangeSpec; numBlocks?: number; inputs?: PhysicalOperatorSpec[][] }
   | { kind: 'aggregate'; name: string; plan: AggregationPlan }
   | { kind: 'union'; name: string; inputs: PhysicalOperatorSpec[][] }
+  | { kind: 'zip'; name: string; inputs: PhysicalOperatorSpec[][]; suffix: string }
   | { kind: 'limit'; name: string; rows: number }
   | { kind: 'write'; name: string; sink: Datasink; compute: ComputeOptions };
 
@@ -124,6 +126,8 @@ export function planPhysical(logical: readonly LogicalOperator[], sink?: Datasin
       physical.push({ kind: 'exchange', name: operator.name, exchange: operator.exchange, numBlocks: operator.numBlocks, ...(inputs ? { inputs } : {}) });
     } else if (operator.op === 'aggregate') {
       physical.push({ kind: 'aggregate', name: operator.name, plan: operator.plan });
+    } else if (operator.op === 'zip') {
+      physical.push({ kind: 'zip', name: 'Zip', inputs: operator.inputs.map((input) => planPhysical(input)), suffix: operator.suffix });
     } else if (operator.op === 'union') {
       // Each input is planned (and fused) on its own; what follows the union runs on its output.
       physical.push({ kind: 'union', name: `Union(${operator.inputs.length})`, inputs: operator.inputs.map((input) => planPhysical(input)) });
@@ -173,6 +177,8 @@ export function describeLogical(operator: LogicalOperator): string {
       return `${operator.name}${operator.numBlocks ? ` [${operator.numBlocks} blocks]` : ''}${operator.inputs ? ` of ${describeInputs(operator.inputs)}` : ''}`;
     case 'aggregate':
       return operator.name;
+    case 'zip':
+      return `Zip of ${describeInputs(operator.inputs)}`;
     case 'union':
       return `Union of ${operator.inputs.length}: ${describeInputs(operator.inputs)}`;
     case 'limit':

@@ -321,3 +321,18 @@ describe('join', () => {
     expect((missing as DataError).code).toBe('ERR_DATA_COLUMN');
   });
 });
+
+describe('zip', () => {
+  it('puts two datasets of the same rows side by side, row by row, whatever their blocks', async () => {
+    const left = range(100, { parallelism: 3 });
+    const right = fromItems(Array.from({ length: 100 }, (_, index) => ({ id: index * 2, word: `w${index}` })), { parallelism: 7 });
+    const zipped = await left.zip(right).takeAll();
+    expect(zipped).toEqual(Array.from({ length: 100 }, (_, index) => ({ id: index, id_1: index * 2, word: `w${index}` })));
+    expect(await left.zip(right.selectColumns('word'), { suffix: '_r' }).map(withParity).count()).toBe(100);
+    const plan = await left.zip(right).explain({ print: false });
+    expect(plan).toMatch(/Zip: after both inputs arrive/);
+    const error = await rejection(left.zip(range(99)).takeAll());
+    expect((error as DataError).code).toBe('ERR_DATA_ZIP');
+    expect((error as Error).message).toMatch(/100, the other 99/);
+  });
+});
