@@ -125,6 +125,11 @@ export class PrefixCache<S extends PrefixSequence> {
     return this.evict(this.maxRetainedTokens);
   }
 
+  /** A running sequence's cache is dropped (preempted): no source any more, and not kept. */
+  abandon(sequence: S): number {
+    return this.#drop(sequence);
+  }
+
   /** Drops kept sequences, least recently used first, until they hold at most `tokens` positions; returns their ids. */
   evict(tokens: number): number[] {
     const dropped: number[] = [];

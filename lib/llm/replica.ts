@@ -78,10 +78,11 @@ export interface ModelReplicaOptions extends ParallelismOptions {
   /** Tokens a block of prefix has (default 16). */
   prefixBlockTokens?: number;
   /**
-   * Positions the ranks' key/value caches may hold, all sequences together (running ones at their
-   * most: prompt + maxNewTokens; kept prefixes at what they hold). A sequence starts only when its
-   * most fits, so memory stays bounded and no sequence is ever pushed out midway; kept prefixes
-   * go first to make room. Default: what a quarter of this host's memory holds.
+   * Positions the ranks' key/value caches may hold, all sequences together. A sequence starts
+   * when what it knows fits and grows a token at a time; when they outgrow the cache, kept
+   * prefixes go first, then the latest running sequences are preempted (dropped, to read again
+   * later with the same result). Sequences with penalties and embeddings reserve their most up
+   * front. Default: what a quarter of this host's memory holds.
    */
   maxCacheTokens?: number;
   /**
@@ -154,9 +155,11 @@ export interface ReplicaStats {
   reusedPromptTokens: number;
   /** Finished sequences whose caches are kept as prefix sources. */
   retainedSequences: number;
-  /** Positions reserved by running sequences (at their most) and held by kept prefixes. */
+  /** Positions reserved by running sequences and held by kept prefixes. */
   reservedCacheTokens: number;
   maxCacheTokens: number;
+  /** Sequences whose caches were dropped to make room, to be read again later (vLLM's recompute preemption). */
+  preemptions: number;
 }
 
 interface Sequence {
@@ -175,6 +178,10 @@ interface Sequence {
   pooling?: 'last' | 'mean';
   /** Tokens the shards hold for it. */
   past: number;
+  /** Cache positions counted for it in the replica's reservation. */
+  reserved: number;
+  /** Its prompt was read once (a preempted sequence reads it again, uncounted). */
+  promptCounted?: boolean;
   /** Its first step starts from a copy of another sequence's cached positions. */
   copyFrom?: { id: number; length: number };
   inFlight: boolean;
@@ -215,8 +222,14 @@ export class ModelReplica {
   readonly #stepsInFlight: number;
   readonly #prefixCache: PrefixCache<Sequence> | undefined;
   readonly #maxCacheTokens: number;
-  /** Positions reserved by the sequences running: each its prompt plus its most new tokens. */
+  /**
+   * Positions reserved by the sequences running: what each holds and will read next (its prompt
+   * and the tokens it generated so far), growing a token at a time; a sequence whose sampling
+   * needs its history on the last stage (penalties), or an embedding, reserves its most at once,
+   * since dropping its cache would drop that state too.
+   */
   #reservedTokens = 0;
+  #preemptions = 0;
   readonly #weightBytes: number;
   readonly #stopTokens: number[];
   readonly #waiting: Sequence[] = [];
@@ -382,7 +395,7 @@ export class ModelReplica {
         const { pooling = 'last', normalize = true } = request;
         if (pooling !== 'last' && pooling !== 'mean') throw new InvalidArgumentError(`${what}: pooling must be 'last' or 'mean', got ${JSON.stringify(pooling)}`, 'ERR_PROMPT');
         if (typeof normalize !== 'boolean') throw new InvalidArgumentError(`${what}: normalize must be a boolean`, 'ERR_PROMPT');
-        const sequence = { id: this.#nextSequence++, prompt, generated: [], maxNewTokens: 0, stopTokens: new Set<number>(), stop: undefined, sampling: undefined, logprobs: undefined, pooling, past: 0, inFlight: false };
+        const sequence = { id: this.#nextSequence++, prompt, generated: [], maxNewTokens: 0, stopTokens: new Set<number>(), stop: undefined, sampling: undefined, logprobs: undefined, pooling, past: 0, reserved: 0, inFlight: false };
         return { sequence, normalize };
       });
     } catch (error) {
@@ -456,6 +469,7 @@ export class ModelReplica {
       sampling: checkSampling(request.sampling, what),
       logprobs: request.logprobs ? [] : undefined,
       past: 0,
+      reserved: 0,
       inFlight: false,
     };
   }
@@ -481,7 +495,8 @@ export class ModelReplica {
         }
         budget -= count;
         chosen.push(sequence);
-        const prefill = sequence.past + count < sequence.prompt.length;
+        // Reading part of what it knows (its prompt, or after a preemption its generated tokens too) picks no token.
+        const prefill = sequence.past + count < known;
         parts.push({
           id: sequence.id,
           past: sequence.past,
@@ -497,6 +512,7 @@ export class ModelReplica {
         sequence.inFlight = true;
         return true;
       };
+      this.#fitRunning();
       for (const sequence of this.#running) if (!sequence.inFlight) admit(sequence);
       const deferred: Sequence[] = [];
       while (this.#waiting.length > 0 && budget > 0 && chosen.length < limit && deferred.length < 4 * limit) {
@@ -507,7 +523,8 @@ export class ModelReplica {
           sequence.fail(new InvalidArgumentError(`a sequence of ${sequence.prompt.length} prompt tokens and up to ${sequence.maxNewTokens} new ones needs ${need} cached positions, more than maxCacheTokens (${this.#maxCacheTokens})`, 'ERR_CACHE_BUDGET'));
           continue;
         }
-        if (!this.#makeRoom(need)) break; // waits, in order, for running sequences to end
+        const reserve = this.#reservationOf(sequence);
+        if (!this.#makeRoom(reserve)) break; // waits, in order, for running sequences to end
         this.#waiting.shift();
         // Penalties need every prompt token on the last stage, and a mean every position's state.
         const prefix = this.#prefixCache?.admit(sequence, !needsHistory(sequence.sampling) && sequence.pooling !== 'mean');
@@ -520,7 +537,8 @@ export class ModelReplica {
           sequence.past = prefix.match.length;
           sequence.copyFrom = { id: prefix.match.source.id, length: prefix.match.length };
         }
-        this.#reservedTokens += need;
+        sequence.reserved = reserve;
+        this.#reservedTokens += reserve;
         this.#running.push(sequence);
         admit(sequence);
       }
@@ -550,8 +568,11 @@ export class ModelReplica {
     chosen.forEach((sequence, index) => {
       sequence.inFlight = false;
       sequence.past += parts[index].count;
-      if (sequence.past < sequence.prompt.length) return; // more of the prompt to read first
-      if (sequence.past === sequence.prompt.length) this.#promptTokens += sequence.prompt.length;
+      if (sequence.past < sequence.prompt.length + sequence.generated.length) return; // more to read first
+      if (!sequence.promptCounted) {
+        sequence.promptCounted = true;
+        this.#promptTokens += sequence.prompt.length;
+      }
       if (sequence.pooling) {
         const size = this.config.hiddenSize;
         this.#end(sequence);
@@ -560,6 +581,7 @@ export class ModelReplica {
       }
       const token = result.tokens[index];
       sequence.generated.push(token);
+      this.#grow(sequence);
       sequence.logprobs?.push(result.logprobs![index]);
       this.#generatedTokens++;
       const total = sequence.prompt.length + sequence.generated.length;
@@ -591,6 +613,43 @@ export class ModelReplica {
     return Math.min(this.config.maxPositions, sequence.prompt.length + sequence.maxNewTokens);
   }
 
+  /** Positions a sequence reserves when it starts: its most, or (see #reservedTokens) what it knows. */
+  #reservationOf(sequence: Sequence): number {
+    if (sequence.pooling || needsHistory(sequence.sampling)) return this.#cacheNeed(sequence);
+    return Math.min(this.config.maxPositions, sequence.prompt.length + sequence.generated.length);
+  }
+
+  /** A sequence that reserves as it goes knows one more token: it will hold one more position. */
+  #grow(sequence: Sequence): void {
+    if (sequence.pooling || needsHistory(sequence.sampling)) return;
+    const reserve = this.#reservationOf(sequence);
+    this.#reservedTokens += reserve - sequence.reserved;
+    sequence.reserved = reserve;
+  }
+
+  /**
+   * Room for the running sequences' next positions: kept prefixes go first, then running
+   * sequences not in a step, the latest started first, are preempted: the ranks drop their
+   * caches and they wait at the front of the queue to read what they know again (the same
+   * positions, so the same tokens follow). With every other sequence in a step, the ones over
+   * wait for those steps to end.
+   */
+  #fitRunning(): void {
+    if (this.#makeRoom(0)) return;
+    for (let index = this.#running.length - 1; index >= 0 && this.#reservedTokens > this.#maxCacheTokens; index--) {
+      const sequence = this.#running[index];
+      if (sequence.inFlight || sequence.pooling || needsHistory(sequence.sampling)) continue;
+      this.#running.splice(index, 1);
+      this.#reservedTokens -= sequence.reserved;
+      sequence.reserved = 0;
+      sequence.past = 0;
+      sequence.copyFrom = undefined;
+      this.#released.push(this.#prefixCache ? this.#prefixCache.abandon(sequence) : sequence.id);
+      this.#waiting.unshift(sequence);
+      this.#preemptions++;
+    }
+  }
+
   /** Whether `need` more positions fit beside the running sequences and the kept prefixes, dropping kept prefixes if that makes them fit. */
   #makeRoom(need: number): boolean {
     const kept = this.#prefixCache?.retainedTokens ?? 0;
@@ -602,7 +661,8 @@ export class ModelReplica {
 
   /** A sequence is done: the ranks drop its cache, unless prefix caching keeps it as a source for later prompts. */
   #end(sequence: Sequence): void {
-    this.#reservedTokens -= this.#cacheNeed(sequence);
+    this.#reservedTokens -= sequence.reserved;
+    sequence.reserved = 0;
     this.#running.splice(this.#running.indexOf(sequence), 1);
     this.#released.push(...(this.#prefixCache ? this.#prefixCache.finish(sequence) : [sequence.id]));
   }
@@ -634,6 +694,7 @@ export class ModelReplica {
       retainedSequences: this.#prefixCache?.retainedSequences ?? 0,
       reservedCacheTokens: this.#reservedTokens + (this.#prefixCache?.retainedTokens ?? 0),
       maxCacheTokens: this.#maxCacheTokens,
+      preemptions: this.#preemptions,
     };
   }
 

@@ -520,7 +520,7 @@ describe('model sharding', () => {
     expect(() => buildLLMProcessor({ checkpoint: path, pooling: 'mean' })).toThrow(/pooling and normalize apply to task 'embed'/);
   });
 
-  it('bounds the cache: sequences start only when their most fits, kept prefixes make room, and one too large is refused', async () => {
+  it('bounds the cache: sequences reserve what they know and grow a token at a time; when full, the latest is preempted and reads again (the same tokens); kept prefixes make room; one too large is refused', async () => {
     // Prompts of 1 to 11 tokens and 6 new ones need 7 to 17 positions each, 55 together: 40 never holds all five.
     await using replica = await ModelReplica.create({ checkpoint, maxCacheTokens: 40, prefixBlockTokens: 4, prefixCacheTokens: 100 });
     let mostRunning = 0;
@@ -535,8 +535,26 @@ describe('model sharding', () => {
     } finally {
       clearInterval(watch);
     }
-    expect(mostRunning).toBeLessThan(PROMPTS.length);
+    // More start at once than their most would allow (their prompts fit), and as they grow the latest are preempted.
+    expect(mostRunning).toBeGreaterThan(2);
+    expect(replica.stats().preemptions).toBeGreaterThan(0);
     expect(mostReserved).toBeLessThanOrEqual(40);
+    // Sampled, the same seeds give the same tokens however often sequences were preempted.
+    const sampled = PROMPTS.map((tokens, index) => ({ tokens, maxNewTokens: 6, sampling: { temperature: 0.8, topK: 20, seed: 3 + index } }));
+    const preemptedBefore = replica.stats().preemptions;
+    const tight = (await replica.generate(sampled)).map((generation) => generation.tokens);
+    expect(replica.stats().preemptions).toBeGreaterThan(preemptedBefore);
+    {
+      await using roomy = await ModelReplica.create({ checkpoint });
+      expect((await roomy.generate(sampled)).map((generation) => generation.tokens)).toEqual(tight);
+      expect(roomy.stats().preemptions).toBe(0);
+    }
+    {
+      // Cut into a pipeline, with steps in flight: preempted sequences are dropped on every rank.
+      await using piped = await ModelReplica.create({ checkpoint, pipelineParallel: 2, maxCacheTokens: 40 });
+      expect((await piped.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 6 })))).map((generation) => generation.tokens)).toEqual(expected);
+      expect(piped.stats().preemptions).toBeGreaterThan(0);
+    }
     // Finished sequences kept as prefixes hold positions; new sequences push them out to start.
     const kept = replica.stats().retainedSequences;
     expect(kept).toBeGreaterThan(0);
