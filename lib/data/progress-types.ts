@@ -16,6 +16,8 @@ export interface OperatorProgress {
   storeBytes: number;
   /** Why the operator may not start more work now, e.g. 'memory budget' or 'output queue full'. */
   backpressure?: string;
+  /** Operators that run in phases (sort, shuffle, groupBy, join, zip): the current one, e.g. 'sampling keys'. */
+  phase?: string;
   done: boolean;
 }
 

@@ -98,6 +98,7 @@ export function formatOperatorDetails(operator: OperatorProgress): string {
   if (operator.done) {
     parts.push('done');
   } else {
+    if (operator.phase) parts.push(operator.phase);
     parts.push(`${operator.activeTasks} active`, `${operator.queuedTasks} queued`);
     if (operator.actors) {
       const { running, pending, min, max } = operator.actors;

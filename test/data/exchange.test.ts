@@ -10,6 +10,7 @@ import {
 } from '../../lib/index.js';
 import { failOnGroup, never, scaledId, shortColumn, summarizeGroup, withParity } from './fixtures/udfs.js';
 import { rejection, useDataCluster } from './helpers.js';
+import { formatOperatorDetails } from '../../lib/data/progress.js';
 
 useDataCluster({ numCpus: 2 });
 
@@ -30,7 +31,8 @@ describe('sort', () => {
     const sortedDataset = ds.sort('value', { numBlocks: 4 });
     const sorted = await sortedDataset.takeAll();
     const progress = sortedDataset.stats()!.operators.find((operator) => operator.name === 'Sort(value)')!;
-    expect(progress).toMatchObject({ blocksDone: 4, blocksTotal: 4, rowsDone: 3000, rowsTotal: 3000, done: true });
+    expect(progress).toMatchObject({ blocksDone: 4, blocksTotal: 4, rowsDone: 3000, rowsTotal: 3000, done: true, phase: 'reducing 4 partitions' });
+    expect(formatOperatorDetails({ ...progress, done: false })).toMatch(/3000\/3000 rows, 4\/4 blocks, reducing 4 partitions, 0 active/);
     const expected = [...rows].sort((a, b) => a.value - b.value || a.id - b.id);
     expect(sorted).toEqual(expected);
     const descending = await ds.sort('value', { descending: true, numBlocks: 3 }).takeAll();

@@ -31,6 +31,10 @@ export class AggregateOperator extends Operator {
     return 0;
   }
 
+  override get phase(): string {
+    return this.#finalLaunched ? 'final merge' : 'partial aggregation';
+  }
+
   capacity(): number {
     return this.executor.taskSlots({ numCpus: 1 });
   }

@@ -47,6 +47,13 @@ export class ExchangeOperator extends Operator {
     this.#seed = exchange.kind === 'shuffle' && exchange.seed !== undefined ? exchange.seed : (Math.random() * 2 ** 32) >>> 0;
   }
 
+  override get phase(): string | undefined {
+    if (this.#phase === 'collect') return 'collecting all input';
+    if (this.#phase === 'sample') return 'sampling keys';
+    if (this.#phase === 'map') return `cutting blocks into ${this.#partitions} partitions`;
+    return `reducing ${this.#partitions} partitions`;
+  }
+
   /** A sort's keys. */
   get #sortKeys(): SortKey[] {
     return this.spec.exchange.kind === 'sort' ? this.spec.exchange.keys : [];
@@ -88,10 +95,7 @@ export class ExchangeOperator extends Operator {
   hasWork(): boolean {
     if (this.truncated || this.executor.failed) return false;
     if (this.#phase === 'collect') {
-      if (!this.upstreamDone) {
-        this.backpressure = 'waiting for all input';
-        return false;
-      }
+      if (!this.upstreamDone) return false;
       this.#plan();
     }
     if (this.#phase === 'sample' || this.#phase === 'map') {

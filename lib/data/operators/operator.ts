@@ -420,6 +420,11 @@ export abstract class Operator {
     }
   }
 
+  /** The phase an operator that runs in phases is in, for progress. */
+  get phase(): string | undefined {
+    return undefined;
+  }
+
   /** Whether outputs leave in the order of their units (preserveOrder; a sort always does). */
   protected get ordersOutput(): boolean {
     return this.executor.options.preserveOrder;
@@ -488,6 +493,7 @@ export abstract class Operator {
       queuedTasks: this.queuedUnits,
       storeBytes: this.heldBytes(),
       backpressure: this.backpressure,
+      ...(this.phase ? { phase: this.phase } : {}),
       done: this.done(),
     };
   }

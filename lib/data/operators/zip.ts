@@ -25,6 +25,10 @@ export class ZipOperator extends Operator {
     this.#staged[from && this.upstreams.indexOf(from) === 1 ? 1 : 0].push(block);
   }
 
+  override get phase(): string {
+    return this.#ranges ? 'pairing rows' : 'collecting all input';
+  }
+
   override stagedBytes(): number {
     let bytes = unitBytes(this.#staged[0]) + unitBytes(this.#staged[1]);
     for (let index = this.#next; index < (this.#ranges?.length ?? 0); index++) bytes += unitBytes(this.#ranges![index][0]) + unitBytes(this.#ranges![index][1]);
@@ -46,10 +50,7 @@ export class ZipOperator extends Operator {
   hasWork(): boolean {
     if (this.truncated || this.executor.failed) return false;
     if (!this.#ranges) {
-      if (!this.upstreamDone) {
-        this.backpressure = 'waiting for all input';
-        return false;
-      }
+      if (!this.upstreamDone) return false;
       if (!this.#plan()) return false;
     }
     return this.#next < this.#ranges!.length;
