@@ -178,6 +178,17 @@ function hasNullKey(columns: KeyColumns, row: number): boolean {
  * left row.
  */
 export function joinBlocks(left: Block, right: Block, spec: Extract<ExchangeSpec, { kind: 'join' }>): Block {
+  // A side whose input had no blocks at all has no schema either: its rows are none, its columns
+  // unknown, so the kept side's rows come out with its own columns only.
+  const unknown = (side: Block) => side.numRows === 0 && side.schema.fields.length === 0;
+  if (unknown(right)) return spec.how === 'left' || spec.how === 'outer' ? left : left.slice(0, 0);
+  if (unknown(left)) {
+    if (spec.how !== 'right' && spec.how !== 'outer') return right.slice(0, 0);
+    const names = new Map(spec.rightKeys.map((key, index) => [key, spec.leftKeys[index]]));
+    const columns: Record<string, Vector> = {};
+    for (const field of right.schema.fields) columns[names.get(field.name) ?? field.name] = right.getChild(field.name)!;
+    return new Table(columns);
+  }
   const leftKeys = readKeyColumns(left, spec.leftKeys, 'join');
   const rightKeys = readKeyColumns(right, spec.rightKeys, 'join');
   const byName = new Map<string, number[]>();

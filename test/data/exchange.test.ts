@@ -297,6 +297,7 @@ describe('join', () => {
     return out;
   }
   const canonical = (rows: Row[]) => rows.map((row) => JSON.stringify(row)).sort();
+  const byKey = (rows: Row[]) => [...rows].sort((a, b) => (a.key as number) - (b.key as number));
 
   const left = Array.from({ length: 300 }, (_, id) => ({ id, key: id % 37 === 0 ? null : id % 50, score: id / 10 }));
   const right = Array.from({ length: 120 }, (_, index) => ({ key: index % 60, name: `n${index}`, score: index }));
@@ -307,6 +308,15 @@ describe('join', () => {
       expect(canonical(joined)).toEqual(canonical(expectedJoin(left, right, 'key', 'key', how, ['name', 'score'])));
     });
   }
+
+  it('a side with no rows at all: inner joins make nothing, kept sides come out with their own columns', async () => {
+    const some = fromItems([{ key: 1, a: 'x' }, { key: 2, a: 'y' }]);
+    const none = fromItems([{ key: 0, b: 'z' }]).filter(never);
+    expect(await some.join(none, { on: 'key' }).takeAll()).toEqual([]);
+    expect(byKey(await some.join(none, { on: 'key', how: 'left' }).takeAll())).toEqual([{ key: 1, a: 'x' }, { key: 2, a: 'y' }]);
+    expect(byKey(await none.join(some, { on: 'key', how: 'right' }).takeAll())).toEqual([{ key: 1, a: 'x' }, { key: 2, a: 'y' }]);
+    expect(await none.join(some, { on: 'key', how: 'left' }).takeAll()).toEqual([]);
+  });
 
   it('rightOn pairs differently named keys; explain shows both inputs', async () => {
     const other = right.map((row) => ({ ref: row.key, label: row.name }));
