@@ -17,7 +17,10 @@
  *   MiB against 8 MiB per layer: the read is the cost);
  * - `llm_prefix_cached_tokens_per_s` against `llm_prefix_uncached_tokens_per_s`: 16 prompts that
  *   share a 192-token beginning (a system prompt), 8 new tokens each, on one rank with prefix
- *   caching on and off: the shared part read once against 16 times.
+ *   caching on and off: the shared part read once against 16 times;
+ * - `llm_cache_grow_tokens_per_s` against `llm_cache_most_tokens_per_s`: 16 prompts allowed 192
+ *   new tokens each that stop after 16, under a cache of 1,024 positions: reserving what each
+ *   knows (all 16 run at once) against reserving each one's most (240 positions: 4 at once).
  * Generated tokens per second of wall time, prompt reading included.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -81,6 +84,20 @@ function sharedPrefix(checkpoint: string, prefixCaching: boolean): Promise<numbe
   return generationRate({ checkpoint, prefixCaching, prefixCacheTokens: 0 }, PREFIX_PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 8 })));
 }
 
+/** Tokens per second when every request may run long but stops early, under a small cache. */
+async function earlyStops(checkpoint: string, cacheReservation: 'grow' | 'most'): Promise<number> {
+  await using model = await ModelReplica.create({ checkpoint, maxCacheTokens: 1024, cacheReservation });
+  const requests = prompts.map((tokens) => ({ tokens, maxNewTokens: 192, stop: (generated: readonly number[]) => generated.length >= 16 }));
+  await model.generate(requests);
+  const times: number[] = [];
+  for (let round = 0; round < 3; round++) {
+    const start = nowNs();
+    await model.generate(requests);
+    times.push(elapsedSeconds(start));
+  }
+  return (PROMPTS * 16) / median(times);
+}
+
 /** Microseconds per decoding attention call over `past` cached positions, the cache in f32 or bf16. */
 function attentionDecodeMicros(dtype: 'f32' | 'bf16', past = 4096, heads = 32, kvHeads = 8, headDim = 128): number {
   const size = (past + 1) * kvHeads * headDim;
@@ -117,6 +134,7 @@ export const llmSuite: Suite = {
     ['replica tp1 pp2 / in process', 'llm_tp1_pp2_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
     ['bf16 weights / f32 weights, in process', 'llm_in_process_bf16_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
     ['shared 192-token prefix, cached / read by each prompt', 'llm_prefix_cached_tokens_per_s', 'llm_prefix_uncached_tokens_per_s', ''],
+    ['requests stopping early, cache reserved as they grow / at their most', 'llm_cache_grow_tokens_per_s', 'llm_cache_most_tokens_per_s', ''],
     ['linear m 512, two threads / one', 'linear_m512_2threads_gflops', 'linear_m512_gflops', ''],
     ['replica tp1 pp1, two kernel threads / one', 'llm_tp1_pp1_2threads_tokens_per_s', 'llm_tp1_pp1_tokens_per_s', ''],
     ['decode attention over 4096 positions, bf16 cache / f32 cache (time)', 'attention_decode_bf16_4096_us', 'attention_decode_4096_us', ''],
@@ -158,6 +176,8 @@ export const llmSuite: Suite = {
         results.llm_tp1_pp1_2threads_tokens_per_s = { value: round(await replica(checkpoint, 1, 1, 2), 1), unit: 'tokens/s' };
         results.llm_prefix_uncached_tokens_per_s = { value: round(await sharedPrefix(checkpoint, false), 1), unit: 'tokens/s' };
         results.llm_prefix_cached_tokens_per_s = { value: round(await sharedPrefix(checkpoint, true), 1), unit: 'tokens/s' };
+        results.llm_cache_most_tokens_per_s = { value: round(await earlyStops(checkpoint, 'most'), 1), unit: 'tokens/s' };
+        results.llm_cache_grow_tokens_per_s = { value: round(await earlyStops(checkpoint, 'grow'), 1), unit: 'tokens/s' };
       } finally {
         await shutdown();
       }

@@ -86,6 +86,12 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    */
   maxCacheTokens?: number;
   /**
+   * How a sequence reserves cache positions: 'grow' (default) what it knows, a token at a time,
+   * preempting the latest sequences when the cache is full; 'most' its prompt plus maxNewTokens
+   * when it starts, so none is ever preempted (fewer run at once; nothing is read twice).
+   */
+  cacheReservation?: 'grow' | 'most';
+  /**
    * Cached positions of finished sequences kept for later prompts to start from, all together
    * (default 4096; 0 keeps none: prefixes are then shared by sequences running at once only).
    * Each costs numLayers × 2 × numKeyValueHeads × headSize × 4 bytes, cut across the ranks.
@@ -198,6 +204,8 @@ interface StepLimits {
   prefix: { blockTokens: number; retainedTokens: number } | undefined;
   /** Positions all caches together may hold. */
   maxCacheTokens: number;
+  /** Every sequence reserves its most when it starts (cacheReservation 'most'). */
+  reserveMost: boolean;
 }
 
 function positiveInteger(value: unknown, what: string, fallback: number): number {
@@ -230,6 +238,7 @@ export class ModelReplica {
    */
   #reservedTokens = 0;
   #preemptions = 0;
+  readonly #reserveMost: boolean;
   readonly #weightBytes: number;
   readonly #stopTokens: number[];
   readonly #waiting: Sequence[] = [];
@@ -271,6 +280,7 @@ export class ModelReplica {
     const prefix = parts.limits.prefix;
     this.#prefixCache = prefix ? new PrefixCache<Sequence>(prefix.blockTokens, prefix.retainedTokens) : undefined;
     this.#maxCacheTokens = parts.limits.maxCacheTokens;
+    this.#reserveMost = parts.limits.reserveMost;
     this.#stopTokens = parts.stopTokens;
   }
 
@@ -297,7 +307,12 @@ export class ModelReplica {
       stepsInFlight: positiveInteger(options.stepsInFlight, 'stepsInFlight', plan.pipelineParallel),
       prefix: undefined,
       maxCacheTokens: 0,
+      reserveMost: false,
     };
+    if (options.cacheReservation !== undefined && options.cacheReservation !== 'grow' && options.cacheReservation !== 'most') {
+      throw new InvalidArgumentError(`cacheReservation must be 'grow' or 'most', got ${JSON.stringify(options.cacheReservation)}`);
+    }
+    limits.reserveMost = options.cacheReservation === 'most';
     if (options.prefixCaching !== undefined && typeof options.prefixCaching !== 'boolean') throw new InvalidArgumentError(`prefixCaching must be a boolean, got ${String(options.prefixCaching)}`);
     if (options.prefixCaching !== false) {
       const retainedTokens = options.prefixCacheTokens ?? 4096;
@@ -615,13 +630,18 @@ export class ModelReplica {
 
   /** Positions a sequence reserves when it starts: its most, or (see #reservedTokens) what it knows. */
   #reservationOf(sequence: Sequence): number {
-    if (sequence.pooling || needsHistory(sequence.sampling)) return this.#cacheNeed(sequence);
+    if (this.#reservesMost(sequence)) return this.#cacheNeed(sequence);
     return Math.min(this.config.maxPositions, sequence.prompt.length + sequence.generated.length);
+  }
+
+  /** Whether a sequence reserves its most up front (and is never preempted). */
+  #reservesMost(sequence: Sequence): boolean {
+    return this.#reserveMost || sequence.pooling !== undefined || needsHistory(sequence.sampling);
   }
 
   /** A sequence that reserves as it goes knows one more token: it will hold one more position. */
   #grow(sequence: Sequence): void {
-    if (sequence.pooling || needsHistory(sequence.sampling)) return;
+    if (this.#reservesMost(sequence)) return;
     const reserve = this.#reservationOf(sequence);
     this.#reservedTokens += reserve - sequence.reserved;
     sequence.reserved = reserve;
@@ -638,7 +658,7 @@ export class ModelReplica {
     if (this.#makeRoom(0)) return;
     for (let index = this.#running.length - 1; index >= 0 && this.#reservedTokens > this.#maxCacheTokens; index--) {
       const sequence = this.#running[index];
-      if (sequence.inFlight || sequence.pooling || needsHistory(sequence.sampling)) continue;
+      if (sequence.inFlight || this.#reservesMost(sequence)) continue;
       this.#running.splice(index, 1);
       this.#reservedTokens -= sequence.reserved;
       sequence.reserved = 0;

@@ -550,6 +550,13 @@ describe('model sharding', () => {
       expect(roomy.stats().preemptions).toBe(0);
     }
     {
+      // Reserving each sequence's most instead: none is preempted, and fewer run at once.
+      await using reserving = await ModelReplica.create({ checkpoint, maxCacheTokens: 40, cacheReservation: 'most' });
+      expect((await reserving.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 6 })))).map((generation) => generation.tokens)).toEqual(expected);
+      expect(reserving.stats().preemptions).toBe(0);
+      await expect(ModelReplica.create({ checkpoint, cacheReservation: 'some' as never })).rejects.toThrow(/cacheReservation must be 'grow' or 'most'/);
+    }
+    {
       // Cut into a pipeline, with steps in flight: preempted sequences are dropped on every rank.
       await using piped = await ModelReplica.create({ checkpoint, pipelineParallel: 2, maxCacheTokens: 40 });
       expect((await piped.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 6 })))).map((generation) => generation.tokens)).toEqual(expected);
