@@ -4,8 +4,8 @@
  * reads and sources that fail, and sinks that fail (onWriteFailed).
  */
 import { describe, expect, it } from 'vitest';
-import { DataError, WorkerCrashedError, fromItems, range, readDatasource, state, type Row } from '../../lib/index.js';
-import { BadSource, CountingSink, FailingSource, GatedSink, failOn, gatedGroup, gatedRow, isEven, withParity } from './fixtures/udfs.js';
+import { DataError, WorkerCrashedError, fromItems, range, readDatasource, state, type JobProgress, type Row } from '../../lib/index.js';
+import { BadSource, BytesSource, CountingSink, FailingSource, GatedSink, failOn, gatedGroup, gatedRow, isEven, withParity } from './fixtures/udfs.js';
 import { isAlive, openGate, rejection, startedPids, until, useDataCluster } from './helpers.js';
 
 const { scratchDir } = useDataCluster({ numCpus: 2 }, () => until(() => Object.values(state().tasks).every((count) => count === 0), 'no task left running'));
@@ -94,6 +94,30 @@ describe('workers that die', () => {
       openGate(gate);
     }
     expect(ids(await rows).sort((a, b) => a - b)).toEqual(sequence(40));
+  });
+
+  it("a shuffle whose map task's worker is killed mid-job retries the task: every row once", async () => {
+    const MiB = 1 << 20;
+    let killed = 0;
+    // Kills a worker running the shuffle's map tasks, seen through the job's progress.
+    const reporter = {
+      update(progress: JobProgress) {
+        const shuffle = progress.operators.find((operator) => operator.name === 'RandomShuffle');
+        if (killed || !shuffle?.phase?.startsWith('cutting') || shuffle.activeTasks === 0) return;
+        const worker = state().workers.find((candidate) => candidate.state === 'leased');
+        if (!worker) return;
+        killed = worker.pid;
+        process.kill(worker.pid, 'SIGKILL');
+      },
+      finish() {},
+    };
+    const blocks = 48;
+    const total = await readDatasource(new BytesSource(blocks, 1, MiB))
+      .randomShuffle({ seed: 5, numBlocks: 16 })
+      .sum('x', { progress: reporter, stallTimeoutMs: 600, minBlockBytes: MiB, maxBlockBytes: MiB });
+    const rows = (blocks * MiB) / 8;
+    expect(killed).toBeGreaterThan(0);
+    expect(total).toBe((rows * (rows - 1)) / 2);
   });
 
   it('with maxRetries: 0, a killed worker fails the job naming the operator', async () => {
