@@ -48,8 +48,10 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
   chatTemplateVariables?: Record<string, unknown>;
   /** A tokenizer.json, or a directory holding one (default: the checkpoint's directory). */
   tokenizer?: string;
-  /** Defaults for every row; a row's own `maxNewTokens`, `sampling` or `stop` column wins. */
+  /** Defaults for every row; a row's own `maxNewTokens`, `minNewTokens`, `sampling` or `stop` column wins. */
   maxNewTokens?: number;
+  /** Tokens to generate before a stop token or stop text may end a row (vLLM's min_tokens; default 0). */
+  minNewTokens?: number;
   sampling?: SamplingParameters;
   /**
    * Text that ends a generation (text prompts and conversations): generatedText stops before it
@@ -274,6 +276,7 @@ export class LLMEngine {
         // A choice needs its own tokens and, where it could go on, a stop token.
         maxNewTokens: (row.maxNewTokens as number | undefined) ?? this.#options.maxNewTokens ?? (choices ? Math.max(...choices.map((choice) => choice.length)) + 1 : undefined),
         ...(this.#choiceConstraint ? { constraint: this.#choiceConstraint } : {}),
+        ...((row.minNewTokens ?? this.#options.minNewTokens) !== undefined ? { minNewTokens: (row.minNewTokens as number | undefined) ?? this.#options.minNewTokens } : {}),
         sampling: samples > 1 ? { ...sampling, seed: (sampling?.seed ?? 0) + sample } : sampling,
         ...(stops[index] ? { stop: this.#stopWhen(stops[index]) } : {}),
         ...(this.#options.logprobs ? { logprobs: true } : {}),

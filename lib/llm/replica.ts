@@ -104,6 +104,11 @@ export interface GenerateRequest {
   tokens: ArrayLike<number>;
   /** Tokens to generate at most (default 16). */
   maxNewTokens?: number;
+  /**
+   * Tokens to generate at least (default 0; vLLM's min_tokens): until then the stop tokens cannot
+   * be picked and `stop` is not asked.
+   */
+  minNewTokens?: number;
   /** Generation ends after any of these tokens, kept in the output (default: the replica's stopTokens). */
   stopTokens?: number[];
   /**
@@ -173,6 +178,7 @@ interface Sequence {
   prompt: Int32Array;
   generated: number[];
   maxNewTokens: number;
+  minNewTokens: number;
   stopTokens: Set<number>;
   stop: ((generated: readonly number[]) => boolean) | undefined;
   constraint?: (generated: readonly number[]) => readonly number[] | null;
@@ -410,7 +416,7 @@ export class ModelReplica {
         const { pooling = 'last', normalize = true } = request;
         if (pooling !== 'last' && pooling !== 'mean') throw new InvalidArgumentError(`${what}: pooling must be 'last' or 'mean', got ${JSON.stringify(pooling)}`, 'ERR_PROMPT');
         if (typeof normalize !== 'boolean') throw new InvalidArgumentError(`${what}: normalize must be a boolean`, 'ERR_PROMPT');
-        const sequence = { id: this.#nextSequence++, prompt, generated: [], maxNewTokens: 0, stopTokens: new Set<number>(), stop: undefined, sampling: undefined, logprobs: undefined, pooling, past: 0, reserved: 0, inFlight: false };
+        const sequence = { id: this.#nextSequence++, prompt, generated: [], maxNewTokens: 0, minNewTokens: 0, stopTokens: new Set<number>(), stop: undefined, sampling: undefined, logprobs: undefined, pooling, past: 0, reserved: 0, inFlight: false };
         return { sequence, normalize };
       });
     } catch (error) {
@@ -473,12 +479,18 @@ export class ModelReplica {
       allowed = this.#allowedTokens(request.constraint([]), what);
       if (!allowed) throw new InvalidArgumentError(`${what}: the constraint is complete before any token`, 'ERR_CONSTRAINT');
     }
+    const maxNewTokens = positiveInteger(request.maxNewTokens, `${what}: maxNewTokens`, 16);
+    const minNewTokens = request.minNewTokens ?? 0;
+    if (typeof minNewTokens !== 'number' || !Number.isInteger(minNewTokens) || minNewTokens < 0 || minNewTokens > maxNewTokens) {
+      throw new InvalidArgumentError(`${what}: minNewTokens must be an integer from 0 to maxNewTokens (${maxNewTokens}), got ${String(request.minNewTokens)}`, 'ERR_PROMPT');
+    }
     return {
       ...(request.constraint ? { constraint: request.constraint, allowed } : {}),
       id: this.#nextSequence++,
       prompt,
       generated: [],
-      maxNewTokens: positiveInteger(request.maxNewTokens, `${what}: maxNewTokens`, 16),
+      maxNewTokens,
+      minNewTokens,
       stopTokens: new Set(stopTokens),
       stop: request.stop,
       sampling: checkSampling(request.sampling, what),
@@ -522,6 +534,7 @@ export class ModelReplica {
           ...(sequence.copyFrom ? { copyFrom: sequence.copyFrom } : {}),
           ...(sequence.pooling ? { pooling: sequence.pooling } : {}),
           ...(sequence.allowed && !prefill ? { allowed: sequence.allowed } : {}),
+          ...(!prefill && sequence.generated.length < sequence.minNewTokens && sequence.stopTokens.size > 0 ? { banned: Int32Array.from(sequence.stopTokens) } : {}),
         });
         sequence.copyFrom = undefined;
         sequence.inFlight = true;
@@ -608,7 +621,8 @@ export class ModelReplica {
           complete = allowed === undefined;
           sequence.allowed = allowed;
         }
-        reason = complete || sequence.stopTokens.has(token) || sequence.stop?.(sequence.generated) ? 'stop' : sequence.generated.length >= sequence.maxNewTokens ? 'length' : total >= this.config.maxPositions ? 'max-positions' : undefined;
+        const mayStop = sequence.generated.length >= sequence.minNewTokens;
+        reason = complete || (mayStop && (sequence.stopTokens.has(token) || sequence.stop?.(sequence.generated))) ? 'stop' : sequence.generated.length >= sequence.maxNewTokens ? 'length' : total >= this.config.maxPositions ? 'max-positions' : undefined;
       } catch (error) {
         // A stop or constraint function that throws (or allows nothing valid) ends its own request with the error, not the replica.
         this.#end(sequence);

@@ -33,6 +33,8 @@ export interface StepSequence {
   pooling?: 'last' | 'mean';
   /** Constrained decoding: the token picked this step is one of these (a choice, a grammar's next tokens). */
   allowed?: Int32Array;
+  /** Ids the next token may not be: the stop tokens, before the sequence's minNewTokens. */
+  banned?: Int32Array;
 }
 
 /** What every stage of a step sees; the first stage reads `tokens`, the others `hidden`. */
@@ -454,7 +456,8 @@ export class DecoderShard {
       keep?.set(logits, sequenceIndex * config.vocabSize);
       const sequence = sequences[sequenceIndex];
       const history = needsHistory(sequence.sampling) ? this.#historyOf(sequence.id) : undefined;
-      const token = pickToken(sequence.allowed ? allowedOnly(logits, sequence.allowed, sequence.id) : logits, sequence.sampling, sequence.past + sequence.count, history);
+      const candidates = sequence.banned ? withoutBanned(sequence.allowed ? allowedOnly(logits, sequence.allowed, sequence.id) : logits, sequence.banned, sequence.id) : sequence.allowed ? allowedOnly(logits, sequence.allowed, sequence.id) : logits;
+      const token = pickToken(candidates, sequence.sampling, sequence.past + sequence.count, history);
       if (history) {
         history.seen.add(token);
         history.generated.set(token, (history.generated.get(token) ?? 0) + 1);
@@ -471,6 +474,14 @@ export class DecoderShard {
     this.#histories.clear();
     this.#poolSums.clear();
   }
+}
+
+/** The logits with the `banned` tokens at -infinity (a copy), unless that would leave none. */
+function withoutBanned(logits: Float32Array, banned: Int32Array, id: number): Float32Array {
+  const masked = Float32Array.from(logits);
+  for (const token of banned) if (token >= 0 && token < masked.length) masked[token] = -Infinity;
+  if (!masked.some((value) => value > -Infinity)) throw new InvalidArgumentError(`sequence ${id}: every allowed token is a stop token before minNewTokens`, 'ERR_CONSTRAINT');
+  return masked;
 }
 
 /** The logits with every token outside `allowed` at -infinity, so no sampling can pick it. */

@@ -180,6 +180,14 @@ describe('model sharding', () => {
     const [stopped] = await replica.generate([{ tokens: PROMPTS[0], maxNewTokens: 6, stopTokens: [stop] }]);
     expect(stopped.tokens).toEqual(expected[0].slice(0, expected[0].indexOf(stop) + 1));
     expect(stopped.finishReason).toBe('stop');
+    // minNewTokens: before it, a stop token cannot be picked (the next best is) and nothing ends the generation.
+    const [held] = await replica.generate([{ tokens: PROMPTS[0], maxNewTokens: 6, minNewTokens: 4, stopTokens: [stop], stop: () => true }]);
+    const firstStop = expected[0].indexOf(stop);
+    expect(held.tokens.slice(0, firstStop)).toEqual(expected[0].slice(0, firstStop));
+    expect(held.tokens.slice(0, 4)).not.toContain(stop);
+    expect(held.tokens.length).toBe(4);
+    expect(held.finishReason).toBe('stop');
+    await expect(replica.generate([{ tokens: PROMPTS[0], maxNewTokens: 3, minNewTokens: 4 }])).rejects.toThrow(/minNewTokens must be an integer from 0 to maxNewTokens \(3\)/);
   });
 
   it('stops at the checkpoint\'s end-of-sequence tokens unless a request names its own', async () => {
