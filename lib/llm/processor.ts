@@ -61,6 +61,11 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
   /** Rows also gain `generatedLogprobs`: each generated token's log-probability under the model. */
   logprobs?: boolean;
   /**
+   * Rows also gain `promptLogprobs`: the log-probability of each prompt token after the first,
+   * given those before it (scoring, perplexity: use maxNewTokens 1).
+   */
+  promptLogprobs?: boolean;
+  /**
    * The answer must be one of these texts (vLLM's guided choice; text prompts and conversations):
    * each token is picked among those that continue some choice as the tokenizer spells it, by the
    * sampling (greedy: the most likely choice, token by token). generatedText is the choice.
@@ -280,6 +285,7 @@ export class LLMEngine {
         sampling: samples > 1 ? { ...sampling, seed: (sampling?.seed ?? 0) + sample } : sampling,
         ...(stops[index] ? { stop: this.#stopWhen(stops[index]) } : {}),
         ...(this.#options.logprobs ? { logprobs: true } : {}),
+        ...(this.#options.promptLogprobs ? { promptLogprobs: true } : {}),
       }));
     });
     const generations = await this.#onReplica((replica) => replica.generate(requests));
@@ -293,6 +299,7 @@ export class LLMEngine {
         finishReason: generation.finishReason,
         promptTokens: generation.promptTokens,
         ...(generation.logprobs ? { generatedLogprobs: generation.logprobs } : {}),
+        ...(generation.promptLogprobs ? { promptLogprobs: generation.promptLogprobs } : {}),
       };
     });
   }
@@ -325,6 +332,7 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
     if (engine.promptColumn === undefined && engine.messagesColumn === undefined) throw new InvalidArgumentError('stop strings need text: give a promptColumn or messagesColumn (for token ids, use stopTokens)');
   }
   if (engine.logprobs !== undefined && typeof engine.logprobs !== 'boolean') throw new InvalidArgumentError('logprobs must be a boolean');
+  if (engine.promptLogprobs !== undefined && typeof engine.promptLogprobs !== 'boolean') throw new InvalidArgumentError('promptLogprobs must be a boolean');
   if (engine.choices !== undefined) {
     if (!Array.isArray(engine.choices) || engine.choices.length === 0 || engine.choices.some((choice) => typeof choice !== 'string' || choice.length === 0)) {
       throw new InvalidArgumentError('choices must be a non-empty list of non-empty strings', 'ERR_CONSTRAINT');

@@ -125,6 +125,12 @@ export interface GenerateRequest {
   sampling?: SamplingParameters;
   /** Return each generated token's log-probability under the model (log-softmax of its logits). */
   logprobs?: boolean;
+  /**
+   * Return each prompt token's log-probability given the tokens before it (vLLM's
+   * prompt_logprobs; for scoring and perplexity). The prompt is then read whole, never copied
+   * from a cached prefix.
+   */
+  promptLogprobs?: boolean;
 }
 
 export interface Generation {
@@ -134,6 +140,8 @@ export interface Generation {
   promptTokens: number;
   /** When asked: each generated token's log-probability, before penalties, temperature and filters (as vLLM reports it). */
   logprobs?: number[];
+  /** When asked: the log-probability of prompt tokens 1 to n-1, each given those before it. */
+  promptLogprobs?: number[];
 }
 
 export interface EmbedRequest {
@@ -186,6 +194,8 @@ interface Sequence {
   allowed?: Int32Array;
   sampling: SamplingParameters | undefined;
   logprobs: number[] | undefined;
+  /** Prompt scoring: the log-probability of prompt token i + 1 at index i, filled as the prompt is read. */
+  promptLogprobs?: number[];
   /** An embedding request: pooled when its prompt is read, no token generated. */
   pooling?: 'last' | 'mean';
   /** Tokens the shards hold for it. */
@@ -473,6 +483,7 @@ export class ModelReplica {
     if (!Array.isArray(stopTokens) || stopTokens.some((token) => !Number.isInteger(token))) throw new InvalidArgumentError(`${what}: stopTokens must be an array of token ids`, 'ERR_PROMPT');
     if (request.stop !== undefined && typeof request.stop !== 'function') throw new InvalidArgumentError(`${what}: stop must be a function of the generated tokens`, 'ERR_PROMPT');
     if (request.logprobs !== undefined && typeof request.logprobs !== 'boolean') throw new InvalidArgumentError(`${what}: logprobs must be a boolean`, 'ERR_PROMPT');
+    if (request.promptLogprobs !== undefined && typeof request.promptLogprobs !== 'boolean') throw new InvalidArgumentError(`${what}: promptLogprobs must be a boolean`, 'ERR_PROMPT');
     let allowed: Int32Array | undefined;
     if (request.constraint !== undefined) {
       if (typeof request.constraint !== 'function') throw new InvalidArgumentError(`${what}: constraint must be a function of the generated tokens`, 'ERR_CONSTRAINT');
@@ -495,6 +506,7 @@ export class ModelReplica {
       stop: request.stop,
       sampling: checkSampling(request.sampling, what),
       logprobs: request.logprobs ? [] : undefined,
+      ...(request.promptLogprobs ? { promptLogprobs: new Array<number>(Math.max(0, prompt.length - 1)).fill(NaN) } : {}),
       past: 0,
       reserved: 0,
       inFlight: false,
@@ -535,6 +547,7 @@ export class ModelReplica {
           ...(sequence.pooling ? { pooling: sequence.pooling } : {}),
           ...(sequence.allowed && !prefill ? { allowed: sequence.allowed } : {}),
           ...(!prefill && sequence.generated.length < sequence.minNewTokens && sequence.stopTokens.size > 0 ? { banned: Int32Array.from(sequence.stopTokens) } : {}),
+          ...(sequence.promptLogprobs && sequence.past < sequence.prompt.length - 1 ? { targets: this.#targetsOf(sequence, count) } : {}),
         });
         sequence.copyFrom = undefined;
         sequence.inFlight = true;
@@ -555,7 +568,7 @@ export class ModelReplica {
         if (!this.#makeRoom(reserve)) break; // waits, in order, for running sequences to end
         this.#waiting.shift();
         // Penalties need every prompt token on the last stage, and a mean every position's state.
-        const prefix = this.#prefixCache?.admit(sequence, !needsHistory(sequence.sampling) && sequence.pooling !== 'mean');
+        const prefix = this.#prefixCache?.admit(sequence, !needsHistory(sequence.sampling) && sequence.pooling !== 'mean' && !sequence.promptLogprobs);
         if (prefix?.kind === 'wait') {
           // A sequence already running is reading this prompt's beginning: start from its copy once it has.
           deferred.push(sequence);
@@ -593,9 +606,18 @@ export class ModelReplica {
   #finishStep(chosen: Sequence[], parts: StepSequence[], result: StepResult): void {
     this.#inFlight--;
     if (this.#broken) return; // its sequences were failed with the replica
+    let scored = 0;
     chosen.forEach((sequence, index) => {
       sequence.inFlight = false;
-      sequence.past += parts[index].count;
+      const part = parts[index];
+      if (part.targets) {
+        for (let position = 0; position < part.count; position++) {
+          const at = part.past + position;
+          if (at < sequence.prompt.length - 1) sequence.promptLogprobs![at] = result.promptLogprobs![scored + position];
+        }
+        scored += part.count;
+      }
+      sequence.past += part.count;
       if (sequence.past < sequence.prompt.length + sequence.generated.length) return; // more to read first
       if (!sequence.promptCounted) {
         sequence.promptCounted = true;
@@ -631,7 +653,13 @@ export class ModelReplica {
       }
       if (reason) {
         this.#end(sequence);
-        sequence.finish({ tokens: sequence.generated, finishReason: reason, promptTokens: sequence.prompt.length, ...(sequence.logprobs ? { logprobs: sequence.logprobs } : {}) });
+        sequence.finish({
+          tokens: sequence.generated,
+          finishReason: reason,
+          promptTokens: sequence.prompt.length,
+          ...(sequence.logprobs ? { logprobs: sequence.logprobs } : {}),
+          ...(sequence.promptLogprobs ? { promptLogprobs: sequence.promptLogprobs } : {}),
+        });
       }
     });
     this.#pump();
@@ -640,6 +668,16 @@ export class ModelReplica {
   /** Positions a sequence's cache may reach: its prompt and its most new tokens, within the model's positions. */
   #cacheNeed(sequence: Sequence): number {
     return Math.min(this.config.maxPositions, sequence.prompt.length + sequence.maxNewTokens);
+  }
+
+  /** For the positions a step reads: the prompt token after each (-1 past the prompt's last). */
+  #targetsOf(sequence: Sequence, count: number): Int32Array {
+    const targets = new Int32Array(count);
+    for (let index = 0; index < count; index++) {
+      const next = sequence.past + index + 1;
+      targets[index] = next < sequence.prompt.length ? sequence.prompt[next] : -1;
+    }
+    return targets;
   }
 
   /** Positions a sequence reserves when it starts: its most, or (see #reservedTokens) what it knows. */

@@ -35,6 +35,11 @@ export interface StepSequence {
   allowed?: Int32Array;
   /** Ids the next token may not be: the stop tokens, before the sequence's minNewTokens. */
   banned?: Int32Array;
+  /**
+   * Prompt scoring: for each position read this step, the token that follows it in the prompt
+   * (-1 where none does); the log-probability of each comes back in `promptLogprobs`.
+   */
+  targets?: Int32Array;
 }
 
 /** What every stage of a step sees; the first stage reads `tokens`, the others `hidden`. */
@@ -64,6 +69,8 @@ export interface StepResult {
   logprobs?: Float32Array;
   /** When a sequence's pooled embedding is ready: [sequences, hiddenSize] (NaN rows for the others). */
   embeddings?: Float32Array;
+  /** For the sequences with targets, in order, `count` values each: each target's log-probability (NaN for -1). */
+  promptLogprobs?: Float32Array;
 }
 
 export interface ShardSpec {
@@ -200,8 +207,16 @@ export class DecoderShard {
     const all = message.logits ? new Float32Array(message.sequences.length * config.vocabSize) : undefined;
     const logprobs = message.sequences.some((sequence) => sequence.logprobs) ? new Float32Array(message.sequences.length).fill(NaN) : undefined;
     const embeddings = message.sequences.some((sequence) => sequence.pooling) ? this.#pool(hidden, message.sequences) : undefined;
+    const promptLogprobs = await this.#promptLogprobs(hidden, message.sequences);
     const tokens = await this.#nextTokens(hidden, message.sequences, all, logprobs);
-    return { step: message.step, tokens, ...(all ? { logits: all } : {}), ...(logprobs ? { logprobs } : {}), ...(embeddings ? { embeddings } : {}) };
+    return {
+      step: message.step,
+      tokens,
+      ...(all ? { logits: all } : {}),
+      ...(logprobs ? { logprobs } : {}),
+      ...(embeddings ? { embeddings } : {}),
+      ...(promptLogprobs ? { promptLogprobs } : {}),
+    };
   }
 
   /** Adds the step's input tokens (prompt pieces, or the last token generated) to the histories that need them. */
@@ -411,6 +426,79 @@ export class DecoderShard {
       this.#poolSums.delete(sequence.id);
     });
     return embeddings;
+  }
+
+  /**
+   * Log-probabilities of the prompt's next tokens at the positions that ask. The head runs over
+   * those rows; each rank reduces its slice of the vocabulary to three numbers per row (its
+   * largest logit, the sum of exponentials below it, the target's logit if the slice holds it),
+   * so the ranks exchange those rather than whole rows of logits.
+   */
+  async #promptLogprobs(hidden: Float32Array, sequences: StepSequence[]): Promise<Float32Array | undefined> {
+    if (!sequences.some((sequence) => sequence.targets)) return undefined;
+    const { config } = this;
+    const { plan } = this.spec;
+    const size = config.hiddenSize;
+    const rows: number[] = [];
+    const targets: number[] = [];
+    const places: number[] = [];
+    let row = 0;
+    let place = 0;
+    for (const sequence of sequences) {
+      if (sequence.targets) {
+        for (let index = 0; index < sequence.count; index++) {
+          const target = sequence.targets[index];
+          if (target >= 0) {
+            rows.push(row + index);
+            targets.push(target);
+            places.push(place + index);
+          }
+        }
+        place += sequence.count;
+      }
+      row += sequence.count;
+    }
+    const out = new Float32Array(place).fill(NaN);
+    if (rows.length === 0) return out;
+    const normed = new Float32Array(rows.length * size);
+    rows.forEach((source, index) => normed.set(hidden.subarray(source * size, (source + 1) * size), index * size));
+    this.#norm(normed, normed, this.#weights.finalNorm!, rows.length);
+    const slice = plan.vocabularyPerRank;
+    const first = this.spec.rank * slice;
+    const valid = Math.max(0, Math.min(slice, config.vocabSize - first));
+    const local = new Float32Array(rows.length * slice);
+    linear(local, normed, this.#weights.head!, null, rows.length, size, slice);
+    const stats = new Float32Array(rows.length * 3);
+    for (let index = 0; index < rows.length; index++) {
+      const logits = local.subarray(index * slice, index * slice + valid);
+      let maximum = -Infinity;
+      for (const value of logits) if (value > maximum) maximum = value;
+      let sum = 0;
+      for (const value of logits) sum += Math.exp(value - maximum);
+      const target = targets[index] - first;
+      stats.set([maximum, sum, target >= 0 && target < valid ? logits[target] : -Infinity], index * 3);
+    }
+    let gathered = stats;
+    if (plan.tensorParallel > 1) {
+      gathered = new Float32Array(plan.tensorParallel * stats.length);
+      await this.#communicator!.allgather(Tensor.wrap(stats, 'f32'), Tensor.wrap(gathered, 'f32'));
+    }
+    for (let index = 0; index < rows.length; index++) {
+      let maximum = -Infinity;
+      let target = -Infinity;
+      for (let rank = 0; rank < plan.tensorParallel; rank++) {
+        const at = (rank * rows.length + index) * 3;
+        maximum = Math.max(maximum, gathered[at]);
+        target = Math.max(target, gathered[at + 2]);
+      }
+      let sum = 0;
+      for (let rank = 0; rank < plan.tensorParallel; rank++) {
+        const at = (rank * rows.length + index) * 3;
+        if (gathered[at + 1] > 0) sum += gathered[at + 1] * Math.exp(gathered[at] - maximum);
+      }
+      out[places[index]] = target - maximum - Math.log(sum);
+    }
+    return out;
   }
 
   async #nextTokens(hidden: Float32Array, sequences: StepSequence[], keep: Float32Array | undefined, logprobs: Float32Array | undefined): Promise<Int32Array> {

@@ -190,6 +190,32 @@ describe('model sharding', () => {
     await expect(replica.generate([{ tokens: PROMPTS[0], maxNewTokens: 3, minNewTokens: 4 }])).rejects.toThrow(/minNewTokens must be an integer from 0 to maxNewTokens \(3\)/);
   });
 
+  it("scores prompts: each token's log-probability given those before, read in pieces, cut across tensor ranks", async () => {
+    // Four tokens a step: prompts are read in pieces, so a piece's last target is the next piece's first token.
+    await using replica = await ModelReplica.create({ checkpoint, tensorParallel: 2, maxTokensPerStep: 4, prefixBlockTokens: 4 });
+    const generations = await replica.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 1, promptLogprobs: true })));
+    generations.forEach((generation, index) => {
+      const prompt = PROMPTS[index];
+      const logits = referenceLogits(TINY, weights, prompt);
+      const wanted = prompt.slice(1).map((token, position) => {
+        const row = logits[position];
+        const maximum = Math.max(...row);
+        return row[token] - maximum - Math.log(row.reduce((sum, value) => sum + Math.exp(value - maximum), 0));
+      });
+      expect(generation.promptLogprobs).toHaveLength(prompt.length - 1);
+      generation.promptLogprobs!.forEach((logprob, position) => expect(Math.abs(logprob - wanted[position])).toBeLessThan(1e-4));
+      expect(generation.tokens).toEqual(expected[index].slice(0, 1));
+    });
+    // A prompt read from a cached prefix would skip positions: scored prompts are read whole.
+    const [again] = await replica.generate([{ tokens: PROMPTS[2], maxNewTokens: 1, promptLogprobs: true }]);
+    expect(replica.stats().reusedPromptTokens).toBe(0);
+    again.promptLogprobs!.forEach((logprob, position) => expect(Math.abs(logprob - generations[2].promptLogprobs![position])).toBeLessThan(1e-4));
+    await expect(replica.generate([{ tokens: PROMPTS[0], promptLogprobs: 'yes' as never }])).rejects.toThrow(/promptLogprobs must be a boolean/);
+    // Through the processor: rows gain promptLogprobs.
+    const [row] = await buildLLMProcessor({ checkpoint, promptLogprobs: true, maxNewTokens: 1 })(fromItems([{ tokens: PROMPTS[0] }])).takeAll();
+    Array.from(row.promptLogprobs as number[]).forEach((logprob, position) => expect(Math.abs(logprob - generations[0].promptLogprobs![position])).toBeLessThan(1e-4));
+  });
+
   it('stops at the checkpoint\'s end-of-sequence tokens unless a request names its own', async () => {
     const withEnd = await writeCheckpoint(join(directory, 'with-end'), TINY, weights);
     const end = expected[0][2];
