@@ -58,6 +58,10 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
    * and finishReason is 'stop'; generatedTokens keep the tokens that spelled it.
    */
   stop?: string[];
+  /** Keep the stop text that ended a generation at the end of generatedText (vLLM's include_stop_str_in_output; default false). */
+  includeStopText?: boolean;
+  /** Generate past the end-of-sequence tokens, to maxNewTokens (vLLM's ignore_eos: fixed-length runs, benchmarks). */
+  ignoreEos?: boolean;
   /** Rows also gain `generatedLogprobs`: each generated token's log-probability under the model. */
   logprobs?: boolean;
   /**
@@ -181,14 +185,18 @@ export class LLMEngine {
     };
   }
 
-  /** The text up to the first stop string, without it. */
+  /** The text up to the first stop string, without it (or through it, with includeStopText). */
   #cutAtStop(text: string, strings: string[] | undefined): string {
     let end = text.length;
+    let through = text.length;
     for (const stop of strings ?? []) {
       const at = text.indexOf(stop);
-      if (at >= 0 && at < end) end = at;
+      if (at >= 0 && at < end) {
+        end = at;
+        through = at + stop.length;
+      }
     }
-    return text.slice(0, end);
+    return text.slice(0, this.#options.includeStopText ? through : end);
   }
 
   #stopStrings(row: Row, index: number): string[] | undefined {
@@ -285,6 +293,7 @@ export class LLMEngine {
         sampling: samples > 1 ? { ...sampling, seed: (sampling?.seed ?? 0) + sample } : sampling,
         ...(stops[index] ? { stop: this.#stopWhen(stops[index]) } : {}),
         ...(this.#options.logprobs ? { logprobs: true } : {}),
+        ...(this.#options.ignoreEos ? { stopTokens: [] } : {}),
         ...(this.#options.promptLogprobs ? { promptLogprobs: true } : {}),
       }));
     });
@@ -333,6 +342,9 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
   }
   if (engine.logprobs !== undefined && typeof engine.logprobs !== 'boolean') throw new InvalidArgumentError('logprobs must be a boolean');
   if (engine.promptLogprobs !== undefined && typeof engine.promptLogprobs !== 'boolean') throw new InvalidArgumentError('promptLogprobs must be a boolean');
+  for (const flag of ['includeStopText', 'ignoreEos'] as const) {
+    if (engine[flag] !== undefined && typeof engine[flag] !== 'boolean') throw new InvalidArgumentError(`${flag} must be a boolean`);
+  }
   if (engine.choices !== undefined) {
     if (!Array.isArray(engine.choices) || engine.choices.length === 0 || engine.choices.some((choice) => typeof choice !== 'string' || choice.length === 0)) {
       throw new InvalidArgumentError('choices must be a non-empty list of non-empty strings', 'ERR_CONSTRAINT');

@@ -225,6 +225,13 @@ describe('model sharding', () => {
     const [ended, unstopped] = await replica.generate([{ tokens: PROMPTS[0], maxNewTokens: 6 }, { tokens: PROMPTS[0], maxNewTokens: 6, stopTokens: [] }]);
     expect(ended).toMatchObject({ tokens: expected[0].slice(0, expected[0].indexOf(end) + 1), finishReason: 'stop' });
     expect(unstopped).toMatchObject({ tokens: expected[0], finishReason: 'length' });
+    // The processor's ignoreEos: past the end-of-sequence tokens, to maxNewTokens.
+    const rows = await buildLLMProcessor({ checkpoint: withEnd, maxNewTokens: 6 })(fromItems([{ tokens: PROMPTS[0] }])).takeAll();
+    expect(rows[0].finishReason).toBe('stop');
+    const [ignoring] = await buildLLMProcessor({ checkpoint: withEnd, maxNewTokens: 6, ignoreEos: true })(fromItems([{ tokens: PROMPTS[0] }])).takeAll();
+    expect(Array.from(ignoring.generatedTokens as number[])).toEqual(expected[0]);
+    expect(ignoring.finishReason).toBe('length');
+    expect(() => buildLLMProcessor({ checkpoint: withEnd, ignoreEos: 1 as never })).toThrow(/ignoreEos must be a boolean/);
   });
 
   it('samples the same tokens for the same seed, however the model is cut', async () => {
@@ -634,6 +641,9 @@ describe('model sharding', () => {
       expect(Math.abs(logprob - wanted)).toBeLessThan(1e-4);
     });
     // A row's own stop list wins; stop strings need text.
+    // Kept at the end of the text when asked (vLLM's include_stop_str_in_output).
+    const [included] = await buildLLMProcessor({ checkpoint: stopModel, promptColumn: 'prompt', maxNewTokens: 10, stop: [stop], includeStopText: true })(fromItems([{ prompt }])).takeAll();
+    expect(included.generatedText).toBe(fullText.slice(0, fullText.indexOf(stop) + stop.length));
     const [unstopped] = await processor(fromItems([{ prompt, stop: ['never in this text'] }])).takeAll();
     expect(Array.from(unstopped.generatedTokens as number[])).toEqual(free);
     expect(() => buildLLMProcessor({ checkpoint: stopModel, stop: ['x'] })).toThrow(/stop strings need text/);
