@@ -28,6 +28,11 @@ export interface SamplingParameters {
   frequencyPenalty?: number;
   /** The draw's seed (default 0): the same seed gives the same text. */
   seed?: number;
+  /**
+   * Added to tokens' logits after the penalties, before temperature and the filters (OpenAI's and
+   * vLLM's logit_bias): token id to bias; -100 all but bans a token, +100 all but forces it.
+   */
+  logitBias?: Record<number, number>;
 }
 
 /** What a sequence has seen, for the penalties: every token of its prompt and output, and its output's counts. */
@@ -45,7 +50,19 @@ function finiteNumber(what: string, name: string, value: unknown, check: (value:
   return value;
 }
 
-const PARAMETERS = new Set(['temperature', 'topK', 'topP', 'minP', 'repetitionPenalty', 'presencePenalty', 'frequencyPenalty', 'seed']);
+const PARAMETERS = new Set(['temperature', 'topK', 'topP', 'minP', 'repetitionPenalty', 'presencePenalty', 'frequencyPenalty', 'seed', 'logitBias']);
+
+function checkBias(what: string, value: unknown): Record<number, number> | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw samplingError(what, `logitBias must be an object of token id to bias, got ${JSON.stringify(value)}`);
+  const bias: Record<number, number> = {};
+  for (const [key, amount] of Object.entries(value)) {
+    const token = Number(key);
+    if (!Number.isInteger(token) || token < 0) throw samplingError(what, `logitBias: '${key}' is not a token id`);
+    bias[token] = finiteNumber(what, `logitBias[${key}]`, amount, () => true, 'a finite number');
+  }
+  return Object.keys(bias).length > 0 ? bias : undefined;
+}
 
 export function checkSampling(sampling: unknown, what: string): SamplingParameters | undefined {
   if (sampling === undefined || sampling === null) return undefined;
@@ -63,6 +80,7 @@ export function checkSampling(sampling: unknown, what: string): SamplingParamete
   const repetitionPenalty = finiteNumber(what, 'repetitionPenalty', fields.repetitionPenalty ?? 1, (value) => value > 0, 'a number > 0');
   const presencePenalty = finiteNumber(what, 'presencePenalty', fields.presencePenalty ?? 0, () => true, 'a finite number');
   const frequencyPenalty = finiteNumber(what, 'frequencyPenalty', fields.frequencyPenalty ?? 0, () => true, 'a finite number');
+  const logitBias = checkBias(what, fields.logitBias);
   return {
     temperature,
     seed,
@@ -72,6 +90,7 @@ export function checkSampling(sampling: unknown, what: string): SamplingParamete
     ...(repetitionPenalty !== 1 ? { repetitionPenalty } : {}),
     ...(presencePenalty !== 0 ? { presencePenalty } : {}),
     ...(frequencyPenalty !== 0 ? { frequencyPenalty } : {}),
+    ...(logitBias ? { logitBias } : {}),
   };
 }
 
@@ -179,7 +198,15 @@ function nucleusCut(weights: Float32Array, floor: number, topP: number): number 
  * `history` is what the sequence has seen, for the penalties.
  */
 export function pickToken(logits: Float32Array, sampling: SamplingParameters | undefined, position: number, history?: TokenHistory): number {
-  const scores = sampling && history && needsHistory(sampling) ? penalized(logits, sampling, history) : logits;
+  let scores = sampling && history && needsHistory(sampling) ? penalized(logits, sampling, history) : logits;
+  if (sampling?.logitBias) {
+    if (scores === logits) scores = new Float32Array(logits);
+    for (const [token, bias] of Object.entries(sampling.logitBias)) {
+      const index = Number(token);
+      // A bias on a token outside the vocabulary changes nothing; -infinity (banned) stays.
+      if (index < scores.length) scores[index] += bias;
+    }
+  }
   const temperature = sampling?.temperature ?? 0;
   if (temperature === 0) return argmax(scores);
   // Weights proportional to the probabilities: e^((logit - max) / temperature), the largest 1.

@@ -68,6 +68,18 @@ describe('sampling', () => {
     expect(pickToken(scores, { repetitionPenalty: 2 }, 0)).toBe(0);
   });
 
+  it('logitBias shifts tokens: forced, banned, reweighted; checked', () => {
+    expect(pickToken(logits, { logitBias: { 4: 100 } }, 0)).toBe(4);
+    expect(pickToken(logits, { logitBias: { 0: -100 } }, 0)).toBe(1);
+    // +log 2 on token 5 doubles its odds against the rest.
+    const drawn = frequencies(logits, { temperature: 1, seed: 2, logitBias: { 5: Math.log(2) } });
+    expect(Math.abs(drawn[5] - 0.08 / 1.04)).toBeLessThan(0.015);
+    expect(Array.from(logits)).toEqual(Array.from(logitsFor(probabilities)));
+    expect(checkSampling({ logitBias: { '7': -2 } }, 'request 0')).toEqual({ temperature: 0, seed: 0, logitBias: { 7: -2 } });
+    expect(() => checkSampling({ logitBias: { x: 1 } }, 'request 0')).toThrow(/logitBias: 'x' is not a token id/);
+    expect(() => checkSampling({ logitBias: { 3: Infinity } }, 'request 0')).toThrow(/logitBias\[3\] must be a finite number/);
+  });
+
   it('names a parameter that is out of range or unknown', () => {
     const cases: Array<[unknown, string]> = [
       [{ temperature: -1 }, 'temperature must be a number >= 0'],
