@@ -65,6 +65,11 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
   /** Rows also gain `generatedLogprobs`: each generated token's log-probability under the model. */
   logprobs?: boolean;
   /**
+   * Rows also gain `generatedTopLogprobs`: per generated token, the k most likely tokens there
+   * ({ token, logprob, text }; most likely first; k from 1 to 20).
+   */
+  topLogprobs?: number;
+  /**
    * Rows also gain `promptLogprobs`: the log-probability of each prompt token after the first,
    * given those before it (scoring, perplexity: use maxNewTokens 1).
    */
@@ -295,6 +300,7 @@ export class LLMEngine {
         ...(this.#options.logprobs ? { logprobs: true } : {}),
         ...(this.#options.ignoreEos ? { stopTokens: [] } : {}),
         ...(this.#options.promptLogprobs ? { promptLogprobs: true } : {}),
+        ...(this.#options.topLogprobs ? { topLogprobs: this.#options.topLogprobs } : {}),
       }));
     });
     const generations = await this.#onReplica((replica) => replica.generate(requests));
@@ -309,6 +315,9 @@ export class LLMEngine {
         promptTokens: generation.promptTokens,
         ...(generation.logprobs ? { generatedLogprobs: generation.logprobs } : {}),
         ...(generation.promptLogprobs ? { promptLogprobs: generation.promptLogprobs } : {}),
+        ...(generation.topLogprobs
+          ? { generatedTopLogprobs: generation.topLogprobs.map((entries) => entries.map((entry) => ({ ...entry, ...(this.#tokenizer ? { text: this.#text([entry.token]) } : {}) }))) }
+          : {}),
       };
     });
   }

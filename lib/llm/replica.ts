@@ -125,6 +125,8 @@ export interface GenerateRequest {
   sampling?: SamplingParameters;
   /** Return each generated token's log-probability under the model (log-softmax of its logits). */
   logprobs?: boolean;
+  /** Return, for each generated token, the k most likely tokens there and their log-probabilities (vLLM's logprobs=k; 1 to 20). */
+  topLogprobs?: number;
   /**
    * Return each prompt token's log-probability given the tokens before it (vLLM's
    * prompt_logprobs; for scoring and perplexity). The prompt is then read whole, never copied
@@ -142,6 +144,8 @@ export interface Generation {
   logprobs?: number[];
   /** When asked: the log-probability of prompt tokens 1 to n-1, each given those before it. */
   promptLogprobs?: number[];
+  /** When asked: per generated token, the k most likely tokens there (most likely first) and their log-probabilities. */
+  topLogprobs?: Array<Array<{ token: number; logprob: number }>>;
 }
 
 export interface EmbedRequest {
@@ -196,6 +200,8 @@ interface Sequence {
   logprobs: number[] | undefined;
   /** Prompt scoring: the log-probability of prompt token i + 1 at index i, filled as the prompt is read. */
   promptLogprobs?: number[];
+  /** How many most likely tokens to report per generated token, and those reported so far. */
+  top?: { k: number; list: Array<Array<{ token: number; logprob: number }>> };
   /** An embedding request: pooled when its prompt is read, no token generated. */
   pooling?: 'last' | 'mean';
   /** Tokens the shards hold for it. */
@@ -484,6 +490,10 @@ export class ModelReplica {
     if (request.stop !== undefined && typeof request.stop !== 'function') throw new InvalidArgumentError(`${what}: stop must be a function of the generated tokens`, 'ERR_PROMPT');
     if (request.logprobs !== undefined && typeof request.logprobs !== 'boolean') throw new InvalidArgumentError(`${what}: logprobs must be a boolean`, 'ERR_PROMPT');
     if (request.promptLogprobs !== undefined && typeof request.promptLogprobs !== 'boolean') throw new InvalidArgumentError(`${what}: promptLogprobs must be a boolean`, 'ERR_PROMPT');
+    const topK = request.topLogprobs;
+    if (topK !== undefined && (typeof topK !== 'number' || !Number.isInteger(topK) || topK < 1 || topK > 20)) {
+      throw new InvalidArgumentError(`${what}: topLogprobs must be an integer from 1 to 20, got ${String(topK)}`, 'ERR_PROMPT');
+    }
     let allowed: Int32Array | undefined;
     if (request.constraint !== undefined) {
       if (typeof request.constraint !== 'function') throw new InvalidArgumentError(`${what}: constraint must be a function of the generated tokens`, 'ERR_CONSTRAINT');
@@ -507,6 +517,7 @@ export class ModelReplica {
       sampling: checkSampling(request.sampling, what),
       logprobs: request.logprobs ? [] : undefined,
       ...(request.promptLogprobs ? { promptLogprobs: new Array<number>(Math.max(0, prompt.length - 1)).fill(NaN) } : {}),
+      ...(topK ? { top: { k: topK, list: [] } } : {}),
       past: 0,
       reserved: 0,
       inFlight: false,
@@ -543,6 +554,7 @@ export class ModelReplica {
           ...(sequence.sampling ? { sampling: sequence.sampling } : {}),
           ...(prefill ? { prefill } : {}),
           ...(sequence.logprobs && !prefill ? { logprobs: true } : {}),
+          ...(sequence.top && !prefill ? { topLogprobs: sequence.top.k } : {}),
           ...(sequence.copyFrom ? { copyFrom: sequence.copyFrom } : {}),
           ...(sequence.pooling ? { pooling: sequence.pooling } : {}),
           ...(sequence.allowed && !prefill ? { allowed: sequence.allowed } : {}),
@@ -633,6 +645,15 @@ export class ModelReplica {
       sequence.generated.push(token);
       this.#grow(sequence);
       sequence.logprobs?.push(result.logprobs![index]);
+      if (sequence.top) {
+        const width = result.topTokens!.length / chosen.length;
+        const entries: Array<{ token: number; logprob: number }> = [];
+        for (let rank = 0; rank < sequence.top.k; rank++) {
+          const candidate = result.topTokens![index * width + rank];
+          if (candidate >= 0) entries.push({ token: candidate, logprob: result.topLogprobs![index * width + rank] });
+        }
+        sequence.top.list.push(entries);
+      }
       this.#generatedTokens++;
       const total = sequence.prompt.length + sequence.generated.length;
       let reason: Generation['finishReason'] | undefined;
@@ -659,6 +680,7 @@ export class ModelReplica {
           promptTokens: sequence.prompt.length,
           ...(sequence.logprobs ? { logprobs: sequence.logprobs } : {}),
           ...(sequence.promptLogprobs ? { promptLogprobs: sequence.promptLogprobs } : {}),
+          ...(sequence.top ? { topLogprobs: sequence.top.list } : {}),
         });
       }
     });

@@ -24,6 +24,8 @@ export interface StepSequence {
   prefill?: boolean;
   /** Return the picked token's log-probability too. */
   logprobs?: boolean;
+  /** Return the k most likely tokens' log-probabilities too (vLLM's logprobs=k). */
+  topLogprobs?: number;
   /** Before the step: start this (new) sequence's cache from the first `length` positions of sequence `id`'s. */
   copyFrom?: { id: number; length: number };
   /**
@@ -71,6 +73,12 @@ export interface StepResult {
   embeddings?: Float32Array;
   /** For the sequences with targets, in order, `count` values each: each target's log-probability (NaN for -1). */
   promptLogprobs?: Float32Array;
+  /**
+   * When a sequence asks for its k most likely tokens: [sequences, k] ids (most likely first; -1
+   * pads) and their log-probabilities, k the largest any sequence of the step asked.
+   */
+  topTokens?: Int32Array;
+  topLogprobs?: Float32Array;
 }
 
 export interface ShardSpec {
@@ -208,7 +216,9 @@ export class DecoderShard {
     const logprobs = message.sequences.some((sequence) => sequence.logprobs) ? new Float32Array(message.sequences.length).fill(NaN) : undefined;
     const embeddings = message.sequences.some((sequence) => sequence.pooling) ? this.#pool(hidden, message.sequences) : undefined;
     const promptLogprobs = await this.#promptLogprobs(hidden, message.sequences);
-    const tokens = await this.#nextTokens(hidden, message.sequences, all, logprobs);
+    const topK = Math.max(0, ...message.sequences.map((sequence) => sequence.topLogprobs ?? 0));
+    const top = topK > 0 ? { k: topK, tokens: new Int32Array(message.sequences.length * topK).fill(-1), logprobs: new Float32Array(message.sequences.length * topK).fill(NaN) } : undefined;
+    const tokens = await this.#nextTokens(hidden, message.sequences, all, logprobs, top);
     return {
       step: message.step,
       tokens,
@@ -216,6 +226,7 @@ export class DecoderShard {
       ...(logprobs ? { logprobs } : {}),
       ...(embeddings ? { embeddings } : {}),
       ...(promptLogprobs ? { promptLogprobs } : {}),
+      ...(top ? { topTokens: top.tokens, topLogprobs: top.logprobs } : {}),
     };
   }
 
@@ -501,7 +512,13 @@ export class DecoderShard {
     return out;
   }
 
-  async #nextTokens(hidden: Float32Array, sequences: StepSequence[], keep: Float32Array | undefined, logprobs: Float32Array | undefined): Promise<Int32Array> {
+  async #nextTokens(
+    hidden: Float32Array,
+    sequences: StepSequence[],
+    keep: Float32Array | undefined,
+    logprobs: Float32Array | undefined,
+    top?: { k: number; tokens: Int32Array; logprobs: Float32Array },
+  ): Promise<Int32Array> {
     const { config } = this;
     const { plan } = this.spec;
     const size = config.hiddenSize;
@@ -552,6 +569,7 @@ export class DecoderShard {
       }
       tokens[sequenceIndex] = token;
       if (sequence.logprobs) logprobs![sequenceIndex] = logProbability(logits, token);
+      if (sequence.topLogprobs) mostLikely(logits, sequence.topLogprobs, top!.tokens.subarray(sequenceIndex * top!.k), top!.logprobs.subarray(sequenceIndex * top!.k));
     }
     return tokens;
   }
@@ -593,6 +611,27 @@ export function resolveCacheDType(requested: CacheDType | 'auto' = 'auto', weigh
 }
 
 /** log softmax(logits)[token], the sum in double with the maximum taken out. */
+/** The `k` most likely tokens (most likely first) and their log-probabilities, written into `tokens` and `values`. */
+function mostLikely(logits: Float32Array, k: number, tokens: Int32Array, values: Float32Array): void {
+  let maximum = -Infinity;
+  for (const value of logits) if (value > maximum) maximum = value;
+  let sum = 0;
+  for (const value of logits) sum += Math.exp(value - maximum);
+  const normalizer = maximum + Math.log(sum);
+  // k passes of a linear scan: k is small (vLLM caps it at 20), the vocabulary is not.
+  const taken = new Set<number>();
+  for (let rank = 0; rank < Math.min(k, logits.length); rank++) {
+    let best = -1;
+    for (let index = 0; index < logits.length; index++) {
+      if (taken.has(index)) continue;
+      if (best < 0 || logits[index] > logits[best]) best = index;
+    }
+    taken.add(best);
+    tokens[rank] = best;
+    values[rank] = logits[best] - normalizer;
+  }
+}
+
 function logProbability(logits: Float32Array, token: number): number {
   let maximum = -Infinity;
   for (let index = 0; index < logits.length; index++) if (logits[index] > maximum) maximum = logits[index];

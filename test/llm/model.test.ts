@@ -211,6 +211,20 @@ describe('model sharding', () => {
     expect(replica.stats().reusedPromptTokens).toBe(0);
     again.promptLogprobs!.forEach((logprob, position) => expect(Math.abs(logprob - generations[2].promptLogprobs![position])).toBeLessThan(1e-4));
     await expect(replica.generate([{ tokens: PROMPTS[0], promptLogprobs: 'yes' as never }])).rejects.toThrow(/promptLogprobs must be a boolean/);
+    // The k most likely tokens at each generated position, most likely first (the greedy pick leads).
+    const [topped] = await replica.generate([{ tokens: PROMPTS[3], maxNewTokens: 2, topLogprobs: 3 }]);
+    const toppedLogits = referenceLogits(TINY, weights, [...PROMPTS[3], topped.tokens[0]]);
+    expect(topped.topLogprobs).toHaveLength(2);
+    topped.topLogprobs!.forEach((entries, index) => {
+      const row = toppedLogits[PROMPTS[3].length - 1 + index];
+      const maximum = Math.max(...row);
+      const normalizer = maximum + Math.log(row.reduce((sum, value) => sum + Math.exp(value - maximum), 0));
+      const best = row.map((value, token) => [value, token] as const).sort((a, b) => b[0] - a[0]).slice(0, 3);
+      expect(entries.map((entry) => entry.token)).toEqual(best.map(([, token]) => token));
+      entries.forEach((entry, rank) => expect(Math.abs(entry.logprob - (best[rank][0] - normalizer))).toBeLessThan(1e-4));
+      expect(entries[0].token).toBe(topped.tokens[index]);
+    });
+    await expect(replica.generate([{ tokens: PROMPTS[0], topLogprobs: 21 }])).rejects.toThrow(/topLogprobs must be an integer from 1 to 20/);
     // Through the processor: rows gain promptLogprobs.
     const [row] = await buildLLMProcessor({ checkpoint, promptLogprobs: true, maxNewTokens: 1 })(fromItems([{ tokens: PROMPTS[0] }])).takeAll();
     Array.from(row.promptLogprobs as number[]).forEach((logprob, position) => expect(Math.abs(logprob - generations[0].promptLogprobs![position])).toBeLessThan(1e-4));
@@ -641,6 +655,12 @@ describe('model sharding', () => {
       expect(Math.abs(logprob - wanted)).toBeLessThan(1e-4);
     });
     // A row's own stop list wins; stop strings need text.
+    // The k most likely tokens per generated token, spelled by the tokenizer.
+    const [alternatives] = await buildLLMProcessor({ checkpoint: stopModel, promptColumn: 'prompt', maxNewTokens: 2, topLogprobs: 2 })(fromItems([{ prompt }])).takeAll();
+    const topRows = alternatives.generatedTopLogprobs as Array<Array<{ token: number; logprob: number; text: string }>>;
+    expect(topRows).toHaveLength(2);
+    expect(topRows.map((entries) => entries[0].token)).toEqual(free.slice(0, 2));
+    expect(topRows.every((entries) => entries.length === 2 && entries[0].logprob >= entries[1].logprob && typeof entries[1].text === 'string')).toBe(true);
     // Kept at the end of the text when asked (vLLM's include_stop_str_in_output).
     const [included] = await buildLLMProcessor({ checkpoint: stopModel, promptColumn: 'prompt', maxNewTokens: 10, stop: [stop], includeStopText: true })(fromItems([{ prompt }])).takeAll();
     expect(included.generatedText).toBe(fullText.slice(0, fullText.indexOf(stop) + stop.length));
