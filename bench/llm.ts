@@ -26,7 +26,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { DecoderShard, ModelReplica, init, planSharding, shutdown, type DecoderConfig, type ModelReplicaOptions } from '../lib/index.js';
+import { DecoderShard, ModelReplica, init, planSharding, shutdown, type DecoderConfig, type GenerateRequest, type ModelReplicaOptions } from '../lib/index.js';
 import { attention, linear, setKernelThreads, type HalfMatrix, type WeightMatrix } from '../lib/llm/kernels.js';
 import { floatToBf16 } from '../lib/gpu/dtype.js';
 import { randomWeights, writeCheckpoint } from '../examples/model/random-decoder.js';
@@ -59,8 +59,11 @@ async function inProcess(checkpoint: string): Promise<number> {
   return (PROMPTS * NEW_TOKENS) / median(times);
 }
 
-/** Generated tokens per second of a replica over `requests`: a warm-up round, then the median of three. */
-async function generationRate(options: ModelReplicaOptions, requests: Array<{ tokens: number[]; maxNewTokens: number }>): Promise<number> {
+/**
+ * Generated tokens per second of a replica over `requests` (`tokens` of them each round: by
+ * default every request's maxNewTokens): a warm-up round, then the median of three.
+ */
+async function generationRate(options: ModelReplicaOptions, requests: GenerateRequest[], tokens = requests.reduce((sum, request) => sum + (request.maxNewTokens ?? 16), 0)): Promise<number> {
   await using model = await ModelReplica.create(options);
   await model.generate(requests);
   const times: number[] = [];
@@ -69,7 +72,7 @@ async function generationRate(options: ModelReplicaOptions, requests: Array<{ to
     await model.generate(requests);
     times.push(elapsedSeconds(start));
   }
-  return requests.reduce((sum, request) => sum + request.maxNewTokens, 0) / median(times);
+  return tokens / median(times);
 }
 
 function replica(checkpoint: string, tensorParallel: number, pipelineParallel: number, numCpusPerRank = 1): Promise<number> {
@@ -84,18 +87,10 @@ function sharedPrefix(checkpoint: string, prefixCaching: boolean): Promise<numbe
   return generationRate({ checkpoint, prefixCaching, prefixCacheTokens: 0 }, PREFIX_PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 8 })));
 }
 
-/** Tokens per second when every request may run long but stops early, under a small cache. */
-async function earlyStops(checkpoint: string, cacheReservation: 'grow' | 'most'): Promise<number> {
-  await using model = await ModelReplica.create({ checkpoint, maxCacheTokens: 1024, cacheReservation });
+/** Tokens per second when every request may run long but stops early (after 16), under a small cache. */
+function earlyStops(checkpoint: string, cacheReservation: 'grow' | 'most'): Promise<number> {
   const requests = prompts.map((tokens) => ({ tokens, maxNewTokens: 192, stop: (generated: readonly number[]) => generated.length >= 16 }));
-  await model.generate(requests);
-  const times: number[] = [];
-  for (let round = 0; round < 3; round++) {
-    const start = nowNs();
-    await model.generate(requests);
-    times.push(elapsedSeconds(start));
-  }
-  return (PROMPTS * 16) / median(times);
+  return generationRate({ checkpoint, maxCacheTokens: 1024, cacheReservation }, requests, PROMPTS * 16);
 }
 
 /** Microseconds per decoding attention call over `past` cached positions, the cache in f32 or bf16. */
