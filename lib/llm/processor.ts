@@ -58,6 +58,8 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
    * and finishReason is 'stop'; generatedTokens keep the tokens that spelled it.
    */
   stop?: string[];
+  /** Keep only the last this many tokens of each prompt (vLLM's truncate_prompt_tokens), so long documents fit. */
+  truncatePromptTokens?: number;
   /** Keep the stop text that ended a generation at the end of generatedText (vLLM's include_stop_str_in_output; default false). */
   includeStopText?: boolean;
   /** Generate past the end-of-sequence tokens, to maxNewTokens (vLLM's ignore_eos: fixed-length runs, benchmarks). */
@@ -144,7 +146,14 @@ export class LLMEngine {
     })();
   }
 
+  /** A row's prompt tokens, only the last `truncatePromptTokens` of them when that is set. */
   #prompt(row: Row, index: number): ArrayLike<number> {
+    const tokens = this.#promptTokens(row, index);
+    const keep = this.#options.truncatePromptTokens;
+    return keep !== undefined && tokens.length > keep ? Array.prototype.slice.call(tokens, tokens.length - keep) : tokens;
+  }
+
+  #promptTokens(row: Row, index: number): ArrayLike<number> {
     const { promptColumn, messagesColumn } = this.#options;
     if (messagesColumn !== undefined) {
       const messages = row[messagesColumn];
@@ -351,6 +360,9 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
   }
   if (engine.logprobs !== undefined && typeof engine.logprobs !== 'boolean') throw new InvalidArgumentError('logprobs must be a boolean');
   if (engine.promptLogprobs !== undefined && typeof engine.promptLogprobs !== 'boolean') throw new InvalidArgumentError('promptLogprobs must be a boolean');
+  if (engine.truncatePromptTokens !== undefined && (!Number.isInteger(engine.truncatePromptTokens) || engine.truncatePromptTokens < 1)) {
+    throw new InvalidArgumentError(`truncatePromptTokens must be a positive integer, got ${String(engine.truncatePromptTokens)}`);
+  }
   for (const flag of ['includeStopText', 'ignoreEos'] as const) {
     if (engine[flag] !== undefined && typeof engine[flag] !== 'boolean') throw new InvalidArgumentError(`${flag} must be a boolean`);
   }

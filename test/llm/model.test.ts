@@ -228,6 +228,11 @@ describe('model sharding', () => {
     // Through the processor: rows gain promptLogprobs.
     const [row] = await buildLLMProcessor({ checkpoint, promptLogprobs: true, maxNewTokens: 1 })(fromItems([{ tokens: PROMPTS[0] }])).takeAll();
     Array.from(row.promptLogprobs as number[]).forEach((logprob, position) => expect(Math.abs(logprob - generations[0].promptLogprobs![position])).toBeLessThan(1e-4));
+    // truncatePromptTokens keeps the last tokens of each prompt: the generation is the short prompt's.
+    const [truncated] = await buildLLMProcessor({ checkpoint, truncatePromptTokens: 3, maxNewTokens: 4 })(fromItems([{ tokens: PROMPTS[2] }])).takeAll();
+    expect(Array.from(truncated.generatedTokens as number[])).toEqual(referenceGenerate(TINY, weights, PROMPTS[2].slice(-3), 4));
+    expect(truncated.promptTokens).toBe(3);
+    expect(() => buildLLMProcessor({ checkpoint, truncatePromptTokens: 0 })).toThrow(/truncatePromptTokens must be a positive integer/);
   });
 
   it('stops at the checkpoint\'s end-of-sequence tokens unless a request names its own', async () => {
