@@ -694,8 +694,13 @@ async function describePhysical(
       if (operator.inputs) return { text: [text, ...(await describeInputs(operator.inputs)).lines].join('\n'), blocks: operator.numBlocks };
       return { text, blocks: operator.numBlocks ?? upstreamBlocks, rows: operator.exchange.kind === 'mapGroups' ? undefined : upstreamRows };
     }
-    case 'aggregate':
-      return { text: `${operator.name}: a partial task per block as it arrives, merged 16 at a time, one final task`, blocks: 1, rows: operator.plan.keys.length === 0 ? 1 : undefined };
+    case 'aggregate': {
+      const { reduction } = operator;
+      if (reduction.kind === 'topk') {
+        return { text: `${operator.name}: the top rows of each block as it arrives, merged 16 at a time, one final task`, blocks: 1, rows: upstreamRows === undefined ? undefined : Math.min(upstreamRows, reduction.rows) };
+      }
+      return { text: `${operator.name}: a partial task per block as it arrives, merged 16 at a time, one final task`, blocks: 1, rows: reduction.plan.keys.length === 0 ? 1 : undefined };
+    }
     case 'zip': {
       const inputs = await describeInputs(operator.inputs);
       return { text: [`${operator.name}: after both inputs arrive, one task per block of the first`, ...inputs.lines].join('\n'), blocks: undefined, rows: inputs.rows === undefined ? undefined : inputs.rows / 2 };

@@ -10,7 +10,7 @@ import { remote } from '../core/registry.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { finalizeAggregate, mergePartials, partialAggregate, type AggregationPlan } from './aggregate.js';
 import { concatBlocks, formatBatch, toBlock, type Block } from './block.js';
-import { groupsOf, joinBlocks, partitionBlock, sampleKeys, shuffleBlock, sortBlock, taskSeed, type ExchangeSpec } from './exchange.js';
+import { groupsOf, joinBlocks, partitionBlock, sampleKeys, shuffleBlock, sortBlock, taskSeed, topRows, type ExchangeSpec, type Reduction } from './exchange.js';
 import type { SortKey } from './keys.js';
 import { loadStage, StageFailure } from './stages.js';
 import {
@@ -149,13 +149,15 @@ export const exchangeReduceTask = remote(import.meta, async function trellisExch
  * partial blocks into one, 'final' folds them and makes the result's rows.
  */
 export const aggregateTask = remote(import.meta, async function trellisAggregate(
-  plan: AggregationPlan,
+  reduction: Reduction,
   step: 'partial' | 'merge' | 'final',
   slices: BlockSlices,
   targets: TaskTargets,
   ...blocks: Block[]
 ): Promise<TaskResult> {
   applySlices(blocks, slices);
+  if (reduction.kind === 'topk') return storeOutput(blocks, targets, 'TopK', (input) => [topRows(input, reduction.keys, reduction.rows)]);
+  const { plan } = reduction;
   return storeOutput(blocks, targets, 'Aggregate', (input) => {
     const partials = step === 'partial' ? input.map((block) => partialAggregate(block, plan)) : input;
     const merged = partials.length === 1 && step === 'partial' ? partials[0] : mergePartials(partials, plan);

@@ -6,11 +6,25 @@
  */
 import { Table, type Vector } from 'apache-arrow';
 import { InvalidArgumentError } from '../errors.js';
-import { type Block, plain, takeRows, vectorOf } from './block.js';
+import type { AggregationPlan } from './aggregate.js';
+import { type Block, concatBlocks, plain, takeRows, vectorOf } from './block.js';
 import { compareKeys, groupName, hashPartition, isPlainNumbers, keyOf, readKeyColumns, seededRandom, sortedOrder, type KeyColumns, type SortKey } from './keys.js';
 import type { StageSpec } from './stages.js';
 
 export type JoinType = 'inner' | 'left' | 'right' | 'outer';
+
+/**
+ * What a streaming reduction keeps of its input: aggregations' partial states, or (a sort
+ * followed by a limit) the top rows by the sort's keys.
+ */
+export type Reduction = { kind: 'aggregate'; plan: AggregationPlan } | { kind: 'topk'; keys: SortKey[]; rows: number };
+
+/** The first `rows` rows of `blocks` by `keys` (stable within what it is given), as one block. */
+export function topRows(blocks: readonly Block[], keys: readonly SortKey[], rows: number): Block {
+  const cut = blocks.map((block) => (block.numRows > rows ? sortBlock(block, keys).slice(0, rows) : block));
+  const joined = concatBlocks(cut);
+  return joined.numRows === 0 ? joined : sortBlock(joined, keys).slice(0, rows);
+}
 
 /** What an exchange does, as it travels to workers. */
 export type ExchangeSpec =

@@ -8,7 +8,7 @@ import type { ObjectRef } from '../core/object-ref.js';
 import type { Block, BlockMetadata } from './block.js';
 import type { AggregationPlan } from './aggregate.js';
 import type { Datasink, Datasource } from './datasource.js';
-import type { ExchangeSpec } from './exchange.js';
+import type { ExchangeSpec, Reduction } from './exchange.js';
 import type { StageSpec } from './stages.js';
 
 export interface InputBlock {
@@ -65,7 +65,7 @@ export type PhysicalOperatorSpec =
   | { kind: 'actor-map'; name: string; classStage: StageSpec; following: StageSpec[]; compute: ComputeOptions; pool: ActorPoolOptions; bundleRows?: number; sink?: Datasink }
   | { kind: 'repartition'; name: string; numBlocks: number }
   | { kind: 'exchange'; name: string; exchange: ExchangeSpec; numBlocks?: number; inputs?: PhysicalOperatorSpec[][] }
-  | { kind: 'aggregate'; name: string; plan: AggregationPlan }
+  | { kind: 'aggregate'; name: string; reduction: Reduction }
   | { kind: 'union'; name: string; inputs: PhysicalOperatorSpec[][] }
   | { kind: 'zip'; name: string; inputs: PhysicalOperatorSpec[][]; suffix: string }
   | { kind: 'limit'; name: string; rows: number }
@@ -125,13 +125,18 @@ export function planPhysical(logical: readonly LogicalOperator[], sink?: Datasin
       const inputs = operator.inputs?.map((input) => planPhysical(input));
       physical.push({ kind: 'exchange', name: operator.name, exchange: operator.exchange, numBlocks: operator.numBlocks, ...(inputs ? { inputs } : {}) });
     } else if (operator.op === 'aggregate') {
-      physical.push({ kind: 'aggregate', name: operator.name, plan: operator.plan });
+      physical.push({ kind: 'aggregate', name: operator.name, reduction: { kind: 'aggregate', plan: operator.plan } });
     } else if (operator.op === 'zip') {
       physical.push({ kind: 'zip', name: 'Zip', inputs: operator.inputs.map((input) => planPhysical(input)), suffix: operator.suffix });
     } else if (operator.op === 'union') {
       // Each input is planned (and fused) on its own; what follows the union runs on its output.
       physical.push({ kind: 'union', name: `Union(${operator.inputs.length})`, inputs: operator.inputs.map((input) => planPhysical(input)) });
     } else {
+      // A sort that feeds a limit keeps only the top rows as blocks arrive (bounded memory, no
+      // exchange); the limit stays, as a no-op on what already fits.
+      if (last?.kind === 'exchange' && last.exchange.kind === 'sort' && !last.inputs && operator.rows > 0) {
+        physical[physical.length - 1] = { kind: 'aggregate', name: `TopK(${operator.rows}, ${last.name})`, reduction: { kind: 'topk', keys: last.exchange.keys, rows: operator.rows } };
+      }
       // Two limits in a row keep the smaller.
       if (last?.kind === 'limit') {
         last.rows = Math.min(last.rows, operator.rows);

@@ -44,6 +44,19 @@ describe('sort', () => {
     );
   });
 
+  it('followed by a limit, keeps only the top rows of each block as they arrive (no exchange)', async () => {
+    const values = numbers(20_000, 13, 1_000_000).map((value, id) => ({ id, value: value + id / 1e6 }));
+    const ds = fromItems(values, { parallelism: 40 });
+    const expected = [...values].sort((a, b) => b.value - a.value).slice(0, 25);
+    const top = ds.sort('value', { descending: true }).limit(25);
+    expect(await top.takeAll({ memoryBudgetBytes: 100_000 })).toEqual(expected);
+    expect(top.stats()!.operators.map((operator) => operator.name)).toEqual(['FromItems', 'TopK(25, Sort(value desc))', 'Limit(25)']);
+    expect(await ds.sort('value').take(3)).toEqual([...values].sort((a, b) => a.value - b.value).slice(0, 3));
+    expect(await top.explain({ print: false })).toMatch(/TopK\(25, Sort\(value desc\)\): the top rows of each block as it arrives/);
+    // More rows asked than there are: all of them, sorted.
+    expect((await range(10, { parallelism: 3 }).sort('id', { descending: true }).limit(50).takeAll()).map((row) => row.id)).toEqual([9, 8, 7, 6, 5, 4, 3, 2, 1, 0]);
+  });
+
   it('holds its whole input outside the budget: a sort many times larger than the budget runs', async () => {
     const ds = range(100_000, { parallelism: 100 }).map(withParity);
     const sorted = await ds.sort(['parity', 'id'], { descending: [false, true] }).takeAll({ memoryBudgetBytes: 200_000 });

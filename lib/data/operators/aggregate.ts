@@ -32,6 +32,7 @@ export class AggregateOperator extends Operator {
   }
 
   override get phase(): string {
+    if (this.spec.reduction.kind === 'topk') return this.#finalLaunched ? 'final top rows' : 'top rows of each block';
     return this.#finalLaunched ? 'final merge' : 'partial aggregation';
   }
 
@@ -106,7 +107,7 @@ export class AggregateOperator extends Operator {
   async #call(unit: Unit, step: 'partial' | 'merge' | 'final'): Promise<TaskResult> {
     const ref = aggregateTask
       .options({ numCpus: 1, maxRetries: this.executor.options.maxRetries, name: this.name })
-      .remote(this.spec.plan, step, slicesOf(unit.blocks), taskTargets(this.executor), ...(unit.blocks.map((block) => block.ref) as unknown as Block[]));
+      .remote(this.spec.reduction, step, slicesOf(unit.blocks), taskTargets(this.executor), ...(unit.blocks.map((block) => block.ref) as unknown as Block[]));
     try {
       return await get(ref as ObjectRef<TaskResult>);
     } finally {
