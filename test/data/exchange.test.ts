@@ -44,6 +44,11 @@ describe('sort', () => {
     );
   });
 
+  it('repartition, like an exchange, holds its input outside the budget', async () => {
+    const out = await range(100_000, { parallelism: 50 }).map(withParity).repartition(3).count({ memoryBudgetBytes: 200_000 });
+    expect(out).toBe(100_000);
+  });
+
   it('followed by a limit, keeps only the top rows of each block as they arrive (no exchange)', async () => {
     const values = numbers(20_000, 13, 1_000_000).map((value, id) => ({ id, value: value + id / 1e6 }));
     const ds = fromItems(values, { parallelism: 40 });

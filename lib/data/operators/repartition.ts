@@ -25,8 +25,15 @@ export class RepartitionOperator extends Operator {
   override done(): boolean {
     return this.#planned && this.#outstanding === 0 && super.done();
   }
+  /**
+   * Its input waits for all the rest, as an exchange's does: outside the budget (holding the
+   * sources back would wait forever; the store spills what does not fit).
+   */
   override heldBytes(): number {
-    return super.heldBytes() + unitBytes(this.#held);
+    return super.heldBytes() - this.inputBytes;
+  }
+  override stagedBytes(): number {
+    return this.inputBytes + unitBytes(this.#held);
   }
   launch(): void {
     this.#planned = true;
