@@ -10,7 +10,7 @@ import { InvalidArgumentError } from '../errors.js';
 import { type Block, vectorOf } from './block.js';
 import { columnValues, compareKeys, compareValues, groupName, keyOf, readKeyColumns, type KeyColumns } from './keys.js';
 
-export type AggregationKind = 'count' | 'sum' | 'min' | 'max' | 'mean' | 'std' | 'absMax' | 'unique';
+export type AggregationKind = 'count' | 'sum' | 'min' | 'max' | 'mean' | 'std' | 'absMax' | 'unique' | 'quantile';
 
 /** One aggregation as it travels to workers: plain data. */
 export interface AggregateFn {
@@ -23,6 +23,8 @@ export interface AggregateFn {
   readonly ignoreNulls: boolean;
   /** Std: delta degrees of freedom (default 1, the sample deviation). */
   readonly ddof: number;
+  /** Quantile: which one, in [0, 1] (default 0.5, the median). */
+  readonly q: number;
 }
 
 export interface AggregateOptions {
@@ -32,13 +34,13 @@ export interface AggregateOptions {
   ignoreNulls?: boolean;
 }
 
-function make(kind: AggregationKind, column: unknown, options: AggregateOptions & { ddof?: number } = {}, defaultIgnoreNulls = true): AggregateFn {
+function make(kind: AggregationKind, column: unknown, options: AggregateOptions & { ddof?: number; q?: number } = {}, defaultIgnoreNulls = true): AggregateFn {
   const label = kind === 'absMax' ? 'AbsMax' : `${kind[0].toUpperCase()}${kind.slice(1)}`;
   if (column !== null && (typeof column !== 'string' || column.length === 0)) {
     throw new InvalidArgumentError(`${label}() takes a column name, got ${JSON.stringify(column)}`, 'ERR_DATA_COLUMN');
   }
   if (typeof options !== 'object' || options === null) throw new InvalidArgumentError(`${label}(): options must be an object`);
-  const known = new Set(['alias', 'ignoreNulls', ...(kind === 'std' ? ['ddof'] : [])]);
+  const known = new Set(['alias', 'ignoreNulls', ...(kind === 'std' ? ['ddof'] : []), ...(kind === 'quantile' ? ['q'] : [])]);
   for (const key of Object.keys(options)) {
     if (!known.has(key)) throw new InvalidArgumentError(`${label}(): unknown option '${key}' (it takes: ${[...known].join(', ')})`);
   }
@@ -48,8 +50,10 @@ function make(kind: AggregationKind, column: unknown, options: AggregateOptions 
   if (options.ignoreNulls !== undefined && typeof options.ignoreNulls !== 'boolean') throw new InvalidArgumentError(`${label}(): ignoreNulls must be true or false`);
   const ddof = options.ddof ?? 1;
   if (!Number.isInteger(ddof) || ddof < 0) throw new InvalidArgumentError(`Std(): ddof must be a non-negative integer, got ${String(options.ddof)}`);
-  const name = options.alias ?? (kind === 'count' && column === null ? 'count()' : `${kind === 'absMax' ? 'abs_max' : kind}(${column})`);
-  return Object.freeze({ kind, column: column as string | null, name, ignoreNulls: options.ignoreNulls ?? defaultIgnoreNulls, ddof });
+  const q = options.q ?? 0.5;
+  if (typeof q !== 'number' || !(q >= 0 && q <= 1)) throw new InvalidArgumentError(`Quantile(): q must be a number in [0, 1], got ${String(options.q)}`);
+  const name = options.alias ?? (kind === 'count' && column === null ? 'count()' : `${kind === 'absMax' ? 'abs_max' : kind}(${column}${kind === 'quantile' ? `, ${q}` : ''})`);
+  return Object.freeze({ kind, column: column as string | null, name, ignoreNulls: options.ignoreNulls ?? defaultIgnoreNulls, ddof, q });
 }
 
 /** Rows of each group; with a column, its non-null values (or all rows, with ignoreNulls false). */
@@ -81,6 +85,14 @@ export function Unique(column: string, options: AggregateOptions = {}): Aggregat
   return make('unique', column, options, false);
 }
 
+/**
+ * The q-th quantile of the values (default 0.5: the median), exact, interpolated linearly between
+ * the two nearest values as numpy's default does. Keeps every value of a group until the end.
+ */
+export function Quantile(column: string, options: AggregateOptions & { q?: number } = {}): AggregateFn {
+  return make('quantile', column, options);
+}
+
 /** What one aggregate job computes: groups by `keys` (none: one group), and the aggregations. */
 export interface AggregationPlan {
   keys: string[];
@@ -90,7 +102,7 @@ export interface AggregationPlan {
 /** Checks a plan's aggregations where it is made: objects from the constructors, distinct names. */
 export function checkAggregations(aggregations: readonly unknown[], keys: readonly string[], what: string): AggregateFn[] {
   if (aggregations.length === 0) throw new InvalidArgumentError(`${what} takes at least one aggregation (Count(), Sum('x'), ...)`);
-  const kinds = new Set<AggregationKind>(['count', 'sum', 'min', 'max', 'mean', 'std', 'absMax', 'unique']);
+  const kinds = new Set<AggregationKind>(['count', 'sum', 'min', 'max', 'mean', 'std', 'absMax', 'unique', 'quantile']);
   const names = new Set(keys);
   for (const aggregation of aggregations) {
     const candidate = aggregation as Partial<AggregateFn> | null;
@@ -118,6 +130,8 @@ interface State {
   q: number;
   /** Unique: the distinct values by name. */
   u?: Map<string, unknown>;
+  /** Quantile: every value. */
+  w?: number[];
 }
 
 function newState(): State {
@@ -163,6 +177,9 @@ function addValue(state: State, aggregation: AggregateFn, value: unknown): void 
       if (state.n === 1 || magnitude > (state.v as number)) state.v = magnitude;
       return;
     }
+    case 'quantile':
+      (state.w ??= []).push(numberOf(value, aggregation));
+      return;
     case 'std': {
       // Welford's update.
       const x = numberOf(value, aggregation);
@@ -208,6 +225,9 @@ function mergeState(into: State, from: State, aggregation: AggregateFn): void {
       break;
     case 'absMax':
       if (into.n === 0 || (from.v as number) > (into.v as number)) into.v = from.v;
+      break;
+    case 'quantile':
+      into.w = [...(into.w ?? []), ...(from.w ?? [])];
       break;
     case 'std': {
       // Chan et al.: the two halves' means and squared deviations combine exactly.
@@ -340,6 +360,9 @@ function partialBlock(groups: readonly Group[], plan: AggregationPlan, types: In
         columns[stateColumn(index, 'm')] = vectorOf(states.map((state) => state.m), new Float64());
         columns[stateColumn(index, 'q')] = vectorOf(states.map((state) => state.q), new Float64());
         break;
+      case 'quantile':
+        columns[stateColumn(index, 'w')] = vectorOf(states.map((state) => state.w ?? []), new List(new Field('item', new Float64(), true)));
+        break;
       case 'unique':
         columns[stateColumn(index, 'u')] = vectorOf(
           states.map((state) => [...(state.u?.values() ?? [])]),
@@ -362,6 +385,7 @@ function readStates(partial: Block, plan: AggregationPlan): State[][] {
     const m = column('m') ? (read(index, 'm', new Float64()) as ArrayLike<number>) : undefined;
     const q = column('q') ? (read(index, 'q', new Float64()) as ArrayLike<number>) : undefined;
     const u = column('u') ? columnValues(column('u')!, column('u')!.type) : undefined;
+    const w = column('w') ? columnValues(column('w')!, column('w')!.type) : undefined;
     return (row: number): State => {
       const state = newState();
       state.n = n[row];
@@ -370,6 +394,7 @@ function readStates(partial: Block, plan: AggregationPlan): State[][] {
       if (v) state.v = v[row];
       if (m) state.m = m[row];
       if (q) state.q = q[row];
+      if (w) state.w = Array.from((w[row] as number[] | null) ?? []);
       if (u) {
         state.u = new Map();
         for (const value of (u[row] as unknown[] | null) ?? []) state.u.set(groupName([[value]], 0), value);
@@ -418,6 +443,13 @@ function resultOf(state: State, aggregation: AggregateFn): unknown {
       return (state.s as number) / state.n;
     case 'std':
       return state.n - aggregation.ddof > 0 ? Math.sqrt(Math.max(0, state.q) / (state.n - aggregation.ddof)) : null;
+    case 'quantile': {
+      const values = Float64Array.from(state.w ?? []).sort();
+      const position = aggregation.q * (values.length - 1);
+      const below = Math.floor(position);
+      const above = Math.min(values.length - 1, below + 1);
+      return values[below] + (values[above] - values[below]) * (position - below);
+    }
     default:
       return state.v;
   }

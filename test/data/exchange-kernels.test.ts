@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { tableFromArrays } from 'apache-arrow';
-import { Count, Max, Mean, Min, Std, Sum, Unique } from '../../lib/index.js';
+import { Count, Max, Mean, Min, Quantile, Std, Sum, Unique } from '../../lib/index.js';
 import { finalizeAggregate, mergePartials, partialAggregate } from '../../lib/data/aggregate.js';
 import { blockToRows, concatBlocks, rowsToBlock, takeRows } from '../../lib/data/block.js';
 import { partitionBlock, rangeBoundaries, shuffleBlock, sortBlock } from '../../lib/data/exchange.js';
@@ -68,7 +68,7 @@ describe('partitions', () => {
 describe('partial aggregation', () => {
   it('merged in any grouping, equals one pass (std merged exactly)', () => {
     const rows = Array.from({ length: 300 }, (_, id) => ({ g: id % 3, x: Math.sin(id) * 100, s: `v${id % 5}` }));
-    const plan = { keys: ['g'], aggregations: [Count(), Sum('x'), Min('s'), Max('x'), Mean('x'), Std('x'), Unique('s')] };
+    const plan = { keys: ['g'], aggregations: [Count(), Sum('x'), Min('s'), Max('x'), Mean('x'), Std('x'), Unique('s'), Quantile('x', { q: 0.3 })] };
     const whole = blockToRows(finalizeAggregate(partialAggregate(rowsToBlock(rows), plan), plan));
     const pieces = [rows.slice(0, 7), rows.slice(7, 150), rows.slice(150, 151), rows.slice(151)].map((piece) => partialAggregate(rowsToBlock(piece), plan));
     const merged = blockToRows(finalizeAggregate(mergePartials([mergePartials(pieces.slice(0, 2), plan)!, ...pieces.slice(2)], plan), plan));

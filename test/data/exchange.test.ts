@@ -6,7 +6,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import {
-  AbsMax, Count, DataError, InvalidArgumentError, Max, Mean, Min, Std, Sum, Unique, fromItems, range, type Row,
+  AbsMax, Count, DataError, InvalidArgumentError, Max, Mean, Min, Quantile, Std, Sum, Unique, fromItems, range, type Row,
 } from '../../lib/index.js';
 import { failOnGroup, never, scaledId, shortColumn, summarizeGroup, withParity } from './fixtures/udfs.js';
 import { rejection, useDataCluster } from './helpers.js';
@@ -112,7 +112,7 @@ describe('aggregations', () => {
 
   it('groupBy().aggregate() gives one sorted row per group, equal to a plain computation', async () => {
     const ds = fromItems(values, { parallelism: 40 });
-    const grouped = ds.groupBy('group').aggregate(Count(), Sum('value'), Min('value'), Max('value'), Mean('maybe'), Std('value'), AbsMax('value'), Count('maybe'));
+    const grouped = ds.groupBy('group').aggregate(Count(), Sum('value'), Min('value'), Max('value'), Mean('maybe'), Std('value'), AbsMax('value'), Count('maybe'), Quantile('value', { q: 0.9 }));
     const out = await grouped.takeAll();
     expect(grouped.stats()!.operators[1]).toMatchObject({ blocksDone: 40, rowsDone: 7, done: true });
     const groups = [...new Set(values.map((row) => row.group))].sort();
@@ -131,6 +131,9 @@ describe('aggregations', () => {
       expect(row['mean(maybe)']).toBeCloseTo(present.reduce((a, b) => a + b, 0) / present.length, 9);
       expect(row['std(value)']).toBeCloseTo(std, 9);
       expect(row['count(maybe)']).toBe(present.length);
+      const sorted = [...numbersOf].sort((a, b) => a - b);
+      const at = 0.9 * (sorted.length - 1);
+      expect(row['quantile(value, 0.9)']).toBeCloseTo(sorted[Math.floor(at)] + (sorted[Math.ceil(at)] - sorted[Math.floor(at)]) * (at - Math.floor(at)), 9);
     }
   });
 
@@ -172,6 +175,8 @@ describe('aggregations', () => {
     expect(await ds.std('id', { ddof: 0 })).toBeCloseTo(Math.sqrt((100 * 100 - 1) / 12), 9);
     expect(await fromItems([{ x: 'b' }, { x: 'a' }, { x: 'b' }]).unique('x')).toEqual(['a', 'b']);
     expect(await ds.aggregate(Count(), Max('id', { alias: 'top' }))).toEqual({ 'count()': 100, top: 99 });
+    expect(await ds.aggregate(Quantile('id'), Quantile('id', { q: 0.25, alias: 'p25' }))).toEqual({ 'quantile(id, 0.5)': 49.5, p25: 24.75 });
+    expect(() => Quantile('id', { q: 2 })).toThrow(/q must be a number in \[0, 1\]/);
     const empty = ds.filter(never);
     expect(await empty.aggregate(Count(), Sum('id'))).toEqual({ 'count()': 0, 'sum(id)': null });
     expect(await empty.sum('id')).toBeNull();
