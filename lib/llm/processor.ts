@@ -64,6 +64,11 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
   includeStopText?: boolean;
   /** Generate past the end-of-sequence tokens, to maxNewTokens (vLLM's ignore_eos: fixed-length runs, benchmarks). */
   ignoreEos?: boolean;
+  /**
+   * Token ids that end a generation, kept in its tokens (vLLM's stop_token_ids; default: the
+   * checkpoint's end-of-sequence tokens); a row's `stopTokens` column wins.
+   */
+  stopTokens?: number[];
   /** Rows also gain `generatedLogprobs`: each generated token's log-probability under the model. */
   logprobs?: boolean;
   /**
@@ -199,6 +204,14 @@ export class LLMEngine {
     };
   }
 
+  /** A row's stop token ids (its column, else the processor's), as a request takes them. */
+  #stopTokensOf(row: Row, index: number): { stopTokens?: number[] } {
+    const value = row.stopTokens ?? this.#options.stopTokens;
+    if (value === undefined || value === null) return {};
+    if (typeof value !== 'object' || typeof (value as ArrayLike<unknown>).length !== 'number') throw new InvalidArgumentError(`row ${index}: stopTokens must be a list of token ids`, 'ERR_PROMPT');
+    return { stopTokens: Array.from(value as ArrayLike<number>, Number) };
+  }
+
   /** The text up to the first stop string, without it (or through it, with includeStopText). */
   #cutAtStop(text: string, strings: string[] | undefined): string {
     let end = text.length;
@@ -307,7 +320,7 @@ export class LLMEngine {
         sampling: samples > 1 ? { ...sampling, seed: (sampling?.seed ?? 0) + sample } : sampling,
         ...(stops[index] ? { stop: this.#stopWhen(stops[index]) } : {}),
         ...(this.#options.logprobs ? { logprobs: true } : {}),
-        ...(this.#options.ignoreEos ? { stopTokens: [] } : {}),
+        ...(this.#options.ignoreEos ? { stopTokens: [] } : this.#stopTokensOf(row, index)),
         ...(this.#options.promptLogprobs ? { promptLogprobs: true } : {}),
         ...(this.#options.topLogprobs ? { topLogprobs: this.#options.topLogprobs } : {}),
       }));

@@ -251,6 +251,12 @@ describe('model sharding', () => {
     expect(Array.from(ignoring.generatedTokens as number[])).toEqual(expected[0]);
     expect(ignoring.finishReason).toBe('length');
     expect(() => buildLLMProcessor({ checkpoint: withEnd, ignoreEos: 1 as never })).toThrow(/ignoreEos must be a boolean/);
+    // Stop token ids of the processor's own, or a row's (vLLM's stop_token_ids).
+    const other = expected[0][1];
+    const byOption = buildLLMProcessor({ checkpoint: withEnd, maxNewTokens: 6, stopTokens: [other] });
+    const [optionRow, rowRow] = await byOption(fromItems([{ id: 0, tokens: PROMPTS[0] }, { id: 1, tokens: PROMPTS[0], stopTokens: [] }], { parallelism: 1 })).takeAll();
+    expect(Array.from(optionRow.generatedTokens as number[])).toEqual(expected[0].slice(0, expected[0].indexOf(other) + 1));
+    expect(Array.from(rowRow.generatedTokens as number[])).toEqual(expected[0]);
   });
 
   it('samples the same tokens for the same seed, however the model is cut', async () => {
