@@ -447,6 +447,7 @@ function isFixedWidthNumber(type: DataType): boolean {
  * shuffle move whole datasets through here); other types through their plain values.
  */
 export function takeRows(block: Block, indices: Int32Array): Block {
+  if (indices.length === 0) return block.slice(0, 0);
   const columns: Record<string, Vector> = {};
   for (const field of block.schema.fields) columns[field.name] = takeColumn(block.getChild(field.name)!, field.type, indices);
   return new Table(block.schema, columns);

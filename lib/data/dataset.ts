@@ -14,7 +14,7 @@ import { StreamingExecutor, checkExecutionOptions, defaultParallelism, trackDriv
 import { describeLogical, planPhysical, type ActorPoolOptions, type ComputeOptions, type InputBlock, type LogicalOperator, type PhysicalOperatorSpec } from './plan.js';
 import type { StageKind, StageSpec } from './stages.js';
 import { Max, Mean, Min, Std, Sum, Unique, checkAggregations, type AggregateFn, type AggregateOptions } from './aggregate.js';
-import { addColumn, dropColumns, renameColumns, selectColumns } from './column-ops.js';
+import { addColumn, dropColumns, randomSample, renameColumns, selectColumns } from './column-ops.js';
 import { GroupedData, checkNumBlocks } from './grouped.js';
 import { checkKeyColumns } from './keys.js';
 import type { JoinType } from './exchange.js';
@@ -300,6 +300,18 @@ export class Dataset {
     const suffix = options.suffix ?? '_1';
     if (typeof suffix !== 'string' || suffix.length === 0) throw new InvalidArgumentError('zip(): suffix must be a non-empty string');
     return new Dataset([{ op: 'zip', inputs: [this.#plan, other.logicalPlan], suffix }]);
+  }
+
+  /**
+   * Each row kept with probability `fraction` (about that share of the rows). With a seed, the
+   * same data gives the same sample on every run, however its blocks are scheduled.
+   */
+  randomSample(fraction: number, options: { seed?: number } = {}): Dataset {
+    if (typeof fraction !== 'number' || !(fraction >= 0 && fraction <= 1)) throw new InvalidArgumentError(`randomSample() takes a fraction in [0, 1], got ${String(fraction)}`);
+    if (options.seed !== undefined && (!Number.isInteger(options.seed) || options.seed < 0 || options.seed >= 2 ** 32)) {
+      throw new InvalidArgumentError(`randomSample(): seed must be an integer in [0, 2^32), got ${String(options.seed)}`);
+    }
+    return this.#builtin(`RandomSample(${fraction})`, randomSample, [fraction, options.seed ?? null]);
   }
 
   /** Only the named columns, in that order. */

@@ -224,6 +224,18 @@ describe('column operations', () => {
     expect(plan).toMatch(/ReadRange->Map\(withParity\)->SelectColumns\(id\)/);
   });
 
+  it('randomSample keeps about its fraction; a seed gives the same sample every run', async () => {
+    const ds = range(5000, { parallelism: 10 });
+    const first = (await ds.randomSample(0.2, { seed: 9 }).takeAll({ preserveOrder: false })).map((row) => row.id as number).sort((a, b) => a - b);
+    expect(first.length).toBeGreaterThan(850);
+    expect(first.length).toBeLessThan(1150);
+    const again = (await ds.randomSample(0.2, { seed: 9 }).takeAll()).map((row) => row.id as number);
+    expect(again).toEqual(first);
+    expect(await ds.randomSample(0).count()).toBe(0);
+    expect(await ds.randomSample(1).count()).toBe(5000);
+    expect(() => ds.randomSample(1.5)).toThrow(/fraction in \[0, 1\]/);
+  });
+
   it('bad columns are typed errors naming them', async () => {
     const ds = fromItems([{ a: 1, b: 2 }]);
     const error = await rejection(ds.selectColumns(['a', 'nope']).takeAll());
