@@ -8,6 +8,7 @@ import { remote } from '../core/registry.js';
 import type { FunctionDescriptor } from '../core/protocol.js';
 import { InvalidArgumentError } from '../errors.js';
 import { columnsToBlock, formatBatch, takeRows, type BatchFormat, type Block } from './block.js';
+import { hashPartition, seededRandom } from './keys.js';
 import { loadUdf } from './udf.js';
 
 function missing(batch: Block, columns: readonly string[], what: string): void {
@@ -57,27 +58,15 @@ export const renameColumns = remote(import.meta, function trellisRenameColumns(b
  */
 export const randomSample = remote(import.meta, function trellisRandomSample(batch: Block, fraction: number, seed: number | null): Block {
   if (batch.numRows === 0) return batch;
-  let state = seed === null ? (Math.random() * 2 ** 32) >>> 0 : contentSeed(batch, seed);
+  const random = seededRandom(seed === null ? (Math.random() * 2 ** 32) >>> 0 : contentSeed(batch, seed));
   const keep: number[] = [];
-  for (let row = 0; row < batch.numRows; row++) {
-    // Mulberry32, inline: one draw per row.
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    if (((t ^ (t >>> 14)) >>> 0) / 4294967296 < fraction) keep.push(row);
-  }
+  for (let row = 0; row < batch.numRows; row++) if (random() < fraction) keep.push(row);
   return keep.length === batch.numRows ? batch : takeRows(batch, Int32Array.from(keep));
 });
 
 function contentSeed(batch: Block, seed: number): number {
-  const text = `${batch.numRows}\u0000${JSON.stringify(batch.get(0), bigints)}\u0000${JSON.stringify(batch.get(batch.numRows - 1), bigints)}`;
-  let hash = (0x811c9dc5 ^ seed) >>> 0;
-  for (let index = 0; index < text.length; index++) {
-    hash ^= text.charCodeAt(index);
-    hash = Math.imul(hash, 0x01000193);
-  }
-  return hash >>> 0;
+  const text = `${seed}\u0000${batch.numRows}\u0000${JSON.stringify(batch.get(0), bigints)}\u0000${JSON.stringify(batch.get(batch.numRows - 1), bigints)}`;
+  return hashPartition(text, 2 ** 32);
 }
 
 function bigints(_key: string, value: unknown): unknown {
