@@ -4,7 +4,7 @@
  * per group.
  */
 import { InvalidArgumentError } from '../errors.js';
-import { AbsMax, Count, Max, Mean, Min, Std, Sum, Unique, checkAggregations, type AggregateFn, type AggregateOptions } from './aggregate.js';
+import { AbsMax, Count, Max, Mean, Min, Quantile, Std, Sum, Unique, checkAggregations, type AggregateFn, type AggregateOptions } from './aggregate.js';
 import type { BatchFormat } from './block.js';
 import type { Dataset } from './dataset.js';
 import type { LogicalOperator } from './plan.js';
@@ -66,6 +66,10 @@ export class GroupedData {
   }
   unique(columns: string | string[], options?: AggregateOptions): Dataset {
     return this.#each(Unique, columns, options);
+  }
+  /** The q-th quantile per group (default 0.5, the median); see Quantile. */
+  quantile(columns: string | string[], options?: AggregateOptions & { q?: number }): Dataset {
+    return this.#each((column, rest) => Quantile(column, { ...rest, q: options?.q }), columns, options && { alias: options.alias, ignoreNulls: options.ignoreNulls });
   }
 
   #each(aggregation: ColumnAggregation, columns: string | string[], options: AggregateOptions = {}): Dataset {

@@ -143,6 +143,8 @@ describe('aggregations', () => {
     expect(counts.length).toBe(14);
     expect(counts.reduce((sum, row) => sum + (row['count()'] as number), 0)).toBe(values.length);
     expect(counts.map((row) => `${row.parity}${row.group}`)).toEqual([...counts.map((row) => `${row.parity}${row.group}`)].sort());
+    const medians = await ds.groupBy('parity').quantile('value', { q: 0.5 }).takeAll();
+    expect(medians.map((row) => Object.keys(row))).toEqual([['parity', 'quantile(value, 0.5)'], ['parity', 'quantile(value, 0.5)']]);
     const sums = await ds.groupBy('parity').sum(['value', 'id']).takeAll();
     expect(sums.map((row) => Object.keys(row))).toEqual([['parity', 'sum(value)', 'sum(id)'], ['parity', 'sum(value)', 'sum(id)']]);
     const strict = await ds.groupBy('parity').aggregate(Sum('maybe', { ignoreNulls: false, alias: 'strict' }), Sum('maybe', { alias: 'lenient' })).takeAll();
