@@ -96,10 +96,9 @@ describe('workers that die', () => {
     expect(ids(await rows).sort((a, b) => a - b)).toEqual(sequence(40));
   });
 
-  it("a shuffle whose map task's worker is killed mid-job retries the task: every row once", async () => {
-    const MiB = 1 << 20;
+  /** A progress reporter that SIGKILLs a worker running the shuffle's map tasks, once. */
+  function killDuringShuffleMap(): { reporter: { update(progress: JobProgress): void; finish(): void }; killed: () => number } {
     let killed = 0;
-    // Kills a worker running the shuffle's map tasks, seen through the job's progress.
     const reporter = {
       update(progress: JobProgress) {
         const shuffle = progress.operators.find((operator) => operator.name === 'RandomShuffle');
@@ -111,13 +110,35 @@ describe('workers that die', () => {
       },
       finish() {},
     };
+    return { reporter, killed: () => killed };
+  }
+
+  it("a shuffle whose map task's worker is killed mid-job retries the task: every row once", async () => {
+    const MiB = 1 << 20;
+    const { reporter, killed } = killDuringShuffleMap();
     const blocks = 48;
     const total = await readDatasource(new BytesSource(blocks, 1, MiB))
       .randomShuffle({ seed: 5, numBlocks: 16 })
       .sum('x', { progress: reporter, stallTimeoutMs: 600, minBlockBytes: MiB, maxBlockBytes: MiB });
     const rows = (blocks * MiB) / 8;
-    expect(killed).toBeGreaterThan(0);
+    expect(killed()).toBeGreaterThan(0);
     expect(total).toBe((rows * (rows - 1)) / 2);
+  });
+
+  it('with maxRetries: 0, a killed map task fails the shuffle naming the operator and its phase', async () => {
+    const MiB = 1 << 20;
+    const { reporter, killed } = killDuringShuffleMap();
+    const error = await rejection(
+      readDatasource(new BytesSource(48, 1, MiB))
+        .randomShuffle({ seed: 5, numBlocks: 16 })
+        .sum('x', { progress: reporter, stallTimeoutMs: 600, minBlockBytes: MiB, maxBlockBytes: MiB, maxRetries: 0 }),
+    );
+    expect(killed()).toBeGreaterThan(0);
+    expect(error).toBeInstanceOf(DataError);
+    expect(error.code).toBe('ERR_DATA_TASK_FAILED');
+    expect(error.operator).toBe('RandomShuffle');
+    expect(error.message).toMatch(/RandomShuffle failed while cutting blocks into 16 partitions/);
+    expect(error.cause).toBeInstanceOf(WorkerCrashedError);
   });
 
   it('with maxRetries: 0, a killed worker fails the job naming the operator', async () => {

@@ -7,6 +7,7 @@
  * sorts, shuffles or maps its groups. Reduce outputs stream downstream within the budget.
  */
 import { get } from '../../core/api.js';
+import { DataError } from '../../errors.js';
 import { ObjectRef } from '../../core/object-ref.js';
 import type { Block } from '../block.js';
 import { rangeBoundaries, taskSeed, type ExchangeSpec } from '../exchange.js';
@@ -258,8 +259,9 @@ export class ExchangeOperator extends Operator {
       (error: unknown) => {
         ref[Symbol.dispose]();
         ended();
-        const unit: Unit = { seq: -1, blocks: [], rows: 0, bytes: 0, attempts: 0 };
-        this.onInfrastructureError(unit, error);
+        // A sample or map task covers a group of blocks, not one: the phase names where it failed.
+        const cause = error instanceof Error ? error : new Error(String(error));
+        this.executor.fail(new DataError('ERR_DATA_TASK_FAILED', `operator ${this.name} failed while ${this.phase}: ${cause.message}`, { operator: this.name, cause }));
       },
     );
   }
