@@ -4,12 +4,13 @@
  */
 import { Data, RecordBatch, Table, makeVector, type Schema, type Vector } from 'apache-arrow';
 import { get, isInitialized, put } from '../core/api.js';
-import { ObjectRef } from '../core/object-ref.js';
+import type { ObjectRef } from '../core/object-ref.js';
 import { InvalidArgumentError, NotInitializedError } from '../errors.js';
 import {
   blockToRows, concatBlocks, formatBatch, rowsToBlock, sliceRows, type BatchFormat, type Block, type Row,
 } from './block.js';
 import { ReadTask, type Datasink, type Datasource } from './datasource.js';
+import { cutInputBlocks } from './operators/operator.js';
 import { StreamingExecutor, checkExecutionOptions, defaultParallelism, trackDriverView, type ExecutionOptions, type JobStats } from './executor.js';
 import { describeLogical, planPhysical, type ActorPoolOptions, type ComputeOptions, type InputBlock, type LogicalOperator, type PhysicalOperatorSpec } from './plan.js';
 import type { StageKind, StageSpec } from './stages.js';
@@ -533,12 +534,7 @@ export class Dataset {
 
   /** Runs the plan and keeps its blocks in the object store: later consumers start from them. */
   async materialize(options: ExecutionOptions = {}): Promise<Dataset> {
-    const executor = this.#executor(options, 'Dataset.materialize');
-    await startOrClose(executor);
-    const blocks: InputBlock[] = [];
-    for await (const output of executor.outputs()) blocks.push(output);
-    this.#lastStats = executor.stats();
-    return new Dataset([{ op: 'input', name: 'Materialized', blocks }]);
+    return new Dataset([{ op: 'input', name: 'Materialized', blocks: await this.#materializedBlocks(options, 'Dataset.materialize') }]);
   }
 
   /**
@@ -789,32 +785,7 @@ export function readDatasource(datasource: Datasource, options: ReadOptions = {}
  * cut between two datasets is shared, each holding its own handle on it and its own slice.
  */
 function cutIntoDatasets(blocks: InputBlock[], sizes: number[], name: string): Dataset[] {
-  let blockIndex = 0;
-  let offsetInBlock = 0;
-  const datasets = sizes.map((size, index) => {
-    const pieces: InputBlock[] = [];
-    let need = size;
-    while (need > 0 && blockIndex < blocks.length) {
-      const block = blocks[blockIndex];
-      const take = Math.min(need, block.meta.rows - offsetInBlock);
-      if (take > 0) {
-        const whole = offsetInBlock === 0 && take === block.meta.rows;
-        const start = (block.slice?.[0] ?? 0) + offsetInBlock;
-        pieces.push({
-          ref: new ObjectRef<Block>(block.ref.id),
-          meta: { rows: take, bytes: whole ? block.meta.bytes : Math.ceil((block.meta.bytes * take) / Math.max(1, block.meta.rows)) },
-          ...(whole && !block.slice ? {} : { slice: [start, take] as [number, number] }),
-        });
-      }
-      need -= take;
-      offsetInBlock += take;
-      if (offsetInBlock >= block.meta.rows) {
-        blockIndex++;
-        offsetInBlock = 0;
-      }
-    }
-    return new Dataset([{ op: 'input', name: `${name}(${index + 1}/${sizes.length})`, blocks: pieces }]);
-  });
+  const datasets = cutInputBlocks(blocks, sizes).map((pieces, index) => new Dataset([{ op: 'input', name: `${name}(${index + 1}/${sizes.length})`, blocks: pieces }]));
   // Each dataset holds its own handles: the job's go now.
   for (const block of blocks) block.ref[Symbol.dispose]();
   return datasets;

@@ -13,7 +13,7 @@ import { type Block, takeRows, vectorOf } from '../block.js';
 import { ReadTask, iterateReadResult } from '../datasource.js';
 import { groupName, readKeyColumns } from '../keys.js';
 import { loadUdf } from '../udf.js';
-import type { FileEntry } from './files.js';
+import { isNumberText, type FileEntry } from './files.js';
 
 export const HIVE_NULL = '__HIVE_DEFAULT_PARTITION__';
 
@@ -92,7 +92,7 @@ export function hivePartitions(files: readonly FileEntry[]): Map<string, Partiti
   if (raw.size === 0) return undefined;
   const numeric = new Map<string, boolean>();
   for (const column of columns) {
-    numeric.set(column, [...raw.values()].every((values) => values[column] === undefined || values[column] === null || /^-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/.test(values[column]!)));
+    numeric.set(column, [...raw.values()].every((values) => values[column] === undefined || values[column] === null || isNumberText(values[column]!)));
   }
   const typed = new Map<string, PartitionValues>();
   for (const [path, values] of raw) {

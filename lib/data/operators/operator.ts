@@ -59,6 +59,38 @@ export function splitInputBlock(block: InputBlock, rows: number): [InputBlock, I
   return [head, rest];
 }
 
+/**
+ * Blocks cut into consecutive runs of `sizes` rows, without copies: each piece is a new handle on
+ * its stored block with its own slice, so the caller may let go of the originals.
+ */
+export function cutInputBlocks(blocks: readonly InputBlock[], sizes: readonly number[]): InputBlock[][] {
+  let blockIndex = 0;
+  let offsetInBlock = 0;
+  return sizes.map((size) => {
+    const pieces: InputBlock[] = [];
+    let need = size;
+    while (need > 0 && blockIndex < blocks.length) {
+      const block = blocks[blockIndex];
+      const take = Math.min(need, block.meta.rows - offsetInBlock);
+      if (take > 0) {
+        const whole = offsetInBlock === 0 && take === block.meta.rows;
+        pieces.push({
+          ref: new ObjectRef<Block>(block.ref.id),
+          meta: { rows: take, bytes: whole ? block.meta.bytes : Math.ceil((block.meta.bytes * take) / Math.max(1, block.meta.rows)) },
+          ...(whole && !block.slice ? {} : { slice: [(block.slice?.[0] ?? 0) + offsetInBlock, take] as [number, number] }),
+        });
+      }
+      need -= take;
+      offsetInBlock += take;
+      if (offsetInBlock >= block.meta.rows) {
+        blockIndex++;
+        offsetInBlock = 0;
+      }
+    }
+    return pieces;
+  });
+}
+
 export function dispose(blocks: readonly InputBlock[]): void {
   for (const block of blocks) block.ref[Symbol.dispose]();
 }

@@ -5,13 +5,13 @@
  * slices of the stored blocks; only the joined block is new).
  */
 import { get } from '../../core/api.js';
-import { ObjectRef } from '../../core/object-ref.js';
+import type { ObjectRef } from '../../core/object-ref.js';
 import { DataError } from '../../errors.js';
 import type { Block } from '../block.js';
 import { zipTask } from '../exchange-tasks.js';
 import { slicesOf, type InputBlock, type PhysicalOperatorSpec } from '../plan.js';
 import type { TaskResult } from '../worker-tasks.js';
-import { Operator, dispose, taskTargets, unitBytes, unitRows, type Unit } from './operator.js';
+import { Operator, cutInputBlocks, dispose, taskTargets, unitBytes, unitRows, type Unit } from './operator.js';
 
 export class ZipOperator extends Operator {
   declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'zip' }>;
@@ -72,35 +72,13 @@ export class ZipOperator extends Operator {
       );
       return false;
     }
-    const ranges: Array<[InputBlock[], InputBlock[]]> = [];
-    let cursor = 0;
-    let offset = 0;
-    for (const block of left) {
-      if (block.meta.rows === 0) continue;
-      const pieces: InputBlock[] = [];
-      let need = block.meta.rows;
-      while (need > 0) {
-        const source = right[cursor];
-        const take = Math.min(need, source.meta.rows - offset);
-        if (take > 0) {
-          const whole = offset === 0 && take === source.meta.rows;
-          pieces.push({
-            ref: new ObjectRef<Block>(source.ref.id),
-            meta: { rows: take, bytes: whole ? source.meta.bytes : Math.ceil((source.meta.bytes * take) / Math.max(1, source.meta.rows)) },
-            ...(whole && !source.slice ? {} : { slice: [(source.slice?.[0] ?? 0) + offset, take] as [number, number] }),
-          });
-        }
-        need -= take;
-        offset += take;
-        if (offset >= source.meta.rows) {
-          cursor++;
-          offset = 0;
-        }
-      }
-      ranges.push([[block], pieces]);
-    }
-    // The ranges hold their own handles on the right's blocks: the staged ones go.
+    // One range per block of the left, with the right's rows at the same positions.
+    const lefts = left.filter((block) => block.meta.rows > 0);
+    const rights = cutInputBlocks(right, lefts.map((block) => block.meta.rows));
+    const ranges = lefts.map((block, index): [InputBlock[], InputBlock[]] => [[block], rights[index]]);
+    // The ranges hold their own handles on the right's blocks: the staged ones go, and so do the left's empty blocks.
     dispose(right);
+    dispose(left.filter((block) => block.meta.rows === 0));
     this.#staged[1] = [];
     this.#staged[0] = [];
     this.#ranges = ranges;
