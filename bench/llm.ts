@@ -21,12 +21,21 @@
  * - `llm_cache_grow_tokens_per_s` against `llm_cache_most_tokens_per_s`: 16 prompts allowed 192
  *   new tokens each that stop after 16, under a cache of 1,024 positions: reserving what each
  *   knows (all 16 run at once) against reserving each one's most (240 positions: 4 at once).
+ * - `guided_regex_tokens_per_s` against `llm_unguided_tokens_per_s`: the same 16 requests on one
+ *   rank, each token picked among those a regex allows (a TokenGuide over a synthetic byte-level
+ *   vocabulary of the model's 8,192 tokens: masks built, sent with every step, applied), against
+ *   none;
+ * - `guided_mask_ms` against `guided_mask_per_token_ms`: the allowed tokens of one automaton state
+ *   inside a JSON string (almost every token), over a synthetic 50,000-token vocabulary, found by
+ *   walking the vocabulary's trie against walking each token's bytes on its own (the floor a
+ *   trie must beat); both on a warm automaton.
  * Generated tokens per second of wall time, prompt reading included.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { DecoderShard, ModelReplica, init, planSharding, shutdown, type DecoderConfig, type GenerateRequest, type ModelReplicaOptions } from '../lib/index.js';
+import { DecoderShard, ModelReplica, TokenGuide, Tokenizer, init, planSharding, shutdown, type DecoderConfig, type GenerateRequest, type ModelReplicaOptions } from '../lib/index.js';
+import { DEAD } from '../lib/llm/guided/automaton.js';
 import { attention, linear, setKernelThreads, type HalfMatrix, type WeightMatrix } from '../lib/llm/kernels.js';
 import { floatToBf16 } from '../lib/gpu/dtype.js';
 import { randomWeights, writeCheckpoint } from '../examples/model/random-decoder.js';
@@ -93,6 +102,78 @@ function earlyStops(checkpoint: string, cacheReservation: 'grow' | 'most'): Prom
   return generationRate({ checkpoint, maxCacheTokens: 1024, cacheReservation }, requests, PROMPTS * 16);
 }
 
+/**
+ * A byte-level tokenizer.json of `size` tokens: GPT-2's 256 byte characters, then merges of two
+ * tokens drawn at random (seeded; letters and spaces mostly, as real vocabularies are), up to 12
+ * characters long.
+ */
+function syntheticTokenizer(size: number): Tokenizer {
+  const printable = (byte: number) => (byte >= 33 && byte <= 126) || (byte >= 161 && byte <= 172) || (byte >= 174 && byte <= 255);
+  let extra = 0;
+  const alphabet = Array.from({ length: 256 }, (_, byte) => (printable(byte) ? String.fromCharCode(byte) : String.fromCharCode(256 + extra++)));
+  const vocab = new Map<string, number>(alphabet.map((character, id) => [character, id]));
+  const common = [...'etaoinshrdlucmfwypvbgkjqxz', 'Ġ', 'Ġ', 'Ġ', ',', '.', '"', ':', '{', '}', '0', '1', '2'];
+  const pieces = [...common];
+  const merges: string[] = [];
+  let state = 12345;
+  const random = (n: number) => (state = (state * 1103515245 + 12345) % 2 ** 31) % n;
+  while (vocab.size < size - 1) {
+    const left = pieces[random(pieces.length)];
+    const right = pieces[random(pieces.length)];
+    const token = left + right;
+    if (token.length > 12 || vocab.has(token)) continue;
+    vocab.set(token, vocab.size);
+    merges.push(`${left} ${right}`);
+    pieces.push(token);
+  }
+  const end = vocab.size;
+  return Tokenizer.fromJSON({
+    added_tokens: [{ id: end, content: '<|endoftext|>', single_word: false, lstrip: false, rstrip: false, normalized: false, special: true }],
+    pre_tokenizer: { type: 'ByteLevel', add_prefix_space: false, trim_offsets: true, use_regex: true },
+    decoder: { type: 'ByteLevel', add_prefix_space: true, trim_offsets: true, use_regex: true },
+    model: { type: 'BPE', vocab: { ...Object.fromEntries(vocab), '<|endoftext|>': end }, merges },
+  });
+}
+
+/** Milliseconds to find the allowed tokens of a state inside a JSON string: by the guide's trie walk, and token by token. */
+function maskTimes(): { trie: number; perToken: number } {
+  const tokenizer = syntheticTokenizer(50_000);
+  const times = (run: () => void) => {
+    run();
+    const samples: number[] = [];
+    for (let round = 0; round < 5; round++) {
+      const start = nowNs();
+      run();
+      samples.push(elapsedSeconds(start) * 1e3);
+    }
+    return median(samples);
+  };
+  const schema = { type: 'object', properties: { text: { type: 'string' } }, required: ['text'] };
+  const inString = (guide: TokenGuide) => guide.automaton.walk(guide.automaton.start, new TextEncoder().encode('{"text":"ab'));
+  const trie = times(() => {
+    // A new guide each round: its masks are cached per state, and this measures building one.
+    const guide = TokenGuide.fromJsonSchema(tokenizer, schema);
+    guide.allowed(inString(guide));
+  });
+  const bytes = Array.from({ length: tokenizer.vocabSize }, (_, id) => tokenizer.tokenBytes(id));
+  const perToken = times(() => {
+    const guide = TokenGuide.fromJsonSchema(tokenizer, schema);
+    const state = inString(guide);
+    const allowed = new Uint8Array(bytes.length);
+    bytes.forEach((tokenBytes, id) => {
+      if (tokenBytes && guide.automaton.walk(state, tokenBytes) !== DEAD) allowed[id] = 1;
+    });
+  });
+  return { trie, perToken };
+}
+
+/** Tokens per second of the 16 prompts on one rank, each step's token among those `pattern` allows (none: unguided). */
+function guided(checkpoint: string, pattern: string | undefined): Promise<number> {
+  const tokenizer = syntheticTokenizer(CONFIG.vocabSize);
+  const constraint = pattern === undefined ? undefined : TokenGuide.fromRegex(tokenizer, pattern).constraint();
+  return generationRate({ checkpoint }, prompts.map((tokens) => ({ tokens, maxNewTokens: NEW_TOKENS, ...(constraint ? { constraint } : {}) })));
+}
+
 /** Microseconds per decoding attention call over `past` cached positions, the cache in f32 or bf16. */
 function attentionDecodeMicros(dtype: 'f32' | 'bf16', past = 4096, heads = 32, kvHeads = 8, headDim = 128): number {
   const size = (past + 1) * kvHeads * headDim;
@@ -130,6 +211,8 @@ export const llmSuite: Suite = {
     ['bf16 weights / f32 weights, in process', 'llm_in_process_bf16_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
     ['shared 192-token prefix, cached / read by each prompt', 'llm_prefix_cached_tokens_per_s', 'llm_prefix_uncached_tokens_per_s', ''],
     ['requests stopping early, cache reserved as they grow / at their most', 'llm_cache_grow_tokens_per_s', 'llm_cache_most_tokens_per_s', ''],
+    ['guided by a regex / unguided, one rank', 'guided_regex_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
+    ['mask of a state, trie walk / each token walked (time)', 'guided_mask_ms', 'guided_mask_per_token_ms', ''],
     ['linear m 512, two threads / one', 'linear_m512_2threads_gflops', 'linear_m512_gflops', ''],
     ['replica tp1 pp1, two kernel threads / one', 'llm_tp1_pp1_2threads_tokens_per_s', 'llm_tp1_pp1_tokens_per_s', ''],
     ['decode attention over 4096 positions, bf16 cache / f32 cache (time)', 'attention_decode_bf16_4096_us', 'attention_decode_4096_us', ''],
@@ -154,6 +237,9 @@ export const llmSuite: Suite = {
     } finally {
       setKernelThreads(1);
     }
+    const masks = maskTimes();
+    results.guided_mask_ms = { value: round(masks.trie, 2), unit: 'ms' };
+    results.guided_mask_per_token_ms = { value: round(masks.perToken, 2), unit: 'ms' };
     results.attention_decode_4096_us = { value: round(attentionDecodeMicros('f32'), 1), unit: 'us' };
     results.attention_decode_bf16_4096_us = { value: round(attentionDecodeMicros('bf16'), 1), unit: 'us' };
     const directory = mkdtempSync(join(tmpdir(), 'trellis-bench-llm-'));
@@ -173,6 +259,9 @@ export const llmSuite: Suite = {
         results.llm_prefix_cached_tokens_per_s = { value: round(await sharedPrefix(checkpoint, true), 1), unit: 'tokens/s' };
         results.llm_cache_most_tokens_per_s = { value: round(await earlyStops(checkpoint, 'most'), 1), unit: 'tokens/s' };
         results.llm_cache_grow_tokens_per_s = { value: round(await earlyStops(checkpoint, 'grow'), 1), unit: 'tokens/s' };
+        results.llm_unguided_tokens_per_s = { value: round(await guided(checkpoint, undefined), 1), unit: 'tokens/s' };
+        // Words and punctuation: every state allows most of the vocabulary, so each step sends a full mask.
+        results.guided_regex_tokens_per_s = { value: round(await guided(checkpoint, '[a-z ,.:"{}]*'), 1), unit: 'tokens/s' };
       } finally {
         await shutdown();
       }

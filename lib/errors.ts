@@ -291,3 +291,19 @@ export class ModelLoadError extends TrellisError {
     this.tensor = details.tensor;
   }
 }
+
+/**
+ * A pattern or JSON schema for guided decoding that cannot be compiled: a regex with syntax the
+ * guide does not support (lookaround, backreferences), one that is malformed, or a schema keyword
+ * it cannot enforce. `position` is the regex's offending character (in code points); `schemaPath`
+ * the schema's offending part ('#/properties/age').
+ */
+export class GrammarError extends InvalidArgumentError {
+  readonly position?: number;
+  readonly schemaPath?: string;
+  constructor(message: string, details: { position?: number; schemaPath?: string } = {}) {
+    super(message, 'ERR_GRAMMAR');
+    this.position = details.position;
+    this.schemaPath = details.schemaPath;
+  }
+}

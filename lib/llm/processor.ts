@@ -4,7 +4,7 @@
  * and the pool's batches interleave in it, so the replica's continuous batching sees several
  * batches' sequences at once and keeps its pipeline full.
  */
-import { ActorDiedError, InvalidArgumentError, ModelLoadError } from '../errors.js';
+import { ActorDiedError, GrammarError, InvalidArgumentError, ModelLoadError } from '../errors.js';
 import { remote } from '../core/registry.js';
 import type { Dataset } from '../data/dataset.js';
 import type { Row } from '../data/block.js';
@@ -13,7 +13,12 @@ import { checkpointDirectory } from './config.js';
 import { checkSampling, type SamplingParameters } from './sampling.js';
 import { ChatTemplate, type ChatMessage } from './chat-template.js';
 import { choiceConstraint } from './choices.js';
+import { checkGuidedDecoding, type GuidedDecoding } from './guided/guided-decoding.js';
+import { TokenGuide, type TokenConstraint } from './guided/token-guide.js';
 import { Tokenizer } from './tokenizer.js';
+
+/** Guides an engine keeps compiled (rows may each bring their own schema). */
+const GUIDES_KEPT = 64;
 
 export interface LLMProcessorOptions extends ModelReplicaOptions {
   /** Replicas: a number, or [min, max] for a pool that grows with the backlog (default 1). */
@@ -88,6 +93,18 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
    */
   choices?: string[];
   /**
+   * Guided decoding (vLLM's guided_decoding): the generated text must be a JSON document a schema
+   * accepts (`{ json: schema }`), any JSON object (`{ jsonObject: true }`), a whole match of a
+   * regex (`{ regex }`) or one of some texts however the model spells them (`{ choice }`). Each
+   * step picks among the tokens that keep the text on the pattern; once the pattern is complete
+   * the generation stops ('stop'), and where it may end or go on, the stop tokens are allowed.
+   * A row's `guidedDecoding` column (the same shape, or its JSON text: a text column holds any
+   * mix of kinds) wins for that row, so rows may each have their own schema; guides are compiled
+   * once per engine and pattern. Check 'length' rows: a
+   * text cut by maxNewTokens is unfinished.
+   */
+  guidedDecoding?: GuidedDecoding;
+  /**
    * 'generate' (default), or 'embed': each row's prompt is read and the row gains `embedding`
    * (hiddenSize floats) and `promptTokens`, nothing generated, as decoder embedding models are run.
    */
@@ -127,13 +144,15 @@ export class LLMEngine {
   /** The choices as the tokenizer spells them, and the constraint every request shares. */
   #choices: number[][] | undefined;
   #choiceConstraint: ((generated: readonly number[]) => readonly number[] | null) | undefined;
+  /** Compiled guides by their spec's JSON, least recently used first; each with its constraints by stop tokens. */
+  readonly #guides = new Map<string, { guide: TokenGuide; constraints: Map<string, TokenConstraint> }>();
   readonly #options: EngineOptions;
 
   constructor(options: EngineOptions) {
     this.#options = options;
     this.ready = (async () => {
       const directory = checkpointDirectory(options.checkpoint);
-      if (options.promptColumn !== undefined || options.messagesColumn !== undefined) this.#tokenizer = await Tokenizer.load(options.tokenizer ?? directory);
+      if (options.promptColumn !== undefined || options.messagesColumn !== undefined || options.guidedDecoding !== undefined) this.#tokenizer = await Tokenizer.load(options.tokenizer ?? directory);
       // The template and its special tokens live beside the tokenizer.
       if (options.messagesColumn !== undefined) this.#chatTemplate = ChatTemplate.load(options.tokenizer ? checkpointDirectory(options.tokenizer) : directory, { source: options.chatTemplate });
       if (options.choices !== undefined) {
@@ -205,6 +224,33 @@ export class LLMEngine {
   }
 
   /** A row's stop token ids (its column, else the processor's), as a request takes them. */
+  /** The constraint of a row's guided decoding (its column, else the processor's), for the stop tokens it runs with. */
+  #guidedConstraint(row: Row, index: number, stopTokens: readonly number[]): TokenConstraint | undefined {
+    let spec = (row.guidedDecoding ?? this.#options.guidedDecoding) as GuidedDecoding | string | undefined | null;
+    if (spec === undefined || spec === null) return undefined;
+    if (!this.#tokenizer) throw new InvalidArgumentError(`row ${index}: guidedDecoding needs a tokenizer: give the processor a guidedDecoding, promptColumn or messagesColumn`, 'ERR_CONSTRAINT');
+    const key = typeof spec === 'string' ? spec : JSON.stringify(spec);
+    if (typeof spec === 'string') {
+      try {
+        spec = JSON.parse(spec) as GuidedDecoding;
+      } catch (error) {
+        throw new GrammarError(`row ${index}: guidedDecoding is text but not JSON: ${(error as Error).message}`);
+      }
+    }
+    let entry = this.#guides.get(key);
+    if (entry) this.#guides.delete(key);
+    else {
+      checkGuidedDecoding(spec, `row ${index}: guidedDecoding`);
+      entry = { guide: TokenGuide.compile(this.#tokenizer, spec), constraints: new Map() };
+      if (this.#guides.size >= GUIDES_KEPT) this.#guides.delete(this.#guides.keys().next().value!);
+    }
+    this.#guides.set(key, entry);
+    const stopsKey = stopTokens.join(',');
+    let constraint = entry.constraints.get(stopsKey);
+    if (!constraint) entry.constraints.set(stopsKey, (constraint = entry.guide.constraint(stopTokens)));
+    return constraint;
+  }
+
   #stopTokensOf(row: Row, index: number): { stopTokens?: number[] } {
     const value = row.stopTokens ?? this.#options.stopTokens;
     if (value === undefined || value === null) return {};
@@ -311,16 +357,18 @@ export class LLMEngine {
         throw new InvalidArgumentError(`row ${index}: samplesPerPrompt ${samples} needs sampling with a temperature above 0 (greedy would give ${samples} copies of one text)`, 'ERR_SAMPLING');
       }
       const choices = this.#choices;
+      const stopTokens = this.#options.ignoreEos ? { stopTokens: [] } : this.#stopTokensOf(row, index);
+      const guided = this.#guidedConstraint(row, index, stopTokens.stopTokens ?? this.#replica!.stopTokens);
       return Array.from({ length: samples }, (_, sample) => ({
         tokens,
         // A choice needs its own tokens and, where it could go on, a stop token.
         maxNewTokens: (row.maxNewTokens as number | undefined) ?? this.#options.maxNewTokens ?? (choices ? Math.max(...choices.map((choice) => choice.length)) + 1 : undefined),
-        ...(this.#choiceConstraint ? { constraint: this.#choiceConstraint } : {}),
+        ...(guided ? { constraint: guided } : this.#choiceConstraint ? { constraint: this.#choiceConstraint } : {}),
         ...((row.minNewTokens ?? this.#options.minNewTokens) !== undefined ? { minNewTokens: (row.minNewTokens as number | undefined) ?? this.#options.minNewTokens } : {}),
         sampling: samples > 1 ? { ...sampling, seed: (sampling?.seed ?? 0) + sample } : sampling,
         ...(stops[index] ? { stop: this.#stopWhen(stops[index]) } : {}),
         ...(this.#options.logprobs ? { logprobs: true } : {}),
-        ...(this.#options.ignoreEos ? { stopTokens: [] } : this.#stopTokensOf(row, index)),
+        ...stopTokens,
         ...(this.#options.promptLogprobs ? { promptLogprobs: true } : {}),
         ...(this.#options.topLogprobs ? { topLogprobs: this.#options.topLogprobs } : {}),
       }));
@@ -384,6 +432,10 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
       throw new InvalidArgumentError('choices must be a non-empty list of non-empty strings', 'ERR_CONSTRAINT');
     }
     if (engine.promptColumn === undefined && engine.messagesColumn === undefined) throw new InvalidArgumentError('choices are text: give a promptColumn or messagesColumn', 'ERR_CONSTRAINT');
+  }
+  if (engine.guidedDecoding !== undefined) {
+    if (engine.choices !== undefined) throw new InvalidArgumentError('give choices or guidedDecoding, not both', 'ERR_CONSTRAINT');
+    checkGuidedDecoding(engine.guidedDecoding);
   }
   if (engine.samplesPerPrompt !== undefined && !(Number.isInteger(engine.samplesPerPrompt) && engine.samplesPerPrompt >= 1)) {
     throw new InvalidArgumentError(`samplesPerPrompt must be a positive integer, got ${String(engine.samplesPerPrompt)}`);

@@ -25,6 +25,7 @@ import { resolveCacheDType, type StepMessage, type StepResult, type StepSequence
 import type { CacheDType, WeightDType } from './kernels.js';
 import { checkCheckpoint, resolveWeightDType } from './weights.js';
 import { RemoteShardWorker, type ShardWorker } from './shard-worker.js';
+import { TokenMask } from './guided/token-mask.js';
 
 export interface ModelReplicaOptions extends ParallelismOptions {
   /** A .safetensors file, a directory with model.safetensors or model.safetensors.index.json, or that index. */
@@ -117,11 +118,12 @@ export interface GenerateRequest {
    */
   stop?: (generated: readonly number[]) => boolean;
   /**
-   * Constrained decoding: given the tokens generated so far, the ids the next one may be, or null
-   * when the generation is complete (finishReason 'stop'). Called before the first token and after
-   * each one, in this process; the choice among the allowed ids is the sampling's.
+   * Constrained decoding: given the tokens generated so far, the ids the next one may be (a list,
+   * or a TokenMask of the vocabulary's size, as a TokenGuide's constraint gives), or null when the
+   * generation is complete (finishReason 'stop'). Called before the first token and after each
+   * one, in this process; the choice among the allowed ids is the sampling's.
    */
-  constraint?: (generated: readonly number[]) => readonly number[] | null;
+  constraint?: (generated: readonly number[]) => readonly number[] | TokenMask | null;
   sampling?: SamplingParameters;
   /** Return each generated token's log-probability under the model (log-softmax of its logits). */
   logprobs?: boolean;
@@ -193,9 +195,9 @@ interface Sequence {
   minNewTokens: number;
   stopTokens: Set<number>;
   stop: ((generated: readonly number[]) => boolean) | undefined;
-  constraint?: (generated: readonly number[]) => readonly number[] | null;
-  /** The ids the constraint allows for the next token. */
-  allowed?: Int32Array;
+  constraint?: (generated: readonly number[]) => readonly number[] | TokenMask | null;
+  /** The ids the constraint allows for the next token: a list, or a mask of the vocabulary. */
+  allowed?: Int32Array | TokenMask;
   sampling: SamplingParameters | undefined;
   logprobs: number[] | undefined;
   /** Prompt scoring: the log-probability of prompt token i + 1 at index i, filled as the prompt is read. */
@@ -455,8 +457,13 @@ export class ModelReplica {
   }
 
   /** A constraint's answer checked: undefined when complete (null), else the ids, each in the vocabulary. */
-  #allowedTokens(answer: readonly number[] | null, what: string): Int32Array | undefined {
+  #allowedTokens(answer: readonly number[] | TokenMask | null, what: string): Int32Array | TokenMask | undefined {
     if (answer === null) return undefined;
+    if (answer instanceof TokenMask) {
+      // A tokenizer's vocabulary may be smaller than the model's (padded) one: ids past the mask are not allowed.
+      if (answer.size > this.config.vocabSize) throw new InvalidArgumentError(`${what}: the constraint's mask covers ${answer.size} tokens, more than the vocabulary's ${this.config.vocabSize}`, 'ERR_CONSTRAINT');
+      return answer;
+    }
     if (!(Array.isArray(answer) || ArrayBuffer.isView(answer)) || answer.length === 0) throw new InvalidArgumentError(`${what}: a constraint must give a non-empty list of token ids, or null when complete`, 'ERR_CONSTRAINT');
     for (const token of answer) {
       if (!Number.isInteger(token) || token < 0 || token >= this.config.vocabSize) throw new InvalidArgumentError(`${what}: the constraint allows token ${String(token)}, outside the vocabulary of ${this.config.vocabSize}`, 'ERR_CONSTRAINT');
@@ -494,7 +501,7 @@ export class ModelReplica {
     if (topK !== undefined && (typeof topK !== 'number' || !Number.isInteger(topK) || topK < 1 || topK > 20)) {
       throw new InvalidArgumentError(`${what}: topLogprobs must be an integer from 1 to 20, got ${String(topK)}`, 'ERR_PROMPT');
     }
-    let allowed: Int32Array | undefined;
+    let allowed: Int32Array | TokenMask | undefined;
     if (request.constraint !== undefined) {
       if (typeof request.constraint !== 'function') throw new InvalidArgumentError(`${what}: constraint must be a function of the generated tokens`, 'ERR_CONSTRAINT');
       allowed = this.#allowedTokens(request.constraint([]), what);
@@ -557,7 +564,7 @@ export class ModelReplica {
           ...(sequence.top && !prefill ? { topLogprobs: sequence.top.k } : {}),
           ...(sequence.copyFrom ? { copyFrom: sequence.copyFrom } : {}),
           ...(sequence.pooling ? { pooling: sequence.pooling } : {}),
-          ...(sequence.allowed && !prefill ? { allowed: sequence.allowed } : {}),
+          ...(sequence.allowed && !prefill ? (sequence.allowed instanceof TokenMask ? { allowedMask: sequence.allowed.words } : { allowed: sequence.allowed }) : {}),
           ...(!prefill && sequence.generated.length < sequence.minNewTokens && sequence.stopTokens.size > 0 ? { banned: Int32Array.from(sequence.stopTokens) } : {}),
           ...(sequence.promptLogprobs && sequence.past < sequence.prompt.length - 1 ? { targets: this.#targetsOf(sequence, count) } : {}),
         });

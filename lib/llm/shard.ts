@@ -35,6 +35,8 @@ export interface StepSequence {
   pooling?: 'last' | 'mean';
   /** Constrained decoding: the token picked this step is one of these (a choice, a grammar's next tokens). */
   allowed?: Int32Array;
+  /** The same as a bit mask over the vocabulary (bit id % 32 of word id >> 5): a grammar's thousands of ids in a few KiB. */
+  allowedMask?: Uint32Array;
   /** Ids the next token may not be: the stop tokens, before the sequence's minNewTokens. */
   banned?: Int32Array;
   /**
@@ -561,7 +563,8 @@ export class DecoderShard {
       keep?.set(logits, sequenceIndex * config.vocabSize);
       const sequence = sequences[sequenceIndex];
       const history = needsHistory(sequence.sampling) ? this.#historyOf(sequence.id) : undefined;
-      const candidates = sequence.banned ? withoutBanned(sequence.allowed ? allowedOnly(logits, sequence.allowed, sequence.id) : logits, sequence.banned, sequence.id) : sequence.allowed ? allowedOnly(logits, sequence.allowed, sequence.id) : logits;
+      const constrained = sequence.allowedMask ? maskedOnly(logits, sequence.allowedMask, sequence.id) : sequence.allowed ? allowedOnly(logits, sequence.allowed, sequence.id) : logits;
+      const candidates = sequence.banned ? withoutBanned(constrained, sequence.banned, sequence.id) : constrained;
       const token = pickToken(candidates, sequence.sampling, sequence.past + sequence.count, history);
       if (history) {
         history.seen.add(token);
@@ -587,6 +590,23 @@ function withoutBanned(logits: Float32Array, banned: Int32Array, id: number): Fl
   const masked = Float32Array.from(logits);
   for (const token of banned) if (token >= 0 && token < masked.length) masked[token] = -Infinity;
   if (!masked.some((value) => value > -Infinity)) throw new InvalidArgumentError(`sequence ${id}: every allowed token is a stop token before minNewTokens`, 'ERR_CONSTRAINT');
+  return masked;
+}
+
+/** The logits with every token whose bit is clear in `mask` at -infinity. */
+function maskedOnly(logits: Float32Array, mask: Uint32Array, id: number): Float32Array {
+  if (mask.length > Math.ceil(logits.length / 32)) throw new InvalidArgumentError(`sequence ${id}: its constraint's mask has ${mask.length} words for a vocabulary of ${logits.length}`, 'ERR_CONSTRAINT');
+  // Ids past the mask's words (a tokenizer smaller than the model's vocabulary) stay at -infinity.
+  const masked = new Float32Array(logits.length).fill(-Infinity);
+  let any = false;
+  const covered = Math.min(logits.length, mask.length * 32);
+  for (let token = 0; token < covered; token++) {
+    if (mask[token >>> 5] & (1 << (token & 31))) {
+      masked[token] = logits[token];
+      any = true;
+    }
+  }
+  if (!any) throw new InvalidArgumentError(`sequence ${id}: its constraint allows no token`, 'ERR_CONSTRAINT');
   return masked;
 }
 

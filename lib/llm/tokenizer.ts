@@ -1156,6 +1156,79 @@ function parseDecoder(origin: Origin, value: unknown, where: string): Decoder | 
   }
 }
 
+/**
+ * How one token reads as bytes in the middle of a text, through the decoder chain: what guided
+ * decoding walks its automaton with. Steps that only act at the start of a whole text (a Strip
+ * after a Fuse, Metaspace's first-token rule) do not apply in the middle and are skipped.
+ */
+type TokenByteReader = (token: string) => Uint8Array;
+
+function tokenByteReader(value: unknown): TokenByteReader {
+  type Piece = string | number[];
+  const steps: Array<(piece: Piece) => Piece> = [];
+  let fused = false;
+  const add = (config: JsonObject): void => {
+    switch (config.type) {
+      case 'ByteLevel':
+        steps.push((piece) => {
+          if (typeof piece !== 'string') return piece;
+          const mapped: number[] = [];
+          for (const character of piece) {
+            const byte = CHARACTER_TO_BYTE.get(character);
+            if (byte === undefined) return [...utf8Encoder.encode(piece)];
+            mapped.push(byte);
+          }
+          return mapped;
+        });
+        break;
+      case 'Metaspace': {
+        const replacement = typeof config.replacement === 'string' ? config.replacement : '\u2581';
+        steps.push((piece) => (typeof piece === 'string' ? piece.replaceAll(replacement, ' ') : piece));
+        break;
+      }
+      case 'Replace': {
+        const pattern = parsePattern({ file: undefined, name: 'decoder' }, config.pattern, 'decoder.pattern');
+        const content = config.content as string;
+        steps.push((piece) => (typeof piece === 'string' ? replaceAll(piece, pattern, content) : piece));
+        break;
+      }
+      case 'ByteFallback':
+        steps.push((piece) => {
+          const byte = typeof piece === 'string' ? BYTE_TOKEN.exec(piece) : null;
+          return byte === null ? piece : [parseInt(byte[1] as string, 16)];
+        });
+        break;
+      case 'Fuse':
+        fused = true;
+        break;
+      case 'Strip': {
+        if (fused) break;
+        const content = config.content as string;
+        const start = (config.start as number | undefined) ?? 0;
+        const stop = (config.stop as number | undefined) ?? 0;
+        steps.push((piece) => {
+          if (typeof piece !== 'string') return piece;
+          const characters = [...piece];
+          let from = 0;
+          while (from < start && from < characters.length && characters[from] === content) from += 1;
+          let to = characters.length;
+          while (characters.length - to < stop && to > from && characters[to - 1] === content) to -= 1;
+          return characters.slice(from, to).join('');
+        });
+        break;
+      }
+      case 'Sequence':
+        for (const step of config.decoders as JsonObject[]) add(step);
+        break;
+    }
+  };
+  if (isObject(value)) add(value);
+  return (token) => {
+    const piece = steps.reduce<Piece>((current, step) => step(current), token);
+    return typeof piece === 'string' ? utf8Encoder.encode(piece) : Uint8Array.from(piece);
+  };
+}
+
 // ---------------------------------------------------------------------------------------------
 // The tokenizer
 
@@ -1177,6 +1250,7 @@ export class Tokenizer {
   private readonly preTokenizer: PreTokenizer | undefined;
   private readonly postProcessor: PostProcessor | undefined;
   private readonly decoder: Decoder | undefined;
+  private readonly tokenByteReader: TokenByteReader;
   private readonly addedById = new Map<number, AddedToken>();
   private readonly addedByContent = new Map<string, AddedToken>();
   /** Added tokens matched in the raw text, before normalizing. */
@@ -1194,6 +1268,7 @@ export class Tokenizer {
     this.preTokenizer = parsePreTokenizer(origin, json.pre_tokenizer, 'pre_tokenizer');
     this.postProcessor = parsePostProcessor(origin, json.post_processor, 'post_processor');
     this.decoder = parseDecoder(origin, json.decoder, 'decoder');
+    this.tokenByteReader = tokenByteReader(json.decoder);
 
     let largestId = this.model.largestId;
     const raw: Array<{ token: AddedToken; content: string }> = [];
@@ -1317,5 +1392,16 @@ export class Tokenizer {
   /** The token string of an id (an added token, else one of the model vocab), or undefined. */
   idToToken(id: number): string | undefined {
     return this.addedById.get(id)?.content ?? this.model.tokens[id];
+  }
+
+  /**
+   * The bytes token `id` adds to a text in its middle (partial UTF-8 included: byte-level
+   * tokens may end inside a character), or undefined for special tokens and ids naming none.
+   */
+  tokenBytes(id: number): Uint8Array | undefined {
+    const added = this.addedById.get(id);
+    if (added !== undefined) return added.special ? undefined : this.tokenByteReader(added.content);
+    const token = this.model.tokens[id];
+    return token === undefined ? undefined : this.tokenByteReader(token);
   }
 }

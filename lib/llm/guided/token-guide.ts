@@ -1,0 +1,196 @@
+/**
+ * Guided decoding (vLLM's guided_regex and guided_json, as outlines does it): the tokens a
+ * generation may pick next are those whose bytes keep the text on a path of the pattern's
+ * automaton. The vocabulary is laid out as a trie of token bytes once per tokenizer; each
+ * automaton state's allowed tokens are found by walking the trie and the automaton together
+ * (a byte that leads nowhere cuts off every token below it), and kept as a bit mask, so a state
+ * costs one walk however many sequences pass through it.
+ */
+import { GrammarError } from '../../errors.js';
+import type { Tokenizer } from '../tokenizer.js';
+import { ByteAutomaton, DEAD } from './automaton.js';
+import { type JsonSchemaOptions, jsonSchemaToRegex } from './json-schema.js';
+import { TokenMask } from './token-mask.js';
+import { type GuidedDecoding, guidedRegex } from './guided-decoding.js';
+
+/** The vocabulary's token bytes as a trie in flat arrays, shared by every guide of a tokenizer. */
+class VocabularyTrie {
+  readonly size: number;
+  /** Node n's children are childNodes[childStart[n] .. childStart[n + 1]), reached by childBytes. */
+  readonly childStart: Int32Array;
+  readonly childBytes: Uint8Array;
+  readonly childNodes: Int32Array;
+  /** Node n's tokens (those whose bytes end there) are tokens[tokenStart[n] .. tokenStart[n + 1]). */
+  readonly tokenStart: Int32Array;
+  readonly tokens: Int32Array;
+  /** Each token's bytes (undefined: a special token, never text). */
+  readonly bytes: ReadonlyArray<Uint8Array | undefined>;
+
+  constructor(tokenizer: Tokenizer) {
+    this.size = tokenizer.vocabSize;
+    const bytes: Array<Uint8Array | undefined> = [];
+    const children: Array<Map<number, number>> = [new Map()];
+    const ending: number[][] = [[]];
+    for (let id = 0; id < this.size; id++) {
+      const tokenBytes = tokenizer.tokenBytes(id);
+      bytes.push(tokenBytes && tokenBytes.length > 0 ? tokenBytes : undefined);
+      if (!tokenBytes || tokenBytes.length === 0) continue;
+      let node = 0;
+      for (const byte of tokenBytes) {
+        let child = children[node].get(byte);
+        if (child === undefined) {
+          child = children.length;
+          children.push(new Map());
+          ending.push([]);
+          children[node].set(byte, child);
+        }
+        node = child;
+      }
+      ending[node].push(id);
+    }
+    this.bytes = bytes;
+    const nodes = children.length;
+    this.childStart = new Int32Array(nodes + 1);
+    this.tokenStart = new Int32Array(nodes + 1);
+    let edgeCount = 0;
+    let tokenCount = 0;
+    for (let node = 0; node < nodes; node++) {
+      this.childStart[node] = edgeCount;
+      this.tokenStart[node] = tokenCount;
+      edgeCount += children[node].size;
+      tokenCount += ending[node].length;
+    }
+    this.childStart[nodes] = edgeCount;
+    this.tokenStart[nodes] = tokenCount;
+    this.childBytes = new Uint8Array(edgeCount);
+    this.childNodes = new Int32Array(edgeCount);
+    this.tokens = new Int32Array(tokenCount);
+    for (let node = 0; node < nodes; node++) {
+      let edge = this.childStart[node];
+      for (const [byte, child] of children[node]) {
+        this.childBytes[edge] = byte;
+        this.childNodes[edge++] = child;
+      }
+      this.tokens.set(ending[node], this.tokenStart[node]);
+    }
+  }
+
+  /** The tokens whose whole bytes lead from `state` to a state that is not DEAD. */
+  allowedFrom(automaton: ByteAutomaton, state: number): TokenMask {
+    const mask = new TokenMask(this.size);
+    const nodeStack: number[] = [0];
+    const stateStack: number[] = [state];
+    while (nodeStack.length > 0) {
+      const node = nodeStack.pop()!;
+      const at = stateStack.pop()!;
+      for (let edge = this.childStart[node]; edge < this.childStart[node + 1]; edge++) {
+        const next = automaton.step(at, this.childBytes[edge]);
+        if (next === DEAD) continue;
+        const child = this.childNodes[edge];
+        for (let index = this.tokenStart[child]; index < this.tokenStart[child + 1]; index++) mask.add(this.tokens[index]);
+        if (this.childStart[child + 1] > this.childStart[child]) {
+          nodeStack.push(child);
+          stateStack.push(next);
+        }
+      }
+    }
+    return mask;
+  }
+}
+
+const tries = new WeakMap<Tokenizer, VocabularyTrie>();
+
+function trieOf(tokenizer: Tokenizer): VocabularyTrie {
+  let trie = tries.get(tokenizer);
+  if (!trie) tries.set(tokenizer, (trie = new VocabularyTrie(tokenizer)));
+  return trie;
+}
+
+/** A constraint for ModelReplica requests: the next token's allowed ids, or null once the text is complete. */
+export type TokenConstraint = (generated: readonly number[]) => TokenMask | null;
+
+/**
+ * A pattern compiled against a tokenizer's vocabulary. One guide serves any number of
+ * generations: `constraint()` gives each request (or all of them) the function a ModelReplica
+ * asks for the next token's allowed ids; the masks it builds are shared.
+ */
+export class TokenGuide {
+  readonly automaton: ByteAutomaton;
+  readonly #trie: VocabularyTrie;
+  readonly #masks = new Map<number, TokenMask>();
+
+  /** Throws GrammarError when the pattern cannot be compiled. */
+  static fromRegex(tokenizer: Tokenizer, pattern: string): TokenGuide {
+    return new TokenGuide(tokenizer, ByteAutomaton.fromRegex(pattern));
+  }
+
+  /** The text must be JSON that the schema accepts (see jsonSchemaToRegex for what is enforced). */
+  static fromJsonSchema(tokenizer: Tokenizer, schema: unknown, options: JsonSchemaOptions = {}): TokenGuide {
+    return new TokenGuide(tokenizer, ByteAutomaton.fromRegex(jsonSchemaToRegex(schema, options)));
+  }
+
+  /** A guide for what a processor or request asks (a schema, any JSON object, a regex, choices). */
+  static compile(tokenizer: Tokenizer, spec: GuidedDecoding): TokenGuide {
+    return TokenGuide.fromRegex(tokenizer, guidedRegex(spec));
+  }
+
+  private constructor(tokenizer: Tokenizer, automaton: ByteAutomaton) {
+    this.automaton = automaton;
+    this.#trie = trieOf(tokenizer);
+  }
+
+  /** The tokens that keep the text on the pattern from `state` (cached per state). */
+  allowed(state: number): TokenMask {
+    let mask = this.#masks.get(state);
+    if (!mask) this.#masks.set(state, (mask = this.#trie.allowedFrom(this.automaton, state)));
+    return mask;
+  }
+
+  /** The automaton's state after `tokens` from the start, DEAD if they leave the pattern (a special token does). */
+  stateAfter(tokens: readonly number[], from = this.automaton.start): number {
+    let state = from;
+    for (const token of tokens) {
+      const bytes = this.#trie.bytes[token];
+      if (bytes === undefined) return DEAD;
+      state = this.automaton.walk(state, bytes);
+      if (state === DEAD) return DEAD;
+    }
+    return state;
+  }
+
+  /**
+   * The constraint function for ModelReplica requests. Where the text so far matches the whole
+   * pattern, `stopTokens` are allowed too (the generation may end there); once no byte can follow
+   * (a closed JSON object), or a stop token was picked, it answers null: the text is complete.
+   * Throws GrammarError (ERR_GRAMMAR) when no token of the vocabulary can continue the text.
+   */
+  constraint(stopTokens: readonly number[] = []): TokenConstraint {
+    const stops = new Set(stopTokens);
+    const withStops = new Map<number, TokenMask>();
+    // Where each generation's walk stands, so a step reads only its new tokens.
+    const progress = new WeakMap<readonly number[], { length: number; state: number }>();
+    return (generated) => {
+      const known = progress.get(generated);
+      let state = known && known.length <= generated.length ? known.state : this.automaton.start;
+      for (let index = known && known.length <= generated.length ? known.length : 0; index < generated.length; index++) {
+        const token = generated[index];
+        if (stops.has(token) && this.automaton.accepting(state)) return null;
+        const bytes = this.#trie.bytes[token];
+        const next = bytes === undefined ? DEAD : this.automaton.walk(state, bytes);
+        if (next === DEAD) throw new GrammarError(`token ${token} (position ${index}) leaves the pattern ${JSON.stringify(this.automaton.pattern.slice(0, 80))}`);
+        state = next;
+      }
+      progress.set(generated, { length: generated.length, state });
+      if (!this.automaton.canContinue(state)) return null;
+      const accepting = this.automaton.accepting(state);
+      let mask = accepting && stops.size > 0 ? withStops.get(state) : this.allowed(state);
+      if (!mask) {
+        mask = new TokenMask(this.#trie.size, Uint32Array.from(this.allowed(state).words));
+        for (const stop of stops) if (stop >= 0 && stop < mask.size) mask.add(stop);
+        withStops.set(state, mask);
+      }
+      if (!accepting && mask.count() === 0) throw new GrammarError(`no token of the vocabulary continues the pattern ${JSON.stringify(this.automaton.pattern.slice(0, 80))} after ${generated.length} tokens`);
+      return mask;
+    };
+  }
+}

@@ -1,0 +1,351 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { buildLLMProcessor, fromItems, GrammarError, init, jsonSchemaToRegex, ModelReplica, shutdown, TokenGuide, TokenMask, Tokenizer } from '../../lib/index.js';
+import { ByteAutomaton, DEAD } from '../../lib/llm/guided/automaton.js';
+import { integerRange } from '../../lib/llm/guided/json-schema.js';
+import { gpt2StyleTokenizerJson, llama2StyleTokenizerJson } from './fixtures/tokenizers.js';
+import { randomWeights, referenceLogits, TINY, writeCheckpoint } from './fixtures/decoders.js';
+
+/** A seeded generator of floats in [0, 1), so every run draws the same texts. */
+function seeded(seed: number): () => number {
+  let state = seed;
+  return () => (state = (state * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
+}
+
+function refusal(run: () => unknown): GrammarError {
+  try {
+    run();
+  } catch (error) {
+    expect(error).toBeInstanceOf(GrammarError);
+    expect((error as GrammarError).code).toBe('ERR_GRAMMAR');
+    return error as GrammarError;
+  }
+  throw new Error('not refused');
+}
+
+describe('guided decoding: regexes as byte automata', () => {
+  it("matches whole texts as JavaScript's RegExp does", () => {
+    const patterns = ['a*b', '(ab|cd)+e?', '[a-c]{2,3}x', '[^ab]*', 'é+|ü', '\\d{3}-\\d{2}', '(a|b)*abb', '.{0,2}', '[\\s\\S]{2}', 'x(?:yz)*?', '\\u00e9\\u{1F600}?', '[^\\x00-\\x7f]+', 'a{2}b{0,2}', '\\w+@\\w+\\.com', '(?<n>a|)b', '^[]a]+$', 'a{,2}', '[-a]|\\.'];
+    const alphabet = ['a', 'b', 'c', 'd', 'e', 'x', 'y', 'z', '1', '-', 'é', 'ü', '😀', ' ', '\n', '.', '@', 'com', '中', ']', '{', '}', ','];
+    const random = seeded(7);
+    for (const pattern of patterns) {
+      const automaton = ByteAutomaton.fromRegex(pattern);
+      // Python's ']' first in a class and '{,n}' are JavaScript's '\]' and '{0,n}'.
+      const reference = new RegExp(`^(?:${pattern.replace('a{,2}', 'a{0,2}').replace('^[]a]', '^[\\]a]')})$`, 'u');
+      for (let text = 0; text < 1500; text++) {
+        const length = Math.floor(random() * 6);
+        let sample = '';
+        for (let index = 0; index < length; index++) sample += alphabet[Math.floor(random() * alphabet.length)];
+        if (automaton.matches(sample) !== reference.test(sample)) throw new Error(`${pattern} on ${JSON.stringify(sample)}: ${automaton.matches(sample)}`);
+      }
+    }
+  });
+
+  it('reads every code point through its UTF-8 bytes, at the encoding boundaries too', () => {
+    const boundaries = [0, 0x7f, 0x80, 0x7ff, 0x800, 0xd7ff, 0xe000, 0xfffd, 0xffff, 0x10000, 0x10ffff, 0x1f600, 0x3040, 0x22];
+    const random = seeded(3);
+    const points = [...boundaries, ...Array.from({ length: 400 }, () => Math.floor(random() * 0x110000))].filter((code) => code < 0xd800 || code > 0xdfff);
+    for (const [low, high] of [[0x80, 0x7ff], [0x7ff, 0x800], [0x10, 0x10fff0], [0xfff, 0x10001], [0xd000, 0xe100], [0x1f600, 0x1f64f]]) {
+      const hex = (code: number) => `\\u{${code.toString(16)}}`;
+      for (const negated of [false, true]) {
+        const pattern = `[${negated ? '^' : ''}${hex(low)}-${hex(high)}]`;
+        const automaton = ByteAutomaton.fromRegex(pattern);
+        const reference = new RegExp(`^${pattern}$`, 'u');
+        for (const code of points) expect(automaton.matches(String.fromCodePoint(code)), `${pattern} on U+${code.toString(16)}`).toBe(reference.test(String.fromCodePoint(code)));
+      }
+    }
+    // A byte that starts a character but does not finish it leaves the state alive, not accepting.
+    const automaton = ByteAutomaton.fromRegex('é');
+    const half = automaton.step(automaton.start, 0xc3);
+    expect(half).not.toBe(DEAD);
+    expect(automaton.accepting(half)).toBe(false);
+    expect(automaton.accepting(automaton.step(half, 0xa9))).toBe(true);
+    expect(automaton.step(half, 0x41)).toBe(DEAD);
+  });
+
+  it('refuses what it cannot guide with a GrammarError naming the position', () => {
+    const cases: Array<[string, RegExp, number]> = [
+      ['ab(?=c)', /lookaround is not supported/, 2],
+      ['(a)\\1', /backreferences are not supported/, 3],
+      ['a**', /a quantifier cannot follow another/, 1],
+      ['(ab', /the group opened at 0 is not closed/, 3],
+      ['ab)', /unmatched '\)'/, 2],
+      ['[z-a]', /the range runs backwards/, 2],
+      ['\\p{L}+', /Unicode property classes/, 0],
+      ['a^b', /'\^' is only supported at the start/, 1],
+      ['*a', /nothing to repeat/, 0],
+      ['\\bword', /the anchor \\b is not supported/, 0],
+      ['a{5,2}', /minimum above its maximum/, 1],
+      ['a{2000}', /repetition counts above 1000/, 1],
+      ['[abc', /the class opened at 0 is not closed/, 4],
+      ['(?i)abc', /not supported \(flags/, 0],
+      ['a++', /possessive quantifiers/, 2],
+      ['\\q', /unknown escape \\q/, 0],
+    ];
+    for (const [pattern, message, position] of cases) {
+      const error = refusal(() => ByteAutomaton.fromRegex(pattern));
+      expect(error.message, pattern).toMatch(message);
+      expect(error.position, pattern).toBe(position);
+    }
+    expect(refusal(() => ByteAutomaton.fromRegex('[^\\s\\S]')).message).toMatch(/matches no text/);
+  });
+});
+
+describe('guided decoding: JSON schemas as regexes', () => {
+  const accepts = (schema: unknown, documents: string[], rejected: string[], options = {}) => {
+    const automaton = ByteAutomaton.fromRegex(jsonSchemaToRegex(schema, options));
+    for (const document of documents) expect(automaton.matches(document), `accepts ${document}`).toBe(true);
+    for (const document of rejected) expect(automaton.matches(document), `rejects ${document}`).toBe(false);
+  };
+
+  it('accepts the documents a schema does, properties in order, optional ones left out', () => {
+    const person = {
+      type: 'object',
+      properties: {
+        name: { type: 'string', minLength: 1, maxLength: 8 },
+        age: { type: 'integer', minimum: 0, maximum: 120 },
+        score: { type: 'number', minimum: 0, maximum: 1 },
+        tags: { type: 'array', items: { enum: ['a', 'b', 'c'] }, maxItems: 3 },
+        kind: { anyOf: [{ type: 'null' }, { type: 'boolean' }] },
+        when: { type: 'string', format: 'date' },
+      },
+      required: ['name', 'age'],
+    };
+    accepts(
+      person,
+      ['{"name":"bob","age":30}', '{ "name" : "b\\"o\\u00e9", "age": 120 }', '{"name":"bob","age":7,"score":0.5,"tags":["a","c"],"kind":null,"when":"2024-01-31"}', '{"name":"bob","age":0,"score":1.000,"tags":[]}', '{"name":"日本","age":1,"kind":false}'],
+      ['{"name":"bob","age":121}', '{"age":3,"name":"x"}', '{"name":"","age":3}', '{"name":"bob","age":30,"score":1.5}', '{"name":"bob","age":30,"tags":["a","a","a","a"]}', '{"name":"bob"}', '{"name":"bob","age":30,"extra":1}', '{"name":"bob","age":-1}', '{"name":"bob","age":030}', '{"name":"bob","age":3,"when":"2024-13-01"}', '{"name":"bob","age":3}x', '{"name":"a\nb","age":3}', '{"name":"bob",  "age":3}'],
+    );
+    // Only optional properties: any ordered subset, the empty object too.
+    accepts({ properties: { a: { type: 'integer' }, b: { type: 'boolean' }, c: { const: 'x' } } }, ['{}', '{"b":true}', '{"a":1,"c":"x"}', '{"a":-5,"b":false,"c":"x"}', '{"c":"x"}'], ['{"c":"x","a":1}', '{,"b":true}', '{"a":1,}', '{"c":"y"}']);
+    // Tuples, lengths, maps, type lists, references and free-form values.
+    accepts({ type: 'array', prefixItems: [{ type: 'integer' }, { type: 'string' }], items: { type: 'boolean' }, minItems: 2, maxItems: 4 }, ['[1,"a"]', '[1,"a",true,false]'], ['[1]', '[1,"a",true,false,true]', '["a",1]', '[1,"a",3]']);
+    accepts({ type: 'array', items: { type: 'integer' }, minItems: 2, maxItems: 3 }, ['[1,2]', '[1, 2, 3]'], ['[]', '[1]', '[1,2,3,4]']);
+    accepts({ type: 'object', additionalProperties: { type: 'number' } }, ['{}', '{"x":1.5,"y":-2e3}'], ['{"x":"1"}']);
+    accepts({ type: ['string', 'null'] }, ['"x"', 'null'], ['1']);
+    accepts({ $defs: { point: { type: 'object', properties: { x: { type: 'integer' } }, required: ['x'] } }, type: 'array', items: { $ref: '#/$defs/point' } }, ['[{"x":1},{"x":2}]', '[]'], ['[{"y":1}]']);
+    accepts({}, ['{"a":[1,{"b":null}]}', '"s"', '-1.5e+3', 'true', '[]'], ['{a:1}', "'s'", '01']);
+    accepts({ type: 'string', pattern: '^[A-Z]{2}[0-9]+$' }, ['"AB12"'], ['"ab12"', '"AB"']);
+    accepts({ type: 'string', format: 'uuid' }, ['"123e4567-e89b-12d3-a456-426614174000"'], ['"123e4567"']);
+    accepts({ type: 'string', format: 'date-time' }, ['"2024-02-29T23:59:60Z"'.replace('60', '59'), '"2024-02-29T00:00:00.5+05:30"'], ['"2024-02-29 00:00:00"']);
+    accepts({ enum: ['red', 1, null, { a: 1 }] }, ['"red"', '1', 'null', '{"a":1}'], ['"blue"', '2']);
+    accepts({ type: 'object', properties: { a: { type: 'integer' } }, required: ['a'] }, ['{\n  "a": 1\n}'], ['{"a":1}  '], { whitespace: '[ \\n]*' });
+  });
+
+  it('writes integer and number bounds as exact ranges', () => {
+    const ranges: Array<[number, number]> = [[0, 120], [-15, 7], [3, 3], [-200, -5], [17, 1234], [0, 9], [99, 101], [-1, 0], [5, 100000]];
+    for (const [low, high] of ranges) {
+      const automaton = ByteAutomaton.fromRegex(`(${integerRange(low, high)})`);
+      for (let value = low - 120; value <= Math.min(high, low + 3000) + 120; value++) expect(automaton.matches(String(value)), `${value} in [${low}, ${high}]`).toBe(value >= low && value <= high);
+      expect(automaton.matches('-0') || automaton.matches(`0${Math.abs(low) + 1}`)).toBe(false);
+    }
+    const atLeast = ByteAutomaton.fromRegex(jsonSchemaToRegex({ type: 'integer', exclusiveMinimum: 41 }));
+    for (const [text, wanted] of [['42', true], ['41', false], ['100000000000', true], ['-50', false], ['9', false]] as const) expect(atLeast.matches(text), text).toBe(wanted);
+    const atMost = ByteAutomaton.fromRegex(jsonSchemaToRegex({ type: 'integer', maximum: -3 }));
+    for (const [text, wanted] of [['-3', true], ['-2', false], ['-3000', true], ['0', false]] as const) expect(atMost.matches(text), text).toBe(wanted);
+    const cases: Array<[object, string[], string[]]> = [
+      [{ type: 'number', minimum: 0, maximum: 1 }, ['0', '0.0', '0.999', '1', '1.00'], ['1.01', '-0.5', '2', '1e0']],
+      [{ type: 'number', exclusiveMinimum: 0, maximum: 10 }, ['0.001', '5', '9.99', '10'], ['0', '0.000', '10.5', '-1']],
+      [{ type: 'number', minimum: -2, exclusiveMaximum: 3 }, ['-2', '-1.5', '-0.5', '0', '2.999'], ['-2.1', '3', '3.0', '-3']],
+      [{ type: 'number', minimum: 5 }, ['5', '5.5', '123456.7'], ['4.99', '-5']],
+      [{ type: 'number', maximum: -1 }, ['-1', '-1.0', '-7.25'], ['-0.5', '0', '1']],
+    ];
+    for (const [schema, inside, outside] of cases) {
+      const automaton = ByteAutomaton.fromRegex(jsonSchemaToRegex(schema));
+      for (const text of inside) expect(automaton.matches(text), `${text} in ${JSON.stringify(schema)}`).toBe(true);
+      for (const text of outside) expect(automaton.matches(text), `${text} outside ${JSON.stringify(schema)}`).toBe(false);
+    }
+  });
+
+  it('cuts recursion off at maxDepth and refuses keywords it cannot enforce, naming their path', () => {
+    const tree = { $defs: { node: { type: 'object', properties: { value: { type: 'integer' }, children: { type: 'array', items: { $ref: '#/$defs/node' } } }, required: ['value'] } }, $ref: '#/$defs/node' };
+    const automaton = ByteAutomaton.fromRegex(jsonSchemaToRegex(tree, { maxDepth: 3 }));
+    expect(automaton.matches('{"value":1,"children":[{"value":2,"children":[{"value":3}]}]}')).toBe(true);
+    expect(automaton.matches('{"value":1,"children":[{"value":2,"children":[{"value":3,"children":[{"value":4}]}]}]}')).toBe(false);
+    const cases: Array<[unknown, RegExp, string]> = [
+      [{ type: 'object', properties: { x: { not: { type: 'null' } } } }, /the keyword 'not' cannot be enforced/, '#/properties/x/not'],
+      [{ type: 'object', properties: { a: {} }, required: ['b'] }, /required names 'b', which is not among its properties \(a\)/, '#/required'],
+      [{ $ref: '#/$defs/missing' }, /names nothing in the schema/, '#/$ref'],
+      [{ $ref: 'http://example.com/schema' }, /only references inside the schema/, '#/$ref'],
+      [{ type: 'number', minimum: 0.5 }, /whole numbers/, '#'],
+      [{ type: 'string', format: 'hostname' }, /the format "hostname" is not supported/, '#/format'],
+      [{ type: 'integer', minimum: 5, maximum: 4 }, /no integer lies between the bounds/, '#'],
+      [{ type: 'color' }, /unknown type "color"/, '#/type'],
+      [{ allOf: [{ type: 'string' }, { maxLength: 2 }] }, /only an allOf of one schema/, '#/allOf'],
+      [{ type: 'string', minLength: 3, maxLength: 2 }, /maxLength is below minLength/, '#'],
+      ['{not json', /must be JSON/, '#'],
+    ];
+    for (const [schema, message, path] of cases) {
+      const error = refusal(() => jsonSchemaToRegex(schema));
+      expect(error.message).toMatch(message);
+      expect(error.schemaPath).toBe(path);
+    }
+  });
+});
+
+describe('guided decoding: token guides', () => {
+  const gpt2 = Tokenizer.fromJSON(gpt2StyleTokenizerJson());
+  const llama2 = Tokenizer.fromJSON(llama2StyleTokenizerJson());
+  const endOfText = gpt2.tokenToId('<|endoftext|>')!;
+
+  it('reads each token as the bytes it adds in the middle of a text', () => {
+    expect(Array.from(gpt2.tokenBytes(gpt2.tokenToId('Ġworld')!)!)).toEqual([...Buffer.from(' world')]);
+    // A byte-level token that is half a character: its one byte.
+    expect(Array.from(gpt2.tokenBytes(gpt2.tokenToId('Ã')!)!)).toEqual([0xc3]);
+    expect(gpt2.tokenBytes(endOfText)).toBeUndefined();
+    expect(Array.from(llama2.tokenBytes(llama2.tokenToId('▁Hello')!)!)).toEqual([...Buffer.from(' Hello')]);
+    expect(Array.from(llama2.tokenBytes(llama2.tokenToId('<0x0A>')!)!)).toEqual([0x0a]);
+    expect(llama2.tokenBytes(llama2.tokenToId('</s>')!)).toBeUndefined();
+  });
+
+  it("allows exactly the tokens whose bytes keep the text on the pattern, the stop tokens where it may end", () => {
+    const schema = { type: 'object', properties: { word: { type: 'string', maxLength: 5 }, count: { type: 'integer', minimum: 0, maximum: 50 }, flag: { type: 'boolean' } }, required: ['word', 'count'] };
+    const valid = (text: string) => {
+      const value = JSON.parse(text) as Record<string, unknown>;
+      expect(Object.keys(value).slice(0, 2)).toEqual(['word', 'count']);
+      expect([...(value.word as string)].length).toBeLessThanOrEqual(5);
+      expect(Number.isInteger(value.count) && (value.count as number) >= 0 && (value.count as number) <= 50).toBe(true);
+      if ('flag' in value) expect(typeof value.flag).toBe('boolean');
+    };
+    for (const [tokenizer, stop] of [[gpt2, endOfText], [llama2, llama2.tokenToId('</s>')!]] as const) {
+      const guide = TokenGuide.fromJsonSchema(tokenizer, schema);
+      const constraint = guide.constraint([stop]);
+      const random = seeded(11);
+      let stoppedByToken = 0;
+      for (let document = 0; document < 12; document++) {
+        const generated: number[] = [];
+        for (let mask = constraint(generated); mask !== null; mask = constraint(generated)) {
+          // The mask is exactly the tokens a walk of their bytes from here keeps alive.
+          const state = guide.stateAfter(generated);
+          for (let id = 0; id < tokenizer.vocabSize; id++) {
+            const bytes = tokenizer.tokenBytes(id);
+            const alive = bytes !== undefined && bytes.length > 0 && guide.automaton.walk(state, bytes) !== DEAD;
+            expect(mask.has(id), `token ${id} after ${generated.length} tokens`).toBe(alive || (id === stop && guide.automaton.accepting(state)));
+          }
+          const ids = mask.ids();
+          generated.push(ids[Math.floor(random() * ids.length)]);
+          expect(generated.length).toBeLessThan(200);
+        }
+        if (generated.at(-1) === stop) {
+          stoppedByToken++;
+          generated.pop();
+        }
+        valid(tokenizer.decode(generated));
+      }
+      // An accepting state that cannot go on ends the text itself: most walks end at '}', none needs the stop token there.
+      expect(stoppedByToken).toBe(0);
+    }
+  });
+
+  it('lets a stop token end a pattern that may go on, and names a token that leaves the pattern', () => {
+    const guide = TokenGuide.fromRegex(gpt2, '[0-9]+');
+    const constraint = guide.constraint([endOfText]);
+    const one = gpt2.tokenToId('1')!;
+    const first = constraint([])!;
+    expect(first.has(one)).toBe(true);
+    expect(first.has(endOfText)).toBe(false);
+    expect(first.has(gpt2.tokenToId('12')!)).toBe(true);
+    expect(first.has(gpt2.tokenToId('a')!)).toBe(false);
+    const later = constraint([one])!;
+    expect(later.has(endOfText)).toBe(true);
+    expect(later.count()).toBe(first.count() + 1);
+    expect(constraint([one, endOfText])).toBeNull();
+    expect(refusal(() => constraint([one, gpt2.tokenToId('a')!])).message).toMatch(/token \d+ \(position 1\) leaves the pattern/);
+    // Without stop tokens a pattern that may go on keeps going; a finished one answers null.
+    expect(TokenGuide.fromRegex(gpt2, 'ab').constraint()([gpt2.tokenToId('a')!, gpt2.tokenToId('b')!])).toBeNull();
+    // A character of four bytes is spelled a byte token at a time: first the token of byte F4 alone.
+    expect(TokenGuide.fromRegex(gpt2, '\\u{10FFFF}').constraint()([])!.ids()).toEqual([gpt2.tokenToId('ô')]);
+
+    const mask = new TokenMask(70);
+    for (const id of [0, 31, 32, 69]) mask.add(id);
+    expect(mask.ids()).toEqual([0, 31, 32, 69]);
+    expect([mask.count(), mask.has(31), mask.has(33), mask.has(70)]).toEqual([4, true, false, false]);
+    expect(() => new TokenMask(70, new Uint32Array(2))).toThrow(/has 3 words/);
+  });
+});
+
+describe('guided decoding in the processor and the replica', () => {
+  let directory: string;
+  let checkpoint: string;
+  const config = { ...TINY, vocabSize: 300, maxPositions: 160 };
+  const weights = randomWeights(config, 11);
+  const tokenizerJson = gpt2StyleTokenizerJson();
+  const tokenizer = Tokenizer.fromJSON(tokenizerJson);
+
+  beforeAll(async () => {
+    directory = mkdtempSync(join(tmpdir(), 'trellis-guided-'));
+    checkpoint = await writeCheckpoint(join(directory, 'model'), config, weights);
+    writeFileSync(join(checkpoint, 'tokenizer.json'), JSON.stringify(tokenizerJson));
+    await init({ numCpus: 4 });
+  });
+  afterAll(async () => {
+    await shutdown();
+    rmSync(directory, { recursive: true, force: true });
+  });
+
+  /** Greedy decoding by the reference model, each step's token the most likely one the guide allows. */
+  function guidedReference(guide: TokenGuide, prompt: number[], stop: number, maxNewTokens: number): number[] {
+    const constraint = guide.constraint([stop]);
+    const generated: number[] = [];
+    for (let mask = constraint(generated); mask !== null && generated.length < maxNewTokens; mask = constraint(generated)) {
+      const logits = referenceLogits(config, weights, [...prompt, ...generated]).at(-1)!;
+      generated.push(mask.ids().reduce((best, token) => (logits[token] > logits[best] ? token : best)));
+      if (generated.at(-1) === stop) break;
+    }
+    return generated;
+  }
+
+  it('generates JSON a schema accepts, token for token as a reference restricted to the same tokens, across two ranks', async () => {
+    const schema = { type: 'object', properties: { name: { type: 'string', maxLength: 6 }, age: { type: 'integer', minimum: 0, maximum: 120 }, ok: { type: 'boolean' } }, required: ['name', 'age', 'ok'] };
+    const prompts = ['Hello world', 'the cat', 'it is'];
+    const processor = buildLLMProcessor({ checkpoint, promptColumn: 'prompt', maxNewTokens: 100, guidedDecoding: { json: schema }, tensorParallel: 2 });
+    const rows = await processor(fromItems(prompts.map((prompt, id) => ({ id, prompt })))).takeAll();
+    rows.sort((a, b) => (a.id as number) - (b.id as number));
+    const guide = TokenGuide.fromJsonSchema(tokenizer, schema);
+    const stop = tokenizer.tokenToId('<|endoftext|>')!;
+    prompts.forEach((prompt, index) => {
+      expect(Array.from(rows[index].generatedTokens as number[])).toEqual(guidedReference(guide, tokenizer.encode(prompt), stop, 100));
+      expect(rows[index].finishReason).toBe('stop');
+      const value = JSON.parse(rows[index].generatedText as string) as Record<string, unknown>;
+      expect(Object.keys(value)).toEqual(['name', 'age', 'ok']);
+      expect(typeof value.ok).toBe('boolean');
+    });
+  });
+
+  it("takes each row's own guide from its column, as JSON text, and refuses bad ones by name", async () => {
+    const processor = buildLLMProcessor({ checkpoint, promptColumn: 'prompt', maxNewTokens: 30 });
+    const rows = await processor(
+      fromItems([
+        { id: 0, prompt: 'a', guidedDecoding: JSON.stringify({ regex: '[0-9]{3}-[a-z]{2}' }) },
+        { id: 1, prompt: 'b', guidedDecoding: JSON.stringify({ choice: ['yes', 'no', 'maybe'] }) },
+        { id: 2, prompt: 'c', guidedDecoding: JSON.stringify({ json: { enum: [1, 2, 3] } }) },
+        { id: 3, prompt: 'd', guidedDecoding: null },
+      ]),
+    ).takeAll();
+    rows.sort((a, b) => (a.id as number) - (b.id as number));
+    expect(rows[0].generatedText).toMatch(/^[0-9]{3}-[a-z]{2}$/);
+    expect(['yes', 'no', 'maybe']).toContain(rows[1].generatedText);
+    expect(['1', '2', '3']).toContain(rows[2].generatedText);
+    expect(rows.slice(0, 3).map((row) => row.finishReason)).toEqual(['stop', 'stop', 'stop']);
+    expect((rows[3].generatedTokens as number[]).length).toBe(30);
+    await expect(processor(fromItems([{ prompt: 'a', guidedDecoding: JSON.stringify({ regex: '(?=x)' }) }])).takeAll()).rejects.toThrow(/row 0: guidedDecoding: regex "\(\?=x\)" at 0: lookaround is not supported/);
+    expect(refusal(() => buildLLMProcessor({ checkpoint, promptColumn: 'prompt', guidedDecoding: { json: { type: 'object', properties: { x: { type: 'integer', multipleOf: 3 } } } } })).schemaPath).toBe('#/properties/x/multipleOf');
+    expect(refusal(() => buildLLMProcessor({ checkpoint, guidedDecoding: { regex: 'a', json: {} } })).message).toMatch(/exactly one of json, jsonObject, regex or choice, got json and regex/);
+    expect(() => buildLLMProcessor({ checkpoint, promptColumn: 'prompt', choices: ['a'], guidedDecoding: { regex: 'a' } })).toThrow(/choices or guidedDecoding, not both/);
+  });
+
+  it('guides a replica request through a mask, also one smaller than the padded vocabulary', async () => {
+    await using replica = await ModelReplica.create({ checkpoint });
+    const guide = TokenGuide.fromRegex(tokenizer, '(ab|cd){2}!');
+    const stop = tokenizer.tokenToId('<|endoftext|>')!;
+    const prompt = tokenizer.encode('Hello');
+    const [generation] = await replica.generate([{ tokens: prompt, maxNewTokens: 20, constraint: guide.constraint([stop]) }]);
+    expect(tokenizer.decode(generation.tokens)).toMatch(/^(ab|cd){2}!$/);
+    expect(generation.tokens).toEqual(guidedReference(guide, prompt, stop, 20));
+    expect(generation.finishReason).toBe('stop');
+    await expect(replica.generate([{ tokens: prompt, constraint: () => new TokenMask(config.vocabSize + 1) }])).rejects.toMatchObject({ code: 'ERR_CONSTRAINT', message: /more than the vocabulary's 300/ });
+    await expect(replica.generate([{ tokens: prompt, constraint: () => new TokenMask(config.vocabSize) }])).rejects.toThrow(/allows no token/);
+  });
+});
