@@ -28,7 +28,8 @@
  * - `guided_mask_ms` against `guided_mask_per_token_ms`: the allowed tokens of one automaton state
  *   inside a JSON string (almost every token), over a synthetic 50,000-token vocabulary, found by
  *   walking the vocabulary's trie against walking each token's bytes on its own (the floor a
- *   trie must beat); both on a warm automaton.
+ *   trie must beat); `guided_masks_document_ms` against `guided_masks_document_per_token_ms` the
+ *   same for every state one JSON document passes through (most states allow few tokens).
  * Generated tokens per second of wall time, prompt reading included.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -107,7 +108,7 @@ function earlyStops(checkpoint: string, cacheReservation: 'grow' | 'most'): Prom
  * tokens drawn at random (seeded; letters and spaces mostly, as real vocabularies are), up to 12
  * characters long.
  */
-function syntheticTokenizer(size: number): Tokenizer {
+export function syntheticTokenizer(size: number): Tokenizer {
   const printable = (byte: number) => (byte >= 33 && byte <= 126) || (byte >= 161 && byte <= 172) || (byte >= 174 && byte <= 255);
   let extra = 0;
   const alphabet = Array.from({ length: 256 }, (_, byte) => (printable(byte) ? String.fromCharCode(byte) : String.fromCharCode(256 + extra++)));
@@ -115,8 +116,14 @@ function syntheticTokenizer(size: number): Tokenizer {
   const common = [...'etaoinshrdlucmfwypvbgkjqxz', 'Ġ', 'Ġ', 'Ġ', ',', '.', '"', ':', '{', '}', '0', '1', '2'];
   const pieces = [...common];
   const merges: string[] = [];
+  // mulberry32: integer arithmetic throughout (a float LCG loses bits past 2^53 and cycles).
   let state = 12345;
-  const random = (n: number) => (state = (state * 1103515245 + 12345) % 2 ** 31) % n;
+  const random = (n: number) => {
+    state = (state + 0x6d2b79f5) | 0;
+    let t = Math.imul(state ^ (state >>> 15), 1 | state);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) % n;
+  };
   while (vocab.size < size - 1) {
     const left = pieces[random(pieces.length)];
     const right = pieces[random(pieces.length)];
@@ -135,8 +142,14 @@ function syntheticTokenizer(size: number): Tokenizer {
   });
 }
 
-/** Milliseconds to find the allowed tokens of a state inside a JSON string: by the guide's trie walk, and token by token. */
-function maskTimes(): { trie: number; perToken: number } {
+/**
+ * Milliseconds to find allowed tokens over a synthetic 50,000-token vocabulary, by the guide's
+ * trie walk and by walking each token alone: for one state inside a JSON string (almost every
+ * token allowed: nothing to prune), and for every state one document passes through at its token
+ * boundaries (what a generation's first document costs). A new guide each round, the automaton
+ * warmed by a first one, so the rounds measure the walks.
+ */
+export function maskTimes(): { trie: number; perToken: number; documentTrie: number; documentPerToken: number } {
   const tokenizer = syntheticTokenizer(50_000);
   const times = (run: () => void) => {
     run();
@@ -148,23 +161,39 @@ function maskTimes(): { trie: number; perToken: number } {
     }
     return median(samples);
   };
-  const schema = { type: 'object', properties: { text: { type: 'string' } }, required: ['text'] };
-  const inString = (guide: TokenGuide) => guide.automaton.walk(guide.automaton.start, new TextEncoder().encode('{"text":"ab'));
-  const trie = times(() => {
-    // A new guide each round: its masks are cached per state, and this measures building one.
-    const guide = TokenGuide.fromJsonSchema(tokenizer, schema);
-    guide.allowed(inString(guide));
-  });
+  const schema = {
+    type: 'object',
+    properties: { name: { type: 'string' }, age: { type: 'integer', minimum: 0, maximum: 150 }, email: { type: 'string', format: 'email' }, tags: { type: 'array', items: { type: 'string' }, maxItems: 5 } },
+    required: ['name', 'age', 'email'],
+  };
+  const document = tokenizer.encode('{"name":"ada lovelace","age":36,"email":"ada@example.com","tags":["math","poetry"]}');
   const bytes = Array.from({ length: tokenizer.vocabSize }, (_, id) => tokenizer.tokenBytes(id));
-  const perToken = times(() => {
-    const guide = TokenGuide.fromJsonSchema(tokenizer, schema);
-    const state = inString(guide);
+  const perTokenMask = (guide: TokenGuide, state: number) => {
     const allowed = new Uint8Array(bytes.length);
     bytes.forEach((tokenBytes, id) => {
       if (tokenBytes && guide.automaton.walk(state, tokenBytes) !== DEAD) allowed[id] = 1;
     });
-  });
-  return { trie, perToken };
+  };
+  const statesOf = (guide: TokenGuide) => new Set(document.map((_, index) => guide.stateAfter(document.slice(0, index))));
+  const inString = (guide: TokenGuide) => guide.automaton.walk(guide.automaton.start, new TextEncoder().encode('{"name":"ab'));
+  return {
+    trie: times(() => {
+      const guide = TokenGuide.fromJsonSchema(tokenizer, schema);
+      guide.allowed(inString(guide));
+    }),
+    perToken: times(() => {
+      const guide = TokenGuide.fromJsonSchema(tokenizer, schema);
+      perTokenMask(guide, inString(guide));
+    }),
+    documentTrie: times(() => {
+      const guide = TokenGuide.fromJsonSchema(tokenizer, schema);
+      for (const state of statesOf(guide)) guide.allowed(state);
+    }),
+    documentPerToken: times(() => {
+      const guide = TokenGuide.fromJsonSchema(tokenizer, schema);
+      for (const state of statesOf(guide)) perTokenMask(guide, state);
+    }),
+  };
 }
 
 /** Tokens per second of the 16 prompts on one rank, each step's token among those `pattern` allows (none: unguided). */
@@ -212,7 +241,8 @@ export const llmSuite: Suite = {
     ['shared 192-token prefix, cached / read by each prompt', 'llm_prefix_cached_tokens_per_s', 'llm_prefix_uncached_tokens_per_s', ''],
     ['requests stopping early, cache reserved as they grow / at their most', 'llm_cache_grow_tokens_per_s', 'llm_cache_most_tokens_per_s', ''],
     ['guided by a regex / unguided, one rank', 'guided_regex_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
-    ['mask of a state, trie walk / each token walked (time)', 'guided_mask_ms', 'guided_mask_per_token_ms', ''],
+    ['mask of a state inside a string, trie walk / each token walked (time)', 'guided_mask_ms', 'guided_mask_per_token_ms', ''],
+    ["masks of a document's states, trie walk / each token walked (time)", 'guided_masks_document_ms', 'guided_masks_document_per_token_ms', ''],
     ['linear m 512, two threads / one', 'linear_m512_2threads_gflops', 'linear_m512_gflops', ''],
     ['replica tp1 pp1, two kernel threads / one', 'llm_tp1_pp1_2threads_tokens_per_s', 'llm_tp1_pp1_tokens_per_s', ''],
     ['decode attention over 4096 positions, bf16 cache / f32 cache (time)', 'attention_decode_bf16_4096_us', 'attention_decode_4096_us', ''],
@@ -240,6 +270,8 @@ export const llmSuite: Suite = {
     const masks = maskTimes();
     results.guided_mask_ms = { value: round(masks.trie, 2), unit: 'ms' };
     results.guided_mask_per_token_ms = { value: round(masks.perToken, 2), unit: 'ms' };
+    results.guided_masks_document_ms = { value: round(masks.documentTrie, 2), unit: 'ms' };
+    results.guided_masks_document_per_token_ms = { value: round(masks.documentPerToken, 2), unit: 'ms' };
     results.attention_decode_4096_us = { value: round(attentionDecodeMicros('f32'), 1), unit: 'us' };
     results.attention_decode_bf16_4096_us = { value: round(attentionDecodeMicros('bf16'), 1), unit: 'us' };
     const directory = mkdtempSync(join(tmpdir(), 'trellis-bench-llm-'));

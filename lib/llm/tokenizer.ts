@@ -1161,9 +1161,14 @@ function parseDecoder(origin: Origin, value: unknown, where: string): Decoder | 
  * decoding walks its automaton with. Steps that only act at the start of a whole text (a Strip
  * after a Fuse, Metaspace's first-token rule) do not apply in the middle and are skipped.
  */
-type TokenByteReader = (token: string) => Uint8Array;
+interface TokenByteReader {
+  read: (token: string) => Uint8Array;
+  /** The decoder drops a space that begins the whole text (SentencePiece's prefix space). */
+  stripsLeadingSpace: boolean;
+}
 
 function tokenByteReader(value: unknown): TokenByteReader {
+  let stripsLeadingSpace = false;
   type Piece = string | number[];
   const steps: Array<(piece: Piece) => Piece> = [];
   let fused = false;
@@ -1183,6 +1188,7 @@ function tokenByteReader(value: unknown): TokenByteReader {
         break;
       case 'Metaspace': {
         const replacement = typeof config.replacement === 'string' ? config.replacement : '\u2581';
+        if (parsePrependScheme({ file: undefined, name: 'decoder' }, config, 'decoder') !== 'never') stripsLeadingSpace = true;
         steps.push((piece) => (typeof piece === 'string' ? piece.replaceAll(replacement, ' ') : piece));
         break;
       }
@@ -1202,7 +1208,10 @@ function tokenByteReader(value: unknown): TokenByteReader {
         fused = true;
         break;
       case 'Strip': {
-        if (fused) break;
+        if (fused) {
+          if (config.content === ' ' && ((config.start as number | undefined) ?? 0) >= 1) stripsLeadingSpace = true;
+          break;
+        }
         const content = config.content as string;
         const start = (config.start as number | undefined) ?? 0;
         const stop = (config.stop as number | undefined) ?? 0;
@@ -1223,9 +1232,12 @@ function tokenByteReader(value: unknown): TokenByteReader {
     }
   };
   if (isObject(value)) add(value);
-  return (token) => {
-    const piece = steps.reduce<Piece>((current, step) => step(current), token);
-    return typeof piece === 'string' ? utf8Encoder.encode(piece) : Uint8Array.from(piece);
+  return {
+    read: (token) => {
+      const piece = steps.reduce<Piece>((current, step) => step(current), token);
+      return typeof piece === 'string' ? utf8Encoder.encode(piece) : Uint8Array.from(piece);
+    },
+    stripsLeadingSpace,
   };
 }
 
@@ -1400,8 +1412,17 @@ export class Tokenizer {
    */
   tokenBytes(id: number): Uint8Array | undefined {
     const added = this.addedById.get(id);
-    if (added !== undefined) return added.special ? undefined : this.tokenByteReader(added.content);
+    if (added !== undefined) return added.special ? undefined : this.tokenByteReader.read(added.content);
     const token = this.model.tokens[id];
-    return token === undefined ? undefined : this.tokenByteReader(token);
+    return token === undefined ? undefined : this.tokenByteReader.read(token);
+  }
+
+  /**
+   * Whether decoding drops one space that begins the text (SentencePiece-style vocabularies,
+   * whose words carry their space in front): a generation's first token may then begin with a
+   * space the text will not have.
+   */
+  get stripsLeadingSpace(): boolean {
+    return this.tokenByteReader.stripsLeadingSpace;
   }
 }

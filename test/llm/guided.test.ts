@@ -11,7 +11,12 @@ import { randomWeights, referenceLogits, TINY, writeCheckpoint } from './fixture
 /** A seeded generator of floats in [0, 1), so every run draws the same texts. */
 function seeded(seed: number): () => number {
   let state = seed;
-  return () => (state = (state * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
+  return () => {
+    state = (state + 0x6d2b79f5) | 0;
+    let t = Math.imul(state ^ (state >>> 15), 1 | state);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
+  };
 }
 
 function refusal(run: () => unknown): GrammarError {
@@ -198,6 +203,17 @@ describe('guided decoding: token guides', () => {
     expect(Array.from(llama2.tokenBytes(llama2.tokenToId('▁Hello')!)!)).toEqual([...Buffer.from(' Hello')]);
     expect(Array.from(llama2.tokenBytes(llama2.tokenToId('<0x0A>')!)!)).toEqual([0x0a]);
     expect(llama2.tokenBytes(llama2.tokenToId('</s>')!)).toBeUndefined();
+    expect([gpt2.stripsLeadingSpace, llama2.stripsLeadingSpace]).toEqual([false, true]);
+  });
+
+  it("lets a SentencePiece vocabulary's first token carry the space its decoder drops", () => {
+    const hello = llama2.tokenToId('▁Hello')!;
+    const constraint = TokenGuide.fromRegex(llama2, 'Hello!?').constraint([llama2.tokenToId('</s>')!]);
+    expect(constraint([])!.has(hello)).toBe(true);
+    expect(llama2.decode([hello])).toBe('Hello');
+    // Only at the start: a second space is no part of the pattern.
+    expect(constraint([llama2.tokenToId('<0x20>')!])!.has(hello)).toBe(false);
+    expect(TokenGuide.fromRegex(gpt2, 'Hello').constraint()([])!.has(gpt2.tokenToId('Ġt')!)).toBe(false);
   });
 
   it("allows exactly the tokens whose bytes keep the text on the pattern, the stop tokens where it may end", () => {

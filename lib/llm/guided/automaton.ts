@@ -11,7 +11,8 @@ import { type RegexNode, parseRegex, utf8Sequences } from './regex.js';
 const MAX_NFA_STATES = 1_000_000;
 const MAX_DFA_STATES = 200_000;
 
-const UNKNOWN = -2;
+/** A transition not computed yet. */
+export const UNKNOWN = -2;
 /** The state no text leads out of: a byte that leads here is not allowed. */
 export const DEAD = -1;
 
@@ -111,9 +112,14 @@ export class ByteAutomaton {
   readonly #accepting: boolean[] = [];
   readonly #canContinue: boolean[] = [];
 
-  /** Throws GrammarError when the pattern cannot be read or matches nothing. */
-  static fromRegex(pattern: string): ByteAutomaton {
-    return new ByteAutomaton(pattern, parseRegex(pattern));
+  /**
+   * Throws GrammarError when the pattern cannot be read or matches nothing. `leadingSpace` lets
+   * the text begin with one space more (one a SentencePiece decoder drops from a text's start).
+   */
+  static fromRegex(pattern: string, options: { leadingSpace?: boolean } = {}): ByteAutomaton {
+    const tree = parseRegex(pattern);
+    const space: RegexNode = { kind: 'repeat', node: { kind: 'chars', set: [[0x20, 0x20]] }, min: 0, max: 1 };
+    return new ByteAutomaton(pattern, options.leadingSpace ? { kind: 'concat', parts: [space, tree] } : tree);
   }
 
   private constructor(pattern: string, tree: RegexNode) {
@@ -134,6 +140,19 @@ export class ByteAutomaton {
   /** States built so far. */
   get size(): number {
     return this.#sets.length;
+  }
+
+  /**
+   * The transitions of `state` known so far, by byte: a state, DEAD, or UNKNOWN (-2: ask `step`).
+   * For loops that read many bytes (a vocabulary's trie) without a call per byte.
+   */
+  row(state: number): Int32Array {
+    return this.#transitions[state];
+  }
+
+  /** Every state's row (see `row`); the list grows as states are built, and stays the same list. */
+  get rows(): readonly Int32Array[] {
+    return this.#transitions;
   }
 
   /** Where `byte` leads from `state` (DEAD when nowhere). */

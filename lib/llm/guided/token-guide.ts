@@ -8,23 +8,30 @@
  */
 import { GrammarError } from '../../errors.js';
 import type { Tokenizer } from '../tokenizer.js';
-import { ByteAutomaton, DEAD } from './automaton.js';
+import { ByteAutomaton, DEAD, UNKNOWN } from './automaton.js';
 import { type JsonSchemaOptions, jsonSchemaToRegex } from './json-schema.js';
 import { TokenMask } from './token-mask.js';
 import { type GuidedDecoding, guidedRegex } from './guided-decoding.js';
 
-/** The vocabulary's token bytes as a trie in flat arrays, shared by every guide of a tokenizer. */
+/**
+ * The vocabulary's token bytes as a trie, its nodes numbered in preorder so a walk is one pass
+ * over flat arrays: node n is reached from its parent by one byte, its subtree is the nodes
+ * n .. subtreeEnd[n], and a byte that leads nowhere skips the whole subtree. Shared by every
+ * guide of a tokenizer.
+ */
 class VocabularyTrie {
   readonly size: number;
-  /** Node n's children are childNodes[childStart[n] .. childStart[n + 1]), reached by childBytes. */
-  readonly childStart: Int32Array;
-  readonly childBytes: Uint8Array;
-  readonly childNodes: Int32Array;
+  /** Per node (0 is the root): its parent, the byte from the parent, where its subtree ends. */
+  readonly parent: Int32Array;
+  readonly byte: Uint8Array;
+  readonly subtreeEnd: Int32Array;
   /** Node n's tokens (those whose bytes end there) are tokens[tokenStart[n] .. tokenStart[n + 1]). */
   readonly tokenStart: Int32Array;
   readonly tokens: Int32Array;
   /** Each token's bytes (undefined: a special token, never text). */
   readonly bytes: ReadonlyArray<Uint8Array | undefined>;
+  /** The automaton state at each node during a walk (reused: one walk at a time per process). */
+  readonly #states: Int32Array;
 
   constructor(tokenizer: Tokenizer) {
     this.size = tokenizer.vocabSize;
@@ -49,54 +56,65 @@ class VocabularyTrie {
       ending[node].push(id);
     }
     this.bytes = bytes;
-    const nodes = children.length;
-    this.childStart = new Int32Array(nodes + 1);
-    this.tokenStart = new Int32Array(nodes + 1);
-    let edgeCount = 0;
+    const count = children.length;
+    this.parent = new Int32Array(count);
+    this.byte = new Uint8Array(count);
+    this.subtreeEnd = new Int32Array(count);
+    this.tokenStart = new Int32Array(count + 1);
+    this.tokens = new Int32Array(ending.reduce((sum, list) => sum + list.length, 0));
+    this.#states = new Int32Array(count);
+    // Renumber in preorder (an explicit stack: vocabularies have tokens of hundreds of bytes).
+    let next = 0;
     let tokenCount = 0;
-    for (let node = 0; node < nodes; node++) {
-      this.childStart[node] = edgeCount;
-      this.tokenStart[node] = tokenCount;
-      edgeCount += children[node].size;
-      tokenCount += ending[node].length;
-    }
-    this.childStart[nodes] = edgeCount;
-    this.tokenStart[nodes] = tokenCount;
-    this.childBytes = new Uint8Array(edgeCount);
-    this.childNodes = new Int32Array(edgeCount);
-    this.tokens = new Int32Array(tokenCount);
-    for (let node = 0; node < nodes; node++) {
-      let edge = this.childStart[node];
-      for (const [byte, child] of children[node]) {
-        this.childBytes[edge] = byte;
-        this.childNodes[edge++] = child;
+    const stack: Array<{ node: number; parent: number; byte: number; exit?: boolean; order?: number }> = [{ node: 0, parent: -1, byte: 0 }];
+    while (stack.length > 0) {
+      const entry = stack.pop()!;
+      if (entry.exit) {
+        this.subtreeEnd[entry.order!] = next;
+        continue;
       }
-      this.tokens.set(ending[node], this.tokenStart[node]);
+      const order = next++;
+      this.parent[order] = entry.parent;
+      this.byte[order] = entry.byte;
+      this.tokenStart[order] = tokenCount;
+      this.tokens.set(ending[entry.node], tokenCount);
+      tokenCount += ending[entry.node].length;
+      stack.push({ node: entry.node, parent: entry.parent, byte: entry.byte, exit: true, order });
+      for (const [byte, child] of [...children[entry.node]].reverse()) stack.push({ node: child, parent: order, byte });
     }
+    this.tokenStart[count] = tokenCount;
   }
 
   /** The tokens whose whole bytes lead from `state` to a state that is not DEAD. */
   allowedFrom(automaton: ByteAutomaton, state: number): TokenMask {
     const mask = new TokenMask(this.size);
-    const nodeStack: number[] = [0];
-    const stateStack: number[] = [state];
-    while (nodeStack.length > 0) {
-      const node = nodeStack.pop()!;
-      const at = stateStack.pop()!;
-      for (let edge = this.childStart[node]; edge < this.childStart[node + 1]; edge++) {
-        const next = automaton.step(at, this.childBytes[edge]);
-        if (next === DEAD) continue;
-        const child = this.childNodes[edge];
-        for (let index = this.tokenStart[child]; index < this.tokenStart[child + 1]; index++) mask.add(this.tokens[index]);
-        if (this.childStart[child + 1] > this.childStart[child]) {
-          nodeStack.push(child);
-          stateStack.push(next);
-        }
+    const words = mask.words;
+    const { parent, byte, subtreeEnd, tokenStart, tokens } = this;
+    const states = this.#states;
+    const count = parent.length;
+    const rows = automaton.rows;
+    states[0] = state;
+    for (let node = 1; node < count; ) {
+      const from = states[parent[node]];
+      let next = rows[from][byte[node]];
+      if (next === UNKNOWN) next = automaton.step(from, byte[node]);
+      if (next === DEAD) {
+        node = subtreeEnd[node];
+        continue;
       }
+      states[node] = next;
+      for (let index = tokenStart[node], last = tokenStart[node + 1]; index < last; index++) {
+        const id = tokens[index];
+        words[id >>> 5] |= 1 << (id & 31);
+      }
+      node++;
     }
     return mask;
   }
 }
+
+/** Masks a guide keeps, by automaton state. */
+const MASKS_KEPT = 4096;
 
 const tries = new WeakMap<Tokenizer, VocabularyTrie>();
 
@@ -121,12 +139,13 @@ export class TokenGuide {
 
   /** Throws GrammarError when the pattern cannot be compiled. */
   static fromRegex(tokenizer: Tokenizer, pattern: string): TokenGuide {
-    return new TokenGuide(tokenizer, ByteAutomaton.fromRegex(pattern));
+    // Where the decoder drops a leading space, a first token such as '▁{' spells '{' in the text.
+    return new TokenGuide(tokenizer, ByteAutomaton.fromRegex(pattern, { leadingSpace: tokenizer.stripsLeadingSpace }));
   }
 
   /** The text must be JSON that the schema accepts (see jsonSchemaToRegex for what is enforced). */
   static fromJsonSchema(tokenizer: Tokenizer, schema: unknown, options: JsonSchemaOptions = {}): TokenGuide {
-    return new TokenGuide(tokenizer, ByteAutomaton.fromRegex(jsonSchemaToRegex(schema, options)));
+    return TokenGuide.fromRegex(tokenizer, jsonSchemaToRegex(schema, options));
   }
 
   /** A guide for what a processor or request asks (a schema, any JSON object, a regex, choices). */
@@ -142,7 +161,11 @@ export class TokenGuide {
   /** The tokens that keep the text on the pattern from `state` (cached per state). */
   allowed(state: number): TokenMask {
     let mask = this.#masks.get(state);
-    if (!mask) this.#masks.set(state, (mask = this.#trie.allowedFrom(this.automaton, state)));
+    if (mask) return mask;
+    mask = this.#trie.allowedFrom(this.automaton, state);
+    // A mask is vocabulary / 8 bytes (19 KiB for 150,000 tokens): keep the states used most recently.
+    if (this.#masks.size >= MASKS_KEPT) this.#masks.delete(this.#masks.keys().next().value!);
+    this.#masks.set(state, mask);
     return mask;
   }
 
@@ -187,6 +210,7 @@ export class TokenGuide {
       if (!mask) {
         mask = new TokenMask(this.#trie.size, Uint32Array.from(this.allowed(state).words));
         for (const stop of stops) if (stop >= 0 && stop < mask.size) mask.add(stop);
+        if (withStops.size >= MASKS_KEPT) withStops.delete(withStops.keys().next().value!);
         withStops.set(state, mask);
       }
       if (!accepting && mask.count() === 0) throw new GrammarError(`no token of the vocabulary continues the pattern ${JSON.stringify(this.automaton.pattern.slice(0, 80))} after ${generated.length} tokens`);
