@@ -15,6 +15,8 @@
 export interface PrefixSequence {
   readonly id: number;
   readonly prompt: Int32Array;
+  /** Caches are shared only within one namespace (a LoRA adapter's name; none: the base model). */
+  readonly namespace?: string;
   /** Positions the ranks' cache holds for it. */
   past: number;
 }
@@ -26,11 +28,16 @@ export interface PrefixMatch<S extends PrefixSequence> {
 }
 
 /** Hashes of each whole block of `tokens`, each chained to the blocks before it. */
-function blockHashes(tokens: Int32Array, blockTokens: number): string[] {
+function blockHashes(tokens: Int32Array, blockTokens: number, namespace = ''): string[] {
   const hashes: string[] = [];
   // Two 32-bit FNV-1a lanes with different offsets: a 64-bit key, kept as a string.
   let first = 0x811c9dc5;
   let second = 0x01000193 ^ 0x5bd1e995;
+  // The namespace starts the chain: the same tokens under another adapter hash apart.
+  for (let index = 0; index < namespace.length; index++) {
+    first = Math.imul(first ^ namespace.charCodeAt(index), 0x01000193);
+    second = Math.imul(second ^ namespace.charCodeAt(index), 0x01000193) ^ (second >>> 13);
+  }
   for (let block = 0; (block + 1) * blockTokens <= tokens.length; block++) {
     for (let index = block * blockTokens; index < (block + 1) * blockTokens; index++) {
       const token = tokens[index];
@@ -72,7 +79,7 @@ export class PrefixCache<S extends PrefixSequence> {
   #hashesOf(sequence: S): string[] {
     let hashes = this.#hashes.get(sequence.id);
     if (!hashes) {
-      hashes = blockHashes(sequence.prompt, this.blockTokens);
+      hashes = blockHashes(sequence.prompt, this.blockTokens, sequence.namespace);
       this.#hashes.set(sequence.id, hashes);
     }
     return hashes;
@@ -93,7 +100,7 @@ export class PrefixCache<S extends PrefixSequence> {
     for (let blocks = usable; blocks >= 1 && !match; blocks--) {
       const source = this.#index.get(hashes[blocks - 1]);
       const length = blocks * this.blockTokens;
-      if (!source || source === sequence || !this.#holding.has(source.id) || !samePrefix(source.prompt, sequence.prompt, length)) continue;
+      if (!source || source === sequence || !this.#holding.has(source.id) || source.namespace !== sequence.namespace || !samePrefix(source.prompt, sequence.prompt, length)) continue;
       if (source.past >= length) match = { source, length };
       else return { kind: 'wait' };
     }

@@ -4,6 +4,7 @@
  * and the pool's batches interleave in it, so the replica's continuous batching sees several
  * batches' sequences at once and keeps its pipeline full.
  */
+import { join } from 'node:path';
 import { ActorDiedError, GrammarError, InvalidArgumentError, ModelLoadError } from '../errors.js';
 import { remote } from '../core/registry.js';
 import type { Dataset } from '../data/dataset.js';
@@ -104,6 +105,13 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
    * text cut by maxNewTokens is unfinished.
    */
   guidedDecoding?: GuidedDecoding;
+  /**
+   * A directory of LoRA adapters, one sub-directory each: a row's `adapter` column that names
+   * none of `adapters` is looked up here by name (a plain name: letters, digits, '.', '_', '-')
+   * and registered on first use, as Ray's dynamic LoRA loading path. Rows run with their
+   * column's adapter (null: the base model), any mix of them in one batch.
+   */
+  adapterDirectory?: string;
   /**
    * 'generate' (default), or 'embed': each row's prompt is read and the row gains `embedding`
    * (hiddenSize floats) and `promptTokens`, nothing generated, as decoder embedding models are run.
@@ -300,9 +308,33 @@ export class LLMEngine {
   /** An embedding job's batch: each row gains its embedding and its prompt's length. */
   async #embed(rows: Row[]): Promise<Row[]> {
     const { pooling, normalize } = this.#options;
-    const requests: EmbedRequest[] = rows.map((row, index) => ({ tokens: this.#prompt(row, index), ...(pooling ? { pooling } : {}), ...(normalize !== undefined ? { normalize } : {}) }));
-    const embeddings = await this.#onReplica((replica) => replica.embed(requests));
+    const requests: EmbedRequest[] = rows.map((row, index) => ({ tokens: this.#prompt(row, index), ...(pooling ? { pooling } : {}), ...(normalize !== undefined ? { normalize } : {}), ...this.#adapterOf(row) }));
+    const embeddings = await this.#onReplica(async (replica) => {
+      await this.#registerAdapters(replica, rows);
+      return replica.embed(requests);
+    });
     return rows.map((row, index) => ({ ...row, embedding: embeddings[index].vector, promptTokens: embeddings[index].promptTokens }));
+  }
+
+  /** A row's adapter column, for its request. */
+  #adapterOf(row: Row): { adapter?: string } {
+    const adapter = row.adapter;
+    return adapter === undefined || adapter === null ? {} : { adapter: adapter as string };
+  }
+
+  /** Registers the rows' adapters the replica does not know from adapterDirectory (a rebuilt replica learns them again). */
+  async #registerAdapters(replica: ModelReplica, rows: Row[]): Promise<void> {
+    const directory = this.#options.adapterDirectory;
+    const known = new Set(replica.adapters);
+    for (const [index, row] of rows.entries()) {
+      const name = row.adapter;
+      if (name === undefined || name === null || known.has(name as string)) continue;
+      if (typeof name !== 'string') throw new InvalidArgumentError(`row ${index}: adapter must be a name, got ${typeof name}`, 'ERR_ADAPTER');
+      if (directory === undefined) continue; // the replica names what it knows
+      if (!/^[A-Za-z0-9_][A-Za-z0-9._-]*$/.test(name) || name.includes('..')) throw new InvalidArgumentError(`row ${index}: adapter ${JSON.stringify(name)} is not a plain name (letters, digits, '.', '_', '-'), so it cannot be looked up in adapterDirectory`, 'ERR_ADAPTER');
+      await replica.addAdapter(name, join(directory, name));
+      known.add(name);
+    }
   }
 
   /** A rank's death, whether seen by a compiled graph here or by a call's result from the driver. */
@@ -369,11 +401,15 @@ export class LLMEngine {
         ...(stops[index] ? { stop: this.#stopWhen(stops[index]) } : {}),
         ...(this.#options.logprobs ? { logprobs: true } : {}),
         ...stopTokens,
+        ...this.#adapterOf(row),
         ...(this.#options.promptLogprobs ? { promptLogprobs: true } : {}),
         ...(this.#options.topLogprobs ? { topLogprobs: this.#options.topLogprobs } : {}),
       }));
     });
-    const generations = await this.#onReplica((replica) => replica.generate(requests));
+    const generations = await this.#onReplica(async (replica) => {
+      await this.#registerAdapters(replica, rows);
+      return replica.generate(requests);
+    });
     return generations.map((generation, position) => {
       const index = Math.floor(position / samples);
       return {

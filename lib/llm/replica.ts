@@ -26,6 +26,7 @@ import type { CacheDType, WeightDType } from './kernels.js';
 import { checkCheckpoint, resolveWeightDType } from './weights.js';
 import { RemoteShardWorker, type ShardWorker } from './shard-worker.js';
 import { TokenMask } from './guided/token-mask.js';
+import { readAdapter, type AdapterInfo } from './lora.js';
 
 export interface ModelReplicaOptions extends ParallelismOptions {
   /** A .safetensors file, a directory with model.safetensors or model.safetensors.index.json, or that index. */
@@ -98,6 +99,17 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    * Each costs numLayers × 2 × numKeyValueHeads × headSize × 4 bytes, cut across the ranks.
    */
   prefixCacheTokens?: number;
+  /**
+   * LoRA adapters (PEFT directories: adapter_config.json and adapter_model.safetensors) by the
+   * name requests give (`adapter`); more can be added with `addAdapter`. Each step's sequences
+   * may each use a different one, or none, over the same base weights.
+   */
+  adapters?: Record<string, string>;
+  /**
+   * Adapters the ranks hold at once (default 8, vLLM's max_loras): a sequence whose adapter is not
+   * loaded waits until one that no running sequence uses can make way.
+   */
+  maxLoadedAdapters?: number;
 }
 
 export interface GenerateRequest {
@@ -105,6 +117,8 @@ export interface GenerateRequest {
   tokens: ArrayLike<number>;
   /** Tokens to generate at most (default 16). */
   maxNewTokens?: number;
+  /** The LoRA adapter (a name given to `adapters` or `addAdapter`) this generation runs with; none: the base model. */
+  adapter?: string;
   /**
    * Tokens to generate at least (default 0; vLLM's min_tokens): until then the stop tokens cannot
    * be picked and `stop` is not asked.
@@ -160,6 +174,8 @@ export interface EmbedRequest {
   pooling?: 'last' | 'mean';
   /** Scale the vector to length 1 (default true), for cosine similarity by dot product. */
   normalize?: boolean;
+  /** The LoRA adapter to read the text with (a registered name); none: the base model. */
+  adapter?: string;
 }
 
 export interface Embedding {
@@ -190,6 +206,9 @@ export interface ReplicaStats {
 interface Sequence {
   id: number;
   prompt: Int32Array;
+  /** Its LoRA adapter's id; the name keeps prefix caching within one adapter's caches. */
+  adapter?: number;
+  namespace?: string;
   generated: number[];
   maxNewTokens: number;
   minNewTokens: number;
@@ -275,6 +294,11 @@ export class ModelReplica {
   #generatedTokens = 0;
   #broken: Error | undefined;
   #closed: Promise<void> | undefined;
+  /** LoRA adapters by name, checked against the model; and the ids the ranks hold, least recently used first. */
+  readonly #adapters = new Map<string, { id: number; info: AdapterInfo }>();
+  readonly #loadedAdapters = new Set<number>();
+  readonly #maxLoadedAdapters: number;
+  #nextAdapter = 0;
 
   private constructor(parts: {
     config: ResolvedDecoderConfig;
@@ -288,6 +312,7 @@ export class ModelReplica {
     kvCacheDtype: CacheDType;
     stopTokens: number[];
     limits: StepLimits;
+    maxLoadedAdapters: number;
   }) {
     this.config = parts.config;
     this.plan = parts.plan;
@@ -306,6 +331,28 @@ export class ModelReplica {
     this.#maxCacheTokens = parts.limits.maxCacheTokens;
     this.#reserveMost = parts.limits.reserveMost;
     this.#stopTokens = parts.stopTokens;
+    this.#maxLoadedAdapters = parts.maxLoadedAdapters;
+  }
+
+  /**
+   * Registers a LoRA adapter under `name`, after checking its files against the model (throws
+   * ModelLoadError 'ERR_ADAPTER' naming what does not fit). The ranks load it when a request
+   * first uses it. A name already given the same path is kept; another path is refused.
+   */
+  async addAdapter(name: string, path: string): Promise<void> {
+    if (typeof name !== 'string' || name.length === 0) throw new InvalidArgumentError(`an adapter's name must be a non-empty string, got ${JSON.stringify(name)}`, 'ERR_ADAPTER');
+    const known = this.#adapters.get(name);
+    if (known) {
+      if (known.info.path === path) return;
+      throw new InvalidArgumentError(`adapter '${name}' is already ${known.info.path}, not ${path}`, 'ERR_ADAPTER');
+    }
+    const info = await readAdapter(path, this.config);
+    if (!this.#adapters.has(name)) this.#adapters.set(name, { id: this.#nextAdapter++, info });
+  }
+
+  /** The names of the registered adapters. */
+  get adapters(): string[] {
+    return [...this.#adapters.keys()];
   }
 
   /** The tokens that end a generation by default. */
@@ -323,6 +370,10 @@ export class ModelReplica {
       throw new ModelLoadError('ERR_MODEL_CONFIG', `no config.json beside the checkpoint ${options.checkpoint}: pass the decoder's config`, { file: options.checkpoint });
     }
     const plan = planSharding(config, options);
+    const maxLoadedAdapters = positiveInteger(options.maxLoadedAdapters, 'maxLoadedAdapters', 8);
+    if (options.adapters !== undefined && (typeof options.adapters !== 'object' || options.adapters === null || Object.values(options.adapters).some((path) => typeof path !== 'string'))) {
+      throw new InvalidArgumentError('adapters must map names to adapter directories', 'ERR_ADAPTER');
+    }
     const stopTokens = options.stopTokens ?? readEndOfSequenceTokens(options.checkpoint);
     if (!Array.isArray(stopTokens) || stopTokens.some((token) => !Number.isInteger(token))) throw new InvalidArgumentError('stopTokens must be an array of token ids', 'ERR_PROMPT');
     const limits: StepLimits = {
@@ -393,7 +444,14 @@ export class ModelReplica {
       let previous: DAGNode[] = workers[0].map((worker) => worker.forward.bind(input));
       for (const stage of plan.stages.slice(1)) previous = workers[stage.index].map((worker, rank) => worker.forward.bind(previous[rank]));
       const graph = await new MultiOutputNode(previous).compile({ maxInflight: Math.max(2, limits.stepsInFlight + 1) });
-      return new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, kvCacheDtype, stopTokens, limits });
+      const replica = new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, kvCacheDtype, stopTokens, limits, maxLoadedAdapters });
+      try {
+        for (const [name, path] of Object.entries(options.adapters ?? {})) await replica.addAdapter(name, path);
+      } catch (error) {
+        await replica.close();
+        throw error;
+      }
+      return replica;
     } catch (error) {
       await Promise.allSettled(groups.map((group) => group.destroy()));
       for (const worker of workers.flat()) kill(worker);
@@ -434,7 +492,7 @@ export class ModelReplica {
         const { pooling = 'last', normalize = true } = request;
         if (pooling !== 'last' && pooling !== 'mean') throw new InvalidArgumentError(`${what}: pooling must be 'last' or 'mean', got ${JSON.stringify(pooling)}`, 'ERR_PROMPT');
         if (typeof normalize !== 'boolean') throw new InvalidArgumentError(`${what}: normalize must be a boolean`, 'ERR_PROMPT');
-        const sequence = { id: this.#nextSequence++, prompt, generated: [], maxNewTokens: 0, minNewTokens: 0, stopTokens: new Set<number>(), stop: undefined, sampling: undefined, logprobs: undefined, pooling, past: 0, reserved: 0, inFlight: false };
+        const sequence = { id: this.#nextSequence++, prompt, generated: [], maxNewTokens: 0, minNewTokens: 0, stopTokens: new Set<number>(), stop: undefined, sampling: undefined, logprobs: undefined, pooling, past: 0, reserved: 0, inFlight: false, ...this.#adapterOf(request.adapter, what) };
         return { sequence, normalize };
       });
     } catch (error) {
@@ -454,6 +512,41 @@ export class ModelReplica {
     }));
     this.#pump();
     return Promise.all(done);
+  }
+
+  /** A request's adapter, by its registered name. */
+  #adapterOf(name: string | undefined, what: string): { adapter?: number; namespace?: string } {
+    if (name === undefined || name === null) return {};
+    const entry = typeof name === 'string' ? this.#adapters.get(name) : undefined;
+    if (!entry) {
+      const known = [...this.#adapters.keys()];
+      throw new InvalidArgumentError(`${what}: no adapter named ${JSON.stringify(name)} (${known.length > 0 ? `known: ${known.join(', ')}` : 'none registered: give the replica adapters, or call addAdapter'})`, 'ERR_ADAPTER');
+    }
+    return { adapter: entry.id, namespace: name };
+  }
+
+  /**
+   * Whether the ranks hold (or this step will load) the sequence's adapter. A new one takes a free
+   * slot, else the least recently used adapter no running sequence uses; with none, it waits.
+   */
+  #adapterReady(sequence: Sequence, loads: Array<{ id: number; info: AdapterInfo }>, unloads: number[]): boolean {
+    const id = sequence.adapter;
+    if (id === undefined) return true;
+    if (this.#loadedAdapters.has(id)) {
+      this.#loadedAdapters.delete(id);
+      this.#loadedAdapters.add(id);
+      return true;
+    }
+    if (this.#loadedAdapters.size >= this.#maxLoadedAdapters) {
+      const inUse = new Set(this.#running.map((running) => running.adapter));
+      const idle = [...this.#loadedAdapters].find((loaded) => !inUse.has(loaded));
+      if (idle === undefined) return false;
+      this.#loadedAdapters.delete(idle);
+      unloads.push(idle);
+    }
+    this.#loadedAdapters.add(id);
+    loads.push({ id, info: [...this.#adapters.values()].find((entry) => entry.id === id)!.info });
+    return true;
   }
 
   /** A constraint's answer checked: undefined when complete (null), else the ids, each in the vocabulary. */
@@ -514,6 +607,7 @@ export class ModelReplica {
     }
     return {
       ...(request.constraint ? { constraint: request.constraint, allowed } : {}),
+      ...this.#adapterOf(request.adapter, what),
       id: this.#nextSequence++,
       prompt,
       generated: [],
@@ -564,6 +658,7 @@ export class ModelReplica {
           ...(sequence.top && !prefill ? { topLogprobs: sequence.top.k } : {}),
           ...(sequence.copyFrom ? { copyFrom: sequence.copyFrom } : {}),
           ...(sequence.pooling ? { pooling: sequence.pooling } : {}),
+          ...(sequence.adapter !== undefined ? { adapter: sequence.adapter } : {}),
           ...(sequence.allowed && !prefill ? (sequence.allowed instanceof TokenMask ? { allowedMask: sequence.allowed.words } : { allowed: sequence.allowed }) : {}),
           ...(!prefill && sequence.generated.length < sequence.minNewTokens && sequence.stopTokens.size > 0 ? { banned: Int32Array.from(sequence.stopTokens) } : {}),
           ...(sequence.promptLogprobs && sequence.past < sequence.prompt.length - 1 ? { targets: this.#targetsOf(sequence, count) } : {}),
@@ -575,6 +670,8 @@ export class ModelReplica {
       this.#fitRunning();
       for (const sequence of this.#running) if (!sequence.inFlight) admit(sequence);
       const deferred: Sequence[] = [];
+      const loadAdapters: Array<{ id: number; info: AdapterInfo }> = [];
+      const unloadAdapters: number[] = [];
       while (this.#waiting.length > 0 && budget > 0 && chosen.length < limit && deferred.length < 4 * limit) {
         const sequence = this.#waiting[0];
         const need = this.#cacheNeed(sequence);
@@ -583,8 +680,10 @@ export class ModelReplica {
           sequence.fail(new InvalidArgumentError(`a sequence of ${sequence.prompt.length} prompt tokens and up to ${sequence.maxNewTokens} new ones needs ${need} cached positions, more than maxCacheTokens (${this.#maxCacheTokens})`, 'ERR_CACHE_BUDGET'));
           continue;
         }
+        // Waits, in order, for an adapter slot, then for running sequences to end (a load decided here goes with this step regardless).
+        if (!this.#adapterReady(sequence, loadAdapters, unloadAdapters)) break;
         const reserve = this.#reservationOf(sequence);
-        if (!this.#makeRoom(reserve)) break; // waits, in order, for running sequences to end
+        if (!this.#makeRoom(reserve)) break;
         this.#waiting.shift();
         // Penalties need every prompt token on the last stage, and a mean every position's state.
         const prefix = this.#prefixCache?.admit(sequence, !needsHistory(sequence.sampling) && sequence.pooling !== 'mean' && !sequence.promptLogprobs);
@@ -603,8 +702,15 @@ export class ModelReplica {
         admit(sequence);
       }
       this.#waiting.unshift(...deferred);
-      if (chosen.length === 0 && this.#released.length === 0) return;
-      const message: StepMessage = { step: this.#steps++, sequences: parts, released: this.#released, tokens: Int32Array.from(tokens) };
+      if (chosen.length === 0 && this.#released.length === 0 && loadAdapters.length === 0 && unloadAdapters.length === 0) return;
+      const message: StepMessage = {
+        step: this.#steps++,
+        sequences: parts,
+        released: this.#released,
+        tokens: Int32Array.from(tokens),
+        ...(loadAdapters.length > 0 ? { loadAdapters } : {}),
+        ...(unloadAdapters.length > 0 ? { unloadAdapters } : {}),
+      };
       this.#released = [];
       this.#inFlight++;
       let execution: PromiseLike<unknown>;

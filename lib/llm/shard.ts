@@ -13,6 +13,7 @@ import type { ShardingPlan } from './plan.js';
 import { Checkpoint } from './safetensors.js';
 import { needsHistory, pickToken, type SamplingParameters, type TokenHistory } from './sampling.js';
 import { loadShardWeights, resolveWeightDType, type LayerWeights, type NormWeights, type ShardWeights } from './weights.js';
+import { loadShardAdapter, type AdapterInfo, type LayerAdapter, type LowRankUpdate } from './lora.js';
 
 /** A sequence's part in one step: `count` new tokens after the `past` it has already read. */
 export interface StepSequence {
@@ -39,6 +40,8 @@ export interface StepSequence {
   allowedMask?: Uint32Array;
   /** Ids the next token may not be: the stop tokens, before the sequence's minNewTokens. */
   banned?: Int32Array;
+  /** The LoRA adapter (an id the step's `loadAdapters` or an earlier one loaded) its layers add; none: the base model. */
+  adapter?: number;
   /**
    * Prompt scoring: for each position read this step, the token that follows it in the prompt
    * (-1 where none does); the log-probability of each comes back in `promptLogprobs`.
@@ -61,6 +64,10 @@ export interface StepMessage {
   hidden?: Float32Array;
   /** Return each sequence's logits as well as its token (for scoring and checks). */
   logits?: boolean;
+  /** LoRA adapters every rank loads (its own slices, from the file) before the step, by id. */
+  loadAdapters?: Array<{ id: number; info: AdapterInfo }>;
+  /** Adapter ids every rank drops before the step (no sequence of the step uses them). */
+  unloadAdapters?: number[];
 }
 
 /** The last stage's answer: the next token of each sequence of the step, in order. */
@@ -110,6 +117,8 @@ export class DecoderShard {
   readonly #weights: ShardWeights;
   readonly #inverseFrequencies: Float32Array | undefined;
   readonly #caches = new Map<number, SequenceCache>();
+  /** LoRA adapters loaded on this rank, by the replica's ids: each layer's low-rank updates (this stage's layers). */
+  readonly #adapters = new Map<number, LayerAdapter[]>();
   /** On the last stage, for sequences whose sampling has penalties: the tokens each has seen. */
   readonly #histories = new Map<number, TokenHistory>();
   /** On the last stage, for sequences mean-pooled: the sum of their positions' final norms so far (in double). */
@@ -168,6 +177,11 @@ export class DecoderShard {
   async forward(message: StepMessage): Promise<StepMessage | StepResult> {
     const { config } = this;
     const stage = this.spec.plan.stages[this.spec.stage];
+    for (const id of message.unloadAdapters ?? []) this.#adapters.delete(id);
+    for (const { id, info } of message.loadAdapters ?? []) {
+      if (!this.#adapters.has(id)) this.#adapters.set(id, await loadShardAdapter(info, config, this.spec.plan, this.spec.stage, this.spec.rank));
+    }
+    const adapterOps = { ...(message.loadAdapters ? { loadAdapters: message.loadAdapters } : {}), ...(message.unloadAdapters ? { unloadAdapters: message.unloadAdapters } : {}) };
     // Copies first: a prefix's source may be released by this same message.
     for (const sequence of message.sequences) if (sequence.copyFrom) this.#copyPrefix(sequence.id, sequence.copyFrom, message.step);
     for (const id of message.released) {
@@ -177,7 +191,7 @@ export class DecoderShard {
     }
     if (message.sequences.length === 0) {
       // A step that only releases caches still passes through every stage.
-      return stage.hasHead ? { step: message.step, tokens: new Int32Array(0) } : { step: message.step, sequences: [], released: message.released, hidden: new Float32Array(0) };
+      return stage.hasHead ? { step: message.step, tokens: new Int32Array(0) } : { step: message.step, sequences: [], released: message.released, hidden: new Float32Array(0), ...adapterOps };
     }
     const hiddenSize = config.hiddenSize;
     let total = 0;
@@ -200,7 +214,8 @@ export class DecoderShard {
     const positions = new Int32Array(total);
     let row = 0;
     for (const sequence of message.sequences) for (let index = 0; index < sequence.count; index++) positions[row++] = sequence.past + index;
-    for (let layer = 0; layer < this.#weights.layers.length; layer++) await this.#block(layer, hidden, message.sequences, positions);
+    const adapted = this.#adapterRows(message.sequences);
+    for (let layer = 0; layer < this.#weights.layers.length; layer++) await this.#block(layer, hidden, message.sequences, positions, adapted);
     for (const sequence of message.sequences) this.#caches.get(sequence.id)!.length = sequence.past + sequence.count;
     const penalized = message.sequences.some((sequence) => needsHistory(sequence.sampling));
     if (!stage.hasHead) {
@@ -209,6 +224,7 @@ export class DecoderShard {
         sequences: message.sequences,
         released: message.released,
         hidden,
+        ...adapterOps,
         ...(message.logits ? { logits: true } : {}),
         ...(penalized && message.tokens ? { tokens: message.tokens } : {}),
       };
@@ -334,7 +350,30 @@ export class DecoderShard {
     if (this.spec.plan.tensorParallel > 1) await this.#communicator!.allreduce(Tensor.wrap(values, 'f32'), 'sum');
   }
 
-  async #block(layerIndex: number, hidden: Float32Array, sequences: StepSequence[], positions: Int32Array): Promise<void> {
+  /** Runs of consecutive rows whose sequences use the same adapter, with that adapter's layers. */
+  #adapterRows(sequences: StepSequence[]): AdaptedRows[] {
+    const runs: AdaptedRows[] = [];
+    let row = 0;
+    for (const sequence of sequences) {
+      if (sequence.adapter !== undefined) {
+        const layers = this.#adapters.get(sequence.adapter);
+        if (!layers) throw new InvalidArgumentError(`sequence ${sequence.id} uses adapter ${sequence.adapter}, which this rank has not loaded`, 'ERR_ADAPTER');
+        const last = runs.at(-1);
+        if (last && last.layers === layers && last.end === row) last.end += sequence.count;
+        else runs.push({ layers, start: row, end: row + sequence.count });
+      }
+      row += sequence.count;
+    }
+    return runs;
+  }
+
+  async #block(layerIndex: number, hidden: Float32Array, sequences: StepSequence[], positions: Int32Array, adapted: AdaptedRows[]): Promise<void> {
+    const lowRank = (out: Float32Array, input: Float32Array, module: keyof LayerAdapter, inWidth: number, outWidth: number) => {
+      for (const run of adapted) {
+        const update = run.layers[layerIndex][module];
+        if (update) addLowRank(out, input, update, run.start, run.end, inWidth, outWidth);
+      }
+    };
     const { config } = this;
     const { plan } = this.spec;
     const layer: LayerWeights = this.#weights.layers[layerIndex];
@@ -348,6 +387,7 @@ export class DecoderShard {
     this.#norm(normed, hidden, layer.attentionNorm, total);
     const qkv = new Float32Array(total * rowWidth);
     linear(qkv, normed, layer.qkvWeight, layer.qkvBias ?? null, total, size, rowWidth);
+    lowRank(qkv, normed, 'qkv', size, rowWidth);
     const attended = new Float32Array(total * queryWidth);
     let row = 0;
     const kvDtype = this.kvCacheDtype;
@@ -387,22 +427,27 @@ export class DecoderShard {
     }
     const projected = new Float32Array(total * size);
     linear(projected, attended, layer.projectionWeight, null, total, queryWidth, size);
+    // Before the allreduce: each rank's share of B (A x) is summed with the partial outputs.
+    lowRank(projected, attended, 'projection', queryWidth, size);
     await this.#allreduce(projected);
     addResidual(hidden, projected, layer.projectionBias, size);
     this.#norm(normed, hidden, layer.mlpNorm, total);
     const inner = plan.intermediatePerRank;
     const up = new Float32Array(total * inner);
     linear(up, normed, layer.upWeight, layer.upBias ?? null, total, size, inner);
+    lowRank(up, normed, 'up', size, inner);
     let activated = up;
     if (layer.gateWeight) {
       activated = new Float32Array(total * inner);
       linear(activated, normed, layer.gateWeight, null, total, size, inner);
+      lowRank(activated, normed, 'gate', size, inner);
       siluMultiply(activated, activated, up);
     } else {
       gelu(up);
     }
     const down = projected;
     linear(down, activated, layer.downWeight, null, total, inner, size);
+    lowRank(down, activated, 'down', inner, size);
     await this.#allreduce(down);
     addResidual(hidden, down, layer.downBias, size);
   }
@@ -661,6 +706,23 @@ function logProbability(logits: Float32Array, token: number): number {
 }
 
 /** hidden += update (+ bias), row by row. */
+/** Rows [start, end) of `out` gain update.b · (update.a · x) for the same rows of `input`. */
+function addLowRank(out: Float32Array, input: Float32Array, update: LowRankUpdate, start: number, end: number, inWidth: number, outWidth: number): void {
+  const rows = end - start;
+  const reduced = new Float32Array(rows * update.rank);
+  linear(reduced, input.subarray(start * inWidth, end * inWidth), update.a, null, rows, inWidth, update.rank);
+  const expanded = new Float32Array(rows * outWidth);
+  linear(expanded, reduced, update.b, null, rows, update.rank, outWidth);
+  const target = out.subarray(start * outWidth, end * outWidth);
+  for (let index = 0; index < expanded.length; index++) target[index] += expanded[index];
+}
+
+interface AdaptedRows {
+  layers: LayerAdapter[];
+  start: number;
+  end: number;
+}
+
 function addResidual(hidden: Float32Array, update: Float32Array, bias: Float32Array | undefined, size: number): void {
   if (bias) for (let index = 0; index < hidden.length; index++) hidden[index] += update[index] + bias[index % size];
   else for (let index = 0; index < hidden.length; index++) hidden[index] += update[index];
