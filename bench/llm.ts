@@ -30,12 +30,15 @@
  *   walking the vocabulary's trie against walking each token's bytes on its own (the floor a
  *   trie must beat); `guided_masks_document_ms` against `guided_masks_document_per_token_ms` the
  *   same for every state one JSON document passes through (most states allow few tokens).
+ * - `llm_lora_tokens_per_s` against `llm_unguided_tokens_per_s`: the same requests, each with one of
+ *   four LoRA adapters (rank 16, on every attention and MLP matrix), all four loaded at once:
+ *   the cost of the low-rank updates over the base model's step.
  * Generated tokens per second of wall time, prompt reading included.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { DecoderShard, ModelReplica, TokenGuide, Tokenizer, init, planSharding, shutdown, type DecoderConfig, type GenerateRequest, type ModelReplicaOptions } from '../lib/index.js';
+import { DecoderShard, ModelReplica, TokenGuide, Tokenizer, init, planSharding, shutdown, writeSafetensors, type DecoderConfig, type GenerateRequest, type ModelReplicaOptions, type WritableTensor } from '../lib/index.js';
 import { DEAD } from '../lib/llm/guided/automaton.js';
 import { attention, linear, setKernelThreads, type HalfMatrix, type WeightMatrix } from '../lib/llm/kernels.js';
 import { floatToBf16 } from '../lib/gpu/dtype.js';
@@ -196,6 +199,37 @@ export function maskTimes(): { trie: number; perToken: number; documentTrie: num
   };
 }
 
+/** Writes `count` PEFT adapters of rank `r` over every matrix of CONFIG's GPT-2 layout into `directory`; returns their paths by name. */
+async function writeAdapters(directory: string, count: number, r: number): Promise<Record<string, string>> {
+  const h = CONFIG.hiddenSize;
+  const inner = CONFIG.intermediateSize;
+  const modules: Record<string, [number, number]> = { 'attn.c_attn': [3 * h, h], 'attn.c_proj': [h, h], 'mlp.c_fc': [inner, h], 'mlp.c_proj': [h, inner] };
+  const paths: Record<string, string> = {};
+  for (let adapter = 0; adapter < count; adapter++) {
+    const path = join(directory, `adapter-${adapter}`);
+    mkdirSync(path, { recursive: true });
+    const tensors: Record<string, WritableTensor> = {};
+    for (let layer = 0; layer < CONFIG.numLayers; layer++) {
+      for (const [module, [out, input]] of Object.entries(modules)) {
+        const base = `base_model.model.transformer.h.${layer}.${module}`;
+        tensors[`${base}.lora_A.weight`] = { dtype: 'F32', shape: [r, input], data: Float32Array.from({ length: r * input }, (_, i) => Math.sin(i + adapter) * 0.05) };
+        tensors[`${base}.lora_B.weight`] = { dtype: 'F32', shape: [out, r], data: Float32Array.from({ length: out * r }, (_, i) => Math.cos(i * 3 + adapter) * 0.05) };
+      }
+    }
+    await writeSafetensors(join(path, 'adapter_model.safetensors'), tensors);
+    writeFileSync(join(path, 'adapter_config.json'), JSON.stringify({ r, lora_alpha: 2 * r, target_modules: ['c_attn', 'c_proj', 'c_fc'], bias: 'none' }));
+    paths[`adapter-${adapter}`] = path;
+  }
+  return paths;
+}
+
+/** Tokens per second of the 16 prompts on one rank, request i with adapter i mod 4. */
+async function withAdapters(checkpoint: string, directory: string): Promise<number> {
+  const adapters = await writeAdapters(directory, 4, 16);
+  const names = Object.keys(adapters);
+  return generationRate({ checkpoint, adapters }, prompts.map((tokens, index) => ({ tokens, maxNewTokens: NEW_TOKENS, adapter: names[index % names.length] })));
+}
+
 /** Tokens per second of the 16 prompts on one rank, each step's token among those `pattern` allows (none: unguided). */
 function guided(checkpoint: string, pattern: string | undefined): Promise<number> {
   const tokenizer = syntheticTokenizer(CONFIG.vocabSize);
@@ -240,6 +274,7 @@ export const llmSuite: Suite = {
     ['bf16 weights / f32 weights, in process', 'llm_in_process_bf16_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
     ['shared 192-token prefix, cached / read by each prompt', 'llm_prefix_cached_tokens_per_s', 'llm_prefix_uncached_tokens_per_s', ''],
     ['requests stopping early, cache reserved as they grow / at their most', 'llm_cache_grow_tokens_per_s', 'llm_cache_most_tokens_per_s', ''],
+    ['four LoRA adapters, rank 16 / base model, one rank', 'llm_lora_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
     ['guided by a regex / unguided, one rank', 'guided_regex_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
     ['mask of a state inside a string, trie walk / each token walked (time)', 'guided_mask_ms', 'guided_mask_per_token_ms', ''],
     ["masks of a document's states, trie walk / each token walked (time)", 'guided_masks_document_ms', 'guided_masks_document_per_token_ms', ''],
@@ -293,6 +328,7 @@ export const llmSuite: Suite = {
         results.llm_cache_grow_tokens_per_s = { value: round(await earlyStops(checkpoint, 'grow'), 1), unit: 'tokens/s' };
         results.llm_unguided_tokens_per_s = { value: round(await guided(checkpoint, undefined), 1), unit: 'tokens/s' };
         // Words and punctuation: every state allows most of the vocabulary, so each step sends a full mask.
+        results.llm_lora_tokens_per_s = { value: round(await withAdapters(checkpoint, join(directory, 'adapters')), 1), unit: 'tokens/s' };
         results.guided_regex_tokens_per_s = { value: round(await guided(checkpoint, '[a-z ,.:"{}]*'), 1), unit: 'tokens/s' };
       } finally {
         await shutdown();

@@ -4,7 +4,7 @@
  *   matrices ([in, out]) in its checkpoints;
  * - 'llama': RMS norm, rotary positions, grouped-query attention, a gated SiLU MLP; Linear
  *   matrices ([out, in]). Qwen2's checkpoints are this layout with biases on query, key and
- *   value, and load as it.
+ *   value, and load as it; Mixtral's are it with a sparse mixture of experts for the MLP.
  * Read from a checkpoint's config.json (Hugging Face names) or given directly.
  */
 import { existsSync, readFileSync, statSync } from 'node:fs';
@@ -49,6 +49,15 @@ export interface DecoderConfig {
    * `slidingWindow` positions, itself included. Default 0: every earlier position.
    */
   slidingWindow?: number;
+  /**
+   * A sparse mixture of experts in every layer's MLP (llama layout, as Mixtral's): this many
+   * gated SiLU experts of intermediateSize each (default 0: a dense MLP).
+   */
+  numExperts?: number;
+  /** Experts each token is routed to (default 2). */
+  numExpertsPerToken?: number;
+  /** Scale each token's chosen experts' probabilities to sum to 1 (default true, as Mixtral does). */
+  normalizeTopKProbabilities?: boolean;
 }
 
 const INTEGER_FIELDS = ['vocabSize', 'hiddenSize', 'numLayers', 'numHeads', 'intermediateSize', 'maxPositions'] as const;
@@ -90,6 +99,13 @@ export function checkDecoderConfig(config: unknown): Required<Omit<DecoderConfig
   const slidingWindow = fields.slidingWindow ?? 0;
   if (typeof slidingWindow !== 'number' || !Number.isInteger(slidingWindow) || slidingWindow < 0) throw configError(`slidingWindow must be an integer >= 0 (0: none), got ${String(slidingWindow)}`);
   if (architecture === 'gpt2' && slidingWindow !== 0) throw configError('gpt2 has no sliding window');
+  const numExperts = fields.numExperts ?? 0;
+  if (typeof numExperts !== 'number' || !Number.isInteger(numExperts) || numExperts < 0) throw configError(`numExperts must be an integer >= 0 (0: a dense MLP), got ${String(numExperts)}`);
+  if (architecture === 'gpt2' && numExperts !== 0) throw configError('gpt2 has no mixture of experts');
+  const numExpertsPerToken = numExperts === 0 ? 0 : positiveInteger(fields.numExpertsPerToken ?? 2, 'numExpertsPerToken');
+  if (numExpertsPerToken > numExperts) throw configError(`numExpertsPerToken ${numExpertsPerToken} is more than numExperts ${numExperts}`);
+  const normalizeTopKProbabilities = fields.normalizeTopKProbabilities ?? true;
+  if (typeof normalizeTopKProbabilities !== 'boolean') throw configError(`normalizeTopKProbabilities must be a boolean, got ${String(normalizeTopKProbabilities)}`);
   let ropeScaling: RopeScaling | undefined;
   if (fields.ropeScaling !== undefined && fields.ropeScaling !== null) {
     const scaling = fields.ropeScaling as Record<string, unknown>;
@@ -118,6 +134,9 @@ export function checkDecoderConfig(config: unknown): Required<Omit<DecoderConfig
     tieWordEmbeddings,
     // A window as long as the positions is no window.
     slidingWindow: slidingWindow >= (fields.maxPositions as number) ? 0 : slidingWindow,
+    numExperts,
+    numExpertsPerToken,
+    normalizeTopKProbabilities,
     ...(ropeScaling ? { ropeScaling } : {}),
   };
 }
@@ -158,7 +177,7 @@ function fromLlama(json: Record<string, unknown>, file: string): DecoderConfig {
   if (json.model_type === 'qwen2' && json.use_sliding_window === true) {
     throw new ModelLoadError('ERR_MODEL_ARCHITECTURE', `${file}: Qwen2's per-layer sliding window (use_sliding_window) is not supported`, { file });
   }
-  const sliding = json.model_type === 'mistral' ? (json.sliding_window as number | null | undefined) : undefined;
+  const sliding = json.model_type === 'mistral' || json.model_type === 'mixtral' ? (json.sliding_window as number | null | undefined) : undefined;
   return {
     architecture: 'llama',
     vocabSize: json.vocab_size as number,
@@ -174,16 +193,17 @@ function fromLlama(json: Record<string, unknown>, file: string): DecoderConfig {
     tieWordEmbeddings: (json.tie_word_embeddings as boolean | undefined) ?? false,
     ...(typeof sliding === 'number' ? { slidingWindow: sliding } : {}),
     ...(ropeScaling ? { ropeScaling } : {}),
+    ...(json.model_type === 'mixtral' ? { numExperts: json.num_local_experts as number, numExpertsPerToken: (json.num_experts_per_tok as number | undefined) ?? 2 } : {}),
   };
 }
 
-/** A Hugging Face config.json as a DecoderConfig: GPT-2, or the Llama layout (llama, mistral with its sliding window, qwen2). */
+/** A Hugging Face config.json as a DecoderConfig: GPT-2, or the Llama layout (llama, mistral with its sliding window, mixtral with its experts, qwen2). */
 export function configFromHuggingFace(json: Record<string, unknown>, file = 'config.json'): ResolvedDecoderConfig {
   const modelType = json.model_type ?? 'gpt2';
   let config: DecoderConfig;
   if (modelType === 'gpt2') config = fromGpt2(json);
-  else if (modelType === 'llama' || modelType === 'mistral' || modelType === 'qwen2') config = fromLlama(json, file);
-  else throw new ModelLoadError('ERR_MODEL_ARCHITECTURE', `${file}: model_type '${String(modelType)}' is not supported (gpt2, llama, mistral, qwen2)`, { file });
+  else if (modelType === 'llama' || modelType === 'mistral' || modelType === 'qwen2' || modelType === 'mixtral') config = fromLlama(json, file);
+  else throw new ModelLoadError('ERR_MODEL_ARCHITECTURE', `${file}: model_type '${String(modelType)}' is not supported (gpt2, llama, mistral, mixtral, qwen2)`, { file });
   try {
     return checkDecoderConfig(config);
   } catch (error) {

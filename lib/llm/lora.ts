@@ -106,6 +106,7 @@ export async function readAdapter(path: string, config: ResolvedDecoderConfig): 
     const module = modules[match[2]];
     if (layer >= config.numLayers) throw adapterError(path, `${name} names layer ${layer}, the model has ${config.numLayers}`, { file, tensor: name });
     if (module === undefined) throw adapterError(path, `${name} adapts '${match[2]}', which is not one of the model's matrices (${Object.keys(modules).join(', ')})`, { file, tensor: name });
+    if (config.numExperts > 0 && (module === 'gate' || module === 'up' || module === 'down')) throw adapterError(path, `${name} adapts the MLP of a mixture of experts, which adapters are not supported on (attention only)`, { file, tensor: name });
     const [out, input] = dims[module];
     const shape = checkpoint.info(name).shape;
     const wanted = match[3] === 'A' ? [rank as number, input] : [out, rank as number];

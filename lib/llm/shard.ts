@@ -12,7 +12,7 @@ import { attention, gelu, layerNorm, linear, narrow, readRows, rmsNorm, rotary, 
 import type { ShardingPlan } from './plan.js';
 import { Checkpoint } from './safetensors.js';
 import { needsHistory, pickToken, type SamplingParameters, type TokenHistory } from './sampling.js';
-import { loadShardWeights, resolveWeightDType, type LayerWeights, type NormWeights, type ShardWeights } from './weights.js';
+import { loadShardWeights, resolveWeightDType, type ExpertMlp, type LayerWeights, type NormWeights, type ShardWeights } from './weights.js';
 import { loadShardAdapter, type AdapterInfo, type LayerAdapter, type LowRankUpdate } from './lora.js';
 
 /** A sequence's part in one step: `count` new tokens after the `past` it has already read. */
@@ -433,23 +433,90 @@ export class DecoderShard {
     addResidual(hidden, projected, layer.projectionBias, size);
     this.#norm(normed, hidden, layer.mlpNorm, total);
     const inner = plan.intermediatePerRank;
-    const up = new Float32Array(total * inner);
-    linear(up, normed, layer.upWeight, layer.upBias ?? null, total, size, inner);
-    lowRank(up, normed, 'up', size, inner);
-    let activated = up;
-    if (layer.gateWeight) {
-      activated = new Float32Array(total * inner);
-      linear(activated, normed, layer.gateWeight, null, total, size, inner);
-      lowRank(activated, normed, 'gate', size, inner);
-      siluMultiply(activated, activated, up);
-    } else {
-      gelu(up);
-    }
+    const mlp = layer.mlp;
     const down = projected;
-    linear(down, activated, layer.downWeight, null, total, inner, size);
-    lowRank(down, activated, 'down', inner, size);
+    if (mlp.kind === 'experts') {
+      this.#experts(down, normed, mlp, total);
+    } else {
+      const up = new Float32Array(total * inner);
+      linear(up, normed, mlp.up, mlp.upBias ?? null, total, size, inner);
+      lowRank(up, normed, 'up', size, inner);
+      let activated = up;
+      if (mlp.gate) {
+        activated = new Float32Array(total * inner);
+        linear(activated, normed, mlp.gate, null, total, size, inner);
+        lowRank(activated, normed, 'gate', size, inner);
+        siluMultiply(activated, activated, up);
+      } else {
+        gelu(up);
+      }
+      linear(down, activated, mlp.down, null, total, inner, size);
+      lowRank(down, activated, 'down', inner, size);
+    }
     await this.#allreduce(down);
-    addResidual(hidden, down, layer.downBias, size);
+    addResidual(hidden, down, mlp.kind === 'dense' ? mlp.downBias : undefined, size);
+  }
+
+  /**
+   * A sparse MoE block: each row goes to its topK experts by the router's softmax, each expert
+   * runs once over the rows routed to it (gathered), and each row sums its experts' outputs,
+   * weighted, in expert order: the same sum whatever the batch. This rank's share of each expert
+   * only; the caller's allreduce adds the others'.
+   */
+  #experts(out: Float32Array, x: Float32Array, mlp: ExpertMlp, total: number): void {
+    const size = this.config.hiddenSize;
+    const inner = this.spec.plan.intermediatePerRank;
+    const count = mlp.experts.length;
+    const logits = new Float32Array(total * count);
+    linear(logits, x, mlp.router, null, total, size, count);
+    const rowsOf: number[][] = Array.from({ length: count }, () => []);
+    const weightsOf: number[][] = Array.from({ length: count }, () => []);
+    const probabilities = new Float64Array(count);
+    const taken = new Uint8Array(count);
+    for (let row = 0; row < total; row++) {
+      const scores = logits.subarray(row * count, (row + 1) * count);
+      let maximum = -Infinity;
+      for (const score of scores) if (score > maximum) maximum = score;
+      let sum = 0;
+      for (let expert = 0; expert < count; expert++) sum += probabilities[expert] = Math.exp(scores[expert] - maximum);
+      taken.fill(0);
+      const picked: number[] = [];
+      let pickedSum = 0;
+      for (let choice = 0; choice < mlp.topK; choice++) {
+        // The most probable expert not yet taken; ties go to the lower index, as torch.topk does here.
+        let best = -1;
+        for (let expert = 0; expert < count; expert++) if (!taken[expert] && (best < 0 || probabilities[expert] > probabilities[best])) best = expert;
+        taken[best] = 1;
+        picked.push(best);
+        pickedSum += probabilities[best];
+      }
+      for (const expert of picked) {
+        rowsOf[expert].push(row);
+        weightsOf[expert].push(probabilities[expert] / (mlp.normalizeTopK ? pickedSum : sum));
+      }
+    }
+    out.fill(0);
+    for (let expert = 0; expert < count; expert++) {
+      const rows = rowsOf[expert];
+      const routed = rows.length;
+      if (routed === 0) continue;
+      const gathered = new Float32Array(routed * size);
+      rows.forEach((row, index) => gathered.set(x.subarray(row * size, (row + 1) * size), index * size));
+      const weights = mlp.experts[expert];
+      const gate = new Float32Array(routed * inner);
+      const up = new Float32Array(routed * inner);
+      linear(gate, gathered, weights.gate, null, routed, size, inner);
+      linear(up, gathered, weights.up, null, routed, size, inner);
+      siluMultiply(gate, gate, up);
+      const result = new Float32Array(routed * size);
+      linear(result, gate, weights.down, null, routed, inner, size);
+      rows.forEach((row, index) => {
+        const weight = weightsOf[expert][index];
+        const target = row * size;
+        const source = index * size;
+        for (let column = 0; column < size; column++) out[target + column] += weight * result[source + column];
+      });
+    }
   }
 
   /**

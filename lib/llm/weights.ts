@@ -27,13 +27,34 @@ export interface LayerWeights {
   projectionWeight: WeightMatrix;
   projectionBias?: Float32Array;
   mlpNorm: NormWeights;
+  mlp: DenseMlp | ExpertMlp;
+}
+
+/** One MLP for every token. */
+export interface DenseMlp {
+  kind: 'dense';
   /** Column-parallel, [inner, hidden]; a gated MLP multiplies silu(gate) into it. */
-  upWeight: WeightMatrix;
+  up: WeightMatrix;
   upBias?: Float32Array;
-  gateWeight?: WeightMatrix;
-  /** Row-parallel, [hidden, inner]. */
-  downWeight: WeightMatrix;
+  gate?: WeightMatrix;
+  /** Row-parallel, [hidden, inner]; its bias is added once, after the allreduce. */
+  down: WeightMatrix;
   downBias?: Float32Array;
+}
+
+/**
+ * A mixture of experts (Mixtral's sparse MoE block): a router picks each token's topK experts,
+ * gated SiLU MLPs each cut across the stage's ranks as a dense MLP is (so the one allreduce
+ * after the block sums every rank's share of every expert).
+ */
+export interface ExpertMlp {
+  kind: 'experts';
+  /** [experts, hidden], f32 on every rank: each rank routes every token the same way. */
+  router: Float32Array;
+  topK: number;
+  /** Scale the topK probabilities to sum to 1 (Mixtral), or keep them as the softmax over all gave them. */
+  normalizeTopK: boolean;
+  experts: Array<{ gate: WeightMatrix; up: WeightMatrix; down: WeightMatrix }>;
 }
 
 export interface ShardWeights {
@@ -145,10 +166,13 @@ const gpt2: Layout = {
       projectionWeight: transpose(await read.matrix(`${base}attn.c_proj.weight`, { rows: [rank * width, (rank + 1) * width] }), width, hidden),
       projectionBias: await read(`${base}attn.c_proj.bias`),
       mlpNorm: { gamma: await read(`${base}ln_2.weight`), beta: await read(`${base}ln_2.bias`) },
-      upWeight: transpose(await read.matrix(`${base}mlp.c_fc.weight`, { columns: [rank * inner, (rank + 1) * inner] }), hidden, inner),
-      upBias: (await read(`${base}mlp.c_fc.bias`)).slice(rank * inner, (rank + 1) * inner),
-      downWeight: transpose(await read.matrix(`${base}mlp.c_proj.weight`, { rows: [rank * inner, (rank + 1) * inner] }), inner, hidden),
-      downBias: await read(`${base}mlp.c_proj.bias`),
+      mlp: {
+        kind: 'dense',
+        up: transpose(await read.matrix(`${base}mlp.c_fc.weight`, { columns: [rank * inner, (rank + 1) * inner] }), hidden, inner),
+        upBias: (await read(`${base}mlp.c_fc.bias`)).slice(rank * inner, (rank + 1) * inner),
+        down: transpose(await read.matrix(`${base}mlp.c_proj.weight`, { rows: [rank * inner, (rank + 1) * inner] }), inner, hidden),
+        downBias: await read(`${base}mlp.c_proj.bias`),
+      },
     };
   },
 };
@@ -172,10 +196,25 @@ const llama: Layout = {
         { name: `${base}self_attn.v_proj.weight`, shape: [keys, hidden] }, { name: `${base}self_attn.v_proj.bias`, shape: [keys], optional: true },
         { name: `${base}self_attn.o_proj.weight`, shape: [hidden, queries] },
         { name: `${base}post_attention_layernorm.weight`, shape: [hidden] },
-        { name: `${base}mlp.gate_proj.weight`, shape: [inner, hidden] },
-        { name: `${base}mlp.up_proj.weight`, shape: [inner, hidden] },
-        { name: `${base}mlp.down_proj.weight`, shape: [hidden, inner] },
       );
+      if (config.numExperts > 0) {
+        // Mixtral's names: w1 the gate, w3 the up, w2 the down matrix of each expert.
+        const moe = `${base}block_sparse_moe.`;
+        tensors.push({ name: `${moe}gate.weight`, shape: [config.numExperts, hidden] });
+        for (let expert = 0; expert < config.numExperts; expert++) {
+          tensors.push(
+            { name: `${moe}experts.${expert}.w1.weight`, shape: [inner, hidden] },
+            { name: `${moe}experts.${expert}.w3.weight`, shape: [inner, hidden] },
+            { name: `${moe}experts.${expert}.w2.weight`, shape: [hidden, inner] },
+          );
+        }
+      } else {
+        tensors.push(
+          { name: `${base}mlp.gate_proj.weight`, shape: [inner, hidden] },
+          { name: `${base}mlp.up_proj.weight`, shape: [inner, hidden] },
+          { name: `${base}mlp.down_proj.weight`, shape: [hidden, inner] },
+        );
+      }
     }
     tensors.push({ name: 'norm.weight', shape: [hidden] });
     return tensors;
@@ -203,12 +242,26 @@ const llama: Layout = {
       ...(qkvBias ? { qkvBias } : {}),
       projectionWeight: await read.matrix(`${base}o_proj.weight`, { columns: [rank * queryRows, (rank + 1) * queryRows] }),
       mlpNorm: { gamma: await read(`layers.${layer}.post_attention_layernorm.weight`) },
-      gateWeight: await read.matrix(`${mlp}gate_proj.weight`, rows(inner)),
-      upWeight: await read.matrix(`${mlp}up_proj.weight`, rows(inner)),
-      downWeight: await read.matrix(`${mlp}down_proj.weight`, { columns: [rank * inner, (rank + 1) * inner] }),
+      mlp: config.numExperts > 0 ? await expertMlp(read, config, layer, rows(inner), { columns: [rank * inner, (rank + 1) * inner] }) : {
+        kind: 'dense',
+        gate: await read.matrix(`${mlp}gate_proj.weight`, rows(inner)),
+        up: await read.matrix(`${mlp}up_proj.weight`, rows(inner)),
+        down: await read.matrix(`${mlp}down_proj.weight`, { columns: [rank * inner, (rank + 1) * inner] }),
+      },
     };
   },
 };
+
+/** A sparse MoE block's router and this rank's share of each expert (Mixtral's names). */
+async function expertMlp(read: Reader, config: ResolvedDecoderConfig, layer: number, outputRows: SliceOptions, inputColumns: SliceOptions): Promise<ExpertMlp> {
+  const moe = `layers.${layer}.block_sparse_moe.`;
+  const experts: ExpertMlp['experts'] = [];
+  for (let expert = 0; expert < config.numExperts; expert++) {
+    const base = `${moe}experts.${expert}.`;
+    experts.push({ gate: await read.matrix(`${base}w1.weight`, outputRows), up: await read.matrix(`${base}w3.weight`, outputRows), down: await read.matrix(`${base}w2.weight`, inputColumns) });
+  }
+  return { kind: 'experts', router: await read(`${moe}gate.weight`), topK: config.numExpertsPerToken, normalizeTopK: config.normalizeTopKProbabilities, experts };
+}
 
 const LAYOUTS: Record<ResolvedDecoderConfig['architecture'], Layout> = { gpt2, llama };
 
@@ -298,9 +351,13 @@ export async function loadShardWeights(checkpoint: Checkpoint, config: ResolvedD
       // Each matrix's rows are its outputs; its columns its inputs.
       weightsOfLayer.qkvWeight = quantize(weightsOfLayer.qkvWeight as ReadMatrix, hidden);
       weightsOfLayer.projectionWeight = quantize(weightsOfLayer.projectionWeight as ReadMatrix, plan.headsPerRank * plan.headSize);
-      weightsOfLayer.upWeight = quantize(weightsOfLayer.upWeight as ReadMatrix, hidden);
-      if (weightsOfLayer.gateWeight) weightsOfLayer.gateWeight = quantize(weightsOfLayer.gateWeight as ReadMatrix, hidden);
-      weightsOfLayer.downWeight = quantize(weightsOfLayer.downWeight as ReadMatrix, plan.intermediatePerRank);
+      const mlp = weightsOfLayer.mlp;
+      const matrices = mlp.kind === 'dense' ? [mlp] : mlp.experts;
+      for (const part of matrices) {
+        part.up = quantize(part.up as ReadMatrix, hidden);
+        if (part.gate) part.gate = quantize(part.gate as ReadMatrix, hidden);
+        part.down = quantize(part.down as ReadMatrix, plan.intermediatePerRank);
+      }
     }
     weights.layers.push(weightsOfLayer);
   }
