@@ -33,6 +33,10 @@
  * - `llm_lora_tokens_per_s` against `llm_unguided_tokens_per_s`: the same requests, each with one of
  *   four LoRA adapters (rank 16, on every attention and MLP matrix), all four loaded at once:
  *   the cost of the low-rank updates over the base model's step.
+ * - `llm_moe_tokens_per_s` against `llm_dense_llama_tokens_per_s`: a Llama-layout decoder whose
+ *   MLPs are 8 experts of inner width 1,024, 2 per token (Mixtral's shape), against the same
+ *   decoder with one dense MLP of 2,048: the same arithmetic per token, but a decoding step reads
+ *   every expert some token was routed to, so the mixture streams up to 4 times the MLP weights.
  * Generated tokens per second of wall time, prompt reading included.
  */
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -111,7 +115,7 @@ function earlyStops(checkpoint: string, cacheReservation: 'grow' | 'most'): Prom
  * tokens drawn at random (seeded; letters and spaces mostly, as real vocabularies are), up to 12
  * characters long.
  */
-export function syntheticTokenizer(size: number): Tokenizer {
+function syntheticTokenizer(size: number): Tokenizer {
   const printable = (byte: number) => (byte >= 33 && byte <= 126) || (byte >= 161 && byte <= 172) || (byte >= 174 && byte <= 255);
   let extra = 0;
   const alphabet = Array.from({ length: 256 }, (_, byte) => (printable(byte) ? String.fromCharCode(byte) : String.fromCharCode(256 + extra++)));
@@ -152,7 +156,7 @@ export function syntheticTokenizer(size: number): Tokenizer {
  * boundaries (what a generation's first document costs). A new guide each round, the automaton
  * warmed by a first one, so the rounds measure the walks.
  */
-export function maskTimes(): { trie: number; perToken: number; documentTrie: number; documentPerToken: number } {
+function maskTimes(): { trie: number; perToken: number; documentTrie: number; documentPerToken: number } {
   const tokenizer = syntheticTokenizer(50_000);
   const times = (run: () => void) => {
     run();
@@ -223,6 +227,18 @@ async function writeAdapters(directory: string, count: number, r: number): Promi
   return paths;
 }
 
+/** Tokens per second of the 16 prompts on one rank of a Llama-layout decoder, dense or with 8 experts (2 per token) of half the width. */
+async function llamaRate(directory: string, experts: boolean): Promise<number> {
+  const config: DecoderConfig = {
+    ...CONFIG,
+    architecture: 'llama',
+    numKeyValueHeads: 4,
+    ...(experts ? { numExperts: 8, numExpertsPerToken: 2, intermediateSize: CONFIG.intermediateSize / 2 } : {}),
+  };
+  const checkpoint = await writeCheckpoint(join(directory, experts ? 'moe' : 'dense'), config, randomWeights(config, 5));
+  return generationRate({ checkpoint }, prompts.map((tokens) => ({ tokens, maxNewTokens: NEW_TOKENS })));
+}
+
 /** Tokens per second of the 16 prompts on one rank, request i with adapter i mod 4. */
 async function withAdapters(checkpoint: string, directory: string): Promise<number> {
   const adapters = await writeAdapters(directory, 4, 16);
@@ -274,6 +290,7 @@ export const llmSuite: Suite = {
     ['bf16 weights / f32 weights, in process', 'llm_in_process_bf16_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
     ['shared 192-token prefix, cached / read by each prompt', 'llm_prefix_cached_tokens_per_s', 'llm_prefix_uncached_tokens_per_s', ''],
     ['requests stopping early, cache reserved as they grow / at their most', 'llm_cache_grow_tokens_per_s', 'llm_cache_most_tokens_per_s', ''],
+    ['8 experts of 1024, 2 per token / dense MLP of 2048, one rank', 'llm_moe_tokens_per_s', 'llm_dense_llama_tokens_per_s', ''],
     ['four LoRA adapters, rank 16 / base model, one rank', 'llm_lora_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
     ['guided by a regex / unguided, one rank', 'guided_regex_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
     ['mask of a state inside a string, trie walk / each token walked (time)', 'guided_mask_ms', 'guided_mask_per_token_ms', ''],
@@ -328,6 +345,8 @@ export const llmSuite: Suite = {
         results.llm_cache_grow_tokens_per_s = { value: round(await earlyStops(checkpoint, 'grow'), 1), unit: 'tokens/s' };
         results.llm_unguided_tokens_per_s = { value: round(await guided(checkpoint, undefined), 1), unit: 'tokens/s' };
         // Words and punctuation: every state allows most of the vocabulary, so each step sends a full mask.
+        results.llm_dense_llama_tokens_per_s = { value: round(await llamaRate(directory, false), 1), unit: 'tokens/s' };
+        results.llm_moe_tokens_per_s = { value: round(await llamaRate(directory, true), 1), unit: 'tokens/s' };
         results.llm_lora_tokens_per_s = { value: round(await withAdapters(checkpoint, join(directory, 'adapters')), 1), unit: 'tokens/s' };
         results.guided_regex_tokens_per_s = { value: round(await guided(checkpoint, '[a-z ,.:"{}]*'), 1), unit: 'tokens/s' };
       } finally {

@@ -350,28 +350,30 @@ export class DecoderShard {
     if (this.spec.plan.tensorParallel > 1) await this.#communicator!.allreduce(Tensor.wrap(values, 'f32'), 'sum');
   }
 
-  /** Runs of consecutive rows whose sequences use the same adapter, with that adapter's layers. */
+  /** The rows of each adapter the step's sequences use (a sequence's rows are contiguous), with its layers. */
   #adapterRows(sequences: StepSequence[]): AdaptedRows[] {
-    const runs: AdaptedRows[] = [];
+    const byAdapter = new Map<number, AdaptedRows>();
     let row = 0;
     for (const sequence of sequences) {
       if (sequence.adapter !== undefined) {
-        const layers = this.#adapters.get(sequence.adapter);
-        if (!layers) throw new InvalidArgumentError(`sequence ${sequence.id} uses adapter ${sequence.adapter}, which this rank has not loaded`, 'ERR_ADAPTER');
-        const last = runs.at(-1);
-        if (last && last.layers === layers && last.end === row) last.end += sequence.count;
-        else runs.push({ layers, start: row, end: row + sequence.count });
+        let group = byAdapter.get(sequence.adapter);
+        if (!group) {
+          const layers = this.#adapters.get(sequence.adapter);
+          if (!layers) throw new InvalidArgumentError(`sequence ${sequence.id} uses adapter ${sequence.adapter}, which this rank has not loaded`, 'ERR_ADAPTER');
+          byAdapter.set(sequence.adapter, (group = { layers, rows: [] }));
+        }
+        for (let index = 0; index < sequence.count; index++) group.rows.push(row + index);
       }
       row += sequence.count;
     }
-    return runs;
+    return [...byAdapter.values()];
   }
 
   async #block(layerIndex: number, hidden: Float32Array, sequences: StepSequence[], positions: Int32Array, adapted: AdaptedRows[]): Promise<void> {
     const lowRank = (out: Float32Array, input: Float32Array, module: keyof LayerAdapter, inWidth: number, outWidth: number) => {
-      for (const run of adapted) {
-        const update = run.layers[layerIndex][module];
-        if (update) addLowRank(out, input, update, run.start, run.end, inWidth, outWidth);
+      for (const group of adapted) {
+        const update = group.layers[layerIndex][module];
+        if (update) addLowRank(out, input, update, group.rows, inWidth, outWidth);
       }
     };
     const { config } = this;
@@ -773,21 +775,26 @@ function logProbability(logits: Float32Array, token: number): number {
 }
 
 /** hidden += update (+ bias), row by row. */
-/** Rows [start, end) of `out` gain update.b · (update.a · x) for the same rows of `input`. */
-function addLowRank(out: Float32Array, input: Float32Array, update: LowRankUpdate, start: number, end: number, inWidth: number, outWidth: number): void {
-  const rows = end - start;
-  const reduced = new Float32Array(rows * update.rank);
-  linear(reduced, input.subarray(start * inWidth, end * inWidth), update.a, null, rows, inWidth, update.rank);
-  const expanded = new Float32Array(rows * outWidth);
-  linear(expanded, reduced, update.b, null, rows, update.rank, outWidth);
-  const target = out.subarray(start * outWidth, end * outWidth);
-  for (let index = 0; index < expanded.length; index++) target[index] += expanded[index];
+/** The `rows` of `out` gain update.b · (update.a · x) for the same rows of `input`: gathered, two thin matmuls, added back. */
+function addLowRank(out: Float32Array, input: Float32Array, update: LowRankUpdate, rows: readonly number[], inWidth: number, outWidth: number): void {
+  const count = rows.length;
+  const gathered = new Float32Array(count * inWidth);
+  rows.forEach((row, index) => gathered.set(input.subarray(row * inWidth, (row + 1) * inWidth), index * inWidth));
+  const reduced = new Float32Array(count * update.rank);
+  linear(reduced, gathered, update.a, null, count, inWidth, update.rank);
+  const expanded = new Float32Array(count * outWidth);
+  linear(expanded, reduced, update.b, null, count, update.rank, outWidth);
+  rows.forEach((row, index) => {
+    const target = row * outWidth;
+    const source = index * outWidth;
+    for (let column = 0; column < outWidth; column++) out[target + column] += expanded[source + column];
+  });
 }
 
 interface AdaptedRows {
   layers: LayerAdapter[];
-  start: number;
-  end: number;
+  /** The step's rows (positions read) of the sequences using this adapter, ascending. */
+  rows: number[];
 }
 
 function addResidual(hidden: Float32Array, update: Float32Array, bias: Float32Array | undefined, size: number): void {
