@@ -64,14 +64,21 @@ export function randomWeights(decoder: DecoderConfig, seed = 1): Weights {
     tensor(`${base}self_attn.v_proj.weight`, [keys, h], 0.6);
     tensor(`${base}self_attn.o_proj.weight`, [h, queries], 0.4);
     tensor(`${base}post_attention_layernorm.weight`, [h], 0.2, 1);
+    if (config.queryKeyNorm) {
+      tensor(`${base}self_attn.q_norm.weight`, [config.headSize], 0.2, 1);
+      tensor(`${base}self_attn.k_norm.weight`, [config.headSize], 0.2, 1);
+    }
     if (config.numExperts > 0) {
-      // Mixtral's sparse block: a router and gated experts (w1 gate, w3 up, w2 down).
-      const moe = `${base}block_sparse_moe.`;
+      // A sparse block: a router and gated experts, under Mixtral's names (w1 gate, w3 up, w2
+      // down) or, for a Qwen3 model, Qwen's (gate_proj, up_proj, down_proj).
+      const qwen = config.queryKeyNorm;
+      const moe = qwen ? `${base}mlp.` : `${base}block_sparse_moe.`;
       tensor(`${moe}gate.weight`, [config.numExperts, h], 1);
       for (let expert = 0; expert < config.numExperts; expert++) {
-        tensor(`${moe}experts.${expert}.w1.weight`, [inner, h], 0.4);
-        tensor(`${moe}experts.${expert}.w3.weight`, [inner, h], 0.4);
-        tensor(`${moe}experts.${expert}.w2.weight`, [h, inner], 0.3);
+        const names = qwen ? ['gate_proj', 'up_proj', 'down_proj'] : ['w1', 'w3', 'w2'];
+        tensor(`${moe}experts.${expert}.${names[0]}.weight`, [inner, h], 0.4);
+        tensor(`${moe}experts.${expert}.${names[1]}.weight`, [inner, h], 0.4);
+        tensor(`${moe}experts.${expert}.${names[2]}.weight`, [h, inner], 0.3);
       }
       continue;
     }
@@ -94,8 +101,9 @@ function huggingFaceConfig(decoder: DecoderConfig): Record<string, unknown> {
   }
   // A window is Mistral's, experts Mixtral's: the same layout, under their own model types.
   return {
-    model_type: config.numExperts > 0 ? 'mixtral' : config.slidingWindow ? 'mistral' : 'llama', ...(config.slidingWindow ? { sliding_window: config.slidingWindow } : {}), vocab_size: config.vocabSize, hidden_size: config.hiddenSize, num_hidden_layers: config.numLayers,
-    ...(config.numExperts > 0 ? { num_local_experts: config.numExperts, num_experts_per_tok: config.numExpertsPerToken } : {}),
+    model_type: config.queryKeyNorm ? (config.numExperts > 0 ? 'qwen3_moe' : 'qwen3') : config.numExperts > 0 ? 'mixtral' : config.slidingWindow ? 'mistral' : 'llama', ...(config.slidingWindow ? { sliding_window: config.slidingWindow } : {}), vocab_size: config.vocabSize, hidden_size: config.hiddenSize, num_hidden_layers: config.numLayers,
+    ...(config.numExperts > 0 && !config.queryKeyNorm ? { num_local_experts: config.numExperts, num_experts_per_tok: config.numExpertsPerToken } : {}),
+    ...(config.numExperts > 0 && config.queryKeyNorm ? { num_experts: config.numExperts, num_experts_per_tok: config.numExpertsPerToken, moe_intermediate_size: config.intermediateSize, norm_topk_prob: config.normalizeTopKProbabilities } : {}),
     num_attention_heads: config.numHeads, num_key_value_heads: config.numKeyValueHeads, head_dim: config.headSize,
     intermediate_size: config.intermediateSize, max_position_embeddings: config.maxPositions, rms_norm_eps: config.layerNormEpsilon,
     rope_theta: config.ropeTheta, tie_word_embeddings: config.tieWordEmbeddings,

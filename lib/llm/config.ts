@@ -58,6 +58,11 @@ export interface DecoderConfig {
   numExpertsPerToken?: number;
   /** Scale each token's chosen experts' probabilities to sum to 1 (default true, as Mixtral does). */
   normalizeTopKProbabilities?: boolean;
+  /**
+   * RMS-normalize each head's query and key before rotary positions, with a learned weight per
+   * head dimension (llama layout, as Qwen3's q_norm and k_norm; default false).
+   */
+  queryKeyNorm?: boolean;
 }
 
 const INTEGER_FIELDS = ['vocabSize', 'hiddenSize', 'numLayers', 'numHeads', 'intermediateSize', 'maxPositions'] as const;
@@ -104,6 +109,9 @@ export function checkDecoderConfig(config: unknown): Required<Omit<DecoderConfig
   if (architecture === 'gpt2' && numExperts !== 0) throw configError('gpt2 has no mixture of experts');
   const numExpertsPerToken = numExperts === 0 ? 0 : positiveInteger(fields.numExpertsPerToken ?? 2, 'numExpertsPerToken');
   if (numExpertsPerToken > numExperts) throw configError(`numExpertsPerToken ${numExpertsPerToken} is more than numExperts ${numExperts}`);
+  const queryKeyNorm = fields.queryKeyNorm ?? false;
+  if (typeof queryKeyNorm !== 'boolean') throw configError(`queryKeyNorm must be a boolean, got ${String(queryKeyNorm)}`);
+  if (architecture === 'gpt2' && queryKeyNorm) throw configError('gpt2 has no query/key norms');
   const normalizeTopKProbabilities = fields.normalizeTopKProbabilities ?? true;
   if (typeof normalizeTopKProbabilities !== 'boolean') throw configError(`normalizeTopKProbabilities must be a boolean, got ${String(normalizeTopKProbabilities)}`);
   let ropeScaling: RopeScaling | undefined;
@@ -137,6 +145,7 @@ export function checkDecoderConfig(config: unknown): Required<Omit<DecoderConfig
     numExperts,
     numExpertsPerToken,
     normalizeTopKProbabilities,
+    queryKeyNorm,
     ...(ropeScaling ? { ropeScaling } : {}),
   };
 }
@@ -174,8 +183,24 @@ function fromLlama(json: Record<string, unknown>, file: string): DecoderConfig {
   }
   // Mistral's window covers every layer; Qwen2's covers only the layers from max_window_layers on
   // (and its configs disagree on which), which this decoder does not do.
-  if (json.model_type === 'qwen2' && json.use_sliding_window === true) {
-    throw new ModelLoadError('ERR_MODEL_ARCHITECTURE', `${file}: Qwen2's per-layer sliding window (use_sliding_window) is not supported`, { file });
+  const qwen3 = json.model_type === 'qwen3' || json.model_type === 'qwen3_moe';
+  if ((json.model_type === 'qwen2' || qwen3) && json.use_sliding_window === true) {
+    throw new ModelLoadError('ERR_MODEL_ARCHITECTURE', `${file}: Qwen's per-layer sliding window (use_sliding_window) is not supported`, { file });
+  }
+  let experts: Partial<DecoderConfig> = {};
+  if (json.model_type === 'mixtral') experts = { numExperts: json.num_local_experts as number, numExpertsPerToken: (json.num_experts_per_tok as number | undefined) ?? 2 };
+  if (json.model_type === 'qwen3_moe') {
+    // Every layer sparse: layers kept dense (mlp_only_layers, decoder_sparse_step) would need two MLP widths.
+    const dense = json.mlp_only_layers as number[] | undefined;
+    if ((Array.isArray(dense) && dense.length > 0) || ((json.decoder_sparse_step as number | undefined) ?? 1) !== 1) {
+      throw new ModelLoadError('ERR_MODEL_ARCHITECTURE', `${file}: dense layers among the sparse ones (mlp_only_layers, decoder_sparse_step) are not supported`, { file });
+    }
+    experts = {
+      numExperts: json.num_experts as number,
+      numExpertsPerToken: (json.num_experts_per_tok as number | undefined) ?? 2,
+      normalizeTopKProbabilities: (json.norm_topk_prob as boolean | undefined) ?? false,
+      intermediateSize: json.moe_intermediate_size as number,
+    };
   }
   const sliding = json.model_type === 'mistral' || json.model_type === 'mixtral' ? (json.sliding_window as number | null | undefined) : undefined;
   return {
@@ -193,17 +218,25 @@ function fromLlama(json: Record<string, unknown>, file: string): DecoderConfig {
     tieWordEmbeddings: (json.tie_word_embeddings as boolean | undefined) ?? false,
     ...(typeof sliding === 'number' ? { slidingWindow: sliding } : {}),
     ...(ropeScaling ? { ropeScaling } : {}),
-    ...(json.model_type === 'mixtral' ? { numExperts: json.num_local_experts as number, numExpertsPerToken: (json.num_experts_per_tok as number | undefined) ?? 2 } : {}),
+    ...(qwen3 ? { queryKeyNorm: true } : {}),
+    ...experts,
   };
 }
 
-/** A Hugging Face config.json as a DecoderConfig: GPT-2, or the Llama layout (llama, mistral with its sliding window, mixtral with its experts, qwen2). */
+/** Hugging Face model types that load as the Llama layout. */
+const LLAMA_LAYOUT_TYPES = ['llama', 'mistral', 'mixtral', 'qwen2', 'qwen3', 'qwen3_moe'];
+
+/**
+ * A Hugging Face config.json as a DecoderConfig: GPT-2, or the Llama layout (llama; mistral with
+ * its sliding window; mixtral and qwen3_moe with their experts; qwen2; qwen3 with its query/key
+ * norms).
+ */
 export function configFromHuggingFace(json: Record<string, unknown>, file = 'config.json'): ResolvedDecoderConfig {
   const modelType = json.model_type ?? 'gpt2';
   let config: DecoderConfig;
   if (modelType === 'gpt2') config = fromGpt2(json);
-  else if (modelType === 'llama' || modelType === 'mistral' || modelType === 'qwen2' || modelType === 'mixtral') config = fromLlama(json, file);
-  else throw new ModelLoadError('ERR_MODEL_ARCHITECTURE', `${file}: model_type '${String(modelType)}' is not supported (gpt2, llama, mistral, mixtral, qwen2)`, { file });
+  else if (LLAMA_LAYOUT_TYPES.includes(modelType as string)) config = fromLlama(json, file);
+  else throw new ModelLoadError('ERR_MODEL_ARCHITECTURE', `${file}: model_type '${String(modelType)}' is not supported (gpt2, ${LLAMA_LAYOUT_TYPES.join(', ')})`, { file });
   try {
     return checkDecoderConfig(config);
   } catch (error) {

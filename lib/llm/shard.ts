@@ -409,6 +409,11 @@ export class DecoderShard {
         newKeys.set(qkv.subarray(source + queryWidth, source + queryWidth + keyWidth), index * keyWidth);
         newValues.set(qkv.subarray(source + queryWidth + keyWidth, source + rowWidth), index * keyWidth);
       }
+      if (layer.queryNorm && layer.keyNorm) {
+        // Qwen3: each head's query and key RMS-normalized over its own width, before rotary positions.
+        headNorm(queries, layer.queryNorm, sequence.count * plan.headsPerRank, headSize, config.layerNormEpsilon);
+        headNorm(newKeys, layer.keyNorm, sequence.count * plan.keyValueHeadsPerRank, headSize, config.layerNormEpsilon);
+      }
       if (this.#inverseFrequencies) {
         // Rotary positions turn the new queries and keys; the cache keeps keys already turned.
         const at = positions.subarray(row, row + sequence.count);
@@ -775,6 +780,13 @@ function logProbability(logits: Float32Array, token: number): number {
 }
 
 /** hidden += update (+ bias), row by row. */
+/** RMS norm over each of `rows` heads of `width` in `values`, in place (through scratch: the kernel reads and writes apart). */
+function headNorm(values: Float32Array, gamma: Float32Array, rows: number, width: number, epsilon: number): void {
+  const normed = new Float32Array(rows * width);
+  rmsNorm(normed, values, gamma, rows, width, epsilon);
+  values.set(normed);
+}
+
 /** The `rows` of `out` gain update.b · (update.a · x) for the same rows of `input`: gathered, two thin matmuls, added back. */
 function addLowRank(out: Float32Array, input: Float32Array, update: LowRankUpdate, rows: readonly number[], inWidth: number, outWidth: number): void {
   const count = rows.length;

@@ -23,6 +23,9 @@ export interface LayerWeights {
   /** This rank's query heads, then key heads, then value heads: [(heads + 2 × kvHeads) × headSize, hidden]. */
   qkvWeight: WeightMatrix;
   qkvBias?: Float32Array;
+  /** Qwen3: RMS norm weights over each head's query and key, [headSize] each, before rotary positions. */
+  queryNorm?: Float32Array;
+  keyNorm?: Float32Array;
   /** Row-parallel, [hidden, heads × headSize]; its bias is added once, after the allreduce. */
   projectionWeight: WeightMatrix;
   projectionBias?: Float32Array;
@@ -107,8 +110,11 @@ interface Layout {
   /** Names in full-model checkpoints carry a prefix (GPT2LMHeadModel's 'transformer.', LlamaForCausalLM's 'model.'). */
   prefixes: string[];
   embedding: string;
-  /** Every tensor the decoder reads, without prefix, with its shape in the checkpoint; optional ones may be absent. */
-  tensors(config: ResolvedDecoderConfig): Array<{ name: string; shape: Shape; optional?: boolean }>;
+  /**
+   * Every tensor the decoder reads, without prefix, with its shape in the checkpoint; optional
+   * ones may be absent. `has` (names without prefix) tells which naming a checkpoint uses.
+   */
+  tensors(config: ResolvedDecoderConfig, has: (name: string) => boolean): Array<{ name: string; shape: Shape; optional?: boolean }>;
   layer(read: Reader, config: ResolvedDecoderConfig, plan: ShardingPlan, layer: number, rank: number): Promise<LayerWeights>;
   positionEmbedding?: string;
   finalNorm: { gamma: string; beta?: string };
@@ -181,7 +187,7 @@ const llama: Layout = {
   prefixes: ['model.', ''],
   embedding: 'embed_tokens.weight',
   finalNorm: { gamma: 'norm.weight' },
-  tensors(config) {
+  tensors(config, has) {
     const hidden = config.hiddenSize;
     const inner = config.intermediateSize;
     const queries = config.numHeads * config.headSize;
@@ -197,16 +203,13 @@ const llama: Layout = {
         { name: `${base}self_attn.o_proj.weight`, shape: [hidden, queries] },
         { name: `${base}post_attention_layernorm.weight`, shape: [hidden] },
       );
+      if (config.queryKeyNorm) tensors.push({ name: `${base}self_attn.q_norm.weight`, shape: [config.headSize] }, { name: `${base}self_attn.k_norm.weight`, shape: [config.headSize] });
       if (config.numExperts > 0) {
-        // Mixtral's names: w1 the gate, w3 the up, w2 the down matrix of each expert.
-        const moe = `${base}block_sparse_moe.`;
-        tensors.push({ name: `${moe}gate.weight`, shape: [config.numExperts, hidden] });
+        const names = expertNames(layer, has);
+        tensors.push({ name: names.router, shape: [config.numExperts, hidden] });
         for (let expert = 0; expert < config.numExperts; expert++) {
-          tensors.push(
-            { name: `${moe}experts.${expert}.w1.weight`, shape: [inner, hidden] },
-            { name: `${moe}experts.${expert}.w3.weight`, shape: [inner, hidden] },
-            { name: `${moe}experts.${expert}.w2.weight`, shape: [hidden, inner] },
-          );
+          const { gate, up, down } = names.expert(expert);
+          tensors.push({ name: gate, shape: [inner, hidden] }, { name: up, shape: [inner, hidden] }, { name: down, shape: [hidden, inner] });
         }
       } else {
         tensors.push(
@@ -240,6 +243,7 @@ const llama: Layout = {
       attentionNorm: { gamma: await read(`layers.${layer}.input_layernorm.weight`) },
       qkvWeight: concatenate(weights),
       ...(qkvBias ? { qkvBias } : {}),
+      ...(config.queryKeyNorm ? { queryNorm: await read(`${base}q_norm.weight`), keyNorm: await read(`${base}k_norm.weight`) } : {}),
       projectionWeight: await read.matrix(`${base}o_proj.weight`, { columns: [rank * queryRows, (rank + 1) * queryRows] }),
       mlpNorm: { gamma: await read(`layers.${layer}.post_attention_layernorm.weight`) },
       mlp: config.numExperts > 0 ? await expertMlp(read, config, layer, rows(inner), { columns: [rank * inner, (rank + 1) * inner] }) : {
@@ -252,15 +256,28 @@ const llama: Layout = {
   },
 };
 
-/** A sparse MoE block's router and this rank's share of each expert (Mixtral's names). */
+/**
+ * The names of a sparse MoE block's tensors: Mixtral's (block_sparse_moe, experts' w1 gate, w3
+ * up, w2 down) or Qwen's (mlp.gate the router, experts' gate_proj, up_proj, down_proj).
+ */
+function expertNames(layer: number, has: (name: string) => boolean): { router: string; expert: (index: number) => { gate: string; up: string; down: string } } {
+  const mixtral = `layers.${layer}.block_sparse_moe.`;
+  if (has(`${mixtral}gate.weight`)) {
+    return { router: `${mixtral}gate.weight`, expert: (index) => ({ gate: `${mixtral}experts.${index}.w1.weight`, up: `${mixtral}experts.${index}.w3.weight`, down: `${mixtral}experts.${index}.w2.weight` }) };
+  }
+  const qwen = `layers.${layer}.mlp.`;
+  return { router: `${qwen}gate.weight`, expert: (index) => ({ gate: `${qwen}experts.${index}.gate_proj.weight`, up: `${qwen}experts.${index}.up_proj.weight`, down: `${qwen}experts.${index}.down_proj.weight` }) };
+}
+
+/** A sparse MoE block's router and this rank's share of each expert. */
 async function expertMlp(read: Reader, config: ResolvedDecoderConfig, layer: number, outputRows: SliceOptions, inputColumns: SliceOptions): Promise<ExpertMlp> {
-  const moe = `layers.${layer}.block_sparse_moe.`;
+  const names = expertNames(layer, read.has);
   const experts: ExpertMlp['experts'] = [];
   for (let expert = 0; expert < config.numExperts; expert++) {
-    const base = `${moe}experts.${expert}.`;
-    experts.push({ gate: await read.matrix(`${base}w1.weight`, outputRows), up: await read.matrix(`${base}w3.weight`, outputRows), down: await read.matrix(`${base}w2.weight`, inputColumns) });
+    const { gate, up, down } = names.expert(expert);
+    experts.push({ gate: await read.matrix(gate, outputRows), up: await read.matrix(up, outputRows), down: await read.matrix(down, inputColumns) });
   }
-  return { kind: 'experts', router: await read(`${moe}gate.weight`), topK: config.numExpertsPerToken, normalizeTopK: config.normalizeTopKProbabilities, experts };
+  return { kind: 'experts', router: await read(names.router), topK: config.numExpertsPerToken, normalizeTopK: config.normalizeTopKProbabilities, experts };
 }
 
 const LAYOUTS: Record<ResolvedDecoderConfig['architecture'], Layout> = { gpt2, llama };
@@ -281,7 +298,7 @@ function namePrefix(checkpoint: Checkpoint, layout: Layout): string {
 export function checkCheckpoint(checkpoint: Checkpoint, config: ResolvedDecoderConfig): string {
   const layout = LAYOUTS[config.architecture];
   const prefix = namePrefix(checkpoint, layout);
-  const tensors = layout.tensors(config).map((tensor) => ({ ...tensor, name: prefix + tensor.name }));
+  const tensors = layout.tensors(config, (name) => checkpoint.has(prefix + name)).map((tensor) => ({ ...tensor, name: prefix + tensor.name }));
   const untied = !config.tieWordEmbeddings || checkpoint.has('lm_head.weight');
   if (untied) tensors.push({ name: 'lm_head.weight', shape: [config.vocabSize, config.hiddenSize] });
   for (const { name, shape, optional } of tensors) {

@@ -56,3 +56,41 @@ describe('mixture of experts (Mixtral layout)', () => {
     expect(replica.weightDtype).toBe('int8');
   });
 });
+
+describe('Qwen3 (query/key norms) and Qwen3-MoE', () => {
+  let directory: string;
+  const qwen3: DecoderConfig = {
+    architecture: 'llama', vocabSize: 101, hiddenSize: 32, numLayers: 2, numHeads: 4, numKeyValueHeads: 2, headSize: 16, intermediateSize: 48,
+    maxPositions: 64, layerNormEpsilon: 1e-6, ropeTheta: 1000000, tieWordEmbeddings: true, queryKeyNorm: true,
+  };
+  const qwen3Moe: DecoderConfig = { ...qwen3, tieWordEmbeddings: false, intermediateSize: 16, numExperts: 6, numExpertsPerToken: 2, normalizeTopKProbabilities: true };
+  const prompts = [[5, 17, 3], [42, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9]];
+
+  beforeAll(async () => {
+    directory = mkdtempSync(join(tmpdir(), 'trellis-qwen3-'));
+    await init({ numCpus: 6 });
+  });
+  afterAll(async () => {
+    await shutdown();
+    rmSync(directory, { recursive: true, force: true });
+  });
+
+  for (const [name, config] of [['qwen3', qwen3], ['qwen3_moe', qwen3Moe]] as const) {
+    it(`runs a ${name} checkpoint cut 2 × 2, token for token as the reference`, async () => {
+      const weights = randomWeights(config, 7);
+      const checkpoint = await writeCheckpoint(join(directory, name), config, weights, { prefix: 'model.' });
+      expect(readCheckpointConfig(checkpoint)).toMatchObject({ queryKeyNorm: true, numExperts: config.numExperts ?? 0, intermediateSize: config.intermediateSize });
+      await using replica = await ModelReplica.create({ checkpoint, tensorParallel: 2, pipelineParallel: 2 });
+      const generations = await replica.generate(prompts.map((tokens) => ({ tokens, maxNewTokens: 8 })));
+      generations.forEach((generation, index) => expect(generation.tokens, `prompt ${index}`).toEqual(referenceGenerate(config, weights, prompts[index], 8)));
+      // The norms matter: without them the reference reads otherwise.
+      expect(prompts.some((prompt) => referenceGenerate({ ...config, queryKeyNorm: false }, weights, prompt, 8).join() !== referenceGenerate(config, weights, prompt, 8).join())).toBe(true);
+    });
+  }
+
+  it("refuses Qwen3-MoE configs that keep some layers dense", () => {
+    const json = { model_type: 'qwen3_moe', vocab_size: 10, hidden_size: 8, num_hidden_layers: 2, num_attention_heads: 2, head_dim: 4, intermediate_size: 16, moe_intermediate_size: 8, max_position_embeddings: 32, num_experts: 4, num_experts_per_tok: 2 };
+    expect(configFromHuggingFace(json)).toMatchObject({ numExperts: 4, intermediateSize: 8, normalizeTopKProbabilities: false, queryKeyNorm: true });
+    expect(() => configFromHuggingFace({ ...json, mlp_only_layers: [0] })).toThrow(/dense layers among the sparse ones/);
+  });
+});
