@@ -90,7 +90,7 @@ describe('model sharding', () => {
     expect(configFromHuggingFace({ ...llama, model_type: 'mistral', sliding_window: null })).toMatchObject({ slidingWindow: 0 });
     expect(configFromHuggingFace({ ...llama, model_type: 'mistral', sliding_window: 131072 })).toMatchObject({ slidingWindow: 0 });
     expect(configFromHuggingFace({ ...llama, model_type: 'qwen2', use_sliding_window: false, sliding_window: 4096 })).toMatchObject({ slidingWindow: 0 });
-    refused({ ...llama, model_type: 'qwen2', use_sliding_window: true, sliding_window: 4096 }, 'ERR_MODEL_ARCHITECTURE', /Qwen2's per-layer sliding window/);
+    refused({ ...llama, model_type: 'qwen2', use_sliding_window: true, sliding_window: 4096 }, 'ERR_MODEL_ARCHITECTURE', /Qwen's per-layer sliding window/);
     expect(() => checkDecoderConfig({ ...TINY, slidingWindow: 8 })).toThrow(/gpt2 has no sliding window/);
     expect(() => checkDecoderConfig({ ...TINY_LLAMA, slidingWindow: -1 })).toThrow(/slidingWindow must be an integer >= 0/);
     refused({ ...llama, rope_scaling: { rope_type: 'yarn', factor: 4 } }, 'ERR_MODEL_CONFIG', /rope_scaling of type 'yarn'/);
