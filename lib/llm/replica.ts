@@ -27,6 +27,7 @@ import { checkCheckpoint, resolveWeightDType } from './weights.js';
 import { RemoteShardWorker, type ShardWorker } from './shard-worker.js';
 import { TokenMask } from './guided/token-mask.js';
 import { readAdapter, type AdapterInfo } from './lora.js';
+import { checkSpeculation, proposeTokens, type Speculation, type SpeculationOptions } from './speculation.js';
 
 export interface ModelReplicaOptions extends ParallelismOptions {
   /** A .safetensors file, a directory with model.safetensors or model.safetensors.index.json, or that index. */
@@ -110,6 +111,15 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    * loaded waits until one that no running sequence uses can make way.
    */
   maxLoadedAdapters?: number;
+  /**
+   * Speculative decoding by n-gram lookup (`{ method: 'ngram', tokens: 4 }`, vLLM's
+   * speculative_config): a decoding sequence proposes the tokens that followed its last few
+   * tokens earlier in its text, and one step checks them all; the kept ones are exactly what
+   * plain steps would have picked (greedy or seeded sampling), so the text is unchanged and
+   * copying outputs take fewer steps. Sequences with constraints, penalties, logprobs or
+   * minNewTokens still to go decode plainly. Default: off.
+   */
+  speculation?: SpeculationOptions;
 }
 
 export interface GenerateRequest {
@@ -201,6 +211,9 @@ export interface ReplicaStats {
   maxCacheTokens: number;
   /** Sequences whose caches were dropped to make room, to be read again later (vLLM's recompute preemption). */
   preemptions: number;
+  /** Speculative decoding: tokens proposed, and those kept (each kept one saved a step). */
+  draftTokens: number;
+  acceptedDraftTokens: number;
 }
 
 interface Sequence {
@@ -234,6 +247,10 @@ interface Sequence {
   /** Its first step starts from a copy of another sequence's cached positions. */
   copyFrom?: { id: number; length: number };
   inFlight: boolean;
+  /** Positions the ranks hold past `past`: proposals the last step did not keep, dropped by the next. */
+  stale?: number;
+  /** The tokens proposed in the step it is in (speculative decoding). */
+  proposal?: number[];
   finish: (generation: Generation, embedding?: Float32Array) => void;
   fail: (error: Error) => void;
 }
@@ -249,6 +266,7 @@ interface StepLimits {
   maxCacheTokens: number;
   /** Every sequence reserves its most when it starts (cacheReservation 'most'). */
   reserveMost: boolean;
+  speculation: Speculation | undefined;
 }
 
 function positiveInteger(value: unknown, what: string, fallback: number): number {
@@ -281,6 +299,9 @@ export class ModelReplica {
    */
   #reservedTokens = 0;
   #preemptions = 0;
+  #draftTokens = 0;
+  #acceptedDraftTokens = 0;
+  readonly #speculation: Speculation | undefined;
   readonly #reserveMost: boolean;
   readonly #weightBytes: number;
   readonly #stopTokens: number[];
@@ -330,6 +351,7 @@ export class ModelReplica {
     this.#prefixCache = prefix ? new PrefixCache<Sequence>(prefix.blockTokens, prefix.retainedTokens) : undefined;
     this.#maxCacheTokens = parts.limits.maxCacheTokens;
     this.#reserveMost = parts.limits.reserveMost;
+    this.#speculation = parts.limits.speculation;
     this.#stopTokens = parts.stopTokens;
     this.#maxLoadedAdapters = parts.maxLoadedAdapters;
   }
@@ -383,6 +405,7 @@ export class ModelReplica {
       prefix: undefined,
       maxCacheTokens: 0,
       reserveMost: false,
+      speculation: options.speculation === undefined ? undefined : checkSpeculation(options.speculation),
     };
     if (options.cacheReservation !== undefined && options.cacheReservation !== 'grow' && options.cacheReservation !== 'most') {
       throw new InvalidArgumentError(`cacheReservation must be 'grow' or 'most', got ${JSON.stringify(options.cacheReservation)}`);
@@ -645,13 +668,23 @@ export class ModelReplica {
           tokens.push(position < sequence.prompt.length ? sequence.prompt[position] : sequence.generated[position - sequence.prompt.length]);
         }
         budget -= count;
+        // Decoding its next token: proposals ride along, checked in the same step.
+        const draft = count === 1 && sequence.past === known - 1 ? this.#proposal(sequence, budget) : [];
+        if (draft.length > 0) {
+          tokens.push(...draft);
+          budget -= draft.length;
+          this.#draftTokens += draft.length;
+          sequence.proposal = draft;
+        }
         chosen.push(sequence);
         // Reading part of what it knows (its prompt, or after a preemption its generated tokens too) picks no token.
         const prefill = sequence.past + count < known;
         parts.push({
           id: sequence.id,
           past: sequence.past,
-          count,
+          count: count + draft.length,
+          ...(draft.length > 0 ? { draft: draft.length } : {}),
+          ...(sequence.stale ? { rewind: true } : {}),
           ...(sequence.sampling ? { sampling: sequence.sampling } : {}),
           ...(prefill ? { prefill } : {}),
           ...(sequence.logprobs && !prefill ? { logprobs: true } : {}),
@@ -664,6 +697,7 @@ export class ModelReplica {
           ...(sequence.promptLogprobs && sequence.past < sequence.prompt.length - 1 ? { targets: this.#targetsOf(sequence, count) } : {}),
         });
         sequence.copyFrom = undefined;
+        sequence.stale = 0;
         sequence.inFlight = true;
         return true;
       };
@@ -732,6 +766,7 @@ export class ModelReplica {
     this.#inFlight--;
     if (this.#broken) return; // its sequences were failed with the replica
     let scored = 0;
+    let draftOffset = 0;
     chosen.forEach((sequence, index) => {
       sequence.inFlight = false;
       const part = parts[index];
@@ -742,7 +777,23 @@ export class ModelReplica {
         }
         scored += part.count;
       }
-      sequence.past += part.count;
+      let produced: number[];
+      if (part.draft) {
+        // The proposal is kept up to the first position where the model picked otherwise; that pick follows it.
+        const draft = sequence.proposal!;
+        const picks = result.draftTokens!.subarray(draftOffset, draftOffset + draft.length);
+        draftOffset += draft.length;
+        let kept = 0;
+        while (kept < draft.length && picks[kept] === draft[kept]) kept++;
+        produced = [...draft.slice(0, kept), kept < draft.length ? picks[kept] : result.tokens[index]];
+        this.#acceptedDraftTokens += kept;
+        sequence.past = part.past + 1 + kept;
+        sequence.stale = draft.length - kept;
+        sequence.proposal = undefined;
+      } else {
+        sequence.past += part.count;
+        produced = [result.tokens[index]];
+      }
       if (sequence.past < sequence.prompt.length + sequence.generated.length) return; // more to read first
       if (!sequence.promptCounted) {
         sequence.promptCounted = true;
@@ -754,50 +805,81 @@ export class ModelReplica {
         sequence.finish({ tokens: [], finishReason: 'length', promptTokens: sequence.prompt.length }, result.embeddings!.slice(index * size, (index + 1) * size));
         return;
       }
-      const token = result.tokens[index];
-      sequence.generated.push(token);
-      this.#grow(sequence);
-      sequence.logprobs?.push(result.logprobs![index]);
-      if (sequence.top) {
-        const width = result.topTokens!.length / chosen.length;
-        const entries: Array<{ token: number; logprob: number }> = [];
-        for (let rank = 0; rank < sequence.top.k; rank++) {
-          const candidate = result.topTokens![index * width + rank];
-          if (candidate >= 0) entries.push({ token: candidate, logprob: result.topLogprobs![index * width + rank] });
-        }
-        sequence.top.list.push(entries);
-      }
-      this.#generatedTokens++;
-      const total = sequence.prompt.length + sequence.generated.length;
-      let reason: Generation['finishReason'] | undefined;
-      try {
-        let complete = false;
-        if (sequence.constraint) {
-          const allowed = this.#allowedTokens(sequence.constraint(sequence.generated), `sequence ${sequence.id}`);
-          complete = allowed === undefined;
-          sequence.allowed = allowed;
-        }
-        const mayStop = sequence.generated.length >= sequence.minNewTokens;
-        reason = complete || (mayStop && (sequence.stopTokens.has(token) || sequence.stop?.(sequence.generated))) ? 'stop' : sequence.generated.length >= sequence.maxNewTokens ? 'length' : total >= this.config.maxPositions ? 'max-positions' : undefined;
-      } catch (error) {
-        // A stop or constraint function that throws (or allows nothing valid) ends its own request with the error, not the replica.
-        this.#end(sequence);
-        sequence.fail(error as Error);
-        return;
-      }
-      if (reason) {
-        this.#end(sequence);
-        sequence.finish({
-          tokens: sequence.generated,
-          finishReason: reason,
-          promptTokens: sequence.prompt.length,
-          ...(sequence.logprobs ? { logprobs: sequence.logprobs } : {}),
-          ...(sequence.promptLogprobs ? { promptLogprobs: sequence.promptLogprobs } : {}),
-          ...(sequence.top ? { topLogprobs: sequence.top.list } : {}),
-        });
-      }
+      for (const token of produced) if (this.#take(sequence, token, result, index, chosen.length)) break;
     });
     this.#pump();
+  }
+
+  /**
+   * One generated token of a finished step taken in: kept, its logprobs noted, the stop rules and
+   * the constraint asked; the sequence ends here or fails when they say so. Returns whether it
+   * is done (a speculative step's later tokens are then dropped).
+   */
+  #take(sequence: Sequence, token: number, result: StepResult, index: number, stepSequences: number): boolean {
+    sequence.generated.push(token);
+    this.#grow(sequence);
+    sequence.logprobs?.push(result.logprobs![index]);
+    if (sequence.top) {
+      const width = result.topTokens!.length / stepSequences;
+      const entries: Array<{ token: number; logprob: number }> = [];
+      for (let rank = 0; rank < sequence.top.k; rank++) {
+        const candidate = result.topTokens![index * width + rank];
+        if (candidate >= 0) entries.push({ token: candidate, logprob: result.topLogprobs![index * width + rank] });
+      }
+      sequence.top.list.push(entries);
+    }
+    this.#generatedTokens++;
+    const total = sequence.prompt.length + sequence.generated.length;
+    let reason: Generation['finishReason'] | undefined;
+    try {
+      let complete = false;
+      if (sequence.constraint) {
+        const allowed = this.#allowedTokens(sequence.constraint(sequence.generated), `sequence ${sequence.id}`);
+        complete = allowed === undefined;
+        sequence.allowed = allowed;
+      }
+      const mayStop = sequence.generated.length >= sequence.minNewTokens;
+      reason = complete || (mayStop && (sequence.stopTokens.has(token) || sequence.stop?.(sequence.generated))) ? 'stop' : sequence.generated.length >= sequence.maxNewTokens ? 'length' : total >= this.config.maxPositions ? 'max-positions' : undefined;
+    } catch (error) {
+      // A stop or constraint function that throws (or allows nothing valid) ends its own request with the error, not the replica.
+      this.#end(sequence);
+      sequence.fail(error as Error);
+      return true;
+    }
+    if (reason) {
+      this.#end(sequence);
+      sequence.finish({
+        tokens: sequence.generated,
+        finishReason: reason,
+        promptTokens: sequence.prompt.length,
+        ...(sequence.logprobs ? { logprobs: sequence.logprobs } : {}),
+        ...(sequence.promptLogprobs ? { promptLogprobs: sequence.promptLogprobs } : {}),
+        ...(sequence.top ? { topLogprobs: sequence.top.list } : {}),
+      });
+      return true;
+    }
+    return false;
+  }
+
+  /**
+   * Tokens to propose for a sequence about to decode (speculative decoding), within the step's
+   * token budget, its maxNewTokens and the model's positions, and the cache (the proposals' extra
+   * positions are reserved for the step). None for sequences whose picks need more than logits
+   * and a position: constraints, penalties, logprobs, stop tokens held back by minNewTokens.
+   */
+  #proposal(sequence: Sequence, budget: number): number[] {
+    const speculation = this.#speculation;
+    if (!speculation || sequence.constraint || sequence.logprobs || sequence.top || sequence.pooling || needsHistory(sequence.sampling) || this.#reservesMost(sequence)) return [];
+    if (sequence.generated.length < sequence.minNewTokens) return [];
+    const known = sequence.prompt.length + sequence.generated.length;
+    // The last pick is generated too: proposals stop one short of maxNewTokens and of the positions.
+    const limit = Math.min(budget, sequence.maxNewTokens - sequence.generated.length - 1, this.config.maxPositions - known - 1);
+    const draft = proposeTokens(sequence.prompt, sequence.generated, speculation, limit);
+    if (draft.length === 0 || !this.#makeRoom(draft.length)) return [];
+    // Released by the step's end, where #grow sets the reservation to what the sequence then knows.
+    sequence.reserved += draft.length;
+    this.#reservedTokens += draft.length;
+    return draft;
   }
 
   /** Positions a sequence's cache may reach: its prompt and its most new tokens, within the model's positions. */
@@ -850,6 +932,7 @@ export class ModelReplica {
       this.#reservedTokens -= sequence.reserved;
       sequence.reserved = 0;
       sequence.past = 0;
+      sequence.stale = 0;
       sequence.copyFrom = undefined;
       this.#released.push(this.#prefixCache ? this.#prefixCache.abandon(sequence) : sequence.id);
       this.#waiting.unshift(sequence);
@@ -902,6 +985,8 @@ export class ModelReplica {
       reservedCacheTokens: this.#reservedTokens + (this.#prefixCache?.retainedTokens ?? 0),
       maxCacheTokens: this.#maxCacheTokens,
       preemptions: this.#preemptions,
+      draftTokens: this.#draftTokens,
+      acceptedDraftTokens: this.#acceptedDraftTokens,
     };
   }
 

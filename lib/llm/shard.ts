@@ -43,6 +43,14 @@ export interface StepSequence {
   /** The LoRA adapter (an id the step's `loadAdapters` or an earlier one loaded) its layers add; none: the base model. */
   adapter?: number;
   /**
+   * Speculative decoding: the last `draft` of the positions read are proposed tokens; the last
+   * stage also picks a token after each position before the last (`draftTokens`), drawn as a step
+   * reading them one at a time would draw it.
+   */
+  draft?: number;
+  /** The shard holds more positions than `past` (proposals not kept): drop the rest first. */
+  rewind?: boolean;
+  /**
    * Prompt scoring: for each position read this step, the token that follows it in the prompt
    * (-1 where none does); the log-probability of each comes back in `promptLogprobs`.
    */
@@ -88,6 +96,8 @@ export interface StepResult {
    */
   topTokens?: Int32Array;
   topLogprobs?: Float32Array;
+  /** For the sequences with a draft, in order, `draft` tokens each: the pick after each position before the last. */
+  draftTokens?: Int32Array;
 }
 
 export interface ShardSpec {
@@ -197,6 +207,8 @@ export class DecoderShard {
     let total = 0;
     for (const sequence of message.sequences) {
       const cache = this.#caches.get(sequence.id);
+      // Proposals the last step did not keep: their keys and values go.
+      if (sequence.rewind && cache && sequence.past < cache.length) cache.length = sequence.past;
       const known = cache?.length ?? 0;
       if (sequence.past !== known) {
         throw new InvalidArgumentError(`step ${message.step}: sequence ${sequence.id} says ${sequence.past} tokens came before, this shard has read ${known}`, 'ERR_SEQUENCE_STATE');
@@ -237,9 +249,11 @@ export class DecoderShard {
     const topK = Math.max(0, ...message.sequences.map((sequence) => sequence.topLogprobs ?? 0));
     const top = topK > 0 ? { k: topK, tokens: new Int32Array(message.sequences.length * topK).fill(-1), logprobs: new Float32Array(message.sequences.length * topK).fill(NaN) } : undefined;
     const tokens = await this.#nextTokens(hidden, message.sequences, all, logprobs, top);
+    const draftTokens = message.sequences.some((sequence) => sequence.draft) ? await this.#draftPicks(hidden, message.sequences) : undefined;
     return {
       step: message.step,
       tokens,
+      ...(draftTokens ? { draftTokens } : {}),
       ...(all ? { logits: all } : {}),
       ...(logprobs ? { logprobs } : {}),
       ...(embeddings ? { embeddings } : {}),
@@ -631,6 +645,58 @@ export class DecoderShard {
       out[places[index]] = target - maximum - Math.log(sum);
     }
     return out;
+  }
+
+  /**
+   * For each sequence with a draft: the token picked after each of its positions but the last,
+   * with its own sampling and that position, so a proposal is kept exactly where plain decoding
+   * would have picked it.
+   */
+  async #draftPicks(hidden: Float32Array, sequences: StepSequence[]): Promise<Int32Array> {
+    const size = this.config.hiddenSize;
+    const rows: number[] = [];
+    const positions: Array<{ sequence: StepSequence; position: number }> = [];
+    let end = 0;
+    for (const sequence of sequences) {
+      end += sequence.count;
+      const draft = sequence.draft ?? 0;
+      for (let index = 0; index < draft; index++) {
+        // Row end - 1 - draft + index reads position past + count - 1 - draft + index; its pick is the token after it.
+        rows.push(end - 1 - draft + index);
+        positions.push({ sequence, position: sequence.past + sequence.count - draft + index });
+      }
+    }
+    const picked = rows.length === 0 ? [] : await this.#headLogits(hidden, rows, size);
+    return Int32Array.from(picked.map((logits, index) => pickToken(logits, positions[index].sequence.sampling, positions[index].position)));
+  }
+
+  /** The full-vocabulary logits of the given rows of `hidden` (final norm, this rank's head, gathered over the ranks). */
+  async #headLogits(hidden: Float32Array, rows: number[], size: number): Promise<Float32Array[]> {
+    const { config } = this;
+    const { plan } = this.spec;
+    const count = rows.length;
+    const selected = new Float32Array(count * size);
+    rows.forEach((row, index) => selected.set(hidden.subarray(row * size, (row + 1) * size), index * size));
+    this.#norm(selected, selected, this.#weights.finalNorm!, count);
+    const slice = plan.vocabularyPerRank;
+    const local = new Float32Array(count * slice);
+    linear(local, selected, this.#weights.head!, null, count, size, slice);
+    let gathered = local;
+    if (plan.tensorParallel > 1) {
+      gathered = new Float32Array(plan.tensorParallel * count * slice);
+      await this.#communicator!.allgather(Tensor.wrap(local, 'f32'), Tensor.wrap(gathered, 'f32'));
+    }
+    return rows.map((_, index) => {
+      const logits = new Float32Array(config.vocabSize);
+      for (let rank = 0; rank < plan.tensorParallel; rank++) {
+        const first = rank * slice;
+        const length = Math.min(slice, config.vocabSize - first);
+        if (length <= 0) break;
+        const start = (rank * count + index) * slice;
+        logits.set(gathered.subarray(start, start + length), first);
+      }
+      return logits;
+    });
   }
 
   async #nextTokens(
