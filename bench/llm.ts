@@ -37,6 +37,13 @@
  *   MLPs are 8 experts of inner width 1,024, 2 per token (Mixtral's shape), against the same
  *   decoder with one dense MLP of 2,048: the same arithmetic per token, but a decoding step reads
  *   every expert some token was routed to, so the mixture streams up to 4 times the MLP weights.
+ * - `llm_ngram_speculation_tokens_per_s` against `llm_unguided_tokens_per_s`: the same requests
+ *   with n-gram speculative decoding (4 tokens proposed), and `llm_ngram_accepted_fraction` the
+ *   share of proposed tokens kept: the random decoder's text rarely repeats itself, so this is
+ *   the cost of proposing in vain; `llm_ngram_copy_tokens_per_s` against
+ *   `llm_ngram_copy_plain_tokens_per_s` the other end: the same decoder with its layers' outputs
+ *   zeroed, whose greedy text repeats its last token, so every proposal is kept (the most
+ *   speculation can give with 4 tokens: 5 per step).
  * Generated tokens per second of wall time, prompt reading included.
  */
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -239,6 +246,21 @@ async function llamaRate(directory: string, experts: boolean): Promise<number> {
   return generationRate({ checkpoint }, prompts.map((tokens) => ({ tokens, maxNewTokens: NEW_TOKENS })));
 }
 
+/** Tokens per second of the 16 prompts on one rank, with n-gram speculation or plain, and the share of proposals kept. */
+async function speculating(checkpoint: string, speculate = true): Promise<{ rate: number; accepted: number }> {
+  await using model = await ModelReplica.create({ checkpoint, ...(speculate ? { speculation: { method: 'ngram' as const, tokens: 4 } } : {}) });
+  const requests = prompts.map((tokens) => ({ tokens, maxNewTokens: NEW_TOKENS }));
+  await model.generate(requests);
+  const times: number[] = [];
+  for (let round = 0; round < 3; round++) {
+    const start = nowNs();
+    await model.generate(requests);
+    times.push(elapsedSeconds(start));
+  }
+  const stats = model.stats();
+  return { rate: (PROMPTS * NEW_TOKENS) / median(times), accepted: stats.acceptedDraftTokens / Math.max(1, stats.draftTokens) };
+}
+
 /** Tokens per second of the 16 prompts on one rank, request i with adapter i mod 4. */
 async function withAdapters(checkpoint: string, directory: string): Promise<number> {
   const adapters = await writeAdapters(directory, 4, 16);
@@ -291,6 +313,8 @@ export const llmSuite: Suite = {
     ['shared 192-token prefix, cached / read by each prompt', 'llm_prefix_cached_tokens_per_s', 'llm_prefix_uncached_tokens_per_s', ''],
     ['requests stopping early, cache reserved as they grow / at their most', 'llm_cache_grow_tokens_per_s', 'llm_cache_most_tokens_per_s', ''],
     ['8 experts of 1024, 2 per token / dense MLP of 2048, one rank', 'llm_moe_tokens_per_s', 'llm_dense_llama_tokens_per_s', ''],
+    ['n-gram speculation, 4 tokens / plain decoding, one rank (proposals rarely kept)', 'llm_ngram_speculation_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
+    ['n-gram speculation, 4 tokens / plain decoding, one rank (text that repeats: all kept)', 'llm_ngram_copy_tokens_per_s', 'llm_ngram_copy_plain_tokens_per_s', ''],
     ['four LoRA adapters, rank 16 / base model, one rank', 'llm_lora_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
     ['guided by a regex / unguided, one rank', 'guided_regex_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
     ['mask of a state inside a string, trie walk / each token walked (time)', 'guided_mask_ms', 'guided_mask_per_token_ms', ''],
@@ -347,6 +371,16 @@ export const llmSuite: Suite = {
         // Words and punctuation: every state allows most of the vocabulary, so each step sends a full mask.
         results.llm_dense_llama_tokens_per_s = { value: round(await llamaRate(directory, false), 1), unit: 'tokens/s' };
         results.llm_moe_tokens_per_s = { value: round(await llamaRate(directory, true), 1), unit: 'tokens/s' };
+        const speculation = await speculating(checkpoint);
+        results.llm_ngram_speculation_tokens_per_s = { value: round(speculation.rate, 1), unit: 'tokens/s' };
+        results.llm_ngram_accepted_fraction = { value: round(speculation.accepted, 3), unit: 'fraction' };
+        // The same decoder, its attention and MLP outputs zeroed: each position reads as its token, and the tied head repeats it.
+        const repeating = Object.fromEntries(Object.entries(weights).map(([name, tensor]) => [name, /c_proj\.(weight|bias)$/.test(name) ? { shape: tensor.shape, data: new Float32Array(tensor.data.length) } : tensor]));
+        const copyCheckpoint = await writeCheckpoint(join(directory, 'repeating'), CONFIG, repeating);
+        results.llm_ngram_copy_plain_tokens_per_s = { value: round((await speculating(copyCheckpoint, false)).rate, 1), unit: 'tokens/s' };
+        const copying = await speculating(copyCheckpoint);
+        results.llm_ngram_copy_tokens_per_s = { value: round(copying.rate, 1), unit: 'tokens/s' };
+        results.llm_ngram_copy_accepted_fraction = { value: round(copying.accepted, 3), unit: 'fraction' };
         results.llm_lora_tokens_per_s = { value: round(await withAdapters(checkpoint, join(directory, 'adapters')), 1), unit: 'tokens/s' };
         results.guided_regex_tokens_per_s = { value: round(await guided(checkpoint, '[a-z ,.:"{}]*'), 1), unit: 'tokens/s' };
       } finally {
