@@ -130,3 +130,26 @@ export async function writeCheckpoint(directory: string, config: DecoderConfig, 
   writeFileSync(join(directory, 'config.json'), JSON.stringify(huggingFaceConfig(config)));
   return directory;
 }
+
+/**
+ * Writes a PEFT LoRA adapter of random matrices for a GPT-2-layout decoder (every attention and
+ * MLP matrix, rank `r`) into `directory`: something for a replica to load and apply.
+ */
+export async function writeRandomAdapter(directory: string, decoder: DecoderConfig, r: number, seed: number): Promise<string> {
+  const config = checkDecoderConfig(decoder);
+  const random = generator(seed);
+  const h = config.hiddenSize;
+  const modules: Record<string, [number, number]> = { 'attn.c_attn': [3 * h, h], 'attn.c_proj': [h, h], 'mlp.c_fc': [config.intermediateSize, h], 'mlp.c_proj': [h, config.intermediateSize] };
+  const tensors: Record<string, WritableTensor> = {};
+  for (let layer = 0; layer < config.numLayers; layer++) {
+    for (const [module, [out, input]] of Object.entries(modules)) {
+      const base = `base_model.model.transformer.h.${layer}.${module}`;
+      tensors[`${base}.lora_A.weight`] = { dtype: 'F32', shape: [r, input], data: Float32Array.from({ length: r * input }, () => random() * 0.2) };
+      tensors[`${base}.lora_B.weight`] = { dtype: 'F32', shape: [out, r], data: Float32Array.from({ length: out * r }, () => random() * 0.2) };
+    }
+  }
+  mkdirSync(directory, { recursive: true });
+  await writeSafetensors(join(directory, 'adapter_model.safetensors'), tensors);
+  writeFileSync(join(directory, 'adapter_config.json'), JSON.stringify({ peft_type: 'LORA', r, lora_alpha: 2 * r, target_modules: ['c_attn', 'c_proj', 'c_fc'], bias: 'none' }));
+  return directory;
+}
