@@ -118,13 +118,14 @@ function huggingFaceConfig(decoder: DecoderConfig): Record<string, unknown> {
 
 /**
  * Writes model.safetensors and config.json into `directory`. Names get `prefix` (a full model's
- * 'transformer.' or 'model.'), except lm_head, which a full model keeps at the top.
+ * 'transformer.' or 'model.'), except lm_head and score, which a full model keeps at the top.
  */
 export async function writeCheckpoint(directory: string, config: DecoderConfig, weights: Weights, options: { prefix?: string; dtype?: 'F32' | 'F16' | 'BF16' } = {}): Promise<string> {
   mkdirSync(directory, { recursive: true });
   const tensors: Record<string, WritableTensor> = {};
   for (const [name, tensor] of Object.entries(weights)) {
-    tensors[name === 'lm_head.weight' ? name : (options.prefix ?? '') + name] = { dtype: options.dtype ?? 'F32', shape: tensor.shape, data: tensor.data };
+    // A full model keeps its heads (lm_head, a classifier's score) at the top, unprefixed.
+    tensors[name === 'lm_head.weight' || name === 'score.weight' ? name : (options.prefix ?? '') + name] = { dtype: options.dtype ?? 'F32', shape: tensor.shape, data: tensor.data };
   }
   await writeSafetensors(join(directory, 'model.safetensors'), tensors);
   writeFileSync(join(directory, 'config.json'), JSON.stringify(huggingFaceConfig(config)));

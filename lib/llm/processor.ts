@@ -113,10 +113,13 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
    */
   adapterDirectory?: string;
   /**
-   * 'generate' (default), or 'embed': each row's prompt is read and the row gains `embedding`
-   * (hiddenSize floats) and `promptTokens`, nothing generated, as decoder embedding models are run.
+   * 'generate' (default); 'embed': each row's prompt is read and the row gains `embedding`
+   * (hiddenSize floats) and `promptTokens`, nothing generated, as decoder embedding models are
+   * run; 'classify': the checkpoint's sequence classification head (score.weight) reads each
+   * prompt's last position and the row gains `label`, `probabilities` (per label, in the head's
+   * order) and `promptTokens`, as vLLM's classify task does.
    */
-  task?: 'generate' | 'embed';
+  task?: 'generate' | 'embed' | 'classify';
   /** For 'embed': the last position's state ('last', default) or the mean of all ('mean'). */
   pooling?: 'last' | 'mean';
   /** For 'embed': scale each embedding to length 1 (default true). */
@@ -337,6 +340,16 @@ export class LLMEngine {
     }
   }
 
+  /** A classification job's batch: each row gains its label, the labels' probabilities and its prompt's length. */
+  async #classify(rows: Row[]): Promise<Row[]> {
+    const requests = rows.map((row, index) => ({ tokens: this.#prompt(row, index), ...this.#adapterOf(row) }));
+    const results = await this.#onReplica(async (replica) => {
+      await this.#registerAdapters(replica, rows);
+      return replica.classify(requests);
+    });
+    return rows.map((row, index) => ({ ...row, label: results[index].label, probabilities: results[index].probabilities, promptTokens: results[index].promptTokens }));
+  }
+
   /** A rank's death, whether seen by a compiled graph here or by a call's result from the driver. */
   static #isRankDeath(error: unknown): error is Error {
     return error instanceof ActorDiedError || (error as { code?: string } | undefined)?.code === 'ERR_ACTOR_DIED';
@@ -380,6 +393,7 @@ export class LLMEngine {
   async call(rows: Row[]): Promise<Row[]> {
     await this.ready;
     if (this.#options.task === 'embed') return this.#embed(rows);
+    if (this.#options.task === 'classify') return this.#classify(rows);
     const samples = this.#options.samplesPerPrompt ?? 1;
     const stops = rows.map((row, index) => this.#stopStrings(row, index));
     const requests: GenerateRequest[] = rows.flatMap((row, index) => {
@@ -476,9 +490,9 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
   if (engine.samplesPerPrompt !== undefined && !(Number.isInteger(engine.samplesPerPrompt) && engine.samplesPerPrompt >= 1)) {
     throw new InvalidArgumentError(`samplesPerPrompt must be a positive integer, got ${String(engine.samplesPerPrompt)}`);
   }
-  if (engine.task !== undefined && engine.task !== 'generate' && engine.task !== 'embed') throw new InvalidArgumentError(`task must be 'generate' or 'embed', got ${JSON.stringify(engine.task)}`);
+  if (engine.task !== undefined && engine.task !== 'generate' && engine.task !== 'embed' && engine.task !== 'classify') throw new InvalidArgumentError(`task must be 'generate', 'embed' or 'classify', got ${JSON.stringify(engine.task)}`);
+  if ((engine.task === 'embed' || engine.task === 'classify') && engine.messagesColumn !== undefined) throw new InvalidArgumentError(`task '${engine.task}' reads a promptColumn or a tokensColumn, not conversations`);
   if (engine.task === 'embed') {
-    if (engine.messagesColumn !== undefined) throw new InvalidArgumentError("task 'embed' reads a promptColumn or a tokensColumn, not conversations");
     if (engine.pooling !== undefined && engine.pooling !== 'last' && engine.pooling !== 'mean') throw new InvalidArgumentError(`pooling must be 'last' or 'mean', got ${JSON.stringify(engine.pooling)}`);
   } else if (engine.pooling !== undefined || engine.normalize !== undefined) {
     throw new InvalidArgumentError("pooling and normalize apply to task 'embed'");

@@ -6,7 +6,9 @@
  * with pipeline parallelism, up to `stepsInFlight` steps (each with its own sequences) fill the
  * stages at once.
  */
+import { readFileSync } from 'node:fs';
 import { totalmem } from 'node:os';
+import { join } from 'node:path';
 import { InvalidArgumentError, ModelLoadError, TrellisError } from '../errors.js';
 import { get, kill, placementGroup, removePlacementGroup } from '../core/api.js';
 import type { PlacementGroup } from '../core/placement-group.js';
@@ -16,14 +18,14 @@ import { newObjectId } from '../store/object-id.js';
 import { createCollectiveGroup, type CollectiveGroup } from '../gpu/collective.js';
 import { InputNode, MultiOutputNode, type DAGNode } from '../dag/nodes.js';
 import type { CompiledGraph } from '../dag/compiled-graph.js';
-import { checkDecoderConfig, readCheckpointConfig, readEndOfSequenceTokens, type DecoderConfig, type ResolvedDecoderConfig } from './config.js';
+import { checkDecoderConfig, checkpointDirectory, readCheckpointConfig, readEndOfSequenceTokens, type DecoderConfig, type ResolvedDecoderConfig } from './config.js';
 import { planSharding, type ParallelismOptions, type ShardingPlan } from './plan.js';
 import { Checkpoint } from './safetensors.js';
 import { PrefixCache } from './prefix-cache.js';
 import { checkSampling, needsHistory, type SamplingParameters } from './sampling.js';
 import { resolveCacheDType, type StepMessage, type StepResult, type StepSequence } from './shard.js';
 import type { CacheDType, WeightDType } from './kernels.js';
-import { checkCheckpoint, resolveWeightDType } from './weights.js';
+import { checkCheckpoint, languageHead, resolveWeightDType } from './weights.js';
 import { RemoteShardWorker, type ShardWorker } from './shard-worker.js';
 import { TokenMask } from './guided/token-mask.js';
 import { readAdapter, type AdapterInfo } from './lora.js';
@@ -194,6 +196,30 @@ export interface Embedding {
   promptTokens: number;
 }
 
+export interface ClassifyRequest {
+  /** The text's token ids. */
+  tokens: ArrayLike<number>;
+  /** The LoRA adapter to read the text with (a registered name); none: the base model. */
+  adapter?: string;
+}
+
+export interface Classification {
+  /** The most probable label's name (config.json's id2label, else LABEL_<index>). */
+  label: string;
+  /** Per label, in the head's order: softmax over the labels, or each label's sigmoid for a multi-label head. */
+  probabilities: Float32Array;
+  /** The head's raw scores. */
+  logits: Float32Array;
+  promptTokens: number;
+}
+
+/** A sequence classification head (score.weight of *ForSequenceClassification checkpoints) over the last position's final norm. */
+interface ClassificationHead {
+  weights: Float32Array;
+  labels: string[];
+  multiLabel: boolean;
+}
+
 export interface ReplicaStats {
   steps: number;
   promptTokens: number;
@@ -269,6 +295,21 @@ interface StepLimits {
   speculation: Speculation | undefined;
 }
 
+/** score.weight and the labels config.json names (id2label; LABEL_<i> where it names none). */
+async function readClassificationHead(checkpoint: Checkpoint, path: string): Promise<ClassificationHead> {
+  const weights = await checkpoint.readFloat32('score.weight');
+  const count = checkpoint.info('score.weight').shape[0];
+  let settings: Record<string, unknown> = {};
+  try {
+    settings = JSON.parse(readFileSync(join(checkpointDirectory(path), 'config.json'), 'utf8')) as Record<string, unknown>;
+  } catch {
+    // No config.json beside it (a config given directly): generic labels.
+  }
+  const names = (settings.id2label ?? {}) as Record<string, unknown>;
+  const labels = Array.from({ length: count }, (_, index) => (typeof names[String(index)] === 'string' ? (names[String(index)] as string) : `LABEL_${index}`));
+  return { weights, labels, multiLabel: settings.problem_type === 'multi_label_classification' };
+}
+
 function positiveInteger(value: unknown, what: string, fallback: number): number {
   if (value === undefined) return fallback;
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) throw new InvalidArgumentError(`${what} must be a positive integer, got ${String(value)}`);
@@ -320,6 +361,9 @@ export class ModelReplica {
   readonly #loadedAdapters = new Set<number>();
   readonly #maxLoadedAdapters: number;
   #nextAdapter = 0;
+  readonly #classifier: ClassificationHead | undefined;
+  /** Whether the checkpoint can pick tokens (an lm_head, or tied embeddings); without one it embeds and classifies only. */
+  readonly hasLanguageHead: boolean;
 
   private constructor(parts: {
     config: ResolvedDecoderConfig;
@@ -334,6 +378,8 @@ export class ModelReplica {
     stopTokens: number[];
     limits: StepLimits;
     maxLoadedAdapters: number;
+    hasLanguageHead: boolean;
+    classifier: ClassificationHead | undefined;
   }) {
     this.config = parts.config;
     this.plan = parts.plan;
@@ -354,6 +400,8 @@ export class ModelReplica {
     this.#speculation = parts.limits.speculation;
     this.#stopTokens = parts.stopTokens;
     this.#maxLoadedAdapters = parts.maxLoadedAdapters;
+    this.hasLanguageHead = parts.hasLanguageHead;
+    this.#classifier = parts.classifier;
   }
 
   /**
@@ -422,10 +470,14 @@ export class ModelReplica {
     const threads = positiveInteger(options.threadsPerRank, 'threadsPerRank', Math.max(1, Math.floor(numCpus)));
     // Fail here, in the caller, on a checkpoint that cannot be used, rather than in every rank.
     let weightDtype: WeightDType;
+    let hasLanguageHead: boolean;
+    let classifier: ClassificationHead | undefined;
     {
       await using checkpoint = await Checkpoint.open(options.checkpoint);
       checkCheckpoint(checkpoint, config);
       weightDtype = resolveWeightDType(checkpoint, config, options.weightDtype);
+      hasLanguageHead = languageHead(checkpoint, config) !== 'none';
+      if (checkpoint.has('score.weight')) classifier = await readClassificationHead(checkpoint, options.checkpoint);
     }
     const kvCacheDtype = resolveCacheDType(options.kvCacheDtype, weightDtype);
     // One position of every layer's keys and values, over all ranks together.
@@ -467,7 +519,7 @@ export class ModelReplica {
       let previous: DAGNode[] = workers[0].map((worker) => worker.forward.bind(input));
       for (const stage of plan.stages.slice(1)) previous = workers[stage.index].map((worker, rank) => worker.forward.bind(previous[rank]));
       const graph = await new MultiOutputNode(previous).compile({ maxInflight: Math.max(2, limits.stepsInFlight + 1) });
-      const replica = new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, kvCacheDtype, stopTokens, limits, maxLoadedAdapters });
+      const replica = new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, kvCacheDtype, stopTokens, limits, maxLoadedAdapters, hasLanguageHead, classifier });
       try {
         for (const [name, path] of Object.entries(options.adapters ?? {})) await replica.addAdapter(name, path);
       } catch (error) {
@@ -486,6 +538,9 @@ export class ModelReplica {
   /** Generates for every request; resolves in the requests' order once all are done. */
   generate(requests: GenerateRequest[]): Promise<Generation[]> {
     if (!Array.isArray(requests)) return Promise.reject(new InvalidArgumentError('generate() takes an array of requests'));
+    if (!this.hasLanguageHead) {
+      return Promise.reject(new InvalidArgumentError('the checkpoint has no language-model head (no lm_head.weight, and its embeddings are not tied): it can embed and classify, not generate', 'ERR_NO_LM_HEAD'));
+    }
     if (this.#broken) return Promise.reject(this.#broken);
     if (this.#closed) return Promise.reject(new TrellisError('ERR_REPLICA_CLOSED', 'the model replica is closed'));
     let sequences: Array<Omit<Sequence, 'finish' | 'fail'>>;
@@ -503,6 +558,44 @@ export class ModelReplica {
    * Embeds each request's tokens: the final norm of its last position, or the mean over all, once
    * its prompt is read (nothing is generated). Runs alongside generation, sharing its steps.
    */
+  /** The labels of the checkpoint's classification head, in order, or undefined when it has none. */
+  get labels(): readonly string[] | undefined {
+    return this.#classifier?.labels;
+  }
+
+  /**
+   * Classifies each text with the checkpoint's sequence classification head (score.weight, as
+   * Hugging Face's *ForSequenceClassification saves it): the head's scores of the last position's
+   * final norm, and their softmax (a multi-label head's sigmoids). Throws InvalidArgumentError
+   * ('ERR_NO_CLASSIFIER') for a checkpoint without one.
+   */
+  async classify(requests: ClassifyRequest[]): Promise<Classification[]> {
+    const head = this.#classifier;
+    if (!head) throw new InvalidArgumentError('the checkpoint has no classification head (score.weight): it cannot classify', 'ERR_NO_CLASSIFIER');
+    if (!Array.isArray(requests)) throw new InvalidArgumentError('classify() takes an array of requests');
+    const embeddings = await this.embed(requests.map((request) => ({ ...request, pooling: 'last', normalize: false })));
+    const size = this.config.hiddenSize;
+    const count = head.labels.length;
+    return embeddings.map(({ vector, promptTokens }) => {
+      const logits = new Float32Array(count);
+      for (let label = 0; label < count; label++) {
+        let sum = 0;
+        for (let index = 0; index < size; index++) sum += head.weights[label * size + index] * vector[index];
+        logits[label] = sum;
+      }
+      let probabilities: Float32Array;
+      if (head.multiLabel) probabilities = logits.map((value) => 1 / (1 + Math.exp(-value)));
+      else {
+        const maximum = Math.max(...logits);
+        const exps = Array.from(logits, (value) => Math.exp(value - maximum));
+        const total = exps.reduce((a, b) => a + b, 0);
+        probabilities = Float32Array.from(exps, (value) => value / total);
+      }
+      const best = probabilities.indexOf(Math.max(...probabilities));
+      return { label: head.labels[best], probabilities, logits, promptTokens };
+    });
+  }
+
   embed(requests: EmbedRequest[]): Promise<Embedding[]> {
     if (!Array.isArray(requests)) return Promise.reject(new InvalidArgumentError('embed() takes an array of requests'));
     if (this.#broken) return Promise.reject(this.#broken);

@@ -8,7 +8,7 @@ import { InvalidArgumentError } from '../errors.js';
 import type { Communicator } from '../gpu/communicator.js';
 import { Tensor } from '../gpu/tensor.js';
 import { checkDecoderConfig, rotaryInverseFrequencies, type DecoderConfig, type ResolvedDecoderConfig } from './config.js';
-import { attention, gelu, layerNorm, linear, narrow, readRows, rmsNorm, rotary, siluMultiply, type CacheDType, type HalfMatrix, type WeightDType } from './kernels.js';
+import { attention, gelu, layerNorm, linear, narrow, readRows, rmsNorm, rotary, siluMultiply, type CacheDType, type HalfMatrix, type WeightDType, type WeightMatrix } from './kernels.js';
 import type { ShardingPlan } from './plan.js';
 import { Checkpoint } from './safetensors.js';
 import { needsHistory, pickToken, type SamplingParameters, type TokenHistory } from './sampling.js';
@@ -613,7 +613,7 @@ export class DecoderShard {
     const first = this.spec.rank * slice;
     const valid = Math.max(0, Math.min(slice, config.vocabSize - first));
     const local = new Float32Array(rows.length * slice);
-    linear(local, normed, this.#weights.head!, null, rows.length, size, slice);
+    linear(local, normed, this.#head(), null, rows.length, size, slice);
     const stats = new Float32Array(rows.length * 3);
     for (let index = 0; index < rows.length; index++) {
       const logits = local.subarray(index * slice, index * slice + valid);
@@ -680,7 +680,7 @@ export class DecoderShard {
     this.#norm(selected, selected, this.#weights.finalNorm!, count);
     const slice = plan.vocabularyPerRank;
     const local = new Float32Array(count * slice);
-    linear(local, selected, this.#weights.head!, null, count, size, slice);
+    linear(local, selected, this.#head(), null, count, size, slice);
     let gathered = local;
     if (plan.tensorParallel > 1) {
       gathered = new Float32Array(plan.tensorParallel * count * slice);
@@ -728,7 +728,7 @@ export class DecoderShard {
     this.#norm(last, last, this.#weights.finalNorm!, count);
     const slice = plan.vocabularyPerRank;
     const local = new Float32Array(count * slice);
-    linear(local, last, this.#weights.head!, null, count, size, slice);
+    linear(local, last, this.#head(), null, count, size, slice);
     let gathered = local;
     if (plan.tensorParallel > 1) {
       gathered = new Float32Array(plan.tensorParallel * count * slice);
@@ -760,6 +760,13 @@ export class DecoderShard {
       if (sequence.topLogprobs) mostLikely(logits, sequence.topLogprobs, top!.tokens.subarray(sequenceIndex * top!.k), top!.logprobs.subarray(sequenceIndex * top!.k));
     }
     return tokens;
+  }
+
+  /** The language-model head, or a typed error for a checkpoint saved without one. */
+  #head(): WeightMatrix {
+    const head = this.#weights.head;
+    if (!head) throw new InvalidArgumentError('the checkpoint has no language-model head (no lm_head.weight, and its embeddings are not tied): it can embed and classify, not pick tokens', 'ERR_NO_LM_HEAD');
+    return head;
   }
 
   /** Drops every cached sequence. */

@@ -299,8 +299,12 @@ export function checkCheckpoint(checkpoint: Checkpoint, config: ResolvedDecoderC
   const layout = LAYOUTS[config.architecture];
   const prefix = namePrefix(checkpoint, layout);
   const tensors = layout.tensors(config, (name) => checkpoint.has(prefix + name)).map((tensor) => ({ ...tensor, name: prefix + tensor.name }));
-  const untied = !config.tieWordEmbeddings || checkpoint.has('lm_head.weight');
-  if (untied) tensors.push({ name: 'lm_head.weight', shape: [config.vocabSize, config.hiddenSize] });
+  // No lm_head and untied embeddings: a base model saved without its head (an embedding or classification model).
+  if (checkpoint.has('lm_head.weight')) tensors.push({ name: 'lm_head.weight', shape: [config.vocabSize, config.hiddenSize] });
+  if (checkpoint.has('score.weight')) {
+    const info = checkpoint.info('score.weight');
+    if (info.shape.length !== 2 || info.shape[1] !== config.hiddenSize) throw new ModelLoadError('ERR_MODEL_SHAPE', `score.weight has shape [${info.shape}], a classification head needs [labels, ${config.hiddenSize}]`, { file: info.file, tensor: 'score.weight' });
+  }
   for (const { name, shape, optional } of tensors) {
     if (optional && !checkpoint.has(name)) continue;
     const info = checkpoint.info(name);
@@ -309,6 +313,16 @@ export function checkCheckpoint(checkpoint: Checkpoint, config: ResolvedDecoderC
     }
   }
   return prefix;
+}
+
+/**
+ * Where the checkpoint's language-model head is: its own lm_head.weight, the token embedding
+ * (tied), or nowhere (untied embeddings and no lm_head: a model saved for embeddings or
+ * classification, which can read text but not pick tokens).
+ */
+export function languageHead(checkpoint: Checkpoint, config: ResolvedDecoderConfig): 'lm_head' | 'embedding' | 'none' {
+  if (checkpoint.has('lm_head.weight')) return 'lm_head';
+  return config.tieWordEmbeddings ? 'embedding' : 'none';
 }
 
 /**
@@ -388,8 +402,11 @@ export async function loadShardWeights(checkpoint: Checkpoint, config: ResolvedD
     const first = rank * plan.vocabularyPerRank;
     const end = Math.min(config.vocabSize, first + plan.vocabularyPerRank);
     // An untied head (lm_head.weight, [vocab, hidden], never prefixed) wins over the embedding.
-    const untied = checkpoint.has('lm_head.weight');
-    if (!untied && weights.tokenEmbedding && first === 0 && plan.vocabularyPerRank === config.vocabSize) {
+    const head = languageHead(checkpoint, config);
+    const untied = head === 'lm_head';
+    if (head === 'none') {
+      // Nothing to pick tokens with: the stage's final norm serves embeddings and classification.
+    } else if (!untied && weights.tokenEmbedding && first === 0 && plan.vocabularyPerRank === config.vocabSize) {
       // A tied head that is the whole embedding (one stage, one rank) is the embedding: one copy.
       weights.head = weights.tokenEmbedding;
     } else {
