@@ -118,8 +118,9 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    * speculative_config): a decoding sequence proposes the tokens that followed its last few
    * tokens earlier in its text, and one step checks them all; the kept ones are exactly what
    * plain steps would have picked (greedy or seeded sampling), so the text is unchanged and
-   * copying outputs take fewer steps. Sequences with constraints, penalties, logprobs or
-   * minNewTokens still to go decode plainly. Default: off.
+   * copying outputs take fewer steps. Constrained (guided) sequences speculate within their
+   * constraint; sequences with penalties, logprobs or minNewTokens still to go decode plainly.
+   * Default: off.
    */
   speculation?: SpeculationOptions;
 }
@@ -277,6 +278,9 @@ interface Sequence {
   stale?: number;
   /** The tokens proposed in the step it is in (speculative decoding). */
   proposal?: number[];
+  /** With a constraint: what it allows after each proposed position but the last (as masks), and after the last. */
+  proposalMasks?: Uint32Array[];
+  proposalAllowed?: Int32Array | TokenMask;
   finish: (generation: Generation, embedding?: Float32Array) => void;
   fail: (error: Error) => void;
 }
@@ -785,7 +789,8 @@ export class ModelReplica {
           ...(sequence.copyFrom ? { copyFrom: sequence.copyFrom } : {}),
           ...(sequence.pooling ? { pooling: sequence.pooling } : {}),
           ...(sequence.adapter !== undefined ? { adapter: sequence.adapter } : {}),
-          ...(sequence.allowed && !prefill ? (sequence.allowed instanceof TokenMask ? { allowedMask: sequence.allowed.words } : { allowed: sequence.allowed }) : {}),
+          ...this.#allowedPart(draft.length > 0 && sequence.constraint ? sequence.proposalAllowed : sequence.allowed, prefill),
+          ...(draft.length > 0 && sequence.proposalMasks ? { draftMasks: sequence.proposalMasks } : {}),
           ...(!prefill && sequence.generated.length < sequence.minNewTokens && sequence.stopTokens.size > 0 ? { banned: Int32Array.from(sequence.stopTokens) } : {}),
           ...(sequence.promptLogprobs && sequence.past < sequence.prompt.length - 1 ? { targets: this.#targetsOf(sequence, count) } : {}),
         });
@@ -883,6 +888,8 @@ export class ModelReplica {
         sequence.past = part.past + 1 + kept;
         sequence.stale = draft.length - kept;
         sequence.proposal = undefined;
+        sequence.proposalMasks = undefined;
+        sequence.proposalAllowed = undefined;
       } else {
         sequence.past += part.count;
         produced = [result.tokens[index]];
@@ -957,22 +964,65 @@ export class ModelReplica {
   /**
    * Tokens to propose for a sequence about to decode (speculative decoding), within the step's
    * token budget, its maxNewTokens and the model's positions, and the cache (the proposals' extra
-   * positions are reserved for the step). None for sequences whose picks need more than logits
-   * and a position: constraints, penalties, logprobs, stop tokens held back by minNewTokens.
+   * positions are reserved for the step). None for sequences whose picks need more than logits,
+   * a mask and a position: penalties, logprobs, stop tokens held back by minNewTokens.
    */
   #proposal(sequence: Sequence, budget: number): number[] {
     const speculation = this.#speculation;
-    if (!speculation || sequence.constraint || sequence.logprobs || sequence.top || sequence.pooling || needsHistory(sequence.sampling) || this.#reservesMost(sequence)) return [];
+    if (!speculation || sequence.logprobs || sequence.top || sequence.pooling || needsHistory(sequence.sampling) || this.#reservesMost(sequence)) return [];
     if (sequence.generated.length < sequence.minNewTokens) return [];
     const known = sequence.prompt.length + sequence.generated.length;
     // The last pick is generated too: proposals stop one short of maxNewTokens and of the positions.
     const limit = Math.min(budget, sequence.maxNewTokens - sequence.generated.length - 1, this.config.maxPositions - known - 1);
-    const draft = proposeTokens(sequence.prompt, sequence.generated, speculation, limit);
+    let draft = proposeTokens(sequence.prompt, sequence.generated, speculation, limit);
+    if (draft.length > 0 && sequence.constraint) draft = this.#constrainProposal(sequence, draft);
     if (draft.length === 0 || !this.#makeRoom(draft.length)) return [];
     // Released by the step's end, where #grow sets the reservation to what the sequence then knows.
     sequence.reserved += draft.length;
     this.#reservedTokens += draft.length;
     return draft;
+  }
+
+  /**
+   * A constrained sequence's proposal, cut where its constraint would not allow a token (or calls
+   * the text complete), with what the constraint allows after each kept position: the picks
+   * there are drawn among those, as plain steps would draw them.
+   */
+  #constrainProposal(sequence: Sequence, draft: number[]): number[] {
+    const masks: Uint32Array[] = [];
+    const text = [...sequence.generated];
+    let allowed: Int32Array | TokenMask | undefined = sequence.allowed;
+    let kept = 0;
+    try {
+      for (; kept < draft.length && allowed !== undefined; kept++) {
+        const token = draft[kept];
+        if (!(allowed instanceof TokenMask ? allowed.has(token) : allowed.includes(token))) break;
+        masks.push(this.#asMask(allowed));
+        text.push(token);
+        allowed = this.#allowedTokens(sequence.constraint!(text), `sequence ${sequence.id}`);
+      }
+    } catch {
+      // A constraint that throws on a proposal: propose no further (the plain step will ask it again).
+    }
+    if (kept === 0) return [];
+    sequence.proposalMasks = masks;
+    // Undefined when the kept proposal completes the text: the generation ends there, and the last pick is dropped.
+    sequence.proposalAllowed = allowed;
+    return draft.slice(0, kept);
+  }
+
+  /** A step part's constraint on its last position's pick. */
+  #allowedPart(allowed: Int32Array | TokenMask | undefined, prefill: boolean): Pick<StepSequence, 'allowed' | 'allowedMask'> {
+    if (!allowed || prefill) return {};
+    return allowed instanceof TokenMask ? { allowedMask: allowed.words } : { allowed };
+  }
+
+  /** An allowed-token answer as a mask of the vocabulary, as the shards read per proposed position. */
+  #asMask(allowed: Int32Array | TokenMask): Uint32Array {
+    if (allowed instanceof TokenMask) return allowed.words;
+    const mask = new TokenMask(this.config.vocabSize);
+    for (const token of allowed) mask.add(token);
+    return mask.words;
   }
 
   /** Positions a sequence's cache may reach: its prompt and its most new tokens, within the model's positions. */

@@ -50,6 +50,8 @@ export interface StepSequence {
   draft?: number;
   /** The shard holds more positions than `past` (proposals not kept): drop the rest first. */
   rewind?: boolean;
+  /** A constrained sequence's draft: the tokens allowed after each proposed position but the last (masks, as allowedMask). */
+  draftMasks?: Uint32Array[];
   /**
    * Prompt scoring: for each position read this step, the token that follows it in the prompt
    * (-1 where none does); the log-probability of each comes back in `promptLogprobs`.
@@ -655,7 +657,7 @@ export class DecoderShard {
   async #draftPicks(hidden: Float32Array, sequences: StepSequence[]): Promise<Int32Array> {
     const size = this.config.hiddenSize;
     const rows: number[] = [];
-    const positions: Array<{ sequence: StepSequence; position: number }> = [];
+    const positions: Array<{ sequence: StepSequence; position: number; draftIndex: number }> = [];
     let end = 0;
     for (const sequence of sequences) {
       end += sequence.count;
@@ -663,11 +665,15 @@ export class DecoderShard {
       for (let index = 0; index < draft; index++) {
         // Row end - 1 - draft + index reads position past + count - 1 - draft + index; its pick is the token after it.
         rows.push(end - 1 - draft + index);
-        positions.push({ sequence, position: sequence.past + sequence.count - draft + index });
+        positions.push({ sequence, position: sequence.past + sequence.count - draft + index, draftIndex: index });
       }
     }
     const picked = rows.length === 0 ? [] : await this.#headLogits(hidden, rows, size);
-    return Int32Array.from(picked.map((logits, index) => pickToken(logits, positions[index].sequence.sampling, positions[index].position)));
+    return Int32Array.from(picked.map((logits, index) => {
+      const { sequence, position, draftIndex } = positions[index];
+      const mask = sequence.draftMasks?.[draftIndex];
+      return pickToken(mask ? maskedOnly(logits, mask, sequence.id) : logits, sequence.sampling, position);
+    }));
   }
 
   /** The full-vocabulary logits of the given rows of `hidden` (final norm, this rank's head, gathered over the ranks). */

@@ -352,6 +352,24 @@ describe('guided decoding in the processor and the replica', () => {
     expect(() => buildLLMProcessor({ checkpoint, promptColumn: 'prompt', choices: ['a'], guidedDecoding: { regex: 'a' } })).toThrow(/choices or guidedDecoding, not both/);
   });
 
+  it('speculates within the guide: proposals are cut where it forbids them, and the text is the plain guided one', async () => {
+    await using speculating = await ModelReplica.create({ checkpoint, speculation: { tokens: 4 } });
+    const stop = tokenizer.tokenToId('<|endoftext|>')!;
+    const cases: Array<[string, string]> = [
+      ['[a-d]{24}', 'abcdabcdabcd'],
+      ['\\{"name":"(ab|cd)+"\\}', '{"name":"abababababab"}'],
+      ['(the cat |a dog ){5}', 'the cat the cat a dog the cat'],
+    ];
+    for (const [pattern, prompt] of cases) {
+      const guide = TokenGuide.fromRegex(tokenizer, pattern);
+      const tokens = tokenizer.encode(prompt);
+      const [generation] = await speculating.generate([{ tokens, maxNewTokens: 40, constraint: guide.constraint([stop]) }]);
+      expect(generation.tokens, pattern).toEqual(guidedReference(guide, tokens, stop, 40));
+    }
+    expect(speculating.stats().draftTokens).toBeGreaterThan(0);
+    expect(speculating.stats().acceptedDraftTokens).toBeGreaterThan(0);
+  });
+
   it('guides a replica request through a mask, also one smaller than the padded vocabulary', async () => {
     await using replica = await ModelReplica.create({ checkpoint });
     const guide = TokenGuide.fromRegex(tokenizer, '(ab|cd){2}!');
