@@ -16,7 +16,9 @@ import { ChatTemplate, type ChatMessage } from './chat-template.js';
 import { choiceConstraint } from './choices.js';
 import { checkGuidedDecoding, type GuidedDecoding } from './guided/guided-decoding.js';
 import { TokenGuide, type TokenConstraint } from './guided/token-guide.js';
+import type { TokenMask } from './guided/token-mask.js';
 import { Tokenizer } from './tokenizer.js';
+import { afterReasoning, reasoningMarkers, splitReasoning, type ReasoningMarkers, type ReasoningOptions } from './reasoning.js';
 
 /** Guides an engine keeps compiled (rows may each bring their own schema). */
 const GUIDES_KEPT = 64;
@@ -113,6 +115,14 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
    */
   adapterDirectory?: string;
   /**
+   * A reasoning model's thinking (between '<think>' and '</think>' by default; the end marker must
+   * be one token, as reasoning models' vocabularies have it): rows gain `reasoningText`, and
+   * `generatedText` is the answer after it (vLLM's reasoning parsers). A guide (guidedDecoding,
+   * choices) applies to the answer alone: the reasoning is free. A generation cut before the end
+   * marker is all reasoning, with an empty answer.
+   */
+  reasoning?: boolean | ReasoningOptions;
+  /**
    * 'generate' (default); 'embed': each row's prompt is read and the row gains `embedding`
    * (hiddenSize floats) and `promptTokens`, nothing generated, as decoder embedding models are
    * run; 'classify': the checkpoint's sequence classification head (score.weight) reads each
@@ -154,7 +164,8 @@ export class LLMEngine {
   #chatTemplate: ChatTemplate | undefined;
   /** The choices as the tokenizer spells them, and the constraint every request shares. */
   #choices: number[][] | undefined;
-  #choiceConstraint: ((generated: readonly number[]) => readonly number[] | null) | undefined;
+  #choiceConstraint: ((generated: readonly number[]) => readonly number[] | TokenMask | null) | undefined;
+  #reasoning: ReasoningMarkers | undefined;
   /** Compiled guides by their spec's JSON, least recently used first; each with its constraints by stop tokens. */
   readonly #guides = new Map<string, { guide: TokenGuide; constraints: Map<string, TokenConstraint> }>();
   readonly #options: EngineOptions;
@@ -163,7 +174,7 @@ export class LLMEngine {
     this.#options = options;
     this.ready = (async () => {
       const directory = checkpointDirectory(options.checkpoint);
-      if (options.promptColumn !== undefined || options.messagesColumn !== undefined || options.guidedDecoding !== undefined) this.#tokenizer = await Tokenizer.load(options.tokenizer ?? directory);
+      if (options.promptColumn !== undefined || options.messagesColumn !== undefined || options.guidedDecoding !== undefined || options.reasoning) this.#tokenizer = await Tokenizer.load(options.tokenizer ?? directory);
       // The template and its special tokens live beside the tokenizer.
       if (options.messagesColumn !== undefined) this.#chatTemplate = ChatTemplate.load(options.tokenizer ? checkpointDirectory(options.tokenizer) : directory, { source: options.chatTemplate });
       if (options.choices !== undefined) {
@@ -172,8 +183,9 @@ export class LLMEngine {
         if (empty >= 0) throw new InvalidArgumentError(`choice ${empty} (${JSON.stringify(options.choices[empty])}) has no tokens`, 'ERR_CONSTRAINT');
       }
       this.#replica = await this.#startReplica();
+      if (options.reasoning) this.#reasoning = reasoningMarkers(options.reasoning, this.#tokenizer!);
       // A rebuilt replica has the same stop tokens: the trie is built once.
-      if (this.#choices) this.#choiceConstraint = choiceConstraint(this.#choices, this.#replica.stopTokens);
+      if (this.#choices) this.#choiceConstraint = this.#afterReasoning(choiceConstraint(this.#choices, this.#replica.stopTokens));
       if (this.#tokenizer && this.#tokenizer.vocabSize > this.#replica.config.vocabSize) {
         await this.#replica.close();
         throw new ModelLoadError('ERR_TOKENIZER', `the tokenizer's ${this.#tokenizer.vocabSize} tokens do not fit the model's vocabulary of ${this.#replica.config.vocabSize}`);
@@ -258,8 +270,22 @@ export class LLMEngine {
     this.#guides.set(key, entry);
     const stopsKey = stopTokens.join(',');
     let constraint = entry.constraints.get(stopsKey);
-    if (!constraint) entry.constraints.set(stopsKey, (constraint = entry.guide.constraint(stopTokens)));
+    if (!constraint) entry.constraints.set(stopsKey, (constraint = this.#afterReasoning(entry.guide.constraint(stopTokens))));
     return constraint;
+  }
+
+  /** With a reasoning model, a constraint applies after the reasoning's end marker; the reasoning is free. */
+  #afterReasoning<T>(constraint: (generated: readonly number[]) => T): (generated: readonly number[]) => T | TokenMask {
+    return this.#reasoning ? afterReasoning(this.#reasoning, this.#replica!.config.vocabSize, constraint) : constraint;
+  }
+
+  /** The generated text's columns: the answer (cut at stop strings) and, for a reasoning model, the reasoning apart. */
+  #textColumns(tokens: readonly number[], stops: string[] | undefined): Row {
+    if (!this.#reasoning) return { generatedText: this.#cutAtStop(this.#text(tokens), stops) };
+    const { reasoning, answer } = splitReasoning(tokens, this.#reasoning);
+    const thought = this.#text(reasoning).trimStart();
+    const start = this.#reasoning.start;
+    return { reasoningText: (start && thought.startsWith(start) ? thought.slice(start.length) : thought).trim(), generatedText: this.#cutAtStop(this.#text(answer), stops).trimStart() };
   }
 
   #stopTokensOf(row: Row, index: number): { stopTokens?: number[] } {
@@ -430,7 +456,7 @@ export class LLMEngine {
         ...rows[index],
         ...(samples > 1 ? { sample: position % samples } : {}),
         generatedTokens: generation.tokens,
-        ...(this.#tokenizer ? { generatedText: this.#cutAtStop(this.#text(generation.tokens), stops[index]) } : {}),
+        ...(this.#tokenizer ? this.#textColumns(generation.tokens, stops[index]) : {}),
         finishReason: generation.finishReason,
         promptTokens: generation.promptTokens,
         ...(generation.logprobs ? { generatedLogprobs: generation.logprobs } : {}),
@@ -482,6 +508,9 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
       throw new InvalidArgumentError('choices must be a non-empty list of non-empty strings', 'ERR_CONSTRAINT');
     }
     if (engine.promptColumn === undefined && engine.messagesColumn === undefined) throw new InvalidArgumentError('choices are text: give a promptColumn or messagesColumn', 'ERR_CONSTRAINT');
+  }
+  if (engine.reasoning !== undefined && typeof engine.reasoning !== 'boolean' && (typeof engine.reasoning !== 'object' || engine.reasoning === null)) {
+    throw new InvalidArgumentError("reasoning must be true or { start, end } markers (default '<think>' and '</think>')", 'ERR_REASONING');
   }
   if (engine.guidedDecoding !== undefined) {
     if (engine.choices !== undefined) throw new InvalidArgumentError('give choices or guidedDecoding, not both', 'ERR_CONSTRAINT');

@@ -383,3 +383,70 @@ describe('guided decoding in the processor and the replica', () => {
     await expect(replica.generate([{ tokens: prompt, constraint: () => new TokenMask(config.vocabSize) }])).rejects.toThrow(/allows no token/);
   });
 });
+
+describe('guided decoding after a reasoning model thinks', () => {
+  let directory: string;
+  let checkpoint: string;
+  const config = { ...TINY, vocabSize: 300, maxPositions: 160 };
+  const weights = randomWeights(config, 8);
+  // GPT-2's byte-level fixture with the markers as added tokens, as Qwen3's vocabulary has them.
+  const json = gpt2StyleTokenizerJson() as { added_tokens: Array<Record<string, unknown>>; model: { vocab: Record<string, number> } };
+  const startId = 300 - 28;
+  json.added_tokens.push({ id: startId, content: '<think>', single_word: false, lstrip: false, rstrip: false, normalized: false, special: false }, { id: startId + 1, content: '</think>', single_word: false, lstrip: false, rstrip: false, normalized: false, special: false });
+  const tokenizer = Tokenizer.fromJSON(json);
+  const end = tokenizer.tokenToId('</think>')!;
+  const stop = tokenizer.tokenToId('<|endoftext|>')!;
+
+  beforeAll(async () => {
+    directory = mkdtempSync(join(tmpdir(), 'trellis-reasoning-'));
+    checkpoint = await writeCheckpoint(join(directory, 'model'), config, weights);
+    writeFileSync(join(checkpoint, 'tokenizer.json'), JSON.stringify(json));
+    await init({ numCpus: 4 });
+  });
+  afterAll(async () => {
+    await shutdown();
+    rmSync(directory, { recursive: true, force: true });
+  });
+
+  /** Greedy with a bias toward the end marker; free until it, then among what the guide allows. */
+  function reference(prompt: number[], bias: number, guide: TokenGuide, maxNewTokens: number): number[] {
+    const constraint = guide.constraint([stop]);
+    const generated: number[] = [];
+    while (generated.length < maxNewTokens) {
+      const logits = referenceLogits(config, weights, [...prompt, ...generated]).at(-1)!;
+      logits[end] += bias;
+      const at = generated.indexOf(end);
+      const mask = at < 0 ? undefined : constraint(generated.slice(at + 1));
+      if (at >= 0 && mask === null) break;
+      const candidates = mask ? mask.ids() : logits.map((_, token) => token);
+      const token = candidates.reduce((best, candidate) => (logits[candidate] > logits[best] ? candidate : best));
+      generated.push(token);
+      if (token === stop && at >= 0) break;
+    }
+    return generated;
+  }
+
+  it('leaves the thinking free, guides the answer after the end marker, and splits the two', async () => {
+    const guide = TokenGuide.fromRegex(tokenizer, '(yes|no), [0-9]{2}');
+    const prompts = ['the cat'];
+    // A bias that makes the random model end its thinking after a few tokens (its end marker's logit trails the top one by 1.1 to 1.8).
+    const bias = Array.from({ length: 21 }, (_, step) => 1 + step * 0.05).find((candidate) => prompts.every((prompt) => {
+      const at = reference(tokenizer.encode(prompt), candidate, guide, 40).indexOf(end);
+      return at >= 2 && at <= 20;
+    }))!;
+    expect(bias).toBeDefined();
+    const processor = buildLLMProcessor({ checkpoint, promptColumn: 'prompt', maxNewTokens: 40, reasoning: true, guidedDecoding: { regex: '(yes|no), [0-9]{2}' }, sampling: { logitBias: { [end]: bias } } });
+    const rows = await processor(fromItems(prompts.map((prompt, id) => ({ id, prompt })))).takeAll();
+    rows.sort((a, b) => (a.id as number) - (b.id as number));
+    prompts.forEach((prompt, index) => {
+      const wanted = reference(tokenizer.encode(prompt), bias, guide, 40);
+      expect(Array.from(rows[index].generatedTokens as number[])).toEqual(wanted);
+      const at = wanted.indexOf(end);
+      expect(rows[index].reasoningText).toBe(tokenizer.decode(wanted.slice(0, at)).trim());
+      expect(rows[index].generatedText).toMatch(/^(yes|no), [0-9]{2}$/);
+      expect(rows[index].finishReason).toBe('stop');
+    });
+    expect(() => buildLLMProcessor({ checkpoint, promptColumn: 'prompt', reasoning: 'yes' as unknown as boolean })).toThrow(/reasoning must be true or/);
+    await expect(buildLLMProcessor({ checkpoint, promptColumn: 'prompt', reasoning: { end: '</reason>' } })(fromItems([{ prompt: 'a' }])).takeAll()).rejects.toThrow(/"<\/reason>" is not one token/);
+  });
+});
