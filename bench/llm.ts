@@ -49,7 +49,7 @@
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { DecoderShard, ModelReplica, TokenGuide, Tokenizer, init, planSharding, shutdown, writeSafetensors, type DecoderConfig, type GenerateRequest, type ModelReplicaOptions, type WritableTensor } from '../lib/index.js';
+import { DecoderShard, ModelReplica, TokenGuide, Tokenizer, init, planSharding, shutdown, writeSafetensors, type DecoderConfig, type GenerateRequest, type ModelReplicaOptions, type ReplicaStats, type WritableTensor } from '../lib/index.js';
 import { DEAD } from '../lib/llm/guided/automaton.js';
 import { attention, linear, setKernelThreads, type HalfMatrix, type WeightMatrix } from '../lib/llm/kernels.js';
 import { floatToBf16 } from '../lib/gpu/dtype.js';
@@ -88,6 +88,11 @@ async function inProcess(checkpoint: string): Promise<number> {
  * default every request's maxNewTokens): a warm-up round, then the median of three.
  */
 async function generationRate(options: ModelReplicaOptions, requests: GenerateRequest[], tokens = requests.reduce((sum, request) => sum + (request.maxNewTokens ?? 16), 0)): Promise<number> {
+  return (await measuredRate(options, requests, tokens)).rate;
+}
+
+/** generationRate, with the replica's counters after the rounds. */
+async function measuredRate(options: ModelReplicaOptions, requests: GenerateRequest[], tokens: number): Promise<{ rate: number; stats: ReplicaStats }> {
   await using model = await ModelReplica.create(options);
   await model.generate(requests);
   const times: number[] = [];
@@ -96,7 +101,7 @@ async function generationRate(options: ModelReplicaOptions, requests: GenerateRe
     await model.generate(requests);
     times.push(elapsedSeconds(start));
   }
-  return tokens / median(times);
+  return { rate: tokens / median(times), stats: model.stats() };
 }
 
 function replica(checkpoint: string, tensorParallel: number, pipelineParallel: number, numCpusPerRank = 1): Promise<number> {
@@ -248,17 +253,9 @@ async function llamaRate(directory: string, experts: boolean): Promise<number> {
 
 /** Tokens per second of the 16 prompts on one rank, with n-gram speculation or plain, and the share of proposals kept. */
 async function speculating(checkpoint: string, speculate = true): Promise<{ rate: number; accepted: number }> {
-  await using model = await ModelReplica.create({ checkpoint, ...(speculate ? { speculation: { method: 'ngram' as const, tokens: 4 } } : {}) });
-  const requests = prompts.map((tokens) => ({ tokens, maxNewTokens: NEW_TOKENS }));
-  await model.generate(requests);
-  const times: number[] = [];
-  for (let round = 0; round < 3; round++) {
-    const start = nowNs();
-    await model.generate(requests);
-    times.push(elapsedSeconds(start));
-  }
-  const stats = model.stats();
-  return { rate: (PROMPTS * NEW_TOKENS) / median(times), accepted: stats.acceptedDraftTokens / Math.max(1, stats.draftTokens) };
+  const options = { checkpoint, ...(speculate ? { speculation: { method: 'ngram' as const, tokens: 4 } } : {}) };
+  const { rate, stats } = await measuredRate(options, prompts.map((tokens) => ({ tokens, maxNewTokens: NEW_TOKENS })), PROMPTS * NEW_TOKENS);
+  return { rate, accepted: stats.acceptedDraftTokens / Math.max(1, stats.draftTokens) };
 }
 
 /** Tokens per second of the 16 prompts on one rank, request i with adapter i mod 4. */

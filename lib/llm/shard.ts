@@ -668,16 +668,22 @@ export class DecoderShard {
         positions.push({ sequence, position: sequence.past + sequence.count - draft + index, draftIndex: index });
       }
     }
-    const picked = rows.length === 0 ? [] : await this.#headLogits(hidden, rows, size);
-    return Int32Array.from(picked.map((logits, index) => {
-      const { sequence, position, draftIndex } = positions[index];
-      const mask = sequence.draftMasks?.[draftIndex];
-      return pickToken(mask ? maskedOnly(logits, mask, sequence.id) : logits, sequence.sampling, position);
-    }));
+    const picks = new Int32Array(rows.length);
+    if (rows.length > 0) {
+      await this.#headLogits(hidden, rows, size, (index, logits) => {
+        const { sequence, position, draftIndex } = positions[index];
+        const mask = sequence.draftMasks?.[draftIndex];
+        picks[index] = pickToken(mask ? maskedOnly(logits, mask, sequence.id) : logits, sequence.sampling, position);
+      });
+    }
+    return picks;
   }
 
-  /** The full-vocabulary logits of the given rows of `hidden` (final norm, this rank's head, gathered over the ranks). */
-  async #headLogits(hidden: Float32Array, rows: number[], size: number): Promise<Float32Array[]> {
+  /**
+   * The full-vocabulary logits of the given rows of `hidden` (final norm, this rank's head,
+   * gathered over the ranks), handed to `visit` one row at a time in one reused buffer.
+   */
+  async #headLogits(hidden: Float32Array, rows: number[], size: number, visit: (index: number, logits: Float32Array) => void): Promise<void> {
     const { config } = this;
     const { plan } = this.spec;
     const count = rows.length;
@@ -692,8 +698,9 @@ export class DecoderShard {
       gathered = new Float32Array(plan.tensorParallel * count * slice);
       await this.#communicator!.allgather(Tensor.wrap(local, 'f32'), Tensor.wrap(gathered, 'f32'));
     }
-    return rows.map((_, index) => {
-      const logits = new Float32Array(config.vocabSize);
+    // Gathered as [rank][row][slice]: each row's logits are its slices from every rank.
+    const logits = new Float32Array(config.vocabSize);
+    for (let index = 0; index < count; index++) {
       for (let rank = 0; rank < plan.tensorParallel; rank++) {
         const first = rank * slice;
         const length = Math.min(slice, config.vocabSize - first);
@@ -701,8 +708,8 @@ export class DecoderShard {
         const start = (rank * count + index) * slice;
         logits.set(gathered.subarray(start, start + length), first);
       }
-      return logits;
-    });
+      visit(index, logits);
+    }
   }
 
   async #nextTokens(
@@ -713,7 +720,6 @@ export class DecoderShard {
     top?: { k: number; tokens: Int32Array; logprobs: Float32Array },
   ): Promise<Int32Array> {
     const { config } = this;
-    const { plan } = this.spec;
     const size = config.hiddenSize;
     // The head runs only for sequences that want a token now: not for a prompt piece, nor for an embedding.
     const wanting: number[] = [];
@@ -726,30 +732,7 @@ export class DecoderShard {
     const ends: number[] = [];
     let end = 0;
     for (const sequence of sequences) ends.push((end += sequence.count));
-    const last = new Float32Array(count * size);
-    wanting.forEach((sequenceIndex, index) => {
-      const row = ends[sequenceIndex];
-      last.set(hidden.subarray((row - 1) * size, row * size), index * size);
-    });
-    this.#norm(last, last, this.#weights.finalNorm!, count);
-    const slice = plan.vocabularyPerRank;
-    const local = new Float32Array(count * slice);
-    linear(local, last, this.#head(), null, count, size, slice);
-    let gathered = local;
-    if (plan.tensorParallel > 1) {
-      gathered = new Float32Array(plan.tensorParallel * count * slice);
-      await this.#communicator!.allgather(Tensor.wrap(local, 'f32'), Tensor.wrap(gathered, 'f32'));
-    }
-    // Gathered as [rank][sequence][slice]: each sequence's logits are its rows from every rank.
-    const logits = new Float32Array(config.vocabSize);
-    for (let index = 0; index < count; index++) {
-      for (let rank = 0; rank < plan.tensorParallel; rank++) {
-        const first = rank * slice;
-        const length = Math.min(slice, config.vocabSize - first);
-        if (length <= 0) break;
-        const start = (rank * count + index) * slice;
-        logits.set(gathered.subarray(start, start + length), first);
-      }
+    await this.#headLogits(hidden, wanting.map((sequenceIndex) => ends[sequenceIndex] - 1), size, (index, logits) => {
       const sequenceIndex = wanting[index];
       keep?.set(logits, sequenceIndex * config.vocabSize);
       const sequence = sequences[sequenceIndex];
@@ -764,7 +747,7 @@ export class DecoderShard {
       tokens[sequenceIndex] = token;
       if (sequence.logprobs) logprobs![sequenceIndex] = logProbability(logits, token);
       if (sequence.topLogprobs) mostLikely(logits, sequence.topLogprobs, top!.tokens.subarray(sequenceIndex * top!.k), top!.logprobs.subarray(sequenceIndex * top!.k));
-    }
+    });
     return tokens;
   }
 

@@ -1074,6 +1074,16 @@ function decodeBytesOrReplace(bytes: number[]): string[] {
 
 const BYTE_TOKEN = /^<0x([0-9A-Fa-f]{2})>$/;
 
+/** Hugging Face's Strip decoder on one token: up to `start` leading and `stop` trailing copies of `content` removed. */
+function stripCharacter(token: string, content: string, start: number, stop: number): string {
+  const characters = [...token];
+  let from = 0;
+  while (from < start && from < characters.length && characters[from] === content) from += 1;
+  let to = characters.length;
+  while (characters.length - to < stop && to > from && characters[to - 1] === content) to -= 1;
+  return characters.slice(from, to).join('');
+}
+
 function parseDecoder(origin: Origin, value: unknown, where: string): Decoder | undefined {
   if (value === null || value === undefined) return undefined;
   const config = requireObject(origin, value, where);
@@ -1135,15 +1145,7 @@ function parseDecoder(origin: Origin, value: unknown, where: string): Decoder | 
       if ([...content].length !== 1) throw loadError(origin, `${where}.content must be one character, got ${show(content)}`);
       const start = requireTokenId(origin, config.start ?? 0, `${where}.start`);
       const stop = requireTokenId(origin, config.stop ?? 0, `${where}.stop`);
-      return (tokens) =>
-        tokens.map((token) => {
-          const characters = [...token];
-          let from = 0;
-          while (from < start && from < characters.length && characters[from] === content) from += 1;
-          let to = characters.length;
-          while (characters.length - to < stop && to > from && characters[to - 1] === content) to -= 1;
-          return characters.slice(from, to).join('');
-        });
+      return (tokens) => tokens.map((token) => stripCharacter(token, content, start, stop));
     }
     case 'Sequence': {
       const steps = requireArray(origin, config.decoders, `${where}.decoders`)
@@ -1215,15 +1217,7 @@ function tokenByteReader(value: unknown): TokenByteReader {
         const content = config.content as string;
         const start = (config.start as number | undefined) ?? 0;
         const stop = (config.stop as number | undefined) ?? 0;
-        steps.push((piece) => {
-          if (typeof piece !== 'string') return piece;
-          const characters = [...piece];
-          let from = 0;
-          while (from < start && from < characters.length && characters[from] === content) from += 1;
-          let to = characters.length;
-          while (characters.length - to < stop && to > from && characters[to - 1] === content) to -= 1;
-          return characters.slice(from, to).join('');
-        });
+        steps.push((piece) => (typeof piece === 'string' ? stripCharacter(piece, content, start, stop) : piece));
         break;
       }
       case 'Sequence':
