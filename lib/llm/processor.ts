@@ -20,8 +20,8 @@ import type { TokenMask } from './guided/token-mask.js';
 import { Tokenizer } from './tokenizer.js';
 import { afterReasoning, reasoningMarkers, splitReasoning, type ReasoningMarkers, type ReasoningOptions } from './reasoning.js';
 
-/** Guides an engine keeps compiled (rows may each bring their own schema). */
-const GUIDES_KEPT = 64;
+/** Guides an engine keeps compiled (rows may each bring their own schema); each keeps at most 32 MiB of masks. */
+const GUIDES_KEPT = 16;
 
 export interface LLMProcessorOptions extends ModelReplicaOptions {
   /** Replicas: a number, or [min, max] for a pool that grows with the backlog (default 1). */

@@ -113,8 +113,12 @@ class VocabularyTrie {
   }
 }
 
-/** Masks a guide keeps, by automaton state. */
-const MASKS_KEPT = 4096;
+/**
+ * Bytes of masks a guide keeps (each is vocabulary / 8 bytes: 19 KiB at 150,000 tokens, so
+ * about 1,700 states), the least recently built dropped first: a dropped state's mask is walked
+ * again when a text comes back to it.
+ */
+const MASK_BYTES_KEPT = 32 * 1024 * 1024;
 
 const tries = new WeakMap<Tokenizer, VocabularyTrie>();
 
@@ -136,6 +140,8 @@ export class TokenGuide {
   readonly automaton: ByteAutomaton;
   readonly #trie: VocabularyTrie;
   readonly #masks = new Map<number, TokenMask>();
+  /** How many masks fit MASK_BYTES_KEPT (each of the two caches: plain, and with stop tokens). */
+  readonly #masksKept: number;
 
   /** Throws GrammarError when the pattern cannot be compiled. */
   static fromRegex(tokenizer: Tokenizer, pattern: string): TokenGuide {
@@ -156,6 +162,7 @@ export class TokenGuide {
   private constructor(tokenizer: Tokenizer, automaton: ByteAutomaton) {
     this.automaton = automaton;
     this.#trie = trieOf(tokenizer);
+    this.#masksKept = Math.max(64, Math.floor(MASK_BYTES_KEPT / 2 / (4 * Math.ceil(this.#trie.size / 32))));
   }
 
   /** The tokens that keep the text on the pattern from `state` (cached per state). */
@@ -164,7 +171,7 @@ export class TokenGuide {
     if (mask) return mask;
     mask = this.#trie.allowedFrom(this.automaton, state);
     // A mask is vocabulary / 8 bytes (19 KiB for 150,000 tokens): keep the states used most recently.
-    if (this.#masks.size >= MASKS_KEPT) this.#masks.delete(this.#masks.keys().next().value!);
+    if (this.#masks.size >= this.#masksKept) this.#masks.delete(this.#masks.keys().next().value!);
     this.#masks.set(state, mask);
     return mask;
   }
@@ -210,7 +217,7 @@ export class TokenGuide {
       if (!mask) {
         mask = new TokenMask(this.#trie.size, Uint32Array.from(this.allowed(state).words));
         for (const stop of stops) if (stop >= 0 && stop < mask.size) mask.add(stop);
-        if (withStops.size >= MASKS_KEPT) withStops.delete(withStops.keys().next().value!);
+        if (withStops.size >= this.#masksKept) withStops.delete(withStops.keys().next().value!);
         withStops.set(state, mask);
       }
       if (!accepting && mask.count() === 0) throw new GrammarError(`no token of the vocabulary continues the pattern ${JSON.stringify(this.automaton.pattern.slice(0, 80))} after ${generated.length} tokens`);
