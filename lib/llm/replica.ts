@@ -278,6 +278,12 @@ interface Sequence {
   stale?: number;
   /** The tokens proposed in the step it is in (speculative decoding). */
   proposal?: number[];
+  /**
+   * Speculation's back-off: proposals missed in a row, and decoding steps to wait before the next
+   * (a text that does not repeat itself stops paying for proposals, 2, 4, 8, then 16 steps apart).
+   */
+  proposalMisses?: number;
+  proposalPause?: number;
   /** With a constraint: what it allows after each proposed position but the last (as masks), and after the last. */
   proposalMasks?: Uint32Array[];
   proposalAllowed?: Int32Array | TokenMask;
@@ -885,6 +891,8 @@ export class ModelReplica {
         while (kept < draft.length && picks[kept] === draft[kept]) kept++;
         produced = [...draft.slice(0, kept), kept < draft.length ? picks[kept] : result.tokens[index]];
         this.#acceptedDraftTokens += kept;
+        sequence.proposalMisses = kept === 0 ? (sequence.proposalMisses ?? 0) + 1 : 0;
+        sequence.proposalPause = kept === 0 ? Math.min(16, 2 ** sequence.proposalMisses) : 0;
         sequence.past = part.past + 1 + kept;
         sequence.stale = draft.length - kept;
         sequence.proposal = undefined;
@@ -971,6 +979,10 @@ export class ModelReplica {
     const speculation = this.#speculation;
     if (!speculation || sequence.logprobs || sequence.top || sequence.pooling || needsHistory(sequence.sampling) || this.#reservesMost(sequence)) return [];
     if (sequence.generated.length < sequence.minNewTokens) return [];
+    if (sequence.proposalPause) {
+      sequence.proposalPause--;
+      return [];
+    }
     const known = sequence.prompt.length + sequence.generated.length;
     // The last pick is generated too: proposals stop one short of maxNewTokens and of the positions.
     const limit = Math.min(budget, sequence.maxNewTokens - sequence.generated.length - 1, this.config.maxPositions - known - 1);
