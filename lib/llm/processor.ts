@@ -9,7 +9,7 @@ import { ActorDiedError, GrammarError, InvalidArgumentError, ModelLoadError } fr
 import { remote } from '../core/registry.js';
 import type { Dataset } from '../data/dataset.js';
 import type { Row } from '../data/block.js';
-import { ModelReplica, type EmbedRequest, type GenerateRequest, type ModelReplicaOptions } from './replica.js';
+import { ModelReplica, type EmbedRequest, type GenerateRequest, type Generation, type ModelReplicaOptions } from './replica.js';
 import { checkpointDirectory } from './config.js';
 import { checkSampling, type SamplingParameters } from './sampling.js';
 import { ChatTemplate, type ChatMessage } from './chat-template.js';
@@ -122,6 +122,14 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
    * marker is all reasoning, with an empty answer.
    */
   reasoning?: boolean | ReasoningOptions;
+  /**
+   * 'fail' (default): a row that cannot run (a prompt too long for the model or the cache, bad
+   * sampling, a schema that cannot be compiled, a constraint that throws) fails its batch and the
+   * job, as before. 'record': it fails alone: it comes out with finishReason 'error', no tokens,
+   * and `error` ("CODE: message"; null on the other rows), and the job goes on. A rank's death is
+   * never a row's error: the replica is rebuilt and the batch runs again.
+   */
+  rowErrors?: 'fail' | 'record';
   /**
    * 'generate' (default); 'embed': each row's prompt is read and the row gains `embedding`
    * (hiddenSize floats) and `promptTokens`, nothing generated, as decoder embedding models are
@@ -421,42 +429,48 @@ export class LLMEngine {
     if (this.#options.task === 'embed') return this.#embed(rows);
     if (this.#options.task === 'classify') return this.#classify(rows);
     const samples = this.#options.samplesPerPrompt ?? 1;
-    const stops = rows.map((row, index) => this.#stopStrings(row, index));
-    const requests: GenerateRequest[] = rows.flatMap((row, index) => {
-      const tokens = this.#prompt(row, index);
-      const sampling = (row.sampling as SamplingParameters | undefined) ?? this.#options.sampling;
-      if (samples > 1 && !((sampling?.temperature ?? 0) > 0)) {
-        throw new InvalidArgumentError(`row ${index}: samplesPerPrompt ${samples} needs sampling with a temperature above 0 (greedy would give ${samples} copies of one text)`, 'ERR_SAMPLING');
+    const record = this.#options.rowErrors === 'record';
+    // Each row's requests (one per sample), or with rowErrors 'record' the error that keeps it from having any.
+    const built = rows.map((row, index) => {
+      try {
+        const stops = this.#stopStrings(row, index);
+        return { stops, requests: this.#requestsOf(row, index, samples, stops) };
+      } catch (error) {
+        if (!record) throw error;
+        return { stops: undefined, requests: [] as GenerateRequest[], error: error as Error };
       }
-      const choices = this.#choices;
-      const stopTokens = this.#options.ignoreEos ? { stopTokens: [] } : this.#stopTokensOf(row, index);
-      const guided = this.#guidedConstraint(row, index, stopTokens.stopTokens ?? this.#replica!.stopTokens);
-      return Array.from({ length: samples }, (_, sample) => ({
-        tokens,
-        // A choice needs its own tokens and, where it could go on, a stop token.
-        maxNewTokens: (row.maxNewTokens as number | undefined) ?? this.#options.maxNewTokens ?? (choices ? Math.max(...choices.map((choice) => choice.length)) + 1 : undefined),
-        ...(guided ? { constraint: guided } : this.#choiceConstraint ? { constraint: this.#choiceConstraint } : {}),
-        ...((row.minNewTokens ?? this.#options.minNewTokens) !== undefined ? { minNewTokens: (row.minNewTokens as number | undefined) ?? this.#options.minNewTokens } : {}),
-        sampling: samples > 1 ? { ...sampling, seed: (sampling?.seed ?? 0) + sample } : sampling,
-        ...(stops[index] ? { stop: this.#stopWhen(stops[index]) } : {}),
-        ...(this.#options.logprobs ? { logprobs: true } : {}),
-        ...stopTokens,
-        ...this.#adapterOf(row),
-        ...(this.#options.promptLogprobs ? { promptLogprobs: true } : {}),
-        ...(this.#options.topLogprobs ? { topLogprobs: this.#options.topLogprobs } : {}),
-      }));
     });
-    const generations = await this.#onReplica(async (replica) => {
+    const outcomes = await this.#onReplica(async (replica) => {
       await this.#registerAdapters(replica, rows);
-      return replica.generate(requests);
+      if (!record) {
+        const generations = await replica.generate(built.flatMap((entry) => entry.requests));
+        return built.map((_, index) => ({ generations: generations.slice(index * samples, (index + 1) * samples) }) as { generations?: Generation[]; error?: Error });
+      }
+      // Each row on its own, so that one failing row (a constraint that throws, a prompt over the cache) fails alone; all still batch together in the replica.
+      const settled = await Promise.allSettled(built.map((entry) => (entry.error ? Promise.reject(entry.error) : replica.generate(entry.requests))));
+      const death = settled.find((outcome) => outcome.status === 'rejected' && LLMEngine.#isRankDeath(outcome.reason));
+      if (death) throw (death as PromiseRejectedResult).reason;
+      return settled.map((outcome) => (outcome.status === 'fulfilled' ? { generations: outcome.value } : { error: outcome.reason as Error }));
     });
-    return generations.map((generation, position) => {
-      const index = Math.floor(position / samples);
-      return {
-        ...rows[index],
-        ...(samples > 1 ? { sample: position % samples } : {}),
+    return outcomes.flatMap((outcome, index): Row[] => {
+      const row = rows[index];
+      if (outcome.error) {
+        const error = outcome.error as Error & { code?: string };
+        return Array.from({ length: samples }, (_, sample) => ({
+          ...row,
+          ...(samples > 1 ? { sample } : {}),
+          generatedTokens: [],
+          ...(this.#tokenizer ? { generatedText: '' } : {}),
+          finishReason: 'error',
+          promptTokens: 0,
+          error: `${error.code ?? error.name}: ${error.message}`,
+        }));
+      }
+      return outcome.generations!.map((generation, sample) => ({
+        ...row,
+        ...(samples > 1 ? { sample } : {}),
         generatedTokens: generation.tokens,
-        ...(this.#tokenizer ? this.#textColumns(generation.tokens, stops[index]) : {}),
+        ...(this.#tokenizer ? this.#textColumns(generation.tokens, built[index].stops) : {}),
         finishReason: generation.finishReason,
         promptTokens: generation.promptTokens,
         ...(generation.logprobs ? { generatedLogprobs: generation.logprobs } : {}),
@@ -464,8 +478,35 @@ export class LLMEngine {
         ...(generation.topLogprobs
           ? { generatedTopLogprobs: generation.topLogprobs.map((entries) => entries.map((entry) => ({ ...entry, ...(this.#tokenizer ? { text: this.#text([entry.token]) } : {}) }))) }
           : {}),
-      };
+        ...(record ? { error: null } : {}),
+      }));
     });
+  }
+
+  /** A row's generate requests, one per sample. */
+  #requestsOf(row: Row, index: number, samples: number, stops: string[] | undefined): GenerateRequest[] {
+    const tokens = this.#prompt(row, index);
+    const sampling = (row.sampling as SamplingParameters | undefined) ?? this.#options.sampling;
+    if (samples > 1 && !((sampling?.temperature ?? 0) > 0)) {
+      throw new InvalidArgumentError(`row ${index}: samplesPerPrompt ${samples} needs sampling with a temperature above 0 (greedy would give ${samples} copies of one text)`, 'ERR_SAMPLING');
+    }
+    const choices = this.#choices;
+    const stopTokens = this.#options.ignoreEos ? { stopTokens: [] } : this.#stopTokensOf(row, index);
+    const guided = this.#guidedConstraint(row, index, stopTokens.stopTokens ?? this.#replica!.stopTokens);
+    return Array.from({ length: samples }, (_, sample) => ({
+      tokens,
+      // A choice needs its own tokens and, where it could go on, a stop token.
+      maxNewTokens: (row.maxNewTokens as number | undefined) ?? this.#options.maxNewTokens ?? (choices ? Math.max(...choices.map((choice) => choice.length)) + 1 : undefined),
+      ...(guided ? { constraint: guided } : this.#choiceConstraint ? { constraint: this.#choiceConstraint } : {}),
+      ...((row.minNewTokens ?? this.#options.minNewTokens) !== undefined ? { minNewTokens: (row.minNewTokens as number | undefined) ?? this.#options.minNewTokens } : {}),
+      sampling: samples > 1 ? { ...sampling, seed: (sampling?.seed ?? 0) + sample } : sampling,
+      ...(stops ? { stop: this.#stopWhen(stops) } : {}),
+      ...(this.#options.logprobs ? { logprobs: true } : {}),
+      ...stopTokens,
+      ...this.#adapterOf(row),
+      ...(this.#options.promptLogprobs ? { promptLogprobs: true } : {}),
+      ...(this.#options.topLogprobs ? { topLogprobs: this.#options.topLogprobs } : {}),
+    }));
   }
 }
 
@@ -509,6 +550,7 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
     }
     if (engine.promptColumn === undefined && engine.messagesColumn === undefined) throw new InvalidArgumentError('choices are text: give a promptColumn or messagesColumn', 'ERR_CONSTRAINT');
   }
+  if (engine.rowErrors !== undefined && engine.rowErrors !== 'fail' && engine.rowErrors !== 'record') throw new InvalidArgumentError(`rowErrors must be 'fail' or 'record', got ${JSON.stringify(engine.rowErrors)}`);
   if (engine.reasoning !== undefined && typeof engine.reasoning !== 'boolean' && (typeof engine.reasoning !== 'object' || engine.reasoning === null)) {
     throw new InvalidArgumentError("reasoning must be true or { start, end } markers (default '<think>' and '</think>')", 'ERR_REASONING');
   }
