@@ -63,7 +63,7 @@ export type { TransformOptions, MapBatchesOptions, ReadOptions, IterBatchesOptio
 export type { JoinType } from './data/exchange.js';
 export { GroupedData } from './data/grouped.js';
 export type { MapGroupsOptions } from './data/grouped.js';
-export { Count, Sum, Min, Max, Mean, Std, AbsMax, Unique, Quantile } from './data/aggregate.js';
+export { Count, Sum, Min, Max, Mean, Std, AbsMax, Unique, Quantile, ApproximateQuantile } from './data/aggregate.js';
 export type { AggregateFn, AggregateOptions, AggregationKind } from './data/aggregate.js';
 export { range, RangeDatasource, readJsonl, readCsv, readArrow, readParquet } from './data/sources.js';
 export {

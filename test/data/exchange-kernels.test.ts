@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { tableFromArrays } from 'apache-arrow';
-import { Count, Max, Mean, Min, Quantile, Std, Sum, Unique } from '../../lib/index.js';
+import { ApproximateQuantile, Count, Max, Mean, Min, Quantile, Std, Sum, Unique } from '../../lib/index.js';
 import { finalizeAggregate, mergePartials, partialAggregate } from '../../lib/data/aggregate.js';
 import { blockToRows, concatBlocks, rowsToBlock, takeRows } from '../../lib/data/block.js';
 import { partitionBlock, rangeBoundaries, shuffleBlock, sortBlock } from '../../lib/data/exchange.js';
@@ -66,6 +66,33 @@ describe('partitions', () => {
 });
 
 describe('partial aggregation', () => {
+  it('approximates quantiles in bounded memory, merged in any grouping', () => {
+    // 60,000 values shuffled by a seeded permutation, 12 blocks, merged 4 at a time.
+    const count = 60_000;
+    const order = Array.from({ length: count }, (_, index) => index);
+    let state = 7;
+    for (let index = count - 1; index > 0; index--) {
+      state = (state * 48271) % 2147483647;
+      const other = state % (index + 1);
+      [order[index], order[other]] = [order[other], order[index]];
+    }
+    const quantiles = [0.01, 0.25, 0.5, 0.9, 0.99];
+    const plan = { keys: [], aggregations: quantiles.map((q) => ApproximateQuantile('x', { q, accuracy: 128 })) };
+    let partials = Array.from({ length: 12 }, (_, block) => partialAggregate(rowsToBlock(order.slice(block * 5000, (block + 1) * 5000).map((x) => ({ x }))), plan));
+    // Each partial holds a sketch, not its 5,000 values.
+    expect((blockToRows(partials[0])[0] as Record<string, number[]>)[Object.keys(blockToRows(partials[0])[0]).find((name) => name.endsWith('w'))!].length).toBeLessThan(2 * 128 * 8);
+    while (partials.length > 1) partials = Array.from({ length: Math.ceil(partials.length / 4) }, (_, group) => mergePartials(partials.slice(group * 4, group * 4 + 4), plan)!);
+    const [result] = blockToRows(finalizeAggregate(partials[0], plan));
+    quantiles.forEach((q) => {
+      const value = result[`approx_quantile(x, ${q})`] as number;
+      // Values are 0..count-1, so a value is its rank: within 2% of the count.
+      expect(Math.abs(value - q * (count - 1)) / count, `q ${q}`).toBeLessThan(0.02);
+    });
+    expect(() => ApproximateQuantile('x', { accuracy: 4 })).toThrow(/accuracy must be an integer from 8/);
+    const empty = finalizeAggregate(undefined, plan);
+    expect(blockToRows(empty)[0]['approx_quantile(x, 0.5)']).toBeNull();
+  });
+
   it('merged in any grouping, equals one pass (std merged exactly)', () => {
     const rows = Array.from({ length: 300 }, (_, id) => ({ g: id % 3, x: Math.sin(id) * 100, s: `v${id % 5}` }));
     const plan = { keys: ['g'], aggregations: [Count(), Sum('x'), Min('s'), Max('x'), Mean('x'), Std('x'), Unique('s'), Quantile('x', { q: 0.3 })] };

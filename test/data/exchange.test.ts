@@ -6,7 +6,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import {
-  AbsMax, Count, DataError, InvalidArgumentError, Max, Mean, Min, Quantile, Std, Sum, Unique, fromItems, range, type Row,
+  AbsMax, ApproximateQuantile, Count, DataError, InvalidArgumentError, Max, Mean, Min, Quantile, Std, Sum, Unique, fromItems, range, type Row,
 } from '../../lib/index.js';
 import { failOnGroup, never, scaledId, shortColumn, summarizeGroup, withParity } from './fixtures/udfs.js';
 import { rejection, useDataCluster } from './helpers.js';
@@ -179,6 +179,12 @@ describe('aggregations', () => {
     expect(await ds.aggregate(Count(), Max('id', { alias: 'top' }))).toEqual({ 'count()': 100, top: 99 });
     expect(await ds.aggregate(Quantile('id'), Quantile('id', { q: 0.25, alias: 'p25' }))).toEqual({ 'quantile(id, 0.5)': 49.5, p25: 24.75 });
     expect(() => Quantile('id', { q: 2 })).toThrow(/q must be a number in \[0, 1\]/);
+    // Few values fit the sketch whole: the approximate median is one of the two middle values.
+    expect([49, 50]).toContain((await ds.aggregate(ApproximateQuantile('id')))['approx_quantile(id, 0.5)']);
+    // Per group, across blocks and workers: within 2% of the exact medians (1497, 1498, 1499).
+    const medians = await fromItems(Array.from({ length: 3000 }, (_, id) => ({ g: id % 3, id })), { parallelism: 6 }).groupBy('g').aggregate(ApproximateQuantile('id', { accuracy: 32, alias: 'median' })).takeAll();
+    expect(medians.map((row) => row.g)).toEqual([0, 1, 2]);
+    for (const row of medians) expect(Math.abs((row.median as number) - 1498)).toBeLessThan(60);
     const empty = ds.filter(never);
     expect(await empty.aggregate(Count(), Sum('id'))).toEqual({ 'count()': 0, 'sum(id)': null });
     expect(await empty.sum('id')).toBeNull();
