@@ -988,7 +988,11 @@ export class ModelReplica {
     const limit = Math.min(budget, sequence.maxNewTokens - sequence.generated.length - 1, this.config.maxPositions - known - 1);
     let draft = proposeTokens(sequence.prompt, sequence.generated, speculation, limit);
     if (draft.length > 0 && sequence.constraint) draft = this.#constrainProposal(sequence, draft);
-    if (draft.length === 0 || !this.#makeRoom(draft.length)) return [];
+    if (draft.length === 0 || !this.#makeRoom(draft.length)) {
+      sequence.proposalMasks = undefined;
+      sequence.proposalAllowed = undefined;
+      return [];
+    }
     // Released by the step's end, where #grow sets the reservation to what the sequence then knows.
     sequence.reserved += draft.length;
     this.#reservedTokens += draft.length;
