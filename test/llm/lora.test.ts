@@ -110,6 +110,18 @@ describe('LoRA adapters', () => {
     await expect(replica.generate([{ tokens: [1], adapter: 'three' }])).rejects.toMatchObject({ code: 'ERR_ADAPTER', message: /no adapter named "three" \(known: one, two\)/ });
   });
 
+  it('runs several adapters in one step through one stacked pair of matmuls per matrix', async () => {
+    await using replica = await ModelReplica.create({ checkpoint: llamaCheckpoint, tensorParallel: 2, adapters: { one: join(directory, 'adapters', 'one'), two: join(directory, 'adapters', 'two') } });
+    const prompts = [[5, 17, 3], [42, 1], [7, 7, 7, 7], [60, 2, 9], [11], [3, 3]];
+    const adapters = ['one', 'two', undefined, 'two', 'one', 'two'];
+    const generations = await replica.generate(prompts.map((tokens, index) => ({ tokens, maxNewTokens: 6, ...(adapters[index] ? { adapter: adapters[index] } : {}) })));
+    const weightsOf = { one: oneWeights, two: twoWeights };
+    generations.forEach((generation, index) => {
+      const weights = adapters[index] ? weightsOf[adapters[index] as 'one' | 'two'] : llamaWeights;
+      expect(generation.tokens, `request ${index} (${adapters[index] ?? 'base'})`).toEqual(referenceGenerate(llama, weights, prompts[index], 6));
+    });
+  });
+
   it('shares cached prefixes only within one adapter', async () => {
     await using replica = await ModelReplica.create({ checkpoint: llamaCheckpoint, adapters: { one: join(directory, 'adapters', 'one') } });
     const prompt = Array.from({ length: 40 }, (_, index) => (index * 7 + 3) % 101);
