@@ -9,10 +9,13 @@
  * sort_rows_per_s and groupby_rows_per_s: 1 Mi rows (a float64 key, an int32 group, a payload)
  * sorted by the key, and counted and summed by the group, on the cluster; their baselines
  * sort_single_process_rows_per_s and groupby_single_process_rows_per_s run the same kernels over
- * the same blocks in this process, without the runtime (medians of three rounds, after one warm-up).
+ * the same blocks in this process, without the runtime (medians of three rounds, after one warm-up);
+ * groupby_approx_quantile_rows_per_s against groupby_quantile_rows_per_s: the median of the key per
+ * group on the cluster, by ApproximateQuantile's sketch (a few hundred values per group and
+ * partial) against exact Quantile (every value carried through the partials).
  */
 import { tableFromArrays } from 'apache-arrow';
-import { Count, Sum, fromArrow, get, init, remote, rowsToBlock, shutdown, type Block } from '../lib/index.js';
+import { ApproximateQuantile, Count, Quantile, Sum, fromArrow, get, init, remote, rowsToBlock, shutdown, type Block } from '../lib/index.js';
 import { finalizeAggregate, mergePartials, partialAggregate } from '../lib/data/aggregate.js';
 import { concatBlocks } from '../lib/data/block.js';
 import { sortBlock } from '../lib/data/exchange.js';
@@ -83,6 +86,7 @@ export const dataSuite: Suite = {
     ['block overhead / task round trip', 'block_overhead_ms', 'task_roundtrip_ms', '(floor)'],
     ['sort (2 CPUs) / single process', 'sort_rows_per_s', 'sort_single_process_rows_per_s', '(report)'],
     ['groupBy (2 CPUs) / single process', 'groupby_rows_per_s', 'groupby_single_process_rows_per_s', '(report)'],
+    ['median per group: approximate sketch / exact', 'groupby_approx_quantile_rows_per_s', 'groupby_quantile_rows_per_s', '(report)'],
   ],
   async run(): Promise<Results> {
     const rows = Array.from({ length: ROWS }, (_, id) => ({ id, text: reviewText(id) }));
@@ -151,12 +155,20 @@ export const dataSuite: Suite = {
         if (groups !== 64) throw new Error(`groupBy made ${groups} groups of 64`);
       });
       const groupSingle = await exchangeRate(() => finalizeAggregate(mergePartials(input.map((block) => partialAggregate(block, plan)), plan), plan));
+      const quantileRate = (aggregation: typeof Quantile) => exchangeRate(async () => {
+        const groups = await stored.groupBy('group').aggregate(aggregation('key', { alias: 'median' })).count({ progress: false });
+        if (groups !== 64) throw new Error(`groupBy made ${groups} groups of 64`);
+      });
+      const exactQuantile = await quantileRate(Quantile);
+      const approximateQuantile = await quantileRate(ApproximateQuantile);
 
       return {
         sort_rows_per_s: { value: round(sortRate, 0), unit: 'rows/s' },
         sort_single_process_rows_per_s: { value: round(sortSingle, 0), unit: 'rows/s' },
         groupby_rows_per_s: { value: round(groupRate, 0), unit: 'rows/s' },
         groupby_single_process_rows_per_s: { value: round(groupSingle, 0), unit: 'rows/s' },
+        groupby_quantile_rows_per_s: { value: round(exactQuantile, 0), unit: 'rows/s' },
+        groupby_approx_quantile_rows_per_s: { value: round(approximateQuantile, 0), unit: 'rows/s' },
         pipeline_rows_per_s: { value: round(pipeline, 0), unit: 'rows/s' },
         single_process_rows_per_s: { value: round(single, 0), unit: 'rows/s' },
         block_overhead_ms: { value: round(blockOverhead, 3), unit: 'ms' },
