@@ -271,8 +271,7 @@ export class LLMEngine {
     let entry = this.#guides.get(key);
     if (entry) this.#guides.delete(key);
     else {
-      checkGuidedDecoding(spec, `row ${index}: guidedDecoding`);
-      entry = { guide: TokenGuide.compile(this.#tokenizer, spec), constraints: new Map() };
+      entry = { guide: TokenGuide.compile(this.#tokenizer, spec, `row ${index}: guidedDecoding`), constraints: new Map() };
       if (this.#guides.size >= GUIDES_KEPT) this.#guides.delete(this.#guides.keys().next().value!);
     }
     this.#guides.set(key, entry);

@@ -276,22 +276,26 @@ interface Sequence {
   inFlight: boolean;
   /** Positions the ranks hold past `past`: proposals the last step did not keep, dropped by the next. */
   stale?: number;
-  /** The tokens proposed in the step it is in (speculative decoding). */
-  proposal?: number[];
+  /** What it proposed in the step it is in (speculative decoding). */
+  proposal?: Proposal;
   /**
    * Speculation's back-off: proposals missed in a row, and decoding steps to wait before the next
    * (a text that does not repeat itself stops paying for proposals, 2, 4, 8, then 16 steps apart).
    */
   proposalMisses?: number;
   proposalPause?: number;
-  /** With a constraint: what it allows after each proposed position but the last (as masks), and after the last. */
-  proposalMasks?: Uint32Array[];
-  proposalAllowed?: Int32Array | TokenMask;
   finish: (generation: Generation, embedding?: Float32Array) => void;
   fail: (error: Error) => void;
 }
 
 /** How much one step may carry, and how many steps run at once. */
+/** Tokens a sequence proposes for one step, and with a constraint what it allows after each proposed position but the last (masks) and after the last. */
+interface Proposal {
+  tokens: number[];
+  masks?: Uint32Array[];
+  allowed?: Int32Array | TokenMask;
+}
+
 interface StepLimits {
   maxSequences: number;
   maxTokens: number;
@@ -426,7 +430,10 @@ export class ModelReplica {
       if (known.info.path === path) return;
       throw new InvalidArgumentError(`adapter '${name}' is already ${known.info.path}, not ${path}`, 'ERR_ADAPTER');
     }
-    const info = await readAdapter(path, this.config);
+    this.#register(name, await readAdapter(path, this.config));
+  }
+
+  #register(name: string, info: AdapterInfo): void {
     if (!this.#adapters.has(name)) this.#adapters.set(name, { id: this.#nextAdapter++, info });
   }
 
@@ -451,8 +458,8 @@ export class ModelReplica {
     }
     const plan = planSharding(config, options);
     const maxLoadedAdapters = positiveInteger(options.maxLoadedAdapters, 'maxLoadedAdapters', 8);
-    if (options.adapters !== undefined && (typeof options.adapters !== 'object' || options.adapters === null || Object.values(options.adapters).some((path) => typeof path !== 'string'))) {
-      throw new InvalidArgumentError('adapters must map names to adapter directories', 'ERR_ADAPTER');
+    if (options.adapters !== undefined && (typeof options.adapters !== 'object' || options.adapters === null || Object.entries(options.adapters).some(([name, path]) => name.length === 0 || typeof path !== 'string'))) {
+      throw new InvalidArgumentError('adapters must map non-empty names to adapter directories', 'ERR_ADAPTER');
     }
     const stopTokens = options.stopTokens ?? readEndOfSequenceTokens(options.checkpoint);
     if (!Array.isArray(stopTokens) || stopTokens.some((token) => !Number.isInteger(token))) throw new InvalidArgumentError('stopTokens must be an array of token ids', 'ERR_PROMPT');
@@ -482,6 +489,9 @@ export class ModelReplica {
     let weightDtype: WeightDType;
     let hasLanguageHead: boolean;
     let classifier: ClassificationHead | undefined;
+    // Adapters are checked against the model before any rank starts: a bad one costs no start-up.
+    const adapters: Array<[string, AdapterInfo]> = [];
+    for (const [name, path] of Object.entries(options.adapters ?? {})) adapters.push([name, await readAdapter(path, config)]);
     {
       await using checkpoint = await Checkpoint.open(options.checkpoint);
       checkCheckpoint(checkpoint, config);
@@ -530,12 +540,7 @@ export class ModelReplica {
       for (const stage of plan.stages.slice(1)) previous = workers[stage.index].map((worker, rank) => worker.forward.bind(previous[rank]));
       const graph = await new MultiOutputNode(previous).compile({ maxInflight: Math.max(2, limits.stepsInFlight + 1) });
       const replica = new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, kvCacheDtype, stopTokens, limits, maxLoadedAdapters, hasLanguageHead, classifier });
-      try {
-        for (const [name, path] of Object.entries(options.adapters ?? {})) await replica.addAdapter(name, path);
-      } catch (error) {
-        await replica.close();
-        throw error;
-      }
+      for (const [name, info] of adapters) replica.#register(name, info);
       return replica;
     } catch (error) {
       await Promise.allSettled(groups.map((group) => group.destroy()));
@@ -772,12 +777,13 @@ export class ModelReplica {
         }
         budget -= count;
         // Decoding its next token: proposals ride along, checked in the same step.
-        const draft = count === 1 && sequence.past === known - 1 ? this.#proposal(sequence, budget) : [];
-        if (draft.length > 0) {
+        const proposal = count === 1 && sequence.past === known - 1 ? this.#proposal(sequence, budget) : undefined;
+        const draft = proposal?.tokens ?? [];
+        if (proposal) {
           tokens.push(...draft);
           budget -= draft.length;
           this.#draftTokens += draft.length;
-          sequence.proposal = draft;
+          sequence.proposal = proposal;
         }
         chosen.push(sequence);
         // Reading part of what it knows (its prompt, or after a preemption its generated tokens too) picks no token.
@@ -795,8 +801,8 @@ export class ModelReplica {
           ...(sequence.copyFrom ? { copyFrom: sequence.copyFrom } : {}),
           ...(sequence.pooling ? { pooling: sequence.pooling } : {}),
           ...(sequence.adapter !== undefined ? { adapter: sequence.adapter } : {}),
-          ...this.#allowedPart(draft.length > 0 && sequence.constraint ? sequence.proposalAllowed : sequence.allowed, prefill),
-          ...(draft.length > 0 && sequence.proposalMasks ? { draftMasks: sequence.proposalMasks } : {}),
+          ...this.#allowedPart(proposal?.masks ? proposal.allowed : sequence.allowed, prefill),
+          ...(proposal?.masks ? { draftMasks: proposal.masks } : {}),
           ...(!prefill && sequence.generated.length < sequence.minNewTokens && sequence.stopTokens.size > 0 ? { banned: Int32Array.from(sequence.stopTokens) } : {}),
           ...(sequence.promptLogprobs && sequence.past < sequence.prompt.length - 1 ? { targets: this.#targetsOf(sequence, count) } : {}),
         });
@@ -884,7 +890,7 @@ export class ModelReplica {
       let produced: number[];
       if (part.draft) {
         // The proposal is kept up to the first position where the model picked otherwise; that pick follows it.
-        const draft = sequence.proposal!;
+        const draft = sequence.proposal!.tokens;
         const picks = result.draftTokens!.subarray(draftOffset, draftOffset + draft.length);
         draftOffset += draft.length;
         let kept = 0;
@@ -896,8 +902,6 @@ export class ModelReplica {
         sequence.past = part.past + 1 + kept;
         sequence.stale = draft.length - kept;
         sequence.proposal = undefined;
-        sequence.proposalMasks = undefined;
-        sequence.proposalAllowed = undefined;
       } else {
         sequence.past += part.count;
         produced = [result.tokens[index]];
@@ -975,28 +979,24 @@ export class ModelReplica {
    * positions are reserved for the step). None for sequences whose picks need more than logits,
    * a mask and a position: penalties, logprobs, stop tokens held back by minNewTokens.
    */
-  #proposal(sequence: Sequence, budget: number): number[] {
+  #proposal(sequence: Sequence, budget: number): Proposal | undefined {
     const speculation = this.#speculation;
-    if (!speculation || sequence.logprobs || sequence.top || sequence.pooling || needsHistory(sequence.sampling) || this.#reservesMost(sequence)) return [];
-    if (sequence.generated.length < sequence.minNewTokens) return [];
+    if (!speculation || sequence.logprobs || sequence.top || sequence.pooling || needsHistory(sequence.sampling) || this.#reservesMost(sequence)) return undefined;
+    if (sequence.generated.length < sequence.minNewTokens) return undefined;
     if (sequence.proposalPause) {
       sequence.proposalPause--;
-      return [];
+      return undefined;
     }
     const known = sequence.prompt.length + sequence.generated.length;
     // The last pick is generated too: proposals stop one short of maxNewTokens and of the positions.
     const limit = Math.min(budget, sequence.maxNewTokens - sequence.generated.length - 1, this.config.maxPositions - known - 1);
-    let draft = proposeTokens(sequence.prompt, sequence.generated, speculation, limit);
-    if (draft.length > 0 && sequence.constraint) draft = this.#constrainProposal(sequence, draft);
-    if (draft.length === 0 || !this.#makeRoom(draft.length)) {
-      sequence.proposalMasks = undefined;
-      sequence.proposalAllowed = undefined;
-      return [];
-    }
+    const tokens = proposeTokens(sequence.prompt, sequence.generated, speculation, limit);
+    const proposal = tokens.length > 0 && sequence.constraint ? this.#constrainProposal(sequence, tokens) : { tokens };
+    if (proposal.tokens.length === 0 || !this.#makeRoom(proposal.tokens.length)) return undefined;
     // Released by the step's end, where #grow sets the reservation to what the sequence then knows.
-    sequence.reserved += draft.length;
-    this.#reservedTokens += draft.length;
-    return draft;
+    sequence.reserved += proposal.tokens.length;
+    this.#reservedTokens += proposal.tokens.length;
+    return proposal;
   }
 
   /**
@@ -1004,7 +1004,7 @@ export class ModelReplica {
    * the text complete), with what the constraint allows after each kept position: the picks
    * there are drawn among those, as plain steps would draw them.
    */
-  #constrainProposal(sequence: Sequence, draft: number[]): number[] {
+  #constrainProposal(sequence: Sequence, draft: number[]): Proposal {
     const masks: Uint32Array[] = [];
     const text = [...sequence.generated];
     let allowed: Int32Array | TokenMask | undefined = sequence.allowed;
@@ -1020,11 +1020,8 @@ export class ModelReplica {
     } catch {
       // A constraint that throws on a proposal: propose no further (the plain step will ask it again).
     }
-    if (kept === 0) return [];
-    sequence.proposalMasks = masks;
-    // Undefined when the kept proposal completes the text: the generation ends there, and the last pick is dropped.
-    sequence.proposalAllowed = allowed;
-    return draft.slice(0, kept);
+    // `allowed` is undefined when the kept proposal completes the text: the generation ends there, and the last pick is dropped.
+    return { tokens: draft.slice(0, kept), masks, allowed };
   }
 
   /** A step part's constraint on its last position's pick. */

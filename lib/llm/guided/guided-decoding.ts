@@ -53,14 +53,16 @@ export function guidedRegex(spec: GuidedDecoding, where = 'guidedDecoding'): str
   }
 }
 
-/** Checks `spec` whole (its regex parsed and compiled) before any model is loaded; returns its regex. */
-export function checkGuidedDecoding(spec: GuidedDecoding, where = 'guidedDecoding'): string {
+/**
+ * The automaton of the texts `spec` allows (its regex parsed and compiled): checks a spec whole
+ * before any model is loaded, and builds a guide's. Errors are GrammarErrors led by `where`.
+ */
+export function checkGuidedDecoding(spec: GuidedDecoding, where = 'guidedDecoding', options: { leadingSpace?: boolean } = {}): ByteAutomaton {
   const regex = guidedRegex(spec, where);
   try {
-    ByteAutomaton.fromRegex(regex);
+    return ByteAutomaton.fromRegex(regex, options);
   } catch (error) {
     if (error instanceof GrammarError) throw new GrammarError(`${where}: ${error.message}`, { position: error.position, schemaPath: error.schemaPath });
     throw error;
   }
-  return regex;
 }

@@ -11,7 +11,7 @@ import type { Tokenizer } from '../tokenizer.js';
 import { ByteAutomaton, DEAD, UNKNOWN } from './automaton.js';
 import { type JsonSchemaOptions, jsonSchemaToRegex } from './json-schema.js';
 import { TokenMask } from './token-mask.js';
-import { type GuidedDecoding, guidedRegex } from './guided-decoding.js';
+import { type GuidedDecoding, checkGuidedDecoding } from './guided-decoding.js';
 
 /**
  * The vocabulary's token bytes as a trie, its nodes numbered in preorder so a walk is one pass
@@ -154,9 +154,9 @@ export class TokenGuide {
     return TokenGuide.fromRegex(tokenizer, jsonSchemaToRegex(schema, options));
   }
 
-  /** A guide for what a processor or request asks (a schema, any JSON object, a regex, choices). */
-  static compile(tokenizer: Tokenizer, spec: GuidedDecoding): TokenGuide {
-    return TokenGuide.fromRegex(tokenizer, guidedRegex(spec));
+  /** A guide for what a processor or request asks (a schema, any JSON object, a regex, choices); errors are led by `where`. */
+  static compile(tokenizer: Tokenizer, spec: GuidedDecoding, where = 'guidedDecoding'): TokenGuide {
+    return new TokenGuide(tokenizer, checkGuidedDecoding(spec, where, { leadingSpace: tokenizer.stripsLeadingSpace }));
   }
 
   private constructor(tokenizer: Tokenizer, automaton: ByteAutomaton) {
@@ -197,6 +197,8 @@ export class TokenGuide {
   constraint(stopTokens: readonly number[] = []): TokenConstraint {
     const stops = new Set(stopTokens);
     const withStops = new Map<number, TokenMask>();
+    // States whose masks were found to hold some token (counted once, not every step).
+    const open = new Set<number>();
     // Where each generation's walk stands, so a step reads only its new tokens.
     const progress = new WeakMap<readonly number[], { length: number; state: number }>();
     return (generated) => {
@@ -220,7 +222,10 @@ export class TokenGuide {
         if (withStops.size >= this.#masksKept) withStops.delete(withStops.keys().next().value!);
         withStops.set(state, mask);
       }
-      if (!accepting && mask.count() === 0) throw new GrammarError(`no token of the vocabulary continues the pattern ${JSON.stringify(this.automaton.pattern.slice(0, 80))} after ${generated.length} tokens`);
+      if (!accepting && !open.has(state)) {
+        if (mask.count() === 0) throw new GrammarError(`no token of the vocabulary continues the pattern ${JSON.stringify(this.automaton.pattern.slice(0, 80))} after ${generated.length} tokens`);
+        open.add(state);
+      }
       return mask;
     };
   }
