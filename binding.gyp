@@ -23,7 +23,10 @@
         "native/nccl/nccl_binding.cc",
         "native/kernels/cpu_kernels.cc",
         "native/kernels/kernels_binding.cc",
-        "native/kernels/thread_pool.cc"
+        "native/kernels/thread_pool.cc",
+        "native/kernels/device_kernels.cc",
+        "native/kernels/device_kernels_binding.cc",
+        "native/cuda/cublas.cc"
       ],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")",
@@ -36,7 +39,7 @@
       ],
       "cflags!": ["-fno-exceptions"],
       "cflags_cc!": ["-fno-exceptions", "-fno-rtti"],
-      "cflags_cc": ["-std=c++20", "-O3", "-fexceptions", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
+      "cflags_cc": ["-Wa,-I<(module_root_dir)/native/kernels/cuda", "-std=c++20", "-O3", "-fexceptions", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
       "libraries": ["-ldl", "-lpthread", "-lrt"]
     }
   ]

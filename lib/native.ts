@@ -322,6 +322,39 @@ export interface NativeKernels {
   narrow(out: Uint16Array, x: Float32Array, dtype: 'bf16' | 'f16', count: number): void;
 }
 
+/**
+ * A decoder layer's operations on one backend (native/kernels/device_kernels.h): 'cuda' queues
+ * them on a stream of the device (kernels of native/kernels/cuda, cuBLAS for the matrices);
+ * 'cpu' runs the CPU kernels at once over host memory. Addresses are bigints (null: an operand
+ * left out); lib/llm/device-kernels.ts checks every extent before a call. Element types: 0 f32,
+ * 1 bf16, 2 f16.
+ */
+export interface NativeDeviceKernels {
+  linear(out: bigint, x: bigint, weight: bigint, weightType: number, bias: bigint | null, rows: number, depth: number, columns: number): void;
+  addRows(out: bigint, residual: bigint | null, bias: bigint | null, rows: number, columns: number): void;
+  rmsNorm(out: bigint, x: bigint, gamma: bigint, rows: number, columns: number, epsilon: number): void;
+  layerNorm(out: bigint, x: bigint, gamma: bigint, beta: bigint, rows: number, columns: number, epsilon: number): void;
+  siluMultiply(out: bigint, gate: bigint, up: bigint, count: number): void;
+  gelu(x: bigint, count: number): void;
+  prepareAttention(
+    queries: bigint, qkv: bigint, rowSequence: bigint, rowPosition: bigint, cacheBase: bigint, cacheCapacity: bigint, rows: number, sequences: number,
+    heads: number, kvHeads: number, headSize: number, cacheType: number, layer: number, queryNorm: bigint | null, keyNorm: bigint | null, epsilon: number,
+    inverseFrequencies: bigint | null,
+  ): void;
+  attention(
+    out: bigint, queries: bigint, rowSequence: bigint, rowPosition: bigint, cacheBase: bigint, cacheCapacity: bigint, rows: number, sequences: number,
+    heads: number, kvHeads: number, headSize: number, cacheType: number, layer: number, window: number,
+  ): void;
+  copyCache(target: bigint, targetCapacity: number, source: bigint, sourceCapacity: number, length: number, rowSize: number, layers: number, cacheType: number): void;
+  /** All of source's bytes to target; returns once copied. */
+  upload(target: bigint, source: ArrayBufferView | ArrayBuffer): void;
+  /** Fills all of target's bytes from source; returns once copied. */
+  download(target: ArrayBufferView | ArrayBuffer, source: bigint): void;
+  copy(target: bigint, source: bigint, bytes: number): void;
+  synchronize(): void;
+  close(): void;
+}
+
 export interface NativeAddon {
   setErrorFactory(factory: (code: string, message: string, details: Record<string, unknown>) => Error): void;
   NativeObjectStore: new (options: NativeStoreOptions) => NativeObjectStore;
@@ -333,6 +366,13 @@ export interface NativeAddon {
   nccl: NativeNccl;
   busyPoll: NativeBusyPoll;
   kernels: NativeKernels;
+  DeviceKernels: new (options: { backend: 'cpu' | 'cuda'; device?: number }) => NativeDeviceKernels;
+  deviceKernels: {
+    /** The address of a host buffer's first byte (the 'cpu' backend's memory). */
+    hostAddress(buffer: ArrayBuffer | ArrayBufferView): bigint;
+    /** Bytes of the CUDA kernels' fat binary in this build. */
+    imageBytes(): number;
+  };
 }
 
 /** Spinning before the event loop sleeps (native/loop/busy_poll.cc). */

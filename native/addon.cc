@@ -8,6 +8,7 @@
 #include "channel/channel_binding.h"
 #include "channel/connection_ring_binding.h"
 #include "collective/communicator_binding.h"
+#include "kernels/device_kernels_binding.h"
 #include "kernels/kernels_binding.h"
 #include "loop/busy_poll.h"
 #include "store/store_binding.h"
@@ -35,6 +36,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   trellis::channel::RegisterConnectionRingBinding(env, exports);
   trellis::loop::RegisterBusyPoll(env, exports);
   trellis::kernels::RegisterKernelsBinding(env, exports);
+  trellis::kernels::RegisterDeviceKernelsBinding(env, exports);
   return exports;
 }
 

@@ -14,6 +14,8 @@ import { Checkpoint } from './safetensors.js';
 import { needsHistory, pickToken, type SamplingParameters, type TokenHistory } from './sampling.js';
 import { loadShardWeights, resolveWeightDType, type ExpertMlp, type LayerWeights, type NormWeights, type ShardWeights } from './weights.js';
 import { loadShardAdapter, type AdapterInfo, type LayerAdapter, type LowRankUpdate } from './lora.js';
+import { DeviceKernels, type KernelBackend } from './device-kernels.js';
+import { DeviceLayers } from './device-layers.js';
 
 /** A sequence's part in one step: `count` new tokens after the `past` it has already read. */
 export interface StepSequence {
@@ -112,6 +114,12 @@ export interface ShardSpec {
   weightDtype?: WeightDType | 'auto';
   /** How the key/value cache is kept (default 'auto': as the weights are; bf16 for int8 weights). */
   kvCacheDtype?: CacheDType | 'auto';
+  /**
+   * Run the layers and the head through DeviceLayers on this backend: 'cuda' (the rank's GPU,
+   * device 0 of its CUDA_VISIBLE_DEVICES), or 'cpu' (the host twin: the same path over host
+   * memory). Absent: the CPU decoder's own loop, which alone has LoRA, experts and int8.
+   */
+  layers?: KernelBackend;
 }
 
 /** One sequence's keys and values for each of this shard's layers, [capacity, kvHeads, headSize], in f32 or as 16-bit bits. */
@@ -127,6 +135,8 @@ export class DecoderShard {
   readonly config: ResolvedDecoderConfig;
   readonly #communicator: Communicator | undefined;
   readonly #weights: ShardWeights;
+  /** The layers (and head) on a device, when spec.layers says so; #weights then holds only the host-side parts. */
+  readonly #device: DeviceLayers | undefined;
   readonly #inverseFrequencies: Float32Array | undefined;
   readonly #caches = new Map<number, SequenceCache>();
   /** LoRA adapters loaded on this rank, by the replica's ids: each layer's low-rank updates (this stage's layers). */
@@ -140,12 +150,13 @@ export class DecoderShard {
   /** How the key/value cache is kept ('auto' resolved). */
   readonly kvCacheDtype: CacheDType;
 
-  private constructor(spec: ShardSpec, config: ResolvedDecoderConfig, communicator: Communicator | undefined, weights: ShardWeights, kvCacheDtype: CacheDType) {
+  private constructor(spec: ShardSpec, config: ResolvedDecoderConfig, communicator: Communicator | undefined, weights: ShardWeights, kvCacheDtype: CacheDType, device?: DeviceLayers) {
     this.spec = spec;
     this.config = config;
     this.kvCacheDtype = kvCacheDtype;
     this.#communicator = communicator;
     this.#weights = weights;
+    this.#device = device;
     this.#inverseFrequencies = config.architecture === 'llama' ? rotaryInverseFrequencies(config) : undefined;
     // Every array once: a matrix may be shared (a tied head is the embedding itself).
     const arrays = new Set<ArrayBufferView>();
@@ -155,7 +166,7 @@ export class DecoderShard {
       else if (typeof value === 'object' && value !== null) Object.values(value).forEach(collect);
     };
     collect(weights);
-    this.weightBytes = [...arrays].reduce((sum, array) => sum + array.byteLength, 0);
+    this.weightBytes = [...arrays].reduce((sum, array) => sum + array.byteLength, 0) + (device?.weightBytes ?? 0);
   }
 
   /** Reads this rank's slices of the checkpoint (only the bytes it needs). */
@@ -170,16 +181,46 @@ export class DecoderShard {
     await using checkpoint = await Checkpoint.open(spec.checkpoint);
     const weightDtype = resolveWeightDType(checkpoint, config, spec.weightDtype);
     const weights = await loadShardWeights(checkpoint, config, plan, spec.stage, rank, weightDtype);
-    return new DecoderShard(spec, config, communicator, weights, resolveCacheDType(spec.kvCacheDtype, weightDtype));
+    const kvCacheDtype = resolveCacheDType(spec.kvCacheDtype, weightDtype);
+    if (!spec.layers) return new DecoderShard(spec, config, communicator, weights, kvCacheDtype);
+    const kernels = DeviceKernels.create(spec.layers, 0);
+    try {
+      const device = DeviceLayers.create(kernels, {
+        config,
+        plan,
+        layers: weights.layers,
+        head: weights.head,
+        kvCacheDtype,
+        inverseFrequencies: config.architecture === 'llama' ? rotaryInverseFrequencies(config) : undefined,
+        communicator,
+      });
+      // The host keeps what it uses itself: the embeddings, the final norm (and a tied head's table, the embedding).
+      return new DecoderShard(spec, config, communicator, { ...weights, layers: [], head: undefined }, kvCacheDtype, device);
+    } catch (error) {
+      kernels.close();
+      throw error;
+    }
+  }
+
+  /** Gives back a device's memory, stream and kernels (the CPU decoder holds nothing to give back). */
+  close(): void {
+    if (!this.#device) return;
+    this.#device.close();
+    this.#device.kernels.close();
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
   }
 
   /** Sequences whose keys and values this rank holds. */
   get cachedSequences(): number {
-    return this.#caches.size;
+    return this.#device ? this.#device.cachedSequences : this.#caches.size;
   }
 
   /** Bytes this rank's key/value caches take (their capacity, grown by doubling). */
   get cacheBytes(): number {
+    if (this.#device) return this.#device.cacheBytes;
     let bytes = 0;
     for (const cache of this.#caches.values()) for (const array of [...cache.keys, ...cache.values]) bytes += array.byteLength;
     return bytes;
@@ -189,6 +230,7 @@ export class DecoderShard {
   async forward(message: StepMessage): Promise<StepMessage | StepResult> {
     const { config } = this;
     const stage = this.spec.plan.stages[this.spec.stage];
+    if (this.#device && message.loadAdapters?.length) throw new InvalidArgumentError('LoRA adapters do not run on a device yet', 'ERR_UNSUPPORTED_ON_DEVICE');
     for (const id of message.unloadAdapters ?? []) this.#adapters.delete(id);
     for (const { id, info } of message.loadAdapters ?? []) {
       if (!this.#adapters.has(id)) this.#adapters.set(id, await loadShardAdapter(info, config, this.spec.plan, this.spec.stage, this.spec.rank));
@@ -197,6 +239,7 @@ export class DecoderShard {
     // Copies first: a prefix's source may be released by this same message.
     for (const sequence of message.sequences) if (sequence.copyFrom) this.#copyPrefix(sequence.id, sequence.copyFrom, message.step);
     for (const id of message.released) {
+      this.#device?.release(id);
       this.#caches.delete(id);
       this.#histories.delete(id);
       this.#poolSums.delete(id);
@@ -211,7 +254,8 @@ export class DecoderShard {
       const cache = this.#caches.get(sequence.id);
       // Proposals the last step did not keep: their keys and values go.
       if (sequence.rewind && cache && sequence.past < cache.length) cache.length = sequence.past;
-      const known = cache?.length ?? 0;
+      if (sequence.rewind) this.#device?.truncate(sequence.id, sequence.past);
+      const known = this.#device ? this.#device.length(sequence.id) : (cache?.length ?? 0);
       if (sequence.past !== known) {
         throw new InvalidArgumentError(`step ${message.step}: sequence ${sequence.id} says ${sequence.past} tokens came before, this shard has read ${known}`, 'ERR_SEQUENCE_STATE');
       }
@@ -229,8 +273,12 @@ export class DecoderShard {
     let row = 0;
     for (const sequence of message.sequences) for (let index = 0; index < sequence.count; index++) positions[row++] = sequence.past + index;
     const adapted = this.#adapterRows(message.sequences);
-    for (let layer = 0; layer < this.#weights.layers.length; layer++) await this.#block(layer, hidden, message.sequences, positions, adapted);
-    for (const sequence of message.sequences) this.#caches.get(sequence.id)!.length = sequence.past + sequence.count;
+    if (this.#device) {
+      await this.#device.run(hidden, message.sequences);
+    } else {
+      for (let layer = 0; layer < this.#weights.layers.length; layer++) await this.#block(layer, hidden, message.sequences, positions, adapted);
+      for (const sequence of message.sequences) this.#caches.get(sequence.id)!.length = sequence.past + sequence.count;
+    }
     const penalized = message.sequences.some((sequence) => needsHistory(sequence.sampling));
     if (!stage.hasHead) {
       return {
@@ -320,6 +368,10 @@ export class DecoderShard {
 
   /** A new sequence's cache, starting as a copy of another's first `length` positions (prefix caching). */
   #copyPrefix(id: number, from: { id: number; length: number }, step: number): void {
+    if (this.#device) {
+      this.#device.copyPrefix(id, from.id, from.length);
+      return;
+    }
     const source = this.#caches.get(from.id);
     if (!source || source.length < from.length) {
       throw new InvalidArgumentError(`step ${step}: sequence ${id} starts from ${from.length} positions of sequence ${from.id}, which this shard holds ${source ? source.length : 'none'} of`, 'ERR_SEQUENCE_STATE');
@@ -337,6 +389,10 @@ export class DecoderShard {
 
   /** Room in each layer's cache for `length` tokens, grown by doubling. */
   #reserve(id: number, length: number): void {
+    if (this.#device) {
+      this.#device.reserve(id, length);
+      return;
+    }
     const rowSize = this.spec.plan.keyValueHeadsPerRank * this.spec.plan.headSize;
     let cache = this.#caches.get(id);
     if (!cache) {
@@ -615,7 +671,7 @@ export class DecoderShard {
     const first = this.spec.rank * slice;
     const valid = Math.max(0, Math.min(slice, config.vocabSize - first));
     const local = new Float32Array(rows.length * slice);
-    linear(local, normed, this.#head(), null, rows.length, size, slice);
+    this.#headMatmul(local, normed, rows.length);
     const stats = new Float32Array(rows.length * 3);
     for (let index = 0; index < rows.length; index++) {
       const logits = local.subarray(index * slice, index * slice + valid);
@@ -629,7 +685,7 @@ export class DecoderShard {
     let gathered = stats;
     if (plan.tensorParallel > 1) {
       gathered = new Float32Array(plan.tensorParallel * stats.length);
-      await this.#communicator!.allgather(Tensor.wrap(stats, 'f32'), Tensor.wrap(gathered, 'f32'));
+      await this.#allgather(stats, gathered);
     }
     for (let index = 0; index < rows.length; index++) {
       let maximum = -Infinity;
@@ -692,11 +748,11 @@ export class DecoderShard {
     this.#norm(selected, selected, this.#weights.finalNorm!, count);
     const slice = plan.vocabularyPerRank;
     const local = new Float32Array(count * slice);
-    linear(local, selected, this.#head(), null, count, size, slice);
+    this.#headMatmul(local, selected, count);
     let gathered = local;
     if (plan.tensorParallel > 1) {
       gathered = new Float32Array(plan.tensorParallel * count * slice);
-      await this.#communicator!.allgather(Tensor.wrap(local, 'f32'), Tensor.wrap(gathered, 'f32'));
+      await this.#allgather(local, gathered);
     }
     // Gathered as [rank][row][slice]: each row's logits are its slices from every rank.
     const logits = new Float32Array(config.vocabSize);
@@ -751,6 +807,19 @@ export class DecoderShard {
     return tokens;
   }
 
+  /** This rank's slice of the logits of `rows` final-normed rows: on the device when the layers are there. */
+  #headMatmul(out: Float32Array, normed: Float32Array, rows: number): void {
+    if (this.#device?.hasHead) this.#device.headLogits(out, normed, rows);
+    else linear(out, normed, this.#head(), null, rows, this.config.hiddenSize, this.spec.plan.vocabularyPerRank);
+  }
+
+  /** Host arrays gathered over the stage's ranks, through the device when the group is NCCL's. */
+  async #allgather(local: Float32Array, gathered: Float32Array): Promise<void> {
+    const communicator = this.#communicator!;
+    if (this.#device && communicator.tensorDevice !== 'cpu') await this.#device.allgatherHost(local, gathered);
+    else await communicator.allgather(Tensor.wrap(local, 'f32'), Tensor.wrap(gathered, 'f32'));
+  }
+
   /** The language-model head, or a typed error for a checkpoint saved without one. */
   #head(): WeightMatrix {
     const head = this.#weights.head;
@@ -760,6 +829,7 @@ export class DecoderShard {
 
   /** Drops every cached sequence. */
   clear(): void {
+    this.#device?.clearCaches();
     this.#caches.clear();
     this.#histories.clear();
     this.#poolSums.clear();

@@ -14,15 +14,11 @@ class DynamicLibrary {
   // Opens the file named by $`override_variable` when set, else `default_name`.
   DynamicLibrary(const char* override_variable, const char* default_name, const char* what) : what_(what) {
     const char* override_path = std::getenv(override_variable);
-    path_ = override_path != nullptr && *override_path != '\0' ? override_path : default_name;
-    handle_ = dlopen(path_.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (handle_ == nullptr) {
-      const char* error = dlerror();
-      std::string text = error != nullptr ? error : "unknown dlopen error";
-      bool missing = text.find("No such file") != std::string::npos;
-      reason_ = path_ + (missing ? " not found: " : " could not be loaded: ") + text;
-    }
+    Open(override_path != nullptr && *override_path != '\0' ? override_path : default_name);
   }
+
+  // Opens `path` as it is (a caller trying several places in turn).
+  DynamicLibrary(const std::string& path, const char* what) : what_(what) { Open(path); }
 
   // On failure the library is closed; on success it stays loaded for the life of the process.
   ~DynamicLibrary() {
@@ -55,6 +51,17 @@ class DynamicLibrary {
   }
 
  private:
+  void Open(const std::string& path) {
+    path_ = path;
+    handle_ = dlopen(path_.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (handle_ == nullptr) {
+      const char* error = dlerror();
+      std::string text = error != nullptr ? error : "unknown dlopen error";
+      bool missing = text.find("No such file") != std::string::npos;
+      reason_ = path_ + (missing ? " not found: " : " could not be loaded: ") + text;
+    }
+  }
+
   std::string what_;
   std::string path_;
   std::string reason_;

@@ -19,6 +19,8 @@ using CUdeviceptr = unsigned long long;
 using CUcontext = struct CUctx_st*;
 using CUstream = struct CUstream_st*;
 using CUevent = struct CUevent_st*;
+using CUmodule = struct CUmod_st*;
+using CUfunction = struct CUfunc_st*;
 struct CUipcMemHandle {
   char reserved[64];  // CU_IPC_HANDLE_SIZE
 };
@@ -79,7 +81,12 @@ constexpr unsigned CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x1;
   X(cuEventElapsedTime, "cuEventElapsedTime", CUresult (*)(float*, CUevent, CUevent))               \
   X(cuIpcGetMemHandle, "cuIpcGetMemHandle", CUresult (*)(CUipcMemHandle*, CUdeviceptr))             \
   X(cuIpcOpenMemHandle, "cuIpcOpenMemHandle_v2", CUresult (*)(CUdeviceptr*, CUipcMemHandle, unsigned)) \
-  X(cuIpcCloseMemHandle, "cuIpcCloseMemHandle", CUresult (*)(CUdeviceptr))
+  X(cuIpcCloseMemHandle, "cuIpcCloseMemHandle", CUresult (*)(CUdeviceptr))                        \
+  X(cuModuleLoadData, "cuModuleLoadData", CUresult (*)(CUmodule*, const void*))                    \
+  X(cuModuleGetFunction, "cuModuleGetFunction", CUresult (*)(CUfunction*, CUmodule, const char*))  \
+  X(cuModuleUnload, "cuModuleUnload", CUresult (*)(CUmodule))                                      \
+  X(cuLaunchKernel, "cuLaunchKernel",                                                              \
+    CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream, void**, void**))
 
 struct DriverTable {
 #define TRELLIS_CUDA_FIELD(field, symbol, type) \

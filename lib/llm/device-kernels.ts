@@ -1,0 +1,304 @@
+/**
+ * A decoder layer's operations on a device, and the device's memory: the typed face of
+ * native/kernels/device_kernels.h. Two backends, one interface:
+ *  - 'cuda': kernels (native/kernels/cuda, embedded in the addon) and cuBLAS, queued in order on
+ *    one stream of the rank's GPU; memory from the CUDA caching allocator;
+ *  - 'cpu': the same operations run at once by the CPU kernels over host ArrayBuffers. It gives
+ *    exactly what the CPU decoder gives, which is how the layers' bookkeeping is tested on a host
+ *    without a GPU, and what each CUDA kernel is checked against on a host with one.
+ * Every operand's extent is checked here against the rows and widths given, so the native side
+ * (which indexes raw memory) only ever sees addresses inside live allocations.
+ */
+import { InvalidArgumentError, TrellisError } from '../errors.js';
+import { cuda } from '../gpu/cuda.js';
+import type { DeviceMemory } from '../gpu/cuda-types.js';
+import { native, type NativeDeviceKernels } from '../native.js';
+
+export type KernelBackend = 'cpu' | 'cuda';
+/** How a matrix or a key/value cache keeps its elements (activations are always f32). */
+export type ElementType = 'f32' | 'bf16' | 'f16';
+
+const ELEMENT_CODES: Readonly<Record<ElementType, number>> = { f32: 0, bf16: 1, f16: 2 };
+export const ELEMENT_BYTES: Readonly<Record<ElementType, number>> = { f32: 4, bf16: 2, f16: 2 };
+
+/** Bytes of the CUDA kernels built into this addon (0: built without them). */
+export function cudaKernelImageBytes(): number {
+  return native.deviceKernels.imageBytes();
+}
+
+/** An allocation of a backend: device memory, or for 'cpu' a host ArrayBuffer. */
+export class DeviceBuffer {
+  readonly byteLength: number;
+  #address: bigint;
+  #host: ArrayBuffer | undefined;
+  #memory: DeviceMemory | undefined;
+
+  /** @internal */
+  constructor(byteLength: number, address: bigint, host?: ArrayBuffer, memory?: DeviceMemory) {
+    this.byteLength = byteLength;
+    this.#address = address;
+    this.#host = host;
+    this.#memory = memory;
+  }
+
+  get freed(): boolean {
+    return this.#host === undefined && this.#memory === undefined;
+  }
+
+  /** The address `byteOffset` bytes in; throws once freed. */
+  address(byteOffset = 0): bigint {
+    if (this.freed) throw new TrellisError('ERR_CLOSED', 'this device buffer has been freed');
+    return this.#address + BigInt(byteOffset);
+  }
+
+  /** 'cpu' buffers: floats over the buffer itself (no copy). */
+  hostFloats(length: number, byteOffset = 0): Float32Array | undefined {
+    return this.#host ? new Float32Array(this.#host, byteOffset, length) : undefined;
+  }
+
+  /** 'cuda' buffers: the device memory. */
+  get memory(): DeviceMemory | undefined {
+    return this.#memory;
+  }
+
+  /** Gives the memory back (device memory to the caching allocator). Queued work reading it must be on the same stream. */
+  free(): void {
+    this.#memory?.free();
+    this.#memory = undefined;
+    this.#host = undefined;
+  }
+}
+
+/** A weight matrix or vector on the device, in its element type. */
+export interface DeviceTensor {
+  buffer: DeviceBuffer;
+  dtype: ElementType;
+  /** Elements it holds. */
+  length: number;
+}
+
+/**
+ * Where each row of a step stands (uploaded once a step, read by every layer's attention): for
+ * each row, its sequence's index in the step and its position; for each sequence, its cache's
+ * address and capacity in positions.
+ */
+export interface StepLayout {
+  buffer: DeviceBuffer;
+  rows: number;
+  sequences: number;
+  /** Byte offsets of the four arrays in the buffer. */
+  cacheBase: number;
+  cacheCapacity: number;
+  rowSequence: number;
+  rowPosition: number;
+}
+
+export interface AttentionShape {
+  heads: number;
+  kvHeads: number;
+  headSize: number;
+  cache: ElementType;
+}
+
+function requireCount(name: string, value: number): void {
+  if (!Number.isSafeInteger(value) || value < 0) throw new InvalidArgumentError(`${name} must be a non-negative integer, got ${value}`);
+}
+
+function requireBytes(operation: string, name: string, buffer: DeviceBuffer, bytes: number, byteOffset = 0): void {
+  if (buffer.freed) throw new InvalidArgumentError(`${operation}: ${name} has been freed`);
+  if (byteOffset + bytes > buffer.byteLength) {
+    throw new InvalidArgumentError(`${operation}: ${name} needs ${bytes} bytes${byteOffset ? ` from byte ${byteOffset}` : ''}, its buffer holds ${buffer.byteLength}`);
+  }
+}
+
+function requireElements(operation: string, name: string, tensor: DeviceTensor, elements: number): void {
+  if (tensor.length < elements) throw new InvalidArgumentError(`${operation}: ${name} needs ${elements} elements, holds ${tensor.length}`);
+  requireBytes(operation, name, tensor.buffer, elements * ELEMENT_BYTES[tensor.dtype]);
+}
+
+function requireFloat(operation: string, name: string, tensor: DeviceTensor, elements: number): void {
+  if (tensor.dtype !== 'f32') throw new InvalidArgumentError(`${operation}: ${name} must be f32, is ${tensor.dtype}`);
+  requireElements(operation, name, tensor, elements);
+}
+
+const FLOAT = 4;
+
+export class DeviceKernels {
+  readonly backend: KernelBackend;
+  /** The CUDA device ('cuda'); 0 for 'cpu'. */
+  readonly device: number;
+  #native: NativeDeviceKernels | undefined;
+
+  private constructor(backend: KernelBackend, device: number, handle: NativeDeviceKernels) {
+    this.backend = backend;
+    this.device = device;
+    this.#native = handle;
+  }
+
+  /**
+   * 'cuda' needs the driver, cuBLAS and a build with the kernels: otherwise ERR_CUDA_UNAVAILABLE or
+   * ERR_CUBLAS_UNAVAILABLE, saying why.
+   */
+  static create(backend: KernelBackend, device = 0): DeviceKernels {
+    if (backend !== 'cpu' && backend !== 'cuda') throw new InvalidArgumentError(`a kernel backend is 'cpu' or 'cuda', got ${String(backend)}`);
+    if (!Number.isInteger(device) || device < 0) throw new InvalidArgumentError(`device must be a non-negative integer, got ${device}`);
+    return new DeviceKernels(backend, device, new native.DeviceKernels({ backend, device }));
+  }
+
+  get #kernels(): NativeDeviceKernels {
+    if (!this.#native) throw new TrellisError('ERR_CLOSED', 'these device kernels are closed');
+    return this.#native;
+  }
+
+  allocate(byteLength: number): DeviceBuffer {
+    requireCount('byteLength', byteLength);
+    // A zero-byte allocation still has an address; kernels never read it.
+    const bytes = Math.max(byteLength, 16);
+    if (this.backend === 'cpu') {
+      const host = new ArrayBuffer(bytes);
+      return new DeviceBuffer(byteLength, native.deviceKernels.hostAddress(host), host);
+    }
+    const memory = cuda.allocate(this.device, bytes);
+    return new DeviceBuffer(byteLength, memory.address, undefined, memory);
+  }
+
+  /** A new buffer holding `values` (f32 or 16-bit bits, as `dtype` says). */
+  tensor(values: Float32Array | Uint16Array, dtype: ElementType): DeviceTensor {
+    const expected = dtype === 'f32' ? values instanceof Float32Array : values instanceof Uint16Array;
+    if (!expected) throw new InvalidArgumentError(`a ${dtype} tensor takes a ${dtype === 'f32' ? 'Float32Array' : 'Uint16Array of its bits'}`);
+    const buffer = this.allocate(values.byteLength);
+    this.upload(buffer, values);
+    return { buffer, dtype, length: values.length };
+  }
+
+  upload(target: DeviceBuffer, source: ArrayBufferView, byteOffset = 0): void {
+    requireBytes('upload', 'target', target, source.byteLength, byteOffset);
+    this.#kernels.upload(target.address(byteOffset), source);
+  }
+
+  download(target: ArrayBufferView, source: DeviceBuffer, byteOffset = 0): void {
+    requireBytes('download', 'source', source, target.byteLength, byteOffset);
+    this.#kernels.download(target, source.address(byteOffset));
+  }
+
+  copy(target: DeviceBuffer, source: DeviceBuffer, bytes: number, targetOffset = 0, sourceOffset = 0): void {
+    requireBytes('copy', 'target', target, bytes, targetOffset);
+    requireBytes('copy', 'source', source, bytes, sourceOffset);
+    this.#kernels.copy(target.address(targetOffset), source.address(sourceOffset), bytes);
+  }
+
+  /** out[rows, columns] = x[rows, depth] · weight[columns, depth]ᵀ + bias. */
+  linear(out: DeviceBuffer, x: DeviceBuffer, weight: DeviceTensor, bias: DeviceTensor | null, rows: number, depth: number, columns: number): void {
+    const operation = 'linear';
+    requireBytes(operation, 'out', out, rows * columns * FLOAT);
+    requireBytes(operation, 'x', x, rows * depth * FLOAT);
+    requireElements(operation, 'weight', weight, columns * depth);
+    if (bias) requireFloat(operation, 'bias', bias, columns);
+    if (rows === 0) return;
+    this.#kernels.linear(out.address(), x.address(), weight.buffer.address(), ELEMENT_CODES[weight.dtype], bias ? bias.buffer.address() : null, rows, depth, columns);
+  }
+
+  /** out[row, column] += residual[row, column] + bias[column] (either may be null). */
+  addRows(out: DeviceBuffer, residual: DeviceBuffer | null, bias: DeviceTensor | null, rows: number, columns: number): void {
+    requireBytes('addRows', 'out', out, rows * columns * FLOAT);
+    if (residual) requireBytes('addRows', 'residual', residual, rows * columns * FLOAT);
+    if (bias) requireFloat('addRows', 'bias', bias, columns);
+    if (rows === 0 || (!residual && !bias)) return;
+    this.#kernels.addRows(out.address(), residual ? residual.address() : null, bias ? bias.buffer.address() : null, rows, columns);
+  }
+
+  rmsNorm(out: DeviceBuffer, x: DeviceBuffer, gamma: DeviceTensor, rows: number, columns: number, epsilon: number): void {
+    requireBytes('rmsNorm', 'out', out, rows * columns * FLOAT);
+    requireBytes('rmsNorm', 'x', x, rows * columns * FLOAT);
+    requireFloat('rmsNorm', 'gamma', gamma, columns);
+    this.#kernels.rmsNorm(out.address(), x.address(), gamma.buffer.address(), rows, columns, epsilon);
+  }
+
+  layerNorm(out: DeviceBuffer, x: DeviceBuffer, gamma: DeviceTensor, beta: DeviceTensor, rows: number, columns: number, epsilon: number): void {
+    requireBytes('layerNorm', 'out', out, rows * columns * FLOAT);
+    requireBytes('layerNorm', 'x', x, rows * columns * FLOAT);
+    requireFloat('layerNorm', 'gamma', gamma, columns);
+    requireFloat('layerNorm', 'beta', beta, columns);
+    this.#kernels.layerNorm(out.address(), x.address(), gamma.buffer.address(), beta.buffer.address(), rows, columns, epsilon);
+  }
+
+  siluMultiply(out: DeviceBuffer, gate: DeviceBuffer, up: DeviceBuffer, count: number): void {
+    for (const [name, buffer] of [['out', out], ['gate', gate], ['up', up]] as const) requireBytes('siluMultiply', name, buffer, count * FLOAT);
+    this.#kernels.siluMultiply(out.address(), gate.address(), up.address(), count);
+  }
+
+  gelu(x: DeviceBuffer, count: number): void {
+    requireBytes('gelu', 'x', x, count * FLOAT);
+    this.#kernels.gelu(x.address(), count);
+  }
+
+  /**
+   * Queries out of the fused projection, keys and values into the caches (at each row's position),
+   * with per-head norms (Qwen3) and rotary positions when given.
+   */
+  prepareAttention(
+    queries: DeviceBuffer,
+    qkv: DeviceBuffer,
+    layout: StepLayout,
+    shape: AttentionShape,
+    layer: number,
+    norms: { query: DeviceTensor; key: DeviceTensor; epsilon: number } | null,
+    inverseFrequencies: DeviceTensor | null,
+  ): void {
+    const operation = 'prepareAttention';
+    const { heads, kvHeads, headSize } = shape;
+    requireBytes(operation, 'queries', queries, layout.rows * heads * headSize * FLOAT);
+    requireBytes(operation, 'qkv', qkv, layout.rows * (heads + 2 * kvHeads) * headSize * FLOAT);
+    if (norms) {
+      requireFloat(operation, 'queryNorm', norms.query, headSize);
+      requireFloat(operation, 'keyNorm', norms.key, headSize);
+    }
+    if (inverseFrequencies) requireFloat(operation, 'inverseFrequencies', inverseFrequencies, headSize / 2);
+    this.#kernels.prepareAttention(
+      queries.address(), qkv.address(), ...this.#layoutArguments(layout), heads, kvHeads, headSize, ELEMENT_CODES[shape.cache], layer,
+      norms ? norms.query.buffer.address() : null, norms ? norms.key.buffer.address() : null, norms ? norms.epsilon : 0,
+      inverseFrequencies ? inverseFrequencies.buffer.address() : null,
+    );
+  }
+
+  /** Causal attention of every row against its sequence's cache; window > 0: the last `window` positions only. */
+  attention(out: DeviceBuffer, queries: DeviceBuffer, layout: StepLayout, shape: AttentionShape, layer: number, window: number): void {
+    const width = layout.rows * shape.heads * shape.headSize * FLOAT;
+    requireBytes('attention', 'out', out, width);
+    requireBytes('attention', 'queries', queries, width);
+    this.#kernels.attention(out.address(), queries.address(), ...this.#layoutArguments(layout), shape.heads, shape.kvHeads, shape.headSize, ELEMENT_CODES[shape.cache], layer, window);
+  }
+
+  /** The first `length` positions of every layer's keys and values, from one cache to another. */
+  copyCache(target: DeviceBuffer, targetCapacity: number, source: DeviceBuffer, sourceCapacity: number, length: number, rowSize: number, layers: number, cache: ElementType): void {
+    if (length > targetCapacity || length > sourceCapacity) throw new InvalidArgumentError(`copyCache: ${length} positions do not fit capacities ${sourceCapacity} → ${targetCapacity}`);
+    const part = (capacity: number) => layers * 2 * capacity * rowSize * ELEMENT_BYTES[cache];
+    requireBytes('copyCache', 'target', target, part(targetCapacity));
+    requireBytes('copyCache', 'source', source, part(sourceCapacity));
+    this.#kernels.copyCache(target.address(), targetCapacity, source.address(), sourceCapacity, length, rowSize, layers, ELEMENT_CODES[cache]);
+  }
+
+  /** Returns once everything queued has run (at once for 'cpu'). */
+  synchronize(): void {
+    this.#kernels.synchronize();
+  }
+
+  /** Releases the stream, cuBLAS and the kernels' module; buffers are freed by their owners. */
+  close(): void {
+    this.#native?.close();
+    this.#native = undefined;
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  #layoutArguments(layout: StepLayout): [bigint, bigint, bigint, bigint, number, number] {
+    const { buffer, rows, sequences } = layout;
+    requireBytes('step layout', 'rowSequence', buffer, rows * 4, layout.rowSequence);
+    requireBytes('step layout', 'rowPosition', buffer, rows * 4, layout.rowPosition);
+    requireBytes('step layout', 'cacheBase', buffer, sequences * 8, layout.cacheBase);
+    requireBytes('step layout', 'cacheCapacity', buffer, sequences * 4, layout.cacheCapacity);
+    return [buffer.address(layout.rowSequence), buffer.address(layout.rowPosition), buffer.address(layout.cacheBase), buffer.address(layout.cacheCapacity), rows, sequences];
+  }
+}

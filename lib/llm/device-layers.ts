@@ -1,0 +1,423 @@
+/**
+ * A decoder rank's transformer layers and language-model head on a device (a GPU, or the host
+ * twin of lib/llm/device-kernels.ts), with every sequence's key/value cache in the device's
+ * memory. lib/llm/shard.ts keeps what is small and host-side (embedding lookup, sampling,
+ * pooling, scoring) and hands each step's hidden states here: they go up once, through every
+ * layer, and come back once, so a step crosses the bus twice whatever the depth of the model.
+ *
+ * The arithmetic is the CPU decoder's (lib/llm/shard.ts #block), operation for operation, so on
+ * the 'cpu' backend the results are the same bits; on CUDA they differ by rounding (16-bit
+ * weights multiply 16-bit inputs in cuBLAS, sums in f32).
+ *
+ * A sequence's cache is one allocation for all of this rank's layers,
+ * [layer][keys | values][capacity][kvHeads][headSize], grown by doubling as on the CPU.
+ */
+import { InvalidArgumentError, TrellisError } from '../errors.js';
+import type { Communicator } from '../gpu/communicator.js';
+import { Tensor } from '../gpu/tensor.js';
+import type { ResolvedDecoderConfig } from './config.js';
+import { DeviceKernels, ELEMENT_BYTES, type DeviceBuffer, type DeviceTensor, type ElementType, type StepLayout } from './device-kernels.js';
+import { isHalfMatrix, isQuantizedMatrix, type CacheDType, type WeightMatrix } from './kernels.js';
+import type { ShardingPlan } from './plan.js';
+import type { LayerWeights, NormWeights } from './weights.js';
+
+interface DeviceNorm {
+  gamma: DeviceTensor;
+  beta?: DeviceTensor;
+}
+
+interface DeviceLayer {
+  attentionNorm: DeviceNorm;
+  qkvWeight: DeviceTensor;
+  qkvBias?: DeviceTensor;
+  queryNorm?: DeviceTensor;
+  keyNorm?: DeviceTensor;
+  projectionWeight: DeviceTensor;
+  projectionBias?: DeviceTensor;
+  mlpNorm: DeviceNorm;
+  up: DeviceTensor;
+  upBias?: DeviceTensor;
+  gate?: DeviceTensor;
+  down: DeviceTensor;
+  downBias?: DeviceTensor;
+}
+
+interface DeviceCache {
+  buffer: DeviceBuffer;
+  capacity: number;
+  length: number;
+}
+
+/** A step's sequences as the layers need them: rows packed in order, `count` of each after `past`. */
+export interface LayerStepSequence {
+  id: number;
+  past: number;
+  count: number;
+}
+
+export interface DeviceLayersOptions {
+  config: ResolvedDecoderConfig;
+  plan: ShardingPlan;
+  layers: LayerWeights[];
+  /** This rank's rows of the head, [vocabularyPerRank, hidden] (the last stage only). */
+  head?: WeightMatrix;
+  kvCacheDtype: CacheDType;
+  inverseFrequencies?: Float32Array;
+  /** The stage's tensor-parallel group (NCCL for 'cuda' tensors, or the CPU one: then sums go through the host). */
+  communicator?: Communicator;
+}
+
+function matrixOf(kernels: DeviceKernels, matrix: WeightMatrix, what: string): DeviceTensor {
+  if (isQuantizedMatrix(matrix)) throw new InvalidArgumentError(`${what}: int8 weights do not run on a device yet; use weightDtype 'auto', 'bf16', 'f16' or 'f32'`, 'ERR_UNSUPPORTED_ON_DEVICE');
+  if (isHalfMatrix(matrix)) return kernels.tensor(matrix.bits, matrix.dtype);
+  return kernels.tensor(matrix, 'f32');
+}
+
+function vectorOf(kernels: DeviceKernels, values: Float32Array | undefined): DeviceTensor | undefined {
+  return values ? kernels.tensor(values, 'f32') : undefined;
+}
+
+function normOf(kernels: DeviceKernels, norm: NormWeights): DeviceNorm {
+  return { gamma: kernels.tensor(norm.gamma, 'f32'), ...(norm.beta ? { beta: kernels.tensor(norm.beta, 'f32') } : {}) };
+}
+
+export class DeviceLayers {
+  readonly kernels: DeviceKernels;
+  readonly config: ResolvedDecoderConfig;
+  readonly plan: ShardingPlan;
+  readonly cacheType: ElementType;
+  /** Bytes of weights held on the device. */
+  readonly weightBytes: number;
+  readonly #layers: DeviceLayer[];
+  readonly #head: DeviceTensor | undefined;
+  readonly #inverseFrequencies: DeviceTensor | undefined;
+  readonly #communicator: Communicator | undefined;
+  readonly #caches = new Map<number, DeviceCache>();
+  readonly #tensors: DeviceTensor[] = [];
+  #closed = false;
+
+  private constructor(kernels: DeviceKernels, options: DeviceLayersOptions) {
+    this.kernels = kernels;
+    this.config = options.config;
+    this.plan = options.plan;
+    this.cacheType = options.kvCacheDtype;
+    this.#communicator = options.plan.tensorParallel > 1 ? options.communicator : undefined;
+    const track = <T extends DeviceTensor | undefined>(tensor: T): T => {
+      if (tensor) this.#tensors.push(tensor);
+      return tensor;
+    };
+    const trackNorm = (norm: DeviceNorm): DeviceNorm => {
+      track(norm.gamma);
+      track(norm.beta);
+      return norm;
+    };
+    try {
+      this.#layers = options.layers.map((layer, index) => {
+        const where = `layer ${index}`;
+        if (layer.mlp.kind !== 'dense') throw new InvalidArgumentError(`${where}: mixtures of experts do not run on a device yet`, 'ERR_UNSUPPORTED_ON_DEVICE');
+        const mlp = layer.mlp;
+        return {
+          attentionNorm: trackNorm(normOf(kernels, layer.attentionNorm)),
+          qkvWeight: track(matrixOf(kernels, layer.qkvWeight, where)),
+          qkvBias: track(vectorOf(kernels, layer.qkvBias)),
+          queryNorm: track(vectorOf(kernels, layer.queryNorm)),
+          keyNorm: track(vectorOf(kernels, layer.keyNorm)),
+          projectionWeight: track(matrixOf(kernels, layer.projectionWeight, where)),
+          projectionBias: track(vectorOf(kernels, layer.projectionBias)),
+          mlpNorm: trackNorm(normOf(kernels, layer.mlpNorm)),
+          up: track(matrixOf(kernels, mlp.up, where)),
+          upBias: track(vectorOf(kernels, mlp.upBias)),
+          gate: mlp.gate ? track(matrixOf(kernels, mlp.gate, where)) : undefined,
+          down: track(matrixOf(kernels, mlp.down, where)),
+          downBias: track(vectorOf(kernels, mlp.downBias)),
+        };
+      });
+      this.#head = options.head ? track(matrixOf(kernels, options.head, 'head')) : undefined;
+      this.#inverseFrequencies = track(vectorOf(kernels, options.inverseFrequencies));
+    } catch (error) {
+      for (const tensor of this.#tensors) tensor.buffer.free();
+      throw error;
+    }
+    this.weightBytes = this.#tensors.reduce((sum, tensor) => sum + tensor.buffer.byteLength, 0);
+  }
+
+  /** Uploads a rank's layers (and head) to the device `kernels` runs on. */
+  static create(kernels: DeviceKernels, options: DeviceLayersOptions): DeviceLayers {
+    const { plan, communicator } = options;
+    if (plan.tensorParallel > 1 && communicator?.size !== plan.tensorParallel) {
+      throw new InvalidArgumentError(`tensor parallelism ${plan.tensorParallel} needs a communicator of that size`);
+    }
+    if (kernels.backend === 'cuda' && communicator && communicator.tensorDevice !== 'cpu' && communicator.tensorDevice !== `cuda:${kernels.device}`) {
+      throw new InvalidArgumentError(`the communicator moves tensors on ${communicator.tensorDevice}, the layers are on cuda:${kernels.device}`, 'ERR_TENSOR_DEVICE');
+    }
+    return new DeviceLayers(kernels, options);
+  }
+
+  get layerCount(): number {
+    return this.#layers.length;
+  }
+
+  get hasHead(): boolean {
+    return this.#head !== undefined;
+  }
+
+  /** Elements of one position of one layer's keys (or values): kvHeads × headSize. */
+  get #rowSize(): number {
+    return this.plan.keyValueHeadsPerRank * this.plan.headSize;
+  }
+
+  get cachedSequences(): number {
+    return this.#caches.size;
+  }
+
+  get cacheBytes(): number {
+    let bytes = 0;
+    for (const cache of this.#caches.values()) bytes += cache.buffer.byteLength;
+    return bytes;
+  }
+
+  /** Positions of sequence `id` this rank has read (0: none). */
+  length(id: number): number {
+    return this.#caches.get(id)?.length ?? 0;
+  }
+
+  has(id: number): boolean {
+    return this.#caches.has(id);
+  }
+
+  /** Drops the positions from `length` on (proposals the replica did not keep). */
+  truncate(id: number, length: number): void {
+    const cache = this.#caches.get(id);
+    if (cache && length < cache.length) cache.length = length;
+  }
+
+  /** Room for `length` positions of sequence `id`, grown by doubling (a new sequence starts empty). */
+  reserve(id: number, length: number): void {
+    const cache = this.#caches.get(id);
+    if (cache && cache.capacity >= length) return;
+    const capacity = Math.min(this.config.maxPositions, Math.max(16, 2 ** Math.ceil(Math.log2(Math.max(1, length)))));
+    const buffer = this.kernels.allocate(this.#layers.length * 2 * capacity * this.#rowSize * ELEMENT_BYTES[this.cacheType]);
+    if (cache) {
+      this.kernels.copyCache(buffer, capacity, cache.buffer, cache.capacity, cache.length, this.#rowSize, this.#layers.length, this.cacheType);
+      // Work queued on the one stream reads the old buffer before any later use of its memory.
+      cache.buffer.free();
+    }
+    this.#caches.set(id, { buffer, capacity, length: cache?.length ?? 0 });
+  }
+
+  /** Sequence `id` starts from the first `length` positions of sequence `from` (prefix caching). */
+  copyPrefix(id: number, from: number, length: number): void {
+    const source = this.#caches.get(from);
+    if (!source || source.length < length) throw new InvalidArgumentError(`sequence ${id} starts from ${length} positions of sequence ${from}, which this rank holds ${source ? source.length : 'none'} of`, 'ERR_SEQUENCE_STATE');
+    if (this.#caches.has(id)) throw new InvalidArgumentError(`sequence ${id} starts from a copy, but this rank already holds it`, 'ERR_SEQUENCE_STATE');
+    this.reserve(id, length);
+    const cache = this.#caches.get(id)!;
+    this.kernels.copyCache(cache.buffer, cache.capacity, source.buffer, source.capacity, length, this.#rowSize, this.#layers.length, this.cacheType);
+    cache.length = length;
+  }
+
+  release(id: number): void {
+    this.#caches.get(id)?.buffer.free();
+    this.#caches.delete(id);
+  }
+
+  clearCaches(): void {
+    for (const cache of this.#caches.values()) cache.buffer.free();
+    this.#caches.clear();
+  }
+
+  /** Host arrays gathered over the group (NCCL: through device memory), in rank order. */
+  async allgatherHost(input: Float32Array, output: Float32Array): Promise<void> {
+    const communicator = this.#communicator;
+    if (!communicator) throw new TrellisError('ERR_NO_COMMUNICATOR', 'these layers have no tensor-parallel group');
+    const source = this.kernels.allocate(input.byteLength);
+    const target = this.kernels.allocate(output.byteLength);
+    try {
+      this.kernels.upload(source, input);
+      const sent = Tensor.onDevice(source.memory!.share(), 'f32', [input.length]);
+      const received = Tensor.onDevice(target.memory!.share(), 'f32', [output.length]);
+      try {
+        await communicator.allgather(sent, received);
+      } finally {
+        sent.free();
+        received.free();
+      }
+      this.kernels.download(output, target);
+    } finally {
+      source.free();
+      target.free();
+    }
+  }
+
+  /**
+   * Runs every layer over the step's rows, `hidden` ([rows, hiddenSize], in place) up and back.
+   * Each sequence's cache must hold `past` positions and have room reserved for `past + count`;
+   * its length becomes `past + count`.
+   */
+  async run(hidden: Float32Array, sequences: readonly LayerStepSequence[]): Promise<void> {
+    if (this.#closed) throw new TrellisError('ERR_CLOSED', 'these device layers are closed');
+    const { config, plan, kernels } = this;
+    const size = config.hiddenSize;
+    const rows = sequences.reduce((sum, sequence) => sum + sequence.count, 0);
+    if (hidden.length !== rows * size) throw new InvalidArgumentError(`the layers need hidden states of ${rows} × ${size}, got ${hidden.length}`);
+    if (rows === 0) return;
+    const headSize = plan.headSize;
+    const queryWidth = plan.headsPerRank * headSize;
+    const rowWidth = queryWidth + 2 * plan.keyValueHeadsPerRank * headSize;
+    const inner = plan.intermediatePerRank;
+    const shape = { heads: plan.headsPerRank, kvHeads: plan.keyValueHeadsPerRank, headSize, cache: this.cacheType };
+    const layout = this.#layout(sequences, rows);
+    const buffers: DeviceBuffer[] = [layout.buffer];
+    const scratch = (bytes: number) => {
+      const buffer = kernels.allocate(bytes);
+      buffers.push(buffer);
+      return buffer;
+    };
+    try {
+      const state = scratch(rows * size * 4);
+      kernels.upload(state, hidden);
+      const normed = scratch(rows * size * 4);
+      const qkv = scratch(rows * rowWidth * 4);
+      const queries = scratch(rows * queryWidth * 4);
+      const attended = scratch(rows * queryWidth * 4);
+      const projected = scratch(rows * size * 4);
+      const up = scratch(rows * inner * 4);
+      const gate = this.#layers.some((layer) => layer.gate) ? scratch(rows * inner * 4) : undefined;
+      const window = config.slidingWindow ?? 0;
+      for (let index = 0; index < this.#layers.length; index++) {
+        const layer = this.#layers[index];
+        this.#norm(normed, state, layer.attentionNorm, rows);
+        kernels.linear(qkv, normed, layer.qkvWeight, layer.qkvBias ?? null, rows, size, rowWidth);
+        const norms = layer.queryNorm && layer.keyNorm ? { query: layer.queryNorm, key: layer.keyNorm, epsilon: config.layerNormEpsilon } : null;
+        kernels.prepareAttention(queries, qkv, layout, shape, index, norms, this.#inverseFrequencies ?? null);
+        kernels.attention(attended, queries, layout, shape, index, window);
+        kernels.linear(projected, attended, layer.projectionWeight, null, rows, queryWidth, size);
+        await this.#allreduce(projected, rows * size);
+        kernels.addRows(state, projected, layer.projectionBias ?? null, rows, size);
+        this.#norm(normed, state, layer.mlpNorm, rows);
+        kernels.linear(up, normed, layer.up, layer.upBias ?? null, rows, size, inner);
+        let activated = up;
+        if (layer.gate && gate) {
+          kernels.linear(gate, normed, layer.gate, null, rows, size, inner);
+          kernels.siluMultiply(gate, gate, up, rows * inner);
+          activated = gate;
+        } else {
+          kernels.gelu(up, rows * inner);
+        }
+        kernels.linear(projected, activated, layer.down, null, rows, inner, size);
+        await this.#allreduce(projected, rows * size);
+        kernels.addRows(state, projected, layer.downBias ?? null, rows, size);
+      }
+      kernels.download(hidden, state);
+    } finally {
+      // The download waited for the stream; after a failure, wait before the memory is reused.
+      try {
+        kernels.synchronize();
+      } finally {
+        for (const buffer of buffers) buffer.free();
+      }
+    }
+    for (const sequence of sequences) this.#caches.get(sequence.id)!.length = sequence.past + sequence.count;
+  }
+
+  /** This rank's slice of the logits, [rows, vocabularyPerRank], for final-normed hidden states [rows, hiddenSize]. */
+  headLogits(out: Float32Array, normed: Float32Array, rows: number): void {
+    if (!this.#head) throw new TrellisError('ERR_NO_LM_HEAD', 'this rank holds no language-model head');
+    const size = this.config.hiddenSize;
+    const slice = this.plan.vocabularyPerRank;
+    if (normed.length < rows * size || out.length < rows * slice) throw new InvalidArgumentError(`headLogits: ${rows} rows need ${rows * size} inputs and ${rows * slice} outputs`);
+    if (rows === 0) return;
+    const input = this.kernels.allocate(rows * size * 4);
+    const logits = this.kernels.allocate(rows * slice * 4);
+    try {
+      this.kernels.upload(input, normed.subarray(0, rows * size));
+      this.kernels.linear(logits, input, this.#head, null, rows, size, slice);
+      this.kernels.download(out.subarray(0, rows * slice), logits);
+    } finally {
+      try {
+        this.kernels.synchronize();
+      } finally {
+        input.free();
+        logits.free();
+      }
+    }
+  }
+
+  /** Frees the weights and every cache; the kernels stay with their owner. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const cache of this.#caches.values()) cache.buffer.free();
+    this.#caches.clear();
+    for (const tensor of this.#tensors) tensor.buffer.free();
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  #norm(out: DeviceBuffer, x: DeviceBuffer, norm: DeviceNorm, rows: number): void {
+    const { hiddenSize, layerNormEpsilon } = this.config;
+    if (norm.beta) this.kernels.layerNorm(out, x, norm.gamma, norm.beta, rows, hiddenSize, layerNormEpsilon);
+    else this.kernels.rmsNorm(out, x, norm.gamma, rows, hiddenSize, layerNormEpsilon);
+  }
+
+  /** Sums the ranks' partial outputs: NCCL on the device's memory, or the CPU group through the host. */
+  async #allreduce(buffer: DeviceBuffer, elements: number): Promise<void> {
+    const communicator = this.#communicator;
+    if (!communicator) return;
+    const host = buffer.hostFloats(elements);
+    if (host) {
+      await communicator.allreduce(Tensor.wrap(host, 'f32'), 'sum');
+      return;
+    }
+    if (communicator.tensorDevice === 'cpu') {
+      const values = new Float32Array(elements);
+      this.kernels.download(values, buffer);
+      await communicator.allreduce(Tensor.wrap(values, 'f32'), 'sum');
+      this.kernels.upload(buffer, values);
+      return;
+    }
+    // NCCL runs on its own stream: what this stream queued must be done first.
+    this.kernels.synchronize();
+    const tensor = Tensor.onDevice(buffer.memory!.share(), 'f32', [elements]);
+    try {
+      await communicator.allreduce(tensor, 'sum');
+    } finally {
+      tensor.free();
+    }
+  }
+
+  /** The step's layout, checked (every row's position inside its sequence's reserved cache) and uploaded in one buffer. */
+  #layout(sequences: readonly LayerStepSequence[], rows: number): StepLayout {
+    const count = sequences.length;
+    // Eight-byte addresses first, then the 4-byte arrays.
+    const cacheBase = 0;
+    const cacheCapacity = count * 8;
+    const rowSequence = cacheCapacity + count * 4;
+    const rowPosition = rowSequence + rows * 4;
+    const bytes = rowPosition + rows * 4;
+    const host = new ArrayBuffer(bytes);
+    const bases = new BigUint64Array(host, cacheBase, count);
+    const capacities = new Int32Array(host, cacheCapacity, count);
+    const rowSequences = new Int32Array(host, rowSequence, rows);
+    const rowPositions = new Int32Array(host, rowPosition, rows);
+    let row = 0;
+    sequences.forEach((sequence, index) => {
+      const cache = this.#caches.get(sequence.id);
+      if (!cache || cache.capacity < sequence.past + sequence.count) {
+        throw new InvalidArgumentError(`sequence ${sequence.id} has no cache room for positions up to ${sequence.past + sequence.count}`, 'ERR_SEQUENCE_STATE');
+      }
+      if (cache.length !== sequence.past) throw new InvalidArgumentError(`sequence ${sequence.id} says ${sequence.past} tokens came before, this rank has read ${cache.length}`, 'ERR_SEQUENCE_STATE');
+      bases[index] = cache.buffer.address();
+      capacities[index] = cache.capacity;
+      for (let position = sequence.past; position < sequence.past + sequence.count; position++, row++) {
+        rowSequences[row] = index;
+        rowPositions[row] = position;
+      }
+    });
+    const buffer = this.kernels.allocate(bytes);
+    this.kernels.upload(buffer, new Uint8Array(host));
+    return { buffer, rows, sequences: count, cacheBase, cacheCapacity, rowSequence, rowPosition };
+  }
+}

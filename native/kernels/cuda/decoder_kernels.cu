@@ -1,0 +1,293 @@
+// CUDA kernels for a decoder rank's layers on a GPU (lib/llm/device-layers.ts). Activations are
+// f32 row-major, as on the CPU; weights and the key/value cache may be 16-bit. The matrices go to
+// cuBLAS; these kernels are everything around them.
+//
+// Compiled by scripts/build-cuda-kernels.sh into a fat binary (cubins for the common data-centre
+// architectures plus PTX the driver can compile for newer ones) that the addon embeds and loads
+// with cuModuleLoadData, so nothing here is linked against the CUDA runtime and the addon builds
+// and loads where there is no CUDA at all. Names are extern "C" so the loader finds them as written.
+//
+// A sequence's cache is one allocation for all of this rank's layers:
+//   [layer][keys | values][capacity][kvHeads][headSize]
+// so a step passes one base pointer and capacity per sequence, and each layer's kernels find their
+// part from the layer index.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+// Element encodings, as lib/llm/device-kernels.ts numbers them.
+constexpr int kFloat32 = 0;
+constexpr int kBfloat16 = 1;
+constexpr int kFloat16 = 2;
+
+__device__ __forceinline__ float LoadElement(const void* base, size_t index, int type) {
+  if (type == kFloat32) return static_cast<const float*>(base)[index];
+  const uint16_t bits = static_cast<const uint16_t*>(base)[index];
+  if (type == kFloat16) return __half2float(__ushort_as_half(bits));
+  return __uint_as_float(static_cast<uint32_t>(bits) << 16);  // bf16: the top half of an f32
+}
+
+__device__ __forceinline__ void StoreElement(void* base, size_t index, int type, float value) {
+  if (type == kFloat32) {
+    static_cast<float*>(base)[index] = value;
+  } else if (type == kBfloat16) {
+    static_cast<uint16_t*>(base)[index] = __bfloat16_as_ushort(__float2bfloat16_rn(value));
+  } else {
+    static_cast<uint16_t*>(base)[index] = __half_as_ushort(__float2half_rn(value));
+  }
+}
+
+__device__ __forceinline__ int ElementBytes(int type) { return type == kFloat32 ? 4 : 2; }
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
+__device__ float BlockSum(float value) {
+  __shared__ float partial[32];
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  __syncthreads();  // partial may still be read by a previous call
+  if (lane == 0) partial[warp] = value;
+  __syncthreads();
+  const int warps = (blockDim.x + 31) >> 5;
+  float total = 0.f;
+  for (int index = 0; index < warps; index++) total += partial[index];
+  return total;
+}
+
+}  // namespace
+
+extern "C" {
+
+// out[i] = in[i] rounded to bf16 or f16 (cuBLAS multiplies 16-bit weights by 16-bit inputs).
+__global__ void trellis_narrow(uint16_t* out, const float* in, unsigned long long count, int type) {
+  for (unsigned long long index = blockIdx.x * static_cast<unsigned long long>(blockDim.x) + threadIdx.x; index < count;
+       index += static_cast<unsigned long long>(gridDim.x) * blockDim.x) {
+    StoreElement(out, index, type, in[index]);
+  }
+}
+
+// out[row, column] += bias[column] (bias may be null) + (residual ? residual[row, column] : 0).
+__global__ void trellis_add_rows(float* out, const float* residual, const float* bias, unsigned long long rows, int columns) {
+  const unsigned long long count = rows * static_cast<unsigned long long>(columns);
+  for (unsigned long long index = blockIdx.x * static_cast<unsigned long long>(blockDim.x) + threadIdx.x; index < count;
+       index += static_cast<unsigned long long>(gridDim.x) * blockDim.x) {
+    float value = out[index];
+    if (residual != nullptr) value += residual[index];
+    if (bias != nullptr) value += bias[index % columns];
+    out[index] = value;
+  }
+}
+
+// One block per row: out = x / sqrt(mean(x²) + eps) · gamma. out may be x.
+__global__ void trellis_rms_norm(float* out, const float* x, const float* gamma, int columns, float epsilon) {
+  const float* in = x + static_cast<size_t>(blockIdx.x) * columns;
+  float* target = out + static_cast<size_t>(blockIdx.x) * columns;
+  float squares = 0.f;
+  for (int column = threadIdx.x; column < columns; column += blockDim.x) squares += in[column] * in[column];
+  const float scale = rsqrtf(BlockSum(squares) / columns + epsilon);
+  for (int column = threadIdx.x; column < columns; column += blockDim.x) target[column] = in[column] * scale * gamma[column];
+}
+
+// One block per row: out = (x - mean) / sqrt(variance + eps) · gamma + beta. out may be x.
+__global__ void trellis_layer_norm(float* out, const float* x, const float* gamma, const float* beta, int columns, float epsilon) {
+  const float* in = x + static_cast<size_t>(blockIdx.x) * columns;
+  float* target = out + static_cast<size_t>(blockIdx.x) * columns;
+  float sum = 0.f;
+  for (int column = threadIdx.x; column < columns; column += blockDim.x) sum += in[column];
+  const float mean = BlockSum(sum) / columns;
+  float squares = 0.f;
+  for (int column = threadIdx.x; column < columns; column += blockDim.x) {
+    const float centred = in[column] - mean;
+    squares += centred * centred;
+  }
+  const float scale = rsqrtf(BlockSum(squares) / columns + epsilon);
+  for (int column = threadIdx.x; column < columns; column += blockDim.x) target[column] = (in[column] - mean) * scale * gamma[column] + beta[column];
+}
+
+// out[i] = SiLU(gate[i]) · up[i]; out may be gate.
+__global__ void trellis_silu_multiply(float* out, const float* gate, const float* up, unsigned long long count) {
+  for (unsigned long long index = blockIdx.x * static_cast<unsigned long long>(blockDim.x) + threadIdx.x; index < count;
+       index += static_cast<unsigned long long>(gridDim.x) * blockDim.x) {
+    const float value = gate[index];
+    out[index] = value / (1.f + expf(-value)) * up[index];
+  }
+}
+
+// In place, GPT-2's tanh approximation of GELU.
+__global__ void trellis_gelu(float* x, unsigned long long count) {
+  for (unsigned long long index = blockIdx.x * static_cast<unsigned long long>(blockDim.x) + threadIdx.x; index < count;
+       index += static_cast<unsigned long long>(gridDim.x) * blockDim.x) {
+    const float value = x[index];
+    x[index] = 0.5f * value * (1.f + tanhf(0.7978845608028654f * (value + 0.044715f * value * value * value)));
+  }
+}
+
+// Splits each row of the fused projection [rows, (heads + 2·kvHeads)·headSize] into queries (out,
+// [rows, heads·headSize]) and the new keys and values (into each row's sequence's cache at the
+// row's position), applying per-head RMS norms (Qwen3; null: none) and rotary positions (null
+// inverse frequencies: none) on the way. Grid: (rows, heads + 2·kvHeads); one block per head of a
+// row, headSize at most 1024.
+__global__ void trellis_prepare_attention(float* queries, const float* qkv, const int* row_sequence, const int* row_position,
+                                          const unsigned long long* cache_base, const int* cache_capacity, int layer, int heads,
+                                          int kv_heads, int head_size, const float* query_norm, const float* key_norm, float epsilon,
+                                          const float* inverse_frequencies, int cache_type) {
+  extern __shared__ float head[];
+  const int row = blockIdx.x;
+  const int slot = blockIdx.y;  // [0, heads): a query head; then kvHeads key heads; then kvHeads value heads
+  const int row_width = (heads + 2 * kv_heads) * head_size;
+  const float* source = qkv + static_cast<size_t>(row) * row_width + static_cast<size_t>(slot) * head_size;
+  for (int index = threadIdx.x; index < head_size; index += blockDim.x) head[index] = source[index];
+  __syncthreads();
+  const bool is_value = slot >= heads + kv_heads;
+  const float* norm = slot < heads ? query_norm : (is_value ? nullptr : key_norm);
+  if (norm != nullptr) {
+    float squares = 0.f;
+    for (int index = threadIdx.x; index < head_size; index += blockDim.x) squares += head[index] * head[index];
+    const float scale = rsqrtf(BlockSum(squares) / head_size + epsilon);
+    __syncthreads();
+    for (int index = threadIdx.x; index < head_size; index += blockDim.x) head[index] = head[index] * scale * norm[index];
+    __syncthreads();
+  }
+  const int position = row_position[row];
+  if (!is_value && inverse_frequencies != nullptr) {
+    // rotate_half pairing: element i turns with element i + headSize/2. Angles in double: in f32
+    // they drift by milliradians at long positions.
+    const int half = head_size / 2;
+    for (int index = threadIdx.x; index < half; index += blockDim.x) {
+      double sine, cosine;
+      sincos(static_cast<double>(position) * static_cast<double>(inverse_frequencies[index]), &sine, &cosine);
+      const float first = head[index];
+      const float second = head[index + half];
+      const float s = static_cast<float>(sine);
+      const float c = static_cast<float>(cosine);
+      head[index] = first * c - second * s;
+      head[index + half] = second * c + first * s;
+    }
+    __syncthreads();
+  }
+  if (slot < heads) {
+    float* target = queries + static_cast<size_t>(row) * heads * head_size + static_cast<size_t>(slot) * head_size;
+    for (int index = threadIdx.x; index < head_size; index += blockDim.x) target[index] = head[index];
+    return;
+  }
+  const int sequence = row_sequence[row];
+  const size_t capacity = static_cast<size_t>(cache_capacity[sequence]);
+  const size_t row_size = static_cast<size_t>(kv_heads) * head_size;
+  const int kind = is_value ? 1 : 0;
+  const int kv_head = is_value ? slot - heads - kv_heads : slot - heads;
+  void* base = reinterpret_cast<void*>(cache_base[sequence]);
+  const size_t first = ((static_cast<size_t>(layer) * 2 + kind) * capacity + position) * row_size + static_cast<size_t>(kv_head) * head_size;
+  for (int index = threadIdx.x; index < head_size; index += blockDim.x) StoreElement(base, first + index, cache_type, head[index]);
+}
+
+// Causal grouped-query attention of every row of the step against its sequence's cache (which
+// already holds the step's own keys and values). Grid: (rows, heads); four warps a block, each
+// taking every fourth key with a running (online) softmax, the lanes splitting the head's
+// elements; the warps' partial results are merged at the end. A row at position p attends to
+// keys [max(0, p - window + 1), p] (window 0: from 0). head_size at most 256.
+constexpr int kAttentionWarps = 4;
+constexpr int kMaxPerLane = 8;
+
+__global__ void trellis_attention(float* out, const float* queries, const int* row_sequence, const int* row_position,
+                                  const unsigned long long* cache_base, const int* cache_capacity, int layer, int heads, int kv_heads,
+                                  int head_size, int window, float scale, int cache_type) {
+  __shared__ float warp_max[kAttentionWarps];
+  __shared__ float warp_sum[kAttentionWarps];
+  __shared__ float warp_acc[kAttentionWarps][kMaxPerLane * 32];
+  const int row = blockIdx.x;
+  const int head = blockIdx.y;
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int kv_head = head / (heads / kv_heads);
+  const int position = row_position[row];
+  const int sequence = row_sequence[row];
+  const size_t capacity = static_cast<size_t>(cache_capacity[sequence]);
+  const size_t row_size = static_cast<size_t>(kv_heads) * head_size;
+  const void* base = reinterpret_cast<const void*>(cache_base[sequence]);
+  const size_t keys = (static_cast<size_t>(layer) * 2) * capacity * row_size + static_cast<size_t>(kv_head) * head_size;
+  const size_t values = (static_cast<size_t>(layer) * 2 + 1) * capacity * row_size + static_cast<size_t>(kv_head) * head_size;
+  const float* query = queries + (static_cast<size_t>(row) * heads + head) * head_size;
+
+  float q[kMaxPerLane];
+  float acc[kMaxPerLane];
+#pragma unroll
+  for (int part = 0; part < kMaxPerLane; part++) {
+    const int element = lane + part * 32;
+    q[part] = element < head_size ? query[element] * scale : 0.f;
+    acc[part] = 0.f;
+  }
+  float running_max = -INFINITY;
+  float running_sum = 0.f;
+  const int start = window > 0 ? max(0, position - window + 1) : 0;
+  for (int key = start + warp; key <= position; key += kAttentionWarps) {
+    const size_t at = static_cast<size_t>(key) * row_size;
+    float dot = 0.f;
+#pragma unroll
+    for (int part = 0; part < kMaxPerLane; part++) {
+      const int element = lane + part * 32;
+      if (element < head_size) dot += q[part] * LoadElement(base, keys + at + element, cache_type);
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+    const float next_max = fmaxf(running_max, dot);
+    const float correction = __expf(running_max - next_max);
+    const float weight = __expf(dot - next_max);
+    running_sum = running_sum * correction + weight;
+#pragma unroll
+    for (int part = 0; part < kMaxPerLane; part++) {
+      const int element = lane + part * 32;
+      if (element < head_size) acc[part] = acc[part] * correction + weight * LoadElement(base, values + at + element, cache_type);
+    }
+    running_max = next_max;
+  }
+  if (lane == 0) {
+    warp_max[warp] = running_max;
+    warp_sum[warp] = running_sum;
+  }
+#pragma unroll
+  for (int part = 0; part < kMaxPerLane; part++) warp_acc[warp][lane + part * 32] = acc[part];
+  __syncthreads();
+  if (warp != 0) return;
+  float total_max = -INFINITY;
+  for (int index = 0; index < kAttentionWarps; index++) total_max = fmaxf(total_max, warp_max[index]);
+  float total_sum = 0.f;
+  float factors[kAttentionWarps];
+  for (int index = 0; index < kAttentionWarps; index++) {
+    // A warp that saw no key has max -inf and sum 0: its factor is 0.
+    factors[index] = warp_sum[index] > 0.f ? __expf(warp_max[index] - total_max) : 0.f;
+    total_sum += warp_sum[index] * factors[index];
+  }
+  float* target = out + (static_cast<size_t>(row) * heads + head) * head_size;
+#pragma unroll
+  for (int part = 0; part < kMaxPerLane; part++) {
+    const int element = lane + part * 32;
+    if (element >= head_size) continue;
+    float value = 0.f;
+    for (int index = 0; index < kAttentionWarps; index++) value += warp_acc[index][element] * factors[index];
+    target[element] = value / total_sum;
+  }
+}
+
+// Copies the first `length` positions of every layer's keys and values from one sequence's cache
+// to another's (prefix caching, growing a cache): the two may differ in capacity. Grid: (blocks,
+// layers · 2); elements of one (layer, kind) part are contiguous in both.
+__global__ void trellis_copy_cache(unsigned long long target_base, int target_capacity, unsigned long long source_base, int source_capacity,
+                                   int length, unsigned long long row_size, int cache_type) {
+  const int part = blockIdx.y;
+  const size_t count = static_cast<size_t>(length) * row_size;
+  const int bytes = ElementBytes(cache_type);
+  const char* source = reinterpret_cast<const char*>(source_base) + static_cast<size_t>(part) * source_capacity * row_size * bytes;
+  char* target = reinterpret_cast<char*>(target_base) + static_cast<size_t>(part) * target_capacity * row_size * bytes;
+  if (bytes == 4) {
+    for (size_t index = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; index < count; index += static_cast<size_t>(gridDim.x) * blockDim.x) {
+      reinterpret_cast<float*>(target)[index] = reinterpret_cast<const float*>(source)[index];
+    }
+  } else {
+    for (size_t index = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; index < count; index += static_cast<size_t>(gridDim.x) * blockDim.x) {
+      reinterpret_cast<uint16_t*>(target)[index] = reinterpret_cast<const uint16_t*>(source)[index];
+    }
+  }
+}
+
+}  // extern "C"

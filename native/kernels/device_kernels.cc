@@ -1,0 +1,423 @@
+#include "kernels/device_kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+#include "cuda/cublas.h"
+#include "cuda/driver.h"
+#include "kernels/cpu_kernels.h"
+
+// The fat binary of native/kernels/cuda/decoder_kernels.cu (scripts/build-cuda-kernels.sh), in
+// read-only data. binding.gyp puts its folder on the assembler's include path.
+asm(R"(
+  .section .rodata
+  .balign 16
+  .global trellis_decoder_kernels_image
+trellis_decoder_kernels_image:
+  .incbin "decoder_kernels.fatbin"
+  .global trellis_decoder_kernels_image_end
+trellis_decoder_kernels_image_end:
+  .byte 0
+  .previous
+)");
+extern "C" const unsigned char trellis_decoder_kernels_image[];
+extern "C" const unsigned char trellis_decoder_kernels_image_end[];
+
+namespace trellis::kernels {
+
+size_t EmbeddedKernelImageBytes() { return static_cast<size_t>(trellis_decoder_kernels_image_end - trellis_decoder_kernels_image); }
+
+namespace {
+
+template <typename T>
+T* At(uint64_t address) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(address));
+}
+
+WeightType HalfType(Element type) { return type == Element::kBfloat16 ? WeightType::kBfloat16 : WeightType::kFloat16; }
+
+size_t ElementBytes(Element type) { return type == Element::kFloat32 ? 4 : 2; }
+
+// ---------------------------------------------------------------------------------------------
+// Host: the CPU kernels over host memory. Every operation matches what lib/llm/shard.ts computes
+// with the same kernels, so a model's layers give the CPU decoder's results bit for bit.
+class HostKernels final : public DeviceKernels {
+ public:
+  void Linear(uint64_t out, uint64_t x, uint64_t weight, Element weight_type, uint64_t bias, size_t rows, size_t depth,
+              size_t columns) override {
+    if (weight_type == Element::kFloat32) {
+      kernels::Linear(At<float>(out), At<const float>(x), At<const float>(weight), At<const float>(bias), rows, depth, columns);
+    } else {
+      kernels::Linear(At<float>(out), At<const float>(x), At<const uint16_t>(weight), HalfType(weight_type), At<const float>(bias), rows,
+                      depth, columns);
+    }
+  }
+
+  void AddRows(uint64_t out, uint64_t residual, uint64_t bias, size_t rows, size_t columns) override {
+    float* target = At<float>(out);
+    const float* added = At<const float>(residual);
+    const float* shift = At<const float>(bias);
+    // As the CPU decoder's JavaScript adds them: in double, delta and bias first, rounded once.
+    for (size_t row = 0; row < rows; row++) {
+      for (size_t column = 0; column < columns; column++) {
+        const size_t index = row * columns + column;
+        double update = added != nullptr ? static_cast<double>(added[index]) : 0.0;
+        if (shift != nullptr) update += static_cast<double>(shift[column]);
+        target[index] = static_cast<float>(static_cast<double>(target[index]) + update);
+      }
+    }
+  }
+
+  void RmsNorm(uint64_t out, uint64_t x, uint64_t gamma, size_t rows, size_t columns, float epsilon) override {
+    kernels::RmsNorm(At<float>(out), At<const float>(x), At<const float>(gamma), rows, columns, epsilon);
+  }
+
+  void LayerNorm(uint64_t out, uint64_t x, uint64_t gamma, uint64_t beta, size_t rows, size_t columns, float epsilon) override {
+    kernels::LayerNorm(At<float>(out), At<const float>(x), At<const float>(gamma), At<const float>(beta), rows, columns, epsilon);
+  }
+
+  void SiluMultiply(uint64_t out, uint64_t gate, uint64_t up, size_t count) override {
+    kernels::SiluMultiply(At<float>(out), At<const float>(gate), At<const float>(up), count);
+  }
+
+  void Gelu(uint64_t x, size_t count) override { kernels::Gelu(At<float>(x), count); }
+
+  void PrepareAttention(uint64_t queries, uint64_t qkv, const StepLayout& layout, const AttentionShape& shape, int layer,
+                        uint64_t query_norm, uint64_t key_norm, float epsilon, uint64_t inverse_frequencies) override {
+    const size_t head_size = static_cast<size_t>(shape.head_size);
+    const size_t heads = static_cast<size_t>(shape.heads);
+    const size_t kv_heads = static_cast<size_t>(shape.kv_heads);
+    const size_t row_width = (heads + 2 * kv_heads) * head_size;
+    const size_t row_size = kv_heads * head_size;
+    const int32_t* row_sequence = At<const int32_t>(layout.row_sequence);
+    const int32_t* row_position = At<const int32_t>(layout.row_position);
+    const uint64_t* cache_base = At<const uint64_t>(layout.cache_base);
+    const int32_t* cache_capacity = At<const int32_t>(layout.cache_capacity);
+    std::vector<float> head(head_size);
+    std::vector<float> normed(head_size);
+    for (size_t row = 0; row < layout.rows; row++) {
+      const int32_t position = row_position[row];
+      const size_t sequence = static_cast<size_t>(row_sequence[row]);
+      const size_t capacity = static_cast<size_t>(cache_capacity[sequence]);
+      for (size_t slot = 0; slot < heads + 2 * kv_heads; slot++) {
+        std::memcpy(head.data(), At<const float>(qkv) + row * row_width + slot * head_size, head_size * sizeof(float));
+        const bool is_value = slot >= heads + kv_heads;
+        const uint64_t norm = slot < heads ? query_norm : (is_value ? 0 : key_norm);
+        if (norm != 0) {
+          kernels::RmsNorm(normed.data(), head.data(), At<const float>(norm), 1, head_size, epsilon);
+          head.swap(normed);
+        }
+        if (!is_value && inverse_frequencies != 0) kernels::Rotary(head.data(), &position, At<const float>(inverse_frequencies), 1, 1, head_size);
+        if (slot < heads) {
+          std::memcpy(At<float>(queries) + (row * heads + slot) * head_size, head.data(), head_size * sizeof(float));
+          continue;
+        }
+        const size_t kind = is_value ? 1 : 0;
+        const size_t kv_head = is_value ? slot - heads - kv_heads : slot - heads;
+        const size_t first = ((static_cast<size_t>(layer) * 2 + kind) * capacity + static_cast<size_t>(position)) * row_size + kv_head * head_size;
+        if (shape.cache == Element::kFloat32) {
+          std::memcpy(At<float>(cache_base[sequence]) + first, head.data(), head_size * sizeof(float));
+        } else {
+          Narrow(At<uint16_t>(cache_base[sequence]) + first, head.data(), HalfType(shape.cache), head_size);
+        }
+      }
+    }
+  }
+
+  void Attention(uint64_t out, uint64_t queries, const StepLayout& layout, const AttentionShape& shape, int layer, int window) override {
+    const size_t head_size = static_cast<size_t>(shape.head_size);
+    const size_t query_width = static_cast<size_t>(shape.heads) * head_size;
+    const size_t row_size = static_cast<size_t>(shape.kv_heads) * head_size;
+    const int32_t* row_sequence = At<const int32_t>(layout.row_sequence);
+    const int32_t* row_position = At<const int32_t>(layout.row_position);
+    const uint64_t* cache_base = At<const uint64_t>(layout.cache_base);
+    const int32_t* cache_capacity = At<const int32_t>(layout.cache_capacity);
+    size_t row = 0;
+    while (row < layout.rows) {
+      // A run of one sequence's rows: consecutive positions, as the CPU decoder attends them.
+      size_t end = row + 1;
+      while (end < layout.rows && row_sequence[end] == row_sequence[row]) end++;
+      const size_t sequence = static_cast<size_t>(row_sequence[row]);
+      const size_t capacity = static_cast<size_t>(cache_capacity[sequence]);
+      const size_t keys = static_cast<size_t>(layer) * 2 * capacity * row_size;
+      const size_t values = keys + capacity * row_size;
+      float* target = At<float>(out) + row * query_width;
+      const float* query = At<const float>(queries) + row * query_width;
+      const size_t past = static_cast<size_t>(row_position[row]);
+      if (shape.cache == Element::kFloat32) {
+        const float* base = At<const float>(cache_base[sequence]);
+        kernels::Attention(target, query, base + keys, base + values, end - row, past, static_cast<size_t>(shape.heads), head_size,
+                           static_cast<size_t>(shape.kv_heads), static_cast<size_t>(window));
+      } else {
+        const uint16_t* base = At<const uint16_t>(cache_base[sequence]);
+        kernels::Attention(target, query, base + keys, base + values, HalfType(shape.cache), end - row, past, static_cast<size_t>(shape.heads),
+                           head_size, static_cast<size_t>(shape.kv_heads), static_cast<size_t>(window));
+      }
+      row = end;
+    }
+  }
+
+  void CopyCache(uint64_t target, size_t target_capacity, uint64_t source, size_t source_capacity, size_t length, size_t row_size,
+                 size_t layers, Element cache) override {
+    const size_t bytes = ElementBytes(cache);
+    for (size_t part = 0; part < layers * 2; part++) {
+      std::memmove(At<char>(target) + part * target_capacity * row_size * bytes, At<const char>(source) + part * source_capacity * row_size * bytes,
+                   length * row_size * bytes);
+    }
+  }
+
+  void Upload(uint64_t target, const void* source, size_t bytes) override { std::memcpy(At<void>(target), source, bytes); }
+  void Download(void* target, uint64_t source, size_t bytes) override { std::memcpy(target, At<const void>(source), bytes); }
+  void Copy(uint64_t target, uint64_t source, size_t bytes) override { std::memmove(At<void>(target), At<const void>(source), bytes); }
+  void Synchronize() override {}
+};
+
+// ---------------------------------------------------------------------------------------------
+// CUDA: everything queued on one stream; Upload and Download return once their copy is done.
+using cuda::Check;
+
+constexpr unsigned kElementwiseThreads = 256;
+constexpr unsigned kRowThreads = 256;
+constexpr unsigned kHeadThreads = 128;
+constexpr unsigned kAttentionThreads = 128;  // four warps: trellis_attention's kAttentionWarps
+constexpr int kMaxAttentionHeadSize = 256;   // trellis_attention's kMaxPerLane × 32
+
+unsigned GridFor(size_t count, unsigned threads) {
+  const size_t blocks = (count + threads - 1) / threads;
+  return static_cast<unsigned>(std::clamp<size_t>(blocks, 1, 1u << 20));  // grid-stride loops take the rest
+}
+
+class CudaKernels final : public DeviceKernels {
+ public:
+  explicit CudaKernels(int device) : device_(Usable(device)), stream_(device) {
+    const cuda::DriverTable& cu = cuda::Driver("DeviceKernels");
+    const cublas::Table& blas = cublas::Library("DeviceKernels");
+    cuda::MakeCurrent(device_);
+    Check(cu.cuModuleLoadData(&module_, trellis_decoder_kernels_image), "cuModuleLoadData");
+    try {
+      narrow_ = Function("trellis_narrow");
+      add_rows_ = Function("trellis_add_rows");
+      rms_norm_ = Function("trellis_rms_norm");
+      layer_norm_ = Function("trellis_layer_norm");
+      silu_multiply_ = Function("trellis_silu_multiply");
+      gelu_ = Function("trellis_gelu");
+      prepare_attention_ = Function("trellis_prepare_attention");
+      attention_ = Function("trellis_attention");
+      copy_cache_ = Function("trellis_copy_cache");
+      cublas::Check(blas.cublasCreate(&blas_), "cublasCreate_v2");
+      cublas::Check(blas.cublasSetStream(blas_, stream_.get()), "cublasSetStream_v2");
+    } catch (...) {
+      Release();
+      throw;
+    }
+  }
+
+  ~CudaKernels() override { Release(); }
+
+  void Linear(uint64_t out, uint64_t x, uint64_t weight, Element weight_type, uint64_t bias, size_t rows, size_t depth,
+              size_t columns) override {
+    Current();
+    uint64_t input = x;
+    int type = cublas::CUDA_R_32F;
+    if (weight_type != Element::kFloat32) {
+      // cuBLAS multiplies like by like: the input rounded to the weights' 16 bits, sums in f32.
+      input = Scratch(rows * depth * 2);
+      const uint64_t count = rows * depth;
+      int narrow_type = static_cast<int>(weight_type);
+      Launch(narrow_, GridFor(count, kElementwiseThreads), 1, kElementwiseThreads, 0, input, x, count, narrow_type);
+      type = weight_type == Element::kBfloat16 ? cublas::CUDA_R_16BF : cublas::CUDA_R_16F;
+    }
+    // Row-major out[rows, columns] is column-major outᵀ = weight · xᵀ, weight being [columns, depth]
+    // row-major, i.e. column-major [depth, columns], transposed.
+    const float one = 1.f;
+    const float zero = 0.f;
+    cublas::Check(cublas::Library("linear").cublasGemmEx(blas_, cublas::CUBLAS_OP_T, cublas::CUBLAS_OP_N, Int(columns), Int(rows), Int(depth), &one,
+                                                        At<const void>(weight), type, Int(depth), At<const void>(input), type, Int(depth), &zero,
+                                                        At<void>(out), cublas::CUDA_R_32F, Int(columns), cublas::CUBLAS_COMPUTE_32F,
+                                                        cublas::CUBLAS_GEMM_DEFAULT),
+                  "cublasGemmEx");
+    if (bias != 0) AddRows(out, 0, bias, rows, columns);
+  }
+
+  void AddRows(uint64_t out, uint64_t residual, uint64_t bias, size_t rows, size_t columns) override {
+    Current();
+    unsigned long long row_count = rows;
+    Launch(add_rows_, GridFor(rows * columns, kElementwiseThreads), 1, kElementwiseThreads, 0, out, residual, bias, row_count, Int(columns));
+  }
+
+  void RmsNorm(uint64_t out, uint64_t x, uint64_t gamma, size_t rows, size_t columns, float epsilon) override {
+    if (rows == 0) return;
+    Current();
+    Launch(rms_norm_, Blocks(rows), 1, kRowThreads, 0, out, x, gamma, Int(columns), epsilon);
+  }
+
+  void LayerNorm(uint64_t out, uint64_t x, uint64_t gamma, uint64_t beta, size_t rows, size_t columns, float epsilon) override {
+    if (rows == 0) return;
+    Current();
+    Launch(layer_norm_, Blocks(rows), 1, kRowThreads, 0, out, x, gamma, beta, Int(columns), epsilon);
+  }
+
+  void SiluMultiply(uint64_t out, uint64_t gate, uint64_t up, size_t count) override {
+    Current();
+    unsigned long long elements = count;
+    Launch(silu_multiply_, GridFor(count, kElementwiseThreads), 1, kElementwiseThreads, 0, out, gate, up, elements);
+  }
+
+  void Gelu(uint64_t x, size_t count) override {
+    Current();
+    unsigned long long elements = count;
+    Launch(gelu_, GridFor(count, kElementwiseThreads), 1, kElementwiseThreads, 0, x, elements);
+  }
+
+  void PrepareAttention(uint64_t queries, uint64_t qkv, const StepLayout& layout, const AttentionShape& shape, int layer,
+                        uint64_t query_norm, uint64_t key_norm, float epsilon, uint64_t inverse_frequencies) override {
+    if (layout.rows == 0) return;
+    if (shape.head_size > 1024) throw InvalidShape("a head of " + std::to_string(shape.head_size) + " elements is over the 1024 the kernels take");
+    Current();
+    int cache_type = static_cast<int>(shape.cache);
+    Launch(prepare_attention_, Blocks(layout.rows), static_cast<unsigned>(shape.heads + 2 * shape.kv_heads), kHeadThreads,
+           static_cast<unsigned>(shape.head_size) * 4, queries, qkv, layout.row_sequence, layout.row_position, layout.cache_base,
+           layout.cache_capacity, layer, shape.heads, shape.kv_heads, shape.head_size, query_norm, key_norm, epsilon, inverse_frequencies,
+           cache_type);
+  }
+
+  void Attention(uint64_t out, uint64_t queries, const StepLayout& layout, const AttentionShape& shape, int layer, int window) override {
+    if (layout.rows == 0) return;
+    if (shape.head_size > kMaxAttentionHeadSize) {
+      throw InvalidShape("attention on the GPU takes heads of at most " + std::to_string(kMaxAttentionHeadSize) + " elements, got " +
+                         std::to_string(shape.head_size));
+    }
+    Current();
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(shape.head_size)));
+    int cache_type = static_cast<int>(shape.cache);
+    Launch(attention_, Blocks(layout.rows), static_cast<unsigned>(shape.heads), kAttentionThreads, 0, out, queries, layout.row_sequence,
+           layout.row_position, layout.cache_base, layout.cache_capacity, layer, shape.heads, shape.kv_heads, shape.head_size, window, scale,
+           cache_type);
+  }
+
+  void CopyCache(uint64_t target, size_t target_capacity, uint64_t source, size_t source_capacity, size_t length, size_t row_size,
+                 size_t layers, Element cache) override {
+    if (length == 0 || layers == 0) return;
+    Current();
+    unsigned long long rows = row_size;
+    int cache_type = static_cast<int>(cache);
+    Launch(copy_cache_, GridFor(length * row_size, kElementwiseThreads), static_cast<unsigned>(layers * 2), kElementwiseThreads, 0, target,
+           Int(target_capacity), source, Int(source_capacity), Int(length), rows, cache_type);
+  }
+
+  void Upload(uint64_t target, const void* source, size_t bytes) override {
+    if (bytes == 0) return;
+    Current();
+    const cuda::DriverTable& cu = cuda::Driver("upload");
+    Check(cu.cuMemcpyHtoDAsync(target, source, bytes, stream_.get()), "cuMemcpyHtoDAsync");
+    Check(cu.cuStreamSynchronize(stream_.get()), "cuStreamSynchronize");  // the source may change once we return
+  }
+
+  void Download(void* target, uint64_t source, size_t bytes) override {
+    if (bytes == 0) return;
+    Current();
+    const cuda::DriverTable& cu = cuda::Driver("download");
+    Check(cu.cuMemcpyDtoHAsync(target, source, bytes, stream_.get()), "cuMemcpyDtoHAsync");
+    Check(cu.cuStreamSynchronize(stream_.get()), "cuStreamSynchronize");
+  }
+
+  void Copy(uint64_t target, uint64_t source, size_t bytes) override {
+    if (bytes == 0) return;
+    Current();
+    Check(cuda::Driver("copy").cuMemcpyDtoDAsync(target, source, bytes, stream_.get()), "cuMemcpyDtoDAsync");
+  }
+
+  void Synchronize() override {
+    Current();
+    Check(cuda::Driver("synchronize").cuStreamSynchronize(stream_.get()), "cuStreamSynchronize");
+  }
+
+ private:
+  // Says why not before anything is made: no driver, no cuBLAS, no kernels in this build.
+  static int Usable(int device) {
+    cuda::Driver("DeviceKernels");
+    cublas::Library("DeviceKernels");
+    if (EmbeddedKernelImageBytes() <= 1) throw NativeError("ERR_CUDA_UNAVAILABLE", "this build of the addon holds no CUDA kernels");
+    return device;
+  }
+
+  static NativeError InvalidShape(const std::string& message) { return NativeError("ERR_INVALID_ARGUMENT", message); }
+
+  static int Int(size_t value) {
+    if (value > 0x7fffffff) throw InvalidShape("a dimension of " + std::to_string(value) + " is over what cuBLAS and the kernels index (2^31 - 1)");
+    return static_cast<int>(value);
+  }
+
+  static unsigned Blocks(size_t rows) {
+    if (rows > 0x7fffffff) throw InvalidShape("a step of " + std::to_string(rows) + " rows is over the grid's 2^31 - 1 blocks");
+    return static_cast<unsigned>(rows);
+  }
+
+  void Current() { cuda::MakeCurrent(device_); }
+
+  cuda::CUfunction Function(const char* name) {
+    cuda::CUfunction function = nullptr;
+    Check(cuda::Driver("cuModuleGetFunction").cuModuleGetFunction(&function, module_, name), "cuModuleGetFunction");
+    return function;
+  }
+
+  // Every argument is passed by address, as cuLaunchKernel wants; each must have its parameter's
+  // exact size (uint64_t for pointers, int and float as they are).
+  template <typename... Arguments>
+  void Launch(cuda::CUfunction function, unsigned grid_x, unsigned grid_y, unsigned threads, unsigned shared_bytes, Arguments... arguments) {
+    void* parameters[] = {static_cast<void*>(&arguments)...};
+    Check(cuda::Driver("cuLaunchKernel").cuLaunchKernel(function, grid_x, grid_y, 1, threads, 1, 1, shared_bytes, stream_.get(), parameters, nullptr),
+          "cuLaunchKernel");
+  }
+
+  // A device buffer of at least `bytes` for the narrowed inputs of 16-bit matrices, grown as needed.
+  uint64_t Scratch(size_t bytes) {
+    if (bytes > scratch_bytes_) {
+      const cuda::DriverTable& cu = cuda::Driver("scratch");
+      if (scratch_ != 0) {
+        Check(cu.cuStreamSynchronize(stream_.get()), "cuStreamSynchronize");  // queued work may still read the old one
+        Check(cu.cuMemFree(scratch_), "cuMemFree");
+        scratch_ = 0;
+        scratch_bytes_ = 0;
+      }
+      const size_t grown = std::max(bytes, scratch_bytes_ * 2);
+      Check(cu.cuMemAlloc(&scratch_, grown), "cuMemAlloc");
+      scratch_bytes_ = grown;
+    }
+    return scratch_;
+  }
+
+  void Release() {
+    const cuda::DriverStatus& status = cuda::Status();
+    if (!status.available) return;
+    const cuda::DriverTable& cu = cuda::Driver("release");
+    cuda::MakeCurrent(device_);
+    cu.cuStreamSynchronize(stream_.get());
+    if (blas_ != nullptr) cublas::Library("release").cublasDestroy(blas_);
+    blas_ = nullptr;
+    if (scratch_ != 0) cu.cuMemFree(scratch_);
+    scratch_ = 0;
+    if (module_ != nullptr) cu.cuModuleUnload(module_);
+    module_ = nullptr;
+  }
+
+  int device_;
+  cuda::Stream stream_;
+  cuda::CUmodule module_ = nullptr;
+  cublas::cublasHandle_t blas_ = nullptr;
+  cuda::CUdeviceptr scratch_ = 0;
+  size_t scratch_bytes_ = 0;
+  cuda::CUfunction narrow_ = nullptr, add_rows_ = nullptr, rms_norm_ = nullptr, layer_norm_ = nullptr, silu_multiply_ = nullptr, gelu_ = nullptr,
+                   prepare_attention_ = nullptr, attention_ = nullptr, copy_cache_ = nullptr;
+};
+
+}  // namespace
+
+std::unique_ptr<DeviceKernels> CreateCudaKernels(int device) { return std::make_unique<CudaKernels>(device); }
+std::unique_ptr<DeviceKernels> CreateHostKernels() { return std::make_unique<HostKernels>(); }
+
+}  // namespace trellis::kernels

@@ -1,0 +1,80 @@
+// The operations of a decoder rank's layers on a device (lib/llm/device-layers.ts), on one of two
+// backends with one interface:
+//  - cuda: the kernels of native/kernels/cuda (embedded as a fat binary, loaded with
+//    cuModuleLoadData) and cuBLAS for the matrices, all queued on one stream of the rank's GPU;
+//  - host: the same operations over host memory with the CPU kernels, run at once. It gives
+//    exactly what the CPU decoder gives, so the layers' bookkeeping (caches, offsets, steps) is
+//    tested where there is no GPU, and each CUDA kernel is checked against it where there is.
+// Addresses are raw pointers into the backend's memory (device pointers, or host ones). The
+// callers (device_kernels_binding.cc, from lib/llm/device-kernels.ts, which checks every extent)
+// own the memory; these classes trust what they are given, as kernels do.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace trellis::kernels {
+
+enum class Element : int { kFloat32 = 0, kBfloat16 = 1, kFloat16 = 2 };
+
+// Where each row of a step stands, for the attention kernels: a step packs sequences end to end,
+// and each sequence's cache is one allocation for all the rank's layers, laid out
+// [layer][keys | values][capacity][kvHeads][headSize].
+struct StepLayout {
+  uint64_t row_sequence;    // int32 per row: the index of its sequence in the step
+  uint64_t row_position;    // int32 per row: its position in the sequence
+  uint64_t cache_base;      // uint64 per sequence: the cache's address
+  uint64_t cache_capacity;  // int32 per sequence: positions the cache holds
+  size_t rows;
+  size_t sequences;
+};
+
+struct AttentionShape {
+  int heads;
+  int kv_heads;
+  int head_size;
+  Element cache;
+};
+
+class DeviceKernels {
+ public:
+  virtual ~DeviceKernels() = default;
+
+  // out[rows, columns] = x[rows, depth] · weight[columns, depth]ᵀ + bias (bias 0: none).
+  virtual void Linear(uint64_t out, uint64_t x, uint64_t weight, Element weight_type, uint64_t bias, size_t rows, size_t depth,
+                      size_t columns) = 0;
+  // out[row, column] += residual[row, column] (0: none) + bias[column] (0: none).
+  virtual void AddRows(uint64_t out, uint64_t residual, uint64_t bias, size_t rows, size_t columns) = 0;
+  virtual void RmsNorm(uint64_t out, uint64_t x, uint64_t gamma, size_t rows, size_t columns, float epsilon) = 0;
+  virtual void LayerNorm(uint64_t out, uint64_t x, uint64_t gamma, uint64_t beta, size_t rows, size_t columns, float epsilon) = 0;
+  virtual void SiluMultiply(uint64_t out, uint64_t gate, uint64_t up, size_t count) = 0;
+  virtual void Gelu(uint64_t x, size_t count) = 0;
+  // Splits the fused query/key/value rows [rows, (heads + 2·kvHeads)·headSize]: queries into
+  // `queries` [rows, heads·headSize], keys and values into each row's cache at its position, with
+  // per-head RMS norms (0: none) and rotary positions (inverse frequencies 0: none) applied.
+  virtual void PrepareAttention(uint64_t queries, uint64_t qkv, const StepLayout& layout, const AttentionShape& shape, int layer,
+                                uint64_t query_norm, uint64_t key_norm, float epsilon, uint64_t inverse_frequencies) = 0;
+  // Causal attention of each row against its sequence's cache, into out [rows, heads·headSize];
+  // window > 0: only the last `window` positions. A sequence's rows are consecutive positions.
+  virtual void Attention(uint64_t out, uint64_t queries, const StepLayout& layout, const AttentionShape& shape, int layer, int window) = 0;
+  // The first `length` positions of every layer's keys and values of one cache into another.
+  virtual void CopyCache(uint64_t target, size_t target_capacity, uint64_t source, size_t source_capacity, size_t length,
+                         size_t row_size, size_t layers, Element cache) = 0;
+
+  virtual void Upload(uint64_t target, const void* source, size_t bytes) = 0;
+  virtual void Download(void* target, uint64_t source, size_t bytes) = 0;
+  virtual void Copy(uint64_t target, uint64_t source, size_t bytes) = 0;
+  // Returns once everything queued has run.
+  virtual void Synchronize() = 0;
+};
+
+// Throws NativeError: ERR_CUDA_UNAVAILABLE, ERR_CUBLAS_UNAVAILABLE, ERR_CUDA (loading the module).
+std::unique_ptr<DeviceKernels> CreateCudaKernels(int device);
+std::unique_ptr<DeviceKernels> CreateHostKernels();
+
+// Bytes of the embedded fat binary (0 when the addon was built without one).
+size_t EmbeddedKernelImageBytes();
+
+}  // namespace trellis::kernels
