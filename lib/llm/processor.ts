@@ -576,8 +576,9 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
       batchSize,
       batchFormat: 'rows',
       concurrency,
-      // The engine holds its ranks' CPUs, so that a replica is scheduled whole or not at all.
+      // The engine holds its ranks' CPUs (and GPUs), so that a replica is scheduled whole or not at all.
       numCpus: (engine.tensorParallel ?? 1) * (engine.pipelineParallel ?? 1) * (engine.numCpusPerRank ?? 1),
+      ...(engine.device === 'cuda' ? { numGpus: (engine.tensorParallel ?? 1) * (engine.pipelineParallel ?? 1) } : {}),
       maxConcurrency: interleaved,
       maxTasksInFlightPerActor: interleaved,
       actorIdleTimeoutMs: replicaIdleTimeoutMs,

@@ -27,6 +27,7 @@ import { resolveCacheDType, type StepMessage, type StepResult, type StepSequence
 import type { CacheDType, WeightDType } from './kernels.js';
 import { checkCheckpoint, languageHead, resolveWeightDType } from './weights.js';
 import { RemoteShardWorker, type ShardWorker } from './shard-worker.js';
+import type { KernelBackend } from './device-kernels.js';
 import { TokenMask } from './guided/token-mask.js';
 import { readAdapter, type AdapterInfo } from './lora.js';
 import { checkSpeculation, proposeTokens, type Speculation, type SpeculationOptions } from './speculation.js';
@@ -41,6 +42,21 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    * none: that actor is expected to hold tensorParallel × pipelineParallel × numCpusPerRank.
    */
   numCpusPerRank?: number;
+  /**
+   * Where the ranks run their layers (default 'cpu': the CPU kernels). 'cuda': each rank takes a
+   * GPU (a bundle { CPU: numCpusPerRank, GPU: 1 } from the driver; made inside an actor, one of
+   * that actor's GPUs each), holds its layers, head and key/value caches in device memory and
+   * runs them with CUDA kernels and cuBLAS; a stage's ranks sum over NCCL. Embedding lookups,
+   * sampling and constraints stay on the host. LoRA adapters, mixtures of experts and int8
+   * weights run on 'cpu' only, and are refused up front.
+   */
+  device?: 'cpu' | 'cuda';
+  /**
+   * Runs the layers through the device path on this backend: 'cuda' for device 'cuda' (the
+   * default there); 'cpu' on CPU ranks is the device path's host twin, which gives the CPU
+   * kernels' results bit for bit: for checking that path on hosts without a GPU.
+   */
+  layerBackend?: KernelBackend;
   /**
    * Threads each rank's matmuls and attention use (default: numCpusPerRank, at least 1). Results
    * do not depend on it: every output is computed by one thread in one order.
@@ -341,6 +357,8 @@ export class ModelReplica {
   readonly #groups: CollectiveGroup[];
   readonly #graph: CompiledGraph;
   readonly #placement: PlacementGroup | undefined;
+  /** Where the ranks' layers run through the device path (none: the CPU decoder's loop). */
+  readonly #layerBackend: KernelBackend | undefined;
   readonly #maxSequences: number;
   readonly #maxTokens: number;
   readonly #stepsInFlight: number;
@@ -386,6 +404,7 @@ export class ModelReplica {
     groups: CollectiveGroup[];
     graph: CompiledGraph;
     placement: PlacementGroup | undefined;
+    layerBackend: KernelBackend | undefined;
     weightBytes: number;
     weightDtype: WeightDType;
     kvCacheDtype: CacheDType;
@@ -403,6 +422,7 @@ export class ModelReplica {
     this.#groups = parts.groups;
     this.#graph = parts.graph;
     this.#placement = parts.placement;
+    this.#layerBackend = parts.layerBackend;
     this.#weightBytes = parts.weightBytes;
     this.#maxSequences = parts.limits.maxSequences;
     this.#maxTokens = parts.limits.maxTokens;
@@ -425,6 +445,7 @@ export class ModelReplica {
    */
   async addAdapter(name: string, path: string): Promise<void> {
     if (typeof name !== 'string' || name.length === 0) throw new InvalidArgumentError(`an adapter's name must be a non-empty string, got ${JSON.stringify(name)}`, 'ERR_ADAPTER');
+    if (this.#layerBackend) throw new InvalidArgumentError('LoRA adapters run on device \'cpu\' only, not through the device path', 'ERR_UNSUPPORTED_ON_DEVICE');
     const known = this.#adapters.get(name);
     if (known) {
       if (known.info.path === path) return;
@@ -484,6 +505,17 @@ export class ModelReplica {
     }
     const numCpus = options.numCpusPerRank ?? 1;
     if (typeof numCpus !== 'number' || !(numCpus >= 0)) throw new InvalidArgumentError(`numCpusPerRank must be a number >= 0, got ${String(numCpus)}`);
+    const device = options.device ?? 'cpu';
+    if (device !== 'cpu' && device !== 'cuda') throw new InvalidArgumentError(`device must be 'cpu' or 'cuda', got ${JSON.stringify(options.device)}`);
+    const layerBackend = options.layerBackend ?? (device === 'cuda' ? 'cuda' : undefined);
+    if (layerBackend !== undefined && layerBackend !== 'cpu' && layerBackend !== 'cuda') throw new InvalidArgumentError(`layerBackend must be 'cpu' or 'cuda', got ${JSON.stringify(layerBackend)}`);
+    if ((device === 'cuda') !== (layerBackend === 'cuda')) throw new InvalidArgumentError(`layerBackend '${layerBackend}' does not run on device '${device}'`);
+    if (layerBackend) {
+      const unsupported = (what: string) => new InvalidArgumentError(`${what} run on device 'cpu' only, not through the device path`, 'ERR_UNSUPPORTED_ON_DEVICE');
+      if (Object.keys(options.adapters ?? {}).length > 0) throw unsupported('LoRA adapters');
+      if (options.weightDtype === 'int8') throw unsupported('int8 weights');
+      if ((config.numExperts ?? 0) > 0) throw unsupported('mixtures of experts');
+    }
     const threads = positiveInteger(options.threadsPerRank, 'threadsPerRank', Math.max(1, Math.floor(numCpus)));
     // Fail here, in the caller, on a checkpoint that cannot be used, rather than in every rank.
     let weightDtype: WeightDType;
@@ -511,15 +543,24 @@ export class ModelReplica {
     // group; inside an actor (a processor's engine) by that actor, which asked for all of them,
     // and whose node the ranks then share.
     const context = currentRuntime().context();
-    const placement = context.isDriver && numCpus > 0 ? placementGroup(Array.from({ length: ranks }, () => ({ CPU: numCpus })), 'PACK') : undefined;
+    const gpus = device === 'cuda' ? 1 : 0;
+    const placement = context.isDriver && (numCpus > 0 || gpus > 0) ? placementGroup(Array.from({ length: ranks }, () => ({ CPU: numCpus, ...(gpus ? { GPU: gpus } : {}) })), 'PACK') : undefined;
+    // Inside an actor, the ranks run on that actor's GPUs, one each.
+    if (device === 'cuda' && !context.isDriver && context.gpuIds.length < ranks) {
+      throw new InvalidArgumentError(`a replica made inside an actor runs its ${ranks} ranks on that actor's GPUs: it holds ${context.gpuIds.length}`, 'ERR_RESOURCES');
+    }
     const workers: Array<Array<ActorHandle<ShardWorker>>> = [];
     const groups: CollectiveGroup[] = [];
     try {
       await placement?.ready();
       for (const stage of plan.stages) {
         workers.push(Array.from({ length: plan.tensorParallel }, (_, rank) => RemoteShardWorker.options(placement
-          ? { numCpus, schedulingStrategy: { type: 'placement-group', placementGroup: placement, bundleIndex: stage.index * plan.tensorParallel + rank } }
+          ? { numCpus, numGpus: gpus, schedulingStrategy: { type: 'placement-group', placementGroup: placement, bundleIndex: stage.index * plan.tensorParallel + rank } }
           : { numCpus: context.isDriver ? numCpus : 0, schedulingStrategy: { type: 'node', nodeId: context.nodeId } }).remote()));
+      }
+      if (device === 'cuda' && !context.isDriver) {
+        // Before anything in a rank touches CUDA, which reads the visible devices once.
+        await get(workers.flat().map((worker, index) => worker.useGpu.remote(context.gpuIds[index])));
       }
       const groupNames: Array<string | undefined> = [];
       for (const stage of plan.stages) {
@@ -528,18 +569,18 @@ export class ModelReplica {
           continue;
         }
         const name = `llm-${id}-stage-${stage.index}`;
-        groups.push(await createCollectiveGroup(workers[stage.index], { backend: 'cpu', name }));
+        groups.push(await createCollectiveGroup(workers[stage.index], { backend: device === 'cuda' ? 'nccl' : 'cpu', name }));
         groupNames.push(name);
       }
       const loaded = (await get(plan.stages.flatMap((stage) => workers[stage.index].map((worker, rank) =>
-        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype }, groupNames[stage.index], threads))))) as Array<{ weightBytes: number }>;
+        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype, ...(layerBackend ? { layers: layerBackend } : {}) }, groupNames[stage.index], threads))))) as Array<{ weightBytes: number }>;
       const input = new InputNode();
       // Rank r of each stage feeds rank r of the next: after the stage's allreduce every rank
       // holds the same hidden states, and each channel then has exactly one reader.
       let previous: DAGNode[] = workers[0].map((worker) => worker.forward.bind(input));
       for (const stage of plan.stages.slice(1)) previous = workers[stage.index].map((worker, rank) => worker.forward.bind(previous[rank]));
       const graph = await new MultiOutputNode(previous).compile({ maxInflight: Math.max(2, limits.stepsInFlight + 1) });
-      const replica = new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, kvCacheDtype, stopTokens, limits, maxLoadedAdapters, hasLanguageHead, classifier });
+      const replica = new ModelReplica({ config, plan, workers, groups, graph, placement, layerBackend, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, kvCacheDtype, stopTokens, limits, maxLoadedAdapters, hasLanguageHead, classifier });
       for (const [name, info] of adapters) replica.#register(name, info);
       return replica;
     } catch (error) {

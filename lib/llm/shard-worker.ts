@@ -21,9 +21,24 @@ export class ShardWorker {
     return { weightBytes: this.#shard.weightBytes };
   }
 
+  /**
+   * Runs this rank on one GPU (a physical index) of the actor that made the replica: called
+   * before anything here touches CUDA, which reads CUDA_VISIBLE_DEVICES once per process.
+   */
+  useGpu(gpu: number): void {
+    if (!Number.isInteger(gpu) || gpu < 0) throw new TrellisError('ERR_INVALID_ARGUMENT', `a GPU index is a non-negative integer, got ${gpu}`);
+    process.env.CUDA_VISIBLE_DEVICES = String(gpu);
+  }
+
   forward(message: StepMessage): Promise<StepMessage | StepResult> {
     if (!this.#shard) throw new TrellisError('ERR_SHARD_NOT_LOADED', 'forward before load: this rank has no weights yet');
     return this.#shard.forward(message);
+  }
+
+  /** Gives back the device memory, stream and kernels a GPU rank holds (the process's exit would too). */
+  close(): void {
+    this.#shard?.close();
+    this.#shard = undefined;
   }
 
   stats(): { cachedSequences: number; weightBytes: number } {
