@@ -57,12 +57,13 @@ export async function scenario(name: string, args: string[] = [], env: Record<st
   return run.report;
 }
 
-/** Compiles the fake CUDA driver + NCCL library; undefined (with the reason) where that fails. */
+/** Compiles the fake CUDA driver + NCCL + cuBLAS library; undefined (with the reason) where that fails. */
 export function buildFakeGpu(): { path?: string; reason?: string } {
   const out = join(mkdtempSync(join(tmpdir(), 'trellis-fake-gpu-')), 'libfake_gpu.so');
   const compiler = process.env.CXX ?? 'g++';
   try {
-    execFileSync(compiler, ['-std=c++17', '-O1', '-shared', '-fPIC', '-o', out, join(here, 'fake', 'fake_gpu.cc'), '-lpthread'], { stdio: 'pipe' });
+    // The decoder's CUDA kernels run emulated (fake_kernels.cc): -O2 keeps their fibers quick.
+    execFileSync(compiler, ['-std=c++17', '-O2', '-shared', '-fPIC', '-o', out, join(here, 'fake', 'fake_gpu.cc'), join(here, 'fake', 'fake_kernels.cc'), '-lpthread'], { stdio: 'pipe' });
     return { path: out };
   } catch (error) {
     return { reason: `could not compile the fake GPU library with ${compiler}: ${(error as Error).message}` };

@@ -11,36 +11,41 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DecoderShard, init, InvalidArgumentError, ModelReplica, planSharding, readCheckpointConfig, shutdown, type DecoderConfig } from '../../lib/index.js';
+import { spawn } from 'node:child_process';
 import { cuda } from '../../lib/gpu/cuda.js';
-import { cudaKernelImageBytes, DeviceKernels, type DeviceBuffer, type ElementType, type KernelBackend } from '../../lib/llm/device-kernels.js';
-import type { StepMessage, StepResult } from '../../lib/llm/shard.js';
-import { floatToBf16, floatToF16 } from '../../lib/gpu/dtype.js';
+import { cudaKernelImageBytes, DeviceKernels, type KernelBackend } from '../../lib/llm/device-kernels.js';
+import { buildFakeGpu } from '../gpu/gpu-helpers.js';
+import { QWEN3, runSteps } from './fixtures/device-steps.js';
 import { randomWeights, referenceGenerate, TINY, TINY_LLAMA, writeCheckpoint } from './fixtures/decoders.js';
 
-const QWEN3: DecoderConfig = {
-  architecture: 'llama', vocabSize: 101, hiddenSize: 32, numLayers: 2, numHeads: 4, numKeyValueHeads: 2, headSize: 16, intermediateSize: 48,
-  maxPositions: 64, layerNormEpsilon: 1e-6, ropeTheta: 1000000, tieWordEmbeddings: true, queryKeyNorm: true,
-};
-
-/** Steps that exercise the caches: two prompts read in pieces, growth past 16 positions, a prefix copy, a rewind, releases. */
-function steps(vocabSize: number): StepMessage[] {
-  const prompt = Array.from({ length: 21 }, (_, index) => (index * 7 + 3) % vocabSize);
-  return [
-    { step: 0, sequences: [{ id: 0, past: 0, count: 12, prefill: true }, { id: 1, past: 0, count: 5 }], released: [], tokens: Int32Array.from([...prompt.slice(0, 12), ...prompt.slice(0, 5)]), logits: true },
-    { step: 1, sequences: [{ id: 0, past: 12, count: 9 }, { id: 1, past: 5, count: 3 }], released: [], tokens: Int32Array.from([...prompt.slice(12), 9, 4, 1]), logits: true },
-    // Sequence 2 starts from 16 of sequence 0's positions; sequence 1 drops its last two (a rejected proposal).
-    { step: 2, sequences: [{ id: 2, past: 16, count: 5, copyFrom: { id: 0, length: 16 } }, { id: 1, past: 6, count: 1, rewind: true }], released: [], tokens: Int32Array.from([...prompt.slice(16), 7]), logits: true },
-    { step: 3, sequences: [{ id: 2, past: 21, count: 1 }, { id: 1, past: 7, count: 1 }], released: [0], tokens: Int32Array.from([11, 13]), logits: true },
-  ];
+/** Runs fixtures/device-scenario.ts in a child process (so it loads the driver its env names), returning its JSON report. */
+function deviceScenario(env: Record<string, string>): Promise<any> {
+  const childEnv: NodeJS.ProcessEnv = { ...process.env, ...env };
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', new URL('./fixtures/device-scenario.ts', import.meta.url).pathname], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (chunk) => (stdout += chunk));
+    child.stderr.on('data', (chunk) => (stderr += chunk));
+    child.on('error', reject);
+    child.on('exit', (code) => {
+      if (code !== 0) reject(new Error(`the device scenario exited with ${code}:\n${stderr}`));
+      else resolve(JSON.parse(stdout.trim().split('\n').pop()!));
+    });
+  });
 }
 
-async function runSteps(shard: DecoderShard, vocabSize: number): Promise<Array<{ tokens: number[]; logits: Float32Array }>> {
-  const results = [];
-  for (const message of steps(vocabSize)) {
-    const result = (await shard.forward(message)) as StepResult;
-    results.push({ tokens: [...result.tokens], logits: result.logits! });
+/** What the scenario measured, against the tolerances of each comparison. */
+function expectReport(report: any): void {
+  for (const [name, error] of Object.entries(report.operations as Record<string, number>)) {
+    expect({ name, error: error < (name.includes('16') ? 2e-2 : 1e-5) }).toEqual({ name, error: true });
   }
-  return results;
+  for (const [name, model] of Object.entries(report.models as Record<string, { errors: number[]; tokensEqual: boolean; cachedSequences: number }>)) {
+    const sixteen = name.includes('bf16');
+    for (const error of model.errors) expect({ name, error: error < (sixteen ? 3e-2 : 1e-4) }).toEqual({ name, error: true });
+    if (!sixteen) expect({ name, tokensEqual: model.tokensEqual }).toEqual({ name, tokensEqual: true });
+    expect(model.cachedSequences).toBe(2);
+  }
 }
 
 describe('the device path of the model layers', () => {
@@ -71,6 +76,7 @@ describe('the device path of the model layers', () => {
       expect(twin.kvCacheDtype).toBe(plain.kvCacheDtype);
       const wanted = await runSteps(plain, config.vocabSize);
       const got = await runSteps(twin, config.vocabSize);
+      expect(got.length).toBe(4);
       for (let step = 0; step < wanted.length; step++) {
         expect(got[step].tokens).toEqual(wanted[step].tokens);
         expect(Buffer.from(got[step].logits.buffer).equals(Buffer.from(wanted[step].logits.buffer))).toBe(true);
@@ -134,102 +140,18 @@ describe('the device path of the model layers', () => {
   });
 });
 
-/** Random values in [-1, 1) from a seed (integer arithmetic: the same on every host). */
-function randomFloats(length: number, seed: number): Float32Array {
-  let state = seed >>> 0;
-  return Float32Array.from({ length }, () => {
-    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
-    return state / 2 ** 31 - 1;
-  });
-}
 
-function upload(kernels: DeviceKernels, values: Float32Array): DeviceBuffer {
-  const buffer = kernels.allocate(values.byteLength);
-  kernels.upload(buffer, values);
-  return buffer;
-}
+const fake = buildFakeGpu();
 
-function read(kernels: DeviceKernels, buffer: DeviceBuffer, length: number): Float32Array {
-  const out = new Float32Array(length);
-  kernels.download(out, buffer);
-  return out;
-}
+describe('the CUDA kernels against the host twin', () => {
+  // The fake driver runs trellis's CUDA source compiled for the host, each block's threads as
+  // fibers: the kernels' indexing, reductions and barriers, the launches' arguments and the
+  // matrices' cuBLAS conventions are checked here; the GPU's own arithmetic only on a GPU host.
+  it.skipIf(!fake.path)(`operation by operation and as whole shards, emulated on the fake driver${fake.path ? '' : ` (skipped: ${fake.reason})`}`, async () => {
+    expectReport(await deviceScenario({ TRELLIS_CUDA_DRIVER: fake.path!, TRELLIS_CUBLAS_LIBRARY: fake.path!, TRELLIS_NCCL_LIBRARY: fake.path! }));
+  }, 120_000);
 
-function expectClose(actual: Float32Array, wanted: Float32Array, relative: number): void {
-  const scale = Math.max(1e-6, ...wanted.map(Math.abs));
-  let worst = 0;
-  for (let index = 0; index < wanted.length; index++) worst = Math.max(worst, Math.abs(actual[index] - wanted[index]));
-  expect(worst / scale).toBeLessThan(relative);
-}
-
-describe.skipIf(!cuda.available)(`the CUDA kernels against the host twin${cuda.available ? '' : ' (skipped: no CUDA driver on this host)'}`, () => {
-  it('linear (f32, bf16 and f16 weights, with a bias), norms, SiLU gating and GELU', () => {
-    using gpu = DeviceKernels.create('cuda');
-    using host = DeviceKernels.create('cpu');
-    const rows = 37;
-    const depth = 96;
-    const columns = 80;
-    const x = randomFloats(rows * depth, 1);
-    const weights = randomFloats(columns * depth, 2);
-    const bias = randomFloats(columns, 3);
-    for (const dtype of ['f32', 'bf16', 'f16'] as ElementType[]) {
-      const bits = dtype === 'f32' ? weights : Uint16Array.from(weights, dtype === 'bf16' ? floatToBf16 : floatToF16);
-      const results = [gpu, host].map((kernels) => {
-        const out = kernels.allocate(rows * columns * 4);
-        // The GPU also rounds the input to the weights' 16 bits: hence the wider tolerance for them.
-        kernels.linear(out, upload(kernels, x), kernels.tensor(bits, dtype), kernels.tensor(bias, 'f32'), rows, depth, columns);
-        return read(kernels, out, rows * columns);
-      });
-      expectClose(results[0], results[1], dtype === 'f32' ? 1e-5 : 2e-2);
-    }
-    const gamma = randomFloats(depth, 4);
-    const beta = randomFloats(depth, 5);
-    for (const norm of ['rms', 'layer'] as const) {
-      const [got, wanted] = [gpu, host].map((kernels) => {
-        const out = kernels.allocate(rows * depth * 4);
-        const g = kernels.tensor(gamma, 'f32');
-        if (norm === 'rms') kernels.rmsNorm(out, upload(kernels, x), g, rows, depth, 1e-5);
-        else kernels.layerNorm(out, upload(kernels, x), g, kernels.tensor(beta, 'f32'), rows, depth, 1e-5);
-        return read(kernels, out, rows * depth);
-      });
-      expectClose(got, wanted, 1e-5);
-    }
-    const [silu, siluWanted] = [gpu, host].map((kernels) => {
-      const gate = upload(kernels, x);
-      kernels.siluMultiply(gate, gate, upload(kernels, randomFloats(x.length, 6)), x.length);
-      return read(kernels, gate, x.length);
-    });
-    expectClose(silu, siluWanted, 1e-5);
-    const [gelu, geluWanted] = [gpu, host].map((kernels) => {
-      const values = upload(kernels, x);
-      kernels.gelu(values, x.length);
-      return read(kernels, values, x.length);
-    });
-    expectClose(gelu, geluWanted, 1e-5);
-  });
-
-  for (const [name, config, dtype] of [
-    ['llama, f32', TINY_LLAMA, 'F32'],
-    ['llama, bf16 weights and cache', TINY_LLAMA, 'BF16'],
-    ['qwen3 (query/key norms)', QWEN3, 'F32'],
-    ['mistral (a sliding window of 5)', { ...TINY_LLAMA, slidingWindow: 5 }, 'F32'],
-    ['gpt2', TINY, 'F32'],
-  ] as Array<[string, DecoderConfig, 'F32' | 'BF16']>) {
-    it(`a whole shard on the GPU gives the twin's logits to rounding: ${name}`, async () => {
-      const directory = mkdtempSync(join(tmpdir(), 'trellis-device-gpu-'));
-      try {
-        const path = await writeCheckpoint(join(directory, 'model'), config, randomWeights(config, 13), { prefix: config.architecture === 'gpt2' ? 'transformer.' : 'model.', dtype });
-        const resolved = readCheckpointConfig(path)!;
-        const spec = { checkpoint: path, config: resolved, plan: planSharding(resolved), stage: 0, rank: 0 };
-        using gpu = await DecoderShard.load({ ...spec, layers: 'cuda' });
-        using twin = await DecoderShard.load({ ...spec, layers: 'cpu' });
-        const got = await runSteps(gpu, config.vocabSize);
-        const wanted = await runSteps(twin, config.vocabSize);
-        for (let step = 0; step < wanted.length; step++) expectClose(got[step].logits, wanted[step].logits, dtype === 'F32' ? 1e-4 : 3e-2);
-        expect(gpu.cachedSequences).toBe(2);
-      } finally {
-        rmSync(directory, { recursive: true, force: true });
-      }
-    });
-  }
+  it.skipIf(!cuda.available)(`operation by operation and as whole shards, on the GPU${cuda.available ? '' : ' (skipped: no CUDA driver on this host)'}`, async () => {
+    expectReport(await deviceScenario({}));
+  }, 120_000);
 });

@@ -11,8 +11,15 @@
 //   [layer][keys | values][capacity][kvHeads][headSize]
 // so a step passes one base pointer and capacity per sequence, and each layer's kernels find their
 // part from the layer index.
+//
+// The tests also compile this file as C++ for the host (test/gpu/fake/kernel_emulation.h runs each
+// block's threads as fibers, with barriers for __syncthreads and the warp shuffles), so the
+// kernels' indexing and synchronisation are checked where there is no GPU.
+#ifndef TRELLIS_KERNEL_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#define TRELLIS_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 #include <stdint.h>
 
 namespace {
@@ -133,7 +140,7 @@ __global__ void trellis_prepare_attention(float* queries, const float* qkv, cons
                                           const unsigned long long* cache_base, const int* cache_capacity, int layer, int heads,
                                           int kv_heads, int head_size, const float* query_norm, const float* key_norm, float epsilon,
                                           const float* inverse_frequencies, int cache_type) {
-  extern __shared__ float head[];
+  TRELLIS_DYNAMIC_SHARED(float, head);
   const int row = blockIdx.x;
   const int slot = blockIdx.y;  // [0, heads): a query head; then kvHeads key heads; then kvHeads value heads
   const int row_width = (heads + 2 * kv_heads) * head_size;
