@@ -18,11 +18,11 @@ import { buildFakeGpu } from '../gpu/gpu-helpers.js';
 import { QWEN3, runSteps } from './fixtures/device-steps.js';
 import { randomWeights, referenceGenerate, TINY, TINY_LLAMA, writeCheckpoint } from './fixtures/decoders.js';
 
-/** Runs fixtures/device-scenario.ts in a child process (so it loads the driver its env names), returning its JSON report. */
-function deviceScenario(env: Record<string, string>): Promise<any> {
+/** Runs a fixtures/ script in a child process (so it and its workers load the driver its env names), returning its JSON report. */
+function deviceScenario(env: Record<string, string>, script = 'device-scenario.ts'): Promise<any> {
   const childEnv: NodeJS.ProcessEnv = { ...process.env, ...env };
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', new URL('./fixtures/device-scenario.ts', import.meta.url).pathname], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, ['--import', 'tsx', new URL(`./fixtures/${script}`, import.meta.url).pathname], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (chunk) => (stdout += chunk));
@@ -144,12 +144,26 @@ describe('the device path of the model layers', () => {
 const fake = buildFakeGpu();
 
 describe('the CUDA kernels against the host twin', () => {
+  const fakeEnv = () => ({ TRELLIS_CUDA_DRIVER: fake.path!, TRELLIS_CUBLAS_LIBRARY: fake.path!, TRELLIS_NCCL_LIBRARY: fake.path!, FAKE_CUDA_DEVICES: '4' });
   // The fake driver runs trellis's CUDA source compiled for the host, each block's threads as
   // fibers: the kernels' indexing, reductions and barriers, the launches' arguments and the
   // matrices' cuBLAS conventions are checked here; the GPU's own arithmetic only on a GPU host.
   it.skipIf(!fake.path)(`operation by operation and as whole shards, emulated on the fake driver${fake.path ? '' : ` (skipped: ${fake.reason})`}`, async () => {
-    expectReport(await deviceScenario({ TRELLIS_CUDA_DRIVER: fake.path!, TRELLIS_CUBLAS_LIBRARY: fake.path!, TRELLIS_NCCL_LIBRARY: fake.path! }));
+    expectReport(await deviceScenario(fakeEnv()));
   }, 120_000);
+
+  it.skipIf(!fake.path)("a replica on device 'cuda' cut 2 × 2 over four (fake) GPUs and NCCL, from the driver and inside a processor's engine, generates the reference's tokens", async () => {
+    const { reference, fromDriver, fromProcessor } = await deviceScenario(fakeEnv(), 'device-replica-scenario.ts');
+    expect(fromDriver).toEqual(reference);
+    expect(fromProcessor).toEqual(reference);
+  }, 180_000);
+
+  const fourGpus = cuda.available && cuda.deviceCount() >= 4;
+  it.skipIf(!fourGpus)(`the same replica on four GPUs${fourGpus ? '' : ' (skipped: needs four GPUs)'}`, async () => {
+    const { reference, fromDriver, fromProcessor } = await deviceScenario({}, 'device-replica-scenario.ts');
+    expect(fromDriver).toEqual(reference);
+    expect(fromProcessor).toEqual(reference);
+  }, 180_000);
 
   it.skipIf(!cuda.available)(`operation by operation and as whole shards, on the GPU${cuda.available ? '' : ' (skipped: no CUDA driver on this host)'}`, async () => {
     expectReport(await deviceScenario({}));
