@@ -9,6 +9,7 @@ import { dagSuite } from './dag.js';
 import { dataSuite } from './data.js';
 import { gpuSuite } from './gpu.js';
 import { llmSuite } from './llm.js';
+import { llmGpuSuite } from './llm-gpu.js';
 import { storeSuite } from './store.js';
 import type { Suite } from './harness.js';
 
@@ -20,6 +21,7 @@ const suites: Record<string, Suite> = {
   gpu: gpuSuite,
   data: dataSuite,
   llm: llmSuite,
+  'llm-gpu': llmGpuSuite,
 };
 
 const args = process.argv.slice(2);

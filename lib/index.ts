@@ -86,6 +86,10 @@ export type { ModelReplicaOptions, GenerateRequest, Generation, ReplicaStats, Em
 export { buildLLMProcessor, LLMEngine } from './llm/processor.js';
 export type { LLMProcessorOptions } from './llm/processor.js';
 export { DecoderShard } from './llm/shard.js';
+export { DeviceKernels, DeviceBuffer, cudaKernelImageBytes } from './llm/device-kernels.js';
+export type { KernelBackend, ElementType, DeviceTensor, StepLayout, AttentionShape } from './llm/device-kernels.js';
+export { DeviceLayers } from './llm/device-layers.js';
+export type { DeviceLayersOptions, LayerStepSequence } from './llm/device-layers.js';
 export type { ShardSpec, StepMessage, StepResult, StepSequence } from './llm/shard.js';
 export { planSharding } from './llm/plan.js';
 export type { ParallelismOptions, ShardingPlan, StagePlan } from './llm/plan.js';

@@ -33,12 +33,12 @@ step() {
 } | tee "$logs/host.log"
 
 # CHECK_STEPS picks steps (a rerun after a fix: CHECK_STEPS=bench), CHECK_TESTS the test files.
-steps=" ${CHECK_STEPS:-tests native bench probe demo} "
+steps=" ${CHECK_STEPS:-tests native bench probe llm demo} "
 wanted() { [[ $steps == *" $1 "* ]]; }
 
 # Correctness first: the GPU layer, CUDA IPC edges of compiled graphs, then the data layer's GPU pool.
 # shellcheck disable=SC2086
-wanted tests && step tests 300 node node_modules/vitest/vitest.mjs run --reporter=verbose ${CHECK_TESTS:-test/gpu test/dag/ipc.test.ts test/dag/compiled.test.ts test/data/actor-pool.test.ts}
+wanted tests && step tests 300 node node_modules/vitest/vitest.mjs run --reporter=verbose ${CHECK_TESTS:-test/gpu test/dag/ipc.test.ts test/dag/compiled.test.ts test/data/actor-pool.test.ts test/llm/device-layers.test.ts}
 [ -x bench/native/out/gpu_native ] || make -C bench/native >"$logs/make.log" 2>&1
 wanted native && step native 60 bench/native/out/gpu_native --json
 wanted bench && step bench 150 env TRELLIS_GPU_BENCH_SHARING=time-slice node --import tsx bench/run.ts gpu --json
@@ -51,10 +51,12 @@ wanted bench && step calls 60 node --import tsx bench/run.ts calls --json
 wanted probe && step probe 60 node --import tsx bench/gpu-probe.ts
 wanted probe && step probe-nospin 60 env TRELLIS_BUSY_POLL_US=0 node --import tsx bench/gpu-probe.ts
 command -v nvidia-cuda-mps-control >/dev/null && wanted probe && step probe-mps 60 node --import tsx bench/gpu-probe.ts --mps
+# A model's layers on the GPU (the device path): decode and prefill against their floors.
+wanted llm && step llm 120 node --import tsx bench/run.ts llm-gpu --json
 wanted demo && step demo 60 node --import tsx examples/batch-inference.ts
 
 echo
 echo "step         result           time"
 printf '%s\n' "${summary[@]}" | tee "$logs/summary.txt"
-grep -h '^{' "$logs/native.log" "$logs/bench.log" "$logs/bench-mps.log" "$logs/calls.log" 2>/dev/null | tee "$logs/figures.jsonl" >/dev/null
+grep -h '^{' "$logs/native.log" "$logs/bench.log" "$logs/bench-mps.log" "$logs/calls.log" "$logs/llm.log" 2>/dev/null | tee "$logs/figures.jsonl" >/dev/null
 echo "logs in $logs/"

@@ -100,6 +100,27 @@ describe('the device path of the model layers', () => {
     await expect(replica.addAdapter('any', directory)).rejects.toMatchObject({ code: 'ERR_UNSUPPORTED_ON_DEVICE' });
   });
 
+  it('what needs more than tokens works the same through the twin: logprobs, prompt scoring, n-gram speculation, embeddings', async () => {
+    const weights = randomWeights(TINY_LLAMA, 8);
+    const path = await writeCheckpoint(join(directory, 'llama-features'), TINY_LLAMA, weights, { prefix: 'model.' });
+    const repeating = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6];
+    const requests = [
+      { tokens: [3, 99, 14, 15, 92], maxNewTokens: 5, logprobs: true, topLogprobs: 3, promptLogprobs: true },
+      { tokens: repeating, maxNewTokens: 8, sampling: { temperature: 0.8, seed: 3 } },
+    ];
+    const options = { checkpoint: path, tensorParallel: 2, speculation: { method: 'ngram' as const, tokens: 3 } };
+    const results = [];
+    for (const layerBackend of [undefined, 'cpu'] as const) {
+      await using replica = await ModelReplica.create({ ...options, ...(layerBackend ? { layerBackend } : {}) });
+      results.push({
+        generations: await replica.generate(requests),
+        embeddings: (await replica.embed([{ tokens: repeating }, { tokens: [1, 2, 3], pooling: 'mean' }])).map((embedding) => [...embedding.vector]),
+      });
+    }
+    expect(results[1]).toEqual(results[0]);
+    expect(results[0].generations[0].promptLogprobs).toHaveLength(4);
+  });
+
   it('refuses up front what the device path does not run, and options that do not fit', async () => {
     const path = await writeCheckpoint(join(directory, 'refusals'), TINY_LLAMA, randomWeights(TINY_LLAMA, 2), { prefix: 'model.' });
     await expect(ModelReplica.create({ checkpoint: path, layerBackend: 'cpu', weightDtype: 'int8' })).rejects.toMatchObject({ code: 'ERR_UNSUPPORTED_ON_DEVICE' });
