@@ -329,6 +329,20 @@ export interface NativeKernels {
  * left out); lib/llm/device-kernels.ts checks every extent before a call. Element types: 0 f32,
  * 1 bf16, 2 f16.
  */
+/** Where a step's rows stand (device_kernels.h StepLayout): addresses of its arrays, and their lengths. */
+export interface NativeStepLayout {
+  rowSequence: bigint;
+  rowPosition: bigint;
+  cacheBase: bigint;
+  cacheCapacity: bigint;
+  tiles: bigint | null;
+  singleRows: bigint | null;
+  rows: number;
+  sequences: number;
+  tileCount: number;
+  singleCount: number;
+}
+
 export interface NativeDeviceKernels {
   linear(out: bigint, x: bigint, weight: bigint, weightType: number, bias: bigint | null, rows: number, depth: number, columns: number): void;
   addRows(out: bigint, residual: bigint | null, bias: bigint | null, rows: number, columns: number): void;
@@ -337,14 +351,10 @@ export interface NativeDeviceKernels {
   siluMultiply(out: bigint, gate: bigint, up: bigint, count: number): void;
   gelu(x: bigint, count: number): void;
   prepareAttention(
-    queries: bigint, qkv: bigint, rowSequence: bigint, rowPosition: bigint, cacheBase: bigint, cacheCapacity: bigint, rows: number, sequences: number,
-    heads: number, kvHeads: number, headSize: number, cacheType: number, layer: number, queryNorm: bigint | null, keyNorm: bigint | null, epsilon: number,
-    inverseFrequencies: bigint | null,
+    queries: bigint, qkv: bigint, layout: NativeStepLayout, heads: number, kvHeads: number, headSize: number, cacheType: number, layer: number,
+    queryNorm: bigint | null, keyNorm: bigint | null, epsilon: number, inverseFrequencies: bigint | null,
   ): void;
-  attention(
-    out: bigint, queries: bigint, rowSequence: bigint, rowPosition: bigint, cacheBase: bigint, cacheCapacity: bigint, rows: number, sequences: number,
-    heads: number, kvHeads: number, headSize: number, cacheType: number, layer: number, window: number,
-  ): void;
+  attention(out: bigint, queries: bigint, layout: NativeStepLayout, heads: number, kvHeads: number, headSize: number, cacheType: number, layer: number, window: number): void;
   copyCache(target: bigint, targetCapacity: number, source: bigint, sourceCapacity: number, length: number, rowSize: number, layers: number, cacheType: number): void;
   /** All of source's bytes to target; returns once copied. */
   upload(target: bigint, source: ArrayBufferView | ArrayBuffer): void;

@@ -12,7 +12,7 @@
 import { InvalidArgumentError, TrellisError } from '../errors.js';
 import { cuda } from '../gpu/cuda.js';
 import type { DeviceMemory } from '../gpu/cuda-types.js';
-import { native, type NativeDeviceKernels } from '../native.js';
+import { native, type NativeDeviceKernels, type NativeStepLayout } from '../native.js';
 
 export type KernelBackend = 'cpu' | 'cuda';
 /** How a matrix or a key/value cache keeps its elements (activations are always f32). */
@@ -80,18 +80,26 @@ export interface DeviceTensor {
 /**
  * Where each row of a step stands (uploaded once a step, read by every layer's attention): for
  * each row, its sequence's index in the step and its position; for each sequence, its cache's
- * address and capacity in positions.
+ * address and capacity in positions; and how attention takes the rows: runs of a sequence's
+ * rows in tiles (first row, rows: at most TILE_ROWS each), the other rows one by one.
  */
 export interface StepLayout {
   buffer: DeviceBuffer;
   rows: number;
   sequences: number;
-  /** Byte offsets of the four arrays in the buffer. */
+  tileCount: number;
+  singleCount: number;
+  /** Byte offsets of the arrays in the buffer. */
   cacheBase: number;
   cacheCapacity: number;
   rowSequence: number;
   rowPosition: number;
+  tiles: number;
+  singleRows: number;
 }
+
+/** Most rows of one tile of attention (native/kernels/cuda's kTileRows). */
+export const TILE_ROWS = 16;
 
 export interface AttentionShape {
   heads: number;
@@ -255,7 +263,7 @@ export class DeviceKernels {
     }
     if (inverseFrequencies) requireFloat(operation, 'inverseFrequencies', inverseFrequencies, headSize / 2);
     this.#kernels.prepareAttention(
-      queries.address(), qkv.address(), ...this.#layoutArguments(layout), heads, kvHeads, headSize, ELEMENT_CODES[shape.cache], layer,
+      queries.address(), qkv.address(), this.#layoutArgument(layout), heads, kvHeads, headSize, ELEMENT_CODES[shape.cache], layer,
       norms ? norms.query.buffer.address() : null, norms ? norms.key.buffer.address() : null, norms ? norms.epsilon : 0,
       inverseFrequencies ? inverseFrequencies.buffer.address() : null,
     );
@@ -266,7 +274,7 @@ export class DeviceKernels {
     const width = layout.rows * shape.heads * shape.headSize * FLOAT;
     requireBytes('attention', 'out', out, width);
     requireBytes('attention', 'queries', queries, width);
-    this.#kernels.attention(out.address(), queries.address(), ...this.#layoutArguments(layout), shape.heads, shape.kvHeads, shape.headSize, ELEMENT_CODES[shape.cache], layer, window);
+    this.#kernels.attention(out.address(), queries.address(), this.#layoutArgument(layout), shape.heads, shape.kvHeads, shape.headSize, ELEMENT_CODES[shape.cache], layer, window);
   }
 
   /** The first `length` positions of every layer's keys and values, from one cache to another. */
@@ -293,12 +301,25 @@ export class DeviceKernels {
     this.close();
   }
 
-  #layoutArguments(layout: StepLayout): [bigint, bigint, bigint, bigint, number, number] {
-    const { buffer, rows, sequences } = layout;
+  #layoutArgument(layout: StepLayout): NativeStepLayout {
+    const { buffer, rows, sequences, tileCount, singleCount } = layout;
     requireBytes('step layout', 'rowSequence', buffer, rows * 4, layout.rowSequence);
     requireBytes('step layout', 'rowPosition', buffer, rows * 4, layout.rowPosition);
     requireBytes('step layout', 'cacheBase', buffer, sequences * 8, layout.cacheBase);
     requireBytes('step layout', 'cacheCapacity', buffer, sequences * 4, layout.cacheCapacity);
-    return [buffer.address(layout.rowSequence), buffer.address(layout.rowPosition), buffer.address(layout.cacheBase), buffer.address(layout.cacheCapacity), rows, sequences];
+    requireBytes('step layout', 'tiles', buffer, tileCount * 8, layout.tiles);
+    requireBytes('step layout', 'singleRows', buffer, singleCount * 4, layout.singleRows);
+    return {
+      rowSequence: buffer.address(layout.rowSequence),
+      rowPosition: buffer.address(layout.rowPosition),
+      cacheBase: buffer.address(layout.cacheBase),
+      cacheCapacity: buffer.address(layout.cacheCapacity),
+      tiles: tileCount > 0 ? buffer.address(layout.tiles) : null,
+      singleRows: singleCount > 0 ? buffer.address(layout.singleRows) : null,
+      rows,
+      sequences,
+      tileCount,
+      singleCount,
+    };
   }
 }

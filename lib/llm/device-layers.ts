@@ -16,7 +16,7 @@ import { InvalidArgumentError, TrellisError } from '../errors.js';
 import type { Communicator } from '../gpu/communicator.js';
 import { Tensor } from '../gpu/tensor.js';
 import type { ResolvedDecoderConfig } from './config.js';
-import { DeviceKernels, ELEMENT_BYTES, type DeviceBuffer, type DeviceTensor, type ElementType, type StepLayout } from './device-kernels.js';
+import { DeviceKernels, ELEMENT_BYTES, TILE_ROWS, type DeviceBuffer, type DeviceTensor, type ElementType, type StepLayout } from './device-kernels.js';
 import { isHalfMatrix, isQuantizedMatrix, type CacheDType, type WeightMatrix } from './kernels.js';
 import type { ShardingPlan } from './plan.js';
 import type { LayerWeights, NormWeights } from './weights.js';
@@ -388,21 +388,37 @@ export class DeviceLayers {
     }
   }
 
-  /** The step's layout, checked (every row's position inside its sequence's reserved cache) and uploaded in one buffer. */
+  /**
+   * The step's layout, checked (every row's position inside its sequence's reserved cache) and
+   * uploaded in one buffer. A sequence with several rows (a prompt's piece, a speculative draft)
+   * goes to attention in tiles of up to TILE_ROWS rows, which read their keys once together.
+   */
   #layout(sequences: readonly LayerStepSequence[], rows: number): StepLayout {
     const count = sequences.length;
+    let tileCount = 0;
+    let singleCount = 0;
+    for (const sequence of sequences) {
+      if (sequence.count > 1) tileCount += Math.ceil(sequence.count / TILE_ROWS);
+      else singleCount += sequence.count;
+    }
     // Eight-byte addresses first, then the 4-byte arrays.
     const cacheBase = 0;
     const cacheCapacity = count * 8;
     const rowSequence = cacheCapacity + count * 4;
     const rowPosition = rowSequence + rows * 4;
-    const bytes = rowPosition + rows * 4;
+    const tiles = rowPosition + rows * 4;
+    const singleRows = tiles + tileCount * 8;
+    const bytes = singleRows + singleCount * 4;
     const host = new ArrayBuffer(bytes);
     const bases = new BigUint64Array(host, cacheBase, count);
     const capacities = new Int32Array(host, cacheCapacity, count);
     const rowSequences = new Int32Array(host, rowSequence, rows);
     const rowPositions = new Int32Array(host, rowPosition, rows);
+    const tileTable = new Int32Array(host, tiles, tileCount * 2);
+    const singles = new Int32Array(host, singleRows, singleCount);
     let row = 0;
+    let tile = 0;
+    let single = 0;
     sequences.forEach((sequence, index) => {
       const cache = this.#caches.get(sequence.id);
       if (!cache || cache.capacity < sequence.past + sequence.count) {
@@ -411,6 +427,15 @@ export class DeviceLayers {
       if (cache.length !== sequence.past) throw new InvalidArgumentError(`sequence ${sequence.id} says ${sequence.past} tokens came before, this rank has read ${cache.length}`, 'ERR_SEQUENCE_STATE');
       bases[index] = cache.buffer.address();
       capacities[index] = cache.capacity;
+      if (sequence.count > 1) {
+        for (let first = 0; first < sequence.count; first += TILE_ROWS) {
+          tileTable[2 * tile] = row + first;
+          tileTable[2 * tile + 1] = Math.min(TILE_ROWS, sequence.count - first);
+          tile++;
+        }
+      } else if (sequence.count === 1) {
+        singles[single++] = row;
+      }
       for (let position = sequence.past; position < sequence.past + sequence.count; position++, row++) {
         rowSequences[row] = index;
         rowPositions[row] = position;
@@ -418,6 +443,6 @@ export class DeviceLayers {
     });
     const buffer = this.kernels.allocate(bytes);
     this.kernels.upload(buffer, new Uint8Array(host));
-    return { buffer, rows, sequences: count, cacheBase, cacheCapacity, rowSequence, rowPosition };
+    return { buffer, rows, sequences: count, tileCount, singleCount, cacheBase, cacheCapacity, rowSequence, rowPosition, tiles, singleRows };
   }
 }

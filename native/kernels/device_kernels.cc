@@ -185,6 +185,8 @@ constexpr unsigned kRowThreads = 256;
 constexpr unsigned kHeadThreads = 128;
 constexpr unsigned kAttentionThreads = 128;  // four warps: trellis_attention's kAttentionWarps
 constexpr int kMaxAttentionHeadSize = 256;   // trellis_attention's kMaxPerLane × 32
+constexpr int kTileRows = 16;                // trellis_attention_tiles's
+constexpr int kTileMaxHeadSize = 128;
 
 unsigned GridFor(size_t count, unsigned threads) {
   const size_t blocks = (count + threads - 1) / threads;
@@ -207,6 +209,7 @@ class CudaKernels final : public DeviceKernels {
       gelu_ = Function("trellis_gelu");
       prepare_attention_ = Function("trellis_prepare_attention");
       attention_ = Function("trellis_attention");
+      attention_tiles_ = Function("trellis_attention_tiles");
       copy_cache_ = Function("trellis_copy_cache");
       cublas::Check(blas.cublasCreate(&blas_), "cublasCreate_v2");
       cublas::Check(blas.cublasSetStream(blas_, stream_.get()), "cublasSetStream_v2");
@@ -294,9 +297,26 @@ class CudaKernels final : public DeviceKernels {
     Current();
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(shape.head_size)));
     int cache_type = static_cast<int>(shape.cache);
-    Launch(attention_, Blocks(layout.rows), static_cast<unsigned>(shape.heads), kAttentionThreads, 0, out, queries, layout.row_sequence,
-           layout.row_position, layout.cache_base, layout.cache_capacity, layer, shape.heads, shape.kv_heads, shape.head_size, window, scale,
-           cache_type);
+    const unsigned heads = static_cast<unsigned>(shape.heads);
+    if (shape.head_size > kTileMaxHeadSize) {
+      // Heads too wide for the tiles' shared memory: every row on its own.
+      uint64_t every_row = 0;
+      Launch(attention_, Blocks(layout.rows), heads, kAttentionThreads, 0, out, queries, every_row, layout.row_sequence, layout.row_position,
+             layout.cache_base, layout.cache_capacity, layer, shape.heads, shape.kv_heads, shape.head_size, window, scale, cache_type);
+      return;
+    }
+    if (layout.tile_count > 0) {
+      const size_t head = static_cast<size_t>(shape.head_size);
+      const unsigned shared = static_cast<unsigned>((kTileRows * head + 32 * (head + 1) + 32 * head + 4 * 32) * sizeof(float));
+      Launch(attention_tiles_, Blocks(layout.tile_count), heads, kAttentionThreads, shared, out, queries, layout.tiles, layout.row_sequence,
+             layout.row_position, layout.cache_base, layout.cache_capacity, layer, shape.heads, shape.kv_heads, shape.head_size, window, scale,
+             cache_type);
+    }
+    if (layout.single_count > 0) {
+      Launch(attention_, Blocks(layout.single_count), heads, kAttentionThreads, 0, out, queries, layout.single_rows, layout.row_sequence,
+             layout.row_position, layout.cache_base, layout.cache_capacity, layer, shape.heads, shape.kv_heads, shape.head_size, window, scale,
+             cache_type);
+    }
   }
 
   void CopyCache(uint64_t target, size_t target_capacity, uint64_t source, size_t source_capacity, size_t length, size_t row_size,
@@ -412,7 +432,7 @@ class CudaKernels final : public DeviceKernels {
   cuda::CUdeviceptr scratch_ = 0;
   size_t scratch_bytes_ = 0;
   cuda::CUfunction narrow_ = nullptr, add_rows_ = nullptr, rms_norm_ = nullptr, layer_norm_ = nullptr, silu_multiply_ = nullptr, gelu_ = nullptr,
-                   prepare_attention_ = nullptr, attention_ = nullptr, copy_cache_ = nullptr;
+                   prepare_attention_ = nullptr, attention_ = nullptr, attention_tiles_ = nullptr, copy_cache_ = nullptr;
 };
 
 }  // namespace

@@ -29,6 +29,12 @@ struct StepLayout {
   uint64_t cache_capacity;  // int32 per sequence: positions the cache holds
   size_t rows;
   size_t sequences;
+  // For attention: runs of a sequence's rows (int32 pairs: first row, rows; at most 16 rows
+  // each), read in tiles, and the rows outside any run (int32 each), read one by one.
+  uint64_t tiles;
+  size_t tile_count;
+  uint64_t single_rows;
+  size_t single_count;
 };
 
 struct AttentionShape {

@@ -65,15 +65,37 @@ std::pair<void*, size_t> HostBytes(const Napi::Value& value, const char* name) {
   throw InvalidArgument(std::string(name) + " must be a TypedArray or an ArrayBuffer");
 }
 
-// layout = [rowSequence, rowPosition, cacheBase, cacheCapacity] addresses, then rows, sequences.
-StepLayout LayoutArgument(const Napi::CallbackInfo& info, size_t first) {
+// layout = { rowSequence, rowPosition, cacheBase, cacheCapacity, tiles, singleRows: addresses;
+//            rows, sequences, tileCount, singleCount }
+StepLayout LayoutArgument(const Napi::CallbackInfo& info, size_t index) {
+  if (!info[index].IsObject()) throw InvalidArgument("layout must be an object");
+  const Napi::Object object = info[index].As<Napi::Object>();
+  auto address = [&](const char* name) -> uint64_t {
+    const Napi::Value value = object.Get(name);
+    if (value.IsNull() || value.IsUndefined()) return 0;
+    if (!value.IsBigInt()) throw InvalidArgument(std::string("layout.") + name + " must be a bigint address");
+    bool lossless = false;
+    const uint64_t result = value.As<Napi::BigInt>().Uint64Value(&lossless);
+    if (!lossless) throw InvalidArgument(std::string("layout.") + name + " is not a 64-bit address");
+    return result;
+  };
+  auto count = [&](const char* name) -> size_t {
+    const Napi::Value value = object.Get(name);
+    const double number = value.IsNumber() ? value.As<Napi::Number>().DoubleValue() : -1;
+    if (!(number >= 0) || number != std::floor(number) || number > 2147483647.0) throw InvalidArgument(std::string("layout.") + name + " must be a count");
+    return static_cast<size_t>(number);
+  };
   StepLayout layout{};
-  layout.row_sequence = AddressArgument(info, first, "rowSequence");
-  layout.row_position = AddressArgument(info, first + 1, "rowPosition");
-  layout.cache_base = AddressArgument(info, first + 2, "cacheBase");
-  layout.cache_capacity = AddressArgument(info, first + 3, "cacheCapacity");
-  layout.rows = SizeArgument(info, first + 4, "rows");
-  layout.sequences = SizeArgument(info, first + 5, "sequences");
+  layout.row_sequence = address("rowSequence");
+  layout.row_position = address("rowPosition");
+  layout.cache_base = address("cacheBase");
+  layout.cache_capacity = address("cacheCapacity");
+  layout.tiles = address("tiles");
+  layout.single_rows = address("singleRows");
+  layout.rows = count("rows");
+  layout.sequences = count("sequences");
+  layout.tile_count = count("tileCount");
+  layout.single_count = count("singleCount");
   return layout;
 }
 
@@ -185,22 +207,20 @@ class DeviceKernelsObject : public Napi::ObjectWrap<DeviceKernelsObject> {
     return Run(info, [&](DeviceKernels& k) { k.Gelu(AddressArgument(info, 0, "x"), SizeArgument(info, 1, "count")); });
   }
 
-  // prepareAttention(queries, qkv, rowSequence, rowPosition, cacheBase, cacheCapacity, rows, sequences,
-  //                  heads, kvHeads, headSize, cacheType, layer, queryNorm, keyNorm, epsilon, inverseFrequencies)
+  // prepareAttention(queries, qkv, layout, heads, kvHeads, headSize, cacheType, layer, queryNorm, keyNorm, epsilon, inverseFrequencies)
   Napi::Value PrepareAttention(const Napi::CallbackInfo& info) {
     return Run(info, [&](DeviceKernels& k) {
-      k.PrepareAttention(AddressArgument(info, 0, "queries"), AddressArgument(info, 1, "qkv"), LayoutArgument(info, 2), ShapeArgument(info, 8),
-                         IntArgument(info, 12, "layer"), AddressArgument(info, 13, "queryNorm"), AddressArgument(info, 14, "keyNorm"),
-                         FloatArgument(info, 15, "epsilon"), AddressArgument(info, 16, "inverseFrequencies"));
+      k.PrepareAttention(AddressArgument(info, 0, "queries"), AddressArgument(info, 1, "qkv"), LayoutArgument(info, 2), ShapeArgument(info, 3),
+                         IntArgument(info, 7, "layer"), AddressArgument(info, 8, "queryNorm"), AddressArgument(info, 9, "keyNorm"),
+                         FloatArgument(info, 10, "epsilon"), AddressArgument(info, 11, "inverseFrequencies"));
     });
   }
 
-  // attention(out, queries, rowSequence, rowPosition, cacheBase, cacheCapacity, rows, sequences,
-  //           heads, kvHeads, headSize, cacheType, layer, window)
+  // attention(out, queries, layout, heads, kvHeads, headSize, cacheType, layer, window)
   Napi::Value Attention(const Napi::CallbackInfo& info) {
     return Run(info, [&](DeviceKernels& k) {
-      k.Attention(AddressArgument(info, 0, "out"), AddressArgument(info, 1, "queries"), LayoutArgument(info, 2), ShapeArgument(info, 8),
-                  IntArgument(info, 12, "layer"), IntArgument(info, 13, "window"));
+      k.Attention(AddressArgument(info, 0, "out"), AddressArgument(info, 1, "queries"), LayoutArgument(info, 2), ShapeArgument(info, 3),
+                  IntArgument(info, 7, "layer"), IntArgument(info, 8, "window"));
     });
   }
 

@@ -189,21 +189,23 @@ __global__ void trellis_prepare_attention(float* queries, const float* qkv, cons
   for (int index = threadIdx.x; index < head_size; index += blockDim.x) StoreElement(base, first + index, cache_type, head[index]);
 }
 
-// Causal grouped-query attention of every row of the step against its sequence's cache (which
-// already holds the step's own keys and values). Grid: (rows, heads); four warps a block, each
+// Causal grouped-query attention of rows of the step against their sequences' caches (which
+// already hold the step's own keys and values), one row a block: the rows of `row_list` (null:
+// every row of the step, block x being the row). Grid: (rows, heads); four warps a block, each
 // taking every fourth key with a running (online) softmax, the lanes splitting the head's
 // elements; the warps' partial results are merged at the end. A row at position p attends to
-// keys [max(0, p - window + 1), p] (window 0: from 0). head_size at most 256.
+// keys [max(0, p - window + 1), p] (window 0: from 0). head_size at most 256. For decoding (one
+// row a sequence); prompts' runs of rows go to trellis_attention_tiles.
 constexpr int kAttentionWarps = 4;
 constexpr int kMaxPerLane = 8;
 
-__global__ void trellis_attention(float* out, const float* queries, const int* row_sequence, const int* row_position,
+__global__ void trellis_attention(float* out, const float* queries, const int* row_list, const int* row_sequence, const int* row_position,
                                   const unsigned long long* cache_base, const int* cache_capacity, int layer, int heads, int kv_heads,
                                   int head_size, int window, float scale, int cache_type) {
   __shared__ float warp_max[kAttentionWarps];
   __shared__ float warp_sum[kAttentionWarps];
   __shared__ float warp_acc[kAttentionWarps][kMaxPerLane * 32];
-  const int row = blockIdx.x;
+  const int row = row_list != nullptr ? row_list[blockIdx.x] : static_cast<int>(blockIdx.x);
   const int head = blockIdx.y;
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -273,6 +275,122 @@ __global__ void trellis_attention(float* out, const float* queries, const int* r
     float value = 0.f;
     for (int index = 0; index < kAttentionWarps; index++) value += warp_acc[index][element] * factors[index];
     target[element] = value / total_sum;
+  }
+}
+
+// Attention for runs of a prompt's rows: each block takes a tile of up to kTileRows consecutive
+// rows of one sequence (tiles: pairs of first row and row count) for one head, and reads the keys
+// and values they need once for all of them, 32 at a time into shared memory, instead of once a
+// row. Each warp owns every fourth row of the tile; a lane scores one key of the chunk against a
+// row (no reduction per key), the warp takes the chunk's maximum and sum with shuffles, and each
+// lane accumulates its elements of the head over the chunk's values. Rows see only their own
+// causal (and window) keys. head_size at most kTileMaxHead; dynamic shared memory:
+// kTileRows·head_size (queries) + 32·(head_size + 1) (keys, padded against bank conflicts)
+// + 32·head_size (values) + kAttentionWarps·32 (weights) floats.
+constexpr int kTileRows = 16;
+constexpr int kTileMaxHead = 128;
+constexpr int kTileRowsPerWarp = kTileRows / kAttentionWarps;
+constexpr int kTileElementsPerLane = kTileMaxHead / 32;
+
+__global__ void trellis_attention_tiles(float* out, const float* queries, const int* tiles, const int* row_sequence, const int* row_position,
+                                        const unsigned long long* cache_base, const int* cache_capacity, int layer, int heads, int kv_heads,
+                                        int head_size, int window, float scale, int cache_type) {
+  TRELLIS_DYNAMIC_SHARED(float, tile_shared);
+  float* query_tile = tile_shared;                                 // [kTileRows][head_size]
+  float* key_chunk = query_tile + kTileRows * head_size;           // [32][head_size + 1]
+  float* value_chunk = key_chunk + 32 * (head_size + 1);           // [32][head_size]
+  float* weights = value_chunk + 32 * head_size;                   // [warps][32]
+  const int first = tiles[2 * blockIdx.x];
+  const int count = tiles[2 * blockIdx.x + 1];
+  const int head = blockIdx.y;
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int kv_head = head / (heads / kv_heads);
+  const int sequence = row_sequence[first];
+  const int first_position = row_position[first];
+  const int last_position = first_position + count - 1;
+  const size_t capacity = static_cast<size_t>(cache_capacity[sequence]);
+  const size_t row_size = static_cast<size_t>(kv_heads) * head_size;
+  const void* base = reinterpret_cast<const void*>(cache_base[sequence]);
+  const size_t keys = (static_cast<size_t>(layer) * 2) * capacity * row_size + static_cast<size_t>(kv_head) * head_size;
+  const size_t values = (static_cast<size_t>(layer) * 2 + 1) * capacity * row_size + static_cast<size_t>(kv_head) * head_size;
+
+  for (int index = threadIdx.x; index < count * head_size; index += blockDim.x) {
+    const int row = index / head_size;
+    const int element = index % head_size;
+    query_tile[row * head_size + element] = queries[(static_cast<size_t>(first + row) * heads + head) * head_size + element] * scale;
+  }
+  float running_max[kTileRowsPerWarp];
+  float running_sum[kTileRowsPerWarp];
+  float acc[kTileRowsPerWarp][kTileElementsPerLane];
+#pragma unroll
+  for (int slot = 0; slot < kTileRowsPerWarp; slot++) {
+    running_max[slot] = -INFINITY;
+    running_sum[slot] = 0.f;
+#pragma unroll
+    for (int part = 0; part < kTileElementsPerLane; part++) acc[slot][part] = 0.f;
+  }
+  const int start = window > 0 ? max(0, first_position - window + 1) : 0;
+  for (int chunk = start; chunk <= last_position; chunk += 32) {
+    __syncthreads();  // the previous chunk is no longer read (and the queries are in place)
+    for (int index = threadIdx.x; index < 32 * head_size; index += blockDim.x) {
+      const int key = index / head_size;
+      const int element = index % head_size;
+      const int position = chunk + key;
+      const bool present = position <= last_position;
+      const size_t at = static_cast<size_t>(position) * row_size + element;
+      key_chunk[key * (head_size + 1) + element] = present ? LoadElement(base, keys + at, cache_type) : 0.f;
+      value_chunk[key * head_size + element] = present ? LoadElement(base, values + at, cache_type) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int slot = 0; slot < kTileRowsPerWarp; slot++) {
+      const int row = warp + slot * kAttentionWarps;
+      if (row >= count) continue;  // the same for the whole warp
+      const int position = first_position + row;
+      const int key_position = chunk + lane;
+      const int lowest = window > 0 ? position - window + 1 : 0;
+      const bool visible = key_position <= position && key_position >= lowest;
+      float score = -INFINITY;
+      if (visible) {
+        score = 0.f;
+        const float* query = query_tile + row * head_size;
+        const float* key = key_chunk + lane * (head_size + 1);
+        for (int element = 0; element < head_size; element++) score += query[element] * key[element];
+      }
+      float chunk_max = score;
+      for (int offset = 16; offset > 0; offset >>= 1) chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, offset));
+      if (chunk_max == -INFINITY) continue;  // no key of this chunk is visible to the row (uniform in the warp)
+      const float next_max = fmaxf(running_max[slot], chunk_max);
+      const float correction = __expf(running_max[slot] - next_max);
+      const float weight = visible ? __expf(score - next_max) : 0.f;
+      float weight_sum = weight;
+      for (int offset = 16; offset > 0; offset >>= 1) weight_sum += __shfl_xor_sync(0xffffffffu, weight_sum, offset);
+      running_sum[slot] = running_sum[slot] * correction + weight_sum;
+      running_max[slot] = next_max;
+      weights[warp * 32 + lane] = weight;
+      __syncwarp(0xffffffffu);
+#pragma unroll
+      for (int part = 0; part < kTileElementsPerLane; part++) {
+        const int element = lane + part * 32;
+        if (element >= head_size) continue;
+        float value = acc[slot][part] * correction;
+        for (int key = 0; key < 32; key++) value += weights[warp * 32 + key] * value_chunk[key * head_size + element];
+        acc[slot][part] = value;
+      }
+      __syncwarp(0xffffffffu);  // the weights are read before the next row writes them
+    }
+  }
+#pragma unroll
+  for (int slot = 0; slot < kTileRowsPerWarp; slot++) {
+    const int row = warp + slot * kAttentionWarps;
+    if (row >= count) continue;
+    float* target = out + (static_cast<size_t>(first + row) * heads + head) * head_size;
+#pragma unroll
+    for (int part = 0; part < kTileElementsPerLane; part++) {
+      const int element = lane + part * 32;
+      if (element < head_size) target[element] = acc[slot][part] / running_sum[slot];
+    }
   }
 }
 

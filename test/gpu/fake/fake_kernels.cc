@@ -46,6 +46,7 @@ const std::vector<Kernel>& Kernels() {
       Make("trellis_gelu", trellis_gelu),
       Make("trellis_prepare_attention", trellis_prepare_attention),
       Make("trellis_attention", trellis_attention),
+      Make("trellis_attention_tiles", trellis_attention_tiles),
       Make("trellis_copy_cache", trellis_copy_cache),
   };
   return kernels;

@@ -152,6 +152,8 @@ inline void Run(EmulatedDim grid, EmulatedDim block, size_t shared_bytes, const 
 
 inline void __syncthreads() { trellis_emulation::Arrive(0); }
 
+inline void __syncwarp(unsigned) { trellis_emulation::Arrive(1 + threadIdx.x / 32); }
+
 inline float __shfl_xor_sync(unsigned, float value, int offset) {
   trellis_emulation::Launch& launch = *trellis_emulation::active;
   const unsigned thread = threadIdx.x;
