@@ -21,6 +21,9 @@ import { isHalfMatrix, isQuantizedMatrix, type CacheDType, type WeightMatrix } f
 import type { ShardingPlan } from './plan.js';
 import type { LayerWeights, NormWeights } from './weights.js';
 
+/** Positions a device cache grows by. */
+export const CACHE_GRANULE = 64;
+
 interface DeviceNorm {
   gamma: DeviceTensor;
   beta?: DeviceTensor;
@@ -191,11 +194,36 @@ export class DeviceLayers {
     if (cache && length < cache.length) cache.length = length;
   }
 
-  /** Room for `length` positions of sequence `id`, grown by doubling (a new sequence starts empty). */
+  /** Bytes one position of one sequence takes in this rank's cache (every layer's keys and values). */
+  get bytesPerPosition(): number {
+    return this.#layers.length * 2 * this.#rowSize * ELEMENT_BYTES[this.cacheType];
+  }
+
+  /**
+   * Device memory a step of `tokens` rows and `sequences` sequences takes besides the caches: the
+   * layers' activations, the narrowed inputs of 16-bit matrices, the step's table, the head's logits.
+   */
+  stepBytes(tokens: number, sequences: number): number {
+    const { hiddenSize } = this.config;
+    const { headSize, headsPerRank, keyValueHeadsPerRank, intermediatePerRank, vocabularyPerRank } = this.plan;
+    const queryWidth = headsPerRank * headSize;
+    const rowWidth = queryWidth + 2 * keyValueHeadsPerRank * headSize;
+    const floats = tokens * (3 * hiddenSize + rowWidth + 2 * queryWidth + 2 * intermediatePerRank);
+    const narrowed = tokens * Math.max(hiddenSize, intermediatePerRank, queryWidth) * 2;
+    const table = sequences * 12 + tokens * 12;
+    const head = sequences * (hiddenSize + vocabularyPerRank) * 4;
+    return floats * 4 + narrowed + table + head;
+  }
+
+  /**
+   * Room for `length` positions of sequence `id`. Grown in steps of CACHE_GRANULE positions (not
+   * by doubling, which leaves a quarter of a GPU's cache unused on average); a growth copies what
+   * the sequence has, once every CACHE_GRANULE positions.
+   */
   reserve(id: number, length: number): void {
     const cache = this.#caches.get(id);
     if (cache && cache.capacity >= length) return;
-    const capacity = Math.min(this.config.maxPositions, Math.max(16, 2 ** Math.ceil(Math.log2(Math.max(1, length)))));
+    const capacity = Math.min(this.config.maxPositions, Math.max(CACHE_GRANULE, Math.ceil(length / CACHE_GRANULE) * CACHE_GRANULE));
     const buffer = this.kernels.allocate(this.#layers.length * 2 * capacity * this.#rowSize * ELEMENT_BYTES[this.cacheType]);
     if (cache) {
       this.kernels.copyCache(buffer, capacity, cache.buffer, cache.capacity, cache.length, this.#rowSize, this.#layers.length, this.cacheType);

@@ -26,8 +26,9 @@ import { checkSampling, needsHistory, type SamplingParameters } from './sampling
 import { resolveCacheDType, type StepMessage, type StepResult, type StepSequence } from './shard.js';
 import type { CacheDType, WeightDType } from './kernels.js';
 import { checkCheckpoint, languageHead, resolveWeightDType } from './weights.js';
-import { RemoteShardWorker, type ShardWorker } from './shard-worker.js';
+import { RemoteShardWorker, type ShardLoaded, type ShardWorker } from './shard-worker.js';
 import type { KernelBackend } from './device-kernels.js';
+import { CACHE_GRANULE } from './device-layers.js';
 import { TokenMask } from './guided/token-mask.js';
 import { readAdapter, type AdapterInfo } from './lora.js';
 import { checkSpeculation, proposeTokens, type Speculation, type SpeculationOptions } from './speculation.js';
@@ -57,6 +58,12 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    * kernels' results bit for bit: for checking that path on hosts without a GPU.
    */
   layerBackend?: KernelBackend;
+  /**
+   * On device 'cuda': the share of each GPU's memory the replica may use (default 0.9, as vLLM's
+   * gpu_memory_utilization). What the weights and a full step's activations leave of it sets the
+   * default maxCacheTokens, from the rank with the least room.
+   */
+  gpuMemoryUtilization?: number;
   /**
    * Threads each rank's matmuls and attention use (default: numCpusPerRank, at least 1). Results
    * do not depend on it: every output is computed by one thread in one order.
@@ -535,6 +542,8 @@ export class ModelReplica {
     // One position of every layer's keys and values, over all ranks together.
     const bytesPerPosition = config.numLayers * 2 * config.numKeyValueHeads * config.headSize * (kvCacheDtype === 'f32' ? 4 : 2);
     limits.maxCacheTokens = positiveInteger(options.maxCacheTokens, 'maxCacheTokens', Math.max(config.maxPositions, Math.floor((0.25 * totalmem()) / bytesPerPosition)));
+    const utilization = options.gpuMemoryUtilization ?? 0.9;
+    if (typeof utilization !== 'number' || !(utilization > 0 && utilization <= 1)) throw new InvalidArgumentError(`gpuMemoryUtilization must be a number in (0, 1], got ${String(options.gpuMemoryUtilization)}`);
 
     const ranks = plan.tensorParallel * plan.pipelineParallel;
     const id = newObjectId().slice(0, 12);
@@ -572,8 +581,10 @@ export class ModelReplica {
         groups.push(await createCollectiveGroup(workers[stage.index], { backend: device === 'cuda' ? 'nccl' : 'cpu', name }));
         groupNames.push(name);
       }
+      const step = { tokens: limits.maxTokens, sequences: limits.maxSequences };
       const loaded = (await get(plan.stages.flatMap((stage) => workers[stage.index].map((worker, rank) =>
-        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype, ...(layerBackend ? { layers: layerBackend } : {}) }, groupNames[stage.index], threads))))) as Array<{ weightBytes: number }>;
+        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype, ...(layerBackend ? { layers: layerBackend } : {}) }, groupNames[stage.index], threads, step))))) as ShardLoaded[];
+      if (options.maxCacheTokens === undefined && loaded.some((part) => part.device)) limits.maxCacheTokens = deviceCacheBudget(loaded, utilization, limits.maxSequences);
       const input = new InputNode();
       // Rank r of each stage feeds rank r of the next: after the stage's allreduce every rank
       // holds the same hidden states, and each channel then has exactly one reader.
@@ -1221,4 +1232,25 @@ export class ModelReplica {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
   }
+}
+
+/**
+ * Positions the GPU ranks' caches can hold together: on each rank, its share of the device's
+ * memory less what is already used (weights, other processes) and a full step's activations,
+ * over what a position takes there; the rank with the least room decides. Each running sequence
+ * may hold up to a granule of positions it has not used yet.
+ */
+function deviceCacheBudget(loaded: ShardLoaded[], utilization: number, maxSequences: number): number {
+  let budget = Infinity;
+  for (const part of loaded) {
+    if (!part.device) continue;
+    const { freeBytes, totalBytes, bytesPerPosition, stepBytes } = part.device;
+    const usable = freeBytes - totalBytes * (1 - utilization) - stepBytes;
+    budget = Math.min(budget, Math.floor(usable / bytesPerPosition) - maxSequences * CACHE_GRANULE);
+  }
+  if (!(budget > 0)) {
+    const tightest = loaded.find((part) => part.device)!.device!;
+    throw new ModelLoadError('ERR_DEVICE_MEMORY', `the weights leave no room for a key/value cache on the GPU: ${Math.round(tightest.freeBytes / 2 ** 20)} MiB free of ${Math.round(tightest.totalBytes / 2 ** 20)} MiB, a step needs ${Math.round(tightest.stepBytes / 2 ** 20)} MiB and ${maxSequences} sequences at least ${Math.round((maxSequences * CACHE_GRANULE * tightest.bytesPerPosition) / 2 ** 20)} MiB (raise gpuMemoryUtilization, lower maxTokensPerStep or maxSequencesPerStep, or cut the model more ways)`, {});
+  }
+  return budget;
 }

@@ -8,6 +8,12 @@ import { getCommunicator } from '../gpu/collective.js';
 import { setKernelThreads } from './kernels.js';
 import { DecoderShard, type ShardSpec, type StepMessage, type StepResult } from './shard.js';
 
+/** What a rank reports once loaded: its weights' bytes, and on a GPU what is left for the cache. */
+export interface ShardLoaded {
+  weightBytes: number;
+  device?: { freeBytes: number; totalBytes: number; bytesPerPosition: number; stepBytes: number };
+}
+
 export class ShardWorker {
   #shard: DecoderShard | undefined;
 
@@ -15,10 +21,11 @@ export class ShardWorker {
    * Reads this rank's weights; `group` names the stage's tensor-parallel group, when it has one.
    * `threads`: the threads this rank's kernels use (its process holds one rank).
    */
-  async load(spec: ShardSpec, group?: string, threads = 1): Promise<{ weightBytes: number }> {
+  async load(spec: ShardSpec, group?: string, threads = 1, step?: { tokens: number; sequences: number }): Promise<ShardLoaded> {
     setKernelThreads(threads);
     this.#shard = await DecoderShard.load(spec, group ? getCommunicator(group) : undefined);
-    return { weightBytes: this.#shard.weightBytes };
+    const device = step ? this.#shard.deviceMemory(step.tokens, step.sequences) : undefined;
+    return { weightBytes: this.#shard.weightBytes, ...(device ? { device } : {}) };
   }
 
   /**

@@ -16,6 +16,7 @@ import { loadShardWeights, resolveWeightDType, type ExpertMlp, type LayerWeights
 import { loadShardAdapter, type AdapterInfo, type LayerAdapter, type LowRankUpdate } from './lora.js';
 import { DeviceKernels, type KernelBackend } from './device-kernels.js';
 import { DeviceLayers } from './device-layers.js';
+import { cuda } from '../gpu/cuda.js';
 
 /** A sequence's part in one step: `count` new tokens after the `past` it has already read. */
 export interface StepSequence {
@@ -200,6 +201,18 @@ export class DecoderShard {
       kernels.close();
       throw error;
     }
+  }
+
+  /**
+   * On a GPU: the device's memory after this rank's weights, what a position of cache takes, and
+   * what a step of `tokens` rows and `sequences` sequences takes besides the caches (for the
+   * replica's cache budget). undefined for ranks whose memory is the host's.
+   */
+  deviceMemory(tokens: number, sequences: number): { freeBytes: number; totalBytes: number; bytesPerPosition: number; stepBytes: number } | undefined {
+    const device = this.#device;
+    if (!device || device.kernels.backend !== 'cuda') return undefined;
+    const info = cuda.devices()[device.kernels.device];
+    return { freeBytes: info.freeMemory, totalBytes: info.totalMemory, bytesPerPosition: device.bytesPerPosition, stepBytes: device.stepBytes(tokens, sequences) };
   }
 
   /** Gives back a device's memory, stream and kernels (the CPU decoder holds nothing to give back). */

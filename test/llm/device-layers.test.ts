@@ -19,10 +19,10 @@ import { QWEN3, runSteps } from './fixtures/device-steps.js';
 import { randomWeights, referenceGenerate, TINY, TINY_LLAMA, writeCheckpoint } from './fixtures/decoders.js';
 
 /** Runs a fixtures/ script in a child process (so it and its workers load the driver its env names), returning its JSON report. */
-function deviceScenario(env: Record<string, string>, script = 'device-scenario.ts'): Promise<any> {
+function deviceScenario(env: Record<string, string>, script = 'device-scenario.ts', args: string[] = []): Promise<any> {
   const childEnv: NodeJS.ProcessEnv = { ...process.env, ...env };
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', new URL(`./fixtures/${script}`, import.meta.url).pathname], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, ['--import', 'tsx', new URL(`./fixtures/${script}`, import.meta.url).pathname, ...args], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (chunk) => (stdout += chunk));
@@ -178,6 +178,15 @@ describe('the CUDA kernels against the host twin', () => {
     expect(fromDriver).toEqual(reference);
     expect(fromProcessor).toEqual(reference);
   }, 180_000);
+
+  it.skipIf(!fake.path)("sizes a GPU replica's cache from the memory its weights and a full step leave, and refuses a GPU too small for any", async () => {
+    // TINY_LLAMA: a position of all three layers' keys and values is 3 · 2 · 2 heads · 6 · 4 bytes.
+    const roomy = await deviceScenario({ ...fakeEnv(), FAKE_CUDA_MEMORY_LIMIT: String(64 * 2 ** 20) }, 'device-replica-scenario.ts', ['budget']);
+    expect(roomy.maxCacheTokens).toBeGreaterThan(150_000);
+    expect(roomy.maxCacheTokens).toBeLessThan((0.9 * 64 * 2 ** 20) / 288);
+    const tiny = await deviceScenario({ ...fakeEnv(), FAKE_CUDA_MEMORY_LIMIT: String(2 * 2 ** 20) }, 'device-replica-scenario.ts', ['budget']);
+    expect(tiny).toMatchObject({ error: 'ERR_DEVICE_MEMORY', message: expect.stringContaining('gpuMemoryUtilization') });
+  }, 120_000);
 
   const fourGpus = cuda.available && cuda.deviceCount() >= 4;
   it.skipIf(!fourGpus)(`the same replica on four GPUs${fourGpus ? '' : ' (skipped: needs four GPUs)'}`, async () => {

@@ -138,7 +138,11 @@ CUresult cuDeviceGetAttribute(int* value, int attribute, int) {
   *value = attribute == 75 ? 9 : attribute == 76 ? 0 : 0;
   return kSuccess;
 }
-CUresult cuDeviceTotalMem_v2(size_t* bytes, int) { *bytes = 80ull << 30; return kSuccess; }
+CUresult cuDeviceTotalMem_v2(size_t* bytes, int) {
+  const char* limit = std::getenv("FAKE_CUDA_MEMORY_LIMIT");
+  *bytes = limit ? std::strtoull(limit, nullptr, 10) : 80ull << 30;
+  return kSuccess;
+}
 CUresult cuDeviceGetUuid_v2(char* uuid, int device) {
   for (int i = 0; i < 16; ++i) uuid[i] = static_cast<char>(0x10 * device + i);
   return kSuccess;
@@ -151,8 +155,10 @@ CUresult cuCtxSetCurrent(void* context) { current = context; return kSuccess; }
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
   if (current == nullptr) return kInvalidContext;
   std::lock_guard<std::mutex> lock(mutex);
-  *total = 80ull << 30;
-  *free_bytes = *total - total_allocated;
+  // A memory limit is the device's size, as far as anyone asking is concerned.
+  const char* limit = std::getenv("FAKE_CUDA_MEMORY_LIMIT");
+  *total = limit ? std::strtoull(limit, nullptr, 10) : 80ull << 30;
+  *free_bytes = *total > total_allocated ? *total - total_allocated : 0;
   return kSuccess;
 }
 CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t size) {
