@@ -15,6 +15,7 @@
 import { InvalidArgumentError, TrellisError } from '../errors.js';
 import type { Communicator } from '../gpu/communicator.js';
 import { Tensor } from '../gpu/tensor.js';
+import { cuda } from '../gpu/cuda.js';
 import type { ResolvedDecoderConfig } from './config.js';
 import { DeviceKernels, ELEMENT_BYTES, TILE_ROWS, type DeviceBuffer, type DeviceTensor, type ElementType, type StepLayout } from './device-kernels.js';
 import { isHalfMatrix, isQuantizedMatrix, type CacheDType, type WeightMatrix } from './kernels.js';
@@ -97,6 +98,8 @@ export class DeviceLayers {
   readonly #communicator: Communicator | undefined;
   readonly #caches = new Map<number, DeviceCache>();
   readonly #tensors: DeviceTensor[] = [];
+  /** Page-locked host memory the head's logits come back into (GPU only). */
+  #pinned: Float32Array | undefined;
   #closed = false;
 
   private constructor(kernels: DeviceKernels, options: DeviceLayersOptions) {
@@ -348,19 +351,25 @@ export class DeviceLayers {
     for (const sequence of sequences) this.#caches.get(sequence.id)!.length = sequence.past + sequence.count;
   }
 
-  /** This rank's slice of the logits, [rows, vocabularyPerRank], for final-normed hidden states [rows, hiddenSize]. */
-  headLogits(out: Float32Array, normed: Float32Array, rows: number): void {
+  /**
+   * This rank's slice of the logits, [rows, vocabularyPerRank], for final-normed hidden states
+   * [rows, hiddenSize]. On a GPU they land in page-locked host memory (a 150,000-token vocabulary
+   * is 38 MB for 64 rows, four times quicker to copy there than into ordinary memory), reused by
+   * the next call: read them before it.
+   */
+  headLogits(normed: Float32Array, rows: number): Float32Array {
     if (!this.#head) throw new TrellisError('ERR_NO_LM_HEAD', 'this rank holds no language-model head');
     const size = this.config.hiddenSize;
     const slice = this.plan.vocabularyPerRank;
-    if (normed.length < rows * size || out.length < rows * slice) throw new InvalidArgumentError(`headLogits: ${rows} rows need ${rows * size} inputs and ${rows * slice} outputs`);
-    if (rows === 0) return;
+    if (normed.length < rows * size) throw new InvalidArgumentError(`headLogits: ${rows} rows need ${rows * size} inputs, got ${normed.length}`);
+    const out = this.#staging(rows * slice);
+    if (rows === 0) return out;
     const input = this.kernels.allocate(rows * size * 4);
     const logits = this.kernels.allocate(rows * slice * 4);
     try {
       this.kernels.upload(input, normed.subarray(0, rows * size));
       this.kernels.linear(logits, input, this.#head, null, rows, size, slice);
-      this.kernels.download(out.subarray(0, rows * slice), logits);
+      this.kernels.download(out, logits);
     } finally {
       try {
         this.kernels.synchronize();
@@ -369,6 +378,19 @@ export class DeviceLayers {
         logits.free();
       }
     }
+    return out;
+  }
+
+  /** `length` floats of host memory the device copies into: page-locked and reused on a GPU, a new array for the host twin. */
+  #staging(length: number): Float32Array {
+    if (this.kernels.backend !== 'cuda') return new Float32Array(length);
+    if (!this.#pinned || this.#pinned.length < length) {
+      // Grown by half again each time, so a slowly growing batch does not page-lock anew each step.
+      const floats = Math.max(length, Math.ceil((this.#pinned?.length ?? 0) * 1.5));
+      const bytes = cuda.allocateHost(floats * 4);
+      this.#pinned = new Float32Array(bytes.buffer, bytes.byteOffset, floats);
+    }
+    return this.#pinned.subarray(0, length);
   }
 
   /** Frees the weights and every cache; the kernels stay with their owner. */
@@ -378,6 +400,7 @@ export class DeviceLayers {
     for (const cache of this.#caches.values()) cache.buffer.free();
     this.#caches.clear();
     for (const tensor of this.#tensors) tensor.buffer.free();
+    this.#pinned = undefined;
   }
 
   [Symbol.dispose](): void {

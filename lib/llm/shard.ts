@@ -683,8 +683,7 @@ export class DecoderShard {
     const slice = plan.vocabularyPerRank;
     const first = this.spec.rank * slice;
     const valid = Math.max(0, Math.min(slice, config.vocabSize - first));
-    const local = new Float32Array(rows.length * slice);
-    this.#headMatmul(local, normed, rows.length);
+    const local = this.#headMatmul(normed, rows.length);
     const stats = new Float32Array(rows.length * 3);
     for (let index = 0; index < rows.length; index++) {
       const logits = local.subarray(index * slice, index * slice + valid);
@@ -760,8 +759,7 @@ export class DecoderShard {
     rows.forEach((row, index) => selected.set(hidden.subarray(row * size, (row + 1) * size), index * size));
     this.#norm(selected, selected, this.#weights.finalNorm!, count);
     const slice = plan.vocabularyPerRank;
-    const local = new Float32Array(count * slice);
-    this.#headMatmul(local, selected, count);
+    const local = this.#headMatmul(selected, count);
     let gathered = local;
     if (plan.tensorParallel > 1) {
       gathered = new Float32Array(plan.tensorParallel * count * slice);
@@ -820,10 +818,15 @@ export class DecoderShard {
     return tokens;
   }
 
-  /** This rank's slice of the logits of `rows` final-normed rows: on the device when the layers are there. */
-  #headMatmul(out: Float32Array, normed: Float32Array, rows: number): void {
-    if (this.#device?.hasHead) this.#device.headLogits(out, normed, rows);
-    else linear(out, normed, this.#head(), null, rows, this.config.hiddenSize, this.spec.plan.vocabularyPerRank);
+  /**
+   * This rank's slice of the logits of `rows` final-normed rows, [rows, vocabularyPerRank]: on
+   * the device when the layers are there, in a buffer it reuses (read it before the next call).
+   */
+  #headMatmul(normed: Float32Array, rows: number): Float32Array {
+    if (this.#device?.hasHead) return this.#device.headLogits(normed, rows);
+    const out = new Float32Array(rows * this.spec.plan.vocabularyPerRank);
+    linear(out, normed, this.#head(), null, rows, this.config.hiddenSize, this.spec.plan.vocabularyPerRank);
+    return out;
   }
 
   /** Host arrays gathered over the stage's ranks, through the device when the group is NCCL's. */
