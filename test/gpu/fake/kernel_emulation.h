@@ -1,6 +1,7 @@
 // Runs CUDA kernels written in the subset native/kernels/cuda uses on the host, for the fake
-// driver (fake_kernels.cc): each block's threads are fibers (ucontext) on the launching thread,
-// switched at barriers. __syncthreads is a barrier of the block, a warp shuffle a barrier of the
+// driver (fake_kernels.cc): each block's threads are fibers on the launching thread, switched at
+// barriers (on x86-64 by a six-register switch of our own: ucontext's swapcontext makes a system
+// call a switch to save the signal mask, which cost most of the emulation's time). __syncthreads is a barrier of the block, a warp shuffle a barrier of the
 // warp (every lane writes its value, then reads its partner's). A block whose threads wait on a
 // barrier that can never fill is reported and aborts: a synchronisation bug the GPU would hang on.
 // Blocks run one after another, so `__shared__` variables can be function statics.
@@ -33,9 +34,43 @@ inline thread_local EmulatedDim threadIdx, blockIdx, blockDim, gridDim;
 
 namespace trellis_emulation {
 
+#if defined(__x86_64__)
+// Saves the callee-saved registers on the current stack, stores its pointer in *save, and resumes
+// the stack at `load` (saved the same way, or prepared by Prepare below).
+extern "C" void trellis_emulation_switch(void** save, void* load);
+asm(R"(
+  .text
+  .globl trellis_emulation_switch
+  .type trellis_emulation_switch, @function
+trellis_emulation_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size trellis_emulation_switch, .-trellis_emulation_switch
+  .previous
+)");
+#endif
+
 struct Fiber {
+#if defined(__x86_64__)
+  void* stack_pointer = nullptr;
+#else
   ucontext_t context;
-  std::vector<char> stack;
+#endif
+  char* stack = nullptr;
+  size_t stack_size = 0;
   bool done = false;
   bool waiting = false;
 };
@@ -48,7 +83,11 @@ struct Barrier {
 
 struct Launch {
   std::vector<Fiber> fibers;
+#if defined(__x86_64__)
+  void* scheduler_stack_pointer = nullptr;
+#else
   ucontext_t scheduler;
+#endif
   unsigned current = 0;
   std::vector<Barrier> barriers;  // 0: the block; 1 + w: warp w
   std::vector<float> exchange;    // one slot per thread, for shuffles
@@ -59,6 +98,27 @@ struct Launch {
 inline thread_local Launch* active = nullptr;
 
 inline unsigned char* DynamicShared() { return active->shared.data(); }
+
+// From the running fiber back to the scheduler.
+inline void Yield() {
+  Launch& launch = *active;
+  Fiber& fiber = launch.fibers[launch.current];
+#if defined(__x86_64__)
+  trellis_emulation_switch(&fiber.stack_pointer, launch.scheduler_stack_pointer);
+#else
+  swapcontext(&fiber.context, &launch.scheduler);
+#endif
+}
+
+// From the scheduler into fiber `index`.
+inline void Resume(unsigned index) {
+  Launch& launch = *active;
+#if defined(__x86_64__)
+  trellis_emulation_switch(&launch.scheduler_stack_pointer, launch.fibers[index].stack_pointer);
+#else
+  swapcontext(&launch.scheduler, &launch.fibers[index].context);
+#endif
+}
 
 inline void Arrive(unsigned id) {
   Launch& launch = *active;
@@ -72,13 +132,36 @@ inline void Arrive(unsigned id) {
   Fiber& fiber = launch.fibers[launch.current];
   fiber.waiting = true;
   barrier.waiting.push_back(launch.current);
-  swapcontext(&fiber.context, &launch.scheduler);
+  Yield();
 }
 
 inline void Entry() {
   active->body();
   active->fibers[active->current].done = true;
-  // Returning resumes uc_link: the scheduler.
+#if defined(__x86_64__)
+  Yield();  // never resumed
+  std::abort();
+#endif
+  // (ucontext) returning resumes uc_link: the scheduler.
+}
+
+// A fresh fiber's stack: a switch into it pops six zeroed registers and returns into Entry with
+// the stack aligned as a call would leave it.
+inline void Prepare(Fiber& fiber) {
+#if defined(__x86_64__)
+  auto top = reinterpret_cast<uintptr_t>(fiber.stack + fiber.stack_size) & ~static_cast<uintptr_t>(15);
+  auto* slots = reinterpret_cast<void**>(top);
+  slots[-1] = nullptr;                                   // where Entry's own return address would be
+  slots[-2] = reinterpret_cast<void*>(&Entry);           // popped by the switch's ret
+  for (int index = 3; index <= 8; index++) slots[-index] = nullptr;  // rbp, rbx, r12-r15
+  fiber.stack_pointer = slots - 8;
+#else
+  getcontext(&fiber.context);
+  fiber.context.uc_stack.ss_sp = fiber.stack;
+  fiber.context.uc_stack.ss_size = fiber.stack_size;
+  fiber.context.uc_link = &active->scheduler;
+  makecontext(&fiber.context, Entry, 0);
+#endif
 }
 
 // Runs `body` once per thread of every block of the grid.
@@ -92,7 +175,15 @@ inline void Run(EmulatedDim grid, EmulatedDim block, size_t shared_bytes, const 
   launch.exchange.assign(threads, 0.f);
   launch.shared.assign(std::max<size_t>(shared_bytes, 16), 0);
   launch.body = body;
-  for (Fiber& fiber : launch.fibers) fiber.stack.resize(256 * 1024);
+  // Stacks are kept for the thread's later launches: fresh memory each launch cost page faults
+  // by the thousand, most of the emulation's time.
+  static thread_local std::vector<std::vector<char>> stacks;
+  constexpr size_t kStackBytes = 64 * 1024;
+  while (stacks.size() < threads) stacks.emplace_back(kStackBytes);
+  for (unsigned index = 0; index < threads; index++) {
+    launch.fibers[index].stack = stacks[index].data();
+    launch.fibers[index].stack_size = kStackBytes;
+  }
   Launch* previous = active;
   active = &launch;
   const EmulatedDim saved_thread = threadIdx, saved_block = blockIdx, saved_block_dim = blockDim, saved_grid = gridDim;
@@ -104,11 +195,7 @@ inline void Run(EmulatedDim grid, EmulatedDim block, size_t shared_bytes, const 
         Fiber& fiber = launch.fibers[index];
         fiber.done = false;
         fiber.waiting = false;
-        getcontext(&fiber.context);
-        fiber.context.uc_stack.ss_sp = fiber.stack.data();
-        fiber.context.uc_stack.ss_size = fiber.stack.size();
-        fiber.context.uc_link = &launch.scheduler;
-        makecontext(&fiber.context, Entry, 0);
+        Prepare(fiber);
       }
       unsigned finished = 0;
       while (finished < threads) {
@@ -124,7 +211,7 @@ inline void Run(EmulatedDim grid, EmulatedDim block, size_t shared_bytes, const 
           launch.current = index;
           threadIdx = EmulatedDim{index, 0, 0};
           blockIdx = EmulatedDim{x, y, 0};
-          swapcontext(&launch.scheduler, &fiber.context);
+          Resume(index);
           progressed = true;
         }
         if (!progressed && finished < threads) {
