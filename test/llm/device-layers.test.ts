@@ -15,7 +15,7 @@ import { spawn } from 'node:child_process';
 import { cuda } from '../../lib/gpu/cuda.js';
 import { cudaKernelImageBytes, DeviceKernels, type KernelBackend } from '../../lib/llm/device-kernels.js';
 import { buildFakeGpu } from '../gpu/gpu-helpers.js';
-import { QWEN3, runSteps } from './fixtures/device-steps.js';
+import { QWEN3, runSteps, WIDE_HEADS } from './fixtures/device-steps.js';
 import { randomWeights, referenceGenerate, TINY, TINY_LLAMA, writeCheckpoint } from './fixtures/decoders.js';
 
 /** Runs a fixtures/ script in a child process (so it and its workers load the driver its env names), returning its JSON report. */
@@ -65,17 +65,18 @@ describe('the device path of the model layers', () => {
     ['llama (grouped-query attention, rotary positions), bf16 weights and cache', TINY_LLAMA, 'model.', 'BF16'],
     ['qwen3 (query/key norms), f16', QWEN3, 'model.', 'F16'],
     ['mistral (a sliding window of 5)', { ...TINY_LLAMA, slidingWindow: 5 }, 'model.', 'F32'],
+    ...WIDE_HEADS.map(([name, config, length]): [string, DecoderConfig, string, 'F32', number] => [name, config, 'model.', 'F32', length]),
   ];
-  for (const [name, config, prefix, dtype] of models) {
+  for (const [index, [name, config, prefix, dtype, promptLength]] of models.entries()) {
     it(`the host twin gives the CPU decoder's logits bit for bit: ${name}`, async () => {
-      const path = await writeCheckpoint(join(directory, name.split(' ')[0]), config, randomWeights(config, 11), { prefix, dtype });
+      const path = await writeCheckpoint(join(directory, `model-${index}`), config, randomWeights(config, 11), { prefix, dtype });
       const resolved = readCheckpointConfig(path)!;
       const spec = { checkpoint: path, config: resolved, plan: planSharding(resolved), stage: 0, rank: 0 };
       const plain = await DecoderShard.load(spec);
       using twin = await DecoderShard.load({ ...spec, layers: 'cpu' });
       expect(twin.kvCacheDtype).toBe(plain.kvCacheDtype);
-      const wanted = await runSteps(plain, config.vocabSize);
-      const got = await runSteps(twin, config.vocabSize);
+      const wanted = await runSteps(plain, config.vocabSize, promptLength);
+      const got = await runSteps(twin, config.vocabSize, promptLength);
       expect(got.length).toBe(4);
       for (let step = 0; step < wanted.length; step++) {
         expect(got[step].tokens).toEqual(wanted[step].tokens);
