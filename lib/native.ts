@@ -355,6 +355,9 @@ export interface NativeDeviceKernels {
     queryNorm: bigint | null, keyNorm: bigint | null, epsilon: number, inverseFrequencies: bigint | null,
   ): void;
   attention(out: bigint, queries: bigint, layout: NativeStepLayout, heads: number, kvHeads: number, headSize: number, cacheType: number, layer: number, window: number): void;
+  gatherRows(out: bigint, x: bigint, rows: bigint, count: number, width: number): void;
+  scatterAddRows(out: bigint, delta: bigint, rows: bigint, weights: bigint | null, count: number, width: number): void;
+  zero(x: bigint, count: number): void;
   copyCache(target: bigint, targetCapacity: number, source: bigint, sourceCapacity: number, length: number, rowSize: number, layers: number, cacheType: number): void;
   /** All of source's bytes to target; returns once copied. */
   upload(target: bigint, source: ArrayBufferView | ArrayBuffer): void;

@@ -277,6 +277,34 @@ export class DeviceKernels {
     this.#kernels.attention(out.address(), queries.address(), this.#layoutArgument(layout), shape.heads, shape.kvHeads, shape.headSize, ELEMENT_CODES[shape.cache], layer, window);
   }
 
+  /** out[i, :] = x[rows[i], :] for i < count; `rows` holds int32 row indices from byte `rowsOffset`. */
+  gatherRows(out: DeviceBuffer, x: DeviceBuffer, rows: DeviceBuffer, rowsOffset: number, count: number, width: number, xRows: number): void {
+    requireBytes('gatherRows', 'out', out, count * width * FLOAT);
+    requireBytes('gatherRows', 'x', x, xRows * width * FLOAT);
+    requireBytes('gatherRows', 'rows', rows, count * 4, rowsOffset);
+    this.#kernels.gatherRows(out.address(), x.address(), rows.address(rowsOffset), count, width);
+  }
+
+  /**
+   * out[rows[i], :] += delta[i, :] (or + weights[i] · delta[i, :], weights doubles from byte
+   * `weightsOffset`, summed in double). The rows must be distinct and below outRows; the caller
+   * made the list, and the kernel trusts it.
+   */
+  scatterAddRows(
+    out: DeviceBuffer, outRows: number, delta: DeviceBuffer, rows: DeviceBuffer, rowsOffset: number, weights: { buffer: DeviceBuffer; offset: number } | null, count: number, width: number,
+  ): void {
+    requireBytes('scatterAddRows', 'out', out, outRows * width * FLOAT);
+    requireBytes('scatterAddRows', 'delta', delta, count * width * FLOAT);
+    requireBytes('scatterAddRows', 'rows', rows, count * 4, rowsOffset);
+    if (weights) requireBytes('scatterAddRows', 'weights', weights.buffer, count * 8, weights.offset);
+    this.#kernels.scatterAddRows(out.address(), delta.address(), rows.address(rowsOffset), weights ? weights.buffer.address(weights.offset) : null, count, width);
+  }
+
+  zero(x: DeviceBuffer, count: number): void {
+    requireBytes('zero', 'x', x, count * FLOAT);
+    this.#kernels.zero(x.address(), count);
+  }
+
   /** The first `length` positions of every layer's keys and values, from one cache to another. */
   copyCache(target: DeviceBuffer, targetCapacity: number, source: DeviceBuffer, sourceCapacity: number, length: number, rowSize: number, layers: number, cache: ElementType): void {
     if (length > targetCapacity || length > sourceCapacity) throw new InvalidArgumentError(`copyCache: ${length} positions do not fit capacities ${sourceCapacity} → ${targetCapacity}`);

@@ -21,6 +21,8 @@ import { DeviceKernels, ELEMENT_BYTES, TILE_ROWS, type DeviceBuffer, type Device
 import { isHalfMatrix, isQuantizedMatrix, type CacheDType, type WeightMatrix } from './kernels.js';
 import type { ShardingPlan } from './plan.js';
 import type { LayerWeights, NormWeights } from './weights.js';
+import type { LayerAdapter } from './lora.js';
+import { routeExperts } from './routing.js';
 
 /** Positions a device cache grows by. */
 export const CACHE_GRANULE = 64;
@@ -39,11 +41,41 @@ interface DeviceLayer {
   projectionWeight: DeviceTensor;
   projectionBias?: DeviceTensor;
   mlpNorm: DeviceNorm;
+  mlp: DeviceDenseMlp | DeviceExpertMlp;
+}
+
+interface DeviceDenseMlp {
+  kind: 'dense';
   up: DeviceTensor;
   upBias?: DeviceTensor;
   gate?: DeviceTensor;
   down: DeviceTensor;
   downBias?: DeviceTensor;
+}
+
+/** A mixture of experts: the router on the device, routing on the host (routeExperts), each expert's rows gathered. */
+interface DeviceExpertMlp {
+  kind: 'experts';
+  router: DeviceTensor;
+  topK: number;
+  normalizeTopK: boolean;
+  experts: Array<{ gate: DeviceTensor; up: DeviceTensor; down: DeviceTensor }>;
+}
+
+/** A LoRA update on the device: out += B (A x) for an adapter's rows. */
+interface DeviceLowRank {
+  a: DeviceTensor;
+  b: DeviceTensor;
+  rank: number;
+}
+
+type AdaptedModule = 'qkv' | 'projection' | 'gate' | 'up' | 'down';
+type DeviceLayerAdapter = Partial<Record<AdaptedModule, DeviceLowRank>>;
+
+/** The rows of a step one adapter's sequences take (ascending), as the shard found them. */
+export interface AdapterRows {
+  adapter: number;
+  rows: number[];
 }
 
 interface DeviceCache {
@@ -97,6 +129,8 @@ export class DeviceLayers {
   readonly #inverseFrequencies: DeviceTensor | undefined;
   readonly #communicator: Communicator | undefined;
   readonly #caches = new Map<number, DeviceCache>();
+  /** LoRA adapters loaded on this rank, by the replica's ids: each layer's updates on the device. */
+  readonly #adapters = new Map<number, DeviceLayerAdapter[]>();
   readonly #tensors: DeviceTensor[] = [];
   /** Page-locked host memory the head's logits come back into (GPU only). */
   #pinned: Float32Array | undefined;
@@ -120,7 +154,6 @@ export class DeviceLayers {
     try {
       this.#layers = options.layers.map((layer, index) => {
         const where = `layer ${index}`;
-        if (layer.mlp.kind !== 'dense') throw new InvalidArgumentError(`${where}: mixtures of experts do not run on a device yet`, 'ERR_UNSUPPORTED_ON_DEVICE');
         const mlp = layer.mlp;
         return {
           attentionNorm: trackNorm(normOf(kernels, layer.attentionNorm)),
@@ -131,11 +164,26 @@ export class DeviceLayers {
           projectionWeight: track(matrixOf(kernels, layer.projectionWeight, where)),
           projectionBias: track(vectorOf(kernels, layer.projectionBias)),
           mlpNorm: trackNorm(normOf(kernels, layer.mlpNorm)),
-          up: track(matrixOf(kernels, mlp.up, where)),
-          upBias: track(vectorOf(kernels, mlp.upBias)),
-          gate: mlp.gate ? track(matrixOf(kernels, mlp.gate, where)) : undefined,
-          down: track(matrixOf(kernels, mlp.down, where)),
-          downBias: track(vectorOf(kernels, mlp.downBias)),
+          mlp: mlp.kind === 'dense'
+            ? {
+                kind: 'dense',
+                up: track(matrixOf(kernels, mlp.up, where)),
+                upBias: track(vectorOf(kernels, mlp.upBias)),
+                gate: mlp.gate ? track(matrixOf(kernels, mlp.gate, where)) : undefined,
+                down: track(matrixOf(kernels, mlp.down, where)),
+                downBias: track(vectorOf(kernels, mlp.downBias)),
+              }
+            : {
+                kind: 'experts',
+                router: track(kernels.tensor(mlp.router, 'f32')),
+                topK: mlp.topK,
+                normalizeTopK: mlp.normalizeTopK,
+                experts: mlp.experts.map((expert) => ({
+                  gate: track(matrixOf(kernels, expert.gate, where)),
+                  up: track(matrixOf(kernels, expert.up, where)),
+                  down: track(matrixOf(kernels, expert.down, where)),
+                })),
+              },
         };
       });
       this.#head = options.head ? track(matrixOf(kernels, options.head, 'head')) : undefined;
@@ -280,18 +328,56 @@ export class DeviceLayers {
     }
   }
 
+  /** Uploads a LoRA adapter's updates of this rank's layers (lib/llm/lora.ts loadShardAdapter) under the replica's id. */
+  loadAdapter(id: number, layers: LayerAdapter[]): void {
+    if (this.#adapters.has(id)) return;
+    if (layers.length !== this.#layers.length) throw new InvalidArgumentError(`adapter ${id} has updates for ${layers.length} layers, this rank holds ${this.#layers.length}`, 'ERR_ADAPTER');
+    const uploaded: DeviceLayerAdapter[] = [];
+    try {
+      for (const layer of layers) {
+        const updates: DeviceLayerAdapter = {};
+        for (const module of ['qkv', 'projection', 'gate', 'up', 'down'] as const) {
+          const update = layer[module];
+          if (update) updates[module] = { a: this.kernels.tensor(update.a, 'f32'), b: this.kernels.tensor(update.b, 'f32'), rank: update.rank };
+        }
+        uploaded.push(updates);
+      }
+    } catch (error) {
+      freeAdapter(uploaded);
+      throw error;
+    }
+    this.#adapters.set(id, uploaded);
+  }
+
+  unloadAdapter(id: number): void {
+    const adapter = this.#adapters.get(id);
+    if (adapter) freeAdapter(adapter);
+    this.#adapters.delete(id);
+  }
+
+  hasAdapter(id: number): boolean {
+    return this.#adapters.has(id);
+  }
+
   /**
    * Runs every layer over the step's rows, `hidden` ([rows, hiddenSize], in place) up and back.
    * Each sequence's cache must hold `past` positions and have room reserved for `past + count`;
-   * its length becomes `past + count`.
+   * its length becomes `past + count`. `adapted`: the rows each loaded LoRA adapter adds its
+   * updates to, in the order the CPU decoder applies them.
    */
-  async run(hidden: Float32Array, sequences: readonly LayerStepSequence[]): Promise<void> {
+  async run(hidden: Float32Array, sequences: readonly LayerStepSequence[], adapted: readonly AdapterRows[] = []): Promise<void> {
     if (this.#closed) throw new TrellisError('ERR_CLOSED', 'these device layers are closed');
     const { config, plan, kernels } = this;
     const size = config.hiddenSize;
     const rows = sequences.reduce((sum, sequence) => sum + sequence.count, 0);
     if (hidden.length !== rows * size) throw new InvalidArgumentError(`the layers need hidden states of ${rows} × ${size}, got ${hidden.length}`);
     if (rows === 0) return;
+    for (const group of adapted) {
+      if (!this.#adapters.has(group.adapter)) throw new InvalidArgumentError(`adapter ${group.adapter} is not loaded on this rank`, 'ERR_ADAPTER');
+      if (group.rows.some((row, index) => !(Number.isInteger(row) && row >= 0 && row < rows) || (index > 0 && row <= group.rows[index - 1]))) {
+        throw new InvalidArgumentError(`adapter ${group.adapter}'s rows must ascend within the step's ${rows}`, 'ERR_ADAPTER');
+      }
+    }
     const headSize = plan.headSize;
     const queryWidth = plan.headsPerRank * headSize;
     const rowWidth = queryWidth + 2 * plan.keyValueHeadsPerRank * headSize;
@@ -312,32 +398,45 @@ export class DeviceLayers {
       const queries = scratch(rows * queryWidth * 4);
       const attended = scratch(rows * queryWidth * 4);
       const projected = scratch(rows * size * 4);
-      const up = scratch(rows * inner * 4);
-      const gate = this.#layers.some((layer) => layer.gate) ? scratch(rows * inner * 4) : undefined;
+      const dense = this.#layers.some((layer) => layer.mlp.kind === 'dense');
+      const up = dense ? scratch(rows * inner * 4) : undefined;
+      const gate = this.#layers.some((layer) => layer.mlp.kind === 'dense' && layer.mlp.gate) ? scratch(rows * inner * 4) : undefined;
+      const lowRank = this.#lowRankStep(adapted, rows, scratch);
       const window = config.slidingWindow ?? 0;
       for (let index = 0; index < this.#layers.length; index++) {
         const layer = this.#layers[index];
         this.#norm(normed, state, layer.attentionNorm, rows);
         kernels.linear(qkv, normed, layer.qkvWeight, layer.qkvBias ?? null, rows, size, rowWidth);
+        lowRank(index, 'qkv', qkv, normed, size, rowWidth);
         const norms = layer.queryNorm && layer.keyNorm ? { query: layer.queryNorm, key: layer.keyNorm, epsilon: config.layerNormEpsilon } : null;
         kernels.prepareAttention(queries, qkv, layout, shape, index, norms, this.#inverseFrequencies ?? null);
         kernels.attention(attended, queries, layout, shape, index, window);
         kernels.linear(projected, attended, layer.projectionWeight, null, rows, queryWidth, size);
+        // Before the allreduce: each rank's share of B (A x) is summed with the partial outputs.
+        lowRank(index, 'projection', projected, attended, queryWidth, size);
         await this.#allreduce(projected, rows * size);
         kernels.addRows(state, projected, layer.projectionBias ?? null, rows, size);
         this.#norm(normed, state, layer.mlpNorm, rows);
-        kernels.linear(up, normed, layer.up, layer.upBias ?? null, rows, size, inner);
-        let activated = up;
-        if (layer.gate && gate) {
-          kernels.linear(gate, normed, layer.gate, null, rows, size, inner);
-          kernels.siluMultiply(gate, gate, up, rows * inner);
-          activated = gate;
+        const mlp = layer.mlp;
+        if (mlp.kind === 'experts') {
+          this.#experts(projected, normed, mlp, rows, scratch);
         } else {
-          kernels.gelu(up, rows * inner);
+          kernels.linear(up!, normed, mlp.up, mlp.upBias ?? null, rows, size, inner);
+          lowRank(index, 'up', up!, normed, size, inner);
+          let activated = up!;
+          if (mlp.gate && gate) {
+            kernels.linear(gate, normed, mlp.gate, null, rows, size, inner);
+            lowRank(index, 'gate', gate, normed, size, inner);
+            kernels.siluMultiply(gate, gate, up!, rows * inner);
+            activated = gate;
+          } else {
+            kernels.gelu(up!, rows * inner);
+          }
+          kernels.linear(projected, activated, mlp.down, null, rows, inner, size);
+          lowRank(index, 'down', projected, activated, inner, size);
         }
-        kernels.linear(projected, activated, layer.down, null, rows, inner, size);
         await this.#allreduce(projected, rows * size);
-        kernels.addRows(state, projected, layer.downBias ?? null, rows, size);
+        kernels.addRows(state, projected, mlp.kind === 'dense' ? (mlp.downBias ?? null) : null, rows, size);
       }
       kernels.download(hidden, state);
     } finally {
@@ -349,6 +448,97 @@ export class DeviceLayers {
       }
     }
     for (const sequence of sequences) this.#caches.get(sequence.id)!.length = sequence.past + sequence.count;
+  }
+
+  /**
+   * The step's LoRA updates: every adapter's rows uploaded once, and a function adding each
+   * adapter's B (A x) to its rows of `out` after a layer's matrix (gathered, two thin products,
+   * added back), as lib/llm/shard.ts addLowRank does on the host.
+   */
+  #lowRankStep(adapted: readonly AdapterRows[], rows: number, scratch: (bytes: number) => DeviceBuffer) {
+    const none = (_layer: number, _module: AdaptedModule, _out: DeviceBuffer, _input: DeviceBuffer, _inWidth: number, _outWidth: number): void => {};
+    if (adapted.length === 0) return none;
+    const { hiddenSize } = this.config;
+    const { headsPerRank, keyValueHeadsPerRank, headSize, intermediatePerRank } = this.plan;
+    const widest = Math.max(hiddenSize, (headsPerRank + 2 * keyValueHeadsPerRank) * headSize, intermediatePerRank);
+    let largestRank = 1;
+    for (const group of adapted) for (const layer of this.#adapters.get(group.adapter)!) for (const update of Object.values(layer)) largestRank = Math.max(largestRank, update!.rank);
+    const most = Math.max(...adapted.map((group) => group.rows.length));
+    const offsets: number[] = [];
+    const list = new Int32Array(adapted.reduce((sum, group) => sum + group.rows.length, 0));
+    let at = 0;
+    for (const group of adapted) {
+      offsets.push(at * 4);
+      list.set(group.rows, at);
+      at += group.rows.length;
+    }
+    const rowList = scratch(Math.max(4, list.byteLength));
+    this.kernels.upload(rowList, list);
+    const gathered = scratch(most * widest * 4);
+    const reduced = scratch(most * largestRank * 4);
+    const expanded = scratch(most * widest * 4);
+    return (layer: number, module: AdaptedModule, out: DeviceBuffer, input: DeviceBuffer, inWidth: number, outWidth: number): void => {
+      adapted.forEach((group, index) => {
+        const update = this.#adapters.get(group.adapter)![layer][module];
+        if (!update) return;
+        const count = group.rows.length;
+        this.kernels.gatherRows(gathered, input, rowList, offsets[index], count, inWidth, rows);
+        this.kernels.linear(reduced, gathered, update.a, null, count, inWidth, update.rank);
+        this.kernels.linear(expanded, reduced, update.b, null, count, update.rank, outWidth);
+        this.kernels.scatterAddRows(out, rows, expanded, rowList, offsets[index], null, count, outWidth);
+      });
+    };
+  }
+
+  /**
+   * A mixture of experts over `x` into `out` (this rank's share; the caller's allreduce adds the
+   * others'): router logits on the device, brought back for routing (routeExperts, the CPU
+   * decoder's own), then each expert over its rows, weighted and added in expert order.
+   */
+  #experts(out: DeviceBuffer, x: DeviceBuffer, mlp: DeviceExpertMlp, rows: number, scratch: (bytes: number) => DeviceBuffer): void {
+    const { kernels } = this;
+    const size = this.config.hiddenSize;
+    const inner = this.plan.intermediatePerRank;
+    const count = mlp.experts.length;
+    const logits = scratch(rows * count * 4);
+    kernels.linear(logits, x, mlp.router, null, rows, size, count);
+    const hostLogits = new Float32Array(rows * count);
+    kernels.download(hostLogits, logits);
+    const { rowsOf, weightsOf } = routeExperts(hostLogits, rows, count, mlp.topK, mlp.normalizeTopK);
+    // Weights (doubles) first, then the rows, all experts' in one upload.
+    const routed = rowsOf.reduce((sum, list) => sum + list.length, 0);
+    const host = new ArrayBuffer(routed * 12);
+    const weights = new Float64Array(host, 0, routed);
+    const list = new Int32Array(host, routed * 8, routed);
+    const starts: number[] = [];
+    let at = 0;
+    for (let expert = 0; expert < count; expert++) {
+      starts.push(at);
+      weights.set(weightsOf[expert], at);
+      list.set(rowsOf[expert], at);
+      at += rowsOf[expert].length;
+    }
+    const table = scratch(Math.max(16, host.byteLength));
+    kernels.upload(table, new Uint8Array(host));
+    const most = Math.max(...rowsOf.map((expertRows) => expertRows.length));
+    const gathered = scratch(most * size * 4);
+    const gate = scratch(most * inner * 4);
+    const up = scratch(most * inner * 4);
+    const result = scratch(most * size * 4);
+    kernels.zero(out, rows * size);
+    for (let expert = 0; expert < count; expert++) {
+      const taken = rowsOf[expert].length;
+      if (taken === 0) continue;
+      const weightsAt = starts[expert] * 8;
+      const rowsAt = routed * 8 + starts[expert] * 4;
+      const expertWeights = mlp.experts[expert];
+      kernels.gatherRows(gathered, x, table, rowsAt, taken, size, rows);
+      kernels.linear(gate, gathered, expertWeights.gate, null, taken, size, inner);
+      kernels.linear(up, gathered, expertWeights.up, null, taken, size, inner);
+      kernels.siluMultiply(gate, gate, up, taken * inner);
+      kernels.linear(result, gate, expertWeights.down, null, taken, inner, size);
+      kernels.scatterAddRows(out, rows, result, table, rowsAt, { buffer: table, offset: weightsAt }, taken, size);
+    }
   }
 
   /**
@@ -399,6 +589,8 @@ export class DeviceLayers {
     this.#closed = true;
     for (const cache of this.#caches.values()) cache.buffer.free();
     this.#caches.clear();
+    for (const adapter of this.#adapters.values()) freeAdapter(adapter);
+    this.#adapters.clear();
     for (const tensor of this.#tensors) tensor.buffer.free();
     this.#pinned = undefined;
   }
@@ -495,5 +687,14 @@ export class DeviceLayers {
     const buffer = this.kernels.allocate(bytes);
     this.kernels.upload(buffer, new Uint8Array(host));
     return { buffer, rows, sequences: count, tileCount, singleCount, cacheBase, cacheCapacity, rowSequence, rowPosition, tiles, singleRows };
+  }
+}
+
+function freeAdapter(layers: DeviceLayerAdapter[]): void {
+  for (const layer of layers) {
+    for (const update of Object.values(layer)) {
+      update!.a.buffer.free();
+      update!.b.buffer.free();
+    }
   }
 }

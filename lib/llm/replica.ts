@@ -48,8 +48,8 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    * GPU (a bundle { CPU: numCpusPerRank, GPU: 1 } from the driver; made inside an actor, one of
    * that actor's GPUs each), holds its layers, head and key/value caches in device memory and
    * runs them with CUDA kernels and cuBLAS; a stage's ranks sum over NCCL. Embedding lookups,
-   * sampling and constraints stay on the host. LoRA adapters, mixtures of experts and int8
-   * weights run on 'cpu' only, and are refused up front.
+   * sampling and constraints stay on the host. int8 weights run on 'cpu' only, and are refused
+   * up front.
    */
   device?: 'cpu' | 'cuda';
   /**
@@ -364,8 +364,6 @@ export class ModelReplica {
   readonly #groups: CollectiveGroup[];
   readonly #graph: CompiledGraph;
   readonly #placement: PlacementGroup | undefined;
-  /** Where the ranks' layers run through the device path (none: the CPU decoder's loop). */
-  readonly #layerBackend: KernelBackend | undefined;
   readonly #maxSequences: number;
   readonly #maxTokens: number;
   readonly #stepsInFlight: number;
@@ -411,7 +409,6 @@ export class ModelReplica {
     groups: CollectiveGroup[];
     graph: CompiledGraph;
     placement: PlacementGroup | undefined;
-    layerBackend: KernelBackend | undefined;
     weightBytes: number;
     weightDtype: WeightDType;
     kvCacheDtype: CacheDType;
@@ -429,7 +426,6 @@ export class ModelReplica {
     this.#groups = parts.groups;
     this.#graph = parts.graph;
     this.#placement = parts.placement;
-    this.#layerBackend = parts.layerBackend;
     this.#weightBytes = parts.weightBytes;
     this.#maxSequences = parts.limits.maxSequences;
     this.#maxTokens = parts.limits.maxTokens;
@@ -452,7 +448,6 @@ export class ModelReplica {
    */
   async addAdapter(name: string, path: string): Promise<void> {
     if (typeof name !== 'string' || name.length === 0) throw new InvalidArgumentError(`an adapter's name must be a non-empty string, got ${JSON.stringify(name)}`, 'ERR_ADAPTER');
-    if (this.#layerBackend) throw new InvalidArgumentError('LoRA adapters run on device \'cpu\' only, not through the device path', 'ERR_UNSUPPORTED_ON_DEVICE');
     const known = this.#adapters.get(name);
     if (known) {
       if (known.info.path === path) return;
@@ -517,12 +512,7 @@ export class ModelReplica {
     const layerBackend = options.layerBackend ?? (device === 'cuda' ? 'cuda' : undefined);
     if (layerBackend !== undefined && layerBackend !== 'cpu' && layerBackend !== 'cuda') throw new InvalidArgumentError(`layerBackend must be 'cpu' or 'cuda', got ${JSON.stringify(layerBackend)}`);
     if ((device === 'cuda') !== (layerBackend === 'cuda')) throw new InvalidArgumentError(`layerBackend '${layerBackend}' does not run on device '${device}'`);
-    if (layerBackend) {
-      const unsupported = (what: string) => new InvalidArgumentError(`${what} run on device 'cpu' only, not through the device path`, 'ERR_UNSUPPORTED_ON_DEVICE');
-      if (Object.keys(options.adapters ?? {}).length > 0) throw unsupported('LoRA adapters');
-      if (options.weightDtype === 'int8') throw unsupported('int8 weights');
-      if ((config.numExperts ?? 0) > 0) throw unsupported('mixtures of experts');
-    }
+    if (layerBackend && options.weightDtype === 'int8') throw new InvalidArgumentError("int8 weights run on device 'cpu' only, not through the device path", 'ERR_UNSUPPORTED_ON_DEVICE');
     const threads = positiveInteger(options.threadsPerRank, 'threadsPerRank', Math.max(1, Math.floor(numCpus)));
     // Fail here, in the caller, on a checkpoint that cannot be used, rather than in every rank.
     let weightDtype: WeightDType;
@@ -591,7 +581,7 @@ export class ModelReplica {
       let previous: DAGNode[] = workers[0].map((worker) => worker.forward.bind(input));
       for (const stage of plan.stages.slice(1)) previous = workers[stage.index].map((worker, rank) => worker.forward.bind(previous[rank]));
       const graph = await new MultiOutputNode(previous).compile({ maxInflight: Math.max(2, limits.stepsInFlight + 1) });
-      const replica = new ModelReplica({ config, plan, workers, groups, graph, placement, layerBackend, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, kvCacheDtype, stopTokens, limits, maxLoadedAdapters, hasLanguageHead, classifier });
+      const replica = new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, kvCacheDtype, stopTokens, limits, maxLoadedAdapters, hasLanguageHead, classifier });
       for (const [name, info] of adapters) replica.#register(name, info);
       return replica;
     } catch (error) {

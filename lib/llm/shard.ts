@@ -16,6 +16,7 @@ import { loadShardWeights, resolveWeightDType, type ExpertMlp, type LayerWeights
 import { loadShardAdapter, type AdapterInfo, type LayerAdapter, type LowRankUpdate } from './lora.js';
 import { DeviceKernels, type KernelBackend } from './device-kernels.js';
 import { DeviceLayers } from './device-layers.js';
+import { routeExperts } from './routing.js';
 import { cuda } from '../gpu/cuda.js';
 
 /** A sequence's part in one step: `count` new tokens after the `past` it has already read. */
@@ -243,10 +244,16 @@ export class DecoderShard {
   async forward(message: StepMessage): Promise<StepMessage | StepResult> {
     const { config } = this;
     const stage = this.spec.plan.stages[this.spec.stage];
-    if (this.#device && message.loadAdapters?.length) throw new InvalidArgumentError('LoRA adapters do not run on a device yet', 'ERR_UNSUPPORTED_ON_DEVICE');
-    for (const id of message.unloadAdapters ?? []) this.#adapters.delete(id);
+    for (const id of message.unloadAdapters ?? []) {
+      this.#adapters.delete(id);
+      this.#device?.unloadAdapter(id);
+    }
     for (const { id, info } of message.loadAdapters ?? []) {
-      if (!this.#adapters.has(id)) this.#adapters.set(id, await loadShardAdapter(info, config, this.spec.plan, this.spec.stage, this.spec.rank));
+      if (this.#adapters.has(id) || this.#device?.hasAdapter(id)) continue;
+      const layers = await loadShardAdapter(info, config, this.spec.plan, this.spec.stage, this.spec.rank);
+      // On a device the adapter's matrices live there; the host keeps none.
+      if (this.#device) this.#device.loadAdapter(id, layers);
+      else this.#adapters.set(id, layers);
     }
     const adapterOps = { ...(message.loadAdapters ? { loadAdapters: message.loadAdapters } : {}), ...(message.unloadAdapters ? { unloadAdapters: message.unloadAdapters } : {}) };
     // Copies first: a prefix's source may be released by this same message.
@@ -287,7 +294,7 @@ export class DecoderShard {
     for (const sequence of message.sequences) for (let index = 0; index < sequence.count; index++) positions[row++] = sequence.past + index;
     const adapted = this.#adapterRows(message.sequences);
     if (this.#device) {
-      await this.#device.run(hidden, message.sequences);
+      await this.#device.run(hidden, message.sequences, adapted.map((group) => ({ adapter: group.id, rows: group.rows })));
     } else {
       for (let layer = 0; layer < this.#weights.layers.length; layer++) await this.#block(layer, hidden, message.sequences, positions, adapted);
       for (const sequence of message.sequences) this.#caches.get(sequence.id)!.length = sequence.past + sequence.count;
@@ -435,7 +442,7 @@ export class DecoderShard {
     if (this.spec.plan.tensorParallel > 1) await this.#communicator!.allreduce(Tensor.wrap(values, 'f32'), 'sum');
   }
 
-  /** The rows of each adapter the step's sequences use (a sequence's rows are contiguous), with its layers. */
+  /** The rows of each adapter the step's sequences use (a sequence's rows are contiguous), with its layers (on the host; none on a device). */
   #adapterRows(sequences: StepSequence[]): AdaptedRows[] {
     const byAdapter = new Map<number, AdaptedRows>();
     let row = 0;
@@ -444,8 +451,8 @@ export class DecoderShard {
         let group = byAdapter.get(sequence.adapter);
         if (!group) {
           const layers = this.#adapters.get(sequence.adapter);
-          if (!layers) throw new InvalidArgumentError(`sequence ${sequence.id} uses adapter ${sequence.adapter}, which this rank has not loaded`, 'ERR_ADAPTER');
-          byAdapter.set(sequence.adapter, (group = { layers, rows: [] }));
+          if (!layers && !this.#device?.hasAdapter(sequence.adapter)) throw new InvalidArgumentError(`sequence ${sequence.id} uses adapter ${sequence.adapter}, which this rank has not loaded`, 'ERR_ADAPTER');
+          byAdapter.set(sequence.adapter, (group = { id: sequence.adapter, layers: layers ?? [], rows: [] }));
         }
         for (let index = 0; index < sequence.count; index++) group.rows.push(row + index);
       }
@@ -561,32 +568,7 @@ export class DecoderShard {
     const count = mlp.experts.length;
     const logits = new Float32Array(total * count);
     linear(logits, x, mlp.router, null, total, size, count);
-    const rowsOf: number[][] = Array.from({ length: count }, () => []);
-    const weightsOf: number[][] = Array.from({ length: count }, () => []);
-    const probabilities = new Float64Array(count);
-    const taken = new Uint8Array(count);
-    for (let row = 0; row < total; row++) {
-      const scores = logits.subarray(row * count, (row + 1) * count);
-      let maximum = -Infinity;
-      for (const score of scores) if (score > maximum) maximum = score;
-      let sum = 0;
-      for (let expert = 0; expert < count; expert++) sum += probabilities[expert] = Math.exp(scores[expert] - maximum);
-      taken.fill(0);
-      const picked: number[] = [];
-      let pickedSum = 0;
-      for (let choice = 0; choice < mlp.topK; choice++) {
-        // The most probable expert not yet taken; ties go to the lower index, as torch.topk does here.
-        let best = -1;
-        for (let expert = 0; expert < count; expert++) if (!taken[expert] && (best < 0 || probabilities[expert] > probabilities[best])) best = expert;
-        taken[best] = 1;
-        picked.push(best);
-        pickedSum += probabilities[best];
-      }
-      for (const expert of picked) {
-        rowsOf[expert].push(row);
-        weightsOf[expert].push(probabilities[expert] / (mlp.normalizeTopK ? pickedSum : sum));
-      }
-    }
+    const { rowsOf, weightsOf } = routeExperts(logits, total, count, mlp.topK, mlp.normalizeTopK);
     out.fill(0);
     for (let expert = 0; expert < count; expert++) {
       const rows = rowsOf[expert];
@@ -952,6 +934,7 @@ function addLowRank(out: Float32Array, input: Float32Array, update: LowRankUpdat
 }
 
 interface AdaptedRows {
+  id: number;
   layers: LayerAdapter[];
   /** The step's rows (positions read) of the sequences using this adapter, ascending. */
   rows: number[];

@@ -161,6 +161,29 @@ class HostKernels final : public DeviceKernels {
     }
   }
 
+  void GatherRows(uint64_t out, uint64_t x, uint64_t rows, size_t count, size_t width) override {
+    const int32_t* list = At<const int32_t>(rows);
+    for (size_t index = 0; index < count; index++) {
+      std::memcpy(At<float>(out) + index * width, At<const float>(x) + static_cast<size_t>(list[index]) * width, width * sizeof(float));
+    }
+  }
+
+  void ScatterAddRows(uint64_t out, uint64_t delta, uint64_t rows, uint64_t weights, size_t count, size_t width) override {
+    const int32_t* list = At<const int32_t>(rows);
+    const double* scales = At<const double>(weights);
+    for (size_t index = 0; index < count; index++) {
+      float* target = At<float>(out) + static_cast<size_t>(list[index]) * width;
+      const float* source = At<const float>(delta) + index * width;
+      for (size_t column = 0; column < width; column++) {
+        // As the CPU decoder's JavaScript computes it: in double, rounded once.
+        target[column] = scales != nullptr ? static_cast<float>(static_cast<double>(target[column]) + scales[index] * static_cast<double>(source[column]))
+                                           : static_cast<float>(static_cast<double>(target[column]) + static_cast<double>(source[column]));
+      }
+    }
+  }
+
+  void Zero(uint64_t x, size_t count) override { std::memset(At<void>(x), 0, count * sizeof(float)); }
+
   void CopyCache(uint64_t target, size_t target_capacity, uint64_t source, size_t source_capacity, size_t length, size_t row_size,
                  size_t layers, Element cache) override {
     const size_t bytes = ElementBytes(cache);
@@ -211,6 +234,9 @@ class CudaKernels final : public DeviceKernels {
       attention_ = Function("trellis_attention");
       attention_tiles_ = Function("trellis_attention_tiles");
       copy_cache_ = Function("trellis_copy_cache");
+      gather_rows_ = Function("trellis_gather_rows");
+      scatter_add_rows_ = Function("trellis_scatter_add_rows");
+      zero_ = Function("trellis_zero");
       cublas::Check(blas.cublasCreate(&blas_), "cublasCreate_v2");
       cublas::Check(blas.cublasSetStream(blas_, stream_.get()), "cublasSetStream_v2");
     } catch (...) {
@@ -317,6 +343,25 @@ class CudaKernels final : public DeviceKernels {
              layout.row_position, layout.cache_base, layout.cache_capacity, layer, shape.heads, shape.kv_heads, shape.head_size, window, scale,
              cache_type);
     }
+  }
+
+  void GatherRows(uint64_t out, uint64_t x, uint64_t rows, size_t count, size_t width) override {
+    if (count == 0) return;
+    Current();
+    Launch(gather_rows_, GridFor(count * width, kElementwiseThreads), 1, kElementwiseThreads, 0, out, x, rows, Int(count), Int(width));
+  }
+
+  void ScatterAddRows(uint64_t out, uint64_t delta, uint64_t rows, uint64_t weights, size_t count, size_t width) override {
+    if (count == 0) return;
+    Current();
+    Launch(scatter_add_rows_, GridFor(count * width, kElementwiseThreads), 1, kElementwiseThreads, 0, out, delta, rows, weights, Int(count), Int(width));
+  }
+
+  void Zero(uint64_t x, size_t count) override {
+    if (count == 0) return;
+    Current();
+    unsigned long long elements = count;
+    Launch(zero_, GridFor(count, kElementwiseThreads), 1, kElementwiseThreads, 0, x, elements);
   }
 
   void CopyCache(uint64_t target, size_t target_capacity, uint64_t source, size_t source_capacity, size_t length, size_t row_size,
@@ -432,7 +477,8 @@ class CudaKernels final : public DeviceKernels {
   cuda::CUdeviceptr scratch_ = 0;
   size_t scratch_bytes_ = 0;
   cuda::CUfunction narrow_ = nullptr, add_rows_ = nullptr, rms_norm_ = nullptr, layer_norm_ = nullptr, silu_multiply_ = nullptr, gelu_ = nullptr,
-                   prepare_attention_ = nullptr, attention_ = nullptr, attention_tiles_ = nullptr, copy_cache_ = nullptr;
+                   prepare_attention_ = nullptr, attention_ = nullptr, attention_tiles_ = nullptr, copy_cache_ = nullptr,
+                   gather_rows_ = nullptr, scatter_add_rows_ = nullptr, zero_ = nullptr;
 };
 
 }  // namespace

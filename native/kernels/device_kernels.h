@@ -65,6 +65,12 @@ class DeviceKernels {
   // Causal attention of each row against its sequence's cache, into out [rows, heads·headSize];
   // window > 0: only the last `window` positions. A sequence's rows are consecutive positions.
   virtual void Attention(uint64_t out, uint64_t queries, const StepLayout& layout, const AttentionShape& shape, int layer, int window) = 0;
+  // out[i, :] = x[rows[i], :] for i < count (rows: int32 in the backend's memory).
+  virtual void GatherRows(uint64_t out, uint64_t x, uint64_t rows, size_t count, size_t width) = 0;
+  // out[rows[i], :] += delta[i, :]; with weights (doubles; 0: none), out + weights[i] · delta[i, :]
+  // in double, rounded once. The rows are distinct.
+  virtual void ScatterAddRows(uint64_t out, uint64_t delta, uint64_t rows, uint64_t weights, size_t count, size_t width) = 0;
+  virtual void Zero(uint64_t x, size_t count) = 0;
   // The first `length` positions of every layer's keys and values of one cache into another.
   virtual void CopyCache(uint64_t target, size_t target_capacity, uint64_t source, size_t source_capacity, size_t length,
                          size_t row_size, size_t layers, Element cache) = 0;

@@ -126,6 +126,9 @@ class DeviceKernelsObject : public Napi::ObjectWrap<DeviceKernelsObject> {
                            InstanceMethod<&DeviceKernelsObject::PrepareAttention>("prepareAttention"),
                            InstanceMethod<&DeviceKernelsObject::Attention>("attention"),
                            InstanceMethod<&DeviceKernelsObject::CopyCache>("copyCache"),
+                           InstanceMethod<&DeviceKernelsObject::GatherRows>("gatherRows"),
+                           InstanceMethod<&DeviceKernelsObject::ScatterAddRows>("scatterAddRows"),
+                           InstanceMethod<&DeviceKernelsObject::Zero>("zero"),
                            InstanceMethod<&DeviceKernelsObject::Upload>("upload"),
                            InstanceMethod<&DeviceKernelsObject::Download>("download"),
                            InstanceMethod<&DeviceKernelsObject::Copy>("copy"),
@@ -231,6 +234,27 @@ class DeviceKernelsObject : public Napi::ObjectWrap<DeviceKernelsObject> {
                   SizeArgument(info, 3, "sourceCapacity"), SizeArgument(info, 4, "length"), SizeArgument(info, 5, "rowSize"), SizeArgument(info, 6, "layers"),
                   ElementArgument(info, 7, "cacheType"));
     });
+  }
+
+  // gatherRows(out, x, rows, count, width)
+  Napi::Value GatherRows(const Napi::CallbackInfo& info) {
+    return Run(info, [&](DeviceKernels& k) {
+      k.GatherRows(AddressArgument(info, 0, "out"), AddressArgument(info, 1, "x"), AddressArgument(info, 2, "rows"), SizeArgument(info, 3, "count"),
+                   SizeArgument(info, 4, "width"));
+    });
+  }
+
+  // scatterAddRows(out, delta, rows, weights, count, width)
+  Napi::Value ScatterAddRows(const Napi::CallbackInfo& info) {
+    return Run(info, [&](DeviceKernels& k) {
+      k.ScatterAddRows(AddressArgument(info, 0, "out"), AddressArgument(info, 1, "delta"), AddressArgument(info, 2, "rows"), AddressArgument(info, 3, "weights"),
+                       SizeArgument(info, 4, "count"), SizeArgument(info, 5, "width"));
+    });
+  }
+
+  // zero(x, count)
+  Napi::Value Zero(const Napi::CallbackInfo& info) {
+    return Run(info, [&](DeviceKernels& k) { k.Zero(AddressArgument(info, 0, "x"), SizeArgument(info, 1, "count")); });
   }
 
   // upload(target, view): all of view's bytes

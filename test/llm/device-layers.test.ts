@@ -15,7 +15,8 @@ import { spawn } from 'node:child_process';
 import { cuda } from '../../lib/gpu/cuda.js';
 import { cudaKernelImageBytes, DeviceKernels, type KernelBackend } from '../../lib/llm/device-kernels.js';
 import { buildFakeGpu } from '../gpu/gpu-helpers.js';
-import { QWEN3, runSteps, WIDE_HEADS } from './fixtures/device-steps.js';
+import { QWEN3, runSteps, TINY_MIXTRAL, WIDE_HEADS } from './fixtures/device-steps.js';
+import { writeRandomAdapter } from '../../examples/model/random-decoder.js';
 import { randomWeights, referenceGenerate, TINY, TINY_LLAMA, writeCheckpoint } from './fixtures/decoders.js';
 
 /** Runs a fixtures/ script in a child process (so it and its workers load the driver its env names), returning its JSON report. */
@@ -65,6 +66,7 @@ describe('the device path of the model layers', () => {
     ['llama (grouped-query attention, rotary positions), bf16 weights and cache', TINY_LLAMA, 'model.', 'BF16'],
     ['qwen3 (query/key norms), f16', QWEN3, 'model.', 'F16'],
     ['mistral (a sliding window of 5)', { ...TINY_LLAMA, slidingWindow: 5 }, 'model.', 'F32'],
+    ['mixtral (4 experts, 2 a token)', TINY_MIXTRAL, 'model.', 'F32'],
     ...WIDE_HEADS.map(([name, config, length]): [string, DecoderConfig, string, 'F32', number] => [name, config, 'model.', 'F32', length]),
   ];
   for (const [index, [name, config, prefix, dtype, promptLength]] of models.entries()) {
@@ -98,7 +100,26 @@ describe('the device path of the model layers', () => {
     await using replica = await ModelReplica.create({ checkpoint: path, tensorParallel: 2, pipelineParallel: 2, maxTokensPerStep: 8, layerBackend: 'cpu' });
     const generated = await replica.generate(prompts.map((tokens) => ({ tokens, maxNewTokens: 6 })));
     expect(generated.map((generation) => generation.tokens)).toEqual(prompts.map((tokens) => referenceGenerate(TINY_LLAMA, weights, tokens, 6)));
-    await expect(replica.addAdapter('any', directory)).rejects.toMatchObject({ code: 'ERR_UNSUPPORTED_ON_DEVICE' });
+  });
+
+  it("LoRA adapters through the twin, two and the base model in one batch across two ranks: the CPU replica's generations", async () => {
+    const weights = randomWeights(TINY, 4);
+    const path = await writeCheckpoint(join(directory, 'gpt2-lora'), TINY, weights, { prefix: 'transformer.' });
+    const adapters = { first: await writeRandomAdapter(join(directory, 'lora-first'), TINY, 4, 31), second: await writeRandomAdapter(join(directory, 'lora-second'), TINY, 2, 32) };
+    const requests = [
+      { tokens: [3, 9, 27, 81], maxNewTokens: 6, adapter: 'first' },
+      { tokens: [3, 9, 27, 81], maxNewTokens: 6 },
+      { tokens: [5, 6, 7], maxNewTokens: 6, adapter: 'second' },
+      { tokens: [1, 2, 3, 4, 5, 6, 7, 8], maxNewTokens: 6, adapter: 'first' },
+    ];
+    const generations = [];
+    for (const layerBackend of [undefined, 'cpu'] as const) {
+      await using replica = await ModelReplica.create({ checkpoint: path, tensorParallel: 2, adapters, maxLoadedAdapters: 1, ...(layerBackend ? { layerBackend } : {}) });
+      generations.push((await replica.generate(requests)).map((generation) => generation.tokens));
+    }
+    expect(generations[1]).toEqual(generations[0]);
+    // The adapters change the text.
+    expect(generations[0][0]).not.toEqual(generations[0][1]);
   });
 
   it('what needs more than tokens works the same through the twin: logprobs, prompt scoring, n-gram speculation, embeddings', async () => {
@@ -125,7 +146,6 @@ describe('the device path of the model layers', () => {
   it('refuses up front what the device path does not run, and options that do not fit', async () => {
     const path = await writeCheckpoint(join(directory, 'refusals'), TINY_LLAMA, randomWeights(TINY_LLAMA, 2), { prefix: 'model.' });
     await expect(ModelReplica.create({ checkpoint: path, layerBackend: 'cpu', weightDtype: 'int8' })).rejects.toMatchObject({ code: 'ERR_UNSUPPORTED_ON_DEVICE' });
-    await expect(ModelReplica.create({ checkpoint: path, layerBackend: 'cpu', adapters: { one: directory } })).rejects.toMatchObject({ code: 'ERR_UNSUPPORTED_ON_DEVICE' });
     await expect(ModelReplica.create({ checkpoint: path, device: 'cuda', layerBackend: 'cpu' })).rejects.toBeInstanceOf(InvalidArgumentError);
     await expect(ModelReplica.create({ checkpoint: path, device: 'tpu' as 'cuda' })).rejects.toThrow(/device must be 'cpu' or 'cuda'/);
     const config = readCheckpointConfig(path)!;

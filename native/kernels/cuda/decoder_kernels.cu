@@ -394,6 +394,43 @@ __global__ void trellis_attention_tiles(float* out, const float* queries, const 
   }
 }
 
+// out[i, :] = x[rows[i], :] for i < count: the rows of a step one adapter or one expert takes.
+__global__ void trellis_gather_rows(float* out, const float* x, const int* rows, int count, int width) {
+  const unsigned long long total = static_cast<unsigned long long>(count) * width;
+  for (unsigned long long index = blockIdx.x * static_cast<unsigned long long>(blockDim.x) + threadIdx.x; index < total;
+       index += static_cast<unsigned long long>(gridDim.x) * blockDim.x) {
+    const int row = static_cast<int>(index / width);
+    const int column = static_cast<int>(index % width);
+    out[index] = x[static_cast<size_t>(rows[row]) * width + column];
+  }
+}
+
+// out[rows[i], :] += delta[i, :], or with weights (doubles, null: none) out[rows[i], :] =
+// out + weights[i] · delta[i, :] summed in double and rounded once, as the host computes it. The
+// rows of one call are distinct, so no two threads write one element.
+__global__ void trellis_scatter_add_rows(float* out, const float* delta, const int* rows, const double* weights, int count, int width) {
+  const unsigned long long total = static_cast<unsigned long long>(count) * width;
+  for (unsigned long long index = blockIdx.x * static_cast<unsigned long long>(blockDim.x) + threadIdx.x; index < total;
+       index += static_cast<unsigned long long>(gridDim.x) * blockDim.x) {
+    const int row = static_cast<int>(index / width);
+    const int column = static_cast<int>(index % width);
+    float& target = out[static_cast<size_t>(rows[row]) * width + column];
+    if (weights != nullptr) {
+      target = static_cast<float>(static_cast<double>(target) + weights[row] * static_cast<double>(delta[index]));
+    } else {
+      target += delta[index];
+    }
+  }
+}
+
+// x[i] = 0 for i < count.
+__global__ void trellis_zero(float* x, unsigned long long count) {
+  for (unsigned long long index = blockIdx.x * static_cast<unsigned long long>(blockDim.x) + threadIdx.x; index < count;
+       index += static_cast<unsigned long long>(gridDim.x) * blockDim.x) {
+    x[index] = 0.f;
+  }
+}
+
 // Copies the first `length` positions of every layer's keys and values from one sequence's cache
 // to another's (prefix caching, growing a cache): the two may differ in capacity. Grid: (blocks,
 // layers · 2); elements of one (layer, kind) part are contiguous in both.
