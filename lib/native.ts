@@ -345,6 +345,7 @@ export interface NativeStepLayout {
 
 export interface NativeDeviceKernels {
   linear(out: bigint, x: bigint, weight: bigint, weightType: number, bias: bigint | null, rows: number, depth: number, columns: number): void;
+  linearInt8(out: bigint, x: bigint, weight: bigint, scales: bigint, bias: bigint | null, rows: number, depth: number, columns: number): void;
   addRows(out: bigint, residual: bigint | null, bias: bigint | null, rows: number, columns: number): void;
   rmsNorm(out: bigint, x: bigint, gamma: bigint, rows: number, columns: number, epsilon: number): void;
   layerNorm(out: bigint, x: bigint, gamma: bigint, beta: bigint, rows: number, columns: number, epsilon: number): void;

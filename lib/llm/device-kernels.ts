@@ -77,6 +77,18 @@ export interface DeviceTensor {
   length: number;
 }
 
+/** A matrix of int8 values quantized per output row (lib/llm/kernels.ts quantizeRows) on the device, with its f32 scales. */
+export interface DeviceInt8Matrix {
+  dtype: 'int8';
+  buffer: DeviceBuffer;
+  scales: DeviceTensor;
+  /** Elements (int8 values) it holds. */
+  length: number;
+}
+
+/** A weight matrix on the device: f32, 16-bit, or int8 with scales. */
+export type DeviceMatrix = DeviceTensor | DeviceInt8Matrix;
+
 /**
  * Where each row of a step stands (uploaded once a step, read by every layer's attention): for
  * each row, its sequence's index in the step and its position; for each sequence, its cache's
@@ -179,6 +191,19 @@ export class DeviceKernels {
     return { buffer, dtype, length: values.length };
   }
 
+  /** A new int8 matrix (values and per-row scales) on the device. */
+  int8Matrix(values: Int8Array, scales: Float32Array): DeviceInt8Matrix {
+    if (!(values instanceof Int8Array) || !(scales instanceof Float32Array)) throw new InvalidArgumentError('an int8 matrix takes an Int8Array of values and a Float32Array of scales');
+    const buffer = this.allocate(values.byteLength);
+    try {
+      this.upload(buffer, values);
+      return { dtype: 'int8', buffer, scales: this.tensor(scales, 'f32'), length: values.length };
+    } catch (error) {
+      buffer.free();
+      throw error;
+    }
+  }
+
   upload(target: DeviceBuffer, source: ArrayBufferView, byteOffset = 0): void {
     requireBytes('upload', 'target', target, source.byteLength, byteOffset);
     this.#kernels.upload(target.address(byteOffset), source);
@@ -196,12 +221,20 @@ export class DeviceKernels {
   }
 
   /** out[rows, columns] = x[rows, depth] · weight[columns, depth]ᵀ + bias. */
-  linear(out: DeviceBuffer, x: DeviceBuffer, weight: DeviceTensor, bias: DeviceTensor | null, rows: number, depth: number, columns: number): void {
+  linear(out: DeviceBuffer, x: DeviceBuffer, weight: DeviceMatrix, bias: DeviceTensor | null, rows: number, depth: number, columns: number): void {
     const operation = 'linear';
     requireBytes(operation, 'out', out, rows * columns * FLOAT);
     requireBytes(operation, 'x', x, rows * depth * FLOAT);
-    requireElements(operation, 'weight', weight, columns * depth);
     if (bias) requireFloat(operation, 'bias', bias, columns);
+    if (weight.dtype === 'int8') {
+      if (weight.length < columns * depth) throw new InvalidArgumentError(`${operation}: weight needs ${columns * depth} elements, holds ${weight.length}`);
+      requireBytes(operation, 'weight', weight.buffer, columns * depth);
+      requireFloat(operation, 'weight scales', weight.scales, columns);
+      if (rows === 0) return;
+      this.#kernels.linearInt8(out.address(), x.address(), weight.buffer.address(), weight.scales.buffer.address(), bias ? bias.buffer.address() : null, rows, depth, columns);
+      return;
+    }
+    requireElements(operation, 'weight', weight, columns * depth);
     if (rows === 0) return;
     this.#kernels.linear(out.address(), x.address(), weight.buffer.address(), ELEMENT_CODES[weight.dtype], bias ? bias.buffer.address() : null, rows, depth, columns);
   }

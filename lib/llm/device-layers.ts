@@ -17,7 +17,7 @@ import type { Communicator } from '../gpu/communicator.js';
 import { Tensor } from '../gpu/tensor.js';
 import { cuda } from '../gpu/cuda.js';
 import type { ResolvedDecoderConfig } from './config.js';
-import { DeviceKernels, ELEMENT_BYTES, TILE_ROWS, type DeviceBuffer, type DeviceTensor, type ElementType, type StepLayout } from './device-kernels.js';
+import { DeviceKernels, ELEMENT_BYTES, TILE_ROWS, type DeviceBuffer, type DeviceMatrix, type DeviceTensor, type ElementType, type StepLayout } from './device-kernels.js';
 import { isHalfMatrix, isQuantizedMatrix, type CacheDType, type WeightMatrix } from './kernels.js';
 import type { ShardingPlan } from './plan.js';
 import type { LayerWeights, NormWeights } from './weights.js';
@@ -34,11 +34,11 @@ interface DeviceNorm {
 
 interface DeviceLayer {
   attentionNorm: DeviceNorm;
-  qkvWeight: DeviceTensor;
+  qkvWeight: DeviceMatrix;
   qkvBias?: DeviceTensor;
   queryNorm?: DeviceTensor;
   keyNorm?: DeviceTensor;
-  projectionWeight: DeviceTensor;
+  projectionWeight: DeviceMatrix;
   projectionBias?: DeviceTensor;
   mlpNorm: DeviceNorm;
   mlp: DeviceDenseMlp | DeviceExpertMlp;
@@ -46,10 +46,10 @@ interface DeviceLayer {
 
 interface DeviceDenseMlp {
   kind: 'dense';
-  up: DeviceTensor;
+  up: DeviceMatrix;
   upBias?: DeviceTensor;
-  gate?: DeviceTensor;
-  down: DeviceTensor;
+  gate?: DeviceMatrix;
+  down: DeviceMatrix;
   downBias?: DeviceTensor;
 }
 
@@ -59,7 +59,7 @@ interface DeviceExpertMlp {
   router: DeviceTensor;
   topK: number;
   normalizeTopK: boolean;
-  experts: Array<{ gate: DeviceTensor; up: DeviceTensor; down: DeviceTensor }>;
+  experts: Array<{ gate: DeviceMatrix; up: DeviceMatrix; down: DeviceMatrix }>;
 }
 
 /** A LoRA update on the device: out += B (A x) for an adapter's rows. */
@@ -103,8 +103,8 @@ export interface DeviceLayersOptions {
   communicator?: Communicator;
 }
 
-function matrixOf(kernels: DeviceKernels, matrix: WeightMatrix, what: string): DeviceTensor {
-  if (isQuantizedMatrix(matrix)) throw new InvalidArgumentError(`${what}: int8 weights do not run on a device yet; use weightDtype 'auto', 'bf16', 'f16' or 'f32'`, 'ERR_UNSUPPORTED_ON_DEVICE');
+function matrixOf(kernels: DeviceKernels, matrix: WeightMatrix): DeviceMatrix {
+  if (isQuantizedMatrix(matrix)) return kernels.int8Matrix(matrix.values, matrix.scales);
   if (isHalfMatrix(matrix)) return kernels.tensor(matrix.bits, matrix.dtype);
   return kernels.tensor(matrix, 'f32');
 }
@@ -125,13 +125,14 @@ export class DeviceLayers {
   /** Bytes of weights held on the device. */
   readonly weightBytes: number;
   readonly #layers: DeviceLayer[];
-  readonly #head: DeviceTensor | undefined;
+  readonly #head: DeviceMatrix | undefined;
   readonly #inverseFrequencies: DeviceTensor | undefined;
   readonly #communicator: Communicator | undefined;
   readonly #caches = new Map<number, DeviceCache>();
   /** LoRA adapters loaded on this rank, by the replica's ids: each layer's updates on the device. */
   readonly #adapters = new Map<number, DeviceLayerAdapter[]>();
-  readonly #tensors: DeviceTensor[] = [];
+  /** Every weight's device memory (an int8 matrix's values and scales both). */
+  readonly #weightBuffers: DeviceBuffer[] = [];
   /** Page-locked host memory the head's logits come back into (GPU only). */
   #pinned: Float32Array | undefined;
   #closed = false;
@@ -142,9 +143,10 @@ export class DeviceLayers {
     this.plan = options.plan;
     this.cacheType = options.kvCacheDtype;
     this.#communicator = options.plan.tensorParallel > 1 ? options.communicator : undefined;
-    const track = <T extends DeviceTensor | undefined>(tensor: T): T => {
-      if (tensor) this.#tensors.push(tensor);
-      return tensor;
+    const track = <T extends DeviceMatrix | undefined>(matrix: T): T => {
+      if (matrix) this.#weightBuffers.push(matrix.buffer);
+      if (matrix?.dtype === 'int8') this.#weightBuffers.push(matrix.scales.buffer);
+      return matrix;
     };
     const trackNorm = (norm: DeviceNorm): DeviceNorm => {
       track(norm.gamma);
@@ -157,20 +159,20 @@ export class DeviceLayers {
         const mlp = layer.mlp;
         return {
           attentionNorm: trackNorm(normOf(kernels, layer.attentionNorm)),
-          qkvWeight: track(matrixOf(kernels, layer.qkvWeight, where)),
+          qkvWeight: track(matrixOf(kernels, layer.qkvWeight)),
           qkvBias: track(vectorOf(kernels, layer.qkvBias)),
           queryNorm: track(vectorOf(kernels, layer.queryNorm)),
           keyNorm: track(vectorOf(kernels, layer.keyNorm)),
-          projectionWeight: track(matrixOf(kernels, layer.projectionWeight, where)),
+          projectionWeight: track(matrixOf(kernels, layer.projectionWeight)),
           projectionBias: track(vectorOf(kernels, layer.projectionBias)),
           mlpNorm: trackNorm(normOf(kernels, layer.mlpNorm)),
           mlp: mlp.kind === 'dense'
             ? {
                 kind: 'dense',
-                up: track(matrixOf(kernels, mlp.up, where)),
+                up: track(matrixOf(kernels, mlp.up)),
                 upBias: track(vectorOf(kernels, mlp.upBias)),
-                gate: mlp.gate ? track(matrixOf(kernels, mlp.gate, where)) : undefined,
-                down: track(matrixOf(kernels, mlp.down, where)),
+                gate: mlp.gate ? track(matrixOf(kernels, mlp.gate)) : undefined,
+                down: track(matrixOf(kernels, mlp.down)),
                 downBias: track(vectorOf(kernels, mlp.downBias)),
               }
             : {
@@ -179,20 +181,20 @@ export class DeviceLayers {
                 topK: mlp.topK,
                 normalizeTopK: mlp.normalizeTopK,
                 experts: mlp.experts.map((expert) => ({
-                  gate: track(matrixOf(kernels, expert.gate, where)),
-                  up: track(matrixOf(kernels, expert.up, where)),
-                  down: track(matrixOf(kernels, expert.down, where)),
+                  gate: track(matrixOf(kernels, expert.gate)),
+                  up: track(matrixOf(kernels, expert.up)),
+                  down: track(matrixOf(kernels, expert.down)),
                 })),
               },
         };
       });
-      this.#head = options.head ? track(matrixOf(kernels, options.head, 'head')) : undefined;
+      this.#head = options.head ? track(matrixOf(kernels, options.head)) : undefined;
       this.#inverseFrequencies = track(vectorOf(kernels, options.inverseFrequencies));
     } catch (error) {
-      for (const tensor of this.#tensors) tensor.buffer.free();
+      for (const buffer of this.#weightBuffers) buffer.free();
       throw error;
     }
-    this.weightBytes = this.#tensors.reduce((sum, tensor) => sum + tensor.buffer.byteLength, 0);
+    this.weightBytes = this.#weightBuffers.reduce((sum, buffer) => sum + buffer.byteLength, 0);
   }
 
   /** Uploads a rank's layers (and head) to the device `kernels` runs on. */
@@ -591,7 +593,7 @@ export class DeviceLayers {
     this.#caches.clear();
     for (const adapter of this.#adapters.values()) freeAdapter(adapter);
     this.#adapters.clear();
-    for (const tensor of this.#tensors) tensor.buffer.free();
+    for (const buffer of this.#weightBuffers) buffer.free();
     this.#pinned = undefined;
   }
 

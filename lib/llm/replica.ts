@@ -48,8 +48,7 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    * GPU (a bundle { CPU: numCpusPerRank, GPU: 1 } from the driver; made inside an actor, one of
    * that actor's GPUs each), holds its layers, head and key/value caches in device memory and
    * runs them with CUDA kernels and cuBLAS; a stage's ranks sum over NCCL. Embedding lookups,
-   * sampling and constraints stay on the host. int8 weights run on 'cpu' only, and are refused
-   * up front.
+   * sampling and constraints stay on the host.
    */
   device?: 'cpu' | 'cuda';
   /**
@@ -512,7 +511,6 @@ export class ModelReplica {
     const layerBackend = options.layerBackend ?? (device === 'cuda' ? 'cuda' : undefined);
     if (layerBackend !== undefined && layerBackend !== 'cpu' && layerBackend !== 'cuda') throw new InvalidArgumentError(`layerBackend must be 'cpu' or 'cuda', got ${JSON.stringify(layerBackend)}`);
     if ((device === 'cuda') !== (layerBackend === 'cuda')) throw new InvalidArgumentError(`layerBackend '${layerBackend}' does not run on device '${device}'`);
-    if (layerBackend && options.weightDtype === 'int8') throw new InvalidArgumentError("int8 weights run on device 'cpu' only, not through the device path", 'ERR_UNSUPPORTED_ON_DEVICE');
     const threads = positiveInteger(options.threadsPerRank, 'threadsPerRank', Math.max(1, Math.floor(numCpus)));
     // Fail here, in the caller, on a checkpoint that cannot be used, rather than in every rank.
     let weightDtype: WeightDType;

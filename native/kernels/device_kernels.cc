@@ -57,6 +57,10 @@ class HostKernels final : public DeviceKernels {
     }
   }
 
+  void LinearInt8(uint64_t out, uint64_t x, uint64_t weight, uint64_t scales, uint64_t bias, size_t rows, size_t depth, size_t columns) override {
+    kernels::Linear(At<float>(out), At<const float>(x), At<const int8_t>(weight), At<const float>(scales), At<const float>(bias), rows, depth, columns);
+  }
+
   void AddRows(uint64_t out, uint64_t residual, uint64_t bias, size_t rows, size_t columns) override {
     float* target = At<float>(out);
     const float* added = At<const float>(residual);
@@ -210,6 +214,7 @@ constexpr unsigned kAttentionThreads = 128;  // four warps: trellis_attention's 
 constexpr int kMaxAttentionHeadSize = 256;   // trellis_attention's kMaxPerLane × 32
 constexpr int kTileRows = 16;                // trellis_attention_tiles's
 constexpr int kTileMaxHeadSize = 128;
+constexpr size_t kInt8SmallRows = 16;        // trellis_linear_int8_small's
 
 unsigned GridFor(size_t count, unsigned threads) {
   const size_t blocks = (count + threads - 1) / threads;
@@ -237,6 +242,8 @@ class CudaKernels final : public DeviceKernels {
       gather_rows_ = Function("trellis_gather_rows");
       scatter_add_rows_ = Function("trellis_scatter_add_rows");
       zero_ = Function("trellis_zero");
+      linear_int8_small_ = Function("trellis_linear_int8_small");
+      dequantize_int8_ = Function("trellis_dequantize_int8");
       cublas::Check(blas.cublasCreate(&blas_), "cublasCreate_v2");
       cublas::Check(blas.cublasSetStream(blas_, stream_.get()), "cublasSetStream_v2");
     } catch (...) {
@@ -270,6 +277,20 @@ class CudaKernels final : public DeviceKernels {
                                                         cublas::CUBLAS_GEMM_DEFAULT),
                   "cublasGemmEx");
     if (bias != 0) AddRows(out, 0, bias, rows, columns);
+  }
+
+  void LinearInt8(uint64_t out, uint64_t x, uint64_t weight, uint64_t scales, uint64_t bias, size_t rows, size_t depth, size_t columns) override {
+    if (rows == 0) return;
+    Current();
+    if (rows <= kInt8SmallRows) {
+      // Decoding: the weights' bytes are the cost, read once as int8.
+      Launch(linear_int8_small_, static_cast<unsigned>((columns + 7) / 8), 1, 256, 0, out, x, weight, scales, bias, Int(rows), Int(depth), Int(columns));
+      return;
+    }
+    // A prompt: the products are the cost; widen the matrix (scaled) to bf16 once and use cuBLAS.
+    const uint64_t widened = WeightScratch(columns * depth * 2);
+    Launch(dequantize_int8_, GridFor(columns * depth, kElementwiseThreads), 1, kElementwiseThreads, 0, widened, weight, scales, Int(columns), Int(depth));
+    Linear(out, x, widened, Element::kBfloat16, bias, rows, depth, columns);
   }
 
   void AddRows(uint64_t out, uint64_t residual, uint64_t bias, size_t rows, size_t columns) override {
@@ -440,20 +461,24 @@ class CudaKernels final : public DeviceKernels {
   }
 
   // A device buffer of at least `bytes` for the narrowed inputs of 16-bit matrices, grown as needed.
-  uint64_t Scratch(size_t bytes) {
-    if (bytes > scratch_bytes_) {
+  uint64_t Scratch(size_t bytes) { return Grow(scratch_, scratch_bytes_, bytes); }
+  // Another, for int8 matrices widened to bf16 (whose inputs then use Scratch).
+  uint64_t WeightScratch(size_t bytes) { return Grow(weight_scratch_, weight_scratch_bytes_, bytes); }
+
+  uint64_t Grow(cuda::CUdeviceptr& buffer, size_t& size, size_t bytes) {
+    if (bytes > size) {
       const cuda::DriverTable& cu = cuda::Driver("scratch");
-      if (scratch_ != 0) {
+      if (buffer != 0) {
         Check(cu.cuStreamSynchronize(stream_.get()), "cuStreamSynchronize");  // queued work may still read the old one
-        Check(cu.cuMemFree(scratch_), "cuMemFree");
-        scratch_ = 0;
-        scratch_bytes_ = 0;
+        Check(cu.cuMemFree(buffer), "cuMemFree");
       }
-      const size_t grown = std::max(bytes, scratch_bytes_ * 2);
-      Check(cu.cuMemAlloc(&scratch_, grown), "cuMemAlloc");
-      scratch_bytes_ = grown;
+      const size_t grown = std::max(bytes, size * 2);
+      buffer = 0;
+      size = 0;
+      Check(cu.cuMemAlloc(&buffer, grown), "cuMemAlloc");
+      size = grown;
     }
-    return scratch_;
+    return buffer;
   }
 
   void Release() {
@@ -466,6 +491,8 @@ class CudaKernels final : public DeviceKernels {
     blas_ = nullptr;
     if (scratch_ != 0) cu.cuMemFree(scratch_);
     scratch_ = 0;
+    if (weight_scratch_ != 0) cu.cuMemFree(weight_scratch_);
+    weight_scratch_ = 0;
     if (module_ != nullptr) cu.cuModuleUnload(module_);
     module_ = nullptr;
   }
@@ -476,9 +503,12 @@ class CudaKernels final : public DeviceKernels {
   cublas::cublasHandle_t blas_ = nullptr;
   cuda::CUdeviceptr scratch_ = 0;
   size_t scratch_bytes_ = 0;
+  cuda::CUdeviceptr weight_scratch_ = 0;
+  size_t weight_scratch_bytes_ = 0;
   cuda::CUfunction narrow_ = nullptr, add_rows_ = nullptr, rms_norm_ = nullptr, layer_norm_ = nullptr, silu_multiply_ = nullptr, gelu_ = nullptr,
                    prepare_attention_ = nullptr, attention_ = nullptr, attention_tiles_ = nullptr, copy_cache_ = nullptr,
-                   gather_rows_ = nullptr, scatter_add_rows_ = nullptr, zero_ = nullptr;
+                   gather_rows_ = nullptr, scatter_add_rows_ = nullptr, zero_ = nullptr,
+                   linear_int8_small_ = nullptr, dequantize_int8_ = nullptr;
 };
 
 }  // namespace

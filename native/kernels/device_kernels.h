@@ -51,6 +51,8 @@ class DeviceKernels {
   // out[rows, columns] = x[rows, depth] · weight[columns, depth]ᵀ + bias (bias 0: none).
   virtual void Linear(uint64_t out, uint64_t x, uint64_t weight, Element weight_type, uint64_t bias, size_t rows, size_t depth,
                       size_t columns) = 0;
+  // The same with int8 weights quantized per output row: weight[c, k] · scales[c].
+  virtual void LinearInt8(uint64_t out, uint64_t x, uint64_t weight, uint64_t scales, uint64_t bias, size_t rows, size_t depth, size_t columns) = 0;
   // out[row, column] += residual[row, column] (0: none) + bias[column] (0: none).
   virtual void AddRows(uint64_t out, uint64_t residual, uint64_t bias, size_t rows, size_t columns) = 0;
   virtual void RmsNorm(uint64_t out, uint64_t x, uint64_t gamma, size_t rows, size_t columns, float epsilon) = 0;

@@ -118,6 +118,7 @@ class DeviceKernelsObject : public Napi::ObjectWrap<DeviceKernelsObject> {
     return DefineClass(env, "DeviceKernels",
                        {
                            InstanceMethod<&DeviceKernelsObject::Linear>("linear"),
+                           InstanceMethod<&DeviceKernelsObject::LinearInt8>("linearInt8"),
                            InstanceMethod<&DeviceKernelsObject::AddRows>("addRows"),
                            InstanceMethod<&DeviceKernelsObject::RmsNorm>("rmsNorm"),
                            InstanceMethod<&DeviceKernelsObject::LayerNorm>("layerNorm"),
@@ -171,6 +172,14 @@ class DeviceKernelsObject : public Napi::ObjectWrap<DeviceKernelsObject> {
     return Run(info, [&](DeviceKernels& k) {
       k.Linear(AddressArgument(info, 0, "out"), AddressArgument(info, 1, "x"), AddressArgument(info, 2, "weight"), ElementArgument(info, 3, "weightType"),
                AddressArgument(info, 4, "bias"), SizeArgument(info, 5, "rows"), SizeArgument(info, 6, "depth"), SizeArgument(info, 7, "columns"));
+    });
+  }
+
+  // linearInt8(out, x, weight, scales, bias, rows, depth, columns)
+  Napi::Value LinearInt8(const Napi::CallbackInfo& info) {
+    return Run(info, [&](DeviceKernels& k) {
+      k.LinearInt8(AddressArgument(info, 0, "out"), AddressArgument(info, 1, "x"), AddressArgument(info, 2, "weight"), AddressArgument(info, 3, "scales"),
+                   AddressArgument(info, 4, "bias"), SizeArgument(info, 5, "rows"), SizeArgument(info, 6, "depth"), SizeArgument(info, 7, "columns"));
     });
   }
 

@@ -394,6 +394,54 @@ __global__ void trellis_attention_tiles(float* out, const float* queries, const 
   }
 }
 
+// out[r, c] = (Σ_k x[r, k] · weight[c, k]) · scales[c] + bias[c] with int8 weights quantized per
+// output row (lib/llm/kernels.ts quantizeRows), for steps of at most kInt8SmallRows rows
+// (decoding): a warp a column, the lanes taking four weights at a time, every row of the step at
+// once, so each weight byte is read once per step. Grid: ceil(columns / 8) blocks of 8 warps.
+constexpr int kInt8SmallRows = 16;
+
+__global__ void trellis_linear_int8_small(float* out, const float* x, const signed char* weight, const float* scales, const float* bias, int rows,
+                                          int depth, int columns) {
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int column = blockIdx.x * 8 + warp;
+  if (column >= columns) return;  // the whole warp: no shuffles are left out
+  float sums[kInt8SmallRows];
+#pragma unroll
+  for (int row = 0; row < kInt8SmallRows; row++) sums[row] = 0.f;
+  const signed char* weights = weight + static_cast<size_t>(column) * depth;
+  const bool vector = (depth & 3) == 0 && (reinterpret_cast<uintptr_t>(weights) & 3) == 0;
+  const int step = vector ? 128 : 32;
+  for (int base = vector ? lane * 4 : lane; base < depth; base += step) {
+    const int width = vector ? 4 : 1;
+    float w[4];
+    for (int part = 0; part < width; part++) w[part] = static_cast<float>(weights[base + part]);
+#pragma unroll
+    for (int row = 0; row < kInt8SmallRows; row++) {
+      if (row >= rows) break;
+      const float* input = x + static_cast<size_t>(row) * depth + base;
+      for (int part = 0; part < width; part++) sums[row] += input[part] * w[part];
+    }
+  }
+#pragma unroll
+  for (int row = 0; row < kInt8SmallRows; row++) {
+    if (row >= rows) break;
+    float sum = sums[row];
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) out[static_cast<size_t>(row) * columns + column] = sum * scales[column] + (bias != nullptr ? bias[column] : 0.f);
+  }
+}
+
+// out[c, k] = bf16(weight[c, k] · scales[c]): an int8 matrix widened for cuBLAS, for steps with
+// more rows than the int8 kernel takes (prompts), where the products, not the bytes, cost.
+__global__ void trellis_dequantize_int8(uint16_t* out, const signed char* weight, const float* scales, int columns, int depth) {
+  const unsigned long long total = static_cast<unsigned long long>(columns) * depth;
+  for (unsigned long long index = blockIdx.x * static_cast<unsigned long long>(blockDim.x) + threadIdx.x; index < total;
+       index += static_cast<unsigned long long>(gridDim.x) * blockDim.x) {
+    StoreElement(out, index, kBfloat16, static_cast<float>(weight[index]) * scales[index / depth]);
+  }
+}
+
 // out[i, :] = x[rows[i], :] for i < count: the rows of a step one adapter or one expert takes.
 __global__ void trellis_gather_rows(float* out, const float* x, const int* rows, int count, int width) {
   const unsigned long long total = static_cast<unsigned long long>(count) * width;

@@ -51,6 +51,8 @@ const std::vector<Kernel>& Kernels() {
       Make("trellis_gather_rows", trellis_gather_rows),
       Make("trellis_scatter_add_rows", trellis_scatter_add_rows),
       Make("trellis_zero", trellis_zero),
+      Make("trellis_linear_int8_small", trellis_linear_int8_small),
+      Make("trellis_dequantize_int8", trellis_dequantize_int8),
   };
   return kernels;
 }
