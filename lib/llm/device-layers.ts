@@ -5,12 +5,13 @@
  * pooling, scoring) and hands each step's hidden states here: they go up once, through every
  * layer, and come back once, so a step crosses the bus twice whatever the depth of the model.
  *
- * The arithmetic is the CPU decoder's (lib/llm/shard.ts #block), operation for operation, so on
- * the 'cpu' backend the results are the same bits; on CUDA they differ by rounding (16-bit
- * weights multiply 16-bit inputs in cuBLAS, sums in f32).
+ * The arithmetic is the CPU decoder's (lib/llm/shard.ts #block and #experts, addLowRank),
+ * operation for operation, LoRA updates and experts included, so on the 'cpu' backend the results
+ * are the same bits; on CUDA they differ by rounding (16-bit weights multiply 16-bit inputs in
+ * cuBLAS, sums in f32).
  *
  * A sequence's cache is one allocation for all of this rank's layers,
- * [layer][keys | values][capacity][kvHeads][headSize], grown by doubling as on the CPU.
+ * [layer][keys | values][capacity][kvHeads][headSize], grown CACHE_GRANULE positions at a time.
  */
 import { InvalidArgumentError, TrellisError } from '../errors.js';
 import type { Communicator } from '../gpu/communicator.js';
