@@ -4,7 +4,8 @@
  * and their own fine-tune (a LoRA adapter found by name in a directory), all in one dataset,
  * through one pool of model replicas over the same base weights, with n-gram speculation on.
  *
- *   node --import tsx examples/structured-extraction.ts
+ *   node --import tsx examples/structured-extraction.ts                  (CPU ranks)
+ *   node --import tsx examples/structured-extraction.ts --device cuda    (a GPU rank: the same job)
  *
  * The model is a small GPT-2 of random weights with a byte-level tokenizer, and the adapters are
  * random too: the values it extracts are noise, but every one is valid JSON of its user's schema,
@@ -14,7 +15,7 @@
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { buildLLMProcessor, fromItems, init, shutdown } from '../lib/index.js';
+import { buildLLMProcessor, cuda, fromItems, init, shutdown } from '../lib/index.js';
 import { byteTokenizerJson } from './model/byte-tokenizer.js';
 import { randomWeights, writeCheckpoint, writeRandomAdapter } from './model/random-decoder.js';
 
@@ -51,7 +52,9 @@ const rows = Array.from({ length: 24 }, (_, id) => {
   };
 });
 
-await init({ numCpus: 4 });
+const device = process.argv.includes('--device') && process.argv[process.argv.indexOf('--device') + 1] === 'cuda' ? 'cuda' : 'cpu';
+if (device === 'cuda' && !cuda.available) throw new Error(`--device cuda: CUDA is not available here (${cuda.reason})`);
+await init({ numCpus: 4, ...(device === 'cuda' ? { numGpus: cuda.deviceCount() } : {}) });
 try {
   const extract = buildLLMProcessor({
     checkpoint,
@@ -60,6 +63,7 @@ try {
     maxNewTokens: 96,
     batchSize: 8,
     speculation: { method: 'ngram', tokens: 4 },
+    device,
   });
   const started = performance.now();
   const results = await extract(fromItems(rows)).takeAll();
@@ -74,7 +78,7 @@ try {
   }
   for (const row of results.slice(0, 4)) console.log(`${row.user} #${row.id} (${row.finishReason}): ${row.generatedText}`);
   const tokens = results.reduce((sum, row) => sum + (row.generatedTokens as number[]).length, 0);
-  console.log(`${results.length} rows, ${parsed} complete JSON documents of their user's schema, ${tokens} tokens in ${seconds.toFixed(2)} s (model and adapters loaded included)`);
+  console.log(`${results.length} rows on ${device === 'cuda' ? 'GPU' : 'CPU'} ranks, ${parsed} complete JSON documents of their user's schema, ${tokens} tokens in ${seconds.toFixed(2)} s (model and adapters loaded included)`);
 } finally {
   await shutdown();
   rmSync(scratch, { recursive: true, force: true });
