@@ -134,6 +134,8 @@ export class DeviceLayers {
   readonly #adapters = new Map<number, DeviceLayerAdapter[]>();
   /** Every weight's device memory (an int8 matrix's values and scales both). */
   readonly #weightBuffers: DeviceBuffer[] = [];
+  /** Elements of the largest int8 matrix (0: none), which a prompt step widens to bf16 in scratch. */
+  readonly #largestInt8: number;
   /** Page-locked host memory the head's logits come back into (GPU only). */
   #pinned: Float32Array | undefined;
   #closed = false;
@@ -196,6 +198,11 @@ export class DeviceLayers {
       throw error;
     }
     this.weightBytes = this.#weightBuffers.reduce((sum, buffer) => sum + buffer.byteLength, 0);
+    const matrices = [
+      ...this.#layers.flatMap((layer) => [layer.qkvWeight, layer.projectionWeight, ...(layer.mlp.kind === 'dense' ? [layer.mlp.up, layer.mlp.gate, layer.mlp.down] : layer.mlp.experts.flatMap((expert) => [expert.gate, expert.up, expert.down]))]),
+      this.#head,
+    ];
+    this.#largestInt8 = Math.max(0, ...matrices.map((matrix) => (matrix?.dtype === 'int8' ? matrix.length : 0)));
   }
 
   /** Uploads a rank's layers (and head) to the device `kernels` runs on. */
@@ -255,7 +262,9 @@ export class DeviceLayers {
 
   /**
    * Device memory a step of `tokens` rows and `sequences` sequences takes besides the caches: the
-   * layers' activations, the narrowed inputs of 16-bit matrices, the step's table, the head's logits.
+   * layers' activations, the narrowed inputs of 16-bit matrices, the step's table, the head's
+   * logits, an int8 model's largest matrix widened to bf16, and the scratch of LoRA updates (an
+   * adapter's rows gathered and expanded, at rank 64 at most) and of experts.
    */
   stepBytes(tokens: number, sequences: number): number {
     const { hiddenSize } = this.config;
@@ -266,7 +275,10 @@ export class DeviceLayers {
     const narrowed = tokens * Math.max(hiddenSize, intermediatePerRank, queryWidth) * 2;
     const table = sequences * 12 + tokens * 12;
     const head = sequences * (hiddenSize + vocabularyPerRank) * 4;
-    return floats * 4 + narrowed + table + head;
+    const widest = Math.max(hiddenSize, rowWidth, intermediatePerRank);
+    const lowRank = tokens * (2 * widest + 64) * 4 + tokens * 4;
+    const experts = this.#layers.some((layer) => layer.mlp.kind === 'experts') ? tokens * (2 * hiddenSize + 2 * intermediatePerRank + 64) * 4 + tokens * 12 : 0;
+    return floats * 4 + narrowed + table + head + this.#largestInt8 * 2 + lowRank + experts;
   }
 
   /**
