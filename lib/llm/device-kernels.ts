@@ -31,13 +31,16 @@ export class DeviceBuffer {
   readonly byteLength: number;
   #address: bigint;
   #host: ArrayBuffer | undefined;
+  /** Where a 'cpu' buffer starts in its ArrayBuffer (a view of a caller's array may start inside one). */
+  #hostOffset: number;
   #memory: DeviceMemory | undefined;
 
   /** @internal */
-  constructor(byteLength: number, address: bigint, host?: ArrayBuffer, memory?: DeviceMemory) {
+  constructor(byteLength: number, address: bigint, host?: ArrayBuffer, memory?: DeviceMemory, hostOffset = 0) {
     this.byteLength = byteLength;
     this.#address = address;
     this.#host = host;
+    this.#hostOffset = hostOffset;
     this.#memory = memory;
   }
 
@@ -53,7 +56,7 @@ export class DeviceBuffer {
 
   /** 'cpu' buffers: floats over the buffer itself (no copy). */
   hostFloats(length: number, byteOffset = 0): Float32Array | undefined {
-    return this.#host ? new Float32Array(this.#host, byteOffset, length) : undefined;
+    return this.#host ? new Float32Array(this.#host, this.#hostOffset + byteOffset, length) : undefined;
   }
 
   /** 'cuda' buffers: the device memory. */
@@ -186,17 +189,33 @@ export class DeviceKernels {
   tensor(values: Float32Array | Uint16Array, dtype: ElementType): DeviceTensor {
     const expected = dtype === 'f32' ? values instanceof Float32Array : values instanceof Uint16Array;
     if (!expected) throw new InvalidArgumentError(`a ${dtype} tensor takes a ${dtype === 'f32' ? 'Float32Array' : 'Uint16Array of its bits'}`);
+    return { buffer: this.#hold(values), dtype, length: values.length };
+  }
+
+  /**
+   * `values` on the device: for 'cuda' a copy in device memory; for 'cpu' the array itself, not
+   * copied (weights are read-only, and a model's weights twice over would not fit where they
+   * barely fit once).
+   */
+  #hold(values: Float32Array | Uint16Array | Int8Array): DeviceBuffer {
+    if (this.backend === 'cpu') {
+      return new DeviceBuffer(values.byteLength, native.deviceKernels.hostAddress(values), values.buffer as ArrayBuffer, undefined, values.byteOffset);
+    }
     const buffer = this.allocate(values.byteLength);
-    this.upload(buffer, values);
-    return { buffer, dtype, length: values.length };
+    try {
+      this.upload(buffer, values);
+    } catch (error) {
+      buffer.free();
+      throw error;
+    }
+    return buffer;
   }
 
   /** A new int8 matrix (values and per-row scales) on the device. */
   int8Matrix(values: Int8Array, scales: Float32Array): DeviceInt8Matrix {
     if (!(values instanceof Int8Array) || !(scales instanceof Float32Array)) throw new InvalidArgumentError('an int8 matrix takes an Int8Array of values and a Float32Array of scales');
-    const buffer = this.allocate(values.byteLength);
+    const buffer = this.#hold(values);
     try {
-      this.upload(buffer, values);
       return { dtype: 'int8', buffer, scales: this.tensor(scales, 'f32'), length: values.length };
     } catch (error) {
       buffer.free();

@@ -282,14 +282,15 @@ export class DeviceLayers {
   }
 
   /**
-   * Room for `length` positions of sequence `id`. Grown in steps of CACHE_GRANULE positions (not
-   * by doubling, which leaves a quarter of a GPU's cache unused on average); a growth copies what
-   * the sequence has, once every CACHE_GRANULE positions.
+   * Room for `length` positions of sequence `id`. On a GPU grown CACHE_GRANULE positions at a time
+   * (doubling would leave a quarter of its memory unused on average, and a device copies a cache
+   * at terabytes a second); on the host grown by doubling (copying costs more than memory there).
    */
   reserve(id: number, length: number): void {
     const cache = this.#caches.get(id);
     if (cache && cache.capacity >= length) return;
-    const capacity = Math.min(this.config.maxPositions, Math.max(CACHE_GRANULE, Math.ceil(length / CACHE_GRANULE) * CACHE_GRANULE));
+    const wanted = this.kernels.backend === 'cuda' ? Math.max(CACHE_GRANULE, Math.ceil(length / CACHE_GRANULE) * CACHE_GRANULE) : Math.max(16, 2 ** Math.ceil(Math.log2(Math.max(1, length))));
+    const capacity = Math.min(this.config.maxPositions, wanted);
     const buffer = this.kernels.allocate(this.#layers.length * 2 * capacity * this.#rowSize * ELEMENT_BYTES[this.cacheType]);
     if (cache) {
       this.kernels.copyCache(buffer, capacity, cache.buffer, cache.capacity, cache.length, this.#rowSize, this.#layers.length, this.cacheType);

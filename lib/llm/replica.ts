@@ -27,7 +27,6 @@ import { resolveCacheDType, type StepMessage, type StepResult, type StepSequence
 import type { CacheDType, WeightDType } from './kernels.js';
 import { checkCheckpoint, languageHead, resolveWeightDType } from './weights.js';
 import { RemoteShardWorker, type ShardLoaded, type ShardWorker } from './shard-worker.js';
-import type { KernelBackend } from './device-kernels.js';
 import { CACHE_GRANULE } from './device-layers.js';
 import { TokenMask } from './guided/token-mask.js';
 import { readAdapter, type AdapterInfo } from './lora.js';
@@ -51,12 +50,6 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    * sampling and constraints stay on the host.
    */
   device?: 'cpu' | 'cuda';
-  /**
-   * Runs the layers through the device path on this backend: 'cuda' for device 'cuda' (the
-   * default there); 'cpu' on CPU ranks is the device path's host twin, which gives the CPU
-   * kernels' results bit for bit: for checking that path on hosts without a GPU.
-   */
-  layerBackend?: KernelBackend;
   /**
    * On device 'cuda': the share of each GPU's memory the replica may use (default 0.9, as vLLM's
    * gpu_memory_utilization). What the weights and a full step's activations leave of it sets the
@@ -508,9 +501,6 @@ export class ModelReplica {
     if (typeof numCpus !== 'number' || !(numCpus >= 0)) throw new InvalidArgumentError(`numCpusPerRank must be a number >= 0, got ${String(numCpus)}`);
     const device = options.device ?? 'cpu';
     if (device !== 'cpu' && device !== 'cuda') throw new InvalidArgumentError(`device must be 'cpu' or 'cuda', got ${JSON.stringify(options.device)}`);
-    const layerBackend = options.layerBackend ?? (device === 'cuda' ? 'cuda' : undefined);
-    if (layerBackend !== undefined && layerBackend !== 'cpu' && layerBackend !== 'cuda') throw new InvalidArgumentError(`layerBackend must be 'cpu' or 'cuda', got ${JSON.stringify(layerBackend)}`);
-    if ((device === 'cuda') !== (layerBackend === 'cuda')) throw new InvalidArgumentError(`layerBackend '${layerBackend}' does not run on device '${device}'`);
     const threads = positiveInteger(options.threadsPerRank, 'threadsPerRank', Math.max(1, Math.floor(numCpus)));
     // Fail here, in the caller, on a checkpoint that cannot be used, rather than in every rank.
     let weightDtype: WeightDType;
@@ -571,7 +561,7 @@ export class ModelReplica {
       }
       const step = { tokens: limits.maxTokens, sequences: limits.maxSequences };
       const loaded = (await get(plan.stages.flatMap((stage) => workers[stage.index].map((worker, rank) =>
-        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype, ...(layerBackend ? { layers: layerBackend } : {}) }, groupNames[stage.index], threads, step))))) as ShardLoaded[];
+        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype, ...(device === 'cuda' ? { layers: 'cuda' as const } : {}) }, groupNames[stage.index], threads, step))))) as ShardLoaded[];
       if (options.maxCacheTokens === undefined && loaded.some((part) => part.device)) limits.maxCacheTokens = deviceCacheBudget(loaded, utilization, limits.maxSequences);
       const input = new InputNode();
       // Rank r of each stage feeds rank r of the next: after the stage's allreduce every rank

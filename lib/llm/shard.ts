@@ -1,22 +1,23 @@
 /**
- * One rank of a sharded decoder (lib/llm/weights.ts says which weights it holds), the key/value
- * cache of every sequence it has seen, and the forward pass of one step over many sequences at
- * once. Sequences are packed end to end (no
- * padding): a step may mix prompts being read whole with sequences generating one token each.
+ * One rank of a sharded decoder (lib/llm/weights.ts says which weights it holds) and one step of
+ * its forward pass over many sequences at once. Sequences are packed end to end (no padding): a
+ * step may mix prompts being read whole with sequences generating one token each. The layers, the
+ * head and every sequence's key/value cache live in DeviceLayers (host memory and the CPU kernels,
+ * or a GPU); this module does what is small and stays on the host: embedding lookups, the final
+ * norm, sampling and constraints, pooling, prompt scoring, speculative picks.
  */
 import { InvalidArgumentError } from '../errors.js';
 import type { Communicator } from '../gpu/communicator.js';
 import { Tensor } from '../gpu/tensor.js';
 import { checkDecoderConfig, rotaryInverseFrequencies, type DecoderConfig, type ResolvedDecoderConfig } from './config.js';
-import { attention, gelu, layerNorm, linear, narrow, readRows, rmsNorm, rotary, siluMultiply, type CacheDType, type HalfMatrix, type WeightDType, type WeightMatrix } from './kernels.js';
+import { layerNorm, linear, readRows, rmsNorm, type CacheDType, type WeightDType, type WeightMatrix } from './kernels.js';
 import type { ShardingPlan } from './plan.js';
 import { Checkpoint } from './safetensors.js';
 import { needsHistory, pickToken, type SamplingParameters, type TokenHistory } from './sampling.js';
-import { loadShardWeights, resolveWeightDType, type ExpertMlp, type LayerWeights, type NormWeights, type ShardWeights } from './weights.js';
-import { loadShardAdapter, type AdapterInfo, type LayerAdapter, type LowRankUpdate } from './lora.js';
+import { loadShardWeights, resolveWeightDType, type NormWeights, type ShardWeights } from './weights.js';
+import { loadShardAdapter, type AdapterInfo } from './lora.js';
 import { DeviceKernels, type KernelBackend } from './device-kernels.js';
-import { DeviceLayers } from './device-layers.js';
-import { routeExperts } from './routing.js';
+import { DeviceLayers, type AdapterRows } from './device-layers.js';
 import { cuda } from '../gpu/cuda.js';
 
 /** A sequence's part in one step: `count` new tokens after the `past` it has already read. */
@@ -117,32 +118,20 @@ export interface ShardSpec {
   /** How the key/value cache is kept (default 'auto': as the weights are; bf16 for int8 weights). */
   kvCacheDtype?: CacheDType | 'auto';
   /**
-   * Run the layers and the head through DeviceLayers on this backend: 'cuda' (the rank's GPU,
-   * device 0 of its CUDA_VISIBLE_DEVICES), or 'cpu' (the host twin: the same path over host
-   * memory). Absent: the CPU decoder's own loop, which alone has LoRA, experts and int8.
+   * Where the layers, the head and the key/value caches live and run (lib/llm/device-layers.ts):
+   * 'cpu' (default: the CPU kernels over host memory) or 'cuda' (the rank's GPU, device 0 of its
+   * CUDA_VISIBLE_DEVICES).
    */
   layers?: KernelBackend;
-}
-
-/** One sequence's keys and values for each of this shard's layers, [capacity, kvHeads, headSize], in f32 or as 16-bit bits. */
-interface SequenceCache {
-  length: number;
-  capacity: number;
-  keys: Array<Float32Array | Uint16Array>;
-  values: Array<Float32Array | Uint16Array>;
 }
 
 export class DecoderShard {
   readonly spec: ShardSpec;
   readonly config: ResolvedDecoderConfig;
   readonly #communicator: Communicator | undefined;
+  /** What the host keeps: the embeddings and the final norm (the layers and head are in #layers). */
   readonly #weights: ShardWeights;
-  /** The layers (and head) on a device, when spec.layers says so; #weights then holds only the host-side parts. */
-  readonly #device: DeviceLayers | undefined;
-  readonly #inverseFrequencies: Float32Array | undefined;
-  readonly #caches = new Map<number, SequenceCache>();
-  /** LoRA adapters loaded on this rank, by the replica's ids: each layer's low-rank updates (this stage's layers). */
-  readonly #adapters = new Map<number, LayerAdapter[]>();
+  readonly #layers: DeviceLayers;
   /** On the last stage, for sequences whose sampling has penalties: the tokens each has seen. */
   readonly #histories = new Map<number, TokenHistory>();
   /** On the last stage, for sequences mean-pooled: the sum of their positions' final norms so far (in double). */
@@ -152,23 +141,14 @@ export class DecoderShard {
   /** How the key/value cache is kept ('auto' resolved). */
   readonly kvCacheDtype: CacheDType;
 
-  private constructor(spec: ShardSpec, config: ResolvedDecoderConfig, communicator: Communicator | undefined, weights: ShardWeights, kvCacheDtype: CacheDType, device?: DeviceLayers) {
+  private constructor(spec: ShardSpec, config: ResolvedDecoderConfig, communicator: Communicator | undefined, weights: ShardWeights, kvCacheDtype: CacheDType, layers: DeviceLayers, weightBytes: number) {
     this.spec = spec;
     this.config = config;
     this.kvCacheDtype = kvCacheDtype;
     this.#communicator = communicator;
     this.#weights = weights;
-    this.#device = device;
-    this.#inverseFrequencies = config.architecture === 'llama' ? rotaryInverseFrequencies(config) : undefined;
-    // Every array once: a matrix may be shared (a tied head is the embedding itself).
-    const arrays = new Set<ArrayBufferView>();
-    const collect = (value: unknown): void => {
-      if (ArrayBuffer.isView(value)) arrays.add(value);
-      else if (Array.isArray(value)) value.forEach(collect);
-      else if (typeof value === 'object' && value !== null) Object.values(value).forEach(collect);
-    };
-    collect(weights);
-    this.weightBytes = [...arrays].reduce((sum, array) => sum + array.byteLength, 0) + (device?.weightBytes ?? 0);
+    this.#layers = layers;
+    this.weightBytes = weightBytes;
   }
 
   /** Reads this rank's slices of the checkpoint (only the bytes it needs). */
@@ -184,10 +164,9 @@ export class DecoderShard {
     const weightDtype = resolveWeightDType(checkpoint, config, spec.weightDtype);
     const weights = await loadShardWeights(checkpoint, config, plan, spec.stage, rank, weightDtype);
     const kvCacheDtype = resolveCacheDType(spec.kvCacheDtype, weightDtype);
-    if (!spec.layers) return new DecoderShard(spec, config, communicator, weights, kvCacheDtype);
-    const kernels = DeviceKernels.create(spec.layers, 0);
+    const kernels = DeviceKernels.create(spec.layers ?? 'cpu', 0);
     try {
-      const device = DeviceLayers.create(kernels, {
+      const layers = DeviceLayers.create(kernels, {
         config,
         plan,
         layers: weights.layers,
@@ -196,8 +175,12 @@ export class DecoderShard {
         inverseFrequencies: config.architecture === 'llama' ? rotaryInverseFrequencies(config) : undefined,
         communicator,
       });
-      // The host keeps what it uses itself: the embeddings, the final norm (and a tied head's table, the embedding).
-      return new DecoderShard(spec, config, communicator, { ...weights, layers: [], head: undefined }, kvCacheDtype, device);
+      // The host keeps what it uses itself: the embeddings and the final norm (a tied head's table
+      // is the embedding). On the host backend the layers hold the very arrays read, not copies:
+      // count each array once (a tied head is the embedding itself).
+      const hostWeights = { ...weights, layers: [], head: undefined };
+      const weightBytes = kernels.backend === 'cpu' ? bytesOf(weights) : bytesOf(hostWeights) + layers.weightBytes;
+      return new DecoderShard(spec, config, communicator, hostWeights, kvCacheDtype, layers, weightBytes);
     } catch (error) {
       kernels.close();
       throw error;
@@ -210,17 +193,16 @@ export class DecoderShard {
    * replica's cache budget). undefined for ranks whose memory is the host's.
    */
   deviceMemory(tokens: number, sequences: number): { freeBytes: number; totalBytes: number; bytesPerPosition: number; stepBytes: number } | undefined {
-    const device = this.#device;
-    if (!device || device.kernels.backend !== 'cuda') return undefined;
+    const device = this.#layers;
+    if (device.kernels.backend !== 'cuda') return undefined;
     const info = cuda.devices()[device.kernels.device];
     return { freeBytes: info.freeMemory, totalBytes: info.totalMemory, bytesPerPosition: device.bytesPerPosition, stepBytes: device.stepBytes(tokens, sequences) };
   }
 
-  /** Gives back a device's memory, stream and kernels (the CPU decoder holds nothing to give back). */
+  /** Gives back the layers' memory (a GPU's, with its stream and kernels). */
   close(): void {
-    if (!this.#device) return;
-    this.#device.close();
-    this.#device.kernels.close();
+    this.#layers.close();
+    this.#layers.kernels.close();
   }
 
   [Symbol.dispose](): void {
@@ -229,38 +211,29 @@ export class DecoderShard {
 
   /** Sequences whose keys and values this rank holds. */
   get cachedSequences(): number {
-    return this.#device ? this.#device.cachedSequences : this.#caches.size;
+    return this.#layers.cachedSequences;
   }
 
-  /** Bytes this rank's key/value caches take (their capacity, grown by doubling). */
+  /** Bytes this rank's key/value caches take (their capacity: grown by doubling on the host, 64 positions at a time on a GPU). */
   get cacheBytes(): number {
-    if (this.#device) return this.#device.cacheBytes;
-    let bytes = 0;
-    for (const cache of this.#caches.values()) for (const array of [...cache.keys, ...cache.values]) bytes += array.byteLength;
-    return bytes;
+    return this.#layers.cacheBytes;
   }
 
   /** One step of this stage: the next stage's message, or on the last stage the next tokens. */
   async forward(message: StepMessage): Promise<StepMessage | StepResult> {
     const { config } = this;
     const stage = this.spec.plan.stages[this.spec.stage];
-    for (const id of message.unloadAdapters ?? []) {
-      this.#adapters.delete(id);
-      this.#device?.unloadAdapter(id);
-    }
+    for (const id of message.unloadAdapters ?? []) this.#layers.unloadAdapter(id);
     for (const { id, info } of message.loadAdapters ?? []) {
-      if (this.#adapters.has(id) || this.#device?.hasAdapter(id)) continue;
-      const layers = await loadShardAdapter(info, config, this.spec.plan, this.spec.stage, this.spec.rank);
-      // On a device the adapter's matrices live there; the host keeps none.
-      if (this.#device) this.#device.loadAdapter(id, layers);
-      else this.#adapters.set(id, layers);
+      if (!this.#layers.hasAdapter(id)) this.#layers.loadAdapter(id, await loadShardAdapter(info, config, this.spec.plan, this.spec.stage, this.spec.rank));
     }
     const adapterOps = { ...(message.loadAdapters ? { loadAdapters: message.loadAdapters } : {}), ...(message.unloadAdapters ? { unloadAdapters: message.unloadAdapters } : {}) };
     // Copies first: a prefix's source may be released by this same message.
-    for (const sequence of message.sequences) if (sequence.copyFrom) this.#copyPrefix(sequence.id, sequence.copyFrom, message.step);
+    for (const sequence of message.sequences) {
+      if (sequence.copyFrom) this.#layers.copyPrefix(sequence.id, sequence.copyFrom.id, sequence.copyFrom.length);
+    }
     for (const id of message.released) {
-      this.#device?.release(id);
-      this.#caches.delete(id);
+      this.#layers.release(id);
       this.#histories.delete(id);
       this.#poolSums.delete(id);
     }
@@ -271,11 +244,9 @@ export class DecoderShard {
     const hiddenSize = config.hiddenSize;
     let total = 0;
     for (const sequence of message.sequences) {
-      const cache = this.#caches.get(sequence.id);
       // Proposals the last step did not keep: their keys and values go.
-      if (sequence.rewind && cache && sequence.past < cache.length) cache.length = sequence.past;
-      if (sequence.rewind) this.#device?.truncate(sequence.id, sequence.past);
-      const known = this.#device ? this.#device.length(sequence.id) : (cache?.length ?? 0);
+      if (sequence.rewind) this.#layers.truncate(sequence.id, sequence.past);
+      const known = this.#layers.length(sequence.id);
       if (sequence.past !== known) {
         throw new InvalidArgumentError(`step ${message.step}: sequence ${sequence.id} says ${sequence.past} tokens came before, this shard has read ${known}`, 'ERR_SEQUENCE_STATE');
       }
@@ -288,17 +259,8 @@ export class DecoderShard {
     if (!(hidden instanceof Float32Array) || hidden.length !== total * hiddenSize) {
       throw new InvalidArgumentError(`step ${message.step}: stage ${stage.index} needs hidden states of ${total} × ${hiddenSize}, got ${hidden?.length ?? 'none'}`);
     }
-    for (const sequence of message.sequences) this.#reserve(sequence.id, sequence.past + sequence.count);
-    const positions = new Int32Array(total);
-    let row = 0;
-    for (const sequence of message.sequences) for (let index = 0; index < sequence.count; index++) positions[row++] = sequence.past + index;
-    const adapted = this.#adapterRows(message.sequences);
-    if (this.#device) {
-      await this.#device.run(hidden, message.sequences, adapted.map((group) => ({ adapter: group.id, rows: group.rows })));
-    } else {
-      for (let layer = 0; layer < this.#weights.layers.length; layer++) await this.#block(layer, hidden, message.sequences, positions, adapted);
-      for (const sequence of message.sequences) this.#caches.get(sequence.id)!.length = sequence.past + sequence.count;
-    }
+    for (const sequence of message.sequences) this.#layers.reserve(sequence.id, sequence.past + sequence.count);
+    await this.#layers.run(hidden, message.sequences, this.#adapterRows(message.sequences));
     const penalized = message.sequences.some((sequence) => needsHistory(sequence.sampling));
     if (!stage.hasHead) {
       return {
@@ -386,211 +348,27 @@ export class DecoderShard {
     return hidden;
   }
 
-  /** A new sequence's cache, starting as a copy of another's first `length` positions (prefix caching). */
-  #copyPrefix(id: number, from: { id: number; length: number }, step: number): void {
-    if (this.#device) {
-      this.#device.copyPrefix(id, from.id, from.length);
-      return;
-    }
-    const source = this.#caches.get(from.id);
-    if (!source || source.length < from.length) {
-      throw new InvalidArgumentError(`step ${step}: sequence ${id} starts from ${from.length} positions of sequence ${from.id}, which this shard holds ${source ? source.length : 'none'} of`, 'ERR_SEQUENCE_STATE');
-    }
-    if (this.#caches.has(id)) throw new InvalidArgumentError(`step ${step}: sequence ${id} starts from a copy, but this shard already holds it`, 'ERR_SEQUENCE_STATE');
-    this.#reserve(id, from.length);
-    const cache = this.#caches.get(id)!;
-    const rowSize = this.spec.plan.keyValueHeadsPerRank * this.spec.plan.headSize;
-    for (let layer = 0; layer < this.#weights.layers.length; layer++) {
-      cache.keys[layer].set(source.keys[layer].subarray(0, from.length * rowSize));
-      cache.values[layer].set(source.values[layer].subarray(0, from.length * rowSize));
-    }
-    cache.length = from.length;
-  }
-
-  /** Room in each layer's cache for `length` tokens, grown by doubling. */
-  #reserve(id: number, length: number): void {
-    if (this.#device) {
-      this.#device.reserve(id, length);
-      return;
-    }
-    const rowSize = this.spec.plan.keyValueHeadsPerRank * this.spec.plan.headSize;
-    let cache = this.#caches.get(id);
-    if (!cache) {
-      cache = { length: 0, capacity: 0, keys: [], values: [] };
-      this.#caches.set(id, cache);
-    }
-    if (cache.capacity >= length) return;
-    const capacity = Math.min(this.config.maxPositions, Math.max(16, 2 ** Math.ceil(Math.log2(length))));
-    const grow = (old: Float32Array | Uint16Array | undefined) => {
-      const next = this.kvCacheDtype === 'f32' ? new Float32Array(capacity * rowSize) : new Uint16Array(capacity * rowSize);
-      if (old) next.set(old.subarray(0, cache!.length * rowSize));
-      return next;
-    };
-    for (let layer = 0; layer < this.#weights.layers.length; layer++) {
-      cache.keys[layer] = grow(cache.keys[layer]);
-      cache.values[layer] = grow(cache.values[layer]);
-    }
-    cache.capacity = capacity;
-  }
-
   #norm(out: Float32Array, x: Float32Array, weights: NormWeights, rows: number): void {
     if (weights.beta) layerNorm(out, x, weights.gamma, weights.beta, rows, this.config.hiddenSize, this.config.layerNormEpsilon);
     else rmsNorm(out, x, weights.gamma, rows, this.config.hiddenSize, this.config.layerNormEpsilon);
   }
 
-  async #allreduce(values: Float32Array): Promise<void> {
-    if (this.spec.plan.tensorParallel > 1) await this.#communicator!.allreduce(Tensor.wrap(values, 'f32'), 'sum');
-  }
-
-  /** The rows of each adapter the step's sequences use (a sequence's rows are contiguous), with its layers (on the host; none on a device). */
-  #adapterRows(sequences: StepSequence[]): AdaptedRows[] {
-    const byAdapter = new Map<number, AdaptedRows>();
+  /** The rows of each adapter the step's sequences use (a sequence's rows are contiguous, so each list ascends). */
+  #adapterRows(sequences: StepSequence[]): AdapterRows[] {
+    const byAdapter = new Map<number, AdapterRows>();
     let row = 0;
     for (const sequence of sequences) {
       if (sequence.adapter !== undefined) {
         let group = byAdapter.get(sequence.adapter);
         if (!group) {
-          const layers = this.#adapters.get(sequence.adapter);
-          if (!layers && !this.#device?.hasAdapter(sequence.adapter)) throw new InvalidArgumentError(`sequence ${sequence.id} uses adapter ${sequence.adapter}, which this rank has not loaded`, 'ERR_ADAPTER');
-          byAdapter.set(sequence.adapter, (group = { id: sequence.adapter, layers: layers ?? [], rows: [] }));
+          if (!this.#layers.hasAdapter(sequence.adapter)) throw new InvalidArgumentError(`sequence ${sequence.id} uses adapter ${sequence.adapter}, which this rank has not loaded`, 'ERR_ADAPTER');
+          byAdapter.set(sequence.adapter, (group = { adapter: sequence.adapter, rows: [] }));
         }
         for (let index = 0; index < sequence.count; index++) group.rows.push(row + index);
       }
       row += sequence.count;
     }
     return [...byAdapter.values()];
-  }
-
-  async #block(layerIndex: number, hidden: Float32Array, sequences: StepSequence[], positions: Int32Array, adapted: AdaptedRows[]): Promise<void> {
-    const lowRank = (out: Float32Array, input: Float32Array, module: keyof LayerAdapter, inWidth: number, outWidth: number) => {
-      for (const group of adapted) {
-        const update = group.layers[layerIndex][module];
-        if (update) addLowRank(out, input, update, group.rows, inWidth, outWidth);
-      }
-    };
-    const { config } = this;
-    const { plan } = this.spec;
-    const layer: LayerWeights = this.#weights.layers[layerIndex];
-    const total = positions.length;
-    const size = config.hiddenSize;
-    const headSize = plan.headSize;
-    const queryWidth = plan.headsPerRank * headSize;
-    const keyWidth = plan.keyValueHeadsPerRank * headSize;
-    const rowWidth = queryWidth + 2 * keyWidth;
-    const normed = new Float32Array(total * size);
-    this.#norm(normed, hidden, layer.attentionNorm, total);
-    const qkv = new Float32Array(total * rowWidth);
-    linear(qkv, normed, layer.qkvWeight, layer.qkvBias ?? null, total, size, rowWidth);
-    lowRank(qkv, normed, 'qkv', size, rowWidth);
-    const attended = new Float32Array(total * queryWidth);
-    let row = 0;
-    const kvDtype = this.kvCacheDtype;
-    for (const sequence of sequences) {
-      const cache = this.#caches.get(sequence.id)!;
-      const keys = cache.keys[layerIndex];
-      const values = cache.values[layerIndex];
-      const queries = new Float32Array(sequence.count * queryWidth);
-      const from = sequence.past * keyWidth;
-      const to = (sequence.past + sequence.count) * keyWidth;
-      // An f32 cache takes the new keys and values in place; a 16-bit one from f32 scratch, rounded once.
-      const newKeys = kvDtype === 'f32' ? (keys as Float32Array).subarray(from, to) : new Float32Array(sequence.count * keyWidth);
-      const newValues = kvDtype === 'f32' ? (values as Float32Array).subarray(from, to) : new Float32Array(sequence.count * keyWidth);
-      for (let index = 0; index < sequence.count; index++) {
-        const source = (row + index) * rowWidth;
-        queries.set(qkv.subarray(source, source + queryWidth), index * queryWidth);
-        newKeys.set(qkv.subarray(source + queryWidth, source + queryWidth + keyWidth), index * keyWidth);
-        newValues.set(qkv.subarray(source + queryWidth + keyWidth, source + rowWidth), index * keyWidth);
-      }
-      if (layer.queryNorm && layer.keyNorm) {
-        // Qwen3: each head's query and key RMS-normalized over its own width, before rotary positions.
-        headNorm(queries, layer.queryNorm, sequence.count * plan.headsPerRank, headSize, config.layerNormEpsilon);
-        headNorm(newKeys, layer.keyNorm, sequence.count * plan.keyValueHeadsPerRank, headSize, config.layerNormEpsilon);
-      }
-      if (this.#inverseFrequencies) {
-        // Rotary positions turn the new queries and keys; the cache keeps keys already turned.
-        const at = positions.subarray(row, row + sequence.count);
-        rotary(queries, at, this.#inverseFrequencies, sequence.count, plan.headsPerRank, headSize);
-        rotary(newKeys, at, this.#inverseFrequencies, sequence.count, plan.keyValueHeadsPerRank, headSize);
-      }
-      let cachedKeys: Float32Array | HalfMatrix = keys as Float32Array;
-      let cachedValues: Float32Array | HalfMatrix = values as Float32Array;
-      if (kvDtype !== 'f32') {
-        // Attention widens them as it reads.
-        narrow({ dtype: kvDtype, bits: (keys as Uint16Array).subarray(from, to) }, newKeys);
-        narrow({ dtype: kvDtype, bits: (values as Uint16Array).subarray(from, to) }, newValues);
-        cachedKeys = { dtype: kvDtype, bits: keys as Uint16Array };
-        cachedValues = { dtype: kvDtype, bits: values as Uint16Array };
-      }
-      attention(attended.subarray(row * queryWidth, (row + sequence.count) * queryWidth), queries, cachedKeys, cachedValues, sequence.count, sequence.past, plan.headsPerRank, headSize, plan.keyValueHeadsPerRank, config.slidingWindow);
-      row += sequence.count;
-    }
-    const projected = new Float32Array(total * size);
-    linear(projected, attended, layer.projectionWeight, null, total, queryWidth, size);
-    // Before the allreduce: each rank's share of B (A x) is summed with the partial outputs.
-    lowRank(projected, attended, 'projection', queryWidth, size);
-    await this.#allreduce(projected);
-    addResidual(hidden, projected, layer.projectionBias, size);
-    this.#norm(normed, hidden, layer.mlpNorm, total);
-    const inner = plan.intermediatePerRank;
-    const mlp = layer.mlp;
-    const down = projected;
-    if (mlp.kind === 'experts') {
-      this.#experts(down, normed, mlp, total);
-    } else {
-      const up = new Float32Array(total * inner);
-      linear(up, normed, mlp.up, mlp.upBias ?? null, total, size, inner);
-      lowRank(up, normed, 'up', size, inner);
-      let activated = up;
-      if (mlp.gate) {
-        activated = new Float32Array(total * inner);
-        linear(activated, normed, mlp.gate, null, total, size, inner);
-        lowRank(activated, normed, 'gate', size, inner);
-        siluMultiply(activated, activated, up);
-      } else {
-        gelu(up);
-      }
-      linear(down, activated, mlp.down, null, total, inner, size);
-      lowRank(down, activated, 'down', inner, size);
-    }
-    await this.#allreduce(down);
-    addResidual(hidden, down, mlp.kind === 'dense' ? mlp.downBias : undefined, size);
-  }
-
-  /**
-   * A sparse MoE block: each row goes to its topK experts by the router's softmax, each expert
-   * runs once over the rows routed to it (gathered), and each row sums its experts' outputs,
-   * weighted, in expert order: the same sum whatever the batch. This rank's share of each expert
-   * only; the caller's allreduce adds the others'.
-   */
-  #experts(out: Float32Array, x: Float32Array, mlp: ExpertMlp, total: number): void {
-    const size = this.config.hiddenSize;
-    const inner = this.spec.plan.intermediatePerRank;
-    const count = mlp.experts.length;
-    const logits = new Float32Array(total * count);
-    linear(logits, x, mlp.router, null, total, size, count);
-    const { rowsOf, weightsOf } = routeExperts(logits, total, count, mlp.topK, mlp.normalizeTopK);
-    out.fill(0);
-    for (let expert = 0; expert < count; expert++) {
-      const rows = rowsOf[expert];
-      const routed = rows.length;
-      if (routed === 0) continue;
-      const gathered = new Float32Array(routed * size);
-      rows.forEach((row, index) => gathered.set(x.subarray(row * size, (row + 1) * size), index * size));
-      const weights = mlp.experts[expert];
-      const gate = new Float32Array(routed * inner);
-      const up = new Float32Array(routed * inner);
-      linear(gate, gathered, weights.gate, null, routed, size, inner);
-      linear(up, gathered, weights.up, null, routed, size, inner);
-      siluMultiply(gate, gate, up);
-      const result = new Float32Array(routed * size);
-      linear(result, gate, weights.down, null, routed, inner, size);
-      rows.forEach((row, index) => {
-        const weight = weightsOf[expert][index];
-        const target = row * size;
-        const source = index * size;
-        for (let column = 0; column < size; column++) out[target + column] += weight * result[source + column];
-      });
-    }
   }
 
   /**
@@ -805,7 +583,7 @@ export class DecoderShard {
    * the device when the layers are there, in a buffer it reuses (read it before the next call).
    */
   #headMatmul(normed: Float32Array, rows: number): Float32Array {
-    if (this.#device?.hasHead) return this.#device.headLogits(normed, rows);
+    if (this.#layers.hasHead) return this.#layers.headLogits(normed, rows);
     const out = new Float32Array(rows * this.spec.plan.vocabularyPerRank);
     linear(out, normed, this.#head(), null, rows, this.config.hiddenSize, this.spec.plan.vocabularyPerRank);
     return out;
@@ -814,7 +592,7 @@ export class DecoderShard {
   /** Host arrays gathered over the stage's ranks, through the device when the group is NCCL's. */
   async #allgather(local: Float32Array, gathered: Float32Array): Promise<void> {
     const communicator = this.#communicator!;
-    if (this.#device && communicator.tensorDevice !== 'cpu') await this.#device.allgatherHost(local, gathered);
+    if (communicator.tensorDevice !== 'cpu') await this.#layers.allgatherHost(local, gathered);
     else await communicator.allgather(Tensor.wrap(local, 'f32'), Tensor.wrap(gathered, 'f32'));
   }
 
@@ -827,8 +605,7 @@ export class DecoderShard {
 
   /** Drops every cached sequence. */
   clear(): void {
-    this.#device?.clearCaches();
-    this.#caches.clear();
+    this.#layers.clearCaches();
     this.#histories.clear();
     this.#poolSums.clear();
   }
@@ -909,38 +686,14 @@ function logProbability(logits: Float32Array, token: number): number {
   return logits[token] - maximum - Math.log(sum);
 }
 
-/** hidden += update (+ bias), row by row. */
-/** RMS norm over each of `rows` heads of `width` in `values`, in place (through scratch: the kernel reads and writes apart). */
-function headNorm(values: Float32Array, gamma: Float32Array, rows: number, width: number, epsilon: number): void {
-  const normed = new Float32Array(rows * width);
-  rmsNorm(normed, values, gamma, rows, width, epsilon);
-  values.set(normed);
-}
-
-/** The `rows` of `out` gain update.b · (update.a · x) for the same rows of `input`: gathered, two thin matmuls, added back. */
-function addLowRank(out: Float32Array, input: Float32Array, update: LowRankUpdate, rows: readonly number[], inWidth: number, outWidth: number): void {
-  const count = rows.length;
-  const gathered = new Float32Array(count * inWidth);
-  rows.forEach((row, index) => gathered.set(input.subarray(row * inWidth, (row + 1) * inWidth), index * inWidth));
-  const reduced = new Float32Array(count * update.rank);
-  linear(reduced, gathered, update.a, null, count, inWidth, update.rank);
-  const expanded = new Float32Array(count * outWidth);
-  linear(expanded, reduced, update.b, null, count, update.rank, outWidth);
-  rows.forEach((row, index) => {
-    const target = row * outWidth;
-    const source = index * outWidth;
-    for (let column = 0; column < outWidth; column++) out[target + column] += expanded[source + column];
-  });
-}
-
-interface AdaptedRows {
-  id: number;
-  layers: LayerAdapter[];
-  /** The step's rows (positions read) of the sequences using this adapter, ascending. */
-  rows: number[];
-}
-
-function addResidual(hidden: Float32Array, update: Float32Array, bias: Float32Array | undefined, size: number): void {
-  if (bias) for (let index = 0; index < hidden.length; index++) hidden[index] += update[index] + bias[index % size];
-  else for (let index = 0; index < hidden.length; index++) hidden[index] += update[index];
+/** Bytes of every array in `weights`, each counted once (a tied head is the embedding itself). */
+function bytesOf(weights: unknown): number {
+  const arrays = new Set<ArrayBufferView>();
+  const collect = (value: unknown): void => {
+    if (ArrayBuffer.isView(value)) arrays.add(value);
+    else if (Array.isArray(value)) value.forEach(collect);
+    else if (typeof value === 'object' && value !== null) Object.values(value).forEach(collect);
+  };
+  collect(weights);
+  return [...arrays].reduce((sum, array) => sum + array.byteLength, 0);
 }
