@@ -1,14 +1,13 @@
 /**
- * A decoder rank's transformer layers and language-model head on a device (a GPU, or the host
- * twin of lib/llm/device-kernels.ts), with every sequence's key/value cache in the device's
- * memory. lib/llm/shard.ts keeps what is small and host-side (embedding lookup, sampling,
+ * A decoder rank's transformer layers and language-model head on its device (a GPU, or the host:
+ * the two backends of lib/llm/device-kernels.ts), with every sequence's key/value cache in that
+ * device's memory. lib/llm/shard.ts keeps what is small and host-side (embedding lookup, sampling,
  * pooling, scoring) and hands each step's hidden states here: they go up once, through every
  * layer, and come back once, so a step crosses the bus twice whatever the depth of the model.
  *
- * The arithmetic is the CPU decoder's (lib/llm/shard.ts #block and #experts, addLowRank),
- * operation for operation, LoRA updates and experts included, so on the 'cpu' backend the results
- * are the same bits; on CUDA they differ by rounding (16-bit weights multiply 16-bit inputs in
- * cuBLAS, sums in f32).
+ * Every rank runs its layers here, CPU ranks on the 'cpu' backend (the CPU kernels over host
+ * memory), GPU ranks on 'cuda'; the two differ by rounding only (16-bit weights multiply 16-bit
+ * inputs in cuBLAS, sums in f32), as the tests check operation by operation.
  *
  * A sequence's cache is one allocation for all of this rank's layers,
  * [layer][keys | values][capacity][kvHeads][headSize], grown CACHE_GRANULE positions at a time.
@@ -587,7 +586,7 @@ export class DeviceLayers {
     return out;
   }
 
-  /** `length` floats of host memory the device copies into: page-locked and reused on a GPU, a new array for the host twin. */
+  /** `length` floats of host memory the device copies into: page-locked and reused on a GPU, a new array on the host. */
   #staging(length: number): Float32Array {
     if (this.kernels.backend !== 'cuda') return new Float32Array(length);
     if (!this.#pinned || this.#pinned.length < length) {

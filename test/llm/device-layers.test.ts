@@ -35,6 +35,18 @@ function deviceScenario(env: Record<string, string>, script = 'device-scenario.t
   });
 }
 
+/** GPU ranks against CPU ranks on what needs more than tokens: the same tokens and proposals, numbers within f32 rounding. */
+function expectSameFeatures(gpu: any, cpu: any): void {
+  expect(gpu.tokens).toEqual(cpu.tokens);
+  expect(gpu.draftTokens).toBe(cpu.draftTokens);
+  expect(cpu.draftTokens).toBeGreaterThan(0);
+  const close = (a: number[], b: number[]) => a.forEach((value, index) => expect(Math.abs(value - b[index])).toBeLessThan(1e-4 * Math.max(1, Math.abs(b[index]))));
+  close(gpu.logprobs, cpu.logprobs);
+  close(gpu.promptLogprobs, cpu.promptLogprobs);
+  gpu.embeddings.forEach((vector: number[], index: number) => close(vector, cpu.embeddings[index]));
+  expect(gpu.topLogprobs.map((entries: Array<{ token: number }>) => entries.map((entry) => entry.token))).toEqual(cpu.topLogprobs.map((entries: Array<{ token: number }>) => entries.map((entry) => entry.token)));
+}
+
 /** What the scenario measured, against the tolerances of each comparison. */
 function expectReport(report: any): void {
   for (const [name, error] of Object.entries(report.operations as Record<string, number>)) {
@@ -139,10 +151,11 @@ describe('the CUDA kernels against the host twin', () => {
     expectReport(await deviceScenario(fakeEnv()));
   }, 120_000);
 
-  it.skipIf(!fake.path)("a replica on device 'cuda' cut 2 × 2 over four (fake) GPUs and NCCL, from the driver and inside a processor's engine, generates the reference's tokens", async () => {
-    const { reference, fromDriver, fromProcessor } = await deviceScenario(fakeEnv(), 'device-replica-scenario.ts');
+  it.skipIf(!fake.path)("a replica on device 'cuda' cut 2 × 2 over four (fake) GPUs and NCCL, from the driver and inside a processor's engine, generates the reference's tokens; logprobs, prompt scores, speculation, embeddings and LoRA adapters on GPU ranks match CPU ranks", async () => {
+    const { reference, fromDriver, fromProcessor, features } = await deviceScenario(fakeEnv(), 'device-replica-scenario.ts');
     expect(fromDriver).toEqual(reference);
     expect(fromProcessor).toEqual(reference);
+    expectSameFeatures(features.cuda, features.cpu);
   }, 180_000);
 
   it.skipIf(!fake.path)("sizes a GPU replica's cache from the memory its weights and a full step leave, and refuses a GPU too small for any", async () => {
@@ -156,9 +169,10 @@ describe('the CUDA kernels against the host twin', () => {
 
   const fourGpus = cuda.available && cuda.deviceCount() >= 4;
   it.skipIf(!fourGpus)(`the same replica on four GPUs${fourGpus ? '' : ' (skipped: needs four GPUs)'}`, async () => {
-    const { reference, fromDriver, fromProcessor } = await deviceScenario({}, 'device-replica-scenario.ts');
+    const { reference, fromDriver, fromProcessor, features } = await deviceScenario({}, 'device-replica-scenario.ts');
     expect(fromDriver).toEqual(reference);
     expect(fromProcessor).toEqual(reference);
+    expectSameFeatures(features.cuda, features.cpu);
   }, 180_000);
 
   it.skipIf(!cuda.available)(`operation by operation and as whole shards, on the GPU${cuda.available ? '' : ' (skipped: no CUDA driver on this host)'}`, async () => {
