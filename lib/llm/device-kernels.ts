@@ -12,6 +12,7 @@
 import { InvalidArgumentError, TrellisError } from '../errors.js';
 import { cuda } from '../gpu/cuda.js';
 import type { DeviceMemory } from '../gpu/cuda-types.js';
+import type { Tensor } from '../gpu/tensor.js';
 import { native, type NativeDeviceKernels, type NativeStepLayout } from '../native.js';
 
 export type KernelBackend = 'cpu' | 'cuda';
@@ -62,6 +63,14 @@ export class DeviceBuffer {
   /** 'cuda' buffers: the device memory. */
   get memory(): DeviceMemory | undefined {
     return this.#memory;
+  }
+
+  /** 'cuda' buffers: hands the device memory over (to a Tensor, say); this buffer no longer owns or frees it. */
+  release(): DeviceMemory {
+    const memory = this.#memory;
+    if (!memory) throw new TrellisError('ERR_CLOSED', 'this buffer holds no device memory to hand over');
+    this.#memory = undefined;
+    return memory;
   }
 
   /** Gives the memory back (device memory to the caching allocator). Queued work reading it must be on the same stream. */
@@ -231,6 +240,13 @@ export class DeviceKernels {
   download(target: ArrayBufferView, source: DeviceBuffer, byteOffset = 0): void {
     requireBytes('download', 'source', source, target.byteLength, byteOffset);
     this.#kernels.download(target, source.address(byteOffset));
+  }
+
+  /** All of a CUDA tensor's bytes (another process's memory mapped by IPC, say) into `target`. */
+  copyFromTensor(target: DeviceBuffer, tensor: Tensor): void {
+    if (this.backend !== 'cuda' || !tensor.isCuda) throw new InvalidArgumentError(`copyFromTensor copies a CUDA tensor to CUDA kernels' memory; got a ${tensor.device} tensor for '${this.backend}' kernels`, 'ERR_TENSOR_DEVICE');
+    requireBytes('copyFromTensor', 'target', target, tensor.byteLength);
+    this.#kernels.copy(target.address(), tensor.memory.address, tensor.byteLength);
   }
 
   copy(target: DeviceBuffer, source: DeviceBuffer, bytes: number, targetOffset = 0, sourceOffset = 0): void {

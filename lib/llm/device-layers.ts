@@ -375,18 +375,26 @@ export class DeviceLayers {
   }
 
   /**
-   * Runs every layer over the step's rows, `hidden` ([rows, hiddenSize], in place) up and back.
-   * Each sequence's cache must hold `past` positions and have room reserved for `past + count`;
-   * its length becomes `past + count`. `adapted`: the rows each loaded LoRA adapter adds its
-   * updates to, in the order the CPU decoder applies them.
+   * Runs every layer over the step's rows: `hidden` ([rows, hiddenSize]) goes up, through every
+   * layer, and comes back (into the same array, which is returned). On a GPU it may instead come
+   * as a CUDA tensor (the previous pipeline stage's, over CUDA IPC) and, with `keepOnDevice`, stay
+   * there: the result is then a new CUDA tensor, which the next stage reads the same way. Each
+   * sequence's cache must hold `past` positions and have room reserved for `past + count`; its
+   * length becomes `past + count`. `adapted`: the rows each loaded LoRA adapter adds its updates
+   * to, in order.
    */
-  async run(hidden: Float32Array, sequences: readonly LayerStepSequence[], adapted: readonly AdapterRows[] = []): Promise<void> {
+  async run(hidden: Float32Array | Tensor, sequences: readonly LayerStepSequence[], adapted: readonly AdapterRows[] = [], keepOnDevice = false): Promise<Float32Array | Tensor> {
     if (this.#closed) throw new TrellisError('ERR_CLOSED', 'these device layers are closed');
     const { config, plan, kernels } = this;
     const size = config.hiddenSize;
     const rows = sequences.reduce((sum, sequence) => sum + sequence.count, 0);
-    if (hidden.length !== rows * size) throw new InvalidArgumentError(`the layers need hidden states of ${rows} × ${size}, got ${hidden.length}`);
-    if (rows === 0) return;
+    const onDevice = hidden instanceof Tensor;
+    const elements = onDevice ? hidden.numel : hidden.length;
+    if (elements !== rows * size || (onDevice && hidden.dtype !== 'f32')) {
+      throw new InvalidArgumentError(`the layers need hidden states of ${rows} × ${size} (f32), got ${elements}${onDevice ? ` (${hidden.dtype}, ${hidden.device})` : ''}`);
+    }
+    const keep = keepOnDevice && kernels.backend === 'cuda';
+    if (rows === 0) return onDevice ? new Float32Array(0) : hidden;
     for (const group of adapted) {
       if (!this.#adapters.has(group.adapter)) throw new InvalidArgumentError(`adapter ${group.adapter} is not loaded on this rank`, 'ERR_ADAPTER');
       if (group.rows.some((row, index) => !(Number.isInteger(row) && row >= 0 && row < rows) || (index > 0 && row <= group.rows[index - 1]))) {
@@ -405,9 +413,12 @@ export class DeviceLayers {
       buffers.push(buffer);
       return buffer;
     };
+    // Kept on the device, the state itself becomes the result: it is not freed with the scratch.
+    const state = keep ? kernels.allocate(rows * size * 4) : scratch(rows * size * 4);
+    let result: Float32Array | Tensor | undefined;
     try {
-      const state = scratch(rows * size * 4);
-      kernels.upload(state, hidden);
+      if (onDevice) kernels.copyFromTensor(state, hidden);
+      else kernels.upload(state, hidden);
       const normed = scratch(rows * size * 4);
       const qkv = scratch(rows * rowWidth * 4);
       const queries = scratch(rows * queryWidth * 4);
@@ -453,16 +464,25 @@ export class DeviceLayers {
         await this.#allreduce(projected, rows * size);
         kernels.addRows(state, projected, mlp.kind === 'dense' ? (mlp.downBias ?? null) : null, rows, size);
       }
-      kernels.download(hidden, state);
+      if (keep) {
+        // Complete when returned, as CUDA IPC readers expect: the stream is synchronized below.
+        result = Tensor.onDevice(state.release(), 'f32', [rows, size]);
+      } else {
+        const out = onDevice ? new Float32Array(rows * size) : hidden;
+        kernels.download(out, state);
+        result = out;
+      }
     } finally {
       // The download waited for the stream; after a failure, wait before the memory is reused.
       try {
         kernels.synchronize();
       } finally {
         for (const buffer of buffers) buffer.free();
+        if (keep && !result) state.free();
       }
     }
     for (const sequence of sequences) this.#caches.get(sequence.id)!.length = sequence.past + sequence.count;
+    return result!;
   }
 
   /**

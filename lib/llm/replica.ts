@@ -561,13 +561,17 @@ export class ModelReplica {
       }
       const step = { tokens: limits.maxTokens, sequences: limits.maxSequences };
       const loaded = (await get(plan.stages.flatMap((stage) => workers[stage.index].map((worker, rank) =>
-        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype, ...(device === 'cuda' ? { layers: 'cuda' as const } : {}) }, groupNames[stage.index], threads, step))))) as ShardLoaded[];
+        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype, ...(device === 'cuda' ? { layers: 'cuda' as const, hiddenOnDevice: true } : {}) }, groupNames[stage.index], threads, step))))) as ShardLoaded[];
       if (options.maxCacheTokens === undefined && loaded.some((part) => part.device)) limits.maxCacheTokens = deviceCacheBudget(loaded, utilization, limits.maxSequences);
       const input = new InputNode();
       // Rank r of each stage feeds rank r of the next: after the stage's allreduce every rank
       // holds the same hidden states, and each channel then has exactly one reader.
       let previous: DAGNode[] = workers[0].map((worker) => worker.forward.bind(input));
-      for (const stage of plan.stages.slice(1)) previous = workers[stage.index].map((worker, rank) => worker.forward.bind(previous[rank]));
+      for (const stage of plan.stages.slice(1)) {
+        // Between GPU stages the hidden states stay on the GPUs: the edge carries CUDA IPC handles.
+        if (device === 'cuda') for (const node of previous) node.withTensorTransport('ipc');
+        previous = workers[stage.index].map((worker, rank) => worker.forward.bind(previous[rank]));
+      }
       const graph = await new MultiOutputNode(previous).compile({ maxInflight: Math.max(2, limits.stepsInFlight + 1) });
       const replica = new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, kvCacheDtype, stopTokens, limits, maxLoadedAdapters, hasLanguageHead, classifier });
       for (const [name, info] of adapters) replica.#register(name, info);

@@ -75,8 +75,11 @@ export interface StepMessage {
    * last when a sequence's sampling penalizes tokens it has seen.
    */
   tokens?: Int32Array;
-  /** The hidden states of the new tokens, [tokens, hiddenSize] (later stages). */
-  hidden?: Float32Array;
+  /**
+   * The hidden states of the new tokens, [tokens, hiddenSize] (later stages): on the host, or
+   * between GPU stages a CUDA tensor that travels by CUDA IPC (the replica marks those edges).
+   */
+  hidden?: Float32Array | Tensor;
   /** Return each sequence's logits as well as its token (for scoring and checks). */
   logits?: boolean;
   /** LoRA adapters every rank loads (its own slices, from the file) before the step, by id. */
@@ -123,6 +126,11 @@ export interface ShardSpec {
    * CUDA_VISIBLE_DEVICES).
    */
   layers?: KernelBackend;
+  /**
+   * On 'cuda', with a later pipeline stage: hand it the hidden states as a CUDA tensor (over the
+   * compiled graph's CUDA IPC edge) instead of through host memory.
+   */
+  hiddenOnDevice?: boolean;
 }
 
 export class DecoderShard {
@@ -255,25 +263,29 @@ export class DecoderShard {
       }
       total += sequence.count;
     }
-    const hidden = stage.embeds ? this.#embed(message, total) : message.hidden;
-    if (!(hidden instanceof Float32Array) || hidden.length !== total * hiddenSize) {
-      throw new InvalidArgumentError(`step ${message.step}: stage ${stage.index} needs hidden states of ${total} × ${hiddenSize}, got ${hidden?.length ?? 'none'}`);
+    const input = stage.embeds ? this.#embed(message, total) : message.hidden;
+    const inputElements = input instanceof Float32Array ? input.length : input instanceof Tensor ? input.numel : undefined;
+    if (inputElements !== total * hiddenSize) {
+      throw new InvalidArgumentError(`step ${message.step}: stage ${stage.index} needs hidden states of ${total} × ${hiddenSize}, got ${inputElements ?? 'none'}`);
     }
     for (const sequence of message.sequences) this.#layers.reserve(sequence.id, sequence.past + sequence.count);
-    await this.#layers.run(hidden, message.sequences, this.#adapterRows(message.sequences));
+    const keepOnDevice = !stage.hasHead && this.spec.hiddenOnDevice === true;
+    const output = await this.#layers.run(input!, message.sequences, this.#adapterRows(message.sequences), keepOnDevice);
     const penalized = message.sequences.some((sequence) => needsHistory(sequence.sampling));
     if (!stage.hasHead) {
       return {
         step: message.step,
         sequences: message.sequences,
         released: message.released,
-        hidden,
+        hidden: output,
         ...adapterOps,
         ...(message.logits ? { logits: true } : {}),
         ...(penalized && message.tokens ? { tokens: message.tokens } : {}),
       };
     }
     if (penalized) this.#recordInputs(message, total);
+    // The last stage always brings its hidden states back: the head's rows, pooling and scoring start from them.
+    const hidden = output as Float32Array;
     const all = message.logits ? new Float32Array(message.sequences.length * config.vocabSize) : undefined;
     const logprobs = message.sequences.some((sequence) => sequence.logprobs) ? new Float32Array(message.sequences.length).fill(NaN) : undefined;
     const embeddings = message.sequences.some((sequence) => sequence.pooling) ? this.#pool(hidden, message.sequences) : undefined;
