@@ -4,6 +4,8 @@
 #include <memory>
 #include <vector>
 
+#include <dlfcn.h>
+
 #include "common/dynamic_library.h"
 
 namespace trellis::cublas {
@@ -28,6 +30,15 @@ LibraryStatus Load() {
   }
   std::string reasons;
   for (const std::string& candidate : candidates) {
+    // libcublas needs libcublasLt beside it; a toolkit directory off the loader path would not
+    // find it by name, so open it first from the same directory (once loaded, its name is found).
+    const size_t slash = candidate.rfind('/');
+    const size_t suffix = candidate.rfind(".so.");
+    if (slash != std::string::npos && suffix != std::string::npos && suffix > slash) {
+      const std::string version = candidate.substr(suffix + 4);
+      const std::string lt = candidate.substr(0, slash + 1) + "libcublasLt.so." + version;
+      if (void* handle = dlopen(lt.c_str(), RTLD_NOW | RTLD_LOCAL); handle == nullptr) dlerror();
+    }
     DynamicLibrary library(candidate, "cuBLAS library");
     Table loaded;
 #define TRELLIS_CUBLAS_RESOLVE(field, symbol, type) library.Resolve(loaded.field, symbol);

@@ -167,6 +167,11 @@ describe('the CUDA kernels against the host twin', () => {
     expect(tiny).toMatchObject({ error: 'ERR_DEVICE_MEMORY', message: expect.stringContaining('gpuMemoryUtilization') });
   }, 120_000);
 
+  it.skipIf(!fake.path)('says why CUDA kernels cannot start where cuBLAS is missing, naming where it looked', async () => {
+    const report = await deviceScenario({ ...fakeEnv(), TRELLIS_CUBLAS_LIBRARY: '/nonexistent/libcublas.so.13' }, 'cublas-absent.ts');
+    expect(report).toMatchObject({ code: 'ERR_CUBLAS_UNAVAILABLE', message: expect.stringContaining('/nonexistent/libcublas.so.13') });
+  });
+
   const fourGpus = cuda.available && cuda.deviceCount() >= 4;
   it.skipIf(!fourGpus)(`the same replica on four GPUs${fourGpus ? '' : ' (skipped: needs four GPUs)'}`, async () => {
     const { reference, fromDriver, fromProcessor, features } = await deviceScenario({}, 'device-replica-scenario.ts');
