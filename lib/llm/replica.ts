@@ -1193,7 +1193,8 @@ export class ModelReplica {
       const inDriver = runtime.context().isDriver;
       const gone = this.ranks().map((rank) => (inDriver ? runtime.whenActorProcessGone(rank.actorId) : new Promise<void>((resolve) => runtime.watchActors([rank.actorId], () => resolve()))));
       await this.#graph.teardown({ killActors: true }).catch(() => {});
-      await Promise.allSettled(this.#groups.map((group) => group.destroy()));
+      // The ranks go before their groups: a rank whose peer died may sit in a collective until its
+      // communicator times out (a minute for NCCL), and would hold a group's leave call that long.
       for (const worker of this.#workers.flat()) {
         try {
           kill(worker);
@@ -1201,6 +1202,7 @@ export class ModelReplica {
           // Already gone with the graph.
         }
       }
+      await Promise.allSettled(this.#groups.map((group) => group.destroy()));
       // Closed means the ranks' processes, and the memory they held, are gone.
       // Bounded, so that close() always ends: a rank's process is killed outright well before.
       let timer: NodeJS.Timeout | undefined;

@@ -151,11 +151,15 @@ describe('the CUDA kernels against the host twin', () => {
     expectReport(await deviceScenario(fakeEnv()));
   }, 120_000);
 
-  it.skipIf(!fake.path)("a replica on device 'cuda' cut 2 × 2 over four (fake) GPUs and NCCL, from the driver and inside a processor's engine, generates the reference's tokens; logprobs, prompt scores, speculation, embeddings and LoRA adapters on GPU ranks match CPU ranks", async () => {
-    const { reference, fromDriver, fromProcessor, features } = await deviceScenario(fakeEnv(), 'device-replica-scenario.ts');
+  it.skipIf(!fake.path)("a replica on device 'cuda' cut 2 × 2 over four (fake) GPUs and NCCL, from the driver and inside a processor's engine, generates the reference's tokens; logprobs, prompt scores, speculation, embeddings and LoRA adapters on GPU ranks match CPU ranks; a GPU rank's death fails the requests and leaves nothing behind", async () => {
+    const { reference, fromDriver, fromProcessor, features, rankDeath } = await deviceScenario(fakeEnv(), 'device-replica-scenario.ts');
     expect(fromDriver).toEqual(reference);
     expect(fromProcessor).toEqual(reference);
     expectSameFeatures(features.cuda, features.cpu);
+    // A GPU rank killed mid-generation: the requests fail, and closing neither waits out the
+    // survivors' NCCL timeout (a minute) nor leaves a rank behind.
+    expect(rankDeath).toMatchObject({ outcome: 'ActorDiedError', alive: 0 });
+    expect(rankDeath.closedAfterMs).toBeLessThan(30_000);
   }, 180_000);
 
   it.skipIf(!fake.path)("sizes a GPU replica's cache from the memory its weights and a full step leave, and refuses a GPU too small for any", async () => {
