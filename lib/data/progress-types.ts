@@ -18,6 +18,11 @@ export interface OperatorProgress {
   backpressure?: string;
   /** Operators that run in phases (sort, shuffle, groupBy, join, zip): the current one, e.g. 'sampling keys'. */
   phase?: string;
+  /**
+   * Actor pools whose class reports counters (a `metrics()` method, e.g. an LLM engine's
+   * generated tokens): each counter summed over the pool's actors, those gone included.
+   */
+  metrics?: Record<string, number>;
   done: boolean;
 }
 

@@ -92,8 +92,11 @@ function formatCount(done: number, total: number | undefined, unit: string): str
   return total === undefined ? `${done} ${unit}` : `${done}/${total} ${unit}`;
 }
 
-/** Everything of an operator's line after its name. */
-export function formatOperatorDetails(operator: OperatorProgress): string {
+/**
+ * Everything of an operator's line after its name; with `elapsedMs` (the job's), counters an
+ * actor pool's class reports get a rate beside them.
+ */
+export function formatOperatorDetails(operator: OperatorProgress, elapsedMs?: number): string {
   const parts = [formatCount(operator.rowsDone, operator.rowsTotal, 'rows'), formatCount(operator.blocksDone, operator.blocksTotal, 'blocks')];
   if (operator.done) {
     parts.push('done');
@@ -106,14 +109,23 @@ export function formatOperatorDetails(operator: OperatorProgress): string {
     }
   }
   parts.push(`store ${formatMegabytes(operator.storeBytes)} MB`);
+  for (const [name, value] of Object.entries(operator.metrics ?? {})) {
+    const seconds = (elapsedMs ?? 0) / 1000;
+    parts.push(seconds > 0 ? `${name} ${formatMetric(value)} (${formatRate(value / seconds)}/s)` : `${name} ${formatMetric(value)}`);
+  }
   // A finished operator starts nothing more, so a stale reason would only mislead.
   if (!operator.done && operator.backpressure) parts.push(`backpressured: ${operator.backpressure}`);
   return parts.join(', ');
 }
 
 /** e.g. `Read->Map(tokenize): 400/1000 rows, 80/200 blocks, 3 active, 10 queued, store 12.5 MB` */
-export function formatOperatorLine(operator: OperatorProgress): string {
-  return `${operator.name}: ${formatOperatorDetails(operator)}`;
+export function formatOperatorLine(operator: OperatorProgress, elapsedMs?: number): string {
+  return `${operator.name}: ${formatOperatorDetails(operator, elapsedMs)}`;
+}
+
+/** Whole counts as they are, others to three significant digits. */
+function formatMetric(value: number): string {
+  return Number.isInteger(value) ? String(value) : String(Number(value.toPrecision(3)));
 }
 
 /** e.g. `Dataset.write: 12.0s elapsed, 400 rows out, 33.3 rows/s, store 12.5/512.0 MB` */
@@ -233,7 +245,7 @@ class PlainLineProgressReporter implements ProgressReporter {
   private block(progress: JobProgress): string {
     // One write per block, so that lines of one snapshot stay together among other processes' logs.
     let text = `${LINE_PREFIX}${formatSummary(progress)}\n`;
-    for (const operator of progress.operators) text += `${LINE_PREFIX}${formatOperatorLine(operator)}\n`;
+    for (const operator of progress.operators) text += `${LINE_PREFIX}${formatOperatorLine(operator, progress.elapsedMs)}\n`;
     return text;
   }
 }
@@ -322,7 +334,7 @@ class TerminalProgressReporter implements ProgressReporter {
     const barWidth = maxWidth >= 160 ? 30 : maxWidth >= 100 ? 20 : 10;
     const tick = Math.floor(Date.now() / (1000 / TERMINAL_FRAMES_PER_SECOND));
     const bar = formatBar(operatorFraction(operator), barWidth, tick);
-    return `${fitName(operator.name, nameWidth)} ${bar} ${formatOperatorDetails(operator)}`.slice(0, maxWidth);
+    return `${fitName(operator.name, nameWidth)} ${bar} ${formatOperatorDetails(operator, progress.elapsedMs)}`.slice(0, maxWidth);
   }
 
   /** Computed once per snapshot, not once per row. */

@@ -41,6 +41,8 @@ export interface TaskResult {
   rowsIn: number;
   bytesIn: number;
   error?: StageErrorInfo;
+  /** An actor pool's class with a metrics() method: its counters after this batch. */
+  metrics?: Record<string, number>;
 }
 
 /** Output sizing and worker memory hygiene, decided by the driver. */
@@ -238,9 +240,11 @@ export const dataTask = remote(import.meta, async function trellisDataTask(
  */
 export class DataPoolActor {
   #stages: LoadedStage[] = [];
+  #instance: unknown;
 
   async start(classStage: StageSpec, following: StageSpec[]): Promise<{ pid: number }> {
     const instance = await constructStageInstance(classStage);
+    this.#instance = instance;
     this.#stages = [await loadStage(classStage, instance), ...(await Promise.all(following.map((stage) => loadStage(stage))))];
     return { pid: process.pid };
   }
@@ -251,7 +255,8 @@ export class DataPoolActor {
     const result = await runToBlocks(fromBlocks(blocks), this.#stages, targets, this.#stages[0]?.spec.name ?? 'MapBatches', write);
     blocks.length = 0;
     afterReply(result.blocks, targets);
-    return { ...result, ...size };
+    const metrics = metricsOf(this.#instance);
+    return { ...result, ...size, ...(metrics ? { metrics } : {}) };
   }
 
   /**
@@ -265,6 +270,24 @@ export class DataPoolActor {
   }
 }
 export const RemoteDataPoolActor = remote(import.meta, DataPoolActor);
+
+/**
+ * The counters a pool's class reports (its `metrics()`: names to cumulative numbers), finite ones
+ * only; a method that throws or answers otherwise reports nothing rather than fail the batch.
+ */
+function metricsOf(instance: unknown): Record<string, number> | undefined {
+  const method = (instance as { metrics?: unknown } | undefined)?.metrics;
+  if (typeof method !== 'function') return undefined;
+  try {
+    const reported: unknown = method.call(instance);
+    if (typeof reported !== 'object' || reported === null) return undefined;
+    const metrics: Record<string, number> = {};
+    for (const [name, value] of Object.entries(reported)) if (typeof value === 'number' && Number.isFinite(value)) metrics[name] = value;
+    return metrics;
+  } catch {
+    return undefined;
+  }
+}
 
 export interface WriteResult {
   result?: unknown;

@@ -177,6 +177,8 @@ export class LLMEngine {
   /** Compiled guides by their spec's JSON, least recently used first; each with its constraints by stop tokens. */
   readonly #guides = new Map<string, { guide: TokenGuide; constraints: Map<string, TokenConstraint> }>();
   readonly #options: EngineOptions;
+  /** The counters of replicas this engine has replaced (a rank died), so that metrics() keeps counting. */
+  readonly #replacedTotals: Record<string, number> = {};
 
   constructor(options: EngineOptions) {
     this.#options = options;
@@ -406,11 +408,24 @@ export class LLMEngine {
     }
   }
 
+  /**
+   * Counters since this engine started, for the data layer's progress lines (an actor pool sums
+   * them over its engines): prompt tokens read, those copied from cached prefixes instead, tokens
+   * generated, sequences preempted.
+   */
+  metrics(): Record<string, number> {
+    const current = this.#replica ? replicaCounters(this.#replica) : {};
+    const totals: Record<string, number> = { ...this.#replacedTotals };
+    for (const [name, value] of Object.entries(current)) totals[name] = (totals[name] ?? 0) + value;
+    return totals;
+  }
+
   async #rebuild(dead: ModelReplica, cause: Error): Promise<void> {
     if (this.#replica !== dead) return; // another batch already rebuilt it
     if (!this.#rebuilding) {
       this.#takeRestart(cause);
       this.#rebuilding = (async () => {
+        for (const [name, value] of Object.entries(replicaCounters(dead))) this.#replacedTotals[name] = (this.#replacedTotals[name] ?? 0) + value;
         await dead.close();
         return this.#startReplica();
       })();
@@ -586,4 +601,10 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
     });
     return postprocess ? result.map(postprocess) : result;
   };
+}
+
+/** The counters of a replica an engine reports. */
+function replicaCounters(replica: ModelReplica): Record<string, number> {
+  const stats = replica.stats();
+  return { promptTokens: stats.promptTokens, cachedPromptTokens: stats.reusedPromptTokens, generatedTokens: stats.generatedTokens, preemptions: stats.preemptions };
 }

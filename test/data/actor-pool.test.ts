@@ -6,7 +6,7 @@
 import { existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { DataError, fromItems, readDatasource, state, type Row } from '../../lib/index.js';
-import { BrokenModel, GatedSource, RecordingModel, SlowModel } from './fixtures/udfs.js';
+import { BrokenModel, CountingModel, GatedSource, RecordingModel, SlowModel } from './fixtures/udfs.js';
 import { RecordingReporter, isAlive, openGate, rejection, startedPids, until, useDataCluster } from './helpers.js';
 
 // Two logical GPUs: pools of GPU actors are scheduled on them like on real ones.
@@ -62,6 +62,16 @@ describe('actor pools', () => {
     expect(loads(dir).every((load) => load.load === 0)).toBe(true);
     expect(reporter.snapshots.some((snapshot) => snapshot.operators[1].actors?.running === 2)).toBe(true);
     expect(reporter.finished!.progress.operators[1].actors).toMatchObject({ min: 2, max: 2 });
+  });
+
+  it("sums the counters its class reports (metrics()) over the pool's actors into the operator's progress", async () => {
+    const reporter = new RecordingReporter();
+    const rows = await fromItems(sequence(100).map((id) => ({ id }))).mapBatches(CountingModel, { concurrency: 2, batchSize: 10, batchFormat: 'rows' }).takeAll({ progress: reporter });
+    expect(rows).toHaveLength(100);
+    const metrics = reporter.finished!.progress.operators.at(-1)!.metrics!;
+    expect(metrics).toMatchObject({ rows: 100, batches: 10 });
+    // Numbers only: the string the class also reported is left out.
+    expect(Object.keys(metrics).sort()).toEqual(['batches', 'meanBatch', 'rows']);
   });
 
   it('a pool grows on queued work and shrinks back when idle', async () => {

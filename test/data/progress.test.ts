@@ -80,6 +80,12 @@ function visible(text: string): string {
 }
 
 describe('formatOperatorLine', () => {
+  it("shows the counters an actor pool's class reports, with a rate over the job's time when given", () => {
+    const line = formatOperatorLine(operator({ name: 'MapBatches(LLMEngine)', metrics: { generatedTokens: 1200, meanBatch: 12.3456 } }), 10_000);
+    expect(line).toMatch(/generatedTokens 1200 \(120\/s\), meanBatch 12\.3 \(1\.2\/s\)/);
+    expect(formatOperatorLine(operator({ metrics: { generatedTokens: 5 } }))).toMatch(/generatedTokens 5$/);
+  });
+
   it('shows rows and blocks against their totals, tasks and store use', () => {
     expect(formatOperatorLine(operator())).toBe('Read->Map(tokenize): 400/1000 rows, 80/200 blocks, 3 active, 10 queued, store 12.5 MB');
   });

@@ -6,6 +6,8 @@ import { ActorDiedError, DataError, InvalidArgumentError, ModelLoadError, fromIt
 import { buildLLMProcessor, checkDecoderConfig, configFromHuggingFace, DecoderShard, ModelReplica, planSharding, readCheckpointConfig, Tokenizer } from '../../lib/index.js';
 import { gpt2StyleTokenizerJson } from './fixtures/tokenizers.js';
 import { isAlive, until } from '../core/helpers.js';
+import { RecordingReporter } from '../data/helpers.js';
+import { formatOperatorLine } from '../../lib/data/progress.js';
 import { bf16ToFloat, f16ToFloat, floatToBf16, floatToF16 } from '../../lib/gpu/dtype.js';
 import { quantizeRows } from '../../lib/llm/kernels.js';
 import { choiceConstraint } from '../../lib/llm/choices.js';
@@ -459,9 +461,21 @@ describe('model sharding', () => {
     expect(pids.filter(isAlive)).toEqual([]);
   });
 
+  it("counts the tokens a processor's engines read and generate in its progress", async () => {
+    const processor = buildLLMProcessor({ checkpoint, tensorParallel: 2, batchSize: 2, maxNewTokens: 6 });
+    const reporter = new RecordingReporter();
+    const rows = await processor(fromItems(PROMPTS.map((tokens, id) => ({ id, tokens })))).takeAll({ progress: reporter });
+    const metrics = reporter.finished!.progress.operators.at(-1)!.metrics!;
+    expect(metrics.generatedTokens).toBe(rows.reduce((sum, row) => sum + (row.generatedTokens as number[]).length, 0));
+    expect(metrics.promptTokens).toBe(PROMPTS.reduce((sum, prompt) => sum + prompt.length, 0));
+    // Shown with a rate over the job's time (here as if it took 2 s).
+    expect(formatOperatorLine(reporter.finished!.progress.operators.at(-1)!, 2000)).toContain(`generatedTokens ${metrics.generatedTokens} (${(metrics.generatedTokens / 2).toFixed(1)}/s)`);
+  });
+
   it('rebuilds a processor\'s replica when a rank dies, and the job\'s output is unchanged', async () => {
     const processor = buildLLMProcessor({ checkpoint, tensorParallel: 2, pipelineParallel: 2, batchSize: 1, maxNewTokens: 6 });
-    const job = processor(fromItems(PROMPTS.map((tokens, id) => ({ id, tokens })))).takeAll();
+    const reporter = new RecordingReporter();
+    const job = processor(fromItems(PROMPTS.map((tokens, id) => ({ id, tokens })))).takeAll({ progress: reporter });
     const before = new Set(state().actors.map((actor) => actor.actorId));
     const ranks = () => state().actors.filter((actor) => actor.className === 'ShardWorker' && !before.has(actor.actorId));
     await until(() => ranks().length === 4 && ranks().every((actor) => actor.state === 'alive'), 'the engine\'s ranks');
@@ -471,6 +485,9 @@ describe('model sharding', () => {
     expect(rows.map((row) => Array.from(row.generatedTokens as number[]))).toEqual(expected);
     // A second set of four ranks replaced the first.
     expect(ranks().length).toBe(8);
+    // The engine's counters went on across the rebuild: at least every token the rows hold.
+    const generated = rows.reduce((sum, row) => sum + (row.generatedTokens as number[]).length, 0);
+    expect(reporter.finished!.progress.operators.at(-1)!.metrics!.generatedTokens).toBeGreaterThanOrEqual(generated);
   });
 
   it('fails a processor\'s job, naming the cause, when a rank dies with no restarts left, and leaves no rank behind', async () => {

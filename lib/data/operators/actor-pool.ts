@@ -22,6 +22,9 @@ export class ActorMapOperator extends Operator {
   declare readonly spec: Extract<PhysicalOperatorSpec, { kind: 'actor-map' }>;
   readonly #actors = new Set<PoolActor>();
   readonly #retry = new Deque<Unit>();
+  /** Each live actor's latest counters (its class's metrics()), and the sum of those of actors gone. */
+  readonly #metrics = new Map<PoolActor, Record<string, number>>();
+  readonly #retiredMetrics: Record<string, number> = {};
   #lastScaleCheck = 0;
   #resourcesFree = true;
 
@@ -97,6 +100,9 @@ export class ActorMapOperator extends Operator {
    */
   #removeActor(actor: PoolActor, killIt = true): void {
     if (!this.#actors.delete(actor)) return;
+    const last = this.#metrics.get(actor);
+    if (last) for (const [name, value] of Object.entries(last)) this.#retiredMetrics[name] = (this.#retiredMetrics[name] ?? 0) + value;
+    this.#metrics.delete(actor);
     const wasIdle = actor.state === 'ready' && actor.inflight === 0;
     actor.state = 'stopping';
     if (!killIt) return;
@@ -181,6 +187,7 @@ export class ActorMapOperator extends Operator {
     get(ref).then(
       (result) => {
         ref[Symbol.dispose]();
+        if (result.metrics && this.#actors.has(actor)) this.#metrics.set(actor, result.metrics);
         this.#callEnded(actor);
         const outputs = result.blocks.map((block) => ({ ref: block.ref, meta: { rows: block.rows, bytes: block.bytes } }));
         if (this.executor.failed) {
@@ -261,7 +268,15 @@ export class ActorMapOperator extends Operator {
 
   override progress(): OperatorProgress {
     const { running, pending } = this.counts();
-    return { ...super.progress(), actors: { running, pending, min: this.pool.min, max: this.pool.max } };
+    const metrics = this.#summedMetrics();
+    return { ...super.progress(), actors: { running, pending, min: this.pool.min, max: this.pool.max }, ...(metrics ? { metrics } : {}) };
+  }
+
+  #summedMetrics(): Record<string, number> | undefined {
+    if (this.#metrics.size === 0 && Object.keys(this.#retiredMetrics).length === 0) return undefined;
+    const sums: Record<string, number> = { ...this.#retiredMetrics };
+    for (const metrics of this.#metrics.values()) for (const [name, value] of Object.entries(metrics)) sums[name] = (sums[name] ?? 0) + value;
+    return sums;
   }
 
   override async shutdown(): Promise<void> {
