@@ -142,7 +142,7 @@ describe('the device path of the model layers', () => {
 
 const fake = buildFakeGpu();
 
-describe('the CUDA kernels against the host twin', () => {
+describe('the CUDA kernels against the host', () => {
   const fakeEnv = () => ({ TRELLIS_CUDA_DRIVER: fake.path!, TRELLIS_CUBLAS_LIBRARY: fake.path!, TRELLIS_NCCL_LIBRARY: fake.path!, FAKE_CUDA_DEVICES: '4' });
   // The fake driver runs trellis's CUDA source compiled for the host, each block's threads as
   // fibers: the kernels' indexing, reductions and barriers, the launches' arguments and the
