@@ -12,6 +12,11 @@
  *   `matmul_floor_tokens_per_s`: the same tokens at the rate cuBLAS multiplies this model's
  *   matrices (one [4096 × 4096] · [11008 × 4096]ᵀ bf16 product, timed here), attention and the
  *   other kernels left out: the ratio is what they and the launches cost.
+ * - `gpu_replica_tokens_per_s`: a ModelReplica on device 'cuda' (one GPU rank) generating 64
+ *   tokens for each of 64 prompts of 32, a smaller Llama-shaped checkpoint (4 layers, hidden 1024,
+ *   vocabulary 32,000, bf16) written for the run; against `gpu_replica_layers_tokens_per_s`, the
+ *   same model's layers alone decoding 64 sequences: the ratio is what the head, sampling,
+ *   scheduling and the step's trip through the compiled graph cost.
  */
 import { cuda } from '../lib/gpu/cuda.js';
 import { checkDecoderConfig, rotaryInverseFrequencies } from '../lib/llm/config.js';
@@ -22,6 +27,13 @@ import type { HalfMatrix } from '../lib/llm/kernels.js';
 import type { LayerWeights } from '../lib/llm/weights.js';
 import { floatToBf16 } from '../lib/gpu/dtype.js';
 import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { init, ModelReplica, readCheckpointConfig, shutdown } from '../lib/index.js';
+import { Checkpoint } from '../lib/llm/safetensors.js';
+import { loadShardWeights } from '../lib/llm/weights.js';
+import { randomWeights, writeCheckpoint } from '../examples/model/random-decoder.js';
 
 // TRELLIS_BENCH_SMOKE=1: a model and sizes small enough to run the suite's code on the fake driver.
 const SMOKE = process.env.TRELLIS_BENCH_SMOKE === '1';
@@ -53,6 +65,7 @@ function randomHidden(length: number): Float32Array {
 export const llmGpuSuite: Suite = {
   name: 'llm-gpu',
   ratios: [
+    ['replica / its layers alone, decoding', 'gpu_replica_tokens_per_s', 'gpu_replica_layers_tokens_per_s', 'higher is better; 1 is no cost outside the layers'],
     ['decode step: weight-read floor / measured', 'weight_read_floor_ms', 'gpu_decode_step_ms', 'higher is better; 1 is the bandwidth bound'],
     ['prefill: measured / matmul-only rate', 'gpu_prefill_tokens_per_s', 'matmul_floor_tokens_per_s', 'higher is better; 1 is cuBLAS alone'],
   ],
@@ -146,6 +159,61 @@ export const llmGpuSuite: Suite = {
     const flopsPerToken = 2 * config.numLayers * (rowWidth * size + size * config.numHeads * config.headSize + 3 * inner * size);
     results.matmul_TFLOPs = { value: round(flopsPerSecond / 1e12, 1), unit: 'TFLOP/s' };
     results.matmul_floor_tokens_per_s = { value: round(flopsPerSecond / flopsPerToken, 1), unit: 'tokens/s' };
+    layers.close();
+    Object.assign(results, await replicaFigures(kernels));
     return results;
   },
 };
+
+/** The replica end to end against the same model's layers alone (see the header). */
+async function replicaFigures(kernels: DeviceKernels): Promise<Results> {
+  const decoder = SMOKE
+    ? { architecture: 'llama' as const, vocabSize: 256, hiddenSize: 64, numLayers: 2, numHeads: 4, numKeyValueHeads: 2, headSize: 16, intermediateSize: 96, maxPositions: 256, layerNormEpsilon: 1e-5, tieWordEmbeddings: false }
+    : { architecture: 'llama' as const, vocabSize: 32000, hiddenSize: 1024, numLayers: 4, numHeads: 16, numKeyValueHeads: 4, headSize: 64, intermediateSize: 2816, maxPositions: 1024, layerNormEpsilon: 1e-5, ropeTheta: 500000, tieWordEmbeddings: false };
+  const sequences = SMOKE ? 4 : 64;
+  const promptLength = SMOKE ? 8 : 32;
+  const newTokens = SMOKE ? 4 : 64;
+  const directory = mkdtempSync(join(tmpdir(), 'trellis-bench-llm-gpu-'));
+  try {
+    const checkpoint = await writeCheckpoint(join(directory, 'model'), decoder, randomWeights(decoder, 7), { prefix: 'model.', dtype: 'BF16' });
+    const config = readCheckpointConfig(checkpoint)!;
+    const plan = planSharding(config);
+    const prompts = Array.from({ length: sequences }, (_, index) => Array.from({ length: promptLength }, (_, position) => (index * 131 + position * 17) % config.vocabSize));
+
+    // The layers alone: prompts read, then decode steps of every sequence.
+    let layersRate: number;
+    {
+      await using file = await Checkpoint.open(checkpoint);
+      const weights = await loadShardWeights(file, config, plan, 0, 0, 'bf16');
+      using layers = DeviceLayers.create(kernels, { config, plan, layers: weights.layers, head: weights.head, kvCacheDtype: 'bf16', inverseFrequencies: rotaryInverseFrequencies(config) });
+      for (let id = 0; id < sequences; id++) layers.reserve(id, promptLength + newTokens);
+      await layers.run(randomHidden(sequences * promptLength * config.hiddenSize), Array.from({ length: sequences }, (_, id) => ({ id, past: 0, count: promptLength })));
+      const start = nowNs();
+      for (let step = 0; step < newTokens; step++) {
+        await layers.run(randomHidden(sequences * config.hiddenSize), Array.from({ length: sequences }, (_, id) => ({ id, past: promptLength + step, count: 1 })));
+      }
+      layersRate = (sequences * newTokens) / elapsedSeconds(start);
+    }
+
+    await init({ numCpus: 4, numGpus: cuda.deviceCount() });
+    try {
+      await using replica = await ModelReplica.create({ checkpoint, device: 'cuda', maxSequencesPerStep: sequences });
+      const requests = prompts.map((tokens) => ({ tokens, maxNewTokens: newTokens, stopTokens: [] }));
+      await replica.generate(requests);
+      const times: number[] = [];
+      for (let round = 0; round < 2; round++) {
+        const start = nowNs();
+        await replica.generate(requests);
+        times.push(elapsedSeconds(start));
+      }
+      return {
+        gpu_replica_tokens_per_s: { value: round((sequences * newTokens) / Math.min(...times), 1), unit: 'tokens/s' },
+        gpu_replica_layers_tokens_per_s: { value: round(layersRate, 1), unit: 'tokens/s' },
+      };
+    } finally {
+      await shutdown();
+    }
+  } finally {
+    rmSync(directory, { recursive: true, force: true });
+  }
+}
