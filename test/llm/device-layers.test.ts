@@ -176,6 +176,24 @@ describe('the CUDA kernels against the host', () => {
     expect(report).toMatchObject({ code: 'ERR_CUBLAS_UNAVAILABLE', message: expect.stringContaining('/nonexistent/libcublas.so.13') });
   });
 
+  it.skipIf(!fake.path)("the llm-gpu benchmark's code runs (its smoke size, on the fake driver), so a GPU session does not find it broken", async () => {
+    const report = await new Promise<any>((resolve, reject) => {
+      const child = spawn(process.execPath, ['--import', 'tsx', new URL('../../bench/run.ts', import.meta.url).pathname, 'llm-gpu', '--json'], {
+        env: { ...process.env, ...fakeEnv(), FAKE_CUDA_DEVICES: '1', TRELLIS_BENCH_SMOKE: '1' },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let stdout = '';
+      let stderr = '';
+      child.stdout.on('data', (chunk) => (stdout += chunk));
+      child.stderr.on('data', (chunk) => (stderr += chunk));
+      child.on('exit', (code) => (code === 0 ? resolve(JSON.parse(stdout.trim().split('\n').pop()!)) : reject(new Error(`the bench exited with ${code}:\n${stderr}`))));
+    });
+    expect(report.suite).toBe('llm-gpu');
+    expect(Object.keys(report.results).sort()).toEqual(
+      ['device_read_GBps', 'gpu_decode_step_ms', 'gpu_decode_tokens_per_s', 'gpu_prefill_tokens_per_s', 'gpu_replica_layers_tokens_per_s', 'gpu_replica_tokens_per_s', 'matmul_TFLOPs', 'matmul_floor_tokens_per_s', 'weight_read_floor_ms'].sort(),
+    );
+  }, 120_000);
+
   const fourGpus = cuda.available && cuda.deviceCount() >= 4;
   it.skipIf(!fourGpus)(`the same replica on four GPUs${fourGpus ? '' : ' (skipped: needs four GPUs)'}`, async () => {
     const { reference, fromDriver, fromProcessor, features } = await deviceScenario({}, 'device-replica-scenario.ts');
