@@ -397,6 +397,10 @@ export class DeviceKernels {
     this.close();
   }
 
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.close();
+  }
+
   #layoutArgument(layout: StepLayout): NativeStepLayout {
     const { buffer, rows, sequences, tileCount, singleCount } = layout;
     requireBytes('step layout', 'rowSequence', buffer, rows * 4, layout.rowSequence);

@@ -634,6 +634,10 @@ export class DeviceLayers {
     this.close();
   }
 
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.close();
+  }
+
   #norm(out: DeviceBuffer, x: DeviceBuffer, norm: DeviceNorm, rows: number): void {
     const { hiddenSize, layerNormEpsilon } = this.config;
     if (norm.beta) this.kernels.layerNorm(out, x, norm.gamma, norm.beta, rows, hiddenSize, layerNormEpsilon);

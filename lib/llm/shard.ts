@@ -217,6 +217,10 @@ export class DecoderShard {
     this.close();
   }
 
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.close();
+  }
+
   /** Sequences whose keys and values this rank holds. */
   get cachedSequences(): number {
     return this.#layers.cachedSequences;
