@@ -359,6 +359,8 @@ export interface NativeDeviceKernels {
   gatherRows(out: bigint, x: bigint, rows: bigint, count: number, width: number): void;
   scatterAddRows(out: bigint, delta: bigint, rows: bigint, weights: bigint | null, count: number, width: number): void;
   zero(x: bigint, count: number): void;
+  routeExperts(weights: bigint, logits: bigint, rows: number, experts: number, topK: number, normalize: boolean): void;
+  addWeightedRows(out: bigint, result: bigint, weights: bigint, expert: number, experts: number, rows: number, width: number): void;
   copyCache(target: bigint, targetCapacity: number, source: bigint, sourceCapacity: number, length: number, rowSize: number, layers: number, cacheType: number): void;
   /** All of source's bytes to target; returns once copied. */
   upload(target: bigint, source: ArrayBufferView | ArrayBuffer): void;

@@ -368,6 +368,23 @@ export class DeviceKernels {
     this.#kernels.scatterAddRows(out.address(), delta.address(), rows.address(rowsOffset), weights ? weights.buffer.address(weights.offset) : null, count, width);
   }
 
+  /** weights [rows, experts] (doubles): each row's topK experts' weights from the router's logits, 0 elsewhere. */
+  routeExperts(weights: DeviceBuffer, logits: DeviceBuffer, rows: number, experts: number, topK: number, normalize: boolean): void {
+    if (!(experts >= 1 && experts <= 256) || !(topK >= 1 && topK <= experts)) throw new InvalidArgumentError(`routeExperts: ${topK} of ${experts} experts (1 to 256, and 1 to experts a row)`);
+    requireBytes('routeExperts', 'weights', weights, rows * experts * 8);
+    requireBytes('routeExperts', 'logits', logits, rows * experts * FLOAT);
+    this.#kernels.routeExperts(weights.address(), logits.address(), rows, experts, topK, normalize);
+  }
+
+  /** out[row, :] += weights[row, expert] · result[row, :] (in double) where that weight is not 0. */
+  addWeightedRows(out: DeviceBuffer, result: DeviceBuffer, weights: DeviceBuffer, expert: number, experts: number, rows: number, width: number): void {
+    if (!(expert >= 0 && expert < experts)) throw new InvalidArgumentError(`addWeightedRows: expert ${expert} of ${experts}`);
+    requireBytes('addWeightedRows', 'out', out, rows * width * FLOAT);
+    requireBytes('addWeightedRows', 'result', result, rows * width * FLOAT);
+    requireBytes('addWeightedRows', 'weights', weights, rows * experts * 8);
+    this.#kernels.addWeightedRows(out.address(), result.address(), weights.address(), expert, experts, rows, width);
+  }
+
   zero(x: DeviceBuffer, count: number): void {
     requireBytes('zero', 'x', x, count * FLOAT);
     this.#kernels.zero(x.address(), count);

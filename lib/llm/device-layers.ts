@@ -101,7 +101,18 @@ export interface DeviceLayersOptions {
   inverseFrequencies?: Float32Array;
   /** The stage's tensor-parallel group (NCCL for 'cuda' tensors, or the CPU one: then sums go through the host). */
   communicator?: Communicator;
+  /**
+   * Where a mixture of experts routes a step's rows: 'host' (router logits brought back, each
+   * expert over its rows), 'device' (routed on the device, every expert over every row, each
+   * row keeping its experts' shares: no wait for the host, at experts/topK times the products,
+   * which decoding steps, bound by reading the weights, barely notice), or 'auto' (default:
+   * 'device' for GPU steps of up to DEVICE_ROUTING_ROWS rows, else 'host').
+   */
+  expertRouting?: 'auto' | 'host' | 'device';
 }
+
+/** Most rows of a step that 'auto' routes on the device. */
+export const DEVICE_ROUTING_ROWS = 128;
 
 function matrixOf(kernels: DeviceKernels, matrix: WeightMatrix): DeviceMatrix {
   if (isQuantizedMatrix(matrix)) return kernels.int8Matrix(matrix.values, matrix.scales);
@@ -128,6 +139,7 @@ export class DeviceLayers {
   readonly #head: DeviceMatrix | undefined;
   readonly #inverseFrequencies: DeviceTensor | undefined;
   readonly #communicator: Communicator | undefined;
+  readonly #expertRouting: 'auto' | 'host' | 'device';
   readonly #caches = new Map<number, DeviceCache>();
   /** LoRA adapters loaded on this rank, by the replica's ids: each layer's updates on the device. */
   readonly #adapters = new Map<number, DeviceLayerAdapter[]>();
@@ -145,6 +157,7 @@ export class DeviceLayers {
     this.plan = options.plan;
     this.cacheType = options.kvCacheDtype;
     this.#communicator = options.plan.tensorParallel > 1 ? options.communicator : undefined;
+    this.#expertRouting = options.expertRouting ?? 'auto';
     const track = <T extends DeviceMatrix | undefined>(matrix: T): T => {
       if (matrix) this.#weightBuffers.push(matrix.buffer);
       if (matrix?.dtype === 'int8') this.#weightBuffers.push(matrix.scales.buffer);
@@ -537,6 +550,24 @@ export class DeviceLayers {
     const count = mlp.experts.length;
     const logits = scratch(rows * count * 4);
     kernels.linear(logits, x, mlp.router, null, rows, size, count);
+    const onDevice = this.#expertRouting === 'device' || (this.#expertRouting === 'auto' && kernels.backend === 'cuda' && rows <= DEVICE_ROUTING_ROWS);
+    if (onDevice && count <= 256) {
+      const weights = scratch(rows * count * 8);
+      kernels.routeExperts(weights, logits, rows, count, mlp.topK, mlp.normalizeTopK);
+      const gate = scratch(rows * inner * 4);
+      const up = scratch(rows * inner * 4);
+      const result = scratch(rows * size * 4);
+      kernels.zero(out, rows * size);
+      for (let expert = 0; expert < count; expert++) {
+        const expertWeights = mlp.experts[expert];
+        kernels.linear(gate, x, expertWeights.gate, null, rows, size, inner);
+        kernels.linear(up, x, expertWeights.up, null, rows, size, inner);
+        kernels.siluMultiply(gate, gate, up, rows * inner);
+        kernels.linear(result, gate, expertWeights.down, null, rows, inner, size);
+        kernels.addWeightedRows(out, result, weights, expert, count, rows, size);
+      }
+      return;
+    }
     const hostLogits = new Float32Array(rows * count);
     kernels.download(hostLogits, logits);
     const { rowsOf, weightsOf } = routeExperts(hostLogits, rows, count, mlp.topK, mlp.normalizeTopK);

@@ -131,6 +131,8 @@ export interface ShardSpec {
    * compiled graph's CUDA IPC edge) instead of through host memory.
    */
   hiddenOnDevice?: boolean;
+  /** Where mixtures of experts route (DeviceLayersOptions.expertRouting; default 'auto'). */
+  expertRouting?: 'auto' | 'host' | 'device';
 }
 
 export class DecoderShard {
@@ -182,6 +184,7 @@ export class DecoderShard {
         kvCacheDtype,
         inverseFrequencies: config.architecture === 'llama' ? rotaryInverseFrequencies(config) : undefined,
         communicator,
+        ...(spec.expertRouting ? { expertRouting: spec.expertRouting } : {}),
       });
       // The host keeps what it uses itself: the embeddings and the final norm (a tied head's table
       // is the embedding). On the host backend the layers hold the very arrays read, not copies:

@@ -188,6 +188,46 @@ class HostKernels final : public DeviceKernels {
 
   void Zero(uint64_t x, size_t count) override { std::memset(At<void>(x), 0, count * sizeof(float)); }
 
+  void RouteExperts(uint64_t weights, uint64_t logits, size_t rows, size_t experts, size_t top_k, bool normalize) override {
+    std::vector<double> probabilities(experts);
+    std::vector<bool> taken(experts);
+    std::vector<size_t> picked(top_k);
+    for (size_t row = 0; row < rows; row++) {
+      const float* scores = At<const float>(logits) + row * experts;
+      double* out = At<double>(weights) + row * experts;
+      float maximum = -INFINITY;
+      for (size_t expert = 0; expert < experts; expert++) maximum = std::max(maximum, scores[expert]);
+      double sum = 0.0;
+      for (size_t expert = 0; expert < experts; expert++) {
+        probabilities[expert] = std::exp(static_cast<double>(scores[expert]) - static_cast<double>(maximum));
+        sum += probabilities[expert];
+        out[expert] = 0.0;
+      }
+      std::fill(taken.begin(), taken.end(), false);
+      double picked_sum = 0.0;
+      for (size_t choice = 0; choice < top_k; choice++) {
+        size_t best = experts;
+        for (size_t expert = 0; expert < experts; expert++) {
+          if (!taken[expert] && (best == experts || probabilities[expert] > probabilities[best])) best = expert;
+        }
+        taken[best] = true;
+        picked[choice] = best;
+        picked_sum += probabilities[best];
+      }
+      for (size_t choice = 0; choice < top_k; choice++) out[picked[choice]] = probabilities[picked[choice]] / (normalize ? picked_sum : sum);
+    }
+  }
+
+  void AddWeightedRows(uint64_t out, uint64_t result, uint64_t weights, size_t expert, size_t experts, size_t rows, size_t width) override {
+    for (size_t row = 0; row < rows; row++) {
+      const double weight = At<const double>(weights)[row * experts + expert];
+      if (weight == 0.0) continue;
+      float* target = At<float>(out) + row * width;
+      const float* source = At<const float>(result) + row * width;
+      for (size_t column = 0; column < width; column++) target[column] = static_cast<float>(static_cast<double>(target[column]) + weight * static_cast<double>(source[column]));
+    }
+  }
+
   void CopyCache(uint64_t target, size_t target_capacity, uint64_t source, size_t source_capacity, size_t length, size_t row_size,
                  size_t layers, Element cache) override {
     const size_t bytes = ElementBytes(cache);
@@ -244,6 +284,8 @@ class CudaKernels final : public DeviceKernels {
       zero_ = Function("trellis_zero");
       linear_int8_small_ = Function("trellis_linear_int8_small");
       dequantize_int8_ = Function("trellis_dequantize_int8");
+      route_experts_ = Function("trellis_route_experts");
+      add_weighted_rows_ = Function("trellis_add_weighted_rows");
       cublas::Check(blas.cublasCreate(&blas_), "cublasCreate_v2");
       cublas::Check(blas.cublasSetStream(blas_, stream_.get()), "cublasSetStream_v2");
     } catch (...) {
@@ -378,6 +420,21 @@ class CudaKernels final : public DeviceKernels {
     Launch(scatter_add_rows_, GridFor(count * width, kElementwiseThreads), 1, kElementwiseThreads, 0, out, delta, rows, weights, Int(count), Int(width));
   }
 
+  void RouteExperts(uint64_t weights, uint64_t logits, size_t rows, size_t experts, size_t top_k, bool normalize) override {
+    if (rows == 0) return;
+    if (experts > 256 || top_k == 0 || top_k > experts) throw InvalidShape("routing takes at most 256 experts and 1 to experts of them a row");
+    Current();
+    int normalized = normalize ? 1 : 0;
+    Launch(route_experts_, GridFor(rows, 128), 1, 128, 0, weights, logits, Int(rows), Int(experts), Int(top_k), normalized);
+  }
+
+  void AddWeightedRows(uint64_t out, uint64_t result, uint64_t weights, size_t expert, size_t experts, size_t rows, size_t width) override {
+    if (rows == 0) return;
+    Current();
+    Launch(add_weighted_rows_, GridFor(rows * width, kElementwiseThreads), 1, kElementwiseThreads, 0, out, result, weights, Int(expert), Int(experts), Int(rows),
+           Int(width));
+  }
+
   void Zero(uint64_t x, size_t count) override {
     if (count == 0) return;
     Current();
@@ -508,7 +565,7 @@ class CudaKernels final : public DeviceKernels {
   cuda::CUfunction narrow_ = nullptr, add_rows_ = nullptr, rms_norm_ = nullptr, layer_norm_ = nullptr, silu_multiply_ = nullptr, gelu_ = nullptr,
                    prepare_attention_ = nullptr, attention_ = nullptr, attention_tiles_ = nullptr, copy_cache_ = nullptr,
                    gather_rows_ = nullptr, scatter_add_rows_ = nullptr, zero_ = nullptr,
-                   linear_int8_small_ = nullptr, dequantize_int8_ = nullptr;
+                   linear_int8_small_ = nullptr, dequantize_int8_ = nullptr, route_experts_ = nullptr, add_weighted_rows_ = nullptr;
 };
 
 }  // namespace

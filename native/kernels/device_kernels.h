@@ -73,6 +73,11 @@ class DeviceKernels {
   // in double, rounded once. The rows are distinct.
   virtual void ScatterAddRows(uint64_t out, uint64_t delta, uint64_t rows, uint64_t weights, size_t count, size_t width) = 0;
   virtual void Zero(uint64_t x, size_t count) = 0;
+  // weights[rows, experts] (doubles): each row's topK experts' weights from the router's logits,
+  // 0 elsewhere (as lib/llm/routing.ts routes). At most 256 experts.
+  virtual void RouteExperts(uint64_t weights, uint64_t logits, size_t rows, size_t experts, size_t top_k, bool normalize) = 0;
+  // out[row, :] += weights[row, expert] · result[row, :] (in double) where that weight is not 0.
+  virtual void AddWeightedRows(uint64_t out, uint64_t result, uint64_t weights, size_t expert, size_t experts, size_t rows, size_t width) = 0;
   // The first `length` positions of every layer's keys and values of one cache into another.
   virtual void CopyCache(uint64_t target, size_t target_capacity, uint64_t source, size_t source_capacity, size_t length,
                          size_t row_size, size_t layers, Element cache) = 0;

@@ -130,6 +130,8 @@ class DeviceKernelsObject : public Napi::ObjectWrap<DeviceKernelsObject> {
                            InstanceMethod<&DeviceKernelsObject::GatherRows>("gatherRows"),
                            InstanceMethod<&DeviceKernelsObject::ScatterAddRows>("scatterAddRows"),
                            InstanceMethod<&DeviceKernelsObject::Zero>("zero"),
+                           InstanceMethod<&DeviceKernelsObject::RouteExperts>("routeExperts"),
+                           InstanceMethod<&DeviceKernelsObject::AddWeightedRows>("addWeightedRows"),
                            InstanceMethod<&DeviceKernelsObject::Upload>("upload"),
                            InstanceMethod<&DeviceKernelsObject::Download>("download"),
                            InstanceMethod<&DeviceKernelsObject::Copy>("copy"),
@@ -264,6 +266,22 @@ class DeviceKernelsObject : public Napi::ObjectWrap<DeviceKernelsObject> {
   // zero(x, count)
   Napi::Value Zero(const Napi::CallbackInfo& info) {
     return Run(info, [&](DeviceKernels& k) { k.Zero(AddressArgument(info, 0, "x"), SizeArgument(info, 1, "count")); });
+  }
+
+  // routeExperts(weights, logits, rows, experts, topK, normalize)
+  Napi::Value RouteExperts(const Napi::CallbackInfo& info) {
+    return Run(info, [&](DeviceKernels& k) {
+      k.RouteExperts(AddressArgument(info, 0, "weights"), AddressArgument(info, 1, "logits"), SizeArgument(info, 2, "rows"), SizeArgument(info, 3, "experts"),
+                     SizeArgument(info, 4, "topK"), info[5].ToBoolean().Value());
+    });
+  }
+
+  // addWeightedRows(out, result, weights, expert, experts, rows, width)
+  Napi::Value AddWeightedRows(const Napi::CallbackInfo& info) {
+    return Run(info, [&](DeviceKernels& k) {
+      k.AddWeightedRows(AddressArgument(info, 0, "out"), AddressArgument(info, 1, "result"), AddressArgument(info, 2, "weights"), SizeArgument(info, 3, "expert"),
+                        SizeArgument(info, 4, "experts"), SizeArgument(info, 5, "rows"), SizeArgument(info, 6, "width"));
+    });
   }
 
   // upload(target, view): all of view's bytes

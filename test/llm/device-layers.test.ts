@@ -103,6 +103,22 @@ describe('the device path of the model layers', () => {
     });
   }
 
+  it("routes experts on the device (every expert over every row) as on the host: the same tokens, logits to rounding", async () => {
+    const weights = randomWeights(TINY_MIXTRAL, 12);
+    const path = await writeCheckpoint(join(directory, 'mixtral-routing'), TINY_MIXTRAL, weights, { prefix: 'model.' });
+    const resolved = readCheckpointConfig(path)!;
+    const spec = { checkpoint: path, config: resolved, plan: planSharding(resolved), stage: 0, rank: 0 };
+    using host = await DecoderShard.load({ ...spec, expertRouting: 'host' });
+    using device = await DecoderShard.load({ ...spec, expertRouting: 'device' });
+    const wanted = await runSteps(host, TINY_MIXTRAL.vocabSize);
+    const got = await runSteps(device, TINY_MIXTRAL.vocabSize);
+    got.forEach((step, index) => {
+      expect(step.tokens).toEqual(wanted[index].tokens);
+      const scale = Math.max(...wanted[index].logits.map(Math.abs));
+      step.logits.forEach((value, token) => expect(Math.abs(value - wanted[index].logits[token])).toBeLessThan(1e-5 * scale));
+    });
+  });
+
   it('refuses options that do not fit', async () => {
     const path = await writeCheckpoint(join(directory, 'refusals'), TINY_LLAMA, randomWeights(TINY_LLAMA, 2), { prefix: 'model.' });
     await expect(ModelReplica.create({ checkpoint: path, device: 'tpu' as 'cuda' })).rejects.toThrow(/device must be 'cpu' or 'cuda'/);

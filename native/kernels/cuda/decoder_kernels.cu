@@ -471,6 +471,55 @@ __global__ void trellis_scatter_add_rows(float* out, const float* delta, const i
   }
 }
 
+// Each row's topK experts by the router's softmax, as the host routes them (lib/llm/routing.ts:
+// probabilities in double, ties to the lower index, weights over the topK's sum when
+// normalizing): weights[row, expert] is the row's weight there, 0 where not chosen. A thread a
+// row; at most kMaxExperts experts.
+constexpr int kMaxExperts = 256;
+
+__global__ void trellis_route_experts(double* weights, const float* logits, int rows, int experts, int top_k, int normalize) {
+  for (int row = blockIdx.x * blockDim.x + threadIdx.x; row < rows; row += gridDim.x * blockDim.x) {
+    const float* scores = logits + static_cast<size_t>(row) * experts;
+    double* out = weights + static_cast<size_t>(row) * experts;
+    float maximum = -INFINITY;
+    for (int expert = 0; expert < experts; expert++) maximum = fmaxf(maximum, scores[expert]);
+    double probabilities[kMaxExperts];
+    double sum = 0.0;
+    for (int expert = 0; expert < experts; expert++) {
+      probabilities[expert] = exp(static_cast<double>(scores[expert]) - static_cast<double>(maximum));
+      sum += probabilities[expert];
+      out[expert] = 0.0;
+    }
+    unsigned long long taken[kMaxExperts / 64] = {0, 0, 0, 0};
+    int picked[kMaxExperts];
+    double picked_sum = 0.0;
+    for (int choice = 0; choice < top_k; choice++) {
+      int best = -1;
+      for (int expert = 0; expert < experts; expert++) {
+        const bool free = (taken[expert >> 6] & (1ull << (expert & 63))) == 0;
+        if (free && (best < 0 || probabilities[expert] > probabilities[best])) best = expert;
+      }
+      taken[best >> 6] |= 1ull << (best & 63);
+      picked[choice] = best;
+      picked_sum += probabilities[best];
+    }
+    for (int choice = 0; choice < top_k; choice++) out[picked[choice]] = probabilities[picked[choice]] / (normalize ? picked_sum : sum);
+  }
+}
+
+// out[row, :] = out + weights[row, expert] · result[row, :], in double and rounded once, for the
+// rows whose weight there is not 0: one expert's share, computed over every row, added to the
+// rows routed to it.
+__global__ void trellis_add_weighted_rows(float* out, const float* result, const double* weights, int expert, int experts, int rows, int width) {
+  const unsigned long long total = static_cast<unsigned long long>(rows) * width;
+  for (unsigned long long index = blockIdx.x * static_cast<unsigned long long>(blockDim.x) + threadIdx.x; index < total;
+       index += static_cast<unsigned long long>(gridDim.x) * blockDim.x) {
+    const int row = static_cast<int>(index / width);
+    const double weight = weights[static_cast<size_t>(row) * experts + expert];
+    if (weight != 0.0) out[index] = static_cast<float>(static_cast<double>(out[index]) + weight * static_cast<double>(result[index]));
+  }
+}
+
 // x[i] = 0 for i < count.
 __global__ void trellis_zero(float* x, unsigned long long count) {
   for (unsigned long long index = blockIdx.x * static_cast<unsigned long long>(blockDim.x) + threadIdx.x; index < count;

@@ -53,6 +53,8 @@ const std::vector<Kernel>& Kernels() {
       Make("trellis_zero", trellis_zero),
       Make("trellis_linear_int8_small", trellis_linear_int8_small),
       Make("trellis_dequantize_int8", trellis_dequantize_int8),
+      Make("trellis_route_experts", trellis_route_experts),
+      Make("trellis_add_weighted_rows", trellis_add_weighted_rows),
   };
   return kernels;
 }
