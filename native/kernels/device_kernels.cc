@@ -253,7 +253,8 @@ constexpr unsigned kHeadThreads = 128;
 constexpr unsigned kAttentionThreads = 128;  // four warps: trellis_attention's kAttentionWarps
 constexpr int kMaxAttentionHeadSize = 256;   // trellis_attention's kMaxPerLane × 32
 constexpr int kTileRows = 16;                // trellis_attention_tiles's
-constexpr int kTileMaxHeadSize = 128;
+constexpr int kTileMaxHeadSize = 128;        // also trellis_attention_grouped's largest head
+constexpr int kGroupMax = 8;                 // trellis_attention_grouped's largest group
 constexpr size_t kInt8SmallRows = 16;        // trellis_linear_int8_small's
 
 unsigned GridFor(size_t count, unsigned threads) {
@@ -278,6 +279,7 @@ class CudaKernels final : public DeviceKernels {
       prepare_attention_ = Function("trellis_prepare_attention");
       attention_ = Function("trellis_attention");
       attention_tiles_ = Function("trellis_attention_tiles");
+      attention_grouped_ = Function("trellis_attention_grouped");
       copy_cache_ = Function("trellis_copy_cache");
       gather_rows_ = Function("trellis_gather_rows");
       scatter_add_rows_ = Function("trellis_scatter_add_rows");
@@ -402,9 +404,17 @@ class CudaKernels final : public DeviceKernels {
              cache_type);
     }
     if (layout.single_count > 0) {
-      Launch(attention_, Blocks(layout.single_count), heads, kAttentionThreads, 0, out, queries, layout.single_rows, layout.row_sequence,
-             layout.row_position, layout.cache_base, layout.cache_capacity, layer, shape.heads, shape.kv_heads, shape.head_size, window, scale,
-             cache_type);
+      const int group = shape.heads / shape.kv_heads;
+      if (group > 1 && group <= kGroupMax) {
+        // Grouped-query heads: a block per key/value head reads each key once for its group.
+        Launch(attention_grouped_, Blocks(layout.single_count), static_cast<unsigned>(shape.kv_heads), kAttentionThreads, 0, out, queries, layout.single_rows,
+               layout.row_sequence, layout.row_position, layout.cache_base, layout.cache_capacity, layer, shape.heads, shape.kv_heads, shape.head_size, window,
+               scale, cache_type);
+      } else {
+        Launch(attention_, Blocks(layout.single_count), heads, kAttentionThreads, 0, out, queries, layout.single_rows, layout.row_sequence,
+               layout.row_position, layout.cache_base, layout.cache_capacity, layer, shape.heads, shape.kv_heads, shape.head_size, window, scale,
+               cache_type);
+      }
     }
   }
 
@@ -563,7 +573,7 @@ class CudaKernels final : public DeviceKernels {
   cuda::CUdeviceptr weight_scratch_ = 0;
   size_t weight_scratch_bytes_ = 0;
   cuda::CUfunction narrow_ = nullptr, add_rows_ = nullptr, rms_norm_ = nullptr, layer_norm_ = nullptr, silu_multiply_ = nullptr, gelu_ = nullptr,
-                   prepare_attention_ = nullptr, attention_ = nullptr, attention_tiles_ = nullptr, copy_cache_ = nullptr,
+                   prepare_attention_ = nullptr, attention_ = nullptr, attention_tiles_ = nullptr, attention_grouped_ = nullptr, copy_cache_ = nullptr,
                    gather_rows_ = nullptr, scatter_add_rows_ = nullptr, zero_ = nullptr,
                    linear_int8_small_ = nullptr, dequantize_int8_ = nullptr, route_experts_ = nullptr, add_weighted_rows_ = nullptr;
 };

@@ -278,6 +278,109 @@ __global__ void trellis_attention(float* out, const float* queries, const int* r
   }
 }
 
+// trellis_attention for grouped-query models, a block per (row, key/value head): the block scores
+// each key once against all the query heads that share it (up to kGroupMax of them), so the cache
+// is read once per key/value head instead of once per query head. Decoding at long contexts
+// reads more cache than weights; this reads a group's share once. head_size at most
+// kGroupMaxHead. Grid: (rows, kvHeads).
+constexpr int kGroupMax = 8;
+constexpr int kGroupMaxHead = 128;
+constexpr int kGroupPerLane = kGroupMaxHead / 32;
+
+__global__ void trellis_attention_grouped(float* out, const float* queries, const int* row_list, const int* row_sequence, const int* row_position,
+                                          const unsigned long long* cache_base, const int* cache_capacity, int layer, int heads, int kv_heads,
+                                          int head_size, int window, float scale, int cache_type) {
+  __shared__ float warp_max[kAttentionWarps][kGroupMax];
+  __shared__ float warp_sum[kAttentionWarps][kGroupMax];
+  __shared__ float warp_acc[kAttentionWarps][kGroupMax][kGroupMaxHead];
+  const int row = row_list != nullptr ? row_list[blockIdx.x] : static_cast<int>(blockIdx.x);
+  const int kv_head = blockIdx.y;
+  const int group = heads / kv_heads;
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int position = row_position[row];
+  const int sequence = row_sequence[row];
+  const size_t capacity = static_cast<size_t>(cache_capacity[sequence]);
+  const size_t row_size = static_cast<size_t>(kv_heads) * head_size;
+  const void* base = reinterpret_cast<const void*>(cache_base[sequence]);
+  const size_t keys = (static_cast<size_t>(layer) * 2) * capacity * row_size + static_cast<size_t>(kv_head) * head_size;
+  const size_t values = (static_cast<size_t>(layer) * 2 + 1) * capacity * row_size + static_cast<size_t>(kv_head) * head_size;
+  const float* first_query = queries + (static_cast<size_t>(row) * heads + static_cast<size_t>(kv_head) * group) * head_size;
+
+  float q[kGroupMax][kGroupPerLane];
+  float acc[kGroupMax][kGroupPerLane];
+  float running_max[kGroupMax];
+  float running_sum[kGroupMax];
+#pragma unroll
+  for (int member = 0; member < kGroupMax; member++) {
+    running_max[member] = -INFINITY;
+    running_sum[member] = 0.f;
+#pragma unroll
+    for (int part = 0; part < kGroupPerLane; part++) {
+      const int element = lane + part * 32;
+      q[member][part] = member < group && element < head_size ? first_query[static_cast<size_t>(member) * head_size + element] * scale : 0.f;
+      acc[member][part] = 0.f;
+    }
+  }
+  const int start = window > 0 ? max(0, position - window + 1) : 0;
+  for (int key = start + warp; key <= position; key += kAttentionWarps) {
+    const size_t at = static_cast<size_t>(key) * row_size;
+    float k[kGroupPerLane];
+    float v[kGroupPerLane];
+#pragma unroll
+    for (int part = 0; part < kGroupPerLane; part++) {
+      const int element = lane + part * 32;
+      k[part] = element < head_size ? LoadElement(base, keys + at + element, cache_type) : 0.f;
+      v[part] = element < head_size ? LoadElement(base, values + at + element, cache_type) : 0.f;
+    }
+#pragma unroll
+    for (int member = 0; member < kGroupMax; member++) {
+      if (member >= group) break;
+      float dot = 0.f;
+#pragma unroll
+      for (int part = 0; part < kGroupPerLane; part++) dot += q[member][part] * k[part];
+      for (int offset = 16; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+      const float next_max = fmaxf(running_max[member], dot);
+      const float correction = __expf(running_max[member] - next_max);
+      const float weight = __expf(dot - next_max);
+      running_sum[member] = running_sum[member] * correction + weight;
+#pragma unroll
+      for (int part = 0; part < kGroupPerLane; part++) acc[member][part] = acc[member][part] * correction + weight * v[part];
+      running_max[member] = next_max;
+    }
+  }
+#pragma unroll
+  for (int member = 0; member < kGroupMax; member++) {
+    if (member >= group) break;
+    if (lane == 0) {
+      warp_max[warp][member] = running_max[member];
+      warp_sum[warp][member] = running_sum[member];
+    }
+#pragma unroll
+    for (int part = 0; part < kGroupPerLane; part++) warp_acc[warp][member][lane + part * 32] = acc[member][part];
+  }
+  __syncthreads();
+  // Warp w writes query heads w, w + 4, ...: each merges the four warps' partial results.
+  for (int member = warp; member < group; member += kAttentionWarps) {
+    float total_max = -INFINITY;
+    for (int index = 0; index < kAttentionWarps; index++) total_max = fmaxf(total_max, warp_max[index][member]);
+    float factors[kAttentionWarps];
+    float total_sum = 0.f;
+    for (int index = 0; index < kAttentionWarps; index++) {
+      factors[index] = warp_sum[index][member] > 0.f ? __expf(warp_max[index][member] - total_max) : 0.f;
+      total_sum += warp_sum[index][member] * factors[index];
+    }
+    float* target = out + (static_cast<size_t>(row) * heads + static_cast<size_t>(kv_head) * group + member) * head_size;
+    for (int part = 0; part < kGroupPerLane; part++) {
+      const int element = lane + part * 32;
+      if (element >= head_size) continue;
+      float value = 0.f;
+      for (int index = 0; index < kAttentionWarps; index++) value += warp_acc[index][member][element] * factors[index];
+      target[element] = value / total_sum;
+    }
+  }
+}
+
 // Attention for runs of a prompt's rows: each block takes a tile of up to kTileRows consecutive
 // rows of one sequence (tiles: pairs of first row and row count) for one head, and reads the keys
 // and values they need once for all of them, 32 at a time into shared memory, instead of once a
