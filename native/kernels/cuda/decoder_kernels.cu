@@ -48,6 +48,25 @@ __device__ __forceinline__ void StoreElement(void* base, size_t index, int type,
 
 __device__ __forceinline__ int ElementBytes(int type) { return type == kFloat32 ? 4 : 2; }
 
+// One key/value head of one layer in a sequence's cache ([layer][keys | values][capacity][kvHeads]
+// [headSize]): element e of position p's key is base[keys + p · row_size + e], its value's
+// base[values + p · row_size + e].
+struct CacheHead {
+  void* base;
+  size_t keys;
+  size_t values;
+  size_t row_size;
+};
+
+__device__ __forceinline__ CacheHead CacheHeadOf(const unsigned long long* cache_base, const int* cache_capacity, int sequence, int layer, int kv_heads,
+                                                 int head_size, int kv_head) {
+  const size_t capacity = static_cast<size_t>(cache_capacity[sequence]);
+  const size_t row_size = static_cast<size_t>(kv_heads) * head_size;
+  const size_t head_offset = static_cast<size_t>(kv_head) * head_size;
+  return {reinterpret_cast<void*>(cache_base[sequence]), static_cast<size_t>(layer) * 2 * capacity * row_size + head_offset,
+          (static_cast<size_t>(layer) * 2 + 1) * capacity * row_size + head_offset, row_size};
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
 __device__ float BlockSum(float value) {
   __shared__ float partial[32];
@@ -179,14 +198,10 @@ __global__ void trellis_prepare_attention(float* queries, const float* qkv, cons
     for (int index = threadIdx.x; index < head_size; index += blockDim.x) target[index] = head[index];
     return;
   }
-  const int sequence = row_sequence[row];
-  const size_t capacity = static_cast<size_t>(cache_capacity[sequence]);
-  const size_t row_size = static_cast<size_t>(kv_heads) * head_size;
-  const int kind = is_value ? 1 : 0;
   const int kv_head = is_value ? slot - heads - kv_heads : slot - heads;
-  void* base = reinterpret_cast<void*>(cache_base[sequence]);
-  const size_t first = ((static_cast<size_t>(layer) * 2 + kind) * capacity + position) * row_size + static_cast<size_t>(kv_head) * head_size;
-  for (int index = threadIdx.x; index < head_size; index += blockDim.x) StoreElement(base, first + index, cache_type, head[index]);
+  const CacheHead cache = CacheHeadOf(cache_base, cache_capacity, row_sequence[row], layer, kv_heads, head_size, kv_head);
+  const size_t first = (is_value ? cache.values : cache.keys) + static_cast<size_t>(position) * cache.row_size;
+  for (int index = threadIdx.x; index < head_size; index += blockDim.x) StoreElement(cache.base, first + index, cache_type, head[index]);
 }
 
 // Causal grouped-query attention of rows of the step against their sequences' caches (which
@@ -211,12 +226,11 @@ __global__ void trellis_attention(float* out, const float* queries, const int* r
   const int lane = threadIdx.x & 31;
   const int kv_head = head / (heads / kv_heads);
   const int position = row_position[row];
-  const int sequence = row_sequence[row];
-  const size_t capacity = static_cast<size_t>(cache_capacity[sequence]);
-  const size_t row_size = static_cast<size_t>(kv_heads) * head_size;
-  const void* base = reinterpret_cast<const void*>(cache_base[sequence]);
-  const size_t keys = (static_cast<size_t>(layer) * 2) * capacity * row_size + static_cast<size_t>(kv_head) * head_size;
-  const size_t values = (static_cast<size_t>(layer) * 2 + 1) * capacity * row_size + static_cast<size_t>(kv_head) * head_size;
+  const CacheHead cache = CacheHeadOf(cache_base, cache_capacity, row_sequence[row], layer, kv_heads, head_size, kv_head);
+  const void* base = cache.base;
+  const size_t keys = cache.keys;
+  const size_t values = cache.values;
+  const size_t row_size = cache.row_size;
   const float* query = queries + (static_cast<size_t>(row) * heads + head) * head_size;
 
   float q[kMaxPerLane];
@@ -299,12 +313,11 @@ __global__ void trellis_attention_grouped(float* out, const float* queries, cons
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int position = row_position[row];
-  const int sequence = row_sequence[row];
-  const size_t capacity = static_cast<size_t>(cache_capacity[sequence]);
-  const size_t row_size = static_cast<size_t>(kv_heads) * head_size;
-  const void* base = reinterpret_cast<const void*>(cache_base[sequence]);
-  const size_t keys = (static_cast<size_t>(layer) * 2) * capacity * row_size + static_cast<size_t>(kv_head) * head_size;
-  const size_t values = (static_cast<size_t>(layer) * 2 + 1) * capacity * row_size + static_cast<size_t>(kv_head) * head_size;
+  const CacheHead cache = CacheHeadOf(cache_base, cache_capacity, row_sequence[row], layer, kv_heads, head_size, kv_head);
+  const void* base = cache.base;
+  const size_t keys = cache.keys;
+  const size_t values = cache.values;
+  const size_t row_size = cache.row_size;
   const float* first_query = queries + (static_cast<size_t>(row) * heads + static_cast<size_t>(kv_head) * group) * head_size;
 
   float q[kGroupMax][kGroupPerLane];
@@ -409,14 +422,13 @@ __global__ void trellis_attention_tiles(float* out, const float* queries, const 
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int kv_head = head / (heads / kv_heads);
-  const int sequence = row_sequence[first];
   const int first_position = row_position[first];
   const int last_position = first_position + count - 1;
-  const size_t capacity = static_cast<size_t>(cache_capacity[sequence]);
-  const size_t row_size = static_cast<size_t>(kv_heads) * head_size;
-  const void* base = reinterpret_cast<const void*>(cache_base[sequence]);
-  const size_t keys = (static_cast<size_t>(layer) * 2) * capacity * row_size + static_cast<size_t>(kv_head) * head_size;
-  const size_t values = (static_cast<size_t>(layer) * 2 + 1) * capacity * row_size + static_cast<size_t>(kv_head) * head_size;
+  const CacheHead cache = CacheHeadOf(cache_base, cache_capacity, row_sequence[first], layer, kv_heads, head_size, kv_head);
+  const void* base = cache.base;
+  const size_t keys = cache.keys;
+  const size_t values = cache.values;
+  const size_t row_size = cache.row_size;
 
   for (int index = threadIdx.x; index < count * head_size; index += blockDim.x) {
     const int row = index / head_size;
