@@ -229,10 +229,6 @@ export class DeviceLayers {
     return new DeviceLayers(kernels, options);
   }
 
-  get layerCount(): number {
-    return this.#layers.length;
-  }
-
   get hasHead(): boolean {
     return this.#head !== undefined;
   }
@@ -255,10 +251,6 @@ export class DeviceLayers {
   /** Positions of sequence `id` this rank has read (0: none). */
   length(id: number): number {
     return this.#caches.get(id)?.length ?? 0;
-  }
-
-  has(id: number): boolean {
-    return this.#caches.has(id);
   }
 
   /** Drops the positions from `length` on (proposals the replica did not keep). */

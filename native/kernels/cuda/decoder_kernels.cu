@@ -227,10 +227,6 @@ __global__ void trellis_attention(float* out, const float* queries, const int* r
   const int kv_head = head / (heads / kv_heads);
   const int position = row_position[row];
   const CacheHead cache = CacheHeadOf(cache_base, cache_capacity, row_sequence[row], layer, kv_heads, head_size, kv_head);
-  const void* base = cache.base;
-  const size_t keys = cache.keys;
-  const size_t values = cache.values;
-  const size_t row_size = cache.row_size;
   const float* query = queries + (static_cast<size_t>(row) * heads + head) * head_size;
 
   float q[kMaxPerLane];
@@ -245,12 +241,12 @@ __global__ void trellis_attention(float* out, const float* queries, const int* r
   float running_sum = 0.f;
   const int start = window > 0 ? max(0, position - window + 1) : 0;
   for (int key = start + warp; key <= position; key += kAttentionWarps) {
-    const size_t at = static_cast<size_t>(key) * row_size;
+    const size_t at = static_cast<size_t>(key) * cache.row_size;
     float dot = 0.f;
 #pragma unroll
     for (int part = 0; part < kMaxPerLane; part++) {
       const int element = lane + part * 32;
-      if (element < head_size) dot += q[part] * LoadElement(base, keys + at + element, cache_type);
+      if (element < head_size) dot += q[part] * LoadElement(cache.base, cache.keys + at + element, cache_type);
     }
     for (int offset = 16; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
     const float next_max = fmaxf(running_max, dot);
@@ -260,7 +256,7 @@ __global__ void trellis_attention(float* out, const float* queries, const int* r
 #pragma unroll
     for (int part = 0; part < kMaxPerLane; part++) {
       const int element = lane + part * 32;
-      if (element < head_size) acc[part] = acc[part] * correction + weight * LoadElement(base, values + at + element, cache_type);
+      if (element < head_size) acc[part] = acc[part] * correction + weight * LoadElement(cache.base, cache.values + at + element, cache_type);
     }
     running_max = next_max;
   }
@@ -314,10 +310,6 @@ __global__ void trellis_attention_grouped(float* out, const float* queries, cons
   const int lane = threadIdx.x & 31;
   const int position = row_position[row];
   const CacheHead cache = CacheHeadOf(cache_base, cache_capacity, row_sequence[row], layer, kv_heads, head_size, kv_head);
-  const void* base = cache.base;
-  const size_t keys = cache.keys;
-  const size_t values = cache.values;
-  const size_t row_size = cache.row_size;
   const float* first_query = queries + (static_cast<size_t>(row) * heads + static_cast<size_t>(kv_head) * group) * head_size;
 
   float q[kGroupMax][kGroupPerLane];
@@ -337,14 +329,14 @@ __global__ void trellis_attention_grouped(float* out, const float* queries, cons
   }
   const int start = window > 0 ? max(0, position - window + 1) : 0;
   for (int key = start + warp; key <= position; key += kAttentionWarps) {
-    const size_t at = static_cast<size_t>(key) * row_size;
+    const size_t at = static_cast<size_t>(key) * cache.row_size;
     float k[kGroupPerLane];
     float v[kGroupPerLane];
 #pragma unroll
     for (int part = 0; part < kGroupPerLane; part++) {
       const int element = lane + part * 32;
-      k[part] = element < head_size ? LoadElement(base, keys + at + element, cache_type) : 0.f;
-      v[part] = element < head_size ? LoadElement(base, values + at + element, cache_type) : 0.f;
+      k[part] = element < head_size ? LoadElement(cache.base, cache.keys + at + element, cache_type) : 0.f;
+      v[part] = element < head_size ? LoadElement(cache.base, cache.values + at + element, cache_type) : 0.f;
     }
 #pragma unroll
     for (int member = 0; member < kGroupMax; member++) {
@@ -425,10 +417,6 @@ __global__ void trellis_attention_tiles(float* out, const float* queries, const 
   const int first_position = row_position[first];
   const int last_position = first_position + count - 1;
   const CacheHead cache = CacheHeadOf(cache_base, cache_capacity, row_sequence[first], layer, kv_heads, head_size, kv_head);
-  const void* base = cache.base;
-  const size_t keys = cache.keys;
-  const size_t values = cache.values;
-  const size_t row_size = cache.row_size;
 
   for (int index = threadIdx.x; index < count * head_size; index += blockDim.x) {
     const int row = index / head_size;
@@ -453,9 +441,9 @@ __global__ void trellis_attention_tiles(float* out, const float* queries, const 
       const int element = index % head_size;
       const int position = chunk + key;
       const bool present = position <= last_position;
-      const size_t at = static_cast<size_t>(position) * row_size + element;
-      key_chunk[key * (head_size + 1) + element] = present ? LoadElement(base, keys + at, cache_type) : 0.f;
-      value_chunk[key * head_size + element] = present ? LoadElement(base, values + at, cache_type) : 0.f;
+      const size_t at = static_cast<size_t>(position) * cache.row_size + element;
+      key_chunk[key * (head_size + 1) + element] = present ? LoadElement(cache.base, cache.keys + at, cache_type) : 0.f;
+      value_chunk[key * head_size + element] = present ? LoadElement(cache.base, cache.values + at, cache_type) : 0.f;
     }
     __syncthreads();
 #pragma unroll
