@@ -333,8 +333,8 @@ export interface NativeKernels {
 export interface NativeStepLayout {
   rowSequence: bigint;
   rowPosition: bigint;
-  cacheBase: bigint;
-  cacheCapacity: bigint;
+  cacheBlocks: bigint;
+  cacheTable: bigint;
   tiles: bigint | null;
   singleRows: bigint | null;
   rows: number;
@@ -361,7 +361,6 @@ export interface NativeDeviceKernels {
   zero(x: bigint, count: number): void;
   routeExperts(weights: bigint, logits: bigint, rows: number, experts: number, topK: number, normalize: boolean): void;
   addWeightedRows(out: bigint, result: bigint, weights: bigint, expert: number, experts: number, rows: number, width: number): void;
-  copyCache(target: bigint, targetCapacity: number, source: bigint, sourceCapacity: number, length: number, rowSize: number, layers: number, cacheType: number): void;
   /** All of source's bytes to target; returns once copied. */
   upload(target: bigint, source: ArrayBufferView | ArrayBuffer): void;
   /** Fills all of target's bytes from source; returns once copied. */
@@ -388,6 +387,8 @@ export interface NativeAddon {
     hostAddress(buffer: ArrayBuffer | ArrayBufferView): bigint;
     /** Bytes of the CUDA kernels' fat binary in this build. */
     imageBytes(): number;
+    /** Positions of one block of a key/value cache (device_kernels.h kCacheBlockPositions). */
+    cacheBlockPositions: number;
   };
 }
 

@@ -103,9 +103,9 @@ export type DeviceMatrix = DeviceTensor | DeviceInt8Matrix;
 
 /**
  * Where each row of a step stands (uploaded once a step, read by every layer's attention): for
- * each row, its sequence's index in the step and its position; for each sequence, its cache's
- * address and capacity in positions; and how attention takes the rows: runs of a sequence's
- * rows in tiles (first row, rows: at most TILE_ROWS each), the other rows one by one.
+ * each row, its sequence's index in the step and its position; for each sequence, where its list
+ * of cache block addresses starts in the step's lists; and how attention takes the rows: runs of
+ * a sequence's rows in tiles (first row, rows: at most TILE_ROWS each), the other rows one by one.
  */
 export interface StepLayout {
   buffer: DeviceBuffer;
@@ -114,13 +114,21 @@ export interface StepLayout {
   tileCount: number;
   singleCount: number;
   /** Byte offsets of the arrays in the buffer. */
-  cacheBase: number;
-  cacheCapacity: number;
+  cacheBlocks: number;
+  /** Block addresses in cacheBlocks (8 bytes each). */
+  blockCount: number;
+  cacheTable: number;
   rowSequence: number;
   rowPosition: number;
   tiles: number;
   singleRows: number;
 }
+
+/**
+ * Positions of one block of a sequence's key/value cache (native/kernels/device_kernels.h): a
+ * block holds them for all of a rank's layers, [layer][keys | values][positions][kvHeads][headSize].
+ */
+export const CACHE_BLOCK_POSITIONS: number = native.deviceKernels.cacheBlockPositions;
 
 /** Most rows of one tile of attention (native/kernels/cuda's kTileRows). */
 export const TILE_ROWS = 16;
@@ -391,15 +399,6 @@ export class DeviceKernels {
   }
 
   /** The first `length` positions of every layer's keys and values, from one cache to another. */
-  copyCache(target: DeviceBuffer, targetCapacity: number, source: DeviceBuffer, sourceCapacity: number, length: number, rowSize: number, layers: number, cache: ElementType): void {
-    if (length > targetCapacity || length > sourceCapacity) throw new InvalidArgumentError(`copyCache: ${length} positions do not fit capacities ${sourceCapacity} → ${targetCapacity}`);
-    const part = (capacity: number) => layers * 2 * capacity * rowSize * ELEMENT_BYTES[cache];
-    requireBytes('copyCache', 'target', target, part(targetCapacity));
-    requireBytes('copyCache', 'source', source, part(sourceCapacity));
-    this.#kernels.copyCache(target.address(), targetCapacity, source.address(), sourceCapacity, length, rowSize, layers, ELEMENT_CODES[cache]);
-  }
-
-  /** Returns once everything queued has run (at once for 'cpu'). */
   synchronize(): void {
     this.#kernels.synchronize();
   }
@@ -422,15 +421,15 @@ export class DeviceKernels {
     const { buffer, rows, sequences, tileCount, singleCount } = layout;
     requireBytes('step layout', 'rowSequence', buffer, rows * 4, layout.rowSequence);
     requireBytes('step layout', 'rowPosition', buffer, rows * 4, layout.rowPosition);
-    requireBytes('step layout', 'cacheBase', buffer, sequences * 8, layout.cacheBase);
-    requireBytes('step layout', 'cacheCapacity', buffer, sequences * 4, layout.cacheCapacity);
+    requireBytes('step layout', 'cacheBlocks', buffer, layout.blockCount * 8, layout.cacheBlocks);
+    requireBytes('step layout', 'cacheTable', buffer, sequences * 4, layout.cacheTable);
     requireBytes('step layout', 'tiles', buffer, tileCount * 8, layout.tiles);
     requireBytes('step layout', 'singleRows', buffer, singleCount * 4, layout.singleRows);
     return {
       rowSequence: buffer.address(layout.rowSequence),
       rowPosition: buffer.address(layout.rowPosition),
-      cacheBase: buffer.address(layout.cacheBase),
-      cacheCapacity: buffer.address(layout.cacheCapacity),
+      cacheBlocks: buffer.address(layout.cacheBlocks),
+      cacheTable: buffer.address(layout.cacheTable),
       tiles: tileCount > 0 ? buffer.address(layout.tiles) : null,
       singleRows: singleCount > 0 ? buffer.address(layout.singleRows) : null,
       rows,

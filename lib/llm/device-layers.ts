@@ -9,23 +9,22 @@
  * memory), GPU ranks on 'cuda'; the two differ by rounding only (16-bit weights multiply 16-bit
  * inputs in cuBLAS, sums in f32), as the tests check operation by operation.
  *
- * A sequence's cache is one allocation for all of this rank's layers,
- * [layer][keys | values][capacity][kvHeads][headSize], grown CACHE_GRANULE positions at a time.
+ * The caches are kept in blocks (lib/llm/cache-blocks.ts): a sequence's cache is a list of blocks
+ * of CACHE_BLOCK_POSITIONS positions, each [layer][keys | values][positions][kvHeads][headSize],
+ * and sequences with a common prefix share its blocks.
  */
 import { InvalidArgumentError, TrellisError } from '../errors.js';
 import type { Communicator } from '../gpu/communicator.js';
 import { Tensor } from '../gpu/tensor.js';
 import { cuda } from '../gpu/cuda.js';
 import type { ResolvedDecoderConfig } from './config.js';
-import { DeviceKernels, ELEMENT_BYTES, TILE_ROWS, type DeviceBuffer, type DeviceMatrix, type DeviceTensor, type ElementType, type StepLayout } from './device-kernels.js';
+import { CacheBlocks } from './cache-blocks.js';
+import { CACHE_BLOCK_POSITIONS, DeviceKernels, ELEMENT_BYTES, TILE_ROWS, type DeviceBuffer, type DeviceMatrix, type DeviceTensor, type ElementType, type StepLayout } from './device-kernels.js';
 import { isHalfMatrix, isQuantizedMatrix, type CacheDType, type WeightMatrix } from './kernels.js';
 import type { ShardingPlan } from './plan.js';
 import type { LayerWeights, NormWeights } from './weights.js';
 import type { LayerAdapter } from './lora.js';
 import { routeExperts } from './routing.js';
-
-/** Positions a device cache grows by. */
-export const CACHE_GRANULE = 64;
 
 interface DeviceNorm {
   gamma: DeviceTensor;
@@ -76,12 +75,6 @@ type DeviceLayerAdapter = Partial<Record<AdaptedModule, DeviceLowRank>>;
 export interface AdapterRows {
   adapter: number;
   rows: number[];
-}
-
-interface DeviceCache {
-  buffer: DeviceBuffer;
-  capacity: number;
-  length: number;
 }
 
 /** A step's sequences as the layers need them: rows packed in order, `count` of each after `past`. */
@@ -140,7 +133,7 @@ export class DeviceLayers {
   readonly #inverseFrequencies: DeviceTensor | undefined;
   readonly #communicator: Communicator | undefined;
   readonly #expertRouting: 'auto' | 'host' | 'device';
-  readonly #caches = new Map<number, DeviceCache>();
+  readonly #caches: CacheBlocks;
   /** LoRA adapters loaded on this rank, by the replica's ids: each layer's updates on the device. */
   readonly #adapters = new Map<number, DeviceLayerAdapter[]>();
   /** Every weight's device memory (an int8 matrix's values and scales both). */
@@ -215,6 +208,7 @@ export class DeviceLayers {
       this.#head,
     ];
     this.#largestInt8 = Math.max(0, ...matrices.map((matrix) => (matrix?.dtype === 'int8' ? matrix.length : 0)));
+    this.#caches = new CacheBlocks(kernels, CACHE_BLOCK_POSITIONS * this.bytesPerPosition);
   }
 
   /** Uploads a rank's layers (and head) to the device `kernels` runs on. */
@@ -239,24 +233,27 @@ export class DeviceLayers {
   }
 
   get cachedSequences(): number {
-    return this.#caches.size;
+    return this.#caches.sequences;
   }
 
+  /** Device memory the caches' blocks take (those held and free ones kept for reuse). */
   get cacheBytes(): number {
-    let bytes = 0;
-    for (const cache of this.#caches.values()) bytes += cache.buffer.byteLength;
-    return bytes;
+    return this.#caches.bytes;
+  }
+
+  /** Cache blocks held by sequences (a block shared by several counts once), and the shared ones copied on a write. */
+  get cacheBlocks(): { inUse: number; copies: number } {
+    return { inUse: this.#caches.blocksInUse, copies: this.#caches.copies };
   }
 
   /** Positions of sequence `id` this rank has read (0: none). */
   length(id: number): number {
-    return this.#caches.get(id)?.length ?? 0;
+    return this.#caches.length(id);
   }
 
   /** Drops the positions from `length` on (proposals the replica did not keep). */
   truncate(id: number, length: number): void {
-    const cache = this.#caches.get(id);
-    if (cache && length < cache.length) cache.length = length;
+    this.#caches.truncate(id, length);
   }
 
   /** Bytes one position of one sequence takes in this rank's cache (every layer's keys and values). */
@@ -285,43 +282,21 @@ export class DeviceLayers {
     return floats * 4 + narrowed + table + head + this.#largestInt8 * 2 + lowRank + experts;
   }
 
-  /**
-   * Room for `length` positions of sequence `id`. On a GPU grown CACHE_GRANULE positions at a time
-   * (doubling would leave a quarter of its memory unused on average, and a device copies a cache
-   * at terabytes a second); on the host grown by doubling (copying costs more than memory there).
-   */
+  /** Room for `length` positions of sequence `id`: blocks taken as it grows, nothing it holds copied. */
   reserve(id: number, length: number): void {
-    const cache = this.#caches.get(id);
-    if (cache && cache.capacity >= length) return;
-    const wanted = this.kernels.backend === 'cuda' ? Math.max(CACHE_GRANULE, Math.ceil(length / CACHE_GRANULE) * CACHE_GRANULE) : Math.max(16, 2 ** Math.ceil(Math.log2(Math.max(1, length))));
-    const capacity = Math.min(this.config.maxPositions, wanted);
-    const buffer = this.kernels.allocate(this.#layers.length * 2 * capacity * this.#rowSize * ELEMENT_BYTES[this.cacheType]);
-    if (cache) {
-      this.kernels.copyCache(buffer, capacity, cache.buffer, cache.capacity, cache.length, this.#rowSize, this.#layers.length, this.cacheType);
-      // Work queued on the one stream reads the old buffer before any later use of its memory.
-      cache.buffer.free();
-    }
-    this.#caches.set(id, { buffer, capacity, length: cache?.length ?? 0 });
+    this.#caches.reserve(id, length);
   }
 
-  /** Sequence `id` starts from the first `length` positions of sequence `from` (prefix caching). */
+  /** Sequence `id` starts from the first `length` positions of sequence `from` (prefix caching): their blocks are shared, not copied. */
   copyPrefix(id: number, from: number, length: number): void {
-    const source = this.#caches.get(from);
-    if (!source || source.length < length) throw new InvalidArgumentError(`sequence ${id} starts from ${length} positions of sequence ${from}, which this rank holds ${source ? source.length : 'none'} of`, 'ERR_SEQUENCE_STATE');
-    if (this.#caches.has(id)) throw new InvalidArgumentError(`sequence ${id} starts from a copy, but this rank already holds it`, 'ERR_SEQUENCE_STATE');
-    this.reserve(id, length);
-    const cache = this.#caches.get(id)!;
-    this.kernels.copyCache(cache.buffer, cache.capacity, source.buffer, source.capacity, length, this.#rowSize, this.#layers.length, this.cacheType);
-    cache.length = length;
+    this.#caches.share(id, from, length);
   }
 
   release(id: number): void {
-    this.#caches.get(id)?.buffer.free();
-    this.#caches.delete(id);
+    this.#caches.release(id);
   }
 
   clearCaches(): void {
-    for (const cache of this.#caches.values()) cache.buffer.free();
     this.#caches.clear();
   }
 
@@ -411,7 +386,7 @@ export class DeviceLayers {
     const rowWidth = queryWidth + 2 * plan.keyValueHeadsPerRank * headSize;
     const inner = plan.intermediatePerRank;
     const shape = { heads: plan.headsPerRank, kvHeads: plan.keyValueHeadsPerRank, headSize, cache: this.cacheType };
-    const layout = this.#layout(sequences, rows);
+    const layout = stepLayout(kernels, this.#caches, sequences, rows);
     const buffers: DeviceBuffer[] = [layout.buffer];
     const scratch = (bytes: number) => {
       const buffer = kernels.allocate(bytes);
@@ -486,7 +461,7 @@ export class DeviceLayers {
         if (keep && !result) state.free();
       }
     }
-    for (const sequence of sequences) this.#caches.get(sequence.id)!.length = sequence.past + sequence.count;
+    for (const sequence of sequences) this.#caches.setLength(sequence.id, sequence.past + sequence.count);
     return result!;
   }
 
@@ -645,8 +620,7 @@ export class DeviceLayers {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    for (const cache of this.#caches.values()) cache.buffer.free();
-    this.#caches.clear();
+    this.#caches.close();
     for (const adapter of this.#adapters.values()) freeAdapter(adapter);
     this.#adapters.clear();
     for (const buffer of this.#weightBuffers) buffer.free();
@@ -693,63 +667,65 @@ export class DeviceLayers {
     }
   }
 
-  /**
-   * The step's layout, checked (every row's position inside its sequence's reserved cache) and
-   * uploaded in one buffer. A sequence with several rows (a prompt's piece, a speculative draft)
-   * goes to attention in tiles of up to TILE_ROWS rows, which read their keys once together.
-   */
-  #layout(sequences: readonly LayerStepSequence[], rows: number): StepLayout {
-    const count = sequences.length;
-    let tileCount = 0;
-    let singleCount = 0;
-    for (const sequence of sequences) {
-      if (sequence.count > 1) tileCount += Math.ceil(sequence.count / TILE_ROWS);
-      else singleCount += sequence.count;
-    }
-    // Eight-byte addresses first, then the 4-byte arrays.
-    const cacheBase = 0;
-    const cacheCapacity = count * 8;
-    const rowSequence = cacheCapacity + count * 4;
-    const rowPosition = rowSequence + rows * 4;
-    const tiles = rowPosition + rows * 4;
-    const singleRows = tiles + tileCount * 8;
-    const bytes = singleRows + singleCount * 4;
-    const host = new ArrayBuffer(bytes);
-    const bases = new BigUint64Array(host, cacheBase, count);
-    const capacities = new Int32Array(host, cacheCapacity, count);
-    const rowSequences = new Int32Array(host, rowSequence, rows);
-    const rowPositions = new Int32Array(host, rowPosition, rows);
-    const tileTable = new Int32Array(host, tiles, tileCount * 2);
-    const singles = new Int32Array(host, singleRows, singleCount);
-    let row = 0;
-    let tile = 0;
-    let single = 0;
-    sequences.forEach((sequence, index) => {
-      const cache = this.#caches.get(sequence.id);
-      if (!cache || cache.capacity < sequence.past + sequence.count) {
-        throw new InvalidArgumentError(`sequence ${sequence.id} has no cache room for positions up to ${sequence.past + sequence.count}`, 'ERR_SEQUENCE_STATE');
-      }
-      if (cache.length !== sequence.past) throw new InvalidArgumentError(`sequence ${sequence.id} says ${sequence.past} tokens came before, this rank has read ${cache.length}`, 'ERR_SEQUENCE_STATE');
-      bases[index] = cache.buffer.address();
-      capacities[index] = cache.capacity;
-      if (sequence.count > 1) {
-        for (let first = 0; first < sequence.count; first += TILE_ROWS) {
-          tileTable[2 * tile] = row + first;
-          tileTable[2 * tile + 1] = Math.min(TILE_ROWS, sequence.count - first);
-          tile++;
-        }
-      } else if (sequence.count === 1) {
-        singles[single++] = row;
-      }
-      for (let position = sequence.past; position < sequence.past + sequence.count; position++, row++) {
-        rowSequences[row] = index;
-        rowPositions[row] = position;
-      }
-    });
-    const buffer = this.kernels.allocate(bytes);
-    this.kernels.upload(buffer, new Uint8Array(host));
-    return { buffer, rows, sequences: count, tileCount, singleCount, cacheBase, cacheCapacity, rowSequence, rowPosition, tiles, singleRows };
+}
+
+/**
+ * The step's layout, checked (every row's position inside its sequence's reserved cache, whose
+ * shared blocks there are first copied) and uploaded in one buffer. A sequence with several rows
+ * (a prompt's piece, a speculative draft) goes to attention in tiles of up to TILE_ROWS rows,
+ * which read their keys once together.
+ */
+export function stepLayout(kernels: DeviceKernels, caches: CacheBlocks, sequences: readonly LayerStepSequence[], rows: number): StepLayout {
+  const count = sequences.length;
+  let tileCount = 0;
+  let singleCount = 0;
+  let blockCount = 0;
+  for (const sequence of sequences) {
+    caches.prepareWrite(sequence.id, sequence.past, sequence.past + sequence.count);
+    if (sequence.count > 1) tileCount += Math.ceil(sequence.count / TILE_ROWS);
+    else singleCount += sequence.count;
+    blockCount += CacheBlocks.blocksFor(sequence.past + sequence.count);
   }
+  // Eight-byte addresses first, then the 4-byte arrays.
+  const cacheBlocks = 0;
+  const cacheTable = blockCount * 8;
+  const rowSequence = cacheTable + count * 4;
+  const rowPosition = rowSequence + rows * 4;
+  const tiles = rowPosition + rows * 4;
+  const singleRows = tiles + tileCount * 8;
+  const bytes = singleRows + singleCount * 4;
+  const host = new ArrayBuffer(bytes);
+  const addressWords = new Uint32Array(host, cacheBlocks, blockCount * 2);
+  const table = new Int32Array(host, cacheTable, count);
+  const rowSequences = new Int32Array(host, rowSequence, rows);
+  const rowPositions = new Int32Array(host, rowPosition, rows);
+  const tileTable = new Int32Array(host, tiles, tileCount * 2);
+  const singles = new Int32Array(host, singleRows, singleCount);
+  let row = 0;
+  let tile = 0;
+  let single = 0;
+  let block = 0;
+  sequences.forEach((sequence, index) => {
+    table[index] = block;
+    // Only the blocks the step reads: a sequence may hold more (reserved ahead).
+    block += caches.writeAddresses(sequence.id, addressWords, block, CacheBlocks.blocksFor(sequence.past + sequence.count));
+    if (sequence.count > 1) {
+      for (let first = 0; first < sequence.count; first += TILE_ROWS) {
+        tileTable[2 * tile] = row + first;
+        tileTable[2 * tile + 1] = Math.min(TILE_ROWS, sequence.count - first);
+        tile++;
+      }
+    } else if (sequence.count === 1) {
+      singles[single++] = row;
+    }
+    for (let position = sequence.past; position < sequence.past + sequence.count; position++, row++) {
+      rowSequences[row] = index;
+      rowPositions[row] = position;
+    }
+  });
+  const buffer = kernels.allocate(bytes);
+  kernels.upload(buffer, new Uint8Array(host));
+  return { buffer, rows, sequences: count, tileCount, singleCount, cacheBlocks, blockCount, cacheTable, rowSequence, rowPosition, tiles, singleRows };
 }
 
 function freeAdapter(layers: DeviceLayerAdapter[]): void {

@@ -2,8 +2,8 @@
  * Prefix caching for a replica: prompts that begin alike (a system prompt, few-shot examples, a
  * shared document) read their common beginning once. The ranks keep a key/value cache per
  * sequence; a new sequence whose prompt starts with blocks another sequence's cache already
- * holds starts from a copy of those positions (each rank copies its own layers and heads), and
- * the prompt is read from there on.
+ * holds starts from those positions (each rank's cache shares the blocks that hold them,
+ * lib/llm/cache-blocks.ts), and the prompt is read from there on.
  *
  * Prompts are matched in whole blocks of `blockTokens`, through a hash of each block chained to
  * the blocks before it, and the tokens are compared before a match is used, so a hash collision

@@ -27,7 +27,8 @@ import { resolveCacheDType, type StepMessage, type StepResult, type StepSequence
 import type { CacheDType, WeightDType } from './kernels.js';
 import { checkCheckpoint, languageHead, resolveWeightDType } from './weights.js';
 import { RemoteShardWorker, type ShardLoaded, type ShardWorker } from './shard-worker.js';
-import { CACHE_GRANULE } from './device-layers.js';
+import { CacheBlocks } from './cache-blocks.js';
+import { CACHE_BLOCK_POSITIONS } from './device-kernels.js';
 import { TokenMask } from './guided/token-mask.js';
 import { readAdapter, type AdapterInfo } from './lora.js';
 import { checkSpeculation, proposeTokens, type Speculation, type SpeculationOptions } from './speculation.js';
@@ -89,7 +90,7 @@ export interface ModelReplicaOptions extends ParallelismOptions {
   kvCacheDtype?: CacheDType | 'auto';
   /**
    * Prompts that begin with the same tokens (a system prompt, few-shot examples) read that
-   * beginning once: a new sequence starts from a copy of another's cached positions, in whole
+   * beginning once: a new sequence starts from (shares the cache blocks of) another's cached positions, in whole
    * blocks of prefixBlockTokens, and prompts that arrive together wait a step for the first of
    * them to read it (default true). Sequences with repetition, presence or frequency penalties
    * read their whole prompt.
@@ -286,7 +287,7 @@ interface Sequence {
   reserved: number;
   /** Its prompt was read once (a preempted sequence reads it again, uncounted). */
   promptCounted?: boolean;
-  /** Its first step starts from a copy of another sequence's cached positions. */
+  /** Its first step starts from another sequence's cached positions (sharing their blocks). */
   copyFrom?: { id: number; length: number };
   inFlight: boolean;
   /** Positions the ranks hold past `past`: proposals the last step did not keep, dropped by the next. */
@@ -562,7 +563,7 @@ export class ModelReplica {
       const step = { tokens: limits.maxTokens, sequences: limits.maxSequences };
       const loaded = (await get(plan.stages.flatMap((stage) => workers[stage.index].map((worker, rank) =>
         worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype, ...(device === 'cuda' ? { layers: 'cuda' as const, hiddenOnDevice: true } : {}) }, groupNames[stage.index], threads, step))))) as ShardLoaded[];
-      if (options.maxCacheTokens === undefined && loaded.some((part) => part.device)) limits.maxCacheTokens = deviceCacheBudget(loaded, utilization, limits.maxSequences);
+      if (options.maxCacheTokens === undefined && loaded.some((part) => part.device)) limits.maxCacheTokens = deviceCacheBudget(loaded, utilization, limits.prefix ? Math.ceil(limits.prefix.retainedTokens / limits.prefix.blockTokens) : 0);
       const input = new InputNode();
       // Rank r of each stage feeds rank r of the next: after the stage's allreduce every rank
       // holds the same hidden states, and each channel then has exactly one reader.
@@ -853,7 +854,7 @@ export class ModelReplica {
       while (this.#waiting.length > 0 && budget > 0 && chosen.length < limit && deferred.length < 4 * limit) {
         const sequence = this.#waiting[0];
         const need = this.#cacheNeed(sequence);
-        if (need > this.#maxCacheTokens) {
+        if (wholeBlocks(need) > this.#maxCacheTokens) {
           this.#waiting.shift();
           sequence.fail(new InvalidArgumentError(`a sequence of ${sequence.prompt.length} prompt tokens and up to ${sequence.maxNewTokens} new ones needs ${need} cached positions, more than maxCacheTokens (${this.#maxCacheTokens})`, 'ERR_CACHE_BUDGET'));
           continue;
@@ -1026,10 +1027,12 @@ export class ModelReplica {
     const limit = Math.min(budget, sequence.maxNewTokens - sequence.generated.length - 1, this.config.maxPositions - known - 1);
     const tokens = proposeTokens(sequence.prompt, sequence.generated, speculation, limit);
     const proposal = tokens.length > 0 && sequence.constraint ? this.#constrainProposal(sequence, tokens) : { tokens };
-    if (proposal.tokens.length === 0 || !this.#makeRoom(proposal.tokens.length)) return undefined;
+    if (proposal.tokens.length === 0) return undefined;
     // Released by the step's end, where #grow sets the reservation to what the sequence then knows.
-    sequence.reserved += proposal.tokens.length;
-    this.#reservedTokens += proposal.tokens.length;
+    const extra = Math.max(0, wholeBlocks(known + proposal.tokens.length) - sequence.reserved);
+    if (!this.#makeRoom(extra)) return undefined;
+    sequence.reserved += extra;
+    this.#reservedTokens += extra;
     return proposal;
   }
 
@@ -1087,10 +1090,13 @@ export class ModelReplica {
     return targets;
   }
 
-  /** Positions a sequence reserves when it starts: its most, or (see #reservedTokens) what it knows. */
+  /**
+   * Positions a sequence reserves when it starts: its most, or (see #reservedTokens) what it knows;
+   * in whole cache blocks, as the ranks hold them.
+   */
   #reservationOf(sequence: Sequence): number {
-    if (this.#reservesMost(sequence)) return this.#cacheNeed(sequence);
-    return Math.min(this.config.maxPositions, sequence.prompt.length + sequence.generated.length);
+    if (this.#reservesMost(sequence)) return wholeBlocks(this.#cacheNeed(sequence));
+    return wholeBlocks(Math.min(this.config.maxPositions, sequence.prompt.length + sequence.generated.length));
   }
 
   /** Whether a sequence reserves its most up front (and is never preempted). */
@@ -1218,23 +1224,29 @@ export class ModelReplica {
   }
 }
 
+/** Positions rounded up to whole cache blocks. */
+function wholeBlocks(positions: number): number {
+  return CacheBlocks.blocksFor(positions) * CACHE_BLOCK_POSITIONS;
+}
+
 /**
  * Positions the GPU ranks' caches can hold together: on each rank, its share of the device's
- * memory less what is already used (weights, other processes) and a full step's activations,
- * over what a position takes there; the rank with the least room decides. Each running sequence
- * may hold up to a granule of positions it has not used yet.
+ * memory less what is already used (weights, other processes), a full step's activations and a
+ * slab of cache blocks not yet handed out, over what a position takes there; the rank with the
+ * least room decides. Running sequences reserve whole blocks; each kept prefix (`caches` of them
+ * at most) may leave up to a block's positions unused in its last block.
  */
-function deviceCacheBudget(loaded: ShardLoaded[], utilization: number, maxSequences: number): number {
+function deviceCacheBudget(loaded: ShardLoaded[], utilization: number, caches: number): number {
   let budget = Infinity;
   for (const part of loaded) {
     if (!part.device) continue;
     const { freeBytes, totalBytes, bytesPerPosition, stepBytes } = part.device;
-    const usable = freeBytes - totalBytes * (1 - utilization) - stepBytes;
-    budget = Math.min(budget, Math.floor(usable / bytesPerPosition) - maxSequences * CACHE_GRANULE);
+    const usable = freeBytes - totalBytes * (1 - utilization) - stepBytes - CacheBlocks.slabBytes(CACHE_BLOCK_POSITIONS * bytesPerPosition);
+    budget = Math.min(budget, Math.floor(usable / bytesPerPosition) - caches * CACHE_BLOCK_POSITIONS);
   }
   if (!(budget > 0)) {
     const tightest = loaded.find((part) => part.device)!.device!;
-    throw new ModelLoadError('ERR_DEVICE_MEMORY', `the weights leave no room for a key/value cache on the GPU: ${Math.round(tightest.freeBytes / 2 ** 20)} MiB free of ${Math.round(tightest.totalBytes / 2 ** 20)} MiB, a step needs ${Math.round(tightest.stepBytes / 2 ** 20)} MiB and ${maxSequences} sequences at least ${Math.round((maxSequences * CACHE_GRANULE * tightest.bytesPerPosition) / 2 ** 20)} MiB (raise gpuMemoryUtilization, lower maxTokensPerStep or maxSequencesPerStep, or cut the model more ways)`, {});
+    throw new ModelLoadError('ERR_DEVICE_MEMORY', `the weights leave no room for a key/value cache on the GPU: ${Math.round(tightest.freeBytes / 2 ** 20)} MiB free of ${Math.round(tightest.totalBytes / 2 ** 20)} MiB, a step needs ${Math.round(tightest.stepBytes / 2 ** 20)} MiB (raise gpuMemoryUtilization, lower maxTokensPerStep or maxSequencesPerStep, or cut the model more ways)`, {});
   }
   return budget;
 }

@@ -229,7 +229,7 @@ export class DecoderShard {
     return this.#layers.cachedSequences;
   }
 
-  /** Bytes this rank's key/value caches take (their capacity: grown by doubling on the host, 64 positions at a time on a GPU). */
+  /** Bytes this rank's key/value cache blocks take (slabs of blocks: those held and free ones kept for reuse). */
   get cacheBytes(): number {
     return this.#layers.cacheBytes;
   }

@@ -293,8 +293,8 @@ struct Portable {
   static void Softmax(float* scores, size_t count, float scale) { SoftmaxScalar(scores, count, scale); }
 
   template <class Value>
-  static void WeightedSum(float* out, const float* weights, size_t count, const Value* values, size_t stride, size_t size) {
-    std::fill(out, out + size, 0.0f);
+  static void WeightedSum(float* out, const float* weights, size_t count, const Value* values, size_t stride, size_t size, bool accumulate) {
+    if (!accumulate) std::fill(out, out + size, 0.0f);
     for (size_t position = 0; position < count; ++position) {
       const float weight = weights[position];
       const Value* row = values + position * stride;
@@ -471,13 +471,13 @@ struct Avx2 {
   // Values are f32 or a 16-bit cache's, widened as they are loaded.
   template <class Value>
   TRELLIS_TARGET_AVX2 static void WeightedSum(float* out, const float* weights, size_t count, const Value* values, size_t stride,
-                                              size_t size) {
+                                              size_t size, bool accumulate) {
     size_t begin = 0;
-    for (; begin + 64 <= size; begin += 64) WeightedSumChunk<8>(out + begin, weights, count, values + begin, stride);
-    for (; begin + 8 <= size; begin += 8) WeightedSumChunk<1>(out + begin, weights, count, values + begin, stride);
+    for (; begin + 64 <= size; begin += 64) WeightedSumChunk<8>(out + begin, weights, count, values + begin, stride, accumulate);
+    for (; begin + 8 <= size; begin += 8) WeightedSumChunk<1>(out + begin, weights, count, values + begin, stride, accumulate);
     if (begin < size) {
       const __m256i mask = TailMask(size - begin);
-      __m256 sum = _mm256_setzero_ps();
+      __m256 sum = accumulate ? _mm256_maskload_ps(out + begin, mask) : _mm256_setzero_ps();
       for (size_t position = 0; position < count; ++position) {
         sum = _mm256_fmadd_ps(_mm256_set1_ps(weights[position]), LoadWeightsTail(values + position * stride + begin, size - begin), sum);
       }
@@ -486,9 +486,10 @@ struct Avx2 {
   }
 
   template <int Vectors, class Value>
-  TRELLIS_TARGET_AVX2 static inline void WeightedSumChunk(float* out, const float* weights, size_t count, const Value* values, size_t stride) {
+  TRELLIS_TARGET_AVX2 static inline void WeightedSumChunk(float* out, const float* weights, size_t count, const Value* values, size_t stride,
+                                                         bool accumulate) {
     __m256 sums[Vectors];
-    for (int v = 0; v < Vectors; ++v) sums[v] = _mm256_setzero_ps();
+    for (int v = 0; v < Vectors; ++v) sums[v] = accumulate ? _mm256_loadu_ps(out + 8 * v) : _mm256_setzero_ps();
     for (size_t position = 0; position < count; ++position) {
       const __m256 weight = _mm256_set1_ps(weights[position]);
       const Value* row = values + position * stride;
@@ -542,9 +543,31 @@ bool UseAvx2() {
 
 #endif  // TRELLIS_KERNELS_AVX2
 
+// Where one sequence's keys (or values) sit in its cache: positions in blocks of
+// `block_positions`, block b starting `offset` elements after the address blocks[b], a position's
+// row `stride` elements after the previous one's. A contiguous cache is one block.
+template <class KeyValue>
+struct CacheRows {
+  const uint64_t* blocks;
+  size_t block_positions;
+  size_t offset;
+  size_t stride;
+
+  const KeyValue* Row(size_t position) const {
+    return reinterpret_cast<const KeyValue*>(static_cast<uintptr_t>(blocks[position / block_positions])) + offset +
+           (position % block_positions) * stride;
+  }
+  // Positions from `position` to the end of its block.
+  size_t RunFrom(size_t position) const { return block_positions - position % block_positions; }
+};
+
+// Attention reads its keys and values a run of positions at a time (a cache block's, or the whole
+// of a contiguous cache): the weighted sums continue from run to run in the same order, and each
+// dot product sums over the same depth, so blocks change at most the last bit of a score (a run
+// cut at a block's end may end in a narrower tile of the dot kernel).
 template <class Isa, class KeyValue>
-void AttentionWith(float* out, const float* q, const KeyValue* keys, const KeyValue* values, size_t queries, size_t past, size_t heads,
-                   size_t head_size, size_t kv_heads, size_t window) {
+void AttentionWith(float* out, const float* q, const CacheRows<KeyValue>& keys, const CacheRows<KeyValue>& values, size_t queries, size_t past,
+                   size_t heads, size_t head_size, size_t kv_heads, size_t window) {
   const size_t positions = past + queries;
   // The first position query i (at past + i) attends to: window positions back, itself included.
   const auto first_position = [&](size_t query) -> size_t {
@@ -552,45 +575,63 @@ void AttentionWith(float* out, const float* q, const KeyValue* keys, const KeyVa
     return window != 0 && position + 1 > window ? position + 1 - window : 0;
   };
   const size_t stride = heads * head_size;
-  const size_t kv_stride = kv_heads * head_size;
+  const size_t kv_stride = keys.stride;
   const size_t group = heads / kv_heads;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_size)));
+  // Calls visit(first, count) for each run of positions [from, to) that lies in one block.
+  const auto for_each_run = [](const CacheRows<KeyValue>& rows, size_t from, size_t to, const auto& visit) {
+    for (size_t position = from; position < to;) {
+      const size_t count = std::min(rows.RunFrom(position), to - position);
+      visit(position, count);
+      position += count;
+    }
+  };
+  // The weighted sum of the values of positions [from, to) with `weights` (one per position).
+  const auto weighted_values = [&](float* target, const float* weights, size_t kv_head, size_t from, size_t to) {
+    for_each_run(values, from, to, [&](size_t first, size_t count) {
+      Isa::WeightedSum(target, weights + (first - from), count, values.Row(first) + kv_head * head_size, kv_stride, head_size, first != from);
+    });
+  };
   // One query (decoding) scores a kv head's whole group at once: the group's query heads lie side
   // by side in q, so they are the rows of one dot problem and each key vector loaded from the cache
   // feeds every head of the group. Several queries (prefill) are rows of one head instead. Heads
   // are independent: with kernel threads, each task takes one (a kv head's group when decoding).
   const bool decoding = queries == 1;
   const auto decode_group = [&](size_t kv_head) {
-    const KeyValue* head_keys = keys + kv_head * head_size;
-    const KeyValue* head_values = values + kv_head * head_size;
     // Only the window's keys are scored: a long sequence with a short window costs the window.
     const size_t first = first_position(0);
     const size_t count = positions - first;
     std::vector<float> scores(group * count);
     const size_t offset = kv_head * group * head_size;
-    DotProblem<KeyValue> problem{q + offset, head_size, group, head_keys + first * kv_stride, kv_stride, count, head_size, scores.data(), count, nullptr, false, 0};
-    DotProducts<Isa>(problem);
+    for_each_run(keys, first, positions, [&](size_t from, size_t run) {
+      DotProblem<KeyValue> problem{q + offset, head_size, group, keys.Row(from) + kv_head * head_size, kv_stride, run, head_size, scores.data() + (from - first), count, nullptr, false, 0};
+      DotProducts<Isa>(problem);
+    });
     for (size_t member = 0; member < group; ++member) {
       float* row = scores.data() + member * count;
       Isa::Softmax(row, count, scale);
-      Isa::WeightedSum(out + offset + member * head_size, row, count, head_values + first * kv_stride, kv_stride, head_size);
+      weighted_values(out + offset + member * head_size, row, kv_head, first, positions);
     }
   };
   const auto prefill_head = [&](size_t head) {
     const size_t kv_head = head / group;
-    const KeyValue* head_keys = keys + kv_head * head_size;
-    const KeyValue* head_values = values + kv_head * head_size;
     std::vector<float> scores(queries * positions);
     const size_t offset = head * head_size;
-    DotProblem<KeyValue> problem{q + offset, stride, queries, head_keys, kv_stride, positions, head_size, scores.data(), positions, nullptr, true, past};
-    DotProducts<Isa>(problem);
+    for_each_run(keys, 0, positions, [&](size_t from, size_t run) {
+      // Query i needs key k only while k <= past + i: the run's keys start mattering at query
+      // from - past, whose own causal limit then sits at the run's first key.
+      const size_t first_query = from > past ? from - past : 0;
+      DotProblem<KeyValue> problem{q + first_query * stride + offset, stride, queries - first_query, keys.Row(from) + kv_head * head_size, kv_stride, run, head_size,
+                                   scores.data() + first_query * positions + from, positions, nullptr, true, past + first_query - from};
+      DotProducts<Isa>(problem);
+    });
     // Scores before a row's window are computed with the rest of the strip and then skipped.
     for (size_t query = 0; query < queries; ++query) {
       const size_t first = first_position(query);
       float* row = scores.data() + query * positions + first;
       const size_t count = past + query + 1 - first;
       Isa::Softmax(row, count, scale);
-      Isa::WeightedSum(out + query * stride + offset, row, count, head_values + first * kv_stride, kv_stride, head_size);
+      weighted_values(out + query * stride + offset, row, kv_head, first, past + query + 1);
     }
   };
   const size_t tasks = decoding ? kv_heads : heads;
@@ -743,12 +784,24 @@ void Rotary(float* x, const int32_t* positions, const float* inverse_frequencies
 namespace {
 
 template <class KeyValue>
-void AttentionOf(float* out, const float* q, const KeyValue* keys, const KeyValue* values, size_t queries, size_t past, size_t heads,
-                 size_t head_size, size_t kv_heads, size_t window) {
+void AttentionOf(float* out, const float* q, const CacheRows<KeyValue>& keys, const CacheRows<KeyValue>& values, size_t queries, size_t past,
+                 size_t heads, size_t head_size, size_t kv_heads, size_t window) {
 #ifdef TRELLIS_KERNELS_AVX2
   if (UseAvx2()) return AttentionWith<Avx2>(out, q, keys, values, queries, past, heads, head_size, kv_heads, window);
 #endif
   AttentionWith<Portable>(out, q, keys, values, queries, past, heads, head_size, kv_heads, window);
+}
+
+// A contiguous [positions, kv_heads, head_size] cache as one block.
+template <class KeyValue>
+void ContiguousAttention(float* out, const float* q, const KeyValue* keys, const KeyValue* values, size_t queries, size_t past, size_t heads,
+                         size_t head_size, size_t kv_heads, size_t window) {
+  const uint64_t key_block = reinterpret_cast<uintptr_t>(keys);
+  const uint64_t value_block = reinterpret_cast<uintptr_t>(values);
+  const size_t positions = past + queries;
+  const size_t stride = kv_heads * head_size;
+  AttentionOf(out, q, CacheRows<KeyValue>{&key_block, positions, 0, stride}, CacheRows<KeyValue>{&value_block, positions, 0, stride}, queries, past,
+              heads, head_size, kv_heads, window);
 }
 
 // f32 to bf16 bits, rounding to nearest even; NaN stays a quiet NaN.
@@ -788,15 +841,34 @@ uint16_t NarrowToFloat16(float value) {
 
 void Attention(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
                size_t head_size, size_t kv_heads, size_t window) {
-  AttentionOf(out, q, keys, values, queries, past, heads, head_size, kv_heads, window);
+  ContiguousAttention(out, q, keys, values, queries, past, heads, head_size, kv_heads, window);
 }
 
 void Attention(float* out, const float* q, const uint16_t* keys, const uint16_t* values, WeightType type, size_t queries, size_t past,
                size_t heads, size_t head_size, size_t kv_heads, size_t window) {
   if (type == WeightType::kBfloat16) {
-    AttentionOf(out, q, reinterpret_cast<const Bfloat16*>(keys), reinterpret_cast<const Bfloat16*>(values), queries, past, heads, head_size, kv_heads, window);
+    ContiguousAttention(out, q, reinterpret_cast<const Bfloat16*>(keys), reinterpret_cast<const Bfloat16*>(values), queries, past, heads, head_size, kv_heads, window);
   } else {
-    AttentionOf(out, q, reinterpret_cast<const Float16*>(keys), reinterpret_cast<const Float16*>(values), queries, past, heads, head_size, kv_heads, window);
+    ContiguousAttention(out, q, reinterpret_cast<const Float16*>(keys), reinterpret_cast<const Float16*>(values), queries, past, heads, head_size, kv_heads, window);
+  }
+}
+
+void BlockedAttention(float* out, const float* q, const BlockedCache& cache, size_t queries, size_t past, size_t heads, size_t head_size,
+                      size_t kv_heads, size_t window) {
+  const size_t stride = kv_heads * head_size;
+  AttentionOf(out, q, CacheRows<float>{cache.blocks, cache.block_positions, cache.keys, stride}, CacheRows<float>{cache.blocks, cache.block_positions, cache.values, stride},
+              queries, past, heads, head_size, kv_heads, window);
+}
+
+void BlockedAttention(float* out, const float* q, const BlockedCache& cache, WeightType type, size_t queries, size_t past, size_t heads,
+                      size_t head_size, size_t kv_heads, size_t window) {
+  const size_t stride = kv_heads * head_size;
+  if (type == WeightType::kBfloat16) {
+    AttentionOf(out, q, CacheRows<Bfloat16>{cache.blocks, cache.block_positions, cache.keys, stride},
+                CacheRows<Bfloat16>{cache.blocks, cache.block_positions, cache.values, stride}, queries, past, heads, head_size, kv_heads, window);
+  } else {
+    AttentionOf(out, q, CacheRows<Float16>{cache.blocks, cache.block_positions, cache.keys, stride},
+                CacheRows<Float16>{cache.blocks, cache.block_positions, cache.values, stride}, queries, past, heads, head_size, kv_heads, window);
   }
 }
 

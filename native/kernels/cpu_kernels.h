@@ -65,6 +65,24 @@ void Attention(float* out, const float* q, const float* keys, const float* value
 void Attention(float* out, const float* q, const uint16_t* keys, const uint16_t* values, WeightType type, size_t queries, size_t past,
                size_t heads, size_t head_size, size_t kv_heads, size_t window = 0);
 
+// A sequence's cache kept in blocks of `block_positions` positions (lib/llm/device-layers.ts):
+// block b of the sequence starts at the address blocks[b]; within a block, this layer's keys start
+// `keys` elements in and its values `values` elements in, each position's row [kv_heads,
+// head_size] after the previous one's.
+struct BlockedCache {
+  const uint64_t* blocks;
+  size_t block_positions;
+  size_t keys;
+  size_t values;
+};
+
+// Attention as above over a cache in blocks (f32, or 16-bit of `type`): the same sums in the same
+// order; only a run of keys cut at a block's end may round its dot products' last bit differently.
+void BlockedAttention(float* out, const float* q, const BlockedCache& cache, size_t queries, size_t past, size_t heads, size_t head_size,
+                      size_t kv_heads, size_t window = 0);
+void BlockedAttention(float* out, const float* q, const BlockedCache& cache, WeightType type, size_t queries, size_t past, size_t heads,
+                      size_t head_size, size_t kv_heads, size_t window = 0);
+
 // out[i] = in[i] rounded to the nearest bf16 or f16 (ties to even; f16 beyond ±65504 is infinity).
 // out must not overlap in.
 void Narrow(uint16_t* out, const float* in, WeightType type, size_t count);

@@ -40,11 +40,8 @@ T* At(uint64_t address) {
 
 WeightType HalfType(Element type) { return type == Element::kBfloat16 ? WeightType::kBfloat16 : WeightType::kFloat16; }
 
-size_t ElementBytes(Element type) { return type == Element::kFloat32 ? 4 : 2; }
-
 // ---------------------------------------------------------------------------------------------
-// Host: the CPU kernels over host memory. Every operation matches what lib/llm/shard.ts computes
-// with the same kernels, so a model's layers give the CPU decoder's results bit for bit.
+// Host: the CPU kernels over host memory, run at once (CPU ranks run their layers here).
 class HostKernels final : public DeviceKernels {
  public:
   void Linear(uint64_t out, uint64_t x, uint64_t weight, Element weight_type, uint64_t bias, size_t rows, size_t depth,
@@ -99,14 +96,15 @@ class HostKernels final : public DeviceKernels {
     const size_t row_size = kv_heads * head_size;
     const int32_t* row_sequence = At<const int32_t>(layout.row_sequence);
     const int32_t* row_position = At<const int32_t>(layout.row_position);
-    const uint64_t* cache_base = At<const uint64_t>(layout.cache_base);
-    const int32_t* cache_capacity = At<const int32_t>(layout.cache_capacity);
+    const uint64_t* cache_blocks = At<const uint64_t>(layout.cache_blocks);
+    const int32_t* cache_table = At<const int32_t>(layout.cache_table);
     std::vector<float> head(head_size);
     std::vector<float> normed(head_size);
     for (size_t row = 0; row < layout.rows; row++) {
       const int32_t position = row_position[row];
       const size_t sequence = static_cast<size_t>(row_sequence[row]);
-      const size_t capacity = static_cast<size_t>(cache_capacity[sequence]);
+      const uint64_t block = cache_blocks[static_cast<size_t>(cache_table[sequence]) + static_cast<size_t>(position) / kCacheBlockPositions];
+      const size_t in_block = static_cast<size_t>(position) % kCacheBlockPositions;
       for (size_t slot = 0; slot < heads + 2 * kv_heads; slot++) {
         std::memcpy(head.data(), At<const float>(qkv) + row * row_width + slot * head_size, head_size * sizeof(float));
         const bool is_value = slot >= heads + kv_heads;
@@ -122,11 +120,11 @@ class HostKernels final : public DeviceKernels {
         }
         const size_t kind = is_value ? 1 : 0;
         const size_t kv_head = is_value ? slot - heads - kv_heads : slot - heads;
-        const size_t first = ((static_cast<size_t>(layer) * 2 + kind) * capacity + static_cast<size_t>(position)) * row_size + kv_head * head_size;
+        const size_t first = ((static_cast<size_t>(layer) * 2 + kind) * kCacheBlockPositions + in_block) * row_size + kv_head * head_size;
         if (shape.cache == Element::kFloat32) {
-          std::memcpy(At<float>(cache_base[sequence]) + first, head.data(), head_size * sizeof(float));
+          std::memcpy(At<float>(block) + first, head.data(), head_size * sizeof(float));
         } else {
-          Narrow(At<uint16_t>(cache_base[sequence]) + first, head.data(), HalfType(shape.cache), head_size);
+          Narrow(At<uint16_t>(block) + first, head.data(), HalfType(shape.cache), head_size);
         }
       }
     }
@@ -138,28 +136,25 @@ class HostKernels final : public DeviceKernels {
     const size_t row_size = static_cast<size_t>(shape.kv_heads) * head_size;
     const int32_t* row_sequence = At<const int32_t>(layout.row_sequence);
     const int32_t* row_position = At<const int32_t>(layout.row_position);
-    const uint64_t* cache_base = At<const uint64_t>(layout.cache_base);
-    const int32_t* cache_capacity = At<const int32_t>(layout.cache_capacity);
+    const uint64_t* cache_blocks = At<const uint64_t>(layout.cache_blocks);
+    const int32_t* cache_table = At<const int32_t>(layout.cache_table);
+    const size_t keys = static_cast<size_t>(layer) * 2 * kCacheBlockPositions * row_size;
     size_t row = 0;
     while (row < layout.rows) {
       // A run of one sequence's rows: consecutive positions, as the CPU decoder attends them.
       size_t end = row + 1;
       while (end < layout.rows && row_sequence[end] == row_sequence[row]) end++;
       const size_t sequence = static_cast<size_t>(row_sequence[row]);
-      const size_t capacity = static_cast<size_t>(cache_capacity[sequence]);
-      const size_t keys = static_cast<size_t>(layer) * 2 * capacity * row_size;
-      const size_t values = keys + capacity * row_size;
+      const BlockedCache cache{cache_blocks + cache_table[sequence], kCacheBlockPositions, keys, keys + kCacheBlockPositions * row_size};
       float* target = At<float>(out) + row * query_width;
       const float* query = At<const float>(queries) + row * query_width;
       const size_t past = static_cast<size_t>(row_position[row]);
       if (shape.cache == Element::kFloat32) {
-        const float* base = At<const float>(cache_base[sequence]);
-        kernels::Attention(target, query, base + keys, base + values, end - row, past, static_cast<size_t>(shape.heads), head_size,
-                           static_cast<size_t>(shape.kv_heads), static_cast<size_t>(window));
+        kernels::BlockedAttention(target, query, cache, end - row, past, static_cast<size_t>(shape.heads), head_size, static_cast<size_t>(shape.kv_heads),
+                                  static_cast<size_t>(window));
       } else {
-        const uint16_t* base = At<const uint16_t>(cache_base[sequence]);
-        kernels::Attention(target, query, base + keys, base + values, HalfType(shape.cache), end - row, past, static_cast<size_t>(shape.heads),
-                           head_size, static_cast<size_t>(shape.kv_heads), static_cast<size_t>(window));
+        kernels::BlockedAttention(target, query, cache, HalfType(shape.cache), end - row, past, static_cast<size_t>(shape.heads), head_size,
+                                  static_cast<size_t>(shape.kv_heads), static_cast<size_t>(window));
       }
       row = end;
     }
@@ -228,15 +223,6 @@ class HostKernels final : public DeviceKernels {
     }
   }
 
-  void CopyCache(uint64_t target, size_t target_capacity, uint64_t source, size_t source_capacity, size_t length, size_t row_size,
-                 size_t layers, Element cache) override {
-    const size_t bytes = ElementBytes(cache);
-    for (size_t part = 0; part < layers * 2; part++) {
-      std::memmove(At<char>(target) + part * target_capacity * row_size * bytes, At<const char>(source) + part * source_capacity * row_size * bytes,
-                   length * row_size * bytes);
-    }
-  }
-
   void Upload(uint64_t target, const void* source, size_t bytes) override { std::memcpy(At<void>(target), source, bytes); }
   void Download(void* target, uint64_t source, size_t bytes) override { std::memcpy(target, At<const void>(source), bytes); }
   void Copy(uint64_t target, uint64_t source, size_t bytes) override { std::memmove(At<void>(target), At<const void>(source), bytes); }
@@ -280,7 +266,6 @@ class CudaKernels final : public DeviceKernels {
       attention_ = Function("trellis_attention");
       attention_tiles_ = Function("trellis_attention_tiles");
       attention_grouped_ = Function("trellis_attention_grouped");
-      copy_cache_ = Function("trellis_copy_cache");
       gather_rows_ = Function("trellis_gather_rows");
       scatter_add_rows_ = Function("trellis_scatter_add_rows");
       zero_ = Function("trellis_zero");
@@ -374,8 +359,8 @@ class CudaKernels final : public DeviceKernels {
     Current();
     int cache_type = static_cast<int>(shape.cache);
     Launch(prepare_attention_, Blocks(layout.rows), static_cast<unsigned>(shape.heads + 2 * shape.kv_heads), kHeadThreads,
-           static_cast<unsigned>(shape.head_size) * 4, queries, qkv, layout.row_sequence, layout.row_position, layout.cache_base,
-           layout.cache_capacity, layer, shape.heads, shape.kv_heads, shape.head_size, query_norm, key_norm, epsilon, inverse_frequencies,
+           static_cast<unsigned>(shape.head_size) * 4, queries, qkv, layout.row_sequence, layout.row_position, layout.cache_blocks,
+           layout.cache_table, layer, shape.heads, shape.kv_heads, shape.head_size, query_norm, key_norm, epsilon, inverse_frequencies,
            cache_type);
   }
 
@@ -393,14 +378,14 @@ class CudaKernels final : public DeviceKernels {
       // Heads too wide for the tiles' shared memory: every row on its own.
       uint64_t every_row = 0;
       Launch(attention_, Blocks(layout.rows), heads, kAttentionThreads, 0, out, queries, every_row, layout.row_sequence, layout.row_position,
-             layout.cache_base, layout.cache_capacity, layer, shape.heads, shape.kv_heads, shape.head_size, window, scale, cache_type);
+             layout.cache_blocks, layout.cache_table, layer, shape.heads, shape.kv_heads, shape.head_size, window, scale, cache_type);
       return;
     }
     if (layout.tile_count > 0) {
       const size_t head = static_cast<size_t>(shape.head_size);
       const unsigned shared = static_cast<unsigned>((kTileRows * head + 32 * (head + 1) + 32 * head + 4 * 32) * sizeof(float));
       Launch(attention_tiles_, Blocks(layout.tile_count), heads, kAttentionThreads, shared, out, queries, layout.tiles, layout.row_sequence,
-             layout.row_position, layout.cache_base, layout.cache_capacity, layer, shape.heads, shape.kv_heads, shape.head_size, window, scale,
+             layout.row_position, layout.cache_blocks, layout.cache_table, layer, shape.heads, shape.kv_heads, shape.head_size, window, scale,
              cache_type);
     }
     if (layout.single_count > 0) {
@@ -408,11 +393,11 @@ class CudaKernels final : public DeviceKernels {
       if (group > 1 && group <= kGroupMax) {
         // Grouped-query heads: a block per key/value head reads each key once for its group.
         Launch(attention_grouped_, Blocks(layout.single_count), static_cast<unsigned>(shape.kv_heads), kAttentionThreads, 0, out, queries, layout.single_rows,
-               layout.row_sequence, layout.row_position, layout.cache_base, layout.cache_capacity, layer, shape.heads, shape.kv_heads, shape.head_size, window,
+               layout.row_sequence, layout.row_position, layout.cache_blocks, layout.cache_table, layer, shape.heads, shape.kv_heads, shape.head_size, window,
                scale, cache_type);
       } else {
         Launch(attention_, Blocks(layout.single_count), heads, kAttentionThreads, 0, out, queries, layout.single_rows, layout.row_sequence,
-               layout.row_position, layout.cache_base, layout.cache_capacity, layer, shape.heads, shape.kv_heads, shape.head_size, window, scale,
+               layout.row_position, layout.cache_blocks, layout.cache_table, layer, shape.heads, shape.kv_heads, shape.head_size, window, scale,
                cache_type);
       }
     }
@@ -450,16 +435,6 @@ class CudaKernels final : public DeviceKernels {
     Current();
     unsigned long long elements = count;
     Launch(zero_, GridFor(count, kElementwiseThreads), 1, kElementwiseThreads, 0, x, elements);
-  }
-
-  void CopyCache(uint64_t target, size_t target_capacity, uint64_t source, size_t source_capacity, size_t length, size_t row_size,
-                 size_t layers, Element cache) override {
-    if (length == 0 || layers == 0) return;
-    Current();
-    unsigned long long rows = row_size;
-    int cache_type = static_cast<int>(cache);
-    Launch(copy_cache_, GridFor(length * row_size, kElementwiseThreads), static_cast<unsigned>(layers * 2), kElementwiseThreads, 0, target,
-           Int(target_capacity), source, Int(source_capacity), Int(length), rows, cache_type);
   }
 
   void Upload(uint64_t target, const void* source, size_t bytes) override {
@@ -573,7 +548,7 @@ class CudaKernels final : public DeviceKernels {
   cuda::CUdeviceptr weight_scratch_ = 0;
   size_t weight_scratch_bytes_ = 0;
   cuda::CUfunction narrow_ = nullptr, add_rows_ = nullptr, rms_norm_ = nullptr, layer_norm_ = nullptr, silu_multiply_ = nullptr, gelu_ = nullptr,
-                   prepare_attention_ = nullptr, attention_ = nullptr, attention_tiles_ = nullptr, attention_grouped_ = nullptr, copy_cache_ = nullptr,
+                   prepare_attention_ = nullptr, attention_ = nullptr, attention_tiles_ = nullptr, attention_grouped_ = nullptr,
                    gather_rows_ = nullptr, scatter_add_rows_ = nullptr, zero_ = nullptr,
                    linear_int8_small_ = nullptr, dequantize_int8_ = nullptr, route_experts_ = nullptr, add_weighted_rows_ = nullptr;
 };

@@ -19,14 +19,18 @@ namespace trellis::kernels {
 
 enum class Element : int { kFloat32 = 0, kBfloat16 = 1, kFloat16 = 2 };
 
-// Where each row of a step stands, for the attention kernels: a step packs sequences end to end,
-// and each sequence's cache is one allocation for all the rank's layers, laid out
-// [layer][keys | values][capacity][kvHeads][headSize].
+// Positions of one block of a sequence's key/value cache. A block holds them for all the rank's
+// layers, laid out [layer][keys | values][kCacheBlockPositions][kvHeads][headSize]; a sequence's
+// cache is a list of blocks (lib/llm/device-layers.ts hands them out and shares them between
+// sequences with a common prefix).
+constexpr int kCacheBlockPositions = 16;
+
+// Where each row of a step stands, for the attention kernels: a step packs sequences end to end.
 struct StepLayout {
-  uint64_t row_sequence;    // int32 per row: the index of its sequence in the step
-  uint64_t row_position;    // int32 per row: its position in the sequence
-  uint64_t cache_base;      // uint64 per sequence: the cache's address
-  uint64_t cache_capacity;  // int32 per sequence: positions the cache holds
+  uint64_t row_sequence;  // int32 per row: the index of its sequence in the step
+  uint64_t row_position;  // int32 per row: its position in the sequence
+  uint64_t cache_blocks;  // uint64 per block: the step's sequences' block addresses, one list after another
+  uint64_t cache_table;   // int32 per sequence: where its list starts in cache_blocks
   size_t rows;
   size_t sequences;
   // For attention: runs of a sequence's rows (int32 pairs: first row, rows; at most 16 rows
@@ -78,9 +82,6 @@ class DeviceKernels {
   virtual void RouteExperts(uint64_t weights, uint64_t logits, size_t rows, size_t experts, size_t top_k, bool normalize) = 0;
   // out[row, :] += weights[row, expert] · result[row, :] (in double) where that weight is not 0.
   virtual void AddWeightedRows(uint64_t out, uint64_t result, uint64_t weights, size_t expert, size_t experts, size_t rows, size_t width) = 0;
-  // The first `length` positions of every layer's keys and values of one cache into another.
-  virtual void CopyCache(uint64_t target, size_t target_capacity, uint64_t source, size_t source_capacity, size_t length,
-                         size_t row_size, size_t layers, Element cache) = 0;
 
   virtual void Upload(uint64_t target, const void* source, size_t bytes) = 0;
   virtual void Download(void* target, uint64_t source, size_t bytes) = 0;

@@ -65,7 +65,7 @@ std::pair<void*, size_t> HostBytes(const Napi::Value& value, const char* name) {
   throw InvalidArgument(std::string(name) + " must be a TypedArray or an ArrayBuffer");
 }
 
-// layout = { rowSequence, rowPosition, cacheBase, cacheCapacity, tiles, singleRows: addresses;
+// layout = { rowSequence, rowPosition, cacheBlocks, cacheTable, tiles, singleRows: addresses;
 //            rows, sequences, tileCount, singleCount }
 StepLayout LayoutArgument(const Napi::CallbackInfo& info, size_t index) {
   if (!info[index].IsObject()) throw InvalidArgument("layout must be an object");
@@ -88,8 +88,8 @@ StepLayout LayoutArgument(const Napi::CallbackInfo& info, size_t index) {
   StepLayout layout{};
   layout.row_sequence = address("rowSequence");
   layout.row_position = address("rowPosition");
-  layout.cache_base = address("cacheBase");
-  layout.cache_capacity = address("cacheCapacity");
+  layout.cache_blocks = address("cacheBlocks");
+  layout.cache_table = address("cacheTable");
   layout.tiles = address("tiles");
   layout.single_rows = address("singleRows");
   layout.rows = count("rows");
@@ -126,7 +126,6 @@ class DeviceKernelsObject : public Napi::ObjectWrap<DeviceKernelsObject> {
                            InstanceMethod<&DeviceKernelsObject::Gelu>("gelu"),
                            InstanceMethod<&DeviceKernelsObject::PrepareAttention>("prepareAttention"),
                            InstanceMethod<&DeviceKernelsObject::Attention>("attention"),
-                           InstanceMethod<&DeviceKernelsObject::CopyCache>("copyCache"),
                            InstanceMethod<&DeviceKernelsObject::GatherRows>("gatherRows"),
                            InstanceMethod<&DeviceKernelsObject::ScatterAddRows>("scatterAddRows"),
                            InstanceMethod<&DeviceKernelsObject::Zero>("zero"),
@@ -238,15 +237,6 @@ class DeviceKernelsObject : public Napi::ObjectWrap<DeviceKernelsObject> {
     });
   }
 
-  // copyCache(target, targetCapacity, source, sourceCapacity, length, rowSize, layers, cacheType)
-  Napi::Value CopyCache(const Napi::CallbackInfo& info) {
-    return Run(info, [&](DeviceKernels& k) {
-      k.CopyCache(AddressArgument(info, 0, "target"), SizeArgument(info, 1, "targetCapacity"), AddressArgument(info, 2, "source"),
-                  SizeArgument(info, 3, "sourceCapacity"), SizeArgument(info, 4, "length"), SizeArgument(info, 5, "rowSize"), SizeArgument(info, 6, "layers"),
-                  ElementArgument(info, 7, "cacheType"));
-    });
-  }
-
   // gatherRows(out, x, rows, count, width)
   Napi::Value GatherRows(const Napi::CallbackInfo& info) {
     return Run(info, [&](DeviceKernels& k) {
@@ -336,6 +326,7 @@ void RegisterDeviceKernelsBinding(Napi::Env env, Napi::Object exports) {
   Napi::Object functions = Napi::Object::New(env);
   functions.Set("hostAddress", Napi::Function::New(env, HostAddress, "hostAddress"));
   functions.Set("imageBytes", Napi::Function::New(env, ImageBytes, "imageBytes"));
+  functions.Set("cacheBlockPositions", Napi::Number::New(env, kCacheBlockPositions));
   exports.Set("deviceKernels", functions);
 }
 

@@ -604,8 +604,10 @@ describe('model sharding', () => {
   });
 
   it('bounds the cache: sequences reserve what they know and grow a token at a time; when full, the latest is preempted and reads again (the same tokens); kept prefixes make room; one too large is refused', async () => {
-    // Prompts of 1 to 11 tokens and 6 new ones need 7 to 17 positions each, 55 together: 40 never holds all five.
-    await using replica = await ModelReplica.create({ checkpoint, maxCacheTokens: 40, prefixBlockTokens: 4, prefixCacheTokens: 100 });
+    // Prompts of 1 to 11 tokens and 12 new ones need 13 to 23 positions each, reserved in cache
+    // blocks of 16: a block, or two once past 16. 48 (three blocks) never holds all five.
+    const twelve = PROMPTS.map((prompt) => referenceGenerate(TINY, weights, prompt, 12));
+    await using replica = await ModelReplica.create({ checkpoint, maxCacheTokens: 48, prefixBlockTokens: 4, prefixCacheTokens: 100 });
     let mostRunning = 0;
     let mostReserved = 0;
     const watch = setInterval(() => {
@@ -614,16 +616,16 @@ describe('model sharding', () => {
       mostReserved = Math.max(mostReserved, stats.reservedCacheTokens);
     }, 1);
     try {
-      expect((await replica.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 6 })))).map((generation) => generation.tokens)).toEqual(expected);
+      expect((await replica.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 12 })))).map((generation) => generation.tokens)).toEqual(twelve);
     } finally {
       clearInterval(watch);
     }
     // More start at once than their most would allow (their prompts fit), and as they grow the latest are preempted.
     expect(mostRunning).toBeGreaterThan(2);
     expect(replica.stats().preemptions).toBeGreaterThan(0);
-    expect(mostReserved).toBeLessThanOrEqual(40);
+    expect(mostReserved).toBeLessThanOrEqual(48);
     // Sampled, the same seeds give the same tokens however often sequences were preempted.
-    const sampled = PROMPTS.map((tokens, index) => ({ tokens, maxNewTokens: 6, sampling: { temperature: 0.8, topK: 20, seed: 3 + index } }));
+    const sampled = PROMPTS.map((tokens, index) => ({ tokens, maxNewTokens: 12, sampling: { temperature: 0.8, topK: 20, seed: 3 + index } }));
     const preemptedBefore = replica.stats().preemptions;
     const tight = (await replica.generate(sampled)).map((generation) => generation.tokens);
     expect(replica.stats().preemptions).toBeGreaterThan(preemptedBefore);
@@ -634,21 +636,21 @@ describe('model sharding', () => {
     }
     {
       // Reserving each sequence's most instead: none is preempted, and fewer run at once.
-      await using reserving = await ModelReplica.create({ checkpoint, maxCacheTokens: 40, cacheReservation: 'most' });
-      expect((await reserving.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 6 })))).map((generation) => generation.tokens)).toEqual(expected);
+      await using reserving = await ModelReplica.create({ checkpoint, maxCacheTokens: 48, cacheReservation: 'most' });
+      expect((await reserving.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 12 })))).map((generation) => generation.tokens)).toEqual(twelve);
       expect(reserving.stats().preemptions).toBe(0);
       await expect(ModelReplica.create({ checkpoint, cacheReservation: 'some' as never })).rejects.toThrow(/cacheReservation must be 'grow' or 'most'/);
     }
     {
       // Cut into a pipeline, with steps in flight: preempted sequences are dropped on every rank.
-      await using piped = await ModelReplica.create({ checkpoint, pipelineParallel: 2, maxCacheTokens: 40 });
-      expect((await piped.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 6 })))).map((generation) => generation.tokens)).toEqual(expected);
+      await using piped = await ModelReplica.create({ checkpoint, pipelineParallel: 2, maxCacheTokens: 48 });
+      expect((await piped.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 12 })))).map((generation) => generation.tokens)).toEqual(twelve);
       expect(piped.stats().preemptions).toBeGreaterThan(0);
     }
     // Finished sequences kept as prefixes hold positions; new sequences push them out to start.
     const kept = replica.stats().retainedSequences;
     expect(kept).toBeGreaterThan(0);
-    expect(replica.stats().reservedCacheTokens).toBeLessThanOrEqual(40);
+    expect(replica.stats().reservedCacheTokens).toBeLessThanOrEqual(48);
     expect((await replica.generate([{ tokens: PROMPTS[2], maxNewTokens: 6 }, { tokens: PROMPTS[4], maxNewTokens: 6 }])).map((generation) => generation.tokens)).toEqual([expected[2], expected[4]]);
     expect(replica.stats().retainedSequences).toBeLessThan(kept + 2);
     await expect(replica.generate([{ tokens: PROMPTS[2], maxNewTokens: 40 }])).rejects.toMatchObject({ code: 'ERR_CACHE_BUDGET' });

@@ -7,10 +7,11 @@
 // with cuModuleLoadData, so nothing here is linked against the CUDA runtime and the addon builds
 // and loads where there is no CUDA at all. Names are extern "C" so the loader finds them as written.
 //
-// A sequence's cache is one allocation for all of this rank's layers:
-//   [layer][keys | values][capacity][kvHeads][headSize]
-// so a step passes one base pointer and capacity per sequence, and each layer's kernels find their
-// part from the layer index.
+// A sequence's cache is a list of blocks of kCacheBlock positions, each block holding them for all
+// of this rank's layers:
+//   [layer][keys | values][kCacheBlock][kvHeads][headSize]
+// so a step passes each sequence's block addresses (sequences with a common prefix share its
+// blocks), and each layer's kernels find their part from the layer index.
 //
 // The tests also compile this file as C++ for the host (test/gpu/fake/kernel_emulation.h runs each
 // block's threads as fibers, with barriers for __syncthreads and the warp shuffles), so the
@@ -46,25 +47,29 @@ __device__ __forceinline__ void StoreElement(void* base, size_t index, int type,
   }
 }
 
-__device__ __forceinline__ int ElementBytes(int type) { return type == kFloat32 ? 4 : 2; }
+// Positions in one block of a cache (native/kernels/device_kernels.h kCacheBlockPositions).
+constexpr int kCacheBlock = 16;
 
-// One key/value head of one layer in a sequence's cache ([layer][keys | values][capacity][kvHeads]
-// [headSize]): element e of position p's key is base[keys + p · row_size + e], its value's
-// base[values + p · row_size + e].
+// One key/value head of one layer in a sequence's cache: element e of position p's key is
+// Block(p)[Key(p) + e], its value's Block(p)[Value(p) + e].
 struct CacheHead {
-  void* base;
-  size_t keys;
-  size_t values;
+  const unsigned long long* blocks;
+  size_t keys;    // elements into a block: this layer's keys of this head, at the block's first position
+  size_t values;  // and its values
   size_t row_size;
+
+  __device__ __forceinline__ void* Block(int position) const { return reinterpret_cast<void*>(blocks[position / kCacheBlock]); }
+  __device__ __forceinline__ size_t Key(int position) const { return keys + static_cast<size_t>(position % kCacheBlock) * row_size; }
+  __device__ __forceinline__ size_t Value(int position) const { return values + static_cast<size_t>(position % kCacheBlock) * row_size; }
 };
 
-__device__ __forceinline__ CacheHead CacheHeadOf(const unsigned long long* cache_base, const int* cache_capacity, int sequence, int layer, int kv_heads,
+// cache_blocks: the step's sequences' block addresses, list after list; cache_table: where each
+// sequence's list starts.
+__device__ __forceinline__ CacheHead CacheHeadOf(const unsigned long long* cache_blocks, const int* cache_table, int sequence, int layer, int kv_heads,
                                                  int head_size, int kv_head) {
-  const size_t capacity = static_cast<size_t>(cache_capacity[sequence]);
   const size_t row_size = static_cast<size_t>(kv_heads) * head_size;
-  const size_t head_offset = static_cast<size_t>(kv_head) * head_size;
-  return {reinterpret_cast<void*>(cache_base[sequence]), static_cast<size_t>(layer) * 2 * capacity * row_size + head_offset,
-          (static_cast<size_t>(layer) * 2 + 1) * capacity * row_size + head_offset, row_size};
+  const size_t keys = static_cast<size_t>(layer) * 2 * kCacheBlock * row_size + static_cast<size_t>(kv_head) * head_size;
+  return {cache_blocks + cache_table[sequence], keys, keys + kCacheBlock * row_size, row_size};
 }
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
@@ -156,7 +161,7 @@ __global__ void trellis_gelu(float* x, unsigned long long count) {
 // inverse frequencies: none) on the way. Grid: (rows, heads + 2·kvHeads); one block per head of a
 // row, headSize at most 1024.
 __global__ void trellis_prepare_attention(float* queries, const float* qkv, const int* row_sequence, const int* row_position,
-                                          const unsigned long long* cache_base, const int* cache_capacity, int layer, int heads,
+                                          const unsigned long long* cache_blocks, const int* cache_table, int layer, int heads,
                                           int kv_heads, int head_size, const float* query_norm, const float* key_norm, float epsilon,
                                           const float* inverse_frequencies, int cache_type) {
   TRELLIS_DYNAMIC_SHARED(float, head);
@@ -199,9 +204,10 @@ __global__ void trellis_prepare_attention(float* queries, const float* qkv, cons
     return;
   }
   const int kv_head = is_value ? slot - heads - kv_heads : slot - heads;
-  const CacheHead cache = CacheHeadOf(cache_base, cache_capacity, row_sequence[row], layer, kv_heads, head_size, kv_head);
-  const size_t first = (is_value ? cache.values : cache.keys) + static_cast<size_t>(position) * cache.row_size;
-  for (int index = threadIdx.x; index < head_size; index += blockDim.x) StoreElement(cache.base, first + index, cache_type, head[index]);
+  const CacheHead cache = CacheHeadOf(cache_blocks, cache_table, row_sequence[row], layer, kv_heads, head_size, kv_head);
+  void* block = cache.Block(position);
+  const size_t first = is_value ? cache.Value(position) : cache.Key(position);
+  for (int index = threadIdx.x; index < head_size; index += blockDim.x) StoreElement(block, first + index, cache_type, head[index]);
 }
 
 // Causal grouped-query attention of rows of the step against their sequences' caches (which
@@ -215,7 +221,7 @@ constexpr int kAttentionWarps = 4;
 constexpr int kMaxPerLane = 8;
 
 __global__ void trellis_attention(float* out, const float* queries, const int* row_list, const int* row_sequence, const int* row_position,
-                                  const unsigned long long* cache_base, const int* cache_capacity, int layer, int heads, int kv_heads,
+                                  const unsigned long long* cache_blocks, const int* cache_table, int layer, int heads, int kv_heads,
                                   int head_size, int window, float scale, int cache_type) {
   __shared__ float warp_max[kAttentionWarps];
   __shared__ float warp_sum[kAttentionWarps];
@@ -226,7 +232,7 @@ __global__ void trellis_attention(float* out, const float* queries, const int* r
   const int lane = threadIdx.x & 31;
   const int kv_head = head / (heads / kv_heads);
   const int position = row_position[row];
-  const CacheHead cache = CacheHeadOf(cache_base, cache_capacity, row_sequence[row], layer, kv_heads, head_size, kv_head);
+  const CacheHead cache = CacheHeadOf(cache_blocks, cache_table, row_sequence[row], layer, kv_heads, head_size, kv_head);
   const float* query = queries + (static_cast<size_t>(row) * heads + head) * head_size;
 
   float q[kMaxPerLane];
@@ -241,12 +247,14 @@ __global__ void trellis_attention(float* out, const float* queries, const int* r
   float running_sum = 0.f;
   const int start = window > 0 ? max(0, position - window + 1) : 0;
   for (int key = start + warp; key <= position; key += kAttentionWarps) {
-    const size_t at = static_cast<size_t>(key) * cache.row_size;
+    const void* block = cache.Block(key);
+    const size_t key_at = cache.Key(key);
+    const size_t value_at = cache.Value(key);
     float dot = 0.f;
 #pragma unroll
     for (int part = 0; part < kMaxPerLane; part++) {
       const int element = lane + part * 32;
-      if (element < head_size) dot += q[part] * LoadElement(cache.base, cache.keys + at + element, cache_type);
+      if (element < head_size) dot += q[part] * LoadElement(block, key_at + element, cache_type);
     }
     for (int offset = 16; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
     const float next_max = fmaxf(running_max, dot);
@@ -256,7 +264,7 @@ __global__ void trellis_attention(float* out, const float* queries, const int* r
 #pragma unroll
     for (int part = 0; part < kMaxPerLane; part++) {
       const int element = lane + part * 32;
-      if (element < head_size) acc[part] = acc[part] * correction + weight * LoadElement(cache.base, cache.values + at + element, cache_type);
+      if (element < head_size) acc[part] = acc[part] * correction + weight * LoadElement(block, value_at + element, cache_type);
     }
     running_max = next_max;
   }
@@ -298,7 +306,7 @@ constexpr int kGroupMaxHead = 128;
 constexpr int kGroupPerLane = kGroupMaxHead / 32;
 
 __global__ void trellis_attention_grouped(float* out, const float* queries, const int* row_list, const int* row_sequence, const int* row_position,
-                                          const unsigned long long* cache_base, const int* cache_capacity, int layer, int heads, int kv_heads,
+                                          const unsigned long long* cache_blocks, const int* cache_table, int layer, int heads, int kv_heads,
                                           int head_size, int window, float scale, int cache_type) {
   __shared__ float warp_max[kAttentionWarps][kGroupMax];
   __shared__ float warp_sum[kAttentionWarps][kGroupMax];
@@ -309,7 +317,7 @@ __global__ void trellis_attention_grouped(float* out, const float* queries, cons
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int position = row_position[row];
-  const CacheHead cache = CacheHeadOf(cache_base, cache_capacity, row_sequence[row], layer, kv_heads, head_size, kv_head);
+  const CacheHead cache = CacheHeadOf(cache_blocks, cache_table, row_sequence[row], layer, kv_heads, head_size, kv_head);
   const float* first_query = queries + (static_cast<size_t>(row) * heads + static_cast<size_t>(kv_head) * group) * head_size;
 
   float q[kGroupMax][kGroupPerLane];
@@ -329,14 +337,16 @@ __global__ void trellis_attention_grouped(float* out, const float* queries, cons
   }
   const int start = window > 0 ? max(0, position - window + 1) : 0;
   for (int key = start + warp; key <= position; key += kAttentionWarps) {
-    const size_t at = static_cast<size_t>(key) * cache.row_size;
+    const void* block = cache.Block(key);
+    const size_t key_at = cache.Key(key);
+    const size_t value_at = cache.Value(key);
     float k[kGroupPerLane];
     float v[kGroupPerLane];
 #pragma unroll
     for (int part = 0; part < kGroupPerLane; part++) {
       const int element = lane + part * 32;
-      k[part] = element < head_size ? LoadElement(cache.base, cache.keys + at + element, cache_type) : 0.f;
-      v[part] = element < head_size ? LoadElement(cache.base, cache.values + at + element, cache_type) : 0.f;
+      k[part] = element < head_size ? LoadElement(block, key_at + element, cache_type) : 0.f;
+      v[part] = element < head_size ? LoadElement(block, value_at + element, cache_type) : 0.f;
     }
 #pragma unroll
     for (int member = 0; member < kGroupMax; member++) {
@@ -401,7 +411,7 @@ constexpr int kTileRowsPerWarp = kTileRows / kAttentionWarps;
 constexpr int kTileElementsPerLane = kTileMaxHead / 32;
 
 __global__ void trellis_attention_tiles(float* out, const float* queries, const int* tiles, const int* row_sequence, const int* row_position,
-                                        const unsigned long long* cache_base, const int* cache_capacity, int layer, int heads, int kv_heads,
+                                        const unsigned long long* cache_blocks, const int* cache_table, int layer, int heads, int kv_heads,
                                         int head_size, int window, float scale, int cache_type) {
   TRELLIS_DYNAMIC_SHARED(float, tile_shared);
   float* query_tile = tile_shared;                                 // [kTileRows][head_size]
@@ -416,7 +426,7 @@ __global__ void trellis_attention_tiles(float* out, const float* queries, const 
   const int kv_head = head / (heads / kv_heads);
   const int first_position = row_position[first];
   const int last_position = first_position + count - 1;
-  const CacheHead cache = CacheHeadOf(cache_base, cache_capacity, row_sequence[first], layer, kv_heads, head_size, kv_head);
+  const CacheHead cache = CacheHeadOf(cache_blocks, cache_table, row_sequence[first], layer, kv_heads, head_size, kv_head);
 
   for (int index = threadIdx.x; index < count * head_size; index += blockDim.x) {
     const int row = index / head_size;
@@ -441,9 +451,8 @@ __global__ void trellis_attention_tiles(float* out, const float* queries, const 
       const int element = index % head_size;
       const int position = chunk + key;
       const bool present = position <= last_position;
-      const size_t at = static_cast<size_t>(position) * cache.row_size + element;
-      key_chunk[key * (head_size + 1) + element] = present ? LoadElement(cache.base, cache.keys + at, cache_type) : 0.f;
-      value_chunk[key * head_size + element] = present ? LoadElement(cache.base, cache.values + at, cache_type) : 0.f;
+      key_chunk[key * (head_size + 1) + element] = present ? LoadElement(cache.Block(position), cache.Key(position) + element, cache_type) : 0.f;
+      value_chunk[key * head_size + element] = present ? LoadElement(cache.Block(position), cache.Value(position) + element, cache_type) : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -628,27 +637,6 @@ __global__ void trellis_zero(float* x, unsigned long long count) {
   for (unsigned long long index = blockIdx.x * static_cast<unsigned long long>(blockDim.x) + threadIdx.x; index < count;
        index += static_cast<unsigned long long>(gridDim.x) * blockDim.x) {
     x[index] = 0.f;
-  }
-}
-
-// Copies the first `length` positions of every layer's keys and values from one sequence's cache
-// to another's (prefix caching, growing a cache): the two may differ in capacity. Grid: (blocks,
-// layers · 2); elements of one (layer, kind) part are contiguous in both.
-__global__ void trellis_copy_cache(unsigned long long target_base, int target_capacity, unsigned long long source_base, int source_capacity,
-                                   int length, unsigned long long row_size, int cache_type) {
-  const int part = blockIdx.y;
-  const size_t count = static_cast<size_t>(length) * row_size;
-  const int bytes = ElementBytes(cache_type);
-  const char* source = reinterpret_cast<const char*>(source_base) + static_cast<size_t>(part) * source_capacity * row_size * bytes;
-  char* target = reinterpret_cast<char*>(target_base) + static_cast<size_t>(part) * target_capacity * row_size * bytes;
-  if (bytes == 4) {
-    for (size_t index = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; index < count; index += static_cast<size_t>(gridDim.x) * blockDim.x) {
-      reinterpret_cast<float*>(target)[index] = reinterpret_cast<const float*>(source)[index];
-    }
-  } else {
-    for (size_t index = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; index < count; index += static_cast<size_t>(gridDim.x) * blockDim.x) {
-      reinterpret_cast<uint16_t*>(target)[index] = reinterpret_cast<const uint16_t*>(source)[index];
-    }
   }
 }
 

@@ -48,7 +48,6 @@ const std::vector<Kernel>& Kernels() {
       Make("trellis_attention", trellis_attention),
       Make("trellis_attention_tiles", trellis_attention_tiles),
       Make("trellis_attention_grouped", trellis_attention_grouped),
-      Make("trellis_copy_cache", trellis_copy_cache),
       Make("trellis_gather_rows", trellis_gather_rows),
       Make("trellis_scatter_add_rows", trellis_scatter_add_rows),
       Make("trellis_zero", trellis_zero),
