@@ -60,8 +60,11 @@ function samePrefix(a: Int32Array, b: Int32Array, length: number): boolean {
 export class PrefixCache<S extends PrefixSequence> {
   readonly blockTokens: number;
   readonly maxRetainedTokens: number;
-  /** The sequence that holds (or is reading) each chained block hash. */
-  readonly #index = new Map<string, S>();
+  /**
+   * The sequences that hold (or are reading) each chained block hash: any of them can be the
+   * source, so a prefix stays found while one of them holds it.
+   */
+  readonly #index = new Map<string, Set<S>>();
   readonly #hashes = new Map<number, string[]>();
   /** Sequences whose caches the ranks still hold. */
   readonly #holding = new Set<number>();
@@ -85,6 +88,24 @@ export class PrefixCache<S extends PrefixSequence> {
     return hashes;
   }
 
+  /** What admit() would find for `sequence` now, changing nothing. */
+  peek(sequence: S, mayReuse = true): { kind: 'match'; match: PrefixMatch<S> } | { kind: 'wait' } | undefined {
+    const hashes = this.#hashesOf(sequence);
+    // The prompt's last token is always read: its logits give the first generated token.
+    const usable = mayReuse ? Math.min(hashes.length, Math.floor((sequence.prompt.length - 1) / this.blockTokens)) : 0;
+    for (let blocks = usable; blocks >= 1; blocks--) {
+      const length = blocks * this.blockTokens;
+      let reading = false;
+      for (const source of this.#index.get(hashes[blocks - 1]) ?? []) {
+        if (source === sequence || !this.#holding.has(source.id) || source.namespace !== sequence.namespace || !samePrefix(source.prompt, sequence.prompt, length)) continue;
+        if (source.past >= length) return { kind: 'match', match: { source, length } };
+        reading = true;
+      }
+      if (reading) return { kind: 'wait' };
+    }
+    return undefined;
+  }
+
   /**
    * For a sequence about to read its prompt: the longest prefix a cache holds ('match'), or
    * 'wait' when a longer one is being read by a sequence already running, which will hold it
@@ -93,23 +114,17 @@ export class PrefixCache<S extends PrefixSequence> {
    * it waits.
    */
   admit(sequence: S, mayReuse = true): { kind: 'match'; match: PrefixMatch<S> } | { kind: 'wait' } | undefined {
+    const found = this.peek(sequence, mayReuse);
+    if (found?.kind === 'wait') return found;
+    const match = found?.match;
     const hashes = this.#hashesOf(sequence);
-    // The prompt's last token is always read: its logits give the first generated token.
-    const usable = mayReuse ? Math.min(hashes.length, Math.floor((sequence.prompt.length - 1) / this.blockTokens)) : 0;
-    let match: PrefixMatch<S> | undefined;
-    for (let blocks = usable; blocks >= 1 && !match; blocks--) {
-      const source = this.#index.get(hashes[blocks - 1]);
-      const length = blocks * this.blockTokens;
-      if (!source || source === sequence || !this.#holding.has(source.id) || source.namespace !== sequence.namespace || !samePrefix(source.prompt, sequence.prompt, length)) continue;
-      if (source.past >= length) match = { source, length };
-      else return { kind: 'wait' };
-    }
     this.#holding.add(sequence.id);
-    // This sequence becomes the source of its blocks that no held sequence already provides.
-    hashes.forEach((hash) => {
-      const holder = this.#index.get(hash);
-      if (!holder || !this.#holding.has(holder.id)) this.#index.set(hash, sequence);
-    });
+    // This sequence becomes a source of its blocks (once it has read them).
+    for (const hash of hashes) {
+      let holders = this.#index.get(hash);
+      if (!holders) this.#index.set(hash, (holders = new Set()));
+      holders.add(sequence);
+    }
     if (!match) return undefined;
     const retained = this.#retained.get(match.source.id);
     if (retained) {
@@ -137,11 +152,15 @@ export class PrefixCache<S extends PrefixSequence> {
     return this.#drop(sequence);
   }
 
-  /** Drops kept sequences, least recently used first, until they hold at most `tokens` positions; returns their ids. */
-  evict(tokens: number): number[] {
+  /**
+   * Drops kept sequences, least recently used first (never `keep`), until they hold at most
+   * `tokens` positions; returns their ids.
+   */
+  evict(tokens: number, keep?: number): number[] {
     const dropped: number[] = [];
     for (const [id, oldest] of this.#retained) {
       if (this.#retainedTokens <= tokens) break;
+      if (id === keep) continue;
       this.#retained.delete(id);
       this.#retainedTokens -= oldest.past;
       dropped.push(this.#drop(oldest));
@@ -152,7 +171,11 @@ export class PrefixCache<S extends PrefixSequence> {
   /** The ranks drop its cache: it is no source any more, and its index entries go. */
   #drop(sequence: S): number {
     this.#holding.delete(sequence.id);
-    for (const hash of this.#hashes.get(sequence.id) ?? []) if (this.#index.get(hash) === sequence) this.#index.delete(hash);
+    for (const hash of this.#hashes.get(sequence.id) ?? []) {
+      const holders = this.#index.get(hash);
+      holders?.delete(sequence);
+      if (holders?.size === 0) this.#index.delete(hash);
+    }
     this.#hashes.delete(sequence.id);
     return sequence.id;
   }

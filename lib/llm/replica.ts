@@ -283,8 +283,15 @@ interface Sequence {
   pooling?: 'last' | 'mean';
   /** Tokens the shards hold for it. */
   past: number;
-  /** Cache positions counted for it in the replica's reservation. */
+  /** Cache positions counted for it in the replica's reservation (besides those it shares). */
   reserved: number;
+  /**
+   * Positions of whole cache blocks it shares with the sequence it started from (prefix caching),
+   * counted in that sequence's reservation, not in this one's, while that one holds them.
+   */
+  sharedPositions?: number;
+  /** The sequence whose blocks it shares. */
+  sharedFrom?: number;
   /** Its prompt was read once (a preempted sequence reads it again, uncounted). */
   promptCounted?: boolean;
   /** Its first step starts from another sequence's cached positions (sharing their blocks). */
@@ -369,6 +376,8 @@ export class ModelReplica {
    * since dropping its cache would drop that state too.
    */
   #reservedTokens = 0;
+  /** Per sequence id: the running sequences sharing its cache blocks (prefix caching). */
+  readonly #sharers = new Map<number, Set<Sequence>>();
   #preemptions = 0;
   #draftTokens = 0;
   #acceptedDraftTokens = 0;
@@ -861,11 +870,14 @@ export class ModelReplica {
         }
         // Waits, in order, for an adapter slot, then for running sequences to end (a load decided here goes with this step regardless).
         if (!this.#adapterReady(sequence, loadAdapters, unloadAdapters)) break;
-        const reserve = this.#reservationOf(sequence);
-        if (!this.#makeRoom(reserve)) break;
-        this.#waiting.shift();
         // Penalties need every prompt token on the last stage, and a mean every position's state.
-        const prefix = this.#prefixCache?.admit(sequence, !needsHistory(sequence.sampling) && sequence.pooling !== 'mean' && !sequence.promptLogprobs);
+        const mayReuse = !needsHistory(sequence.sampling) && sequence.pooling !== 'mean' && !sequence.promptLogprobs;
+        // The whole blocks of a prefix it would start from are its source's to count.
+        const found = this.#prefixCache?.peek(sequence, mayReuse);
+        const source = found?.kind === 'match' ? found.match.source : undefined;
+        if (!this.#makeRoom(this.#reservationOf(sequence, found?.kind === 'match' ? sharedPart(found.match.length) : 0), source?.id)) break;
+        this.#waiting.shift();
+        const prefix = this.#prefixCache?.admit(sequence, mayReuse);
         if (prefix?.kind === 'wait') {
           // A sequence already running is reading this prompt's beginning: start from its copy once it has.
           deferred.push(sequence);
@@ -874,7 +886,9 @@ export class ModelReplica {
         if (prefix?.kind === 'match') {
           sequence.past = prefix.match.length;
           sequence.copyFrom = { id: prefix.match.source.id, length: prefix.match.length };
+          this.#share(sequence, prefix.match.source.id, sharedPart(prefix.match.length));
         }
+        const reserve = this.#reservationOf(sequence);
         sequence.reserved = reserve;
         this.#reservedTokens += reserve;
         this.#running.push(sequence);
@@ -1029,7 +1043,7 @@ export class ModelReplica {
     const proposal = tokens.length > 0 && sequence.constraint ? this.#constrainProposal(sequence, tokens) : { tokens };
     if (proposal.tokens.length === 0) return undefined;
     // Released by the step's end, where #grow sets the reservation to what the sequence then knows.
-    const extra = Math.max(0, wholeBlocks(known + proposal.tokens.length) - sequence.reserved);
+    const extra = Math.max(0, wholeBlocks(known + proposal.tokens.length) - (sequence.sharedPositions ?? 0) - sequence.reserved);
     if (!this.#makeRoom(extra)) return undefined;
     sequence.reserved += extra;
     this.#reservedTokens += extra;
@@ -1092,11 +1106,54 @@ export class ModelReplica {
 
   /**
    * Positions a sequence reserves when it starts: its most, or (see #reservedTokens) what it knows;
-   * in whole cache blocks, as the ranks hold them.
+   * in whole cache blocks, as the ranks hold them, less those it shares (`shared`: by default
+   * what it shares now).
    */
-  #reservationOf(sequence: Sequence): number {
-    if (this.#reservesMost(sequence)) return wholeBlocks(this.#cacheNeed(sequence));
-    return wholeBlocks(Math.min(this.config.maxPositions, sequence.prompt.length + sequence.generated.length));
+  #reservationOf(sequence: Sequence, shared = sequence.sharedPositions ?? 0): number {
+    const positions = this.#reservesMost(sequence) ? this.#cacheNeed(sequence) : Math.min(this.config.maxPositions, sequence.prompt.length + sequence.generated.length);
+    return wholeBlocks(positions) - shared;
+  }
+
+  /** `sequence` holds the first `positions` of `source`'s blocks, which `source` counts. */
+  #share(sequence: Sequence, source: number, positions: number): void {
+    if (positions === 0) return;
+    sequence.sharedPositions = positions;
+    sequence.sharedFrom = source;
+    let sharers = this.#sharers.get(source);
+    if (!sharers) this.#sharers.set(source, (sharers = new Set()));
+    sharers.add(sequence);
+  }
+
+  /** `sequence` no longer shares blocks: it drops its cache, or they became its own to count. */
+  #unshare(sequence: Sequence): void {
+    if (sequence.sharedFrom === undefined) return;
+    const sharers = this.#sharers.get(sequence.sharedFrom);
+    sharers?.delete(sequence);
+    if (sharers?.size === 0) this.#sharers.delete(sequence.sharedFrom);
+    sequence.sharedFrom = undefined;
+    sequence.sharedPositions = 0;
+  }
+
+  /**
+   * The ranks drop these sequences' caches (sent with the next step). Blocks a dropped sequence
+   * shared with running ones stay with them: the one sharing the most counts them from now on
+   * (every block another shares is among its), and the others share them from it.
+   */
+  #release(ids: readonly number[]): void {
+    for (const id of ids) {
+      this.#released.push(id);
+      const sharers = [...(this.#sharers.get(id) ?? [])];
+      if (sharers.length === 0) continue;
+      const heir = sharers.reduce((most, sharer) => ((sharer.sharedPositions ?? 0) > (most.sharedPositions ?? 0) ? sharer : most));
+      const positions = heir.sharedPositions ?? 0;
+      heir.reserved += positions;
+      this.#reservedTokens += positions;
+      for (const sharer of sharers) {
+        const kept = sharer.sharedPositions ?? 0;
+        this.#unshare(sharer);
+        if (sharer !== heir) this.#share(sharer, heir.id, kept);
+      }
+    }
   }
 
   /** Whether a sequence reserves its most up front (and is never preempted). */
@@ -1130,27 +1187,36 @@ export class ModelReplica {
       sequence.past = 0;
       sequence.stale = 0;
       sequence.copyFrom = undefined;
-      this.#released.push(this.#prefixCache ? this.#prefixCache.abandon(sequence) : sequence.id);
+      this.#unshare(sequence);
+      this.#release([this.#prefixCache ? this.#prefixCache.abandon(sequence) : sequence.id]);
       this.#waiting.unshift(sequence);
       this.#preemptions++;
     }
   }
 
-  /** Whether `need` more positions fit beside the running sequences and the kept prefixes, dropping kept prefixes if that makes them fit. */
-  #makeRoom(need: number): boolean {
-    const kept = this.#prefixCache?.retainedTokens ?? 0;
-    if (this.#reservedTokens + kept + need <= this.#maxCacheTokens) return true;
-    if (!this.#prefixCache || this.#reservedTokens + need > this.#maxCacheTokens) return false;
-    this.#released.push(...this.#prefixCache.evict(this.#maxCacheTokens - this.#reservedTokens - need));
-    return true;
+  /**
+   * Whether `need` more positions fit beside the running sequences and the kept prefixes, dropping
+   * kept prefixes (never `keep`) if that makes them fit. A dropped prefix's blocks that running
+   * sequences share become theirs to count, so dropping goes on until the need fits.
+   */
+  #makeRoom(need: number, keep?: number): boolean {
+    for (;;) {
+      const kept = this.#prefixCache?.retainedTokens ?? 0;
+      if (this.#reservedTokens + kept + need <= this.#maxCacheTokens) return true;
+      if (!this.#prefixCache || this.#reservedTokens + need > this.#maxCacheTokens) return false;
+      const dropped = this.#prefixCache.evict(this.#maxCacheTokens - this.#reservedTokens - need, keep);
+      if (dropped.length === 0) return false;
+      this.#release(dropped);
+    }
   }
 
   /** A sequence is done: the ranks drop its cache, unless prefix caching keeps it as a source for later prompts. */
   #end(sequence: Sequence): void {
     this.#reservedTokens -= sequence.reserved;
     sequence.reserved = 0;
+    this.#unshare(sequence);
     this.#running.splice(this.#running.indexOf(sequence), 1);
-    this.#released.push(...(this.#prefixCache ? this.#prefixCache.finish(sequence) : [sequence.id]));
+    this.#release(this.#prefixCache ? this.#prefixCache.finish(sequence) : [sequence.id]);
   }
 
   /** A failed step leaves the shards' caches unknown: the replica fails everything and stops. */
@@ -1227,6 +1293,11 @@ export class ModelReplica {
 /** Positions rounded up to whole cache blocks. */
 function wholeBlocks(positions: number): number {
   return CacheBlocks.blocksFor(positions) * CACHE_BLOCK_POSITIONS;
+}
+
+/** Positions of the whole cache blocks in a shared prefix of `length` (a part-filled last block is copied once written, so its sharer counts it). */
+function sharedPart(length: number): number {
+  return Math.floor(length / CACHE_BLOCK_POSITIONS) * CACHE_BLOCK_POSITIONS;
 }
 
 /**

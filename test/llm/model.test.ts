@@ -657,6 +657,40 @@ describe('model sharding', () => {
     await expect(ModelReplica.create({ checkpoint, maxCacheTokens: 0 })).rejects.toThrow(/maxCacheTokens must be a positive integer/);
   });
 
+  it('counts a shared prefix\'s cache blocks once: more sequences run within the same budget, and a dropped source\'s blocks pass to those sharing them', async () => {
+    // Six prompts of 34 tokens, the first 32 alike; with 4 new tokens each holds 38 positions, three
+    // blocks of 16. Two of them are the shared prefix: counted once, a budget of 96 runs four at
+    // once where it would otherwise run two.
+    const shared = Array.from({ length: 32 }, (_, index) => (index * 5 + 1) % 90);
+    const prompts = Array.from({ length: 6 }, (_, index) => [...shared, 40 + index, 60 + index]);
+    const wanted = prompts.map((prompt) => referenceGenerate(TINY, weights, prompt, 4));
+    for (const prefixCacheTokens of [4096, 0]) {
+      await using replica = await ModelReplica.create({ checkpoint, maxCacheTokens: 96, prefixCacheTokens });
+      let mostRunning = 0;
+      let mostReserved = 0;
+      const watch = setInterval(() => {
+        const stats = replica.stats();
+        mostRunning = Math.max(mostRunning, stats.running);
+        mostReserved = Math.max(mostReserved, stats.reservedCacheTokens);
+      }, 1);
+      try {
+        expect((await replica.generate(prompts.map((tokens) => ({ tokens, maxNewTokens: 4 })))).map((generation) => generation.tokens)).toEqual(wanted);
+      } finally {
+        clearInterval(watch);
+      }
+      expect(mostRunning).toBeGreaterThan(2);
+      expect(mostReserved).toBeLessThanOrEqual(96);
+      const stats = replica.stats();
+      expect(stats.reusedPromptTokens).toBe(5 * 32);
+      expect(stats.preemptions).toBe(0);
+      // Nothing is left counted but the kept prefixes, 37 positions each (the last token is never
+      // read); none without a prefix budget, each source's blocks having passed to the sequences
+      // still sharing them as it ended.
+      expect(stats.retainedSequences).toBe(prefixCacheTokens === 0 ? 0 : 2);
+      expect(stats.reservedCacheTokens).toBe(37 * stats.retainedSequences);
+    }
+  });
+
   it('stops at text, and reports log-probabilities, from the processor and the replica', async () => {
     const { path: stopModel, config, weights: stopWeights, tokenizer } = await textModel('stop', 21);
     const prompt = 'the cat sat';
