@@ -18,6 +18,10 @@
  * - `llm_prefix_cached_tokens_per_s` against `llm_prefix_uncached_tokens_per_s`: 16 prompts that
  *   share a 192-token beginning (a system prompt), 8 new tokens each, on one rank with prefix
  *   caching on and off: the shared part read once against 16 times;
+ * - `llm_prefix_cached_1024_tokens_per_s` against `llm_prefix_cached_tokens_per_s`: the same with
+ *   prefix caching under a cache of 1,024 positions, against no limit: each prompt holds 224
+ *   positions (14 blocks), 12 of them the shared prefix's, counted once, so all 16 still run at
+ *   once (counted for each, 4 would);
  * - `llm_cache_grow_tokens_per_s` against `llm_cache_most_tokens_per_s`: 16 prompts allowed 192
  *   new tokens each that stop after 16, under a cache of 1,024 positions: reserving what each
  *   knows (all 16 run at once) against reserving each one's most (240 positions: 4 at once).
@@ -111,9 +115,9 @@ function replica(checkpoint: string, tensorParallel: number, pipelineParallel: n
 const SHARED_PREFIX = Array.from({ length: 192 }, (_, t) => (t * 29 + 7) % CONFIG.vocabSize);
 const PREFIX_PROMPTS = Array.from({ length: PROMPTS }, (_, p) => [...SHARED_PREFIX, ...Array.from({ length: 16 }, (_, t) => (p * 97 + t * 13 + 1) % CONFIG.vocabSize)]);
 
-function sharedPrefix(checkpoint: string, prefixCaching: boolean): Promise<number> {
+function sharedPrefix(checkpoint: string, prefixCaching: boolean, maxCacheTokens?: number): Promise<number> {
   // Nothing kept between rounds: each round's prompts share among themselves only.
-  return generationRate({ checkpoint, prefixCaching, prefixCacheTokens: 0 }, PREFIX_PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 8 })));
+  return generationRate({ checkpoint, prefixCaching, prefixCacheTokens: 0, ...(maxCacheTokens ? { maxCacheTokens } : {}) }, PREFIX_PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 8 })));
 }
 
 /** Tokens per second when every request may run long but stops early (after 16), under a small cache. */
@@ -308,6 +312,7 @@ export const llmSuite: Suite = {
     ['replica tp1 pp2 / in process', 'llm_tp1_pp2_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
     ['bf16 weights / f32 weights, in process', 'llm_in_process_bf16_tokens_per_s', 'llm_in_process_tokens_per_s', ''],
     ['shared 192-token prefix, cached / read by each prompt', 'llm_prefix_cached_tokens_per_s', 'llm_prefix_uncached_tokens_per_s', ''],
+    ['shared prefix cached, a cache of 1,024 positions / no limit', 'llm_prefix_cached_1024_tokens_per_s', 'llm_prefix_cached_tokens_per_s', ''],
     ['requests stopping early, cache reserved as they grow / at their most', 'llm_cache_grow_tokens_per_s', 'llm_cache_most_tokens_per_s', ''],
     ['8 experts of 1024, 2 per token / dense MLP of 2048, one rank', 'llm_moe_tokens_per_s', 'llm_dense_llama_tokens_per_s', ''],
     ['n-gram speculation, 4 tokens / plain decoding, one rank (proposals rarely kept)', 'llm_ngram_speculation_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
@@ -362,6 +367,7 @@ export const llmSuite: Suite = {
         results.llm_tp1_pp1_2threads_tokens_per_s = { value: round(await replica(checkpoint, 1, 1, 2), 1), unit: 'tokens/s' };
         results.llm_prefix_uncached_tokens_per_s = { value: round(await sharedPrefix(checkpoint, false), 1), unit: 'tokens/s' };
         results.llm_prefix_cached_tokens_per_s = { value: round(await sharedPrefix(checkpoint, true), 1), unit: 'tokens/s' };
+        results.llm_prefix_cached_1024_tokens_per_s = { value: round(await sharedPrefix(checkpoint, true, 1024), 1), unit: 'tokens/s' };
         results.llm_cache_most_tokens_per_s = { value: round(await earlyStops(checkpoint, 'most'), 1), unit: 'tokens/s' };
         results.llm_cache_grow_tokens_per_s = { value: round(await earlyStops(checkpoint, 'grow'), 1), unit: 'tokens/s' };
         results.llm_unguided_tokens_per_s = { value: round(await guided(checkpoint, undefined), 1), unit: 'tokens/s' };

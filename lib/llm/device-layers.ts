@@ -263,9 +263,10 @@ export class DeviceLayers {
 
   /**
    * Device memory a step of `tokens` rows and `sequences` sequences takes besides the caches: the
-   * layers' activations, the narrowed inputs of 16-bit matrices, the step's table, the head's
-   * logits, an int8 model's largest matrix widened to bf16, and the scratch of LoRA updates (an
-   * adapter's rows gathered and expanded, at rank 64 at most) and of experts.
+   * layers' activations, the narrowed inputs of 16-bit matrices, the step's table (with every
+   * sequence's cache block addresses), the head's logits, an int8 model's largest matrix widened
+   * to bf16, and the scratch of LoRA updates (an adapter's rows gathered and expanded, at rank 64
+   * at most) and of experts.
    */
   stepBytes(tokens: number, sequences: number): number {
     const { hiddenSize } = this.config;
@@ -274,7 +275,7 @@ export class DeviceLayers {
     const rowWidth = queryWidth + 2 * keyValueHeadsPerRank * headSize;
     const floats = tokens * (3 * hiddenSize + rowWidth + 2 * queryWidth + 2 * intermediatePerRank);
     const narrowed = tokens * Math.max(hiddenSize, intermediatePerRank, queryWidth) * 2;
-    const table = sequences * 12 + tokens * 12;
+    const table = sequences * (4 + 8 * CacheBlocks.blocksFor(this.config.maxPositions)) + tokens * 12;
     const head = sequences * (hiddenSize + vocabularyPerRank) * 4;
     const widest = Math.max(hiddenSize, rowWidth, intermediatePerRank);
     const lowRank = tokens * (2 * widest + 64) * 4 + tokens * 4;
