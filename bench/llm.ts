@@ -12,9 +12,10 @@
  *   and `linear_int8_m1_4096_gflops` the same quantized to int8 (16 MiB);
  * - `linear_m512_2threads_gflops` and `llm_tp1_pp1_2threads_tokens_per_s`: the same with the rank's
  *   kernels on two threads (numCpusPerRank 2), against one;
- * - `attention_decode_4096_us` and `attention_decode_bf16_4096_us`: one decoding query (32 heads,
- *   8 key/value heads of 128) against 4,096 cached positions, the cache in f32 and in bf16 (16
- *   MiB against 8 MiB per layer: the read is the cost);
+ * - `attention_decode_4096_us`, `attention_decode_bf16_4096_us` and `attention_decode_fp8_4096_us`:
+ *   one decoding query (32 heads, 8 key/value heads of 128) against 4,096 cached positions in
+ *   blocks, as a rank reads them, the cache in f32, bf16 and fp8 (16, 8 and 4 MiB per layer: the
+ *   read is the cost);
  * - `llm_prefix_cached_tokens_per_s` against `llm_prefix_uncached_tokens_per_s`: 16 prompts that
  *   share a 192-token beginning (a system prompt), 8 new tokens each, on one rank with prefix
  *   caching on and off: the shared part read once against 16 times;
@@ -55,7 +56,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DecoderShard, ModelReplica, TokenGuide, Tokenizer, init, planSharding, shutdown, writeSafetensors, type DecoderConfig, type GenerateRequest, type ModelReplicaOptions, type ReplicaStats, type WritableTensor } from '../lib/index.js';
 import { DEAD } from '../lib/llm/guided/automaton.js';
-import { attention, linear, setKernelThreads, type HalfMatrix, type WeightMatrix } from '../lib/llm/kernels.js';
+import { linear, setKernelThreads, type WeightMatrix } from '../lib/llm/kernels.js';
+import { CacheBlocks } from '../lib/llm/cache-blocks.js';
+import { CACHE_BLOCK_POSITIONS, DeviceKernels, ELEMENT_BYTES } from '../lib/llm/device-kernels.js';
+import { stepLayout } from '../lib/llm/device-layers.js';
 import { floatToBf16 } from '../lib/gpu/dtype.js';
 import { randomWeights, writeCheckpoint } from '../examples/model/random-decoder.js';
 import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
@@ -276,19 +280,30 @@ function guided(checkpoint: string, pattern: string | undefined): Promise<number
   return generationRate({ checkpoint }, prompts.map((tokens) => ({ tokens, maxNewTokens: NEW_TOKENS, ...(constraint ? { constraint } : {}) })));
 }
 
-/** Microseconds per decoding attention call over `past` cached positions, the cache in f32 or bf16. */
-function attentionDecodeMicros(dtype: 'f32' | 'bf16', past = 4096, heads = 32, kvHeads = 8, headDim = 128): number {
-  const size = (past + 1) * kvHeads * headDim;
-  const cache = (): Float32Array | HalfMatrix => (dtype === 'f32' ? new Float32Array(size).fill(0.01) : { dtype, bits: new Uint16Array(size).fill(floatToBf16(0.01)) });
-  const keys = cache();
-  const values = cache();
-  const q = new Float32Array(heads * headDim).fill(0.02);
-  const out = new Float32Array(heads * headDim);
-  attention(out, q, keys, values, 1, past, heads, headDim, kvHeads);
-  const runs = 200;
-  const start = nowNs();
-  for (let i = 0; i < runs; i++) attention(out, q, keys, values, 1, past, heads, headDim, kvHeads);
-  return (elapsedSeconds(start) / runs) * 1e6;
+/**
+ * Microseconds per decoding attention call over `past` cached positions, as a rank runs it: the
+ * host backend's kernels over a cache in blocks, kept in f32, bf16 or fp8.
+ */
+function attentionDecodeMicros(dtype: 'f32' | 'bf16' | 'fp8', past = 4096, heads = 32, kvHeads = 8, headDim = 128): number {
+  using kernels = DeviceKernels.create('cpu');
+  const caches = new CacheBlocks(kernels, CACHE_BLOCK_POSITIONS * 2 * kvHeads * headDim * ELEMENT_BYTES[dtype]);
+  caches.reserve(0, past + 1);
+  caches.setLength(0, past);
+  const layout = stepLayout(kernels, caches, [{ id: 0, past, count: 1 }], 1);
+  const queries = kernels.allocate(heads * headDim * 4);
+  kernels.upload(queries, new Float32Array(heads * headDim).fill(0.02));
+  const out = kernels.allocate(heads * headDim * 4);
+  const shape = { heads, kvHeads, headSize: headDim, cache: dtype };
+  try {
+    kernels.attention(out, queries, layout, shape, 0, 0);
+    const runs = 200;
+    const start = nowNs();
+    for (let i = 0; i < runs; i++) kernels.attention(out, queries, layout, shape, 0, 0);
+    return (elapsedSeconds(start) / runs) * 1e6;
+  } finally {
+    for (const buffer of [layout.buffer, queries, out]) buffer.free();
+    caches.close();
+  }
 }
 
 function linearGflops(m: number, dtype: 'f32' | 'bf16' | 'int8', k = CONFIG.hiddenSize, n = CONFIG.intermediateSize): number {
@@ -324,6 +339,7 @@ export const llmSuite: Suite = {
     ['linear m 512, two threads / one', 'linear_m512_2threads_gflops', 'linear_m512_gflops', ''],
     ['replica tp1 pp1, two kernel threads / one', 'llm_tp1_pp1_2threads_tokens_per_s', 'llm_tp1_pp1_tokens_per_s', ''],
     ['decode attention over 4096 positions, bf16 cache / f32 cache (time)', 'attention_decode_bf16_4096_us', 'attention_decode_4096_us', ''],
+    ['decode attention over 4096 positions, fp8 cache / f32 cache (time)', 'attention_decode_fp8_4096_us', 'attention_decode_4096_us', ''],
     ['linear bf16 / f32, m 1', 'linear_bf16_m1_gflops', 'linear_m1_gflops', ''],
     ['linear bf16 / f32, m 16', 'linear_bf16_m16_gflops', 'linear_m16_gflops', ''],
     ['linear bf16 / f32, m 512', 'linear_bf16_m512_gflops', 'linear_m512_gflops', ''],
@@ -352,6 +368,7 @@ export const llmSuite: Suite = {
     results.guided_masks_document_per_token_ms = { value: round(masks.documentPerToken, 2), unit: 'ms' };
     results.attention_decode_4096_us = { value: round(attentionDecodeMicros('f32'), 1), unit: 'us' };
     results.attention_decode_bf16_4096_us = { value: round(attentionDecodeMicros('bf16'), 1), unit: 'us' };
+    results.attention_decode_fp8_4096_us = { value: round(attentionDecodeMicros('fp8'), 1), unit: 'us' };
     const directory = mkdtempSync(join(tmpdir(), 'trellis-bench-llm-'));
     try {
       const weights = randomWeights(CONFIG, 3);

@@ -17,10 +17,11 @@ import { native, type NativeDeviceKernels, type NativeStepLayout } from '../nati
 
 export type KernelBackend = 'cpu' | 'cuda';
 /** How a matrix or a key/value cache keeps its elements (activations are always f32). */
-export type ElementType = 'f32' | 'bf16' | 'f16';
+/** Element encodings on a device: weights in the first three, key/value caches in any ('fp8': e4m3fn). */
+export type ElementType = 'f32' | 'bf16' | 'f16' | 'fp8';
 
-const ELEMENT_CODES: Readonly<Record<ElementType, number>> = { f32: 0, bf16: 1, f16: 2 };
-export const ELEMENT_BYTES: Readonly<Record<ElementType, number>> = { f32: 4, bf16: 2, f16: 2 };
+const ELEMENT_CODES: Readonly<Record<ElementType, number>> = { f32: 0, bf16: 1, f16: 2, fp8: 3 };
+export const ELEMENT_BYTES: Readonly<Record<ElementType, number>> = { f32: 4, bf16: 2, f16: 2, fp8: 1 };
 
 /** Bytes of the CUDA kernels built into this addon (0: built without them). */
 export function cudaKernelImageBytes(): number {

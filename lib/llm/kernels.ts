@@ -72,8 +72,12 @@ function requireDisjoint(
 
 /** The encodings a weight matrix may be kept in ('int8': quantized per row, see QuantizedMatrix). */
 export type WeightDType = 'f32' | 'bf16' | 'f16' | 'int8';
-/** The encodings a key/value cache may be kept in. */
-export type CacheDType = 'f32' | 'bf16' | 'f16';
+/**
+ * The encodings a key/value cache may be kept in. 'fp8': 8-bit e4m3fn floats (3 mantissa bits,
+ * largest finite 448, values beyond saturated), as vLLM's fp8 cache keeps them with unit scales:
+ * a quarter of f32's memory, half of bf16's.
+ */
+export type CacheDType = 'f32' | 'bf16' | 'f16' | 'fp8';
 
 /**
  * A matrix kept in 16-bit floats, as checkpoints store them: the raw bits of each bf16 or f16

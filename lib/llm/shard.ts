@@ -669,8 +669,8 @@ function allowedOnly(logits: Float32Array, allowed: Int32Array, id: number): Flo
 /** The cache's dtype asked for, checked; 'auto' follows the weights' (int8 weights keep a bf16 cache). */
 export function resolveCacheDType(requested: CacheDType | 'auto' = 'auto', weights: WeightDType): CacheDType {
   if (requested === 'auto') return weights === 'int8' ? 'bf16' : weights;
-  if (requested !== 'f32' && requested !== 'bf16' && requested !== 'f16') {
-    throw new InvalidArgumentError(`kvCacheDtype must be 'auto', 'f32', 'bf16' or 'f16', got ${JSON.stringify(requested)}`);
+  if (requested !== 'f32' && requested !== 'bf16' && requested !== 'f16' && requested !== 'fp8') {
+    throw new InvalidArgumentError(`kvCacheDtype must be 'auto', 'f32', 'bf16', 'f16' or 'fp8', got ${JSON.stringify(requested)}`);
   }
   return requested;
 }

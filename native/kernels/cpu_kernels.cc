@@ -15,6 +15,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(TRELLIS_KERNELS_PORTABLE_ONLY)
@@ -34,6 +36,30 @@ struct Bfloat16 {
 struct Float16 {
   uint16_t bits;
 };
+// An 8-bit float of a key/value cache: e4m3fn (1 sign, 4 exponent bits biased by 7, 3 mantissa
+// bits; no infinities, S.1111.111 is NaN; largest finite 448), as vLLM's fp8 caches keep them.
+struct Float8 {
+  uint8_t bits;
+};
+
+float DecodeFloat8(uint8_t bits) {
+  const float sign = (bits & 0x80) != 0 ? -1.0f : 1.0f;
+  const int exponent = (bits >> 3) & 0xf;
+  const int mantissa = bits & 0x7;
+  if (exponent == 0xf && mantissa == 0x7) return std::numeric_limits<float>::quiet_NaN();
+  // Subnormals (exponent 0) count eighths of 2^-6.
+  if (exponent == 0) return sign * std::ldexp(static_cast<float>(mantissa), -9);
+  return sign * std::ldexp(static_cast<float>(8 + mantissa), exponent - 10);
+}
+
+// Every code's value: widening is one table load (a gather of eight in AVX2).
+struct Float8Table {
+  float values[256];
+  Float8Table() {
+    for (int code = 0; code < 256; ++code) values[code] = DecodeFloat8(static_cast<uint8_t>(code));
+  }
+};
+const Float8Table kFloat8Table;
 
 inline float WidenScalar(float value) { return value; }
 // An int8 weight is widened as is; its row's scale multiplies the finished sum.
@@ -45,6 +71,7 @@ inline float WidenScalar(Bfloat16 value) {
   std::memcpy(&result, &bits, sizeof(result));
   return result;
 }
+inline float WidenScalar(Float8 value) { return kFloat8Table.values[value.bits]; }
 inline float WidenScalar(Float16 value) {
   const uint32_t sign = static_cast<uint32_t>(value.bits & 0x8000) << 16;
   const uint32_t exponent = (value.bits >> 10) & 0x1f;
@@ -302,6 +329,14 @@ struct Portable {
     }
   }
 
+  // out[r, :] = the `size` elements of row r (`stride` apart) widened to f32, for `rows` rows.
+  template <class Value>
+  static void Widen(float* out, const Value* rows, size_t count, size_t stride, size_t size) {
+    for (size_t row = 0; row < count; ++row) {
+      for (size_t i = 0; i < size; ++i) out[row * size + i] = WidenScalar(rows[row * stride + i]);
+    }
+  }
+
   static void Gelu(float* x, size_t count) {
     for (size_t i = 0; i < count; ++i) x[i] = GeluScalar(x[i]);
   }
@@ -373,6 +408,18 @@ TRELLIS_TARGET_AVX2 inline __m256 LoadWeights8(const Bfloat16* source) {
 
 TRELLIS_TARGET_AVX2 inline __m256 LoadWeights8(const Float16* source) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(source)));
+}
+
+// e4m3fn to f32 in registers (a gather from the table is several times slower): the exponent and
+// mantissa bits, placed at the top of an f32's, read as an f32 2^120 times too small, normal or
+// (exponent 0) denormal alike; the sign goes back on after, and S.1111.111 becomes NaN.
+TRELLIS_TARGET_AVX2 inline __m256 LoadWeights8(const Float8* source) {
+  const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(source)));
+  const __m256i magnitude = _mm256_and_si256(codes, _mm256_set1_epi32(0x7f));
+  const __m256 scaled = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(magnitude, 20)), _mm256_set1_ps(0x1p120f));
+  const __m256 sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(codes, _mm256_set1_epi32(0x80)), 24));
+  const __m256 nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7f)));
+  return _mm256_or_ps(_mm256_blendv_ps(scaled, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), nan), sign);
 }
 
 TRELLIS_TARGET_AVX2 inline __m256 LoadWeights8(const int8_t* source) {
@@ -498,6 +545,17 @@ struct Avx2 {
     for (int v = 0; v < Vectors; ++v) _mm256_storeu_ps(out + 8 * v, sums[v]);
   }
 
+  template <class Value>
+  TRELLIS_TARGET_AVX2 static void Widen(float* out, const Value* rows, size_t count, size_t stride, size_t size) {
+    for (size_t row = 0; row < count; ++row) {
+      const Value* source = rows + row * stride;
+      float* target = out + row * size;
+      size_t i = 0;
+      for (; i + 8 <= size; i += 8) _mm256_storeu_ps(target + i, LoadWeights8(source + i));
+      if (i < size) _mm256_maskstore_ps(target + i, TailMask(size - i), LoadWeightsTail(source + i, size - i));
+    }
+  }
+
   TRELLIS_TARGET_AVX2 static void Gelu(float* x, size_t count) {
     const __m256 scale = _mm256_set1_ps(kGeluScale);
     const __m256 cubic = _mm256_set1_ps(kGeluScale * kGeluCubic);
@@ -578,10 +636,11 @@ void AttentionWith(float* out, const float* q, const CacheRows<KeyValue>& keys, 
   const size_t kv_stride = keys.stride;
   const size_t group = heads / kv_heads;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_size)));
-  // Calls visit(first, count) for each run of positions [from, to) that lies in one block.
-  const auto for_each_run = [](const CacheRows<KeyValue>& rows, size_t from, size_t to, const auto& visit) {
+  // Calls visit(first, count) for each run of positions [from, to) that lies in one block (and
+  // holds at most `longest`).
+  const auto for_each_run = [](const CacheRows<KeyValue>& rows, size_t from, size_t to, const auto& visit, size_t longest = SIZE_MAX) {
     for (size_t position = from; position < to;) {
-      const size_t count = std::min(rows.RunFrom(position), to - position);
+      const size_t count = std::min({rows.RunFrom(position), to - position, longest});
       visit(position, count);
       position += count;
     }
@@ -597,21 +656,45 @@ void AttentionWith(float* out, const float* q, const CacheRows<KeyValue>& keys, 
   // feeds every head of the group. Several queries (prefill) are rows of one head instead. Heads
   // are independent: with kernel threads, each task takes one (a kv head's group when decoding).
   const bool decoding = queries == 1;
+  // A cache kept narrower than f32 is widened a run at a time into scratch, once for the whole
+  // group of query heads (the dot kernel would widen each key once per strip of the group's
+  // rows, the weighted sums each value once per head).
+  constexpr bool kWiden = !std::is_same_v<KeyValue, float>;
+  // Runs widened at once: their keys stay in L1 through the dot products.
+  constexpr size_t kWidenPositions = 64;
   const auto decode_group = [&](size_t kv_head) {
     // Only the window's keys are scored: a long sequence with a short window costs the window.
     const size_t first = first_position(0);
     const size_t count = positions - first;
     std::vector<float> scores(group * count);
+    std::vector<float> widened(kWiden ? kWidenPositions * head_size : 0);
     const size_t offset = kv_head * group * head_size;
     for_each_run(keys, first, positions, [&](size_t from, size_t run) {
-      DotProblem<KeyValue> problem{q + offset, head_size, group, keys.Row(from) + kv_head * head_size, kv_stride, run, head_size, scores.data() + (from - first), count, nullptr, false, 0};
-      DotProducts<Isa>(problem);
-    });
-    for (size_t member = 0; member < group; ++member) {
-      float* row = scores.data() + member * count;
-      Isa::Softmax(row, count, scale);
-      weighted_values(out + offset + member * head_size, row, kv_head, first, positions);
-    }
+      const KeyValue* rows = keys.Row(from) + kv_head * head_size;
+      if constexpr (kWiden) {
+        Isa::Widen(widened.data(), rows, run, kv_stride, head_size);
+        DotProblem<float> problem{q + offset, head_size, group, widened.data(), head_size, run, head_size, scores.data() + (from - first), count, nullptr, false, 0};
+        DotProducts<Isa>(problem);
+      } else {
+        DotProblem<KeyValue> problem{q + offset, head_size, group, rows, kv_stride, run, head_size, scores.data() + (from - first), count, nullptr, false, 0};
+        DotProducts<Isa>(problem);
+      }
+    }, kWiden ? kWidenPositions : SIZE_MAX);
+    for (size_t member = 0; member < group; ++member) Isa::Softmax(scores.data() + member * count, count, scale);
+    // Runs outer, heads inner: each head's sum still goes through the positions in order.
+    for_each_run(values, first, positions, [&](size_t from, size_t run) {
+      const KeyValue* rows = values.Row(from) + kv_head * head_size;
+      for (size_t member = 0; member < group; ++member) {
+        const float* weights = scores.data() + member * count + (from - first);
+        float* target = out + offset + member * head_size;
+        if constexpr (kWiden) {
+          if (member == 0) Isa::Widen(widened.data(), rows, run, kv_stride, head_size);
+          Isa::WeightedSum(target, weights, run, widened.data(), head_size, head_size, from != first);
+        } else {
+          Isa::WeightedSum(target, weights, run, rows, kv_stride, head_size, from != first);
+        }
+      }
+    }, kWiden ? kWidenPositions : SIZE_MAX);
   };
   const auto prefill_head = [&](size_t head) {
     const size_t kv_head = head / group;
@@ -837,6 +920,29 @@ uint16_t NarrowToFloat16(float value) {
   return static_cast<uint16_t>(sign | result);
 }
 
+// f32 to e4m3fn, rounding to nearest even and saturating at ±448 (no infinities); NaN stays NaN.
+uint8_t NarrowToFloat8(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80);
+  const uint32_t magnitude = bits & 0x7fffffff;
+  if (magnitude > 0x7f800000) return static_cast<uint8_t>(sign | 0x7f);
+  // 464 (halfway between 448 and the next step, 480) and beyond saturate.
+  if (magnitude >= 0x43e80000) return static_cast<uint8_t>(sign | 0x7e);
+  if (magnitude < 0x3c800000) {
+    // Below 2^-6: subnormal, in units of 2^-9, rounded to nearest even.
+    const float units = std::fabs(value) * 512.0f;
+    float whole = std::nearbyint(units);  // the default rounding mode: to nearest, ties to even
+    return static_cast<uint8_t>(sign | static_cast<uint8_t>(whole));
+  }
+  // Normal: keep 3 of the 23 mantissa bits, rounding the other 20 to nearest even.
+  const uint32_t exponent = (magnitude >> 23) - 127 + 7;
+  uint32_t kept = ((exponent << 3) | ((magnitude >> 20) & 0x7));
+  const uint32_t rest = magnitude & 0xfffff;
+  if (rest > 0x80000 || (rest == 0x80000 && (kept & 1) != 0)) ++kept;
+  return static_cast<uint8_t>(sign | kept);
+}
+
 }  // namespace
 
 void Attention(float* out, const float* q, const float* keys, const float* values, size_t queries, size_t past, size_t heads,
@@ -853,23 +959,28 @@ void Attention(float* out, const float* q, const uint16_t* keys, const uint16_t*
   }
 }
 
-void BlockedAttention(float* out, const float* q, const BlockedCache& cache, size_t queries, size_t past, size_t heads, size_t head_size,
-                      size_t kv_heads, size_t window) {
-  const size_t stride = kv_heads * head_size;
-  AttentionOf(out, q, CacheRows<float>{cache.blocks, cache.block_positions, cache.keys, stride}, CacheRows<float>{cache.blocks, cache.block_positions, cache.values, stride},
-              queries, past, heads, head_size, kv_heads, window);
-}
-
-void BlockedAttention(float* out, const float* q, const BlockedCache& cache, WeightType type, size_t queries, size_t past, size_t heads,
+void BlockedAttention(float* out, const float* q, const BlockedCache& cache, CacheType type, size_t queries, size_t past, size_t heads,
                       size_t head_size, size_t kv_heads, size_t window) {
   const size_t stride = kv_heads * head_size;
-  if (type == WeightType::kBfloat16) {
-    AttentionOf(out, q, CacheRows<Bfloat16>{cache.blocks, cache.block_positions, cache.keys, stride},
-                CacheRows<Bfloat16>{cache.blocks, cache.block_positions, cache.values, stride}, queries, past, heads, head_size, kv_heads, window);
-  } else {
-    AttentionOf(out, q, CacheRows<Float16>{cache.blocks, cache.block_positions, cache.keys, stride},
-                CacheRows<Float16>{cache.blocks, cache.block_positions, cache.values, stride}, queries, past, heads, head_size, kv_heads, window);
+  const auto run = [&](auto element) {
+    using KeyValue = decltype(element);
+    AttentionOf(out, q, CacheRows<KeyValue>{cache.blocks, cache.block_positions, cache.keys, stride},
+                CacheRows<KeyValue>{cache.blocks, cache.block_positions, cache.values, stride}, queries, past, heads, head_size, kv_heads, window);
+  };
+  switch (type) {
+    case CacheType::kFloat32: return run(float{});
+    case CacheType::kBfloat16: return run(Bfloat16{});
+    case CacheType::kFloat16: return run(Float16{});
+    case CacheType::kFloat8: return run(Float8{});
   }
+}
+
+void NarrowFloat8(uint8_t* out, const float* in, size_t count) {
+  for (size_t i = 0; i < count; ++i) out[i] = NarrowToFloat8(in[i]);
+}
+
+void WidenFloat8(float* out, const uint8_t* in, size_t count) {
+  for (size_t i = 0; i < count; ++i) out[i] = kFloat8Table.values[in[i]];
 }
 
 void Narrow(uint16_t* out, const float* in, WeightType type, size_t count) {

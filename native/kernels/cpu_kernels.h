@@ -76,12 +76,20 @@ struct BlockedCache {
   size_t values;
 };
 
-// Attention as above over a cache in blocks (f32, or 16-bit of `type`): the same sums in the same
-// order; only a run of keys cut at a block's end may round its dot products' last bit differently.
-void BlockedAttention(float* out, const float* q, const BlockedCache& cache, size_t queries, size_t past, size_t heads, size_t head_size,
-                      size_t kv_heads, size_t window = 0);
-void BlockedAttention(float* out, const float* q, const BlockedCache& cache, WeightType type, size_t queries, size_t past, size_t heads,
+// How a key/value cache keeps its elements: f32, bf16, f16, or 8-bit e4m3fn floats (vLLM's fp8
+// cache: 3 mantissa bits, largest finite 448, no infinities).
+enum class CacheType { kFloat32, kBfloat16, kFloat16, kFloat8 };
+
+// Attention as above over a cache in blocks, its elements widened to f32 as they are read: the
+// same sums in the same order; only a run of keys cut at a block's end may round its dot
+// products' last bit differently.
+void BlockedAttention(float* out, const float* q, const BlockedCache& cache, CacheType type, size_t queries, size_t past, size_t heads,
                       size_t head_size, size_t kv_heads, size_t window = 0);
+
+// out[i] = in[i] as e4m3fn: rounded to nearest even, beyond ±448 saturated to ±448, NaN kept.
+void NarrowFloat8(uint8_t* out, const float* in, size_t count);
+// out[i] = the value of e4m3fn code in[i].
+void WidenFloat8(float* out, const uint8_t* in, size_t count);
 
 // out[i] = in[i] rounded to the nearest bf16 or f16 (ties to even; f16 beyond ±65504 is infinity).
 // out must not overlap in.

@@ -40,6 +40,16 @@ T* At(uint64_t address) {
 
 WeightType HalfType(Element type) { return type == Element::kBfloat16 ? WeightType::kBfloat16 : WeightType::kFloat16; }
 
+CacheType CacheTypeOf(Element type) {
+  switch (type) {
+    case Element::kFloat32: return CacheType::kFloat32;
+    case Element::kBfloat16: return CacheType::kBfloat16;
+    case Element::kFloat16: return CacheType::kFloat16;
+    case Element::kFloat8: return CacheType::kFloat8;
+  }
+  return CacheType::kFloat32;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host: the CPU kernels over host memory, run at once (CPU ranks run their layers here).
 class HostKernels final : public DeviceKernels {
@@ -123,6 +133,8 @@ class HostKernels final : public DeviceKernels {
         const size_t first = ((static_cast<size_t>(layer) * 2 + kind) * kCacheBlockPositions + in_block) * row_size + kv_head * head_size;
         if (shape.cache == Element::kFloat32) {
           std::memcpy(At<float>(block) + first, head.data(), head_size * sizeof(float));
+        } else if (shape.cache == Element::kFloat8) {
+          NarrowFloat8(At<uint8_t>(block) + first, head.data(), head_size);
         } else {
           Narrow(At<uint16_t>(block) + first, head.data(), HalfType(shape.cache), head_size);
         }
@@ -149,13 +161,8 @@ class HostKernels final : public DeviceKernels {
       float* target = At<float>(out) + row * query_width;
       const float* query = At<const float>(queries) + row * query_width;
       const size_t past = static_cast<size_t>(row_position[row]);
-      if (shape.cache == Element::kFloat32) {
-        kernels::BlockedAttention(target, query, cache, end - row, past, static_cast<size_t>(shape.heads), head_size, static_cast<size_t>(shape.kv_heads),
-                                  static_cast<size_t>(window));
-      } else {
-        kernels::BlockedAttention(target, query, cache, HalfType(shape.cache), end - row, past, static_cast<size_t>(shape.heads), head_size,
-                                  static_cast<size_t>(shape.kv_heads), static_cast<size_t>(window));
-      }
+      kernels::BlockedAttention(target, query, cache, CacheTypeOf(shape.cache), end - row, past, static_cast<size_t>(shape.heads), head_size,
+                                static_cast<size_t>(shape.kv_heads), static_cast<size_t>(window));
       row = end;
     }
   }

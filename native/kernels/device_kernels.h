@@ -17,7 +17,9 @@
 
 namespace trellis::kernels {
 
-enum class Element : int { kFloat32 = 0, kBfloat16 = 1, kFloat16 = 2 };
+// Element encodings of weights (the first three) and key/value caches (all four; kFloat8 is
+// e4m3fn, as vLLM's fp8 caches: native/kernels/cpu_kernels.h CacheType).
+enum class Element : int { kFloat32 = 0, kBfloat16 = 1, kFloat16 = 2, kFloat8 = 3 };
 
 // Positions of one block of a sequence's key/value cache. A block holds them for all the rank's
 // layers, laid out [layer][keys | values][kCacheBlockPositions][kvHeads][headSize]; a sequence's

@@ -51,6 +51,13 @@ Element ElementArgument(const Napi::CallbackInfo& info, size_t index, const char
   return static_cast<Element>(value);
 }
 
+// A key/value cache's elements: those of weights, or 3 (fp8, e4m3fn).
+Element CacheElementArgument(const Napi::CallbackInfo& info, size_t index, const char* name) {
+  const int value = IntArgument(info, index, name);
+  if (value > 3) throw InvalidArgument(std::string(name) + " must be 0 (f32), 1 (bf16), 2 (f16) or 3 (fp8)");
+  return static_cast<Element>(value);
+}
+
 // A host view (any TypedArray or ArrayBuffer) and its bytes.
 std::pair<void*, size_t> HostBytes(const Napi::Value& value, const char* name) {
   if (value.IsTypedArray()) {
@@ -104,7 +111,7 @@ AttentionShape ShapeArgument(const Napi::CallbackInfo& info, size_t first) {
   shape.heads = IntArgument(info, first, "heads");
   shape.kv_heads = IntArgument(info, first + 1, "kvHeads");
   shape.head_size = IntArgument(info, first + 2, "headSize");
-  shape.cache = ElementArgument(info, first + 3, "cacheType");
+  shape.cache = CacheElementArgument(info, first + 3, "cacheType");
   if (shape.heads == 0 || shape.kv_heads == 0 || shape.heads % shape.kv_heads != 0) {
     throw InvalidArgument("heads (" + std::to_string(shape.heads) + ") must be a positive multiple of kvHeads (" + std::to_string(shape.kv_heads) + ")");
   }

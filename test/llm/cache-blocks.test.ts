@@ -9,6 +9,7 @@ import { CacheBlocks } from '../../lib/llm/cache-blocks.js';
 import { CACHE_BLOCK_POSITIONS, DeviceKernels, type DeviceBuffer } from '../../lib/llm/device-kernels.js';
 import { stepLayout, type LayerStepSequence } from '../../lib/llm/device-layers.js';
 import { attention } from '../../lib/llm/kernels.js';
+import { roundToFp8 } from './fixtures/decoders.js';
 
 const B = CACHE_BLOCK_POSITIONS;
 
@@ -100,8 +101,8 @@ function randomArray(length: number, seed: number): Float32Array {
 }
 
 describe('attention over a cache in blocks', () => {
-  for (const window of [0, 12]) {
-    it(`equals attention over one contiguous cache (to f32 rounding), through prompt pieces, a shared prefix written after and decoding (window ${window})`, () => {
+  for (const [window, cache] of [[0, 'f32'], [12, 'f32'], [0, 'fp8'], [12, 'fp8']] as const) {
+    it(`equals attention over one contiguous cache (to f32 rounding), through prompt pieces, a shared prefix written after and decoding (window ${window}, ${cache} cache)`, () => {
       using kernels = DeviceKernels.create('cpu');
       const layers = 2;
       const layer = 1;
@@ -110,11 +111,14 @@ describe('attention over a cache in blocks', () => {
       const headSize = 8;
       const rowSize = kvHeads * headSize;
       const width = (heads + 2 * kvHeads) * headSize;
-      const caches = new CacheBlocks(kernels, B * layers * 2 * rowSize * 4);
-      const shape = { heads, kvHeads, headSize, cache: 'f32' as const };
+      const caches = new CacheBlocks(kernels, B * layers * 2 * rowSize * (cache === 'fp8' ? 1 : 4));
+      const shape = { heads, kvHeads, headSize, cache };
+      // An fp8 cache rounds each key and value as it enters: the reference attends to the rounded values.
+      const rounded = (values: Float32Array) => (cache === 'fp8' ? Float32Array.from(values, roundToFp8) : values);
       // Every position's fused projection row, per sequence: sequence 2 starts from sequence 1's first 21.
       const rowsOf = new Map<number, Float32Array[]>([
-        [1, Array.from({ length: 60 }, (_, position) => randomArray(width, 1000 + position))],
+        // Scaled so an fp8 cache sees values from its subnormals to past its largest (saturated).
+        [1, Array.from({ length: 60 }, (_, position) => randomArray(width, 1000 + position).map((value, index) => value * 2 ** ((index % 24) - 6)))],
         [2, []],
       ]);
       const buffers: DeviceBuffer[] = [];
@@ -145,8 +149,8 @@ describe('attention over a cache in blocks', () => {
           const keys = new Float32Array(known.length * rowSize);
           const values = new Float32Array(known.length * rowSize);
           known.forEach((projection, position) => {
-            keys.set(projection.subarray(heads * headSize, (heads + kvHeads) * headSize), position * rowSize);
-            values.set(projection.subarray((heads + kvHeads) * headSize), position * rowSize);
+            keys.set(rounded(projection.subarray(heads * headSize, (heads + kvHeads) * headSize)), position * rowSize);
+            values.set(rounded(projection.subarray((heads + kvHeads) * headSize)), position * rowSize);
           });
           const q = new Float32Array(sequence.count * heads * headSize);
           for (let index = 0; index < sequence.count; index++) q.set(known[sequence.past + index].subarray(0, heads * headSize), index * heads * headSize);
@@ -157,14 +161,15 @@ describe('attention over a cache in blocks', () => {
         }
         // The same dot products and sums in the same order; a run of keys cut at a block's end may
         // take another of the dot kernel's tile shapes, which rounds its last bit differently.
-        result.forEach((value, index) => expect(Math.abs(value - expected[index])).toBeLessThan(1e-6));
+        const scale = Math.max(1, ...expected.map(Math.abs));
+        result.forEach((value, index) => expect(Math.abs(value - expected[index])).toBeLessThan(1e-6 * scale));
       };
       try {
         step([{ id: 1, past: 0, count: 7 }]);
         step([{ id: 1, past: 7, count: 14 }]);
         // Sequence 2 shares 21 positions (blocks 0 and 1, the second in part), then writes its own.
         caches.share(2, 1, 21);
-        rowsOf.set(2, [...rowsOf.get(1)!.slice(0, 21), ...Array.from({ length: 30 }, (_, index) => randomArray(width, 5000 + index))]);
+        rowsOf.set(2, [...rowsOf.get(1)!.slice(0, 21), ...Array.from({ length: 30 }, (_, index) => randomArray(width, 5000 + index).map((value, element) => value * 2 ** ((element % 24) - 6)))]);
         step([{ id: 1, past: 21, count: 19 }, { id: 2, past: 21, count: 3 }]);
         // Sequence 1 writes first: it takes a copy of block 1, which is then sequence 2's alone.
         expect(caches.copies).toBe(1);
@@ -176,4 +181,59 @@ describe('attention over a cache in blocks', () => {
       }
     });
   }
+});
+
+/** The value of e4m3fn code `code`, from the format's definition. */
+function fp8Value(code: number): number {
+  const sign = code & 0x80 ? -1 : 1;
+  const exponent = (code >> 3) & 0xf;
+  const mantissa = code & 0x7;
+  if (exponent === 0xf && mantissa === 0x7) return NaN;
+  return exponent === 0 ? sign * mantissa * 2 ** -9 : sign * (1 + mantissa / 8) * 2 ** (exponent - 7);
+}
+
+describe('an fp8 cache', () => {
+  it('keeps each value as e4m3fn rounds it: every code exactly, ties to even, subnormals, saturation at ±448, NaN', () => {
+    const values: number[] = [];
+    const finite = Array.from({ length: 256 }, (_, code) => fp8Value(code)).filter((value) => !Number.isNaN(value));
+    values.push(...finite);
+    const magnitudes = [...new Set(finite.map(Math.abs))].sort((a, b) => a - b);
+    for (let index = 0; index + 1 < magnitudes.length; index++) {
+      const middle = (magnitudes[index] + magnitudes[index + 1]) / 2;
+      const gap = magnitudes[index + 1] - magnitudes[index];
+      values.push(middle, -middle, middle - gap / 64, middle + gap / 64);
+    }
+    values.push(448, 455.9, 456, 463.99, 464, 470, 1e6, Infinity, -Infinity, -1e6, 2 ** -10, 3 * 2 ** -10, 2 ** -11, -(2 ** -12), 0, -0, NaN, 1 / 3, Math.PI, -Math.E);
+    using kernels = DeviceKernels.create('cpu');
+    const headSize = 64;
+    const width = 3 * headSize;
+    const caches = new CacheBlocks(kernels, B * 2 * headSize);
+    const shape = { heads: 1, kvHeads: 1, headSize, cache: 'fp8' as const };
+    // One sequence per row of values, its only position attending to itself: its output is its
+    // value row widened from the cache, exactly (a softmax over one key weighs it 1).
+    const rows = Math.ceil(values.length / headSize);
+    const qkvHost = new Float32Array(rows * width);
+    values.forEach((value, index) => (qkvHost[Math.floor(index / headSize) * width + 2 * headSize + (index % headSize)] = value));
+    const sequences = Array.from({ length: rows }, (_, id) => ({ id, past: 0, count: 1 }));
+    for (const sequence of sequences) caches.reserve(sequence.id, 1);
+    const layout = stepLayout(kernels, caches, sequences, rows);
+    const qkv = kernels.allocate(qkvHost.byteLength);
+    const queries = kernels.allocate(rows * headSize * 4);
+    const out = kernels.allocate(rows * headSize * 4);
+    try {
+      kernels.upload(qkv, qkvHost);
+      kernels.prepareAttention(queries, qkv, layout, shape, 0, null, null);
+      kernels.attention(out, queries, layout, shape, 0, 0);
+      const result = new Float32Array(rows * headSize);
+      kernels.download(result, out);
+      // (A zero's sign does not survive the weighted sum, 0 + -0 being 0: zeros compare equal.)
+      const same = (got: number, wanted: number) => got === wanted || (Number.isNaN(got) && Number.isNaN(wanted));
+      const wrong = values.flatMap((value, index) => (same(result[index], roundToFp8(value)) ? [] : [`${value} → ${result[index]} (wanted ${roundToFp8(value)})`]));
+      expect(wrong).toEqual([]);
+      expect(values.length).toBeGreaterThan(700);
+    } finally {
+      for (const buffer of [layout.buffer, qkv, queries, out]) buffer.free();
+      caches.close();
+    }
+  });
 });

@@ -11,7 +11,7 @@ import { formatOperatorLine } from '../../lib/data/progress.js';
 import { bf16ToFloat, f16ToFloat, floatToBf16, floatToF16 } from '../../lib/gpu/dtype.js';
 import { quantizeRows } from '../../lib/llm/kernels.js';
 import { choiceConstraint } from '../../lib/llm/choices.js';
-import { randomWeights, referenceFinalHidden, referenceGenerate, referenceLogits, TINY, TINY_LLAMA, writeCheckpoint, type Weights } from './fixtures/decoders.js';
+import { randomWeights, referenceFinalHidden, referenceGenerate, referenceLogits, roundToFp8, TINY, TINY_LLAMA, writeCheckpoint, type Weights } from './fixtures/decoders.js';
 
 const PROMPTS = [[5, 17, 3], [42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [96, 0, 33, 12], [7, 7, 7, 7, 7, 7]];
 
@@ -414,22 +414,30 @@ describe('model sharding', () => {
     wanted.forEach((value, index) => expect(Math.abs(result.logits[index] - value)).toBeLessThan(1e-4 * scale + 1e-5));
   });
 
-  it('keeps the key/value cache in f16 or bf16 when asked: half the bytes, the rounded reference\'s tokens', async () => {
+  it('keeps the key/value cache in f16, bf16 or fp8 when asked: half or a quarter of the bytes, the rounded reference\'s tokens', async () => {
     const f16 = (value: number) => f16ToFloat(floatToF16(value));
     await using replica = await ModelReplica.create({ checkpoint, kvCacheDtype: 'f16', pipelineParallel: 2, maxTokensPerStep: 5 });
     expect([replica.weightDtype, replica.kvCacheDtype]).toEqual(['f32', 'f16']);
     expect((await replica.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 6 })))).map((generation) => generation.tokens))
       .toEqual(PROMPTS.map((tokens) => referenceGenerate(TINY, weights, tokens, 6, [], { cacheRounding: f16 })));
+    {
+      // 8-bit e4m3fn entries (3 mantissa bits), cut two ways with prompts in pieces.
+      await using eight = await ModelReplica.create({ checkpoint, kvCacheDtype: 'fp8', tensorParallel: 2, maxTokensPerStep: 5 });
+      expect(eight.kvCacheDtype).toBe('fp8');
+      expect((await eight.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 6 })))).map((generation) => generation.tokens))
+        .toEqual(PROMPTS.map((tokens) => referenceGenerate(TINY, weights, tokens, 6, [], { cacheRounding: roundToFp8 })));
+    }
     // The same sequences take half the bytes in a 16-bit cache.
     const config = readCheckpointConfig(checkpoint)!;
     const message = { step: 0, sequences: [{ id: 0, past: 0, count: 11 }], released: [], tokens: Int32Array.from(PROMPTS[2]) };
-    const bytes = async (kvCacheDtype: 'f32' | 'bf16') => {
+    const bytes = async (kvCacheDtype: 'f32' | 'bf16' | 'fp8') => {
       const shard = await DecoderShard.load({ checkpoint, config, plan: planSharding(config), stage: 0, rank: 0, kvCacheDtype });
       await shard.forward(message);
       return shard.cacheBytes;
     };
     expect(await bytes('bf16')).toBe((await bytes('f32')) / 2);
-    await expect(ModelReplica.create({ checkpoint, kvCacheDtype: 'f8' as never })).rejects.toThrow(/kvCacheDtype must be 'auto', 'f32', 'bf16' or 'f16', got "f8"/);
+    expect(await bytes('fp8')).toBe((await bytes('f32')) / 4);
+    await expect(ModelReplica.create({ checkpoint, kvCacheDtype: 'f8' as never })).rejects.toThrow(/kvCacheDtype must be 'auto', 'f32', 'bf16', 'f16' or 'fp8', got "f8"/);
   });
 
   it('refuses checkpoints that do not match, with the file or tensor named', async () => {

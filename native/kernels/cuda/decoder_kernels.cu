@@ -25,13 +25,41 @@
 
 namespace {
 
-// Element encodings, as lib/llm/device-kernels.ts numbers them.
+// Element encodings, as lib/llm/device-kernels.ts numbers them (kFloat8 for caches only).
 constexpr int kFloat32 = 0;
 constexpr int kBfloat16 = 1;
 constexpr int kFloat16 = 2;
+constexpr int kFloat8 = 3;
+
+// e4m3fn (vLLM's fp8 caches): 1 sign, 4 exponent bits biased by 7, 3 mantissa bits; no
+// infinities, S.1111.111 is NaN, the largest finite 448. Converted in software, the same on every
+// architecture (and in the host emulation) as the CPU kernels' table.
+__device__ __forceinline__ float Float8ToFloat(uint8_t bits) {
+  const uint32_t sign = static_cast<uint32_t>(bits & 0x80u) << 24;
+  const uint32_t exponent = (bits >> 3) & 0xfu;
+  const uint32_t mantissa = bits & 0x7u;
+  if (exponent == 0xfu && mantissa == 0x7u) return __uint_as_float(sign | 0x7fc00000u);
+  if (exponent == 0) return __uint_as_float(sign | __float_as_uint(static_cast<float>(mantissa) * 0.001953125f));  // eighths of 2^-6
+  return __uint_as_float(sign | ((exponent + 120u) << 23) | (mantissa << 20));
+}
+
+// Rounded to nearest even; beyond ±448 saturated to ±448; NaN kept.
+__device__ __forceinline__ uint8_t FloatToFloat8(float value) {
+  const uint32_t bits = __float_as_uint(value);
+  const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80u);
+  const uint32_t magnitude = bits & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return static_cast<uint8_t>(sign | 0x7fu);
+  if (magnitude >= 0x43e80000u) return static_cast<uint8_t>(sign | 0x7eu);  // 464 and beyond
+  if (magnitude < 0x3c800000u) return static_cast<uint8_t>(sign | static_cast<uint8_t>(rintf(__uint_as_float(magnitude) * 512.f)));  // below 2^-6
+  uint32_t kept = ((((magnitude >> 23) - 120u) << 3) | ((magnitude >> 20) & 0x7u));
+  const uint32_t rest = magnitude & 0xfffffu;
+  if (rest > 0x80000u || (rest == 0x80000u && (kept & 1u) != 0)) ++kept;
+  return static_cast<uint8_t>(sign | kept);
+}
 
 __device__ __forceinline__ float LoadElement(const void* base, size_t index, int type) {
   if (type == kFloat32) return static_cast<const float*>(base)[index];
+  if (type == kFloat8) return Float8ToFloat(static_cast<const uint8_t*>(base)[index]);
   const uint16_t bits = static_cast<const uint16_t*>(base)[index];
   if (type == kFloat16) return __half2float(__ushort_as_half(bits));
   return __uint_as_float(static_cast<uint32_t>(bits) << 16);  // bf16: the top half of an f32
@@ -40,6 +68,8 @@ __device__ __forceinline__ float LoadElement(const void* base, size_t index, int
 __device__ __forceinline__ void StoreElement(void* base, size_t index, int type, float value) {
   if (type == kFloat32) {
     static_cast<float*>(base)[index] = value;
+  } else if (type == kFloat8) {
+    static_cast<uint8_t*>(base)[index] = FloatToFloat8(value);
   } else if (type == kBfloat16) {
     static_cast<uint16_t*>(base)[index] = __bfloat16_as_ushort(__float2bfloat16_rn(value));
   } else {
