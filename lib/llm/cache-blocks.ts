@@ -29,8 +29,12 @@ export class CacheBlocks {
   readonly kernels: DeviceKernels;
   /** Bytes of one block: every layer's keys and values of CACHE_BLOCK_POSITIONS positions. */
   readonly blockBytes: number;
+  /** Blocks of a slab taken as the caches grow. */
   readonly #slabBlocks: number;
   readonly #slabs: DeviceBuffer[] = [];
+  /** Per block id: its slab, and its byte offset there. */
+  #blockSlab = new Int32Array(0);
+  #blockOffset = new Float64Array(0);
   /** Free block ids; the most recently freed is handed out first (its memory is likeliest warm). */
   readonly #free: number[] = [];
   /** Per block id: the sequences holding it (0: free). */
@@ -64,12 +68,22 @@ export class CacheBlocks {
 
   /** Device memory the slabs take (blocks in use and free ones kept for reuse). */
   get bytes(): number {
-    return this.#slabs.length * this.#slabBlocks * this.blockBytes;
+    return this.#references.length * this.blockBytes;
   }
 
   /** Blocks held by at least one sequence (a shared block counts once). */
   get blocksInUse(): number {
-    return this.#slabs.length * this.#slabBlocks - this.#free.length;
+    return this.#references.length - this.#free.length;
+  }
+
+  /**
+   * Takes device memory for at least `blocks` blocks now, in one slab (a GPU rank's whole cache
+   * budget, as vLLM takes it at start: a budget the device cannot hold fails here, not in the
+   * middle of generating).
+   */
+  ensureBlocks(blocks: number): void {
+    const missing = blocks - this.#references.length;
+    if (missing > 0) this.#grow(missing);
   }
 
   /** Shared blocks copied because a sequence wrote into one. */
@@ -189,11 +203,13 @@ export class CacheBlocks {
     this.#slabs.length = 0;
     this.#free.length = 0;
     this.#references = new Int32Array(0);
+    this.#blockSlab = new Int32Array(0);
+    this.#blockOffset = new Float64Array(0);
     this.#addressWords = new Uint32Array(0);
   }
 
   #take(): number {
-    if (this.#free.length === 0) this.#grow();
+    if (this.#free.length === 0) this.#grow(this.#slabBlocks);
     const block = this.#free.pop()!;
     this.#references[block] = 1;
     return block;
@@ -203,30 +219,40 @@ export class CacheBlocks {
     if (--this.#references[block] === 0) this.#free.push(block);
   }
 
-  #grow(): void {
-    const slab = this.kernels.allocate(this.#slabBlocks * this.blockBytes);
-    const first = this.#slabs.length * this.#slabBlocks;
+  #grow(blocks: number): void {
+    const slab = this.kernels.allocate(blocks * this.blockBytes);
+    const index = this.#slabs.length;
+    const first = this.#references.length;
+    const total = first + blocks;
     this.#slabs.push(slab);
-    const references = new Int32Array(first + this.#slabBlocks);
+    const references = new Int32Array(total);
     references.set(this.#references);
     this.#references = references;
-    const words = new Uint32Array(2 * (first + this.#slabBlocks));
+    const blockSlab = new Int32Array(total);
+    blockSlab.set(this.#blockSlab);
+    blockSlab.fill(index, first);
+    this.#blockSlab = blockSlab;
+    const blockOffset = new Float64Array(total);
+    blockOffset.set(this.#blockOffset);
+    const words = new Uint32Array(2 * total);
     words.set(this.#addressWords);
-    for (let block = first; block < first + this.#slabBlocks; block++) {
-      const address = slab.address(this.#offsetOf(block));
+    for (let block = first; block < total; block++) {
+      blockOffset[block] = (block - first) * this.blockBytes;
+      const address = slab.address(blockOffset[block]);
       words[2 * block] = Number(address & 0xffffffffn);
       words[2 * block + 1] = Number(address >> 32n);
     }
+    this.#blockOffset = blockOffset;
     this.#addressWords = words;
     // Pushed last to first, so blocks go out in address order.
-    for (let block = first + this.#slabBlocks - 1; block >= first; block--) this.#free.push(block);
+    for (let block = total - 1; block >= first; block--) this.#free.push(block);
   }
 
   #slabOf(block: number): DeviceBuffer {
-    return this.#slabs[Math.floor(block / this.#slabBlocks)];
+    return this.#slabs[this.#blockSlab[block]];
   }
 
   #offsetOf(block: number): number {
-    return (block % this.#slabBlocks) * this.blockBytes;
+    return this.#blockOffset[block];
   }
 }

@@ -283,6 +283,11 @@ export class DeviceLayers {
     return floats * 4 + narrowed + table + head + this.#largestInt8 * 2 + lowRank + experts;
   }
 
+  /** Takes the memory of `positions` cache positions now (the replica's whole budget, on a GPU). */
+  reserveCache(positions: number): void {
+    this.#caches.ensureBlocks(CacheBlocks.blocksFor(positions));
+  }
+
   /** Room for `length` positions of sequence `id`: blocks taken as it grows, nothing it holds copied. */
   reserve(id: number, length: number): void {
     this.#caches.reserve(id, length);

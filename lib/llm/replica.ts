@@ -573,7 +573,21 @@ export class ModelReplica {
       const step = { tokens: limits.maxTokens, sequences: limits.maxSequences };
       const loaded = (await get(plan.stages.flatMap((stage) => workers[stage.index].map((worker, rank) =>
         worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype, ...(device === 'cuda' ? { layers: 'cuda' as const, hiddenOnDevice: true } : {}) }, groupNames[stage.index], threads, step))))) as ShardLoaded[];
-      if (options.maxCacheTokens === undefined && loaded.some((part) => part.device)) limits.maxCacheTokens = deviceCacheBudget(loaded, utilization, limits.prefix ? Math.ceil(limits.prefix.retainedTokens / limits.prefix.blockTokens) : 0);
+      // Kept prefixes may each leave part of a block unused beside what the budget counts.
+      const keptCaches = limits.prefix ? Math.ceil(limits.prefix.retainedTokens / limits.prefix.blockTokens) : 0;
+      if (options.maxCacheTokens === undefined && loaded.some((part) => part.device)) limits.maxCacheTokens = deviceCacheBudget(loaded, utilization, keptCaches);
+      if (device === 'cuda') {
+        // As vLLM does, a GPU rank takes its cache's memory at start: a budget its GPU cannot hold
+        // fails here, not in the middle of generating.
+        const positions = wholeBlocks(limits.maxCacheTokens) + keptCaches * CACHE_BLOCK_POSITIONS;
+        try {
+          await get(workers.flat().map((worker) => worker.reserveCache.remote(positions)));
+        } catch (error) {
+          const cause = error instanceof Error ? error.message : String(error);
+          const mebibytes = Math.round((positions * Math.max(...loaded.map((part) => part.device?.bytesPerPosition ?? 0))) / 2 ** 20);
+          throw new ModelLoadError('ERR_DEVICE_MEMORY', `the GPUs cannot hold a key/value cache of ${limits.maxCacheTokens} positions (up to ${mebibytes} MiB a rank): lower maxCacheTokens, or leave it to gpuMemoryUtilization (${cause})`, { cause: error });
+        }
+      }
       const input = new InputNode();
       // Rank r of each stage feeds rank r of the next: after the stage's allreduce every rank
       // holds the same hidden states, and each channel then has exactly one reader.

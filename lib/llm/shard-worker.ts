@@ -42,6 +42,12 @@ export class ShardWorker {
     return this.#shard.forward(message);
   }
 
+  /** Takes the memory of the replica's cache budget now (GPU ranks). */
+  reserveCache(positions: number): void {
+    if (!this.#shard) throw new TrellisError('ERR_SHARD_NOT_LOADED', 'reserveCache before load: this rank has no weights yet');
+    this.#shard.reserveCache(positions);
+  }
+
   /** Gives back the device memory, stream and kernels a GPU rank holds (the process's exit would too). */
   close(): void {
     this.#shard?.close();

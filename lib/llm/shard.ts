@@ -203,6 +203,11 @@ export class DecoderShard {
    * what a step of `tokens` rows and `sequences` sequences takes besides the caches (for the
    * replica's cache budget). undefined for ranks whose memory is the host's.
    */
+  /** Takes the memory of `positions` cache positions now, in this rank's device (see DeviceLayers.reserveCache). */
+  reserveCache(positions: number): void {
+    this.#layers.reserveCache(positions);
+  }
+
   deviceMemory(tokens: number, sequences: number): { freeBytes: number; totalBytes: number; bytesPerPosition: number; stepBytes: number } | undefined {
     const device = this.#layers;
     if (device.kernels.backend !== 'cuda') return undefined;

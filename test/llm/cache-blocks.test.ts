@@ -87,6 +87,22 @@ describe('cache blocks', () => {
     expect(caches.blocksInUse).toBe(9);
     caches.close();
   });
+
+  it('takes a whole budget at once when asked, and hands it out before growing again', () => {
+    using kernels = DeviceKernels.create('cpu');
+    const caches = new CacheBlocks(kernels, 1024);
+    caches.ensureBlocks(20);
+    expect(caches.bytes).toBe(20 * 1024);
+    expect(caches.blocksInUse).toBe(0);
+    caches.ensureBlocks(10);
+    expect(caches.bytes).toBe(20 * 1024);
+    caches.reserve(1, 20 * B);
+    expect(caches.bytes).toBe(20 * 1024);
+    // Past the budget taken, blocks come from a new slab as before.
+    caches.reserve(2, 1);
+    expect(caches.bytes).toBe(20 * 1024 + CacheBlocks.slabBytes(1024));
+    caches.close();
+  });
 });
 
 /** Random values in [-1, 1), the same for a seed. */

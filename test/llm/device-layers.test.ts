@@ -178,11 +178,13 @@ describe('the CUDA kernels against the host', () => {
     expect(rankDeath.closedAfterMs).toBeLessThan(30_000);
   }, 180_000);
 
-  it.skipIf(!fake.path)("sizes a GPU replica's cache from the memory its weights and a full step leave, and refuses a GPU too small for any", async () => {
+  it.skipIf(!fake.path)("sizes a GPU replica's cache from the memory its weights and a full step leave, takes it at start (generating needs no more), and refuses a GPU too small for any or a budget too large for its GPU", async () => {
     // TINY_LLAMA: a position of all three layers' keys and values is 3 · 2 · 2 heads · 6 · 4 bytes.
     const roomy = await deviceScenario({ ...fakeEnv(), FAKE_CUDA_MEMORY_LIMIT: String(64 * 2 ** 20) }, 'device-replica-scenario.ts', ['budget']);
     expect(roomy.maxCacheTokens).toBeGreaterThan(150_000);
     expect(roomy.maxCacheTokens).toBeLessThan((0.9 * 64 * 2 ** 20) / 288);
+    expect(roomy.generatedEqual).toBe(true);
+    expect(roomy.oversized).toMatchObject({ error: 'ERR_DEVICE_MEMORY', message: expect.stringContaining(`a key/value cache of ${100 * roomy.maxCacheTokens} positions`) });
     const tiny = await deviceScenario({ ...fakeEnv(), FAKE_CUDA_MEMORY_LIMIT: String(2 * 2 ** 20) }, 'device-replica-scenario.ts', ['budget']);
     expect(tiny).toMatchObject({ error: 'ERR_DEVICE_MEMORY', message: expect.stringContaining('gpuMemoryUtilization') });
   }, 120_000);

@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ActorDiedError, DataError, InvalidArgumentError, ModelLoadError, fromItems, init, shutdown, state } from '../../lib/index.js';
-import { buildLLMProcessor, checkDecoderConfig, configFromHuggingFace, DecoderShard, ModelReplica, planSharding, readCheckpointConfig, Tokenizer } from '../../lib/index.js';
+import { buildLLMProcessor, checkDecoderConfig, configFromHuggingFace, DecoderShard, ModelReplica, planSharding, readCheckpointConfig, Tokenizer, type GenerateRequest } from '../../lib/index.js';
 import { gpt2StyleTokenizerJson } from './fixtures/tokenizers.js';
 import { isAlive, until } from '../core/helpers.js';
 import { RecordingReporter } from '../data/helpers.js';
@@ -12,6 +12,23 @@ import { bf16ToFloat, f16ToFloat, floatToBf16, floatToF16 } from '../../lib/gpu/
 import { quantizeRows } from '../../lib/llm/kernels.js';
 import { choiceConstraint } from '../../lib/llm/choices.js';
 import { randomWeights, referenceFinalHidden, referenceGenerate, referenceLogits, roundToFp8, TINY, TINY_LLAMA, writeCheckpoint, type Weights } from './fixtures/decoders.js';
+
+/** Generates, watching the replica's stats meanwhile: the most sequences running at once, and the most cache positions counted. */
+async function generateWatched(replica: ModelReplica, requests: GenerateRequest[]): Promise<{ tokens: number[][]; mostRunning: number; mostReserved: number }> {
+  let mostRunning = 0;
+  let mostReserved = 0;
+  const watch = setInterval(() => {
+    const stats = replica.stats();
+    mostRunning = Math.max(mostRunning, stats.running);
+    mostReserved = Math.max(mostReserved, stats.reservedCacheTokens);
+  }, 1);
+  try {
+    const tokens = (await replica.generate(requests)).map((generation) => generation.tokens);
+    return { tokens, mostRunning, mostReserved };
+  } finally {
+    clearInterval(watch);
+  }
+}
 
 const PROMPTS = [[5, 17, 3], [42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [96, 0, 33, 12], [7, 7, 7, 7, 7, 7]];
 
@@ -616,18 +633,8 @@ describe('model sharding', () => {
     // blocks of 16: a block, or two once past 16. 48 (three blocks) never holds all five.
     const twelve = PROMPTS.map((prompt) => referenceGenerate(TINY, weights, prompt, 12));
     await using replica = await ModelReplica.create({ checkpoint, maxCacheTokens: 48, prefixBlockTokens: 4, prefixCacheTokens: 100 });
-    let mostRunning = 0;
-    let mostReserved = 0;
-    const watch = setInterval(() => {
-      const stats = replica.stats();
-      mostRunning = Math.max(mostRunning, stats.running);
-      mostReserved = Math.max(mostReserved, stats.reservedCacheTokens);
-    }, 1);
-    try {
-      expect((await replica.generate(PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 12 })))).map((generation) => generation.tokens)).toEqual(twelve);
-    } finally {
-      clearInterval(watch);
-    }
+    const { tokens, mostRunning, mostReserved } = await generateWatched(replica, PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 12 })));
+    expect(tokens).toEqual(twelve);
     // More start at once than their most would allow (their prompts fit), and as they grow the latest are preempted.
     expect(mostRunning).toBeGreaterThan(2);
     expect(replica.stats().preemptions).toBeGreaterThan(0);
@@ -674,18 +681,8 @@ describe('model sharding', () => {
     const wanted = prompts.map((prompt) => referenceGenerate(TINY, weights, prompt, 4));
     for (const prefixCacheTokens of [4096, 0]) {
       await using replica = await ModelReplica.create({ checkpoint, maxCacheTokens: 96, prefixCacheTokens });
-      let mostRunning = 0;
-      let mostReserved = 0;
-      const watch = setInterval(() => {
-        const stats = replica.stats();
-        mostRunning = Math.max(mostRunning, stats.running);
-        mostReserved = Math.max(mostReserved, stats.reservedCacheTokens);
-      }, 1);
-      try {
-        expect((await replica.generate(prompts.map((tokens) => ({ tokens, maxNewTokens: 4 })))).map((generation) => generation.tokens)).toEqual(wanted);
-      } finally {
-        clearInterval(watch);
-      }
+      const { tokens, mostRunning, mostReserved } = await generateWatched(replica, prompts.map((tokens) => ({ tokens, maxNewTokens: 4 })));
+      expect(tokens).toEqual(wanted);
       expect(mostRunning).toBeGreaterThan(2);
       expect(mostReserved).toBeLessThanOrEqual(96);
       const stats = replica.stats();
