@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildLLMProcessor, fromItems, GrammarError, init, jsonSchemaToRegex, ModelReplica, shutdown, TokenGuide, TokenMask, Tokenizer } from '../../lib/index.js';
 import { ByteAutomaton, DEAD } from '../../lib/llm/guided/automaton.js';
+import { GrammarAutomaton } from '../../lib/llm/guided/grammar-automaton.js';
 import { integerRange } from '../../lib/llm/guided/json-schema.js';
 import { gpt2StyleTokenizerJson, llama2StyleTokenizerJson } from './fixtures/tokenizers.js';
 import { randomWeights, referenceLogits, TINY, writeCheckpoint } from './fixtures/decoders.js';
@@ -190,6 +191,90 @@ describe('guided decoding: JSON schemas as regexes', () => {
   });
 });
 
+const ARITHMETIC = `
+# Sums of products of numbers, negations and parenthesized expressions.
+root   ::= expr
+expr   ::= term ( [+-] term )*
+term   ::= factor ( [*/] factor )*
+factor ::= [0-9]{1,3} | "(" expr ")" | "-" factor
+`;
+
+/** Whether `text` is an ARITHMETIC expression, by hand: recursive descent over its characters. */
+function isArithmetic(text: string): boolean {
+  let at = 0;
+  const factor = (): boolean => {
+    if (text[at] === '-') return at++, factor();
+    if (text[at] === '(') {
+      at++;
+      if (!expr() || text[at] !== ')') return false;
+      return at++, true;
+    }
+    const digits = /^[0-9]{1,3}/.exec(text.slice(at));
+    if (!digits || /^[0-9]/.test(text.slice(at + digits[0].length))) return false;
+    return (at += digits[0].length), true;
+  };
+  const term = (): boolean => {
+    if (!factor()) return false;
+    while (text[at] === '*' || text[at] === '/') if ((at++, !factor())) return false;
+    return true;
+  };
+  const expr = (): boolean => {
+    if (!term()) return false;
+    while (text[at] === '+' || text[at] === '-') if ((at++, !term())) return false;
+    return true;
+  };
+  return expr() && at === text.length;
+}
+
+describe('guided decoding: context-free grammars (GBNF)', () => {
+  it('derives exactly the texts a recursive-descent reading accepts, nesting to any depth', () => {
+    const automaton = GrammarAutomaton.fromGrammar(ARITHMETIC);
+    const random = seeded(5);
+    const alphabet = ['1', '23', '(', ')', '+', '-', '*', '/', '7'];
+    let matched = 0;
+    for (let index = 0; index < 3000; index++) {
+      const text = Array.from({ length: 1 + Math.floor(random() * 12) }, () => alphabet[Math.floor(random() * alphabet.length)]).join('');
+      expect({ text, matches: automaton.matches(text) }).toEqual({ text, matches: isArithmetic(text) });
+      if (isArithmetic(text)) matched++;
+    }
+    expect(matched).toBeGreaterThan(100);
+    const deep = `${'('.repeat(200)}1${')'.repeat(200)}`;
+    expect([automaton.matches(deep), automaton.matches(deep.slice(1))]).toEqual([true, false]);
+  });
+
+  it('reads literals, escapes, classes, any character, groups and counted repetition, over UTF-8', () => {
+    const automaton = GrammarAutomaton.fromGrammar(String.raw`
+root ::= greeting ", " name "!"? tail  # a comment
+greeting ::= ("hello" | "héllo" | "\u00e7a va") # escapes
+name ::= [A-Z\u00c0-\u00dd] [a-zà-ÿ]{1,8}
+tail ::= ( "\n" [^\n]* )? | "\t" . "\x41"
+`);
+    for (const text of ['hello, World', 'héllo, Émile!', 'ça va, Zoë\n日本語 ok', 'hello, Ann!\t€A']) expect({ text, matches: automaton.matches(text) }).toEqual({ text, matches: true });
+    for (const text of ['hello, world', 'hello, W', 'hello, Wabcdefghi', 'hello, Ann\n1\n2', 'hola, Ann']) expect({ text, matches: automaton.matches(text) }).toEqual({ text, matches: false });
+    // A leading space, where a SentencePiece decoder drops one.
+    expect(GrammarAutomaton.fromGrammar('root ::= "a" root? "b"', { leadingSpace: true }).matches(' aabb')).toBe(true);
+  });
+
+  it('refuses what it cannot guide with a GrammarError naming the rule or the position', () => {
+    expect(refusal(() => GrammarAutomaton.fromGrammar('root ::= value')).message).toBe("grammar: rule 'value' is used (at 9) but never defined");
+    expect(refusal(() => GrammarAutomaton.fromGrammar('start ::= "a"')).message).toMatch(/no rule named 'root'/);
+    expect(refusal(() => GrammarAutomaton.fromGrammar('root ::= root "+" "1" | "1"')).message).toMatch(/rule 'root' is left-recursive \(root → root before reading any text\)/);
+    // Through another rule, and past one that may read nothing.
+    expect(refusal(() => GrammarAutomaton.fromGrammar('root ::= list\nlist ::= space? item list? | item\nitem ::= space? root "x" | "y"\nspace ::= " "?')).message).toMatch(/left-recursive \((root → list → item → root|list → item → root → list|item → root → list → item)/);
+    expect(refusal(() => GrammarAutomaton.fromGrammar('root ::= "a" loop\nloop ::= "b" loop')).message).toBe("grammar: rules 'root', 'loop' can never finish: every way through recurses without end");
+    expect(refusal(() => GrammarAutomaton.fromGrammar('root ::= "a"\nroot ::= "b"')).message).toMatch(/rule 'root' is defined twice/);
+    const unclosed = refusal(() => GrammarAutomaton.fromGrammar('root ::= ("a" | "b"'));
+    expect([unclosed.message, unclosed.position]).toEqual(["grammar at 19: expected ')' to close the group", 19]);
+    expect(refusal(() => GrammarAutomaton.fromGrammar('root ::= [z-a]')).message).toMatch(/range z-a runs backwards/);
+    expect(refusal(() => GrammarAutomaton.fromGrammar('root ::= "a\\q"')).message).toMatch(/unknown escape \\q/);
+    expect(refusal(() => GrammarAutomaton.fromGrammar('root ::= "a"{2000}')).message).toMatch(/repetition counts above 1000/);
+    expect(refusal(() => GrammarAutomaton.fromGrammar('root ::= "a" | ) "b"')).message).toMatch(/'\)' without its '\('/);
+    expect(refusal(() => GrammarAutomaton.fromGrammar('   ')).message).toMatch(/non-empty string of rules/);
+    expect(refusal(() => TokenGuide.compile(Tokenizer.fromJSON(gpt2StyleTokenizerJson()), { grammar: 'root ::= x' }, 'row 3: guidedDecoding')).message).toBe("row 3: guidedDecoding: grammar: rule 'x' is used (at 9) but never defined");
+    expect(refusal(() => TokenGuide.compile(Tokenizer.fromJSON(gpt2StyleTokenizerJson()), { grammar: 7 as never })).message).toMatch(/grammar must be a string of GBNF rules/);
+  });
+});
+
 describe('guided decoding: token guides', () => {
   const gpt2 = Tokenizer.fromJSON(gpt2StyleTokenizerJson());
   const llama2 = Tokenizer.fromJSON(llama2StyleTokenizerJson());
@@ -253,6 +338,36 @@ describe('guided decoding: token guides', () => {
       // An accepting state that cannot go on ends the text itself: most walks end at '}', none needs the stop token there.
       expect(stoppedByToken).toBe(0);
     }
+  });
+
+  it('guides tokens through a grammar: each mask is exactly the tokens that keep the text derivable, and every walk ends in a text it derives', () => {
+    const guide = TokenGuide.fromGrammar(gpt2, ARITHMETIC);
+    const constraint = guide.constraint([endOfText]);
+    const random = seeded(23);
+    let deepest = 0;
+    for (let text = 0; text < 12; text++) {
+      const generated: number[] = [];
+      for (let mask = constraint(generated); mask !== null; mask = constraint(generated)) {
+        const state = guide.stateAfter(generated);
+        for (let id = 0; id < gpt2.vocabSize; id++) {
+          const bytes = gpt2.tokenBytes(id);
+          const alive = bytes !== undefined && bytes.length > 0 && guide.automaton.walk(state, bytes) !== DEAD;
+          expect(mask.has(id), `token ${id} after ${generated.length} tokens`).toBe(alive || (id === endOfText && guide.automaton.accepting(state)));
+        }
+        const ids = mask.ids();
+        // Lean towards the stop token after a while, so that walks end.
+        const pick = generated.length > 20 && mask.has(endOfText) ? endOfText : ids[Math.floor(random() * ids.length)];
+        generated.push(pick);
+        if (pick === endOfText) break;
+        expect(generated.length).toBeLessThan(400);
+      }
+      if (generated.at(-1) === endOfText) generated.pop();
+      const decoded = gpt2.decode(generated);
+      expect({ decoded, derived: isArithmetic(decoded) }).toEqual({ decoded, derived: true });
+      let depth = 0;
+      for (const character of decoded) deepest = Math.max(deepest, (depth += character === '(' ? 1 : character === ')' ? -1 : 0));
+    }
+    expect(deepest).toBeGreaterThan(1);
   });
 
   it('lets a stop token end a pattern that may go on, and names a token that leaves the pattern', () => {
@@ -330,6 +445,23 @@ describe('guided decoding in the processor and the replica', () => {
     });
   });
 
+  it('generates text a grammar derives, token for token as a reference restricted to the same tokens', async () => {
+    const grammar = 'root ::= "(" item ( ", " item )* ")"\nitem ::= [a-z]{1,5} | [0-9]{1,3} | root';
+    const prompts = ['Hello world', 'the cat'];
+    const processor = buildLLMProcessor({ checkpoint, promptColumn: 'prompt', maxNewTokens: 60, guidedDecoding: { grammar } });
+    const rows = await processor(fromItems(prompts.map((prompt, id) => ({ id, prompt })))).takeAll();
+    rows.sort((a, b) => (a.id as number) - (b.id as number));
+    const guide = TokenGuide.fromGrammar(tokenizer, grammar);
+    const stop = tokenizer.tokenToId('<|endoftext|>')!;
+    prompts.forEach((prompt, index) => {
+      expect(Array.from(rows[index].generatedTokens as number[])).toEqual(guidedReference(guide, tokenizer.encode(prompt), stop, 60));
+      // Complete or cut by the token limit, the text is on the grammar: a prefix of a text it derives.
+      const text = rows[index].generatedText as string;
+      expect(guide.automaton.walk(guide.automaton.start, new TextEncoder().encode(text))).not.toBe(DEAD);
+      if (rows[index].finishReason === 'stop') expect((guide.automaton as GrammarAutomaton).matches(text)).toBe(true);
+    });
+  });
+
   it("takes each row's own guide from its column, as JSON text, and refuses bad ones by name", async () => {
     const processor = buildLLMProcessor({ checkpoint, promptColumn: 'prompt', maxNewTokens: 30 });
     const rows = await processor(
@@ -348,7 +480,7 @@ describe('guided decoding in the processor and the replica', () => {
     expect((rows[3].generatedTokens as number[]).length).toBe(30);
     await expect(processor(fromItems([{ prompt: 'a', guidedDecoding: JSON.stringify({ regex: '(?=x)' }) }])).takeAll()).rejects.toThrow(/row 0: guidedDecoding: regex "\(\?=x\)" at 0: lookaround is not supported/);
     expect(refusal(() => buildLLMProcessor({ checkpoint, promptColumn: 'prompt', guidedDecoding: { json: { type: 'object', properties: { x: { type: 'integer', multipleOf: 3 } } } } })).schemaPath).toBe('#/properties/x/multipleOf');
-    expect(refusal(() => buildLLMProcessor({ checkpoint, guidedDecoding: { regex: 'a', json: {} } })).message).toMatch(/exactly one of json, jsonObject, regex or choice, got json and regex/);
+    expect(refusal(() => buildLLMProcessor({ checkpoint, guidedDecoding: { regex: 'a', json: {} } })).message).toMatch(/exactly one of json, jsonObject, regex, choice or grammar, got json and regex/);
     expect(() => buildLLMProcessor({ checkpoint, promptColumn: 'prompt', choices: ['a'], guidedDecoding: { regex: 'a' } })).toThrow(/choices or guidedDecoding, not both/);
   });
 

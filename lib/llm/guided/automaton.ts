@@ -5,6 +5,7 @@
  * generation visits, and a guide only needs the states its texts pass through.
  */
 import { GrammarError } from '../../errors.js';
+import type { GrammarNode } from './grammar.js';
 import { type RegexNode, parseRegex, utf8Sequences } from './regex.js';
 
 /** More states than this in either automaton is refused: the pattern is too large to guide. */
@@ -16,22 +17,58 @@ export const UNKNOWN = -2;
 /** The state no text leads out of: a byte that leads here is not allowed. */
 export const DEAD = -1;
 
-class Nfa {
+/**
+ * What a guide walks (lib/llm/guided/token-guide.ts): states numbered from 0, the start; a byte
+ * leads from a state to another or to DEAD. A regex's automaton (ByteAutomaton) and a grammar's
+ * (GrammarAutomaton) both are one.
+ */
+export interface GuideAutomaton {
+  /** The pattern or grammar, for messages. */
+  readonly pattern: string;
+  readonly start: number;
+  /** Every state's transitions known so far, by byte: a state, DEAD, or UNKNOWN (ask `step`). */
+  readonly rows: readonly Int32Array[];
+  step(state: number, byte: number): number;
+  walk(state: number, bytes: Uint8Array): number;
+  /** Whether the text that led to `state` is whole (matches the pattern, or the grammar's root). */
+  accepting(state: number): boolean;
+  /** Whether some byte leads on from `state` (else the text is complete). */
+  canContinue(state: number): boolean;
+}
+
+/**
+ * A nondeterministic automaton over bytes (Thompson's construction). A grammar's also has call
+ * edges: at a state with one, the text goes on in another rule's automaton and comes back to the
+ * call's target when that rule ends (GrammarAutomaton keeps the stack of those returns).
+ */
+export class Nfa {
   readonly epsilons: number[][] = [];
   /** Byte edges of each state: low, high, target, flattened. */
   readonly edges: number[][] = [];
+  /** Per state: the rule it calls and the state the call returns to (-1, -1: none). */
+  readonly callRule: number[] = [];
+  readonly callReturn: number[] = [];
   accept = -1;
 
   add(): number {
     if (this.epsilons.length >= MAX_NFA_STATES) throw new GrammarError(`the pattern needs more than ${MAX_NFA_STATES} automaton states (long repetitions of large parts); simplify it`);
     this.epsilons.push([]);
     this.edges.push([]);
+    this.callRule.push(-1);
+    this.callReturn.push(-1);
     return this.epsilons.length - 1;
   }
 
   /** A fragment for `node` from a new start state to a new end state. */
-  build(node: RegexNode): [number, number] {
+  build(node: GrammarNode): [number, number] {
     switch (node.kind) {
+      case 'rule': {
+        const start = this.add();
+        const end = this.add();
+        this.callRule[start] = node.rule;
+        this.callReturn[start] = end;
+        return [start, end];
+      }
       case 'chars': {
         const start = this.add();
         const end = this.add();
@@ -101,7 +138,7 @@ class Nfa {
  * A deterministic automaton over bytes, each state a set of the nondeterministic one's, built on
  * first use. States are numbered from 0 (the start); DEAD is the state no text leaves.
  */
-export class ByteAutomaton {
+export class ByteAutomaton implements GuideAutomaton {
   readonly pattern: string;
   readonly #nfa: Nfa;
   /** Per NFA state: whether the accept state can be reached from it (others are dropped from sets). */

@@ -1,9 +1,11 @@
 /**
  * What a caller asks guided decoding for (vLLM's GuidedDecodingParams): a JSON schema, any JSON
- * object, a regex or a list of choices, turned into the one regex a guide compiles.
+ * object, a regex or a list of choices, turned into the one regex a guide compiles; or a
+ * context-free grammar, compiled into its own automaton.
  */
 import { GrammarError } from '../../errors.js';
-import { ByteAutomaton } from './automaton.js';
+import { ByteAutomaton, type GuideAutomaton } from './automaton.js';
+import { GrammarAutomaton } from './grammar-automaton.js';
 import { jsonSchemaToRegex } from './json-schema.js';
 import { escapeRegex } from './regex.js';
 
@@ -16,23 +18,32 @@ export interface GuidedDecoding {
   regex?: string;
   /** The text is one of these, however the model spells it in tokens. */
   choice?: string[];
+  /** The text is one this GBNF grammar's `root` rule derives (see lib/llm/guided/grammar.ts). */
+  grammar?: string;
   /** For JSON: the whitespace allowed between tokens, as a regex (default `[ ]?`). */
   whitespace?: string;
   /** For JSON: how deeply recursive references and free-form values nest (default 3; free-form values grow fourfold in size per level). */
   maxDepth?: number;
 }
 
-const KEYS = new Set(['json', 'jsonObject', 'regex', 'choice', 'whitespace', 'maxDepth']);
+const KEYS = new Set(['json', 'jsonObject', 'regex', 'choice', 'grammar', 'whitespace', 'maxDepth']);
 
-/** The regex of the texts `spec` allows; throws GrammarError naming what is wrong (`where` leads the message). */
-export function guidedRegex(spec: GuidedDecoding, where = 'guidedDecoding'): string {
+/** Which one thing `spec` asks for; throws GrammarError naming what is wrong. */
+function kindOf(spec: GuidedDecoding, where: string): 'json' | 'jsonObject' | 'regex' | 'choice' | 'grammar' {
   if (typeof spec !== 'object' || spec === null || Array.isArray(spec)) throw new GrammarError(`${where} must be an object such as { json: schema } or { regex: '...' }`);
   for (const key of Object.keys(spec)) if (!KEYS.has(key)) throw new GrammarError(`${where}: unknown option '${key}' (${[...KEYS].join(', ')})`);
-  const kinds = (['json', 'jsonObject', 'regex', 'choice'] as const).filter((kind) => spec[kind] !== undefined && spec[kind] !== false);
-  if (kinds.length !== 1) throw new GrammarError(`${where} needs exactly one of json, jsonObject, regex or choice, got ${kinds.length === 0 ? 'none' : kinds.join(' and ')}`);
+  const kinds = (['json', 'jsonObject', 'regex', 'choice', 'grammar'] as const).filter((kind) => spec[kind] !== undefined && spec[kind] !== false);
+  if (kinds.length !== 1) throw new GrammarError(`${where} needs exactly one of json, jsonObject, regex, choice or grammar, got ${kinds.length === 0 ? 'none' : kinds.join(' and ')}`);
+  return kinds[0];
+}
+
+/** The regex of the texts `spec` allows (not a grammar: no regex has one's nesting); throws GrammarError naming what is wrong (`where` leads the message). */
+export function guidedRegex(spec: GuidedDecoding, where = 'guidedDecoding'): string {
+  const kind = kindOf(spec, where);
+  if (kind === 'grammar') throw new GrammarError(`${where}: a grammar is not a regex`);
   const options = { ...(spec.whitespace !== undefined ? { whitespace: spec.whitespace } : {}), ...(spec.maxDepth !== undefined ? { maxDepth: spec.maxDepth } : {}) };
   try {
-    switch (kinds[0]) {
+    switch (kind) {
       case 'json':
         return jsonSchemaToRegex(spec.json, options);
       case 'jsonObject':
@@ -54,13 +65,16 @@ export function guidedRegex(spec: GuidedDecoding, where = 'guidedDecoding'): str
 }
 
 /**
- * The automaton of the texts `spec` allows (its regex parsed and compiled): checks a spec whole
- * before any model is loaded, and builds a guide's. Errors are GrammarErrors led by `where`.
+ * The automaton of the texts `spec` allows (its regex or grammar parsed and compiled): checks a
+ * spec whole before any model is loaded, and builds a guide's. Errors are GrammarErrors led by
+ * `where`.
  */
-export function checkGuidedDecoding(spec: GuidedDecoding, where = 'guidedDecoding', options: { leadingSpace?: boolean } = {}): ByteAutomaton {
-  const regex = guidedRegex(spec, where);
+export function checkGuidedDecoding(spec: GuidedDecoding, where = 'guidedDecoding', options: { leadingSpace?: boolean } = {}): GuideAutomaton {
+  const grammar = kindOf(spec, where) === 'grammar';
+  if (grammar && typeof spec.grammar !== 'string') throw new GrammarError(`${where}: grammar must be a string of GBNF rules, got ${typeof spec.grammar}`);
+  const regex = grammar ? undefined : guidedRegex(spec, where);
   try {
-    return ByteAutomaton.fromRegex(regex, options);
+    return grammar ? GrammarAutomaton.fromGrammar(spec.grammar!, options) : ByteAutomaton.fromRegex(regex!, options);
   } catch (error) {
     if (error instanceof GrammarError) throw new GrammarError(`${where}: ${error.message}`, { position: error.position, schemaPath: error.schemaPath });
     throw error;

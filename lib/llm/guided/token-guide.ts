@@ -1,14 +1,15 @@
 /**
- * Guided decoding (vLLM's guided_regex and guided_json, as outlines does it): the tokens a
- * generation may pick next are those whose bytes keep the text on a path of the pattern's
- * automaton. The vocabulary is laid out as a trie of token bytes once per tokenizer; each
+ * Guided decoding (vLLM's guided_regex, guided_json and guided_grammar, as outlines does it): the
+ * tokens a generation may pick next are those whose bytes keep the text on a path of the
+ * pattern's automaton (a regex's, or a grammar's with its stack of rule calls). The vocabulary is laid out as a trie of token bytes once per tokenizer; each
  * automaton state's allowed tokens are found by walking the trie and the automaton together
  * (a byte that leads nowhere cuts off every token below it), and kept as a bit mask, so a state
  * costs one walk however many sequences pass through it.
  */
 import { GrammarError } from '../../errors.js';
 import type { Tokenizer } from '../tokenizer.js';
-import { ByteAutomaton, DEAD, UNKNOWN } from './automaton.js';
+import { ByteAutomaton, DEAD, type GuideAutomaton, UNKNOWN } from './automaton.js';
+import { GrammarAutomaton } from './grammar-automaton.js';
 import { type JsonSchemaOptions, jsonSchemaToRegex } from './json-schema.js';
 import { TokenMask } from './token-mask.js';
 import { type GuidedDecoding, checkGuidedDecoding } from './guided-decoding.js';
@@ -86,7 +87,7 @@ class VocabularyTrie {
   }
 
   /** The tokens whose whole bytes lead from `state` to a state that is not DEAD. */
-  allowedFrom(automaton: ByteAutomaton, state: number): TokenMask {
+  allowedFrom(automaton: GuideAutomaton, state: number): TokenMask {
     const mask = new TokenMask(this.size);
     const words = mask.words;
     const { parent, byte, subtreeEnd, tokenStart, tokens } = this;
@@ -137,7 +138,7 @@ export type TokenConstraint = (generated: readonly number[]) => TokenMask | null
  * asks for the next token's allowed ids; the masks it builds are shared.
  */
 export class TokenGuide {
-  readonly automaton: ByteAutomaton;
+  readonly automaton: GuideAutomaton;
   readonly #trie: VocabularyTrie;
   readonly #masks = new Map<number, TokenMask>();
   /** How many masks fit MASK_BYTES_KEPT (each of the two caches: plain, and with stop tokens). */
@@ -147,6 +148,11 @@ export class TokenGuide {
   static fromRegex(tokenizer: Tokenizer, pattern: string): TokenGuide {
     // Where the decoder drops a leading space, a first token such as '▁{' spells '{' in the text.
     return new TokenGuide(tokenizer, ByteAutomaton.fromRegex(pattern, { leadingSpace: tokenizer.stripsLeadingSpace }));
+  }
+
+  /** The text must be one a GBNF grammar's `root` derives (see lib/llm/guided/grammar.ts). */
+  static fromGrammar(tokenizer: Tokenizer, grammar: string): TokenGuide {
+    return new TokenGuide(tokenizer, GrammarAutomaton.fromGrammar(grammar, { leadingSpace: tokenizer.stripsLeadingSpace }));
   }
 
   /** The text must be JSON that the schema accepts (see jsonSchemaToRegex for what is enforced). */
@@ -159,7 +165,7 @@ export class TokenGuide {
     return new TokenGuide(tokenizer, checkGuidedDecoding(spec, where, { leadingSpace: tokenizer.stripsLeadingSpace }));
   }
 
-  private constructor(tokenizer: Tokenizer, automaton: ByteAutomaton) {
+  private constructor(tokenizer: Tokenizer, automaton: GuideAutomaton) {
     this.automaton = automaton;
     this.#trie = trieOf(tokenizer);
     this.#masksKept = Math.max(64, Math.floor(MASK_BYTES_KEPT / 2 / (4 * Math.ceil(this.#trie.size / 32))));
