@@ -30,6 +30,9 @@
  *   rank, each token picked among those a regex allows (a TokenGuide over a synthetic byte-level
  *   vocabulary of the model's 8,192 tokens: masks built, sent with every step, applied), against
  *   none;
+ * - `guided_grammar_tokens_per_s` against `guided_regex_tokens_per_s`: the same requests guided by
+ *   a grammar of the same characters whose braces nest and balance (NESTED_BRACES): each depth
+ *   of nesting is a state of the grammar's automaton (a stack of calls), with a mask of its own;
  * - `guided_mask_ms` against `guided_mask_per_token_ms`: the allowed tokens of one automaton state
  *   inside a JSON string (almost every token), over a synthetic 50,000-token vocabulary, found by
  *   walking the vocabulary's trie against walking each token's bytes on its own (the floor a
@@ -274,9 +277,12 @@ async function withAdapters(checkpoint: string, directory: string): Promise<numb
 }
 
 /** Tokens per second of the 16 prompts on one rank, each step's token among those `pattern` allows (none: unguided). */
-function guided(checkpoint: string, pattern: string | undefined): Promise<number> {
+/** The regex's characters, with braces that nest and balance (no regex can say so). */
+const NESTED_BRACES = 'root ::= item*\nitem ::= [a-z ,.:"] | "{" item* "}"';
+
+function guided(checkpoint: string, guide?: (tokenizer: Tokenizer) => TokenGuide): Promise<number> {
   const tokenizer = syntheticTokenizer(CONFIG.vocabSize);
-  const constraint = pattern === undefined ? undefined : TokenGuide.fromRegex(tokenizer, pattern).constraint();
+  const constraint = guide?.(tokenizer).constraint();
   return generationRate({ checkpoint }, prompts.map((tokens) => ({ tokens, maxNewTokens: NEW_TOKENS, ...(constraint ? { constraint } : {}) })));
 }
 
@@ -334,6 +340,7 @@ export const llmSuite: Suite = {
     ['n-gram speculation, 4 tokens / plain decoding, one rank (text that repeats: all kept)', 'llm_ngram_copy_tokens_per_s', 'llm_ngram_copy_plain_tokens_per_s', ''],
     ['four LoRA adapters, rank 16 / base model, one rank', 'llm_lora_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
     ['guided by a regex / unguided, one rank', 'guided_regex_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
+    ['guided by a grammar of nested braces / by a regex, one rank', 'guided_grammar_tokens_per_s', 'guided_regex_tokens_per_s', ''],
     ['mask of a state inside a string, trie walk / each token walked (time)', 'guided_mask_ms', 'guided_mask_per_token_ms', ''],
     ["masks of a document's states, trie walk / each token walked (time)", 'guided_masks_document_ms', 'guided_masks_document_per_token_ms', ''],
     ['linear m 512, two threads / one', 'linear_m512_2threads_gflops', 'linear_m512_gflops', ''],
@@ -402,7 +409,8 @@ export const llmSuite: Suite = {
         results.llm_ngram_copy_tokens_per_s = { value: round(copying.rate, 1), unit: 'tokens/s' };
         results.llm_ngram_copy_accepted_fraction = { value: round(copying.accepted, 3), unit: 'fraction' };
         results.llm_lora_tokens_per_s = { value: round(await withAdapters(checkpoint, join(directory, 'adapters')), 1), unit: 'tokens/s' };
-        results.guided_regex_tokens_per_s = { value: round(await guided(checkpoint, '[a-z ,.:"{}]*'), 1), unit: 'tokens/s' };
+        results.guided_regex_tokens_per_s = { value: round(await guided(checkpoint, (tokenizer) => TokenGuide.fromRegex(tokenizer, '[a-z ,.:"{}]*')), 1), unit: 'tokens/s' };
+        results.guided_grammar_tokens_per_s = { value: round(await guided(checkpoint, (tokenizer) => TokenGuide.fromGrammar(tokenizer, NESTED_BRACES)), 1), unit: 'tokens/s' };
       } finally {
         await shutdown();
       }
