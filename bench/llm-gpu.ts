@@ -12,6 +12,10 @@
  *   `matmul_floor_tokens_per_s`: the same tokens at the rate cuBLAS multiplies this model's
  *   matrices (one [4096 × 4096] · [11008 × 4096]ᵀ bf16 product, timed here), attention and the
  *   other kernels left out: the ratio is what they and the launches cost.
+ * - `gpu_decode_long_step_ms` and `gpu_decode_long_fp8_step_ms`: a decode step of the same 64
+ *   sequences 2,048 positions in, the paged cache in bf16 and in fp8 (attention then reads more
+ *   cache than weights: 2.1 GB of bf16 keys and values a step); against `long_read_floor_ms`,
+ *   every weight and the bf16 cache read once at the device's read bandwidth.
  * - `gpu_replica_tokens_per_s`: a ModelReplica on device 'cuda' (one GPU rank) generating 64
  *   tokens for each of 64 prompts of 32, a smaller Llama-shaped checkpoint (4 layers, hidden 1024,
  *   vocabulary 32,000, bf16) written for the run; against `gpu_replica_layers_tokens_per_s`, the
@@ -43,7 +47,9 @@ const CONFIG = checkDecoderConfig(SMOKE
       architecture: 'llama', vocabSize: 32000, hiddenSize: 4096, numLayers: 8, numHeads: 32, numKeyValueHeads: 8, headSize: 128,
       intermediateSize: 11008, maxPositions: 4096, layerNormEpsilon: 1e-5, ropeTheta: 500000, tieWordEmbeddings: false,
     });
-const SIZES = SMOKE ? { copyBytes: 1 << 20, batch: 4, prompt: 8, decodeSteps: 4, prompts: 2, length: 16, gemmRows: 32 } : { copyBytes: 1 << 30, batch: 64, prompt: 128, decodeSteps: 24, prompts: 8, length: 512, gemmRows: 4096 };
+const SIZES = SMOKE
+  ? { copyBytes: 1 << 20, batch: 4, prompt: 8, decodeSteps: 4, prompts: 2, length: 16, gemmRows: 32, longContext: 40, longChunk: 16 }
+  : { copyBytes: 1 << 30, batch: 64, prompt: 128, decodeSteps: 24, prompts: 8, length: 512, gemmRows: 4096, longContext: 2048, longChunk: 256 };
 
 /** A [rows, columns] bf16 matrix of small values, a random block repeated (making 2.8 GB of distinct randoms takes longer than the run). */
 function matrix(rows: number, columns: number, seed: number): HalfMatrix {
@@ -68,6 +74,8 @@ export const llmGpuSuite: Suite = {
     ['replica / its layers alone, decoding', 'gpu_replica_tokens_per_s', 'gpu_replica_layers_tokens_per_s', 'higher is better; 1 is no cost outside the layers'],
     ['decode step: weight-read floor / measured', 'weight_read_floor_ms', 'gpu_decode_step_ms', 'higher is better; 1 is the bandwidth bound'],
     ['prefill: measured / matmul-only rate', 'gpu_prefill_tokens_per_s', 'matmul_floor_tokens_per_s', 'higher is better; 1 is cuBLAS alone'],
+    ['decode at 2,048 positions, bf16 cache: read floor / measured', 'long_read_floor_ms', 'gpu_decode_long_step_ms', 'higher is better; 1 is the bandwidth bound'],
+    ['decode at 2,048 positions: fp8 cache / bf16 cache (time)', 'gpu_decode_long_fp8_step_ms', 'gpu_decode_long_step_ms', 'below 1: the fp8 cache reads faster'],
   ],
   async run(): Promise<Results> {
     if (!cuda.available) {
@@ -124,6 +132,32 @@ export const llmGpuSuite: Suite = {
     results.gpu_decode_step_ms = { value: round(stepSeconds * 1e3, 3), unit: 'ms' };
     results.gpu_decode_tokens_per_s = { value: round(batch / stepSeconds, 1), unit: 'tokens/s' };
     for (let id = 0; id < batch; id++) layers.release(id);
+
+    // Decode at a long context: the cache read rivals the weights'. Its prompts are read in
+    // pieces first (their values matter not), for a cache in bf16, then in fp8.
+    const { longContext, longChunk } = SIZES;
+    const longStep = async (target: DeviceLayers): Promise<number> => {
+      for (let id = 0; id < batch; id++) target.reserve(2000 + id, longContext + decodeSteps + 1);
+      for (let past = 0; past < longContext; past += longChunk) {
+        const count = Math.min(longChunk, longContext - past);
+        await target.run(randomHidden(batch * count * size), Array.from({ length: batch }, (_, id) => ({ id: 2000 + id, past, count })));
+      }
+      const times: number[] = [];
+      for (let step = 0; step < Math.min(decodeSteps, 8); step++) {
+        const hidden = randomHidden(batch * size);
+        const start = nowNs();
+        await target.run(hidden, Array.from({ length: batch }, (_, id) => ({ id: 2000 + id, past: longContext + step, count: 1 })));
+        times.push(elapsedSeconds(start));
+      }
+      for (let id = 0; id < batch; id++) target.release(2000 + id);
+      return median(times.slice(2));
+    };
+    results.gpu_decode_long_step_ms = { value: round((await longStep(layers)) * 1e3, 3), unit: 'ms' };
+    results.long_read_floor_ms = { value: round(((layers.weightBytes + batch * longContext * layers.bytesPerPosition) / readBandwidth) * 1e3, 3), unit: 'ms' };
+    {
+      using eight = DeviceLayers.create(kernels, { config, plan, layers: layerWeights, kvCacheDtype: 'fp8', inverseFrequencies: rotaryInverseFrequencies(config) });
+      results.gpu_decode_long_fp8_step_ms = { value: round((await longStep(eight)) * 1e3, 3), unit: 'ms' };
+    }
 
     // Prefill: 8 prompts of 512 tokens in one step.
     const { prompts, length } = SIZES;

@@ -52,7 +52,7 @@ wanted probe && step probe 60 node --import tsx bench/gpu-probe.ts
 wanted probe && step probe-nospin 60 env TRELLIS_BUSY_POLL_US=0 node --import tsx bench/gpu-probe.ts
 command -v nvidia-cuda-mps-control >/dev/null && wanted probe && step probe-mps 60 node --import tsx bench/gpu-probe.ts --mps
 # A model's layers on the GPU (the device path): decode and prefill against their floors.
-wanted llm && step llm 240 node --import tsx bench/run.ts llm-gpu --json
+wanted llm && step llm 300 node --import tsx bench/run.ts llm-gpu --json
 # The processor end to end on a GPU rank: per-row JSON schemas, LoRA adapters, speculation.
 wanted llm && step llm-demo 120 node --import tsx examples/structured-extraction.ts --device cuda
 wanted demo && step demo 60 node --import tsx examples/batch-inference.ts

@@ -208,7 +208,7 @@ describe('the CUDA kernels against the host', () => {
     });
     expect(report.suite).toBe('llm-gpu');
     expect(Object.keys(report.results).sort()).toEqual(
-      ['device_read_GBps', 'gpu_decode_step_ms', 'gpu_decode_tokens_per_s', 'gpu_prefill_tokens_per_s', 'gpu_replica_layers_tokens_per_s', 'gpu_replica_tokens_per_s', 'matmul_TFLOPs', 'matmul_floor_tokens_per_s', 'weight_read_floor_ms'].sort(),
+      ['device_read_GBps', 'gpu_decode_long_fp8_step_ms', 'gpu_decode_long_step_ms', 'gpu_decode_step_ms', 'gpu_decode_tokens_per_s', 'gpu_prefill_tokens_per_s', 'gpu_replica_layers_tokens_per_s', 'gpu_replica_tokens_per_s', 'long_read_floor_ms', 'matmul_TFLOPs', 'matmul_floor_tokens_per_s', 'weight_read_floor_ms'].sort(),
     );
   }, 120_000);
 
