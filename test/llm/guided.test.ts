@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildLLMProcessor, fromItems, GrammarError, init, jsonSchemaToRegex, ModelReplica, shutdown, TokenGuide, TokenMask, Tokenizer } from '../../lib/index.js';
 import { ByteAutomaton, DEAD } from '../../lib/llm/guided/automaton.js';
 import { GrammarAutomaton } from '../../lib/llm/guided/grammar-automaton.js';
+import { checkGuidedDecoding } from '../../lib/llm/guided/guided-decoding.js';
 import { integerRange } from '../../lib/llm/guided/json-schema.js';
 import { gpt2StyleTokenizerJson, llama2StyleTokenizerJson } from './fixtures/tokenizers.js';
 import { randomWeights, referenceLogits, TINY, writeCheckpoint } from './fixtures/decoders.js';
@@ -189,6 +190,25 @@ describe('guided decoding: JSON schemas as regexes', () => {
       expect(error.schemaPath).toBe(path);
     }
   });
+
+  it('follows recursive references to any depth in a guide (its references become grammar rules); schemas without recursion stay one regex', () => {
+    const tree = { $defs: { node: { type: 'object', properties: { name: { type: 'string', maxLength: 4 }, children: { type: 'array', items: { $ref: '#/$defs/node' } } }, required: ['name', 'children'] } }, $ref: '#/$defs/node' };
+    const automaton = checkGuidedDecoding({ json: tree });
+    expect(automaton).toBeInstanceOf(GrammarAutomaton);
+    const grow = (depth: number): unknown => ({ name: `n${depth % 10}`, children: depth === 0 ? [] : [grow(depth - 1), { name: 'leaf', children: [] }] });
+    for (const depth of [0, 3, 25]) expect((automaton as GrammarAutomaton).matches(JSON.stringify(grow(depth)))).toBe(true);
+    expect((automaton as GrammarAutomaton).matches('{"name":"a","children":[{"name":"b"}]}')).toBe(false);
+    expect((automaton as GrammarAutomaton).matches('{"name":"toolong","children":[]}')).toBe(false);
+    // Through two definitions that name each other, beside a choice that ends the recursion.
+    const mutual = { $defs: { a: { type: 'object', properties: { b: { anyOf: [{ $ref: '#/$defs/b' }, { type: 'null' }] } }, required: ['b'] }, b: { type: 'array', items: { $ref: '#/$defs/a' } } }, $ref: '#/$defs/a' };
+    const nested = checkGuidedDecoding({ json: mutual }) as GrammarAutomaton;
+    expect([nested.matches('{"b":[{"b":[{"b":null}]},{"b":[]}]}'), nested.matches('{"b":[{"b":1}]}')]).toEqual([true, false]);
+    // A reference used twice without recursion is inlined: one regex.
+    expect(checkGuidedDecoding({ json: { type: 'object', properties: { a: { $ref: '#/$defs/n' }, b: { $ref: '#/$defs/n' } }, $defs: { n: { type: 'integer' } } } })).toBeInstanceOf(ByteAutomaton);
+    // Recursion with no way out is named.
+    const endless = { $defs: { link: { type: 'object', properties: { next: { $ref: '#/$defs/link' } }, required: ['next'] } }, $ref: '#/$defs/link' };
+    expect(refusal(() => checkGuidedDecoding({ json: endless }, 'row 2: guidedDecoding')).message).toMatch(/^row 2: guidedDecoding: grammar: rules? .*'#\/\$defs\/link' can never finish/);
+  });
 });
 
 const ARITHMETIC = `
@@ -368,6 +388,31 @@ describe('guided decoding: token guides', () => {
       for (const character of decoded) deepest = Math.max(deepest, (depth += character === '(' ? 1 : character === ')' ? -1 : 0));
     }
     expect(deepest).toBeGreaterThan(1);
+  });
+
+  it('guides tokens through a recursive schema: every walk is a tree the schema accepts', () => {
+    const tree = { $defs: { node: { type: 'object', properties: { id: { type: 'integer', minimum: 0, maximum: 9 }, kids: { type: 'array', items: { $ref: '#/$defs/node' }, maxItems: 2 } }, required: ['id', 'kids'] } }, $ref: '#/$defs/node' };
+    const guide = TokenGuide.compile(gpt2, { json: tree });
+    const constraint = guide.constraint([endOfText]);
+    const random = seeded(31);
+    const valid = (value: any): boolean => Number.isInteger(value.id) && value.id >= 0 && value.id <= 9 && Array.isArray(value.kids) && value.kids.length <= 2 && value.kids.every(valid) && Object.keys(value).join() === 'id,kids';
+    let deepest = 0;
+    const depthOf = (value: any): number => 1 + Math.max(0, ...value.kids.map(depthOf));
+    for (let text = 0; text < 10; text++) {
+      const generated: number[] = [];
+      for (let mask = constraint(generated); mask !== null; mask = constraint(generated)) {
+        const ids = mask.ids();
+        // Close what is open after a while (a ']' or '}' where allowed), so that walks end.
+        const closing = generated.length > 60 ? ids.filter((id) => /^[\]}]$/.test(gpt2.decode([id]))) : [];
+        generated.push(closing.length > 0 ? closing[0] : ids[Math.floor(random() * ids.length)]);
+        expect(generated.length).toBeLessThan(500);
+      }
+      if (generated.at(-1) === endOfText) generated.pop();
+      const value = JSON.parse(gpt2.decode(generated));
+      expect(valid(value)).toBe(true);
+      deepest = Math.max(deepest, depthOf(value));
+    }
+    expect(deepest).toBeGreaterThan(2);
   });
 
   it('lets a stop token end a pattern that may go on, and names a token that leaves the pattern', () => {

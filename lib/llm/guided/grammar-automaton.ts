@@ -47,7 +47,12 @@ export class GrammarAutomaton implements GuideAutomaton {
    * the text begin with one space more (one a SentencePiece decoder drops from a text's start).
    */
   static fromGrammar(text: string, options: { leadingSpace?: boolean } = {}): GrammarAutomaton {
-    return new GrammarAutomaton(parseGrammar(text), options.leadingSpace === true);
+    return GrammarAutomaton.fromRules(parseGrammar(text), options);
+  }
+
+  /** The same for a grammar already parsed (or built: a recursive JSON schema's). */
+  static fromRules(grammar: Grammar, options: { leadingSpace?: boolean } = {}): GrammarAutomaton {
+    return new GrammarAutomaton(grammar, options.leadingSpace === true);
   }
 
   private constructor(grammar: Grammar, leadingSpace: boolean) {

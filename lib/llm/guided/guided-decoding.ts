@@ -6,7 +6,7 @@
 import { GrammarError } from '../../errors.js';
 import { ByteAutomaton, type GuideAutomaton } from './automaton.js';
 import { GrammarAutomaton } from './grammar-automaton.js';
-import { jsonSchemaToRegex } from './json-schema.js';
+import { jsonSchemaToGuide, jsonSchemaToRegex } from './json-schema.js';
 import { escapeRegex } from './regex.js';
 
 export interface GuidedDecoding {
@@ -22,7 +22,7 @@ export interface GuidedDecoding {
   grammar?: string;
   /** For JSON: the whitespace allowed between tokens, as a regex (default `[ ]?`). */
   whitespace?: string;
-  /** For JSON: how deeply recursive references and free-form values nest (default 3; free-form values grow fourfold in size per level). */
+  /** For JSON: how deeply free-form values nest (default 3; they grow fourfold in size per level). Recursive references nest without bound. */
   maxDepth?: number;
 }
 
@@ -70,11 +70,25 @@ export function guidedRegex(spec: GuidedDecoding, where = 'guidedDecoding'): str
  * `where`.
  */
 export function checkGuidedDecoding(spec: GuidedDecoding, where = 'guidedDecoding', options: { leadingSpace?: boolean } = {}): GuideAutomaton {
-  const grammar = kindOf(spec, where) === 'grammar';
-  if (grammar && typeof spec.grammar !== 'string') throw new GrammarError(`${where}: grammar must be a string of GBNF rules, got ${typeof spec.grammar}`);
-  const regex = grammar ? undefined : guidedRegex(spec, where);
+  const kind = kindOf(spec, where);
+  if (kind === 'grammar' && typeof spec.grammar !== 'string') throw new GrammarError(`${where}: grammar must be a string of GBNF rules, got ${typeof spec.grammar}`);
+  // A schema whose references recur is a grammar (its rules nest without bound); any other is a regex.
+  const schema = kind === 'json' ? recursiveSchema(spec, where) : undefined;
+  const regex = kind === 'grammar' || schema ? undefined : guidedRegex(spec, where);
   try {
-    return grammar ? GrammarAutomaton.fromGrammar(spec.grammar!, options) : ByteAutomaton.fromRegex(regex!, options);
+    if (schema) return GrammarAutomaton.fromRules(schema, options);
+    return kind === 'grammar' ? GrammarAutomaton.fromGrammar(spec.grammar!, options) : ByteAutomaton.fromRegex(regex!, options);
+  } catch (error) {
+    if (error instanceof GrammarError) throw new GrammarError(`${where}: ${error.message}`, { position: error.position, schemaPath: error.schemaPath });
+    throw error;
+  }
+}
+
+/** The grammar of a JSON schema whose $refs recur (undefined: none recurs, its regex serves). */
+function recursiveSchema(spec: GuidedDecoding, where: string) {
+  const options = { ...(spec.whitespace !== undefined ? { whitespace: spec.whitespace } : {}), ...(spec.maxDepth !== undefined ? { maxDepth: spec.maxDepth } : {}) };
+  try {
+    return jsonSchemaToGuide(spec.json, options).grammar;
   } catch (error) {
     if (error instanceof GrammarError) throw new GrammarError(`${where}: ${error.message}`, { position: error.position, schemaPath: error.schemaPath });
     throw error;

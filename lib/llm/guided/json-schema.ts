@@ -6,11 +6,17 @@
  * properties, required, additionalProperties (maps), items, prefixItems, minItems, maxItems,
  * minLength, maxLength, pattern, format (date, time, date-time, uuid, email), minimum, maximum
  * and their exclusive forms (integers: any; numbers: integer bounds), anyOf, oneOf, allOf of one,
- * $ref into $defs or definitions (recursion cut at `maxDepth`). Annotations are ignored; a keyword
- * that would change which documents are valid and cannot be enforced is a GrammarError naming it.
+ * $ref into $defs or definitions. Annotations are ignored; a keyword that would change which
+ * documents are valid and cannot be enforced is a GrammarError naming it.
+ *
+ * A regex cannot nest without bound, so jsonSchemaToRegex cuts $ref recursion at `maxDepth`. A
+ * guide takes jsonSchemaToGuide instead: a recursive reference becomes a rule of a grammar
+ * (lib/llm/guided/grammar.ts), so trees, nested lists and threads of replies nest as deep as the
+ * text goes; schemas without recursion stay one regex, as before.
  */
 import { GrammarError } from '../../errors.js';
-import { escapeRegex } from './regex.js';
+import type { Grammar, GrammarNode } from './grammar.js';
+import { type RegexNode, escapeRegex, parseRegex } from './regex.js';
 
 export interface JsonSchemaOptions {
   /**
@@ -18,7 +24,10 @@ export interface JsonSchemaOptions {
    * most one space). Unbounded whitespace such as `[ \n]*` lets a model pad forever.
    */
   whitespace?: string;
-  /** How deeply $ref recursion and free-form values (`{}`) may nest (default 3; free-form values grow fourfold in size per level). */
+  /**
+   * How deeply free-form values (`{}`) may nest (default 3; they grow fourfold in size per
+   * level), and in jsonSchemaToRegex $ref recursion too (a guide's recursion is unbounded).
+   */
   maxDepth?: number;
 }
 
@@ -42,6 +51,22 @@ const FORMATS: Record<string, string> = {
 
 /** The regex of JSON documents `schema` accepts; throws GrammarError (with `schemaPath`) for what it cannot enforce. */
 export function jsonSchemaToRegex(schema: unknown, options: JsonSchemaOptions = {}): string {
+  return compileSchema(schema, options, false).regex;
+}
+
+/**
+ * What a guide follows for `schema`: its regex, or where a $ref recurses, a grammar whose rules
+ * are the recursive references (the regex then is its root rule's, placeholders standing for the
+ * rules). Throws GrammarError (with `schemaPath`) for what it cannot enforce.
+ */
+export function jsonSchemaToGuide(schema: unknown, options: JsonSchemaOptions = {}): { regex: string; grammar?: Grammar } {
+  return compileSchema(schema, options, true);
+}
+
+/** Placeholders for grammar rules in a rule's regex: code points of the supplementary private-use area, never in a schema's own text. */
+const RULE_BASE = 0xf0000;
+
+function compileSchema(schema: unknown, options: JsonSchemaOptions, recursionAsRules: boolean): { regex: string; grammar?: Grammar } {
   if (typeof schema === 'string') {
     try {
       schema = JSON.parse(schema);
@@ -53,20 +78,87 @@ export function jsonSchemaToRegex(schema: unknown, options: JsonSchemaOptions = 
   if (!Number.isInteger(maxDepth) || maxDepth < 0) throw new GrammarError(`maxDepth must be a whole number, got ${String(maxDepth)}`);
   const whitespace = options.whitespace ?? '[ ]?';
   if (typeof whitespace !== 'string') throw new GrammarError('whitespace must be a regex in a string');
-  const regex = new SchemaCompiler(schema, `(${whitespace})`, maxDepth).compile(schema, '#', 0);
+  const compiler = new SchemaCompiler(schema, `(${whitespace})`, maxDepth, recursionAsRules);
+  const regex = compiler.compile(schema, '#', 0);
   if (regex === null) throw new GrammarError(`the schema accepts no document within maxDepth ${maxDepth}`, { schemaPath: '#' });
-  return regex;
+  const rules = compiler.rules;
+  if (rules.length === 0) return { regex };
+  if ([...JSON.stringify(schema)].some((character) => character.codePointAt(0)! >= RULE_BASE)) {
+    throw new GrammarError('a recursive schema cannot hold characters of the supplementary private-use planes (U+F0000 on), which guided decoding uses internally', { schemaPath: '#' });
+  }
+  // Rule 0 is the document; rule k + 1 the k-th recursive reference.
+  const bodies = [regex, ...rules.map((rule) => rule.regex)];
+  const grammar: Grammar = {
+    text: `JSON schema ${JSON.stringify(schema).slice(0, 200)}`,
+    names: ['root', ...rules.map((rule) => rule.name)],
+    rules: bodies.map((body) => withRules(parseRegex(body))),
+    root: 0,
+  };
+  return { regex, grammar };
+}
+
+/** A regex tree with each rule placeholder character turned into a call of its rule. */
+function withRules(node: RegexNode): GrammarNode {
+  switch (node.kind) {
+    case 'chars': {
+      const [[low, high]] = node.set;
+      return node.set.length === 1 && low === high && low >= RULE_BASE ? { kind: 'rule', rule: low - RULE_BASE + 1 } : node;
+    }
+    case 'concat':
+      return { kind: 'concat', parts: node.parts.map(withRules) };
+    case 'alternate':
+      return { kind: 'alternate', options: node.options.map(withRules) };
+    case 'repeat':
+      return { kind: 'repeat', node: withRules(node.node), min: node.min, max: node.max };
+  }
 }
 
 class SchemaCompiler {
   readonly #root: unknown;
   readonly #ws: string;
   readonly #maxDepth: number;
+  readonly #recursionAsRules: boolean;
+  /** Recursive references made rules: each one's regex (placeholders for rules), by rule number. */
+  readonly rules: Array<{ name: string; regex: string }> = [];
+  /** References being compiled (active) or made rules. */
+  readonly #references = new Map<string, { active: boolean; rule?: number }>();
 
-  constructor(root: unknown, whitespace: string, maxDepth: number) {
+  constructor(root: unknown, whitespace: string, maxDepth: number, recursionAsRules: boolean) {
     this.#root = root;
     this.#ws = whitespace;
     this.#maxDepth = maxDepth;
+    this.#recursionAsRules = recursionAsRules;
+  }
+
+  /**
+   * A $ref as a grammar: inlined where it does not recur; a reference met again while its own
+   * body is being compiled becomes a rule, and every use of it a call of that rule.
+   */
+  #reference(reference: string, target: unknown, path: string, depth: number): string | null {
+    const known = this.#references.get(reference);
+    if (known?.rule !== undefined && !known.active) return String.fromCodePoint(RULE_BASE + known.rule);
+    if (known?.active) {
+      if (known.rule === undefined) {
+        known.rule = this.rules.length;
+        this.rules.push({ name: reference, regex: '' });
+      }
+      return String.fromCodePoint(RULE_BASE + known.rule);
+    }
+    const state: { active: boolean; rule?: number } = { active: true };
+    this.#references.set(reference, state);
+    let body: string | null;
+    try {
+      body = this.compile(target, path, depth);
+    } finally {
+      state.active = false;
+    }
+    if (state.rule === undefined) {
+      this.#references.delete(reference);
+      return body;
+    }
+    if (body === null) throw new GrammarError(`${path}: ${reference} accepts no document`, { schemaPath: path });
+    this.rules[state.rule].regex = body;
+    return String.fromCodePoint(RULE_BASE + state.rule);
   }
 
   /** The regex of `schema`'s documents, or null where none fits within the depth (recursion cut off). */
@@ -79,8 +171,10 @@ class SchemaCompiler {
       if (!HANDLED.has(key) && !ANNOTATIONS.has(key)) throw new GrammarError(`${path}: the keyword '${key}' cannot be enforced by guided decoding`, { schemaPath: `${path}/${key}` });
     }
     if (node.$ref !== undefined) {
+      const target = this.#resolve(node.$ref, `${path}/$ref`);
+      if (this.#recursionAsRules) return this.#reference(node.$ref as string, target, `${path}/$ref`, depth);
       if (depth >= this.#maxDepth) return null;
-      return this.compile(this.#resolve(node.$ref, `${path}/$ref`), `${path}/$ref`, depth + 1);
+      return this.compile(target, `${path}/$ref`, depth + 1);
     }
     if (node.const !== undefined) return escapeRegex(JSON.stringify(node.const));
     if (node.enum !== undefined) {
