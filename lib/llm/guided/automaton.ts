@@ -37,6 +37,86 @@ export interface GuideAutomaton {
 }
 
 /**
+ * What the lazily built automata share: states numbered from 0 (the start) as they are built, each
+ * with its row of transitions by byte, filled on first use by the subclass's `successor`.
+ */
+export abstract class LazyAutomaton implements GuideAutomaton {
+  readonly pattern: string;
+  readonly #transitions: Int32Array[] = [];
+  readonly #accepting: boolean[] = [];
+  readonly #canContinue: boolean[] = [];
+
+  protected constructor(pattern: string) {
+    this.pattern = pattern;
+  }
+
+  get start(): number {
+    return 0;
+  }
+
+  /** States built so far. */
+  get size(): number {
+    return this.#transitions.length;
+  }
+
+  /**
+   * The transitions of `state` known so far, by byte: a state, DEAD, or UNKNOWN (-2: ask `step`).
+   * For loops that read many bytes (a vocabulary's trie) without a call per byte.
+   */
+  row(state: number): Int32Array {
+    return this.#transitions[state];
+  }
+
+  /** Every state's row (see `row`); the list grows as states are built, and stays the same list. */
+  get rows(): readonly Int32Array[] {
+    return this.#transitions;
+  }
+
+  /** Where `byte` leads from `state` (DEAD when nowhere). */
+  step(state: number, byte: number): number {
+    const row = this.#transitions[state];
+    const known = row[byte];
+    if (known !== UNKNOWN) return known;
+    const next = this.successor(state, byte);
+    row[byte] = next;
+    return next;
+  }
+
+  /** The state after `bytes` from `state`, or DEAD. */
+  walk(state: number, bytes: Uint8Array): number {
+    for (let index = 0; index < bytes.length && state !== DEAD; index++) state = this.step(state, bytes[index]);
+    return state;
+  }
+
+  /** Whether the text that led to `state` is whole (matches the pattern, or the grammar's root). */
+  accepting(state: number): boolean {
+    return this.#accepting[state];
+  }
+
+  /** Whether some byte leads on from `state` (else the text is complete). */
+  canContinue(state: number): boolean {
+    return this.#canContinue[state];
+  }
+
+  /** Whether `text` is whole for this automaton. */
+  matches(text: string): boolean {
+    const state = this.walk(this.start, new TextEncoder().encode(text));
+    return state !== DEAD && this.accepting(state);
+  }
+
+  /** Where `byte` leads from `state`: a state (made with addState) or DEAD. Asked once per transition. */
+  protected abstract successor(state: number, byte: number): number;
+
+  /** A new state's number. */
+  protected addState(accepting: boolean, canContinue: boolean): number {
+    this.#transitions.push(new Int32Array(256).fill(UNKNOWN));
+    this.#accepting.push(accepting);
+    this.#canContinue.push(canContinue);
+    return this.#transitions.length - 1;
+  }
+}
+
+/**
  * A nondeterministic automaton over bytes (Thompson's construction). A grammar's also has call
  * edges: at a state with one, the text goes on in another rule's automaton and comes back to the
  * call's target when that rule ends (GrammarAutomaton keeps the stack of those returns).
@@ -138,16 +218,12 @@ export class Nfa {
  * A deterministic automaton over bytes, each state a set of the nondeterministic one's, built on
  * first use. States are numbered from 0 (the start); DEAD is the state no text leaves.
  */
-export class ByteAutomaton implements GuideAutomaton {
-  readonly pattern: string;
+export class ByteAutomaton extends LazyAutomaton {
   readonly #nfa: Nfa;
   /** Per NFA state: whether the accept state can be reached from it (others are dropped from sets). */
   readonly #alive: Uint8Array;
   readonly #sets: Int32Array[] = [];
   readonly #byKey = new Map<string, number>();
-  readonly #transitions: Int32Array[] = [];
-  readonly #accepting: boolean[] = [];
-  readonly #canContinue: boolean[] = [];
 
   /**
    * Throws GrammarError when the pattern cannot be read or matches nothing. `leadingSpace` lets
@@ -160,43 +236,17 @@ export class ByteAutomaton implements GuideAutomaton {
   }
 
   private constructor(pattern: string, tree: RegexNode) {
-    this.pattern = pattern;
+    super(pattern);
     const nfa = new Nfa();
     const [start, end] = nfa.build(tree);
     nfa.accept = end;
     this.#nfa = nfa;
-    this.#alive = aliveStates(nfa);
+    this.#alive = finishable(nfa, [nfa.accept]);
     if (!this.#alive[start]) throw new GrammarError(`regex ${JSON.stringify(pattern)} matches no text`);
     this.#intern(this.#closure([start]));
   }
 
-  get start(): number {
-    return 0;
-  }
-
-  /** States built so far. */
-  get size(): number {
-    return this.#sets.length;
-  }
-
-  /**
-   * The transitions of `state` known so far, by byte: a state, DEAD, or UNKNOWN (-2: ask `step`).
-   * For loops that read many bytes (a vocabulary's trie) without a call per byte.
-   */
-  row(state: number): Int32Array {
-    return this.#transitions[state];
-  }
-
-  /** Every state's row (see `row`); the list grows as states are built, and stays the same list. */
-  get rows(): readonly Int32Array[] {
-    return this.#transitions;
-  }
-
-  /** Where `byte` leads from `state` (DEAD when nowhere). */
-  step(state: number, byte: number): number {
-    const row = this.#transitions[state];
-    const known = row[byte];
-    if (known !== UNKNOWN) return known;
+  protected successor(state: number, byte: number): number {
     const targets: number[] = [];
     const edges = this.#nfa.edges;
     for (const member of this.#sets[state]) {
@@ -205,31 +255,7 @@ export class ByteAutomaton implements GuideAutomaton {
         if (byte >= list[index] && byte <= list[index + 1] && this.#alive[list[index + 2]]) targets.push(list[index + 2]);
       }
     }
-    const next = targets.length === 0 ? DEAD : this.#intern(this.#closure(targets));
-    row[byte] = next;
-    return next;
-  }
-
-  /** The state after `bytes` from `state`, or DEAD. */
-  walk(state: number, bytes: Uint8Array): number {
-    for (let index = 0; index < bytes.length && state !== DEAD; index++) state = this.step(state, bytes[index]);
-    return state;
-  }
-
-  /** Whether the text that led to `state` matches the whole pattern. */
-  accepting(state: number): boolean {
-    return this.#accepting[state];
-  }
-
-  /** Whether some byte leads on from `state` (else the text is complete). */
-  canContinue(state: number): boolean {
-    return this.#canContinue[state];
-  }
-
-  /** Whether `text` matches the whole pattern. */
-  matches(text: string): boolean {
-    const state = this.walk(this.start, new TextEncoder().encode(text));
-    return state !== DEAD && this.accepting(state);
+    return targets.length === 0 ? DEAD : this.#intern(this.#closure(targets));
   }
 
   /** Alive states reached from `seeds` by empty moves, keeping those that read a byte or accept. */
@@ -253,28 +279,33 @@ export class ByteAutomaton implements GuideAutomaton {
     const known = this.#byKey.get(key);
     if (known !== undefined) return known;
     if (this.#sets.length >= MAX_DFA_STATES) throw new GrammarError(`the pattern ${JSON.stringify(this.pattern.slice(0, 80))} needs more than ${MAX_DFA_STATES} automaton states`);
-    const id = this.#sets.length;
+    const id = this.addState(
+      set.includes(this.#nfa.accept),
+      set.some((member) => this.#nfa.edges[member].some((_, index, list) => index % 3 === 2 && this.#alive[list[index]] === 1)),
+    );
     this.#sets.push(set);
     this.#byKey.set(key, id);
-    this.#transitions.push(new Int32Array(256).fill(UNKNOWN));
-    this.#accepting.push(set.includes(this.#nfa.accept));
-    this.#canContinue.push(set.some((member) => this.#nfa.edges[member].some((_, index, list) => index % 3 === 2 && this.#alive[list[index]] === 1)));
     return id;
   }
 }
 
-/** The states from which the accept state can be reached (a search backwards from it). */
-function aliveStates(nfa: Nfa): Uint8Array {
+/**
+ * Per NFA state: whether one of `ends` can be reached from it, reading bytes, taking empty moves,
+ * and passing over calls to rules for which `passable` holds (as if the call had returned). A
+ * regex's automaton has no calls: its alive states are those that reach its accept state.
+ */
+export function finishable(nfa: Nfa, ends: number[], passable: (rule: number) => boolean = () => false): Uint8Array {
   const count = nfa.epsilons.length;
   const backwards: number[][] = Array.from({ length: count }, () => []);
   for (let state = 0; state < count; state++) {
     for (const next of nfa.epsilons[state]) backwards[next].push(state);
     const list = nfa.edges[state];
     for (let index = 2; index < list.length; index += 3) backwards[list[index]].push(state);
+    if (nfa.callRule[state] >= 0 && passable(nfa.callRule[state])) backwards[nfa.callReturn[state]].push(state);
   }
   const alive = new Uint8Array(count);
-  const stack = [nfa.accept];
-  alive[nfa.accept] = 1;
+  const stack = [...ends];
+  for (const end of ends) alive[end] = 1;
   while (stack.length > 0) {
     for (const previous of backwards[stack.pop()!]) {
       if (!alive[previous]) {

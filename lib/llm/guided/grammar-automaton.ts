@@ -11,7 +11,7 @@
  * itself before reading a byte would push calls forever).
  */
 import { GrammarError } from '../../errors.js';
-import { DEAD, type GuideAutomaton, Nfa, UNKNOWN } from './automaton.js';
+import { DEAD, LazyAutomaton, Nfa, finishable } from './automaton.js';
 import { type Grammar, type GrammarNode, parseGrammar } from './grammar.js';
 
 /** More states than this is refused: the grammar is too ambiguous or too large to guide. */
@@ -21,8 +21,7 @@ const MAX_CONFIGURATIONS = 50_000;
 /** The empty stack of returns. */
 const EMPTY = -1;
 
-export class GrammarAutomaton implements GuideAutomaton {
-  readonly pattern: string;
+export class GrammarAutomaton extends LazyAutomaton {
   readonly grammar: Grammar;
   readonly #nfa: Nfa;
   readonly #ruleStart: number[];
@@ -38,9 +37,6 @@ export class GrammarAutomaton implements GuideAutomaton {
   /** Each state's configurations: NFA state and stack, flattened in pairs, sorted. */
   readonly #configurations: Int32Array[] = [];
   readonly #byKey = new Map<string, number>();
-  readonly #transitions: Int32Array[] = [];
-  readonly #accepting: boolean[] = [];
-  readonly #canContinue: boolean[] = [];
 
   /**
    * Throws GrammarError when the grammar cannot be read or cannot be guided. `leadingSpace` lets
@@ -56,7 +52,7 @@ export class GrammarAutomaton implements GuideAutomaton {
   }
 
   private constructor(grammar: Grammar, leadingSpace: boolean) {
-    this.pattern = grammar.text;
+    super(grammar.text);
     this.grammar = grammar;
     const nfa = new Nfa();
     this.#ruleStart = [];
@@ -84,23 +80,7 @@ export class GrammarAutomaton implements GuideAutomaton {
     this.#intern(this.#closure([start, EMPTY]));
   }
 
-  get start(): number {
-    return 0;
-  }
-
-  /** States built so far. */
-  get size(): number {
-    return this.#configurations.length;
-  }
-
-  get rows(): readonly Int32Array[] {
-    return this.#transitions;
-  }
-
-  step(state: number, byte: number): number {
-    const row = this.#transitions[state];
-    const known = row[byte];
-    if (known !== UNKNOWN) return known;
+  protected successor(state: number, byte: number): number {
     const seeds: number[] = [];
     const edges = this.#nfa.edges;
     const configurations = this.#configurations[state];
@@ -110,28 +90,7 @@ export class GrammarAutomaton implements GuideAutomaton {
         if (byte >= list[edge] && byte <= list[edge + 1] && this.#alive[list[edge + 2]]) seeds.push(list[edge + 2], configurations[index + 1]);
       }
     }
-    const next = seeds.length === 0 ? DEAD : this.#intern(this.#closure(seeds));
-    row[byte] = next;
-    return next;
-  }
-
-  walk(state: number, bytes: Uint8Array): number {
-    for (let index = 0; index < bytes.length && state !== DEAD; index++) state = this.step(state, bytes[index]);
-    return state;
-  }
-
-  accepting(state: number): boolean {
-    return this.#accepting[state];
-  }
-
-  canContinue(state: number): boolean {
-    return this.#canContinue[state];
-  }
-
-  /** Whether `text` is one the grammar's root derives. */
-  matches(text: string): boolean {
-    const state = this.walk(this.start, new TextEncoder().encode(text));
-    return state !== DEAD && this.accepting(state);
+    return seeds.length === 0 ? DEAD : this.#intern(this.#closure(seeds));
   }
 
   #push(returnTo: number, below: number): number {
@@ -180,10 +139,6 @@ export class GrammarAutomaton implements GuideAutomaton {
     const known = this.#byKey.get(key);
     if (known !== undefined) return known;
     if (this.#configurations.length >= MAX_STATES) throw new GrammarError(`the grammar needs more than ${MAX_STATES} automaton states for the texts generated; simplify it`);
-    const id = this.#configurations.length;
-    this.#configurations.push(configurations);
-    this.#byKey.set(key, id);
-    this.#transitions.push(new Int32Array(256).fill(UNKNOWN));
     let accepting = false;
     let canContinue = false;
     for (let index = 0; index < configurations.length; index += 2) {
@@ -192,37 +147,11 @@ export class GrammarAutomaton implements GuideAutomaton {
       const list = this.#nfa.edges[state];
       for (let edge = 2; edge < list.length; edge += 3) if (this.#alive[list[edge]]) canContinue = true;
     }
-    this.#accepting.push(accepting);
-    this.#canContinue.push(canContinue);
+    const id = this.addState(accepting, canContinue);
+    this.#configurations.push(configurations);
+    this.#byKey.set(key, id);
     return id;
   }
-}
-
-/**
- * Per NFA state: whether one of `ends` can be reached from it, reading bytes, taking empty moves,
- * and passing over calls to rules for which `passable` holds (as if the call had returned).
- */
-function finishable(nfa: Nfa, ends: number[], passable: (rule: number) => boolean): Uint8Array {
-  const count = nfa.epsilons.length;
-  const backwards: number[][] = Array.from({ length: count }, () => []);
-  for (let state = 0; state < count; state++) {
-    for (const next of nfa.epsilons[state]) backwards[next].push(state);
-    const list = nfa.edges[state];
-    for (let index = 2; index < list.length; index += 3) backwards[list[index]].push(state);
-    if (nfa.callRule[state] >= 0 && passable(nfa.callRule[state])) backwards[nfa.callReturn[state]].push(state);
-  }
-  const alive = new Uint8Array(count);
-  const stack = [...ends];
-  for (const end of ends) alive[end] = 1;
-  while (stack.length > 0) {
-    for (const previous of backwards[stack.pop()!]) {
-      if (!alive[previous]) {
-        alive[previous] = 1;
-        stack.push(previous);
-      }
-    }
-  }
-  return alive;
 }
 
 /** Which rules derive some finite text: found by growing the set until it stops growing. */
