@@ -68,15 +68,18 @@ export class PrefixCache<S extends PrefixSequence> {
   readonly #hashes = new Map<number, string[]>();
   /** Sequences whose caches the ranks still hold. */
   readonly #holding = new Set<number>();
-  /** Finished sequences kept as sources, least recently used first. */
-  readonly #retained = new Map<number, S>();
+  /** Finished sequences kept as sources, least recently used first, with the positions each is counted for. */
+  readonly #retained = new Map<number, { sequence: S; positions: number }>();
   #retainedTokens = 0;
   /** Prompt positions copied rather than read. */
   reusedTokens = 0;
+  /** The cache positions a kept sequence is counted for (the ranks hold whole blocks: its past rounded up to them). */
+  readonly #positionsOf: (sequence: S) => number;
 
-  constructor(blockTokens: number, maxRetainedTokens: number) {
+  constructor(blockTokens: number, maxRetainedTokens: number, positionsOf: (sequence: S) => number = (sequence) => sequence.past) {
     this.blockTokens = blockTokens;
     this.maxRetainedTokens = maxRetainedTokens;
+    this.#positionsOf = positionsOf;
   }
 
   #hashesOf(sequence: S): string[] {
@@ -129,8 +132,8 @@ export class PrefixCache<S extends PrefixSequence> {
     const retained = this.#retained.get(match.source.id);
     if (retained) {
       // Used again: now the most recently used.
-      this.#retained.delete(retained.id);
-      this.#retained.set(retained.id, retained);
+      this.#retained.delete(match.source.id);
+      this.#retained.set(match.source.id, retained);
     }
     this.reusedTokens += match.length;
     return { kind: 'match', match };
@@ -142,8 +145,9 @@ export class PrefixCache<S extends PrefixSequence> {
    */
   finish(sequence: S): number[] {
     if (this.maxRetainedTokens === 0 || sequence.prompt.length < this.blockTokens) return [this.#drop(sequence)];
-    this.#retained.set(sequence.id, sequence);
-    this.#retainedTokens += sequence.past;
+    const positions = this.#positionsOf(sequence);
+    this.#retained.set(sequence.id, { sequence, positions });
+    this.#retainedTokens += positions;
     return this.evict(this.maxRetainedTokens);
   }
 
@@ -162,8 +166,8 @@ export class PrefixCache<S extends PrefixSequence> {
       if (this.#retainedTokens <= tokens) break;
       if (id === keep) continue;
       this.#retained.delete(id);
-      this.#retainedTokens -= oldest.past;
-      dropped.push(this.#drop(oldest));
+      this.#retainedTokens -= oldest.positions;
+      dropped.push(this.#drop(oldest.sequence));
     }
     return dropped;
   }

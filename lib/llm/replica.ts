@@ -434,7 +434,8 @@ export class ModelReplica {
     this.#maxTokens = parts.limits.maxTokens;
     this.#stepsInFlight = parts.limits.stepsInFlight;
     const prefix = parts.limits.prefix;
-    this.#prefixCache = prefix ? new PrefixCache<Sequence>(prefix.blockTokens, prefix.retainedTokens) : undefined;
+    // Kept prefixes count the whole blocks the ranks hold for them, as running sequences do.
+    this.#prefixCache = prefix ? new PrefixCache<Sequence>(prefix.blockTokens, prefix.retainedTokens, (sequence) => wholeBlocks(sequence.past)) : undefined;
     this.#maxCacheTokens = parts.limits.maxCacheTokens;
     this.#reserveMost = parts.limits.reserveMost;
     this.#speculation = parts.limits.speculation;
@@ -573,13 +574,11 @@ export class ModelReplica {
       const step = { tokens: limits.maxTokens, sequences: limits.maxSequences };
       const loaded = (await get(plan.stages.flatMap((stage) => workers[stage.index].map((worker, rank) =>
         worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype, ...(device === 'cuda' ? { layers: 'cuda' as const, hiddenOnDevice: true } : {}) }, groupNames[stage.index], threads, step))))) as ShardLoaded[];
-      // Kept prefixes may each leave part of a block unused beside what the budget counts.
-      const keptCaches = limits.prefix ? Math.ceil(limits.prefix.retainedTokens / limits.prefix.blockTokens) : 0;
-      if (options.maxCacheTokens === undefined && loaded.some((part) => part.device)) limits.maxCacheTokens = deviceCacheBudget(loaded, utilization, keptCaches);
+      if (options.maxCacheTokens === undefined && loaded.some((part) => part.device)) limits.maxCacheTokens = deviceCacheBudget(loaded, utilization);
       if (device === 'cuda') {
         // As vLLM does, a GPU rank takes its cache's memory at start: a budget its GPU cannot hold
         // fails here, not in the middle of generating.
-        const positions = wholeBlocks(limits.maxCacheTokens) + keptCaches * CACHE_BLOCK_POSITIONS;
+        const positions = wholeBlocks(limits.maxCacheTokens);
         try {
           await get(workers.flat().map((worker) => worker.reserveCache.remote(positions)));
         } catch (error) {
@@ -1318,17 +1317,16 @@ function sharedPart(length: number): number {
 /**
  * Positions the GPU ranks' caches can hold together: on each rank, its share of the device's
  * memory less what is already used (weights, other processes), a full step's activations and a
- * slab of cache blocks not yet handed out, over what a position takes there; the rank with the
- * least room decides. Running sequences reserve whole blocks; each kept prefix (`caches` of them
- * at most) may leave up to a block's positions unused in its last block.
+ * slab of cache blocks, over what a position takes there; the rank with the least room decides.
+ * Running sequences and kept prefixes are counted in whole blocks, as the ranks hold them.
  */
-function deviceCacheBudget(loaded: ShardLoaded[], utilization: number, caches: number): number {
+function deviceCacheBudget(loaded: ShardLoaded[], utilization: number): number {
   let budget = Infinity;
   for (const part of loaded) {
     if (!part.device) continue;
     const { freeBytes, totalBytes, bytesPerPosition, stepBytes } = part.device;
     const usable = freeBytes - totalBytes * (1 - utilization) - stepBytes - CacheBlocks.slabBytes(CACHE_BLOCK_POSITIONS * bytesPerPosition);
-    budget = Math.min(budget, Math.floor(usable / bytesPerPosition) - caches * CACHE_BLOCK_POSITIONS);
+    budget = Math.min(budget, Math.floor(usable / bytesPerPosition));
   }
   if (!(budget > 0)) {
     const tightest = loaded.find((part) => part.device)!.device!;

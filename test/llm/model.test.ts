@@ -688,11 +688,11 @@ describe('model sharding', () => {
       const stats = replica.stats();
       expect(stats.reusedPromptTokens).toBe(5 * 32);
       expect(stats.preemptions).toBe(0);
-      // Nothing is left counted but the kept prefixes, 37 positions each (the last token is never
-      // read); none without a prefix budget, each source's blocks having passed to the sequences
-      // still sharing them as it ended.
+      // Nothing is left counted but the kept prefixes, whole blocks each (3 for 37 positions: the
+      // last token is never read); none without a prefix budget, each source's blocks having
+      // passed to the sequences still sharing them as it ended.
       expect(stats.retainedSequences).toBe(prefixCacheTokens === 0 ? 0 : 2);
-      expect(stats.reservedCacheTokens).toBe(37 * stats.retainedSequences);
+      expect(stats.reservedCacheTokens).toBe(48 * stats.retainedSequences);
     }
   });
 
