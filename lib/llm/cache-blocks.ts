@@ -119,7 +119,7 @@ export class CacheBlocks {
   share(id: number, from: number, length: number): void {
     const source = this.#sequences.get(from);
     if (!source || source.length < length) throw new InvalidArgumentError(`sequence ${id} starts from ${length} positions of sequence ${from}, which this rank holds ${source ? source.length : 'none'} of`, 'ERR_SEQUENCE_STATE');
-    if (this.#sequences.has(id)) throw new InvalidArgumentError(`sequence ${id} starts from a copy, but this rank already holds it`, 'ERR_SEQUENCE_STATE');
+    if (this.#sequences.has(id)) throw new InvalidArgumentError(`sequence ${id} starts from another's prefix, but this rank already holds it`, 'ERR_SEQUENCE_STATE');
     const blocks = source.blocks.slice(0, CacheBlocks.blocksFor(length));
     for (const block of blocks) this.#references[block]++;
     this.#sequences.set(id, { blocks, length });

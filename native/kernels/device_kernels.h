@@ -2,9 +2,9 @@
 // backends with one interface:
 //  - cuda: the kernels of native/kernels/cuda (embedded as a fat binary, loaded with
 //    cuModuleLoadData) and cuBLAS for the matrices, all queued on one stream of the rank's GPU;
-//  - host: the same operations over host memory with the CPU kernels, run at once. It gives
-//    exactly what the CPU decoder gives, so the layers' bookkeeping (caches, offsets, steps) is
-//    tested where there is no GPU, and each CUDA kernel is checked against it where there is.
+//  - host: the same operations over host memory with the CPU kernels, run at once (CPU ranks run
+//    their layers here), so the layers' bookkeeping (cache blocks, offsets, steps) is tested
+//    where there is no GPU, and each CUDA kernel is checked against it where there is.
 // Addresses are raw pointers into the backend's memory (device pointers, or host ones). The
 // callers (device_kernels_binding.cc, from lib/llm/device-kernels.ts, which checks every extent)
 // own the memory; these classes trust what they are given, as kernels do.
