@@ -241,11 +241,6 @@ export class DeviceLayers {
     return this.#caches.bytes;
   }
 
-  /** Cache blocks held by sequences (a block shared by several counts once), and the shared ones copied on a write. */
-  get cacheBlocks(): { inUse: number; copies: number } {
-    return { inUse: this.#caches.blocksInUse, copies: this.#caches.copies };
-  }
-
   /** Positions of sequence `id` this rank has read (0: none). */
   length(id: number): number {
     return this.#caches.length(id);

@@ -22,7 +22,6 @@ const MAX_CONFIGURATIONS = 50_000;
 const EMPTY = -1;
 
 export class GrammarAutomaton extends LazyAutomaton {
-  readonly grammar: Grammar;
   readonly #nfa: Nfa;
   readonly #ruleStart: number[];
   /** Per NFA state: the rule it ends (-1: none). */
@@ -53,7 +52,6 @@ export class GrammarAutomaton extends LazyAutomaton {
 
   private constructor(grammar: Grammar, leadingSpace: boolean) {
     super(grammar.text);
-    this.grammar = grammar;
     const nfa = new Nfa();
     this.#ruleStart = [];
     const ends: number[] = [];

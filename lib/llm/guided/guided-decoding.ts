@@ -1,12 +1,12 @@
 /**
  * What a caller asks guided decoding for (vLLM's GuidedDecodingParams): a JSON schema, any JSON
  * object, a regex or a list of choices, turned into the one regex a guide compiles; or a
- * context-free grammar, compiled into its own automaton.
+ * context-free grammar (or a schema whose references recur), compiled into a grammar's automaton.
  */
 import { GrammarError } from '../../errors.js';
 import { ByteAutomaton, type GuideAutomaton } from './automaton.js';
 import { GrammarAutomaton } from './grammar-automaton.js';
-import { jsonSchemaToGuide, jsonSchemaToRegex } from './json-schema.js';
+import { type JsonSchemaOptions, jsonSchemaToGuide, jsonSchemaToRegex } from './json-schema.js';
 import { escapeRegex } from './regex.js';
 
 export interface GuidedDecoding {
@@ -37,30 +37,25 @@ function kindOf(spec: GuidedDecoding, where: string): 'json' | 'jsonObject' | 'r
   return kinds[0];
 }
 
-/** The regex of the texts `spec` allows (not a grammar: no regex has one's nesting); throws GrammarError naming what is wrong (`where` leads the message). */
-export function guidedRegex(spec: GuidedDecoding, where = 'guidedDecoding'): string {
-  const kind = kindOf(spec, where);
-  if (kind === 'grammar') throw new GrammarError(`${where}: a grammar is not a regex`);
-  const options = { ...(spec.whitespace !== undefined ? { whitespace: spec.whitespace } : {}), ...(spec.maxDepth !== undefined ? { maxDepth: spec.maxDepth } : {}) };
-  try {
-    switch (kind) {
-      case 'json':
-        return jsonSchemaToRegex(spec.json, options);
-      case 'jsonObject':
-        if (spec.jsonObject !== true) throw new GrammarError('jsonObject must be true');
-        return jsonSchemaToRegex({ type: 'object' }, options);
-      case 'regex':
-        if (typeof spec.regex !== 'string') throw new GrammarError(`regex must be a string, got ${typeof spec.regex}`);
-        return spec.regex;
-      case 'choice': {
-        const choice = spec.choice;
-        if (!Array.isArray(choice) || choice.length === 0 || choice.some((text) => typeof text !== 'string' || text.length === 0)) throw new GrammarError('choice must be a non-empty list of non-empty strings');
-        return choice.map(escapeRegex).join('|');
-      }
+/** The whitespace and depth options a JSON schema's compilation takes from `spec`. */
+function jsonOptions(spec: GuidedDecoding): JsonSchemaOptions {
+  return { ...(spec.whitespace !== undefined ? { whitespace: spec.whitespace } : {}), ...(spec.maxDepth !== undefined ? { maxDepth: spec.maxDepth } : {}) };
+}
+
+/** The regex of the texts `spec` allows, for the kinds that are one regex. */
+function regexOf(spec: GuidedDecoding, kind: 'jsonObject' | 'regex' | 'choice'): string {
+  switch (kind) {
+    case 'jsonObject':
+      if (spec.jsonObject !== true) throw new GrammarError('jsonObject must be true');
+      return jsonSchemaToRegex({ type: 'object' }, jsonOptions(spec));
+    case 'regex':
+      if (typeof spec.regex !== 'string') throw new GrammarError(`regex must be a string, got ${typeof spec.regex}`);
+      return spec.regex;
+    case 'choice': {
+      const choice = spec.choice;
+      if (!Array.isArray(choice) || choice.length === 0 || choice.some((text) => typeof text !== 'string' || text.length === 0)) throw new GrammarError('choice must be a non-empty list of non-empty strings');
+      return choice.map(escapeRegex).join('|');
     }
-  } catch (error) {
-    if (error instanceof GrammarError) throw new GrammarError(`${where}: ${error.message}`, { position: error.position, schemaPath: error.schemaPath });
-    throw error;
   }
 }
 
@@ -71,24 +66,19 @@ export function guidedRegex(spec: GuidedDecoding, where = 'guidedDecoding'): str
  */
 export function checkGuidedDecoding(spec: GuidedDecoding, where = 'guidedDecoding', options: { leadingSpace?: boolean } = {}): GuideAutomaton {
   const kind = kindOf(spec, where);
-  if (kind === 'grammar' && typeof spec.grammar !== 'string') throw new GrammarError(`${where}: grammar must be a string of GBNF rules, got ${typeof spec.grammar}`);
-  // A schema whose references recur is a grammar (its rules nest without bound); any other is a regex.
-  const schema = kind === 'json' ? recursiveSchema(spec, where) : undefined;
-  const regex = kind === 'grammar' || schema ? undefined : guidedRegex(spec, where);
   try {
-    if (schema) return GrammarAutomaton.fromRules(schema, options);
-    return kind === 'grammar' ? GrammarAutomaton.fromGrammar(spec.grammar!, options) : ByteAutomaton.fromRegex(regex!, options);
-  } catch (error) {
-    if (error instanceof GrammarError) throw new GrammarError(`${where}: ${error.message}`, { position: error.position, schemaPath: error.schemaPath });
-    throw error;
-  }
-}
-
-/** The grammar of a JSON schema whose $refs recur (undefined: none recurs, its regex serves). */
-function recursiveSchema(spec: GuidedDecoding, where: string) {
-  const options = { ...(spec.whitespace !== undefined ? { whitespace: spec.whitespace } : {}), ...(spec.maxDepth !== undefined ? { maxDepth: spec.maxDepth } : {}) };
-  try {
-    return jsonSchemaToGuide(spec.json, options).grammar;
+    switch (kind) {
+      case 'grammar':
+        if (typeof spec.grammar !== 'string') throw new GrammarError(`grammar must be a string of GBNF rules, got ${typeof spec.grammar}`);
+        return GrammarAutomaton.fromGrammar(spec.grammar, options);
+      case 'json': {
+        // A schema whose references recur is a grammar (its rules nest without bound); any other is a regex.
+        const { regex, grammar } = jsonSchemaToGuide(spec.json, jsonOptions(spec));
+        return grammar ? GrammarAutomaton.fromRules(grammar, options) : ByteAutomaton.fromRegex(regex, options);
+      }
+      default:
+        return ByteAutomaton.fromRegex(regexOf(spec, kind), options);
+    }
   } catch (error) {
     if (error instanceof GrammarError) throw new GrammarError(`${where}: ${error.message}`, { position: error.position, schemaPath: error.schemaPath });
     throw error;
