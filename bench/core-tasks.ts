@@ -28,3 +28,13 @@ export const actorClient = remote(import.meta, async function actorClient(count:
   await get(Array.from({ length: count }, () => sink.ping.remote()));
   return count;
 });
+
+/** Reads an argument's length (the argument had to reach this worker's node first). */
+export const byteLength = remote(import.meta, function byteLength(bytes: Uint8Array) {
+  return bytes.byteLength;
+});
+
+/** A stored result of `size` bytes, made where the task runs. */
+export const makeBytes = remote(import.meta, function makeBytes(size: number) {
+  return new Uint8Array(size).fill(7);
+});

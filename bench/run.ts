@@ -10,6 +10,7 @@ import { dataSuite } from './data.js';
 import { gpuSuite } from './gpu.js';
 import { llmSuite } from './llm.js';
 import { llmGpuSuite } from './llm-gpu.js';
+import { nodesSuite } from './nodes.js';
 import { storeSuite } from './store.js';
 import type { Suite } from './harness.js';
 
@@ -22,6 +23,7 @@ const suites: Record<string, Suite> = {
   data: dataSuite,
   llm: llmSuite,
   'llm-gpu': llmGpuSuite,
+  nodes: nodesSuite,
 };
 
 const args = process.argv.slice(2);

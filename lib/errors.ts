@@ -170,6 +170,18 @@ export class ObjectLostError extends TrellisError {
 }
 
 /**
+ * A node left the cluster (its agent's connection closed): its workers are gone and the objects
+ * only it held are lost (tasks recompute theirs from lineage).
+ */
+export class NodeLostError extends TrellisError {
+  readonly nodeId: string;
+  constructor(nodeId: string, message: string) {
+    super('ERR_NODE_LOST', message);
+    this.nodeId = nodeId;
+  }
+}
+
+/**
  * The owner of an object is gone, so the object can never be read. The driver owns every object
  * of its cluster: this arises only in a worker whose driver went away, for its get, wait and
  * other requests pending then or made afterwards. `objectIds` names the objects asked for.

@@ -21,6 +21,7 @@ export {
   WorkerCrashedError,
   ActorDiedError,
   ObjectLostError,
+  NodeLostError,
   OwnerDiedError,
   InfeasibleTaskError,
   TaskCancelledError,
@@ -29,11 +30,13 @@ export {
   SerializationError,
 } from './errors.js';
 export type { RemoteErrorInfo } from './errors.js';
-export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getActor, getRuntimeContext, state, events, placementGroup, removePlacementGroup } from './core/api.js';
+export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getActor, getRuntimeContext, state, events, placementGroup, removePlacementGroup, waitForNodes } from './core/api.js';
+export { NodeAgent } from './core/node-agent.js';
+export type { NodeAgentOptions } from './core/node-agent.js';
 export type { ClusterSession } from './core/api.js';
 export type { PlacementGroup, PlacementStrategy } from './core/placement-group.js';
 export type { Resources } from './core/resources.js';
-export type { InitOptions, ClusterState } from './core/cluster.js';
+export type { InitOptions, ClusterState, ListenOptions } from './core/cluster.js';
 export { remote } from './core/registry.js';
 export type { RemoteFunction, ActorClass, ActorHandle, ActorMethod, RemoteArgs } from './core/registry.js';
 export { ObjectRef } from './core/object-ref.js';

@@ -125,6 +125,18 @@ export function state(): ClusterState {
   return cluster.state();
 }
 
+/**
+ * Resolves once the cluster has `count` nodes, its own included: node agents joining a driver
+ * that listens (init's `listen`). A task asking for resources no node has yet fails as
+ * infeasible, so a driver waits for its nodes before it submits. Fails with GetTimeoutError after
+ * `timeout` ms (default: forever).
+ */
+export function waitForNodes(count: number, options: { timeout?: number } = {}): Promise<void> {
+  if (!cluster) return Promise.reject(new NotInitializedError('waitForNodes() is for the driver after init()'));
+  if (!Number.isInteger(count) || count < 1) return Promise.reject(new InvalidArgumentError(`waitForNodes takes a whole number of nodes >= 1, got ${String(count)}`));
+  return cluster.waitForNodes(count, options.timeout ?? Infinity);
+}
+
 /** Reserves bundles of resources together (see PlacementGroup.ready()). */
 export function placementGroup(bundles: Resources[], strategy: PlacementStrategy = 'PACK'): PlacementGroup {
   if (!cluster) throw new NotInitializedError('placement groups are created by the driver after init()');

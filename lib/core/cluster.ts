@@ -5,7 +5,8 @@
  * task's lineage while its result is referenced.
  */
 import { EventEmitter } from 'node:events';
-import { createServer, type Server } from 'node:net';
+import { createServer, type Server, type Socket } from 'node:net';
+import { createHash, timingSafeEqual } from 'node:crypto';
 import { rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -15,6 +16,7 @@ import {
   GetTimeoutError,
   InfeasibleTaskError,
   InvalidArgumentError,
+  NodeLostError,
   ObjectLostError,
   RegistrationError,
   TaskCancelledError,
@@ -22,7 +24,8 @@ import {
   WorkerCrashedError,
   type RemoteErrorInfo,
 } from '../errors.js';
-import { newObjectId, sequentialObjectId } from '../store/object-id.js';
+import { newObjectId } from '../store/object-id.js';
+import type { StoreStats } from '../store/object-store.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
 import type { ActorCallOptions, ActorOptions, SchedulingStrategy, TaskOptions } from './options.js';
 import { requestOf } from './options.js';
@@ -34,7 +37,10 @@ import {
   type WireValue,
   type WorkerMessage,
 } from './protocol.js';
-import { Node, WorkerProcess, type NodeOptions } from './node.js';
+import { LocalNode, Node, WorkerProcess, type NodeOptions } from './node.js';
+import { RemoteNode } from './remote-node.js';
+import type { AgentHelloMessage, AgentMessage, HeadMessage } from './agent-protocol.js';
+import { storeSource, storeTarget, transferObject } from './object-transfer.js';
 import { PlacementGroup, infeasibility as groupInfeasibility, releaseGroup, reserve, type PlacementStrategy } from './placement-group.js';
 import { ResourcePool, describeResources, toFixed, type Resources } from './resources.js';
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
@@ -85,6 +91,8 @@ interface ObjectRecord {
    */
   retiredBy?: string;
   materializing?: Promise<void>;
+  /** Copies under way into other nodes' stores, by node id. */
+  copying?: Map<string, Promise<void>>;
 }
 
 interface TaskRecord {
@@ -123,8 +131,11 @@ interface RequestInfo {
   requestKey: string;
   lastFn?: FunctionDescriptor;
   lastClassKey?: string;
-  /** Node totals never change: whether some node can ever run this (plain strategies only). */
-  feasible?: boolean;
+  /**
+   * Some node could run this (plain strategies only) while the cluster was at this generation of
+   * nodes: joining nodes only add to what is feasible, a node that leaves makes it ask again.
+   */
+  feasibleAt?: number;
 }
 
 /** Where resources were taken from: a node, or a placement group's bundle on a node. */
@@ -202,6 +213,23 @@ export interface InitOptions extends NodeOptions {
    * 10 s (see ipc-reclaim.ts).
    */
   reclaimIpcAfterMs?: number;
+  /**
+   * Lets node agents on other hosts join this cluster (`trellis node --head HOST:PORT`): the
+   * driver listens on TCP for them and for their workers. See ListenOptions.
+   */
+  listen?: ListenOptions;
+}
+
+export interface ListenOptions {
+  /** The interface to listen on (default '0.0.0.0': every one). */
+  host?: string;
+  /** The TCP port (default 7380; 0 picks a free one, which state().listening tells). */
+  port?: number;
+  /**
+   * The secret agents and their workers must present (default: TRELLIS_CLUSTER_TOKEN). Required:
+   * whoever can join the cluster runs code in it.
+   */
+  token?: string;
 }
 
 /**
@@ -233,6 +261,16 @@ export class Cluster implements Runtime {
   readonly #handles = new HandleReleaser((id) => this.#dropHold(id));
   readonly #infeasibleTimer: NodeJS.Timeout;
   readonly #multiProcessService: MultiProcessService | undefined;
+  /** Where node agents and their workers connect (init's `listen`), and the digest of its token. */
+  #tcp: { server: Server; host: string; port: number; tokenDigest: Buffer; sockets: Set<Socket> } | undefined;
+  /** The first node, in this process: the driver's puts go to its store, and its gets read there. */
+  readonly #head: LocalNode;
+  /** Nodes that left so far: what was feasible before may not be now. */
+  #nodesLeft = 0;
+  /** Callers of waitForNodes, told whenever a node joins. */
+  readonly #nodeWaiters = new Set<() => void>();
+  /** Options workers of every node get (those that hold on any host). */
+  readonly #portableEnvironment: Record<string, string>;
   /** close-ipc rounds waiting on workers' answers, by request id. */
   readonly #closeRounds = new Map<number, { waiting: Set<WorkerProcess>; answer: (worker: WorkerProcess, inUse: Uint8Array[]) => void }>();
   #nextCloseRound = 1;
@@ -247,12 +285,13 @@ export class Cluster implements Runtime {
     this.#multiProcessService = multiProcessService;
     const specs = options.nodes ?? [options];
     // Workers read the cap from their environment, as the driver's own from init or the variable.
-    const environment = {
-      ...multiProcessService?.environment,
+    this.#portableEnvironment = {
       ...(options.busyPollMicros !== undefined ? { TRELLIS_BUSY_POLL_US: String(options.busyPollMicros) } : {}),
       ...(options.reclaimIpcAfterMs !== undefined ? { TRELLIS_RECLAIM_IPC_AFTER_MS: String(options.reclaimIpcAfterMs) } : {}),
     };
-    specs.forEach((spec, index) => this.nodes.push(new Node(spec, index, environment)));
+    const environment = { ...multiProcessService?.environment, ...this.#portableEnvironment };
+    specs.forEach((spec, index) => this.nodes.push(new LocalNode(spec, index, environment)));
+    this.#head = this.nodes[0] as LocalNode;
     this.#infeasibleTimer = setInterval(() => {
       this.#warnPending();
       this.#reapIdleWorkers();
@@ -282,7 +321,15 @@ export class Cluster implements Runtime {
       throw error;
     }
     const cluster = new Cluster(options, server, socketPath, multiProcessService);
-    server.on('connection', (socket) => cluster.#accept(socket));
+    server.on('connection', (socket) => cluster.#accept(socket, false));
+    if (options.listen) {
+      try {
+        await cluster.#listen(options.listen);
+      } catch (error) {
+        await cluster.shutdown();
+        throw error;
+      }
+    }
     setRefTracker({
       onHandleCreated: (ref) => cluster.#onHandle(ref),
       onHandleDisposed: (ref) => cluster.#handles.disposed(ref),
@@ -296,8 +343,113 @@ export class Cluster implements Runtime {
     return cluster;
   }
 
-  get headNode(): Node {
-    return this.nodes[0];
+  get headNode(): LocalNode {
+    return this.#head;
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Node agents: remote nodes join over TCP
+
+  async #listen(options: ListenOptions): Promise<void> {
+    const token = options.token ?? process.env.TRELLIS_CLUSTER_TOKEN;
+    if (!token) throw new InvalidArgumentError('listen needs a token (listen.token or TRELLIS_CLUSTER_TOKEN): whoever joins the cluster runs code in it', 'ERR_NO_TOKEN');
+    const host = options.host ?? '0.0.0.0';
+    const port = options.port ?? 7380;
+    if (!Number.isInteger(port) || port < 0 || port > 65535) throw new InvalidArgumentError(`listen.port must be an integer from 0 to 65535, got ${String(port)}`);
+    const server = createServer();
+    const sockets = new Set<Socket>();
+    server.on('connection', (socket) => {
+      sockets.add(socket);
+      socket.once('close', () => sockets.delete(socket));
+      this.#accept(socket, true);
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', (error: NodeJS.ErrnoException) =>
+        reject(new InvalidArgumentError(`cannot listen on ${host}:${port} for nodes: ${error.message}`, error.code === 'EADDRINUSE' ? 'ERR_ADDRESS_IN_USE' : 'ERR_LISTEN')));
+      server.listen(port, host, () => resolve());
+    });
+    const bound = server.address() as import('node:net').AddressInfo;
+    this.#tcp = { server, host, port: bound.port, tokenDigest: digest(token), sockets };
+  }
+
+  #tokenValid(token: unknown): boolean {
+    return typeof token === 'string' && this.#tcp !== undefined && timingSafeEqual(digest(token), this.#tcp.tokenDigest);
+  }
+
+  /** An agent said hello: its node joins, unless its token or id is wrong. */
+  #join(hello: AgentHelloMessage, connection: FrameConnection<AgentMessage, HeadMessage>): RemoteNode | undefined {
+    const refuse = (reason: string) => {
+      connection.send({ t: 'refused', reason });
+      connection.flush();
+      setTimeout(() => connection.close(), 100).unref();
+      this.events.emit('warning', { kind: 'node-refused', message: `node ${String(hello.nodeId)} was refused: ${reason}` });
+      return undefined;
+    };
+    if (!this.#tokenValid(hello.token)) return refuse('wrong token');
+    if (this.#closed) return refuse('the cluster is shutting down');
+    if (this.nodes.some((node) => node.id === hello.nodeId)) return refuse(`a node with id ${hello.nodeId} is already in the cluster`);
+    const node = new RemoteNode(hello, connection, this.#portableEnvironment);
+    this.nodes.push(node);
+    connection.send({ t: 'welcome', nodeId: node.id });
+    for (let i = 0; i < node.softLimit; i++) this.#spawn(node);
+    this.events.emit('node-added', { nodeId: node.id, hostname: node.hostname, resources: node.pool.snapshot().total });
+    for (const waiter of [...this.#nodeWaiters]) waiter();
+    this.#schedule();
+    return node;
+  }
+
+  /**
+   * An agent's connection closed: its node leaves. Its workers count as dead (tasks retry, actors
+   * restart elsewhere) and objects only it held are lost (and recomputed where lineage allows).
+   */
+  #leave(node: RemoteNode): void {
+    const index = this.nodes.indexOf(node);
+    if (index < 0) return;
+    this.nodes.splice(index, 1);
+    this.#nodesLeft++;
+    node.onClosed();
+    for (const worker of node.workers.values()) worker.connection?.close();
+    if (this.#closed) return;
+    this.events.emit('node-removed', { nodeId: node.id, hostname: node.hostname });
+    this.#failInfeasible();
+    this.#schedule();
+  }
+
+  /** After a node left: queued tasks and waiting actors that no node left can ever run fail now. */
+  #failInfeasible(): void {
+    for (const queue of this.#queues.values()) {
+      for (const task of [...queue]) {
+        if (task.state !== 'queued') continue;
+        const infeasible = this.#infeasibility(task.request, task.strategy);
+        if (infeasible) this.#failTask(task, new InfeasibleTaskError(`task ${task.name} can no longer be scheduled: ${infeasible.reason}`, infeasible.missing));
+      }
+    }
+    for (const actor of [...this.#actors.values()]) {
+      if ((actor.state !== 'pending' && actor.state !== 'restarting') || actor.worker) continue;
+      const infeasible = this.#infeasibility(actor.request, actor.options.schedulingStrategy ?? 'DEFAULT');
+      if (infeasible) this.#actorDied(actor, `actor ${actor.name} can no longer be scheduled: ${infeasible.reason}`);
+    }
+  }
+
+  /** Resolves once the cluster has `count` nodes (its own included), else fails after `timeout` ms. */
+  waitForNodes(count: number, timeout: number): Promise<void> {
+    if (this.nodes.length >= count) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      let timer: NodeJS.Timeout | undefined;
+      const check = () => {
+        if (this.nodes.length < count) return;
+        clearTimeout(timer);
+        this.#nodeWaiters.delete(check);
+        resolve();
+      };
+      this.#nodeWaiters.add(check);
+      if (Number.isFinite(timeout)) {
+        timer = setTimeout(() => {
+          this.#nodeWaiters.delete(check);
+          reject(new GetTimeoutError(`the cluster has ${this.nodes.length} nodes after ${timeout} ms; ${count} were awaited`));
+        }, timeout);
+      }
+    });
   }
 
   // -------------------------------------------------------------------------------------------
@@ -305,22 +457,39 @@ export class Cluster implements Runtime {
 
   #spawn(node: Node): WorkerProcess {
     const worker = node.spawnWorker(this.#socketPath);
+    if (node instanceof RemoteNode) worker.child.on('exit', () => worker.connection?.close());
     worker.child.on('exit', () => this.#onWorkerExit(worker));
     return worker;
   }
 
-  #accept(socket: import('node:net').Socket): void {
+  /**
+   * A connection to the cluster's socket: a worker's, or (over TCP, `remote`) a worker's of a node
+   * agent or an agent's own, which must show the cluster's token in its first message.
+   */
+  #accept(socket: Socket, remote: boolean): void {
     let worker: WorkerProcess | undefined;
-    const connection = new FrameConnection<WorkerMessage, DriverMessage>(
+    let agent: RemoteNode | undefined;
+    const connection = new FrameConnection<WorkerMessage | AgentMessage, DriverMessage | HeadMessage>(
       socket,
       (message) => {
-        if (message.t === 'hello') {
-          worker = this.#findWorker(message.workerId);
-          if (!worker) {
+        if (agent) return agent.onMessage(message as AgentMessage);
+        if (remote && !worker) {
+          if (message.t === 'agent-hello') {
+            agent = this.#join(message, connection as unknown as FrameConnection<AgentMessage, HeadMessage>);
+            return;
+          }
+          if (message.t !== 'hello' || !this.#tokenValid(message.token)) {
             connection.close();
             return;
           }
-          worker.connection = connection;
+        }
+        if (message.t === 'hello') {
+          worker = this.#findWorker(message.workerId);
+          if (!worker || worker.connection) {
+            connection.close();
+            return;
+          }
+          worker.connection = connection as unknown as FrameConnection<WorkerMessage, DriverMessage>;
           const ring = worker.takeRing();
           if (ring) connection.attachRing(ring);
           if (worker.state === 'starting') {
@@ -331,9 +500,10 @@ export class Cluster implements Runtime {
           this.#schedule();
           return;
         }
-        if (worker) this.#onWorkerMessage(worker, message);
+        if (worker) this.#onWorkerMessage(worker, message as WorkerMessage);
       },
       () => {
+        if (agent) return this.#leave(agent);
         if (!worker) return;
         worker.kill();
         for (const round of this.#closeRounds.values()) round.answer(worker, []);
@@ -361,7 +531,7 @@ export class Cluster implements Runtime {
     worker.state = 'dead';
     worker.node.workers.delete(worker.id);
     worker.resolveReady();
-    worker.node.store.reapDeadProcesses();
+    worker.node.reapDeadProcesses();
     if (this.#closed) return;
     const lease = this.#leaseByWorker.get(worker);
     if (lease) this.#endLease(lease);
@@ -398,7 +568,8 @@ export class Cluster implements Runtime {
   #exporterGone(worker: WorkerProcess): void {
     const processId = worker.child.pid;
     if (processId === undefined) return;
-    closeMappingsOfExporter(processId);
+    // A process id names a process on its own host only.
+    if (worker.node.localStore) closeMappingsOfExporter(processId);
     for (const other of worker.node.workers.values()) {
       if (other.connection && !other.connection.closed) other.send({ t: 'exporter-gone', processId });
     }
@@ -413,13 +584,7 @@ export class Cluster implements Runtime {
     if (worker.released || !worker.exited || (worker.connection && !worker.connection.closed)) return;
     worker.released = true;
     if (this.#closed) return;
-    const store = worker.node.store;
-    // Its stored puts follow a sequence: those after the last registered one were never reported.
-    for (let n = worker.storedPuts; !store.closed; n++) {
-      const id = sequentialObjectId(worker.putIds, n);
-      if (store.state(id) === 'absent') break;
-      deleteQuietly(store, id);
-    }
+    worker.node.deleteUnreportedPuts(worker.putIds, worker.storedPuts);
     const holds = [...worker.holds];
     worker.holds.clear();
     for (const [id, count] of holds) for (let i = 0; i < count; i++) this.#dropHold(id);
@@ -429,7 +594,7 @@ export class Cluster implements Runtime {
   #dropUnreportedResult(node: Node, id: string): void {
     const record = this.#objects.get(id);
     if (record?.state === 'ready' && record.nodes.has(node.id) && storedIdOf(record) === id) return;
-    if (!node.store.closed && node.store.state(id) !== 'absent') deleteQuietly(node.store, id);
+    node.deleteObject(id);
   }
 
   /** A hold taken for `worker`, dropped with the worker if it dies holding it. */
@@ -451,7 +616,7 @@ export class Cluster implements Runtime {
         // Read after the worker's exit, which settled its tasks (retried or failed) and deleted
         // any result it had stored: a late report must not finish a retry running elsewhere.
         if (worker.exited) return;
-        return this.#onTaskDone(worker, message.taskId, message.value, message.nested, message.error, message.held, message.lostArgument);
+        return this.#onTaskDone(worker, message.taskId, message.value, message.nested, message.error, message.held, message.lostArgument, message.size);
       case 'actor-ready':
         if (worker.exited) return;
         return this.#onActorReady(message.actorId, message.error);
@@ -607,14 +772,7 @@ export class Cluster implements Runtime {
     const holder = record.held?.actorId ?? record.retiredBy;
     if (holder) this.#freeHeld(holder, id);
     const storedId = record.value && 'node' in record.value ? record.value.id : id;
-    for (const nodeId of record.nodes) {
-      const node = this.nodes.find((candidate) => candidate.id === nodeId);
-      try {
-        node?.store.delete(storedId);
-      } catch {
-        // Already gone (e.g. the store closed).
-      }
-    }
+    for (const nodeId of record.nodes) this.nodes.find((candidate) => candidate.id === nodeId)?.deleteObject(storedId);
     for (const nested of record.nested ?? []) this.#dropHold(nested);
   }
 
@@ -622,7 +780,7 @@ export class Cluster implements Runtime {
     const record = this.#objects.get(id);
     if (!record) {
       // Nobody holds it any more: drop what the worker stored.
-      if (value && 'node' in value) this.nodes.find((node) => node.id === value.node)?.store.delete(id);
+      if (value && 'node' in value) this.nodes.find((node) => node.id === value.node)?.deleteObject(id);
       return;
     }
     record.state = 'ready';
@@ -675,11 +833,19 @@ export class Cluster implements Runtime {
    * a call would break the pairing of sends and receives in call order.
    */
   async #locateAll(ids: string[], timeout: number, node: Node, reader?: string): Promise<Array<WireValue | { error: RemoteErrorInfo & { kind: string } }>> {
-    const records = await this.#settledResident(ids, timeout, (record) => this.#readsDirectly(record, node, reader));
-    return records.map((record) => {
-      if (record.state === 'failed') return { error: serializeError(record.error!) };
-      return (record.held && this.#directWire(record, node, reader)) || this.#valueOn(record, node);
-    });
+    for (;;) {
+      const records = await this.#settledResident(ids, timeout, (record) => this.#readsDirectly(record, node, reader));
+      try {
+        return records.map((record) => {
+          if (record.state === 'failed') return { error: serializeError(record.error!) };
+          return (record.held && this.#directWire(record, node, reader)) || this.#valueOn(record, node);
+        });
+      } catch (error) {
+        if (!(error instanceof CopyPending)) throw error;
+        // Then look again: the copy may have failed with its source's node.
+        await error.done.catch(() => undefined);
+      }
+    }
   }
 
   #valueOn(record: ObjectRecord, node: Node): WireValue {
@@ -689,18 +855,51 @@ export class Cluster implements Runtime {
     return { node: node.id, id: storedIdOf(record) };
   }
 
-  /** Objects that cross logical nodes are copied between their segments. */
+  /**
+   * Objects that cross nodes are copied between their stores: at once between segments this
+   * process maps, else in chunks over the agents' connections (CopyPending says when it is done).
+   */
   #copyToNode(record: ObjectRecord, target: Node): void {
-    const sourceId = [...record.nodes][0];
-    const source = this.nodes.find((node) => node.id === sourceId);
-    const view = source?.store.getIfSealed(storedIdOf(record));
-    if (!view) throw new ObjectLostError(record.id, `object ${record.id} is missing from the store of ${sourceId}`);
+    const sources = this.nodes.filter((node) => record.nodes.has(node.id));
+    const source = sources.find((node) => node.localStore) ?? sources[0];
+    if (!source) throw new ObjectLostError(record.id, `object ${record.id} is in no node's store`);
+    const local = source.localStore;
+    if (!local || !target.localStore) throw new CopyPending(this.#copyAcross(record, source, target));
+    const view = local.getIfSealed(storedIdOf(record));
+    if (!view) throw new ObjectLostError(record.id, `object ${record.id} is missing from the store of ${source.id}`);
     try {
-      target.store.put(storedIdOf(record), view.data, { metadata: view.metadata ?? undefined });
+      target.localStore.put(storedIdOf(record), view.data, { metadata: view.metadata ?? undefined });
     } finally {
       view.release();
     }
     addNode(record, target.id);
+  }
+
+  /** One copy per object and target at a time; the record learns of the copy when it is sealed. */
+  #copyAcross(record: ObjectRecord, source: Node, target: Node): Promise<void> {
+    const copying = (record.copying ??= new Map());
+    let copy = copying.get(target.id);
+    if (copy) return copy;
+    const storedId = storedIdOf(record);
+    const from = source.localStore ? storeSource(source.localStore) : (source as RemoteNode).source;
+    const to = target.localStore ? storeTarget(target.localStore) : (target as RemoteNode).target;
+    copy = transferObject(from, to, storedId).then(
+      () => {
+        copying.delete(target.id);
+        // Freed meanwhile (or recomputed under another value): the copy has no reader.
+        if (this.#objects.get(record.id) !== record || storedIdOf(record) !== storedId || target.closed) return target.deleteObject(storedId);
+        addNode(record, target.id);
+      },
+      (error: Error & { code?: string }) => {
+        copying.delete(target.id);
+        // A copy that raced another into the same store (a retried transfer, say) is there already.
+        if (error.code === 'ERR_OBJECT_EXISTS' && this.#objects.get(record.id) === record) return addNode(record, target.id);
+        throw error;
+      },
+    );
+    copying.set(target.id, copy);
+    this.events.emit('object-transfer', { objectId: record.id, from: source.id, to: target.id, bytes: record.size });
+    return copy;
   }
 
   #readValue(record: ObjectRecord): unknown {
@@ -708,10 +907,10 @@ export class Cluster implements Runtime {
     if (!this.#resident(record)) throw new ObjectLostError(record.id, `object ${record.id} was lost and could not be recomputed`);
     const value = record.value!;
     if ('inline' in value) return unpack(value.inline);
-    const node = this.nodes.find((candidate) => record.nodes.has(candidate.id))!;
+    const node = this.nodes.find((candidate) => candidate.localStore && record.nodes.has(candidate.id));
     // A buffer of its own, so that whatever is made from the value keeps the object pinned.
-    const view = node.store.getIfSealed(storedIdOf(record), { ownBuffer: true });
-    if (!view) throw new ObjectLostError(record.id, `object ${record.id} is missing from the store of ${node.id}`);
+    const view = node?.localStore!.getIfSealed(storedIdOf(record), { ownBuffer: true });
+    if (!view) throw new ObjectLostError(record.id, `object ${record.id} is missing from the store of ${node?.id ?? this.#head.id}`);
     return decodeStored(view);
   }
 
@@ -730,7 +929,7 @@ export class Cluster implements Runtime {
     if ('inline' in encoded) {
       this.#resolveObject(id, { inline: encoded.inline }, encoded.nested, encoded.inline.byteLength);
     } else {
-      const node = this.headNode;
+      const node = this.#head;
       putStored(node.store, id, encoded.stored);
       this.#resolveObject(id, { node: node.id, id }, encoded.nested, encoded.stored.payload.byteLength);
     }
@@ -738,8 +937,24 @@ export class Cluster implements Runtime {
   }
 
   async get(refs: ObjectRef<unknown>[], timeout: number): Promise<unknown[]> {
-    const records = await this.#settledResident(refs.map((ref) => ref.id), timeout);
-    return records.map((record) => this.#readValue(record));
+    for (;;) {
+      const records = await this.#settledResident(refs.map((ref) => ref.id), timeout);
+      // Values only node agents hold come into the driver's store first.
+      const copies: Promise<void>[] = [];
+      for (const record of records) {
+        if (record.state !== 'ready' || !record.value || 'inline' in record.value) continue;
+        if (this.nodes.some((node) => node.localStore && record.nodes.has(node.id))) continue;
+        try {
+          this.#copyToNode(record, this.#head);
+        } catch (error) {
+          if (!(error instanceof CopyPending)) throw error;
+          copies.push(error.done.catch(() => undefined));
+        }
+      }
+      if (copies.length === 0) return records.map((record) => this.#readValue(record));
+      // Then look again: a copy that failed with its source's node leaves the value to recompute.
+      await Promise.all(copies);
+    }
   }
 
   /**
@@ -790,7 +1005,7 @@ export class Cluster implements Runtime {
     if (!value || 'inline' in value) return true;
     for (const nodeId of [...record.nodes]) {
       const node = this.nodes.find((candidate) => candidate.id === nodeId);
-      if (!node || node.store.closed || !node.store.contains(storedIdOf(record))) record.nodes.delete(nodeId);
+      if (!node || node.closed || !node.holdsObject(storedIdOf(record))) record.nodes.delete(nodeId);
     }
     return record.nodes.size > 0;
   }
@@ -930,13 +1145,13 @@ export class Cluster implements Runtime {
 
   #submit(task: TaskRecord): void {
     const info = typeof task.strategy === 'string' ? this.#requests.get(task.options) : undefined;
-    if (info?.feasible !== true) {
+    if (info?.feasibleAt !== this.#nodesLeft) {
       const infeasible = this.#infeasibility(task.request, task.strategy);
       if (infeasible) {
         this.#failTask(task, new InfeasibleTaskError(`task ${task.name} can never be scheduled: ${infeasible.reason}`, infeasible.missing));
         return;
       }
-      if (info) info.feasible = true;
+      if (info) info.feasibleAt = this.#nodesLeft;
     }
     if (task.argRefs.length === 0) return this.#queueTask(task);
     this.#afterDependencies(task.argRefs, () => this.#prepareThen(task, () => this.#queueTask(task)));
@@ -1140,6 +1355,9 @@ export class Cluster implements Runtime {
     } catch (error) {
       lease.inflight--;
       lease.worker.inflight.delete(task.taskId);
+      // A lease left with nothing to run gives its resources back: the recomputation or copy the
+      // task now waits for may need them.
+      if (lease.inflight === 0 && !this.#queues.get(lease.classKey)?.length) this.#endLease(lease);
       if (error instanceof ArgumentsRecovering) {
         // An argument is being recomputed: wait for it again.
         task.attempts--;
@@ -1149,6 +1367,22 @@ export class Cluster implements Runtime {
           task.state = 'queued';
           this.#enqueue(task, true);
           this.#schedule();
+        });
+      } else if (error instanceof CopyPending) {
+        // An argument is on its way to the lease's node: send the task once it is there.
+        task.attempts--;
+        task.state = 'waiting';
+        task.worker = undefined;
+        const requeue = () => {
+          if (task.state !== 'waiting') return;
+          task.state = 'queued';
+          this.#enqueue(task, true);
+          this.#schedule();
+        };
+        error.done.then(requeue, (copyError: Error) => {
+          // A source that left is looked for again (the value recomputed if need be); else the copy's error is the task's.
+          if (copyError instanceof NodeLostError) requeue();
+          else if (task.state === 'waiting') this.#failTask(task, copyError);
         });
       } else {
         this.#failTask(task, error as Error);
@@ -1210,11 +1444,12 @@ export class Cluster implements Runtime {
     error: RemoteErrorInfo | undefined,
     held?: { transport: string; meta: HeldMeta },
     lostArgument?: string,
+    size?: number,
   ): void {
     worker.inflight.delete(taskId);
     const task = this.#tasks.get(taskId);
     if (task?.actorId) {
-      this.#onActorCallDone(task, value, nested, error, held, lostArgument);
+      this.#onActorCallDone(task, value, nested, error, held, lostArgument, size);
       return;
     }
     const lease = this.#leaseByWorker.get(worker);
@@ -1232,7 +1467,7 @@ export class Cluster implements Runtime {
           this.#failTask(task, taskFailure(task, error, lostArgument));
         }
       } else {
-        this.#finishTask(task, value, nested);
+        this.#finishTask(task, value, nested, size);
       }
     } else if (value && 'node' in value) {
       // Cancelled meanwhile (and so forgotten): its stored result has no reader.
@@ -1241,15 +1476,18 @@ export class Cluster implements Runtime {
     this.#schedule();
   }
 
-  #finishTask(task: TaskRecord, value: WireValue | undefined, nested: string[] | undefined): void {
+  #finishTask(task: TaskRecord, value: WireValue | undefined, nested: string[] | undefined, storedSize?: number): void {
     task.state = 'done';
     this.#tasks.delete(task.taskId);
     let size = value && 'inline' in value ? value.inline.byteLength : 0;
     if (value && 'node' in value) {
-      // Stored results weigh in data locality too: record their bytes, which 'done' does not carry.
-      const view = this.nodes.find((node) => node.id === value.node)?.store.getIfSealed(value.id);
-      size = view?.size ?? 0;
-      view?.release();
+      // Stored results weigh in data locality too: record their bytes.
+      if (storedSize !== undefined) size = storedSize;
+      else {
+        const view = this.nodes.find((node) => node.id === value.node)?.localStore?.getIfSealed(value.id);
+        size = view?.size ?? 0;
+        view?.release();
+      }
     }
     this.#resolveObject(task.returnId, value, nested, size);
     // Lineage: a task's arguments stay alive with its result, so a lost result can be recomputed.
@@ -1582,12 +1820,14 @@ export class Cluster implements Runtime {
       worker.actorId = actor.id;
       actor.worker = worker;
       actor.state = 'starting';
-      void worker.ready.then(() => {
+      const construct = () => {
         if (worker.exited || actor.worker !== worker) return;
         let resolved: Record<string, WireValue>;
         try {
           resolved = this.#resolvedArgs(actor.argRefs, node);
         } catch (error) {
+          // Arguments on their way to the actor's node: construct once they are there.
+          if (error instanceof CopyPending) return void error.done.then(construct, construct);
           this.#actorDied(actor, `actor ${actor.name} could not get its constructor arguments: ${(error as Error).message}`);
           worker.kill();
           return;
@@ -1602,7 +1842,8 @@ export class Cluster implements Runtime {
           maxConcurrency: actor.options.maxConcurrency ?? 1,
           gpuIds: actor.gpuIds,
         });
-      });
+      };
+      void worker.ready.then(construct);
     }
   }
 
@@ -1678,6 +1919,23 @@ export class Cluster implements Runtime {
           this.#afterDependencies(task.argRefs, () => this.#prepareThen(task, () => this.#pumpActor(actor)));
           return;
         }
+        if (error instanceof CopyPending) {
+          // An argument is on its way to the actor's node: the call stays at the head till then.
+          actor.queue.unshift(task);
+          task.preparing = true;
+          error.done.then(
+            () => {
+              task.preparing = false;
+              this.#pumpActor(actor);
+            },
+            (copyError: Error) => {
+              task.preparing = false;
+              if (!(copyError instanceof NodeLostError)) this.#failTask(task, copyError);
+              this.#pumpActor(actor);
+            },
+          );
+          return;
+        }
         this.#failTask(task, error as Error);
         continue;
       }
@@ -1707,6 +1965,7 @@ export class Cluster implements Runtime {
     error: RemoteErrorInfo | undefined,
     held?: { transport: string; meta: HeldMeta },
     lostArgument?: string,
+    size?: number,
   ): void {
     const actor = this.#actors.get(task.actorId!);
     actor?.running.delete(task.taskId);
@@ -1724,7 +1983,7 @@ export class Cluster implements Runtime {
       if (ipc) record.ipcHandles = ipc;
     }
     else if (held) this.#freeHeld(task.actorId!, task.returnId);
-    this.#finishTask(task, value, nested);
+    this.#finishTask(task, value, nested, size);
   }
 
   #onActorWorkerDied(actor: ActorRecord): void {
@@ -1811,9 +2070,9 @@ export class Cluster implements Runtime {
   }
 
   whenActorProcessGone(actorId: string): Promise<void> {
-    const child = this.#actors.get(actorId)?.worker?.child;
-    if (!child || child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
-    return new Promise((resolve) => child.once('exit', () => resolve()));
+    const worker = this.#actors.get(actorId)?.worker;
+    if (!worker || worker.exited) return Promise.resolve();
+    return new Promise((resolve) => worker.child.once('exit', () => resolve()));
   }
 
   kill(actorId: string, noRestart: boolean): void {
@@ -1910,9 +2169,11 @@ export class Cluster implements Runtime {
       nodes: this.nodes.map((node) => ({
         nodeId: node.id,
         resources: node.pool.snapshot(),
-        store: node.store.stats(),
-        storeName: node.store.name,
+        store: node.storeStats(),
+        storeName: node.storeName,
+        ...(node instanceof RemoteNode ? { hostname: node.hostname, agentPid: node.agentPid } : {}),
       })),
+      ...(this.#tcp ? { listening: { host: this.#tcp.host, port: this.#tcp.port } } : {}),
       workers: this.nodes.flatMap((node) =>
         [...node.workers.values()].map((worker) => ({ workerId: worker.id, nodeId: node.id, pid: worker.child.pid ?? 0, state: worker.state })),
       ),
@@ -1962,7 +2223,12 @@ export class Cluster implements Runtime {
       }
     }
     await Promise.all(exits);
-    for (const node of this.nodes) node.close();
+    for (const node of [...this.nodes]) node.close();
+    if (this.#tcp) {
+      const server = this.#tcp.server;
+      for (const socket of this.#tcp.sockets) socket.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
     // After the workers: the daemon waits for its clients before it quits.
     await this.#multiProcessService?.close();
     await new Promise<void>((resolve) => this.#server.close(() => resolve()));
@@ -1979,7 +2245,10 @@ export class Cluster implements Runtime {
 }
 
 export interface ClusterState {
-  nodes: Array<{ nodeId: string; resources: { total: Record<string, number>; available: Record<string, number> }; store: ReturnType<Node['store']['stats']>; storeName: string }>;
+  /** `hostname` and `agentPid` for nodes that joined through a node agent. */
+  nodes: Array<{ nodeId: string; resources: { total: Record<string, number>; available: Record<string, number> }; store: StoreStats; storeName: string; hostname?: string; agentPid?: number }>;
+  /** Where node agents join (init's `listen`), with the port actually bound. */
+  listening?: { host: string; port: number };
   workers: Array<{ workerId: string; nodeId: string; pid: number; state: string }>;
   tasks: Record<string, number>;
   /** `deathCause` for dead ones: killed, died with no restarts left, or ended with no handle left. */
@@ -1991,6 +2260,17 @@ export interface ClusterState {
 }
 
 class ArgumentsRecovering extends Error {}
+
+/** An argument is being copied to the node that reads it; `done` settles when it is there. */
+class CopyPending extends Error {
+  constructor(readonly done: Promise<void>) {
+    super('an object is being copied between nodes');
+  }
+}
+
+function digest(token: string): Buffer {
+  return createHash('sha256').update(token).digest();
+}
 
 /** "Class.method", made once per actor and method (a fresh string per call is copied into each frame). */
 function callName(actor: ActorRecord, method: string): string {
@@ -2010,15 +2290,6 @@ const NO_NODES: Set<string> = new NoNodes();
 function addNode(record: ObjectRecord, nodeId: string): void {
   if (record.nodes === NO_NODES) record.nodes = new Set();
   record.nodes.add(nodeId);
-}
-
-/** Deletes an object that may already be gone (deleted by another path, or its store closed). */
-function deleteQuietly(store: Node['store'], id: string): void {
-  try {
-    store.delete(id);
-  } catch {
-    // Nothing left to delete.
-  }
 }
 
 /** The store id of a stored value: its own id, or the id it was materialized under. */

@@ -215,10 +215,13 @@ export class FrameConnection<Incoming extends AnyMessage, Outgoing extends AnyMe
     this.#pendingBytes += chunk.length;
     let rang = false;
     while (this.#pendingBytes >= HEADER_BYTES) {
-      if (this.#pending.length > 1) this.#pending = [Buffer.concat(this.#pending)];
-      const buffer = this.#pending[0];
+      let buffer = this.#pending[0];
+      if (buffer.length < HEADER_BYTES) this.#pending = [(buffer = Buffer.concat(this.#pending, this.#pendingBytes))];
       const length = buffer.readUInt32LE(0);
-      if (buffer.length < HEADER_BYTES + length) break;
+      // Joined once the whole batch is here: joining at every chunk of a large batch (an object's
+      // chunk between nodes, say) copied it over and over.
+      if (this.#pendingBytes < HEADER_BYTES + length) break;
+      if (buffer.length < HEADER_BYTES + length) this.#pending = [(buffer = Buffer.concat(this.#pending, this.#pendingBytes))];
       const sequence = buffer.readUInt32LE(4);
       if (sequence === DOORBELL) {
         rang = true;

@@ -2,12 +2,12 @@
  * A logical node: its resources, its object-store segment and its pool of worker processes.
  * Workers are prestarted, reused, and reaped when idle above the soft limit.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { ObjectStore } from '../store/object-store.js';
-import { newObjectId } from '../store/object-id.js';
+import { ObjectStore, type StoreStats } from '../store/object-store.js';
+import { newObjectId, sequentialObjectId } from '../store/object-id.js';
 import { RING_BYTES, connectionRingWanted, type FrameConnection } from './connection.js';
 import { native, type NativeConnectionRing } from '../native.js';
 import type { DriverMessage, WorkerMessage } from './protocol.js';
@@ -23,12 +23,16 @@ const workerEntry = join(dirname(here), here.endsWith('.ts') ? 'worker-main.ts' 
  * apache-arrow alone is 158 modules, about 0.8 s of CPU per worker through tsx, against 0.1 s
  * without. So the large dependencies load first, before the loader registers its hooks.
  */
-function workerNodeFlags(): string[] {
+export function driverRunsTypeScript(): boolean {
   const driverFlags = [...process.execArgv, ...(process.env.NODE_OPTIONS?.split(/\s+/) ?? [])];
-  const flags: string[] = driverFlags.filter((flag) => flag === '--experimental-strip-types' || flag === '--experimental-transform-types');
-  const typeScript = workerEntry.endsWith('.ts')
+  return workerEntry.endsWith('.ts')
     || driverFlags.some((flag) => /(^|[/\\=])tsx([/\\]|$)/.test(flag) || flag.includes('/tsx/dist/'))
     || /\.[mc]?tsx?$/.test(process.argv[1] ?? '');
+}
+
+function workerNodeFlags(typeScript: boolean): string[] {
+  const driverFlags = [...process.execArgv, ...(process.env.NODE_OPTIONS?.split(/\s+/) ?? [])];
+  const flags: string[] = driverFlags.filter((flag) => flag === '--experimental-strip-types' || flag === '--experimental-transform-types');
   if (!typeScript) return flags;
   for (const dependency of ['apache-arrow', 'msgpackr']) {
     try {
@@ -39,14 +43,36 @@ function workerNodeFlags(): string[] {
   }
   return [...flags, '--import', 'tsx'];
 }
-const workerFlags = workerNodeFlags();
+const workerFlags = new Map<boolean, string[]>();
+
+/**
+ * The command line of a worker process. `typeScript`: whether the driver's modules need a
+ * TypeScript loader (a node agent is told by its head, whose modules its workers import).
+ */
+export function workerCommand(typeScript = driverRunsTypeScript()): string[] {
+  let flags = workerFlags.get(typeScript);
+  if (!flags) workerFlags.set(typeScript, (flags = workerNodeFlags(typeScript)));
+  // TRELLIS_WORKER_NODE_ARGS: extra Node.js flags for workers (profiling, inspecting).
+  const extra = process.env.TRELLIS_WORKER_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
+  // --expose-gc: a worker collects garbage when the zero-copy views it made may pin much of the
+  // store (see worker-main.ts).
+  return [...extra, '--expose-gc', ...flags, workerEntry];
+}
 
 export type WorkerState = 'starting' | 'idle' | 'leased' | 'actor' | 'dead';
+
+/** What the cluster needs of a worker's process: local (a ChildProcess) or on a node agent's host. */
+export interface WorkerChild {
+  readonly pid?: number;
+  kill(signal?: NodeJS.Signals): boolean;
+  on(event: 'exit', listener: () => void): unknown;
+  once(event: 'exit', listener: () => void): unknown;
+}
 
 export class WorkerProcess {
   readonly id: string;
   readonly node: Node;
-  readonly child: ChildProcess;
+  readonly child: WorkerChild;
   state: WorkerState = 'starting';
   /** The actor whose dedicated process this is (state 'actor'). */
   actorId?: string;
@@ -65,7 +91,7 @@ export class WorkerProcess {
    */
   readonly holds = new Map<string, number>();
   /** The worker names its stored puts by this sequence (see sequentialObjectId). */
-  readonly putIds = randomBytes(20);
+  readonly putIds: Uint8Array;
   /** Stored puts the worker registered: the next id of its sequence is the first unreported one. */
   storedPuts = 0;
   /** Its watches of other actors' deaths (see Runtime.watchActors), by the worker's watch id. */
@@ -79,30 +105,13 @@ export class WorkerProcess {
    */
   ring: NativeConnectionRing | undefined;
 
-  constructor(node: Node, socketPath: string) {
-    this.id = `worker-${newObjectId().slice(0, 12)}`;
+  constructor(node: Node, id: string, child: WorkerChild, ring: NativeConnectionRing | undefined, putIds: Uint8Array) {
+    this.id = id;
+    this.putIds = putIds;
     this.node = node;
+    this.child = child;
+    this.ring = ring;
     this.ready = new Promise((resolve) => (this.resolveReady = resolve));
-    this.ring = connectionRingWanted() ? native.ConnectionRing.create(RING_BYTES) : undefined;
-    // TRELLIS_WORKER_NODE_ARGS: extra Node.js flags for workers (profiling, inspecting).
-    const extra = process.env.TRELLIS_WORKER_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
-    // --expose-gc: a worker collects garbage when the zero-copy views it made may pin much of the
-    // store (see worker-main.ts).
-    this.child = spawn(process.execPath, [...extra, '--expose-gc', ...workerFlags, workerEntry], {
-      env: {
-        ...process.env,
-        TRELLIS_SOCKET: socketPath,
-        TRELLIS_WORKER_ID: this.id,
-        TRELLIS_NODE_ID: node.id,
-        TRELLIS_STORE: node.store.name,
-        TRELLIS_PUT_IDS: this.putIds.toString('hex'),
-        ...node.workerEnvironment,
-        ...(this.ring ? { TRELLIS_RING_FD: '3' } : {}),
-      },
-      stdio: ['ignore', 'inherit', 'inherit', ...(this.ring ? [this.ring.fd] : [])],
-    });
-    // The child has its own copy of the descriptor now; the mapping here stays.
-    this.ring?.closeFd();
   }
 
   /** The ring goes to the connection, which closes it with itself. */
@@ -130,10 +139,14 @@ export interface NodeOptions {
   objectStoreMemory?: number;
 }
 
-export class Node {
+/**
+ * A node as the scheduler sees it: resources, GPUs and a worker pool, and the object store its
+ * workers read from. A LocalNode's store is mapped in this process; a RemoteNode (remote-node.ts)
+ * is a node agent on another host (or another process), reached over its connection.
+ */
+export abstract class Node {
   readonly id: string;
   readonly pool: ResourcePool;
-  readonly store: ObjectStore;
   readonly workers = new Map<string, WorkerProcess>();
   readonly numGpus: number;
   /** Fixed-point share of each GPU still free, for assigning GPU ids. */
@@ -142,27 +155,34 @@ export class Node {
   /** Added to every worker's environment (the cluster's MPS pipe directory, say). */
   readonly workerEnvironment: Readonly<Record<string, string>>;
 
-  constructor(options: NodeOptions, index: number, workerEnvironment: Record<string, string> = {}) {
+  constructor(id: string, resources: Resources, numGpus: number, workerEnvironment: Record<string, string>) {
     this.workerEnvironment = workerEnvironment;
-    this.id = options.id ?? `node-${index}`;
-    const numCpus = options.numCpus ?? 2;
-    this.numGpus = options.numGpus ?? 0;
-    this.pool = new ResourcePool({
-      ...(options.resources ?? {}),
-      CPU: numCpus,
-      GPU: this.numGpus,
-      memory: options.memory ?? 0,
-    });
+    this.id = id;
+    this.numGpus = numGpus;
+    this.pool = new ResourcePool({ ...resources, GPU: numGpus });
     this.gpuFree = Array.from({ length: this.numGpus }, () => 10_000);
-    this.softLimit = Math.max(1, Math.ceil(numCpus));
-    this.store = ObjectStore.create({ capacity: options.objectStoreMemory });
+    this.softLimit = Math.max(1, Math.ceil(resources.CPU ?? 0));
   }
 
-  spawnWorker(socketPath: string): WorkerProcess {
-    const worker = new WorkerProcess(this, socketPath);
-    this.workers.set(worker.id, worker);
-    return worker;
-  }
+  /** The store mapped in this process (undefined for a node whose store lives elsewhere). */
+  abstract readonly localStore: ObjectStore | undefined;
+  /** The store segment's name, as its workers attach it. */
+  abstract readonly storeName: string;
+  /** The node is gone (closed, or its agent disconnected). */
+  abstract readonly closed: boolean;
+
+  /** Starts a worker that will connect to `address` (the cluster's socket). */
+  abstract spawnWorker(address: string): WorkerProcess;
+  /** Whether the node's store holds `id`, as far as this process can tell without asking. */
+  abstract holdsObject(id: string): boolean;
+  /** Deletes an object that may already be gone. */
+  abstract deleteObject(id: string): void;
+  /** Deletes a dead worker's stored puts from the `from`th of its sequence on (never reported). */
+  abstract deleteUnreportedPuts(putIds: Uint8Array, from: number): void;
+  /** Drops the pins of this node's dead processes. */
+  abstract reapDeadProcesses(): void;
+  abstract storeStats(): StoreStats;
+  abstract close(): void;
 
   idleWorker(): WorkerProcess | undefined {
     for (const worker of this.workers.values()) if (worker.state === 'idle') return worker;
@@ -196,9 +216,98 @@ export class Node {
     if (ids.length === 1 && amount < 10_000) this.gpuFree[ids[0]] += amount;
     else for (const index of ids) this.gpuFree[index] = 10_000;
   }
+}
+
+/** A logical node in this process: its segment is mapped here and its workers are children. */
+export class LocalNode extends Node {
+  readonly store: ObjectStore;
+
+  constructor(options: NodeOptions, index: number, workerEnvironment: Record<string, string> = {}) {
+    super(options.id ?? `node-${index}`, nodeResources(options), options.numGpus ?? 0, workerEnvironment);
+    this.store = ObjectStore.create({ capacity: options.objectStoreMemory });
+  }
+
+  get localStore(): ObjectStore {
+    return this.store;
+  }
+
+  get storeName(): string {
+    return this.store.name;
+  }
+
+  get closed(): boolean {
+    return this.store.closed;
+  }
+
+  spawnWorker(address: string): WorkerProcess {
+    const id = `worker-${newObjectId().slice(0, 12)}`;
+    const putIds = randomBytes(20);
+    const ring = connectionRingWanted() ? native.ConnectionRing.create(RING_BYTES) : undefined;
+    const child = spawn(process.execPath, workerCommand(), {
+      env: {
+        ...process.env,
+        TRELLIS_SOCKET: address,
+        TRELLIS_WORKER_ID: id,
+        TRELLIS_NODE_ID: this.id,
+        TRELLIS_STORE: this.store.name,
+        TRELLIS_PUT_IDS: putIds.toString('hex'),
+        ...this.workerEnvironment,
+        ...(ring ? { TRELLIS_RING_FD: '3' } : {}),
+      },
+      stdio: ['ignore', 'inherit', 'inherit', ...(ring ? [ring.fd] : [])],
+    });
+    // The child has its own copy of the descriptor now; the mapping here stays.
+    ring?.closeFd();
+    const worker = new WorkerProcess(this, id, child, ring, putIds);
+    this.workers.set(worker.id, worker);
+    return worker;
+  }
+
+  holdsObject(id: string): boolean {
+    return !this.store.closed && this.store.contains(id);
+  }
+
+  deleteObject(id: string): void {
+    if (this.store.closed || this.store.state(id) === 'absent') return;
+    try {
+      this.store.delete(id);
+    } catch {
+      // Deleted meanwhile by another path.
+    }
+  }
+
+  deleteUnreportedPuts(putIds: Uint8Array, from: number): void {
+    deleteUnreportedPuts(this.store, putIds, from);
+  }
+
+  reapDeadProcesses(): void {
+    if (!this.store.closed) this.store.reapDeadProcesses();
+  }
+
+  storeStats(): StoreStats {
+    return this.store.stats();
+  }
 
   close(): void {
     for (const worker of this.workers.values()) worker.kill();
     this.store.close();
+  }
+}
+
+/** A node's resources from its options (CPUs default to 2, as a worker pool needs some). */
+export function nodeResources(options: NodeOptions): Resources {
+  return { ...(options.resources ?? {}), CPU: options.numCpus ?? 2, memory: options.memory ?? 0 };
+}
+
+/** Stored puts follow a sequence: those after the last registered one were never reported. */
+export function deleteUnreportedPuts(store: ObjectStore, putIds: Uint8Array, from: number): void {
+  for (let n = from; !store.closed; n++) {
+    const id = sequentialObjectId(putIds, n);
+    if (store.state(id) === 'absent') break;
+    try {
+      store.delete(id);
+    } catch {
+      // Deleted meanwhile.
+    }
   }
 }

@@ -4,6 +4,7 @@
  * two that every task and actor call sends (the task and its inline result) have a compact binary
  * form, since generic encoding of their keyed fields was a measurable share of a call's latency.
  */
+import type { AgentMessage, HeadMessage } from './agent-protocol.js';
 import type { RemoteErrorInfo } from '../errors.js';
 import { Packr } from 'msgpackr';
 
@@ -102,6 +103,8 @@ export interface HelloMessage {
   t: 'hello';
   workerId: string;
   pid: number;
+  /** The cluster's token, from a worker that connects over TCP (a node agent's). */
+  token?: string;
 }
 
 export interface DoneMessage {
@@ -115,6 +118,8 @@ export interface DoneMessage {
   lostArgument?: string;
   /** The result's tensors stayed with the actor (tensor transport). */
   held?: { transport: string; meta: HeldMeta };
+  /** A stored result's bytes (data locality weighs them). */
+  size?: number;
 }
 
 export interface ActorReadyMessage {
@@ -339,7 +344,7 @@ function readDone(reader: FrameReader): DoneMessage {
   return { t: 'done', taskId, value: { inline: reader.bytes() }, nested };
 }
 
-export type AnyMessage = DriverMessage | WorkerMessage;
+export type AnyMessage = DriverMessage | WorkerMessage | AgentMessage | HeadMessage;
 
 /** Writes one frame: a length, then the compact form where there is one, else msgpack. */
 export function writeFrame(writer: FrameWriter, message: AnyMessage): void {

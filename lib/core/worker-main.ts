@@ -4,7 +4,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { closeSync } from 'node:fs';
-import { connect } from 'node:net';
+import { connect, type Socket } from 'node:net';
 import { ObjectLostError, TaskError, type RemoteErrorInfo } from '../errors.js';
 import { ObjectStore } from '../store/object-store.js';
 import { newObjectId, sequentialObjectId } from '../store/object-id.js';
@@ -37,6 +37,9 @@ import '../gpu/ipc-reclaim.js';
 import '../dag/exec-loop.js';
 
 const socketPath = process.env.TRELLIS_SOCKET!;
+/** Proves a TCP worker to its head; user code has no need of it. */
+const token = process.env.TRELLIS_CLUSTER_TOKEN;
+delete process.env.TRELLIS_CLUSTER_TOKEN;
 const workerId = process.env.TRELLIS_WORKER_ID!;
 const nodeId = process.env.TRELLIS_NODE_ID!;
 const store = ObjectStore.attach(process.env.TRELLIS_STORE!);
@@ -459,7 +462,7 @@ function sendResult(taskId: string, returnId: string, value: unknown): void {
     return;
   }
   putStored(store, returnId, encoded.stored);
-  runtime.send({ t: 'done', taskId, value: { node: nodeId, id: returnId }, nested: encoded.nested });
+  runtime.send({ t: 'done', taskId, value: { node: nodeId, id: returnId }, nested: encoded.nested, size: encoded.stored.payload.byteLength });
 }
 
 /** What this process inherited, for tasks without GPUs on a pooled worker. */
@@ -636,7 +639,13 @@ async function startActor(message: CreateActorMessage): Promise<void> {
   }
 }
 
-const socket = connect(socketPath);
+/** A Unix socket's path, or tcp://host:port for a worker of a node agent (remote-node.ts). */
+const socket = socketPath.startsWith('tcp://') ? connectTcp(socketPath) : connect(socketPath);
+
+function connectTcp(address: string): Socket {
+  const url = new URL(address);
+  return connect({ host: url.hostname.replace(/^\[|\]$/g, ''), port: Number(url.port) });
+}
 /** The connection's shared memory, from the driver (see connection.ts). */
 const ring = openRing();
 
@@ -713,7 +722,7 @@ setHandleCodec({
 import('../index.js')
   .catch(() => undefined)
   .finally(() => {
-    runtime.send({ t: 'hello', workerId, pid: process.pid });
+    runtime.send({ t: 'hello', workerId, pid: process.pid, ...(token ? { token } : {}) });
     // The hello goes by socket (it tells the driver whose ring this is); the rest by the ring.
     connection.flush();
     if (ring) connection.attachRing(ring);

@@ -7,6 +7,7 @@
 import { InvalidArgumentError, SerializationError } from '../errors.js';
 import { get, state } from '../core/api.js';
 import { currentRuntime } from '../core/runtime-context.js';
+import { hostIdentity } from '../core/host.js';
 import { pack } from '../core/serialization.js';
 import { createChannel } from './channel.js';
 import { CompiledGraph, type GraphLayout } from './compiled-graph.js';
@@ -59,11 +60,23 @@ export function describe(node: DAGNode): string {
   return `node#${node.id}`;
 }
 
-/** The actors among `actorIds` that can use CUDA (asked of each; none when none is asked). */
-async function probeCuda(actorIds: string[]): Promise<Set<string>> {
+/**
+ * Asks each actor whether it can use CUDA (IPC edges), and checks that all run on this host:
+ * channels are shared memory, so a graph's actors share the machine that compiles it.
+ */
+async function probeActors(actorIds: string[], names: Map<string, string>): Promise<Set<string>> {
   if (actorIds.length === 0) return new Set();
   const runtime = currentRuntime();
-  const answers = (await get(actorIds.map((actorId) => runtime.submitActorTask(actorId, '__trellis_dag_probe', [])))) as Array<{ cuda: boolean }>;
+  const answers = (await get(actorIds.map((actorId) => runtime.submitActorTask(actorId, '__trellis_dag_probe', [])))) as Array<{ cuda: boolean; host: string }>;
+  const here = hostIdentity();
+  answers.forEach((answer, index) => {
+    if (answer.host !== here) {
+      throw new GraphValidationError(
+        `actor ${names.get(actorIds[index]) ?? actorIds[index]} runs on ${answer.host}, not on ${here} where the graph is compiled: ` +
+          "a compiled graph's channels are shared memory, so its actors must share the compiling host (place them there, e.g. by node affinity)",
+      );
+    }
+  });
   return new Set(actorIds.filter((_, index) => answers[index].cuda));
 }
 
@@ -173,7 +186,8 @@ export async function compileGraph(root: DAGNode, options: CompileOptions): Prom
     autoActors.add(actorOf(node)!);
     for (const actor of entry.shm) autoActors.add(actor);
   }
-  const withCuda = await probeCuda([...autoActors]);
+  const probed = await probeActors(actors, new Map(computes.map((node) => [node.actorId, describe(node)])));
+  const withCuda = new Set([...autoActors].filter((actor) => probed.has(actor)));
   const ipcNodes = new Set(
     ipcCandidates.filter(([node, entry]) => node.transport === 'ipc' || [actorOf(node)!, ...entry.shm].every((actor) => withCuda.has(actor))).map(([node]) => node),
   );

@@ -10,6 +10,7 @@ import { getCommunicator } from '../gpu/collective.js';
 import { Tensor } from '../gpu/tensor.js';
 import type { DeviceMemory } from '../gpu/cuda-types.js';
 import { cuda } from '../gpu/cuda.js';
+import { hostIdentity } from '../core/host.js';
 import { ChannelReader, ChannelWriter, encodeIpcMessage, encodeMessage, eventLoopTurn, isChannelClosed, starving, type Message } from './channel.js';
 import { IpcImporter, IpcLender, cudaTensorsOf, exportTensors, type IpcPayload } from './ipc.js';
 import type { ActorPlan, ArgSpec, Operation } from './plan.js';
@@ -279,8 +280,8 @@ registerSystemMethod('__trellis_dag_start', function (this: unknown, plan: Actor
   return true;
 });
 
-/** What compile needs to choose 'auto' edges' transport: whether this actor can use CUDA (IPC). */
-registerSystemMethod('__trellis_dag_probe', () => ({ cuda: cuda.available }));
+/** What compile needs: whether this actor can use CUDA (IPC edges), and on which host it runs. */
+registerSystemMethod('__trellis_dag_probe', () => ({ cuda: cuda.available, host: hostIdentity() }));
 
 registerSystemMethod('__trellis_dag_stop', async (graphId: string) => {
   const loop = loops.get(graphId);

@@ -1,0 +1,126 @@
+/**
+ * Nodes suite: a node agent (another process, as on another host) joined over TCP. Objects move
+ * between the driver's store and the agent's in chunks over the agent's connection; the floor is
+ * one plain TCP stream of the same bytes to another process on this host, measured in the same
+ * run. Tasks on the agent (their worker connected over TCP) against tasks on the driver's node.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { connect } from 'node:net';
+import { fileURLToPath } from 'node:url';
+import { free, get, init, put, shutdown, state, waitForNodes } from '../lib/index.js';
+import { byteLength, makeBytes, noop } from './core-tasks.js';
+import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
+
+const OBJECT_BYTES = 256 * 2 ** 20;
+const ROUNDS = 5;
+const TOKEN = 'bench-nodes';
+const cli = fileURLToPath(new URL('../lib/cli/trellis.ts', import.meta.url));
+
+/** The median of ROUNDS runs of `body`, after one warm-up run; each run returns the seconds it timed. */
+async function medianSeconds(body: () => Promise<number>): Promise<number> {
+  await body();
+  const times: number[] = [];
+  for (let i = 0; i < ROUNDS; i++) times.push(await body());
+  return median(times);
+}
+
+/** The median seconds of ROUNDS runs of `body`, after one warm-up run. */
+function seconds(body: () => Promise<void>): Promise<number> {
+  return medianSeconds(async () => {
+    const start = nowNs();
+    await body();
+    return elapsedSeconds(start);
+  });
+}
+
+/** A process that reads a TCP stream and answers one byte per `bytes` received. */
+function startSink(bytes: number): Promise<{ child: ChildProcess; port: number }> {
+  const program = `
+    const server = require('node:net').createServer((socket) => {
+      let received = 0;
+      socket.on('data', (data) => {
+        received += data.length;
+        if (received >= ${bytes}) { received -= ${bytes}; socket.write('k'); }
+      });
+    });
+    server.listen(0, '127.0.0.1', () => process.send(server.address().port));`;
+  const child = spawn(process.execPath, ['-e', program], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  return new Promise((resolve, reject) => {
+    child.once('message', (port) => resolve({ child, port: port as number }));
+    child.once('error', reject);
+  });
+}
+
+/** GB/s of one TCP stream of OBJECT_BYTES, written in 4 MiB pieces, to another process here. */
+async function loopbackGigabytes(): Promise<number> {
+  const { child, port } = await startSink(OBJECT_BYTES);
+  const socket = connect({ host: '127.0.0.1', port });
+  await new Promise((resolve) => socket.once('connect', resolve));
+  const piece = Buffer.alloc(4 * 2 ** 20, 7);
+  try {
+    const time = await seconds(async () => {
+      const answered = new Promise((resolve) => socket.once('data', resolve));
+      for (let sent = 0; sent < OBJECT_BYTES; sent += piece.length) {
+        if (!socket.write(piece)) await new Promise((resolve) => socket.once('drain', resolve));
+      }
+      await answered;
+    });
+    return OBJECT_BYTES / time / 1e9;
+  } finally {
+    socket.destroy();
+    child.kill();
+  }
+}
+
+export const nodesSuite: Suite = {
+  name: 'nodes',
+  ratios: [
+    ['object to agent / TCP stream', 'node_transfer_to_agent_gigabytes', 'loopback_tcp_gigabytes', '>= 0.5'],
+    ['object to driver / TCP stream', 'node_transfer_to_driver_gigabytes', 'loopback_tcp_gigabytes', '>= 0.5'],
+    ['agent tasks sync / local tasks sync', 'agent_tasks_sync', 'local_tasks_sync', ''],
+  ],
+  async run(): Promise<Results> {
+    const results: Results = {};
+    const gigabytes = (name: string, time: number) => (results[name] = { value: round(OBJECT_BYTES / time / 1e9), unit: 'GB/s' });
+    let agent: ChildProcess | undefined;
+    await init({ numCpus: 1, prestartWorkers: 1, listen: { host: '127.0.0.1', port: 0, token: TOKEN } });
+    try {
+      agent = spawn(process.execPath, [
+        '--import', 'tsx', cli, 'node', '--head', `127.0.0.1:${state().listening!.port}`, '--id', 'agent',
+        '--num-cpus', '1', '--num-gpus', '0', '--resources', '{"agent":1}', '--object-store-memory', String(4 * OBJECT_BYTES), '--once',
+      ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN }, stdio: ['ignore', 'ignore', 'inherit'] });
+      await waitForNodes(2, { timeout: 60_000 });
+      const onAgent = { resources: { agent: 1 } };
+      const bytes = new Uint8Array(OBJECT_BYTES).fill(3);
+      gigabytes('node_transfer_to_agent_gigabytes', await seconds(async () => {
+        // A fresh object each time: one already copied would not move again.
+        const ref = put(bytes);
+        await get(byteLength.options(onAgent).remote(ref));
+        free(ref);
+      }));
+      gigabytes('node_transfer_to_driver_gigabytes', await medianSeconds(async () => {
+        const made = makeBytes.options(onAgent).remote(OBJECT_BYTES);
+        await get(byteLength.options(onAgent).remote(made)); // made and read there: not moved yet
+        const start = nowNs();
+        await get(made);
+        const time = elapsedSeconds(start);
+        free(made);
+        return time;
+      }));
+      const rate = async (name: string, options: object) => {
+        const count = 1000;
+        const time = await seconds(async () => {
+          for (let i = 0; i < count; i++) await get(noop.options(options).remote());
+        });
+        results[name] = { value: Math.round(count / time), unit: 'per_s' };
+      };
+      await rate('agent_tasks_sync', onAgent);
+      await rate('local_tasks_sync', { schedulingStrategy: { type: 'node', nodeId: 'node-0' } });
+    } finally {
+      await shutdown();
+      agent?.kill('SIGKILL');
+    }
+    results.loopback_tcp_gigabytes = { value: round(await loopbackGigabytes()), unit: 'GB/s' };
+    return results;
+  },
+};

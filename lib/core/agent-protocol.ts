@@ -1,0 +1,102 @@
+/**
+ * Messages between a head (the driver's cluster) and a node agent (node-agent.ts), over one TCP
+ * connection in the frames of protocol.ts. The agent runs workers and keeps a store segment on
+ * its host; the head schedules onto it, and moves objects in and out of its store in chunks.
+ */
+import type { StoreStats } from '../store/object-store.js';
+
+/** The agent's first message: who it is and what it offers. Refused unless `token` matches. */
+export interface AgentHelloMessage {
+  t: 'agent-hello';
+  token: string;
+  nodeId: string;
+  hostname: string;
+  /** Custom resources and CPU and memory; GPUs by count. */
+  resources: Record<string, number>;
+  numGpus: number;
+  storeName: string;
+  pid: number;
+}
+
+/** A worker the agent started (its pid) or that ended. */
+export interface WorkerSpawnedMessage {
+  t: 'worker-spawned';
+  workerId: string;
+  pid: number;
+}
+
+export interface WorkerExitedMessage {
+  t: 'worker-exited';
+  workerId: string;
+  code: number | null;
+  signal: string | null;
+}
+
+export interface AgentReplyMessage {
+  t: 'agent-reply';
+  requestId: number;
+  ok: boolean;
+  value?: unknown;
+  error?: { name: string; message: string; code?: string };
+}
+
+/** Sent every second: the head reports it in state(). */
+export interface AgentStatsMessage {
+  t: 'agent-stats';
+  store: StoreStats;
+}
+
+export type AgentMessage = AgentHelloMessage | WorkerSpawnedMessage | WorkerExitedMessage | AgentReplyMessage | AgentStatsMessage;
+
+/** The head took the agent in (under `nodeId`) or refused it (`reason`; the agent then exits). */
+export interface WelcomeMessage {
+  t: 'welcome';
+  nodeId: string;
+}
+
+export interface RefusedMessage {
+  t: 'refused';
+  reason: string;
+}
+
+export interface SpawnWorkerMessage {
+  t: 'spawn-worker';
+  workerId: string;
+  putIds: Uint8Array;
+  /** Whether the head's modules need a TypeScript loader in the worker. */
+  typeScript: boolean;
+  environment: Record<string, string>;
+}
+
+export interface KillWorkerMessage {
+  t: 'kill-worker';
+  workerId: string;
+}
+
+export interface DeleteObjectsMessage {
+  t: 'delete-objects';
+  ids: string[];
+}
+
+export interface DeletePutsMessage {
+  t: 'delete-puts';
+  putIds: Uint8Array;
+  from: number;
+}
+
+/**
+ * Object movement, answered by agent-reply:
+ * - read-open {id}: pins the object; answers {handle, size, metadata?}
+ * - read {handle, offset, length}: answers the bytes
+ * - read-close {handle}: unpins (no answer)
+ * - write-begin {id, size, metadata?}: creates it; write {id, offset, bytes}; write-seal {id};
+ *   write-abort {id} (no answer)
+ */
+export interface AgentRequestMessage {
+  t: 'agent-request';
+  requestId: number;
+  op: 'read-open' | 'read' | 'read-close' | 'write-begin' | 'write' | 'write-seal' | 'write-abort';
+  body: Record<string, unknown>;
+}
+
+export type HeadMessage = WelcomeMessage | RefusedMessage | SpawnWorkerMessage | KillWorkerMessage | DeleteObjectsMessage | DeletePutsMessage | AgentRequestMessage;

@@ -1,0 +1,309 @@
+/**
+ * A node agent: the daemon that makes a host (or one more process on this host) a node of a
+ * head's cluster. It connects to the head over TCP, offers its resources, keeps the node's store
+ * segment, starts and kills workers on the head's word (they connect to the head themselves), and
+ * serves the head's reads and writes of its objects. When the head goes (its driver ended), the
+ * agent kills that session's workers, drops its store and connects again for the next driver.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { hostname } from 'node:os';
+import { Socket, connect } from 'node:net';
+import { ObjectStore, type ObjectBuilder, type ObjectView } from '../store/object-store.js';
+import { InvalidArgumentError } from '../errors.js';
+import { FrameConnection } from './connection.js';
+import type { AgentMessage, AgentRequestMessage, HeadMessage, SpawnWorkerMessage } from './agent-protocol.js';
+import { deleteUnreportedPuts, nodeResources, workerCommand, type NodeOptions } from './node.js';
+
+export interface NodeAgentOptions extends NodeOptions {
+  /** The head's address, host:port (init's `listen`). */
+  head: string;
+  /** The cluster's token (init's `listen.token`). Default: TRELLIS_CLUSTER_TOKEN. */
+  token?: string;
+  /** Serve one driver, then stop (default: serve the next one too, for ever). */
+  once?: boolean;
+  /** Between tries to reach the head, in milliseconds (default 500). */
+  retryMs?: number;
+  /** Where the agent says what it does (default: nothing). */
+  log?: (line: string) => void;
+}
+
+/** Parses host:port (an IPv6 host in brackets). */
+export function parseAddress(address: string): { host: string; port: number } {
+  const match = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(address.trim());
+  const port = match ? Number(match[3]) : NaN;
+  if (!match || !(port > 0 && port < 65536)) throw new InvalidArgumentError(`a head address is host:port, got '${address}'`, 'ERR_INVALID_ADDRESS');
+  return { host: match[1] ?? match[2], port };
+}
+
+/** One head's session: its connection, store and workers. */
+class Session {
+  readonly connection: FrameConnection<HeadMessage, AgentMessage>;
+  readonly store: ObjectStore;
+  readonly workers = new Map<string, ChildProcess>();
+  readonly #reads = new Map<number, ObjectView>();
+  readonly #writes = new Map<string, ObjectBuilder>();
+  #nextRead = 1;
+  readonly #statsTimer: NodeJS.Timeout;
+  /** Resolves when the head is gone and everything of this session is released. */
+  readonly ended: Promise<{ refused?: string; welcomed: boolean }>;
+  #end!: (result: { refused?: string; welcomed: boolean }) => void;
+  #refused: string | undefined;
+  #welcomed = false;
+  #closing = false;
+
+  constructor(readonly agent: NodeAgent, socket: Socket, readonly headUrl: string) {
+    this.ended = new Promise((resolve) => (this.#end = resolve));
+    this.store = ObjectStore.create({ capacity: agent.options.objectStoreMemory });
+    this.connection = new FrameConnection<HeadMessage, AgentMessage>(
+      socket,
+      (message) => this.#onMessage(message),
+      () => void this.#close(),
+    );
+    this.#statsTimer = setInterval(() => {
+      if (this.#welcomed) this.connection.send({ t: 'agent-stats', store: this.store.stats() });
+    }, 1000).unref();
+  }
+
+  hello(): void {
+    const options = this.agent.options;
+    this.connection.send({
+      t: 'agent-hello',
+      token: this.agent.token,
+      nodeId: this.agent.nodeId,
+      hostname: hostname(),
+      resources: nodeResources(options) as Record<string, number>,
+      numGpus: this.agent.numGpus,
+      storeName: this.store.name,
+      pid: process.pid,
+    });
+  }
+
+  #onMessage(message: HeadMessage): void {
+    switch (message.t) {
+      case 'welcome':
+        this.#welcomed = true;
+        this.agent.options.log?.(`joined ${this.headUrl.slice('tcp://'.length)} as node ${message.nodeId}`);
+        this.connection.send({ t: 'agent-stats', store: this.store.stats() });
+        return;
+      case 'refused':
+        this.#refused = message.reason;
+        this.close();
+        return;
+      case 'spawn-worker':
+        return this.#spawn(message);
+      case 'kill-worker':
+        this.workers.get(message.workerId)?.kill('SIGKILL');
+        return;
+      case 'delete-objects':
+        for (const id of message.ids) {
+          if (this.store.closed || this.store.state(id) === 'absent') continue;
+          try {
+            this.store.delete(id);
+          } catch {
+            // Deleted meanwhile.
+          }
+        }
+        return;
+      case 'delete-puts':
+        deleteUnreportedPuts(this.store, message.putIds, message.from);
+        return;
+      case 'agent-request':
+        return this.#onRequest(message);
+    }
+  }
+
+  #spawn(message: SpawnWorkerMessage): void {
+    const child = spawn(process.execPath, workerCommand(message.typeScript), {
+      env: {
+        ...process.env,
+        ...message.environment,
+        TRELLIS_SOCKET: this.headUrl,
+        TRELLIS_WORKER_ID: message.workerId,
+        TRELLIS_NODE_ID: this.agent.nodeId,
+        TRELLIS_STORE: this.store.name,
+        TRELLIS_PUT_IDS: Buffer.from(message.putIds).toString('hex'),
+        TRELLIS_CLUSTER_TOKEN: this.agent.token,
+      },
+      stdio: ['ignore', 'inherit', 'inherit'],
+    });
+    this.workers.set(message.workerId, child);
+    const exited = (code: number | null, signal: string | null) => {
+      if (!this.workers.delete(message.workerId)) return;
+      if (!this.store.closed) this.store.reapDeadProcesses();
+      this.connection.send({ t: 'worker-exited', workerId: message.workerId, code, signal });
+    };
+    child.once('exit', exited);
+    // A start that fails (no such executable, no resources) never exits: report it as an exit.
+    child.once('error', () => exited(null, null));
+    if (child.pid !== undefined) this.connection.send({ t: 'worker-spawned', workerId: message.workerId, pid: child.pid });
+  }
+
+  #onRequest(message: AgentRequestMessage): void {
+    const reply = (value: unknown) => this.connection.send({ t: 'agent-reply', requestId: message.requestId, ok: true, value });
+    const body = message.body;
+    try {
+      switch (message.op) {
+        case 'read-open': {
+          const view = this.store.getIfSealed(body.id as string);
+          if (!view) throw Object.assign(new Error(`object ${String(body.id)} is not in the store of node ${this.agent.nodeId}`), { code: 'ERR_OBJECT_NOT_FOUND' });
+          const handle = this.#nextRead++;
+          this.#reads.set(handle, view);
+          return reply({ handle, size: view.size, ...(view.metadata ? { metadata: view.metadata } : {}) });
+        }
+        case 'read': {
+          const view = this.#reads.get(body.handle as number);
+          if (!view) throw new Error(`read handle ${String(body.handle)} is not open`);
+          const offset = body.offset as number;
+          return reply(view.data.subarray(offset, offset + (body.length as number)));
+        }
+        case 'read-close':
+          this.#reads.get(body.handle as number)?.release();
+          this.#reads.delete(body.handle as number);
+          return;
+        case 'write-begin': {
+          const id = body.id as string;
+          this.#writes.set(id, this.store.create(id, body.size as number, { metadata: body.metadata as Uint8Array | undefined }));
+          return reply(null);
+        }
+        case 'write': {
+          const builder = this.#writes.get(body.id as string);
+          if (!builder) throw new Error(`object ${String(body.id)} is not being written`);
+          builder.write(body.bytes as Uint8Array, body.offset as number);
+          return reply(null);
+        }
+        case 'write-seal': {
+          const builder = this.#writes.get(body.id as string);
+          if (!builder) throw new Error(`object ${String(body.id)} is not being written`);
+          this.#writes.delete(body.id as string);
+          builder.seal();
+          return reply(null);
+        }
+        case 'write-abort':
+          this.#writes.get(body.id as string)?.abort();
+          this.#writes.delete(body.id as string);
+          return;
+      }
+    } catch (error) {
+      const err = error as Error & { code?: string };
+      if (message.requestId !== 0) this.connection.send({ t: 'agent-reply', requestId: message.requestId, ok: false, error: { name: err.name, message: err.message, code: err.code } });
+    }
+  }
+
+  async #close(): Promise<void> {
+    if (this.#closing) return;
+    this.#closing = true;
+    clearInterval(this.#statsTimer);
+    const exits = [...this.workers.values()].map((child) => new Promise<void>((resolve) => {
+      if (child.exitCode !== null || child.signalCode !== null) return resolve();
+      child.once('exit', () => resolve());
+      child.kill('SIGKILL');
+    }));
+    await Promise.all(exits);
+    this.workers.clear();
+    for (const view of this.#reads.values()) view.release();
+    this.#reads.clear();
+    for (const builder of this.#writes.values()) {
+      try {
+        builder.abort();
+      } catch {
+        // The store goes next anyway.
+      }
+    }
+    this.#writes.clear();
+    this.store.close();
+    if (this.#welcomed) this.agent.options.log?.('the head left; its workers and objects are gone');
+    this.#end({ refused: this.#refused, welcomed: this.#welcomed });
+  }
+
+  /** Ends the session from this side (a connection closed here hears no close of its own). */
+  close(): void {
+    this.connection.close();
+    void this.#close();
+  }
+}
+
+export class NodeAgent {
+  readonly options: NodeAgentOptions;
+  readonly nodeId: string;
+  readonly token: string;
+  readonly numGpus: number;
+  readonly #head: { host: string; port: number };
+  #session: Session | undefined;
+  #stopped = false;
+  #retryTimer: NodeJS.Timeout | undefined;
+  #wakeRetry: (() => void) | undefined;
+  /** Resolves when the agent stops: closed, refused by its head, or (with `once`) its driver ended. */
+  readonly done: Promise<void>;
+
+  constructor(options: NodeAgentOptions) {
+    this.options = options;
+    this.#head = parseAddress(options.head);
+    const token = options.token ?? process.env.TRELLIS_CLUSTER_TOKEN;
+    if (!token) throw new InvalidArgumentError('a node agent needs the cluster token (token option or TRELLIS_CLUSTER_TOKEN)', 'ERR_NO_TOKEN');
+    this.token = token;
+    this.nodeId = options.id ?? `${hostname()}-${process.pid}`;
+    this.numGpus = options.numGpus ?? 0;
+    this.done = this.#run();
+  }
+
+  async #run(): Promise<void> {
+    const headUrl = `tcp://${this.#head.host.includes(':') ? `[${this.#head.host}]` : this.#head.host}:${this.#head.port}`;
+    let waiting = false;
+    while (!this.#stopped) {
+      const socket = await this.#connect();
+      if (!socket) {
+        if (!waiting) this.options.log?.(`waiting for the head at ${this.options.head}`);
+        waiting = true;
+        await this.#pause(this.options.retryMs ?? 500);
+        continue;
+      }
+      waiting = false;
+      const session = new Session(this, socket, headUrl);
+      this.#session = session;
+      session.hello();
+      const result = await session.ended;
+      this.#session = undefined;
+      if (result.refused !== undefined) {
+        this.#stopped = true;
+        throw new InvalidArgumentError(`the head refused node ${this.nodeId}: ${result.refused}`, 'ERR_NODE_REFUSED');
+      }
+      if (this.options.once && result.welcomed) break;
+      await this.#pause(this.options.retryMs ?? 500);
+    }
+  }
+
+  #connect(): Promise<Socket | undefined> {
+    return new Promise((resolve) => {
+      const socket = connect({ host: this.#head.host, port: this.#head.port });
+      socket.once('connect', () => {
+        socket.removeAllListeners('error');
+        resolve(socket);
+      });
+      socket.once('error', () => {
+        socket.destroy();
+        resolve(undefined);
+      });
+    });
+  }
+
+  #pause(ms: number): Promise<void> {
+    if (this.#stopped) return Promise.resolve();
+    return new Promise((resolve) => {
+      this.#wakeRetry = resolve;
+      this.#retryTimer = setTimeout(resolve, ms);
+    });
+  }
+
+  /** Stops: the current session's workers are killed and its store removed. */
+  async close(): Promise<void> {
+    this.#stopped = true;
+    clearTimeout(this.#retryTimer);
+    this.#wakeRetry?.();
+    this.#session?.close();
+    await this.done.catch(() => undefined);
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}

@@ -1,0 +1,203 @@
+/**
+ * A node agent's node, as its head sees it: the scheduler places work on it as on a local node;
+ * its workers are processes the agent starts on its host, which connect to the head over TCP;
+ * its objects are in the agent's store, reached by requests over the agent's connection.
+ */
+import { EventEmitter } from 'node:events';
+import { randomBytes } from 'node:crypto';
+import { newObjectId } from '../store/object-id.js';
+import type { ObjectStore, StoreStats } from '../store/object-store.js';
+import { NodeLostError } from '../errors.js';
+import type { FrameConnection } from './connection.js';
+import type { AgentHelloMessage, AgentMessage, AgentRequestMessage, HeadMessage } from './agent-protocol.js';
+import { Node, WorkerProcess, driverRunsTypeScript, type WorkerChild } from './node.js';
+import type { ObjectReader, ObjectSource, ObjectTarget, ObjectWriter } from './object-transfer.js';
+
+/** A worker process on an agent's host: killed through the agent, whose reports end it here. */
+class RemoteChild extends EventEmitter implements WorkerChild {
+  pid: number | undefined;
+  #exited = false;
+
+  constructor(private readonly node: RemoteNode, private readonly workerId: string) {
+    super();
+  }
+
+  kill(): boolean {
+    if (this.#exited) return false;
+    this.node.send({ t: 'kill-worker', workerId: this.workerId });
+    return true;
+  }
+
+  exited(): void {
+    if (this.#exited) return;
+    this.#exited = true;
+    this.emit('exit');
+  }
+}
+
+/** Until the agent's first report. */
+const EMPTY_STATS: StoreStats = {
+  capacity: 0, segmentSize: 0, bytesInUse: 0, objectCount: 0, maxObjects: 0, pinnedObjects: 0, spilledObjects: 0, spilledBytes: 0,
+  totalSpilledBytes: 0, totalRestoredBytes: 0, totalSpilledObjects: 0, totalRestoredObjects: 0, recoveries: 0, prefaultedBytes: 0, attachedProcesses: 0,
+};
+
+export class RemoteNode extends Node {
+  readonly hostname: string;
+  readonly agentPid: number;
+  readonly storeName: string;
+  readonly #connection: FrameConnection<AgentMessage, HeadMessage>;
+  readonly #children = new Map<string, RemoteChild>();
+  readonly #pending = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>();
+  #nextRequest = 1;
+  #stats: StoreStats = EMPTY_STATS;
+  #closed = false;
+  /** Deletes batched per tick: freeing many objects sends one message. */
+  #deletes: string[] = [];
+
+  constructor(hello: AgentHelloMessage, connection: FrameConnection<AgentMessage, HeadMessage>, workerEnvironment: Record<string, string>) {
+    super(hello.nodeId, hello.resources, hello.numGpus, workerEnvironment);
+    this.hostname = hello.hostname;
+    this.agentPid = hello.pid;
+    this.storeName = hello.storeName;
+    this.#connection = connection;
+  }
+
+  get localStore(): ObjectStore | undefined {
+    return undefined;
+  }
+
+  get closed(): boolean {
+    return this.#closed || this.#connection.closed;
+  }
+
+  send(message: HeadMessage): void {
+    this.#connection.send(message);
+  }
+
+  /** A message from the agent (after its hello). */
+  onMessage(message: AgentMessage): void {
+    switch (message.t) {
+      case 'worker-spawned': {
+        const child = this.#children.get(message.workerId);
+        if (child) child.pid = message.pid;
+        return;
+      }
+      case 'worker-exited':
+        this.#children.get(message.workerId)?.exited();
+        this.#children.delete(message.workerId);
+        return;
+      case 'agent-reply': {
+        const pending = this.#pending.get(message.requestId);
+        if (!pending) return;
+        this.#pending.delete(message.requestId);
+        if (message.ok) pending.resolve(message.value);
+        else pending.reject(Object.assign(new Error(message.error?.message ?? 'the node agent failed'), { name: message.error?.name ?? 'Error', code: message.error?.code }));
+        return;
+      }
+      case 'agent-stats':
+        this.#stats = message.store;
+        return;
+    }
+  }
+
+  /** The agent's connection closed: every worker there is gone, and every request fails. */
+  onClosed(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    const error = new NodeLostError(this.id, `node ${this.id} (${this.hostname}) left the cluster`);
+    for (const pending of this.#pending.values()) pending.reject(error);
+    this.#pending.clear();
+    for (const child of this.#children.values()) child.exited();
+    this.#children.clear();
+  }
+
+  request(op: AgentRequestMessage['op'], body: Record<string, unknown>): Promise<unknown> {
+    if (this.closed) return Promise.reject(new NodeLostError(this.id, `node ${this.id} (${this.hostname}) left the cluster`));
+    const requestId = this.#nextRequest++;
+    return new Promise((resolve, reject) => {
+      this.#pending.set(requestId, { resolve, reject });
+      this.send({ t: 'agent-request', requestId, op, body });
+    });
+  }
+
+  spawnWorker(): WorkerProcess {
+    const id = `worker-${newObjectId().slice(0, 12)}`;
+    const putIds = randomBytes(20);
+    const child = new RemoteChild(this, id);
+    this.#children.set(id, child);
+    const worker = new WorkerProcess(this, id, child, undefined, putIds);
+    this.workers.set(worker.id, worker);
+    if (this.closed) queueMicrotask(() => child.exited());
+    else this.send({ t: 'spawn-worker', workerId: id, putIds, typeScript: driverRunsTypeScript(), environment: { ...this.workerEnvironment } });
+    return worker;
+  }
+
+  /** The head knows where objects are (it records every copy); a lost node loses them all. */
+  holdsObject(): boolean {
+    return !this.closed;
+  }
+
+  deleteObject(id: string): void {
+    if (this.closed) return;
+    if (this.#deletes.length === 0) {
+      queueMicrotask(() => {
+        const ids = this.#deletes;
+        this.#deletes = [];
+        this.send({ t: 'delete-objects', ids });
+      });
+    }
+    this.#deletes.push(id);
+  }
+
+  deleteUnreportedPuts(putIds: Uint8Array, from: number): void {
+    if (!this.closed) this.send({ t: 'delete-puts', putIds, from });
+  }
+
+  reapDeadProcesses(): void {
+    // The agent reaps its store when one of its workers exits.
+  }
+
+  storeStats(): StoreStats {
+    return this.#stats;
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    for (const child of this.#children.values()) child.kill();
+    this.#connection.close();
+    this.onClosed();
+  }
+
+  /** Reads objects out of the agent's store. */
+  readonly source: ObjectSource = {
+    open: async (id): Promise<ObjectReader> => {
+      const opened = (await this.request('read-open', { id })) as { handle: number; size: number; metadata?: Uint8Array };
+      return {
+        size: opened.size,
+        metadata: opened.metadata,
+        read: async (offset, length) => (await this.request('read', { handle: opened.handle, offset, length })) as Uint8Array,
+        close: () => {
+          if (!this.closed) this.send({ t: 'agent-request', requestId: 0, op: 'read-close', body: { handle: opened.handle } });
+        },
+      };
+    },
+  };
+
+  /** Writes objects into the agent's store. */
+  readonly target: ObjectTarget = {
+    create: async (id, size, metadata): Promise<ObjectWriter> => {
+      await this.request('write-begin', { id, size, ...(metadata ? { metadata } : {}) });
+      return {
+        write: async (offset, bytes) => {
+          await this.request('write', { id, offset, bytes });
+        },
+        seal: async () => {
+          await this.request('write-seal', { id });
+        },
+        abort: () => {
+          if (!this.closed) this.send({ t: 'agent-request', requestId: 0, op: 'write-abort', body: { id } });
+        },
+      };
+    },
+  };
+}

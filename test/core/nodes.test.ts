@@ -1,0 +1,149 @@
+/**
+ * Node agents joining a listening driver: two agents (separate processes, each with its own
+ * store segment and workers, as on other hosts) run tasks and actors; objects move between their
+ * stores and the driver's in chunks over TCP; a wrong token is refused; an agent's death loses
+ * its node, whose tasks retry elsewhere and whose objects are recomputed.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NodeAgent, events, get, init, kill, put, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
+import { AccumulatorActor, checksum, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
+import { openGate, rejection, scratch, until } from './helpers.js';
+
+const TOKEN = 'test-token-4f2a';
+const cli = join(import.meta.dirname, '../../lib/cli/trellis.ts');
+
+function startAgent(port: number, id: string, resources: Record<string, number>): ChildProcess {
+  return spawn(process.execPath, [
+    '--import', 'tsx', cli, 'node', '--head', `127.0.0.1:${port}`, '--id', id, '--num-cpus', '1', '--num-gpus', '0',
+    '--resources', JSON.stringify(resources), '--object-store-memory', String(64 * 1024 * 1024), '--once',
+  ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN }, stdio: ['ignore', 'inherit', 'pipe'] });
+}
+
+function expectedChecksum(count: number, seed: number): number {
+  let sum = 0;
+  for (let i = 0; i < count; i++) sum += (seed + i * 0.5) * ((i % 7) + 1);
+  return sum;
+}
+
+describe('node agents', () => {
+  let session: ClusterSession;
+  let port: number;
+  const agents = new Map<string, ChildProcess>();
+  const files = scratch();
+
+  beforeAll(async () => {
+    session = await init({ numCpus: 1, prestartWorkers: 1, listen: { host: '127.0.0.1', port: 0, token: TOKEN } });
+    port = state().listening!.port;
+    agents.set('agent-a', startAgent(port, 'agent-a', { a: 1, pool: 1 }));
+    agents.set('agent-b', startAgent(port, 'agent-b', { b: 1, pool: 1 }));
+    await waitForNodes(3, { timeout: 60_000 });
+  }, 90_000);
+
+  afterAll(async () => {
+    await session?.shutdown();
+    for (const agent of agents.values()) if (agent.exitCode === null) agent.kill('SIGKILL');
+    files.cleanup();
+  });
+
+  it('join with their resources and run tasks in their own stores', async () => {
+    const nodes = state().nodes;
+    expect(nodes.map((node) => node.nodeId).sort()).toEqual(['agent-a', 'agent-b', 'node-0']);
+    const a = nodes.find((node) => node.nodeId === 'agent-a')!;
+    expect(a.resources.total).toMatchObject({ CPU: 1, a: 1, pool: 1 });
+    expect(a.hostname).toBeTypeOf('string');
+    expect(a.agentPid).toBe(agents.get('agent-a')!.pid);
+    const [onA, onB] = await get([whereAmI.options({ resources: { a: 1 } }).remote(), whereAmI.options({ resources: { b: 1 } }).remote()]);
+    expect(onA.nodeId).toBe('agent-a');
+    expect(onB.nodeId).toBe('agent-b');
+    expect(onA.store).toBe(a.storeName);
+    expect(new Set([onA.store, onB.store, nodes.find((node) => node.nodeId === 'node-0')!.storeName]).size).toBe(3);
+  });
+
+  it('moves stored objects between agents and to and from the driver', async () => {
+    const count = 3 * 1024 * 1024 + 17; // 24 MiB and a bit: several chunks, the last one short
+    const transfers: Array<{ from: string; to: string }> = [];
+    const onTransfer = (transfer: { from: string; to: string }) => transfers.push(transfer);
+    events().on('object-transfer', onTransfer);
+    try {
+      const made = makeArray.options({ resources: { a: 1 } }).remote(count, 3);
+      // As an argument on the other agent, from inside a task there, and in the driver.
+      const onB = await get(checksum.options({ resources: { b: 1 } }).remote(made));
+      expect(onB).toEqual({ sum: expectedChecksum(count, 3), length: count, nodeId: 'agent-b' });
+      const fromTask = await get(checksumOfRef.options({ resources: { b: 1 } }).remote([made]));
+      expect(fromTask.sum).toBe(expectedChecksum(count, 3));
+      const values = await get(made);
+      expect(values.length).toBe(count);
+      expect(values[count - 1]).toBe(3 + (count - 1) * 0.5);
+      // The driver's put, read on an agent.
+      const local = new Float64Array(count).map((_, i) => 3 + i * 0.5);
+      const fromDriver = await get(checksum.options({ resources: { a: 1 } }).remote(put(local)));
+      expect(fromDriver.sum).toBe(expectedChecksum(count, 3));
+    } finally {
+      events().off('object-transfer', onTransfer);
+    }
+    expect(transfers).toEqual(expect.arrayContaining([
+      expect.objectContaining({ from: 'agent-a', to: 'agent-b' }),
+      expect.objectContaining({ from: expect.stringMatching(/^agent-[ab]$/), to: 'node-0' }),
+      expect.objectContaining({ from: 'node-0', to: 'agent-a' }),
+    ]));
+    // Each copy once: the task's get found the copy the argument had made.
+    expect(transfers.filter((transfer) => transfer.to === 'agent-b')).toHaveLength(1);
+  });
+
+  it('runs actors on an agent, fed from another', async () => {
+    const actor = AccumulatorActor.options({ resources: { b: 1 } }).remote();
+    const where = await get(actor.where.remote());
+    expect(where.nodeId).toBe('agent-b');
+    const made = makeArray.options({ resources: { a: 1 } }).remote(1024 * 1024, 1);
+    const total = await get(actor.add.remote(made));
+    let expected = 0;
+    for (let i = 0; i < 1024 * 1024; i++) expected += 1 + i * 0.5;
+    expect(total).toBe(expected);
+    const result = await get(actor.make.remote(300_000));
+    expect(result.length).toBe(300_000);
+    expect(result[299_999]).toBe(expected);
+    kill(actor); // gives agent-b's b back
+  });
+
+  it('refuses an agent with the wrong token', async () => {
+    const agent = new NodeAgent({ head: `127.0.0.1:${port}`, token: 'not-the-token', id: 'intruder', numCpus: 1, objectStoreMemory: 16 * 1024 * 1024 });
+    const error = await rejection(agent.done);
+    expect(error.code).toBe('ERR_NODE_REFUSED');
+    expect(error.message).toContain('wrong token');
+    expect(state().nodes.map((node) => node.nodeId)).not.toContain('intruder');
+  });
+
+  it('loses a node whose agent dies: its tasks retry elsewhere and its objects are recomputed', async () => {
+    const gate = files.path('gate');
+    const removed: string[] = [];
+    events().on('node-removed', ({ nodeId }: { nodeId: string }) => removed.push(nodeId));
+    // Results only agent-b holds (one any pool node can recompute, one only a b node can), and a
+    // task running there when it dies.
+    const onB = { resources: { pool: 1 }, schedulingStrategy: { type: 'node', nodeId: 'agent-b', soft: true } } as const;
+    const recomputable = makeArray.options(onB).remote(200_000, 7);
+    const bound = makeArray.options({ resources: { b: 1 } }).remote(200_000, 1);
+    expect((await get(checksum.options({ resources: { b: 1 } }).remote(recomputable))).nodeId).toBe('agent-b');
+    const stranded = waitThenWhere.options(onB).remote(gate);
+    await until(() => state().tasks.running === 1, 'the gated task to run');
+    agents.get('agent-b')!.kill('SIGKILL');
+    await until(() => removed.includes('agent-b'), 'agent-b to leave');
+    expect(state().nodes.map((node) => node.nodeId).sort()).toEqual(['agent-a', 'node-0']);
+    openGate(gate);
+    expect(await get(stranded)).toBe('agent-a');
+    const recomputed = await get(checksum.options({ resources: { a: 1 } }).remote(recomputable));
+    expect(recomputed.sum).toBe(expectedChecksum(200_000, 7));
+    // No node left has b: recomputing fails at once, naming what is missing.
+    const lost = await rejection(get(bound));
+    expect(lost.name).toBe('InfeasibleTaskError');
+    expect(lost.message).toContain('b: 1');
+  }, 60_000);
+
+  it('stops --once agents when the driver shuts down', async () => {
+    const agent = agents.get('agent-a')!;
+    const exited = new Promise<number | null>((resolve) => agent.once('exit', (code) => resolve(code)));
+    await shutdown();
+    expect(await exited).toBe(0);
+  }, 30_000);
+});
