@@ -37,6 +37,8 @@ export interface AgentReplyMessage {
   requestId: number;
   ok: boolean;
   value?: unknown;
+  /** A read's bytes (sent raw: see FrameConnection.sendBulk). */
+  bulk?: Uint8Array;
   error?: { name: string; message: string; code?: string };
 }
 
@@ -87,9 +89,10 @@ export interface DeletePutsMessage {
 /**
  * Object movement, answered by agent-reply:
  * - read-open {id}: pins the object; answers {handle, size, metadata?}
- * - read {handle, offset, length}: answers the bytes
+ * - read {handle, offset, length}: answers the bytes (as the reply's `bulk`)
  * - read-close {handle}: unpins (no answer)
- * - write-begin {id, size, metadata?}: creates it; write {id, offset, bytes}; write-seal {id};
+ * - write-begin {id, size, metadata?}: creates it; write {id, offset} with the bytes as `bulk`;
+ *   write-seal {id};
  *   write-abort {id} (no answer)
  */
 export interface AgentRequestMessage {
@@ -97,6 +100,7 @@ export interface AgentRequestMessage {
   requestId: number;
   op: 'read-open' | 'read' | 'read-close' | 'write-begin' | 'write' | 'write-seal' | 'write-abort';
   body: Record<string, unknown>;
+  bulk?: Uint8Array;
 }
 
 export type HeadMessage = WelcomeMessage | RefusedMessage | SpawnWorkerMessage | KillWorkerMessage | DeleteObjectsMessage | DeletePutsMessage | AgentRequestMessage;

@@ -12,7 +12,7 @@
  */
 import type { Socket } from 'node:net';
 import { native, type NativeConnectionRing } from '../native.js';
-import { FrameWriter, decodeFrame, writeFrame, type AnyMessage } from './protocol.js';
+import { FrameWriter, bulkFrameHead, decodeFrame, writeFrame, type AnyMessage } from './protocol.js';
 import { busyPolling } from './busy-poll.js';
 
 /**
@@ -143,6 +143,28 @@ export class FrameConnection<Incoming extends AnyMessage, Outgoing extends AnyMe
     // Messages sent in the same tick leave in one batch.
     this.#flushScheduled = true;
     process.nextTick(this.#flushNow);
+  }
+
+  /**
+   * Sends `message` with `bulk` bytes the reader gets as `message.bulk`, written to the socket
+   * from where they lie (no copy into a batch): an object's chunk between nodes. The bytes must
+   * stay as they are until the peer answers (the socket may still be writing them).
+   */
+  sendBulk(message: Outgoing, bulk: Uint8Array): void {
+    if (this.#closed) return;
+    // Whatever was sent before goes first, in its own batch.
+    this.#flush();
+    const head = bulkFrameHead(message, bulk.byteLength);
+    const batch = Buffer.allocUnsafe(HEADER_BYTES);
+    batch.writeUInt32LE(head.length + bulk.byteLength, 0);
+    batch.writeUInt32LE(this.#sendSequence, 4);
+    this.#sendSequence = nextSequence(this.#sendSequence);
+    connectionStats.socket++;
+    this.#socket.cork();
+    this.#socket.write(Buffer.concat([batch, head]));
+    this.#socket.write(bulk);
+    this.#socket.uncork();
+    this.#traffic?.sent();
   }
 
   /** Writes what was sent so far now, rather than at the end of this tick. */

@@ -154,7 +154,9 @@ class Session {
           const view = this.#reads.get(body.handle as number);
           if (!view) throw new Error(`read handle ${String(body.handle)} is not open`);
           const offset = body.offset as number;
-          return reply(view.data.subarray(offset, offset + (body.length as number)));
+          // Raw from the pinned object: it stays pinned till read-close, after the head has it.
+          this.connection.sendBulk({ t: 'agent-reply', requestId: message.requestId, ok: true }, view.data.subarray(offset, offset + (body.length as number)));
+          return;
         }
         case 'read-close':
           this.#reads.get(body.handle as number)?.release();
@@ -168,7 +170,8 @@ class Session {
         case 'write': {
           const builder = this.#writes.get(body.id as string);
           if (!builder) throw new Error(`object ${String(body.id)} is not being written`);
-          builder.write(body.bytes as Uint8Array, body.offset as number);
+          if (!message.bulk) throw new Error(`a write of object ${String(body.id)} came without its bytes`);
+          builder.write(message.bulk, body.offset as number);
           return reply(null);
         }
         case 'write-seal': {

@@ -157,6 +157,8 @@ export type WorkerMessage = HelloMessage | DoneMessage | ActorReadyMessage | Req
  */
 const TAG_TASK = 1;
 const TAG_DONE = 2;
+/** A msgpack head, then raw bytes the message gets as `bulk` (a view of the frame: no copy). */
+const TAG_BULK = 3;
 
 const TASK_FN = 1;
 const TASK_ACTOR = 2;
@@ -376,9 +378,29 @@ export function decodeFrame(body: Buffer): AnyMessage {
       reader.buffer = body;
       reader.offset = 1;
       return readDone(reader);
+    case TAG_BULK: {
+      const headLength = body.readUInt32LE(1);
+      const message = envelopes.unpack(body.subarray(5, 5 + headLength)) as AnyMessage & { bulk?: Uint8Array };
+      message.bulk = body.subarray(5 + headLength);
+      return message;
+    }
     default:
       return envelopes.unpack(body) as AnyMessage;
   }
+}
+
+/**
+ * The start of a frame carrying `bulkLength` raw bytes after `message` (see TAG_BULK): its length
+ * prefix, tag and head. The bytes follow it on the wire as they are.
+ */
+export function bulkFrameHead(message: AnyMessage, bulkLength: number): Buffer {
+  const head = envelopes.pack(message);
+  const frame = Buffer.allocUnsafe(4 + 1 + 4 + head.byteLength);
+  frame.writeUInt32LE(1 + 4 + head.byteLength + bulkLength, 0);
+  frame[4] = TAG_BULK;
+  frame.writeUInt32LE(head.byteLength, 5);
+  frame.set(head, 9);
+  return frame;
 }
 
 /** Encodes one message as a frame (length prefix included); for tests and tools. */

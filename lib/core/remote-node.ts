@@ -90,7 +90,7 @@ export class RemoteNode extends Node {
         const pending = this.#pending.get(message.requestId);
         if (!pending) return;
         this.#pending.delete(message.requestId);
-        if (message.ok) pending.resolve(message.value);
+        if (message.ok) pending.resolve(message.bulk ?? message.value);
         else pending.reject(Object.assign(new Error(message.error?.message ?? 'the node agent failed'), { name: message.error?.name ?? 'Error', code: message.error?.code }));
         return;
       }
@@ -111,12 +111,15 @@ export class RemoteNode extends Node {
     this.#children.clear();
   }
 
-  request(op: AgentRequestMessage['op'], body: Record<string, unknown>): Promise<unknown> {
+  /** Asks the agent; `bulk` bytes go raw and must stay unchanged until the answer. */
+  request(op: AgentRequestMessage['op'], body: Record<string, unknown>, bulk?: Uint8Array): Promise<unknown> {
     if (this.closed) return Promise.reject(new NodeLostError(this.id, `node ${this.id} (${this.hostname}) left the cluster`));
     const requestId = this.#nextRequest++;
     return new Promise((resolve, reject) => {
       this.#pending.set(requestId, { resolve, reject });
-      this.send({ t: 'agent-request', requestId, op, body });
+      const message: AgentRequestMessage = { t: 'agent-request', requestId, op, body };
+      if (bulk) this.#connection.sendBulk(message, bulk);
+      else this.send(message);
     });
   }
 
@@ -189,7 +192,7 @@ export class RemoteNode extends Node {
       await this.request('write-begin', { id, size, ...(metadata ? { metadata } : {}) });
       return {
         write: async (offset, bytes) => {
-          await this.request('write', { id, offset, bytes });
+          await this.request('write', { id, offset }, bytes);
         },
         seal: async () => {
           await this.request('write-seal', { id });
