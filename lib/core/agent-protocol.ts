@@ -15,6 +15,8 @@ export interface AgentHelloMessage {
   resources: Record<string, number>;
   numGpus: number;
   storeName: string;
+  /** The store's figures at the start (agent-stats brings them up to date every second). */
+  store: StoreStats;
   pid: number;
 }
 

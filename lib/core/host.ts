@@ -9,6 +9,9 @@ let identity: string | undefined;
  * containers or hosts named alike do not share a boot id).
  */
 export function hostIdentity(): string {
+  // TRELLIS_HOST_ID: where hostnames and boot ids mislead (containers on one kernel, each with
+  // a /dev/shm of its own), a name per shared-memory domain.
+  identity ??= process.env.TRELLIS_HOST_ID || undefined;
   if (identity === undefined) {
     let bootId = '';
     try {

@@ -74,6 +74,7 @@ class Session {
       resources: nodeResources(options) as Record<string, number>,
       numGpus: this.agent.numGpus,
       storeName: this.store.name,
+      store: this.store.stats(),
       pid: process.pid,
     });
   }

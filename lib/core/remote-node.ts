@@ -35,12 +35,6 @@ class RemoteChild extends EventEmitter implements WorkerChild {
   }
 }
 
-/** Until the agent's first report. */
-const EMPTY_STATS: StoreStats = {
-  capacity: 0, segmentSize: 0, bytesInUse: 0, objectCount: 0, maxObjects: 0, pinnedObjects: 0, spilledObjects: 0, spilledBytes: 0,
-  totalSpilledBytes: 0, totalRestoredBytes: 0, totalSpilledObjects: 0, totalRestoredObjects: 0, recoveries: 0, prefaultedBytes: 0, attachedProcesses: 0,
-};
-
 export class RemoteNode extends Node {
   readonly hostname: string;
   readonly agentPid: number;
@@ -49,7 +43,7 @@ export class RemoteNode extends Node {
   readonly #children = new Map<string, RemoteChild>();
   readonly #pending = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>();
   #nextRequest = 1;
-  #stats: StoreStats = EMPTY_STATS;
+  #stats: StoreStats;
   #closed = false;
   /** Deletes batched per tick: freeing many objects sends one message. */
   #deletes: string[] = [];
@@ -59,6 +53,7 @@ export class RemoteNode extends Node {
     this.hostname = hello.hostname;
     this.agentPid = hello.pid;
     this.storeName = hello.storeName;
+    this.#stats = hello.store;
     this.#connection = connection;
   }
 

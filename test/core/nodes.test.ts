@@ -7,18 +7,18 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { NodeAgent, events, get, init, kill, put, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
-import { AccumulatorActor, checksum, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
+import { GraphValidationError, InputNode, NodeAgent, events, fromItems, get, init, kill, put, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
+import { AccumulatorActor, NodeTagger, checksum, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { openGate, rejection, scratch, until } from './helpers.js';
 
 const TOKEN = 'test-token-4f2a';
 const cli = join(import.meta.dirname, '../../lib/cli/trellis.ts');
 
-function startAgent(port: number, id: string, resources: Record<string, number>): ChildProcess {
+function startAgent(port: number, id: string, resources: Record<string, number>, environment: Record<string, string> = {}): ChildProcess {
   return spawn(process.execPath, [
     '--import', 'tsx', cli, 'node', '--head', `127.0.0.1:${port}`, '--id', id, '--num-cpus', '1', '--num-gpus', '0',
     '--resources', JSON.stringify(resources), '--object-store-memory', String(64 * 1024 * 1024), '--once',
-  ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN }, stdio: ['ignore', 'inherit', 'pipe'] });
+  ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN, ...environment }, stdio: ['ignore', 'inherit', 'pipe'] });
 }
 
 function expectedChecksum(count: number, seed: number): number {
@@ -107,6 +107,29 @@ describe('node agents', () => {
     kill(actor); // gives agent-b's b back
   });
 
+  it("runs a dataset's actor pool on the agents", async () => {
+    const rows = await fromItems(Array.from({ length: 2000 }, (_, id) => ({ id })), { parallelism: 8 })
+      .mapBatches(NodeTagger, { concurrency: 2, numCpus: 1, resources: { pool: 1 }, batchSize: 100 })
+      .takeAll();
+    expect(rows.map((row) => row.scaled).sort((a, b) => (a as number) - (b as number))).toEqual(Array.from({ length: 2000 }, (_, id) => id * 3));
+    // Only agents have `pool`: every batch ran on one (on both, unless one actor took them all).
+    for (const row of rows) expect(['agent-a', 'agent-b']).toContain(row.nodeId);
+  });
+
+  it('refuses to compile a graph whose actors are on another host', async () => {
+    // An agent that counts as another host: shared memory does not reach it.
+    agents.set('agent-far', startAgent(port, 'agent-far', { far: 1 }, { TRELLIS_HOST_ID: 'far-away' }));
+    await waitForNodes(4, { timeout: 60_000 });
+    const near = AccumulatorActor.options({ resources: { a: 1 } }).remote();
+    const far = AccumulatorActor.options({ resources: { far: 1 } }).remote();
+    const input = new InputNode();
+    const error = await rejection(far.add.bind(near.add.bind(input)).compile());
+    expect(error).toBeInstanceOf(GraphValidationError);
+    expect(error.message).toContain('far-away');
+    kill(near);
+    kill(far);
+  }, 60_000);
+
   it('refuses an agent with the wrong token', async () => {
     const agent = new NodeAgent({ head: `127.0.0.1:${port}`, token: 'not-the-token', id: 'intruder', numCpus: 1, objectStoreMemory: 16 * 1024 * 1024 });
     const error = await rejection(agent.done);
@@ -129,7 +152,7 @@ describe('node agents', () => {
     await until(() => state().tasks.running === 1, 'the gated task to run');
     agents.get('agent-b')!.kill('SIGKILL');
     await until(() => removed.includes('agent-b'), 'agent-b to leave');
-    expect(state().nodes.map((node) => node.nodeId).sort()).toEqual(['agent-a', 'node-0']);
+    expect(state().nodes.map((node) => node.nodeId).sort()).toEqual(['agent-a', 'agent-far', 'node-0']);
     openGate(gate);
     expect(await get(stranded)).toBe('agent-a');
     const recomputed = await get(checksum.options({ resources: { a: 1 } }).remote(recomputable));
@@ -146,4 +169,26 @@ describe('node agents', () => {
     await shutdown();
     expect(await exited).toBe(0);
   }, 30_000);
+});
+
+describe('a node agent as a daemon', () => {
+  it('waits for its driver, then serves one driver after another', async () => {
+    // A free port, known before any driver listens on it.
+    const probe = (await import('node:net')).createServer();
+    const port = await new Promise<number>((resolve) => probe.listen(0, '127.0.0.1', () => resolve((probe.address() as { port: number }).port)));
+    await new Promise((resolve) => probe.close(resolve));
+    const lines: string[] = [];
+    await using agent = new NodeAgent({ head: `127.0.0.1:${port}`, token: TOKEN, id: 'daemon', numCpus: 1, resources: { daemon: 1 }, objectStoreMemory: 16 * 1024 * 1024, retryMs: 50, log: (line) => lines.push(line) });
+    await until(() => lines.some((line) => line.startsWith('waiting for the head')), 'the agent to wait');
+    for (let driver = 0; driver < 2; driver++) {
+      await init({ numCpus: 1, prestartWorkers: 1, listen: { host: '127.0.0.1', port, token: TOKEN } });
+      try {
+        await waitForNodes(2, { timeout: 30_000 });
+        expect((await get(whereAmI.options({ resources: { daemon: 1 } }).remote())).nodeId).toBe('daemon');
+      } finally {
+        await shutdown();
+      }
+    }
+    expect(lines.filter((line) => line.startsWith('joined'))).toHaveLength(2);
+  }, 90_000);
 });
