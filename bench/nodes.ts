@@ -1,6 +1,7 @@
 /**
- * Nodes suite: a node agent (another process, as on another host) joined over TCP. Objects move
- * between the driver's store and the agent's in chunks over the agent's connection; the floor is
+ * Nodes suite: node agents (other processes, as on other hosts) joined over TCP. Objects move
+ * between the driver's store and an agent's in chunks over the agent's connection, and from one
+ * agent to another straight (the target pulls from the source); the floor is
  * one plain TCP stream of the same bytes to another process on this host, measured in the same
  * run. Tasks on the agent (their worker connected over TCP) against tasks on the driver's node.
  */
@@ -77,19 +78,22 @@ export const nodesSuite: Suite = {
   ratios: [
     ['object to agent / TCP stream', 'node_transfer_to_agent_gigabytes', 'loopback_tcp_gigabytes', '>= 0.5'],
     ['object to driver / TCP stream', 'node_transfer_to_driver_gigabytes', 'loopback_tcp_gigabytes', '>= 0.5'],
+    ['object agent to agent / TCP stream', 'node_transfer_agent_to_agent_gigabytes', 'loopback_tcp_gigabytes', '>= 0.5'],
     ['agent tasks sync / local tasks sync', 'agent_tasks_sync', 'local_tasks_sync', ''],
   ],
   async run(): Promise<Results> {
     const results: Results = {};
     const gigabytes = (name: string, time: number) => (results[name] = { value: round(OBJECT_BYTES / time / 1e9), unit: 'GB/s' });
-    let agent: ChildProcess | undefined;
+    const agents: ChildProcess[] = [];
     await init({ numCpus: 1, prestartWorkers: 1, listen: { host: '127.0.0.1', port: 0, token: TOKEN } });
     try {
-      agent = spawn(process.execPath, [
-        '--import', 'tsx', cli, 'node', '--head', `127.0.0.1:${state().listening!.port}`, '--id', 'agent',
-        '--num-cpus', '1', '--num-gpus', '0', '--resources', '{"agent":1}', '--object-store-memory', String(4 * OBJECT_BYTES), '--once',
-      ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN }, stdio: ['ignore', 'ignore', 'inherit'] });
-      await waitForNodes(2, { timeout: 60_000 });
+      for (const id of ['agent', 'agent2']) {
+        agents.push(spawn(process.execPath, [
+          '--import', 'tsx', cli, 'node', '--head', `127.0.0.1:${state().listening!.port}`, '--id', id,
+          '--num-cpus', '1', '--num-gpus', '0', '--resources', JSON.stringify({ [id]: 1 }), '--once',
+        ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN }, stdio: ['ignore', 'ignore', 'inherit'] }));
+      }
+      await waitForNodes(3, { timeout: 60_000 });
       const onAgent = { resources: { agent: 1 } };
       const bytes = new Uint8Array(OBJECT_BYTES).fill(3);
       gigabytes('node_transfer_to_agent_gigabytes', await medianSeconds(async () => {
@@ -110,6 +114,15 @@ export const nodesSuite: Suite = {
         free(made);
         return time;
       }));
+      gigabytes('node_transfer_agent_to_agent_gigabytes', await medianSeconds(async () => {
+        const made = makeBytes.options(onAgent).remote(OBJECT_BYTES);
+        await get(byteLength.options(onAgent).remote(made));
+        const start = nowNs();
+        await get(byteLength.options({ resources: { agent2: 1 } }).remote(made)); // pulled by agent2 from agent
+        const time = elapsedSeconds(start);
+        free(made);
+        return time;
+      }));
       const rate = async (name: string, options: object) => {
         const count = 1000;
         const time = await seconds(async () => {
@@ -121,7 +134,7 @@ export const nodesSuite: Suite = {
       await rate('local_tasks_sync', { schedulingStrategy: { type: 'node', nodeId: 'node-0' } });
     } finally {
       await shutdown();
-      agent?.kill('SIGKILL');
+      for (const agent of agents) agent.kill('SIGKILL');
     }
     results.loopback_tcp_gigabytes = { value: round(await loopbackGigabytes()), unit: 'GB/s' };
     return results;

@@ -18,6 +18,9 @@ Joins this host to the cluster of the driver listening at HOST:PORT (init({ list
   --memory BYTES             the memory resource to offer (default 0)
   --resources JSON           custom resources, e.g. '{"ssd": 1}'
   --object-store-memory BYTES  the store segment's capacity
+  --transfer-port N          where other agents pull objects from (default: any free port)
+  --advertise-host HOST      the address other agents reach this one at
+                             (default: its address on the driver's connection)
   --once                     serve one driver, then exit
 `;
 
@@ -54,6 +57,8 @@ async function main(argv: string[]): Promise<number> {
       memory: { type: 'string' },
       resources: { type: 'string' },
       'object-store-memory': { type: 'string' },
+      'transfer-port': { type: 'string' },
+      'advertise-host': { type: 'string' },
       once: { type: 'boolean' },
       help: { type: 'boolean' },
     },
@@ -84,6 +89,8 @@ async function main(argv: string[]): Promise<number> {
     resources,
     objectStoreMemory: count('object-store-memory', values['object-store-memory']),
     once: values.once,
+    transferPort: count('transfer-port', values['transfer-port']),
+    advertiseHost: values['advertise-host'],
     log: (line) => process.stderr.write(`trellis node: ${line}\n`),
   });
   const stop = () => void agent.close();

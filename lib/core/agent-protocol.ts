@@ -17,6 +17,8 @@ export interface AgentHelloMessage {
   storeName: string;
   /** The store's figures at the start (agent-stats brings them up to date every second). */
   store: StoreStats;
+  /** Where other agents pull objects from this one (host as the agent advertises it). */
+  transfer?: { host: string; port: number };
   pid: number;
 }
 
@@ -50,7 +52,13 @@ export interface AgentStatsMessage {
   store: StoreStats;
 }
 
-export type AgentMessage = AgentHelloMessage | WorkerSpawnedMessage | WorkerExitedMessage | AgentReplyMessage | AgentStatsMessage;
+/** An agent's first message to another agent's object server (see object-server.ts). */
+export interface PeerHelloMessage {
+  t: 'peer-hello';
+  token: string;
+}
+
+export type AgentMessage = PeerHelloMessage | AgentHelloMessage | WorkerSpawnedMessage | WorkerExitedMessage | AgentReplyMessage | AgentStatsMessage;
 
 /** The head took the agent in (under `nodeId`) or refused it (`reason`; the agent then exits). */
 export interface WelcomeMessage {
@@ -96,11 +104,13 @@ export interface DeletePutsMessage {
  * - write-begin {id, size, metadata?}: creates it; write {id, offset} with the bytes as `bulk`;
  *   write-seal {id};
  *   write-abort {id} (no answer)
+ * - pull {id, host, port}: copies the object from the agent serving objects at host:port into
+ *   this one's store; answers once it is sealed here
  */
 export interface AgentRequestMessage {
   t: 'agent-request';
   requestId: number;
-  op: 'read-open' | 'read' | 'read-close' | 'write-begin' | 'write' | 'write-seal' | 'write-abort';
+  op: 'read-open' | 'read' | 'read-close' | 'write-begin' | 'write' | 'write-seal' | 'write-abort' | 'pull';
   body: Record<string, unknown>;
   bulk?: Uint8Array;
 }

@@ -881,9 +881,17 @@ export class Cluster implements Runtime {
     let copy = copying.get(target.id);
     if (copy) return copy;
     const storedId = storedIdOf(record);
-    const from = source.localStore ? storeSource(source.localStore) : (source as RemoteNode).source;
-    const to = target.localStore ? storeTarget(target.localStore) : (target as RemoteNode).target;
-    copy = transferObject(from, to, storedId).then(
+    let moved: Promise<unknown>;
+    const direct = source instanceof RemoteNode && target instanceof RemoteNode && source.transfer !== undefined;
+    if (direct) {
+      // Between two agents: the target pulls from the source, not through this process.
+      moved = (target as RemoteNode).pull(storedId, source as RemoteNode);
+    } else {
+      const from = source.localStore ? storeSource(source.localStore) : (source as RemoteNode).source;
+      const to = target.localStore ? storeTarget(target.localStore) : (target as RemoteNode).target;
+      moved = transferObject(from, to, storedId);
+    }
+    copy = moved.then(
       () => {
         copying.delete(target.id);
         // Freed meanwhile (or recomputed under another value): the copy has no reader.
@@ -898,7 +906,7 @@ export class Cluster implements Runtime {
       },
     );
     copying.set(target.id, copy);
-    this.events.emit('object-transfer', { objectId: record.id, from: source.id, to: target.id, bytes: record.size });
+    this.events.emit('object-transfer', { objectId: record.id, from: source.id, to: target.id, bytes: record.size, route: direct ? 'direct' : 'head' });
     return copy;
   }
 

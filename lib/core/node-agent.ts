@@ -7,11 +7,14 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { hostname } from 'node:os';
-import { Socket, connect } from 'node:net';
-import { ObjectStore, type ObjectBuilder, type ObjectView } from '../store/object-store.js';
+import { Socket, connect, createServer, type AddressInfo, type Server } from 'node:net';
+import { createHash, timingSafeEqual } from 'node:crypto';
+import { ObjectStore } from '../store/object-store.js';
 import { InvalidArgumentError } from '../errors.js';
 import { FrameConnection } from './connection.js';
-import type { AgentMessage, AgentRequestMessage, HeadMessage, SpawnWorkerMessage } from './agent-protocol.js';
+import type { AgentMessage, AgentReplyMessage, AgentRequestMessage, HeadMessage, PeerHelloMessage, SpawnWorkerMessage } from './agent-protocol.js';
+import { ObjectServer, PeerClient, replyError } from './object-server.js';
+import { storeTarget, transferObject } from './object-transfer.js';
 import { deleteUnreportedPuts, nodeResources, workerCommand, type NodeOptions } from './node.js';
 
 export interface NodeAgentOptions extends NodeOptions {
@@ -25,6 +28,19 @@ export interface NodeAgentOptions extends NodeOptions {
   retryMs?: number;
   /** Where the agent says what it does (default: nothing). */
   log?: (line: string) => void;
+  /**
+   * The port other agents pull objects from (default 0: any free one; null: none, so objects
+   * between this agent and others go through the head).
+   */
+  transferPort?: number | null;
+  /** The host other agents reach this one at (default: its address on the head's connection). */
+  advertiseHost?: string;
+}
+
+/** The local address of the head's connection, as peers would reach it (IPv4 unmapped). */
+function advertisedHost(socket: Socket): string {
+  const address = socket.localAddress ?? '127.0.0.1';
+  return address.startsWith('::ffff:') ? address.slice(7) : address;
 }
 
 /** Parses host:port (an IPv6 host in brackets). */
@@ -35,14 +51,21 @@ export function parseAddress(address: string): { host: string; port: number } {
   return { host: match[1] ?? match[2], port };
 }
 
+function tokensMatch(given: unknown, token: string): boolean {
+  const digest = (text: string) => createHash('sha256').update(text).digest();
+  return typeof given === 'string' && timingSafeEqual(digest(given), digest(token));
+}
+
 /** One head's session: its connection, store and workers. */
 class Session {
   readonly connection: FrameConnection<HeadMessage, AgentMessage>;
   readonly store: ObjectStore;
   readonly workers = new Map<string, ChildProcess>();
-  readonly #reads = new Map<number, ObjectView>();
-  readonly #writes = new Map<string, ObjectBuilder>();
-  #nextRead = 1;
+  /** Serves the head's reads and writes of this store. */
+  readonly #objects: ObjectServer;
+  /** Connections of other agents pulling from this store, and agents this one pulls from. */
+  readonly #peers = new Set<{ close(): void }>();
+  readonly #pullFrom = new Map<string, PeerClient>();
   readonly #statsTimer: NodeJS.Timeout;
   /** Resolves when the head is gone and everything of this session is released. */
   readonly ended: Promise<{ refused?: string; welcomed: boolean }>;
@@ -51,7 +74,7 @@ class Session {
   #welcomed = false;
   #closing = false;
 
-  constructor(readonly agent: NodeAgent, socket: Socket, readonly headUrl: string) {
+  constructor(readonly agent: NodeAgent, readonly socket: Socket, readonly headUrl: string) {
     this.ended = new Promise((resolve) => (this.#end = resolve));
     this.store = ObjectStore.create({ capacity: agent.options.objectStoreMemory });
     this.connection = new FrameConnection<HeadMessage, AgentMessage>(
@@ -59,6 +82,7 @@ class Session {
       (message) => this.#onMessage(message),
       () => void this.#close(),
     );
+    this.#objects = new ObjectServer(this.store, agent.nodeId, this.connection);
     this.#statsTimer = setInterval(() => {
       if (this.#welcomed) this.connection.send({ t: 'agent-stats', store: this.store.stats() });
     }, 1000).unref();
@@ -75,6 +99,7 @@ class Session {
       numGpus: this.agent.numGpus,
       storeName: this.store.name,
       store: this.store.stats(),
+      ...(this.agent.transferPort ? { transfer: { host: this.agent.options.advertiseHost ?? advertisedHost(this.socket), port: this.agent.transferPort } } : {}),
       pid: process.pid,
     });
   }
@@ -140,57 +165,34 @@ class Session {
   }
 
   #onRequest(message: AgentRequestMessage): void {
-    const reply = (value: unknown) => this.connection.send({ t: 'agent-reply', requestId: message.requestId, ok: true, value });
-    const body = message.body;
-    try {
-      switch (message.op) {
-        case 'read-open': {
-          const view = this.store.getIfSealed(body.id as string);
-          if (!view) throw Object.assign(new Error(`object ${String(body.id)} is not in the store of node ${this.agent.nodeId}`), { code: 'ERR_OBJECT_NOT_FOUND' });
-          const handle = this.#nextRead++;
-          this.#reads.set(handle, view);
-          return reply({ handle, size: view.size, ...(view.metadata ? { metadata: view.metadata } : {}) });
-        }
-        case 'read': {
-          const view = this.#reads.get(body.handle as number);
-          if (!view) throw new Error(`read handle ${String(body.handle)} is not open`);
-          const offset = body.offset as number;
-          // Raw from the pinned object: it stays pinned till read-close, after the head has it.
-          this.connection.sendBulk({ t: 'agent-reply', requestId: message.requestId, ok: true }, view.data.subarray(offset, offset + (body.length as number)));
-          return;
-        }
-        case 'read-close':
-          this.#reads.get(body.handle as number)?.release();
-          this.#reads.delete(body.handle as number);
-          return;
-        case 'write-begin': {
-          const id = body.id as string;
-          this.#writes.set(id, this.store.create(id, body.size as number, { metadata: body.metadata as Uint8Array | undefined }));
-          return reply(null);
-        }
-        case 'write': {
-          const builder = this.#writes.get(body.id as string);
-          if (!builder) throw new Error(`object ${String(body.id)} is not being written`);
-          if (!message.bulk) throw new Error(`a write of object ${String(body.id)} came without its bytes`);
-          builder.write(message.bulk, body.offset as number);
-          return reply(null);
-        }
-        case 'write-seal': {
-          const builder = this.#writes.get(body.id as string);
-          if (!builder) throw new Error(`object ${String(body.id)} is not being written`);
-          this.#writes.delete(body.id as string);
-          builder.seal();
-          return reply(null);
-        }
-        case 'write-abort':
-          this.#writes.get(body.id as string)?.abort();
-          this.#writes.delete(body.id as string);
-          return;
-      }
-    } catch (error) {
-      const err = error as Error & { code?: string };
-      if (message.requestId !== 0) this.connection.send({ t: 'agent-reply', requestId: message.requestId, ok: false, error: { name: err.name, message: err.message, code: err.code } });
+    if (this.#objects.handle(message)) return;
+    if (message.op === 'pull') {
+      const { id, host, port } = message.body as { id: string; host: string; port: number };
+      const address = `${host}:${port}`;
+      let peer = this.#pullFrom.get(address);
+      if (!peer || peer.closed) this.#pullFrom.set(address, (peer = new PeerClient(address, host, port, this.agent.token)));
+      transferObject(peer.source, storeTarget(this.store), id).then(
+        () => this.connection.send({ t: 'agent-reply', requestId: message.requestId, ok: true, value: null }),
+        (error) => replyError(this.connection, message.requestId, error),
+      );
     }
+  }
+
+  /** Another agent's connection to pull from this store: served till it or this session ends. */
+  servePeer(connection: FrameConnection<AgentRequestMessage, AgentReplyMessage>): { handle(message: AgentRequestMessage): void; close(): void } {
+    const server = new ObjectServer(this.store, this.agent.nodeId, connection);
+    const peer = {
+      handle: (message: AgentRequestMessage) => {
+        if (!this.#closing) server.handle(message);
+      },
+      close: () => {
+        this.#peers.delete(peer);
+        server.close();
+        connection.close();
+      },
+    };
+    this.#peers.add(peer);
+    return peer;
   }
 
   async #close(): Promise<void> {
@@ -204,16 +206,10 @@ class Session {
     }));
     await Promise.all(exits);
     this.workers.clear();
-    for (const view of this.#reads.values()) view.release();
-    this.#reads.clear();
-    for (const builder of this.#writes.values()) {
-      try {
-        builder.abort();
-      } catch {
-        // The store goes next anyway.
-      }
-    }
-    this.#writes.clear();
+    this.#objects.close();
+    for (const peer of [...this.#peers]) peer.close();
+    for (const peer of this.#pullFrom.values()) peer.close();
+    this.#pullFrom.clear();
     this.store.close();
     if (this.#welcomed) this.agent.options.log?.('the head left; its workers and objects are gone');
     this.#end({ refused: this.#refused, welcomed: this.#welcomed });
@@ -234,6 +230,9 @@ export class NodeAgent {
   readonly #head: { host: string; port: number };
   #session: Session | undefined;
   #stopped = false;
+  #transferServer: Server | undefined;
+  /** The port of this agent's object server, once it listens. */
+  transferPort: number | undefined;
   #retryTimer: NodeJS.Timeout | undefined;
   #wakeRetry: (() => void) | undefined;
   /** Resolves when the agent stops: closed, refused by its head, or (with `once`) its driver ended. */
@@ -250,7 +249,33 @@ export class NodeAgent {
     this.done = this.#run();
   }
 
+  /** Serves other agents' pulls from the current session's store (after their token). */
+  async #listenForPeers(): Promise<void> {
+    const port = this.options.transferPort;
+    if (port === null) return;
+    const server = createServer((socket) => {
+      let peer: { handle(message: AgentRequestMessage): void; close(): void } | undefined;
+      const connection: FrameConnection<AgentRequestMessage | PeerHelloMessage, AgentReplyMessage> = new FrameConnection(
+        socket,
+        (message) => {
+          if (peer) return message.t === 'agent-request' && peer.handle(message);
+          const session = this.#session;
+          if (message.t !== 'peer-hello' || !tokensMatch(message.token, this.token) || !session) return connection.close();
+          peer = session.servePeer(connection as FrameConnection<AgentRequestMessage, AgentReplyMessage>);
+        },
+        () => peer?.close(),
+      );
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(port ?? 0, '0.0.0.0', () => resolve());
+    });
+    this.#transferServer = server;
+    this.transferPort = (server.address() as AddressInfo).port;
+  }
+
   async #run(): Promise<void> {
+    await this.#listenForPeers();
     const headUrl = `tcp://${this.#head.host.includes(':') ? `[${this.#head.host}]` : this.#head.host}:${this.#head.port}`;
     let waiting = false;
     while (!this.#stopped) {
@@ -305,6 +330,7 @@ export class NodeAgent {
     this.#wakeRetry?.();
     this.#session?.close();
     await this.done.catch(() => undefined);
+    await new Promise<void>((resolve) => (this.#transferServer ? this.#transferServer.close(() => resolve()) : resolve()));
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

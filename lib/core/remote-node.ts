@@ -39,6 +39,8 @@ export class RemoteNode extends Node {
   readonly hostname: string;
   readonly agentPid: number;
   readonly storeName: string;
+  /** Where other agents pull objects from this one's store (none: through the head). */
+  readonly transfer: { host: string; port: number } | undefined;
   readonly #connection: FrameConnection<AgentMessage, HeadMessage>;
   readonly #children = new Map<string, RemoteChild>();
   readonly #pending = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>();
@@ -53,6 +55,7 @@ export class RemoteNode extends Node {
     this.hostname = hello.hostname;
     this.agentPid = hello.pid;
     this.storeName = hello.storeName;
+    this.transfer = hello.transfer;
     this.#stats = hello.store;
     this.#connection = connection;
   }
@@ -86,7 +89,7 @@ export class RemoteNode extends Node {
         if (!pending) return;
         this.#pending.delete(message.requestId);
         if (message.ok) pending.resolve(message.bulk ?? message.value);
-        else pending.reject(Object.assign(new Error(message.error?.message ?? 'the node agent failed'), { name: message.error?.name ?? 'Error', code: message.error?.code }));
+        else pending.reject(agentError(this.id, message.error));
         return;
       }
       case 'agent-stats':
@@ -166,6 +169,12 @@ export class RemoteNode extends Node {
     this.onClosed();
   }
 
+  /** Has the agent copy `id` from `source`'s store into its own, straight between the two. */
+  pull(id: string, source: RemoteNode): Promise<void> {
+    const { host, port } = source.transfer!;
+    return this.request('pull', { id, host, port }).then(() => undefined);
+  }
+
   /** Reads objects out of the agent's store. */
   readonly source: ObjectSource = {
     open: async (id): Promise<ObjectReader> => {
@@ -198,4 +207,11 @@ export class RemoteNode extends Node {
       };
     },
   };
+}
+
+/** An agent's error answer as an Error; a peer that went away is the loss of a node. */
+function agentError(nodeId: string, error: { name: string; message: string; code?: string } | undefined): Error {
+  const message = error?.message ?? `node ${nodeId} failed`;
+  if (error?.code === 'ERR_NODE_LOST') return new NodeLostError(nodeId, message);
+  return Object.assign(new Error(message), { name: error?.name ?? 'Error', code: error?.code });
 }

@@ -4,7 +4,7 @@
  * stores and the driver's in chunks over TCP; a wrong token is refused; an agent's death loses
  * its node, whose tasks retry elsewhere and whose objects are recomputed.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GraphValidationError, InputNode, NodeAgent, events, fromItems, get, init, kill, put, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
@@ -84,7 +84,8 @@ describe('node agents', () => {
       events().off('object-transfer', onTransfer);
     }
     expect(transfers).toEqual(expect.arrayContaining([
-      expect.objectContaining({ from: 'agent-a', to: 'agent-b' }),
+      // Agent to agent straight, the target pulling from the source; the rest through the driver.
+      expect.objectContaining({ from: 'agent-a', to: 'agent-b', route: 'direct' }),
       expect.objectContaining({ from: expect.stringMatching(/^agent-[ab]$/), to: 'node-0' }),
       expect.objectContaining({ from: 'node-0', to: 'agent-a' }),
     ]));
@@ -191,4 +192,23 @@ describe('a node agent as a daemon', () => {
     }
     expect(lines.filter((line) => line.startsWith('joined'))).toHaveLength(2);
   }, 90_000);
+});
+
+describe('the trellis command', () => {
+  const run = (args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', cli, ...args], { encoding: 'utf8', env: { ...process.env, TRELLIS_CLUSTER_TOKEN: '' } });
+
+  it('names what is wrong with its arguments', () => {
+    const noHead = run(['node']);
+    expect(noHead.status).toBe(2);
+    expect(noHead.stderr).toContain('usage: trellis node --head HOST:PORT');
+    const badResources = run(['node', '--head', '127.0.0.1:1', '--token', 't', '--resources', '{"gpu-ish": "lots"}']);
+    expect(badResources.status).toBe(1);
+    expect(badResources.stderr).toContain('--resources takes a JSON object of numbers');
+    const badAddress = run(['node', '--head', 'nowhere', '--token', 't']);
+    expect(badAddress.status).toBe(1);
+    expect(badAddress.stderr).toContain("a head address is host:port, got 'nowhere'");
+    const noToken = run(['node', '--head', '127.0.0.1:1']);
+    expect(noToken.status).toBe(1);
+    expect(noToken.stderr).toContain('needs the cluster token');
+  }, 60_000);
 });

@@ -1,0 +1,177 @@
+/**
+ * A node agent's store, served over a connection: the head's requests (reads and writes of its
+ * objects), and other agents' reads when they pull an object straight from this one. One server
+ * per connection, so that what a connection opened is released when it closes.
+ */
+import { connect } from 'node:net';
+import type { ObjectBuilder, ObjectStore, ObjectView } from '../store/object-store.js';
+import { NodeLostError } from '../errors.js';
+import { FrameConnection } from './connection.js';
+import type { AgentReplyMessage, AgentRequestMessage, PeerHelloMessage } from './agent-protocol.js';
+import type { ObjectReader, ObjectSource } from './object-transfer.js';
+
+type Replies = FrameConnection<never, AgentReplyMessage> | { send(message: AgentReplyMessage): void; sendBulk(message: AgentReplyMessage, bulk: Uint8Array): void };
+
+export class ObjectServer {
+  readonly #reads = new Map<number, ObjectView>();
+  readonly #writes = new Map<string, ObjectBuilder>();
+  #nextRead = 1;
+
+  constructor(readonly store: ObjectStore, readonly nodeId: string, readonly connection: Replies) {}
+
+  /** Answers a store request (requestId 0: none wanted); false for an op that is not the store's. */
+  handle(message: AgentRequestMessage): boolean {
+    const { requestId, body } = message;
+    const reply = (value: unknown) => this.connection.send({ t: 'agent-reply', requestId, ok: true, value });
+    try {
+      switch (message.op) {
+        case 'read-open': {
+          const view = this.store.getIfSealed(body.id as string);
+          if (!view) throw Object.assign(new Error(`object ${String(body.id)} is not in the store of node ${this.nodeId}`), { code: 'ERR_OBJECT_NOT_FOUND' });
+          const handle = this.#nextRead++;
+          this.#reads.set(handle, view);
+          reply({ handle, size: view.size, ...(view.metadata ? { metadata: view.metadata } : {}) });
+          return true;
+        }
+        case 'read': {
+          const view = this.#reads.get(body.handle as number);
+          if (!view) throw new Error(`read handle ${String(body.handle)} is not open`);
+          const offset = body.offset as number;
+          // Raw from the pinned object: it stays pinned till read-close, after the reader has it.
+          this.connection.sendBulk({ t: 'agent-reply', requestId, ok: true }, view.data.subarray(offset, offset + (body.length as number)));
+          return true;
+        }
+        case 'read-close':
+          this.#reads.get(body.handle as number)?.release();
+          this.#reads.delete(body.handle as number);
+          return true;
+        case 'write-begin': {
+          const id = body.id as string;
+          this.#writes.set(id, this.store.create(id, body.size as number, { metadata: body.metadata as Uint8Array | undefined }));
+          reply(null);
+          return true;
+        }
+        case 'write': {
+          const builder = this.#writes.get(body.id as string);
+          if (!builder) throw new Error(`object ${String(body.id)} is not being written`);
+          if (!message.bulk) throw new Error(`a write of object ${String(body.id)} came without its bytes`);
+          builder.write(message.bulk, body.offset as number);
+          reply(null);
+          return true;
+        }
+        case 'write-seal': {
+          const builder = this.#writes.get(body.id as string);
+          if (!builder) throw new Error(`object ${String(body.id)} is not being written`);
+          this.#writes.delete(body.id as string);
+          builder.seal();
+          reply(null);
+          return true;
+        }
+        case 'write-abort':
+          this.#writes.get(body.id as string)?.abort();
+          this.#writes.delete(body.id as string);
+          return true;
+        default:
+          return false;
+      }
+    } catch (error) {
+      replyError(this.connection, requestId, error);
+      return true;
+    }
+  }
+
+  /** Releases what its connection had open. */
+  close(): void {
+    for (const view of this.#reads.values()) view.release();
+    this.#reads.clear();
+    for (const builder of this.#writes.values()) {
+      try {
+        builder.abort();
+      } catch {
+        // Its store is closing.
+      }
+    }
+    this.#writes.clear();
+  }
+}
+
+export function replyError(connection: Replies, requestId: number, error: unknown): void {
+  if (requestId === 0) return;
+  const err = error as Error & { code?: string };
+  connection.send({ t: 'agent-reply', requestId, ok: false, error: { name: err.name, message: err.message, code: err.code } });
+}
+
+/**
+ * A connection to another agent's object server, for pulling objects from its store. Requests
+ * fail with NodeLostError (code ERR_NODE_LOST) once the connection is gone.
+ */
+export class PeerClient {
+  readonly #connection: FrameConnection<AgentReplyMessage, AgentRequestMessage | PeerHelloMessage>;
+  readonly #pending = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>();
+  #nextRequest = 1;
+  #closed = false;
+  readonly ready: Promise<void>;
+
+  constructor(readonly address: string, host: string, port: number, token: string) {
+    const socket = connect({ host, port });
+    this.ready = new Promise((resolve, reject) => {
+      socket.once('connect', () => resolve());
+      socket.once('error', (error) => reject(new NodeLostError(address, `cannot reach the node at ${address}: ${error.message}`)));
+    });
+    this.ready.catch(() => undefined);
+    this.#connection = new FrameConnection<AgentReplyMessage, AgentRequestMessage | PeerHelloMessage>(
+      socket,
+      (message) => {
+        const pending = this.#pending.get(message.requestId);
+        if (!pending) return;
+        this.#pending.delete(message.requestId);
+        if (message.ok) pending.resolve(message.bulk ?? message.value);
+        else pending.reject(Object.assign(new Error(message.error?.message ?? 'the node failed'), { name: message.error?.name ?? 'Error', code: message.error?.code }));
+      },
+      () => this.#lost(),
+    );
+    this.#connection.send({ t: 'peer-hello', token });
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  #lost(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    const error = new NodeLostError(this.address, `the node at ${this.address} went away`);
+    for (const pending of this.#pending.values()) pending.reject(error);
+    this.#pending.clear();
+  }
+
+  request(op: AgentRequestMessage['op'], body: Record<string, unknown>): Promise<unknown> {
+    if (this.#closed) return Promise.reject(new NodeLostError(this.address, `the node at ${this.address} went away`));
+    const requestId = this.#nextRequest++;
+    return new Promise((resolve, reject) => {
+      this.#pending.set(requestId, { resolve, reject });
+      this.#connection.send({ t: 'agent-request', requestId, op, body });
+    });
+  }
+
+  /** Reads objects out of the peer's store. */
+  readonly source: ObjectSource = {
+    open: async (id): Promise<ObjectReader> => {
+      await this.ready;
+      const opened = (await this.request('read-open', { id })) as { handle: number; size: number; metadata?: Uint8Array };
+      return {
+        size: opened.size,
+        metadata: opened.metadata,
+        read: async (offset, length) => (await this.request('read', { handle: opened.handle, offset, length })) as Uint8Array,
+        close: () => {
+          if (!this.#closed) this.#connection.send({ t: 'agent-request', requestId: 0, op: 'read-close', body: { handle: opened.handle } });
+        },
+      };
+    },
+  };
+
+  close(): void {
+    this.#connection.close();
+    this.#lost();
+  }
+}
