@@ -41,7 +41,7 @@ import { LocalNode, Node, WorkerProcess, type NodeOptions } from './node.js';
 import { RemoteNode } from './remote-node.js';
 import type { AgentHelloMessage, AgentMessage, HeadMessage } from './agent-protocol.js';
 import { storeSource, storeTarget, transferObject } from './object-transfer.js';
-import { PlacementGroup, infeasibility as groupInfeasibility, releaseGroup, reserve, type PlacementStrategy } from './placement-group.js';
+import { PlacementGroup, infeasibility as groupInfeasibility, loseNode, releaseGroup, reserve, reserveLost, type PlacementStrategy } from './placement-group.js';
 import { ResourcePool, describeResources, toFixed, type Resources } from './resources.js';
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
 import { decodeStored, encodeArguments, encodeValue, pack, putStored, unpack } from './serialization.js';
@@ -407,6 +407,8 @@ export class Cluster implements Runtime {
     if (index < 0) return;
     this.nodes.splice(index, 1);
     this.#nodesLeft++;
+    // Before the workers' exits, which restart actors: those in a lost bundle wait for it again.
+    for (const group of this.#groups.values()) loseNode(group, node);
     node.onClosed();
     for (const worker of node.workers.values()) worker.connection?.close();
     if (this.#closed) return;
@@ -1726,7 +1728,8 @@ export class Cluster implements Runtime {
     const known = this.#groups.get(group.id);
     if (!known || known.state === 'removed') return Promise.resolve();
     const gone: Promise<void>[] = [];
-    const wasCreated = known.state === 'created';
+    // A rescheduling group still holds its bundles on the nodes that stayed.
+    const wasCreated = known.state === 'created' || known.state === 'rescheduling';
     known.markRemoved();
     this.#groups.delete(group.id);
     if (wasCreated) releaseGroup(known);
@@ -1752,6 +1755,7 @@ export class Cluster implements Runtime {
   #placeGroups(): void {
     for (const group of this.#groups.values()) {
       if (group.state === 'pending' && reserve(group, this.nodes)) group.markCreated();
+      else if (group.state === 'rescheduling' && reserveLost(group, this.nodes)) this.events.emit('placement-group-rescheduled', { placementGroupId: group.id });
     }
   }
 

@@ -154,24 +154,40 @@ export class PeerClient {
     });
   }
 
+  /** Sends a request that wants no answer. */
+  notify(op: AgentRequestMessage['op'], body: Record<string, unknown>): void {
+    if (!this.#closed) this.#connection.send({ t: 'agent-request', requestId: 0, op, body });
+  }
+
   /** Reads objects out of the peer's store. */
-  readonly source: ObjectSource = {
-    open: async (id): Promise<ObjectReader> => {
-      await this.ready;
-      const opened = (await this.request('read-open', { id })) as { handle: number; size: number; metadata?: Uint8Array };
-      return {
-        size: opened.size,
-        metadata: opened.metadata,
-        read: async (offset, length) => (await this.request('read', { handle: opened.handle, offset, length })) as Uint8Array,
-        close: () => {
-          if (!this.#closed) this.#connection.send({ t: 'agent-request', requestId: 0, op: 'read-close', body: { handle: opened.handle } });
-        },
-      };
-    },
-  };
+  readonly source: ObjectSource = servedSource(this);
 
   close(): void {
     this.#connection.close();
     this.#lost();
   }
+}
+
+/** Where objects are read through a connection's requests (an agent's, or a peer's). */
+export interface ObjectRequests {
+  /** Settles once requests can be sent (a connection being made). */
+  readonly ready?: Promise<void>;
+  request(op: AgentRequestMessage['op'], body: Record<string, unknown>): Promise<unknown>;
+  notify(op: AgentRequestMessage['op'], body: Record<string, unknown>): void;
+}
+
+/** Reads an object served by an ObjectServer at the other end of `link`. */
+export function servedSource(link: ObjectRequests): ObjectSource {
+  return {
+    open: async (id): Promise<ObjectReader> => {
+      await link.ready;
+      const opened = (await link.request('read-open', { id })) as { handle: number; size: number; metadata?: Uint8Array };
+      return {
+        size: opened.size,
+        metadata: opened.metadata,
+        read: async (offset, length) => (await link.request('read', { handle: opened.handle, offset, length })) as Uint8Array,
+        close: () => link.notify('read-close', { handle: opened.handle }),
+      };
+    },
+  };
 }

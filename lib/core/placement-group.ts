@@ -22,7 +22,8 @@ export class PlacementGroup {
   readonly id = `pg-${newObjectId().slice(0, 16)}`;
   readonly bundles: Bundle[];
   readonly strategy: PlacementStrategy;
-  state: 'pending' | 'created' | 'removed' | 'infeasible' = 'pending';
+  /** 'rescheduling': a node holding some of its bundles left; they are being reserved again. */
+  state: 'pending' | 'created' | 'rescheduling' | 'removed' | 'infeasible' = 'pending';
   readonly #ready: Promise<void>;
   #settle!: { resolve: () => void; reject: (error: Error) => void };
   #remove: (() => Promise<void>) | undefined;
@@ -157,14 +158,64 @@ export function reserve(group: PlacementGroup, nodes: Node[]): boolean {
     }
   }
   // Phase two: commit.
-  group.bundles.forEach((bundle, index) => {
-    bundle.node = assignment[index];
-    bundle.pool = new ResourcePool({});
-    for (const [name, amount] of bundle.request) {
-      bundle.pool.total.set(name, amount);
-      bundle.pool.available.set(name, amount);
+  group.bundles.forEach((bundle, index) => commit(bundle, assignment[index]));
+  return true;
+}
+
+function commit(bundle: Bundle, node: Node): void {
+  bundle.node = node;
+  bundle.pool = new ResourcePool({});
+  for (const [name, amount] of bundle.request) {
+    bundle.pool.total.set(name, amount);
+    bundle.pool.available.set(name, amount);
+  }
+}
+
+/**
+ * `node` left the cluster: the group's bundles there are lost (what ran in them died with it),
+ * and the group waits for them to be reserved again. True if the group had bundles there.
+ */
+export function loseNode(group: PlacementGroup, node: Node): boolean {
+  if (group.state !== 'created' && group.state !== 'rescheduling') return false;
+  let lost = false;
+  for (const bundle of group.bundles) {
+    if (bundle.node !== node) continue;
+    bundle.node = undefined;
+    bundle.pool = undefined;
+    lost = true;
+  }
+  if (lost) group.state = 'rescheduling';
+  return lost;
+}
+
+/**
+ * Reserves a rescheduling group's lost bundles again, keeping to its strategy with the bundles it
+ * still has: STRICT_PACK on their node, STRICT_SPREAD on nodes none of them uses. All or none.
+ */
+export function reserveLost(group: PlacementGroup, nodes: Node[]): boolean {
+  const lost = group.bundles.filter((bundle) => !bundle.node);
+  const kept = group.bundles.filter((bundle) => bundle.node).map((bundle) => bundle.node!);
+  const taken: Array<[Node, Map<string, number>]> = [];
+  const assignment: Node[] = [];
+  for (const bundle of lost) {
+    const allowed = (node: Node) => {
+      if (group.strategy === 'STRICT_PACK') return kept.length > 0 ? node === kept[0] : assignment.length === 0 || node === assignment[0];
+      if (group.strategy === 'STRICT_SPREAD') return !kept.includes(node) && !assignment.includes(node);
+      return true;
+    };
+    // PACK prefers the group's own nodes; the rest take any that fits.
+    const candidates = nodes.filter((node) => allowed(node) && node.pool.fits(bundle.request));
+    const node = (group.strategy === 'PACK' ? candidates.find((candidate) => kept.includes(candidate) || assignment.includes(candidate)) : undefined) ?? candidates[0];
+    if (!node) {
+      for (const [taker, request] of taken) taker.pool.release(request);
+      return false;
     }
-  });
+    node.pool.acquire(bundle.request);
+    taken.push([node, bundle.request]);
+    assignment.push(node);
+  }
+  lost.forEach((bundle, index) => commit(bundle, assignment[index]));
+  group.state = 'created';
   return true;
 }
 

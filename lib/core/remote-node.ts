@@ -11,7 +11,8 @@ import { NodeLostError } from '../errors.js';
 import type { FrameConnection } from './connection.js';
 import type { AgentHelloMessage, AgentMessage, AgentRequestMessage, HeadMessage } from './agent-protocol.js';
 import { Node, WorkerProcess, driverRunsTypeScript, type WorkerChild } from './node.js';
-import type { ObjectReader, ObjectSource, ObjectTarget, ObjectWriter } from './object-transfer.js';
+import type { ObjectSource, ObjectTarget, ObjectWriter } from './object-transfer.js';
+import { servedSource } from './object-server.js';
 
 /** A worker process on an agent's host: killed through the agent, whose reports end it here. */
 class RemoteChild extends EventEmitter implements WorkerChild {
@@ -175,20 +176,13 @@ export class RemoteNode extends Node {
     return this.request('pull', { id, host, port }).then(() => undefined);
   }
 
+  /** Sends a request that wants no answer. */
+  notify(op: AgentRequestMessage['op'], body: Record<string, unknown>): void {
+    if (!this.closed) this.send({ t: 'agent-request', requestId: 0, op, body });
+  }
+
   /** Reads objects out of the agent's store. */
-  readonly source: ObjectSource = {
-    open: async (id): Promise<ObjectReader> => {
-      const opened = (await this.request('read-open', { id })) as { handle: number; size: number; metadata?: Uint8Array };
-      return {
-        size: opened.size,
-        metadata: opened.metadata,
-        read: async (offset, length) => (await this.request('read', { handle: opened.handle, offset, length })) as Uint8Array,
-        close: () => {
-          if (!this.closed) this.send({ t: 'agent-request', requestId: 0, op: 'read-close', body: { handle: opened.handle } });
-        },
-      };
-    },
-  };
+  readonly source: ObjectSource = servedSource(this);
 
   /** Writes objects into the agent's store. */
   readonly target: ObjectTarget = {
@@ -201,9 +195,7 @@ export class RemoteNode extends Node {
         seal: async () => {
           await this.request('write-seal', { id });
         },
-        abort: () => {
-          if (!this.closed) this.send({ t: 'agent-request', requestId: 0, op: 'write-abort', body: { id } });
-        },
+        abort: () => this.notify('write-abort', { id }),
       };
     },
   };

@@ -7,7 +7,7 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { GraphValidationError, InputNode, NodeAgent, events, fromItems, get, init, kill, put, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
+import { GraphValidationError, InputNode, NodeAgent, events, fromItems, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
 import { AccumulatorActor, NodeTagger, checksum, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { openGate, rejection, scratch, until } from './helpers.js';
 
@@ -36,8 +36,8 @@ describe('node agents', () => {
   beforeAll(async () => {
     session = await init({ numCpus: 1, prestartWorkers: 1, listen: { host: '127.0.0.1', port: 0, token: TOKEN } });
     port = state().listening!.port;
-    agents.set('agent-a', startAgent(port, 'agent-a', { a: 1, pool: 1 }));
-    agents.set('agent-b', startAgent(port, 'agent-b', { b: 1, pool: 1 }));
+    agents.set('agent-a', startAgent(port, 'agent-a', { a: 1, pool: 1, slot: 1 }));
+    agents.set('agent-b', startAgent(port, 'agent-b', { b: 1, pool: 1, slot: 1 }));
     await waitForNodes(3, { timeout: 60_000 });
   }, 90_000);
 
@@ -149,11 +149,18 @@ describe('node agents', () => {
     const recomputable = makeArray.options(onB).remote(200_000, 7);
     const bound = makeArray.options({ resources: { b: 1 } }).remote(200_000, 1);
     expect((await get(checksum.options({ resources: { b: 1 } }).remote(recomputable))).nodeId).toBe('agent-b');
+    // A placement group with a bundle on each agent, and an actor in agent-b's bundle.
+    const group = placementGroup([{ slot: 1 }, { slot: 1 }], 'STRICT_SPREAD');
+    await group.ready();
+    const bundleOnB = state().placementGroups.find((entry) => entry.id === group.id)!.bundles.findIndex((bundle) => bundle.nodeId === 'agent-b');
+    const inBundle = AccumulatorActor.options({ numCpus: 0, resources: { slot: 1 }, maxRestarts: 1, schedulingStrategy: { type: 'placement-group', placementGroup: group, bundleIndex: bundleOnB } }).remote();
+    expect((await get(inBundle.where.remote())).nodeId).toBe('agent-b');
     const stranded = waitThenWhere.options(onB).remote(gate);
     await until(() => state().tasks.running === 1, 'the gated task to run');
     agents.get('agent-b')!.kill('SIGKILL');
     await until(() => removed.includes('agent-b'), 'agent-b to leave');
     expect(state().nodes.map((node) => node.nodeId).sort()).toEqual(['agent-a', 'agent-far', 'node-0']);
+    expect(removed).toEqual(['agent-b']);
     openGate(gate);
     expect(await get(stranded)).toBe('agent-a');
     const recomputed = await get(checksum.options({ resources: { a: 1 } }).remote(recomputable));
@@ -162,6 +169,13 @@ describe('node agents', () => {
     const lost = await rejection(get(bound));
     expect(lost.name).toBe('InfeasibleTaskError');
     expect(lost.message).toContain('b: 1');
+    // The group waits for its lost bundle (STRICT_SPREAD: not on agent-a, which has the other),
+    // gets it on a node that joins, and its actor restarts there.
+    expect(state().placementGroups.find((entry) => entry.id === group.id)!.state).toBe('rescheduling');
+    agents.set('agent-c', startAgent(port, 'agent-c', { slot: 1 }));
+    expect((await get(inBundle.where.remote())).nodeId).toBe('agent-c');
+    expect(state().placementGroups.find((entry) => entry.id === group.id)).toMatchObject({ state: 'created', bundles: expect.arrayContaining([expect.objectContaining({ nodeId: 'agent-a' }), expect.objectContaining({ nodeId: 'agent-c' })]) });
+    removePlacementGroup(group);
   }, 60_000);
 
   it('stops --once agents when the driver shuts down', async () => {
