@@ -226,3 +226,15 @@ describe('the trellis command', () => {
     expect(noToken.stderr).toContain('needs the cluster token');
   }, 60_000);
 });
+
+describe('the several-hosts example', () => {
+  it('spreads a dataset over two agents as the README says', () => {
+    const run = spawnSync(process.execPath, ['--import', 'tsx', 'examples/several-hosts.ts'], { encoding: 'utf8', timeout: 120_000 });
+    expect(run.status, run.stderr).toBe(0);
+    expect(run.stdout).toContain('nodes: node-0 (driver), host-');
+    const embedded = /embedded (\d+) texts: (\{.*\})/.exec(run.stdout);
+    expect(embedded, run.stdout).not.toBeNull();
+    expect(Number(embedded![1])).toBe(20_000);
+    expect(embedded![2]).toMatch(/host-[ab]/);
+  }, 120_000);
+});
