@@ -71,6 +71,11 @@ export interface RefusedMessage {
   reason: string;
 }
 
+/** Sent every second, so that an agent can tell a head that hangs from one that is quiet. */
+export interface HeadAliveMessage {
+  t: 'head-alive';
+}
+
 export interface SpawnWorkerMessage {
   t: 'spawn-worker';
   workerId: string;
@@ -115,4 +120,4 @@ export interface AgentRequestMessage {
   bulk?: Uint8Array;
 }
 
-export type HeadMessage = WelcomeMessage | RefusedMessage | SpawnWorkerMessage | KillWorkerMessage | DeleteObjectsMessage | DeletePutsMessage | AgentRequestMessage;
+export type HeadMessage = WelcomeMessage | RefusedMessage | HeadAliveMessage | SpawnWorkerMessage | KillWorkerMessage | DeleteObjectsMessage | DeletePutsMessage | AgentRequestMessage;

@@ -230,6 +230,12 @@ export interface ListenOptions {
    * whoever can join the cluster runs code in it.
    */
   token?: string;
+  /**
+   * An agent not heard from for this long (ms) counts as lost, as if its connection closed
+   * (default 30,000). Agents report every second; a host that hangs or drops off the network
+   * may leave its connection open for minutes.
+   */
+  nodeTimeoutMs?: number;
 }
 
 /**
@@ -262,7 +268,7 @@ export class Cluster implements Runtime {
   readonly #infeasibleTimer: NodeJS.Timeout;
   readonly #multiProcessService: MultiProcessService | undefined;
   /** Where node agents and their workers connect (init's `listen`), and the digest of its token. */
-  #tcp: { server: Server; host: string; port: number; tokenDigest: Buffer; sockets: Set<Socket> } | undefined;
+  #tcp: { server: Server; host: string; port: number; tokenDigest: Buffer; sockets: Set<Socket>; nodeTimeoutMs: number } | undefined;
   /** The first node, in this process: the driver's puts go to its store, and its gets read there. */
   readonly #head: LocalNode;
   /** Nodes that left so far: what was feasible before may not be now. */
@@ -295,6 +301,7 @@ export class Cluster implements Runtime {
     this.#infeasibleTimer = setInterval(() => {
       this.#warnPending();
       this.#reapIdleWorkers();
+      this.#dropSilentNodes();
     }, 1000).unref();
   }
 
@@ -355,6 +362,8 @@ export class Cluster implements Runtime {
     if (!token) throw new InvalidArgumentError('listen needs a token (listen.token or TRELLIS_CLUSTER_TOKEN): whoever joins the cluster runs code in it', 'ERR_NO_TOKEN');
     const host = options.host ?? '0.0.0.0';
     const port = options.port ?? 7380;
+    const nodeTimeoutMs = options.nodeTimeoutMs ?? 30_000;
+    if (!(nodeTimeoutMs >= 2000)) throw new InvalidArgumentError(`listen.nodeTimeoutMs must be at least 2000 (agents report every second), got ${String(nodeTimeoutMs)}`);
     if (!Number.isInteger(port) || port < 0 || port > 65535) throw new InvalidArgumentError(`listen.port must be an integer from 0 to 65535, got ${String(port)}`);
     const server = createServer();
     const sockets = new Set<Socket>();
@@ -369,7 +378,7 @@ export class Cluster implements Runtime {
       server.listen(port, host, () => resolve());
     });
     const bound = server.address() as import('node:net').AddressInfo;
-    this.#tcp = { server, host, port: bound.port, tokenDigest: digest(token), sockets };
+    this.#tcp = { server, host, port: bound.port, tokenDigest: digest(token), sockets, nodeTimeoutMs };
   }
 
   #tokenValid(token: unknown): boolean {
@@ -430,6 +439,24 @@ export class Cluster implements Runtime {
       if ((actor.state !== 'pending' && actor.state !== 'restarting') || actor.worker) continue;
       const infeasible = this.#infeasibility(actor.request, actor.options.schedulingStrategy ?? 'DEFAULT');
       if (infeasible) this.#actorDied(actor, `actor ${actor.name} can no longer be scheduled: ${infeasible.reason}`);
+    }
+  }
+
+  /** Agents silent past listen.nodeTimeoutMs leave, as if their connections had closed. */
+  #dropSilentNodes(): void {
+    const timeout = this.#tcp?.nodeTimeoutMs;
+    if (timeout === undefined) return;
+    const now = Date.now();
+    for (const node of [...this.nodes]) {
+      if (!(node instanceof RemoteNode)) continue;
+      if (now - node.lastHeard <= timeout) {
+        // The agent times its head out the same way.
+        node.send({ t: 'head-alive' });
+        continue;
+      }
+      this.events.emit('warning', { kind: 'node-timeout', message: `node ${node.id} (${node.hostname}) was not heard from for ${now - node.lastHeard} ms: it leaves the cluster` });
+      this.#leave(node);
+      node.close();
     }
   }
 

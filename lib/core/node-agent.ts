@@ -35,6 +35,11 @@ export interface NodeAgentOptions extends NodeOptions {
   transferPort?: number | null;
   /** The host other agents reach this one at (default: its address on the head's connection). */
   advertiseHost?: string;
+  /**
+   * A head not heard from for this long (ms) counts as gone: its session ends as if its
+   * connection had closed (default 30,000; heads send word every second).
+   */
+  headTimeoutMs?: number;
 }
 
 /** The local address of the head's connection, as peers would reach it (IPv4 unmapped). */
@@ -73,6 +78,7 @@ class Session {
   #refused: string | undefined;
   #welcomed = false;
   #closing = false;
+  #heard: () => void;
 
   constructor(readonly agent: NodeAgent, readonly socket: Socket, readonly headUrl: string) {
     this.ended = new Promise((resolve) => (this.#end = resolve));
@@ -83,8 +89,15 @@ class Session {
       () => void this.#close(),
     );
     this.#objects = new ObjectServer(this.store, agent.nodeId, this.connection);
+    let lastHeard = Date.now();
+    this.#heard = () => (lastHeard = Date.now());
     this.#statsTimer = setInterval(() => {
-      if (this.#welcomed) this.connection.send({ t: 'agent-stats', store: this.store.stats() });
+      if (!this.#welcomed) return;
+      if (Date.now() - lastHeard > (agent.options.headTimeoutMs ?? 30_000)) {
+        agent.options.log?.(`the head was not heard from for ${Date.now() - lastHeard} ms`);
+        return this.close();
+      }
+      this.connection.send({ t: 'agent-stats', store: this.store.stats() });
     }, 1000).unref();
   }
 
@@ -105,7 +118,10 @@ class Session {
   }
 
   #onMessage(message: HeadMessage): void {
+    this.#heard();
     switch (message.t) {
+      case 'head-alive':
+        return;
       case 'welcome':
         this.#welcomed = true;
         this.agent.options.log?.(`joined ${this.headUrl.slice('tcp://'.length)} as node ${message.nodeId}`);

@@ -73,8 +73,12 @@ export class RemoteNode extends Node {
     this.#connection.send(message);
   }
 
+  /** When the agent was last heard from (it reports its store every second). */
+  lastHeard = Date.now();
+
   /** A message from the agent (after its hello). */
   onMessage(message: AgentMessage): void {
+    this.lastHeard = Date.now();
     switch (message.t) {
       case 'worker-spawned': {
         const child = this.#children.get(message.workerId);
@@ -164,8 +168,7 @@ export class RemoteNode extends Node {
   }
 
   close(): void {
-    if (this.#closed) return;
-    for (const child of this.#children.values()) child.kill();
+    if (!this.#closed) for (const child of this.#children.values()) child.kill();
     this.#connection.close();
     this.onClosed();
   }

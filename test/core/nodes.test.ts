@@ -238,3 +238,44 @@ describe('the several-hosts example', () => {
     expect(embedded![2]).toMatch(/host-[ab]/);
   }, 120_000);
 });
+
+describe('silence', () => {
+  it('drops an agent that stops answering, and the agent leaves a head that stops answering', async () => {
+    await init({ numCpus: 1, prestartWorkers: 1, listen: { host: '127.0.0.1', port: 0, token: TOKEN, nodeTimeoutMs: 2000 } });
+    let agent: ChildProcess | undefined;
+    try {
+      const warnings: string[] = [];
+      events().on('warning', (warning: { kind: string }) => warnings.push(warning.kind));
+      agent = startAgent(state().listening!.port, 'frozen', { frozen: 1 });
+      await waitForNodes(2, { timeout: 60_000 });
+      const exited = new Promise<number | null>((resolve) => agent!.once('exit', (code) => resolve(code)));
+      process.kill(agent.pid!, 'SIGSTOP');
+      await until(() => state().nodes.length === 1, 'the frozen node to be dropped');
+      expect(warnings).toContain('node-timeout');
+      // Thawed, it finds its session over (the head closed it) and, with --once, exits.
+      process.kill(agent.pid!, 'SIGCONT');
+      expect(await exited).toBe(0);
+    } finally {
+      await shutdown();
+      if (agent && agent.exitCode === null) agent.kill('SIGKILL');
+    }
+
+    // A head that welcomes the agent and then says nothing more.
+    const { createServer } = await import('node:net');
+    const { FrameConnection } = await import('../../lib/core/connection.js');
+    const silent = createServer((socket) => {
+      const connection: any = new FrameConnection(socket, (message: { t: string; nodeId?: string }) => {
+        if (message.t === 'agent-hello') connection.send({ t: 'welcome', nodeId: message.nodeId });
+      }, () => {});
+    });
+    const port = await new Promise<number>((resolve) => silent.listen(0, '127.0.0.1', () => resolve((silent.address() as { port: number }).port)));
+    try {
+      const lines: string[] = [];
+      const daemon = new NodeAgent({ head: `127.0.0.1:${port}`, token: TOKEN, id: 'patient', numCpus: 1, objectStoreMemory: 16 * 1024 * 1024, once: true, headTimeoutMs: 1500, log: (line) => lines.push(line) });
+      await daemon.done;
+      expect(lines.some((line) => /the head was not heard from for \d+ ms/.test(line))).toBe(true);
+    } finally {
+      silent.close();
+    }
+  }, 60_000);
+});
