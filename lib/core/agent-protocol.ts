@@ -58,7 +58,16 @@ export interface PeerHelloMessage {
   token: string;
 }
 
-export type AgentMessage = PeerHelloMessage | AgentHelloMessage | WorkerSpawnedMessage | WorkerExitedMessage | AgentReplyMessage | AgentStatsMessage;
+/** Whole lines a worker wrote (forwarded unless the head turned logToDriver off). */
+export interface WorkerOutputMessage {
+  t: 'worker-output';
+  workerId: string;
+  pid: number;
+  stream: 'stdout' | 'stderr';
+  text: string;
+}
+
+export type AgentMessage = WorkerOutputMessage | PeerHelloMessage | AgentHelloMessage | WorkerSpawnedMessage | WorkerExitedMessage | AgentReplyMessage | AgentStatsMessage;
 
 /** The head took the agent in (under `nodeId`) or refused it (`reason`; the agent then exits). */
 export interface WelcomeMessage {
@@ -82,6 +91,8 @@ export interface SpawnWorkerMessage {
   putIds: Uint8Array;
   /** Whether the head's modules need a TypeScript loader in the worker. */
   typeScript: boolean;
+  /** Send the worker's output to the head (else it goes to the agent's own stdout and stderr). */
+  forwardOutput: boolean;
   environment: Record<string, string>;
 }
 

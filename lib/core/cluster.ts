@@ -214,6 +214,12 @@ export interface InitOptions extends NodeOptions {
    */
   reclaimIpcAfterMs?: number;
   /**
+   * Whether what workers on node agents print comes to this process's stdout and stderr, each
+   * line led by `(node pid=…)` (default true; false leaves it on the agents' hosts). Workers on
+   * this host's nodes print here in any case.
+   */
+  logToDriver?: boolean;
+  /**
    * Lets node agents on other hosts join this cluster (`trellis node --head HOST:PORT`): the
    * driver listens on TCP for them and for their workers. See ListenOptions.
    */
@@ -275,6 +281,7 @@ export class Cluster implements Runtime {
   #nodesLeft = 0;
   /** Callers of waitForNodes, told whenever a node joins. */
   readonly #nodeWaiters = new Set<() => void>();
+  readonly #logToDriver: boolean;
   /** Options workers of every node get (those that hold on any host). */
   readonly #portableEnvironment: Record<string, string>;
   /** close-ipc rounds waiting on workers' answers, by request id. */
@@ -291,6 +298,7 @@ export class Cluster implements Runtime {
     this.#multiProcessService = multiProcessService;
     const specs = options.nodes ?? [options];
     // Workers read the cap from their environment, as the driver's own from init or the variable.
+    this.#logToDriver = options.logToDriver ?? true;
     this.#portableEnvironment = {
       ...(options.busyPollMicros !== undefined ? { TRELLIS_BUSY_POLL_US: String(options.busyPollMicros) } : {}),
       ...(options.reclaimIpcAfterMs !== undefined ? { TRELLIS_RECLAIM_IPC_AFTER_MS: String(options.reclaimIpcAfterMs) } : {}),
@@ -397,7 +405,7 @@ export class Cluster implements Runtime {
     if (!this.#tokenValid(hello.token)) return refuse('wrong token');
     if (this.#closed) return refuse('the cluster is shutting down');
     if (this.nodes.some((node) => node.id === hello.nodeId)) return refuse(`a node with id ${hello.nodeId} is already in the cluster`);
-    const node = new RemoteNode(hello, connection, this.#portableEnvironment);
+    const node = new RemoteNode(hello, connection, this.#portableEnvironment, this.#logToDriver ? printWorkerOutput : undefined);
     this.nodes.push(node);
     connection.send({ t: 'welcome', nodeId: node.id });
     for (let i = 0; i < node.softLimit; i++) this.#spawn(node);
@@ -2305,6 +2313,13 @@ class CopyPending extends Error {
   constructor(readonly done: Promise<void>) {
     super('an object is being copied between nodes');
   }
+}
+
+/** A remote worker's lines, each led by where it ran (as local workers' output, it is not the driver's). */
+function printWorkerOutput({ nodeId, pid, stream, text }: { nodeId: string; pid: number; stream: 'stdout' | 'stderr'; text: string }): void {
+  const prefix = `(${nodeId} pid=${pid}) `;
+  const lines = text.endsWith('\n') ? text.slice(0, -1).split('\n') : text.split('\n');
+  (stream === 'stdout' ? process.stdout : process.stderr).write(lines.map((line) => `${prefix}${line}\n`).join(''));
 }
 
 function digest(token: string): Buffer {

@@ -166,9 +166,13 @@ class Session {
         TRELLIS_PUT_IDS: Buffer.from(message.putIds).toString('hex'),
         TRELLIS_CLUSTER_TOKEN: this.agent.token,
       },
-      stdio: ['ignore', 'inherit', 'inherit'],
+      stdio: ['ignore', message.forwardOutput ? 'pipe' : 'inherit', message.forwardOutput ? 'pipe' : 'inherit'],
     });
     this.workers.set(message.workerId, child);
+    if (message.forwardOutput && child.pid !== undefined) {
+      this.#forward(message.workerId, child.pid, 'stdout', child.stdout!);
+      this.#forward(message.workerId, child.pid, 'stderr', child.stderr!);
+    }
     const exited = (code: number | null, signal: string | null) => {
       if (!this.workers.delete(message.workerId)) return;
       if (!this.store.closed) this.store.reapDeadProcesses();
@@ -178,6 +182,24 @@ class Session {
     // A start that fails (no such executable, no resources) never exits: report it as an exit.
     child.once('error', () => exited(null, null));
     if (child.pid !== undefined) this.connection.send({ t: 'worker-spawned', workerId: message.workerId, pid: child.pid });
+  }
+
+  /** Sends a worker's output to the head a whole line at a time (the rest when it ends). */
+  #forward(workerId: string, pid: number, stream: 'stdout' | 'stderr', from: NodeJS.ReadableStream): void {
+    let partial = '';
+    from.setEncoding('utf8');
+    from.on('data', (text: string) => {
+      const end = text.lastIndexOf('\n');
+      if (end < 0) {
+        partial += text;
+        return;
+      }
+      this.connection.send({ t: 'worker-output', workerId, pid, stream, text: partial + text.slice(0, end + 1) });
+      partial = text.slice(end + 1);
+    });
+    from.on('end', () => {
+      if (partial) this.connection.send({ t: 'worker-output', workerId, pid, stream, text: `${partial}\n` });
+    });
   }
 
   #onRequest(message: AgentRequestMessage): void {

@@ -51,7 +51,13 @@ export class RemoteNode extends Node {
   /** Deletes batched per tick: freeing many objects sends one message. */
   #deletes: string[] = [];
 
-  constructor(hello: AgentHelloMessage, connection: FrameConnection<AgentMessage, HeadMessage>, workerEnvironment: Record<string, string>) {
+  constructor(
+    hello: AgentHelloMessage,
+    connection: FrameConnection<AgentMessage, HeadMessage>,
+    workerEnvironment: Record<string, string>,
+    /** Where its workers' output goes (undefined: it stays on the agent's host). */
+    private readonly output?: (line: { nodeId: string; pid: number; stream: 'stdout' | 'stderr'; text: string }) => void,
+  ) {
     super(hello.nodeId, hello.resources, hello.numGpus, workerEnvironment);
     this.hostname = hello.hostname;
     this.agentPid = hello.pid;
@@ -100,6 +106,9 @@ export class RemoteNode extends Node {
       case 'agent-stats':
         this.#stats = message.store;
         return;
+      case 'worker-output':
+        this.output?.({ nodeId: this.id, pid: message.pid, stream: message.stream, text: message.text });
+        return;
     }
   }
 
@@ -134,7 +143,7 @@ export class RemoteNode extends Node {
     const worker = new WorkerProcess(this, id, child, undefined, putIds);
     this.workers.set(worker.id, worker);
     if (this.closed) queueMicrotask(() => child.exited());
-    else this.send({ t: 'spawn-worker', workerId: id, putIds, typeScript: driverRunsTypeScript(), environment: { ...this.workerEnvironment } });
+    else this.send({ t: 'spawn-worker', workerId: id, putIds, typeScript: driverRunsTypeScript(), forwardOutput: this.output !== undefined, environment: { ...this.workerEnvironment } });
     return worker;
   }
 

@@ -6,9 +6,9 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { GraphValidationError, InputNode, NodeAgent, events, fromItems, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
-import { AccumulatorActor, NodeTagger, checksum, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
+import { AccumulatorActor, NodeTagger, checksum, shout, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { openGate, rejection, scratch, until } from './helpers.js';
 
 const TOKEN = 'test-token-4f2a';
@@ -59,6 +59,22 @@ describe('node agents', () => {
     expect(onB.nodeId).toBe('agent-b');
     expect(onA.store).toBe(a.storeName);
     expect(new Set([onA.store, onB.store, nodes.find((node) => node.nodeId === 'node-0')!.storeName]).size).toBe(3);
+  });
+
+  it("prints an agent's worker output in the driver, each line led by its node and pid", async () => {
+    const written: string[] = [];
+    const out = vi.spyOn(process.stdout, 'write').mockImplementation((chunk) => (written.push(String(chunk)), true));
+    const err = vi.spyOn(process.stderr, 'write').mockImplementation((chunk) => (written.push(String(chunk)), true));
+    try {
+      const pid = await get(shout.options({ resources: { a: 1 } }).remote('hello'));
+      await until(() => written.join('').includes('err'), 'the output to arrive');
+      const text = written.join('');
+      expect(text).toContain(`(agent-a pid=${pid}) hello out\n(agent-a pid=${pid}) second line\n`);
+      expect(text).toContain(`(agent-a pid=${pid}) hello err\n`);
+    } finally {
+      out.mockRestore();
+      err.mockRestore();
+    }
   });
 
   it('moves stored objects between agents and to and from the driver', async () => {
