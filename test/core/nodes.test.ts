@@ -7,9 +7,10 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { GraphValidationError, InputNode, NodeAgent, events, fromItems, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
+import { GraphValidationError, InputNode, NodeAgent, buildLLMProcessor, events, fromItems, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
 import { AccumulatorActor, NodeTagger, checksum, shout, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { openGate, rejection, scratch, until } from './helpers.js';
+import { TINY_LLAMA, randomWeights, referenceGenerate, writeCheckpoint } from '../llm/fixtures/decoders.js';
 
 const TOKEN = 'test-token-4f2a';
 const cli = join(import.meta.dirname, '../../lib/cli/trellis.ts');
@@ -34,7 +35,8 @@ describe('node agents', () => {
   const files = scratch();
 
   beforeAll(async () => {
-    session = await init({ numCpus: 1, prestartWorkers: 1, listen: { host: '127.0.0.1', port: 0, token: TOKEN } });
+    // No CPUs of its own: whatever needs one runs on the agents.
+    session = await init({ numCpus: 0, prestartWorkers: 1, listen: { host: '127.0.0.1', port: 0, token: TOKEN } });
     port = state().listening!.port;
     agents.set('agent-a', startAgent(port, 'agent-a', { a: 1, pool: 1, slot: 1 }));
     agents.set('agent-b', startAgent(port, 'agent-b', { b: 1, pool: 1, slot: 1 }));
@@ -132,6 +134,19 @@ describe('node agents', () => {
     // Only agents have `pool`: every batch ran on one (on both, unless one actor took them all).
     for (const row of rows) expect(['agent-a', 'agent-b']).toContain(row.nodeId);
   });
+
+  it("runs an LLM processor's replicas on the agents, each replica's ranks on its engine's node", async () => {
+    const weights = randomWeights(TINY_LLAMA, 5);
+    const checkpoint = await writeCheckpoint(files.path('llama'), TINY_LLAMA, weights, { prefix: 'model.' });
+    const prompts = [[5, 17, 3], [42, 1], [9, 8, 7, 6], [60]];
+    const rows = await buildLLMProcessor({ checkpoint, maxNewTokens: 5, concurrency: 2 })(
+      fromItems(Array.from({ length: 16 }, (_, id) => ({ id, tokens: prompts[id % prompts.length] })), { parallelism: 4 }),
+    ).takeAll();
+    expect(rows).toHaveLength(16);
+    for (const row of rows) {
+      expect(Array.from(row.generatedTokens as number[])).toEqual(referenceGenerate(TINY_LLAMA, weights, prompts[(row.id as number) % prompts.length], 5));
+    }
+  }, 60_000);
 
   it('refuses to compile a graph whose actors are on another host', async () => {
     // An agent that counts as another host: shared memory does not reach it.
