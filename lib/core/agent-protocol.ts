@@ -17,6 +17,8 @@ export interface AgentHelloMessage {
   storeName: string;
   /** The store's figures at the start (agent-stats brings them up to date every second). */
   store: StoreStats;
+  /** Whether a CUDA MPS control program is at hand (for a head that shares GPUs by MPS). */
+  mps: boolean;
   /** Where other agents pull objects from this one (host as the agent advertises it). */
   transfer?: { host: string; port: number };
   pid: number;
@@ -73,6 +75,8 @@ export type AgentMessage = WorkerOutputMessage | PeerHelloMessage | AgentHelloMe
 export interface WelcomeMessage {
   t: 'welcome';
   nodeId: string;
+  /** The head shares GPUs by MPS: the agent runs a daemon of its own, which its workers join. */
+  gpuSharing?: 'mps';
 }
 
 export interface RefusedMessage {

@@ -282,6 +282,7 @@ export class Cluster implements Runtime {
   /** Callers of waitForNodes, told whenever a node joins. */
   readonly #nodeWaiters = new Set<() => void>();
   readonly #logToDriver: boolean;
+  readonly #gpuSharing: 'time-slice' | 'mps';
   /** Options workers of every node get (those that hold on any host). */
   readonly #portableEnvironment: Record<string, string>;
   /** close-ipc rounds waiting on workers' answers, by request id. */
@@ -299,6 +300,7 @@ export class Cluster implements Runtime {
     const specs = options.nodes ?? [options];
     // Workers read the cap from their environment, as the driver's own from init or the variable.
     this.#logToDriver = options.logToDriver ?? true;
+    this.#gpuSharing = options.gpuSharing ?? 'time-slice';
     this.#portableEnvironment = {
       ...(options.busyPollMicros !== undefined ? { TRELLIS_BUSY_POLL_US: String(options.busyPollMicros) } : {}),
       ...(options.reclaimIpcAfterMs !== undefined ? { TRELLIS_RECLAIM_IPC_AFTER_MS: String(options.reclaimIpcAfterMs) } : {}),
@@ -316,12 +318,14 @@ export class Cluster implements Runtime {
   static async start(options: InitOptions): Promise<Cluster> {
     const sharing = options.gpuSharing ?? 'time-slice';
     if (sharing !== 'time-slice' && sharing !== 'mps') throw new InvalidArgumentError(`gpuSharing must be 'time-slice' or 'mps', got ${String(sharing)}`);
-    if (sharing === 'mps' && !(options.nodes ?? [options]).some((node) => (node.numGpus ?? 0) > 0)) {
+    const localGpus = (options.nodes ?? [options]).some((node) => (node.numGpus ?? 0) > 0);
+    // Listening, the GPUs may be the agents': each runs a daemon of its own.
+    if (sharing === 'mps' && !localGpus && !options.listen) {
       throw new InvalidArgumentError("gpuSharing 'mps' shares GPUs between workers, but no node has numGpus > 0");
     }
     checkRangeOption('busyPollMicros', options.busyPollMicros, MAX_BUSY_POLL_US, 'microseconds');
     checkRangeOption('reclaimIpcAfterMs', options.reclaimIpcAfterMs, MAX_RECLAIM_IPC_AFTER_MS, 'milliseconds');
-    const multiProcessService = sharing === 'mps' ? await MultiProcessService.start() : undefined;
+    const multiProcessService = sharing === 'mps' && localGpus ? await MultiProcessService.start() : undefined;
     configureBusyPoll(options.busyPollMicros);
     configureIpcReclaim(options.reclaimIpcAfterMs);
     const socketPath = join(tmpdir(), `trellis-${process.pid}-${newObjectId().slice(0, 8)}.sock`);
@@ -405,9 +409,11 @@ export class Cluster implements Runtime {
     if (!this.#tokenValid(hello.token)) return refuse('wrong token');
     if (this.#closed) return refuse('the cluster is shutting down');
     if (this.nodes.some((node) => node.id === hello.nodeId)) return refuse(`a node with id ${hello.nodeId} is already in the cluster`);
+    const mps = this.#gpuSharing === 'mps' && hello.numGpus > 0;
+    if (mps && !hello.mps) return refuse(`gpuSharing 'mps' needs nvidia-cuda-mps-control on node ${hello.nodeId} (${hello.hostname}), which has GPUs and no such program (TRELLIS_MPS_CONTROL names another path)`);
     const node = new RemoteNode(hello, connection, this.#portableEnvironment, this.#logToDriver ? printWorkerOutput : undefined);
     this.nodes.push(node);
-    connection.send({ t: 'welcome', nodeId: node.id });
+    connection.send({ t: 'welcome', nodeId: node.id, ...(mps ? { gpuSharing: 'mps' as const } : {}) });
     for (let i = 0; i < node.softLimit; i++) this.#spawn(node);
     this.events.emit('node-added', { nodeId: node.id, hostname: node.hostname, resources: node.pool.snapshot().total });
     for (const waiter of [...this.#nodeWaiters]) waiter();
@@ -2236,7 +2242,7 @@ export class Cluster implements Runtime {
         ...(actor.deathCause ? { deathCause: actor.deathCause } : {}),
       })),
       objects: { count: this.#objects.size },
-      gpuSharing: this.#multiProcessService ? { mode: 'mps', pipeDirectory: this.#multiProcessService.pipeDirectory } : { mode: 'time-slice' },
+      gpuSharing: this.#gpuSharing === 'mps' ? { mode: 'mps', ...(this.#multiProcessService ? { pipeDirectory: this.#multiProcessService.pipeDirectory } : {}) } : { mode: 'time-slice' },
       placementGroups: [...this.#groups.values()].map((group) => ({
         id: group.id,
         strategy: group.strategy,

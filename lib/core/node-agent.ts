@@ -14,6 +14,7 @@ import { InvalidArgumentError } from '../errors.js';
 import { FrameConnection } from './connection.js';
 import type { AgentMessage, AgentReplyMessage, AgentRequestMessage, HeadMessage, PeerHelloMessage, SpawnWorkerMessage } from './agent-protocol.js';
 import { ObjectServer, PeerClient, replyError } from './object-server.js';
+import { MultiProcessService, findControlProgram } from '../gpu/mps.js';
 import { storeTarget, transferObject } from './object-transfer.js';
 import { deleteUnreportedPuts, nodeResources, workerCommand, type NodeOptions } from './node.js';
 
@@ -78,6 +79,8 @@ class Session {
   #refused: string | undefined;
   #welcomed = false;
   #closing = false;
+  #sharing: Promise<void> | undefined;
+  #multiProcessService: MultiProcessService | undefined;
   #heard: () => void;
 
   constructor(readonly agent: NodeAgent, readonly socket: Socket, readonly headUrl: string) {
@@ -112,6 +115,7 @@ class Session {
       numGpus: this.agent.numGpus,
       storeName: this.store.name,
       store: this.store.stats(),
+      mps: findControlProgram() !== undefined,
       ...(this.agent.transferPort ? { transfer: { host: this.agent.options.advertiseHost ?? advertisedHost(this.socket), port: this.agent.transferPort } } : {}),
       pid: process.pid,
     });
@@ -126,6 +130,7 @@ class Session {
         this.#welcomed = true;
         this.agent.options.log?.(`joined ${this.headUrl.slice('tcp://'.length)} as node ${message.nodeId}`);
         this.connection.send({ t: 'agent-stats', store: this.store.stats() });
+        if (message.gpuSharing === 'mps') this.#startSharing();
         return;
       case 'refused':
         this.#refused = message.reason;
@@ -154,11 +159,34 @@ class Session {
     }
   }
 
+  /** The head shares GPUs by MPS: this host's workers join a daemon of this session's. */
+  #startSharing(): void {
+    this.#sharing = MultiProcessService.start().then(
+      (service) => {
+        if (this.#closing) return void service.close();
+        this.#multiProcessService = service;
+      },
+      (error: Error) => {
+        // Without it the head's choice cannot hold here: leave, saying why.
+        this.agent.options.log?.(`cannot share this host's GPUs by MPS: ${error.message}`);
+        this.close();
+      },
+    );
+  }
+
   #spawn(message: SpawnWorkerMessage): void {
+    // Workers join the MPS daemon, once it is up (before they initialize CUDA).
+    if (this.#sharing && !this.#multiProcessService) {
+      void this.#sharing.then(() => {
+        if (!this.#closing) this.#spawn(message);
+      });
+      return;
+    }
     const child = spawn(process.execPath, workerCommand(message.typeScript), {
       env: {
         ...process.env,
         ...message.environment,
+        ...this.#multiProcessService?.environment,
         TRELLIS_SOCKET: this.headUrl,
         TRELLIS_WORKER_ID: message.workerId,
         TRELLIS_NODE_ID: this.agent.nodeId,
@@ -249,6 +277,9 @@ class Session {
     for (const peer of this.#pullFrom.values()) peer.close();
     this.#pullFrom.clear();
     this.store.close();
+    // After the workers, as the daemon waits for its clients.
+    await this.#sharing;
+    await this.#multiProcessService?.close();
     if (this.#welcomed) this.agent.options.log?.('the head left; its workers and objects are gone');
     this.#end({ refused: this.#refused, welcomed: this.#welcomed });
   }

@@ -9,7 +9,7 @@ import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
-import { CudaError, get, init, InvalidArgumentError, isInitialized, shutdown, state } from '../../lib/index.js';
+import { CudaError, get, init, InvalidArgumentError, isInitialized, shutdown, state, waitForNodes } from '../../lib/index.js';
 import { findControlProgram } from '../../lib/gpu/mps.js';
 import { buildFakeGpu, scenario } from './gpu-helpers.js';
 import { RemoteConsumer, RemoteProducer } from './fixtures/cuda-actors.js';
@@ -103,6 +103,35 @@ describe.skipIf(reason !== undefined)(`gpuSharing 'mps' (${reason ? `skipped: ${
     expect(state().gpuSharing).toEqual({ mode: 'time-slice' });
     await shutdown();
   });
+
+  it('runs a daemon on each node agent with GPUs, which its workers join, stopped when the driver ends', async () => {
+    const token = 'mps-agents';
+    await init({ numCpus: 1, gpuSharing: 'mps', listen: { host: '127.0.0.1', port: 0, token } });
+    const cli = join(here, '../../lib/cli/trellis.ts');
+    const agent = spawn(process.execPath, ['--import', 'tsx', cli, 'node', '--head', `127.0.0.1:${state().listening!.port}`, '--id', 'gpu-agent', '--num-cpus', '2', '--num-gpus', '1', '--once'], {
+      env: { ...process.env, TRELLIS_CLUSTER_TOKEN: token },
+      stdio: ['ignore', 'inherit', 'inherit'],
+    });
+    const exited = new Promise((resolve) => agent.once('exit', resolve));
+    try {
+      await waitForNodes(2, { timeout: 60_000 });
+      // The driver's node has no GPUs: no daemon of its own.
+      expect(state().gpuSharing).toEqual({ mode: 'mps' });
+      const producer = RemoteProducer.options({ numGpus: 0.5 }).remote();
+      const consumer = RemoteConsumer.options({ numGpus: 0.5 }).remote();
+      const pipeDirectory = (await get(consumer.environment.remote('CUDA_MPS_PIPE_DIRECTORY'))) as string;
+      expect(pipeDirectory).toContain(`trellis-mps-${agent.pid}-`);
+      using made = producer.make.remote(1 << 20, 3);
+      expect(await get(consumer.inspect.remote(made))).toEqual([{ device: 'cuda:0', imported: true, numel: 1 << 20, sum: 3 << 20 }]);
+      expect(ask(pipeDirectory, 'get_server_list')).toMatch(/^\d+/);
+      await shutdown();
+      await exited;
+      expect(existsSync(dirname(pipeDirectory))).toBe(false);
+    } finally {
+      await shutdown();
+      if (agent.exitCode === null) agent.kill('SIGKILL');
+    }
+  }, 90_000);
 
   it('refuses mps without GPUs, and an unknown mode, with InvalidArgumentError', async () => {
     await expect(init({ numCpus: 1, gpuSharing: 'mps' })).rejects.toThrow(InvalidArgumentError);
