@@ -9,6 +9,7 @@ import { get } from '../core/api.js';
 import { actorHandleInfo, type ActorHandle } from '../core/registry.js';
 import { currentRuntime } from '../core/runtime-context.js';
 import { registerSystemMethod } from '../core/system-methods.js';
+import { hostIdentity } from '../core/host.js';
 import { newObjectId } from '../store/object-id.js';
 import type { Communicator } from './communicator.js';
 import { CpuCommunicator, createCpuGroupSegment, removeCpuGroupSegment } from './cpu-communicator.js';
@@ -90,6 +91,16 @@ export async function createCollectiveGroup(actors: ReadonlyArray<{ readonly act
   let segment: string | undefined;
   let uniqueId: Uint8Array | undefined;
   if (backend === 'cpu') {
+    // Its segment is shared memory on this host: every rank must be here too.
+    const hosts = (await get(actorIds.map((actorId) => runtime.submitActorTask(actorId, '__trellis_host', [])))) as string[];
+    const here = hostIdentity();
+    const away = hosts.findIndex((host) => host !== here);
+    if (away >= 0) {
+      throw new InvalidArgumentError(
+        `a 'cpu' collective group communicates through shared memory on the host that creates it (${here}), but rank ${away} (actor ${actorIds[away]}) runs on ${hosts[away]}: place the ranks on this host, or use backend 'nccl' across hosts`,
+        'ERR_GROUP_HOSTS',
+      );
+    }
     segment = createCpuGroupSegment(size);
   } else {
     uniqueId = (await get(runtime.submitActorTask(actorIds[0], '__trellis_nccl_unique_id', []))) as Uint8Array;
@@ -148,6 +159,8 @@ registerSystemMethod('__trellis_leave_group', (name: string) => {
   communicators.get(name)?.destroy();
   communicators.delete(name);
 });
+
+registerSystemMethod('__trellis_host', () => hostIdentity());
 
 registerSystemMethod('__trellis_nccl_unique_id', () => {
   if (!ncclUniqueId) throw new TrellisError('ERR_NCCL_UNAVAILABLE', 'NCCL is not available in this worker');

@@ -7,7 +7,7 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { GraphValidationError, InputNode, NodeAgent, buildLLMProcessor, events, fromItems, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
+import { GraphValidationError, InputNode, NodeAgent, buildLLMProcessor, createCollectiveGroup, events, fromItems, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
 import { AccumulatorActor, NodeTagger, checksum, shout, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { openGate, rejection, scratch, until } from './helpers.js';
 import { TINY_LLAMA, randomWeights, referenceGenerate, writeCheckpoint } from '../llm/fixtures/decoders.js';
@@ -148,7 +148,7 @@ describe('node agents', () => {
     }
   }, 60_000);
 
-  it('refuses to compile a graph whose actors are on another host', async () => {
+  it('refuses a compiled graph or a cpu collective group whose actors are on another host', async () => {
     // An agent that counts as another host: shared memory does not reach it.
     agents.set('agent-far', startAgent(port, 'agent-far', { far: 1 }, { TRELLIS_HOST_ID: 'far-away' }));
     await waitForNodes(4, { timeout: 60_000 });
@@ -158,6 +158,10 @@ describe('node agents', () => {
     const error = await rejection(far.add.bind(near.add.bind(input)).compile());
     expect(error).toBeInstanceOf(GraphValidationError);
     expect(error.message).toContain('far-away');
+    // A 'cpu' collective group is shared memory too.
+    const group = await rejection(createCollectiveGroup([near, far], { backend: 'cpu' }));
+    expect(group).toMatchObject({ code: 'ERR_GROUP_HOSTS' });
+    expect(group.message).toContain('rank 1');
     kill(near);
     kill(far);
   }, 60_000);
