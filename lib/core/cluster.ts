@@ -6,7 +6,6 @@
  */
 import { EventEmitter } from 'node:events';
 import { createServer, type Server, type Socket } from 'node:net';
-import { createHash, timingSafeEqual } from 'node:crypto';
 import { rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -41,6 +40,7 @@ import { LocalNode, Node, WorkerProcess, type NodeOptions } from './node.js';
 import { RemoteNode } from './remote-node.js';
 import type { AgentHelloMessage, AgentMessage, HeadMessage } from './agent-protocol.js';
 import { storeSource, storeTarget, transferObject } from './object-transfer.js';
+import { NodeListener, type ListenOptions } from './node-listener.js';
 import { PlacementGroup, infeasibility as groupInfeasibility, loseNode, releaseGroup, reserve, reserveLost, type PlacementStrategy } from './placement-group.js';
 import { ResourcePool, describeResources, toFixed, type Resources } from './resources.js';
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
@@ -226,24 +226,6 @@ export interface InitOptions extends NodeOptions {
   listen?: ListenOptions;
 }
 
-export interface ListenOptions {
-  /** The interface to listen on (default '0.0.0.0': every one). */
-  host?: string;
-  /** The TCP port (default 7380; 0 picks a free one, which state().listening tells). */
-  port?: number;
-  /**
-   * The secret agents and their workers must present (default: TRELLIS_CLUSTER_TOKEN). Required:
-   * whoever can join the cluster runs code in it.
-   */
-  token?: string;
-  /**
-   * An agent not heard from for this long (ms) counts as lost, as if its connection closed
-   * (default 30,000). Agents report every second; a host that hangs or drops off the network
-   * may leave its connection open for minutes.
-   */
-  nodeTimeoutMs?: number;
-}
-
 /**
  * What a task's failure reported by its worker becomes: its own error as a TaskError, or, where it
  * could not get an argument whose holder died on the way, that argument's loss.
@@ -274,7 +256,7 @@ export class Cluster implements Runtime {
   readonly #infeasibleTimer: NodeJS.Timeout;
   readonly #multiProcessService: MultiProcessService | undefined;
   /** Where node agents and their workers connect (init's `listen`), and the digest of its token. */
-  #tcp: { server: Server; host: string; port: number; tokenDigest: Buffer; sockets: Set<Socket>; nodeTimeoutMs: number } | undefined;
+  #listener: NodeListener | undefined;
   /** The first node, in this process: the driver's puts go to its store, and its gets read there. */
   readonly #head: LocalNode;
   /** Nodes that left so far: what was feasible before may not be now. */
@@ -343,7 +325,7 @@ export class Cluster implements Runtime {
     server.on('connection', (socket) => cluster.#accept(socket, false));
     if (options.listen) {
       try {
-        await cluster.#listen(options.listen);
+        cluster.#listener = await NodeListener.start(options.listen, (socket) => cluster.#accept(socket, true));
       } catch (error) {
         await cluster.shutdown();
         throw error;
@@ -369,32 +351,8 @@ export class Cluster implements Runtime {
   // -------------------------------------------------------------------------------------------
   // Node agents: remote nodes join over TCP
 
-  async #listen(options: ListenOptions): Promise<void> {
-    const token = options.token ?? process.env.TRELLIS_CLUSTER_TOKEN;
-    if (!token) throw new InvalidArgumentError('listen needs a token (listen.token or TRELLIS_CLUSTER_TOKEN): whoever joins the cluster runs code in it', 'ERR_NO_TOKEN');
-    const host = options.host ?? '0.0.0.0';
-    const port = options.port ?? 7380;
-    const nodeTimeoutMs = options.nodeTimeoutMs ?? 30_000;
-    if (!(nodeTimeoutMs >= 2000)) throw new InvalidArgumentError(`listen.nodeTimeoutMs must be at least 2000 (agents report every second), got ${String(nodeTimeoutMs)}`);
-    if (!Number.isInteger(port) || port < 0 || port > 65535) throw new InvalidArgumentError(`listen.port must be an integer from 0 to 65535, got ${String(port)}`);
-    const server = createServer();
-    const sockets = new Set<Socket>();
-    server.on('connection', (socket) => {
-      sockets.add(socket);
-      socket.once('close', () => sockets.delete(socket));
-      this.#accept(socket, true);
-    });
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', (error: NodeJS.ErrnoException) =>
-        reject(new InvalidArgumentError(`cannot listen on ${host}:${port} for nodes: ${error.message}`, error.code === 'EADDRINUSE' ? 'ERR_ADDRESS_IN_USE' : 'ERR_LISTEN')));
-      server.listen(port, host, () => resolve());
-    });
-    const bound = server.address() as import('node:net').AddressInfo;
-    this.#tcp = { server, host, port: bound.port, tokenDigest: digest(token), sockets, nodeTimeoutMs };
-  }
-
   #tokenValid(token: unknown): boolean {
-    return typeof token === 'string' && this.#tcp !== undefined && timingSafeEqual(digest(token), this.#tcp.tokenDigest);
+    return this.#listener?.tokenValid(token) === true;
   }
 
   /** An agent said hello: its node joins, unless its token or id is wrong. */
@@ -458,7 +416,7 @@ export class Cluster implements Runtime {
 
   /** Agents silent past listen.nodeTimeoutMs leave, as if their connections had closed. */
   #dropSilentNodes(): void {
-    const timeout = this.#tcp?.nodeTimeoutMs;
+    const timeout = this.#listener?.nodeTimeoutMs;
     if (timeout === undefined) return;
     const now = Date.now();
     for (const node of [...this.nodes]) {
@@ -2226,7 +2184,7 @@ export class Cluster implements Runtime {
         storeName: node.storeName,
         ...(node instanceof RemoteNode ? { hostname: node.hostname, agentPid: node.agentPid } : {}),
       })),
-      ...(this.#tcp ? { listening: { host: this.#tcp.host, port: this.#tcp.port } } : {}),
+      ...(this.#listener ? { listening: { host: this.#listener.host, port: this.#listener.port } } : {}),
       workers: this.nodes.flatMap((node) =>
         [...node.workers.values()].map((worker) => ({ workerId: worker.id, nodeId: node.id, pid: worker.child.pid ?? 0, state: worker.state })),
       ),
@@ -2277,11 +2235,7 @@ export class Cluster implements Runtime {
     }
     await Promise.all(exits);
     for (const node of [...this.nodes]) node.close();
-    if (this.#tcp) {
-      const server = this.#tcp.server;
-      for (const socket of this.#tcp.sockets) socket.destroy();
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-    }
+    await this.#listener?.close();
     // After the workers: the daemon waits for its clients before it quits.
     await this.#multiProcessService?.close();
     await new Promise<void>((resolve) => this.#server.close(() => resolve()));
@@ -2328,9 +2282,6 @@ function printWorkerOutput({ nodeId, pid, stream, text }: { nodeId: string; pid:
   (stream === 'stdout' ? process.stdout : process.stderr).write(lines.map((line) => `${prefix}${line}\n`).join(''));
 }
 
-function digest(token: string): Buffer {
-  return createHash('sha256').update(token).digest();
-}
 
 /** "Class.method", made once per actor and method (a fresh string per call is copied into each frame). */
 function callName(actor: ActorRecord, method: string): string {

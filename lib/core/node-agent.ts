@@ -8,12 +8,12 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { hostname } from 'node:os';
 import { Socket, connect, createServer, type AddressInfo, type Server } from 'node:net';
-import { createHash, timingSafeEqual } from 'node:crypto';
 import { ObjectStore } from '../store/object-store.js';
 import { InvalidArgumentError } from '../errors.js';
 import { FrameConnection } from './connection.js';
 import type { AgentMessage, AgentReplyMessage, AgentRequestMessage, HeadMessage, PeerHelloMessage, SpawnWorkerMessage } from './agent-protocol.js';
 import { ObjectServer, PeerClient, replyError } from './object-server.js';
+import { tokensMatch } from './node-listener.js';
 import { MultiProcessService, findControlProgram } from '../gpu/mps.js';
 import { storeTarget, transferObject } from './object-transfer.js';
 import { deleteUnreportedPuts, nodeResources, workerCommand, type NodeOptions } from './node.js';
@@ -55,11 +55,6 @@ export function parseAddress(address: string): { host: string; port: number } {
   const port = match ? Number(match[3]) : NaN;
   if (!match || !(port > 0 && port < 65536)) throw new InvalidArgumentError(`a head address is host:port, got '${address}'`, 'ERR_INVALID_ADDRESS');
   return { host: match[1] ?? match[2], port };
-}
-
-function tokensMatch(given: unknown, token: string): boolean {
-  const digest = (text: string) => createHash('sha256').update(text).digest();
-  return typeof given === 'string' && timingSafeEqual(digest(given), digest(token));
 }
 
 /** One head's session: its connection, store and workers. */
