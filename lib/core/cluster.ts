@@ -2128,6 +2128,17 @@ export class Cluster implements Runtime {
     return this.#lookupActor(name);
   }
 
+  objectNodes(ids: readonly string[]): string[][] {
+    return ids.map((id) => {
+      const record = this.#objects.get(id);
+      return record && record.nodes.size > 0 ? [...record.nodes] : [];
+    });
+  }
+
+  actorNode(actorId: string): string | undefined {
+    return this.#actors.get(actorId)?.node?.id;
+  }
+
   context(): RuntimeContext {
     return { nodeId: this.headNode.id, workerId: 'driver', gpuIds: [], isDriver: true };
   }

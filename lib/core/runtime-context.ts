@@ -61,6 +61,13 @@ export interface Runtime {
   getActor(name: string): Promise<ActorLookup>;
   context(): RuntimeContext;
   /**
+   * The driver's view of where things are, for schedulers of its own (the data layer's actor
+   * pools): the nodes whose stores hold each object (none for inline values or unknown ids),
+   * and the node an actor runs on.
+   */
+  objectNodes?(ids: readonly string[]): string[][];
+  actorNode?(actorId: string): string | undefined;
+  /**
    * Worker only: once the running task has replied, collect garbage if this many bytes or more
    * were read zero-copy since the last collection (their views pin them in the store till then).
    */

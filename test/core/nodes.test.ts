@@ -7,10 +7,11 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { GraphValidationError, InputNode, NodeAgent, buildLLMProcessor, createCollectiveGroup, events, fromItems, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
+import { GraphValidationError, InputNode, NodeAgent, buildLLMProcessor, createCollectiveGroup, events, fromItems, readDatasource, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
 import { AccumulatorActor, NodeTagger, checksum, shout, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { openGate, rejection, scratch, until } from './helpers.js';
 import { TINY_LLAMA, randomWeights, referenceGenerate, writeCheckpoint } from '../llm/fixtures/decoders.js';
+import { GatedSource } from '../data/fixtures/udfs.js';
 
 const TOKEN = 'test-token-4f2a';
 const cli = join(import.meta.dirname, '../../lib/cli/trellis.ts');
@@ -134,6 +135,29 @@ describe('node agents', () => {
     // Only agents have `pool`: every batch ran on one (on both, unless one actor took them all).
     for (const row of rows) expect(['agent-a', 'agent-b']).toContain(row.nodeId);
   });
+
+  it('maps each block on an actor of the node that holds it, where one is free', async () => {
+    const gate = files.path('read-gate');
+    const moves: Array<{ route: string }> = [];
+    const onTransfer = (move: { route: string }) => moves.push(move);
+    events().on('object-transfer', onTransfer);
+    try {
+      // 16 blocks of 25,000 rows (stored, not inline), all read on agent-a once both actors are up.
+      const source = new GatedSource(400_000, 25_000, Object.fromEntries(Array.from({ length: 16 }, (_, index) => [index, gate])));
+      const pending = readDatasource(source, { resources: { a: 1 } })
+        .mapBatches(NodeTagger, { concurrency: 2, numCpus: 0, resources: { pool: 1 }, batchSize: null, maxTasksInFlightPerActor: 16 })
+        .takeAll();
+      await until(() => state().actors.filter((actor) => actor.state === 'alive' && actor.nodeId?.startsWith('agent-')).length >= 2, 'both pool actors');
+      openGate(gate);
+      const rows = await pending;
+      expect(rows).toHaveLength(400_000);
+      // Least-loaded dispatch alone would send about half of them to agent-b's actor.
+      expect(new Set(rows.map((row) => row.nodeId))).toEqual(new Set(['agent-a']));
+      expect(moves.filter((move) => move.route === 'direct')).toHaveLength(0);
+    } finally {
+      events().off('object-transfer', onTransfer);
+    }
+  }, 60_000);
 
   it("runs an LLM processor's replicas on the agents, each replica's ranks on its engine's node", async () => {
     const weights = randomWeights(TINY_LLAMA, 5);

@@ -1,7 +1,8 @@
 /** A class stage on an autoscaling pool of actors. */
 import { get, kill, state } from '../../core/api.js';
 import { ObjectRef } from '../../core/object-ref.js';
-import type { ActorHandle } from '../../core/registry.js';
+import { actorHandleInfo, type ActorHandle } from '../../core/registry.js';
+import { currentRuntime } from '../../core/runtime-context.js';
 import { ActorDiedError, DataError, TaskError } from '../../errors.js';
 import { Deque } from '../../core/deque.js';
 import type { Block } from '../block.js';
@@ -164,6 +165,35 @@ export class ActorMapOperator extends Operator {
     return best;
   }
 
+  /**
+   * Locality: of the actors free to take `unit`, the one on the node whose store holds most of its
+   * bytes (the fewest in flight among those), so that a block made on a host is mapped there
+   * rather than copied to another. Undefined where every block is in no store, or on no free
+   * actor's node.
+   */
+  #actorNear(unit: Unit): PoolActor | undefined {
+    const runtime = currentRuntime();
+    if (!runtime.objectNodes || !runtime.actorNode || this.#actors.size < 2) return undefined;
+    const locations = runtime.objectNodes(unit.blocks.map((block) => block.ref.id));
+    const bytesOn = new Map<string, number>();
+    unit.blocks.forEach((block, index) => {
+      for (const node of locations[index]) bytesOn.set(node, (bytesOn.get(node) ?? 0) + (block.meta.bytes ?? 0) + 1);
+    });
+    if (bytesOn.size === 0) return undefined;
+    let best: PoolActor | undefined;
+    let bestBytes = 0;
+    for (const actor of this.#actors) {
+      if (actor.state !== 'ready' || actor.inflight >= this.pool.maxTasksInFlightPerActor) continue;
+      const node = runtime.actorNode(actorHandleInfo(actor.handle)!.actorId);
+      const bytes = node === undefined ? 0 : (bytesOn.get(node) ?? 0);
+      if (bytes > bestBytes || (bytes === bestBytes && bytes > 0 && actor.inflight < best!.inflight)) {
+        best = actor;
+        bestBytes = bytes;
+      }
+    }
+    return best;
+  }
+
   capacity(): number {
     return this.#freeActor() ? this.active + 1 : this.active;
   }
@@ -179,8 +209,8 @@ export class ActorMapOperator extends Operator {
   }
 
   launch(): void {
-    const actor = this.#freeActor()!;
     const unit = this.#retry.length > 0 ? this.#retry.shift()! : this.nextMapUnit();
+    const actor = this.#actorNear(unit) ?? this.#freeActor()!;
     actor.inflight++;
     this.began(unit);
     const ref = actor.handle.process.remote(taskTargets(this.executor), this.fusedWrite(unit), slicesOf(unit.blocks), ...(unit.blocks.map((block) => block.ref) as unknown as Block[])) as ObjectRef<TaskResult>;
