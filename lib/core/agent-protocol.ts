@@ -45,7 +45,7 @@ export interface AgentReplyMessage {
   value?: unknown;
   /** A read's bytes (sent raw: see FrameConnection.sendBulk). */
   bulk?: Uint8Array;
-  error?: { name: string; message: string; code?: string };
+  error?: { name: string; message: string; code?: string; details?: Record<string, unknown> };
 }
 
 /** Sent every second: the head reports it in state(). */

@@ -97,8 +97,10 @@ export class ObjectServer {
 
 export function replyError(connection: Replies, requestId: number, error: unknown): void {
   if (requestId === 0) return;
-  const err = error as Error & { code?: string };
-  connection.send({ t: 'agent-reply', requestId, ok: false, error: { name: err.name, message: err.message, code: err.code } });
+  const err = error as Error & { code?: string; requested?: number; capacity?: number; used?: number };
+  // A full store's figures go along, for the error the head makes again.
+  const details = err.requested !== undefined ? { requested: err.requested, capacity: err.capacity, used: err.used } : undefined;
+  connection.send({ t: 'agent-reply', requestId, ok: false, error: { name: err.name, message: err.message, code: err.code, ...(details ? { details } : {}) } });
 }
 
 /**

@@ -7,7 +7,7 @@ import { EventEmitter } from 'node:events';
 import { randomBytes } from 'node:crypto';
 import { newObjectId } from '../store/object-id.js';
 import type { ObjectStore, StoreStats } from '../store/object-store.js';
-import { NodeLostError } from '../errors.js';
+import { NodeLostError, errorFromNative } from '../errors.js';
 import type { FrameConnection } from './connection.js';
 import type { AgentHelloMessage, AgentMessage, AgentRequestMessage, HeadMessage } from './agent-protocol.js';
 import { Node, WorkerProcess, driverRunsTypeScript, type WorkerChild } from './node.js';
@@ -213,9 +213,13 @@ export class RemoteNode extends Node {
   };
 }
 
-/** An agent's error answer as an Error; a peer that went away is the loss of a node. */
-function agentError(nodeId: string, error: { name: string; message: string; code?: string } | undefined): Error {
+/**
+ * An agent's error answer as the error it was there: a peer that went away is the loss of a
+ * node; the store's errors keep their classes (a full store, an object too large), naming the node.
+ */
+function agentError(nodeId: string, error: { name: string; message: string; code?: string; details?: Record<string, unknown> } | undefined): Error {
   const message = error?.message ?? `node ${nodeId} failed`;
   if (error?.code === 'ERR_NODE_LOST') return new NodeLostError(nodeId, message);
+  if (error?.code?.startsWith('ERR_OBJECT') || error?.code === 'ERR_STORE_CLOSED') return errorFromNative(error.code, `node ${nodeId}: ${message}`, error.details ?? {});
   return Object.assign(new Error(message), { name: error?.name ?? 'Error', code: error?.code });
 }

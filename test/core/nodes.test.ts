@@ -7,7 +7,7 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { GraphValidationError, InputNode, NodeAgent, buildLLMProcessor, createCollectiveGroup, events, fromItems, readDatasource, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
+import { GraphValidationError, InputNode, NodeAgent, ObjectStoreFullError, buildLLMProcessor, createCollectiveGroup, events, fromItems, readDatasource, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
 import { AccumulatorActor, NodeTagger, checksum, shout, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { openGate, rejection, scratch, until } from './helpers.js';
 import { TINY_LLAMA, randomWeights, referenceGenerate, writeCheckpoint } from '../llm/fixtures/decoders.js';
@@ -189,6 +189,13 @@ describe('node agents', () => {
     kill(near);
     kill(far);
   }, 60_000);
+
+  it('fails a task whose argument does not fit its node\'s store with the store\'s own error, naming the node', async () => {
+    // agent-far's store holds 64 MiB.
+    const error = await rejection(get(checksum.options({ resources: { far: 1 } }).remote(put(new Float64Array(10 * 2 ** 20)))));
+    expect(error).toBeInstanceOf(ObjectStoreFullError);
+    expect(error.message).toContain('node agent-far');
+  });
 
   it('refuses an agent with the wrong token', async () => {
     const agent = new NodeAgent({ head: `127.0.0.1:${port}`, token: 'not-the-token', id: 'intruder', numCpus: 1, objectStoreMemory: 16 * 1024 * 1024 });
