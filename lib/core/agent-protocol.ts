@@ -5,10 +5,17 @@
  */
 import type { StoreStats } from '../store/object-store.js';
 
+/**
+ * The version of these messages (and of the worker protocol the agent's workers speak). A head
+ * refuses an agent of another: every host runs the same trellis.
+ */
+export const AGENT_PROTOCOL = 1;
+
 /** The agent's first message: who it is and what it offers. Refused unless `token` matches. */
 export interface AgentHelloMessage {
   t: 'agent-hello';
   token: string;
+  protocol: number;
   nodeId: string;
   hostname: string;
   /** Custom resources and CPU and memory; GPUs by count. */

@@ -38,7 +38,7 @@ import {
 } from './protocol.js';
 import { LocalNode, Node, WorkerProcess, type NodeOptions } from './node.js';
 import { RemoteNode } from './remote-node.js';
-import type { AgentHelloMessage, AgentMessage, HeadMessage } from './agent-protocol.js';
+import { AGENT_PROTOCOL, type AgentHelloMessage, type AgentMessage, type HeadMessage } from './agent-protocol.js';
 import { storeSource, storeTarget, transferObject } from './object-transfer.js';
 import { NodeListener, type ListenOptions } from './node-listener.js';
 import { PlacementGroup, infeasibility as groupInfeasibility, loseNode, releaseGroup, reserve, reserveLost, type PlacementStrategy } from './placement-group.js';
@@ -365,6 +365,7 @@ export class Cluster implements Runtime {
       return undefined;
     };
     if (!this.#tokenValid(hello.token)) return refuse('wrong token');
+    if (hello.protocol !== AGENT_PROTOCOL) return refuse(`it speaks node protocol ${String(hello.protocol)}, this driver ${AGENT_PROTOCOL}: run the same trellis version on every host`);
     if (this.#closed) return refuse('the cluster is shutting down');
     if (this.nodes.some((node) => node.id === hello.nodeId)) return refuse(`a node with id ${hello.nodeId} is already in the cluster`);
     const mps = this.#gpuSharing === 'mps' && hello.numGpus > 0;

@@ -11,6 +11,7 @@ import { Socket, connect, createServer, type AddressInfo, type Server } from 'no
 import { ObjectStore } from '../store/object-store.js';
 import { InvalidArgumentError } from '../errors.js';
 import { FrameConnection } from './connection.js';
+import { AGENT_PROTOCOL } from './agent-protocol.js';
 import type { AgentMessage, AgentReplyMessage, AgentRequestMessage, HeadMessage, PeerHelloMessage, SpawnWorkerMessage } from './agent-protocol.js';
 import { ObjectServer, PeerClient, replyError } from './object-server.js';
 import { tokensMatch } from './node-listener.js';
@@ -104,6 +105,7 @@ class Session {
     this.connection.send({
       t: 'agent-hello',
       token: this.agent.token,
+      protocol: AGENT_PROTOCOL,
       nodeId: this.agent.nodeId,
       hostname: hostname(),
       resources: nodeResources(options) as Record<string, number>,

@@ -203,6 +203,17 @@ describe('node agents', () => {
     expect(error.code).toBe('ERR_NODE_REFUSED');
     expect(error.message).toContain('wrong token');
     expect(state().nodes.map((node) => node.nodeId)).not.toContain('intruder');
+    // An agent of another version, by its hello.
+    const { connect } = await import('node:net');
+    const { FrameConnection } = await import('../../lib/core/connection.js');
+    const reason = await new Promise<string>((resolve) => {
+      const connection: any = new FrameConnection(connect({ host: '127.0.0.1', port }), (message: { t: string; reason?: string }) => {
+        if (message.t === 'refused') resolve(message.reason!);
+      }, () => {});
+      connection.send({ t: 'agent-hello', token: TOKEN, protocol: 0, nodeId: 'old', hostname: 'old', resources: { CPU: 1 }, numGpus: 0, storeName: 'none', store: {}, mps: false, pid: 1 });
+    });
+    expect(reason).toContain('node protocol 0');
+    expect(state().nodes.map((node) => node.nodeId)).not.toContain('old');
   });
 
   it('loses a node whose agent dies: its tasks retry elsewhere and its objects are recomputed', async () => {
