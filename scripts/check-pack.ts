@@ -76,6 +76,28 @@ if (import.meta.url === 'file://' + process.argv[1]) {
 `,
   );
   console.log(run(process.execPath, ['tasks.mjs'], project).trim());
+  // The package's command: a node agent started by its bin joins a driver, whose task runs there.
+  writeFileSync(
+    join(project, 'agent.mjs'),
+    `import { spawn } from 'node:child_process';
+import { init, shutdown, get, state, waitForNodes } from 'trellis';
+import { square } from './tasks.mjs';
+await init({ numCpus: 0, listen: { host: '127.0.0.1', port: 0, token: 'pack-check' } });
+const agent = spawn('node_modules/.bin/trellis', ['node', '--head', '127.0.0.1:' + state().listening.port, '--id', 'packed-agent', '--num-cpus', '1', '--once'], {
+  env: { ...process.env, TRELLIS_CLUSTER_TOKEN: 'pack-check' }, stdio: ['ignore', 'ignore', 'inherit'],
+});
+try {
+  await waitForNodes(2, { timeout: 60000 });
+  const value = await get(square.remote(7));
+  if (value !== 49) throw new Error('the agent gave ' + value);
+  console.log("a node agent started by the package's trellis command ran a task");
+} finally {
+  await shutdown();
+  agent.kill();
+}
+`,
+  );
+  console.log(run(process.execPath, ['agent.mjs'], project).trim());
   console.log('pack check passed');
 } finally {
   rmSync(work, { recursive: true, force: true });
