@@ -93,6 +93,8 @@ interface ObjectRecord {
   materializing?: Promise<void>;
   /** Copies under way into other nodes' stores, by node id. */
   copying?: Map<string, Promise<void>>;
+  /** The node that left holding the last copy, if that is how the value was lost. */
+  lostWith?: string;
 }
 
 interface TaskRecord {
@@ -1015,7 +1017,10 @@ export class Cluster implements Runtime {
     if (!value || 'inline' in value) return true;
     for (const nodeId of [...record.nodes]) {
       const node = this.nodes.find((candidate) => candidate.id === nodeId);
-      if (!node || node.closed || !node.holdsObject(storedIdOf(record))) record.nodes.delete(nodeId);
+      if (node && !node.closed && node.holdsObject(storedIdOf(record))) continue;
+      record.nodes.delete(nodeId);
+      // Said in the error if nothing can recompute it.
+      if (!node || node.closed) record.lostWith = nodeId;
     }
     return record.nodes.size > 0;
   }
@@ -1027,7 +1032,9 @@ export class Cluster implements Runtime {
       record.state = 'failed';
       record.error = new ObjectLostError(
         record.id,
-        `object ${record.id} was lost from the object store and cannot be recomputed: it was stored by put(), not computed by a task`,
+        record.lostWith
+          ? `object ${record.id} was lost with node ${record.lostWith}, which left the cluster holding its only copy, and cannot be recomputed: it was stored by put() (in the driver or a worker), not returned by a task`
+          : `object ${record.id} was lost from the object store and cannot be recomputed: it was stored by put(), not computed by a task`,
       );
       return;
     }

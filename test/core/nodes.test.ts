@@ -7,8 +7,8 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { GraphValidationError, InputNode, NodeAgent, ObjectStoreFullError, buildLLMProcessor, createCollectiveGroup, events, fromItems, readDatasource, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
-import { AccumulatorActor, NodeTagger, checksum, shout, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
+import { GraphValidationError, InputNode, NodeAgent, ObjectLostError, ObjectStoreFullError, buildLLMProcessor, createCollectiveGroup, events, fromItems, readDatasource, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
+import { AccumulatorActor, NodeTagger, checksum, putArray, shout, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { openGate, rejection, scratch, until } from './helpers.js';
 import { TINY_LLAMA, randomWeights, referenceGenerate, writeCheckpoint } from '../llm/fixtures/decoders.js';
 import { GatedSource } from '../data/fixtures/udfs.js';
@@ -225,6 +225,7 @@ describe('node agents', () => {
     const onB = { resources: { pool: 1 }, schedulingStrategy: { type: 'node', nodeId: 'agent-b', soft: true } } as const;
     const recomputable = makeArray.options(onB).remote(200_000, 7);
     const bound = makeArray.options({ resources: { b: 1 } }).remote(200_000, 1);
+    const [putThere] = await get(putArray.options({ resources: { b: 1 } }).remote(200_000));
     expect((await get(checksum.options({ resources: { b: 1 } }).remote(recomputable))).nodeId).toBe('agent-b');
     // A placement group with a bundle on each agent, and an actor in agent-b's bundle.
     const group = placementGroup([{ slot: 1 }, { slot: 1 }], 'STRICT_SPREAD');
@@ -246,6 +247,10 @@ describe('node agents', () => {
     const lost = await rejection(get(bound));
     expect(lost.name).toBe('InfeasibleTaskError');
     expect(lost.message).toContain('b: 1');
+    // What a worker there put (not its result) has nothing to recompute it from.
+    const gone = await rejection(get(putThere));
+    expect(gone).toBeInstanceOf(ObjectLostError);
+    expect(gone.message).toContain('lost with node agent-b');
     // The group waits for its lost bundle (STRICT_SPREAD: not on agent-a, which has the other),
     // gets it on a node that joins, and its actor restarts there.
     expect(state().placementGroups.find((entry) => entry.id === group.id)!.state).toBe('rescheduling');
