@@ -34,7 +34,7 @@ export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getA
 export { NodeAgent } from './core/node-agent.js';
 export type { NodeAgentOptions } from './core/node-agent.js';
 export type { ClusterSession } from './core/api.js';
-export type { PlacementGroup, PlacementStrategy } from './core/placement-group.js';
+export type { PlacementGroup, PlacementGroupOptions, PlacementStrategy } from './core/placement-group.js';
 export type { Resources } from './core/resources.js';
 export type { InitOptions, ClusterState } from './core/cluster.js';
 export type { ListenOptions } from './core/node-listener.js';

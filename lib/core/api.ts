@@ -6,7 +6,7 @@ import { ObjectRef } from './object-ref.js';
 import { actorHandleInfo, makeActorHandle, type ActorHandle } from './registry.js';
 import { currentRuntime, hasRuntime, setRuntime, type RuntimeContext } from './runtime-context.js';
 import { setHandleCodec } from './serialization.js';
-import type { PlacementGroup, PlacementStrategy } from './placement-group.js';
+import type { PlacementGroup, PlacementGroupOptions, PlacementStrategy } from './placement-group.js';
 import type { Resources } from './resources.js';
 
 let cluster: Cluster | undefined;
@@ -138,9 +138,9 @@ export function waitForNodes(count: number, options: { timeout?: number } = {}):
 }
 
 /** Reserves bundles of resources together (see PlacementGroup.ready()). */
-export function placementGroup(bundles: Resources[], strategy: PlacementStrategy = 'PACK'): PlacementGroup {
+export function placementGroup(bundles: Resources[], strategy: PlacementStrategy = 'PACK', options: PlacementGroupOptions = {}): PlacementGroup {
   if (!cluster) throw new NotInitializedError('placement groups are created by the driver after init()');
-  return cluster.createPlacementGroup(bundles, strategy);
+  return cluster.createPlacementGroup(bundles, strategy, options);
 }
 
 /** Gives a group's resources back; actors placed in it are killed, tasks waiting for it fail. */

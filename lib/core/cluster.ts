@@ -41,7 +41,7 @@ import { RemoteNode } from './remote-node.js';
 import { AGENT_PROTOCOL, type AgentHelloMessage, type AgentMessage, type HeadMessage } from './agent-protocol.js';
 import { storeSource, storeTarget, transferObject } from './object-transfer.js';
 import { NodeListener, type ListenOptions } from './node-listener.js';
-import { PlacementGroup, infeasibility as groupInfeasibility, loseNode, releaseGroup, reserve, reserveLost, type PlacementStrategy } from './placement-group.js';
+import { PlacementGroup, infeasibility as groupInfeasibility, loseNode, releaseGroup, reserve, reserveLost, type PlacementGroupOptions, type PlacementStrategy } from './placement-group.js';
 import { ResourcePool, describeResources, toFixed, type Resources } from './resources.js';
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
 import { decodeStored, encodeArguments, encodeValue, pack, putStored, unpack } from './serialization.js';
@@ -1720,8 +1720,8 @@ export class Cluster implements Runtime {
   // -------------------------------------------------------------------------------------------
   // Placement groups
 
-  createPlacementGroup(bundles: Resources[], strategy: PlacementStrategy): PlacementGroup {
-    const group = new PlacementGroup(bundles, strategy);
+  createPlacementGroup(bundles: Resources[], strategy: PlacementStrategy, options: PlacementGroupOptions = {}): PlacementGroup {
+    const group = new PlacementGroup(bundles, strategy, options);
     group.bindRemoval(() => (this.#closed ? Promise.resolve() : this.removePlacementGroup(group)));
     this.#groups.set(group.id, group);
     const impossible = groupInfeasibility(group, this.nodes);

@@ -10,6 +10,16 @@ import { ResourcePool, describeResources, toFixed, type Resources } from './reso
 
 export type PlacementStrategy = 'PACK' | 'SPREAD' | 'STRICT_PACK' | 'STRICT_SPREAD';
 
+export interface PlacementGroupOptions {
+  /** Reserve only on the driver's host, not on node agents (default false). */
+  driverHost?: boolean;
+}
+
+/** The nodes a group may use. */
+export function nodesFor(group: PlacementGroup, nodes: Node[]): Node[] {
+  return group.driverHost ? nodes.filter((node) => node.localStore !== undefined) : nodes;
+}
+
 export interface Bundle {
   index: number;
   request: Map<string, number>;
@@ -28,7 +38,14 @@ export class PlacementGroup {
   #settle!: { resolve: () => void; reject: (error: Error) => void };
   #remove: (() => Promise<void>) | undefined;
 
-  constructor(bundles: Resources[], strategy: PlacementStrategy) {
+  /**
+   * Only nodes of the driver's own host (its logical nodes, not node agents'): for actors that
+   * must share memory with the driver, as a compiled graph made there does.
+   */
+  readonly driverHost: boolean;
+
+  constructor(bundles: Resources[], strategy: PlacementStrategy, options: PlacementGroupOptions = {}) {
+    this.driverHost = options.driverHost ?? false;
     if (!Array.isArray(bundles) || bundles.length === 0) throw new InvalidArgumentError('a placement group needs at least one bundle');
     if (!['PACK', 'SPREAD', 'STRICT_PACK', 'STRICT_SPREAD'].includes(strategy)) {
       throw new InvalidArgumentError(`placement strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got '${strategy}'`);
@@ -93,8 +110,10 @@ function sum(bundles: Bundle[]): Map<string, number> {
 }
 
 /** Why the group can never be placed on these nodes, or undefined. */
-export function infeasibility(group: PlacementGroup, nodes: Node[]): InfeasibleTaskError | undefined {
-  const fail = (reason: string) => new InfeasibleTaskError(`placement group ${group.id} (${group.strategy}) can never be placed: ${reason}`, {});
+export function infeasibility(group: PlacementGroup, allNodes: Node[]): InfeasibleTaskError | undefined {
+  const nodes = nodesFor(group, allNodes);
+  const where = group.driverHost ? " on the driver's host" : '';
+  const fail = (reason: string) => new InfeasibleTaskError(`placement group ${group.id} (${group.strategy}) can never be placed${where}: ${reason}`, {});
   for (const bundle of group.bundles) {
     if (!nodes.some((node) => node.pool.fitsTotal(bundle.request))) {
       return fail(`bundle ${bundle.index} (${describeResources(bundle.request)}) fits no node`);
@@ -113,7 +132,8 @@ export function infeasibility(group: PlacementGroup, nodes: Node[]): InfeasibleT
  * Phase one: choose a node per bundle and take its resources. Returns false (having given back
  * everything it took) when the group does not fit now.
  */
-export function reserve(group: PlacementGroup, nodes: Node[]): boolean {
+export function reserve(group: PlacementGroup, allNodes: Node[]): boolean {
+  const nodes = nodesFor(group, allNodes);
   const taken: Array<[Node, Map<string, number>]> = [];
   const take = (node: Node, request: Map<string, number>) => {
     node.pool.acquire(request);
@@ -192,7 +212,8 @@ export function loseNode(group: PlacementGroup, node: Node): boolean {
  * Reserves a rescheduling group's lost bundles again, keeping to its strategy with the bundles it
  * still has: STRICT_PACK on their node, STRICT_SPREAD on nodes none of them uses. All or none.
  */
-export function reserveLost(group: PlacementGroup, nodes: Node[]): boolean {
+export function reserveLost(group: PlacementGroup, allNodes: Node[]): boolean {
+  const nodes = nodesFor(group, allNodes);
   const lost = group.bundles.filter((bundle) => !bundle.node);
   const kept = group.bundles.filter((bundle) => bundle.node).map((bundle) => bundle.node!);
   const taken: Array<[Node, Map<string, number>]> = [];

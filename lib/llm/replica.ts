@@ -543,7 +543,8 @@ export class ModelReplica {
     // and whose node the ranks then share.
     const context = currentRuntime().context();
     const gpus = device === 'cuda' ? 1 : 0;
-    const placement = context.isDriver && (numCpus > 0 || gpus > 0) ? placementGroup(Array.from({ length: ranks }, () => ({ CPU: numCpus, ...(gpus ? { GPU: gpus } : {}) })), 'PACK') : undefined;
+    // From the driver, on its own host: the replica's compiled graph is made there.
+    const placement = context.isDriver && (numCpus > 0 || gpus > 0) ? placementGroup(Array.from({ length: ranks }, () => ({ CPU: numCpus, ...(gpus ? { GPU: gpus } : {}) })), 'PACK', { driverHost: true }) : undefined;
     // Inside an actor, the ranks run on that actor's GPUs, one each.
     if (device === 'cuda' && !context.isDriver && context.gpuIds.length < ranks) {
       throw new InvalidArgumentError(`a replica made inside an actor runs its ${ranks} ranks on that actor's GPUs: it holds ${context.gpuIds.length}`, 'ERR_RESOURCES');

@@ -7,7 +7,7 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { GraphValidationError, InputNode, NodeAgent, ObjectLostError, ObjectStoreFullError, buildLLMProcessor, createCollectiveGroup, events, fromItems, readDatasource, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
+import { GraphValidationError, InfeasibleTaskError, InputNode, ModelReplica, NodeAgent, ObjectLostError, ObjectStoreFullError, buildLLMProcessor, createCollectiveGroup, events, fromItems, readDatasource, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
 import { AccumulatorActor, NodeTagger, checksum, putArray, shout, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { openGate, rejection, scratch, until } from './helpers.js';
 import { TINY_LLAMA, randomWeights, referenceGenerate, writeCheckpoint } from '../llm/fixtures/decoders.js';
@@ -170,6 +170,11 @@ describe('node agents', () => {
     for (const row of rows) {
       expect(Array.from(row.generatedTokens as number[])).toEqual(referenceGenerate(TINY_LLAMA, weights, prompts[(row.id as number) % prompts.length], 5));
     }
+    // A replica made in the driver runs on the driver's host (its compiled graph is made here),
+    // whose node has no CPUs in this cluster: refused, saying where it looked.
+    const refused = await rejection(ModelReplica.create({ checkpoint }));
+    expect(refused).toBeInstanceOf(InfeasibleTaskError);
+    expect(refused.message).toContain("on the driver's host");
   }, 60_000);
 
   it('refuses a compiled graph or a cpu collective group whose actors are on another host', async () => {
