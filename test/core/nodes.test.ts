@@ -20,7 +20,7 @@ function startAgent(port: number, id: string, resources: Record<string, number>,
   return spawn(process.execPath, [
     '--import', 'tsx', cli, 'node', '--head', `127.0.0.1:${port}`, '--id', id, '--num-cpus', '1', '--num-gpus', '0',
     '--resources', JSON.stringify(resources), '--object-store-memory', String(64 * 1024 * 1024), '--once',
-  ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN, ...environment }, stdio: ['ignore', 'inherit', 'pipe'] });
+  ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN, ...environment }, stdio: ['ignore', 'inherit', 'inherit'] });
 }
 
 function expectedChecksum(count: number, seed: number): number {
