@@ -89,6 +89,8 @@ export interface WelcomeMessage {
 export interface RefusedMessage {
   t: 'refused';
   reason: string;
+  /** The reason may pass (the node's id still held by a connection closing): try again later. */
+  retry?: boolean;
 }
 
 /** Sent every second, so that an agent can tell a head that hangs from one that is quiet. */

@@ -359,8 +359,8 @@ export class Cluster implements Runtime {
 
   /** An agent said hello: its node joins, unless its token or id is wrong. */
   #join(hello: AgentHelloMessage, connection: FrameConnection<AgentMessage, HeadMessage>): RemoteNode | undefined {
-    const refuse = (reason: string) => {
-      connection.send({ t: 'refused', reason });
+    const refuse = (reason: string, retry = false) => {
+      connection.send({ t: 'refused', reason, ...(retry ? { retry } : {}) });
       connection.flush();
       setTimeout(() => connection.close(), 100).unref();
       this.events.emit('warning', { kind: 'node-refused', message: `node ${String(hello.nodeId)} was refused: ${reason}` });
@@ -368,8 +368,9 @@ export class Cluster implements Runtime {
     };
     if (!this.#tokenValid(hello.token)) return refuse('wrong token');
     if (hello.protocol !== AGENT_PROTOCOL) return refuse(`it speaks node protocol ${String(hello.protocol)}, this driver ${AGENT_PROTOCOL}: run the same trellis version on every host`);
-    if (this.#closed) return refuse('the cluster is shutting down');
-    if (this.nodes.some((node) => node.id === hello.nodeId)) return refuse(`a node with id ${hello.nodeId} is already in the cluster`);
+    // Passing conditions: an agent that restarted before its old connection was seen to close, say.
+    if (this.#closed) return refuse('the cluster is shutting down', true);
+    if (this.nodes.some((node) => node.id === hello.nodeId)) return refuse(`a node with id ${hello.nodeId} is already in the cluster`, true);
     const mps = this.#gpuSharing === 'mps' && hello.numGpus > 0;
     if (mps && !hello.mps) return refuse(`gpuSharing 'mps' needs nvidia-cuda-mps-control on node ${hello.nodeId} (${hello.hostname}), which has GPUs and no such program (TRELLIS_MPS_CONTROL names another path)`);
     const node = new RemoteNode(hello, connection, this.#portableEnvironment, this.#logToDriver ? printWorkerOutput : undefined);

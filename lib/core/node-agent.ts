@@ -70,9 +70,10 @@ class Session {
   readonly #pullFrom = new Map<string, PeerClient>();
   readonly #statsTimer: NodeJS.Timeout;
   /** Resolves when the head is gone and everything of this session is released. */
-  readonly ended: Promise<{ refused?: string; welcomed: boolean }>;
-  #end!: (result: { refused?: string; welcomed: boolean }) => void;
+  readonly ended: Promise<{ refused?: string; retry?: boolean; welcomed: boolean }>;
+  #end!: (result: { refused?: string; retry?: boolean; welcomed: boolean }) => void;
   #refused: string | undefined;
+  #retry = false;
   #welcomed = false;
   #closing = false;
   #sharing: Promise<void> | undefined;
@@ -131,6 +132,7 @@ class Session {
         return;
       case 'refused':
         this.#refused = message.reason;
+        this.#retry = message.retry === true;
         this.close();
         return;
       case 'spawn-worker':
@@ -278,7 +280,7 @@ class Session {
     await this.#sharing;
     await this.#multiProcessService?.close();
     if (this.#welcomed) this.agent.options.log?.('the head left; its workers and objects are gone');
-    this.#end({ refused: this.#refused, welcomed: this.#welcomed });
+    this.#end({ refused: this.#refused, retry: this.#retry, welcomed: this.#welcomed });
   }
 
   /** Ends the session from this side (a connection closed here hears no close of its own). */
@@ -358,7 +360,9 @@ export class NodeAgent {
       session.hello();
       const result = await session.ended;
       this.#session = undefined;
-      if (result.refused !== undefined) {
+      if (result.refused !== undefined && result.retry) {
+        this.options.log?.(`the head refused node ${this.nodeId} for now (${result.refused}); trying again`);
+      } else if (result.refused !== undefined) {
         this.#stopped = true;
         throw new InvalidArgumentError(`the head refused node ${this.nodeId}: ${result.refused}`, 'ERR_NODE_REFUSED');
       }

@@ -295,6 +295,29 @@ describe('a node agent as a daemon', () => {
   }, 90_000);
 });
 
+describe('a node id already taken', () => {
+  it('keeps its agent trying until the id is free, then it joins', async () => {
+    await init({ numCpus: 0, prestartWorkers: 1, listen: { host: '127.0.0.1', port: 0, token: TOKEN } });
+    const head = `127.0.0.1:${state().listening!.port}`;
+    const firstLines: string[] = [];
+    const secondLines: string[] = [];
+    const first = new NodeAgent({ head, token: TOKEN, id: 'twin', numCpus: 1, objectStoreMemory: 16 * 1024 * 1024, retryMs: 50, log: (line) => firstLines.push(line) });
+    let second: NodeAgent | undefined;
+    try {
+      await waitForNodes(2, { timeout: 30_000 });
+      second = new NodeAgent({ head, token: TOKEN, id: 'twin', numCpus: 1, objectStoreMemory: 16 * 1024 * 1024, retryMs: 50, log: (line) => secondLines.push(line) });
+      await until(() => secondLines.some((line) => line.includes('refused node twin for now (a node with id twin is already in the cluster)')), 'the second agent to be refused for now');
+      await first.close();
+      await until(() => secondLines.some((line) => line.startsWith('joined')), 'the second agent to join');
+      expect(state().nodes.map((node) => node.nodeId)).toEqual(['node-0', 'twin']);
+    } finally {
+      await shutdown();
+      await first.close();
+      await second?.close();
+    }
+  }, 60_000);
+});
+
 describe('the trellis command', () => {
   const run = (args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', cli, ...args], { encoding: 'utf8', env: { ...process.env, TRELLIS_CLUSTER_TOKEN: '' } });
 
