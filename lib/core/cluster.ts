@@ -257,7 +257,7 @@ export class Cluster implements Runtime {
   readonly #handles = new HandleReleaser((id) => this.#dropHold(id));
   readonly #infeasibleTimer: NodeJS.Timeout;
   readonly #multiProcessService: MultiProcessService | undefined;
-  /** Where node agents and their workers connect (init's `listen`), and the digest of its token. */
+  /** Where node agents and their workers connect (init's `listen`). */
   #listener: NodeListener | undefined;
   /** The first node, in this process: the driver's puts go to its store, and its gets read there. */
   readonly #head: LocalNode;
@@ -394,8 +394,8 @@ export class Cluster implements Runtime {
     this.#nodesLeft++;
     // Before the workers' exits, which restart actors: those in a lost bundle wait for it again.
     for (const group of this.#groups.values()) loseNode(group, node);
+    // Its workers' exits close their connections too (see #spawn).
     node.onClosed();
-    for (const worker of node.workers.values()) worker.connection?.close();
     if (this.#closed) return;
     this.events.emit('node-removed', { nodeId: node.id, hostname: node.hostname });
     this.#failInfeasible();
@@ -887,10 +887,11 @@ export class Cluster implements Runtime {
     if (copy) return copy;
     const storedId = storedIdOf(record);
     let moved: Promise<unknown>;
-    const direct = source instanceof RemoteNode && target instanceof RemoteNode && source.transfer !== undefined;
-    if (direct) {
+    let direct = false;
+    if (source instanceof RemoteNode && target instanceof RemoteNode && source.transfer) {
       // Between two agents: the target pulls from the source, not through this process.
-      moved = (target as RemoteNode).pull(storedId, source as RemoteNode);
+      direct = true;
+      moved = target.pull(storedId, source);
     } else {
       const from = source.localStore ? storeSource(source.localStore) : (source as RemoteNode).source;
       const to = target.localStore ? storeTarget(target.localStore) : (target as RemoteNode).target;

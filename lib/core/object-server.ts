@@ -8,9 +8,11 @@ import type { ObjectBuilder, ObjectStore, ObjectView } from '../store/object-sto
 import { NodeLostError } from '../errors.js';
 import { FrameConnection } from './connection.js';
 import type { AgentReplyMessage, AgentRequestMessage, PeerHelloMessage } from './agent-protocol.js';
+import { AgentRequests } from './agent-requests.js';
 import type { ObjectReader, ObjectSource } from './object-transfer.js';
 
-type Replies = FrameConnection<never, AgentReplyMessage> | { send(message: AgentReplyMessage): void; sendBulk(message: AgentReplyMessage, bulk: Uint8Array): void };
+/** Where a server's answers go (its connection). */
+type Replies = { send(message: AgentReplyMessage): void; sendBulk(message: AgentReplyMessage, bulk: Uint8Array): void };
 
 export class ObjectServer {
   readonly #reads = new Map<number, ObjectView>();
@@ -109,9 +111,7 @@ export function replyError(connection: Replies, requestId: number, error: unknow
  */
 export class PeerClient {
   readonly #connection: FrameConnection<AgentReplyMessage, AgentRequestMessage | PeerHelloMessage>;
-  readonly #pending = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>();
-  #nextRequest = 1;
-  #closed = false;
+  readonly #requests: AgentRequests;
   readonly ready: Promise<void>;
 
   constructor(readonly address: string, host: string, port: number, token: string) {
@@ -123,42 +123,23 @@ export class PeerClient {
     this.ready.catch(() => undefined);
     this.#connection = new FrameConnection<AgentReplyMessage, AgentRequestMessage | PeerHelloMessage>(
       socket,
-      (message) => {
-        const pending = this.#pending.get(message.requestId);
-        if (!pending) return;
-        this.#pending.delete(message.requestId);
-        if (message.ok) pending.resolve(message.bulk ?? message.value);
-        else pending.reject(Object.assign(new Error(message.error?.message ?? 'the node failed'), { name: message.error?.name ?? 'Error', code: message.error?.code }));
-      },
-      () => this.#lost(),
+      (message) => this.#requests.settle(message),
+      () => this.#requests.fail(`the node at ${address} went away`),
     );
+    this.#requests = new AgentRequests(address, (message) => this.#connection.send(message));
     this.#connection.send({ t: 'peer-hello', token });
   }
 
   get closed(): boolean {
-    return this.#closed;
-  }
-
-  #lost(): void {
-    if (this.#closed) return;
-    this.#closed = true;
-    const error = new NodeLostError(this.address, `the node at ${this.address} went away`);
-    for (const pending of this.#pending.values()) pending.reject(error);
-    this.#pending.clear();
+    return this.#requests.lost;
   }
 
   request(op: AgentRequestMessage['op'], body: Record<string, unknown>): Promise<unknown> {
-    if (this.#closed) return Promise.reject(new NodeLostError(this.address, `the node at ${this.address} went away`));
-    const requestId = this.#nextRequest++;
-    return new Promise((resolve, reject) => {
-      this.#pending.set(requestId, { resolve, reject });
-      this.#connection.send({ t: 'agent-request', requestId, op, body });
-    });
+    return this.#requests.request(op, body);
   }
 
-  /** Sends a request that wants no answer. */
   notify(op: AgentRequestMessage['op'], body: Record<string, unknown>): void {
-    if (!this.#closed) this.#connection.send({ t: 'agent-request', requestId: 0, op, body });
+    this.#requests.notify(op, body);
   }
 
   /** Reads objects out of the peer's store. */
@@ -166,7 +147,7 @@ export class PeerClient {
 
   close(): void {
     this.#connection.close();
-    this.#lost();
+    this.#requests.fail(`the connection to the node at ${this.address} was closed`);
   }
 }
 

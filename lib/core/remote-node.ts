@@ -7,7 +7,8 @@ import { EventEmitter } from 'node:events';
 import { randomBytes } from 'node:crypto';
 import { newObjectId } from '../store/object-id.js';
 import type { ObjectStore, StoreStats } from '../store/object-store.js';
-import { NodeLostError, errorFromNative } from '../errors.js';
+import { NodeLostError } from '../errors.js';
+import { AgentRequests } from './agent-requests.js';
 import type { FrameConnection } from './connection.js';
 import type { AgentHelloMessage, AgentMessage, AgentRequestMessage, HeadMessage } from './agent-protocol.js';
 import { Node, WorkerProcess, driverRunsTypeScript, type WorkerChild } from './node.js';
@@ -44,8 +45,7 @@ export class RemoteNode extends Node {
   readonly transfer: { host: string; port: number } | undefined;
   readonly #connection: FrameConnection<AgentMessage, HeadMessage>;
   readonly #children = new Map<string, RemoteChild>();
-  readonly #pending = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>();
-  #nextRequest = 1;
+  readonly #requests: AgentRequests;
   #stats: StoreStats;
   #closed = false;
   /** Deletes batched per tick: freeing many objects sends one message. */
@@ -65,6 +65,7 @@ export class RemoteNode extends Node {
     this.transfer = hello.transfer;
     this.#stats = hello.store;
     this.#connection = connection;
+    this.#requests = new AgentRequests(this.id, (message, bulk) => (bulk ? connection.sendBulk(message, bulk) : connection.send(message)));
   }
 
   get localStore(): ObjectStore | undefined {
@@ -95,14 +96,8 @@ export class RemoteNode extends Node {
         this.#children.get(message.workerId)?.exited();
         this.#children.delete(message.workerId);
         return;
-      case 'agent-reply': {
-        const pending = this.#pending.get(message.requestId);
-        if (!pending) return;
-        this.#pending.delete(message.requestId);
-        if (message.ok) pending.resolve(message.bulk ?? message.value);
-        else pending.reject(agentError(this.id, message.error));
-        return;
-      }
+      case 'agent-reply':
+        return this.#requests.settle(message);
       case 'agent-stats':
         this.#stats = message.store;
         return;
@@ -116,23 +111,19 @@ export class RemoteNode extends Node {
   onClosed(): void {
     if (this.#closed) return;
     this.#closed = true;
-    const error = new NodeLostError(this.id, `node ${this.id} (${this.hostname}) left the cluster`);
-    for (const pending of this.#pending.values()) pending.reject(error);
-    this.#pending.clear();
+    this.#requests.fail(this.#leftMessage());
     for (const child of this.#children.values()) child.exited();
     this.#children.clear();
   }
 
   /** Asks the agent; `bulk` bytes go raw and must stay unchanged until the answer. */
   request(op: AgentRequestMessage['op'], body: Record<string, unknown>, bulk?: Uint8Array): Promise<unknown> {
-    if (this.closed) return Promise.reject(new NodeLostError(this.id, `node ${this.id} (${this.hostname}) left the cluster`));
-    const requestId = this.#nextRequest++;
-    return new Promise((resolve, reject) => {
-      this.#pending.set(requestId, { resolve, reject });
-      const message: AgentRequestMessage = { t: 'agent-request', requestId, op, body };
-      if (bulk) this.#connection.sendBulk(message, bulk);
-      else this.send(message);
-    });
+    if (this.closed) return Promise.reject(new NodeLostError(this.id, this.#leftMessage()));
+    return this.#requests.request(op, body, bulk);
+  }
+
+  #leftMessage(): string {
+    return `node ${this.id} (${this.hostname}) left the cluster`;
   }
 
   spawnWorker(): WorkerProcess {
@@ -190,7 +181,7 @@ export class RemoteNode extends Node {
 
   /** Sends a request that wants no answer. */
   notify(op: AgentRequestMessage['op'], body: Record<string, unknown>): void {
-    if (!this.closed) this.send({ t: 'agent-request', requestId: 0, op, body });
+    if (!this.closed) this.#requests.notify(op, body);
   }
 
   /** Reads objects out of the agent's store. */
@@ -211,15 +202,4 @@ export class RemoteNode extends Node {
       };
     },
   };
-}
-
-/**
- * An agent's error answer as the error it was there: a peer that went away is the loss of a
- * node; the store's errors keep their classes (a full store, an object too large), naming the node.
- */
-function agentError(nodeId: string, error: { name: string; message: string; code?: string; details?: Record<string, unknown> } | undefined): Error {
-  const message = error?.message ?? `node ${nodeId} failed`;
-  if (error?.code === 'ERR_NODE_LOST') return new NodeLostError(nodeId, message);
-  if (error?.code?.startsWith('ERR_OBJECT') || error?.code === 'ERR_STORE_CLOSED') return errorFromNative(error.code, `node ${nodeId}: ${message}`, error.details ?? {});
-  return Object.assign(new Error(message), { name: error?.name ?? 'Error', code: error?.code });
 }
