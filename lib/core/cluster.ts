@@ -23,11 +23,11 @@ import {
   WorkerCrashedError,
   type RemoteErrorInfo,
 } from '../errors.js';
-import { newObjectId } from '../store/object-id.js';
+import { isObjectId, newObjectId, taskPutBase } from '../store/object-id.js';
 import type { StoreStats } from '../store/object-store.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
 import type { ActorCallOptions, ActorOptions, SchedulingStrategy, TaskOptions } from './options.js';
-import { requestOf } from './options.js';
+import { checkRecompute, requestOf } from './options.js';
 import { FrameConnection } from './connection.js';
 import {
   type DriverMessage,
@@ -78,7 +78,15 @@ interface ObjectRecord {
   size: number;
   holds: number;
   nested?: string[];
+  /** The task that returned it: rerunning the task makes it again. */
   lineage?: TaskRecord;
+  /** The task that put it while running: a rerun of the task puts it again under this id. */
+  madeBy?: TaskRecord;
+  /**
+   * Lineages that can rerun with this as an argument. The value itself is kept only while real
+   * holds remain (or where it could not be made again); then just the record, to recompute from.
+   */
+  lineageHolds?: number;
   /** Made on the first wait: most results are read once, by a get that finds them pending. */
   waiters?: Array<() => void>;
   /** Tensors still held by the actor that made them (tensor transport). */
@@ -110,6 +118,19 @@ interface TaskRecord {
   nested: string[];
   /** Refs held for the task's life, and for its result's life when it can be recomputed. */
   held: string[];
+  /** Arguments that can be made again: once the task is done, its lineage keeps just their records. */
+  lineageHeld?: string[];
+  /** Records whose lineage (or madeBy) this task is: its arguments stay held while any is. */
+  keptBy: number;
+  /** Stored puts registered in the attempt named by putTag. */
+  putIds?: string[];
+  /** The attempt its puts are named by (see taskPutBase); fixed for a rerun, so they match. */
+  putTag?: number;
+  /** A rerun made to recompute lost objects: its puts keep the attempt number of the run it repeats. */
+  rerun?: boolean;
+  /** An actor call whose output a task can make again (ActorCallOptions.recompute). */
+  rerunAs?: RerunSpec;
+  failed?: boolean;
   options: TaskOptions;
   returnId: string;
   request: Map<string, number>;
@@ -126,6 +147,15 @@ interface TaskRecord {
   tensorTransport?: string;
   /** Held tensors among the arguments are being materialized or exported. */
   preparing?: boolean;
+}
+
+/** A task that makes a result again: its function, encoded arguments and options. */
+interface RerunSpec {
+  fn: FunctionDescriptor;
+  args: Uint8Array;
+  argRefs: string[];
+  nested: string[];
+  options: TaskOptions;
 }
 
 interface RequestInfo {
@@ -543,8 +573,9 @@ export class Cluster implements Runtime {
     for (const taskId of worker.inflight) {
       const task = this.#tasks.get(taskId);
       // A result stored and not reported ('done' may never have left) has no reader, and a retry
-      // must be able to store it again.
+      // must be able to store it again; so with puts it made and never registered.
       if (task) this.#dropUnreportedResult(worker.node, task.returnId);
+      if (task?.putTag !== undefined && task.worker === worker && !worker.taskPuts.has(taskId)) this.#countPuts(worker, task);
       if (!task || task.actorId) continue;
       task.worker = undefined;
       if (task.cancelled) continue;
@@ -590,6 +621,8 @@ export class Cluster implements Runtime {
     worker.released = true;
     if (this.#closed) return;
     worker.node.deleteUnreportedPuts(worker.putIds, worker.storedPuts);
+    for (const { base, registered } of worker.taskPuts.values()) worker.node.deleteUnreportedPuts(base, registered);
+    worker.taskPuts.clear();
     const holds = [...worker.holds];
     worker.holds.clear();
     for (const [id, count] of holds) for (let i = 0; i < count; i++) this.#dropHold(id);
@@ -648,7 +681,7 @@ export class Cluster implements Runtime {
         }
         case 'actor-call': {
           this.#addWorkerHold(worker, body.returnId);
-          this.#submitActorCall(body.actorId, body.method, body.args, body.argRefs, body.held, body.returnId, body.options ?? {});
+          this.#submitActorCall(body.actorId, body.method, body.args, body.argRefs, body.held, body.returnId, body.options ?? {}, body.recompute);
           return;
         }
         case 'create-actor': {
@@ -658,10 +691,15 @@ export class Cluster implements Runtime {
         }
         case 'register': {
           // A worker stored a value it put: the driver owns it from here; the worker holds one handle.
-          this.#objects.set(body.id, this.#newRecord(body.id, 0));
+          let record = this.#objects.get(body.id);
+          if (!record) this.#objects.set(body.id, (record = this.#newRecord(body.id, 0)));
           this.#addWorkerHold(worker, body.id);
-          if ('node' in body.value) worker.storedPuts++;
-          this.#resolveObject(body.id, body.value, body.nested, body.size);
+          const stored = 'node' in body.value;
+          if (body.task !== undefined) this.#putBy(worker, record, body.task);
+          else if (stored) worker.storedPuts++;
+          // A rerun's put of a value still stored elsewhere: one more copy.
+          if (record.state === 'ready' && stored && record.nodes.size > 0) addNode(record, body.value.node);
+          else this.#resolveObject(body.id, body.value, body.nested, body.size);
           return;
         }
         case 'get': {
@@ -772,13 +810,72 @@ export class Cluster implements Runtime {
     }
     const record = this.#objects.get(id);
     if (!record || --record.holds > 0) return;
+    if (record.lineageHolds) this.#evict(record);
+    else this.#deleteRecord(record);
+  }
+
+  #deleteRecord(record: ObjectRecord): void {
+    const id = record.id;
     this.#objects.delete(id);
-    if (record.lineage?.state === 'done') this.#releaseTaskHolds(record.lineage);
+    if (record.lineage) this.#unkeep(record.lineage);
+    if (record.madeBy) this.#unkeep(record.madeBy);
     const holder = record.held?.actorId ?? record.retiredBy;
     if (holder) this.#freeHeld(holder, id);
     const storedId = record.value && 'node' in record.value ? record.value.id : id;
     for (const nodeId of record.nodes) this.nodes.find((candidate) => candidate.id === nodeId)?.deleteObject(storedId);
     for (const nested of record.nested ?? []) this.#dropHold(nested);
+  }
+
+  /**
+   * Nothing holds the value any more, but lineage that may have to rerun takes it as an argument:
+   * the stored copies go (memory stays bounded along a pipeline) and the record stays, to be
+   * recomputed from its own lineage if that rerun comes.
+   */
+  #evict(record: ObjectRecord): void {
+    const storedId = storedIdOf(record);
+    for (const nodeId of record.nodes) this.nodes.find((candidate) => candidate.id === nodeId)?.deleteObject(storedId);
+    record.nodes = NO_NODES;
+    for (const nested of record.nested ?? []) this.#dropHold(nested);
+    record.nested = undefined;
+  }
+
+  #dropLineageHold(id: string): void {
+    const record = this.#objects.get(id);
+    if (!record || --record.lineageHolds! > 0 || record.holds > 0) return;
+    this.#deleteRecord(record);
+  }
+
+  /** A record stopped naming `task` as the way to make it again. */
+  #unkeep(task: TaskRecord): void {
+    if (--task.keptBy > 0 || task.state !== 'done') return;
+    this.#releaseTaskHolds(task);
+  }
+
+  /** A running task registered a put named from its return id: a rerun of the task makes it again. */
+  #putBy(worker: WorkerProcess, record: ObjectRecord, taskId: string): void {
+    const task = this.#tasks.get(taskId);
+    const counted = worker.taskPuts.get(taskId) ?? (task?.worker === worker ? this.#countPuts(worker, task) : undefined);
+    if (counted) counted.registered++;
+    if (!task || task.state !== 'running' || record.madeBy === task) return;
+    if (record.madeBy) this.#unkeep(record.madeBy);
+    record.madeBy = task;
+    task.keptBy++;
+    (task.putIds ??= []).push(record.id);
+  }
+
+  /** Counts what a task running on `worker` registers of its puts: the rest, should it die, are deleted. */
+  #countPuts(worker: WorkerProcess, task: TaskRecord): { base: Uint8Array; registered: number } {
+    const counted = { base: taskPutBase(task.returnId, task.putTag!), registered: 0 };
+    worker.taskPuts.set(task.taskId, counted);
+    return counted;
+  }
+
+  /** True where a value can be made again by rerunning what made it (and is worth freeing). */
+  #recomputable(record: ObjectRecord): boolean {
+    const value = record.value;
+    if (record.state !== 'ready' || !value || !('node' in value) || record.held || record.retiredBy) return false;
+    const task = record.lineage ?? record.madeBy;
+    return task !== undefined && task.state === 'done' && !task.failed && (task.fn !== undefined || task.rerunAs !== undefined);
   }
 
   #resolveObject(id: string, value: WireValue | undefined, nested: string[] | undefined, size = 0): void {
@@ -1029,26 +1126,56 @@ export class Cluster implements Runtime {
 
   /** A stored value vanished: recompute it from its lineage, or fail it with ObjectLostError. */
   #reconstruct(record: ObjectRecord): void {
-    const lineage = record.lineage;
-    if (!lineage?.fn || lineage.state !== 'done') {
-      record.state = 'failed';
-      record.error = new ObjectLostError(
-        record.id,
-        record.lostWith
-          ? `object ${record.id} was lost with node ${record.lostWith}, which left the cluster holding its only copy, and cannot be recomputed: it was stored by put() (in the driver or a worker), not returned by a task`
-          : `object ${record.id} was lost from the object store and cannot be recomputed: it was stored by put(), not computed by a task`,
-      );
+    const lineage = record.lineage ?? record.madeBy;
+    if (lineage?.rerun && lineage.state !== 'done') {
+      // Its task is being rerun for another of its objects: that run puts this one again too.
+      this.#markPending(record);
       return;
     }
+    const spec = lineage && this.#rerunSpec(lineage);
+    if (!lineage || !spec) {
+      record.state = 'failed';
+      const where = lostWhere(record);
+      const why = !lineage
+        ? 'it was stored by put() in the driver, or in a worker outside a task the driver can rerun (an actor call without `recompute`, or an async actor running several calls at once)'
+        : lineage.failed
+          ? `the task that made it, ${lineage.name}, failed when it ran again`
+          : `it was made by ${lineage.name}, an actor call without \`recompute\``;
+      record.error = new ObjectLostError(record.id, `object ${record.id} ${where}, and cannot be recomputed: ${why}`);
+      return;
+    }
+    this.#markPending(record);
+    // The rerun takes the repeated task's place for its result and every put it made, under the
+    // same ids: its puts are named by the same attempt number.
+    const rerun = this.#makeTask(spec.fn, undefined, undefined, spec.args, spec.argRefs, spec.nested, spec.options, lineage.returnId);
+    rerun.rerun = true;
+    rerun.putTag = lineage.putTag;
+    for (const id of lineage.putIds ?? []) {
+      const put = this.#objects.get(id);
+      if (put?.madeBy !== lineage) continue;
+      put.madeBy = rerun;
+      rerun.keptBy++;
+      (rerun.putIds ??= []).push(id);
+      this.#unkeep(lineage);
+    }
+    this.events.emit('reconstruct', { objectId: record.id, task: rerun.name });
+    this.#submit(rerun);
+  }
+
+  /** How to run `task` again to make what it made, if it can be: done, succeeded, and not a plain actor call. */
+  #rerunSpec(task: TaskRecord): RerunSpec | undefined {
+    if (task.state !== 'done' || task.failed) return undefined;
+    if (task.fn) return { fn: task.fn, args: task.args, argRefs: task.argRefs, nested: task.nested, options: task.options };
+    return task.rerunAs;
+  }
+
+  /** A value to be made again: readers wait for it. */
+  #markPending(record: ObjectRecord): void {
     record.state = 'pending';
     record.value = undefined;
-    record.nodes.clear();
+    record.nodes = NO_NODES;
     for (const child of record.nested ?? []) this.#dropHold(child);
     record.nested = undefined;
-    const task = this.#makeTask(lineage.fn, undefined, undefined, lineage.args, lineage.argRefs, lineage.nested, lineage.options, record.id);
-    this.#releaseTaskHolds(lineage);
-    this.events.emit('reconstruct', { objectId: record.id, task: task.name });
-    this.#submit(task);
   }
 
   async #waitIds(ids: string[], numReturns: number, timeout: number): Promise<[string[], string[]]> {
@@ -1135,8 +1262,12 @@ export class Cluster implements Runtime {
       attempts: 0,
       state: 'waiting',
       pendingSince: Date.now(),
+      keptBy: 1,
     };
+    // A rerun takes over its result's record from the run it repeats.
+    const previous = record.lineage;
     record.lineage = task;
+    if (previous) this.#unkeep(previous);
     this.#tasks.set(task.taskId, task);
     return task;
   }
@@ -1417,6 +1548,7 @@ export class Cluster implements Runtime {
       resolved,
       returnId: task.returnId,
       gpuIds: lease.gpuIds,
+      putTag: this.#putTagFor(task, lease.worker),
     });
   }
 
@@ -1466,6 +1598,7 @@ export class Cluster implements Runtime {
     size?: number,
   ): void {
     worker.inflight.delete(taskId);
+    worker.taskPuts.delete(taskId);
     const task = this.#tasks.get(taskId);
     if (task?.actorId) {
       this.#onActorCallDone(task, value, nested, error, held, lostArgument, size);
@@ -1509,19 +1642,60 @@ export class Cluster implements Runtime {
       }
     }
     this.#resolveObject(task.returnId, value, nested, size);
-    // Lineage: a task's arguments stay alive with its result, so a lost result can be recomputed.
-    // An actor call cannot be rerun: its record need not keep the call alive.
-    if (!task.fn) {
-      const record = this.#objects.get(task.returnId);
-      if (record?.lineage === task) record.lineage = undefined;
+    const record = this.#objects.get(task.returnId);
+    // An actor call cannot be rerun (unless it says how): its record need not keep the call alive.
+    if (!task.fn && !task.rerunAs && record?.lineage === task) {
+      record.lineage = undefined;
+      task.keptBy--;
     }
-    if (!task.fn || !this.#objects.has(task.returnId)) this.#releaseTaskHolds(task);
+    if (task.rerun) this.#endRerun(task, record);
+    // Lineage: while its result or a put of it is referenced, the task can be rerun, so its
+    // arguments stay; those that can themselves be made again keep just their records.
+    if (task.keptBy <= 0) this.#releaseTaskHolds(task);
+    else this.#keepAsLineage(task);
+  }
+
+  /** A rerun finished: puts it did not make again are lost; a result nobody holds goes. */
+  #endRerun(task: TaskRecord, record: ObjectRecord | undefined): void {
+    for (const id of task.putIds ?? []) {
+      const put = this.#objects.get(id);
+      if (put?.madeBy !== task || put.state !== 'pending') continue;
+      put.madeBy = undefined;
+      task.keptBy--;
+      this.#failObject(id, new ObjectLostError(id, `object ${id} ${lostWhere(put)}, and ${task.name}, run again to make it, did not put it this time (its puts differ from run to run)`));
+    }
+    if (record && record.holds === 0 && !record.lineageHolds) this.#deleteRecord(record);
+  }
+
+  /** The arguments a done task's lineage holds: records only, for those that can be made again. */
+  #keepAsLineage(task: TaskRecord): void {
+    const kept: string[] = [];
+    for (const id of task.held) {
+      const record = this.#objects.get(id);
+      if (!record || !this.#recomputable(record)) {
+        kept.push(id);
+        continue;
+      }
+      record.lineageHolds = (record.lineageHolds ?? 0) + 1;
+      (task.lineageHeld ??= []).push(id);
+      this.#dropHold(id);
+    }
+    task.held = kept;
   }
 
   #failTask(task: TaskRecord, error: Error): void {
     task.state = 'done';
+    task.failed = true;
     this.#tasks.delete(task.taskId);
     this.#failObject(task.returnId, error);
+    // What it put cannot be made again by it; a rerun's puts still missing are lost for good.
+    for (const id of task.putIds ?? []) {
+      const put = this.#objects.get(id);
+      if (put?.madeBy !== task) continue;
+      put.madeBy = undefined;
+      task.keptBy--;
+      if (put.state === 'pending') this.#failObject(id, new ObjectLostError(id, `object ${id} ${lostWhere(put)}, and ${task.name}, run again to make it, failed: ${error.message}`));
+    }
     this.#releaseTaskHolds(task);
   }
 
@@ -1529,6 +1703,30 @@ export class Cluster implements Runtime {
     const held = task.held;
     task.held = [];
     for (const id of held) this.#dropHold(id);
+    const lineageHeld = task.lineageHeld;
+    task.lineageHeld = undefined;
+    for (const id of lineageHeld ?? []) this.#dropLineageHold(id);
+  }
+
+  /**
+   * The attempt number a task's puts are named by, where the driver keeps its lineage (a function,
+   * or an actor call that says how to recompute it); a rerun keeps the number of the run it repeats.
+   * A new attempt forgets the puts of the one before: a rerun could not make them again.
+   */
+  #putTagFor(task: TaskRecord, worker: WorkerProcess): number | undefined {
+    if ((!task.fn && !task.rerunAs) || !isObjectId(task.returnId)) return undefined;
+    const tag = task.rerun ? task.putTag! : task.attempts;
+    if (tag !== task.putTag) {
+      for (const id of task.putIds ?? []) {
+        const put = this.#objects.get(id);
+        if (put?.madeBy !== task) continue;
+        put.madeBy = undefined;
+        task.keptBy--;
+      }
+      task.putIds = undefined;
+      task.putTag = tag;
+    }
+    return tag;
   }
 
   cancel(ref: ObjectRef<unknown>, force: boolean): void {
@@ -1881,10 +2079,16 @@ export class Cluster implements Runtime {
   }
 
   submitActorTask(actorId: string, method: string, args: unknown[], options: ActorCallOptions = {}): ObjectRef<unknown> {
+    let rerunAs: RerunSpec | undefined;
+    if (options.recompute) {
+      checkRecompute(options.recompute);
+      const encoded = this.#encodeArgs(options.recompute.args);
+      rerunAs = { fn: options.recompute.task.descriptor, args: encoded.bytes, argRefs: encoded.argRefs, nested: encoded.held, options: options.recompute.options ?? {} };
+    }
     const { bytes, argRefs, held } = this.#encodeArgs(args);
     const returnId = newObjectId();
     const ref = new ObjectRef(returnId);
-    this.#submitActorCall(actorId, method, bytes, argRefs, held, returnId, options);
+    this.#submitActorCall(actorId, method, bytes, argRefs, held, returnId, options, rerunAs);
     return ref;
   }
 
@@ -1896,10 +2100,18 @@ export class Cluster implements Runtime {
     held: string[],
     returnId: string,
     options: ActorCallOptions = {},
+    rerunAs?: RerunSpec,
   ): void {
     const actor = this.#actors.get(actorId);
     const task = this.#makeTask(undefined, actorId, method, args, argRefs, held, ACTOR_CALL_OPTIONS, returnId);
     task.name = actor ? callName(actor, method) : `actor.${method}`;
+    if (rerunAs) {
+      // The rerun's arguments stay with the call's lineage, as a task's own arguments do.
+      task.rerunAs = rerunAs;
+      const rerunHeld = [...rerunAs.argRefs, ...rerunAs.nested];
+      for (const id of rerunHeld) this.#addHold(id);
+      task.held = [...task.held, ...rerunHeld];
+    }
     if (!actor) {
       this.#failTask(task, new ActorDiedError(actorId, `actor ${actorId} does not exist in this cluster`));
       return;
@@ -1975,6 +2187,7 @@ export class Cluster implements Runtime {
         resolved,
         returnId: task.returnId,
         tensorTransport: task.tensorTransport,
+        putTag: this.#putTagFor(task, actor.worker),
       });
     }
   }
@@ -2322,6 +2535,10 @@ const NO_NODES: Set<string> = new NoNodes();
 function addNode(record: ObjectRecord, nodeId: string): void {
   if (record.nodes === NO_NODES) record.nodes = new Set();
   record.nodes.add(nodeId);
+}
+
+function lostWhere(record: ObjectRecord): string {
+  return record.lostWith ? `was lost with node ${record.lostWith}, which left the cluster holding its only copy` : 'was lost from the object store';
 }
 
 /** The store id of a stored value: its own id, or the id it was materialized under. */

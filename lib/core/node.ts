@@ -94,6 +94,12 @@ export class WorkerProcess {
   readonly putIds: Uint8Array;
   /** Stored puts the worker registered: the next id of its sequence is the first unreported one. */
   storedPuts = 0;
+  /**
+   * Tasks it runs whose puts are named from their return id (see taskPutBase): each one's base
+   * and the puts it registered, dropped when the task reports. What is left once the worker is
+   * gone names puts that may never have been reported.
+   */
+  readonly taskPuts = new Map<string, { base: Uint8Array; registered: number }>();
   /** Its watches of other actors' deaths (see Runtime.watchActors), by the worker's watch id. */
   readonly actorWatches = new Map<number, { stop: () => void; answer: (death: { actorId: string; cause: string } | null) => void }>();
   /** Its holds and unreported puts were dropped (it exited and its connection closed). */

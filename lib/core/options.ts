@@ -1,4 +1,6 @@
 /** Options of tasks, actors and their scheduling. */
+import { InvalidArgumentError } from '../errors.js';
+import type { FunctionDescriptor } from './protocol.js';
 import type { Resources } from './resources.js';
 
 export interface PlacementGroupLike {
@@ -36,11 +38,36 @@ export type TensorTransport = 'auto' | 'ipc' | 'nccl' | 'store';
 
 export interface ActorCallOptions {
   tensorTransport?: TensorTransport;
+  /**
+   * How to make this call's output again if it is lost (its node left the cluster holding the only
+   * copy): a task run with these arguments, which returns what the call returned and puts what
+   * it put, in the same order. An actor call cannot simply be rerun (the actor's state has moved
+   * on, or the actor is gone); a pool of equal actors can say how any of them would have done it.
+   * Without it, only the call's result is kept (in the actor's node) and its loss is final.
+   */
+  recompute?: Recompute;
+}
+
+export interface Recompute {
+  /** A remote function (made by remote()). */
+  task: { readonly descriptor: FunctionDescriptor };
+  args: unknown[];
+  /** The task's resources and retries, as a task's options. */
+  options?: TaskOptions;
+}
+
+/** Checks a call's `recompute` option, naming what is wrong. */
+export function checkRecompute(recompute: Recompute): void {
+  const descriptor = recompute?.task?.descriptor;
+  if (!descriptor || typeof descriptor.module !== 'string' || typeof descriptor.name !== 'string') {
+    throw new InvalidArgumentError('an actor call\'s recompute.task must be a remote function (made by remote() at a module\'s top level)');
+  }
+  if (!Array.isArray(recompute.args)) throw new InvalidArgumentError(`an actor call's recompute.args must be an array, got ${typeof recompute.args}`);
 }
 
 export interface ActorOptions {
   /** Per-method options, e.g. { forward: { tensorTransport: 'nccl' } }. */
-  methods?: Record<string, ActorCallOptions>;
+  methods?: Record<string, Omit<ActorCallOptions, 'recompute'>>;
   numCpus?: number;
   numGpus?: number;
   memory?: number;

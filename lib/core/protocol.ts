@@ -56,6 +56,11 @@ export interface TaskMessage {
   gpuIds?: number[];
   /** For actor calls: keep tensors in the result here, to hand over by NCCL/IPC or on request. */
   tensorTransport?: string;
+  /**
+   * Set where the driver keeps the call's lineage: the stored puts it makes are named from its
+   * return id and this attempt number (taskPutBase), so a rerun makes them again under the same ids.
+   */
+  putTag?: number;
 }
 
 export interface CreateActorMessage {
@@ -165,6 +170,7 @@ const TASK_ACTOR = 2;
 const TASK_GPUS = 4;
 const TASK_TRANSPORT = 8;
 const TASK_RESOLVED = 16;
+const TASK_PUT_TAG = 32;
 
 const NO_RESOLVED: Record<string, WireValue> = Object.freeze({}) as Record<string, WireValue>;
 
@@ -276,14 +282,17 @@ function writeTask(writer: FrameWriter, message: TaskMessage): boolean {
   // An empty list differs from none: a pooled task without GPUs must not see the previous task's.
   const gpus = message.gpuIds;
   if (gpus && (gpus.length > 255 || gpus.some((id) => !Number.isInteger(id) || id < 0 || id > 0xffff))) return false;
+  const putTag = message.putTag;
+  if (putTag !== undefined && (!Number.isInteger(putTag) || putTag < 0 || putTag > 0xffff)) return false;
   const resolved = hasKeys(message.resolved) ? envelopes.pack(message.resolved) : undefined;
   const flags =
     (message.fn ? TASK_FN : 0) |
     (message.actorId !== undefined ? TASK_ACTOR : 0) |
     (gpus ? TASK_GPUS : 0) |
     (message.tensorTransport !== undefined ? TASK_TRANSPORT : 0) |
-    (resolved ? TASK_RESOLVED : 0);
-  writer.reserve(8 + 2 * 256 + 256 + 2 + 2 * 255);
+    (resolved ? TASK_RESOLVED : 0) |
+    (putTag !== undefined ? TASK_PUT_TAG : 0);
+  writer.reserve(10 + 2 * 256 + 256 + 2 + 2 * 255);
   writer.u8(TAG_TASK);
   writer.u8(flags);
   writer.id(message.taskId);
@@ -293,6 +302,7 @@ function writeTask(writer: FrameWriter, message: TaskMessage): boolean {
     writer.u8(gpus.length);
     for (const id of gpus) writer.u16(id);
   }
+  if (putTag !== undefined) writer.u16(putTag);
   writer.str(message.name);
   if (message.fn) {
     writer.str(message.fn.module);
@@ -315,13 +325,14 @@ function readTask(reader: FrameReader): TaskMessage {
     gpuIds = new Array(reader.u8());
     for (let i = 0; i < gpuIds.length; i++) gpuIds[i] = reader.u16();
   }
+  const putTag = flags & TASK_PUT_TAG ? reader.u16() : undefined;
   const name = reader.str();
   const fn = flags & TASK_FN ? { module: reader.str(), name: reader.str() } : undefined;
   const method = flags & TASK_ACTOR ? reader.str() : undefined;
   const tensorTransport = flags & TASK_TRANSPORT ? reader.str() : undefined;
   const args = reader.bytes();
   const resolved = flags & TASK_RESOLVED ? (envelopes.unpack(reader.bytes()) as Record<string, WireValue>) : NO_RESOLVED;
-  return { t: 'task', taskId, name, fn, actorId, method, args, resolved, returnId, gpuIds, tensorTransport };
+  return { t: 'task', taskId, name, fn, actorId, method, args, resolved, returnId, gpuIds, tensorTransport, putTag };
 }
 
 /** Only an inline result without tensors or an error takes the compact form. */

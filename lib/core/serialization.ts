@@ -274,6 +274,16 @@ export function putStored(store: ObjectStore, id: ObjectId, stored: StoredValue)
   builder.seal();
 }
 
+/**
+ * As putStored, but an object already sealed (or spilled) under `id` is left as it is: ids that a
+ * rerun of a task repeats name the same value, and a copy of it may have reached this store.
+ */
+export function putStoredOnce(store: ObjectStore, id: ObjectId, stored: StoredValue): void {
+  const state = store.state(id);
+  if (state === 'sealed' || state === 'spilled') return;
+  putStored(store, id, stored);
+}
+
 /** A value encoded for transport: inline msgpack, or bytes bound for the store. */
 export type EncodedValue = { inline: Uint8Array; nested: string[] } | { stored: StoredValue; nested: string[] };
 

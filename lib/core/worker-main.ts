@@ -7,9 +7,10 @@ import { closeSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { ObjectLostError, TaskError, type RemoteErrorInfo } from '../errors.js';
 import { ObjectStore } from '../store/object-store.js';
-import { newObjectId, sequentialObjectId } from '../store/object-id.js';
+import { newObjectId, sequentialObjectId, taskPutBase } from '../store/object-id.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
 import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
+import { checkRecompute } from './options.js';
 import { FrameConnection } from './connection.js';
 import { native, type NativeConnectionRing } from '../native.js';
 import {
@@ -22,7 +23,7 @@ import {
 } from './protocol.js';
 import { actorHandleInfo, lookupRegistered, makeActorHandle } from './registry.js';
 import { setRuntime, type ActorLookup, type Runtime, type RuntimeContext } from './runtime-context.js';
-import { ArgumentSlot, decodeStored, encodeArguments, encodeValue, pack, putStored, restoreTensorsOnDevice, setHandleCodec, unpack } from './serialization.js';
+import { ArgumentSlot, decodeStored, encodeArguments, encodeValue, pack, putStored, putStoredOnce, restoreTensorsOnDevice, setHandleCodec, unpack } from './serialization.js';
 import { SYSTEM_PREFIX, isImmediateSystemMethod, systemMethod } from './system-methods.js';
 import { Deque } from './deque.js';
 import { DriverRequests } from './requests.js';
@@ -54,6 +55,18 @@ function errorInfo(error: unknown): RemoteErrorInfo {
   return { name: 'Error', message: String(error) };
 }
 
+/** What runs now: its ids, and for a task whose lineage the driver keeps, how its puts are named. */
+interface CurrentTask {
+  taskId?: string;
+  actorId?: string;
+  gpuIds: number[];
+  argumentsMs?: number;
+  returnId?: string;
+  putTag?: number;
+  putBase?: Uint8Array;
+  puts?: number;
+}
+
 class WorkerRuntime implements Runtime {
   readonly #connection: FrameConnection<DriverMessage, WorkerMessage>;
   readonly #requests: DriverRequests;
@@ -66,7 +79,7 @@ class WorkerRuntime implements Runtime {
   #nextWatch = 0;
   /** Tasks received and not yet started. */
   readonly queue = new Deque<TaskMessage>();
-  current?: { taskId?: string; actorId?: string; gpuIds: number[]; argumentsMs?: number };
+  current?: CurrentTask;
 
   constructor(connection: FrameConnection<DriverMessage, WorkerMessage>) {
     this.#connection = connection;
@@ -200,8 +213,17 @@ class WorkerRuntime implements Runtime {
   }
 
   submitActorTask(actorId: string, method: string, args: unknown[], options: ActorCallOptions = {}): ObjectRef<unknown> {
+    let recompute;
+    if (options.recompute) {
+      // Sent as the driver keeps it: the function's descriptor and its encoded arguments.
+      checkRecompute(options.recompute);
+      const { args: bytes, argRefs, held } = this.#encodeArgs(options.recompute.args);
+      recompute = { fn: options.recompute.task.descriptor, args: bytes, argRefs, nested: held, options: options.recompute.options ?? {} };
+      const { recompute: _, ...rest } = options;
+      options = rest;
+    }
     const returnId = newObjectId();
-    this.notify('actor-call', { actorId, method, ...this.#encodeArgs(args), returnId, options });
+    this.notify('actor-call', { actorId, method, ...this.#encodeArgs(args), returnId, options, ...(recompute ? { recompute } : {}) });
     return this.#ownedRef(returnId);
   }
 
@@ -241,6 +263,16 @@ class WorkerRuntime implements Runtime {
       // The sequence advances only on a stored put, and each is registered before the next: if
       // this process dies before its register leaves, the driver finds the object at the id after
       // the last one registered.
+      const current = this.current;
+      if (current?.putTag !== undefined && actorConcurrency === 1) {
+        // A task the driver can rerun: named from its return id and attempt, so that the rerun
+        // names it the same. Found already here, it is a copy of this very object (a rerun's).
+        current.putBase ??= taskPutBase(current.returnId!, current.putTag);
+        id = sequentialObjectId(current.putBase, current.puts!++);
+        putStoredOnce(store, id, encoded.stored);
+        this.notify('register', { id, value: { node: nodeId, id }, nested: encoded.nested, size: encoded.stored.payload.byteLength, task: current.taskId });
+        return this.#ownedRef(id);
+      }
       id = sequentialObjectId(putIds, storedPuts);
       putStored(store, id, encoded.stored);
       storedPuts++;
@@ -461,7 +493,8 @@ function sendResult(taskId: string, returnId: string, value: unknown): void {
     runtime.send({ t: 'done', taskId, value: { inline: encoded.inline }, nested: encoded.nested });
     return;
   }
-  putStored(store, returnId, encoded.stored);
+  // A rerun of a task (lineage reconstruction) may find its result here already, as a copy.
+  putStoredOnce(store, returnId, encoded.stored);
   runtime.send({ t: 'done', taskId, value: { node: nodeId, id: returnId }, nested: encoded.nested, size: encoded.stored.payload.byteLength });
 }
 
@@ -497,7 +530,10 @@ let collecting = false;
 function runTask(task: TaskMessage): void {
   running++;
   const started = performance.now();
-  runtime.current = { taskId: task.taskId, actorId: task.actorId, gpuIds: task.gpuIds ?? runtime.current?.gpuIds ?? [] };
+  runtime.current =
+    task.putTag === undefined
+      ? { taskId: task.taskId, actorId: task.actorId, gpuIds: task.gpuIds ?? runtime.current?.gpuIds ?? [] }
+      : { taskId: task.taskId, actorId: task.actorId, gpuIds: task.gpuIds ?? runtime.current?.gpuIds ?? [], returnId: task.returnId, putTag: task.putTag, puts: 0 };
   if (!task.actorId) showGpus(task.gpuIds ?? []);
   const system = task.method?.startsWith(SYSTEM_PREFIX) ? systemMethod(task.method) : undefined;
   let outcome: unknown;

@@ -271,6 +271,30 @@ export class DataPoolActor {
 }
 export const RemoteDataPoolActor = remote(import.meta, DataPoolActor);
 
+/** The pool class last built in this worker for a rerun, so that reruns in a row load it once. */
+let rerunPoolActor: { key: string; actor: Promise<DataPoolActor> } | undefined;
+
+/**
+ * A pool call's output made again where its node was lost: any actor of the pool would have made
+ * the same blocks, so this task builds the pool's class (once per worker) and runs the batch as
+ * the call did. Run under the call's return id, its puts take the ids the call gave them.
+ */
+export const rerunPoolBatch = remote(import.meta, async function trellisRerunPoolBatch(
+  classStage: StageSpec,
+  following: StageSpec[],
+  targets: TaskTargets,
+  slices: BlockSlices,
+  ...blocks: Block[]
+): Promise<TaskResult> {
+  const key = JSON.stringify([classStage, following]);
+  if (rerunPoolActor?.key !== key) {
+    const actor = new DataPoolActor();
+    rerunPoolActor = { key, actor: actor.start(classStage, following).then(() => actor) };
+    rerunPoolActor.actor.catch(() => (rerunPoolActor = undefined));
+  }
+  return (await rerunPoolActor.actor).process(targets, null, slices, ...blocks);
+});
+
 /**
  * The counters a pool's class reports (its `metrics()`: names to cumulative numbers), finite ones
  * only; a method that throws or answers otherwise reports nothing rather than fail the batch.

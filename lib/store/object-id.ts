@@ -37,6 +37,19 @@ export function sequentialObjectId(base: Uint8Array, n: number): ObjectId {
   return bytes.toString('hex');
 }
 
+/**
+ * The base of the ids a task's stored puts take in one attempt: its return id with bytes 8-11
+ * XORed with a scrambling of `attempt + 1` (never zero, so the first put differs from the return
+ * id itself). Rerunning the task under the same return id and attempt (as lineage reconstruction
+ * does) names its puts the same again, so refs to them that others hold stay good.
+ */
+export function taskPutBase(returnId: ObjectId, attempt: number): Uint8Array {
+  const bytes = Buffer.from(returnId, 'hex');
+  if (bytes.byteLength !== 20) throw new InvalidArgumentError(`a task's return id must be 40 hex characters, got '${returnId}'`);
+  bytes.writeUInt32LE((bytes.readUInt32LE(8) ^ mix32(attempt + 1)) >>> 0, 8);
+  return bytes;
+}
+
 function mix32(value: number): number {
   let h = value >>> 0;
   h ^= h >>> 16;

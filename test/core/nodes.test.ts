@@ -8,7 +8,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { GraphValidationError, InfeasibleTaskError, InputNode, ModelReplica, NodeAgent, ObjectLostError, ObjectStoreFullError, buildLLMProcessor, createCollectiveGroup, events, fromItems, readDatasource, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
-import { AccumulatorActor, NodeTagger, checksum, putArray, shout, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
+import { AccumulatorActor, NodeTagger, checksum, doubleId, putArray, shout, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { openGate, rejection, scratch, until } from './helpers.js';
 import { TINY_LLAMA, randomWeights, referenceGenerate, writeCheckpoint } from '../llm/fixtures/decoders.js';
 import { GatedSource } from '../data/fixtures/udfs.js';
@@ -221,6 +221,45 @@ describe('node agents', () => {
     expect(state().nodes.map((node) => node.nodeId)).not.toContain('old');
   });
 
+  it("makes a dataset's blocks again when the node holding them dies, every row once", async () => {
+    agents.set('agent-d', startAgent(port, 'agent-d', { pool: 1 }));
+    await waitForNodes(state().nodes.length + 1, { timeout: 60_000 });
+    const reruns: string[] = [];
+    const onRerun = ({ task }: { task: string }) => reruns.push(task);
+    const removed: string[] = [];
+    const onRemoved = ({ nodeId }: { nodeId: string }) => removed.push(nodeId);
+    events().on('reconstruct', onRerun);
+    events().on('node-removed', onRemoved);
+    try {
+      // Read on the agents once a pool actor is up on each (a, b and d), mapped where each block
+      // was read; the blocks stay in the agents' stores.
+      const gate = files.path('loss-gate');
+      const source = new GatedSource(30_000, 2_500, Object.fromEntries(Array.from({ length: 12 }, (_, index) => [index, gate])));
+      const pending = readDatasource(source)
+        .map(doubleId)
+        .mapBatches(NodeTagger, { concurrency: 3, numCpus: 0, resources: { pool: 1 }, batchSize: null })
+        .materialize();
+      const poolActors = () => state().actors.filter((actor) => actor.state === 'alive' && actor.className.includes('DataPoolActor'));
+      await until(() => new Set(poolActors().map((actor) => actor.nodeId)).size === 3, 'a pool actor on each agent');
+      openGate(gate);
+      // Not read yet (a read in the driver would copy every block to its store): the blocks
+      // mapped on agent-d are there alone.
+      const materialized = await pending;
+      agents.get('agent-d')!.kill('SIGKILL');
+      await until(() => removed.includes('agent-d'), 'agent-d to leave');
+      // The blocks agent-d held are made again from lineage: the pool's batches by a task that
+      // builds the pool's class, their inputs by rerunning the map tasks that put them.
+      const after = await materialized.takeAll();
+      expect(after.map((row) => row.id as number).sort((a, b) => a - b)).toEqual(Array.from({ length: 30_000 }, (_, id) => id));
+      expect(after.every((row) => row.scaled === (row.id as number) * 3)).toBe(true);
+      expect(after.some((row) => row.nodeId === 'agent-d')).toBe(false);
+      expect(reruns).toContain('NodeTagger (rerun)');
+    } finally {
+      events().off('reconstruct', onRerun);
+      events().off('node-removed', onRemoved);
+    }
+  }, 90_000);
+
   it('loses a node whose agent dies: its tasks retry elsewhere and its objects are recomputed', async () => {
     const gate = files.path('gate');
     const removed: string[] = [];
@@ -231,6 +270,7 @@ describe('node agents', () => {
     const recomputable = makeArray.options(onB).remote(200_000, 7);
     const bound = makeArray.options({ resources: { b: 1 } }).remote(200_000, 1);
     const [putThere] = await get(putArray.options({ resources: { b: 1 } }).remote(200_000));
+    const [putAnywhere] = await get(putArray.options(onB).remote(200_000));
     expect((await get(checksum.options({ resources: { b: 1 } }).remote(recomputable))).nodeId).toBe('agent-b');
     // A placement group with a bundle on each agent, and an actor in agent-b's bundle.
     const group = placementGroup([{ slot: 1 }, { slot: 1 }], 'STRICT_SPREAD');
@@ -252,10 +292,12 @@ describe('node agents', () => {
     const lost = await rejection(get(bound));
     expect(lost.name).toBe('InfeasibleTaskError');
     expect(lost.message).toContain('b: 1');
-    // What a worker there put (not its result) has nothing to recompute it from.
+    // What a task put there is made again by rerunning the task under the same ids, where it can run.
+    expect(((await get(putAnywhere)) as Float64Array)[199_999]).toBe(1);
     const gone = await rejection(get(putThere));
     expect(gone).toBeInstanceOf(ObjectLostError);
     expect(gone.message).toContain('lost with node agent-b');
+    expect(gone.message).toContain('putArray, run again to make it, failed');
     // The group waits for its lost bundle (STRICT_SPREAD: not on agent-a, which has the other),
     // gets it on a node that joins, and its actor restarts there.
     expect(state().placementGroups.find((entry) => entry.id === group.id)!.state).toBe('rescheduling');

@@ -8,7 +8,8 @@ import { Deque } from '../../core/deque.js';
 import type { Block } from '../block.js';
 import { slicesOf, type PhysicalOperatorSpec, type ActorPoolOptions } from '../plan.js';
 import type { OperatorProgress } from '../progress-types.js';
-import { RemoteDataPoolActor, type DataPoolActor, type TaskResult } from '../worker-tasks.js';
+import { RemoteDataPoolActor, rerunPoolBatch, type DataPoolActor, type TaskResult } from '../worker-tasks.js';
+import type { Recompute } from '../../core/options.js';
 import { Operator, dispose, resourcesOf, taskTargets, type Unit } from './operator.js';
 
 interface PoolActor {
@@ -213,7 +214,16 @@ export class ActorMapOperator extends Operator {
     const actor = this.#actorNear(unit) ?? this.#freeActor()!;
     actor.inflight++;
     this.began(unit);
-    const ref = actor.handle.process.remote(taskTargets(this.executor), this.fusedWrite(unit), slicesOf(unit.blocks), ...(unit.blocks.map((block) => block.ref) as unknown as Block[])) as ObjectRef<TaskResult>;
+    const targets = taskTargets(this.executor);
+    const write = this.fusedWrite(unit);
+    const slices = slicesOf(unit.blocks);
+    const blocks = unit.blocks.map((block) => block.ref) as unknown as Block[];
+    const ref = (write === null && this.pool.maxConcurrency === 1 ? actor.handle.process.options({ recompute: this.#rerun(targets, slices, blocks) }) : actor.handle.process).remote(
+      targets,
+      write,
+      slices,
+      ...blocks,
+    ) as ObjectRef<TaskResult>;
     get(ref).then(
       (result) => {
         ref[Symbol.dispose]();
@@ -248,6 +258,20 @@ export class ActorMapOperator extends Operator {
         this.onInfrastructureError(unit, error);
       },
     );
+  }
+
+  /**
+   * How a batch's blocks are made again if they are lost with their node after the call: a task
+   * that builds the pool's class and runs the batch. Not for a fused write (a rerun would write
+   * again), nor for actors running several calls at once (their puts cannot be told apart).
+   */
+  #rerun(targets: ReturnType<typeof taskTargets>, slices: ReturnType<typeof slicesOf>, blocks: Block[]): Recompute {
+    const compute = this.spec.compute;
+    return {
+      task: rerunPoolBatch,
+      args: [this.spec.classStage, this.spec.following, targets, slices, ...blocks],
+      options: { numCpus: compute.numCpus ?? 1, numGpus: compute.numGpus, memory: compute.memory, resources: compute.resources, name: `${this.className} (rerun)` },
+    };
   }
 
   #callEnded(actor: PoolActor): void {
