@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { InvalidArgumentError, ObjectLostError, ObjectStore, events, free, get, init, put, shutdown, state, type ObjectRef } from '../../lib/index.js';
 import { bigArray } from './fixtures/core.js';
-import { RemoteMaker, makeLikeMaker, putArrays, putAsFileSays, putScaled } from './fixtures/lineage.js';
+import { RemoteMaker, makeLikeMaker, makeThroughMaker, putArrays, putAsFileSays, putScaled } from './fixtures/lineage.js';
 
 describe('lineage of puts', () => {
   let store: ObjectStore;
@@ -92,6 +92,13 @@ describe('lineage of puts', () => {
     const error = await get(plain).catch((caught: unknown) => caught as Error);
     expect(error).toBeInstanceOf(ObjectLostError);
     expect((error as Error).message).toContain('recompute');
+  });
+
+  it('takes the recompute option from a call made inside a task', async () => {
+    const [made] = (await get(makeThroughMaker.remote(6))) as ObjectRef<Float64Array>[];
+    store.delete(made.id);
+    expect((await get(made))[0]).toBe(6);
+    expect(rerunsOf('makeLikeMaker')).toHaveLength(2);
   });
 
   it('refuses a recompute option that is not a remote function', () => {

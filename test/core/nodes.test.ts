@@ -7,7 +7,7 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { GraphValidationError, InfeasibleTaskError, InputNode, ModelReplica, NodeAgent, ObjectLostError, ObjectStoreFullError, buildLLMProcessor, createCollectiveGroup, events, fromItems, readDatasource, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
+import { GraphValidationError, InfeasibleTaskError, InputNode, ModelReplica, NodeAgent, ObjectLostError, ObjectStoreFullError, buildLLMProcessor, createCollectiveGroup, events, fromItems, readDatasource, range, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
 import { AccumulatorActor, NodeTagger, checksum, doubleId, putArray, shout, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { openGate, rejection, scratch, until } from './helpers.js';
 import { TINY_LLAMA, randomWeights, referenceGenerate, writeCheckpoint } from '../llm/fixtures/decoders.js';
@@ -254,6 +254,19 @@ describe('node agents', () => {
       expect(after.every((row) => row.scaled === (row.id as number) * 3)).toBe(true);
       expect(after.some((row) => row.nodeId === 'agent-d')).toBe(false);
       expect(reruns).toContain('NodeTagger (rerun)');
+
+      // Streaming: a node killed while rows flow (calls in flight retried on the pool's other
+      // actors, blocks it held made again); however the kill falls, every row arrives once.
+      agents.set('agent-e', startAgent(port, 'agent-e', { pool: 1 }));
+      await waitForNodes(state().nodes.length + 1, { timeout: 60_000 });
+      const seen = new Uint8Array(60_000);
+      let rowsRead = 0;
+      for await (const row of range(60_000, { parallelism: 12 }).mapBatches(NodeTagger, { concurrency: 3, numCpus: 0, resources: { pool: 1 }, batchSize: 2500 }).iterRows()) {
+        seen[row.id as number]++;
+        if (++rowsRead === 5000) agents.get('agent-e')!.kill('SIGKILL');
+      }
+      expect(seen.every((count) => count === 1)).toBe(true);
+      await until(() => removed.includes('agent-e'), 'agent-e to leave');
     } finally {
       events().off('reconstruct', onRerun);
       events().off('node-removed', onRemoved);
