@@ -38,3 +38,18 @@ export const byteLength = remote(import.meta, function byteLength(bytes: Uint8Ar
 export const makeBytes = remote(import.meta, function makeBytes(size: number) {
   return new Uint8Array(size).fill(7);
 });
+
+/** A stand-in for a model in the nodes suite's dataset job: some arithmetic per row. */
+export class RowScorer {
+  call(batch: { id: ArrayLike<number> }) {
+    const ids = batch.id;
+    const score = new Float64Array(ids.length);
+    for (let i = 0; i < ids.length; i++) {
+      let x = ids[i];
+      for (let k = 0; k < 300; k++) x = (x * 1.000001 + 1) % 1e9;
+      score[i] = x;
+    }
+    return { id: Array.from(ids), score };
+  }
+}
+remote(import.meta, RowScorer);

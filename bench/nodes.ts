@@ -4,18 +4,46 @@
  * agent to another straight (the target pulls from the source); the floor is
  * one plain TCP stream of the same bytes to another process on this host, measured in the same
  * run. Tasks on the agent (their worker connected over TCP) against tasks on the driver's node.
+ * A dataset job through an actor pool on three agents, clean and with one agent killed a quarter
+ * of the way in (its blocks made again from lineage, its batches retried on the other actors).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { connect } from 'node:net';
 import { fileURLToPath } from 'node:url';
-import { free, get, init, put, shutdown, state, waitForNodes } from '../lib/index.js';
-import { byteLength, makeBytes, noop } from './core-tasks.js';
+import { events, free, get, init, put, range, shutdown, state, waitForNodes } from '../lib/index.js';
+import { RowScorer, byteLength, makeBytes, noop } from './core-tasks.js';
 import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
 
 const OBJECT_BYTES = 256 * 2 ** 20;
 const ROUNDS = 5;
 const TOKEN = 'bench-nodes';
 const cli = fileURLToPath(new URL('../lib/cli/trellis.ts', import.meta.url));
+const JOB_ROWS = 400_000;
+const JOB_ROUNDS = 3;
+
+function startAgent(id: string, resources: Record<string, number>): ChildProcess {
+  return spawn(process.execPath, [
+    '--import', 'tsx', cli, 'node', '--head', `127.0.0.1:${state().listening!.port}`, '--id', id,
+    '--num-cpus', '1', '--num-gpus', '0', '--resources', JSON.stringify(resources), '--once',
+  ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN }, stdio: ['ignore', 'ignore', 'inherit'] });
+}
+
+/** Seconds to stream JOB_ROWS rows through a pool of three actors; `atQuarter` runs a quarter in. */
+async function datasetJob(atQuarter?: () => void): Promise<number> {
+  const start = nowNs();
+  let rows = 0;
+  let called = false;
+  const dataset = range(JOB_ROWS, { parallelism: 16 }).mapBatches(RowScorer, { concurrency: 3, numCpus: 0, resources: { pool: 1 }, batchSize: 5000 });
+  for await (const batch of dataset.iterBatches({ batchSize: 5000, batchFormat: 'arrow' })) {
+    rows += (batch as { numRows: number }).numRows;
+    if (!called && rows >= JOB_ROWS / 4) {
+      called = true;
+      atQuarter?.();
+    }
+  }
+  if (rows !== JOB_ROWS) throw new Error(`the dataset job gave ${rows} rows, not ${JOB_ROWS}`);
+  return elapsedSeconds(start);
+}
 
 /** The median of ROUNDS runs of `body`, after one warm-up run; each run returns the seconds it timed. */
 async function medianSeconds(body: () => Promise<number>): Promise<number> {
@@ -80,6 +108,7 @@ export const nodesSuite: Suite = {
     ['object to driver / TCP stream', 'node_transfer_to_driver_gigabytes', 'loopback_tcp_gigabytes', '>= 0.5'],
     ['object agent to agent / TCP stream', 'node_transfer_agent_to_agent_gigabytes', 'loopback_tcp_gigabytes', '>= 0.5'],
     ['agent tasks sync / local tasks sync', 'agent_tasks_sync', 'local_tasks_sync', ''],
+    ['dataset job, an agent killed / clean', 'dataset_job_node_lost_seconds', 'dataset_job_seconds', '(report)'],
   ],
   async run(): Promise<Results> {
     const results: Results = {};
@@ -87,12 +116,7 @@ export const nodesSuite: Suite = {
     const agents: ChildProcess[] = [];
     await init({ numCpus: 1, prestartWorkers: 1, listen: { host: '127.0.0.1', port: 0, token: TOKEN } });
     try {
-      for (const id of ['agent', 'agent2']) {
-        agents.push(spawn(process.execPath, [
-          '--import', 'tsx', cli, 'node', '--head', `127.0.0.1:${state().listening!.port}`, '--id', id,
-          '--num-cpus', '1', '--num-gpus', '0', '--resources', JSON.stringify({ [id]: 1 }), '--once',
-        ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN }, stdio: ['ignore', 'ignore', 'inherit'] }));
-      }
+      for (const id of ['agent', 'agent2']) agents.push(startAgent(id, { [id]: 1, pool: 1 }));
       await waitForNodes(3, { timeout: 60_000 });
       const onAgent = { resources: { agent: 1 } };
       const bytes = new Uint8Array(OBJECT_BYTES).fill(3);
@@ -132,6 +156,25 @@ export const nodesSuite: Suite = {
       };
       await rate('agent_tasks_sync', onAgent);
       await rate('local_tasks_sync', { schedulingStrategy: { type: 'node', nodeId: 'node-0' } });
+      // Each round a third agent joins; the clean job runs on all three, then the same job again
+      // while the third is killed a quarter of the way in.
+      const clean: number[] = [];
+      const lost: number[] = [];
+      let recomputed = 0;
+      const onReconstruct = () => recomputed++;
+      events().on('reconstruct', onReconstruct);
+      for (let round = 0; round < JOB_ROUNDS; round++) {
+        const spare = startAgent(`spare${round}`, { pool: 1 });
+        agents.push(spare);
+        await waitForNodes(4, { timeout: 60_000 });
+        clean.push(await datasetJob());
+        lost.push(await datasetJob(() => spare.kill('SIGKILL')));
+        while (state().nodes.length > 3) await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      events().off('reconstruct', onReconstruct);
+      results.dataset_job_seconds = { value: round(median(clean)), unit: 's' };
+      results.dataset_job_node_lost_seconds = { value: round(median(lost)), unit: 's' };
+      results.dataset_job_node_lost_recomputed = { value: Math.round(recomputed / JOB_ROUNDS), unit: 'objects' };
     } finally {
       await shutdown();
       for (const agent of agents) agent.kill('SIGKILL');

@@ -156,6 +156,8 @@ interface RerunSpec {
   argRefs: string[];
   nested: string[];
   options: TaskOptions;
+  /** Actors that would make the same for the same call (a pool's), to rerun it on while alive. */
+  peers?: () => ReadonlyArray<{ readonly actorId: string }>;
 }
 
 interface RequestInfo {
@@ -1145,9 +1147,30 @@ export class Cluster implements Runtime {
       return;
     }
     this.#markPending(record);
-    // The rerun takes the repeated task's place for its result and every put it made, under the
-    // same ids: its puts are named by the same attempt number.
+    this.#startRerun(lineage, spec, record.id);
+  }
+
+  /**
+   * Runs `lineage` again under its return id: an actor call again on a live peer of its actor
+   * where it names some (a pool's actors: the resources a task would need are theirs), else the
+   * task that makes the same.
+   */
+  #startRerun(lineage: TaskRecord, spec: RerunSpec, objectId: string): void {
+    const peer = lineage.actorId !== undefined ? this.#livePeer(spec) : undefined;
+    if (peer) {
+      this.#submitActorCall(peer.id, lineage.method!, lineage.args, lineage.argRefs, lineage.nested, lineage.returnId, {}, spec, { of: lineage, objectId });
+      return;
+    }
     const rerun = this.#makeTask(spec.fn, undefined, undefined, spec.args, spec.argRefs, spec.nested, spec.options, lineage.returnId);
+    this.#takeOver(rerun, lineage, objectId);
+    this.#submit(rerun);
+  }
+
+  /**
+   * The rerun takes the repeated run's place for its result (see #makeTask) and every put it
+   * made, under the same ids: its puts are named by the same attempt number.
+   */
+  #takeOver(rerun: TaskRecord, lineage: TaskRecord, objectId: string): void {
     rerun.rerun = true;
     rerun.putTag = lineage.putTag;
     for (const id of lineage.putIds ?? []) {
@@ -1158,8 +1181,21 @@ export class Cluster implements Runtime {
       (rerun.putIds ??= []).push(id);
       this.#unkeep(lineage);
     }
-    this.events.emit('reconstruct', { objectId: record.id, task: rerun.name });
-    this.#submit(rerun);
+    this.events.emit('reconstruct', { objectId, task: rerun.name });
+  }
+
+  #livePeer(spec: RerunSpec): ActorRecord | undefined {
+    let peers: ReadonlyArray<{ readonly actorId: string }> = [];
+    try {
+      peers = spec.peers?.() ?? [];
+    } catch {
+      // A failing callback names no peer: the task runs instead.
+    }
+    for (const peer of peers) {
+      const actor = this.#actors.get(peer.actorId);
+      if (actor && actor.state !== 'dead') return actor;
+    }
+    return undefined;
   }
 
   /** How to run `task` again to make what it made, if it can be: done, succeeded, and not a plain actor call. */
@@ -1685,8 +1721,13 @@ export class Cluster implements Runtime {
 
   #failTask(task: TaskRecord, error: Error): void {
     task.state = 'done';
-    task.failed = true;
     this.#tasks.delete(task.taskId);
+    if (task.rerun && task.rerunAs && error instanceof ActorDiedError && !this.#closed) {
+      // The peer running a rerun died (or was stopped): run it again on another, or as its task.
+      this.#startRerun(task, task.rerunAs, task.returnId);
+      return;
+    }
+    task.failed = true;
     this.#failObject(task.returnId, error);
     // What it put cannot be made again by it; a rerun's puts still missing are lost for good.
     for (const id of task.putIds ?? []) {
@@ -2083,7 +2124,14 @@ export class Cluster implements Runtime {
     if (options.recompute) {
       checkRecompute(options.recompute);
       const encoded = this.#encodeArgs(options.recompute.args);
-      rerunAs = { fn: options.recompute.task.descriptor, args: encoded.bytes, argRefs: encoded.argRefs, nested: encoded.held, options: options.recompute.options ?? {} };
+      rerunAs = {
+        fn: options.recompute.task.descriptor,
+        args: encoded.bytes,
+        argRefs: encoded.argRefs,
+        nested: encoded.held,
+        options: options.recompute.options ?? {},
+        peers: options.recompute.peers,
+      };
     }
     const { bytes, argRefs, held } = this.#encodeArgs(args);
     const returnId = newObjectId();
@@ -2101,10 +2149,12 @@ export class Cluster implements Runtime {
     returnId: string,
     options: ActorCallOptions = {},
     rerunAs?: RerunSpec,
+    rerunOf?: { of: TaskRecord; objectId: string },
   ): void {
     const actor = this.#actors.get(actorId);
     const task = this.#makeTask(undefined, actorId, method, args, argRefs, held, ACTOR_CALL_OPTIONS, returnId);
     task.name = actor ? callName(actor, method) : `actor.${method}`;
+    if (rerunOf) this.#takeOver(task, rerunOf.of, rerunOf.objectId);
     if (rerunAs) {
       // The rerun's arguments stay with the call's lineage, as a task's own arguments do.
       task.rerunAs = rerunAs;

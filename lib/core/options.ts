@@ -54,6 +54,12 @@ export interface Recompute {
   args: unknown[];
   /** The task's resources and retries, as a task's options. */
   options?: TaskOptions;
+  /**
+   * Actors that would return and put the same for the same call (the caller's peers, as a pool's
+   * actors are): while one is alive the call itself is rerun on it, with no resources of its own
+   * to wait for (those a task would need may all be held by such actors). Driver only.
+   */
+  peers?: () => ReadonlyArray<{ readonly actorId: string }>;
 }
 
 /** Checks a call's `recompute` option, naming what is wrong. */

@@ -94,11 +94,26 @@ describe('lineage of puts', () => {
     expect((error as Error).message).toContain('recompute');
   });
 
+  it("reruns a lost call's output on a live peer of its actor, and as the task once none is left", async () => {
+    const maker = RemoteMaker.remote();
+    const peer = RemoteMaker.remote();
+    const recompute = { task: makeLikeMaker, args: [50_000, 7], peers: () => [peer] };
+    const [made] = (await get(maker.make.options({ recompute }).remote(50_000, 7))) as ObjectRef<Float64Array>[];
+    store.delete(made.id);
+    expect((await get(made))[0]).toBe(7);
+    expect(await get(peer.callCount.remote())).toBe(1);
+    expect(reruns.at(-1)!.task).toMatch(/make/);
+    await peer[Symbol.asyncDispose]();
+    store.delete(made.id);
+    expect((await get(made))[0]).toBe(7);
+    expect(reruns.at(-1)!.task).toBe('makeLikeMaker');
+  });
+
   it('takes the recompute option from a call made inside a task', async () => {
     const [made] = (await get(makeThroughMaker.remote(6))) as ObjectRef<Float64Array>[];
     store.delete(made.id);
     expect((await get(made))[0]).toBe(6);
-    expect(rerunsOf('makeLikeMaker')).toHaveLength(2);
+    expect(rerunsOf('makeLikeMaker')).toHaveLength(3);
   });
 
   it('refuses a recompute option that is not a remote function', () => {

@@ -261,9 +261,10 @@ export class ActorMapOperator extends Operator {
   }
 
   /**
-   * How a batch's blocks are made again if they are lost with their node after the call: a task
-   * that builds the pool's class and runs the batch. Not for a fused write (a rerun would write
-   * again), nor for actors running several calls at once (their puts cannot be told apart).
+   * How a batch's blocks are made again if they are lost with their node after the call: the call
+   * again on another of the pool's actors while there are some, else a task that builds the pool's
+   * class and runs the batch. Not for a fused write (a rerun would write again), nor for actors
+   * running several calls at once (their puts cannot be told apart).
    */
   #rerun(targets: ReturnType<typeof taskTargets>, slices: ReturnType<typeof slicesOf>, blocks: Block[]): Recompute {
     const compute = this.spec.compute;
@@ -271,6 +272,8 @@ export class ActorMapOperator extends Operator {
       task: rerunPoolBatch,
       args: [this.spec.classStage, this.spec.following, targets, slices, ...blocks],
       options: { numCpus: compute.numCpus ?? 1, numGpus: compute.numGpus, memory: compute.memory, resources: compute.resources, name: `${this.className} (rerun)` },
+      // While the pool lives its actors hold what the task would need: the call reruns on one.
+      peers: () => [...this.#actors].filter((actor) => actor.state === 'ready').map((actor) => actor.handle),
     };
   }
 
