@@ -5,9 +5,11 @@
  */
 import { NodeLostError, errorFromNative } from '../errors.js';
 import type { AgentReplyMessage, AgentRequestMessage } from './agent-protocol.js';
+import type { BulkPlace } from './connection.js';
+import type { AnyMessage } from './protocol.js';
 
 export class AgentRequests {
-  readonly #pending = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>();
+  readonly #pending = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void; place?: BulkPlace }>();
   #next = 1;
   #lost: NodeLostError | undefined;
 
@@ -21,12 +23,15 @@ export class AgentRequests {
     return this.#lost !== undefined;
   }
 
-  /** Asks; `bulk` bytes must stay unchanged until the answer. */
-  request(op: AgentRequestMessage['op'], body: Record<string, unknown>, bulk?: Uint8Array): Promise<unknown> {
+  /**
+   * Asks; `bulk` bytes must stay unchanged until the answer. An answer with bytes of its own (a
+   * read) may be read straight into `place` (see sinkFor): it then resolves with that memory.
+   */
+  request(op: AgentRequestMessage['op'], body: Record<string, unknown>, bulk?: Uint8Array, place?: BulkPlace): Promise<unknown> {
     if (this.#lost) return Promise.reject(this.#lost);
     const requestId = this.#next++;
     return new Promise((resolve, reject) => {
-      this.#pending.set(requestId, { resolve, reject });
+      this.#pending.set(requestId, { resolve, reject, place });
       this.send({ t: 'agent-request', requestId, op, body }, bulk);
     });
   }
@@ -34,6 +39,12 @@ export class AgentRequests {
   /** A request that wants no answer. */
   notify(op: AgentRequestMessage['op'], body: Record<string, unknown>): void {
     if (!this.#lost) this.send({ t: 'agent-request', requestId: 0, op, body });
+  }
+
+  /** Where an answer's bytes go, for its connection's bulkSink. */
+  sinkFor(message: AnyMessage): BulkPlace | undefined {
+    const reply = message as AgentReplyMessage;
+    return reply.t === 'agent-reply' && reply.ok ? this.#pending.get(reply.requestId)?.place : undefined;
   }
 
   settle(reply: AgentReplyMessage): void {

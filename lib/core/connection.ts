@@ -12,7 +12,7 @@
  */
 import type { Socket } from 'node:net';
 import { native, type NativeConnectionRing } from '../native.js';
-import { FrameWriter, bulkFrameHead, decodeFrame, writeFrame, type AnyMessage } from './protocol.js';
+import { FrameWriter, bulkFrameHead, decodeBulkHead, decodeFrame, isBulkFrame, writeFrame, type AnyMessage } from './protocol.js';
 import { busyPolling } from './busy-poll.js';
 
 /**
@@ -52,8 +52,31 @@ export interface TrafficObserver {
 
 interface Batch {
   sequence: number;
-  payload: Buffer;
+  payload?: Buffer;
+  /** A bulk frame read straight into where its bytes belong (see bulkSink), decoded already. */
+  message?: AnyMessage;
 }
+
+/**
+ * Where a bulk frame's raw bytes belong, asked once its head has arrived and before they do (an
+ * object's chunk, into the store object it is part of): they are copied there as they come, not
+ * joined into a batch first. Undefined: the batch arrives whole, as any other.
+ */
+export type BulkSink = (message: AnyMessage, bulkLength: number) => BulkPlace | undefined;
+
+/**
+ * Memory a bulk frame's bytes are read into, while `valid()` (a store object being written can be
+ * aborted meanwhile, its memory then no longer its own: the rest of the bytes are dropped).
+ */
+export interface BulkPlace {
+  into: Uint8Array;
+  valid(): boolean;
+}
+
+/** Batches smaller than this are joined as usual: a direct read pays only for large chunks. */
+const DIRECT_BYTES = 256 * 1024;
+/** The batch header, a frame's length, its tag and its head's length. */
+const BULK_PREFIX_BYTES = HEADER_BYTES + 4 + 1 + 4;
 
 /** Connections by the id their ring is watched under: the loop names the rings that have bytes. */
 const watched = new Map<number, FrameConnection<AnyMessage, AnyMessage>>();
@@ -92,6 +115,12 @@ export class FrameConnection<Incoming extends AnyMessage, Outgoing extends AnyMe
   #fromSocket: Batch[] = [];
   #fromRing: Batch[] = [];
   #delivering = false;
+  /** Set by the owner where bulk frames may be read straight into place. */
+  bulkSink: BulkSink | undefined;
+  /** The bulk frame being read into place, and how much of it has come. */
+  #direct: { sequence: number; message: AnyMessage & { bulk?: Uint8Array }; place: BulkPlace; filled: number } | undefined;
+  /** The batch at the head of #pending was looked at for a direct read (and is not one). */
+  #directChecked = false;
 
   /** `traffic` hears of each write and each arrival (busy-polling: see busy-poll.ts). */
   constructor(socket: Socket, onMessage: (message: Incoming) => void, onClose: () => void, traffic?: TrafficObserver) {
@@ -233,16 +262,24 @@ export class FrameConnection<Incoming extends AnyMessage, Outgoing extends AnyMe
 
   #socketData(chunk: Buffer): void {
     this.#traffic?.received();
-    this.#pending.push(chunk);
-    this.#pendingBytes += chunk.length;
+    if (this.#direct) chunk = this.#fillDirect(chunk);
+    if (chunk.length > 0) {
+      this.#pending.push(chunk);
+      this.#pendingBytes += chunk.length;
+    }
     let rang = false;
     while (this.#pendingBytes >= HEADER_BYTES) {
       let buffer = this.#pending[0];
       if (buffer.length < HEADER_BYTES) this.#pending = [(buffer = Buffer.concat(this.#pending, this.#pendingBytes))];
       const length = buffer.readUInt32LE(0);
       // Joined once the whole batch is here: joining at every chunk of a large batch (an object's
-      // chunk between nodes, say) copied it over and over.
-      if (this.#pendingBytes < HEADER_BYTES + length) break;
+      // chunk between nodes, say) copied it over and over. A bulk frame with a place to go is
+      // read straight there instead.
+      if (this.#pendingBytes < HEADER_BYTES + length) {
+        if (!this.#directChecked && this.bulkSink && length >= DIRECT_BYTES && this.#startDirect(length)) continue;
+        break;
+      }
+      this.#directChecked = false;
       if (buffer.length < HEADER_BYTES + length) this.#pending = [(buffer = Buffer.concat(this.#pending, this.#pendingBytes))];
       const sequence = buffer.readUInt32LE(4);
       if (sequence === DOORBELL) {
@@ -259,6 +296,64 @@ export class FrameConnection<Incoming extends AnyMessage, Outgoing extends AnyMe
     this.#deliver();
   }
 
+  /**
+   * Looks at the head of a large batch not yet whole: if it is one bulk frame whose bytes have a
+   * place (bulkSink), copies what came of them there and reads the rest there too. False when it
+   * is not (or its head has not come yet: asked again with more bytes).
+   */
+  #startDirect(length: number): boolean {
+    if (this.#pendingBytes < BULK_PREFIX_BYTES) return false;
+    let buffer = this.#pending[0];
+    if (buffer.length < BULK_PREFIX_BYTES) this.#pending = [(buffer = Buffer.concat(this.#pending, this.#pendingBytes))];
+    // One bulk frame filling the batch, as sendBulk makes it.
+    if (buffer.readUInt32LE(HEADER_BYTES) + 4 !== length || !isBulkFrame(buffer[HEADER_BYTES + 4])) {
+      this.#directChecked = true;
+      return false;
+    }
+    const bodyStart = BULK_PREFIX_BYTES + buffer.readUInt32LE(HEADER_BYTES + 5);
+    if (this.#pendingBytes < bodyStart) return false;
+    if (buffer.length < bodyStart) this.#pending = [(buffer = Buffer.concat(this.#pending, this.#pendingBytes))];
+    this.#directChecked = true;
+    const message = decodeBulkHead(buffer.subarray(BULK_PREFIX_BYTES, bodyStart)) as AnyMessage & { bulk?: Uint8Array };
+    const place = this.bulkSink!(message, HEADER_BYTES + length - bodyStart);
+    if (!place || place.into.byteLength !== HEADER_BYTES + length - bodyStart) return false;
+    const sequence = buffer.readUInt32LE(4);
+    const pending = this.#pending;
+    this.#pending = [];
+    this.#pendingBytes = 0;
+    this.#directChecked = false;
+    this.#direct = { sequence, message, place, filled: 0 };
+    // The batch is not whole: every byte here after its head is the bulk's.
+    let skip = bodyStart;
+    for (const piece of pending) {
+      if (skip >= piece.length) {
+        skip -= piece.length;
+        continue;
+      }
+      this.#fillDirect(skip > 0 ? piece.subarray(skip) : piece);
+      skip = 0;
+    }
+    return true;
+  }
+
+  /** Copies socket bytes into the bulk being read into place; returns those past its end. */
+  #fillDirect(chunk: Buffer): Buffer {
+    const direct = this.#direct!;
+    const into = direct.place.into;
+    const take = Math.min(chunk.length, into.byteLength - direct.filled);
+    const valid = direct.place.valid();
+    if (valid) into.set(take === chunk.length ? chunk : chunk.subarray(0, take), direct.filled);
+    direct.filled += take;
+    if (direct.filled === into.byteLength) {
+      this.#direct = undefined;
+      // Bytes dropped on the way arrive as none: the reader fails, as its target is gone anyway.
+      direct.message.bulk = valid ? into : undefined;
+      // Delivered by #socketData, in sequence with the ring's batches.
+      this.#fromSocket.push({ sequence: direct.sequence, message: direct.message });
+    }
+    return chunk.subarray(take);
+  }
+
   /** Delivers whole batches in sequence, from whichever path has the next one. */
   #deliver(): void {
     if (this.#delivering) return;
@@ -270,7 +365,11 @@ export class FrameConnection<Incoming extends AnyMessage, Outgoing extends AnyMe
         else if (this.#fromSocket.length > 0 && this.#fromSocket[0].sequence === this.#expected) batch = this.#fromSocket.shift();
         if (!batch) return;
         this.#expected = nextSequence(this.#expected);
-        const payload = batch.payload;
+        if (batch.message) {
+          this.#onMessage(batch.message as Incoming);
+          continue;
+        }
+        const payload = batch.payload!;
         for (let offset = 0; offset < payload.length; ) {
           const length = payload.readUInt32LE(offset);
           const message = decodeFrame(payload.subarray(offset + 4, offset + 4 + length)) as Incoming;

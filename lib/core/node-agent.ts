@@ -89,6 +89,8 @@ class Session {
       () => void this.#close(),
     );
     this.#objects = new ObjectServer(this.store, agent.nodeId, this.connection);
+    // The head's writes land straight in the objects they fill.
+    this.connection.bulkSink = (message, bulkLength) => this.#objects.sinkFor(message, bulkLength);
     let lastHeard = Date.now();
     this.#heard = () => (lastHeard = Date.now());
     this.#statsTimer = setInterval(() => {

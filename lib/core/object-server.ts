@@ -6,10 +6,11 @@
 import { connect } from 'node:net';
 import type { ObjectBuilder, ObjectStore, ObjectView } from '../store/object-store.js';
 import { NodeLostError } from '../errors.js';
-import { FrameConnection } from './connection.js';
+import { FrameConnection, type BulkPlace } from './connection.js';
+import type { AnyMessage } from './protocol.js';
 import type { AgentReplyMessage, AgentRequestMessage, PeerHelloMessage } from './agent-protocol.js';
 import { AgentRequests } from './agent-requests.js';
-import type { ObjectReader, ObjectSource } from './object-transfer.js';
+import { isPlaced, type ObjectReader, type ObjectSource } from './object-transfer.js';
 
 /** Where a server's answers go (its connection). */
 type Replies = { send(message: AgentReplyMessage): void; sendBulk(message: AgentReplyMessage, bulk: Uint8Array): void };
@@ -57,7 +58,7 @@ export class ObjectServer {
           const builder = this.#writes.get(body.id as string);
           if (!builder) throw new Error(`object ${String(body.id)} is not being written`);
           if (!message.bulk) throw new Error(`a write of object ${String(body.id)} came without its bytes`);
-          builder.write(message.bulk, body.offset as number);
+          if (!isPlaced(builder, message.bulk, body.offset as number)) builder.write(message.bulk, body.offset as number);
           reply(null);
           return true;
         }
@@ -80,6 +81,16 @@ export class ObjectServer {
       replyError(this.connection, requestId, error);
       return true;
     }
+  }
+
+  /** Where a write's bytes go: straight into the object being written (see BulkSink). */
+  sinkFor(message: AnyMessage, bulkLength: number): BulkPlace | undefined {
+    const request = message as AgentRequestMessage;
+    if (request.t !== 'agent-request' || request.op !== 'write') return undefined;
+    const builder = this.#writes.get(request.body.id as string);
+    const offset = request.body.offset as number;
+    if (!builder || !Number.isSafeInteger(offset) || offset < 0 || offset + bulkLength > builder.data.byteLength) return undefined;
+    return { into: builder.data.subarray(offset, offset + bulkLength), valid: () => this.#writes.get(request.body.id as string) === builder };
   }
 
   /** Releases what its connection had open. */
@@ -127,6 +138,7 @@ export class PeerClient {
       () => this.#requests.fail(`the node at ${address} went away`),
     );
     this.#requests = new AgentRequests(address, (message) => this.#connection.send(message));
+    this.#connection.bulkSink = (message) => this.#requests.sinkFor(message);
     this.#connection.send({ t: 'peer-hello', token });
   }
 
@@ -134,8 +146,8 @@ export class PeerClient {
     return this.#requests.lost;
   }
 
-  request(op: AgentRequestMessage['op'], body: Record<string, unknown>): Promise<unknown> {
-    return this.#requests.request(op, body);
+  request(op: AgentRequestMessage['op'], body: Record<string, unknown>, place?: BulkPlace): Promise<unknown> {
+    return this.#requests.request(op, body, undefined, place);
   }
 
   notify(op: AgentRequestMessage['op'], body: Record<string, unknown>): void {
@@ -155,7 +167,8 @@ export class PeerClient {
 export interface ObjectRequests {
   /** Settles once requests can be sent (a connection being made). */
   readonly ready?: Promise<void>;
-  request(op: AgentRequestMessage['op'], body: Record<string, unknown>): Promise<unknown>;
+  /** `place`: where a read's bytes may go straight (see BulkSink). */
+  request(op: AgentRequestMessage['op'], body: Record<string, unknown>, place?: BulkPlace): Promise<unknown>;
   notify(op: AgentRequestMessage['op'], body: Record<string, unknown>): void;
 }
 
@@ -168,7 +181,7 @@ export function servedSource(link: ObjectRequests): ObjectSource {
       return {
         size: opened.size,
         metadata: opened.metadata,
-        read: async (offset, length) => (await link.request('read', { handle: opened.handle, offset, length })) as Uint8Array,
+        read: async (offset, length, place) => (await link.request('read', { handle: opened.handle, offset, length }, place)) as Uint8Array,
         close: () => link.notify('read-close', { handle: opened.handle }),
       };
     },

@@ -4,18 +4,22 @@
  * whatever the object's size). Either end may be a store mapped here or a node agent's store.
  */
 import type { ObjectStore, ObjectBuilder, ObjectView } from '../store/object-store.js';
+import type { BulkPlace } from './connection.js';
 
 /** An open object to read from. */
 export interface ObjectReader {
   readonly size: number;
   readonly metadata: Uint8Array | undefined;
-  read(offset: number, length: number): Uint8Array | Promise<Uint8Array>;
+  /** `place`: where the bytes may be read straight into; the result is then that memory. */
+  read(offset: number, length: number, place?: BulkPlace): Uint8Array | Promise<Uint8Array>;
   close(): void;
 }
 
 /** A created object being filled. */
 export interface ObjectWriter {
   write(offset: number, bytes: Uint8Array): void | Promise<void>;
+  /** The object's own memory for these bytes, where a reader may put them straight. */
+  place?(offset: number, length: number): BulkPlace | undefined;
   seal(): void | Promise<void>;
   abort(): void;
 }
@@ -50,7 +54,7 @@ export async function transferObject(source: ObjectSource, target: ObjectTarget,
           const offset = next;
           const length = Math.min(chunkBytes, reader.size - offset);
           next += length;
-          const bytes = await reader.read(offset, length);
+          const bytes = await reader.read(offset, length, writer.place?.(offset, length));
           if (bytes.byteLength !== length) throw new Error(`object ${id}: read ${bytes.byteLength} bytes at ${offset}, expected ${length}`);
           await writer.write(offset, bytes);
         }
@@ -88,11 +92,27 @@ export function storeTarget(store: ObjectStore): ObjectTarget {
   return {
     create(id, size, metadata) {
       const builder: ObjectBuilder = store.create(id, size, { metadata });
+      let open = true;
       return {
-        write: (offset, bytes) => builder.write(bytes, offset),
-        seal: () => builder.seal(),
-        abort: () => builder.abort(),
+        write: (offset, bytes) => {
+          if (!isPlaced(builder, bytes, offset)) builder.write(bytes, offset);
+        },
+        place: (offset, length) => ({ into: builder.data.subarray(offset, offset + length), valid: () => open }),
+        seal: () => {
+          open = false;
+          builder.seal();
+        },
+        abort: () => {
+          open = false;
+          builder.abort();
+        },
       };
     },
   };
+}
+
+/** True where `bytes` already are the object's own memory at `offset` (read straight there). */
+export function isPlaced(builder: ObjectBuilder, bytes: Uint8Array, offset: number): boolean {
+  const data = builder.data;
+  return bytes.buffer === data.buffer && bytes.byteOffset === data.byteOffset + offset;
 }

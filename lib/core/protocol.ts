@@ -414,6 +414,15 @@ export function bulkFrameHead(message: AnyMessage, bulkLength: number): Buffer {
   return frame;
 }
 
+export function isBulkFrame(tag: number): boolean {
+  return tag === TAG_BULK;
+}
+
+/** The message of a bulk frame, from its head alone (its raw bytes are read elsewhere). */
+export function decodeBulkHead(head: Buffer): AnyMessage {
+  return envelopes.unpack(head) as AnyMessage;
+}
+
 /** Encodes one message as a frame (length prefix included); for tests and tools. */
 export function encodeFrame(message: AnyMessage): Buffer {
   const writer = new FrameWriter();

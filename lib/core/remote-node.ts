@@ -9,7 +9,7 @@ import { newObjectId } from '../store/object-id.js';
 import type { ObjectStore, StoreStats } from '../store/object-store.js';
 import { NodeLostError } from '../errors.js';
 import { AgentRequests } from './agent-requests.js';
-import type { FrameConnection } from './connection.js';
+import type { BulkPlace, FrameConnection } from './connection.js';
 import type { AgentHelloMessage, AgentMessage, AgentRequestMessage, HeadMessage } from './agent-protocol.js';
 import { Node, WorkerProcess, driverRunsTypeScript, type WorkerChild } from './node.js';
 import type { ObjectSource, ObjectTarget, ObjectWriter } from './object-transfer.js';
@@ -66,6 +66,8 @@ export class RemoteNode extends Node {
     this.#stats = hello.store;
     this.#connection = connection;
     this.#requests = new AgentRequests(this.id, (message, bulk) => (bulk ? connection.sendBulk(message, bulk) : connection.send(message)));
+    // Read answers land straight in the store object they are copied into.
+    connection.bulkSink = (message) => this.#requests.sinkFor(message);
   }
 
   get localStore(): ObjectStore | undefined {
@@ -117,9 +119,9 @@ export class RemoteNode extends Node {
   }
 
   /** Asks the agent; `bulk` bytes go raw and must stay unchanged until the answer. */
-  request(op: AgentRequestMessage['op'], body: Record<string, unknown>, bulk?: Uint8Array): Promise<unknown> {
+  request(op: AgentRequestMessage['op'], body: Record<string, unknown>, bulk?: Uint8Array, place?: BulkPlace): Promise<unknown> {
     if (this.closed) return Promise.reject(new NodeLostError(this.id, this.#leftMessage()));
-    return this.#requests.request(op, body, bulk);
+    return this.#requests.request(op, body, bulk, place);
   }
 
   #leftMessage(): string {
@@ -185,7 +187,10 @@ export class RemoteNode extends Node {
   }
 
   /** Reads objects out of the agent's store. */
-  readonly source: ObjectSource = servedSource(this);
+  readonly source: ObjectSource = servedSource({
+    request: (op, body, place) => this.request(op, body, undefined, place),
+    notify: (op, body) => this.notify(op, body),
+  });
 
   /** Writes objects into the agent's store. */
   readonly target: ObjectTarget = {

@@ -198,3 +198,72 @@ describe('rings in the cluster', () => {
     expect(sockets.driverSocket).toBeGreaterThanOrEqual(40);
   });
 });
+
+describe('bulk frames read straight into place', () => {
+  /** Two FrameConnections over loopback TCP; the reader's bulkSink says where bulk bytes go. */
+  async function pair(sink: (message: { t: string; n?: number }) => { into: Uint8Array; valid(): boolean } | undefined) {
+    const received: Array<{ t: string; n?: number; bulk?: Uint8Array }> = [];
+    let accepted!: (connection: FrameConnection<never, { t: string; n?: number }>) => void;
+    const writerReady = new Promise<FrameConnection<never, { t: string; n?: number }>>((resolve) => (accepted = resolve));
+    const server = createServer((socket) => accepted(new FrameConnection(socket, () => undefined, () => undefined)));
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const { connect } = await import('node:net');
+    const socket = connect({ host: '127.0.0.1', port: (server.address() as { port: number }).port });
+    const reader = new FrameConnection<{ t: string; n?: number; bulk?: Uint8Array }, never>(socket, (message) => received.push(message), () => undefined);
+    reader.bulkSink = (message) => sink(message as { t: string; n?: number });
+    const writer = await writerReady;
+    return { writer, reader, received, close: () => (writer.close(), reader.close(), server.close()) };
+  }
+
+  const until = async (condition: () => boolean) => {
+    const deadline = Date.now() + 10_000;
+    while (!condition()) {
+      if (Date.now() > deadline) throw new Error('timed out');
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+  };
+
+  it('copies a large bulk frame into the memory its sink names, in order with the frames around it', async () => {
+    const target = new Uint8Array(8 << 20);
+    const { writer, received, close } = await pair((message) => (message.t === 'chunk' ? { into: target.subarray(1 << 20, 5 << 20), valid: () => true } : undefined));
+    try {
+      const bytes = new Uint8Array(4 << 20).map((_, index) => (index * 31) & 0xff);
+      writer.send({ t: 'before', n: 1 });
+      writer.sendBulk({ t: 'chunk', n: 2 }, bytes);
+      writer.sendBulk({ t: 'other', n: 3 }, bytes.subarray(0, 300_000)); // no place: joined as usual
+      writer.send({ t: 'after', n: 4 });
+      await until(() => received.length === 4);
+      expect(received.map((message) => message.n)).toEqual([1, 2, 3, 4]);
+      const chunk = received[1].bulk!;
+      expect(chunk.buffer).toBe(target.buffer);
+      expect(chunk.byteOffset).toBe(1 << 20);
+      expect(Buffer.compare(target.subarray(1 << 20, 5 << 20), bytes)).toBe(0);
+      expect(target[0]).toBe(0);
+      expect(target[5 << 20]).toBe(0);
+      expect(Buffer.compare(received[2].bulk!, bytes.subarray(0, 300_000))).toBe(0);
+    } finally {
+      close();
+    }
+  });
+
+  it('stops writing into a place that is no longer valid, and delivers the frame without its bytes', async () => {
+    const target = new Uint8Array(32 << 20);
+    let valid = true;
+    const { writer, received, close } = await pair(() => {
+      // The place goes away once the first bytes have landed (a store object aborted meanwhile).
+      setImmediate(() => (valid = false));
+      return { into: target, valid: () => valid };
+    });
+    try {
+      writer.sendBulk({ t: 'chunk', n: 1 }, new Uint8Array(32 << 20).fill(9));
+      writer.send({ t: 'after', n: 2 });
+      await until(() => received.length === 2);
+      expect(received[0].bulk).toBeUndefined();
+      expect(received[1].n).toBe(2);
+      // What landed before the place went is the sender's; nothing after it.
+      expect(target[target.length - 1]).toBe(0);
+    } finally {
+      close();
+    }
+  });
+});
