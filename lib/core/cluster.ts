@@ -1728,7 +1728,9 @@ export class Cluster implements Runtime {
       return;
     }
     task.failed = true;
-    this.#failObject(task.returnId, error);
+    // A rerun made for a lost put leaves its result alone where that is still stored.
+    const result = this.#objects.get(task.returnId);
+    if (!task.rerun || result?.state !== 'ready' || !this.#resident(result)) this.#failObject(task.returnId, error);
     // What it put cannot be made again by it; a rerun's puts still missing are lost for good.
     for (const id of task.putIds ?? []) {
       const put = this.#objects.get(id);

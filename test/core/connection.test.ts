@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { native } from '../../lib/native.js';
 import { FrameConnection, connectionStats } from '../../lib/core/connection.js';
+import type { AnyMessage } from '../../lib/core/protocol.js';
 import { get, init, shutdown } from '../../lib/index.js';
 import { connectionOfWorker, square } from './fixtures/core.js';
 
@@ -201,16 +202,17 @@ describe('rings in the cluster', () => {
 
 describe('bulk frames read straight into place', () => {
   /** Two FrameConnections over loopback TCP; the reader's bulkSink says where bulk bytes go. */
-  async function pair(sink: (message: { t: string; n?: number }) => { into: Uint8Array; valid(): boolean } | undefined) {
-    const received: Array<{ t: string; n?: number; bulk?: Uint8Array }> = [];
-    let accepted!: (connection: FrameConnection<never, { t: string; n?: number }>) => void;
-    const writerReady = new Promise<FrameConnection<never, { t: string; n?: number }>>((resolve) => (accepted = resolve));
+  type Test = AnyMessage & { t: string; n?: number; bulk?: Uint8Array };
+  async function pair(sink: (message: Test) => { into: Uint8Array; valid(): boolean } | undefined) {
+    const received: Test[] = [];
+    let accepted!: (connection: FrameConnection<AnyMessage, AnyMessage>) => void;
+    const writerReady = new Promise<FrameConnection<AnyMessage, AnyMessage>>((resolve) => (accepted = resolve));
     const server = createServer((socket) => accepted(new FrameConnection(socket, () => undefined, () => undefined)));
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     const { connect } = await import('node:net');
     const socket = connect({ host: '127.0.0.1', port: (server.address() as { port: number }).port });
-    const reader = new FrameConnection<{ t: string; n?: number; bulk?: Uint8Array }, never>(socket, (message) => received.push(message), () => undefined);
-    reader.bulkSink = (message) => sink(message as { t: string; n?: number });
+    const reader = new FrameConnection<AnyMessage, AnyMessage>(socket, (message) => received.push(message as Test), () => undefined);
+    reader.bulkSink = (message) => sink(message as Test);
     const writer = await writerReady;
     return { writer, reader, received, close: () => (writer.close(), reader.close(), server.close()) };
   }
@@ -225,13 +227,13 @@ describe('bulk frames read straight into place', () => {
 
   it('copies a large bulk frame into the memory its sink names, in order with the frames around it', async () => {
     const target = new Uint8Array(8 << 20);
-    const { writer, received, close } = await pair((message) => (message.t === 'chunk' ? { into: target.subarray(1 << 20, 5 << 20), valid: () => true } : undefined));
+    const { writer, received, close } = await pair((message) => ((message.t as string) === 'chunk' ? { into: target.subarray(1 << 20, 5 << 20), valid: () => true } : undefined));
     try {
       const bytes = new Uint8Array(4 << 20).map((_, index) => (index * 31) & 0xff);
-      writer.send({ t: 'before', n: 1 });
-      writer.sendBulk({ t: 'chunk', n: 2 }, bytes);
-      writer.sendBulk({ t: 'other', n: 3 }, bytes.subarray(0, 300_000)); // no place: joined as usual
-      writer.send({ t: 'after', n: 4 });
+      writer.send({ t: 'before', n: 1 } as Test);
+      writer.sendBulk({ t: 'chunk', n: 2 } as Test, bytes);
+      writer.sendBulk({ t: 'other', n: 3 } as Test, bytes.subarray(0, 300_000)); // no place: joined as usual
+      writer.send({ t: 'after', n: 4 } as Test);
       await until(() => received.length === 4);
       expect(received.map((message) => message.n)).toEqual([1, 2, 3, 4]);
       const chunk = received[1].bulk!;
@@ -255,8 +257,8 @@ describe('bulk frames read straight into place', () => {
       return { into: target, valid: () => valid };
     });
     try {
-      writer.sendBulk({ t: 'chunk', n: 1 }, new Uint8Array(32 << 20).fill(9));
-      writer.send({ t: 'after', n: 2 });
+      writer.sendBulk({ t: 'chunk', n: 1 } as Test, new Uint8Array(32 << 20).fill(9));
+      writer.send({ t: 'after', n: 2 } as Test);
       await until(() => received.length === 2);
       expect(received[0].bulk).toBeUndefined();
       expect(received[1].n).toBe(2);
