@@ -819,6 +819,7 @@ export class Cluster implements Runtime {
   #deleteRecord(record: ObjectRecord): void {
     const id = record.id;
     this.#objects.delete(id);
+    if (record.lineage?.state === 'done' && record.lineage.keptBy > 1) this.#releaseForPuts(record.lineage);
     if (record.lineage) this.#unkeep(record.lineage);
     if (record.madeBy) this.#unkeep(record.madeBy);
     const holder = record.held?.actorId ?? record.retiredBy;
@@ -1142,7 +1143,9 @@ export class Cluster implements Runtime {
         ? 'it was stored by put() in the driver, or in a worker outside a task the driver can rerun (an actor call without `recompute`, or an async actor running several calls at once)'
         : lineage.failed
           ? `the task that made it, ${lineage.name}, failed when it ran again`
-          : `it was made by ${lineage.name}, an actor call without \`recompute\``;
+          : lineage.fn || lineage.rerunAs
+            ? `the task that made it, ${lineage.name}, took arguments that nothing could make again, since freed (a put's lineage does not keep those stored)`
+            : `it was made by ${lineage.name}, an actor call without \`recompute\``;
       record.error = new ObjectLostError(record.id, `object ${record.id} ${where}, and cannot be recomputed: ${why}`);
       return;
     }
@@ -1201,8 +1204,15 @@ export class Cluster implements Runtime {
   /** How to run `task` again to make what it made, if it can be: done, succeeded, and not a plain actor call. */
   #rerunSpec(task: TaskRecord): RerunSpec | undefined {
     if (task.state !== 'done' || task.failed) return undefined;
-    if (task.fn) return { fn: task.fn, args: task.args, argRefs: task.argRefs, nested: task.nested, options: task.options };
-    return task.rerunAs;
+    const spec = task.fn ? { fn: task.fn, args: task.args, argRefs: task.argRefs, nested: task.nested, options: task.options } : task.rerunAs;
+    return spec && this.#argumentsKnown(spec) ? spec : undefined;
+  }
+
+  /** Every argument of a rerun is still known (stored, or a record to recompute it from). */
+  #argumentsKnown(spec: RerunSpec): boolean {
+    for (const id of spec.argRefs) if (!this.#objects.has(id)) return false;
+    for (const id of spec.nested) if (!isActorId(id) && !this.#objects.has(id)) return false;
+    return true;
   }
 
   /** A value to be made again: readers wait for it. */
@@ -1717,6 +1727,25 @@ export class Cluster implements Runtime {
       this.#dropHold(id);
     }
     task.held = kept;
+  }
+
+  /**
+   * A done task's result went while what it put lives on. Arguments nothing could make again
+   * stay stored while a task's result is referenced; for its puts alone they go, as in Ray:
+   * else a pipeline's every stage would stay in the store for as long as its last blocks live.
+   * Such puts are then lost for good with their node.
+   */
+  #releaseForPuts(task: TaskRecord): void {
+    const kept: string[] = [];
+    const freed: string[] = [];
+    for (const id of task.held) {
+      const value = this.#objects.get(id)?.value;
+      if (value && 'node' in value) freed.push(id);
+      else kept.push(id);
+    }
+    if (freed.length === 0) return;
+    task.held = kept;
+    for (const id of freed) this.#dropHold(id);
   }
 
   #failTask(task: TaskRecord, error: Error): void {

@@ -58,13 +58,21 @@ describe('lineage of puts', () => {
     expect(reruns.map((event) => event.task)).toEqual(expect.arrayContaining(['putScaled', 'bigArray']));
   });
 
-  it('keeps a put argument (which nothing could make again) stored while lineage needs it', async () => {
+  it("keeps a put argument (which nothing could make again) stored while the task's result is held, not for its puts alone", async () => {
     const source = put(new Float64Array(50_000).fill(3));
-    const [scaled] = (await get(putScaled.remote(source, 3))) as ObjectRef<Float64Array>[];
+    const result = putScaled.remote(source, 3);
+    const [scaled] = (await get(result)) as ObjectRef<Float64Array>[];
     free(source);
     expect(store.state(source.id)).toBe('sealed');
     store.delete(scaled.id);
     expect((await get(scaled))[0]).toBe(9);
+    // The result goes: the source is let go, and the put can no longer be made again.
+    free(result);
+    await until(() => store.state(source.id) === 'absent', 'the source to leave the store');
+    store.delete(scaled.id);
+    const error = await get(scaled).catch((caught: unknown) => caught as Error);
+    expect(error).toBeInstanceOf(ObjectLostError);
+    expect((error as Error).message).toContain('since freed');
   });
 
   it('fails a lost put that the rerun did not make again, saying so', async () => {
