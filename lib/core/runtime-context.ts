@@ -27,6 +27,11 @@ export interface ActorLookup {
   methods: string[];
 }
 
+/** A running call, as currentCall() gives it: opaque outside the worker runtime. */
+export interface CallScope {
+  readonly taskId?: string;
+}
+
 export interface Runtime {
   submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions): ObjectRef<unknown>;
   /** The new actor's id, and the creator's count on it (its first handle holds it). */
@@ -43,7 +48,8 @@ export interface Runtime {
   get(refs: ObjectRef<unknown>[], timeout: number): Promise<unknown[]>;
   /** The value of one ref: what a synchronous call loop waits on, so it has a path of its own. */
   getOne(ref: ObjectRef<unknown>, timeout: number): Promise<unknown>;
-  put(value: unknown): ObjectRef<unknown>;
+  /** `call`: the call the put belongs to (see currentCall); the running one if it runs alone. */
+  put(value: unknown, call?: CallScope): ObjectRef<unknown>;
   wait(refs: ObjectRef<unknown>[], numReturns: number, timeout: number): Promise<[ObjectRef<unknown>[], ObjectRef<unknown>[]]>;
   cancel(ref: ObjectRef<unknown>, force: boolean): void;
   kill(actorId: string, noRestart: boolean): void;
@@ -67,6 +73,13 @@ export interface Runtime {
    */
   objectNodes?(ids: readonly string[]): string[][];
   actorNode?(actorId: string): string | undefined;
+  /**
+   * Worker only: the running call, taken at its start (before it awaits: an actor running calls
+   * concurrently starts others meanwhile). `put(value, call)` names the put from that call's
+   * return id, as a lone call's puts are named anyway, so that a rerun of the call makes it again
+   * under the same id. Undefined where the driver keeps no lineage for the call.
+   */
+  currentCall?(): CallScope | undefined;
   /**
    * Worker only: once the running task has replied, collect garbage if this many bytes or more
    * were read zero-copy since the last collection (their views pin them in the store till then).

@@ -22,7 +22,7 @@ import {
   type WorkerMessage,
 } from './protocol.js';
 import { actorHandleInfo, lookupRegistered, makeActorHandle } from './registry.js';
-import { setRuntime, type ActorLookup, type Runtime, type RuntimeContext } from './runtime-context.js';
+import { setRuntime, type ActorLookup, type CallScope, type Runtime, type RuntimeContext } from './runtime-context.js';
 import { ArgumentSlot, decodeStored, encodeArguments, encodeValue, pack, putStored, putStoredOnce, restoreTensorsOnDevice, setHandleCodec, unpack } from './serialization.js';
 import { SYSTEM_PREFIX, isImmediateSystemMethod, systemMethod } from './system-methods.js';
 import { Deque } from './deque.js';
@@ -250,11 +250,15 @@ class WorkerRuntime implements Runtime {
     return this.get([ref], timeout).then((values) => values[0]);
   }
 
-  put(value: unknown): ObjectRef<unknown> {
-    return this.#putEncoded(encodeValue(value));
+  put(value: unknown, call?: CallScope): ObjectRef<unknown> {
+    return this.#putEncoded(encodeValue(value), call as CurrentTask | undefined);
   }
 
-  #putEncoded(encoded: ReturnType<typeof encodeValue>): ObjectRef<unknown> {
+  currentCall(): CallScope | undefined {
+    return this.current?.putTag !== undefined ? this.current : undefined;
+  }
+
+  #putEncoded(encoded: ReturnType<typeof encodeValue>, call?: CurrentTask): ObjectRef<unknown> {
     let id: string;
     if ('inline' in encoded) {
       id = newObjectId();
@@ -263,8 +267,9 @@ class WorkerRuntime implements Runtime {
       // The sequence advances only on a stored put, and each is registered before the next: if
       // this process dies before its register leaves, the driver finds the object at the id after
       // the last one registered.
-      const current = this.current;
-      if (current?.putTag !== undefined && actorConcurrency === 1) {
+      // The call named, or the running one where calls run one at a time.
+      const current = call ?? (actorConcurrency === 1 ? this.current : undefined);
+      if (current?.putTag !== undefined) {
         // A task the driver can rerun: named from its return id and attempt, so that the rerun
         // names it the same. Found already here, it is a copy of this very object (a rerun's).
         current.putBase ??= taskPutBase(current.returnId!, current.putTag);
@@ -543,6 +548,8 @@ function runTask(task: TaskMessage): void {
     if (isThenable(args)) {
       outcome = args.then((resolved) => {
         current.argumentsMs = performance.now() - started;
+        // Other calls may have started meanwhile: this one is current as it begins.
+        runtime.current = current;
         return invoke(task, system, resolved);
       });
     } else {

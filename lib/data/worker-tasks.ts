@@ -6,7 +6,7 @@
  */
 import { put } from '../core/api.js';
 import { remote } from '../core/registry.js';
-import { currentRuntime } from '../core/runtime-context.js';
+import { currentRuntime, type CallScope } from '../core/runtime-context.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { blockBytes, concatBlocks, rowsToBlock, splitBySize, type Block, type Row } from './block.js';
 import { iterateReadResult, type Datasink, type WriteContext } from './datasource.js';
@@ -134,13 +134,13 @@ export function storedBytes(block: Block): number {
 }
 
 /** Stores blocks toward the target size: large ones split, small consecutive ones joined. */
-export async function storeBlocks(stream: AsyncIterable<Block>, targets: TaskTargets, out: BlockOut[]): Promise<void> {
+export async function storeBlocks(stream: AsyncIterable<Block>, targets: TaskTargets, out: BlockOut[], call?: CallScope): Promise<void> {
   let pending: Block[] = [];
   let pendingBytes = 0;
   const flush = () => {
     if (pending.length === 0) return;
     const block = concatBlocks(pending);
-    out.push({ ref: put(block) as ObjectRef<Block>, rows: block.numRows, bytes: storedBytes(block) });
+    out.push({ ref: currentRuntime().put(block, call) as ObjectRef<Block>, rows: block.numRows, bytes: storedBytes(block) });
     pending = [];
     pendingBytes = 0;
   };
@@ -163,12 +163,13 @@ async function runToBlocks(
   targets: TaskTargets,
   firstStage: string,
   write: FusedWrite | null,
+  call?: CallScope,
 ): Promise<Pick<TaskResult, 'blocks' | 'error' | 'written'>> {
   let output: Block[] | undefined;
   const stored: BlockOut[] = [];
   try {
     if (!write) {
-      await storeBlocks(runStages(input, stages), targets, stored);
+      await storeBlocks(runStages(input, stages), targets, stored, call);
       return { blocks: stored };
     }
     output = [];
@@ -250,9 +251,12 @@ export class DataPoolActor {
   }
 
   async process(targets: TaskTargets, write: FusedWrite | null, slices: BlockSlices, ...blocks: Block[]): Promise<TaskResult> {
+    // Taken before any await: the blocks it stores are named from this call, so that a rerun
+    // (lineage) makes them again under the same ids though other calls run meanwhile.
+    const call = currentRuntime().currentCall?.();
     applySlices(blocks, slices);
     const size = inputSize(blocks);
-    const result = await runToBlocks(fromBlocks(blocks), this.#stages, targets, this.#stages[0]?.spec.name ?? 'MapBatches', write);
+    const result = await runToBlocks(fromBlocks(blocks), this.#stages, targets, this.#stages[0]?.spec.name ?? 'MapBatches', write, call);
     blocks.length = 0;
     afterReply(result.blocks, targets);
     const metrics = metricsOf(this.#instance);

@@ -237,7 +237,8 @@ describe('node agents', () => {
       const source = new GatedSource(30_000, 2_500, Object.fromEntries(Array.from({ length: 12 }, (_, index) => [index, gate])));
       const pending = readDatasource(source)
         .map(doubleId)
-        .mapBatches(NodeTagger, { concurrency: 3, numCpus: 0, resources: { pool: 1 }, batchSize: null })
+        // Two calls at a time per actor (as an LLM engine's pool runs): each names its blocks.
+        .mapBatches(NodeTagger, { concurrency: 3, numCpus: 0, resources: { pool: 1 }, batchSize: null, maxConcurrency: 2 })
         .materialize();
       const poolActors = () => state().actors.filter((actor) => actor.state === 'alive' && actor.className.includes('DataPoolActor'));
       await until(() => new Set(poolActors().map((actor) => actor.nodeId)).size === 3, 'a pool actor on each agent');

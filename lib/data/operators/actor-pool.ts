@@ -218,7 +218,7 @@ export class ActorMapOperator extends Operator {
     const write = this.fusedWrite(unit);
     const slices = slicesOf(unit.blocks);
     const blocks = unit.blocks.map((block) => block.ref) as unknown as Block[];
-    const ref = (write === null && this.pool.maxConcurrency === 1 ? actor.handle.process.options({ recompute: this.#rerun(targets, slices, blocks) }) : actor.handle.process).remote(
+    const ref = (write === null ? actor.handle.process.options({ recompute: this.#rerun(targets, slices, blocks) }) : actor.handle.process).remote(
       targets,
       write,
       slices,
@@ -263,8 +263,8 @@ export class ActorMapOperator extends Operator {
   /**
    * How a batch's blocks are made again if they are lost with their node after the call: the call
    * again on another of the pool's actors while there are some, else a task that builds the pool's
-   * class and runs the batch. Not for a fused write (a rerun would write again), nor for actors
-   * running several calls at once (their puts cannot be told apart).
+   * class and runs the batch. Not for a fused write (a rerun would write again). The actor names
+   * the blocks it stores from the call (see DataPoolActor.process), so calls may interleave.
    */
   #rerun(targets: ReturnType<typeof taskTargets>, slices: ReturnType<typeof slicesOf>, blocks: Block[]): Recompute {
     const compute = this.spec.compute;
