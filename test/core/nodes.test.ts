@@ -7,8 +7,8 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { GraphValidationError, InfeasibleTaskError, InputNode, ModelReplica, NodeAgent, ObjectLostError, ObjectStoreFullError, buildLLMProcessor, createCollectiveGroup, events, fromItems, readDatasource, range, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
-import { AccumulatorActor, NodeTagger, checksum, doubleId, putArray, shout, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
+import { GraphValidationError, InfeasibleTaskError, InputNode, ModelReplica, NodeAgent, ObjectLostError, ObjectStoreFullError, buildLLMProcessor, createCollectiveGroup, events, fromItems, readDatasource, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
+import { AccumulatorActor, NodeTagger, checksum, putArray, shout, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { openGate, rejection, scratch, until } from './helpers.js';
 import { TINY_LLAMA, randomWeights, referenceGenerate, writeCheckpoint } from '../llm/fixtures/decoders.js';
 import { GatedSource } from '../data/fixtures/udfs.js';
@@ -220,59 +220,6 @@ describe('node agents', () => {
     expect(reason).toContain('node protocol 0');
     expect(state().nodes.map((node) => node.nodeId)).not.toContain('old');
   });
-
-  it("makes a dataset's blocks again when the node holding them dies, every row once", async () => {
-    agents.set('agent-d', startAgent(port, 'agent-d', { pool: 1 }));
-    await waitForNodes(state().nodes.length + 1, { timeout: 60_000 });
-    const reruns: string[] = [];
-    const onRerun = ({ task }: { task: string }) => reruns.push(task);
-    const removed: string[] = [];
-    const onRemoved = ({ nodeId }: { nodeId: string }) => removed.push(nodeId);
-    events().on('reconstruct', onRerun);
-    events().on('node-removed', onRemoved);
-    try {
-      // Read on the agents once a pool actor is up on each (a, b and d), mapped where each block
-      // was read; the blocks stay in the agents' stores.
-      const gate = files.path('loss-gate');
-      const source = new GatedSource(30_000, 2_500, Object.fromEntries(Array.from({ length: 12 }, (_, index) => [index, gate])));
-      const pending = readDatasource(source)
-        .map(doubleId)
-        // Two calls at a time per actor (as an LLM engine's pool runs): each names its blocks.
-        .mapBatches(NodeTagger, { concurrency: 3, numCpus: 0, resources: { pool: 1 }, batchSize: null, maxConcurrency: 2 })
-        .materialize();
-      const poolActors = () => state().actors.filter((actor) => actor.state === 'alive' && actor.className.includes('DataPoolActor'));
-      await until(() => new Set(poolActors().map((actor) => actor.nodeId)).size === 3, 'a pool actor on each agent');
-      openGate(gate);
-      // Not read yet (a read in the driver would copy every block to its store): the blocks
-      // mapped on agent-d are there alone.
-      const materialized = await pending;
-      agents.get('agent-d')!.kill('SIGKILL');
-      await until(() => removed.includes('agent-d'), 'agent-d to leave');
-      // The blocks agent-d held are made again from lineage: the pool's batches by a task that
-      // builds the pool's class, their inputs by rerunning the map tasks that put them.
-      const after = await materialized.takeAll();
-      expect(after.map((row) => row.id as number).sort((a, b) => a - b)).toEqual(Array.from({ length: 30_000 }, (_, id) => id));
-      expect(after.every((row) => row.scaled === (row.id as number) * 3)).toBe(true);
-      expect(after.some((row) => row.nodeId === 'agent-d')).toBe(false);
-      expect(reruns).toContain('NodeTagger (rerun)');
-
-      // Streaming: a node killed while rows flow (calls in flight retried on the pool's other
-      // actors, blocks it held made again); however the kill falls, every row arrives once.
-      agents.set('agent-e', startAgent(port, 'agent-e', { pool: 1 }));
-      await waitForNodes(state().nodes.length + 1, { timeout: 60_000 });
-      const seen = new Uint8Array(60_000);
-      let rowsRead = 0;
-      for await (const row of range(60_000, { parallelism: 12 }).mapBatches(NodeTagger, { concurrency: 3, numCpus: 0, resources: { pool: 1 }, batchSize: 2500 }).iterRows()) {
-        seen[row.id as number]++;
-        if (++rowsRead === 5000) agents.get('agent-e')!.kill('SIGKILL');
-      }
-      expect(seen.every((count) => count === 1)).toBe(true);
-      await until(() => removed.includes('agent-e'), 'agent-e to leave');
-    } finally {
-      events().off('reconstruct', onRerun);
-      events().off('node-removed', onRemoved);
-    }
-  }, 90_000);
 
   it('loses a node whose agent dies: its tasks retry elsewhere and its objects are recomputed', async () => {
     const gate = files.path('gate');
