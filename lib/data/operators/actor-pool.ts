@@ -272,8 +272,9 @@ export class ActorMapOperator extends Operator {
       task: rerunPoolBatch,
       args: [this.spec.classStage, this.spec.following, targets, slices, ...blocks],
       options: { numCpus: compute.numCpus ?? 1, numGpus: compute.numGpus, memory: compute.memory, resources: compute.resources, name: `${this.className} (rerun)` },
-      // While the pool lives its actors hold what the task would need: the call reruns on one.
-      peers: () => [...this.#actors].filter((actor) => actor.state === 'ready').map((actor) => actor.handle),
+      // While the pool lives its actors hold what the task would need: the call reruns on one
+      // (one still starting takes it after its constructor, as it takes the pool's own calls).
+      peers: () => [...this.#actors].filter((actor) => actor.state !== 'stopping').map((actor) => actor.handle),
     };
   }
 
