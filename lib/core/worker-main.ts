@@ -9,8 +9,7 @@ import { ObjectLostError, TaskError, type RemoteErrorInfo } from '../errors.js';
 import { ObjectStore } from '../store/object-store.js';
 import { newObjectId, sequentialObjectId, taskPutBase } from '../store/object-id.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
-import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
-import { checkRecompute } from './options.js';
+import { checkRecompute, type ActorCallOptions, type ActorOptions, type TaskOptions } from './options.js';
 import { FrameConnection } from './connection.js';
 import { native, type NativeConnectionRing } from '../native.js';
 import {
@@ -213,7 +212,7 @@ class WorkerRuntime implements Runtime {
   }
 
   submitActorTask(actorId: string, method: string, args: unknown[], options: ActorCallOptions = {}): ObjectRef<unknown> {
-    let recompute;
+    let recompute: Record<string, unknown> | undefined;
     if (options.recompute) {
       // Sent as the driver keeps it: the function's descriptor and its encoded arguments.
       checkRecompute(options.recompute);
@@ -264,9 +263,6 @@ class WorkerRuntime implements Runtime {
       id = newObjectId();
       this.notify('register', { id, value: { inline: encoded.inline }, nested: encoded.nested, size: encoded.inline.byteLength });
     } else {
-      // The sequence advances only on a stored put, and each is registered before the next: if
-      // this process dies before its register leaves, the driver finds the object at the id after
-      // the last one registered.
       // The call named, or the running one where calls run one at a time.
       const current = call ?? (actorConcurrency === 1 ? this.current : undefined);
       if (current?.putTag !== undefined) {
@@ -278,6 +274,9 @@ class WorkerRuntime implements Runtime {
         this.notify('register', { id, value: { node: nodeId, id }, nested: encoded.nested, size: encoded.stored.payload.byteLength, task: current.taskId });
         return this.#ownedRef(id);
       }
+      // The sequence advances only on a stored put, and each is registered before the next: if
+      // this process dies before its register leaves, the driver finds the object at the id after
+      // the last one registered.
       id = sequentialObjectId(putIds, storedPuts);
       putStored(store, id, encoded.stored);
       storedPuts++;

@@ -7,7 +7,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { buildLLMProcessor, events, init, range, readDatasource, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
+import { buildLLMProcessor, events, init, range, readDatasource, state, waitForNodes, type ClusterSession, type JobProgress, type ProgressReporter } from '../../lib/index.js';
 import { NodeTagger, doubleId, promptOf } from '../core/fixtures/nodes.js';
 import { openGate, scratch, until } from '../core/helpers.js';
 import { TINY_LLAMA, randomWeights, referenceGenerate, writeCheckpoint } from '../llm/fixtures/decoders.js';
@@ -62,19 +62,29 @@ describe('batch jobs that lose a node', () => {
     await waitForNodes(4, { timeout: 60_000 });
   }, 90_000);
 
-  /** The pool's actors (or an LLM processor's engines) alive, by node. */
-  const poolNodes = () => new Set(state().actors.filter((actor) => actor.state === 'alive' && actor.className.includes('DataPoolActor')).map((actor) => actor.nodeId));
+  /**
+   * A progress reporter that tells how many of the pool's actors are ready (their class built):
+   * the pool gives batches to those only, so a test opens its gate once all are.
+   */
+  function readyActors(): { reporter: ProgressReporter; ready: () => number } {
+    let ready = 0;
+    const seen = (progress: JobProgress) => {
+      for (const operator of progress.operators) if (operator.actors) ready = operator.actors.running;
+    };
+    return { reporter: { update: seen, finish: seen }, ready: () => ready };
+  }
 
   it("makes a materialized dataset's blocks again when the node holding them dies", async () => {
     // Read once a pool actor is up on each agent, mapped where each block was read, two calls at
     // a time per actor (as an LLM engine's pool runs: each call names the blocks it stores).
     const gate = files.path('materialize-gate');
     const source = new GatedSource(30_000, 2_500, Object.fromEntries(Array.from({ length: 12 }, (_, index) => [index, gate])));
+    const { reporter, ready } = readyActors();
     const pending = readDatasource(source)
       .map(doubleId)
       .mapBatches(NodeTagger, { concurrency: 3, numCpus: 0, resources: { pool: 1 }, batchSize: null, maxConcurrency: 2 })
-      .materialize();
-    await until(() => poolNodes().size === 3, 'a pool actor on each agent');
+      .materialize({ progress: reporter });
+    await until(() => ready() === 3, 'a pool actor ready on each agent');
     openGate(gate);
     // Not read yet (a read in the driver would copy every block to its store): the blocks
     // mapped on c are there alone.
@@ -109,10 +119,11 @@ describe('batch jobs that lose a node', () => {
     const gate = files.path('llm-gate');
     const source = new GatedSource(24, 2, Object.fromEntries(Array.from({ length: 12 }, (_, index) => [index, gate])));
     // One batch at a time per engine, all three up before the first: each engine maps some.
+    const { reporter, ready } = readyActors();
     const pending = buildLLMProcessor({ checkpoint, maxNewTokens: 4, concurrency: 3, batchSize: 2, batchesPerReplica: 1 })(
       readDatasource(source, { numCpus: 0 }).map(promptOf, { numCpus: 0 }),
-    ).materialize();
-    await until(() => poolNodes().size === 3, 'an engine on each agent', 60_000);
+    ).materialize({ progress: reporter });
+    await until(() => ready() === 3, 'an engine ready on each agent', 60_000);
     openGate(gate);
     const materialized = await pending;
     reruns.length = 0;
