@@ -866,6 +866,20 @@ export class Cluster implements Runtime {
     (task.putIds ??= []).push(record.id);
   }
 
+  /** The records of what `task` put that still name it as the way to make them again. */
+  *#putsOf(task: TaskRecord): Generator<ObjectRecord> {
+    for (const id of task.putIds ?? []) {
+      const put = this.#objects.get(id);
+      if (put?.madeBy === task) yield put;
+    }
+  }
+
+  /** `task` will not make `put` again; its caller settles the task's holds. */
+  #disown(put: ObjectRecord, task: TaskRecord): void {
+    put.madeBy = undefined;
+    task.keptBy--;
+  }
+
   /** Counts what a task running on `worker` registers of its puts: the rest, should it die, are deleted. */
   #countPuts(worker: WorkerProcess, task: TaskRecord): { base: Uint8Array; registered: number } {
     const counted = { base: taskPutBase(task.returnId, task.putTag!), registered: 0 };
@@ -1176,12 +1190,10 @@ export class Cluster implements Runtime {
   #takeOver(rerun: TaskRecord, lineage: TaskRecord, objectId: string): void {
     rerun.rerun = true;
     rerun.putTag = lineage.putTag;
-    for (const id of lineage.putIds ?? []) {
-      const put = this.#objects.get(id);
-      if (put?.madeBy !== lineage) continue;
+    for (const put of this.#putsOf(lineage)) {
       put.madeBy = rerun;
       rerun.keptBy++;
-      (rerun.putIds ??= []).push(id);
+      (rerun.putIds ??= []).push(put.id);
       this.#unkeep(lineage);
     }
     this.events.emit('reconstruct', { objectId, task: rerun.name });
@@ -1703,12 +1715,10 @@ export class Cluster implements Runtime {
 
   /** A rerun finished: puts it did not make again are lost; a result nobody holds goes. */
   #endRerun(task: TaskRecord, record: ObjectRecord | undefined): void {
-    for (const id of task.putIds ?? []) {
-      const put = this.#objects.get(id);
-      if (put?.madeBy !== task || put.state !== 'pending') continue;
-      put.madeBy = undefined;
-      task.keptBy--;
-      this.#failObject(id, new ObjectLostError(id, `object ${id} ${lostWhere(put)}, and ${task.name}, run again to make it, did not put it this time (its puts differ from run to run)`));
+    for (const put of this.#putsOf(task)) {
+      if (put.state !== 'pending') continue;
+      this.#disown(put, task);
+      this.#failObject(put.id, new ObjectLostError(put.id, `object ${put.id} ${lostWhere(put)}, and ${task.name}, run again to make it, did not put it this time (its puts differ from run to run)`));
     }
     if (record && record.holds === 0 && !record.lineageHolds) this.#deleteRecord(record);
   }
@@ -1761,12 +1771,9 @@ export class Cluster implements Runtime {
     const result = this.#objects.get(task.returnId);
     if (!task.rerun || result?.state !== 'ready' || !this.#resident(result)) this.#failObject(task.returnId, error);
     // What it put cannot be made again by it; a rerun's puts still missing are lost for good.
-    for (const id of task.putIds ?? []) {
-      const put = this.#objects.get(id);
-      if (put?.madeBy !== task) continue;
-      put.madeBy = undefined;
-      task.keptBy--;
-      if (put.state === 'pending') this.#failObject(id, new ObjectLostError(id, `object ${id} ${lostWhere(put)}, and ${task.name}, run again to make it, failed: ${error.message}`));
+    for (const put of this.#putsOf(task)) {
+      this.#disown(put, task);
+      if (put.state === 'pending') this.#failObject(put.id, new ObjectLostError(put.id, `object ${put.id} ${lostWhere(put)}, and ${task.name}, run again to make it, failed: ${error.message}`));
     }
     this.#releaseTaskHolds(task);
   }
@@ -1789,12 +1796,7 @@ export class Cluster implements Runtime {
     if ((!task.fn && !task.rerunAs) || !isObjectId(task.returnId)) return undefined;
     const tag = task.rerun ? task.putTag! : task.attempts;
     if (tag !== task.putTag) {
-      for (const id of task.putIds ?? []) {
-        const put = this.#objects.get(id);
-        if (put?.madeBy !== task) continue;
-        put.madeBy = undefined;
-        task.keptBy--;
-      }
+      for (const put of this.#putsOf(task)) this.#disown(put, task);
       task.putIds = undefined;
       task.putTag = tag;
     }

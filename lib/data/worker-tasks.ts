@@ -293,8 +293,12 @@ export const rerunPoolBatch = remote(import.meta, async function trellisRerunPoo
   const key = JSON.stringify([classStage, following]);
   if (rerunPoolActor?.key !== key) {
     const actor = new DataPoolActor();
-    rerunPoolActor = { key, actor: actor.start(classStage, following).then(() => actor) };
-    rerunPoolActor.actor.catch(() => (rerunPoolActor = undefined));
+    const built = { key, actor: actor.start(classStage, following).then(() => actor) };
+    rerunPoolActor = built;
+    // A class that failed to build is tried again by the next rerun (unless another replaced it).
+    built.actor.catch(() => {
+      if (rerunPoolActor === built) rerunPoolActor = undefined;
+    });
   }
   return (await rerunPoolActor.actor).process(targets, null, slices, ...blocks);
 });
