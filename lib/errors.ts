@@ -194,6 +194,13 @@ export class OwnerDiedError extends TrellisError {
   }
 }
 
+/**
+ * A shared cluster's broker could not lend what a driver asked for: unreachable, refused (token,
+ * version), bundles no host can hold, a wait that ran out, or a lent host that could not reach the
+ * driver. The `code` says which.
+ */
+export class ClusterError extends TrellisError {}
+
 /** No node of the cluster could ever provide what a task or actor asks for. */
 export class InfeasibleTaskError extends TrellisError {
   readonly missing: Record<string, number>;

@@ -24,6 +24,7 @@ export {
   NodeLostError,
   OwnerDiedError,
   InfeasibleTaskError,
+  ClusterError,
   TaskCancelledError,
   NotInitializedError,
   RegistrationError,
@@ -33,6 +34,13 @@ export type { RemoteErrorInfo } from './errors.js';
 export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getActor, getRuntimeContext, state, events, placementGroup, removePlacementGroup, waitForNodes } from './core/api.js';
 export { NodeAgent } from './core/node-agent.js';
 export type { NodeAgentOptions } from './core/node-agent.js';
+export { Broker } from './core/broker.js';
+export { brokerStatus } from './core/broker-client.js';
+export type { BrokerOptions } from './core/broker.js';
+export type { StatusMessage as BrokerStatus, HostStatus, DriverStatus } from './core/broker-protocol.js';
+export { HostAgent } from './core/host-agent.js';
+export type { HostAgentOptions } from './core/host-agent.js';
+export type { ClusterOptions } from './core/broker-client.js';
 export type { ClusterSession } from './core/api.js';
 export type { PlacementGroup, PlacementGroupOptions, PlacementStrategy } from './core/placement-group.js';
 export type { Resources } from './core/resources.js';

@@ -2,15 +2,29 @@
 /**
  * The trellis command. `trellis node --head HOST:PORT` runs a node agent: this host joins the
  * cluster of the driver listening there (init's `listen`), and joins the next driver's when that
- * one ends.
+ * one ends. A shared cluster: `trellis broker` runs its broker, `trellis node --broker HOST:PORT`
+ * registers a host with it (drivers join with init's `cluster`), `trellis status` shows it.
  */
 import { parseArgs } from 'node:util';
 import { NodeAgent } from '../core/node-agent.js';
+import { Broker } from '../core/broker.js';
+import { brokerStatus } from '../core/broker-client.js';
+import { HostAgent } from '../core/host-agent.js';
+import type { StatusMessage } from '../core/broker-protocol.js';
 import { TrellisError } from '../errors.js';
 
 const usage = `usage: trellis node --head HOST:PORT [options]
+       trellis node --broker HOST:PORT [options]
+       trellis broker [--port N] [--host HOST] [--token TOKEN] [--backfill-window MS]
+       trellis status --broker HOST:PORT [--token TOKEN] [--json]
 
-Joins this host to the cluster of the driver listening at HOST:PORT (init({ listen })).
+node --head: joins this host to the cluster of the driver listening at HOST:PORT (init({ listen })).
+node --broker: offers this host to a shared cluster's broker, which lends slices of it to the
+  drivers that join the cluster (init({ cluster: { address } })), several at once.
+broker: runs a shared cluster's broker (port 7390 by default).
+status: what a broker's hosts offer and have free, and which jobs hold or wait for what.
+
+node options:
   --token TOKEN              the cluster's token (default: TRELLIS_CLUSTER_TOKEN)
   --id NAME                  the node's id (default: hostname-pid)
   --num-cpus N               CPUs to offer (default: this host's count)
@@ -21,7 +35,8 @@ Joins this host to the cluster of the driver listening at HOST:PORT (init({ list
   --transfer-port N          where other agents pull objects from (default: any free port)
   --advertise-host HOST      the address other agents reach this one at
                              (default: its address on the driver's connection)
-  --once                     serve one driver, then exit
+  --once                     serve one driver, then exit (with --head)
+  --gpus LIST                the GPUs to offer, by device index, e.g. 0,1 (with --broker)
 `;
 
 function count(name: string, text: string | undefined): number | undefined {
@@ -40,8 +55,57 @@ async function defaultGpus(): Promise<number> {
   }
 }
 
+function formatResources(resources: Record<string, number>): string {
+  return Object.entries(resources).filter(([, amount]) => amount > 0).map(([name, amount]) => `${name} ${amount}`).join(', ') || '-';
+}
+
+function printStatus(status: StatusMessage): void {
+  const lines = [`${status.hosts.length} host(s)`];
+  for (const host of status.hosts) {
+    lines.push(`  ${host.hostId} (${host.hostname}): ${formatResources(host.free)} free of ${formatResources(host.total)}; ${host.sessions} session(s)`);
+  }
+  lines.push(`${status.drivers.length} job(s)`);
+  for (const driver of status.drivers) {
+    const waiting = driver.granted < driver.bundles ? `, waiting ${(driver.waitingMs / 1000).toFixed(1)} s` : '';
+    lines.push(`  ${driver.jobId} ${driver.name} at ${driver.address}: ${driver.granted} of ${driver.bundles} bundle(s) lent (${driver.wait})${waiting}${driver.nodes.length ? `; nodes ${driver.nodes.join(', ')}` : ''}`);
+  }
+  process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+async function runBroker(rest: string[]): Promise<number> {
+  const { values } = parseArgs({ args: rest, options: { port: { type: 'string' }, host: { type: 'string' }, token: { type: 'string' }, 'backfill-window': { type: 'string' } } });
+  const broker = await Broker.start({
+    port: count('port', values.port),
+    host: values.host,
+    token: values.token,
+    backfillWindowMs: count('backfill-window', values['backfill-window']),
+    log: (line) => process.stderr.write(`trellis broker: ${line}\n`),
+  });
+  process.stderr.write(`trellis broker: listening on ${broker.host}:${broker.port}\n`);
+  await new Promise<void>((resolve) => {
+    process.once('SIGINT', resolve);
+    process.once('SIGTERM', resolve);
+  });
+  await broker.close();
+  return 0;
+}
+
+async function runStatus(rest: string[]): Promise<number> {
+  const { values } = parseArgs({ args: rest, options: { broker: { type: 'string' }, token: { type: 'string' }, json: { type: 'boolean' } } });
+  if (!values.broker) {
+    process.stderr.write(usage);
+    return 2;
+  }
+  const status = await brokerStatus(values.broker, { token: values.token });
+  if (values.json) process.stdout.write(`${JSON.stringify({ hosts: status.hosts, drivers: status.drivers })}\n`);
+  else printStatus(status);
+  return 0;
+}
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
+  if (command === 'broker') return runBroker(rest);
+  if (command === 'status') return runStatus(rest);
   if (command !== 'node') {
     process.stderr.write(usage);
     return command === undefined || command === '--help' || command === 'help' ? 0 : 2;
@@ -60,10 +124,12 @@ async function main(argv: string[]): Promise<number> {
       'transfer-port': { type: 'string' },
       'advertise-host': { type: 'string' },
       once: { type: 'boolean' },
+      broker: { type: 'string' },
+      gpus: { type: 'string' },
       help: { type: 'boolean' },
     },
   });
-  if (values.help || !values.head) {
+  if (values.help || (!values.head) === (!values.broker)) {
     process.stderr.write(usage);
     return values.help ? 0 : 2;
   }
@@ -79,8 +145,35 @@ async function main(argv: string[]): Promise<number> {
     }
   }
   const { cpus } = await import('node:os');
+  let gpuDevices: number[] | undefined;
+  if (values.gpus !== undefined) {
+    gpuDevices = values.gpus === '' ? [] : values.gpus.split(',').map((index) => Number(index));
+    if (!gpuDevices.every((index) => Number.isInteger(index) && index >= 0)) {
+      throw new TrellisError('ERR_INVALID_ARGUMENT', `--gpus takes device indices separated by commas, e.g. 0,1, got '${values.gpus}'`);
+    }
+  }
+  if (values.broker) {
+    const host = new HostAgent({
+      broker: values.broker,
+      token: values.token,
+      id: values.id,
+      numCpus: count('num-cpus', values['num-cpus']) ?? cpus().length,
+      numGpus: gpuDevices?.length ?? count('num-gpus', values['num-gpus']) ?? (await defaultGpus()),
+      gpuDevices,
+      memory: count('memory', values.memory),
+      resources,
+      objectStoreMemory: count('object-store-memory', values['object-store-memory']),
+      advertiseHost: values['advertise-host'],
+      log: (line) => process.stderr.write(`trellis node: ${line}\n`),
+    });
+    const stop = () => void host.close();
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+    await host.done;
+    return 0;
+  }
   const agent = new NodeAgent({
-    head: values.head,
+    head: values.head!,
     token: values.token,
     id: values.id,
     numCpus: count('num-cpus', values['num-cpus']) ?? cpus().length,

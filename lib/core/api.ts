@@ -1,7 +1,9 @@
 /** The runtime's public functions: init, shutdown, get, put, wait, cancel, actors, state. */
 import { cpus } from 'node:os';
 import { InvalidArgumentError, NotInitializedError } from '../errors.js';
+import { randomBytes } from 'node:crypto';
 import { Cluster, type ClusterState, type InitOptions } from './cluster.js';
+import { BrokerClient, requestedBundles, type ClusterOptions } from './broker-client.js';
 import { ObjectRef } from './object-ref.js';
 import { actorHandleInfo, makeActorHandle, type ActorHandle } from './registry.js';
 import { currentRuntime, hasRuntime, setRuntime, type RuntimeContext } from './runtime-context.js';
@@ -36,8 +38,39 @@ export interface ClusterSession {
 export async function init(options: InitOptions = {}): Promise<ClusterSession> {
   if (cluster) throw new InvalidArgumentError('trellis is already initialized: call shutdown() first', 'ERR_ALREADY_INITIALIZED');
   if (hasRuntime()) throw new InvalidArgumentError('init() is for the driver; this process is a worker', 'ERR_ALREADY_INITIALIZED');
+  if (options.cluster) return joinCluster(options, options.cluster);
   const defaults = { numCpus: cpus().length, ...options };
   const started = await Cluster.start(defaults);
+  return adopt(started);
+}
+
+/**
+ * init's `cluster`: this driver's own cluster, listening for the hosts a shared cluster's broker
+ * lends it. The driver's host adds no CPUs unless `numCpus` says so (it keeps the driver's puts).
+ */
+async function joinCluster(options: InitOptions, request: ClusterOptions): Promise<ClusterSession> {
+  if (options.listen) throw new InvalidArgumentError('init takes cluster (join a shared cluster) or listen (take agents of its own), not both');
+  if (options.nodes) throw new InvalidArgumentError('init takes cluster or nodes (logical nodes on this host), not both');
+  const bundles = requestedBundles(request);
+  const sessionToken = randomBytes(24).toString('base64url');
+  const started = await Cluster.start({
+    numCpus: 0,
+    ...(options.numCpus === undefined ? { prestartWorkers: 0 } : {}),
+    ...options,
+    listen: { host: request.listenHost ?? '0.0.0.0', port: 0, token: sessionToken },
+  });
+  let client: BrokerClient;
+  try {
+    client = await BrokerClient.join(request, bundles, started, { port: started.state().listening!.port, token: sessionToken });
+  } catch (error) {
+    await started.shutdown();
+    throw error;
+  }
+  started.onShutdown(() => client.close());
+  return adopt(started);
+}
+
+function adopt(started: Cluster): ClusterSession {
   cluster = started;
   setRuntime(started);
   const end = () => (cluster === started ? shutdown() : Promise.resolve());

@@ -42,6 +42,7 @@ import { AGENT_PROTOCOL, type AgentHelloMessage, type AgentMessage, type HeadMes
 import { storeSource, storeTarget, transferObject } from './object-transfer.js';
 import { NodeListener, type ListenOptions } from './node-listener.js';
 import { PlacementGroup, infeasibility as groupInfeasibility, loseNode, releaseGroup, reserve, reserveLost, type PlacementGroupOptions, type PlacementStrategy } from './placement-group.js';
+import type { ClusterOptions } from './broker-client.js';
 import { ResourcePool, describeResources, toFixed, type Resources } from './resources.js';
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
 import { decodeStored, encodeArguments, encodeValue, pack, putStored, unpack } from './serialization.js';
@@ -258,6 +259,11 @@ export interface InitOptions extends NodeOptions {
    * driver listens on TCP for them and for their workers. See ListenOptions.
    */
   listen?: ListenOptions;
+  /**
+   * Joins a shared cluster: asks its broker (`trellis broker`) for bundles of its hosts, which
+   * join this driver's cluster as nodes until it shuts down. See ClusterOptions.
+   */
+  cluster?: ClusterOptions;
 }
 
 /**
@@ -293,6 +299,9 @@ export class Cluster implements Runtime {
   #listener: NodeListener | undefined;
   /** The first node, in this process: the driver's puts go to its store, and its gets read there. */
   readonly #head: LocalNode;
+  readonly #shutdownHooks: (() => void)[] = [];
+  /** Resources lent by a shared cluster's broker that have not joined yet (see promise()). */
+  #promised: Map<string, number>[] = [];
   /** Nodes that left so far: what was feasible before may not be now. */
   #nodesLeft = 0;
   /** Callers of waitForNodes, told whenever a node joins. */
@@ -432,6 +441,16 @@ export class Cluster implements Runtime {
     this.events.emit('node-removed', { nodeId: node.id, hostname: node.hostname });
     this.#failInfeasible();
     this.#schedule();
+  }
+
+  /**
+   * Resources that may still join (a shared cluster's bundles not lent yet, or lent and on their
+   * way): work that fits one of them waits for it instead of failing as infeasible.
+   */
+  promise(bundles: Resources[]): void {
+    const shrank = bundles.length < this.#promised.length;
+    this.#promised = bundles.map((bundle) => toFixed(bundle));
+    if (shrank && !this.#closed) this.#failInfeasible();
   }
 
   /** After a node left: queued tasks and waiting actors that no node left can ever run fail now. */
@@ -1421,6 +1440,7 @@ export class Cluster implements Runtime {
       return undefined;
     }
     if (this.nodes.some((node) => node.pool.fitsTotal(request))) return undefined;
+    if (this.#promised.some((bundle) => [...request].every(([name, amount]) => (bundle.get(name) ?? 0) >= amount))) return undefined;
     const missing = this.nodes[0].pool.missing(request);
     return { reason: `it asks for ${describeResources(request)} and no node has that much in total (missing on ${this.nodes[0].id}: ${describeResources(toFixed(missing))})`, missing };
   }
@@ -2527,9 +2547,15 @@ export class Cluster implements Runtime {
     };
   }
 
+  /** Runs `hook` first thing at shutdown (a broker client leaving, say). */
+  onShutdown(hook: () => void): void {
+    this.#shutdownHooks.push(hook);
+  }
+
   async shutdown(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    for (const hook of this.#shutdownHooks.splice(0)) hook();
     clearInterval(this.#infeasibleTimer);
     setRefTracker(undefined);
     const exits: Promise<void>[] = [];

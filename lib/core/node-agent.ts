@@ -9,7 +9,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { hostname } from 'node:os';
 import { Socket, connect, createServer, type AddressInfo, type Server } from 'node:net';
 import { ObjectStore } from '../store/object-store.js';
-import { InvalidArgumentError } from '../errors.js';
+import { ClusterError, InvalidArgumentError } from '../errors.js';
 import { FrameConnection } from './connection.js';
 import { AGENT_PROTOCOL } from './agent-protocol.js';
 import type { AgentMessage, AgentReplyMessage, AgentRequestMessage, HeadMessage, PeerHelloMessage, SpawnWorkerMessage } from './agent-protocol.js';
@@ -42,6 +42,16 @@ export interface NodeAgentOptions extends NodeOptions {
    * connection had closed (default 30,000; heads send word every second).
    */
   headTimeoutMs?: number;
+  /**
+   * The host's GPUs this agent offers, by device index (a broker's slice of the host): the node's
+   * GPU i is device gpuDevices[i], and its workers see no other device. Sets numGpus.
+   */
+  gpuDevices?: number[];
+  /**
+   * Stop, failing `done` with ClusterError ERR_HEAD_UNREACHABLE, where no head welcomed this
+   * agent within this long of its start, in ms (default: keep trying).
+   */
+  connectTimeoutMs?: number;
 }
 
 /** The local address of the head's connection, as peers would reach it (IPv4 unmapped). */
@@ -194,6 +204,7 @@ class Session {
         TRELLIS_STORE: this.store.name,
         TRELLIS_PUT_IDS: Buffer.from(message.putIds).toString('hex'),
         TRELLIS_CLUSTER_TOKEN: this.agent.token,
+        ...(this.agent.options.gpuDevices ? { TRELLIS_GPU_DEVICES: this.agent.options.gpuDevices.join(','), CUDA_VISIBLE_DEVICES: this.agent.options.gpuDevices.join(',') } : {}),
       },
       stdio: ['ignore', message.forwardOutput ? 'pipe' : 'inherit', message.forwardOutput ? 'pipe' : 'inherit'],
     });
@@ -315,7 +326,10 @@ export class NodeAgent {
     if (!token) throw new InvalidArgumentError('a node agent needs the cluster token (token option or TRELLIS_CLUSTER_TOKEN)', 'ERR_NO_TOKEN');
     this.token = token;
     this.nodeId = options.id ?? `${hostname()}-${process.pid}`;
-    this.numGpus = options.numGpus ?? 0;
+    if (options.gpuDevices && !options.gpuDevices.every((device) => Number.isInteger(device) && device >= 0)) {
+      throw new InvalidArgumentError(`gpuDevices lists device indices (whole numbers >= 0), got ${JSON.stringify(options.gpuDevices)}`);
+    }
+    this.numGpus = options.gpuDevices?.length ?? options.numGpus ?? 0;
     this.done = this.#run();
   }
 
@@ -348,9 +362,18 @@ export class NodeAgent {
     await this.#listenForPeers();
     const headUrl = `tcp://${this.#head.host.includes(':') ? `[${this.#head.host}]` : this.#head.host}:${this.#head.port}`;
     let waiting = false;
+    const started = Date.now();
+    let welcomedOnce = false;
+    const giveUp = () => {
+      const limit = this.options.connectTimeoutMs;
+      if (limit === undefined || welcomedOnce || Date.now() - started < limit) return;
+      this.#stopped = true;
+      throw new ClusterError('ERR_HEAD_UNREACHABLE', `node ${this.nodeId} could not join the head at ${this.options.head} within ${limit} ms`);
+    };
     while (!this.#stopped) {
       const socket = await this.#connect();
       if (!socket) {
+        giveUp();
         if (!waiting) this.options.log?.(`waiting for the head at ${this.options.head}`);
         waiting = true;
         await this.#pause(this.options.retryMs ?? 500);
@@ -362,6 +385,7 @@ export class NodeAgent {
       session.hello();
       const result = await session.ended;
       this.#session = undefined;
+      welcomedOnce ||= result.welcomed;
       if (result.refused !== undefined && result.retry) {
         this.options.log?.(`the head refused node ${this.nodeId} for now (${result.refused}); trying again`);
       } else if (result.refused !== undefined) {
@@ -369,6 +393,7 @@ export class NodeAgent {
         throw new InvalidArgumentError(`the head refused node ${this.nodeId}: ${result.refused}`, 'ERR_NODE_REFUSED');
       }
       if (this.options.once && result.welcomed) break;
+      giveUp();
       await this.#pause(this.options.retryMs ?? 500);
     }
   }

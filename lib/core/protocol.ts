@@ -5,6 +5,7 @@
  * form, since generic encoding of their keyed fields was a measurable share of a call's latency.
  */
 import type { AgentMessage, HeadMessage } from './agent-protocol.js';
+import type { BrokerInbound, BrokerOutbound } from './broker-protocol.js';
 import type { RemoteErrorInfo } from '../errors.js';
 import { Packr } from 'msgpackr';
 
@@ -357,7 +358,7 @@ function readDone(reader: FrameReader): DoneMessage {
   return { t: 'done', taskId, value: { inline: reader.bytes() }, nested };
 }
 
-export type AnyMessage = DriverMessage | WorkerMessage | AgentMessage | HeadMessage;
+export type AnyMessage = DriverMessage | WorkerMessage | AgentMessage | HeadMessage | BrokerInbound | BrokerOutbound;
 
 /** Writes one frame: a length, then the compact form where there is one, else msgpack. */
 export function writeFrame(writer: FrameWriter, message: AnyMessage): void {

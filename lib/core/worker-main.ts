@@ -502,6 +502,14 @@ function sendResult(taskId: string, returnId: string, value: unknown): void {
   runtime.send({ t: 'done', taskId, value: { node: nodeId, id: returnId }, nested: encoded.nested, size: encoded.stored.payload.byteLength });
 }
 
+/** The host's device index of each of the node's GPUs, where the node is a slice of its host. */
+const hostDevices = process.env.TRELLIS_GPU_DEVICES?.split(',').filter((index) => index !== '').map(Number);
+
+/** CUDA_VISIBLE_DEVICES for the node's GPUs `gpuIds`. */
+function visibleDevices(gpuIds: number[]): string {
+  return gpuIds.map((id) => hostDevices?.[id] ?? id).join(',');
+}
+
 /** What this process inherited, for tasks without GPUs on a pooled worker. */
 const inheritedVisibleDevices = process.env.CUDA_VISIBLE_DEVICES;
 
@@ -511,7 +519,7 @@ const inheritedVisibleDevices = process.env.CUDA_VISIBLE_DEVICES;
  * Written only when it differs (each write or delete goes through libc's environment lock).
  */
 function showGpus(gpuIds: number[]): void {
-  const wanted = gpuIds.length > 0 ? gpuIds.join(',') : inheritedVisibleDevices;
+  const wanted = gpuIds.length > 0 ? visibleDevices(gpuIds) : inheritedVisibleDevices;
   if (process.env.CUDA_VISIBLE_DEVICES === wanted) return;
   if (wanted === undefined) delete process.env.CUDA_VISIBLE_DEVICES;
   else process.env.CUDA_VISIBLE_DEVICES = wanted;
@@ -670,7 +678,7 @@ async function startActor(message: CreateActorMessage): Promise<void> {
   isActorWorker = true;
   actorConcurrency = message.maxConcurrency;
   runtime.current = { actorId: message.actorId, gpuIds: message.gpuIds ?? [] };
-  if (message.gpuIds && message.gpuIds.length > 0) process.env.CUDA_VISIBLE_DEVICES = message.gpuIds.join(',');
+  if (message.gpuIds && message.gpuIds.length > 0) process.env.CUDA_VISIBLE_DEVICES = visibleDevices(message.gpuIds);
   try {
     const cls = (await loadRegistered(message.cls)) as new (...args: unknown[]) => unknown;
     const args = await resolveArgs(message.args, message.resolved);

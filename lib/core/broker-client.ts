@@ -1,0 +1,313 @@
+/**
+ * A driver's side of a shared cluster (init's `cluster`): it asks the broker for bundles, and the
+ * hosts the broker lends join this driver's cluster as nodes (node agent sessions dialing the
+ * driver's listener with a token made for this driver alone). init returns once what it waits
+ * for has joined; nodes lent later join as they come.
+ */
+import { connect } from 'node:net';
+import { basename } from 'node:path';
+import { ClusterError, InvalidArgumentError } from '../errors.js';
+import { AGENT_PROTOCOL } from './agent-protocol.js';
+import type { BrokerInbound, BrokerOutbound, GrantedMessage, StatusMessage } from './broker-protocol.js';
+import { FrameConnection } from './connection.js';
+import { parseAddress } from './node-agent.js';
+import type { Resources } from './resources.js';
+
+/** Where a driver joins a shared cluster, and what it asks of it (init's `cluster`). */
+export interface ClusterOptions {
+  /** The broker, host:port (`trellis broker`). */
+  address: string;
+  /** The cluster's token (default: TRELLIS_CLUSTER_TOKEN). */
+  token?: string;
+  /** Bundles of resources, each lent whole on one host (GPUs whole devices). */
+  bundles?: Resources[];
+  /**
+   * Resources in total, lent in whole units wherever they fit: `{ CPU: 8, GPU: 2 }` is eight
+   * bundles of one CPU and two of one GPU. Give `bundles` where parts must share a host.
+   */
+  resources?: Resources;
+  /**
+   * 'all' (the default): init waits until every bundle is lent at once, and the broker lends
+   * none of them before all fit. 'any': init returns once one bundle's node joined; the rest join
+   * as other jobs free them.
+   */
+  wait?: 'all' | 'any';
+  /** The job's name in the broker's status (default: the main script's file name). */
+  name?: string;
+  /** The address lent hosts reach this driver at (default: its address as the broker sees it). */
+  advertiseHost?: string;
+  /** The interface this driver listens on for lent hosts (default '0.0.0.0'). */
+  listenHost?: string;
+  /** How long init waits for what it asked, in ms (default: as long as it takes). */
+  timeoutMs?: number;
+}
+
+const MAX_UNITS = 4096;
+
+/** The bundles `options` ask for; InvalidArgumentError naming what is wrong. */
+export function requestedBundles(options: ClusterOptions): Resources[] {
+  if (typeof options !== 'object' || options === null) throw new InvalidArgumentError('cluster takes { address, bundles or resources }');
+  if (typeof options.address !== 'string') throw new InvalidArgumentError('cluster.address is the broker\'s host:port');
+  parseAddress(options.address);
+  if (options.wait !== undefined && options.wait !== 'all' && options.wait !== 'any') {
+    throw new InvalidArgumentError(`cluster.wait is 'all' or 'any', got ${String(options.wait)}`);
+  }
+  if (options.timeoutMs !== undefined && !(options.timeoutMs > 0)) throw new InvalidArgumentError(`cluster.timeoutMs must be a number of ms > 0, got ${String(options.timeoutMs)}`);
+  if ((options.bundles === undefined) === (options.resources === undefined)) {
+    throw new InvalidArgumentError('cluster takes either bundles (each kept on one host) or resources (a total lent in whole units)');
+  }
+  const checkAmounts = (what: string, resources: unknown) => {
+    if (typeof resources !== 'object' || resources === null || Array.isArray(resources)) throw new InvalidArgumentError(`${what} is an object of resource amounts`);
+    for (const [name, amount] of Object.entries(resources)) {
+      if (typeof amount !== 'number' || !Number.isFinite(amount) || amount < 0) throw new InvalidArgumentError(`${what}.${name} must be a number >= 0, got ${String(amount)}`);
+    }
+  };
+  if (options.bundles !== undefined) {
+    if (!Array.isArray(options.bundles) || options.bundles.length === 0) throw new InvalidArgumentError('cluster.bundles is a non-empty array of resource objects');
+    options.bundles.forEach((bundle, index) => {
+      checkAmounts(`cluster.bundles[${index}]`, bundle);
+      if (!Number.isInteger(bundle.GPU ?? 0)) throw new InvalidArgumentError(`cluster.bundles[${index}].GPU must be whole devices, got ${bundle.GPU}`);
+      if (!Object.values(bundle).some((amount) => amount > 0)) throw new InvalidArgumentError(`cluster.bundles[${index}] asks for nothing`);
+    });
+    return options.bundles.map((bundle) => ({ ...bundle }));
+  }
+  checkAmounts('cluster.resources', options.resources);
+  const bundles: Resources[] = [];
+  for (const [name, amount] of Object.entries(options.resources!)) {
+    if (!Number.isInteger(amount)) throw new InvalidArgumentError(`cluster.resources.${name} is lent in whole units, got ${amount}: ask for fractions in bundles`);
+    if (amount > MAX_UNITS) throw new InvalidArgumentError(`cluster.resources.${name} asks for ${amount} units, more than ${MAX_UNITS}: ask for large amounts (memory, say) in bundles`);
+    for (let i = 0; i < amount; i++) bundles.push({ [name]: 1 });
+  }
+  if (bundles.length === 0) throw new InvalidArgumentError('cluster.resources asks for nothing');
+  return bundles;
+}
+
+type Connection = FrameConnection<BrokerOutbound, BrokerInbound>;
+
+/** Opens a connection to a broker; fails with ERR_BROKER_UNREACHABLE. */
+export function connectBroker(address: string, onMessage: (message: BrokerOutbound) => void, onClose: () => void): Promise<Connection> {
+  const { host, port } = parseAddress(address);
+  return new Promise((resolve, reject) => {
+    const socket = connect({ host, port });
+    socket.once('connect', () => {
+      socket.removeAllListeners('error');
+      socket.setKeepAlive(true, 5000);
+      resolve(new FrameConnection<BrokerOutbound, BrokerInbound>(socket, onMessage, onClose));
+    });
+    socket.once('error', (error) => {
+      socket.destroy();
+      reject(new ClusterError('ERR_BROKER_UNREACHABLE', `cannot reach the broker at ${address}: ${error.message}`));
+    });
+  });
+}
+
+/** What the driver's cluster does for the client: the nodes it has, and where to warn. */
+export interface JoiningCluster {
+  readonly nodes: readonly { id: string }[];
+  readonly events: import('node:events').EventEmitter;
+  /** Resources that may still join: a task that fits one of them waits instead of failing as infeasible. */
+  promise(bundles: Resources[]): void;
+}
+
+export class BrokerClient {
+  readonly #connection: Connection;
+  readonly #cluster: JoiningCluster;
+  readonly #bundles: Resources[];
+  readonly #wait: 'all' | 'any';
+  readonly #address: string;
+  /** Nodes lent and not yet joined, by id. */
+  readonly #coming = new Map<string, GrantedMessage['nodes'][number]>();
+  /** Every node lent, joined or not, by id. */
+  readonly #lent = new Map<string, GrantedMessage['nodes'][number]>();
+  readonly #joined = new Set<string>();
+  readonly #pending: Set<number>;
+  #jobId = '';
+  #ready!: () => void;
+  #fail!: (error: Error) => void;
+  #started = false;
+  #closed = false;
+  readonly #onNodeAdded = (event: { nodeId: string }) => this.#nodeJoined(event.nodeId);
+  readonly #onNodeRemoved = (event: { nodeId: string }) => this.#joined.delete(event.nodeId);
+  /** Settles when init may return. */
+  readonly ready: Promise<void>;
+
+  private constructor(connection: Connection, cluster: JoiningCluster, bundles: Resources[], wait: 'all' | 'any', address: string) {
+    this.#connection = connection;
+    this.#cluster = cluster;
+    this.#bundles = bundles;
+    this.#wait = wait;
+    this.#address = address;
+    this.#pending = new Set(bundles.keys());
+    this.ready = new Promise((resolve, reject) => {
+      this.#ready = resolve;
+      this.#fail = reject;
+    });
+    this.ready.catch(() => undefined);
+    cluster.events.on('node-added', this.#onNodeAdded);
+    cluster.events.on('node-removed', this.#onNodeRemoved);
+    this.#promise();
+  }
+
+  /** Asks the broker at `options.address` for what `options` say; lent hosts dial `listen`. */
+  static async join(options: ClusterOptions, bundles: Resources[], cluster: JoiningCluster, listen: { port: number; token: string }): Promise<BrokerClient> {
+    const token = options.token ?? process.env.TRELLIS_CLUSTER_TOKEN;
+    if (!token) throw new InvalidArgumentError('joining a cluster needs its token (cluster.token or TRELLIS_CLUSTER_TOKEN)', 'ERR_NO_TOKEN');
+    let client: BrokerClient | undefined;
+    const early: BrokerOutbound[] = [];
+    let closedEarly = false;
+    const connection = await connectBroker(
+      options.address,
+      (message) => (client ? client.#onMessage(message) : early.push(message)),
+      () => (client ? client.#onClose() : (closedEarly = true)),
+    );
+    client = new BrokerClient(connection, cluster, bundles, options.wait ?? 'all', options.address);
+    for (const message of early) client.#onMessage(message);
+    if (closedEarly) client.#onClose();
+    connection.send({
+      t: 'driver-hello',
+      token,
+      protocol: AGENT_PROTOCOL,
+      name: options.name ?? (process.argv[1] ? basename(process.argv[1]) : 'driver'),
+      bundles,
+      wait: options.wait ?? 'all',
+      listen: { ...(options.advertiseHost ? { host: options.advertiseHost } : {}), port: listen.port, token: listen.token },
+    });
+    const timeoutMs = options.timeoutMs;
+    const timer = timeoutMs === undefined ? undefined : setTimeout(() => {
+      const granted = client!.#bundles.length - client!.#pending.size;
+      client!.#failInit(new ClusterError('ERR_CLUSTER_TIMEOUT',
+        `the broker at ${options.address} lent ${granted} of ${bundles.length} bundle(s) and ${client!.#joined.size} node(s) joined within ${timeoutMs} ms (wait: '${client!.#wait}'); trellis status --broker ${options.address} shows who holds the rest`));
+    }, timeoutMs);
+    try {
+      await client.ready;
+    } catch (error) {
+      client.close();
+      throw error;
+    } finally {
+      clearTimeout(timer);
+    }
+    client.#started = true;
+    return client;
+  }
+
+  /** The job id the broker gave this driver. */
+  get jobId(): string {
+    return this.#jobId;
+  }
+
+  /** Bundles asked for, lent, and the lent nodes that joined. */
+  describe(): { broker: string; jobId: string; bundles: number; lent: number; joined: number } {
+    return { broker: this.#address, jobId: this.#jobId, bundles: this.#bundles.length, lent: this.#bundles.length - this.#pending.size, joined: this.#joined.size };
+  }
+
+  #onMessage(message: BrokerOutbound): void {
+    switch (message.t) {
+      case 'broker-welcome':
+        this.#jobId = message.id;
+        return;
+      case 'broker-refused':
+        return this.#problem(new ClusterError(message.code, `the broker at ${this.#address} refused this driver: ${message.reason}`));
+      case 'unsatisfiable':
+        return this.#problem(new ClusterError('ERR_CLUSTER_UNSATISFIABLE', `the broker at ${this.#address} cannot lend what this driver asks: ${message.reason}`));
+      case 'granted':
+        for (const node of message.nodes) {
+          for (const index of node.bundles) this.#pending.delete(index);
+          this.#lent.set(node.nodeId, node);
+          if (this.#cluster.nodes.some((known) => known.id === node.nodeId)) this.#joined.add(node.nodeId);
+          else this.#coming.set(node.nodeId, node);
+        }
+        this.#promise();
+        return this.#check();
+      case 'session-lost': {
+        const node = this.#lent.get(message.nodeId);
+        this.#lent.delete(message.nodeId);
+        this.#coming.delete(message.nodeId);
+        // Its bundles are asked for again (the broker holds them pending): they may join elsewhere.
+        if (message.requeued) for (const index of node?.bundles ?? []) this.#pending.add(index);
+        this.#promise();
+        const error = new ClusterError('ERR_SESSION_FAILED', `lent node ${message.nodeId} ${message.requeued ? 'left' : 'did not join'}: ${message.reason}`);
+        if (!this.#started && !message.requeued) return this.#failInit(error);
+        this.#cluster.events.emit('warning', { kind: 'cluster-node-lost', message: error.message });
+        return;
+      }
+      default:
+        return;
+    }
+  }
+
+  #nodeJoined(nodeId: string): void {
+    if (!this.#coming.delete(nodeId)) return;
+    this.#joined.add(nodeId);
+    this.#promise();
+    this.#check();
+  }
+
+  #check(): void {
+    if (this.#started) return;
+    const done = this.#wait === 'all' ? this.#pending.size === 0 && this.#coming.size === 0 : this.#joined.size > 0;
+    if (done) this.#ready();
+  }
+
+  /** Tells the cluster what may still join: bundles not lent yet, and lent nodes on their way. */
+  #promise(): void {
+    const coming = [...this.#coming.values()].map((node) => node.resources);
+    const pending = [...this.#pending].map((index) => this.#bundles[index]);
+    this.#cluster.promise([...coming, ...pending]);
+  }
+
+  #problem(error: ClusterError): void {
+    if (!this.#started) return this.#failInit(error);
+    this.#cluster.events.emit('warning', { kind: 'cluster', message: error.message });
+  }
+
+  #failInit(error: Error): void {
+    this.#fail(error);
+  }
+
+  #onClose(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#cluster.promise([]);
+    if (!this.#started) return this.#failInit(new ClusterError('ERR_BROKER_UNREACHABLE', `the broker at ${this.#address} closed the connection before lending what this driver asks`));
+    // The nodes lent so far stay (they are connected to this driver); nothing more is lent.
+    this.#cluster.events.emit('warning', { kind: 'cluster', message: `the connection to the broker at ${this.#address} closed: the nodes lent so far stay, no more join` });
+  }
+
+  /** Leaves the broker: it ends this driver's sessions (the driver's own shutdown ends them too). */
+  close(): void {
+    this.#closed = true;
+    this.#cluster.events.off('node-added', this.#onNodeAdded);
+    this.#cluster.events.off('node-removed', this.#onNodeRemoved);
+    this.#connection.close();
+  }
+}
+
+/** Asks the broker at `address` what it lends and to whom. */
+export async function brokerStatus(address: string, options: { token?: string; timeoutMs?: number } = {}): Promise<StatusMessage> {
+  const token = options.token ?? process.env.TRELLIS_CLUSTER_TOKEN;
+  if (!token) throw new InvalidArgumentError('asking a broker needs the cluster token (token option or TRELLIS_CLUSTER_TOKEN)', 'ERR_NO_TOKEN');
+  return new Promise((resolve, reject) => {
+    let settled = false;
+    const timer = setTimeout(() => finish(new ClusterError('ERR_BROKER_TIMEOUT', `the broker at ${address} did not answer within ${options.timeoutMs ?? 10_000} ms`)), options.timeoutMs ?? 10_000);
+    const finish = (result: StatusMessage | Error) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      connection?.close();
+      if (result instanceof Error) reject(result);
+      else resolve(result);
+    };
+    let connection: FrameConnection<BrokerOutbound, BrokerInbound> | undefined;
+    connectBroker(address, (message) => {
+      if (message.t === 'status') finish(message);
+      else if (message.t === 'broker-refused') finish(new ClusterError(message.code, `the broker at ${address} refused: ${message.reason}`));
+    }, () => finish(new ClusterError('ERR_BROKER_UNREACHABLE', `the broker at ${address} closed the connection`))).then(
+      (opened) => {
+        connection = opened;
+        if (settled) return opened.close();
+        opened.send({ t: 'status-request', token, protocol: AGENT_PROTOCOL });
+      },
+      (error: Error) => finish(error),
+    );
+  });
+}

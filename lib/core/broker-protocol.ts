@@ -1,0 +1,136 @@
+/**
+ * Messages to and from a broker (broker.ts): the long-lived service of a shared cluster. Hosts
+ * register what they offer (host-agent.ts); drivers ask for bundles of it (broker-client.ts) and
+ * are lent slices of hosts, each slice a node agent session that joins the driver's own cluster
+ * as a node. Frames as protocol.ts writes them; every connection shows the cluster's token first.
+ */
+
+/** A host's first message. `sessions` are those it still serves (after the broker restarted). */
+export interface HostHelloMessage {
+  t: 'host-hello';
+  token: string;
+  protocol: number;
+  hostId: string;
+  hostname: string;
+  /** CPU, memory and custom resources; GPUs as `gpus`, each by its device index on the host. */
+  resources: Record<string, number>;
+  gpus: number[];
+  /** The store memory its sessions share (absent: each session's store takes the default). */
+  objectStoreMemory?: number;
+  sessions: { sessionId: string; resources: Record<string, number>; gpus: number[] }[];
+}
+
+/** A driver's first message: what it asks for, and where the lent hosts reach it. */
+export interface DriverHelloMessage {
+  t: 'driver-hello';
+  token: string;
+  protocol: number;
+  name: string;
+  /** Each kept whole on one host; several may share a host (one session each round). */
+  bundles: Record<string, number>[];
+  /** 'all': lent all at once or nothing (gang); 'any': whatever fits now, the rest as it frees. */
+  wait: 'all' | 'any';
+  /** Where hosts connect: a host the broker fills from this connection's address when absent. */
+  listen: { host?: string; port: number; token: string };
+}
+
+export interface StatusRequestMessage {
+  t: 'status-request';
+  token: string;
+  protocol: number;
+}
+
+/** A host's session ended: its workers are dead and its store is gone (`error`: it never began). */
+export interface SessionEndedMessage {
+  t: 'session-ended';
+  sessionId: string;
+  error?: string;
+}
+
+export type BrokerInbound = HostHelloMessage | DriverHelloMessage | StatusRequestMessage | SessionEndedMessage;
+
+export interface BrokerWelcomeMessage {
+  t: 'broker-welcome';
+  /** The driver's job id, or the host's id, as the broker knows it. */
+  id: string;
+}
+
+export interface BrokerRefusedMessage {
+  t: 'broker-refused';
+  reason: string;
+  code: string;
+}
+
+/** To a host: run a node agent session for a driver, with this slice of the host. */
+export interface OpenSessionMessage {
+  t: 'open-session';
+  sessionId: string;
+  nodeId: string;
+  driver: { host: string; port: number; token: string };
+  resources: Record<string, number>;
+  gpus: number[];
+  /** The bytes of the host's object store memory this session's store may hold (absent: default). */
+  objectStoreMemory?: number;
+}
+
+export interface CloseSessionMessage {
+  t: 'close-session';
+  sessionId: string;
+}
+
+/** To a driver: bundles lent, as nodes that are joining its cluster. */
+export interface GrantedMessage {
+  t: 'granted';
+  nodes: { nodeId: string; hostId: string; hostname: string; resources: Record<string, number>; bundles: number[] }[];
+}
+
+/** To a driver: a lent node that will not come (its host could not reach the driver), or went. */
+export interface SessionLostMessage {
+  t: 'session-lost';
+  nodeId: string;
+  reason: string;
+  /** Whether its bundles are asked for again (the host left: another may take them). */
+  requeued: boolean;
+}
+
+/** To a driver: bundles no registered host can ever hold. */
+export interface UnsatisfiableMessage {
+  t: 'unsatisfiable';
+  reason: string;
+}
+
+export interface HostStatus {
+  hostId: string;
+  hostname: string;
+  total: Record<string, number>;
+  free: Record<string, number>;
+  sessions: number;
+}
+
+export interface DriverStatus {
+  jobId: string;
+  name: string;
+  address: string;
+  wait: 'all' | 'any';
+  bundles: number;
+  granted: number;
+  /** Milliseconds since it asked. */
+  waitingMs: number;
+  nodes: string[];
+}
+
+export interface StatusMessage {
+  t: 'status';
+  hosts: HostStatus[];
+  drivers: DriverStatus[];
+}
+
+export type BrokerOutbound =
+  | BrokerWelcomeMessage
+  | BrokerRefusedMessage
+  | OpenSessionMessage
+  | CloseSessionMessage
+  | GrantedMessage
+  | SessionLostMessage
+  | UnsatisfiableMessage
+  | StatusMessage;

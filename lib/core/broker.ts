@@ -1,0 +1,564 @@
+/**
+ * The broker of a shared cluster: a long-lived service that hosts register with
+ * (`trellis node --broker`) and that drivers ask for resources (`init({ cluster })`). It lends
+ * each driver slices of hosts, in bundles that stay whole on one host; a slice is a node agent
+ * session on its host that joins the driver's cluster as a node, with its own workers and store,
+ * and ends with the driver. The driver stays the owner of everything it runs: the broker only
+ * decides who gets which part of which host, so a driver that dies frees its slices and nothing
+ * else notices.
+ *
+ * Lending: drivers that want everything at once ('all') are served first, in the order they
+ * asked, each only if all its bundles fit together (no driver holds half a gang while waiting for
+ * the rest). Then drivers that take what fits ('any'), and bundles lent before whose host left,
+ * one bundle at a time to whoever holds the smallest share of what it asked. A request that has
+ * waited past `backfillWindowMs` stops later ones from jumping it, so a large job is not starved
+ * by a stream of small ones.
+ */
+import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { InvalidArgumentError } from '../errors.js';
+import { AGENT_PROTOCOL } from './agent-protocol.js';
+import type {
+  BrokerInbound,
+  BrokerOutbound,
+  DriverHelloMessage,
+  DriverStatus,
+  HostHelloMessage,
+  HostStatus,
+  StatusMessage,
+} from './broker-protocol.js';
+import { FrameConnection } from './connection.js';
+import { tokensMatch } from './node-listener.js';
+import { toFixed } from './resources.js';
+
+export interface BrokerOptions {
+  /** The interface to listen on (default '0.0.0.0'). */
+  host?: string;
+  /** The TCP port (default 7390; 0 picks a free one, which `port` tells). */
+  port?: number;
+  /** The secret hosts and drivers must show (default: TRELLIS_CLUSTER_TOKEN). Required. */
+  token?: string;
+  /** How long a request may be jumped by later ones that fit where it does not (default 60,000 ms). */
+  backfillWindowMs?: number;
+  /** Where the broker says what it does (default: nothing). */
+  log?: (line: string) => void;
+}
+
+const SCALE = 10_000;
+const MIN_SESSION_STORE = 64 * 1024 * 1024;
+
+type Connection = FrameConnection<BrokerInbound, BrokerOutbound>;
+
+interface HostRecord {
+  id: string;
+  hostname: string;
+  connection: Connection;
+  /** CPU, memory and custom resources in fixed point; GPUs apart, by device index. */
+  total: Map<string, number>;
+  free: Map<string, number>;
+  gpus: number[];
+  gpusFree: number[];
+  objectStoreMemory: number | undefined;
+  sessions: Map<string, SessionRecord>;
+}
+
+interface SessionRecord {
+  id: string;
+  nodeId: string;
+  host: HostRecord;
+  /** Undefined for a session a host still ran when it registered again (its driver unknown here). */
+  driver: DriverRecord | undefined;
+  resources: Map<string, number>;
+  gpus: number[];
+  bundles: number[];
+}
+
+interface Bundle {
+  resources: Map<string, number>;
+  gpus: number;
+}
+
+interface DriverRecord {
+  jobId: string;
+  name: string;
+  connection: Connection;
+  address: { host: string; port: number; token: string };
+  wait: 'all' | 'any';
+  bundles: Bundle[];
+  /** Indices of the bundles not lent now. */
+  pending: Set<number>;
+  sessions: Set<SessionRecord>;
+  /** Whether it was ever lent anything (a gang's later bundles are replacements, taken as they fit). */
+  started: boolean;
+  arrived: number;
+}
+
+/** What is free on each host while a round is planned: taken for real only when the round commits. */
+class Ledger {
+  readonly #free = new Map<HostRecord, { resources: Map<string, number>; gpus: number }>();
+
+  of(host: HostRecord): { resources: Map<string, number>; gpus: number } {
+    let entry = this.#free.get(host);
+    if (!entry) this.#free.set(host, (entry = { resources: new Map(host.free), gpus: host.gpusFree.length }));
+    return entry;
+  }
+
+  fits(host: HostRecord, bundle: Bundle): boolean {
+    const free = this.of(host);
+    if (free.gpus < bundle.gpus) return false;
+    for (const [name, amount] of bundle.resources) if ((free.resources.get(name) ?? 0) < amount) return false;
+    return true;
+  }
+
+  /** Another ledger that starts from this one's figures (a plan that may be thrown away). */
+  copy(): Ledger {
+    const copy = new Ledger();
+    for (const [host, free] of this.#free) copy.#free.set(host, { resources: new Map(free.resources), gpus: free.gpus });
+    return copy;
+  }
+
+  take(host: HostRecord, bundle: Bundle): void {
+    const free = this.of(host);
+    free.gpus -= bundle.gpus;
+    for (const [name, amount] of bundle.resources) free.resources.set(name, (free.resources.get(name) ?? 0) - amount);
+  }
+}
+
+function fromFixed(resources: Map<string, number>): Record<string, number> {
+  const plain: Record<string, number> = {};
+  for (const [name, amount] of resources) plain[name] = amount / SCALE;
+  return plain;
+}
+
+function describe(resources: Map<string, number>, gpus: number): string {
+  const parts = [...resources].filter(([, amount]) => amount > 0).map(([name, amount]) => `${name}: ${amount / SCALE}`);
+  if (gpus > 0) parts.push(`GPU: ${gpus}`);
+  return `{ ${parts.join(', ')} }`;
+}
+
+function isResourceRecord(value: unknown): value is Record<string, number> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value) &&
+    Object.values(value).every((amount) => typeof amount === 'number' && Number.isFinite(amount) && amount >= 0);
+}
+
+/** A driver's bundles as the broker counts them; a reason where one is malformed. */
+function readBundles(bundles: unknown): Bundle[] | string {
+  if (!Array.isArray(bundles) || bundles.length === 0) return 'a driver asks for a non-empty list of bundles';
+  const read: Bundle[] = [];
+  for (const [index, bundle] of bundles.entries()) {
+    if (!isResourceRecord(bundle)) return `bundle ${index} is not an object of resource amounts >= 0`;
+    const { GPU: gpus = 0, ...rest } = bundle;
+    if (!Number.isInteger(gpus)) return `bundle ${index} asks for ${gpus} GPUs: a lent GPU is a whole device`;
+    const resources = toFixed(rest);
+    if (resources.size === 0 && gpus === 0) return `bundle ${index} asks for nothing`;
+    read.push({ resources, gpus });
+  }
+  return read;
+}
+
+export class Broker {
+  readonly #server: Server;
+  readonly #token: string;
+  readonly #options: BrokerOptions;
+  readonly #sockets = new Set<Socket>();
+  readonly #hosts = new Map<string, HostRecord>();
+  readonly #drivers = new Map<string, DriverRecord>();
+  #nextJob = 1;
+  #nextSession = 1;
+  #closed = false;
+  readonly host: string;
+  readonly port: number;
+
+  private constructor(server: Server, token: string, options: BrokerOptions) {
+    this.#server = server;
+    this.#token = token;
+    this.#options = options;
+    const address = server.address() as AddressInfo;
+    this.host = address.address;
+    this.port = address.port;
+  }
+
+  /** Listens as `options` say. Fails with ERR_NO_TOKEN without a token, ERR_ADDRESS_IN_USE where taken. */
+  static async start(options: BrokerOptions = {}): Promise<Broker> {
+    const token = options.token ?? process.env.TRELLIS_CLUSTER_TOKEN;
+    if (!token) throw new InvalidArgumentError('a broker needs a token (token option or TRELLIS_CLUSTER_TOKEN): whoever joins the cluster runs code in it', 'ERR_NO_TOKEN');
+    const host = options.host ?? '0.0.0.0';
+    const port = options.port ?? 7390;
+    if (!Number.isInteger(port) || port < 0 || port > 65535) throw new InvalidArgumentError(`the broker's port must be an integer from 0 to 65535, got ${String(port)}`);
+    const window = options.backfillWindowMs ?? 60_000;
+    if (!(window >= 0)) throw new InvalidArgumentError(`backfillWindowMs must be a number of ms >= 0, got ${String(window)}`);
+    const server = createServer();
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', (error: NodeJS.ErrnoException) =>
+        reject(new InvalidArgumentError(`the broker cannot listen on ${host}:${port}: ${error.message}`, error.code === 'EADDRINUSE' ? 'ERR_ADDRESS_IN_USE' : 'ERR_LISTEN')));
+      server.listen(port, host, () => resolve());
+    });
+    const broker = new Broker(server, token, options);
+    server.on('connection', (socket) => broker.#accept(socket));
+    return broker;
+  }
+
+  #accept(socket: Socket): void {
+    this.#sockets.add(socket);
+    socket.setKeepAlive(true, 5000);
+    let role: { close(): void } | undefined;
+    let onMessage: ((message: BrokerInbound) => void) | undefined;
+    const connection: Connection = new FrameConnection<BrokerInbound, BrokerOutbound>(
+      socket,
+      (message) => {
+        if (onMessage) return onMessage(message);
+        const refuse = (code: string, reason: string) => {
+          connection.send({ t: 'broker-refused', code, reason });
+          connection.flush();
+          setTimeout(() => connection.close(), 100).unref();
+        };
+        if (!('token' in message) || !tokensMatch(message.token, this.#token)) return refuse('ERR_WRONG_TOKEN', 'wrong token');
+        if (message.protocol !== AGENT_PROTOCOL) {
+          return refuse('ERR_PROTOCOL', `it speaks cluster protocol ${String(message.protocol)}, this broker ${AGENT_PROTOCOL}: run the same trellis version everywhere`);
+        }
+        if (this.#closed) return refuse('ERR_BROKER_CLOSING', 'the broker is shutting down');
+        switch (message.t) {
+          case 'status-request':
+            connection.send(this.status());
+            connection.flush();
+            setTimeout(() => connection.close(), 100).unref();
+            return;
+          case 'host-hello': {
+            const host = this.#addHost(message, connection, refuse);
+            if (!host) return;
+            onMessage = (next) => this.#onHostMessage(host, next);
+            role = { close: () => this.#removeHost(host) };
+            return;
+          }
+          case 'driver-hello': {
+            const driver = this.#addDriver(message, connection, socket, refuse);
+            if (!driver) return;
+            onMessage = () => undefined;
+            role = { close: () => this.#removeDriver(driver) };
+            return;
+          }
+          default:
+            return refuse('ERR_PROTOCOL', `a connection begins with a hello, not '${String((message as { t: unknown }).t)}'`);
+        }
+      },
+      () => {
+        this.#sockets.delete(socket);
+        role?.close();
+      },
+    );
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Hosts
+
+  #addHost(hello: HostHelloMessage, connection: Connection, refuse: (code: string, reason: string) => void): HostRecord | undefined {
+    if (typeof hello.hostId !== 'string' || hello.hostId === '') return void refuse('ERR_INVALID_ARGUMENT', 'a host names itself');
+    if (!isResourceRecord(hello.resources)) return void refuse('ERR_INVALID_ARGUMENT', `host ${hello.hostId} offers resources that are not amounts >= 0`);
+    if (!Array.isArray(hello.gpus) || !hello.gpus.every((gpu) => Number.isInteger(gpu) && gpu >= 0)) {
+      return void refuse('ERR_INVALID_ARGUMENT', `host ${hello.hostId} lists its GPUs as something other than device indices`);
+    }
+    if (this.#hosts.has(hello.hostId)) return void refuse('ERR_DUPLICATE_HOST', `a host with id ${hello.hostId} is already registered`);
+    const { GPU: _gpus, ...offered } = hello.resources;
+    const total = toFixed(offered);
+    const host: HostRecord = {
+      id: hello.hostId,
+      hostname: String(hello.hostname),
+      connection,
+      total,
+      free: new Map(total),
+      gpus: [...hello.gpus],
+      gpusFree: [...hello.gpus],
+      objectStoreMemory: typeof hello.objectStoreMemory === 'number' ? hello.objectStoreMemory : undefined,
+      sessions: new Map(),
+    };
+    // Sessions it still serves, from before this broker started: their slices stay taken.
+    for (const running of Array.isArray(hello.sessions) ? hello.sessions : []) {
+      const resources = toFixed(isResourceRecord(running.resources) ? running.resources : {});
+      const gpus = (running.gpus ?? []).filter((gpu) => host.gpusFree.includes(gpu));
+      const session: SessionRecord = { id: running.sessionId, nodeId: running.sessionId, host, driver: undefined, resources, gpus, bundles: [] };
+      this.#take(host, resources, gpus);
+      host.sessions.set(session.id, session);
+    }
+    this.#hosts.set(host.id, host);
+    connection.send({ t: 'broker-welcome', id: host.id });
+    this.#log(`host ${host.id} (${host.hostname}) offers ${describe(total, host.gpus.length)}`);
+    this.#allocate();
+    return host;
+  }
+
+  #onHostMessage(host: HostRecord, message: BrokerInbound): void {
+    if (message.t !== 'session-ended') return;
+    const session = host.sessions.get(message.sessionId);
+    if (!session) return;
+    host.sessions.delete(session.id);
+    this.#give(host, session.resources, session.gpus);
+    const driver = session.driver;
+    if (driver && this.#drivers.get(driver.jobId) === driver) {
+      driver.sessions.delete(session);
+      // A session that never began (the host could not reach the driver) is not asked for again:
+      // the next try would fail the same way. One that ended under a live driver is.
+      const requeued = message.error === undefined;
+      if (requeued) for (const index of session.bundles) driver.pending.add(index);
+      const reason = message.error ?? 'its session on the host ended';
+      driver.connection.send({ t: 'session-lost', nodeId: session.nodeId, reason, requeued });
+    }
+    this.#log(`host ${host.id} ended session ${session.nodeId}${message.error ? `: ${message.error}` : ''}`);
+    this.#allocate();
+  }
+
+  #removeHost(host: HostRecord): void {
+    if (this.#hosts.get(host.id) !== host) return;
+    this.#hosts.delete(host.id);
+    this.#log(`host ${host.id} left`);
+    for (const session of host.sessions.values()) {
+      const driver = session.driver;
+      if (!driver || this.#drivers.get(driver.jobId) !== driver) continue;
+      driver.sessions.delete(session);
+      for (const index of session.bundles) driver.pending.add(index);
+      driver.connection.send({ t: 'session-lost', nodeId: session.nodeId, reason: `host ${host.id} left the cluster`, requeued: true });
+    }
+    host.sessions.clear();
+    for (const driver of this.#drivers.values()) this.#refuseUnsatisfiable(driver);
+    this.#allocate();
+  }
+
+  #take(host: HostRecord, resources: Map<string, number>, gpus: number[]): void {
+    for (const [name, amount] of resources) host.free.set(name, (host.free.get(name) ?? 0) - amount);
+    host.gpusFree = host.gpusFree.filter((gpu) => !gpus.includes(gpu));
+  }
+
+  #give(host: HostRecord, resources: Map<string, number>, gpus: number[]): void {
+    for (const [name, amount] of resources) host.free.set(name, Math.min(host.total.get(name) ?? 0, (host.free.get(name) ?? 0) + amount));
+    for (const gpu of gpus) if (host.gpus.includes(gpu) && !host.gpusFree.includes(gpu)) host.gpusFree.push(gpu);
+    host.gpusFree.sort((a, b) => a - b);
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Drivers
+
+  #addDriver(hello: DriverHelloMessage, connection: Connection, socket: Socket, refuse: (code: string, reason: string) => void): DriverRecord | undefined {
+    const bundles = readBundles(hello.bundles);
+    if (typeof bundles === 'string') return void refuse('ERR_INVALID_ARGUMENT', bundles);
+    if (hello.wait !== 'all' && hello.wait !== 'any') return void refuse('ERR_INVALID_ARGUMENT', `wait is 'all' or 'any', got ${String(hello.wait)}`);
+    const listen = hello.listen;
+    if (!listen || !Number.isInteger(listen.port) || listen.port <= 0 || listen.port > 65535 || typeof listen.token !== 'string') {
+      return void refuse('ERR_INVALID_ARGUMENT', 'a driver says where hosts reach it (a port and a token)');
+    }
+    const seen = socket.remoteAddress ?? '127.0.0.1';
+    const host = typeof listen.host === 'string' && listen.host !== '' ? listen.host : seen.startsWith('::ffff:') ? seen.slice(7) : seen;
+    const jobId = `job-${this.#nextJob++}`;
+    const driver: DriverRecord = {
+      jobId,
+      name: typeof hello.name === 'string' && hello.name !== '' ? hello.name : jobId,
+      connection,
+      address: { host, port: listen.port, token: listen.token },
+      wait: hello.wait,
+      bundles,
+      pending: new Set(bundles.keys()),
+      sessions: new Set(),
+      started: false,
+      arrived: Date.now(),
+    };
+    this.#drivers.set(jobId, driver);
+    connection.send({ t: 'broker-welcome', id: jobId });
+    this.#log(`${driver.name} (${jobId}, ${host}:${listen.port}) asks for ${bundles.length} bundle(s), ${driver.wait === 'all' ? 'all at once' : 'as they fit'}`);
+    if (this.#refuseUnsatisfiable(driver)) return driver;
+    this.#allocate();
+    return driver;
+  }
+
+  /** Tells a driver whose waiting bundles no registered host could ever hold (with hosts there to ask). */
+  #refuseUnsatisfiable(driver: DriverRecord): boolean {
+    if (this.#hosts.size === 0) return false;
+    for (const index of driver.pending) {
+      const bundle = driver.bundles[index];
+      const holds = [...this.#hosts.values()].some((host) =>
+        host.gpus.length >= bundle.gpus && [...bundle.resources].every(([name, amount]) => (host.total.get(name) ?? 0) >= amount));
+      if (holds) continue;
+      const largest = [...this.#hosts.values()].map((host) => `${host.id} ${describe(host.total, host.gpus.length)}`).join(', ');
+      driver.connection.send({ t: 'unsatisfiable', reason: `bundle ${index} ${describe(bundle.resources, bundle.gpus)} fits no host of the cluster (${largest})` });
+      return true;
+    }
+    return false;
+  }
+
+  #removeDriver(driver: DriverRecord): void {
+    if (this.#drivers.get(driver.jobId) !== driver) return;
+    this.#drivers.delete(driver.jobId);
+    this.#log(`${driver.name} (${driver.jobId}) left; its ${driver.sessions.size} session(s) end`);
+    // Its slices come back when each host says its session ended (its workers dead), not before.
+    for (const session of driver.sessions) session.host.connection.send({ t: 'close-session', sessionId: session.id });
+    driver.sessions.clear();
+    this.#allocate();
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Lending
+
+  /** A host for `bundle`: one the driver already uses in preference, then the tightest fit. */
+  #hostFor(driver: DriverRecord, bundle: Bundle, ledger: Ledger, chosen: Map<HostRecord, number[]>): HostRecord | undefined {
+    let best: HostRecord | undefined;
+    let bestScore = Infinity;
+    for (const host of this.#hosts.values()) {
+      if (!ledger.fits(host, bundle)) continue;
+      const used = chosen.has(host) || [...driver.sessions].some((session) => session.host === host);
+      // Packing keeps a driver's objects on few hosts; the tightest fit keeps large holes for large bundles.
+      const free = ledger.of(host);
+      const score = (used ? 0 : 1e12) + free.gpus * 1e9 + (free.resources.get('CPU') ?? 0);
+      if (score < bestScore) {
+        best = host;
+        bestScore = score;
+      }
+    }
+    return best;
+  }
+
+  #allocate(): void {
+    if (this.#closed) return;
+    const now = Date.now();
+    const waiting = [...this.#drivers.values()].filter((driver) => driver.pending.size > 0).sort((a, b) => a.arrived - b.arrived);
+    const window = this.#options.backfillWindowMs ?? 60_000;
+    const ledger = new Ledger();
+    const rounds = new Map<DriverRecord, Map<HostRecord, number[]>>();
+    let blockedAt = Infinity;
+    // Gangs first, oldest first, each all or nothing.
+    for (const driver of waiting) {
+      if (driver.wait !== 'all' || driver.started) continue;
+      if (driver.arrived > blockedAt) break;
+      const trial = ledger.copy();
+      const chosen = new Map<HostRecord, number[]>();
+      let placed = true;
+      for (const index of driver.pending) {
+        const host = this.#hostFor(driver, driver.bundles[index], trial, chosen);
+        if (!host) {
+          placed = false;
+          break;
+        }
+        trial.take(host, driver.bundles[index]);
+        chosen.set(host, [...(chosen.get(host) ?? []), index]);
+      }
+      if (placed) {
+        for (const [host, indices] of chosen) for (const index of indices) ledger.take(host, driver.bundles[index]);
+        rounds.set(driver, chosen);
+      } else if (now - driver.arrived >= window) {
+        blockedAt = driver.arrived;
+      }
+    }
+    // Then one bundle at a time to whoever holds the smallest share of what it asked.
+    const takers = new Set(waiting.filter((driver) => (driver.wait === 'any' || driver.started) && driver.arrived <= blockedAt));
+    while (takers.size > 0) {
+      let driver: DriverRecord | undefined;
+      let share = Infinity;
+      for (const candidate of takers) {
+        const planned = [...(rounds.get(candidate)?.values() ?? [])].reduce((sum, indices) => sum + indices.length, 0);
+        const held = candidate.bundles.length - candidate.pending.size + planned;
+        if (held / candidate.bundles.length < share) {
+          driver = candidate;
+          share = held / candidate.bundles.length;
+        }
+      }
+      const chosen = rounds.get(driver!) ?? new Map<HostRecord, number[]>();
+      const planned = new Set([...chosen.values()].flat());
+      let placedOne = false;
+      for (const index of driver!.pending) {
+        if (planned.has(index)) continue;
+        const host = this.#hostFor(driver!, driver!.bundles[index], ledger, chosen);
+        if (!host) continue;
+        ledger.take(host, driver!.bundles[index]);
+        chosen.set(host, [...(chosen.get(host) ?? []), index]);
+        rounds.set(driver!, chosen);
+        placedOne = true;
+        break;
+      }
+      if (!placedOne || planned.size + 1 >= driver!.pending.size) takers.delete(driver!);
+    }
+    for (const [driver, chosen] of rounds) this.#lend(driver, chosen);
+  }
+
+  /** Opens one session per host for the bundles chosen there, and tells the driver. */
+  #lend(driver: DriverRecord, chosen: Map<HostRecord, number[]>): void {
+    const nodes: { nodeId: string; hostId: string; hostname: string; resources: Record<string, number>; bundles: number[] }[] = [];
+    for (const [host, indices] of chosen) {
+      const resources = new Map<string, number>();
+      let gpuCount = 0;
+      for (const index of indices) {
+        driver.pending.delete(index);
+        const bundle = driver.bundles[index];
+        gpuCount += bundle.gpus;
+        for (const [name, amount] of bundle.resources) resources.set(name, (resources.get(name) ?? 0) + amount);
+      }
+      const gpus = host.gpusFree.slice(0, gpuCount);
+      this.#take(host, resources, gpus);
+      const sessionId = `s${this.#nextSession++}`;
+      const session: SessionRecord = { id: sessionId, nodeId: `${host.id}/${sessionId}`, host, driver, resources, gpus, bundles: indices };
+      host.sessions.set(sessionId, session);
+      driver.sessions.add(session);
+      host.connection.send({
+        t: 'open-session',
+        sessionId,
+        nodeId: session.nodeId,
+        driver: driver.address,
+        resources: fromFixed(resources),
+        gpus,
+        ...(host.objectStoreMemory !== undefined ? { objectStoreMemory: this.#storeShare(host, resources, gpus.length) } : {}),
+      });
+      const plain = fromFixed(resources);
+      if (gpus.length > 0) plain.GPU = gpus.length;
+      nodes.push({ nodeId: session.nodeId, hostId: host.id, hostname: host.hostname, resources: plain, bundles: indices });
+      this.#log(`lent ${describe(resources, gpus.length)} of ${host.id} to ${driver.name} as node ${session.nodeId}`);
+    }
+    driver.started = true;
+    driver.connection.send({ t: 'granted', nodes });
+  }
+
+  /** A session's part of its host's store memory: its largest share of any resource it holds. */
+  #storeShare(host: HostRecord, resources: Map<string, number>, gpus: number): number {
+    let share = host.gpus.length > 0 ? gpus / host.gpus.length : 0;
+    for (const [name, amount] of resources) {
+      const total = host.total.get(name) ?? 0;
+      if (total > 0) share = Math.max(share, amount / total);
+    }
+    const memory = host.objectStoreMemory!;
+    return Math.min(memory, Math.max(MIN_SESSION_STORE, Math.floor(memory * share)));
+  }
+
+  // -------------------------------------------------------------------------------------------
+
+  /** Hosts with what they offer and have free, and drivers with what they asked for and hold. */
+  status(): StatusMessage {
+    const hosts: HostStatus[] = [...this.#hosts.values()].map((host) => ({
+      hostId: host.id,
+      hostname: host.hostname,
+      total: { ...fromFixed(host.total), ...(host.gpus.length > 0 ? { GPU: host.gpus.length } : {}) },
+      free: { ...fromFixed(host.free), ...(host.gpus.length > 0 ? { GPU: host.gpusFree.length } : {}) },
+      sessions: host.sessions.size,
+    }));
+    const now = Date.now();
+    const drivers: DriverStatus[] = [...this.#drivers.values()].map((driver) => ({
+      jobId: driver.jobId,
+      name: driver.name,
+      address: `${driver.address.host}:${driver.address.port}`,
+      wait: driver.wait,
+      bundles: driver.bundles.length,
+      granted: driver.bundles.length - driver.pending.size,
+      waitingMs: driver.pending.size > 0 ? now - driver.arrived : 0,
+      nodes: [...driver.sessions].map((session) => session.nodeId),
+    }));
+    return { t: 'status', hosts, drivers };
+  }
+
+  #log(line: string): void {
+    this.#options.log?.(line);
+  }
+
+  /** Stops listening and closes every connection: hosts keep their sessions, drivers their nodes. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const socket of this.#sockets) socket.destroy();
+    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}

@@ -1,0 +1,197 @@
+/**
+ * A shared cluster's broker, how it lends: hosts and drivers here are bare connections speaking
+ * its protocol (no processes), so each test sets up exactly the state it asks about. Gangs are
+ * lent all at once or not at all, oldest first; drivers that take what fits share by the smallest
+ * share held; a request past the backfill window is not jumped; a slice comes back only when its
+ * host says its session ended; a host's loss asks for its bundles again; bad hellos are refused.
+ */
+import { connect } from 'node:net';
+import { afterEach, describe, expect, it } from 'vitest';
+import { Broker, brokerStatus, ClusterError } from '../../lib/index.js';
+import { AGENT_PROTOCOL } from '../../lib/core/agent-protocol.js';
+import type { BrokerInbound, BrokerOutbound, OpenSessionMessage } from '../../lib/core/broker-protocol.js';
+import { FrameConnection } from '../../lib/core/connection.js';
+import { rejection, until } from './helpers.js';
+
+const TOKEN = 'broker-test-token';
+
+interface Peer {
+  connection: FrameConnection<BrokerOutbound, BrokerInbound>;
+  messages: BrokerOutbound[];
+  closed: boolean;
+  of<T extends BrokerOutbound['t']>(type: T): Extract<BrokerOutbound, { t: T }>[];
+}
+
+async function peer(broker: Broker, hello: BrokerInbound): Promise<Peer> {
+  const socket = connect({ host: '127.0.0.1', port: broker.port });
+  await new Promise((resolve) => socket.once('connect', resolve));
+  const result: Peer = {
+    messages: [],
+    closed: false,
+    connection: undefined!,
+    of: (type) => result.messages.filter((message) => message.t === type) as never,
+  };
+  result.connection = new FrameConnection<BrokerOutbound, BrokerInbound>(socket, (message) => result.messages.push(message), () => (result.closed = true));
+  result.connection.send(hello);
+  await until(() => result.messages.length > 0 || result.closed, 'the broker to answer');
+  return result;
+}
+
+function host(broker: Broker, hostId: string, resources: Record<string, number>, gpus: number[] = []): Promise<Peer> {
+  return peer(broker, { t: 'host-hello', token: TOKEN, protocol: AGENT_PROTOCOL, hostId, hostname: hostId, resources, gpus, sessions: [] });
+}
+
+function driver(broker: Broker, name: string, bundles: Record<string, number>[], wait: 'all' | 'any' = 'all'): Promise<Peer> {
+  return peer(broker, { t: 'driver-hello', token: TOKEN, protocol: AGENT_PROTOCOL, name, bundles, wait, listen: { port: 4000, token: `${name}-secret` } });
+}
+
+/** Bundle indices lent to a driver so far, and on which hosts. */
+function lent(driver: Peer): { hostId: string; bundles: number[]; resources: Record<string, number> }[] {
+  return driver.of('granted').flatMap((message) => message.nodes.map(({ hostId, bundles, resources }) => ({ hostId, bundles, resources })));
+}
+
+function endSession(hostPeer: Peer, session: OpenSessionMessage, error?: string): void {
+  hostPeer.connection.send({ t: 'session-ended', sessionId: session.sessionId, ...(error ? { error } : {}) });
+}
+
+describe('broker', () => {
+  let broker: Broker | undefined;
+  const peers: Peer[] = [];
+  const start = async (options: { backfillWindowMs?: number } = {}) => (broker = await Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, ...options }));
+  const track = async (made: Promise<Peer>) => {
+    const made_ = await made;
+    peers.push(made_);
+    return made_;
+  };
+
+  afterEach(async () => {
+    for (const one of peers.splice(0)) one.connection.close();
+    await broker?.close();
+    broker = undefined;
+  });
+
+  it('lends a gang whole, packing bundles onto the hosts that fit them tightest', async () => {
+    const b = await start();
+    const gpuHost = await track(host(b, 'gpu-host', { CPU: 8 }, [0, 1, 2, 3]));
+    const cpuHost = await track(host(b, 'cpu-host', { CPU: 4 }));
+    const job = await track(driver(b, 'job', [{ CPU: 2 }, { CPU: 1, GPU: 2 }, { CPU: 1 }]));
+    await until(() => job.of('granted').length > 0, 'a grant');
+    // CPU-only bundles go where no GPU sits idle; the GPU bundle takes devices by index.
+    expect(lent(job).sort((x, y) => x.hostId.localeCompare(y.hostId))).toEqual([
+      { hostId: 'cpu-host', bundles: [0, 2], resources: { CPU: 3 } },
+      { hostId: 'gpu-host', bundles: [1], resources: { CPU: 1, GPU: 2 } },
+    ]);
+    await until(() => gpuHost.of('open-session').length === 1 && cpuHost.of('open-session').length === 1, 'sessions to open');
+    const session = gpuHost.of('open-session')[0];
+    expect(session).toMatchObject({ gpus: [0, 1], resources: { CPU: 1 }, driver: { host: '127.0.0.1', port: 4000, token: 'job-secret' } });
+    const status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    expect(status.hosts.find((one) => one.hostId === 'gpu-host')).toMatchObject({ free: { CPU: 7, GPU: 2 }, sessions: 1 });
+    expect(status.drivers).toEqual([expect.objectContaining({ name: 'job', bundles: 3, granted: 3, nodes: expect.any(Array) })]);
+  });
+
+  it('lends a gang nothing until all of it fits, and gives slices back only once their sessions end', async () => {
+    const b = await start();
+    const only = await track(host(b, 'only', { CPU: 4 }));
+    const first = await track(driver(b, 'first', [{ CPU: 3 }]));
+    await until(() => only.of('open-session').length === 1, 'the first session');
+    const second = await track(driver(b, 'second', [{ CPU: 1 }, { CPU: 2 }]));
+    // One CPU is free: the gang's first bundle would fit, yet nothing is lent.
+    await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    expect(second.of('granted')).toEqual([]);
+    first.connection.close();
+    await until(() => only.of('close-session').length === 1, 'the broker to close the first session');
+    // Until the host says its workers are dead, the slice is still taken.
+    expect((await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN })).hosts[0].free).toEqual({ CPU: 1 });
+    expect(second.of('granted')).toEqual([]);
+    endSession(only, only.of('open-session')[0]);
+    await until(() => second.of('granted').length === 1, 'the gang to be lent');
+    expect(lent(second)).toEqual([{ hostId: 'only', bundles: [0, 1], resources: { CPU: 3 } }]);
+  });
+
+  it('shares what frees among drivers that take what fits, smallest share first', async () => {
+    const b = await start();
+    const only = await track(host(b, 'only', { CPU: 4 }));
+    const hog = await track(driver(b, 'hog', [{ CPU: 4 }]));
+    await until(() => only.of('open-session').length === 1, 'the hog to be lent');
+    const small = await track(driver(b, 'small', [{ CPU: 1 }, { CPU: 1 }], 'any'));
+    const large = await track(driver(b, 'large', [{ CPU: 1 }, { CPU: 1 }, { CPU: 1 }, { CPU: 1 }], 'any'));
+    hog.connection.close();
+    await until(() => only.of('close-session').length === 1, 'the hog to leave');
+    endSession(only, only.of('open-session')[0]);
+    await until(() => small.of('granted').length + large.of('granted').length >= 2, 'both to be lent');
+    // Four CPUs free, six asked: each gets two (the small one all it asked, the large one half).
+    expect(lent(small).flatMap((grant) => grant.bundles).length).toBe(2);
+    expect(lent(large).flatMap((grant) => grant.bundles).length).toBe(2);
+  });
+
+  it('lets later requests fit around a waiting gang, until the gang has waited past the window', async () => {
+    const b = await start({ backfillWindowMs: 0 });
+    const only = await track(host(b, 'only', { CPU: 4 }));
+    const holder = await track(driver(b, 'holder', [{ CPU: 2 }]));
+    await until(() => only.of('open-session').length === 1, 'the holder to be lent');
+    const big = await track(driver(b, 'big', [{ CPU: 4 }]));
+    // The big gang has waited past a window of 0 ms: a later small one may not jump it.
+    const later = await track(driver(b, 'later', [{ CPU: 1 }]));
+    await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    expect(later.of('granted')).toEqual([]);
+    expect(big.of('granted')).toEqual([]);
+    holder.connection.close();
+    await until(() => only.of('close-session').length === 1, 'the holder to leave');
+    endSession(only, only.of('open-session')[0]);
+    await until(() => big.of('granted').length === 1, 'the big gang');
+    expect(later.of('granted')).toEqual([]);
+  });
+
+  it('backfills within the window', async () => {
+    const b = await start({ backfillWindowMs: 60_000 });
+    const only = await track(host(b, 'only', { CPU: 4 }));
+    await track(driver(b, 'holder', [{ CPU: 2 }]));
+    await until(() => only.of('open-session').length === 1, 'the holder to be lent');
+    const big = await track(driver(b, 'big', [{ CPU: 4 }]));
+    const later = await track(driver(b, 'later', [{ CPU: 1 }]));
+    await until(() => later.of('granted').length === 1, 'the later one to fit around the gang');
+    expect(big.of('granted')).toEqual([]);
+  });
+
+  it("asks again for a lost host's bundles, and tells a driver whose bundles no host can hold", async () => {
+    const b = await start();
+    const first = await track(host(b, 'first', { CPU: 2 }));
+    const second = await track(host(b, 'second', { CPU: 2 }));
+    const job = await track(driver(b, 'job', [{ CPU: 2 }]));
+    await until(() => job.of('granted').length === 1, 'a grant');
+    const [lost, kept] = lent(job)[0].hostId === 'first' ? [first, second] : [second, first];
+    lost.connection.close();
+    await until(() => job.of('session-lost').length === 1 && job.of('granted').length === 2, 'the bundle to be lent again');
+    expect(job.of('session-lost')[0]).toMatchObject({ requeued: true, reason: expect.stringContaining('left the cluster') });
+    expect(kept.of('open-session')).toHaveLength(1);
+    // A session that never began is not asked for again.
+    endSession(kept, kept.of('open-session')[0], 'could not reach the driver');
+    await until(() => job.of('session-lost').length === 2, 'the failed session');
+    expect(job.of('session-lost')[1]).toMatchObject({ requeued: false, reason: 'could not reach the driver' });
+    expect(job.of('granted')).toHaveLength(2);
+    const greedy = await track(driver(b, 'greedy', [{ CPU: 3 }]));
+    await until(() => greedy.of('unsatisfiable').length === 1, 'the refusal');
+    expect(greedy.of('unsatisfiable')[0].reason).toMatch(/bundle 0 \{ CPU: 3 \} fits no host/);
+  });
+
+  it('refuses wrong tokens, other versions, malformed requests and duplicate hosts, saying why', async () => {
+    const b = await start();
+    await track(host(b, 'one', { CPU: 1 }));
+    const refusal = async (hello: BrokerInbound) => (await track(peer(b, hello))).of('broker-refused')[0];
+    expect(await refusal({ t: 'driver-hello', token: 'nope', protocol: AGENT_PROTOCOL, name: 'x', bundles: [{ CPU: 1 }], wait: 'all', listen: { port: 1, token: 't' } }))
+      .toMatchObject({ code: 'ERR_WRONG_TOKEN' });
+    expect(await refusal({ t: 'status-request', token: TOKEN, protocol: AGENT_PROTOCOL + 1 })).toMatchObject({ code: 'ERR_PROTOCOL' });
+    expect(await refusal({ t: 'driver-hello', token: TOKEN, protocol: AGENT_PROTOCOL, name: 'x', bundles: [{ GPU: 0.5 }], wait: 'all', listen: { port: 1, token: 't' } }))
+      .toMatchObject({ code: 'ERR_INVALID_ARGUMENT', reason: expect.stringContaining('whole device') });
+    expect(await refusal({ t: 'driver-hello', token: TOKEN, protocol: AGENT_PROTOCOL, name: 'x', bundles: [], wait: 'all', listen: { port: 1, token: 't' } }))
+      .toMatchObject({ code: 'ERR_INVALID_ARGUMENT' });
+    expect(await refusal({ t: 'host-hello', token: TOKEN, protocol: AGENT_PROTOCOL, hostId: 'one', hostname: 'h', resources: { CPU: 1 }, gpus: [], sessions: [] }))
+      .toMatchObject({ code: 'ERR_DUPLICATE_HOST' });
+    const error = await rejection(brokerStatus(`127.0.0.1:${b.port}`, { token: 'nope' }));
+    expect(error).toBeInstanceOf(ClusterError);
+    expect(error.code).toBe('ERR_WRONG_TOKEN');
+    await b.close();
+    const gone = await rejection(brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN }));
+    expect(gone.code).toBe('ERR_BROKER_UNREACHABLE');
+  });
+});
