@@ -37,6 +37,8 @@ node options:
                              (default: its address on the driver's connection)
   --once                     serve one driver, then exit (with --head)
   --gpus LIST                the GPUs to offer, by device index, e.g. 0,1 (with --broker)
+  --join-timeout MS          how long a lent slice may take to reach its driver (with --broker;
+                             default 20000)
 `;
 
 function count(name: string, text: string | undefined): number | undefined {
@@ -126,6 +128,7 @@ async function main(argv: string[]): Promise<number> {
       once: { type: 'boolean' },
       broker: { type: 'string' },
       gpus: { type: 'string' },
+      'join-timeout': { type: 'string' },
       help: { type: 'boolean' },
     },
   });
@@ -164,6 +167,7 @@ async function main(argv: string[]): Promise<number> {
       resources,
       objectStoreMemory: count('object-store-memory', values['object-store-memory']),
       advertiseHost: values['advertise-host'],
+      joinTimeoutMs: count('join-timeout', values['join-timeout']),
       log: (line) => process.stderr.write(`trellis node: ${line}\n`),
     });
     const stop = () => void host.close();

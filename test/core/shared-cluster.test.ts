@@ -1,0 +1,215 @@
+/**
+ * A shared cluster end to end: a broker, two hosts (`trellis node --broker`, separate processes)
+ * and several drivers (this process and child processes) at once. Lent slices join each driver as
+ * nodes with their own workers, stores and GPUs; drivers share hosts side by side; a gang waits
+ * for what another driver holds; a driver killed outright frees its slices; a host's loss is made
+ * good on another host; bad requests fail with a ClusterError or InvalidArgumentError that says why.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createInterface } from 'node:readline';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, get, init, shutdown, state, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
+import { visibleGpus, whereAmI } from './fixtures/nodes.js';
+import { isAlive, rejection, until } from './helpers.js';
+
+const TOKEN = 'shared-cluster-token';
+const cli = join(import.meta.dirname, '../../lib/cli/trellis.ts');
+const driverScript = join(import.meta.dirname, 'fixtures/broker-driver.ts');
+
+interface ChildDriver {
+  process: ChildProcess;
+  lines: Record<string, any>[];
+  send(line: string): void;
+  next(event: string, after?: number): Promise<Record<string, any>>;
+}
+
+describe('shared cluster', () => {
+  let broker: Broker;
+  let address: string;
+  const hosts = new Map<string, ChildProcess>();
+  const children: ChildDriver[] = [];
+
+  const status = (): Promise<BrokerStatus> => brokerStatus(address, { token: TOKEN });
+  const request = (options: Partial<ClusterOptions>): ClusterOptions => ({ address, token: TOKEN, ...options }) as ClusterOptions;
+
+  function startHost(id: string, extra: string[]): ChildProcess {
+    const child = spawn(process.execPath, [
+      '--import', 'tsx', cli, 'node', '--broker', address, '--id', id, '--num-cpus', '2',
+      '--object-store-memory', String(128 * 1024 * 1024), ...extra,
+    ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN }, stdio: ['ignore', 'inherit', 'pipe'] });
+    child.stderr!.resume();
+    hosts.set(id, child);
+    return child;
+  }
+
+  function childDriver(options: Partial<ClusterOptions>): ChildDriver {
+    const child = spawn(process.execPath, ['--import', 'tsx', driverScript, JSON.stringify(request(options))], {
+      env: process.env,
+      stdio: ['pipe', 'pipe', 'inherit'],
+    });
+    const driver: ChildDriver = {
+      process: child,
+      lines: [],
+      send: (line) => child.stdin!.write(`${line}\n`),
+      next: async (event, after = 0) => {
+        await until(() => driver.lines.slice(after).some((line) => line.event === event || line.event === 'failed'), `a child driver's ${event}`, 60_000);
+        return driver.lines.slice(after).find((line) => line.event === event || line.event === 'failed')!;
+      },
+    };
+    createInterface({ input: child.stdout! }).on('line', (line) => driver.lines.push(JSON.parse(line)));
+    children.push(driver);
+    return driver;
+  }
+
+  /** Every host's resources free, no session running, no driver known. */
+  async function allFree(): Promise<void> {
+    let last: BrokerStatus | undefined;
+    const free = async () => {
+      last = await status();
+      return last.drivers.length === 0 && last.hosts.every((host) => host.sessions === 0 && JSON.stringify(host.free) === JSON.stringify(host.total));
+    };
+    const deadline = Date.now() + 30_000;
+    while (!(await free())) {
+      if (Date.now() > deadline) throw new Error(`the cluster is not free: ${JSON.stringify(last)}`);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
+
+  beforeAll(async () => {
+    broker = await Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN });
+    address = `127.0.0.1:${broker.port}`;
+    startHost('host-a', ['--gpus', '2,3']);
+    startHost('host-b', ['--resources', '{"b": 1}', '--join-timeout', '2000']);
+    const deadline = Date.now() + 60_000;
+    while ((await status()).hosts.length < 2) {
+      if (Date.now() > deadline) throw new Error('the hosts did not register');
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }, 90_000);
+
+  afterEach(async () => {
+    await shutdown();
+    for (const child of children.splice(0)) if (child.process.exitCode === null) child.process.kill('SIGKILL');
+    await allFree();
+  }, 60_000);
+
+  afterAll(async () => {
+    for (const host of hosts.values()) if (host.exitCode === null) host.kill('SIGTERM');
+    await Promise.all([...hosts.values()].map((host) => host.exitCode === null && new Promise((resolve) => host.once('exit', resolve))));
+    await broker?.close();
+  }, 30_000);
+
+  it('lends bundles as nodes with their own workers, stores and GPUs, and takes them back at shutdown', async () => {
+    await init({ cluster: request({ bundles: [{ CPU: 1 }, { CPU: 1, GPU: 1 }] }) });
+    const lent = state().nodes.filter((node) => node.nodeId !== 'node-0');
+    expect(lent.map((node) => node.nodeId.split('/')[0]).sort()).toEqual(['host-a', 'host-b']);
+    expect(state().nodes.find((node) => node.nodeId === 'node-0')!.resources.total.CPU ?? 0).toBe(0);
+    // The GPU bundle took host-a's first device; workers there see it alone, and others none.
+    const [gpuTask, cpuTask] = await get([visibleGpus.options({ numGpus: 1 }).remote(), visibleGpus.options({ resources: { CPU: 1 }, schedulingStrategy: { type: 'node', nodeId: lent.find((node) => node.nodeId.startsWith('host-b'))!.nodeId } }).remote()]);
+    expect(gpuTask).toEqual({ nodeId: expect.stringMatching(/^host-a\//), devices: '2' });
+    expect(cpuTask.devices).toBe('');
+    const stores = await get(lent.map((node) => whereAmI.options({ schedulingStrategy: { type: 'node', nodeId: node.nodeId } }).remote()));
+    expect(new Set(stores.map((where) => where.store)).size).toBe(2);
+    const now = await status();
+    expect(now.drivers).toEqual([expect.objectContaining({ bundles: 2, granted: 2, nodes: expect.arrayContaining(lent.map((node) => node.nodeId)) })]);
+    expect(now.hosts.find((host) => host.hostId === 'host-a')!.free).toEqual({ CPU: 1, GPU: 1 });
+    await shutdown();
+    await allFree();
+    expect(stores.every((where) => !isAlive(where.pid))).toBe(true);
+  });
+
+  it('runs drivers side by side on the same hosts, and a gang waits for what another holds', async () => {
+    await init({ cluster: request({ bundles: [{ CPU: 2 }, { CPU: 1 }] }) });
+    const gang = childDriver({ resources: { CPU: 2 }, name: 'gang' });
+    let waiting: BrokerStatus;
+    do waiting = await status();
+    while (!waiting.drivers.some((driver) => driver.name === 'gang'));
+    // One CPU is free and the gang asks for two: it is lent nothing yet.
+    expect(waiting.drivers.find((driver) => driver.name === 'gang')).toMatchObject({ granted: 0, wait: 'all' });
+    // A driver that takes what fits gets the free CPU, on a host this driver uses too.
+    const small = childDriver({ resources: { CPU: 1 }, wait: 'any', name: 'small' });
+    const ready = await small.next('ready');
+    expect(ready.nodes).toHaveLength(1);
+    const mine = state().nodes.map((node) => node.nodeId.split('/')[0]);
+    expect(mine).toContain(ready.nodes[0].split('/')[0]);
+    small.send('where');
+    expect((await small.next('where')).nodes).toEqual(ready.nodes);
+    expect(gang.lines).toEqual([]);
+    await shutdown();
+    const lent = await gang.next('ready');
+    expect(lent.nodes.length).toBeGreaterThan(0);
+    gang.send('where');
+    expect((await gang.next('where')).nodes).toEqual(lent.nodes);
+    gang.send('exit');
+    small.send('exit');
+    await gang.next('exited');
+    await small.next('exited');
+  });
+
+  it("takes what fits with wait 'any' and grows as other jobs end", async () => {
+    await init({ cluster: request({ resources: { CPU: 3 } }) });
+    const grower = childDriver({ resources: { CPU: 3 }, wait: 'any', name: 'grower' });
+    const ready = await grower.next('ready');
+    expect(ready.nodes).toHaveLength(1);
+    const seen = grower.lines.length;
+    await shutdown();
+    await until(() => grower.lines.slice(seen).filter((line) => line.event === 'node-added').length >= 1 &&
+      grower.lines.at(-1)!.nodes?.length >= 2, 'the rest to join', 30_000);
+    const status_ = await status();
+    expect(status_.drivers.find((driver) => driver.name === 'grower')).toMatchObject({ bundles: 3, granted: 3 });
+    grower.send('exit');
+    await grower.next('exited');
+  });
+
+  it('frees the slices of a driver killed outright', async () => {
+    const doomed = childDriver({ resources: { CPU: 4 }, name: 'doomed' });
+    await doomed.next('ready');
+    doomed.send('where');
+    await doomed.next('where');
+    expect((await status()).hosts.every((host) => host.free.CPU === 0)).toBe(true);
+    doomed.process.kill('SIGKILL');
+    await allFree();
+    // And the cluster lends them again at once.
+    await init({ cluster: request({ resources: { CPU: 4 } }) });
+    expect(state().nodes.filter((node) => node.nodeId !== 'node-0').length).toBe(2);
+  });
+
+  it('fails with a ClusterError or InvalidArgumentError that says what is wrong', async () => {
+    const wrongToken = await rejection(init({ cluster: { address, token: 'nope', resources: { CPU: 1 } } }));
+    expect(wrongToken).toBeInstanceOf(ClusterError);
+    expect(wrongToken.code).toBe('ERR_WRONG_TOKEN');
+    const tooLarge = await rejection(init({ cluster: request({ bundles: [{ CPU: 3 }] }) }));
+    expect(tooLarge.code).toBe('ERR_CLUSTER_UNSATISFIABLE');
+    expect(tooLarge.message).toMatch(/bundle 0 \{ CPU: 3 \} fits no host/);
+    const busy = await rejection(init({ cluster: request({ bundles: [{ CPU: 2 }, { CPU: 2 }, { CPU: 2 }], timeoutMs: 300 }) }));
+    expect(busy.code).toBe('ERR_CLUSTER_TIMEOUT');
+    expect(busy.message).toMatch(/lent 0 of 3 bundle/);
+    const unreachable = await rejection(init({ cluster: { address: '127.0.0.1:1', token: TOKEN, resources: { CPU: 1 } } }));
+    expect(unreachable.code).toBe('ERR_BROKER_UNREACHABLE');
+    // host-b gives up on a driver it cannot reach after its join timeout (2 s here).
+    const cannotReach = await rejection(init({ cluster: request({ bundles: [{ b: 1 }], advertiseHost: 'no-such-host.invalid' }) }));
+    expect(cannotReach.code).toBe('ERR_SESSION_FAILED');
+    expect(cannotReach.message).toMatch(/host-b\/s\d+ did not join: node host-b\/s\d+ could not join the head at no-such-host.invalid/);
+    await expect(init({ cluster: request({ bundles: [{ GPU: 0.5 }] }) })).rejects.toThrow(/whole devices/);
+    await expect(init({ cluster: request({ resources: { CPU: 1.5 } }) })).rejects.toThrow(InvalidArgumentError);
+    await expect(init({ cluster: request({ resources: { CPU: 1 } }), listen: { port: 0, token: 'x' } })).rejects.toThrow(/cluster .* or listen/);
+    await expect(init({ cluster: request({}) })).rejects.toThrow(/either bundles .* or resources/);
+  });
+
+  it("lends a lost host's bundles again on another host", async () => {
+    await init({ cluster: request({ bundles: [{ CPU: 1 }] }) });
+    const first = state().nodes.find((node) => node.nodeId !== 'node-0')!.nodeId;
+    const lostHost = first.split('/')[0];
+    const removed = new Promise((resolve) => events().once('node-removed', resolve));
+    const added = new Promise<{ nodeId: string }>((resolve) => events().once('node-added', resolve));
+    hosts.get(lostHost)!.kill('SIGKILL');
+    await removed;
+    const replacement = await added;
+    expect(replacement.nodeId.split('/')[0]).not.toBe(lostHost);
+    const where = await get(whereAmI.remote());
+    expect(where.nodeId).toBe(replacement.nodeId);
+    await shutdown();
+    hosts.delete(lostHost);
+  });
+});
