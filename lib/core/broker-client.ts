@@ -127,7 +127,7 @@ export class BrokerClient {
   #started = false;
   #closed = false;
   readonly #onNodeAdded = (event: { nodeId: string }) => this.#nodeJoined(event.nodeId);
-  readonly #onNodeRemoved = (event: { nodeId: string }) => this.#joined.delete(event.nodeId);
+  readonly #onNodeRemoved = (event: { nodeId: string }) => this.#nodeLeft(event.nodeId);
   /** Settles when init may return. */
   readonly ready: Promise<void>;
 
@@ -213,18 +213,17 @@ export class BrokerClient {
         for (const node of message.nodes) {
           for (const index of node.bundles) this.#pending.delete(index);
           this.#lent.set(node.nodeId, node);
-          if (this.#cluster.nodes.some((known) => known.id === node.nodeId)) this.#joined.add(node.nodeId);
-          else this.#coming.set(node.nodeId, node);
+          if (this.#cluster.nodes.some((known) => known.id === node.nodeId)) {
+            this.#joined.add(node.nodeId);
+            this.#connection.send({ t: 'node-joined', nodeId: node.nodeId });
+          } else {
+            this.#coming.set(node.nodeId, node);
+          }
         }
         this.#promise();
         return this.#check();
       case 'session-lost': {
-        const node = this.#lent.get(message.nodeId);
-        this.#lent.delete(message.nodeId);
-        this.#coming.delete(message.nodeId);
-        // Its bundles are asked for again (the broker holds them pending): they may join elsewhere.
-        if (message.requeued) for (const index of node?.bundles ?? []) this.#pending.add(index);
-        this.#promise();
+        this.#forget(message.nodeId, message.requeued);
         const error = new ClusterError('ERR_SESSION_FAILED', `lent node ${message.nodeId} ${message.requeued ? 'left' : 'did not join'}: ${message.reason}`);
         if (!this.#started && !message.requeued) return this.#failInit(error);
         this.#cluster.events.emit('warning', { kind: 'cluster-node-lost', message: error.message });
@@ -235,9 +234,27 @@ export class BrokerClient {
     }
   }
 
+  /** A lent node left this cluster: the broker hears of it and asks for its bundles again. */
+  #nodeLeft(nodeId: string): void {
+    if (!this.#lent.has(nodeId)) return;
+    this.#forget(nodeId, true);
+    if (!this.#closed) this.#connection.send({ t: 'node-left', nodeId });
+  }
+
+  /** Drops a lent node (once, whichever side noticed first); its bundles wait again where `requeued`. */
+  #forget(nodeId: string, requeued: boolean): void {
+    const node = this.#lent.get(nodeId);
+    this.#lent.delete(nodeId);
+    this.#coming.delete(nodeId);
+    this.#joined.delete(nodeId);
+    if (node && requeued) for (const index of node.bundles) this.#pending.add(index);
+    this.#promise();
+  }
+
   #nodeJoined(nodeId: string): void {
     if (!this.#coming.delete(nodeId)) return;
     this.#joined.add(nodeId);
+    if (!this.#closed) this.#connection.send({ t: 'node-joined', nodeId });
     this.#promise();
     this.#check();
   }

@@ -5,7 +5,10 @@
  * as a node. Frames as protocol.ts writes them; every connection shows the cluster's token first.
  */
 
-/** A host's first message. `sessions` are those it still serves (after the broker restarted). */
+/**
+ * A host's first message. `sessions` are those it still serves: after its connection to the
+ * broker dropped, or the broker restarted.
+ */
 export interface HostHelloMessage {
   t: 'host-hello';
   token: string;
@@ -47,7 +50,19 @@ export interface SessionEndedMessage {
   error?: string;
 }
 
-export type BrokerInbound = HostHelloMessage | DriverHelloMessage | StatusRequestMessage | SessionEndedMessage;
+/** From a driver: a lent node left its cluster (its host or connection went): ask for its bundles again. */
+export interface NodeLeftMessage {
+  t: 'node-left';
+  nodeId: string;
+}
+
+/** From a driver: a lent node joined its cluster (from then on, only the driver says it is lost). */
+export interface NodeJoinedMessage {
+  t: 'node-joined';
+  nodeId: string;
+}
+
+export type BrokerInbound = HostHelloMessage | DriverHelloMessage | StatusRequestMessage | SessionEndedMessage | NodeLeftMessage | NodeJoinedMessage;
 
 export interface BrokerWelcomeMessage {
   t: 'broker-welcome';

@@ -39,6 +39,12 @@ export interface BrokerOptions {
   token?: string;
   /** How long a request may be jumped by later ones that fit where it does not (default 60,000 ms). */
   backfillWindowMs?: number;
+  /**
+   * How long a host whose connection dropped has to register again before its sessions that had
+   * not joined their drivers yet are lent elsewhere (default 10,000 ms). Sessions that joined
+   * stay their driver's until the driver says it lost them.
+   */
+  hostGraceMs?: number;
   /** Where the broker says what it does (default: nothing). */
   log?: (line: string) => void;
 }
@@ -70,6 +76,10 @@ interface SessionRecord {
   resources: Map<string, number>;
   gpus: number[];
   bundles: number[];
+  /** Whether its node joined the driver's cluster (the driver said so). */
+  joined: boolean;
+  /** When its host's connection dropped (orphans only). */
+  orphanedAt?: number;
 }
 
 interface Bundle {
@@ -89,6 +99,8 @@ interface DriverRecord {
   sessions: Set<SessionRecord>;
   /** Whether it was ever lent anything (a gang's later bundles are replacements, taken as they fit). */
   started: boolean;
+  /** Hosts where it lost a node: used again only where nothing else fits (the host may be going down). */
+  avoid: Set<string>;
   arrived: number;
 }
 
@@ -162,9 +174,16 @@ export class Broker {
   readonly #sockets = new Set<Socket>();
   readonly #hosts = new Map<string, HostRecord>();
   readonly #drivers = new Map<string, DriverRecord>();
+  /**
+   * Sessions of hosts whose connection to the broker dropped, by id: the host may still run them
+   * (a network blip, a broker restart) and say so when it registers again. Their drivers decide
+   * whether they are lost (node-left), since the driver is connected to them, not the broker.
+   */
+  readonly #orphans = new Map<string, SessionRecord>();
   #nextJob = 1;
   #nextSession = 1;
   #closed = false;
+  readonly #sweepTimer: NodeJS.Timeout;
   readonly host: string;
   readonly port: number;
 
@@ -175,6 +194,25 @@ export class Broker {
     const address = server.address() as AddressInfo;
     this.host = address.address;
     this.port = address.port;
+    this.#sweepTimer = setInterval(() => this.#sweepOrphans(), Math.min(1000, Math.max(10, options.hostGraceMs ?? 10_000))).unref();
+  }
+
+  /** Orphans past the grace that never joined their driver: their bundles are lent elsewhere. */
+  #sweepOrphans(): void {
+    const grace = this.#options.hostGraceMs ?? 10_000;
+    let freed = false;
+    for (const session of [...this.#orphans.values()]) {
+      if (Date.now() - session.orphanedAt! < grace) continue;
+      this.#orphans.delete(session.id);
+      const driver = session.driver;
+      if (session.joined || !driver || !driver.sessions.delete(session)) continue;
+      session.driver = undefined;
+      driver.avoid.add(session.host.id);
+      for (const index of session.bundles) driver.pending.add(index);
+      driver.connection.send({ t: 'session-lost', nodeId: session.nodeId, reason: `host ${session.host.id} left the cluster before the node joined`, requeued: true });
+      freed = true;
+    }
+    if (freed) this.#allocate();
   }
 
   /** Listens as `options` say. Fails with ERR_NO_TOKEN without a token, ERR_ADDRESS_IN_USE where taken. */
@@ -232,7 +270,10 @@ export class Broker {
           case 'driver-hello': {
             const driver = this.#addDriver(message, connection, socket, refuse);
             if (!driver) return;
-            onMessage = () => undefined;
+            onMessage = (next) => {
+              if (next.t === 'node-left') this.#nodeLeft(driver, next.nodeId);
+              else if (next.t === 'node-joined') for (const session of driver.sessions) if (session.nodeId === next.nodeId) session.joined = true;
+            };
             role = { close: () => this.#removeDriver(driver) };
             return;
           }
@@ -270,15 +311,23 @@ export class Broker {
       objectStoreMemory: typeof hello.objectStoreMemory === 'number' ? hello.objectStoreMemory : undefined,
       sessions: new Map(),
     };
-    // Sessions it still serves, from before this broker started: their slices stay taken.
+    // Sessions it still serves: their slices stay taken, and those the broker knew keep their driver.
     for (const running of Array.isArray(hello.sessions) ? hello.sessions : []) {
       const resources = toFixed(isResourceRecord(running.resources) ? running.resources : {});
       const gpus = (running.gpus ?? []).filter((gpu) => host.gpusFree.includes(gpu));
-      const session: SessionRecord = { id: running.sessionId, nodeId: running.sessionId, host, driver: undefined, resources, gpus, bundles: [] };
+      const known = this.#orphans.get(running.sessionId);
+      this.#orphans.delete(running.sessionId);
+      const session: SessionRecord = known && known.host.id === host.id
+        ? { ...known, host, resources, gpus }
+        : { id: running.sessionId, nodeId: running.sessionId, host, driver: undefined, resources, gpus, bundles: [], joined: true };
+      delete session.orphanedAt;
+      if (session.driver?.sessions.delete(known!)) session.driver.sessions.add(session);
+      else session.driver = undefined;
       this.#take(host, resources, gpus);
       host.sessions.set(session.id, session);
     }
     this.#hosts.set(host.id, host);
+    for (const driver of this.#drivers.values()) driver.avoid.delete(host.id);
     connection.send({ t: 'broker-welcome', id: host.id });
     this.#log(`host ${host.id} (${host.hostname}) offers ${describe(total, host.gpus.length)}`);
     this.#allocate();
@@ -292,8 +341,7 @@ export class Broker {
     host.sessions.delete(session.id);
     this.#give(host, session.resources, session.gpus);
     const driver = session.driver;
-    if (driver && this.#drivers.get(driver.jobId) === driver) {
-      driver.sessions.delete(session);
+    if (driver && this.#drivers.get(driver.jobId) === driver && driver.sessions.delete(session)) {
       // A session that never began (the host could not reach the driver) is not asked for again:
       // the next try would fail the same way. One that ended under a live driver is.
       const requeued = message.error === undefined;
@@ -305,19 +353,40 @@ export class Broker {
     this.#allocate();
   }
 
+  /**
+   * A host's connection to the broker closed. Its sessions may live on (their connections are to
+   * their drivers): they wait as orphans for the host to come back, while their drivers say
+   * whether they lost them (node-left). What is asked but fits no host left is refused.
+   */
   #removeHost(host: HostRecord): void {
     if (this.#hosts.get(host.id) !== host) return;
     this.#hosts.delete(host.id);
     this.#log(`host ${host.id} left`);
+    const now = Date.now();
     for (const session of host.sessions.values()) {
-      const driver = session.driver;
-      if (!driver || this.#drivers.get(driver.jobId) !== driver) continue;
-      driver.sessions.delete(session);
-      for (const index of session.bundles) driver.pending.add(index);
-      driver.connection.send({ t: 'session-lost', nodeId: session.nodeId, reason: `host ${host.id} left the cluster`, requeued: true });
+      if (!session.driver) continue;
+      session.orphanedAt = now;
+      this.#orphans.set(session.id, session);
     }
     host.sessions.clear();
     for (const driver of this.#drivers.values()) this.#refuseUnsatisfiable(driver);
+    this.#allocate();
+  }
+
+  /** A driver lost a lent node: its bundles are asked for again (the slice frees when its host says). */
+  #nodeLeft(driver: DriverRecord, nodeId: string): void {
+    const session = [...driver.sessions].find((candidate) => candidate.nodeId === nodeId);
+    if (!session) return;
+    driver.sessions.delete(session);
+    session.driver = undefined;
+    this.#orphans.delete(session.id);
+    driver.avoid.add(session.host.id);
+    for (const index of session.bundles) driver.pending.add(index);
+    this.#log(`${driver.name} (${driver.jobId}) lost node ${nodeId}; its bundles are asked for again`);
+    // Still running on a host that did not notice: ask it to end, so the slice comes back.
+    if (session.host.sessions.get(session.id) === session && this.#hosts.get(session.host.id) === session.host) {
+      session.host.connection.send({ t: 'close-session', sessionId: session.id });
+    }
     this.#allocate();
   }
 
@@ -356,6 +425,7 @@ export class Broker {
       pending: new Set(bundles.keys()),
       sessions: new Set(),
       started: false,
+      avoid: new Set(),
       arrived: Date.now(),
     };
     this.#drivers.set(jobId, driver);
@@ -387,6 +457,7 @@ export class Broker {
     this.#log(`${driver.name} (${driver.jobId}) left; its ${driver.sessions.size} session(s) end`);
     // Its slices come back when each host says its session ended (its workers dead), not before.
     for (const session of driver.sessions) session.host.connection.send({ t: 'close-session', sessionId: session.id });
+    for (const session of driver.sessions) this.#orphans.delete(session.id);
     driver.sessions.clear();
     this.#allocate();
   }
@@ -403,7 +474,7 @@ export class Broker {
       const used = chosen.has(host) || [...driver.sessions].some((session) => session.host === host);
       // Packing keeps a driver's objects on few hosts; the tightest fit keeps large holes for large bundles.
       const free = ledger.of(host);
-      const score = (used ? 0 : 1e12) + free.gpus * 1e9 + (free.resources.get('CPU') ?? 0);
+      const score = (driver.avoid.has(host.id) ? 1e15 : 0) + (used ? 0 : 1e12) + free.gpus * 1e9 + (free.resources.get('CPU') ?? 0);
       if (score < bestScore) {
         best = host;
         bestScore = score;
@@ -489,7 +560,7 @@ export class Broker {
       const gpus = host.gpusFree.slice(0, gpuCount);
       this.#take(host, resources, gpus);
       const sessionId = `s${this.#nextSession++}`;
-      const session: SessionRecord = { id: sessionId, nodeId: `${host.id}/${sessionId}`, host, driver, resources, gpus, bundles: indices };
+      const session: SessionRecord = { id: sessionId, nodeId: `${host.id}/${sessionId}`, host, driver, resources, gpus, bundles: indices, joined: false };
       host.sessions.set(sessionId, session);
       driver.sessions.add(session);
       host.connection.send({
@@ -554,6 +625,7 @@ export class Broker {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    clearInterval(this.#sweepTimer);
     for (const socket of this.#sockets) socket.destroy();
     await new Promise<void>((resolve) => this.#server.close(() => resolve()));
   }

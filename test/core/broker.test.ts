@@ -57,7 +57,7 @@ function endSession(hostPeer: Peer, session: OpenSessionMessage, error?: string)
 describe('broker', () => {
   let broker: Broker | undefined;
   const peers: Peer[] = [];
-  const start = async (options: { backfillWindowMs?: number } = {}) => (broker = await Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, ...options }));
+  const start = async (options: { backfillWindowMs?: number; hostGraceMs?: number } = {}) => (broker = await Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, ...options }));
   const track = async (made: Promise<Peer>) => {
     const made_ = await made;
     peers.push(made_);
@@ -153,25 +153,60 @@ describe('broker', () => {
     expect(big.of('granted')).toEqual([]);
   });
 
-  it("asks again for a lost host's bundles, and tells a driver whose bundles no host can hold", async () => {
+  it("asks again for a lost node's bundles when its driver says so, and takes back a host that returns with its sessions", async () => {
     const b = await start();
     const first = await track(host(b, 'first', { CPU: 2 }));
     const second = await track(host(b, 'second', { CPU: 2 }));
     const job = await track(driver(b, 'job', [{ CPU: 2 }]));
     await until(() => job.of('granted').length === 1, 'a grant');
     const [lost, kept] = lent(job)[0].hostId === 'first' ? [first, second] : [second, first];
+    const lostId = lent(job)[0].hostId;
+    const session = lost.of('open-session')[0];
+    // The host's link to the broker drops, but its session may live on: nothing is lent again yet.
     lost.connection.close();
-    await until(() => job.of('session-lost').length === 1 && job.of('granted').length === 2, 'the bundle to be lent again');
-    expect(job.of('session-lost')[0]).toMatchObject({ requeued: true, reason: expect.stringContaining('left the cluster') });
+    while ((await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN })).hosts.length !== 1) await new Promise((resolve) => setTimeout(resolve, 10));
+    expect(job.of('granted')).toHaveLength(1);
+    // It comes back still running the session: the slice stays the driver's, lent once.
+    const back = await track(peer(b, {
+      t: 'host-hello', token: TOKEN, protocol: AGENT_PROTOCOL, hostId: lostId, hostname: lostId, resources: { CPU: 2 }, gpus: [],
+      sessions: [{ sessionId: session.sessionId, resources: session.resources, gpus: [] }],
+    }));
+    const status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    expect(status.hosts.find((one) => one.hostId === lostId)).toMatchObject({ free: { CPU: 0 }, sessions: 1 });
+    expect(status.drivers[0].nodes).toEqual([session.nodeId]);
+    // The driver loses the node: its bundle is lent again, and the host is asked to end the session.
+    job.connection.send({ t: 'node-left', nodeId: session.nodeId });
+    await until(() => job.of('granted').length === 2 && back.of('close-session').length === 1, 'the bundle to be lent again');
+    expect(lent(job)[1].hostId).not.toBe(lostId);
     expect(kept.of('open-session')).toHaveLength(1);
     // A session that never began is not asked for again.
     endSession(kept, kept.of('open-session')[0], 'could not reach the driver');
-    await until(() => job.of('session-lost').length === 2, 'the failed session');
-    expect(job.of('session-lost')[1]).toMatchObject({ requeued: false, reason: 'could not reach the driver' });
+    await until(() => job.of('session-lost').length === 1, 'the failed session');
+    expect(job.of('session-lost')[0]).toMatchObject({ requeued: false, reason: 'could not reach the driver' });
     expect(job.of('granted')).toHaveLength(2);
     const greedy = await track(driver(b, 'greedy', [{ CPU: 3 }]));
     await until(() => greedy.of('unsatisfiable').length === 1, 'the refusal');
     expect(greedy.of('unsatisfiable')[0].reason).toMatch(/bundle 0 \{ CPU: 3 \} fits no host/);
+  });
+
+  it("lends elsewhere, after a grace, what a vanished host was lent that never joined; joined nodes stay the driver's to report", async () => {
+    const b = await start({ hostGraceMs: 50 });
+    const first = await track(host(b, 'first', { CPU: 2 }));
+    const joinedJob = await track(driver(b, 'joined', [{ CPU: 1 }]));
+    const waitingJob = await track(driver(b, 'waiting', [{ CPU: 1 }]));
+    await until(() => first.of('open-session').length === 2, 'both jobs on the only host');
+    const [joined, waiting] = first.of('open-session');
+    joinedJob.connection.send({ t: 'node-joined', nodeId: joined.nodeId });
+    await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    first.connection.close();
+    await until(() => waitingJob.of('session-lost').length === 1, 'the unjoined session to be given up');
+    expect(waitingJob.of('session-lost')[0]).toMatchObject({ nodeId: waiting.nodeId, requeued: true, reason: expect.stringContaining('before the node joined') });
+    const second = await track(host(b, 'second', { CPU: 2 }));
+    await until(() => second.of('open-session').length === 1, 'the bundle on the new host');
+    // One session only: the joined node is still its driver's.
+    expect(second.of('open-session')[0].driver.token).toBe('waiting-secret');
+    expect(joinedJob.of('session-lost')).toEqual([]);
+    expect((await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN })).drivers.map((one) => one.granted)).toEqual([1, 1]);
   });
 
   it('refuses wrong tokens, other versions, malformed requests and duplicate hosts, saying why', async () => {
