@@ -5,7 +5,7 @@
  * for what another driver holds; a driver killed outright frees its slices; a host's loss is made
  * good on another host; bad requests fail with a ClusterError or InvalidArgumentError that says why.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -212,4 +212,15 @@ describe('shared cluster', () => {
     await shutdown();
     hosts.delete(lostHost);
   });
+
+  it('runs three users\' jobs as the README says', () => {
+    const run = spawnSync(process.execPath, ['--import', 'tsx', 'examples/shared-cluster.ts'], { encoding: 'utf8', timeout: 120_000 });
+    expect(run.status, run.stderr).toBe(0);
+    const waiting = run.stdout.split('\n').find((line) => line.includes('carol 0/3 lent'));
+    expect(waiting, run.stdout).toMatch(/host-a 0\/2 CPUs free, host-b 0\/2 CPUs free; jobs: .*alice 2\/2 lent/);
+    expect(waiting).toContain('bob 2/2 lent');
+    for (const name of ['alice', 'bob']) expect(run.stdout).toMatch(new RegExp(`${name}: lent 2 CPUs after [\\d.]+ s; embedded 6000 texts on host-`));
+    expect(run.stdout).toMatch(/carol: lent 3 CPUs after [\d.]+ s; embedded 6000 texts on host-/);
+    expect(run.stdout.trim().split('\n').at(-1)).toBe('hosts: host-a 2/2 CPUs free, host-b 2/2 CPUs free; jobs: none');
+  }, 120_000);
 });

@@ -1,0 +1,88 @@
+/**
+ * A shared cluster, on one host: a broker, two hosts that register with it (each a
+ * `trellis node --broker` process, as they would be on other machines, 2 CPUs each), and three
+ * users' batch jobs, each its own driver process. Two jobs ask for 2 CPUs each and run side by
+ * side; the third asks for 3 at once and waits until they end. Each job embeds texts through an
+ * actor pool on the slices it was lent.
+ * Run: node --import tsx examples/shared-cluster.ts
+ *
+ * On real hosts: `npx trellis broker` once, `npx trellis node --broker BROKER_HOST:7390` on each
+ * host, TRELLIS_CLUSTER_TOKEN set everywhere, and each driver calls
+ * init({ cluster: { address: 'BROKER_HOST:7390', resources: { CPU: 2 } } }).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { Broker, brokerStatus, fromItems, getRuntimeContext, init, remote, shutdown, type BrokerStatus } from '../lib/index.js';
+
+/** A stand-in for a model: embeds each text as letter counts, and says where it ran. */
+export class Embedder {
+  readonly nodeId = getRuntimeContext().nodeId;
+  call(batch: { text: string[] }) {
+    const embedding = batch.text.map((text) => {
+      const vector = new Float32Array(26);
+      for (const char of text.toLowerCase()) if (char >= 'a' && char <= 'z') vector[char.charCodeAt(0) - 97]++;
+      return Array.from(vector);
+    });
+    return { embedding, node: batch.text.map(() => this.nodeId) };
+  }
+}
+remote(import.meta, Embedder);
+
+const self = fileURLToPath(import.meta.url);
+
+/** One user's job: a driver that joins the cluster, embeds its texts and leaves. */
+async function job(name: string, address: string, cpus: number): Promise<void> {
+  const asked = Date.now();
+  await init({ cluster: { address, resources: { CPU: cpus }, name } });
+  const waited = Date.now() - asked;
+  const texts = Array.from({ length: 6000 }, (_, i) => ({ text: `${name} document ${i}: ${'the quick brown fox '.repeat(1 + (i % 5))}` }));
+  const rows = await fromItems(texts, { parallelism: 12 }).mapBatches(Embedder, { concurrency: cpus, batchSize: 250 }).takeAll();
+  const perNode = new Map<string, number>();
+  for (const row of rows) perNode.set(row.node as string, (perNode.get(row.node as string) ?? 0) + 1);
+  console.log(`${name}: lent ${cpus} CPUs after ${(waited / 1000).toFixed(1)} s; embedded ${rows.length} texts on ${[...perNode].map(([node, count]) => `${node} (${count})`).join(', ')}`);
+  await shutdown();
+}
+
+function describe(status: BrokerStatus): string {
+  const hosts = status.hosts.map((host) => `${host.hostId} ${host.free.CPU ?? 0}/${host.total.CPU ?? 0} CPUs free`).join(', ');
+  const jobs = status.drivers.map((driver) => `${driver.name} ${driver.granted}/${driver.bundles} lent`).join(', ');
+  return `hosts: ${hosts}; jobs: ${jobs || 'none'}`;
+}
+
+async function main(): Promise<void> {
+  const token = randomBytes(16).toString('hex');
+  process.env.TRELLIS_CLUSTER_TOKEN = token;
+  const broker = await Broker.start({ host: '127.0.0.1', port: 0 });
+  const address = `127.0.0.1:${broker.port}`;
+  const cli = fileURLToPath(new URL('../lib/cli/trellis.ts', import.meta.url));
+  const processes: ChildProcess[] = [];
+  const run = (args: string[]) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+    createInterface({ input: child.stdout! }).on('line', (line) => console.log(line));
+    processes.push(child);
+    return new Promise<number | null>((resolve) => child.once('exit', resolve));
+  };
+  try {
+    for (const host of ['host-a', 'host-b']) void run([cli, 'node', '--broker', address, '--id', host, '--num-cpus', '2', '--object-store-memory', String(256 * 2 ** 20)]);
+    while ((await brokerStatus(address)).hosts.length < 2) await new Promise((resolve) => setTimeout(resolve, 50));
+    console.log(describe(await brokerStatus(address)));
+    const first = [run([self, 'job', 'alice', address, '2']), run([self, 'job', 'bob', address, '2'])];
+    while ((await brokerStatus(address)).drivers.filter((driver) => driver.granted > 0).length < 2) await new Promise((resolve) => setTimeout(resolve, 50));
+    const gang = run([self, 'job', 'carol', address, '3']);
+    while ((await brokerStatus(address)).drivers.length < 3) await new Promise((resolve) => setTimeout(resolve, 50));
+    console.log(describe(await brokerStatus(address)));
+    const codes = await Promise.all([...first, gang]);
+    console.log(describe(await brokerStatus(address)));
+    if (codes.some((code) => code !== 0)) process.exitCode = 1;
+  } finally {
+    for (const child of processes) if (child.exitCode === null) child.kill('SIGTERM');
+    await broker.close();
+  }
+}
+
+if (process.argv[1] === self) {
+  if (process.argv[2] === 'job') await job(process.argv[3], process.argv[4], Number(process.argv[5]));
+  else await main();
+}
