@@ -9,9 +9,9 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, get, init, shutdown, state, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
-import { visibleGpus, whereAmI } from './fixtures/nodes.js';
-import { isAlive, rejection, until } from './helpers.js';
+import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, fromItems, get, init, shutdown, state, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
+import { GatedTagger, visibleGpus, whereAmI } from './fixtures/nodes.js';
+import { isAlive, openGate, rejection, scratch, until } from './helpers.js';
 
 const TOKEN = 'shared-cluster-token';
 const cli = join(import.meta.dirname, '../../lib/cli/trellis.ts');
@@ -160,6 +160,32 @@ describe('shared cluster', () => {
     expect(status_.drivers.find((driver) => driver.name === 'grower')).toMatchObject({ bundles: 3, granted: 3 });
     grower.send('exit');
     await grower.next('exited');
+  });
+
+  it("grows a dataset's actor pool onto slices lent while the job runs", async () => {
+    const files = scratch();
+    try {
+      const holder = childDriver({ resources: { CPU: 3 }, name: 'holder' });
+      await holder.next('ready');
+      await init({ cluster: request({ resources: { CPU: 3 }, wait: 'any' }) });
+      expect(state().nodes.filter((node) => node.nodeId !== 'node-0')).toHaveLength(1);
+      const gate = files.path('gate');
+      const items = Array.from({ length: 600 }, (_, i) => i);
+      const job = fromItems(items, { parallelism: 30 }).mapBatches(GatedTagger, { concurrency: [1, 3], batchSize: 20, constructorArgs: [gate] }).takeAll();
+      job.catch(() => undefined);
+      const taggers = () => state().actors.filter((actor) => actor.className === 'DataPoolActor' && actor.state === 'alive').length;
+      await until(() => taggers() === 1, 'the first actor');
+      // The other job ends: its CPUs are lent to this one, and the pool grows onto them.
+      holder.send('exit');
+      await until(() => taggers() === 3, 'the pool to grow to three actors', 60_000);
+      openGate(gate);
+      const rows = await job;
+      expect(rows.map((row) => row.item).sort((a, b) => (a as number) - (b as number))).toEqual(items);
+      expect(new Set(rows.map((row) => row.pid)).size).toBe(3);
+      expect(new Set(rows.map((row) => (row.node as string).split('/')[0]))).toEqual(new Set(['host-a', 'host-b']));
+    } finally {
+      files.cleanup();
+    }
   });
 
   it('frees the slices of a driver killed outright', async () => {
