@@ -10,7 +10,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { connect } from 'node:net';
 import { fileURLToPath } from 'node:url';
-import { events, free, get, init, put, range, shutdown, state, waitForNodes } from '../lib/index.js';
+import { Broker, brokerStatus, events, free, get, init, put, range, shutdown, state, waitForNodes, type InitOptions } from '../lib/index.js';
 import { RowScorer, byteLength, makeBytes, noop } from './core-tasks.js';
 import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
 
@@ -101,6 +101,45 @@ async function loopbackGigabytes(): Promise<number> {
   }
 }
 
+/**
+ * Milliseconds from init() to a first task's result: joining a shared cluster (the broker lends a
+ * slice of one CPU; the host opens a session, which dials back and starts a worker) against a
+ * local init of one CPU (which starts its worker the same way, without the round trips).
+ */
+async function joinTimes(): Promise<Results> {
+  const broker = await Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN });
+  const address = `127.0.0.1:${broker.port}`;
+  const host = spawn(process.execPath, ['--import', 'tsx', cli, 'node', '--broker', address, '--id', 'bench-host', '--num-cpus', '2', '--num-gpus', '0'], {
+    env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN },
+    stdio: ['ignore', 'ignore', 'inherit'],
+  });
+  try {
+    while ((await brokerStatus(address, { token: TOKEN })).hosts.length === 0) await new Promise((resolve) => setTimeout(resolve, 20));
+    const free = async () => {
+      for (;;) {
+        const status = await brokerStatus(address, { token: TOKEN });
+        if (status.drivers.length === 0 && status.hosts.every((one) => one.sessions === 0)) return;
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    };
+    const timed = async (options: InitOptions) => {
+      const start = nowNs();
+      await init(options);
+      await get(noop.remote());
+      const time = elapsedSeconds(start);
+      await shutdown();
+      await free();
+      return time;
+    };
+    const joined = await medianSeconds(() => timed({ cluster: { address, token: TOKEN, bundles: [{ CPU: 1 }] } }));
+    const local = await medianSeconds(() => timed({ numCpus: 1, prestartWorkers: 0 }));
+    return { cluster_join_ms: { value: round(joined * 1000), unit: 'ms' }, local_init_ms: { value: round(local * 1000), unit: 'ms' } };
+  } finally {
+    host.kill('SIGTERM');
+    await broker.close();
+  }
+}
+
 export const nodesSuite: Suite = {
   name: 'nodes',
   ratios: [
@@ -109,6 +148,7 @@ export const nodesSuite: Suite = {
     ['object agent to agent / TCP stream', 'node_transfer_agent_to_agent_gigabytes', 'loopback_tcp_gigabytes', '>= 0.5'],
     ['agent tasks sync / local tasks sync', 'agent_tasks_sync', 'local_tasks_sync', ''],
     ['dataset job, an agent killed / clean', 'dataset_job_node_lost_seconds', 'dataset_job_seconds', '(report)'],
+    ['joining a shared cluster / a local init, to a first task', 'cluster_join_ms', 'local_init_ms', '(report)'],
   ],
   async run(): Promise<Results> {
     const results: Results = {};
@@ -179,6 +219,7 @@ export const nodesSuite: Suite = {
       await shutdown();
       for (const agent of agents) agent.kill('SIGKILL');
     }
+    Object.assign(results, await joinTimes());
     results.loopback_tcp_gigabytes = { value: round(await loopbackGigabytes()), unit: 'GB/s' };
     return results;
   },

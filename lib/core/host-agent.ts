@@ -176,10 +176,14 @@ export class HostAgent {
       return this.#ended(message.sessionId, (error as Error).message);
     }
     this.#sessions.set(message.sessionId, { agent, resources: message.resources, gpus });
+    // The broker hears of the end only once the session has let go of everything (its peer port too).
     agent.done.then(
-      () => this.#ended(message.sessionId),
-      (error: Error) => this.#ended(message.sessionId, error.message),
-    );
+      () => undefined,
+      (error: Error) => error.message,
+    ).then(async (error) => {
+      await agent.close();
+      this.#ended(message.sessionId, error);
+    });
   }
 
   #ended(sessionId: string, error?: string): void {

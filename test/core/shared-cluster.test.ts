@@ -5,7 +5,8 @@
  * for what another driver holds; a driver killed outright frees its slices; a host's loss is made
  * good on another host; bad requests fail with a ClusterError or InvalidArgumentError that says why.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { promisify } from 'node:util';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -16,6 +17,7 @@ import { isAlive, openGate, rejection, scratch, until } from './helpers.js';
 const TOKEN = 'shared-cluster-token';
 const cli = join(import.meta.dirname, '../../lib/cli/trellis.ts');
 const driverScript = join(import.meta.dirname, 'fixtures/broker-driver.ts');
+const run = (args: string[], env: NodeJS.ProcessEnv = process.env) => promisify(execFile)(process.execPath, args, { encoding: 'utf8', env });
 
 interface ChildDriver {
   process: ChildProcess;
@@ -114,6 +116,12 @@ describe('shared cluster', () => {
     const now = await status();
     expect(now.drivers).toEqual([expect.objectContaining({ bundles: 2, granted: 2, nodes: expect.arrayContaining(lent.map((node) => node.nodeId)) })]);
     expect(now.hosts.find((host) => host.hostId === 'host-a')!.free).toEqual({ CPU: 1, GPU: 1 });
+    // The command line shows the same, as text and as JSON (run asynchronously: the broker is in this process).
+    const text = await run(['--import', 'tsx', cli, 'status', '--broker', address, '--token', TOKEN]);
+    expect(text.stdout).toMatch(/^2 host\(s\)\n {2}host-a \(.+\): CPU 1, GPU 1 free of CPU 2, GPU 2; 1 session\(s\)/);
+    expect(text.stdout).toMatch(/1 job\(s\)\n {2}job-\d+ .+ at 127\.0\.0\.1:\d+: 2 of 2 bundle\(s\) lent \(all\); nodes host-/);
+    const json = await run(['--import', 'tsx', cli, 'status', '--broker', address, '--json'], { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN });
+    expect(JSON.parse(json.stdout).drivers[0]).toMatchObject({ bundles: 2, granted: 2 });
     await shutdown();
     await allFree();
     expect(stores.every((where) => !isAlive(where.pid))).toBe(true);
@@ -240,13 +248,13 @@ describe('shared cluster', () => {
   });
 
   it('runs three users\' jobs as the README says', () => {
-    const run = spawnSync(process.execPath, ['--import', 'tsx', 'examples/shared-cluster.ts'], { encoding: 'utf8', timeout: 120_000 });
-    expect(run.status, run.stderr).toBe(0);
-    const waiting = run.stdout.split('\n').find((line) => line.includes('carol 0/3 lent'));
-    expect(waiting, run.stdout).toMatch(/host-a 0\/2 CPUs free, host-b 0\/2 CPUs free; jobs: .*alice 2\/2 lent/);
+    const demo = spawnSync(process.execPath, ['--import', 'tsx', 'examples/shared-cluster.ts'], { encoding: 'utf8', timeout: 120_000 });
+    expect(demo.status, demo.stderr).toBe(0);
+    const waiting = demo.stdout.split('\n').find((line) => line.includes('carol 0/3 lent'));
+    expect(waiting, demo.stdout).toMatch(/host-a 0\/2 CPUs free, host-b 0\/2 CPUs free; jobs: .*alice 2\/2 lent/);
     expect(waiting).toContain('bob 2/2 lent');
-    for (const name of ['alice', 'bob']) expect(run.stdout).toMatch(new RegExp(`${name}: lent 2 CPUs after [\\d.]+ s; embedded 6000 texts on host-`));
-    expect(run.stdout).toMatch(/carol: lent 3 CPUs after [\d.]+ s; embedded 6000 texts on host-/);
-    expect(run.stdout.trim().split('\n').at(-1)).toBe('hosts: host-a 2/2 CPUs free, host-b 2/2 CPUs free; jobs: none');
+    for (const name of ['alice', 'bob']) expect(demo.stdout).toMatch(new RegExp(`${name}: lent 2 CPUs after [\\d.]+ s; embedded 6000 texts on host-`));
+    expect(demo.stdout).toMatch(/carol: lent 3 CPUs after [\d.]+ s; embedded 6000 texts on host-/);
+    expect(demo.stdout.trim().split('\n').at(-1)).toBe('hosts: host-a 2/2 CPUs free, host-b 2/2 CPUs free; jobs: none');
   }, 120_000);
 });
