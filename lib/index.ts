@@ -40,7 +40,7 @@ export type { BrokerOptions } from './core/broker.js';
 export type { StatusMessage as BrokerStatus, HostStatus, DriverStatus } from './core/broker-protocol.js';
 export { HostAgent } from './core/host-agent.js';
 export type { HostAgentOptions } from './core/host-agent.js';
-export type { ClusterOptions } from './core/broker-client.js';
+export type { ClusterOptions, BrokerInfo } from './core/broker-client.js';
 export type { ClusterSession } from './core/api.js';
 export type { PlacementGroup, PlacementGroupOptions, PlacementStrategy } from './core/placement-group.js';
 export type { Resources } from './core/resources.js';

@@ -67,6 +67,7 @@ async function joinCluster(options: InitOptions, request: ClusterOptions): Promi
     throw error;
   }
   started.onShutdown(() => client.close());
+  started.describeBroker(() => client.describe());
   return adopt(started);
 }
 

@@ -8,7 +8,7 @@ import { connect } from 'node:net';
 import { basename } from 'node:path';
 import { ClusterError, InvalidArgumentError } from '../errors.js';
 import { AGENT_PROTOCOL } from './agent-protocol.js';
-import type { BrokerInbound, BrokerOutbound, GrantedMessage, StatusMessage } from './broker-protocol.js';
+import type { BrokerInbound, BrokerOutbound, DriverHelloMessage, GrantedMessage, StatusMessage } from './broker-protocol.js';
 import { FrameConnection } from './connection.js';
 import { parseAddress } from './node-agent.js';
 import type { Resources } from './resources.js';
@@ -101,6 +101,18 @@ export function connectBroker(address: string, onMessage: (message: BrokerOutbou
   });
 }
 
+/** A driver's standing with its shared cluster's broker (state().broker). */
+export interface BrokerInfo {
+  address: string;
+  jobId: string;
+  /** Whether the connection to the broker is up (the driver reconnects after a broker restart). */
+  connected: boolean;
+  /** Bundles asked for, lent, and lent nodes that joined this cluster. */
+  bundles: number;
+  lent: number;
+  joined: number;
+}
+
 /** What the driver's cluster does for the client: the nodes it has, and where to warn. */
 export interface JoiningCluster {
   readonly nodes: readonly { id: string }[];
@@ -110,7 +122,10 @@ export interface JoiningCluster {
 }
 
 export class BrokerClient {
-  readonly #connection: Connection;
+  #connection: Connection;
+  /** The hello this driver says again to a broker that restarted (with the nodes it holds). */
+  readonly #hello: DriverHelloMessage;
+  #reconnectTimer: NodeJS.Timeout | undefined;
   readonly #cluster: JoiningCluster;
   readonly #bundles: Resources[];
   readonly #wait: 'all' | 'any';
@@ -126,12 +141,17 @@ export class BrokerClient {
   #fail!: (error: Error) => void;
   #started = false;
   #closed = false;
+  /** Whether the connection to the broker is up (it drops when the broker restarts). */
+  #connected = true;
   readonly #onNodeAdded = (event: { nodeId: string }) => this.#nodeJoined(event.nodeId);
   readonly #onNodeRemoved = (event: { nodeId: string }) => this.#nodeLeft(event.nodeId);
   /** Settles when init may return. */
   readonly ready: Promise<void>;
 
-  private constructor(connection: Connection, cluster: JoiningCluster, bundles: Resources[], wait: 'all' | 'any', address: string) {
+  private constructor(connection: Connection, cluster: JoiningCluster, hello: DriverHelloMessage, address: string) {
+    const bundles = hello.bundles;
+    const wait = hello.wait;
+    this.#hello = hello;
     this.#connection = connection;
     this.#cluster = cluster;
     this.#bundles = bundles;
@@ -160,10 +180,7 @@ export class BrokerClient {
       (message) => (client ? client.#onMessage(message) : early.push(message)),
       () => (client ? client.#onClose() : (closedEarly = true)),
     );
-    client = new BrokerClient(connection, cluster, bundles, options.wait ?? 'all', options.address);
-    for (const message of early) client.#onMessage(message);
-    if (closedEarly) client.#onClose();
-    connection.send({
+    const hello: DriverHelloMessage = {
       t: 'driver-hello',
       token,
       protocol: AGENT_PROTOCOL,
@@ -171,7 +188,11 @@ export class BrokerClient {
       bundles,
       wait: options.wait ?? 'all',
       listen: { ...(options.advertiseHost ? { host: options.advertiseHost } : {}), port: listen.port, token: listen.token },
-    });
+    };
+    client = new BrokerClient(connection, cluster, hello, options.address);
+    for (const message of early) client.#onMessage(message);
+    if (closedEarly) client.#onClose();
+    connection.send(hello);
     const timeoutMs = options.timeoutMs;
     const timer = timeoutMs === undefined ? undefined : setTimeout(() => {
       const granted = client!.#bundles.length - client!.#pending.size;
@@ -196,8 +217,8 @@ export class BrokerClient {
   }
 
   /** Bundles asked for, lent, and the lent nodes that joined. */
-  describe(): { broker: string; jobId: string; bundles: number; lent: number; joined: number } {
-    return { broker: this.#address, jobId: this.#jobId, bundles: this.#bundles.length, lent: this.#bundles.length - this.#pending.size, joined: this.#joined.size };
+  describe(): BrokerInfo {
+    return { address: this.#address, jobId: this.#jobId, connected: this.#connected, bundles: this.#bundles.length, lent: this.#bundles.length - this.#pending.size, joined: this.#joined.size };
   }
 
   #onMessage(message: BrokerOutbound): void {
@@ -238,7 +259,7 @@ export class BrokerClient {
   #nodeLeft(nodeId: string): void {
     if (!this.#lent.has(nodeId)) return;
     this.#forget(nodeId, true);
-    if (!this.#closed) this.#connection.send({ t: 'node-left', nodeId });
+    if (!this.#closed && this.#connected) this.#connection.send({ t: 'node-left', nodeId });
   }
 
   /** Drops a lent node (once, whichever side noticed first); its bundles wait again where `requeued`. */
@@ -254,7 +275,7 @@ export class BrokerClient {
   #nodeJoined(nodeId: string): void {
     if (!this.#coming.delete(nodeId)) return;
     this.#joined.add(nodeId);
-    if (!this.#closed) this.#connection.send({ t: 'node-joined', nodeId });
+    if (!this.#closed && this.#connected) this.#connection.send({ t: 'node-joined', nodeId });
     this.#promise();
     this.#check();
   }
@@ -283,16 +304,45 @@ export class BrokerClient {
 
   #onClose(): void {
     if (this.#closed) return;
-    this.#closed = true;
-    this.#cluster.promise([]);
-    if (!this.#started) return this.#failInit(new ClusterError('ERR_BROKER_UNREACHABLE', `the broker at ${this.#address} closed the connection before lending what this driver asks`));
-    // The nodes lent so far stay (they are connected to this driver); nothing more is lent.
-    this.#cluster.events.emit('warning', { kind: 'cluster', message: `the connection to the broker at ${this.#address} closed: the nodes lent so far stay, no more join` });
+    if (!this.#started) {
+      this.#closed = true;
+      this.#cluster.promise([]);
+      return this.#failInit(new ClusterError('ERR_BROKER_UNREACHABLE', `the broker at ${this.#address} closed the connection before lending what this driver asks`));
+    }
+    // The nodes lent so far stay (they are connected to this driver, not to the broker). A
+    // broker that restarts learns them again from this driver and from their hosts.
+    this.#connected = false;
+    this.#cluster.events.emit('warning', { kind: 'cluster', message: `the connection to the broker at ${this.#address} closed: the nodes lent so far stay; reconnecting` });
+    this.#reconnect();
+  }
+
+  /** Tries the broker again every second until it answers (or this driver leaves). */
+  #reconnect(): void {
+    if (this.#closed) return;
+    let connection: Connection | undefined;
+    this.#reconnectTimer = setTimeout(() => {
+      connectBroker(this.#address, (message) => this.#onMessage(message), () => {
+        if (this.#connection === connection) this.#onClose();
+      }).then(
+        (opened) => {
+          if (this.#closed) return opened.close();
+          connection = opened;
+          this.#connection = opened;
+          this.#connected = true;
+          const held = [...this.#lent.values()].map((node) => ({ nodeId: node.nodeId, hostId: node.hostId, bundles: node.bundles, resources: node.resources }));
+          opened.send({ ...this.#hello, resume: { nodes: held } });
+          this.#cluster.events.emit('warning', { kind: 'cluster', message: `reconnected to the broker at ${this.#address}, holding ${held.length} lent node(s)` });
+        },
+        () => this.#reconnect(),
+      );
+    }, 1000);
+    this.#reconnectTimer.unref();
   }
 
   /** Leaves the broker: it ends this driver's sessions (the driver's own shutdown ends them too). */
   close(): void {
     this.#closed = true;
+    clearTimeout(this.#reconnectTimer);
     this.#cluster.events.off('node-added', this.#onNodeAdded);
     this.#cluster.events.off('node-removed', this.#onNodeRemoved);
     this.#connection.close();

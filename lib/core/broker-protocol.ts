@@ -20,7 +20,7 @@ export interface HostHelloMessage {
   gpus: number[];
   /** The store memory its sessions share (absent: each session's store takes the default). */
   objectStoreMemory?: number;
-  sessions: { sessionId: string; resources: Record<string, number>; gpus: number[] }[];
+  sessions: { sessionId: string; nodeId: string; resources: Record<string, number>; gpus: number[] }[];
 }
 
 /** A driver's first message: what it asks for, and where the lent hosts reach it. */
@@ -35,6 +35,8 @@ export interface DriverHelloMessage {
   wait: 'all' | 'any';
   /** Where hosts connect: a host the broker fills from this connection's address when absent. */
   listen: { host?: string; port: number; token: string };
+  /** A driver coming back to a broker that restarted: the lent nodes it holds, and their bundles. */
+  resume?: { nodes: { nodeId: string; hostId: string; bundles: number[]; resources: Record<string, number> }[] };
 }
 
 export interface StatusRequestMessage {

@@ -101,6 +101,11 @@ interface DriverRecord {
   started: boolean;
   /** Hosts where it lost a node: used again only where nothing else fits (the host may be going down). */
   avoid: Set<string>;
+  /**
+   * Nodes it held under an earlier broker whose hosts have not registered here yet, with their
+   * bundles: not lent to anyone else meanwhile.
+   */
+  claims: Map<string, number[]>;
   arrived: number;
 }
 
@@ -182,6 +187,8 @@ export class Broker {
   readonly #orphans = new Map<string, SessionRecord>();
   #nextJob = 1;
   #nextSession = 1;
+  /** Told apart from an earlier broker's: hosts keep running sessions across a broker restart. */
+  readonly #epoch = Date.now().toString(36).slice(-4);
   #closed = false;
   readonly #sweepTimer: NodeJS.Timeout;
   readonly host: string;
@@ -319,10 +326,10 @@ export class Broker {
       this.#orphans.delete(running.sessionId);
       const session: SessionRecord = known && known.host.id === host.id
         ? { ...known, host, resources, gpus }
-        : { id: running.sessionId, nodeId: running.sessionId, host, driver: undefined, resources, gpus, bundles: [], joined: true };
+        : { id: running.sessionId, nodeId: String(running.nodeId ?? running.sessionId), host, driver: undefined, resources, gpus, bundles: [], joined: true };
       delete session.orphanedAt;
       if (session.driver?.sessions.delete(known!)) session.driver.sessions.add(session);
-      else session.driver = undefined;
+      else session.driver = this.#claim(session);
       this.#take(host, resources, gpus);
       host.sessions.set(session.id, session);
     }
@@ -332,6 +339,19 @@ export class Broker {
     this.#log(`host ${host.id} (${host.hostname}) offers ${describe(total, host.gpus.length)}`);
     this.#allocate();
     return host;
+  }
+
+  /** The driver that says it holds `session`'s node (it came back to this broker first), if any. */
+  #claim(session: SessionRecord): DriverRecord | undefined {
+    for (const driver of this.#drivers.values()) {
+      const claim = driver.claims.get(session.nodeId);
+      if (!claim) continue;
+      driver.claims.delete(session.nodeId);
+      session.bundles = claim;
+      driver.sessions.add(session);
+      return driver;
+    }
+    return undefined;
   }
 
   #onHostMessage(host: HostRecord, message: BrokerInbound): void {
@@ -375,6 +395,12 @@ export class Broker {
 
   /** A driver lost a lent node: its bundles are asked for again (the slice frees when its host says). */
   #nodeLeft(driver: DriverRecord, nodeId: string): void {
+    const claim = driver.claims.get(nodeId);
+    if (claim) {
+      driver.claims.delete(nodeId);
+      for (const index of claim) driver.pending.add(index);
+      return this.#allocate();
+    }
     const session = [...driver.sessions].find((candidate) => candidate.nodeId === nodeId);
     if (!session) return;
     driver.sessions.delete(session);
@@ -414,7 +440,7 @@ export class Broker {
     }
     const seen = socket.remoteAddress ?? '127.0.0.1';
     const host = typeof listen.host === 'string' && listen.host !== '' ? listen.host : seen.startsWith('::ffff:') ? seen.slice(7) : seen;
-    const jobId = `job-${this.#nextJob++}`;
+    const jobId = `job-${this.#nextJob++}-${this.#epoch}`;
     const driver: DriverRecord = {
       jobId,
       name: typeof hello.name === 'string' && hello.name !== '' ? hello.name : jobId,
@@ -426,14 +452,39 @@ export class Broker {
       sessions: new Set(),
       started: false,
       avoid: new Set(),
+      claims: new Map(),
       arrived: Date.now(),
     };
     this.#drivers.set(jobId, driver);
+    if (hello.resume) this.#resume(driver, hello.resume.nodes);
     connection.send({ t: 'broker-welcome', id: jobId });
     this.#log(`${driver.name} (${jobId}, ${host}:${listen.port}) asks for ${bundles.length} bundle(s), ${driver.wait === 'all' ? 'all at once' : 'as they fit'}`);
     if (this.#refuseUnsatisfiable(driver)) return driver;
     this.#allocate();
     return driver;
+  }
+
+  /**
+   * A driver that held nodes under an earlier broker: sessions their hosts registered again are
+   * its own once more; the others are claimed, their bundles held for it, until their hosts come
+   * back or the driver says it lost them.
+   */
+  #resume(driver: DriverRecord, nodes: { nodeId: string; bundles: number[] }[]): void {
+    driver.started = true;
+    for (const node of Array.isArray(nodes) ? nodes : []) {
+      const bundles = (Array.isArray(node.bundles) ? node.bundles : []).filter((index) => driver.pending.has(index));
+      for (const index of bundles) driver.pending.delete(index);
+      const session = [...this.#hosts.values()].flatMap((host) => [...host.sessions.values()]).find((candidate) => candidate.nodeId === node.nodeId && !candidate.driver);
+      if (session) {
+        session.driver = driver;
+        session.bundles = bundles;
+        session.joined = true;
+        driver.sessions.add(session);
+      } else {
+        driver.claims.set(String(node.nodeId), bundles);
+      }
+    }
+    this.#log(`${driver.name} (${driver.jobId}) came back holding ${driver.sessions.size + driver.claims.size} node(s)`);
   }
 
   /** Tells a driver whose waiting bundles no registered host could ever hold (with hosts there to ask). */
@@ -559,7 +610,7 @@ export class Broker {
       }
       const gpus = host.gpusFree.slice(0, gpuCount);
       this.#take(host, resources, gpus);
-      const sessionId = `s${this.#nextSession++}`;
+      const sessionId = `s${this.#nextSession++}-${this.#epoch}`;
       const session: SessionRecord = { id: sessionId, nodeId: `${host.id}/${sessionId}`, host, driver, resources, gpus, bundles: indices, joined: false };
       host.sessions.set(sessionId, session);
       driver.sessions.add(session);
@@ -612,7 +663,7 @@ export class Broker {
       bundles: driver.bundles.length,
       granted: driver.bundles.length - driver.pending.size,
       waitingMs: driver.pending.size > 0 ? now - driver.arrived : 0,
-      nodes: [...driver.sessions].map((session) => session.nodeId),
+      nodes: [...[...driver.sessions].map((session) => session.nodeId), ...driver.claims.keys()],
     }));
     return { t: 'status', hosts, drivers };
   }

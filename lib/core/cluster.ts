@@ -42,7 +42,7 @@ import { AGENT_PROTOCOL, type AgentHelloMessage, type AgentMessage, type HeadMes
 import { storeSource, storeTarget, transferObject } from './object-transfer.js';
 import { NodeListener, type ListenOptions } from './node-listener.js';
 import { PlacementGroup, infeasibility as groupInfeasibility, loseNode, releaseGroup, reserve, reserveLost, type PlacementGroupOptions, type PlacementStrategy } from './placement-group.js';
-import type { ClusterOptions } from './broker-client.js';
+import type { BrokerInfo, ClusterOptions } from './broker-client.js';
 import { ResourcePool, describeResources, toFixed, type Resources } from './resources.js';
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
 import { decodeStored, encodeArguments, encodeValue, pack, putStored, unpack } from './serialization.js';
@@ -300,6 +300,7 @@ export class Cluster implements Runtime {
   /** The first node, in this process: the driver's puts go to its store, and its gets read there. */
   readonly #head: LocalNode;
   readonly #shutdownHooks: (() => void)[] = [];
+  #describeBroker: (() => BrokerInfo) | undefined;
   /** Resources lent by a shared cluster's broker that have not joined yet (see promise()). */
   #promised: Map<string, number>[] = [];
   /** Nodes that left so far: what was feasible before may not be now. */
@@ -2522,6 +2523,7 @@ export class Cluster implements Runtime {
         ...(node instanceof RemoteNode ? { hostname: node.hostname, agentPid: node.agentPid } : {}),
       })),
       ...(this.#listener ? { listening: { host: this.#listener.host, port: this.#listener.port } } : {}),
+      ...(this.#describeBroker ? { broker: this.#describeBroker() } : {}),
       workers: this.nodes.flatMap((node) =>
         [...node.workers.values()].map((worker) => ({ workerId: worker.id, nodeId: node.id, pid: worker.child.pid ?? 0, state: worker.state })),
       ),
@@ -2545,6 +2547,11 @@ export class Cluster implements Runtime {
         bundles: group.bundles.map((bundle) => ({ nodeId: bundle.node?.id, available: bundle.pool?.snapshot().available })),
       })),
     };
+  }
+
+  /** What state() says of the shared cluster this driver joined (init's `cluster`). */
+  describeBroker(describe: () => BrokerInfo): void {
+    this.#describeBroker = describe;
   }
 
   /** Runs `hook` first thing at shutdown (a broker client leaving, say). */
@@ -2599,6 +2606,8 @@ export interface ClusterState {
   nodes: Array<{ nodeId: string; resources: { total: Record<string, number>; available: Record<string, number> }; store: StoreStats; storeName: string; hostname?: string; agentPid?: number }>;
   /** Where node agents join (init's `listen`), with the port actually bound. */
   listening?: { host: string; port: number };
+  /** The shared cluster this driver joined (init's `cluster`): its broker, job id and bundles. */
+  broker?: BrokerInfo;
   workers: Array<{ workerId: string; nodeId: string; pid: number; state: string }>;
   tasks: Record<string, number>;
   /** `deathCause` for dead ones: killed, died with no restarts left, or ended with no handle left. */

@@ -129,7 +129,7 @@ export class HostAgent {
           resources: offered as Record<string, number>,
           gpus: this.gpuDevices,
           ...(this.options.objectStoreMemory !== undefined ? { objectStoreMemory: this.options.objectStoreMemory } : {}),
-          sessions: [...this.#sessions].map(([sessionId, session]) => ({ sessionId, resources: session.resources, gpus: session.gpus })),
+          sessions: [...this.#sessions].map(([sessionId, session]) => ({ sessionId, nodeId: session.agent.nodeId, resources: session.resources, gpus: session.gpus })),
         });
       });
     });

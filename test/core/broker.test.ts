@@ -169,7 +169,7 @@ describe('broker', () => {
     // It comes back still running the session: the slice stays the driver's, lent once.
     const back = await track(peer(b, {
       t: 'host-hello', token: TOKEN, protocol: AGENT_PROTOCOL, hostId: lostId, hostname: lostId, resources: { CPU: 2 }, gpus: [],
-      sessions: [{ sessionId: session.sessionId, resources: session.resources, gpus: [] }],
+      sessions: [{ sessionId: session.sessionId, nodeId: session.nodeId, resources: session.resources, gpus: [] }],
     }));
     const status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
     expect(status.hosts.find((one) => one.hostId === lostId)).toMatchObject({ free: { CPU: 0 }, sessions: 1 });
@@ -207,6 +207,41 @@ describe('broker', () => {
     expect(second.of('open-session')[0].driver.token).toBe('waiting-secret');
     expect(joinedJob.of('session-lost')).toEqual([]);
     expect((await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN })).drivers.map((one) => one.granted)).toEqual([1, 1]);
+  });
+
+  it('after a restart, takes back the nodes drivers still hold and the sessions hosts still run, lending neither twice', async () => {
+    const first = await start();
+    const port = first.port;
+    const hostPeer = await track(host(first, 'only', { CPU: 2 }));
+    const job = await track(driver(first, 'job', [{ CPU: 1 }, { CPU: 1 }], 'any'));
+    await until(() => hostPeer.of('open-session').length === 1, 'a session');
+    const session = hostPeer.of('open-session')[0];
+    await first.close();
+    await until(() => hostPeer.closed && job.closed, 'the connections to close');
+    const second = (broker = await Broker.start({ host: '127.0.0.1', port, token: TOKEN }));
+    // The driver comes back first, holding one node of its two bundles: that node is claimed.
+    const back = await track(peer(second, {
+      t: 'driver-hello', token: TOKEN, protocol: AGENT_PROTOCOL, name: 'job', bundles: [{ CPU: 1 }, { CPU: 1 }], wait: 'any',
+      listen: { port: 4000, token: 'job-secret' },
+      resume: { nodes: [{ nodeId: session.nodeId, hostId: 'only', bundles: [0], resources: { CPU: 1 } }] },
+    }));
+    let status = await brokerStatus(`127.0.0.1:${port}`, { token: TOKEN });
+    expect(status.drivers[0]).toMatchObject({ granted: 1, nodes: [session.nodeId] });
+    // Its host registers again with the session: the driver's again, its slice taken.
+    const hostBack = await track(peer(second, {
+      t: 'host-hello', token: TOKEN, protocol: AGENT_PROTOCOL, hostId: 'only', hostname: 'only', resources: { CPU: 1 + 1 }, gpus: [],
+      sessions: [{ sessionId: session.sessionId, nodeId: session.nodeId, resources: { CPU: 1 }, gpus: [] }],
+    }));
+    // The bundle it did not hold is lent now, in a new session: one CPU, not two.
+    await until(() => hostBack.of('open-session').length === 1, 'the other bundle');
+    expect(hostBack.of('open-session')[0]).toMatchObject({ resources: { CPU: 1 } });
+    expect(hostBack.of('open-session')[0].nodeId).not.toBe(session.nodeId);
+    status = await brokerStatus(`127.0.0.1:${port}`, { token: TOKEN });
+    expect(status.hosts[0]).toMatchObject({ free: { CPU: 0 }, sessions: 2 });
+    expect(status.drivers[0].nodes).toContain(session.nodeId);
+    // The driver loses the resumed node: the host is asked to end it, and the bundle waits again.
+    back.connection.send({ t: 'node-left', nodeId: session.nodeId });
+    await until(() => hostBack.of('close-session').some((message) => message.sessionId === session.sessionId), 'the session to be closed');
   });
 
   it('refuses wrong tokens, other versions, malformed requests and duplicate hosts, saying why', async () => {

@@ -119,7 +119,7 @@ describe('shared cluster', () => {
     // The command line shows the same, as text and as JSON (run asynchronously: the broker is in this process).
     const text = await run(['--import', 'tsx', cli, 'status', '--broker', address, '--token', TOKEN]);
     expect(text.stdout).toMatch(/^2 host\(s\)\n {2}host-a \(.+\): CPU 1, GPU 1 free of CPU 2, GPU 2; 1 session\(s\)/);
-    expect(text.stdout).toMatch(/1 job\(s\)\n {2}job-\d+ .+ at 127\.0\.0\.1:\d+: 2 of 2 bundle\(s\) lent \(all\); nodes host-/);
+    expect(text.stdout).toMatch(/1 job\(s\)\n {2}job-[\w-]+ .+ at 127\.0\.0\.1:\d+: 2 of 2 bundle\(s\) lent \(all\); nodes host-/);
     const json = await run(['--import', 'tsx', cli, 'status', '--broker', address, '--json'], { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN });
     expect(JSON.parse(json.stdout).drivers[0]).toMatchObject({ bundles: 2, granted: 2 });
     await shutdown();
@@ -224,11 +224,35 @@ describe('shared cluster', () => {
     // host-b gives up on a driver it cannot reach after its join timeout (2 s here).
     const cannotReach = await rejection(init({ cluster: request({ bundles: [{ b: 1 }], advertiseHost: 'no-such-host.invalid' }) }));
     expect(cannotReach.code).toBe('ERR_SESSION_FAILED');
-    expect(cannotReach.message).toMatch(/host-b\/s\d+ did not join: node host-b\/s\d+ could not join the head at no-such-host.invalid/);
+    expect(cannotReach.message).toMatch(/host-b\/s[\w-]+ did not join: node host-b\/s[\w-]+ could not join the head at no-such-host.invalid/);
     await expect(init({ cluster: request({ bundles: [{ GPU: 0.5 }] }) })).rejects.toThrow(/whole devices/);
     await expect(init({ cluster: request({ resources: { CPU: 1.5 } }) })).rejects.toThrow(InvalidArgumentError);
     await expect(init({ cluster: request({ resources: { CPU: 1 } }), listen: { port: 0, token: 'x' } })).rejects.toThrow(/cluster .* or listen/);
     await expect(init({ cluster: request({}) })).rejects.toThrow(/either bundles .* or resources/);
+  });
+
+  it('loses nothing running when the broker restarts: drivers and hosts come back with what they hold', async () => {
+    await init({ cluster: request({ bundles: [{ CPU: 1 }] }) });
+    const mine = state().nodes.find((node) => node.nodeId !== 'node-0')!.nodeId;
+    const port = broker.port;
+    await broker.close();
+    await until(() => state().broker!.connected === false, 'the driver to see the broker go');
+    broker = await Broker.start({ host: '127.0.0.1', port, token: TOKEN });
+    await until(() => state().broker!.connected, 'the driver to reconnect');
+    let now: BrokerStatus;
+    do now = await status();
+    while (now.hosts.length < 2 || now.hosts.reduce((sum, host) => sum + host.sessions, 0) < 1);
+    expect(now.drivers).toEqual([expect.objectContaining({ granted: 1, nodes: [mine] })]);
+    expect((await get(whereAmI.remote())).nodeId).toBe(mine);
+    // The slice stays this driver's: a gang asking for every CPU waits until it leaves.
+    const gang = childDriver({ resources: { CPU: 4 }, name: 'after-restart' });
+    do now = await status();
+    while (!now.drivers.some((driver) => driver.name === 'after-restart'));
+    expect(now.drivers.find((driver) => driver.name === 'after-restart')).toMatchObject({ granted: 0 });
+    await shutdown();
+    expect((await gang.next('ready')).nodes).toHaveLength(2);
+    gang.send('exit');
+    await gang.next('exited');
   });
 
   it("lends a lost host's bundles again on another host", async () => {
