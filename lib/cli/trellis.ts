@@ -15,13 +15,14 @@ import { TrellisError } from '../errors.js';
 
 const usage = `usage: trellis node --head HOST:PORT [options]
        trellis node --broker HOST:PORT [options]
-       trellis broker [--port N] [--host HOST] [--token TOKEN] [--backfill-window MS]
+       trellis broker [--port N] [--host HOST] [--token TOKEN] [--backfill-window MS] [--max-share F]
        trellis status --broker HOST:PORT [--token TOKEN] [--json]
 
 node --head: joins this host to the cluster of the driver listening at HOST:PORT (init({ listen })).
 node --broker: offers this host to a shared cluster's broker, which lends slices of it to the
   drivers that join the cluster (init({ cluster: { address } })), several at once.
-broker: runs a shared cluster's broker (port 7390 by default).
+broker: runs a shared cluster's broker (port 7390 by default). --max-share 0.5: no job holds
+  more than half of any resource of the cluster.
 status: what a broker's hosts offer and have free, and which jobs hold or wait for what.
 
 node options:
@@ -75,12 +76,13 @@ function printStatus(status: StatusMessage): void {
 }
 
 async function runBroker(rest: string[]): Promise<number> {
-  const { values } = parseArgs({ args: rest, options: { port: { type: 'string' }, host: { type: 'string' }, token: { type: 'string' }, 'backfill-window': { type: 'string' } } });
+  const { values } = parseArgs({ args: rest, options: { port: { type: 'string' }, host: { type: 'string' }, token: { type: 'string' }, 'backfill-window': { type: 'string' }, 'max-share': { type: 'string' } } });
   const broker = await Broker.start({
     port: count('port', values.port),
     host: values.host,
     token: values.token,
     backfillWindowMs: count('backfill-window', values['backfill-window']),
+    maxShare: count('max-share', values['max-share']),
     log: (line) => process.stderr.write(`trellis broker: ${line}\n`),
   });
   process.stderr.write(`trellis broker: listening on ${broker.host}:${broker.port}\n`);
@@ -99,7 +101,7 @@ async function runStatus(rest: string[]): Promise<number> {
     return 2;
   }
   const status = await brokerStatus(values.broker, { token: values.token });
-  if (values.json) process.stdout.write(`${JSON.stringify({ hosts: status.hosts, drivers: status.drivers })}\n`);
+  if (values.json) process.stdout.write(`${JSON.stringify({ hosts: status.hosts, drivers: status.drivers, maxShare: status.maxShare })}\n`);
   else printStatus(status);
   return 0;
 }

@@ -140,6 +140,8 @@ export interface StatusMessage {
   t: 'status';
   hosts: HostStatus[];
   drivers: DriverStatus[];
+  /** The most of any resource one job may hold, as a fraction of the cluster's total. */
+  maxShare: number;
 }
 
 export type BrokerOutbound =

@@ -40,6 +40,11 @@ export interface BrokerOptions {
   /** How long a request may be jumped by later ones that fit where it does not (default 60,000 ms). */
   backfillWindowMs?: number;
   /**
+   * The most of the cluster's total of any resource one job may hold at once, as a fraction
+   * (default 1): with 0.5, no job holds more than half the cluster's GPUs, whatever it asks.
+   */
+  maxShare?: number;
+  /**
    * How long a host whose connection dropped has to register again before its sessions that had
    * not joined their drivers yet are lent elsewhere (default 10,000 ms). Sessions that joined
    * stay their driver's until the driver says it lost them.
@@ -231,6 +236,8 @@ export class Broker {
     if (!Number.isInteger(port) || port < 0 || port > 65535) throw new InvalidArgumentError(`the broker's port must be an integer from 0 to 65535, got ${String(port)}`);
     const window = options.backfillWindowMs ?? 60_000;
     if (!(window >= 0)) throw new InvalidArgumentError(`backfillWindowMs must be a number of ms >= 0, got ${String(window)}`);
+    const share = options.maxShare ?? 1;
+    if (!(share > 0 && share <= 1)) throw new InvalidArgumentError(`maxShare is a fraction of the cluster, above 0 and at most 1, got ${String(share)}`);
     const server = createServer();
     await new Promise<void>((resolve, reject) => {
       server.once('error', (error: NodeJS.ErrnoException) =>
@@ -490,6 +497,13 @@ export class Broker {
   /** Tells a driver whose waiting bundles no registered host could ever hold (with hosts there to ask). */
   #refuseUnsatisfiable(driver: DriverRecord): boolean {
     if (this.#hosts.size === 0) return false;
+    if (driver.wait === 'all' && !driver.started) {
+      const over = this.#overShare(driver, [...driver.pending].map((index) => driver.bundles[index]));
+      if (over) {
+        driver.connection.send({ t: 'unsatisfiable', reason: `it asks for ${over}` });
+        return true;
+      }
+    }
     for (const index of driver.pending) {
       const bundle = driver.bundles[index];
       const holds = [...this.#hosts.values()].some((host) =>
@@ -516,6 +530,39 @@ export class Broker {
   // -------------------------------------------------------------------------------------------
   // Lending
 
+  /** The cluster's total of each resource (GPUs counted as 'GPU'), in fixed point. */
+  #clusterTotal(): Map<string, number> {
+    const total = new Map<string, number>();
+    for (const host of this.#hosts.values()) {
+      for (const [name, amount] of host.total) total.set(name, (total.get(name) ?? 0) + amount);
+      total.set('GPU', (total.get('GPU') ?? 0) + host.gpus.length * SCALE);
+    }
+    return total;
+  }
+
+  /**
+   * Whether the driver may hold `more` on top of what it holds: within maxShare of the cluster's
+   * total of each resource. The reason where not.
+   */
+  #overShare(driver: DriverRecord, more: Bundle[], total = this.#clusterTotal()): string | undefined {
+    const share = this.#options.maxShare ?? 1;
+    if (share >= 1) return undefined;
+    const held = new Map<string, number>();
+    const add = (resources: Map<string, number>, gpus: number) => {
+      for (const [name, amount] of resources) held.set(name, (held.get(name) ?? 0) + amount);
+      if (gpus > 0) held.set('GPU', (held.get('GPU') ?? 0) + gpus * SCALE);
+    };
+    for (const session of driver.sessions) add(session.resources, session.gpus.length);
+    const before = new Map(held);
+    for (const bundle of more) add(bundle.resources, bundle.gpus);
+    for (const [name, amount] of held) {
+      if (amount <= (before.get(name) ?? 0)) continue;
+      const cap = Math.floor((total.get(name) ?? 0) * share);
+      if (amount > cap) return `${name}: ${amount / SCALE}, more than the ${cap / SCALE} a job may hold (maxShare ${share} of ${(total.get(name) ?? 0) / SCALE})`;
+    }
+    return undefined;
+  }
+
   /** A host for `bundle`: one the driver already uses in preference, then the tightest fit. */
   #hostFor(driver: DriverRecord, bundle: Bundle, ledger: Ledger, chosen: Map<HostRecord, number[]>): HostRecord | undefined {
     let best: HostRecord | undefined;
@@ -541,11 +588,13 @@ export class Broker {
     const window = this.#options.backfillWindowMs ?? 60_000;
     const ledger = new Ledger();
     const rounds = new Map<DriverRecord, Map<HostRecord, number[]>>();
+    const total = this.#clusterTotal();
     let blockedAt = Infinity;
     // Gangs first, oldest first, each all or nothing.
     for (const driver of waiting) {
       if (driver.wait !== 'all' || driver.started) continue;
       if (driver.arrived > blockedAt) break;
+      if (this.#overShare(driver, [...driver.pending].map((index) => driver.bundles[index]), total)) continue;
       const trial = ledger.copy();
       const chosen = new Map<HostRecord, number[]>();
       let placed = true;
@@ -583,6 +632,7 @@ export class Broker {
       let placedOne = false;
       for (const index of driver!.pending) {
         if (planned.has(index)) continue;
+        if (this.#overShare(driver!, [...planned, index].map((one) => driver!.bundles[one]), total)) continue;
         const host = this.#hostFor(driver!, driver!.bundles[index], ledger, chosen);
         if (!host) continue;
         ledger.take(host, driver!.bundles[index]);
@@ -665,7 +715,7 @@ export class Broker {
       waitingMs: driver.pending.size > 0 ? now - driver.arrived : 0,
       nodes: [...[...driver.sessions].map((session) => session.nodeId), ...driver.claims.keys()],
     }));
-    return { t: 'status', hosts, drivers };
+    return { t: 'status', hosts, drivers, maxShare: this.#options.maxShare ?? 1 };
   }
 
   #log(line: string): void {

@@ -49,6 +49,8 @@ export class HostAgent {
   #stopped = false;
   #retryTimer: NodeJS.Timeout | undefined;
   #wake: (() => void) | undefined;
+  /** Ends the wait on the current connection (one closed from this side hears no close of its own). */
+  #disconnected: (() => void) | undefined;
   /** Resolves when the host stops (closed, or refused by the broker). */
   readonly done: Promise<void>;
 
@@ -89,6 +91,7 @@ export class HostAgent {
   /** One connection to the broker, till it closes; false where it could not be made. */
   #serveOnce(): Promise<boolean> {
     return new Promise((resolve, reject) => {
+      this.#disconnected = () => resolve(true);
       const socket = connect(this.#broker);
       socket.once('error', () => {
         socket.destroy();
@@ -207,6 +210,7 @@ export class HostAgent {
     await Promise.all([...this.#sessions.values()].map((session) => session.agent.close()));
     this.#connection?.flush();
     this.#connection?.close();
+    this.#disconnected?.();
     await this.done.catch(() => undefined);
   }
 

@@ -7,7 +7,7 @@
  */
 import { connect } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
-import { Broker, brokerStatus, ClusterError } from '../../lib/index.js';
+import { Broker, brokerStatus, ClusterError, HostAgent } from '../../lib/index.js';
 import { AGENT_PROTOCOL } from '../../lib/core/agent-protocol.js';
 import type { BrokerInbound, BrokerOutbound, OpenSessionMessage } from '../../lib/core/broker-protocol.js';
 import { FrameConnection } from '../../lib/core/connection.js';
@@ -57,7 +57,7 @@ function endSession(hostPeer: Peer, session: OpenSessionMessage, error?: string)
 describe('broker', () => {
   let broker: Broker | undefined;
   const peers: Peer[] = [];
-  const start = async (options: { backfillWindowMs?: number; hostGraceMs?: number } = {}) => (broker = await Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, ...options }));
+  const start = async (options: { backfillWindowMs?: number; hostGraceMs?: number; maxShare?: number } = {}) => (broker = await Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, ...options }));
   const track = async (made: Promise<Peer>) => {
     const made_ = await made;
     peers.push(made_);
@@ -242,6 +242,41 @@ describe('broker', () => {
     // The driver loses the resumed node: the host is asked to end it, and the bundle waits again.
     back.connection.send({ t: 'node-left', nodeId: session.nodeId });
     await until(() => hostBack.of('close-session').some((message) => message.sessionId === session.sessionId), 'the session to be closed');
+  });
+
+  it('holds each job within maxShare of the cluster, and refuses a gang that asks for more', async () => {
+    const b = await start({ maxShare: 0.5 });
+    const gpus = await track(host(b, 'gpus', { CPU: 8 }, [0, 1, 2, 3]));
+    const greedy = await track(driver(b, 'greedy', [{ GPU: 1 }, { GPU: 1 }, { GPU: 1 }, { GPU: 1 }], 'any'));
+    await until(() => greedy.of('granted').length === 1, 'a grant');
+    expect(lent(greedy).flatMap((grant) => grant.bundles)).toHaveLength(2);
+    const gang = await track(driver(b, 'gang', [{ GPU: 3 }]));
+    await until(() => gang.of('unsatisfiable').length === 1, 'the refusal');
+    expect(gang.of('unsatisfiable')[0].reason).toBe('it asks for GPU: 3, more than the 2 a job may hold (maxShare 0.5 of 4)');
+    const other = await track(driver(b, 'other', [{ GPU: 1 }, { GPU: 1 }]));
+    await until(() => other.of('granted').length === 1, 'the other half');
+    expect((await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN })).hosts[0].free).toMatchObject({ GPU: 0 });
+    expect(gpus.of('open-session')).toHaveLength(2);
+    expect((await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN })).maxShare).toBe(0.5);
+    await expect(Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, maxShare: 0 })).rejects.toThrow(/maxShare is a fraction/);
+  });
+
+  it('registers a host agent, which stops cleanly, and which a wrong token stops with a ClusterError', async () => {
+    const b = await start();
+    const address = `127.0.0.1:${b.port}`;
+    const agent = new HostAgent({ broker: address, token: TOKEN, id: 'in-process', numCpus: 3, gpuDevices: [1, 3] });
+    while ((await brokerStatus(address, { token: TOKEN })).hosts.length === 0) await new Promise((resolve) => setTimeout(resolve, 10));
+    expect((await brokerStatus(address, { token: TOKEN })).hosts[0]).toMatchObject({ hostId: 'in-process', total: { CPU: 3, GPU: 2 } });
+    await agent.close();
+    await agent.done;
+    while ((await brokerStatus(address, { token: TOKEN })).hosts.length > 0) await new Promise((resolve) => setTimeout(resolve, 10));
+    const refused = new HostAgent({ broker: address, token: 'nope', id: 'refused', numCpus: 1 });
+    const error = await rejection(refused.done);
+    expect(error).toBeInstanceOf(ClusterError);
+    expect(error.code).toBe('ERR_WRONG_TOKEN');
+    await refused.close();
+    expect(() => new HostAgent({ broker: 'no-port', token: TOKEN })).toThrow(/host:port/);
+    expect(() => new HostAgent({ broker: address, token: TOKEN, gpuDevices: [-1] })).toThrow(/device indices/);
   });
 
   it('refuses wrong tokens, other versions, malformed requests and duplicate hosts, saying why', async () => {
