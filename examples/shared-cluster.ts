@@ -14,21 +14,10 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { Broker, brokerStatus, fromItems, getRuntimeContext, init, remote, shutdown, type BrokerStatus } from '../lib/index.js';
+import { Broker, brokerStatus, fromItems, init, shutdown, type BrokerStatus } from '../lib/index.js';
+// The model stand-in of the several-hosts example: letter counts, and the node it ran on.
+import { Embedder } from './several-hosts.js';
 
-/** A stand-in for a model: embeds each text as letter counts, and says where it ran. */
-export class Embedder {
-  readonly nodeId = getRuntimeContext().nodeId;
-  call(batch: { text: string[] }) {
-    const embedding = batch.text.map((text) => {
-      const vector = new Float32Array(26);
-      for (const char of text.toLowerCase()) if (char >= 'a' && char <= 'z') vector[char.charCodeAt(0) - 97]++;
-      return Array.from(vector);
-    });
-    return { embedding, node: batch.text.map(() => this.nodeId) };
-  }
-}
-remote(import.meta, Embedder);
 
 const self = fileURLToPath(import.meta.url);
 
