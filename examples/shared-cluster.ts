@@ -35,8 +35,8 @@ async function job(name: string, address: string, cpus: number): Promise<void> {
 }
 
 function describe(status: BrokerStatus): string {
-  const hosts = status.hosts.map((host) => `${host.hostId} ${host.free.CPU ?? 0}/${host.total.CPU ?? 0} CPUs free`).join(', ');
-  const jobs = status.drivers.map((driver) => `${driver.name} ${driver.granted}/${driver.bundles} lent`).join(', ');
+  const hosts = [...status.hosts].sort((a, b) => a.hostId.localeCompare(b.hostId)).map((host) => `${host.hostId} ${host.free.CPU ?? 0}/${host.total.CPU ?? 0} CPUs free`).join(', ');
+  const jobs = [...status.drivers].sort((a, b) => a.name.localeCompare(b.name)).map((driver) => `${driver.name} ${driver.granted}/${driver.bundles} lent`).join(', ');
   return `hosts: ${hosts}; jobs: ${jobs || 'none'}`;
 }
 

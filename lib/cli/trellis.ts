@@ -7,7 +7,8 @@
  */
 import { parseArgs } from 'node:util';
 import { NodeAgent } from '../core/node-agent.js';
-import { Broker } from '../core/broker.js';
+import { readFileSync } from 'node:fs';
+import { Broker, type BrokerOptions } from '../core/broker.js';
 import { brokerStatus } from '../core/broker-client.js';
 import { HostAgent } from '../core/host-agent.js';
 import type { StatusMessage } from '../core/broker-protocol.js';
@@ -15,14 +16,16 @@ import { TrellisError } from '../errors.js';
 
 const usage = `usage: trellis node --head HOST:PORT [options]
        trellis node --broker HOST:PORT [options]
-       trellis broker [--port N] [--host HOST] [--token TOKEN] [--backfill-window MS] [--max-share F]
+       trellis broker [--port N] [--host HOST] [--token TOKEN] [--backfill-window MS] [--max-share F] [--users FILE]
        trellis status --broker HOST:PORT [--token TOKEN] [--json]
 
 node --head: joins this host to the cluster of the driver listening at HOST:PORT (init({ listen })).
 node --broker: offers this host to a shared cluster's broker, which lends slices of it to the
   drivers that join the cluster (init({ cluster: { address } })), several at once.
 broker: runs a shared cluster's broker (port 7390 by default). --max-share 0.5: no job holds
-  more than half of any resource of the cluster.
+  more than half of any resource of the cluster. --users FILE: a JSON object of users by name,
+  each { "token": "...", "quota": { "GPU": 4 } }; drivers then show their user's token, and a
+  user's jobs together hold at most its quota.
 status: what a broker's hosts offer and have free, and which jobs hold or wait for what.
 
 node options:
@@ -70,19 +73,28 @@ function printStatus(status: StatusMessage): void {
   lines.push(`${status.drivers.length} job(s)`);
   for (const driver of status.drivers) {
     const waiting = driver.granted < driver.bundles ? `, waiting ${(driver.waitingMs / 1000).toFixed(1)} s` : '';
-    lines.push(`  ${driver.jobId} ${driver.name} at ${driver.address}: ${driver.granted} of ${driver.bundles} bundle(s) lent (${driver.wait})${waiting}${driver.nodes.length ? `; nodes ${driver.nodes.join(', ')}` : ''}`);
+    lines.push(`  ${driver.jobId} ${driver.name}${driver.user !== undefined ? ` (user ${driver.user})` : ''} at ${driver.address}: ${driver.granted} of ${driver.bundles} bundle(s) lent (${driver.wait})${waiting}${driver.nodes.length ? `; nodes ${driver.nodes.join(', ')}` : ''}`);
   }
   process.stdout.write(`${lines.join('\n')}\n`);
 }
 
 async function runBroker(rest: string[]): Promise<number> {
-  const { values } = parseArgs({ args: rest, options: { port: { type: 'string' }, host: { type: 'string' }, token: { type: 'string' }, 'backfill-window': { type: 'string' }, 'max-share': { type: 'string' } } });
+  const { values } = parseArgs({ args: rest, options: { port: { type: 'string' }, host: { type: 'string' }, token: { type: 'string' }, 'backfill-window': { type: 'string' }, 'max-share': { type: 'string' }, users: { type: 'string' } } });
+  let users: BrokerOptions['users'];
+  if (values.users !== undefined) {
+    try {
+      users = JSON.parse(readFileSync(values.users, 'utf8')) as BrokerOptions['users'];
+    } catch (error) {
+      throw new TrellisError('ERR_INVALID_ARGUMENT', `--users names a JSON file of users by name: ${(error as Error).message}`);
+    }
+  }
   const broker = await Broker.start({
     port: count('port', values.port),
     host: values.host,
     token: values.token,
     backfillWindowMs: count('backfill-window', values['backfill-window']),
     maxShare: count('max-share', values['max-share']),
+    users,
     log: (line) => process.stderr.write(`trellis broker: ${line}\n`),
   });
   process.stderr.write(`trellis broker: listening on ${broker.host}:${broker.port}\n`);

@@ -127,6 +127,8 @@ export interface HostStatus {
 export interface DriverStatus {
   jobId: string;
   name: string;
+  /** The user whose token it showed (brokers with users). */
+  user?: string;
   address: string;
   wait: 'all' | 'any';
   bundles: number;

@@ -45,6 +45,11 @@ export interface BrokerOptions {
    */
   maxShare?: number;
   /**
+   * Users, by name: each driver then shows its user's token (not the cluster's, which stays for
+   * hosts), and a user's jobs together hold at most its `quota` of each resource named there.
+   */
+  users?: Record<string, { token: string; quota?: Record<string, number> }>;
+  /**
    * How long a host whose connection dropped has to register again before its sessions that had
    * not joined their drivers yet are lent elsewhere (default 10,000 ms). Sessions that joined
    * stay their driver's until the driver says it lost them.
@@ -95,6 +100,8 @@ interface Bundle {
 interface DriverRecord {
   jobId: string;
   name: string;
+  /** The user whose token it showed (brokers with users). */
+  user: string | undefined;
   connection: Connection;
   address: { host: string; port: number; token: string };
   wait: 'all' | 'any';
@@ -177,6 +184,20 @@ function readBundles(bundles: unknown): Bundle[] | string {
   return read;
 }
 
+/** Users as BrokerOptions gives them: InvalidArgumentError naming what is wrong. */
+function checkUsers(users: BrokerOptions['users'], clusterToken: string): void {
+  if (users === undefined) return;
+  if (typeof users !== 'object' || users === null || Array.isArray(users)) throw new InvalidArgumentError('users is an object of { token, quota? } by user name');
+  const tokens = new Set<string>([clusterToken]);
+  for (const [name, user] of Object.entries(users)) {
+    if (typeof user?.token !== 'string' || user.token.length < 8) throw new InvalidArgumentError(`user ${name} needs a token of 8 characters or more`);
+    if (tokens.has(user.token)) throw new InvalidArgumentError(`user ${name}'s token is the cluster's or another user's: each user needs a token of its own`);
+    tokens.add(user.token);
+    if (user.quota !== undefined && !isResourceRecord(user.quota)) throw new InvalidArgumentError(`user ${name}'s quota is an object of resource amounts >= 0`);
+    if (user.quota?.GPU !== undefined && !Number.isInteger(user.quota.GPU)) throw new InvalidArgumentError(`user ${name}'s quota of GPUs is a whole number, got ${user.quota.GPU}`);
+  }
+}
+
 export class Broker {
   readonly #server: Server;
   readonly #token: string;
@@ -238,6 +259,7 @@ export class Broker {
     if (!(window >= 0)) throw new InvalidArgumentError(`backfillWindowMs must be a number of ms >= 0, got ${String(window)}`);
     const share = options.maxShare ?? 1;
     if (!(share > 0 && share <= 1)) throw new InvalidArgumentError(`maxShare is a fraction of the cluster, above 0 and at most 1, got ${String(share)}`);
+    checkUsers(options.users, token);
     const server = createServer();
     await new Promise<void>((resolve, reject) => {
       server.once('error', (error: NodeJS.ErrnoException) =>
@@ -263,9 +285,16 @@ export class Broker {
           connection.flush();
           setTimeout(() => connection.close(), 100).unref();
         };
-        if (!('token' in message) || !tokensMatch(message.token, this.#token)) return refuse('ERR_WRONG_TOKEN', 'wrong token');
-        if (message.protocol !== AGENT_PROTOCOL) {
-          return refuse('ERR_PROTOCOL', `it speaks cluster protocol ${String(message.protocol)}, this broker ${AGENT_PROTOCOL}: run the same trellis version everywhere`);
+        const token = 'token' in message ? message.token : undefined;
+        const isCluster = tokensMatch(token, this.#token);
+        const user = this.#userOf(token);
+        const users = this.#options.users !== undefined;
+        if (message.t === 'driver-hello' && users && !user) {
+          return refuse('ERR_WRONG_TOKEN', isCluster ? "this broker admits drivers by their user's token, not the cluster's" : 'wrong token');
+        }
+        if (message.t === 'status-request' ? !isCluster && !user : message.t === 'driver-hello' ? !users && !isCluster : !isCluster) return refuse('ERR_WRONG_TOKEN', 'wrong token');
+        if (!('protocol' in message) || message.protocol !== AGENT_PROTOCOL) {
+          return refuse('ERR_PROTOCOL', `it speaks cluster protocol ${String((message as { protocol?: unknown }).protocol)}, this broker ${AGENT_PROTOCOL}: run the same trellis version everywhere`);
         }
         if (this.#closed) return refuse('ERR_BROKER_CLOSING', 'the broker is shutting down');
         switch (message.t) {
@@ -282,7 +311,7 @@ export class Broker {
             return;
           }
           case 'driver-hello': {
-            const driver = this.#addDriver(message, connection, socket, refuse);
+            const driver = this.#addDriver(message, connection, socket, refuse, user);
             if (!driver) return;
             onMessage = (next) => {
               if (next.t === 'node-left') this.#nodeLeft(driver, next.nodeId);
@@ -437,7 +466,13 @@ export class Broker {
   // -------------------------------------------------------------------------------------------
   // Drivers
 
-  #addDriver(hello: DriverHelloMessage, connection: Connection, socket: Socket, refuse: (code: string, reason: string) => void): DriverRecord | undefined {
+  /** The user whose token this is, if the broker has users. */
+  #userOf(token: unknown): string | undefined {
+    for (const [name, user] of Object.entries(this.#options.users ?? {})) if (tokensMatch(token, user.token)) return name;
+    return undefined;
+  }
+
+  #addDriver(hello: DriverHelloMessage, connection: Connection, socket: Socket, refuse: (code: string, reason: string) => void, user: string | undefined): DriverRecord | undefined {
     const bundles = readBundles(hello.bundles);
     if (typeof bundles === 'string') return void refuse('ERR_INVALID_ARGUMENT', bundles);
     if (hello.wait !== 'all' && hello.wait !== 'any') return void refuse('ERR_INVALID_ARGUMENT', `wait is 'all' or 'any', got ${String(hello.wait)}`);
@@ -451,6 +486,7 @@ export class Broker {
     const driver: DriverRecord = {
       jobId,
       name: typeof hello.name === 'string' && hello.name !== '' ? hello.name : jobId,
+      user,
       connection,
       address: { host, port: listen.port, token: listen.token },
       wait: hello.wait,
@@ -498,7 +534,8 @@ export class Broker {
   #refuseUnsatisfiable(driver: DriverRecord): boolean {
     if (this.#hosts.size === 0) return false;
     if (driver.wait === 'all' && !driver.started) {
-      const over = this.#overShare(driver, [...driver.pending].map((index) => driver.bundles[index]));
+      // On its own, as if the user's other jobs held nothing (they end): what is over then never fits.
+      const over = this.#overLimit(driver, [...driver.pending].map((index) => driver.bundles[index]), { alone: true });
       if (over) {
         driver.connection.send({ t: 'unsatisfiable', reason: `it asks for ${over}` });
         return true;
@@ -541,24 +578,44 @@ export class Broker {
   }
 
   /**
-   * Whether the driver may hold `more` on top of what it holds: within maxShare of the cluster's
-   * total of each resource. The reason where not.
+   * Why the driver may not hold `more` on top of what it holds (undefined where it may): past
+   * maxShare of the cluster's total of a resource, or past its user's quota with the user's other
+   * jobs (what they hold, and what `rounds` plans for them now).
    */
-  #overShare(driver: DriverRecord, more: Bundle[], total = this.#clusterTotal()): string | undefined {
-    const share = this.#options.maxShare ?? 1;
-    if (share >= 1) return undefined;
-    const held = new Map<string, number>();
-    const add = (resources: Map<string, number>, gpus: number) => {
-      for (const [name, amount] of resources) held.set(name, (held.get(name) ?? 0) + amount);
-      if (gpus > 0) held.set('GPU', (held.get('GPU') ?? 0) + gpus * SCALE);
+  #overLimit(driver: DriverRecord, more: Bundle[], plan: { total?: Map<string, number>; rounds?: Map<DriverRecord, Map<HostRecord, number[]>>; alone?: boolean } = {}): string | undefined {
+    const total = plan.total ?? this.#clusterTotal();
+    const sum = (sessions: Iterable<SessionRecord>, bundles: Bundle[]) => {
+      const held = new Map<string, number>();
+      const add = (resources: Map<string, number>, gpus: number) => {
+        for (const [name, amount] of resources) held.set(name, (held.get(name) ?? 0) + amount);
+        if (gpus > 0) held.set('GPU', (held.get('GPU') ?? 0) + gpus * SCALE);
+      };
+      for (const session of sessions) add(session.resources, session.gpus.length);
+      for (const bundle of bundles) add(bundle.resources, bundle.gpus);
+      return held;
     };
-    for (const session of driver.sessions) add(session.resources, session.gpus.length);
-    const before = new Map(held);
-    for (const bundle of more) add(bundle.resources, bundle.gpus);
-    for (const [name, amount] of held) {
-      if (amount <= (before.get(name) ?? 0)) continue;
-      const cap = Math.floor((total.get(name) ?? 0) * share);
-      if (amount > cap) return `${name}: ${amount / SCALE}, more than the ${cap / SCALE} a job may hold (maxShare ${share} of ${(total.get(name) ?? 0) / SCALE})`;
+    const share = this.#options.maxShare ?? 1;
+    if (share < 1) {
+      const before = sum(driver.sessions, []);
+      for (const [name, amount] of sum(driver.sessions, more)) {
+        if (amount <= (before.get(name) ?? 0)) continue;
+        const cap = Math.floor((total.get(name) ?? 0) * share);
+        if (amount > cap) return `${name}: ${amount / SCALE}, more than the ${cap / SCALE} a job may hold (maxShare ${share} of ${(total.get(name) ?? 0) / SCALE})`;
+      }
+    }
+    const quota = driver.user === undefined ? undefined : this.#options.users?.[driver.user]?.quota;
+    if (quota) {
+      const jobs = plan.alone ? [driver] : [...this.#drivers.values()].filter((other) => other.user === driver.user);
+      const sessions = jobs.flatMap((job) => [...job.sessions]);
+      const planned = jobs.filter((job) => job !== driver).flatMap((job) => [...(plan.rounds?.get(job)?.values() ?? [])].flat().map((index) => job.bundles[index]));
+      const before = sum(sessions, planned);
+      const after = sum(sessions, [...planned, ...more]);
+      for (const [name, limit] of Object.entries(quota)) {
+        const amount = after.get(name) ?? 0;
+        if (amount > Math.round(limit * SCALE) && amount > (before.get(name) ?? 0)) {
+          return `${name}: ${amount / SCALE}${jobs.length > 1 ? ` with user ${driver.user}'s other jobs` : ''}, more than user ${driver.user}'s quota of ${limit}`;
+        }
+      }
     }
     return undefined;
   }
@@ -594,7 +651,7 @@ export class Broker {
     for (const driver of waiting) {
       if (driver.wait !== 'all' || driver.started) continue;
       if (driver.arrived > blockedAt) break;
-      if (this.#overShare(driver, [...driver.pending].map((index) => driver.bundles[index]), total)) continue;
+      if (this.#overLimit(driver, [...driver.pending].map((index) => driver.bundles[index]), { total, rounds })) continue;
       const trial = ledger.copy();
       const chosen = new Map<HostRecord, number[]>();
       let placed = true;
@@ -632,7 +689,7 @@ export class Broker {
       let placedOne = false;
       for (const index of driver!.pending) {
         if (planned.has(index)) continue;
-        if (this.#overShare(driver!, [...planned, index].map((one) => driver!.bundles[one]), total)) continue;
+        if (this.#overLimit(driver!, [...planned, index].map((one) => driver!.bundles[one]), { total, rounds })) continue;
         const host = this.#hostFor(driver!, driver!.bundles[index], ledger, chosen);
         if (!host) continue;
         ledger.take(host, driver!.bundles[index]);
@@ -708,6 +765,7 @@ export class Broker {
     const drivers: DriverStatus[] = [...this.#drivers.values()].map((driver) => ({
       jobId: driver.jobId,
       name: driver.name,
+      ...(driver.user !== undefined ? { user: driver.user } : {}),
       address: `${driver.address.host}:${driver.address.port}`,
       wait: driver.wait,
       bundles: driver.bundles.length,

@@ -41,8 +41,8 @@ function host(broker: Broker, hostId: string, resources: Record<string, number>,
   return peer(broker, { t: 'host-hello', token: TOKEN, protocol: AGENT_PROTOCOL, hostId, hostname: hostId, resources, gpus, sessions: [] });
 }
 
-function driver(broker: Broker, name: string, bundles: Record<string, number>[], wait: 'all' | 'any' = 'all'): Promise<Peer> {
-  return peer(broker, { t: 'driver-hello', token: TOKEN, protocol: AGENT_PROTOCOL, name, bundles, wait, listen: { port: 4000, token: `${name}-secret` } });
+function driver(broker: Broker, name: string, bundles: Record<string, number>[], wait: 'all' | 'any' = 'all', token = TOKEN): Promise<Peer> {
+  return peer(broker, { t: 'driver-hello', token, protocol: AGENT_PROTOCOL, name, bundles, wait, listen: { port: 4000, token: `${name}-secret` } });
 }
 
 /** Bundle indices lent to a driver so far, and on which hosts. */
@@ -277,6 +277,37 @@ describe('broker', () => {
     await refused.close();
     expect(() => new HostAgent({ broker: 'no-port', token: TOKEN })).toThrow(/host:port/);
     expect(() => new HostAgent({ broker: address, token: TOKEN, gpuDevices: [-1] })).toThrow(/device indices/);
+  });
+
+  it("admits drivers by their user's token and holds each user's jobs together within its quota", async () => {
+    const b = (broker = await Broker.start({
+      host: '127.0.0.1', port: 0, token: TOKEN,
+      users: { alice: { token: 'alice-secret', quota: { GPU: 2 } }, bob: { token: 'bob-secret' } },
+    }));
+    const gpus = await track(host(b, 'gpus', { CPU: 8 }, [0, 1, 2, 3]));
+    const first = await track(driver(b, 'first', [{ GPU: 1 }], 'all', 'alice-secret'));
+    await until(() => first.of('granted').length === 1, "alice's first job");
+    // Alice holds one GPU of two: a second job asking for two waits (alone it would fit).
+    const second = await track(driver(b, 'second', [{ GPU: 2 }], 'all', 'alice-secret'));
+    const bobs = await track(driver(b, 'bobs', [{ GPU: 1 }, { GPU: 1 }], 'any', 'bob-secret'));
+    await until(() => lent(bobs).flatMap((grant) => grant.bundles).length === 2, "bob's job");
+    expect(second.of('granted')).toEqual([]);
+    expect(second.of('unsatisfiable')).toEqual([]);
+    const status = await brokerStatus(`127.0.0.1:${b.port}`, { token: 'alice-secret' });
+    expect(status.drivers.map((one) => [one.name, one.user, one.granted])).toEqual([['first', 'alice', 1], ['second', 'alice', 0], ['bobs', 'bob', 2]]);
+    first.connection.close();
+    await until(() => gpus.of('close-session').length === 1, 'the first job to end');
+    endSession(gpus, gpus.of('open-session')[0]);
+    await until(() => second.of('granted').length === 1, "alice's second job");
+    const third = await track(driver(b, 'third', [{ GPU: 3 }], 'all', 'alice-secret'));
+    await until(() => third.of('unsatisfiable').length === 1, 'the refusal');
+    expect(third.of('unsatisfiable')[0].reason).toBe("it asks for GPU: 3, more than user alice's quota of 2");
+    // The cluster's token is for hosts: drivers show a user's.
+    const anonymous = await track(driver(b, 'anonymous', [{ CPU: 1 }]));
+    expect(anonymous.of('broker-refused')[0]).toMatchObject({ code: 'ERR_WRONG_TOKEN', reason: expect.stringContaining("user's token") });
+    const stranger = await track(peer(b, { t: 'host-hello', token: 'alice-secret', protocol: AGENT_PROTOCOL, hostId: 'h', hostname: 'h', resources: {}, gpus: [], sessions: [] }));
+    expect(stranger.of('broker-refused')[0]).toMatchObject({ code: 'ERR_WRONG_TOKEN' });
+    await expect(Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, users: { eve: { token: TOKEN } } })).rejects.toThrow(/a token of its own/);
   });
 
   it('refuses wrong tokens, other versions, malformed requests and duplicate hosts, saying why', async () => {
