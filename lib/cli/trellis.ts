@@ -67,7 +67,7 @@ function formatResources(resources: Record<string, number>): string {
 
 function printStatus(status: StatusMessage): void {
   const lines = [`${status.hosts.length} host(s)`];
-  for (const host of status.hosts) {
+  for (const host of [...status.hosts].sort((a, b) => a.hostId.localeCompare(b.hostId))) {
     lines.push(`  ${host.hostId} (${host.hostname}): ${formatResources(host.free)} free of ${formatResources(host.total)}; ${host.sessions} session(s)`);
   }
   lines.push(`${status.drivers.length} job(s)`);

@@ -245,6 +245,8 @@ export interface ReplicaStats {
   /** Sequences waiting for their first step, and those between steps or in one. */
   waiting: number;
   running: number;
+  /** The most sequences that ran at once since the replica started (how far the cache budget let it batch). */
+  peakRunning: number;
   weightBytes: number;
   /** Prompt positions copied from a cached prefix instead of read (of promptTokens). */
   reusedPromptTokens: number;
@@ -377,6 +379,8 @@ export class ModelReplica {
    * since dropping its cache would drop that state too.
    */
   #reservedTokens = 0;
+  /** The most sequences that ran at once, since the replica started. */
+  #peakRunning = 0;
   /** Per sequence id: the running sequences sharing its cache blocks (prefix caching). */
   readonly #sharers = new Map<number, Set<Sequence>>();
   #preemptions = 0;
@@ -907,6 +911,7 @@ export class ModelReplica {
         sequence.reserved = reserve;
         this.#reservedTokens += reserve;
         this.#running.push(sequence);
+        this.#peakRunning = Math.max(this.#peakRunning, this.#running.length);
         admit(sequence);
       }
       this.#waiting.unshift(...deferred);
@@ -1256,6 +1261,7 @@ export class ModelReplica {
       generatedTokens: this.#generatedTokens,
       waiting: this.#waiting.length,
       running: this.#running.length,
+      peakRunning: this.#peakRunning,
       weightBytes: this.#weightBytes,
       reusedPromptTokens: this.#prefixCache?.reusedTokens ?? 0,
       retainedSequences: this.#prefixCache?.retainedSequences ?? 0,

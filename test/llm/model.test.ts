@@ -14,17 +14,15 @@ import { choiceConstraint } from '../../lib/llm/choices.js';
 import { randomWeights, referenceFinalHidden, referenceGenerate, referenceLogits, roundToFp8, TINY, TINY_LLAMA, writeCheckpoint, type Weights } from './fixtures/decoders.js';
 
 /** Generates, watching the replica's stats meanwhile: the most sequences running at once, and the most cache positions counted. */
-async function generateWatched(replica: ModelReplica, requests: GenerateRequest[]): Promise<{ tokens: number[][]; mostRunning: number; mostReserved: number }> {
-  let mostRunning = 0;
+/** Tokens, and the most cache positions reserved at a watcher's samples (never above the budget, whenever sampled). */
+async function generateWatched(replica: ModelReplica, requests: GenerateRequest[]): Promise<{ tokens: number[][]; mostReserved: number }> {
   let mostReserved = 0;
   const watch = setInterval(() => {
-    const stats = replica.stats();
-    mostRunning = Math.max(mostRunning, stats.running);
-    mostReserved = Math.max(mostReserved, stats.reservedCacheTokens);
+    mostReserved = Math.max(mostReserved, replica.stats().reservedCacheTokens);
   }, 1);
   try {
     const tokens = (await replica.generate(requests)).map((generation) => generation.tokens);
-    return { tokens, mostRunning, mostReserved };
+    return { tokens, mostReserved };
   } finally {
     clearInterval(watch);
   }
@@ -633,10 +631,10 @@ describe('model sharding', () => {
     // blocks of 16: a block, or two once past 16. 48 (three blocks) never holds all five.
     const twelve = PROMPTS.map((prompt) => referenceGenerate(TINY, weights, prompt, 12));
     await using replica = await ModelReplica.create({ checkpoint, maxCacheTokens: 48, prefixBlockTokens: 4, prefixCacheTokens: 100 });
-    const { tokens, mostRunning, mostReserved } = await generateWatched(replica, PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 12 })));
+    const { tokens, mostReserved } = await generateWatched(replica, PROMPTS.map((tokens) => ({ tokens, maxNewTokens: 12 })));
     expect(tokens).toEqual(twelve);
     // More start at once than their most would allow (their prompts fit), and as they grow the latest are preempted.
-    expect(mostRunning).toBeGreaterThan(2);
+    expect(replica.stats().peakRunning).toBeGreaterThan(2);
     expect(replica.stats().preemptions).toBeGreaterThan(0);
     expect(mostReserved).toBeLessThanOrEqual(48);
     // Sampled, the same seeds give the same tokens however often sequences were preempted.
@@ -681,9 +679,10 @@ describe('model sharding', () => {
     const wanted = prompts.map((prompt) => referenceGenerate(TINY, weights, prompt, 4));
     for (const prefixCacheTokens of [4096, 0]) {
       await using replica = await ModelReplica.create({ checkpoint, maxCacheTokens: 96, prefixCacheTokens });
-      const { tokens, mostRunning, mostReserved } = await generateWatched(replica, prompts.map((tokens) => ({ tokens, maxNewTokens: 4 })));
+      const { tokens, mostReserved } = await generateWatched(replica, prompts.map((tokens) => ({ tokens, maxNewTokens: 4 })));
       expect(tokens).toEqual(wanted);
-      expect(mostRunning).toBeGreaterThan(2);
+      // The replica's own count: a watcher's samples can miss a short moment on a loaded host.
+      expect(replica.stats().peakRunning).toBeGreaterThan(2);
       expect(mostReserved).toBeLessThanOrEqual(96);
       const stats = replica.stats();
       expect(stats.reusedPromptTokens).toBe(5 * 32);
