@@ -304,7 +304,8 @@ export class BrokerClient {
 
   #onClose(): void {
     if (this.#closed) return;
-    if (!this.#started) {
+    // One that never welcomed this driver refused or failed it; one that did may come back.
+    if (!this.#started && this.#jobId === '') {
       this.#closed = true;
       this.#cluster.promise([]);
       return this.#failInit(new ClusterError('ERR_BROKER_UNREACHABLE', `the broker at ${this.#address} closed the connection before lending what this driver asks`));
@@ -312,7 +313,7 @@ export class BrokerClient {
     // The nodes lent so far stay (they are connected to this driver, not to the broker). A
     // broker that restarts learns them again from this driver and from their hosts.
     this.#connected = false;
-    this.#cluster.events.emit('warning', { kind: 'cluster', message: `the connection to the broker at ${this.#address} closed: the nodes lent so far stay; reconnecting` });
+    if (this.#started) this.#cluster.events.emit('warning', { kind: 'cluster', message: `the connection to the broker at ${this.#address} closed: the nodes lent so far stay; reconnecting` });
     this.#reconnect();
   }
 
@@ -331,7 +332,7 @@ export class BrokerClient {
           this.#connected = true;
           const held = [...this.#lent.values()].map((node) => ({ nodeId: node.nodeId, hostId: node.hostId, bundles: node.bundles, resources: node.resources }));
           opened.send({ ...this.#hello, resume: { nodes: held } });
-          this.#cluster.events.emit('warning', { kind: 'cluster', message: `reconnected to the broker at ${this.#address}, holding ${held.length} lent node(s)` });
+          if (this.#started) this.#cluster.events.emit('warning', { kind: 'cluster', message: `reconnected to the broker at ${this.#address}, holding ${held.length} lent node(s)` });
         },
         () => this.#reconnect(),
       );

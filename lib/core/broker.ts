@@ -513,7 +513,8 @@ export class Broker {
    * back or the driver says it lost them.
    */
   #resume(driver: DriverRecord, nodes: { nodeId: string; bundles: number[] }[]): void {
-    driver.started = true;
+    // A gang that was still waiting is still a gang.
+    if (Array.isArray(nodes) && nodes.length > 0) driver.started = true;
     for (const node of Array.isArray(nodes) ? nodes : []) {
       const bundles = (Array.isArray(node.bundles) ? node.bundles : []).filter((index) => driver.pending.has(index));
       for (const index of bundles) driver.pending.delete(index);
