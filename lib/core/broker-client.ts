@@ -143,6 +143,8 @@ export class BrokerClient {
   #closed = false;
   /** Whether the connection to the broker is up (it drops when the broker restarts). */
   #connected = true;
+  /** init failed (a refusal, an unsatisfiable request, a timeout): nothing to come back for. */
+  #failed = false;
   readonly #onNodeAdded = (event: { nodeId: string }) => this.#nodeJoined(event.nodeId);
   readonly #onNodeRemoved = (event: { nodeId: string }) => this.#nodeLeft(event.nodeId);
   /** Settles when init may return. */
@@ -299,16 +301,17 @@ export class BrokerClient {
   }
 
   #failInit(error: Error): void {
+    this.#failed = true;
     this.#fail(error);
   }
 
   #onClose(): void {
     if (this.#closed) return;
-    // One that never welcomed this driver refused or failed it; one that did may come back.
-    if (!this.#started && this.#jobId === '') {
+    // After a refusal init has failed already; any other close is a broker going away, which may come back.
+    if (this.#failed) {
       this.#closed = true;
       this.#cluster.promise([]);
-      return this.#failInit(new ClusterError('ERR_BROKER_UNREACHABLE', `the broker at ${this.#address} closed the connection before lending what this driver asks`));
+      return;
     }
     // The nodes lent so far stay (they are connected to this driver, not to the broker). A
     // broker that restarts learns them again from this driver and from their hosts.
