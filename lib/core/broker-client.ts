@@ -40,6 +40,12 @@ export interface ClusterOptions {
   listenHost?: string;
   /** How long init waits for what it asked, in ms (default: as long as it takes). */
   timeoutMs?: number;
+  /**
+   * Gives a lent node back to the broker once nothing of this job has been on it (no task, actor,
+   * placement group bundle or object) for this long, in ms, so other jobs may have it; its bundles
+   * are asked for again when work waits for resources. Default: keep every node to the end.
+   */
+  idleReleaseMs?: number;
 }
 
 const MAX_UNITS = 4096;
@@ -53,6 +59,7 @@ export function requestedBundles(options: ClusterOptions): Resources[] {
     throw new InvalidArgumentError(`cluster.wait is 'all' or 'any', got ${String(options.wait)}`);
   }
   if (options.timeoutMs !== undefined && !(options.timeoutMs > 0)) throw new InvalidArgumentError(`cluster.timeoutMs must be a number of ms > 0, got ${String(options.timeoutMs)}`);
+  if (options.idleReleaseMs !== undefined && !(options.idleReleaseMs >= 0)) throw new InvalidArgumentError(`cluster.idleReleaseMs must be a number of ms >= 0, got ${String(options.idleReleaseMs)}`);
   if ((options.bundles === undefined) === (options.resources === undefined)) {
     throw new InvalidArgumentError('cluster takes either bundles (each kept on one host) or resources (a total lent in whole units)');
   }
@@ -111,6 +118,8 @@ export interface BrokerInfo {
   bundles: number;
   lent: number;
   joined: number;
+  /** Bundles given back while idle (idleReleaseMs), asked for again when work waits. */
+  released: number;
 }
 
 /** What the driver's cluster does for the client: the nodes it has, and where to warn. */
@@ -119,6 +128,12 @@ export interface JoiningCluster {
   readonly events: import('node:events').EventEmitter;
   /** Resources that may still join: a task that fits one of them waits instead of failing as infeasible. */
   promise(bundles: Resources[]): void;
+  /** Whether anything of the cluster is on the node (see Cluster.nodeBusy). */
+  nodeBusy(nodeId: string): boolean;
+  /** Whether work waits for resources. */
+  waitingForResources(): boolean;
+  /** Takes an idle node out of scheduling; false where something is on it. */
+  drain(nodeId: string): boolean;
 }
 
 export class BrokerClient {
@@ -143,6 +158,12 @@ export class BrokerClient {
   #closed = false;
   /** Whether the connection to the broker is up (it drops when the broker restarts). */
   #connected = true;
+  /** Bundles given back while idle, and since when each idle lent node has been idle. */
+  readonly #released = new Set<number>();
+  readonly #idleSince = new Map<string, number>();
+  #idleTimer: NodeJS.Timeout | undefined;
+  /** When this driver first asked (its place in a broker's queue). */
+  readonly #asked = Date.now();
   /** init failed (a refusal, an unsatisfiable request, a timeout): nothing to come back for. */
   #failed = false;
   readonly #onNodeAdded = (event: { nodeId: string }) => this.#nodeJoined(event.nodeId);
@@ -210,6 +231,7 @@ export class BrokerClient {
       clearTimeout(timer);
     }
     client.#started = true;
+    if (options.idleReleaseMs !== undefined) client.#watchIdle(options.idleReleaseMs);
     return client;
   }
 
@@ -220,7 +242,15 @@ export class BrokerClient {
 
   /** Bundles asked for, lent, and the lent nodes that joined. */
   describe(): BrokerInfo {
-    return { address: this.#address, jobId: this.#jobId, connected: this.#connected, bundles: this.#bundles.length, lent: this.#bundles.length - this.#pending.size, joined: this.#joined.size };
+    return {
+      address: this.#address,
+      jobId: this.#jobId,
+      connected: this.#connected,
+      bundles: this.#bundles.length,
+      lent: this.#bundles.length - this.#pending.size - this.#released.size,
+      joined: this.#joined.size,
+      released: this.#released.size,
+    };
   }
 
   #onMessage(message: BrokerOutbound): void {
@@ -257,6 +287,44 @@ export class BrokerClient {
     }
   }
 
+  /**
+   * Gives back lent nodes nothing has been on for `idleMs`, and asks again for what was given
+   * back once work waits for resources.
+   */
+  #watchIdle(idleMs: number): void {
+    this.#idleTimer = setInterval(() => {
+      if (this.#closed || !this.#connected) return;
+      const now = Date.now();
+      // Nothing goes back while work waits: it may be about to run there.
+      if (this.#cluster.waitingForResources()) this.#idleSince.clear();
+      for (const nodeId of [...this.#joined]) {
+        if (this.#cluster.waitingForResources()) break;
+        if (this.#cluster.nodeBusy(nodeId)) {
+          this.#idleSince.delete(nodeId);
+          continue;
+        }
+        const since = this.#idleSince.get(nodeId) ?? now;
+        this.#idleSince.set(nodeId, since);
+        if (now - since < idleMs || !this.#cluster.drain(nodeId)) continue;
+        const node = this.#lent.get(nodeId)!;
+        this.#lent.delete(nodeId);
+        this.#joined.delete(nodeId);
+        this.#idleSince.delete(nodeId);
+        for (const index of node.bundles) this.#released.add(index);
+        this.#promise();
+        this.#connection.send({ t: 'release-node', nodeId });
+        this.#cluster.events.emit('cluster-node-released', { nodeId, idleMs: now - since });
+      }
+      if (this.#released.size > 0 && this.#cluster.waitingForResources()) {
+        const bundles = [...this.#released];
+        this.#released.clear();
+        for (const index of bundles) this.#pending.add(index);
+        this.#connection.send({ t: 'request-again', bundles });
+      }
+    }, Math.max(50, Math.min(1000, idleMs / 4)));
+    this.#idleTimer.unref();
+  }
+
   /** A lent node left this cluster: the broker hears of it and asks for its bundles again. */
   #nodeLeft(nodeId: string): void {
     if (!this.#lent.has(nodeId)) return;
@@ -291,7 +359,8 @@ export class BrokerClient {
   /** Tells the cluster what may still join: bundles not lent yet, and lent nodes on their way. */
   #promise(): void {
     const coming = [...this.#coming.values()].map((node) => node.resources);
-    const pending = [...this.#pending].map((index) => this.#bundles[index]);
+    // Bundles given back come again when work waits: they count too.
+    const pending = [...this.#pending, ...this.#released].map((index) => this.#bundles[index]);
     this.#cluster.promise([...coming, ...pending]);
   }
 
@@ -334,7 +403,7 @@ export class BrokerClient {
           this.#connection = opened;
           this.#connected = true;
           const held = [...this.#lent.values()].map((node) => ({ nodeId: node.nodeId, hostId: node.hostId, bundles: node.bundles, resources: node.resources }));
-          opened.send({ ...this.#hello, resume: { nodes: held } });
+          opened.send({ ...this.#hello, resume: { nodes: held, waitedMs: Date.now() - this.#asked, released: [...this.#released] } });
           if (this.#started) this.#cluster.events.emit('warning', { kind: 'cluster', message: `reconnected to the broker at ${this.#address}, holding ${held.length} lent node(s)` });
         },
         () => this.#reconnect(),
@@ -347,6 +416,7 @@ export class BrokerClient {
   close(): void {
     this.#closed = true;
     clearTimeout(this.#reconnectTimer);
+    clearInterval(this.#idleTimer);
     this.#cluster.events.off('node-added', this.#onNodeAdded);
     this.#cluster.events.off('node-removed', this.#onNodeRemoved);
     this.#connection.close();

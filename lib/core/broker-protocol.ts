@@ -36,7 +36,13 @@ export interface DriverHelloMessage {
   /** Where hosts connect: a host the broker fills from this connection's address when absent. */
   listen: { host?: string; port: number; token: string };
   /** A driver coming back to a broker that restarted: the lent nodes it holds, and their bundles. */
-  resume?: { nodes: { nodeId: string; hostId: string; bundles: number[]; resources: Record<string, number> }[] };
+  resume?: {
+    nodes: { nodeId: string; hostId: string; bundles: number[]; resources: Record<string, number> }[];
+    /** How long ago it first asked (its place in the queue, kept across the restart), in ms. */
+    waitedMs?: number;
+    /** Bundles it gave back while idle: not lent until it asks again. */
+    released?: number[];
+  };
 }
 
 export interface StatusRequestMessage {
@@ -64,7 +70,27 @@ export interface NodeJoinedMessage {
   nodeId: string;
 }
 
-export type BrokerInbound = HostHelloMessage | DriverHelloMessage | StatusRequestMessage | SessionEndedMessage | NodeLeftMessage | NodeJoinedMessage;
+/** From a driver: it gives a lent node back (idle); its bundles are not asked for until request-again. */
+export interface ReleaseNodeMessage {
+  t: 'release-node';
+  nodeId: string;
+}
+
+/** From a driver: bundles it gave back are wanted again (work waits for resources). */
+export interface RequestAgainMessage {
+  t: 'request-again';
+  bundles: number[];
+}
+
+export type BrokerInbound =
+  | HostHelloMessage
+  | DriverHelloMessage
+  | StatusRequestMessage
+  | SessionEndedMessage
+  | NodeLeftMessage
+  | NodeJoinedMessage
+  | ReleaseNodeMessage
+  | RequestAgainMessage;
 
 export interface BrokerWelcomeMessage {
   t: 'broker-welcome';
@@ -133,6 +159,8 @@ export interface DriverStatus {
   wait: 'all' | 'any';
   bundles: number;
   granted: number;
+  /** Bundles it gave back while idle, not wanted now. */
+  released: number;
   /** Milliseconds since it asked. */
   waitingMs: number;
   nodes: string[];

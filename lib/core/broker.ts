@@ -106,8 +106,10 @@ interface DriverRecord {
   address: { host: string; port: number; token: string };
   wait: 'all' | 'any';
   bundles: Bundle[];
-  /** Indices of the bundles not lent now. */
+  /** Indices of the bundles not lent now, and wanted. */
   pending: Set<number>;
+  /** Indices of bundles it gave back while idle: not lent, not wanted until it asks again. */
+  released: Set<number>;
   sessions: Set<SessionRecord>;
   /** Whether it was ever lent anything (a gang's later bundles are replacements, taken as they fit). */
   started: boolean;
@@ -315,6 +317,8 @@ export class Broker {
             if (!driver) return;
             onMessage = (next) => {
               if (next.t === 'node-left') this.#nodeLeft(driver, next.nodeId);
+              else if (next.t === 'release-node') this.#release(driver, next.nodeId);
+              else if (next.t === 'request-again') this.#requestAgain(driver, next.bundles);
               else if (next.t === 'node-joined') for (const session of driver.sessions) if (session.nodeId === next.nodeId) session.joined = true;
             };
             role = { close: () => this.#removeDriver(driver) };
@@ -429,6 +433,31 @@ export class Broker {
     this.#allocate();
   }
 
+  /** A driver gives an idle node back: its host ends the session, and its bundles wait unwanted. */
+  #release(driver: DriverRecord, nodeId: string): void {
+    const session = [...driver.sessions].find((candidate) => candidate.nodeId === nodeId);
+    if (!session) return;
+    driver.sessions.delete(session);
+    session.driver = undefined;
+    this.#orphans.delete(session.id);
+    for (const index of session.bundles) driver.released.add(index);
+    this.#log(`${driver.name} (${driver.jobId}) gave back node ${nodeId}`);
+    // The slice is lent again once its host says the session ended.
+    if (session.host.sessions.get(session.id) === session && this.#hosts.get(session.host.id) === session.host) {
+      session.host.connection.send({ t: 'close-session', sessionId: session.id });
+    }
+  }
+
+  /** A driver wants bundles it gave back again. */
+  #requestAgain(driver: DriverRecord, bundles: unknown): void {
+    if (!Array.isArray(bundles)) return;
+    for (const index of bundles) {
+      if (!driver.released.delete(index)) continue;
+      driver.pending.add(index);
+    }
+    this.#allocate();
+  }
+
   /** A driver lost a lent node: its bundles are asked for again (the slice frees when its host says). */
   #nodeLeft(driver: DriverRecord, nodeId: string): void {
     const claim = driver.claims.get(nodeId);
@@ -492,6 +521,7 @@ export class Broker {
       wait: hello.wait,
       bundles,
       pending: new Set(bundles.keys()),
+      released: new Set(),
       sessions: new Set(),
       started: false,
       avoid: new Set(),
@@ -499,7 +529,15 @@ export class Broker {
       arrived: Date.now(),
     };
     this.#drivers.set(jobId, driver);
-    if (hello.resume) this.#resume(driver, hello.resume.nodes);
+    if (hello.resume) {
+      // Its place in the queue is kept: it asked before those that came to this broker first.
+      const waited = hello.resume.waitedMs;
+      if (typeof waited === 'number' && waited > 0 && Number.isFinite(waited)) driver.arrived = Date.now() - waited;
+      for (const index of Array.isArray(hello.resume.released) ? hello.resume.released : []) {
+        if (driver.pending.delete(index)) driver.released.add(index);
+      }
+      this.#resume(driver, hello.resume.nodes);
+    }
     connection.send({ t: 'broker-welcome', id: jobId });
     this.#log(`${driver.name} (${jobId}, ${host}:${listen.port}) asks for ${bundles.length} bundle(s), ${driver.wait === 'all' ? 'all at once' : 'as they fit'}`);
     if (this.#refuseUnsatisfiable(driver)) return driver;
@@ -679,7 +717,7 @@ export class Broker {
       let share = Infinity;
       for (const candidate of takers) {
         const planned = [...(rounds.get(candidate)?.values() ?? [])].reduce((sum, indices) => sum + indices.length, 0);
-        const held = candidate.bundles.length - candidate.pending.size + planned;
+        const held = candidate.bundles.length - candidate.pending.size - candidate.released.size + planned;
         if (held / candidate.bundles.length < share) {
           driver = candidate;
           share = held / candidate.bundles.length;
@@ -770,7 +808,8 @@ export class Broker {
       address: `${driver.address.host}:${driver.address.port}`,
       wait: driver.wait,
       bundles: driver.bundles.length,
-      granted: driver.bundles.length - driver.pending.size,
+      granted: driver.bundles.length - driver.pending.size - driver.released.size,
+      released: driver.released.size,
       waitingMs: driver.pending.size > 0 ? now - driver.arrived : 0,
       nodes: [...[...driver.sessions].map((session) => session.nodeId), ...driver.claims.keys()],
     }));

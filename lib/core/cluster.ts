@@ -1471,7 +1471,7 @@ export class Cluster implements Runtime {
   }
 
   #pickNode(request: Map<string, number>, strategy: SchedulingStrategy, localityIds: string[] = []): Node | undefined {
-    const fits = this.nodes.filter((node) => node.pool.fits(request) && node.canAssignGpus(request.get('GPU') ?? 0));
+    const fits = this.nodes.filter((node) => !node.draining && node.pool.fits(request) && node.canAssignGpus(request.get('GPU') ?? 0));
     if (typeof strategy === 'object' && strategy.type === 'node') {
       const node = fits.find((candidate) => candidate.id === strategy.nodeId);
       if (node || !strategy.soft) return node;
@@ -2056,8 +2056,9 @@ export class Cluster implements Runtime {
 
   #placeGroups(): void {
     for (const group of this.#groups.values()) {
-      if (group.state === 'pending' && reserve(group, this.nodes)) group.markCreated();
-      else if (group.state === 'rescheduling' && reserveLost(group, this.nodes)) this.events.emit('placement-group-rescheduled', { placementGroupId: group.id });
+      const open = this.nodes.filter((node) => !node.draining);
+      if (group.state === 'pending' && reserve(group, open)) group.markCreated();
+      else if (group.state === 'rescheduling' && reserveLost(group, open)) this.events.emit('placement-group-rescheduled', { placementGroupId: group.id });
     }
   }
 
@@ -2547,6 +2548,41 @@ export class Cluster implements Runtime {
         bundles: group.bundles.map((bundle) => ({ nodeId: bundle.node?.id, available: bundle.pool?.snapshot().available })),
       })),
     };
+  }
+
+  /**
+   * Whether anything of this cluster is on the node: a task in flight on a lease there, an actor,
+   * a placement group's bundle, or a copy of an object. A lent node where nothing is may be given
+   * back (ClusterOptions.idleReleaseMs) without losing anything.
+   */
+  nodeBusy(nodeId: string): boolean {
+    const node = this.nodes.find((candidate) => candidate.id === nodeId);
+    if (!node) return false;
+    for (const lease of this.#leaseByWorker.values()) if (lease.node === node && lease.inflight > 0) return true;
+    // A worker starting is there for work that is coming.
+    for (const worker of node.workers.values()) if (worker.state === 'actor' || worker.state === 'starting') return true;
+    for (const actor of this.#actors.values()) if (actor.node === node && actor.state !== 'dead') return true;
+    for (const group of this.#groups.values()) if (group.state !== 'removed' && group.bundles.some((bundle) => bundle.node === node)) return true;
+    for (const record of this.#objects.values()) if (record.nodes.has(nodeId)) return true;
+    return false;
+  }
+
+  /**
+   * Takes an idle node out of scheduling, to give it back: true where nothing was on it (checked
+   * in the same turn, so nothing is placed there between the check and the drain).
+   */
+  drain(nodeId: string): boolean {
+    const node = this.nodes.find((candidate) => candidate.id === nodeId);
+    if (!node || this.nodeBusy(nodeId)) return false;
+    node.draining = true;
+    return true;
+  }
+
+  /** Whether work waits for resources: queued tasks, or actors not placed yet. */
+  waitingForResources(): boolean {
+    for (const queue of this.#queues.values()) if (queue.length > 0) return true;
+    for (const actor of this.#actors.values()) if (actor.state === 'pending') return true;
+    return false;
   }
 
   /** What state() says of the shared cluster this driver joined (init's `cluster`). */

@@ -160,6 +160,8 @@ export abstract class Node {
   readonly softLimit: number;
   /** Added to every worker's environment (the cluster's MPS pipe directory, say). */
   readonly workerEnvironment: Readonly<Record<string, string>>;
+  /** Being given back (a shared cluster's idle node): nothing new is placed here. */
+  draining = false;
 
   constructor(id: string, resources: Resources, numGpus: number, workerEnvironment: Record<string, string>) {
     this.workerEnvironment = workerEnvironment;

@@ -223,10 +223,12 @@ describe('broker', () => {
     const back = await track(peer(second, {
       t: 'driver-hello', token: TOKEN, protocol: AGENT_PROTOCOL, name: 'job', bundles: [{ CPU: 1 }, { CPU: 1 }], wait: 'any',
       listen: { port: 4000, token: 'job-secret' },
-      resume: { nodes: [{ nodeId: session.nodeId, hostId: 'only', bundles: [0], resources: { CPU: 1 } }] },
+      resume: { nodes: [{ nodeId: session.nodeId, hostId: 'only', bundles: [0], resources: { CPU: 1 } }], waitedMs: 5000 },
     }));
     let status = await brokerStatus(`127.0.0.1:${port}`, { token: TOKEN });
     expect(status.drivers[0]).toMatchObject({ granted: 1, nodes: [session.nodeId] });
+    // It keeps its place in the queue: it asked 5 s ago, not now.
+    expect(status.drivers[0].waitingMs).toBeGreaterThanOrEqual(5000);
     // Its host registers again with the session: the driver's again, its slice taken.
     const hostBack = await track(peer(second, {
       t: 'host-hello', token: TOKEN, protocol: AGENT_PROTOCOL, hostId: 'only', hostname: 'only', resources: { CPU: 1 + 1 }, gpus: [],
@@ -308,6 +310,30 @@ describe('broker', () => {
     const stranger = await track(peer(b, { t: 'host-hello', token: 'alice-secret', protocol: AGENT_PROTOCOL, hostId: 'h', hostname: 'h', resources: {}, gpus: [], sessions: [] }));
     expect(stranger.of('broker-refused')[0]).toMatchObject({ code: 'ERR_WRONG_TOKEN' });
     await expect(Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, users: { eve: { token: TOKEN } } })).rejects.toThrow(/a token of its own/);
+  });
+
+  it('takes back a node a driver gives back, lends it to others, and lends again what the driver asks for again', async () => {
+    const b = await start();
+    const only = await track(host(b, 'only', { CPU: 2 }));
+    const job = await track(driver(b, 'job', [{ CPU: 2 }]));
+    await until(() => only.of('open-session').length === 1, 'a session');
+    const session = only.of('open-session')[0];
+    const waiting = await track(driver(b, 'waiting', [{ CPU: 1 }]));
+    job.connection.send({ t: 'release-node', nodeId: session.nodeId });
+    await until(() => only.of('close-session').length === 1, 'the host to be told');
+    endSession(only, session);
+    // Given back, not lost: no session-lost, not asked for again; the next job gets the slice.
+    await until(() => waiting.of('granted').length === 1, 'the waiting job');
+    let status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    expect(status.drivers.find((one) => one.name === 'job')).toMatchObject({ granted: 0, released: 1, nodes: [] });
+    expect(job.of('session-lost')).toEqual([]);
+    job.connection.send({ t: 'request-again', bundles: [0] });
+    waiting.connection.close();
+    await until(() => only.of('close-session').length === 2, 'the waiting job to leave');
+    endSession(only, only.of('open-session')[1]);
+    await until(() => job.of('granted').length === 2, 'the bundle lent again');
+    status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    expect(status.drivers[0]).toMatchObject({ name: 'job', granted: 1, released: 0 });
   });
 
   it('refuses wrong tokens, other versions, malformed requests and duplicate hosts, saying why', async () => {

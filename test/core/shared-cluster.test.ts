@@ -11,7 +11,7 @@ import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, fromItems, get, init, shutdown, state, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
-import { GatedTagger, visibleGpus, whereAmI } from './fixtures/nodes.js';
+import { GatedTagger, makeArray, visibleGpus, whereAmI } from './fixtures/nodes.js';
 import { isAlive, openGate, rejection, scratch, until } from './helpers.js';
 
 const TOKEN = 'shared-cluster-token';
@@ -194,6 +194,31 @@ describe('shared cluster', () => {
     } finally {
       files.cleanup();
     }
+  });
+
+  it('gives idle nodes back to the broker and asks for them again when work waits', async () => {
+    await init({ cluster: request({ bundles: [{ CPU: 1 }], idleReleaseMs: 200 }) });
+    const first = state().nodes.find((node) => node.nodeId !== 'node-0')!.nodeId;
+    const released = new Promise<{ nodeId: string }>((resolve) => events().once('cluster-node-released', resolve));
+    // Nothing runs: the node goes back, and the broker has it free again.
+    expect((await released).nodeId).toBe(first);
+    await until(() => state().nodes.length === 1, 'the node to leave');
+    expect(state().broker).toMatchObject({ lent: 0, released: 1 });
+    let now: BrokerStatus;
+    do now = await status();
+    while (now.hosts.some((host) => host.sessions > 0));
+    expect(now.drivers[0]).toMatchObject({ granted: 0, released: 1 });
+    // A task waits (it fits the bundle given back, so it is not infeasible): the bundle is asked for again.
+    const where = await get(whereAmI.remote());
+    expect(where.nodeId).not.toBe(first);
+    expect(state().broker).toMatchObject({ released: 0 });
+    // An object kept on the node keeps the node: it is not given back while the object lives.
+    const kept = makeArray.remote(100_000, 1);
+    await get(kept);
+    const before = state().broker!.released;
+    await new Promise((resolve) => setTimeout(resolve, 600));
+    expect(state().broker!.released).toBe(before);
+    expect(state().nodes.some((node) => node.nodeId === where.nodeId)).toBe(true);
   });
 
   it('frees the slices of a driver killed outright', async () => {
