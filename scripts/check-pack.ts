@@ -98,6 +98,39 @@ try {
 `,
   );
   console.log(run(process.execPath, ['agent.mjs'], project).trim());
+  // A shared cluster from the package's command: its broker, a host registered with it, and a
+  // driver that joins with init's cluster and runs a task on the slice it is lent.
+  writeFileSync(
+    join(project, 'cluster.mjs'),
+    `import { spawn } from 'node:child_process';
+import { init, shutdown, get, brokerStatus } from 'trellis';
+import { square } from './tasks.mjs';
+const env = { ...process.env, TRELLIS_CLUSTER_TOKEN: 'pack-check' };
+const broker = spawn('node_modules/.bin/trellis', ['broker', '--host', '127.0.0.1', '--port', '0'], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+const address = await new Promise((resolve, reject) => {
+  let text = '';
+  broker.stderr.on('data', (chunk) => {
+    text += chunk;
+    const found = /listening on ([\\d.]+:\\d+)/.exec(text);
+    if (found) resolve(found[1]);
+  });
+  broker.once('exit', () => reject(new Error('the broker exited: ' + text)));
+});
+const host = spawn('node_modules/.bin/trellis', ['node', '--broker', address, '--id', 'packed-host', '--num-cpus', '1'], { env, stdio: ['ignore', 'ignore', 'inherit'] });
+try {
+  while ((await brokerStatus(address, { token: 'pack-check' })).hosts.length === 0) await new Promise((resolve) => setTimeout(resolve, 50));
+  await init({ cluster: { address, token: 'pack-check', resources: { CPU: 1 } } });
+  const value = await get(square.remote(8));
+  if (value !== 64) throw new Error('the lent node gave ' + value);
+  console.log("a driver joined a shared cluster run by the package's trellis command, and its task ran on a lent node");
+} finally {
+  await shutdown();
+  host.kill();
+  broker.kill();
+}
+`,
+  );
+  console.log(run(process.execPath, ['cluster.mjs'], project).trim());
   console.log('pack check passed');
 } finally {
   rmSync(work, { recursive: true, force: true });
