@@ -162,6 +162,7 @@ export class BrokerClient {
   readonly #released = new Set<number>();
   readonly #idleSince = new Map<string, number>();
   #idleTimer: NodeJS.Timeout | undefined;
+  readonly #aliveTimer: NodeJS.Timeout;
   /** When this driver first asked (its place in a broker's queue). */
   readonly #asked = Date.now();
   /** init failed (a refusal, an unsatisfiable request, a timeout): nothing to come back for. */
@@ -186,6 +187,11 @@ export class BrokerClient {
       this.#fail = reject;
     });
     this.ready.catch(() => undefined);
+    // Heard every 2 s, so the broker can tell this driver from a hung one.
+    this.#aliveTimer = setInterval(() => {
+      if (this.#connected && !this.#closed) this.#connection.send({ t: 'alive' });
+    }, 2000);
+    this.#aliveTimer.unref();
     cluster.events.on('node-added', this.#onNodeAdded);
     cluster.events.on('node-removed', this.#onNodeRemoved);
     this.#promise();
@@ -417,6 +423,7 @@ export class BrokerClient {
     this.#closed = true;
     clearTimeout(this.#reconnectTimer);
     clearInterval(this.#idleTimer);
+    clearInterval(this.#aliveTimer);
     this.#cluster.events.off('node-added', this.#onNodeAdded);
     this.#cluster.events.off('node-removed', this.#onNodeRemoved);
     this.#connection.close();

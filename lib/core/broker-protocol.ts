@@ -82,7 +82,13 @@ export interface RequestAgainMessage {
   bundles: number[];
 }
 
+/** From a host or driver every 2 s: a broker drops one silent past its peerTimeoutMs (a hung process). */
+export interface AliveMessage {
+  t: 'alive';
+}
+
 export type BrokerInbound =
+  | AliveMessage
   | HostHelloMessage
   | DriverHelloMessage
   | StatusRequestMessage

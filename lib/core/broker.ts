@@ -55,6 +55,11 @@ export interface BrokerOptions {
    * stay their driver's until the driver says it lost them.
    */
   hostGraceMs?: number;
+  /**
+   * A host or driver not heard from for this long (ms) is dropped as if its connection had
+   * closed (default 30,000; they report every 2 s): a hung process may hold its connection open.
+   */
+  peerTimeoutMs?: number;
   /** Where the broker says what it does (default: nothing). */
   log?: (line: string) => void;
 }
@@ -219,6 +224,8 @@ export class Broker {
   readonly #epoch = Date.now().toString(36).slice(-4);
   #closed = false;
   readonly #sweepTimer: NodeJS.Timeout;
+  /** Hosts and drivers, with when each was last heard from. */
+  readonly #peers = new Set<{ lastHeard: number; drop: () => void }>();
   readonly host: string;
   readonly port: number;
 
@@ -229,11 +236,14 @@ export class Broker {
     const address = server.address() as AddressInfo;
     this.host = address.address;
     this.port = address.port;
-    this.#sweepTimer = setInterval(() => this.#sweepOrphans(), Math.min(1000, Math.max(10, options.hostGraceMs ?? 10_000))).unref();
+    const period = Math.min(1000, options.hostGraceMs ?? 10_000, options.peerTimeoutMs ?? 30_000);
+    this.#sweepTimer = setInterval(() => this.#sweepOrphans(), Math.max(10, period)).unref();
   }
 
   /** Orphans past the grace that never joined their driver: their bundles are lent elsewhere. */
   #sweepOrphans(): void {
+    const silence = this.#options.peerTimeoutMs ?? 30_000;
+    for (const peer of [...this.#peers]) if (Date.now() - peer.lastHeard > silence) peer.drop();
     const grace = this.#options.hostGraceMs ?? 10_000;
     let freed = false;
     for (const session of [...this.#orphans.values()]) {
@@ -278,9 +288,12 @@ export class Broker {
     socket.setKeepAlive(true, 5000);
     let role: { close(): void } | undefined;
     let onMessage: ((message: BrokerInbound) => void) | undefined;
+    const peer = { lastHeard: Date.now(), drop: () => undefined as void };
     const connection: Connection = new FrameConnection<BrokerInbound, BrokerOutbound>(
       socket,
       (message) => {
+        peer.lastHeard = Date.now();
+        if (message.t === 'alive') return;
         if (onMessage) return onMessage(message);
         const refuse = (code: string, reason: string) => {
           connection.send({ t: 'broker-refused', code, reason });
@@ -310,6 +323,7 @@ export class Broker {
             if (!host) return;
             onMessage = (next) => this.#onHostMessage(host, next);
             role = { close: () => this.#removeHost(host) };
+            this.#watch(peer, `host ${host.id}`, connection, () => this.#removeHost(host));
             return;
           }
           case 'driver-hello': {
@@ -322,6 +336,7 @@ export class Broker {
               else if (next.t === 'node-joined') for (const session of driver.sessions) if (session.nodeId === next.nodeId) session.joined = true;
             };
             role = { close: () => this.#removeDriver(driver) };
+            this.#watch(peer, `${driver.name} (${driver.jobId})`, connection, () => this.#removeDriver(driver));
             return;
           }
           default:
@@ -330,9 +345,22 @@ export class Broker {
       },
       () => {
         this.#sockets.delete(socket);
+        this.#peers.delete(peer);
         role?.close();
       },
     );
+  }
+
+  /** Drops a host or driver that falls silent, as if its connection had closed. */
+  #watch(peer: { lastHeard: number; drop: () => void }, who: string, connection: Connection, remove: () => void): void {
+    peer.drop = () => {
+      this.#log(`${who} was not heard from for ${Date.now() - peer.lastHeard} ms: dropped`);
+      this.#peers.delete(peer);
+      // A connection closed from this side hears no close of its own.
+      connection.close();
+      remove();
+    };
+    this.#peers.add(peer);
   }
 
   // -------------------------------------------------------------------------------------------

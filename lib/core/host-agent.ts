@@ -122,6 +122,10 @@ export class HostAgent {
           },
         );
         this.#connection = connection;
+        // Heard every 2 s, so a broker can tell this host from a hung one.
+        const alive = setInterval(() => connection.send({ t: 'alive' }), 2000);
+        alive.unref();
+        socket.once('close', () => clearInterval(alive));
         const offered = nodeResources(this.options);
         connection.send({
           t: 'host-hello',
@@ -210,6 +214,7 @@ export class HostAgent {
     await Promise.all([...this.#sessions.values()].map((session) => session.agent.close()));
     this.#connection?.flush();
     this.#connection?.close();
+    this.#connection = undefined;
     this.#disconnected?.();
     await this.done.catch(() => undefined);
   }

@@ -89,6 +89,7 @@ class Session {
   #sharing: Promise<void> | undefined;
   #multiProcessService: MultiProcessService | undefined;
   #heard: () => void;
+  #welcomeTimer: NodeJS.Timeout | undefined;
 
   constructor(readonly agent: NodeAgent, readonly socket: Socket, readonly headUrl: string) {
     this.ended = new Promise((resolve) => (this.#end = resolve));
@@ -103,6 +104,16 @@ class Session {
     this.connection.bulkSink = (message, bulkLength) => this.#objects.sinkFor(message, bulkLength);
     let lastHeard = Date.now();
     this.#heard = () => (lastHeard = Date.now());
+    // A head that takes the connection and never welcomes this agent (hung) is given up on too.
+    const limit = agent.options.connectTimeoutMs;
+    if (limit !== undefined) {
+      this.#welcomeTimer = setTimeout(() => {
+        if (this.#welcomed) return;
+        agent.options.log?.(`the head at ${headUrl.slice('tcp://'.length)} did not welcome this node within ${limit} ms`);
+        this.close();
+      }, limit);
+      this.#welcomeTimer.unref();
+    }
     this.#statsTimer = setInterval(() => {
       if (!this.#welcomed) return;
       if (Date.now() - lastHeard > (agent.options.headTimeoutMs ?? 30_000)) {
@@ -277,6 +288,7 @@ class Session {
     if (this.#closing) return;
     this.#closing = true;
     clearInterval(this.#statsTimer);
+    clearTimeout(this.#welcomeTimer);
     const exits = [...this.workers.values()].map((child) => new Promise<void>((resolve) => {
       if (child.exitCode !== null || child.signalCode !== null) return resolve();
       child.once('exit', () => resolve());

@@ -5,9 +5,9 @@
  * share held; a request past the backfill window is not jumped; a slice comes back only when its
  * host says its session ended; a host's loss asks for its bundles again; bad hellos are refused.
  */
-import { connect } from 'node:net';
+import { connect, createServer, type Socket } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
-import { Broker, brokerStatus, ClusterError, HostAgent } from '../../lib/index.js';
+import { Broker, brokerStatus, ClusterError, HostAgent, NodeAgent } from '../../lib/index.js';
 import { AGENT_PROTOCOL } from '../../lib/core/agent-protocol.js';
 import type { BrokerInbound, BrokerOutbound, OpenSessionMessage } from '../../lib/core/broker-protocol.js';
 import { FrameConnection } from '../../lib/core/connection.js';
@@ -57,7 +57,7 @@ function endSession(hostPeer: Peer, session: OpenSessionMessage, error?: string)
 describe('broker', () => {
   let broker: Broker | undefined;
   const peers: Peer[] = [];
-  const start = async (options: { backfillWindowMs?: number; hostGraceMs?: number; maxShare?: number } = {}) => (broker = await Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, ...options }));
+  const start = async (options: { backfillWindowMs?: number; hostGraceMs?: number; maxShare?: number; peerTimeoutMs?: number } = {}) => (broker = await Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, ...options }));
   const track = async (made: Promise<Peer>) => {
     const made_ = await made;
     peers.push(made_);
@@ -334,6 +334,45 @@ describe('broker', () => {
     await until(() => job.of('granted').length === 2, 'the bundle lent again');
     status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
     expect(status.drivers[0]).toMatchObject({ name: 'job', granted: 1, released: 0 });
+  });
+
+  it('drops a driver that falls silent (a hung process holding its connection open), freeing its slices', async () => {
+    const b = await start({ peerTimeoutMs: 300 });
+    const only = await track(host(b, 'only', { CPU: 2 }));
+    const hung = await track(driver(b, 'hung', [{ CPU: 2 }]));
+    await until(() => only.of('open-session').length === 1, 'a session');
+    // The host says it is alive; the driver says nothing more.
+    const alive = setInterval(() => only.connection.send({ t: 'alive' }), 50);
+    try {
+      await until(() => only.of('close-session').length === 1, 'the silent driver to be dropped');
+      endSession(only, only.of('open-session')[0]);
+      let status;
+      do status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+      while (status.hosts[0].free.CPU !== 2);
+      expect(status.drivers).toEqual([]);
+      expect(status.hosts).toHaveLength(1);
+      expect(hung.closed).toBe(true);
+    } finally {
+      clearInterval(alive);
+    }
+  });
+
+  it("gives up a lent slice whose driver takes the connection and never welcomes it", async () => {
+    const sockets: Socket[] = [];
+    const silent = createServer((socket) => sockets.push(socket.on('error', () => undefined)));
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', () => resolve()));
+    try {
+      const port = (silent.address() as { port: number }).port;
+      const agent = new NodeAgent({ head: `127.0.0.1:${port}`, token: 'session-token', id: 'slice', numCpus: 1, once: true, transferPort: null, connectTimeoutMs: 300, retryMs: 50 });
+      const error = await rejection(agent.done);
+      expect(error).toBeInstanceOf(ClusterError);
+      expect(error.code).toBe('ERR_HEAD_UNREACHABLE');
+      expect(sockets.length).toBeGreaterThan(0);
+      await agent.close();
+    } finally {
+      for (const socket of sockets) socket.destroy();
+      await new Promise((resolve) => silent.close(resolve));
+    }
   });
 
   it('refuses wrong tokens, other versions, malformed requests and duplicate hosts, saying why', async () => {
