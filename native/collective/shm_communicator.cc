@@ -429,12 +429,27 @@ void ShmCommunicator::Transfer(std::vector<PeerTransfer>& transfers) {
   const uint64_t chunk = header_->slot_bytes;
   // A zero-byte message still travels, as one empty chunk, so that sends and receives pair up.
   std::vector<bool> complete(transfers.size(), false);
+  // One mailbox per ordered pair of ranks: messages between two ranks in one direction go whole,
+  // in the order they were posted (as NCCL pairs them), or a later one's chunks would land in an
+  // earlier one's buffer. Each transfer waits for the one before it with the same peer and direction.
+  constexpr size_t kNone = static_cast<size_t>(-1);
+  std::vector<size_t> successor(transfers.size(), kNone);
+  std::vector<bool> turn(transfers.size(), true);
+  for (size_t i = 0; i < transfers.size(); ++i) {
+    for (size_t j = i + 1; j < transfers.size(); ++j) {
+      if (transfers[j].peer == transfers[i].peer && transfers[j].send == transfers[i].send) {
+        successor[i] = j;
+        turn[j] = false;
+        break;
+      }
+    }
+  }
   size_t remaining = transfers.size();
   while (remaining > 0) {
     uint32_t bell = header_->doorbells[rank_].load(std::memory_order_acquire);
     bool progressed = false;
     for (size_t i = 0; i < transfers.size(); ++i) {
-      if (complete[i]) continue;
+      if (complete[i] || !turn[i]) continue;
       PeerTransfer& t = transfers[i];
       if (t.send) {
         Mailbox* box = MailboxFor(rank_, t.peer);
@@ -465,6 +480,7 @@ void ShmCommunicator::Transfer(std::vector<PeerTransfer>& transfers) {
       if (t.done >= t.bytes) {
         complete[i] = true;
         remaining--;
+        if (successor[i] != kNone) turn[successor[i]] = true;
       }
     }
     if (!progressed && remaining > 0) Wait(&header_->doorbells[rank_], bell, "send/recv");

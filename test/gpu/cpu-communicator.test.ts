@@ -109,6 +109,20 @@ describe('CPU communicator across worker processes', () => {
     }
   });
 
+  it('pairs several sends to one peer in one group in order, whole (never one chunk of each)', async () => {
+    const members = ranks.slice(0, 2);
+    const group = await createCollectiveGroup(members, { backend: 'cpu', name: 'many' });
+    try {
+      // A tensor of three slots' chunks between small ones: each must arrive whole, in order.
+      const lengths = [3_000_000, 3, 6, 1_100_000, 2];
+      const [sent, wrong] = await get(members.map((rank) => rank.manyInOneGroup.remote(group.name, lengths, 8)));
+      expect(sent).toEqual([]);
+      expect(wrong).toEqual([]);
+    } finally {
+      await group.destroy();
+    }
+  });
+
   it('a dead peer fails the survivors with a typed error instead of hanging', async () => {
     const members = [RemoteOpRank.remote(), RemoteOpRank.remote()];
     const group = await createCollectiveGroup(members, { backend: 'cpu', name: 'dies', timeout: 30_000 });
