@@ -4,7 +4,7 @@
  * driver's listener with a token made for this driver alone). init returns once what it waits
  * for has joined; nodes lent later join as they come.
  */
-import { connect } from 'node:net';
+import { dial } from './tls.js';
 import { basename } from 'node:path';
 import { ClusterError, InvalidArgumentError } from '../errors.js';
 import { AGENT_PROTOCOL } from './agent-protocol.js';
@@ -95,8 +95,8 @@ type Connection = FrameConnection<BrokerOutbound, BrokerInbound>;
 export function connectBroker(address: string, onMessage: (message: BrokerOutbound) => void, onClose: () => void): Promise<Connection> {
   const { host, port } = parseAddress(address);
   return new Promise((resolve, reject) => {
-    const socket = connect({ host, port });
-    socket.once('connect', () => {
+    const { socket, ready } = dial(host, port);
+    socket.once(ready, () => {
       socket.removeAllListeners('error');
       socket.setKeepAlive(true, 5000);
       resolve(new FrameConnection<BrokerOutbound, BrokerInbound>(socket, onMessage, onClose));

@@ -14,7 +14,8 @@
  * waited past `backfillWindowMs` stops later ones from jumping it, so a large job is not starved
  * by a stream of small ones.
  */
-import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import type { AddressInfo, Server, Socket } from 'node:net';
+import { serve } from './tls.js';
 import { InvalidArgumentError } from '../errors.js';
 import { AGENT_PROTOCOL } from './agent-protocol.js';
 import type {
@@ -272,14 +273,15 @@ export class Broker {
     const share = options.maxShare ?? 1;
     if (!(share > 0 && share <= 1)) throw new InvalidArgumentError(`maxShare is a fraction of the cluster, above 0 and at most 1, got ${String(share)}`);
     checkUsers(options.users, token);
-    const server = createServer();
+    let onSocket: (socket: Socket) => void = (socket) => socket.destroy();
+    const server = serve((socket) => onSocket(socket));
     await new Promise<void>((resolve, reject) => {
       server.once('error', (error: NodeJS.ErrnoException) =>
         reject(new InvalidArgumentError(`the broker cannot listen on ${host}:${port}: ${error.message}`, error.code === 'EADDRINUSE' ? 'ERR_ADDRESS_IN_USE' : 'ERR_LISTEN')));
       server.listen(port, host, () => resolve());
     });
     const broker = new Broker(server, token, options);
-    server.on('connection', (socket) => broker.#accept(socket));
+    onSocket = (socket) => broker.#accept(socket);
     return broker;
   }
 

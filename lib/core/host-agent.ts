@@ -7,7 +7,7 @@
  * gone, so that no slice is lent twice.
  */
 import { hostname } from 'node:os';
-import { connect } from 'node:net';
+import { dial } from './tls.js';
 import { ClusterError, InvalidArgumentError } from '../errors.js';
 import { AGENT_PROTOCOL } from './agent-protocol.js';
 import type { BrokerInbound, BrokerOutbound, OpenSessionMessage } from './broker-protocol.js';
@@ -92,12 +92,12 @@ export class HostAgent {
   #serveOnce(): Promise<boolean> {
     return new Promise((resolve, reject) => {
       this.#disconnected = () => resolve(true);
-      const socket = connect(this.#broker);
+      const { socket, ready } = dial(this.#broker.host, this.#broker.port);
       socket.once('error', () => {
         socket.destroy();
         resolve(false);
       });
-      socket.once('connect', () => {
+      socket.once(ready, () => {
         socket.removeAllListeners('error');
         socket.on('error', () => undefined);
         socket.setKeepAlive(true, 5000);

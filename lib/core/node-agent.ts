@@ -7,7 +7,8 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { hostname } from 'node:os';
-import { Socket, connect, createServer, type AddressInfo, type Server } from 'node:net';
+import type { AddressInfo, Server, Socket } from 'node:net';
+import { dial, serve } from './tls.js';
 import { ObjectStore } from '../store/object-store.js';
 import { ClusterError, InvalidArgumentError } from '../errors.js';
 import { FrameConnection } from './connection.js';
@@ -349,7 +350,7 @@ export class NodeAgent {
   async #listenForPeers(): Promise<void> {
     const port = this.options.transferPort;
     if (port === null) return;
-    const server = createServer((socket) => {
+    const server = serve((socket) => {
       let peer: { handle(message: AgentRequestMessage): void; close(): void } | undefined;
       const connection: FrameConnection<AgentRequestMessage | PeerHelloMessage, AgentReplyMessage> = new FrameConnection(
         socket,
@@ -412,8 +413,8 @@ export class NodeAgent {
 
   #connect(): Promise<Socket | undefined> {
     return new Promise((resolve) => {
-      const socket = connect({ host: this.#head.host, port: this.#head.port });
-      socket.once('connect', () => {
+      const { socket, ready } = dial(this.#head.host, this.#head.port);
+      socket.once(ready, () => {
         socket.removeAllListeners('error');
         resolve(socket);
       });

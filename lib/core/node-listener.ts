@@ -3,7 +3,8 @@
  * accepted (closed with it), and the cluster's token, which every connection must show first.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
-import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import type { AddressInfo, Server, Socket } from 'node:net';
+import { serve } from './tls.js';
 import { InvalidArgumentError } from '../errors.js';
 
 /** Where node agents join a driver: init's `listen`. */
@@ -59,18 +60,19 @@ export class NodeListener {
     const nodeTimeoutMs = options.nodeTimeoutMs ?? 30_000;
     if (!(nodeTimeoutMs >= 2000)) throw new InvalidArgumentError(`listen.nodeTimeoutMs must be at least 2000 (agents report every second), got ${String(nodeTimeoutMs)}`);
     if (!Number.isInteger(port) || port < 0 || port > 65535) throw new InvalidArgumentError(`listen.port must be an integer from 0 to 65535, got ${String(port)}`);
-    const server = createServer();
+    let onSocket: (socket: Socket) => void = (socket) => socket.destroy();
+    const server = serve((socket) => onSocket(socket));
     await new Promise<void>((resolve, reject) => {
       server.once('error', (error: NodeJS.ErrnoException) =>
         reject(new InvalidArgumentError(`cannot listen on ${host}:${port} for nodes: ${error.message}`, error.code === 'EADDRINUSE' ? 'ERR_ADDRESS_IN_USE' : 'ERR_LISTEN')));
       server.listen(port, host, () => resolve());
     });
     const listener = new NodeListener(server, token, host, (server.address() as AddressInfo).port, nodeTimeoutMs);
-    server.on('connection', (socket) => {
+    onSocket = (socket) => {
       listener.#sockets.add(socket);
       socket.once('close', () => listener.#sockets.delete(socket));
       accept(socket);
-    });
+    };
     return listener;
   }
 

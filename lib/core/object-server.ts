@@ -3,7 +3,7 @@
  * objects), and other agents' reads when they pull an object straight from this one. One server
  * per connection, so that what a connection opened is released when it closes.
  */
-import { connect } from 'node:net';
+import { dial } from './tls.js';
 import type { ObjectBuilder, ObjectStore, ObjectView } from '../store/object-store.js';
 import { NodeLostError } from '../errors.js';
 import { FrameConnection, type BulkPlace } from './connection.js';
@@ -126,9 +126,9 @@ export class PeerClient {
   readonly ready: Promise<void>;
 
   constructor(readonly address: string, host: string, port: number, token: string) {
-    const socket = connect({ host, port });
+    const { socket, ready } = dial(host, port);
     this.ready = new Promise((resolve, reject) => {
-      socket.once('connect', () => resolve());
+      socket.once(ready, () => resolve());
       socket.once('error', (error) => reject(new NodeLostError(address, `cannot reach the node at ${address}: ${error.message}`)));
     });
     this.ready.catch(() => undefined);

@@ -5,6 +5,7 @@
 import { randomBytes } from 'node:crypto';
 import { closeSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
+import { dial } from './tls.js';
 import { ObjectLostError, TaskError, type RemoteErrorInfo } from '../errors.js';
 import { ObjectStore } from '../store/object-store.js';
 import { newObjectId, sequentialObjectId, taskPutBase } from '../store/object-id.js';
@@ -694,7 +695,8 @@ const socket = socketPath.startsWith('tcp://') ? connectTcp(socketPath) : connec
 
 function connectTcp(address: string): Socket {
   const url = new URL(address);
-  return connect({ host: url.hostname.replace(/^\[|\]$/g, ''), port: Number(url.port) });
+  // Frames written before a TLS handshake ends wait in the socket.
+  return dial(url.hostname.replace(/^\[|\]$/g, ''), Number(url.port)).socket;
 }
 /** The connection's shared memory, from the driver (see connection.ts). */
 const ring = openRing();
