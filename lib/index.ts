@@ -31,7 +31,7 @@ export {
   SerializationError,
 } from './errors.js';
 export type { RemoteErrorInfo } from './errors.js';
-export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getActor, getRuntimeContext, state, events, placementGroup, removePlacementGroup, waitForNodes } from './core/api.js';
+export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getActor, getRuntimeContext, state, events, placementGroup, removePlacementGroup, waitForNodes, requestResources } from './core/api.js';
 export { NodeAgent } from './core/node-agent.js';
 export type { NodeAgentOptions } from './core/node-agent.js';
 export { Broker } from './core/broker.js';

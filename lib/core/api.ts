@@ -12,6 +12,8 @@ import type { PlacementGroup, PlacementGroupOptions, PlacementStrategy } from '.
 import type { Resources } from './resources.js';
 
 let cluster: Cluster | undefined;
+/** The shared cluster's broker, where init joined one. */
+let brokerClient: BrokerClient | undefined;
 
 setHandleCodec({
   isHandle: (value) => actorHandleInfo(value) !== undefined,
@@ -66,8 +68,12 @@ async function joinCluster(options: InitOptions, request: ClusterOptions): Promi
     await started.shutdown();
     throw error;
   }
-  started.onShutdown(() => client.close());
+  started.onShutdown(() => {
+    client.close();
+    if (brokerClient === client) brokerClient = undefined;
+  });
   started.describeBroker(() => client.describe());
+  brokerClient = client;
   return adopt(started);
 }
 
@@ -169,6 +175,17 @@ export function waitForNodes(count: number, options: { timeout?: number } = {}):
   if (!cluster) return Promise.reject(new NotInitializedError('waitForNodes() is for the driver after init()'));
   if (!Number.isInteger(count) || count < 1) return Promise.reject(new InvalidArgumentError(`waitForNodes takes a whole number of nodes >= 1, got ${String(count)}`));
   return cluster.waitForNodes(count, options.timeout ?? Infinity);
+}
+
+/**
+ * Asks a shared cluster's broker for more bundles than init did (init's `cluster`): each kept
+ * whole on one host, lent as they fit, joining as nodes (`node-added`). A bundle no host can hold
+ * comes back as a 'warning' event of kind 'cluster'.
+ */
+export function requestResources(bundles: Resources[]): void {
+  if (!cluster) throw new NotInitializedError('requestResources() is for the driver after init()');
+  if (!brokerClient) throw new InvalidArgumentError('requestResources() asks a shared cluster for more: init({ cluster }) joins one', 'ERR_NOT_SHARED');
+  brokerClient.requestMore(bundles);
 }
 
 /** Reserves bundles of resources together (see PlacementGroup.ready()). */

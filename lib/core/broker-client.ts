@@ -241,6 +241,21 @@ export class BrokerClient {
     return client;
   }
 
+  /**
+   * Asks for more bundles (validated as init's): lent as they fit, joining as nodes. The broker's
+   * refusal, where no host could hold one, comes as a 'warning' event of kind 'cluster'.
+   */
+  requestMore(bundles: Resources[]): void {
+    const checked = requestedBundles({ address: this.#address, bundles });
+    const first = this.#bundles.length;
+    this.#bundles.push(...checked);
+    for (let index = first; index < this.#bundles.length; index++) this.#pending.add(index);
+    // Said again in full to a broker that restarts.
+    this.#hello.bundles = this.#bundles;
+    this.#promise();
+    if (this.#connected && !this.#closed) this.#connection.send({ t: 'request-more', bundles: checked });
+  }
+
   /** The job id the broker gave this driver. */
   get jobId(): string {
     return this.#jobId;

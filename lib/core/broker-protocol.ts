@@ -87,8 +87,15 @@ export interface AliveMessage {
   t: 'alive';
 }
 
+/** From a driver: more bundles, lent as they fit (requestResources). */
+export interface RequestMoreMessage {
+  t: 'request-more';
+  bundles: Record<string, number>[];
+}
+
 export type BrokerInbound =
   | AliveMessage
+  | RequestMoreMessage
   | HostHelloMessage
   | DriverHelloMessage
   | StatusRequestMessage

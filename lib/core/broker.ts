@@ -335,6 +335,7 @@ export class Broker {
               if (next.t === 'node-left') this.#nodeLeft(driver, next.nodeId);
               else if (next.t === 'release-node') this.#release(driver, next.nodeId);
               else if (next.t === 'request-again') this.#requestAgain(driver, next.bundles);
+              else if (next.t === 'request-more') this.#requestMore(driver, next.bundles);
               else if (next.t === 'node-joined') for (const session of driver.sessions) if (session.nodeId === next.nodeId) session.joined = true;
             };
             role = { close: () => this.#removeDriver(driver) };
@@ -476,6 +477,17 @@ export class Broker {
     if (session.host.sessions.get(session.id) === session && this.#hosts.get(session.host.id) === session.host) {
       session.host.connection.send({ t: 'close-session', sessionId: session.id });
     }
+  }
+
+  /** A driver asks for more bundles after init: lent as they fit, as a driver that takes what fits. */
+  #requestMore(driver: DriverRecord, bundles: unknown): void {
+    const read = readBundles(bundles);
+    if (typeof read === 'string') return void driver.connection.send({ t: 'unsatisfiable', reason: read });
+    const first = driver.bundles.length;
+    driver.bundles.push(...read);
+    for (let index = first; index < driver.bundles.length; index++) driver.pending.add(index);
+    driver.started = true;
+    if (!this.#refuseUnsatisfiable(driver)) this.#allocate();
   }
 
   /** A driver wants bundles it gave back again. */

@@ -375,6 +375,20 @@ describe('broker', () => {
     }
   });
 
+  it('lends more bundles a driver asks for after init, and refuses ones no host can hold', async () => {
+    const b = await start();
+    const only = await track(host(b, 'only', { CPU: 4 }));
+    const job = await track(driver(b, 'job', [{ CPU: 1 }]));
+    await until(() => job.of('granted').length === 1, 'the first grant');
+    job.connection.send({ t: 'request-more', bundles: [{ CPU: 2 }] });
+    await until(() => job.of('granted').length === 2, 'the second grant');
+    expect(lent(job)[1]).toMatchObject({ hostId: 'only', bundles: [1], resources: { CPU: 2 } });
+    expect(only.of('open-session')).toHaveLength(2);
+    job.connection.send({ t: 'request-more', bundles: [{ CPU: 5 }] });
+    await until(() => job.of('unsatisfiable').length === 1, 'the refusal');
+    expect(job.of('unsatisfiable')[0].reason).toMatch(/bundle 2 \{ CPU: 5 \} fits no host/);
+  });
+
   it('refuses wrong tokens, other versions, malformed requests and duplicate hosts, saying why', async () => {
     const b = await start();
     await track(host(b, 'one', { CPU: 1 }));

@@ -10,7 +10,7 @@ import { promisify } from 'node:util';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, fromItems, get, init, shutdown, state, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
+import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, fromItems, get, init, requestResources, shutdown, state, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
 import { GatedTagger, makeArray, visibleGpus, whereAmI } from './fixtures/nodes.js';
 import { isAlive, openGate, rejection, scratch, until } from './helpers.js';
 
@@ -219,6 +219,22 @@ describe('shared cluster', () => {
     await new Promise((resolve) => setTimeout(resolve, 600));
     expect(state().broker!.released).toBe(before);
     expect(state().nodes.some((node) => node.nodeId === where.nodeId)).toBe(true);
+  });
+
+  it('grows a job beyond what init asked with requestResources', async () => {
+    expect(() => requestResources([{ CPU: 1 }])).toThrow(/after init/);
+    await init({ cluster: request({ bundles: [{ CPU: 1 }] }) });
+    expect(state().nodes).toHaveLength(2);
+    const added = new Promise<{ nodeId: string }>((resolve) => events().once('node-added', resolve));
+    requestResources([{ CPU: 1, GPU: 1 }]);
+    const node = await added;
+    expect(node.nodeId).toMatch(/^host-a\//);
+    expect(state().broker).toMatchObject({ bundles: 2, lent: 2, joined: 2 });
+    expect((await get(visibleGpus.options({ numGpus: 1 }).remote())).nodeId).toBe(node.nodeId);
+    expect(() => requestResources([{ GPU: 0.5 }])).toThrow(/whole devices/);
+    await shutdown();
+    await init({ numCpus: 1 });
+    expect(() => requestResources([{ CPU: 1 }])).toThrow(/init\(\{ cluster \}\)/);
   });
 
   it('frees the slices of a driver killed outright', async () => {
