@@ -256,11 +256,6 @@ export class BrokerClient {
     if (this.#connected && !this.#closed) this.#connection.send({ t: 'request-more', bundles: checked });
   }
 
-  /** The job id the broker gave this driver. */
-  get jobId(): string {
-    return this.#jobId;
-  }
-
   /** Bundles asked for, lent, and the lent nodes that joined. */
   describe(): BrokerInfo {
     return {

@@ -303,13 +303,9 @@ export class Broker {
           setTimeout(() => connection.close(), 100).unref();
         };
         const token = 'token' in message ? message.token : undefined;
-        const isCluster = tokensMatch(token, this.#token);
         const user = this.#userOf(token);
-        const users = this.#options.users !== undefined;
-        if (message.t === 'driver-hello' && users && !user) {
-          return refuse('ERR_WRONG_TOKEN', isCluster ? "this broker admits drivers by their user's token, not the cluster's" : 'wrong token');
-        }
-        if (message.t === 'status-request' ? !isCluster && !user : message.t === 'driver-hello' ? !users && !isCluster : !isCluster) return refuse('ERR_WRONG_TOKEN', 'wrong token');
+        const refusal = this.#tokenRefusal(message.t, tokensMatch(token, this.#token), user);
+        if (refusal) return refuse('ERR_WRONG_TOKEN', refusal);
         if (!('protocol' in message) || message.protocol !== AGENT_PROTOCOL) {
           return refuse('ERR_PROTOCOL', `it speaks cluster protocol ${String((message as { protocol?: unknown }).protocol)}, this broker ${AGENT_PROTOCOL}: run the same trellis version everywhere`);
         }
@@ -536,6 +532,18 @@ export class Broker {
 
   // -------------------------------------------------------------------------------------------
   // Drivers
+
+  /**
+   * Why a connection's first message is refused for its token, if it is: hosts show the
+   * cluster's; drivers the cluster's, or their user's where the broker has users; status either.
+   */
+  #tokenRefusal(kind: BrokerInbound['t'], isCluster: boolean, user: string | undefined): string | undefined {
+    if (kind === 'status-request') return isCluster || user ? undefined : 'wrong token';
+    if (kind !== 'driver-hello') return isCluster ? undefined : 'wrong token';
+    if (this.#options.users === undefined) return isCluster ? undefined : 'wrong token';
+    if (user) return undefined;
+    return isCluster ? "this broker admits drivers by their user's token, not the cluster's" : 'wrong token';
+  }
 
   /** The user whose token this is, if the broker has users. */
   #userOf(token: unknown): string | undefined {
