@@ -8,7 +8,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { connect as connectPlain, createServer as createPlainServer, type Server, type Socket } from 'node:net';
-import { connect as connectSecure, createServer as createSecureServer } from 'node:tls';
+import { connect as connectSecure, createSecureContext, createServer as createSecureServer, type SecureContext } from 'node:tls';
 import { InvalidArgumentError } from '../errors.js';
 
 interface Credentials {
@@ -19,10 +19,19 @@ interface Credentials {
 
 const VARIABLES = ['TRELLIS_TLS_CERT', 'TRELLIS_TLS_KEY', 'TRELLIS_TLS_CA'] as const;
 
+/** The last credentials read, by the paths they came from: a connection does not read the files again. */
+let cached: { paths: string; credentials: Credentials; context: SecureContext } | undefined;
+
 /** The cluster's TLS credentials, read from the files the environment names; undefined without them. */
 export function tlsCredentials(): Credentials | undefined {
+  return secured()?.credentials;
+}
+
+/** Credentials and their parsed context, read once per set of paths. */
+function secured(): { credentials: Credentials; context: SecureContext } | undefined {
   const paths = VARIABLES.map((name) => process.env[name]);
   if (paths.every((path) => !path)) return undefined;
+  if (cached?.paths === paths.join('\0')) return cached;
   const missing = VARIABLES.filter((_, index) => !paths[index]);
   if (missing.length > 0) throw new InvalidArgumentError(`TLS needs ${VARIABLES.join(', ')} together; ${missing.join(' and ')} ${missing.length > 1 ? 'are' : 'is'} not set`, 'ERR_TLS_CONFIG');
   const read = (index: number) => {
@@ -32,7 +41,9 @@ export function tlsCredentials(): Credentials | undefined {
       throw new InvalidArgumentError(`${VARIABLES[index]} names ${paths[index]}, which cannot be read: ${(error as Error).message}`, 'ERR_TLS_CONFIG');
     }
   };
-  return { cert: read(0), key: read(1), ca: read(2) };
+  const credentials = { cert: read(0), key: read(1), ca: read(2) };
+  cached = { paths: paths.join('\0'), credentials, context: createSecureContext(credentials) };
+  return cached;
 }
 
 /**
@@ -40,9 +51,9 @@ export function tlsCredentials(): Credentials | undefined {
  * says it may be used: 'secureConnect' (after the handshake) or 'connect'.
  */
 export function dial(host: string, port: number): { socket: Socket; ready: 'connect' | 'secureConnect' } {
-  const credentials = tlsCredentials();
-  if (!credentials) return { socket: connectPlain({ host, port }), ready: 'connect' };
-  const socket = connectSecure({ host, port, ...credentials, checkServerIdentity: () => undefined });
+  const secure = secured();
+  if (!secure) return { socket: connectPlain({ host, port }), ready: 'connect' };
+  const socket = connectSecure({ host, port, secureContext: secure.context, checkServerIdentity: () => undefined });
   return { socket, ready: 'secureConnect' };
 }
 
