@@ -16,7 +16,8 @@ import { TrellisError } from '../errors.js';
 
 const usage = `usage: trellis node --head HOST:PORT [options]
        trellis node --broker HOST:PORT [options]
-       trellis broker [--port N] [--host HOST] [--token TOKEN] [--backfill-window MS] [--max-share F] [--users FILE]
+       trellis broker [--port N] [--host HOST] [--token TOKEN] [--backfill-window MS] [--max-share F]
+                      [--users FILE] [--preempt-grace MS]
        trellis status --broker HOST:PORT [--token TOKEN] [--json]
 
 node --head: joins this host to the cluster of the driver listening at HOST:PORT (init({ listen })).
@@ -24,8 +25,11 @@ node --broker: offers this host to a shared cluster's broker, which lends slices
   drivers that join the cluster (init({ cluster: { address } })), several at once.
 broker: runs a shared cluster's broker (port 7390 by default). --max-share 0.5: no job holds
   more than half of any resource of the cluster. --users FILE: a JSON object of users by name,
-  each { "token": "...", "quota": { "GPU": 4 } }; drivers then show their user's token, and a
-  user's jobs together hold at most its quota.
+  each { "token": "...", "quota": { "GPU": 4 }, "maxPriority": 10 }; drivers then show their
+  user's token, a user's jobs together hold at most its quota, and ask for a priority up to its
+  maxPriority (default 0). A job of higher priority (init's cluster.priority) that does not fit
+  takes slices back from jobs of lower priority, which have --preempt-grace MS (default 30000) to
+  finish what runs there.
 status: what a broker's hosts offer and have free, and which jobs hold or wait for what.
 
 node options:
@@ -73,13 +77,15 @@ function printStatus(status: StatusMessage): void {
   lines.push(`${status.drivers.length} job(s)`);
   for (const driver of status.drivers) {
     const waiting = driver.granted < driver.bundles ? `, waiting ${(driver.waitingMs / 1000).toFixed(1)} s` : '';
-    lines.push(`  ${driver.jobId} ${driver.name}${driver.user !== undefined ? ` (user ${driver.user})` : ''} at ${driver.address}: ${driver.granted} of ${driver.bundles} bundle(s) lent (${driver.wait})${waiting}${driver.nodes.length ? `; nodes ${driver.nodes.join(', ')}` : ''}`);
+    const priority = driver.priority !== 0 ? `, priority ${driver.priority}` : '';
+    const preempting = driver.preempting > 0 ? `; ${driver.preempting} node(s) being taken back` : '';
+    lines.push(`  ${driver.jobId} ${driver.name}${driver.user !== undefined ? ` (user ${driver.user})` : ''} at ${driver.address}: ${driver.granted} of ${driver.bundles} bundle(s) lent (${driver.wait}${priority})${waiting}${driver.nodes.length ? `; nodes ${driver.nodes.join(', ')}` : ''}${preempting}`);
   }
   process.stdout.write(`${lines.join('\n')}\n`);
 }
 
 async function runBroker(rest: string[]): Promise<number> {
-  const { values } = parseArgs({ args: rest, options: { port: { type: 'string' }, host: { type: 'string' }, token: { type: 'string' }, 'backfill-window': { type: 'string' }, 'max-share': { type: 'string' }, users: { type: 'string' } } });
+  const { values } = parseArgs({ args: rest, options: { port: { type: 'string' }, host: { type: 'string' }, token: { type: 'string' }, 'backfill-window': { type: 'string' }, 'max-share': { type: 'string' }, users: { type: 'string' }, 'preempt-grace': { type: 'string' } } });
   let users: BrokerOptions['users'];
   if (values.users !== undefined) {
     try {
@@ -94,6 +100,7 @@ async function runBroker(rest: string[]): Promise<number> {
     token: values.token,
     backfillWindowMs: count('backfill-window', values['backfill-window']),
     maxShare: count('max-share', values['max-share']),
+    preemptGraceMs: count('preempt-grace', values['preempt-grace']),
     users,
     log: (line) => process.stderr.write(`trellis broker: ${line}\n`),
   });
@@ -113,7 +120,7 @@ async function runStatus(rest: string[]): Promise<number> {
     return 2;
   }
   const status = await brokerStatus(values.broker, { token: values.token });
-  if (values.json) process.stdout.write(`${JSON.stringify({ hosts: status.hosts, drivers: status.drivers, maxShare: status.maxShare })}\n`);
+  if (values.json) process.stdout.write(`${JSON.stringify({ hosts: status.hosts, drivers: status.drivers, maxShare: status.maxShare, preemptGraceMs: status.preemptGraceMs })}\n`);
   else printStatus(status);
   return 0;
 }

@@ -46,6 +46,14 @@ export interface ClusterOptions {
    * are asked for again when work waits for resources. Default: keep every node to the end.
    */
   idleReleaseMs?: number;
+  /**
+   * The job's rank (an integer, default 0). Where it does not fit, the broker takes slices back
+   * from jobs of lower priority: theirs have the broker's grace (`trellis broker
+   * --preempt-grace`) to finish what runs there, take no new work meanwhile, and are asked for
+   * again. A job of lower priority loses its nodes as a lost host's: its tasks retry elsewhere and
+   * its objects are made again. A broker with users caps each user's priority (maxPriority).
+   */
+  priority?: number;
 }
 
 const MAX_UNITS = 4096;
@@ -59,6 +67,7 @@ export function requestedBundles(options: ClusterOptions): Resources[] {
     throw new InvalidArgumentError(`cluster.wait is 'all' or 'any', got ${String(options.wait)}`);
   }
   if (options.timeoutMs !== undefined && !(options.timeoutMs > 0)) throw new InvalidArgumentError(`cluster.timeoutMs must be a number of ms > 0, got ${String(options.timeoutMs)}`);
+  if (options.priority !== undefined && !Number.isSafeInteger(options.priority)) throw new InvalidArgumentError(`cluster.priority is an integer, got ${String(options.priority)}`);
   if (options.idleReleaseMs !== undefined && !(options.idleReleaseMs >= 0)) throw new InvalidArgumentError(`cluster.idleReleaseMs must be a number of ms >= 0, got ${String(options.idleReleaseMs)}`);
   if ((options.bundles === undefined) === (options.resources === undefined)) {
     throw new InvalidArgumentError('cluster takes either bundles (each kept on one host) or resources (a total lent in whole units)');
@@ -120,6 +129,9 @@ export interface BrokerInfo {
   joined: number;
   /** Bundles given back while idle (idleReleaseMs), asked for again when work waits. */
   released: number;
+  priority: number;
+  /** Lent nodes taken back for jobs of higher priority, so far. */
+  preempted: number;
 }
 
 /** What the driver's cluster does for the client: the nodes it has, and where to warn. */
@@ -134,6 +146,10 @@ export interface JoiningCluster {
   waitingForResources(): boolean;
   /** Takes an idle node out of scheduling; false where something is on it. */
   drain(nodeId: string): boolean;
+  /** Takes a node out of scheduling, busy or not: what runs there finishes, nothing new starts. */
+  cordon(nodeId: string): void;
+  /** Moves objects only a cordoned node holds to the driver's store (see Cluster.evacuate). */
+  evacuate(nodeId: string): void;
 }
 
 export class BrokerClient {
@@ -167,8 +183,19 @@ export class BrokerClient {
   readonly #asked = Date.now();
   /** init failed (a refusal, an unsatisfiable request, a timeout): nothing to come back for. */
   #failed = false;
-  readonly #onNodeAdded = (event: { nodeId: string }) => this.#nodeJoined(event.nodeId);
-  readonly #onNodeRemoved = (event: { nodeId: string }) => this.#nodeLeft(event.nodeId);
+  /** Nodes being taken back, each watched until nothing of this job is on it. */
+  readonly #preempting = new Map<string, NodeJS.Timeout>();
+  readonly #takenBack = new Set<string>();
+  #preempted = 0;
+  readonly #onNodeAdded = (event: { nodeId: string }) => {
+    // A node taken back before it joined joins out of scheduling, until its host ends it.
+    if (this.#takenBack.has(event.nodeId)) return this.#cluster.cordon(event.nodeId);
+    this.#nodeJoined(event.nodeId);
+  };
+  readonly #onNodeRemoved = (event: { nodeId: string }) => {
+    this.#takenBack.delete(event.nodeId);
+    this.#nodeLeft(event.nodeId);
+  };
   /** Settles when init may return. */
   readonly ready: Promise<void>;
 
@@ -216,6 +243,7 @@ export class BrokerClient {
       name: options.name ?? (process.argv[1] ? basename(process.argv[1]) : 'driver'),
       bundles,
       wait: options.wait ?? 'all',
+      ...(options.priority !== undefined ? { priority: options.priority } : {}),
       listen: { ...(options.advertiseHost ? { host: options.advertiseHost } : {}), port: listen.port, token: listen.token },
     };
     client = new BrokerClient(connection, cluster, hello, options.address);
@@ -266,6 +294,8 @@ export class BrokerClient {
       lent: this.#bundles.length - this.#pending.size - this.#released.size,
       joined: this.#joined.size,
       released: this.#released.size,
+      priority: this.#hello.priority ?? 0,
+      preempted: this.#preempted,
     };
   }
 
@@ -291,6 +321,8 @@ export class BrokerClient {
         }
         this.#promise();
         return this.#check();
+      case 'preempt':
+        return this.#onPreempt(message.nodeId, message.graceMs, message.reason);
       case 'session-lost': {
         this.#forget(message.nodeId, message.requeued);
         const error = new ClusterError('ERR_SESSION_FAILED', `lent node ${message.nodeId} ${message.requeued ? 'left' : 'did not join'}: ${message.reason}`);
@@ -339,6 +371,38 @@ export class BrokerClient {
       }
     }, Math.max(50, Math.min(1000, idleMs / 4)));
     this.#idleTimer.unref();
+  }
+
+  /**
+   * A lent node is taken back for a job of higher priority: nothing new is placed on it, and it is
+   * given back as soon as nothing of this job is on it (the broker ends it at the grace's end
+   * anyway). Its bundles are wanted still: they wait, as a lost node's do.
+   */
+  #onPreempt(nodeId: string, graceMs: number, reason: string): void {
+    const node = this.#lent.get(nodeId);
+    if (!node) return;
+    this.#lent.delete(nodeId);
+    this.#coming.delete(nodeId);
+    this.#joined.delete(nodeId);
+    this.#idleSince.delete(nodeId);
+    for (const index of node.bundles) this.#pending.add(index);
+    this.#preempted++;
+    this.#takenBack.add(nodeId);
+    this.#promise();
+    this.#cluster.cordon(nodeId);
+    this.#cluster.events.emit('cluster-node-preempted', { nodeId, graceMs, reason });
+    this.#cluster.events.emit('warning', { kind: 'cluster-node-preempted', message: `lent node ${nodeId} is taken back within ${graceMs} ms: ${reason}` });
+    const check = () => {
+      if (this.#closed) return;
+      this.#cluster.evacuate(nodeId);
+      if (this.#cluster.nodes.some((known) => known.id === nodeId) && this.#cluster.nodeBusy(nodeId)) {
+        this.#preempting.set(nodeId, setTimeout(check, 50).unref());
+        return;
+      }
+      this.#preempting.delete(nodeId);
+      if (this.#connected) this.#connection.send({ t: 'release-node', nodeId });
+    };
+    check();
   }
 
   /** A lent node left this cluster: the broker hears of it and asks for its bundles again. */
@@ -434,6 +498,7 @@ export class BrokerClient {
     clearTimeout(this.#reconnectTimer);
     clearInterval(this.#idleTimer);
     clearInterval(this.#aliveTimer);
+    for (const timer of this.#preempting.values()) clearTimeout(timer);
     this.#cluster.events.off('node-added', this.#onNodeAdded);
     this.#cluster.events.off('node-removed', this.#onNodeRemoved);
     this.#connection.close();

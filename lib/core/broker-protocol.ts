@@ -35,6 +35,11 @@ export interface DriverHelloMessage {
   wait: 'all' | 'any';
   /** Where hosts connect: a host the broker fills from this connection's address when absent. */
   listen: { host?: string; port: number; token: string };
+  /**
+   * Its rank (an integer, default 0): a job of higher priority that does not fit takes slices
+   * from jobs of lower priority (preemption); equal priorities never preempt each other.
+   */
+  priority?: number;
   /** A driver coming back to a broker that restarted: the lent nodes it holds, and their bundles. */
   resume?: {
     nodes: { nodeId: string; hostId: string; bundles: number[]; resources: Record<string, number> }[];
@@ -70,7 +75,10 @@ export interface NodeJoinedMessage {
   nodeId: string;
 }
 
-/** From a driver: it gives a lent node back (idle); its bundles are not asked for until request-again. */
+/**
+ * From a driver: it gives a lent node back (idle); its bundles are not asked for until
+ * request-again. For a node being preempted: nothing of the job is left on it, end it now.
+ */
 export interface ReleaseNodeMessage {
   t: 'release-node';
   nodeId: string;
@@ -149,6 +157,18 @@ export interface SessionLostMessage {
   requeued: boolean;
 }
 
+/**
+ * To a driver: a lent node is taken back for a job of higher priority. Its bundles are asked for
+ * again at once; its host ends the session when the driver gives it back (release-node, once
+ * nothing of the job is on it) or after `graceMs`, whichever comes first.
+ */
+export interface PreemptMessage {
+  t: 'preempt';
+  nodeId: string;
+  graceMs: number;
+  reason: string;
+}
+
 /** To a driver: bundles no registered host can ever hold. */
 export interface UnsatisfiableMessage {
   t: 'unsatisfiable';
@@ -170,8 +190,11 @@ export interface DriverStatus {
   user?: string;
   address: string;
   wait: 'all' | 'any';
+  priority: number;
   bundles: number;
   granted: number;
+  /** Its nodes being taken back for jobs of higher priority (in their grace). */
+  preempting: number;
   /** Bundles it gave back while idle, not wanted now. */
   released: number;
   /** Milliseconds since it asked. */
@@ -185,6 +208,8 @@ export interface StatusMessage {
   drivers: DriverStatus[];
   /** The most of any resource one job may hold, as a fraction of the cluster's total. */
   maxShare: number;
+  /** How long a preempted node has to be given back before its host ends it. */
+  preemptGraceMs: number;
 }
 
 export type BrokerOutbound =
@@ -195,4 +220,5 @@ export type BrokerOutbound =
   | GrantedMessage
   | SessionLostMessage
   | UnsatisfiableMessage
+  | PreemptMessage
   | StatusMessage;

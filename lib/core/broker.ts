@@ -49,7 +49,12 @@ export interface BrokerOptions {
    * Users, by name: each driver then shows its user's token (not the cluster's, which stays for
    * hosts), and a user's jobs together hold at most its `quota` of each resource named there.
    */
-  users?: Record<string, { token: string; quota?: Record<string, number> }>;
+  users?: Record<string, { token: string; quota?: Record<string, number>; maxPriority?: number }>;
+  /**
+   * How long a job whose node is taken back for a job of higher priority has to give it back
+   * before its host ends it (default 30,000 ms): time for work running there to finish.
+   */
+  preemptGraceMs?: number;
   /**
    * How long a host whose connection dropped has to register again before its sessions that had
    * not joined their drivers yet are lent elsewhere (default 10,000 ms). Sessions that joined
@@ -94,6 +99,10 @@ interface SessionRecord {
   bundles: number[];
   /** Whether its node joined the driver's cluster (the driver said so). */
   joined: boolean;
+  /** When it was lent (the most recently lent is preempted first: it has done the least). */
+  lentAt: number;
+  /** Being taken back for a job of higher priority: ended at `deadline` if not given back before. */
+  preempting?: { deadline: number; closing: boolean };
   /** When its host's connection dropped (orphans only). */
   orphanedAt?: number;
 }
@@ -111,6 +120,10 @@ interface DriverRecord {
   connection: Connection;
   address: { host: string; port: number; token: string };
   wait: 'all' | 'any';
+  /** Higher preempts lower (see DriverHelloMessage.priority). */
+  priority: number;
+  /** How many of its nodes were taken back for jobs of higher priority. */
+  preempted: number;
   bundles: Bundle[];
   /** Indices of the bundles not lent now, and wanted. */
   pending: Set<number>;
@@ -158,6 +171,19 @@ class Ledger {
     free.gpus -= bundle.gpus;
     for (const [name, amount] of bundle.resources) free.resources.set(name, (free.resources.get(name) ?? 0) - amount);
   }
+
+  /** Counts a session's slice as free (it is being taken back). */
+  give(session: SessionRecord): void {
+    const free = this.of(session.host);
+    free.gpus += session.gpus.length;
+    for (const [name, amount] of session.resources) free.resources.set(name, (free.resources.get(name) ?? 0) + amount);
+  }
+
+  /** Takes a trial's figures as its own (the trial's plan is kept). */
+  adopt(trial: Ledger): void {
+    this.#free.clear();
+    for (const [host, free] of trial.#free) this.#free.set(host, free);
+  }
 }
 
 function fromFixed(resources: Map<string, number>): Record<string, number> {
@@ -203,6 +229,7 @@ function checkUsers(users: BrokerOptions['users'], clusterToken: string): void {
     tokens.add(user.token);
     if (user.quota !== undefined && !isResourceRecord(user.quota)) throw new InvalidArgumentError(`user ${name}'s quota is an object of resource amounts >= 0`);
     if (user.quota?.GPU !== undefined && !Number.isInteger(user.quota.GPU)) throw new InvalidArgumentError(`user ${name}'s quota of GPUs is a whole number, got ${user.quota.GPU}`);
+    if (user.maxPriority !== undefined && !Number.isSafeInteger(user.maxPriority)) throw new InvalidArgumentError(`user ${name}'s maxPriority is an integer, got ${String(user.maxPriority)}`);
   }
 }
 
@@ -237,14 +264,22 @@ export class Broker {
     const address = server.address() as AddressInfo;
     this.host = address.address;
     this.port = address.port;
-    const period = Math.min(1000, options.hostGraceMs ?? 10_000, options.peerTimeoutMs ?? 30_000);
+    const period = Math.min(1000, options.hostGraceMs ?? 10_000, options.peerTimeoutMs ?? 30_000, options.preemptGraceMs ?? 30_000);
     this.#sweepTimer = setInterval(() => this.#sweepOrphans(), Math.max(10, period)).unref();
   }
 
-  /** Orphans past the grace that never joined their driver: their bundles are lent elsewhere. */
+  /**
+   * Orphans past the grace that never joined their driver: their bundles are lent elsewhere.
+   * Preempted sessions past theirs: their hosts end them.
+   */
   #sweepOrphans(): void {
     const silence = this.#options.peerTimeoutMs ?? 30_000;
     for (const peer of [...this.#peers]) if (Date.now() - peer.lastHeard > silence) peer.drop();
+    for (const host of this.#hosts.values()) {
+      for (const session of host.sessions.values()) {
+        if (session.preempting && Date.now() >= session.preempting.deadline) this.#endPreempted(session, 'its grace ran out');
+      }
+    }
     const grace = this.#options.hostGraceMs ?? 10_000;
     let freed = false;
     for (const session of [...this.#orphans.values()]) {
@@ -270,6 +305,8 @@ export class Broker {
     if (!Number.isInteger(port) || port < 0 || port > 65535) throw new InvalidArgumentError(`the broker's port must be an integer from 0 to 65535, got ${String(port)}`);
     const window = options.backfillWindowMs ?? 60_000;
     if (!(window >= 0)) throw new InvalidArgumentError(`backfillWindowMs must be a number of ms >= 0, got ${String(window)}`);
+    const grace = options.preemptGraceMs ?? 30_000;
+    if (!(grace >= 0)) throw new InvalidArgumentError(`preemptGraceMs must be a number of ms >= 0, got ${String(grace)}`);
     const share = options.maxShare ?? 1;
     if (!(share > 0 && share <= 1)) throw new InvalidArgumentError(`maxShare is a fraction of the cluster, above 0 and at most 1, got ${String(share)}`);
     checkUsers(options.users, token);
@@ -393,7 +430,7 @@ export class Broker {
       this.#orphans.delete(running.sessionId);
       const session: SessionRecord = known && known.host.id === host.id
         ? { ...known, host, resources, gpus }
-        : { id: running.sessionId, nodeId: String(running.nodeId ?? running.sessionId), host, driver: undefined, resources, gpus, bundles: [], joined: true };
+        : { id: running.sessionId, nodeId: String(running.nodeId ?? running.sessionId), host, driver: undefined, resources, gpus, bundles: [], joined: true, lentAt: 0 };
       delete session.orphanedAt;
       if (session.driver?.sessions.delete(known!)) session.driver.sessions.add(session);
       else session.driver = this.#claim(session);
@@ -428,7 +465,7 @@ export class Broker {
     host.sessions.delete(session.id);
     this.#give(host, session.resources, session.gpus);
     const driver = session.driver;
-    if (driver && this.#drivers.get(driver.jobId) === driver && driver.sessions.delete(session)) {
+    if (driver && this.#drivers.get(driver.jobId) === driver && driver.sessions.delete(session) && !session.preempting) {
       // A session that never began (the host could not reach the driver) is not asked for again:
       // the next try would fail the same way. One that ended under a live driver is.
       const requeued = message.error === undefined;
@@ -464,6 +501,8 @@ export class Broker {
   #release(driver: DriverRecord, nodeId: string): void {
     const session = [...driver.sessions].find((candidate) => candidate.nodeId === nodeId);
     if (!session) return;
+    // A preempted node given back before its grace ran out: its bundles are wanted still.
+    if (session.preempting) return this.#endPreempted(session, 'its job gave it back');
     driver.sessions.delete(session);
     session.driver = undefined;
     this.#orphans.delete(session.id);
@@ -509,7 +548,7 @@ export class Broker {
     driver.sessions.delete(session);
     session.driver = undefined;
     this.#orphans.delete(session.id);
-    driver.avoid.add(session.host.id);
+    if (!session.preempting) driver.avoid.add(session.host.id);
     for (const index of session.bundles) driver.pending.add(index);
     this.#log(`${driver.name} (${driver.jobId}) lost node ${nodeId}; its bundles are asked for again`);
     // Still running on a host that did not notice: ask it to end, so the slice comes back.
@@ -559,6 +598,12 @@ export class Broker {
     if (!listen || !Number.isInteger(listen.port) || listen.port <= 0 || listen.port > 65535 || typeof listen.token !== 'string') {
       return void refuse('ERR_INVALID_ARGUMENT', 'a driver says where hosts reach it (a port and a token)');
     }
+    const priority = hello.priority ?? 0;
+    if (!Number.isSafeInteger(priority)) return void refuse('ERR_INVALID_ARGUMENT', `priority is an integer, got ${String(hello.priority)}`);
+    const maxPriority = user === undefined ? undefined : this.#options.users?.[user]?.maxPriority ?? 0;
+    if (maxPriority !== undefined && priority > maxPriority) {
+      return void refuse('ERR_PRIORITY', `user ${user} may ask for priority ${maxPriority} at most, not ${priority}`);
+    }
     const seen = socket.remoteAddress ?? '127.0.0.1';
     const host = typeof listen.host === 'string' && listen.host !== '' ? listen.host : seen.startsWith('::ffff:') ? seen.slice(7) : seen;
     const jobId = `job-${this.#nextJob++}-${this.#epoch}`;
@@ -569,6 +614,8 @@ export class Broker {
       connection,
       address: { host, port: listen.port, token: listen.token },
       wait: hello.wait,
+      priority,
+      preempted: 0,
       bundles,
       pending: new Set(bundles.keys()),
       released: new Set(),
@@ -589,7 +636,7 @@ export class Broker {
       this.#resume(driver, hello.resume.nodes);
     }
     connection.send({ t: 'broker-welcome', id: jobId });
-    this.#log(`${driver.name} (${jobId}, ${host}:${listen.port}) asks for ${bundles.length} bundle(s), ${driver.wait === 'all' ? 'all at once' : 'as they fit'}`);
+    this.#log(`${driver.name} (${jobId}, ${host}:${listen.port}) asks for ${bundles.length} bundle(s), ${driver.wait === 'all' ? 'all at once' : 'as they fit'}${priority !== 0 ? `, priority ${priority}` : ''}`);
     if (this.#refuseUnsatisfiable(driver)) return driver;
     this.#allocate();
     return driver;
@@ -679,7 +726,8 @@ export class Broker {
         for (const [name, amount] of resources) held.set(name, (held.get(name) ?? 0) + amount);
         if (gpus > 0) held.set('GPU', (held.get('GPU') ?? 0) + gpus * SCALE);
       };
-      for (const session of sessions) add(session.resources, session.gpus.length);
+      // A slice being taken back is not counted: its bundles are asked for again.
+      for (const session of sessions) if (!session.preempting) add(session.resources, session.gpus.length);
       for (const bundle of bundles) add(bundle.resources, bundle.gpus);
       return held;
     };
@@ -715,7 +763,7 @@ export class Broker {
     let bestScore = Infinity;
     for (const host of this.#hosts.values()) {
       if (!ledger.fits(host, bundle)) continue;
-      const used = chosen.has(host) || [...driver.sessions].some((session) => session.host === host);
+      const used = chosen.has(host) || [...driver.sessions].some((session) => session.host === host && !session.preempting);
       // Packing keeps a driver's objects on few hosts; the tightest fit keeps large holes for large bundles.
       const free = ledger.of(host);
       const score = (driver.avoid.has(host.id) ? 1e15 : 0) + (used ? 0 : 1e12) + free.gpus * 1e9 + (free.resources.get('CPU') ?? 0);
@@ -730,21 +778,36 @@ export class Broker {
   #allocate(): void {
     if (this.#closed) return;
     const now = Date.now();
-    const waiting = [...this.#drivers.values()].filter((driver) => driver.pending.size > 0).sort((a, b) => a.arrived - b.arrived);
+    // Higher priorities first; among equals, who asked first.
+    const waiting = [...this.#drivers.values()].filter((driver) => driver.pending.size > 0).sort((a, b) => b.priority - a.priority || a.arrived - b.arrived);
     const window = this.#options.backfillWindowMs ?? 60_000;
+    // What is free now, and what will be once the slices being taken back end: room a preempting
+    // job plans in the second is reserved in the first, so nobody below it takes it meanwhile.
     const ledger = new Ledger();
+    const future = new Ledger();
+    for (const host of this.#hosts.values()) for (const session of host.sessions.values()) if (session.preempting) future.give(session);
     const rounds = new Map<DriverRecord, Map<HostRecord, number[]>>();
+    /** Bundles that wait for room being taken back for them. */
+    const reserved = new Map<DriverRecord, Set<number>>();
     const total = this.#clusterTotal();
-    let blockedAt = Infinity;
-    // Gangs first, oldest first, each all or nothing.
+    // A request past the backfill window is not jumped by those after it (of lower or equal priority).
+    let blocked: DriverRecord | undefined;
+    const isBlocked = (driver: DriverRecord) =>
+      blocked !== undefined && (driver.priority < blocked.priority || (driver.priority === blocked.priority && driver.arrived > blocked.arrived));
+    const commit = (driver: DriverRecord, host: HostRecord, index: number, chosen: Map<HostRecord, number[]>) => {
+      ledger.take(host, driver.bundles[index]);
+      future.take(host, driver.bundles[index]);
+      chosen.set(host, [...(chosen.get(host) ?? []), index]);
+    };
+    // Gangs first, each all or nothing.
     for (const driver of waiting) {
-      if (driver.wait !== 'all' || driver.started) continue;
-      if (driver.arrived > blockedAt) break;
-      if (this.#overLimit(driver, [...driver.pending].map((index) => driver.bundles[index]), { total, rounds })) continue;
+      if (driver.wait !== 'all' || driver.started || isBlocked(driver)) continue;
+      const indices = [...driver.pending];
+      if (this.#overLimit(driver, indices.map((index) => driver.bundles[index]), { total, rounds })) continue;
       const trial = ledger.copy();
       const chosen = new Map<HostRecord, number[]>();
       let placed = true;
-      for (const index of driver.pending) {
+      for (const index of indices) {
         const host = this.#hostFor(driver, driver.bundles[index], trial, chosen);
         if (!host) {
           placed = false;
@@ -754,42 +817,130 @@ export class Broker {
         chosen.set(host, [...(chosen.get(host) ?? []), index]);
       }
       if (placed) {
-        for (const [host, indices] of chosen) for (const index of indices) ledger.take(host, driver.bundles[index]);
-        rounds.set(driver, chosen);
-      } else if (now - driver.arrived >= window) {
-        blockedAt = driver.arrived;
+        const committed = new Map<HostRecord, number[]>();
+        for (const [host, hostIndices] of chosen) for (const index of hostIndices) commit(driver, host, index, committed);
+        rounds.set(driver, committed);
+      } else if (this.#preemptFor(driver, indices, ledger, future)) {
+        reserved.set(driver, new Set(indices));
+      } else if (now - driver.arrived >= window && !blocked) {
+        blocked = driver;
       }
     }
-    // Then one bundle at a time to whoever holds the smallest share of what it asked.
-    const takers = new Set(waiting.filter((driver) => (driver.wait === 'any' || driver.started) && driver.arrived <= blockedAt));
+    // Then one bundle at a time: to the highest priority, and among equals to whoever holds the
+    // smallest share of what it asked.
+    const takers = new Set(waiting.filter((driver) => (driver.wait === 'any' || driver.started) && !isBlocked(driver)));
     while (takers.size > 0) {
       let driver: DriverRecord | undefined;
       let share = Infinity;
       for (const candidate of takers) {
-        const planned = [...(rounds.get(candidate)?.values() ?? [])].reduce((sum, indices) => sum + indices.length, 0);
-        const held = candidate.bundles.length - candidate.pending.size - candidate.released.size + planned;
-        if (held / candidate.bundles.length < share) {
+        const planned = [...(rounds.get(candidate)?.values() ?? [])].reduce((sum, indices) => sum + indices.length, 0) + (reserved.get(candidate)?.size ?? 0);
+        const held = (candidate.bundles.length - candidate.pending.size - candidate.released.size + planned) / candidate.bundles.length;
+        if (!driver || candidate.priority > driver.priority || (candidate.priority === driver.priority && held < share)) {
           driver = candidate;
-          share = held / candidate.bundles.length;
+          share = held;
         }
       }
       const chosen = rounds.get(driver!) ?? new Map<HostRecord, number[]>();
-      const planned = new Set([...chosen.values()].flat());
+      const waitsFor = reserved.get(driver!) ?? new Set<number>();
+      const planned = new Set([...[...chosen.values()].flat(), ...waitsFor]);
       let placedOne = false;
       for (const index of driver!.pending) {
         if (planned.has(index)) continue;
         if (this.#overLimit(driver!, [...planned, index].map((one) => driver!.bundles[one]), { total, rounds })) continue;
         const host = this.#hostFor(driver!, driver!.bundles[index], ledger, chosen);
-        if (!host) continue;
-        ledger.take(host, driver!.bundles[index]);
-        chosen.set(host, [...(chosen.get(host) ?? []), index]);
-        rounds.set(driver!, chosen);
+        if (host) {
+          commit(driver!, host, index, chosen);
+          rounds.set(driver!, chosen);
+        } else if (this.#preemptFor(driver!, [index], ledger, future)) {
+          waitsFor.add(index);
+          reserved.set(driver!, waitsFor);
+        } else {
+          continue;
+        }
         placedOne = true;
         break;
       }
       if (!placedOne || planned.size + 1 >= driver!.pending.size) takers.delete(driver!);
     }
     for (const [driver, chosen] of rounds) this.#lend(driver, chosen);
+  }
+
+  /**
+   * Makes room for `indices` of `driver` by taking back slices of jobs of lower priority (the
+   * lowest first, and the most recently lent among them), counting as free what is being taken
+   * back already. Reserves the room in `ledger` (now) and `future` (once taken back); false, and
+   * nothing taken, where even that would not fit.
+   */
+  #preemptFor(driver: DriverRecord, indices: number[], ledger: Ledger, future: Ledger): boolean {
+    const trial = future.copy();
+    const chosen = new Map<HostRecord, number[]>();
+    const victims: SessionRecord[] = [];
+    for (const index of indices) {
+      const bundle = driver.bundles[index];
+      let host = this.#hostFor(driver, bundle, trial, chosen);
+      if (!host) {
+        const pick = this.#victimsFor(driver, bundle, trial, victims);
+        if (!pick) return false;
+        host = pick.host;
+        for (const session of pick.sessions) {
+          trial.give(session);
+          victims.push(session);
+        }
+      }
+      trial.take(host, bundle);
+      chosen.set(host, [...(chosen.get(host) ?? []), index]);
+    }
+    future.adopt(trial);
+    for (const [host, hostIndices] of chosen) for (const index of hostIndices) ledger.take(host, driver.bundles[index]);
+    for (const session of victims) this.#preempt(session, driver);
+    return true;
+  }
+
+  /** The host where taking back the fewest, lowest-priority slices lets `bundle` fit, and those slices. */
+  #victimsFor(driver: DriverRecord, bundle: Bundle, ledger: Ledger, taken: SessionRecord[]): { host: HostRecord; sessions: SessionRecord[] } | undefined {
+    let best: { host: HostRecord; sessions: SessionRecord[]; cost: number } | undefined;
+    for (const host of this.#hosts.values()) {
+      if (host.gpus.length < bundle.gpus || [...bundle.resources].some(([name, amount]) => (host.total.get(name) ?? 0) < amount)) continue;
+      const candidates = [...host.sessions.values()]
+        .filter((session) => session.driver && !session.preempting && session.driver.priority < driver.priority && !taken.includes(session))
+        .sort((a, b) => a.driver!.priority - b.driver!.priority || b.lentAt - a.lentAt);
+      const trial = ledger.copy();
+      const sessions: SessionRecord[] = [];
+      for (const session of candidates) {
+        if (trial.fits(host, bundle)) break;
+        trial.give(session);
+        sessions.push(session);
+      }
+      if (sessions.length === 0 || !trial.fits(host, bundle)) continue;
+      // Lower priorities taken first, then fewer slices.
+      const cost = Math.max(...sessions.map((session) => session.driver!.priority)) * 1e6 + sessions.length;
+      if (!best || cost < best.cost) best = { host, sessions, cost };
+    }
+    return best;
+  }
+
+  /** Takes a slice back for `by`: its job hears it and has the grace to give it back. */
+  #preempt(session: SessionRecord, by: DriverRecord): void {
+    const victim = session.driver!;
+    const graceMs = this.#options.preemptGraceMs ?? 30_000;
+    session.preempting = { deadline: Date.now() + graceMs, closing: false };
+    // Asked for again at once: the job takes them back as they fit, elsewhere or later.
+    for (const index of session.bundles) victim.pending.add(index);
+    victim.preempted++;
+    const reason = `${by.name} (${by.jobId}) of priority ${by.priority} needs it; ${victim.name} (${victim.jobId}) has priority ${victim.priority}`;
+    victim.connection.send({ t: 'preempt', nodeId: session.nodeId, graceMs, reason });
+    this.#log(`preempting node ${session.nodeId}: ${reason}`);
+    if (graceMs === 0) this.#endPreempted(session, 'no grace');
+  }
+
+  /** Asks a preempted slice's host to end it (once); it is lent again when the host says it ended. */
+  #endPreempted(session: SessionRecord, why: string): void {
+    if (!session.preempting || session.preempting.closing) return;
+    session.preempting.closing = true;
+    this.#log(`ending preempted node ${session.nodeId}: ${why}`);
+    if (session.host.sessions.get(session.id) === session && this.#hosts.get(session.host.id) === session.host) {
+      session.host.connection.send({ t: 'close-session', sessionId: session.id });
+    }
   }
 
   /** Opens one session per host for the bundles chosen there, and tells the driver. */
@@ -807,7 +958,7 @@ export class Broker {
       const gpus = host.gpusFree.slice(0, gpuCount);
       this.#take(host, resources, gpus);
       const sessionId = `s${this.#nextSession++}-${this.#epoch}`;
-      const session: SessionRecord = { id: sessionId, nodeId: `${host.id}/${sessionId}`, host, driver, resources, gpus, bundles: indices, joined: false };
+      const session: SessionRecord = { id: sessionId, nodeId: `${host.id}/${sessionId}`, host, driver, resources, gpus, bundles: indices, joined: false, lentAt: Date.now() };
       host.sessions.set(sessionId, session);
       driver.sessions.add(session);
       host.connection.send({
@@ -857,13 +1008,15 @@ export class Broker {
       ...(driver.user !== undefined ? { user: driver.user } : {}),
       address: `${driver.address.host}:${driver.address.port}`,
       wait: driver.wait,
+      priority: driver.priority,
       bundles: driver.bundles.length,
       granted: driver.bundles.length - driver.pending.size - driver.released.size,
+      preempting: [...driver.sessions].filter((session) => session.preempting).length,
       released: driver.released.size,
       waitingMs: driver.pending.size > 0 ? now - driver.arrived : 0,
       nodes: [...[...driver.sessions].map((session) => session.nodeId), ...driver.claims.keys()],
     }));
-    return { t: 'status', hosts, drivers, maxShare: this.#options.maxShare ?? 1 };
+    return { t: 'status', hosts, drivers, maxShare: this.#options.maxShare ?? 1, preemptGraceMs: this.#options.preemptGraceMs ?? 30_000 };
   }
 
   #log(line: string): void {

@@ -283,6 +283,8 @@ export class Cluster implements Runtime {
   readonly #tasks = new Map<string, TaskRecord>();
   readonly #queues = new Map<string, Deque<TaskRecord>>();
   readonly #leases = new Map<string, Lease[]>();
+  /** Objects that could not be moved off a cordoned node (see evacuate). */
+  readonly #evacuationFailed = new WeakSet<ObjectRecord>();
   readonly #leaseByWorker = new Map<WorkerProcess, Lease>();
   readonly #actors = new Map<string, ActorRecord>();
   readonly #actorWatches = new Set<{ actorIds: Set<string>; onDeath: (actorId: string, cause: string) => void }>();
@@ -1541,6 +1543,7 @@ export class Cluster implements Runtime {
     // A lease is topped up once it has drained to half, then filled in one go: one write per batch
     // of tasks rather than one per finished task.
     for (const lease of leases) {
+      if (lease.node.draining) continue;
       const open = lease.inflight < PIPELINE_DEPTH && (lease.filling || lease.inflight <= PIPELINE_DEPTH / 2);
       if (open && (!best || lease.inflight < best.inflight)) best = lease;
     }
@@ -1687,7 +1690,8 @@ export class Cluster implements Runtime {
     if (lease) {
       lease.inflight--;
       const queue = this.#queues.get(lease.classKey);
-      if (lease.inflight === 0 && (!queue || queue.length === 0)) this.#endLease(lease);
+      // A lease on a node being taken back takes nothing more: it ends once empty.
+      if (lease.inflight === 0 && (!queue || queue.length === 0 || lease.node.draining)) this.#endLease(lease);
     }
     if (task && !task.cancelled && task.state === 'running') {
       if (error) {
@@ -2467,6 +2471,10 @@ export class Cluster implements Runtime {
     return this.#actors.get(actorId)?.node?.id;
   }
 
+  nodeDraining(nodeId: string): boolean {
+    return this.nodes.find((node) => node.id === nodeId)?.draining ?? false;
+  }
+
   context(): RuntimeContext {
     return { nodeId: this.headNode.id, workerId: 'driver', gpuIds: [], isDriver: true };
   }
@@ -2576,6 +2584,43 @@ export class Cluster implements Runtime {
     if (!node || this.nodeBusy(nodeId)) return false;
     node.draining = true;
     return true;
+  }
+
+  /**
+   * Takes a node out of scheduling while what runs there finishes (it is being taken back): no
+   * new lease, task, actor or placement group bundle goes there.
+   */
+  cordon(nodeId: string): void {
+    const node = this.nodes.find((candidate) => candidate.id === nodeId);
+    if (node) node.draining = true;
+  }
+
+  /**
+   * Moves what only a cordoned node's store holds into this process's store, so that it outlives
+   * the node instead of being made again: an object with a copy elsewhere just stops counting
+   * this one. Called again while the node lives (results of work finishing there land later);
+   * copies in flight are not repeated, and one that failed (this store full, say) is not tried
+   * again: lineage makes it again once the node is gone.
+   */
+  evacuate(nodeId: string): void {
+    const node = this.nodes.find((candidate) => candidate.id === nodeId);
+    const head = this.nodes.find((candidate) => candidate.localStore && !candidate.draining);
+    if (!node?.draining || !head || node === head) return;
+    for (const record of this.#objects.values()) {
+      if (record.state !== 'ready' || !record.nodes.has(nodeId) || this.#evacuationFailed.has(record)) continue;
+      // The node's copy stays in its store (readers there may map it) until the node ends.
+      if (record.nodes.size > 1) {
+        record.nodes.delete(nodeId);
+        continue;
+      }
+      if (record.copying?.has(head.id)) continue;
+      this.#copyAcross(record, node, head).then(
+        () => {
+          if (this.#objects.get(record.id) === record && record.nodes.has(head.id)) record.nodes.delete(nodeId);
+        },
+        () => this.#evacuationFailed.add(record),
+      );
+    }
   }
 
   /** Whether work waits for resources: queued tasks, or actors not placed yet. */

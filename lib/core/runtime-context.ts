@@ -73,6 +73,8 @@ export interface Runtime {
    */
   objectNodes?(ids: readonly string[]): string[][];
   actorNode?(actorId: string): string | undefined;
+  /** Whether a node is being taken out of scheduling (given back, or taken back for another job). */
+  nodeDraining?(nodeId: string): boolean;
   /**
    * Worker only: the running call, taken at its start (before it awaits: an actor running calls
    * concurrently starts others meanwhile). `put(value, call)` names the put from that call's

@@ -5,7 +5,7 @@
  * first, since running them frees memory. A watchdog turns a stall into an error naming the
  * operator, and a failure anywhere stops the whole job and releases everything it held.
  */
-import { get, isInitialized, state } from '../core/api.js';
+import { events, get, isInitialized, state } from '../core/api.js';
 import { DataError, DataStallError, InvalidArgumentError } from '../errors.js';
 import { Deque } from '../core/deque.js';
 import type { InputBlock, PhysicalOperatorSpec, ComputeOptions } from './plan.js';
@@ -263,8 +263,10 @@ export class StreamingExecutor {
     this.#lastProgress = Date.now();
   }
 
+  /** A job's warnings reach the driver's listeners as the runtime's do: a 'warning' event of kind 'data'. */
   warn(message: string): void {
     this.#warnings.push(message);
+    if (isInitialized()) events().emit('warning', { kind: 'data', message });
   }
 
   countErroredBlock(error: DataError): boolean {

@@ -41,8 +41,13 @@ function host(broker: Broker, hostId: string, resources: Record<string, number>,
   return peer(broker, { t: 'host-hello', token: TOKEN, protocol: AGENT_PROTOCOL, hostId, hostname: hostId, resources, gpus, sessions: [] });
 }
 
-function driver(broker: Broker, name: string, bundles: Record<string, number>[], wait: 'all' | 'any' = 'all', token = TOKEN): Promise<Peer> {
-  return peer(broker, { t: 'driver-hello', token, protocol: AGENT_PROTOCOL, name, bundles, wait, listen: { port: 4000, token: `${name}-secret` } });
+function driver(broker: Broker, name: string, bundles: Record<string, number>[], wait: 'all' | 'any' = 'all', token = TOKEN, priority?: number): Promise<Peer> {
+  return peer(broker, { t: 'driver-hello', token, protocol: AGENT_PROTOCOL, name, bundles, wait, listen: { port: 4000, token: `${name}-secret` }, ...(priority !== undefined ? { priority } : {}) });
+}
+
+/** A driver of the given priority. */
+function ranked(broker: Broker, name: string, priority: number, bundles: Record<string, number>[], wait: 'all' | 'any' = 'all'): Promise<Peer> {
+  return driver(broker, name, bundles, wait, TOKEN, priority);
 }
 
 /** Bundle indices lent to a driver so far, and on which hosts. */
@@ -57,7 +62,7 @@ function endSession(hostPeer: Peer, session: OpenSessionMessage, error?: string)
 describe('broker', () => {
   let broker: Broker | undefined;
   const peers: Peer[] = [];
-  const start = async (options: { backfillWindowMs?: number; hostGraceMs?: number; maxShare?: number; peerTimeoutMs?: number } = {}) => (broker = await Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, ...options }));
+  const start = async (options: { backfillWindowMs?: number; hostGraceMs?: number; maxShare?: number; peerTimeoutMs?: number; preemptGraceMs?: number } = {}) => (broker = await Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, ...options }));
   const track = async (made: Promise<Peer>) => {
     const made_ = await made;
     peers.push(made_);
@@ -387,6 +392,119 @@ describe('broker', () => {
     job.connection.send({ t: 'request-more', bundles: [{ CPU: 5 }] });
     await until(() => job.of('unsatisfiable').length === 1, 'the refusal');
     expect(job.of('unsatisfiable')[0].reason).toMatch(/bundle 2 \{ CPU: 5 \} fits no host/);
+  });
+
+  it('lends to higher priorities first, whatever the order they asked in', async () => {
+    const b = await start();
+    const only = await track(host(b, 'only', { CPU: 4 }));
+    // Of the highest priority, so nobody takes its slice back.
+    const holder = await track(ranked(b, 'holder', 10, [{ CPU: 4 }]));
+    await until(() => only.of('open-session').length === 1, 'the holder');
+    const low = await track(ranked(b, 'low', -1, [{ CPU: 3 }]));
+    const plain = await track(driver(b, 'plain', [{ CPU: 2 }]));
+    const high = await track(ranked(b, 'high', 2, [{ CPU: 2 }]));
+    holder.connection.close();
+    await until(() => only.of('close-session').length === 1, 'the holder to leave');
+    endSession(only, only.of('open-session')[0]);
+    await until(() => high.of('granted').length === 1 && plain.of('granted').length === 1, 'the two higher jobs');
+    expect(low.of('granted')).toEqual([]);
+    const status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    expect(status.drivers.map((one) => [one.name, one.priority, one.granted])).toEqual([['low', -1, 0], ['plain', 0, 1], ['high', 2, 1]]);
+  });
+
+  it('takes back slices of lower priority for a job that does not fit, after their grace or once given back', async () => {
+    const b = await start({ preemptGraceMs: 300 });
+    const gpus = await track(host(b, 'gpus', { CPU: 8 }, [0, 1, 2, 3]));
+    const older = await track(driver(b, 'older', [{ GPU: 2 }]));
+    await until(() => gpus.of('open-session').length === 1, 'the older job');
+    const newer = await track(driver(b, 'newer', [{ GPU: 1 }]));
+    await until(() => gpus.of('open-session').length === 2, 'the newer job');
+    // Equal priority never preempts: a third job of priority 0 waits.
+    const equal = await track(driver(b, 'equal', [{ GPU: 2 }]));
+    await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    expect(older.of('preempt').concat(newer.of('preempt'))).toEqual([]);
+    equal.connection.close();
+    // A job of priority 5 asking two GPUs (one is free) takes the most recently lent slice, and only that one.
+    const urgent = await track(ranked(b, 'urgent', 5, [{ GPU: 2 }]));
+    await until(() => newer.of('preempt').length === 1, 'the newer job to be told');
+    expect(newer.of('preempt')[0]).toMatchObject({ nodeId: gpus.of('open-session')[1].nodeId, graceMs: 300, reason: expect.stringContaining('urgent') });
+    expect(older.of('preempt')).toEqual([]);
+    // The free GPU is kept for the urgent job: a later job of priority 0 asking one GPU waits.
+    const later = await track(driver(b, 'later', [{ GPU: 1 }], 'any'));
+    let status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    expect(status.drivers.find((one) => one.name === 'newer')).toMatchObject({ granted: 0, preempting: 1 });
+    // The grace runs out: the host is told to end the session; once ended, urgent gets the GPUs.
+    await until(() => gpus.of('close-session').length === 1, 'the grace to run out');
+    expect(urgent.of('granted')).toEqual([]);
+    endSession(gpus, gpus.of('open-session')[1]);
+    await until(() => urgent.of('granted').length === 1, 'the urgent job');
+    expect(lent(urgent)[0].resources).toEqual({ GPU: 2 });
+    // A preempted node is not reported lost: the job was told already, and its bundle waits.
+    expect(newer.of('session-lost')).toEqual([]);
+    expect(later.of('granted')).toEqual([]);
+    status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    expect(status.drivers.find((one) => one.name === 'newer')).toMatchObject({ granted: 0, preempting: 0, waitingMs: expect.any(Number) });
+    expect(status.hosts[0].free).toEqual({ CPU: 8, GPU: 0 });
+    // A job given its node back before the grace: ended at once.
+    const top = await track(ranked(b, 'top', 9, [{ GPU: 2 }]));
+    await until(() => older.of('preempt').length === 1, 'the older job to be told');
+    older.connection.send({ t: 'release-node', nodeId: older.of('preempt')[0].nodeId });
+    await until(() => gpus.of('close-session').length === 2, 'the session given back to end');
+    endSession(gpus, gpus.of('open-session')[0]);
+    await until(() => top.of('granted').length === 1, 'the top job');
+    // Lower priorities never preempt higher ones: newer and later wait for the others to end.
+    expect(urgent.of('preempt').concat(top.of('preempt'))).toEqual([]);
+  });
+
+  it('preempts the lowest priority first, and a gang takes back across hosts all it needs at once', async () => {
+    const b = await start({ preemptGraceMs: 0 });
+    const first = await track(host(b, 'first', { CPU: 2 }));
+    const second = await track(host(b, 'second', { CPU: 2 }));
+    const background = await track(ranked(b, 'background', -5, [{ CPU: 2 }]));
+    await until(() => first.of('open-session').length + second.of('open-session').length === 1, 'the background job');
+    const normal = await track(driver(b, 'normal', [{ CPU: 2 }]));
+    await until(() => first.of('open-session').length + second.of('open-session').length === 2, 'the normal job');
+    // One host's worth: the background job's slice goes, not the normal one's.
+    const one = await track(ranked(b, 'one', 1, [{ CPU: 2 }]));
+    await until(() => background.of('preempt').length === 1, 'the background job to be told');
+    expect(normal.of('preempt')).toEqual([]);
+    const hostOf = (nodeId: string) => (nodeId.startsWith('first/') ? first : second);
+    const backgroundNode = background.of('preempt')[0].nodeId;
+    // No grace: the host is told at once.
+    await until(() => hostOf(backgroundNode).of('close-session').length === 1, 'the background session to end');
+    endSession(hostOf(backgroundNode), hostOf(backgroundNode).of('open-session')[0]);
+    await until(() => one.of('granted').length === 1, 'the job of priority 1');
+    // A gang of priority 3 needing both hosts takes both slices back (the normal job's and one's).
+    const gang = await track(ranked(b, 'gang', 3, [{ CPU: 2 }, { CPU: 2 }]));
+    await until(() => normal.of('preempt').length === 1 && one.of('preempt').length === 1, 'both slices to be taken back');
+    for (const hostPeer of [first, second]) {
+      await until(() => hostPeer.of('close-session').length === hostPeer.of('open-session').length, 'the sessions to be ended');
+      for (const session of hostPeer.of('open-session').slice(-1)) endSession(hostPeer, session);
+    }
+    await until(() => gang.of('granted').length === 1, 'the gang');
+    expect(lent(gang).map((grant) => grant.hostId).sort()).toEqual(['first', 'second']);
+    // A gang that no preemption could fit preempts nothing.
+    const lower = await track(ranked(b, 'lower', 2, [{ CPU: 2 }]));
+    const status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    expect(status.drivers.find((job) => job.name === 'gang')).toMatchObject({ granted: 2, preempting: 0 });
+    expect(gang.of('preempt')).toEqual([]);
+    expect(lower.of('granted')).toEqual([]);
+  });
+
+  it("caps each user's priority, and refuses one that is not an integer", async () => {
+    const b = (broker = await Broker.start({
+      host: '127.0.0.1', port: 0, token: TOKEN,
+      users: { ops: { token: 'ops-secret-1', maxPriority: 10 }, intern: { token: 'intern-secret' } },
+    }));
+    await track(host(b, 'h', { CPU: 2 }));
+    const ops = await track(driver(b, 'ops', [{ CPU: 1 }], 'all', 'ops-secret-1', 10));
+    expect(ops.of('broker-welcome')).toHaveLength(1);
+    const intern = await track(driver(b, 'intern', [{ CPU: 1 }], 'all', 'intern-secret', 1));
+    expect(intern.of('broker-refused')[0]).toMatchObject({ code: 'ERR_PRIORITY', reason: 'user intern may ask for priority 0 at most, not 1' });
+    const odd = await track(driver(b, 'odd', [{ CPU: 1 }], 'all', 'ops-secret-1', 1.5));
+    expect(odd.of('broker-refused')[0]).toMatchObject({ code: 'ERR_INVALID_ARGUMENT', reason: 'priority is an integer, got 1.5' });
+    await expect(Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, preemptGraceMs: -1 })).rejects.toThrow(/preemptGraceMs/);
+    await expect(Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, users: { x: { token: 'x-secret-xx', maxPriority: 0.5 } } })).rejects.toThrow(/maxPriority is an integer/);
   });
 
   it('refuses wrong tokens, other versions, malformed requests and duplicate hosts, saying why', async () => {

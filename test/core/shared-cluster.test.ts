@@ -10,8 +10,8 @@ import { promisify } from 'node:util';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, fromItems, get, init, requestResources, shutdown, state, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
-import { GatedTagger, makeArray, visibleGpus, whereAmI } from './fixtures/nodes.js';
+import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, fromItems, get, init, requestResources, shutdown, state, wait, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
+import { GatedTagger, makeArray, visibleGpus, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { isAlive, openGate, rejection, scratch, until } from './helpers.js';
 
 const TOKEN = 'shared-cluster-token';
@@ -235,6 +235,79 @@ describe('shared cluster', () => {
     await shutdown();
     await init({ numCpus: 1 });
     expect(() => requestResources([{ CPU: 1 }])).toThrow(/init\(\{ cluster \}\)/);
+  });
+
+  it('takes a node back for a job of higher priority: work there finishes, objects move to the driver, and the node comes back later', async () => {
+    await init({ cluster: request({ bundles: [{ CPU: 2 }, { CPU: 2 }], name: 'background' }) });
+    const onB = state().nodes.find((node) => node.nodeId.startsWith('host-b/'))!.nodeId;
+    const pinned = { schedulingStrategy: { type: 'node' as const, nodeId: onB } };
+    // An object made on host-b and never read here yet, and a task there still running.
+    const kept = makeArray.options(pinned).remote(100_000, 7);
+    await wait([kept], { numReturns: 1 });
+    const files = scratch();
+    const gate = files.path('gate');
+    const running = waitThenWhere.options(pinned).remote(gate);
+    await until(() => state().broker !== undefined, 'the broker info');
+    const seen: { preempted: { nodeId: string; graceMs: number }[]; reconstructed: string[]; moved: { objectId: string; from: string; to: string }[] } = { preempted: [], reconstructed: [], moved: [] };
+    events().on('cluster-node-preempted', (event) => seen.preempted.push(event));
+    events().on('reconstruct', (event: { objectId: string }) => seen.reconstructed.push(event.objectId));
+    events().on('object-transfer', (event) => seen.moved.push(event));
+    // host-b alone has resource 'b': a job of priority 5 asking for it takes this job's slice there.
+    const urgent = childDriver({ bundles: [{ CPU: 2, b: 1 }], priority: 5, name: 'urgent' });
+    await until(() => seen.preempted.length === 1, 'the preemption');
+    const preemptedAt = Date.now();
+    expect(seen.preempted[0]).toMatchObject({ nodeId: onB, graceMs: 30_000 });
+    // Nothing new goes there while the running task finishes: the next task runs on host-a.
+    expect((await get(whereAmI.remote())).nodeId).toMatch(/^host-a\//);
+    const during = await status();
+    expect(during.drivers.find((driver) => driver.name === 'background')).toMatchObject({ granted: 1, preempting: 1 });
+    expect(during.drivers.find((driver) => driver.name === 'urgent')).toMatchObject({ granted: 0, priority: 5 });
+    openGate(gate);
+    expect(await get(running)).toBe(onB);
+    // Given back once idle, long before the grace runs out; the object moved here first.
+    const ready = await urgent.next('ready');
+    expect(ready.nodes).toEqual([expect.stringMatching(/^host-b\//)]);
+    expect(Date.now() - preemptedAt).toBeLessThan(30_000);
+    await until(() => !state().nodes.some((node) => node.nodeId === onB), 'the node to leave');
+    expect(seen.moved).toContainEqual(expect.objectContaining({ objectId: kept.id, from: onB, to: 'node-0' }));
+    expect((await get(kept))[5]).toBe(7 + 5 * 0.5);
+    expect(seen.reconstructed).toEqual([]);
+    expect(state().broker).toMatchObject({ bundles: 2, lent: 1, preempted: 1, priority: 0 });
+    // Once the urgent job ends, the bundle is lent again (on host-b, the only host with room).
+    const back = new Promise<{ nodeId: string }>((resolve) => events().once('node-added', resolve));
+    urgent.send('exit');
+    expect((await back).nodeId).toMatch(/^host-b\//);
+    expect(state().broker).toMatchObject({ lent: 2, joined: 2 });
+    files.cleanup();
+  });
+
+  it("moves a dataset's actor pool off a node taken back, losing no row", async () => {
+    const files = scratch();
+    try {
+      await init({ cluster: request({ bundles: [{ CPU: 2 }, { CPU: 2 }], name: 'batch' }) });
+      const gate = files.path('gate');
+      const items = Array.from({ length: 400 }, (_, i) => i);
+      const warnings: string[] = [];
+      events().on('warning', (event: { message: string }) => warnings.push(event.message));
+      const job = fromItems(items, { parallelism: 20 }).mapBatches(GatedTagger, { concurrency: [4, 4], batchSize: 20, constructorArgs: [gate] }).takeAll();
+      job.catch(() => undefined);
+      const taggers = () => state().actors.filter((actor) => actor.className === 'DataPoolActor' && actor.state === 'alive');
+      await until(() => taggers().length === 4, 'four actors on the two hosts');
+      const onB = state().nodes.find((node) => node.nodeId.startsWith('host-b/'))!.nodeId;
+      const preempted = new Promise((resolve) => events().once('cluster-node-preempted', resolve));
+      const urgent = childDriver({ bundles: [{ CPU: 2, b: 1 }], priority: 5, name: 'urgent' });
+      await preempted;
+      // The calls running on host-b finish there; its actors then retire, and the node goes.
+      openGate(gate);
+      expect((await urgent.next('ready')).nodes).toEqual([expect.stringMatching(/^host-b\//)]);
+      const rows = await job;
+      expect(rows.map((row) => row.item).sort((a, b) => (a as number) - (b as number))).toEqual(items);
+      expect(warnings.some((message) => message.includes('retires from a node being taken back'))).toBe(true);
+      expect(state().nodes.some((node) => node.nodeId === onB)).toBe(false);
+      urgent.send('exit');
+    } finally {
+      files.cleanup();
+    }
   });
 
   it('frees the slices of a driver killed outright', async () => {

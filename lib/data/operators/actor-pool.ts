@@ -67,11 +67,16 @@ export class ActorMapOperator extends Operator {
     const started = get(startRef).finally(() => startRef[Symbol.dispose]());
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () => reject(new DataError('ERR_DATA_ACTOR_START', `actor pool ${this.name}: ${this.className}'s constructor did not finish within ${this.pool.startTimeoutMs} ms`, { operator: this.name })),
-        this.pool.startTimeoutMs,
-      );
-      timer.unref();
+      // The constructor's time counts from when the actor is placed: one waiting for resources (a
+      // node being lent again after a preemption, say) is not a constructor that hangs.
+      const arm = () => {
+        timer = setTimeout(() => {
+          if (this.#placed(actor) === false) return arm();
+          reject(new DataError('ERR_DATA_ACTOR_START', `actor pool ${this.name}: ${this.className}'s constructor did not finish within ${this.pool.startTimeoutMs} ms`, { operator: this.name }));
+        }, this.pool.startTimeoutMs);
+        timer.unref();
+      };
+      arm();
     });
     Promise.race([started, timeout]).then(
       () => {
@@ -133,6 +138,21 @@ export class ActorMapOperator extends Operator {
       });
   }
 
+  /** Whether the actor has a node yet (undefined where the runtime cannot tell). */
+  #placed(actor: PoolActor): boolean | undefined {
+    const runtime = currentRuntime();
+    if (!runtime.actorNode) return undefined;
+    return runtime.actorNode(actorHandleInfo(actor.handle)!.actorId) !== undefined;
+  }
+
+  /** Whether the actor's node is being taken out of scheduling: it gets no new batches. */
+  #leaving(actor: PoolActor): boolean {
+    const runtime = currentRuntime();
+    if (!runtime.actorNode || !runtime.nodeDraining) return false;
+    const node = runtime.actorNode(actorHandleInfo(actor.handle)!.actorId);
+    return node !== undefined && runtime.nodeDraining(node);
+  }
+
   counts(): { running: number; pending: number } {
     let running = 0;
     let pending = 0;
@@ -160,7 +180,7 @@ export class ActorMapOperator extends Operator {
   #freeActor(): PoolActor | undefined {
     let best: PoolActor | undefined;
     for (const actor of this.#actors) {
-      if (actor.state !== 'ready' || actor.inflight >= this.pool.maxTasksInFlightPerActor) continue;
+      if (actor.state !== 'ready' || actor.inflight >= this.pool.maxTasksInFlightPerActor || this.#leaving(actor)) continue;
       if (!best || actor.inflight < best.inflight) best = actor;
     }
     return best;
@@ -184,7 +204,7 @@ export class ActorMapOperator extends Operator {
     let best: PoolActor | undefined;
     let bestBytes = 0;
     for (const actor of this.#actors) {
-      if (actor.state !== 'ready' || actor.inflight >= this.pool.maxTasksInFlightPerActor) continue;
+      if (actor.state !== 'ready' || actor.inflight >= this.pool.maxTasksInFlightPerActor || this.#leaving(actor)) continue;
       const node = runtime.actorNode(actorHandleInfo(actor.handle)!.actorId);
       const bytes = node === undefined ? 0 : (bytesOn.get(node) ?? 0);
       if (bytes > bestBytes || (bytes === bestBytes && bytes > 0 && actor.inflight < best!.inflight)) {
@@ -283,9 +303,18 @@ export class ActorMapOperator extends Operator {
     if (actor.inflight === 0) actor.idleSince = Date.now();
   }
 
-  /** Grows on queued work the actors cannot take; shrinks actors idle past the timeout. */
+  /**
+   * Grows on queued work the actors cannot take; shrinks actors idle past the timeout. Actors on a
+   * node being taken back retire once their calls end, so the node is free to go before its
+   * grace runs out; the pool refills elsewhere (or when resources come back).
+   */
   autoscale(): void {
     if (this.executor.failed) return;
+    for (const actor of [...this.#actors]) {
+      if (actor.state === 'stopping' || (actor.state === 'ready' && actor.inflight > 0) || !this.#leaving(actor)) continue;
+      this.executor.warn(`actor pool ${this.name}: a ${this.className} actor retires from a node being taken back`);
+      this.#removeActor(actor);
+    }
     const { running, pending } = this.counts();
     const total = running + pending;
     const now = Date.now();
