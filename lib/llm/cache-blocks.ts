@@ -18,6 +18,15 @@ import { CACHE_BLOCK_POSITIONS, type DeviceBuffer, type DeviceKernels } from './
 const SLAB_BYTES = 32 * 2 ** 20;
 const MAX_SLAB_BLOCKS = 256;
 
+/** A device allocation holding blocks [firstBlock, firstBlock + blocks), from its base address on. */
+interface Slab {
+  buffer: DeviceBuffer;
+  firstBlock: number;
+  blocks: number;
+  /** The base address as a number (exact: device addresses are below 2^53). */
+  base: number;
+}
+
 interface SequenceCache {
   /** Block ids, in position order: block i holds positions [i·B, (i+1)·B). */
   blocks: number[];
@@ -31,15 +40,20 @@ export class CacheBlocks {
   readonly blockBytes: number;
   /** Blocks of a slab taken as the caches grow. */
   readonly #slabBlocks: number;
-  readonly #slabs: DeviceBuffer[] = [];
-  /** Per block id: its slab, and its byte offset there. */
-  #blockSlab = new Int32Array(0);
-  #blockOffset = new Float64Array(0);
-  /** Free block ids; the most recently freed is handed out first (its memory is likeliest warm). */
+  readonly #slabs: Slab[] = [];
+  /** Blocks the slabs hold. */
+  #capacity = 0;
+  /**
+   * Blocks ever handed out: ids [0, #touched). Those above were never used and need no
+   * bookkeeping, so a budget of millions of blocks taken at start (a small model on a large GPU)
+   * costs one allocation, not a loop over every block.
+   */
+  #touched = 0;
+  /** Free block ids below #touched; the most recently freed is handed out first (its memory is likeliest warm). */
   readonly #free: number[] = [];
-  /** Per block id: the sequences holding it (0: free). */
+  /** Per touched block id: the sequences holding it (0: free). */
   #references = new Int32Array(0);
-  /** Per block id: its address, as low and high 32-bit words. */
+  /** Per touched block id: its address, as low and high 32-bit words. */
   #addressWords = new Uint32Array(0);
   readonly #sequences = new Map<number, SequenceCache>();
   #copies = 0;
@@ -68,12 +82,12 @@ export class CacheBlocks {
 
   /** Device memory the slabs take (blocks in use and free ones kept for reuse). */
   get bytes(): number {
-    return this.#references.length * this.blockBytes;
+    return this.#capacity * this.blockBytes;
   }
 
   /** Blocks held by at least one sequence (a shared block counts once). */
   get blocksInUse(): number {
-    return this.#references.length - this.#free.length;
+    return this.#touched - this.#free.length;
   }
 
   /**
@@ -82,7 +96,7 @@ export class CacheBlocks {
    * middle of generating).
    */
   ensureBlocks(blocks: number): void {
-    const missing = blocks - this.#references.length;
+    const missing = blocks - this.#capacity;
     if (missing > 0) this.#grow(missing);
   }
 
@@ -141,7 +155,7 @@ export class CacheBlocks {
       if (this.#references[block] === 1) continue;
       const copy = this.#take();
       // Queued on the backend's one stream: the step's writes come after it.
-      this.kernels.copy(this.#slabOf(copy), this.#slabOf(block), this.blockBytes, this.#offsetOf(copy), this.#offsetOf(block));
+      this.kernels.copy(this.#slabOf(copy).buffer, this.#slabOf(block).buffer, this.blockBytes, this.#offsetOf(copy), this.#offsetOf(block));
       this.#drop(block);
       cache.blocks[index] = copy;
       this.#copies++;
@@ -199,20 +213,42 @@ export class CacheBlocks {
   /** Frees the slabs (queued work on the stream reading them must be done). */
   close(): void {
     this.#sequences.clear();
-    for (const slab of this.#slabs) slab.free();
+    for (const slab of this.#slabs) slab.buffer.free();
     this.#slabs.length = 0;
+    this.#capacity = 0;
+    this.#touched = 0;
     this.#free.length = 0;
     this.#references = new Int32Array(0);
-    this.#blockSlab = new Int32Array(0);
-    this.#blockOffset = new Float64Array(0);
     this.#addressWords = new Uint32Array(0);
   }
 
   #take(): number {
-    if (this.#free.length === 0) this.#grow(this.#slabBlocks);
-    const block = this.#free.pop()!;
+    let block = this.#free.pop();
+    if (block === undefined) {
+      if (this.#touched === this.#capacity) this.#grow(this.#slabBlocks);
+      // Fresh blocks go out in address order.
+      block = this.#touched++;
+      this.#touch(block);
+    }
     this.#references[block] = 1;
     return block;
+  }
+
+  /** Gives a block handed out for the first time its bookkeeping (arrays grown by doubling). */
+  #touch(block: number): void {
+    if (block >= this.#references.length) {
+      const length = Math.min(this.#capacity, Math.max(64, 2 * this.#references.length));
+      const references = new Int32Array(length);
+      references.set(this.#references);
+      this.#references = references;
+      const words = new Uint32Array(2 * length);
+      words.set(this.#addressWords);
+      this.#addressWords = words;
+    }
+    const slab = this.#slabOf(block);
+    const address = slab.base + (block - slab.firstBlock) * this.blockBytes;
+    this.#addressWords[2 * block] = address % 2 ** 32;
+    this.#addressWords[2 * block + 1] = Math.floor(address / 2 ** 32);
   }
 
   #drop(block: number): void {
@@ -220,39 +256,30 @@ export class CacheBlocks {
   }
 
   #grow(blocks: number): void {
-    const slab = this.kernels.allocate(blocks * this.blockBytes);
-    const index = this.#slabs.length;
-    const first = this.#references.length;
-    const total = first + blocks;
-    this.#slabs.push(slab);
-    const references = new Int32Array(total);
-    references.set(this.#references);
-    this.#references = references;
-    const blockSlab = new Int32Array(total);
-    blockSlab.set(this.#blockSlab);
-    blockSlab.fill(index, first);
-    this.#blockSlab = blockSlab;
-    const blockOffset = new Float64Array(total);
-    blockOffset.set(this.#blockOffset);
-    const words = new Uint32Array(2 * total);
-    words.set(this.#addressWords);
-    for (let block = first; block < total; block++) {
-      blockOffset[block] = (block - first) * this.blockBytes;
-      const address = slab.address(blockOffset[block]);
-      words[2 * block] = Number(address & 0xffffffffn);
-      words[2 * block + 1] = Number(address >> 32n);
+    const buffer = this.kernels.allocate(blocks * this.blockBytes);
+    const base = Number(buffer.address());
+    if (!Number.isSafeInteger(base + blocks * this.blockBytes)) {
+      buffer.free();
+      throw new InvalidArgumentError(`a cache slab's device address ${buffer.address()} is past 2^53: its block addresses cannot be kept as numbers`);
     }
-    this.#blockOffset = blockOffset;
-    this.#addressWords = words;
-    // Pushed last to first, so blocks go out in address order.
-    for (let block = total - 1; block >= first; block--) this.#free.push(block);
+    this.#slabs.push({ buffer, firstBlock: this.#capacity, blocks, base });
+    this.#capacity += blocks;
   }
 
-  #slabOf(block: number): DeviceBuffer {
-    return this.#slabs[this.#blockSlab[block]];
+  /** The slab holding `block` (slabs are few: a binary search over their first blocks). */
+  #slabOf(block: number): Slab {
+    const slabs = this.#slabs;
+    let low = 0;
+    let high = slabs.length - 1;
+    while (low < high) {
+      const middle = (low + high + 1) >> 1;
+      if (slabs[middle].firstBlock <= block) low = middle;
+      else high = middle - 1;
+    }
+    return slabs[low];
   }
 
   #offsetOf(block: number): number {
-    return this.#blockOffset[block];
+    return (block - this.#slabOf(block).firstBlock) * this.blockBytes;
   }
 }

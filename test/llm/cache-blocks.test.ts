@@ -103,6 +103,40 @@ describe('cache blocks', () => {
     expect(caches.bytes).toBe(20 * 1024 + CacheBlocks.slabBytes(1024));
     caches.close();
   });
+
+  it('takes a budget of millions of blocks without bookkeeping for blocks never used, addresses in order across slabs', () => {
+    using kernels = DeviceKernels.create('cpu');
+    // A small model on a large GPU: four million blocks, as a rank's whole budget at start.
+    const caches = new CacheBlocks(kernels, 16);
+    caches.ensureBlocks(4_000_000);
+    expect(caches.bytes).toBe(64_000_000);
+    expect(caches.blocksInUse).toBe(0);
+    caches.reserve(1, 3 * B);
+    const addresses = new Uint32Array(6);
+    expect(caches.writeAddresses(1, addresses, 0, 3)).toBe(3);
+    // Fresh blocks go out in address order, one block's bytes apart.
+    expect(addresses[2] + addresses[3] * 2 ** 32 - (addresses[0] + addresses[1] * 2 ** 32)).toBe(16);
+    expect(addresses[4] + addresses[5] * 2 ** 32 - (addresses[2] + addresses[3] * 2 ** 32)).toBe(16);
+    // A freed block is handed out before a fresh one: the last freed first.
+    expect(caches.blocksOf(1)).toEqual([0, 1, 2]);
+    caches.release(1);
+    caches.reserve(2, 1);
+    expect(caches.blocksOf(2)).toEqual([2]);
+    expect(caches.blocksInUse).toBe(1);
+    caches.close();
+    // Across slabs: a shared block written copies from one slab into another.
+    const small = new CacheBlocks(kernels, 1024);
+    small.ensureBlocks(1);
+    small.reserve(1, B);
+    small.prepareWrite(1, 0, B);
+    small.setLength(1, B);
+    small.share(2, 1, 10);
+    small.reserve(2, B);
+    small.prepareWrite(2, 10, B);
+    expect(small.copies).toBe(1);
+    expect(small.bytes).toBe(1024 + CacheBlocks.slabBytes(1024));
+    small.close();
+  });
 });
 
 /** Random values in [-1, 1), the same for a seed. */
