@@ -3,7 +3,7 @@ import { cpus } from 'node:os';
 import { InvalidArgumentError, NotInitializedError } from '../errors.js';
 import { randomBytes } from 'node:crypto';
 import { Cluster, type ClusterState, type InitOptions } from './cluster.js';
-import { BrokerClient, requestedBundles, type ClusterOptions } from './broker-client.js';
+import { BrokerClient, requestedBundles, type ClusterOptions, type ElasticAsk } from './broker-client.js';
 import { ObjectRef } from './object-ref.js';
 import { actorHandleInfo, makeActorHandle, type ActorHandle } from './registry.js';
 import { currentRuntime, hasRuntime, setRuntime, type RuntimeContext } from './runtime-context.js';
@@ -186,6 +186,15 @@ export function requestResources(bundles: Resources[]): void {
   if (!cluster) throw new NotInitializedError('requestResources() is for the driver after init()');
   if (!brokerClient) throw new InvalidArgumentError('requestResources() asks a shared cluster for more: init({ cluster }) joins one', 'ERR_NOT_SHARED');
   brokerClient.requestMore(bundles);
+}
+
+/**
+ * The data layer's actor pools ask a shared cluster for room to grow (cluster.autoscale): one
+ * bundle, lent as it fits. Undefined outside a shared cluster, or where the driver does not
+ * autoscale. Not exported from the package: pools call it.
+ */
+export function askForRoom(bundle: Resources): ElasticAsk | undefined {
+  return brokerClient?.ask(bundle);
 }
 
 /** Reserves bundles of resources together (see PlacementGroup.ready()). */

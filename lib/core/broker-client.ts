@@ -54,7 +54,25 @@ export interface ClusterOptions {
    * its objects are made again. A broker with users caps each user's priority (maxPriority).
    */
   priority?: number;
+  /**
+   * Whether the data layer's actor pools ask the broker for room to grow past what init asked
+   * (default true): a pool with queued work and no room asks for a bundle per actor it may still
+   * add (its `concurrency` maximum), and the nodes lent go back once nothing is on them for a
+   * second; what is still asked when the pool ends is withdrawn.
+   */
+  autoscale?: boolean;
 }
+
+/** An actor pool's ask for one more bundle (see BrokerClient.ask). */
+export interface ElasticAsk {
+  /** Whether its node joined (the room is there) or it was withdrawn: nothing more to wait for. */
+  readonly settled: boolean;
+  /** Not wanted any more: withdrawn if not lent yet; a lent node goes back once idle. */
+  withdraw(): void;
+}
+
+/** How long a node lent for a pool's ask stays once nothing is on it. */
+const ELASTIC_IDLE_MS = 1000;
 
 const MAX_UNITS = 4096;
 
@@ -67,6 +85,7 @@ export function requestedBundles(options: ClusterOptions): Resources[] {
     throw new InvalidArgumentError(`cluster.wait is 'all' or 'any', got ${String(options.wait)}`);
   }
   if (options.timeoutMs !== undefined && !(options.timeoutMs > 0)) throw new InvalidArgumentError(`cluster.timeoutMs must be a number of ms > 0, got ${String(options.timeoutMs)}`);
+  if (options.autoscale !== undefined && typeof options.autoscale !== 'boolean') throw new InvalidArgumentError(`cluster.autoscale is true or false, got ${String(options.autoscale)}`);
   if (options.priority !== undefined && !Number.isSafeInteger(options.priority)) throw new InvalidArgumentError(`cluster.priority is an integer, got ${String(options.priority)}`);
   if (options.idleReleaseMs !== undefined && !(options.idleReleaseMs >= 0)) throw new InvalidArgumentError(`cluster.idleReleaseMs must be a number of ms >= 0, got ${String(options.idleReleaseMs)}`);
   if ((options.bundles === undefined) === (options.resources === undefined)) {
@@ -185,6 +204,10 @@ export class BrokerClient {
   #failed = false;
   /** Nodes being taken back, each watched until nothing of this job is on it. */
   readonly #preempting = new Map<string, NodeJS.Timeout>();
+  /** Bundles asked for by actor pools (elastic): withdrawn, not asked again, when not wanted. */
+  readonly #elastic = new Map<number, { settled: boolean }>();
+  readonly #withdrawn = new Set<number>();
+  #autoscale = true;
   readonly #takenBack = new Set<string>();
   #preempted = 0;
   readonly #onNodeAdded = (event: { nodeId: string }) => {
@@ -265,7 +288,8 @@ export class BrokerClient {
       clearTimeout(timer);
     }
     client.#started = true;
-    if (options.idleReleaseMs !== undefined) client.#watchIdle(options.idleReleaseMs);
+    client.#autoscale = options.autoscale ?? true;
+    client.#watchIdle(options.idleReleaseMs);
     return client;
   }
 
@@ -284,14 +308,39 @@ export class BrokerClient {
     if (this.#connected && !this.#closed) this.#connection.send({ t: 'request-more', bundles: checked });
   }
 
+  /**
+   * An actor pool's ask for one more bundle, lent as it fits; undefined where this driver does
+   * not autoscale (cluster.autoscale false).
+   */
+  ask(bundle: Resources): ElasticAsk | undefined {
+    if (!this.#autoscale || this.#closed) return undefined;
+    const index = this.#bundles.length;
+    this.requestMore([bundle]);
+    const state = { settled: false };
+    this.#elastic.set(index, state);
+    return {
+      get settled() {
+        return state.settled;
+      },
+      withdraw: () => {
+        state.settled = true;
+        if (!this.#pending.delete(index)) return;
+        this.#withdrawn.add(index);
+        this.#promise();
+        if (this.#connected && !this.#closed) this.#connection.send({ t: 'withdraw', bundles: [index] });
+      },
+    };
+  }
+
   /** Bundles asked for, lent, and the lent nodes that joined. */
   describe(): BrokerInfo {
+    const asked = this.#bundles.length - this.#withdrawn.size;
     return {
       address: this.#address,
       jobId: this.#jobId,
       connected: this.#connected,
-      bundles: this.#bundles.length,
-      lent: this.#bundles.length - this.#pending.size - this.#released.size,
+      bundles: asked,
+      lent: asked - this.#pending.size - this.#released.size,
       joined: this.#joined.size,
       released: this.#released.size,
       priority: this.#hello.priority ?? 0,
@@ -314,6 +363,7 @@ export class BrokerClient {
           this.#lent.set(node.nodeId, node);
           if (this.#cluster.nodes.some((known) => known.id === node.nodeId)) {
             this.#joined.add(node.nodeId);
+            this.#settleAsks(node.bundles);
             this.#connection.send({ t: 'node-joined', nodeId: node.nodeId });
           } else {
             this.#coming.set(node.nodeId, node);
@@ -336,10 +386,12 @@ export class BrokerClient {
   }
 
   /**
-   * Gives back lent nodes nothing has been on for `idleMs`, and asks again for what was given
-   * back once work waits for resources.
+   * Gives back lent nodes nothing has been on for `idleMs` (idleReleaseMs, if given), and nodes
+   * lent for actor pools' asks after ELASTIC_IDLE_MS; asks again for what was given back idle once
+   * work waits for resources (what pools asked for is withdrawn instead: they ask anew).
    */
-  #watchIdle(idleMs: number): void {
+  #watchIdle(idleMs: number | undefined): void {
+    const period = Math.max(50, Math.min(250, (idleMs ?? ELASTIC_IDLE_MS) / 4));
     this.#idleTimer = setInterval(() => {
       if (this.#closed || !this.#connected) return;
       const now = Date.now();
@@ -347,20 +399,23 @@ export class BrokerClient {
       if (this.#cluster.waitingForResources()) this.#idleSince.clear();
       for (const nodeId of [...this.#joined]) {
         if (this.#cluster.waitingForResources()) break;
+        const node = this.#lent.get(nodeId)!;
+        const elastic = node.bundles.every((index) => this.#elastic.has(index));
+        const limit = elastic ? ELASTIC_IDLE_MS : idleMs;
+        if (limit === undefined) continue;
         if (this.#cluster.nodeBusy(nodeId)) {
           this.#idleSince.delete(nodeId);
           continue;
         }
         const since = this.#idleSince.get(nodeId) ?? now;
         this.#idleSince.set(nodeId, since);
-        if (now - since < idleMs || !this.#cluster.drain(nodeId)) continue;
-        const node = this.#lent.get(nodeId)!;
+        if (now - since < limit || !this.#cluster.drain(nodeId)) continue;
         this.#lent.delete(nodeId);
         this.#joined.delete(nodeId);
         this.#idleSince.delete(nodeId);
-        for (const index of node.bundles) this.#released.add(index);
+        for (const index of node.bundles) (elastic ? this.#withdrawn : this.#released).add(index);
         this.#promise();
-        this.#connection.send({ t: 'release-node', nodeId });
+        this.#connection.send({ t: 'release-node', nodeId, ...(elastic ? { withdraw: true } : {}) });
         this.#cluster.events.emit('cluster-node-released', { nodeId, idleMs: now - since });
       }
       if (this.#released.size > 0 && this.#cluster.waitingForResources()) {
@@ -369,7 +424,7 @@ export class BrokerClient {
         for (const index of bundles) this.#pending.add(index);
         this.#connection.send({ t: 'request-again', bundles });
       }
-    }, Math.max(50, Math.min(1000, idleMs / 4)));
+    }, period);
     this.#idleTimer.unref();
   }
 
@@ -385,7 +440,11 @@ export class BrokerClient {
     this.#coming.delete(nodeId);
     this.#joined.delete(nodeId);
     this.#idleSince.delete(nodeId);
-    for (const index of node.bundles) this.#pending.add(index);
+    // What pools asked for is not asked again (they ask anew if they still need room).
+    const elastic = node.bundles.filter((index) => this.#elastic.has(index));
+    for (const index of node.bundles) (this.#elastic.has(index) ? this.#withdrawn : this.#pending).add(index);
+    for (const index of elastic) this.#elastic.get(index)!.settled = true;
+    if (elastic.length > 0 && this.#connected) this.#connection.send({ t: 'withdraw', bundles: elastic });
     this.#preempted++;
     this.#takenBack.add(nodeId);
     this.#promise();
@@ -423,11 +482,21 @@ export class BrokerClient {
   }
 
   #nodeJoined(nodeId: string): void {
-    if (!this.#coming.delete(nodeId)) return;
+    const node = this.#coming.get(nodeId);
+    if (!node || !this.#coming.delete(nodeId)) return;
     this.#joined.add(nodeId);
+    this.#settleAsks(node.bundles);
     if (!this.#closed && this.#connected) this.#connection.send({ t: 'node-joined', nodeId });
     this.#promise();
     this.#check();
+  }
+
+  /** Pools' asks among `bundles` have their room: their nodes joined. */
+  #settleAsks(bundles: number[]): void {
+    for (const index of bundles) {
+      const ask = this.#elastic.get(index);
+      if (ask) ask.settled = true;
+    }
   }
 
   #check(): void {
@@ -483,7 +552,7 @@ export class BrokerClient {
           this.#connection = opened;
           this.#connected = true;
           const held = [...this.#lent.values()].map((node) => ({ nodeId: node.nodeId, hostId: node.hostId, bundles: node.bundles, resources: node.resources }));
-          opened.send({ ...this.#hello, resume: { nodes: held, waitedMs: Date.now() - this.#asked, released: [...this.#released] } });
+          opened.send({ ...this.#hello, resume: { nodes: held, waitedMs: Date.now() - this.#asked, released: [...this.#released], withdrawn: [...this.#withdrawn] } });
           if (this.#started) this.#cluster.events.emit('warning', { kind: 'cluster', message: `reconnected to the broker at ${this.#address}, holding ${held.length} lent node(s)` });
         },
         () => this.#reconnect(),

@@ -47,6 +47,8 @@ export interface DriverHelloMessage {
     waitedMs?: number;
     /** Bundles it gave back while idle: not lent until it asks again. */
     released?: number[];
+    /** Bundles it no longer wants at all. */
+    withdrawn?: number[];
   };
 }
 
@@ -82,6 +84,17 @@ export interface NodeJoinedMessage {
 export interface ReleaseNodeMessage {
   t: 'release-node';
   nodeId: string;
+  /** Its bundles are not wanted again (a pool's extra asks, see withdraw). */
+  withdraw?: boolean;
+}
+
+/**
+ * From a driver: bundles it asked for and no longer wants (an actor pool that asked for room to
+ * grow and finished first): not lent, and not counted as asked.
+ */
+export interface WithdrawMessage {
+  t: 'withdraw';
+  bundles: number[];
 }
 
 /** From a driver: bundles it gave back are wanted again (work waits for resources). */
@@ -111,6 +124,7 @@ export type BrokerInbound =
   | NodeLeftMessage
   | NodeJoinedMessage
   | ReleaseNodeMessage
+  | WithdrawMessage
   | RequestAgainMessage;
 
 export interface BrokerWelcomeMessage {

@@ -129,6 +129,8 @@ interface DriverRecord {
   pending: Set<number>;
   /** Indices of bundles it gave back while idle: not lent, not wanted until it asks again. */
   released: Set<number>;
+  /** Indices of bundles it no longer wants at all (withdrawn): as if never asked. */
+  withdrawn: Set<number>;
   sessions: Set<SessionRecord>;
   /** Whether it was ever lent anything (a gang's later bundles are replacements, taken as they fit). */
   started: boolean;
@@ -366,7 +368,8 @@ export class Broker {
             if (!driver) return;
             onMessage = (next) => {
               if (next.t === 'node-left') this.#nodeLeft(driver, next.nodeId);
-              else if (next.t === 'release-node') this.#release(driver, next.nodeId);
+              else if (next.t === 'release-node') this.#release(driver, next.nodeId, next.withdraw === true);
+              else if (next.t === 'withdraw') this.#withdraw(driver, next.bundles);
               else if (next.t === 'request-again') this.#requestAgain(driver, next.bundles);
               else if (next.t === 'request-more') this.#requestMore(driver, next.bundles);
               else if (next.t === 'node-joined') for (const session of driver.sessions) if (session.nodeId === next.nodeId) session.joined = true;
@@ -498,7 +501,7 @@ export class Broker {
   }
 
   /** A driver gives an idle node back: its host ends the session, and its bundles wait unwanted. */
-  #release(driver: DriverRecord, nodeId: string): void {
+  #release(driver: DriverRecord, nodeId: string, withdraw: boolean): void {
     const session = [...driver.sessions].find((candidate) => candidate.nodeId === nodeId);
     if (!session) return;
     // A preempted node given back before its grace ran out: its bundles are wanted still.
@@ -506,7 +509,7 @@ export class Broker {
     driver.sessions.delete(session);
     session.driver = undefined;
     this.#orphans.delete(session.id);
-    for (const index of session.bundles) driver.released.add(index);
+    for (const index of session.bundles) (withdraw ? driver.withdrawn : driver.released).add(index);
     this.#log(`${driver.name} (${driver.jobId}) gave back node ${nodeId}`);
     // The slice is lent again once its host says the session ended.
     if (session.host.sessions.get(session.id) === session && this.#hosts.get(session.host.id) === session.host) {
@@ -523,6 +526,16 @@ export class Broker {
     for (let index = first; index < driver.bundles.length; index++) driver.pending.add(index);
     driver.started = true;
     if (!this.#refuseUnsatisfiable(driver)) this.#allocate();
+  }
+
+  /** A driver no longer wants bundles it asked for (and holds none of them now). */
+  #withdraw(driver: DriverRecord, bundles: unknown): void {
+    if (!Array.isArray(bundles)) return;
+    for (const index of bundles) {
+      if (!Number.isInteger(index) || index < 0 || index >= driver.bundles.length) continue;
+      if (driver.pending.delete(index) || driver.released.delete(index)) driver.withdrawn.add(index);
+    }
+    this.#allocate();
   }
 
   /** A driver wants bundles it gave back again. */
@@ -619,6 +632,7 @@ export class Broker {
       bundles,
       pending: new Set(bundles.keys()),
       released: new Set(),
+      withdrawn: new Set(),
       sessions: new Set(),
       started: false,
       avoid: new Set(),
@@ -632,6 +646,9 @@ export class Broker {
       if (typeof waited === 'number' && waited > 0 && Number.isFinite(waited)) driver.arrived = Date.now() - waited;
       for (const index of Array.isArray(hello.resume.released) ? hello.resume.released : []) {
         if (driver.pending.delete(index)) driver.released.add(index);
+      }
+      for (const index of Array.isArray(hello.resume.withdrawn) ? hello.resume.withdrawn : []) {
+        if (driver.pending.delete(index)) driver.withdrawn.add(index);
       }
       this.#resume(driver, hello.resume.nodes);
     }
@@ -834,7 +851,8 @@ export class Broker {
       let share = Infinity;
       for (const candidate of takers) {
         const planned = [...(rounds.get(candidate)?.values() ?? [])].reduce((sum, indices) => sum + indices.length, 0) + (reserved.get(candidate)?.size ?? 0);
-        const held = (candidate.bundles.length - candidate.pending.size - candidate.released.size + planned) / candidate.bundles.length;
+        const asked = candidate.bundles.length - candidate.withdrawn.size;
+        const held = (asked - candidate.pending.size - candidate.released.size + planned) / asked;
         if (!driver || candidate.priority > driver.priority || (candidate.priority === driver.priority && held < share)) {
           driver = candidate;
           share = held;
@@ -1009,8 +1027,8 @@ export class Broker {
       address: `${driver.address.host}:${driver.address.port}`,
       wait: driver.wait,
       priority: driver.priority,
-      bundles: driver.bundles.length,
-      granted: driver.bundles.length - driver.pending.size - driver.released.size,
+      bundles: driver.bundles.length - driver.withdrawn.size,
+      granted: driver.bundles.length - driver.withdrawn.size - driver.pending.size - driver.released.size,
       preempting: [...driver.sessions].filter((session) => session.preempting).length,
       released: driver.released.size,
       waitingMs: driver.pending.size > 0 ? now - driver.arrived : 0,

@@ -2560,7 +2560,7 @@ export class Cluster implements Runtime {
 
   /**
    * Whether anything of this cluster is on the node: a task in flight on a lease there, an actor,
-   * a placement group's bundle, or a copy of an object. A lent node where nothing is may be given
+   * a placement group's bundle, or the only copy of an object. A lent node where nothing is may be given
    * back (ClusterOptions.idleReleaseMs) without losing anything.
    */
   nodeBusy(nodeId: string): boolean {
@@ -2571,7 +2571,8 @@ export class Cluster implements Runtime {
     for (const worker of node.workers.values()) if (worker.state === 'actor' || worker.state === 'starting') return true;
     for (const actor of this.#actors.values()) if (actor.node === node && actor.state !== 'dead') return true;
     for (const group of this.#groups.values()) if (group.state !== 'removed' && group.bundles.some((bundle) => bundle.node === node)) return true;
-    for (const record of this.#objects.values()) if (record.nodes.has(nodeId)) return true;
+    // A copy of an object also stored elsewhere (an input read there) is no reason to stay.
+    for (const record of this.#objects.values()) if (record.nodes.has(nodeId) && record.nodes.size === 1) return true;
     return false;
   }
 

@@ -507,6 +507,36 @@ describe('broker', () => {
     await expect(Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, users: { x: { token: 'x-secret-xx', maxPriority: 0.5 } } })).rejects.toThrow(/maxPriority is an integer/);
   });
 
+  it('drops bundles a driver withdraws, waiting or given back, as if never asked', async () => {
+    const b = await start();
+    const only = await track(host(b, 'only', { CPU: 2 }));
+    const job = await track(driver(b, 'job', [{ CPU: 1 }]));
+    await until(() => only.of('open-session').length === 1, 'the job');
+    const other = await track(driver(b, 'other', [{ CPU: 1 }]));
+    await until(() => other.of('granted').length === 1, 'the other job');
+    // A pool's extra ask waits for room, and is withdrawn before any frees: never lent.
+    job.connection.send({ t: 'request-more', bundles: [{ CPU: 1 }, { CPU: 1 }] });
+    job.connection.send({ t: 'withdraw', bundles: [1] });
+    // Messages on the job's connection and a status request on another are not ordered: poll.
+    let status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    while (status.drivers.find((one) => one.name === 'job')!.bundles !== 2) status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    expect(status.drivers.find((one) => one.name === 'job')).toMatchObject({ bundles: 2, granted: 1 });
+    other.connection.close();
+    await until(() => only.of('close-session').length === 1, 'the other job to leave');
+    endSession(only, only.of('open-session')[1]);
+    await until(() => job.of('granted').length === 2, 'the bundle still asked');
+    expect(lent(job).map((grant) => grant.bundles)).toEqual([[0], [2]]);
+    // A node given back with withdraw: its bundle is neither released nor asked for again.
+    job.connection.send({ t: 'release-node', nodeId: job.of('granted')[1].nodes[0].nodeId, withdraw: true });
+    job.connection.send({ t: 'request-again', bundles: [2] });
+    await until(() => only.of('close-session').length === 2, 'the node given back to end');
+    endSession(only, only.of('open-session')[2]);
+    do status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    while (status.hosts[0].sessions !== 1);
+    expect(status.drivers[0]).toMatchObject({ name: 'job', bundles: 1, granted: 1, released: 0 });
+    expect(job.of('granted')).toHaveLength(2);
+  });
+
   it('refuses wrong tokens, other versions, malformed requests and duplicate hosts, saying why', async () => {
     const b = await start();
     await track(host(b, 'one', { CPU: 1 }));

@@ -196,6 +196,33 @@ describe('shared cluster', () => {
     }
   });
 
+  it("asks the broker for room to grow a dataset's actor pool, and gives it back when the pool is done", async () => {
+    const files = scratch();
+    try {
+      await init({ cluster: request({ bundles: [{ CPU: 1 }], name: 'elastic' }) });
+      const gate = files.path('gate');
+      const items = Array.from({ length: 300 }, (_, i) => i);
+      const job = fromItems(items, { parallelism: 15 }).mapBatches(GatedTagger, { concurrency: [1, 3], batchSize: 20, constructorArgs: [gate] }).takeAll();
+      job.catch(() => undefined);
+      const taggers = () => state().actors.filter((actor) => actor.className === 'DataPoolActor' && actor.state === 'alive').length;
+      // One CPU was asked at init; the pool's queued work asks for two more, one per actor it may add.
+      await until(() => taggers() === 3, 'the pool to grow onto the room it asked for', 60_000);
+      expect(state().broker).toMatchObject({ bundles: 3, lent: 3 });
+      openGate(gate);
+      const rows = await job;
+      expect(rows.map((row) => row.item).sort((a, b) => (a as number) - (b as number))).toEqual(items);
+      expect(new Set(rows.map((row) => row.pid)).size).toBe(3);
+      // The pool is done: the nodes lent for it go back, and the job holds what init asked.
+      await until(() => state().broker!.bundles === 1 && state().nodes.length === 2, 'the room to go back');
+      let now: BrokerStatus;
+      do now = await status();
+      while (now.hosts.reduce((sum, host) => sum + host.sessions, 0) > 1);
+      expect(now.drivers[0]).toMatchObject({ bundles: 1, granted: 1, released: 0 });
+    } finally {
+      files.cleanup();
+    }
+  });
+
   it('gives idle nodes back to the broker and asks for them again when work waits', async () => {
     await init({ cluster: request({ bundles: [{ CPU: 1 }], idleReleaseMs: 200 }) });
     const first = state().nodes.find((node) => node.nodeId !== 'node-0')!.nodeId;
@@ -212,13 +239,17 @@ describe('shared cluster', () => {
     const where = await get(whereAmI.remote());
     expect(where.nodeId).not.toBe(first);
     expect(state().broker).toMatchObject({ released: 0 });
-    // An object kept on the node keeps the node: it is not given back while the object lives.
+    // An object only that node holds keeps the node: it is not given back while the object lives.
     const kept = makeArray.remote(100_000, 1);
-    await get(kept);
+    await wait([kept], { numReturns: 1 });
     const before = state().broker!.released;
     await new Promise((resolve) => setTimeout(resolve, 600));
     expect(state().broker!.released).toBe(before);
     expect(state().nodes.some((node) => node.nodeId === where.nodeId)).toBe(true);
+    // Once read here it has a copy in the driver's store: the node may go, losing nothing.
+    const values = await get(kept);
+    await until(() => !state().nodes.some((node) => node.nodeId === where.nodeId), 'the node to go back');
+    expect((await get(kept))[3]).toBe(values[3]);
   });
 
   it('grows a job beyond what init asked with requestResources', async () => {

@@ -1,5 +1,6 @@
 /** A class stage on an autoscaling pool of actors. */
-import { get, kill, state } from '../../core/api.js';
+import { askForRoom, get, kill, state } from '../../core/api.js';
+import type { ElasticAsk } from '../../core/broker-client.js';
 import { ObjectRef } from '../../core/object-ref.js';
 import { actorHandleInfo, type ActorHandle } from '../../core/registry.js';
 import { currentRuntime } from '../../core/runtime-context.js';
@@ -29,6 +30,8 @@ export class ActorMapOperator extends Operator {
   readonly #retiredMetrics: Record<string, number> = {};
   #lastScaleCheck = 0;
   #resourcesFree = true;
+  /** Room asked of a shared cluster's broker to grow into, not here yet. */
+  readonly #asks = new Set<ElasticAsk>();
 
   get pool(): ActorPoolOptions {
     return this.spec.pool;
@@ -320,6 +323,7 @@ export class ActorMapOperator extends Operator {
     const now = Date.now();
     if (this.done()) {
       for (const actor of [...this.#actors]) this.#removeActor(actor);
+      this.#withdrawAsks();
       return;
     }
     if (total < this.pool.min) {
@@ -336,6 +340,8 @@ export class ActorMapOperator extends Operator {
       if (this.#resourcesFree) {
         this.#resourcesFree = false;
         this.#addActor();
+      } else {
+        this.#askForRoom(total);
       }
       return;
     }
@@ -345,6 +351,33 @@ export class ActorMapOperator extends Operator {
         if (actor.state === 'ready' && actor.inflight === 0 && now - actor.idleSince >= this.pool.idleTimeoutMs) this.#removeActor(actor);
       }
     }
+  }
+
+  /**
+   * On a shared cluster, asks the broker for a bundle per actor the pool may still add and its
+   * queued work could use, less the asks not here yet (see ClusterOptions.autoscale).
+   */
+  #askForRoom(total: number): void {
+    for (const ask of [...this.#asks]) if (ask.settled) this.#asks.delete(ask);
+    const usable = Math.ceil(this.queuedUnits / this.pool.maxTasksInFlightPerActor);
+    const wanted = Math.min(this.pool.max - total, usable) - this.#asks.size;
+    if (wanted <= 0) return;
+    const compute = this.spec.compute;
+    const bundle: Record<string, number> = { ...(compute.resources ?? {}), CPU: compute.numCpus ?? 1 };
+    // A lent GPU is a whole device: actors of a fraction of one share it.
+    if (compute.numGpus) bundle.GPU = Math.ceil(compute.numGpus);
+    if (compute.memory) bundle.memory = compute.memory;
+    for (const [name, amount] of Object.entries(bundle)) if (!(amount > 0)) delete bundle[name];
+    for (let i = 0; i < wanted; i++) {
+      const ask = askForRoom(bundle);
+      if (!ask) return;
+      this.#asks.add(ask);
+    }
+  }
+
+  #withdrawAsks(): void {
+    for (const ask of this.#asks) ask.withdraw();
+    this.#asks.clear();
   }
 
   override truncate(): void {
@@ -367,6 +400,7 @@ export class ActorMapOperator extends Operator {
   }
 
   override async shutdown(): Promise<void> {
+    this.#withdrawAsks();
     for (const actor of [...this.#actors]) this.#removeActor(actor);
     for (const unit of this.#retry) dispose(unit.blocks);
     this.#retry.clear();
