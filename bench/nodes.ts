@@ -6,6 +6,8 @@
  * run. Tasks on the agent (their worker connected over TCP) against tasks on the driver's node.
  * A dataset job through an actor pool on three agents, clean and with one agent killed a quarter
  * of the way in (its blocks made again from lineage, its batches retried on the other actors).
+ * A shared cluster: joining it against a local init, and joining it when the host is all held by
+ * a job of lower priority (its slice taken back: told, given back once idle, ended, lent again).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { connect } from 'node:net';
@@ -18,6 +20,7 @@ const OBJECT_BYTES = 256 * 2 ** 20;
 const ROUNDS = 5;
 const TOKEN = 'bench-nodes';
 const cli = fileURLToPath(new URL('../lib/cli/trellis.ts', import.meta.url));
+const self = fileURLToPath(import.meta.url);
 const JOB_ROWS = 400_000;
 const JOB_ROUNDS = 3;
 
@@ -133,7 +136,27 @@ async function joinTimes(): Promise<Results> {
     };
     const joined = await medianSeconds(() => timed({ cluster: { address, token: TOKEN, bundles: [{ CPU: 1 }] } }));
     const local = await medianSeconds(() => timed({ numCpus: 1, prestartWorkers: 0 }));
-    return { cluster_join_ms: { value: round(joined * 1000), unit: 'ms' }, local_init_ms: { value: round(local * 1000), unit: 'ms' } };
+    // The host's two CPUs held by an idle job of priority 0 (another driver process); this one
+    // asks for one at priority 1: the other's slice is taken back first.
+    const preempted = await medianSeconds(async () => {
+      const holder = spawn(process.execPath, ['--import', 'tsx', self, 'hold', address], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN }, stdio: ['ignore', 'pipe', 'inherit'] });
+      try {
+        await new Promise<void>((resolve, reject) => {
+          holder.stdout!.once('data', () => resolve());
+          holder.once('exit', (code) => reject(new Error(`the holding job exited with ${code}`)));
+        });
+        return await timed({ cluster: { address, token: TOKEN, bundles: [{ CPU: 1 }], priority: 1 } });
+      } finally {
+        holder.kill('SIGTERM');
+        await new Promise((resolve) => holder.once('exit', resolve));
+        await free();
+      }
+    });
+    return {
+      cluster_join_ms: { value: round(joined * 1000), unit: 'ms' },
+      local_init_ms: { value: round(local * 1000), unit: 'ms' },
+      preempted_join_ms: { value: round(preempted * 1000), unit: 'ms' },
+    };
   } finally {
     host.kill('SIGTERM');
     await broker.close();
@@ -149,6 +172,7 @@ export const nodesSuite: Suite = {
     ['agent tasks sync / local tasks sync', 'agent_tasks_sync', 'local_tasks_sync', ''],
     ['dataset job, an agent killed / clean', 'dataset_job_node_lost_seconds', 'dataset_job_seconds', '(report)'],
     ['joining a shared cluster / a local init, to a first task', 'cluster_join_ms', 'local_init_ms', '(report)'],
+    ['joining by preempting a lower job / joining a free host', 'preempted_join_ms', 'cluster_join_ms', '(report)'],
   ],
   async run(): Promise<Results> {
     const results: Results = {};
@@ -224,3 +248,12 @@ export const nodesSuite: Suite = {
     return results;
   },
 };
+
+// A job that holds the bench host's two CPUs until told to stop (preempted_join_ms).
+if (process.argv[1] === self && process.argv[2] === 'hold') {
+  await init({ cluster: { address: process.argv[3], bundles: [{ CPU: 2 }], name: 'holder' } });
+  process.stdout.write('holding\n');
+  await new Promise<void>((resolve) => process.once('SIGTERM', () => resolve()));
+  await shutdown();
+  process.exit(0);
+}
