@@ -67,6 +67,8 @@ export interface ClusterOptions {
 export interface ElasticAsk {
   /** Whether its node joined (the room is there) or it was withdrawn: nothing more to wait for. */
   readonly settled: boolean;
+  /** Why the broker refused it: no host could ever hold it. */
+  readonly failed: string | undefined;
   /** Not wanted any more: withdrawn if not lent yet; a lent node goes back once idle. */
   withdraw(): void;
 }
@@ -205,7 +207,7 @@ export class BrokerClient {
   /** Nodes being taken back, each watched until nothing of this job is on it. */
   readonly #preempting = new Map<string, NodeJS.Timeout>();
   /** Bundles asked for by actor pools (elastic): withdrawn, not asked again, when not wanted. */
-  readonly #elastic = new Map<number, { settled: boolean }>();
+  readonly #elastic = new Map<number, { settled: boolean; failed?: string }>();
   readonly #withdrawn = new Set<number>();
   #autoscale = true;
   readonly #takenBack = new Set<string>();
@@ -316,11 +318,14 @@ export class BrokerClient {
     if (!this.#autoscale || this.#closed) return undefined;
     const index = this.#bundles.length;
     this.requestMore([bundle]);
-    const state = { settled: false };
+    const state: { settled: boolean; failed?: string } = { settled: false };
     this.#elastic.set(index, state);
     return {
       get settled() {
         return state.settled;
+      },
+      get failed() {
+        return state.failed;
       },
       withdraw: () => {
         state.settled = true;
@@ -356,6 +361,16 @@ export class BrokerClient {
       case 'broker-refused':
         return this.#problem(new ClusterError(message.code, `the broker at ${this.#address} refused this driver: ${message.reason}`));
       case 'unsatisfiable':
+        for (const index of message.bundles ?? []) {
+          this.#pending.delete(index);
+          this.#withdrawn.add(index);
+          const ask = this.#elastic.get(index);
+          if (ask) {
+            ask.settled = true;
+            ask.failed = message.reason;
+          }
+        }
+        if (message.bundles) this.#promise();
         return this.#problem(new ClusterError('ERR_CLUSTER_UNSATISFIABLE', `the broker at ${this.#address} cannot lend what this driver asks: ${message.reason}`));
       case 'granted':
         for (const node of message.nodes) {

@@ -187,6 +187,8 @@ export interface PreemptMessage {
 export interface UnsatisfiableMessage {
   t: 'unsatisfiable';
   reason: string;
+  /** Bundles asked after init that the broker dropped for it (none: the request as a whole). */
+  bundles?: number[];
 }
 
 export interface HostStatus {

@@ -523,9 +523,28 @@ export class Broker {
     if (typeof read === 'string') return void driver.connection.send({ t: 'unsatisfiable', reason: read });
     const first = driver.bundles.length;
     driver.bundles.push(...read);
-    for (let index = first; index < driver.bundles.length; index++) driver.pending.add(index);
     driver.started = true;
-    if (!this.#refuseUnsatisfiable(driver)) this.#allocate();
+    for (let index = first; index < driver.bundles.length; index++) {
+      // One no host could ever hold is dropped at once, saying which: it would wait forever.
+      const reason = this.#holdsNowhere(index, driver.bundles[index]);
+      if (reason) {
+        driver.withdrawn.add(index);
+        driver.connection.send({ t: 'unsatisfiable', reason, bundles: [index] });
+      } else {
+        driver.pending.add(index);
+      }
+    }
+    this.#allocate();
+  }
+
+  /** Why no registered host could ever hold `bundle` (undefined where one could, or none is registered). */
+  #holdsNowhere(index: number, bundle: Bundle): string | undefined {
+    if (this.#hosts.size === 0) return undefined;
+    const holds = [...this.#hosts.values()].some((host) =>
+      host.gpus.length >= bundle.gpus && [...bundle.resources].every(([name, amount]) => (host.total.get(name) ?? 0) >= amount));
+    if (holds) return undefined;
+    const largest = [...this.#hosts.values()].map((host) => `${host.id} ${describe(host.total, host.gpus.length)}`).join(', ');
+    return `bundle ${index} ${describe(bundle.resources, bundle.gpus)} fits no host of the cluster (${largest})`;
   }
 
   /** A driver no longer wants bundles it asked for (and holds none of them now). */
@@ -695,12 +714,9 @@ export class Broker {
       }
     }
     for (const index of driver.pending) {
-      const bundle = driver.bundles[index];
-      const holds = [...this.#hosts.values()].some((host) =>
-        host.gpus.length >= bundle.gpus && [...bundle.resources].every(([name, amount]) => (host.total.get(name) ?? 0) >= amount));
-      if (holds) continue;
-      const largest = [...this.#hosts.values()].map((host) => `${host.id} ${describe(host.total, host.gpus.length)}`).join(', ');
-      driver.connection.send({ t: 'unsatisfiable', reason: `bundle ${index} ${describe(bundle.resources, bundle.gpus)} fits no host of the cluster (${largest})` });
+      const reason = this.#holdsNowhere(index, driver.bundles[index]);
+      if (!reason) continue;
+      driver.connection.send({ t: 'unsatisfiable', reason });
       return true;
     }
     return false;

@@ -2567,8 +2567,8 @@ export class Cluster implements Runtime {
     const node = this.nodes.find((candidate) => candidate.id === nodeId);
     if (!node) return false;
     for (const lease of this.#leaseByWorker.values()) if (lease.node === node && lease.inflight > 0) return true;
-    // A worker starting is there for work that is coming.
-    for (const worker of node.workers.values()) if (worker.state === 'actor' || worker.state === 'starting') return true;
+    // A worker starting is there for work that is coming, unless nothing may come (the node is cordoned).
+    for (const worker of node.workers.values()) if (worker.state === 'actor' || (worker.state === 'starting' && !node.draining)) return true;
     for (const actor of this.#actors.values()) if (actor.node === node && actor.state !== 'dead') return true;
     for (const group of this.#groups.values()) if (group.state !== 'removed' && group.bundles.some((bundle) => bundle.node === node)) return true;
     // A copy of an object also stored elsewhere (an input read there) is no reason to stay.

@@ -11,7 +11,7 @@ import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, fromItems, get, init, requestResources, shutdown, state, wait, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
-import { GatedTagger, makeArray, visibleGpus, waitThenWhere, whereAmI } from './fixtures/nodes.js';
+import { GatedTagger, NodeTagger, makeArray, visibleGpus, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { isAlive, openGate, rejection, scratch, until } from './helpers.js';
 
 const TOKEN = 'shared-cluster-token';
@@ -221,6 +221,19 @@ describe('shared cluster', () => {
     } finally {
       files.cleanup();
     }
+  });
+
+  it("asks for the room an actor pool's minimum lacks, and fails the job where no host could hold its actors", async () => {
+    await init({ cluster: request({ bundles: [{ CPU: 1 }], name: 'minimum' }) });
+    const items = Array.from({ length: 40 }, (_, id) => ({ id }));
+    // Two actors of one CPU each, with one CPU lent: the pool asks for the other and starts on it.
+    const rows = await fromItems(items, { parallelism: 4 }).mapBatches(NodeTagger, { concurrency: 2, batchSize: 10 }).takeAll();
+    expect(rows.map((row) => row.id).sort((a, b) => (a as number) - (b as number))).toEqual(items.map((item) => item.id));
+    expect(new Set(rows.map((row) => row.nodeId)).size).toBe(2);
+    // An actor no host could hold: the broker refuses the ask, and the job fails saying why.
+    const error = await rejection(fromItems(items, { parallelism: 4 }).mapBatches(NodeTagger, { concurrency: 1, batchSize: 10, resources: { tpu: 1 } }).takeAll());
+    expect(error.code).toBe('ERR_DATA_ACTOR_START');
+    expect(error.message).toMatch(/cannot hold another NodeTagger actor: bundle \d+ \{ CPU: 1, tpu: 1 \} fits no host/);
   });
 
   it('gives idle nodes back to the broker and asks for them again when work waits', async () => {

@@ -32,6 +32,8 @@ export class ActorMapOperator extends Operator {
   #resourcesFree = true;
   /** Room asked of a shared cluster's broker to grow into, not here yet. */
   readonly #asks = new Set<ElasticAsk>();
+  /** Those of them its minimum needs: refused, the pool cannot start. */
+  readonly #minimumAsks = new WeakSet<ElasticAsk>();
 
   get pool(): ActorPoolOptions {
     return this.spec.pool;
@@ -43,7 +45,8 @@ export class ActorMapOperator extends Operator {
   override async start(): Promise<void> {
     // A pool whose minimum the cluster cannot hold would wait for its actors forever.
     const fit = this.executor.actorsThatFit(this.spec.compute);
-    if (fit < this.pool.min) {
+    // On a shared cluster the pool asks for the room its minimum lacks, and starts as it comes.
+    if (fit < this.pool.min && !this.#askForRoom(fit, this.pool.min - fit)) {
       const need = Object.entries(resourcesOf(this.spec.compute)).filter(([, amount]) => amount > 0).map(([name, amount]) => `${name} ${amount}`).join(', ');
       throw new DataError(
         'ERR_DATA_ACTOR_START',
@@ -313,6 +316,8 @@ export class ActorMapOperator extends Operator {
    */
   autoscale(): void {
     if (this.executor.failed) return;
+    this.#checkAsks();
+    if (this.executor.failed) return;
     for (const actor of [...this.#actors]) {
       if (actor.state === 'stopping' || (actor.state === 'ready' && actor.inflight > 0) || !this.#leaving(actor)) continue;
       this.executor.warn(`actor pool ${this.name}: a ${this.className} actor retires from a node being taken back`);
@@ -357,11 +362,11 @@ export class ActorMapOperator extends Operator {
    * On a shared cluster, asks the broker for a bundle per actor the pool may still add and its
    * queued work could use, less the asks not here yet (see ClusterOptions.autoscale).
    */
-  #askForRoom(total: number): void {
+  #askForRoom(total: number, needed?: number): boolean {
     for (const ask of [...this.#asks]) if (ask.settled) this.#asks.delete(ask);
-    const usable = Math.ceil(this.queuedUnits / this.pool.maxTasksInFlightPerActor);
+    const usable = needed ?? Math.ceil(this.queuedUnits / this.pool.maxTasksInFlightPerActor);
     const wanted = Math.min(this.pool.max - total, usable) - this.#asks.size;
-    if (wanted <= 0) return;
+    if (wanted <= 0) return true;
     const compute = this.spec.compute;
     const bundle: Record<string, number> = { ...(compute.resources ?? {}), CPU: compute.numCpus ?? 1 };
     // A lent GPU is a whole device: actors of a fraction of one share it.
@@ -370,8 +375,27 @@ export class ActorMapOperator extends Operator {
     for (const [name, amount] of Object.entries(bundle)) if (!(amount > 0)) delete bundle[name];
     for (let i = 0; i < wanted; i++) {
       const ask = askForRoom(bundle);
-      if (!ask) return;
+      if (!ask) return false;
       this.#asks.add(ask);
+      if (needed !== undefined) this.#minimumAsks.add(ask);
+    }
+    return true;
+  }
+
+  /**
+   * An ask the broker refused (no host could ever hold one actor): fatal where the pool's minimum
+   * needed it (its actors would wait forever), a warning otherwise (it cannot grow).
+   */
+  #checkAsks(): void {
+    for (const ask of this.#asks) {
+      if (ask.failed === undefined) continue;
+      this.#asks.delete(ask);
+      const message = `actor pool ${this.name}: the cluster cannot hold another ${this.className} actor: ${ask.failed}`;
+      if (this.#minimumAsks.has(ask)) {
+        this.executor.fail(new DataError('ERR_DATA_ACTOR_START', message, { operator: this.name }));
+        return;
+      }
+      this.executor.warn(message);
     }
   }
 
