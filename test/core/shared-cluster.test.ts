@@ -225,15 +225,22 @@ describe('shared cluster', () => {
 
   it("asks for the room an actor pool's minimum lacks, and fails the job where no host could hold its actors", async () => {
     await init({ cluster: request({ bundles: [{ CPU: 1 }], name: 'minimum' }) });
-    const items = Array.from({ length: 40 }, (_, id) => ({ id }));
+    const files = scratch();
+    const gate = files.path('gate');
+    const items = Array.from({ length: 40 }, (_, i) => i);
     // Two actors of one CPU each, with one CPU lent: the pool asks for the other and starts on it.
-    const rows = await fromItems(items, { parallelism: 4 }).mapBatches(NodeTagger, { concurrency: 2, batchSize: 10 }).takeAll();
-    expect(rows.map((row) => row.id).sort((a, b) => (a as number) - (b as number))).toEqual(items.map((item) => item.id));
-    expect(new Set(rows.map((row) => row.nodeId)).size).toBe(2);
+    const job = fromItems(items, { parallelism: 4 }).mapBatches(GatedTagger, { concurrency: 2, batchSize: 10, constructorArgs: [gate] }).takeAll();
+    job.catch(() => undefined);
+    await until(() => state().actors.filter((actor) => actor.className === 'DataPoolActor' && actor.state === 'alive').length === 2, 'both actors');
+    expect(state().broker).toMatchObject({ bundles: 2, lent: 2 });
+    openGate(gate);
+    const rows = await job;
+    files.cleanup();
+    expect(rows.map((row) => row.item).sort((a, b) => (a as number) - (b as number))).toEqual(items);
     // An actor no host could hold: the broker refuses the ask, and the job fails saying why.
-    const error = await rejection(fromItems(items, { parallelism: 4 }).mapBatches(NodeTagger, { concurrency: 1, batchSize: 10, resources: { tpu: 1 } }).takeAll());
+    const error = await rejection(fromItems(items.map((id) => ({ id })), { parallelism: 4 }).mapBatches(NodeTagger, { concurrency: 1, batchSize: 10, resources: { tpu: 1 } }).takeAll());
     expect(error.code).toBe('ERR_DATA_ACTOR_START');
-    expect(error.message).toMatch(/cannot hold another NodeTagger actor: bundle \d+ \{ CPU: 1, tpu: 1 \} fits no host/);
+    expect(error.message).toMatch(/cannot hold another NodeTagger actor: bundle \d+ \{ tpu: 1, CPU: 1 \} fits no host of the cluster \(host-a/);
   });
 
   it('gives idle nodes back to the broker and asks for them again when work waits', async () => {

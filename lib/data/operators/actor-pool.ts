@@ -96,6 +96,9 @@ export class ActorMapOperator extends Operator {
       (error: unknown) => {
         clearTimeout(timer);
         if (actor.state === 'stopping' || this.executor.failed) return;
+        // An actor no node can hold because the broker refused the room asked for it: say that.
+        this.#checkAsks();
+        if (this.executor.failed) return;
         this.#removeActor(actor);
         if (error instanceof ActorDiedError && this.#actors.size > 0) return; // lost before it started; the pool refills
         const cause = error instanceof TaskError ? (error.cause as Error) : (error as Error);
