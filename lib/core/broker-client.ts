@@ -299,7 +299,7 @@ export class BrokerClient {
    * Asks for more bundles (validated as init's): lent as they fit, joining as nodes. The broker's
    * refusal, where no host could hold one, comes as a 'warning' event of kind 'cluster'.
    */
-  requestMore(bundles: Resources[]): void {
+  requestMore(bundles: Resources[], elastic = false): void {
     const checked = requestedBundles({ address: this.#address, bundles });
     const first = this.#bundles.length;
     this.#bundles.push(...checked);
@@ -307,7 +307,7 @@ export class BrokerClient {
     // Said again in full to a broker that restarts.
     this.#hello.bundles = this.#bundles;
     this.#promise();
-    if (this.#connected && !this.#closed) this.#connection.send({ t: 'request-more', bundles: checked });
+    if (this.#connected && !this.#closed) this.#connection.send({ t: 'request-more', bundles: checked, ...(elastic ? { elastic } : {}) });
   }
 
   /**
@@ -317,9 +317,9 @@ export class BrokerClient {
   ask(bundle: Resources): ElasticAsk | undefined {
     if (!this.#autoscale || this.#closed) return undefined;
     const index = this.#bundles.length;
-    this.requestMore([bundle]);
     const state: { settled: boolean; failed?: string } = { settled: false };
     this.#elastic.set(index, state);
+    this.requestMore([bundle], true);
     return {
       get settled() {
         return state.settled;
@@ -567,7 +567,7 @@ export class BrokerClient {
           this.#connection = opened;
           this.#connected = true;
           const held = [...this.#lent.values()].map((node) => ({ nodeId: node.nodeId, hostId: node.hostId, bundles: node.bundles, resources: node.resources }));
-          opened.send({ ...this.#hello, resume: { nodes: held, waitedMs: Date.now() - this.#asked, released: [...this.#released], withdrawn: [...this.#withdrawn] } });
+          opened.send({ ...this.#hello, resume: { nodes: held, waitedMs: Date.now() - this.#asked, released: [...this.#released], withdrawn: [...this.#withdrawn], elastic: [...this.#elastic.keys()] } });
           if (this.#started) this.#cluster.events.emit('warning', { kind: 'cluster', message: `reconnected to the broker at ${this.#address}, holding ${held.length} lent node(s)` });
         },
         () => this.#reconnect(),

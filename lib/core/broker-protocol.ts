@@ -49,6 +49,8 @@ export interface DriverHelloMessage {
     released?: number[];
     /** Bundles it no longer wants at all. */
     withdrawn?: number[];
+    /** Bundles its pools borrowed (request-more's elastic). */
+    elastic?: number[];
   };
 }
 
@@ -112,6 +114,11 @@ export interface AliveMessage {
 export interface RequestMoreMessage {
   t: 'request-more';
   bundles: Record<string, number>[];
+  /**
+   * Room an actor pool borrows to grow (elastic): lent in sessions of their own, and taken back
+   * for another job's own request of the same priority, not only for higher ones.
+   */
+  elastic?: boolean;
 }
 
 export type BrokerInbound =

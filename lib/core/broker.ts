@@ -103,6 +103,8 @@ interface SessionRecord {
   lentAt: number;
   /** Being taken back for a job of higher priority: ended at `deadline` if not given back before. */
   preempting?: { deadline: number; closing: boolean };
+  /** Its bundles are all borrowed by the driver's pools (elastic): reclaimable at equal priority. */
+  elastic: boolean;
   /** When its host's connection dropped (orphans only). */
   orphanedAt?: number;
 }
@@ -131,6 +133,8 @@ interface DriverRecord {
   released: Set<number>;
   /** Indices of bundles it no longer wants at all (withdrawn): as if never asked. */
   withdrawn: Set<number>;
+  /** Indices of bundles its pools borrowed to grow (request-more's elastic). */
+  elastic: Set<number>;
   sessions: Set<SessionRecord>;
   /** Whether it was ever lent anything (a gang's later bundles are replacements, taken as they fit). */
   started: boolean;
@@ -186,6 +190,12 @@ class Ledger {
     this.#free.clear();
     for (const [host, free] of trial.#free) this.#free.set(host, free);
   }
+}
+
+/** Whether costs `a` come before `b`, compared element by element. */
+function comesFirst(a: number[], b: number[]): boolean {
+  for (let index = 0; index < a.length; index++) if (a[index] !== b[index]) return a[index] < b[index];
+  return false;
 }
 
 function fromFixed(resources: Map<string, number>): Record<string, number> {
@@ -371,7 +381,7 @@ export class Broker {
               else if (next.t === 'release-node') this.#release(driver, next.nodeId, next.withdraw === true);
               else if (next.t === 'withdraw') this.#withdraw(driver, next.bundles);
               else if (next.t === 'request-again') this.#requestAgain(driver, next.bundles);
-              else if (next.t === 'request-more') this.#requestMore(driver, next.bundles);
+              else if (next.t === 'request-more') this.#requestMore(driver, next.bundles, next.elastic === true);
               else if (next.t === 'node-joined') for (const session of driver.sessions) if (session.nodeId === next.nodeId) session.joined = true;
             };
             role = { close: () => this.#removeDriver(driver) };
@@ -433,7 +443,7 @@ export class Broker {
       this.#orphans.delete(running.sessionId);
       const session: SessionRecord = known && known.host.id === host.id
         ? { ...known, host, resources, gpus }
-        : { id: running.sessionId, nodeId: String(running.nodeId ?? running.sessionId), host, driver: undefined, resources, gpus, bundles: [], joined: true, lentAt: 0 };
+        : { id: running.sessionId, nodeId: String(running.nodeId ?? running.sessionId), host, driver: undefined, resources, gpus, bundles: [], joined: true, lentAt: 0, elastic: false };
       delete session.orphanedAt;
       if (session.driver?.sessions.delete(known!)) session.driver.sessions.add(session);
       else session.driver = this.#claim(session);
@@ -455,6 +465,7 @@ export class Broker {
       if (!claim) continue;
       driver.claims.delete(session.nodeId);
       session.bundles = claim;
+      session.elastic = claim.length > 0 && claim.every((index) => driver.elastic.has(index));
       driver.sessions.add(session);
       return driver;
     }
@@ -518,13 +529,14 @@ export class Broker {
   }
 
   /** A driver asks for more bundles after init: lent as they fit, as a driver that takes what fits. */
-  #requestMore(driver: DriverRecord, bundles: unknown): void {
+  #requestMore(driver: DriverRecord, bundles: unknown, elastic: boolean): void {
     const read = readBundles(bundles);
     if (typeof read === 'string') return void driver.connection.send({ t: 'unsatisfiable', reason: read });
     const first = driver.bundles.length;
     driver.bundles.push(...read);
     driver.started = true;
     for (let index = first; index < driver.bundles.length; index++) {
+      if (elastic) driver.elastic.add(index);
       // One no host could ever hold is dropped at once, saying which: it would wait forever.
       const reason = this.#holdsNowhere(index, driver.bundles[index]);
       if (reason) {
@@ -652,6 +664,7 @@ export class Broker {
       pending: new Set(bundles.keys()),
       released: new Set(),
       withdrawn: new Set(),
+      elastic: new Set(),
       sessions: new Set(),
       started: false,
       avoid: new Set(),
@@ -668,6 +681,9 @@ export class Broker {
       }
       for (const index of Array.isArray(hello.resume.withdrawn) ? hello.resume.withdrawn : []) {
         if (driver.pending.delete(index)) driver.withdrawn.add(index);
+      }
+      for (const index of Array.isArray(hello.resume.elastic) ? hello.resume.elastic : []) {
+        if (Number.isInteger(index) && index >= 0 && index < bundles.length) driver.elastic.add(index);
       }
       this.#resume(driver, hello.resume.nodes);
     }
@@ -694,6 +710,7 @@ export class Broker {
         session.driver = driver;
         session.bundles = bundles;
         session.joined = true;
+        session.elastic = bundles.length > 0 && bundles.every((index) => driver.elastic.has(index));
         driver.sessions.add(session);
       } else {
         driver.claims.set(String(node.nodeId), bundles);
@@ -913,7 +930,7 @@ export class Broker {
       const bundle = driver.bundles[index];
       let host = this.#hostFor(driver, bundle, trial, chosen);
       if (!host) {
-        const pick = this.#victimsFor(driver, bundle, trial, victims);
+        const pick = this.#victimsFor(driver, bundle, driver.elastic.has(index), trial, victims);
         if (!pick) return false;
         host = pick.host;
         for (const session of pick.sessions) {
@@ -930,14 +947,20 @@ export class Broker {
     return true;
   }
 
-  /** The host where taking back the fewest, lowest-priority slices lets `bundle` fit, and those slices. */
-  #victimsFor(driver: DriverRecord, bundle: Bundle, ledger: Ledger, taken: SessionRecord[]): { host: HostRecord; sessions: SessionRecord[] } | undefined {
-    let best: { host: HostRecord; sessions: SessionRecord[]; cost: number } | undefined;
+  /**
+   * The host where taking back the least lets `bundle` fit, and the slices taken: what other jobs'
+   * pools borrowed first (for a job's own request, at its priority or below), then slices of
+   * lower priority, the lowest first and the most recently lent among equals.
+   */
+  #victimsFor(driver: DriverRecord, bundle: Bundle, elastic: boolean, ledger: Ledger, taken: SessionRecord[]): { host: HostRecord; sessions: SessionRecord[] } | undefined {
+    const reclaimable = (session: SessionRecord) =>
+      !elastic && session.elastic && session.driver !== driver && session.driver!.priority <= driver.priority;
+    let best: { host: HostRecord; sessions: SessionRecord[]; cost: number[] } | undefined;
     for (const host of this.#hosts.values()) {
       if (host.gpus.length < bundle.gpus || [...bundle.resources].some(([name, amount]) => (host.total.get(name) ?? 0) < amount)) continue;
       const candidates = [...host.sessions.values()]
-        .filter((session) => session.driver && !session.preempting && session.driver.priority < driver.priority && !taken.includes(session))
-        .sort((a, b) => a.driver!.priority - b.driver!.priority || b.lentAt - a.lentAt);
+        .filter((session) => session.driver && !session.preempting && !taken.includes(session) && (session.driver.priority < driver.priority || reclaimable(session)))
+        .sort((a, b) => Number(reclaimable(b)) - Number(reclaimable(a)) || a.driver!.priority - b.driver!.priority || b.lentAt - a.lentAt);
       const trial = ledger.copy();
       const sessions: SessionRecord[] = [];
       for (const session of candidates) {
@@ -946,9 +969,10 @@ export class Broker {
         sessions.push(session);
       }
       if (sessions.length === 0 || !trial.fits(host, bundle)) continue;
-      // Lower priorities taken first, then fewer slices.
-      const cost = Math.max(...sessions.map((session) => session.driver!.priority)) * 1e6 + sessions.length;
-      if (!best || cost < best.cost) best = { host, sessions, cost };
+      // Fewer slices of jobs' own requests taken first, then lower priorities, then fewer slices.
+      const own = sessions.filter((session) => !reclaimable(session));
+      const cost = [own.length, own.length > 0 ? Math.max(...own.map((session) => session.driver!.priority)) : -Infinity, sessions.length];
+      if (!best || comesFirst(cost, best.cost)) best = { host, sessions, cost };
     }
     return best;
   }
@@ -958,8 +982,9 @@ export class Broker {
     const victim = session.driver!;
     const graceMs = this.#options.preemptGraceMs ?? 30_000;
     session.preempting = { deadline: Date.now() + graceMs, closing: false };
-    // Asked for again at once: the job takes them back as they fit, elsewhere or later.
-    for (const index of session.bundles) victim.pending.add(index);
+    // Asked for again at once: the job takes them back as they fit, elsewhere or later. What its
+    // pools borrowed is not: they ask anew if they still need room.
+    for (const index of session.bundles) (victim.elastic.has(index) ? victim.withdrawn : victim.pending).add(index);
     victim.preempted++;
     const reason = `${by.name} (${by.jobId}) of priority ${by.priority} needs it; ${victim.name} (${victim.jobId}) has priority ${victim.priority}`;
     victim.connection.send({ t: 'preempt', nodeId: session.nodeId, graceMs, reason });
@@ -980,7 +1005,15 @@ export class Broker {
   /** Opens one session per host for the bundles chosen there, and tells the driver. */
   #lend(driver: DriverRecord, chosen: Map<HostRecord, number[]>): void {
     const nodes: { nodeId: string; hostId: string; hostname: string; resources: Record<string, number>; bundles: number[] }[] = [];
+    // What pools borrowed goes in sessions of its own, so it can be taken back alone.
+    const sessions: [HostRecord, number[]][] = [];
     for (const [host, indices] of chosen) {
+      const borrowed = indices.filter((index) => driver.elastic.has(index));
+      const own = indices.filter((index) => !driver.elastic.has(index));
+      if (own.length > 0) sessions.push([host, own]);
+      if (borrowed.length > 0) sessions.push([host, borrowed]);
+    }
+    for (const [host, indices] of sessions) {
       const resources = new Map<string, number>();
       let gpuCount = 0;
       for (const index of indices) {
@@ -992,7 +1025,10 @@ export class Broker {
       const gpus = host.gpusFree.slice(0, gpuCount);
       this.#take(host, resources, gpus);
       const sessionId = `s${this.#nextSession++}-${this.#epoch}`;
-      const session: SessionRecord = { id: sessionId, nodeId: `${host.id}/${sessionId}`, host, driver, resources, gpus, bundles: indices, joined: false, lentAt: Date.now() };
+      const session: SessionRecord = {
+        id: sessionId, nodeId: `${host.id}/${sessionId}`, host, driver, resources, gpus, bundles: indices, joined: false, lentAt: Date.now(),
+        elastic: indices.every((index) => driver.elastic.has(index)),
+      };
       host.sessions.set(sessionId, session);
       driver.sessions.add(session);
       host.connection.send({

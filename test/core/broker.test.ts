@@ -491,6 +491,33 @@ describe('broker', () => {
     expect(lower.of('granted')).toEqual([]);
   });
 
+  it("takes back what pools borrowed for another job's own request at the same priority, never for another pool's", async () => {
+    const b = await start({ preemptGraceMs: 0 });
+    const only = await track(host(b, 'only', { CPU: 4 }));
+    const lender = await track(driver(b, 'lender', [{ CPU: 1 }]));
+    await until(() => lender.of('granted').length === 1, 'the first job');
+    // Its pool borrows the rest: lent in a session of its own.
+    lender.connection.send({ t: 'request-more', bundles: [{ CPU: 1 }, { CPU: 1 }, { CPU: 1 }], elastic: true });
+    await until(() => lender.of('granted').length === 2, 'the borrowed room');
+    expect(only.of('open-session').map((session) => session.resources)).toEqual([{ CPU: 1 }, { CPU: 3 }]);
+    // A job of the same priority asking for its own two CPUs takes the borrowed slice back, not the job's own.
+    const second = await track(driver(b, 'second', [{ CPU: 2 }]));
+    await until(() => lender.of('preempt').length === 1, 'the borrowed slice to be taken back');
+    expect(lender.of('preempt')[0].nodeId).toBe(only.of('open-session')[1].nodeId);
+    await until(() => only.of('close-session').length === 1, 'its session to be ended');
+    endSession(only, only.of('open-session')[1]);
+    await until(() => second.of('granted').length === 1, 'the second job');
+    // What the pool borrowed is not asked again: the job holds what it asked for itself.
+    let status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    expect(status.drivers.find((one) => one.name === 'lender')).toMatchObject({ bundles: 1, granted: 1 });
+    // A pool's ask never takes back: the second job's pool waits for room rather than reclaim.
+    second.connection.send({ t: 'request-more', bundles: [{ CPU: 2 }], elastic: true });
+    do status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
+    while (status.drivers.find((one) => one.name === 'second')!.bundles !== 2);
+    expect(lender.of('preempt')).toHaveLength(1);
+    expect(second.of('granted')).toHaveLength(1);
+  });
+
   it("caps each user's priority, and refuses one that is not an integer", async () => {
     const b = (broker = await Broker.start({
       host: '127.0.0.1', port: 0, token: TOKEN,
