@@ -1,9 +1,10 @@
 /**
  * A shared cluster, on one host: a broker, two hosts that register with it (each a
- * `trellis node --broker` process, as they would be on other machines, 2 CPUs each), and three
+ * `trellis node --broker` process, as they would be on other machines, 2 CPUs each), and four
  * users' batch jobs, each its own driver process. Two jobs ask for 2 CPUs each and run side by
- * side; the third asks for 3 at once and waits until they end. Each job embeds texts through an
- * actor pool on the slices it was lent.
+ * side; the third asks for 3 at once and waits until they end; the fourth, of priority 5, takes
+ * 2 CPUs back from one of the first two, which goes on once it is done. Each job embeds texts
+ * through an actor pool on the slices it was lent.
  * Run: node --import tsx examples/shared-cluster.ts
  *
  * On real hosts: `npx trellis broker` once, `npx trellis node --broker BROKER_HOST:7390` on each
@@ -14,7 +15,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { Broker, brokerStatus, fromItems, init, shutdown, type BrokerStatus } from '../lib/index.js';
+import { Broker, brokerStatus, fromItems, init, shutdown, state, type BrokerStatus } from '../lib/index.js';
 // The model stand-in of the several-hosts example: letter counts, and the node it ran on.
 import { Embedder } from './several-hosts.js';
 
@@ -22,15 +23,19 @@ import { Embedder } from './several-hosts.js';
 const self = fileURLToPath(import.meta.url);
 
 /** One user's job: a driver that joins the cluster, embeds its texts and leaves. */
-async function job(name: string, address: string, cpus: number): Promise<void> {
+async function job(name: string, address: string, cpus: number, priority: number): Promise<void> {
+  // A job of priority waits for the word to start (its process already up, as a job submitted then).
+  if (priority > 0) for await (const line of createInterface({ input: process.stdin })) if (line === 'go') break;
   const asked = Date.now();
-  await init({ cluster: { address, resources: { CPU: cpus }, name } });
+  await init({ cluster: { address, resources: { CPU: cpus }, name, priority } });
   const waited = Date.now() - asked;
   const texts = Array.from({ length: 6000 }, (_, i) => ({ text: `${name} document ${i}: ${'the quick brown fox '.repeat(1 + (i % 5))}` }));
   const rows = await fromItems(texts, { parallelism: 12 }).mapBatches(Embedder, { concurrency: cpus, batchSize: 250 }).takeAll();
   const perNode = new Map<string, number>();
   for (const row of rows) perNode.set(row.node as string, (perNode.get(row.node as string) ?? 0) + 1);
-  console.log(`${name}: lent ${cpus} CPUs after ${(waited / 1000).toFixed(1)} s; embedded ${rows.length} texts on ${[...perNode].map(([node, count]) => `${node} (${count})`).join(', ')}`);
+  const preempted = state().broker!.preempted;
+  const notes = [priority > 0 ? `priority ${priority}` : '', preempted > 0 ? `taken back ${preempted} time(s) for a job of higher priority` : ''].filter(Boolean).join('; ');
+  console.log(`${name}: lent ${cpus} CPUs after ${(waited / 1000).toFixed(1)} s; embedded ${rows.length} texts on ${[...perNode].map(([node, count]) => `${node} (${count})`).join(', ')}${notes ? ` (${notes})` : ''}`);
   await shutdown();
 }
 
@@ -47,22 +52,28 @@ async function main(): Promise<void> {
   const address = `127.0.0.1:${broker.port}`;
   const cli = fileURLToPath(new URL('../lib/cli/trellis.ts', import.meta.url));
   const processes: ChildProcess[] = [];
-  const run = (args: string[]) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const start = (args: string[]) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', ...args], { stdio: ['pipe', 'pipe', 'inherit'] });
     createInterface({ input: child.stdout! }).on('line', (line) => console.log(line));
     processes.push(child);
-    return new Promise<number | null>((resolve) => child.once('exit', resolve));
+    return { child, exited: new Promise<number | null>((resolve) => child.once('exit', resolve)) };
   };
+  const run = (args: string[]) => start(args).exited;
   try {
     for (const host of ['host-a', 'host-b']) void run([cli, 'node', '--broker', address, '--id', host, '--num-cpus', '2', '--object-store-memory', String(256 * 2 ** 20)]);
     while ((await brokerStatus(address)).hosts.length < 2) await new Promise((resolve) => setTimeout(resolve, 50));
     console.log(describe(await brokerStatus(address)));
+    const urgent = start([self, 'job', 'dave', address, '2', '5']);
     const first = [run([self, 'job', 'alice', address, '2']), run([self, 'job', 'bob', address, '2'])];
     while ((await brokerStatus(address)).drivers.filter((driver) => driver.granted > 0).length < 2) await new Promise((resolve) => setTimeout(resolve, 50));
     const gang = run([self, 'job', 'carol', address, '3']);
     while ((await brokerStatus(address)).drivers.length < 3) await new Promise((resolve) => setTimeout(resolve, 50));
     console.log(describe(await brokerStatus(address)));
-    const codes = await Promise.all([...first, gang]);
+    // An urgent job: the cluster is full, so it takes a slice back from a job of lower priority.
+    urgent.child.stdin!.end('go\n');
+    while (!(await brokerStatus(address)).drivers.some((driver) => driver.name === 'dave' && driver.granted > 0)) await new Promise((resolve) => setTimeout(resolve, 50));
+    console.log(describe(await brokerStatus(address)));
+    const codes = await Promise.all([...first, gang, urgent.exited]);
     console.log(describe(await brokerStatus(address)));
     if (codes.some((code) => code !== 0)) process.exitCode = 1;
   } finally {
@@ -72,6 +83,6 @@ async function main(): Promise<void> {
 }
 
 if (process.argv[1] === self) {
-  if (process.argv[2] === 'job') await job(process.argv[3], process.argv[4], Number(process.argv[5]));
+  if (process.argv[2] === 'job') await job(process.argv[3], process.argv[4], Number(process.argv[5]), Number(process.argv[6] ?? 0));
   else await main();
 }

@@ -438,13 +438,16 @@ describe('shared cluster', () => {
     hosts.delete(lostHost);
   });
 
-  it('runs three users\' jobs as the README says', () => {
+  it('runs four users\' jobs as the README says', () => {
     const demo = spawnSync(process.execPath, ['--import', 'tsx', 'examples/shared-cluster.ts'], { encoding: 'utf8', timeout: 120_000 });
     expect(demo.status, demo.stderr).toBe(0);
     const waiting = demo.stdout.split('\n').find((line) => line.includes('carol 0/3 lent'));
     expect(waiting, demo.stdout).toMatch(/host-a 0\/2 CPUs free, host-b 0\/2 CPUs free; jobs: alice 2\/2 lent, bob 2\/2 lent, carol 0\/3 lent$/);
     for (const name of ['alice', 'bob']) expect(demo.stdout).toMatch(new RegExp(`${name}: lent 2 CPUs after [\\d.]+ s; embedded 6000 texts on host-`));
     expect(demo.stdout).toMatch(/carol: lent 3 CPUs after [\d.]+ s; embedded 6000 texts on host-/);
+    // The urgent job took a slice back from alice or bob, who finished all the same.
+    expect(demo.stdout).toMatch(/dave: lent 2 CPUs after [\d.]+ s; embedded 6000 texts on host-.+ \(priority 5\)$/m);
+    expect(demo.stdout).toMatch(/(alice|bob): lent 2 CPUs after [\d.]+ s; embedded 6000 texts on .+ \(taken back 1 time\(s\) for a job of higher priority\)$/m);
     expect(demo.stdout.trim().split('\n').at(-1)).toBe('hosts: host-a 2/2 CPUs free, host-b 2/2 CPUs free; jobs: none');
   }, 120_000);
 });
