@@ -567,7 +567,7 @@ export class BrokerClient {
           this.#connection = opened;
           this.#connected = true;
           const held = [...this.#lent.values()].map((node) => ({ nodeId: node.nodeId, hostId: node.hostId, bundles: node.bundles, resources: node.resources }));
-          opened.send({ ...this.#hello, resume: { nodes: held, waitedMs: Date.now() - this.#asked, released: [...this.#released], withdrawn: [...this.#withdrawn], elastic: [...this.#elastic.keys()] } });
+          opened.send({ ...this.#hello, resume: { nodes: held, waitedMs: Date.now() - this.#asked, released: [...this.#released], withdrawn: [...this.#withdrawn], elastic: [...this.#elastic.keys()], takenBack: [...this.#takenBack] } });
           if (this.#started) this.#cluster.events.emit('warning', { kind: 'cluster', message: `reconnected to the broker at ${this.#address}, holding ${held.length} lent node(s)` });
         },
         () => this.#reconnect(),

@@ -51,6 +51,8 @@ export interface DriverHelloMessage {
     withdrawn?: number[];
     /** Bundles its pools borrowed (request-more's elastic). */
     elastic?: number[];
+    /** Nodes it was giving back when taken back (preempt): to be ended, whoever runs them. */
+    takenBack?: string[];
   };
 }
 

@@ -145,6 +145,8 @@ interface DriverRecord {
    * bundles: not lent to anyone else meanwhile.
    */
   claims: Map<string, number[]>;
+  /** Nodes an earlier broker took back from it whose hosts have not registered here yet: ended when they do. */
+  takenBack: Set<string>;
   arrived: number;
 }
 
@@ -435,6 +437,7 @@ export class Broker {
       objectStoreMemory: typeof hello.objectStoreMemory === 'number' ? hello.objectStoreMemory : undefined,
       sessions: new Map(),
     };
+    const ending: string[] = [];
     // Sessions it still serves: their slices stay taken, and those the broker knew keep their driver.
     for (const running of Array.isArray(hello.sessions) ? hello.sessions : []) {
       const resources = toFixed(isResourceRecord(running.resources) ? running.resources : {});
@@ -449,10 +452,13 @@ export class Broker {
       else session.driver = this.#claim(session);
       this.#take(host, resources, gpus);
       host.sessions.set(session.id, session);
+      // Taken back under an earlier broker, its grace interrupted: it ends now (after the welcome).
+      if (!session.driver && [...this.#drivers.values()].some((driver) => driver.takenBack.delete(session.nodeId))) ending.push(session.id);
     }
     this.#hosts.set(host.id, host);
     for (const driver of this.#drivers.values()) driver.avoid.delete(host.id);
     connection.send({ t: 'broker-welcome', id: host.id });
+    for (const sessionId of ending) connection.send({ t: 'close-session', sessionId });
     this.#log(`host ${host.id} (${host.hostname}) offers ${describe(total, host.gpus.length)}`);
     this.#allocate();
     return host;
@@ -669,6 +675,7 @@ export class Broker {
       started: false,
       avoid: new Set(),
       claims: new Map(),
+      takenBack: new Set(),
       arrived: Date.now(),
     };
     this.#drivers.set(jobId, driver);
@@ -686,6 +693,7 @@ export class Broker {
         if (Number.isInteger(index) && index >= 0 && index < bundles.length) driver.elastic.add(index);
       }
       this.#resume(driver, hello.resume.nodes);
+      this.#endTakenBack(driver, hello.resume.takenBack);
     }
     connection.send({ t: 'broker-welcome', id: jobId });
     this.#log(`${driver.name} (${jobId}, ${host}:${listen.port}) asks for ${bundles.length} bundle(s), ${driver.wait === 'all' ? 'all at once' : 'as they fit'}${priority !== 0 ? `, priority ${priority}` : ''}`);
@@ -717,6 +725,18 @@ export class Broker {
       }
     }
     this.#log(`${driver.name} (${driver.jobId}) came back holding ${driver.sessions.size + driver.claims.size} node(s)`);
+  }
+
+  /**
+   * Nodes a driver was giving back when an earlier broker stopped: those whose hosts registered
+   * here already (unclaimed) end now; the others when their hosts do.
+   */
+  #endTakenBack(driver: DriverRecord, nodeIds: unknown): void {
+    for (const nodeId of Array.isArray(nodeIds) ? nodeIds : []) {
+      const session = [...this.#hosts.values()].flatMap((host) => [...host.sessions.values()]).find((candidate) => candidate.nodeId === nodeId && !candidate.driver);
+      if (session) session.host.connection.send({ t: 'close-session', sessionId: session.id });
+      else driver.takenBack.add(String(nodeId));
+    }
   }
 
   /** Tells a driver whose waiting bundles no registered host could ever hold (with hosts there to ask). */

@@ -518,6 +518,25 @@ describe('broker', () => {
     expect(second.of('granted')).toHaveLength(1);
   });
 
+  it('after a restart, ends the nodes a driver was giving back when they were taken back, whichever comes back first', async () => {
+    const b = await start();
+    const resumed = (hostId: string, sessions: { sessionId: string; nodeId: string }[]) =>
+      peer(b, { t: 'host-hello', token: TOKEN, protocol: AGENT_PROTOCOL, hostId, hostname: hostId, resources: { CPU: 4 }, gpus: [], sessions: sessions.map((one) => ({ ...one, resources: { CPU: 1 }, gpus: [] })) });
+    // The host first: its session waits unclaimed until the driver says it was taken back.
+    const first = await track(resumed('h', [{ sessionId: 's1-old', nodeId: 'h/s1-old' }]));
+    const job = await track(peer(b, {
+      t: 'driver-hello', token: TOKEN, protocol: AGENT_PROTOCOL, name: 'job', bundles: [{ CPU: 1 }, { CPU: 1 }], wait: 'all', listen: { port: 4000, token: 'job-secret' },
+      resume: { nodes: [], waitedMs: 10, takenBack: ['h/s1-old', 'g/s2-old'] },
+    }));
+    await until(() => first.of('close-session').length === 1, 'the unclaimed session to be ended');
+    expect(first.of('close-session')[0].sessionId).toBe('s1-old');
+    // The driver first: the host's session ends as it registers again.
+    const again = await track(resumed('g', [{ sessionId: 's2-old', nodeId: 'g/s2-old' }]));
+    await until(() => again.of('close-session').length === 1, 'the session to be ended on registering');
+    expect(again.of('close-session')[0].sessionId).toBe('s2-old');
+    expect(job.of('broker-refused')).toEqual([]);
+  });
+
   it("caps each user's priority, and refuses one that is not an integer", async () => {
     const b = (broker = await Broker.start({
       host: '127.0.0.1', port: 0, token: TOKEN,
