@@ -565,6 +565,7 @@ export class StreamingExecutor {
       storeBytes: this.usedBytes(),
       budgetBytes: this.budgetBytes,
       rowsOut: this.rowsOut,
+      warnings: this.#warnings,
     };
   }
 

@@ -35,6 +35,12 @@ export interface JobProgress {
   storeBytes: number;
   budgetBytes: number;
   rowsOut: number;
+  /**
+   * What the job warned of so far, oldest first (an actor died and its batch is retried, a block
+   * skipped under maxErroredBlocks, an actor retiring from a node taken back): the reporters
+   * show each once.
+   */
+  warnings: readonly string[];
 }
 
 /** Draws progress: a terminal display, periodic plain lines, or nothing. */

@@ -242,9 +242,13 @@ class PlainLineProgressReporter implements ProgressReporter {
     this.stream.write(this.block(progress));
   }
 
+  private warned = 0;
+
   private block(progress: JobProgress): string {
     // One write per block, so that lines of one snapshot stay together among other processes' logs.
-    let text = `${LINE_PREFIX}${formatSummary(progress)}\n`;
+    let text = '';
+    for (; this.warned < progress.warnings.length; this.warned++) text += `${LINE_PREFIX}warning: ${progress.warnings[this.warned]}\n`;
+    text += `${LINE_PREFIX}${formatSummary(progress)}\n`;
     for (const operator of progress.operators) text += `${LINE_PREFIX}${formatOperatorLine(operator, progress.elapsedMs)}\n`;
     return text;
   }
@@ -294,12 +298,21 @@ class TerminalProgressReporter implements ProgressReporter {
     if (this.finished) return;
     this.latest = progress;
     this.ensureBars(progress.operators.length);
+    this.logWarnings(progress);
   }
+
+  /** New warnings, printed above the bars (MultiBar redraws them below). */
+  private logWarnings(progress: JobProgress): void {
+    for (; this.warned < progress.warnings.length; this.warned++) this.multiBar.log(`warning: ${progress.warnings[this.warned]}\n`);
+  }
+
+  private warned = 0;
 
   finish(progress: JobProgress, error?: Error): void {
     if (this.finished) return;
     this.latest = progress;
     this.ensureBars(progress.operators.length);
+    this.logWarnings(progress);
     this.finished = true;
     // Draws every line a last time from the final snapshot, shows the cursor and moves below the bars.
     this.multiBar.stop();

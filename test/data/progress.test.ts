@@ -34,6 +34,7 @@ function job(overrides: Partial<JobProgress> = {}): JobProgress {
     storeBytes: 12.5 * MEGABYTE,
     budgetBytes: 512 * MEGABYTE,
     rowsOut: 400,
+    warnings: [],
     ...overrides,
   };
 }
@@ -232,6 +233,17 @@ describe('createProgressReporter', () => {
       expect(vi.getTimerCount()).toBe(0);
     });
 
+    it("writes each of the job's warnings once, before the lines of the state that first had it", () => {
+      const stream = new FakeStream(false);
+      const reporter = createProgressReporter('auto', stream.asWriteStream(), { intervalMs: 0 });
+      reporter.update(job({ warnings: ['an actor died; block 3 is retried'] }));
+      reporter.update(job({ warnings: ['an actor died; block 3 is retried', 'an actor retires from a node being taken back'] }));
+      reporter.finish(job({ warnings: ['an actor died; block 3 is retried', 'an actor retires from a node being taken back'] }));
+      const warnings = stream.text.split('\n').filter((line) => line.includes('warning: '));
+      expect(warnings).toEqual(['[data] warning: an actor died; block 3 is retried', '[data] warning: an actor retires from a node being taken back']);
+      expect(stream.chunks[1].startsWith('[data] warning: an actor retires')).toBe(true);
+    });
+
     it('takes its interval from the environment when not given', () => {
       vi.useFakeTimers();
       process.env.TRELLIS_PROGRESS_INTERVAL_MS = '200';
@@ -308,6 +320,18 @@ describe('createProgressReporter', () => {
       reporter.finish(final);
       vi.advanceTimersByTime(1000);
       expect(stream.chunks).toHaveLength(written);
+    });
+
+    it("prints each of the job's warnings once above the bars", () => {
+      vi.useFakeTimers();
+      const stream = new FakeStream(true);
+      const reporter = createProgressReporter('auto', stream.asWriteStream());
+      reporter.update(job({ warnings: ['an actor died; block 3 is retried'] }));
+      vi.advanceTimersByTime(250);
+      reporter.update(job({ warnings: ['an actor died; block 3 is retried'] }));
+      vi.advanceTimersByTime(250);
+      reporter.finish(job({ warnings: ['an actor died; block 3 is retried'] }));
+      expect(visible(stream.text).split('warning: an actor died; block 3 is retried')).toHaveLength(2);
     });
 
     it('keeps every drawn line within the terminal width', () => {
