@@ -78,7 +78,7 @@ function printStatus(status: StatusMessage): void {
   for (const driver of status.drivers) {
     const waiting = driver.granted < driver.bundles ? `, waiting ${(driver.waitingMs / 1000).toFixed(1)} s` : '';
     const priority = driver.priority !== 0 ? `, priority ${driver.priority}` : '';
-    const preempting = driver.preempting > 0 ? `; ${driver.preempting} node(s) being taken back` : '';
+    const preempting = `${driver.borrowed > 0 ? `; ${driver.borrowed} borrowed by its pools` : ''}${driver.preempting > 0 ? `; ${driver.preempting} node(s) being taken back` : ''}`;
     lines.push(`  ${driver.jobId} ${driver.name}${driver.user !== undefined ? ` (user ${driver.user})` : ''} at ${driver.address}: ${driver.granted} of ${driver.bundles} bundle(s) lent (${driver.wait}${priority})${waiting}${driver.nodes.length ? `; nodes ${driver.nodes.join(', ')}` : ''}${preempting}`);
   }
   process.stdout.write(`${lines.join('\n')}\n`);

@@ -220,6 +220,8 @@ export interface DriverStatus {
   granted: number;
   /** Its nodes being taken back for jobs of higher priority (in their grace). */
   preempting: number;
+  /** Bundles lent to it that its actor pools borrowed to grow (elastic), of those lent. */
+  borrowed: number;
   /** Bundles it gave back while idle, not wanted now. */
   released: number;
   /** Milliseconds since it asked. */

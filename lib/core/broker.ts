@@ -1102,6 +1102,7 @@ export class Broker {
       bundles: driver.bundles.length - driver.withdrawn.size,
       granted: driver.bundles.length - driver.withdrawn.size - driver.pending.size - driver.released.size,
       preempting: [...driver.sessions].filter((session) => session.preempting).length,
+      borrowed: [...driver.sessions].filter((session) => !session.preempting).reduce((sum, session) => sum + session.bundles.filter((index) => driver.elastic.has(index)).length, 0),
       released: driver.released.size,
       waitingMs: driver.pending.size > 0 ? now - driver.arrived : 0,
       nodes: [...[...driver.sessions].map((session) => session.nodeId), ...driver.claims.keys()],

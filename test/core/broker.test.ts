@@ -500,6 +500,7 @@ describe('broker', () => {
     lender.connection.send({ t: 'request-more', bundles: [{ CPU: 1 }, { CPU: 1 }, { CPU: 1 }], elastic: true });
     await until(() => lender.of('granted').length === 2, 'the borrowed room');
     expect(only.of('open-session').map((session) => session.resources)).toEqual([{ CPU: 1 }, { CPU: 3 }]);
+    expect((await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN })).drivers[0]).toMatchObject({ bundles: 4, granted: 4, borrowed: 3 });
     // A job of the same priority asking for its own two CPUs takes the borrowed slice back, not the job's own.
     const second = await track(driver(b, 'second', [{ CPU: 2 }]));
     await until(() => lender.of('preempt').length === 1, 'the borrowed slice to be taken back');

@@ -208,6 +208,9 @@ describe('shared cluster', () => {
       // One CPU was asked at init; the pool's queued work asks for two more, one per actor it may add.
       await until(() => taggers() === 3, 'the pool to grow onto the room it asked for', 60_000);
       expect(state().broker).toMatchObject({ bundles: 3, lent: 3 });
+      expect((await status()).drivers[0]).toMatchObject({ bundles: 3, granted: 3, borrowed: 2 });
+      const text = await run(['--import', 'tsx', cli, 'status', '--broker', address, '--token', TOKEN]);
+      expect(text.stdout).toMatch(/3 of 3 bundle\(s\) lent \(all\); nodes .+; 2 borrowed by its pools/);
       openGate(gate);
       const rows = await job;
       expect(rows.map((row) => row.item).sort((a, b) => (a as number) - (b as number))).toEqual(items);
@@ -241,6 +244,13 @@ describe('shared cluster', () => {
     const error = await rejection(fromItems(items.map((id) => ({ id })), { parallelism: 4 }).mapBatches(NodeTagger, { concurrency: 1, batchSize: 10, resources: { tpu: 1 } }).takeAll());
     expect(error.code).toBe('ERR_DATA_ACTOR_START');
     expect(error.message).toMatch(/cannot hold another NodeTagger actor: bundle \d+ \{ tpu: 1, CPU: 1 \} fits no host of the cluster \(host-/);
+    // A job that does not autoscale keeps to what it asked: the same minimum cannot start.
+    await shutdown();
+    await allFree();
+    await init({ cluster: request({ bundles: [{ CPU: 1 }], name: 'fixed', autoscale: false }) });
+    const fixed = await rejection(fromItems(items, { parallelism: 4 }).mapBatches(GatedTagger, { concurrency: 2, batchSize: 10, constructorArgs: [gate] }).takeAll());
+    expect(fixed.message).toMatch(/2 GatedTagger actor\(s\) of CPU 1 each cannot start: the cluster holds 1 at most/);
+    expect(state().broker).toMatchObject({ bundles: 1 });
   });
 
   it('gives idle nodes back to the broker and asks for them again when work waits', async () => {
