@@ -22,10 +22,15 @@ import { Embedder } from './several-hosts.js';
 
 const self = fileURLToPath(import.meta.url);
 
-/** One user's job: a driver that joins the cluster, embeds its texts and leaves. */
+/**
+ * One user's job: a driver that joins the cluster, embeds its texts and leaves. It starts when
+ * the demo says 'go' (its process already up, so jobs arrive when the story needs them), and
+ * leaves when the demo closes its input: until then it holds its slices, as a driver holds its
+ * cluster until its script ends.
+ */
 async function job(name: string, address: string, cpus: number, priority: number): Promise<void> {
-  // A job of priority waits for the word to start (its process already up, as a job submitted then).
-  if (priority > 0) for await (const line of createInterface({ input: process.stdin })) if (line === 'go') break;
+  const input = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+  while ((await input.next()).value !== 'go');
   const asked = Date.now();
   await init({ cluster: { address, resources: { CPU: cpus }, name, priority } });
   const waited = Date.now() - asked;
@@ -33,6 +38,7 @@ async function job(name: string, address: string, cpus: number, priority: number
   const rows = await fromItems(texts, { parallelism: 12 }).mapBatches(Embedder, { concurrency: cpus, batchSize: 250 }).takeAll();
   const perNode = new Map<string, number>();
   for (const row of rows) perNode.set(row.node as string, (perNode.get(row.node as string) ?? 0) + 1);
+  while (!(await input.next()).done);
   const preempted = state().broker!.preempted;
   const notes = [priority > 0 ? `priority ${priority}` : '', preempted > 0 ? `taken back ${preempted} time(s) for a job of higher priority` : ''].filter(Boolean).join('; ');
   console.log(`${name}: lent ${cpus} CPUs after ${(waited / 1000).toFixed(1)} s; embedded ${rows.length} texts on ${[...perNode].map(([node, count]) => `${node} (${count})`).join(', ')}${notes ? ` (${notes})` : ''}`);
@@ -63,17 +69,26 @@ async function main(): Promise<void> {
     for (const host of ['host-a', 'host-b']) void run([cli, 'node', '--broker', address, '--id', host, '--num-cpus', '2', '--object-store-memory', String(256 * 2 ** 20)]);
     while ((await brokerStatus(address)).hosts.length < 2) await new Promise((resolve) => setTimeout(resolve, 50));
     console.log(describe(await brokerStatus(address)));
-    const urgent = start([self, 'job', 'dave', address, '2', '5']);
-    const first = [run([self, 'job', 'alice', address, '2']), run([self, 'job', 'bob', address, '2'])];
-    while ((await brokerStatus(address)).drivers.filter((driver) => driver.granted > 0).length < 2) await new Promise((resolve) => setTimeout(resolve, 50));
-    const gang = run([self, 'job', 'carol', address, '3']);
-    while ((await brokerStatus(address)).drivers.length < 3) await new Promise((resolve) => setTimeout(resolve, 50));
+    const jobs = [['alice', '2', '0'], ['bob', '2', '0'], ['carol', '3', '0'], ['dave', '2', '5']].map(([name, cpus, priority]) => start([self, 'job', name, address, cpus, priority]));
+    const [alice, bob, carol, dave] = jobs;
+    const until = async (holds: (status: BrokerStatus) => boolean) => {
+      while (!holds(await brokerStatus(address))) await new Promise((resolve) => setTimeout(resolve, 50));
+    };
+    const granted = (name: string) => (status: BrokerStatus) => status.drivers.some((driver) => driver.name === name && driver.granted > 0);
+    alice.child.stdin!.write('go\n');
+    bob.child.stdin!.write('go\n');
+    await until((status) => granted('alice')(status) && granted('bob')(status));
+    // A gang of 3 CPUs: the cluster's 4 are held, so it waits.
+    carol.child.stdin!.write('go\n');
+    await until((status) => status.drivers.some((driver) => driver.name === 'carol'));
     console.log(describe(await brokerStatus(address)));
     // An urgent job: the cluster is full, so it takes a slice back from a job of lower priority.
-    urgent.child.stdin!.end('go\n');
-    while (!(await brokerStatus(address)).drivers.some((driver) => driver.name === 'dave' && driver.granted > 0)) await new Promise((resolve) => setTimeout(resolve, 50));
+    dave.child.stdin!.write('go\n');
+    await until(granted('dave'));
     console.log(describe(await brokerStatus(address)));
-    const codes = await Promise.all([...first, gang, urgent.exited]);
+    // The jobs may leave once done.
+    for (const one of jobs) one.child.stdin!.end();
+    const codes = await Promise.all(jobs.map((one) => one.exited));
     console.log(describe(await brokerStatus(address)));
     if (codes.some((code) => code !== 0)) process.exitCode = 1;
   } finally {
