@@ -72,7 +72,11 @@ async function main(): Promise<void> {
     const jobs = [['alice', '2', '0'], ['bob', '2', '0'], ['carol', '3', '0'], ['dave', '2', '5']].map(([name, cpus, priority]) => start([self, 'job', name, address, cpus, priority]));
     const [alice, bob, carol, dave] = jobs;
     const until = async (holds: (status: BrokerStatus) => boolean) => {
-      while (!holds(await brokerStatus(address))) await new Promise((resolve) => setTimeout(resolve, 50));
+      while (!holds(await brokerStatus(address))) {
+        const gone = jobs.findIndex((one) => one.child.exitCode !== null);
+        if (gone >= 0) throw new Error(`a job's process exited early (code ${jobs[gone].child.exitCode})`);
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
     };
     const granted = (name: string) => (status: BrokerStatus) => status.drivers.some((driver) => driver.name === name && driver.granted > 0);
     alice.child.stdin!.write('go\n');
