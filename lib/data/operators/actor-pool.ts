@@ -370,12 +370,10 @@ export class ActorMapOperator extends Operator {
     const usable = needed ?? Math.ceil(this.queuedUnits / this.pool.maxTasksInFlightPerActor);
     const wanted = Math.min(this.pool.max - total, usable) - this.#asks.size;
     if (wanted <= 0) return true;
-    const compute = this.spec.compute;
-    const bundle: Record<string, number> = { ...(compute.resources ?? {}), CPU: compute.numCpus ?? 1 };
     // A lent GPU is a whole device: actors of a fraction of one share it.
-    if (compute.numGpus) bundle.GPU = Math.ceil(compute.numGpus);
-    if (compute.memory) bundle.memory = compute.memory;
-    for (const [name, amount] of Object.entries(bundle)) if (!(amount > 0)) delete bundle[name];
+    const bundle = Object.fromEntries(
+      Object.entries(resourcesOf(this.spec.compute)).filter(([, amount]) => amount > 0).map(([name, amount]) => [name, name === 'GPU' ? Math.ceil(amount) : amount]),
+    );
     for (let i = 0; i < wanted; i++) {
       const ask = askForRoom(bundle);
       if (!ask) return false;
