@@ -5,8 +5,8 @@
  */
 import { existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { DataError, fromItems, readDatasource, state, type Row } from '../../lib/index.js';
-import { BrokenModel, CountingModel, GatedSource, RecordingModel, SlowModel } from './fixtures/udfs.js';
+import { DataError, fromItems, get, readDatasource, state, type Row } from '../../lib/index.js';
+import { BrokenModel, CountingModel, GatedSource, RecordingModel, Scaler, SlowModel, gatedRow } from './fixtures/udfs.js';
 import { RecordingReporter, isAlive, openGate, rejection, startedPids, until, useDataCluster } from './helpers.js';
 
 // Two logical GPUs: pools of GPU actors are scheduled on them like on real ones.
@@ -176,6 +176,20 @@ describe('actor pools', () => {
     expect(error.operator).toBe('MapBatches(BrokenModel)');
     expect(error.message).toContain('BrokenModel');
     expect(error.message).toContain('weights file is missing');
+  });
+
+  it('counts actorStartTimeoutMs from when the actor is placed, not while it waits for resources', async () => {
+    // Both GPUs held by a task at a gate: the pool's actor, asking for both, waits unplaced.
+    const gate = scratchDir.path('gpus-held');
+    const holder = gatedRow.options({ numCpus: 0, numGpus: 2 }).remote({ id: -1 }, gate);
+    await until(() => state().nodes[0].resources.available.GPU === 0, 'the GPUs to be held');
+    const job = fromItems(sequence(10).map((id) => ({ id }))).mapBatches(Scaler, { constructorArgs: [2], numGpus: 2, numCpus: 0, concurrency: 1, actorStartTimeoutMs: 2000 }).takeAll();
+    job.catch(() => undefined);
+    // Longer than the timeout unplaced, then the GPUs free: the actor starts and the job ends.
+    await new Promise((resolve) => setTimeout(resolve, 2500));
+    openGate(gate);
+    expect(ids(await job)).toEqual(sequence(10));
+    expect(await get(holder)).toEqual({ id: -1 });
   });
 
   it('a constructor slower than actorStartTimeoutMs fails the job naming the class', async () => {

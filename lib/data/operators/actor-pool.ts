@@ -73,16 +73,24 @@ export class ActorMapOperator extends Operator {
     const started = get(startRef).finally(() => startRef[Symbol.dispose]());
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
-      // The constructor's time counts from when the actor is placed: one waiting for resources (a
-      // node being lent again after a preemption, say) is not a constructor that hangs.
-      const arm = () => {
-        timer = setTimeout(() => {
-          if (this.#placed(actor) === false) return arm();
-          reject(new DataError('ERR_DATA_ACTOR_START', `actor pool ${this.name}: ${this.className}'s constructor did not finish within ${this.pool.startTimeoutMs} ms`, { operator: this.name }));
-        }, this.pool.startTimeoutMs);
+      // The constructor's time counts from when the actor is placed (seen within 100 ms): one
+      // waiting for resources (a node lent again after a preemption, say) is not a constructor
+      // that hangs. Where the runtime cannot tell, from now.
+      const limit = this.pool.startTimeoutMs;
+      const created = Date.now();
+      let placedAt: number | undefined;
+      const check = () => {
+        const placed = this.#placed(actor);
+        if (placedAt === undefined && placed !== false) placedAt = placed === undefined ? created : Date.now();
+        const left = placedAt === undefined ? Math.min(100, limit) : placedAt + limit - Date.now();
+        if (left <= 0) {
+          reject(new DataError('ERR_DATA_ACTOR_START', `actor pool ${this.name}: ${this.className}'s constructor did not finish within ${limit} ms`, { operator: this.name }));
+          return;
+        }
+        timer = setTimeout(check, placedAt === undefined ? left : Math.max(left, 1));
         timer.unref();
       };
-      arm();
+      check();
     });
     Promise.race([started, timeout]).then(
       () => {
