@@ -2605,8 +2605,8 @@ export class Cluster implements Runtime {
    */
   evacuate(nodeId: string): void {
     const node = this.nodes.find((candidate) => candidate.id === nodeId);
-    const head = this.nodes.find((candidate) => candidate.localStore && !candidate.draining);
-    if (!node?.draining || !head || node === head) return;
+    const head = this.headNode;
+    if (!node?.draining || node === head) return;
     for (const record of this.#objects.values()) {
       if (record.state !== 'ready' || !record.nodes.has(nodeId) || this.#evacuationFailed.has(record)) continue;
       // The node's copy stays in its store (readers there may map it) until the node ends.

@@ -196,6 +196,8 @@ class PlainLineProgressReporter implements ProgressReporter {
   private lastWriteAt = Date.now();
   private timer: NodeJS.Timeout | undefined;
   private finished = false;
+  /** Warnings of the job already written. */
+  private warned = 0;
 
   constructor(
     private readonly stream: NodeJS.WritableStream,
@@ -242,8 +244,6 @@ class PlainLineProgressReporter implements ProgressReporter {
     this.stream.write(this.block(progress));
   }
 
-  private warned = 0;
-
   private block(progress: JobProgress): string {
     // One write per block, so that lines of one snapshot stay together among other processes' logs.
     let text = '';
@@ -267,6 +267,8 @@ class TerminalProgressReporter implements ProgressReporter {
   private nameWidthOf: JobProgress | undefined;
   private nameWidth = 0;
   private finished = false;
+  /** Warnings of the job already printed. */
+  private warned = 0;
   private readonly restoreCursorAtExit = (): void => {
     // A process that exits mid-job must not leave the user's shell without a cursor.
     this.stream.write(`${SHOW_CURSOR}\n`);
@@ -305,8 +307,6 @@ class TerminalProgressReporter implements ProgressReporter {
   private logWarnings(progress: JobProgress): void {
     for (; this.warned < progress.warnings.length; this.warned++) this.multiBar.log(`warning: ${progress.warnings[this.warned]}\n`);
   }
-
-  private warned = 0;
 
   finish(progress: JobProgress, error?: Error): void {
     if (this.finished) return;

@@ -18,11 +18,10 @@ import { CACHE_BLOCK_POSITIONS, type DeviceBuffer, type DeviceKernels } from './
 const SLAB_BYTES = 32 * 2 ** 20;
 const MAX_SLAB_BLOCKS = 256;
 
-/** A device allocation holding blocks [firstBlock, firstBlock + blocks), from its base address on. */
+/** A device allocation holding blocks from `firstBlock` up to the next slab's, from its base address on. */
 interface Slab {
   buffer: DeviceBuffer;
   firstBlock: number;
-  blocks: number;
   /** The base address as a number (exact: device addresses are below 2^53). */
   base: number;
 }
@@ -262,7 +261,7 @@ export class CacheBlocks {
       buffer.free();
       throw new InvalidArgumentError(`a cache slab's device address ${buffer.address()} is past 2^53: its block addresses cannot be kept as numbers`);
     }
-    this.#slabs.push({ buffer, firstBlock: this.#capacity, blocks, base });
+    this.#slabs.push({ buffer, firstBlock: this.#capacity, base });
     this.#capacity += blocks;
   }
 
