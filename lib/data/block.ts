@@ -491,7 +491,8 @@ function takeColumn(vector: Vector, type: DataType, indices: Int32Array): Vector
     chunks.forEach((chunk, chunkIndex) => {
       for (let row = 0; row < chunk.length; row++) {
         chunkOf[start + row] = chunkIndex;
-        localOf[start + row] = row + chunk.offset;
+        // A sliced chunk's valueOffsets already start at its first row (Arrow slices them).
+        localOf[start + row] = row;
       }
       start += chunk.length;
     });

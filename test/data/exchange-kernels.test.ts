@@ -37,6 +37,12 @@ describe('row gathers', () => {
     expect(blockToRows(taken)).toEqual(expected.map((row) => ({ ...row, b: row.b === null ? null : row.b })));
     expect(taken.schema.fields.map(String)).toEqual(block.schema.fields.map(String));
   });
+
+  it('take rows of a block sliced without a copy (a batch cut from a larger block)', () => {
+    const rows = ['aa', 'bbb', 'c', 'dddd', 'ee'].map((s, n) => ({ s, n, b: Uint8Array.of(n) }));
+    const sliced = rowsToBlock(rows).slice(1, 4);
+    expect(blockToRows(takeRows(sliced, Int32Array.of(2, 0, 1)))).toEqual([rows[3], rows[1], rows[2]]);
+  });
 });
 
 describe('partitions', () => {
