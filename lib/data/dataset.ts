@@ -9,9 +9,11 @@ import { InvalidArgumentError, NotInitializedError } from '../errors.js';
 import {
   blockToRows, concatBlocks, formatBatch, rowsToBlock, sliceRows, type BatchFormat, type Block, type Row,
 } from './block.js';
+import { join } from 'node:path';
 import { ReadTask, type Datasink, type Datasource } from './datasource.js';
 import { cutInputBlocks } from './operators/operator.js';
-import { StreamingExecutor, checkExecutionOptions, defaultParallelism, trackDriverView, type ExecutionOptions, type JobStats } from './executor.js';
+import { StreamingExecutor, checkExecutionOptions, defaultParallelism, newWriteId, trackDriverView, type ExecutionOptions, type JobStats } from './executor.js';
+import { WriteCheckpoint, type CheckpointOptions } from './checkpoint.js';
 import { describeLogical, planPhysical, type ActorPoolOptions, type ComputeOptions, type InputBlock, type LogicalOperator, type PhysicalOperatorSpec } from './plan.js';
 import type { StageKind, StageSpec } from './stages.js';
 import { Max, Mean, Min, Std, Sum, Unique, checkAggregations, type AggregateFn, type AggregateOptions } from './aggregate.js';
@@ -22,8 +24,14 @@ import type { JoinType } from './exchange.js';
 import { resolveUdf, udfName, type UdfTarget } from './udf.js';
 import { storedBytes } from './worker-tasks.js';
 import {
-  arrowSink, csvSink, jsonlSink, parquetSink, type ArrowWriteOptions, type CsvWriteOptions, type JsonlWriteOptions, type ParquetWriteOptions, type WrittenFile,
+  FileDatasink, arrowSink, csvSink, jsonlSink, parquetSink, type ArrowWriteOptions, type CsvWriteOptions, type JsonlWriteOptions, type ParquetWriteOptions, type WrittenFile,
 } from './formats/index.js';
+
+/** Options of a write (besides how it runs). */
+export interface WriteOptions {
+  /** Record what each write wrote, so that a run of the same job after one that stopped resumes. */
+  checkpoint?: CheckpointOptions;
+}
 
 export interface TransformOptions extends Omit<ComputeOptions, 'concurrency'> {
   /** Extra arguments after the row or batch. */
@@ -591,43 +599,72 @@ export class Dataset {
   /**
    * Writes through a sink: onWriteStart, then write() in write tasks as blocks arrive, then
    * onWriteComplete with every task's result (or onWriteFailed with the error that stopped it).
+   * With `checkpoint: { idColumn }`, each write records its rows' ids, and a run of the same job
+   * after one that stopped skips the rows already written (see {@link CheckpointOptions}); the
+   * results then include the earlier runs' writes, first.
    */
-  async write<Result>(sink: Datasink<Result>, options: ExecutionOptions = {}): Promise<Result[]> {
+  async write<Result>(sink: Datasink<Result>, options: ExecutionOptions & WriteOptions = {}): Promise<Result[]> {
     if (!sink || typeof (sink as Datasink).write !== 'function') throw new InvalidArgumentError('write() takes a Datasink (an object with write(blocks, context))');
-    const executor = this.#executor(options, `Dataset.write(${sink.name})`, sink);
-    await sink.onWriteStart();
+    const { checkpoint: checkpointOptions, ...execution } = options;
+    const job = `Dataset.write(${sink.name})`;
+    requireCluster(job);
+    const writeId = newWriteId();
+    const checkpoint = checkpointOptions === undefined
+      ? undefined
+      : await WriteCheckpoint.open(checkpointOptions, sink, this.#plan, writeId, sink instanceof FileDatasink ? join(sink.path, '.trellis-checkpoint') : undefined);
     try {
-      await startOrClose(executor);
-      await executor.run();
-    } catch (error) {
+      let executor: StreamingExecutor;
+      try {
+        executor = new StreamingExecutor(planPhysical(checkpoint ? checkpoint.planWith(this.#plan) : this.#plan, sink), execution, job, writeId);
+      } catch (error) {
+        await checkpoint?.close();
+        throw error;
+      }
+      if (checkpoint) {
+        executor.checkpoint = checkpoint.target();
+        executor.resumed = checkpoint.stats();
+        const { resumedRows, resumedWrites } = executor.resumed;
+        if (resumedWrites > 0) executor.warn(`resuming from checkpoint ${checkpoint.path}: ${resumedRows} rows an earlier run wrote (${resumedWrites} writes) are skipped`);
+      }
+      await sink.onWriteStart();
+      try {
+        await startOrClose(executor);
+        await executor.run();
+      } catch (error) {
+        // No write may land after the sink hears of the failure, or after a checkpoint is let go.
+        await executor.settle();
+        this.#lastStats = executor.stats();
+        await sink.onWriteFailed(error as Error);
+        throw error;
+      }
       this.#lastStats = executor.stats();
-      await sink.onWriteFailed(error as Error);
-      throw error;
+      const results = [...((checkpoint?.resumedResults ?? []) as Result[]), ...(executor.writeResults() as Result[])];
+      await sink.onWriteComplete(results);
+      await checkpoint?.complete();
+      return results;
+    } finally {
+      await checkpoint?.close();
     }
-    this.#lastStats = executor.stats();
-    const results = executor.writeResults() as Result[];
-    await sink.onWriteComplete(results);
-    return results;
   }
 
   /** Writes JSON Lines files into `directory`, one per write task. */
-  writeJsonl(directory: string, options: ExecutionOptions & JsonlWriteOptions = {}): Promise<WrittenFile[]> {
-    return this.write(jsonlSink(directory, options), options);
+  writeJsonl(directory: string, options: ExecutionOptions & JsonlWriteOptions & WriteOptions = {}): Promise<WrittenFile[]> {
+    return this.write(jsonlSink(directory, sinkOptions(options)), options);
   }
 
   /** Writes CSV files with a header row into `directory`, one per write task. */
-  writeCsv(directory: string, options: ExecutionOptions & CsvWriteOptions = {}): Promise<WrittenFile[]> {
-    return this.write(csvSink(directory, options), options);
+  writeCsv(directory: string, options: ExecutionOptions & CsvWriteOptions & WriteOptions = {}): Promise<WrittenFile[]> {
+    return this.write(csvSink(directory, sinkOptions(options)), options);
   }
 
   /** Writes Parquet files into `directory`, one per write task (snappy by default). */
-  writeParquet(directory: string, options: ExecutionOptions & ParquetWriteOptions = {}): Promise<WrittenFile[]> {
-    return this.write(parquetSink(directory, options), options);
+  writeParquet(directory: string, options: ExecutionOptions & ParquetWriteOptions & WriteOptions = {}): Promise<WrittenFile[]> {
+    return this.write(parquetSink(directory, sinkOptions(options)), options);
   }
 
   /** Writes Arrow IPC files into `directory`, one per write task. */
-  writeArrow(directory: string, options: ExecutionOptions & ArrowWriteOptions = {}): Promise<WrittenFile[]> {
-    return this.write(arrowSink(directory, options), options);
+  writeArrow(directory: string, options: ExecutionOptions & ArrowWriteOptions & WriteOptions = {}): Promise<WrittenFile[]> {
+    return this.write(arrowSink(directory, sinkOptions(options)), options);
   }
 
   /** Statistics of the last job this dataset ran. */
@@ -818,4 +855,10 @@ function copyData<T extends Data>(data: T): T {
   const buffers = [copyBuffer(data.valueOffsets), copyBuffer(data.values), copyBuffer(data.nullBitmap), copyBuffer(data.typeIds)];
   const dictionary = data.dictionary ? (makeVector(data.dictionary.data.map((chunk) => copyData(chunk))) as Vector) : undefined;
   return new Data(data.type, data.offset, data.length, data.nullCount, buffers as never, data.children.map((child) => copyData(child)), dictionary) as T;
+}
+
+/** A file sink's own options: what configures the job's run stays with the job. */
+function sinkOptions<T extends WriteOptions>(options: T): Omit<T, 'checkpoint'> {
+  const { checkpoint: _checkpoint, ...rest } = options;
+  return rest;
 }

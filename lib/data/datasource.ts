@@ -73,6 +73,11 @@ export interface WriteContext {
   attempt: number;
   /** One id per write job, shared by its tasks: useful for naming files. */
   writeId: string;
+  /**
+   * A checkpoint records this write and the sink has commit(): write() stages its output (a
+   * temp file, an uncommitted transaction) and commit() publishes it once the rows are recorded.
+   */
+  staged?: boolean;
 }
 
 export abstract class Datasink<Result = unknown> {
@@ -87,6 +92,18 @@ export abstract class Datasink<Result = unknown> {
   onWriteComplete(_results: Result[]): void | Promise<void> {}
   /** Driver, once when the job fails, with the error that failed it. */
   onWriteFailed(_error: Error): void | Promise<void> {}
+  /**
+   * Worker, for a write a checkpoint records (`context.staged`): publishes what write() staged,
+   * once the checkpoint holds the rows' ids; returns what onWriteComplete receives. With
+   * recover(), it makes a checkpointed write exactly-once: the record is the commit point.
+   */
+  commit?(staged: Result, context: WriteContext): Result | Promise<Result>;
+  /**
+   * Driver, resuming a checkpointed job: finishes publishing a write an earlier run recorded (it
+   * may have stopped between the record and commit()); returns its final result, or null when its
+   * output is gone, so that its rows are written again.
+   */
+  recover?(staged: Result): Result | null | Promise<Result | null>;
   /** Blocks per write task; default: every block that reaches the sink is its own task. */
   get minRowsPerWrite(): number | undefined {
     return undefined;

@@ -12,6 +12,8 @@ import type { InputBlock, PhysicalOperatorSpec, ComputeOptions } from './plan.js
 import { createProgressReporter, type ProgressOption } from './progress.js';
 import type { JobProgress, OperatorProgress, ProgressReporter } from './progress-types.js';
 import { newObjectId } from '../store/object-id.js';
+import type { CheckpointStats, CheckpointTarget } from './checkpoint.js';
+import type { WriteContext } from './datasource.js';
 import { ActorMapOperator } from './operators/actor-pool.js';
 import { AggregateOperator } from './operators/aggregate.js';
 import { ExchangeOperator } from './operators/exchange.js';
@@ -105,6 +107,8 @@ export interface JobStats {
   peakBudgetBytes: number;
   wallMs: number;
   operators: OperatorProgress[];
+  /** A checkpointed write: where its checkpoint is and what earlier runs had written. */
+  checkpoint?: CheckpointStats;
 }
 
 
@@ -115,7 +119,11 @@ export class StreamingExecutor {
   readonly budgetBytes: number;
   readonly defaultParallelism: number;
   /** One id per job, shared by its write tasks (for naming files). */
-  readonly writeId = newObjectId().slice(0, 12);
+  readonly writeId: string;
+  /** A checkpointed write's checkpoint: each write task records its rows there. */
+  checkpoint?: CheckpointTarget;
+  /** What a checkpointed write resumed from. */
+  resumed?: CheckpointStats;
   failed?: Error;
   erroredBlocks = 0;
   peakBytes = 0;
@@ -141,8 +149,9 @@ export class StreamingExecutor {
   readonly #job: string;
   readonly #warnings: string[] = [];
 
-  constructor(specs: PhysicalOperatorSpec[], options: ExecutionOptions, job: string) {
+  constructor(specs: PhysicalOperatorSpec[], options: ExecutionOptions, job: string, writeId = newWriteId()) {
     checkExecutionOptions(options);
+    this.writeId = writeId;
     this.options = {
       minBlockBytes: options.minBlockBytes ?? DataContext.minBlockBytes,
       maxBlockBytes: options.maxBlockBytes ?? DataContext.maxBlockBytes,
@@ -532,6 +541,30 @@ export class StreamingExecutor {
     this.#wake();
   }
 
+  /**
+   * After a failure: waits until no unit of the job still runs (cancelled tasks that had started
+   * run to their end, their results dropped), so that no write lands after the job has ended;
+   * units still running after `graceMs` have their workers killed.
+   */
+  async settle(graceMs = this.options.stallTimeoutMs): Promise<void> {
+    const deadline = Date.now() + graceMs;
+    let forced = false;
+    while (this.operators.some((operator) => operator.active > 0)) {
+      if (!forced && Date.now() > deadline) {
+        forced = true;
+        await Promise.all(this.operators.map((operator) => operator.shutdown(true)));
+      }
+      // A killed worker's task is reported within moments; past that, nothing more to wait for.
+      if (forced && Date.now() > deadline + 30_000) return;
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  }
+
+  /** What a write task's sink sees of it. */
+  writeContext(unit: { seq: number; attempts: number }): WriteContext {
+    return { taskIndex: unit.seq, attempt: unit.attempts, writeId: this.writeId, ...(this.checkpoint?.staged ? { staged: true } : {}) };
+  }
+
   /** What the sink's write() calls returned, in task order. */
   writeResults(): unknown[] {
     const results = this.operators.flatMap((operator) => operator.writeResults);
@@ -577,7 +610,13 @@ export class StreamingExecutor {
       peakBudgetBytes: this.peakBytes,
       wallMs: Date.now() - this.#started,
       operators: this.operators.map((operator) => operator.progress()),
+      ...(this.resumed ? { checkpoint: this.resumed } : {}),
     };
   }
+}
+
+/** A write job's id, for naming its files and records. */
+export function newWriteId(): string {
+  return newObjectId().slice(0, 12);
 }
 

@@ -9,6 +9,7 @@ import { remote } from '../core/registry.js';
 import { currentRuntime, type CallScope } from '../core/runtime-context.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { blockBytes, concatBlocks, rowsToBlock, splitBySize, type Block, type Row } from './block.js';
+import { writeThrough, type CheckpointTarget } from './checkpoint.js';
 import { iterateReadResult, type Datasink, type WriteContext } from './datasource.js';
 import { constructStageInstance, fromBlocks, loadStage, runStages, StageFailure, type LoadedStage, type StageSpec } from './stages.js';
 import { loadUdf, reviveInstance, type ShippedInstance, type UdfSpec } from './udf.js';
@@ -32,6 +33,8 @@ export interface StageErrorInfo {
 export interface FusedWrite {
   sink: ShippedInstance;
   context: WriteContext;
+  /** The job's checkpoint, recording each write. */
+  checkpoint: CheckpointTarget | null;
 }
 
 export interface TaskResult {
@@ -182,7 +185,7 @@ async function runToBlocks(
   try {
     const sink = await reviveInstance<Datasink>(write.sink);
     const rows = output.reduce((sum, block) => sum + block.numRows, 0);
-    const result = rows > 0 ? await sink.write(output, write.context) : undefined;
+    const result = rows > 0 ? await writeThrough(sink, output, write.context, write.checkpoint) : undefined;
     return { blocks: [], written: { result, rows } };
   } catch (error) {
     return { blocks: [], error: describeError(error, `Write(${write.sink.descriptor.name})`) };
@@ -332,6 +335,7 @@ export interface WriteResult {
 export const writeTask = remote(import.meta, async function trellisWriteTask(
   sink: ShippedInstance,
   context: WriteContext,
+  checkpoint: CheckpointTarget | null,
   targets: TaskTargets,
   slices: BlockSlices,
   ...blocks: Block[]
@@ -340,7 +344,7 @@ export const writeTask = remote(import.meta, async function trellisWriteTask(
   const size = inputSize(blocks);
   try {
     const instance = await reviveInstance<Datasink>(sink);
-    const result = await instance.write(blocks, context);
+    const result = await writeThrough(instance, blocks, context, checkpoint);
     return { result, rows: size.rowsIn, bytes: size.bytesIn };
   } catch (error) {
     return { rows: size.rowsIn, bytes: size.bytesIn, error: describeError(error, `Write(${sink.descriptor.name})`) };

@@ -409,6 +409,11 @@ export interface WrittenFile {
   bytes: number;
   /** With partitionBy: every file the task wrote, one per partition its rows fell in. */
   files?: string[];
+  /**
+   * A checkpointed write before its commit: the temp file holding each file (in the order of
+   * `files`, or `path`'s alone), renamed into place by commit() or, resuming, recover().
+   */
+  staged?: string[];
 }
 
 export function outputFileName(writeId: string, taskIndex: number, extension: string): string {
@@ -421,24 +426,34 @@ export function tempPathFor(finalPath: string, attempt: number): string {
 }
 
 /**
- * Writes through `produce` to a temp file, then renames it into place: rename is atomic within a
- * directory, so a task that dies midway (or is retried) never leaves a partial file under the
- * final name. Returns the bytes written.
+ * Writes through `produce` to a temp file next to `finalPath` and leaves it there (synced to disk
+ * when `durable`); returns its path and size. A failure removes it.
  */
-export async function writeFileAtomically(finalPath: string, attempt: number, produce: (handle: FileHandle) => Promise<void>): Promise<number> {
+export async function writeTempFile(finalPath: string, attempt: number, produce: (handle: FileHandle) => Promise<void>, durable = false): Promise<{ temp: string; bytes: number }> {
   await mkdir(dirname(finalPath), { recursive: true });
   const temp = tempPathFor(finalPath, attempt);
   const handle = await open(temp, 'w');
   try {
     await produce(handle);
+    if (durable) await handle.sync();
     await handle.close();
   } catch (error) {
     await handle.close().catch(() => undefined);
     await unlink(temp).catch(() => undefined);
     throw error;
   }
+  return { temp, bytes: (await stat(temp)).size };
+}
+
+/**
+ * Writes through `produce` to a temp file, then renames it into place: rename is atomic within a
+ * directory, so a task that dies midway (or is retried) never leaves a partial file under the
+ * final name. Returns the bytes written.
+ */
+export async function writeFileAtomically(finalPath: string, attempt: number, produce: (handle: FileHandle) => Promise<void>): Promise<number> {
+  const { temp, bytes } = await writeTempFile(finalPath, attempt, produce);
   await rename(temp, finalPath);
-  return (await stat(finalPath)).size;
+  return bytes;
 }
 
 /** Collects text and writes it in large pieces: one write per line would cost a syscall each. */
@@ -474,6 +489,15 @@ export async function removeTempFiles(directory: string, writeId: string): Promi
   await Promise.all(
     names.filter((name) => name.startsWith(`.${writeId}_`) && name.endsWith('.tmp')).map((name) => unlink(join(directory, name)).catch(() => undefined)),
   );
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await stat(path);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /** The write id of a job, from the name of a file one of its tasks wrote. */
@@ -535,25 +559,64 @@ export abstract class FileDatasink<Options extends object = object> extends Data
       rows: written.reduce((sum, file) => sum + file.rows, 0),
       bytes: written.reduce((sum, file) => sum + file.bytes, 0),
       files: written.map((file) => file.path!),
+      ...(context.staged ? { staged: written.flatMap((file) => file.staged ?? []) } : {}),
     };
   }
 
   // Not a #private method: a sink reaches its write tasks rebuilt from its fields, without the brand.
   protected async writeFile(finalPath: string, blocks: Block[], context: WriteContext): Promise<WrittenFile> {
     let rows = 0;
-    const bytes = await writeFileAtomically(finalPath, context.attempt ?? 0, async (handle) => {
+    const produce = async (handle: FileHandle): Promise<void> => {
       rows = await this.writeBlocks(blocks, handle);
-    });
+    };
+    if (context.staged) {
+      // Checkpointed: the file stays a temp file until its rows are recorded (commit()).
+      const { temp, bytes } = await writeTempFile(finalPath, context.attempt ?? 0, produce, true);
+      return { path: finalPath, rows, bytes, staged: [temp] };
+    }
+    const bytes = await writeFileAtomically(finalPath, context.attempt ?? 0, produce);
     return { path: finalPath, rows, bytes };
   }
 
+  /** Renames a checkpointed write's temp files into place, now that its rows are recorded. */
+  override async commit(staged: WrittenFile): Promise<WrittenFile> {
+    const { staged: temps, ...result } = staged;
+    const finals = result.files ?? (result.path ? [result.path] : []);
+    for (const [index, temp] of (temps ?? []).entries()) await rename(temp, finals[index]);
+    return result;
+  }
+
+  /**
+   * Resuming: a recorded write whose temp files are still there (the run stopped before commit())
+   * is committed now; one whose files are gone (removed by hand) is written again.
+   */
+  override async recover(staged: WrittenFile): Promise<WrittenFile | null> {
+    if (!staged || typeof staged !== 'object') return null;
+    const { staged: temps, ...result } = staged;
+    const finals = result.files ?? (result.path ? [result.path] : []);
+    for (const [index, final] of finals.entries()) {
+      const temp = temps?.[index];
+      // The recorded temp file wins over a file in place: a retried task's record names its own.
+      if (temp && (await exists(temp))) await rename(temp, final);
+      else if (!(await exists(final))) return null;
+    }
+    return result;
+  }
+
   override async onWriteComplete(results: WrittenFile[]): Promise<void> {
-    const written = results.find((result) => result?.path);
-    const writeId = written?.path ? writeIdOf(written.path) : undefined;
-    if (!writeId) return;
-    // Temp files of attempts that died are next to the files they would have been.
-    const directories = new Set([this.path, ...results.flatMap((result) => (result?.files ?? []).map((file) => dirname(file)))]);
-    await Promise.all([...directories].map((directory) => removeTempFiles(directory, writeId)));
+    // Temp files of attempts that died are next to the files they would have been; a resumed
+    // job's results include earlier runs', each with its own write id.
+    const byWriteId = new Map<string, Set<string>>();
+    for (const result of results) {
+      for (const file of result?.files ?? (result?.path ? [result.path] : [])) {
+        const writeId = writeIdOf(file);
+        if (!writeId) continue;
+        const directories = byWriteId.get(writeId) ?? new Set([this.path]);
+        directories.add(dirname(file));
+        byWriteId.set(writeId, directories);
+      }
+    }
+    await Promise.all([...byWriteId].flatMap(([writeId, directories]) => [...directories].map((directory) => removeTempFiles(directory, writeId))));
   }
 }
 

@@ -187,7 +187,7 @@ export abstract class Operator {
   /** What a task needs to write its output through a fused sink, or null. */
   protected fusedWrite(unit: Unit): FusedWrite | null {
     if (!this.#fusedSink) return null;
-    return { sink: this.#fusedSink, context: { taskIndex: unit.seq, attempt: unit.attempts, writeId: this.executor.writeId } };
+    return { sink: this.#fusedSink, context: this.executor.writeContext(unit), checkpoint: this.executor.checkpoint ?? null };
   }
 
   protected recordWrite(unit: Unit, written: { result: unknown; rows: number }): void {
@@ -530,7 +530,8 @@ export abstract class Operator {
     };
   }
 
-  async shutdown(): Promise<void> {}
+  /** Stops what the operator runs; `force`: kills workers of tasks still running. */
+  async shutdown(_force = false): Promise<void> {}
 
   /** Errors of a unit's stages, named by operator, block and rows. */
   /** The stages this operator's tasks run, in order. */
@@ -560,7 +561,8 @@ export abstract class Operator {
     }
     const where = unit.read ? `read task ${unit.seq}` : `block ${unit.seq}`;
     const cause = Object.assign(new Error(info.message), { name: info.name, code: info.code, stack: info.stack });
-    return new DataError('ERR_DATA_UDF_FAILED', `operator ${this.name} failed at ${info.stage} on ${where}${rowText}: ${info.name}: ${info.message}`, {
+    // A checkpoint's own refusal (rows without ids, ids of another kind) keeps its code.
+    return new DataError(isCheckpointError(info) ? info.code! : 'ERR_DATA_UDF_FAILED', `operator ${this.name} failed at ${info.stage} on ${where}${rowText}: ${info.name}: ${info.message}`, {
       operator: this.name,
       block: unit.seq,
       rows,
@@ -571,7 +573,8 @@ export abstract class Operator {
   /** A stage threw: the job fails, or the block is counted and skipped within maxErroredBlocks. */
   protected onStageError(unit: Unit, info: StageErrorInfo): void {
     const error = this.stageError(unit, info);
-    if (this.executor.countErroredBlock(error)) return this.skipped(unit);
+    // A checkpoint that cannot record a block is the job's setup, not a bad block: never skipped.
+    if (!isCheckpointError(info) && this.executor.countErroredBlock(error)) return this.skipped(unit);
     this.dropUnit(unit);
     this.executor.fail(error);
   }
@@ -591,4 +594,8 @@ export abstract class Operator {
     unit.reserved = undefined;
     dispose(unit.blocks);
   }
+}
+
+function isCheckpointError(info: StageErrorInfo): boolean {
+  return typeof info.code === 'string' && info.code.startsWith('ERR_DATA_CHECKPOINT');
 }

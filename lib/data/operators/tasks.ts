@@ -63,9 +63,14 @@ export abstract class TaskOperator extends Operator {
     );
   }
 
-  /** Cancels running tasks; after a stall, their workers are killed too (they may never return). */
-  override async shutdown(): Promise<void> {
-    const force = this.executor.failed instanceof DataStallError;
+  /**
+   * Cancels running tasks; after a stall, their workers are killed too (they may never return).
+   * Tasks that write are left to finish (the executor's settle() waits for them): a task cancelled
+   * without its worker killed runs on, and its write would land after the job has ended.
+   */
+  override async shutdown(forced = false): Promise<void> {
+    const force = forced || this.executor.failed instanceof DataStallError;
+    if (this.hasFusedSink && !force) return;
     for (const ref of this.#running.values()) {
       try {
         cancel(ref, { force });
@@ -197,11 +202,11 @@ export class WriteOperator extends Operator {
     this.#attempt(unit);
   }
   #attempt(unit: Unit): void {
-    const context: WriteContext = { taskIndex: unit.seq, attempt: unit.attempts, writeId: this.executor.writeId };
+    const context: WriteContext = this.executor.writeContext(unit);
     // Retried here rather than by the runtime, so that the sink sees which attempt it is.
     const ref = writeTask
       .options({ ...taskOptionsOf(this.spec.compute, this.name, 0) })
-      .remote(this.#shipped, context, taskTargets(this.executor), slicesOf(unit.blocks), ...(unit.blocks.map((block) => block.ref) as unknown as Block[])) as ObjectRef<WriteResult>;
+      .remote(this.#shipped, context, this.executor.checkpoint ?? null, taskTargets(this.executor), slicesOf(unit.blocks), ...(unit.blocks.map((block) => block.ref) as unknown as Block[])) as ObjectRef<WriteResult>;
     get(ref).then(
       (result) => {
         ref[Symbol.dispose]();

@@ -1,0 +1,735 @@
+/**
+ * Resumable writes. A write with `checkpoint: { idColumn }` records the ids of the rows each of
+ * its write tasks wrote, one small Arrow file per task, as the task's last step. A later run of
+ * the same job reads the records, puts their ids in the object store, and drops rows with those
+ * ids right after the read, before any model sees them: a job killed at any point (its driver, a
+ * host, the whole cluster) resumes with only what it had not written.
+ *
+ * The record is a write's commit point. A sink that stages its output in write() and publishes it
+ * in commit() (the file sinks) writes every row exactly once: a run that stopped between the record
+ * and the publish has the publish finished by recover() when the job resumes, and output staged
+ * but never recorded is left unpublished. Any other sink writes every row at least once (a write
+ * made but not yet recorded is made again).
+ */
+import { createHash } from 'node:crypto';
+import { hostname } from 'node:os';
+import { basename, dirname, join } from 'node:path';
+import { mkdir, open, readFile, readdir, rename, rm, stat, unlink, utimes, writeFile } from 'node:fs/promises';
+import { deserialize, serialize } from 'node:v8';
+import {
+  Data, DataType, Float64, Int64, RecordBatch, Schema, Table, Utf8, makeData, makeVector, tableFromIPC, tableToIPC, type Vector,
+} from 'apache-arrow';
+import { get, put } from '../core/api.js';
+import type { ObjectRef } from '../core/object-ref.js';
+import { descriptorOf, lookupRegistered, remote } from '../core/registry.js';
+import { DataError, InvalidArgumentError } from '../errors.js';
+import { takeRows, type Block } from './block.js';
+import type { Datasink, WriteContext } from './datasource.js';
+import type { LogicalOperator } from './plan.js';
+import type { StageSpec } from './stages.js';
+import { resolveUdf } from './udf.js';
+
+/** `write(sink, { checkpoint })`: how a write records what it wrote, and resumes. */
+export interface CheckpointOptions {
+  /**
+   * A column whose values name each row uniquely and stably across runs (integers or strings),
+   * present at the read and kept through every stage to the sink.
+   */
+  idColumn: string;
+  /**
+   * The checkpoint's directory, reachable at the same path from every host that writes (as a file
+   * sink's directory is). Default for the file sinks: `.trellis-checkpoint` in the output
+   * directory; a custom sink must name one.
+   */
+  path?: string;
+  /** Removes the checkpoint once the job succeeds (default true): a new run starts afresh. */
+  deleteOnSuccess?: boolean;
+  /**
+   * Names the job's version. By default the checkpoint remembers the job's steps (each function's
+   * code and arguments, the sink) and refuses to resume a job whose steps changed, as its earlier
+   * output would not match the new; a fingerprint of your own replaces that check.
+   */
+  fingerprint?: string;
+}
+
+/** What a write task needs to record its write: travels with the task. */
+export interface CheckpointTarget {
+  path: string;
+  idColumn: string;
+  /** The sink stages in write() and publishes in commit(). */
+  staged: boolean;
+}
+
+/** What a resumed job found: in `stats().checkpoint`. */
+export interface CheckpointStats {
+  path: string;
+  /** Rows earlier runs wrote, skipped by this one. */
+  resumedRows: number;
+  /** Write tasks of earlier runs whose output stands. */
+  resumedWrites: number;
+}
+
+const RESULT_KEY = 'trellis.result';
+const MANIFEST = 'manifest.json';
+const LOCK = 'lock';
+const RECORDS = 'records';
+/** A lock whose heartbeat is older than this is taken over (its driver is gone). */
+const LOCK_STALE_MS = 30_000;
+const HEARTBEAT_MS = 5_000;
+
+function checkpointError(message: string, code = 'ERR_DATA_CHECKPOINT'): DataError {
+  return new DataError(code, message);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ids: integers and strings, read out of any Arrow column that holds them
+
+/** A column's ids, copied out: numbers, 64-bit integers, or UTF-8 strings end to end. */
+export type IdValues = NumberIds | BigintIds | StringIds;
+type NumberIds = { kind: 'number'; values: Float64Array };
+type BigintIds = { kind: 'bigint'; values: BigInt64Array };
+type StringIds = { kind: 'string'; offsets: Int32Array; bytes: Uint8Array };
+
+function kindOf(type: DataType): IdValues['kind'] | undefined {
+  if (DataType.isDictionary(type)) return kindOf(type.dictionary);
+  if (DataType.isInt(type)) return type.bitWidth === 64 ? 'bigint' : 'number';
+  if (DataType.isFloat(type)) return 'number';
+  if (DataType.isUtf8(type) || DataType.isLargeUtf8(type)) return 'string';
+  return undefined;
+}
+
+const encoder = new TextEncoder();
+
+/** The ids of `block`'s rows in `column`: every row must have one. */
+export function idValuesOf(block: Block, column: string, what: string): IdValues {
+  const vector = block.getChild(column);
+  if (!vector) {
+    const names = block.schema.fields.map((field) => field.name);
+    throw checkpointError(`${what}: the checkpoint's id column '${column}' is not in the rows (the columns are: ${names.join(', ') || 'none'}); keep it from the read through every stage to the sink`, 'ERR_DATA_CHECKPOINT_ID');
+  }
+  const kind = kindOf(vector.type);
+  if (!kind) throw checkpointError(`${what}: the id column '${column}' holds ${vector.type}; ids must be integers or strings`, 'ERR_DATA_CHECKPOINT_ID');
+  if (vector.nullCount > 0) {
+    for (let row = 0; row < vector.length; row++) {
+      if (!vector.isValid(row)) throw checkpointError(`${what}: row ${row} has no id (column '${column}' is null there); every row needs one to be checkpointed`, 'ERR_DATA_CHECKPOINT_ID');
+    }
+  }
+  if (kind === 'number') {
+    const values = Float64Array.from(vector.toArray() as ArrayLike<number>);
+    for (let row = 0; row < values.length; row++) {
+      if (Number.isNaN(values[row])) throw checkpointError(`${what}: row ${row} has NaN as its id in column '${column}'`, 'ERR_DATA_CHECKPOINT_ID');
+    }
+    return { kind, values };
+  }
+  if (kind === 'bigint') {
+    const source = vector.toArray() as ArrayLike<bigint>;
+    const values = new BigInt64Array(source.length);
+    for (let row = 0; row < source.length; row++) values[row] = BigInt.asIntN(64, source[row]);
+    return { kind, values };
+  }
+  return stringIds(vector);
+}
+
+function stringIds(vector: Vector): IdValues {
+  const chunks = vector.data as Data[];
+  const plainUtf8 = chunks.every((chunk) => DataType.isUtf8(chunk.type));
+  const offsets = new Int32Array(vector.length + 1);
+  if (!plainUtf8) {
+    // Dictionaries and large strings: through their values (rare for an id column).
+    const encoded: Uint8Array[] = [];
+    let total = 0;
+    for (let row = 0; row < vector.length; row++) {
+      const bytes = encoder.encode(String(vector.get(row)));
+      encoded.push(bytes);
+      total += bytes.length;
+      offsets[row + 1] = total;
+    }
+    const bytes = new Uint8Array(total);
+    encoded.forEach((piece, row) => bytes.set(piece, offsets[row]));
+    return { kind: 'string', offsets, bytes };
+  }
+  let total = 0;
+  for (const chunk of chunks) total += chunk.valueOffsets[chunk.length] - chunk.valueOffsets[0];
+  const bytes = new Uint8Array(total);
+  let row = 0;
+  let at = 0;
+  for (const chunk of chunks) {
+    // A sliced chunk's valueOffsets start at its first row (Arrow slices them with the chunk).
+    const first = chunk.valueOffsets[0];
+    const last = chunk.valueOffsets[chunk.length];
+    bytes.set((chunk.values as Uint8Array).subarray(first, last), at);
+    for (let local = 0; local < chunk.length; local++) offsets[++row] = at + chunk.valueOffsets[local + 1] - first;
+    at += last - first;
+  }
+  return { kind: 'string', offsets, bytes };
+}
+
+function idCount(ids: IdValues): number {
+  return ids.kind === 'string' ? ids.offsets.length - 1 : ids.values.length;
+}
+
+function concatIds(parts: readonly IdValues[], what: string): IdValues | undefined {
+  if (parts.length === 0) return undefined;
+  const kinds = new Set(parts.map((part) => part.kind));
+  if (kinds.has('string') && kinds.size > 1) throw checkpointError(`${what}: ids are strings in some rows and numbers in others`, 'ERR_DATA_CHECKPOINT_ID');
+  if (kinds.has('string')) {
+    const strings = parts as Array<StringIds>;
+    const count = strings.reduce((sum, part) => sum + part.offsets.length - 1, 0);
+    const total = strings.reduce((sum, part) => sum + part.bytes.length, 0);
+    if (total > 0x7fffffff) throw checkpointError(`${what}: over 2 GiB of string ids`);
+    const offsets = new Int32Array(count + 1);
+    const bytes = new Uint8Array(total);
+    let row = 0;
+    let at = 0;
+    for (const part of strings) {
+      bytes.set(part.bytes, at);
+      for (let local = 1; local < part.offsets.length; local++) offsets[++row] = at + part.offsets[local];
+      at += part.bytes.length;
+    }
+    return { kind: 'string', offsets, bytes };
+  }
+  if (kinds.has('bigint')) {
+    // Integers of any width together: the narrower ones widen exactly.
+    const count = parts.reduce((sum, part) => sum + idCount(part), 0);
+    const values = new BigInt64Array(count);
+    let at = 0;
+    for (const part of parts as Array<NumberIds | BigintIds>) {
+      if (part.kind === 'bigint') values.set(part.values, at);
+      else {
+        for (let index = 0; index < part.values.length; index++) {
+          const value = part.values[index];
+          if (!Number.isInteger(value)) throw checkpointError(`${what}: id ${value} is not an integer, while other ids are 64-bit integers`, 'ERR_DATA_CHECKPOINT_ID');
+          values[at + index] = BigInt(value);
+        }
+      }
+      at += idCount(part);
+    }
+    return { kind: 'bigint', values };
+  }
+  const numbers = parts as Array<NumberIds>;
+  const values = new Float64Array(numbers.reduce((sum, part) => sum + part.values.length, 0));
+  let at = 0;
+  for (const part of numbers) {
+    values.set(part.values, at);
+    at += part.values.length;
+  }
+  return { kind: 'number', values };
+}
+
+function idsToVector(ids: IdValues): Vector {
+  if (ids.kind === 'number') return makeVector(makeData({ type: new Float64(), length: ids.values.length, data: ids.values }));
+  if (ids.kind === 'bigint') return makeVector(makeData({ type: new Int64(), length: ids.values.length, data: ids.values as unknown as Int32Array }));
+  return makeVector(makeData({ type: new Utf8(), length: ids.offsets.length - 1, valueOffsets: ids.offsets, data: ids.bytes }));
+}
+
+function compareBytes(a: Uint8Array, aStart: number, aEnd: number, b: Uint8Array, bStart: number, bEnd: number): number {
+  const length = Math.min(aEnd - aStart, bEnd - bStart);
+  for (let index = 0; index < length; index++) {
+    const difference = a[aStart + index] - b[bStart + index];
+    if (difference !== 0) return difference;
+  }
+  return aEnd - aStart - (bEnd - bStart);
+}
+
+/** Ids sorted for binary search: numbers and 64-bit integers by value, strings by their bytes. */
+function sortIds(ids: IdValues): IdValues {
+  if (ids.kind === 'number') return { kind: 'number', values: ids.values.slice().sort() };
+  if (ids.kind === 'bigint') return { kind: 'bigint', values: ids.values.slice().sort() };
+  const count = ids.offsets.length - 1;
+  const order = new Int32Array(count);
+  for (let index = 0; index < count; index++) order[index] = index;
+  const { offsets, bytes } = ids;
+  order.sort((a, b) => compareBytes(bytes, offsets[a], offsets[a + 1], bytes, offsets[b], offsets[b + 1]));
+  const sortedOffsets = new Int32Array(count + 1);
+  const sortedBytes = new Uint8Array(bytes.length);
+  let at = 0;
+  for (let index = 0; index < count; index++) {
+    const from = order[index];
+    sortedBytes.set(bytes.subarray(offsets[from], offsets[from + 1]), at);
+    at += offsets[from + 1] - offsets[from];
+    sortedOffsets[index + 1] = at;
+  }
+  return { kind: 'string', offsets: sortedOffsets, bytes: sortedBytes };
+}
+
+/** A set of written ids, over sorted arrays (in a worker: over the stored block, zero-copy). */
+export class WrittenIds {
+  readonly #ids: IdValues;
+
+  constructor(sorted: IdValues) {
+    this.#ids = sorted;
+  }
+
+  /** Over a block made by {@link storedIdSet}: one chunk, read in place. */
+  static fromBlock(block: Block): WrittenIds {
+    const vector = block.getChild('id')!;
+    const chunk = vector.data[0] as Data;
+    if (vector.data.length !== 1) return new WrittenIds(idValuesOf(block, 'id', 'checkpoint'));
+    if (DataType.isUtf8(chunk.type)) return new WrittenIds({ kind: 'string', offsets: chunk.valueOffsets as Int32Array, bytes: chunk.values as Uint8Array });
+    if (DataType.isInt(chunk.type)) return new WrittenIds({ kind: 'bigint', values: chunk.values as unknown as BigInt64Array });
+    return new WrittenIds({ kind: 'number', values: chunk.values as Float64Array });
+  }
+
+  get size(): number {
+    return idCount(this.#ids);
+  }
+
+  get kind(): IdValues['kind'] {
+    return this.#ids.kind;
+  }
+
+  /** Which of `rows` (ids of a batch) are written: a mask, 1 where written. */
+  written(rows: IdValues, what: string): Uint8Array {
+    const count = idCount(rows);
+    const mask = new Uint8Array(count);
+    const set = this.#ids;
+    if ((set.kind === 'string') !== (rows.kind === 'string')) {
+      throw checkpointError(`${what}: the checkpoint holds ${set.kind === 'string' ? 'string' : 'integer'} ids, but this run's ids are ${rows.kind === 'string' ? 'strings' : 'numbers'}`, 'ERR_DATA_CHECKPOINT_ID');
+    }
+    if (set.kind === 'string') {
+      const { offsets, bytes } = rows as StringIds;
+      for (let row = 0; row < count; row++) mask[row] = this.#hasBytes(bytes, offsets[row], offsets[row + 1]) ? 1 : 0;
+    } else if (set.kind === 'number') {
+      if (rows.kind === 'number') {
+        for (let row = 0; row < count; row++) mask[row] = search(set.values, rows.values[row]) ? 1 : 0;
+      } else {
+        const values = (rows as BigintIds).values;
+        for (let row = 0; row < count; row++) {
+          // A 64-bit id beyond 2^53 cannot be among numbers held exactly.
+          const value = Number(values[row]);
+          if (BigInt(value) === values[row]) mask[row] = search(set.values, value) ? 1 : 0;
+        }
+      }
+    } else if (rows.kind === 'bigint') {
+      for (let row = 0; row < count; row++) mask[row] = search(set.values, rows.values[row]) ? 1 : 0;
+    } else {
+      const values = (rows as NumberIds).values;
+      for (let row = 0; row < count; row++) if (Number.isInteger(values[row])) mask[row] = search(set.values, BigInt(values[row])) ? 1 : 0;
+    }
+    return mask;
+  }
+
+  #hasBytes(bytes: Uint8Array, start: number, end: number): boolean {
+    const set = this.#ids as StringIds;
+    let low = 0;
+    let high = set.offsets.length - 2;
+    while (low <= high) {
+      const middle = (low + high) >>> 1;
+      const order = compareBytes(set.bytes, set.offsets[middle], set.offsets[middle + 1], bytes, start, end);
+      if (order === 0) return true;
+      if (order < 0) low = middle + 1;
+      else high = middle - 1;
+    }
+    return false;
+  }
+}
+
+function search<T extends number | bigint>(sorted: ArrayLike<T>, value: T): boolean {
+  let low = 0;
+  let high = sorted.length - 1;
+  while (low <= high) {
+    const middle = (low + high) >>> 1;
+    const found = sorted[middle];
+    if (found === value) return true;
+    if (found < value) low = middle + 1;
+    else high = middle - 1;
+  }
+  return false;
+}
+
+/** A block of sorted ids, one chunk, as workers read it from the store. */
+export function storedIdSet(ids: IdValues): Block {
+  return new Table({ id: idsToVector(sortIds(ids)) });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workers: the filter after the read, and the record after a write
+
+/**
+ * A resumed job's filter: rows whose ids an earlier run wrote are dropped. `optional`: the first
+ * one, at the read, lets rows through whose id column a later stage makes.
+ */
+export const skipWritten = remote(import.meta, async function trellisSkipWritten(batch: Block, ids: ObjectRef<Block>, idColumn: string, optional: boolean): Promise<Block> {
+  if (batch.numRows === 0 || (optional && !batch.getChild(idColumn))) return batch;
+  // Read per batch (zero-copy, no sorting: the driver stored it sorted): a view kept across tasks
+  // would pin the set in the store after the job lets it go.
+  const set = WrittenIds.fromBlock(await get(ids));
+  const mask = set.written(idValuesOf(batch, idColumn, 'resuming from a checkpoint'), 'resuming from a checkpoint');
+  let kept = 0;
+  for (let row = 0; row < mask.length; row++) kept += 1 - mask[row];
+  if (kept === batch.numRows) return batch;
+  const indices = new Int32Array(kept);
+  for (let row = 0, at = 0; row < mask.length; row++) if (!mask[row]) indices[at++] = row;
+  return takeRows(batch, indices);
+});
+
+function recordName(context: WriteContext): string {
+  return `${context.writeId}_${String(context.taskIndex).padStart(6, '0')}.arrow`;
+}
+
+async function writeDurably(path: string, bytes: Uint8Array): Promise<void> {
+  const temp = join(dirname(path), `.${basename(path)}.${process.pid}.tmp`);
+  const handle = await open(temp, 'w');
+  try {
+    await handle.writeFile(bytes);
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  await rename(temp, path);
+}
+
+/**
+ * Records a write: the ids of the rows it wrote, and what write() returned (kept for the results
+ * a resumed job returns). Named by the task, so that a retried task replaces its own record.
+ */
+export async function recordWrite(target: CheckpointTarget, blocks: readonly Block[], result: unknown, context: WriteContext): Promise<void> {
+  const ids = concatIds(blocks.map((block) => idValuesOf(block, target.idColumn, 'writing with a checkpoint')), 'writing with a checkpoint');
+  if (!ids) return;
+  let encoded: string | undefined;
+  try {
+    encoded = Buffer.from(serialize(result)).toString('base64');
+  } catch {
+    // A result that cannot be cloned comes back as undefined when the job resumes.
+    encoded = undefined;
+  }
+  const table = new Table({ id: idsToVector(ids) });
+  const schema = new Schema(table.schema.fields, new Map(encoded === undefined ? [] : [[RESULT_KEY, encoded]]));
+  const withResult = new Table(schema, table.batches.map((batch) => new RecordBatch(schema, batch.data)));
+  const directory = join(target.path, RECORDS);
+  await mkdir(directory, { recursive: true });
+  await writeDurably(join(directory, recordName(context)), tableToIPC(withResult, 'file'));
+}
+
+/** A sink's write() with its checkpoint: the write, its record, then (staged sinks) its publish. */
+export async function writeThrough(sink: Datasink, blocks: Block[], context: WriteContext, target: CheckpointTarget | null | undefined): Promise<unknown> {
+  const result = await sink.write(blocks, context);
+  if (!target) return result;
+  await recordWrite(target, blocks, result, context);
+  return context.staged && sink.commit ? sink.commit(result, context) : result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The driver: the plan's fingerprint, the lock, recovery and the resumed job's filter
+
+interface PlanStep {
+  name: string;
+  hash: string;
+}
+
+const libraryRoot = new URL('..', import.meta.url).href;
+
+function hashOf(text: string): string {
+  return createHash('sha256').update(text).digest('hex').slice(0, 16);
+}
+
+function stableJson(value: unknown): string {
+  return JSON.stringify(value, (_key, item: unknown) => {
+    if (typeof item === 'bigint') return `${item}n`;
+    if (item && typeof item === 'object' && 'id' in item && item.constructor?.name === 'ObjectRef') return 'ObjectRef';
+    if (ArrayBuffer.isView(item)) return hashOf(Buffer.from(item.buffer, item.byteOffset, item.byteLength).toString('base64'));
+    return item;
+  }) ?? 'undefined';
+}
+
+/** A user's code changes what a step makes; trellis's own built-ins are named by their arguments. */
+function codeOf(descriptor: { module: string; name: string }): string {
+  if (descriptor.module.startsWith(libraryRoot)) return descriptor.name;
+  const registered = lookupRegistered(descriptor as never);
+  return registered ? String(registered) : descriptor.name;
+}
+
+function stepsOf(plan: readonly LogicalOperator[], sink: Datasink | undefined, idColumn: string): PlanStep[] {
+  const steps: PlanStep[] = [];
+  const visit = (operators: readonly LogicalOperator[]): void => {
+    for (const operator of operators) {
+      switch (operator.op) {
+        case 'read':
+        case 'input':
+        case 'repartition':
+          // The input may grow between runs; block sizes change nothing a sink writes.
+          break;
+        case 'stage': {
+          const stage = operator.stage;
+          steps.push({
+            name: stage.name,
+            hash: hashOf([stage.kind, codeOf(stage.udf.descriptor), stage.udf.method ?? '', stableJson(stage.fnArgs), stableJson(stage.constructorArgs ?? null), String(stage.batchSize ?? ''), stage.batchFormat ?? ''].join('\u0000')),
+          });
+          break;
+        }
+        case 'exchange':
+          if (operator.inputs) operator.inputs.forEach(visit);
+          steps.push({ name: operator.name, hash: hashOf(stableJson(operator.exchange)) });
+          break;
+        case 'aggregate':
+          steps.push({ name: operator.name, hash: hashOf(operator.name) });
+          break;
+        case 'union':
+        case 'zip':
+          operator.inputs.forEach(visit);
+          steps.push({ name: operator.op, hash: hashOf(operator.op) });
+          break;
+        case 'limit':
+          throw new InvalidArgumentError('write() with a checkpoint cannot resume a job with a limit (a resumed run would write another limit\'s worth of rows); write without the limit, or without a checkpoint', 'ERR_DATA_CHECKPOINT');
+      }
+    }
+  };
+  visit(plan);
+  if (sink) {
+    const descriptor = descriptorOf(sink.constructor);
+    steps.push({ name: `Write(${sink.name})`, hash: hashOf(descriptor ? codeOf(descriptor) : sink.constructor.name) });
+  }
+  steps.push({ name: `id column '${idColumn}'`, hash: hashOf(idColumn) });
+  return steps;
+}
+
+interface Manifest {
+  version: 1;
+  idColumn: string;
+  fingerprint?: string;
+  steps: PlanStep[];
+  runs: Array<{ writeId: string; host: string; pid: number; startedAt: string }>;
+}
+
+function describeChange(before: readonly PlanStep[], now: readonly PlanStep[]): string {
+  for (let index = 0; index < Math.max(before.length, now.length); index++) {
+    const was = before[index];
+    const is = now[index];
+    if (!was) return `the job now has ${is.name} after its earlier steps`;
+    if (!is) return `the job no longer has ${was.name}`;
+    if (was.name !== is.name) return `${was.name} became ${is.name}`;
+    if (was.hash !== is.hash) return `${is.name} changed (its code or arguments)`;
+  }
+  return 'nothing the checkpoint can name changed';
+}
+
+/** Options checked as the user gave them. */
+export function checkCheckpointOptions(options: unknown, defaultPath: string | undefined): Required<Omit<CheckpointOptions, 'fingerprint'>> & { fingerprint?: string } {
+  if (typeof options !== 'object' || options === null || Array.isArray(options)) {
+    throw new InvalidArgumentError(`checkpoint takes { idColumn, path?, deleteOnSuccess?, fingerprint? }, got ${String(options)}`, 'ERR_DATA_CHECKPOINT');
+  }
+  const { idColumn, path, deleteOnSuccess, fingerprint } = options as CheckpointOptions;
+  if (typeof idColumn !== 'string' || idColumn === '') throw new InvalidArgumentError(`checkpoint.idColumn must name a column, got ${String(idColumn)}`, 'ERR_DATA_CHECKPOINT');
+  if (path !== undefined && (typeof path !== 'string' || path === '')) throw new InvalidArgumentError(`checkpoint.path must be a directory path, got ${String(path)}`, 'ERR_DATA_CHECKPOINT');
+  const resolved = path ?? defaultPath;
+  if (!resolved) throw new InvalidArgumentError('checkpoint.path is needed for a custom sink: a directory every host that writes can reach', 'ERR_DATA_CHECKPOINT');
+  if (deleteOnSuccess !== undefined && typeof deleteOnSuccess !== 'boolean') throw new InvalidArgumentError(`checkpoint.deleteOnSuccess must be true or false, got ${String(deleteOnSuccess)}`, 'ERR_DATA_CHECKPOINT');
+  if (fingerprint !== undefined && (typeof fingerprint !== 'string' || fingerprint === '')) throw new InvalidArgumentError(`checkpoint.fingerprint must be a non-empty string, got ${String(fingerprint)}`, 'ERR_DATA_CHECKPOINT');
+  return { idColumn, path: resolved, deleteOnSuccess: deleteOnSuccess ?? true, ...(fingerprint !== undefined ? { fingerprint } : {}) };
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * A write's checkpoint in the driver, for one run: holds the directory's lock while the job runs,
+ * recovers what earlier runs recorded, and gives the job its filter.
+ */
+export class WriteCheckpoint implements AsyncDisposable {
+  readonly path: string;
+  readonly idColumn: string;
+  readonly #sink: Datasink;
+  readonly #deleteOnSuccess: boolean;
+  #heartbeat?: NodeJS.Timeout;
+  #idsRef?: ObjectRef<Block>;
+  #resumedRows = 0;
+  #resumedResults: unknown[] = [];
+  #closed = false;
+
+  private constructor(options: { path: string; idColumn: string; deleteOnSuccess: boolean }, sink: Datasink) {
+    this.path = options.path;
+    this.idColumn = options.idColumn;
+    this.#deleteOnSuccess = options.deleteOnSuccess;
+    this.#sink = sink;
+  }
+
+  /** Opens (or starts) the checkpoint of a write of `plan` through `sink`; `writeId` names this run. */
+  static async open(options: unknown, sink: Datasink, plan: readonly LogicalOperator[], writeId: string, defaultPath?: string): Promise<WriteCheckpoint> {
+    const checked = checkCheckpointOptions(options, defaultPath);
+    const steps = stepsOf(plan, sink, checked.idColumn);
+    const checkpoint = new WriteCheckpoint(checked, sink);
+    await mkdir(join(checkpoint.path, RECORDS), { recursive: true });
+    await checkpoint.#lock(writeId);
+    try {
+      await checkpoint.#checkManifest(steps, checked.fingerprint, writeId);
+      await checkpoint.#recover();
+    } catch (error) {
+      await checkpoint.close();
+      throw error;
+    }
+    return checkpoint;
+  }
+
+  async #lock(writeId: string): Promise<void> {
+    const file = join(this.path, LOCK);
+    const mine = JSON.stringify({ host: hostname(), pid: process.pid, writeId });
+    for (let tries = 0; ; tries++) {
+      try {
+        await writeFile(file, mine, { flag: 'wx' });
+        break;
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== 'EEXIST' || tries > 0) throw error;
+      }
+      // Taken: by a live run (refused), or by one that is gone (taken over).
+      let holder: { host?: string; pid?: number } = {};
+      let heartbeat = 0;
+      try {
+        holder = JSON.parse(await readFile(file, 'utf8')) as typeof holder;
+        heartbeat = (await stat(file)).mtimeMs;
+      } catch {
+        holder = {};
+      }
+      const live = holder.host === hostname() ? typeof holder.pid === 'number' && isAlive(holder.pid) : Date.now() - heartbeat < LOCK_STALE_MS;
+      if (live) {
+        throw checkpointError(`checkpoint ${this.path} is in use by a run on ${holder.host ?? 'another host'} (process ${holder.pid ?? '?'}): one run of a job at a time`, 'ERR_DATA_CHECKPOINT_BUSY');
+      }
+      await unlink(file).catch(() => undefined);
+    }
+    // Another host judges this run alive by the lock's age.
+    this.#heartbeat = setInterval(() => {
+      const now = new Date();
+      utimes(file, now, now).catch(() => undefined);
+    }, HEARTBEAT_MS);
+    this.#heartbeat.unref();
+  }
+
+  async #checkManifest(steps: PlanStep[], fingerprint: string | undefined, writeId: string): Promise<void> {
+    const file = join(this.path, MANIFEST);
+    let manifest: Manifest | undefined;
+    try {
+      manifest = JSON.parse(await readFile(file, 'utf8')) as Manifest;
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw checkpointError(`checkpoint ${this.path}: its ${MANIFEST} cannot be read (${(error as Error).message})`);
+    }
+    if (manifest) {
+      if (manifest.idColumn !== this.idColumn) {
+        throw checkpointError(`checkpoint ${this.path} recorded ids of column '${manifest.idColumn}', not '${this.idColumn}'`, 'ERR_DATA_CHECKPOINT_MISMATCH');
+      }
+      const same = fingerprint !== undefined || manifest.fingerprint !== undefined ? fingerprint === manifest.fingerprint : describeChange(manifest.steps, steps) === 'nothing the checkpoint can name changed';
+      if (!same) {
+        const why = fingerprint !== undefined || manifest.fingerprint !== undefined
+          ? `its fingerprint was ${JSON.stringify(manifest.fingerprint ?? null)}, this job's is ${JSON.stringify(fingerprint ?? null)}`
+          : describeChange(manifest.steps, steps);
+        throw checkpointError(
+          `checkpoint ${this.path} was written by a different job: ${why}. Its output would not match this job's; remove the checkpoint (and its output) to start over, or give checkpoint.fingerprint to say the jobs are the same`,
+          'ERR_DATA_CHECKPOINT_MISMATCH',
+        );
+      }
+    }
+    const next: Manifest = {
+      version: 1,
+      idColumn: this.idColumn,
+      ...(fingerprint !== undefined ? { fingerprint } : {}),
+      steps,
+      runs: [...(manifest?.runs ?? []), { writeId, host: hostname(), pid: process.pid, startedAt: new Date().toISOString() }],
+    };
+    await writeDurably(file, Buffer.from(JSON.stringify(next, null, 2)));
+  }
+
+  /** Reads every record: a write whose output stands counts, one whose output is gone is dropped. */
+  async #recover(): Promise<void> {
+    const directory = join(this.path, RECORDS);
+    const names = (await readdir(directory)).filter((name) => name.endsWith('.arrow') && !name.startsWith('.')).sort();
+    // Records of attempts that died while being written.
+    for (const name of await readdir(directory)) if (name.startsWith('.') && name.endsWith('.tmp')) await unlink(join(directory, name)).catch(() => undefined);
+    const parts: IdValues[] = [];
+    for (const name of names) {
+      const file = join(directory, name);
+      let table: Table;
+      try {
+        table = tableFromIPC(await readFile(file));
+      } catch (error) {
+        throw checkpointError(`checkpoint ${this.path}: record ${name} cannot be read (${(error as Error).message})`);
+      }
+      const encoded = table.schema.metadata.get(RESULT_KEY);
+      let result: unknown = encoded === undefined ? undefined : deserialize(Buffer.from(encoded, 'base64'));
+      if (this.#sink.recover) {
+        const recovered = await this.#sink.recover(result);
+        if (recovered === null) {
+          // Its output is gone: its rows are written again.
+          await unlink(file).catch(() => undefined);
+          continue;
+        }
+        result = recovered;
+      }
+      const ids = idValuesOf(table, 'id', `checkpoint record ${name}`);
+      parts.push(ids);
+      this.#resumedRows += idCount(ids);
+      this.#resumedResults.push(result);
+    }
+    const all = concatIds(parts, `checkpoint ${this.path}`);
+    if (all) this.#idsRef = put(storedIdSet(all)) as ObjectRef<Block>;
+  }
+
+  /**
+   * The plan with the rows already written dropped: right after the read where the id column is
+   * there already, and at the latest before the first actor pool (the model) or, with none, before
+   * the sink, for an id column a stage makes. Unchanged when nothing was written.
+   */
+  planWith(plan: readonly LogicalOperator[]): readonly LogicalOperator[] {
+    if (!this.#idsRef) return plan;
+    const filter = (name: string, optional: boolean): LogicalOperator => ({
+      op: 'stage',
+      stage: { kind: 'mapBatches', name, udf: resolveUdf(skipWritten, name), fnArgs: [this.#idsRef, this.idColumn, optional], batchFormat: 'arrow' },
+      compute: {},
+    });
+    const model = plan.findIndex((operator) => operator.op === 'stage' && operator.stage.udf.kind === 'class');
+    const before = model < 0 ? plan.length : model;
+    const withRequired = [...plan.slice(0, before), filter('SkipWritten', false), ...plan.slice(before)];
+    // With no stage between the source and that point to make the column, one filter does.
+    if (plan[0]?.op !== 'union' && plan.slice(1, before).every((operator) => operator.op !== 'stage')) return withRequired;
+    return insertAfterSource(withRequired, filter('SkipWritten(at read)', true));
+  }
+
+  target(): CheckpointTarget {
+    return { path: this.path, idColumn: this.idColumn, staged: typeof this.#sink.commit === 'function' };
+  }
+
+  /** What earlier runs' write() calls returned, for the job's results. */
+  get resumedResults(): readonly unknown[] {
+    return this.#resumedResults;
+  }
+
+  stats(): CheckpointStats {
+    return { path: this.path, resumedRows: this.#resumedRows, resumedWrites: this.#resumedResults.length };
+  }
+
+  /** The job succeeded: the checkpoint goes (unless kept), so that a new run starts afresh. */
+  async complete(): Promise<void> {
+    if (this.#deleteOnSuccess) await rm(this.path, { recursive: true, force: true });
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    if (this.#heartbeat) clearInterval(this.#heartbeat);
+    this.#idsRef?.[Symbol.dispose]();
+    this.#idsRef = undefined;
+    // Only our own lock: a completed checkpoint's directory is already gone.
+    const file = join(this.path, LOCK);
+    try {
+      const holder = JSON.parse(await readFile(file, 'utf8')) as { pid?: number; host?: string };
+      if (holder.pid === process.pid && holder.host === hostname()) await unlink(file);
+    } catch {
+      // Gone with the directory, or never taken.
+    }
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}
+
+/** Inserts `operator` right after the plan's source (each input's, for a union). */
+function insertAfterSource(plan: readonly LogicalOperator[], operator: LogicalOperator): LogicalOperator[] {
+  const [first, ...rest] = plan;
+  if (first?.op === 'union') return [{ ...first, inputs: first.inputs.map((input) => insertAfterSource(input, operator)) }, ...rest];
+  // After a read or given blocks; after a zip or a join, which make their rows from two inputs.
+  return first ? [first, operator, ...rest] : [operator];
+}
