@@ -5,8 +5,8 @@
  */
 import { existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { DataError, fromItems, get, readDatasource, state, type Row } from '../../lib/index.js';
-import { BrokenModel, CountingModel, GatedSource, RecordingModel, Scaler, SlowModel, gatedRow } from './fixtures/udfs.js';
+import { DataError, fromItems, get, range, readDatasource, state, type Row } from '../../lib/index.js';
+import { BrokenModel, CountingModel, GatedSource, RecordingModel, Scaler, SlowModel, double, gatedRow } from './fixtures/udfs.js';
 import { RecordingReporter, isAlive, openGate, rejection, startedPids, until, useDataCluster } from './helpers.js';
 
 // Two logical GPUs: pools of GPU actors are scheduled on them like on real ones.
@@ -72,6 +72,17 @@ describe('actor pools', () => {
     expect(metrics).toMatchObject({ rows: 100, batches: 10 });
     // Numbers only: the string the class also reported is left out.
     expect(Object.keys(metrics).sort()).toEqual(['batches', 'meanBatch', 'rows']);
+  });
+
+  it('a pool whose minimum would hold every CPU leaves one to the read feeding it, and fills once the read is done', async () => {
+    // Two actors of one CPU on two CPUs would starve the read tasks (one CPU each) for good.
+    const reporter = new RecordingReporter();
+    const rows = await range(200, { parallelism: 10 }).map(double).mapBatches(CountingModel, { concurrency: 2, batchSize: 10, batchFormat: 'rows' }).takeAll({ progress: reporter });
+    expect(rows.map((row) => row.id).sort((a, b) => (a as number) - (b as number))).toEqual(sequence(200));
+    expect(reporter.finished!.progress.warnings.some((warning) => warning.includes('2 actors would hold every CPU and starve the tasks that feed them; it runs 1'))).toBe(true);
+    // Each read task ran while one actor worked: the pool never held both CPUs before the read was done.
+    const pool = reporter.snapshots.map((snapshot) => ({ read: snapshot.operators[0], actors: snapshot.operators[1].actors! }));
+    expect(pool.every(({ read, actors }) => read.blocksDone === read.blocksTotal || actors.running + actors.pending <= 1)).toBe(true);
   });
 
   it('a pool grows on queued work and shrinks back when idle', async () => {

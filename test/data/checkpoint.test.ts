@@ -12,8 +12,8 @@ import { describe, expect, it } from 'vitest';
 import { DataError, InvalidArgumentError, fromItems, range, readJsonl, type Row, type WriteContext } from '../../lib/index.js';
 import { WrittenIds, idValuesOf, recordWrite, storedIdSet } from '../../lib/data/checkpoint.js';
 import { JsonlDatasink, type WrittenFile } from '../../lib/data/formats/index.js';
-import { IdListSink, failOnceAt, noteIds, stringIds, withoutId } from './fixtures/checkpoint.js';
-import { isAlive, rejection, until, useDataCluster } from './helpers.js';
+import { FlakyModel, IdListSink, failOnceAt, noteIds, stringIds, withoutId } from './fixtures/checkpoint.js';
+import { RecordingReporter, isAlive, rejection, until, useDataCluster } from './helpers.js';
 
 const { scratchDir } = useDataCluster({ numCpus: 2 });
 
@@ -102,6 +102,24 @@ describe('a job that failed resumes', () => {
     const third = await job().write(sink, { checkpoint: { idColumn: 'id', path, deleteOnSuccess: false } });
     expect(third.flatMap((result) => result.ids).sort((a, b) => a - b)).toEqual(sequence(120));
     expect(readdirSync(target).length).toBe(files);
+  });
+
+  it('through an actor pool (the model), with ids a stage makes: skipped before the model, and the resume reported', async () => {
+    const out = fresh('out');
+    const flag = join(fresh('flag'), 'failed');
+    const job = () => range(240, { parallelism: 24 }).map(stringIds).mapBatches(FlakyModel, { batchSize: 20, concurrency: 2, constructorArgs: [200, flag] });
+    await rejection(job().writeJsonl(out, { checkpoint: { idColumn: 'key' } }));
+    const dataset = job();
+    const reporter = new RecordingReporter();
+    await dataset.writeJsonl(out, { checkpoint: { idColumn: 'key' }, progress: reporter });
+    const rows = (await readJsonl(out).takeAll()).map((row) => row.value as number).sort((a, b) => a - b);
+    expect(rows).toEqual(sequence(240));
+    const names = dataset.stats()!.operators.map((operator) => operator.name);
+    expect(names[0]).toBe('ReadRange->SkipWritten(at read)->Map(stringIds)->SkipWritten');
+    expect(names[1]).toContain('MapBatches(FlakyModel)');
+    const { resumedRows } = dataset.stats()!.checkpoint!;
+    expect(resumedRows).toBeGreaterThan(0);
+    expect(reporter.finished!.progress.warnings.some((warning) => warning.includes(`${resumedRows} rows an earlier run wrote`))).toBe(true);
   });
 
   it('with string ids', async () => {

@@ -34,6 +34,7 @@ export class ActorMapOperator extends Operator {
   readonly #asks = new Set<ElasticAsk>();
   /** Those of them its minimum needs: refused, the pool cannot start. */
   readonly #minimumAsks = new WeakSet<ElasticAsk>();
+  #starvedWarned = false;
 
   get pool(): ActorPoolOptions {
     return this.spec.pool;
@@ -55,7 +56,52 @@ export class ActorMapOperator extends Operator {
       );
     }
     // The pool's minimum starts before the first batch arrives, so models load while data is read.
-    for (let i = 0; i < this.pool.min; i++) this.#addActor();
+    for (let i = 0; i < this.#minimumNow(); i++) this.#addActor();
+  }
+
+  /**
+   * The CPUs the operators feeding this pool need for one task while they have work left: a read,
+   * a function map, an exchange. 0 once they are done.
+   */
+  #feedCpus(): number {
+    let need = 0;
+    const visit = (operator: Operator): void => {
+      for (const upstream of operator.upstreams) {
+        if (!upstream.done()) {
+          const kind = upstream.spec.kind;
+          if (kind === 'read' || kind === 'task-map') need = Math.max(need, upstream.spec.compute.numCpus ?? 1);
+          else if (kind === 'exchange' || kind === 'aggregate' || kind === 'repartition' || kind === 'zip') need = Math.max(need, 1);
+        }
+        visit(upstream);
+      }
+    };
+    visit(this);
+    return need;
+  }
+
+  /**
+   * Actors the pool may hold now. Actors that took every CPU while their feed still had work would
+   * starve it: the read could never run, and the actors would wait for input forever. The pool
+   * leaves its feed the CPUs of one task, below its minimum if it must (said once), and takes
+   * them once the feed is done.
+   */
+  #actorCap(): number {
+    const actorCpus = this.spec.compute.numCpus ?? 1;
+    const feed = actorCpus > 0 ? this.#feedCpus() : 0;
+    if (feed === 0) return Infinity;
+    return Math.max(1, Math.floor((this.executor.totalCpus - feed) / actorCpus + 1e-9));
+  }
+
+  #minimumNow(): number {
+    const cap = this.#actorCap();
+    if (cap >= this.pool.min) return this.pool.min;
+    if (!this.#starvedWarned) {
+      this.#starvedWarned = true;
+      this.executor.warn(
+        `actor pool ${this.name}: ${this.pool.min} actors would hold every CPU and starve the tasks that feed them; it runs ${cap} until they are done`,
+      );
+    }
+    return cap;
   }
 
   #addActor(): void {
@@ -342,12 +388,13 @@ export class ActorMapOperator extends Operator {
       this.#withdrawAsks();
       return;
     }
-    if (total < this.pool.min) {
-      for (let i = total; i < this.pool.min; i++) this.#addActor();
+    const minimum = this.#minimumNow();
+    if (total < minimum) {
+      for (let i = total; i < minimum; i++) this.#addActor();
       return;
     }
     const waiting = this.hasWork() && !this.#freeActor();
-    if (waiting && pending === 0 && total < this.pool.max) {
+    if (waiting && pending === 0 && total < Math.min(this.pool.max, this.#actorCap())) {
       // Resources are read at most every 200 ms: state() walks the whole cluster (and the store).
       if (now - this.#lastScaleCheck > 200) {
         this.#lastScaleCheck = now;
@@ -361,9 +408,9 @@ export class ActorMapOperator extends Operator {
       }
       return;
     }
-    if (!this.hasWork() && total > this.pool.min) {
+    if (!this.hasWork() && total > minimum) {
       for (const actor of this.#actors) {
-        if (this.counts().running + this.counts().pending <= this.pool.min) break;
+        if (this.counts().running + this.counts().pending <= minimum) break;
         if (actor.state === 'ready' && actor.inflight === 0 && now - actor.idleSince >= this.pool.idleTimeoutMs) this.#removeActor(actor);
       }
     }
