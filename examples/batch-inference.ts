@@ -8,7 +8,7 @@
  * of classifier actors (one GPU each where a GPU is present, one CPU otherwise); each write task
  * writes one JSONL file. Progress is drawn while it runs; rows per second are printed at the end.
  */
-import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
@@ -65,24 +65,38 @@ remote(import.meta, Classifier);
 
 // ---------------------------------------------------------------------------------------------
 // The sink: one JSONL file per write task, written under a temporary name and renamed, so a retried
-// task never leaves half a file; onWriteComplete records a manifest.
+// task never leaves half a file; onWriteComplete records a manifest. With a checkpoint the rename
+// waits for commit(), after the checkpoint has recorded the rows: a stopped job resumed later
+// writes each row exactly once.
 
-export class PredictionsSink extends Datasink<{ file: string; rows: number }> {
+type Written = { file: string; rows: number; staged?: string };
+
+export class PredictionsSink extends Datasink<Written> {
   constructor(readonly directory: string) {
     super();
   }
   override onWriteStart(): void {
     mkdirSync(this.directory, { recursive: true });
   }
-  write(blocks: Block[], context: WriteContext): { file: string; rows: number } {
+  write(blocks: Block[], context: WriteContext): Written {
     const file = join(this.directory, `predictions-${context.writeId}-${String(context.taskIndex).padStart(4, '0')}.jsonl`);
     const lines: string[] = [];
     for (const block of blocks) for (const row of block) lines.push(JSON.stringify(row!.toJSON()));
-    writeFileSync(`${file}.tmp`, `${lines.join('\n')}\n`);
-    renameSync(`${file}.tmp`, file);
+    const temp = join(this.directory, `.${context.writeId}-${context.taskIndex}-${context.attempt}.tmp`);
+    writeFileSync(temp, `${lines.join('\n')}\n`);
+    if (context.staged) return { file, rows: lines.length, staged: temp };
+    renameSync(temp, file);
     return { file, rows: lines.length };
   }
-  override onWriteComplete(results: Array<{ file: string; rows: number }>): void {
+  override commit(written: Written): Written {
+    renameSync(written.staged!, written.file);
+    return { file: written.file, rows: written.rows };
+  }
+  override recover(written: Written): Written | null {
+    if (written.staged && existsSync(written.staged)) renameSync(written.staged, written.file);
+    return existsSync(written.file) ? { file: written.file, rows: written.rows } : null;
+  }
+  override onWriteComplete(results: Written[]): void {
     writeFileSync(join(this.directory, '_manifest.json'), JSON.stringify(results, null, 2));
   }
   override onWriteFailed(error: Error): void {
@@ -92,7 +106,9 @@ export class PredictionsSink extends Datasink<{ file: string; rows: number }> {
 remote(import.meta, PredictionsSink);
 
 export async function main(outputDirectory = join(tmpdir(), 'trellis-batch-inference')): Promise<void> {
-  rmSync(outputDirectory, { recursive: true, force: true });
+  // A run stopped midway (Ctrl-C, a crash) left its checkpoint: this run resumes it. Else afresh.
+  const checkpoint = join(outputDirectory, '.checkpoint');
+  if (!existsSync(checkpoint)) rmSync(outputDirectory, { recursive: true, force: true });
   const gpus = cuda.available ? cuda.deviceCount() : 0;
   await init(gpus > 0 ? { numGpus: gpus } : {});
   try {
@@ -104,9 +120,11 @@ export async function main(outputDirectory = join(tmpdir(), 'trellis-batch-infer
       ...(gpus > 0 ? { numGpus: 1, numCpus: 0, concurrency: [1, gpus] as [number, number] } : { numCpus: 1, concurrency: [1, 2] as [number, number] }),
     });
     await dataset.explain();
-    const results = await dataset.write(new PredictionsSink(outputDirectory));
+    const results = await dataset.write(new PredictionsSink(outputDirectory), { checkpoint: { idColumn: 'id', path: checkpoint } });
     const seconds = (performance.now() - started) / 1000;
-    const rows = results.reduce((sum, result) => sum + result.rows, 0);
+    const resumed = dataset.stats()?.checkpoint?.resumedRows ?? 0;
+    if (resumed > 0) console.log(`\nresumed a stopped run: ${resumed} rows it had written were skipped`);
+    const rows = results.reduce((sum, result) => sum + result.rows, 0) - resumed;
     const files = readdirSync(outputDirectory).filter((name) => name.endsWith('.jsonl'));
     const sample = readFileSync(join(outputDirectory, files[0]), 'utf8').split('\n')[0];
     console.log(`\n${rows} rows classified in ${seconds.toFixed(2)} s: ${Math.round(rows / seconds)} rows/s`);
