@@ -97,6 +97,8 @@ export class PredictionsSink extends Datasink<Written> {
     return existsSync(written.file) ? { file: written.file, rows: written.rows } : null;
   }
   override onWriteComplete(results: Written[]): void {
+    // Temp files of writes a stopped run staged but never recorded (their rows were written again).
+    for (const name of readdirSync(this.directory)) if (name.startsWith('.') && name.endsWith('.tmp')) rmSync(join(this.directory, name));
     writeFileSync(join(this.directory, '_manifest.json'), JSON.stringify(results, null, 2));
   }
   override onWriteFailed(error: Error): void {
