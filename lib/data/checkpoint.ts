@@ -424,7 +424,9 @@ function hashOf(text: string): string {
 }
 
 function stableJson(value: unknown): string {
-  return JSON.stringify(value, (_key, item: unknown) => {
+  return JSON.stringify(value, (key, item: unknown) => {
+    // Where a function's module lies is not what it does: a moved checkout runs the same job.
+    if (key === 'module') return undefined;
     if (typeof item === 'bigint') return `${item}n`;
     if (item && typeof item === 'object' && 'id' in item && item.constructor?.name === 'ObjectRef') return 'ObjectRef';
     if (ArrayBuffer.isView(item)) return hashOf(Buffer.from(item.buffer, item.byteOffset, item.byteLength).toString('base64'));
@@ -574,7 +576,9 @@ export class WriteCheckpoint implements AsyncDisposable {
         await writeFile(file, mine, { flag: 'wx' });
         break;
       } catch (error) {
-        if ((error as NodeJS.ErrnoException).code !== 'EEXIST' || tries > 0) throw error;
+        if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
+        // Taken again between our look and our write: another run got there first.
+        if (tries > 0) throw checkpointError(`checkpoint ${this.path} is in use by another run: one run of a job at a time`, 'ERR_DATA_CHECKPOINT_BUSY');
       }
       // Taken: by a live run (refused), or by one that is gone (taken over).
       let holder: { host?: string; pid?: number } = {};
@@ -635,36 +639,51 @@ export class WriteCheckpoint implements AsyncDisposable {
   /** Reads every record: a write whose output stands counts, one whose output is gone is dropped. */
   async #recover(): Promise<void> {
     const directory = join(this.path, RECORDS);
-    const names = (await readdir(directory)).filter((name) => name.endsWith('.arrow') && !name.startsWith('.')).sort();
+    const entries = await readdir(directory);
     // Records of attempts that died while being written.
-    for (const name of await readdir(directory)) if (name.startsWith('.') && name.endsWith('.tmp')) await unlink(join(directory, name)).catch(() => undefined);
+    await Promise.all(entries.filter((name) => name.startsWith('.') && name.endsWith('.tmp')).map((name) => unlink(join(directory, name)).catch(() => undefined)));
+    const names = entries.filter((name) => name.endsWith('.arrow') && !name.startsWith('.')).sort();
+    // A long job leaves thousands of records: read a few at a time, kept in name order.
+    const loaded: Array<{ ids: IdValues; result: unknown } | null> = new Array(names.length).fill(null);
+    let next = 0;
+    const reader = async (): Promise<void> => {
+      while (next < names.length) {
+        const index = next++;
+        loaded[index] = await this.#readRecord(join(directory, names[index]), names[index]);
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(16, names.length) }, reader));
     const parts: IdValues[] = [];
-    for (const name of names) {
-      const file = join(directory, name);
-      let table: Table;
-      try {
-        table = tableFromIPC(await readFile(file));
-      } catch (error) {
-        throw checkpointError(`checkpoint ${this.path}: record ${name} cannot be read (${(error as Error).message})`);
-      }
-      const encoded = table.schema.metadata.get(RESULT_KEY);
-      let result: unknown = encoded === undefined ? undefined : deserialize(Buffer.from(encoded, 'base64'));
-      if (this.#sink.recover) {
-        const recovered = await this.#sink.recover(result);
-        if (recovered === null) {
-          // Its output is gone: its rows are written again.
-          await unlink(file).catch(() => undefined);
-          continue;
-        }
-        result = recovered;
-      }
-      const ids = idValuesOf(table, 'id', `checkpoint record ${name}`);
-      parts.push(ids);
-      this.#resumedRows += idCount(ids);
-      this.#resumedResults.push(result);
+    for (const record of loaded) {
+      if (!record) continue;
+      parts.push(record.ids);
+      this.#resumedRows += idCount(record.ids);
+      this.#resumedResults.push(record.result);
     }
     const all = concatIds(parts, `checkpoint ${this.path}`);
     if (all) this.#idsRef = put(storedIdSet(all)) as ObjectRef<Block>;
+  }
+
+  /** One record's ids and result; null (and the record removed) when the sink says its output is gone. */
+  async #readRecord(file: string, name: string): Promise<{ ids: IdValues; result: unknown } | null> {
+    let table: Table;
+    try {
+      table = tableFromIPC(await readFile(file));
+    } catch (error) {
+      throw checkpointError(`checkpoint ${this.path}: record ${name} cannot be read (${(error as Error).message}); remove it to write its rows again`);
+    }
+    const encoded = table.schema.metadata.get(RESULT_KEY);
+    let result: unknown = encoded === undefined ? undefined : deserialize(Buffer.from(encoded, 'base64'));
+    if (this.#sink.recover) {
+      const recovered = await this.#sink.recover(result);
+      if (recovered === null) {
+        // Its output is gone: its rows are written again.
+        await unlink(file).catch(() => undefined);
+        return null;
+      }
+      result = recovered;
+    }
+    return { ids: idValuesOf(table, 'id', `checkpoint record ${name}`), result };
   }
 
   /**
