@@ -122,6 +122,20 @@ describe('a job that failed resumes', () => {
     expect(reporter.finished!.progress.warnings.some((warning) => warning.includes(`${resumedRows} rows an earlier run wrote`))).toBe(true);
   });
 
+  it('over files without ids of their own: ids made at the read (rowIds)', async () => {
+    const input = fresh('input');
+    writeFileSync(join(input, 'part-0.jsonl'), sequence(100).map((id) => `${JSON.stringify({ id, text: `row ${id}` })}\n`).join(''));
+    writeFileSync(join(input, 'part-1.jsonl'), sequence(100).map((index) => `${JSON.stringify({ id: 100 + index, text: `row ${100 + index}` })}\n`).join(''));
+    const out = fresh('out');
+    const flag = join(fresh('flag'), 'failed');
+    const job = () => readJsonl(input, { rowIds: '_id', rowsPerBlock: 10, minSplitBytes: 256 }).map(failOnceAt, { fnArgs: [150, flag] });
+    await rejection(job().writeJsonl(out, { checkpoint: { idColumn: '_id' } }));
+    const dataset = job();
+    await dataset.writeJsonl(out, { checkpoint: { idColumn: '_id' } });
+    expect(dataset.stats()?.checkpoint?.resumedRows).toBeGreaterThan(0);
+    expect(idsInJsonl(out)).toEqual(sequence(200));
+  });
+
   it('with string ids', async () => {
     const out = fresh('out');
     const flag = join(fresh('flag'), 'failed');

@@ -395,6 +395,43 @@ describe('parallelism', () => {
     expect(blocks.flatMap((block) => blockToRows(block).map((row) => row.id))).toEqual(Array.from({ length: 100 }, (_, index) => index));
   });
 
+  it('rowIds: each row an id, unique and the same however the files are split across tasks', async () => {
+    const directory = scratch('row-ids');
+    writeLines(join(directory, 'a.jsonl'), 600, (index) => JSON.stringify({ n: index, pad: 'é'.repeat(index % 29) }));
+    writeLines(join(directory, 'b.csv'), 601, (index) => (index === 0 ? 'n,pad' : `${index - 1},"${'q'.repeat(index % 11)}"`));
+    const rows: Row[] = Array.from({ length: 600 }, (_, n) => ({ n }));
+    await new ParquetDatasink(join(directory, 'pq'), { rowGroupRows: 100 }).write([rowsToBlock(rows)], context());
+    await new ArrowDatasink(join(directory, 'arrow')).write(Array.from({ length: 6 }, (_, part) => rowsToBlock(rows.slice(part * 100, part * 100 + 100))), context());
+    const sources = [
+      (split: boolean) => jsonlSource(join(directory, 'a.jsonl'), { rowIds: 'rid', ...(split ? { minSplitBytes: 256, rowsPerBlock: 70 } : {}) }),
+      (split: boolean) => csvSource(join(directory, 'b.csv'), { rowIds: 'rid', ...(split ? { minSplitBytes: 256, rowsPerBlock: 70 } : {}) }),
+      (_split: boolean) => parquetSource(join(directory, 'pq'), { rowIds: 'rid' }),
+      (split: boolean) => arrowSource(join(directory, 'arrow'), { rowIds: 'rid', ...(split ? { blockBytes: 1 } : {}) }),
+    ];
+    const seen = new Set<unknown>();
+    for (const source of sources) {
+      const idsBy = async (split: boolean, parallelism: number) => {
+        const { tasks, blocks } = await readAll(source(split), parallelism);
+        if (split && parallelism > 1) expect(tasks.length).toBeGreaterThan(1);
+        return new Map(blocks.flatMap((block) => blockToRows(block).map((row) => [row.n, row.rid] as const)));
+      };
+      const whole = await idsBy(false, 1);
+      const split = await idsBy(true, 4);
+      expect(whole.size).toBe(600);
+      expect(new Set(whole.values()).size).toBe(600);
+      expect([...split.entries()].sort((a, b) => (a[0] as number) - (b[0] as number))).toEqual([...whole.entries()].sort((a, b) => (a[0] as number) - (b[0] as number)));
+      for (const id of whole.values()) {
+        expect(id).toMatch(/^[0-9a-f]{12}:[0-9.]+$/);
+        expect(seen.has(id)).toBe(false);
+        seen.add(id);
+      }
+    }
+    const taken = await rejection(readAll(jsonlSource(join(directory, 'a.jsonl'), { rowIds: 'pad' })));
+    expect(taken.code).toBe('ERR_DATA_COLUMN');
+    expect(taken.message).toContain("has a column 'pad' already");
+    expect((await rejection(() => parquetSource(join(directory, 'pq'), { rowIds: '' }))).code).toBe('ERR_DATA_COLUMN');
+  });
+
   it('hands on a block every rowsPerBlock rows', async () => {
     const path = join(scratch('rows-per-block'), 'r.jsonl');
     writeLines(path, 10, (index) => JSON.stringify({ index }));

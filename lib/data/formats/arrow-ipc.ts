@@ -11,7 +11,7 @@ import { remote } from '../../core/registry.js';
 import { blockBytes, concatBlocks, type Block } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import {
-  DEFAULT_BLOCK_BYTES, FileDatasink, checkColumns, checkExtensions, checkPositiveInteger, expandPaths, planFileReads,
+  DEFAULT_BLOCK_BYTES, FileDatasink, checkColumns, checkExtensions, checkPositiveInteger, checkRowIds, expandPaths, fileKey, planFileReads, withRowIds,
   type FileEntry, type FilePiece, type FileUnit,
 } from './files.js';
 import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
@@ -27,11 +27,17 @@ export interface ArrowReadOptions {
   blockBytes?: number;
   /** Which files of a directory are read (default .arrow, .arrows, .feather, .ipc). */
   extensions?: string[];
+  /**
+   * Adds a column of this name holding each row's id, `<file key>:<record batch>.<row in it>`: for
+   * a dataset without ids of its own, stable while the files are unchanged (a checkpoint's idColumn).
+   */
+  rowIds?: string;
 }
 
 interface ArrowTaskOptions {
   columns?: string[];
   blockBytes: number;
+  rowIds?: string;
 }
 
 type IpcReader = Awaited<ReturnType<typeof openReader>>['reader'];
@@ -48,16 +54,18 @@ async function openReader(path: string): Promise<{ handle: FileHandle; reader: A
   }
 }
 
-async function* batchesOf(reader: IpcReader, pieces: number[] | undefined, path: string): AsyncGenerator<RecordBatch> {
+/** A file's record batches (the chosen ones, or all), each with its index in the file. */
+async function* batchesOf(reader: IpcReader, pieces: number[] | undefined, path: string): AsyncGenerator<[number, RecordBatch]> {
   if (!pieces) {
-    yield* reader as AsyncIterable<RecordBatch>;
+    let index = 0;
+    for await (const batch of reader as AsyncIterable<RecordBatch>) yield [index++, batch];
     return;
   }
   if (!reader.isFile()) throw new InvalidArgumentError(`'${path}' is an Arrow IPC stream: its record batches cannot be read by index`, 'ERR_DATA_PARSE');
   for (const index of pieces) {
     const batch = await reader.readRecordBatch(index);
     if (!batch) throw new InvalidArgumentError(`'${path}' has no record batch ${index}`, 'ERR_DATA_PARSE');
-    yield batch;
+    yield [index, batch];
   }
 }
 
@@ -77,17 +85,25 @@ export const readArrowFiles = remote(import.meta, async function* readArrowFiles
     try {
       // Batches of a file share its schema; gather small ones so a block is not a few rows.
       let batches: RecordBatch[] = [];
+      let ids: string[] = [];
       let bytes = 0;
-      for await (const batch of batchesOf(reader, unit.pieces, unit.path)) {
+      const key = options.rowIds ? fileKey(unit.path) : '';
+      const block = (): Table => {
+        const table = project(new Table(batches), options.columns, unit.path);
+        return options.rowIds ? withRowIds(table, options.rowIds, ids, unit.path) : table;
+      };
+      for await (const [index, batch] of batchesOf(reader, unit.pieces, unit.path)) {
         batches.push(batch);
+        if (options.rowIds) for (let row = 0; row < batch.numRows; row++) ids.push(`${key}:${index}.${row}`);
         bytes += blockBytes(new Table(batch));
         if (bytes >= options.blockBytes) {
-          yield project(new Table(batches), options.columns, unit.path);
+          yield block();
           batches = [];
+          ids = [];
           bytes = 0;
         }
       }
-      if (batches.length) yield project(new Table(batches), options.columns, unit.path);
+      if (batches.length) yield block();
     } finally {
       await reader.cancel().catch(() => undefined);
       await handle.close().catch(() => undefined);
@@ -107,6 +123,7 @@ export class ArrowDatasource extends Datasource {
     this.taskOptions = {
       blockBytes: checkPositiveInteger(options.blockBytes, 'blockBytes') ?? DEFAULT_BLOCK_BYTES,
       ...(columns ? { columns } : {}),
+      ...(options.rowIds !== undefined ? { rowIds: checkRowIds(options.rowIds, 'Arrow') } : {}),
     };
     this.files = expandPaths(paths, checkExtensions(options.extensions, ARROW_EXTENSIONS), 'Arrow');
     this.partitions = options.partitioning === false ? undefined : hivePartitions(this.files);

@@ -12,7 +12,7 @@ import { blockToColumns, type Block } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import {
   DEFAULT_BLOCK_BYTES, DEFAULT_MIN_SPLIT_BYTES, FileDatasink, TextWriter, boolColumn, checkExtensions, checkPositiveInteger, checkSchema, coerceValue,
-  expandPaths, filesOf, float64Column, isNumberText, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, readLineBatches, readLines, schemaFromBytes, schemaToBytes, utf8Column,
+  checkRowIds, expandPaths, fileKey, filesOf, float64Column, isNumberText, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, readLineBatches, readLines, schemaFromBytes, schemaToBytes, utf8Column, withRowIds,
   type FileEntry, type FileRange,
 } from './files.js';
 import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
@@ -40,10 +40,16 @@ export interface CsvReadOptions {
   minSplitBytes?: number;
   /** Which files of a directory are read (default .csv). */
   extensions?: string[];
+  /**
+   * Adds a column of this name holding each row's id, `<file key>:<byte offset of its record>`:
+   * for a dataset without ids of its own, stable while the files are unchanged (a checkpoint's idColumn).
+   */
+  rowIds?: string;
 }
 
 interface CsvTaskOptions {
   delimiter: string;
+  rowIds?: string;
   schema?: Uint8Array;
   rowsPerBlock?: number;
   blockBytes: number;
@@ -178,9 +184,13 @@ export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ran
   let columns: unknown[][] = [];
   let rows = 0;
   let bytes = 0;
+  let ids: string[] = [];
+  let path = '';
   const flush = (): Block => {
-    const block = schema ? typedBlock(schema, columns, rows) : inferredBlock(names, columns as Cell[][], known);
+    let block = schema ? typedBlock(schema, columns, rows) : inferredBlock(names, columns as Cell[][], known);
+    if (options.rowIds) block = withRowIds(block, options.rowIds, ids, path);
     columns = columns.map(() => []);
+    ids = [];
     rows = 0;
     bytes = 0;
     return block;
@@ -188,6 +198,7 @@ export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ran
   for (const range of ranges) {
     const header = await readHeader(range.path, options.delimiter);
     if (!header) continue;
+    const key = options.rowIds ? fileKey(range.path) : '';
     // With a schema, its fields are the columns (in its order); the header says where each is.
     const positions = schema ? schemaPositions(schema, header, range.path) : header.names.map((_, index) => index);
     const wanted = schema ? schema.fields.map((field) => field.name) : header.names;
@@ -237,6 +248,8 @@ export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ran
           for (let column = 0; column < record.length; column++) columns[column].push(record[column]);
         }
         rows++;
+        if (options.rowIds) ids.push(`${key}:${recordStart}`);
+        path = range.path;
         bytes += line.next - recordStart;
         if (options.rowsPerBlock ? rows >= options.rowsPerBlock : bytes >= options.blockBytes) yield flush();
       }
@@ -341,6 +354,7 @@ export class CsvDatasource extends Datasource {
       blockBytes: checkPositiveInteger(options.blockBytes, 'blockBytes') ?? DEFAULT_BLOCK_BYTES,
       ...(schema ? { schema: schemaToBytes(schema) } : {}),
       ...(rowsPerBlock ? { rowsPerBlock } : {}),
+      ...(options.rowIds !== undefined ? { rowIds: checkRowIds(options.rowIds, 'CSV') } : {}),
     };
     this.minSplitBytes = checkPositiveInteger(options.minSplitBytes, 'minSplitBytes') ?? DEFAULT_MIN_SPLIT_BYTES;
     this.splittable = options.quotedNewlines !== true;

@@ -4,6 +4,7 @@
  * lines of a byte range, coercing values to a schema, shipping a schema to workers, and writing a
  * file so that readers never see it half written.
  */
+import { createHash } from 'node:crypto';
 import { readdirSync, statSync, type Stats } from 'node:fs';
 import { mkdir, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, extname, join, resolve } from 'node:path';
@@ -740,4 +741,35 @@ export function utf8Column(values: readonly (string | null | undefined)[]): Vect
 
 export function nullColumn(length: number): Vector {
   return makeVector(makeData({ type: new Null(), length, nullCount: length }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row ids made at the read, for a dataset without ids of its own (a checkpoint's idColumn)
+
+/**
+ * The file part of a row id: 48 bits of a hash of the file's absolute path, so that ids stay
+ * short (a checkpoint holds every one); two files share a key about once in 10^14 pairs.
+ */
+export function fileKey(path: string): string {
+  return createHash('sha256').update(resolve(path)).digest('hex').slice(0, 12);
+}
+
+export function checkRowIds(value: unknown, format: string): string | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== 'string' || value === '') throw new InvalidArgumentError(`${format}: rowIds must name the column to add, got ${String(value)}`, 'ERR_DATA_COLUMN');
+  return value;
+}
+
+/**
+ * A block with a column of row ids (`<file key>:<position in the file>`: stable while the file is
+ * unchanged, unique across the dataset). A file that has a column of that name is refused.
+ */
+export function withRowIds(block: Block, column: string, ids: readonly string[], path: string): Block {
+  if (block.getChild(column)) {
+    throw new InvalidArgumentError(`'${path}' has a column '${column}' already: name another with rowIds`, 'ERR_DATA_COLUMN');
+  }
+  const columns: Record<string, Vector> = {};
+  for (const field of block.schema.fields) columns[field.name] = block.getChild(field.name)!;
+  columns[column] = utf8Column(ids);
+  return new Table(columns);
 }

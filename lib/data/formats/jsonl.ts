@@ -11,7 +11,7 @@ import { blockToRows, rowsToBlock, type Block, type Row } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import {
   DEFAULT_BLOCK_BYTES, DEFAULT_MIN_SPLIT_BYTES, FileDatasink, TextWriter, boolColumn, checkExtensions, checkPositiveInteger, checkSchema, coerceRow,
-  expandPaths, filesOf, float64Column, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, readLineBatches, schemaFromBytes, schemaToBytes,
+  checkRowIds, expandPaths, fileKey, filesOf, float64Column, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, readLineBatches, schemaFromBytes, schemaToBytes, withRowIds,
   utf8Column,
   type FileEntry, type FileRange,
 } from './files.js';
@@ -32,10 +32,16 @@ export interface JsonlReadOptions {
   minSplitBytes?: number;
   /** Which files of a directory are read (default .jsonl, .ndjson, .json). */
   extensions?: string[];
+  /**
+   * Adds a column of this name holding each row's id, `<file key>:<byte offset of its line>`: for
+   * a dataset without ids of its own, stable while the files are unchanged (a checkpoint's idColumn).
+   */
+  rowIds?: string;
 }
 
 /** The options as a read task receives them: plain data only. */
 interface JsonlTaskOptions {
+  rowIds?: string;
   schema?: Uint8Array;
   rowsPerBlock?: number;
   blockBytes: number;
@@ -49,16 +55,20 @@ export const readJsonlFiles = remote(import.meta, async function* readJsonlFiles
   const schema = options.schema ? schemaFromBytes(options.schema) : undefined;
   const builder = new ConsistentBlockBuilder(schema);
   let rows: Row[] = [];
+  let ids: string[] = [];
   let bytes = 0;
   let sources = new Set<string>();
   const flush = (): Block => {
-    const block = builder.build(rows, sources);
+    let block = builder.build(rows, sources);
+    if (options.rowIds) block = withRowIds(block, options.rowIds, ids, [...sources].join("', '"));
     rows = [];
+    ids = [];
     bytes = 0;
     sources = new Set();
     return block;
   };
   for (const range of ranges) {
+    const key = options.rowIds ? fileKey(range.path) : '';
     for await (const lines of readLineBatches(range.path, range.start, range.end)) {
       for (const line of lines) {
         if (isBlank(line.text)) continue;
@@ -83,6 +93,7 @@ export const readJsonlFiles = remote(import.meta, async function* readJsonlFiles
           }
         }
         rows.push(value as Row);
+        if (options.rowIds) ids.push(`${key}:${line.offset}`);
         sources.add(range.path);
         bytes += line.next - line.offset;
         if (options.rowsPerBlock ? rows.length >= options.rowsPerBlock : bytes >= options.blockBytes) yield flush();
@@ -187,6 +198,7 @@ export class JsonlDatasource extends Datasource {
       blockBytes: checkPositiveInteger(options.blockBytes, 'blockBytes') ?? DEFAULT_BLOCK_BYTES,
       ...(schema ? { schema: schemaToBytes(schema) } : {}),
       ...(rowsPerBlock ? { rowsPerBlock } : {}),
+      ...(options.rowIds !== undefined ? { rowIds: checkRowIds(options.rowIds, 'JSONL') } : {}),
     };
     this.minSplitBytes = checkPositiveInteger(options.minSplitBytes, 'minSplitBytes') ?? DEFAULT_MIN_SPLIT_BYTES;
     this.files = expandPaths(paths, checkExtensions(options.extensions, JSONL_EXTENSIONS), 'JSONL');

@@ -12,7 +12,7 @@ import { remote } from '../../core/registry.js';
 import { concatBlocks, type Block } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import {
-  FileDatasink, checkColumns, checkExtensions, checkPositiveInteger, expandPaths, planFileReads,
+  FileDatasink, checkColumns, checkExtensions, checkPositiveInteger, checkRowIds, expandPaths, fileKey, planFileReads, withRowIds,
   type FileEntry, type FilePiece, type FileUnit,
 } from './files.js';
 import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
@@ -37,11 +37,17 @@ export interface ParquetReadOptions {
   keepDictionaries?: boolean;
   /** Which files of a directory are read (default .parquet, .pq). */
   extensions?: string[];
+  /**
+   * Adds a column of this name holding each row's id, `<file key>:<row number in the file>`: for
+   * a dataset without ids of its own, stable while the files are unchanged (a checkpoint's idColumn).
+   */
+  rowIds?: string;
 }
 
 interface ParquetTaskOptions {
   columns?: string[];
   keepDictionaries: boolean;
+  rowIds?: string;
 }
 
 async function openParquet(path: string): Promise<ParquetFileHandle> {
@@ -74,13 +80,16 @@ export const readParquetFiles = remote(import.meta, async function* readParquetF
       if (options.columns) checkColumnsExist(file, options.columns, unit.path);
       const metadata = file.metadata();
       const groups = unit.pieces ?? Array.from({ length: metadata.numRowGroups() }, (_, index) => index);
-      const groupRows = groups.map((group) => {
+      // Every group's rows: where each starts in the file numbers its rows for rowIds.
+      const allRows = Array.from({ length: metadata.numRowGroups() }, (_, group) => {
         const rowGroup = metadata.rowGroup(group);
         const rows = rowGroup.numRows();
         rowGroup.free();
         return rows;
       });
+      const groupRows = groups.map((group) => allRows[group]);
       metadata.free();
+      const key = options.rowIds ? fileKey(unit.path) : '';
       for (let position = 0; position < groups.length; position++) {
         let read;
         try {
@@ -90,7 +99,14 @@ export const readParquetFiles = remote(import.meta, async function* readParquetF
           throw new InvalidArgumentError(`Parquet file '${unit.path}', row group ${groups[position]}: ${errorText(error)}`, 'ERR_DATA_PARSE');
         }
         const table = tableFromIPC(read.intoIPCStream());
-        yield options.keepDictionaries ? table : decodeDictionaries(table);
+        const block = options.keepDictionaries ? table : decodeDictionaries(table);
+        if (!options.rowIds) {
+          yield block;
+          continue;
+        }
+        let first = 0;
+        for (let group = 0; group < groups[position]; group++) first += allRows[group];
+        yield withRowIds(block, options.rowIds, Array.from({ length: block.numRows }, (_, row) => `${key}:${first + row}`), unit.path);
       }
     } finally {
       file.free();
@@ -117,7 +133,8 @@ export class ParquetDatasource extends Datasource {
   constructor(paths: string | readonly string[], options: ParquetReadOptions = {}) {
     super();
     const columns = checkColumns(options.columns, 'Parquet');
-    this.taskOptions = { keepDictionaries: options.keepDictionaries === true, ...(columns ? { columns } : {}) };
+    const rowIds = checkRowIds(options.rowIds, 'Parquet');
+    this.taskOptions = { keepDictionaries: options.keepDictionaries === true, ...(columns ? { columns } : {}), ...(rowIds ? { rowIds } : {}) };
     this.files = expandPaths(paths, checkExtensions(options.extensions, PARQUET_EXTENSIONS), 'Parquet');
     this.partitions = options.partitioning === false ? undefined : hivePartitions(this.files);
   }
