@@ -42,6 +42,7 @@ export { HostAgent } from './core/host-agent.js';
 export type { HostAgentOptions } from './core/host-agent.js';
 export type { ClusterOptions, BrokerInfo } from './core/broker-client.js';
 export type { ClusterSession } from './core/api.js';
+export { serveMetrics, metricsText, MetricsServer } from './core/metrics.js';
 export type { PlacementGroup, PlacementGroupOptions, PlacementStrategy } from './core/placement-group.js';
 export type { Resources } from './core/resources.js';
 export type { InitOptions, ClusterState } from './core/cluster.js';

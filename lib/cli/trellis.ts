@@ -11,13 +11,14 @@ import { readFileSync } from 'node:fs';
 import { Broker, type BrokerOptions } from '../core/broker.js';
 import { brokerStatus } from '../core/broker-client.js';
 import { HostAgent } from '../core/host-agent.js';
+import { brokerMetrics, formatMetrics, serveMetricsText } from '../core/metrics.js';
 import type { StatusMessage } from '../core/broker-protocol.js';
 import { TrellisError } from '../errors.js';
 
 const usage = `usage: trellis node --head HOST:PORT [options]
        trellis node --broker HOST:PORT [options]
        trellis broker [--port N] [--host HOST] [--token TOKEN] [--backfill-window MS] [--max-share F]
-                      [--users FILE] [--preempt-grace MS]
+                      [--users FILE] [--preempt-grace MS] [--metrics-port N] [--metrics-host HOST]
        trellis status --broker HOST:PORT [--token TOKEN] [--json]
 
 node --head: joins this host to the cluster of the driver listening at HOST:PORT (init({ listen })).
@@ -29,7 +30,8 @@ broker: runs a shared cluster's broker (port 7390 by default). --max-share 0.5: 
   user's token, a user's jobs together hold at most its quota, and ask for a priority up to its
   maxPriority (default 0). A job of higher priority (init's cluster.priority) that does not fit
   takes slices back from jobs of lower priority, which have --preempt-grace MS (default 30000) to
-  finish what runs there.
+  finish what runs there. --metrics-port N serves the cluster's metrics (hosts, jobs, their
+  slices) at http://127.0.0.1:N/metrics for Prometheus (--metrics-host to open it wider).
 status: what a broker's hosts offer and have free, and which jobs hold or wait for what.
 
 node options:
@@ -85,7 +87,7 @@ function printStatus(status: StatusMessage): void {
 }
 
 async function runBroker(rest: string[]): Promise<number> {
-  const { values } = parseArgs({ args: rest, options: { port: { type: 'string' }, host: { type: 'string' }, token: { type: 'string' }, 'backfill-window': { type: 'string' }, 'max-share': { type: 'string' }, users: { type: 'string' }, 'preempt-grace': { type: 'string' } } });
+  const { values } = parseArgs({ args: rest, options: { port: { type: 'string' }, host: { type: 'string' }, token: { type: 'string' }, 'backfill-window': { type: 'string' }, 'max-share': { type: 'string' }, users: { type: 'string' }, 'preempt-grace': { type: 'string' }, 'metrics-port': { type: 'string' }, 'metrics-host': { type: 'string' } } });
   let users: BrokerOptions['users'];
   if (values.users !== undefined) {
     try {
@@ -105,10 +107,14 @@ async function runBroker(rest: string[]): Promise<number> {
     log: (line) => process.stderr.write(`trellis broker: ${line}\n`),
   });
   process.stderr.write(`trellis broker: listening on ${broker.host}:${broker.port}\n`);
+  const metricsPort = count('metrics-port', values['metrics-port']);
+  const metrics = metricsPort === undefined ? undefined : await serveMetricsText(() => formatMetrics(brokerMetrics(broker.status())), { port: metricsPort, host: values['metrics-host'] });
+  if (metrics) process.stderr.write(`trellis broker: metrics at ${metrics.url}\n`);
   await new Promise<void>((resolve) => {
     process.once('SIGINT', resolve);
     process.once('SIGTERM', resolve);
   });
+  await metrics?.close();
   await broker.close();
   return 0;
 }

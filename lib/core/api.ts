@@ -3,6 +3,7 @@ import { cpus } from 'node:os';
 import { InvalidArgumentError, NotInitializedError } from '../errors.js';
 import { randomBytes } from 'node:crypto';
 import { Cluster, type ClusterState, type InitOptions } from './cluster.js';
+import { closeMetricsServers } from './metrics.js';
 import { BrokerClient, requestedBundles, type ClusterOptions, type ElasticAsk } from './broker-client.js';
 import { ObjectRef } from './object-ref.js';
 import { actorHandleInfo, makeActorHandle, type ActorHandle } from './registry.js';
@@ -89,6 +90,7 @@ export async function shutdown(): Promise<void> {
   const current = cluster;
   cluster = undefined;
   setRuntime(undefined);
+  await closeMetricsServers();
   await current?.shutdown();
 }
 

@@ -281,6 +281,8 @@ export class Cluster implements Runtime {
   readonly #socketPath: string;
   readonly #objects = new Map<string, ObjectRecord>();
   readonly #tasks = new Map<string, TaskRecord>();
+  /** Totals since the cluster started, for metrics. */
+  readonly #counters = { tasksFinished: 0, tasksFailed: 0, tasksRetried: 0 };
   readonly #queues = new Map<string, Deque<TaskRecord>>();
   readonly #leases = new Map<string, Lease[]>();
   /** Objects that could not be moved off a cordoned node (see evacuate). */
@@ -605,6 +607,7 @@ export class Cluster implements Runtime {
       if (task.cancelled) continue;
       if (task.attempts <= task.maxRetries) {
         task.state = 'queued';
+        this.#counters.tasksRetried++;
         this.#enqueue(task, true);
       } else {
         this.#failTask(task, new WorkerCrashedError(`${task.name}: its worker died and it has no retries left (${task.maxRetries} allowed)`));
@@ -1697,6 +1700,7 @@ export class Cluster implements Runtime {
       if (error) {
         if (task.retryExceptions && task.attempts <= task.maxRetries && !lostArgument) {
           task.state = 'queued';
+          this.#counters.tasksRetried++;
           this.#enqueue(task, true);
         } else {
           this.#failTask(task, taskFailure(task, error, lostArgument));
@@ -1713,6 +1717,7 @@ export class Cluster implements Runtime {
 
   #finishTask(task: TaskRecord, value: WireValue | undefined, nested: string[] | undefined, storedSize?: number): void {
     task.state = 'done';
+    this.#counters.tasksFinished++;
     this.#tasks.delete(task.taskId);
     let size = value && 'inline' in value ? value.inline.byteLength : 0;
     if (value && 'node' in value) {
@@ -1792,6 +1797,7 @@ export class Cluster implements Runtime {
       return;
     }
     task.failed = true;
+    if (!task.cancelled) this.#counters.tasksFailed++;
     // A rerun made for a lost put leaves its result alone where that is still stored.
     const result = this.#objects.get(task.returnId);
     if (!task.rerun || result?.state !== 'ready' || !this.#resident(result)) this.#failObject(task.returnId, error);
@@ -2348,6 +2354,7 @@ export class Cluster implements Runtime {
       for (const task of running) {
         if (task.attempts <= task.maxRetries) {
           task.state = 'queued';
+          this.#counters.tasksRetried++;
           retry.push(task);
         } else {
           this.#failTask(task, new ActorDiedError(actor.id, `actor ${actor.name} died while running ${task.name}; the actor restarts but the call has no retries left`));
@@ -2548,6 +2555,7 @@ export class Cluster implements Runtime {
         ...(actor.deathCause ? { deathCause: actor.deathCause } : {}),
       })),
       objects: { count: this.#objects.size },
+      counters: { ...this.#counters },
       gpuSharing: this.#gpuSharing === 'mps' ? { mode: 'mps', ...(this.#multiProcessService ? { pipeDirectory: this.#multiProcessService.pipeDirectory } : {}) } : { mode: 'time-slice' },
       placementGroups: [...this.#groups.values()].map((group) => ({
         id: group.id,
@@ -2695,6 +2703,8 @@ export interface ClusterState {
   /** `deathCause` for dead ones: killed, died with no restarts left, or ended with no handle left. */
   actors: Array<{ actorId: string; className: string; name?: string; state: string; nodeId?: string; restarts: number; pid?: number; deathCause?: string }>;
   objects: { count: number };
+  /** Tasks and actor calls since the cluster started: returned, failed (after retries), run again. */
+  counters: { tasksFinished: number; tasksFailed: number; tasksRetried: number };
   /** With 'mps', CUDA_MPS_PIPE_DIRECTORY of the cluster's daemon (for nvidia-cuda-mps-control). */
   gpuSharing: { mode: 'time-slice' | 'mps'; pipeDirectory?: string };
   placementGroups: Array<{ id: string; strategy: string; state: string; bundles: Array<{ nodeId?: string; available?: Record<string, number> }> }>;

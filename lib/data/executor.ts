@@ -13,6 +13,7 @@ import { createProgressReporter, type ProgressOption } from './progress.js';
 import type { JobProgress, OperatorProgress, ProgressReporter } from './progress-types.js';
 import { newObjectId } from '../store/object-id.js';
 import type { CheckpointStats, CheckpointTarget } from './checkpoint.js';
+import { registerMetricsCollector, type MetricFamily } from '../core/metrics.js';
 import type { WriteContext } from './datasource.js';
 import { ActorMapOperator } from './operators/actor-pool.js';
 import { AggregateOperator } from './operators/aggregate.js';
@@ -373,6 +374,7 @@ export class StreamingExecutor {
   }
 
   async start(): Promise<void> {
+    runningJobs.set(this, ++jobsStarted);
     this.#reporter = createProgressReporter(this.options.progress);
     this.#storeBase = state().nodes.reduce((sum, node) => sum + node.store.bytesInUse, 0);
     this.#driverViewBase = driverViewBytes;
@@ -575,6 +577,10 @@ export class StreamingExecutor {
   async close(): Promise<void> {
     if (this.#finished) return;
     this.#finished = true;
+    if (runningJobs.delete(this)) {
+      jobTotals.rows += this.rowsOut;
+      jobTotals[this.failed ? 'failed' : 'succeeded']++;
+    }
     if (this.#timer) clearInterval(this.#timer);
     if (this.#recheck) clearTimeout(this.#recheck);
     dispose(this.#output.splice(0));
@@ -614,6 +620,55 @@ export class StreamingExecutor {
     };
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Metrics: the jobs running in this driver, operator by operator
+
+const runningJobs = new Map<StreamingExecutor, number>();
+let jobsStarted = 0;
+const jobTotals = { rows: 0, succeeded: 0, failed: 0 };
+
+function dataMetrics(): MetricFamily[] {
+  const rows: MetricFamily = { name: 'trellis_data_operator_rows_total', type: 'counter', help: "Rows an operator of a running job has made (or written).", samples: [] };
+  const blocks: MetricFamily = { name: 'trellis_data_operator_blocks_total', type: 'counter', help: 'Blocks (or read tasks) an operator of a running job has finished.', samples: [] };
+  const active: MetricFamily = { name: 'trellis_data_operator_active_tasks', type: 'gauge', help: 'Tasks or actor calls an operator has running.', samples: [] };
+  const queued: MetricFamily = { name: 'trellis_data_operator_queued_tasks', type: 'gauge', help: 'Units of work an operator has waiting.', samples: [] };
+  const actors: MetricFamily = { name: 'trellis_data_operator_actors', type: 'gauge', help: "An actor pool's actors, running or starting.", samples: [] };
+  const storeBytes: MetricFamily = { name: 'trellis_data_operator_store_bytes', type: 'gauge', help: "Bytes of an operator's outputs in the object store, not yet consumed.", samples: [] };
+  const counters: MetricFamily = { name: 'trellis_data_operator_counter_total', type: 'counter', help: "Counters an actor pool's class reports with metrics() (e.g. an LLM engine's generated tokens), summed over its actors.", samples: [] };
+  const budget: MetricFamily = { name: 'trellis_data_job_budget_bytes', type: 'gauge', help: "A running job's memory budget in the object store.", samples: [] };
+  const held: MetricFamily = { name: 'trellis_data_job_store_bytes', type: 'gauge', help: "Bytes of a running job's blocks in the object store.", samples: [] };
+  for (const [executor, id] of runningJobs) {
+    const progress = executor.snapshot();
+    const job = { job_id: String(id), job: progress.job };
+    budget.samples.push({ labels: job, value: progress.budgetBytes });
+    held.samples.push({ labels: job, value: progress.storeBytes });
+    progress.operators.forEach((operator, index) => {
+      const labels = { ...job, operator: `${index}:${operator.name}` };
+      rows.samples.push({ labels, value: operator.rowsDone });
+      blocks.samples.push({ labels, value: operator.blocksDone });
+      active.samples.push({ labels, value: operator.activeTasks });
+      queued.samples.push({ labels, value: operator.queuedTasks });
+      storeBytes.samples.push({ labels, value: operator.storeBytes });
+      if (operator.actors) {
+        actors.samples.push({ labels: { ...labels, state: 'running' }, value: operator.actors.running }, { labels: { ...labels, state: 'pending' }, value: operator.actors.pending });
+      }
+      for (const [name, value] of Object.entries(operator.metrics ?? {})) counters.samples.push({ labels: { ...labels, name }, value });
+    });
+  }
+  const liveRows = [...runningJobs.keys()].reduce((sum, executor) => sum + executor.rowsOut, 0);
+  return [
+    { name: 'trellis_data_jobs_running', type: 'gauge', help: 'Data jobs running in this driver.', samples: [{ value: runningJobs.size }] },
+    {
+      name: 'trellis_data_jobs_total', type: 'counter', help: 'Data jobs this driver has ended, by outcome.',
+      samples: [{ labels: { outcome: 'succeeded' }, value: jobTotals.succeeded }, { labels: { outcome: 'failed' }, value: jobTotals.failed }],
+    },
+    { name: 'trellis_data_rows_out_total', type: 'counter', help: "Rows this driver's data jobs have handed to their consumer or sink.", samples: [{ value: jobTotals.rows + liveRows }] },
+    budget, held, rows, blocks, active, queued, actors, storeBytes, counters,
+  ];
+}
+
+registerMetricsCollector(dataMetrics);
 
 /** A write job's id, for naming its files and records. */
 export function newWriteId(): string {
