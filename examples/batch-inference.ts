@@ -131,6 +131,7 @@ export async function main(outputDirectory = join(tmpdir(), 'trellis-batch-infer
     const sample = readFileSync(join(outputDirectory, files[0]), 'utf8').split('\n')[0];
     console.log(`\n${rows} rows classified in ${seconds.toFixed(2)} s: ${Math.round(rows / seconds)} rows/s`);
     console.log(`${files.length} files in ${outputDirectory}; first row: ${sample}`);
+    console.log(dataset.stats()!.summary);
     // Read back what was written and summarize it: a streaming aggregation, one row per label.
     const labels = await readJsonl(files.map((name) => join(outputDirectory, name)))
       .groupBy('label')

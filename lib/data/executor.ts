@@ -110,6 +110,8 @@ export interface JobStats {
   operators: OperatorProgress[];
   /** A checkpointed write: where its checkpoint is and what earlier runs had written. */
   checkpoint?: CheckpointStats;
+  /** The job in a few lines: rows and rates, each operator's tasks and their times, what it skipped. */
+  summary: string;
 }
 
 
@@ -596,6 +598,12 @@ export class StreamingExecutor {
     return this.#warnings;
   }
 
+  /** A write job's rows go to its sink, not to a consumer: its writing operator counts them. */
+  #rowsWritten(): number | undefined {
+    const writer = this.operators.find((operator) => operator.spec.kind === 'write' || ('sink' in operator.spec && operator.spec.sink !== undefined));
+    return writer?.rowsDone;
+  }
+
   snapshot(): JobProgress {
     return {
       job: this.#job,
@@ -604,12 +612,13 @@ export class StreamingExecutor {
       storeBytes: this.usedBytes(),
       budgetBytes: this.budgetBytes,
       rowsOut: this.rowsOut,
+      ...(this.#rowsWritten() !== undefined ? { rowsWritten: this.#rowsWritten() } : {}),
       warnings: this.#warnings,
     };
   }
 
   stats(): JobStats {
-    return {
+    const stats = {
       rowsOut: this.rowsOut,
       blocksOut: this.blocksOut,
       erroredBlocks: this.erroredBlocks,
@@ -618,7 +627,60 @@ export class StreamingExecutor {
       operators: this.operators.map((operator) => operator.progress()),
       ...(this.resumed ? { checkpoint: this.resumed } : {}),
     };
+    const written = this.#rowsWritten();
+    return { ...stats, summary: summarize(this.#job, stats, this.budgetBytes, this.#warnings.length, this.failed, written) };
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The summary of a job's stats
+
+const count = (value: number): string => Math.round(value).toLocaleString('en-US');
+
+function duration(ms: number): string {
+  if (ms < 1) return `${ms.toFixed(2)} ms`;
+  if (ms < 1000) return `${ms.toFixed(ms < 10 ? 1 : 0)} ms`;
+  return `${(ms / 1000).toFixed(ms < 10_000 ? 2 : 1)} s`;
+}
+
+function bytes(value: number): string {
+  const units = ['B', 'KB', 'MB', 'GB', 'TB'];
+  let unit = 0;
+  while (value >= 1000 && unit < units.length - 1) {
+    value /= 1000;
+    unit++;
+  }
+  return `${value.toFixed(unit === 0 ? 0 : 1)} ${units[unit]}`;
+}
+
+function rate(rows: number, ms: number): string {
+  return ms > 0 ? `${count((rows * 1000) / ms)} rows/s` : '';
+}
+
+function summarize(job: string, stats: Omit<JobStats, 'summary'>, budgetBytes: number, warnings: number, failed?: Error, written?: number): string {
+  const rows = written ?? stats.rowsOut;
+  const lines = [
+    `${job}${failed ? ' (failed)' : ''}: ${count(rows)} rows ${written === undefined ? 'out' : 'written'} in ${duration(stats.wallMs)}` +
+      `${rows > 0 ? ` (${rate(rows, stats.wallMs)})` : ''}; store peak ${bytes(stats.peakBudgetBytes)} of a ${bytes(budgetBytes)} budget`,
+  ];
+  stats.operators.forEach((operator, index) => {
+    const parts = [`${count(operator.rowsDone)} rows`];
+    const time = operator.taskTime;
+    if (time) {
+      const unit = operator.actors ? 'calls' : 'tasks';
+      parts.unshift(`${count(time.tasks)} ${unit}${operator.actors ? ` on up to ${operator.actors.max === Infinity ? 'any number of' : operator.actors.max} actors` : ''}`);
+      parts[1] += ` in ${duration(time.spanMs)}${time.spanMs > 0 ? ` (${rate(operator.rowsDone, time.spanMs)})` : ''}`;
+      parts.push(`per ${unit === 'calls' ? 'call' : 'task'} mean ${duration(time.meanMs)}, max ${duration(time.maxMs)}, ${duration(time.totalMs)} in all`);
+    }
+    for (const [name, value] of Object.entries(operator.metrics ?? {})) parts.push(`${name} ${count(value)}`);
+    lines.push(`  ${index} ${operator.name}: ${parts.join('; ')}`);
+  });
+  if (stats.checkpoint && stats.checkpoint.resumedWrites > 0) {
+    lines.push(`  resumed from ${stats.checkpoint.path}: ${count(stats.checkpoint.resumedRows)} rows written by earlier runs skipped`);
+  }
+  if (stats.erroredBlocks > 0) lines.push(`  ${stats.erroredBlocks} block(s) skipped for errors (maxErroredBlocks)`);
+  if (warnings > 0) lines.push(`  ${warnings} warning(s): see the progress display or events()`);
+  return lines.join('\n');
 }
 
 // ---------------------------------------------------------------------------------------------

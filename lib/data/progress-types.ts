@@ -23,6 +23,11 @@ export interface OperatorProgress {
    * generated tokens): each counter summed over the pool's actors, those gone included.
    */
   metrics?: Record<string, number>;
+  /**
+   * Its finished tasks (or actor calls): how many, the time each took from launch to result
+   * (queueing for a worker included), and from the first launch to the last result.
+   */
+  taskTime?: { tasks: number; totalMs: number; meanMs: number; maxMs: number; spanMs: number };
   done: boolean;
 }
 
@@ -35,6 +40,8 @@ export interface JobProgress {
   storeBytes: number;
   budgetBytes: number;
   rowsOut: number;
+  /** A write job: rows its sink has written (its rows go there, not out to a consumer). */
+  rowsWritten?: number;
   /**
    * What the job warned of so far, oldest first (an actor died and its batch is retried, a block
    * skipped under maxErroredBlocks, an actor retiring from a node taken back): the reporters

@@ -131,12 +131,13 @@ function formatMetric(value: number): string {
 /** e.g. `Dataset.write: 12.0s elapsed, 400 rows out, 33.3 rows/s, store 12.5/512.0 MB` */
 export function formatSummary(progress: JobProgress): string {
   const seconds = progress.elapsedMs / 1000;
-  const rate = seconds > 0 ? progress.rowsOut / seconds : 0;
+  const rows = progress.rowsWritten ?? progress.rowsOut;
+  const rate = seconds > 0 ? rows / seconds : 0;
   const store =
     progress.budgetBytes > 0
       ? `store ${formatMegabytes(progress.storeBytes)}/${formatMegabytes(progress.budgetBytes)} MB`
       : `store ${formatMegabytes(progress.storeBytes)} MB`;
-  return `${progress.job}: ${formatDuration(progress.elapsedMs)} elapsed, ${progress.rowsOut} rows out, ${formatRate(rate)} rows/s, ${store}`;
+  return `${progress.job}: ${formatDuration(progress.elapsedMs)} elapsed, ${rows} rows ${progress.rowsWritten === undefined ? 'out' : 'written'}, ${formatRate(rate)} rows/s, ${store}`;
 }
 
 export function formatFailure(progress: JobProgress, error: Error): string {

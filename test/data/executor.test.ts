@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { DataContext, DataStallError, fromItems, range, readDatasource, state, type Row } from '../../lib/index.js';
-import { BytesSource, CountingSink, NumbersSource, SlowModel, StuckModel, double, gatedRow, identity, plusOne, stuck, viewInfo } from './fixtures/udfs.js';
+import { BytesSource, CountingModel, CountingSink, NumbersSource, SlowModel, StuckModel, double, gatedRow, identity, plusOne, stuck, viewInfo } from './fixtures/udfs.js';
 import { RecordingReporter, isAlive, openGate, rejection, startedPids, until, useDataCluster } from './helpers.js';
 
 const MiB = 1 << 20;
@@ -29,6 +29,29 @@ async function peakStoreUse<T>(run: () => Promise<T>): Promise<{ value: T; peak:
     clearInterval(timer);
   }
 }
+
+describe('stats', () => {
+  it("summarize the job: rows and rate, each operator's tasks and their times, a write job's rows written", async () => {
+    const dataset = range(400, { parallelism: 8 }).map(double).mapBatches(CountingModel, { concurrency: 1, batchSize: 50, batchFormat: 'rows' });
+    const rows = await dataset.takeAll();
+    expect(rows).toHaveLength(400);
+    const stats = dataset.stats()!;
+    const [read, pool] = stats.operators;
+    expect(read.taskTime).toMatchObject({ tasks: 8 });
+    expect(read.taskTime!.maxMs).toBeGreaterThanOrEqual(read.taskTime!.meanMs);
+    expect(read.taskTime!.totalMs).toBeCloseTo(read.taskTime!.meanMs * 8, 6);
+    expect(pool.taskTime!.tasks).toBeGreaterThanOrEqual(1);
+    const lines = stats.summary.split('\n');
+    expect(lines[0]).toMatch(/^Dataset\.\w+: 400 rows out in [0-9.]+ m?s \([0-9,]+ rows\/s\); store peak [0-9.]+ [KMG]?B of a [0-9.]+ [KMG]?B budget$/);
+    expect(lines[1]).toMatch(/^  0 ReadRange->Map\(double\): 8 tasks; 400 rows in [0-9.]+ m?s .*per task mean [0-9.]+ m?s, max [0-9.]+ m?s, [0-9.]+ m?s in all$/);
+    expect(lines[2]).toMatch(/^  1 MapBatches\(CountingModel\): \d+ calls on up to 1 actors; 400 rows in .*; rows 400; batches 8/);
+
+    const sink = new CountingSink();
+    const written = range(100, { parallelism: 4 }).map(double);
+    await written.write(sink, { progress: false });
+    expect(written.stats()!.summary.split('\n')[0]).toMatch(/^Dataset\.write\(CountingSink\): 100 rows written in /);
+  });
+});
 
 describe('memory budget', () => {
   it('a dataset ten times the budget streams through a map with the store under the budget', async () => {

@@ -30,6 +30,8 @@ export interface Unit {
   reserved?: number;
   /** The operator's estimate of `reserved`, where it knows better than its input size. */
   estimate?: number;
+  /** When its current attempt was launched (performance.now()). */
+  startedAt?: number;
 }
 
 export const noBlocks: InputBlock[] = [];
@@ -156,6 +158,10 @@ export abstract class Operator {
   #nextRelease = 0;
   #nextSeq = 0;
   #inputRowCursor = 0;
+  /** Units finished (tasks, actor calls) and the time each took from launch to result. */
+  readonly #taskTime = { tasks: 0, totalMs: 0, maxMs: 0 };
+  #firstStart?: number;
+  #lastEnd?: number;
   /** Results of write() calls made by this operator (its own, or a sink fused into it). */
   readonly writeResults: Array<{ seq: number; result: unknown }> = [];
   readonly #fusedSink?: ShippedInstance;
@@ -377,6 +383,9 @@ export abstract class Operator {
   }
 
   protected began(unit: Unit): void {
+    const now = performance.now();
+    unit.startedAt = now;
+    this.#firstStart ??= now;
     this.active++;
     this.activeInputBytes += unit.bytes;
     unit.reserved = unit.estimate ?? this.estimateOutputBytes(unit.bytes);
@@ -394,6 +403,14 @@ export abstract class Operator {
 
   /** A unit finished: its outputs are released downstream in order, its inputs let go. */
   protected finished(unit: Unit, outputs: InputBlock[], inputsConsumed = true): void {
+    if (unit.startedAt !== undefined) {
+      const now = performance.now();
+      const took = now - unit.startedAt;
+      this.#taskTime.tasks++;
+      this.#taskTime.totalMs += took;
+      this.#taskTime.maxMs = Math.max(this.#taskTime.maxMs, took);
+      this.#lastEnd = now;
+    }
     this.unlaunched(unit);
     if (inputsConsumed) dispose(unit.blocks);
     this.executor.noteFreed(inputsConsumed ? unit.bytes : 0);
@@ -526,6 +543,17 @@ export abstract class Operator {
       storeBytes: this.heldBytes(),
       backpressure: this.backpressure,
       ...(this.phase ? { phase: this.phase } : {}),
+      ...(this.#taskTime.tasks > 0
+        ? {
+            taskTime: {
+              tasks: this.#taskTime.tasks,
+              totalMs: this.#taskTime.totalMs,
+              meanMs: this.#taskTime.totalMs / this.#taskTime.tasks,
+              maxMs: this.#taskTime.maxMs,
+              spanMs: this.#lastEnd! - this.#firstStart!,
+            },
+          }
+        : {}),
       done: this.done(),
     };
   }
