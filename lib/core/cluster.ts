@@ -2482,6 +2482,20 @@ export class Cluster implements Runtime {
     return this.nodes.find((node) => node.id === nodeId)?.draining ?? false;
   }
 
+  pendingTasks(name: string): { count: number; oldestMs: number } {
+    const now = Date.now();
+    let count = 0;
+    let oldest = now;
+    for (const queue of this.#queues.values()) {
+      for (const task of queue) {
+        if (task.name !== name) continue;
+        count++;
+        oldest = Math.min(oldest, task.pendingSince);
+      }
+    }
+    return { count, oldestMs: now - oldest };
+  }
+
   context(): RuntimeContext {
     return { nodeId: this.headNode.id, workerId: 'driver', gpuIds: [], isDriver: true };
   }

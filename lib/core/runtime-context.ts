@@ -75,6 +75,8 @@ export interface Runtime {
   actorNode?(actorId: string): string | undefined;
   /** Whether a node is being taken out of scheduling (given back, or taken back for another job). */
   nodeDraining?(nodeId: string): boolean;
+  /** Tasks of this name queued for resources (not yet on a worker), and how long the oldest has waited (ms). */
+  pendingTasks?(name: string): { count: number; oldestMs: number };
   /**
    * Worker only: the running call, taken at its start (before it awaits: an actor running calls
    * concurrently starts others meanwhile). `put(value, call)` names the put from that call's

@@ -148,7 +148,11 @@ export class StreamingExecutor {
   #scheduling = false;
   #rescheduled = false;
   #finished = false;
-  readonly #totalCpus: number;
+  #totalCpus: number;
+  /** Nodes join and leave a shared cluster's job (lent, borrowed, given back): the CPUs follow. */
+  readonly #onNodes = () => {
+    this.#totalCpus = state().nodes.reduce((sum, node) => sum + (node.resources.total.CPU ?? 0), 0);
+  };
   readonly #job: string;
   readonly #warnings: string[] = [];
 
@@ -377,6 +381,7 @@ export class StreamingExecutor {
 
   async start(): Promise<void> {
     runningJobs.set(this, ++jobsStarted);
+    events().on('node-added', this.#onNodes).on('node-removed', this.#onNodes);
     this.#reporter = createProgressReporter(this.options.progress);
     this.#storeBase = state().nodes.reduce((sum, node) => sum + node.store.bytesInUse, 0);
     this.#driverViewBase = driverViewBytes;
@@ -394,7 +399,7 @@ export class StreamingExecutor {
 
   #tick(): void {
     if (this.#finished) return;
-    for (const operator of this.operators) if (operator instanceof ActorMapOperator) operator.autoscale();
+    for (const operator of this.operators) operator.autoscale();
     this.schedule();
     this.#reporter?.update(this.snapshot());
     const stalled = Date.now() - this.#lastProgress;
@@ -579,6 +584,7 @@ export class StreamingExecutor {
   async close(): Promise<void> {
     if (this.#finished) return;
     this.#finished = true;
+    if (isInitialized()) events().off('node-added', this.#onNodes).off('node-removed', this.#onNodes);
     if (runningJobs.delete(this)) {
       jobTotals.rows += this.rowsOut;
       jobTotals[this.failed ? 'failed' : 'succeeded']++;

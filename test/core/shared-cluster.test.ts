@@ -11,7 +11,7 @@ import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, fromItems, get, init, requestResources, shutdown, state, wait, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
-import { GatedTagger, NodeTagger, makeArray, visibleGpus, waitThenWhere, whereAmI } from './fixtures/nodes.js';
+import { GatedTagger, NodeTagger, makeArray, pausedTag, visibleGpus, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { isAlive, openGate, rejection, scratch, until } from './helpers.js';
 
 const TOKEN = 'shared-cluster-token';
@@ -224,6 +224,19 @@ describe('shared cluster', () => {
     } finally {
       files.cleanup();
     }
+  });
+
+  it("asks the broker for room for a dataset's tasks that wait for CPUs, and gives it back after", async () => {
+    await init({ cluster: request({ bundles: [{ CPU: 1 }], name: 'tasks' }) });
+    const items = Array.from({ length: 60 }, (_, i) => i);
+    const job = fromItems(items, { parallelism: 30 }).mapBatches(pausedTag, { batchSize: null, fnArgs: [300] }).takeAll();
+    // One CPU lent: 30 blocks of 300 ms would take 9 s; their waiting tasks ask for more.
+    await until(() => state().broker!.lent > 1, 'the waiting tasks to be lent room', 30_000);
+    const rows = await job;
+    expect(rows.map((row) => row.item).sort((a, b) => (a as number) - (b as number))).toEqual(items);
+    expect(new Set(rows.map((row) => row.node)).size).toBeGreaterThan(1);
+    // Done: what was lent for the tasks goes back; the job holds what init asked.
+    await until(() => state().broker!.bundles === 1 && state().nodes.length === 2, 'the room to go back', 30_000);
   });
 
   it("asks for the room an actor pool's minimum lacks, and fails the job where no host could hold its actors", async () => {

@@ -371,7 +371,7 @@ export class ActorMapOperator extends Operator {
    * node being taken back retire once their calls end, so the node is free to go before its
    * grace runs out; the pool refills elsewhere (or when resources come back).
    */
-  autoscale(): void {
+  override autoscale(): void {
     if (this.executor.failed) return;
     this.#checkAsks();
     if (this.executor.failed) return;

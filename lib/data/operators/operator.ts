@@ -558,6 +558,9 @@ export abstract class Operator {
     };
   }
 
+  /** Called every tick: grows or shrinks what the operator holds (actor pools, room asked for). */
+  autoscale(): void {}
+
   /** Stops what the operator runs; `force`: kills workers of tasks still running. */
   async shutdown(_force = false): Promise<void> {}
 

@@ -1,19 +1,69 @@
 /** Operators that run data tasks on the worker pool: reads, function maps and writes. */
-import { cancel, get } from '../../core/api.js';
+import { askForRoom, cancel, get } from '../../core/api.js';
+import type { ElasticAsk } from '../../core/broker-client.js';
+import { currentRuntime } from '../../core/runtime-context.js';
 import { ObjectRef } from '../../core/object-ref.js';
 import { DataError, DataStallError } from '../../errors.js';
 import { Deque } from '../../core/deque.js';
 import type { Block } from '../block.js';
 import type { ReadTask, WriteContext } from '../datasource.js';
-import { slicesOf, type PhysicalOperatorSpec } from '../plan.js';
+import { slicesOf, type ComputeOptions, type PhysicalOperatorSpec } from '../plan.js';
 import { dataTask, writeTask, type TaskResult, type WriteResult } from '../worker-tasks.js';
 import { shipInstance } from '../udf.js';
 import type { StreamingExecutor } from '../executor.js';
-import { Operator, dispose, noBlocks, taskOptionsOf, taskTargets, unitBytes, type Unit } from './operator.js';
+import { Operator, dispose, noBlocks, resourcesOf, taskOptionsOf, taskTargets, unitBytes, type Unit } from './operator.js';
+
+/** How long an operator's tasks wait for resources before it asks a shared cluster for room. */
+const ASK_AFTER_MS = 1000;
+/** The most room one operator's tasks have asked for and not yet been lent. */
+const MAX_OPEN_ASKS = 8;
 
 /** Shared by operators that run data tasks: submission, completion and retries. */
 export abstract class TaskOperator extends Operator {
   #running = new Map<Unit, ObjectRef<unknown>>();
+  /** Room asked of a shared cluster's broker for tasks waiting on resources, not here yet. */
+  readonly #asks = new Set<ElasticAsk>();
+  #lastAsk = 0;
+  #refused = false;
+
+  /**
+   * On a shared cluster (cluster.autoscale), tasks that have waited a second for resources ask
+   * the broker for room of their shape: about one bundle for every two waiting, at most eight not
+   * yet lent, once a second. As an actor pool's asks, this is borrowing: the nodes go back a
+   * second after nothing is on them, and asks still waiting are withdrawn when the operator is done.
+   */
+  override autoscale(): void {
+    if (this.executor.failed || this.done()) return this.#withdrawAsks();
+    for (const ask of [...this.#asks]) {
+      if (ask.failed !== undefined && !this.#refused) {
+        // No host could hold one task: its tasks wait as before (the runtime warns of them).
+        this.#refused = true;
+        this.executor.warn(`${this.name}: the cluster cannot hold another of its tasks: ${ask.failed}`);
+      }
+      if (ask.settled || ask.failed !== undefined) this.#asks.delete(ask);
+    }
+    const now = Date.now();
+    const runtime = currentRuntime();
+    if (this.#refused || now - this.#lastAsk < ASK_AFTER_MS || !runtime.pendingTasks) return;
+    const pending = runtime.pendingTasks(this.name);
+    if (pending.count === 0 || pending.oldestMs < ASK_AFTER_MS) return;
+    this.#lastAsk = now;
+    const wanted = Math.min(MAX_OPEN_ASKS, Math.ceil(pending.count / 2)) - this.#asks.size;
+    const bundle = Object.fromEntries(
+      Object.entries(resourcesOf((this.spec as { compute: ComputeOptions }).compute)).filter(([, amount]) => amount > 0).map(([name, amount]) => [name, name === 'GPU' ? Math.ceil(amount) : amount]),
+    );
+    if (Object.keys(bundle).length === 0) return;
+    for (let i = 0; i < wanted; i++) {
+      const ask = askForRoom(bundle);
+      if (!ask) return;
+      this.#asks.add(ask);
+    }
+  }
+
+  #withdrawAsks(): void {
+    for (const ask of this.#asks) ask.withdraw();
+    this.#asks.clear();
+  }
 
   protected abstract submit(unit: Unit): ObjectRef<TaskResult>;
 
@@ -69,6 +119,7 @@ export abstract class TaskOperator extends Operator {
    * without its worker killed runs on, and its write would land after the job has ended.
    */
   override async shutdown(forced = false): Promise<void> {
+    this.#withdrawAsks();
     const force = forced || this.executor.failed instanceof DataStallError;
     if (this.hasFusedSink && !force) return;
     for (const ref of this.#running.values()) {
