@@ -2627,8 +2627,13 @@ export class Cluster implements Runtime {
    */
   evacuate(nodeId: string): void {
     const node = this.nodes.find((candidate) => candidate.id === nodeId);
-    const head = this.headNode;
-    if (!node?.draining || node === head) return;
+    if (!node?.draining || node === this.headNode) return;
+    // Room each store has left, less what this round already sends there.
+    const room = new Map<Node, number>();
+    for (const candidate of this.#evacuationTargets(node)) {
+      const stats = candidate.storeStats();
+      room.set(candidate, stats.capacity - stats.bytesInUse);
+    }
     for (const record of this.#objects.values()) {
       if (record.state !== 'ready' || !record.nodes.has(nodeId) || this.#evacuationFailed.has(record)) continue;
       // The node's copy stays in its store (readers there may map it) until the node ends.
@@ -2636,14 +2641,40 @@ export class Cluster implements Runtime {
         record.nodes.delete(nodeId);
         continue;
       }
-      if (record.copying?.has(head.id)) continue;
-      this.#copyAcross(record, node, head).then(
-        () => {
-          if (this.#objects.get(record.id) === record && record.nodes.has(head.id)) record.nodes.delete(nodeId);
-        },
-        () => this.#evacuationFailed.add(record),
-      );
+      if (record.copying && record.copying.size > 0) continue;
+      this.#evacuateTo(record, node, [...room.keys()].filter((target) => room.get(target)! >= record.size), room);
     }
+  }
+
+  /**
+   * Where a node's objects may go: the driver's store first (it outlives every lent node), then
+   * the job's other nodes that are not leaving, those with most room first.
+   */
+  #evacuationTargets(leaving: Node): Node[] {
+    const others = this.nodes.filter((candidate) => candidate !== leaving && candidate !== this.headNode && !candidate.draining && !candidate.closed);
+    const free = (candidate: Node) => candidate.storeStats().capacity - candidate.storeStats().bytesInUse;
+    return [this.headNode, ...others.sort((a, b) => free(b) - free(a))];
+  }
+
+  /** Copies `record` off `node` to the first of `targets` that takes it; lineage remakes it if none does. */
+  #evacuateTo(record: ObjectRecord, node: Node, targets: Node[], room: Map<Node, number>): void {
+    const [target, ...rest] = targets;
+    if (!target) {
+      this.#evacuationFailed.add(record);
+      return;
+    }
+    room.set(target, room.get(target)! - record.size);
+    this.#copyAcross(record, node, target).then(
+      () => {
+        if (this.#objects.get(record.id) === record && record.nodes.has(target.id)) record.nodes.delete(node.id);
+      },
+      () => {
+        // That store could not take it after all (full, or gone): the next one may.
+        room.set(target, room.get(target)! + record.size);
+        if (this.#objects.get(record.id) === record && !node.closed) this.#evacuateTo(record, node, rest.filter((other) => !other.closed && !other.draining), room);
+        else this.#evacuationFailed.add(record);
+      },
+    );
   }
 
   /** Whether work waits for resources: queued tasks, or actors not placed yet. */

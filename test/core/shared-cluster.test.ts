@@ -11,7 +11,7 @@ import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, fromItems, get, init, requestResources, shutdown, state, wait, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
-import { GatedTagger, NodeTagger, makeArray, pausedTag, visibleGpus, waitThenWhere, whereAmI } from './fixtures/nodes.js';
+import { GatedTagger, NodeTagger, checksum, makeArray, pausedTag, visibleGpus, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { isAlive, openGate, rejection, scratch, until } from './helpers.js';
 
 const TOKEN = 'shared-cluster-token';
@@ -353,6 +353,28 @@ describe('shared cluster', () => {
     expect((await back).nodeId).toMatch(/^host-b\//);
     expect(state().broker).toMatchObject({ lent: 2, joined: 2 });
     files.cleanup();
+  });
+
+  it("moves an object off a node taken back to another of the job's nodes when the driver's store cannot hold it", async () => {
+    // The driver's store holds 4 MiB: an 8 MB array made on host-b cannot go there.
+    await init({ cluster: request({ bundles: [{ CPU: 2 }, { CPU: 2 }], name: 'small-driver' }), objectStoreMemory: 4 * 1024 * 1024 });
+    const onA = state().nodes.find((node) => node.nodeId.startsWith('host-a/'))!.nodeId;
+    const onB = state().nodes.find((node) => node.nodeId.startsWith('host-b/'))!.nodeId;
+    const kept = makeArray.options({ schedulingStrategy: { type: 'node', nodeId: onB } }).remote(1_000_000, 3);
+    await wait([kept], { numReturns: 1 });
+    const moved: { objectId: string; from: string; to: string }[] = [];
+    const reconstructed: string[] = [];
+    events().on('object-transfer', (event) => moved.push(event));
+    events().on('reconstruct', (event: { objectId: string }) => reconstructed.push(event.objectId));
+    const urgent = childDriver({ bundles: [{ CPU: 2, b: 1 }], priority: 5, name: 'urgent-b' });
+    await urgent.next('ready');
+    await until(() => !state().nodes.some((node) => node.nodeId === onB), 'the node to leave');
+    expect(moved).toContainEqual(expect.objectContaining({ objectId: kept.id, from: onB, to: onA }));
+    // Read where it now is: every value, nothing made again.
+    const read = await get(checksum.remote(kept));
+    expect(read).toMatchObject({ length: 1_000_000, nodeId: onA });
+    expect(reconstructed).toEqual([]);
+    urgent.send('exit');
   });
 
   it("moves a dataset's actor pool off a node taken back, losing no row", async () => {
