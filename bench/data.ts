@@ -30,7 +30,7 @@ import { tableFromArrays } from 'apache-arrow';
 import { ApproximateQuantile, Count, Quantile, Sum, fromArrow, get, init, range, remote, rowsToBlock, shutdown, type Block } from '../lib/index.js';
 import { finalizeAggregate, mergePartials, partialAggregate } from '../lib/data/aggregate.js';
 import { concatBlocks } from '../lib/data/block.js';
-import { WrittenIds, storedIdSet } from '../lib/data/checkpoint.js';
+import { WrittenIds, storedIdSet } from '../lib/data/written-ids.js';
 import { sortBlock } from '../lib/data/exchange.js';
 import { Classifier } from '../examples/batch-inference.js';
 import { ReviewClassifier, reviewText } from '../examples/model/review-classifier.js';
