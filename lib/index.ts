@@ -74,6 +74,7 @@ export { CudaError, NcclError } from './errors.js';
 export { Dataset, fromItems, fromArrow, readDatasource } from './data/dataset.js';
 export type { TransformOptions, MapBatchesOptions, ReadOptions, IterBatchesOptions, SortOptions, ShuffleOptions, AddColumnOptions, JoinOptions, WriteOptions } from './data/dataset.js';
 export type { CheckpointOptions, CheckpointStats } from './data/checkpoint.js';
+export type { WriteMode } from './data/formats/files.js';
 export type { JoinType } from './data/exchange.js';
 export { GroupedData } from './data/grouped.js';
 export type { MapGroupsOptions } from './data/grouped.js';

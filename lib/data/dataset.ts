@@ -24,13 +24,19 @@ import type { JoinType } from './exchange.js';
 import { resolveUdf, udfName, type UdfTarget } from './udf.js';
 import { storedBytes } from './worker-tasks.js';
 import {
-  FileDatasink, arrowSink, csvSink, jsonlSink, parquetSink, type ArrowWriteOptions, type CsvWriteOptions, type JsonlWriteOptions, type ParquetWriteOptions, type WrittenFile,
+  FileDatasink, arrowSink, checkWriteMode, csvSink, jsonlSink, parquetSink, type WriteMode, type ArrowWriteOptions, type CsvWriteOptions, type JsonlWriteOptions, type ParquetWriteOptions, type WrittenFile,
 } from './formats/index.js';
 
 /** Options of a write (besides how it runs). */
 export interface WriteOptions {
   /** Record what each write wrote, so that a run of the same job after one that stopped resumes. */
   checkpoint?: CheckpointOptions;
+  /**
+   * The file writers, where the directory holds a dataset already: 'append' (default) adds files
+   * beside it, 'overwrite' removes its files of this format and its partition directories first,
+   * 'error' refuses, 'ignore' writes nothing. A resumed checkpoint always appends.
+   */
+  mode?: WriteMode;
 }
 
 export interface TransformOptions extends Omit<ComputeOptions, 'concurrency'> {
@@ -605,7 +611,9 @@ export class Dataset {
    */
   async write<Result>(sink: Datasink<Result>, options: ExecutionOptions & WriteOptions = {}): Promise<Result[]> {
     if (!sink || typeof (sink as Datasink).write !== 'function') throw new InvalidArgumentError('write() takes a Datasink (an object with write(blocks, context))');
-    const { checkpoint: checkpointOptions, ...execution } = options;
+    const { checkpoint: checkpointOptions, mode: modeOption, ...execution } = options;
+    const mode = checkWriteMode(modeOption);
+    if (mode !== 'append' && !(sink instanceof FileDatasink)) throw new InvalidArgumentError(`mode '${mode}' is for the file writers; ${sink.name} decides what it writes over`);
     const job = `Dataset.write(${sink.name})`;
     requireCluster(job);
     const writeId = newWriteId();
@@ -619,6 +627,12 @@ export class Dataset {
       } catch (error) {
         await checkpoint?.close();
         throw error;
+      }
+      // A resume appends to what the stopped run wrote, whatever the mode.
+      const resuming = (checkpoint?.stats().resumedWrites ?? 0) > 0;
+      if (sink instanceof FileDatasink && !resuming && !(await sink.prepareDirectory(mode))) {
+        await executor.close();
+        return [];
       }
       if (checkpoint) {
         executor.checkpoint = checkpoint.target();
@@ -858,7 +872,7 @@ function copyData<T extends Data>(data: T): T {
 }
 
 /** A file sink's own options: what configures the job's run stays with the job. */
-function sinkOptions<T extends WriteOptions>(options: T): Omit<T, 'checkpoint'> {
-  const { checkpoint: _checkpoint, ...rest } = options;
+function sinkOptions<T extends WriteOptions>(options: T): Omit<T, 'checkpoint' | 'mode'> {
+  const { checkpoint: _checkpoint, mode: _mode, ...rest } = options;
   return rest;
 }

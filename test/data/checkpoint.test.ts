@@ -175,6 +175,37 @@ describe('a driver killed mid-job', () => {
   }, 120_000);
 });
 
+describe('write modes of the file writers', () => {
+  it("append, error, ignore and overwrite (this format's files and partitions only); a resume always appends", async () => {
+    const out = fresh('out');
+    await range(10).writeJsonl(out);
+    writeFileSync(join(out, 'notes.txt'), 'mine');
+    mkdirSync(join(out, 'k=1'));
+    writeFileSync(join(out, 'k=1', 'old.jsonl'), '{"id":99}\n');
+    const refused = await rejection(range(10).writeJsonl(out, { mode: 'error' }));
+    expect(refused.code).toBe('ERR_DATA_PATH');
+    expect(refused.message).toContain("write with mode 'append' or 'overwrite'");
+    expect(await range(10).writeJsonl(out, { mode: 'ignore' })).toEqual([]);
+    expect(idsInJsonl(out)).toEqual(sequence(10));
+    await range(5).writeJsonl(out, { mode: 'overwrite' });
+    expect(idsInJsonl(out)).toEqual(sequence(5));
+    expect(existsSync(join(out, 'k=1'))).toBe(false);
+    expect(readFileSync(join(out, 'notes.txt'), 'utf8')).toBe('mine');
+    await range(5).writeJsonl(out);
+    expect(idsInJsonl(out)).toEqual([...sequence(5), ...sequence(5)].sort((a, b) => a - b));
+    expect((await rejection(range(5).write(new IdListSink(fresh('sink')), { mode: 'overwrite' }))).message).toContain('is for the file writers');
+    expect((await rejection(range(5).writeJsonl(out, { mode: 'replace' as 'append' }))).message).toContain("mode must be 'append'");
+
+    // A job that stopped resumes into its own output, even with mode 'error'.
+    const resumed = fresh('out');
+    const flag = join(fresh('flag'), 'failed');
+    const job = () => range(100, { parallelism: 10 }).map(failOnceAt, { fnArgs: [95, flag] });
+    await rejection(job().writeJsonl(resumed, { checkpoint: { idColumn: 'id' }, mode: 'error' }));
+    await job().writeJsonl(resumed, { checkpoint: { idColumn: 'id' }, mode: 'error' });
+    expect(idsInJsonl(resumed)).toEqual(sequence(100));
+  });
+});
+
 describe('the commit point', () => {
   it('a write recorded but not published (stopped before commit) is published on resume; one staged but not recorded is not', async () => {
     const out = fresh('out');

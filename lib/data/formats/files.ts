@@ -6,7 +6,7 @@
  */
 import { createHash } from 'node:crypto';
 import { readdirSync, statSync, type Stats } from 'node:fs';
-import { mkdir, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, extname, join, resolve } from 'node:path';
 import {
   Bool, DataType, Float64, Null, Schema, Table, Utf8, makeData, makeVector, tableFromIPC, tableToIPC, type Field, type List, type Struct, type Vector,
@@ -501,6 +501,29 @@ async function exists(path: string): Promise<boolean> {
   }
 }
 
+/** What a file writer does with a directory that holds a dataset already (see FileDatasink.prepareDirectory). */
+export type WriteMode = 'append' | 'overwrite' | 'error' | 'ignore';
+
+export function checkWriteMode(mode: unknown): WriteMode {
+  if (mode === undefined) return 'append';
+  if (mode === 'append' || mode === 'overwrite' || mode === 'error' || mode === 'ignore') return mode;
+  throw new InvalidArgumentError(`mode must be 'append', 'overwrite', 'error' or 'ignore', got ${JSON.stringify(mode)}`);
+}
+
+/** A dataset's entries in `directory`: files of the extension, and `column=value` directories. */
+function datasetEntries(directory: string, extension: string): string[] {
+  let names: string[];
+  try {
+    names = readdirSync(directory);
+  } catch {
+    return [];
+  }
+  return names
+    .filter((name) => !name.startsWith('.') && !name.startsWith('_'))
+    .filter((name) => name.endsWith(extension) || (/^[^=]+=[^=]*$/.test(name) && statSync(join(directory, name)).isDirectory()))
+    .map((name) => join(directory, name));
+}
+
 /** The write id of a job, from the name of a file one of its tasks wrote. */
 export function writeIdOf(path: string): string | undefined {
   const match = /^(.*)_\d{6,}$/.exec(basename(path, extname(path)));
@@ -541,6 +564,27 @@ export abstract class FileDatasink<Options extends object = object> extends Data
 
   override async onWriteStart(): Promise<void> {
     await mkdir(this.path, { recursive: true });
+  }
+
+  /**
+   * The directory as `mode` wants it before a write that is not a resume: 'append' leaves it,
+   * 'error' refuses one that holds this format's files, 'ignore' says to skip the write (false),
+   * 'overwrite' removes this format's files and `column=value` partition directories (nothing
+   * else: a directory given by mistake keeps what is not a dataset).
+   */
+  async prepareDirectory(mode: WriteMode): Promise<boolean> {
+    if (mode === 'append') return true;
+    const existing = datasetEntries(this.path, this.extension);
+    if (existing.length === 0) return true;
+    if (mode === 'ignore') return false;
+    if (mode === 'error') {
+      throw new InvalidArgumentError(
+        `'${this.path}' already holds ${existing.length} ${this.extension} file(s) or partition(s) (${existing.slice(0, 3).map((entry) => basename(entry)).join(', ')}${existing.length > 3 ? ', ...' : ''}): write with mode 'append' or 'overwrite'`,
+        'ERR_DATA_PATH',
+      );
+    }
+    await Promise.all(existing.map((entry) => rm(entry, { recursive: true, force: true })));
+    return true;
   }
 
   async write(blocks: Block[], context: WriteContext): Promise<WrittenFile> {

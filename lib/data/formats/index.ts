@@ -14,7 +14,7 @@ export { JsonlDatasink, JsonlDatasource, JSONL_EXTENSIONS, readJsonlFiles, type 
 export {
   ParquetDatasink, ParquetDatasource, PARQUET_EXTENSIONS, readParquetFiles, type ParquetCompression, type ParquetReadOptions, type ParquetWriteOptions,
 } from './parquet.js';
-export { FileDatasink, expandPaths, type FileEntry, type WrittenFile } from './files.js';
+export { FileDatasink, checkWriteMode, expandPaths, type FileEntry, type WriteMode, type WrittenFile } from './files.js';
 
 /** Paths: a file, a directory (its files with the format's extensions, recursively), or a list of them. */
 export type Paths = string | readonly string[];
