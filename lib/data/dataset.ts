@@ -621,19 +621,14 @@ export class Dataset {
       ? undefined
       : await WriteCheckpoint.open(checkpointOptions, sink, this.#plan, writeId, sink instanceof FileDatasink ? join(sink.path, '.trellis-checkpoint') : undefined);
     try {
-      let executor: StreamingExecutor;
-      try {
-        executor = new StreamingExecutor(planPhysical(checkpoint ? checkpoint.planWith(this.#plan) : this.#plan, sink), execution, job, writeId);
-      } catch (error) {
-        await checkpoint?.close();
-        throw error;
-      }
       // A resume appends to what the stopped run wrote, whatever the mode.
       const resuming = (checkpoint?.stats().resumedWrites ?? 0) > 0;
       if (sink instanceof FileDatasink && !resuming && !(await sink.prepareDirectory(mode))) {
-        await executor.close();
+        // 'ignore': nothing written, so nothing to resume either.
+        await checkpoint?.complete();
         return [];
       }
+      const executor = new StreamingExecutor(planPhysical(checkpoint ? checkpoint.planWith(this.#plan) : this.#plan, sink), execution, job, writeId);
       if (checkpoint) {
         executor.checkpoint = checkpoint.target();
         executor.resumed = checkpoint.stats();
