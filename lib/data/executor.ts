@@ -553,9 +553,10 @@ export class StreamingExecutor {
   /**
    * After a failure: waits until no unit of the job still runs (cancelled tasks that had started
    * run to their end, their results dropped), so that no write lands after the job has ended;
-   * units still running after `graceMs` have their workers killed.
+   * units still running after `graceMs` (the stall timeout, at most two minutes: a failed job
+   * does not wait long for its last writes) have their workers killed.
    */
-  async settle(graceMs = this.options.stallTimeoutMs): Promise<void> {
+  async settle(graceMs = Math.min(this.options.stallTimeoutMs, 120_000)): Promise<void> {
     const deadline = Date.now() + graceMs;
     let forced = false;
     while (this.operators.some((operator) => operator.active > 0)) {
