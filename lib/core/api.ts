@@ -2,7 +2,7 @@
 import { cpus } from 'node:os';
 import { InvalidArgumentError, NotInitializedError } from '../errors.js';
 import { randomBytes } from 'node:crypto';
-import { Cluster, type ClusterState, type InitOptions } from './cluster.js';
+import { Cluster, type ClusterState, type InitOptions, type TaskDurations } from './cluster.js';
 import { closeMetricsServers } from './metrics.js';
 import { BrokerClient, requestedBundles, type ClusterOptions, type ElasticAsk } from './broker-client.js';
 import { ObjectRef } from './object-ref.js';
@@ -209,6 +209,12 @@ export function placementGroup(bundles: Resources[], strategy: PlacementStrategy
 export function removePlacementGroup(group: PlacementGroup): void {
   if (!cluster) throw new NotInitializedError();
   void cluster.removePlacementGroup(group);
+}
+
+/** Finished tasks' and calls' run times by name (for metrics; not exported from the package). */
+export function taskDurations(): ReadonlyMap<string, Readonly<TaskDurations>> {
+  if (!cluster) throw new NotInitializedError();
+  return cluster.taskDurations();
 }
 
 /** Cluster events: 'warning' for tasks that wait on resources over 1 s. */

@@ -144,6 +144,8 @@ interface TaskRecord {
   worker?: WorkerProcess;
   cancelled?: boolean;
   pendingSince: number;
+  /** When its current attempt went to a worker (performance.now()). */
+  runningSince?: number;
   warned?: boolean;
   tensorTransport?: string;
   /** Held tensors among the arguments are being materialized or exported. */
@@ -283,6 +285,8 @@ export class Cluster implements Runtime {
   readonly #tasks = new Map<string, TaskRecord>();
   /** Totals since the cluster started, for metrics. */
   readonly #counters = { tasksFinished: 0, tasksFailed: 0, tasksRetried: 0 };
+  /** How long finished tasks and calls ran (on their worker), by name: for metrics. */
+  readonly #durations = new Map<string, TaskDurations>();
   readonly #queues = new Map<string, Deque<TaskRecord>>();
   readonly #leases = new Map<string, Lease[]>();
   /** Objects that could not be moved off a cordoned node (see evacuate). */
@@ -1580,6 +1584,7 @@ export class Cluster implements Runtime {
 
   #dispatch(task: TaskRecord, lease: Lease): void {
     task.state = 'running';
+    task.runningSince = performance.now();
     task.attempts++;
     task.worker = lease.worker;
     lease.inflight++;
@@ -1718,6 +1723,7 @@ export class Cluster implements Runtime {
   #finishTask(task: TaskRecord, value: WireValue | undefined, nested: string[] | undefined, storedSize?: number): void {
     task.state = 'done';
     this.#counters.tasksFinished++;
+    if (task.runningSince !== undefined) this.#observeDuration(task.name, (performance.now() - task.runningSince) / 1000);
     this.#tasks.delete(task.taskId);
     let size = value && 'inline' in value ? value.inline.byteLength : 0;
     if (value && 'node' in value) {
@@ -2288,6 +2294,7 @@ export class Cluster implements Runtime {
         continue;
       }
       task.state = 'running';
+      task.runningSince = performance.now();
       task.attempts++;
       task.worker = actor.worker;
       actor.running.set(task.taskId, task);
@@ -2480,6 +2487,22 @@ export class Cluster implements Runtime {
 
   nodeDraining(nodeId: string): boolean {
     return this.nodes.find((node) => node.id === nodeId)?.draining ?? false;
+  }
+
+  /** Finished tasks' and calls' run times by name, in the buckets of TASK_DURATION_BUCKETS. */
+  taskDurations(): ReadonlyMap<string, Readonly<TaskDurations>> {
+    return this.#durations;
+  }
+
+  #observeDuration(name: string, seconds: number): void {
+    // Names are functions and methods, a bounded set; past the cap they share one series.
+    const key = this.#durations.has(name) || this.#durations.size < MAX_DURATION_SERIES ? name : '(other)';
+    let series = this.#durations.get(key);
+    if (!series) this.#durations.set(key, (series = { buckets: new Array(TASK_DURATION_BUCKETS.length).fill(0), count: 0, sum: 0 }));
+    series.count++;
+    series.sum += seconds;
+    const bucket = TASK_DURATION_BUCKETS.findIndex((bound) => seconds <= bound);
+    if (bucket >= 0) series.buckets[bucket]++;
   }
 
   pendingTasks(name: string): { count: number; oldestMs: number } {
@@ -2734,6 +2757,17 @@ export class Cluster implements Runtime {
       }
     }
   }
+}
+
+/** Upper bounds (seconds) of the task-duration histogram's buckets; above the last: only in count. */
+export const TASK_DURATION_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800];
+const MAX_DURATION_SERIES = 500;
+
+/** A histogram of run times: each bucket counts those in it alone (not cumulative). */
+export interface TaskDurations {
+  buckets: number[];
+  count: number;
+  sum: number;
 }
 
 export interface ClusterState {

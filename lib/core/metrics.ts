@@ -7,17 +7,18 @@
  */
 import { createServer, type Server } from 'node:http';
 import { InvalidArgumentError } from '../errors.js';
-import { isInitialized, state } from './api.js';
+import { isInitialized, state, taskDurations } from './api.js';
+import { TASK_DURATION_BUCKETS } from './cluster.js';
 import type { StatusMessage } from './broker-protocol.js';
 
-export type MetricType = 'gauge' | 'counter';
+export type MetricType = 'gauge' | 'counter' | 'histogram';
 
-/** One metric and its samples, each with its labels. */
+/** One metric and its samples, each with its labels (a histogram's with their suffix: _bucket, _sum, _count). */
 export interface MetricFamily {
   name: string;
   help: string;
   type: MetricType;
-  samples: Array<{ labels?: Record<string, string>; value: number }>;
+  samples: Array<{ labels?: Record<string, string>; value: number; suffix?: string }>;
 }
 
 /** A source of metrics beyond the core's: called at each scrape. */
@@ -83,6 +84,7 @@ function coreMetrics(): MetricFamily[] {
     family('trellis_tasks_failed_total', 'counter', 'Tasks and actor calls that ended with an error (after their retries).', [{ value: cluster.counters.tasksFailed }]),
     family('trellis_tasks_retried_total', 'counter', 'Times a task or call ran again after its worker or actor died or it threw a retryable error.', [{ value: cluster.counters.tasksRetried }]),
   ];
+  families.push(durationHistogram());
   const broker = cluster.broker;
   if (broker) {
     families.push(
@@ -98,6 +100,22 @@ function coreMetrics(): MetricFamily[] {
     );
   }
   return families;
+}
+
+/** Finished tasks' and calls' run times on their workers, by function or Class.method. */
+function durationHistogram(): MetricFamily {
+  const histogram = family('trellis_task_duration_seconds', 'histogram', "How long finished tasks and actor calls ran on their worker, by function or Class.method ('(other)' past 500 names).");
+  for (const [name, series] of taskDurations()) {
+    let cumulative = 0;
+    TASK_DURATION_BUCKETS.forEach((bound, index) => {
+      cumulative += series.buckets[index];
+      histogram.samples.push({ suffix: '_bucket', labels: { name, le: String(bound) }, value: cumulative });
+    });
+    histogram.samples.push({ suffix: '_bucket', labels: { name, le: '+Inf' }, value: series.count });
+    histogram.samples.push({ suffix: '_sum', labels: { name }, value: series.sum });
+    histogram.samples.push({ suffix: '_count', labels: { name }, value: series.count });
+  }
+  return histogram;
 }
 
 function escapeLabel(value: string): string {
@@ -120,7 +138,7 @@ export function formatMetrics(families: readonly MetricFamily[]): string {
     for (const sample of metric.samples) {
       const labels = Object.entries(sample.labels ?? {});
       const text = labels.length ? `{${labels.map(([name, value]) => `${name}="${escapeLabel(value)}"`).join(',')}}` : '';
-      lines.push(`${metric.name}${text} ${formatValue(sample.value)}`);
+      lines.push(`${metric.name}${sample.suffix ?? ''}${text} ${formatValue(sample.value)}`);
     }
   }
   return `${lines.join('\n')}\n`;

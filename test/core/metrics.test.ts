@@ -59,6 +59,15 @@ describe('a driver', () => {
     expect(sample(after, 'trellis_tasks_finished_total')).toBe(finished + 11);
     expect(sample(after, 'trellis_tasks_failed_total')).toBe(failed + 1);
     expect(sample(after, 'trellis_tasks_retried_total')).toBe(retried + 1);
+    // Run times by function: cumulative buckets up to +Inf, which is the count.
+    expect(after).toContain('# TYPE trellis_task_duration_seconds histogram');
+    const buckets = after.split('\n').filter((line) => line.startsWith('trellis_task_duration_seconds_bucket{name="square",'));
+    const counts = buckets.map((line) => Number(line.slice(line.lastIndexOf(' ') + 1)));
+    expect(counts.length).toBeGreaterThan(10);
+    expect(counts).toEqual([...counts].sort((a, b) => a - b));
+    expect(buckets.at(-1)).toMatch(/le="\+Inf"\} 10$/);
+    expect(sample(after, 'trellis_task_duration_seconds_count', 'name="square"')).toBe(10);
+    expect(sample(after, 'trellis_task_duration_seconds_sum', 'name="square"')).toBeGreaterThan(0);
     expect((await fetch(server.url.replace('/metrics', '/other'))).status).toBe(404);
     await server.close();
     await expect(fetch(server.url)).rejects.toThrow();
