@@ -921,7 +921,7 @@ export class Cluster implements Runtime {
     const value = record.value;
     if (record.state !== 'ready' || !value || !('node' in value) || record.held || record.retiredBy) return false;
     const task = record.lineage ?? record.madeBy;
-    return task !== undefined && task.state === 'done' && !task.failed && (task.fn !== undefined || task.rerunAs !== undefined);
+    return task !== undefined && this.#rerunSpec(task) !== undefined;
   }
 
   #resolveObject(id: string, value: WireValue | undefined, nested: string[] | undefined, size = 0): void {
