@@ -106,6 +106,12 @@ export interface AddColumnOptions {
 export interface ReadOptions extends ComputeOptions {
   /** How many read tasks to aim for (default: twice the cluster's CPUs). */
   parallelism?: number;
+  /**
+   * Adds a column of this name holding each row's id, for data without ids of its own (a
+   * checkpoint's idColumn): the file readers make `<file key>:<position in the file>`; a custom
+   * Datasource's rows get `<its ReadTask's metadata.key>:<row in the task>`, so each task needs a key.
+   */
+  rowIds?: string;
 }
 
 export interface IterBatchesOptions extends ExecutionOptions {
@@ -823,7 +829,10 @@ export function readDatasource(datasource: Datasource, options: ReadOptions = {}
     throw new InvalidArgumentError('readDatasource() takes a Datasource (an object with getReadTasks(parallelism))');
   }
   if (options.parallelism !== undefined) checkPositiveInteger(options.parallelism, 'readDatasource(): parallelism');
-  return new Dataset([{ op: 'read', datasource, parallelism: options.parallelism, compute: checkCompute(options, 'readDatasource()') }]);
+  if (options.rowIds !== undefined && (typeof options.rowIds !== 'string' || options.rowIds === '')) {
+    throw new InvalidArgumentError(`readDatasource(): rowIds must name the column to add, got ${String(options.rowIds)}`, 'ERR_DATA_COLUMN');
+  }
+  return new Dataset([{ op: 'read', datasource, parallelism: options.parallelism, compute: checkCompute(options, 'readDatasource()'), ...(options.rowIds ? { rowIds: options.rowIds } : {}) }]);
 }
 
 /**

@@ -14,7 +14,13 @@ import { loadUdf, resolveUdf, type UdfSpec, type UdfTarget } from './udf.js';
 export type ReadOutput = Block | Row | Row[];
 export type ReadResult = Iterable<ReadOutput> | AsyncIterable<ReadOutput> | Block | Row[] | Promise<Block | Row[]>;
 
-export interface ReadTaskMetadata extends Partial<BlockMetadata> {}
+export interface ReadTaskMetadata extends Partial<BlockMetadata> {
+  /**
+   * A name for the data this task reads, the same in every run (the shard, the file, the key
+   * range): with readDatasource's `rowIds`, its rows' ids are `<key>:<row in the task>`.
+   */
+  key?: string;
+}
 
 /** One unit of reading: a registered function called with `args` in a worker. */
 export class ReadTask {

@@ -48,7 +48,7 @@ export interface ActorPoolOptions {
 }
 
 export type LogicalOperator =
-  | { op: 'read'; datasource: Datasource; parallelism?: number; compute: ComputeOptions }
+  | { op: 'read'; datasource: Datasource; parallelism?: number; compute: ComputeOptions; rowIds?: string }
   | { op: 'input'; name: string; blocks: InputBlock[] }
   | { op: 'stage'; stage: StageSpec; compute: ComputeOptions; pool?: ActorPoolOptions }
   | { op: 'repartition'; numBlocks: number }
@@ -60,7 +60,7 @@ export type LogicalOperator =
 
 export type PhysicalOperatorSpec =
   | { kind: 'input'; name: string; blocks: InputBlock[] }
-  | { kind: 'read'; name: string; datasource: Datasource; parallelism?: number; stages: StageSpec[]; compute: ComputeOptions; sink?: Datasink }
+  | { kind: 'read'; name: string; datasource: Datasource; parallelism?: number; stages: StageSpec[]; compute: ComputeOptions; sink?: Datasink; rowIds?: string }
   | { kind: 'task-map'; name: string; stages: StageSpec[]; compute: ComputeOptions; bundleRows?: number; sink?: Datasink }
   | { kind: 'actor-map'; name: string; classStage: StageSpec; following: StageSpec[]; compute: ComputeOptions; pool: ActorPoolOptions; bundleRows?: number; sink?: Datasink }
   | { kind: 'repartition'; name: string; numBlocks: number }
@@ -91,7 +91,7 @@ export function planPhysical(logical: readonly LogicalOperator[], sink?: Datasin
   for (const operator of logical) {
     const last = physical[physical.length - 1];
     if (operator.op === 'read') {
-      physical.push({ kind: 'read', name: `Read${operator.datasource.name}`, datasource: operator.datasource, parallelism: operator.parallelism, stages: [], compute: operator.compute });
+      physical.push({ kind: 'read', name: `Read${operator.datasource.name}`, datasource: operator.datasource, parallelism: operator.parallelism, stages: [], compute: operator.compute, ...(operator.rowIds ? { rowIds: operator.rowIds } : {}) });
     } else if (operator.op === 'input') {
       physical.push({ kind: 'input', name: operator.name, blocks: operator.blocks });
     } else if (operator.op === 'stage') {

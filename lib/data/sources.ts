@@ -50,20 +50,26 @@ export function range(n: number, options: ReadOptions = {}): Dataset {
 
 /** Reads JSON Lines files (a file, a directory, or a list of them): one row per line. */
 export function readJsonl(paths: Paths, options: ReadOptions & JsonlReadOptions = {}): Dataset {
-  return readDatasource(jsonlSource(paths, options), options);
+  return readDatasource(jsonlSource(paths, options), withoutRowIds(options));
 }
 
 /** Reads CSV files with a header row; column types are inferred unless a schema is given. */
 export function readCsv(paths: Paths, options: ReadOptions & CsvReadOptions = {}): Dataset {
-  return readDatasource(csvSource(paths, options), options);
+  return readDatasource(csvSource(paths, options), withoutRowIds(options));
 }
 
 /** Reads Arrow IPC files (file or stream format), split by record batch. */
 export function readArrow(paths: Paths, options: ReadOptions & ArrowReadOptions = {}): Dataset {
-  return readDatasource(arrowSource(paths, options), options);
+  return readDatasource(arrowSource(paths, options), withoutRowIds(options));
 }
 
 /** Reads Parquet files (through parquet-wasm), split by row group. */
 export function readParquet(paths: Paths, options: ReadOptions & ParquetReadOptions = {}): Dataset {
-  return readDatasource(parquetSource(paths, options), options);
+  return readDatasource(parquetSource(paths, options), withoutRowIds(options));
+}
+
+/** A file reader makes its row ids itself (from positions in its files), not from task keys. */
+function withoutRowIds<T extends ReadOptions>(options: T): T {
+  const { rowIds: _rowIds, ...rest } = options;
+  return rest as T;
 }

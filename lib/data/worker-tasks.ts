@@ -10,6 +10,7 @@ import { currentRuntime, type CallScope } from '../core/runtime-context.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { blockBytes, concatBlocks, rowsToBlock, splitBySize, type Block, type Row } from './block.js';
 import { writeThrough, type CheckpointTarget } from './checkpoint.js';
+import { withRowIds } from './formats/files.js';
 import { iterateReadResult, type Datasink, type WriteContext } from './datasource.js';
 import { constructStageInstance, fromBlocks, loadStage, runStages, StageFailure, type LoadedStage, type StageSpec } from './stages.js';
 import { loadUdf, reviveInstance, type ShippedInstance, type UdfSpec } from './udf.js';
@@ -58,7 +59,9 @@ export interface TaskTargets {
 
 export type BlockSlices = Array<[number, number] | null> | null;
 
-export type TaskInput = { kind: 'read'; read: UdfSpec; args: unknown[] } | { kind: 'blocks'; slices: BlockSlices };
+export type TaskInput =
+  | { kind: 'read'; read: UdfSpec; args: unknown[]; rowIds?: { column: string; key: string } }
+  | { kind: 'blocks'; slices: BlockSlices };
 
 /** Cuts the parts of stored blocks a unit covers (zero-copy). */
 export function applySlices(blocks: Block[], slices: BlockSlices): void {
@@ -219,8 +222,11 @@ export const dataTask = remote(import.meta, async function trellisDataTask(
   if (input.kind === 'read') {
     let rowsIn = 0;
     let bytesIn = 0;
+    const rowIds = input.rowIds;
     const counted = async function* () {
-      for await (const block of readBlocks(input.read, input.args)) {
+      for await (const read of readBlocks(input.read, input.args)) {
+        const first = rowsIn;
+        const block = rowIds ? withRowIds(read, rowIds.column, Array.from({ length: read.numRows }, (_, row) => `${rowIds.key}:${first + row}`), rowIds.key) : read;
         rowsIn += block.numRows;
         bytesIn += blockBytes(block);
         yield block;

@@ -9,11 +9,11 @@ import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 
 import { join } from 'node:path';
 import { Table, vectorFromArray, Int32, Int64, Utf8 } from 'apache-arrow';
 import { describe, expect, it } from 'vitest';
-import { DataError, InvalidArgumentError, fromItems, range, readJsonl, type Row, type WriteContext } from '../../lib/index.js';
+import { DataError, InvalidArgumentError, fromItems, range, readDatasource, readJsonl, type Row, type WriteContext } from '../../lib/index.js';
 import { recordWrite } from '../../lib/data/checkpoint.js';
 import { WrittenIds, idValuesOf, storedIdSet } from '../../lib/data/written-ids.js';
 import { JsonlDatasink, type WrittenFile } from '../../lib/data/formats/index.js';
-import { FlakyModel, IdListSink, failOnceAt, noteIds, stringIds, withoutId } from './fixtures/checkpoint.js';
+import { FlakyModel, IdListSink, ShardSource, failOnceAt, noteIds, stringIds, withValueAsId, withoutId } from './fixtures/checkpoint.js';
 import { RecordingReporter, isAlive, rejection, until, useDataCluster } from './helpers.js';
 
 const { scratchDir } = useDataCluster({ numCpus: 2 });
@@ -135,6 +135,23 @@ describe('a job that failed resumes', () => {
     await dataset.writeJsonl(out, { checkpoint: { idColumn: '_id' } });
     expect(dataset.stats()?.checkpoint?.resumedRows).toBeGreaterThan(0);
     expect(idsInJsonl(out)).toEqual(sequence(200));
+  });
+
+  it("over a custom source without ids: ids from its read tasks' keys (rowIds)", async () => {
+    const out = fresh('out');
+    const flag = join(fresh('flag'), 'failed');
+    // failOnceAt looks at row.id: the shard's rows carry the value as their id too.
+    const job = () => readDatasource(new ShardSource(8, 25), { rowIds: 'rid' }).map(withValueAsId).map(failOnceAt, { fnArgs: [5010, flag] });
+    await rejection(job().writeJsonl(out, { checkpoint: { idColumn: 'rid' } }));
+    const dataset = job();
+    await dataset.writeJsonl(out, { checkpoint: { idColumn: 'rid' } });
+    expect(dataset.stats()?.checkpoint?.resumedRows).toBeGreaterThan(0);
+    const rows = readdirSync(out).filter((name) => name.endsWith('.jsonl')).flatMap((name) => readFileSync(join(out, name), 'utf8').trim().split('\n').map((line) => JSON.parse(line) as Row));
+    expect(rows.map((row) => row.rid).sort()).toEqual(Array.from({ length: 8 }, (_, shard) => Array.from({ length: 25 }, (_, n) => `shard-${shard}:${n}`)).flat().sort());
+    const missing = await rejection(readDatasource(new ShardSource(2, 5, 'none'), { rowIds: 'rid' }).takeAll());
+    expect(missing.code).toBe('ERR_DATA_SOURCE');
+    expect(missing.message).toContain('metadata.key');
+    expect((await rejection(readDatasource(new ShardSource(2, 5, 'duplicate'), { rowIds: 'rid' }).takeAll())).message).toContain("gave 'same' twice");
   });
 
   it('with string ids', async () => {

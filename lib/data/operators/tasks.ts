@@ -152,6 +152,18 @@ export class ReadOperator extends TaskOperator {
       }
       this.#tasks.push(task);
     }
+    if (this.spec.rowIds) {
+      // Ids name each task's data: every task needs a key of its own, the same in every run.
+      const seen = new Set<string>();
+      tasks.forEach((task, index) => {
+        const key = task.metadata.key;
+        if (typeof key !== 'string' || key === '') {
+          throw new DataError('ERR_DATA_SOURCE', `rowIds needs every ReadTask to name its data with metadata.key (the same in every run); ${this.spec.datasource.name}.getReadTasks() gave task ${index} without one`, { operator: this.name });
+        }
+        if (seen.has(key)) throw new DataError('ERR_DATA_SOURCE', `rowIds needs ReadTask keys to be unique; ${this.spec.datasource.name}.getReadTasks() gave '${key}' twice`, { operator: this.name });
+        seen.add(key);
+      });
+    }
     this.blocksTotal = tasks.length;
     this.upstreamDone = true;
     const rowsKnown = tasks.every((task) => typeof task.metadata.rows === 'number');
@@ -202,7 +214,12 @@ export class ReadOperator extends TaskOperator {
     const read = unit.read!;
     return dataTask
       .options(taskOptionsOf(this.spec.compute, this.name, this.runtimeRetries))
-      .remote({ kind: 'read', read: read.spec, args: read.args }, this.spec.stages, taskTargets(this.executor), this.fusedWrite(unit));
+      .remote(
+        { kind: 'read', read: read.spec, args: read.args, ...(this.spec.rowIds ? { rowIds: { column: this.spec.rowIds, key: read.metadata.key! } } : {}) },
+        this.spec.stages,
+        taskTargets(this.executor),
+        this.fusedWrite(unit),
+      );
   }
 }
 
