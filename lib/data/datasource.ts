@@ -110,7 +110,11 @@ export abstract class Datasink<Result = unknown> {
    * output is gone, so that its rows are written again.
    */
   recover?(staged: Result): Result | null | Promise<Result | null>;
-  /** Blocks per write task; default: every block that reaches the sink is its own task. */
+  /**
+   * Rows per write: blocks are gathered (and cut) so that each write() gets exactly this many, the
+   * last fewer, in write tasks of their own. Default undefined: each task's output is written as
+   * it is made, in the task that made it.
+   */
   get minRowsPerWrite(): number | undefined {
     return undefined;
   }

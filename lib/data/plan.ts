@@ -150,7 +150,8 @@ export function planPhysical(logical: readonly LogicalOperator[], sink?: Datasin
     // the stage straight to the sink in one process, never through the store, and an actor pool
     // holding every CPU cannot starve separate write tasks.
     const last = physical[physical.length - 1];
-    if (last && (last.kind === 'read' || last.kind === 'task-map' || last.kind === 'actor-map')) {
+    // A sink that wants a number of rows per write gathers blocks from several tasks: its own operator.
+    if (last && sink.minRowsPerWrite === undefined && (last.kind === 'read' || last.kind === 'task-map' || last.kind === 'actor-map')) {
       last.sink = sink;
       last.name = `${last.name}->Write(${sink.name})`;
     } else {

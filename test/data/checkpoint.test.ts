@@ -223,6 +223,22 @@ describe('write modes of the file writers', () => {
   });
 });
 
+describe('rows per file', () => {
+  it('rowsPerFile gathers rows across tasks into files of that many (the last fewer), checkpointed too', async () => {
+    const out = fresh('out');
+    const files = await fromItems(sequence(1000).map((id) => ({ id })), { parallelism: 20 }).writeJsonl(out, { rowsPerFile: 300 });
+    expect(files.map((file) => file.rows)).toEqual([300, 300, 300, 100]);
+    expect(idsInJsonl(out)).toEqual(sequence(1000));
+    const resumed = fresh('out');
+    const flag = join(fresh('flag'), 'failed');
+    const job = () => range(1000, { parallelism: 20 }).map(failOnceAt, { fnArgs: [990, flag] });
+    await rejection(job().writeJsonl(resumed, { rowsPerFile: 250, checkpoint: { idColumn: 'id' } }));
+    await job().writeJsonl(resumed, { rowsPerFile: 250, checkpoint: { idColumn: 'id' } });
+    expect(idsInJsonl(resumed)).toEqual(sequence(1000));
+    expect(() => range(10).writeJsonl(fresh('out'), { rowsPerFile: 0 })).toThrow(/'rowsPerFile' must be a positive integer/);
+  });
+});
+
 describe('the commit point', () => {
   it('a write recorded but not published (stopped before commit) is published on resume; one staged but not recorded is not', async () => {
     const out = fresh('out');

@@ -170,16 +170,18 @@ export interface ArrowWriteOptions {
   partitionBy?: string | string[];
   /** 'file' (random access, .arrow; the default) or 'stream' (.arrows). */
   format?: 'file' | 'stream';
+  /** Rows in each file (the last fewer), gathered across tasks; default: a file per write task's output. */
+  rowsPerFile?: number;
 }
 
 /** Writes each write task's blocks as one Arrow IPC file; the blocks must share a schema. */
-export class ArrowDatasink extends FileDatasink<{ format: 'file' | 'stream'; partitionBy?: string | string[] }> {
+export class ArrowDatasink extends FileDatasink<{ format: 'file' | 'stream'; partitionBy?: string | string[]; rowsPerFile?: number }> {
   constructor(path: string, options: ArrowWriteOptions = {}) {
     const format = options.format ?? 'file';
     if (format !== 'file' && format !== 'stream') {
       throw new InvalidArgumentError(`Arrow sink option 'format' must be 'file' or 'stream', got ${JSON.stringify(format)}`, 'ERR_INVALID_ARGUMENT');
     }
-    super(path, { format, partitionBy: options.partitionBy }, 'Arrow');
+    super(path, { format, partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile }, 'Arrow');
   }
 
   override get name(): string {

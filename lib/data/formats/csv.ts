@@ -392,6 +392,8 @@ export interface CsvWriteOptions {
   delimiter?: string;
   /** Write the header row (default true; the CSV reader needs it). */
   header?: boolean;
+  /** Rows in each file (the last fewer), gathered across tasks; default: a file per write task's output. */
+  rowsPerFile?: number;
 }
 
 /**
@@ -399,9 +401,9 @@ export interface CsvWriteOptions {
  * and the empty string is written "" so that it reads back apart from null (an empty field).
  * Timestamps are ISO strings, binary base64, lists and structs JSON.
  */
-export class CsvDatasink extends FileDatasink<{ delimiter: string; header: boolean; partitionBy?: string | string[] }> {
+export class CsvDatasink extends FileDatasink<{ delimiter: string; header: boolean; partitionBy?: string | string[]; rowsPerFile?: number }> {
   constructor(path: string, options: CsvWriteOptions = {}) {
-    super(path, { delimiter: checkDelimiter(options.delimiter, 'CSV'), header: options.header !== false, partitionBy: options.partitionBy }, 'CSV');
+    super(path, { delimiter: checkDelimiter(options.delimiter, 'CSV'), header: options.header !== false, partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile }, 'CSV');
   }
 
   override get name(): string {

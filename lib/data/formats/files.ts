@@ -554,6 +554,14 @@ export abstract class FileDatasink<Options extends object = object> extends Data
     if (info && !info.isDirectory()) throw new InvalidArgumentError(`${format} sink: '${path}' exists and is not a directory`, 'ERR_DATA_PATH');
     const partitionBy = checkPartitionBy((options as { partitionBy?: unknown }).partitionBy, format);
     this.options = partitionBy ? { ...options, partitionBy } : options;
+    this.rowsPerFile = checkPositiveInteger((options as { rowsPerFile?: unknown }).rowsPerFile, 'rowsPerFile');
+  }
+
+  /** Rows in each file (the last fewer), gathered across tasks; undefined: a file per task's output. */
+  readonly rowsPerFile: number | undefined;
+
+  override get minRowsPerWrite(): number | undefined {
+    return this.rowsPerFile;
   }
 
   /** The extension of the files written, with its dot. */

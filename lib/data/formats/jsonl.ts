@@ -235,11 +235,13 @@ export class JsonlDatasource extends Datasource {
 export interface JsonlWriteOptions {
   /** Rows go under `column=value/` directories by these columns' values (left out of the files). */
   partitionBy?: string | string[];
+  /** Rows in each file (the last fewer), gathered across tasks; default: a file per write task's output. */
+  rowsPerFile?: number;
 }
 
 export class JsonlDatasink extends FileDatasink<JsonlWriteOptions> {
   constructor(path: string, options: JsonlWriteOptions = {}) {
-    super(path, { partitionBy: options.partitionBy }, 'JSONL');
+    super(path, { partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile }, 'JSONL');
   }
 
   override get name(): string {

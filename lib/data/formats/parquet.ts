@@ -203,17 +203,19 @@ export interface ParquetWriteOptions {
   compression?: ParquetCompression;
   /** Most rows in a row group: smaller groups let readers spread a file over more tasks. */
   rowGroupRows?: number;
+  /** Rows in each file (the last fewer), gathered across tasks; default: a file per write task's output. */
+  rowsPerFile?: number;
 }
 
 /** Writes each write task's blocks as one Parquet file; the blocks must share a schema. */
-export class ParquetDatasink extends FileDatasink<{ compression: ParquetCompression; rowGroupRows?: number; partitionBy?: string | string[] }> {
+export class ParquetDatasink extends FileDatasink<{ compression: ParquetCompression; rowGroupRows?: number; partitionBy?: string | string[]; rowsPerFile?: number }> {
   constructor(path: string, options: ParquetWriteOptions = {}) {
     const compression = options.compression ?? 'snappy';
     if (!(compression in COMPRESSIONS)) {
       throw new InvalidArgumentError(`Parquet sink option 'compression' must be one of ${Object.keys(COMPRESSIONS).join(', ')}, got ${JSON.stringify(compression)}`, 'ERR_INVALID_ARGUMENT');
     }
     const rowGroupRows = checkPositiveInteger(options.rowGroupRows, 'rowGroupRows');
-    super(path, { compression, ...(rowGroupRows ? { rowGroupRows } : {}), partitionBy: options.partitionBy }, 'Parquet');
+    super(path, { compression, ...(rowGroupRows ? { rowGroupRows } : {}), partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile }, 'Parquet');
   }
 
   override get name(): string {
