@@ -223,6 +223,8 @@ export async function serveMetricsText(produce: () => string, options: { port?: 
   }).catch((error: NodeJS.ErrnoException) => {
     throw new InvalidArgumentError(`metrics: cannot listen on ${host}:${port}: ${error.message}`, error.code === 'EADDRINUSE' ? 'ERR_ADDRESS_IN_USE' : 'ERR_INVALID_ARGUMENT');
   });
+  // The endpoint alone never keeps a process alive: what it reports does.
+  server.unref();
   const address = server.address();
   return new MetricsServer(server, host, typeof address === 'object' && address ? address.port : port);
 }
