@@ -49,9 +49,12 @@ describe('a checkpointed LLM job', () => {
     expect(rows.map((row) => row.id)).toEqual(reference.map((row) => row.id));
     expect(rows.map((row) => row.generatedText)).toEqual(reference.map((row) => row.generatedText));
     const stats = resumed.stats()!;
-    expect(stats.checkpoint!.resumedRows).toBe(first);
+    // At least what was visible: an engine killed as the job failed may have recorded a write it
+    // had not yet published, which the resume publishes (recover) rather than writes again.
+    const resumedRows = stats.checkpoint!.resumedRows;
+    expect(resumedRows).toBeGreaterThanOrEqual(first);
     // The engine's counters: prompts of only the rows not written before.
     const engine = stats.operators.find((operator) => operator.name.includes('LLMEngine'))!;
-    expect(engine.rowsDone).toBe(40 - first);
+    expect(engine.rowsDone).toBe(40 - resumedRows);
   });
 });
