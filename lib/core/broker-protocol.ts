@@ -237,6 +237,8 @@ export interface StatusMessage {
   maxShare: number;
   /** How long a preempted node has to be given back before its host ends it. */
   preemptGraceMs: number;
+  /** Since the broker started: slices lent to jobs, and slices taken back for jobs of higher priority. */
+  totals?: { lent: number; preempted: number };
 }
 
 export type BrokerOutbound =

@@ -253,6 +253,8 @@ export class Broker {
   readonly #options: BrokerOptions;
   readonly #sockets = new Set<Socket>();
   readonly #hosts = new Map<string, HostRecord>();
+  /** Totals since the broker started, for its metrics: slices lent and slices taken back. */
+  readonly #totals = { lent: 0, preempted: 0 };
   readonly #drivers = new Map<string, DriverRecord>();
   /**
    * Sessions of hosts whose connection to the broker dropped, by id: the host may still run them
@@ -1006,6 +1008,7 @@ export class Broker {
     // pools borrowed is not: they ask anew if they still need room.
     for (const index of session.bundles) (victim.elastic.has(index) ? victim.withdrawn : victim.pending).add(index);
     victim.preempted++;
+    this.#totals.preempted++;
     const reason = `${by.name} (${by.jobId}) of priority ${by.priority} needs it; ${victim.name} (${victim.jobId}) has priority ${victim.priority}`;
     victim.connection.send({ t: 'preempt', nodeId: session.nodeId, graceMs, reason });
     this.#log(`preempting node ${session.nodeId}: ${reason}`);
@@ -1051,6 +1054,7 @@ export class Broker {
       };
       host.sessions.set(sessionId, session);
       driver.sessions.add(session);
+      this.#totals.lent++;
       host.connection.send({
         t: 'open-session',
         sessionId,
@@ -1107,7 +1111,7 @@ export class Broker {
       waitingMs: driver.pending.size > 0 ? now - driver.arrived : 0,
       nodes: [...[...driver.sessions].map((session) => session.nodeId), ...driver.claims.keys()],
     }));
-    return { t: 'status', hosts, drivers, maxShare: this.#options.maxShare ?? 1, preemptGraceMs: this.#options.preemptGraceMs ?? 30_000 };
+    return { t: 'status', hosts, drivers, maxShare: this.#options.maxShare ?? 1, preemptGraceMs: this.#options.preemptGraceMs ?? 30_000, totals: { ...this.#totals } };
   }
 
   #log(line: string): void {

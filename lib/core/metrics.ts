@@ -266,6 +266,8 @@ export function brokerMetrics(status: StatusMessage): MetricFamily[] {
     ]),
     family('trellis_broker_user_bundles_lent', 'gauge', "Bundles lent to a user's jobs.", [...users].map(([user, { lent }]) => ({ labels: { user }, value: lent }))),
     priority, bundles, waiting,
+    family('trellis_broker_slices_lent_total', 'counter', 'Slices of hosts lent to jobs since the broker started.', status.totals ? [{ value: status.totals.lent }] : []),
+    family('trellis_broker_preemptions_total', 'counter', 'Slices taken back for jobs of higher priority since the broker started.', status.totals ? [{ value: status.totals.preempted }] : []),
   ];
 }
 

@@ -433,6 +433,8 @@ describe('broker', () => {
     const later = await track(driver(b, 'later', [{ GPU: 1 }], 'any'));
     let status = await brokerStatus(`127.0.0.1:${b.port}`, { token: TOKEN });
     expect(status.drivers.find((one) => one.name === 'newer')).toMatchObject({ granted: 0, preempting: 1 });
+    // The broker's totals (its metrics): the two slices lent so far, one taken back.
+    expect(b.status().totals).toEqual({ lent: 2, preempted: 1 });
     // The grace runs out: the host is told to end the session; once ended, urgent gets the GPUs.
     await until(() => gpus.of('close-session').length === 1, 'the grace to run out');
     expect(urgent.of('granted')).toEqual([]);

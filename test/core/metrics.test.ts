@@ -113,6 +113,8 @@ describe('a broker', () => {
       const server = await serveMetricsText(() => formatMetrics(brokerMetrics(broker.status())));
       const text = await (await fetch(server.url)).text();
       expect(sample(text, 'trellis_broker_jobs', 'state="joined"')).toBe(0);
+      expect(sample(text, 'trellis_broker_slices_lent_total')).toBe(0);
+      expect(sample(text, 'trellis_broker_preemptions_total')).toBe(0);
       expect(text).toContain('# TYPE trellis_broker_host_resource_free gauge');
       await server.close();
     } finally {
