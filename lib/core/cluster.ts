@@ -2651,12 +2651,8 @@ export class Cluster implements Runtime {
   evacuate(nodeId: string): void {
     const node = this.nodes.find((candidate) => candidate.id === nodeId);
     if (!node?.draining || node === this.headNode) return;
-    // Room each store has left, less what this round already sends there.
-    const room = new Map<Node, number>();
-    for (const candidate of this.#evacuationTargets(node)) {
-      const stats = candidate.storeStats();
-      room.set(candidate, stats.capacity - stats.bytesInUse);
-    }
+    // Room each store has left, less what this round already sends there, in the order tried.
+    const room = this.#evacuationTargets(node);
     for (const record of this.#objects.values()) {
       if (record.state !== 'ready' || !record.nodes.has(nodeId) || this.#evacuationFailed.has(record)) continue;
       // The node's copy stays in its store (readers there may map it) until the node ends.
@@ -2670,13 +2666,19 @@ export class Cluster implements Runtime {
   }
 
   /**
-   * Where a node's objects may go: the driver's store first (it outlives every lent node), then
-   * the job's other nodes that are not leaving, those with most room first.
+   * Where a node's objects may go, with the room each has: the driver's store first (it outlives
+   * every lent node), then the job's other nodes that are not leaving, those with most room first.
    */
-  #evacuationTargets(leaving: Node): Node[] {
-    const others = this.nodes.filter((candidate) => candidate !== leaving && candidate !== this.headNode && !candidate.draining && !candidate.closed);
-    const free = (candidate: Node) => candidate.storeStats().capacity - candidate.storeStats().bytesInUse;
-    return [this.headNode, ...others.sort((a, b) => free(b) - free(a))];
+  #evacuationTargets(leaving: Node): Map<Node, number> {
+    const free = (candidate: Node): number => {
+      const stats = candidate.storeStats();
+      return stats.capacity - stats.bytesInUse;
+    };
+    const others = this.nodes
+      .filter((candidate) => candidate !== leaving && candidate !== this.headNode && !candidate.draining && !candidate.closed)
+      .map((candidate) => [candidate, free(candidate)] as const)
+      .sort((a, b) => b[1] - a[1]);
+    return new Map([[this.headNode, free(this.headNode)], ...others]);
   }
 
   /** Copies `record` off `node` to the first of `targets` that takes it; lineage remakes it if none does. */

@@ -12,12 +12,12 @@
  * made but not yet recorded is made again).
  */
 import { createHash } from 'node:crypto';
-import { hostname } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { mkdir, open, readFile, readdir, rename, rm, stat, unlink, utimes, writeFile } from 'node:fs/promises';
 import { deserialize, serialize } from 'node:v8';
 import { RecordBatch, Schema, Table, tableFromIPC, tableToIPC } from 'apache-arrow';
 import { get, put } from '../core/api.js';
+import { hostIdentity, processAlive } from '../core/host.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { descriptorOf, lookupRegistered, remote } from '../core/registry.js';
 import { DataError, InvalidArgumentError } from '../errors.js';
@@ -258,15 +258,6 @@ export function checkCheckpointOptions(options: unknown, defaultPath: string | u
   return { idColumn, path: resolved, deleteOnSuccess: deleteOnSuccess ?? true, ...(fingerprint !== undefined ? { fingerprint } : {}) };
 }
 
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
 /**
  * A write's checkpoint in the driver, for one run: holds the directory's lock while the job runs,
  * recovers what earlier runs recorded, and gives the job its filter.
@@ -308,16 +299,12 @@ export class WriteCheckpoint implements AsyncDisposable {
 
   async #lock(writeId: string): Promise<void> {
     const file = join(this.path, LOCK);
-    const mine = JSON.stringify({ host: hostname(), pid: process.pid, writeId });
-    for (let tries = 0; ; tries++) {
-      try {
-        await writeFile(file, mine, { flag: 'wx' });
-        break;
-      } catch (error) {
-        if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
-        // Taken again between our look and our write: another run got there first.
-        if (tries > 0) throw checkpointError(`checkpoint ${this.path} is in use by another run: one run of a job at a time`, 'ERR_DATA_CHECKPOINT_BUSY');
-      }
+    const take = () => writeFile(file, JSON.stringify({ host: hostIdentity(), pid: process.pid, writeId }), { flag: 'wx' });
+    const busy = (detail: string) => checkpointError(`checkpoint ${this.path} is in use by ${detail}: one run of a job at a time`, 'ERR_DATA_CHECKPOINT_BUSY');
+    try {
+      await take();
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
       // Taken: by a live run (refused), or by one that is gone (taken over).
       let holder: { host?: string; pid?: number } = {};
       let heartbeat = 0;
@@ -327,11 +314,13 @@ export class WriteCheckpoint implements AsyncDisposable {
       } catch {
         holder = {};
       }
-      const live = holder.host === hostname() ? typeof holder.pid === 'number' && isAlive(holder.pid) : Date.now() - heartbeat < LOCK_STALE_MS;
-      if (live) {
-        throw checkpointError(`checkpoint ${this.path} is in use by a run on ${holder.host ?? 'another host'} (process ${holder.pid ?? '?'}): one run of a job at a time`, 'ERR_DATA_CHECKPOINT_BUSY');
-      }
+      const live = holder.host === hostIdentity() ? typeof holder.pid === 'number' && processAlive(holder.pid) : Date.now() - heartbeat < LOCK_STALE_MS;
+      if (live) throw busy(`a run on ${holder.host ?? 'another host'} (process ${holder.pid ?? '?'})`);
       await unlink(file).catch(() => undefined);
+      await take().catch((again: NodeJS.ErrnoException) => {
+        // Taken again between our look and our write: another run got there first.
+        throw again.code === 'EEXIST' ? busy('another run') : again;
+      });
     }
     // Another host judges this run alive by the lock's age.
     this.#heartbeat = setInterval(() => {
@@ -369,7 +358,7 @@ export class WriteCheckpoint implements AsyncDisposable {
       idColumn: this.idColumn,
       ...(fingerprint !== undefined ? { fingerprint } : {}),
       steps,
-      runs: [...(manifest?.runs ?? []), { writeId, host: hostname(), pid: process.pid, startedAt: new Date().toISOString() }],
+      runs: [...(manifest?.runs ?? []), { writeId, host: hostIdentity(), pid: process.pid, startedAt: new Date().toISOString() }],
     };
     await writeDurably(file, Buffer.from(JSON.stringify(next, null, 2)));
   }
@@ -472,7 +461,7 @@ export class WriteCheckpoint implements AsyncDisposable {
     const file = join(this.path, LOCK);
     try {
       const holder = JSON.parse(await readFile(file, 'utf8')) as { pid?: number; host?: string };
-      if (holder.pid === process.pid && holder.host === hostname()) await unlink(file);
+      if (holder.pid === process.pid && holder.host === hostIdentity()) await unlink(file);
     } catch {
       // Gone with the directory, or never taken.
     }

@@ -628,17 +628,18 @@ export class Dataset {
       : await WriteCheckpoint.open(checkpointOptions, sink, this.#plan, writeId, sink instanceof FileDatasink ? join(sink.path, '.trellis-checkpoint') : undefined);
     try {
       // A resume appends to what the stopped run wrote, whatever the mode.
-      const resuming = (checkpoint?.stats().resumedWrites ?? 0) > 0;
+      const resumed = checkpoint?.stats();
+      const resuming = (resumed?.resumedWrites ?? 0) > 0;
       if (sink instanceof FileDatasink && !resuming && !(await sink.prepareDirectory(mode))) {
         // 'ignore': nothing written, so nothing to resume either.
         await checkpoint?.complete();
         return [];
       }
       const executor = new StreamingExecutor(planPhysical(checkpoint ? checkpoint.planWith(this.#plan) : this.#plan, sink), execution, job, writeId);
-      if (checkpoint) {
+      if (checkpoint && resumed) {
         executor.checkpoint = checkpoint.target();
-        executor.resumed = checkpoint.stats();
-        const { resumedRows, resumedWrites } = executor.resumed;
+        executor.resumed = resumed;
+        const { resumedRows, resumedWrites } = resumed;
         if (resumedWrites > 0) executor.warn(`resuming from checkpoint ${checkpoint.path}: ${resumedRows} rows an earlier run wrote (${resumedWrites} writes) are skipped`);
       }
       await sink.onWriteStart();

@@ -155,6 +155,8 @@ export class StreamingExecutor {
   };
   readonly #job: string;
   readonly #warnings: string[] = [];
+  /** A write job's rows go to its sink, not to a consumer: the operator that writes counts them. */
+  readonly #writer?: Operator;
 
   constructor(specs: PhysicalOperatorSpec[], options: ExecutionOptions, job: string, writeId = newWriteId()) {
     checkExecutionOptions(options);
@@ -175,6 +177,7 @@ export class StreamingExecutor {
     this.defaultParallelism = defaultParallelism(this.#totalCpus);
     this.#job = job;
     this.#build(specs);
+    this.#writer = this.operators.find((operator) => operator.spec.kind === 'write' || ('sink' in operator.spec && operator.spec.sink !== undefined));
   }
 
   /**
@@ -605,11 +608,6 @@ export class StreamingExecutor {
     return this.#warnings;
   }
 
-  /** A write job's rows go to its sink, not to a consumer: its writing operator counts them. */
-  #rowsWritten(): number | undefined {
-    const writer = this.operators.find((operator) => operator.spec.kind === 'write' || ('sink' in operator.spec && operator.spec.sink !== undefined));
-    return writer?.rowsDone;
-  }
 
   snapshot(): JobProgress {
     return {
@@ -619,7 +617,7 @@ export class StreamingExecutor {
       storeBytes: this.usedBytes(),
       budgetBytes: this.budgetBytes,
       rowsOut: this.rowsOut,
-      ...(this.#rowsWritten() !== undefined ? { rowsWritten: this.#rowsWritten() } : {}),
+      ...(this.#writer ? { rowsWritten: this.#writer.rowsDone } : {}),
       warnings: this.#warnings,
     };
   }
@@ -634,7 +632,7 @@ export class StreamingExecutor {
       operators: this.operators.map((operator) => operator.progress()),
       ...(this.resumed ? { checkpoint: this.resumed } : {}),
     };
-    const written = this.#rowsWritten();
+    const written = this.#writer?.rowsDone;
     return { ...stats, summary: summarize(this.#job, stats, this.budgetBytes, this.#warnings.length, this.failed, written) };
   }
 }

@@ -17,6 +17,7 @@ import { accessSync, constants, mkdirSync, mkdtempSync, readdirSync, readFileSyn
 import { tmpdir } from 'node:os';
 import { delimiter, join } from 'node:path';
 import { CudaError } from '../errors.js';
+import { processAlive } from '../core/host.js';
 
 const CONTROL = 'nvidia-cuda-mps-control';
 const DIRECTORY_PREFIX = 'trellis-mps-';
@@ -205,11 +206,3 @@ function stopAbandonedDaemons(program: string): void {
   }
 }
 
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}

@@ -11,6 +11,7 @@ import { Table, vectorFromArray, Int32, Int64, Utf8 } from 'apache-arrow';
 import { describe, expect, it } from 'vitest';
 import { DataError, InvalidArgumentError, fromItems, range, readDatasource, readJsonl, type Row, type WriteContext } from '../../lib/index.js';
 import { recordWrite } from '../../lib/data/checkpoint.js';
+import { hostIdentity } from '../../lib/core/host.js';
 import { WrittenIds, idValuesOf, storedIdSet } from '../../lib/data/written-ids.js';
 import { JsonlDatasink, type WrittenFile } from '../../lib/data/formats/index.js';
 import { FlakyModel, IdListSink, ShardSource, failOnceAt, noteIds, stringIds, withValueAsId, withoutId } from './fixtures/checkpoint.js';
@@ -297,12 +298,12 @@ describe('refused', () => {
     const out = fresh('out');
     const checkpoint = join(out, '.trellis-checkpoint');
     mkdirSync(checkpoint, { recursive: true });
-    const { hostname } = await import('node:os');
-    writeFileSync(join(checkpoint, 'lock'), JSON.stringify({ host: hostname(), pid: process.pid, writeId: 'other' }));
+    // Locks name their host as the store does (hostname and boot id): a pid means something only there.
+    writeFileSync(join(checkpoint, 'lock'), JSON.stringify({ host: hostIdentity(), pid: process.pid, writeId: 'other' }));
     const busy = await rejection(range(10).writeJsonl(out, { checkpoint: { idColumn: 'id' } }));
     expect(busy.code).toBe('ERR_DATA_CHECKPOINT_BUSY');
     expect(busy.message).toContain(`process ${process.pid}`);
-    writeFileSync(join(checkpoint, 'lock'), JSON.stringify({ host: hostname(), pid: 2 ** 22 + 7, writeId: 'gone' }));
+    writeFileSync(join(checkpoint, 'lock'), JSON.stringify({ host: hostIdentity(), pid: 2 ** 22 + 7, writeId: 'gone' }));
     await range(10).writeJsonl(out, { checkpoint: { idColumn: 'id' } });
     expect(idsInJsonl(out)).toEqual(sequence(10));
   });

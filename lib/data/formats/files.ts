@@ -492,6 +492,11 @@ export async function removeTempFiles(directory: string, writeId: string): Promi
   );
 }
 
+/** Every file a write made: its partitions' files, or its one file (none for a task without blocks). */
+function writtenPaths(written: WrittenFile): string[] {
+  return written.files ?? (written.path ? [written.path] : []);
+}
+
 async function exists(path: string): Promise<boolean> {
   try {
     await stat(path);
@@ -634,7 +639,7 @@ export abstract class FileDatasink<Options extends object = object> extends Data
   /** Renames a checkpointed write's temp files into place, now that its rows are recorded. */
   override async commit(staged: WrittenFile): Promise<WrittenFile> {
     const { staged: temps, ...result } = staged;
-    const finals = result.files ?? (result.path ? [result.path] : []);
+    const finals = writtenPaths(result);
     for (const [index, temp] of (temps ?? []).entries()) await rename(temp, finals[index]);
     return result;
   }
@@ -646,7 +651,7 @@ export abstract class FileDatasink<Options extends object = object> extends Data
   override async recover(staged: WrittenFile): Promise<WrittenFile | null> {
     if (!staged || typeof staged !== 'object') return null;
     const { staged: temps, ...result } = staged;
-    const finals = result.files ?? (result.path ? [result.path] : []);
+    const finals = writtenPaths(result);
     for (const [index, final] of finals.entries()) {
       const temp = temps?.[index];
       // The recorded temp file wins over a file in place: a retried task's record names its own.
@@ -661,7 +666,7 @@ export abstract class FileDatasink<Options extends object = object> extends Data
     // job's results include earlier runs', each with its own write id.
     const byWriteId = new Map<string, Set<string>>();
     for (const result of results) {
-      for (const file of result?.files ?? (result?.path ? [result.path] : [])) {
+      for (const file of result ? writtenPaths(result) : []) {
         const writeId = writeIdOf(file);
         if (!writeId) continue;
         const directories = byWriteId.get(writeId) ?? new Set([this.path]);

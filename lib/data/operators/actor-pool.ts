@@ -11,7 +11,7 @@ import { slicesOf, type PhysicalOperatorSpec, type ActorPoolOptions } from '../p
 import type { OperatorProgress } from '../progress-types.js';
 import { RemoteDataPoolActor, rerunPoolBatch, type DataPoolActor, type TaskResult } from '../worker-tasks.js';
 import type { Recompute } from '../../core/options.js';
-import { Operator, dispose, resourcesOf, taskTargets, type Unit } from './operator.js';
+import { Operator, askedBundle, dispose, resourcesOf, taskTargets, type Unit } from './operator.js';
 
 interface PoolActor {
   handle: ActorHandle<DataPoolActor>;
@@ -425,10 +425,8 @@ export class ActorMapOperator extends Operator {
     const usable = needed ?? Math.ceil(this.queuedUnits / this.pool.maxTasksInFlightPerActor);
     const wanted = Math.min(this.pool.max - total, usable) - this.#asks.size;
     if (wanted <= 0) return true;
-    // A lent GPU is a whole device: actors of a fraction of one share it.
-    const bundle = Object.fromEntries(
-      Object.entries(resourcesOf(this.spec.compute)).filter(([, amount]) => amount > 0).map(([name, amount]) => [name, name === 'GPU' ? Math.ceil(amount) : amount]),
-    );
+    // Actors of a fraction of a GPU share the whole device lent.
+    const bundle = askedBundle(this.spec.compute);
     for (let i = 0; i < wanted; i++) {
       const ask = askForRoom(bundle);
       if (!ask) return false;

@@ -102,6 +102,16 @@ export function resourcesOf(compute: ComputeOptions): Record<string, number> {
   return { ...(compute.resources ?? {}), CPU: compute.numCpus ?? 1, GPU: compute.numGpus ?? 0, memory: compute.memory ?? 0 };
 }
 
+/**
+ * The bundle a shared cluster lends for one task or actor of this shape (an elastic ask): its
+ * resources above zero, a fraction of a GPU asked as a whole device (a lent GPU is one).
+ */
+export function askedBundle(compute: ComputeOptions): Record<string, number> {
+  return Object.fromEntries(
+    Object.entries(resourcesOf(compute)).filter(([, amount]) => amount > 0).map(([name, amount]) => [name, name === 'GPU' ? Math.ceil(amount) : amount]),
+  );
+}
+
 export function taskOptionsOf(compute: ComputeOptions, name: string, maxRetries: number) {
   return {
     numCpus: compute.numCpus ?? 1,

@@ -11,7 +11,7 @@ import { slicesOf, type ComputeOptions, type PhysicalOperatorSpec } from '../pla
 import { dataTask, writeTask, type TaskResult, type WriteResult } from '../worker-tasks.js';
 import { shipInstance } from '../udf.js';
 import type { StreamingExecutor } from '../executor.js';
-import { Operator, dispose, noBlocks, resourcesOf, taskOptionsOf, taskTargets, unitBytes, type Unit } from './operator.js';
+import { Operator, askedBundle, dispose, noBlocks, taskOptionsOf, taskTargets, unitBytes, type Unit } from './operator.js';
 
 /** How long an operator's tasks wait for resources before it asks a shared cluster for room. */
 const ASK_AFTER_MS = 1000;
@@ -49,9 +49,7 @@ export abstract class TaskOperator extends Operator {
     if (pending.count === 0 || pending.oldestMs < ASK_AFTER_MS) return;
     this.#lastAsk = now;
     const wanted = Math.min(MAX_OPEN_ASKS, Math.ceil(pending.count / 2)) - this.#asks.size;
-    const bundle = Object.fromEntries(
-      Object.entries(resourcesOf((this.spec as { compute: ComputeOptions }).compute)).filter(([, amount]) => amount > 0).map(([name, amount]) => [name, name === 'GPU' ? Math.ceil(amount) : amount]),
-    );
+    const bundle = askedBundle((this.spec as { compute: ComputeOptions }).compute);
     if (Object.keys(bundle).length === 0) return;
     for (let i = 0; i < wanted; i++) {
       const ask = askForRoom(bundle);
