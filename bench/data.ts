@@ -21,13 +21,19 @@
  * checkpoint_ms_per_write: what a checkpoint adds to one write task (its ids recorded, data and
  * record synced, a rename), from the two write rates; checkpoint_lookup_ns_per_row: the resume
  * filter's test of 1 Mi int64 ids against 512 Ki written ones (a binary search over the sorted
- * stored block), against set_lookup_ns_per_row, a JavaScript Set of the same ids.
+ * stored block), against set_lookup_ns_per_row, a JavaScript Set of the same ids;
+ * jsonl_gzip_read_rows_per_s against jsonl_read_rows_per_s: 256 Ki review rows in 8 JSONL files,
+ * gzip-compressed and plain, read and counted on the cluster; gunzip_rows_per_s, the physical
+ * floor of the compressed read: the same files decompressed by zlib in this process, one core;
+ * jsonl_gzip_write_rows_per_s against jsonl_write_rows_per_s: those rows written by 8 tasks,
+ * compressed and plain (medians of three rounds).
  */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { gunzipSync } from 'node:zlib';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { tableFromArrays } from 'apache-arrow';
-import { ApproximateQuantile, Count, Quantile, Sum, fromArrow, get, init, range, remote, rowsToBlock, shutdown, type Block } from '../lib/index.js';
+import { ApproximateQuantile, Count, Quantile, Sum, fromArrow, fromItems, get, init, range, readJsonl, remote, rowsToBlock, shutdown, type Block } from '../lib/index.js';
 import { finalizeAggregate, mergePartials, partialAggregate } from '../lib/data/aggregate.js';
 import { concatBlocks } from '../lib/data/block.js';
 import { WrittenIds, storedIdSet } from '../lib/data/written-ids.js';
@@ -49,6 +55,8 @@ const EXCHANGE_ROWS = 1 << 20;
 const EXCHANGE_BLOCKS = 16;
 const CHECKPOINT_ROWS = 1 << 18;
 const CHECKPOINT_TASKS = 64;
+const TEXT_ROWS = 1 << 18;
+const TEXT_FILES = 8;
 
 /** The sort and groupBy input: EXCHANGE_BLOCKS blocks of a random key, a group of 64 and a payload. */
 function exchangeBlocks(): Block[] {
@@ -105,6 +113,9 @@ export const dataSuite: Suite = {
     ['write: checkpointed / plain (4 Ki-row writes)', 'checkpointed_write_rows_per_s', 'plain_write_rows_per_s', '(report)'],
     ['resume skipping every row / read pass', 'resume_skip_rows_per_s', 'read_pass_rows_per_s', '(report)'],
     ['written-id lookup: sorted ids in the store / a JS Set', 'checkpoint_lookup_ns_per_row', 'set_lookup_ns_per_row', '(report)'],
+    ['JSONL read: gzip / plain', 'jsonl_gzip_read_rows_per_s', 'jsonl_read_rows_per_s', '(report)'],
+    ['JSONL gzip read / gunzip alone (one core)', 'jsonl_gzip_read_rows_per_s', 'gunzip_rows_per_s', '(floor)'],
+    ['JSONL write: gzip / plain', 'jsonl_gzip_write_rows_per_s', 'jsonl_write_rows_per_s', '(report)'],
   ],
   async run(): Promise<Results> {
     const rows = Array.from({ length: ROWS }, (_, id) => ({ id, text: reviewText(id) }));
@@ -233,6 +244,37 @@ export const dataSuite: Suite = {
         for (let index = 0; index < probeIds.length; index++) if (hashed.has(probeIds[index])) hits++;
         return hits;
       });
+      // Compressed text: what gzip costs a JSONL read and write, and decompression's own rate.
+      const textRoot = mkdtempSync(join(tmpdir(), 'trellis-bench-text-'));
+      const textReads: Record<'plain' | 'gzip', number[]> = { plain: [], gzip: [] };
+      const textWrites: Record<'plain' | 'gzip', number[]> = { plain: [], gzip: [] };
+      const gunzips: number[] = [];
+      try {
+        const reviews = Array.from({ length: TEXT_ROWS }, (_, id) => ({ id, text: reviewText(id), stars: (id % 5) + 1 }));
+        for (let round = 0; round < 3; round++) {
+          for (const kind of ['plain', 'gzip'] as const) {
+            const out = join(textRoot, `${kind}-${round}`);
+            const start = nowNs();
+            await fromItems(reviews, { parallelism: TEXT_FILES }).writeJsonl(out, { progress: false, ...(kind === 'gzip' ? { compression: 'gzip' } : {}) });
+            textWrites[kind].push(TEXT_ROWS / elapsedSeconds(start));
+          }
+          for (const kind of ['plain', 'gzip'] as const) {
+            const start = nowNs();
+            const count = await readJsonl(join(textRoot, `${kind}-${round}`)).count({ progress: false });
+            if (count !== TEXT_ROWS) throw new Error(`the ${kind} JSONL read gave ${count} rows of ${TEXT_ROWS}`);
+            textReads[kind].push(TEXT_ROWS / elapsedSeconds(start));
+          }
+          const directory = join(textRoot, `gzip-${round}`);
+          const files = readdirSync(directory).filter((name) => name.endsWith('.gz')).map((name) => readFileSync(join(directory, name)));
+          const start = nowNs();
+          for (const file of files) gunzipSync(file);
+          gunzips.push(TEXT_ROWS / elapsedSeconds(start));
+        }
+      } finally {
+        rmSync(textRoot, { recursive: true, force: true });
+      }
+      console.error(`text rounds (read plain / gzip, write plain / gzip rows/s): ${textReads.plain.map((value, index) => `${Math.round(value)} / ${Math.round(textReads.gzip[index])}, ${Math.round(textWrites.plain[index])} / ${Math.round(textWrites.gzip[index])}`).join('; ')}`);
+
       console.error(`checkpoint rounds (plain / checkpointed write, resume / read pass rows/s): ${plainWrites.map((value, index) => `${Math.round(value)} / ${Math.round(checkpointedWrites[index])}, ${Math.round(resumes[index])} / ${Math.round(readPasses[index])}`).join('; ')}`);
 
       return {
@@ -249,6 +291,11 @@ export const dataSuite: Suite = {
         checkpoint_ms_per_write: { value: round(((CHECKPOINT_ROWS / median(checkpointedWrites) - CHECKPOINT_ROWS / median(plainWrites)) * 1000) / CHECKPOINT_TASKS, 3), unit: 'ms' },
         checkpoint_lookup_ns_per_row: { value: round(sortedNs, 1), unit: 'ns' },
         set_lookup_ns_per_row: { value: round(setNs, 1), unit: 'ns' },
+        jsonl_read_rows_per_s: { value: round(median(textReads.plain), 0), unit: 'rows/s' },
+        jsonl_gzip_read_rows_per_s: { value: round(median(textReads.gzip), 0), unit: 'rows/s' },
+        gunzip_rows_per_s: { value: round(median(gunzips), 0), unit: 'rows/s' },
+        jsonl_write_rows_per_s: { value: round(median(textWrites.plain), 0), unit: 'rows/s' },
+        jsonl_gzip_write_rows_per_s: { value: round(median(textWrites.gzip), 0), unit: 'rows/s' },
         pipeline_rows_per_s: { value: round(pipeline, 0), unit: 'rows/s' },
         single_process_rows_per_s: { value: round(single, 0), unit: 'rows/s' },
         block_overhead_ms: { value: round(blockOverhead, 3), unit: 'ms' },

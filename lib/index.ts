@@ -80,12 +80,13 @@ export { GroupedData } from './data/grouped.js';
 export type { MapGroupsOptions } from './data/grouped.js';
 export { Count, Sum, Min, Max, Mean, Std, AbsMax, Unique, Quantile, ApproximateQuantile } from './data/aggregate.js';
 export type { AggregateFn, AggregateOptions, AggregationKind } from './data/aggregate.js';
-export { range, RangeDatasource, readJsonl, readCsv, readArrow, readParquet } from './data/sources.js';
+export { range, RangeDatasource, readJsonl, readCsv, readArrow, readParquet, readText, readBinaryFiles } from './data/sources.js';
 export {
-  JsonlDatasource, CsvDatasource, ArrowDatasource, ParquetDatasource, JsonlDatasink, CsvDatasink, ArrowDatasink, ParquetDatasink,
+  JsonlDatasource, CsvDatasource, ArrowDatasource, ParquetDatasource, TextDatasource, BinaryDatasource, JsonlDatasink, CsvDatasink, ArrowDatasink, ParquetDatasink,
 } from './data/formats/index.js';
 export type {
-  Paths, JsonlReadOptions, JsonlWriteOptions, CsvReadOptions, ArrowReadOptions, ParquetReadOptions, CsvWriteOptions, ArrowWriteOptions, ParquetWriteOptions, WrittenFile,
+  Paths, JsonlReadOptions, JsonlWriteOptions, CsvReadOptions, ArrowReadOptions, ParquetReadOptions, TextReadOptions, BinaryReadOptions, Compression, CompressionOption,
+  CsvWriteOptions, ArrowWriteOptions, ParquetWriteOptions, WrittenFile,
 } from './data/formats/index.js';
 export { Datasource, Datasink, ReadTask } from './data/datasource.js';
 export type { WriteContext, ReadTaskMetadata, ReadResult, ReadOutput } from './data/datasource.js';

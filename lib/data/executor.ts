@@ -394,7 +394,7 @@ export class StreamingExecutor {
       this.fail(error instanceof Error ? error : new Error(String(error)));
       throw this.failed;
     }
-    const tick = Math.min(250, Math.max(20, this.options.stallTimeoutMs / 4));
+    const tick = Math.min(250, Math.max(20, this.options.stallTimeoutMs / 4), this.#reporter.updateIntervalMs ?? Number.POSITIVE_INFINITY);
     this.#timer = setInterval(() => this.#tick(), tick);
     this.#timer.unref();
     this.schedule();

@@ -52,6 +52,11 @@ export interface JobProgress {
 
 /** Draws progress: a terminal display, periodic plain lines, or nothing. */
 export interface ProgressReporter {
+  /**
+   * How often update() is wanted (ms; default: four times a second, or more often with a short
+   * stall timeout). At least 5: the executor schedules and autoscales on the same tick.
+   */
+  readonly updateIntervalMs?: number;
   update(progress: JobProgress): void;
   /** The last state; draws a final line and releases the terminal. */
   finish(progress: JobProgress, error?: Error): void;

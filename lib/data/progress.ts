@@ -39,6 +39,10 @@ export function createProgressReporter(
     if (typeof option.update !== 'function' || typeof option.finish !== 'function') {
       throw new InvalidArgumentError('progress: a reporter object needs update(progress) and finish(progress, error?) methods');
     }
+    const interval = option.updateIntervalMs;
+    if (interval !== undefined && (typeof interval !== 'number' || !Number.isFinite(interval) || interval < 5)) {
+      throw new InvalidArgumentError(`progress: a reporter's updateIntervalMs must be a number of milliseconds of at least 5, got ${String(interval)}`);
+    }
     return option;
   }
   if (option !== true && option !== 'auto' && option !== undefined) {

@@ -5,8 +5,8 @@ import { InvalidArgumentError } from '../errors.js';
 import { Datasource, ReadTask } from './datasource.js';
 import { Dataset, readDatasource, type ReadOptions } from './dataset.js';
 import {
-  arrowSource, csvSource, jsonlSource, parquetSource,
-  type ArrowReadOptions, type CsvReadOptions, type JsonlReadOptions, type ParquetReadOptions, type Paths,
+  arrowSource, binarySource, csvSource, jsonlSource, parquetSource, textSource,
+  type ArrowReadOptions, type BinaryReadOptions, type CsvReadOptions, type JsonlReadOptions, type ParquetReadOptions, type Paths, type TextReadOptions,
 } from './formats/index.js';
 
 /** Rows { id } from start to end (exclusive), in blocks of at most 64 Ki rows per read task. */
@@ -66,6 +66,16 @@ export function readArrow(paths: Paths, options: ReadOptions & ArrowReadOptions 
 /** Reads Parquet files (through parquet-wasm), split by row group. */
 export function readParquet(paths: Paths, options: ReadOptions & ParquetReadOptions = {}): Dataset {
   return readDatasource(parquetSource(paths, options), withoutRowIds(options));
+}
+
+/** Reads text files: one row `{ text }` per line (empty lines left out unless `dropEmptyLines: false`). */
+export function readText(paths: Paths, options: ReadOptions & TextReadOptions = {}): Dataset {
+  return readDatasource(textSource(paths, options), withoutRowIds(options));
+}
+
+/** Reads whole files: one row `{ bytes }` (and `path` with `includePaths`) per file, for a model step to decode. */
+export function readBinaryFiles(paths: Paths, options: ReadOptions & BinaryReadOptions = {}): Dataset {
+  return readDatasource(binarySource(paths, options), withoutRowIds(options));
 }
 
 /** A file reader makes its row ids itself (from positions in its files), not from task keys. */

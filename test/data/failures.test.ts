@@ -96,10 +96,15 @@ describe('workers that die', () => {
     expect(ids(await rows).sort((a, b) => a - b)).toEqual(sequence(40));
   });
 
-  /** A progress reporter that SIGKILLs a worker running the shuffle's map tasks, once. */
-  function killDuringShuffleMap(): { reporter: { update(progress: JobProgress): void; finish(): void }; killed: () => number } {
+  /**
+   * A progress reporter that SIGKILLs a worker running the shuffle's map tasks, once. It asks for
+   * an update every 5 ms, so that a cutting phase of any length is seen (under load the phase
+   * only grows), and the job's stall timeout stays far above any pause a busy machine makes.
+   */
+  function killDuringShuffleMap(): { reporter: { updateIntervalMs: number; update(progress: JobProgress): void; finish(): void }; killed: () => number } {
     let killed = 0;
     const reporter = {
+      updateIntervalMs: 5,
       update(progress: JobProgress) {
         const shuffle = progress.operators.find((operator) => operator.name === 'RandomShuffle');
         if (killed || !shuffle?.phase?.startsWith('cutting') || shuffle.activeTasks === 0) return;
@@ -119,7 +124,7 @@ describe('workers that die', () => {
     const blocks = 48;
     const total = await readDatasource(new BytesSource(blocks, 1, MiB))
       .randomShuffle({ seed: 5, numBlocks: 16 })
-      .sum('x', { progress: reporter, stallTimeoutMs: 600, minBlockBytes: MiB, maxBlockBytes: MiB });
+      .sum('x', { progress: reporter, stallTimeoutMs: 30_000, minBlockBytes: MiB, maxBlockBytes: MiB });
     const rows = (blocks * MiB) / 8;
     expect(killed()).toBeGreaterThan(0);
     expect(total).toBe((rows * (rows - 1)) / 2);
@@ -131,7 +136,7 @@ describe('workers that die', () => {
     const error = await rejection(
       readDatasource(new BytesSource(48, 1, MiB))
         .randomShuffle({ seed: 5, numBlocks: 16 })
-        .sum('x', { progress: reporter, stallTimeoutMs: 600, minBlockBytes: MiB, maxBlockBytes: MiB, maxRetries: 0 }),
+        .sum('x', { progress: reporter, stallTimeoutMs: 30_000, minBlockBytes: MiB, maxBlockBytes: MiB, maxRetries: 0 }),
     );
     expect(killed()).toBeGreaterThan(0);
     expect(error).toBeInstanceOf(DataError);

@@ -1,10 +1,12 @@
 /**
  * Built-in file sources and sinks, in-process (no cluster): sinks' write() with a hand-made write
  * context, sources' read tasks run here. Round trips of every column type through each format,
- * splitting across read tasks, malformed input and missing paths.
+ * splitting across read tasks, malformed input and missing paths; compressed text files (read and
+ * written), plain text, and whole binary files.
  */
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { brotliCompressSync, gunzipSync, gzipSync } from 'node:zlib';
 import { basename, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
@@ -16,8 +18,10 @@ import type { Datasource, ReadTask, WriteContext } from '../../lib/data/datasour
 import { reviveInstance, shipInstance } from '../../lib/data/udf.js';
 import { pack, unpack } from '../../lib/core/serialization.js';
 import {
-  ArrowDatasink, CsvDatasink, JsonlDatasink, ParquetDatasink, arrowSource, csvSource, jsonlSource, parquetSource, type WrittenFile,
+  ArrowDatasink, BinaryDatasource, CsvDatasink, JsonlDatasink, ParquetDatasink, TextDatasource, arrowSource, binarySource, csvSource, jsonlSource, parquetSource, textSource,
+  type WrittenFile,
 } from '../../lib/data/formats/index.js';
+import { zstdAvailable } from '../../lib/data/formats/compression.js';
 
 let root: string;
 let next = 0;
@@ -576,5 +580,207 @@ describe('paths', () => {
     writeFileSync(join(directory, 'a.csv'), '');
     expect((await readAll(jsonlSource(join(directory, 'a.jsonl')))).blocks).toEqual([]);
     expect((await readAll(csvSource(join(directory, 'a.csv')))).blocks).toEqual([]);
+  });
+});
+
+/** Every row a source's read tasks give, and the tasks. */
+async function readRows(source: Datasource, parallelism = 1): Promise<{ tasks: ReadTask[]; rows: Row[] }> {
+  const { tasks, blocks } = await readAll(source, parallelism);
+  return { tasks, rows: blocks.flatMap((block) => blockToRows(block)) };
+}
+
+/** A sink as a write task gets it: shipped to a worker by its fields and rebuilt there. */
+async function shipped<T extends object>(sink: T): Promise<T> {
+  return reviveInstance<T>(unpack(pack(shipInstance(sink, 'write'))) as ReturnType<typeof shipInstance>);
+}
+
+const jsonlText = (count: number, from = 0): string =>
+  Array.from({ length: count }, (_, index) => `${JSON.stringify({ id: from + index, name: `row ${from + index}` })}\n`).join('');
+
+describe('compressed text files', () => {
+  it('gzip and brotli JSONL and CSV files read as their text, by suffix, each file whole', async () => {
+    const directory = scratch('compressed');
+    writeFileSync(join(directory, 'a.jsonl.gz'), gzipSync(jsonlText(3000)));
+    writeFileSync(join(directory, 'b.jsonl.br'), brotliCompressSync(jsonlText(2000, 3000)));
+    writeFileSync(join(directory, 'c.jsonl'), jsonlText(1000, 5000));
+    const source = jsonlSource(directory);
+    expect(source.files.map((file) => [basename(file.path), file.compression])).toEqual([['a.jsonl.gz', 'gzip'], ['b.jsonl.br', 'brotli'], ['c.jsonl', undefined]]);
+    // Small blocks: a compressed file still streams in many blocks.
+    const { tasks, rows } = await readRows(jsonlSource(directory, { rowsPerBlock: 500 }), 8);
+    expect(rows.map((row) => row.id)).toEqual(Array.from({ length: 6000 }, (_, index) => index));
+    expect(rows[3001]).toEqual({ id: 3001, name: 'row 3001' });
+    // Its estimate counts text, not compressed bytes.
+    expect(tasks.reduce((sum, task) => sum + (task.metadata.bytes ?? 0), 0)).toBeGreaterThan(statSync(join(directory, 'a.jsonl.gz')).size * 4);
+
+    const csv = join(scratch('csv-gz'), 'table.csv.gz');
+    writeFileSync(csv, gzipSync('id,label\n1,one\n2,"two, quoted"\n3,three\n'));
+    expect((await readRows(csvSource(csv))).rows).toEqual([{ id: 1, label: 'one' }, { id: 2, label: 'two, quoted' }, { id: 3, label: 'three' }]);
+  });
+
+  it("a large plain file is split across tasks and a compressed one is not; 'none' and a named codec override the suffix", async () => {
+    const directory = scratch('split');
+    writeFileSync(join(directory, 'big.jsonl'), jsonlText(20_000));
+    writeFileSync(join(directory, 'big.jsonl.gz'), gzipSync(jsonlText(20_000)));
+    const plain = await jsonlSource(join(directory, 'big.jsonl'), { minSplitBytes: 64 << 10 }).getReadTasks(4);
+    expect(plain.length).toBe(4);
+    const compressed = await jsonlSource(join(directory, 'big.jsonl.gz'), { minSplitBytes: 64 << 10 }).getReadTasks(4);
+    expect(compressed.length).toBe(1);
+    // A gzip file without the suffix, named as gzip; a .gz file that is plain text, read as it is.
+    writeFileSync(join(directory, 'noext.data'), gzipSync(jsonlText(5)));
+    expect((await readRows(jsonlSource(join(directory, 'noext.data'), { compression: 'gzip' }))).rows).toHaveLength(5);
+    writeFileSync(join(directory, 'plain.jsonl.gz'), jsonlText(4));
+    expect((await readRows(jsonlSource(join(directory, 'plain.jsonl.gz'), { compression: 'none' }))).rows).toHaveLength(4);
+  });
+
+  it('row ids of a compressed file are offsets in its text, as the plain file gives them', async () => {
+    const directory = scratch('ids');
+    const text = jsonlText(50);
+    writeFileSync(join(directory, 'rows.jsonl'), text);
+    writeFileSync(join(directory, 'rows.jsonl.gz'), gzipSync(text));
+    const plain = (await readRows(jsonlSource(join(directory, 'rows.jsonl'), { rowIds: 'rowId' }))).rows.map((row) => String(row.rowId).split(':')[1]);
+    const compressed = (await readRows(jsonlSource(join(directory, 'rows.jsonl.gz'), { rowIds: 'rowId' }))).rows.map((row) => String(row.rowId).split(':')[1]);
+    expect(compressed).toEqual(plain);
+    expect(new Set(compressed).size).toBe(50);
+  });
+
+  it('a malformed line names its line in the decompressed text; corrupt or truncated data is a typed error naming the file', async () => {
+    const directory = scratch('bad');
+    const malformed = join(directory, 'malformed.jsonl.gz');
+    writeFileSync(malformed, gzipSync(`${jsonlText(7)}{"id": oops}\n`));
+    const error = await rejection(readAll(jsonlSource(malformed)));
+    expect(error.message).toContain('line 8');
+    expect(error.message).toContain(malformed);
+
+    const corrupt = join(directory, 'corrupt.jsonl.gz');
+    writeFileSync(corrupt, Buffer.from('this is not gzip at all\n'));
+    const corruptError = await rejection(readAll(jsonlSource(corrupt)));
+    expect(corruptError.message).toContain(corrupt);
+    expect(corruptError.message).toContain('gzip');
+
+    const truncated = join(directory, 'truncated.jsonl.gz');
+    const whole = gzipSync(jsonlText(2000));
+    writeFileSync(truncated, whole.subarray(0, Math.floor(whole.length / 2)));
+    const truncatedError = await rejection(readAll(jsonlSource(truncated)));
+    expect(truncatedError.message).toContain(truncated);
+
+    expect((await rejection(() => jsonlSource(malformed, { compression: 'lz77' as never }))).code).toBe('ERR_DATA_COMPRESSION');
+  });
+
+  it.skipIf(zstdAvailable)('zstd files are refused at the call with the Node.js version they need', async () => {
+    const path = join(scratch('zstd'), 'a.jsonl.zst');
+    writeFileSync(path, Buffer.from([0x28, 0xb5, 0x2f, 0xfd]));
+    const error = await rejection(() => jsonlSource(path));
+    expect(error.code).toBe('ERR_DATA_COMPRESSION');
+    expect(error.message).toContain('22.15');
+    expect((await rejection(() => new JsonlDatasink(scratch('zstd-out'), { compression: 'zstd' }))).code).toBe('ERR_DATA_COMPRESSION');
+  });
+
+  it('JSONL and CSV sinks write gzip and brotli files that read back, and overwrite finds them', async () => {
+    const block: Block = new Table({ id: vectorFromArray(Array.from({ length: 5000 }, (_, index) => index), new Int32()), text: vectorFromArray(Array.from({ length: 5000 }, (_, index) => `line ${index}, "quoted"`), new Utf8()) });
+    const directory = scratch('written');
+    const gzip = await shipped(new JsonlDatasink(directory, { compression: 'gzip' }));
+    const brotli = await shipped(new CsvDatasink(directory, { compression: 'brotli' }));
+    await gzip.onWriteStart();
+    const jsonl = (await gzip.write([block], context(0))) as WrittenFile;
+    const csv = (await brotli.write([block], context(1))) as WrittenFile;
+    expect(basename(jsonl.path!)).toBe('job1_000000.jsonl.gz');
+    expect(basename(csv.path!)).toBe('job1_000001.csv.br');
+    // Compressed: far smaller than its text.
+    expect(jsonl.bytes).toBeLessThan(gunzipSync(readFileSync(jsonl.path!)).length / 3);
+    expect((await readRows(jsonlSource(directory))).rows).toEqual(blockToRows(block));
+    expect((await readRows(csvSource(directory))).rows).toEqual(blockToRows(block));
+    // The write id is found past the compression suffix (the job's temp files are found by it).
+    const again = new JsonlDatasink(directory, { compression: 'gzip' });
+    await again.onWriteComplete([jsonl]);
+    // 'overwrite' removes the format's files, compressed or not, and nothing else.
+    writeFileSync(join(directory, 'notes.txt'), 'keep');
+    expect(await new JsonlDatasink(directory).prepareDirectory('overwrite')).toBe(true);
+    expect(readdirSync(directory).sort()).toEqual(['job1_000001.csv.br', 'notes.txt']);
+    expect((await rejection(() => new CsvDatasink(directory, { compression: 'zip' as never }))).code).toBe('ERR_DATA_COMPRESSION');
+  });
+
+  it('a checkpointed (staged) compressed write commits into place', async () => {
+    const directory = scratch('staged');
+    const sink = new JsonlDatasink(directory, { compression: 'gzip' });
+    const block: Block = new Table({ id: vectorFromArray([1, 2, 3], new Int32()) });
+    const staged = (await sink.write([block], { ...context(0), staged: true })) as WrittenFile;
+    expect(readdirSync(directory).filter((name) => !name.startsWith('.'))).toEqual([]);
+    const committed = await sink.commit(staged);
+    expect(basename(committed.path!)).toBe('job1_000000.jsonl.gz');
+    expect((await readRows(jsonlSource(directory))).rows).toEqual([{ id: 1 }, { id: 2 }, { id: 3 }]);
+  });
+});
+
+describe('text files', () => {
+  it('one row per line, empty lines dropped by default, split across tasks at line breaks', async () => {
+    const directory = scratch('text');
+    const lines = Array.from({ length: 30_000 }, (_, index) => (index % 10 === 9 ? '   ' : `line ${index} ${'x'.repeat(index % 7)}`));
+    writeFileSync(join(directory, 'a.txt'), `${lines.join('\r\n')}\r\n`);
+    writeFileSync(join(directory, 'b.log.gz'), gzipSync('first\n\nlast'));
+    const source = textSource(directory, { minSplitBytes: 32 << 10 });
+    const { tasks, rows } = await readRows(source, 6);
+    expect(tasks.length).toBeGreaterThan(3);
+    const expected = [...lines.filter((line) => line.trim() !== ''), 'first', 'last'];
+    expect(rows.map((row) => row.text)).toEqual(expected);
+    expect(Object.keys(rows[0])).toEqual(['text']);
+    const kept = (await readRows(textSource(join(directory, 'b.log.gz'), { dropEmptyLines: false }))).rows.map((row) => row.text);
+    expect(kept).toEqual(['first', '', 'last']);
+  });
+
+  it('extensions choose files; row ids are stable; bad options are refused', async () => {
+    const directory = scratch('text-ext');
+    writeFileSync(join(directory, 'keep.md'), '# title\nbody\n');
+    writeFileSync(join(directory, 'skip.bin'), 'nope\n');
+    writeFileSync(join(directory, '_SUCCESS'), '');
+    expect(textSource(directory).files.map((file) => basename(file.path))).toEqual(['keep.md', 'skip.bin']);
+    const { rows } = await readRows(textSource(directory, { extensions: ['.md'], rowIds: 'rowId' }));
+    expect(rows.map((row) => row.text)).toEqual(['# title', 'body']);
+    expect(String(rows[1].rowId)).toMatch(/^[0-9a-f]{12}:8$/);
+    expect((await rejection(() => textSource(directory, { rowIds: 'text' }))).code).toBe('ERR_INVALID_ARGUMENT');
+    expect((await rejection(() => textSource(directory, { dropEmptyLines: 'yes' as never }))).message).toContain('dropEmptyLines');
+    expect((await rejection(() => textSource(scratch('text-empty')))).code).toBe('ERR_DATA_PATH');
+    expect(new TextDatasource(directory).name).toBe('Text');
+  });
+});
+
+describe('binary files', () => {
+  it('one row per file with its bytes (and path), files grouped into tasks by size, counts known', async () => {
+    const directory = scratch('binary');
+    mkdirSync(join(directory, 'label=cat'));
+    mkdirSync(join(directory, 'label=dog'));
+    const files: Record<string, Buffer> = {};
+    for (let index = 0; index < 12; index++) {
+      const name = join(index % 2 ? 'label=cat' : 'label=dog', `img${String(index).padStart(2, '0')}.jpg`);
+      files[name] = Buffer.from(Array.from({ length: 1000 + index * 300 }, (_, byte) => (byte * 7 + index) & 255));
+      writeFileSync(join(directory, name), files[name]);
+    }
+    writeFileSync(join(directory, 'label=cat', 'notes.txt'), 'not an image');
+    const source = binarySource(directory, { includePaths: true, extensions: ['.jpg'], blockBytes: 5000 });
+    const { tasks, rows } = await readRows(source, 3);
+    // Tasks never mix partitions: each label's files are read by tasks of their own.
+    expect(tasks.length).toBeGreaterThanOrEqual(2);
+    for (const task of tasks) expect(new Set(task.metadata.inputFiles!.map((path) => path.includes('label=cat'))).size).toBe(1);
+    expect(tasks.reduce((sum, task) => sum + (task.metadata.rows ?? 0), 0)).toBe(12);
+    expect(rows).toHaveLength(12);
+    for (const row of rows) {
+      const name = String(row.path).slice(directory.length + 1);
+      expect(Buffer.from(row.bytes as Uint8Array).equals(files[name])).toBe(true);
+      expect(row.label).toBe(name.startsWith('label=cat') ? 'cat' : 'dog');
+    }
+  });
+
+  it('row ids name the file; empty files are empty rows; bad options are refused', async () => {
+    const directory = scratch('binary-ids');
+    writeFileSync(join(directory, 'a.bin'), Buffer.from([1, 2, 3]));
+    writeFileSync(join(directory, 'b.bin'), Buffer.alloc(0));
+    const { rows } = await readRows(binarySource(directory, { rowIds: 'fileId' }));
+    expect(rows.map((row) => Array.from(row.bytes as Uint8Array))).toEqual([[1, 2, 3], []]);
+    expect(rows.map((row) => row.fileId)).toEqual((await readRows(binarySource(directory, { rowIds: 'fileId' }))).rows.map((row) => row.fileId));
+    expect(rows[0].fileId).not.toBe(rows[1].fileId);
+    expect(Object.keys(rows[0]).sort()).toEqual(['bytes', 'fileId']);
+    expect((await rejection(() => binarySource(directory, { rowIds: 'bytes' }))).code).toBe('ERR_INVALID_ARGUMENT');
+    expect((await rejection(() => binarySource(directory, { includePaths: 1 as never }))).message).toContain('includePaths');
+    expect((await rejection(() => binarySource(join(directory, 'missing')))).code).toBe('ERR_DATA_PATH');
+    expect(new BinaryDatasource(directory).name).toBe('BinaryFiles');
   });
 });

@@ -3,10 +3,11 @@
  * directories (the columns left out of the files), and every file source reads the values back
  * as columns; through a cluster job end to end for each format.
  */
-import { readFileSync, readdirSync } from 'node:fs';
+import { mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { gzipSync } from 'node:zlib';
 import { join, relative } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { InvalidArgumentError, fromItems, readArrow, readCsv, readJsonl, readParquet, type Row } from '../../lib/index.js';
+import { InvalidArgumentError, fromItems, readArrow, readBinaryFiles, readCsv, readJsonl, readParquet, readText, type Row } from '../../lib/index.js';
 import { HIVE_NULL } from '../../lib/data/formats/partitioning.js';
 import { useDataCluster } from './helpers.js';
 
@@ -68,5 +69,33 @@ describe('partitioned writes and hive reads', () => {
     const counts = await readParquet(directory).groupBy('label').count().takeAll();
     expect(counts).toEqual([{ label: 'a b/c', 'count()': 20 }, { label: 'negative', 'count()': 20 }, { label: 'positive', 'count()': 20 }]);
     expect(() => fromItems(rows).writeJsonl(scratchDir.path('bad'), { partitionBy: [] })).toThrow(InvalidArgumentError);
+  });
+});
+
+describe('compressed, text and binary files through a job', () => {
+  it('gzip-partitioned JSONL and brotli CSV written by a job read back; text and whole files read as datasets', async () => {
+    const jsonl = scratchDir.path('gzip-partitioned');
+    await fromItems(rows, { parallelism: 4 }).writeJsonl(jsonl, { partitionBy: 'label', compression: 'gzip' });
+    expect(filesUnder(jsonl).every((file) => file.endsWith('.jsonl.gz'))).toBe(true);
+    expect(byId(await readJsonl(jsonl).takeAll())).toEqual(rows.map(({ year, ...row }) => ({ ...row, year })));
+    const csv = scratchDir.path('brotli-csv');
+    await fromItems(rows, { parallelism: 2 }).writeCsv(csv, { compression: 'brotli', rowsPerFile: 25 });
+    expect(filesUnder(csv).map((file) => file.slice(-7))).toEqual(['.csv.br', '.csv.br', '.csv.br']);
+    expect(await readCsv(csv).count()).toBe(60);
+
+    // The text of those rows, one per line, with a map over it.
+    const text = scratchDir.path('text');
+    mkdirSync(text);
+    writeFileSync(join(text, 'labels.txt.gz'), gzipSync(rows.map((row) => row.label).join('\n')));
+    const counts = await readText(text).groupBy('text').count().takeAll();
+    expect(counts).toEqual([{ text: 'a b/c', 'count()': 20 }, { text: 'negative', 'count()': 20 }, { text: 'positive', 'count()': 20 }]);
+
+    const images = scratchDir.path('images');
+    mkdirSync(images);
+    for (let index = 0; index < 9; index++) writeFileSync(join(images, `${index}.bin`), Buffer.alloc(100 + index, index));
+    const files = readBinaryFiles(images, { includePaths: true, parallelism: 3 });
+    expect(await files.count()).toBe(9);
+    const sizes = (await files.takeAll()).map((row) => ({ name: String(row.path).split('/').pop(), size: (row.bytes as Uint8Array).length, first: (row.bytes as Uint8Array)[0] }));
+    expect(sizes.sort((a, b) => (a.size as number) - (b.size as number))).toEqual(Array.from({ length: 9 }, (_, index) => ({ name: `${index}.bin`, size: 100 + index, first: index })));
   });
 });

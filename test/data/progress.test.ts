@@ -183,6 +183,8 @@ describe('createProgressReporter', () => {
   it('refuses options it does not know', () => {
     expect(() => createProgressReporter('yes' as unknown as boolean, new FakeStream(false).asWriteStream())).toThrow(/progress takes/);
     expect(() => createProgressReporter({} as ProgressReporter, new FakeStream(false).asWriteStream())).toThrow(/update/);
+    expect(() => createProgressReporter({ update: () => {}, finish: () => {}, updateIntervalMs: 1 }, new FakeStream(false).asWriteStream())).toThrow(/updateIntervalMs/);
+    expect(createProgressReporter({ update: () => {}, finish: () => {}, updateIntervalMs: 50 }, new FakeStream(false).asWriteStream()).updateIntervalMs).toBe(50);
     expect(() => createProgressReporter(true, new FakeStream(false).asWriteStream(), { intervalMs: -1 })).toThrow(/intervalMs/);
   });
 

@@ -12,16 +12,16 @@ import { blockToColumns, type Block } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import {
   DEFAULT_BLOCK_BYTES, DEFAULT_MIN_SPLIT_BYTES, FileDatasink, TextWriter, boolColumn, checkExtensions, checkPositiveInteger, checkSchema, coerceValue,
-  checkRowIds, expandPaths, fileKey, filesOf, float64Column, isNumberText, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, readLineBatches, readLines, schemaFromBytes, schemaToBytes, utf8Column, withRowIds,
-  type FileEntry, type FileRange,
+  checkRowIds, estimateTextBytes, expandTextFiles, fileKey, filesOf, float64Column, isNumberText, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, rangeBytes, readLines, readRangeLines, schemaFromBytes, schemaToBytes, utf8Column, withRowIds,
+  type FileEntry, type FileRange, type LineFileReadOptions,
 } from './files.js';
+import { checkCompressionOption, checkWriteCompression, type Compression } from './compression.js';
 import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
 
 export const CSV_EXTENSIONS: readonly string[] = ['.csv'];
 
-export interface CsvReadOptions {
-  /** 'hive' (default): `column=value` directories under a given directory become columns; false: ignored. */
-  partitioning?: 'hive' | false;
+/** CSV's options: the line readers' (default extension .csv), and its own. */
+export interface CsvReadOptions extends LineFileReadOptions {
   /** One character between fields (default ','). */
   delimiter?: string;
   /**
@@ -32,19 +32,6 @@ export interface CsvReadOptions {
   quotedNewlines?: boolean;
   /** Columns and their types; without it types are inferred per column. */
   schema?: Schema;
-  /** Rows per block; by default a block holds about `blockBytes` of text. */
-  rowsPerBlock?: number;
-  /** Text bytes per block when `rowsPerBlock` is not given (default 4 MiB). */
-  blockBytes?: number;
-  /** A file is split across read tasks only into ranges at least this large (default 4 MiB). */
-  minSplitBytes?: number;
-  /** Which files of a directory are read (default .csv). */
-  extensions?: string[];
-  /**
-   * Adds a column of this name holding each row's id, `<file key>:<byte offset of its record>`:
-   * for a dataset without ids of its own, stable while the files are unchanged (a checkpoint's idColumn).
-   */
-  rowIds?: string;
 }
 
 interface CsvTaskOptions {
@@ -148,33 +135,34 @@ interface Header {
   end: number;
 }
 
-async function readHeader(path: string, delimiter: string): Promise<Header | undefined> {
+async function readHeader(range: FileRange, delimiter: string): Promise<Header | undefined> {
+  const { path, compression } = range;
   const parser = new CsvRecordParser(delimiter);
   let recordStart = 0;
-  for await (const line of readLines(path)) {
+  for await (const line of readLines(path, 0, Number.POSITIVE_INFINITY, compression)) {
     if (!parser.pending && line.text === '') continue;
     if (!parser.pending) recordStart = line.offset;
     let record: Cell[] | undefined;
     try {
       record = parser.feed(line.text);
     } catch (error) {
-      throw await lineError(path, recordStart, (error as Error).message);
+      throw await lineError(range, recordStart, (error as Error).message);
     }
     if (!record) continue;
     const names = record.map((name) => name ?? '');
     const seen = new Set<string>();
     for (const name of names) {
-      if (seen.has(name)) throw await lineError(path, recordStart, `the header names column '${name}' twice`);
+      if (seen.has(name)) throw await lineError(range, recordStart, `the header names column '${name}' twice`);
       seen.add(name);
     }
     return { names, end: line.next };
   }
-  if (parser.pending) throw await lineError(path, recordStart, 'unbalanced quote: the quoted field is never closed');
+  if (parser.pending) throw await lineError(range, recordStart, 'unbalanced quote: the quoted field is never closed');
   return undefined;
 }
 
-async function lineError(path: string, offset: number, reason: string): Promise<InvalidArgumentError> {
-  return parseError(`CSV file '${path}', line ${await lineNumberAt(path, offset)}: ${reason}`);
+async function lineError(range: FileRange, offset: number, reason: string): Promise<InvalidArgumentError> {
+  return parseError(`CSV file '${range.path}', line ${await lineNumberAt(range.path, offset, range.compression)}: ${reason}`);
 }
 
 export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ranges: FileRange[], options: CsvTaskOptions): AsyncGenerator<Block> {
@@ -196,7 +184,7 @@ export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ran
     return block;
   };
   for (const range of ranges) {
-    const header = await readHeader(range.path, options.delimiter);
+    const header = await readHeader(range, options.delimiter);
     if (!header) continue;
     const key = options.rowIds ? fileKey(range.path) : '';
     // With a schema, its fields are the columns (in its order); the header says where each is.
@@ -209,7 +197,7 @@ export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ran
     }
     const parser = new CsvRecordParser(options.delimiter);
     let recordStart = 0;
-    for await (const lines of readLineBatches(range.path, Math.max(range.start, header.end), range.end)) {
+    for await (const lines of readRangeLines(range, Math.max(range.start, header.end))) {
       for (const line of lines) {
         if (!parser.pending) {
           if (line.text === '') continue;
@@ -219,12 +207,12 @@ export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ran
         try {
           record = parser.feed(line.text);
         } catch (error) {
-          throw await lineError(range.path, recordStart, (error as Error).message);
+          throw await lineError(range, recordStart, (error as Error).message);
         }
         if (!record) {
           if (range.split) {
             throw await lineError(
-              range.path,
+              range,
               recordStart,
               'unbalanced quote: a quoted field runs past the end of the line. Quoted line breaks cannot be read from a file split ' +
                 'across read tasks: pass { quotedNewlines: true } to read such files whole',
@@ -233,7 +221,7 @@ export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ran
           continue;
         }
         if (record.length !== header.names.length) {
-          throw await lineError(range.path, recordStart, `expected ${header.names.length} fields as in the header, found ${record.length}`);
+          throw await lineError(range, recordStart, `expected ${header.names.length} fields as in the header, found ${record.length}`);
         }
         if (schema) {
           for (let column = 0; column < positions.length; column++) {
@@ -241,7 +229,7 @@ export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ran
             try {
               columns[column].push(cellAs(record[positions[column]], field.type));
             } catch (error) {
-              throw await lineError(range.path, recordStart, `column '${field.name}': ${(error as Error).message}`);
+              throw await lineError(range, recordStart, `column '${field.name}': ${(error as Error).message}`);
             }
           }
         } else {
@@ -254,7 +242,7 @@ export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ran
         if (options.rowsPerBlock ? rows >= options.rowsPerBlock : bytes >= options.blockBytes) yield flush();
       }
     }
-    if (parser.pending) throw await lineError(range.path, recordStart, 'unbalanced quote: the quoted field is never closed');
+    if (parser.pending) throw await lineError(range, recordStart, 'unbalanced quote: the quoted field is never closed');
   }
   if (rows > 0) yield flush();
 });
@@ -358,7 +346,7 @@ export class CsvDatasource extends Datasource {
     };
     this.minSplitBytes = checkPositiveInteger(options.minSplitBytes, 'minSplitBytes') ?? DEFAULT_MIN_SPLIT_BYTES;
     this.splittable = options.quotedNewlines !== true;
-    this.files = expandPaths(paths, checkExtensions(options.extensions, CSV_EXTENSIONS), 'CSV');
+    this.files = expandTextFiles(paths, checkExtensions(options.extensions, CSV_EXTENSIONS), checkCompressionOption(options.compression, 'CSV'), 'CSV');
     this.partitions = options.partitioning === false ? undefined : hivePartitions(this.files);
   }
 
@@ -374,14 +362,14 @@ export class CsvDatasource extends Datasource {
     return planLineRanges(files, parallelism, { splittable: this.splittable, minSplitBytes: this.minSplitBytes }).map(
       (ranges) =>
         new ReadTask(readCsvFiles, [ranges, this.taskOptions], {
-          bytes: ranges.reduce((sum, range) => sum + range.end - range.start, 0),
+          bytes: ranges.reduce((sum, range) => sum + rangeBytes(range), 0),
           inputFiles: filesOf(ranges),
         }),
     );
   }
 
   override estimateInMemorySize(): number {
-    return this.files.reduce((sum, file) => sum + file.bytes, 0);
+    return estimateTextBytes(this.files);
   }
 }
 
@@ -394,6 +382,8 @@ export interface CsvWriteOptions {
   header?: boolean;
   /** Rows in each file (the last fewer), gathered across tasks; default: a file per write task's output. */
   rowsPerFile?: number;
+  /** Compress each file: 'gzip' (files end in .csv.gz), 'brotli' (.br), 'zstd' (.zst), or 'none' (default). */
+  compression?: 'none' | Compression;
 }
 
 /**
@@ -401,13 +391,22 @@ export interface CsvWriteOptions {
  * and the empty string is written "" so that it reads back apart from null (an empty field).
  * Timestamps are ISO strings, binary base64, lists and structs JSON.
  */
-export class CsvDatasink extends FileDatasink<{ delimiter: string; header: boolean; partitionBy?: string | string[]; rowsPerFile?: number }> {
+export class CsvDatasink extends FileDatasink<{ delimiter: string; header: boolean; partitionBy?: string | string[]; rowsPerFile?: number; compression?: Compression }> {
   constructor(path: string, options: CsvWriteOptions = {}) {
-    super(path, { delimiter: checkDelimiter(options.delimiter, 'CSV'), header: options.header !== false, partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile }, 'CSV');
+    const compression = checkWriteCompression(options.compression, 'CSV');
+    super(
+      path,
+      { delimiter: checkDelimiter(options.delimiter, 'CSV'), header: options.header !== false, partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile, ...(compression ? { compression } : {}) },
+      'CSV',
+    );
   }
 
   override get name(): string {
     return 'CSV';
+  }
+
+  protected override get compression(): Compression | undefined {
+    return this.options.compression;
   }
 
   protected get extension(): string {
@@ -417,7 +416,7 @@ export class CsvDatasink extends FileDatasink<{ delimiter: string; header: boole
   protected async writeBlocks(blocks: Block[], handle: FileHandle): Promise<number> {
     const { delimiter, header } = this.options;
     const names = blocks[0].schema.fields.map((field) => field.name);
-    const writer = new TextWriter(handle);
+    const writer = new TextWriter(handle, this.compression);
     if (header) await writer.write(`${names.map((name) => csvField(name, delimiter)).join(delimiter)}\n`);
     let rows = 0;
     for (const block of blocks) {
@@ -437,7 +436,7 @@ export class CsvDatasink extends FileDatasink<{ delimiter: string; header: boole
       }
       rows += block.numRows;
     }
-    await writer.flush();
+    await writer.end();
     return rows;
   }
 }

@@ -5,9 +5,12 @@
  * file so that readers never see it half written.
  */
 import { createHash } from 'node:crypto';
-import { readdirSync, statSync, type Stats } from 'node:fs';
+import { createReadStream, readdirSync, statSync, type Stats } from 'node:fs';
 import { mkdir, open, readdir, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
-import { basename, dirname, extname, join, resolve } from 'node:path';
+import { once } from 'node:events';
+import { basename, dirname, join, resolve } from 'node:path';
+import type { Transform } from 'node:stream';
+import { finished } from 'node:stream/promises';
 import {
   Bool, DataType, Float64, Null, Schema, Table, Utf8, makeData, makeVector, tableFromIPC, tableToIPC, type Field, type List, type Struct, type Vector,
 } from 'apache-arrow';
@@ -15,6 +18,7 @@ import { InvalidArgumentError } from '../../errors.js';
 import type { Block, Row } from '../block.js';
 import { Datasink, type WriteContext } from '../datasource.js';
 import { checkPartitionBy, splitByPartition } from './partitioning.js';
+import { COMPRESSED_TEXT_RATIO, compressionFor, compressionSuffix, compressor, decompressor, withCompressionSuffixes, type Compression, type CompressionOption } from './compression.js';
 
 /** A file found on disk, with its size when it was listed. */
 export interface FileEntry {
@@ -22,6 +26,8 @@ export interface FileEntry {
   bytes: number;
   /** The directory it was found under (hive partition segments are read below it). */
   root?: string;
+  /** The codec its text is compressed with (set by the text readers). */
+  compression?: Compression;
 }
 
 /**
@@ -34,6 +40,34 @@ export interface FileRange {
   start: number;
   end: number;
   split: boolean;
+  /** The file's codec: such a file is read whole (start 0, end its compressed size). */
+  compression?: Compression;
+}
+
+/** What every line-based reader (JSONL, CSV, text) takes. */
+export interface LineFileReadOptions {
+  /** 'hive' (default): `column=value` directories under a given directory become columns; false: ignored. */
+  partitioning?: 'hive' | false;
+  /** Rows per block; by default a block holds about `blockBytes` of text. */
+  rowsPerBlock?: number;
+  /** Text bytes per block when `rowsPerBlock` is not given (default 4 MiB). */
+  blockBytes?: number;
+  /** A file is split across read tasks only into ranges at least this large (default 4 MiB). */
+  minSplitBytes?: number;
+  /** Which files of a directory are read (default: the format's extensions). */
+  extensions?: string[];
+  /**
+   * Adds a column of this name holding each row's id, `<file key>:<byte offset of its line or
+   * record>`: for a dataset without ids of its own, stable while the files are unchanged (a
+   * checkpoint's idColumn).
+   */
+  rowIds?: string;
+  /**
+   * How files are compressed: 'auto' (default) by their names' suffix (.gz, .gzip, .br, .zst,
+   * .zstd), 'none', or one codec for every file. A compressed file is read whole by one task
+   * (its offsets, as in row ids and errors, are positions in its decompressed text).
+   */
+  compression?: CompressionOption;
 }
 
 /** How large a piece of a file must be before splitting a file across tasks is worth a task. */
@@ -67,7 +101,7 @@ export function expandPaths(paths: string | readonly string[], extensions: reado
       const found = listDirectory(path, wanted);
       if (found.length === 0) {
         throw new InvalidArgumentError(
-          `${format} source: directory '${given}' holds no files ending in ${wanted.join(', ')}`,
+          `${format} source: directory '${given}' holds no ${wanted.includes('') ? 'files (hidden ones and those starting with _ are left out)' : `files ending in ${wanted.join(', ')}`}`,
           'ERR_DATA_PATH',
         );
       }
@@ -79,6 +113,18 @@ export function expandPaths(paths: string | readonly string[], extensions: reado
     }
   }
   return files;
+}
+
+/**
+ * The files of a line-based format, each with the codec its text is read with: by its name's
+ * suffix ('auto'), none, or the one named. A directory's files may carry a compression suffix
+ * after the format's extension (`part-0.jsonl.gz`).
+ */
+export function expandTextFiles(paths: string | readonly string[], extensions: readonly string[], compression: CompressionOption, format: string): FileEntry[] {
+  return expandPaths(paths, withCompressionSuffixes(extensions), format).map((file) => {
+    const codec = compressionFor(file.path, compression);
+    return codec ? { ...file, compression: codec } : file;
+  });
 }
 
 function listDirectory(directory: string, extensions: readonly string[]): FileEntry[] {
@@ -136,10 +182,14 @@ export function groupByWeight<T>(units: readonly T[], weight: (unit: T) => numbe
  */
 export function planLineRanges(files: readonly FileEntry[], parallelism: number, options: { splittable: boolean; minSplitBytes: number }): FileRange[][] {
   checkParallelism(parallelism);
-  const total = files.reduce((sum, file) => sum + file.bytes, 0);
+  const total = files.reduce((sum, file) => sum + (file.compression ? 0 : file.bytes), 0);
   const share = Math.max(1, Math.ceil(total / parallelism));
   const ranges: FileRange[] = [];
   for (const file of files) {
+    if (file.compression) {
+      ranges.push({ path: file.path, start: 0, end: file.bytes, split: false, compression: file.compression });
+      continue;
+    }
     const pieces = options.splittable && files.length < parallelism
       ? Math.min(Math.ceil(file.bytes / share), Math.floor(file.bytes / Math.max(1, options.minSplitBytes)), parallelism)
       : 1;
@@ -153,7 +203,7 @@ export function planLineRanges(files: readonly FileEntry[], parallelism: number,
       ranges.push({ path: file.path, start, end, split: true });
     }
   }
-  return groupByWeight(ranges, (range) => range.end - range.start, parallelism);
+  return groupByWeight(ranges, rangeBytes, parallelism);
 }
 
 /** The files a group of ranges reads, each once, in order. */
@@ -174,71 +224,127 @@ const NEWLINE = 0x0a;
 const READ_CHUNK_BYTES = 1 << 20;
 
 /**
- * The lines that begin in [start, end) of a file, streamed in chunks so memory stays bounded, and
- * handed on a chunk's worth at a time (an await per line would cost more than reading it). A
- * range that starts inside a line leaves that line to the range before it, and the last line is
- * read past `end` to its break: together the ranges of a file read each line exactly once. A
- * newline byte never occurs inside a UTF-8 multi-byte sequence, so cutting on it is safe.
+ * A file's bytes from `from` on, a chunk at a time, each with the offset of its first byte: read
+ * in place for a plain file (the buffer is reused, so a chunk is valid until the next is asked
+ * for), or decompressed as a stream (offsets are then positions in the decompressed text, and
+ * the bytes before `from` are decompressed and dropped).
  */
-export async function* readLineBatches(path: string, start = 0, end = Number.POSITIVE_INFINITY): AsyncGenerator<Line[]> {
-  if (start >= end) return;
+async function* fileChunks(path: string, from: number, compression: Compression | undefined): AsyncGenerator<{ chunk: Buffer; offset: number }> {
+  if (compression) yield* decompressedChunks(path, from, compression);
+  else yield* plainChunks(path, from);
+}
+
+async function* plainChunks(path: string, from: number): AsyncGenerator<{ chunk: Buffer; offset: number }> {
   const handle = await open(path, 'r');
   try {
     const buffer = Buffer.allocUnsafe(READ_CHUNK_BYTES);
-    // Read from one byte before `start`: if that byte is a newline, a line begins exactly at start.
-    let position = start > 0 ? start - 1 : 0;
-    let skipping = start > 0;
-    let lineStart = start;
-    let carried: Buffer[] = [];
-    let finished = false;
-    while (!finished) {
+    for (let position = from; ; ) {
       const { bytesRead } = await handle.read(buffer, 0, READ_CHUNK_BYTES, position);
-      if (bytesRead === 0) break;
-      const chunk = buffer.subarray(0, bytesRead);
-      const chunkOffset = position;
+      if (bytesRead === 0) return;
+      yield { chunk: buffer.subarray(0, bytesRead), offset: position };
       position += bytesRead;
-      let cursor = 0;
-      if (skipping) {
-        const newline = chunk.indexOf(NEWLINE);
-        if (newline < 0) continue;
-        skipping = false;
-        cursor = newline + 1;
-        lineStart = chunkOffset + cursor;
-        if (lineStart >= end) return;
-      }
-      const lines: Line[] = [];
-      while (cursor < bytesRead) {
-        const newline = chunk.indexOf(NEWLINE, cursor);
-        if (newline < 0) {
-          // The buffer is reused by the next read: keep a copy of the unfinished line.
-          carried.push(Buffer.from(chunk.subarray(cursor)));
-          break;
-        }
-        const bytes = carried.length ? Buffer.concat([...carried, chunk.subarray(cursor, newline)]) : chunk.subarray(cursor, newline);
-        carried = [];
-        const next = chunkOffset + newline + 1;
-        lines.push({ text: decodeLine(bytes, lineStart), offset: lineStart, next });
-        lineStart = next;
-        cursor = newline + 1;
-        if (lineStart >= end) {
-          finished = true;
-          break;
-        }
-      }
-      if (lines.length) yield lines;
-    }
-    if (!finished && !skipping && carried.length && lineStart < end) {
-      const bytes = Buffer.concat(carried);
-      yield [{ text: decodeLine(bytes, lineStart), offset: lineStart, next: lineStart + bytes.length }];
     }
   } finally {
     await handle.close();
   }
 }
 
+async function* decompressedChunks(path: string, from: number, compression: Compression): AsyncGenerator<{ chunk: Buffer; offset: number }> {
+  const source = createReadStream(path, { highWaterMark: READ_CHUNK_BYTES });
+  const stream = decompressor(compression);
+  source.on('error', (error) => stream.destroy(error));
+  source.pipe(stream);
+  let offset = 0;
+  try {
+    for await (const piece of stream as AsyncIterable<Buffer>) {
+      const start = offset;
+      offset += piece.length;
+      if (offset <= from) continue;
+      yield start >= from ? { chunk: piece, offset: start } : { chunk: piece.subarray(from - start), offset: from };
+    }
+  } catch (error) {
+    const cause = error as NodeJS.ErrnoException;
+    // A file that cannot be opened is the caller's to report as it is; data the codec rejects names the file.
+    if (cause.syscall) throw error;
+    throw parseError(`file '${path}' is not valid ${compression} data at ${offset} bytes into its text: ${cause.message}`);
+  } finally {
+    source.destroy();
+    stream.destroy();
+  }
+}
+
+/**
+ * The lines that begin in [start, end) of a file, streamed in chunks so memory stays bounded, and
+ * handed on a chunk's worth at a time (an await per line would cost more than reading it). A
+ * range that starts inside a line leaves that line to the range before it, and the last line is
+ * read past `end` to its break: together the ranges of a file read each line exactly once. A
+ * newline byte never occurs inside a UTF-8 multi-byte sequence, so cutting on it is safe. A
+ * compressed file's offsets are positions in its decompressed text.
+ */
+export async function* readLineBatches(path: string, start = 0, end = Number.POSITIVE_INFINITY, compression?: Compression): AsyncGenerator<Line[]> {
+  if (start >= end) return;
+  // Read from one byte before `start`: if that byte is a newline, a line begins exactly at start.
+  let skipping = start > 0;
+  let lineStart = start;
+  let carried: Buffer[] = [];
+  let finished = false;
+  for await (const { chunk, offset: chunkOffset } of fileChunks(path, start > 0 ? start - 1 : 0, compression)) {
+    let cursor = 0;
+    if (skipping) {
+      const newline = chunk.indexOf(NEWLINE);
+      if (newline < 0) continue;
+      skipping = false;
+      cursor = newline + 1;
+      lineStart = chunkOffset + cursor;
+      if (lineStart >= end) return;
+    }
+    const lines: Line[] = [];
+    while (cursor < chunk.length) {
+      const newline = chunk.indexOf(NEWLINE, cursor);
+      if (newline < 0) {
+        // A plain file's buffer is reused by the next read: keep a copy of the unfinished line.
+        carried.push(Buffer.from(chunk.subarray(cursor)));
+        break;
+      }
+      const bytes = carried.length ? Buffer.concat([...carried, chunk.subarray(cursor, newline)]) : chunk.subarray(cursor, newline);
+      carried = [];
+      const next = chunkOffset + newline + 1;
+      lines.push({ text: decodeLine(bytes, lineStart), offset: lineStart, next });
+      lineStart = next;
+      cursor = newline + 1;
+      if (lineStart >= end) {
+        finished = true;
+        break;
+      }
+    }
+    if (lines.length) yield lines;
+    if (finished) return;
+  }
+  if (!skipping && carried.length && lineStart < end) {
+    const bytes = Buffer.concat(carried);
+    yield [{ text: decodeLine(bytes, lineStart), offset: lineStart, next: lineStart + bytes.length }];
+  }
+}
+
 /** Lines one at a time, for callers that read only a few (a header). */
-export async function* readLines(path: string, start = 0, end = Number.POSITIVE_INFINITY): AsyncGenerator<Line> {
-  for await (const lines of readLineBatches(path, start, end)) yield* lines;
+export async function* readLines(path: string, start = 0, end = Number.POSITIVE_INFINITY, compression?: Compression): AsyncGenerator<Line> {
+  for await (const lines of readLineBatches(path, start, end, compression)) yield* lines;
+}
+
+/** The lines a read task's range holds, from `from` (a header's end) when given. */
+export function readRangeLines(range: FileRange, from = range.start): AsyncGenerator<Line[]> {
+  // A compressed file is never split: its range is the whole text, however long it decompresses to.
+  return readLineBatches(range.path, from, range.compression ? Number.POSITIVE_INFINITY : range.end, range.compression);
+}
+
+/** About how many bytes of text files hold (a compressed file's decompressed size is a guess). */
+export function estimateTextBytes(files: readonly FileEntry[]): number {
+  return files.reduce((sum, file) => sum + file.bytes * (file.compression ? COMPRESSED_TEXT_RATIO : 1), 0);
+}
+
+/** About how many bytes of text a range holds (a compressed file's decompressed size is a guess). */
+export function rangeBytes(range: FileRange): number {
+  return (range.end - range.start) * (range.compression ? COMPRESSED_TEXT_RATIO : 1);
 }
 
 function decodeLine(bytes: Buffer, offset: number): string {
@@ -253,23 +359,15 @@ function decodeLine(bytes: Buffer, offset: number): string {
  * The 1-based number of the line that begins at `offset`. Range tasks do not know how many lines
  * precede their range; counting them is only worth it when an error must name the line.
  */
-export async function lineNumberAt(path: string, offset: number): Promise<number> {
+export async function lineNumberAt(path: string, offset: number, compression?: Compression): Promise<number> {
   if (offset === 0) return 1;
-  const handle = await open(path, 'r');
-  try {
-    const buffer = Buffer.allocUnsafe(READ_CHUNK_BYTES);
-    let lines = 1;
-    for (let position = 0; position < offset; ) {
-      const { bytesRead } = await handle.read(buffer, 0, Math.min(READ_CHUNK_BYTES, offset - position), position);
-      if (bytesRead === 0) break;
-      const chunk = buffer.subarray(0, bytesRead);
-      for (let index = chunk.indexOf(NEWLINE); index >= 0; index = chunk.indexOf(NEWLINE, index + 1)) lines++;
-      position += bytesRead;
-    }
-    return lines;
-  } finally {
-    await handle.close();
+  let lines = 1;
+  for await (const { chunk, offset: chunkOffset } of fileChunks(path, 0, compression)) {
+    const piece = chunk.subarray(0, Math.max(0, Math.min(chunk.length, offset - chunkOffset)));
+    for (let index = piece.indexOf(NEWLINE); index >= 0; index = piece.indexOf(NEWLINE, index + 1)) lines++;
+    if (chunkOffset + chunk.length >= offset) break;
   }
+  return lines;
 }
 
 export function parseError(message: string): InvalidArgumentError {
@@ -457,22 +555,60 @@ export async function writeFileAtomically(finalPath: string, attempt: number, pr
   return bytes;
 }
 
-/** Collects text and writes it in large pieces: one write per line would cost a syscall each. */
+/**
+ * Collects text and writes it in large pieces (one write per line would cost a syscall each),
+ * through a compressor when the file is compressed. Call end() once the text is all given.
+ */
 export class TextWriter {
   private parts: string[] = [];
   private pending = 0;
-  constructor(private readonly handle: FileHandle, private readonly flushAt = 1 << 20) {}
+  private readonly stream: Transform | undefined;
+  /** The compressed bytes' writes, in order; a failure is kept for the next flush or end to throw. */
+  private writes: Promise<void> = Promise.resolve();
+  private failure: Error | undefined;
+
+  constructor(private readonly handle: FileHandle, compression?: Compression, private readonly flushAt = 1 << 20) {
+    if (!compression) return;
+    this.stream = compressor(compression);
+    this.stream.on('data', (chunk: Buffer) => {
+      this.writes = this.writes.then(() => handle.write(chunk)).then(
+        () => undefined,
+        (error: Error) => {
+          this.failure ??= error;
+        },
+      );
+    });
+  }
+
   async write(text: string): Promise<void> {
     this.parts.push(text);
     this.pending += text.length;
     if (this.pending >= this.flushAt) await this.flush();
   }
+
   async flush(): Promise<void> {
     if (this.parts.length === 0) return;
     const text = this.parts.join('');
     this.parts = [];
     this.pending = 0;
-    await this.handle.write(text);
+    if (!this.stream) {
+      await this.handle.write(text);
+      return;
+    }
+    if (!this.stream.write(text)) await once(this.stream, 'drain');
+    // What the compressor made so far goes to disk before more text is taken: memory stays bounded.
+    await this.writes;
+    if (this.failure) throw this.failure;
+  }
+
+  /** Writes what is left (and a compressed file's trailer). */
+  async end(): Promise<void> {
+    await this.flush();
+    if (!this.stream) return;
+    this.stream.end();
+    await finished(this.stream);
+    await this.writes;
+    if (this.failure) throw this.failure;
   }
 }
 
@@ -515,8 +651,9 @@ export function checkWriteMode(mode: unknown): WriteMode {
   throw new InvalidArgumentError(`mode must be 'append', 'overwrite', 'error' or 'ignore', got ${JSON.stringify(mode)}`);
 }
 
-/** A dataset's entries in `directory`: files of the extension, and `column=value` directories. */
+/** A dataset's entries in `directory`: files of the extension (compressed or not), and `column=value` directories. */
 function datasetEntries(directory: string, extension: string): string[] {
+  const extensions = withCompressionSuffixes([extension]);
   let names: string[];
   try {
     names = readdirSync(directory);
@@ -525,13 +662,14 @@ function datasetEntries(directory: string, extension: string): string[] {
   }
   return names
     .filter((name) => !name.startsWith('.') && !name.startsWith('_'))
-    .filter((name) => name.endsWith(extension) || (/^[^=]+=[^=]*$/.test(name) && statSync(join(directory, name)).isDirectory()))
+    .filter((name) => extensions.some((suffix) => name.endsWith(suffix)) || (/^[^=]+=[^=]*$/.test(name) && statSync(join(directory, name)).isDirectory()))
     .map((name) => join(directory, name));
 }
 
 /** The write id of a job, from the name of a file one of its tasks wrote. */
 export function writeIdOf(path: string): string | undefined {
-  const match = /^(.*)_\d{6,}$/.exec(basename(path, extname(path)));
+  // The task number is followed by the extension, and by a compression suffix after it.
+  const match = /^(.*)_\d{6,}(?:\.[A-Za-z0-9]+){0,2}$/.exec(basename(path));
   return match?.[1];
 }
 
@@ -569,8 +707,18 @@ export abstract class FileDatasink<Options extends object = object> extends Data
     return this.rowsPerFile;
   }
 
-  /** The extension of the files written, with its dot. */
+  /** The extension of the format's files, with its dot. */
   protected abstract get extension(): string;
+
+  /** The codec a text format's files are compressed with, if any (a format's own compression, as Parquet's, is inside its files). */
+  protected get compression(): Compression | undefined {
+    return undefined;
+  }
+
+  /** The written files' extension: the format's, and the codec's suffix after it. */
+  get fileExtension(): string {
+    return `${this.extension}${compressionSuffix(this.compression)}`;
+  }
 
   /** Writes the blocks to an open file; returns the rows written. */
   protected abstract writeBlocks(blocks: Block[], handle: FileHandle): Promise<number>;
@@ -606,7 +754,7 @@ export abstract class FileDatasink<Options extends object = object> extends Data
     }
     // A task without blocks has no schema to write (a Parquet or Arrow file needs one): no file.
     if (blocks.length === 0) return { path: null, rows: 0, bytes: 0 };
-    const name = outputFileName(context.writeId, context.taskIndex, this.extension);
+    const name = outputFileName(context.writeId, context.taskIndex, this.fileExtension);
     const partitionBy = (this.options as { partitionBy?: string[] }).partitionBy;
     if (!partitionBy) return this.writeFile(join(this.path, name), blocks, context);
     // One file per partition this task's rows fall in, under its column=value directories.

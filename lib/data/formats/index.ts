@@ -7,6 +7,8 @@ import { ArrowDatasink, ArrowDatasource, type ArrowReadOptions, type ArrowWriteO
 import { CsvDatasink, CsvDatasource, type CsvReadOptions, type CsvWriteOptions } from './csv.js';
 import { JsonlDatasink, JsonlDatasource, type JsonlReadOptions, type JsonlWriteOptions } from './jsonl.js';
 import { ParquetDatasink, ParquetDatasource, type ParquetReadOptions, type ParquetWriteOptions } from './parquet.js';
+import { TextDatasource, type TextReadOptions } from './text.js';
+import { BinaryDatasource, type BinaryReadOptions } from './binary.js';
 
 export { ArrowDatasink, ArrowDatasource, ARROW_EXTENSIONS, readArrowFiles, type ArrowReadOptions, type ArrowWriteOptions } from './arrow-ipc.js';
 export { CsvDatasink, CsvDatasource, CSV_EXTENSIONS, readCsvFiles, type CsvReadOptions, type CsvWriteOptions } from './csv.js';
@@ -14,6 +16,9 @@ export { JsonlDatasink, JsonlDatasource, JSONL_EXTENSIONS, readJsonlFiles, type 
 export {
   ParquetDatasink, ParquetDatasource, PARQUET_EXTENSIONS, readParquetFiles, type ParquetCompression, type ParquetReadOptions, type ParquetWriteOptions,
 } from './parquet.js';
+export { TextDatasource, readTextFiles, type TextReadOptions } from './text.js';
+export { BinaryDatasource, readBinaryFiles, type BinaryReadOptions } from './binary.js';
+export { type Compression, type CompressionOption } from './compression.js';
 export { FileDatasink, checkWriteMode, expandPaths, type FileEntry, type WriteMode, type WrittenFile } from './files.js';
 
 /** Paths: a file, a directory (its files with the format's extensions, recursively), or a list of them. */
@@ -33,6 +38,14 @@ export function arrowSource(paths: Paths, options: ArrowReadOptions = {}): Arrow
 
 export function parquetSource(paths: Paths, options: ParquetReadOptions = {}): ParquetDatasource {
   return new ParquetDatasource(paths, options);
+}
+
+export function textSource(paths: Paths, options: TextReadOptions = {}): TextDatasource {
+  return new TextDatasource(paths, options);
+}
+
+export function binarySource(paths: Paths, options: BinaryReadOptions = {}): BinaryDatasource {
+  return new BinaryDatasource(paths, options);
 }
 
 export function jsonlSink(directory: string, options: JsonlWriteOptions = {}): JsonlDatasink {

@@ -11,32 +11,19 @@ import { blockToRows, rowsToBlock, type Block, type Row } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import {
   DEFAULT_BLOCK_BYTES, DEFAULT_MIN_SPLIT_BYTES, FileDatasink, TextWriter, boolColumn, checkExtensions, checkPositiveInteger, checkSchema, coerceRow,
-  checkRowIds, expandPaths, fileKey, filesOf, float64Column, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, readLineBatches, schemaFromBytes, schemaToBytes, withRowIds,
+  checkRowIds, estimateTextBytes, expandTextFiles, fileKey, filesOf, float64Column, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, readRangeLines, rangeBytes, schemaFromBytes, schemaToBytes, withRowIds,
   utf8Column,
-  type FileEntry, type FileRange,
+  type FileEntry, type FileRange, type LineFileReadOptions,
 } from './files.js';
+import { checkCompressionOption, checkWriteCompression, type Compression } from './compression.js';
 import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
 
 export const JSONL_EXTENSIONS: readonly string[] = ['.jsonl', '.ndjson', '.json'];
 
-export interface JsonlReadOptions {
-  /** 'hive' (default): `column=value` directories under a given directory become columns; false: ignored. */
-  partitioning?: 'hive' | false;
+/** JSONL's options: the line readers' (default extensions .jsonl, .ndjson, .json), and a schema. */
+export interface JsonlReadOptions extends LineFileReadOptions {
   /** Columns and their types; without it types are inferred (numbers float64, strings utf8, ...). */
   schema?: Schema;
-  /** Rows per block; by default a block holds about `blockBytes` of text. */
-  rowsPerBlock?: number;
-  /** Text bytes per block when `rowsPerBlock` is not given (default 4 MiB). */
-  blockBytes?: number;
-  /** A file is split across read tasks only into ranges at least this large (default 4 MiB). */
-  minSplitBytes?: number;
-  /** Which files of a directory are read (default .jsonl, .ndjson, .json). */
-  extensions?: string[];
-  /**
-   * Adds a column of this name holding each row's id, `<file key>:<byte offset of its line>`: for
-   * a dataset without ids of its own, stable while the files are unchanged (a checkpoint's idColumn).
-   */
-  rowIds?: string;
 }
 
 /** The options as a read task receives them: plain data only. */
@@ -47,8 +34,8 @@ interface JsonlTaskOptions {
   blockBytes: number;
 }
 
-async function lineError(path: string, offset: number, reason: string): Promise<InvalidArgumentError> {
-  return parseError(`JSONL file '${path}', line ${await lineNumberAt(path, offset)}: ${reason}`);
+async function lineError(range: FileRange, offset: number, reason: string): Promise<InvalidArgumentError> {
+  return parseError(`JSONL file '${range.path}', line ${await lineNumberAt(range.path, offset, range.compression)}: ${reason}`);
 }
 
 export const readJsonlFiles = remote(import.meta, async function* readJsonlFiles(ranges: FileRange[], options: JsonlTaskOptions): AsyncGenerator<Block> {
@@ -69,18 +56,18 @@ export const readJsonlFiles = remote(import.meta, async function* readJsonlFiles
   };
   for (const range of ranges) {
     const key = options.rowIds ? fileKey(range.path) : '';
-    for await (const lines of readLineBatches(range.path, range.start, range.end)) {
+    for await (const lines of readRangeLines(range)) {
       for (const line of lines) {
         if (isBlank(line.text)) continue;
         let value: unknown;
         try {
           value = JSON.parse(line.text);
         } catch (error) {
-          throw await lineError(range.path, line.offset, `malformed JSON (${(error as Error).message})`);
+          throw await lineError(range, line.offset, `malformed JSON (${(error as Error).message})`);
         }
         if (typeof value !== 'object' || value === null || Array.isArray(value)) {
           throw await lineError(
-          range.path,
+          range,
           line.offset,
           `expected a JSON object, got ${value === null ? 'null' : Array.isArray(value) ? 'an array' : typeof value} (JSON Lines hold one object per line)`,
         );
@@ -89,7 +76,7 @@ export const readJsonlFiles = remote(import.meta, async function* readJsonlFiles
           try {
             value = coerceRow(value as Row, schema.fields);
           } catch (error) {
-            throw await lineError(range.path, line.offset, (error as Error).message);
+            throw await lineError(range, line.offset, (error as Error).message);
           }
         }
         rows.push(value as Row);
@@ -201,7 +188,7 @@ export class JsonlDatasource extends Datasource {
       ...(options.rowIds !== undefined ? { rowIds: checkRowIds(options.rowIds, 'JSONL') } : {}),
     };
     this.minSplitBytes = checkPositiveInteger(options.minSplitBytes, 'minSplitBytes') ?? DEFAULT_MIN_SPLIT_BYTES;
-    this.files = expandPaths(paths, checkExtensions(options.extensions, JSONL_EXTENSIONS), 'JSONL');
+    this.files = expandTextFiles(paths, checkExtensions(options.extensions, JSONL_EXTENSIONS), checkCompressionOption(options.compression, 'JSONL'), 'JSONL');
     this.partitions = options.partitioning === false ? undefined : hivePartitions(this.files);
   }
 
@@ -217,14 +204,14 @@ export class JsonlDatasource extends Datasource {
     return planLineRanges(files, parallelism, { splittable: true, minSplitBytes: this.minSplitBytes }).map(
       (ranges) =>
         new ReadTask(readJsonlFiles, [ranges, this.taskOptions], {
-          bytes: ranges.reduce((sum, range) => sum + range.end - range.start, 0),
+          bytes: ranges.reduce((sum, range) => sum + rangeBytes(range), 0),
           inputFiles: filesOf(ranges),
         }),
     );
   }
 
   override estimateInMemorySize(): number {
-    return this.files.reduce((sum, file) => sum + file.bytes, 0);
+    return estimateTextBytes(this.files);
   }
 }
 
@@ -237,15 +224,22 @@ export interface JsonlWriteOptions {
   partitionBy?: string | string[];
   /** Rows in each file (the last fewer), gathered across tasks; default: a file per write task's output. */
   rowsPerFile?: number;
+  /** Compress each file: 'gzip' (files end in .jsonl.gz), 'brotli' (.br), 'zstd' (.zst), or 'none' (default). */
+  compression?: 'none' | Compression;
 }
 
-export class JsonlDatasink extends FileDatasink<JsonlWriteOptions> {
+export class JsonlDatasink extends FileDatasink<{ partitionBy?: string | string[]; rowsPerFile?: number; compression?: Compression }> {
   constructor(path: string, options: JsonlWriteOptions = {}) {
-    super(path, { partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile }, 'JSONL');
+    const compression = checkWriteCompression(options.compression, 'JSONL');
+    super(path, { partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile, ...(compression ? { compression } : {}) }, 'JSONL');
   }
 
   override get name(): string {
     return 'JSONL';
+  }
+
+  protected override get compression(): Compression | undefined {
+    return this.options.compression;
   }
 
   protected get extension(): string {
@@ -253,7 +247,7 @@ export class JsonlDatasink extends FileDatasink<JsonlWriteOptions> {
   }
 
   protected async writeBlocks(blocks: Block[], handle: FileHandle): Promise<number> {
-    const writer = new TextWriter(handle);
+    const writer = new TextWriter(handle, this.compression);
     let rows = 0;
     for (const block of blocks) {
       // A replacer slows JSON.stringify severalfold: use it only where a column needs it.
@@ -261,7 +255,7 @@ export class JsonlDatasink extends FileDatasink<JsonlWriteOptions> {
       for (const row of blockToRows(block)) await writer.write(`${JSON.stringify(row, replacer)}\n`);
       rows += block.numRows;
     }
-    await writer.flush();
+    await writer.end();
     return rows;
   }
 }

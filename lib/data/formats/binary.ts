@@ -1,0 +1,143 @@
+/**
+ * Whole files as rows: `{ bytes }` (and `path`) per file, for inputs that a model step decodes
+ * itself: images, audio, PDFs. Read tasks take runs of files of about equal total size; a block
+ * holds files until it reaches `blockBytes`.
+ */
+import { open } from 'node:fs/promises';
+import { Binary, Table, makeData, makeVector, type Vector } from 'apache-arrow';
+import { InvalidArgumentError } from '../../errors.js';
+import { remote } from '../../core/registry.js';
+import type { Block } from '../block.js';
+import { Datasource, ReadTask } from '../datasource.js';
+import { DEFAULT_BLOCK_BYTES, checkExtensions, checkPositiveInteger, checkRowIds, expandPaths, fileKey, groupByWeight, utf8Column, type FileEntry } from './files.js';
+import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
+
+/** The most one row's value can hold: an Arrow binary column's offsets are 32-bit. */
+const MAX_FILE_BYTES = 2 ** 31 - 1;
+
+export interface BinaryReadOptions {
+  /** 'hive' (default): `column=value` directories under a given directory become columns; false: ignored. */
+  partitioning?: 'hive' | false;
+  /** Add a `path` column with each file's absolute path (default false). */
+  includePaths?: boolean;
+  /** Which files of a directory are read, e.g. ['.jpg', '.png'] (default: every file, hidden ones and those starting with '_' aside). */
+  extensions?: string[];
+  /** Files per block; by default a block holds files until it reaches `blockBytes`. */
+  rowsPerBlock?: number;
+  /** Bytes per block when `rowsPerBlock` is not given (default 4 MiB; a larger file is a block of its own). */
+  blockBytes?: number;
+  /** Adds a column of this name holding each file's id: its file key (a hash of its absolute path). */
+  rowIds?: string;
+}
+
+interface BinaryTaskOptions {
+  includePaths: boolean;
+  rowIds?: string;
+  rowsPerBlock?: number;
+  blockBytes: number;
+}
+
+function binaryColumn(values: readonly Uint8Array[]): Vector {
+  const valueOffsets = new Int32Array(values.length + 1);
+  let total = 0;
+  values.forEach((value, index) => {
+    total += value.byteLength;
+    valueOffsets[index + 1] = total;
+  });
+  const data = new Uint8Array(total);
+  values.forEach((value, index) => data.set(value, valueOffsets[index]));
+  return makeVector(makeData({ type: new Binary(), length: values.length, data, valueOffsets }));
+}
+
+async function readWhole(path: string): Promise<Uint8Array> {
+  const handle = await open(path, 'r');
+  try {
+    const { size } = await handle.stat();
+    if (size > MAX_FILE_BYTES) throw new InvalidArgumentError(`binary file '${path}' is ${size} bytes: a row holds at most 2 GiB`, 'ERR_DATA_PATH');
+    const buffer = new Uint8Array(size);
+    let filled = 0;
+    while (filled < size) {
+      const { bytesRead } = await handle.read(buffer, filled, size - filled, filled);
+      if (bytesRead === 0) break; // it shrank since its size was read
+      filled += bytesRead;
+    }
+    return filled === size ? buffer : buffer.subarray(0, filled);
+  } finally {
+    await handle.close();
+  }
+}
+
+export const readBinaryFiles = remote(import.meta, async function* readBinaryFiles(paths: string[], options: BinaryTaskOptions): AsyncGenerator<Block> {
+  let contents: Uint8Array[] = [];
+  let names: string[] = [];
+  let bytes = 0;
+  const flush = (): Block => {
+    const columns: Record<string, Vector> = { bytes: binaryColumn(contents) };
+    if (options.includePaths) columns.path = utf8Column(names);
+    if (options.rowIds) columns[options.rowIds] = utf8Column(names.map(fileKey));
+    contents = [];
+    names = [];
+    bytes = 0;
+    return new Table(columns);
+  };
+  for (const path of paths) {
+    const content = await readWhole(path);
+    // A block's values share one buffer with 32-bit offsets.
+    if (contents.length > 0 && bytes + content.byteLength > MAX_FILE_BYTES) yield flush();
+    contents.push(content);
+    names.push(path);
+    bytes += content.byteLength;
+    if (options.rowsPerBlock ? contents.length >= options.rowsPerBlock : bytes >= options.blockBytes) yield flush();
+  }
+  if (contents.length > 0) yield flush();
+});
+
+export class BinaryDatasource extends Datasource {
+  readonly files: FileEntry[];
+  private readonly partitions: Map<string, PartitionValues> | undefined;
+  private readonly taskOptions: BinaryTaskOptions;
+
+  constructor(paths: string | readonly string[], options: BinaryReadOptions = {}) {
+    super();
+    if (options.includePaths !== undefined && typeof options.includePaths !== 'boolean') {
+      throw new InvalidArgumentError(`binary option 'includePaths' must be a boolean, got ${JSON.stringify(options.includePaths)}`);
+    }
+    const rowIds = options.rowIds !== undefined ? checkRowIds(options.rowIds, 'binary') : undefined;
+    const includePaths = options.includePaths === true;
+    if (rowIds === 'bytes' || (includePaths && rowIds === 'path')) {
+      throw new InvalidArgumentError(`binary option 'rowIds' names the '${rowIds}' column itself: choose another name`, 'ERR_INVALID_ARGUMENT');
+    }
+    const rowsPerBlock = checkPositiveInteger(options.rowsPerBlock, 'rowsPerBlock');
+    this.taskOptions = {
+      includePaths,
+      blockBytes: checkPositiveInteger(options.blockBytes, 'blockBytes') ?? DEFAULT_BLOCK_BYTES,
+      ...(rowsPerBlock ? { rowsPerBlock } : {}),
+      ...(rowIds ? { rowIds } : {}),
+    };
+    this.files = expandPaths(paths, options.extensions === undefined ? [''] : checkExtensions(options.extensions, []), 'binary');
+    const tooLarge = this.files.find((file) => file.bytes > MAX_FILE_BYTES);
+    if (tooLarge) throw new InvalidArgumentError(`binary file '${tooLarge.path}' is ${tooLarge.bytes} bytes: a row holds at most 2 GiB`, 'ERR_DATA_PATH');
+    this.partitions = options.partitioning === false ? undefined : hivePartitions(this.files);
+  }
+
+  override get name(): string {
+    return 'BinaryFiles';
+  }
+
+  getReadTasks(parallelism: number): Promise<ReadTask[]> {
+    return partitionedReadTasks(this.files, this.partitions, parallelism, (files, share) =>
+      groupByWeight(files, (file) => file.bytes, share).map(
+        (group) =>
+          new ReadTask(
+            readBinaryFiles,
+            [group.map((file) => file.path), this.taskOptions],
+            { rows: group.length, bytes: group.reduce((sum, file) => sum + file.bytes, 0), inputFiles: group.map((file) => file.path) },
+          ),
+      ),
+    );
+  }
+
+  override estimateInMemorySize(): number {
+    return this.files.reduce((sum, file) => sum + file.bytes, 0);
+  }
+}
