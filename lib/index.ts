@@ -86,6 +86,7 @@ export {
 } from './data/formats/index.js';
 export type {
   Paths, JsonlReadOptions, JsonlWriteOptions, CsvReadOptions, ArrowReadOptions, ParquetReadOptions, TextReadOptions, BinaryReadOptions, Compression, CompressionOption,
+  PartitionReadOptions, PartitionValues,
   CsvWriteOptions, ArrowWriteOptions, ParquetWriteOptions, WrittenFile,
 } from './data/formats/index.js';
 export { Datasource, Datasink, ReadTask } from './data/datasource.js';

@@ -784,3 +784,49 @@ describe('binary files', () => {
     expect(new BinaryDatasource(directory).name).toBe('BinaryFiles');
   });
 });
+
+describe('partition filters', () => {
+  function partitionedDirectory(): string {
+    const directory = scratch('filtered');
+    for (const year of [2023, 2024]) {
+      for (const label of ['a', 'b']) {
+        mkdirSync(join(directory, `year=${year}`, `label=${label}`), { recursive: true });
+        writeFileSync(join(directory, `year=${year}`, `label=${label}`, 'part.jsonl'), `{"x":${year}}\n{"x":1}\n`);
+      }
+    }
+    mkdirSync(join(directory, 'year=__HIVE_DEFAULT_PARTITION__', 'label=a'), { recursive: true });
+    writeFileSync(join(directory, 'year=__HIVE_DEFAULT_PARTITION__', 'label=a', 'part.jsonl'), '{"x":0}\n');
+    return directory;
+  }
+
+  it('reads only the partitions the filter keeps, with typed values; the others are never opened', async () => {
+    const directory = partitionedDirectory();
+    const seen: unknown[] = [];
+    const source = jsonlSource(directory, {
+      partitionFilter: (values) => {
+        seen.push(values);
+        return values.year === 2024 || values.year === null;
+      },
+    });
+    expect(source.files.map((file) => file.path.slice(directory.length + 1))).toEqual(['year=2024/label=a/part.jsonl', 'year=2024/label=b/part.jsonl', 'year=__HIVE_DEFAULT_PARTITION__/label=a/part.jsonl']);
+    expect(seen).toContainEqual({ year: 2023, label: 'b' });
+    const { rows } = await readRows(source, 4);
+    expect(rows.map((row) => [row.year, row.label, row.x])).toEqual([[2024, 'a', 2024], [2024, 'a', 1], [2024, 'b', 2024], [2024, 'b', 1], [null, 'a', 0]]);
+    // Every file reader takes it.
+    expect(textSource(directory, { partitionFilter: ({ label }) => label === 'b' }).files).toHaveLength(2);
+    expect(binarySource(directory, { partitionFilter: ({ year }) => year === 2023 }).files).toHaveLength(2);
+  });
+
+  it('a filter that keeps nothing, throws, or cannot run is a typed error naming what is wrong', async () => {
+    const directory = partitionedDirectory();
+    const none = await rejection(() => jsonlSource(directory, { partitionFilter: ({ year }) => year === 1999 }));
+    expect(none.code).toBe('ERR_DATA_PATH');
+    expect(none.message).toContain('kept none of the 5 file(s)');
+    expect(none.message).toContain('{"year":2023,"label":"a"}');
+    const throwing = await rejection(() => csvSource(directory, { extensions: ['.jsonl'], partitionFilter: () => { throw new Error('no idea'); } }));
+    expect(throwing.message).toMatch(/partitionFilter threw on '.*part\.jsonl' \(\{"year":2023,"label":"a"\}\): no idea/);
+    expect((await rejection(() => jsonlSource(directory, { partitioning: false, partitionFilter: () => true }))).message).toContain('partitioning: false');
+    expect((await rejection(() => jsonlSource(directory, { partitionFilter: 'year=2024' as never }))).message).toContain('partitionFilter');
+    expect((await rejection(() => jsonlSource(directory, { partitioning: 'directory' as never }))).message).toContain("'hive' or false");
+  });
+});

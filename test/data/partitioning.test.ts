@@ -68,6 +68,10 @@ describe('partitioned writes and hive reads', () => {
     await fromItems(rows, { parallelism: 3 }).writeParquet(directory, { partitionBy: 'label' });
     const counts = await readParquet(directory).groupBy('label').count().takeAll();
     expect(counts).toEqual([{ label: 'a b/c', 'count()': 20 }, { label: 'negative', 'count()': 20 }, { label: 'positive', 'count()': 20 }]);
+    // A partition filter reads two of the three labels' files, and the job sees only their rows.
+    const kept = readParquet(directory, { partitionFilter: ({ label }) => label !== 'negative' });
+    expect(await kept.count()).toBe(40);
+    expect((await kept.unique('label')).sort()).toEqual(['a b/c', 'positive']);
     expect(() => fromItems(rows).writeJsonl(scratchDir.path('bad'), { partitionBy: [] })).toThrow(InvalidArgumentError);
   });
 });

@@ -14,13 +14,11 @@ import {
   DEFAULT_BLOCK_BYTES, FileDatasink, checkColumns, checkExtensions, checkPositiveInteger, checkRowIds, expandPaths, fileKey, planFileReads, withRowIds,
   type FileEntry, type FilePiece, type FileUnit,
 } from './files.js';
-import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
+import { partitionedReadTasks, selectPartitions, type PartitionReadOptions, type PartitionValues } from './partitioning.js';
 
 export const ARROW_EXTENSIONS: readonly string[] = ['.arrow', '.arrows', '.feather', '.ipc'];
 
-export interface ArrowReadOptions {
-  /** 'hive' (default): `column=value` directories under a given directory become columns; false: ignored. */
-  partitioning?: 'hive' | false;
+export interface ArrowReadOptions extends PartitionReadOptions {
   /** Only these columns (all by default). */
   columns?: string[];
   /** Consecutive record batches are handed on together up to about this many bytes (default 4 MiB). */
@@ -125,8 +123,9 @@ export class ArrowDatasource extends Datasource {
       ...(columns ? { columns } : {}),
       ...(options.rowIds !== undefined ? { rowIds: checkRowIds(options.rowIds, 'Arrow') } : {}),
     };
-    this.files = expandPaths(paths, checkExtensions(options.extensions, ARROW_EXTENSIONS), 'Arrow');
-    this.partitions = options.partitioning === false ? undefined : hivePartitions(this.files);
+    const found = expandPaths(paths, checkExtensions(options.extensions, ARROW_EXTENSIONS), 'Arrow');
+    ({ files: this.files, partitions: this.partitions } = selectPartitions(found, options, 'Arrow'));
+
   }
 
   override get name(): string {

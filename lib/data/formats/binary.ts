@@ -10,14 +10,12 @@ import { remote } from '../../core/registry.js';
 import type { Block } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import { DEFAULT_BLOCK_BYTES, checkExtensions, checkPositiveInteger, checkRowIds, expandPaths, fileKey, groupByWeight, utf8Column, type FileEntry } from './files.js';
-import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
+import { partitionedReadTasks, selectPartitions, type PartitionReadOptions, type PartitionValues } from './partitioning.js';
 
 /** The most one row's value can hold: an Arrow binary column's offsets are 32-bit. */
 const MAX_FILE_BYTES = 2 ** 31 - 1;
 
-export interface BinaryReadOptions {
-  /** 'hive' (default): `column=value` directories under a given directory become columns; false: ignored. */
-  partitioning?: 'hive' | false;
+export interface BinaryReadOptions extends PartitionReadOptions {
   /** Add a `path` column with each file's absolute path (default false). */
   includePaths?: boolean;
   /** Which files of a directory are read, e.g. ['.jpg', '.png'] (default: every file, hidden ones and those starting with '_' aside). */
@@ -114,10 +112,11 @@ export class BinaryDatasource extends Datasource {
       ...(rowsPerBlock ? { rowsPerBlock } : {}),
       ...(rowIds ? { rowIds } : {}),
     };
-    this.files = expandPaths(paths, options.extensions === undefined ? [''] : checkExtensions(options.extensions, []), 'binary');
+    const found = expandPaths(paths, options.extensions === undefined ? [''] : checkExtensions(options.extensions, []), 'binary');
+    ({ files: this.files, partitions: this.partitions } = selectPartitions(found, options, 'binary'));
     const tooLarge = this.files.find((file) => file.bytes > MAX_FILE_BYTES);
     if (tooLarge) throw new InvalidArgumentError(`binary file '${tooLarge.path}' is ${tooLarge.bytes} bytes: a row holds at most 2 GiB`, 'ERR_DATA_PATH');
-    this.partitions = options.partitioning === false ? undefined : hivePartitions(this.files);
+
   }
 
   override get name(): string {

@@ -16,7 +16,7 @@ import {
   type FileEntry, type FileRange, type LineFileReadOptions,
 } from './files.js';
 import { checkCompressionOption, checkWriteCompression, type Compression } from './compression.js';
-import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
+import { partitionedReadTasks, selectPartitions, type PartitionValues } from './partitioning.js';
 
 export const CSV_EXTENSIONS: readonly string[] = ['.csv'];
 
@@ -346,8 +346,9 @@ export class CsvDatasource extends Datasource {
     };
     this.minSplitBytes = checkPositiveInteger(options.minSplitBytes, 'minSplitBytes') ?? DEFAULT_MIN_SPLIT_BYTES;
     this.splittable = options.quotedNewlines !== true;
-    this.files = expandTextFiles(paths, checkExtensions(options.extensions, CSV_EXTENSIONS), checkCompressionOption(options.compression, 'CSV'), 'CSV');
-    this.partitions = options.partitioning === false ? undefined : hivePartitions(this.files);
+    const found = expandTextFiles(paths, checkExtensions(options.extensions, CSV_EXTENSIONS), checkCompressionOption(options.compression, 'CSV'), 'CSV');
+    ({ files: this.files, partitions: this.partitions } = selectPartitions(found, options, 'CSV'));
+
   }
 
   override get name(): string {

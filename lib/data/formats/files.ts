@@ -17,7 +17,7 @@ import {
 import { InvalidArgumentError } from '../../errors.js';
 import type { Block, Row } from '../block.js';
 import { Datasink, type WriteContext } from '../datasource.js';
-import { checkPartitionBy, splitByPartition } from './partitioning.js';
+import { checkPartitionBy, splitByPartition, type PartitionReadOptions } from './partitioning.js';
 import { COMPRESSED_TEXT_RATIO, compressionFor, compressionSuffix, compressor, decompressor, withCompressionSuffixes, type Compression, type CompressionOption } from './compression.js';
 
 /** A file found on disk, with its size when it was listed. */
@@ -45,9 +45,7 @@ export interface FileRange {
 }
 
 /** What every line-based reader (JSONL, CSV, text) takes. */
-export interface LineFileReadOptions {
-  /** 'hive' (default): `column=value` directories under a given directory become columns; false: ignored. */
-  partitioning?: 'hive' | false;
+export interface LineFileReadOptions extends PartitionReadOptions {
   /** Rows per block; by default a block holds about `blockBytes` of text. */
   rowsPerBlock?: number;
   /** Text bytes per block when `rowsPerBlock` is not given (default 4 MiB). */

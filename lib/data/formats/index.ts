@@ -19,6 +19,7 @@ export {
 export { TextDatasource, readTextFiles, type TextReadOptions } from './text.js';
 export { BinaryDatasource, readBinaryFiles, type BinaryReadOptions } from './binary.js';
 export { type Compression, type CompressionOption } from './compression.js';
+export { type PartitionReadOptions, type PartitionValues } from './partitioning.js';
 export { FileDatasink, checkWriteMode, expandPaths, type FileEntry, type WriteMode, type WrittenFile } from './files.js';
 
 /** Paths: a file, a directory (its files with the format's extensions, recursively), or a list of them. */

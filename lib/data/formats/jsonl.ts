@@ -16,7 +16,7 @@ import {
   type FileEntry, type FileRange, type LineFileReadOptions,
 } from './files.js';
 import { checkCompressionOption, checkWriteCompression, type Compression } from './compression.js';
-import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
+import { partitionedReadTasks, selectPartitions, type PartitionValues } from './partitioning.js';
 
 export const JSONL_EXTENSIONS: readonly string[] = ['.jsonl', '.ndjson', '.json'];
 
@@ -188,8 +188,9 @@ export class JsonlDatasource extends Datasource {
       ...(options.rowIds !== undefined ? { rowIds: checkRowIds(options.rowIds, 'JSONL') } : {}),
     };
     this.minSplitBytes = checkPositiveInteger(options.minSplitBytes, 'minSplitBytes') ?? DEFAULT_MIN_SPLIT_BYTES;
-    this.files = expandTextFiles(paths, checkExtensions(options.extensions, JSONL_EXTENSIONS), checkCompressionOption(options.compression, 'JSONL'), 'JSONL');
-    this.partitions = options.partitioning === false ? undefined : hivePartitions(this.files);
+    const found = expandTextFiles(paths, checkExtensions(options.extensions, JSONL_EXTENSIONS), checkCompressionOption(options.compression, 'JSONL'), 'JSONL');
+    ({ files: this.files, partitions: this.partitions } = selectPartitions(found, options, 'JSONL'));
+
   }
 
   override get name(): string {

@@ -15,7 +15,7 @@ import {
   FileDatasink, checkColumns, checkExtensions, checkPositiveInteger, checkRowIds, expandPaths, fileKey, planFileReads, withRowIds,
   type FileEntry, type FilePiece, type FileUnit,
 } from './files.js';
-import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
+import { partitionedReadTasks, selectPartitions, type PartitionReadOptions, type PartitionValues } from './partitioning.js';
 
 type ParquetWasm = typeof import('parquet-wasm/node');
 type ParquetFileHandle = Awaited<ReturnType<ParquetWasm['ParquetFile']['fromFile']>>;
@@ -25,9 +25,7 @@ const loadParquet = (): Promise<ParquetWasm> => (loaded ??= import('parquet-wasm
 
 export const PARQUET_EXTENSIONS: readonly string[] = ['.parquet', '.pq'];
 
-export interface ParquetReadOptions {
-  /** 'hive' (default): `column=value` directories under a given directory become columns; false: ignored. */
-  partitioning?: 'hive' | false;
+export interface ParquetReadOptions extends PartitionReadOptions {
   /** Only these columns (all by default): the others are not even read from disk. */
   columns?: string[];
   /**
@@ -135,8 +133,9 @@ export class ParquetDatasource extends Datasource {
     const columns = checkColumns(options.columns, 'Parquet');
     const rowIds = checkRowIds(options.rowIds, 'Parquet');
     this.taskOptions = { keepDictionaries: options.keepDictionaries === true, ...(columns ? { columns } : {}), ...(rowIds ? { rowIds } : {}) };
-    this.files = expandPaths(paths, checkExtensions(options.extensions, PARQUET_EXTENSIONS), 'Parquet');
-    this.partitions = options.partitioning === false ? undefined : hivePartitions(this.files);
+    const found = expandPaths(paths, checkExtensions(options.extensions, PARQUET_EXTENSIONS), 'Parquet');
+    ({ files: this.files, partitions: this.partitions } = selectPartitions(found, options, 'Parquet'));
+
   }
 
   override get name(): string {

@@ -106,6 +106,60 @@ export function hivePartitions(files: readonly FileEntry[]): Map<string, Partiti
   return typed;
 }
 
+/** What every file reader takes about partitions. */
+export interface PartitionReadOptions {
+  /** 'hive' (default): `column=value` directories under a given directory become columns; false: ignored. */
+  partitioning?: 'hive' | false;
+  /**
+   * Which partitions to read, decided on the driver before any task runs (no registration
+   * needed): called with each file's partition values (numbers where every value of the column
+   * is one, null for Hive's null); files it refuses are never opened, e.g.
+   * `({ date }) => date >= '2026-11-01'`. A filter that keeps no file is an error naming the
+   * partitions there are.
+   */
+  partitionFilter?: (values: PartitionValues) => boolean;
+}
+
+/**
+ * The files to read and their partition values, after `partitionFilter`. Files outside any
+ * `column=value` directory are offered to the filter with no values.
+ */
+export function selectPartitions<File extends FileEntry>(
+  files: File[],
+  options: PartitionReadOptions,
+  format: string,
+): { files: File[]; partitions: Map<string, PartitionValues> | undefined } {
+  const filter = options.partitionFilter;
+  if (filter !== undefined && typeof filter !== 'function') {
+    throw new InvalidArgumentError(`${format} option 'partitionFilter' must be a function of a file's partition values, got ${typeof filter}`, 'ERR_INVALID_ARGUMENT');
+  }
+  if (options.partitioning !== undefined && options.partitioning !== 'hive' && options.partitioning !== false) {
+    throw new InvalidArgumentError(`${format} option 'partitioning' must be 'hive' or false, got ${JSON.stringify(options.partitioning)}`, 'ERR_INVALID_ARGUMENT');
+  }
+  if (options.partitioning === false) {
+    if (filter) throw new InvalidArgumentError(`${format}: partitionFilter reads partition values, which partitioning: false turns off`, 'ERR_INVALID_ARGUMENT');
+    return { files, partitions: undefined };
+  }
+  const partitions = hivePartitions(files);
+  if (!filter) return { files, partitions };
+  const kept = files.filter((file) => {
+    const values = partitions?.get(file.path) ?? {};
+    try {
+      return filter({ ...values }) === true;
+    } catch (error) {
+      throw new InvalidArgumentError(`${format}: partitionFilter threw on '${file.path}' (${JSON.stringify(values)}): ${(error as Error).message}`, 'ERR_INVALID_ARGUMENT');
+    }
+  });
+  if (kept.length === 0) {
+    const seen = [...new Set(files.map((file) => JSON.stringify(partitions?.get(file.path) ?? {})))];
+    throw new InvalidArgumentError(
+      `${format}: partitionFilter kept none of the ${files.length} file(s); partitions there are: ${seen.slice(0, 5).join(', ')}${seen.length > 5 ? `, ... (${seen.length} in all)` : ''}`,
+      'ERR_DATA_PATH',
+    );
+  }
+  return { files: kept, partitions };
+}
+
 /**
  * Read tasks of a partitioned dataset: the files of each partition planned on their own (by the
  * source's own planning) so that a task reads one partition, and wrapped so that its blocks gain

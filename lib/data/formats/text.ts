@@ -12,7 +12,7 @@ import {
   rangeBytes, readRangeLines, utf8Column, checkExtensions,
   type FileEntry, type FileRange, type LineFileReadOptions,
 } from './files.js';
-import { hivePartitions, partitionedReadTasks, type PartitionValues } from './partitioning.js';
+import { partitionedReadTasks, selectPartitions, type PartitionValues } from './partitioning.js';
 import { InvalidArgumentError } from '../../errors.js';
 
 /** Text's options: the line readers' (by default every file of a directory), and its own. */
@@ -76,8 +76,9 @@ export class TextDatasource extends Datasource {
     };
     this.minSplitBytes = checkPositiveInteger(options.minSplitBytes, 'minSplitBytes') ?? DEFAULT_MIN_SPLIT_BYTES;
     const extensions = options.extensions === undefined ? [''] : checkExtensions(options.extensions, []);
-    this.files = expandTextFiles(paths, extensions, checkCompressionOption(options.compression, 'text'), 'text');
-    this.partitions = options.partitioning === false ? undefined : hivePartitions(this.files);
+    const found = expandTextFiles(paths, extensions, checkCompressionOption(options.compression, 'text'), 'text');
+    ({ files: this.files, partitions: this.partitions } = selectPartitions(found, options, 'text'));
+
   }
 
   override get name(): string {
