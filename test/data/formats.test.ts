@@ -830,3 +830,31 @@ describe('partition filters', () => {
     expect((await rejection(() => jsonlSource(directory, { partitioning: 'directory' as never }))).message).toContain("'hive' or false");
   });
 });
+
+describe('JSON documents', () => {
+  it('a .json file holding an array of objects is read whole (compressed too), beside JSON Lines files', async () => {
+    const directory = scratch('json-array');
+    const records = Array.from({ length: 500 }, (_, index) => ({ id: index, text: `record ${index}`, tags: index % 2 ? ['odd'] : [] }));
+    writeFileSync(join(directory, 'a.json'), `\ufeff  \n${JSON.stringify(records.slice(0, 300), null, 2)}\n`);
+    writeFileSync(join(directory, 'b.json.gz'), gzipSync(JSON.stringify(records.slice(300, 450))));
+    writeFileSync(join(directory, 'c.json'), records.slice(450).map((record) => `${JSON.stringify(record)}\n`).join(''));
+    // Split wanted everywhere: the arrays are still read whole, the lines file still in ranges.
+    const { tasks, rows } = await readRows(jsonlSource(directory, { rowsPerBlock: 64, minSplitBytes: 64, rowIds: 'rowId' }), 8);
+    expect(rows.map(({ rowId: _rowId, ...row }) => row)).toEqual(records);
+    expect(tasks.filter((task) => task.metadata.inputFiles!.some((path) => path.endsWith('a.json')))).toHaveLength(1);
+    // An element's id is its index in the array.
+    expect(String(rows[299].rowId)).toMatch(/^[0-9a-f]{12}:299$/);
+    expect(String(rows[300].rowId)).toMatch(/^[0-9a-f]{12}:0$/);
+    expect(new Set(rows.map((row) => row.rowId)).size).toBe(500);
+  });
+
+  it('an array that is malformed or holds something other than objects is a typed error naming the file and element', async () => {
+    const directory = scratch('json-bad');
+    writeFileSync(join(directory, 'broken.json'), '[{"a": 1}, {"a": ]');
+    const broken = await rejection(readRows(jsonlSource(join(directory, 'broken.json'))));
+    expect(broken.message).toContain("JSON file '");
+    expect(broken.message).toContain('malformed JSON');
+    writeFileSync(join(directory, 'numbers.json'), '[{"a": 1}, 2]');
+    expect((await rejection(readRows(jsonlSource(join(directory, 'numbers.json'))))).message).toMatch(/element 1: expected a JSON object, got number/);
+  });
+});

@@ -178,7 +178,11 @@ export function groupByWeight<T>(units: readonly T[], weight: (unit: T) => numbe
  * fewer files than tasks wanted, files larger than a task's share are cut into ranges of about
  * that share (never smaller than `minSplitBytes`).
  */
-export function planLineRanges(files: readonly FileEntry[], parallelism: number, options: { splittable: boolean; minSplitBytes: number }): FileRange[][] {
+export function planLineRanges(
+  files: readonly FileEntry[],
+  parallelism: number,
+  options: { splittable: boolean; minSplitBytes: number; whole?: ReadonlySet<string> },
+): FileRange[][] {
   checkParallelism(parallelism);
   const total = files.reduce((sum, file) => sum + (file.compression ? 0 : file.bytes), 0);
   const share = Math.max(1, Math.ceil(total / parallelism));
@@ -188,7 +192,7 @@ export function planLineRanges(files: readonly FileEntry[], parallelism: number,
       ranges.push({ path: file.path, start: 0, end: file.bytes, split: false, compression: file.compression });
       continue;
     }
-    const pieces = options.splittable && files.length < parallelism
+    const pieces = options.splittable && files.length < parallelism && !options.whole?.has(file.path)
       ? Math.min(Math.ceil(file.bytes / share), Math.floor(file.bytes / Math.max(1, options.minSplitBytes)), parallelism)
       : 1;
     if (pieces <= 1) {
@@ -366,6 +370,34 @@ export async function lineNumberAt(path: string, offset: number, compression?: C
     if (chunkOffset + chunk.length >= offset) break;
   }
   return lines;
+}
+
+/** The first byte of a file's text that is not white space (a byte-order mark skipped), or undefined for a blank file. */
+export async function firstTextByte(path: string, compression?: Compression): Promise<number | undefined> {
+  for await (const { chunk, offset } of fileChunks(path, 0, compression)) {
+    for (let index = offset === 0 && chunk[0] === 0xef && chunk[1] === 0xbb && chunk[2] === 0xbf ? 3 : 0; index < chunk.length; index++) {
+      const byte = chunk[index];
+      if (byte !== 0x20 && byte !== 0x09 && byte !== 0x0a && byte !== 0x0d) return byte;
+    }
+  }
+  return undefined;
+}
+
+/** A file's whole text, for formats that are one document; refused past `limit` bytes. */
+export async function readWholeText(path: string, compression: Compression | undefined, limit: number, format: string): Promise<string> {
+  const pieces: Buffer[] = [];
+  let total = 0;
+  for await (const { chunk } of fileChunks(path, 0, compression)) {
+    total += chunk.length;
+    if (total > limit) {
+      throw parseError(`${format} file '${path}' holds more than ${limit} bytes of text in one document, more than one string can hold: write it as JSON Lines (one object per line), which streams`);
+    }
+    // A plain file's chunks share one buffer: keep a copy.
+    pieces.push(Buffer.from(chunk));
+  }
+  let text = Buffer.concat(pieces, total).toString('utf8');
+  if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
+  return text;
 }
 
 export function parseError(message: string): InvalidArgumentError {

@@ -1,7 +1,8 @@
 /**
  * JSON Lines: one JSON object per line. Read tasks stream their files (or byte ranges of a large
  * file, cut at line boundaries) and hand on a block every few MiB, so memory stays bounded
- * whatever the file size.
+ * whatever the file size. A .json file that holds one array of objects (as many exported
+ * datasets are) is read too, whole, by one task.
  */
 import type { FileHandle } from 'node:fs/promises';
 import { DataType, Null, Table, vectorFromArray, type Schema, type Vector } from 'apache-arrow';
@@ -11,7 +12,7 @@ import { blockToRows, rowsToBlock, type Block, type Row } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import {
   DEFAULT_BLOCK_BYTES, DEFAULT_MIN_SPLIT_BYTES, FileDatasink, TextWriter, boolColumn, checkExtensions, checkPositiveInteger, checkSchema, coerceRow,
-  checkRowIds, estimateTextBytes, expandTextFiles, fileKey, filesOf, float64Column, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, readRangeLines, rangeBytes, schemaFromBytes, schemaToBytes, withRowIds,
+  checkRowIds, estimateTextBytes, expandTextFiles, fileKey, firstTextByte, readWholeText, filesOf, float64Column, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, readRangeLines, rangeBytes, schemaFromBytes, schemaToBytes, withRowIds,
   utf8Column,
   type FileEntry, type FileRange, type LineFileReadOptions,
 } from './files.js';
@@ -38,9 +39,15 @@ async function lineError(range: FileRange, offset: number, reason: string): Prom
   return parseError(`JSONL file '${range.path}', line ${await lineNumberAt(range.path, offset, range.compression)}: ${reason}`);
 }
 
-export const readJsonlFiles = remote(import.meta, async function* readJsonlFiles(ranges: FileRange[], options: JsonlTaskOptions): AsyncGenerator<Block> {
+/** The most text one JSON document may hold: a V8 string's length limit, with room to parse it. */
+const MAX_DOCUMENT_BYTES = 256 << 20;
+
+const kindOf = (value: unknown): string => (value === null ? 'null' : Array.isArray(value) ? 'an array' : typeof value);
+
+export const readJsonlFiles = remote(import.meta, async function* readJsonlFiles(ranges: FileRange[], options: JsonlTaskOptions, documents: string[] = []): AsyncGenerator<Block> {
   const schema = options.schema ? schemaFromBytes(options.schema) : undefined;
   const builder = new ConsistentBlockBuilder(schema);
+  const arrays = new Set(documents);
   let rows: Row[] = [];
   let ids: string[] = [];
   let bytes = 0;
@@ -54,8 +61,44 @@ export const readJsonlFiles = remote(import.meta, async function* readJsonlFiles
     sources = new Set();
     return block;
   };
+  /** Takes one parsed record; returns why it cannot be a row, if it cannot. */
+  const take = (value: unknown, path: string, id: string, size: number): string | undefined => {
+    if (typeof value !== 'object' || value === null || Array.isArray(value)) return `expected a JSON object, got ${kindOf(value)}`;
+    let row = value as Row;
+    if (schema) {
+      try {
+        row = coerceRow(row, schema.fields);
+      } catch (error) {
+        return (error as Error).message;
+      }
+    }
+    rows.push(row);
+    if (options.rowIds) ids.push(id);
+    sources.add(path);
+    bytes += size;
+    return undefined;
+  };
+  const full = (): boolean => (options.rowsPerBlock ? rows.length >= options.rowsPerBlock : bytes >= options.blockBytes);
   for (const range of ranges) {
     const key = options.rowIds ? fileKey(range.path) : '';
+    if (arrays.has(range.path)) {
+      // A JSON document holding an array of objects: parsed whole; each element's id is its index.
+      const text = await readWholeText(range.path, range.compression, MAX_DOCUMENT_BYTES, 'JSON');
+      let elements: unknown;
+      try {
+        elements = JSON.parse(text);
+      } catch (error) {
+        throw parseError(`JSON file '${range.path}': malformed JSON (${(error as Error).message})`);
+      }
+      if (!Array.isArray(elements)) throw parseError(`JSON file '${range.path}': expected an array of objects, got ${kindOf(elements)}`);
+      const size = Math.max(1, Math.round(text.length / Math.max(1, elements.length)));
+      for (const [index, element] of elements.entries()) {
+        const problem = take(element, range.path, `${key}:${index}`, size);
+        if (problem) throw parseError(`JSON file '${range.path}', element ${index}: ${problem}`);
+        if (full()) yield flush();
+      }
+      continue;
+    }
     for await (const lines of readRangeLines(range)) {
       for (const line of lines) {
         if (isBlank(line.text)) continue;
@@ -65,25 +108,12 @@ export const readJsonlFiles = remote(import.meta, async function* readJsonlFiles
         } catch (error) {
           throw await lineError(range, line.offset, `malformed JSON (${(error as Error).message})`);
         }
-        if (typeof value !== 'object' || value === null || Array.isArray(value)) {
-          throw await lineError(
-          range,
-          line.offset,
-          `expected a JSON object, got ${value === null ? 'null' : Array.isArray(value) ? 'an array' : typeof value} (JSON Lines hold one object per line)`,
-        );
+        const problem = take(value, range.path, `${key}:${line.offset}`, line.next - line.offset);
+        if (problem) {
+          const hint = problem.startsWith('expected a JSON object') ? ' (JSON Lines hold one object per line)' : '';
+          throw await lineError(range, line.offset, `${problem}${hint}`);
         }
-        if (schema) {
-          try {
-            value = coerceRow(value as Row, schema.fields);
-          } catch (error) {
-            throw await lineError(range, line.offset, (error as Error).message);
-          }
-        }
-        rows.push(value as Row);
-        if (options.rowIds) ids.push(`${key}:${line.offset}`);
-        sources.add(range.path);
-        bytes += line.next - line.offset;
-        if (options.rowsPerBlock ? rows.length >= options.rowsPerBlock : bytes >= options.blockBytes) yield flush();
+        if (full()) yield flush();
       }
     }
   }
@@ -190,25 +220,35 @@ export class JsonlDatasource extends Datasource {
     this.minSplitBytes = checkPositiveInteger(options.minSplitBytes, 'minSplitBytes') ?? DEFAULT_MIN_SPLIT_BYTES;
     const found = expandTextFiles(paths, checkExtensions(options.extensions, JSONL_EXTENSIONS), checkCompressionOption(options.compression, 'JSONL'), 'JSONL');
     ({ files: this.files, partitions: this.partitions } = selectPartitions(found, options, 'JSONL'));
-
   }
 
   override get name(): string {
     return 'JSONL';
   }
 
-  getReadTasks(parallelism: number): Promise<ReadTask[]> {
-    return partitionedReadTasks(this.files, this.partitions, parallelism, (files, share) => this.#plan(files, share));
+  async getReadTasks(parallelism: number): Promise<ReadTask[]> {
+    const documents = await this.#documents();
+    return partitionedReadTasks(this.files, this.partitions, parallelism, (files, share) => this.#plan(files, share, documents));
   }
 
-  #plan(files: FileEntry[], parallelism: number): ReadTask[] {
-    return planLineRanges(files, parallelism, { splittable: true, minSplitBytes: this.minSplitBytes }).map(
-      (ranges) =>
-        new ReadTask(readJsonlFiles, [ranges, this.taskOptions], {
-          bytes: ranges.reduce((sum, range) => sum + rangeBytes(range), 0),
-          inputFiles: filesOf(ranges),
-        }),
-    );
+  /**
+   * The .json files that hold one JSON array of objects rather than lines (as exported datasets
+   * often do): their text begins with '['. Each is read whole, by one task.
+   */
+  async #documents(): Promise<Set<string>> {
+    const candidates = this.files.filter((file) => /\.json(?:\.[a-z0-9]+)?$/i.test(file.path));
+    const starts = await Promise.all(candidates.map((file) => firstTextByte(file.path, file.compression)));
+    return new Set(candidates.filter((_, index) => starts[index] === 0x5b).map((file) => file.path));
+  }
+
+  #plan(files: FileEntry[], parallelism: number, documents: Set<string>): ReadTask[] {
+    return planLineRanges(files, parallelism, { splittable: true, minSplitBytes: this.minSplitBytes, whole: documents }).map((ranges) => {
+      const arrays = ranges.filter((range) => documents.has(range.path)).map((range) => range.path);
+      return new ReadTask(readJsonlFiles, [ranges, this.taskOptions, ...(arrays.length > 0 ? [arrays] : [])], {
+        bytes: ranges.reduce((sum, range) => sum + rangeBytes(range), 0),
+        inputFiles: filesOf(ranges),
+      });
+    });
   }
 
   override estimateInMemorySize(): number {
