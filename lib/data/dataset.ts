@@ -44,6 +44,13 @@ export interface TransformOptions extends Omit<ComputeOptions, 'concurrency'> {
   fnArgs?: unknown[];
   /** Function transforms: at most this many tasks at once. */
   concurrency?: number | [number, number];
+  /**
+   * map, flatMap and filter with an async function: rows of a block whose calls run at once in
+   * each task (default 1), for work that waits rather than computes (a request per row to a
+   * service, a file fetched by the row's path). Output keeps the input's order; a failing row
+   * fails the block once the calls in flight have settled.
+   */
+  rowsInFlight?: number;
 }
 
 export interface MapBatchesOptions extends TransformOptions {
@@ -172,6 +179,12 @@ export class Dataset {
     const compute = checkCompute(options, `${label}()`);
     const stage: StageSpec = { kind, name: `${label[0].toUpperCase()}${label.slice(1)}(${udfName(udf).replace(/\.call$/, '')})`, udf, fnArgs };
     let pool: ActorPoolOptions | undefined;
+    if (options.rowsInFlight !== undefined) {
+      if (kind === 'mapBatches') throw new InvalidArgumentError(`${label}(): rowsInFlight is for map, flatMap and filter (a batch method may run its rows concurrently itself)`);
+      const rowsInFlight = checkPositiveInteger(options.rowsInFlight, `${label}(): rowsInFlight`);
+      if (rowsInFlight > 10_000) throw new InvalidArgumentError(`${label}(): rowsInFlight must be at most 10000, got ${rowsInFlight}`);
+      if (rowsInFlight > 1) stage.rowsInFlight = rowsInFlight;
+    }
     if (kind === 'mapBatches') {
       const batchSize = options.batchSize === undefined ? 1024 : options.batchSize;
       if (batchSize !== null) stage.batchSize = checkPositiveInteger(batchSize, `${label}(): batchSize`);

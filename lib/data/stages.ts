@@ -22,6 +22,8 @@ export interface StageSpec {
   batchFormat?: BatchFormat;
   /** Class stages: arguments of the constructor (run once per actor). */
   constructorArgs?: unknown[];
+  /** Row stages: calls of an async function running at once within a block. */
+  rowsInFlight?: number;
 }
 
 /** A stage ready to run: its callable bound. */
@@ -63,32 +65,74 @@ export async function constructStageInstance(spec: StageSpec): Promise<object> {
   return instance;
 }
 
+/**
+ * The results of `call` over every row, in order, at most `limit` calls at once. On a failure no
+ * further row starts; the first failing row (in order) is reported once the calls in flight settle.
+ */
+async function callRows(rows: Row[], call: (row: Row) => unknown, limit: number): Promise<{ results: unknown[]; failed?: { index: number; error: unknown } }> {
+  const results = new Array<unknown>(rows.length);
+  if (limit <= 1) {
+    for (let index = 0; index < rows.length; index++) {
+      try {
+        results[index] = await call(rows[index]);
+      } catch (error) {
+        return { results, failed: { index, error } };
+      }
+    }
+    return { results };
+  }
+  let next = 0;
+  const outcome: { failed?: { index: number; error: unknown } } = {};
+  // Rows start in order, so a later failure may belong to an earlier row: keep the earliest.
+  const fail = (index: number, error: unknown): void => {
+    if (!outcome.failed || index < outcome.failed.index) outcome.failed = { index, error };
+  };
+  const lane = async (): Promise<void> => {
+    while (next < rows.length && !outcome.failed) {
+      const index = next++;
+      try {
+        results[index] = await call(rows[index]);
+      } catch (error) {
+        fail(index, error);
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, rows.length) }, lane));
+  return { results, ...outcome };
+}
+
+/** A row function's result checked for its kind: a row for map, rows for flatMap, anything for filter. */
+function checkRowResult(kind: StageKind, name: string, result: unknown): unknown {
+  if (kind === 'map' && (typeof result !== 'object' || result === null || Array.isArray(result))) {
+    throw new InvalidArgumentError(`${name} must return a row (a plain object), got ${Array.isArray(result) ? 'an array' : result === null ? 'null' : typeof result}`, 'ERR_DATA_TYPE');
+  }
+  if (kind === 'flatMap' && !Array.isArray(result) && !(result && typeof (result as Iterable<Row>)[Symbol.iterator] === 'function')) {
+    throw new InvalidArgumentError(`${name} must return an array of rows, got ${result === null ? 'null' : typeof result}`, 'ERR_DATA_TYPE');
+  }
+  return result;
+}
+
 async function* rowStage(stage: LoadedStage, input: AsyncIterable<Block>): AsyncGenerator<Block> {
-  const { kind, name } = stage.spec;
+  const { kind, name, fnArgs, rowsInFlight = 1 } = stage.spec;
   let offset = 0;
   for await (const block of input) {
     const rows = blockToRows(block);
+    const { results, failed } = await callRows(rows, async (row) => checkRowResult(kind, name, await stage.call(row, ...fnArgs)), rowsInFlight);
+    if (failed) throw failed.error instanceof StageFailure ? failed.error : new StageFailure(name, [offset + failed.index, offset + failed.index + 1], failed.error);
     const out: Row[] = [];
-    let index = 0;
-    try {
-      for (; index < rows.length; index++) {
-        const result = await stage.call(rows[index], ...stage.spec.fnArgs);
-        if (kind === 'filter') {
-          if (result) out.push(rows[index]);
-        } else if (kind === 'map') {
-          if (typeof result !== 'object' || result === null || Array.isArray(result)) {
-            throw new InvalidArgumentError(`${name} must return a row (a plain object), got ${Array.isArray(result) ? 'an array' : result === null ? 'null' : typeof result}`, 'ERR_DATA_TYPE');
-          }
-          out.push(result as Row);
-        } else {
-          if (!Array.isArray(result) && !(result && typeof (result as Iterable<Row>)[Symbol.iterator] === 'function')) {
-            throw new InvalidArgumentError(`${name} must return an array of rows, got ${result === null ? 'null' : typeof result}`, 'ERR_DATA_TYPE');
-          }
-          for (const row of result as Iterable<Row>) out.push(row);
+    for (let index = 0; index < rows.length; index++) {
+      if (kind === 'filter') {
+        if (results[index]) out.push(rows[index]);
+      } else if (kind === 'map') {
+        out.push(results[index] as Row);
+      } else {
+        try {
+          // A generator's rows are made here, as they are taken.
+          for (const produced of results[index] as Iterable<Row>) out.push(produced);
+        } catch (error) {
+          throw new StageFailure(name, [offset + index, offset + index + 1], error);
         }
       }
-    } catch (error) {
-      throw error instanceof StageFailure ? error : new StageFailure(name, [offset + index, offset + index + 1], error);
     }
     offset += rows.length;
     if (out.length === 0) continue;

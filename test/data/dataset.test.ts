@@ -9,7 +9,7 @@ import {
 } from '../../lib/index.js';
 import { planPhysical } from '../../lib/data/plan.js';
 import {
-  CountingSink, GatedSource, GroupingModel, NoCallModel, NumbersSource, Scaler, addColumn, batchSizes, callOfTask, double, identity, isEven, notRegistered, repeat,
+  CountingSink, GatedSource, GroupingModel, NoCallModel, NumbersSource, Scaler, addColumn, batchSizes, callOfTask, double, identity, isEven, notRegistered, repeat, waitingRow,
 } from './fixtures/udfs.js';
 import { collectGarbage, rejection, storeUse, useDataCluster } from './helpers.js';
 
@@ -396,5 +396,26 @@ describe('without a cluster', () => {
     expect(await rejection(planned.take(1))).toBeInstanceOf(NotInitializedError);
     // Plans need no cluster.
     expect(await planned.explain({ print: false })).toContain('ReadRange->Map(double)');
+  });
+});
+
+describe('rows in flight', () => {
+  const rows = Array.from({ length: 40 }, (_, id) => ({ id }));
+
+  it('runs an async row function on several rows of a block at once, in order, and fails on the earliest failing row', async () => {
+    const out = await fromItems(rows, { parallelism: 1 }).map(waitingRow, { fnArgs: [null], rowsInFlight: 8 }).takeAll();
+    expect(out.map((row) => row.id)).toEqual(rows.map((row) => row.id));
+    expect(Math.max(...out.map((row) => row.running as number))).toBe(8);
+    const one = await fromItems(rows, { parallelism: 1 }).map(waitingRow, { fnArgs: [null] }).takeAll();
+    expect(Math.max(...one.map((row) => row.running as number))).toBe(1);
+    const error = await rejection(fromItems(rows, { parallelism: 1 }).map(waitingRow, { fnArgs: [13], rowsInFlight: 8 }).takeAll());
+    expect(error.message).toContain('row 13 is refused');
+    expect(error.message).toMatch(/row 13\b/);
+  });
+
+  it('is refused where it cannot apply, or out of range', () => {
+    expect(() => fromItems(rows).mapBatches(identity, { rowsInFlight: 4 })).toThrow(/rowsInFlight is for map, flatMap and filter/);
+    expect(() => fromItems(rows).map(double, { rowsInFlight: 0 })).toThrow(/rowsInFlight/);
+    expect(() => fromItems(rows).filter(isEven, { rowsInFlight: 20_000 })).toThrow(/at most 10000/);
   });
 });
