@@ -35,7 +35,8 @@ export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getA
 export { NodeAgent } from './core/node-agent.js';
 export type { NodeAgentOptions } from './core/node-agent.js';
 export { Broker } from './core/broker.js';
-export { brokerStatus } from './core/broker-client.js';
+export { brokerStatus, submitJob, listJobs, jobStatus, jobLogs, stopJob, type JobCallOptions } from './core/broker-client.js';
+export type { JobInfo, JobState, JobSubmission } from './core/jobs.js';
 export type { BrokerOptions } from './core/broker.js';
 export type { StatusMessage as BrokerStatus, HostStatus, DriverStatus } from './core/broker-protocol.js';
 export { HostAgent } from './core/host-agent.js';

@@ -8,8 +8,10 @@
 import { parseArgs } from 'node:util';
 import { NodeAgent } from '../core/node-agent.js';
 import { readFileSync } from 'node:fs';
+import { resolve } from 'node:path';
 import { Broker, type BrokerOptions } from '../core/broker.js';
-import { brokerStatus } from '../core/broker-client.js';
+import { brokerStatus, jobLogs, jobStatus, listJobs, stopJob, submitJob } from '../core/broker-client.js';
+import type { JobInfo } from '../core/jobs.js';
 import { HostAgent } from '../core/host-agent.js';
 import { brokerMetrics, formatMetrics, serveMetricsText } from '../core/metrics.js';
 import type { StatusMessage } from '../core/broker-protocol.js';
@@ -19,7 +21,11 @@ const usage = `usage: trellis node --head HOST:PORT [options]
        trellis node --broker HOST:PORT [options]
        trellis broker [--port N] [--host HOST] [--token TOKEN] [--backfill-window MS] [--max-share F]
                       [--users FILE] [--preempt-grace MS] [--metrics-port N] [--metrics-host HOST]
+                      [--jobs-dir DIR]
        trellis status --broker HOST:PORT [--token TOKEN] [--json]
+       trellis job submit --broker HOST:PORT [--token T] [--cwd DIR] [--name NAME] [--env K=V]...
+                          [--follow] -- COMMAND [ARGS...]
+       trellis job list|status|logs|stop --broker HOST:PORT [--token T] [JOB] [--follow] [--json]
 
 node --head: joins this host to the cluster of the driver listening at HOST:PORT (init({ listen })).
 node --broker: offers this host to a shared cluster's broker, which lends slices of it to the
@@ -33,6 +39,12 @@ broker: runs a shared cluster's broker (port 7390 by default). --max-share 0.5: 
   finish what runs there. --metrics-port N serves the cluster's metrics (hosts, jobs, their
   slices) at http://127.0.0.1:N/metrics for Prometheus (--metrics-host to open it wider).
 status: what a broker's hosts offer and have free, and which jobs hold or wait for what.
+job submit: the broker runs COMMAND (a driver script) on its host, in --cwd (a directory there),
+  with TRELLIS_BROKER and the token set, so init({ cluster: { resources } }) joins this cluster
+  as the token's user; prints the job's id (--follow: prints its output until it ends and exits
+  with its exit code). job logs JOB [--follow], job status JOB, job stop JOB, job list: the
+  token's jobs (a user's own; the cluster token's, all). --jobs-dir (broker): where jobs' records
+  and output are kept (default: trellis-broker-PORT/jobs in the temp directory).
 
 node options:
   --token TOKEN              the cluster's token (default: TRELLIS_CLUSTER_TOKEN)
@@ -87,7 +99,7 @@ function printStatus(status: StatusMessage): void {
 }
 
 async function runBroker(rest: string[]): Promise<number> {
-  const { values } = parseArgs({ args: rest, options: { port: { type: 'string' }, host: { type: 'string' }, token: { type: 'string' }, 'backfill-window': { type: 'string' }, 'max-share': { type: 'string' }, users: { type: 'string' }, 'preempt-grace': { type: 'string' }, 'metrics-port': { type: 'string' }, 'metrics-host': { type: 'string' } } });
+  const { values } = parseArgs({ args: rest, options: { port: { type: 'string' }, host: { type: 'string' }, token: { type: 'string' }, 'backfill-window': { type: 'string' }, 'max-share': { type: 'string' }, users: { type: 'string' }, 'preempt-grace': { type: 'string' }, 'metrics-port': { type: 'string' }, 'metrics-host': { type: 'string' }, 'jobs-dir': { type: 'string' } } });
   let users: BrokerOptions['users'];
   if (values.users !== undefined) {
     try {
@@ -104,6 +116,7 @@ async function runBroker(rest: string[]): Promise<number> {
     maxShare: count('max-share', values['max-share']),
     preemptGraceMs: count('preempt-grace', values['preempt-grace']),
     users,
+    ...(values['jobs-dir'] ? { jobsDirectory: values['jobs-dir'] } : {}),
     log: (line) => process.stderr.write(`trellis broker: ${line}\n`),
   });
   process.stderr.write(`trellis broker: listening on ${broker.host}:${broker.port}\n`);
@@ -131,10 +144,101 @@ async function runStatus(rest: string[]): Promise<number> {
   return 0;
 }
 
+function describeJob(job: JobInfo): string {
+  const ended = job.state === 'running' ? '' : job.exitCode !== undefined && job.exitCode !== null ? ` (exit code ${job.exitCode})` : job.signal ? ` (${job.signal})` : '';
+  return `${job.jobId}  ${job.state}${ended}  ${job.name}${job.user ? `  user ${job.user}` : ''}  submitted ${job.submittedAt}${job.reason ? `  ${job.reason}` : ''}`;
+}
+
+/** Prints a job's output from `offset` until it ends; returns the job as it ended. */
+async function followLogs(broker: string, jobId: string, token: string | undefined): Promise<JobInfo> {
+  let offset = 0;
+  for (;;) {
+    const piece = await jobLogs(broker, jobId, offset, { token });
+    if (piece.text) process.stdout.write(piece.text);
+    offset = piece.next;
+    if (piece.ended) return jobStatus(broker, jobId, { token });
+    if (!piece.text) await new Promise((resolve) => setTimeout(resolve, 500));
+  }
+}
+
+async function runJob(rest: string[]): Promise<number> {
+  const separator = rest.indexOf('--');
+  const own = separator >= 0 ? rest.slice(0, separator) : rest;
+  const command = separator >= 0 ? rest.slice(separator + 1) : [];
+  const { values, positionals } = parseArgs({
+    args: own,
+    allowPositionals: true,
+    options: {
+      broker: { type: 'string' }, token: { type: 'string' }, cwd: { type: 'string' }, name: { type: 'string' },
+      env: { type: 'string', multiple: true }, follow: { type: 'boolean' }, json: { type: 'boolean' },
+    },
+  });
+  const [action, jobId] = positionals;
+  const broker = values.broker ?? process.env.TRELLIS_BROKER;
+  if (!broker || !action || (action !== 'list' && action !== 'submit' && !jobId)) {
+    process.stderr.write(usage);
+    return 2;
+  }
+  const options = { token: values.token };
+  const print = (value: unknown, text: string) => process.stdout.write(`${values.json ? JSON.stringify(value) : text}\n`);
+  switch (action) {
+    case 'submit': {
+      if (command.length === 0) throw new TrellisError('ERR_INVALID_ARGUMENT', 'job submit runs the command after --, e.g. trellis job submit --broker HOST:PORT -- node job.js');
+      const env: Record<string, string> = {};
+      for (const pair of values.env ?? []) {
+        const at = pair.indexOf('=');
+        if (at <= 0) throw new TrellisError('ERR_INVALID_ARGUMENT', `--env takes NAME=VALUE, got '${pair}'`);
+        env[pair.slice(0, at)] = pair.slice(at + 1);
+      }
+      const job = await submitJob(broker, { entrypoint: command, cwd: resolve(values.cwd ?? process.cwd()), env, ...(values.name ? { name: values.name } : {}) }, options);
+      if (!values.follow) {
+        print(job, job.jobId);
+        return 0;
+      }
+      process.stderr.write(`trellis job: ${job.jobId} submitted\n`);
+      const ended = await followLogs(broker, job.jobId, values.token);
+      process.stderr.write(`trellis job: ${describeJob(ended)}\n`);
+      return ended.state === 'succeeded' ? 0 : typeof ended.exitCode === 'number' && ended.exitCode > 0 ? ended.exitCode : 1;
+    }
+    case 'list': {
+      const jobs = await listJobs(broker, options);
+      print(jobs, jobs.length === 0 ? 'no jobs' : jobs.map(describeJob).join('\n'));
+      return 0;
+    }
+    case 'status': {
+      const job = await jobStatus(broker, jobId, options);
+      print(job, describeJob(job));
+      return 0;
+    }
+    case 'stop': {
+      const job = await stopJob(broker, jobId, options);
+      print(job, describeJob(job));
+      return 0;
+    }
+    case 'logs': {
+      if (values.follow) {
+        await followLogs(broker, jobId, values.token);
+        return 0;
+      }
+      let offset = 0;
+      for (;;) {
+        const piece = await jobLogs(broker, jobId, offset, options);
+        process.stdout.write(piece.text);
+        if (!piece.text || piece.next === offset) return 0;
+        offset = piece.next;
+      }
+    }
+    default:
+      process.stderr.write(usage);
+      return 2;
+  }
+}
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   if (command === 'broker') return runBroker(rest);
   if (command === 'status') return runStatus(rest);
+  if (command === 'job') return runJob(rest);
   if (command !== 'node') {
     process.stderr.write(usage);
     return command === undefined || command === '--help' || command === 'help' ? 0 : 2;

@@ -51,7 +51,9 @@ export async function init(options: InitOptions = {}): Promise<ClusterSession> {
  * init's `cluster`: this driver's own cluster, listening for the hosts a shared cluster's broker
  * lends it. The driver's host adds no CPUs unless `numCpus` says so (it keeps the driver's puts).
  */
-async function joinCluster(options: InitOptions, request: ClusterOptions): Promise<ClusterSession> {
+async function joinCluster(options: InitOptions, given: ClusterOptions): Promise<ClusterSession> {
+  // A job the broker runs is told where the broker is and its name by its environment.
+  const request: ClusterOptions = { ...given, address: given?.address ?? process.env.TRELLIS_BROKER, name: given?.name ?? process.env.TRELLIS_JOB_NAME };
   if (options.listen) throw new InvalidArgumentError('init takes cluster (join a shared cluster) or listen (take agents of its own), not both');
   if (options.nodes) throw new InvalidArgumentError('init takes cluster or nodes (logical nodes on this host), not both');
   const bundles = requestedBundles(request);

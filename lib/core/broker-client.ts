@@ -8,15 +8,16 @@ import { dial } from './tls.js';
 import { basename } from 'node:path';
 import { ClusterError, InvalidArgumentError } from '../errors.js';
 import { AGENT_PROTOCOL } from './agent-protocol.js';
-import type { BrokerInbound, BrokerOutbound, DriverHelloMessage, GrantedMessage, StatusMessage } from './broker-protocol.js';
+import type { BrokerInbound, BrokerOutbound, DriverHelloMessage, GrantedMessage, JobReplyMessage, JobRequestMessage, StatusMessage } from './broker-protocol.js';
+import type { JobInfo, JobSubmission } from './jobs.js';
 import { FrameConnection } from './connection.js';
 import { parseAddress } from './node-agent.js';
 import type { Resources } from './resources.js';
 
 /** Where a driver joins a shared cluster, and what it asks of it (init's `cluster`). */
 export interface ClusterOptions {
-  /** The broker, host:port (`trellis broker`). */
-  address: string;
+  /** The broker, host:port (`trellis broker`; default: TRELLIS_BROKER, which a submitted job has). */
+  address?: string;
   /** The cluster's token (default: TRELLIS_CLUSTER_TOKEN). */
   token?: string;
   /** Bundles of resources, each lent whole on one host (GPUs whole devices). */
@@ -81,7 +82,7 @@ const MAX_UNITS = 4096;
 /** The bundles `options` ask for; InvalidArgumentError naming what is wrong. */
 export function requestedBundles(options: ClusterOptions): Resources[] {
   if (typeof options !== 'object' || options === null) throw new InvalidArgumentError('cluster takes { address, bundles or resources }');
-  if (typeof options.address !== 'string') throw new InvalidArgumentError('cluster.address is the broker\'s host:port');
+  if (typeof options.address !== 'string') throw new InvalidArgumentError('cluster.address is the broker\'s host:port (or TRELLIS_BROKER names it)');
   parseAddress(options.address);
   if (options.wait !== undefined && options.wait !== 'all' && options.wait !== 'any') {
     throw new InvalidArgumentError(`cluster.wait is 'all' or 'any', got ${String(options.wait)}`);
@@ -253,11 +254,13 @@ export class BrokerClient {
   static async join(options: ClusterOptions, bundles: Resources[], cluster: JoiningCluster, listen: { port: number; token: string }): Promise<BrokerClient> {
     const token = options.token ?? process.env.TRELLIS_CLUSTER_TOKEN;
     if (!token) throw new InvalidArgumentError('joining a cluster needs its token (cluster.token or TRELLIS_CLUSTER_TOKEN)', 'ERR_NO_TOKEN');
+    const address = options.address;
+    if (typeof address !== 'string') throw new InvalidArgumentError('cluster.address is the broker\'s host:port (or TRELLIS_BROKER names it)');
     let client: BrokerClient | undefined;
     const early: BrokerOutbound[] = [];
     let closedEarly = false;
     const connection = await connectBroker(
-      options.address,
+      address,
       (message) => (client ? client.#onMessage(message) : early.push(message)),
       () => (client ? client.#onClose() : (closedEarly = true)),
     );
@@ -271,7 +274,7 @@ export class BrokerClient {
       ...(options.priority !== undefined ? { priority: options.priority } : {}),
       listen: { ...(options.advertiseHost ? { host: options.advertiseHost } : {}), port: listen.port, token: listen.token },
     };
-    client = new BrokerClient(connection, cluster, hello, options.address);
+    client = new BrokerClient(connection, cluster, hello, address);
     for (const message of early) client.#onMessage(message);
     if (closedEarly) client.#onClose();
     connection.send(hello);
@@ -591,28 +594,78 @@ export class BrokerClient {
 
 /** Asks the broker at `address` what it lends and to whom. */
 export async function brokerStatus(address: string, options: { token?: string; timeoutMs?: number } = {}): Promise<StatusMessage> {
+  return askBroker(address, options, (token) => ({ t: 'status-request', token, protocol: AGENT_PROTOCOL }), (message) => (message.t === 'status' ? message : undefined));
+}
+
+/** Options of the job calls: the broker's token (the cluster's, or a user's) and how long to wait for an answer. */
+export interface JobCallOptions {
+  /** A user's token submits, sees and stops that user's jobs; the cluster's sees and stops all (default: TRELLIS_CLUSTER_TOKEN). */
+  token?: string;
+  timeoutMs?: number;
+}
+
+type JobAction = DistributiveOmit<JobRequestMessage, 't' | 'token' | 'protocol'>;
+type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
+
+function askJobs(address: string, options: JobCallOptions, action: JobAction): Promise<JobReplyMessage> {
+  return askBroker(address, options, (token) => ({ t: 'job-request', token, protocol: AGENT_PROTOCOL, ...action }) as JobRequestMessage, (message) => (message.t === 'job-reply' ? message : undefined));
+}
+
+/**
+ * Runs a job on the shared cluster: the broker starts `entrypoint` (a driver script, e.g.
+ * ['node', 'batch.js']) on its host, with TRELLIS_BROKER and TRELLIS_CLUSTER_TOKEN set so that
+ * `init({ cluster: { resources } })` joins this cluster as the submitting user. Returns at once.
+ */
+export async function submitJob(address: string, submission: JobSubmission, options: JobCallOptions = {}): Promise<JobInfo> {
+  return (await askJobs(address, options, { action: 'submit', submission })).job!;
+}
+
+/** The jobs the token may see, oldest first. */
+export async function listJobs(address: string, options: JobCallOptions = {}): Promise<JobInfo[]> {
+  return (await askJobs(address, options, { action: 'list' })).jobs!;
+}
+
+/** One job's state; ClusterError ERR_JOB_NOT_FOUND for a job the token may not see. */
+export async function jobStatus(address: string, jobId: string, options: JobCallOptions = {}): Promise<JobInfo> {
+  return (await askJobs(address, options, { action: 'status', jobId })).job!;
+}
+
+/** Up to 1 MiB of a job's output from byte `offset`: the text, where the next read starts, and whether the job ended and all its output was read. */
+export async function jobLogs(address: string, jobId: string, offset = 0, options: JobCallOptions = {}): Promise<{ text: string; next: number; ended: boolean }> {
+  return (await askJobs(address, options, { action: 'logs', jobId, offset })).logs!;
+}
+
+/** Stops a running job (SIGTERM to its processes, SIGKILL 10 s later); its driver's slices go back to the cluster. */
+export async function stopJob(address: string, jobId: string, options: JobCallOptions = {}): Promise<JobInfo> {
+  return (await askJobs(address, options, { action: 'stop', jobId })).job!;
+}
+
+/** One request on a connection of its own, and the answer `pick` takes (a refusal is a ClusterError with its code). */
+function askBroker<T>(address: string, options: { token?: string; timeoutMs?: number }, request: (token: string) => BrokerInbound, pick: (message: BrokerOutbound) => T | undefined): Promise<T> {
   const token = options.token ?? process.env.TRELLIS_CLUSTER_TOKEN;
   if (!token) throw new InvalidArgumentError('asking a broker needs the cluster token (token option or TRELLIS_CLUSTER_TOKEN)', 'ERR_NO_TOKEN');
+  const timeoutMs = options.timeoutMs ?? 10_000;
   return new Promise((resolve, reject) => {
     let settled = false;
-    const timer = setTimeout(() => finish(new ClusterError('ERR_BROKER_TIMEOUT', `the broker at ${address} did not answer within ${options.timeoutMs ?? 10_000} ms`)), options.timeoutMs ?? 10_000);
-    const finish = (result: StatusMessage | Error) => {
+    const timer = setTimeout(() => finish(new ClusterError('ERR_BROKER_TIMEOUT', `the broker at ${address} did not answer within ${timeoutMs} ms`)), timeoutMs);
+    const finish = (result: { value: T } | Error) => {
       if (settled) return;
       settled = true;
       clearTimeout(timer);
       connection?.close();
       if (result instanceof Error) reject(result);
-      else resolve(result);
+      else resolve(result.value);
     };
     let connection: FrameConnection<BrokerOutbound, BrokerInbound> | undefined;
     connectBroker(address, (message) => {
-      if (message.t === 'status') finish(message);
-      else if (message.t === 'broker-refused') finish(new ClusterError(message.code, `the broker at ${address} refused: ${message.reason}`));
+      if (message.t === 'broker-refused') return finish(new ClusterError(message.code, `the broker at ${address} refused: ${message.reason}`));
+      const value = pick(message);
+      if (value !== undefined) finish({ value });
     }, () => finish(new ClusterError('ERR_BROKER_UNREACHABLE', `the broker at ${address} closed the connection`))).then(
       (opened) => {
         connection = opened;
         if (settled) return opened.close();
-        opened.send({ t: 'status-request', token, protocol: AGENT_PROTOCOL });
+        opened.send(request(token));
       },
       (error: Error) => finish(error),
     );

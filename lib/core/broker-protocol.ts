@@ -4,6 +4,7 @@
  * are lent slices of hosts, each slice a node agent session that joins the driver's own cluster
  * as a node. Frames as protocol.ts writes them; every connection shows the cluster's token first.
  */
+import type { JobInfo, JobSubmission } from './jobs.js';
 
 /**
  * A host's first message. `sessions` are those it still serves: after its connection to the
@@ -61,6 +62,15 @@ export interface StatusRequestMessage {
   token: string;
   protocol: number;
 }
+
+/** A one-shot request about jobs (jobs.ts): the token says whose jobs it may see and stop. */
+export type JobRequestMessage = { t: 'job-request'; token: string; protocol: number } & (
+  | { action: 'submit'; submission: JobSubmission }
+  | { action: 'list' }
+  | { action: 'status'; jobId: string }
+  | { action: 'logs'; jobId: string; offset?: number }
+  | { action: 'stop'; jobId: string }
+);
 
 /** A host's session ended: its workers are dead and its store is gone (`error`: it never began). */
 export interface SessionEndedMessage {
@@ -129,6 +139,7 @@ export type BrokerInbound =
   | HostHelloMessage
   | DriverHelloMessage
   | StatusRequestMessage
+  | JobRequestMessage
   | SessionEndedMessage
   | NodeLeftMessage
   | NodeJoinedMessage
@@ -241,6 +252,14 @@ export interface StatusMessage {
   totals?: { lent: number; preempted: number };
 }
 
+/** The answer to a job request: a job, the jobs, or a piece of a job's log. */
+export interface JobReplyMessage {
+  t: 'job-reply';
+  job?: JobInfo;
+  jobs?: JobInfo[];
+  logs?: { text: string; next: number; ended: boolean };
+}
+
 export type BrokerOutbound =
   | BrokerWelcomeMessage
   | BrokerRefusedMessage
@@ -250,4 +269,5 @@ export type BrokerOutbound =
   | SessionLostMessage
   | UnsatisfiableMessage
   | PreemptMessage
-  | StatusMessage;
+  | StatusMessage
+  | JobReplyMessage;

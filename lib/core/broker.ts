@@ -15,6 +15,9 @@
  * by a stream of small ones.
  */
 import type { AddressInfo, Server, Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { JobManager } from './jobs.js';
 import { serve } from './tls.js';
 import { InvalidArgumentError } from '../errors.js';
 import { AGENT_PROTOCOL } from './agent-protocol.js';
@@ -26,6 +29,8 @@ import type {
   HostHelloMessage,
   HostStatus,
   StatusMessage,
+  JobReplyMessage,
+  JobRequestMessage,
 } from './broker-protocol.js';
 import { FrameConnection } from './connection.js';
 import { tokensMatch } from './node-listener.js';
@@ -66,6 +71,11 @@ export interface BrokerOptions {
    * closed (default 30,000; they report every 2 s): a hung process may hold its connection open.
    */
   peerTimeoutMs?: number;
+  /**
+   * Where submitted jobs keep their records and output (default: trellis-broker-<port>/jobs in
+   * the system's temp directory). Finished jobs are listed again by a broker started on it.
+   */
+  jobsDirectory?: string;
   /** Where the broker says what it does (default: nothing). */
   log?: (line: string) => void;
 }
@@ -272,6 +282,8 @@ export class Broker {
   readonly #peers = new Set<{ lastHeard: number; drop: () => void }>();
   readonly host: string;
   readonly port: number;
+  /** The jobs users submitted: drivers this broker runs on its own host. */
+  readonly jobs: JobManager;
 
   private constructor(server: Server, token: string, options: BrokerOptions) {
     this.#server = server;
@@ -280,6 +292,12 @@ export class Broker {
     const address = server.address() as AddressInfo;
     this.host = address.address;
     this.port = address.port;
+    // Jobs run on this host: they reach the broker on loopback unless it listens on one interface only.
+    const reach = this.host === '0.0.0.0' || this.host === '::' ? '127.0.0.1' : this.host.includes(':') ? `[${this.host}]` : this.host;
+    this.jobs = new JobManager(options.jobsDirectory ?? join(tmpdir(), `trellis-broker-${this.port}`, 'jobs'), {
+      address: () => `${reach}:${this.port}`,
+      log: (line) => this.#log(line),
+    });
     const period = Math.min(1000, options.hostGraceMs ?? 10_000, options.peerTimeoutMs ?? 30_000, options.preemptGraceMs ?? 30_000);
     this.#sweepTimer = setInterval(() => this.#sweepOrphans(), Math.max(10, period)).unref();
   }
@@ -368,6 +386,16 @@ export class Broker {
             connection.send(this.status());
             connection.flush();
             setTimeout(() => connection.close(), 100).unref();
+            return;
+          case 'job-request':
+            this.#jobRequest(message, user).then(
+              (reply) => {
+                connection.send(reply);
+                connection.flush();
+                setTimeout(() => connection.close(), 100).unref();
+              },
+              (error: Error & { code?: string }) => refuse(error.code ?? 'ERR_JOB', error.message),
+            );
             return;
           case 'host-hello': {
             const host = this.#addHost(message, connection, refuse);
@@ -629,7 +657,7 @@ export class Broker {
    * cluster's; drivers the cluster's, or their user's where the broker has users; status either.
    */
   #tokenRefusal(kind: BrokerInbound['t'], isCluster: boolean, user: string | undefined): string | undefined {
-    if (kind === 'status-request') return isCluster || user ? undefined : 'wrong token';
+    if (kind === 'status-request' || kind === 'job-request') return isCluster || user ? undefined : 'wrong token';
     if (kind !== 'driver-hello') return isCluster ? undefined : 'wrong token';
     if (this.#options.users === undefined) return isCluster ? undefined : 'wrong token';
     if (user) return undefined;
@@ -1118,10 +1146,37 @@ export class Broker {
     this.#options.log?.(line);
   }
 
-  /** Stops listening and closes every connection: hosts keep their sessions, drivers their nodes. */
+  /**
+   * A job request: with users, a user's token submits as that user and sees only that user's
+   * jobs; the cluster's token sees and stops every job but submits none (its driver could not
+   * join a broker that admits drivers by their user's token).
+   */
+  async #jobRequest(message: JobRequestMessage, user: string | undefined): Promise<JobReplyMessage> {
+    switch (message.action) {
+      case 'submit':
+        if (this.#options.users !== undefined && user === undefined) throw new InvalidArgumentError("this broker runs jobs as its users: submit with a user's token", 'ERR_WRONG_TOKEN');
+        return { t: 'job-reply', job: this.jobs.submit(message.submission, message.token, user) };
+      case 'list':
+        return { t: 'job-reply', jobs: this.jobs.list(user) };
+      case 'status':
+        return { t: 'job-reply', job: this.jobs.get(message.jobId, user) };
+      case 'logs':
+        return { t: 'job-reply', logs: await this.jobs.logs(message.jobId, user, message.offset) };
+      case 'stop':
+        return { t: 'job-reply', job: this.jobs.stop(message.jobId, user, user ?? 'the cluster token') };
+      default:
+        throw new InvalidArgumentError(`a job request is submit, list, status, logs or stop, not ${JSON.stringify((message as { action?: unknown }).action)}`);
+    }
+  }
+
+  /**
+   * Stops its jobs, then listening, and closes every connection: hosts keep their sessions,
+   * drivers their nodes.
+   */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    await this.jobs.close();
     clearInterval(this.#sweepTimer);
     for (const socket of this.#sockets) socket.destroy();
     await new Promise<void>((resolve) => this.#server.close(() => resolve()));

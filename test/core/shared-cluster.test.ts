@@ -10,13 +10,15 @@ import { promisify } from 'node:util';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, fromItems, get, init, requestResources, shutdown, state, wait, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
+import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, fromItems, get, init, listJobs, requestResources, shutdown, state, wait, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
 import { GatedTagger, NodeTagger, checksum, makeArray, pausedTag, visibleGpus, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { isAlive, openGate, rejection, scratch, until } from './helpers.js';
 
 const TOKEN = 'shared-cluster-token';
 const cli = join(import.meta.dirname, '../../lib/cli/trellis.ts');
 const driverScript = join(import.meta.dirname, 'fixtures/broker-driver.ts');
+const jobScript = join(import.meta.dirname, 'fixtures/job-driver.ts');
+const repository = join(import.meta.dirname, '../..');
 const run = (args: string[], env: NodeJS.ProcessEnv = process.env) => promisify(execFile)(process.execPath, args, { encoding: 'utf8', env });
 
 interface ChildDriver {
@@ -31,6 +33,7 @@ describe('shared cluster', () => {
   let address: string;
   const hosts = new Map<string, ChildProcess>();
   const children: ChildDriver[] = [];
+  const jobFiles = scratch();
 
   const status = (): Promise<BrokerStatus> => brokerStatus(address, { token: TOKEN });
   const request = (options: Partial<ClusterOptions>): ClusterOptions => ({ address, token: TOKEN, ...options }) as ClusterOptions;
@@ -79,7 +82,7 @@ describe('shared cluster', () => {
   }
 
   beforeAll(async () => {
-    broker = await Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN });
+    broker = await Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN, jobsDirectory: jobFiles.path('jobs') });
     address = `127.0.0.1:${broker.port}`;
     startHost('host-a', ['--gpus', '2,3']);
     startHost('host-b', ['--resources', '{"b": 1}', '--join-timeout', '2000']);
@@ -100,6 +103,7 @@ describe('shared cluster', () => {
     for (const host of hosts.values()) if (host.exitCode === null) host.kill('SIGTERM');
     await Promise.all([...hosts.values()].map((host) => host.exitCode === null && new Promise((resolve) => host.once('exit', resolve))));
     await broker?.close();
+    jobFiles.cleanup();
   }, 30_000);
 
   it('lends bundles as nodes with their own workers, stores and GPUs, and takes them back at shutdown', async () => {
@@ -482,6 +486,15 @@ describe('shared cluster', () => {
     await shutdown();
     hosts.delete(lostHost);
   });
+
+  it('runs a submitted job whose driver finds the cluster in its environment (trellis job submit --follow)', async () => {
+    const submitted = await run(['--import', 'tsx', cli, 'job', 'submit', '--broker', address, '--token', TOKEN, '--follow', '--cwd', repository, '--', process.execPath, '--import', 'tsx', jobScript]);
+    expect(submitted.stdout).toMatch(/^job job-\d{8}-[0-9a-f]{8} ran a task on host-[ab]$/m);
+    const [job] = (await listJobs(address, { token: TOKEN })).slice(-1);
+    expect(job).toMatchObject({ state: 'succeeded', exitCode: 0, name: 'job-driver.ts', cwd: repository });
+    const listed = await run(['--import', 'tsx', cli, 'job', 'list', '--broker', address, '--token', TOKEN]);
+    expect(listed.stdout).toContain(`${job.jobId}  succeeded (exit code 0)  job-driver.ts`);
+  }, 60_000);
 
   it('runs four users\' jobs as the README says', () => {
     const demo = spawnSync(process.execPath, ['--import', 'tsx', 'examples/shared-cluster.ts'], { encoding: 'utf8', timeout: 120_000 });
