@@ -80,8 +80,9 @@ export class JobManager {
     this.directory = directory;
     this.#address = options.address;
     this.#log = options.log ?? (() => undefined);
-    mkdirSync(directory, { recursive: true });
-    for (const file of readdirSync(directory).filter((name) => name.endsWith('.json')).sort()) {
+    // Made with the first job: a broker nobody submits to leaves nothing on disk.
+    const names = existsSync(directory) ? readdirSync(directory) : [];
+    for (const file of names.filter((name) => name.endsWith('.json')).sort()) {
       let info: JobInfo;
       try {
         info = JSON.parse(readFileSync(join(directory, file), 'utf8')) as JobInfo;
@@ -111,8 +112,8 @@ export class JobManager {
       state: 'running',
       submittedAt: new Date().toISOString(),
     };
-    const logPath = this.logPath(jobId);
-    const logFd = openSync(logPath, 'a');
+    mkdirSync(this.directory, { recursive: true });
+    const logFd = openSync(this.logPath(jobId), 'a');
     let child: ChildProcess;
     try {
       child = spawn(entrypoint[0], entrypoint.slice(1), {
