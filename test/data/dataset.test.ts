@@ -385,20 +385,6 @@ describe('argument checks', () => {
   });
 });
 
-// Last: it shuts the cluster down.
-describe('without a cluster', () => {
-  it('sources and consumers need init()', async () => {
-    const planned = range(10).map(double);
-    await shutdown();
-    expect(() => fromItems([1])).toThrow(NotInitializedError);
-    expect(() => fromArrow(tableFromArrays({ a: Int32Array.from([1]) }))).toThrow(NotInitializedError);
-    expect(await rejection(planned.count())).toBeInstanceOf(NotInitializedError);
-    expect(await rejection(planned.take(1))).toBeInstanceOf(NotInitializedError);
-    // Plans need no cluster.
-    expect(await planned.explain({ print: false })).toContain('ReadRange->Map(double)');
-  });
-});
-
 describe('rows in flight', () => {
   const rows = Array.from({ length: 40 }, (_, id) => ({ id }));
 
@@ -417,5 +403,19 @@ describe('rows in flight', () => {
     expect(() => fromItems(rows).mapBatches(identity, { rowsInFlight: 4 })).toThrow(/rowsInFlight is for map, flatMap and filter/);
     expect(() => fromItems(rows).map(double, { rowsInFlight: 0 })).toThrow(/rowsInFlight/);
     expect(() => fromItems(rows).filter(isEven, { rowsInFlight: 20_000 })).toThrow(/at most 10000/);
+  });
+});
+
+// Last: it shuts the cluster down.
+describe('without a cluster', () => {
+  it('sources and consumers need init()', async () => {
+    const planned = range(10).map(double);
+    await shutdown();
+    expect(() => fromItems([1])).toThrow(NotInitializedError);
+    expect(() => fromArrow(tableFromArrays({ a: Int32Array.from([1]) }))).toThrow(NotInitializedError);
+    expect(await rejection(planned.count())).toBeInstanceOf(NotInitializedError);
+    expect(await rejection(planned.take(1))).toBeInstanceOf(NotInitializedError);
+    // Plans need no cluster.
+    expect(await planned.explain({ print: false })).toContain('ReadRange->Map(double)');
   });
 });
