@@ -71,16 +71,7 @@ export async function constructStageInstance(spec: StageSpec): Promise<object> {
  */
 async function callRows(rows: Row[], call: (row: Row) => unknown, limit: number): Promise<{ results: unknown[]; failed?: { index: number; error: unknown } }> {
   const results = new Array<unknown>(rows.length);
-  if (limit <= 1) {
-    for (let index = 0; index < rows.length; index++) {
-      try {
-        results[index] = await call(rows[index]);
-      } catch (error) {
-        return { results, failed: { index, error } };
-      }
-    }
-    return { results };
-  }
+  // One lane is the plain loop: rows one after another, stopping at the first failure.
   let next = 0;
   const outcome: { failed?: { index: number; error: unknown } } = {};
   // Rows start in order, so a later failure may belong to an earlier row: keep the earliest.
@@ -97,7 +88,7 @@ async function callRows(rows: Row[], call: (row: Row) => unknown, limit: number)
       }
     }
   };
-  await Promise.all(Array.from({ length: Math.min(limit, rows.length) }, lane));
+  await Promise.all(Array.from({ length: Math.max(1, Math.min(limit, rows.length)) }, lane));
   return { results, ...outcome };
 }
 

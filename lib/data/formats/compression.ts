@@ -50,13 +50,17 @@ function checkAvailable(compression: Compression, what: string): void {
   }
 }
 
-export function checkCompressionOption(value: unknown, format: string): CompressionOption {
-  if (value === undefined) return 'auto';
-  if (value === 'auto' || value === 'none' || value === 'gzip' || value === 'brotli' || value === 'zstd') {
-    if (value === 'zstd') checkAvailable(value, `${format} option compression`);
-    return value;
+const CODECS: readonly Compression[] = ['gzip', 'brotli', 'zstd'];
+
+/** A reader's option, or with `forWriting` a writer's (no 'auto'): checked, zstd only where this Node has it. */
+export function checkCompressionOption(value: unknown, format: string, forWriting = false): CompressionOption {
+  const allowed: readonly string[] = [...(forWriting ? [] : ['auto']), 'none', ...CODECS];
+  if (value === undefined) return forWriting ? 'none' : 'auto';
+  if (typeof value !== 'string' || !allowed.includes(value)) {
+    throw new InvalidArgumentError(`${format} option 'compression' must be ${allowed.map((name) => `'${name}'`).join(', ')}, got ${JSON.stringify(value)}`, 'ERR_DATA_COMPRESSION');
   }
-  throw new InvalidArgumentError(`${format} option 'compression' must be 'auto', 'none', 'gzip', 'brotli' or 'zstd', got ${JSON.stringify(value)}`, 'ERR_DATA_COMPRESSION');
+  if (value === 'zstd') checkAvailable(value, `${format} option compression`);
+  return value as CompressionOption;
 }
 
 /** The codec to read `path` with: by its name for 'auto'; checked to be one this Node has. */
@@ -68,12 +72,8 @@ export function compressionFor(path: string, option: CompressionOption): Compres
 
 /** A writer's codec option: none, or one of the codecs (files then end in its suffix). */
 export function checkWriteCompression(value: unknown, format: string): Compression | undefined {
-  if (value === undefined || value === 'none') return undefined;
-  if (value === 'gzip' || value === 'brotli' || value === 'zstd') {
-    checkAvailable(value, `${format} option compression`);
-    return value;
-  }
-  throw new InvalidArgumentError(`${format} option 'compression' must be 'none', 'gzip', 'brotli' or 'zstd', got ${JSON.stringify(value)}`, 'ERR_DATA_COMPRESSION');
+  const option = checkCompressionOption(value, format, true);
+  return option === 'none' ? undefined : (option as Compression);
 }
 
 export function compressionSuffix(compression: Compression | undefined): string {
