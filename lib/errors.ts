@@ -201,6 +201,13 @@ export class OwnerDiedError extends TrellisError {
  */
 export class ClusterError extends TrellisError {}
 
+/**
+ * A working directory that cannot be shipped (runtimeEnv: code-package.ts): too large
+ * (ERR_WORKING_DIR_TOO_LARGE, naming its largest parts), changed while packed, or a package that
+ * arrived damaged or names files outside its directory (ERR_CODE_PACKAGE).
+ */
+export class CodePackageError extends TrellisError {}
+
 /** No node of the cluster could ever provide what a task or actor asks for. */
 export class InfeasibleTaskError extends TrellisError {
   readonly missing: Record<string, number>;

@@ -37,6 +37,8 @@ export type { NodeAgentOptions } from './core/node-agent.js';
 export { Broker } from './core/broker.js';
 export { brokerStatus, submitJob, listJobs, jobStatus, jobLogs, stopJob, type JobCallOptions } from './core/broker-client.js';
 export type { JobInfo, JobState, JobSubmission } from './core/jobs.js';
+export type { RuntimeEnvironment } from './core/code-package.js';
+export { CodePackageError } from './errors.js';
 export type { BrokerOptions } from './core/broker.js';
 export type { StatusMessage as BrokerStatus, HostStatus, DriverStatus } from './core/broker-protocol.js';
 export { HostAgent } from './core/host-agent.js';

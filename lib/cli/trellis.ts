@@ -23,7 +23,8 @@ const usage = `usage: trellis node --head HOST:PORT [options]
                       [--users FILE] [--preempt-grace MS] [--metrics-port N] [--metrics-host HOST]
                       [--jobs-dir DIR]
        trellis status --broker HOST:PORT [--token TOKEN] [--json]
-       trellis job submit --broker HOST:PORT [--token T] [--cwd DIR] [--name NAME] [--env K=V]...
+       trellis job submit --broker HOST:PORT [--token T] [--working-dir DIR [--exclude PATTERN]...
+                          [--include-dependencies] | --cwd DIR] [--name NAME] [--env K=V]...
                           [--follow] -- COMMAND [ARGS...]
        trellis job list|status|logs|stop --broker HOST:PORT [--token T] [JOB] [--follow] [--json]
 
@@ -39,8 +40,11 @@ broker: runs a shared cluster's broker (port 7390 by default). --max-share 0.5: 
   finish what runs there. --metrics-port N serves the cluster's metrics (hosts, jobs, their
   slices) at http://127.0.0.1:N/metrics for Prometheus (--metrics-host to open it wider).
 status: what a broker's hosts offer and have free, and which jobs hold or wait for what.
-job submit: the broker runs COMMAND (a driver script) on its host, in --cwd (a directory there),
-  with TRELLIS_BROKER and the token set, so init({ cluster: { resources } }) joins this cluster
+job submit: the broker runs COMMAND (a driver script) on its host, with TRELLIS_BROKER and the
+  token set, in --working-dir (a directory here, sent along; the driver sends it on to the hosts
+  its workers run on, leaving out node_modules/, .git/, --exclude and .trellisignore lines, and
+  using each host's installed packages unless --include-dependencies) or --cwd (a directory
+  there), so init({ cluster: { resources } }) joins this cluster
   as the token's user; prints the job's id (--follow: prints its output until it ends and exits
   with its exit code). job logs JOB [--follow], job status JOB, job stop JOB, job list: the
   token's jobs (a user's own; the cluster token's, all). --jobs-dir (broker): where jobs' records
@@ -58,6 +62,8 @@ node options:
   --advertise-host HOST      the address other agents reach this one at
                              (default: its address on the driver's connection)
   --once                     serve one driver, then exit (with --head)
+  --code-cache DIR           where drivers' working directories are unpacked
+                             (default: TRELLIS_CODE_CACHE, else trellis-code in the temp directory)
   --gpus LIST                the GPUs to offer, by device index, e.g. 0,1 (with --broker)
   --join-timeout MS          how long a lent slice may take to reach its driver (with --broker;
                              default 20000)
@@ -171,6 +177,7 @@ async function runJob(rest: string[]): Promise<number> {
     options: {
       broker: { type: 'string' }, token: { type: 'string' }, cwd: { type: 'string' }, name: { type: 'string' },
       env: { type: 'string', multiple: true }, follow: { type: 'boolean' }, json: { type: 'boolean' },
+      'working-dir': { type: 'string' }, exclude: { type: 'string', multiple: true }, 'include-dependencies': { type: 'boolean' },
     },
   });
   const [action, jobId] = positionals;
@@ -190,7 +197,13 @@ async function runJob(rest: string[]): Promise<number> {
         if (at <= 0) throw new TrellisError('ERR_INVALID_ARGUMENT', `--env takes NAME=VALUE, got '${pair}'`);
         env[pair.slice(0, at)] = pair.slice(at + 1);
       }
-      const job = await submitJob(broker, { entrypoint: command, cwd: resolve(values.cwd ?? process.cwd()), env, ...(values.name ? { name: values.name } : {}) }, options);
+      const workingDir = values['working-dir'];
+      if (workingDir !== undefined && values.cwd !== undefined) throw new TrellisError('ERR_INVALID_ARGUMENT', 'job submit takes --working-dir (sent along) or --cwd (a directory on the broker\'s host), not both');
+      if (workingDir === undefined && (values.exclude || values['include-dependencies'])) throw new TrellisError('ERR_INVALID_ARGUMENT', '--exclude and --include-dependencies describe a --working-dir');
+      const where = workingDir !== undefined
+        ? { runtimeEnv: { workingDir: resolve(workingDir), ...(values.exclude ? { excludes: values.exclude } : {}), ...(values['include-dependencies'] ? { includeDependencies: true } : {}) } }
+        : { cwd: resolve(values.cwd ?? process.cwd()) };
+      const job = await submitJob(broker, { entrypoint: command, ...where, env, ...(values.name ? { name: values.name } : {}) }, options);
       if (!values.follow) {
         print(job, job.jobId);
         return 0;
@@ -260,6 +273,7 @@ async function main(argv: string[]): Promise<number> {
       broker: { type: 'string' },
       gpus: { type: 'string' },
       'join-timeout': { type: 'string' },
+      'code-cache': { type: 'string' },
       help: { type: 'boolean' },
     },
   });
@@ -299,6 +313,7 @@ async function main(argv: string[]): Promise<number> {
       objectStoreMemory: count('object-store-memory', values['object-store-memory']),
       advertiseHost: values['advertise-host'],
       joinTimeoutMs: count('join-timeout', values['join-timeout']),
+      codeCache: values['code-cache'],
       log: (line) => process.stderr.write(`trellis node: ${line}\n`),
     });
     const stop = () => void host.close();
@@ -319,6 +334,7 @@ async function main(argv: string[]): Promise<number> {
     once: values.once,
     transferPort: count('transfer-port', values['transfer-port']),
     advertiseHost: values['advertise-host'],
+    codeCache: values['code-cache'],
     log: (line) => process.stderr.write(`trellis node: ${line}\n`),
   });
   const stop = () => void agent.close();

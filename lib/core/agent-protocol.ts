@@ -9,7 +9,7 @@ import type { StoreStats } from '../store/object-store.js';
  * The version of these messages (and of the worker protocol the agent's workers speak). A head
  * refuses an agent of another: every host runs the same trellis.
  */
-export const AGENT_PROTOCOL = 1;
+export const AGENT_PROTOCOL = 2;
 
 /** The agent's first message: who it is and what it offers. Refused unless `token` matches. */
 export interface AgentHelloMessage {
@@ -107,6 +107,8 @@ export interface SpawnWorkerMessage {
   /** Send the worker's output to the head (else it goes to the agent's own stdout and stderr). */
   forwardOutput: boolean;
   environment: Record<string, string>;
+  /** The driver's working directory: where the agent installed it, and the driver's URL of it. */
+  workingDirectory?: { path: string; rootUrl: string };
 }
 
 export interface KillWorkerMessage {
@@ -135,11 +137,12 @@ export interface DeletePutsMessage {
  *   write-abort {id} (no answer)
  * - pull {id, host, port}: copies the object from the agent serving objects at host:port into
  *   this one's store; answers once it is sealed here
+ * - code-check, code-write, code-install: the driver's working directory (see node-agent.ts)
  */
 export interface AgentRequestMessage {
   t: 'agent-request';
   requestId: number;
-  op: 'read-open' | 'read' | 'read-close' | 'write-begin' | 'write' | 'write-seal' | 'write-abort' | 'pull';
+  op: 'read-open' | 'read' | 'read-close' | 'write-begin' | 'write' | 'write-seal' | 'write-abort' | 'pull' | 'code-check' | 'code-write' | 'code-install';
   body: Record<string, unknown>;
   bulk?: Uint8Array;
 }

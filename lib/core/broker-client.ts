@@ -10,6 +10,7 @@ import { ClusterError, InvalidArgumentError } from '../errors.js';
 import { AGENT_PROTOCOL } from './agent-protocol.js';
 import type { BrokerInbound, BrokerOutbound, DriverHelloMessage, GrantedMessage, JobReplyMessage, JobRequestMessage, StatusMessage } from './broker-protocol.js';
 import type { JobInfo, JobSubmission } from './jobs.js';
+import { checkRuntimeEnvironment, packWorkingDirectory } from './code-package.js';
 import { FrameConnection } from './connection.js';
 import { parseAddress } from './node-agent.js';
 import type { Resources } from './resources.js';
@@ -617,7 +618,19 @@ function askJobs(address: string, options: JobCallOptions, action: JobAction): P
  * `init({ cluster: { resources } })` joins this cluster as the submitting user. Returns at once.
  */
 export async function submitJob(address: string, submission: JobSubmission, options: JobCallOptions = {}): Promise<JobInfo> {
-  return (await askJobs(address, options, { action: 'submit', submission })).job!;
+  const runtimeEnv = submission?.runtimeEnv;
+  if (runtimeEnv?.workingDir === undefined) return (await askJobs(address, options, { action: 'submit', submission })).job!;
+  // The working directory is on this host: it goes with the submission, as packages.
+  const packed = await packWorkingDirectory(checkRuntimeEnvironment(runtimeEnv));
+  const { workingDir: _local, ...rest } = runtimeEnv;
+  const workingDir = {
+    code: { id: packed.code.id, bytes: packed.code.bytes, files: packed.code.files, size: packed.code.size },
+    ...(packed.dependencies ? { dependencies: { id: packed.dependencies.id, bytes: packed.dependencies.bytes, files: packed.dependencies.files, size: packed.dependencies.size } } : {}),
+  };
+  // Sending takes longer the more there is (at 1 MB/s at worst), on top of the usual wait.
+  const bytes = packed.code.bytes.byteLength + (packed.dependencies?.bytes.byteLength ?? 0);
+  const timeoutMs = (options.timeoutMs ?? 10_000) + Math.ceil(bytes / 1000);
+  return (await askJobs(address, { ...options, timeoutMs }, { action: 'submit', submission: { ...submission, runtimeEnv: rest }, workingDir })).job!;
 }
 
 /** The jobs the token may see, oldest first. */

@@ -4,7 +4,7 @@
  * are lent slices of hosts, each slice a node agent session that joins the driver's own cluster
  * as a node. Frames as protocol.ts writes them; every connection shows the cluster's token first.
  */
-import type { JobInfo, JobSubmission } from './jobs.js';
+import type { JobInfo, JobSubmission, UploadedWorkingDirectory } from './jobs.js';
 
 /**
  * A host's first message. `sessions` are those it still serves: after its connection to the
@@ -65,7 +65,7 @@ export interface StatusRequestMessage {
 
 /** A one-shot request about jobs (jobs.ts): the token says whose jobs it may see and stop. */
 export type JobRequestMessage = { t: 'job-request'; token: string; protocol: number } & (
-  | { action: 'submit'; submission: JobSubmission }
+  | { action: 'submit'; submission: JobSubmission; workingDir?: UploadedWorkingDirectory }
   | { action: 'list' }
   | { action: 'status'; jobId: string }
   | { action: 'logs'; jobId: string; offset?: number }

@@ -1155,7 +1155,7 @@ export class Broker {
     switch (message.action) {
       case 'submit':
         if (this.#options.users !== undefined && user === undefined) throw new InvalidArgumentError("this broker runs jobs as its users: submit with a user's token", 'ERR_WRONG_TOKEN');
-        return { t: 'job-reply', job: this.jobs.submit(message.submission, message.token, user) };
+        return { t: 'job-reply', job: await this.jobs.submit(message.submission, message.token, user, message.workingDir) };
       case 'list':
         return { t: 'job-reply', jobs: this.jobs.list(user) };
       case 'status':

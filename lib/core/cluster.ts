@@ -52,6 +52,7 @@ import { MAX_RECLAIM_IPC_AFTER_MS, configureIpcReclaim } from '../gpu/ipc-reclai
 import { MultiProcessService } from '../gpu/mps.js';
 import { isImmediateSystemMethod } from './system-methods.js';
 import { checkRangeOption } from './settings.js';
+import { checkRuntimeEnvironment, jobRuntimeEnvironment, packWorkingDirectory, type PackedWorkingDirectory, type RuntimeEnvironment } from './code-package.js';
 import { closeIdleMappingsOf, closeMappingsOfExporter } from '../gpu/cuda.js';
 
 /**
@@ -266,6 +267,13 @@ export interface InitOptions extends NodeOptions {
    * join this driver's cluster as nodes until it shuts down. See ClusterOptions.
    */
   cluster?: ClusterOptions;
+  /**
+   * What every worker runs with, on every host: a working directory shipped to each host (its
+   * workers run in their host's copy and import the driver's modules from there, so hosts need
+   * trellis installed and not the user's code) and environment variables. A driver submitted as
+   * a job with a working directory ships it by default. See RuntimeEnvironment.
+   */
+  runtimeEnv?: RuntimeEnvironment;
 }
 
 /**
@@ -326,8 +334,12 @@ export class Cluster implements Runtime {
   #nextTaskId = 1;
   #closed = false;
   #scheduling = false;
+  /** The working directory every host's workers run in (runtimeEnv). */
+  readonly #workingDirectory: PackedWorkingDirectory | undefined;
+  /** Agents that said hello and are installing the working directory before they join. */
+  readonly #installing = new Set<RemoteNode>();
 
-  private constructor(options: InitOptions, server: Server, socketPath: string, multiProcessService: MultiProcessService | undefined) {
+  private constructor(options: InitOptions, server: Server, socketPath: string, multiProcessService: MultiProcessService | undefined, runtimeEnv: { environment: RuntimeEnvironment; packed?: PackedWorkingDirectory }) {
     this.#server = server;
     this.#socketPath = socketPath;
     this.#multiProcessService = multiProcessService;
@@ -338,9 +350,12 @@ export class Cluster implements Runtime {
     this.#portableEnvironment = {
       ...(options.busyPollMicros !== undefined ? { TRELLIS_BUSY_POLL_US: String(options.busyPollMicros) } : {}),
       ...(options.reclaimIpcAfterMs !== undefined ? { TRELLIS_RECLAIM_IPC_AFTER_MS: String(options.reclaimIpcAfterMs) } : {}),
+      ...runtimeEnv.environment.env,
     };
+    this.#workingDirectory = runtimeEnv.packed;
     const environment = { ...multiProcessService?.environment, ...this.#portableEnvironment };
-    specs.forEach((spec, index) => this.nodes.push(new LocalNode(spec, index, environment)));
+    // This host's workers run in the working directory itself: it is the driver's.
+    specs.forEach((spec, index) => this.nodes.push(new LocalNode(spec, index, environment, runtimeEnv.packed?.root)));
     this.#head = this.nodes[0] as LocalNode;
     this.#infeasibleTimer = setInterval(() => {
       this.#warnPending();
@@ -359,6 +374,11 @@ export class Cluster implements Runtime {
     }
     checkRangeOption('busyPollMicros', options.busyPollMicros, MAX_BUSY_POLL_US, 'microseconds');
     checkRangeOption('reclaimIpcAfterMs', options.reclaimIpcAfterMs, MAX_RECLAIM_IPC_AFTER_MS, 'milliseconds');
+    const environment = checkRuntimeEnvironment(options.runtimeEnv);
+    // A job submitted with a working directory ships it, unless the driver names another.
+    const fromJob = environment.workingDir === undefined ? jobRuntimeEnvironment() : undefined;
+    const runtimeEnv = { ...fromJob, ...environment };
+    const packed = runtimeEnv.workingDir !== undefined ? await packWorkingDirectory(runtimeEnv) : undefined;
     const multiProcessService = sharing === 'mps' && localGpus ? await MultiProcessService.start() : undefined;
     configureBusyPoll(options.busyPollMicros);
     configureIpcReclaim(options.reclaimIpcAfterMs);
@@ -373,7 +393,7 @@ export class Cluster implements Runtime {
       await multiProcessService?.close();
       throw error;
     }
-    const cluster = new Cluster(options, server, socketPath, multiProcessService);
+    const cluster = new Cluster(options, server, socketPath, multiProcessService, { environment: runtimeEnv, ...(packed ? { packed } : {}) });
     server.on('connection', (socket) => cluster.#accept(socket, false));
     if (options.listen) {
       try {
@@ -420,17 +440,41 @@ export class Cluster implements Runtime {
     if (hello.protocol !== AGENT_PROTOCOL) return refuse(`it speaks node protocol ${String(hello.protocol)}, this driver ${AGENT_PROTOCOL}: run the same trellis version on every host`);
     // Passing conditions: an agent that restarted before its old connection was seen to close, say.
     if (this.#closed) return refuse('the cluster is shutting down', true);
-    if (this.nodes.some((node) => node.id === hello.nodeId)) return refuse(`a node with id ${hello.nodeId} is already in the cluster`, true);
+    if (this.nodes.some((node) => node.id === hello.nodeId) || [...this.#installing].some((node) => node.id === hello.nodeId)) return refuse(`a node with id ${hello.nodeId} is already in the cluster`, true);
     const mps = this.#gpuSharing === 'mps' && hello.numGpus > 0;
     if (mps && !hello.mps) return refuse(`gpuSharing 'mps' needs nvidia-cuda-mps-control on node ${hello.nodeId} (${hello.hostname}), which has GPUs and no such program (TRELLIS_MPS_CONTROL names another path)`);
     const node = new RemoteNode(hello, connection, this.#portableEnvironment, this.#logToDriver ? printWorkerOutput : undefined);
-    this.nodes.push(node);
     connection.send({ t: 'welcome', nodeId: node.id, ...(mps ? { gpuSharing: 'mps' as const } : {}) });
+    if (!this.#workingDirectory) {
+      this.#admit(node);
+      return node;
+    }
+    // Its workers start in the working directory: the node joins once its host has it.
+    this.#installing.add(node);
+    const started = Date.now();
+    node.installWorkingDirectory(this.#workingDirectory).then(
+      (path) => {
+        if (!this.#installing.delete(node)) return;
+        if (this.#closed) return node.close();
+        this.events.emit('working-dir-installed', { nodeId: node.id, hostname: node.hostname, path, ms: Date.now() - started });
+        this.#admit(node);
+      },
+      (error: Error) => {
+        if (!this.#installing.delete(node)) return;
+        this.events.emit('warning', { kind: 'node-refused', message: `node ${node.id} (${node.hostname}) left: it could not install the working directory: ${error.message}` });
+        node.close();
+      },
+    );
+    return node;
+  }
+
+  /** A node ready for work: its first workers start, and waiting work may go there. */
+  #admit(node: RemoteNode): void {
+    this.nodes.push(node);
     for (let i = 0; i < node.softLimit; i++) this.#spawn(node);
     this.events.emit('node-added', { nodeId: node.id, hostname: node.hostname, resources: node.pool.snapshot().total });
     for (const waiter of [...this.#nodeWaiters]) waiter();
     this.#schedule();
-    return node;
   }
 
   /**
@@ -438,6 +482,7 @@ export class Cluster implements Runtime {
    * restart elsewhere) and objects only it held are lost (and recomputed where lineage allows).
    */
   #leave(node: RemoteNode): void {
+    if (this.#installing.delete(node)) node.onClosed();
     const index = this.nodes.indexOf(node);
     if (index < 0) return;
     this.nodes.splice(index, 1);
@@ -494,6 +539,8 @@ export class Cluster implements Runtime {
       this.#leave(node);
       node.close();
     }
+    // Agents installing the working directory (a large one may take a while) are kept too.
+    for (const node of this.#installing) node.send({ t: 'head-alive' });
   }
 
   /** Resolves once the cluster has `count` nodes (its own included), else fails after `timeout` ms. */
@@ -2744,7 +2791,8 @@ export class Cluster implements Runtime {
       }
     }
     await Promise.all(exits);
-    for (const node of [...this.nodes]) node.close();
+    for (const node of [...this.nodes, ...this.#installing]) node.close();
+    this.#installing.clear();
     await this.#listener?.close();
     // After the workers: the daemon waits for its clients before it quits.
     await this.#multiProcessService?.close();

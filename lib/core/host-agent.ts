@@ -28,6 +28,8 @@ export interface HostAgentOptions extends NodeOptions {
   retryMs?: number;
   /** How long a session may take to join its driver before it is given up (default 20,000 ms). */
   joinTimeoutMs?: number;
+  /** Where drivers' working directories are unpacked (default: TRELLIS_CODE_CACHE, else trellis-code in the temp directory). */
+  codeCache?: string;
   /** Where the host says what it does (default: nothing). */
   log?: (line: string) => void;
 }
@@ -177,6 +179,7 @@ export class HostAgent {
         transferPort: 0,
         advertiseHost: this.options.advertiseHost,
         connectTimeoutMs: this.options.joinTimeoutMs ?? 20_000,
+        ...(this.options.codeCache !== undefined ? { codeCache: this.options.codeCache } : {}),
         log: this.options.log && ((line) => this.options.log!(`[${message.nodeId}] ${line}`)),
       });
     } catch (error) {

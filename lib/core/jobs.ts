@@ -18,6 +18,7 @@ import { open } from 'node:fs/promises';
 import { isAbsolute, join } from 'node:path';
 import { InvalidArgumentError, TrellisError } from '../errors.js';
 import { processAlive } from './host.js';
+import { CodeCache, checkRuntimeEnvironment, type RuntimeEnvironment } from './code-package.js';
 
 /** 'stopping': asked to stop, its processes not yet ended. */
 export type JobState = 'running' | 'stopping' | 'succeeded' | 'failed' | 'stopped';
@@ -30,6 +31,8 @@ export interface JobInfo {
   user?: string;
   entrypoint: string[];
   cwd: string;
+  /** The working directory it was submitted with: its packages' ids and what they hold. */
+  workingDir?: { code: string; dependencies?: string; files: number; bytes: number };
   state: JobState;
   pid?: number;
   submittedAt: string;
@@ -51,6 +54,18 @@ export interface JobSubmission {
   env?: Record<string, string>;
   /** Its name in job lists and, as its driver's name, in the broker's status (default: the command's script). */
   name?: string;
+  /**
+   * What the job runs with: `workingDir` (a directory on the submitter's host) is packed and sent
+   * with it, the command runs in the broker host's copy, and the job's driver ships it on to
+   * every host its workers run on; `env` is set for the driver and all its workers.
+   */
+  runtimeEnv?: RuntimeEnvironment;
+}
+
+/** A working directory's packages as a submission carries them (submitJob packs them). */
+export interface UploadedWorkingDirectory {
+  code: { id: string; bytes: Uint8Array; files: number; size: number };
+  dependencies?: { id: string; bytes: Uint8Array; files: number; size: number };
 }
 
 /** How long a stopped job has to end after SIGTERM before SIGKILL. */
@@ -70,6 +85,8 @@ export class JobManager {
   readonly #jobs = new Map<string, JobEntry>();
   readonly #address: () => string;
   readonly #log: (line: string) => void;
+  /** Where submitted working directories are unpacked (shared by jobs with the same files). */
+  readonly #code: CodeCache;
   #closed = false;
 
   /**
@@ -80,6 +97,7 @@ export class JobManager {
     this.directory = directory;
     this.#address = options.address;
     this.#log = options.log ?? (() => undefined);
+    this.#code = new CodeCache(join(directory, 'code'));
     // Made with the first job: a broker nobody submits to leaves nothing on disk.
     const names = existsSync(directory) ? readdirSync(directory) : [];
     for (const file of names.filter((name) => name.endsWith('.json')).sort()) {
@@ -98,10 +116,23 @@ export class JobManager {
     }
   }
 
-  /** Starts a job as `user` (undefined: the cluster's own token), whose driver joins with `token`. */
-  submit(submission: JobSubmission, token: string, user: string | undefined): JobInfo {
+  /**
+   * Starts a job as `user` (undefined: the cluster's own token), whose driver joins with `token`;
+   * its working directory's packages (when it has one) are unpacked first.
+   */
+  async submit(submission: JobSubmission, token: string, user: string | undefined, uploaded?: UploadedWorkingDirectory): Promise<JobInfo> {
     if (this.#closed) throw new TrellisError('ERR_BROKER_CLOSING', 'the broker is shutting down');
-    const { entrypoint, cwd, env, name } = checkSubmission(submission);
+    const checked = checkSubmission(submission, uploaded !== undefined);
+    const { entrypoint, env, name } = checked;
+    let { cwd } = checked;
+    let runtimeEnv = checked.runtimeEnv;
+    if (uploaded) {
+      const { code, dependencies } = uploaded;
+      if (dependencies && !(await this.#code.hasDependencies(dependencies.id))) await this.#code.addDependencies(dependencies.id, dependencies.bytes);
+      cwd = (await this.#code.installed(code.id, dependencies?.id)) ?? (await this.#code.install(code.id, code.bytes, dependencies?.id));
+      runtimeEnv = { ...runtimeEnv, workingDir: cwd };
+      if (this.#closed) throw new TrellisError('ERR_BROKER_CLOSING', 'the broker is shutting down');
+    }
     const jobId = `job-${new Date().toISOString().slice(0, 10).replaceAll('-', '')}-${randomBytes(4).toString('hex')}`;
     const info: JobInfo = {
       jobId,
@@ -109,6 +140,9 @@ export class JobManager {
       ...(user ? { user } : {}),
       entrypoint,
       cwd,
+      ...(uploaded
+        ? { workingDir: { code: uploaded.code.id, ...(uploaded.dependencies ? { dependencies: uploaded.dependencies.id } : {}), files: uploaded.code.files + (uploaded.dependencies?.files ?? 0), bytes: uploaded.code.size + (uploaded.dependencies?.size ?? 0) } }
+        : {}),
       state: 'running',
       submittedAt: new Date().toISOString(),
     };
@@ -121,7 +155,17 @@ export class JobManager {
         // A group of its own: a stop reaches whatever the job started.
         detached: true,
         stdio: ['ignore', logFd, logFd],
-        env: { ...process.env, ...env, TRELLIS_BROKER: this.#address(), TRELLIS_CLUSTER_TOKEN: token, TRELLIS_JOB_ID: jobId, TRELLIS_JOB_NAME: info.name },
+        env: {
+          ...process.env,
+          ...runtimeEnv.env,
+          ...env,
+          TRELLIS_BROKER: this.#address(),
+          TRELLIS_CLUSTER_TOKEN: token,
+          TRELLIS_JOB_ID: jobId,
+          TRELLIS_JOB_NAME: info.name,
+          // The driver's init ships the working directory and the variables to its workers.
+          ...(Object.keys(runtimeEnv).length > 0 ? { TRELLIS_RUNTIME_ENV: JSON.stringify(runtimeEnv) } : {}),
+        },
       });
     } finally {
       closeSync(logFd);
@@ -264,9 +308,14 @@ function defaultName(entrypoint: string[]): string {
   return script.split(/[\\/]/).pop() || entrypoint[0];
 }
 
-function checkSubmission(submission: JobSubmission): { entrypoint: string[]; cwd: string; env: Record<string, string>; name?: string } {
-  if (typeof submission !== 'object' || submission === null) throw new InvalidArgumentError('a job is { entrypoint, cwd?, env?, name? }');
-  const { entrypoint, cwd, env, name } = submission;
+function checkSubmission(submission: JobSubmission, uploaded: boolean): { entrypoint: string[]; cwd: string; env: Record<string, string>; name?: string; runtimeEnv: RuntimeEnvironment } {
+  if (typeof submission !== 'object' || submission === null) throw new InvalidArgumentError('a job is { entrypoint, cwd?, env?, name?, runtimeEnv? }');
+  const { entrypoint, cwd, env, name, runtimeEnv } = submission;
+  if (cwd !== undefined && uploaded) throw new InvalidArgumentError("a job runs in its working directory's copy on the broker's host or in a cwd there, not both", 'ERR_JOB_CWD');
+  if (runtimeEnv?.workingDir !== undefined) throw new InvalidArgumentError("a job's runtimeEnv.workingDir travels as a package with the submission (submitJob packs it)", 'ERR_RUNTIME_ENV');
+  // Its options about a working directory hold for the copy it came as.
+  const checkedEnvironment = checkRuntimeEnvironment(runtimeEnv === undefined ? undefined : { ...runtimeEnv, ...(uploaded ? { workingDir: '/' } : {}) }, "a job's runtimeEnv");
+  delete checkedEnvironment.workingDir;
   if (!Array.isArray(entrypoint) || entrypoint.length === 0 || entrypoint.some((part) => typeof part !== 'string') || entrypoint[0] === '') {
     throw new InvalidArgumentError("a job's entrypoint is its command and arguments, e.g. ['node', 'job.js']");
   }
@@ -286,5 +335,5 @@ function checkSubmission(submission: JobSubmission): { entrypoint: string[]; cwd
     throw new InvalidArgumentError("a job's env maps names to strings");
   }
   if (name !== undefined && (typeof name !== 'string' || name === '' || name.length > 200)) throw new InvalidArgumentError(`a job's name is a non-empty string of at most 200 characters, got ${JSON.stringify(name)}`);
-  return { entrypoint: [...entrypoint], cwd: directory, env: { ...(env ?? {}) }, ...(name ? { name } : {}) };
+  return { entrypoint: [...entrypoint], cwd: directory, env: { ...(env ?? {}) }, ...(name ? { name } : {}), runtimeEnv: checkedEnvironment };
 }

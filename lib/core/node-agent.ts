@@ -10,7 +10,7 @@ import { hostname } from 'node:os';
 import type { AddressInfo, Server, Socket } from 'node:net';
 import { dial, serve } from './tls.js';
 import { ObjectStore } from '../store/object-store.js';
-import { ClusterError, InvalidArgumentError } from '../errors.js';
+import { ClusterError, CodePackageError, InvalidArgumentError } from '../errors.js';
 import { FrameConnection } from './connection.js';
 import { AGENT_PROTOCOL } from './agent-protocol.js';
 import type { AgentMessage, AgentReplyMessage, AgentRequestMessage, HeadMessage, PeerHelloMessage, SpawnWorkerMessage } from './agent-protocol.js';
@@ -19,6 +19,7 @@ import { tokensMatch } from './node-listener.js';
 import { MultiProcessService, findControlProgram } from '../gpu/mps.js';
 import { storeTarget, transferObject } from './object-transfer.js';
 import { deleteUnreportedPuts, nodeResources, workerCommand, type NodeOptions } from './node.js';
+import { CodeCache } from './code-package.js';
 
 export interface NodeAgentOptions extends NodeOptions {
   /** The head's address, host:port (init's `listen`). */
@@ -53,7 +54,15 @@ export interface NodeAgentOptions extends NodeOptions {
    * agent within this long of its start, in ms (default: keep trying).
    */
   connectTimeoutMs?: number;
+  /**
+   * Where drivers' working directories are unpacked (runtimeEnv: see code-package.ts), shared by
+   * every session of this host. Default: TRELLIS_CODE_CACHE, else trellis-code in the temp directory.
+   */
+  codeCache?: string;
 }
+
+/** The most bytes of one package a head may send (its packer's limit is lower). */
+const MAX_PACKAGE_BYTES = 2 ** 31 - 1;
 
 /** The local address of the head's connection, as peers would reach it (IPv4 unmapped). */
 function advertisedHost(socket: Socket): string {
@@ -91,6 +100,8 @@ class Session {
   #multiProcessService: MultiProcessService | undefined;
   #heard: () => void;
   #welcomeTimer: NodeJS.Timeout | undefined;
+  /** Packages of the head's working directory on their way here, by id. */
+  readonly #uploads = new Map<string, { bytes: Buffer; filled: number }>();
 
   constructor(readonly agent: NodeAgent, readonly socket: Socket, readonly headUrl: string) {
     this.ended = new Promise((resolve) => (this.#end = resolve));
@@ -205,7 +216,10 @@ class Session {
       });
       return;
     }
+    const code = message.workingDirectory;
     const child = spawn(process.execPath, workerCommand(message.typeScript), {
+      // In this host's copy of the driver's working directory, whose modules it imports as the driver's.
+      ...(code ? { cwd: code.path } : {}),
       env: {
         ...process.env,
         ...message.environment,
@@ -216,6 +230,7 @@ class Session {
         TRELLIS_STORE: this.store.name,
         TRELLIS_PUT_IDS: Buffer.from(message.putIds).toString('hex'),
         TRELLIS_CLUSTER_TOKEN: this.agent.token,
+        ...(code ? { TRELLIS_CODE_ROOT: code.rootUrl } : {}),
         ...(this.agent.options.gpuDevices ? { TRELLIS_GPU_DEVICES: this.agent.options.gpuDevices.join(','), CUDA_VISIBLE_DEVICES: this.agent.options.gpuDevices.join(',') } : {}),
       },
       stdio: ['ignore', message.forwardOutput ? 'pipe' : 'inherit', message.forwardOutput ? 'pipe' : 'inherit'],
@@ -256,6 +271,13 @@ class Session {
 
   #onRequest(message: AgentRequestMessage): void {
     if (this.#objects.handle(message)) return;
+    if (message.op === 'code-check' || message.op === 'code-write' || message.op === 'code-install') {
+      this.#onCode(message).then(
+        (value) => this.connection.send({ t: 'agent-reply', requestId: message.requestId, ok: true, value }),
+        (error) => replyError(this.connection, message.requestId, error),
+      );
+      return;
+    }
     if (message.op === 'pull') {
       const { id, host, port } = message.body as { id: string; host: string; port: number };
       const address = `${host}:${port}`;
@@ -265,6 +287,48 @@ class Session {
         () => this.connection.send({ t: 'agent-reply', requestId: message.requestId, ok: true, value: null }),
         (error) => replyError(this.connection, message.requestId, error),
       );
+    }
+  }
+
+  /**
+   * The head's working directory (code-package.ts): code-check {code, dependencies?} answers
+   * {path} where this host has it installed, else {missing: ids}; code-write {id, offset, size}
+   * brings a piece of a missing package; code-install {code, dependencies?} unpacks what came
+   * and answers {path}.
+   */
+  async #onCode(message: AgentRequestMessage): Promise<unknown> {
+    const cache = this.agent.codeCache;
+    const { code, dependencies } = message.body as { code?: string; dependencies?: string };
+    switch (message.op) {
+      case 'code-check': {
+        const path = await cache.installed(code!, dependencies);
+        if (path) return { path };
+        const missing = dependencies && !(await cache.hasDependencies(dependencies)) ? [dependencies, code] : [code];
+        return { missing };
+      }
+      case 'code-write': {
+        const { id, offset, size } = message.body as { id: string; offset: number; size: number };
+        const bulk = message.bulk ?? new Uint8Array(0);
+        if (!Number.isSafeInteger(size) || size <= 0 || size > MAX_PACKAGE_BYTES) throw new CodePackageError('ERR_CODE_PACKAGE', `a package of ${size} bytes cannot be sent to a host`);
+        let upload = this.#uploads.get(id);
+        if (!upload || upload.bytes.length !== size) this.#uploads.set(id, (upload = { bytes: Buffer.allocUnsafe(size), filled: 0 }));
+        if (!Number.isSafeInteger(offset) || offset < 0 || offset + bulk.byteLength > size) throw new CodePackageError('ERR_CODE_PACKAGE', `a piece of package ${id} at ${offset} lies outside its ${size} bytes`);
+        upload.bytes.set(bulk, offset);
+        upload.filled += bulk.byteLength;
+        return null;
+      }
+      default: {
+        const take = (id: string): Buffer => {
+          const upload = this.#uploads.get(id);
+          this.#uploads.delete(id);
+          if (!upload || upload.filled !== upload.bytes.length) throw new CodePackageError('ERR_CODE_PACKAGE', `package ${id} has not fully arrived on this host`);
+          return upload.bytes;
+        };
+        if (dependencies && !(await cache.hasDependencies(dependencies))) await cache.addDependencies(dependencies, take(dependencies));
+        const path = (await cache.installed(code!, dependencies)) ?? (await cache.install(code!, take(code!), dependencies));
+        this.agent.options.log?.(`installed the head's working directory at ${path}`);
+        return { path };
+      }
     }
   }
 
@@ -298,6 +362,7 @@ class Session {
     await Promise.all(exits);
     this.workers.clear();
     this.#objects.close();
+    this.#uploads.clear();
     for (const peer of [...this.#peers]) peer.close();
     for (const peer of this.#pullFrom.values()) peer.close();
     this.#pullFrom.clear();
@@ -321,6 +386,8 @@ export class NodeAgent {
   readonly nodeId: string;
   readonly token: string;
   readonly numGpus: number;
+  /** Drivers' working directories unpacked on this host. */
+  readonly codeCache: CodeCache;
   readonly #head: { host: string; port: number };
   #session: Session | undefined;
   #stopped = false;
@@ -343,6 +410,7 @@ export class NodeAgent {
       throw new InvalidArgumentError(`gpuDevices lists device indices (whole numbers >= 0), got ${JSON.stringify(options.gpuDevices)}`);
     }
     this.numGpus = options.gpuDevices?.length ?? options.numGpus ?? 0;
+    this.codeCache = new CodeCache(options.codeCache);
     this.done = this.#run();
   }
 

@@ -41,7 +41,14 @@ function workerNodeFlags(typeScript: boolean): string[] {
       // Older Node.js without a synchronous import.meta.resolve: the loader loads it, more slowly.
     }
   }
-  return [...flags, '--import', 'tsx'];
+  // By its path: a worker may start in a working directory (runtimeEnv) that cannot resolve it.
+  let loader = 'tsx';
+  try {
+    loader = import.meta.resolve('tsx');
+  } catch {
+    // As above: found from the worker's directory, which works where it is the driver's.
+  }
+  return [...flags, '--import', loader];
 }
 const workerFlags = new Map<boolean, string[]>();
 
@@ -230,7 +237,7 @@ export abstract class Node {
 export class LocalNode extends Node {
   readonly store: ObjectStore;
 
-  constructor(options: NodeOptions, index: number, workerEnvironment: Record<string, string> = {}) {
+  constructor(options: NodeOptions, index: number, workerEnvironment: Record<string, string> = {}, private readonly workingDirectory?: string) {
     super(options.id ?? `node-${index}`, nodeResources(options), options.numGpus ?? 0, workerEnvironment);
     this.store = ObjectStore.create({ capacity: options.objectStoreMemory });
   }
@@ -252,6 +259,7 @@ export class LocalNode extends Node {
     const putIds = randomBytes(20);
     const ring = connectionRingWanted() ? native.ConnectionRing.create(RING_BYTES) : undefined;
     const child = spawn(process.execPath, workerCommand(), {
+      ...(this.workingDirectory ? { cwd: this.workingDirectory } : {}),
       env: {
         ...process.env,
         TRELLIS_SOCKET: address,

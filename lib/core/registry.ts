@@ -9,6 +9,7 @@ import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
 import type { FunctionDescriptor } from './protocol.js';
 import { currentRuntime, hasRuntime } from './runtime-context.js';
 import { ClassMethodNode } from '../dag/nodes.js';
+import { canonicalModule, localModule } from './code-location.js';
 
 type AnyFunction = (...args: any[]) => any;
 type AnyClass = new (...args: any[]) => any;
@@ -66,6 +67,18 @@ export function lookupRegistered(descriptor: FunctionDescriptor): AnyFunction | 
   return registered.get(descriptor.module)?.get(descriptor.name);
 }
 
+/**
+ * In a worker: the function or class a descriptor names, its module imported (from where this
+ * host keeps it: see code-location.ts) when it has not registered yet. Undefined if the module
+ * does not register that name.
+ */
+export async function importRegistered(descriptor: FunctionDescriptor): Promise<AnyFunction | AnyClass | undefined> {
+  const found = lookupRegistered(descriptor);
+  if (found) return found;
+  await import(localModule(descriptor.module));
+  return lookupRegistered(descriptor);
+}
+
 /** Methods a class's instances have, from its prototype chain. */
 export function methodNames(cls: AnyClass): string[] {
   const names = new Set<string>();
@@ -94,8 +107,10 @@ export function remote(meta: ImportMeta, target: AnyFunction | AnyClass, options
       `remote() needs a named function or class (in ${meta.url}): workers find it again by (module, name)`,
     );
   }
-  let names = registered.get(meta.url);
-  if (!names) registered.set(meta.url, (names = new Map()));
+  // Named as every host reads it: a worker on another host may hold the module elsewhere.
+  const module = canonicalModule(meta.url);
+  let names = registered.get(module);
+  if (!names) registered.set(module, (names = new Map()));
   const existing = names.get(name);
   if (existing !== undefined && existing !== target) {
     throw new RegistrationError(
@@ -103,7 +118,7 @@ export function remote(meta: ImportMeta, target: AnyFunction | AnyClass, options
     );
   }
   names.set(name, target);
-  const descriptor: FunctionDescriptor = { module: meta.url, name };
+  const descriptor: FunctionDescriptor = { module, name };
   descriptors.set(target, descriptor);
   return isClass(target) ? makeActorClass(descriptor, target, options as ActorOptions) : makeRemoteFunction(descriptor, options as TaskOptions);
 }

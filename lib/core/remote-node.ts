@@ -14,6 +14,10 @@ import type { AgentHelloMessage, AgentMessage, AgentRequestMessage, HeadMessage 
 import { Node, WorkerProcess, driverRunsTypeScript, type WorkerChild } from './node.js';
 import type { ObjectSource, ObjectTarget, ObjectWriter } from './object-transfer.js';
 import { servedSource } from './object-server.js';
+import type { CodeLayer, PackedWorkingDirectory } from './code-package.js';
+
+/** Pieces a package is sent to an agent in (as objects' chunks). */
+const CODE_CHUNK_BYTES = 4 << 20;
 
 /** A worker process on an agent's host: killed through the agent, whose reports end it here. */
 class RemoteChild extends EventEmitter implements WorkerChild {
@@ -50,6 +54,8 @@ export class RemoteNode extends Node {
   #closed = false;
   /** Deletes batched per tick: freeing many objects sends one message. */
   #deletes: string[] = [];
+  /** The driver's working directory as installed on the agent's host. */
+  #workingDirectory: { path: string; rootUrl: string } | undefined;
 
   constructor(
     hello: AgentHelloMessage,
@@ -128,6 +134,38 @@ export class RemoteNode extends Node {
     return `node ${this.id} (${this.hostname}) left the cluster`;
   }
 
+  /**
+   * Has the agent install the driver's working directory, sending only the packages its host
+   * does not have already; its workers then start there. Answers the path on the agent's host.
+   */
+  async installWorkingDirectory(packed: PackedWorkingDirectory): Promise<string> {
+    const layers = { code: packed.code.id, ...(packed.dependencies ? { dependencies: packed.dependencies.id } : {}) };
+    const check = (await this.request('code-check', layers)) as { path?: string; missing?: string[] };
+    let path = check.path;
+    if (!path) {
+      for (const id of check.missing ?? []) {
+        const layer = [packed.code, packed.dependencies].find((candidate) => candidate?.id === id) as CodeLayer;
+        await this.#sendPackage(layer);
+      }
+      path = ((await this.request('code-install', layers)) as { path: string }).path;
+    }
+    this.#workingDirectory = { path, rootUrl: packed.rootUrl };
+    return path;
+  }
+
+  /** A package in pieces, four in flight. */
+  async #sendPackage(layer: CodeLayer): Promise<void> {
+    const size = layer.bytes.byteLength;
+    const offsets: number[] = [];
+    for (let offset = 0; offset < size; offset += CODE_CHUNK_BYTES) offsets.push(offset);
+    const next = async (): Promise<void> => {
+      for (let offset = offsets.shift(); offset !== undefined; offset = offsets.shift()) {
+        await this.request('code-write', { id: layer.id, offset, size }, layer.bytes.subarray(offset, Math.min(size, offset + CODE_CHUNK_BYTES)));
+      }
+    };
+    await Promise.all([next(), next(), next(), next()]);
+  }
+
   spawnWorker(): WorkerProcess {
     const id = `worker-${newObjectId().slice(0, 12)}`;
     const putIds = randomBytes(20);
@@ -136,7 +174,7 @@ export class RemoteNode extends Node {
     const worker = new WorkerProcess(this, id, child, undefined, putIds);
     this.workers.set(worker.id, worker);
     if (this.closed) queueMicrotask(() => child.exited());
-    else this.send({ t: 'spawn-worker', workerId: id, putIds, typeScript: driverRunsTypeScript(), forwardOutput: this.output !== undefined, environment: { ...this.workerEnvironment } });
+    else this.send({ t: 'spawn-worker', workerId: id, putIds, typeScript: driverRunsTypeScript(), forwardOutput: this.output !== undefined, environment: { ...this.workerEnvironment }, ...(this.#workingDirectory ? { workingDirectory: this.#workingDirectory } : {}) });
     return worker;
   }
 

@@ -4,6 +4,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { closeSync } from 'node:fs';
+import { pathToFileURL } from 'node:url';
 import { connect, type Socket } from 'node:net';
 import { dial } from './tls.js';
 import { ObjectLostError, TaskError, type RemoteErrorInfo } from '../errors.js';
@@ -21,11 +22,12 @@ import {
   type WireValue,
   type WorkerMessage,
 } from './protocol.js';
-import { actorHandleInfo, lookupRegistered, makeActorHandle } from './registry.js';
+import { actorHandleInfo, importRegistered, lookupRegistered, makeActorHandle } from './registry.js';
 import { setRuntime, type ActorLookup, type CallScope, type Runtime, type RuntimeContext } from './runtime-context.js';
 import { ArgumentSlot, decodeStored, encodeArguments, encodeValue, pack, putStored, putStoredOnce, restoreTensorsOnDevice, setHandleCodec, unpack } from './serialization.js';
 import { SYSTEM_PREFIX, isImmediateSystemMethod, systemMethod } from './system-methods.js';
 import { Deque } from './deque.js';
+import { mapWorkingDirectory } from './code-location.js';
 import { DriverRequests } from './requests.js';
 import { busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 // Registers the collective-group system methods in every worker.
@@ -46,6 +48,9 @@ const nodeId = process.env.TRELLIS_NODE_ID!;
 const store = ObjectStore.attach(process.env.TRELLIS_STORE!);
 /** Stored puts are named by a sequence the driver knows, so that it can find unreported ones. */
 const putIds = process.env.TRELLIS_PUT_IDS ? Buffer.from(process.env.TRELLIS_PUT_IDS, 'hex') : randomBytes(20);
+// The driver's working directory, unpacked on this host (code-package.ts) and this worker's
+// working directory: its modules are imported from here, under the driver's names.
+if (process.env.TRELLIS_CODE_ROOT) mapWorkingDirectory(process.env.TRELLIS_CODE_ROOT, pathToFileURL(process.cwd()).href);
 let storedPuts = 0;
 
 function errorInfo(error: unknown): RemoteErrorInfo {
@@ -662,11 +667,7 @@ function pump(): void {
 }
 
 async function loadRegistered(descriptor: FunctionDescriptor): Promise<unknown> {
-  let target = lookupRegistered(descriptor);
-  if (!target) {
-    await import(descriptor.module);
-    target = lookupRegistered(descriptor);
-  }
+  const target = await importRegistered(descriptor);
   if (!target) {
     throw new Error(
       `'${descriptor.name}' is not registered in ${descriptor.module}: remote() must be called at that module's top level`,

@@ -20,6 +20,7 @@ import { get, put } from '../core/api.js';
 import { hostIdentity, processAlive } from '../core/host.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { descriptorOf, lookupRegistered, remote } from '../core/registry.js';
+import { isLibraryModule } from '../core/code-location.js';
 import { DataError, InvalidArgumentError } from '../errors.js';
 import { takeRows, type Block } from './block.js';
 import type { Datasink, WriteContext } from './datasource.js';
@@ -155,8 +156,6 @@ interface PlanStep {
   hash: string;
 }
 
-const libraryRoot = new URL('..', import.meta.url).href;
-
 function hashOf(text: string): string {
   return createHash('sha256').update(text).digest('hex').slice(0, 16);
 }
@@ -174,7 +173,7 @@ function stableJson(value: unknown): string {
 
 /** A user's code changes what a step makes; trellis's own built-ins are named by their arguments. */
 function codeOf(descriptor: { module: string; name: string }): string {
-  if (descriptor.module.startsWith(libraryRoot)) return descriptor.name;
+  if (isLibraryModule(descriptor.module)) return descriptor.name;
   const registered = lookupRegistered(descriptor as never);
   return registered ? String(registered) : descriptor.name;
 }

@@ -4,7 +4,7 @@
  * worker that runs it imports that module and finds it again by (module, name).
  */
 import { InvalidArgumentError } from '../errors.js';
-import { descriptorOf, isClass, lookupRegistered, methodNames } from '../core/registry.js';
+import { descriptorOf, importRegistered, isClass, lookupRegistered, methodNames } from '../core/registry.js';
 import type { FunctionDescriptor } from '../core/protocol.js';
 
 type AnyFunction = (...args: any[]) => any;
@@ -56,11 +56,7 @@ export function resolveUdf(target: unknown, what: string, method = 'call'): UdfS
 
 /** In a worker: the function or class a spec names, importing its module when needed. */
 export async function loadUdf(descriptor: FunctionDescriptor): Promise<AnyFunction | AnyClass> {
-  let found = lookupRegistered(descriptor);
-  if (!found) {
-    await import(descriptor.module);
-    found = lookupRegistered(descriptor);
-  }
+  const found = await importRegistered(descriptor);
   if (!found) {
     throw new InvalidArgumentError(`${descriptor.name} is not registered in ${descriptor.module}: call remote(import.meta, ${descriptor.name}) at its top level`, 'ERR_DATA_UDF');
   }

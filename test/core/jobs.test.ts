@@ -83,9 +83,32 @@ describe('jobs', () => {
     expect((await rejection(submitJob(address, { entrypoint: [node], cwd: join(scratchDir.path('none'), 'x') }, { token: TOKEN }))).code).toBe('ERR_JOB_CWD');
     expect((await rejection(jobStatus(address, 'job-nope', { token: TOKEN }))).code).toBe('ERR_JOB_NOT_FOUND');
     expect((await rejection(listJobs(address, { token: 'wrong-token' }))).code).toBe('ERR_WRONG_TOKEN');
+    // A working directory is sent along, so the job runs in its copy there, not in a cwd too.
+    const project = scratchDir.path('project');
+    mkdirSync(project);
+    expect((await rejection(submitJob(address, { entrypoint: [node], cwd: '/', runtimeEnv: { workingDir: project } }, { token: TOKEN }))).code).toBe('ERR_JOB_CWD');
+    expect((await rejection(submitJob(address, { entrypoint: [node], runtimeEnv: { workingDir: join(project, 'none') } }, { token: TOKEN }))).code).toBe('ERR_RUNTIME_ENV');
+    expect((await rejection(submitJob(address, { entrypoint: [node], runtimeEnv: { env: { TRELLIS_X: '1' } } }, { token: TOKEN }))).message).toContain("trellis's own");
     // A command that cannot start fails with the reason.
     const missing = await submitJob(address, { entrypoint: ['/no/such/program'] }, { token: TOKEN });
     expect(await ended(address, missing.jobId)).toMatchObject({ state: 'failed', reason: expect.stringContaining('could not start') });
+  });
+
+  it("runs a job in the broker's copy of its working directory, with its runtime environment", async () => {
+    const jobs = scratchDir.path('jobs');
+    const address = await start(jobs);
+    const project = scratchDir.path('project');
+    mkdirSync(join(project, 'node_modules/left'), { recursive: true });
+    writeFileSync(join(project, 'input.txt'), 'from the laptop');
+    writeFileSync(join(project, 'node_modules/left/index.js'), '');
+    const script = 'console.log(JSON.stringify({ cwd: process.cwd(), input: require("fs").readFileSync("input.txt", "utf8"), greeting: process.env.GREETING, runtimeEnv: JSON.parse(process.env.TRELLIS_RUNTIME_ENV) }))';
+    const job = await submitJob(address, { entrypoint: [node, '-e', script], runtimeEnv: { workingDir: project, env: { GREETING: 'hi' } } }, { token: TOKEN });
+    expect(await ended(address, job.jobId)).toMatchObject({ state: 'succeeded', workingDir: { files: 1, bytes: 15 } });
+    const ran = JSON.parse((await jobLogs(address, job.jobId, 0, { token: TOKEN })).text) as { cwd: string; input: string; greeting: string; runtimeEnv: unknown };
+    expect(ran.cwd.startsWith(join(jobs, 'code'))).toBe(true);
+    expect(job.cwd).toBe(ran.cwd);
+    // The driver's init reads this: it ships the copy on to its workers' hosts.
+    expect(ran).toMatchObject({ input: 'from the laptop', greeting: 'hi', runtimeEnv: { workingDir: ran.cwd, env: { GREETING: 'hi' } } });
   });
 
   it('with users: each submits and sees its own jobs; the cluster token sees all but submits none', async () => {

@@ -9,6 +9,8 @@ import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_proces
 import { promisify } from 'node:util';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { pathToFileURL } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, fromItems, get, init, listJobs, requestResources, shutdown, state, wait, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
 import { GatedTagger, NodeTagger, checksum, makeArray, pausedTag, visibleGpus, waitThenWhere, whereAmI } from './fixtures/nodes.js';
@@ -17,7 +19,6 @@ import { isAlive, openGate, rejection, scratch, until } from './helpers.js';
 const TOKEN = 'shared-cluster-token';
 const cli = join(import.meta.dirname, '../../lib/cli/trellis.ts');
 const driverScript = join(import.meta.dirname, 'fixtures/broker-driver.ts');
-const jobScript = join(import.meta.dirname, 'fixtures/job-driver.ts');
 const repository = join(import.meta.dirname, '../..');
 const run = (args: string[], env: NodeJS.ProcessEnv = process.env) => promisify(execFile)(process.execPath, args, { encoding: 'utf8', env });
 
@@ -34,6 +35,8 @@ describe('shared cluster', () => {
   const hosts = new Map<string, ChildProcess>();
   const children: ChildDriver[] = [];
   const jobFiles = scratch();
+  /** Where hosts unpack drivers' working directories. */
+  const hostCodeCache = jobFiles.path('host-code');
 
   const status = (): Promise<BrokerStatus> => brokerStatus(address, { token: TOKEN });
   const request = (options: Partial<ClusterOptions>): ClusterOptions => ({ address, token: TOKEN, ...options }) as ClusterOptions;
@@ -42,7 +45,7 @@ describe('shared cluster', () => {
     const child = spawn(process.execPath, [
       '--import', 'tsx', cli, 'node', '--broker', address, '--id', id, '--num-cpus', '2',
       '--object-store-memory', String(128 * 1024 * 1024), ...extra,
-    ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN }, stdio: ['ignore', 'inherit', 'pipe'] });
+    ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN, TRELLIS_CODE_CACHE: hostCodeCache }, stdio: ['ignore', 'inherit', 'pipe'] });
     child.stderr!.resume();
     hosts.set(id, child);
     return child;
@@ -487,13 +490,42 @@ describe('shared cluster', () => {
     hosts.delete(lostHost);
   });
 
-  it('runs a submitted job whose driver finds the cluster in its environment (trellis job submit --follow)', async () => {
-    const submitted = await run(['--import', 'tsx', cli, 'job', 'submit', '--broker', address, '--token', TOKEN, '--follow', '--cwd', repository, '--', process.execPath, '--import', 'tsx', jobScript]);
-    expect(submitted.stdout).toMatch(/^job job-\d{8}-[0-9a-f]{8} ran a task on host-[ab]$/m);
+  it('runs a submitted job from its working directory, sent to the broker and on to the host its task runs on (trellis job submit --working-dir --follow)', async () => {
+    // A user's project, on no host of the cluster: the driver names no broker and no token.
+    const project = jobFiles.path('project');
+    mkdirSync(project, { recursive: true });
+    const library = pathToFileURL(join(repository, 'lib/index.ts')).href;
+    writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'project', type: 'module' }));
+    writeFileSync(join(project, 'where.ts'), [
+      `import { readFileSync } from 'node:fs';`,
+      `import { remote } from '${library}';`,
+      `export const where = remote(import.meta, function where() {`,
+      `  return { node: process.env.TRELLIS_NODE_ID!.split('/')[0], cwd: process.cwd(), label: readFileSync('label.txt', 'utf8').trim(), module: import.meta.url };`,
+      `});`,
+    ].join('\n'));
+    writeFileSync(join(project, 'driver.ts'), [
+      `import { get, init, shutdown } from '${library}';`,
+      `import { where } from './where.ts';`,
+      `await init({ cluster: { resources: { CPU: 1 } } });`,
+      `const place = await get(where.remote());`,
+      `console.log(JSON.stringify({ job: process.env.TRELLIS_JOB_ID, driverCwd: process.cwd(), ...place }));`,
+      `await shutdown();`,
+    ].join('\n'));
+    writeFileSync(join(project, 'label.txt'), 'from the project\n');
+    writeFileSync(join(project, 'notes.log'), 'left out');
+    const submitted = await run(['--import', 'tsx', cli, 'job', 'submit', '--broker', address, '--token', TOKEN, '--follow', '--working-dir', project, '--exclude', '*.log', '--', process.execPath, '--import', 'tsx', 'driver.ts']);
+    const line = submitted.stdout.trim().split('\n').find((text) => text.startsWith('{'));
+    const ran = JSON.parse(line!) as { job: string; driverCwd: string; node: string; cwd: string; label: string; module: string };
+    // The broker ran the driver in its copy; the lent host ran the task in a copy of its own.
+    expect(ran.driverCwd.startsWith(join(broker.jobs.directory, 'code'))).toBe(true);
+    expect(existsSync(join(ran.driverCwd, 'notes.log'))).toBe(false);
+    expect(ran.node).toMatch(/^host-[ab]$/);
+    expect(ran.cwd.startsWith(hostCodeCache)).toBe(true);
+    expect(ran).toMatchObject({ label: 'from the project', module: pathToFileURL(join(ran.cwd, 'where.ts')).href });
     const [job] = (await listJobs(address, { token: TOKEN })).slice(-1);
-    expect(job).toMatchObject({ state: 'succeeded', exitCode: 0, name: 'job-driver.ts', cwd: repository });
+    expect(job).toMatchObject({ jobId: ran.job, state: 'succeeded', exitCode: 0, name: 'driver.ts', cwd: ran.driverCwd, workingDir: { files: 4 } });
     const listed = await run(['--import', 'tsx', cli, 'job', 'list', '--broker', address, '--token', TOKEN]);
-    expect(listed.stdout).toContain(`${job.jobId}  succeeded (exit code 0)  job-driver.ts`);
+    expect(listed.stdout).toContain(`${job.jobId}  succeeded (exit code 0)  driver.ts`);
   }, 60_000);
 
   it('runs four users\' jobs as the README says', () => {
