@@ -8,11 +8,19 @@
  * of the way in (its blocks made again from lineage, its batches retried on the other actors).
  * A shared cluster: joining it against a local init, and joining it when the host is all held by
  * a job of lower priority (its slice taken back: told, given back once idle, ended, lent again).
+ * A working directory (runtimeEnv) of 48 MiB, shipped to an agent that joins with an empty code
+ * cache and with one that has it, against copying its files on this host (the least a host must
+ * do to have them).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { cp, rm } from 'node:fs/promises';
 import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Broker, brokerStatus, events, free, get, init, put, range, shutdown, state, waitForNodes, type InitOptions } from '../lib/index.js';
+import { packWorkingDirectory } from '../lib/core/code-package.js';
 import { RowScorer, byteLength, makeBytes, noop } from './core-tasks.js';
 import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
 
@@ -24,10 +32,10 @@ const self = fileURLToPath(import.meta.url);
 const JOB_ROWS = 400_000;
 const JOB_ROUNDS = 3;
 
-function startAgent(id: string, resources: Record<string, number>): ChildProcess {
+function startAgent(id: string, resources: Record<string, number>, extra: string[] = []): ChildProcess {
   return spawn(process.execPath, [
     '--import', 'tsx', cli, 'node', '--head', `127.0.0.1:${state().listening!.port}`, '--id', id,
-    '--num-cpus', '1', '--num-gpus', '0', '--resources', JSON.stringify(resources), '--once',
+    '--num-cpus', '1', '--num-gpus', '0', '--resources', JSON.stringify(resources), '--once', ...extra,
   ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN }, stdio: ['ignore', 'ignore', 'inherit'] });
 }
 
@@ -167,6 +175,94 @@ async function joinTimes(): Promise<Results> {
   }
 }
 
+/**
+ * A project as a platform team's users ship it: 600 source-like files of 40 KiB (text that
+ * compresses as code does) and a 24 MiB file of random bytes (weights, that do not compress).
+ */
+function makeProject(directory: string): number {
+  let seed = 7;
+  const random = () => (seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32;
+  const words = ['const', 'return', 'await', 'function', 'batch', 'model', 'tokens', 'export', 'import', 'rows', '=>', '{', '}', ';'];
+  let bytes = 0;
+  for (let i = 0; i < 600; i++) {
+    const folder = join(directory, 'src', `module${i % 20}`);
+    mkdirSync(folder, { recursive: true });
+    const parts: string[] = [];
+    let length = 0;
+    while (length < 40 * 1024) {
+      const word = words[Math.floor(random() * words.length)] + (random() < 0.1 ? `${Math.floor(random() * 1e6)}\n` : ' ');
+      parts.push(word);
+      length += word.length;
+    }
+    const text = parts.join('');
+    writeFileSync(join(folder, `file${i}.ts`), text);
+    bytes += text.length;
+  }
+  const weights = Buffer.alloc(24 * 2 ** 20);
+  for (let i = 0; i < weights.length; i += 4) weights.writeUInt32LE(Math.floor(random() * 2 ** 32), i);
+  writeFileSync(join(directory, 'weights.bin'), weights);
+  writeFileSync(join(directory, 'package.json'), JSON.stringify({ name: 'project', type: 'module' }));
+  return bytes + weights.length;
+}
+
+/**
+ * Milliseconds to have a working directory on a host: installed by an agent with an empty code
+ * cache (packed once by the driver; sent, unpacked, packages linked) and by one whose cache has
+ * it (asked, nothing sent), against copying the files on this host, and the driver's packing.
+ */
+async function workingDirectoryTimes(): Promise<Results> {
+  const scratch = mkdtempSync(join(tmpdir(), 'trellis-bench-working-dir-'));
+  try {
+    const project = join(scratch, 'project');
+    const bytes = makeProject(project);
+    let copies = 0;
+    const copy = await medianSeconds(async () => {
+      const target = join(scratch, `copy-${copies++}`);
+      const start = nowNs();
+      await cp(project, target, { recursive: true });
+      const time = elapsedSeconds(start);
+      await rm(target, { recursive: true, force: true });
+      return time;
+    });
+    const pack = await seconds(async () => {
+      await packWorkingDirectory({ workingDir: project });
+    });
+    const installs = { cold: [] as number[], warm: [] as number[] };
+    await init({ numCpus: 1, prestartWorkers: 0, listen: { host: '127.0.0.1', port: 0, token: TOKEN }, runtimeEnv: { workingDir: project } });
+    try {
+      for (let round = 0; round < ROUNDS; round++) {
+        const cache = join(scratch, `cache-${round}`);
+        for (const phase of ['cold', 'warm'] as const) {
+          const id = `working-dir-${round}-${phase}`;
+          const installed = new Promise<number>((resolve) => {
+            const listener = (event: { nodeId: string; ms: number }) => {
+              if (event.nodeId !== id) return;
+              events().off('working-dir-installed', listener);
+              resolve(event.ms);
+            };
+            events().on('working-dir-installed', listener);
+          });
+          const agent = startAgent(id, {}, ['--code-cache', cache]);
+          installs[phase].push(await installed);
+          agent.kill('SIGKILL');
+          while (state().nodes.some((node) => node.nodeId === id)) await new Promise((resolve) => setTimeout(resolve, 20));
+        }
+      }
+    } finally {
+      await shutdown();
+    }
+    return {
+      working_dir_megabytes: { value: round(bytes / 2 ** 20), unit: 'MiB' },
+      working_dir_copy_ms: { value: round(copy * 1000), unit: 'ms' },
+      working_dir_pack_ms: { value: round(pack * 1000), unit: 'ms' },
+      working_dir_install_ms: { value: round(median(installs.cold)), unit: 'ms' },
+      working_dir_cached_install_ms: { value: round(median(installs.warm)), unit: 'ms' },
+    };
+  } finally {
+    rmSync(scratch, { recursive: true, force: true });
+  }
+}
+
 export const nodesSuite: Suite = {
   name: 'nodes',
   ratios: [
@@ -177,6 +273,8 @@ export const nodesSuite: Suite = {
     ['dataset job, an agent killed / clean', 'dataset_job_node_lost_seconds', 'dataset_job_seconds', '(report)'],
     ['joining a shared cluster / a local init, to a first task', 'cluster_join_ms', 'local_init_ms', '(report)'],
     ['joining by preempting a lower job / joining a free host', 'preempted_join_ms', 'cluster_join_ms', '(report)'],
+    ['working dir to a fresh host / copying its files here', 'working_dir_install_ms', 'working_dir_copy_ms', '(report)'],
+    ['working dir to a host that has it / copying its files here', 'working_dir_cached_install_ms', 'working_dir_copy_ms', '< 0.1'],
   ],
   async run(): Promise<Results> {
     const results: Results = {};
@@ -248,6 +346,7 @@ export const nodesSuite: Suite = {
       for (const agent of agents) agent.kill('SIGKILL');
     }
     Object.assign(results, await joinTimes());
+    Object.assign(results, await workingDirectoryTimes());
     results.loopback_tcp_gigabytes = { value: round(await loopbackGigabytes()), unit: 'GB/s' };
     return results;
   },

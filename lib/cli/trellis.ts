@@ -204,6 +204,10 @@ async function runJob(rest: string[]): Promise<number> {
         ? { runtimeEnv: { workingDir: resolve(workingDir), ...(values.exclude ? { excludes: values.exclude } : {}), ...(values['include-dependencies'] ? { includeDependencies: true } : {}) } }
         : { cwd: resolve(values.cwd ?? process.cwd()) };
       const job = await submitJob(broker, { entrypoint: command, ...where, env, ...(values.name ? { name: values.name } : {}) }, options);
+      if (job.workingDir) {
+        const sent = job.workingDir;
+        process.stderr.write(`trellis job: sent ${sent.files} file(s), ${(sent.bytes / 2 ** 20).toFixed(1)} MiB, as package ${sent.code}${sent.dependencies ? ` with dependencies ${sent.dependencies}` : ''}\n`);
+      }
       if (!values.follow) {
         print(job, job.jobId);
         return 0;

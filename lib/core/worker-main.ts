@@ -670,7 +670,7 @@ async function loadRegistered(descriptor: FunctionDescriptor): Promise<unknown> 
   const target = await importRegistered(descriptor);
   if (!target) {
     throw new Error(
-      `'${descriptor.name}' is not registered in ${descriptor.module}: remote() must be called at that module's top level`,
+      `'${descriptor.name}' is not registered in ${descriptor.module}: remote() must be called at that module's top level, and the module loaded as an ES module (its package.json says "type": "module"; as CommonJS it registers with a copy of trellis of its own)`,
     );
   }
   return target;

@@ -9,7 +9,7 @@ import { BytesSource, CountingModel, CountingSink, NumbersSource, SlowModel, Stu
 import { RecordingReporter, isAlive, openGate, rejection, startedPids, until, useDataCluster } from './helpers.js';
 
 const MiB = 1 << 20;
-const { scratchDir } = useDataCluster({ numCpus: 2, objectStoreMemory: 128 * MiB });
+const { scratchDir } = useDataCluster({ numCpus: 2, objectStoreMemory: 64 * MiB });
 
 /** Samples the store's bytes in use (above what was there before) while `run` runs. */
 async function peakStoreUse<T>(run: () => Promise<T>): Promise<{ value: T; peak: number; samples: number }> {
@@ -79,7 +79,7 @@ describe('memory budget', () => {
   });
 
   it('a shuffle of more than the whole store holds its input outside the budget, spilling to disk', async () => {
-    const blocks = 160; // 160 MiB staged in a 128 MiB store
+    const blocks = 80; // 80 MiB staged in a 64 MiB store
     const spilledBefore = state().nodes[0].store.totalSpilledObjects;
     const ds = readDatasource(new BytesSource(blocks, 1, MiB)).randomShuffle({ seed: 7 });
     const total = await ds.sum('x', { memoryBudgetBytes: 8 * MiB, minBlockBytes: MiB, maxBlockBytes: MiB });
