@@ -333,9 +333,12 @@ export function defaultCodeCache(): string {
   return process.env.TRELLIS_CODE_CACHE || join(tmpdir(), 'trellis-code');
 }
 
-/** Where a working directory is installed: its code, with its dependencies or the host's. */
+/**
+ * Where a working directory is installed: its code, with its dependencies or the host's (named
+ * by where this host's trellis is, as its node_modules links there).
+ */
 export function installName(code: string, dependencies?: string): string {
-  return dependencies ? `${code}-${dependencies}` : `${code}-host`;
+  return `${code}-${dependencies ?? `host${createHash('sha256').update(packageRoot).digest('hex').slice(0, 8)}`}`;
 }
 
 /** Unpacks a package's files into `directory` (which must not exist), checking its id. */
@@ -350,7 +353,14 @@ async function unpackInto(bytes: Uint8Array, id: string, directory: string): Pro
   if (digest !== id) throw new CodePackageError('ERR_CODE_PACKAGE', `package ${id} arrived damaged (its bytes hash to ${digest})`);
   const headerEnd = payload.indexOf(10, MAGIC.length);
   if (payload.subarray(0, MAGIC.length).toString() !== MAGIC || headerEnd < 0) throw new CodePackageError('ERR_CODE_PACKAGE', `package ${id} is not a trellis code package`);
-  const entries = JSON.parse(payload.subarray(MAGIC.length, headerEnd).toString()) as Array<[string, number, number]>;
+  let entries: Array<[string, number, number]>;
+  try {
+    entries = JSON.parse(payload.subarray(MAGIC.length, headerEnd).toString()) as Array<[string, number, number]>;
+  } catch {
+    entries = [];
+  }
+  const wellFormed = Array.isArray(entries) && entries.every((entry) => Array.isArray(entry) && typeof entry[0] === 'string' && Number.isSafeInteger(entry[1]) && entry[1] >= 0);
+  if (!wellFormed || (entries.length === 0 && headerEnd + 1 !== payload.length)) throw new CodePackageError('ERR_CODE_PACKAGE', `package ${id} has a header that names no files`);
   let offset = headerEnd + 1;
   await fs.mkdir(directory, { recursive: true });
   const made = new Set<string>([directory]);

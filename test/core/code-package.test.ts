@@ -167,6 +167,9 @@ describe('a host code cache', () => {
     const id = createHash('sha256').update(payload).digest('hex').slice(0, 32);
     const hostile = await rejection(cache.install(id, gzipSync(payload)));
     expect(hostile.message).toMatch(/outside its directory/);
+    const garbled = Buffer.from('TRELLIS-CODE 1\nnot a list\nxyz');
+    const garbledId = createHash('sha256').update(garbled).digest('hex').slice(0, 32);
+    expect((await rejection(cache.install(garbledId, gzipSync(garbled)))).message).toMatch(/header that names no files/);
     expect(existsSync(join(cache.directory, '..', 'escape.txt'))).toBe(false);
   });
 });
