@@ -452,14 +452,24 @@ export class Cluster implements Runtime {
     // Its workers start in the working directory: the node joins once its host has it.
     this.#installing.add(node);
     const started = Date.now();
+    // An install that never ends (a host's disk that hangs) must not hold the agent for ever.
+    const limit = installLimitMs(this.#workingDirectory);
+    const timer = setTimeout(() => {
+      if (!this.#installing.delete(node)) return;
+      this.events.emit('warning', { kind: 'node-refused', message: `node ${node.id} (${node.hostname}) left: it did not install the working directory within ${limit} ms` });
+      node.close();
+    }, limit);
+    timer.unref();
     node.installWorkingDirectory(this.#workingDirectory).then(
       (path) => {
+        clearTimeout(timer);
         if (!this.#installing.delete(node)) return;
         if (this.#closed) return node.close();
         this.events.emit('working-dir-installed', { nodeId: node.id, hostname: node.hostname, path, ms: Date.now() - started });
         this.#admit(node);
       },
       (error: Error) => {
+        clearTimeout(timer);
         if (!this.#installing.delete(node)) return;
         this.events.emit('warning', { kind: 'node-refused', message: `node ${node.id} (${node.hostname}) left: it could not install the working directory: ${error.message}` });
         node.close();
@@ -2624,6 +2634,7 @@ export class Cluster implements Runtime {
       })),
       ...(this.#listener ? { listening: { host: this.#listener.host, port: this.#listener.port } } : {}),
       ...(this.#describeBroker ? { broker: this.#describeBroker() } : {}),
+      ...(this.#workingDirectory ? { workingDir: describeWorkingDirectory(this.#workingDirectory, [...this.#installing].map((node) => node.id)) } : {}),
       workers: this.nodes.flatMap((node) =>
         [...node.workers.values()].map((worker) => ({ workerId: worker.id, nodeId: node.id, pid: worker.child.pid ?? 0, state: worker.state })),
       ),
@@ -2827,6 +2838,8 @@ export interface ClusterState {
   listening?: { host: string; port: number };
   /** The shared cluster this driver joined (init's `cluster`): its broker, job id and bundles. */
   broker?: BrokerInfo;
+  /** The working directory shipped to every host (runtimeEnv), and nodes still installing it. */
+  workingDir?: { root: string; code: string; dependencies?: string; files: number; bytes: number; installing: string[] };
   workers: Array<{ workerId: string; nodeId: string; pid: number; state: string }>;
   tasks: Record<string, number>;
   /** `deathCause` for dead ones: killed, died with no restarts left, or ended with no handle left. */
@@ -2837,6 +2850,25 @@ export interface ClusterState {
   /** With 'mps', CUDA_MPS_PIPE_DIRECTORY of the cluster's daemon (for nvidia-cuda-mps-control). */
   gpuSharing: { mode: 'time-slice' | 'mps'; pipeDirectory?: string };
   placementGroups: Array<{ id: string; strategy: string; state: string; bundles: Array<{ nodeId?: string; available?: Record<string, number> }> }>;
+}
+
+function describeWorkingDirectory(packed: PackedWorkingDirectory, installing: string[]): NonNullable<ClusterState['workingDir']> {
+  return {
+    root: packed.root,
+    code: packed.code.id,
+    ...(packed.dependencies ? { dependencies: packed.dependencies.id } : {}),
+    files: packed.code.files + (packed.dependencies?.files ?? 0),
+    bytes: packed.code.size + (packed.dependencies?.size ?? 0),
+    installing,
+  };
+}
+
+/**
+ * The longest an agent may take to install the working directory before its node is given up:
+ * two minutes, and a second more per MB sent (a slow link, a cold disk).
+ */
+function installLimitMs(packed: PackedWorkingDirectory): number {
+  return 120_000 + Math.ceil((packed.code.bytes.byteLength + (packed.dependencies?.bytes.byteLength ?? 0)) / 1000);
 }
 
 class ArgumentsRecovering extends Error {}

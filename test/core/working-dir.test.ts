@@ -96,6 +96,7 @@ describe('a working directory shipped to node agents', () => {
 
   it("runs the directory's tasks and actors on a host from its copy, under the driver's names", async () => {
     expect(installs).toHaveLength(1);
+    expect(state().workingDir).toMatchObject({ root: workingDir, files: 3, installing: [] });
     const copy = installs[0].path;
     expect(copy.startsWith(cache)).toBe(true);
     expect(existsSync(join(copy, 'tasks.ts'))).toBe(true);
