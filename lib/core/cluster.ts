@@ -52,7 +52,7 @@ import { MAX_RECLAIM_IPC_AFTER_MS, configureIpcReclaim } from '../gpu/ipc-reclai
 import { MultiProcessService } from '../gpu/mps.js';
 import { isImmediateSystemMethod } from './system-methods.js';
 import { checkRangeOption } from './settings.js';
-import { checkRuntimeEnvironment, jobRuntimeEnvironment, packWorkingDirectory, type PackedWorkingDirectory, type RuntimeEnvironment } from './code-package.js';
+import { checkRuntimeEnvironment, jobRuntimeEnvironment, packWorkingDirectory, packageTotals, type PackedWorkingDirectory, type RuntimeEnvironment } from './code-package.js';
 import { closeIdleMappingsOf, closeMappingsOfExporter } from '../gpu/cuda.js';
 
 /**
@@ -2857,8 +2857,7 @@ function describeWorkingDirectory(packed: PackedWorkingDirectory, installing: st
     root: packed.root,
     code: packed.code.id,
     ...(packed.dependencies ? { dependencies: packed.dependencies.id } : {}),
-    files: packed.code.files + (packed.dependencies?.files ?? 0),
-    bytes: packed.code.size + (packed.dependencies?.size ?? 0),
+    ...packageTotals(packed.code, packed.dependencies),
     installing,
   };
 }

@@ -239,6 +239,11 @@ export async function packDirectory(root: string, rules: readonly IgnoreRule[], 
   return { id, bytes: new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength), files: files.length, size: payload.length - header.length };
 }
 
+/** What a working directory's packages hold together: files, and bytes before compression. */
+export function packageTotals(code: { files: number; size: number }, dependencies?: { files: number; size: number }): { files: number; bytes: number } {
+  return { files: code.files + (dependencies?.files ?? 0), bytes: code.size + (dependencies?.size ?? 0) };
+}
+
 /** Checks a runtime environment's shape; the working directory made absolute. */
 export function checkRuntimeEnvironment(value: unknown, where = 'runtimeEnv'): RuntimeEnvironment {
   if (value === undefined) return {};
@@ -459,6 +464,15 @@ export class CodeCache {
       await fs.rm(temporary, { recursive: true, force: true });
       throw error;
     }
+  }
+
+  /**
+   * Installs a working directory unless this host has it, adding its dependencies package first
+   * where that is missing; a package's bytes are asked for only when they are needed. Returns its path.
+   */
+  async ensure(code: { id: string; bytes: () => Uint8Array }, dependencies?: { id: string; bytes: () => Uint8Array }): Promise<string> {
+    if (dependencies && !(await this.hasDependencies(dependencies.id))) await this.addDependencies(dependencies.id, dependencies.bytes());
+    return (await this.installed(code.id, dependencies?.id)) ?? (await this.install(code.id, code.bytes(), dependencies?.id));
   }
 
   /**

@@ -18,7 +18,7 @@ import { open } from 'node:fs/promises';
 import { isAbsolute, join } from 'node:path';
 import { InvalidArgumentError, TrellisError } from '../errors.js';
 import { processAlive } from './host.js';
-import { CodeCache, checkRuntimeEnvironment, type RuntimeEnvironment } from './code-package.js';
+import { CodeCache, checkRuntimeEnvironment, packageTotals, type RuntimeEnvironment } from './code-package.js';
 
 /** 'stopping': asked to stop, its processes not yet ended. */
 export type JobState = 'running' | 'stopping' | 'succeeded' | 'failed' | 'stopped';
@@ -128,8 +128,7 @@ export class JobManager {
     let runtimeEnv = checked.runtimeEnv;
     if (uploaded) {
       const { code, dependencies } = uploaded;
-      if (dependencies && !(await this.#code.hasDependencies(dependencies.id))) await this.#code.addDependencies(dependencies.id, dependencies.bytes);
-      cwd = (await this.#code.installed(code.id, dependencies?.id)) ?? (await this.#code.install(code.id, code.bytes, dependencies?.id));
+      cwd = await this.#code.ensure({ id: code.id, bytes: () => code.bytes }, dependencies && { id: dependencies.id, bytes: () => dependencies.bytes });
       runtimeEnv = { ...runtimeEnv, workingDir: cwd };
       if (this.#closed) throw new TrellisError('ERR_BROKER_CLOSING', 'the broker is shutting down');
     }
@@ -141,7 +140,7 @@ export class JobManager {
       entrypoint,
       cwd,
       ...(uploaded
-        ? { workingDir: { code: uploaded.code.id, ...(uploaded.dependencies ? { dependencies: uploaded.dependencies.id } : {}), files: uploaded.code.files + (uploaded.dependencies?.files ?? 0), bytes: uploaded.code.size + (uploaded.dependencies?.size ?? 0) } }
+        ? { workingDir: { code: uploaded.code.id, ...(uploaded.dependencies ? { dependencies: uploaded.dependencies.id } : {}), ...packageTotals(uploaded.code, uploaded.dependencies) } }
         : {}),
       state: 'running',
       submittedAt: new Date().toISOString(),

@@ -324,8 +324,7 @@ class Session {
           if (!upload || upload.filled !== upload.bytes.length) throw new CodePackageError('ERR_CODE_PACKAGE', `package ${id} has not fully arrived on this host`);
           return upload.bytes;
         };
-        if (dependencies && !(await cache.hasDependencies(dependencies))) await cache.addDependencies(dependencies, take(dependencies));
-        const path = (await cache.installed(code!, dependencies)) ?? (await cache.install(code!, take(code!), dependencies));
+        const path = await cache.ensure({ id: code!, bytes: () => take(code!) }, dependencies ? { id: dependencies, bytes: () => take(dependencies) } : undefined);
         this.agent.options.log?.(`installed the head's working directory at ${path}`);
         return { path };
       }
