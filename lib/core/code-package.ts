@@ -70,10 +70,10 @@ export interface PackedWorkingDirectory {
 
 const DEFAULT_MAX_BYTES = 512 * 1024 * 1024;
 const MAGIC = 'TRELLIS-CODE 1\n';
-/** Never part of a working directory's code. */
-const ALWAYS_EXCLUDED = ['.git/', 'node_modules/', '/.trellis-install.json'];
 /** Written into an install: which dependencies package its node_modules links. */
 const INSTALL_RECORD = '.trellis-install.json';
+/** Never part of a working directory's code. */
+const ALWAYS_EXCLUDED = ['.git/', 'node_modules/', `/${INSTALL_RECORD}`];
 /** Never part of its dependencies: the host's trellis is used, and bin links are the host's. */
 const DEPENDENCIES_EXCLUDED = ['/trellis/', '/.bin/'];
 /** Cache entries not used for this long are removed when another is made. */
@@ -221,6 +221,11 @@ function mebibytes(bytes: number): string {
   return `${(bytes / (1 << 20)).toFixed(1)} MiB`;
 }
 
+/** A package's id: the SHA-256 of what was packed (hex, 32 characters). */
+function packageId(payload: Uint8Array): string {
+  return createHash('sha256').update(payload).digest('hex').slice(0, 32);
+}
+
 /** Packs a directory's files (not those `rules` leave out) into one layer. */
 export async function packDirectory(root: string, rules: readonly IgnoreRule[], maxBytes: number, what: string): Promise<CodeLayer> {
   const files = await listFiles(root, rules, maxBytes, what);
@@ -233,7 +238,7 @@ export async function packDirectory(root: string, rules: readonly IgnoreRule[], 
     parts.push(bytes);
   }
   const payload = Buffer.concat(parts);
-  const id = createHash('sha256').update(payload).digest('hex').slice(0, 32);
+  const id = packageId(payload);
   // Level 1: most of what gzip saves on source text, at a fraction of its time.
   const bytes = await gzipAsync(payload, { level: 1 });
   return { id, bytes: new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength), files: files.length, size: payload.length - header.length };
@@ -354,7 +359,7 @@ async function unpackInto(bytes: Uint8Array, id: string, directory: string): Pro
   } catch (error) {
     throw new CodePackageError('ERR_CODE_PACKAGE', `package ${id} is not gzip data: ${(error as Error).message}`);
   }
-  const digest = createHash('sha256').update(payload).digest('hex').slice(0, 32);
+  const digest = packageId(payload);
   if (digest !== id) throw new CodePackageError('ERR_CODE_PACKAGE', `package ${id} arrived damaged (its bytes hash to ${digest})`);
   const headerEnd = payload.indexOf(10, MAGIC.length);
   if (payload.subarray(0, MAGIC.length).toString() !== MAGIC || headerEnd < 0) throw new CodePackageError('ERR_CODE_PACKAGE', `package ${id} is not a trellis code package`);
