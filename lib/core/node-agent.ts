@@ -18,7 +18,8 @@ import { ObjectServer, PeerClient, replyError } from './object-server.js';
 import { tokensMatch } from './node-listener.js';
 import { MultiProcessService, findControlProgram } from '../gpu/mps.js';
 import { storeTarget, transferObject } from './object-transfer.js';
-import { deleteUnreportedPuts, nodeResources, workerCommand, type NodeOptions } from './node.js';
+import { deleteUnreportedPuts, nodeResources, type NodeOptions } from './node.js';
+import { workerCommand } from './worker-loader.js';
 import { CodeCache } from './code-package.js';
 
 export interface NodeAgentOptions extends NodeOptions {
@@ -217,11 +218,13 @@ class Session {
       return;
     }
     const code = message.workingDirectory;
-    const child = spawn(process.execPath, workerCommand(message.typeScript), {
+    const command = workerCommand(message.typeScript);
+    const child = spawn(process.execPath, command.args, {
       // In this host's copy of the driver's working directory, whose modules it imports as the driver's.
       ...(code ? { cwd: code.path } : {}),
       env: {
         ...process.env,
+        ...command.env,
         ...message.environment,
         ...this.#multiProcessService?.environment,
         TRELLIS_SOCKET: this.headUrl,

@@ -4,67 +4,13 @@
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { ObjectStore, type StoreStats } from '../store/object-store.js';
 import { newObjectId, sequentialObjectId } from '../store/object-id.js';
 import { RING_BYTES, connectionRingWanted, type FrameConnection } from './connection.js';
 import { native, type NativeConnectionRing } from '../native.js';
 import type { DriverMessage, WorkerMessage } from './protocol.js';
 import { ResourcePool, type Resources } from './resources.js';
-
-const here = fileURLToPath(import.meta.url);
-const workerEntry = join(dirname(here), here.endsWith('.ts') ? 'worker-main.ts' : 'worker-main.js');
-
-/**
- * The Node.js flags a worker starts with. Workers import the driver's modules, so they need a
- * TypeScript loader exactly when the driver has one (or trellis itself runs from its sources).
- * A loader's hooks see every module loaded after them, one message to the hooks thread each:
- * apache-arrow alone is 158 modules, about 0.8 s of CPU per worker through tsx, against 0.1 s
- * without. So the large dependencies load first, before the loader registers its hooks.
- */
-export function driverRunsTypeScript(): boolean {
-  const driverFlags = [...process.execArgv, ...(process.env.NODE_OPTIONS?.split(/\s+/) ?? [])];
-  return workerEntry.endsWith('.ts')
-    || driverFlags.some((flag) => /(^|[/\\=])tsx([/\\]|$)/.test(flag) || flag.includes('/tsx/dist/'))
-    || /\.[mc]?tsx?$/.test(process.argv[1] ?? '');
-}
-
-function workerNodeFlags(typeScript: boolean): string[] {
-  const driverFlags = [...process.execArgv, ...(process.env.NODE_OPTIONS?.split(/\s+/) ?? [])];
-  const flags: string[] = driverFlags.filter((flag) => flag === '--experimental-strip-types' || flag === '--experimental-transform-types');
-  if (!typeScript) return flags;
-  for (const dependency of ['apache-arrow', 'msgpackr']) {
-    try {
-      flags.push('--import', import.meta.resolve(dependency));
-    } catch {
-      // Older Node.js without a synchronous import.meta.resolve: the loader loads it, more slowly.
-    }
-  }
-  // By its path: a worker may start in a working directory (runtimeEnv) that cannot resolve it.
-  let loader = 'tsx';
-  try {
-    loader = import.meta.resolve('tsx');
-  } catch {
-    // As above: found from the worker's directory, which works where it is the driver's.
-  }
-  return [...flags, '--import', loader];
-}
-const workerFlags = new Map<boolean, string[]>();
-
-/**
- * The command line of a worker process. `typeScript`: whether the driver's modules need a
- * TypeScript loader (a node agent is told by its head, whose modules its workers import).
- */
-export function workerCommand(typeScript = driverRunsTypeScript()): string[] {
-  let flags = workerFlags.get(typeScript);
-  if (!flags) workerFlags.set(typeScript, (flags = workerNodeFlags(typeScript)));
-  // TRELLIS_WORKER_NODE_ARGS: extra Node.js flags for workers (profiling, inspecting).
-  const extra = process.env.TRELLIS_WORKER_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
-  // --expose-gc: a worker collects garbage when the zero-copy views it made may pin much of the
-  // store (see worker-main.ts).
-  return [...extra, '--expose-gc', ...flags, workerEntry];
-}
+import { workerCommand } from './worker-loader.js';
 
 export type WorkerState = 'starting' | 'idle' | 'leased' | 'actor' | 'dead';
 
@@ -258,10 +204,12 @@ export class LocalNode extends Node {
     const id = `worker-${newObjectId().slice(0, 12)}`;
     const putIds = randomBytes(20);
     const ring = connectionRingWanted() ? native.ConnectionRing.create(RING_BYTES) : undefined;
-    const child = spawn(process.execPath, workerCommand(), {
+    const command = workerCommand();
+    const child = spawn(process.execPath, command.args, {
       ...(this.workingDirectory ? { cwd: this.workingDirectory } : {}),
       env: {
         ...process.env,
+        ...command.env,
         TRELLIS_SOCKET: address,
         TRELLIS_WORKER_ID: id,
         TRELLIS_NODE_ID: this.id,

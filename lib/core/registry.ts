@@ -9,7 +9,8 @@ import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
 import type { FunctionDescriptor } from './protocol.js';
 import { currentRuntime, hasRuntime } from './runtime-context.js';
 import { ClassMethodNode } from '../dag/nodes.js';
-import { canonicalModule, localModule } from './code-location.js';
+import { canonicalModule, isLibraryModule, localModule } from './code-location.js';
+import { prepareDriverModules } from './worker-loader.js';
 
 type AnyFunction = (...args: any[]) => any;
 type AnyClass = new (...args: any[]) => any;
@@ -75,6 +76,7 @@ export function lookupRegistered(descriptor: FunctionDescriptor): AnyFunction | 
 export async function importRegistered(descriptor: FunctionDescriptor): Promise<AnyFunction | AnyClass | undefined> {
   const found = lookupRegistered(descriptor);
   if (found) return found;
+  if (!isLibraryModule(descriptor.module)) await prepareDriverModules();
   await import(localModule(descriptor.module));
   return lookupRegistered(descriptor);
 }

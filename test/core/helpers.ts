@@ -2,6 +2,7 @@
 import { mkdtempSync, readdirSync, rmSync, writeFileSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { freshLibraryBuild } from '../../lib/core/worker-loader.js';
 
 /** A scratch directory for gate and marker files; `cleanup()` removes it. */
 export function scratch(): { path: (name: string) => string; cleanup: () => void } {
@@ -66,3 +67,12 @@ export async function rejection(promise: Promise<unknown>): Promise<any> {
   }
   throw new Error(`expected a rejection, got ${JSON.stringify(value)}`);
 }
+
+/**
+ * The Node.js arguments that run trellis's command line (a node agent, a job submission): the
+ * checkout's build where it is fresh, which starts in half the CPU, else the sources through tsx.
+ */
+export const trellisCli: string[] = (() => {
+  const build = freshLibraryBuild();
+  return build ? [join(build.build, 'cli', 'trellis.js')] : ['--import', 'tsx', join(import.meta.dirname, '../../lib/cli/trellis.ts')];
+})();

@@ -5,20 +5,20 @@
  * its node, whose tasks retry elsewhere and whose objects are recomputed.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { mkdirSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { GraphValidationError, InfeasibleTaskError, InputNode, ModelReplica, NodeAgent, ObjectLostError, ObjectStoreFullError, buildLLMProcessor, createCollectiveGroup, events, fromItems, readDatasource, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
 import { AccumulatorActor, NodeTagger, checksum, putArray, shout, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
-import { openGate, rejection, scratch, until } from './helpers.js';
+import { openGate, rejection, scratch, trellisCli, until } from './helpers.js';
 import { TINY_LLAMA, randomWeights, referenceGenerate, writeCheckpoint } from '../llm/fixtures/decoders.js';
 import { GatedSource } from '../data/fixtures/udfs.js';
 
 const TOKEN = 'test-token-4f2a';
-const cli = join(import.meta.dirname, '../../lib/cli/trellis.ts');
 
 function startAgent(port: number, id: string, resources: Record<string, number>, environment: Record<string, string> = {}): ChildProcess {
   return spawn(process.execPath, [
-    '--import', 'tsx', cli, 'node', '--head', `127.0.0.1:${port}`, '--id', id, '--num-cpus', '1', '--num-gpus', '0',
+    ...trellisCli, 'node', '--head', `127.0.0.1:${port}`, '--id', id, '--num-cpus', '1', '--num-gpus', '0',
     '--resources', JSON.stringify(resources), '--object-store-memory', String(64 * 1024 * 1024), '--once',
   ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN, ...environment }, stdio: ['ignore', 'inherit', 'inherit'] });
 }
@@ -138,6 +138,8 @@ describe('node agents', () => {
 
   it('maps each block on an actor of the node that holds it, where one is free', async () => {
     const gate = files.path('read-gate');
+    const ready = files.path('taggers-ready');
+    mkdirSync(ready);
     const moves: Array<{ route: string }> = [];
     const onTransfer = (move: { route: string }) => moves.push(move);
     events().on('object-transfer', onTransfer);
@@ -145,9 +147,10 @@ describe('node agents', () => {
       // 16 blocks of 25,000 rows (stored, not inline), all read on agent-a once both actors are up.
       const source = new GatedSource(400_000, 25_000, Object.fromEntries(Array.from({ length: 16 }, (_, index) => [index, gate])));
       const pending = readDatasource(source, { resources: { a: 1 } })
-        .mapBatches(NodeTagger, { concurrency: 2, numCpus: 0, resources: { pool: 1 }, batchSize: null, maxTasksInFlightPerActor: 16 })
+        .mapBatches(NodeTagger, { concurrency: 2, numCpus: 0, resources: { pool: 1 }, batchSize: null, maxTasksInFlightPerActor: 16, constructorArgs: [ready] })
         .takeAll();
-      await until(() => state().actors.filter((actor) => actor.state === 'alive' && actor.nodeId?.startsWith('agent-')).length >= 2, 'both pool actors');
+      // Made, not only placed: an actor still importing the class takes no block yet.
+      await until(() => readdirSync(ready).length >= 2, 'both pool actors made');
       openGate(gate);
       const rows = await pending;
       expect(rows).toHaveLength(400_000);
@@ -322,7 +325,7 @@ describe('a node id already taken', () => {
 });
 
 describe('the trellis command', () => {
-  const run = (args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', cli, ...args], { encoding: 'utf8', env: { ...process.env, TRELLIS_CLUSTER_TOKEN: '' } });
+  const run = (args: string[]) => spawnSync(process.execPath, [...trellisCli, ...args], { encoding: 'utf8', env: { ...process.env, TRELLIS_CLUSTER_TOKEN: '' } });
 
   it('names what is wrong with its arguments', () => {
     const noHead = run(['node']);

@@ -9,15 +9,14 @@ import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_proces
 import { promisify } from 'node:util';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, fromItems, get, init, listJobs, requestResources, shutdown, state, wait, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
 import { GatedTagger, NodeTagger, checksum, makeArray, pausedTag, visibleGpus, waitThenWhere, whereAmI } from './fixtures/nodes.js';
-import { isAlive, openGate, rejection, scratch, until } from './helpers.js';
+import { isAlive, openGate, rejection, scratch, trellisCli, until } from './helpers.js';
 
 const TOKEN = 'shared-cluster-token';
-const cli = join(import.meta.dirname, '../../lib/cli/trellis.ts');
 const driverScript = join(import.meta.dirname, 'fixtures/broker-driver.ts');
 const repository = join(import.meta.dirname, '../..');
 const run = (args: string[], env: NodeJS.ProcessEnv = process.env) => promisify(execFile)(process.execPath, args, { encoding: 'utf8', env });
@@ -43,7 +42,7 @@ describe('shared cluster', () => {
 
   function startHost(id: string, extra: string[]): ChildProcess {
     const child = spawn(process.execPath, [
-      '--import', 'tsx', cli, 'node', '--broker', address, '--id', id, '--num-cpus', '2',
+      ...trellisCli, 'node', '--broker', address, '--id', id, '--num-cpus', '2',
       '--object-store-memory', String(128 * 1024 * 1024), ...extra,
     ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN, TRELLIS_CODE_CACHE: hostCodeCache }, stdio: ['ignore', 'inherit', 'pipe'] });
     child.stderr!.resume();
@@ -124,10 +123,10 @@ describe('shared cluster', () => {
     expect(now.drivers).toEqual([expect.objectContaining({ bundles: 2, granted: 2, nodes: expect.arrayContaining(lent.map((node) => node.nodeId)) })]);
     expect(now.hosts.find((host) => host.hostId === 'host-a')!.free).toEqual({ CPU: 1, GPU: 1 });
     // The command line shows the same, as text and as JSON (run asynchronously: the broker is in this process).
-    const text = await run(['--import', 'tsx', cli, 'status', '--broker', address, '--token', TOKEN]);
+    const text = await run([...trellisCli, 'status', '--broker', address, '--token', TOKEN]);
     expect(text.stdout).toMatch(/^2 host\(s\)\n {2}host-a \(.+\): CPU 1, GPU 1 free of CPU 2, GPU 2; 1 session\(s\)/);
     expect(text.stdout).toMatch(/1 job\(s\)\n {2}job-[\w-]+ .+ at 127\.0\.0\.1:\d+: 2 of 2 bundle\(s\) lent \(all\); nodes host-/);
-    const json = await run(['--import', 'tsx', cli, 'status', '--broker', address, '--json'], { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN });
+    const json = await run([...trellisCli, 'status', '--broker', address, '--json'], { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN });
     expect(JSON.parse(json.stdout).drivers[0]).toMatchObject({ bundles: 2, granted: 2 });
     await shutdown();
     await allFree();
@@ -186,13 +185,16 @@ describe('shared cluster', () => {
       expect(state().nodes.filter((node) => node.nodeId !== 'node-0')).toHaveLength(1);
       const gate = files.path('gate');
       const items = Array.from({ length: 600 }, (_, i) => i);
-      const job = fromItems(items, { parallelism: 30 }).mapBatches(GatedTagger, { concurrency: [1, 3], batchSize: 20, constructorArgs: [gate] }).takeAll();
+      const busy = files.path('busy');
+      mkdirSync(busy);
+      const job = fromItems(items, { parallelism: 30 }).mapBatches(GatedTagger, { concurrency: [1, 3], batchSize: 20, constructorArgs: [gate, busy] }).takeAll();
       job.catch(() => undefined);
       const taggers = () => state().actors.filter((actor) => actor.className === 'DataPoolActor' && actor.state === 'alive').length;
       await until(() => taggers() === 1, 'the first actor');
       // The other job ends: its CPUs are lent to this one, and the pool grows onto them.
       holder.send('exit');
-      await until(() => taggers() === 3, 'the pool to grow to three actors', 60_000);
+      // Each actor holding a batch, not only placed (one still importing its class takes none yet).
+      await until(() => readdirSync(busy).length === 3, 'the pool to grow to three busy actors', 60_000);
       openGate(gate);
       const rows = await job;
       expect(rows.map((row) => row.item).sort((a, b) => (a as number) - (b as number))).toEqual(items);
@@ -209,14 +211,16 @@ describe('shared cluster', () => {
       await init({ cluster: request({ bundles: [{ CPU: 1 }], name: 'elastic' }) });
       const gate = files.path('gate');
       const items = Array.from({ length: 300 }, (_, i) => i);
-      const job = fromItems(items, { parallelism: 15 }).mapBatches(GatedTagger, { concurrency: [1, 3], batchSize: 20, constructorArgs: [gate] }).takeAll();
+      const busy = files.path('busy');
+      mkdirSync(busy);
+      const job = fromItems(items, { parallelism: 15 }).mapBatches(GatedTagger, { concurrency: [1, 3], batchSize: 20, constructorArgs: [gate, busy] }).takeAll();
       job.catch(() => undefined);
-      const taggers = () => state().actors.filter((actor) => actor.className === 'DataPoolActor' && actor.state === 'alive').length;
-      // One CPU was asked at init; the pool's queued work asks for two more, one per actor it may add.
-      await until(() => taggers() === 3, 'the pool to grow onto the room it asked for', 60_000);
+      // One CPU was asked at init; the pool's queued work asks for two more, one per actor it may
+      // add. Each actor holds a batch (placed is not enough: one still importing takes none yet).
+      await until(() => readdirSync(busy).length === 3, 'the pool to grow onto the room it asked for', 60_000);
       expect(state().broker).toMatchObject({ bundles: 3, lent: 3 });
       expect((await status()).drivers[0]).toMatchObject({ bundles: 3, granted: 3, borrowed: 2 });
-      const text = await run(['--import', 'tsx', cli, 'status', '--broker', address, '--token', TOKEN]);
+      const text = await run([...trellisCli, 'status', '--broker', address, '--token', TOKEN]);
       expect(text.stdout).toMatch(/3 of 3 bundle\(s\) lent \(all\); nodes .+; 2 borrowed by its pools/);
       openGate(gate);
       const rows = await job;
@@ -392,10 +396,11 @@ describe('shared cluster', () => {
       const items = Array.from({ length: 400 }, (_, i) => i);
       const warnings: string[] = [];
       events().on('warning', (event: { message: string }) => warnings.push(event.message));
-      const job = fromItems(items, { parallelism: 20 }).mapBatches(GatedTagger, { concurrency: [4, 4], batchSize: 20, constructorArgs: [gate] }).takeAll();
+      const busy = files.path('busy');
+      mkdirSync(busy);
+      const job = fromItems(items, { parallelism: 20 }).mapBatches(GatedTagger, { concurrency: [4, 4], batchSize: 20, constructorArgs: [gate, busy] }).takeAll();
       job.catch(() => undefined);
-      const taggers = () => state().actors.filter((actor) => actor.className === 'DataPoolActor' && actor.state === 'alive');
-      await until(() => taggers().length === 4, 'four actors on the two hosts');
+      await until(() => readdirSync(busy).length === 4, 'four busy actors on the two hosts');
       const onB = state().nodes.find((node) => node.nodeId.startsWith('host-b/'))!.nodeId;
       const preempted = new Promise((resolve) => events().once('cluster-node-preempted', resolve));
       const urgent = childDriver({ bundles: [{ CPU: 2, b: 1 }], priority: 5, name: 'urgent' });
@@ -513,7 +518,7 @@ describe('shared cluster', () => {
     ].join('\n'));
     writeFileSync(join(project, 'label.txt'), 'from the project\n');
     writeFileSync(join(project, 'notes.log'), 'left out');
-    const submitted = await run(['--import', 'tsx', cli, 'job', 'submit', '--broker', address, '--token', TOKEN, '--follow', '--working-dir', project, '--exclude', '*.log', '--', process.execPath, '--import', 'tsx', 'driver.ts']);
+    const submitted = await run([...trellisCli, 'job', 'submit', '--broker', address, '--token', TOKEN, '--follow', '--working-dir', project, '--exclude', '*.log', '--', process.execPath, '--import', 'tsx', 'driver.ts']);
     const line = submitted.stdout.trim().split('\n').find((text) => text.startsWith('{'));
     const ran = JSON.parse(line!) as { job: string; driverCwd: string; node: string; cwd: string; label: string; module: string };
     // The broker ran the driver in its copy; the lent host ran the task in a copy of its own.
@@ -524,7 +529,7 @@ describe('shared cluster', () => {
     expect(ran).toMatchObject({ label: 'from the project', module: pathToFileURL(join(ran.cwd, 'where.ts')).href });
     const [job] = (await listJobs(address, { token: TOKEN })).slice(-1);
     expect(job).toMatchObject({ jobId: ran.job, state: 'succeeded', exitCode: 0, name: 'driver.ts', cwd: ran.driverCwd, workingDir: { files: 4 } });
-    const listed = await run(['--import', 'tsx', cli, 'job', 'list', '--broker', address, '--token', TOKEN]);
+    const listed = await run([...trellisCli, 'job', 'list', '--broker', address, '--token', TOKEN]);
     expect(listed.stdout).toContain(`${job.jobId}  succeeded (exit code 0)  driver.ts`);
   }, 60_000);
 

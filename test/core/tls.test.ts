@@ -10,11 +10,10 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Broker, brokerStatus, get, init, put, shutdown, state } from '../../lib/index.js';
 import { checksum, makeArray, whereAmI } from './fixtures/nodes.js';
-import { rejection } from './helpers.js';
+import { rejection, trellisCli } from './helpers.js';
 
 const TOKEN = 'tls-test-token';
 const fixtures = join(import.meta.dirname, 'fixtures/tls');
-const cli = join(import.meta.dirname, '../../lib/cli/trellis.ts');
 const credentials = (name: string) => ({
   TRELLIS_TLS_CERT: join(fixtures, `${name}.pem`),
   TRELLIS_TLS_KEY: join(fixtures, `${name}.key`),
@@ -37,7 +36,7 @@ describe('TLS between hosts', () => {
     useCredentials(credentials('cluster'));
     broker = await Broker.start({ host: '127.0.0.1', port: 0, token: TOKEN });
     address = `127.0.0.1:${broker.port}`;
-    host = spawn(process.execPath, ['--import', 'tsx', cli, 'node', '--broker', address, '--id', 'tls-host', '--num-cpus', '1', '--object-store-memory', String(64 * 1024 * 1024)], {
+    host = spawn(process.execPath, [...trellisCli, 'node', '--broker', address, '--id', 'tls-host', '--num-cpus', '1', '--object-store-memory', String(64 * 1024 * 1024)], {
       env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN },
       stdio: ['ignore', 'inherit', 'inherit'],
     });

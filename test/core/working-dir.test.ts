@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { events, get, init, state, waitForNodes, type ActorClass, type ClusterSession, type RemoteFunction } from '../../lib/index.js';
+import { trellisCli } from './helpers.js';
 
 interface Place {
   module: string;
@@ -26,7 +27,6 @@ interface Tasks {
 }
 
 const TOKEN = 'working-dir-token';
-const cli = join(import.meta.dirname, '../../lib/cli/trellis.ts');
 const library = pathToFileURL(join(import.meta.dirname, '../../lib/index.ts')).href;
 
 const TASKS = `
@@ -53,7 +53,7 @@ export const GreeterActor = remote(import.meta, Greeter);
 
 function startAgent(port: number, id: string, cache: string): ChildProcess {
   return spawn(process.execPath, [
-    '--import', 'tsx', cli, 'node', '--head', `127.0.0.1:${port}`, '--id', id, '--num-cpus', '1', '--num-gpus', '0',
+    ...trellisCli, 'node', '--head', `127.0.0.1:${port}`, '--id', id, '--num-cpus', '1', '--num-gpus', '0',
     '--resources', JSON.stringify({ far: 1 }), '--object-store-memory', String(32 * 1024 * 1024), '--once', '--code-cache', cache,
   ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN }, stdio: ['ignore', 'inherit', 'inherit'] });
 }

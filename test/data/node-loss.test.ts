@@ -9,12 +9,11 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { buildLLMProcessor, events, init, range, readDatasource, state, waitForNodes, type ClusterSession, type JobProgress, type ProgressReporter } from '../../lib/index.js';
 import { NodeTagger, doubleId, promptOf } from '../core/fixtures/nodes.js';
-import { openGate, scratch, until } from '../core/helpers.js';
+import { openGate, scratch, trellisCli, until } from '../core/helpers.js';
 import { TINY_LLAMA, randomWeights, referenceGenerate, writeCheckpoint } from '../llm/fixtures/decoders.js';
 import { GatedSource } from './fixtures/udfs.js';
 
 const TOKEN = 'node-loss-token';
-const cli = join(import.meta.dirname, '../../lib/cli/trellis.ts');
 
 describe('batch jobs that lose a node', () => {
   let session: ClusterSession;
@@ -26,7 +25,7 @@ describe('batch jobs that lose a node', () => {
 
   function startAgent(id: string): ChildProcess {
     const agent = spawn(process.execPath, [
-      '--import', 'tsx', cli, 'node', '--head', `127.0.0.1:${port}`, '--id', id, '--num-cpus', '1', '--num-gpus', '0',
+      ...trellisCli, 'node', '--head', `127.0.0.1:${port}`, '--id', id, '--num-cpus', '1', '--num-gpus', '0',
       '--resources', JSON.stringify({ pool: 1 }), '--object-store-memory', String(64 * 1024 * 1024), '--once',
     ], { env: { ...process.env, TRELLIS_CLUSTER_TOKEN: TOKEN }, stdio: ['ignore', 'inherit', 'inherit'] });
     agents.set(id, agent);

@@ -13,6 +13,7 @@ import { CudaError, get, init, InvalidArgumentError, isInitialized, shutdown, st
 import { findControlProgram } from '../../lib/gpu/mps.js';
 import { buildFakeGpu, scenario } from './gpu-helpers.js';
 import { RemoteConsumer, RemoteProducer } from './fixtures/cuda-actors.js';
+import { trellisCli } from '../core/helpers.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const real = (await scenario('absent')).cuda.available === true;
@@ -107,8 +108,7 @@ describe.skipIf(reason !== undefined)(`gpuSharing 'mps' (${reason ? `skipped: ${
   it('runs a daemon on each node agent with GPUs, which its workers join, stopped when the driver ends', async () => {
     const token = 'mps-agents';
     await init({ numCpus: 1, gpuSharing: 'mps', listen: { host: '127.0.0.1', port: 0, token } });
-    const cli = join(here, '../../lib/cli/trellis.ts');
-    const agent = spawn(process.execPath, ['--import', 'tsx', cli, 'node', '--head', `127.0.0.1:${state().listening!.port}`, '--id', 'gpu-agent', '--num-cpus', '2', '--num-gpus', '1', '--once'], {
+    const agent = spawn(process.execPath, [...trellisCli, 'node', '--head', `127.0.0.1:${state().listening!.port}`, '--id', 'gpu-agent', '--num-cpus', '2', '--num-gpus', '1', '--once'], {
       env: { ...process.env, TRELLIS_CLUSTER_TOKEN: token },
       stdio: ['ignore', 'inherit', 'inherit'],
     });

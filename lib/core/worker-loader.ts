@@ -1,0 +1,166 @@
+/**
+ * How a worker process loads code: its command line, and the module loader it registers once it
+ * first imports one of the driver's modules.
+ *
+ * A loader's hooks see every module loaded after them, each one a message to the hooks thread:
+ * trellis and its dependencies through tsx cost a worker about a second of CPU, against half that
+ * without hooks, and tsx alone takes a third of a second to register. So a worker loads trellis
+ * before any hook exists, and registers the TypeScript loader only when it imports a module of
+ * the driver's (a prestarted worker that never runs a task never pays for it).
+ *
+ * Run from its sources (a checkout, its tests), trellis would have its workers compile the whole
+ * library through tsx. Where the checkout has a build no older than any source (`npm run build`,
+ * which `npm ci` runs), workers run that build, and a resolve hook sends the driver's imports of
+ * the library's sources to the same built modules, so a worker has one copy of trellis. The same
+ * holds for a process of the checkout run from its build (a node agent, say) whose workers import
+ * modules that name the sources.
+ */
+import { existsSync, readdirSync, statSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+
+const here = fileURLToPath(import.meta.url);
+const fromSources = here.endsWith('.ts');
+/** The library's root folder (lib/ in a checkout, dist/ built). */
+const libraryDirectory = dirname(dirname(here));
+
+/** What a worker registers when it first imports a driver's module (TRELLIS_WORKER_LOADER). */
+interface DeferredLoader {
+  /** The TypeScript loader's URL, where the driver's modules need one. */
+  typeScript?: string;
+  /** Imports of the library's sources (a folder URL) go to its build (another) instead. */
+  sources?: string;
+  build?: string;
+}
+
+const LOADER_VARIABLE = 'TRELLIS_WORKER_LOADER';
+
+/** A checkout's library sources and their build (folders). */
+export interface LibraryBuild {
+  sources: string;
+  build: string;
+}
+
+let checkedBuild: LibraryBuild | undefined | null = null;
+
+/**
+ * In a checkout of trellis (its sources in lib/ beside the build in dist/), the two where every
+ * source module has a built twin no older than it; undefined in an installed package (no
+ * sources), or where the build is missing or stale (then workers of a driver run from sources
+ * compile them). TRELLIS_WORKER_FROM_SOURCES=1 turns it off.
+ */
+export function freshLibraryBuild(): LibraryBuild | undefined {
+  if (checkedBuild !== null) return checkedBuild;
+  checkedBuild = undefined;
+  if (process.env.TRELLIS_WORKER_FROM_SOURCES === '1') return undefined;
+  const root = dirname(libraryDirectory);
+  const sources = join(root, 'lib');
+  const build = join(root, 'dist');
+  const fresh = (folder: string): boolean => {
+    for (const entry of readdirSync(join(sources, folder), { withFileTypes: true })) {
+      const path = join(folder, entry.name);
+      if (entry.isDirectory()) {
+        if (!fresh(path)) return false;
+      } else if (entry.name.endsWith('.ts') && !entry.name.endsWith('.d.ts')) {
+        const built = statSync(join(build, path.replace(/\.ts$/, '.js')), { throwIfNoEntry: false });
+        if (!built || built.mtimeMs < statSync(join(sources, path)).mtimeMs) return false;
+      }
+    }
+    return true;
+  };
+  try {
+    if (existsSync(sources) && existsSync(build) && fresh('.')) checkedBuild = { sources, build };
+  } catch {
+    // An unreadable tree: no build to trust.
+  }
+  return checkedBuild;
+}
+
+/**
+ * Whether the driver's modules need a TypeScript loader: the driver has one, or runs a TypeScript
+ * entry, or trellis itself runs from its sources.
+ */
+export function driverRunsTypeScript(): boolean {
+  const driverFlags = [...process.execArgv, ...(process.env.NODE_OPTIONS?.split(/\s+/) ?? [])];
+  return fromSources
+    || driverFlags.some((flag) => /(^|[/\\=])tsx([/\\]|$)/.test(flag) || flag.includes('/tsx/dist/'))
+    || /\.[mc]?tsx?$/.test(process.argv[1] ?? '');
+}
+
+function resolveFromHere(specifier: string): string | undefined {
+  try {
+    return import.meta.resolve(specifier);
+  } catch {
+    // Older Node.js without a synchronous import.meta.resolve.
+    return undefined;
+  }
+}
+
+/** A worker's command line and the environment it adds. */
+export interface WorkerCommand {
+  args: string[];
+  env: Record<string, string>;
+}
+
+const commands = new Map<boolean, WorkerCommand>();
+
+function buildCommand(typeScript: boolean): WorkerCommand {
+  const driverFlags = [...process.execArgv, ...(process.env.NODE_OPTIONS?.split(/\s+/) ?? [])];
+  const flags = driverFlags.filter((flag) => flag === '--experimental-strip-types' || flag === '--experimental-transform-types');
+  // By its path: a worker may start in a working directory (runtimeEnv) that cannot resolve it.
+  const loader = typeScript ? resolveFromHere('tsx') ?? 'tsx' : undefined;
+  const build = freshLibraryBuild();
+  if (fromSources && !build) {
+    // Compiling the library: the large dependencies load first, before the loader's hooks.
+    const preload = ['apache-arrow', 'msgpackr'].flatMap((name) => {
+      const url = resolveFromHere(name);
+      return url ? ['--import', url] : [];
+    });
+    return { args: [...flags, ...preload, '--import', loader ?? 'tsx', join(libraryDirectory, 'core', 'worker-main.ts')], env: {} };
+  }
+  const entry = join(build?.build ?? libraryDirectory, 'core', 'worker-main.js');
+  const deferred: DeferredLoader = {
+    ...(loader ? { typeScript: loader } : {}),
+    ...(build ? { sources: pathToFileURL(build.sources + '/').href, build: pathToFileURL(build.build + '/').href } : {}),
+  };
+  return { args: [...flags, entry], env: Object.keys(deferred).length > 0 ? { [LOADER_VARIABLE]: JSON.stringify(deferred) } : {} };
+}
+
+/**
+ * The command line of a worker process, and what it adds to the environment. `typeScript`:
+ * whether the driver's modules need a TypeScript loader (a node agent is told by its head, whose
+ * modules its workers import).
+ */
+export function workerCommand(typeScript = driverRunsTypeScript()): WorkerCommand {
+  let command = commands.get(typeScript);
+  if (!command) commands.set(typeScript, (command = buildCommand(typeScript)));
+  // TRELLIS_WORKER_NODE_ARGS: extra Node.js flags for workers (profiling, inspecting).
+  const extra = process.env.TRELLIS_WORKER_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
+  // --expose-gc: a worker collects garbage when the zero-copy views it made may pin much of the
+  // store (see worker-main.ts).
+  return { args: [...extra, '--expose-gc', ...command.args], env: command.env };
+}
+
+let registering: Promise<void> | undefined;
+
+/**
+ * In a worker, before it imports a driver's module: registers the loader its command deferred
+ * (once; a no-op where there is none). The variable is taken out of the environment, so processes
+ * the user's code starts do not inherit it.
+ */
+export function prepareDriverModules(): Promise<void> {
+  if (registering) return registering;
+  const text = process.env[LOADER_VARIABLE];
+  delete process.env[LOADER_VARIABLE];
+  registering = (async () => {
+    if (!text) return;
+    const deferred = JSON.parse(text) as DeferredLoader;
+    if (deferred.typeScript) await import(deferred.typeScript);
+    // After the TypeScript loader, so that it runs first and sees what that one resolved.
+    if (deferred.sources && deferred.build) {
+      const { register } = await import('node:module');
+      register(new URL('library-build-hooks.js', import.meta.url), { data: { sources: deferred.sources, build: deferred.build } });
+    }
+  })();
+  return registering;
+}
