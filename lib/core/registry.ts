@@ -10,7 +10,7 @@ import type { FunctionDescriptor } from './protocol.js';
 import { currentRuntime, hasRuntime } from './runtime-context.js';
 import { ClassMethodNode } from '../dag/nodes.js';
 import { canonicalModule, isLibraryModule, localModule } from './code-location.js';
-import { prepareDriverModules } from './worker-loader.js';
+import { prepareDriverModule } from './worker-loader.js';
 
 type AnyFunction = (...args: any[]) => any;
 type AnyClass = new (...args: any[]) => any;
@@ -76,8 +76,9 @@ export function lookupRegistered(descriptor: FunctionDescriptor): AnyFunction | 
 export async function importRegistered(descriptor: FunctionDescriptor): Promise<AnyFunction | AnyClass | undefined> {
   const found = lookupRegistered(descriptor);
   if (found) return found;
-  if (!isLibraryModule(descriptor.module)) await prepareDriverModules();
-  await import(localModule(descriptor.module));
+  const url = localModule(descriptor.module);
+  if (!isLibraryModule(descriptor.module)) await prepareDriverModule(url);
+  await import(url);
   return lookupRegistered(descriptor);
 }
 

@@ -5,8 +5,9 @@
  * A loader's hooks see every module loaded after them, each one a message to the hooks thread:
  * trellis and its dependencies through tsx cost a worker about a second of CPU, against half that
  * without hooks, and tsx alone takes a third of a second to register. So a worker loads trellis
- * before any hook exists, and registers the TypeScript loader only when it imports a module of
- * the driver's (a prestarted worker that never runs a task never pays for it).
+ * before any hook exists, and registers the TypeScript loader only when it imports a TypeScript
+ * module of the driver's, or any where the driver itself runs TypeScript (a prestarted worker that
+ * never runs a task never pays for it).
  *
  * Run from its sources (a checkout, its tests), trellis would have its workers compile the whole
  * library through tsx. Where the checkout has a build no older than any source (`npm run build`,
@@ -26,8 +27,10 @@ const libraryDirectory = dirname(dirname(here));
 
 /** What a worker registers when it first imports a driver's module (TRELLIS_WORKER_LOADER). */
 interface DeferredLoader {
-  /** The TypeScript loader's URL, where the driver's modules need one. */
+  /** The TypeScript loader's URL (tsx, a dependency of trellis), where it resolves. */
   typeScript?: string;
+  /** Register it before any of the driver's modules (the driver runs TypeScript), not only a TypeScript one. */
+  everyModule?: boolean;
   /** Imports of the library's sources (a folder URL) go to its build (another) instead. */
   sources?: string;
   build?: string;
@@ -108,7 +111,7 @@ function buildCommand(typeScript: boolean): WorkerCommand {
   const driverFlags = [...process.execArgv, ...(process.env.NODE_OPTIONS?.split(/\s+/) ?? [])];
   const flags = driverFlags.filter((flag) => flag === '--experimental-strip-types' || flag === '--experimental-transform-types');
   // By its path: a worker may start in a working directory (runtimeEnv) that cannot resolve it.
-  const loader = typeScript ? resolveFromHere('tsx') ?? 'tsx' : undefined;
+  const loader = resolveFromHere('tsx');
   const build = freshLibraryBuild();
   if (fromSources && !build) {
     // Compiling the library: the large dependencies load first, before the loader's hooks.
@@ -120,7 +123,7 @@ function buildCommand(typeScript: boolean): WorkerCommand {
   }
   const entry = join(build?.build ?? libraryDirectory, 'core', 'worker-main.js');
   const deferred: DeferredLoader = {
-    ...(loader ? { typeScript: loader } : {}),
+    ...(loader ? { typeScript: loader, ...(typeScript ? { everyModule: true } : {}) } : {}),
     ...(build ? { sources: pathToFileURL(build.sources + '/').href, build: pathToFileURL(build.build + '/').href } : {}),
   };
   return { args: [...flags, entry], env: Object.keys(deferred).length > 0 ? { [LOADER_VARIABLE]: JSON.stringify(deferred) } : {} };
@@ -128,8 +131,8 @@ function buildCommand(typeScript: boolean): WorkerCommand {
 
 /**
  * The command line of a worker process, and what it adds to the environment. `typeScript`:
- * whether the driver's modules need a TypeScript loader (a node agent is told by its head, whose
- * modules its workers import).
+ * whether the driver runs TypeScript, so that even its .js modules are loaded through the loader
+ * (a node agent is told by its head, whose modules its workers import).
  */
 export function workerCommand(typeScript = driverRunsTypeScript()): WorkerCommand {
   let command = commands.get(typeScript);
@@ -141,25 +144,31 @@ export function workerCommand(typeScript = driverRunsTypeScript()): WorkerComman
   return { args: [...extra, '--expose-gc', ...command.args], env: command.env };
 }
 
+const TYPESCRIPT_MODULE = /\.[mc]?tsx?$/;
+let deferred: DeferredLoader | undefined | null = null;
 let registering: Promise<void> | undefined;
 
 /**
- * In a worker, before it imports a driver's module: registers the loader its command deferred
- * (once; a no-op where there is none). The variable is taken out of the environment, so processes
- * the user's code starts do not inherit it.
+ * In a worker, before it imports the driver's module `url`: registers the loader its command
+ * deferred, once, if the module needs it (a TypeScript module, or any where the driver runs
+ * TypeScript). The variable is taken out of the environment, so processes the user's code starts
+ * do not inherit it.
  */
-export function prepareDriverModules(): Promise<void> {
+export function prepareDriverModule(url: string): Promise<void> {
   if (registering) return registering;
-  const text = process.env[LOADER_VARIABLE];
-  delete process.env[LOADER_VARIABLE];
+  if (deferred === null) {
+    const text = process.env[LOADER_VARIABLE];
+    delete process.env[LOADER_VARIABLE];
+    deferred = text ? (JSON.parse(text) as DeferredLoader) : undefined;
+  }
+  const loader = deferred;
+  if (!loader?.typeScript || !(loader.everyModule || TYPESCRIPT_MODULE.test(new URL(url).pathname))) return Promise.resolve();
   registering = (async () => {
-    if (!text) return;
-    const deferred = JSON.parse(text) as DeferredLoader;
-    if (deferred.typeScript) await import(deferred.typeScript);
+    await import(loader.typeScript!);
     // After the TypeScript loader, so that it runs first and sees what that one resolved.
-    if (deferred.sources && deferred.build) {
+    if (loader.sources && loader.build) {
       const { register } = await import('node:module');
-      register(new URL('library-build-hooks.js', import.meta.url), { data: { sources: deferred.sources, build: deferred.build } });
+      register(new URL('library-build-hooks.js', import.meta.url), { data: { sources: loader.sources, build: loader.build } });
     }
   })();
   return registering;
