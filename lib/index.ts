@@ -54,7 +54,7 @@ export { remote } from './core/registry.js';
 export type { RemoteFunction, ActorClass, ActorHandle, ActorMethod, RemoteArgs } from './core/registry.js';
 export { ObjectRef } from './core/object-ref.js';
 export type { RefOr } from './core/object-ref.js';
-export type { TaskOptions, ActorOptions, ActorCallOptions, Recompute, SchedulingStrategy, TensorTransport } from './core/options.js';
+export type { TaskOptions, ActorOptions, ActorCallOptions, Recompute, SchedulingStrategy, TensorTransport, WorkerRuntimeEnvironment } from './core/options.js';
 export type { RuntimeContext } from './core/runtime-context.js';
 export { CommunicatorError } from './errors.js';
 export { Tensor, parseDevice } from './gpu/tensor.js';

@@ -26,8 +26,8 @@ import {
 import { isObjectId, newObjectId, taskPutBase } from '../store/object-id.js';
 import type { StoreStats } from '../store/object-store.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
-import type { ActorCallOptions, ActorOptions, SchedulingStrategy, TaskOptions } from './options.js';
-import { checkRecompute, requestOf } from './options.js';
+import type { ActorCallOptions, ActorOptions, SchedulingStrategy, TaskOptions, WorkerEnvironment } from './options.js';
+import { DEFAULT_WORKER_ENVIRONMENT, checkRecompute, requestOf, workerEnvironmentOf } from './options.js';
 import { FrameConnection } from './connection.js';
 import {
   type DriverMessage,
@@ -137,6 +137,8 @@ interface TaskRecord {
   returnId: string;
   request: Map<string, number>;
   classKey: string;
+  /** The variables of the workers it runs in (its runtimeEnv). */
+  environment: WorkerEnvironment;
   strategy: SchedulingStrategy;
   maxRetries: number;
   retryExceptions: boolean;
@@ -167,6 +169,7 @@ interface RerunSpec {
 interface RequestInfo {
   request: Map<string, number>;
   requestKey: string;
+  environment: WorkerEnvironment;
   lastFn?: FunctionDescriptor;
   lastClassKey?: string;
   /**
@@ -204,6 +207,8 @@ interface ActorRecord {
   held: string[];
   options: ActorOptions;
   request: Map<string, number>;
+  /** The variables of its process (its runtimeEnv). */
+  environment: WorkerEnvironment;
   state: 'pending' | 'starting' | 'alive' | 'restarting' | 'dead';
   worker?: WorkerProcess;
   node?: Node;
@@ -218,6 +223,15 @@ interface ActorRecord {
   deathCause?: string;
   /** No handle to it is left: it ends once its calls are done and no result it holds is read. */
   unreferenced?: boolean;
+}
+
+/**
+ * Options of a task or actor a worker submitted: without a runtimeEnv of their own, they run with
+ * the submitting worker's (as Ray's children inherit their parent's runtime environment).
+ */
+function inheritEnvironment<T extends TaskOptions | ActorOptions>(options: T, worker: WorkerProcess): T {
+  if (options?.runtimeEnv !== undefined || !worker.environment.env) return options;
+  return { ...options, runtimeEnv: { env: { ...worker.environment.env } } };
 }
 
 /** Actor ids share the namespace of holds with object ids (hex), told apart by their prefix. */
@@ -577,8 +591,8 @@ export class Cluster implements Runtime {
   // -------------------------------------------------------------------------------------------
   // Workers
 
-  #spawn(node: Node): WorkerProcess {
-    const worker = node.spawnWorker(this.#socketPath);
+  #spawn(node: Node, environment: WorkerEnvironment = DEFAULT_WORKER_ENVIRONMENT): WorkerProcess {
+    const worker = node.spawnWorker(this.#socketPath, environment);
     if (node instanceof RemoteNode) worker.child.on('exit', () => worker.connection?.close());
     worker.child.on('exit', () => this.#onWorkerExit(worker));
     return worker;
@@ -762,7 +776,7 @@ export class Cluster implements Runtime {
     try {
       switch (op) {
         case 'submit': {
-          const task = this.#makeTask(body.fn, undefined, undefined, body.args, body.argRefs, body.held, body.options, body.returnId);
+          const task = this.#makeTask(body.fn, undefined, undefined, body.args, body.argRefs, body.held, inheritEnvironment(body.options, worker), body.returnId);
           this.#addWorkerHold(worker, body.returnId); // the submitting worker's handle
           this.#submit(task);
           return;
@@ -774,7 +788,7 @@ export class Cluster implements Runtime {
         }
         case 'create-actor': {
           this.#addWorkerHold(worker, body.actorId); // the creating worker's handle
-          this.#createActorRecord(body.actorId, body.cls, body.args, body.argRefs, body.held, body.options, body.methods);
+          this.#createActorRecord(body.actorId, body.cls, body.args, body.argRefs, body.held, inheritEnvironment(body.options, worker), body.methods);
           return;
         }
         case 'register': {
@@ -1359,6 +1373,8 @@ export class Cluster implements Runtime {
   // Tasks
 
   submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions): ObjectRef<unknown> {
+    // Options checked (and remembered) before the arguments are stored.
+    this.#requestFor(options, fn.name);
     const { bytes, argRefs, held } = this.#encodeArgs(args);
     const returnId = newObjectId();
     const ref = new ObjectRef(returnId);
@@ -1377,7 +1393,7 @@ export class Cluster implements Runtime {
     options: TaskOptions,
     returnId: string,
   ): TaskRecord {
-    const info = this.#requestFor(options);
+    const info = this.#requestFor(options, fn?.name ?? method);
     const request = info.request;
     const strategy = options.schedulingStrategy ?? 'DEFAULT';
     const name = options.name ?? (fn ? fn.name : `${method}`);
@@ -1400,6 +1416,7 @@ export class Cluster implements Runtime {
       returnId,
       request,
       classKey: fn ? this.#classKey(fn, info) : '',
+      environment: info.environment,
       strategy,
       maxRetries: options.maxRetries ?? 3,
       retryExceptions: options.retryExceptions ?? false,
@@ -1417,13 +1434,14 @@ export class Cluster implements Runtime {
   }
 
   /** A task's resources and scheduling-class key, worked out once per options object. */
-  #requestFor(options: TaskOptions): RequestInfo {
+  #requestFor(options: TaskOptions, name?: string): RequestInfo {
     let cached = this.#requests.get(options);
     if (!cached) {
       const request = toFixed(requestOf(options, 1));
       const strategy = options.schedulingStrategy ?? 'DEFAULT';
-      const requestKey = `${[...request].join(';')}#${JSON.stringify(strategy, (key, value) => (key === 'placementGroup' ? value.id : value))}`;
-      this.#requests.set(options, (cached = { request, requestKey }));
+      const environment = workerEnvironmentOf(options.runtimeEnv, `task ${options.name ?? name ?? ''} runtimeEnv`);
+      const requestKey = `${[...request].join(';')}#${JSON.stringify(strategy, (key, value) => (key === 'placementGroup' ? value.id : value))}#${environment.key}`;
+      this.#requests.set(options, (cached = { request, requestKey, environment }));
     }
     return cached;
   }
@@ -1617,7 +1635,7 @@ export class Cluster implements Runtime {
     const placement = this.#place(task.request, task.strategy, task.argRefs);
     if (placement) {
       const node = placement.node;
-      const worker = node.idleWorker();
+      const worker = node.idleWorker(task.environment.key);
       if (worker) {
         const gpuIds = node.assignGpus(task.request.get('GPU') ?? 0) ?? [];
         placement.pool.acquire(task.request);
@@ -1631,7 +1649,8 @@ export class Cluster implements Runtime {
         this.#leaseByWorker.set(worker, lease);
         return lease;
       }
-      if (![...node.workers.values()].some((candidate) => candidate.state === 'starting')) this.#spawn(node);
+      const key = task.environment.key;
+      if (![...node.workers.values()].some((candidate) => candidate.state === 'starting' && candidate.environment.key === key)) this.#spawn(node, task.environment);
       // Resources are free and a worker is coming: wait for it rather than queue behind a busy
       // worker, where the task would hold nothing and could wait on the very task ahead of it.
       return undefined;
@@ -2139,6 +2158,7 @@ export class Cluster implements Runtime {
   // Actors
 
   createActor(cls: FunctionDescriptor, args: unknown[], options: ActorOptions, methods: string[]): { actorId: string; lifetime: ObjectRef<unknown> } {
+    if (options.runtimeEnv !== undefined) workerEnvironmentOf(options.runtimeEnv, `actor ${cls.name} runtimeEnv`);
     const { bytes, argRefs, held } = this.#encodeArgs(args);
     const actorId = `actor-${newObjectId().slice(0, 16)}`;
     this.#createActorRecord(actorId, cls, bytes, argRefs, held, options, methods);
@@ -2157,6 +2177,7 @@ export class Cluster implements Runtime {
     if (options.name && this.#namedActors.has(options.name)) {
       throw new RegistrationError(`an actor named '${options.name}' already exists`);
     }
+    const environment = workerEnvironmentOf(options.runtimeEnv, `actor ${cls.name} runtimeEnv`);
     const allHeld = [...argRefs, ...held];
     for (const id of allHeld) this.#addHold(id);
     const actor: ActorRecord = {
@@ -2170,6 +2191,7 @@ export class Cluster implements Runtime {
       held: allHeld,
       options,
       request: toFixed(requestOf(options, 0)),
+      environment,
       state: 'pending',
       gpuIds: [],
       restarts: 0,
@@ -2203,7 +2225,8 @@ export class Cluster implements Runtime {
       // prestarted worker that never ran a task is as fresh as a new one and saves the start-up
       // (a second or more of loading). The pool starts another worker when a task next needs one,
       // not now: a start-up competing with the actor's first calls costs more than it saves.
-      const worker = [...node.workers.values()].find((candidate) => candidate.state === 'idle' && !candidate.leasedOnce) ?? this.#spawn(node);
+      const worker = [...node.workers.values()].find((candidate) => candidate.state === 'idle' && !candidate.leasedOnce && candidate.environment.key === actor.environment.key)
+        ?? this.#spawn(node, actor.environment);
       worker.state = 'actor';
       worker.actorId = actor.id;
       actor.worker = worker;

@@ -21,6 +21,7 @@ import { promisify } from 'node:util';
 import { gunzip, gzip } from 'node:zlib';
 import { CodePackageError, InvalidArgumentError } from '../errors.js';
 import { packageRoot } from '../native.js';
+import { checkEnvironmentVariables } from './options.js';
 
 /** What every worker of a driver runs with (init's `runtimeEnv`). */
 export interface RuntimeEnvironment {
@@ -263,20 +264,13 @@ export function checkRuntimeEnvironment(value: unknown, where = 'runtimeEnv'): R
   }
   if (includeDependencies !== undefined && typeof includeDependencies !== 'boolean') throw new InvalidArgumentError(`${where}.includeDependencies is true or false`, 'ERR_RUNTIME_ENV');
   if (maxBytes !== undefined && !(Number.isSafeInteger(maxBytes) && maxBytes > 0)) throw new InvalidArgumentError(`${where}.maxBytes is a positive whole number of bytes, got ${String(maxBytes)}`, 'ERR_RUNTIME_ENV');
-  if (env !== undefined) {
-    if (typeof env !== 'object' || env === null || Array.isArray(env)) throw new InvalidArgumentError(`${where}.env maps variable names to strings`, 'ERR_RUNTIME_ENV');
-    for (const [name, text] of Object.entries(env)) {
-      if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name)) throw new InvalidArgumentError(`${where}.env: '${name}' is not an environment variable's name`, 'ERR_RUNTIME_ENV');
-      if (typeof text !== 'string') throw new InvalidArgumentError(`${where}.env.${name} is a string, got ${typeof text}`, 'ERR_RUNTIME_ENV');
-      if (name.startsWith('TRELLIS_')) throw new InvalidArgumentError(`${where}.env.${name}: variables named TRELLIS_* are trellis's own`, 'ERR_RUNTIME_ENV');
-    }
-  }
+  const checkedEnv = env === undefined ? undefined : checkEnvironmentVariables(env, `${where}.env`);
   return {
     ...(workingDir !== undefined ? { workingDir: resolve(workingDir) } : {}),
     ...(excludes ? { excludes: [...excludes] } : {}),
     ...(includeDependencies !== undefined ? { includeDependencies } : {}),
     ...(maxBytes !== undefined ? { maxBytes } : {}),
-    ...(env ? { env: { ...env } } : {}),
+    ...(checkedEnv ? { env: checkedEnv } : {}),
   };
 }
 

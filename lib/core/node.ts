@@ -11,6 +11,7 @@ import { native, type NativeConnectionRing } from '../native.js';
 import type { DriverMessage, WorkerMessage } from './protocol.js';
 import { ResourcePool, type Resources } from './resources.js';
 import { workerCommand } from './worker-loader.js';
+import { DEFAULT_WORKER_ENVIRONMENT, type WorkerEnvironment } from './options.js';
 
 export type WorkerState = 'starting' | 'idle' | 'leased' | 'actor' | 'dead';
 
@@ -26,6 +27,8 @@ export class WorkerProcess {
   readonly id: string;
   readonly node: Node;
   readonly child: WorkerChild;
+  /** The runtime environment it was started with: it runs only tasks and actors of the same. */
+  readonly environment: WorkerEnvironment;
   state: WorkerState = 'starting';
   /** The actor whose dedicated process this is (state 'actor'). */
   actorId?: string;
@@ -64,8 +67,9 @@ export class WorkerProcess {
    */
   ring: NativeConnectionRing | undefined;
 
-  constructor(node: Node, id: string, child: WorkerChild, ring: NativeConnectionRing | undefined, putIds: Uint8Array) {
+  constructor(node: Node, id: string, child: WorkerChild, ring: NativeConnectionRing | undefined, putIds: Uint8Array, environment: WorkerEnvironment = DEFAULT_WORKER_ENVIRONMENT) {
     this.id = id;
+    this.environment = environment;
     this.putIds = putIds;
     this.node = node;
     this.child = child;
@@ -133,7 +137,7 @@ export abstract class Node {
   abstract readonly closed: boolean;
 
   /** Starts a worker that will connect to `address` (the cluster's socket). */
-  abstract spawnWorker(address: string): WorkerProcess;
+  abstract spawnWorker(address: string, environment: WorkerEnvironment): WorkerProcess;
   /** Whether the node's store holds `id`, as far as this process can tell without asking. */
   abstract holdsObject(id: string): boolean;
   /** Deletes an object that may already be gone. */
@@ -145,8 +149,9 @@ export abstract class Node {
   abstract storeStats(): StoreStats;
   abstract close(): void;
 
-  idleWorker(): WorkerProcess | undefined {
-    for (const worker of this.workers.values()) if (worker.state === 'idle') return worker;
+  /** An idle worker of the runtime environment `key` ('' for the driver's own). */
+  idleWorker(key = ''): WorkerProcess | undefined {
+    for (const worker of this.workers.values()) if (worker.state === 'idle' && worker.environment.key === key) return worker;
     return undefined;
   }
 
@@ -200,7 +205,7 @@ export class LocalNode extends Node {
     return this.store.closed;
   }
 
-  spawnWorker(address: string): WorkerProcess {
+  spawnWorker(address: string, environment: WorkerEnvironment): WorkerProcess {
     const id = `worker-${newObjectId().slice(0, 12)}`;
     const putIds = randomBytes(20);
     const ring = connectionRingWanted() ? native.ConnectionRing.create(RING_BYTES) : undefined;
@@ -216,13 +221,15 @@ export class LocalNode extends Node {
         TRELLIS_STORE: this.store.name,
         TRELLIS_PUT_IDS: putIds.toString('hex'),
         ...this.workerEnvironment,
+        // The task's or actor's own variables over the driver's (none is named TRELLIS_*).
+        ...environment.env,
         ...(ring ? { TRELLIS_RING_FD: '3' } : {}),
       },
       stdio: ['ignore', 'inherit', 'inherit', ...(ring ? [ring.fd] : [])],
     });
     // The child has its own copy of the descriptor now; the mapping here stays.
     ring?.closeFd();
-    const worker = new WorkerProcess(this, id, child, ring, putIds);
+    const worker = new WorkerProcess(this, id, child, ring, putIds, environment);
     this.workers.set(worker.id, worker);
     return worker;
   }

@@ -24,6 +24,61 @@ export interface TaskOptions {
   schedulingStrategy?: SchedulingStrategy;
   /** Name shown in errors and state(); default: the function's name. */
   name?: string;
+  /** Environment variables of the worker it runs in (workers of its own; see WorkerRuntimeEnvironment). */
+  runtimeEnv?: WorkerRuntimeEnvironment;
+}
+
+/**
+ * A task's or an actor's runtime environment: variables set in the worker process it runs in, on
+ * top of the driver's (init's runtimeEnv.env). Tasks with the same variables share workers; others
+ * get workers of their own, started for them, as Ray starts workers per runtime environment. Tasks
+ * and actors that a task or actor submits inherit its environment unless they name their own.
+ * A working directory stays the driver's: init({ runtimeEnv: { workingDir } }).
+ */
+export interface WorkerRuntimeEnvironment {
+  env?: Record<string, string>;
+}
+
+/** A runtime environment checked, with the key that workers of that environment share ('' for none). */
+export interface WorkerEnvironment {
+  key: string;
+  env?: Readonly<Record<string, string>>;
+}
+
+export const DEFAULT_WORKER_ENVIRONMENT: WorkerEnvironment = { key: '' };
+
+/** Checks environment variables for workers, naming what is wrong (ERR_RUNTIME_ENV). */
+export function checkEnvironmentVariables(env: unknown, where: string): Record<string, string> {
+  if (typeof env !== 'object' || env === null || Array.isArray(env)) throw new InvalidArgumentError(`${where} maps variable names to strings`, 'ERR_RUNTIME_ENV');
+  for (const [name, text] of Object.entries(env)) {
+    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name)) throw new InvalidArgumentError(`${where}: '${name}' is not an environment variable's name`, 'ERR_RUNTIME_ENV');
+    if (typeof text !== 'string') throw new InvalidArgumentError(`${where}.${name} is a string, got ${typeof text}`, 'ERR_RUNTIME_ENV');
+    if (text.includes('\0')) throw new InvalidArgumentError(`${where}.${name} holds a NUL character`, 'ERR_RUNTIME_ENV');
+    if (name.startsWith('TRELLIS_')) throw new InvalidArgumentError(`${where}.${name}: variables named TRELLIS_* are trellis's own`, 'ERR_RUNTIME_ENV');
+  }
+  return { ...(env as Record<string, string>) };
+}
+
+/** A task's or actor's `runtimeEnv` option checked, and the key its workers share. */
+export function workerEnvironmentOf(value: unknown, where: string): WorkerEnvironment {
+  if (value === undefined) return DEFAULT_WORKER_ENVIRONMENT;
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw new InvalidArgumentError(`${where} is { env }`, 'ERR_RUNTIME_ENV');
+  const { env, ...rest } = value as WorkerRuntimeEnvironment;
+  const others = Object.keys(rest);
+  if (others.length > 0) {
+    const driverOnly = others.filter((key) => ['workingDir', 'excludes', 'includeDependencies', 'maxBytes'].includes(key));
+    throw new InvalidArgumentError(
+      driverOnly.length > 0
+        ? `${where} takes env only: ${driverOnly.map((key) => `'${key}'`).join(', ')} describe the driver's working directory, given to init({ runtimeEnv })`
+        : `${where} has no option ${others.map((key) => `'${key}'`).join(', ')} (it takes env)`,
+      'ERR_RUNTIME_ENV',
+    );
+  }
+  if (env === undefined) return DEFAULT_WORKER_ENVIRONMENT;
+  const checked = checkEnvironmentVariables(env, `${where}.env`);
+  const names = Object.keys(checked).sort();
+  if (names.length === 0) return DEFAULT_WORKER_ENVIRONMENT;
+  return { key: JSON.stringify(names.map((name) => [name, checked[name]])), env: checked };
 }
 
 /**
@@ -87,6 +142,8 @@ export interface ActorOptions {
   /** Retries of a call whose actor died mid-call, when the actor restarts. Default 0. */
   maxTaskRetries?: number;
   schedulingStrategy?: SchedulingStrategy;
+  /** Environment variables of the actor's process (see WorkerRuntimeEnvironment). */
+  runtimeEnv?: WorkerRuntimeEnvironment;
 }
 
 export function requestOf(options: { numCpus?: number; numGpus?: number; memory?: number; resources?: Resources }, defaultCpus: number): Resources {

@@ -13,6 +13,7 @@ import type { BulkPlace, FrameConnection } from './connection.js';
 import type { AgentHelloMessage, AgentMessage, AgentRequestMessage, HeadMessage } from './agent-protocol.js';
 import { Node, WorkerProcess, type WorkerChild } from './node.js';
 import { driverRunsTypeScript } from './worker-loader.js';
+import type { WorkerEnvironment } from './options.js';
 import type { ObjectSource, ObjectTarget, ObjectWriter } from './object-transfer.js';
 import { servedSource } from './object-server.js';
 import type { CodeLayer, PackedWorkingDirectory } from './code-package.js';
@@ -167,15 +168,15 @@ export class RemoteNode extends Node {
     await Promise.all([next(), next(), next(), next()]);
   }
 
-  spawnWorker(): WorkerProcess {
+  spawnWorker(_address: string, environment: WorkerEnvironment): WorkerProcess {
     const id = `worker-${newObjectId().slice(0, 12)}`;
     const putIds = randomBytes(20);
     const child = new RemoteChild(this, id);
     this.#children.set(id, child);
-    const worker = new WorkerProcess(this, id, child, undefined, putIds);
+    const worker = new WorkerProcess(this, id, child, undefined, putIds, environment);
     this.workers.set(worker.id, worker);
     if (this.closed) queueMicrotask(() => child.exited());
-    else this.send({ t: 'spawn-worker', workerId: id, putIds, typeScript: driverRunsTypeScript(), forwardOutput: this.output !== undefined, environment: { ...this.workerEnvironment }, ...(this.#workingDirectory ? { workingDirectory: this.#workingDirectory } : {}) });
+    else this.send({ t: 'spawn-worker', workerId: id, putIds, typeScript: driverRunsTypeScript(), forwardOutput: this.output !== undefined, environment: { ...this.workerEnvironment, ...environment.env }, ...(this.#workingDirectory ? { workingDirectory: this.#workingDirectory } : {}) });
     return worker;
   }
 

@@ -11,7 +11,7 @@ import { ObjectLostError, TaskError, type RemoteErrorInfo } from '../errors.js';
 import { ObjectStore } from '../store/object-store.js';
 import { newObjectId, sequentialObjectId, taskPutBase } from '../store/object-id.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
-import { checkRecompute, type ActorCallOptions, type ActorOptions, type TaskOptions } from './options.js';
+import { checkRecompute, workerEnvironmentOf, type ActorCallOptions, type ActorOptions, type TaskOptions } from './options.js';
 import { FrameConnection } from './connection.js';
 import { native, type NativeConnectionRing } from '../native.js';
 import {
@@ -204,12 +204,15 @@ class WorkerRuntime implements Runtime {
   }
 
   submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions): ObjectRef<unknown> {
+    // Checked here, before anything is stored: the driver answers a submission with nothing.
+    if (options.runtimeEnv !== undefined) workerEnvironmentOf(options.runtimeEnv, `task ${options.name ?? fn.name} runtimeEnv`);
     const returnId = newObjectId();
     this.notify('submit', { fn, ...this.#encodeArgs(args), options, returnId });
     return this.#ownedRef(returnId);
   }
 
   createActor(cls: FunctionDescriptor, args: unknown[], options: ActorOptions, methods: string[]): { actorId: string; lifetime: ObjectRef<unknown> } {
+    if (options.runtimeEnv !== undefined) workerEnvironmentOf(options.runtimeEnv, `actor ${cls.name} runtimeEnv`);
     const actorId = `actor-${newObjectId().slice(0, 16)}`;
     this.notify('create-actor', { actorId, cls, ...this.#encodeArgs(args), options, methods });
     // Counted by the driver on creation, as a submit's result is, and dropped with this worker:

@@ -6,6 +6,7 @@ import { Data, RecordBatch, Table, makeVector, type Schema, type Vector } from '
 import { get, isInitialized, put } from '../core/api.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { InvalidArgumentError, NotInitializedError } from '../errors.js';
+import { workerEnvironmentOf } from '../core/options.js';
 import {
   blockToRows, concatBlocks, formatBatch, rowsToBlock, sliceRows, type BatchFormat, type Block, type Row,
 } from './block.js';
@@ -141,7 +142,9 @@ function checkCompute(options: Omit<ComputeOptions, 'concurrency'>, what: string
       throw new InvalidArgumentError(`${what}: ${key} must be a non-negative number, got ${String(value)}`);
     }
   }
-  return { numCpus: options.numCpus, numGpus: options.numGpus, memory: options.memory, resources: options.resources };
+  const runtimeEnv = options.runtimeEnv;
+  if (runtimeEnv !== undefined) workerEnvironmentOf(runtimeEnv, `${what}: runtimeEnv`);
+  return { numCpus: options.numCpus, numGpus: options.numGpus, memory: options.memory, resources: options.resources, ...(runtimeEnv !== undefined ? { runtimeEnv } : {}) };
 }
 
 function checkFormat(format: unknown, what: string): BatchFormat {

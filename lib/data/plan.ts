@@ -10,6 +10,7 @@ import type { AggregationPlan } from './aggregate.js';
 import type { Datasink, Datasource } from './datasource.js';
 import type { ExchangeSpec, Reduction } from './exchange.js';
 import type { StageSpec } from './stages.js';
+import { workerEnvironmentOf, type WorkerRuntimeEnvironment } from '../core/options.js';
 
 export interface InputBlock {
   ref: ObjectRef<Block>;
@@ -33,6 +34,8 @@ export interface ComputeOptions {
   resources?: Record<string, number>;
   /** Function stages: at most this many tasks at once. */
   concurrency?: number;
+  /** Environment variables of the workers (or actors) that run the stage. */
+  runtimeEnv?: WorkerRuntimeEnvironment;
 }
 
 export interface ActorPoolOptions {
@@ -74,7 +77,12 @@ export type PhysicalOperatorSpec =
 /** Resources as tasks get them: defaults filled in, so `{ numCpus: 1 }` and `{}` are the same. */
 function normalCompute(compute: ComputeOptions): string {
   const resources = Object.entries(compute.resources ?? {}).filter(([, amount]) => amount > 0).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
-  return JSON.stringify([compute.numCpus ?? 1, compute.numGpus ?? 0, compute.memory ?? 0, resources, compute.concurrency ?? null]);
+  return JSON.stringify([compute.numCpus ?? 1, compute.numGpus ?? 0, compute.memory ?? 0, resources, compute.concurrency ?? null, environmentKey(compute)]);
+}
+
+/** Stages run in one process only where they run with the same environment variables. */
+function environmentKey(compute: ComputeOptions): string {
+  return workerEnvironmentOf(compute.runtimeEnv, 'runtimeEnv').key;
 }
 
 function sameCompute(a: ComputeOptions, b: ComputeOptions): boolean {
@@ -112,7 +120,7 @@ export function planPhysical(logical: readonly LogicalOperator[], sink?: Datasin
       } else if (last?.kind === 'task-map' && sameCompute(last.compute, operator.compute) && !batchSized) {
         last.stages.push(stage);
         last.name = fusedName('', last.stages);
-      } else if (last?.kind === 'actor-map' && !batchSized) {
+      } else if (last?.kind === 'actor-map' && !batchSized && environmentKey(last.compute) === environmentKey(operator.compute)) {
         last.following.push(stage);
         last.name = fusedName(last.classStage.name, last.following);
       } else {

@@ -111,6 +111,10 @@ describe('a working directory shipped to node agents', () => {
     expect(nested.outer.cwd).toBe(copy);
     expect(nested.inner.cwd).toBe(workingDir);
 
+    // A task's own variables over the driver's, on the far host's workers too, in its copy.
+    const own = await get(tasks.describeHere.options({ resources: { far: 1 }, runtimeEnv: { env: { GREETING: 'hello' } } }).remote());
+    expect(own).toMatchObject({ cwd: copy, greeting: 'hello', node: 'far' });
+
     const greeter = tasks.GreeterActor.options({ resources: { far: 1 } }).remote();
     const greeting = await get(greeter.hello.remote('you'));
     expect(greeting).toEqual({ text: 'hello from the working directory you', module: pathToFileURL(join(copy, 'tasks.ts')).href });

@@ -112,6 +112,7 @@ export class ActorMapOperator extends Operator {
       memory: compute.memory,
       resources: compute.resources,
       maxConcurrency: this.pool.maxConcurrency,
+      ...(compute.runtimeEnv ? { runtimeEnv: compute.runtimeEnv } : {}),
     }).remote();
     const actor: PoolActor = { handle, state: 'starting', inflight: 0, idleSince: Date.now() };
     this.#actors.add(actor);
@@ -354,7 +355,7 @@ export class ActorMapOperator extends Operator {
     return {
       task: rerunPoolBatch,
       args: [this.spec.classStage, this.spec.following, targets, slices, ...blocks],
-      options: { numCpus: compute.numCpus ?? 1, numGpus: compute.numGpus, memory: compute.memory, resources: compute.resources, name: `${this.className} (rerun)` },
+      options: { numCpus: compute.numCpus ?? 1, numGpus: compute.numGpus, memory: compute.memory, resources: compute.resources, name: `${this.className} (rerun)`, ...(compute.runtimeEnv ? { runtimeEnv: compute.runtimeEnv } : {}) },
       // While the pool lives its actors hold what the task would need: the call reruns on one
       // (one still starting takes it after its constructor, as it takes the pool's own calls).
       peers: () => [...this.#actors].filter((actor) => actor.state !== 'stopping').map((actor) => actor.handle),

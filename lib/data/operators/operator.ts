@@ -120,6 +120,7 @@ export function taskOptionsOf(compute: ComputeOptions, name: string, maxRetries:
     resources: compute.resources,
     maxRetries,
     name,
+    ...(compute.runtimeEnv ? { runtimeEnv: compute.runtimeEnv } : {}),
   };
 }
 
