@@ -2,6 +2,7 @@
  * Core suite: Ray's microbenchmark shapes on the embedded cluster, and piscina running the same
  * trivial task with one thread per core in the same run (the baseline).
  */
+import { spawn } from 'node:child_process';
 import { cpus } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { Piscina } from 'piscina';
@@ -45,12 +46,37 @@ async function piscinaRate(count: number): Promise<number> {
 
 export const coreSuite: Suite = {
   name: 'core',
-  ratios: [['tasks async / piscina', 'single_client_tasks_async', 'piscina_tasks_async', '>= 0.6']],
+  ratios: [
+    ['tasks async / piscina', 'single_client_tasks_async', 'piscina_tasks_async', '>= 0.6'],
+    ['worker start / bare Node.js process', 'worker_start_ms', 'node_process_start_ms', ''],
+    ['init / bare Node.js process', 'init_ms', 'node_process_start_ms', ''],
+  ],
   async run(): Promise<Results> {
     const results: Results = {};
     const perSecond = (name: string, value: number) => (results[name] = { value: Math.round(value), unit: 'per_s' });
+    // The floor of a worker's start: a Node.js process that loads nothing, started and exited.
+    const bareStarts: number[] = [];
+    for (let attempt = 0; attempt < ROUNDS; attempt++) {
+      const start = nowNs();
+      await new Promise((resolve) => spawn(process.execPath, ['-e', ''], { stdio: 'ignore' }).once('exit', resolve));
+      bareStarts.push(elapsedSeconds(start) * 1000);
+    }
+    results.node_process_start_ms = { value: round(median(bareStarts), 1), unit: 'ms' };
+    const initStart = nowNs();
     await init({ numCpus: cpus().length });
+    // Until init returns: its prestarted workers have loaded the library and said hello.
+    results.init_ms = { value: round(elapsedSeconds(initStart) * 1000, 1), unit: 'ms' };
     try {
+      // A task in a runtime environment no worker has: one is started for it (the task's own
+      // module loaded and the task run included). Each round a new environment.
+      const workerStarts: number[] = [];
+      for (let attempt = 0; attempt <= ROUNDS; attempt++) {
+        const start = nowNs();
+        await get(noop.options({ runtimeEnv: { env: { BENCH_ROUND: String(attempt) } } }).remote());
+        // The first round warms the file cache and the transform cache of the task's module.
+        if (attempt > 0) workerStarts.push(elapsedSeconds(start) * 1000);
+      }
+      results.worker_start_ms = { value: round(median(workerStarts), 1), unit: 'ms' };
       perSecond('single_client_tasks_sync', await rate(2_000, async () => {
         for (let i = 0; i < 2_000; i++) await get(noop.remote());
       }));
