@@ -5,8 +5,6 @@
  * execution, tensors passed on, and nothing left mapped after teardown. What the fake cannot tell
  * (the real driver's behaviour) waits for the GPU test in ipc.test.ts.
  */
-import { rmSync } from 'node:fs';
-import { dirname } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { InputNode, MultiOutputNode, get, init, shutdown, type ActorHandle, type Tensor } from '../../lib/index.js';
 import { buildFakeGpu } from '../gpu/gpu-helpers.js';
@@ -30,7 +28,6 @@ describe.skipIf(!fake.path)(`CUDA IPC edges on the fake driver${fake.reason ? ` 
     await shutdown();
     delete process.env.TRELLIS_CUDA_DRIVER;
     delete process.env.TRELLIS_NCCL_LIBRARY;
-    if (fake.path) rmSync(dirname(fake.path), { recursive: true, force: true });
   });
 
   it('moves CUDA tensors as handles: the reader maps the writer memory, results are right, teardown unmaps', async () => {

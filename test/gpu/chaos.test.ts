@@ -4,8 +4,6 @@
  * what was lost, and a fresh pair works afterwards. On the real driver where there is one, else on
  * the fake driver. The kill moments come from a seeded generator.
  */
-import { rmSync } from 'node:fs';
-import { dirname } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { get, init, kill, shutdown } from '../../lib/index.js';
 import { buildFakeGpu, scenario } from './gpu-helpers.js';
@@ -23,7 +21,6 @@ describe.skipIf(!driver)(`actors killed during CUDA IPC transfers (${driver ?? `
   });
   afterAll(async () => {
     await shutdown();
-    if (fake.path) rmSync(dirname(fake.path), { recursive: true, force: true });
   });
 
   it('settles every call with its result or the typed error of what was lost, and goes on', async () => {

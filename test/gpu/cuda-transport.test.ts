@@ -6,7 +6,7 @@
  */
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createCollectiveGroup, events, get, init, kill, ObjectLostError, shutdown, Tensor, wait, type ActorHandle } from '../../lib/index.js';
 import { buildFakeGpu, scenario } from './gpu-helpers.js';
@@ -45,7 +45,6 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
   afterAll(async () => {
     await shutdown();
     delete process.env.TRELLIS_CLOSE_IPC_TIMEOUT_MS;
-    if (fake.path) rmSync(dirname(fake.path), { recursive: true, force: true });
   });
   const routeOf = (id: string) => routes.filter((event) => event.objectId === id).map((event) => event.route);
 

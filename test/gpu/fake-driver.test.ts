@@ -7,7 +7,6 @@
  * behaviour — is checked by cuda.test.ts on a GPU host.
  */
 import { readdirSync, rmSync } from 'node:fs';
-import { dirname } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { buildFakeGpu, scenario } from './gpu-helpers.js';
 
@@ -15,7 +14,6 @@ const fake = buildFakeGpu();
 const MiB = 1 << 20;
 
 afterAll(() => {
-  if (fake.path) rmSync(dirname(fake.path), { recursive: true, force: true });
   // The fake NCCL's meeting segment of a rank whose peer never came (the init timeout test).
   for (const name of readdirSync('/dev/shm')) if (name.startsWith('fake-nccl-')) rmSync(`/dev/shm/${name}`, { force: true });
 });

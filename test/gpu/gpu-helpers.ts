@@ -2,10 +2,11 @@
  * Plumbing for the native GPU tests: scenarios (fixtures/gpu-scenarios.ts) run in child processes,
  * so each loads the CUDA driver and NCCL fresh under the environment the test gives it (a failed
  * or fake dlopen never leaks into another test); and the fake driver (fake/fake_gpu.cc), compiled
- * once per test file where a C++ compiler is present.
+ * once per content of its sources where a C++ compiler is present.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -57,13 +58,30 @@ export async function scenario(name: string, args: string[] = [], env: Record<st
   return run.report;
 }
 
-/** Compiles the fake CUDA driver + NCCL + cuBLAS library; undefined (with the reason) where that fails. */
+/**
+ * The fake CUDA driver + NCCL + cuBLAS library, compiled once per content of its sources (and the
+ * kernels it emulates) and kept in the temp directory: a compile costs about 5 s of CPU, and seven
+ * test files load it. Undefined (with the reason) where it cannot be compiled.
+ */
 export function buildFakeGpu(): { path?: string; reason?: string } {
-  const out = join(mkdtempSync(join(tmpdir(), 'trellis-fake-gpu-')), 'libfake_gpu.so');
   const compiler = process.env.CXX ?? 'g++';
+  const sources = [join(here, 'fake', 'fake_gpu.cc'), join(here, 'fake', 'fake_kernels.cc')];
+  const inputs = [
+    ...readdirSync(join(here, 'fake')).filter((name) => /\.(cc|h)$/.test(name)).sort().map((name) => join(here, 'fake', name)),
+    join(here, '..', '..', 'native', 'kernels', 'cuda', 'decoder_kernels.cu'),
+  ];
+  const hash = createHash('sha256').update(compiler);
+  for (const input of inputs) hash.update(input).update(readFileSync(input));
+  const cache = join(tmpdir(), 'trellis-fake-gpu', hash.digest('hex').slice(0, 24));
+  const out = join(cache, 'libfake_gpu.so');
+  if (existsSync(out)) return { path: out };
   try {
+    mkdirSync(cache, { recursive: true });
+    // Made under a name of its own and renamed into place: a reader never sees half a library.
+    const partial = join(cache, `libfake_gpu.${process.pid}.${Date.now()}.so`);
     // The decoder's CUDA kernels run emulated (fake_kernels.cc): -O2 keeps their fibers quick.
-    execFileSync(compiler, ['-std=c++17', '-O2', '-shared', '-fPIC', '-o', out, join(here, 'fake', 'fake_gpu.cc'), join(here, 'fake', 'fake_kernels.cc'), '-lpthread'], { stdio: 'pipe' });
+    execFileSync(compiler, ['-std=c++17', '-O2', '-shared', '-fPIC', '-o', partial, ...sources, '-lpthread'], { stdio: 'pipe' });
+    renameSync(partial, out);
     return { path: out };
   } catch (error) {
     return { reason: `could not compile the fake GPU library with ${compiler}: ${(error as Error).message}` };

@@ -4,8 +4,6 @@
  * and readers' mappings of a producer that died closing. On the real driver where there is one,
  * else on the fake driver.
  */
-import { rmSync } from 'node:fs';
-import { dirname } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { get, init, InvalidArgumentError, kill, shutdown, type ActorHandle } from '../../lib/index.js';
 import { buildFakeGpu, scenario } from './gpu-helpers.js';
@@ -16,10 +14,6 @@ const real = (await scenario('absent')).cuda.available === true;
 const fake = real ? {} : buildFakeGpu();
 if (fake.path) process.env.TRELLIS_CUDA_DRIVER = process.env.TRELLIS_NCCL_LIBRARY = fake.path;
 const driver = real ? 'the CUDA driver' : fake.path ? 'the fake CUDA driver' : undefined;
-afterAll(() => {
-  if (fake.path) rmSync(dirname(fake.path), { recursive: true, force: true });
-});
-
 async function until<T>(read: () => Promise<T>, done: (value: T) => boolean, limitMs = 5000): Promise<T> {
   const started = performance.now();
   for (;;) {

@@ -5,7 +5,7 @@
  * (fake/mps-control) and the fake CUDA driver, which joins it the way a client's cuInit does.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -49,7 +49,6 @@ function ask(pipeDirectory: string, command: string): string {
 describe.skipIf(reason !== undefined)(`gpuSharing 'mps' (${reason ? `skipped: ${reason}` : label})`, () => {
   afterAll(async () => {
     await shutdown();
-    if (fake.path) rmSync(dirname(fake.path), { recursive: true, force: true });
   });
 
   it('starts a daemon for the cluster, which GPU workers join, and stops it at shutdown', async () => {
