@@ -2,6 +2,7 @@
 import { mkdtempSync, readdirSync, rmSync, writeFileSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { freshLibraryBuild } from '../../lib/core/worker-loader.js';
 
 /** A scratch directory for gate and marker files; `cleanup()` removes it. */
@@ -75,4 +76,24 @@ export async function rejection(promise: Promise<unknown>): Promise<any> {
 export const trellisCli: string[] = (() => {
   const build = freshLibraryBuild();
   return build ? [join(build.build, 'cli', 'trellis.js')] : ['--import', 'tsx', join(import.meta.dirname, '../../lib/cli/trellis.ts')];
+})();
+
+/**
+ * The Node.js arguments that run a TypeScript script of the tests (a driver, a GPU scenario) that
+ * imports the library's index: with a fresh build, the library is loaded from it before tsx
+ * registers (a module loaded under tsx's hooks costs a message to its thread), and the script's
+ * imports of lib/ go to those built modules (lib/core/library-build-hooks.ts), as its workers'
+ * do; else tsx alone.
+ */
+export const typeScriptArgs: string[] = (() => {
+  const build = freshLibraryBuild();
+  if (!build) return ['--import', 'tsx'];
+  const hooks = pathToFileURL(join(build.build, 'core', 'library-build-hooks.js')).href;
+  const data = { sources: pathToFileURL(build.sources + '/').href, build: pathToFileURL(build.build + '/').href };
+  const registration = `import { register } from 'node:module'; register(${JSON.stringify(hooks)}, { data: ${JSON.stringify(data)} });`;
+  return [
+    '--import', pathToFileURL(join(build.build, 'index.js')).href,
+    '--import', 'tsx',
+    '--import', `data:text/javascript,${encodeURIComponent(registration)}`,
+  ];
 })();

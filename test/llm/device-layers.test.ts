@@ -17,12 +17,13 @@ import { cudaKernelImageBytes, DeviceKernels, type KernelBackend } from '../../l
 import { buildFakeGpu } from '../gpu/gpu-helpers.js';
 import { QWEN3, runSteps, stepContexts, TINY_MIXTRAL, WIDE_HEADS } from './fixtures/device-steps.js';
 import { randomWeights, referenceLogits, TINY, TINY_LLAMA, writeCheckpoint } from './fixtures/decoders.js';
+import { typeScriptArgs } from '../core/helpers.js';
 
 /** Runs a fixtures/ script in a child process (so it and its workers load the driver its env names), returning its JSON report. */
 function deviceScenario(env: Record<string, string>, script = 'device-scenario.ts', args: string[] = []): Promise<any> {
   const childEnv: NodeJS.ProcessEnv = { ...process.env, ...env };
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', new URL(`./fixtures/${script}`, import.meta.url).pathname, ...args], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [...typeScriptArgs, new URL(`./fixtures/${script}`, import.meta.url).pathname, ...args], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (chunk) => (stdout += chunk));
