@@ -79,14 +79,18 @@ export function freshLibraryBuild(): LibraryBuild | undefined {
   return checkedBuild;
 }
 
+/** The Node.js flags this process runs with: its command line's and NODE_OPTIONS'. */
+function driverNodeFlags(): string[] {
+  return [...process.execArgv, ...(process.env.NODE_OPTIONS?.split(/\s+/) ?? [])];
+}
+
 /**
  * Whether the driver's modules need a TypeScript loader: the driver has one, or runs a TypeScript
  * entry, or trellis itself runs from its sources.
  */
 export function driverRunsTypeScript(): boolean {
-  const driverFlags = [...process.execArgv, ...(process.env.NODE_OPTIONS?.split(/\s+/) ?? [])];
   return fromSources
-    || driverFlags.some((flag) => /(^|[/\\=])tsx([/\\]|$)/.test(flag) || flag.includes('/tsx/dist/'))
+    || driverNodeFlags().some((flag) => /(^|[/\\=])tsx([/\\]|$)/.test(flag) || flag.includes('/tsx/dist/'))
     || /\.[mc]?tsx?$/.test(process.argv[1] ?? '');
 }
 
@@ -108,8 +112,7 @@ export interface WorkerCommand {
 const commands = new Map<boolean, WorkerCommand>();
 
 function buildCommand(typeScript: boolean): WorkerCommand {
-  const driverFlags = [...process.execArgv, ...(process.env.NODE_OPTIONS?.split(/\s+/) ?? [])];
-  const flags = driverFlags.filter((flag) => flag === '--experimental-strip-types' || flag === '--experimental-transform-types');
+  const flags = driverNodeFlags().filter((flag) => flag === '--experimental-strip-types' || flag === '--experimental-transform-types');
   // By its path: a worker may start in a working directory (runtimeEnv) that cannot resolve it.
   const loader = resolveFromHere('tsx');
   const build = freshLibraryBuild();

@@ -11,7 +11,7 @@ import { slicesOf, type PhysicalOperatorSpec, type ActorPoolOptions } from '../p
 import type { OperatorProgress } from '../progress-types.js';
 import { RemoteDataPoolActor, rerunPoolBatch, type DataPoolActor, type TaskResult } from '../worker-tasks.js';
 import type { Recompute } from '../../core/options.js';
-import { Operator, askedBundle, dispose, resourcesOf, taskTargets, type Unit } from './operator.js';
+import { Operator, askedBundle, dispose, resourcesOf, taskOptionsOf, taskTargets, type Unit } from './operator.js';
 
 interface PoolActor {
   handle: ActorHandle<DataPoolActor>;
@@ -351,11 +351,11 @@ export class ActorMapOperator extends Operator {
    * the blocks it stores from the call (see DataPoolActor.process), so calls may interleave.
    */
   #rerun(targets: ReturnType<typeof taskTargets>, slices: ReturnType<typeof slicesOf>, blocks: Block[]): Recompute {
-    const compute = this.spec.compute;
     return {
       task: rerunPoolBatch,
       args: [this.spec.classStage, this.spec.following, targets, slices, ...blocks],
-      options: { numCpus: compute.numCpus ?? 1, numGpus: compute.numGpus, memory: compute.memory, resources: compute.resources, name: `${this.className} (rerun)`, ...(compute.runtimeEnv ? { runtimeEnv: compute.runtimeEnv } : {}) },
+      // Three retries after a worker's death, as any task has by default.
+      options: taskOptionsOf(this.spec.compute, `${this.className} (rerun)`, 3),
       // While the pool lives its actors hold what the task would need: the call reruns on one
       // (one still starting takes it after its constructor, as it takes the pool's own calls).
       peers: () => [...this.#actors].filter((actor) => actor.state !== 'stopping').map((actor) => actor.handle),
