@@ -383,12 +383,10 @@ class ZeroCopyCollector {
     const threshold = Math.min(this.#defaultThreshold, this.#requested);
     this.#requested = Infinity;
     this.#lastTaskEnded = performance.now();
-    if (this.#bytes >= threshold) {
-      this.#bytes = 0;
-      this.#due = true;
-    } else if (this.#bytes > 0 && !this.#idle) {
-      this.#armIdle(IDLE_COLLECT_MS);
-    }
+    if (this.#bytes >= threshold) this.#due = true;
+    // Also where a collection is due: it comes before the next task, and there may be none (the
+    // job's last), when idleness is what collects.
+    if (this.#bytes > 0 && !this.#idle) this.#armIdle(IDLE_COLLECT_MS);
   }
 
   /**
@@ -400,6 +398,7 @@ class ZeroCopyCollector {
   takeDue(): boolean {
     const due = this.#due;
     this.#due = false;
+    if (due) this.#bytes = 0;
     return due;
   }
   #due = false;
@@ -411,6 +410,7 @@ class ZeroCopyCollector {
       if (idleFor < IDLE_COLLECT_MS) return this.#armIdle(IDLE_COLLECT_MS - idleFor);
       if (running > 0 || this.#bytes === 0) return;
       this.#bytes = 0;
+      this.#due = false;
       collectGarbage();
     }, delay);
   }
