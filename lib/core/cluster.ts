@@ -54,6 +54,7 @@ import { isImmediateSystemMethod } from './system-methods.js';
 import { checkRangeOption } from './settings.js';
 import { checkRuntimeEnvironment, jobRuntimeEnvironment, packWorkingDirectory, packageTotals, type PackedWorkingDirectory, type RuntimeEnvironment } from './code-package.js';
 import { closeIdleMappingsOf, closeMappingsOfExporter } from '../gpu/cuda.js';
+import { onProcessExit, removeStaleEntries } from '../process-exit.js';
 
 /**
  * How long a close-ipc round waits for a worker's answer (see closeIpcMappings);
@@ -69,6 +70,8 @@ const ACTOR_CALL_OPTIONS: TaskOptions = Object.freeze({ numCpus: 0, maxRetries: 
 
 /** Tasks sent ahead to a leased worker, hiding the round trip between tasks. */
 const PIPELINE_DEPTH = 8;
+/** The driver's socket for its workers: `trellis-<driver pid>-<8 hex digits>.sock` in the temp directory. */
+const SOCKET_NAME = /^trellis-(\d+)-[0-9a-f]{8}\.sock$/;
 
 interface ObjectRecord {
   id: string;
@@ -303,6 +306,7 @@ export class Cluster implements Runtime {
   readonly nodes: Node[] = [];
   readonly #server: Server;
   readonly #socketPath: string;
+  #forgetSocketAtExit: () => void = () => undefined;
   readonly #objects = new Map<string, ObjectRecord>();
   readonly #tasks = new Map<string, TaskRecord>();
   /** Totals since the cluster started, for metrics. */
@@ -396,6 +400,7 @@ export class Cluster implements Runtime {
     const multiProcessService = sharing === 'mps' && localGpus ? await MultiProcessService.start() : undefined;
     configureBusyPoll(options.busyPollMicros);
     configureIpcReclaim(options.reclaimIpcAfterMs);
+    removeStaleEntries(tmpdir(), SOCKET_NAME);
     const socketPath = join(tmpdir(), `trellis-${process.pid}-${newObjectId().slice(0, 8)}.sock`);
     const server = createServer();
     try {
@@ -408,6 +413,8 @@ export class Cluster implements Runtime {
       throw error;
     }
     const cluster = new Cluster(options, server, socketPath, multiProcessService, { environment: runtimeEnv, ...(packed ? { packed } : {}) });
+    // Node unlinks the socket when the server closes, which an exit without shutdown() skips.
+    cluster.#forgetSocketAtExit = onProcessExit(() => rmSync(socketPath, { force: true }));
     server.on('connection', (socket) => cluster.#accept(socket, false));
     if (options.listen) {
       try {
@@ -2832,6 +2839,7 @@ export class Cluster implements Runtime {
     await this.#multiProcessService?.close();
     await new Promise<void>((resolve) => this.#server.close(() => resolve()));
     rmSync(this.#socketPath, { force: true });
+    this.#forgetSocketAtExit();
     const error = new TrellisError('ERR_SHUTDOWN', 'trellis was shut down before this object was ready');
     for (const record of this.#objects.values()) {
       if (record.state === 'pending') {

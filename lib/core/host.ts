@@ -23,13 +23,3 @@ export function hostIdentity(): string {
   }
   return identity;
 }
-
-/** Whether a process of this host (this pid namespace) is alive; one we may not signal is. */
-export function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}

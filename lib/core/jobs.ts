@@ -17,7 +17,7 @@ import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readdirSync, 
 import { open } from 'node:fs/promises';
 import { isAbsolute, join } from 'node:path';
 import { InvalidArgumentError, TrellisError } from '../errors.js';
-import { processAlive } from './host.js';
+import { processAlive } from '../process-exit.js';
 import { CodeCache, checkRuntimeEnvironment, packageTotals, type RuntimeEnvironment } from './code-package.js';
 
 /** 'stopping': asked to stop, its processes not yet ended. */

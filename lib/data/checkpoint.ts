@@ -17,7 +17,8 @@ import { mkdir, open, readFile, readdir, rename, rm, stat, unlink, utimes, write
 import { deserialize, serialize } from 'node:v8';
 import { RecordBatch, Schema, Table, tableFromIPC, tableToIPC } from 'apache-arrow';
 import { get, put } from '../core/api.js';
-import { hostIdentity, processAlive } from '../core/host.js';
+import { hostIdentity } from '../core/host.js';
+import { processAlive } from '../process-exit.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { descriptorOf, lookupRegistered, remote } from '../core/registry.js';
 import { isLibraryModule } from '../core/code-location.js';

@@ -17,7 +17,7 @@ import { accessSync, constants, mkdirSync, mkdtempSync, readdirSync, readFileSyn
 import { tmpdir } from 'node:os';
 import { delimiter, join } from 'node:path';
 import { CudaError } from '../errors.js';
-import { processAlive } from '../core/host.js';
+import { onProcessExit, processAlive } from '../process-exit.js';
 
 const CONTROL = 'nvidia-cuda-mps-control';
 const DIRECTORY_PREFIX = 'trellis-mps-';
@@ -58,7 +58,7 @@ export class MultiProcessService implements AsyncDisposable {
   readonly #exited: Promise<void>;
   #output = '';
   #closed: Promise<void> | undefined;
-  readonly #removeAtExit = () => this.#stopNow();
+  #forgetAtExit: () => void = () => undefined;
 
   private constructor(program: string, directory: string) {
     this.#program = program;
@@ -84,7 +84,7 @@ export class MultiProcessService implements AsyncDisposable {
       this.#daemon.once('exit', () => resolve());
     });
     if (this.#daemon.pid) writeFileSync(join(directory, 'daemon.pid'), String(this.#daemon.pid));
-    process.once('exit', this.#removeAtExit);
+    this.#forgetAtExit = onProcessExit(() => this.#stopNow());
   }
 
   /**
@@ -130,7 +130,7 @@ export class MultiProcessService implements AsyncDisposable {
   }
 
   async #close(): Promise<void> {
-    process.off('exit', this.#removeAtExit);
+    this.#forgetAtExit();
     if (this.#daemon.exitCode === null && this.#daemon.signalCode === null) {
       await runControl(this.#program, this.environment, 'quit').catch(() => undefined);
       const timer = setTimeout(() => this.#daemon.kill('SIGKILL'), COMMAND_TIMEOUT_MS);

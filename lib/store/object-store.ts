@@ -2,11 +2,12 @@
  * The shared-memory object store of one node, as seen from one process. The node's owner creates
  * the segment; every other process (workers) attaches to it by name. Reads are zero-copy views.
  */
-import { mkdirSync, readdirSync, rmSync, statfsSync } from 'node:fs';
+import { mkdirSync, rmSync, statfsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { GetTimeoutError, InvalidArgumentError, ObjectNotFoundError, StoreClosedError } from '../errors.js';
 import { native, type NativeObjectStore, type NativePinned } from '../native.js';
+import { onProcessExit, removeStaleEntries } from '../process-exit.js';
 import { newObjectId, type ObjectId } from './object-id.js';
 
 export interface ObjectStoreOptions {
@@ -196,37 +197,17 @@ interface Waiter {
   timer?: NodeJS.Timeout;
 }
 
-const ownedStores = new Set<ObjectStore>();
-let exitHookInstalled = false;
+/** The default spill directory: the segment's name (`trellis-<owner pid>-<12 hex digits>`) and `-spill`. */
+const SPILL_DIRECTORY_NAME = /^trellis-(\d+)-[0-9a-f]{12}-spill$/;
 
-function installExitHook(): void {
-  if (exitHookInstalled) return;
-  exitHookInstalled = true;
-  // A segment outlives its processes unless unlinked: the owner takes it along when it exits.
-  process.on('exit', () => {
-    for (const store of ownedStores) store.close();
-  });
-}
-
-/** Unlinks segments left by owners that were killed before they could clean up. */
+/**
+ * Unlinks the segments, and removes the default spill directories, of owners that were killed
+ * before they could clean up (SIGKILL, a crash): a segment holds its memory, and a spill
+ * directory its disk, until someone does.
+ */
 function removeStaleSegments(): void {
-  let names: string[];
-  try {
-    names = readdirSync('/dev/shm');
-  } catch {
-    return;
-  }
-  for (const name of names) {
-    const match = /^trellis-(\d+)-/.exec(name);
-    if (!match) continue;
-    const pid = Number(match[1]);
-    if (pid === process.pid) continue;
-    try {
-      process.kill(pid, 0);
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === 'ESRCH') rmSync(join('/dev/shm', name), { force: true });
-    }
-  }
+  removeStaleEntries('/dev/shm', /^trellis-(\d+)-/);
+  removeStaleEntries(tmpdir(), SPILL_DIRECTORY_NAME);
 }
 
 export class ObjectStore {
@@ -242,6 +223,7 @@ export class ObjectStore {
   readonly #spillDirectory: string | undefined;
   #waiterCount = 0;
   #closed = false;
+  #forgetAtExit: (() => void) | undefined;
 
   private constructor(nativeStore: NativeObjectStore, isOwner: boolean, spillDirectory?: string) {
     this.#native = nativeStore;
@@ -288,8 +270,8 @@ export class ObjectStore {
       throw error;
     }
     const store = new ObjectStore(nativeStore, true, options.spillDirectory === undefined ? spillDirectory : undefined);
-    ownedStores.add(store);
-    installExitHook();
+    // A segment outlives its processes unless unlinked: the owner takes it along however it ends.
+    store.#forgetAtExit = onProcessExit(() => store.close());
     return store;
   }
 
@@ -442,7 +424,7 @@ export class ObjectStore {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    ownedStores.delete(this);
+    this.#forgetAtExit?.();
     for (const set of this.#waiters.values()) {
       for (const waiter of set) {
         clearTimeout(waiter.timer);
