@@ -93,6 +93,8 @@ export type {
   CsvWriteOptions, ArrowWriteOptions, ParquetWriteOptions, WrittenFile,
 } from './data/formats/index.js';
 export { Datasource, Datasink, ReadTask } from './data/datasource.js';
+export { filterBlock } from './data/row-filter.js';
+export type { RowFilter, RowPredicate, RowFilterOperator, RowFilterValue, Clauses as RowFilterClauses } from './data/row-filter.js';
 export type { WriteContext, ReadTaskMetadata, ReadResult, ReadOutput } from './data/datasource.js';
 export { DataContext } from './data/executor.js';
 export type { ExecutionOptions, JobStats } from './data/executor.js';

@@ -10,6 +10,7 @@ import { InvalidArgumentError } from '../errors.js';
 import { columnsToBlock, formatBatch, takeRows, type BatchFormat, type Block } from './block.js';
 import { hashPartition, seededRandom } from './keys.js';
 import { loadUdf } from './udf.js';
+import { filterBlock, type Clauses } from './row-filter.js';
 
 function missing(batch: Block, columns: readonly string[], what: string): void {
   const names = new Set(batch.schema.fields.map((field) => field.name));
@@ -21,6 +22,11 @@ function missing(batch: Block, columns: readonly string[], what: string): void {
     );
   }
 }
+
+/** The rows a row filter keeps (Dataset.filter with a filter instead of a function). */
+export const filterRows = remote(import.meta, function trellisFilterRows(batch: Block, clauses: Clauses): Block {
+  return filterBlock(batch, clauses, 'filter()');
+});
 
 /** The named columns, in the order given. */
 export const selectColumns = remote(import.meta, function trellisSelectColumns(batch: Block, columns: string[]): Block {

@@ -18,7 +18,8 @@ import { WriteCheckpoint, type CheckpointOptions } from './checkpoint.js';
 import { describeLogical, planPhysical, type ActorPoolOptions, type ComputeOptions, type InputBlock, type LogicalOperator, type PhysicalOperatorSpec } from './plan.js';
 import type { StageKind, StageSpec } from './stages.js';
 import { Max, Mean, Min, Std, Sum, Unique, checkAggregations, type AggregateFn, type AggregateOptions } from './aggregate.js';
-import { addColumn, dropColumns, randomSample, renameColumns, selectColumns } from './column-ops.js';
+import { addColumn, dropColumns, filterRows, randomSample, renameColumns, selectColumns } from './column-ops.js';
+import { checkRowFilter, describeFilter, type RowFilter } from './row-filter.js';
 import { GroupedData, checkNumBlocks } from './grouped.js';
 import { checkKeyColumns } from './keys.js';
 import type { JoinType } from './exchange.js';
@@ -234,9 +235,23 @@ export class Dataset {
     return this.#stage('flatMap', 'flatMap', fn, options, false);
   }
 
-  /** The rows for which `fn` returns true. */
-  filter(fn: UdfTarget, options: TransformOptions = {}): Dataset {
-    return this.#stage('filter', 'filter', fn, options, false);
+  /**
+   * The rows for which `fn` returns true; or the rows a row filter keeps
+   * (`filter([['lang', '=', 'en'], ['score', '>=', 0.5]])`, see RowFilter): run on whole blocks
+   * with nothing to register, and, right after a read whose source can (Parquet), pushed into the
+   * read, which then skips the files and row groups that cannot match.
+   */
+  filter(fn: UdfTarget | RowFilter, options: TransformOptions = {}): Dataset {
+    if (!Array.isArray(fn)) return this.#stage('filter', 'filter', fn as UdfTarget, options, false);
+    const clauses = checkRowFilter(fn, 'filter()');
+    if (Object.keys(options).length > 0) throw new InvalidArgumentError('filter(): a row filter takes no options (they are for a function)', 'ERR_DATA_FILTER');
+    const last = this.#plan[this.#plan.length - 1];
+    // Source-level row ids number the rows read: filtering in the source would renumber them.
+    if (this.#plan.length === 1 && last.op === 'read' && !last.rowIds) {
+      const pushed = last.datasource.withFilter?.(clauses);
+      if (pushed) return new Dataset([{ ...last, datasource: pushed }]);
+    }
+    return this.#builtin(`FilterRows(${describeFilter(clauses)})`, filterRows, [clauses]);
   }
 
   /**

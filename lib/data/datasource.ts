@@ -8,6 +8,7 @@
  */
 import { InvalidArgumentError } from '../errors.js';
 import type { Block, BlockMetadata, Row } from './block.js';
+import type { Clauses } from './row-filter.js';
 import { loadUdf, resolveUdf, type UdfSpec, type UdfTarget } from './udf.js';
 
 /** What a read function may produce: blocks or rows, at once or as a (possibly async) stream. */
@@ -70,6 +71,12 @@ export abstract class Datasource {
   abstract getReadTasks(parallelism: number): ReadTask[] | Promise<ReadTask[]>;
   /** Bytes the data occupies in memory, where known: sizes the default parallelism. */
   estimateInMemorySize?(): number | undefined;
+  /**
+   * A copy of this source that keeps only the rows `filter` keeps, for a source that can skip
+   * what cannot match (files, row groups) instead of reading it: `Dataset.filter([...])` right
+   * after the read hands its filter here. Undefined (or no method): the filter runs as a stage.
+   */
+  withFilter?(filter: Clauses): Datasource | undefined;
 }
 
 export interface WriteContext {

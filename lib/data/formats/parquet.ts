@@ -16,6 +16,8 @@ import {
   type FileEntry, type FilePiece, type FileUnit,
 } from './files.js';
 import { partitionedReadTasks, selectPartitions, type PartitionReadOptions, type PartitionValues } from './partitioning.js';
+import { readParquetFooter, type ParquetFooter } from './parquet-footer.js';
+import { andFilters, checkRowFilter, filterBlock, filterColumns, mayMatch, specializeFilter, toRowFilter, type Clauses, type RowFilter } from '../row-filter.js';
 
 type ParquetWasm = typeof import('parquet-wasm/node');
 type ParquetFileHandle = Awaited<ReturnType<ParquetWasm['ParquetFile']['fromFile']>>;
@@ -40,12 +42,32 @@ export interface ParquetReadOptions extends PartitionReadOptions {
    * a dataset without ids of its own, stable while the files are unchanged (a checkpoint's idColumn).
    */
   rowIds?: string;
+  /**
+   * Only the rows this filter keeps (`[['lang', '=', 'en'], ['score', '>=', 0.5]]`; see
+   * RowFilter). Pushed down: files whose partition values refute it are never opened, row groups
+   * whose statistics (min, max, null count) refute it are never read, and the rest is filtered
+   * row by row in the read task. Its columns are read even where `columns` leaves them out.
+   */
+  filter?: RowFilter;
 }
 
 interface ParquetTaskOptions {
   columns?: string[];
   keepDictionaries: boolean;
   rowIds?: string;
+  /** Already decided on the partition's values (specializeFilter). */
+  filter?: Clauses;
+}
+
+/** Whether a row group might hold a row the filter keeps, by its columns' statistics. */
+export function rowGroupMayMatch(footer: ParquetFooter, group: number, clauses: Clauses): boolean {
+  const rowGroup = footer.rowGroups[group];
+  if (!rowGroup) return true;
+  return mayMatch(clauses, (column) => {
+    const chunk = rowGroup.columns.get(column);
+    if (!chunk) return undefined;
+    return { rows: rowGroup.rows, ...(chunk.min !== undefined ? { min: chunk.min, max: chunk.max } : {}), ...(chunk.nullCount !== undefined ? { nullCount: chunk.nullCount } : {}) };
+  });
 }
 
 async function openParquet(path: string): Promise<ParquetFileHandle> {
@@ -75,9 +97,19 @@ export const readParquetFiles = remote(import.meta, async function* readParquetF
   for (const unit of units) {
     const file = await openParquet(unit.path);
     try {
-      if (options.columns) checkColumnsExist(file, options.columns, unit.path);
+      const where = `Parquet file '${unit.path}'`;
+      let columns = options.columns;
+      if (columns) {
+        const names = checkColumnsExist(file, columns, unit.path);
+        // The filter's columns are read too (those the file has: a missing one is named below).
+        if (options.filter) columns = [...new Set([...columns, ...filterColumns(options.filter).filter((name) => names.includes(name))])];
+      }
       const metadata = file.metadata();
-      const groups = unit.pieces ?? Array.from({ length: metadata.numRowGroups() }, (_, index) => index);
+      let groups = unit.pieces ?? Array.from({ length: metadata.numRowGroups() }, (_, index) => index);
+      if (options.filter) {
+        const footer = await readParquetFooter(unit.path);
+        groups = groups.filter((group) => rowGroupMayMatch(footer, group, options.filter!));
+      }
       // Every group's rows: where each starts in the file numbers its rows for rowIds.
       const allRows = Array.from({ length: metadata.numRowGroups() }, (_, group) => {
         const rowGroup = metadata.rowGroup(group);
@@ -92,19 +124,24 @@ export const readParquetFiles = remote(import.meta, async function* readParquetF
         let read;
         try {
           // One batch per row group: the default (1024 rows) would cut a block into many small batches.
-          read = await file.read({ rowGroups: [groups[position]], batchSize: Math.max(1, groupRows[position]), ...(options.columns ? { columns: options.columns } : {}) });
+          read = await file.read({ rowGroups: [groups[position]], batchSize: Math.max(1, groupRows[position]), ...(columns ? { columns } : {}) });
         } catch (error) {
           throw new InvalidArgumentError(`Parquet file '${unit.path}', row group ${groups[position]}: ${errorText(error)}`, 'ERR_DATA_PARSE');
         }
         const table = tableFromIPC(read.intoIPCStream());
-        const block = options.keepDictionaries ? table : decodeDictionaries(table);
-        if (!options.rowIds) {
-          yield block;
-          continue;
+        let block = options.keepDictionaries ? table : decodeDictionaries(table);
+        if (options.rowIds) {
+          // Numbered before filtering: a row's id is its place in the file, whatever is kept.
+          let first = 0;
+          for (let group = 0; group < groups[position]; group++) first += allRows[group];
+          block = withRowIds(block, options.rowIds, Array.from({ length: block.numRows }, (_, row) => `${key}:${first + row}`), unit.path);
         }
-        let first = 0;
-        for (let group = 0; group < groups[position]; group++) first += allRows[group];
-        yield withRowIds(block, options.rowIds, Array.from({ length: block.numRows }, (_, row) => `${key}:${first + row}`), unit.path);
+        if (options.filter) {
+          block = filterBlock(block, options.filter, where);
+          if (columns !== options.columns) block = block.select([...options.columns!, ...(options.rowIds ? [options.rowIds] : [])]);
+          if (block.numRows === 0) continue;
+        }
+        yield block;
       }
     } finally {
       file.free();
@@ -112,14 +149,14 @@ export const readParquetFiles = remote(import.meta, async function* readParquetF
   }
 });
 
-/** parquet-wasm's own message for a missing column does not say which file or what it has. */
-function checkColumnsExist(file: ParquetFileHandle, columns: string[], path: string): void {
+/** parquet-wasm's own message for a missing column does not say which file or what it has. Returns the file's columns. */
+function checkColumnsExist(file: ParquetFileHandle, columns: string[], path: string): string[] {
   const names = tableFromIPC(file.schema().intoIPCStream()).schema.fields.map((field) => field.name);
   // A dotted name may be a path into a nested column: parquet-wasm resolves those itself.
   const missing = columns.filter((name) => !names.includes(name) && !name.includes('.'));
   if (missing.length) {
     throw new InvalidArgumentError(`Parquet file '${path}' has no column ${missing.map((name) => `'${name}'`).join(', ')} (it has: ${names.join(', ')})`, 'ERR_DATA_SCHEMA');
-  }
+  }  return names;
 }
 
 export class ParquetDatasource extends Datasource {
@@ -128,18 +165,33 @@ export class ParquetDatasource extends Datasource {
   private readonly partitions: Map<string, PartitionValues> | undefined;
   private readonly taskOptions: ParquetTaskOptions;
 
+  readonly #paths: string | readonly string[];
+  readonly #options: ParquetReadOptions;
+
   constructor(paths: string | readonly string[], options: ParquetReadOptions = {}) {
     super();
+    this.#paths = paths;
+    this.#options = options;
     const columns = checkColumns(options.columns, 'Parquet');
     const rowIds = checkRowIds(options.rowIds, 'Parquet');
-    this.taskOptions = { keepDictionaries: options.keepDictionaries === true, ...(columns ? { columns } : {}), ...(rowIds ? { rowIds } : {}) };
+    const filter = options.filter === undefined ? undefined : checkRowFilter(options.filter, 'readParquet()');
+    this.taskOptions = { keepDictionaries: options.keepDictionaries === true, ...(columns ? { columns } : {}), ...(rowIds ? { rowIds } : {}), ...(filter ? { filter } : {}) };
     const found = expandPaths(paths, checkExtensions(options.extensions, PARQUET_EXTENSIONS), 'Parquet');
-    ({ files: this.files, partitions: this.partitions } = selectPartitions(found, options, 'Parquet'));
+    const selected = selectPartitions(found, options, 'Parquet');
+    this.partitions = selected.partitions;
+    // Files whose partition values refute the filter are never opened.
+    this.files = filter ? selected.files.filter((file) => this.#filterFor(file).length > 0) : selected.files;
 
   }
 
   override get name(): string {
     return 'Parquet';
+  }
+
+  /** The same files, with this filter ANDed to the source's own. */
+  override withFilter(filter: Clauses): ParquetDatasource {
+    const combined = this.taskOptions.filter ? andFilters(this.taskOptions.filter, filter) : filter;
+    return new ParquetDatasource(this.#paths, { ...this.#options, filter: toRowFilter(combined) });
   }
 
   /**
@@ -150,28 +202,47 @@ export class ParquetDatasource extends Datasource {
     return partitionedReadTasks(this.files, this.partitions, parallelism, (files, share) => this.#plan(files, share));
   }
 
+  /** The filter with a file's partition values decided (the whole filter for a file without). */
+  #filterFor(file: FileEntry): Clauses {
+    const filter = this.taskOptions.filter!;
+    const values = this.partitions?.get(file.path);
+    return values ? specializeFilter(filter, values, 'readParquet()') : filter;
+  }
+
   async #plan(files: FileEntry[], parallelism: number): Promise<ReadTask[]> {
+    // The files planned together share their partition values, so their filter is one.
+    let taskOptions = this.taskOptions;
+    if (taskOptions.filter && files.length > 0) {
+      const { filter: _whole, ...rest } = taskOptions;
+      const filter = this.#filterFor(files[0]);
+      // An empty clause keeps every row: nothing left to decide in the tasks.
+      taskOptions = filter.some((clause) => clause.length === 0) ? rest : { ...rest, filter };
+    }
     const plan = await planFileReads(files, parallelism, async (file) => {
       const handle = await openParquet(file.path);
       try {
         const metadata = handle.metadata();
         const count = metadata.numRowGroups();
         if (count === 0) return [{ path: file.path, bytes: file.bytes, rows: 0 }];
-        const pieces = Array.from({ length: count }, (_, index) => {
+        const footer = taskOptions.filter ? await readParquetFooter(file.path) : undefined;
+        const pieces = [];
+        for (let index = 0; index < count; index++) {
+          // A group the statistics rule out gets no task at all.
+          if (footer && !rowGroupMayMatch(footer, index, taskOptions.filter!)) continue;
           const group = metadata.rowGroup(index);
-          const piece = { path: file.path, bytes: Number(group.totalByteSize()), rows: Number(group.numRows()), index };
+          pieces.push({ path: file.path, bytes: Number(group.totalByteSize()), rows: Number(group.numRows()), index });
           group.free();
-          return piece;
-        });
+        }
         metadata.free();
-        return pieces;
+        // None left: one task still opens the file, finds the same, and reads nothing.
+        return pieces.length > 0 ? pieces : [{ path: file.path, bytes: 0, rows: 0 }];
       } finally {
         handle.free();
       }
     });
     return plan.map(
       (task) =>
-        new ReadTask(readParquetFiles, [task.units, this.taskOptions], {
+        new ReadTask(readParquetFiles, [task.units, taskOptions], {
           bytes: task.bytes,
           inputFiles: task.inputFiles,
           ...(task.rows !== undefined ? { rows: task.rows } : {}),
