@@ -26,14 +26,19 @@
  * gzip-compressed and plain, read and counted on the cluster; gunzip_rows_per_s, the physical
  * floor of the compressed read: the same files decompressed by zlib in this process, one core;
  * jsonl_gzip_write_rows_per_s against jsonl_write_rows_per_s: those rows written by 8 tasks,
- * compressed and plain (medians of three rounds).
+ * compressed and plain (medians of three rounds);
+ * parquet_filter_pushdown_rows_per_s against parquet_filter_full_read_rows_per_s: 1 Mi rows (an
+ * id, a score, a review's text) in 8 Parquet files of 16 Ki-row groups, a sixteenth of them kept
+ * by an id range: the filter pushed into the read (groups outside the range never read) against
+ * the same filter as a stage after reading every row; both in dataset rows per second (medians of
+ * three rounds).
  */
 import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { gunzipSync } from 'node:zlib';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { tableFromArrays } from 'apache-arrow';
-import { ApproximateQuantile, Count, Quantile, Sum, fromArrow, fromItems, get, init, range, readJsonl, remote, rowsToBlock, shutdown, type Block } from '../lib/index.js';
+import { ApproximateQuantile, Count, Quantile, Sum, fromArrow, fromItems, get, init, range, readJsonl, readParquet, remote, rowsToBlock, shutdown, type Block, type Dataset, type RowFilter } from '../lib/index.js';
 import { finalizeAggregate, mergePartials, partialAggregate } from '../lib/data/aggregate.js';
 import { concatBlocks } from '../lib/data/block.js';
 import { WrittenIds, storedIdSet } from '../lib/data/written-ids.js';
@@ -57,6 +62,9 @@ const CHECKPOINT_ROWS = 1 << 18;
 const CHECKPOINT_TASKS = 64;
 const TEXT_ROWS = 1 << 18;
 const TEXT_FILES = 8;
+const PARQUET_ROWS = 1 << 20;
+const PARQUET_FILES = 8;
+const PARQUET_GROUP_ROWS = 1 << 14;
 
 /** The sort and groupBy input: EXCHANGE_BLOCKS blocks of a random key, a group of 64 and a payload. */
 function exchangeBlocks(): Block[] {
@@ -116,6 +124,7 @@ export const dataSuite: Suite = {
     ['JSONL read: gzip / plain', 'jsonl_gzip_read_rows_per_s', 'jsonl_read_rows_per_s', '(report)'],
     ['JSONL gzip read / gunzip alone (one core)', 'jsonl_gzip_read_rows_per_s', 'gunzip_rows_per_s', '(floor)'],
     ['JSONL write: gzip / plain', 'jsonl_gzip_write_rows_per_s', 'jsonl_write_rows_per_s', '(report)'],
+    ['Parquet, 1/16 of the rows by a filter: pushed into the read / read whole, then filtered', 'parquet_filter_pushdown_rows_per_s', 'parquet_filter_full_read_rows_per_s', '(report)'],
   ],
   async run(): Promise<Results> {
     const rows = Array.from({ length: ROWS }, (_, id) => ({ id, text: reviewText(id) }));
@@ -273,6 +282,39 @@ export const dataSuite: Suite = {
       } finally {
         rmSync(textRoot, { recursive: true, force: true });
       }
+      // Parquet filters: a sixteenth of the rows by id, pushed into the read (row groups outside
+      // it are never read) against the same filter run after reading every row.
+      const parquetRoot = mkdtempSync(join(tmpdir(), 'trellis-bench-parquet-'));
+      const pushedReads: number[] = [];
+      const wholeReads: number[] = [];
+      try {
+        const perFile = PARQUET_ROWS / PARQUET_FILES;
+        const parts = Array.from({ length: PARQUET_FILES }, (_, file) =>
+          tableFromArrays({
+            id: Int32Array.from({ length: perFile }, (_, row) => file * perFile + row),
+            score: Float64Array.from({ length: perFile }, (_, row) => ((file * perFile + row) * 7919) % 1000 / 1000),
+            text: Array.from({ length: perFile }, (_, row) => reviewText(file * perFile + row)),
+          }),
+        );
+        await fromArrow(parts).writeParquet(parquetRoot, { rowGroupRows: PARQUET_GROUP_ROWS, progress: false });
+        const low = PARQUET_ROWS / 2;
+        const filter: RowFilter = [['id', '>=', low], ['id', '<', low + PARQUET_ROWS / 16]];
+        const timedCount = async (dataset: Dataset): Promise<number> => {
+          const start = nowNs();
+          const count = await dataset.count({ progress: false });
+          if (count !== PARQUET_ROWS / 16) throw new Error(`the Parquet filter kept ${count} rows of ${PARQUET_ROWS / 16}`);
+          return PARQUET_ROWS / elapsedSeconds(start);
+        };
+        for (let round = 0; round < 3; round++) {
+          pushedReads.push(await timedCount(readParquet(parquetRoot).filter(filter)));
+          // selectColumns first: the filter then runs as a stage over everything read.
+          wholeReads.push(await timedCount(readParquet(parquetRoot).selectColumns(['id', 'score', 'text']).filter(filter)));
+        }
+      } finally {
+        rmSync(parquetRoot, { recursive: true, force: true });
+      }
+      console.error(`parquet rounds (filter pushed down / read whole, dataset rows/s): ${pushedReads.map((value, index) => `${Math.round(value)} / ${Math.round(wholeReads[index])}`).join('; ')}`);
+
       console.error(`text rounds (read plain / gzip, write plain / gzip rows/s): ${textReads.plain.map((value, index) => `${Math.round(value)} / ${Math.round(textReads.gzip[index])}, ${Math.round(textWrites.plain[index])} / ${Math.round(textWrites.gzip[index])}`).join('; ')}`);
 
       console.error(`checkpoint rounds (plain / checkpointed write, resume / read pass rows/s): ${plainWrites.map((value, index) => `${Math.round(value)} / ${Math.round(checkpointedWrites[index])}, ${Math.round(resumes[index])} / ${Math.round(readPasses[index])}`).join('; ')}`);
@@ -296,6 +338,8 @@ export const dataSuite: Suite = {
         gunzip_rows_per_s: { value: round(median(gunzips), 0), unit: 'rows/s' },
         jsonl_write_rows_per_s: { value: round(median(textWrites.plain), 0), unit: 'rows/s' },
         jsonl_gzip_write_rows_per_s: { value: round(median(textWrites.gzip), 0), unit: 'rows/s' },
+        parquet_filter_pushdown_rows_per_s: { value: round(median(pushedReads), 0), unit: 'rows/s' },
+        parquet_filter_full_read_rows_per_s: { value: round(median(wholeReads), 0), unit: 'rows/s' },
         pipeline_rows_per_s: { value: round(pipeline, 0), unit: 'rows/s' },
         single_process_rows_per_s: { value: round(single, 0), unit: 'rows/s' },
         block_overhead_ms: { value: round(blockOverhead, 3), unit: 'ms' },
