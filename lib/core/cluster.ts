@@ -601,7 +601,10 @@ export class Cluster implements Runtime {
   #spawn(node: Node, environment: WorkerEnvironment = DEFAULT_WORKER_ENVIRONMENT): WorkerProcess {
     const worker = node.spawnWorker(this.#socketPath, environment);
     if (node instanceof RemoteNode) worker.child.on('exit', () => worker.connection?.close());
-    worker.child.on('exit', () => this.#onWorkerExit(worker));
+    worker.child.on('exit', (code, signal) => {
+      worker.recordExit(code, signal);
+      this.#onWorkerExit(worker);
+    });
     return worker;
   }
 
@@ -692,12 +695,12 @@ export class Cluster implements Runtime {
         this.#counters.tasksRetried++;
         this.#enqueue(task, true);
       } else {
-        this.#failTask(task, new WorkerCrashedError(`${task.name}: its worker died and it has no retries left (${task.maxRetries} allowed)`));
+        this.#failTask(task, new WorkerCrashedError(`${task.name}: its worker died (${worker.deathCause}) and it has no retries left (${task.maxRetries} allowed)`));
       }
     }
     worker.inflight.clear();
     if (wasActor) {
-      for (const actor of this.#actors.values()) if (actor.worker === worker) this.#onActorWorkerDied(actor);
+      for (const actor of this.#actors.values()) if (actor.worker === worker) this.#onActorWorkerDied(actor, worker.deathCause);
     }
     this.#exporterGone(worker);
     this.#onWorkerGone(worker);
@@ -775,6 +778,9 @@ export class Cluster implements Runtime {
         return void this.#onRequest(worker, message.requestId, message.op, message.body);
       case 'closed-ipc':
         return this.#closeRounds.get(message.requestId)?.answer(worker, message.inUse);
+      case 'fatal':
+        worker.fatalError = message.error;
+        return;
     }
   }
 
@@ -2429,7 +2435,8 @@ export class Cluster implements Runtime {
     this.#finishTask(task, value, nested, size);
   }
 
-  #onActorWorkerDied(actor: ActorRecord): void {
+  /** `how`: the worker's death (`pid 42 killed by SIGKILL`), named in what fails. */
+  #onActorWorkerDied(actor: ActorRecord, how: string): void {
     if (actor.state === 'dead') return;
     actor.worker = undefined;
     if (actor.placement) this.#release(actor.placement, actor.request, actor.gpuIds);
@@ -2440,9 +2447,9 @@ export class Cluster implements Runtime {
     if (maxRestarts === -1 || actor.restarts < maxRestarts) {
       actor.restarts++;
       actor.state = 'restarting';
-      this.#loseHeld(actor, `actor ${actor.name} died and restarts without it`);
+      this.#loseHeld(actor, `actor ${actor.name} died (${how}) and restarts without it`);
       // Its state is gone: compiled graphs running on it must stop.
-      this.events.emit('actor-died', { actorId: actor.id, cause: `actor ${actor.name} died and restarts`, restarting: true });
+      this.events.emit('actor-died', { actorId: actor.id, cause: `actor ${actor.name} died (${how}) and restarts`, restarting: true });
       // Calls that were running: retried first (in order) while maxTaskRetries allows.
       const retry: TaskRecord[] = [];
       for (const task of running) {
@@ -2451,7 +2458,7 @@ export class Cluster implements Runtime {
           this.#counters.tasksRetried++;
           retry.push(task);
         } else {
-          this.#failTask(task, new ActorDiedError(actor.id, `actor ${actor.name} died while running ${task.name}; the actor restarts but the call has no retries left`));
+          this.#failTask(task, new ActorDiedError(actor.id, `actor ${actor.name} died (${how}) while running ${task.name}; the actor restarts but the call has no retries left`));
         }
       }
       actor.queue.unshift(...retry);
@@ -2459,9 +2466,9 @@ export class Cluster implements Runtime {
       return;
     }
     for (const task of running) {
-      this.#failTask(task, new ActorDiedError(actor.id, `actor ${actor.name} died while running ${task.name}`));
+      this.#failTask(task, new ActorDiedError(actor.id, `actor ${actor.name} died (${how}) while running ${task.name}`));
     }
-    this.#actorDied(actor, `actor ${actor.name} died (its process exited) and has no restarts left`);
+    this.#actorDied(actor, `actor ${actor.name} died (${how}) and has no restarts left`);
   }
 
   #actorDied(actor: ActorRecord, cause: string, error?: Error): void {

@@ -201,6 +201,16 @@ export class FrameConnection<Incoming extends AnyMessage, Outgoing extends AnyMe
     this.#flush();
   }
 
+  /** Writes what was sent, then resolves once the socket has handed all of it to the kernel. */
+  flushed(): Promise<void> {
+    this.#flush();
+    if (this.#closed || this.#socket.writableLength === 0) return Promise.resolve();
+    return new Promise((resolve) => {
+      this.#socket.once('drain', resolve);
+      this.#socket.once('close', resolve);
+    });
+  }
+
   #flush(): void {
     this.#flushScheduled = false;
     const writer = this.#writer;

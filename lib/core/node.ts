@@ -19,8 +19,9 @@ export type WorkerState = 'starting' | 'idle' | 'leased' | 'actor' | 'dead';
 export interface WorkerChild {
   readonly pid?: number;
   kill(signal?: NodeJS.Signals): boolean;
-  on(event: 'exit', listener: () => void): unknown;
-  once(event: 'exit', listener: () => void): unknown;
+  /** Code and signal where known (a remote worker's come from its agent). */
+  on(event: 'exit', listener: (code: number | null, signal: NodeJS.Signals | null) => void): unknown;
+  once(event: 'exit', listener: (code: number | null, signal: NodeJS.Signals | null) => void): unknown;
 }
 
 export class WorkerProcess {
@@ -60,6 +61,22 @@ export class WorkerProcess {
   readonly actorWatches = new Map<number, { stop: () => void; answer: (death: { actorId: string; cause: string } | null) => void }>();
   /** Its holds and unreported puts were dropped (it exited and its connection closed). */
   released = false;
+  /** What it reported before exiting on an error nothing caught. */
+  fatalError: string | undefined;
+  #exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
+
+  recordExit(code: number | null, signal: NodeJS.Signals | null): void {
+    this.#exit ??= { code, signal };
+  }
+
+  /** How it died, for the errors of what was running in it: `killed by SIGKILL`, say. */
+  get deathCause(): string {
+    const pid = this.child.pid !== undefined ? `pid ${this.child.pid} ` : '';
+    if (this.fatalError) return `${pid}exited on an uncaught ${this.fatalError}`;
+    if (this.#exit?.signal) return `${pid}killed by ${this.#exit.signal}`;
+    if (this.#exit?.code !== null && this.#exit?.code !== undefined) return `${pid}exited with code ${this.#exit.code}`;
+    return `${pid}exited`;
+  }
 
   /**
    * The connection's shared memory, made here and mapped by the worker from descriptor 3; the

@@ -155,7 +155,14 @@ export interface ClosedIpcMessage {
   inUse: Uint8Array[];
 }
 
-export type WorkerMessage = HelloMessage | DoneMessage | ActorReadyMessage | RequestMessage | BorrowMessage | ClosedIpcMessage;
+/** The worker is about to exit on an error nothing caught (a throw in a timer, a native panic). */
+export interface FatalMessage {
+  t: 'fatal';
+  /** The error's name, message and where it was thrown (its stack's first frame). */
+  error: string;
+}
+
+export type WorkerMessage = HelloMessage | DoneMessage | ActorReadyMessage | RequestMessage | BorrowMessage | ClosedIpcMessage | FatalMessage;
 
 /**
  * Compact frames start with a tag below 0x10; a msgpack envelope (always a map) starts at 0x80 or

@@ -36,10 +36,10 @@ class RemoteChild extends EventEmitter implements WorkerChild {
     return true;
   }
 
-  exited(): void {
+  exited(code: number | null = null, signal: NodeJS.Signals | null = null): void {
     if (this.#exited) return;
     this.#exited = true;
-    this.emit('exit');
+    this.emit('exit', code, signal);
   }
 }
 
@@ -103,7 +103,7 @@ export class RemoteNode extends Node {
         return;
       }
       case 'worker-exited':
-        this.#children.get(message.workerId)?.exited();
+        this.#children.get(message.workerId)?.exited(message.code, message.signal as NodeJS.Signals | null);
         this.#children.delete(message.workerId);
         return;
       case 'agent-reply':

@@ -772,6 +772,26 @@ setHandleCodec({
     return makeActorHandle(actorId, { module, name }, methods);
   },
 });
+/** An uncaught error in a line: its name and message, and where it was thrown. */
+function describeUncaught(error: unknown): string {
+  if (!(error instanceof Error)) return `throw of ${typeof error === 'string' ? JSON.stringify(error.slice(0, 300)) : String(error).slice(0, 300)}`;
+  const frame = error.stack?.split('\n').find((line) => line.trimStart().startsWith('at '))?.trim();
+  return `${error.name}: ${error.message.slice(0, 500)}${frame ? ` (${frame})` : ''}`;
+}
+
+let dying = false;
+// An error nothing caught (a throw in a timer or callback, a native module's panic) ends the
+// worker as it would have, but the driver hears why first, to name it in the errors of the tasks
+// and actor that die with it (else all it knows is an exit code).
+process.on('uncaughtException', (error) => {
+  if (dying) return;
+  dying = true;
+  process.stderr.write(`trellis worker (pid ${process.pid}): uncaught ${error instanceof Error ? (error.stack ?? String(error)) : String(error)}\n`);
+  runtime.send({ t: 'fatal', error: describeUncaught(error) });
+  setTimeout(() => process.exit(1), 1000).unref();
+  void connection.flushed().finally(() => process.exit(1));
+});
+
 // User modules import the public API. A worker loads it before its hello, so that a worker the
 // driver counts as ready runs its first task (an actor's constructor, say) without a second of
 // module loading and transpiling first, competing for the CPUs with the work already running.

@@ -20,7 +20,7 @@ import {
   state,
 } from '../../lib/index.js';
 import { RemoteCounter } from './fixtures/actors.js';
-import { add, dieAlways, dieOnce, fail, flaky, gated, identity, registerLate, square } from './fixtures/core.js';
+import { add, dieAlways, dieOnce, fail, flaky, gated, identity, registerLate, square, throwLater } from './fixtures/core.js';
 import { isAlive, openGate, rejection, scratch, started, until } from './helpers.js';
 
 const files = scratch();
@@ -51,6 +51,16 @@ describe('worker crashes', () => {
     expect(error).toBeInstanceOf(WorkerCrashedError);
     expect(error.code).toBe('ERR_WORKER_CRASHED');
     expect(lines(log)).toHaveLength(1);
+    expect(error.message).toBe(`dieAlways: its worker died (pid ${lines(log)[0]} killed by SIGKILL) and it has no retries left (0 allowed)`);
+  });
+
+  it('names an error nothing caught that ended the worker, in the task that died with it', async () => {
+    const log = files.path('throw-later');
+    const error = await rejection(get(throwLater.options({ maxRetries: 1 }).remote(log)));
+    expect(error).toBeInstanceOf(WorkerCrashedError);
+    expect(lines(log)).toHaveLength(2);
+    expect(error.message).toContain(`throwLater: its worker died (pid ${lines(log)[1]} exited on an uncaught TypeError: a stray callback failed (at `);
+    expect(error.message).toMatch(/fixtures\/core\.[jt]s:\d+:\d+\)+ and it has no retries left \(1 allowed\)$/);
   });
 
   it('retries stop after maxRetries', async () => {

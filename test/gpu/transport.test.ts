@@ -150,7 +150,7 @@ describe('tensor transport with CPU tensors', () => {
       await wait([tensor]);
       // Killed for good, or its process killed and restarted: either way its memory is gone.
       kill(producer, { noRestart: !restarts });
-      const cause = restarts ? /held by actor Stage \(tensor transport\) and is lost: actor Stage died and restarts/ : /held by actor Stage \(tensor transport\) and is lost: actor Stage was killed/;
+      const cause = restarts ? /held by actor Stage \(tensor transport\) and is lost: actor Stage died \(pid \d+ killed by SIGKILL\) and restarts/ : /held by actor Stage \(tensor transport\) and is lost: actor Stage was killed/;
       await until(async () => (await failure(get(tensor))) instanceof ObjectLostError);
       const read = await failure(get(consumer.consume.remote(tensor)));
       expect(read).toBeInstanceOf(ObjectLostError);
