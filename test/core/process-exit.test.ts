@@ -68,13 +68,14 @@ describe('a driver that ends without shutdown()', () => {
     await shutdown();
   });
 
-  it('removes its segment, spill directory and socket at process.exit(), an uncaught error, or a signal no one handles, and dies by that signal', async () => {
-    const [exited, thrown, terminated, interrupted, handled] = await Promise.all([
+  it("removes its segment, spill directory and socket at process.exit(), an uncaught error, or a signal no one handles, and dies by that signal; a SIGKILLed one's are removed by the next driver", async () => {
+    const [exited, thrown, terminated, interrupted, handled, killed] = await Promise.all([
       runDriver('exit'),
       runDriver('throw'),
       runDriver('wait', 'SIGTERM'),
       runDriver('wait', 'SIGINT'),
       runDriver('handled', 'SIGTERM'),
+      runDriver('wait', 'SIGKILL'),
     ]);
     expect([exited.code, exited.signal]).toEqual([0, null]);
     expect(thrown.code).toBe(1);
@@ -86,10 +87,7 @@ describe('a driver that ends without shutdown()', () => {
     expect(handled.stdout).toContain('handling SIGTERM');
     expect([handled.code, handled.signal]).toEqual([7, null]);
     for (const ending of [exited, thrown, terminated, interrupted, handled]) await expectNothingLeft(ending);
-  });
-
-  it("has what a SIGKILLed driver left removed by the host's next driver", async () => {
-    const killed = await runDriver('wait', 'SIGKILL');
+    // What a SIGKILLed driver left, the host's next driver removes.
     expect(killed.signal).toBe('SIGKILL');
     for (const worker of killed.workers) await until(() => !isAlive(worker), `worker ${worker} of the killed driver to exit`);
     await init({ numCpus: 1 });
