@@ -181,6 +181,19 @@ describe('readParquet filter', () => {
     expect(rows.map((row) => row.id)).toEqual([21, 29]);
   });
 
+  it('plans no task for a file none of whose row groups can match', async () => {
+    const directory = scratch('files');
+    const table = sample();
+    for (let file = 0; file < 4; file++) await new ParquetDatasink(directory, { rowGroupRows: 5 }).write([table.slice(file * 10, file * 10 + 10)], { ...context, taskIndex: file });
+    const paths = readdirSync(directory).sort().map((name) => join(directory, name));
+    // Files 0, 1 and 3 (ids 0-19, 30-39) are garbage past their footers now.
+    for (const file of [0, 1, 3]) for (const group of [0, 1]) await corruptGroup(paths[file], group);
+    const { rows, tasks } = await readRows(parquetSource(directory, { filter: [['id', '>=', 22], ['id', '<=', 25]] }), 4);
+    expect(rows.map((row) => row.id)).toEqual([22, 23, 24, 25]);
+    // The one file left, split by its two row groups (ids 20-24 and 25-29) over the tasks wanted.
+    expect(tasks).toBe(2);
+  });
+
   it('reads the columns the filter needs and gives back only those asked for, row ids numbered by place in the file', async () => {
     const directory = scratch('columns');
     await new ParquetDatasink(directory, { rowGroupRows: 10 }).write([sample()], context);
@@ -307,5 +320,7 @@ describe('Dataset.filter with a row filter', () => {
     const items = fromItems(Array.from({ length: 30 }, (_, id) => ({ id, even: id % 2 === 0 }))).filter([[['id', '<', 3]], [['even', '=', false], ['id', '>', 25]]]);
     expect((await items.takeAll()).map((row) => row.id)).toEqual([0, 1, 2, 27, 29]);
     expect(() => fromItems([{ id: 1 }]).filter([['id', '>']] as never)).toThrow(/'>' takes one value/);
+    // Every file ruled out: no read task at all, an empty result.
+    expect(await readParquet(whole).filter([['id', '<', 0]]).takeAll()).toEqual([]);
   });
 });

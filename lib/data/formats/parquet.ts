@@ -26,6 +26,8 @@ let loaded: Promise<ParquetWasm> | undefined;
 const loadParquet = (): Promise<ParquetWasm> => (loaded ??= import('parquet-wasm/node'));
 
 export const PARQUET_EXTENSIONS: readonly string[] = ['.parquet', '.pq'];
+/** Footers a filtered read's planning reads at once. */
+const FOOTER_READS_AT_ONCE = 16;
 
 export interface ParquetReadOptions extends PartitionReadOptions {
   /** Only these columns (all by default): the others are not even read from disk. */
@@ -218,13 +220,31 @@ export class ParquetDatasource extends Datasource {
       // An empty clause keeps every row: nothing left to decide in the tasks.
       taskOptions = filter.some((clause) => clause.length === 0) ? rest : { ...rest, filter };
     }
+    const footers = new Map<string, ParquetFooter>();
+    if (taskOptions.filter) {
+      // A file none of whose row groups can match gets no task (Ray reads every file's footer on
+      // the driver too); the footers read here serve the split below.
+      const filter = taskOptions.filter;
+      const keep = new Set<string>();
+      let next = 0;
+      const readFooters = async (): Promise<void> => {
+        while (next < files.length) {
+          const file = files[next++];
+          const footer = await readParquetFooter(file.path);
+          footers.set(file.path, footer);
+          if (footer.rowGroups.some((_, group) => rowGroupMayMatch(footer, group, filter))) keep.add(file.path);
+        }
+      };
+      await Promise.all(Array.from({ length: Math.min(FOOTER_READS_AT_ONCE, files.length) }, readFooters));
+      files = files.filter((file) => keep.has(file.path));
+    }
     const plan = await planFileReads(files, parallelism, async (file) => {
       const handle = await openParquet(file.path);
       try {
         const metadata = handle.metadata();
         const count = metadata.numRowGroups();
         if (count === 0) return [{ path: file.path, bytes: file.bytes, rows: 0 }];
-        const footer = taskOptions.filter ? await readParquetFooter(file.path) : undefined;
+        const footer = footers.get(file.path);
         const pieces = [];
         for (let index = 0; index < count; index++) {
           // A group the statistics rule out gets no task at all.
@@ -234,8 +254,7 @@ export class ParquetDatasource extends Datasource {
           group.free();
         }
         metadata.free();
-        // None left: one task still opens the file, finds the same, and reads nothing.
-        return pieces.length > 0 ? pieces : [{ path: file.path, bytes: 0, rows: 0 }];
+        return pieces;
       } finally {
         handle.free();
       }
