@@ -28,7 +28,8 @@ remote(import.meta, Embedder);
 
 function startAgent(port: number, id: string, token: string): ChildProcess {
   const cli = fileURLToPath(new URL('../lib/cli/trellis.ts', import.meta.url));
-  return spawn(process.execPath, ['--import', 'tsx', cli, 'node', '--head', `127.0.0.1:${port}`, '--id', id, '--num-cpus', '1', '--resources', '{"worker-host": 1}', '--once'], {
+  // With this process's Node.js flags: the TypeScript loader it was started with.
+  return spawn(process.execPath, [...process.execArgv, cli, 'node', '--head', `127.0.0.1:${port}`, '--id', id, '--num-cpus', '1', '--resources', '{"worker-host": 1}', '--once'], {
     env: { ...process.env, TRELLIS_CLUSTER_TOKEN: token },
     stdio: ['ignore', 'inherit', 'inherit'],
   });

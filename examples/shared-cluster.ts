@@ -59,7 +59,8 @@ async function main(): Promise<void> {
   const cli = fileURLToPath(new URL('../lib/cli/trellis.ts', import.meta.url));
   const processes: ChildProcess[] = [];
   const start = (args: string[]) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', ...args], { stdio: ['pipe', 'pipe', 'inherit'] });
+    // With this process's Node.js flags: the TypeScript loader it was started with.
+    const child = spawn(process.execPath, [...process.execArgv, ...args], { stdio: ['pipe', 'pipe', 'inherit'] });
     createInterface({ input: child.stdout! }).on('line', (line) => console.log(line));
     processes.push(child);
     return { child, exited: new Promise<number | null>((resolve) => child.once('exit', resolve)) };

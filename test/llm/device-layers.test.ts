@@ -197,7 +197,7 @@ describe('the CUDA kernels against the host', () => {
 
   it.skipIf(!fake.path)("the llm-gpu benchmark's code runs (its smoke size, on the fake driver), so a GPU session does not find it broken", async () => {
     const report = await new Promise<any>((resolve, reject) => {
-      const child = spawn(process.execPath, ['--import', 'tsx', new URL('../../bench/run.ts', import.meta.url).pathname, 'llm-gpu', '--json'], {
+      const child = spawn(process.execPath, [...typeScriptArgs, new URL('../../bench/run.ts', import.meta.url).pathname, 'llm-gpu', '--json'], {
         env: { ...process.env, ...fakeEnv(), FAKE_CUDA_DEVICES: '1', TRELLIS_BENCH_SMOKE: '1' },
         stdio: ['ignore', 'pipe', 'pipe'],
       });

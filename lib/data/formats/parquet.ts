@@ -158,7 +158,8 @@ function checkColumnsExist(file: ParquetFileHandle, columns: string[], path: str
   const missing = columns.filter((name) => !names.includes(name) && !name.includes('.'));
   if (missing.length) {
     throw new InvalidArgumentError(`Parquet file '${path}' has no column ${missing.map((name) => `'${name}'`).join(', ')} (it has: ${names.join(', ')})`, 'ERR_DATA_SCHEMA');
-  }  return names;
+  }
+  return names;
 }
 
 export class ParquetDatasource extends Datasource {
