@@ -7,7 +7,7 @@
 import { EventEmitter } from 'node:events';
 import { createServer, type Server, type Socket } from 'node:net';
 import { rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
   TrellisError,
@@ -245,7 +245,10 @@ function isActorId(id: string): boolean {
 export interface InitOptions extends NodeOptions {
   /** Several logical nodes on this host, each with its own resources, worker pool and store. */
   nodes?: NodeOptions[];
-  /** Workers started per node before the first task (default: the node's CPU count). */
+  /**
+   * Workers started per node before the first task (default: the node's CPU count, while the
+   * nodes' together stay within the host's cores; at least one per node).
+   */
   prestartWorkers?: number;
   /**
    * How worker processes share a GPU. 'time-slice' (the default): each has a GPU context of its
@@ -429,8 +432,13 @@ export class Cluster implements Runtime {
       onHandleDisposed: (ref) => cluster.#handles.disposed(ref),
     });
     const prestart = options.prestartWorkers;
+    // By default the nodes together start no more workers than the host has cores (one each at
+    // least): more would only contend for the cores while they start, and init waits for them;
+    // the rest start when work needs them.
+    let cores = availableParallelism();
     for (const node of cluster.nodes) {
-      const count = prestart ?? node.softLimit;
+      const count = prestart ?? Math.min(node.softLimit, Math.max(1, cores));
+      cores -= count;
       for (let i = 0; i < count; i++) cluster.#spawn(node);
     }
     await Promise.all(cluster.nodes.flatMap((node) => [...node.workers.values()].map((worker) => worker.ready)));
