@@ -83,6 +83,9 @@ function checkPredicate(entry: unknown, where: string): Predicate {
 /** Checks a filter given by a user, naming `where` it was given in errors (typed ERR_DATA_FILTER). */
 export function checkRowFilter(filter: unknown, where: string): Clauses {
   if (!Array.isArray(filter) || filter.length === 0) throw filterError(where, 'filter takes a non-empty list of [column, operator, value] predicates, or a list of such lists');
+  if (typeof filter[0] === 'string') {
+    throw filterError(where, `a filter is a list of predicates: write [${JSON.stringify(filter)}], not ${JSON.stringify(filter)}`);
+  }
   const nested = Array.isArray(filter[0]) && Array.isArray(filter[0][0]);
   const clauses = nested ? filter : [filter];
   return clauses.map((clause: unknown) => {

@@ -236,6 +236,7 @@ describe('readParquet filter', () => {
     };
     const cases: [unknown, string][] = [
       [[], 'non-empty list'],
+      [['id', '>', 3], 'write [["id",">",3]]'],
       [[['id', '~', 3]], "no operator of '='"],
       [[['id', '=']], "'=' takes one value"],
       [[['id', 'in', 3]], "'in' takes a list"],
