@@ -369,7 +369,15 @@ export class Dataset {
   /** Only the named columns, in that order. */
   selectColumns(columns: string | string[]): Dataset {
     const list = checkKeyColumns(columns, 'selectColumns()');
-    return this.#builtin(`SelectColumns(${list.join(', ')})`, selectColumns, [list]);
+    const selected = this.#builtin(`SelectColumns(${list.join(', ')})`, selectColumns, [list]);
+    // Right after a read whose source can narrow what it reads (Parquet reads only these columns
+    // from disk); the stage stays, so the result and what later stages may name are the same.
+    const [read] = this.#plan;
+    if (this.#plan.length === 1 && read.op === 'read' && !read.rowIds) {
+      const narrowed = read.datasource.withColumns?.(list);
+      if (narrowed) return new Dataset([{ ...read, datasource: narrowed }, ...selected.#plan.slice(1)]);
+    }
+    return selected;
   }
 
   /** Every column but the named ones. */

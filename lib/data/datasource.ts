@@ -77,6 +77,12 @@ export abstract class Datasource {
    * after the read hands its filter here. Undefined (or no method): the filter runs as a stage.
    */
   withFilter?(filter: Clauses): Datasource | undefined;
+  /**
+   * A copy of this source that may read only these columns (the rest may be left out; the
+   * columns are still selected after the read), for a source that can skip reading the others:
+   * `Dataset.selectColumns(...)` right after the read hands them here. Undefined: no narrowing.
+   */
+  withColumns?(columns: string[]): Datasource | undefined;
 }
 
 export interface WriteContext {

@@ -98,6 +98,20 @@ async function corruptGroup(path: string, group: number): Promise<void> {
   }
 }
 
+/** Overwrites one column's chunks in every row group: only a read of that column meets the garbage. */
+async function corruptColumn(path: string, column: string): Promise<void> {
+  const footer = await readParquetFooter(path);
+  const fd = openSync(path, 'r+');
+  try {
+    for (const group of footer.rowGroups) {
+      const chunk = group.columns.get(column)!;
+      writeSync(fd, Buffer.alloc(chunk.compressedBytes, 0xee), 0, chunk.compressedBytes, chunk.offset);
+    }
+  } finally {
+    closeSync(fd);
+  }
+}
+
 describe('Parquet footer statistics', () => {
   it("decodes each row group's min, max and null count as the values Arrow reads", async () => {
     const directory = scratch('footer');
@@ -305,7 +319,7 @@ describe('row filters', () => {
 describe('Dataset.filter with a row filter', () => {
   useDataCluster({ numCpus: 2 });
 
-  it('is pushed into a Parquet read, which skips what cannot match; after other stages it runs as a stage', async () => {
+  it('is pushed into a Parquet read, which skips what cannot match; after other stages it runs as a stage; selectColumns narrows the read', async () => {
     const directory = scratch('dataset');
     await new ParquetDatasink(directory, { rowGroupRows: 10 }).write([sample()], context);
     for (const group of [0, 1, 3]) await corruptGroup(join(directory, 'job_000000.parquet'), group);
@@ -321,6 +335,15 @@ describe('Dataset.filter with a row filter', () => {
     const items = fromItems(Array.from({ length: 30 }, (_, id) => ({ id, even: id % 2 === 0 }))).filter([[['id', '<', 3]], [['even', '=', false], ['id', '>', 25]]]);
     expect((await items.takeAll()).map((row) => row.id)).toEqual([0, 1, 2, 27, 29]);
     expect(() => fromItems([{ id: 1 }]).filter([['id', '>']] as never)).toThrow(/'>' takes one value/);
+    // selectColumns right after the read: only those columns are read from disk ('score' is garbage now).
+    const narrow = scratch('narrow');
+    await new ParquetDatasink(narrow, { partitionBy: 'ok', rowGroupRows: 10 }).write([sample()], context);
+    for (const part of ['ok=true', 'ok=false']) await corruptColumn(join(narrow, part, readdirSync(join(narrow, part))[0]), 'score');
+    const selected = readParquet(narrow).selectColumns(['lang', 'ok', 'id']);
+    expect(await selected.explain({ print: false })).toContain('SelectColumns(lang, ok, id)');
+    const narrowRows = await selected.takeAll();
+    expect(narrowRows.map((row) => Object.keys(row))).toEqual(narrowRows.map(() => ['lang', 'ok', 'id']));
+    expect(narrowRows.filter((row) => row.ok === 'true').map((row) => row.id).sort((a, b) => (a as number) - (b as number))).toEqual(Array.from({ length: 20 }, (_, index) => 20 + index));
     // Every file ruled out: no read task at all, an empty result.
     expect(await readParquet(whole).filter([['id', '<', 0]]).takeAll()).toEqual([]);
   });

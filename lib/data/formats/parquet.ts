@@ -191,6 +191,19 @@ export class ParquetDatasource extends Datasource {
     return 'Parquet';
   }
 
+  /**
+   * The same files read for these columns only (within the source's own `columns`); partition
+   * and row-id columns are not in the files and are left to be added as before. None of the
+   * files' columns among them: no narrowing (a read of no column would lose the row count).
+   */
+  override withColumns(columns: string[]): ParquetDatasource | undefined {
+    const added = new Set<string>([...(this.taskOptions.rowIds ? [this.taskOptions.rowIds] : []), ...[...(this.partitions?.values() ?? [])].flatMap((values) => Object.keys(values))]);
+    const own = this.taskOptions.columns;
+    const fileColumns = columns.filter((column) => !added.has(column) && (!own || own.includes(column)));
+    if (fileColumns.length === 0) return undefined;
+    return new ParquetDatasource(this.#paths, { ...this.#options, columns: fileColumns });
+  }
+
   /** The same files, with this filter ANDed to the source's own. */
   override withFilter(filter: Clauses): ParquetDatasource {
     const combined = this.taskOptions.filter ? andFilters(this.taskOptions.filter, filter) : filter;
