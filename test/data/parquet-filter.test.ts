@@ -3,14 +3,14 @@
  * them (proved by corrupting the skipped groups' bytes), partitions skipped by their values, and
  * every row the filter keeps, no other, checked against a plain filter of the same rows.
  */
-import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, rmSync, writeSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { closeSync, mkdirSync, openSync, readdirSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { DateDay, Int64, Table, TimestampMicrosecond, Utf8, vectorFromArray } from 'apache-arrow';
 import { InvalidArgumentError } from '../../lib/errors.js';
 import { fromItems, readParquet } from '../../lib/index.js';
 import { useDataCluster } from './helpers.js';
+import { scratch as scratchFiles } from '../core/helpers.js';
 import { double } from './fixtures/udfs.js';
 import { blockToRows, type Block, type Row } from '../../lib/data/block.js';
 import type { Datasource } from '../../lib/data/datasource.js';
@@ -18,21 +18,14 @@ import { ParquetDatasink, parquetSource } from '../../lib/data/formats/index.js'
 import { readParquetFooter } from '../../lib/data/formats/parquet-footer.js';
 import { checkRowFilter, compareFilterValues, filterBlock, mayMatch, specializeFilter, type RowFilter } from '../../lib/data/row-filter.js';
 
-let root: string;
-let next = 0;
+const files = scratchFiles();
+afterAll(files.cleanup);
+/** A fresh directory for one case's files. */
 const scratch = (name: string): string => {
-  const path = join(root, `${name}-${next++}`);
-  mkdirSync(path, { recursive: true });
+  const path = files.path(name);
+  mkdirSync(path);
   return path;
 };
-
-beforeAll(() => {
-  root = mkdtempSync(join(tmpdir(), 'trellis-parquet-filter-test-'));
-});
-
-afterAll(() => {
-  rmSync(root, { recursive: true, force: true });
-});
 
 const context = { taskIndex: 0, attempt: 0, writeId: 'job' };
 const DAY = 86_400_000;
