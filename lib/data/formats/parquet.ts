@@ -108,7 +108,8 @@ export const readParquetFiles = remote(import.meta, async function* readParquetF
       }
       const metadata = file.metadata();
       let groups = unit.pieces ?? Array.from({ length: metadata.numRowGroups() }, (_, index) => index);
-      if (options.filter) {
+      // Groups the driver named were chosen by the same filter; a whole file is pruned here.
+      if (options.filter && !unit.pieces) {
         const footer = await readParquetFooter(unit.path);
         groups = groups.filter((group) => rowGroupMayMatch(footer, group, options.filter!));
       }
@@ -273,6 +274,14 @@ export class ParquetDatasource extends Datasource {
         handle.free();
       }
     });
+    // A whole file's task is told which of its groups are left, so it need not read the footer again.
+    for (const task of plan) {
+      for (const unit of task.units) {
+        const footer = footers.get(unit.path);
+        if (!footer || unit.pieces) continue;
+        unit.pieces = footer.rowGroups.map((_, group) => group).filter((group) => rowGroupMayMatch(footer, group, taskOptions.filter!));
+      }
+    }
     return plan.map(
       (task) =>
         new ReadTask(readParquetFiles, [task.units, taskOptions], {
