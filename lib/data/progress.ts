@@ -5,6 +5,7 @@
  */
 import cliProgress from 'cli-progress';
 import { InvalidArgumentError } from '../errors.js';
+import { onProcessExit } from '../process-exit.js';
 import type { JobProgress, OperatorProgress, ProgressReporter } from './progress-types.js';
 
 export type { JobProgress, OperatorProgress, ProgressReporter } from './progress-types.js';
@@ -275,9 +276,11 @@ class TerminalProgressReporter implements ProgressReporter {
   /** Warnings of the job already printed. */
   private warned = 0;
   private readonly restoreCursorAtExit = (): void => {
-    // A process that exits mid-job must not leave the user's shell without a cursor.
+    // A process that exits mid-job, or is interrupted (Ctrl-C), must not leave the user's shell
+    // without a cursor.
     this.stream.write(`${SHOW_CURSOR}\n`);
   };
+  private forgetCursorRestore: (() => void) | undefined;
 
   constructor(private readonly stream: NodeJS.WriteStream) {
     this.multiBar = new cliProgress.MultiBar({
@@ -321,14 +324,14 @@ class TerminalProgressReporter implements ProgressReporter {
     this.finished = true;
     // Draws every line a last time from the final snapshot, shows the cursor and moves below the bars.
     this.multiBar.stop();
-    process.removeListener('exit', this.restoreCursorAtExit);
+    this.forgetCursorRestore?.();
     if (error) this.stream.write(`${formatFailure(progress, error)}\n`);
   }
 
   private ensureBars(operatorCount: number): void {
     if (this.bars.length === 0) {
       this.bars.push(this.createBar((maxWidth) => (this.latest ? formatSummary(this.latest) : '').slice(0, maxWidth)));
-      process.once('exit', this.restoreCursorAtExit);
+      this.forgetCursorRestore = onProcessExit(this.restoreCursorAtExit);
     }
     while (this.bars.length - 1 < operatorCount) {
       const index = this.bars.length - 1;

@@ -290,9 +290,12 @@ describe('createProgressReporter', () => {
     it('draws a summary and a bar per operator, adds operators that appear later, and stops cleanly', () => {
       vi.useFakeTimers();
       const exitListeners = process.listenerCount('exit');
+      const interruptListeners = process.listenerCount('SIGINT');
       const stream = new FakeStream(true);
       const reporter = createProgressReporter('auto', stream.asWriteStream());
       reporter.update(job({ operators: [operator()] }));
+      // The cursor comes back however the process ends, Ctrl-C included.
+      expect(process.listenerCount('SIGINT')).toBe(interruptListeners + 1);
       vi.advanceTimersByTime(250);
       const firstFrames = visible(stream.text);
       expect(firstFrames).toContain('Dataset.write: 12.0s elapsed');
@@ -317,6 +320,7 @@ describe('createProgressReporter', () => {
       // No redraw timer left, no exit hook left, and later calls draw nothing.
       expect(vi.getTimerCount()).toBe(0);
       expect(process.listenerCount('exit')).toBe(exitListeners);
+      expect(process.listenerCount('SIGINT')).toBe(interruptListeners);
       const written = stream.chunks.length;
       reporter.update(job());
       reporter.finish(final);
