@@ -227,10 +227,16 @@ function readSchemaElement(reader: CompactReader): SchemaElement {
   return element;
 }
 
+/** An integer column whose values (and statistics' order) are unsigned, by its logical or converted type. */
+function isUnsigned(element: SchemaElement): boolean {
+  const { converted } = element;
+  return element.integerSigned === false || (converted !== undefined && converted >= ConvertedType.UINT_8 && converted <= ConvertedType.UINT_64);
+}
+
 /** What a leaf's statistics decode to, or null where comparing them here would not be sound. */
 function kindOf(element: SchemaElement): FooterColumn['kind'] {
   const { type, converted, logical } = element;
-  const unsigned = element.integerSigned === false || (converted !== undefined && converted >= ConvertedType.UINT_8 && converted <= ConvertedType.UINT_64);
+  const unsigned = isUnsigned(element);
   if (logical === 5 || converted === ConvertedType.DECIMAL || converted === ConvertedType.INTERVAL) return null;
   switch (type) {
     case PhysicalType.BOOLEAN:
@@ -268,7 +274,7 @@ function decodeStatistic(bytes: Uint8Array, element: SchemaElement, kind: Footer
     case 'integer':
       if (bytes.length < 4) return undefined;
       // Unsigned 32-bit values read back as numbers by Arrow, ordered unsigned in the statistics.
-      return element.integerSigned === false || (element.converted !== undefined && element.converted >= ConvertedType.UINT_8 && element.converted <= ConvertedType.UINT_32) ? view.getUint32(0, true) : view.getInt32(0, true);
+      return isUnsigned(element) ? view.getUint32(0, true) : view.getInt32(0, true);
     case 'date':
       return bytes.length >= 4 ? view.getInt32(0, true) * DAY_MS : undefined;
     case 'bigint':
