@@ -14,6 +14,7 @@ export {
 } from './errors.js';
 export { ObjectStore, ObjectView, ObjectBuilder, isStoreMemory } from './store/object-store.js';
 export type { ObjectStoreOptions, StoreStats, ObjectState } from './store/object-store.js';
+export type { PinnedObjectInfo } from './native.js';
 export { newObjectId, isObjectId } from './store/object-id.js';
 export type { ObjectId } from './store/object-id.js';
 export {

@@ -41,6 +41,17 @@ export interface NativeStoreStats {
  */
 export type NativePinned = [offset: number, size: number, metadata: Uint8Array | null, entry: number, generation: number];
 
+/** An object pinned in a store, and the processes pinning it (see ObjectStore.pinned). */
+export interface PinnedObjectInfo {
+  objectId: string;
+  state: 'created' | 'sealed' | 'spilled';
+  /** Deleted, yet pinned: no longer visible, its bytes freed when its last pin goes. */
+  deleted: boolean;
+  /** Bytes of data and metadata. */
+  size: number;
+  holders: Array<{ pid: number; pins: number }>;
+}
+
 export interface NativeObjectStore {
   readonly name: string;
   readonly segmentSize: number;
@@ -60,6 +71,7 @@ export interface NativeObjectStore {
   delete(id: string): void;
   state(id: string): 'absent' | 'created' | 'sealed' | 'spilled';
   stats(): NativeStoreStats;
+  pinned(): PinnedObjectInfo[];
   reapDeadProcesses(): number;
   watchSeals(callback: () => void): void;
   unwatchSeals(): void;

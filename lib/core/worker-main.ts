@@ -8,7 +8,7 @@ import { pathToFileURL } from 'node:url';
 import { connect, type Socket } from 'node:net';
 import { dial } from './tls.js';
 import { ObjectLostError, TaskError, type RemoteErrorInfo } from '../errors.js';
-import { ObjectStore } from '../store/object-store.js';
+import { ObjectStore, viewPinsHeld } from '../store/object-store.js';
 import { newObjectId, sequentialObjectId, taskPutBase } from '../store/object-id.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
 import { checkRecompute, workerEnvironmentOf, type ActorCallOptions, type ActorOptions, type TaskOptions } from './options.js';
@@ -359,7 +359,12 @@ function rebuildError(info: RemoteErrorInfo & { kind: string }, id: string): Err
  * long time (an idle one, never): the objects stay in the store though nothing uses them. So a
  * worker collects once a task has replied when it has read more than a threshold zero-copy since
  * it last collected (an eighth of the store, or less where a task asks: a data task asks for an
- * eighth of its job's memory budget), and once it has been idle a moment after reading any.
+ * eighth of its job's memory budget), and, once idle a moment, for as long as any view of its
+ * still pins an object. That last part must not trust a single collection: one made just after a
+ * task can find its values still reachable for a turn or two (the reply's continuations), and an
+ * idle worker would hold them for good. So it collects again, at doubling intervals, until no
+ * view pins anything; a worker that keeps views on purpose (an actor's state) then collects
+ * every half minute while it idles, which costs little.
  * Collecting inside the task would free nothing: its arguments are held until it has replied.
  */
 class ZeroCopyCollector {
@@ -369,6 +374,8 @@ class ZeroCopyCollector {
   #lastTaskEnded = 0;
   /** One timer for idleness, re-armed lazily: tasks end far more often than the worker idles. */
   #idle: NodeJS.Timeout | undefined;
+  /** How long the worker waits, idle, before its next collection. */
+  #idleWait = IDLE_COLLECT_MS;
 
   read(bytes: number): void {
     this.#bytes += bytes;
@@ -383,10 +390,11 @@ class ZeroCopyCollector {
     const threshold = Math.min(this.#defaultThreshold, this.#requested);
     this.#requested = Infinity;
     this.#lastTaskEnded = performance.now();
+    this.#idleWait = IDLE_COLLECT_MS;
     if (this.#bytes >= threshold) this.#due = true;
     // Also where a collection is due: it comes before the next task, and there may be none (the
     // job's last), when idleness is what collects.
-    if (this.#bytes > 0 && !this.#idle) this.#armIdle(IDLE_COLLECT_MS);
+    if (viewPinsHeld().count > 0 && !this.#idle) this.#armIdle(IDLE_COLLECT_MS);
   }
 
   /**
@@ -407,12 +415,16 @@ class ZeroCopyCollector {
     this.#idle = setTimeout(() => {
       this.#idle = undefined;
       const idleFor = performance.now() - this.#lastTaskEnded;
-      if (idleFor < IDLE_COLLECT_MS) return this.#armIdle(IDLE_COLLECT_MS - idleFor);
-      if (running > 0 || this.#bytes === 0) return;
+      if (idleFor < this.#idleWait) return this.#armIdle(this.#idleWait - idleFor);
+      // A running task re-arms the timer as it ends.
+      if (running > 0 || viewPinsHeld().count === 0) return;
       this.#bytes = 0;
       this.#due = false;
       collectGarbage();
+      this.#idleWait = Math.min(this.#idleWait * 2, MAX_IDLE_COLLECT_MS);
+      this.#armIdle(this.#idleWait);
     }, delay);
+    this.#idle.unref();
   }
 }
 
@@ -437,6 +449,8 @@ function netOut(add: string[], drop: string[]): [string[], string[]] {
 
 /** How long a worker stays without a task ending before it collects what its reads left. */
 const IDLE_COLLECT_MS = 100;
+/** The longest an idle worker whose views still pin objects waits between collections. */
+const MAX_IDLE_COLLECT_MS = 30_000;
 
 function collectGarbage(): void {
   (globalThis as { gc?: () => void }).gc?.();

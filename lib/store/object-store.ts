@@ -6,7 +6,7 @@ import { mkdirSync, rmSync, statfsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { GetTimeoutError, InvalidArgumentError, ObjectNotFoundError, StoreClosedError } from '../errors.js';
-import { native, type NativeObjectStore, type NativePinned } from '../native.js';
+import { native, type NativeObjectStore, type NativePinned, type PinnedObjectInfo } from '../native.js';
 import { onProcessExit, removeStaleEntries } from '../process-exit.js';
 import { newObjectId, type ObjectId } from './object-id.js';
 
@@ -71,10 +71,32 @@ const ownBufferEntries = new FinalizationRegistry<{ buffers: Map<number, OwnBuff
   if (current?.generation === held.generation && current.buffer.deref() === undefined) held.buffers.delete(held.entry);
 });
 
-/** Drops the pin of a view that was garbage-collected without release(). */
-const pinFinalizer = new FinalizationRegistry<{ store: NativeObjectStore; entry: number; generation: number }>((pin) => {
+/** Pins that this process's views hold (across its stores), and the bytes of their objects. */
+const viewPins = { count: 0, bytes: 0 };
+
+/**
+ * Pins held by this process's views, released or collected ones no longer counted: a process that
+ * has read zero-copy collects garbage until this drops (see the worker's collector).
+ */
+export function viewPinsHeld(): Readonly<{ count: number; bytes: number }> {
+  return viewPins;
+}
+
+interface ViewPin {
+  store: NativeObjectStore;
+  entry: number;
+  generation: number;
+  size: number;
+}
+
+function unpinView(pin: ViewPin): void {
+  viewPins.count--;
+  viewPins.bytes -= pin.size;
   pin.store.release(pin.entry, pin.generation);
-});
+}
+
+/** Drops the pin of a view that was garbage-collected without release(). */
+const pinFinalizer = new FinalizationRegistry<ViewPin>(unpinView);
 
 /**
  * A zero-copy view of a sealed object: `data` is a Uint8Array over the store's shared memory, so
@@ -92,21 +114,19 @@ export class ObjectView {
   readonly id: ObjectId;
   readonly metadata: Uint8Array | null;
   #data: Uint8Array;
-  readonly #store: NativeObjectStore;
-  readonly #entry: number;
-  readonly #generation: number;
+  readonly #pin: ViewPin;
   readonly #ownBuffer: boolean;
 
   /** @internal */
   constructor(id: ObjectId, store: NativeObjectStore, region: ArrayBuffer, pinned: NativePinned, ownBuffer = false) {
     this.id = id;
-    this.#store = store;
     this.#data = new Uint8Array(region, pinned[0], pinned[1]);
     this.metadata = pinned[2];
-    this.#entry = pinned[3];
-    this.#generation = pinned[4];
+    this.#pin = { store, entry: pinned[3], generation: pinned[4], size: pinned[1] };
     this.#ownBuffer = ownBuffer;
-    pinFinalizer.register(ownBuffer ? region : this.#data, { store, entry: pinned[3], generation: pinned[4] }, this);
+    viewPins.count++;
+    viewPins.bytes += pinned[1];
+    pinFinalizer.register(ownBuffer ? region : this.#data, this.#pin, this);
   }
 
   get data(): Uint8Array {
@@ -125,7 +145,7 @@ export class ObjectView {
     if (this.#data === empty) return;
     this.#data = empty;
     pinFinalizer.unregister(this);
-    this.#store.release(this.#entry, this.#generation);
+    unpinView(this.#pin);
   }
 
   /**
@@ -136,7 +156,7 @@ export class ObjectView {
     // A view with a buffer of its own already pins for as long as anything made from it lives.
     if (this.#data === empty || this.#ownBuffer) return;
     pinFinalizer.unregister(this);
-    pinFinalizer.register(target, { store: this.#store, entry: this.#entry, generation: this.#generation });
+    pinFinalizer.register(target, this.#pin);
   }
 
   [Symbol.dispose](): void {
@@ -408,6 +428,15 @@ export class ObjectStore {
   stats(): StoreStats {
     this.#checkOpen();
     return this.#native.stats();
+  }
+
+  /**
+   * Every pinned object, with the processes pinning it: what keeps bytes in the store that no
+   * live object accounts for (a deleted object's bytes stay until its last pin goes).
+   */
+  pinned(): PinnedObjectInfo[] {
+    this.#checkOpen();
+    return this.#native.pinned();
   }
 
   /** Drops pins, unsealed objects and unfinished spills of dead processes. Returns how many died. */

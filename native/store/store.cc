@@ -1270,11 +1270,9 @@ void Store::Delete(const ObjectId& id) {
   if (header_->seal_waiters.load() > 0) FutexWakeAll(&header_->seal_sequence);
 }
 
-std::string Store::StateOf(const ObjectId& id) {
-  Lock lock(*this);
-  uint32_t index = FindLocked(id);
-  if (index == kNil) return "absent";
-  switch (static_cast<ObjectState>(entries_[index].state.load())) {
+namespace {
+const char* StateName(ObjectState state) {
+  switch (state) {
     case ObjectState::kCreated: return "created";
     case ObjectState::kSealed:
     case ObjectState::kSpilling: return "sealed";
@@ -1282,6 +1280,35 @@ std::string Store::StateOf(const ObjectId& id) {
     case ObjectState::kRestoring: return "spilled";
     default: return "absent";
   }
+}
+}  // namespace
+
+std::string Store::StateOf(const ObjectId& id) {
+  Lock lock(*this);
+  uint32_t index = FindLocked(id);
+  if (index == kNil) return "absent";
+  return StateName(static_cast<ObjectState>(entries_[index].state.load()));
+}
+
+std::vector<PinnedEntry> Store::Pinned() {
+  Lock lock(*this);
+  std::vector<PinnedEntry> pinned;
+  for (uint32_t index = 0; index < header_->entries_high_water; index++) {
+    const ObjectEntry& entry = entries_[index];
+    auto state = static_cast<ObjectState>(entry.state.load());
+    if (state == ObjectState::kFree || entry.pin_count == 0) continue;
+    PinnedEntry out;
+    std::memcpy(out.id.bytes, entry.id, kObjectIdBytes);
+    out.state = StateName(state);
+    out.deleted = (entry.flags & kFlagDeleted) != 0;
+    out.size = entry.data_size + entry.metadata_size;
+    for (uint32_t record = entry.pin_head; record != kNil; record = pins_[record].next) {
+      uint32_t process = pins_[record].process;
+      out.holders.push_back({process < kMaxProcesses ? processes_[process].pid : 0, pins_[record].count.load()});
+    }
+    pinned.push_back(std::move(out));
+  }
+  return pinned;
 }
 
 StoreStats Store::Stats() {

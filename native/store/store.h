@@ -47,6 +47,19 @@ struct PinnedObject {
   uint64_t metadata_size;
 };
 
+// An object someone holds a pin on, and who: what keeps its bytes in the store.
+struct PinHolder {
+  int32_t pid;
+  uint32_t count;
+};
+struct PinnedEntry {
+  ObjectId id;
+  std::string state;  // as StateOf names it
+  bool deleted;       // deleted but pinned: invisible, freed when its last pin goes
+  uint64_t size;      // data and metadata bytes
+  std::vector<PinHolder> holders;
+};
+
 enum class GetStatus { kReady, kAbsent, kNotReady };
 
 class Store : public std::enable_shared_from_this<Store> {
@@ -88,6 +101,8 @@ class Store : public std::enable_shared_from_this<Store> {
   // "absent", "created", "sealed", "spilled" (spilling and restoring count as sealed/spilled).
   std::string StateOf(const ObjectId& id);
   StoreStats Stats();
+  // Every pinned object with the processes pinning it (deleted ones included).
+  std::vector<PinnedEntry> Pinned();
   // Drops the pins, unsealed objects and unfinished spills of processes that have died.
   uint32_t ReapDeadProcesses();
   // Drops this process's pins and unsealed objects and detaches; views stay mapped until their

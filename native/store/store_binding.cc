@@ -71,6 +71,7 @@ class StoreBinding : public Napi::ObjectWrap<StoreBinding> {
                            InstanceMethod<&StoreBinding::Delete>("delete"),
                            InstanceMethod<&StoreBinding::State>("state"),
                            InstanceMethod<&StoreBinding::Stats>("stats"),
+                           InstanceMethod<&StoreBinding::Pinned>("pinned"),
                            InstanceMethod<&StoreBinding::Reap>("reapDeadProcesses"),
                            InstanceMethod<&StoreBinding::WatchSeals>("watchSeals"),
                            InstanceMethod<&StoreBinding::UnwatchSeals>("unwatchSeals"),
@@ -259,6 +260,32 @@ class StoreBinding : public Napi::ObjectWrap<StoreBinding> {
       set("recoveries", stats.recoveries);
       set("prefaultedBytes", stats.prefaulted_bytes);
       set("attachedProcesses", stats.attached_processes);
+      return out;
+    });
+  }
+
+  Napi::Value Pinned(const Napi::CallbackInfo& info) {
+    return Guarded(info.Env(), [&]() -> Napi::Value {
+      std::vector<PinnedEntry> pinned = store().Pinned();
+      Napi::Env env = info.Env();
+      Napi::Array out = Napi::Array::New(env, pinned.size());
+      for (size_t i = 0; i < pinned.size(); i++) {
+        const PinnedEntry& entry = pinned[i];
+        Napi::Object object = Napi::Object::New(env);
+        object.Set("objectId", Napi::String::New(env, entry.id.ToHex()));
+        object.Set("state", Napi::String::New(env, entry.state));
+        object.Set("deleted", Napi::Boolean::New(env, entry.deleted));
+        object.Set("size", Napi::Number::New(env, static_cast<double>(entry.size)));
+        Napi::Array holders = Napi::Array::New(env, entry.holders.size());
+        for (size_t h = 0; h < entry.holders.size(); h++) {
+          Napi::Object holder = Napi::Object::New(env);
+          holder.Set("pid", Napi::Number::New(env, entry.holders[h].pid));
+          holder.Set("pins", Napi::Number::New(env, entry.holders[h].count));
+          holders.Set(h, holder);
+        }
+        object.Set("holders", holders);
+        out.Set(i, object);
+      }
       return out;
     });
   }

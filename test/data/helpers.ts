@@ -6,6 +6,7 @@ import { runInNewContext } from 'node:vm';
 import { afterAll, afterEach, beforeAll, beforeEach } from 'vitest';
 import { DataContext, init, isInitialized, shutdown, state, type InitOptions, type JobProgress, type ProgressReporter } from '../../lib/index.js';
 import { scratch, until } from '../core/helpers.js';
+import { ObjectStore } from '../../lib/store/object-store.js';
 
 export { until, scratch, openGate, isAlive, rejection } from '../core/helpers.js';
 
@@ -29,7 +30,19 @@ export async function expectReleased(baseline: ReturnType<typeof storeUse>, what
       return last.objects <= baseline.objects && last.bytes <= baseline.bytes && last.stored <= baseline.stored;
     }, `${what} to release its objects`);
   } catch (error) {
-    throw new Error(`${(error as Error).message}: baseline ${JSON.stringify(baseline)}, now ${JSON.stringify(last)}`);
+    const pinned = state().nodes[0].store.bytesInUse > 0 ? storePins() : [];
+    throw new Error(`${(error as Error).message}: baseline ${JSON.stringify(baseline)}, now ${JSON.stringify(last)}, pinned ${JSON.stringify(pinned)}`);
+  }
+}
+
+/** The objects pinned in the first node's store and who pins them (for a failure's message). */
+export function storePins(): unknown[] {
+  const store = ObjectStore.attach(state().nodes[0].storeName);
+  try {
+    const workers = new Map(state().workers.map((worker) => [worker.pid, worker]));
+    return store.pinned().map((entry) => ({ ...entry, holders: entry.holders.map((holder) => ({ ...holder, worker: holder.pid === process.pid ? 'driver' : workers.get(holder.pid) })) }));
+  } finally {
+    store.close();
   }
 }
 

@@ -6,6 +6,7 @@ import { Table, Utf8, makeVector, tableFromArrays, tableFromIPC, tableToIPC, vec
 import { statfsSync } from 'node:fs';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { InvalidArgumentError, ObjectStore, newObjectId } from '../../lib/index.js';
+import { viewPinsHeld } from '../../lib/store/object-store.js';
 import { bytesFor, digestFor } from './fixtures/content.js';
 import {
   Fixture,
@@ -113,6 +114,27 @@ describe('zero-copy views', () => {
     disposed[Symbol.dispose]();
     expect(disposed.data.byteLength).toBe(0);
     expect(store.stats().pinnedObjects).toBe(0);
+  });
+
+  it('are listed with the processes that pin them, deleted ones too, and counted until released', async () => {
+    const store = createStore();
+    const id = newObjectId();
+    store.put(id, bytesFor(3, 1000));
+    const held = viewPinsHeld();
+    const [count, bytes] = [held.count, held.bytes];
+    const first = await store.get(id);
+    const second = await store.get(id);
+    expect(viewPinsHeld()).toEqual({ count: count + 2, bytes: bytes + 2000 });
+    expect(store.pinned()).toEqual([{ objectId: id, state: 'sealed', deleted: false, size: 1000, holders: [{ pid: process.pid, pins: 2 }] }]);
+    // Deleted while pinned: invisible to get, listed (and its bytes in use) until the last pin goes.
+    store.delete(id);
+    expect(store.pinned()).toEqual([{ objectId: id, state: 'sealed', deleted: true, size: 1000, holders: [{ pid: process.pid, pins: 2 }] }]);
+    first.release();
+    expect(store.pinned()[0].holders).toEqual([{ pid: process.pid, pins: 1 }]);
+    second.release();
+    expect(store.pinned()).toEqual([]);
+    expect(viewPinsHeld()).toEqual({ count, bytes });
+    expect(store.stats().bytesInUse).toBe(0);
   });
 
   it('keeps its object resident while the store fills and spills around it', async () => {
