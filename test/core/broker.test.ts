@@ -342,7 +342,7 @@ describe('broker', () => {
   });
 
   it('drops a driver that falls silent (a hung process holding its connection open), freeing its slices', async () => {
-    const b = await start({ peerTimeoutMs: 300 });
+    const b = await start({ peerTimeoutMs: 1000 });
     const only = await track(host(b, 'only', { CPU: 2 }));
     const hung = await track(driver(b, 'hung', [{ CPU: 2 }]));
     await until(() => only.of('open-session').length === 1, 'a session');
