@@ -30,6 +30,7 @@ import { Deque } from './deque.js';
 import { mapWorkingDirectory } from './code-location.js';
 import { DriverRequests } from './requests.js';
 import { busyPollTraffic, configureBusyPoll } from './busy-poll.js';
+import { claimTrap } from './trap-guard.js';
 // Registers the collective-group system methods in every worker.
 import '../gpu/collective.js';
 import { holdResult, mapHeld, ownHeld, receiveHeld } from '../gpu/transport.js';
@@ -554,6 +555,10 @@ let isActorWorker = false;
 let actorConcurrency = 1;
 let running = 0;
 let pumping = false;
+/** The worker is ending (an error nothing caught): it reports why, and starts no more tasks. */
+let dying = false;
+/** Set once a trap failed the running tasks: the worker ends when the last of them has replied. */
+let endAfterRunning: Error | undefined;
 /** A collection is under way between tasks (see ZeroCopyCollector.takeDue). */
 let collecting = false;
 
@@ -638,6 +643,7 @@ function finishTask(task: TaskMessage, system: unknown, started: number, failed:
     runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(failure) });
   } finally {
     running--;
+    if (endAfterRunning && running === 0) die(endAfterRunning);
     collector.taskEnded();
     if (runtime.queue.length > 0 && performance.now() - started >= FLUSH_AFTER_MS) runtime.flush();
     pump();
@@ -661,7 +667,8 @@ function runImmediately(task: TaskMessage): boolean {
 
 /** Starts queued tasks while concurrency allows; iterative, since a sync task finishes inside it. */
 function pump(): void {
-  if (pumping || collecting) return;
+  // A dying worker starts nothing more: the driver runs what it had queued here elsewhere.
+  if (pumping || collecting || dying) return;
   if (collector.takeDue()) {
     // Collect in a turn of its own, then give the loop one more turn, in which the collected
     // views' finalizers unpin their objects, before the next task starts.
@@ -793,18 +800,29 @@ function describeUncaught(error: unknown): string {
   return `${error.name}: ${error.message.slice(0, 500)}${frame ? ` (${frame})` : ''}`;
 }
 
-let dying = false;
 // An error nothing caught (a throw in a timer or callback, a native module's panic) ends the
 // worker as it would have, but the driver hears why first, to name it in the errors of the tasks
 // and actor that die with it (else all it knows is an exit code).
 process.on('uncaughtException', (error) => {
   if (dying) return;
-  dying = true;
+  if (claimTrap(error)) {
+    // The running tasks fail with the trap and reply; the worker ends after them.
+    process.stderr.write(`trellis worker (pid ${process.pid}): a WebAssembly trap failed the running tasks; this worker ends after they reply: ${error.stack ?? String(error)}\n`);
+    endAfterRunning = error;
+    if (running === 0) die(error);
+    return;
+  }
   process.stderr.write(`trellis worker (pid ${process.pid}): uncaught ${error instanceof Error ? (error.stack ?? String(error)) : String(error)}\n`);
+  die(error);
+});
+
+function die(error: unknown): void {
+  if (dying) return;
+  dying = true;
   runtime.send({ t: 'fatal', error: describeUncaught(error) });
   setTimeout(() => process.exit(1), 1000).unref();
   void connection.flushed().finally(() => process.exit(1));
-});
+}
 
 // User modules import the public API. A worker loads it before its hello, so that a worker the
 // driver counts as ready runs its first task (an actor's constructor, say) without a second of

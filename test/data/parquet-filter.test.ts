@@ -8,8 +8,8 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { DateDay, Int64, Table, TimestampMicrosecond, Utf8, vectorFromArray } from 'apache-arrow';
 import { InvalidArgumentError } from '../../lib/errors.js';
-import { fromItems, readParquet } from '../../lib/index.js';
-import { useDataCluster } from './helpers.js';
+import { DataError, fromItems, readParquet, state } from '../../lib/index.js';
+import { isAlive, rejection, until, useDataCluster } from './helpers.js';
 import { scratch as scratchFiles } from '../core/helpers.js';
 import { double } from './fixtures/udfs.js';
 import { blockToRows, type Block, type Row } from '../../lib/data/block.js';
@@ -339,5 +339,23 @@ describe('Dataset.filter with a row filter', () => {
     expect(narrowRows.filter((row) => row.ok === 'true').map((row) => row.id).sort((a, b) => (a as number) - (b as number))).toEqual(Array.from({ length: 20 }, (_, index) => 20 + index));
     // Every file ruled out: no read task at all, an empty result.
     expect(await readParquet(whole).filter([['id', '<', 0]]).takeAll()).toEqual([]);
+  });
+
+  it('fails a read of a corrupt row group with ERR_DATA_PARSE naming the file and group, though parquet-wasm panics where nothing can catch it', async () => {
+    const directory = scratch('corrupt');
+    await new ParquetDatasink(directory, { rowGroupRows: 10 }).write([sample()], context);
+    const path = join(directory, 'job_000000.parquet');
+    await corruptGroup(path, 2);
+    const workers = () => state().workers.map((worker) => worker.pid);
+    const before = workers();
+    const error = await rejection(readParquet(directory).takeAll({ maxRetries: 0 }));
+    expect(error.message).toContain(`Parquet file '${path}', row group 2: parquet-wasm trapped (unreachable)`);
+    expect(error).toBeInstanceOf(DataError);
+    expect(((error as DataError).cause as { code?: string }).code).toBe('ERR_DATA_PARSE');
+    // Not a worker's death: the task replied with the error, and its worker, whose wasm instance
+    // trapped, ended after it (a new one takes its place). The other groups read as before.
+    expect(error.message).not.toMatch(/worker died/);
+    await until(() => workers().some((pid) => !before.includes(pid)) || before.some((pid) => !isAlive(pid)), 'the trapped worker to end');
+    expect((await readParquet(directory).filter([['id', '<', 20]]).takeAll()).map((row) => row.id)).toEqual(Array.from({ length: 20 }, (_, id) => id));
   });
 });

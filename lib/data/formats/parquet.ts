@@ -17,6 +17,7 @@ import {
 } from './files.js';
 import { partitionedReadTasks, selectPartitions, type PartitionReadOptions, type PartitionValues } from './partitioning.js';
 import { readParquetFooter, type ParquetFooter } from './parquet-footer.js';
+import { guardTraps } from '../../core/trap-guard.js';
 import { andFilters, checkRowFilter, filterBlock, filterColumns, mayMatch, specializeFilter, toRowFilter, type Clauses, type RowFilter } from '../row-filter.js';
 
 type ParquetWasm = typeof import('parquet-wasm/node');
@@ -74,15 +75,17 @@ export function rowGroupMayMatch(footer: ParquetFooter, group: number, clauses: 
 
 async function openParquet(path: string): Promise<ParquetFileHandle> {
   const parquet = await loadParquet();
+  const blob = await openAsBlob(path);
+  const notParquet = (error: unknown) => new InvalidArgumentError(`'${path}' is not a Parquet file: ${errorText(error)}`, 'ERR_DATA_PARSE');
   try {
-    return await parquet.ParquetFile.fromFile(await openAsBlob(path));
+    return await guardTraps(() => parquet.ParquetFile.fromFile(blob), notParquet);
   } catch (error) {
-    throw new InvalidArgumentError(`'${path}' is not a Parquet file: ${errorText(error)}`, 'ERR_DATA_PARSE');
+    throw error instanceof InvalidArgumentError ? error : notParquet(error);
   }
 }
 
 /** wasm-bindgen throws strings or plain values as often as Errors. */
-const errorText = (error: unknown): string => (error instanceof Error ? error.message : String(error));
+const errorText = (error: unknown): string => (error instanceof Error ? (error.name === 'RuntimeError' ? `parquet-wasm trapped (${error.message}): the data is corrupt or of a kind it cannot read` : error.message) : String(error));
 
 /** Dictionary columns decoded to their value type: blocks hold plain strings, not dictionaries. */
 function decodeDictionaries(table: Table): Table {
@@ -125,11 +128,13 @@ export const readParquetFiles = remote(import.meta, async function* readParquetF
       const key = options.rowIds ? fileKey(unit.path) : '';
       for (let position = 0; position < groups.length; position++) {
         let read;
+        const unreadable = (error: unknown) => new InvalidArgumentError(`Parquet file '${unit.path}', row group ${groups[position]}: ${errorText(error)}`, 'ERR_DATA_PARSE');
         try {
-          // One batch per row group: the default (1024 rows) would cut a block into many small batches.
-          read = await file.read({ rowGroups: [groups[position]], batchSize: Math.max(1, groupRows[position]), ...(columns ? { columns } : {}) });
+          // One batch per row group: the default (1024 rows) would cut a block into many small
+          // batches. Corrupt data can make parquet-wasm panic where no caller catches it: guarded.
+          read = await guardTraps(() => file.read({ rowGroups: [groups[position]], batchSize: Math.max(1, groupRows[position]), ...(columns ? { columns } : {}) }), unreadable);
         } catch (error) {
-          throw new InvalidArgumentError(`Parquet file '${unit.path}', row group ${groups[position]}: ${errorText(error)}`, 'ERR_DATA_PARSE');
+          throw error instanceof InvalidArgumentError ? error : unreadable(error);
         }
         const table = tableFromIPC(read.intoIPCStream());
         let block = options.keepDictionaries ? table : decodeDictionaries(table);
@@ -147,7 +152,12 @@ export const readParquetFiles = remote(import.meta, async function* readParquetF
         yield block;
       }
     } finally {
-      file.free();
+      try {
+        file.free();
+      } catch {
+        // A read that trapped still borrows the file: freeing fails, and would hide the trap's
+        // error. The worker ends after this task anyway (see guardTraps).
+      }
     }
   }
 });
