@@ -13,8 +13,7 @@ export {
   StoreClosedError,
 } from './errors.js';
 export { ObjectStore, ObjectView, ObjectBuilder, isStoreMemory } from './store/object-store.js';
-export type { ObjectStoreOptions, StoreStats, ObjectState } from './store/object-store.js';
-export type { PinnedObjectInfo } from './native.js';
+export type { ObjectStoreOptions, StoreStats, ObjectState, PinnedObjectInfo } from './store/object-store.js';
 export { newObjectId, isObjectId } from './store/object-id.js';
 export type { ObjectId } from './store/object-id.js';
 export {
@@ -32,7 +31,7 @@ export {
   SerializationError,
 } from './errors.js';
 export type { RemoteErrorInfo } from './errors.js';
-export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getActor, getRuntimeContext, state, events, placementGroup, removePlacementGroup, waitForNodes, requestResources } from './core/api.js';
+export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getActor, getRuntimeContext, state, memorySummary, events, placementGroup, removePlacementGroup, waitForNodes, requestResources } from './core/api.js';
 export { NodeAgent } from './core/node-agent.js';
 export type { NodeAgentOptions } from './core/node-agent.js';
 export { Broker } from './core/broker.js';
@@ -49,7 +48,7 @@ export type { ClusterSession } from './core/api.js';
 export { serveMetrics, metricsText, MetricsServer } from './core/metrics.js';
 export type { PlacementGroup, PlacementGroupOptions, PlacementStrategy } from './core/placement-group.js';
 export type { Resources } from './core/resources.js';
-export type { InitOptions, ClusterState } from './core/cluster.js';
+export type { InitOptions, ClusterState, MemorySummary, ObjectMemoryEntry, ObjectPin } from './core/cluster.js';
 export type { ListenOptions } from './core/node-listener.js';
 export { remote } from './core/registry.js';
 export type { RemoteFunction, ActorClass, ActorHandle, ActorMethod, RemoteArgs } from './core/registry.js';

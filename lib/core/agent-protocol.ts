@@ -137,12 +137,13 @@ export interface DeletePutsMessage {
  *   write-abort {id} (no answer)
  * - pull {id, host, port}: copies the object from the agent serving objects at host:port into
  *   this one's store; answers once it is sealed here
+ * - pinned {}: the store's pinned objects and who pins them (ObjectStore.pinned)
  * - code-check, code-write, code-install: the driver's working directory (see node-agent.ts)
  */
 export interface AgentRequestMessage {
   t: 'agent-request';
   requestId: number;
-  op: 'read-open' | 'read' | 'read-close' | 'write-begin' | 'write' | 'write-seal' | 'write-abort' | 'pull' | 'code-check' | 'code-write' | 'code-install';
+  op: 'read-open' | 'read' | 'read-close' | 'write-begin' | 'write' | 'write-seal' | 'write-abort' | 'pull' | 'pinned' | 'code-check' | 'code-write' | 'code-install';
   body: Record<string, unknown>;
   bulk?: Uint8Array;
 }

@@ -2,7 +2,7 @@
 import { cpus } from 'node:os';
 import { InvalidArgumentError, NotInitializedError } from '../errors.js';
 import { randomBytes } from 'node:crypto';
-import { Cluster, type ClusterState, type InitOptions, type TaskDurations } from './cluster.js';
+import { Cluster, type ClusterState, type InitOptions, type MemorySummary, type TaskDurations } from './cluster.js';
 import { closeMetricsServers } from './metrics.js';
 import { BrokerClient, requestedBundles, type ClusterOptions, type ElasticAsk } from './broker-client.js';
 import { ObjectRef } from './object-ref.js';
@@ -167,6 +167,18 @@ export function getRuntimeContext(): RuntimeContext {
 export function state(): ClusterState {
   if (!cluster) throw new NotInitializedError('state() is available in the driver after init()');
   return cluster.state();
+}
+
+/**
+ * Where the object stores' memory goes, as Ray's `ray memory` tells: every object the driver
+ * knows, largest first, with its size, where it is, its references and the processes pinning it
+ * (the driver, a worker and its actor, a node's agent); each node's store; and objects no ref names
+ * any more that pins alone keep in a store (a process still holding a view of a deleted object).
+ * Asks each node agent for its store's pins.
+ */
+export function memorySummary(): Promise<MemorySummary> {
+  if (!cluster) return Promise.reject(new NotInitializedError('memorySummary() is available in the driver after init()'));
+  return cluster.memorySummary();
 }
 
 /**

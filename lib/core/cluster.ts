@@ -24,7 +24,7 @@ import {
   type RemoteErrorInfo,
 } from '../errors.js';
 import { isObjectId, newObjectId, taskPutBase } from '../store/object-id.js';
-import type { StoreStats } from '../store/object-store.js';
+import type { PinnedObjectInfo, StoreStats } from '../store/object-store.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
 import type { ActorCallOptions, ActorOptions, SchedulingStrategy, TaskOptions, WorkerEnvironment } from './options.js';
 import { DEFAULT_WORKER_ENVIRONMENT, checkRecompute, requestOf, workerEnvironmentOf } from './options.js';
@@ -2666,6 +2666,80 @@ export class Cluster implements Runtime {
   // -------------------------------------------------------------------------------------------
   // State and shutdown
 
+  /**
+   * Where the object store's memory goes: every object the driver knows (largest first) with its
+   * references and the processes pinning it, each node's store, and objects no ref names any more
+   * that pins alone keep in a store (a process's views of deleted objects).
+   */
+  async memorySummary(): Promise<MemorySummary> {
+    const byStoredId = new Map<string, ObjectRecord>();
+    for (const record of this.#objects.values()) byStoredId.set(storedIdOf(record), record);
+    const pinsOf = new Map<string, ObjectPin[]>();
+    const unreferencedPins: MemorySummary['unreferencedPins'] = [];
+    const nodes = await Promise.all(
+      this.nodes.map(async (node) => {
+        const stats = node.storeStats();
+        const summary: MemorySummary['nodes'][number] = {
+          nodeId: node.id,
+          capacity: stats.capacity,
+          bytesInUse: stats.bytesInUse,
+          objects: stats.objectCount,
+          spilledBytes: stats.spilledBytes,
+          pinnedObjects: 0,
+          unreferencedPinnedBytes: 0,
+        };
+        let pinned: PinnedObjectInfo[];
+        try {
+          pinned = await node.pinnedObjects();
+        } catch (error) {
+          return { ...summary, error: (error as Error).message };
+        }
+        const holderOf = this.#pinHolders(node);
+        for (const entry of pinned) {
+          summary.pinnedObjects++;
+          const pins = entry.holders.map((holder) => ({ nodeId: node.id, pid: holder.pid, pins: holder.pins, ...holderOf(holder.pid) }));
+          const record = entry.deleted ? undefined : byStoredId.get(entry.objectId);
+          if (record) {
+            pinsOf.set(record.id, [...(pinsOf.get(record.id) ?? []), ...pins]);
+          } else {
+            summary.unreferencedPinnedBytes += entry.size;
+            unreferencedPins.push({ nodeId: node.id, objectId: entry.objectId, size: entry.size, state: entry.state, deleted: entry.deleted, pinnedBy: pins });
+          }
+        }
+        return summary;
+      }),
+    );
+    const objects = [...this.#objects.values()].map((record): ObjectMemoryEntry => {
+      const value = record.value;
+      const where = record.held ? 'actor' : !value ? 'none' : 'inline' in value ? 'inline' : 'node' in value ? 'store' : 'actor';
+      const madeBy = record.lineage ?? record.madeBy;
+      return {
+        objectId: record.id,
+        state: record.state,
+        size: value && 'inline' in value ? value.inline.byteLength : record.size,
+        where,
+        nodes: [...record.nodes],
+        references: record.holds,
+        ...(madeBy ? { madeBy: madeBy.name } : {}),
+        pinnedBy: pinsOf.get(record.id) ?? [],
+      };
+    });
+    objects.sort((a, b) => b.size - a.size);
+    return { nodes, objects, unreferencedPins };
+  }
+
+  /** Who a pid pinning objects in `node`'s store is: the driver, the node's agent, or a worker. */
+  #pinHolders(node: Node): (pid: number) => Pick<ObjectPin, 'holder' | 'workerId' | 'actorId'> {
+    const workers = new Map([...node.workers.values()].map((worker) => [worker.child.pid, worker]));
+    const actorOf = new Map([...this.#actors.values()].filter((actor) => actor.worker).map((actor) => [actor.worker!, actor.id]));
+    return (pid) => {
+      const worker = workers.get(pid);
+      if (worker) return { holder: 'worker', workerId: worker.id, ...(actorOf.has(worker) ? { actorId: actorOf.get(worker) } : {}) };
+      if (node instanceof RemoteNode) return { holder: pid === node.agentPid ? 'agent' : 'other' };
+      return { holder: pid === process.pid ? 'driver' : 'other' };
+    };
+  }
+
   state(): ClusterState {
     const tasks: Record<string, number> = {};
     for (const task of this.#tasks.values()) tasks[task.state] = (tasks[task.state] ?? 0) + 1;
@@ -2875,6 +2949,53 @@ export interface TaskDurations {
   buckets: number[];
   count: number;
   sum: number;
+}
+
+/** A process pinning an object in a node's store (see Cluster.memorySummary). */
+export interface ObjectPin {
+  nodeId: string;
+  pid: number;
+  /** Pins it holds (views of the object in that process). */
+  pins: number;
+  /** 'other': a process the driver does not know (an attachment of another program, say). */
+  holder: 'driver' | 'worker' | 'agent' | 'other';
+  workerId?: string;
+  actorId?: string;
+}
+
+/** An object the driver knows, in a memory summary. */
+export interface ObjectMemoryEntry {
+  objectId: string;
+  state: 'pending' | 'ready' | 'failed';
+  /** Bytes in a store, or of the value sent inline. */
+  size: number;
+  /** In the message itself, in nodes' stores, in the actor that made it (tensors kept on its device), or not yet made. */
+  where: 'inline' | 'store' | 'actor' | 'none';
+  /** Nodes whose store holds a copy. */
+  nodes: string[];
+  /** Handles that keep it: refs in the driver and workers, pending tasks' arguments, containing objects. */
+  references: number;
+  /** The task that returned or put it; absent for the driver's puts. */
+  madeBy?: string;
+  pinnedBy: ObjectPin[];
+}
+
+export interface MemorySummary {
+  nodes: Array<{
+    nodeId: string;
+    capacity: number;
+    bytesInUse: number;
+    objects: number;
+    spilledBytes: number;
+    pinnedObjects: number;
+    /** Bytes that pins alone keep: objects no ref names (deleted, or never reported to the driver). */
+    unreferencedPinnedBytes: number;
+    /** Why the node's pins could not be listed (its agent is gone, say). */
+    error?: string;
+  }>;
+  /** Largest first. */
+  objects: ObjectMemoryEntry[];
+  unreferencedPins: Array<{ nodeId: string; objectId: string; size: number; state: string; deleted: boolean; pinnedBy: ObjectPin[] }>;
 }
 
 export interface ClusterState {

@@ -4,7 +4,7 @@
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { ObjectStore, type StoreStats } from '../store/object-store.js';
+import { ObjectStore, type PinnedObjectInfo, type StoreStats } from '../store/object-store.js';
 import { newObjectId, sequentialObjectId } from '../store/object-id.js';
 import { RING_BYTES, connectionRingWanted, type FrameConnection } from './connection.js';
 import { native, type NativeConnectionRing } from '../native.js';
@@ -164,6 +164,8 @@ export abstract class Node {
   /** Drops the pins of this node's dead processes. */
   abstract reapDeadProcesses(): void;
   abstract storeStats(): StoreStats;
+  /** The objects pinned in the node's store, with the processes pinning them. */
+  abstract pinnedObjects(): Promise<PinnedObjectInfo[]>;
   abstract close(): void;
 
   /** An idle worker of the runtime environment `key` ('' for the driver's own). */
@@ -274,6 +276,10 @@ export class LocalNode extends Node {
 
   storeStats(): StoreStats {
     return this.store.stats();
+  }
+
+  pinnedObjects(): Promise<PinnedObjectInfo[]> {
+    return Promise.resolve(this.store.closed ? [] : this.store.pinned());
   }
 
   close(): void {

@@ -74,6 +74,9 @@ export class ObjectServer {
           this.#writes.get(body.id as string)?.abort();
           this.#writes.delete(body.id as string);
           return true;
+        case 'pinned':
+          reply(this.store.pinned());
+          return true;
         default:
           return false;
       }

@@ -6,7 +6,7 @@
 import { EventEmitter } from 'node:events';
 import { randomBytes } from 'node:crypto';
 import { newObjectId } from '../store/object-id.js';
-import type { ObjectStore, StoreStats } from '../store/object-store.js';
+import type { ObjectStore, PinnedObjectInfo, StoreStats } from '../store/object-store.js';
 import { NodeLostError } from '../errors.js';
 import { AgentRequests } from './agent-requests.js';
 import type { BulkPlace, FrameConnection } from './connection.js';
@@ -207,6 +207,10 @@ export class RemoteNode extends Node {
 
   storeStats(): StoreStats {
     return this.#stats;
+  }
+
+  pinnedObjects(): Promise<PinnedObjectInfo[]> {
+    return this.request('pinned', {}) as Promise<PinnedObjectInfo[]>;
   }
 
   close(): void {

@@ -45,6 +45,7 @@ export interface StoreStats {
 }
 
 export type ObjectState = 'absent' | 'created' | 'sealed' | 'spilled';
+export type { PinnedObjectInfo };
 
 type Bytes = ArrayBufferView | ArrayBuffer;
 

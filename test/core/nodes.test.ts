@@ -8,7 +8,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdirSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { GraphValidationError, InfeasibleTaskError, InputNode, ModelReplica, NodeAgent, ObjectLostError, ObjectStoreFullError, buildLLMProcessor, createCollectiveGroup, events, fromItems, readDatasource, get, init, kill, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
+import { GraphValidationError, InfeasibleTaskError, InputNode, ModelReplica, NodeAgent, ObjectLostError, ObjectStoreFullError, buildLLMProcessor, createCollectiveGroup, events, fromItems, readDatasource, get, init, kill, memorySummary, placementGroup, put, removePlacementGroup, shutdown, state, waitForNodes, type ClusterSession } from '../../lib/index.js';
 import { AccumulatorActor, NodeTagger, checksum, putArray, shout, checksumOfRef, makeArray, waitThenWhere, whereAmI } from './fixtures/nodes.js';
 import { openGate, rejection, scratch, trellisCli, until } from './helpers.js';
 import { TINY_LLAMA, randomWeights, referenceGenerate, writeCheckpoint } from '../llm/fixtures/decoders.js';
@@ -99,6 +99,14 @@ describe('node agents', () => {
       const local = new Float64Array(count).map((_, i) => 3 + i * 0.5);
       const fromDriver = await get(checksum.options({ resources: { a: 1 } }).remote(put(local)));
       expect(fromDriver.sum).toBe(expectedChecksum(count, 3));
+      // The memory summary asks each agent for its store's pins: the copies, and the driver's view.
+      const summary = await memorySummary();
+      expect(summary.nodes.map((node) => [node.nodeId, node.error])).toEqual(expect.arrayContaining([['node-0', undefined], ['agent-a', undefined], ['agent-b', undefined]]));
+      const entry = summary.objects.find((object) => object.objectId === made.id)!;
+      expect(entry).toMatchObject({ state: 'ready', where: 'store', madeBy: 'makeArray' });
+      expect(entry.nodes).toEqual(expect.arrayContaining(['agent-a', 'agent-b', 'node-0']));
+      expect(entry.pinnedBy).toContainEqual(expect.objectContaining({ nodeId: 'node-0', holder: 'driver', pid: process.pid }));
+      expect(values.length).toBe(count);
     } finally {
       events().off('object-transfer', onTransfer);
     }
