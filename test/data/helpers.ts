@@ -4,9 +4,8 @@ import { basename, dirname } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { afterAll, afterEach, beforeAll, beforeEach } from 'vitest';
-import { DataContext, init, isInitialized, shutdown, state, type InitOptions, type JobProgress, type ProgressReporter } from '../../lib/index.js';
+import { DataContext, init, isInitialized, memorySummary, shutdown, state, type InitOptions, type JobProgress, type ProgressReporter } from '../../lib/index.js';
 import { scratch, until } from '../core/helpers.js';
-import { ObjectStore } from '../../lib/store/object-store.js';
 
 export { until, scratch, openGate, isAlive, rejection } from '../core/helpers.js';
 
@@ -30,19 +29,10 @@ export async function expectReleased(baseline: ReturnType<typeof storeUse>, what
       return last.objects <= baseline.objects && last.bytes <= baseline.bytes && last.stored <= baseline.stored;
     }, `${what} to release its objects`);
   } catch (error) {
-    const pinned = state().nodes[0].store.bytesInUse > 0 ? storePins() : [];
+    // Who keeps what is left: objects only pins keep, and pinned objects still referenced.
+    const summary = await memorySummary();
+    const pinned = { unreferenced: summary.unreferencedPins, referenced: summary.objects.filter((object) => object.pinnedBy.length > 0) };
     throw new Error(`${(error as Error).message}: baseline ${JSON.stringify(baseline)}, now ${JSON.stringify(last)}, pinned ${JSON.stringify(pinned)}`);
-  }
-}
-
-/** The objects pinned in the first node's store and who pins them (for a failure's message). */
-export function storePins(): unknown[] {
-  const store = ObjectStore.attach(state().nodes[0].storeName);
-  try {
-    const workers = new Map(state().workers.map((worker) => [worker.pid, worker]));
-    return store.pinned().map((entry) => ({ ...entry, holders: entry.holders.map((holder) => ({ ...holder, worker: holder.pid === process.pid ? 'driver' : workers.get(holder.pid) })) }));
-  } finally {
-    store.close();
   }
 }
 
