@@ -360,12 +360,12 @@ function rebuildError(info: RemoteErrorInfo & { kind: string }, id: string): Err
  * long time (an idle one, never): the objects stay in the store though nothing uses them. So a
  * worker collects once a task has replied when it has read more than a threshold zero-copy since
  * it last collected (an eighth of the store, or less where a task asks: a data task asks for an
- * eighth of its job's memory budget), and, once idle a moment, for as long as any view of its
- * still pins an object. That last part must not trust a single collection: one made just after a
- * task can find its values still reachable for a turn or two (the reply's continuations), and an
- * idle worker would hold them for good. So it collects again, at doubling intervals, until no
- * view pins anything; a worker that keeps views on purpose (an actor's state) then collects
- * every half minute while it idles, which costs little.
+ * eighth of its job's memory budget), and, once idle a moment after reading any, for as long as
+ * any view of its still pins an object. That last part must not trust a single collection: one
+ * made just after a task can find its values still reachable for a turn or two (the reply's
+ * continuations), and an idle worker would hold them for good. So it collects again, at doubling
+ * intervals, until no view pins anything; a worker that keeps views on purpose (an actor's state)
+ * then collects every half minute while it idles, which costs little.
  * Collecting inside the task would free nothing: its arguments are held until it has replied.
  */
 class ZeroCopyCollector {
@@ -377,6 +377,8 @@ class ZeroCopyCollector {
   #idle: NodeJS.Timeout | undefined;
   /** How long the worker waits, idle, before its next collection. */
   #idleWait = IDLE_COLLECT_MS;
+  /** Collections when idle go on: the worker read zero-copy and its views still pin objects. */
+  #chasing = false;
 
   read(bytes: number): void {
     this.#bytes += bytes;
@@ -391,11 +393,15 @@ class ZeroCopyCollector {
     const threshold = Math.min(this.#defaultThreshold, this.#requested);
     this.#requested = Infinity;
     this.#lastTaskEnded = performance.now();
-    this.#idleWait = IDLE_COLLECT_MS;
     if (this.#bytes >= threshold) this.#due = true;
     // Also where a collection is due: it comes before the next task, and there may be none (the
-    // job's last), when idleness is what collects.
-    if (viewPinsHeld().count > 0 && !this.#idle) this.#armIdle(IDLE_COLLECT_MS);
+    // job's last), when idleness is what collects. A task that read nothing zero-copy starts no
+    // collections: an actor that keeps its views (a model's weights) is not collected per call.
+    if (this.#bytes > 0) {
+      this.#idleWait = IDLE_COLLECT_MS;
+      this.#chasing = true;
+    }
+    if (this.#chasing && !this.#idle) this.#armIdle(this.#idleWait);
   }
 
   /**
@@ -418,7 +424,11 @@ class ZeroCopyCollector {
       const idleFor = performance.now() - this.#lastTaskEnded;
       if (idleFor < this.#idleWait) return this.#armIdle(this.#idleWait - idleFor);
       // A running task re-arms the timer as it ends.
-      if (running > 0 || viewPinsHeld().count === 0) return;
+      if (running > 0) return;
+      if (viewPinsHeld().count === 0) {
+        this.#chasing = false;
+        return;
+      }
       this.#bytes = 0;
       this.#due = false;
       collectGarbage();
