@@ -322,6 +322,8 @@ export class Cluster implements Runtime {
   readonly #evacuationFailed = new WeakSet<ObjectRecord>();
   readonly #leaseByWorker = new Map<WorkerProcess, Lease>();
   readonly #actors = new Map<string, ActorRecord>();
+  /** Actors a worker asked for that could not be made (a name taken, say), with why. */
+  readonly #refusedActors = new Map<string, string>();
   readonly #actorWatches = new Set<{ actorIds: Set<string>; onDeath: (actorId: string, cause: string) => void }>();
   readonly #namedActors = new Map<string, string>();
   /** Handles counted per actor id (see makeActorHandle), as holds are per object. */
@@ -887,6 +889,8 @@ export class Cluster implements Runtime {
       }
     } catch (error) {
       const err = error as Error & { code?: string };
+      // A worker creates actors without waiting for an answer: its handle's calls fail naming why.
+      if (op === 'create-actor') this.#refusedActors.set(body.actorId, `${err.name}: ${err.message}`);
       worker.send({ t: 'reply', requestId, ok: false, error: { name: err.name, message: err.message, code: err.code, stack: err.stack } });
     }
   }
@@ -2335,7 +2339,8 @@ export class Cluster implements Runtime {
       task.held = [...task.held, ...rerunHeld];
     }
     if (!actor) {
-      this.#failTask(task, new ActorDiedError(actorId, `actor ${actorId} does not exist in this cluster`));
+      const refused = this.#refusedActors.get(actorId);
+      this.#failTask(task, new ActorDiedError(actorId, refused ? `actor ${actorId} was never created: ${refused}` : `actor ${actorId} does not exist in this cluster`));
       return;
     }
     task.maxRetries = actor.options.maxTaskRetries ?? 0;

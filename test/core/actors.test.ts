@@ -17,7 +17,7 @@ import {
   state,
   type ActorHandle,
 } from '../../lib/index.js';
-import { RemoteBatcher, RemoteCounter, type Counter, type Recorder, RemoteFaulty, RemoteRecorder, RemoteDelegator, callThrough } from './fixtures/actors.js';
+import { RemoteBatcher, RemoteCounter, type Counter, type Recorder, RemoteFaulty, RemoteRecorder, RemoteDelegator, callNamedCounter, callThrough } from './fixtures/actors.js';
 import { writeFileSync } from 'node:fs';
 import { gated } from './fixtures/core.js';
 import { isAlive, openGate, rejection, scratch, started, until } from './helpers.js';
@@ -97,6 +97,8 @@ describe('actors', () => {
     expect(actorState(named.actorId).name).toBe('the-counter');
     // The name is taken while the actor lives.
     expect(() => RemoteCounter.options({ name: 'the-counter' }).remote(0)).toThrow(RegistrationError);
+    // A worker creates actors without waiting: the calls of the one it could not have say why.
+    expect(await get(callNamedCounter.remote('the-counter'))).toMatch(/^ActorDiedError: actor actor-\w+ was never created: RegistrationError: an actor named 'the-counter' already exists$/);
     await expect(getActor('no-such-actor')).rejects.toBeInstanceOf(ActorDiedError);
     kill(named);
     await expect(getActor('the-counter')).rejects.toBeInstanceOf(ActorDiedError);

@@ -1,4 +1,4 @@
-import { afterAll, beforeAll, expect, it } from 'vitest';
+import { afterAll, beforeAll, expect, it, onTestFinished } from 'vitest';
 import { init, shutdown, range, fromItems, readDatasource } from '../../lib/index.js';
 import { double, isEven, addColumn, Scaler, NumbersSource } from './fixtures/udfs.js';
 
@@ -19,9 +19,10 @@ it('mapBatches class', async () => {
   expect(cols).toEqual([{id:1, squared:1},{id:2,squared:4}]);
 });
 it('writes through a fused sink', async () => {
-  const { mkdtempSync, readdirSync, readFileSync } = await import('node:fs');
+  const { mkdtempSync, readdirSync, readFileSync, rmSync } = await import('node:fs');
   const { LinesSink } = await import('./fixtures/udfs.js');
   const dir = mkdtempSync('/tmp/trellis-sink-');
+  onTestFinished(() => rmSync(dir, { recursive: true, force: true }));
   const sink = new LinesSink(dir);
   const results = await readDatasource(new NumbersSource(100, 5)).mapBatches(Scaler, { constructorArgs: [2], batchSize: 16 }).write(sink, { progress: false });
   expect(results.length).toBe(7); // 100 rows in exact batches of 16
@@ -30,9 +31,10 @@ it('writes through a fused sink', async () => {
   expect(lines.length).toBe(100);
 });
 it('round-trips files through the cluster', async () => {
-  const { mkdtempSync } = await import('node:fs');
+  const { mkdtempSync, rmSync } = await import('node:fs');
   const { readParquet, readJsonl, readCsv } = await import('../../lib/index.js');
   const dir = mkdtempSync('/tmp/trellis-files-');
+  onTestFinished(() => rmSync(dir, { recursive: true, force: true }));
   const base = range(1000, { parallelism: 4 }).map(double);
   const written = await base.writeParquet(`${dir}/pq`, { progress: false });
   expect(written.reduce((sum, file) => sum + file.rows, 0)).toBe(1000);

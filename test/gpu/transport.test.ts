@@ -1,6 +1,6 @@
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createCollectiveGroup, events, get, init, kill, ObjectLostError, ObjectRef, put, shutdown, state, Tensor, wait } from '../../lib/index.js';
 import { RemoteStage } from './fixtures/collective.js';
@@ -92,6 +92,7 @@ describe('tensor transport with CPU tensors', () => {
       await group.destroy();
       kill(producer);
       kill(member);
+      rmSync(dirname(gate), { recursive: true, force: true });
     }
   });
 
