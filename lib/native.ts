@@ -18,7 +18,9 @@ export interface NativeStoreOptions {
 }
 
 export interface NativeStoreStats {
+  /** Bytes of the whole segment, tables included. */
   segmentSize: number;
+  /** Bytes available for objects. */
   capacity: number;
   bytesInUse: number;
   objectCount: number;
@@ -30,6 +32,7 @@ export interface NativeStoreStats {
   totalRestoredBytes: number;
   totalSpilledObjects: number;
   totalRestoredObjects: number;
+  /** Times a process died inside the store's lock and the store rebuilt its tables. */
   recoveries: number;
   prefaultedBytes: number;
   attachedProcesses: number;

@@ -6,7 +6,7 @@ import { mkdirSync, rmSync, statfsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { GetTimeoutError, InvalidArgumentError, ObjectNotFoundError, StoreClosedError } from '../errors.js';
-import { native, type NativeObjectStore, type NativePinned, type PinnedObjectInfo } from '../native.js';
+import { native, type NativeObjectStore, type NativePinned, type NativeStoreStats, type PinnedObjectInfo } from '../native.js';
 import { onProcessExit, removeStaleEntries } from '../process-exit.js';
 import { newObjectId, type ObjectId } from './object-id.js';
 
@@ -23,26 +23,8 @@ export interface ObjectStoreOptions {
   prefaultWindow?: number;
 }
 
-export interface StoreStats {
-  /** Bytes available for objects. */
-  capacity: number;
-  /** Bytes of the whole segment, tables included. */
-  segmentSize: number;
-  bytesInUse: number;
-  objectCount: number;
-  maxObjects: number;
-  pinnedObjects: number;
-  spilledObjects: number;
-  spilledBytes: number;
-  totalSpilledBytes: number;
-  totalRestoredBytes: number;
-  totalSpilledObjects: number;
-  totalRestoredObjects: number;
-  /** Times a process died inside the store's lock and the store rebuilt its tables. */
-  recoveries: number;
-  prefaultedBytes: number;
-  attachedProcesses: number;
-}
+/** A store's figures (see NativeStoreStats for what each means). */
+export type StoreStats = NativeStoreStats;
 
 export type ObjectState = 'absent' | 'created' | 'sealed' | 'spilled';
 export type { PinnedObjectInfo };

@@ -503,6 +503,12 @@ uint32_t Store::FindLocked(const ObjectId& id) const {
   return kNil;
 }
 
+uint32_t Store::FindOrThrowLocked(const ObjectId& id) const {
+  uint32_t index = FindLocked(id);
+  if (index == kNil) throw StoreError("ERR_OBJECT_NOT_FOUND", "object " + id.ToHex() + " is not in store '" + name_ + "'");
+  return index;
+}
+
 void Store::IndexInsertLocked(uint32_t entry) {
   if (header_->index_tombstones > header_->index_size / 4) RebuildIndexLocked();
   uint64_t hash;
@@ -1152,8 +1158,7 @@ void Store::Write(const ObjectId& id, uint64_t offset, const uint8_t* bytes, uin
   uint8_t* destination;
   {
     Lock lock(*this);
-    uint32_t index = FindLocked(id);
-    if (index == kNil) throw StoreError("ERR_OBJECT_NOT_FOUND", "object " + id.ToHex() + " is not in store '" + name_ + "'");
+    uint32_t index = FindOrThrowLocked(id);
     ObjectEntry& entry = entries_[index];
     if (entry.state.load() != static_cast<uint32_t>(ObjectState::kCreated)) {
       throw StoreError("ERR_OBJECT_SEALED", "object " + id.ToHex() + " is sealed and can no longer be written");
@@ -1173,8 +1178,7 @@ void Store::Write(const ObjectId& id, uint64_t offset, const uint8_t* bytes, uin
 
 void Store::Seal(const ObjectId& id) {
   Lock lock(*this);
-  uint32_t index = FindLocked(id);
-  if (index == kNil) throw StoreError("ERR_OBJECT_NOT_FOUND", "object " + id.ToHex() + " is not in store '" + name_ + "'");
+  uint32_t index = FindOrThrowLocked(id);
   ObjectEntry& entry = entries_[index];
   if (entry.state.load() != static_cast<uint32_t>(ObjectState::kCreated)) {
     throw StoreError("ERR_OBJECT_SEALED", "object " + id.ToHex() + " is already sealed");
@@ -1191,8 +1195,7 @@ void Store::Seal(const ObjectId& id) {
 
 void Store::Abort(const ObjectId& id) {
   Lock lock(*this);
-  uint32_t index = FindLocked(id);
-  if (index == kNil) throw StoreError("ERR_OBJECT_NOT_FOUND", "object " + id.ToHex() + " is not in store '" + name_ + "'");
+  uint32_t index = FindOrThrowLocked(id);
   ObjectEntry& entry = entries_[index];
   if (entry.state.load() != static_cast<uint32_t>(ObjectState::kCreated) || entry.creator != slot_) {
     throw StoreError("ERR_OBJECT_SEALED", "object " + id.ToHex() + " is not an unsealed object of this process");
@@ -1254,8 +1257,7 @@ void Store::Release(uint32_t index, uint32_t generation) {
 
 void Store::Delete(const ObjectId& id) {
   Lock lock(*this);
-  uint32_t index = FindLocked(id);
-  if (index == kNil) throw StoreError("ERR_OBJECT_NOT_FOUND", "object " + id.ToHex() + " is not in store '" + name_ + "'");
+  uint32_t index = FindOrThrowLocked(id);
   ObjectEntry& entry = entries_[index];
   auto state = static_cast<ObjectState>(entry.state.load());
   bool busy = state == ObjectState::kSpilling || state == ObjectState::kRestoring;

@@ -126,6 +126,8 @@ class Store : public std::enable_shared_from_this<Store> {
   // Everything below runs with the lock held.
   ObjectEntry* EntryAt(uint32_t index) const { return entries_ + index; }
   uint32_t FindLocked(const ObjectId& id) const;
+  // As FindLocked, but an absent id is ERR_OBJECT_NOT_FOUND.
+  uint32_t FindOrThrowLocked(const ObjectId& id) const;
   void IndexInsertLocked(uint32_t entry);
   void IndexRemoveLocked(uint32_t entry);
   void RebuildIndexLocked();
