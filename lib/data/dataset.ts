@@ -15,11 +15,11 @@ import { ReadTask, type Datasink, type Datasource } from './datasource.js';
 import { cutInputBlocks } from './operators/operator.js';
 import { StreamingExecutor, checkExecutionOptions, defaultParallelism, newWriteId, trackDriverView, type ExecutionOptions, type JobStats } from './executor.js';
 import { WriteCheckpoint, type CheckpointOptions } from './checkpoint.js';
-import { describeLogical, planPhysical, type ActorPoolOptions, type ComputeOptions, type InputBlock, type LogicalOperator, type PhysicalOperatorSpec } from './plan.js';
+import { describeLogical, planPhysical, type ActorPoolOptions, type ColumnsOnly, type ComputeOptions, type InputBlock, type LogicalOperator, type PhysicalOperatorSpec } from './plan.js';
 import type { StageKind, StageSpec } from './stages.js';
 import { Max, Mean, Min, Std, Sum, Unique, checkAggregations, type AggregateFn, type AggregateOptions } from './aggregate.js';
 import { addColumn, dropColumns, filterRows, randomSample, renameColumns, selectColumns } from './column-ops.js';
-import { checkRowFilter, describeFilter, type RowFilter } from './row-filter.js';
+import { checkRowFilter, describeFilter, filterColumns, type Clauses, type RowFilter } from './row-filter.js';
 import { GroupedData, checkNumBlocks } from './grouped.js';
 import { checkKeyColumns } from './keys.js';
 import type { JoinType } from './exchange.js';
@@ -238,18 +238,22 @@ export class Dataset {
   /**
    * The rows for which `fn` returns true; or the rows a row filter keeps
    * (`filter([['lang', '=', 'en'], ['score', '>=', 0.5]])`, see RowFilter): run on whole blocks
-   * with nothing to register, and, right after a read whose source can (Parquet), pushed into the
-   * read, which then skips the files and row groups that cannot match.
+   * with nothing to register, and, after a read whose source can (Parquet), pushed into the read,
+   * which then skips the files and row groups that cannot match; also past stages between them
+   * that only select, drop or rename columns.
    */
   filter(fn: UdfTarget | RowFilter, options: TransformOptions = {}): Dataset {
     if (!Array.isArray(fn)) return this.#stage('filter', 'filter', fn as UdfTarget, options, false);
     const clauses = checkRowFilter(fn, 'filter()');
     if (Object.keys(options).length > 0) throw new InvalidArgumentError('filter(): a row filter takes no options (they are for a function)', 'ERR_DATA_FILTER');
-    const last = this.#plan[this.#plan.length - 1];
-    // Source-level row ids number the rows read: filtering in the source would renumber them.
-    if (this.#plan.length === 1 && last.op === 'read' && !last.rowIds) {
-      const pushed = last.datasource.withFilter?.(clauses);
-      if (pushed) return new Dataset([{ ...last, datasource: pushed }]);
+    // Into a read whose source can filter (Parquet), also past stages that only select, drop or
+    // rename columns, under the names the read gives them. Source-level row ids number the rows
+    // read: filtering in the source would renumber them.
+    const [read, ...after] = this.#plan;
+    const atRead = read.op === 'read' && !read.rowIds ? filterBeforeColumnStages(clauses, after) : undefined;
+    if (atRead) {
+      const pushed = (read as Extract<LogicalOperator, { op: 'read' }>).datasource.withFilter?.(atRead);
+      if (pushed) return new Dataset([{ ...read, datasource: pushed } as LogicalOperator, ...after]);
     }
     return this.#builtin(`FilterRows(${describeFilter(clauses)})`, filterRows, [clauses]);
   }
@@ -369,7 +373,7 @@ export class Dataset {
   /** Only the named columns, in that order. */
   selectColumns(columns: string | string[]): Dataset {
     const list = checkKeyColumns(columns, 'selectColumns()');
-    const selected = this.#builtin(`SelectColumns(${list.join(', ')})`, selectColumns, [list]);
+    const selected = this.#builtin(`SelectColumns(${list.join(', ')})`, selectColumns, [list], { keep: list });
     // Right after a read whose source can narrow what it reads (Parquet reads only these columns
     // from disk); the stage stays, so the result and what later stages may name are the same.
     const [read] = this.#plan;
@@ -383,7 +387,7 @@ export class Dataset {
   /** Every column but the named ones. */
   dropColumns(columns: string | string[]): Dataset {
     const list = checkKeyColumns(columns, 'dropColumns()');
-    return this.#builtin(`DropColumns(${list.join(', ')})`, dropColumns, [list]);
+    return this.#builtin(`DropColumns(${list.join(', ')})`, dropColumns, [list], { drop: list });
   }
 
   /** Columns renamed: `{ old: 'new' }`. */
@@ -394,7 +398,7 @@ export class Dataset {
     for (const [from, to] of Object.entries(names)) {
       if (typeof to !== 'string' || to.length === 0) throw new InvalidArgumentError(`renameColumns(): the new name of '${from}' must be a non-empty string, got ${JSON.stringify(to)}`, 'ERR_DATA_COLUMN');
     }
-    return this.#builtin(`RenameColumns(${Object.entries(names).map(([from, to]) => `${from}->${to}`).join(', ')})`, renameColumns, [{ ...names }]);
+    return this.#builtin(`RenameColumns(${Object.entries(names).map(([from, to]) => `${from}->${to}`).join(', ')})`, renameColumns, [{ ...names }], { rename: { ...names } });
   }
 
   /**
@@ -412,9 +416,9 @@ export class Dataset {
   }
 
   /** A built-in batch stage over whole blocks (as Arrow tables): it fuses like a user's. */
-  #builtin(name: string, fn: UdfTarget, fnArgs: unknown[]): Dataset {
+  #builtin(name: string, fn: UdfTarget, fnArgs: unknown[], columnsOnly?: ColumnsOnly): Dataset {
     const stage: StageSpec = { kind: 'mapBatches', name, udf: resolveUdf(fn, name), fnArgs, batchFormat: 'arrow' };
-    return this.#with({ op: 'stage', stage, compute: {} });
+    return this.#with({ op: 'stage', stage, compute: {}, ...(columnsOnly ? { columnsOnly } : {}) });
   }
 
   // -------------------------------------------------------------------------------------------
@@ -919,4 +923,29 @@ function copyData<T extends Data>(data: T): T {
 function sinkOptions<T extends WriteOptions>(options: T): Omit<T, 'checkpoint' | 'mode'> {
   const { checkpoint: _checkpoint, mode: _mode, ...rest } = options;
   return rest;
+}
+
+/**
+ * The filter as it would read before `stages`, when each only selects, drops or renames columns:
+ * its columns named as they are there. Undefined where a stage does more, or where the filter
+ * names a column a stage removes or renames away (run after it, the filter names what is wrong).
+ */
+function filterBeforeColumnStages(clauses: Clauses, stages: readonly LogicalOperator[]): Clauses | undefined {
+  let current = clauses;
+  for (let index = stages.length - 1; index >= 0; index--) {
+    const stage = stages[index];
+    const effect = stage.op === 'stage' ? stage.columnsOnly : undefined;
+    if (!effect) return undefined;
+    const columns = filterColumns(current);
+    if ('keep' in effect) {
+      if (!columns.every((column) => effect.keep.includes(column))) return undefined;
+    } else if ('drop' in effect) {
+      if (columns.some((column) => effect.drop.includes(column))) return undefined;
+    } else {
+      const before = new Map(Object.entries(effect.rename).map(([from, to]) => [to, from]));
+      if (columns.some((column) => !before.has(column) && column in effect.rename)) return undefined;
+      current = current.map((clause) => clause.map((predicate) => ({ ...predicate, column: before.get(predicate.column) ?? predicate.column })));
+    }
+  }
+  return current;
 }

@@ -50,10 +50,16 @@ export interface ActorPoolOptions {
   idleTimeoutMs: number;
 }
 
+/**
+ * What a stage that only selects, drops or renames columns does (rows and values untouched): a row
+ * filter after it can run before it instead, on the columns' names there.
+ */
+export type ColumnsOnly = { keep: readonly string[] } | { drop: readonly string[] } | { rename: Readonly<Record<string, string>> };
+
 export type LogicalOperator =
   | { op: 'read'; datasource: Datasource; parallelism?: number; compute: ComputeOptions; rowIds?: string }
   | { op: 'input'; name: string; blocks: InputBlock[] }
-  | { op: 'stage'; stage: StageSpec; compute: ComputeOptions; pool?: ActorPoolOptions }
+  | { op: 'stage'; stage: StageSpec; compute: ComputeOptions; pool?: ActorPoolOptions; columnsOnly?: ColumnsOnly }
   | { op: 'repartition'; numBlocks: number }
   | { op: 'exchange'; name: string; exchange: ExchangeSpec; numBlocks?: number; inputs?: Array<readonly LogicalOperator[]> }
   | { op: 'aggregate'; name: string; plan: AggregationPlan }

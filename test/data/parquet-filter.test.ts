@@ -341,6 +341,34 @@ describe('Dataset.filter with a row filter', () => {
     expect(await readParquet(whole).filter([['id', '<', 0]]).takeAll()).toEqual([]);
   });
 
+  it('is pushed past stages that only select, drop or rename columns, under the names the read gives them', async () => {
+    const directory = scratch('past-columns');
+    await new ParquetDatasink(directory, { rowGroupRows: 10 }).write([sample()], context);
+    // Groups 0, 1 and 3 are garbage: only a read that skips them gets through.
+    for (const group of [0, 1, 3]) await corruptGroup(join(directory, 'job_000000.parquet'), group);
+    const renamed = readParquet(directory)
+      .selectColumns(['id', 'lang', 'score'])
+      .renameColumns({ id: 'key', lang: 'language' })
+      .dropColumns('score')
+      .filter([['key', '>', 20], ['key', '<', 30], ['language', 'in', ['de', 'ja']]]);
+    const plan = await renamed.explain({ print: false });
+    expect(plan).not.toContain('FilterRows');
+    expect(plan).toContain('RenameColumns(id->key, lang->language)');
+    expect(await renamed.takeAll()).toEqual([21, 23, 27, 29].map((key) => ({ key, language: key % 4 === 1 ? 'de' : 'ja' })));
+    // Swapped names map back to the read's.
+    const swapped = readParquet(directory).selectColumns(['id', 'lang']).renameColumns({ id: 'lang', lang: 'id' }).filter([['lang', '>=', 22], ['lang', '<=', 23]]);
+    expect(await swapped.explain({ print: false })).not.toContain('FilterRows');
+    expect(await swapped.takeAll()).toEqual([{ lang: 22, id: 'fr' }, { lang: 23, id: 'ja' }]);
+    // A filter on a column a stage removed is not pushed: it runs after the stage, and names it.
+    const whole = scratch('past-columns-whole');
+    await new ParquetDatasink(whole, { rowGroupRows: 10 }).write([sample()], context);
+    const dropped = readParquet(whole).dropColumns('score').filter([['score', '>', 1]]);
+    expect(await dropped.explain({ print: false })).toContain('FilterRows(score > 1)');
+    expect((await rejection(dropped.takeAll())).message).toContain("the filter names column 'score', which is not there (the columns are: id, lang, ok,");
+    const renamedAway = readParquet(whole).renameColumns({ id: 'key' }).filter([['id', '=', 1]]);
+    expect(await renamedAway.explain({ print: false })).toContain('FilterRows');
+  });
+
   it('fails a read of a corrupt row group with ERR_DATA_PARSE naming the file and group, though parquet-wasm panics where nothing can catch it', async () => {
     const directory = scratch('corrupt');
     await new ParquetDatasink(directory, { rowGroupRows: 10 }).write([sample()], context);
