@@ -18,31 +18,22 @@ const inFlight = new Set<InFlight>();
 const WasmRuntimeError = (globalThis as unknown as { WebAssembly: { RuntimeError: abstract new () => Error } }).WebAssembly.RuntimeError;
 
 /**
- * `work`, failing with `describe(trap)` if a WebAssembly trap nothing caught happens while it runs
+ * `work`, failing with the trap itself if a WebAssembly trap nothing caught happens while it runs
  * (in this process, which runs one guarded library's calls at a time per task).
  */
-export function guardTraps<T>(work: () => Promise<T>, describe: (trap: Error) => Error): Promise<T> {
+export function guardTraps<T>(work: () => Promise<T>): Promise<T> {
   return new Promise<T>((resolve, reject) => {
-    const entry: InFlight = { fail: (trap) => reject(describe(trap)) };
+    const entry: InFlight = { fail: reject };
     inFlight.add(entry);
-    let started: Promise<T>;
-    try {
-      started = work();
-    } catch (error) {
+    const settle = <V>(then: (value: V) => void) => (value: V) => {
       inFlight.delete(entry);
-      reject(error as Error);
-      return;
+      then(value);
+    };
+    try {
+      work().then(settle(resolve), settle(reject));
+    } catch (error) {
+      settle(reject)(error);
     }
-    started.then(
-      (value) => {
-        inFlight.delete(entry);
-        resolve(value);
-      },
-      (error: unknown) => {
-        inFlight.delete(entry);
-        reject(error);
-      },
-    );
   });
 }
 

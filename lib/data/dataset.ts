@@ -250,10 +250,10 @@ export class Dataset {
     // rename columns, under the names the read gives them. Source-level row ids number the rows
     // read: filtering in the source would renumber them.
     const [read, ...after] = this.#plan;
-    const atRead = read.op === 'read' && !read.rowIds ? filterBeforeColumnStages(clauses, after) : undefined;
-    if (atRead) {
-      const pushed = (read as Extract<LogicalOperator, { op: 'read' }>).datasource.withFilter?.(atRead);
-      if (pushed) return new Dataset([{ ...read, datasource: pushed } as LogicalOperator, ...after]);
+    if (read.op === 'read' && !read.rowIds) {
+      const atRead = filterBeforeColumnStages(clauses, after);
+      const pushed = atRead && read.datasource.withFilter?.(atRead);
+      if (pushed) return new Dataset([{ ...read, datasource: pushed }, ...after]);
     }
     return this.#builtin(`FilterRows(${describeFilter(clauses)})`, filterRows, [clauses]);
   }
@@ -943,7 +943,7 @@ function filterBeforeColumnStages(clauses: Clauses, stages: readonly LogicalOper
       if (columns.some((column) => effect.drop.includes(column))) return undefined;
     } else {
       const before = new Map(Object.entries(effect.rename).map(([from, to]) => [to, from]));
-      if (columns.some((column) => !before.has(column) && column in effect.rename)) return undefined;
+      if (columns.some((column) => !before.has(column) && Object.hasOwn(effect.rename, column))) return undefined;
       current = current.map((clause) => clause.map((predicate) => ({ ...predicate, column: before.get(predicate.column) ?? predicate.column })));
     }
   }

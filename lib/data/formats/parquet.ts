@@ -76,11 +76,10 @@ export function rowGroupMayMatch(footer: ParquetFooter, group: number, clauses: 
 async function openParquet(path: string): Promise<ParquetFileHandle> {
   const parquet = await loadParquet();
   const blob = await openAsBlob(path);
-  const notParquet = (error: unknown) => new InvalidArgumentError(`'${path}' is not a Parquet file: ${errorText(error)}`, 'ERR_DATA_PARSE');
   try {
-    return await guardTraps(() => parquet.ParquetFile.fromFile(blob), notParquet);
+    return await guardTraps(() => parquet.ParquetFile.fromFile(blob));
   } catch (error) {
-    throw error instanceof InvalidArgumentError ? error : notParquet(error);
+    throw new InvalidArgumentError(`'${path}' is not a Parquet file: ${errorText(error)}`, 'ERR_DATA_PARSE');
   }
 }
 
@@ -128,13 +127,12 @@ export const readParquetFiles = remote(import.meta, async function* readParquetF
       const key = options.rowIds ? fileKey(unit.path) : '';
       for (let position = 0; position < groups.length; position++) {
         let read;
-        const unreadable = (error: unknown) => new InvalidArgumentError(`Parquet file '${unit.path}', row group ${groups[position]}: ${errorText(error)}`, 'ERR_DATA_PARSE');
         try {
           // One batch per row group: the default (1024 rows) would cut a block into many small
           // batches. Corrupt data can make parquet-wasm panic where no caller catches it: guarded.
-          read = await guardTraps(() => file.read({ rowGroups: [groups[position]], batchSize: Math.max(1, groupRows[position]), ...(columns ? { columns } : {}) }), unreadable);
+          read = await guardTraps(() => file.read({ rowGroups: [groups[position]], batchSize: Math.max(1, groupRows[position]), ...(columns ? { columns } : {}) }));
         } catch (error) {
-          throw error instanceof InvalidArgumentError ? error : unreadable(error);
+          throw new InvalidArgumentError(`Parquet file '${unit.path}', row group ${groups[position]}: ${errorText(error)}`, 'ERR_DATA_PARSE');
         }
         const table = tableFromIPC(read.intoIPCStream());
         let block = options.keepDictionaries ? table : decodeDictionaries(table);
