@@ -6,6 +6,7 @@ import { Cluster, type ClusterState, type InitOptions, type MemorySummary, type 
 import { closeMetricsServers } from './metrics.js';
 import { BrokerClient, requestedBundles, type ClusterOptions, type ElasticAsk } from './broker-client.js';
 import { ObjectRef } from './object-ref.js';
+import { ObjectRefGenerator } from './object-ref-generator.js';
 import { actorHandleInfo, makeActorHandle, type ActorHandle } from './registry.js';
 import { currentRuntime, hasRuntime, setRuntime, type RuntimeContext } from './runtime-context.js';
 import { setHandleCodec } from './serialization.js';
@@ -122,6 +123,7 @@ export function get(refs: ObjectRef<unknown> | ObjectRef<unknown>[], options: { 
 }
 
 function checkLive(ref: ObjectRef<unknown>): void {
+  if (ref instanceof ObjectRefGenerator) throw new InvalidArgumentError(`get() takes ObjectRefs, got ${ref}: iterate it (for await) for its items' refs, or read them with values()`);
   if (!(ref instanceof ObjectRef)) throw new InvalidArgumentError(`get() takes ObjectRefs, got ${typeof ref}`);
   if (!ref.live) throw new InvalidArgumentError(`${ref} was disposed; get() needs a live handle`, 'ERR_REF_DISPOSED');
 }
@@ -142,7 +144,13 @@ export function free(refs: ObjectRef<unknown> | ObjectRef<unknown>[]): void {
   for (const ref of toArray(refs)) ref[Symbol.dispose]();
 }
 
-export function cancel(ref: ObjectRef<unknown>, options: { force?: boolean } = {}): void {
+/**
+ * Cancels the task behind `ref` (or a streaming call): what waits on it fails with
+ * TaskCancelledError; `force` kills a plain task's worker. A generator is closed at its next
+ * `yield`, its caller taking the items it had yielded, then the error.
+ */
+export function cancel(ref: ObjectRef<unknown> | ObjectRefGenerator<unknown>, options: { force?: boolean } = {}): void {
+  if (!(ref instanceof ObjectRef) && !(ref instanceof ObjectRefGenerator)) throw new InvalidArgumentError(`cancel() takes an ObjectRef or an ObjectRefGenerator, got ${typeof ref}`);
   currentRuntime().cancel(ref, options.force ?? false);
 }
 

@@ -27,14 +27,16 @@ import { isObjectId, newObjectId, taskPutBase } from '../store/object-id.js';
 import type { PinnedObjectInfo, StoreStats } from '../store/object-store.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
 import type { ActorCallOptions, ActorOptions, SchedulingStrategy, TaskOptions, WorkerEnvironment } from './options.js';
-import { DEFAULT_WORKER_ENVIRONMENT, checkRecompute, requestOf, workerEnvironmentOf } from './options.js';
+import { DEFAULT_WORKER_ENVIRONMENT, checkRecompute, generatorBackpressureOf, requestOf, workerEnvironmentOf } from './options.js';
 import { FrameConnection } from './connection.js';
 import {
   type DriverMessage,
   type FunctionDescriptor,
   type HeldMeta,
+  type StreamSpec,
   type WireValue,
   type WorkerMessage,
+  type YieldMessage,
 } from './protocol.js';
 import { LocalNode, Node, WorkerProcess, type NodeOptions } from './node.js';
 import { RemoteNode } from './remote-node.js';
@@ -156,6 +158,32 @@ interface TaskRecord {
   tensorTransport?: string;
   /** Held tensors among the arguments are being materialized or exported. */
   preparing?: boolean;
+  /** A call to a generator: the items it yielded, for its caller to take. */
+  stream?: StreamRecord;
+}
+
+/**
+ * A streaming call's items (see ObjectRefGenerator), under the call's return id. Each item is an
+ * object the driver owns like a task's result, held by the stream until its caller takes it (the
+ * hold then passes to the caller's ref). Items cannot be made again from lineage: one lost with its
+ * node is lost for good. A retry (worker death, or a throw with retryExceptions) runs the generator
+ * again from its start and sends only the items after those reported: generators must yield the
+ * same items in the same order each run to be retried.
+ */
+interface StreamRecord {
+  id: string;
+  task: TaskRecord;
+  /** Item ids in yield order; those from `taken` on are held by the stream. */
+  items: string[];
+  taken: number;
+  /** The most items the producer may be ahead of the caller (Infinity: unbounded). */
+  backpressure: number;
+  /** The producer ended: returned (no error) or failed for good. */
+  end?: { error?: Error };
+  /** The caller let go: items are no longer kept, and the producer is told to stop. */
+  closed?: boolean;
+  /** next() calls waiting for an item or the end. */
+  waiters?: Array<() => void>;
 }
 
 /** A task that makes a result again: its function, encoded arguments and options. */
@@ -355,6 +383,8 @@ export class Cluster implements Runtime {
   #nextCloseRound = 1;
   #spreadCursor = 0;
   #nextTaskId = 1;
+  /** Streaming calls whose caller still holds them, by the call's return id. */
+  readonly #streams = new Map<string, StreamRecord>();
   #closed = false;
   #scheduling = false;
   /** The working directory every host's workers run in (runtimeEnv). */
@@ -777,6 +807,8 @@ export class Cluster implements Runtime {
         // any result it had stored: a late report must not finish a retry running elsewhere.
         if (worker.exited) return;
         return this.#onTaskDone(worker, message.taskId, message.value, message.nested, message.error, message.held, message.lostArgument, message.size);
+      case 'yield':
+        return this.#onYield(worker, message);
       case 'actor-ready':
         if (worker.exited) return;
         return this.#onActorReady(message.actorId, message.error);
@@ -801,14 +833,37 @@ export class Cluster implements Runtime {
         case 'submit': {
           const task = this.#makeTask(body.fn, undefined, undefined, body.args, body.argRefs, body.held, inheritEnvironment(body.options, worker), body.returnId);
           this.#addWorkerHold(worker, body.returnId); // the submitting worker's handle
+          if (body.backpressure !== undefined) this.#openStream(task, body.backpressure ?? Infinity);
           this.#submit(task);
           return;
         }
         case 'actor-call': {
           this.#addWorkerHold(worker, body.returnId);
-          this.#submitActorCall(body.actorId, body.method, body.args, body.argRefs, body.held, body.returnId, body.options ?? {}, body.recompute);
+          // Sent as null where unbounded (msgpack has no Infinity in its plain form).
+          const backpressure = body.backpressure === undefined ? undefined : (body.backpressure ?? Infinity);
+          this.#submitActorCall(body.actorId, body.method, body.args, body.argRefs, body.held, body.returnId, body.options ?? {}, body.recompute, undefined, backpressure);
           return;
         }
+        case 'stream-next': {
+          let item: string | undefined;
+          try {
+            item = await this.#takeStreamItem(body.id, body.timeout ?? Infinity);
+          } catch (error) {
+            // The call's error, as a get() of a failed object answers it: rebuilt as it was.
+            reply({ error: serializeError(error as Error) });
+            return;
+          }
+          // The stream's hold on the item becomes the worker's handle.
+          if (item !== undefined) {
+            this.#addWorkerHold(worker, item);
+            this.#dropHold(item);
+          }
+          reply(item ?? null);
+          return;
+        }
+        case 'stream-close':
+          this.closeStream(body.id);
+          return;
         case 'create-actor': {
           this.#addWorkerHold(worker, body.actorId); // the creating worker's handle
           this.#createActorRecord(body.actorId, body.cls, body.args, body.argRefs, body.held, inheritEnvironment(body.options, worker), body.methods);
@@ -944,6 +999,8 @@ export class Cluster implements Runtime {
   #deleteRecord(record: ObjectRecord): void {
     const id = record.id;
     this.#objects.delete(id);
+    // A streaming call's last ref went: nobody will take its items.
+    if (this.#streams.has(id)) this.closeStream(id);
     if (record.lineage?.state === 'done' && record.lineage.keptBy > 1) this.#releaseForPuts(record.lineage);
     if (record.lineage) this.#unkeep(record.lineage);
     if (record.madeBy) this.#unkeep(record.madeBy);
@@ -1397,13 +1454,15 @@ export class Cluster implements Runtime {
   // -------------------------------------------------------------------------------------------
   // Tasks
 
-  submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions): ObjectRef<unknown> {
+  submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions, streaming = false): ObjectRef<unknown> {
     // Options checked (and remembered) before the arguments are stored.
     this.#requestFor(options, fn.name);
+    const backpressure = streaming ? generatorBackpressureOf(options.generatorBackpressure, `task ${options.name ?? fn.name}`) : undefined;
     const { bytes, argRefs, held } = this.#encodeArgs(args);
     const returnId = newObjectId();
     const ref = new ObjectRef(returnId);
     const task = this.#makeTask(fn, undefined, undefined, bytes, argRefs, held, options, returnId);
+    if (backpressure !== undefined) this.#openStream(task, backpressure);
     this.#submit(task);
     return ref;
   }
@@ -1740,6 +1799,7 @@ export class Cluster implements Runtime {
       returnId: task.returnId,
       gpuIds: lease.gpuIds,
       putTag: this.#putTagFor(task, lease.worker),
+      ...(task.stream ? { stream: streamSpec(task.stream) } : {}),
     });
   }
 
@@ -1836,10 +1896,12 @@ export class Cluster implements Runtime {
         view?.release();
       }
     }
+    if (task.stream) this.#endStream(task.stream);
     this.#resolveObject(task.returnId, value, nested, size);
     const record = this.#objects.get(task.returnId);
-    // An actor call cannot be rerun (unless it says how): its record need not keep the call alive.
-    if (!task.fn && !task.rerunAs && record?.lineage === task) {
+    // An actor call cannot be rerun (unless it says how), nor a streaming call (its items are
+    // taken as they come): its record need not keep the call alive.
+    if (((!task.fn && !task.rerunAs) || task.stream) && record?.lineage === task) {
       record.lineage = undefined;
       task.keptBy--;
     }
@@ -1905,6 +1967,7 @@ export class Cluster implements Runtime {
     }
     task.failed = true;
     if (!task.cancelled) this.#counters.tasksFailed++;
+    if (task.stream) this.#endStream(task.stream, error);
     // A rerun made for a lost put leaves its result alone where that is still stored.
     const result = this.#objects.get(task.returnId);
     if (!task.rerun || result?.state !== 'ready' || !this.#resident(result)) this.#failObject(task.returnId, error);
@@ -1941,7 +2004,7 @@ export class Cluster implements Runtime {
     return tag;
   }
 
-  cancel(ref: ObjectRef<unknown>, force: boolean): void {
+  cancel(ref: { readonly id: string }, force: boolean): void {
     this.#cancelId(ref.id, force);
   }
 
@@ -1952,6 +2015,118 @@ export class Cluster implements Runtime {
     const worker = task.worker;
     this.#failTask(task, new TaskCancelledError(`task ${task.name} was cancelled`));
     if (force && worker && !task.actorId) worker.kill();
+    // A generator is closed at its next yield (its finally blocks run), as a caller's return() does.
+    else if (task.stream && worker && !worker.exited) worker.send({ t: 'stream-stop', taskId: task.taskId });
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Streaming calls (generators): items reported one by one, taken by the caller in order
+
+  #openStream(task: TaskRecord, backpressure: number): void {
+    const stream: StreamRecord = { id: task.returnId, task, items: [], taken: 0, backpressure };
+    task.stream = stream;
+    this.#streams.set(stream.id, stream);
+  }
+
+  /**
+   * An item from the producer of the call's current attempt; anything else is stale. Stored items
+   * take the ids of the worker's own puts, in the same sequence: one it stored and died before
+   * reporting is found and deleted with its other unreported puts (see #onWorkerGone), and a
+   * retry stores what it sends under ids of its own.
+   */
+  #onYield(worker: WorkerProcess, message: YieldMessage): void {
+    const task = this.#tasks.get(message.taskId);
+    const stream = task?.stream;
+    const value = message.value;
+    if ('node' in value) worker.storedPuts++;
+    if (worker.exited || !task || !stream || stream.closed || task.worker !== worker || task.state !== 'running' || message.index !== stream.items.length) {
+      // Nobody will take it (the caller let go, the call ended or runs elsewhere now): a retry
+      // sends it again. What was stored goes.
+      if ('node' in value) worker.node.deleteObject(value.id);
+      return;
+    }
+    const id = 'node' in value ? value.id : newObjectId();
+    // The stream's hold, passed to the caller's ref when taken.
+    this.#objects.set(id, this.#newRecord(id, 1));
+    this.#resolveObject(id, value, message.nested, message.size ?? ('inline' in value ? value.inline.byteLength : 0));
+    stream.items.push(id);
+    this.#wakeStream(stream);
+  }
+
+  #wakeStream(stream: StreamRecord): void {
+    const waiters = stream.waiters;
+    stream.waiters = undefined;
+    if (waiters) for (const waiter of waiters) waiter();
+  }
+
+  #endStream(stream: StreamRecord, error?: Error): void {
+    if (stream.end) return;
+    stream.end = error ? { error } : {};
+    this.#wakeStream(stream);
+  }
+
+  nextStreamItem(id: string, timeout: number): Promise<ObjectRef<unknown> | undefined> {
+    return this.#takeStreamItem(id, timeout).then((item) => {
+      if (item === undefined) return undefined;
+      // The stream's hold on the item becomes this ref's.
+      const ref = new ObjectRef(item);
+      this.#dropHold(item);
+      return ref;
+    });
+  }
+
+  /** Waits for the stream's next item and takes it: its id, the stream's hold still on it. */
+  async #takeStreamItem(id: string, timeout: number): Promise<string | undefined> {
+    const deadline = performance.now() + timeout;
+    for (;;) {
+      const stream = this.#streams.get(id);
+      if (!stream) {
+        if (this.#closed) throw new TrellisError('ERR_SHUTDOWN', 'trellis was shut down while a streaming call was read');
+        return undefined;
+      }
+      if (stream.taken < stream.items.length) {
+        const item = stream.items[stream.taken++];
+        const task = stream.task;
+        // A producer paused on backpressure may go on.
+        if (stream.backpressure !== Infinity && task.state === 'running' && task.stream === stream && task.worker && !task.worker.exited) {
+          task.worker.send({ t: 'stream-taken', taskId: task.taskId, taken: stream.taken });
+        }
+        return item;
+      }
+      if (stream.end) {
+        if (stream.end.error) throw stream.end.error;
+        return undefined;
+      }
+      const left = deadline - performance.now();
+      if (left <= 0) throw new GetTimeoutError(`streaming call ${stream.task.name} yielded no item within ${timeout} ms`);
+      await new Promise<void>((resolve) => {
+        let timer: NodeJS.Timeout | undefined;
+        const waiter = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+        (stream.waiters ??= []).push(waiter);
+        if (Number.isFinite(left)) {
+          timer = setTimeout(() => {
+            stream.waiters = stream.waiters?.filter((candidate) => candidate !== waiter);
+            resolve();
+          }, left);
+        }
+      });
+    }
+  }
+
+  closeStream(id: string): void {
+    const stream = this.#streams.get(id);
+    if (!stream) return;
+    this.#streams.delete(id);
+    stream.closed = true;
+    const untaken = stream.items.splice(stream.taken);
+    for (const item of untaken) this.#dropHold(item);
+    const task = stream.task;
+    if (task.state === 'running' && task.worker && !task.worker.exited) task.worker.send({ t: 'stream-stop', taskId: task.taskId });
+    // Waiting next() calls find the stream gone: done.
+    this.#wakeStream(stream);
   }
 
   /** Idle workers above a node's soft limit (its CPU count) go after a second of idleness. */
@@ -2295,7 +2470,9 @@ export class Cluster implements Runtime {
     this.#pumpActor(actor);
   }
 
-  submitActorTask(actorId: string, method: string, args: unknown[], options: ActorCallOptions = {}): ObjectRef<unknown> {
+  submitActorTask(actorId: string, method: string, args: unknown[], options: ActorCallOptions = {}, streaming = false): ObjectRef<unknown> {
+    const backpressure = streaming ? generatorBackpressureOf(options.generatorBackpressure, `actor method ${method}`) : undefined;
+    if (streaming && options.recompute) throw new InvalidArgumentError(`actor method ${method} is a generator: its items cannot be made again by a task (recompute)`);
     let rerunAs: RerunSpec | undefined;
     if (options.recompute) {
       checkRecompute(options.recompute);
@@ -2312,7 +2489,7 @@ export class Cluster implements Runtime {
     const { bytes, argRefs, held } = this.#encodeArgs(args);
     const returnId = newObjectId();
     const ref = new ObjectRef(returnId);
-    this.#submitActorCall(actorId, method, bytes, argRefs, held, returnId, options, rerunAs);
+    this.#submitActorCall(actorId, method, bytes, argRefs, held, returnId, options, rerunAs, undefined, backpressure);
     return ref;
   }
 
@@ -2326,9 +2503,12 @@ export class Cluster implements Runtime {
     options: ActorCallOptions = {},
     rerunAs?: RerunSpec,
     rerunOf?: { of: TaskRecord; objectId: string },
+    /** A call to a generator method: the stream's backpressure (Infinity: unbounded). */
+    backpressure?: number,
   ): void {
     const actor = this.#actors.get(actorId);
     const task = this.#makeTask(undefined, actorId, method, args, argRefs, held, ACTOR_CALL_OPTIONS, returnId);
+    if (backpressure !== undefined) this.#openStream(task, backpressure);
     task.name = actor ? callName(actor, method) : `actor.${method}`;
     if (rerunOf) this.#takeOver(task, rerunOf.of, rerunOf.objectId);
     if (rerunAs) {
@@ -2416,6 +2596,7 @@ export class Cluster implements Runtime {
         returnId: task.returnId,
         tensorTransport: task.tensorTransport,
         putTag: this.#putTagFor(task, actor.worker),
+        ...(task.stream ? { stream: streamSpec(task.stream) } : {}),
       });
     }
   }
@@ -2935,6 +3116,7 @@ export class Cluster implements Runtime {
     rmSync(this.#socketPath, { force: true });
     this.#forgetSocketAtExit();
     const error = new TrellisError('ERR_SHUTDOWN', 'trellis was shut down before this object was ready');
+    for (const stream of this.#streams.values()) this.#endStream(stream, new TrellisError('ERR_SHUTDOWN', `trellis was shut down while streaming call ${stream.task.name} ran`));
     for (const record of this.#objects.values()) {
       if (record.state === 'pending') {
         record.state = 'failed';
@@ -3084,6 +3266,11 @@ function lostWhere(record: ObjectRecord): string {
 }
 
 /** The store id of a stored value: its own id, or the id it was materialized under. */
+/** What a streaming call's next attempt is told: what to skip, what was taken, how far ahead it may go. */
+function streamSpec(stream: StreamRecord): StreamSpec {
+  return { skip: stream.items.length, taken: stream.taken, ...(stream.backpressure !== Infinity ? { backpressure: stream.backpressure } : {}) };
+}
+
 function storedIdOf(record: ObjectRecord): string {
   return record.value && 'node' in record.value ? record.value.id : record.id;
 }

@@ -26,6 +26,26 @@ export interface TaskOptions {
   name?: string;
   /** Environment variables of the worker it runs in (workers of its own; see WorkerRuntimeEnvironment). */
   runtimeEnv?: WorkerRuntimeEnvironment;
+  /** For a generator function: see StreamingOptions. */
+  generatorBackpressure?: number;
+}
+
+/**
+ * Options of a call to a generator function or method (a streaming call). `generatorBackpressure`:
+ * the most items the generator may have yielded that its caller has not yet taken (by `next()`); it
+ * pauses at its `yield` until the caller catches up. Unbounded by default.
+ */
+export interface StreamingOptions {
+  generatorBackpressure?: number;
+}
+
+/** Checks a streaming call's backpressure, naming what is wrong; Infinity where unbounded. */
+export function generatorBackpressureOf(value: unknown, where: string): number {
+  if (value === undefined) return Infinity;
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) {
+    throw new InvalidArgumentError(`${where}: generatorBackpressure is a whole number of items, 1 or more, got ${typeof value === 'number' ? value : typeof value}`);
+  }
+  return value;
 }
 
 /**
@@ -93,6 +113,8 @@ export type TensorTransport = 'auto' | 'ipc' | 'nccl' | 'store';
 
 export interface ActorCallOptions {
   tensorTransport?: TensorTransport;
+  /** For a generator method: see StreamingOptions. */
+  generatorBackpressure?: number;
   /**
    * How to make this call's output again if it is lost (its node left the cluster holding the only
    * copy): a task run with these arguments, which returns what the call returned and puts what

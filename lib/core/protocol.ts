@@ -62,6 +62,32 @@ export interface TaskMessage {
    * return id and this attempt number (taskPutBase), so a rerun makes them again under the same ids.
    */
   putTag?: number;
+  /** A call to a generator: its items go out one by one (YieldMessage), its result is their count. */
+  stream?: StreamSpec;
+}
+
+/**
+ * How a streaming call runs on this attempt: `skip` items its caller already has (a retry runs the
+ * generator again from the start and sends only what follows), `taken` of them the caller took,
+ * and `backpressure`, the most items it may be ahead of the caller (none: unbounded).
+ */
+export interface StreamSpec {
+  skip: number;
+  taken: number;
+  backpressure?: number;
+}
+
+/** The caller of a streaming call took items up to `taken`: a producer paused on backpressure goes on. */
+export interface StreamTakenMessage {
+  t: 'stream-taken';
+  taskId: string;
+  taken: number;
+}
+
+/** The caller of a streaming call wants no more: the generator is closed at its next `yield`. */
+export interface StreamStopMessage {
+  t: 'stream-stop';
+  taskId: string;
 }
 
 export interface CreateActorMessage {
@@ -103,7 +129,7 @@ export interface ExporterGoneMessage {
   processId: number;
 }
 
-export type DriverMessage = TaskMessage | CreateActorMessage | ReplyMessage | ExitMessage | CloseIpcMessage | ExporterGoneMessage;
+export type DriverMessage = TaskMessage | CreateActorMessage | ReplyMessage | ExitMessage | CloseIpcMessage | ExporterGoneMessage | StreamTakenMessage | StreamStopMessage;
 
 export interface HelloMessage {
   t: 'hello';
@@ -125,6 +151,19 @@ export interface DoneMessage {
   /** The result's tensors stayed with the actor (tensor transport). */
   held?: { transport: string; meta: HeldMeta };
   /** A stored result's bytes (data locality weighs them). */
+  size?: number;
+}
+
+/**
+ * Item `index` of a streaming call: inline, or stored under the next id of the worker's puts. Sent
+ * once the item is stored, in order.
+ */
+export interface YieldMessage {
+  t: 'yield';
+  taskId: string;
+  index: number;
+  value: WireValue;
+  nested?: string[];
   size?: number;
 }
 
@@ -162,7 +201,7 @@ export interface FatalMessage {
   error: string;
 }
 
-export type WorkerMessage = HelloMessage | DoneMessage | ActorReadyMessage | RequestMessage | BorrowMessage | ClosedIpcMessage | FatalMessage;
+export type WorkerMessage = HelloMessage | DoneMessage | YieldMessage | ActorReadyMessage | RequestMessage | BorrowMessage | ClosedIpcMessage | FatalMessage;
 
 /**
  * Compact frames start with a tag below 0x10; a msgpack envelope (always a map) starts at 0x80 or
@@ -286,6 +325,8 @@ function isId(value: string): boolean {
 }
 
 function writeTask(writer: FrameWriter, message: TaskMessage): boolean {
+  // Streaming calls are rare next to plain ones: they take the generic form.
+  if (message.stream) return false;
   if (!isId(message.taskId) || !isId(message.returnId) || (message.actorId !== undefined && !isId(message.actorId))) return false;
   // An empty list differs from none: a pooled task without GPUs must not see the previous task's.
   const gpus = message.gpuIds;

@@ -5,6 +5,7 @@
  */
 import { RegistrationError } from '../errors.js';
 import { ObjectRef, type RefOr } from './object-ref.js';
+import { ObjectRefGenerator } from './object-ref-generator.js';
 import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
 import type { FunctionDescriptor } from './protocol.js';
 import { currentRuntime, hasRuntime } from './runtime-context.js';
@@ -20,14 +21,26 @@ const registered = new Map<string, Map<string, AnyFunction | AnyClass>>();
 /** Arguments as a remote call takes them: each a value or a ref to one. */
 export type RemoteArgs<A extends unknown[]> = { [K in keyof A]: RefOr<A[K]> };
 
+/**
+ * What a remote call gives back: an ObjectRef of its result, or, for a generator function or
+ * method, an ObjectRefGenerator of what it yields.
+ */
+export type RemoteResult<R> = 0 extends 1 & R
+  ? ObjectRef<any> // R is any: nothing says it is a generator
+  : [R] extends [never]
+    ? ObjectRef<never> // a function that only throws
+  : [R] extends [AsyncGenerator<infer Y, any, any> | Generator<infer Y, any, any>]
+    ? ObjectRefGenerator<Awaited<Y>>
+    : ObjectRef<Awaited<R>>;
+
 export interface RemoteFunction<F extends AnyFunction> {
-  remote(...args: RemoteArgs<Parameters<F>>): ObjectRef<Awaited<ReturnType<F>>>;
+  remote(...args: RemoteArgs<Parameters<F>>): RemoteResult<ReturnType<F>>;
   options(options: TaskOptions): RemoteFunction<F>;
   readonly descriptor: FunctionDescriptor;
 }
 
 export interface ActorMethod<F extends AnyFunction> {
-  remote(...args: RemoteArgs<Parameters<F>>): ObjectRef<Awaited<ReturnType<F>>>;
+  remote(...args: RemoteArgs<Parameters<F>>): RemoteResult<ReturnType<F>>;
   options(options: ActorCallOptions): ActorMethod<F>;
   /** A node of a compiled graph: this method called with nodes or constants. */
   bind(...args: unknown[]): ClassMethodNode;
@@ -35,7 +48,7 @@ export interface ActorMethod<F extends AnyFunction> {
 
 type MethodKeys<T> = { [K in keyof T]: T[K] extends AnyFunction ? K : never }[keyof T] & string;
 
-export type ActorHandle<T> = { readonly [K in MethodKeys<T>]: ActorMethod<T[K] & AnyFunction> } & {
+export type ActorHandle<T> = { readonly [K in MethodKeys<T>]: ActorMethod<Extract<T[K], AnyFunction>> } & {
   readonly actorId: string;
   /** Kills the actor for good (as kill()): `using actor = ...` ends it with the scope. */
   [Symbol.dispose](): void;
@@ -93,6 +106,28 @@ export function methodNames(cls: AnyClass): string[] {
   return [...names];
 }
 
+/** Whether calling `target` makes a generator (function* or async function*). */
+export function isGeneratorFunction(target: unknown): boolean {
+  const tag = Object.prototype.toString.call(target);
+  return tag === '[object GeneratorFunction]' || tag === '[object AsyncGeneratorFunction]';
+}
+
+/**
+ * A class's methods as handles carry them, between processes too: a generator method's name
+ * starts with '*' (no method name can), so its calls stream.
+ */
+export function handleMethods(cls: AnyClass): string[] {
+  return methodNames(cls).map((name) => (isGeneratorFunction(methodOf(cls, name)) ? `*${name}` : name));
+}
+
+function methodOf(cls: AnyClass, name: string): unknown {
+  for (let proto = cls.prototype; proto && proto !== Object.prototype; proto = Object.getPrototypeOf(proto)) {
+    const found = Object.getOwnPropertyDescriptor(proto, name);
+    if (found) return found.value;
+  }
+  return undefined;
+}
+
 export function isClass(target: AnyFunction | AnyClass): target is AnyClass {
   return /^class[\s{]/.test(Function.prototype.toString.call(target));
 }
@@ -123,19 +158,24 @@ export function remote(meta: ImportMeta, target: AnyFunction | AnyClass, options
   names.set(name, target);
   const descriptor: FunctionDescriptor = { module, name };
   descriptors.set(target, descriptor);
-  return isClass(target) ? makeActorClass(descriptor, target, options as ActorOptions) : makeRemoteFunction(descriptor, options as TaskOptions);
+  return isClass(target)
+    ? makeActorClass(descriptor, target, options as ActorOptions)
+    : makeRemoteFunction(descriptor, options as TaskOptions, isGeneratorFunction(target));
 }
 
-function makeRemoteFunction(descriptor: FunctionDescriptor, options: TaskOptions): RemoteFunction<AnyFunction> {
+function makeRemoteFunction(descriptor: FunctionDescriptor, options: TaskOptions, streaming: boolean): RemoteFunction<AnyFunction> {
   return {
     descriptor,
-    remote: (...args: unknown[]) => currentRuntime().submitTask(descriptor, args, options) as ObjectRef<any>,
-    options: (more: TaskOptions) => makeRemoteFunction(descriptor, { ...options, ...more }),
+    remote: (...args: unknown[]) => {
+      const ref = currentRuntime().submitTask(descriptor, args, options, streaming);
+      return (streaming ? new ObjectRefGenerator(ref) : ref) as any;
+    },
+    options: (more: TaskOptions) => makeRemoteFunction(descriptor, { ...options, ...more }, streaming),
   };
 }
 
 function makeActorClass(descriptor: FunctionDescriptor, cls: AnyClass, options: ActorOptions): ActorClass<AnyClass> {
-  const methods = methodNames(cls);
+  const methods = handleMethods(cls);
   return {
     descriptor,
     remote: (...args: unknown[]) => {
@@ -156,11 +196,17 @@ export function actorHandleInfo(value: unknown): { actorId: string; descriptor: 
  * `lifetime` is the handle's count on its actor (see makeActorHandle): a method kept apart from
  * its handle, and a graph node bound to it, keep the actor alive as the handle would.
  */
-function actorMethod(actorId: string, name: string, options: ActorCallOptions, className: string, lifetime: ObjectRef<unknown>): ActorMethod<AnyFunction> {
+function actorMethod(actorId: string, name: string, options: ActorCallOptions, className: string, lifetime: ObjectRef<unknown>, streaming: boolean): ActorMethod<AnyFunction> {
   return {
-    bind: (...args: unknown[]) => new ClassMethodNode(actorId, className, name, args, lifetime),
-    remote: (...args: unknown[]) => currentRuntime().submitActorTask(actorId, name, args, options) as ObjectRef<any>,
-    options: (more: ActorCallOptions) => actorMethod(actorId, name, { ...options, ...more }, className, lifetime),
+    bind: (...args: unknown[]) => {
+      if (streaming) throw new RegistrationError(`${className}.${name} is a generator method: a compiled graph's nodes return one value each, so it cannot be bound into one`);
+      return new ClassMethodNode(actorId, className, name, args, lifetime);
+    },
+    remote: (...args: unknown[]) => {
+      const ref = currentRuntime().submitActorTask(actorId, name, args, options, streaming);
+      return (streaming ? new ObjectRefGenerator(ref) : ref) as any;
+    },
+    options: (more: ActorCallOptions) => actorMethod(actorId, name, { ...options, ...more }, className, lifetime, streaming),
   };
 }
 
@@ -179,7 +225,8 @@ export function makeActorHandle(
   methods: string[],
   lifetime: ObjectRef<unknown> = new ObjectRef<unknown>(actorId),
 ): ActorHandle<unknown> {
-  const known = new Set(methods);
+  const known = new Set(methods.map((name) => (name.startsWith('*') ? name.slice(1) : name)));
+  const streaming = new Set(methods.filter((name) => name.startsWith('*')).map((name) => name.slice(1)));
   const cache = new Map<string, ActorMethod<AnyFunction>>();
   const target = {
     actorId,
@@ -201,11 +248,11 @@ export function makeActorHandle(
       if (typeof key === 'symbol' || key === 'actorId') return Reflect.get(object, key);
       if (key === 'then' || key === 'toJSON') return undefined;
       if (!known.has(key)) {
-        throw new RegistrationError(`actor class ${descriptor.name} has no method '${key}' (it has: ${methods.join(', ') || 'none'})`);
+        throw new RegistrationError(`actor class ${descriptor.name} has no method '${key}' (it has: ${[...known].join(', ') || 'none'})`);
       }
       let method = cache.get(key);
       if (!method) {
-        method = actorMethod(actorId, key, {}, descriptor.name, lifetime);
+        method = actorMethod(actorId, key, {}, descriptor.name, lifetime, streaming.has(key));
         cache.set(key, method);
       }
       return method;

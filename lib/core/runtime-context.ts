@@ -33,10 +33,19 @@ export interface CallScope {
 }
 
 export interface Runtime {
-  submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions): ObjectRef<unknown>;
+  /** `streaming`: `fn` is a generator function; the ref is its result's, wrapped by ObjectRefGenerator. */
+  submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions, streaming?: boolean): ObjectRef<unknown>;
   /** The new actor's id, and the creator's count on it (its first handle holds it). */
   createActor(cls: FunctionDescriptor, args: unknown[], options: ActorOptions, methods: string[]): { actorId: string; lifetime: ObjectRef<unknown> };
-  submitActorTask(actorId: string, method: string, args: unknown[], options?: ActorCallOptions): ObjectRef<unknown>;
+  submitActorTask(actorId: string, method: string, args: unknown[], options?: ActorCallOptions, streaming?: boolean): ObjectRef<unknown>;
+  /**
+   * The next item of streaming call `id` (see ObjectRefGenerator), a ref this process now holds;
+   * undefined once the generator has returned and every item was taken. Rejects with the call's
+   * error once the items before it were taken, or with GetTimeoutError after `timeout` ms.
+   */
+  nextStreamItem(id: string, timeout: number): Promise<ObjectRef<unknown> | undefined>;
+  /** The caller wants no more of streaming call `id`: its generator stops, its untaken items go. */
+  closeStream(id: string): void;
   /** Driver only: collective groups, so that tensors can move between their members by NCCL. */
   registerCollectiveGroup?(name: string, actorIds: readonly string[], backend: 'cpu' | 'nccl'): void;
   unregisterCollectiveGroup?(name: string): void;
@@ -51,7 +60,7 @@ export interface Runtime {
   /** `call`: the call the put belongs to (see currentCall); the running one if it runs alone. */
   put(value: unknown, call?: CallScope): ObjectRef<unknown>;
   wait(refs: ObjectRef<unknown>[], numReturns: number, timeout: number): Promise<[ObjectRef<unknown>[], ObjectRef<unknown>[]]>;
-  cancel(ref: ObjectRef<unknown>, force: boolean): void;
+  cancel(ref: { readonly id: string }, force: boolean): void;
   kill(actorId: string, noRestart: boolean): void;
   /**
    * Resolves once the actor's current process (if any) has exited, its GPU memory with it; at

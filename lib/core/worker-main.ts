@@ -7,11 +7,11 @@ import { closeSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
 import { connect, type Socket } from 'node:net';
 import { dial } from './tls.js';
-import { ObjectLostError, TaskError, type RemoteErrorInfo } from '../errors.js';
+import { InvalidArgumentError, ObjectLostError, TaskError, type RemoteErrorInfo } from '../errors.js';
 import { ObjectStore, viewPinsHeld } from '../store/object-store.js';
 import { newObjectId, sequentialObjectId, taskPutBase } from '../store/object-id.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
-import { checkRecompute, workerEnvironmentOf, type ActorCallOptions, type ActorOptions, type TaskOptions } from './options.js';
+import { checkRecompute, generatorBackpressureOf, workerEnvironmentOf, type ActorCallOptions, type ActorOptions, type TaskOptions } from './options.js';
 import { FrameConnection } from './connection.js';
 import { native, type NativeConnectionRing } from '../native.js';
 import {
@@ -204,11 +204,12 @@ class WorkerRuntime implements Runtime {
     return { args: bytes, argRefs, held };
   }
 
-  submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions): ObjectRef<unknown> {
+  submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions, streaming = false): ObjectRef<unknown> {
     // Checked here, before anything is stored: the driver answers a submission with nothing.
     if (options.runtimeEnv !== undefined) workerEnvironmentOf(options.runtimeEnv, `task ${options.name ?? fn.name} runtimeEnv`);
+    const stream = streaming ? streamBody(generatorBackpressureOf(options.generatorBackpressure, `task ${options.name ?? fn.name}`)) : {};
     const returnId = newObjectId();
-    this.notify('submit', { fn, ...this.#encodeArgs(args), options, returnId });
+    this.notify('submit', { fn, ...this.#encodeArgs(args), options, returnId, ...stream });
     return this.#ownedRef(returnId);
   }
 
@@ -221,7 +222,9 @@ class WorkerRuntime implements Runtime {
     return { actorId, lifetime: this.#ownedRef(actorId) };
   }
 
-  submitActorTask(actorId: string, method: string, args: unknown[], options: ActorCallOptions = {}): ObjectRef<unknown> {
+  submitActorTask(actorId: string, method: string, args: unknown[], options: ActorCallOptions = {}, streaming = false): ObjectRef<unknown> {
+    const stream = streaming ? streamBody(generatorBackpressureOf(options.generatorBackpressure, `actor method ${method}`)) : {};
+    if (streaming && options.recompute) throw new InvalidArgumentError(`actor method ${method} is a generator: its items cannot be made again by a task (recompute)`);
     let recompute: Record<string, unknown> | undefined;
     if (options.recompute) {
       // Sent as the driver keeps it: the function's descriptor and its encoded arguments.
@@ -232,8 +235,20 @@ class WorkerRuntime implements Runtime {
       options = rest;
     }
     const returnId = newObjectId();
-    this.notify('actor-call', { actorId, method, ...this.#encodeArgs(args), returnId, options, ...(recompute ? { recompute } : {}) });
+    this.notify('actor-call', { actorId, method, ...this.#encodeArgs(args), returnId, options, ...(recompute ? { recompute } : {}), ...stream });
     return this.#ownedRef(returnId);
+  }
+
+  async nextStreamItem(id: string, timeout: number): Promise<ObjectRef<unknown> | undefined> {
+    const answer = (await this.request('stream-next', { id, timeout })) as string | null | { error: RemoteErrorInfo & { kind: string } };
+    if (answer === null) return undefined;
+    if (typeof answer === 'object') throw rebuildError(answer.error, id);
+    // The driver counted the item's hold for this worker as it answered.
+    return this.#ownedRef(answer);
+  }
+
+  closeStream(id: string): void {
+    this.notify('stream-close', { id });
   }
 
   async get(refs: ObjectRef<unknown>[], timeout: number): Promise<unknown[]> {
@@ -300,7 +315,7 @@ class WorkerRuntime implements Runtime {
     return [refs.filter((ref) => ready.has(ref.id)), refs.filter((ref) => !ready.has(ref.id))];
   }
 
-  cancel(ref: ObjectRef<unknown>, force: boolean): void {
+  cancel(ref: { readonly id: string }, force: boolean): void {
     this.notify('cancel', { id: ref.id, force });
   }
 
@@ -343,6 +358,11 @@ class WorkerRuntime implements Runtime {
     const current = this.current;
     return { nodeId, workerId, taskId: current?.taskId, actorId: current?.actorId, gpuIds: current?.gpuIds ?? [], isDriver: false, argumentsMs: current?.argumentsMs };
   }
+}
+
+/** A streaming call's backpressure as a submission carries it: null where unbounded. */
+function streamBody(backpressure: number): { backpressure: number | null } {
+  return { backpressure: backpressure === Infinity ? null : backpressure };
 }
 
 function rebuildError(info: RemoteErrorInfo & { kind: string }, id: string): Error {
@@ -601,6 +621,7 @@ function runTask(task: TaskMessage): void {
       current.argumentsMs = performance.now() - started;
       outcome = invoke(task, system, args);
     }
+    if (task.stream) outcome = isThenable(outcome) ? Promise.resolve(outcome).then((made) => produce(task, made)) : produce(task, outcome);
   } catch (error) {
     finishTask(task, system, started, true, error);
     return;
@@ -645,6 +666,9 @@ function finishTask(task: TaskMessage, system: unknown, started: number, failed:
       runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(outcome), ...(lostArgument ? { lostArgument } : {}) });
     } else {
       const result = outcome;
+      if (isGeneratorObject(result)) {
+        throw new TypeError(`${task.name} returned a generator, but was called as a plain function: declare it function* or async function* (its callers then get an ObjectRefGenerator), rather than returning one`);
+      }
       const kept = task.tensorTransport && task.tensorTransport !== 'store' && !system ? holdResult(task.returnId, result, task.tensorTransport) : undefined;
       if (kept) runtime.send({ t: 'done', taskId: task.taskId, value: { inline: pack(null) }, nested: kept.nested.length > 0 ? kept.nested : undefined, held: { transport: task.tensorTransport!, meta: kept.meta } });
       else sendResult(task.taskId, task.returnId, result);
@@ -657,6 +681,122 @@ function finishTask(task: TaskMessage, system: unknown, started: number, failed:
     collector.taskEnded();
     if (runtime.queue.length > 0 && performance.now() - started >= FLUSH_AFTER_MS) runtime.flush();
     pump();
+  }
+}
+
+/** A streaming call running here: how many items its caller took, and how to wake or stop it. */
+interface Production {
+  taken: number;
+  stopped: boolean;
+  wake?: () => void;
+}
+
+const productions = new Map<string, Production>();
+/** Streaming calls told to stop while still queued here. */
+const stopsBeforeStart = new Set<string>();
+/** How long items may wait in the connection's buffer while a generator runs without pause. */
+const ITEM_FLUSH_MS = 1;
+
+/**
+ * Runs a streaming call's generator: each item is stored (or kept inline) and reported as it comes,
+ * then the call's result is their count. A retry skips the items its caller already has; the
+ * generator pauses while it is `backpressure` items ahead of its caller, and is closed (its
+ * finally blocks run) when the caller lets go.
+ */
+async function produce(task: TaskMessage, made: unknown): Promise<number> {
+  const spec = task.stream!;
+  const iterator = iteratorOf(made, task.name);
+  const production: Production = { taken: spec.taken, stopped: stopsBeforeStart.delete(task.taskId) };
+  productions.set(task.taskId, production);
+  let index = 0;
+  let flushed = performance.now();
+  try {
+    for (;;) {
+      if (production.stopped) {
+        await iterator.return?.(undefined);
+        break;
+      }
+      const step = await iterator.next();
+      if (step.done) break;
+      if (index >= spec.skip) {
+        try {
+          // A synchronous generator's items may be promises, as for await reads them.
+          sendItem(task, index, isThenable(step.value) ? await step.value : step.value);
+        } catch (error) {
+          // An item that cannot be sent ends the call: the generator's finally blocks still run.
+          await Promise.resolve(iterator.return?.(undefined)).catch(() => undefined);
+          throw error;
+        }
+      }
+      index++;
+      // Items leave at the end of the loop's turn; a generator that never yields the loop (a
+      // synchronous one) would otherwise hold them all back.
+      if (performance.now() - flushed >= ITEM_FLUSH_MS) {
+        runtime.flush();
+        flushed = performance.now();
+      }
+      if (spec.backpressure !== undefined && index - production.taken >= spec.backpressure && !production.stopped) {
+        runtime.flush();
+        while (index - production.taken >= spec.backpressure && !production.stopped) {
+          await new Promise<void>((resolve) => {
+            production.wake = resolve;
+          });
+          production.wake = undefined;
+        }
+      }
+    }
+  } finally {
+    productions.delete(task.taskId);
+  }
+  return index;
+}
+
+function iteratorOf(made: unknown, name: string): Iterator<unknown> | AsyncIterator<unknown> {
+  const target = made as { [Symbol.asyncIterator]?: () => AsyncIterator<unknown>; [Symbol.iterator]?: () => Iterator<unknown> } | null | undefined;
+  if (typeof target?.[Symbol.asyncIterator] === 'function') return target[Symbol.asyncIterator]!();
+  if (typeof target?.[Symbol.iterator] === 'function' && typeof made !== 'string') return target[Symbol.iterator]!();
+  throw new TypeError(`${name} was called as a generator but returned ${made === null ? 'null' : typeof made}, which yields nothing`);
+}
+
+function isGeneratorObject(value: unknown): boolean {
+  const tag = Object.prototype.toString.call(value);
+  return tag === '[object Generator]' || tag === '[object AsyncGenerator]';
+}
+
+/** Item `index` of a streaming call: inline, or stored under its item id; then reported. */
+function sendItem(task: TaskMessage, index: number, value: unknown): void {
+  const encoded = encodeValue(value);
+  const nested = encoded.nested.length > 0 ? { nested: encoded.nested } : {};
+  if ('inline' in encoded) {
+    runtime.send({ t: 'yield', taskId: task.taskId, index, value: { inline: encoded.inline }, ...nested });
+    return;
+  }
+  // Under the next id of this worker's puts (see the driver's #onYield), reported before another.
+  const id = sequentialObjectId(putIds, storedPuts);
+  putStored(store, id, encoded.stored);
+  storedPuts++;
+  runtime.send({ t: 'yield', taskId: task.taskId, index, value: { node: nodeId, id }, ...nested, size: encoded.stored.payload.byteLength });
+}
+
+function onStreamTaken(taskId: string, taken: number): void {
+  const production = productions.get(taskId);
+  if (!production) return;
+  production.taken = Math.max(production.taken, taken);
+  production.wake?.();
+}
+
+function onStreamStop(taskId: string): void {
+  const production = productions.get(taskId);
+  if (production) {
+    production.stopped = true;
+    production.wake?.();
+    return;
+  }
+  for (const queued of runtime.queue) {
+    if (queued.taskId === taskId) {
+      stopsBeforeStart.add(taskId);
+      return;
+    }
   }
 }
 
@@ -766,6 +906,12 @@ const connection = new FrameConnection<DriverMessage, WorkerMessage>(
         return;
       case 'exporter-gone':
         closeMappingsOfExporter(message.processId);
+        return;
+      case 'stream-taken':
+        onStreamTaken(message.taskId, message.taken);
+        return;
+      case 'stream-stop':
+        onStreamStop(message.taskId);
         return;
       case 'exit':
         process.exit(0);
