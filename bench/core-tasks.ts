@@ -13,6 +13,10 @@ export class Sink {
   async pingAsync() {
     return ++this.calls;
   }
+  /** A streaming call: `count` items, each what a ping would return. */
+  *pings(count: number) {
+    for (let i = 0; i < count; i++) yield ++this.calls;
+  }
 }
 export const RemoteSink = remote(import.meta, Sink);
 

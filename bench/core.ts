@@ -50,6 +50,7 @@ export const coreSuite: Suite = {
     ['tasks async / piscina', 'single_client_tasks_async', 'piscina_tasks_async', '>= 0.6'],
     ['worker start / bare Node.js process', 'worker_start_ms', 'node_process_start_ms', ''],
     ['init / bare Node.js process', 'init_ms', 'node_process_start_ms', ''],
+    ['streamed items / async actor calls', '1_1_actor_streamed_items', '1_1_actor_calls_async', '>= 1'],
   ],
   async run(): Promise<Results> {
     const results: Results = {};
@@ -92,6 +93,10 @@ export const coreSuite: Suite = {
       }));
       perSecond('1_1_actor_calls_async', await rate(20_000, async () => {
         await get(Array.from({ length: 20_000 }, () => sink.ping.remote()));
+      }));
+      // The same values as the calls above, yielded by one streaming call and read one by one.
+      perSecond('1_1_actor_streamed_items', await rate(20_000, async () => {
+        for await (const value of sink.pings.remote(20_000).values()) if (value < 0) throw new Error('unreachable');
       }));
       const concurrent = RemoteSink.options({ maxConcurrency: 16 }).remote();
       perSecond('1_1_actor_calls_concurrent', await rate(20_000, async () => {

@@ -106,7 +106,7 @@ export type { JobProgress, OperatorProgress, ProgressReporter } from './data/pro
 export { DataError, DataStallError } from './errors.js';
 export { ModelLoadError, GrammarError } from './errors.js';
 export { ModelReplica } from './llm/replica.js';
-export type { ModelReplicaOptions, GenerateRequest, Generation, ReplicaStats, EmbedRequest, Embedding, ClassifyRequest, Classification } from './llm/replica.js';
+export type { ModelReplicaOptions, GenerateRequest, Generation, GeneratedToken, ReplicaStats, EmbedRequest, Embedding, ClassifyRequest, Classification } from './llm/replica.js';
 export { buildLLMProcessor, LLMEngine } from './llm/processor.js';
 export type { LLMProcessorOptions } from './llm/processor.js';
 export { DecoderShard } from './llm/shard.js';

@@ -694,8 +694,6 @@ interface Production {
 const productions = new Map<string, Production>();
 /** Streaming calls told to stop while still queued here. */
 const stopsBeforeStart = new Set<string>();
-/** How long items may wait in the connection's buffer while a generator runs without pause. */
-const ITEM_FLUSH_MS = 1;
 
 /**
  * Runs a streaming call's generator: each item is stored (or kept inline) and reported as it comes,
@@ -709,7 +707,6 @@ async function produce(task: TaskMessage, made: unknown): Promise<number> {
   const production: Production = { taken: spec.taken, stopped: stopsBeforeStart.delete(task.taskId) };
   productions.set(task.taskId, production);
   let index = 0;
-  let flushed = performance.now();
   try {
     for (;;) {
       if (production.stopped) {
@@ -722,6 +719,10 @@ async function produce(task: TaskMessage, made: unknown): Promise<number> {
         try {
           // A synchronous generator's items may be promises, as for await reads them.
           sendItem(task, index, isThenable(step.value) ? await step.value : step.value);
+          // Each item leaves as it is yielded: left for the end of the loop's turn, a generator
+          // that never yields the loop (a synchronous one) would hold them all back, and a
+          // process that dies would lose them.
+          runtime.flush();
         } catch (error) {
           // An item that cannot be sent ends the call: the generator's finally blocks still run.
           await Promise.resolve(iterator.return?.(undefined)).catch(() => undefined);
@@ -729,14 +730,7 @@ async function produce(task: TaskMessage, made: unknown): Promise<number> {
         }
       }
       index++;
-      // Items leave at the end of the loop's turn; a generator that never yields the loop (a
-      // synchronous one) would otherwise hold them all back.
-      if (performance.now() - flushed >= ITEM_FLUSH_MS) {
-        runtime.flush();
-        flushed = performance.now();
-      }
       if (spec.backpressure !== undefined && index - production.taken >= spec.backpressure && !production.stopped) {
-        runtime.flush();
         while (index - production.taken >= spec.backpressure && !production.stopped) {
           await new Promise<void>((resolve) => {
             production.wake = resolve;

@@ -194,6 +194,17 @@ export interface Generation {
   topLogprobs?: Array<Array<{ token: number; logprob: number }>>;
 }
 
+/** One token of a streamed generation (see ModelReplica.stream). */
+export interface GeneratedToken {
+  token: number;
+  /** Its place among the generated tokens (0 for the first). */
+  index: number;
+  /** With `logprobs: true`: its log-probability, as Generation.logprobs has it. */
+  logprob?: number;
+  /** On the last token only: why the generation ended. */
+  finishReason?: Generation['finishReason'];
+}
+
 export interface EmbedRequest {
   /** The text's token ids. */
   tokens: ArrayLike<number>;
@@ -312,6 +323,10 @@ interface Sequence {
   proposalPause?: number;
   finish: (generation: Generation, embedding?: Float32Array) => void;
   fail: (error: Error) => void;
+  /** A streamed generation's token taken in (see stream()): its log-probability, and why it ended if it did. */
+  onToken?: (token: number, logprob: number | undefined, finishReason: Generation['finishReason'] | undefined) => void;
+  /** Its stream's reader let go: it ends at its next token. */
+  abandoned?: boolean;
 }
 
 /** How much one step may carry, and how many steps run at once. */
@@ -615,21 +630,91 @@ export class ModelReplica {
 
   /** Generates for every request; resolves in the requests' order once all are done. */
   generate(requests: GenerateRequest[]): Promise<Generation[]> {
-    if (!Array.isArray(requests)) return Promise.reject(new InvalidArgumentError('generate() takes an array of requests'));
-    if (!this.hasLanguageHead) {
-      return Promise.reject(new InvalidArgumentError('the checkpoint has no language-model head (no lm_head.weight, and its embeddings are not tied): it can embed and classify, not generate', 'ERR_NO_LM_HEAD'));
-    }
-    if (this.#broken) return Promise.reject(this.#broken);
-    if (this.#closed) return Promise.reject(new TrellisError('ERR_REPLICA_CLOSED', 'the model replica is closed'));
-    let sequences: Array<Omit<Sequence, 'finish' | 'fail'>>;
     try {
-      sequences = requests.map((request, index) => this.#checkRequest(request, index));
+      return Promise.all(this.#startGenerating(requests).map((started) => started.done));
     } catch (error) {
       return Promise.reject(error);
     }
-    const done = sequences.map((sequence) => new Promise<Generation>((finish, fail) => this.#waiting.push({ ...sequence, finish, fail })));
+  }
+
+  /**
+   * Generates for one request, yielding each token as the step that made it ends (a chat reply
+   * streamed as it is written); the last says why the generation ended. Continuous batching goes
+   * on as for generate(): the request shares steps with every other. A reader that stops early
+   * (break, return()) ends the sequence at its next token, or before it starts if it still waits,
+   * and frees its cache. Hosted in an actor, an async generator method forwards it to callers in
+   * other processes: `async *reply(request) { yield* this.replica.stream(request); }`.
+   */
+  async *stream(request: GenerateRequest): AsyncGenerator<GeneratedToken, void, undefined> {
+    const tokens: GeneratedToken[] = [];
+    let wake: (() => void) | undefined;
+    let outcome: { error?: Error } | undefined;
+    const [started] = this.#startGenerating([request], (token, logprob, finishReason) => {
+      tokens.push({ token, index: started.sequence.generated.length - 1, ...(logprob !== undefined ? { logprob } : {}), ...(finishReason ? { finishReason } : {}) });
+      wake?.();
+    });
+    started.done.then(
+      () => {
+        outcome = {};
+        wake?.();
+      },
+      (error: Error) => {
+        outcome = { error };
+        wake?.();
+      },
+    );
+    try {
+      for (;;) {
+        const next = tokens.shift();
+        if (next) {
+          yield next;
+          continue;
+        }
+        if (outcome?.error) throw outcome.error;
+        if (outcome) return;
+        await new Promise<void>((resolve) => {
+          wake = resolve;
+        });
+        wake = undefined;
+      }
+    } finally {
+      if (!outcome) this.#abandon(started.sequence);
+    }
+  }
+
+  /** Checks and queues requests; each one's sequence and the promise of its generation. */
+  #startGenerating(requests: GenerateRequest[], onToken?: Sequence['onToken']): Array<{ sequence: Sequence; done: Promise<Generation> }> {
+    if (!Array.isArray(requests)) throw new InvalidArgumentError('generate() takes an array of requests');
+    if (!this.hasLanguageHead) {
+      throw new InvalidArgumentError('the checkpoint has no language-model head (no lm_head.weight, and its embeddings are not tied): it can embed and classify, not generate', 'ERR_NO_LM_HEAD');
+    }
+    if (this.#broken) throw this.#broken;
+    if (this.#closed) throw new TrellisError('ERR_REPLICA_CLOSED', 'the model replica is closed');
+    const checked = requests.map((request, index) => this.#checkRequest(request, index));
+    const started = checked.map((fields) => {
+      let sequence!: Sequence;
+      const done = new Promise<Generation>((finish, fail) => {
+        sequence = { ...fields, finish, fail, ...(onToken ? { onToken } : {}) };
+        this.#waiting.push(sequence);
+      });
+      return { sequence, done };
+    });
     this.#pump();
-    return Promise.all(done);
+    return started;
+  }
+
+  /**
+   * A streamed generation's reader let go: one still waiting to start leaves the queue; one that
+   * started ends at its next token (a step may be making it now).
+   */
+  #abandon(sequence: Sequence): void {
+    const waiting = this.#waiting.indexOf(sequence);
+    if (waiting >= 0 && !sequence.promptCounted && sequence.past === 0 && !sequence.inFlight) {
+      this.#waiting.splice(waiting, 1);
+      sequence.finish({ tokens: sequence.generated, finishReason: 'stop', promptTokens: sequence.prompt.length });
+      return;
+    }
+    sequence.abandoned = true;
   }
 
   /**
@@ -1020,13 +1105,14 @@ export class ModelReplica {
         sequence.allowed = allowed;
       }
       const mayStop = sequence.generated.length >= sequence.minNewTokens;
-      reason = complete || (mayStop && (sequence.stopTokens.has(token) || sequence.stop?.(sequence.generated))) ? 'stop' : sequence.generated.length >= sequence.maxNewTokens ? 'length' : total >= this.config.maxPositions ? 'max-positions' : undefined;
+      reason = sequence.abandoned || complete || (mayStop && (sequence.stopTokens.has(token) || sequence.stop?.(sequence.generated))) ? 'stop' : sequence.generated.length >= sequence.maxNewTokens ? 'length' : total >= this.config.maxPositions ? 'max-positions' : undefined;
     } catch (error) {
       // A stop or constraint function that throws (or allows nothing valid) ends its own request with the error, not the replica.
       this.#end(sequence);
       sequence.fail(error as Error);
       return true;
     }
+    sequence.onToken?.(token, sequence.logprobs?.[sequence.logprobs.length - 1], reason);
     if (reason) {
       this.#end(sequence);
       sequence.finish({

@@ -13,6 +13,8 @@ import {
   RegistrationError,
   TaskCancelledError,
   TaskError,
+  WorkerCrashedError,
+  ActorDiedError,
   cancel,
   get,
   init,
@@ -20,7 +22,7 @@ import {
   shutdown,
   state,
 } from '../../lib/index.js';
-import { RemoteSpeaker, blocks, count, dieMidway, failAfter, firstOf, returnsGenerator, sumOfCount, ticker } from './fixtures/streaming.js';
+import { RemoteSpeaker, blocks, count, dieMidway, failAfter, firstOf, returnsGenerator, slowReader, sumOfCount, ticker } from './fixtures/streaming.js';
 import { rejection, scratch, until } from './helpers.js';
 
 const files = scratch();
@@ -179,6 +181,18 @@ describe('generator functions', () => {
     expect(await get(sumOfCount.remote(100))).toBe(4950);
     expect(await get(firstOf.remote(1000, 3))).toEqual([0, 1, 2]);
   });
+
+  it('stops the generator when a caller inside a worker dies mid-read', async () => {
+    const progress = files.path('progress');
+    const closed = files.path('closed');
+    const log = files.path('log');
+    const reader = slowReader.options({ maxRetries: 0 }).remote(progress, closed, log);
+    await until(() => read(log).split('\n').length > 3, 'the reader to take a few items');
+    process.kill(Number(read(`${log}.pid`)), 'SIGKILL');
+    expect(await rejection(get(reader))).toBeInstanceOf(WorkerCrashedError);
+    // Its handle on the stream went with it: the generator is closed, not left running.
+    await until(() => existsSync(closed), 'the generator to be closed');
+  });
 });
 
 describe('generator methods', () => {
@@ -194,6 +208,18 @@ describe('generator methods', () => {
     expect(await get(said)).toBe(4);
     expect(await collect(speaker.letters.remote('abc'))).toEqual(['a', 'b', 'c']);
     expect(() => speaker.words.bind('x')).toThrow(RegistrationError);
+  });
+
+  it('gives the words said before an actor died, then ActorDiedError', async () => {
+    const speaker = RemoteSpeaker.remote(files.path('log'));
+    const words: string[] = [];
+    const error = await rejection(
+      (async () => {
+        for await (const word of speaker.lastWords.remote(3).values()) words.push(word);
+      })(),
+    );
+    expect(words).toEqual(['word 0', 'word 1', 'word 2']);
+    expect(error).toBeInstanceOf(ActorDiedError);
   });
 });
 
