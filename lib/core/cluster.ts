@@ -89,6 +89,8 @@ interface ObjectRecord {
   lineage?: TaskRecord;
   /** The task that put it while running: a rerun of the task puts it again under this id. */
   madeBy?: TaskRecord;
+  /** The streaming call that yielded it (its name; the call is not kept to make it again). */
+  yieldedBy?: string;
   /**
    * Lineages that can rerun with this as an argument. The value itself is kept only while real
    * holds remain (or where it could not be made again); then just the record, to recompute from.
@@ -730,6 +732,12 @@ export class Cluster implements Runtime {
       if (!task || task.actorId) continue;
       task.worker = undefined;
       if (task.cancelled) continue;
+      if (task.stream?.closed) {
+        // Its caller let go: nothing would take what a retry yields.
+        task.cancelled = true;
+        this.#failTask(task, new TaskCancelledError(`${task.name}: its caller stopped reading before its worker died`));
+        continue;
+      }
       if (task.attempts <= task.maxRetries) {
         task.state = 'queued';
         this.#counters.tasksRetried++;
@@ -853,9 +861,9 @@ export class Cluster implements Runtime {
             reply({ error: serializeError(error as Error) });
             return;
           }
-          // The stream's hold on the item becomes the worker's handle.
+          // The stream's hold on the item becomes the worker's handle (a worker gone meanwhile holds nothing).
           if (item !== undefined) {
-            this.#addWorkerHold(worker, item);
+            if (!worker.exited) this.#addWorkerHold(worker, item);
             this.#dropHold(item);
           }
           reply(item ?? null);
@@ -2047,7 +2055,9 @@ export class Cluster implements Runtime {
     }
     const id = 'node' in value ? value.id : newObjectId();
     // The stream's hold, passed to the caller's ref when taken.
-    this.#objects.set(id, this.#newRecord(id, 1));
+    const record = this.#newRecord(id, 1);
+    record.yieldedBy = task.name;
+    this.#objects.set(id, record);
     this.#resolveObject(id, value, message.nested, message.size ?? ('inline' in value ? value.inline.byteLength : 0));
     stream.items.push(id);
     this.#wakeStream(stream);
@@ -2906,7 +2916,7 @@ export class Cluster implements Runtime {
         where,
         nodes: [...record.nodes],
         references: record.holds,
-        ...(madeBy ? { madeBy: madeBy.name } : {}),
+        ...(madeBy ? { madeBy: madeBy.name } : record.yieldedBy ? { madeBy: record.yieldedBy } : {}),
         pinnedBy: pinsOf.get(record.id) ?? [],
       };
     });
@@ -3162,7 +3172,7 @@ export interface ObjectMemoryEntry {
   nodes: string[];
   /** Handles that keep it: refs in the driver and workers, pending tasks' arguments, containing objects. */
   references: number;
-  /** The task that returned or put it; absent for the driver's puts. */
+  /** The task that returned, put or yielded it; absent for the driver's puts. */
   madeBy?: string;
   pinnedBy: ObjectPin[];
 }
@@ -3265,12 +3275,12 @@ function lostWhere(record: ObjectRecord): string {
   return record.lostWith ? `was lost with node ${record.lostWith}, which left the cluster holding its only copy` : 'was lost from the object store';
 }
 
-/** The store id of a stored value: its own id, or the id it was materialized under. */
 /** What a streaming call's next attempt is told: what to skip, what was taken, how far ahead it may go. */
 function streamSpec(stream: StreamRecord): StreamSpec {
   return { skip: stream.items.length, taken: stream.taken, ...(stream.backpressure !== Infinity ? { backpressure: stream.backpressure } : {}) };
 }
 
+/** The store id of a stored value: its own id, or the id it was materialized under. */
 function storedIdOf(record: ObjectRecord): string {
   return record.value && 'node' in record.value ? record.value.id : record.id;
 }

@@ -757,7 +757,7 @@ function isGeneratorObject(value: unknown): boolean {
   return tag === '[object Generator]' || tag === '[object AsyncGenerator]';
 }
 
-/** Item `index` of a streaming call: inline, or stored under its item id; then reported. */
+/** Item `index` of a streaming call: inline, or stored under the next id of this worker's puts; then reported. */
 function sendItem(task: TaskMessage, index: number, value: unknown): void {
   const encoded = encodeValue(value);
   const nested = encoded.nested.length > 0 ? { nested: encoded.nested } : {};

@@ -157,6 +157,9 @@ describe('generator functions', () => {
     const stream = blocks.options({ generatorBackpressure: 4 }).remote(8, 1 << 20);
     const first = (await stream.next()).value!;
     const second = (await stream.next()).value!;
+    // The memory summary names the call that yielded them.
+    const items = (await memorySummary()).objects.filter((object) => object.objectId === first.id || object.objectId === second.id);
+    expect(items.map((item) => [item.madeBy, item.where, item.size])).toEqual([['blocks', 'store', 1 << 20], ['blocks', 'store', 1 << 20]]);
     // Stored items wait in the store for their caller (up to the backpressure's four ahead).
     await until(() => used() >= 4 << 20, 'the items ahead of the caller to be stored');
     expect(await get(first, { timeout: 10_000 })).toHaveLength(1 << 17);
