@@ -6,7 +6,8 @@
  * operator, and a failure anywhere stops the whole job and releases everything it held.
  */
 import { events, get, isInitialized, state } from '../core/api.js';
-import { DataError, DataStallError, InvalidArgumentError } from '../errors.js';
+import { DataError, DataStallError, InvalidArgumentError, TrellisError } from '../errors.js';
+import { hasRuntime } from '../core/runtime-context.js';
 import { Deque } from '../core/deque.js';
 import type { InputBlock, PhysicalOperatorSpec, ComputeOptions } from './plan.js';
 import { createProgressReporter, type ProgressOption } from './progress.js';
@@ -402,6 +403,11 @@ export class StreamingExecutor {
 
   #tick(): void {
     if (this.#finished) return;
+    if (!hasRuntime()) {
+      // shutdown() came while the job ran: it fails, rather than its timers throwing where nothing catches.
+      this.fail(new TrellisError('ERR_SHUTDOWN', 'trellis was shut down while the dataset job ran'));
+      return;
+    }
     for (const operator of this.operators) operator.autoscale();
     this.schedule();
     this.#reporter?.update(this.snapshot());

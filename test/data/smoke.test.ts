@@ -1,6 +1,9 @@
-import { afterAll, beforeAll, expect, it, onTestFinished } from 'vitest';
-import { init, shutdown, range, fromItems, readDatasource } from '../../lib/index.js';
-import { double, isEven, addColumn, Scaler, NumbersSource } from './fixtures/udfs.js';
+import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vitest';
+import { readdirSync } from 'node:fs';
+import { basename, dirname } from 'node:path';
+import { init, shutdown, range, fromItems, readDatasource, TrellisError } from '../../lib/index.js';
+import { double, isEven, addColumn, Scaler, NumbersSource, GatedModel } from './fixtures/udfs.js';
+import { rejection, scratch, until } from '../core/helpers.js';
 
 beforeAll(async () => { await init({ numCpus: 2 }); });
 afterAll(async () => { await shutdown(); });
@@ -45,4 +48,25 @@ it('round-trips files through the cluster', async () => {
     expect(rows.length).toBe(1000);
     expect(rows.map((row) => Number(row.doubled)).sort((a, b) => a - b)[999]).toBe(1998);
   }
+});
+
+// Last: it shuts the suite's cluster down, and starts and shuts down one of its own under a running job.
+describe('a cluster shut down while a job runs', () => {
+  it('fails the job with a TrellisError', async () => {
+    const files = scratch();
+    try {
+      await shutdown();
+      await init({ numCpus: 1 });
+      const gate = files.path('gate');
+      const rows = Array.from({ length: 40 }, (_, id) => ({ id }));
+      const job = fromItems(rows, { parallelism: 4 }).mapBatches(GatedModel, { concurrency: [1, 3], batchSize: 10, fnArgs: [gate] }).takeAll();
+      job.catch(() => undefined);
+      await until(() => readdirSync(dirname(gate)).some((name) => name.startsWith(`${basename(gate)}.started.`)), 'a batch to start');
+      await shutdown();
+      const error = await rejection(job);
+      expect(error).toBeInstanceOf(TrellisError);
+    } finally {
+      files.cleanup();
+    }
+  });
 });

@@ -3,7 +3,7 @@ import { askForRoom, get, kill, state } from '../../core/api.js';
 import type { ElasticAsk } from '../../core/broker-client.js';
 import { ObjectRef } from '../../core/object-ref.js';
 import { actorHandleInfo, type ActorHandle } from '../../core/registry.js';
-import { currentRuntime } from '../../core/runtime-context.js';
+import { currentRuntime, hasRuntime } from '../../core/runtime-context.js';
 import { ActorDiedError, DataError, TaskError } from '../../errors.js';
 import { Deque } from '../../core/deque.js';
 import type { Block } from '../block.js';
@@ -204,6 +204,8 @@ export class ActorMapOperator extends Operator {
 
   /** Whether the actor has a node yet (undefined where the runtime cannot tell). */
   #placed(actor: PoolActor): boolean | undefined {
+    // After shutdown() nothing is placed any more; the job fails at its executor's next tick.
+    if (!hasRuntime()) return undefined;
     const runtime = currentRuntime();
     if (!runtime.actorNode) return undefined;
     return runtime.actorNode(actorHandleInfo(actor.handle)!.actorId) !== undefined;
@@ -211,6 +213,7 @@ export class ActorMapOperator extends Operator {
 
   /** Whether the actor's node is being taken out of scheduling: it gets no new batches. */
   #leaving(actor: PoolActor): boolean {
+    if (!hasRuntime()) return false;
     const runtime = currentRuntime();
     if (!runtime.actorNode || !runtime.nodeDraining) return false;
     const node = runtime.actorNode(actorHandleInfo(actor.handle)!.actorId);
