@@ -28,6 +28,21 @@ interface ChildDriver {
   next(event: string, after?: number): Promise<Record<string, any>>;
 }
 
+
+/**
+ * `until` with a guard below the test's timeout, whose failure says where the cluster stood (the
+ * broker's view, actors, tasks): a pool that never grew fails with what it was waiting for.
+ */
+async function untilExplained(condition: () => boolean, what: string, extra: () => Record<string, unknown>): Promise<void> {
+  try {
+    await until(condition, what, 45_000);
+  } catch (error) {
+    const now = state();
+    const actors = now.actors.map((actor) => `${actor.className}:${actor.state}${actor.nodeId ? `@${actor.nodeId}` : ''}`);
+    throw new Error(`${(error as Error).message}; ${JSON.stringify({ ...extra(), broker: now.broker, nodes: now.nodes.length, tasks: now.tasks, actors })}`);
+  }
+}
+
 describe('shared cluster', () => {
   let broker: Broker;
   let address: string;
@@ -194,7 +209,7 @@ describe('shared cluster', () => {
       // The other job ends: its CPUs are lent to this one, and the pool grows onto them.
       holder.send('exit');
       // Each actor holding a batch, not only placed (one still importing its class takes none yet).
-      await until(() => readdirSync(busy).length === 3, 'the pool to grow to three busy actors', 60_000);
+      await untilExplained(() => readdirSync(busy).length === 3, 'the pool to grow to three busy actors', () => ({ busy: readdirSync(busy).length }));
       openGate(gate);
       const rows = await job;
       expect(rows.map((row) => row.item).sort((a, b) => (a as number) - (b as number))).toEqual(items);
@@ -217,7 +232,7 @@ describe('shared cluster', () => {
       job.catch(() => undefined);
       // One CPU was asked at init; the pool's queued work asks for two more, one per actor it may
       // add. Each actor holds a batch (placed is not enough: one still importing takes none yet).
-      await until(() => readdirSync(busy).length === 3, 'the pool to grow onto the room it asked for', 60_000);
+      await untilExplained(() => readdirSync(busy).length === 3, 'the pool to grow onto the room it asked for', () => ({ busy: readdirSync(busy).length }));
       expect(state().broker).toMatchObject({ bundles: 3, lent: 3 });
       expect((await status()).drivers[0]).toMatchObject({ bundles: 3, granted: 3, borrowed: 2 });
       const text = await run([...trellisCli, 'status', '--broker', address, '--token', TOKEN]);
