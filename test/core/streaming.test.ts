@@ -4,6 +4,8 @@
  * cancellation, retries after a worker's death, callers inside workers, and bad input.
  */
 import { existsSync, readFileSync } from 'node:fs';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { afterAll, beforeAll, describe, expect, expectTypeOf, it } from 'vitest';
 import {
   GetTimeoutError,
@@ -26,6 +28,8 @@ import { RemoteSpeaker, blocks, count, dieMidway, failAfter, firstOf, returnsGen
 import { rejection, scratch, until } from './helpers.js';
 
 const files = scratch();
+setFlagsFromString('--expose-gc');
+const collectGarbage = runInNewContext('gc') as () => void;
 
 beforeAll(async () => {
   await init({ numCpus: 2 });
@@ -108,6 +112,18 @@ describe('generator functions', () => {
     await until(() => existsSync(closed), 'the generator to be closed');
     // The task is done: nothing keeps running or waiting for the stream.
     await until(() => (state().tasks.running ?? 0) === 0, 'the task to finish');
+  });
+
+  it('closes the generator once its caller drops it unread and it is collected', async () => {
+    const progress = files.path('progress');
+    const closed = files.path('closed');
+    // No reference kept: only collection can tell the driver the caller is gone.
+    ticker.remote(progress, closed, 5);
+    await until(() => read(progress) !== '', 'the generator to start');
+    await until(() => {
+      collectGarbage();
+      return existsSync(closed);
+    }, 'the dropped generator to be closed');
   });
 
   it('pauses a generator that is generatorBackpressure items ahead of its caller', async () => {
