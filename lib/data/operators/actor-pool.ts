@@ -18,7 +18,13 @@ interface PoolActor {
   state: 'starting' | 'ready' | 'stopping';
   inflight: number;
   idleSince: number;
+  /** When it was added, and whether it has a node yet (unknown where the runtime cannot tell). */
+  added: number;
+  placed?: boolean;
 }
+
+/** How long an actor may wait for a node before the pool asks a shared cluster for room for it. */
+const UNPLACED_ASK_MS = 1000;
 
 /** A class stage on an autoscaling pool of actors, each built once (its model loaded once). */
 export class ActorMapOperator extends Operator {
@@ -114,7 +120,7 @@ export class ActorMapOperator extends Operator {
       maxConcurrency: this.pool.maxConcurrency,
       ...(compute.runtimeEnv ? { runtimeEnv: compute.runtimeEnv } : {}),
     }).remote();
-    const actor: PoolActor = { handle, state: 'starting', inflight: 0, idleSince: Date.now() };
+    const actor: PoolActor = { handle, state: 'starting', inflight: 0, idleSince: Date.now(), added: Date.now() };
     this.#actors.add(actor);
     const startRef = handle.start.remote(this.spec.classStage, this.spec.following);
     const started = get(startRef).finally(() => startRef[Symbol.dispose]());
@@ -128,6 +134,7 @@ export class ActorMapOperator extends Operator {
       let placedAt: number | undefined;
       const check = () => {
         const placed = this.#placed(actor);
+        actor.placed = placed;
         if (placedAt === undefined && placed !== false) placedAt = placed === undefined ? created : Date.now();
         const left = placedAt === undefined ? Math.min(100, limit) : placedAt + limit - Date.now();
         if (left <= 0) {
@@ -397,6 +404,11 @@ export class ActorMapOperator extends Operator {
       for (let i = total; i < minimum; i++) this.#addActor();
       return;
     }
+    // An actor added on resources that looked free can find them taken meanwhile (by tasks): on a
+    // shared cluster it would wait for a node for good, the pool adding nothing while it does, so
+    // one left unplaced for a while asks for room as a queued actor would.
+    const unplaced = [...this.#actors].filter((actor) => actor.state === 'starting' && actor.placed === false && now - actor.added >= UNPLACED_ASK_MS).length;
+    if (unplaced > 0) this.#askForRoom(total - unplaced, unplaced, false);
     const waiting = this.hasWork() && !this.#freeActor();
     if (waiting && pending === 0 && total < Math.min(this.pool.max, this.#actorCap())) {
       // Resources are read at most every 200 ms: state() walks the whole cluster (and the store).
@@ -424,7 +436,7 @@ export class ActorMapOperator extends Operator {
    * On a shared cluster, asks the broker for a bundle per actor the pool may still add and its
    * queued work could use, less the asks not here yet (see ClusterOptions.autoscale).
    */
-  #askForRoom(total: number, needed?: number): boolean {
+  #askForRoom(total: number, needed?: number, fatal = true): boolean {
     for (const ask of [...this.#asks]) if (ask.settled) this.#asks.delete(ask);
     const usable = needed ?? Math.ceil(this.queuedUnits / this.pool.maxTasksInFlightPerActor);
     const wanted = Math.min(this.pool.max - total, usable) - this.#asks.size;
@@ -435,7 +447,7 @@ export class ActorMapOperator extends Operator {
       const ask = askForRoom(bundle);
       if (!ask) return false;
       this.#asks.add(ask);
-      if (needed !== undefined) this.#minimumAsks.add(ask);
+      if (needed !== undefined && fatal) this.#minimumAsks.add(ask);
     }
     return true;
   }
