@@ -730,13 +730,11 @@ async function produce(task: TaskMessage, made: unknown): Promise<number> {
         }
       }
       index++;
-      if (spec.backpressure !== undefined && index - production.taken >= spec.backpressure && !production.stopped) {
-        while (index - production.taken >= spec.backpressure && !production.stopped) {
-          await new Promise<void>((resolve) => {
-            production.wake = resolve;
-          });
-          production.wake = undefined;
-        }
+      while (spec.backpressure !== undefined && index - production.taken >= spec.backpressure && !production.stopped) {
+        await new Promise<void>((resolve) => {
+          production.wake = resolve;
+        });
+        production.wake = undefined;
       }
     }
   } finally {
