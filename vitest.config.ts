@@ -28,6 +28,8 @@ export default defineConfig({
   ],
   test: {
     include: ['test/**/*.test.ts'],
+    // Workers import compiled twins of the tests' TypeScript, written here (see test/twins.ts).
+    globalSetup: ['test/twins.ts'],
     // Two files at a time. A file rarely keeps both cores busy (it waits on worker start-up, on
     // sockets and on timers), so a second one fills the gaps: on 2 cores the suite takes about
     // three quarters of its serial time. Not more: each file starts processes of its own, and

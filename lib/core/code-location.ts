@@ -9,6 +9,7 @@
  *   and a worker there maps the driver's root to where its copy was unpacked.
  */
 import { extname } from 'node:path';
+import { twinSource } from './worker-loader.js';
 
 const libraryRoot = new URL('..', import.meta.url).href;
 /** '.ts' where trellis runs from its sources, '.js' where it runs built. */
@@ -26,6 +27,8 @@ export function mapWorkingDirectory(canonical?: string, local?: string): void {
 
 /** The name a module's URL goes by in descriptors (what every host reads the same way). */
 export function canonicalModule(url: string): string {
+  // A compiled twin (worker-loader.ts) goes by its source's name, which the driver ran.
+  url = twinSource(url) ?? url;
   if (url.startsWith(libraryRoot)) {
     const path = url.slice(libraryRoot.length);
     const extension = extname(path);

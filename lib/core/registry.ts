@@ -11,7 +11,7 @@ import type { FunctionDescriptor } from './protocol.js';
 import { currentRuntime, hasRuntime } from './runtime-context.js';
 import { ClassMethodNode } from '../dag/nodes.js';
 import { canonicalModule, isLibraryModule, localModule } from './code-location.js';
-import { prepareDriverModule } from './worker-loader.js';
+import { compiledTwin, mapTwinStacks, prepareDriverModule } from './worker-loader.js';
 
 type AnyFunction = (...args: any[]) => any;
 type AnyClass = new (...args: any[]) => any;
@@ -90,8 +90,14 @@ export async function importRegistered(descriptor: FunctionDescriptor): Promise<
   const found = lookupRegistered(descriptor);
   if (found) return found;
   const url = localModule(descriptor.module);
-  if (!isLibraryModule(descriptor.module)) await prepareDriverModule(url);
-  await import(url);
+  const twin = isLibraryModule(descriptor.module) ? undefined : compiledTwin(url);
+  if (twin) {
+    mapTwinStacks();
+    await import(twin);
+  } else {
+    if (!isLibraryModule(descriptor.module)) await prepareDriverModule(url);
+    await import(url);
+  }
   return lookupRegistered(descriptor);
 }
 

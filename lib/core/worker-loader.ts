@@ -176,3 +176,56 @@ export function prepareDriverModule(url: string): Promise<void> {
   })();
   return registering;
 }
+
+/**
+ * Compiled twins of a checkout's own TypeScript outside the library (its tests' fixtures, say):
+ * the test suite writes each module's JavaScript to dist-test/, at the same path under it as the
+ * source under the checkout, and dist-test/lib links to the build, so a twin's imports of the
+ * library land on the modules the worker already runs. A worker that imports such a module takes
+ * its fresh twin, natively: registering the TypeScript loader costs a worker a third of a second
+ * of CPU, more than the rest of its start-up after Node.js's own, and a suite starts hundreds of
+ * workers. A twin registers its functions under its source's name (canonicalModule), so the
+ * driver, which ran the source, and the worker agree on every name. Only where the library runs
+ * built (the twins import the build); a twin older than its source is ignored.
+ */
+export const TWINS_FOLDER = 'dist-test';
+const checkoutRoot = dirname(libraryDirectory);
+const twinsRoot = pathToFileURL(join(checkoutRoot, TWINS_FOLDER)).href + '/';
+const checkoutUrl = pathToFileURL(checkoutRoot).href + '/';
+const TWIN_SOURCE = /\.([mc]?)ts$/;
+const twinOf = new Map<string, string | undefined>();
+
+/** The URL of a fresh compiled twin of the TypeScript module at `url`; undefined if none. */
+export function compiledTwin(url: string): string | undefined {
+  if (fromSources || !url.startsWith(checkoutUrl) || !TWIN_SOURCE.test(url) || url.startsWith(twinsRoot)) return undefined;
+  if (twinOf.has(url)) return twinOf.get(url);
+  let twin: string | undefined;
+  const path = url.slice(checkoutUrl.length);
+  if (!path.startsWith('lib/') && !path.startsWith('node_modules/') && freshLibraryBuild()) {
+    const candidate = twinsRoot + path.replace(TWIN_SOURCE, '.$1js');
+    const built = statSync(fileURLToPath(candidate), { throwIfNoEntry: false });
+    const source = statSync(fileURLToPath(url), { throwIfNoEntry: false });
+    if (built && source && built.mtimeMs >= source.mtimeMs) twin = candidate;
+  }
+  twinOf.set(url, twin);
+  return twin;
+}
+
+let mappingTwins = false;
+
+/**
+ * Before a worker imports a twin: Node.js's source maps on, so that stacks thrown there name the
+ * source's file and lines (the twins carry their maps inline). Modules loaded earlier (the
+ * library) are not mapped, as before.
+ */
+export function mapTwinStacks(): void {
+  if (mappingTwins) return;
+  mappingTwins = true;
+  process.setSourceMapsEnabled(true);
+}
+
+/** The source a compiled twin was made from (its URL), for a twin's URL; undefined for any other. */
+export function twinSource(url: string): string | undefined {
+  if (fromSources || !url.startsWith(twinsRoot)) return undefined;
+  return checkoutUrl + url.slice(twinsRoot.length).replace(/\.([mc]?)js$/, '.$1ts');
+}
