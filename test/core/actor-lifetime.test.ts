@@ -5,12 +5,12 @@
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { typeScriptArgs } from './helpers.js';
+import { scriptArgs } from './helpers.js';
 
 describe('actor lifetime', () => {
   it('ends an unnamed actor once no handle is left and its calls are done; borrows, names, held results and compiled graphs keep it', () => {
     const script = fileURLToPath(new URL('./fixtures/lifetime-driver.ts', import.meta.url));
-    const run = spawnSync(process.execPath, ['--expose-gc', ...typeScriptArgs, script], { encoding: 'utf8', timeout: 120_000 });
+    const run = spawnSync(process.execPath, ['--expose-gc', ...scriptArgs(script)], { encoding: 'utf8', timeout: 120_000 });
     expect(run.status, run.stderr).toBe(0);
     const report = JSON.parse(run.stdout.trim().split('\n').pop()!);
     expect(report).toEqual({

@@ -2,8 +2,8 @@
 import { mkdtempSync, readdirSync, rmSync, writeFileSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { pathToFileURL } from 'node:url';
-import { freshLibraryBuild } from '../../lib/core/worker-loader.js';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { compiledTwin, freshLibraryBuild } from '../../lib/core/worker-loader.js';
 
 /** A scratch directory for gate and marker files; `cleanup()` removes it. */
 export function scratch(): { path: (name: string) => string; cleanup: () => void } {
@@ -97,3 +97,13 @@ export const typeScriptArgs: string[] = (() => {
     '--import', `data:text/javascript,${encodeURIComponent(registration)}`,
   ];
 })();
+
+/**
+ * The Node.js arguments that run the tests' TypeScript script at `path`: its compiled twin where
+ * fresh (test/twins.ts), started natively as the library's build, else the script through
+ * typeScriptArgs.
+ */
+export function scriptArgs(path: string): string[] {
+  const twin = compiledTwin(pathToFileURL(path).href);
+  return twin ? [fileURLToPath(twin)] : [...typeScriptArgs, path];
+}

@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { InvalidArgumentError, ObjectRef, free, get, init, isStoreMemory, kill, put, shutdown, state, wait } from '../../lib/index.js';
 import { RemoteColumnKeeper, RemoteStash } from './fixtures/actors.js';
 import { bigArray, gated, identity, sumAfter, sumArray } from './fixtures/core.js';
-import { openGate, rejection, scratch, started, typeScriptArgs, until } from './helpers.js';
+import { openGate, rejection, scratch, started, scriptArgs, until } from './helpers.js';
 
 const files = scratch();
 const run = promisify(execFile);
@@ -227,7 +227,7 @@ describe('ownership and reference counts', () => {
 
   it('a driver handle dropped without free() is released by garbage collection', async () => {
     const script = fileURLToPath(new URL('./fixtures/gc-driver.ts', import.meta.url));
-    const { stdout } = await run(process.execPath, ['--expose-gc', ...typeScriptArgs, script], { timeout: 60_000 });
+    const { stdout } = await run(process.execPath, ['--expose-gc', ...scriptArgs(script)], { timeout: 60_000 });
     const counts = JSON.parse(stdout.trim().split('\n').pop()!);
     expect(counts.afterPut).toBe(counts.baseline + 1);
     expect(counts.afterPutCollected).toBe(counts.baseline);

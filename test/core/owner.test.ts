@@ -11,7 +11,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { OwnerDiedError } from '../../lib/index.js';
 import { DriverRequests } from '../../lib/core/requests.js';
 import type { RequestMessage } from '../../lib/core/protocol.js';
-import { rejection, scratch, started, typeScriptArgs, until } from './helpers.js';
+import { rejection, scratch, started, scriptArgs, until } from './helpers.js';
 
 const files = scratch();
 afterAll(() => files.cleanup());
@@ -75,7 +75,7 @@ describe('when the driver dies', () => {
   it('a worker’s pending get fails with OwnerDiedError, and the worker exits', async () => {
     const marker = files.path('owner');
     const script = fileURLToPath(new URL('./fixtures/owner-driver.ts', import.meta.url));
-    const driver = spawn(process.execPath, [...typeScriptArgs, script, marker], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const driver = spawn(process.execPath, [...scriptArgs(script), marker], { stdio: ['ignore', 'pipe', 'inherit'] });
     let output = '';
     driver.stdout.on('data', (chunk: Buffer) => (output += chunk));
     try {

@@ -10,7 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { init, shutdown } from '../../lib/index.js';
 import { onProcessExit, removeStaleEntries } from '../../lib/process-exit.js';
-import { isAlive, scratch, typeScriptArgs, until } from './helpers.js';
+import { isAlive, scratch, scriptArgs, until } from './helpers.js';
 
 const driver = fileURLToPath(new URL('./fixtures/exit-driver.ts', import.meta.url));
 
@@ -27,7 +27,7 @@ interface Ending {
 /** Runs the driver in `mode`; once it has reported, sends it `signal` (if any); resolves when it ended. */
 function runDriver(mode: string, signal?: NodeJS.Signals): Promise<Ending> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [...typeScriptArgs, driver, mode], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [...scriptArgs(driver), mode], { stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     let report: { segment: string; workers: number[] } | undefined;

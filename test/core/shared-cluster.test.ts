@@ -14,7 +14,7 @@ import { pathToFileURL } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { Broker, ClusterError, InvalidArgumentError, brokerStatus, events, fromItems, get, init, listJobs, requestResources, shutdown, state, wait, type BrokerStatus, type ClusterOptions } from '../../lib/index.js';
 import { GatedTagger, NodeTagger, checksum, makeArray, pausedTag, visibleGpus, waitThenWhere, whereAmI } from './fixtures/nodes.js';
-import { isAlive, openGate, rejection, scratch, trellisCli, typeScriptArgs, until } from './helpers.js';
+import { isAlive, openGate, rejection, scratch, trellisCli, scriptArgs, until } from './helpers.js';
 
 const TOKEN = 'shared-cluster-token';
 const driverScript = join(import.meta.dirname, 'fixtures/broker-driver.ts');
@@ -66,7 +66,7 @@ describe('shared cluster', () => {
   }
 
   function childDriver(options: Partial<ClusterOptions>): ChildDriver {
-    const child = spawn(process.execPath, [...typeScriptArgs, driverScript, JSON.stringify(request(options))], {
+    const child = spawn(process.execPath, [...scriptArgs(driverScript), JSON.stringify(request(options))], {
       env: process.env,
       stdio: ['pipe', 'pipe', 'inherit'],
     });

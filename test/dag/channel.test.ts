@@ -2,7 +2,7 @@ import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ChannelReader, ChannelWriter, SpinPolicy, createChannel, destroyChannel, encodeMessage, decodeMessage, type Message } from '../../lib/dag/channel.js';
-import { typeScriptArgs } from '../core/helpers.js';
+import { scriptArgs } from '../core/helpers.js';
 
 describe('channel ends', () => {
   const opened: Array<{ name: string; ends: Array<ChannelReader | ChannelWriter> }> = [];
@@ -87,7 +87,7 @@ describe('channel ends', () => {
 describe('channel ends at exit', () => {
   it('a process that ends with channel ends still open (one has used its thread) exits cleanly', () => {
     const script = fileURLToPath(new URL('./fixtures/exit-with-open-ends.ts', import.meta.url));
-    const child = spawnSync(process.execPath, [...typeScriptArgs, script], { encoding: 'utf8', timeout: 30_000 });
+    const child = spawnSync(process.execPath, [...scriptArgs(script)], { encoding: 'utf8', timeout: 30_000 });
     // Node aborted (134) when it tore the ends' thread-safe functions down before finalizing the
     // ends; each end's executor now stops itself in an environment cleanup hook first.
     expect({ status: child.status, signal: child.signal }).toEqual({ status: 0, signal: null });

@@ -16,7 +16,7 @@ import { WrittenIds, idValuesOf, storedIdSet } from '../../lib/data/written-ids.
 import { JsonlDatasink, type WrittenFile } from '../../lib/data/formats/index.js';
 import { FlakyModel, IdListSink, ShardSource, failOnceAt, noteIds, stringIds, withValueAsId, withoutId } from './fixtures/checkpoint.js';
 import { RecordingReporter, isAlive, rejection, until, useDataCluster } from './helpers.js';
-import { typeScriptArgs } from '../core/helpers.js';
+import { scriptArgs } from '../core/helpers.js';
 
 const { scratchDir } = useDataCluster({ numCpus: 2 });
 
@@ -173,7 +173,7 @@ describe('a driver killed mid-job', () => {
   it('resumes: every row written once, whatever the moment it died', async () => {
     const out = fresh('out');
     const fixture = new URL('./fixtures/checkpoint.ts', import.meta.url).pathname;
-    const run = (seen: string) => spawn(process.execPath, [...typeScriptArgs, fixture, '400', out, seen, '150'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const run = (seen: string) => spawn(process.execPath, [...scriptArgs(fixture), '400', out, seen, '150'], { stdio: ['ignore', 'pipe', 'pipe'] });
     const records = join(out, '.trellis-checkpoint', 'records');
     const first = run(fresh('seen'));
     await until(() => existsSync(records) && readdirSync(records).filter((name) => name.endsWith('.arrow')).length >= 6, 'the first run to record six writes', 90_000);

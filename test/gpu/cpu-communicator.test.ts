@@ -4,7 +4,7 @@ import { readdirSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createCollectiveGroup, get, init, kill, shutdown, state, CommunicatorError, TaskError, type ActorHandle, type DType } from '../../lib/index.js';
 import { RemoteOpRank, inputFor, type OpRank, type OpSpec } from './fixtures/ops.js';
-import { typeScriptArgs } from '../core/helpers.js';
+import { scriptArgs } from '../core/helpers.js';
 
 const dtypes: DType[] = ['f32', 'f16', 'bf16', 'i8', 'u8', 'i32', 'i64'];
 
@@ -163,7 +163,7 @@ describe('CPU communicators at exit', () => {
   const script = fileURLToPath(new URL('./fixtures/exit-with-open-communicator.ts', import.meta.url));
   it.each(['idle', 'waiting'])('a process that exits with a communicator still open (%s) exits cleanly and at once', (mode) => {
     // 'waiting': its thread waits on a peer for up to 10 minutes; exit must interrupt it, not join it.
-    const child = spawnSync(process.execPath, [...typeScriptArgs, script, mode], { encoding: 'utf8', timeout: 30_000 });
+    const child = spawnSync(process.execPath, [...scriptArgs(script), mode], { encoding: 'utf8', timeout: 30_000 });
     expect({ status: child.status, signal: child.signal, stderr: child.stderr }).toEqual({ status: 0, signal: null, stderr: '' });
   });
 });

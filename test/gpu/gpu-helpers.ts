@@ -10,7 +10,7 @@ import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync } from 'no
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { typeScriptArgs } from '../core/helpers.js';
+import { scriptArgs } from '../core/helpers.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const scenarios = join(here, 'fixtures', 'gpu-scenarios.ts');
@@ -31,7 +31,7 @@ export function runScenario(name: string, args: string[] = [], env: Record<strin
     else childEnv[key] = value;
   }
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--expose-gc', ...typeScriptArgs, scenarios, name, ...args], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, ['--expose-gc', ...scriptArgs(scenarios), name, ...args], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);

@@ -13,7 +13,7 @@ import { CudaError, get, init, InvalidArgumentError, isInitialized, shutdown, st
 import { findControlProgram } from '../../lib/gpu/mps.js';
 import { buildFakeGpu, scenario } from './gpu-helpers.js';
 import { RemoteConsumer, RemoteProducer } from './fixtures/cuda-actors.js';
-import { trellisCli, typeScriptArgs } from '../core/helpers.js';
+import { trellisCli, scriptArgs } from '../core/helpers.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const real = (await scenario('absent')).cuda.available === true;
@@ -139,7 +139,7 @@ describe.skipIf(reason !== undefined)(`gpuSharing 'mps' (${reason ? `skipped: ${
   });
 
   it("stops the daemon of a driver that was killed, when the next cluster starts", async () => {
-    const child = spawn(process.execPath, [...typeScriptArgs, join(here, 'fixtures', 'mps-driver.ts')], { env: process.env, stdio: ['ignore', 'pipe', 'inherit'] });
+    const child = spawn(process.execPath, [...scriptArgs(join(here, 'fixtures', 'mps-driver.ts'))], { env: process.env, stdio: ['ignore', 'pipe', 'inherit'] });
     const pipeDirectory = await new Promise<string>((resolve, reject) => {
       let output = '';
       child.stdout!.on('data', (chunk: Buffer) => {

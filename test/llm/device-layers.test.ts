@@ -17,13 +17,13 @@ import { cudaKernelImageBytes, DeviceKernels, type KernelBackend } from '../../l
 import { buildFakeGpu } from '../gpu/gpu-helpers.js';
 import { QWEN3, runSteps, stepContexts, TINY_MIXTRAL, WIDE_HEADS } from './fixtures/device-steps.js';
 import { randomWeights, referenceLogits, TINY, TINY_LLAMA, writeCheckpoint } from './fixtures/decoders.js';
-import { typeScriptArgs } from '../core/helpers.js';
+import { scriptArgs } from '../core/helpers.js';
 
 /** Runs a fixtures/ script in a child process (so it and its workers load the driver its env names), returning its JSON report. */
 function deviceScenario(env: Record<string, string>, script = 'device-scenario.ts', args: string[] = []): Promise<any> {
   const childEnv: NodeJS.ProcessEnv = { ...process.env, ...env };
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [...typeScriptArgs, new URL(`./fixtures/${script}`, import.meta.url).pathname, ...args], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [...scriptArgs(new URL(`./fixtures/${script}`, import.meta.url).pathname), ...args], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (chunk) => (stdout += chunk));
@@ -197,7 +197,7 @@ describe('the CUDA kernels against the host', () => {
 
   it.skipIf(!fake.path)("the llm-gpu benchmark's code runs (its smoke size, on the fake driver), so a GPU session does not find it broken", async () => {
     const report = await new Promise<any>((resolve, reject) => {
-      const child = spawn(process.execPath, [...typeScriptArgs, new URL('../../bench/run.ts', import.meta.url).pathname, 'llm-gpu', '--json'], {
+      const child = spawn(process.execPath, [...scriptArgs(new URL('../../bench/run.ts', import.meta.url).pathname), 'llm-gpu', '--json'], {
         env: { ...process.env, ...fakeEnv(), FAKE_CUDA_DEVICES: '1', TRELLIS_BENCH_SMOKE: '1' },
         stdio: ['ignore', 'pipe', 'pipe'],
       });

@@ -9,6 +9,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { expect } from 'vitest';
 import { ObjectStore, type ObjectStoreOptions } from '../../lib/index.js';
+import { scriptArgs } from '../core/helpers.js';
 
 export const MiB = 1 << 20;
 export const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -192,7 +193,7 @@ export class Fixture {
   #seq = 0;
 
   private constructor(fixture: string, args: string[], nodeArgs: string[]) {
-    this.child = spawn(process.execPath, [...nodeArgs, '--import', 'tsx', join(fixturesDir, fixture), ...args], {
+    this.child = spawn(process.execPath, [...nodeArgs, ...scriptArgs(join(fixturesDir, fixture)), ...args], {
       cwd: repoRoot,
       stdio: ['pipe', 'pipe', 'pipe'],
     });
