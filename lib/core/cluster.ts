@@ -23,16 +23,17 @@ import {
   WorkerCrashedError,
   type RemoteErrorInfo,
 } from '../errors.js';
-import { isObjectId, newObjectId, taskPutBase } from '../store/object-id.js';
+import { isObjectId, newObjectId, returnIdAt, taskPutBase } from '../store/object-id.js';
 import type { PinnedObjectInfo, StoreStats } from '../store/object-store.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
 import type { ActorCallOptions, ActorOptions, SchedulingStrategy, TaskOptions, WorkerEnvironment } from './options.js';
-import { DEFAULT_WORKER_ENVIRONMENT, checkRecompute, generatorBackpressureOf, requestOf, workerEnvironmentOf } from './options.js';
+import { DEFAULT_WORKER_ENVIRONMENT, checkRecompute, generatorBackpressureOf, requestOf, returnsOf, workerEnvironmentOf } from './options.js';
 import { FrameConnection } from './connection.js';
 import {
   type DriverMessage,
   type FunctionDescriptor,
   type HeldMeta,
+  type ReturnValue,
   type StreamSpec,
   type WireValue,
   type WorkerMessage,
@@ -162,6 +163,8 @@ interface TaskRecord {
   preparing?: boolean;
   /** A call to a generator: the items it yielded, for its caller to take. */
   stream?: StreamRecord;
+  /** A call with several returns (2 or more): each its own record, named by returnIdAt. */
+  numReturns?: number;
 }
 
 /**
@@ -727,7 +730,7 @@ export class Cluster implements Runtime {
       const task = this.#tasks.get(taskId);
       // A result stored and not reported ('done' may never have left) has no reader, and a retry
       // must be able to store it again; so with puts it made and never registered.
-      if (task) this.#dropUnreportedResult(worker.node, task.returnId);
+      if (task) for (const id of this.#returnIdsOf(task)) this.#dropUnreportedResult(worker.node, id);
       if (task?.putTag !== undefined && task.worker === worker && !worker.taskPuts.has(taskId)) this.#countPuts(worker, task);
       if (!task || task.actorId) continue;
       task.worker = undefined;
@@ -814,7 +817,7 @@ export class Cluster implements Runtime {
         // Read after the worker's exit, which settled its tasks (retried or failed) and deleted
         // any result it had stored: a late report must not finish a retry running elsewhere.
         if (worker.exited) return;
-        return this.#onTaskDone(worker, message.taskId, message.value, message.nested, message.error, message.held, message.lostArgument, message.size);
+        return this.#onTaskDone(worker, message.taskId, message.value, message.nested, message.error, message.held, message.lostArgument, message.size, message.more);
       case 'yield':
         return this.#onYield(worker, message);
       case 'actor-ready':
@@ -840,13 +843,17 @@ export class Cluster implements Runtime {
       switch (op) {
         case 'submit': {
           const task = this.#makeTask(body.fn, undefined, undefined, body.args, body.argRefs, body.held, inheritEnvironment(body.options, worker), body.returnId);
-          this.#addWorkerHold(worker, body.returnId); // the submitting worker's handle
+          // The submitting worker's handles (checked there).
+          const returns = body.options?.numReturns ?? 1;
+          if (returns > 1) this.#addReturns(task, returns);
+          for (const id of this.#returnIdsOf(task)) this.#addWorkerHold(worker, id);
           if (body.backpressure !== undefined) this.#openStream(task, body.backpressure ?? Infinity);
           this.#submit(task);
           return;
         }
         case 'actor-call': {
-          this.#addWorkerHold(worker, body.returnId);
+          const returns: number = body.options?.numReturns ?? 1;
+          for (let index = 0; index < returns; index++) this.#addWorkerHold(worker, returnIdAt(body.returnId, index));
           // Sent as null where unbounded (msgpack has no Infinity in its plain form).
           const backpressure = body.backpressure === undefined ? undefined : (body.backpressure ?? Infinity);
           this.#submitActorCall(body.actorId, body.method, body.args, body.argRefs, body.held, body.returnId, body.options ?? {}, body.recompute, undefined, backpressure);
@@ -1009,7 +1016,8 @@ export class Cluster implements Runtime {
     this.#objects.delete(id);
     // A streaming call's last ref went: nobody will take its items.
     if (this.#streams.has(id)) this.closeStream(id);
-    if (record.lineage?.state === 'done' && record.lineage.keptBy > 1) this.#releaseForPuts(record.lineage);
+    // The last of a task's returns went while its puts live on (see #releaseForPuts).
+    if (record.lineage?.state === 'done' && record.lineage.keptBy > 1 && !this.#otherReturnLives(record.lineage, id)) this.#releaseForPuts(record.lineage);
     if (record.lineage) this.#unkeep(record.lineage);
     if (record.madeBy) this.#unkeep(record.madeBy);
     const holder = record.held?.actorId ?? record.retiredBy;
@@ -1369,6 +1377,7 @@ export class Cluster implements Runtime {
       return;
     }
     const rerun = this.#makeTask(spec.fn, undefined, undefined, spec.args, spec.argRefs, spec.nested, spec.options, lineage.returnId);
+    if (lineage.numReturns) this.#addReturns(rerun, lineage.numReturns);
     this.#takeOver(rerun, lineage, objectId);
     this.#submit(rerun);
   }
@@ -1466,10 +1475,12 @@ export class Cluster implements Runtime {
     // Options checked (and remembered) before the arguments are stored.
     this.#requestFor(options, fn.name);
     const backpressure = streaming ? generatorBackpressureOf(options.generatorBackpressure, `task ${options.name ?? fn.name}`) : undefined;
+    const returns = returnsOf(options, streaming, `task ${options.name ?? fn.name}`);
     const { bytes, argRefs, held } = this.#encodeArgs(args);
     const returnId = newObjectId();
     const ref = new ObjectRef(returnId);
     const task = this.#makeTask(fn, undefined, undefined, bytes, argRefs, held, options, returnId);
+    if (returns > 1) this.#addReturns(task, returns);
     if (backpressure !== undefined) this.#openStream(task, backpressure);
     this.#submit(task);
     return ref;
@@ -1523,6 +1534,41 @@ export class Cluster implements Runtime {
     if (previous) this.#unkeep(previous);
     this.#tasks.set(task.taskId, task);
     return task;
+  }
+
+  /**
+   * A call with several returns: a record for each return after the first (the task's own return
+   * id), each naming the task as the way to make it again, as the first does; a rerun takes them
+   * over from the run it repeats.
+   */
+  #addReturns(task: TaskRecord, count: number): void {
+    task.numReturns = count;
+    for (let index = 1; index < count; index++) {
+      const id = returnIdAt(task.returnId, index);
+      let record = this.#objects.get(id);
+      if (!record) this.#objects.set(id, (record = this.#newRecord(id, 0)));
+      const previous = record.lineage;
+      record.lineage = task;
+      task.keptBy++;
+      if (previous) this.#unkeep(previous);
+    }
+  }
+
+  /** Whether a return of `task` other than `id` still names it as the way to make it again. */
+  #otherReturnLives(task: TaskRecord, id: string): boolean {
+    if (task.numReturns === undefined) return false;
+    return this.#returnIdsOf(task).some((other) => other !== id && this.#objects.get(other)?.lineage === task);
+  }
+
+  /** The ids of a task's returns: its return id, and those after it where it has several. */
+  #returnIdsOf(task: TaskRecord): string[] {
+    if (task.numReturns === undefined) return [task.returnId];
+    return Array.from({ length: task.numReturns }, (_, index) => returnIdAt(task.returnId, index));
+  }
+
+  /** A ref to return `id` of a call just submitted with several (see ReturnsOptions). */
+  returnRef(id: string): ObjectRef<unknown> {
+    return new ObjectRef(id);
   }
 
   /** A task's resources and scheduling-class key, worked out once per options object. */
@@ -1808,6 +1854,7 @@ export class Cluster implements Runtime {
       gpuIds: lease.gpuIds,
       putTag: this.#putTagFor(task, lease.worker),
       ...(task.stream ? { stream: streamSpec(task.stream) } : {}),
+      ...(task.numReturns ? { numReturns: task.numReturns } : {}),
     });
   }
 
@@ -1855,12 +1902,13 @@ export class Cluster implements Runtime {
     held?: { transport: string; meta: HeldMeta },
     lostArgument?: string,
     size?: number,
+    more?: ReturnValue[],
   ): void {
     worker.inflight.delete(taskId);
     worker.taskPuts.delete(taskId);
     const task = this.#tasks.get(taskId);
     if (task?.actorId) {
-      this.#onActorCallDone(task, value, nested, error, held, lostArgument, size);
+      this.#onActorCallDone(task, value, nested, error, held, lostArgument, size, more);
       return;
     }
     const lease = this.#leaseByWorker.get(worker);
@@ -1880,16 +1928,18 @@ export class Cluster implements Runtime {
           this.#failTask(task, taskFailure(task, error, lostArgument));
         }
       } else {
-        this.#finishTask(task, value, nested, size);
+        this.#finishTask(task, value, nested, size, more);
       }
-    } else if (value && 'node' in value) {
-      // Cancelled meanwhile (and so forgotten): its stored result has no reader.
-      this.#dropUnreportedResult(worker.node, value.id);
+    } else {
+      // Cancelled meanwhile (and so forgotten): its stored results have no reader.
+      for (const result of [{ value }, ...(more ?? [])]) {
+        if (result.value && 'node' in result.value) this.#dropUnreportedResult(worker.node, result.value.id);
+      }
     }
     this.#schedule();
   }
 
-  #finishTask(task: TaskRecord, value: WireValue | undefined, nested: string[] | undefined, storedSize?: number): void {
+  #finishTask(task: TaskRecord, value: WireValue | undefined, nested: string[] | undefined, storedSize?: number, more?: ReturnValue[]): void {
     task.state = 'done';
     this.#counters.tasksFinished++;
     if (task.runningSince !== undefined) this.#observeDuration(task.name, (performance.now() - task.runningSince) / 1000);
@@ -1906,14 +1956,22 @@ export class Cluster implements Runtime {
     }
     if (task.stream) this.#endStream(task.stream);
     this.#resolveObject(task.returnId, value, nested, size);
-    const record = this.#objects.get(task.returnId);
-    // An actor call cannot be rerun (unless it says how), nor a streaming call (its items are
-    // taken as they come): its record need not keep the call alive.
-    if (((!task.fn && !task.rerunAs) || task.stream) && record?.lineage === task) {
-      record.lineage = undefined;
-      task.keptBy--;
+    const ids = this.#returnIdsOf(task);
+    for (let index = 1; index < ids.length; index++) {
+      const result = more?.[index - 1];
+      this.#resolveObject(ids[index]!, result?.value, result?.nested, result?.size ?? (result && 'inline' in result.value ? result.value.inline.byteLength : 0));
     }
-    if (task.rerun) this.#endRerun(task, record);
+    // An actor call cannot be rerun (unless it says how), nor a streaming call (its items are
+    // taken as they come): its records need not keep the call alive.
+    if ((!task.fn && !task.rerunAs) || task.stream) {
+      for (const id of ids) {
+        const record = this.#objects.get(id);
+        if (record?.lineage !== task) continue;
+        record.lineage = undefined;
+        task.keptBy--;
+      }
+    }
+    if (task.rerun) this.#endRerun(task, ids);
     // Lineage: while its result or a put of it is referenced, the task can be rerun, so its
     // arguments stay; those that can themselves be made again keep just their records.
     if (task.keptBy <= 0) this.#releaseTaskHolds(task);
@@ -1921,13 +1979,16 @@ export class Cluster implements Runtime {
   }
 
   /** A rerun finished: puts it did not make again are lost; a result nobody holds goes. */
-  #endRerun(task: TaskRecord, record: ObjectRecord | undefined): void {
+  #endRerun(task: TaskRecord, returnIds: string[]): void {
     for (const put of this.#putsOf(task)) {
       if (put.state !== 'pending') continue;
       this.#disown(put, task);
       this.#failObject(put.id, new ObjectLostError(put.id, `object ${put.id} ${lostWhere(put)}, and ${task.name}, run again to make it, did not put it this time (its puts differ from run to run)`));
     }
-    if (record && record.holds === 0 && !record.lineageHolds) this.#deleteRecord(record);
+    for (const id of returnIds) {
+      const record = this.#objects.get(id);
+      if (record && record.holds === 0 && !record.lineageHolds) this.#deleteRecord(record);
+    }
   }
 
   /** The arguments a done task's lineage holds: records only, for those that can be made again. */
@@ -1976,9 +2037,11 @@ export class Cluster implements Runtime {
     task.failed = true;
     if (!task.cancelled) this.#counters.tasksFailed++;
     if (task.stream) this.#endStream(task.stream, error);
-    // A rerun made for a lost put leaves its result alone where that is still stored.
-    const result = this.#objects.get(task.returnId);
-    if (!task.rerun || result?.state !== 'ready' || !this.#resident(result)) this.#failObject(task.returnId, error);
+    // A rerun made for a lost put leaves its results alone where they are still stored.
+    for (const id of this.#returnIdsOf(task)) {
+      const result = this.#objects.get(id);
+      if (!task.rerun || result?.state !== 'ready' || !this.#resident(result)) this.#failObject(id, error);
+    }
     // What it put cannot be made again by it; a rerun's puts still missing are lost for good.
     for (const put of this.#putsOf(task)) {
       this.#disown(put, task);
@@ -2483,6 +2546,7 @@ export class Cluster implements Runtime {
   submitActorTask(actorId: string, method: string, args: unknown[], options: ActorCallOptions = {}, streaming = false): ObjectRef<unknown> {
     const backpressure = streaming ? generatorBackpressureOf(options.generatorBackpressure, `actor method ${method}`) : undefined;
     if (streaming && options.recompute) throw new InvalidArgumentError(`actor method ${method} is a generator: its items cannot be made again by a task (recompute)`);
+    returnsOf(options, streaming, `actor method ${method}`);
     let rerunAs: RerunSpec | undefined;
     if (options.recompute) {
       checkRecompute(options.recompute);
@@ -2518,6 +2582,7 @@ export class Cluster implements Runtime {
   ): void {
     const actor = this.#actors.get(actorId);
     const task = this.#makeTask(undefined, actorId, method, args, argRefs, held, ACTOR_CALL_OPTIONS, returnId);
+    if ((options.numReturns ?? 1) > 1) this.#addReturns(task, options.numReturns!);
     if (backpressure !== undefined) this.#openStream(task, backpressure);
     task.name = actor ? callName(actor, method) : `actor.${method}`;
     if (rerunOf) this.#takeOver(task, rerunOf.of, rerunOf.objectId);
@@ -2607,6 +2672,7 @@ export class Cluster implements Runtime {
         tensorTransport: task.tensorTransport,
         putTag: this.#putTagFor(task, actor.worker),
         ...(task.stream ? { stream: streamSpec(task.stream) } : {}),
+        ...(task.numReturns ? { numReturns: task.numReturns } : {}),
       });
     }
   }
@@ -2619,6 +2685,7 @@ export class Cluster implements Runtime {
     held?: { transport: string; meta: HeldMeta },
     lostArgument?: string,
     size?: number,
+    more?: ReturnValue[],
   ): void {
     const actor = this.#actors.get(task.actorId!);
     actor?.running.delete(task.taskId);
@@ -2636,7 +2703,7 @@ export class Cluster implements Runtime {
       if (ipc) record.ipcHandles = ipc;
     }
     else if (held) this.#freeHeld(task.actorId!, task.returnId);
-    this.#finishTask(task, value, nested, size);
+    this.#finishTask(task, value, nested, size, more);
   }
 
   /** `how`: the worker's death (`pid 42 killed by SIGKILL`), named in what fails. */

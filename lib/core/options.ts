@@ -28,6 +28,31 @@ export interface TaskOptions {
   runtimeEnv?: WorkerRuntimeEnvironment;
   /** For a generator function: see StreamingOptions. */
   generatorBackpressure?: number;
+  /** See ReturnsOptions. */
+  numReturns?: number;
+}
+
+/**
+ * `numReturns: n` (n of 2 or more): the call returns an array of n values, and its caller gets an
+ * array of n refs, one to each, at once: each its own object, stored, passed on, freed and lost
+ * apart from the others (a task can then hand one part to one consumer and the rest to another,
+ * without either reading the whole). A result that is not an array of n fails every ref with a
+ * TaskError saying what came back. 1, the default, is a single ref to the whole result.
+ */
+export interface ReturnsOptions {
+  numReturns?: number;
+}
+
+/** The most returns a call may have: each is an object the driver keeps a record of. */
+const MOST_RETURNS = 10_000;
+
+/** Checks numReturns, naming what is wrong; 1 where unset. */
+export function numReturnsOf(value: unknown, where: string): number {
+  if (value === undefined) return 1;
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > MOST_RETURNS) {
+    throw new InvalidArgumentError(`${where}: numReturns is a whole number from 1 to ${MOST_RETURNS}, got ${typeof value === 'number' ? value : typeof value}`);
+  }
+  return value;
 }
 
 /**
@@ -46,6 +71,20 @@ export function generatorBackpressureOf(value: unknown, where: string): number {
     throw new InvalidArgumentError(`${where}: generatorBackpressure is a whole number of items, 1 or more, got ${typeof value === 'number' ? value : typeof value}`);
   }
   return value;
+}
+
+/**
+ * A call's number of returns, checked with what it cannot go with: a generator's items are its
+ * returns already; tensors kept by the actor (tensorTransport) and recompute describe one result.
+ */
+export function returnsOf(options: TaskOptions | ActorCallOptions, streaming: boolean, where: string): number {
+  const count = numReturnsOf(options.numReturns, where);
+  if (count === 1) return count;
+  if (streaming) throw new InvalidArgumentError(`${where} is a generator: each item it yields is a ref already, so it takes no numReturns (got ${count})`);
+  const transport = (options as ActorCallOptions).tensorTransport;
+  if (transport !== undefined && transport !== 'store') throw new InvalidArgumentError(`${where}: numReturns ${count} with tensorTransport '${transport}' is not supported (the actor keeps one result's tensors); use 'store'`);
+  if ((options as ActorCallOptions).recompute) throw new InvalidArgumentError(`${where}: numReturns ${count} with recompute is not supported (recompute makes one result again)`);
+  return count;
 }
 
 /**
@@ -115,6 +154,8 @@ export interface ActorCallOptions {
   tensorTransport?: TensorTransport;
   /** For a generator method: see StreamingOptions. */
   generatorBackpressure?: number;
+  /** See ReturnsOptions. */
+  numReturns?: number;
   /**
    * How to make this call's output again if it is lost (its node left the cluster holding the only
    * copy): a task run with these arguments, which returns what the call returned and puts what

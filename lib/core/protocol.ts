@@ -64,6 +64,11 @@ export interface TaskMessage {
   putTag?: number;
   /** A call to a generator: its items go out one by one (YieldMessage), its result is their count. */
   stream?: StreamSpec;
+  /**
+   * A call with several returns (ReturnsOptions): its result must be an array of this many, each
+   * stored under its own id (returnIdAt), the first as a single result would be.
+   */
+  numReturns?: number;
 }
 
 /**
@@ -151,6 +156,15 @@ export interface DoneMessage {
   /** The result's tensors stayed with the actor (tensor transport). */
   held?: { transport: string; meta: HeldMeta };
   /** A stored result's bytes (data locality weighs them). */
+  size?: number;
+  /** A call with several returns: returns 1 onwards (`value` is return 0). */
+  more?: ReturnValue[];
+}
+
+/** One of a call's several returns, inline or stored under its id. */
+export interface ReturnValue {
+  value: WireValue;
+  nested?: string[];
   size?: number;
 }
 
@@ -325,8 +339,8 @@ function isId(value: string): boolean {
 }
 
 function writeTask(writer: FrameWriter, message: TaskMessage): boolean {
-  // Streaming calls are rare next to plain ones: they take the generic form.
-  if (message.stream) return false;
+  // Streaming calls and several returns are rare next to plain calls: they take the generic form.
+  if (message.stream || message.numReturns !== undefined) return false;
   if (!isId(message.taskId) || !isId(message.returnId) || (message.actorId !== undefined && !isId(message.actorId))) return false;
   // An empty list differs from none: a pooled task without GPUs must not see the previous task's.
   const gpus = message.gpuIds;
@@ -387,7 +401,7 @@ function readTask(reader: FrameReader): TaskMessage {
 /** Only an inline result without tensors or an error takes the compact form. */
 function writeDone(writer: FrameWriter, message: DoneMessage): boolean {
   const value = message.value;
-  if (message.error || message.held || !value || !('inline' in value) || !isId(message.taskId)) return false;
+  if (message.error || message.held || message.more || !value || !('inline' in value) || !isId(message.taskId)) return false;
   const nested = message.nested ?? [];
   if (nested.length > 0xffff || !nested.every(isId)) return false;
   writer.reserve(2 + 256 + 2 + nested.length * 256);

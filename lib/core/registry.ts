@@ -8,7 +8,8 @@ import { ObjectRef, type RefOr } from './object-ref.js';
 import { ObjectRefGenerator } from './object-ref-generator.js';
 import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
 import type { FunctionDescriptor } from './protocol.js';
-import { currentRuntime, hasRuntime } from './runtime-context.js';
+import { currentRuntime, hasRuntime, type Runtime } from './runtime-context.js';
+import { returnIdAt } from '../store/object-id.js';
 import { ClassMethodNode } from '../dag/nodes.js';
 import { canonicalModule, isLibraryModule, localModule } from './code-location.js';
 import { compiledTwin, mapTwinStacks, prepareDriverModule } from './worker-loader.js';
@@ -33,15 +34,32 @@ export type RemoteResult<R> = 0 extends 1 & R
     ? ObjectRefGenerator<Awaited<Y>>
     : ObjectRef<Awaited<R>>;
 
-export interface RemoteFunction<F extends AnyFunction> {
-  remote(...args: RemoteArgs<Parameters<F>>): RemoteResult<ReturnType<F>>;
-  options(options: TaskOptions): RemoteFunction<F>;
+/**
+ * The refs of a call with several returns (numReturns): one per element of the array it returns,
+ * each typed by its element where the function's result is a tuple.
+ */
+export type ReturnRefs<R> = Awaited<R> extends infer A
+  ? A extends readonly unknown[]
+    ? number extends A['length']
+      ? ObjectRef<A[number]>[]
+      : { -readonly [K in keyof A]: ObjectRef<A[K]> }
+    : ObjectRef<unknown>[]
+  : never;
+
+/** What a call gives back under options naming `numReturns: N`. */
+type ResultWithReturns<F extends AnyFunction, N extends number> = N extends 1 ? RemoteResult<ReturnType<F>> : ReturnRefs<ReturnType<F>>;
+
+export interface RemoteFunction<F extends AnyFunction, Result = RemoteResult<ReturnType<F>>> {
+  remote(...args: RemoteArgs<Parameters<F>>): Result;
+  options<N extends number>(options: TaskOptions & { numReturns: N }): RemoteFunction<F, ResultWithReturns<F, N>>;
+  options(options: TaskOptions): RemoteFunction<F, Result>;
   readonly descriptor: FunctionDescriptor;
 }
 
-export interface ActorMethod<F extends AnyFunction> {
-  remote(...args: RemoteArgs<Parameters<F>>): RemoteResult<ReturnType<F>>;
-  options(options: ActorCallOptions): ActorMethod<F>;
+export interface ActorMethod<F extends AnyFunction, Result = RemoteResult<ReturnType<F>>> {
+  remote(...args: RemoteArgs<Parameters<F>>): Result;
+  options<N extends number>(options: ActorCallOptions & { numReturns: N }): ActorMethod<F, ResultWithReturns<F, N>>;
+  options(options: ActorCallOptions): ActorMethod<F, Result>;
   /** A node of a compiled graph: this method called with nodes or constants. */
   bind(...args: unknown[]): ClassMethodNode;
 }
@@ -139,6 +157,7 @@ export function isClass(target: AnyFunction | AnyClass): target is AnyClass {
 }
 
 export function remote<C extends AnyClass>(meta: ImportMeta, target: C, options?: ActorOptions & { name?: string }): ActorClass<C>;
+export function remote<F extends AnyFunction, N extends number>(meta: ImportMeta, target: F, options: TaskOptions & { numReturns: N }): RemoteFunction<F, ResultWithReturns<F, N>>;
 export function remote<F extends AnyFunction>(meta: ImportMeta, target: F, options?: TaskOptions): RemoteFunction<F>;
 export function remote(meta: ImportMeta, target: AnyFunction | AnyClass, options: TaskOptions | ActorOptions = {}): unknown {
   if (!meta || typeof meta.url !== 'string') {
@@ -173,8 +192,9 @@ function makeRemoteFunction(descriptor: FunctionDescriptor, options: TaskOptions
   return {
     descriptor,
     remote: (...args: unknown[]) => {
-      const ref = currentRuntime().submitTask(descriptor, args, options, streaming);
-      return (streaming ? new ObjectRefGenerator(ref) : ref) as any;
+      const runtime = currentRuntime();
+      const ref = runtime.submitTask(descriptor, args, options, streaming);
+      return (streaming ? new ObjectRefGenerator(ref) : withReturns(runtime, ref, options.numReturns)) as any;
     },
     options: (more: TaskOptions) => makeRemoteFunction(descriptor, { ...options, ...more }, streaming),
   };
@@ -209,11 +229,20 @@ function actorMethod(actorId: string, name: string, options: ActorCallOptions, c
       return new ClassMethodNode(actorId, className, name, args, lifetime);
     },
     remote: (...args: unknown[]) => {
-      const ref = currentRuntime().submitActorTask(actorId, name, args, options, streaming);
-      return (streaming ? new ObjectRefGenerator(ref) : ref) as any;
+      const runtime = currentRuntime();
+      const ref = runtime.submitActorTask(actorId, name, args, options, streaming);
+      return (streaming ? new ObjectRefGenerator(ref) : withReturns(runtime, ref, options.numReturns)) as any;
     },
     options: (more: ActorCallOptions) => actorMethod(actorId, name, { ...options, ...more }, className, lifetime, streaming),
   };
+}
+
+/** A call's refs: its one ref, or with numReturns n (2 or more, checked on submission) n of them. */
+function withReturns(runtime: Runtime, ref: ObjectRef<unknown>, numReturns: number | undefined): ObjectRef<unknown> | ObjectRef<unknown>[] {
+  if (numReturns === undefined || numReturns === 1) return ref;
+  const refs = [ref];
+  for (let index = 1; index < numReturns; index++) refs.push(runtime.returnRef(returnIdAt(ref.id, index)));
+  return refs;
 }
 
 /** Where a handle keeps its count on the actor (a symbol: any method name stays the class's). */

@@ -39,6 +39,11 @@ export interface Runtime {
   createActor(cls: FunctionDescriptor, args: unknown[], options: ActorOptions, methods: string[]): { actorId: string; lifetime: ObjectRef<unknown> };
   submitActorTask(actorId: string, method: string, args: unknown[], options?: ActorCallOptions, streaming?: boolean): ObjectRef<unknown>;
   /**
+   * A ref to return `id` (returnIdAt) of a call this process just submitted with numReturns: the
+   * submission returns the first, and made the others' records, which this ref counts on.
+   */
+  returnRef(id: string): ObjectRef<unknown>;
+  /**
    * The next item of streaming call `id` (see ObjectRefGenerator), a ref this process now holds;
    * undefined once the generator has returned and every item was taken. Rejects with the call's
    * error once the items before it were taken, or with GetTimeoutError after `timeout` ms.

@@ -9,22 +9,23 @@ import { connect, type Socket } from 'node:net';
 import { dial } from './tls.js';
 import { InvalidArgumentError, ObjectLostError, TaskError, type RemoteErrorInfo } from '../errors.js';
 import { ObjectStore, viewPinsHeld } from '../store/object-store.js';
-import { newObjectId, sequentialObjectId, taskPutBase } from '../store/object-id.js';
+import { newObjectId, returnIdAt, sequentialObjectId, taskPutBase } from '../store/object-id.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
-import { checkRecompute, generatorBackpressureOf, workerEnvironmentOf, type ActorCallOptions, type ActorOptions, type TaskOptions } from './options.js';
+import { checkRecompute, generatorBackpressureOf, returnsOf, workerEnvironmentOf, type ActorCallOptions, type ActorOptions, type TaskOptions } from './options.js';
 import { FrameConnection } from './connection.js';
 import { native, type NativeConnectionRing } from '../native.js';
 import {
   type CreateActorMessage,
   type DriverMessage,
   type FunctionDescriptor,
+  type ReturnValue,
   type TaskMessage,
   type WireValue,
   type WorkerMessage,
 } from './protocol.js';
 import { actorHandleInfo, importRegistered, lookupRegistered, makeActorHandle } from './registry.js';
 import { setRuntime, type ActorLookup, type CallScope, type Runtime, type RuntimeContext } from './runtime-context.js';
-import { ArgumentSlot, decodeStored, encodeArguments, encodeValue, pack, putStored, putStoredOnce, restoreTensorsOnDevice, setHandleCodec, unpack } from './serialization.js';
+import { ArgumentSlot, decodeStored, encodeArguments, encodeValue, pack, putStored, putStoredOnce, restoreTensorsOnDevice, setHandleCodec, unpack, type StoredValue } from './serialization.js';
 import { SYSTEM_PREFIX, isImmediateSystemMethod, systemMethod } from './system-methods.js';
 import { Deque } from './deque.js';
 import { mapWorkingDirectory } from './code-location.js';
@@ -208,6 +209,7 @@ class WorkerRuntime implements Runtime {
     // Checked here, before anything is stored: the driver answers a submission with nothing.
     if (options.runtimeEnv !== undefined) workerEnvironmentOf(options.runtimeEnv, `task ${options.name ?? fn.name} runtimeEnv`);
     const stream = streaming ? streamBody(generatorBackpressureOf(options.generatorBackpressure, `task ${options.name ?? fn.name}`)) : {};
+    returnsOf(options, streaming, `task ${options.name ?? fn.name}`);
     const returnId = newObjectId();
     this.notify('submit', { fn, ...this.#encodeArgs(args), options, returnId, ...stream });
     return this.#ownedRef(returnId);
@@ -225,6 +227,7 @@ class WorkerRuntime implements Runtime {
   submitActorTask(actorId: string, method: string, args: unknown[], options: ActorCallOptions = {}, streaming = false): ObjectRef<unknown> {
     const stream = streaming ? streamBody(generatorBackpressureOf(options.generatorBackpressure, `actor method ${method}`)) : {};
     if (streaming && options.recompute) throw new InvalidArgumentError(`actor method ${method} is a generator: its items cannot be made again by a task (recompute)`);
+    returnsOf(options, streaming, `actor method ${method}`);
     let recompute: Record<string, unknown> | undefined;
     if (options.recompute) {
       // Sent as the driver keeps it: the function's descriptor and its encoded arguments.
@@ -237,6 +240,11 @@ class WorkerRuntime implements Runtime {
     const returnId = newObjectId();
     this.notify('actor-call', { actorId, method, ...this.#encodeArgs(args), returnId, options, ...(recompute ? { recompute } : {}), ...stream });
     return this.#ownedRef(returnId);
+  }
+
+  returnRef(id: string): ObjectRef<unknown> {
+    // Counted by the driver on the submission, as its first return is.
+    return this.#ownedRef(id);
   }
 
   async nextStreamItem(id: string, timeout: number): Promise<ObjectRef<unknown> | undefined> {
@@ -556,6 +564,47 @@ function sendResult(taskId: string, returnId: string, value: unknown): void {
   runtime.send({ t: 'done', taskId, value: { node: nodeId, id: returnId }, nested: encoded.nested, size: encoded.stored.payload.byteLength });
 }
 
+/**
+ * Sends the results of a call with several returns: `value` must be an array of `count`, and each
+ * goes inline or to the store under its own id (returnIdAt), all in one report. Anything else fails
+ * the call (every ref), saying what came back.
+ */
+function sendReturns(task: TaskMessage, value: unknown, count: number): void {
+  if (!Array.isArray(value) || value.length !== count) {
+    const got = Array.isArray(value) ? `an array of ${value.length}` : value === null ? 'null' : typeof value === 'object' ? `a ${value.constructor?.name ?? 'object'}` : typeof value;
+    throw new TypeError(`${task.name} has numReturns ${count}, so it must return an array of ${count} values; it returned ${got}`);
+  }
+  const returns: ReturnValue[] = [];
+  const stored: Array<[string, StoredValue]> = [];
+  for (let index = 0; index < count; index++) {
+    const encoded = encodeValue(value[index]);
+    const id = returnIdAt(task.returnId, index);
+    if ('inline' in encoded) {
+      returns.push({ value: { inline: encoded.inline }, nested: encoded.nested });
+    } else {
+      stored.push([id, encoded.stored]);
+      returns.push({ value: { node: nodeId, id }, nested: encoded.nested, size: encoded.stored.payload.byteLength });
+    }
+  }
+  // Stored once all are encoded, and all or none: a value that cannot be encoded or stored leaves
+  // nothing behind (the driver, told of a failure, knows of no stored return to delete).
+  const written: string[] = [];
+  try {
+    for (const [id, value] of stored) {
+      // A rerun (lineage reconstruction) may find a return here already, as a copy others read.
+      const state = store.state(id);
+      if (state === 'sealed' || state === 'spilled') continue;
+      putStored(store, id, value);
+      written.push(id);
+    }
+  } catch (error) {
+    for (const id of written) store.delete(id);
+    throw error;
+  }
+  const [first, ...more] = returns;
+  runtime.send({ t: 'done', taskId: task.taskId, value: first!.value, nested: first!.nested, size: first!.size, more });
+}
+
 /** The host's device index of each of the node's GPUs, where the node is a slice of its host. */
 const hostDevices = process.env.TRELLIS_GPU_DEVICES?.split(',').filter((index) => index !== '').map(Number);
 
@@ -669,8 +718,9 @@ function finishTask(task: TaskMessage, system: unknown, started: number, failed:
       if (isGeneratorObject(result)) {
         throw new TypeError(`${task.name} returned a generator, but was called as a plain function: declare it function* or async function* (its callers then get an ObjectRefGenerator), rather than returning one`);
       }
-      const kept = task.tensorTransport && task.tensorTransport !== 'store' && !system ? holdResult(task.returnId, result, task.tensorTransport) : undefined;
-      if (kept) runtime.send({ t: 'done', taskId: task.taskId, value: { inline: pack(null) }, nested: kept.nested.length > 0 ? kept.nested : undefined, held: { transport: task.tensorTransport!, meta: kept.meta } });
+      const kept = task.tensorTransport && task.tensorTransport !== 'store' && !system && task.numReturns === undefined ? holdResult(task.returnId, result, task.tensorTransport) : undefined;
+      if (task.numReturns !== undefined && !system) sendReturns(task, result, task.numReturns);
+      else if (kept) runtime.send({ t: 'done', taskId: task.taskId, value: { inline: pack(null) }, nested: kept.nested.length > 0 ? kept.nested : undefined, held: { transport: task.tensorTransport!, meta: kept.meta } });
       else sendResult(task.taskId, task.returnId, result);
     }
   } catch (failure) {

@@ -50,6 +50,20 @@ export function taskPutBase(returnId: ObjectId, attempt: number): Uint8Array {
   return bytes;
 }
 
+/**
+ * The id of return `index` of a call with several (numReturns): index 0 is the call's return id
+ * itself; another is the return id with bytes 12-15 XORed with a scrambling of `index`, bytes no
+ * put or item id of the call touches (taskPutBase and sequentialObjectId change bytes 0-11), so the
+ * caller and the worker each name every return without a word between them.
+ */
+export function returnIdAt(returnId: ObjectId, index: number): ObjectId {
+  if (index === 0) return returnId;
+  const bytes = Buffer.from(returnId, 'hex');
+  if (bytes.byteLength !== 20) throw new InvalidArgumentError(`a task's return id must be 40 hex characters, got '${returnId}'`);
+  bytes.writeUInt32LE((bytes.readUInt32LE(12) ^ mix32(index)) >>> 0, 12);
+  return bytes.toString('hex');
+}
+
 function mix32(value: number): number {
   let h = value >>> 0;
   h ^= h >>> 16;
