@@ -132,11 +132,15 @@ export function put<T>(value: T): ObjectRef<T> {
   return currentRuntime().put(value) as ObjectRef<T>;
 }
 
-/** Splits refs into [ready, notReady] once `numReturns` are ready or `timeout` ms pass. */
-export function wait<T>(refs: ObjectRef<T>[], options: { numReturns?: number; timeout?: number } = {}): Promise<[ObjectRef<T>[], ObjectRef<T>[]]> {
+/**
+ * Splits refs into [ready, notReady] once `numReturns` are ready or `timeout` ms pass. A ref is
+ * ready once its value (or error) is there; an ObjectRefGenerator (a streaming call) once its next
+ * item is there to take, or its end: `next()` on it then answers at once.
+ */
+export function wait<R extends ObjectRef<unknown> | ObjectRefGenerator<unknown>>(refs: R[], options: { numReturns?: number; timeout?: number } = {}): Promise<[R[], R[]]> {
   const numReturns = options.numReturns ?? 1;
   if (numReturns > refs.length) throw new InvalidArgumentError(`numReturns (${numReturns}) exceeds the ${refs.length} refs given`);
-  return currentRuntime().wait(refs, numReturns, options.timeout ?? Infinity) as Promise<[ObjectRef<T>[], ObjectRef<T>[]]>;
+  return currentRuntime().wait(refs, numReturns, options.timeout ?? Infinity);
 }
 
 /** Lets go of handles now (see ObjectRef[Symbol.dispose]). */

@@ -26,6 +26,7 @@ import {
 import { isObjectId, newObjectId, returnIdAt, taskPutBase } from '../store/object-id.js';
 import type { PinnedObjectInfo, StoreStats } from '../store/object-store.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
+import { streamIdsOf, type Waitable } from './object-ref-generator.js';
 import type { ActorCallOptions, ActorOptions, SchedulingStrategy, TaskOptions, WorkerEnvironment } from './options.js';
 import { DEFAULT_WORKER_ENVIRONMENT, checkRecompute, generatorBackpressureOf, requestOf, returnsOf, workerEnvironmentOf } from './options.js';
 import { FrameConnection } from './connection.js';
@@ -920,7 +921,7 @@ export class Cluster implements Runtime {
           return;
         }
         case 'wait': {
-          const [ready] = await this.#waitIds(body.ids, body.numReturns, body.timeout);
+          const [ready] = await this.#waitIds(body.ids, body.numReturns, body.timeout, new Set(body.streams ?? []));
           reply(ready);
           return;
         }
@@ -1435,9 +1436,13 @@ export class Cluster implements Runtime {
     record.nested = undefined;
   }
 
-  async #waitIds(ids: string[], numReturns: number, timeout: number): Promise<[string[], string[]]> {
-    const settled = new Set<string>();
-    const check = () => ids.filter((id) => this.#objects.get(id)?.state !== 'pending');
+  /**
+   * `streams`: ids among `ids` that name streaming calls (ObjectRefGenerators), ready once their
+   * next item is there to take (or none will come: the stream ended or was closed).
+   */
+  async #waitIds(ids: string[], numReturns: number, timeout: number, streams: ReadonlySet<string> = NO_STREAMS): Promise<[string[], string[]]> {
+    const isReady = (id: string) => (streams.has(id) ? this.#streamReady(id) : this.#objects.get(id)?.state !== 'pending');
+    const check = () => ids.filter(isReady);
     let ready = check();
     if (ready.length < numReturns) {
       await new Promise<void>((resolve) => {
@@ -1447,11 +1452,20 @@ export class Cluster implements Runtime {
           resolve();
         };
         if (Number.isFinite(timeout)) timer = setTimeout(done, timeout);
+        const watchStream = (id: string) => {
+          // Woken by an item, the end or a close; an item another reader took first is no wake.
+          (this.#streams.get(id)!.waiters ??= []).push(() => {
+            if (check().length >= numReturns) done();
+            else if (!this.#streamReady(id)) watchStream(id);
+          });
+        };
         for (const id of ids) {
-          const record = this.#objects.get(id);
-          if (!record || record.state !== 'pending') continue;
-          (record.waiters ??= []).push(() => {
-            settled.add(id);
+          if (isReady(id)) continue;
+          if (streams.has(id)) {
+            watchStream(id);
+            continue;
+          }
+          (this.#objects.get(id)!.waiters ??= []).push(() => {
             if (check().length >= numReturns) done();
           });
         }
@@ -1462,10 +1476,16 @@ export class Cluster implements Runtime {
     return [ids.filter((id) => readySet.has(id)), ids.filter((id) => !readySet.has(id))];
   }
 
-  async wait(refs: ObjectRef<unknown>[], numReturns: number, timeout: number): Promise<[ObjectRef<unknown>[], ObjectRef<unknown>[]]> {
-    const [ready] = await this.#waitIds(refs.map((ref) => ref.id), numReturns, timeout);
+  async wait<R extends Waitable>(refs: readonly R[], numReturns: number, timeout: number): Promise<[R[], R[]]> {
+    const [ready] = await this.#waitIds(refs.map((ref) => ref.id), numReturns, timeout, streamIdsOf(refs));
     const readySet = new Set(ready);
     return [refs.filter((ref) => readySet.has(ref.id)), refs.filter((ref) => !readySet.has(ref.id))];
+  }
+
+  /** Whether streaming call `id` has an item to take, or will give none (ended, closed, or unknown). */
+  #streamReady(id: string): boolean {
+    const stream = this.#streams.get(id);
+    return !stream || stream.closed === true || stream.end !== undefined || stream.items.length > stream.taken;
   }
 
   // -------------------------------------------------------------------------------------------
@@ -3332,6 +3352,7 @@ class NoNodes extends Set<string> {
   }
 }
 const NO_NODES: Set<string> = new NoNodes();
+const NO_STREAMS: ReadonlySet<string> = new Set();
 
 function addNode(record: ObjectRecord, nodeId: string): void {
   if (record.nodes === NO_NODES) record.nodes = new Set();

@@ -119,3 +119,13 @@ export class ObjectRefGenerator<T = unknown> implements AsyncIterableIterator<Ob
     this.#call[Symbol.dispose]();
   }
 }
+
+/** What wait() takes: refs, and generators (ready once their next item is there, or their end). */
+export type Waitable = ObjectRef<unknown> | ObjectRefGenerator<unknown>;
+
+/** The ids among `refs` that name streaming calls. */
+export function streamIdsOf(refs: readonly Waitable[]): Set<string> {
+  const ids = new Set<string>();
+  for (const ref of refs) if (ref instanceof ObjectRefGenerator) ids.add(ref.id);
+  return ids;
+}

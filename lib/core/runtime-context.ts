@@ -4,6 +4,7 @@
  */
 import { NotInitializedError } from '../errors.js';
 import type { ObjectRef } from './object-ref.js';
+import type { Waitable } from './object-ref-generator.js';
 import type { ActorCallOptions, ActorOptions, TaskOptions } from './options.js';
 import type { FunctionDescriptor } from './protocol.js';
 
@@ -64,7 +65,8 @@ export interface Runtime {
   getOne(ref: ObjectRef<unknown>, timeout: number): Promise<unknown>;
   /** `call`: the call the put belongs to (see currentCall); the running one if it runs alone. */
   put(value: unknown, call?: CallScope): ObjectRef<unknown>;
-  wait(refs: ObjectRef<unknown>[], numReturns: number, timeout: number): Promise<[ObjectRef<unknown>[], ObjectRef<unknown>[]]>;
+  /** Refs are ready once settled; generators once their next item is there to take, or none will come. */
+  wait<R extends Waitable>(refs: readonly R[], numReturns: number, timeout: number): Promise<[R[], R[]]>;
   cancel(ref: { readonly id: string }, force: boolean): void;
   kill(actorId: string, noRestart: boolean): void;
   /**

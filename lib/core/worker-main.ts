@@ -11,6 +11,7 @@ import { InvalidArgumentError, ObjectLostError, TaskError, type RemoteErrorInfo 
 import { ObjectStore, viewPinsHeld } from '../store/object-store.js';
 import { newObjectId, returnIdAt, sequentialObjectId, taskPutBase } from '../store/object-id.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
+import { streamIdsOf, type Waitable } from './object-ref-generator.js';
 import { checkRecompute, generatorBackpressureOf, returnsOf, workerEnvironmentOf, type ActorCallOptions, type ActorOptions, type TaskOptions } from './options.js';
 import { FrameConnection } from './connection.js';
 import { native, type NativeConnectionRing } from '../native.js';
@@ -318,8 +319,9 @@ class WorkerRuntime implements Runtime {
     return this.#ownedRef(id);
   }
 
-  async wait(refs: ObjectRef<unknown>[], numReturns: number, timeout: number): Promise<[ObjectRef<unknown>[], ObjectRef<unknown>[]]> {
-    const ready = new Set<string>(await this.request('wait', { ids: refs.map((ref) => ref.id), numReturns, timeout }));
+  async wait<R extends Waitable>(refs: readonly R[], numReturns: number, timeout: number): Promise<[R[], R[]]> {
+    const streams = [...streamIdsOf(refs)];
+    const ready = new Set<string>(await this.request('wait', { ids: refs.map((ref) => ref.id), numReturns, timeout, ...(streams.length > 0 ? { streams } : {}) }));
     return [refs.filter((ref) => ready.has(ref.id)), refs.filter((ref) => !ready.has(ref.id))];
   }
 

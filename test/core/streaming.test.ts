@@ -3,7 +3,7 @@
  * yielded (ObjectRefGenerator), with errors after the items before them, backpressure, early stops,
  * cancellation, retries after a worker's death, callers inside workers, and bad input.
  */
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { afterAll, beforeAll, describe, expect, expectTypeOf, it } from 'vitest';
@@ -22,9 +22,11 @@ import {
   init,
   memorySummary,
   shutdown,
+  put,
   state,
+  wait,
 } from '../../lib/index.js';
-import { RemoteSpeaker, blocks, count, dieMidway, failAfter, firstOf, returnsGenerator, slowReader, sumOfCount, ticker } from './fixtures/streaming.js';
+import { RemoteSpeaker, blocks, count, dieMidway, failAfter, firstOf, gated, returnsGenerator, slowReader, sumOfCount, ticker, waitInside } from './fixtures/streaming.js';
 import { rejection, scratch, until } from './helpers.js';
 
 const files = scratch();
@@ -253,5 +255,36 @@ describe('bad input', () => {
     const error = await rejection(get(returnsGenerator.remote() as unknown as ObjectRef<unknown>));
     expect(error).toBeInstanceOf(TaskError);
     expect(error.message).toContain('declare it function* or async function*');
+  });
+});
+
+describe('wait', () => {
+  it('wait() takes generators: ready once the next item is there to take, or the end', async () => {
+    const gate = files.path('gate');
+    const gen = gated.remote(gate, 3);
+    const slow = count.remote(2);
+    const [ready] = await wait([gen], { timeout: 30_000 });
+    expect(ready).toEqual([gen]);
+    expect(await get((await gen.next()).value!)).toBe(0);
+    // The next item waits on the gate: not ready, while a ref beside it is.
+    const plain = put(1);
+    const [readyNow, waiting] = await wait([gen, plain], { timeout: 200 });
+    expect(readyNow).toEqual([plain]);
+    expect(waiting).toEqual([gen]);
+    expect((await wait([gen], { timeout: 100 }))[0]).toEqual([]);
+    writeFileSync(gate, 'open');
+    expect((await wait([gen], { timeout: 30_000 }))[0]).toEqual([gen]);
+    const rest: number[] = [];
+    for await (const value of gen.values()) rest.push(value);
+    expect(rest).toEqual([1, 2]);
+    // Ended: ready at once, and next() answers at once.
+    for await (const ref of slow) await get(ref);
+    expect((await wait([slow], { timeout: 0 }))[0]).toEqual([slow]);
+    // A generator that fails is ready with its error.
+    const failing = failAfter.remote(0);
+    expect((await wait([failing], { timeout: 30_000 }))[0]).toEqual([failing]);
+    expect(await rejection(failing.next())).toBeInstanceOf(TaskError);
+    // Inside a worker, two generators at once.
+    expect(await get(waitInside.remote(3))).toEqual({ ready: 2, notReady: 0, firsts: [0, 0] });
   });
 });
