@@ -54,6 +54,8 @@ export { remote } from './core/registry.js';
 export type { RemoteFunction, ActorClass, ActorHandle, ActorMethod, RemoteArgs, RemoteResult, ReturnRefs } from './core/registry.js';
 export { ObjectRef } from './core/object-ref.js';
 export { ObjectRefGenerator } from './core/object-ref-generator.js';
+export { ActorPool } from './core/actor-pool.js';
+export type { PoolCall, PoolNextOptions } from './core/actor-pool.js';
 export type { StreamNextOptions } from './core/object-ref-generator.js';
 export type { RefOr } from './core/object-ref.js';
 export type { TaskOptions, ActorOptions, ActorCallOptions, StreamingOptions, ReturnsOptions, Recompute, SchedulingStrategy, TensorTransport, WorkerRuntimeEnvironment } from './core/options.js';
