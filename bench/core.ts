@@ -6,7 +6,7 @@ import { spawn } from 'node:child_process';
 import { cpus } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { Piscina } from 'piscina';
-import { get, init, put, shutdown } from '../lib/index.js';
+import { ActorPool, get, init, put, shutdown } from '../lib/index.js';
 import { actorClient, noop, RemoteSink, taskClient } from './core-tasks.js';
 import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
 
@@ -51,6 +51,8 @@ export const coreSuite: Suite = {
     ['worker start / bare Node.js process', 'worker_start_ms', 'node_process_start_ms', ''],
     ['init / bare Node.js process', 'init_ms', 'node_process_start_ms', ''],
     ['streamed items / async actor calls', '1_1_actor_streamed_items', '1_1_actor_calls_async', '>= 1'],
+    ['ActorPool.map, one call per actor at a time / all calls sent at once', 'actor_pool_map_calls', '1_n_actor_calls_async', ''],
+    ['ActorPool.map, 16 calls per actor at a time / all calls sent at once', 'actor_pool_map_calls_16', '1_n_actor_calls_async', ''],
   ],
   async run(): Promise<Results> {
     const results: Results = {};
@@ -106,6 +108,18 @@ export const coreSuite: Suite = {
       perSecond('1_n_actor_calls_async', await rate(20_000, async () => {
         await get(Array.from({ length: 20_000 }, (_, i) => sinks[i % sinks.length].ping.remote()));
       }));
+      // The same actors through an ActorPool: one call in flight per actor, the next sent as one
+      // settles (against all 20,000 sent at once above).
+      const pool = new ActorPool(sinks);
+      perSecond('actor_pool_map_calls', await rate(5_000, async () => {
+        for await (const value of pool.map((sink) => sink.ping.remote(), Array.from({ length: 5_000 }))) if (value === undefined) throw new Error('unreachable');
+      }));
+      pool.close();
+      const deep = new ActorPool(sinks, { callsPerActor: 16 });
+      perSecond('actor_pool_map_calls_16', await rate(20_000, async () => {
+        for await (const value of deep.map((sink) => sink.ping.remote(), Array.from({ length: 20_000 }))) if (value === undefined) throw new Error('unreachable');
+      }));
+      deep.close();
       perSecond('n_n_actor_calls_async', await rate(20_000, async () => {
         await get(Array.from({ length: 4 }, () => actorClient.remote(5_000)));
       }));

@@ -9,7 +9,7 @@ import { mkdirSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, wr
 import { basename, dirname, join, relative } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import ts from 'typescript';
-import { freshLibraryBuild, TWINS_FOLDER } from '../lib/core/worker-loader.js';
+import { freshLibraryBuild, TWINS_FOLDER, TWINS_VARIABLE } from '../lib/core/worker-loader.js';
 
 const FOLDERS = ['test', 'examples', 'bench'];
 /** Changed whenever the twins' compiling changes. */
@@ -81,5 +81,8 @@ export function writeTwins(root: string): number {
 
 export default function setup(): void {
   const build = freshLibraryBuild();
-  if (build) writeTwins(dirname(build.sources));
+  if (!build) return;
+  writeTwins(dirname(build.sources));
+  // Inherited by the test processes, their workers and the scripts they start.
+  process.env[TWINS_VARIABLE] = '1';
 }

@@ -11,9 +11,18 @@ import { get, wait } from './api.js';
 import type { ObjectRef } from './object-ref.js';
 import type { ActorHandle } from './registry.js';
 import { currentRuntime, hasRuntime } from './runtime-context.js';
+import { Deque } from './deque.js';
 
 /** How a pool calls an actor with a value: `(actor, value) => actor.method.remote(value)`. */
 export type PoolCall<A, V, R> = (actor: ActorHandle<A>, value: V) => ObjectRef<R>;
+
+export interface ActorPoolOptions {
+  /**
+   * Calls each actor runs at once (default 1, as Ray's pool): more keep an actor's queue full
+   * while results travel, for short calls; an actor with maxConcurrency above 1 runs them side by side.
+   */
+  callsPerActor?: number;
+}
 
 export interface PoolNextOptions {
   /** Milliseconds to wait for the result (GetTimeoutError after, the result still to come); default: no limit. */
@@ -30,13 +39,25 @@ interface Submission {
   settled: boolean;
   whenSettled: Promise<void>;
   settle: () => void;
+  /** Taken out before it started (a map stopped early): never started. */
+  dropped?: boolean;
+  /** Told when it settles (a map's own queue). */
+  onSettled?: (submission: Submission) => void;
 }
 
 export class ActorPool<A> {
   readonly #members = new Set<ActorHandle<A>>();
+  /** A free call slot per entry: an actor appears once per call it may still take. */
   readonly #idle: ActorHandle<A>[] = [];
+  /** Calls running on each actor. */
+  readonly #running = new Map<ActorHandle<A>, number>();
+  readonly #callsPerActor: number;
   /** Submissions waiting for an actor, in order. */
-  readonly #waiting: Submission[] = [];
+  readonly #waiting = new Deque<Submission>();
+  /** Settled submissions in the order they settled (some maybe taken since): getNextUnordered's queue. */
+  readonly #settledOrder = new Deque<Submission>();
+  /** getNextUnordered() calls waiting for a call to settle. */
+  #settleWaiters: Array<() => void> = [];
   /** Submissions whose results were not taken yet, by index. */
   readonly #results = new Map<number, Submission>();
   readonly #stopWatching = new Map<ActorHandle<A>, () => void>();
@@ -46,7 +67,10 @@ export class ActorPool<A> {
   #closed = false;
   #turn: Promise<unknown> = Promise.resolve();
 
-  constructor(actors: Iterable<ActorHandle<A>>) {
+  constructor(actors: Iterable<ActorHandle<A>>, options: ActorPoolOptions = {}) {
+    const slots = options.callsPerActor ?? 1;
+    if (!Number.isInteger(slots) || slots < 1) throw new InvalidArgumentError(`callsPerActor is a whole number, 1 or more, got ${String(slots)}`);
+    this.#callsPerActor = slots;
     for (const actor of actors) this.push(actor);
   }
 
@@ -60,15 +84,20 @@ export class ActorPool<A> {
    * taken with getNext() or getNextUnordered().
    */
   submit<V, R>(call: PoolCall<A, V, R>, value: V): void {
+    this.#submit(call, value);
+  }
+
+  #submit<V, R>(call: PoolCall<A, V, R>, value: V, onSettled?: (submission: Submission) => void): Submission {
     if (this.#closed) throw new TrellisError('ERR_POOL_CLOSED', 'this ActorPool was closed');
     if (typeof call !== 'function') throw new InvalidArgumentError(`submit() takes a function (actor, value) => ref, got ${typeof call}`);
     let settle!: () => void;
     const whenSettled = new Promise<void>((resolve) => (settle = resolve));
-    const submission: Submission = { index: this.#submitted++, call: call as Submission['call'], value, settled: false, whenSettled, settle };
+    const submission: Submission = { index: this.#submitted++, call: call as Submission['call'], value, settled: false, whenSettled, settle, onSettled };
     this.#results.set(submission.index, submission);
     if (this.#members.size === 0) this.#fail(submission, this.#noActors());
-    else if (this.#idle.length > 0) this.#start(submission, this.#idle.shift()!);
+    else if (this.#idle.length > 0) this.#start(submission, this.#take(this.#idle.shift()!));
     else this.#waiting.push(submission);
+    return submission;
   }
 
   /** Whether a submitted call's result has not been taken yet. */
@@ -76,9 +105,9 @@ export class ActorPool<A> {
     return this.#results.size > 0;
   }
 
-  /** Whether an actor is idle, with no submission waiting for one. */
+  /** Whether an actor can take a call now, with no submission waiting for one. */
   hasFree(): boolean {
-    return this.#idle.length > 0 && this.#waiting.length === 0;
+    return this.#idle.length > 0 && this.#waitingCount() === 0;
   }
 
   /**
@@ -112,10 +141,25 @@ export class ActorPool<A> {
 
   async #takeFirstDone(options: PoolNextOptions): Promise<unknown> {
     if (this.#results.size === 0) throw new InvalidArgumentError('getNextUnordered(): no result is left to take (hasNext() is false)');
-    const outstanding = [...this.#results.values()];
-    const submission = outstanding.find((candidate) => candidate.settled) ?? (await this.#settledWithin(outstanding, options.timeout));
-    this.#results.delete(submission.index);
-    return this.#value(submission);
+    checkTimeout(options.timeout);
+    const deadline = options.timeout === undefined ? Infinity : performance.now() + options.timeout;
+    for (;;) {
+      // Entries taken since they settled (by getNext, or a map) are skipped.
+      for (let submission = this.#settledOrder.shift(); submission; submission = this.#settledOrder.shift()) {
+        if (this.#results.get(submission.index) !== submission) continue;
+        this.#results.delete(submission.index);
+        return this.#value(submission);
+      }
+      const left = deadline - performance.now();
+      if (left <= 0) throw new GetTimeoutError(`no result of the ActorPool within ${options.timeout} ms`);
+      await new Promise<void>((resolve) => {
+        const timer = Number.isFinite(left) ? setTimeout(resolve, left) : undefined;
+        this.#settleWaiters.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
   }
 
   /**
@@ -123,17 +167,17 @@ export class ActorPool<A> {
    * the values' order. Stopping early (break) drops the calls not yet started.
    */
   async *map<V, R>(call: PoolCall<A, V, R>, values: Iterable<V>): AsyncGenerator<R, void, undefined> {
-    yield* this.#mapWith(call, values, (options) => this.getNext<R>(options));
+    yield* this.#mapWith(call, values, true);
   }
 
   /** As map(), yielding each result as its call finishes. */
   async *mapUnordered<V, R>(call: PoolCall<A, V, R>, values: Iterable<V>): AsyncGenerator<R, void, undefined> {
-    yield* this.#mapWith(call, values, (options) => this.getNextUnordered<R>(options));
+    yield* this.#mapWith(call, values, false);
   }
 
-  /** Takes an idle actor out of the pool (undefined if none is idle). */
+  /** Takes an idle actor (running none of the pool's calls) out of the pool; undefined if none is. */
   popIdle(): ActorHandle<A> | undefined {
-    const actor = this.#idle.shift();
+    const actor = this.#idle.find((candidate) => (this.#running.get(candidate) ?? 0) === 0);
     if (actor) this.#remove(actor);
     return actor;
   }
@@ -144,8 +188,9 @@ export class ActorPool<A> {
     if (!actor || typeof actor.actorId !== 'string') throw new InvalidArgumentError('an ActorPool takes actor handles (what ActorClass.remote() returns)');
     if (this.#members.has(actor)) throw new InvalidArgumentError(`actor ${actor.actorId} is in this pool already`);
     this.#members.add(actor);
+    this.#running.set(actor, this.#callsPerActor);
     this.#stopWatching.set(actor, currentRuntime().watchActors([actor.actorId], (_, cause) => this.#died(actor, cause)));
-    this.#release(actor);
+    for (let slot = 0; slot < this.#callsPerActor; slot++) this.#release(actor);
   }
 
   /**
@@ -155,7 +200,7 @@ export class ActorPool<A> {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    for (const submission of this.#waiting.splice(0)) this.#fail(submission, new TrellisError('ERR_POOL_CLOSED', 'the ActorPool was closed before this call started'));
+    for (const submission of this.#drainWaiting()) this.#fail(submission, new TrellisError('ERR_POOL_CLOSED', 'the ActorPool was closed before this call started'));
     for (const stop of this.#stopWatching.values()) stop();
     this.#stopWatching.clear();
   }
@@ -164,16 +209,40 @@ export class ActorPool<A> {
     this.close();
   }
 
-  async *#mapWith<V, R>(call: PoolCall<A, V, R>, values: Iterable<V>, next: (options: PoolNextOptions) => Promise<R>): AsyncGenerator<R, void, undefined> {
-    const first = this.#submitted;
-    for (const value of values) this.submit(call, value);
-    const mine = (submission: Submission) => submission.index >= first;
+  /**
+   * A map's calls are its own: it takes their results directly (getNext and getNextUnordered
+   * skip them), in order, or in the order they settle (`ordered` false).
+   */
+  async *#mapWith<V, R>(call: PoolCall<A, V, R>, values: Iterable<V>, ordered: boolean): AsyncGenerator<R, void, undefined> {
+    const mine: Submission[] = [];
+    const settledQueue = new Deque<Submission>();
+    let wake: (() => void) | undefined;
+    const onSettled = (submission: Submission) => {
+      settledQueue.push(submission);
+      wake?.();
+    };
+    for (const value of values) {
+      const submission = this.#submit(call, value, ordered ? undefined : onSettled);
+      this.#results.delete(submission.index);
+      mine.push(submission);
+    }
+    let taken = 0;
     try {
-      while ([...this.#results.values()].some(mine)) yield await next({});
+      for (; taken < mine.length; taken++) {
+        let submission: Submission;
+        if (ordered) {
+          submission = mine[taken]!;
+          await submission.whenSettled;
+        } else {
+          while (settledQueue.length === 0) await new Promise<void>((resolve) => (wake = resolve));
+          wake = undefined;
+          submission = settledQueue.shift()!;
+        }
+        yield (await this.#value(submission)) as R;
+      }
     } finally {
       // Stopped early: what has not started is dropped; what runs finishes and frees its actor.
-      for (let i = this.#waiting.length - 1; i >= 0; i--) if (mine(this.#waiting[i]!)) this.#waiting.splice(i, 1);
-      for (const submission of [...this.#results.values()]) if (mine(submission)) this.#results.delete(submission.index);
+      for (const submission of mine) if (!submission.ref && !submission.settled) submission.dropped = true;
     }
   }
 
@@ -196,35 +265,67 @@ export class ActorPool<A> {
   }
 
   #settled(submission: Submission, actor: ActorHandle<A>): void {
-    submission.settled = true;
-    submission.settle();
+    this.#markSettled(submission);
     // One that died for good was taken out of the pool (its watch fires before its calls fail).
     if (this.#members.has(actor)) this.#release(actor);
   }
 
   #fail(submission: Submission, error: unknown): void {
     submission.error = error;
-    submission.settled = true;
-    submission.settle();
+    this.#markSettled(submission);
   }
 
-  /** An actor free again: it takes the next waiting submission, or idles. */
+  #markSettled(submission: Submission): void {
+    submission.settled = true;
+    submission.settle();
+    if (submission.onSettled) {
+      submission.onSettled(submission);
+      return;
+    }
+    this.#settledOrder.push(submission);
+    const waiters = this.#settleWaiters;
+    this.#settleWaiters = [];
+    for (const waiter of waiters) waiter();
+  }
+
+  /** The submissions waiting for an actor (those a stopped map dropped left out), the queue emptied. */
+  #drainWaiting(): Submission[] {
+    const drained: Submission[] = [];
+    for (let submission = this.#waiting.shift(); submission; submission = this.#waiting.shift()) if (!submission.dropped) drained.push(submission);
+    return drained;
+  }
+
+  #waitingCount(): number {
+    let count = 0;
+    for (const submission of this.#waiting) if (!submission.dropped) count++;
+    return count;
+  }
+
+  /** A call slot of an actor free again: it takes the next waiting submission, or idles. */
   #release(actor: ActorHandle<A>): void {
-    const next = this.#waiting.shift();
-    if (next) this.#start(next, actor);
+    this.#running.set(actor, (this.#running.get(actor) ?? 1) - 1);
+    let next = this.#waiting.shift();
+    while (next?.dropped) next = this.#waiting.shift();
+    if (next) this.#start(next, this.#take(actor));
     else this.#idle.push(actor);
+  }
+
+  /** An actor given a call: one of its slots taken. */
+  #take(actor: ActorHandle<A>): ActorHandle<A> {
+    this.#running.set(actor, (this.#running.get(actor) ?? 0) + 1);
+    return actor;
   }
 
   #died(actor: ActorHandle<A>, cause: string): void {
     this.#remove(actor);
     if (this.#members.size > 0) return;
-    for (const submission of this.#waiting.splice(0)) this.#fail(submission, this.#noActors(cause));
+    for (const submission of this.#drainWaiting()) this.#fail(submission, this.#noActors(cause));
   }
 
   #remove(actor: ActorHandle<A>): void {
     this.#members.delete(actor);
-    const idle = this.#idle.indexOf(actor);
-    if (idle >= 0) this.#idle.splice(idle, 1);
+    this.#running.delete(actor);
+    for (let slot = this.#idle.indexOf(actor); slot >= 0; slot = this.#idle.indexOf(actor)) this.#idle.splice(slot, 1);
     this.#stopWatching.get(actor)?.();
     this.#stopWatching.delete(actor);
   }
@@ -234,9 +335,7 @@ export class ActorPool<A> {
   }
 
   async #settledWithin(submissions: Submission[], timeout: number | undefined): Promise<Submission> {
-    if (timeout !== undefined && (typeof timeout !== 'number' || !(timeout >= 0))) {
-      throw new InvalidArgumentError(`timeout is in milliseconds (0 or more), got ${String(timeout)}`);
-    }
+    checkTimeout(timeout);
     let timer: NodeJS.Timeout | undefined;
     const race: Array<Promise<Submission | undefined>> = submissions.map((submission) => submission.whenSettled.then(() => submission));
     if (timeout !== undefined) race.push(new Promise((resolve) => (timer = setTimeout(() => resolve(undefined), timeout))));
@@ -250,5 +349,11 @@ export class ActorPool<A> {
     if (submission.error !== undefined) return Promise.reject(submission.error);
     if (!hasRuntime()) return Promise.reject(new TrellisError('ERR_SHUTDOWN', 'the cluster was shut down before this result was taken'));
     return get(submission.ref!);
+  }
+}
+
+function checkTimeout(timeout: unknown): void {
+  if (timeout !== undefined && (typeof timeout !== 'number' || !(timeout >= 0))) {
+    throw new InvalidArgumentError(`timeout is in milliseconds (0 or more), got ${String(timeout)}`);
   }
 }

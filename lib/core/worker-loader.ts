@@ -189,15 +189,21 @@ export function prepareDriverModule(url: string): Promise<void> {
  * built (the twins import the build); a twin older than its source is ignored.
  */
 export const TWINS_FOLDER = 'dist-test';
+export const TWINS_VARIABLE = 'TRELLIS_COMPILED_TWINS';
 const checkoutRoot = dirname(libraryDirectory);
 const twinsRoot = pathToFileURL(join(checkoutRoot, TWINS_FOLDER)).href + '/';
 const checkoutUrl = pathToFileURL(checkoutRoot).href + '/';
 const TWIN_SOURCE = /\.([mc]?)ts$/;
 const twinOf = new Map<string, string | undefined>();
 
-/** The URL of a fresh compiled twin of the TypeScript module at `url`; undefined if none. */
+/**
+ * The URL of a fresh compiled twin of the TypeScript module at `url`; undefined if none, or where
+ * twins are not in use: only the test suite's processes use them (TRELLIS_COMPILED_TWINS=1, set by
+ * its global setup), so that examples and benchmarks run from a checkout load TypeScript as a
+ * user's program does.
+ */
 export function compiledTwin(url: string): string | undefined {
-  if (fromSources || !url.startsWith(checkoutUrl) || !TWIN_SOURCE.test(url) || url.startsWith(twinsRoot)) return undefined;
+  if (process.env[TWINS_VARIABLE] !== '1' || fromSources || !url.startsWith(checkoutUrl) || !TWIN_SOURCE.test(url) || url.startsWith(twinsRoot)) return undefined;
   if (twinOf.has(url)) return twinOf.get(url);
   let twin: string | undefined;
   const path = url.slice(checkoutUrl.length);

@@ -37,6 +37,18 @@ describe('ActorPool', () => {
     for (const actor of actors) kill(actor);
   });
 
+  it('runs callsPerActor calls on each actor at once when asked', async () => {
+    const actor = RemoteSquarer.options({ maxConcurrency: 8 }).remote();
+    const pool = new ActorPool([actor], { callsPerActor: 3 });
+    const values: number[] = [];
+    for await (const value of pool.map(slowly, [1, 2, 3, 4, 5, 6, 7].map((x): [number, number] => [x, 100]))) values.push(value);
+    expect(values).toEqual([1, 4, 9, 16, 25, 36, 49]);
+    expect(await get(actor.stats.remote())).toEqual({ calls: 7, mostRunning: 3 });
+    expect(pool.popIdle()).toBe(actor);
+    expect(() => new ActorPool([], { callsPerActor: 0 })).toThrow(/callsPerActor is a whole number, 1 or more, got 0/);
+    kill(actor);
+  });
+
   it('gives results by submission order with getNext and by finish with getNextUnordered', async () => {
     const pool = new ActorPool([RemoteSquarer.remote(), RemoteSquarer.remote()]);
     pool.submit(slowly, [2, 1500]);
