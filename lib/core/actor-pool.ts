@@ -345,10 +345,15 @@ export class ActorPool<A> {
     return first;
   }
 
+  /** A taken result's value. The pool lets go of its ref (queues may still name the submission). */
   #value(submission: Submission): Promise<unknown> {
+    if (this.#results.size === 0) this.#settledOrder.clear();
     if (submission.error !== undefined) return Promise.reject(submission.error);
     if (!hasRuntime()) return Promise.reject(new TrellisError('ERR_SHUTDOWN', 'the cluster was shut down before this result was taken'));
-    return get(submission.ref!);
+    const ref = submission.ref!;
+    submission.ref = undefined;
+    submission.value = undefined;
+    return get(ref);
   }
 }
 
