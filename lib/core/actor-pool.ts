@@ -163,8 +163,9 @@ export class ActorPool<A> {
   }
 
   /**
-   * Calls `call` with each value, at most one call per actor at a time, and yields the results in
-   * the values' order. Stopping early (break) drops the calls not yet started.
+   * Calls `call` with each value, at most callsPerActor calls per actor at a time, and yields the
+   * results in the values' order. Values are read as results are taken (a generator of inputs may
+   * be endless); stopping early (break) drops the calls not yet started.
    */
   async *map<V, R>(call: PoolCall<A, V, R>, values: Iterable<V>): AsyncGenerator<R, void, undefined> {
     yield* this.#mapWith(call, values, true);
@@ -214,35 +215,57 @@ export class ActorPool<A> {
    * skip them), in order, or in the order they settle (`ordered` false).
    */
   async *#mapWith<V, R>(call: PoolCall<A, V, R>, values: Iterable<V>, ordered: boolean): AsyncGenerator<R, void, undefined> {
-    const mine: Submission[] = [];
+    const input = values[Symbol.iterator]();
+    let exhausted = false;
+    /** Submitted and not yet yielded, in submission order. */
+    const open = new Deque<Submission>();
     const settledQueue = new Deque<Submission>();
     let wake: (() => void) | undefined;
     const onSettled = (submission: Submission) => {
       settledQueue.push(submission);
       wake?.();
     };
-    for (const value of values) {
-      const submission = this.#submit(call, value, ordered ? undefined : onSettled);
-      this.#results.delete(submission.index);
-      mine.push(submission);
-    }
-    let taken = 0;
+    // The input is read as calls are taken: twice what the actors can run at once stays submitted
+    // ahead of the reader, so actors never wait on it and a long input is never held whole.
+    const refill = () => {
+      const ahead = 2 * Math.max(1, this.#members.size) * this.#callsPerActor;
+      while (!exhausted && open.length < ahead) {
+        const next = input.next();
+        if (next.done) {
+          exhausted = true;
+          return;
+        }
+        const submission = this.#submit(call, next.value, ordered ? undefined : onSettled);
+        this.#results.delete(submission.index);
+        open.push(submission);
+      }
+    };
+    const taken = new Set<Submission>();
     try {
-      for (; taken < mine.length; taken++) {
+      refill();
+      while (open.length > 0) {
         let submission: Submission;
         if (ordered) {
-          submission = mine[taken]!;
+          submission = open.shift()!;
           await submission.whenSettled;
         } else {
           while (settledQueue.length === 0) await new Promise<void>((resolve) => (wake = resolve));
           wake = undefined;
           submission = settledQueue.shift()!;
+          taken.add(submission);
+          // Out of order: the open queue keeps submission order, so taken ones leave its front lazily.
+          while (open.length > 0 && taken.has(open.peek()!)) taken.delete(open.shift()!);
         }
-        yield (await this.#value(submission)) as R;
+        const value = this.#value(submission);
+        // Awaited below; should reading the input throw first, its rejection is no stray.
+        value.catch(() => undefined);
+        refill();
+        yield (await value) as R;
       }
     } finally {
       // Stopped early: what has not started is dropped; what runs finishes and frees its actor.
-      for (const submission of mine) if (!submission.ref && !submission.settled) submission.dropped = true;
+      for (const submission of open) if (!submission.ref && !submission.settled) submission.dropped = true;
+      if (!exhausted) input.return?.();
     }
   }
 

@@ -147,6 +147,35 @@ describe('ActorPool', () => {
     kill(actor);
   });
 
+  it('reads its input as results are taken: an endless input works, and stopping closes it', async () => {
+    const actor = RemoteSquarer.remote();
+    const pool = new ActorPool([actor]);
+    let read = 0;
+    let closed = false;
+    function* naturals() {
+      try {
+        for (let x = 1; ; x++) {
+          read++;
+          yield x;
+        }
+      } finally {
+        closed = true;
+      }
+    }
+    const squares: number[] = [];
+    for await (const value of pool.mapUnordered(square, naturals())) {
+      squares.push(value);
+      if (squares.length === 5) break;
+    }
+    expect(squares.sort((a, b) => a - b)).toEqual([1, 4, 9, 16, 25]);
+    expect(closed).toBe(true);
+    // Two ahead of the reader per call slot, and the one read when the fifth was taken.
+    expect(read).toBeLessThanOrEqual(8);
+    await until(() => pool.hasFree(), 'the running call to finish');
+    expect((await get(actor.stats.remote())).calls).toBeLessThanOrEqual(8);
+    kill(actor);
+  });
+
   it('refuses bad input by name, and a closed pool fails waiting work', async () => {
     const actor = RemoteSquarer.remote();
     const pool = new ActorPool([actor]);
