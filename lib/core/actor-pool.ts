@@ -1,6 +1,7 @@
 /**
- * ActorPool: calls spread over a fixed set of actors, one call per actor at a time, results
- * taken in submission order or as they finish (as Ray's ray.util.ActorPool). An actor goes back
+ * ActorPool: calls spread over a fixed set of actors, one call per actor at a time (or
+ * callsPerActor), results taken in submission order or as they finish (as Ray's
+ * ray.util.ActorPool). An actor goes back
  * to work as soon as its call settles, not when its result is read, so a slow reader does not
  * idle the pool; results wait as refs, unread. An actor that dies for good leaves the pool; once
  * none is left, work that was waiting for one fails. The pool owns no process: its actors are
@@ -134,7 +135,7 @@ export class ActorPool<A> {
     while (this.#nextInOrder < this.#submitted && !this.#results.has(this.#nextInOrder)) this.#nextInOrder++;
     const submission = this.#results.get(this.#nextInOrder);
     if (!submission) throw new InvalidArgumentError('getNext(): no result is left to take (hasNext() is false)');
-    await this.#settledWithin([submission], options.timeout);
+    await this.#settledWithin(submission, options.timeout);
     this.#results.delete(submission.index);
     return this.#value(submission);
   }
@@ -357,15 +358,17 @@ export class ActorPool<A> {
     return new ActorDiedError('', `no actor is left in the ActorPool to run this call${cause ? ` (the last died: ${cause})` : ''}`);
   }
 
-  async #settledWithin(submissions: Submission[], timeout: number | undefined): Promise<Submission> {
+  /** Resolves once `submission` settles; GetTimeoutError after `timeout` ms. */
+  async #settledWithin(submission: Submission, timeout: number | undefined): Promise<void> {
     checkTimeout(timeout);
+    if (submission.settled || timeout === undefined) return submission.whenSettled;
     let timer: NodeJS.Timeout | undefined;
-    const race: Array<Promise<Submission | undefined>> = submissions.map((submission) => submission.whenSettled.then(() => submission));
-    if (timeout !== undefined) race.push(new Promise((resolve) => (timer = setTimeout(() => resolve(undefined), timeout))));
-    const first = await Promise.race(race);
+    const settled = await Promise.race([
+      submission.whenSettled.then(() => true),
+      new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), timeout))),
+    ]);
     clearTimeout(timer);
-    if (!first) throw new GetTimeoutError(`no result of the ActorPool within ${timeout} ms`);
-    return first;
+    if (!settled) throw new GetTimeoutError(`no result of the ActorPool within ${timeout} ms`);
   }
 
   /** A taken result's value. The pool lets go of its ref (queues may still name the submission). */
