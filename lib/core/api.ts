@@ -2,7 +2,8 @@
 import { cpus } from 'node:os';
 import { InvalidArgumentError, NotInitializedError } from '../errors.js';
 import { randomBytes } from 'node:crypto';
-import { Cluster, type ClusterState, type InitOptions, type MemorySummary, type TaskDurations } from './cluster.js';
+import { Cluster, type ClusterState, type InitOptions, type TaskDurations } from './cluster.js';
+import type { MemorySummary } from './memory-summary.js';
 import { closeMetricsServers } from './metrics.js';
 import { BrokerClient, requestedBundles, type ClusterOptions, type ElasticAsk } from './broker-client.js';
 import { ObjectRef } from './object-ref.js';

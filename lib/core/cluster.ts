@@ -24,10 +24,10 @@ import {
   type RemoteErrorInfo,
 } from '../errors.js';
 import { isObjectId, newObjectId, returnIdAt, taskPutBase } from '../store/object-id.js';
-import type { PinnedObjectInfo, StoreStats } from '../store/object-store.js';
+import type { StoreStats } from '../store/object-store.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
 import { streamIdsOf, type Waitable } from './object-ref-generator.js';
-import type { ActorCallOptions, ActorOptions, SchedulingStrategy, TaskOptions, WorkerEnvironment } from './options.js';
+import type { ActorCallOptions, ActorOptions, TaskOptions, WorkerEnvironment } from './options.js';
 import { DEFAULT_WORKER_ENVIRONMENT, checkRecompute, generatorBackpressureOf, requestOf, returnsOf, workerEnvironmentOf } from './options.js';
 import { FrameConnection } from './connection.js';
 import {
@@ -35,7 +35,6 @@ import {
   type FunctionDescriptor,
   type HeldMeta,
   type ReturnValue,
-  type StreamSpec,
   type WireValue,
   type WorkerMessage,
   type YieldMessage,
@@ -47,10 +46,13 @@ import { storeSource, storeTarget, transferObject } from './object-transfer.js';
 import { NodeListener, type ListenOptions } from './node-listener.js';
 import { PlacementGroup, infeasibility as groupInfeasibility, loseNode, releaseGroup, reserve, reserveLost, type PlacementGroupOptions, type PlacementStrategy } from './placement-group.js';
 import type { BrokerInfo, ClusterOptions } from './broker-client.js';
-import { ResourcePool, describeResources, toFixed, type Resources } from './resources.js';
+import { describeResources, toFixed, type Resources } from './resources.js';
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
 import { decodeStored, encodeArguments, encodeValue, pack, putStored, unpack } from './serialization.js';
 import { Deque } from './deque.js';
+import { Scheduler, type Lease } from './scheduler.js';
+import { NO_NODES, addNode, callName, lostWhere, storedIdOf, streamSpec, type ActorRecord, type ObjectRecord, type RerunSpec, type StreamRecord, type TaskRecord } from './cluster-records.js';
+import { summarizeMemory, type MemorySummary } from './memory-summary.js';
 import { MAX_BUSY_POLL_US, busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 import { MAX_RECLAIM_IPC_AFTER_MS, configureIpcReclaim } from '../gpu/ipc-reclaim.js';
 import { MultiProcessService } from '../gpu/mps.js';
@@ -72,195 +74,8 @@ function closeIpcTimeoutMs(): number {
 /** Actor calls hold no resources of their own (the actor holds them) and retry per actor. */
 const ACTOR_CALL_OPTIONS: TaskOptions = Object.freeze({ numCpus: 0, maxRetries: 0 });
 
-/** Tasks sent ahead to a leased worker, hiding the round trip between tasks. */
-const PIPELINE_DEPTH = 8;
 /** The driver's socket for its workers: `trellis-<driver pid>-<8 hex digits>.sock` in the temp directory. */
 const SOCKET_NAME = /^trellis-(\d+)-[0-9a-f]{8}\.sock$/;
-
-interface ObjectRecord {
-  id: string;
-  state: 'pending' | 'ready' | 'failed';
-  value?: WireValue;
-  error?: Error;
-  /** Nodes whose store holds a copy (stored values only). */
-  nodes: Set<string>;
-  size: number;
-  holds: number;
-  nested?: string[];
-  /** The task that returned it: rerunning the task makes it again. */
-  lineage?: TaskRecord;
-  /** The task that put it while running: a rerun of the task puts it again under this id. */
-  madeBy?: TaskRecord;
-  /** The streaming call that yielded it (its name; the call is not kept to make it again). */
-  yieldedBy?: string;
-  /**
-   * Lineages that can rerun with this as an argument. The value itself is kept only while real
-   * holds remain (or where it could not be made again); then just the record, to recompute from.
-   */
-  lineageHolds?: number;
-  /** Made on the first wait: most results are read once, by a get that finds them pending. */
-  waiters?: Array<() => void>;
-  /** Tensors still held by the actor that made them (tensor transport). */
-  held?: { actorId: string; transport: string; meta: HeldMeta };
-  /** CUDA IPC handles of held tensors, once exported. */
-  ipcHandles?: unknown[];
-  /**
-   * The actor that held this object's tensors before they were brought into the store: it keeps
-   * them until the object's last ref goes, as readers may still map them by IPC.
-   */
-  retiredBy?: string;
-  materializing?: Promise<void>;
-  /** Copies under way into other nodes' stores, by node id. */
-  copying?: Map<string, Promise<void>>;
-  /** The node that left holding the last copy, if that is how the value was lost. */
-  lostWith?: string;
-}
-
-interface TaskRecord {
-  taskId: string;
-  name: string;
-  fn?: FunctionDescriptor;
-  actorId?: string;
-  method?: string;
-  args: Uint8Array;
-  /** Top-level ref arguments, resolved before the task runs. */
-  argRefs: string[];
-  /** Refs nested in the arguments (not resolved before the task runs). */
-  nested: string[];
-  /** Refs held for the task's life, and for its result's life when it can be recomputed. */
-  held: string[];
-  /** Arguments that can be made again: once the task is done, its lineage keeps just their records. */
-  lineageHeld?: string[];
-  /** Records whose lineage (or madeBy) this task is: its arguments stay held while any is. */
-  keptBy: number;
-  /** Stored puts registered in the attempt named by putTag. */
-  putIds?: string[];
-  /** The attempt its puts are named by (see taskPutBase); fixed for a rerun, so they match. */
-  putTag?: number;
-  /** A rerun made to recompute lost objects: its puts keep the attempt number of the run it repeats. */
-  rerun?: boolean;
-  /** An actor call whose output a task can make again (ActorCallOptions.recompute). */
-  rerunAs?: RerunSpec;
-  failed?: boolean;
-  options: TaskOptions;
-  returnId: string;
-  request: Map<string, number>;
-  classKey: string;
-  /** The variables of the workers it runs in (its runtimeEnv). */
-  environment: WorkerEnvironment;
-  strategy: SchedulingStrategy;
-  maxRetries: number;
-  retryExceptions: boolean;
-  attempts: number;
-  state: 'waiting' | 'queued' | 'running' | 'done';
-  worker?: WorkerProcess;
-  cancelled?: boolean;
-  pendingSince: number;
-  /** When its current attempt went to a worker (performance.now()). */
-  runningSince?: number;
-  warned?: boolean;
-  tensorTransport?: string;
-  /** Held tensors among the arguments are being materialized or exported. */
-  preparing?: boolean;
-  /** A call to a generator: the items it yielded, for its caller to take. */
-  stream?: StreamRecord;
-  /** A call with several returns (2 or more): each its own record, named by returnIdAt. */
-  numReturns?: number;
-}
-
-/**
- * A streaming call's items (see ObjectRefGenerator), under the call's return id. Each item is an
- * object the driver owns like a task's result, held by the stream until its caller takes it (the
- * hold then passes to the caller's ref). Items cannot be made again from lineage: one lost with its
- * node is lost for good. A retry (worker death, or a throw with retryExceptions) runs the generator
- * again from its start and sends only the items after those reported: generators must yield the
- * same items in the same order each run to be retried.
- */
-interface StreamRecord {
-  id: string;
-  task: TaskRecord;
-  /** Item ids in yield order; those from `taken` on are held by the stream. */
-  items: string[];
-  taken: number;
-  /** The most items the producer may be ahead of the caller (Infinity: unbounded). */
-  backpressure: number;
-  /** The producer ended: returned (no error) or failed for good. */
-  end?: { error?: Error };
-  /** The caller let go: items are no longer kept, and the producer is told to stop. */
-  closed?: boolean;
-  /** next() calls waiting for an item or the end. */
-  waiters?: Array<() => void>;
-}
-
-/** A task that makes a result again: its function, encoded arguments and options. */
-interface RerunSpec {
-  fn: FunctionDescriptor;
-  args: Uint8Array;
-  argRefs: string[];
-  nested: string[];
-  options: TaskOptions;
-  /** Actors that would make the same for the same call (a pool's), to rerun it on while alive. */
-  peers?: () => ReadonlyArray<{ readonly actorId: string }>;
-}
-
-interface RequestInfo {
-  request: Map<string, number>;
-  requestKey: string;
-  environment: WorkerEnvironment;
-  lastFn?: FunctionDescriptor;
-  lastClassKey?: string;
-  /**
-   * Some node could run this (plain strategies only) while the cluster was at this generation of
-   * nodes: joining nodes only add to what is feasible, a node that leaves makes it ask again.
-   */
-  feasibleAt?: number;
-}
-
-/** Where resources were taken from: a node, or a placement group's bundle on a node. */
-interface Placement {
-  node: Node;
-  pool: ResourcePool;
-  group?: PlacementGroup;
-}
-
-interface Lease extends Placement {
-  worker: WorkerProcess;
-  /** Being topped up to PIPELINE_DEPTH. */
-  filling?: boolean;
-  classKey: string;
-  request: Map<string, number>;
-  gpuIds: number[];
-  inflight: number;
-}
-
-interface ActorRecord {
-  id: string;
-  name: string;
-  registeredName?: string;
-  cls: FunctionDescriptor;
-  methods: string[];
-  args: Uint8Array;
-  argRefs: string[];
-  held: string[];
-  options: ActorOptions;
-  request: Map<string, number>;
-  /** The variables of its process (its runtimeEnv). */
-  environment: WorkerEnvironment;
-  state: 'pending' | 'starting' | 'alive' | 'restarting' | 'dead';
-  worker?: WorkerProcess;
-  node?: Node;
-  placement?: Placement;
-  gpuIds: number[];
-  restarts: number;
-  /** Calls in submission order not yet sent. */
-  queue: Deque<TaskRecord>;
-  /** Calls sent and not finished. */
-  running: Map<string, TaskRecord>;
-  callNames: Map<string, string>;
-  deathCause?: string;
-  /** No handle to it is left: it ends once its calls are done and no result it holds is read. */
-  unreferenced?: boolean;
-}
 
 /**
  * Options of a task or actor a worker submitted: without a runtimeEnv of their own, they run with
@@ -330,6 +145,8 @@ export interface InitOptions extends NodeOptions {
   runtimeEnv?: RuntimeEnvironment;
 }
 
+const NO_STREAMS: ReadonlySet<string> = new Set();
+
 /**
  * What a task's failure reported by its worker becomes: its own error as a TaskError, or, where it
  * could not get an argument whose holder died on the way, that argument's loss.
@@ -350,11 +167,8 @@ export class Cluster implements Runtime {
   readonly #counters = { tasksFinished: 0, tasksFailed: 0, tasksRetried: 0 };
   /** How long finished tasks and calls ran (on their worker), by name: for metrics. */
   readonly #durations = new Map<string, TaskDurations>();
-  readonly #queues = new Map<string, Deque<TaskRecord>>();
-  readonly #leases = new Map<string, Lease[]>();
   /** Objects that could not be moved off a cordoned node (see evacuate). */
   readonly #evacuationFailed = new WeakSet<ObjectRecord>();
-  readonly #leaseByWorker = new Map<WorkerProcess, Lease>();
   readonly #actors = new Map<string, ActorRecord>();
   /** Actors a worker asked for that could not be made (a name taken, say), with why. */
   readonly #refusedActors = new Map<string, string>();
@@ -363,7 +177,17 @@ export class Cluster implements Runtime {
   /** Handles counted per actor id (see makeActorHandle), as holds are per object. */
   readonly #actorHolds = new Map<string, number>();
   readonly #groups = new Map<string, PlacementGroup>();
-  readonly #requests = new WeakMap<TaskOptions, RequestInfo>();
+  /** Queues, leases and the placement policy; the cluster tells it what exists. */
+  readonly #scheduler = new Scheduler({
+    nodes: this.nodes,
+    placementGroup: (id) => this.#groups.get(id),
+    promised: () => this.#promised,
+    bytesOn: (id, nodeId) => {
+      const record = this.#objects.get(id);
+      return record?.nodes.has(nodeId) ? record.size : 0;
+    },
+    spawn: (node, environment) => this.#spawn(node, environment),
+  });
   readonly #collectiveGroups = new Map<string, { actorIds: readonly string[]; backend: 'cpu' | 'nccl' }>();
   readonly #handles = new HandleReleaser((id) => this.#dropHold(id));
   readonly #infeasibleTimer: NodeJS.Timeout;
@@ -387,7 +211,6 @@ export class Cluster implements Runtime {
   /** close-ipc rounds waiting on workers' answers, by request id. */
   readonly #closeRounds = new Map<number, { waiting: Set<WorkerProcess>; answer: (worker: WorkerProcess, inUse: Uint8Array[]) => void }>();
   #nextCloseRound = 1;
-  #spreadCursor = 0;
   #nextTaskId = 1;
   /** Streaming calls whose caller still holds them, by the call's return id. */
   readonly #streams = new Map<string, StreamRecord>();
@@ -586,16 +409,14 @@ export class Cluster implements Runtime {
 
   /** After a node left: queued tasks and waiting actors that no node left can ever run fail now. */
   #failInfeasible(): void {
-    for (const queue of this.#queues.values()) {
-      for (const task of [...queue]) {
-        if (task.state !== 'queued') continue;
-        const infeasible = this.#infeasibility(task.request, task.strategy);
-        if (infeasible) this.#failTask(task, new InfeasibleTaskError(`task ${task.name} can no longer be scheduled: ${infeasible.reason}`, infeasible.missing));
-      }
+    for (const task of [...this.#scheduler.queuedTasks()]) {
+      if (task.state !== 'queued') continue;
+      const infeasible = this.#scheduler.infeasibility(task.request, task.strategy);
+      if (infeasible) this.#failTask(task, new InfeasibleTaskError(`task ${task.name} can no longer be scheduled: ${infeasible.reason}`, infeasible.missing));
     }
     for (const actor of [...this.#actors.values()]) {
       if ((actor.state !== 'pending' && actor.state !== 'restarting') || actor.worker) continue;
-      const infeasible = this.#infeasibility(actor.request, actor.options.schedulingStrategy ?? 'DEFAULT');
+      const infeasible = this.#scheduler.infeasibility(actor.request, actor.options.schedulingStrategy ?? 'DEFAULT');
       if (infeasible) this.#actorDied(actor, `actor ${actor.name} can no longer be scheduled: ${infeasible.reason}`);
     }
   }
@@ -725,8 +546,8 @@ export class Cluster implements Runtime {
     worker.resolveReady();
     worker.node.reapDeadProcesses();
     if (this.#closed) return;
-    const lease = this.#leaseByWorker.get(worker);
-    if (lease) this.#endLease(lease);
+    const lease = this.#scheduler.leaseOf(worker);
+    if (lease) this.#scheduler.endLease(lease);
     for (const taskId of worker.inflight) {
       const task = this.#tasks.get(taskId);
       // A result stored and not reported ('done' may never have left) has no reader, and a retry
@@ -745,7 +566,7 @@ export class Cluster implements Runtime {
       if (task.attempts <= task.maxRetries) {
         task.state = 'queued';
         this.#counters.tasksRetried++;
-        this.#enqueue(task, true);
+        this.#scheduler.enqueue(task, true);
       } else {
         this.#failTask(task, new WorkerCrashedError(`${task.name}: its worker died (${worker.deathCause}) and it has no retries left (${task.maxRetries} allowed)`));
       }
@@ -900,7 +721,7 @@ export class Cluster implements Runtime {
         }
         case 'get': {
           // The worker blocks: lend its CPU to others meanwhile, and take back tasks it has not begun.
-          const lease = this.#leaseByWorker.get(worker);
+          const lease = this.#scheduler.leaseOf(worker);
           for (const taskId of body.returnTasks as string[]) {
             const task = this.#tasks.get(taskId);
             if (!task || task.state !== 'running') continue;
@@ -908,7 +729,7 @@ export class Cluster implements Runtime {
             if (lease) lease.inflight--;
             task.state = 'queued';
             task.worker = undefined;
-            this.#enqueue(task, true);
+            this.#scheduler.enqueue(task, true);
           }
           if (lease) lease.pool.release(lease.request);
           this.#schedule();
@@ -916,7 +737,7 @@ export class Cluster implements Runtime {
             const values = await this.#locateAll(body.ids, body.timeout, worker.node, worker.actorId);
             reply(values);
           } finally {
-            if (lease && this.#leaseByWorker.get(worker) === lease) lease.pool.acquire(lease.request);
+            if (lease && this.#scheduler.leaseOf(worker) === lease) lease.pool.acquire(lease.request);
           }
           return;
         }
@@ -1493,7 +1314,7 @@ export class Cluster implements Runtime {
 
   submitTask(fn: FunctionDescriptor, args: unknown[], options: TaskOptions, streaming = false): ObjectRef<unknown> {
     // Options checked (and remembered) before the arguments are stored.
-    this.#requestFor(options, fn.name);
+    this.#scheduler.requestFor(options, fn.name);
     const backpressure = streaming ? generatorBackpressureOf(options.generatorBackpressure, `task ${options.name ?? fn.name}`) : undefined;
     const returns = returnsOf(options, streaming, `task ${options.name ?? fn.name}`);
     const { bytes, argRefs, held } = this.#encodeArgs(args);
@@ -1516,7 +1337,7 @@ export class Cluster implements Runtime {
     options: TaskOptions,
     returnId: string,
   ): TaskRecord {
-    const info = this.#requestFor(options, fn?.name ?? method);
+    const info = this.#scheduler.requestFor(options, fn?.name ?? method);
     const request = info.request;
     const strategy = options.schedulingStrategy ?? 'DEFAULT';
     const name = options.name ?? (fn ? fn.name : `${method}`);
@@ -1538,7 +1359,7 @@ export class Cluster implements Runtime {
       options,
       returnId,
       request,
-      classKey: fn ? this.#classKey(fn, info) : '',
+      classKey: fn ? this.#scheduler.classKey(fn, info) : '',
       environment: info.environment,
       strategy,
       maxRetries: options.maxRetries ?? 3,
@@ -1591,32 +1412,10 @@ export class Cluster implements Runtime {
     return new ObjectRef(id);
   }
 
-  /** A task's resources and scheduling-class key, worked out once per options object. */
-  #requestFor(options: TaskOptions, name?: string): RequestInfo {
-    let cached = this.#requests.get(options);
-    if (!cached) {
-      const request = toFixed(requestOf(options, 1));
-      const strategy = options.schedulingStrategy ?? 'DEFAULT';
-      const environment = workerEnvironmentOf(options.runtimeEnv, `task ${options.name ?? name ?? ''} runtimeEnv`);
-      const requestKey = `${[...request].join(';')}#${JSON.stringify(strategy, (key, value) => (key === 'placementGroup' ? value.id : value))}#${environment.key}`;
-      this.#requests.set(options, (cached = { request, requestKey, environment }));
-    }
-    return cached;
-  }
-
-  /** The class key of `fn` under `info`, remembered for the function seen last with these options. */
-  #classKey(fn: FunctionDescriptor | undefined, info: RequestInfo): string {
-    if (info.lastFn !== fn || info.lastClassKey === undefined) {
-      info.lastFn = fn;
-      info.lastClassKey = `${fn?.module}#${fn?.name}#${info.requestKey}`;
-    }
-    return info.lastClassKey;
-  }
-
   #submit(task: TaskRecord): void {
-    const info = typeof task.strategy === 'string' ? this.#requests.get(task.options) : undefined;
+    const info = typeof task.strategy === 'string' ? this.#scheduler.knownRequest(task.options) : undefined;
     if (info?.feasibleAt !== this.#nodesLeft) {
-      const infeasible = this.#infeasibility(task.request, task.strategy);
+      const infeasible = this.#scheduler.infeasibility(task.request, task.strategy);
       if (infeasible) {
         this.#failTask(task, new InfeasibleTaskError(`task ${task.name} can never be scheduled: ${infeasible.reason}`, infeasible.missing));
         return;
@@ -1630,7 +1429,7 @@ export class Cluster implements Runtime {
   #queueTask(task: TaskRecord): void {
     if (task.state === 'done') return;
     task.state = 'queued';
-    this.#enqueue(task, false);
+    this.#scheduler.enqueue(task, false);
     this.#schedule();
   }
 
@@ -1648,172 +1447,16 @@ export class Cluster implements Runtime {
     if (remaining === 0) then();
   }
 
-  #enqueue(task: TaskRecord, front: boolean): void {
-    let queue = this.#queues.get(task.classKey);
-    if (!queue) this.#queues.set(task.classKey, (queue = new Deque()));
-    if (front) queue.unshift(task);
-    else queue.push(task);
-  }
-
-  /** Why `request` can never be met under `strategy`, or undefined when some node could. */
-  #infeasibility(request: Map<string, number>, strategy: SchedulingStrategy): { reason: string; missing: Record<string, number> } | undefined {
-    if (typeof strategy === 'object' && strategy.type === 'placement-group') {
-      const group = this.#groups.get(strategy.placementGroup.id);
-      if (!group || group.state === 'removed' || group.state === 'infeasible') {
-        return { reason: `placement group ${strategy.placementGroup.id} is ${group?.state ?? 'unknown'}`, missing: {} };
-      }
-      const index = strategy.bundleIndex;
-      if (index !== undefined && index >= 0 && !group.bundles[index]) {
-        return { reason: `placement group ${group.id} has no bundle ${index} (it has ${group.bundles.length})`, missing: {} };
-      }
-      const bundles = index === undefined || index < 0 ? group.bundles : [group.bundles[index]];
-      const fits = bundles.some((bundle) => [...request].every(([name, amount]) => (bundle.request.get(name) ?? 0) >= amount));
-      if (!fits) {
-        return { reason: `it asks for ${describeResources(request)}, more than any bundle of placement group ${group.id} holds`, missing: {} };
-      }
-      return undefined;
-    }
-    if (typeof strategy === 'object' && strategy.type === 'node' && !strategy.soft) {
-      const node = this.nodes.find((candidate) => candidate.id === strategy.nodeId);
-      if (!node) return { reason: `node ${strategy.nodeId} does not exist`, missing: {} };
-      if (!node.pool.fitsTotal(request)) {
-        const missing = node.pool.missing(request);
-        return { reason: `node ${node.id} lacks ${describeResources(toFixed(missing))}`, missing };
-      }
-      return undefined;
-    }
-    if (this.nodes.some((node) => node.pool.fitsTotal(request))) return undefined;
-    if (this.#promised.some((bundle) => [...request].every(([name, amount]) => (bundle.get(name) ?? 0) >= amount))) return undefined;
-    const missing = this.nodes[0].pool.missing(request);
-    return { reason: `it asks for ${describeResources(request)} and no node has that much in total (missing on ${this.nodes[0].id}: ${describeResources(toFixed(missing))})`, missing };
-  }
-
-  /** Where `request` can run now under `strategy`, or undefined when nothing has it free. */
-  #place(request: Map<string, number>, strategy: SchedulingStrategy, localityIds: string[] = []): Placement | undefined {
-    if (typeof strategy === 'object' && strategy.type === 'placement-group') {
-      const group = this.#groups.get(strategy.placementGroup.id);
-      if (!group || group.state !== 'created') return undefined;
-      const bundles = strategy.bundleIndex === undefined || strategy.bundleIndex < 0 ? group.bundles : [group.bundles[strategy.bundleIndex]];
-      for (const bundle of bundles) {
-        if (bundle?.pool?.fits(request) && bundle.node!.canAssignGpus(request.get('GPU') ?? 0)) {
-          return { node: bundle.node!, pool: bundle.pool, group };
-        }
-      }
-      return undefined;
-    }
-    const node = this.#pickNode(request, strategy, localityIds);
-    return node ? { node, pool: node.pool } : undefined;
-  }
-
-  /** Gives back what a placement took (to the node itself once its group is removed). */
-  #release(placement: Placement, request: Map<string, number>, gpuIds: number[]): void {
-    if (placement.group?.state === 'removed') placement.node.pool.release(request);
-    else placement.pool.release(request);
-    placement.node.releaseGpus(gpuIds, request.get('GPU') ?? 0);
-  }
-
-  #pickNode(request: Map<string, number>, strategy: SchedulingStrategy, localityIds: string[] = []): Node | undefined {
-    const fits = this.nodes.filter((node) => !node.draining && node.pool.fits(request) && node.canAssignGpus(request.get('GPU') ?? 0));
-    if (typeof strategy === 'object' && strategy.type === 'node') {
-      const node = fits.find((candidate) => candidate.id === strategy.nodeId);
-      if (node || !strategy.soft) return node;
-    }
-    if (fits.length === 0) return undefined;
-    if (strategy === 'SPREAD') {
-      const node = fits[this.#spreadCursor % fits.length];
-      this.#spreadCursor++;
-      return node;
-    }
-    if (localityIds.length > 0 && this.nodes.length > 1) {
-      // Data locality: the node already holding the most argument bytes.
-      let best: Node | undefined;
-      let bestBytes = 0;
-      for (const node of fits) {
-        let bytes = 0;
-        for (const id of localityIds) {
-          const record = this.#objects.get(id);
-          if (record?.nodes.has(node.id)) bytes += record.size;
-        }
-        if (bytes > bestBytes) {
-          best = node;
-          bestBytes = bytes;
-        }
-      }
-      if (best) return best;
-    }
-    // Hybrid: pack nodes in order while they stay at or under half use, then spread to the least used.
-    const names = [...request.keys()];
-    for (const node of fits) {
-      node.pool.acquire(request);
-      const used = node.pool.utilization(names);
-      node.pool.release(request);
-      if (used <= 0.5) return node;
-    }
-    return fits.reduce((best, node) => (node.pool.utilization(names) < best.pool.utilization(names) ? node : best));
-  }
-
   #schedule(): void {
     if (this.#scheduling || this.#closed) return;
     this.#scheduling = true;
     try {
       this.#placeGroups();
-      for (const [classKey, queue] of this.#queues) {
-        while (queue.length > 0) {
-          const task = queue.peek()!;
-          if (task.state !== 'queued') {
-            queue.shift();
-            continue;
-          }
-          const lease = this.#leaseFor(classKey, task);
-          if (!lease) break;
-          queue.shift();
-          this.#dispatch(task, lease);
-        }
-        if (queue.length === 0) this.#queues.delete(classKey);
-      }
+      this.#scheduler.dispatchQueued((task, lease) => this.#dispatch(task, lease));
       this.#startActors();
     } finally {
       this.#scheduling = false;
     }
-  }
-
-  #leaseFor(classKey: string, task: TaskRecord): Lease | undefined {
-    const leases = this.#leases.get(classKey) ?? [];
-    let best: Lease | undefined;
-    // A lease is topped up once it has drained to half, then filled in one go: one write per batch
-    // of tasks rather than one per finished task.
-    for (const lease of leases) {
-      if (lease.node.draining) continue;
-      const open = lease.inflight < PIPELINE_DEPTH && (lease.filling || lease.inflight <= PIPELINE_DEPTH / 2);
-      if (open && (!best || lease.inflight < best.inflight)) best = lease;
-    }
-    if (best) best.filling = best.inflight + 1 < PIPELINE_DEPTH;
-    // A fresh lease when the best existing one already has work queued, if resources allow.
-    if (best && best.inflight === 0) return best;
-    const placement = this.#place(task.request, task.strategy, task.argRefs);
-    if (placement) {
-      const node = placement.node;
-      const worker = node.idleWorker(task.environment.key);
-      if (worker) {
-        const gpuIds = node.assignGpus(task.request.get('GPU') ?? 0) ?? [];
-        placement.pool.acquire(task.request);
-        worker.state = 'leased';
-        worker.leasedOnce = true;
-        // Fields listed, not spread from the placement: spreading made this the costliest line of a
-        // synchronous task's dispatch.
-        const lease: Lease = { node, pool: placement.pool, group: placement.group, worker, classKey, request: task.request, gpuIds, inflight: 0 };
-        leases.push(lease);
-        this.#leases.set(classKey, leases);
-        this.#leaseByWorker.set(worker, lease);
-        return lease;
-      }
-      const key = task.environment.key;
-      if (![...node.workers.values()].some((candidate) => candidate.state === 'starting' && candidate.environment.key === key)) this.#spawn(node, task.environment);
-      // Resources are free and a worker is coming: wait for it rather than queue behind a busy
-      // worker, where the task would hold nothing and could wait on the very task ahead of it.
-      return undefined;
-    }
-    return best;
   }
 
   #dispatch(task: TaskRecord, lease: Lease): void {
@@ -1831,7 +1474,7 @@ export class Cluster implements Runtime {
       lease.worker.inflight.delete(task.taskId);
       // A lease left with nothing to run gives its resources back: the recomputation or copy the
       // task now waits for may need them.
-      if (lease.inflight === 0 && !this.#queues.get(lease.classKey)?.length) this.#endLease(lease);
+      this.#scheduler.endLeaseIfDone(lease);
       if (error instanceof ArgumentsRecovering) {
         // An argument is being recomputed: wait for it again.
         task.attempts--;
@@ -1839,7 +1482,7 @@ export class Cluster implements Runtime {
         task.worker = undefined;
         this.#afterDependencies(task.argRefs, () => {
           task.state = 'queued';
-          this.#enqueue(task, true);
+          this.#scheduler.enqueue(task, true);
           this.#schedule();
         });
       } else if (error instanceof CopyPending) {
@@ -1850,7 +1493,7 @@ export class Cluster implements Runtime {
         const requeue = () => {
           if (task.state !== 'waiting') return;
           task.state = 'queued';
-          this.#enqueue(task, true);
+          this.#scheduler.enqueue(task, true);
           this.#schedule();
         };
         error.done.then(requeue, (copyError: Error) => {
@@ -1898,21 +1541,6 @@ export class Cluster implements Runtime {
     return resolved;
   }
 
-  #endLease(lease: Lease): void {
-    const leases = this.#leases.get(lease.classKey);
-    if (leases) {
-      const index = leases.indexOf(lease);
-      if (index >= 0) leases.splice(index, 1);
-      if (leases.length === 0) this.#leases.delete(lease.classKey);
-    }
-    this.#leaseByWorker.delete(lease.worker);
-    this.#release(lease, lease.request, lease.gpuIds);
-    if (lease.worker.state === 'leased') {
-      lease.worker.state = 'idle';
-      lease.worker.idleSince = Date.now();
-    }
-  }
-
   #onTaskDone(
     worker: WorkerProcess,
     taskId: string,
@@ -1931,19 +1559,17 @@ export class Cluster implements Runtime {
       this.#onActorCallDone(task, value, nested, error, held, lostArgument, size, more);
       return;
     }
-    const lease = this.#leaseByWorker.get(worker);
+    const lease = this.#scheduler.leaseOf(worker);
     if (lease) {
       lease.inflight--;
-      const queue = this.#queues.get(lease.classKey);
-      // A lease on a node being taken back takes nothing more: it ends once empty.
-      if (lease.inflight === 0 && (!queue || queue.length === 0 || lease.node.draining)) this.#endLease(lease);
+      this.#scheduler.endLeaseIfDone(lease);
     }
     if (task && !task.cancelled && task.state === 'running') {
       if (error) {
         if (task.retryExceptions && task.attempts <= task.maxRetries && !lostArgument) {
           task.state = 'queued';
           this.#counters.tasksRetried++;
-          this.#enqueue(task, true);
+          this.#scheduler.enqueue(task, true);
         } else {
           this.#failTask(task, taskFailure(task, error, lostArgument));
         }
@@ -2240,16 +1866,14 @@ export class Cluster implements Runtime {
 
   #warnPending(): void {
     const now = Date.now();
-    for (const queue of this.#queues.values()) {
-      for (const task of queue) {
-        if (task.warned || now - task.pendingSince < 1000) continue;
-        task.warned = true;
-        this.events.emit('warning', {
-          kind: 'pending-resources',
-          task: task.name,
-          message: `task ${task.name} has waited over 1 s for ${describeResources(task.request)}`,
-        });
-      }
+    for (const task of this.#scheduler.queuedTasks()) {
+      if (task.warned || now - task.pendingSince < 1000) continue;
+      task.warned = true;
+      this.events.emit('warning', {
+        kind: 'pending-resources',
+        task: task.name,
+        message: `task ${task.name} has waited over 1 s for ${describeResources(task.request)}`,
+      });
     }
   }
 
@@ -2427,12 +2051,10 @@ export class Cluster implements Runtime {
         this.kill(actor.id, true);
       }
     }
-    for (const queue of this.#queues.values()) {
-      for (const task of queue) {
-        const strategy = task.strategy;
-        if (typeof strategy === 'object' && strategy.type === 'placement-group' && strategy.placementGroup.id === known.id && task.state === 'queued') {
-          this.#failTask(task, new InfeasibleTaskError(`task ${task.name} waited on placement group ${known.id}, which was removed`, {}));
-        }
+    for (const task of [...this.#scheduler.queuedTasks()]) {
+      const strategy = task.strategy;
+      if (typeof strategy === 'object' && strategy.type === 'placement-group' && strategy.placementGroup.id === known.id && task.state === 'queued') {
+        this.#failTask(task, new InfeasibleTaskError(`task ${task.name} waited on placement group ${known.id}, which was removed`, {}));
       }
     }
     this.#schedule();
@@ -2494,7 +2116,7 @@ export class Cluster implements Runtime {
     };
     this.#actors.set(actorId, actor);
     if (options.name) this.#namedActors.set(options.name, actorId);
-    const infeasible = this.#infeasibility(actor.request, options.schedulingStrategy ?? 'DEFAULT');
+    const infeasible = this.#scheduler.infeasibility(actor.request, options.schedulingStrategy ?? 'DEFAULT');
     if (infeasible) {
       this.#actorDied(actor, `actor ${cls.name} can never be scheduled: ${infeasible.reason}`);
       return;
@@ -2507,7 +2129,7 @@ export class Cluster implements Runtime {
       if (actor.state !== 'pending' && actor.state !== 'restarting') continue;
       if (actor.worker) continue;
       if (actor.argRefs.some((id) => this.#objects.get(id)?.state === 'pending')) continue;
-      const placement = this.#place(actor.request, actor.options.schedulingStrategy ?? 'DEFAULT');
+      const placement = this.#scheduler.place(actor.request, actor.options.schedulingStrategy ?? 'DEFAULT');
       if (!placement) continue;
       const node = placement.node;
       placement.pool.acquire(actor.request);
@@ -2730,7 +2352,7 @@ export class Cluster implements Runtime {
   #onActorWorkerDied(actor: ActorRecord, how: string): void {
     if (actor.state === 'dead') return;
     actor.worker = undefined;
-    if (actor.placement) this.#release(actor.placement, actor.request, actor.gpuIds);
+    if (actor.placement) this.#scheduler.release(actor.placement, actor.request, actor.gpuIds);
     actor.placement = undefined;
     const maxRestarts = actor.options.maxRestarts ?? 0;
     const running = [...actor.running.values()];
@@ -2827,7 +2449,7 @@ export class Cluster implements Runtime {
   /** Ends an actor for good: its process, its resources, and its queue (failed with `cause`). */
   #end(actor: ActorRecord, cause: string): void {
     const worker = actor.worker;
-    if (actor.placement && worker) this.#release(actor.placement, actor.request, actor.gpuIds);
+    if (actor.placement && worker) this.#scheduler.release(actor.placement, actor.request, actor.gpuIds);
     actor.placement = undefined;
     actor.worker = undefined;
     this.#actorDied(actor, cause);
@@ -2894,12 +2516,10 @@ export class Cluster implements Runtime {
     const now = Date.now();
     let count = 0;
     let oldest = now;
-    for (const queue of this.#queues.values()) {
-      for (const task of queue) {
-        if (task.name !== name) continue;
-        count++;
-        oldest = Math.min(oldest, task.pendingSince);
-      }
+    for (const task of this.#scheduler.queuedTasks()) {
+      if (task.name !== name) continue;
+      count++;
+      oldest = Math.min(oldest, task.pendingSince);
     }
     return { count, oldestMs: now - oldest };
   }
@@ -2954,73 +2574,9 @@ export class Cluster implements Runtime {
    * references and the processes pinning it, each node's store, and objects no ref names any more
    * that pins alone keep in a store (a process's views of deleted objects).
    */
-  async memorySummary(): Promise<MemorySummary> {
-    const byStoredId = new Map<string, ObjectRecord>();
-    for (const record of this.#objects.values()) byStoredId.set(storedIdOf(record), record);
-    const pinsOf = new Map<string, ObjectPin[]>();
-    const unreferencedPins: MemorySummary['unreferencedPins'] = [];
-    const nodes = await Promise.all(
-      this.nodes.map(async (node) => {
-        const stats = node.storeStats();
-        const summary: MemorySummary['nodes'][number] = {
-          nodeId: node.id,
-          capacity: stats.capacity,
-          bytesInUse: stats.bytesInUse,
-          objects: stats.objectCount,
-          spilledBytes: stats.spilledBytes,
-          pinnedObjects: 0,
-          unreferencedPinnedBytes: 0,
-        };
-        let pinned: PinnedObjectInfo[];
-        try {
-          pinned = await node.pinnedObjects();
-        } catch (error) {
-          return { ...summary, error: (error as Error).message };
-        }
-        const holderOf = this.#pinHolders(node);
-        for (const entry of pinned) {
-          summary.pinnedObjects++;
-          const pins = entry.holders.map((holder) => ({ nodeId: node.id, pid: holder.pid, pins: holder.pins, ...holderOf(holder.pid) }));
-          const record = entry.deleted ? undefined : byStoredId.get(entry.objectId);
-          if (record) {
-            pinsOf.set(record.id, [...(pinsOf.get(record.id) ?? []), ...pins]);
-          } else {
-            summary.unreferencedPinnedBytes += entry.size;
-            unreferencedPins.push({ nodeId: node.id, objectId: entry.objectId, size: entry.size, state: entry.state, deleted: entry.deleted, pinnedBy: pins });
-          }
-        }
-        return summary;
-      }),
-    );
-    const objects = [...this.#objects.values()].map((record): ObjectMemoryEntry => {
-      const value = record.value;
-      const where = record.held ? 'actor' : !value ? 'none' : 'inline' in value ? 'inline' : 'node' in value ? 'store' : 'actor';
-      const madeBy = record.lineage ?? record.madeBy;
-      return {
-        objectId: record.id,
-        state: record.state,
-        size: value && 'inline' in value ? value.inline.byteLength : record.size,
-        where,
-        nodes: [...record.nodes],
-        references: record.holds,
-        ...(madeBy ? { madeBy: madeBy.name } : record.yieldedBy ? { madeBy: record.yieldedBy } : {}),
-        pinnedBy: pinsOf.get(record.id) ?? [],
-      };
-    });
-    objects.sort((a, b) => b.size - a.size);
-    return { nodes, objects, unreferencedPins };
-  }
-
-  /** Who a pid pinning objects in `node`'s store is: the driver, the node's agent, or a worker. */
-  #pinHolders(node: Node): (pid: number) => Pick<ObjectPin, 'holder' | 'workerId' | 'actorId'> {
-    const workers = new Map([...node.workers.values()].map((worker) => [worker.child.pid, worker]));
-    const actorOf = new Map([...this.#actors.values()].filter((actor) => actor.worker).map((actor) => [actor.worker!, actor.id]));
-    return (pid) => {
-      const worker = workers.get(pid);
-      if (worker) return { holder: 'worker', workerId: worker.id, ...(actorOf.has(worker) ? { actorId: actorOf.get(worker) } : {}) };
-      if (node instanceof RemoteNode) return { holder: pid === node.agentPid ? 'agent' : 'other' };
-      return { holder: pid === process.pid ? 'driver' : 'other' };
-    };
+  /** What holds memory: per node, and per object the driver knows, who references and pins it. */
+  memorySummary(): Promise<MemorySummary> {
+    return summarizeMemory(this.nodes, this.#objects.values(), this.#actors.values());
   }
 
   state(): ClusterState {
@@ -3071,7 +2627,7 @@ export class Cluster implements Runtime {
   nodeBusy(nodeId: string): boolean {
     const node = this.nodes.find((candidate) => candidate.id === nodeId);
     if (!node) return false;
-    for (const lease of this.#leaseByWorker.values()) if (lease.node === node && lease.inflight > 0) return true;
+    for (const lease of this.#scheduler.leases()) if (lease.node === node && lease.inflight > 0) return true;
     // A worker starting is there for work that is coming, unless nothing may come (the node is cordoned).
     for (const worker of node.workers.values()) if (worker.state === 'actor' || (worker.state === 'starting' && !node.draining)) return true;
     for (const actor of this.#actors.values()) if (actor.node === node && actor.state !== 'dead') return true;
@@ -3164,7 +2720,7 @@ export class Cluster implements Runtime {
 
   /** Whether work waits for resources: queued tasks, or actors not placed yet. */
   waitingForResources(): boolean {
-    for (const queue of this.#queues.values()) if (queue.length > 0) return true;
+    if (this.#scheduler.hasQueued()) return true;
     for (const actor of this.#actors.values()) if (actor.state === 'pending') return true;
     return false;
   }
@@ -3235,53 +2791,6 @@ export interface TaskDurations {
   sum: number;
 }
 
-/** A process pinning an object in a node's store (see Cluster.memorySummary). */
-export interface ObjectPin {
-  nodeId: string;
-  pid: number;
-  /** Pins it holds (views of the object in that process). */
-  pins: number;
-  /** 'other': a process the driver does not know (an attachment of another program, say). */
-  holder: 'driver' | 'worker' | 'agent' | 'other';
-  workerId?: string;
-  actorId?: string;
-}
-
-/** An object the driver knows, in a memory summary. */
-export interface ObjectMemoryEntry {
-  objectId: string;
-  state: 'pending' | 'ready' | 'failed';
-  /** Bytes in a store, or of the value sent inline. */
-  size: number;
-  /** In the message itself, in nodes' stores, in the actor that made it (tensors kept on its device), or not yet made. */
-  where: 'inline' | 'store' | 'actor' | 'none';
-  /** Nodes whose store holds a copy. */
-  nodes: string[];
-  /** Handles that keep it: refs in the driver and workers, pending tasks' arguments, containing objects. */
-  references: number;
-  /** The task that returned, put or yielded it; absent for the driver's puts. */
-  madeBy?: string;
-  pinnedBy: ObjectPin[];
-}
-
-export interface MemorySummary {
-  nodes: Array<{
-    nodeId: string;
-    capacity: number;
-    bytesInUse: number;
-    objects: number;
-    spilledBytes: number;
-    pinnedObjects: number;
-    /** Bytes that pins alone keep: objects no ref names (deleted, or never reported to the driver). */
-    unreferencedPinnedBytes: number;
-    /** Why the node's pins could not be listed (its agent is gone, say). */
-    error?: string;
-  }>;
-  /** Largest first. */
-  objects: ObjectMemoryEntry[];
-  unreferencedPins: Array<{ nodeId: string; objectId: string; size: number; state: string; deleted: boolean; pinnedBy: ObjectPin[] }>;
-}
-
 export interface ClusterState {
   /** `hostname` and `agentPid` for nodes that joined through a node agent. */
   nodes: Array<{ nodeId: string; resources: { total: Record<string, number>; available: Record<string, number> }; store: StoreStats; storeName: string; hostname?: string; agentPid?: number }>;
@@ -3337,41 +2846,6 @@ function printWorkerOutput({ nodeId, pid, stream, text }: { nodeId: string; pid:
   (stream === 'stdout' ? process.stdout : process.stderr).write(lines.map((line) => `${prefix}${line}\n`).join(''));
 }
 
-
-/** "Class.method", made once per actor and method (a fresh string per call is copied into each frame). */
-function callName(actor: ActorRecord, method: string): string {
-  let name = actor.callNames.get(method);
-  if (name === undefined) actor.callNames.set(method, (name = `${actor.name}.${method}`));
-  return name;
-}
-
-/** The empty node set every record starts with (most values are inline and never get one). */
-class NoNodes extends Set<string> {
-  override add(): this {
-    throw new Error('internal error: the shared empty node set was added to');
-  }
-}
-const NO_NODES: Set<string> = new NoNodes();
-const NO_STREAMS: ReadonlySet<string> = new Set();
-
-function addNode(record: ObjectRecord, nodeId: string): void {
-  if (record.nodes === NO_NODES) record.nodes = new Set();
-  record.nodes.add(nodeId);
-}
-
-function lostWhere(record: ObjectRecord): string {
-  return record.lostWith ? `was lost with node ${record.lostWith}, which left the cluster holding its only copy` : 'was lost from the object store';
-}
-
-/** What a streaming call's next attempt is told: what to skip, what was taken, how far ahead it may go. */
-function streamSpec(stream: StreamRecord): StreamSpec {
-  return { skip: stream.items.length, taken: stream.taken, ...(stream.backpressure !== Infinity ? { backpressure: stream.backpressure } : {}) };
-}
-
-/** The store id of a stored value: its own id, or the id it was materialized under. */
-function storedIdOf(record: ObjectRecord): string {
-  return record.value && 'node' in record.value ? record.value.id : record.id;
-}
 
 export function serializeError(error: Error): RemoteErrorInfo & { kind: string } {
   const err = error as Error & { code?: string };
