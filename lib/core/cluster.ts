@@ -1,8 +1,9 @@
 /**
- * The driver's embedded cluster: head services (scheduler, object directory, actor registry) and
- * one node (store segment and worker pool) per logical node. The driver owns every object: it
- * counts handles (its own, workers' borrows, tasks' arguments, containing values) and keeps each
- * task's lineage while its result is referenced.
+ * The driver's embedded cluster: head services (object directory, actor registry, the scheduler
+ * of scheduler.ts) and one node (store segment and worker pool) per logical node. The driver owns
+ * every object: it counts handles (its own, workers' borrows, tasks' arguments, containing values)
+ * and keeps each task's lineage while its result is referenced. Its records are in
+ * cluster-records.ts, streaming calls' items in streams.ts, the memory summary in memory-summary.ts.
  */
 import { EventEmitter } from 'node:events';
 import { createServer, type Server, type Socket } from 'node:net';
@@ -51,7 +52,8 @@ import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js'
 import { decodeStored, encodeArguments, encodeValue, pack, putStored, unpack } from './serialization.js';
 import { Deque } from './deque.js';
 import { Scheduler, type Lease } from './scheduler.js';
-import { NO_NODES, addNode, callName, lostWhere, storedIdOf, streamSpec, type ActorRecord, type ObjectRecord, type RerunSpec, type StreamRecord, type TaskRecord } from './cluster-records.js';
+import { StreamTable } from './streams.js';
+import { NO_NODES, addNode, callName, lostWhere, storedIdOf, streamSpec, type ActorRecord, type ObjectRecord, type RerunSpec, type TaskRecord } from './cluster-records.js';
 import { summarizeMemory, type MemorySummary } from './memory-summary.js';
 import { MAX_BUSY_POLL_US, busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 import { MAX_RECLAIM_IPC_AFTER_MS, configureIpcReclaim } from '../gpu/ipc-reclaim.js';
@@ -213,7 +215,7 @@ export class Cluster implements Runtime {
   #nextCloseRound = 1;
   #nextTaskId = 1;
   /** Streaming calls whose caller still holds them, by the call's return id. */
-  readonly #streams = new Map<string, StreamRecord>();
+  readonly #streams = new StreamTable((id) => this.#dropHold(id), () => this.#closed);
   #closed = false;
   #scheduling = false;
   /** The working directory every host's workers run in (runtimeEnv). */
@@ -669,7 +671,7 @@ export class Cluster implements Runtime {
           const returns = body.options?.numReturns ?? 1;
           if (returns > 1) this.#addReturns(task, returns);
           for (const id of this.#returnIdsOf(task)) this.#addWorkerHold(worker, id);
-          if (body.backpressure !== undefined) this.#openStream(task, body.backpressure ?? Infinity);
+          if (body.backpressure !== undefined) this.#streams.open(task, body.backpressure ?? Infinity);
           this.#submit(task);
           return;
         }
@@ -684,7 +686,7 @@ export class Cluster implements Runtime {
         case 'stream-next': {
           let item: string | undefined;
           try {
-            item = await this.#takeStreamItem(body.id, body.timeout ?? Infinity);
+            item = await this.#streams.take(body.id, body.timeout ?? Infinity);
           } catch (error) {
             // The call's error, as a get() of a failed object answers it: rebuilt as it was.
             reply({ error: serializeError(error as Error) });
@@ -1262,7 +1264,7 @@ export class Cluster implements Runtime {
    * next item is there to take (or none will come: the stream ended or was closed).
    */
   async #waitIds(ids: string[], numReturns: number, timeout: number, streams: ReadonlySet<string> = NO_STREAMS): Promise<[string[], string[]]> {
-    const isReady = (id: string) => (streams.has(id) ? this.#streamReady(id) : this.#objects.get(id)?.state !== 'pending');
+    const isReady = (id: string) => (streams.has(id) ? this.#streams.ready(id) : this.#objects.get(id)?.state !== 'pending');
     const check = () => ids.filter(isReady);
     let ready = check();
     if (ready.length < numReturns) {
@@ -1275,9 +1277,9 @@ export class Cluster implements Runtime {
         if (Number.isFinite(timeout)) timer = setTimeout(done, timeout);
         const watchStream = (id: string) => {
           // Woken by an item, the end or a close; an item another reader took first is no wake.
-          (this.#streams.get(id)!.waiters ??= []).push(() => {
+          this.#streams.watch(id, () => {
             if (check().length >= numReturns) done();
-            else if (!this.#streamReady(id)) watchStream(id);
+            else if (!this.#streams.ready(id)) watchStream(id);
           });
         };
         for (const id of ids) {
@@ -1303,12 +1305,6 @@ export class Cluster implements Runtime {
     return [refs.filter((ref) => readySet.has(ref.id)), refs.filter((ref) => !readySet.has(ref.id))];
   }
 
-  /** Whether streaming call `id` has an item to take, or will give none (ended, closed, or unknown). */
-  #streamReady(id: string): boolean {
-    const stream = this.#streams.get(id);
-    return !stream || stream.closed === true || stream.end !== undefined || stream.items.length > stream.taken;
-  }
-
   // -------------------------------------------------------------------------------------------
   // Tasks
 
@@ -1322,7 +1318,7 @@ export class Cluster implements Runtime {
     const ref = new ObjectRef(returnId);
     const task = this.#makeTask(fn, undefined, undefined, bytes, argRefs, held, options, returnId);
     if (returns > 1) this.#addReturns(task, returns);
-    if (backpressure !== undefined) this.#openStream(task, backpressure);
+    if (backpressure !== undefined) this.#streams.open(task, backpressure);
     this.#submit(task);
     return ref;
   }
@@ -1600,7 +1596,7 @@ export class Cluster implements Runtime {
         view?.release();
       }
     }
-    if (task.stream) this.#endStream(task.stream);
+    if (task.stream) this.#streams.end(task.stream);
     this.#resolveObject(task.returnId, value, nested, size);
     const ids = this.#returnIdsOf(task);
     for (let index = 1; index < ids.length; index++) {
@@ -1682,7 +1678,7 @@ export class Cluster implements Runtime {
     }
     task.failed = true;
     if (!task.cancelled) this.#counters.tasksFailed++;
-    if (task.stream) this.#endStream(task.stream, error);
+    if (task.stream) this.#streams.end(task.stream, error);
     // A rerun made for a lost put leaves its results alone where they are still stored.
     for (const id of this.#returnIdsOf(task)) {
       const result = this.#objects.get(id);
@@ -1739,12 +1735,6 @@ export class Cluster implements Runtime {
   // -------------------------------------------------------------------------------------------
   // Streaming calls (generators): items reported one by one, taken by the caller in order
 
-  #openStream(task: TaskRecord, backpressure: number): void {
-    const stream: StreamRecord = { id: task.returnId, task, items: [], taken: 0, backpressure };
-    task.stream = stream;
-    this.#streams.set(stream.id, stream);
-  }
-
   /**
    * An item from the producer of the call's current attempt; anything else is stale. Stored items
    * take the ids of the worker's own puts, in the same sequence: one it stored and died before
@@ -1768,24 +1758,11 @@ export class Cluster implements Runtime {
     record.yieldedBy = task.name;
     this.#objects.set(id, record);
     this.#resolveObject(id, value, message.nested, message.size ?? ('inline' in value ? value.inline.byteLength : 0));
-    stream.items.push(id);
-    this.#wakeStream(stream);
-  }
-
-  #wakeStream(stream: StreamRecord): void {
-    const waiters = stream.waiters;
-    stream.waiters = undefined;
-    if (waiters) for (const waiter of waiters) waiter();
-  }
-
-  #endStream(stream: StreamRecord, error?: Error): void {
-    if (stream.end) return;
-    stream.end = error ? { error } : {};
-    this.#wakeStream(stream);
+    this.#streams.push(stream, id);
   }
 
   nextStreamItem(id: string, timeout: number): Promise<ObjectRef<unknown> | undefined> {
-    return this.#takeStreamItem(id, timeout).then((item) => {
+    return this.#streams.take(id, timeout).then((item) => {
       if (item === undefined) return undefined;
       // The stream's hold on the item becomes this ref's.
       const ref = new ObjectRef(item);
@@ -1794,58 +1771,8 @@ export class Cluster implements Runtime {
     });
   }
 
-  /** Waits for the stream's next item and takes it: its id, the stream's hold still on it. */
-  async #takeStreamItem(id: string, timeout: number): Promise<string | undefined> {
-    const deadline = performance.now() + timeout;
-    for (;;) {
-      const stream = this.#streams.get(id);
-      if (!stream) {
-        if (this.#closed) throw new TrellisError('ERR_SHUTDOWN', 'trellis was shut down while a streaming call was read');
-        return undefined;
-      }
-      if (stream.taken < stream.items.length) {
-        const item = stream.items[stream.taken++];
-        const task = stream.task;
-        // A producer paused on backpressure may go on.
-        if (stream.backpressure !== Infinity && task.state === 'running' && task.stream === stream && task.worker && !task.worker.exited) {
-          task.worker.send({ t: 'stream-taken', taskId: task.taskId, taken: stream.taken });
-        }
-        return item;
-      }
-      if (stream.end) {
-        if (stream.end.error) throw stream.end.error;
-        return undefined;
-      }
-      const left = deadline - performance.now();
-      if (left <= 0) throw new GetTimeoutError(`streaming call ${stream.task.name} yielded no item within ${timeout} ms`);
-      await new Promise<void>((resolve) => {
-        let timer: NodeJS.Timeout | undefined;
-        const waiter = () => {
-          clearTimeout(timer);
-          resolve();
-        };
-        (stream.waiters ??= []).push(waiter);
-        if (Number.isFinite(left)) {
-          timer = setTimeout(() => {
-            stream.waiters = stream.waiters?.filter((candidate) => candidate !== waiter);
-            resolve();
-          }, left);
-        }
-      });
-    }
-  }
-
   closeStream(id: string): void {
-    const stream = this.#streams.get(id);
-    if (!stream) return;
-    this.#streams.delete(id);
-    stream.closed = true;
-    const untaken = stream.items.splice(stream.taken);
-    for (const item of untaken) this.#dropHold(item);
-    const task = stream.task;
-    if (task.state === 'running' && task.worker && !task.worker.exited) task.worker.send({ t: 'stream-stop', taskId: task.taskId });
-    // Waiting next() calls find the stream gone: done.
-    this.#wakeStream(stream);
+    this.#streams.close(id);
   }
 
   /** Idle workers above a node's soft limit (its CPU count) go after a second of idleness. */
@@ -2225,7 +2152,7 @@ export class Cluster implements Runtime {
     const actor = this.#actors.get(actorId);
     const task = this.#makeTask(undefined, actorId, method, args, argRefs, held, ACTOR_CALL_OPTIONS, returnId);
     if ((options.numReturns ?? 1) > 1) this.#addReturns(task, options.numReturns!);
-    if (backpressure !== undefined) this.#openStream(task, backpressure);
+    if (backpressure !== undefined) this.#streams.open(task, backpressure);
     task.name = actor ? callName(actor, method) : `actor.${method}`;
     if (rerunOf) this.#takeOver(task, rerunOf.of, rerunOf.objectId);
     if (rerunAs) {
@@ -2769,7 +2696,7 @@ export class Cluster implements Runtime {
     rmSync(this.#socketPath, { force: true });
     this.#forgetSocketAtExit();
     const error = new TrellisError('ERR_SHUTDOWN', 'trellis was shut down before this object was ready');
-    for (const stream of this.#streams.values()) this.#endStream(stream, new TrellisError('ERR_SHUTDOWN', `trellis was shut down while streaming call ${stream.task.name} ran`));
+    this.#streams.endAll((stream) => new TrellisError('ERR_SHUTDOWN', `trellis was shut down while streaming call ${stream.task.name} ran`));
     for (const record of this.#objects.values()) {
       if (record.state === 'pending') {
         record.state = 'failed';
