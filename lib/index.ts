@@ -46,6 +46,8 @@ export type { HostAgentOptions } from './core/host-agent.js';
 export type { ClusterOptions, BrokerInfo } from './core/broker-client.js';
 export type { ClusterSession } from './core/api.js';
 export { serveMetrics, metricsText, MetricsServer } from './core/metrics.js';
+export { Counter, Gauge, Histogram } from './core/user-metrics.js';
+export type { MetricOptions, HistogramOptions, MetricTags } from './core/user-metrics.js';
 export type { PlacementGroup, PlacementGroupOptions, PlacementStrategy } from './core/placement-group.js';
 export type { Resources } from './core/resources.js';
 export type { InitOptions, ClusterState } from './core/cluster.js';

@@ -55,6 +55,7 @@ import { Scheduler, type Lease } from './scheduler.js';
 import { StreamTable } from './streams.js';
 import { NO_NODES, addNode, callName, lostWhere, storedIdOf, streamSpec, type ActorRecord, type ObjectRecord, type RerunSpec, type TaskRecord } from './cluster-records.js';
 import { summarizeMemory, type MemorySummary } from './memory-summary.js';
+import { addMetricUpdates } from './user-metrics.js';
 import { MAX_BUSY_POLL_US, busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 import { MAX_RECLAIM_IPC_AFTER_MS, configureIpcReclaim } from '../gpu/ipc-reclaim.js';
 import { MultiProcessService } from '../gpu/mps.js';
@@ -657,6 +658,9 @@ export class Cluster implements Runtime {
         return this.#closeRounds.get(message.requestId)?.answer(worker, message.inUse);
       case 'fatal':
         worker.fatalError = message.error;
+        return;
+      case 'metrics':
+        for (const problem of addMetricUpdates(message.updates)) this.events.emit('warning', { kind: 'metrics', message: problem });
         return;
     }
   }

@@ -3,11 +3,13 @@
  * stores, workers, tasks, actors, objects) and what each layer adds through a collector (the data
  * layer: its running jobs, operator by operator, with the counters a model class reports). A
  * platform team scrapes `serveMetrics()`'s endpoint into its dashboards and alerts, or takes
- * `metricsText()` to an exporter of its own.
+ * `metricsText()` to an exporter of its own. The application's own metrics (Counter, Gauge and
+ * Histogram, from any process: user-metrics.ts) come last, under the names it gave them.
  */
 import { createServer, type Server } from 'node:http';
 import { InvalidArgumentError } from '../errors.js';
-import { isInitialized, state, taskDurations } from './api.js';
+import { events, isInitialized, state, taskDurations } from './api.js';
+import { userMetricFamilies } from './user-metrics.js';
 import { TASK_DURATION_BUCKETS } from './cluster.js';
 import type { StatusMessage } from './broker-protocol.js';
 
@@ -149,6 +151,9 @@ export function metricsText(): string {
   if (!isInitialized()) throw new InvalidArgumentError('metricsText() reads the cluster: call init() first', 'ERR_NOT_INITIALIZED');
   const families = coreMetrics();
   for (const collect of collectors) families.push(...collect());
+  const application = userMetricFamilies();
+  for (const problem of application.problems) events().emit('warning', { kind: 'metrics', message: problem });
+  families.push(...application.families);
   return formatMetrics(families);
 }
 

@@ -4,6 +4,7 @@
  * two that every task and actor call sends (the task and its inline result) have a compact binary
  * form, since generic encoding of their keyed fields was a measurable share of a call's latency.
  */
+import type { MetricUpdate } from './user-metrics.js';
 import type { AgentMessage, HeadMessage } from './agent-protocol.js';
 import type { BrokerInbound, BrokerOutbound } from './broker-protocol.js';
 import type { RemoteErrorInfo } from '../errors.js';
@@ -215,7 +216,13 @@ export interface FatalMessage {
   error: string;
 }
 
-export type WorkerMessage = HelloMessage | DoneMessage | YieldMessage | ActorReadyMessage | RequestMessage | BorrowMessage | ClosedIpcMessage | FatalMessage;
+/** Application metrics recorded since the worker's last report (see user-metrics.ts). */
+export interface MetricsMessage {
+  t: 'metrics';
+  updates: MetricUpdate[];
+}
+
+export type WorkerMessage = HelloMessage | DoneMessage | YieldMessage | ActorReadyMessage | RequestMessage | BorrowMessage | ClosedIpcMessage | FatalMessage | MetricsMessage;
 
 /**
  * Compact frames start with a tag below 0x10; a msgpack envelope (always a map) starts at 0x80 or

@@ -33,6 +33,7 @@ import { mapWorkingDirectory } from './code-location.js';
 import { DriverRequests } from './requests.js';
 import { busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 import { claimTrap } from './trap-guard.js';
+import { onMetricsPending, takeMetricUpdates } from './user-metrics.js';
 // Registers the collective-group system methods in every worker.
 import '../gpu/collective.js';
 import { holdResult, mapHeld, ownHeld, receiveHeld } from '../gpu/transport.js';
@@ -42,6 +43,8 @@ import '../gpu/ipc-reclaim.js';
 // Registers the compiled-graph exec loop's system methods.
 import '../dag/exec-loop.js';
 
+/** The longest a worker keeps application metrics before reporting them (a call's result reports them sooner). */
+const METRICS_REPORT_MS = 1000;
 const socketPath = process.env.TRELLIS_SOCKET!;
 /** Proves a TCP worker to its head; user code has no need of it. */
 const token = process.env.TRELLIS_CLUSTER_TOKEN;
@@ -84,6 +87,8 @@ class WorkerRuntime implements Runtime {
   #borrowAdd: string[] = [];
   #borrowDrop: string[] = [];
   #borrowFlush = false;
+  /** Set while application metrics wait to be reported. */
+  #metricsTimer: NodeJS.Timeout | undefined;
   #nextWatch = 0;
   /** Tasks received and not yet started. */
   readonly queue = new Deque<TaskMessage>();
@@ -92,6 +97,20 @@ class WorkerRuntime implements Runtime {
   constructor(connection: FrameConnection<DriverMessage, WorkerMessage>) {
     this.#connection = connection;
     this.#requests = new DriverRequests((message) => this.send(message));
+    onMetricsPending(() => {
+      this.#metricsTimer ??= setTimeout(() => {
+        this.#sendMetrics();
+        this.#connection.flush();
+      }, METRICS_REPORT_MS).unref();
+    });
+  }
+
+  /** Application metrics recorded since the last report, if any, go to the driver. */
+  #sendMetrics(): void {
+    clearTimeout(this.#metricsTimer);
+    this.#metricsTimer = undefined;
+    const updates = takeMetricUpdates();
+    if (updates) this.#connection.send({ t: 'metrics', updates });
   }
 
   /** Writes the messages sent so far now (see finishTask). */
@@ -103,6 +122,8 @@ class WorkerRuntime implements Runtime {
     // Borrows first: a ref kept from a call's arguments must be counted before the call's 'done'
     // lets the driver drop the arguments (and, with its own handle gone, delete the object).
     this.#sendBorrows();
+    // A call's metrics before its result: whoever has the result reads metrics that include it.
+    if (message.t === 'done' && this.#metricsTimer) this.#sendMetrics();
     this.#connection.send(message);
   }
 
