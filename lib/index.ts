@@ -31,7 +31,8 @@ export {
   SerializationError,
 } from './errors.js';
 export type { RemoteErrorInfo } from './errors.js';
-export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getActor, getRuntimeContext, state, memorySummary, events, placementGroup, removePlacementGroup, waitForNodes, requestResources } from './core/api.js';
+export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getActor, getRuntimeContext, state, memorySummary, listTasks, timeline, events, placementGroup, removePlacementGroup, waitForNodes, requestResources } from './core/api.js';
+export type { TaskInfo, TaskAttempt, TaskState, ListTasksOptions, TraceEvent } from './core/task-events.js';
 export { NodeAgent } from './core/node-agent.js';
 export type { NodeAgentOptions } from './core/node-agent.js';
 export { Broker } from './core/broker.js';

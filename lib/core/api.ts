@@ -4,6 +4,7 @@ import { InvalidArgumentError, NotInitializedError } from '../errors.js';
 import { randomBytes } from 'node:crypto';
 import { Cluster, type ClusterState, type InitOptions, type TaskDurations } from './cluster.js';
 import type { MemorySummary } from './memory-summary.js';
+import { writeTrace, type ListTasksOptions, type TaskInfo, type TraceEvent } from './task-events.js';
 import { closeMetricsServers } from './metrics.js';
 import { BrokerClient, requestedBundles, type ClusterOptions, type ElasticAsk } from './broker-client.js';
 import { ObjectRef } from './object-ref.js';
@@ -192,6 +193,28 @@ export function state(): ClusterState {
 export function memorySummary(): Promise<MemorySummary> {
   if (!cluster) return Promise.reject(new NotInitializedError('memorySummary() is available in the driver after init()'));
   return cluster.memorySummary();
+}
+
+/**
+ * Tasks and actor calls (as Ray's `ray list tasks`): those not yet ended, and the last that ended
+ * (init's keepEndedTasks, 10,000 by default), each with its state, attempts (where each ran, when,
+ * how it ended) and error; oldest submitted first, filtered by state, name or actor.
+ */
+export function listTasks(options: ListTasksOptions = {}): TaskInfo[] {
+  if (!cluster) throw new NotInitializedError('listTasks() is available in the driver after init()');
+  return cluster.listTasks(options);
+}
+
+/**
+ * The attempts listTasks() knows as a trace (as Ray's `ray.timeline()`): Chrome's trace event
+ * format, a process per node, a thread per worker, a span per attempt. With `path`, also written
+ * there as JSON, for Perfetto (ui.perfetto.dev) or chrome://tracing.
+ */
+export function timeline(path?: string): TraceEvent[] {
+  if (!cluster) throw new NotInitializedError('timeline() is available in the driver after init()');
+  const events = cluster.timeline();
+  if (path !== undefined) writeTrace(path, events);
+  return events;
 }
 
 /**

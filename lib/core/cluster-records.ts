@@ -7,6 +7,7 @@ import type { ActorOptions, SchedulingStrategy, TaskOptions, WorkerEnvironment }
 import type { FunctionDescriptor, HeldMeta, StreamSpec, WireValue } from './protocol.js';
 import type { Node, WorkerProcess } from './node.js';
 import type { Placement } from './scheduler.js';
+import type { TaskAttempt } from './task-events.js';
 
 export interface ObjectRecord {
   id: string;
@@ -97,6 +98,10 @@ export interface TaskRecord {
   stream?: StreamRecord;
   /** A call with several returns (2 or more): each its own record, named by returnIdAt. */
   numReturns?: number;
+  /** Its attempts that ended (listTasks, timeline). */
+  attemptLog?: TaskAttempt[];
+  /** How long its last attempt ran on its worker, in seconds (the duration histogram's). */
+  ranSeconds?: number;
 }
 
 /**

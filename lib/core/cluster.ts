@@ -56,6 +56,7 @@ import { StreamTable } from './streams.js';
 import { NO_NODES, addNode, callName, lostWhere, storedIdOf, streamSpec, type ActorRecord, type ObjectRecord, type RerunSpec, type TaskRecord } from './cluster-records.js';
 import { summarizeMemory, type MemorySummary } from './memory-summary.js';
 import { addMetricUpdates } from './user-metrics.js';
+import { EndedTasks, taskFilter, traceEvents, type ListTasksOptions, type TaskAttempt, type TaskInfo, type TraceEvent } from './task-events.js';
 import { MAX_BUSY_POLL_US, busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 import { MAX_RECLAIM_IPC_AFTER_MS, configureIpcReclaim } from '../gpu/ipc-reclaim.js';
 import { MultiProcessService } from '../gpu/mps.js';
@@ -103,6 +104,11 @@ export interface InitOptions extends NodeOptions {
    */
   prestartWorkers?: number;
   /**
+   * How many ended tasks and actor calls listTasks() and timeline() remember, the last ones
+   * (default 10,000; 0: none, only those not yet ended).
+   */
+  keepEndedTasks?: number;
+  /**
    * How worker processes share a GPU. 'time-slice' (the default): each has a GPU context of its
    * own and the GPU switches between them. 'mps': CUDA's Multi-Process Service, started for this
    * cluster and stopped with it; workers join it as clients, share one context (no switch between
@@ -149,6 +155,8 @@ export interface InitOptions extends NodeOptions {
 }
 
 const NO_STREAMS: ReadonlySet<string> = new Set();
+/** The most ended tasks init's keepEndedTasks may ask the driver to remember. */
+const MAX_KEEP_ENDED_TASKS = 10_000_000;
 
 /**
  * What a task's failure reported by its worker becomes: its own error as a TaskError, or, where it
@@ -215,6 +223,8 @@ export class Cluster implements Runtime {
   readonly #closeRounds = new Map<number, { waiting: Set<WorkerProcess>; answer: (worker: WorkerProcess, inUse: Uint8Array[]) => void }>();
   #nextCloseRound = 1;
   #nextTaskId = 1;
+  /** The last tasks and calls that ended (listTasks, timeline). */
+  readonly #ended: EndedTasks;
   /** Streaming calls whose caller still holds them, by the call's return id. */
   readonly #streams = new StreamTable((id) => this.#dropHold(id), () => this.#closed);
   #closed = false;
@@ -231,6 +241,7 @@ export class Cluster implements Runtime {
     const specs = options.nodes ?? [options];
     // Workers read the cap from their environment, as the driver's own from init or the variable.
     this.#logToDriver = options.logToDriver ?? true;
+    this.#ended = new EndedTasks(options.keepEndedTasks ?? 10_000);
     this.#gpuSharing = options.gpuSharing ?? 'time-slice';
     this.#portableEnvironment = {
       ...(options.busyPollMicros !== undefined ? { TRELLIS_BUSY_POLL_US: String(options.busyPollMicros) } : {}),
@@ -259,6 +270,9 @@ export class Cluster implements Runtime {
     }
     checkRangeOption('busyPollMicros', options.busyPollMicros, MAX_BUSY_POLL_US, 'microseconds');
     checkRangeOption('reclaimIpcAfterMs', options.reclaimIpcAfterMs, MAX_RECLAIM_IPC_AFTER_MS, 'milliseconds');
+    if (options.keepEndedTasks !== undefined && !(Number.isInteger(options.keepEndedTasks) && options.keepEndedTasks >= 0 && options.keepEndedTasks <= MAX_KEEP_ENDED_TASKS)) {
+      throw new InvalidArgumentError(`keepEndedTasks must be a whole number from 0 to ${MAX_KEEP_ENDED_TASKS}, got ${String(options.keepEndedTasks)}`);
+    }
     const environment = checkRuntimeEnvironment(options.runtimeEnv);
     // A job submitted with a working directory ships it, unless the driver names another.
     const fromJob = environment.workingDir === undefined ? jobRuntimeEnvironment() : undefined;
@@ -557,6 +571,7 @@ export class Cluster implements Runtime {
       // must be able to store it again; so with puts it made and never registered.
       if (task) for (const id of this.#returnIdsOf(task)) this.#dropUnreportedResult(worker.node, id);
       if (task?.putTag !== undefined && task.worker === worker && !worker.taskPuts.has(taskId)) this.#countPuts(worker, task);
+      this.#closeAttempt(task, worker, 'worker-died');
       if (!task || task.actorId) continue;
       task.worker = undefined;
       if (task.cancelled) continue;
@@ -642,6 +657,7 @@ export class Cluster implements Runtime {
         // Read after the worker's exit, which settled its tasks (retried or failed) and deleted
         // any result it had stored: a late report must not finish a retry running elsewhere.
         if (worker.exited) return;
+        this.#closeAttempt(this.#tasks.get(message.taskId), worker, message.error ? 'failed' : 'finished', message.ran);
         return this.#onTaskDone(worker, message.taskId, message.value, message.nested, message.error, message.held, message.lostArgument, message.size, message.more);
       case 'yield':
         return this.#onYield(worker, message);
@@ -733,6 +749,9 @@ export class Cluster implements Runtime {
             if (!task || task.state !== 'running') continue;
             worker.inflight.delete(taskId);
             if (lease) lease.inflight--;
+            // Never begun: no attempt of it ran.
+            task.attempts--;
+            task.runningSince = undefined;
             task.state = 'queued';
             task.worker = undefined;
             this.#scheduler.enqueue(task, true);
@@ -1588,8 +1607,9 @@ export class Cluster implements Runtime {
   #finishTask(task: TaskRecord, value: WireValue | undefined, nested: string[] | undefined, storedSize?: number, more?: ReturnValue[]): void {
     task.state = 'done';
     this.#counters.tasksFinished++;
-    if (task.runningSince !== undefined) this.#observeDuration(task.name, (performance.now() - task.runningSince) / 1000);
+    if (task.ranSeconds !== undefined) this.#observeDuration(task.name, task.ranSeconds);
     this.#tasks.delete(task.taskId);
+    if (this.#ended.keeps) this.#ended.add(this.#taskInfo(task, 'finished'));
     let size = value && 'inline' in value ? value.inline.byteLength : 0;
     if (value && 'node' in value) {
       // Stored results weigh in data locality too: record their bytes.
@@ -1682,6 +1702,7 @@ export class Cluster implements Runtime {
     }
     task.failed = true;
     if (!task.cancelled) this.#counters.tasksFailed++;
+    if (this.#ended.keeps) this.#ended.add(this.#taskInfo(task, task.cancelled ? 'cancelled' : 'failed', error));
     if (task.stream) this.#streams.end(task.stream, error);
     // A rerun made for a lost put leaves its results alone where they are still stored.
     for (const id of this.#returnIdsOf(task)) {
@@ -2425,6 +2446,59 @@ export class Cluster implements Runtime {
 
   nodeDraining(nodeId: string): boolean {
     return this.nodes.find((node) => node.id === nodeId)?.draining ?? false;
+  }
+
+  /**
+   * Ends the attempt of `task` running on `worker` (its result came, or the worker died); `ran`:
+   * the worker's own measure of it, in microseconds.
+   */
+  #closeAttempt(task: TaskRecord | undefined, worker: WorkerProcess, outcome: NonNullable<TaskAttempt['outcome']>, ran?: number): void {
+    if (!task || task.worker !== worker || task.runningSince === undefined) return;
+    const now = performance.now();
+    const seconds = ran !== undefined ? ran / 1e6 : (now - task.runningSince) / 1000;
+    task.ranSeconds = seconds;
+    const endedAt = performance.timeOrigin + now;
+    (task.attemptLog ??= []).push({ attempt: task.attempts, nodeId: worker.node.id, workerId: worker.id, pid: worker.child.pid ?? 0, startedAt: endedAt - seconds * 1000, endedAt, outcome });
+    task.runningSince = undefined;
+  }
+
+  /**
+   * What listTasks() says of `task`: its state (`ended` once over) and attempts, the one running
+   * too. Made for every call that ends, so built field by field (spreads cost more).
+   */
+  #taskInfo(task: TaskRecord, ended?: 'finished' | 'failed' | 'cancelled', error?: Error): TaskInfo {
+    // An ended task's log is final: handed over, not copied.
+    const attempts = ended ? (task.attemptLog ?? []) : [...(task.attemptLog ?? [])];
+    const worker = task.worker;
+    if (!ended && task.runningSince !== undefined && worker) {
+      attempts.push({ attempt: task.attempts, nodeId: worker.node.id, workerId: worker.id, pid: worker.child.pid ?? 0, startedAt: performance.timeOrigin + task.runningSince });
+    }
+    const info: TaskInfo = {
+      taskId: task.taskId,
+      name: task.name,
+      kind: task.actorId ? 'actor-call' : 'task',
+      state: ended ?? (task.state === 'done' ? 'finished' : task.state),
+      submittedAt: task.pendingSince,
+      attempts,
+    };
+    if (task.actorId) info.actorId = task.actorId;
+    if (ended) info.endedAt = Date.now();
+    if (error) info.error = { name: error.name, message: error.message };
+    if (task.rerun) info.recomputes = true;
+    return info;
+  }
+
+  /** Tasks and actor calls not yet ended, then the last that ended, oldest submitted first. */
+  listTasks(options: ListTasksOptions = {}): TaskInfo[] {
+    const { accepts, limit } = taskFilter(options);
+    const live = [...this.#tasks.values()].map((task) => this.#taskInfo(task));
+    const all = [...this.#ended.list(), ...live].filter(accepts).sort((a, b) => a.submittedAt - b.submittedAt);
+    return limit < all.length ? all.slice(all.length - limit) : all;
+  }
+
+  /** Every attempt listTasks() knows, in Chrome's trace event format. */
+  timeline(): TraceEvent[] {
+    return traceEvents(this.listTasks(), Date.now());
   }
 
   /** Finished tasks' and calls' run times by name, in the buckets of TASK_DURATION_BUCKETS. */

@@ -160,6 +160,8 @@ export interface DoneMessage {
   size?: number;
   /** A call with several returns: returns 1 onwards (`value` is return 0). */
   more?: ReturnValue[];
+  /** Microseconds the call ran in the worker, from its start there (not its wait in the worker's queue) to its result. */
+  ran?: number;
 }
 
 /** One of a call's several returns, inline or stored under its id. */
@@ -230,6 +232,7 @@ export type WorkerMessage = HelloMessage | DoneMessage | YieldMessage | ActorRea
  */
 const TAG_TASK = 1;
 const TAG_DONE = 2;
+const NO_RUN_TIME = 0xffffffff;
 /** A msgpack head, then raw bytes the message gets as `bulk` (a view of the frame: no copy). */
 const TAG_BULK = 3;
 
@@ -282,6 +285,11 @@ export class FrameWriter {
     this.length += 2;
   }
 
+  u32(value: number): void {
+    this.buffer.writeUInt32LE(value, this.length);
+    this.length += 4;
+  }
+
   id(value: string): void {
     this.buffer[this.length] = value.length;
     this.length += 1 + this.buffer.write(value, this.length + 1, 'latin1');
@@ -313,6 +321,12 @@ class FrameReader {
   u16(): number {
     const value = this.buffer.readUInt16LE(this.offset);
     this.offset += 2;
+    return value;
+  }
+
+  u32(): number {
+    const value = this.buffer.readUInt32LE(this.offset);
+    this.offset += 4;
     return value;
   }
 
@@ -411,9 +425,13 @@ function writeDone(writer: FrameWriter, message: DoneMessage): boolean {
   if (message.error || message.held || message.more || !value || !('inline' in value) || !isId(message.taskId)) return false;
   const nested = message.nested ?? [];
   if (nested.length > 0xffff || !nested.every(isId)) return false;
-  writer.reserve(2 + 256 + 2 + nested.length * 256);
+  // Run times of 71 minutes or more take the msgpack form; all ones means none was measured.
+  const ran = message.ran ?? NO_RUN_TIME;
+  if (!Number.isInteger(ran) || ran < 0 || ran > NO_RUN_TIME) return false;
+  writer.reserve(2 + 256 + 4 + 2 + nested.length * 256);
   writer.u8(TAG_DONE);
   writer.id(message.taskId);
+  writer.u32(ran);
   writer.u16(nested.length);
   for (const id of nested) writer.id(id);
   writer.bytes(value.inline);
@@ -422,9 +440,12 @@ function writeDone(writer: FrameWriter, message: DoneMessage): boolean {
 
 function readDone(reader: FrameReader): DoneMessage {
   const taskId = reader.id();
+  const ran = reader.u32();
   const nested: string[] = new Array(reader.u16());
   for (let i = 0; i < nested.length; i++) nested[i] = reader.id();
-  return { t: 'done', taskId, value: { inline: reader.bytes() }, nested };
+  const message: DoneMessage = { t: 'done', taskId, value: { inline: reader.bytes() }, nested };
+  if (ran !== NO_RUN_TIME) message.ran = ran;
+  return message;
 }
 
 export type AnyMessage = DriverMessage | WorkerMessage | AgentMessage | HeadMessage | BrokerInbound | BrokerOutbound;

@@ -43,6 +43,8 @@ import '../gpu/ipc-reclaim.js';
 // Registers the compiled-graph exec loop's system methods.
 import '../dag/exec-loop.js';
 
+/** When each running call began here (performance.now()), for the run time its 'done' reports. */
+const callStarts = new Map<string, number>();
 /** The longest a worker keeps application metrics before reporting them (a call's result reports them sooner). */
 const METRICS_REPORT_MS = 1000;
 const socketPath = process.env.TRELLIS_SOCKET!;
@@ -122,8 +124,15 @@ class WorkerRuntime implements Runtime {
     // Borrows first: a ref kept from a call's arguments must be counted before the call's 'done'
     // lets the driver drop the arguments (and, with its own handle gone, delete the object).
     this.#sendBorrows();
-    // A call's metrics before its result: whoever has the result reads metrics that include it.
-    if (message.t === 'done' && this.#metricsTimer) this.#sendMetrics();
+    if (message.t === 'done') {
+      const began = callStarts.get(message.taskId);
+      if (began !== undefined) {
+        callStarts.delete(message.taskId);
+        message.ran = Math.round((performance.now() - began) * 1000);
+      }
+      // A call's metrics before its result: whoever has the result reads metrics that include it.
+      if (this.#metricsTimer) this.#sendMetrics();
+    }
     this.#connection.send(message);
   }
 
@@ -672,6 +681,7 @@ let collecting = false;
 function runTask(task: TaskMessage): void {
   running++;
   const started = performance.now();
+  callStarts.set(task.taskId, started);
   runtime.current =
     task.putTag === undefined
       ? { taskId: task.taskId, actorId: task.actorId, gpuIds: task.gpuIds ?? runtime.current?.gpuIds ?? [] }

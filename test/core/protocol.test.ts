@@ -60,6 +60,13 @@ describe('frames', () => {
     expect(decoded.taskId).toBe(done.taskId);
     expect(decoded.nested).toEqual(done.nested);
     expect([...(decoded.value as { inline: Uint8Array }).inline]).toEqual([0x2a]);
+    expect(decoded.ran).toBeUndefined();
+    // The worker's run time rides in the compact form; one past its range takes msgpack.
+    expect(roundTrip({ ...done, ran: 1234 }).ran).toBe(1234);
+    expect(roundTrip({ ...done, ran: 0 }).ran).toBe(0);
+    const long = { ...done, ran: 2 ** 33 };
+    expect(encodeFrame(long)[4]).toBeGreaterThanOrEqual(0x80);
+    expect(roundTrip(long).ran).toBe(2 ** 33);
 
     const failed: DoneMessage = { t: 'done', taskId: id('4'), error: { name: 'RangeError', message: 'bad', code: 'E_X' } };
     expect(encodeFrame(failed)[4]).toBeGreaterThanOrEqual(0x80);
