@@ -92,6 +92,8 @@ export interface TaskRecord {
   runningSince?: number;
   warned?: boolean;
   tensorTransport?: string;
+  /** An actor call's concurrency group (none: the actor's default group). */
+  concurrencyGroup?: string;
   /** Held tensors among the arguments are being materialized or exported. */
   preparing?: boolean;
   /** A call to a generator: the items it yielded, for its caller to take. */

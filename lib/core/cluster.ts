@@ -29,7 +29,7 @@ import type { StoreStats } from '../store/object-store.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
 import { streamIdsOf, type Waitable } from './object-ref-generator.js';
 import type { ActorCallOptions, ActorOptions, TaskOptions, WorkerEnvironment } from './options.js';
-import { DEFAULT_WORKER_ENVIRONMENT, checkRecompute, generatorBackpressureOf, requestOf, returnsOf, workerEnvironmentOf } from './options.js';
+import { DEFAULT_WORKER_ENVIRONMENT, checkActorConcurrency, checkConcurrencyGroup, checkRecompute, generatorBackpressureOf, requestOf, returnsOf, workerEnvironmentOf } from './options.js';
 import { FrameConnection } from './connection.js';
 import {
   type DriverMessage,
@@ -1845,7 +1845,8 @@ export class Cluster implements Runtime {
     const held = record.held;
     if (!held || !consumer || (held.transport !== 'nccl' && held.transport !== 'auto')) return undefined;
     // Sends and receives pair up in call order: only a consumer that runs one call at a time.
-    if ((this.#actors.get(consumer)?.options.maxConcurrency ?? 1) !== 1) return undefined;
+    const consumerOptions = this.#actors.get(consumer)?.options;
+    if ((consumerOptions?.maxConcurrency ?? 1) !== 1 || consumerOptions?.concurrencyGroups) return undefined;
     const onGpu = held.meta.tensors.some(([, , device]) => device !== 'cpu');
     for (const [name, group] of this.#collectiveGroups) {
       if ((group.backend === 'nccl') !== onGpu) continue;
@@ -2044,6 +2045,7 @@ export class Cluster implements Runtime {
     if (options.name && this.#namedActors.has(options.name)) {
       throw new RegistrationError(`an actor named '${options.name}' already exists`);
     }
+    checkActorConcurrency(options, cls.name);
     const environment = workerEnvironmentOf(options.runtimeEnv, `actor ${cls.name} runtimeEnv`);
     const allHeld = [...argRefs, ...held];
     for (const id of allHeld) this.#addHold(id);
@@ -2118,6 +2120,7 @@ export class Cluster implements Runtime {
           args: actor.args,
           resolved,
           maxConcurrency: actor.options.maxConcurrency ?? 1,
+          ...(actor.options.concurrencyGroups ? { concurrencyGroups: actor.options.concurrencyGroups } : {}),
           gpuIds: actor.gpuIds,
         });
       };
@@ -2194,6 +2197,15 @@ export class Cluster implements Runtime {
     }
     task.maxRetries = actor.options.maxTaskRetries ?? 0;
     task.tensorTransport = options.tensorTransport ?? actor.options.methods?.[method]?.tensorTransport;
+    if (options.concurrencyGroup !== undefined) {
+      try {
+        checkConcurrencyGroup(options.concurrencyGroup, actor.options.concurrencyGroups, `${task.name}`);
+      } catch (error) {
+        this.#failTask(task, error as Error);
+        return;
+      }
+    }
+    task.concurrencyGroup = options.concurrencyGroup ?? actor.options.methods?.[method]?.concurrencyGroup;
     if (actor.state === 'dead') {
       this.#failTask(task, new ActorDiedError(actorId, actor.deathCause ?? `actor ${actor.name} is dead`));
       return;
@@ -2267,6 +2279,7 @@ export class Cluster implements Runtime {
         putTag: this.#putTagFor(task, actor.worker),
         ...(task.stream ? { stream: streamSpec(task.stream) } : {}),
         ...(task.numReturns ? { numReturns: task.numReturns } : {}),
+        ...(task.concurrencyGroup !== undefined ? { concurrencyGroup: task.concurrencyGroup } : {}),
       });
     }
   }

@@ -156,6 +156,8 @@ export interface ActorCallOptions {
   generatorBackpressure?: number;
   /** See ReturnsOptions. */
   numReturns?: number;
+  /** The actor's concurrency group this call runs in (ActorOptions.concurrencyGroups), over its method's. */
+  concurrencyGroup?: string;
   /**
    * How to make this call's output again if it is lost (its node left the cluster holding the only
    * copy): a task run with these arguments, which returns what the call returned and puts what
@@ -198,8 +200,19 @@ export interface ActorOptions {
   resources?: Resources;
   /** Registered name: getActor(name) finds the actor again. */
   name?: string;
-  /** Async methods interleave up to this many at a time (default 1: strictly one after another). */
+  /**
+   * Async methods interleave up to this many at a time (default 1: strictly one after another),
+   * for calls in no concurrency group.
+   */
   maxConcurrency?: number;
+  /**
+   * Named groups of calls, each with its own limit of calls running at once (as Ray's concurrency
+   * groups): a method put in a group (`methods: { health: { concurrencyGroup: 'control' } }`, or a
+   * call's own `concurrencyGroup`) waits only for calls of its group, so a health check or a
+   * stats call never queues behind long calls. Calls in no group share the default group, of
+   * `maxConcurrency`. Order holds within a group, not across groups.
+   */
+  concurrencyGroups?: Record<string, number>;
   /** Restarts (constructor rerun) after the actor's process dies; -1 for unlimited. Default 0. */
   maxRestarts?: number;
   /** Retries of a call whose actor died mid-call, when the actor restarts. Default 0. */
@@ -216,4 +229,38 @@ export function requestOf(options: { numCpus?: number; numGpus?: number; memory?
     GPU: options.numGpus ?? 0,
     memory: options.memory ?? 0,
   };
+}
+
+/** The most calls an actor may run at once, in one group or in its default one. */
+export const MAX_ACTOR_CONCURRENCY = 100_000;
+
+function checkConcurrencyLimit(value: unknown, what: string): void {
+  if (!(typeof value === 'number' && Number.isInteger(value) && value >= 1 && value <= MAX_ACTOR_CONCURRENCY)) {
+    throw new InvalidArgumentError(`${what} must be a whole number from 1 to ${MAX_ACTOR_CONCURRENCY}, got ${String(value)}`);
+  }
+}
+
+/** Checks an actor's maxConcurrency, concurrency groups and its methods' groups, naming what is wrong. */
+export function checkActorConcurrency(options: ActorOptions, className: string): void {
+  if (options.maxConcurrency !== undefined) checkConcurrencyLimit(options.maxConcurrency, `actor ${className} maxConcurrency`);
+  const groups = options.concurrencyGroups;
+  if (groups !== undefined) {
+    if (groups === null || typeof groups !== 'object' || Array.isArray(groups)) throw new InvalidArgumentError(`actor ${className} concurrencyGroups must be an object of group names to limits`);
+    for (const [name, limit] of Object.entries(groups)) {
+      if (name.length === 0) throw new InvalidArgumentError(`actor ${className} concurrencyGroups: a group name is empty`);
+      checkConcurrencyLimit(limit, `actor ${className} concurrency group '${name}'`);
+    }
+  }
+  for (const [method, methodOptions] of Object.entries(options.methods ?? {})) {
+    const group = methodOptions?.concurrencyGroup;
+    if (group !== undefined) checkConcurrencyGroup(group, groups, `actor ${className} method ${method}`);
+  }
+}
+
+/** Checks that `group` is one of the actor's concurrency groups. */
+export function checkConcurrencyGroup(group: unknown, groups: Record<string, number> | undefined, where: string): void {
+  if (typeof group !== 'string' || !groups || !Object.hasOwn(groups, group)) {
+    const known = Object.keys(groups ?? {});
+    throw new InvalidArgumentError(`${where}: concurrency group ${JSON.stringify(group)} is not one of the actor's (${known.length ? known.join(', ') : 'it has none: see concurrencyGroups'})`);
+  }
 }

@@ -70,6 +70,8 @@ export interface TaskMessage {
    * stored under its own id (returnIdAt), the first as a single result would be.
    */
   numReturns?: number;
+  /** For actor calls: the concurrency group it runs in (none: the default group). */
+  concurrencyGroup?: string;
 }
 
 /**
@@ -104,6 +106,8 @@ export interface CreateActorMessage {
   args: Uint8Array;
   resolved: Record<string, WireValue>;
   maxConcurrency: number;
+  /** Named groups of calls and how many of each may run at once (ActorOptions.concurrencyGroups). */
+  concurrencyGroups?: Record<string, number>;
   gpuIds?: number[];
 }
 
@@ -242,6 +246,7 @@ const TASK_GPUS = 4;
 const TASK_TRANSPORT = 8;
 const TASK_RESOLVED = 16;
 const TASK_PUT_TAG = 32;
+const TASK_GROUP = 64;
 
 const NO_RESOLVED: Record<string, WireValue> = Object.freeze({}) as Record<string, WireValue>;
 
@@ -375,7 +380,8 @@ function writeTask(writer: FrameWriter, message: TaskMessage): boolean {
     (gpus ? TASK_GPUS : 0) |
     (message.tensorTransport !== undefined ? TASK_TRANSPORT : 0) |
     (resolved ? TASK_RESOLVED : 0) |
-    (putTag !== undefined ? TASK_PUT_TAG : 0);
+    (putTag !== undefined ? TASK_PUT_TAG : 0) |
+    (message.concurrencyGroup !== undefined ? TASK_GROUP : 0);
   writer.reserve(10 + 2 * 256 + 256 + 2 + 2 * 255);
   writer.u8(TAG_TASK);
   writer.u8(flags);
@@ -394,6 +400,7 @@ function writeTask(writer: FrameWriter, message: TaskMessage): boolean {
   }
   if (message.actorId !== undefined) writer.str(message.method ?? '');
   if (message.tensorTransport !== undefined) writer.str(message.tensorTransport);
+  if (message.concurrencyGroup !== undefined) writer.str(message.concurrencyGroup);
   writer.bytes(message.args);
   if (resolved) writer.bytes(resolved);
   return true;
@@ -414,9 +421,12 @@ function readTask(reader: FrameReader): TaskMessage {
   const fn = flags & TASK_FN ? { module: reader.str(), name: reader.str() } : undefined;
   const method = flags & TASK_ACTOR ? reader.str() : undefined;
   const tensorTransport = flags & TASK_TRANSPORT ? reader.str() : undefined;
+  const concurrencyGroup = flags & TASK_GROUP ? reader.str() : undefined;
   const args = reader.bytes();
   const resolved = flags & TASK_RESOLVED ? (envelopes.unpack(reader.bytes()) as Record<string, WireValue>) : NO_RESOLVED;
-  return { t: 'task', taskId, name, fn, actorId, method, args, resolved, returnId, gpuIds, tensorTransport, putTag };
+  const message: TaskMessage = { t: 'task', taskId, name, fn, actorId, method, args, resolved, returnId, gpuIds, tensorTransport, putTag };
+  if (concurrencyGroup !== undefined) message.concurrencyGroup = concurrencyGroup;
+  return message;
 }
 
 /** Only an inline result without tensors or an error takes the compact form. */

@@ -33,6 +33,7 @@ import { mapWorkingDirectory } from './code-location.js';
 import { DriverRequests } from './requests.js';
 import { busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 import { claimTrap } from './trap-guard.js';
+import { CallQueue } from './call-queue.js';
 import { onMetricsPending, takeMetricUpdates } from './user-metrics.js';
 // Registers the collective-group system methods in every worker.
 import '../gpu/collective.js';
@@ -93,7 +94,7 @@ class WorkerRuntime implements Runtime {
   #metricsTimer: NodeJS.Timeout | undefined;
   #nextWatch = 0;
   /** Tasks received and not yet started. */
-  readonly queue = new Deque<TaskMessage>();
+  readonly queue = new CallQueue();
   current?: CurrentTask;
 
   constructor(connection: FrameConnection<DriverMessage, WorkerMessage>) {
@@ -295,8 +296,7 @@ class WorkerRuntime implements Runtime {
     // meanwhile. An actor keeps its queued calls: they belong to its state and its order.
     let returnTasks: string[] = [];
     if (!isActorWorker) {
-      returnTasks = [...this.queue].map((task) => task.taskId);
-      this.queue.clear();
+      returnTasks = this.queue.takeAll().map((task) => task.taskId);
     }
     const values = (await this.request('get', { ids: refs.map((ref) => ref.id), timeout, returnTasks })) as Array<
       WireValue | { error: RemoteErrorInfo & { kind: string } }
@@ -328,7 +328,7 @@ class WorkerRuntime implements Runtime {
       this.notify('register', { id, value: { inline: encoded.inline }, nested: encoded.nested, size: encoded.inline.byteLength });
     } else {
       // The call named, or the running one where calls run one at a time.
-      const current = call ?? (actorConcurrency === 1 ? this.current : undefined);
+      const current = call ?? (callsOneAtATime ? this.current : undefined);
       if (current?.putTag !== undefined) {
         // A task the driver can rerun: named from its return id and attempt, so that the rerun
         // names it the same. Found already here, it is a copy of this very object (a rerun's).
@@ -663,7 +663,8 @@ function showGpus(gpuIds: number[]): void {
 let actorInstance: any;
 /** Set before the constructor runs: its get() must not hand queued calls back either. */
 let isActorWorker = false;
-let actorConcurrency = 1;
+/** Calls run strictly one after another here (no maxConcurrency above 1, no concurrency groups). */
+let callsOneAtATime = true;
 let running = 0;
 let pumping = false;
 /** The worker is ending (an error nothing caught): it reports why, and starts no more tasks. */
@@ -760,6 +761,7 @@ function finishTask(task: TaskMessage, system: unknown, started: number, failed:
     runtime.send({ t: 'done', taskId: task.taskId, error: errorInfo(failure) });
   } finally {
     running--;
+    runtime.queue.ended(task);
     if (endAfterRunning && running === 0) die(endAfterRunning);
     collector.taskEnded();
     if (runtime.queue.length > 0 && performance.now() - started >= FLUSH_AFTER_MS) runtime.flush();
@@ -909,7 +911,7 @@ function pump(): void {
   }
   pumping = true;
   try {
-    while (running < actorConcurrency && runtime.queue.length > 0) runTask(runtime.queue.shift()!);
+    for (let task = runtime.queue.next(); task; task = runtime.queue.next()) runTask(task);
   } finally {
     pumping = false;
   }
@@ -927,7 +929,8 @@ async function loadRegistered(descriptor: FunctionDescriptor): Promise<unknown> 
 
 async function startActor(message: CreateActorMessage): Promise<void> {
   isActorWorker = true;
-  actorConcurrency = message.maxConcurrency;
+  runtime.queue.configure(message.maxConcurrency, message.concurrencyGroups);
+  callsOneAtATime = message.maxConcurrency === 1 && !message.concurrencyGroups;
   runtime.current = { actorId: message.actorId, gpuIds: message.gpuIds ?? [] };
   if (message.gpuIds && message.gpuIds.length > 0) process.env.CUDA_VISIBLE_DEVICES = visibleDevices(message.gpuIds);
   try {

@@ -48,6 +48,8 @@ describe('frames', () => {
     };
     const decoded = roundTrip(task);
     expect(decoded).toMatchObject({ actorId: task.actorId, method: 'forward', gpuIds: [0, 3], tensorTransport: 'nccl', fn: undefined });
+    expect(decoded.concurrencyGroup).toBeUndefined();
+    expect(roundTrip({ ...task, concurrencyGroup: 'health' }).concurrencyGroup).toBe('health');
     expect(Buffer.compare(Buffer.from(decoded.args), Buffer.from(big))).toBe(0);
     expect([...(decoded.resolved[id('d')] as { inline: Uint8Array }).inline]).toEqual([1, 2, 3]);
     expect(decoded.resolved[id('e')]).toEqual({ node: 'node-0', id: id('e') });
