@@ -144,6 +144,20 @@ export class TaskError extends TrellisError {
   }
 }
 
+/** A Queue had no room for a put that would not wait, or stayed full past its timeout. */
+export class QueueFullError extends TrellisError {
+  constructor(message: string) {
+    super('ERR_QUEUE_FULL', message);
+  }
+}
+
+/** A Queue had no item for a get that would not wait, or stayed empty past its timeout. */
+export class QueueEmptyError extends TrellisError {
+  constructor(message: string) {
+    super('ERR_QUEUE_EMPTY', message);
+  }
+}
+
 /** The worker running a task died, and the task has no retries left. */
 export class WorkerCrashedError extends TrellisError {
   constructor(message: string) {

@@ -29,6 +29,8 @@ export {
   NotInitializedError,
   RegistrationError,
   SerializationError,
+  QueueFullError,
+  QueueEmptyError,
 } from './errors.js';
 export type { RemoteErrorInfo } from './errors.js';
 export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getActor, getRuntimeContext, state, memorySummary, listTasks, timeline, events, placementGroup, removePlacementGroup, waitForNodes, requestResources } from './core/api.js';
@@ -59,6 +61,8 @@ export type { RemoteFunction, ActorClass, ActorHandle, ActorMethod, RemoteArgs, 
 export { ObjectRef } from './core/object-ref.js';
 export { ObjectRefGenerator } from './core/object-ref-generator.js';
 export { ActorPool } from './core/actor-pool.js';
+export { Queue, QueueActor } from './core/queue.js';
+export type { QueueOptions, QueueWaitOptions } from './core/queue.js';
 export type { PoolCall, PoolNextOptions } from './core/actor-pool.js';
 export type { StreamNextOptions } from './core/object-ref-generator.js';
 export type { RefOr } from './core/object-ref.js';

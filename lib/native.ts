@@ -414,6 +414,8 @@ export interface NativeBusyPoll {
   arm(): void;
   /** A message arrived: the outstanding arm's wait is learned. */
   answered(): void;
+  /** Learns one wait of `waitMicros` as answered() would (tests feed the policy exact waits). */
+  learn(waitMicros: number): void;
   /** spinMicros: the spin that recent answers call for (0: later than the cap); hits: answers that found the loop awake. */
   stats(): { capMicros: number; spinMicros: number; spins: number; hits: number; spunMicros: number };
   /** The loop watches this ring (read by this process) before it sleeps and while it spins. */

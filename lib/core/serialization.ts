@@ -66,6 +66,17 @@ export function setHandleCodec(codec: HandleCodec): void {
   handleCodec = codec;
 }
 
+/** msgpack extension types, one per class that travels as itself: each must be unique. */
+const EXTENSION = {
+  objectRef: 0x54,
+  map: 0x55,
+  actorHandle: 0x56,
+  tensor: 0x57,
+  argumentSlot: 0x58,
+  tensorSlot: 0x59,
+  portable: 0x5a,
+} as const;
+
 class ActorHandleMarker {}
 
 /**
@@ -81,11 +92,52 @@ function addMarkerExtension<Marker, Field>(Class: new (field: Field) => Marker, 
   addExtension({ Class, type, write: field, read: (value: Field) => new Class(value) });
 }
 
-addMarkerExtension(ArgumentSlot, 0x58, (slot) => slot.id);
+addMarkerExtension(ArgumentSlot, EXTENSION.argumentSlot, (slot) => slot.id);
+
+/** A class of the library whose instances travel as data and are made again on arrival (a Queue). */
+interface PortableClass {
+  tag: string;
+  toData(value: unknown): unknown;
+  fromData(data: unknown): unknown;
+}
+
+const portableClasses = new Map<unknown, PortableClass>();
+const portableByTag = new Map<string, PortableClass>();
+
+/**
+ * Lets instances of `Class` be sent: each travels as `toData(instance)` (anything sendable, actor
+ * handles and refs included) and is made again by `fromData` in the receiving process, which must
+ * have loaded the module that registered it.
+ */
+export function registerPortableClass<T>(Class: abstract new (...args: never[]) => T, tag: string, toData: (value: T) => unknown, fromData: (data: never) => T): void {
+  const portable = { tag, toData, fromData } as PortableClass;
+  portableClasses.set(Class, portable);
+  portableByTag.set(tag, portable);
+}
+
+class PortableMarker {
+  constructor(
+    readonly tag: string,
+    readonly data: unknown,
+  ) {}
+}
+
+addExtension({
+  Class: PortableMarker,
+  type: EXTENSION.portable,
+  write(marker: PortableMarker) {
+    return [marker.tag, marker.data];
+  },
+  read([tag, data]: [string, unknown]) {
+    const portable = portableByTag.get(tag);
+    if (!portable) throw new SerializationError(`a ${tag} arrived, but this process has not loaded the module that defines it`);
+    return portable.fromData(data);
+  },
+});
 
 addExtension({
   Class: ObjectRef,
-  type: 0x54,
+  type: EXTENSION.objectRef,
   write(ref: ObjectRef) {
     nestedCollector?.push(ref.id);
     return ref.id;
@@ -104,7 +156,7 @@ class PackedMap extends Map<unknown, unknown> {}
 
 addExtension({
   Class: PackedMap,
-  type: 0x55,
+  type: EXTENSION.map,
   write(map: Map<unknown, unknown>) {
     return [...map.entries()];
   },
@@ -115,7 +167,7 @@ addExtension({
 
 addExtension({
   Class: ActorHandleMarker,
-  type: 0x56,
+  type: EXTENSION.actorHandle,
   write(value: unknown) {
     const data = handleCodec!.write(value) as [actorId: string, ...rest: unknown[]];
     // A value holding a handle holds the actor, as one holding a ref holds its object.
@@ -130,7 +182,7 @@ addExtension({
 
 addExtension({
   Class: Tensor,
-  type: 0x57,
+  type: EXTENSION.tensor,
   write(tensor: Tensor) {
     const host = tensor.device === 'cpu' ? tensor : tensor.cpu();
     return [...tensorHeader(tensor), host.bytes().slice()];
@@ -150,7 +202,7 @@ export class TensorSlot {
   constructor(readonly index: number) {}
 }
 
-addMarkerExtension(TensorSlot, 0x59, (slot) => slot.index);
+addMarkerExtension(TensorSlot, EXTENSION.tensorSlot, (slot) => slot.index);
 
 const packr = new Packr({ useRecords: false, moreTypes: true, structuredClone: true });
 // Scalars encode the same without the rich codec's structured-clone bookkeeping (a Map per pack).
@@ -225,6 +277,8 @@ function prepare(value: unknown, depth = 0): unknown {
       }
       if (value instanceof Set) return new Set([...value].map((v) => prepare(v, depth + 1)));
       const prototype = Object.getPrototypeOf(value);
+      const portable = prototype === Object.prototype ? undefined : portableClasses.get(prototype?.constructor);
+      if (portable) return new PortableMarker(portable.tag, prepare(portable.toData(value), depth + 1));
       if (prototype !== Object.prototype && prototype !== null) {
         throw new SerializationError(
           `an instance of ${prototype?.constructor?.name ?? 'a class'} cannot be sent to another process: send plain objects, arrays, typed arrays, Maps, Sets or Arrow tables`,

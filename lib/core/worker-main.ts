@@ -43,6 +43,8 @@ import { closeIdleMappingsOf, closeMappingsOfExporter } from '../gpu/cuda.js';
 import '../gpu/ipc-reclaim.js';
 // Registers the compiled-graph exec loop's system methods.
 import '../dag/exec-loop.js';
+// A Queue sent to this worker is made again here (its class registers how).
+import './queue.js';
 
 /** When each running call began here (performance.now()), for the run time its 'done' reports. */
 const callStarts = new Map<string, number>();

@@ -269,6 +269,15 @@ void RegisterBusyPoll(Napi::Env env, Napi::Object exports) {
     state->armed_at_ns = 0;
     return info.Env().Undefined();
   }, "answered", state));
+  // learn(waitMicros): learns one wait as answered() would, without the clock: the policy's tests
+  // feed it exact waits (a real wait on a loaded host can be descheduled past the cap).
+  busy_poll.Set("learn", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
+    if (!info[0].IsNumber() || !(info[0].As<Napi::Number>().DoubleValue() >= 0)) {
+      throw Napi::TypeError::New(info.Env(), "busyPoll.learn expects a wait in microseconds, 0 or more");
+    }
+    LearnWait(StateOf(info), static_cast<int64_t>(info[0].As<Napi::Number>().DoubleValue() * 1000));
+    return info.Env().Undefined();
+  }, "learn", state));
   busy_poll.Set("stats", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
     BusyPoll* state = StateOf(info);
     Napi::Object stats = Napi::Object::New(info.Env());
