@@ -6,7 +6,7 @@ import { spawn } from 'node:child_process';
 import { cpus } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { Piscina } from 'piscina';
-import { ActorPool, get, init, put, shutdown } from '../lib/index.js';
+import { ActorPool, Queue, get, init, put, shutdown } from '../lib/index.js';
 import { actorClient, noop, RemoteSink, taskClient } from './core-tasks.js';
 import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
 
@@ -53,6 +53,8 @@ export const coreSuite: Suite = {
     ['streamed items / async actor calls', '1_1_actor_streamed_items', '1_1_actor_calls_async', '>= 1'],
     ['ActorPool.map, one call per actor at a time / all calls sent at once', 'actor_pool_map_calls', '1_n_actor_calls_async', ''],
     ['ActorPool.map, 16 calls per actor at a time / all calls sent at once', 'actor_pool_map_calls_16', '1_n_actor_calls_async', ''],
+    ['Queue put + get pairs, awaited / sync actor calls', 'queue_items_sync', '1_1_actor_calls_sync', ''],
+    ['Queue items in batches of 1,000 / async actor calls', 'queue_items_batched', '1_1_actor_calls_async', ''],
   ],
   async run(): Promise<Results> {
     const results: Results = {};
@@ -120,6 +122,23 @@ export const coreSuite: Suite = {
         for await (const value of deep.map((sink) => sink.ping.remote(), Array.from({ length: 20_000 }))) if (value === undefined) throw new Error('unreachable');
       }));
       deep.close();
+      // Items through a Queue (its actor in between): one put and one get awaited in turn, then
+      // in batches of 1,000 (putNowaitBatch / getNowaitBatch).
+      const queue = new Queue<number>();
+      perSecond('queue_items_sync', await rate(1_000, async () => {
+        for (let i = 0; i < 1_000; i++) {
+          await queue.put(i);
+          if ((await queue.get()) !== i) throw new Error('queue out of order');
+        }
+      }));
+      const batch = Array.from({ length: 1_000 }, (_, i) => i);
+      perSecond('queue_items_batched', await rate(20_000, async () => {
+        for (let round = 0; round < 20; round++) {
+          await queue.putNowaitBatch(batch);
+          if ((await queue.getNowaitBatch(1_000)).length !== 1_000) throw new Error('queue lost items');
+        }
+      }));
+      queue.shutdown();
       perSecond('n_n_actor_calls_async', await rate(20_000, async () => {
         await get(Array.from({ length: 4 }, () => actorClient.remote(5_000)));
       }));
