@@ -28,7 +28,6 @@ import { actorHandleInfo, importRegistered, lookupRegistered, makeActorHandle } 
 import { setRuntime, type ActorLookup, type CallScope, type Runtime, type RuntimeContext } from './runtime-context.js';
 import { ArgumentSlot, decodeStored, encodeArguments, encodeValue, pack, putStored, putStoredOnce, restoreTensorsOnDevice, setHandleCodec, unpack, type StoredValue } from './serialization.js';
 import { SYSTEM_PREFIX, isImmediateSystemMethod, systemMethod } from './system-methods.js';
-import { Deque } from './deque.js';
 import { mapWorkingDirectory } from './code-location.js';
 import { DriverRequests } from './requests.js';
 import { busyPollTraffic, configureBusyPoll } from './busy-poll.js';
