@@ -64,6 +64,19 @@ export class CallQueue {
     for (const group of this.#groups.values()) yield* group.waiting;
   }
 
+  /** Takes the waiting call `taskId` out (it was cancelled), if it is still waiting. */
+  remove(taskId: string): TaskMessage | undefined {
+    for (const group of [this.#default, ...this.#groups.values()]) {
+      const waiting = [...group.waiting];
+      const index = waiting.findIndex((task) => task.taskId === taskId);
+      if (index < 0) continue;
+      group.waiting.clear();
+      waiting.forEach((task, position) => position !== index && group.waiting.push(task));
+      return waiting[index];
+    }
+    return undefined;
+  }
+
   /** Takes every waiting call out (a pooled worker hands them back while it blocks). */
   takeAll(): TaskMessage[] {
     const taken = [...this];

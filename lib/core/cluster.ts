@@ -1578,6 +1578,16 @@ export class Cluster implements Runtime {
       this.#onActorCallDone(task, value, nested, error, held, lostArgument, size, more);
       return;
     }
+    if (!task && worker.actorId) {
+      // A call cancelled while its actor ran or held it: it leaves the actor's running calls (an
+      // actor with none left and no handle can end), and its stored results have no reader.
+      const actor = this.#actors.get(worker.actorId);
+      if (actor?.running.delete(taskId) && actor.unreferenced) queueMicrotask(() => this.#endIfUnreferenced(actor));
+      for (const result of [{ value }, ...(more ?? [])]) {
+        if (result.value && 'node' in result.value) this.#dropUnreportedResult(worker.node, result.value.id);
+      }
+      return;
+    }
     const lease = this.#scheduler.leaseOf(worker);
     if (lease) {
       lease.inflight--;
@@ -1753,8 +1763,12 @@ export class Cluster implements Runtime {
     const worker = task.worker;
     this.#failTask(task, new TaskCancelledError(`task ${task.name} was cancelled`));
     if (force && worker && !task.actorId) worker.kill();
-    // A generator is closed at its next yield (its finally blocks run), as a caller's return() does.
-    else if (task.stream && worker && !worker.exited) worker.send({ t: 'stream-stop', taskId: task.taskId });
+    else if (worker && !worker.exited) {
+      // A generator is closed at its next yield (its finally blocks run), as a caller's return() does.
+      if (task.stream) worker.send({ t: 'stream-stop', taskId: task.taskId });
+      // Queued in the worker, it never starts; running, its signal is aborted (RuntimeContext.signal).
+      worker.send({ t: 'cancel', taskId: task.taskId });
+    }
   }
 
   // -------------------------------------------------------------------------------------------

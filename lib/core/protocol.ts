@@ -92,6 +92,15 @@ export interface StreamTakenMessage {
   taken: number;
 }
 
+/**
+ * A call was cancelled (cancel() without force): one still queued in the worker is dropped (its
+ * 'done' says so), one running has its signal aborted (RuntimeContext.signal).
+ */
+export interface CancelMessage {
+  t: 'cancel';
+  taskId: string;
+}
+
 /** The caller of a streaming call wants no more: the generator is closed at its next `yield`. */
 export interface StreamStopMessage {
   t: 'stream-stop';
@@ -139,7 +148,7 @@ export interface ExporterGoneMessage {
   processId: number;
 }
 
-export type DriverMessage = TaskMessage | CreateActorMessage | ReplyMessage | ExitMessage | CloseIpcMessage | ExporterGoneMessage | StreamTakenMessage | StreamStopMessage;
+export type DriverMessage = TaskMessage | CreateActorMessage | ReplyMessage | ExitMessage | CloseIpcMessage | ExporterGoneMessage | StreamTakenMessage | StreamStopMessage | CancelMessage;
 
 export interface HelloMessage {
   t: 'hello';

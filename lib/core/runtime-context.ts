@@ -20,6 +20,13 @@ export interface RuntimeContext {
    * CUDA IPC mappings, communicator receives, copies back onto the GPU).
    */
   argumentsMs?: number;
+  /**
+   * In a task or actor call: aborted when the call is cancelled (cancel() without force; its
+   * caller already has TaskCancelledError). Check it, or hand it on (fetch, timers, streams), and
+   * return early. Read it before the call's first await: where calls interleave (async actors),
+   * getRuntimeContext() names the call running at that moment.
+   */
+  readonly signal?: AbortSignal;
 }
 
 export interface ActorLookup {

@@ -7,7 +7,7 @@ import { closeSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
 import { connect, type Socket } from 'node:net';
 import { dial } from './tls.js';
-import { InvalidArgumentError, ObjectLostError, TaskError, type RemoteErrorInfo } from '../errors.js';
+import { InvalidArgumentError, ObjectLostError, TaskCancelledError, TaskError, type RemoteErrorInfo } from '../errors.js';
 import { ObjectStore, viewPinsHeld } from '../store/object-store.js';
 import { newObjectId, returnIdAt, sequentialObjectId, taskPutBase } from '../store/object-id.js';
 import { HandleReleaser, ObjectRef, setRefTracker } from './object-ref.js';
@@ -45,8 +45,8 @@ import '../dag/exec-loop.js';
 // A Queue sent to this worker is made again here (its class registers how).
 import './queue.js';
 
-/** When each running call began here (performance.now()), for the run time its 'done' reports. */
-const callStarts = new Map<string, number>();
+/** Calls running here, by task id: for the run time each 'done' reports, and for cancel. */
+const runningCalls = new Map<string, CurrentTask>();
 /** The longest a worker keeps application metrics before reporting them (a call's result reports them sooner). */
 const METRICS_REPORT_MS = 1000;
 const socketPath = process.env.TRELLIS_SOCKET!;
@@ -77,6 +77,11 @@ interface CurrentTask {
   gpuIds: number[];
   argumentsMs?: number;
   returnId?: string;
+  /** When it began here (performance.now()). */
+  started?: number;
+  /** Made when its signal is first asked for (most calls never ask). */
+  controller?: AbortController;
+  cancelled?: boolean;
   putTag?: number;
   putBase?: Uint8Array;
   puts?: number;
@@ -127,10 +132,10 @@ class WorkerRuntime implements Runtime {
     // lets the driver drop the arguments (and, with its own handle gone, delete the object).
     this.#sendBorrows();
     if (message.t === 'done') {
-      const began = callStarts.get(message.taskId);
-      if (began !== undefined) {
-        callStarts.delete(message.taskId);
-        message.ran = Math.round((performance.now() - began) * 1000);
+      const call = runningCalls.get(message.taskId);
+      if (call) {
+        runningCalls.delete(message.taskId);
+        message.ran = Math.round((performance.now() - call.started!) * 1000);
       }
       // A call's metrics before its result: whoever has the result reads metrics that include it.
       if (this.#metricsTimer) this.#sendMetrics();
@@ -397,7 +402,10 @@ class WorkerRuntime implements Runtime {
 
   context(): RuntimeContext {
     const current = this.current;
-    return { nodeId, workerId, taskId: current?.taskId, actorId: current?.actorId, gpuIds: current?.gpuIds ?? [], isDriver: false, argumentsMs: current?.argumentsMs };
+    const context = { nodeId, workerId, taskId: current?.taskId, actorId: current?.actorId, gpuIds: current?.gpuIds ?? [], isDriver: false, argumentsMs: current?.argumentsMs };
+    // Not enumerable: a context returned or spread stays plain data (a signal cannot be sent), and
+    // the signal is made only where asked for.
+    return Object.defineProperty(context, 'signal', { enumerable: false, get: () => (current?.taskId === undefined ? undefined : signalOf(current)) });
   }
 }
 
@@ -683,11 +691,11 @@ let collecting = false;
 function runTask(task: TaskMessage): void {
   running++;
   const started = performance.now();
-  callStarts.set(task.taskId, started);
   runtime.current =
     task.putTag === undefined
-      ? { taskId: task.taskId, actorId: task.actorId, gpuIds: task.gpuIds ?? runtime.current?.gpuIds ?? [] }
-      : { taskId: task.taskId, actorId: task.actorId, gpuIds: task.gpuIds ?? runtime.current?.gpuIds ?? [], returnId: task.returnId, putTag: task.putTag, puts: 0 };
+      ? { taskId: task.taskId, actorId: task.actorId, gpuIds: task.gpuIds ?? runtime.current?.gpuIds ?? [], started }
+      : { taskId: task.taskId, actorId: task.actorId, gpuIds: task.gpuIds ?? runtime.current?.gpuIds ?? [], started, returnId: task.returnId, putTag: task.putTag, puts: 0 };
+  runningCalls.set(task.taskId, runtime.current);
   if (!task.actorId) showGpus(task.gpuIds ?? []);
   const system = task.method?.startsWith(SYSTEM_PREFIX) ? systemMethod(task.method) : undefined;
   let outcome: unknown;
@@ -863,6 +871,31 @@ function onStreamTaken(taskId: string, taken: number): void {
   production.wake?.();
 }
 
+/** The cancellation signal of a running call, made on first use (aborted already if it was cancelled). */
+function signalOf(call: CurrentTask): AbortSignal {
+  if (!call.controller) {
+    call.controller = new AbortController();
+    if (call.cancelled) call.controller.abort(new TaskCancelledError(`call ${call.taskId} was cancelled`));
+  }
+  return call.controller.signal;
+}
+
+/**
+ * cancel() without force: a call still queued here never starts (its 'done' tells the driver,
+ * whose accounting of this worker's calls waits for it); a running one has its signal aborted.
+ */
+function onCancel(taskId: string): void {
+  const queued = runtime.queue.remove(taskId);
+  if (queued) {
+    runtime.send({ t: 'done', taskId, error: { name: 'TaskCancelledError', message: `${queued.name} was cancelled before it started` } });
+    return;
+  }
+  const call = runningCalls.get(taskId);
+  if (!call || call.cancelled) return;
+  call.cancelled = true;
+  call.controller?.abort(new TaskCancelledError(`call ${taskId} was cancelled`));
+}
+
 function onStreamStop(taskId: string): void {
   const production = productions.get(taskId);
   if (production) {
@@ -991,6 +1024,9 @@ const connection = new FrameConnection<DriverMessage, WorkerMessage>(
         return;
       case 'stream-stop':
         onStreamStop(message.taskId);
+        return;
+      case 'cancel':
+        onCancel(message.taskId);
         return;
       case 'exit':
         process.exit(0);
