@@ -887,6 +887,8 @@ function signalOf(call: CurrentTask): AbortSignal {
 function onCancel(taskId: string): void {
   const queued = runtime.queue.remove(taskId);
   if (queued) {
+    // A stream told to stop while queued will never start either.
+    stopsBeforeStart.delete(taskId);
     runtime.send({ t: 'done', taskId, error: { name: 'TaskCancelledError', message: `${queued.name} was cancelled before it started` } });
     return;
   }
