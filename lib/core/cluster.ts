@@ -1583,9 +1583,7 @@ export class Cluster implements Runtime {
       // actor with none left and no handle can end), and its stored results have no reader.
       const actor = this.#actors.get(worker.actorId);
       if (actor?.running.delete(taskId) && actor.unreferenced) queueMicrotask(() => this.#endIfUnreferenced(actor));
-      for (const result of [{ value }, ...(more ?? [])]) {
-        if (result.value && 'node' in result.value) this.#dropUnreportedResult(worker.node, result.value.id);
-      }
+      this.#dropResults(worker, value, more);
       return;
     }
     const lease = this.#scheduler.leaseOf(worker);
@@ -1607,11 +1605,16 @@ export class Cluster implements Runtime {
       }
     } else {
       // Cancelled meanwhile (and so forgotten): its stored results have no reader.
-      for (const result of [{ value }, ...(more ?? [])]) {
-        if (result.value && 'node' in result.value) this.#dropUnreportedResult(worker.node, result.value.id);
-      }
+      this.#dropResults(worker, value, more);
     }
     this.#schedule();
+  }
+
+  /** Deletes what a call nobody waits for any more (cancelled) stored as its results. */
+  #dropResults(worker: WorkerProcess, value: WireValue | undefined, more: ReturnValue[] | undefined): void {
+    for (const result of [{ value }, ...(more ?? [])]) {
+      if (result.value && 'node' in result.value) this.#dropUnreportedResult(worker.node, result.value.id);
+    }
   }
 
   #finishTask(task: TaskRecord, value: WireValue | undefined, nested: string[] | undefined, storedSize?: number, more?: ReturnValue[]): void {
