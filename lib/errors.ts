@@ -347,3 +347,25 @@ export class GrammarError extends InvalidArgumentError {
     this.schemaPath = details.schemaPath;
   }
 }
+
+/**
+ * Serving failed: a deployment that could not start (its constructor threw past its retries, or
+ * no node can hold a replica), or a call to an application that is gone. `deployment` names it.
+ */
+export class DeploymentError extends TrellisError {
+  readonly deployment: string;
+  constructor(deployment: string, message: string, code = 'ERR_DEPLOYMENT') {
+    super(code, message);
+    this.deployment = deployment;
+  }
+}
+
+/**
+ * A deployment's replicas are all at `maxOngoingRequests` and its callers' queue is at
+ * `maxQueuedRequests`: the request was refused rather than queued (HTTP: 503).
+ */
+export class BackPressureError extends DeploymentError {
+  constructor(deployment: string, message: string) {
+    super(deployment, message, 'ERR_BACKPRESSURE');
+  }
+}

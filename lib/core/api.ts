@@ -90,8 +90,21 @@ function adopt(started: Cluster): ClusterSession {
   return { shutdown: end, [Symbol.asyncDispose]: end };
 }
 
+let shutdownHooks: Array<() => Promise<void> | void> = [];
+
+/**
+ * Runs `hook` at the start of the driver's next shutdown(), while the cluster still runs: for
+ * layers that hold servers or timers of their own (serving's HTTP proxy and controller).
+ */
+export function onShutdown(hook: () => Promise<void> | void): void {
+  shutdownHooks.push(hook);
+}
+
 /** Stops every worker and removes every segment, socket and spill file. */
 export async function shutdown(): Promise<void> {
+  const hooks = shutdownHooks;
+  shutdownHooks = [];
+  await Promise.allSettled(hooks.map(async (hook) => hook()));
   const current = cluster;
   cluster = undefined;
   setRuntime(undefined);

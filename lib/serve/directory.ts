@@ -1,0 +1,72 @@
+/**
+ * Where routers outside the driver learn each deployment's replicas (as Ray Serve's long-poll
+ * host): an actor the controller publishes every change to. A router in a worker asks with the
+ * version it knows and is answered when that changes (or after a while, to ask again), so
+ * replicas added, replaced or removed reach every caller within one answer. Callers with no
+ * replica to send to say so here, which is how a deployment scaled to zero hears of demand.
+ */
+import type { ActorHandle } from '../core/registry.js';
+import { remote } from '../core/registry.js';
+import type { ServeReplica } from './replica.js';
+
+export interface ReplicaSet {
+  version: number;
+  replicas: ActorHandle<ServeReplica>[];
+  /** The application was deleted: no replica will come. */
+  deleted: boolean;
+}
+
+interface Entry extends ReplicaSet {
+  watchers: Set<() => void>;
+}
+
+export class ServeDirectory {
+  readonly #entries = new Map<string, Entry>();
+  readonly #demand = new Map<string, number>();
+
+  #entry(key: string): Entry {
+    let entry = this.#entries.get(key);
+    if (!entry) this.#entries.set(key, (entry = { version: 0, replicas: [], deleted: false, watchers: new Set() }));
+    return entry;
+  }
+
+  publish(key: string, replicas: ActorHandle<ServeReplica>[], deleted: boolean): void {
+    const entry = this.#entry(key);
+    entry.version++;
+    entry.replicas = replicas;
+    entry.deleted = deleted;
+    for (const wake of entry.watchers) wake();
+    entry.watchers.clear();
+  }
+
+  /** The replica set once its version is not `known`, or after `timeoutMs` as it is. */
+  async watch(key: string, known: number, timeoutMs: number): Promise<ReplicaSet> {
+    const entry = this.#entry(key);
+    if (entry.version === known) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(() => {
+          entry.watchers.delete(wake);
+          resolve();
+        }, timeoutMs);
+        const wake = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+        entry.watchers.add(wake);
+      });
+    }
+    return { version: entry.version, replicas: entry.replicas, deleted: entry.deleted };
+  }
+
+  /** A caller holds requests for `key` with no replica to send them to. */
+  demand(key: string): void {
+    this.#demand.set(key, Date.now());
+  }
+
+  /** When each deployment last heard of demand (ms since the epoch, this host's clock). */
+  demands(): Record<string, number> {
+    return Object.fromEntries(this.#demand);
+  }
+}
+
+export const ServeDirectoryActor = remote(import.meta, ServeDirectory);

@@ -1,0 +1,210 @@
+/**
+ * The HTTP proxy (as Ray Serve's): one server in the driver that hands each request to the
+ * ingress deployment of the application whose route prefix is the longest to match its path,
+ * through that deployment's router, and streams the answer back as the replica yields it. A
+ * client that goes away stops the replica's answer at its next item; a full deployment answers
+ * 503 at once rather than queue past its bound.
+ */
+import { once } from 'node:events';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { BackPressureError, DeploymentError, InvalidArgumentError, TaskCancelledError, TaskError } from '../errors.js';
+import type { ObjectRefGenerator } from '../core/object-ref-generator.js';
+import { DeploymentResponseGenerator } from './handle.js';
+import type { RequestData, ResponsePart } from './http-messages.js';
+import type { Router } from './router.js';
+
+export interface HttpOptions {
+  /** Interface to listen on (default '127.0.0.1'; '0.0.0.0' for every one). */
+  host?: string;
+  /** Port (default 8000; 0 picks a free one: see serve.status().proxy). */
+  port?: number;
+  /** Largest request body taken (default 100 MiB); a larger one gets 413. */
+  maxBodyBytes?: number;
+  /** Longest a request may take before it is stopped and answered 504 (default: no limit). */
+  requestTimeoutMs?: number;
+}
+
+interface Route {
+  prefix: string;
+  app: string;
+  router: Router;
+}
+
+/** Whether `prefix` serves `path`: '/api' serves '/api' and '/api/x', not '/apix'. */
+function matches(prefix: string, path: string): boolean {
+  return prefix === '/' || path === prefix || path.startsWith(`${prefix}/`);
+}
+
+export function checkRoutePrefix(prefix: unknown): string {
+  if (typeof prefix !== 'string' || !prefix.startsWith('/') || (prefix.length > 1 && prefix.endsWith('/')) || /[?#\s]/.test(prefix)) {
+    throw new InvalidArgumentError(`routePrefix must be a path starting with '/' and not ending with one (or null for no HTTP route), got ${JSON.stringify(prefix)}`);
+  }
+  return prefix;
+}
+
+function sendJson(response: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  const text = JSON.stringify(body);
+  response.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), ...headers });
+  response.end(text);
+}
+
+export class HttpProxy {
+  readonly host: string;
+  readonly port: number;
+  readonly #server: Server;
+  readonly #maxBodyBytes: number;
+  readonly #requestTimeoutMs: number | undefined;
+  #routes: Route[] = [];
+
+  private constructor(server: Server, host: string, port: number, options: HttpOptions) {
+    this.#server = server;
+    this.host = host;
+    this.port = port;
+    this.#maxBodyBytes = options.maxBodyBytes ?? 100 * 1024 * 1024;
+    this.#requestTimeoutMs = options.requestTimeoutMs;
+  }
+
+  static async start(options: HttpOptions = {}): Promise<HttpProxy> {
+    const host = options.host ?? '127.0.0.1';
+    const port = options.port ?? 8000;
+    if (!Number.isInteger(port) || port < 0 || port > 65535) throw new InvalidArgumentError(`http.port must be a port number from 0 to 65535, got ${String(options.port)}`);
+    if (options.maxBodyBytes !== undefined && !(Number.isInteger(options.maxBodyBytes) && options.maxBodyBytes >= 0)) {
+      throw new InvalidArgumentError(`http.maxBodyBytes must be a whole number of bytes, got ${String(options.maxBodyBytes)}`);
+    }
+    if (options.requestTimeoutMs !== undefined && !(typeof options.requestTimeoutMs === 'number' && options.requestTimeoutMs > 0)) {
+      throw new InvalidArgumentError(`http.requestTimeoutMs must be a number of milliseconds above 0, got ${String(options.requestTimeoutMs)}`);
+    }
+    let proxy: HttpProxy | undefined;
+    const server = createServer((request, response) => {
+      void proxy!.#handle(request, response).catch((error) => {
+        if (!response.headersSent) sendJson(response, 500, { error: 'InternalError', message: (error as Error).message });
+        else response.destroy(error as Error);
+      });
+    });
+    server.keepAliveTimeout = 30_000;
+    server.listen(port, host);
+    try {
+      await once(server, 'listening');
+    } catch (error) {
+      throw new DeploymentError('http', `the HTTP proxy could not listen on ${host}:${port}: ${(error as Error).message}`, 'ERR_HTTP_LISTEN');
+    }
+    proxy = new HttpProxy(server, host, (server.address() as AddressInfo).port, options);
+    return proxy;
+  }
+
+  get url(): string {
+    const host = this.host.includes(':') ? `[${this.host}]` : this.host;
+    return `http://${host === '0.0.0.0' ? '127.0.0.1' : host}:${this.port}`;
+  }
+
+  setRoute(prefix: string, app: string, router: Router): void {
+    const taken = this.#routes.find((route) => route.prefix === prefix && route.app !== app);
+    if (taken) throw new InvalidArgumentError(`route prefix ${prefix} is already application ${taken.app}'s`);
+    this.#routes = [...this.#routes.filter((route) => route.app !== app), { prefix, app, router }].sort((a, b) => b.prefix.length - a.prefix.length);
+  }
+
+  removeApp(app: string): void {
+    this.#routes = this.#routes.filter((route) => route.app !== app);
+  }
+
+  routes(): Record<string, string> {
+    return Object.fromEntries(this.#routes.map((route) => [route.prefix, route.app]));
+  }
+
+  async close(): Promise<void> {
+    const closed = new Promise<void>((resolve) => this.#server.close(() => resolve()));
+    this.#server.closeAllConnections();
+    await closed;
+  }
+
+  async #readBody(request: IncomingMessage): Promise<Uint8Array | undefined> {
+    const declared = Number(request.headers['content-length'] ?? 0);
+    if (declared > this.#maxBodyBytes) return undefined;
+    const chunks: Buffer[] = [];
+    let size = 0;
+    for await (const chunk of request as AsyncIterable<Buffer>) {
+      size += chunk.length;
+      if (size > this.#maxBodyBytes) return undefined;
+      chunks.push(chunk);
+    }
+    return chunks.length === 1 ? chunks[0] : Buffer.concat(chunks);
+  }
+
+  async #handle(request: IncomingMessage, response: ServerResponse): Promise<void> {
+    const url = new URL(request.url ?? '/', 'http://proxy');
+    const path = url.pathname;
+    if (path === '/-/healthz') {
+      response.writeHead(200, { 'content-type': 'text/plain' });
+      response.end('success');
+      return;
+    }
+    if (path === '/-/routes') return sendJson(response, 200, this.routes());
+    const route = this.#routes.find((candidate) => matches(candidate.prefix, path));
+    if (!route) return sendJson(response, 404, { error: 'NotFound', message: `no application serves ${path} (routes: ${Object.keys(this.routes()).join(', ') || 'none'})` });
+    const body = await this.#readBody(request);
+    if (!body) {
+      sendJson(response, 413, { error: 'PayloadTooLarge', message: `the request's body is larger than ${this.#maxBodyBytes} bytes (maxBodyBytes)` }, { connection: 'close' });
+      request.destroy();
+      return;
+    }
+    const headers: Record<string, string> = {};
+    for (const [name, value] of Object.entries(request.headers)) {
+      if (value !== undefined) headers[name] = Array.isArray(value) ? value.join(', ') : value;
+    }
+    const data: RequestData = {
+      method: request.method ?? 'GET',
+      url: request.url ?? '/',
+      path,
+      routePath: route.prefix === '/' ? path : path.slice(route.prefix.length) || '/',
+      query: Object.fromEntries(url.searchParams),
+      headers,
+      body,
+    };
+    const parts = new DeploymentResponseGenerator<ResponsePart>(route.router, (replica) => replica.handle.http.remote(data) as ObjectRefGenerator<ResponsePart>);
+    let timedOut = false;
+    const timer = this.#requestTimeoutMs === undefined ? undefined : setTimeout(() => {
+      timedOut = true;
+      void parts.return();
+    }, this.#requestTimeoutMs);
+    // A client gone before its answer ended: stop the replica's work at its next item.
+    response.on('close', () => {
+      if (!response.writableFinished) void parts.return();
+    });
+    try {
+      for await (const part of parts) {
+        if (part.head && !response.headersSent) {
+          if (part.end) {
+            const chunk = part.chunk ?? '';
+            response.writeHead(part.head.status, { ...part.head.headers, 'content-length': Buffer.byteLength(chunk) });
+            response.end(chunk);
+            return;
+          }
+          response.writeHead(part.head.status, part.head.headers);
+        }
+        if (part.chunk !== undefined && (part.chunk.length > 0) && !response.write(part.chunk)) {
+          await Promise.race([once(response, 'drain'), once(response, 'close')]);
+        }
+        if (response.destroyed) return;
+      }
+      if (timedOut && !response.headersSent) {
+        sendJson(response, 504, { error: 'GatewayTimeout', message: `the request took longer than ${this.#requestTimeoutMs} ms (requestTimeoutMs)` });
+        return;
+      }
+      if (!response.headersSent) response.writeHead(204);
+      response.end();
+    } catch (error) {
+      if (response.headersSent) {
+        response.destroy(error as Error);
+        return;
+      }
+      if (error instanceof BackPressureError) return sendJson(response, 503, { error: 'BackPressure', message: error.message }, { 'retry-after': '1' });
+      if (error instanceof DeploymentError) return sendJson(response, 503, { error: 'Unavailable', message: error.message });
+      if (error instanceof TaskCancelledError && timedOut) return sendJson(response, 504, { error: 'GatewayTimeout', message: `the request took longer than ${this.#requestTimeoutMs} ms (requestTimeoutMs)` });
+      const message = error instanceof TaskError ? error.message : (error as Error).message;
+      sendJson(response, (error as { code?: string }).code === 'ERR_ACTOR_DIED' ? 503 : 500, { error: (error as Error).name ?? 'Error', message });
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+}

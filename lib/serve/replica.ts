@@ -1,0 +1,154 @@
+/**
+ * A deployment's replica: an actor holding one instance of the user's class. Requests pass
+ * through it to the instance's methods, at most `maxOngoingRequests` at once (the rest wait here
+ * in arrival order, and count as ongoing, the load autoscaling reads); the controller's calls
+ * (load, health, reconfigure) never wait behind them. The actor itself takes any number of calls
+ * at once, so a slow request never holds up those.
+ */
+import { DeploymentError } from '../errors.js';
+import { Deque } from '../core/deque.js';
+import type { FunctionDescriptor } from '../core/protocol.js';
+import { importRegistered, remote } from '../core/registry.js';
+import { errorResponse, HttpRequest, HttpResponse, isItemStream, responseOf, streamChunk, type RequestData, type ResponsePart } from './http-messages.js';
+
+/** A replica's load, as the controller reads it. */
+export interface ReplicaLoad {
+  /** Requests running or waiting in the replica. */
+  ongoing: number;
+  /** Requests finished since the replica started. */
+  handled: number;
+}
+
+type Instance = Record<string, unknown>;
+
+export class ServeReplica {
+  readonly #deployment: string;
+  readonly #descriptor: FunctionDescriptor;
+  readonly #args: unknown[];
+  readonly #maxOngoing: number;
+  readonly #userConfig: unknown;
+  #instance: Instance | undefined;
+  #running = 0;
+  #ongoing = 0;
+  #handled = 0;
+  readonly #waiting = new Deque<() => void>();
+
+  constructor(deployment: string, descriptor: FunctionDescriptor, args: unknown[], maxOngoing: number, userConfig: unknown) {
+    this.#deployment = deployment;
+    this.#descriptor = descriptor;
+    this.#args = args;
+    this.#maxOngoing = maxOngoing;
+    this.#userConfig = userConfig;
+  }
+
+  /** Makes the user's instance (its class's module imported here), and hands it its userConfig. */
+  async init(): Promise<void> {
+    const cls = await importRegistered(this.#descriptor);
+    if (typeof cls !== 'function') {
+      throw new DeploymentError(this.#deployment, `${this.#descriptor.name} is not registered by ${this.#descriptor.module}: pass deployment() a class made by remote(import.meta, ...) at the module's top level`);
+    }
+    this.#instance = new (cls as new (...args: unknown[]) => Instance)(...this.#args);
+    if (this.#userConfig !== undefined) await this.reconfigure(this.#userConfig);
+  }
+
+  async reconfigure(userConfig: unknown): Promise<void> {
+    const reconfigure = this.#instance?.reconfigure;
+    if (typeof reconfigure === 'function') await reconfigure.call(this.#instance, userConfig);
+  }
+
+  async checkHealth(): Promise<void> {
+    const check = this.#instance?.checkHealth;
+    if (typeof check === 'function') await check.call(this.#instance);
+  }
+
+  load(): ReplicaLoad {
+    return { ongoing: this.#ongoing, handled: this.#handled };
+  }
+
+  #method(name: string): (...args: unknown[]) => unknown {
+    const instance = this.#instance;
+    if (!instance) throw new DeploymentError(this.#deployment, `a replica of ${this.#deployment} was called before it started`);
+    const method = instance[name];
+    if (typeof method !== 'function') throw new DeploymentError(this.#deployment, `deployment ${this.#deployment} has no method '${name}'`);
+    return method.bind(instance) as (...args: unknown[]) => unknown;
+  }
+
+  /** Waits for a free slot: counted as ongoing from here, as the caller's request is this replica's. */
+  async #enter(): Promise<void> {
+    this.#ongoing++;
+    if (this.#running < this.#maxOngoing) {
+      this.#running++;
+      return;
+    }
+    await new Promise<void>((resolve) => this.#waiting.push(resolve));
+  }
+
+  #leave(): void {
+    this.#ongoing--;
+    this.#handled++;
+    const next = this.#waiting.shift();
+    if (next) next();
+    else this.#running--;
+  }
+
+  async call(method: string, ...args: unknown[]): Promise<unknown> {
+    await this.#enter();
+    try {
+      return await this.#method(method)(...args);
+    } finally {
+      this.#leave();
+    }
+  }
+
+  async *stream(method: string, ...args: unknown[]): AsyncGenerator<unknown, void, undefined> {
+    await this.#enter();
+    try {
+      const items = this.#method(method)(...args);
+      if (!isItemStream(items)) throw new DeploymentError(this.#deployment, `${this.#deployment}.${method} was called as a stream but did not return one`);
+      yield* items as AsyncIterable<unknown>;
+    } finally {
+      this.#leave();
+    }
+  }
+
+  /**
+   * An HTTP request to the instance's `fetch(request)`: one part holding the whole answer, or a
+   * head and then a part per item where fetch gives a stream (a generator). A throw before the head
+   * becomes an error response; one after it ends the stream, and the proxy cuts the connection.
+   */
+  async *http(request: RequestData): AsyncGenerator<ResponsePart, void, undefined> {
+    await this.#enter();
+    try {
+      let result: unknown;
+      try {
+        result = await this.#method('fetch')(new HttpRequest(request));
+      } catch (error) {
+        yield errorResponse(error);
+        return;
+      }
+      if (!isItemStream(result)) {
+        yield responseOf(result);
+        return;
+      }
+      let headSent = false;
+      for await (const item of result as AsyncIterable<unknown>) {
+        if (!headSent) {
+          headSent = true;
+          if (item instanceof HttpResponse) {
+            const part = responseOf(item);
+            yield part.chunk === undefined || part.chunk.length === 0 ? { head: part.head } : { head: part.head, chunk: part.chunk };
+            continue;
+          }
+          yield { head: { status: 200, headers: { 'content-type': 'text/plain; charset=utf-8' } }, chunk: streamChunk(item) };
+          continue;
+        }
+        yield { chunk: streamChunk(item) };
+      }
+      if (!headSent) yield { head: { status: 200, headers: { 'content-type': 'text/plain; charset=utf-8' } } };
+    } finally {
+      this.#leave();
+    }
+  }
+}
+
+export const ServeReplicaActor = remote(import.meta, ServeReplica);

@@ -1,0 +1,153 @@
+/**
+ * The serving layer's in-process parts, with no cluster: the router's replica choice, limits,
+ * queue, back-pressure and cancellation, and request batching.
+ */
+import { describe, expect, it } from 'vitest';
+import { BackPressureError, DeploymentError, InvalidArgumentError, TaskCancelledError, serve } from '../../lib/index.js';
+import { Router } from '../../lib/serve/router.js';
+import { resolveDeploymentOptions } from '../../lib/serve/options.js';
+
+/** Stand-ins for replica handles: the router reads only their actor ids. */
+const replica = (actorId: string) => ({ actorId }) as never;
+
+describe('Router', () => {
+  it('never puts more than maxOngoingRequests on a replica, and spreads by load', async () => {
+    const router = new Router('Model', 2, Infinity);
+    router.setReplicas([replica('a'), replica('b')]);
+    const taken = await Promise.all([router.acquire(), router.acquire(), router.acquire(), router.acquire()]);
+    const counts = new Map<string, number>();
+    for (const chosen of taken) counts.set(chosen.actorId, (counts.get(chosen.actorId) ?? 0) + 1);
+    expect(Object.fromEntries(counts)).toEqual({ a: 2, b: 2 });
+    // Full: the fifth waits, in order, and goes where a slot frees.
+    let fifth: string | undefined;
+    const waiting = router.acquire().then((chosen) => (fifth = chosen.actorId));
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    expect(fifth).toBeUndefined();
+    expect(router.queued).toBe(1);
+    router.release(taken.find((chosen) => chosen.actorId === 'b')!);
+    await waiting;
+    expect(fifth).toBe('b');
+    expect(router.queued).toBe(0);
+  });
+
+  it('refuses past maxQueuedRequests, and a cancelled wait leaves the queue', async () => {
+    const router = new Router('Model', 1, 1);
+    router.setReplicas([replica('a')]);
+    const first = await router.acquire();
+    const abort = new AbortController();
+    const second = router.acquire(abort.signal);
+    const refused = await router.acquire().catch((error: unknown) => error);
+    expect(refused).toBeInstanceOf(BackPressureError);
+    expect((refused as BackPressureError).code).toBe('ERR_BACKPRESSURE');
+    expect((refused as Error).message).toMatch(/deployment Model is at capacity: 1 replica\(s\) each running 1 request\(s\), and 1 waiting/);
+    abort.abort();
+    await expect(second).rejects.toThrow(TaskCancelledError);
+    expect(router.queued).toBe(0);
+    const third = router.acquire();
+    router.release(first);
+    expect((await third).actorId).toBe('a');
+  });
+
+  it('waits for replicas to come, asks for them, and drops a dead one', async () => {
+    let demanded = 0;
+    const died: string[] = [];
+    const router = new Router('Model', 1, Infinity, { demand: () => demanded++, replicaDied: (id) => died.push(id) });
+    const waiting = router.acquire();
+    expect(demanded).toBe(1);
+    router.setReplicas([replica('a'), replica('b')]);
+    const chosen = await waiting;
+    router.replicaDied(chosen.actorId);
+    expect(died).toEqual([chosen.actorId]);
+    expect(router.replicaCount).toBe(1);
+    // Counts survive a new replica set that keeps a replica.
+    const other = await router.acquire();
+    router.setReplicas([replica(other.actorId), replica('c')]);
+    expect((await router.acquire()).actorId).toBe('c');
+  });
+
+  it('fails waiting and later requests once closed', async () => {
+    const router = new Router('Model', 1, Infinity);
+    const waiting = router.acquire();
+    router.close(new DeploymentError('Model', 'application app was deleted'));
+    await expect(waiting).rejects.toThrow(/application app was deleted/);
+    await expect(router.acquire()).rejects.toThrow(DeploymentError);
+  });
+});
+
+describe('serve.batch', () => {
+  it('gathers calls into batches of at most maxBatchSize, each call given its own result', async () => {
+    const sizes: number[] = [];
+    const double = serve.batch(async (values: number[]) => {
+      sizes.push(values.length);
+      return values.map((value) => value * 2);
+    }, { maxBatchSize: 3, batchWaitTimeoutMs: 1_000 });
+    // Six at once: two full batches go at once, neither waiting for its timeout.
+    const started = Date.now();
+    const results = await Promise.all([1, 2, 3, 4, 5, 6].map((value) => double(value)));
+    expect(results).toEqual([2, 4, 6, 8, 10, 12]);
+    expect(sizes).toEqual([3, 3]);
+    expect(Date.now() - started).toBeLessThan(1_000);
+    const lonely = serve.batch(async (values: number[]) => {
+      sizes.push(values.length);
+      return values;
+    }, { maxBatchSize: 3, batchWaitTimeoutMs: 20 });
+    expect(await lonely(7)).toBe(7);
+    expect(sizes).toEqual([3, 3, 1]);
+  });
+
+  it('runs one batch at a time by default, gathering the next meanwhile', async () => {
+    const sizes: number[] = [];
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    const slow = serve.batch(async (values: number[]) => {
+      sizes.push(values.length);
+      if (sizes.length === 1) await gate;
+      return values;
+    }, { maxBatchSize: 10, batchWaitTimeoutMs: 0 });
+    const first = slow(1);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    const rest = [slow(2), slow(3), slow(4)];
+    expect(slow.pending).toBe(3);
+    release();
+    expect(await Promise.all([first, ...rest])).toEqual([1, 2, 3, 4]);
+    expect(sizes).toEqual([1, 3]);
+  });
+
+  it('fails every call of a batch that throws or answers with the wrong count', async () => {
+    const throwing = serve.batch(async (): Promise<number[]> => {
+      throw new Error('out of memory');
+    }, { batchWaitTimeoutMs: 0 });
+    await expect(Promise.all([throwing(1), throwing(2)])).rejects.toThrow('out of memory');
+    const short = serve.batch(async (values: number[]) => values.slice(1), { maxBatchSize: 2, batchWaitTimeoutMs: 50 });
+    const outcomes = await Promise.allSettled([short(1), short(2)]);
+    expect(outcomes.map((outcome) => outcome.status)).toEqual(['rejected', 'rejected']);
+    expect(String((outcomes[0] as PromiseRejectedResult).reason)).toMatch(/given 2 item\(s\), it returned 1 result\(s\)/);
+    expect(() => serve.batch(async (values: number[]) => values, { maxBatchSize: 0 })).toThrow(InvalidArgumentError);
+  });
+});
+
+describe('deployment options', () => {
+  it('fills in the defaults', () => {
+    const config = resolveDeploymentOptions('Model', {});
+    expect(config).toMatchObject({ name: 'Model', numReplicas: 1, maxOngoingRequests: 5, maxQueuedRequests: Infinity, actorOptions: { numCpus: 1 } });
+    const scaled = resolveDeploymentOptions('Model', { autoscaling: { minReplicas: 0, maxReplicas: 4 } });
+    expect(scaled.autoscaling).toMatchObject({ minReplicas: 0, maxReplicas: 4, initialReplicas: 1, targetOngoingRequests: 2 });
+    expect(scaled.numReplicas).toBe(1);
+  });
+
+  it('names what is wrong', () => {
+    const cases: Array<[object, RegExp]> = [
+      [{ replicas: 2 }, /unknown option 'replicas'/],
+      [{ numReplicas: 1, autoscaling: {} }, /numReplicas or autoscaling, not both/],
+      [{ numReplicas: -1 }, /numReplicas must be a whole number from 0/],
+      [{ maxOngoingRequests: 0 }, /maxOngoingRequests must be a whole number from 1/],
+      [{ autoscaling: { minReplicas: 3, maxReplicas: 2 } }, /maxReplicas \(2\) is below minReplicas \(3\)/],
+      [{ autoscaling: { targetOngoingRequests: 0 } }, /targetOngoingRequests must be a number above 0/],
+      [{ autoscaling: { upscaleDelay: 1 } }, /autoscaling: unknown option 'upscaleDelay'/],
+      [{ actorOptions: { maxConcurrency: 4 } }, /actorOptions.maxConcurrency is the deployment's to set/],
+      [{ name: 'a b' }, /name must be 1 to 128 letters/],
+      [{ healthCheckPeriodMs: -5 }, /healthCheckPeriodMs must be a number of milliseconds from 0/],
+    ];
+    for (const [options, message] of cases) expect(() => resolveDeploymentOptions('Model', options as never)).toThrow(message);
+  });
+});
