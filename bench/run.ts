@@ -11,6 +11,7 @@ import { gpuSuite } from './gpu.js';
 import { llmSuite } from './llm.js';
 import { llmGpuSuite } from './llm-gpu.js';
 import { nodesSuite } from './nodes.js';
+import { serveSuite } from './serve.js';
 import { storeSuite } from './store.js';
 import type { Suite } from './harness.js';
 
@@ -24,6 +25,7 @@ const suites: Record<string, Suite> = {
   llm: llmSuite,
   'llm-gpu': llmGpuSuite,
   nodes: nodesSuite,
+  serve: serveSuite,
 };
 
 const args = process.argv.slice(2);

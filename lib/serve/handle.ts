@@ -6,7 +6,7 @@
  * for a generator method, a DeploymentResponseGenerator of the items as they are yielded.
  */
 import { ActorDiedError, DeploymentError, InvalidArgumentError } from '../errors.js';
-import { cancel, get, wait } from '../core/api.js';
+import { cancel, get } from '../core/api.js';
 import { ObjectRef } from '../core/object-ref.js';
 import type { ObjectRefGenerator } from '../core/object-ref-generator.js';
 import type { ActorHandle } from '../core/registry.js';
@@ -90,49 +90,51 @@ function noteDeath(router: Router, replica: RoutedReplica, error: unknown): void
   if (error instanceof ActorDiedError) router.replicaDied(replica.actorId);
 }
 
-/** The result of a handle call: await it (or `result()`), or pass it to another handle call. */
+/**
+ * The result of a handle call: await it (or `result()`), or pass it to another handle call. The
+ * value is read as soon as the replica answers (that read is also what frees the replica's slot
+ * in this caller's router), so awaiting costs nothing more.
+ */
 export class DeploymentResponse<T> implements PromiseLike<T> {
-  readonly #router: Router;
   readonly #abort = new AbortController();
-  readonly #sent: Promise<{ ref: ObjectRef<T>; replica: RoutedReplica }>;
-  #value: Promise<T> | undefined;
+  readonly #sent: Promise<ObjectRef<T>>;
+  readonly #value: Promise<T>;
 
   /** @internal made by a handle's method. */
-  constructor(router: Router, method: string, args: unknown[]) {
-    this.#router = router;
+  constructor(router: Router, send: (replica: RoutedReplica, args: unknown[]) => ObjectRef<T>, args: unknown[] = []) {
+    let replica: RoutedReplica | undefined;
     this.#sent = (async () => {
       const resolved = await resolveArguments(args);
-      const replica = await router.acquire(this.#abort.signal);
-      let ref: ObjectRef<T>;
+      replica = await router.acquire(this.#abort.signal);
       try {
-        ref = replica.handle.call.remote(method, ...resolved) as ObjectRef<T>;
+        return send(replica, resolved);
       } catch (error) {
         router.release(replica);
+        replica = undefined;
         throw error;
       }
-      void wait([ref]).then(
-        () => router.release(replica),
-        () => router.release(replica),
-      );
-      return { ref, replica };
     })();
+    this.#value = this.#sent.then((ref) =>
+      get(ref).then(
+        (value) => {
+          router.release(replica!);
+          return value;
+        },
+        (error: unknown) => {
+          router.release(replica!);
+          noteDeath(router, replica!, error);
+          throw error;
+        },
+      ),
+    );
     // A response nobody awaits must not end the process with an unhandled rejection.
-    this.#sent.catch(() => undefined);
+    this.#value.catch(() => undefined);
   }
 
-  /** The value, waiting at most `timeout` ms once the request is sent (default: no limit). */
+  /** The value; `timeout` (ms) bounds this wait only (GetTimeoutError), not the request. */
   result(options: { timeout?: number } = {}): Promise<T> {
-    const read = async () => {
-      const { ref, replica } = await this.#sent;
-      try {
-        return await get(ref, options);
-      } catch (error) {
-        noteDeath(this.#router, replica, error);
-        throw error;
-      }
-    };
-    if (options.timeout !== undefined) return read();
-    return (this.#value ??= read());
+    if (options.timeout === undefined) return this.#value;
+    return this.#sent.then((ref) => get(ref, options));
   }
 
   then<A = T, B = never>(onFulfilled?: ((value: T) => A | PromiseLike<A>) | null, onRejected?: ((reason: unknown) => B | PromiseLike<B>) | null): Promise<A | B> {
@@ -148,14 +150,14 @@ export class DeploymentResponse<T> implements PromiseLike<T> {
   }
 
   /** The ref to the result once the request is sent to a replica (Ray's `_to_object_ref`). */
-  async toObjectRef(): Promise<ObjectRef<T>> {
-    return (await this.#sent).ref;
+  toObjectRef(): Promise<ObjectRef<T>> {
+    return this.#sent;
   }
 
   /** Cancels the request: one still waiting for a replica is never sent; one sent is cancelled there. */
   cancel(): void {
     this.#abort.abort();
-    this.#sent.then(({ ref }) => cancel(ref), () => undefined);
+    this.#sent.then((ref) => cancel(ref), () => undefined);
   }
 }
 
@@ -272,7 +274,7 @@ export class DeploymentHandleBase {
         }
         caller = streaming.has(key)
           ? (...args: unknown[]) => new DeploymentResponseGenerator(routerOf(target), (replica, resolved) => replica.handle.stream.remote(key, ...resolved) as ObjectRefGenerator<unknown>, args)
-          : (...args: unknown[]) => new DeploymentResponse(routerOf(target), key, args);
+          : (...args: unknown[]) => new DeploymentResponse(routerOf(target), (replica, resolved) => replica.handle.call.remote(key, ...resolved), args);
         callers.set(key, caller);
         return caller;
       },

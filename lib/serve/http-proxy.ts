@@ -9,8 +9,9 @@ import { once } from 'node:events';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { BackPressureError, DeploymentError, InvalidArgumentError, TaskCancelledError, TaskError } from '../errors.js';
+import type { ObjectRef } from '../core/object-ref.js';
 import type { ObjectRefGenerator } from '../core/object-ref-generator.js';
-import { DeploymentResponseGenerator } from './handle.js';
+import { DeploymentResponse, DeploymentResponseGenerator } from './handle.js';
 import type { RequestData, ResponsePart } from './http-messages.js';
 import type { Router } from './router.js';
 
@@ -29,6 +30,8 @@ interface Route {
   prefix: string;
   app: string;
   router: Router;
+  /** The ingress's fetch is a generator method: its answers stream, item by item. */
+  streaming: boolean;
 }
 
 /** Whether `prefix` serves `path`: '/api' serves '/api' and '/api/x', not '/apix'. */
@@ -47,6 +50,14 @@ function sendJson(response: ServerResponse, status: number, body: unknown, heade
   const text = JSON.stringify(body);
   response.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text), ...headers });
   response.end(text);
+}
+
+/** Waits until a response's buffered body has gone out, or its connection closed. */
+async function drained(response: ServerResponse): Promise<void> {
+  const done = new AbortController();
+  const settle = (event: string) => once(response, event, { signal: done.signal }).catch(() => undefined);
+  await Promise.race([settle('drain'), settle('close')]);
+  done.abort();
 }
 
 export class HttpProxy {
@@ -98,10 +109,10 @@ export class HttpProxy {
     return `http://${host === '0.0.0.0' ? '127.0.0.1' : host}:${this.port}`;
   }
 
-  setRoute(prefix: string, app: string, router: Router): void {
+  setRoute(prefix: string, app: string, router: Router, streaming: boolean): void {
     const taken = this.#routes.find((route) => route.prefix === prefix && route.app !== app);
     if (taken) throw new InvalidArgumentError(`route prefix ${prefix} is already application ${taken.app}'s`);
-    this.#routes = [...this.#routes.filter((route) => route.app !== app), { prefix, app, router }].sort((a, b) => b.prefix.length - a.prefix.length);
+    this.#routes = [...this.#routes.filter((route) => route.app !== app), { prefix, app, router, streaming }].sort((a, b) => b.prefix.length - a.prefix.length);
   }
 
   removeApp(app: string): void {
@@ -129,6 +140,42 @@ export class HttpProxy {
       chunks.push(chunk);
     }
     return chunks.length === 1 ? chunks[0] : Buffer.concat(chunks);
+  }
+
+  /** Answers with one part: a fetch that is not a generator method, by a plain call. */
+  async #answer(route: Route, data: RequestData, response: ServerResponse): Promise<void> {
+    const answer = new DeploymentResponse<ResponsePart>(route.router, (replica) => replica.handle.httpCall.remote(data) as ObjectRef<ResponsePart>);
+    let timedOut = false;
+    const timer = this.#requestTimeoutMs === undefined ? undefined : setTimeout(() => {
+      timedOut = true;
+      answer.cancel();
+    }, this.#requestTimeoutMs);
+    response.on('close', () => {
+      if (!response.writableFinished) answer.cancel();
+    });
+    try {
+      const part = await answer;
+      if (response.destroyed) return;
+      const chunk = part.chunk ?? '';
+      response.writeHead(part.head!.status, { ...part.head!.headers, 'content-length': Buffer.byteLength(chunk) });
+      response.end(chunk);
+    } catch (error) {
+      if (!response.destroyed) this.#fail(response, error, timedOut);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  #fail(response: ServerResponse, error: unknown, timedOut: boolean): void {
+    if (response.headersSent) {
+      response.destroy(error as Error);
+      return;
+    }
+    if (error instanceof BackPressureError) return sendJson(response, 503, { error: 'BackPressure', message: error.message }, { 'retry-after': '1' });
+    if (error instanceof DeploymentError) return sendJson(response, 503, { error: 'Unavailable', message: error.message });
+    if (error instanceof TaskCancelledError && timedOut) return sendJson(response, 504, { error: 'GatewayTimeout', message: `the request took longer than ${this.#requestTimeoutMs} ms (requestTimeoutMs)` });
+    const message = error instanceof TaskError ? error.message : (error as Error).message;
+    sendJson(response, (error as { code?: string }).code === 'ERR_ACTOR_DIED' ? 503 : 500, { error: (error as Error).name ?? 'Error', message });
   }
 
   async #handle(request: IncomingMessage, response: ServerResponse): Promise<void> {
@@ -161,6 +208,7 @@ export class HttpProxy {
       headers,
       body,
     };
+    if (!route.streaming) return this.#answer(route, data, response);
     const parts = new DeploymentResponseGenerator<ResponsePart>(route.router, (replica) => replica.handle.http.remote(data) as ObjectRefGenerator<ResponsePart>);
     let timedOut = false;
     const timer = this.#requestTimeoutMs === undefined ? undefined : setTimeout(() => {
@@ -183,7 +231,7 @@ export class HttpProxy {
           response.writeHead(part.head.status, part.head.headers);
         }
         if (part.chunk !== undefined && (part.chunk.length > 0) && !response.write(part.chunk)) {
-          await Promise.race([once(response, 'drain'), once(response, 'close')]);
+          await drained(response);
         }
         if (response.destroyed) return;
       }
@@ -194,15 +242,7 @@ export class HttpProxy {
       if (!response.headersSent) response.writeHead(204);
       response.end();
     } catch (error) {
-      if (response.headersSent) {
-        response.destroy(error as Error);
-        return;
-      }
-      if (error instanceof BackPressureError) return sendJson(response, 503, { error: 'BackPressure', message: error.message }, { 'retry-after': '1' });
-      if (error instanceof DeploymentError) return sendJson(response, 503, { error: 'Unavailable', message: error.message });
-      if (error instanceof TaskCancelledError && timedOut) return sendJson(response, 504, { error: 'GatewayTimeout', message: `the request took longer than ${this.#requestTimeoutMs} ms (requestTimeoutMs)` });
-      const message = error instanceof TaskError ? error.message : (error as Error).message;
-      sendJson(response, (error as { code?: string }).code === 'ERR_ACTOR_DIED' ? 503 : 500, { error: (error as Error).name ?? 'Error', message });
+      this.#fail(response, error, timedOut);
     } finally {
       clearTimeout(timer);
     }

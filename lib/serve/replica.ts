@@ -112,6 +112,28 @@ export class ServeReplica {
   }
 
   /**
+   * An HTTP request to a `fetch(request)` that is not a generator method: the whole answer in one
+   * part. One that returns a stream anyway is answered once the stream ends, its items joined.
+   */
+  async httpCall(request: RequestData): Promise<ResponsePart> {
+    await this.#enter();
+    try {
+      let result: unknown;
+      try {
+        result = await this.#method('fetch')(new HttpRequest(request));
+        if (!isItemStream(result)) return responseOf(result);
+        const parts: ResponsePart[] = [];
+        for await (const part of this.#streamParts(result)) parts.push(part);
+        return joinParts(parts);
+      } catch (error) {
+        return errorResponse(error);
+      }
+    } finally {
+      this.#leave();
+    }
+  }
+
+  /**
    * An HTTP request to the instance's `fetch(request)`: one part holding the whole answer, or a
    * head and then a part per item where fetch gives a stream (a generator). A throw before the head
    * becomes an error response; one after it ends the stream, and the proxy cuts the connection.
@@ -130,25 +152,43 @@ export class ServeReplica {
         yield responseOf(result);
         return;
       }
-      let headSent = false;
-      for await (const item of result as AsyncIterable<unknown>) {
-        if (!headSent) {
-          headSent = true;
-          if (item instanceof HttpResponse) {
-            const part = responseOf(item);
-            yield part.chunk === undefined || part.chunk.length === 0 ? { head: part.head } : { head: part.head, chunk: part.chunk };
-            continue;
-          }
-          yield { head: { status: 200, headers: { 'content-type': 'text/plain; charset=utf-8' } }, chunk: streamChunk(item) };
-          continue;
-        }
-        yield { chunk: streamChunk(item) };
-      }
-      if (!headSent) yield { head: { status: 200, headers: { 'content-type': 'text/plain; charset=utf-8' } } };
+      yield* this.#streamParts(result);
     } finally {
       this.#leave();
     }
   }
+
+  /** A stream's items as response parts: a head first (the first item's, if it is an HttpResponse). */
+  async *#streamParts(items: AsyncIterable<unknown> | Iterable<unknown>): AsyncGenerator<ResponsePart, void, undefined> {
+    let headSent = false;
+    for await (const item of items) {
+      if (!headSent) {
+        headSent = true;
+        if (item instanceof HttpResponse) {
+          const part = responseOf(item);
+          yield part.chunk === undefined || part.chunk.length === 0 ? { head: part.head } : { head: part.head, chunk: part.chunk };
+          continue;
+        }
+        yield { head: { status: 200, headers: { 'content-type': 'text/plain; charset=utf-8' } }, chunk: streamChunk(item) };
+        continue;
+      }
+      yield { chunk: streamChunk(item) };
+    }
+    if (!headSent) yield { head: { status: 200, headers: { 'content-type': 'text/plain; charset=utf-8' } } };
+  }
+}
+
+/** Parts of a streamed answer as one: its head and its chunks joined. */
+function joinParts(parts: ResponsePart[]): ResponsePart {
+  const encoder = new TextEncoder();
+  const chunks = parts.flatMap((part) => (part.chunk === undefined ? [] : [typeof part.chunk === 'string' ? encoder.encode(part.chunk) : part.chunk]));
+  const body = new Uint8Array(chunks.reduce((sum, chunk) => sum + chunk.length, 0));
+  let offset = 0;
+  for (const chunk of chunks) {
+    body.set(chunk, offset);
+    offset += chunk.length;
+  }
+  return { head: parts[0].head, chunk: body, end: true };
 }
 
 export const ServeReplicaActor = remote(import.meta, ServeReplica);

@@ -51,7 +51,7 @@ describe('serve over HTTP', () => {
     expect((await fetch(`${url}/echo/x`, { method: 'POST', body: '{oops' })).status).toBe(400);
     expect((await fetch(`${url}/echo/x`, { method: 'POST', body: 'x'.repeat(2048) })).status).toBe(413);
     const missing = await fetch(`${url}/elsewhere`);
-    expect([missing.status, (await missing.json()).message]).toEqual([404, 'no application serves /elsewhere (routes: /echo)']);
+    expect([missing.status, ((await missing.json()) as { message: string }).message]).toEqual([404, 'no application serves /elsewhere (routes: /echo)']);
     expect(await (await fetch(`${url}/-/healthz`)).text()).toBe('success');
     expect(await (await fetch(`${url}/-/routes`)).json()).toEqual({ '/echo': 'echo' });
     await serve.delete('echo');
