@@ -157,3 +157,5 @@ export type { BatchOptions, BatchedFunction } from './serve/batching.js';
 export type { HttpOptions } from './serve/http-proxy.js';
 export type { StartOptions, RunOptions, ServeStatus, ApplicationStatus, DeploymentStatus } from './serve/index.js';
 export { DeploymentError, BackPressureError } from './errors.js';
+export { buildOpenAIApp, OpenAIServer } from './llm/openai-server.js';
+export type { OpenAIAppOptions } from './llm/openai-server.js';

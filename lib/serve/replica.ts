@@ -41,13 +41,19 @@ export class ServeReplica {
     this.#userConfig = userConfig;
   }
 
-  /** Makes the user's instance (its class's module imported here), and hands it its userConfig. */
+  /**
+   * Makes the user's instance (its class's module imported here), awaits its `initialize()` if it
+   * has one, and hands it its userConfig.
+   */
   async init(): Promise<void> {
     const cls = await importRegistered(this.#descriptor);
     if (typeof cls !== 'function') {
       throw new DeploymentError(this.#deployment, `${this.#descriptor.name} is not registered by ${this.#descriptor.module}: pass deployment() a class made by remote(import.meta, ...) at the module's top level`);
     }
-    this.#instance = new (cls as new (...args: unknown[]) => Instance)(...this.#args);
+    const instance = new (cls as new (...args: unknown[]) => Instance)(...this.#args);
+    // What a constructor cannot await (loading a model): the replica starts once it is done.
+    if (typeof instance.initialize === 'function') await (instance.initialize as () => unknown).call(instance);
+    this.#instance = instance;
     if (this.#userConfig !== undefined) await this.reconfigure(this.#userConfig);
   }
 
@@ -152,7 +158,18 @@ export class ServeReplica {
         yield responseOf(result);
         return;
       }
-      yield* this.#streamParts(result);
+      // A stream that fails before its first item is answered as a throw from fetch() is.
+      const parts = this.#streamParts(result);
+      let first: IteratorResult<ResponsePart, void>;
+      try {
+        first = await parts.next();
+      } catch (error) {
+        yield errorResponse(error);
+        return;
+      }
+      if (first.done) return;
+      yield first.value;
+      yield* parts;
     } finally {
       this.#leave();
     }

@@ -1,0 +1,359 @@
+/**
+ * An OpenAI-compatible server over a sharded model (as vLLM's and Ray Serve LLM's): a serving
+ * application whose replicas each hold a ModelReplica (its ranks, tensor × pipeline parallel)
+ * and answer /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models, streamed as
+ * server-sent events where asked. Requests from every client share each replica's steps
+ * (continuous batching); `response_format` JSON schemas become guided decoding.
+ */
+import { basename } from 'node:path';
+import { InvalidArgumentError } from '../errors.js';
+import { remote } from '../core/registry.js';
+import { deployment, type Application } from '../serve/deployment.js';
+import { HttpError, HttpResponse, type HttpRequest } from '../serve/http-messages.js';
+import type { DeploymentOptions } from '../serve/options.js';
+import { ChatTemplate, type ChatMessage } from './chat-template.js';
+import { checkpointDirectory } from './config.js';
+import { TokenGuide } from './guided/token-guide.js';
+import type { GuidedDecoding } from './guided/guided-decoding.js';
+import { ModelReplica, type GenerateRequest, type ModelReplicaOptions } from './replica.js';
+import type { SamplingParameters } from './sampling.js';
+import { Tokenizer } from './tokenizer.js';
+
+export interface OpenAIAppOptions extends ModelReplicaOptions {
+  /** The model's name in requests and answers (default: the checkpoint directory's name). */
+  modelId?: string;
+  /** tokenizer.json's path or directory (default: the checkpoint's directory). */
+  tokenizer?: string;
+  /** A chat template's Jinja source, in place of the checkpoint's. */
+  chatTemplate?: string;
+  /** Tokens a request generates when it names no max_tokens (default 256). */
+  defaultMaxTokens?: number;
+  /** The deployment's options: replicas, autoscaling, maxOngoingRequests (default 64), actorOptions. */
+  deployment?: DeploymentOptions;
+}
+
+interface Completion {
+  text: string;
+  tokens: number;
+  promptTokens: number;
+  finishReason: 'stop' | 'length';
+}
+
+const encoder = new TextEncoder();
+const now = () => Math.floor(Date.now() / 1000);
+let counter = 0;
+const requestId = (kind: string) => `${kind}-${process.pid.toString(36)}${(counter++).toString(36)}${Date.now().toString(36)}`;
+
+function field<T>(body: Record<string, unknown>, name: string, check: (value: unknown) => boolean, expected: string): T | undefined {
+  const value = body[name];
+  if (value === undefined || value === null) return undefined;
+  if (!check(value)) throw new HttpError(400, `${name} must be ${expected}, got ${JSON.stringify(value)}`);
+  return value as T;
+}
+
+const isNumber = (value: unknown) => typeof value === 'number' && Number.isFinite(value);
+const isWhole = (value: unknown) => Number.isInteger(value) && (value as number) >= 1;
+
+/** An OpenAI request's sampling fields as a replica's. */
+function samplingOf(body: Record<string, unknown>): SamplingParameters {
+  const sampling: SamplingParameters = {};
+  const temperature = field<number>(body, 'temperature', (value) => isNumber(value) && (value as number) >= 0 && (value as number) <= 2, 'a number from 0 to 2');
+  if (temperature !== undefined) sampling.temperature = temperature;
+  const topP = field<number>(body, 'top_p', (value) => isNumber(value) && (value as number) > 0 && (value as number) <= 1, 'a number above 0, at most 1');
+  if (topP !== undefined) sampling.topP = topP;
+  const topK = field<number>(body, 'top_k', (value) => Number.isInteger(value) && (value as number) >= -1, 'a whole number (-1: all)');
+  if (topK !== undefined && topK > 0) sampling.topK = topK;
+  const seed = field<number>(body, 'seed', Number.isInteger, 'a whole number');
+  if (seed !== undefined) sampling.seed = seed;
+  const presence = field<number>(body, 'presence_penalty', (value) => isNumber(value) && Math.abs(value as number) <= 2, 'a number from -2 to 2');
+  if (presence !== undefined) sampling.presencePenalty = presence;
+  const frequency = field<number>(body, 'frequency_penalty', (value) => isNumber(value) && Math.abs(value as number) <= 2, 'a number from -2 to 2');
+  if (frequency !== undefined) sampling.frequencyPenalty = frequency;
+  return sampling;
+}
+
+function stopStringsOf(body: Record<string, unknown>): string[] {
+  const stop = body.stop;
+  if (stop === undefined || stop === null) return [];
+  const list = typeof stop === 'string' ? [stop] : stop;
+  if (!Array.isArray(list) || list.length > 4 || list.some((item) => typeof item !== 'string' || item.length === 0)) {
+    throw new HttpError(400, 'stop must be a string or a list of at most 4 non-empty strings');
+  }
+  return list as string[];
+}
+
+/** The guided decoding a chat request's response_format asks for, if any. */
+function guidedOf(body: Record<string, unknown>): GuidedDecoding | undefined {
+  const format = body.response_format as { type?: unknown; json_schema?: { schema?: unknown } } | undefined;
+  if (format === undefined || format === null) return undefined;
+  if (typeof format !== 'object') throw new HttpError(400, 'response_format must be an object');
+  if (format.type === 'text') return undefined;
+  if (format.type === 'json_object') return { jsonObject: true };
+  if (format.type === 'json_schema') {
+    const schema = format.json_schema?.schema;
+    if (typeof schema !== 'object' || schema === null) throw new HttpError(400, 'response_format.json_schema.schema must be a JSON schema object');
+    return { json: schema };
+  }
+  throw new HttpError(400, `response_format.type must be 'text', 'json_object' or 'json_schema', got ${JSON.stringify(format.type)}`);
+}
+
+/** Server-sent events of one answer, as OpenAI's streaming sends them. */
+function event(data: unknown): string {
+  return `data: ${typeof data === 'string' ? data : JSON.stringify(data)}\n\n`;
+}
+
+export class OpenAIServer {
+  readonly #options: OpenAIAppOptions;
+  readonly #modelId: string;
+  #replica: ModelReplica | undefined;
+  #tokenizer: Tokenizer | undefined;
+  #template: ChatTemplate | undefined;
+  readonly #guides = new Map<string, TokenGuide>();
+
+  constructor(options: OpenAIAppOptions) {
+    this.#options = options;
+    this.#modelId = options.modelId ?? basename(checkpointDirectory(options.checkpoint));
+  }
+
+  /** Loads the model's ranks, its tokenizer and its chat template (if it has one). */
+  async initialize(): Promise<void> {
+    const { modelId: _id, tokenizer, chatTemplate, defaultMaxTokens: _max, deployment: _deployment, ...replicaOptions } = this.#options;
+    const directory = checkpointDirectory(this.#options.checkpoint);
+    this.#tokenizer = await Tokenizer.load(tokenizer ?? directory);
+    try {
+      this.#template = ChatTemplate.load(tokenizer ? checkpointDirectory(tokenizer) : directory, { source: chatTemplate });
+    } catch (error) {
+      // A base model has no chat template: its completions still work, chat requests are refused.
+      if (chatTemplate !== undefined) throw error;
+    }
+    this.#replica = await ModelReplica.create(replicaOptions);
+  }
+
+  async checkHealth(): Promise<void> {
+    if (!this.#replica) throw new Error('the model is not loaded');
+  }
+
+  async *fetch(request: HttpRequest): AsyncGenerator<unknown, void, undefined> {
+    const route = request.routePath.replace(/\/+$/, '');
+    if (request.method === 'GET' && route === '/v1/models') {
+      yield new HttpResponse({ object: 'list', data: [{ id: this.#modelId, object: 'model', created: now(), owned_by: 'trellis' }] });
+      return;
+    }
+    if (request.method !== 'POST') throw new HttpError(request.method === 'GET' ? 404 : 405, `${request.method} ${request.path} is not served (POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models)`);
+    const body = request.json<Record<string, unknown>>();
+    if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new HttpError(400, 'the request body must be a JSON object');
+    if (body.model !== undefined && body.model !== this.#modelId) throw new HttpError(404, `model ${JSON.stringify(body.model)} is not served here (this server has ${this.#modelId})`);
+    if (body.n !== undefined && body.n !== 1) throw new HttpError(400, 'n must be 1: one choice per request');
+    switch (route) {
+      case '/v1/chat/completions':
+        yield* this.#chat(body);
+        return;
+      case '/v1/completions':
+        yield* this.#complete(body);
+        return;
+      case '/v1/embeddings':
+        yield new HttpResponse(await this.#embed(body));
+        return;
+      default:
+        throw new HttpError(404, `${request.path} is not served (POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models)`);
+    }
+  }
+
+  #maxTokens(body: Record<string, unknown>): number {
+    return field<number>(body, 'max_completion_tokens', isWhole, 'a whole number from 1') ?? field<number>(body, 'max_tokens', isWhole, 'a whole number from 1') ?? this.#options.defaultMaxTokens ?? 256;
+  }
+
+  async *#chat(body: Record<string, unknown>): AsyncGenerator<unknown, void, undefined> {
+    if (!this.#template) throw new HttpError(400, `model ${this.#modelId} has no chat template: use /v1/completions`);
+    let prompt: string;
+    try {
+      prompt = this.#template.render(body.messages as ChatMessage[]);
+    } catch (error) {
+      throw new HttpError(400, (error as Error).message);
+    }
+    const tokens = this.#tokenizer!.encode(prompt, { addSpecialTokens: false });
+    const id = requestId('chatcmpl');
+    const created = now();
+    const head = { id, object: 'chat.completion.chunk', created, model: this.#modelId };
+    const pieces = this.#generate(tokens, body, guidedOf(body));
+    if (body.stream === true) {
+      yield new HttpResponse(undefined, { headers: { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' } });
+      yield event({ ...head, choices: [{ index: 0, delta: { role: 'assistant', content: '' }, finish_reason: null }] });
+      let result: Completion | undefined;
+      for (;;) {
+        const step = await pieces.next();
+        if (step.done) {
+          result = step.value;
+          break;
+        }
+        yield event({ ...head, choices: [{ index: 0, delta: { content: step.value }, finish_reason: null }] });
+      }
+      yield event({ ...head, choices: [{ index: 0, delta: {}, finish_reason: result.finishReason }], usage: usageOf(result) });
+      yield event('[DONE]');
+      return;
+    }
+    const result = await drain(pieces);
+    yield new HttpResponse({
+      id,
+      object: 'chat.completion',
+      created,
+      model: this.#modelId,
+      choices: [{ index: 0, message: { role: 'assistant', content: result.text }, finish_reason: result.finishReason, logprobs: null }],
+      usage: usageOf(result),
+    });
+  }
+
+  async *#complete(body: Record<string, unknown>): AsyncGenerator<unknown, void, undefined> {
+    const prompt = body.prompt;
+    let tokens: number[];
+    if (typeof prompt === 'string') tokens = this.#tokenizer!.encode(prompt);
+    else if (Array.isArray(prompt) && prompt.length > 0 && prompt.every((token) => Number.isInteger(token) && token >= 0)) tokens = prompt as number[];
+    else throw new HttpError(400, 'prompt must be a string or a list of token ids (one prompt per request)');
+    const id = requestId('cmpl');
+    const created = now();
+    const pieces = this.#generate(tokens, body, undefined);
+    if (body.stream === true) {
+      yield new HttpResponse(undefined, { headers: { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' } });
+      const head = { id, object: 'text_completion', created, model: this.#modelId };
+      let result: Completion | undefined;
+      for (;;) {
+        const step = await pieces.next();
+        if (step.done) {
+          result = step.value;
+          break;
+        }
+        yield event({ ...head, choices: [{ index: 0, text: step.value, finish_reason: null, logprobs: null }] });
+      }
+      yield event({ ...head, choices: [{ index: 0, text: '', finish_reason: result.finishReason, logprobs: null }], usage: usageOf(result) });
+      yield event('[DONE]');
+      return;
+    }
+    const result = await drain(pieces);
+    yield new HttpResponse({
+      id,
+      object: 'text_completion',
+      created,
+      model: this.#modelId,
+      choices: [{ index: 0, text: result.text, finish_reason: result.finishReason, logprobs: null }],
+      usage: usageOf(result),
+    });
+  }
+
+  async #embed(body: Record<string, unknown>): Promise<unknown> {
+    const input = body.input;
+    const texts = typeof input === 'string' ? [input] : input;
+    if (!Array.isArray(texts) || texts.length === 0 || texts.some((text) => typeof text !== 'string')) throw new HttpError(400, 'input must be a string or a list of strings');
+    const encoded = (texts as string[]).map((text) => this.#tokenizer!.encode(text));
+    const embeddings = await this.#replica!.embed(encoded.map((tokens) => ({ tokens })));
+    const promptTokens = embeddings.reduce((sum, embedding) => sum + embedding.promptTokens, 0);
+    return {
+      object: 'list',
+      model: this.#modelId,
+      data: embeddings.map((embedding, index) => ({ object: 'embedding', index, embedding: [...embedding.vector] })),
+      usage: { prompt_tokens: promptTokens, total_tokens: promptTokens },
+    };
+  }
+
+  #guide(spec: GuidedDecoding): TokenGuide {
+    const key = JSON.stringify(spec);
+    let guide = this.#guides.get(key);
+    if (!guide) {
+      try {
+        guide = TokenGuide.compile(this.#tokenizer!, spec, 'response_format');
+      } catch (error) {
+        throw new HttpError(400, (error as Error).message);
+      }
+      if (this.#guides.size >= 32) this.#guides.delete(this.#guides.keys().next().value!);
+      this.#guides.set(key, guide);
+    }
+    return guide;
+  }
+
+  /**
+   * Generates from `tokens`, yielding the text as it grows (a piece is held back while it ends
+   * inside a character, or could be the start of a stop string), and returns the whole.
+   */
+  async *#generate(tokens: number[], body: Record<string, unknown>, guided: GuidedDecoding | undefined): AsyncGenerator<string, Completion, undefined> {
+    const tokenizer = this.#tokenizer!;
+    const replica = this.#replica!;
+    const stops = stopStringsOf(body);
+    const maxNewTokens = this.#maxTokens(body);
+    const text = (ids: readonly number[]) => tokenizer.decode(ids.filter((id) => id < tokenizer.vocabSize));
+    const request: GenerateRequest = {
+      tokens,
+      maxNewTokens,
+      sampling: samplingOf(body),
+      ...(stops.length > 0 ? { stop: (generated) => stops.some((stop) => text(generated.slice(-4 * stop.length - 4)).includes(stop)) } : {}),
+      ...(guided ? { constraint: this.#guide(guided).constraint(replica.stopTokens) } : {}),
+    };
+    const generated: number[] = [];
+    let count = 0;
+    let sent = 0;
+    let finish: 'stop' | 'length' = 'length';
+    let whole = '';
+    for await (const step of replica.stream(request)) {
+      count++;
+      if (step.finishReason) finish = step.finishReason === 'stop' ? 'stop' : 'length';
+      // The end-of-sequence token ends the answer; it is not part of its text.
+      if (step.finishReason === 'stop' && replica.stopTokens.includes(step.token)) continue;
+      generated.push(step.token);
+      whole = text(generated);
+      let end = whole.length;
+      if (whole.endsWith('\uFFFD')) end = whole.lastIndexOf('\uFFFD');
+      // A stop string's start may be at the end: hold it back until it is known not to be one.
+      for (const stop of stops) {
+        for (let length = Math.min(stop.length - 1, end - sent); length > 0; length--) {
+          if (whole.slice(end - length, end) === stop.slice(0, length)) {
+            end -= length;
+            break;
+          }
+        }
+      }
+      if (end > sent) {
+        yield whole.slice(sent, end);
+        sent = end;
+      }
+    }
+    // The stop string itself and what follows it are not part of the answer (as OpenAI's).
+    let answer = whole;
+    for (const stop of stops) {
+      const at = answer.indexOf(stop);
+      if (at >= 0) {
+        answer = answer.slice(0, at);
+        finish = 'stop';
+      }
+    }
+    if (answer.length > sent) yield answer.slice(sent);
+    return { text: answer, tokens: count, promptTokens: tokens.length, finishReason: finish };
+  }
+}
+
+function usageOf(result: Completion): { prompt_tokens: number; completion_tokens: number; total_tokens: number } {
+  return { prompt_tokens: result.promptTokens, completion_tokens: result.tokens, total_tokens: result.promptTokens + result.tokens };
+}
+
+async function drain(pieces: AsyncGenerator<string, Completion, undefined>): Promise<Completion> {
+  for (;;) {
+    const step = await pieces.next();
+    if (step.done) return step.value;
+  }
+}
+
+export const OpenAIServerActor = remote(import.meta, OpenAIServer);
+
+/**
+ * An OpenAI-compatible application over `options.checkpoint` (as Ray Serve LLM's
+ * build_openai_app): run it with serve.run(), and point any OpenAI client at the proxy.
+ * Each replica holds tensorParallel × pipelineParallel ranks, and asks for that many CPUs
+ * (numCpusPerRank each) unless `deployment.actorOptions` says otherwise.
+ */
+export function buildOpenAIApp(options: OpenAIAppOptions): Application<OpenAIServer> {
+  if (typeof options !== 'object' || options === null || typeof options.checkpoint !== 'string') {
+    throw new InvalidArgumentError('buildOpenAIApp takes options with a checkpoint path');
+  }
+  const ranks = (options.tensorParallel ?? 1) * (options.pipelineParallel ?? 1);
+  const given = options.deployment ?? {};
+  const actorOptions = { numCpus: ranks * (options.numCpusPerRank ?? 1), ...(options.device === 'cuda' ? { numGpus: ranks } : {}), ...given.actorOptions };
+  const { deployment: _deployment, ...serverOptions } = options;
+  return deployment(OpenAIServerActor, { name: 'OpenAIServer', maxOngoingRequests: 64, ...given, actorOptions }).bind(serverOptions);
+}

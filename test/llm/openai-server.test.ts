@@ -1,0 +1,117 @@
+/**
+ * The OpenAI-compatible server (buildOpenAIApp) over a small random GPT-2 with a byte-level
+ * tokenizer and a chat template: models, completions and chat completions (whole and streamed,
+ * the stream's text the same as the whole's), stop strings, JSON-schema response formats,
+ * embeddings, and requests it refuses.
+ */
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { buildOpenAIApp, init, serve, shutdown } from '../../lib/index.js';
+import { byteTokenizerJson } from '../../examples/model/byte-tokenizer.js';
+import { randomWeights, writeCheckpoint } from '../../examples/model/random-decoder.js';
+
+const config = { vocabSize: 260, hiddenSize: 32, numLayers: 2, numHeads: 4, intermediateSize: 64, maxPositions: 256, layerNormEpsilon: 1e-5 };
+let scratch = '';
+let url = '';
+
+async function post(path: string, body: unknown): Promise<Response> {
+  return fetch(`${url}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+}
+
+/** The data of a server-sent event stream, '[DONE]' last. */
+async function events(response: Response): Promise<unknown[]> {
+  const text = await response.text();
+  return text.split('\n\n').filter(Boolean).map((line) => {
+    expect(line.startsWith('data: ')).toBe(true);
+    const data = line.slice('data: '.length);
+    return data === '[DONE]' ? data : JSON.parse(data);
+  });
+}
+
+beforeAll(async () => {
+  scratch = mkdtempSync(join(tmpdir(), 'trellis-openai-'));
+  const checkpoint = await writeCheckpoint(join(scratch, 'tiny-gpt'), config, randomWeights(config, 5));
+  writeFileSync(join(checkpoint, 'tokenizer.json'), JSON.stringify(byteTokenizerJson()));
+  writeFileSync(join(checkpoint, 'tokenizer_config.json'), JSON.stringify({
+    eos_token: '<|endoftext|>',
+    chat_template: '{% for message in messages %}{{ message.role }}: {{ message.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}',
+  }));
+  await init({ numCpus: 2 });
+  url = (await serve.start({ http: { port: 0 } })).proxy!.url;
+  await serve.run(buildOpenAIApp({ checkpoint, numCpusPerRank: 0, deployment: { actorOptions: { numCpus: 0 } } }), { name: 'llm' });
+});
+
+afterAll(async () => {
+  await shutdown();
+  rmSync(scratch, { recursive: true, force: true });
+});
+
+describe('buildOpenAIApp', () => {
+  it('lists its model', async () => {
+    const models = (await (await fetch(`${url}/v1/models`)).json()) as { data: Array<{ id: string }> };
+    expect(models.data.map((model) => model.id)).toEqual(['tiny-gpt']);
+  });
+
+  it('completes a prompt whole or streamed, the same text either way, and stops at a stop string', async () => {
+    const request = { model: 'tiny-gpt', prompt: 'Once upon', max_tokens: 24, temperature: 0 };
+    const whole = (await (await post('/v1/completions', request)).json()) as { choices: Array<{ text: string; finish_reason: string }>; usage: Record<string, number> };
+    expect(whole.choices[0].finish_reason).toBe('length');
+    expect(whole.usage).toEqual({ prompt_tokens: 9, completion_tokens: 24, total_tokens: 33 });
+    const streamed = await post('/v1/completions', { ...request, stream: true });
+    expect(streamed.headers.get('content-type')).toBe('text/event-stream');
+    const chunks = await events(streamed);
+    expect(chunks.at(-1)).toBe('[DONE]');
+    const text = (chunks.slice(0, -1) as Array<{ choices: Array<{ text: string }> }>).map((chunk) => chunk.choices[0].text).join('');
+    expect(text).toBe(whole.choices[0].text);
+    // A stop string from the middle of that text: the answer ends before it.
+    const stop = whole.choices[0].text.slice(6, 8);
+    const stopped = (await (await post('/v1/completions', { ...request, stop: [stop] })).json()) as typeof whole;
+    expect(stopped.choices[0].finish_reason).toBe('stop');
+    expect(stopped.choices[0].text).toBe(whole.choices[0].text.slice(0, whole.choices[0].text.indexOf(stop)));
+  });
+
+  it('answers chats, streamed as deltas, and keeps to a JSON schema', async () => {
+    const messages = [{ role: 'user', content: 'Say hi' }];
+    const whole = (await (await post('/v1/chat/completions', { messages, max_tokens: 12, temperature: 0 })).json()) as { object: string; choices: Array<{ message: { role: string; content: string } }> };
+    expect(whole.object).toBe('chat.completion');
+    expect(whole.choices[0].message.role).toBe('assistant');
+    const chunks = await events(await post('/v1/chat/completions', { messages, max_tokens: 12, temperature: 0, stream: true }));
+    const deltas = chunks.slice(0, -1) as Array<{ choices: Array<{ delta: { role?: string; content?: string }; finish_reason: string | null }> }>;
+    expect(deltas[0].choices[0].delta.role).toBe('assistant');
+    expect(deltas.map((chunk) => chunk.choices[0].delta.content ?? '').join('')).toBe(whole.choices[0].message.content);
+    expect(deltas.at(-1)!.choices[0].finish_reason).toBe('length');
+    const schema = { type: 'object', properties: { mood: { enum: ['happy', 'sad'] }, level: { type: 'integer', minimum: 1, maximum: 9 } }, required: ['mood', 'level'], additionalProperties: false };
+    const guided = (await (await post('/v1/chat/completions', { messages, max_tokens: 64, seed: 3, response_format: { type: 'json_schema', json_schema: { name: 'mood', schema } } })).json()) as typeof whole & { choices: Array<{ finish_reason: string }> };
+    const parsed = JSON.parse(guided.choices[0].message.content) as { mood: string; level: number };
+    expect(['happy', 'sad']).toContain(parsed.mood);
+    expect(parsed.level).toBeGreaterThanOrEqual(1);
+    expect(guided.choices[0].finish_reason).toBe('stop');
+  });
+
+  it('embeds texts', async () => {
+    const result = (await (await post('/v1/embeddings', { input: ['a', 'bc'] })).json()) as { data: Array<{ index: number; embedding: number[] }>; usage: { prompt_tokens: number } };
+    expect(result.data.map((item) => [item.index, item.embedding.length])).toEqual([[0, 32], [1, 32]]);
+    expect(result.usage.prompt_tokens).toBe(3);
+  });
+
+  it('refuses what it cannot serve, saying why', async () => {
+    const cases: Array<[string, unknown, number, RegExp]> = [
+      ['/v1/completions', { prompt: 'x', max_tokens: 0 }, 400, /max_tokens must be a whole number from 1/],
+      ['/v1/completions', { prompt: 'x', temperature: 7 }, 400, /temperature must be a number from 0 to 2/],
+      ['/v1/completions', { prompt: 'x', model: 'gpt-9' }, 404, /model "gpt-9" is not served here \(this server has tiny-gpt\)/],
+      ['/v1/completions', { prompt: 'x', n: 2 }, 400, /n must be 1/],
+      ['/v1/completions', { prompt: 42 }, 400, /prompt must be a string or a list of token ids/],
+      ['/v1/chat/completions', { messages: 'hi' }, 400, /messages must be an array/],
+      ['/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }], response_format: { type: 'xml' } }, 400, /response_format.type must be/],
+      ['/v1/nothing', {}, 404, /is not served/],
+    ];
+    for (const [path, body, status, message] of cases) {
+      const response = await post(path, body);
+      const answer = (await response.json()) as { message: string };
+      expect([path, response.status]).toEqual([path, status]);
+      expect(answer.message).toMatch(message);
+    }
+  });
+});
