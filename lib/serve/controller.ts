@@ -7,7 +7,7 @@
  * goes to the driver's router for it and to the directory, for routers in other processes.
  */
 import { DeploymentError } from '../errors.js';
-import { get, kill } from '../core/api.js';
+import { get, isInitialized, kill } from '../core/api.js';
 import type { ActorHandle } from '../core/registry.js';
 import { currentRuntime } from '../core/runtime-context.js';
 import { replaceApplications, type Application } from './deployment.js';
@@ -28,6 +28,11 @@ export interface DeploymentStatus {
   /** Requests on its replicas at their last report (autoscaling deployments), and waiting in the driver. */
   ongoingRequests: number;
   queuedRequests: number;
+}
+
+/** Kills a replica's actor; after trellis's shutdown there is nothing left to kill. */
+function end(handle: ActorHandle<ServeReplica>): void {
+  if (isInitialized()) kill(handle);
 }
 
 /** How many replica starts in a row may fail, before any replica ran, until the deployment fails. */
@@ -208,7 +213,7 @@ export class DeploymentRecord {
     this.replicas.set(replica.actorId, replica);
     get(handle.init.remote()).then(
       () => {
-        if (replica.state !== 'starting') return;
+        if (replica.state !== 'starting' || !isInitialized()) return;
         replica.state = 'running';
         replica.nextHealthCheckAt = Date.now() + config.healthCheckPeriodMs;
         this.#failures = 0;
@@ -221,7 +226,7 @@ export class DeploymentRecord {
       (error: unknown) => {
         if (replica.state !== 'starting') return;
         this.replicas.delete(replica.actorId);
-        kill(handle);
+        end(handle);
         this.#failures++;
         const reason = error instanceof Error ? error.message : String(error);
         this.message = `a replica failed to start (${this.#failures} in a row): ${reason}`;
@@ -424,6 +429,7 @@ export class ServeController {
 
   /** Sends a deployment's running replicas to its routers (the driver's, and others' by the directory). */
   publish(record: DeploymentRecord): void {
+    if (!isInitialized()) return;
     const handles = record.running().map((replica) => replica.handle);
     record.router.setReplicas(handles);
     void this.directory.publish.remote(record.key, handles, record.deleting);
@@ -446,7 +452,7 @@ export class ServeController {
     replica.stopWatching?.();
     if (wasRunning) this.publish(record);
     const stopped = (now || !wasRunning ? Promise.resolve() : this.#drain(record, replica)).then(() => {
-      kill(replica.handle);
+      end(replica.handle);
       record.replicas.delete(replica.actorId);
     });
     this.#stopping.add(stopped);
@@ -457,6 +463,7 @@ export class ServeController {
     const deadline = Date.now() + record.config.gracefulShutdownTimeoutMs;
     let quietSince: number | undefined;
     while (Date.now() < deadline) {
+      if (!isInitialized()) return;
       const ongoing = await get(replica.handle.load.remote(), { timeout: Math.max(10, deadline - Date.now()) }).then((load) => load.ongoing, () => -1);
       if (ongoing < 0) return;
       const now = Date.now();
