@@ -74,9 +74,9 @@ try {
     wanted = Math.max(wanted, deployment().targetReplicas);
     most = Math.max(most, replicas());
   }, 20);
-  const burst = await Promise.all(Array.from({ length: 64 }, (_, user) => chat({ messages: [{ role: 'user', content: `I am user ${user}` }], max_tokens: 160, seed: user }).then((response) => response.json())));
+  const burst = await Promise.all(Array.from({ length: 64 }, (_, user) => chat({ messages: [{ role: 'user', content: `I am user ${user}` }], max_tokens: 160, seed: user }).then((response) => response.json() as Promise<typeof answer>)));
   clearInterval(watcher);
-  const tokens = burst.reduce((sum, reply) => sum + (reply as typeof answer).usage.completion_tokens, 0);
+  const tokens = burst.reduce((sum: number, reply) => sum + reply.usage.completion_tokens, 0);
   console.log(`burst: 64 chats, ${tokens} tokens in ${((Date.now() - started) / 1000).toFixed(1)} s; scaled to ${wanted} replicas (${most} serving at once)`);
   const deadline = Date.now() + 30_000;
   while (replicas() > 1 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));

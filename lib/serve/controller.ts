@@ -83,6 +83,8 @@ export class DeploymentRecord {
   #upSince: number | undefined;
   #downSince: number | undefined;
   #deleting = false;
+  /** userConfig being handed to the running replicas by an update. */
+  #reconfiguring: Promise<void> | undefined;
 
   constructor(app: string, application: Application, directory: ActorHandle<ServeDirectory>, onDeath: (record: DeploymentRecord, actorId: string) => void) {
     const { config } = application.deployment;
@@ -141,7 +143,12 @@ export class DeploymentRecord {
       return;
     }
     if (!sameValue(before.config.userConfig, config.userConfig) && config.userConfig !== undefined) {
-      for (const replica of this.running()) void replica.handle.reconfigure.remote(config.userConfig);
+      // serve.run() returns once every running replica has taken the new config.
+      const replicas = this.running();
+      this.#reconfiguring = Promise.all(replicas.map((replica) => get(replica.handle.reconfigure.remote(config.userConfig)).catch((error: unknown) => {
+        throw new DeploymentError(config.name, `replica ${replica.actorId} refused the new userConfig: ${error instanceof Error ? error.message : String(error)}`);
+      }))).then(() => undefined);
+      this.#reconfiguring.catch(() => undefined);
     }
   }
 
@@ -151,9 +158,11 @@ export class DeploymentRecord {
 
   /** Resolves once the deployment is healthy; rejects if it fails to deploy. */
   whenHealthy(): Promise<void> {
-    if (this.status === 'HEALTHY') return Promise.resolve();
+    const reconfiguring = this.#reconfiguring;
+    this.#reconfiguring = undefined;
     if (this.status === 'DEPLOY_FAILED') return Promise.reject(new DeploymentError(this.config.name, this.message));
-    return new Promise((resolve, reject) => this.#waiters.push({ resolve, reject }));
+    const healthy = this.status === 'HEALTHY' ? Promise.resolve() : new Promise<void>((resolve, reject) => this.#waiters.push({ resolve, reject }));
+    return reconfiguring ? Promise.all([healthy, reconfiguring]).then(() => undefined) : healthy;
   }
 
   #settleWaiters(error?: DeploymentError): void {
@@ -191,8 +200,8 @@ export class DeploymentRecord {
     if (this.#deleting) this.status = 'DELETING';
     else if (running === this.wanted && current.length === this.wanted && outdated.length === 0) {
       if (this.status !== 'HEALTHY') {
+        // The message stays: what happened last (a replica replaced, a scale) is still worth reading.
         this.status = 'HEALTHY';
-        this.message = '';
         this.#settleWaiters();
       }
     } else if (this.status === 'HEALTHY') {

@@ -9,6 +9,9 @@ import { DeploymentError } from '../errors.js';
 import { Deque } from '../core/deque.js';
 import type { FunctionDescriptor } from '../core/protocol.js';
 import { importRegistered, remote } from '../core/registry.js';
+// Handles among a replica's constructor arguments arrive before the user's module is imported:
+// their class must be known here already.
+import './handle.js';
 import { errorResponse, HttpRequest, HttpResponse, isItemStream, responseOf, streamChunk, type RequestData, type ResponsePart } from './http-messages.js';
 
 /** A replica's load, as the controller reads it. */
