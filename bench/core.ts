@@ -8,25 +8,14 @@ import { fileURLToPath } from 'node:url';
 import { Piscina } from 'piscina';
 import { ActorPool, Queue, get, init, put, shutdown } from '../lib/index.js';
 import { actorClient, noop, RemoteSink, taskClient } from './core-tasks.js';
-import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
+import { elapsedSeconds, median, medianRate, nowNs, round, type Results, type Suite } from './harness.js';
 
 /** Rounds measured per rate, after one warm-up round. */
 const ROUNDS = 5;
 
-/**
- * The median rate of ROUNDS rounds of `body` (each doing `count` operations). One round swings
- * with whatever else the machine does (a sync round trip is a few scheduler wake-ups): the
- * median of several is what a rerun reproduces.
- */
-async function rate(count: number, body: () => Promise<void>): Promise<number> {
-  await body(); // warm-up round
-  const rates: number[] = [];
-  for (let round = 0; round < ROUNDS; round++) {
-    const start = nowNs();
-    await body();
-    rates.push(count / elapsedSeconds(start));
-  }
-  return median(rates);
+/** The median rate of ROUNDS rounds of `body` (see medianRate). */
+function rate(count: number, body: () => Promise<void>): Promise<number> {
+  return medianRate(count, body, ROUNDS);
 }
 
 async function piscinaRate(count: number): Promise<number> {

@@ -44,3 +44,19 @@ export function round(value: number, digits = 3): number {
   const scale = 10 ** digits;
   return Math.round(value * scale) / scale;
 }
+
+/**
+ * The median rate of `rounds` rounds of `body` (each doing `count` operations), after one warm-up
+ * round. One round swings with whatever else the machine does (a sync round trip is a few
+ * scheduler wake-ups): the median of several is what a rerun reproduces.
+ */
+export async function medianRate(count: number, body: () => Promise<void>, rounds = 5): Promise<number> {
+  await body();
+  const rates: number[] = [];
+  for (let round = 0; round < rounds; round++) {
+    const start = nowNs();
+    await body();
+    rates.push(count / elapsedSeconds(start));
+  }
+  return median(rates);
+}

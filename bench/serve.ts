@@ -10,12 +10,11 @@ import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { get, init, serve, shutdown } from '../lib/index.js';
-import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
+import { medianRate as rate, round, type Results, type Suite } from './harness.js';
 import { HelloActor } from './serve-apps.js';
 
 const CONCURRENCY = 32;
 const LOAD_SECONDS = 3;
-const ROUNDS = 5;
 
 interface Load {
   requests: number;
@@ -44,17 +43,6 @@ async function listen(handler: Parameters<typeof createServer>[1]): Promise<{ se
   const server = createServer(handler);
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   return { server, url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/` };
-}
-
-async function rate(count: number, body: () => Promise<void>): Promise<number> {
-  await body();
-  const rates: number[] = [];
-  for (let round = 0; round < ROUNDS; round++) {
-    const start = nowNs();
-    await body();
-    rates.push(count / elapsedSeconds(start));
-  }
-  return median(rates);
 }
 
 export const serveSuite: Suite = {

@@ -177,19 +177,12 @@ export class OpenAIServer {
     const head = { id, object: 'chat.completion.chunk', created, model: this.#modelId };
     const pieces = this.#generate(tokens, body, guidedOf(body));
     if (body.stream === true) {
-      yield new HttpResponse(undefined, { headers: { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' } });
-      yield event({ ...head, choices: [{ index: 0, delta: { role: 'assistant', content: '' }, finish_reason: null }] });
-      let result: Completion | undefined;
-      for (;;) {
-        const step = await pieces.next();
-        if (step.done) {
-          result = step.value;
-          break;
-        }
-        yield event({ ...head, choices: [{ index: 0, delta: { content: step.value }, finish_reason: null }] });
-      }
-      yield event({ ...head, choices: [{ index: 0, delta: {}, finish_reason: result.finishReason }], usage: usageOf(result) });
-      yield event('[DONE]');
+      yield* eventStream(
+        pieces,
+        (content) => ({ ...head, choices: [{ index: 0, delta: { content }, finish_reason: null }] }),
+        (result) => ({ ...head, choices: [{ index: 0, delta: {}, finish_reason: result.finishReason }], usage: usageOf(result) }),
+        { ...head, choices: [{ index: 0, delta: { role: 'assistant', content: '' }, finish_reason: null }] },
+      );
       return;
     }
     const result = await drain(pieces);
@@ -213,19 +206,12 @@ export class OpenAIServer {
     const created = now();
     const pieces = this.#generate(tokens, body, undefined);
     if (body.stream === true) {
-      yield new HttpResponse(undefined, { headers: { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' } });
       const head = { id, object: 'text_completion', created, model: this.#modelId };
-      let result: Completion | undefined;
-      for (;;) {
-        const step = await pieces.next();
-        if (step.done) {
-          result = step.value;
-          break;
-        }
-        yield event({ ...head, choices: [{ index: 0, text: step.value, finish_reason: null, logprobs: null }] });
-      }
-      yield event({ ...head, choices: [{ index: 0, text: '', finish_reason: result.finishReason, logprobs: null }], usage: usageOf(result) });
-      yield event('[DONE]');
+      yield* eventStream(
+        pieces,
+        (text) => ({ ...head, choices: [{ index: 0, text, finish_reason: null, logprobs: null }] }),
+        (result) => ({ ...head, choices: [{ index: 0, text: '', finish_reason: result.finishReason, logprobs: null }], usage: usageOf(result) }),
+      );
       return;
     }
     const result = await drain(pieces);
@@ -330,6 +316,29 @@ export class OpenAIServer {
 
 function usageOf(result: Completion): { prompt_tokens: number; completion_tokens: number; total_tokens: number } {
   return { prompt_tokens: result.promptTokens, completion_tokens: result.tokens, total_tokens: result.promptTokens + result.tokens };
+}
+
+/**
+ * A generation streamed as OpenAI streams it: the event-stream head, `first` if given, an event
+ * per piece of text, the last event (finish reason and usage), then [DONE].
+ */
+async function* eventStream(
+  pieces: AsyncGenerator<string, Completion, undefined>,
+  piece: (text: string) => unknown,
+  last: (result: Completion) => unknown,
+  first?: unknown,
+): AsyncGenerator<unknown, void, undefined> {
+  yield new HttpResponse(undefined, { headers: { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' } });
+  if (first !== undefined) yield event(first);
+  for (;;) {
+    const step = await pieces.next();
+    if (step.done) {
+      yield event(last(step.value));
+      break;
+    }
+    yield event(piece(step.value));
+  }
+  yield event('[DONE]');
 }
 
 async function drain(pieces: AsyncGenerator<string, Completion, undefined>): Promise<Completion> {

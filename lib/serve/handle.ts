@@ -96,24 +96,35 @@ function noteDeath(router: Router, replica: RoutedReplica, error: unknown): void
  * in this caller's router), so awaiting costs nothing more.
  */
 export class DeploymentResponse<T> implements PromiseLike<T> {
-  readonly #abort = new AbortController();
+  #abort: AbortController | undefined;
   readonly #sent: Promise<ObjectRef<T>>;
   readonly #value: Promise<T>;
 
   /** @internal made by a handle's method. */
   constructor(router: Router, send: (replica: RoutedReplica, args: unknown[]) => ObjectRef<T>, args: unknown[] = []) {
-    let replica: RoutedReplica | undefined;
-    this.#sent = (async () => {
-      const resolved = await resolveArguments(args);
-      replica = await router.acquire(this.#abort.signal);
+    // Most calls find a replica with room and have no response among their arguments: they are
+    // sent at once, with no promise in between.
+    let replica = args.some((arg) => arg instanceof DeploymentResponse) ? undefined : router.tryAcquire();
+    if (replica) {
       try {
-        return send(replica, resolved);
+        this.#sent = Promise.resolve(send(replica, args));
       } catch (error) {
         router.release(replica);
-        replica = undefined;
-        throw error;
+        this.#sent = Promise.reject(error);
       }
-    })();
+    } else {
+      const abort = (this.#abort = new AbortController());
+      this.#sent = (async () => {
+        const resolved = await resolveArguments(args);
+        replica = await router.acquire(abort.signal);
+        try {
+          return send(replica, resolved);
+        } catch (error) {
+          router.release(replica);
+          throw error;
+        }
+      })();
+    }
     this.#value = this.#sent.then((ref) =>
       get(ref).then(
         (value) => {
@@ -156,7 +167,7 @@ export class DeploymentResponse<T> implements PromiseLike<T> {
 
   /** Cancels the request: one still waiting for a replica is never sent; one sent is cancelled there. */
   cancel(): void {
-    this.#abort.abort();
+    this.#abort?.abort();
     this.#sent.then((ref) => cancel(ref), () => undefined);
   }
 }

@@ -34,6 +34,8 @@ interface Route {
   streaming: boolean;
 }
 
+const EMPTY_BODY = new Uint8Array(0);
+
 /** Whether `prefix` serves `path`: '/api' serves '/api' and '/api/x', not '/apix'. */
 function matches(prefix: string, path: string): boolean {
   return prefix === '/' || path === prefix || path.startsWith(`${prefix}/`);
@@ -130,6 +132,11 @@ export class HttpProxy {
   }
 
   async #readBody(request: IncomingMessage): Promise<Uint8Array | undefined> {
+    // No length and no chunks: no body (most GETs), and nothing to wait for.
+    if (request.headers['content-length'] === undefined && request.headers['transfer-encoding'] === undefined) {
+      request.resume();
+      return EMPTY_BODY;
+    }
     const declared = Number(request.headers['content-length'] ?? 0);
     if (declared > this.#maxBodyBytes) return undefined;
     const chunks: Buffer[] = [];

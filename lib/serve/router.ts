@@ -83,11 +83,8 @@ export class Router {
    */
   acquire(signal?: AbortSignal): Promise<RoutedReplica> {
     if (this.#closed) return Promise.reject(this.#closed);
-    const chosen = this.#choose();
-    if (chosen) {
-      chosen.ongoing++;
-      return Promise.resolve(chosen);
-    }
+    const chosen = this.tryAcquire();
+    if (chosen) return Promise.resolve(chosen);
     if (this.#waitingCount >= this.#maxQueued) {
       return Promise.reject(new BackPressureError(this.deployment, `deployment ${this.deployment} is at capacity: ${this.#replicas.length} replica(s) each running ${this.#maxOngoing} request(s), and ${this.#waitingCount} waiting (maxQueuedRequests)`));
     }
@@ -102,6 +99,14 @@ export class Router {
       }
       if (this.#replicas.length === 0) this.#hooks.demand?.();
     });
+  }
+
+  /** A replica with room now, counted on it until `release()`; undefined where none has room or some wait. */
+  tryAcquire(): RoutedReplica | undefined {
+    if (this.#closed || this.#waitingCount > 0) return undefined;
+    const chosen = this.#choose();
+    if (chosen) chosen.ongoing++;
+    return chosen;
   }
 
   release(replica: RoutedReplica): void {
