@@ -13,6 +13,7 @@ import type { ObjectRef } from '../core/object-ref.js';
 import type { ObjectRefGenerator } from '../core/object-ref-generator.js';
 import { DeploymentResponse, DeploymentResponseGenerator } from './handle.js';
 import type { RequestData, ResponsePart } from './http-messages.js';
+import { HttpMetrics } from './serve-metrics.js';
 import type { Router } from './router.js';
 
 export interface HttpOptions {
@@ -69,6 +70,7 @@ export class HttpProxy {
   readonly #maxBodyBytes: number;
   readonly #requestTimeoutMs: number | undefined;
   #routes: Route[] = [];
+  readonly metrics = new HttpMetrics();
 
   private constructor(server: Server, host: string, port: number, options: HttpOptions) {
     this.#server = server;
@@ -195,6 +197,11 @@ export class HttpProxy {
     }
     if (path === '/-/routes') return sendJson(response, 200, this.routes());
     const route = this.#routes.find((candidate) => matches(candidate.prefix, path));
+    const started = process.hrtime.bigint();
+    response.once('close', () => {
+      const code = response.writableFinished ? response.statusCode : 499;
+      this.metrics.record(route?.app ?? '', code, Number(process.hrtime.bigint() - started) / 1e9);
+    });
     if (!route) return sendJson(response, 404, { error: 'NotFound', message: `no application serves ${path} (routes: ${Object.keys(this.routes()).join(', ') || 'none'})` });
     const body = await this.#readBody(request);
     if (!body) {

@@ -5,12 +5,14 @@
  */
 import { DeploymentError, InvalidArgumentError, NotInitializedError } from '../errors.js';
 import { isInitialized, kill, onShutdown } from '../core/api.js';
+import { registerMetricsCollector } from '../core/metrics.js';
 import type { ActorHandle } from '../core/registry.js';
 import { ServeController, type DeploymentStatus } from './controller.js';
 import { deploymentsOf, type Application } from './deployment.js';
 import { ServeDirectoryActor, type ServeDirectory } from './directory.js';
 import { deploymentKey, makeHandle, setLocalRouters, type DeploymentHandle } from './handle.js';
 import { checkRoutePrefix, HttpProxy, type HttpOptions } from './http-proxy.js';
+import { deploymentFamilies } from './serve-metrics.js';
 
 export interface StartOptions {
   /** The HTTP proxy's options; `false` runs no proxy (handles only). Default: 127.0.0.1:8000. */
@@ -52,6 +54,7 @@ interface ServeInstance {
   proxy: HttpProxy | undefined;
   proxyOptions: HttpOptions | false;
   apps: Map<string, AppRecord>;
+  stopMetrics: () => void;
 }
 
 let instance: ServeInstance | undefined;
@@ -87,7 +90,11 @@ export async function start(options: StartOptions = {}): Promise<ServeStatus> {
     }
     const controller = new ServeController(directory);
     setLocalRouters((key) => controller.routerFor(key));
-    const started: ServeInstance = { controller, directory, proxy, proxyOptions, apps: new Map() };
+    const started: ServeInstance = { controller, directory, proxy, proxyOptions, apps: new Map(), stopMetrics: () => undefined };
+    started.stopMetrics = registerMetricsCollector(() => [
+      ...(started.proxy?.metrics.families() ?? []),
+      ...(instance === started ? deploymentFamilies(status().applications) : []),
+    ]);
     onShutdown(() => closeInstance(started));
     return started;
   })();
@@ -212,6 +219,7 @@ export { deleteApplication as delete };
 async function closeInstance(closing: ServeInstance): Promise<void> {
   if (instance === closing) instance = undefined;
   setLocalRouters(undefined);
+  closing.stopMetrics();
   closing.controller.close();
   await closing.proxy?.close();
 }

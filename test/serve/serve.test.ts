@@ -5,7 +5,7 @@
  * bad input. One cluster for the file; each test runs its own applications.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BackPressureError, DeploymentError, InvalidArgumentError, NotInitializedError, get, init, serve, shutdown } from '../../lib/index.js';
+import { BackPressureError, DeploymentError, InvalidArgumentError, NotInitializedError, get, init, metricsText, serve, shutdown } from '../../lib/index.js';
 import { AdderActor, BrokenActor, ConfiguredActor, DoublerActor, EchoActor, EventsActor, SleeperActor, greetFromTask } from './fixtures/apps.js';
 
 const light = { actorOptions: { numCpus: 0 } };
@@ -54,6 +54,13 @@ describe('serve over HTTP', () => {
     expect([missing.status, ((await missing.json()) as { message: string }).message]).toEqual([404, 'no application serves /elsewhere (routes: /echo)']);
     expect(await (await fetch(`${url}/-/healthz`)).text()).toBe('success');
     expect(await (await fetch(`${url}/-/routes`)).json()).toEqual({ '/echo': 'echo' });
+    // The proxy's metrics count them by application and code; the deployment's gauges say its replicas.
+    const metrics = metricsText();
+    expect(metrics).toMatch(/trellis_serve_http_requests_total\{application="echo",code="200"\} 3\n/);
+    expect(metrics).toMatch(/trellis_serve_http_requests_total\{application="echo",code="413"\} 1\n/);
+    expect(metrics).toMatch(/trellis_serve_http_request_duration_seconds_count\{application="echo"\} 9\n/);
+    expect(metrics).toMatch(/trellis_serve_deployment_replicas\{application="echo",deployment="Echo",state="running"\} 1\n/);
+    expect(metrics).toMatch(/trellis_serve_deployment_healthy\{application="echo",deployment="Echo"\} 1\n/);
     await serve.delete('echo');
     expect((await fetch(`${url}/echo/text`)).status).toBe(404);
   });
