@@ -19,7 +19,7 @@ import { byteTokenizerJson } from './model/byte-tokenizer.js';
 import { randomWeights, writeCheckpoint } from './model/random-decoder.js';
 
 const scratch = mkdtempSync(join(tmpdir(), 'trellis-serve-'));
-const config = { vocabSize: 260, hiddenSize: 128, numLayers: 4, numHeads: 4, intermediateSize: 512, maxPositions: 512, layerNormEpsilon: 1e-5 };
+const config = { vocabSize: 260, hiddenSize: 64, numLayers: 4, numHeads: 4, intermediateSize: 256, maxPositions: 512, layerNormEpsilon: 1e-5 };
 const checkpoint = await writeCheckpoint(join(scratch, 'tiny-chat'), config, randomWeights(config, 7));
 writeFileSync(join(checkpoint, 'tokenizer.json'), JSON.stringify(byteTokenizerJson()));
 writeFileSync(join(checkpoint, 'tokenizer_config.json'), JSON.stringify({

@@ -70,6 +70,7 @@ export class HttpProxy {
   readonly #maxBodyBytes: number;
   readonly #requestTimeoutMs: number | undefined;
   #routes: Route[] = [];
+  #closed: Promise<void> | undefined;
   readonly metrics = new HttpMetrics();
 
   private constructor(server: Server, host: string, port: number, options: HttpOptions) {
@@ -127,10 +128,13 @@ export class HttpProxy {
     return Object.fromEntries(this.#routes.map((route) => [route.prefix, route.app]));
   }
 
-  async close(): Promise<void> {
-    const closed = new Promise<void>((resolve) => this.#server.close(() => resolve()));
-    this.#server.closeAllConnections();
-    await closed;
+  /** Stops listening and ends every connection (once: later calls wait for the same). */
+  close(): Promise<void> {
+    if (!this.#closed) {
+      this.#closed = new Promise<void>((resolve) => this.#server.close(() => resolve()));
+      this.#server.closeAllConnections();
+    }
+    return this.#closed;
   }
 
   async #readBody(request: IncomingMessage): Promise<Uint8Array | undefined> {

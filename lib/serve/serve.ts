@@ -55,6 +55,7 @@ interface ServeInstance {
   proxyOptions: HttpOptions | false;
   apps: Map<string, AppRecord>;
   stopMetrics: () => void;
+  closed: boolean;
 }
 
 let instance: ServeInstance | undefined;
@@ -90,7 +91,7 @@ export async function start(options: StartOptions = {}): Promise<ServeStatus> {
     }
     const controller = new ServeController(directory);
     setLocalRouters((key) => controller.routerFor(key));
-    const started: ServeInstance = { controller, directory, proxy, proxyOptions, apps: new Map(), stopMetrics: () => undefined };
+    const started: ServeInstance = { controller, directory, proxy, proxyOptions, apps: new Map(), stopMetrics: () => undefined, closed: false };
     started.stopMetrics = registerMetricsCollector(() => [
       ...(started.proxy?.metrics.families() ?? []),
       ...(instance === started ? deploymentFamilies(status().applications) : []),
@@ -217,8 +218,13 @@ async function deleteApplication(appName: string): Promise<void> {
 export { deleteApplication as delete };
 
 async function closeInstance(closing: ServeInstance): Promise<void> {
-  if (instance === closing) instance = undefined;
-  setLocalRouters(undefined);
+  if (closing.closed) return;
+  closing.closed = true;
+  // A later instance (serve started again) keeps its routers.
+  if (instance === closing) {
+    instance = undefined;
+    setLocalRouters(undefined);
+  }
   closing.stopMetrics();
   closing.controller.close();
   await closing.proxy?.close();
@@ -228,8 +234,11 @@ async function closeInstance(closing: ServeInstance): Promise<void> {
 export async function shutdown(): Promise<void> {
   const closing = instance;
   if (!closing) return;
-  closing.proxy?.close();
+  // No new requests while the applications drain.
+  const proxyClosed = closing.proxy?.close();
   await Promise.all([...closing.apps.keys()].map((app) => closing.controller.deleteApp(app)));
+  closing.apps.clear();
   kill(closing.directory);
+  await proxyClosed;
   await closeInstance(closing);
 }

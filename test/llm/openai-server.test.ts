@@ -38,7 +38,8 @@ beforeAll(async () => {
     eos_token: '<|endoftext|>',
     chat_template: '{% for message in messages %}{{ message.role }}: {{ message.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}',
   }));
-  await init({ numCpus: 2 });
+  // Replicas are actors with workers of their own: no idle task workers to start.
+  await init({ numCpus: 2, prestartWorkers: 0 });
   url = (await serve.start({ http: { port: 0 } })).proxy!.url;
   await serve.run(buildOpenAIApp({ checkpoint, numCpusPerRank: 0, deployment: { actorOptions: { numCpus: 0 } } }), { name: 'llm' });
 });

@@ -22,7 +22,8 @@ async function until(check: () => boolean | Promise<boolean>, what: string, time
 }
 
 beforeAll(async () => {
-  await init({ numCpus: 2 });
+  // Replicas are actors with workers of their own: no idle task workers to start.
+  await init({ numCpus: 2, prestartWorkers: 0 });
   const status = await serve.start({ http: { port: 0, maxBodyBytes: 1024 } });
   url = status.proxy!.url;
 });
@@ -194,9 +195,21 @@ describe('serve: bad input', () => {
     await expect(serve.run(adder.bind([twice.bind('a'), twice.bind('b')] as never), { name: 'dup', routePrefix: null })).rejects.toThrow(/two deployments in one application are named Echo/);
   });
 
+  it('serve.shutdown() removes every application and the proxy; serving starts again after', async () => {
+    const echo = await serve.run(serve.deployment(EchoActor, light).bind('one'), { name: 'first', routePrefix: '/first' });
+    await serve.shutdown();
+    expect(serve.status()).toEqual({ proxy: null, applications: {} });
+    await expect(fetch(`${url}/first`)).rejects.toThrow();
+    await expect(echo.greet('x')).rejects.toThrow(DeploymentError);
+    const again = await serve.start({ http: { port: 0 } });
+    await serve.run(serve.deployment(EchoActor, light).bind('two'), { name: 'second', routePrefix: '/second' });
+    expect(await (await fetch(`${again.proxy!.url}/second/text?name=z`)).text()).toBe('two, z');
+    expect(await serve.getAppHandle('second').greet('y')).toBe('two, y');
+  });
+
   it('is for the driver after init()', async () => {
     await shutdown();
     await expect(serve.run(serve.deployment(EchoActor).bind('x'))).rejects.toThrow(NotInitializedError);
-    await init({ numCpus: 2 });
+    await init({ numCpus: 2, prestartWorkers: 0 });
   });
 });
