@@ -327,8 +327,3 @@ export function makeHandle<T>(target: HandleTarget): DeploymentHandle<T> {
   if (!target.directory) throw new InvalidArgumentError('a deployment handle needs its directory');
   return new DeploymentHandleBase(target) as DeploymentHandle<T>;
 }
-
-/** The router a handle's calls go through in this process (the HTTP proxy's too). */
-export function routerFor(target: HandleTarget): Router {
-  return routerOf(target);
-}
