@@ -273,6 +273,7 @@ export class OpenAIServer {
       ...(guided ? { constraint: this.#guide(guided).constraint(replica.stopTokens) } : {}),
     };
     const generated: number[] = [];
+    const decoded = new IncrementalText(text);
     let count = 0;
     let sent = 0;
     let finish: 'stop' | 'length' = 'length';
@@ -283,9 +284,8 @@ export class OpenAIServer {
       // The end-of-sequence token ends the answer; it is not part of its text.
       if (step.finishReason === 'stop' && replica.stopTokens.includes(step.token)) continue;
       generated.push(step.token);
-      whole = text(generated);
+      whole = decoded.update(generated);
       let end = whole.length;
-      if (whole.endsWith('\uFFFD')) end = whole.lastIndexOf('\uFFFD');
       // A stop string's start may be at the end: hold it back until it is known not to be one.
       for (const stop of stops) {
         for (let length = Math.min(stop.length - 1, end - sent); length > 0; length--) {
@@ -301,7 +301,7 @@ export class OpenAIServer {
       }
     }
     // The stop string itself and what follows it are not part of the answer (as OpenAI's).
-    let answer = whole;
+    let answer = decoded.update(generated, true);
     for (const stop of stops) {
       const at = answer.indexOf(stop);
       if (at >= 0) {
@@ -311,6 +311,36 @@ export class OpenAIServer {
     }
     if (answer.length > sent) yield answer.slice(sent);
     return { text: answer, tokens: count, promptTokens: tokens.length, finishReason: finish };
+  }
+}
+
+/**
+ * The text of a growing list of tokens, decoding only its last stretch at each step (as vLLM's
+ * incremental detokenizer), not the whole list again: the stretch since the last settled point,
+ * with the stretch before it as context, so that a decoder's rules at a text's start (a leading
+ * space stripped) apply alike to both. A character still incomplete (bytes of it to come) is
+ * held back until it is whole, or until `final`.
+ */
+export class IncrementalText {
+  readonly #decode: (ids: readonly number[]) => string;
+  #prefix = 0;
+  #read = 0;
+  #text = '';
+
+  constructor(decode: (ids: readonly number[]) => string) {
+    this.#decode = decode;
+  }
+
+  /** The text settled so far, after `ids` grew (the same list, longer). */
+  update(ids: readonly number[], final = false): string {
+    const before = this.#decode(ids.slice(this.#prefix, this.#read));
+    const after = this.#decode(ids.slice(this.#prefix));
+    if (after.length > before.length && (final || !after.endsWith('\uFFFD'))) {
+      this.#text += after.slice(before.length);
+      this.#prefix = this.#read;
+      this.#read = ids.length;
+    }
+    return this.#text;
   }
 }
 

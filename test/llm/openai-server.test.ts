@@ -8,7 +8,9 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildOpenAIApp, init, serve, shutdown } from '../../lib/index.js';
+import { Tokenizer, buildOpenAIApp, init, serve, shutdown } from '../../lib/index.js';
+import { IncrementalText } from '../../lib/llm/openai-server.js';
+import { llama2StyleTokenizerJson } from './fixtures/tokenizers.js';
 import { byteTokenizerJson } from '../../examples/model/byte-tokenizer.js';
 import { randomWeights, writeCheckpoint } from '../../examples/model/random-decoder.js';
 
@@ -47,6 +49,26 @@ beforeAll(async () => {
 afterAll(async () => {
   await shutdown();
   rmSync(scratch, { recursive: true, force: true });
+});
+
+describe('IncrementalText', () => {
+  it('decodes token by token into what decoding the whole gives, holding back split characters', () => {
+    const cases: Array<[Tokenizer, string]> = [
+      [Tokenizer.fromJSON(byteTokenizerJson()), 'héllo wörld: 日本語 and 🎉 done'],
+      [Tokenizer.fromJSON(llama2StyleTokenizerJson()), 'Hello world Hello'],
+    ];
+    for (const [tokenizer, sample] of cases) {
+      const ids = tokenizer.encode(sample, { addSpecialTokens: false });
+      const decode = (list: readonly number[]) => tokenizer.decode(list);
+      const incremental = new IncrementalText(decode);
+      for (let count = 1; count <= ids.length; count++) {
+        const settled = incremental.update(ids.slice(0, count));
+        expect(decode(ids).startsWith(settled)).toBe(true);
+        expect(settled).not.toContain('\uFFFD');
+      }
+      expect(incremental.update(ids, true)).toBe(decode(ids));
+    }
+  });
 });
 
 describe('buildOpenAIApp', () => {
