@@ -5,12 +5,14 @@
  * server-sent events where asked. Requests from every client share each replica's steps
  * (continuous batching); `response_format` JSON schemas become guided decoding.
  */
-import { basename } from 'node:path';
+import { existsSync, readdirSync } from 'node:fs';
+import { basename, join } from 'node:path';
 import { InvalidArgumentError } from '../errors.js';
 import { remote } from '../core/registry.js';
 import { deployment, type Application } from '../serve/deployment.js';
 import { HttpError, HttpResponse, type HttpRequest } from '../serve/http-messages.js';
 import type { DeploymentOptions } from '../serve/options.js';
+import { multiplexed, type MultiplexedLoader } from '../serve/multiplex.js';
 import { ChatTemplate, type ChatMessage } from './chat-template.js';
 import { checkpointDirectory } from './config.js';
 import { TokenGuide } from './guided/token-guide.js';
@@ -28,9 +30,19 @@ export interface OpenAIAppOptions extends ModelReplicaOptions {
   chatTemplate?: string;
   /** Tokens a request generates when it names no max_tokens (default 256). */
   defaultMaxTokens?: number;
+  /**
+   * LoRA adapters served on demand (vLLM's dynamic LoRA): a request whose `model` names a
+   * subdirectory here with an adapter (adapter_config.json, adapter_model.safetensors) runs with it.
+   * Adapters given in `adapters` are served by their names too. Requests are routed by `model`, so
+   * those for one adapter go to replicas that have it loaded (see serve's model multiplexing).
+   */
+  adapterDirectory?: string;
   /** The deployment's options: replicas, autoscaling, maxOngoingRequests (default 64), actorOptions. */
   deployment?: DeploymentOptions;
 }
+
+/** An adapter's name as a request's `model` may give it: a plain directory name. */
+const PLAIN_NAME = /^[A-Za-z0-9_][A-Za-z0-9._-]*$/;
 
 interface Completion {
   text: string;
@@ -109,10 +121,40 @@ export class OpenAIServer {
   #tokenizer: Tokenizer | undefined;
   #template: ChatTemplate | undefined;
   readonly #guides = new Map<string, TokenGuide>();
+  /** The adapters this replica served lately, as its routers learn them (the ranks keep their own). */
+  readonly #adapterUse: MultiplexedLoader<string>;
 
   constructor(options: OpenAIAppOptions) {
     this.#options = options;
     this.#modelId = options.modelId ?? basename(checkpointDirectory(options.checkpoint));
+    this.#adapterUse = multiplexed((name) => this.#registerAdapter(name), { maxModelsPerReplica: options.maxLoadedAdapters ?? 8 });
+  }
+
+  /** Makes adapter `name` known to the ranks (from adapterDirectory), or throws 404 where none is. */
+  async #registerAdapter(name: string): Promise<string> {
+    const replica = this.#replica!;
+    if (replica.adapters.includes(name)) return name;
+    const directory = this.#options.adapterDirectory;
+    if (directory === undefined || !PLAIN_NAME.test(name) || name.includes('..') || !existsSync(join(directory, name, 'adapter_config.json'))) {
+      throw new HttpError(404, `model ${JSON.stringify(name)} is not served here (this server has ${this.#modelNames().join(', ')}${directory === undefined ? '' : `, and the adapters under ${directory}`})`);
+    }
+    try {
+      await replica.addAdapter(name, join(directory, name));
+    } catch (error) {
+      throw new HttpError(400, `adapter ${name} cannot be served: ${(error as Error).message}`);
+    }
+    return name;
+  }
+
+  #modelNames(): string[] {
+    return [this.#modelId, ...(this.#replica?.adapters ?? [])];
+  }
+
+  /** The adapter a request's `model` names (undefined: the base model). */
+  async #adapterOf(model: unknown): Promise<string | undefined> {
+    if (model === undefined || model === null || model === this.#modelId) return undefined;
+    if (typeof model !== 'string' || model.length === 0) throw new HttpError(400, `model must be a model's name, got ${JSON.stringify(model)}`);
+    return this.#adapterUse(model);
   }
 
   /** Loads the model's ranks, its tokenizer and its chat template (if it has one). */
@@ -136,23 +178,35 @@ export class OpenAIServer {
   async *fetch(request: HttpRequest): AsyncGenerator<unknown, void, undefined> {
     const route = request.routePath.replace(/\/+$/, '');
     if (request.method === 'GET' && route === '/v1/models') {
-      yield new HttpResponse({ object: 'list', data: [{ id: this.#modelId, object: 'model', created: now(), owned_by: 'trellis' }] });
+      const created = now();
+      const adapters = [...new Set([...(this.#replica?.adapters ?? []), ...this.#servableAdapters()])].sort();
+      yield new HttpResponse({
+        object: 'list',
+        data: [
+          { id: this.#modelId, object: 'model', created, owned_by: 'trellis' },
+          ...adapters.map((name) => ({ id: name, object: 'model', created, owned_by: 'trellis', parent: this.#modelId, root: this.#modelId })),
+        ],
+      });
       return;
     }
     if (request.method !== 'POST') throw new HttpError(request.method === 'GET' ? 404 : 405, `${request.method} ${request.path} is not served (POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models)`);
     const body = request.json<Record<string, unknown>>();
     if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new HttpError(400, 'the request body must be a JSON object');
-    if (body.model !== undefined && body.model !== this.#modelId) throw new HttpError(404, `model ${JSON.stringify(body.model)} is not served here (this server has ${this.#modelId})`);
     if (body.n !== undefined && body.n !== 1) throw new HttpError(400, 'n must be 1: one choice per request');
+    if (!['/v1/chat/completions', '/v1/completions', '/v1/embeddings'].includes(route)) {
+      throw new HttpError(404, `${request.path} is not served (POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models)`);
+    }
+    const adapter = await this.#adapterOf(body.model);
+    const model = adapter ?? this.#modelId;
     switch (route) {
       case '/v1/chat/completions':
-        yield* this.#chat(body);
+        yield* this.#chat(body, model, adapter);
         return;
       case '/v1/completions':
-        yield* this.#complete(body);
+        yield* this.#complete(body, model, adapter);
         return;
       case '/v1/embeddings':
-        yield new HttpResponse(await this.#embed(body));
+        yield new HttpResponse(await this.#embed(body, model, adapter));
         return;
       default:
         throw new HttpError(404, `${request.path} is not served (POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models)`);
@@ -163,7 +217,20 @@ export class OpenAIServer {
     return field<number>(body, 'max_completion_tokens', isWhole, 'a whole number from 1') ?? field<number>(body, 'max_tokens', isWhole, 'a whole number from 1') ?? this.#options.defaultMaxTokens ?? 256;
   }
 
-  async *#chat(body: Record<string, unknown>): AsyncGenerator<unknown, void, undefined> {
+  /** The adapters under adapterDirectory (each a folder with adapter_config.json). */
+  #servableAdapters(): string[] {
+    const directory = this.#options.adapterDirectory;
+    if (directory === undefined) return [];
+    try {
+      return readdirSync(directory, { withFileTypes: true })
+        .filter((entry) => entry.isDirectory() && PLAIN_NAME.test(entry.name) && existsSync(join(directory, entry.name, 'adapter_config.json')))
+        .map((entry) => entry.name);
+    } catch {
+      return [];
+    }
+  }
+
+  async *#chat(body: Record<string, unknown>, model: string, adapter: string | undefined): AsyncGenerator<unknown, void, undefined> {
     if (!this.#template) throw new HttpError(400, `model ${this.#modelId} has no chat template: use /v1/completions`);
     let prompt: string;
     try {
@@ -174,8 +241,8 @@ export class OpenAIServer {
     const tokens = this.#tokenizer!.encode(prompt, { addSpecialTokens: false });
     const id = requestId('chatcmpl');
     const created = now();
-    const head = { id, object: 'chat.completion.chunk', created, model: this.#modelId };
-    const pieces = this.#generate(tokens, body, guidedOf(body));
+    const head = { id, object: 'chat.completion.chunk', created, model };
+    const pieces = this.#generate(tokens, body, guidedOf(body), adapter);
     if (body.stream === true) {
       yield* eventStream(
         pieces,
@@ -190,13 +257,13 @@ export class OpenAIServer {
       id,
       object: 'chat.completion',
       created,
-      model: this.#modelId,
+      model,
       choices: [{ index: 0, message: { role: 'assistant', content: result.text }, finish_reason: result.finishReason, logprobs: null }],
       usage: usageOf(result),
     });
   }
 
-  async *#complete(body: Record<string, unknown>): AsyncGenerator<unknown, void, undefined> {
+  async *#complete(body: Record<string, unknown>, model: string, adapter: string | undefined): AsyncGenerator<unknown, void, undefined> {
     const prompt = body.prompt;
     let tokens: number[];
     if (typeof prompt === 'string') tokens = this.#tokenizer!.encode(prompt);
@@ -204,9 +271,9 @@ export class OpenAIServer {
     else throw new HttpError(400, 'prompt must be a string or a list of token ids (one prompt per request)');
     const id = requestId('cmpl');
     const created = now();
-    const pieces = this.#generate(tokens, body, undefined);
+    const pieces = this.#generate(tokens, body, undefined, adapter);
     if (body.stream === true) {
-      const head = { id, object: 'text_completion', created, model: this.#modelId };
+      const head = { id, object: 'text_completion', created, model };
       yield* eventStream(
         pieces,
         (text) => ({ ...head, choices: [{ index: 0, text, finish_reason: null, logprobs: null }] }),
@@ -219,22 +286,22 @@ export class OpenAIServer {
       id,
       object: 'text_completion',
       created,
-      model: this.#modelId,
+      model,
       choices: [{ index: 0, text: result.text, finish_reason: result.finishReason, logprobs: null }],
       usage: usageOf(result),
     });
   }
 
-  async #embed(body: Record<string, unknown>): Promise<unknown> {
+  async #embed(body: Record<string, unknown>, model: string, adapter: string | undefined): Promise<unknown> {
     const input = body.input;
     const texts = typeof input === 'string' ? [input] : input;
     if (!Array.isArray(texts) || texts.length === 0 || texts.some((text) => typeof text !== 'string')) throw new HttpError(400, 'input must be a string or a list of strings');
     const encoded = (texts as string[]).map((text) => this.#tokenizer!.encode(text));
-    const embeddings = await this.#replica!.embed(encoded.map((tokens) => ({ tokens })));
+    const embeddings = await this.#replica!.embed(encoded.map((tokens) => ({ tokens, ...(adapter ? { adapter } : {}) })));
     const promptTokens = embeddings.reduce((sum, embedding) => sum + embedding.promptTokens, 0);
     return {
       object: 'list',
-      model: this.#modelId,
+      model,
       data: embeddings.map((embedding, index) => ({ object: 'embedding', index, embedding: [...embedding.vector] })),
       usage: { prompt_tokens: promptTokens, total_tokens: promptTokens },
     };
@@ -259,7 +326,7 @@ export class OpenAIServer {
    * Generates from `tokens`, yielding the text as it grows (a piece is held back while it ends
    * inside a character, or could be the start of a stop string), and returns the whole.
    */
-  async *#generate(tokens: number[], body: Record<string, unknown>, guided: GuidedDecoding | undefined): AsyncGenerator<string, Completion, undefined> {
+  async *#generate(tokens: number[], body: Record<string, unknown>, guided: GuidedDecoding | undefined, adapter: string | undefined): AsyncGenerator<string, Completion, undefined> {
     const tokenizer = this.#tokenizer!;
     const replica = this.#replica!;
     const stops = stopStringsOf(body);
@@ -269,6 +336,7 @@ export class OpenAIServer {
       tokens,
       maxNewTokens,
       sampling: samplingOf(body),
+      ...(adapter ? { adapter } : {}),
       ...(stops.length > 0 ? { stop: (generated) => stops.some((stop) => text(generated.slice(-4 * stop.length - 4)).includes(stop)) } : {}),
       ...(guided ? { constraint: this.#guide(guided).constraint(replica.stopTokens) } : {}),
     };
@@ -394,5 +462,21 @@ export function buildOpenAIApp(options: OpenAIAppOptions): Application<OpenAISer
   const given = options.deployment ?? {};
   const actorOptions = { numCpus: ranks * (options.numCpusPerRank ?? 1), ...(options.device === 'cuda' ? { numGpus: ranks } : {}), ...given.actorOptions };
   const { deployment: _deployment, ...serverOptions } = options;
-  return deployment(OpenAIServerActor, { name: 'OpenAIServer', maxOngoingRequests: 64, ...given, actorOptions }).bind(serverOptions);
+  const base = options.modelId ?? basename(checkpointDirectory(options.checkpoint));
+  const multiplexing = options.adapterDirectory !== undefined || Object.keys(options.adapters ?? {}).length > 0;
+  // Requests for one adapter go to the replicas that served it lately; the base model's anywhere.
+  const requestModelId = multiplexing ? (request: HttpRequest) => adapterNamed(request, base) : undefined;
+  return deployment(OpenAIServerActor, { name: 'OpenAIServer', maxOngoingRequests: 64, ...(requestModelId ? { requestModelId } : {}), ...given, actorOptions }).bind(serverOptions);
+}
+
+/** The adapter an OpenAI request's body names as its `model` ('' for the base model or none). */
+function adapterNamed(request: HttpRequest, base: string): string {
+  if (request.method !== 'POST' || request.body.length === 0) return '';
+  let model: unknown;
+  try {
+    model = (request.json() as { model?: unknown } | null)?.model;
+  } catch {
+    return ''; // the replica answers 400, naming what is wrong
+  }
+  return typeof model === 'string' && model !== base ? model : '';
 }

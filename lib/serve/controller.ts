@@ -39,6 +39,8 @@ function end(handle: ActorHandle<ServeReplica>): void {
 const START_ATTEMPTS = 3;
 /** How often the controller looks over its deployments. */
 const CONTROL_INTERVAL_MS = 50;
+/** How often a deployment of fixed size reads which models its replicas hold. */
+const MODELS_POLL_MS = 1_000;
 /** After its removal reaches the routers, a replica must look idle this long to be stopped early. */
 const DRAIN_QUIET_MS = 200;
 
@@ -182,6 +184,7 @@ export class DeploymentRecord {
     const outdated = live.filter((replica) => replica.version !== this.#version);
     if (!this.#deleting) {
       if (this.config.autoscaling) this.#autoscale(now);
+      else this.#pollModels(now);
       if (current.length < this.wanted && now >= this.#nextStartAt) {
         for (let count = current.length; count < this.wanted; count++) this.#start(controller);
       } else if (current.length > this.wanted) {
@@ -267,6 +270,22 @@ export class DeploymentRecord {
     );
   }
 
+  /**
+   * A deployment of fixed size reads its replicas' load only for the models they hold (see
+   * multiplex.ts), which its router routes by; an autoscaling one reads them with its load.
+   */
+  #pollModels(now: number): void {
+    if (this.#loading || now < this.#nextLoadAt) return;
+    this.#loading = true;
+    this.#nextLoadAt = now + MODELS_POLL_MS;
+    void Promise.all(this.running().map((replica) => get(replica.handle.load.remote(), { timeout: MODELS_POLL_MS * 5 }).then(
+      (load) => this.router.setModels(replica.actorId, load.models),
+      () => undefined,
+    ))).then(() => {
+      this.#loading = false;
+    });
+  }
+
   /** Polls the replicas' load at the metrics interval and moves `wanted` as the policy says. */
   #autoscale(now: number): void {
     const policy = this.config.autoscaling!;
@@ -275,7 +294,10 @@ export class DeploymentRecord {
       this.#nextLoadAt = now + policy.metricsIntervalMs;
       const replicas = this.running();
       void Promise.all(replicas.map((replica) => get(replica.handle.load.remote(), { timeout: Math.max(1_000, policy.metricsIntervalMs * 5) }).then(
-        (load) => (replica.ongoing = load.ongoing),
+        (load) => {
+          this.router.setModels(replica.actorId, load.models);
+          return (replica.ongoing = load.ongoing);
+        },
         () => replica.ongoing,
       ))).then((loads) => {
         this.#loading = false;

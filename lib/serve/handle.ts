@@ -23,6 +23,14 @@ export interface HandleTarget {
   maxOngoingRequests: number;
   maxQueuedRequests: number;
   directory: ActorHandle<ServeDirectory>;
+  /** The multiplexed model its calls name ('' or absent: none), set by handle.options(). */
+  modelId?: string;
+}
+
+/** A handle's per-call options (Ray's `handle.options(...)`). */
+export interface HandleOptions {
+  /** The model its calls are for: routed to replicas holding it, read inside by getMultiplexedModelId(). */
+  multiplexedModelId?: string;
 }
 
 export function deploymentKey(app: string, deployment: string): string {
@@ -101,10 +109,10 @@ export class DeploymentResponse<T> implements PromiseLike<T> {
   readonly #value: Promise<T>;
 
   /** @internal made by a handle's method. */
-  constructor(router: Router, send: (replica: RoutedReplica, args: unknown[]) => ObjectRef<T>, args: unknown[] = []) {
+  constructor(router: Router, send: (replica: RoutedReplica, args: unknown[]) => ObjectRef<T>, args: unknown[] = [], modelId = '') {
     // Most calls find a replica with room and have no response among their arguments: they are
     // sent at once, with no promise in between.
-    let replica = args.some((arg) => arg instanceof DeploymentResponse) ? undefined : router.tryAcquire();
+    let replica = args.some((arg) => arg instanceof DeploymentResponse) ? undefined : router.tryAcquire(modelId);
     if (replica) {
       try {
         this.#sent = Promise.resolve(send(replica, args));
@@ -116,7 +124,7 @@ export class DeploymentResponse<T> implements PromiseLike<T> {
       const abort = (this.#abort = new AbortController());
       this.#sent = (async () => {
         const resolved = await resolveArguments(args);
-        replica = await router.acquire(abort.signal);
+        replica = await router.acquire(abort.signal, modelId);
         try {
           return send(replica, resolved);
         } catch (error) {
@@ -180,11 +188,11 @@ export class DeploymentResponseGenerator<T> implements AsyncIterableIterator<T>,
   #released = false;
 
   /** @internal */
-  constructor(router: Router, send: (replica: RoutedReplica, args: unknown[]) => ObjectRefGenerator<T>, args: unknown[] = []) {
+  constructor(router: Router, send: (replica: RoutedReplica, args: unknown[]) => ObjectRefGenerator<T>, args: unknown[] = [], modelId = '') {
     this.#router = router;
     this.#started = (async () => {
       const resolved = await resolveArguments(args);
-      const replica = await router.acquire(this.#abort.signal);
+      const replica = await router.acquire(this.#abort.signal, modelId);
       let stream: ObjectRefGenerator<T>;
       try {
         stream = send(replica, resolved);
@@ -258,7 +266,7 @@ export type DeploymentHandle<T = any> = DeploymentHandleBase & {
   readonly [K in MethodKeys<T>]: (...args: HandleArgs<Parameters<Extract<T[K], AnyFunction>>>) => HandleResult<ReturnType<Extract<T[K], AnyFunction>>>;
 };
 
-const RESERVED = new Set(['deploymentName', 'appName', 'methodNames', 'toString']);
+const RESERVED = new Set(['deploymentName', 'appName', 'methodNames', 'options', 'toString']);
 
 /** Each handle's target, by the handle (the proxy) as callers hold it: a proxy has no private fields. */
 const targets = new WeakMap<object, HandleTarget>();
@@ -283,9 +291,10 @@ export class DeploymentHandleBase {
         if (!known.has(key)) {
           throw new DeploymentError(target.deployment, `deployment ${target.deployment} has no method '${key}' (it has: ${[...known].join(', ') || 'none'})`);
         }
+        const modelId = target.modelId ?? '';
         caller = streaming.has(key)
-          ? (...args: unknown[]) => new DeploymentResponseGenerator(routerOf(target), (replica, resolved) => replica.handle.stream.remote(key, ...resolved) as ObjectRefGenerator<unknown>, args)
-          : (...args: unknown[]) => new DeploymentResponse(routerOf(target), (replica, resolved) => replica.handle.call.remote(key, ...resolved), args);
+          ? (...args: unknown[]) => new DeploymentResponseGenerator(routerOf(target), (replica, resolved) => replica.handle.stream.remote(key, modelId, ...resolved) as ObjectRefGenerator<unknown>, args, modelId)
+          : (...args: unknown[]) => new DeploymentResponse(routerOf(target), (replica, resolved) => replica.handle.call.remote(key, modelId, ...resolved), args, modelId);
         callers.set(key, caller);
         return caller;
       },
@@ -300,8 +309,21 @@ export class DeploymentHandleBase {
     return DeploymentHandleBase.targetOf(this).methods.map((name) => name.replace(/^\*/, ''));
   }
 
+  /**
+   * This handle with options for its calls: `multiplexedModelId` names the model they are for
+   * (routed to a replica holding it; read inside by getMultiplexedModelId()).
+   */
+  options(options: HandleOptions): this {
+    const unknown = Object.keys(options ?? {}).filter((key) => key !== 'multiplexedModelId');
+    if (unknown.length) throw new InvalidArgumentError(`handle.options() has no option ${unknown.map((key) => `'${key}'`).join(', ')} (it takes multiplexedModelId)`);
+    const modelId = options.multiplexedModelId;
+    if (modelId !== undefined && typeof modelId !== 'string') throw new InvalidArgumentError(`multiplexedModelId must be a string, got ${typeof modelId}`);
+    return new DeploymentHandleBase({ ...DeploymentHandleBase.targetOf(this), modelId: modelId ?? '' }) as this;
+  }
+
   toString(): string {
-    return `DeploymentHandle(${this.appName}/${this.deploymentName})`;
+    const modelId = DeploymentHandleBase.targetOf(this).modelId;
+    return `DeploymentHandle(${this.appName}/${this.deploymentName}${modelId ? `, model ${modelId}` : ''})`;
   }
 
   /** @internal */
@@ -315,10 +337,10 @@ export class DeploymentHandleBase {
       'trellis.DeploymentHandle',
       (handle) => {
         const target = DeploymentHandleBase.targetOf(handle);
-        return [target.app, target.deployment, target.methods, target.maxOngoingRequests, target.maxQueuedRequests === Infinity ? -1 : target.maxQueuedRequests, target.directory];
+        return [target.app, target.deployment, target.methods, target.maxOngoingRequests, target.maxQueuedRequests === Infinity ? -1 : target.maxQueuedRequests, target.directory, target.modelId ?? ''];
       },
-      ([app, deployment, methods, maxOngoingRequests, maxQueued, directory]: [string, string, string[], number, number, ActorHandle<ServeDirectory>]) =>
-        new DeploymentHandleBase({ app, deployment, methods, maxOngoingRequests, maxQueuedRequests: maxQueued < 0 ? Infinity : maxQueued, directory }),
+      ([app, deployment, methods, maxOngoingRequests, maxQueued, directory, modelId]: [string, string, string[], number, number, ActorHandle<ServeDirectory>, string]) =>
+        new DeploymentHandleBase({ app, deployment, methods, maxOngoingRequests, maxQueuedRequests: maxQueued < 0 ? Infinity : maxQueued, directory, modelId }),
     );
   }
 }

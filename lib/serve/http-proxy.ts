@@ -12,7 +12,8 @@ import { BackPressureError, DeploymentError, InvalidArgumentError, TaskCancelled
 import type { ObjectRef } from '../core/object-ref.js';
 import type { ObjectRefGenerator } from '../core/object-ref-generator.js';
 import { DeploymentResponse, DeploymentResponseGenerator } from './handle.js';
-import type { RequestData, ResponsePart } from './http-messages.js';
+import { HttpError, HttpRequest, type RequestData, type ResponsePart } from './http-messages.js';
+import { MODEL_ID_HEADER } from './multiplex.js';
 import { HttpMetrics } from './serve-metrics.js';
 import type { Router } from './router.js';
 
@@ -33,6 +34,8 @@ interface Route {
   router: Router;
   /** The ingress's fetch is a generator method: its answers stream, item by item. */
   streaming: boolean;
+  /** Reads a request's multiplexed model (the deployment's requestModelId), else the header is read. */
+  modelIdOf?: (request: HttpRequest) => string | undefined;
 }
 
 const EMPTY_BODY = new Uint8Array(0);
@@ -114,10 +117,10 @@ export class HttpProxy {
     return `http://${host === '0.0.0.0' ? '127.0.0.1' : host}:${this.port}`;
   }
 
-  setRoute(prefix: string, app: string, router: Router, streaming: boolean): void {
+  setRoute(prefix: string, app: string, router: Router, streaming: boolean, modelIdOf?: (request: HttpRequest) => string | undefined): void {
     const taken = this.#routes.find((route) => route.prefix === prefix && route.app !== app);
     if (taken) throw new InvalidArgumentError(`route prefix ${prefix} is already application ${taken.app}'s`);
-    this.#routes = [...this.#routes.filter((route) => route.app !== app), { prefix, app, router, streaming }].sort((a, b) => b.prefix.length - a.prefix.length);
+    this.#routes = [...this.#routes.filter((route) => route.app !== app), { prefix, app, router, streaming, ...(modelIdOf ? { modelIdOf } : {}) }].sort((a, b) => b.prefix.length - a.prefix.length);
   }
 
   removeApp(app: string): void {
@@ -156,8 +159,8 @@ export class HttpProxy {
   }
 
   /** Answers with one part: a fetch that is not a generator method, by a plain call. */
-  async #answer(route: Route, data: RequestData, response: ServerResponse): Promise<void> {
-    const answer = new DeploymentResponse<ResponsePart>(route.router, (replica) => replica.handle.httpCall.remote(data) as ObjectRef<ResponsePart>);
+  async #answer(route: Route, data: RequestData, modelId: string, response: ServerResponse): Promise<void> {
+    const answer = new DeploymentResponse<ResponsePart>(route.router, (replica) => replica.handle.httpCall.remote(data, modelId) as ObjectRef<ResponsePart>, [], modelId);
     let timedOut = false;
     const timer = this.#requestTimeoutMs === undefined ? undefined : setTimeout(() => {
       timedOut = true;
@@ -226,8 +229,16 @@ export class HttpProxy {
       headers,
       body,
     };
-    if (!route.streaming) return this.#answer(route, data, response);
-    const parts = new DeploymentResponseGenerator<ResponsePart>(route.router, (replica) => replica.handle.http.remote(data) as ObjectRefGenerator<ResponsePart>);
+    let modelId: string;
+    try {
+      modelId = route.modelIdOf ? (route.modelIdOf(new HttpRequest(data)) ?? '') : (headers[MODEL_ID_HEADER] ?? '');
+      if (typeof modelId !== 'string') throw new TypeError(`requestModelId gave ${typeof modelId}, not a string`);
+    } catch (error) {
+      const status = error instanceof HttpError ? error.status : 400;
+      return sendJson(response, status, { error: 'BadRequest', message: `the request's model could not be read: ${(error as Error).message}` });
+    }
+    if (!route.streaming) return this.#answer(route, data, modelId, response);
+    const parts = new DeploymentResponseGenerator<ResponsePart>(route.router, (replica) => replica.handle.http.remote(data, modelId) as ObjectRefGenerator<ResponsePart>, [], modelId);
     let timedOut = false;
     const timer = this.#requestTimeoutMs === undefined ? undefined : setTimeout(() => {
       timedOut = true;

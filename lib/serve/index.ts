@@ -5,3 +5,6 @@ export { start, run, status, getDeploymentHandle, getAppHandle, delete, shutdown
 export type { StartOptions, RunOptions, ServeStatus, ApplicationStatus, ApplicationStatusName } from './serve.js';
 export type { DeploymentStatus, DeploymentStatusName } from './controller.js';
 export { HttpRequest, HttpResponse, HttpError } from './http-messages.js';
+export { multiplexed, getMultiplexedModelId, MODEL_ID_HEADER } from './multiplex.js';
+export type { MultiplexedLoader, MultiplexedOptions } from './multiplex.js';
+export type { HandleOptions } from './handle.js';

@@ -4,6 +4,7 @@
  */
 import { InvalidArgumentError } from '../errors.js';
 import type { ActorOptions } from '../core/options.js';
+import type { HttpRequest } from './http-messages.js';
 
 /**
  * Replicas added and removed by load (as Ray Serve's autoscaling_config): the controller keeps
@@ -56,6 +57,12 @@ export interface DeploymentOptions {
   gracefulShutdownTimeoutMs?: number;
   /** Passed to each replica's `reconfigure(userConfig)` after construction, and again when it changes. */
   userConfig?: unknown;
+  /**
+   * For an ingress whose requests name a multiplexed model in their body (an OpenAI request's
+   * `model`, say): reads it off each HTTP request, in the proxy, before a replica is chosen. ''
+   * or undefined: none. Default: the `serve_multiplexed_model_id` header.
+   */
+  requestModelId?: (request: HttpRequest) => string | undefined;
 }
 
 export interface ResolvedAutoscaling {
@@ -82,11 +89,12 @@ export interface DeploymentConfig {
   healthCheckTimeoutMs: number;
   gracefulShutdownTimeoutMs: number;
   userConfig: unknown;
+  requestModelId: ((request: HttpRequest) => string | undefined) | undefined;
 }
 
 const DEPLOYMENT_KEYS = new Set([
   'name', 'numReplicas', 'autoscaling', 'maxOngoingRequests', 'maxQueuedRequests', 'actorOptions',
-  'healthCheckPeriodMs', 'healthCheckTimeoutMs', 'gracefulShutdownTimeoutMs', 'userConfig',
+  'healthCheckPeriodMs', 'healthCheckTimeoutMs', 'gracefulShutdownTimeoutMs', 'userConfig', 'requestModelId',
 ]);
 const AUTOSCALING_KEYS = new Set([
   'minReplicas', 'maxReplicas', 'initialReplicas', 'targetOngoingRequests', 'metricsIntervalMs', 'lookBackPeriodMs',
@@ -181,6 +189,9 @@ export function resolveDeploymentOptions(className: string, options: DeploymentO
       throw new InvalidArgumentError(`${where}: actorOptions.${reserved} is the deployment's to set (maxOngoingRequests says how many requests a replica runs at once; the controller replaces a replica that dies)`);
     }
   }
+  if (options.requestModelId !== undefined && typeof options.requestModelId !== 'function') {
+    throw new InvalidArgumentError(`${where}: requestModelId must be a function of the HTTP request, got ${describe(options.requestModelId)}`);
+  }
   return {
     name,
     numReplicas: autoscaling ? autoscaling.initialReplicas : whole(options.numReplicas, where, 'numReplicas', 0, MOST_REPLICAS, 1),
@@ -192,5 +203,6 @@ export function resolveDeploymentOptions(className: string, options: DeploymentO
     healthCheckTimeoutMs: Math.max(10, milliseconds(options.healthCheckTimeoutMs, where, 'healthCheckTimeoutMs', 30_000)),
     gracefulShutdownTimeoutMs: milliseconds(options.gracefulShutdownTimeoutMs, where, 'gracefulShutdownTimeoutMs', 20_000),
     userConfig: options.userConfig,
+    requestModelId: options.requestModelId,
   };
 }

@@ -12,6 +12,7 @@ import { importRegistered, remote } from '../core/registry.js';
 // Handles among a replica's constructor arguments arrive before the user's module is imported:
 // their class must be known here already.
 import './handle.js';
+import { heldModelIds, withModelId } from './multiplex.js';
 import { errorResponse, HttpRequest, HttpResponse, isItemStream, responseOf, streamChunk, type RequestData, type ResponsePart } from './http-messages.js';
 
 /** A replica's load, as the controller reads it. */
@@ -20,6 +21,8 @@ export interface ReplicaLoad {
   ongoing: number;
   /** Requests finished since the replica started. */
   handled: number;
+  /** The models its multiplexed loaders hold (see multiplex.ts). */
+  models: string[];
 }
 
 type Instance = Record<string, unknown>;
@@ -71,7 +74,7 @@ export class ServeReplica {
   }
 
   load(): ReplicaLoad {
-    return { ongoing: this.#ongoing, handled: this.#handled };
+    return { ongoing: this.#ongoing, handled: this.#handled, models: heldModelIds() };
   }
 
   #method(name: string): (...args: unknown[]) => unknown {
@@ -100,21 +103,22 @@ export class ServeReplica {
     else this.#running--;
   }
 
-  async call(method: string, ...args: unknown[]): Promise<unknown> {
+  /** A handle's call of `method`, for model `modelId` ('' for none: see multiplex.ts). */
+  async call(method: string, modelId: string, ...args: unknown[]): Promise<unknown> {
     await this.#enter();
     try {
-      return await this.#method(method)(...args);
+      return await withModelId(modelId, () => this.#method(method)(...args));
     } finally {
       this.#leave();
     }
   }
 
-  async *stream(method: string, ...args: unknown[]): AsyncGenerator<unknown, void, undefined> {
+  async *stream(method: string, modelId: string, ...args: unknown[]): AsyncGenerator<unknown, void, undefined> {
     await this.#enter();
     try {
-      const items = this.#method(method)(...args);
+      const items = withModelId(modelId, () => this.#method(method)(...args));
       if (!isItemStream(items)) throw new DeploymentError(this.#deployment, `${this.#deployment}.${method} was called as a stream but did not return one`);
-      yield* items as AsyncIterable<unknown>;
+      yield* inModel(modelId, items);
     } finally {
       this.#leave();
     }
@@ -124,15 +128,15 @@ export class ServeReplica {
    * An HTTP request to a `fetch(request)` that is not a generator method: the whole answer in one
    * part. One that returns a stream anyway is answered once the stream ends, its items joined.
    */
-  async httpCall(request: RequestData): Promise<ResponsePart> {
+  async httpCall(request: RequestData, modelId = ''): Promise<ResponsePart> {
     await this.#enter();
     try {
       let result: unknown;
       try {
-        result = await this.#method('fetch')(new HttpRequest(request));
+        result = await withModelId(modelId, () => this.#method('fetch')(new HttpRequest(request)));
         if (!isItemStream(result)) return responseOf(result);
         const parts: ResponsePart[] = [];
-        for await (const part of this.#streamParts(result)) parts.push(part);
+        for await (const part of inModel(modelId, this.#streamParts(result))) parts.push(part);
         return joinParts(parts);
       } catch (error) {
         return errorResponse(error);
@@ -147,12 +151,12 @@ export class ServeReplica {
    * head and then a part per item where fetch gives a stream (a generator). A throw before the head
    * becomes an error response; one after it ends the stream, and the proxy cuts the connection.
    */
-  async *http(request: RequestData): AsyncGenerator<ResponsePart, void, undefined> {
+  async *http(request: RequestData, modelId = ''): AsyncGenerator<ResponsePart, void, undefined> {
     await this.#enter();
     try {
       let result: unknown;
       try {
-        result = await this.#method('fetch')(new HttpRequest(request));
+        result = await withModelId(modelId, () => this.#method('fetch')(new HttpRequest(request)));
       } catch (error) {
         yield errorResponse(error);
         return;
@@ -162,7 +166,7 @@ export class ServeReplica {
         return;
       }
       // A stream that fails before its first item is answered as a throw from fetch() is.
-      const parts = this.#streamParts(result);
+      const parts = inModel(modelId, this.#streamParts(result));
       let first: IteratorResult<ResponsePart, void>;
       try {
         first = await parts.next();
@@ -195,6 +199,34 @@ export class ServeReplica {
       yield { chunk: streamChunk(item) };
     }
     if (!headSent) yield { head: { status: 200, headers: { 'content-type': 'text/plain; charset=utf-8' } } };
+  }
+}
+
+/**
+ * A stream's items, each step taken as a request for model `modelId`: a generator's body runs in
+ * whoever calls its next(), so the model id is set around each call.
+ */
+async function* inModel<T>(modelId: string, items: AsyncIterable<T> | Iterable<T>): AsyncGenerator<T, void, undefined> {
+  if (!modelId) {
+    yield* items;
+    return;
+  }
+  const iterator = withModelId(modelId, () => (Symbol.asyncIterator in items ? items[Symbol.asyncIterator]() : (items as Iterable<T>)[Symbol.iterator]()));
+  let finished = false;
+  try {
+    for (;;) {
+      const step = await withModelId(modelId, () => iterator.next());
+      if (step.done) {
+        finished = true;
+        return;
+      }
+      yield step.value;
+    }
+  } catch (error) {
+    finished = true;
+    throw error;
+  } finally {
+    if (!finished) await withModelId(modelId, async () => iterator.return?.());
   }
 }
 

@@ -4,6 +4,12 @@
  * with fewer of this caller's requests on it), never putting more than `maxOngoingRequests` of
  * them on one replica. While every replica is full (or none is up yet) requests wait here in
  * arrival order, up to `maxQueuedRequests`, past which they fail at once with BackPressureError.
+ *
+ * A request for a multiplexed model (see multiplex.ts) goes to a replica that holds the model
+ * where one has room (two of those at random, the less loaded), else to the replica with room
+ * that holds fewest models, which then counts as holding it: a burst for a new model lands on one
+ * replica, which loads it once. What replicas hold comes from their reports (`setModels`), plus
+ * what this router sent since.
  */
 import { BackPressureError, DeploymentError, TaskCancelledError } from '../errors.js';
 import { Deque } from '../core/deque.js';
@@ -15,9 +21,15 @@ export interface RoutedReplica {
   readonly handle: ActorHandle<ServeReplica>;
   /** This router's requests on the replica now. */
   ongoing: number;
+  /** The models it holds, by its last report, and those this router sent it since (with when). */
+  models: Map<string, number>;
 }
 
+/** How long a model sent to a replica counts as held there without the replica reporting it. */
+const SENT_MODEL_MS = 5_000;
+
 interface Waiting {
+  modelId: string;
   resolve(replica: RoutedReplica): void;
   reject(error: unknown): void;
   done: boolean;
@@ -66,8 +78,22 @@ export class Router {
   /** The replicas to send to now; this router's counts on those it knew are kept. */
   setReplicas(handles: readonly ActorHandle<ServeReplica>[]): void {
     const known = new Map(this.#replicas.map((replica) => [replica.actorId, replica]));
-    this.#replicas = handles.map((handle) => known.get(handle.actorId) ?? { actorId: handle.actorId, handle, ongoing: 0 });
+    this.#replicas = handles.map((handle) => known.get(handle.actorId) ?? { actorId: handle.actorId, handle, ongoing: 0, models: new Map() });
     this.#pump();
+  }
+
+  /** What replica `actorId` reported holding: those, and what this router sent it lately. */
+  setModels(actorId: string, modelIds: readonly string[]): void {
+    const replica = this.#replicas.find((candidate) => candidate.actorId === actorId);
+    if (!replica) return;
+    const since = Date.now() - SENT_MODEL_MS;
+    for (const [modelId, sent] of replica.models) if (sent < since) replica.models.delete(modelId);
+    for (const modelId of modelIds) replica.models.set(modelId, 0);
+  }
+
+  /** The models each replica holds, as this router believes (for status and tests). */
+  modelsByReplica(): Map<string, string[]> {
+    return new Map(this.#replicas.map((replica) => [replica.actorId, [...replica.models.keys()]]));
   }
 
   /** No replica will come: waiting requests, and later ones, fail with `error`. */
@@ -81,15 +107,15 @@ export class Router {
    * A replica with room for one more request, counted on it until `release()`. Waits while all are
    * full; `signal` gives up waiting (TaskCancelledError).
    */
-  acquire(signal?: AbortSignal): Promise<RoutedReplica> {
+  acquire(signal?: AbortSignal, modelId = ''): Promise<RoutedReplica> {
     if (this.#closed) return Promise.reject(this.#closed);
-    const chosen = this.tryAcquire();
+    const chosen = this.tryAcquire(modelId);
     if (chosen) return Promise.resolve(chosen);
     if (this.#waitingCount >= this.#maxQueued) {
       return Promise.reject(new BackPressureError(this.deployment, `deployment ${this.deployment} is at capacity: ${this.#replicas.length} replica(s) each running ${this.#maxOngoing} request(s), and ${this.#waitingCount} waiting (maxQueuedRequests)`));
     }
     return new Promise<RoutedReplica>((resolve, reject) => {
-      const waiting: Waiting = { resolve, reject, done: false };
+      const waiting: Waiting = { modelId, resolve, reject, done: false };
       this.#waiting.push(waiting);
       this.#waitingCount++;
       if (signal) {
@@ -102,10 +128,17 @@ export class Router {
   }
 
   /** A replica with room now, counted on it until `release()`; undefined where none has room or some wait. */
-  tryAcquire(): RoutedReplica | undefined {
+  tryAcquire(modelId = ''): RoutedReplica | undefined {
     if (this.#closed || this.#waitingCount > 0) return undefined;
-    const chosen = this.#choose();
-    if (chosen) chosen.ongoing++;
+    return this.#take(modelId);
+  }
+
+  /** The replica for a request now (counted on it), or undefined where none has room. */
+  #take(modelId: string): RoutedReplica | undefined {
+    const chosen = modelId ? this.#chooseForModel(modelId) : this.#choose(this.#replicas);
+    if (!chosen) return undefined;
+    chosen.ongoing++;
+    if (modelId && !chosen.models.has(modelId)) chosen.models.set(modelId, Date.now());
     return chosen;
   }
 
@@ -129,8 +162,20 @@ export class Router {
     return waiting;
   }
 
-  #choose(): RoutedReplica | undefined {
-    const replicas = this.#replicas;
+  #chooseForModel(modelId: string): RoutedReplica | undefined {
+    const holding = this.#replicas.filter((replica) => replica.models.has(modelId));
+    const chosen = holding.length ? this.#choose(holding) : undefined;
+    if (chosen) return chosen;
+    // None holding it has room: the replica with room that holds fewest models loads it.
+    let found: RoutedReplica | undefined;
+    for (const replica of this.#replicas) {
+      if (replica.ongoing >= this.#maxOngoing) continue;
+      if (!found || replica.models.size < found.models.size || (replica.models.size === found.models.size && replica.ongoing < found.ongoing)) found = replica;
+    }
+    return found;
+  }
+
+  #choose(replicas: readonly RoutedReplica[]): RoutedReplica | undefined {
     const count = replicas.length;
     if (count === 0) return undefined;
     if (count === 1) return replicas[0].ongoing < this.#maxOngoing ? replicas[0] : undefined;
@@ -156,10 +201,10 @@ export class Router {
         this.#waiting.shift();
         continue;
       }
-      const chosen = this.#choose();
-      if (!chosen || !head) return;
+      if (!head) return;
+      const chosen = this.#take(head.modelId);
+      if (!chosen) return;
       this.#waiting.shift();
-      chosen.ongoing++;
       this.#settle(head)!.resolve(chosen);
     }
     // Settled entries left behind at the head are dropped as they surface.

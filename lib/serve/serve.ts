@@ -158,7 +158,7 @@ export async function run<T>(app: Application<T>, options: RunOptions = {}): Pro
   }
   record.deploying = false;
   const ingressRecord = serving.controller.deployment(deploymentKey(name, ingress.name))!;
-  if (routePrefix !== null) serving.proxy!.setRoute(routePrefix, name, ingressRecord.router, ingress.methods.includes('*fetch'));
+  if (routePrefix !== null) serving.proxy!.setRoute(routePrefix, name, ingressRecord.router, ingress.methods.includes('*fetch'), ingressRecord.config.requestModelId);
   else serving.proxy?.removeApp(name);
   return handles.get(app) as DeploymentHandle<T>;
 }

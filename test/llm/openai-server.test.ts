@@ -2,7 +2,8 @@
  * The OpenAI-compatible server (buildOpenAIApp) over a small random GPT-2 with a byte-level
  * tokenizer and a chat template: models, completions and chat completions (whole and streamed,
  * the stream's text the same as the whole's), stop strings, JSON-schema response formats,
- * embeddings, and requests it refuses.
+ * embeddings, LoRA adapters served as models of their own (loaded on demand from a directory,
+ * routed by model), and requests it refuses.
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -12,7 +13,7 @@ import { Tokenizer, buildOpenAIApp, init, serve, shutdown } from '../../lib/inde
 import { IncrementalText } from '../../lib/llm/openai-server.js';
 import { llama2StyleTokenizerJson } from './fixtures/tokenizers.js';
 import { byteTokenizerJson } from '../../examples/model/byte-tokenizer.js';
-import { randomWeights, writeCheckpoint } from '../../examples/model/random-decoder.js';
+import { randomWeights, writeCheckpoint, writeRandomAdapter } from '../../examples/model/random-decoder.js';
 
 const config = { vocabSize: 260, hiddenSize: 32, numLayers: 2, numHeads: 4, intermediateSize: 64, maxPositions: 256, layerNormEpsilon: 1e-5 };
 let scratch = '';
@@ -43,7 +44,9 @@ beforeAll(async () => {
   // Replicas are actors with workers of their own: no idle task workers to start.
   await init({ numCpus: 2, prestartWorkers: 0 });
   url = (await serve.start({ http: { port: 0 } })).proxy!.url;
-  await serve.run(buildOpenAIApp({ checkpoint, numCpusPerRank: 0, deployment: { actorOptions: { numCpus: 0 } } }), { name: 'llm' });
+  const adapterDirectory = join(scratch, 'adapters');
+  await writeRandomAdapter(join(adapterDirectory, 'tuned'), config, 8, 11);
+  await serve.run(buildOpenAIApp({ checkpoint, adapterDirectory, numCpusPerRank: 0, deployment: { actorOptions: { numCpus: 0 } } }), { name: 'llm' });
 });
 
 afterAll(async () => {
@@ -72,9 +75,31 @@ describe('IncrementalText', () => {
 });
 
 describe('buildOpenAIApp', () => {
-  it('lists its model', async () => {
-    const models = (await (await fetch(`${url}/v1/models`)).json()) as { data: Array<{ id: string }> };
-    expect(models.data.map((model) => model.id)).toEqual(['tiny-gpt']);
+  it('lists its model and the adapters it can serve', async () => {
+    const models = (await (await fetch(`${url}/v1/models`)).json()) as { data: Array<{ id: string; parent?: string }> };
+    expect(models.data.map((model) => [model.id, model.parent])).toEqual([['tiny-gpt', undefined], ['tuned', 'tiny-gpt']]);
+  });
+
+  it('serves a LoRA adapter as a model of its own, loaded when first asked for', async () => {
+    const ask = async (model?: string) => {
+      const answer = (await (await post('/v1/completions', { prompt: 'The cat', max_tokens: 12, temperature: 0, ...(model ? { model } : {}) })).json()) as { model: string; choices: Array<{ text: string }> };
+      return answer;
+    };
+    const base = await ask();
+    const tuned = await ask('tuned');
+    expect(base.model).toBe('tiny-gpt');
+    expect(tuned.model).toBe('tuned');
+    // The adapter changes the model: greedy answers differ, and repeat.
+    expect(tuned.choices[0].text).not.toBe(base.choices[0].text);
+    expect((await ask('tuned')).choices[0].text).toBe(tuned.choices[0].text);
+    expect((await ask('tiny-gpt')).choices[0].text).toBe(base.choices[0].text);
+    const embedded = (await (await post('/v1/embeddings', { input: 'cat', model: 'tuned' })).json()) as { model: string };
+    expect(embedded.model).toBe('tuned');
+    for (const model of ['untuned', '../adapters/tuned']) {
+      const response = await post('/v1/completions', { prompt: 'x', model });
+      expect(response.status).toBe(404);
+      expect(((await response.json()) as { message: string }).message).toMatch(/is not served here \(this server has tiny-gpt, tuned, and the adapters under /);
+    }
   });
 
   it('completes a prompt whole or streamed, the same text either way, and stops at a stop string', async () => {
@@ -123,7 +148,8 @@ describe('buildOpenAIApp', () => {
     const cases: Array<[string, unknown, number, RegExp]> = [
       ['/v1/completions', { prompt: 'x', max_tokens: 0 }, 400, /max_tokens must be a whole number from 1/],
       ['/v1/completions', { prompt: 'x', temperature: 7 }, 400, /temperature must be a number from 0 to 2/],
-      ['/v1/completions', { prompt: 'x', model: 'gpt-9' }, 404, /model "gpt-9" is not served here \(this server has tiny-gpt\)/],
+      ['/v1/completions', { prompt: 'x', model: 'gpt-9' }, 404, /model "gpt-9" is not served here \(this server has tiny-gpt/],
+      ['/v1/completions', { prompt: 'x', model: 7 }, 400, /model must be a model's name, got 7/],
       ['/v1/completions', { prompt: 'x', n: 2 }, 400, /n must be 1/],
       ['/v1/completions', { prompt: 42 }, 400, /prompt must be a string or a list of token ids/],
       ['/v1/chat/completions', { messages: 'hi' }, 400, /messages must be an array/],

@@ -1,6 +1,7 @@
 /**
  * The serving layer's in-process parts, with no cluster: the router's replica choice, limits,
- * queue, back-pressure and cancellation, and request batching.
+ * queue, back-pressure and cancellation, routing by multiplexed model, the model loader's cache,
+ * and request batching.
  */
 import { describe, expect, it } from 'vitest';
 import { BackPressureError, DeploymentError, InvalidArgumentError, TaskCancelledError, serve } from '../../lib/index.js';
@@ -71,6 +72,89 @@ describe('Router', () => {
     router.close(new DeploymentError('Model', 'application app was deleted'));
     await expect(waiting).rejects.toThrow(/application app was deleted/);
     await expect(router.acquire()).rejects.toThrow(DeploymentError);
+  });
+});
+
+describe('Router, multiplexed models', () => {
+  it('sends a model to a replica holding it, spills to the one holding fewest when those are full, and waits in order', async () => {
+    const router = new Router('Model', 2, Infinity);
+    router.setReplicas([replica('a'), replica('b'), replica('c')]);
+    router.setModels('a', ['x', 'y']);
+    router.setModels('b', ['x']);
+    // x: held by a and b; both have room, so one of them.
+    const first = router.tryAcquire('x')!;
+    expect(['a', 'b']).toContain(first.actorId);
+    const second = router.tryAcquire('x')!;
+    const third = router.tryAcquire('x')!;
+    const fourth = router.tryAcquire('x')!;
+    expect([first, second, third, fourth].map((chosen) => chosen.actorId).sort()).toEqual(['a', 'a', 'b', 'b']);
+    // a and b full: x spills to c, which now counts as holding it.
+    const fifth = router.tryAcquire('x')!;
+    expect(fifth.actorId).toBe('c');
+    expect(router.modelsByReplica().get('c')).toEqual(['x']);
+    // z is held nowhere: the replica with room that holds fewest takes it (c, the only one with room).
+    const sixth = router.tryAcquire('z')!;
+    expect(sixth.actorId).toBe('c');
+    // All full: the next waits, and goes where a slot frees.
+    let seventh: string | undefined;
+    const waiting = router.acquire(undefined, 'y').then((chosen) => (seventh = chosen.actorId));
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    expect(seventh).toBeUndefined();
+    router.release(first);
+    await waiting;
+    expect(seventh).toBe(first.actorId);
+  });
+
+  it('keeps what a replica reports, and what it was sent lately; a model held nowhere goes to the emptiest replica', () => {
+    const router = new Router('Model', 10, Infinity);
+    router.setReplicas([replica('a'), replica('b')]);
+    router.setModels('a', ['x', 'y', 'z']);
+    const chosen = router.tryAcquire('w')!;
+    expect(chosen.actorId).toBe('b');
+    router.release(chosen);
+    // b's report, taken before w arrived, lacks it: w was sent lately, so it still counts.
+    router.setModels('b', []);
+    expect(router.modelsByReplica().get('b')).toEqual(['w']);
+    // a evicted y and z.
+    router.setModels('a', ['x']);
+    expect(router.modelsByReplica().get('a')).toEqual(['x']);
+    // Requests without a model spread as before, whatever the replicas hold.
+    const plain = [router.tryAcquire()!, router.tryAcquire()!, router.tryAcquire()!, router.tryAcquire()!];
+    expect(new Set(plain.map((taken) => taken.actorId)).size).toBeGreaterThan(0);
+    expect(router.modelsByReplica().get('a')).toEqual(['x']);
+  });
+});
+
+describe('serve.multiplexed', () => {
+  it('loads a model once, shares it, evicts the least recently used (closing it), and forgets a failed load', async () => {
+    const loads: string[] = [];
+    const closed: string[] = [];
+    let fail = true;
+    const model = serve.multiplexed(async (id: string) => {
+      loads.push(id);
+      await new Promise((resolve) => setTimeout(resolve, 5));
+      if (id === 'broken' && fail) throw new Error('no weights');
+      return { id, close: () => void closed.push(id) };
+    }, { maxModelsPerReplica: 2 });
+    const [one, again] = await Promise.all([model('a'), model('a')]);
+    expect(one).toBe(again);
+    await model('b');
+    await model('a'); // a is now the most recent
+    await model('c'); // evicts b
+    expect(loads).toEqual(['a', 'b', 'c']);
+    expect(closed).toEqual(['b']);
+    expect(model.modelIds).toEqual(['a', 'c']);
+    await expect(model('broken')).rejects.toThrow('no weights');
+    expect(model.modelIds).not.toContain('broken');
+    fail = false;
+    expect((await model('broken')).id).toBe('broken');
+    // Without an id, the request's: none here.
+    await expect(model()).rejects.toThrow(InvalidArgumentError);
+    expect(serve.getMultiplexedModelId()).toBe('');
+    await model.clear();
+    expect(model.modelIds).toEqual([]);
+    expect(() => serve.multiplexed(async () => 1, { maxModelsPerReplica: 0 })).toThrow(/maxModelsPerReplica/);
+    expect(() => serve.multiplexed(async () => 1, { maxModels: 2 } as never)).toThrow(/no option 'maxModels'/);
   });
 });
 
@@ -146,6 +230,7 @@ describe('deployment options', () => {
       [{ autoscaling: { upscaleDelay: 1 } }, /autoscaling: unknown option 'upscaleDelay'/],
       [{ actorOptions: { maxConcurrency: 4 } }, /actorOptions.maxConcurrency is the deployment's to set/],
       [{ name: 'a b' }, /name must be 1 to 128 letters/],
+      [{ requestModelId: 'model' }, /requestModelId must be a function of the HTTP request, got "model"/],
       [{ healthCheckPeriodMs: -5 }, /healthCheckPeriodMs must be a number of milliseconds from 0/],
     ];
     for (const [options, message] of cases) expect(() => resolveDeploymentOptions('Model', options as never)).toThrow(message);

@@ -6,7 +6,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BackPressureError, DeploymentError, InvalidArgumentError, NotInitializedError, get, init, metricsText, serve, shutdown } from '../../lib/index.js';
-import { AdderActor, BrokenActor, ConfiguredActor, DoublerActor, EchoActor, EventsActor, SleeperActor, greetFromTask } from './fixtures/apps.js';
+import { AdderActor, BrokenActor, ConfiguredActor, DoublerActor, EchoActor, EventsActor, ModelZooActor, SleeperActor, greetFromTask } from './fixtures/apps.js';
 
 const light = { actorOptions: { numCpus: 0 } };
 let url = '';
@@ -126,6 +126,36 @@ describe('load, failures and updates', () => {
     await expect(sleeper.work(1)).rejects.toThrow(BackPressureError);
     await Promise.all(running);
     await serve.delete('sleepy');
+  });
+
+  it('multiplexes models: each goes to the replica holding it, named by handle options or the HTTP header', async () => {
+    const zoo = await serve.run(serve.deployment(ModelZooActor, { ...light, numReplicas: 2 }).bind(), { name: 'zoo', routePrefix: '/zoo' });
+    const of = (model: string) => zoo.options({ multiplexedModelId: model });
+    const first = await of('m1').predict(1);
+    expect(first).toMatchObject({ model: 'm1', requested: 'm1', x: 1 });
+    // m2 is held nowhere: the replica holding fewest models (the other one) loads it.
+    const second = await of('m2').predict(2);
+    expect(second.pid).not.toBe(first.pid);
+    // Later requests for each, one after another or many at once, stay with their replica.
+    for (let round = 0; round < 3; round++) {
+      expect((await of('m1').predict(round)).pid).toBe(first.pid);
+      expect((await of('m2').predict(round)).pid).toBe(second.pid);
+    }
+    const burst = await Promise.all([1, 2, 3, 4].map((x) => of('m1').predict(x)));
+    expect(new Set(burst.map((answer) => answer.pid))).toEqual(new Set([first.pid]));
+    expect(burst.at(-1)!.loads.filter((id) => id === 'm1')).toHaveLength(1);
+    // The header routes HTTP requests the same way.
+    const byHeader = await (await fetch(`${url}/zoo/x`, { headers: { serve_multiplexed_model_id: 'm2' } })).json();
+    expect(byHeader).toEqual({ model: 'm2', pid: second.pid, path: '/x' });
+    // A generator method reads its model at every step.
+    const items: string[] = [];
+    for await (const item of of('m3').tokens(3)) items.push(item);
+    expect(items).toEqual(['m3:0', 'm3:1', 'm3:2']);
+    // A call without a model has none; bad options are refused by name.
+    await expect(zoo.predict(0)).rejects.toThrow(/names no model/);
+    expect(() => zoo.options({ model: 'x' } as never)).toThrow(InvalidArgumentError);
+    expect(String(of('m1'))).toBe('DeploymentHandle(zoo/ModelZoo, model m1)');
+    await serve.delete('zoo');
   });
 
   it('replaces a replica that dies or fails its health check', async () => {
