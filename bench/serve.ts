@@ -3,7 +3,9 @@
  * against plain calls to an actor of the same class (the router's share); HTTP requests through
  * the proxy against two floors: a bare node:http server answering the same JSON itself, and one
  * that calls a plain actor per request (a hand-written service). The load comes from a process
- * of its own with keep-alive connections.
+ * of its own with keep-alive connections. Model multiplexing: requests for 8 models over 4
+ * replicas that keep 2 each, routed by model against the same requests routed by load alone
+ * (each replica then loads whatever model comes), counting the loads.
  */
 import { spawn } from 'node:child_process';
 import { createServer, type Server } from 'node:http';
@@ -11,7 +13,7 @@ import type { AddressInfo } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { get, init, serve, shutdown } from '../lib/index.js';
 import { medianRate as rate, round, type Results, type Suite } from './harness.js';
-import { HelloActor } from './serve-apps.js';
+import { HelloActor, ZooActor } from './serve-apps.js';
 
 const CONCURRENCY = 32;
 const LOAD_SECONDS = 3;
@@ -52,6 +54,7 @@ export const serveSuite: Suite = {
     ['handle calls / plain actor calls (100 at once)', 'handle_calls_async', 'actor_calls_async', ''],
     ['HTTP through serve / node:http calling an actor', 'http_requests', 'http_actor_requests', ''],
     ['HTTP through serve / bare node:http', 'http_requests', 'http_floor_requests', ''],
+    ['multiplexed: routed by model / by load alone', 'multiplexed_requests', 'unrouted_model_requests', ''],
   ],
   async run(): Promise<Results> {
     const results: Results = {};
@@ -100,6 +103,31 @@ export const serveSuite: Suite = {
         floor.server.close();
         viaActor.server.close();
       }
+
+      // 8 models, 4 replicas of 2 slots: enough room for every model, if each goes where it is held.
+      let zoo = await serve.run(serve.deployment(ZooActor, { numReplicas: 4, actorOptions: { numCpus: 0 }, maxOngoingRequests: 8 }).bind(), { name: 'zoo', routePrefix: null });
+      const models = Array.from({ length: 8 }, (_, index) => `model-${index}`);
+      let seed = 7;
+      const order = Array.from({ length: 2_000 }, () => models[((seed = (Math.imul(seed, 1_664_525) + 1_013_904_223) >>> 0) >>> 16) % models.length]);
+      const measure = async (routed: boolean): Promise<{ perSecond: number; loads: number }> => {
+        const loads = new Map<number, number>();
+        const started = performance.now();
+        for (let wave = 0; wave < order.length; wave += 16) {
+          const answers = await Promise.all(order.slice(wave, wave + 16).map((model, index) =>
+            routed ? zoo.options({ multiplexedModelId: model }).predict(index) : zoo.predict(index, model)));
+          for (const answer of answers) loads.set(answer.pid, Math.max(loads.get(answer.pid) ?? 0, answer.loads));
+        }
+        const seconds = (performance.now() - started) / 1000;
+        return { perSecond: order.length / seconds, loads: [...loads.values()].reduce((sum, count) => sum + count, 0) };
+      };
+      const unrouted = await measure(false);
+      await serve.delete('zoo');
+      zoo = await serve.run(serve.deployment(ZooActor, { numReplicas: 4, actorOptions: { numCpus: 0 }, maxOngoingRequests: 8 }).bind(), { name: 'zoo', routePrefix: null });
+      const routed = await measure(true);
+      perSecond('unrouted_model_requests', unrouted.perSecond);
+      perSecond('multiplexed_requests', routed.perSecond);
+      results.unrouted_model_loads = { value: unrouted.loads, unit: 'count' };
+      results.multiplexed_model_loads = { value: routed.loads, unit: 'count' };
     } finally {
       await shutdown();
     }

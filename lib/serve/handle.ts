@@ -314,7 +314,8 @@ export class DeploymentHandleBase {
    * (routed to a replica holding it; read inside by getMultiplexedModelId()).
    */
   options(options: HandleOptions): this {
-    const unknown = Object.keys(options ?? {}).filter((key) => key !== 'multiplexedModelId');
+    if (typeof options !== 'object' || options === null) throw new InvalidArgumentError(`handle.options() takes an object, got ${options === null ? 'null' : typeof options}`);
+    const unknown = Object.keys(options).filter((key) => key !== 'multiplexedModelId');
     if (unknown.length) throw new InvalidArgumentError(`handle.options() has no option ${unknown.map((key) => `'${key}'`).join(', ')} (it takes multiplexedModelId)`);
     const modelId = options.multiplexedModelId;
     if (modelId !== undefined && typeof modelId !== 'string') throw new InvalidArgumentError(`multiplexedModelId must be a string, got ${typeof modelId}`);

@@ -12,7 +12,7 @@ import { importRegistered, remote } from '../core/registry.js';
 // Handles among a replica's constructor arguments arrive before the user's module is imported:
 // their class must be known here already.
 import './handle.js';
-import { heldModelIds, withModelId } from './multiplex.js';
+import { closeRequest, heldModelIds, inRequest, requestScopeFor, type RequestScope } from './multiplex.js';
 import { errorResponse, HttpRequest, HttpResponse, isItemStream, responseOf, streamChunk, type RequestData, type ResponsePart } from './http-messages.js';
 
 /** A replica's load, as the controller reads it. */
@@ -106,20 +106,24 @@ export class ServeReplica {
   /** A handle's call of `method`, for model `modelId` ('' for none: see multiplex.ts). */
   async call(method: string, modelId: string, ...args: unknown[]): Promise<unknown> {
     await this.#enter();
+    const scope = requestScopeFor(modelId);
     try {
-      return await withModelId(modelId, () => this.#method(method)(...args));
+      return await inScope(scope, () => this.#method(method)(...args));
     } finally {
+      if (scope) closeRequest(scope);
       this.#leave();
     }
   }
 
   async *stream(method: string, modelId: string, ...args: unknown[]): AsyncGenerator<unknown, void, undefined> {
     await this.#enter();
+    const scope = requestScopeFor(modelId);
     try {
-      const items = withModelId(modelId, () => this.#method(method)(...args));
+      const items = inScope(scope, () => this.#method(method)(...args));
       if (!isItemStream(items)) throw new DeploymentError(this.#deployment, `${this.#deployment}.${method} was called as a stream but did not return one`);
-      yield* inModel(modelId, items);
+      yield* stepsInScope(scope, items);
     } finally {
+      if (scope) closeRequest(scope);
       this.#leave();
     }
   }
@@ -130,18 +134,20 @@ export class ServeReplica {
    */
   async httpCall(request: RequestData, modelId = ''): Promise<ResponsePart> {
     await this.#enter();
+    const scope = requestScopeFor(modelId);
     try {
       let result: unknown;
       try {
-        result = await withModelId(modelId, () => this.#method('fetch')(new HttpRequest(request)));
+        result = await inScope(scope, () => this.#method('fetch')(new HttpRequest(request)));
         if (!isItemStream(result)) return responseOf(result);
         const parts: ResponsePart[] = [];
-        for await (const part of inModel(modelId, this.#streamParts(result))) parts.push(part);
+        for await (const part of stepsInScope(scope, this.#streamParts(result))) parts.push(part);
         return joinParts(parts);
       } catch (error) {
         return errorResponse(error);
       }
     } finally {
+      if (scope) closeRequest(scope);
       this.#leave();
     }
   }
@@ -153,10 +159,11 @@ export class ServeReplica {
    */
   async *http(request: RequestData, modelId = ''): AsyncGenerator<ResponsePart, void, undefined> {
     await this.#enter();
+    const scope = requestScopeFor(modelId);
     try {
       let result: unknown;
       try {
-        result = await withModelId(modelId, () => this.#method('fetch')(new HttpRequest(request)));
+        result = await inScope(scope, () => this.#method('fetch')(new HttpRequest(request)));
       } catch (error) {
         yield errorResponse(error);
         return;
@@ -166,7 +173,7 @@ export class ServeReplica {
         return;
       }
       // A stream that fails before its first item is answered as a throw from fetch() is.
-      const parts = inModel(modelId, this.#streamParts(result));
+      const parts = stepsInScope(scope, this.#streamParts(result));
       let first: IteratorResult<ResponsePart, void>;
       try {
         first = await parts.next();
@@ -178,6 +185,7 @@ export class ServeReplica {
       yield first.value;
       yield* parts;
     } finally {
+      if (scope) closeRequest(scope);
       this.#leave();
     }
   }
@@ -202,20 +210,25 @@ export class ServeReplica {
   }
 }
 
+/** Runs `body` in the request's scope (see multiplex.ts), or as it is where there is none. */
+function inScope<T>(scope: RequestScope | undefined, body: () => T): T {
+  return scope ? inRequest(scope, body) : body();
+}
+
 /**
- * A stream's items, each step taken as a request for model `modelId`: a generator's body runs in
- * whoever calls its next(), so the model id is set around each call.
+ * A stream's items, each step taken in the request's scope: a generator's body runs in whoever
+ * calls its next(), so the scope is set around each call.
  */
-async function* inModel<T>(modelId: string, items: AsyncIterable<T> | Iterable<T>): AsyncGenerator<T, void, undefined> {
-  if (!modelId) {
+async function* stepsInScope<T>(scope: RequestScope | undefined, items: AsyncIterable<T> | Iterable<T>): AsyncGenerator<T, void, undefined> {
+  if (!scope) {
     yield* items;
     return;
   }
-  const iterator = withModelId(modelId, () => (Symbol.asyncIterator in items ? items[Symbol.asyncIterator]() : (items as Iterable<T>)[Symbol.iterator]()));
+  const iterator = inRequest(scope, () => (Symbol.asyncIterator in items ? items[Symbol.asyncIterator]() : (items as Iterable<T>)[Symbol.iterator]()));
   let finished = false;
   try {
     for (;;) {
-      const step = await withModelId(modelId, () => iterator.next());
+      const step = await inRequest(scope, () => iterator.next());
       if (step.done) {
         finished = true;
         return;
@@ -226,7 +239,7 @@ async function* inModel<T>(modelId: string, items: AsyncIterable<T> | Iterable<T
     finished = true;
     throw error;
   } finally {
-    if (!finished) await withModelId(modelId, async () => iterator.return?.());
+    if (!finished) await inRequest(scope, async () => iterator.return?.());
   }
 }
 

@@ -7,6 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { BackPressureError, DeploymentError, InvalidArgumentError, TaskCancelledError, serve } from '../../lib/index.js';
 import { Router } from '../../lib/serve/router.js';
 import { resolveDeploymentOptions } from '../../lib/serve/options.js';
+import { closeRequest, inRequest, openRequest } from '../../lib/serve/multiplex.js';
 
 /** Stand-ins for replica handles: the router reads only their actor ids. */
 const replica = (actorId: string) => ({ actorId }) as never;
@@ -155,6 +156,35 @@ describe('serve.multiplexed', () => {
     expect(model.modelIds).toEqual([]);
     expect(() => serve.multiplexed(async () => 1, { maxModelsPerReplica: 0 })).toThrow(/maxModelsPerReplica/);
     expect(() => serve.multiplexed(async () => 1, { maxModels: 2 } as never)).toThrow(/no option 'maxModels'/);
+  });
+});
+
+describe('serve.multiplexed in requests', () => {
+  it("reads the request's model, and closes an evicted model only once the requests that took it end", async () => {
+    const closed: string[] = [];
+    const model = serve.multiplexed((id: string) => ({ id, close: () => void closed.push(id) }), { maxModelsPerReplica: 1 });
+    const first = openRequest('a');
+    const a = await inRequest(first, () => {
+      expect(serve.getMultiplexedModelId()).toBe('a');
+      return model();
+    });
+    expect(a.id).toBe('a');
+    // b evicts a while the first request still holds it: a stays open until that request ends.
+    const second = openRequest('b');
+    expect((await inRequest(second, () => model())).id).toBe('b');
+    expect(model.modelIds).toEqual(['b']);
+    expect(closed).toEqual([]);
+    closeRequest(first);
+    await new Promise((resolve) => setTimeout(resolve, 1));
+    expect(closed).toEqual(['a']);
+    // c evicts b, which nobody uses once its request ended: closed before c loads.
+    closeRequest(second);
+    const third = openRequest('c');
+    await inRequest(third, () => model());
+    expect(closed).toEqual(['a', 'b']);
+    closeRequest(third);
+    await model.clear();
+    expect(closed).toEqual(['a', 'b', 'c']);
   });
 });
 
