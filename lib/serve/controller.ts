@@ -70,6 +70,8 @@ export class DeploymentRecord {
   #application: Application;
   #args: unknown[] = [];
   #version = 0;
+  /** The version whose replicas were found to have no model loaders, if this one's were. */
+  #versionWithoutModels: number | undefined;
   readonly replicas = new Map<string, ReplicaRecord>();
   wanted: number;
   status: DeploymentStatusName = 'UPDATING';
@@ -272,17 +274,27 @@ export class DeploymentRecord {
 
   /**
    * A deployment of fixed size reads its replicas' load only for the models they hold (see
-   * multiplex.ts), which its router routes by; an autoscaling one reads them with its load.
+   * multiplex.ts), which its router routes by, and only while its replicas have model loaders:
+   * the first reads tell; a new version's replicas are asked again. An autoscaling one reads them
+   * with its load.
    */
   #pollModels(now: number): void {
-    if (this.#loading || now < this.#nextLoadAt) return;
+    if (this.#loading || now < this.#nextLoadAt || this.#versionWithoutModels === this.#version) return;
+    const replicas = this.running().filter((replica) => replica.version === this.#version);
+    if (replicas.length === 0) return;
     this.#loading = true;
     this.#nextLoadAt = now + MODELS_POLL_MS;
-    void Promise.all(this.running().map((replica) => get(replica.handle.load.remote(), { timeout: MODELS_POLL_MS * 5 }).then(
-      (load) => this.router.setModels(replica.actorId, load.models),
-      () => undefined,
-    ))).then(() => {
+    const version = this.#version;
+    void Promise.all(replicas.map((replica) => get(replica.handle.load.remote(), { timeout: MODELS_POLL_MS * 5 }).then(
+      (load) => {
+        this.router.setModels(replica.actorId, load.models);
+        return load.multiplexed;
+      },
+      () => true,
+    ))).then((multiplexed) => {
       this.#loading = false;
+      // None of this version's replicas has a loader: no need to ask them again.
+      if (version === this.#version && !multiplexed.some(Boolean)) this.#versionWithoutModels = version;
     });
   }
 

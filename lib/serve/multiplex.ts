@@ -81,6 +81,11 @@ export function requestScopeFor(modelId: string): RequestScope | undefined {
   return modelId || loaders.size > 0 ? openRequest(modelId) : undefined;
 }
 
+/** Whether this process has made a model loader (a replica's class did). */
+export function hasModelLoaders(): boolean {
+  return loaders.size > 0;
+}
+
 /** The models this process's loaders hold: what a replica reports. */
 export function heldModelIds(): string[] {
   const ids = new Set<string>();

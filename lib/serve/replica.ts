@@ -12,7 +12,7 @@ import { importRegistered, remote } from '../core/registry.js';
 // Handles among a replica's constructor arguments arrive before the user's module is imported:
 // their class must be known here already.
 import './handle.js';
-import { closeRequest, heldModelIds, inRequest, requestScopeFor, type RequestScope } from './multiplex.js';
+import { closeRequest, hasModelLoaders, heldModelIds, inRequest, requestScopeFor, type RequestScope } from './multiplex.js';
 import { errorResponse, HttpRequest, HttpResponse, isItemStream, responseOf, streamChunk, type RequestData, type ResponsePart } from './http-messages.js';
 
 /** A replica's load, as the controller reads it. */
@@ -23,6 +23,8 @@ export interface ReplicaLoad {
   handled: number;
   /** The models its multiplexed loaders hold (see multiplex.ts). */
   models: string[];
+  /** Whether it has multiplexed loaders at all. */
+  multiplexed: boolean;
 }
 
 type Instance = Record<string, unknown>;
@@ -74,7 +76,7 @@ export class ServeReplica {
   }
 
   load(): ReplicaLoad {
-    return { ongoing: this.#ongoing, handled: this.#handled, models: heldModelIds() };
+    return { ongoing: this.#ongoing, handled: this.#handled, models: heldModelIds(), multiplexed: hasModelLoaders() };
   }
 
   #method(name: string): (...args: unknown[]) => unknown {
