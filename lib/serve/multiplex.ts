@@ -66,7 +66,7 @@ export interface MultiplexedOptions {
 export type MultiplexedLoader<M> = ((modelId?: string) => Promise<M>) & {
   /** The ids of the models held now, least recently used first. */
   readonly modelIds: string[];
-  /** Evicts every model (each one's close() or asyncDispose awaited). */
+  /** Evicts every model: each is closed now, or once the requests that took it end. */
   clear(): Promise<void>;
 };
 
