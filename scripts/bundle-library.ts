@@ -27,7 +27,6 @@ const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const compiled = join(root, 'build', 'library');
 const dist = join(root, 'dist');
 const bundleFolder = join(dist, 'bundle');
-const BUNDLE = 'bundle';
 
 /** Loaded apart from the rest: module hooks that run on Node.js's hooks thread, importing nothing. */
 const COPIED = new Set(['core/library-build-hooks.js']);
