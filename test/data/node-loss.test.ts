@@ -5,6 +5,7 @@
  * builds the pool's class, or on a live actor of the pool), so every row arrives exactly once.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { buildLLMProcessor, events, init, range, readDatasource, state, waitForNodes, type ClusterSession, type JobProgress, type ProgressReporter } from '../../lib/index.js';
@@ -79,9 +80,13 @@ describe('batch jobs that lose a node', () => {
     const gate = files.path('materialize-gate');
     const source = new GatedSource(30_000, 2_500, Object.fromEntries(Array.from({ length: 12 }, (_, index) => [index, gate])));
     const { reporter, ready } = readyActors();
+    // Each actor's first batches wait until all three have one: a loaded machine can read every
+    // block on a and b, and c's actor must still map some for its loss to matter.
+    const meeting = { folder: files.path('materialize-meeting'), nodes: 3 };
+    mkdirSync(meeting.folder);
     const pending = readDatasource(source)
       .map(doubleId)
-      .mapBatches(NodeTagger, { concurrency: 3, numCpus: 0, resources: { pool: 1 }, batchSize: null, maxConcurrency: 2 })
+      .mapBatches(NodeTagger, { concurrency: 3, numCpus: 0, resources: { pool: 1 }, batchSize: null, maxConcurrency: 2, constructorArgs: [undefined, meeting] })
       .materialize({ progress: reporter });
     await until(() => ready() === 3, 'a pool actor ready on each agent');
     openGate(gate);
