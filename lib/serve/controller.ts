@@ -84,6 +84,8 @@ export class DeploymentRecord {
   #lastLoad = 0;
   #nextLoadAt = 0;
   #loading = false;
+  /** The models by replica last sent to the directory (for routers in other processes), as JSON. */
+  #publishedModels = '{}';
   #upSince: number | undefined;
   #downSince: number | undefined;
   #deleting = false;
@@ -103,9 +105,10 @@ export class DeploymentRecord {
       methods: application.deployment.methods,
       maxOngoingRequests: config.maxOngoingRequests,
       maxQueuedRequests: config.maxQueuedRequests,
+      multiplexedModelWaitMs: config.multiplexedModelWaitMs,
       directory,
     };
-    this.router = new Router(config.name, config.maxOngoingRequests, config.maxQueuedRequests, {
+    this.router = new Router(config.name, config, {
       replicaDied: (actorId) => onDeath(this, actorId),
     });
   }
@@ -134,8 +137,8 @@ export class DeploymentRecord {
       && sameValue(before.config.actorOptions, config.actorOptions)
       && before.config.maxOngoingRequests === config.maxOngoingRequests;
     this.config = config;
-    this.target = { ...this.target, methods: application.deployment.methods, maxOngoingRequests: config.maxOngoingRequests, maxQueuedRequests: config.maxQueuedRequests };
-    this.router.configure(config.maxOngoingRequests, config.maxQueuedRequests);
+    this.target = { ...this.target, methods: application.deployment.methods, maxOngoingRequests: config.maxOngoingRequests, maxQueuedRequests: config.maxQueuedRequests, multiplexedModelWaitMs: config.multiplexedModelWaitMs };
+    this.router.configure(config);
     if (!config.autoscaling) this.wanted = config.numReplicas;
     else this.wanted = Math.min(config.autoscaling.maxReplicas, Math.max(config.autoscaling.minReplicas, this.wanted));
     this.#failures = 0;
@@ -285,17 +288,33 @@ export class DeploymentRecord {
     this.#loading = true;
     this.#nextLoadAt = now + MODELS_POLL_MS;
     const version = this.#version;
+    const models: Record<string, string[]> = {};
     void Promise.all(replicas.map((replica) => get(replica.handle.load.remote(), { timeout: MODELS_POLL_MS * 5 }).then(
       (load) => {
-        this.router.setModels(replica.actorId, load.models);
+        this.#modelsReported(replica, load.models, models);
         return load.multiplexed;
       },
       () => true,
     ))).then((multiplexed) => {
       this.#loading = false;
+      this.#publishModels(models);
       // None of this version's replicas has a loader: no need to ask them again.
       if (version === this.#version && !multiplexed.some(Boolean)) this.#versionWithoutModels = version;
     });
+  }
+
+  /** A replica's report of its models: to the driver's router now, and into `models` for the directory. */
+  #modelsReported(replica: ReplicaRecord, modelIds: string[], models: Record<string, string[]>): void {
+    this.router.setModels(replica.actorId, modelIds);
+    if (modelIds.length > 0) models[replica.actorId] = [...modelIds].sort();
+  }
+
+  /** Sends what the replicas hold to routers in other processes, when it changed since last sent. */
+  #publishModels(models: Record<string, string[]>): void {
+    const json = JSON.stringify(Object.fromEntries(Object.entries(models).sort(([a], [b]) => (a < b ? -1 : 1))));
+    if (json === this.#publishedModels || !isInitialized()) return;
+    this.#publishedModels = json;
+    void this.target.directory.publishModels.remote(this.key, models);
   }
 
   /** Polls the replicas' load at the metrics interval and moves `wanted` as the policy says. */
@@ -305,14 +324,16 @@ export class DeploymentRecord {
       this.#loading = true;
       this.#nextLoadAt = now + policy.metricsIntervalMs;
       const replicas = this.running();
+      const models: Record<string, string[]> = {};
       void Promise.all(replicas.map((replica) => get(replica.handle.load.remote(), { timeout: Math.max(1_000, policy.metricsIntervalMs * 5) }).then(
         (load) => {
-          this.router.setModels(replica.actorId, load.models);
+          this.#modelsReported(replica, load.models, models);
           return (replica.ongoing = load.ongoing);
         },
         () => replica.ongoing,
       ))).then((loads) => {
         this.#loading = false;
+        this.#publishModels(models);
         const load = loads.reduce((sum, value) => sum + value, 0) + this.router.queued;
         this.#lastLoad = load;
         const at = Date.now();

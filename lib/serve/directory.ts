@@ -2,8 +2,9 @@
  * Where routers outside the driver learn each deployment's replicas (as Ray Serve's long-poll
  * host): an actor the controller publishes every change to. A router in a worker asks with the
  * version it knows and is answered when that changes (or after a while, to ask again), so
- * replicas added, replaced or removed reach every caller within one answer. Callers with no
- * replica to send to say so here, which is how a deployment scaled to zero hears of demand.
+ * replicas added, replaced or removed reach every caller within one answer; so do the models
+ * each replica holds (multiplexing), as the controller reads them. Callers with no replica to
+ * send to say so here, which is how a deployment scaled to zero hears of demand.
  */
 import type { ActorHandle } from '../core/registry.js';
 import { remote } from '../core/registry.js';
@@ -14,6 +15,8 @@ export interface ReplicaSet {
   replicas: ActorHandle<ServeReplica>[];
   /** The application was deleted: no replica will come. */
   deleted: boolean;
+  /** The multiplexed models each replica held at its last report, by actor id. */
+  models: Record<string, string[]>;
 }
 
 interface Entry extends ReplicaSet {
@@ -26,7 +29,7 @@ export class ServeDirectory {
 
   #entry(key: string): Entry {
     let entry = this.#entries.get(key);
-    if (!entry) this.#entries.set(key, (entry = { version: 0, replicas: [], deleted: false, watchers: new Set() }));
+    if (!entry) this.#entries.set(key, (entry = { version: 0, replicas: [], deleted: false, models: {}, watchers: new Set() }));
     return entry;
   }
 
@@ -35,6 +38,18 @@ export class ServeDirectory {
     entry.version++;
     entry.replicas = replicas;
     entry.deleted = deleted;
+    this.#wake(entry);
+  }
+
+  /** The models `key`'s replicas hold (the controller sends them when they change). */
+  publishModels(key: string, models: Record<string, string[]>): void {
+    const entry = this.#entry(key);
+    entry.version++;
+    entry.models = models;
+    this.#wake(entry);
+  }
+
+  #wake(entry: Entry): void {
     for (const wake of entry.watchers) wake();
     entry.watchers.clear();
   }
@@ -55,7 +70,7 @@ export class ServeDirectory {
         entry.watchers.add(wake);
       });
     }
-    return { version: entry.version, replicas: entry.replicas, deleted: entry.deleted };
+    return { version: entry.version, replicas: entry.replicas, deleted: entry.deleted, models: entry.models };
   }
 
   /** A caller holds requests for `key` with no replica to send them to. */

@@ -22,6 +22,7 @@ export interface HandleTarget {
   methods: string[];
   maxOngoingRequests: number;
   maxQueuedRequests: number;
+  multiplexedModelWaitMs: number;
   directory: ActorHandle<ServeDirectory>;
   /** The multiplexed model its calls name ('' or absent: none), set by handle.options(). */
   modelId?: string;
@@ -53,7 +54,7 @@ class WatchedRouter {
   constructor(target: HandleTarget) {
     this.#target = target;
     this.#key = deploymentKey(target.app, target.deployment);
-    this.router = new Router(target.deployment, target.maxOngoingRequests, target.maxQueuedRequests, {
+    this.router = new Router(target.deployment, target, {
       demand: () => void target.directory.demand.remote(this.#key),
     });
     void this.#watch();
@@ -66,7 +67,7 @@ class WatchedRouter {
         const found = await get(this.#target.directory.watch.remote(this.#key, version, 30_000));
         if (found.deleted) throw new DeploymentError(this.#target.deployment, `application ${this.#target.app} was deleted`);
         version = found.version;
-        this.router.setReplicas(found.replicas);
+        this.router.setReplicas(found.replicas, found.models);
       } catch (error) {
         watched.delete(this.#key);
         this.router.close(error instanceof DeploymentError ? error : new DeploymentError(this.#target.deployment, `deployment ${this.#target.deployment} can no longer be reached: ${(error as Error).message}`));
@@ -338,10 +339,10 @@ export class DeploymentHandleBase {
       'trellis.DeploymentHandle',
       (handle) => {
         const target = DeploymentHandleBase.targetOf(handle);
-        return [target.app, target.deployment, target.methods, target.maxOngoingRequests, target.maxQueuedRequests === Infinity ? -1 : target.maxQueuedRequests, target.directory, target.modelId ?? ''];
+        return [target.app, target.deployment, target.methods, target.maxOngoingRequests, target.maxQueuedRequests === Infinity ? -1 : target.maxQueuedRequests, target.multiplexedModelWaitMs, target.directory, target.modelId ?? ''];
       },
-      ([app, deployment, methods, maxOngoingRequests, maxQueued, directory, modelId]: [string, string, string[], number, number, ActorHandle<ServeDirectory>, string]) =>
-        new DeploymentHandleBase({ app, deployment, methods, maxOngoingRequests, maxQueuedRequests: maxQueued < 0 ? Infinity : maxQueued, directory, modelId }),
+      ([app, deployment, methods, maxOngoingRequests, maxQueued, multiplexedModelWaitMs, directory, modelId]: [string, string, string[], number, number, number, ActorHandle<ServeDirectory>, string]) =>
+        new DeploymentHandleBase({ app, deployment, methods, maxOngoingRequests, maxQueuedRequests: maxQueued < 0 ? Infinity : maxQueued, multiplexedModelWaitMs, directory, modelId }),
     );
   }
 }

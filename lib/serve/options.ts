@@ -63,6 +63,12 @@ export interface DeploymentOptions {
    * or undefined: none. Default: the `serve_multiplexed_model_id` header.
    */
   requestModelId?: (request: HttpRequest) => string | undefined;
+  /**
+   * How long a request for a multiplexed model waits for a replica holding the model, while all
+   * of those are full, before it goes to another replica (which loads the model, evicting one if
+   * it holds maxModelsPerReplica already). Default 1,000 ms; 0 sends it elsewhere at once.
+   */
+  multiplexedModelWaitMs?: number;
 }
 
 export interface ResolvedAutoscaling {
@@ -90,11 +96,12 @@ export interface DeploymentConfig {
   gracefulShutdownTimeoutMs: number;
   userConfig: unknown;
   requestModelId: ((request: HttpRequest) => string | undefined) | undefined;
+  multiplexedModelWaitMs: number;
 }
 
 const DEPLOYMENT_KEYS = new Set([
   'name', 'numReplicas', 'autoscaling', 'maxOngoingRequests', 'maxQueuedRequests', 'actorOptions',
-  'healthCheckPeriodMs', 'healthCheckTimeoutMs', 'gracefulShutdownTimeoutMs', 'userConfig', 'requestModelId',
+  'healthCheckPeriodMs', 'healthCheckTimeoutMs', 'gracefulShutdownTimeoutMs', 'userConfig', 'requestModelId', 'multiplexedModelWaitMs',
 ]);
 const AUTOSCALING_KEYS = new Set([
   'minReplicas', 'maxReplicas', 'initialReplicas', 'targetOngoingRequests', 'metricsIntervalMs', 'lookBackPeriodMs',
@@ -204,5 +211,6 @@ export function resolveDeploymentOptions(className: string, options: DeploymentO
     gracefulShutdownTimeoutMs: milliseconds(options.gracefulShutdownTimeoutMs, where, 'gracefulShutdownTimeoutMs', 20_000),
     userConfig: options.userConfig,
     requestModelId: options.requestModelId,
+    multiplexedModelWaitMs: milliseconds(options.multiplexedModelWaitMs, where, 'multiplexedModelWaitMs', 1_000),
   };
 }

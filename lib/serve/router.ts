@@ -6,10 +6,13 @@
  * arrival order, up to `maxQueuedRequests`, past which they fail at once with BackPressureError.
  *
  * A request for a multiplexed model (see multiplex.ts) goes to a replica that holds the model
- * where one has room (two of those at random, the less loaded), else to the replica with room
- * that holds fewest models, which then counts as holding it: a burst for a new model lands on one
- * replica, which loads it once. What replicas hold comes from their reports (`setModels`), plus
- * what this router sent since.
+ * where one has room (two of those at random, the less loaded). Where every holder is full, it
+ * waits for one up to `multiplexedModelWaitMs` (as Ray Serve does): a holder frees up in about
+ * a request's time, while a replica without the model would first load it, and evict another.
+ * Past that, or where no replica holds it, it goes to the replica with room that holds fewest
+ * models, which then counts as holding it: a burst for a new model lands on one replica, which
+ * loads it once. What replicas hold comes from their reports (`setModels`), plus what this
+ * router sent since. Requests waiting for a model's holders do not hold up others behind them.
  */
 import { BackPressureError, DeploymentError, TaskCancelledError } from '../errors.js';
 import { Deque } from '../core/deque.js';
@@ -30,6 +33,8 @@ const SENT_MODEL_MS = 5_000;
 
 interface Waiting {
   modelId: string;
+  /** When it arrived (ms): a request for a model spills off its holders `multiplexedModelWaitMs` after. */
+  since: number;
   resolve(replica: RoutedReplica): void;
   reject(error: unknown): void;
   done: boolean;
@@ -42,20 +47,33 @@ export interface RouterHooks {
   replicaDied?(actorId: string): void;
 }
 
+/** A deployment's limits, as its router applies them. */
+export interface RouterLimits {
+  maxOngoingRequests: number;
+  maxQueuedRequests: number;
+  /** How long a request for a model waits for a replica holding it (all full) before going to another. */
+  multiplexedModelWaitMs: number;
+}
+
 export class Router {
   readonly deployment: string;
   #maxOngoing: number;
   #maxQueued: number;
+  #modelWaitMs: number;
   readonly #hooks: RouterHooks;
   #replicas: RoutedReplica[] = [];
   readonly #waiting = new Deque<Waiting>();
   #waitingCount = 0;
   #closed: DeploymentError | undefined;
+  /** Wakes the queue when the first waiting request's model wait runs out; and when. */
+  #spillTimer: NodeJS.Timeout | undefined;
+  #spillAt = Infinity;
 
-  constructor(deployment: string, maxOngoing: number, maxQueued: number, hooks: RouterHooks = {}) {
+  constructor(deployment: string, limits: RouterLimits, hooks: RouterHooks = {}) {
     this.deployment = deployment;
-    this.#maxOngoing = maxOngoing;
-    this.#maxQueued = maxQueued;
+    this.#maxOngoing = limits.maxOngoingRequests;
+    this.#maxQueued = limits.maxQueuedRequests;
+    this.#modelWaitMs = limits.multiplexedModelWaitMs;
     this.#hooks = hooks;
   }
 
@@ -69,21 +87,31 @@ export class Router {
   }
 
   /** New limits (a deployment updated in place). */
-  configure(maxOngoing: number, maxQueued: number): void {
-    this.#maxOngoing = maxOngoing;
-    this.#maxQueued = maxQueued;
+  configure(limits: RouterLimits): void {
+    this.#maxOngoing = limits.maxOngoingRequests;
+    this.#maxQueued = limits.maxQueuedRequests;
+    this.#modelWaitMs = limits.multiplexedModelWaitMs;
     this.#pump();
   }
 
-  /** The replicas to send to now; this router's counts on those it knew are kept. */
-  setReplicas(handles: readonly ActorHandle<ServeReplica>[]): void {
+  /**
+   * The replicas to send to now, and (from the directory) the models some of them reported;
+   * this router's counts on those it knew are kept.
+   */
+  setReplicas(handles: readonly ActorHandle<ServeReplica>[], models: Record<string, readonly string[]> = {}): void {
     const known = new Map(this.#replicas.map((replica) => [replica.actorId, replica]));
     this.#replicas = handles.map((handle) => known.get(handle.actorId) ?? { actorId: handle.actorId, handle, ongoing: 0, models: new Map() });
+    for (const [actorId, modelIds] of Object.entries(models)) this.#report(actorId, modelIds);
     this.#pump();
   }
 
   /** What replica `actorId` reported holding: those, and what this router sent it lately. */
   setModels(actorId: string, modelIds: readonly string[]): void {
+    this.#report(actorId, modelIds);
+    this.#pump();
+  }
+
+  #report(actorId: string, modelIds: readonly string[]): void {
     const replica = this.#replicas.find((candidate) => candidate.actorId === actorId);
     if (!replica) return;
     const since = Date.now() - SENT_MODEL_MS;
@@ -100,6 +128,7 @@ export class Router {
   close(error: DeploymentError): void {
     this.#closed = error;
     this.#replicas = [];
+    this.#armSpill(Infinity);
     for (let waiting = this.#waiting.shift(); waiting; waiting = this.#waiting.shift()) this.#settle(waiting)?.reject(error);
   }
 
@@ -115,7 +144,7 @@ export class Router {
       return Promise.reject(new BackPressureError(this.deployment, `deployment ${this.deployment} is at capacity: ${this.#replicas.length} replica(s) each running ${this.#maxOngoing} request(s), and ${this.#waitingCount} waiting (maxQueuedRequests)`));
     }
     return new Promise<RoutedReplica>((resolve, reject) => {
-      const waiting: Waiting = { modelId, resolve, reject, done: false };
+      const waiting: Waiting = { modelId, since: Date.now(), resolve, reject, done: false };
       this.#waiting.push(waiting);
       this.#waitingCount++;
       if (signal) {
@@ -124,21 +153,26 @@ export class Router {
         else signal.addEventListener('abort', abort, { once: true });
       }
       if (this.#replicas.length === 0) this.#hooks.demand?.();
+      // Those ahead may be waiting for their models' holders only, with room elsewhere for this one.
+      this.#pump();
     });
   }
 
   /** A replica with room now, counted on it until `release()`; undefined where none has room or some wait. */
   tryAcquire(modelId = ''): RoutedReplica | undefined {
     if (this.#closed || this.#waitingCount > 0) return undefined;
-    return this.#take(modelId);
+    return this.#take(modelId, Date.now(), Date.now());
   }
 
-  /** The replica for a request now (counted on it), or undefined where none has room. */
-  #take(modelId: string): RoutedReplica | undefined {
-    const chosen = modelId ? this.#chooseForModel(modelId) : this.#choose(this.#replicas);
+  /**
+   * The replica for a request that arrived at `since` (counted on it), or undefined where none has
+   * room, or only replicas without its model do and its wait for the holders has not run out.
+   */
+  #take(modelId: string, since: number, now: number): RoutedReplica | undefined {
+    const chosen = modelId ? this.#chooseForModel(modelId, now - since >= this.#modelWaitMs) : this.#choose(this.#replicas);
     if (!chosen) return undefined;
     chosen.ongoing++;
-    if (modelId && !chosen.models.has(modelId)) chosen.models.set(modelId, Date.now());
+    if (modelId && !chosen.models.has(modelId)) chosen.models.set(modelId, now);
     return chosen;
   }
 
@@ -162,11 +196,13 @@ export class Router {
     return waiting;
   }
 
-  #chooseForModel(modelId: string): RoutedReplica | undefined {
+  #chooseForModel(modelId: string, mayLoad: boolean): RoutedReplica | undefined {
     const holding = this.#replicas.filter((replica) => replica.models.has(modelId));
-    const chosen = holding.length ? this.#choose(holding) : undefined;
-    if (chosen) return chosen;
-    // None holding it has room: the replica with room that holds fewest models loads it.
+    if (holding.length) {
+      const chosen = this.#choose(holding);
+      if (chosen || !mayLoad) return chosen;
+    }
+    // None holds it, or none holding it had room in time: the replica with room that holds fewest models loads it.
     let found: RoutedReplica | undefined;
     for (const replica of this.#replicas) {
       if (replica.ongoing >= this.#maxOngoing) continue;
@@ -194,20 +230,43 @@ export class Router {
     return found;
   }
 
+  /**
+   * Places waiting requests in arrival order. One that cannot go yet (its model's holders are
+   * full, and its wait has not run out) keeps its place without holding up those behind it; one
+   * that finds no replica with room at all ends the pass, as nothing after it would find one.
+   */
   #pump(): void {
-    while (this.#waitingCount > 0) {
-      const head = this.#waiting.peek();
-      if (head?.done) {
-        this.#waiting.shift();
+    while (this.#waiting.peek()?.done) this.#waiting.shift();
+    if (this.#waitingCount === 0) return this.#armSpill(Infinity);
+    const now = Date.now();
+    let nextSpill = Infinity;
+    for (const waiting of this.#waiting) {
+      if (waiting.done) continue;
+      const chosen = this.#take(waiting.modelId, waiting.since, now);
+      if (chosen) {
+        this.#settle(waiting)!.resolve(chosen);
         continue;
       }
-      if (!head) return;
-      const chosen = this.#take(head.modelId);
-      if (!chosen) return;
-      this.#waiting.shift();
-      this.#settle(head)!.resolve(chosen);
+      if (!waiting.modelId || !this.#replicas.some((replica) => replica.ongoing < this.#maxOngoing)) break;
+      nextSpill = Math.min(nextSpill, waiting.since + this.#modelWaitMs);
     }
-    // Settled entries left behind at the head are dropped as they surface.
+    // Settled entries at the head are dropped now; those further in, as they surface.
     while (this.#waiting.peek()?.done) this.#waiting.shift();
+    this.#armSpill(nextSpill);
+  }
+
+  /** Runs the queue again at `at` (ms since the epoch), when a waiting request may spill; Infinity: never. */
+  #armSpill(at: number): void {
+    if (at === this.#spillAt) return;
+    if (this.#spillTimer) clearTimeout(this.#spillTimer);
+    this.#spillTimer = undefined;
+    this.#spillAt = at;
+    if (at === Infinity) return;
+    this.#spillTimer = setTimeout(() => {
+      this.#spillTimer = undefined;
+      this.#spillAt = Infinity;
+      this.#pump();
+    }, Math.max(0, at - Date.now()));
+    this.#spillTimer.unref();
   }
 }

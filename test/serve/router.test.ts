@@ -11,10 +11,12 @@ import { closeRequest, inRequest, openRequest } from '../../lib/serve/multiplex.
 
 /** Stand-ins for replica handles: the router reads only their actor ids. */
 const replica = (actorId: string) => ({ actorId }) as never;
+/** A router's limits: requests per replica, requests waiting, and the wait for a model's holders. */
+const limits = (maxOngoingRequests: number, maxQueuedRequests: number, multiplexedModelWaitMs = 0) => ({ maxOngoingRequests, maxQueuedRequests, multiplexedModelWaitMs });
 
 describe('Router', () => {
   it('never puts more than maxOngoingRequests on a replica, and spreads by load', async () => {
-    const router = new Router('Model', 2, Infinity);
+    const router = new Router('Model', limits(2, Infinity));
     router.setReplicas([replica('a'), replica('b')]);
     const taken = await Promise.all([router.acquire(), router.acquire(), router.acquire(), router.acquire()]);
     const counts = new Map<string, number>();
@@ -33,7 +35,7 @@ describe('Router', () => {
   });
 
   it('refuses past maxQueuedRequests, and a cancelled wait leaves the queue', async () => {
-    const router = new Router('Model', 1, 1);
+    const router = new Router('Model', limits(1, 1));
     router.setReplicas([replica('a')]);
     const first = await router.acquire();
     const abort = new AbortController();
@@ -53,7 +55,7 @@ describe('Router', () => {
   it('waits for replicas to come, asks for them, and drops a dead one', async () => {
     let demanded = 0;
     const died: string[] = [];
-    const router = new Router('Model', 1, Infinity, { demand: () => demanded++, replicaDied: (id) => died.push(id) });
+    const router = new Router('Model', limits(1, Infinity), { demand: () => demanded++, replicaDied: (id: string) => died.push(id) });
     const waiting = router.acquire();
     expect(demanded).toBe(1);
     router.setReplicas([replica('a'), replica('b')]);
@@ -68,7 +70,7 @@ describe('Router', () => {
   });
 
   it('fails waiting and later requests once closed', async () => {
-    const router = new Router('Model', 1, Infinity);
+    const router = new Router('Model', limits(1, Infinity));
     const waiting = router.acquire();
     router.close(new DeploymentError('Model', 'application app was deleted'));
     await expect(waiting).rejects.toThrow(/application app was deleted/);
@@ -78,7 +80,7 @@ describe('Router', () => {
 
 describe('Router, multiplexed models', () => {
   it('sends a model to a replica holding it, spills to the one holding fewest when those are full, and waits in order', async () => {
-    const router = new Router('Model', 2, Infinity);
+    const router = new Router('Model', limits(2, Infinity));
     router.setReplicas([replica('a'), replica('b'), replica('c')]);
     router.setModels('a', ['x', 'y']);
     router.setModels('b', ['x']);
@@ -106,8 +108,38 @@ describe('Router, multiplexed models', () => {
     expect(seventh).toBe(first.actorId);
   });
 
+  it("waits for a model's holders while they are full, without holding up others, and spills once its wait runs out", async () => {
+    const router = new Router('Model', limits(1, Infinity, 60_000));
+    router.setReplicas([replica('a'), replica('b')]);
+    router.setModels('a', ['x']);
+    const first = router.tryAcquire('x')!;
+    expect(first.actorId).toBe('a');
+    // a is full; b has room but would have to load x: the next x waits for a.
+    let second: string | undefined;
+    const waiting = router.acquire(undefined, 'x').then((chosen) => (second = chosen.actorId));
+    // A request for y, held nowhere, goes to b at once behind it; so does one naming no model, once b is free.
+    const third = await router.acquire(undefined, 'y');
+    expect(third.actorId).toBe('b');
+    router.release(third);
+    const plain = await router.acquire();
+    expect(plain.actorId).toBe('b');
+    router.release(plain);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    expect(second).toBeUndefined();
+    expect(router.queued).toBe(1);
+    router.release(first);
+    await waiting;
+    expect(second).toBe('a');
+    // a is busy with the second; with a shorter wait, the next x goes to b once it runs out.
+    const fourth = router.acquire(undefined, 'x');
+    router.configure(limits(1, Infinity, 20));
+    expect((await fourth).actorId).toBe('b');
+    expect(router.modelsByReplica().get('b')).toEqual(['y', 'x']);
+    expect(router.queued).toBe(0);
+  });
+
   it('keeps what a replica reports, and what it was sent lately; a model held nowhere goes to the emptiest replica', () => {
-    const router = new Router('Model', 10, Infinity);
+    const router = new Router('Model', limits(10, Infinity));
     router.setReplicas([replica('a'), replica('b')]);
     router.setModels('a', ['x', 'y', 'z']);
     const chosen = router.tryAcquire('w')!;
@@ -243,7 +275,7 @@ describe('serve.batch', () => {
 describe('deployment options', () => {
   it('fills in the defaults', () => {
     const config = resolveDeploymentOptions('Model', {});
-    expect(config).toMatchObject({ name: 'Model', numReplicas: 1, maxOngoingRequests: 5, maxQueuedRequests: Infinity, actorOptions: { numCpus: 1 } });
+    expect(config).toMatchObject({ name: 'Model', numReplicas: 1, maxOngoingRequests: 5, maxQueuedRequests: Infinity, multiplexedModelWaitMs: 1_000, actorOptions: { numCpus: 1 } });
     const scaled = resolveDeploymentOptions('Model', { autoscaling: { minReplicas: 0, maxReplicas: 4 } });
     expect(scaled.autoscaling).toMatchObject({ minReplicas: 0, maxReplicas: 4, initialReplicas: 1, targetOngoingRequests: 2 });
     expect(scaled.numReplicas).toBe(1);
@@ -262,6 +294,7 @@ describe('deployment options', () => {
       [{ name: 'a b' }, /name must be 1 to 128 letters/],
       [{ requestModelId: 'model' }, /requestModelId must be a function of the HTTP request, got "model"/],
       [{ healthCheckPeriodMs: -5 }, /healthCheckPeriodMs must be a number of milliseconds from 0/],
+      [{ multiplexedModelWaitMs: '1s' }, /multiplexedModelWaitMs must be a number of milliseconds from 0, got "1s"/],
     ];
     for (const [options, message] of cases) expect(() => resolveDeploymentOptions('Model', options as never)).toThrow(message);
   });

@@ -6,7 +6,8 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BackPressureError, DeploymentError, InvalidArgumentError, NotInitializedError, get, init, metricsText, serve, shutdown } from '../../lib/index.js';
-import { AdderActor, BrokenActor, ConfiguredActor, DoublerActor, EchoActor, EventsActor, ModelZooActor, SleeperActor, greetFromTask } from './fixtures/apps.js';
+import { AdderActor, BrokenActor, ConfiguredActor, DoublerActor, EchoActor, EventsActor, ModelZooActor, SleeperActor, greetFromTask, predictFromTask } from './fixtures/apps.js';
+import { DeploymentHandleBase } from '../../lib/serve/handle.js';
 
 const light = { actorOptions: { numCpus: 0 } };
 let url = '';
@@ -147,6 +148,11 @@ describe('load, failures and updates', () => {
     // The header routes HTTP requests the same way.
     const byHeader = await (await fetch(`${url}/zoo/x`, { headers: { serve_multiplexed_model_id: 'm2' } })).json();
     expect(byHeader).toEqual({ model: 'm2', pid: second.pid, path: '/x' });
+    // A router in another process (a task's) learns what each replica holds from the directory,
+    // once the controller has read the replicas' reports: it sends each model where it is held.
+    const { directory } = DeploymentHandleBase.targetOf(zoo as never);
+    await until(async () => Object.keys((await get(directory.watch.remote('zoo/ModelZoo', -1, 0))).models).length === 2, "the replicas' models in the directory");
+    expect(await get(predictFromTask.remote(zoo, ['m2', 'm1', 'm2', 'm1']))).toEqual([second.pid, first.pid, second.pid, first.pid]);
     // A generator method reads its model at every step.
     const items: string[] = [];
     for await (const item of of('m3').tokens(3)) items.push(item);
