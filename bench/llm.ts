@@ -52,6 +52,8 @@
  *   `llm_ngram_copy_plain_tokens_per_s` the other end: the same decoder with its layers' outputs
  *   zeroed, whose greedy text repeats its last token, so every proposal is kept (the most
  *   speculation can give with 4 tokens: 5 per step).
+ * - `llm_beam_search_tokens_per_s` against `llm_beam_plain_tokens_per_s`: 4 prompts searched with
+ *   4 beams, against the same prompts sampled 4 times each to the same length, on one rank.
  * Generated tokens per second of wall time, prompt reading included.
  */
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -269,6 +271,33 @@ async function speculating(checkpoint: string, speculate = true): Promise<{ rate
   return { rate, accepted: stats.acceptedDraftTokens / Math.max(1, stats.draftTokens) };
 }
 
+/**
+ * Beam search on one rank: 4 of the prompts, 4 beams each, NEW_TOKENS tokens a beam (no stop
+ * tokens), in tokens a beam per second, against the same 4 prompts generating 4 seeded samples
+ * each of the same length (16 plain sequences): what steps as one-token requests cost, with
+ * the block tails each step reads again and the search's own work.
+ */
+async function beamSearchRates(checkpoint: string): Promise<{ beam: number; plain: number }> {
+  const width = 4;
+  const chosen = prompts.slice(0, 4);
+  await using model = await ModelReplica.create({ checkpoint, stopTokens: [] });
+  const search = () => Promise.all(chosen.map((tokens) => model.beamSearch({ tokens, beamWidth: width, maxNewTokens: NEW_TOKENS })));
+  const samples = chosen.flatMap((tokens) => Array.from({ length: width }, (_, seed) => ({ tokens, maxNewTokens: NEW_TOKENS, sampling: { temperature: 1, seed } })));
+  const times = { beam: [] as number[], plain: [] as number[] };
+  await search();
+  await model.generate(samples);
+  for (let round = 0; round < 3; round++) {
+    let start = nowNs();
+    await search();
+    times.beam.push(elapsedSeconds(start));
+    start = nowNs();
+    await model.generate(samples);
+    times.plain.push(elapsedSeconds(start));
+  }
+  const tokens = chosen.length * width * NEW_TOKENS;
+  return { beam: tokens / median(times.beam), plain: tokens / median(times.plain) };
+}
+
 /** Tokens per second of the 16 prompts on one rank, request i with adapter i mod 4. */
 async function withAdapters(checkpoint: string, directory: string): Promise<number> {
   const adapters = await writeAdapters(directory, 4, 16);
@@ -338,6 +367,7 @@ export const llmSuite: Suite = {
     ['8 experts of 1024, 2 per token / dense MLP of 2048, one rank', 'llm_moe_tokens_per_s', 'llm_dense_llama_tokens_per_s', ''],
     ['n-gram speculation, 4 tokens / plain decoding, one rank (proposals rarely kept)', 'llm_ngram_speculation_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
     ['n-gram speculation, 4 tokens / plain decoding, one rank (text that repeats: all kept)', 'llm_ngram_copy_tokens_per_s', 'llm_ngram_copy_plain_tokens_per_s', ''],
+    ['beam search, 4 prompts x 4 beams / 4 samples each, one rank', 'llm_beam_search_tokens_per_s', 'llm_beam_plain_tokens_per_s', ''],
     ['four LoRA adapters, rank 16 / base model, one rank', 'llm_lora_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
     ['guided by a regex / unguided, one rank', 'guided_regex_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
     ['guided by a grammar of nested braces / by a regex, one rank', 'guided_grammar_tokens_per_s', 'guided_regex_tokens_per_s', ''],
@@ -408,6 +438,9 @@ export const llmSuite: Suite = {
         const copying = await speculating(copyCheckpoint);
         results.llm_ngram_copy_tokens_per_s = { value: round(copying.rate, 1), unit: 'tokens/s' };
         results.llm_ngram_copy_accepted_fraction = { value: round(copying.accepted, 3), unit: 'fraction' };
+        const beams = await beamSearchRates(checkpoint);
+        results.llm_beam_search_tokens_per_s = { value: round(beams.beam, 1), unit: 'tokens/s' };
+        results.llm_beam_plain_tokens_per_s = { value: round(beams.plain, 1), unit: 'tokens/s' };
         results.llm_lora_tokens_per_s = { value: round(await withAdapters(checkpoint, join(directory, 'adapters')), 1), unit: 'tokens/s' };
         results.guided_regex_tokens_per_s = { value: round(await guided(checkpoint, (tokenizer) => TokenGuide.fromRegex(tokenizer, '[a-z ,.:"{}]*')), 1), unit: 'tokens/s' };
         results.guided_grammar_tokens_per_s = { value: round(await guided(checkpoint, (tokenizer) => TokenGuide.fromGrammar(tokenizer, NESTED_BRACES)), 1), unit: 'tokens/s' };

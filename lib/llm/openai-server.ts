@@ -20,6 +20,7 @@ import type { GuidedDecoding } from './guided/guided-decoding.js';
 import { ModelReplica, type GenerateRequest, type ModelReplicaOptions } from './replica.js';
 import type { SamplingParameters } from './sampling.js';
 import { Tokenizer } from './tokenizer.js';
+import type { BeamSearchResult } from './beam-search.js';
 
 export interface OpenAIAppOptions extends ModelReplicaOptions {
   /** The model's name in requests and answers (default: the checkpoint directory's name). */
@@ -192,7 +193,8 @@ export class OpenAIServer {
     if (request.method !== 'POST') throw new HttpError(request.method === 'GET' ? 404 : 405, `${request.method} ${request.path} is not served (POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models)`);
     const body = request.json<Record<string, unknown>>();
     if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new HttpError(400, 'the request body must be a JSON object');
-    if (body.n !== undefined && body.n !== 1) throw new HttpError(400, 'n must be 1: one choice per request');
+    if (body.use_beam_search !== undefined && typeof body.use_beam_search !== 'boolean') throw new HttpError(400, `use_beam_search must be a boolean, got ${JSON.stringify(body.use_beam_search)}`);
+    if (body.n !== undefined && body.n !== 1 && body.use_beam_search !== true) throw new HttpError(400, 'n must be 1: one choice per request, or the beams of a beam search (use_beam_search: true)');
     if (!['/v1/chat/completions', '/v1/completions', '/v1/embeddings'].includes(route)) {
       throw new HttpError(404, `${request.path} is not served (POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models)`);
     }
@@ -241,6 +243,19 @@ export class OpenAIServer {
     const tokens = this.#tokenizer!.encode(prompt, { addSpecialTokens: false });
     const id = requestId('chatcmpl');
     const created = now();
+    if (body.use_beam_search === true) {
+      if (body.response_format !== undefined && body.response_format !== null) throw new HttpError(400, 'use_beam_search does not take a response_format');
+      const searched = await this.#beamSearch(tokens, body, adapter);
+      yield new HttpResponse({
+        id,
+        object: 'chat.completion',
+        created,
+        model,
+        choices: searched.choices.map((choice, index) => ({ index, message: { role: 'assistant', content: choice.text }, finish_reason: choice.finishReason, logprobs: null })),
+        usage: searched.usage,
+      });
+      return;
+    }
     const head = { id, object: 'chat.completion.chunk', created, model };
     const pieces = this.#generate(tokens, body, guidedOf(body), adapter);
     if (body.stream === true) {
@@ -271,6 +286,18 @@ export class OpenAIServer {
     else throw new HttpError(400, 'prompt must be a string or a list of token ids (one prompt per request)');
     const id = requestId('cmpl');
     const created = now();
+    if (body.use_beam_search === true) {
+      const searched = await this.#beamSearch(tokens, body, adapter);
+      yield new HttpResponse({
+        id,
+        object: 'text_completion',
+        created,
+        model,
+        choices: searched.choices.map((choice, index) => ({ index, text: choice.text, finish_reason: choice.finishReason, logprobs: null })),
+        usage: searched.usage,
+      });
+      return;
+    }
     const pieces = this.#generate(tokens, body, undefined, adapter);
     if (body.stream === true) {
       const head = { id, object: 'text_completion', created, model };
@@ -305,6 +332,36 @@ export class OpenAIServer {
       data: embeddings.map((embedding, index) => ({ object: 'embedding', index, embedding: [...embedding.vector] })),
       usage: { prompt_tokens: promptTokens, total_tokens: promptTokens },
     };
+  }
+
+  /**
+   * A beam search (vLLM's use_beam_search, with `n` beams and `length_penalty`): each beam is a
+   * choice, best first. Answers come whole: no streaming, stop strings or sampling settings.
+   */
+  async #beamSearch(tokens: number[], body: Record<string, unknown>, adapter: string | undefined): Promise<{ choices: Array<{ text: string; finishReason: 'stop' | 'length' }>; usage: ReturnType<typeof usageOf> }> {
+    if (body.stream === true) throw new HttpError(400, 'use_beam_search answers whole: stream must be false');
+    if (stopStringsOf(body).length > 0) throw new HttpError(400, 'use_beam_search does not take stop strings');
+    if (Object.keys(samplingOf(body)).some((name) => name !== 'temperature') || (body.temperature ?? 0) !== 0) {
+      throw new HttpError(400, 'use_beam_search picks by log-probability alone: leave temperature at 0 and the other sampling fields out');
+    }
+    const beamWidth = field<number>(body, 'n', (value) => Number.isInteger(value) && (value as number) >= 1 && (value as number) <= 10, 'a whole number from 1 to 10 with use_beam_search') ?? 1;
+    const lengthPenalty = field<number>(body, 'length_penalty', isNumber, 'a number') ?? 1;
+    const replica = this.#replica!;
+    const tokenizer = this.#tokenizer!;
+    let searched: BeamSearchResult;
+    try {
+      searched = await replica.beamSearch({ tokens, beamWidth, lengthPenalty, maxNewTokens: this.#maxTokens(body), ...(adapter ? { adapter } : {}) });
+    } catch (error) {
+      if (error instanceof InvalidArgumentError) throw new HttpError(400, error.message);
+      throw error;
+    }
+    const choices = searched.beams.map((beam) => {
+      // The end-of-sequence token ends the answer; it is not part of its text.
+      const ids = beam.finishReason === 'stop' && replica.stopTokens.includes(beam.tokens.at(-1)!) ? beam.tokens.slice(0, -1) : beam.tokens;
+      return { text: tokenizer.decode(ids.filter((id) => id < tokenizer.vocabSize)), finishReason: beam.finishReason === 'stop' ? ('stop' as const) : ('length' as const) };
+    });
+    const completionTokens = searched.beams.reduce((sum, beam) => sum + beam.tokens.length, 0);
+    return { choices, usage: { prompt_tokens: searched.promptTokens, completion_tokens: completionTokens, total_tokens: searched.promptTokens + completionTokens } };
   }
 
   #guide(spec: GuidedDecoding): TokenGuide {

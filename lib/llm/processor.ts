@@ -18,6 +18,7 @@ import { checkGuidedDecoding, type GuidedDecoding } from './guided/guided-decodi
 import { TokenGuide, type TokenConstraint } from './guided/token-guide.js';
 import type { TokenMask } from './guided/token-mask.js';
 import { Tokenizer } from './tokenizer.js';
+import { checkBeamSearch, type BeamSearchOptions, type BeamSearchResult } from './beam-search.js';
 import { afterReasoning, reasoningMarkers, splitReasoning, type ReasoningMarkers, type ReasoningOptions } from './reasoning.js';
 
 /** Guides an engine keeps compiled (rows may each bring their own schema); each keeps at most 32 MiB of masks. */
@@ -148,6 +149,16 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
    * above 0; prefix caching reads the prompt's whole blocks once for all of them.
    */
   samplesPerPrompt?: number;
+  /**
+   * Beam search instead of sampling (vLLM's beam_search; `{ beamWidth: 4, lengthPenalty: 1 }`):
+   * each row gains `beams`, its beamWidth best continuations best first ({ tokens, logprob,
+   * score, finishReason }, and `text` for text prompts and conversations), and its
+   * generatedTokens, generatedText and finishReason are the best beam's. maxNewTokens, stopTokens,
+   * ignoreEos and adapters apply; sampling, guides, choices, stop strings, minNewTokens,
+   * logprobs and samplesPerPrompt do not (refused). Give prefixCacheTokens room for the batch's
+   * beams (see ModelReplica.beamSearch).
+   */
+  beamSearch?: BeamSearchOptions;
   /**
    * Times a replica is rebuilt after one of its ranks dies (default 2). Its batches in flight
    * then run again from their prompts on the new ranks; seeded sampling gives the same text.
@@ -385,6 +396,45 @@ export class LLMEngine {
     return rows.map((row, index) => ({ ...row, label: results[index].label, probabilities: results[index].probabilities, promptTokens: results[index].promptTokens }));
   }
 
+  /** Every row's search at once, so that all their beams share the replica's steps. */
+  async #beamSearch(rows: Row[], options: BeamSearchOptions): Promise<Row[]> {
+    const record = this.#options.rowErrors === 'record';
+    const requests = rows.map((row, index) => {
+      try {
+        const stopTokens = this.#options.ignoreEos ? { stopTokens: [] } : this.#stopTokensOf(row, index);
+        const maxNewTokens = (row.maxNewTokens as number | undefined) ?? this.#options.maxNewTokens;
+        return { tokens: this.#prompt(row, index), ...options, ...(maxNewTokens !== undefined ? { maxNewTokens } : {}), ...stopTokens, ...this.#adapterOf(row) };
+      } catch (error) {
+        if (!record) throw error;
+        return error as Error;
+      }
+    });
+    const outcomes = await this.#onReplica(async (replica) => {
+      await this.#registerAdapters(replica, rows);
+      const settled = await Promise.allSettled(requests.map((request) => (request instanceof Error ? Promise.reject(request) : replica.beamSearch(request))));
+      const failure = settled.find((outcome) => outcome.status === 'rejected' && (!record || LLMEngine.#isRankDeath(outcome.reason)));
+      if (failure) throw (failure as PromiseRejectedResult).reason;
+      return settled.map((outcome) => (outcome.status === 'fulfilled' ? outcome.value : (outcome.reason as Error)));
+    });
+    return outcomes.map((outcome: BeamSearchResult | Error, index): Row => {
+      if (outcome instanceof Error) {
+        const error = outcome as Error & { code?: string };
+        return { ...rows[index], generatedTokens: [], ...(this.#tokenizer ? { generatedText: '' } : {}), finishReason: 'error', promptTokens: 0, beams: [], error: `${error.code ?? error.name}: ${error.message}` };
+      }
+      const beams = outcome.beams.map((beam) => ({ ...beam, ...(this.#tokenizer ? { text: this.#textColumns(beam.tokens, undefined).generatedText } : {}) }));
+      const best = outcome.beams[0];
+      return {
+        ...rows[index],
+        generatedTokens: best.tokens,
+        ...(this.#tokenizer ? this.#textColumns(best.tokens, undefined) : {}),
+        finishReason: best.finishReason,
+        promptTokens: outcome.promptTokens,
+        beams,
+        ...(record ? { error: null } : {}),
+      };
+    });
+  }
+
   /** A rank's death, whether seen by a compiled graph here or by a call's result from the driver. */
   static #isRankDeath(error: unknown): error is Error {
     return error instanceof ActorDiedError || (error as { code?: string } | undefined)?.code === 'ERR_ACTOR_DIED';
@@ -442,6 +492,7 @@ export class LLMEngine {
     await this.ready;
     if (this.#options.task === 'embed') return this.#embed(rows);
     if (this.#options.task === 'classify') return this.#classify(rows);
+    if (this.#options.beamSearch) return this.#beamSearch(rows, this.#options.beamSearch);
     const samples = this.#options.samplesPerPrompt ?? 1;
     const record = this.#options.rowErrors === 'record';
     // Each row's requests (one per sample), or with rowErrors 'record' the error that keeps it from having any.
@@ -581,6 +632,13 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
     if (engine.pooling !== undefined && engine.pooling !== 'last' && engine.pooling !== 'mean') throw new InvalidArgumentError(`pooling must be 'last' or 'mean', got ${JSON.stringify(engine.pooling)}`);
   } else if (engine.pooling !== undefined || engine.normalize !== undefined) {
     throw new InvalidArgumentError("pooling and normalize apply to task 'embed'");
+  }
+  if (engine.beamSearch !== undefined) {
+    checkBeamSearch(engine.beamSearch);
+    if (engine.task !== undefined && engine.task !== 'generate') throw new InvalidArgumentError(`beamSearch generates: task '${engine.task}' does not`, 'ERR_BEAM_SEARCH');
+    if (engine.sampling !== undefined) throw new InvalidArgumentError('beamSearch picks by log-probability alone: drop sampling', 'ERR_BEAM_SEARCH');
+    const refused = (['guidedDecoding', 'choices', 'stop', 'minNewTokens', 'logprobs', 'topLogprobs', 'promptLogprobs', 'samplesPerPrompt', 'reasoning'] as const).filter((name) => engine[name] !== undefined);
+    if (refused.length > 0) throw new InvalidArgumentError(`beamSearch does not take ${refused.join(', ')}`, 'ERR_BEAM_SEARCH');
   }
   const steps = engine.stepsInFlight ?? engine.pipelineParallel ?? 1;
   const interleaved = batchesPerReplica ?? Math.max(2, 2 * steps);

@@ -32,6 +32,7 @@ import { CACHE_BLOCK_POSITIONS, ELEMENT_BYTES } from './device-kernels.js';
 import { TokenMask } from './guided/token-mask.js';
 import { readAdapter, type AdapterInfo } from './lora.js';
 import { checkSpeculation, proposeTokens, type Speculation, type SpeculationOptions } from './speculation.js';
+import { beamSearch, checkBeamSearch, type BeamSearchRequest, type BeamSearchResult } from './beam-search.js';
 
 export interface ModelReplicaOptions extends ParallelismOptions {
   /** A .safetensors file, a directory with model.safetensors or model.safetensors.index.json, or that index. */
@@ -635,6 +636,30 @@ export class ModelReplica {
     } catch (error) {
       return Promise.reject(error);
     }
+  }
+
+  /**
+   * Beam search (see beam-search.ts): the request's beamWidth likeliest continuations, best
+   * first. Its steps are one-token requests sharing the replica's steps with every other
+   * request, each beam's positions copied from its parent's by the prefix cache, so give
+   * prefixCacheTokens room for the beams of the searches that run at once (about beamWidth x
+   * their length each), or their steps read whole beams again.
+   */
+  async beamSearch(request: BeamSearchRequest): Promise<BeamSearchResult> {
+    const what = 'beamSearch';
+    const options = checkBeamSearch(request, what);
+    const prompt = this.#checkPrompt(request, what, false);
+    const maxNewTokens = positiveInteger(request.maxNewTokens, `${what}: maxNewTokens`, 16);
+    const stopTokens = request.stopTokens ?? this.#stopTokens;
+    if (!Array.isArray(stopTokens) || stopTokens.some((token) => !Number.isInteger(token))) throw new InvalidArgumentError(`${what}: stopTokens must be an array of token ids`, 'ERR_PROMPT');
+    this.#adapterOf(request.adapter, what);
+    const adapter = request.adapter === undefined ? {} : { adapter: request.adapter };
+    // Each step's requests generate one token (whichever: its stop tokens are none) for the top log-probabilities there.
+    const read = async (prefixes: Int32Array[], count: number) => {
+      const generations = await this.generate(prefixes.map((tokens) => ({ tokens, maxNewTokens: 1, stopTokens: [], topLogprobs: count, ...adapter })));
+      return generations.map((generation) => generation.topLogprobs![0]);
+    };
+    return beamSearch(read, prompt, { ...options, maxNewTokens, stopTokens: new Set(stopTokens), maxPositions: this.config.maxPositions });
   }
 
   /**

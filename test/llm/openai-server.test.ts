@@ -120,6 +120,31 @@ describe('buildOpenAIApp', () => {
     expect(stopped.choices[0].text).toBe(whole.choices[0].text.slice(0, whole.choices[0].text.indexOf(stop)));
   });
 
+  it('answers with the beams of a beam search as its choices (use_beam_search, n)', async () => {
+    const request = { prompt: 'Once upon', max_tokens: 8, use_beam_search: true, n: 3 };
+    const searched = (await (await post('/v1/completions', request)).json()) as { choices: Array<{ index: number; text: string; finish_reason: string }>; usage: Record<string, number> };
+    expect(searched.choices.map((choice) => choice.index)).toEqual([0, 1, 2]);
+    expect(new Set(searched.choices.map((choice) => choice.text)).size).toBe(3);
+    expect(searched.usage.prompt_tokens).toBe(9);
+    // One beam is greedy decoding; the same search gives the same beams.
+    const greedy = (await (await post('/v1/completions', { prompt: 'Once upon', max_tokens: 8, temperature: 0 })).json()) as typeof searched;
+    const single = (await (await post('/v1/completions', { ...request, n: 1 })).json()) as typeof searched;
+    expect(single.choices[0].text).toBe(greedy.choices[0].text);
+    expect(((await (await post('/v1/completions', request)).json()) as typeof searched).choices).toEqual(searched.choices);
+    const chat = (await (await post('/v1/chat/completions', { messages: [{ role: 'user', content: 'Say hi' }], max_tokens: 6, use_beam_search: true, n: 2 })).json()) as { choices: Array<{ message: { content: string } }> };
+    expect(chat.choices).toHaveLength(2);
+    for (const [body, message] of [
+      [{ ...request, stream: true }, /stream must be false/],
+      [{ ...request, temperature: 0.7 }, /leave temperature at 0/],
+      [{ ...request, n: 11 }, /n must be a whole number from 1 to 10/],
+      [{ ...request, stop: ['x'] }, /does not take stop strings/],
+    ] as const) {
+      const refused = await post('/v1/completions', body);
+      expect(refused.status).toBe(400);
+      expect(((await refused.json()) as { message: string }).message).toMatch(message);
+    }
+  });
+
   it('answers chats, streamed as deltas, and keeps to a JSON schema', async () => {
     const messages = [{ role: 'user', content: 'Say hi' }];
     const whole = (await (await post('/v1/chat/completions', { messages, max_tokens: 12, temperature: 0 })).json()) as { object: string; choices: Array<{ message: { role: string; content: string } }> };
