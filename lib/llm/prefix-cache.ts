@@ -5,10 +5,14 @@
  * holds starts from those positions (each rank's cache shares the blocks that hold them,
  * lib/llm/cache-blocks.ts), and the prompt is read from there on.
  *
- * Prompts are matched in whole blocks of `blockTokens`, through a hash of each block chained to
+ * Prompts are found in whole blocks of `blockTokens`, through a hash of each block chained to
  * the blocks before it, and the tokens are compared before a match is used, so a hash collision
- * costs a recomputation, never a wrong answer. Sources are the sequences running, and finished
- * ones kept for later prompts up to a budget of cached tokens (least recently used go first).
+ * costs a recomputation, never a wrong answer. Past the deepest whole block, the match goes on
+ * token by token through what the sources holding that block have cached (their prompts, then
+ * what they generated), the furthest taken: a beam's step starts from all of its parent's
+ * positions, a conversation's next turn from the last turn and its answer. Sources are the
+ * sequences running, and finished ones kept for later prompts up to a budget of cached tokens
+ * (least recently used go first).
  */
 
 /** What the cache needs to know of a sequence. */
@@ -19,11 +23,17 @@ export interface PrefixSequence {
   readonly namespace?: string;
   /** Positions the ranks' cache holds for it. */
   past: number;
+  /** Tokens generated after its prompt: those among its first `past` positions are cached too. */
+  readonly generated?: readonly number[];
 }
 
 export interface PrefixMatch<S extends PrefixSequence> {
   source: S;
-  /** Positions to copy: whole blocks, and always short of the whole prompt (its last token must be read for logits). */
+  /**
+   * Positions to copy: whole blocks found by their hashes, then as far as the source's cached
+   * tokens go on matching (its prompt, then what it generated), and always short of the whole
+   * prompt (its last token must be read for logits).
+   */
   length: number;
 }
 
@@ -55,6 +65,19 @@ function blockHashes(tokens: Int32Array, blockTokens: number, namespace = ''): s
 function samePrefix(a: Int32Array, b: Int32Array, length: number): boolean {
   for (let index = 0; index < length; index++) if (a[index] !== b[index]) return false;
   return true;
+}
+
+/**
+ * How far `prompt` matches what `source` has cached, from `from` (already matched) on: its
+ * prompt's tokens, then those it generated, up to its `past`, and short of the prompt's last.
+ */
+function matchedFrom(source: PrefixSequence, prompt: Int32Array, from: number): number {
+  const limit = Math.min(source.past, prompt.length - 1);
+  let at = from;
+  for (; at < limit && at < source.prompt.length; at++) if (source.prompt[at] !== prompt[at]) return at;
+  const generated = source.generated ?? [];
+  for (; at < limit && at - source.prompt.length < generated.length; at++) if (generated[at - source.prompt.length] !== prompt[at]) return at;
+  return at;
 }
 
 export class PrefixCache<S extends PrefixSequence> {
@@ -99,11 +122,19 @@ export class PrefixCache<S extends PrefixSequence> {
     for (let blocks = usable; blocks >= 1; blocks--) {
       const length = blocks * this.blockTokens;
       let reading = false;
+      let best: PrefixMatch<S> | undefined;
       for (const source of this.#index.get(hashes[blocks - 1]) ?? []) {
         if (source === sequence || !this.#holding.has(source.id) || source.namespace !== sequence.namespace || !samePrefix(source.prompt, sequence.prompt, length)) continue;
-        if (source.past >= length) return { kind: 'match', match: { source, length } };
-        reading = true;
+        if (source.past < length) {
+          reading = true;
+          continue;
+        }
+        // Past the whole blocks, the source that goes on matching furthest: a beam's parent, whose
+        // prompt is the beam less its last token, or a conversation's earlier turn and its answer.
+        const reach = matchedFrom(source, sequence.prompt, length);
+        if (!best || reach > best.length) best = { source, length: reach };
       }
+      if (best) return { kind: 'match', match: best };
       if (reading) return { kind: 'wait' };
     }
     return undefined;

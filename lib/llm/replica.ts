@@ -92,9 +92,10 @@ export interface ModelReplicaOptions extends ParallelismOptions {
   kvCacheDtype?: CacheDType | 'auto';
   /**
    * Prompts that begin with the same tokens (a system prompt, few-shot examples) read that
-   * beginning once: a new sequence starts from (shares the cache blocks of) another's cached positions, in whole
-   * blocks of prefixBlockTokens, and prompts that arrive together wait a step for the first of
-   * them to read it (default true). Sequences with repetition, presence or frequency penalties
+   * beginning once: a new sequence starts from (shares the cache blocks of) another's cached
+   * positions, found in whole blocks of prefixBlockTokens and followed token by token past them
+   * (a prompt that extends an earlier prompt and its answer reads only what is new), and prompts
+   * that arrive together wait a step for the first of them to read it (default true). Sequences with repetition, presence or frequency penalties
    * read their whole prompt.
    */
   prefixCaching?: boolean;

@@ -129,7 +129,8 @@ describe('LoRA adapters', () => {
     const [adapted] = await replica.generate([{ tokens: prompt, maxNewTokens: 4, adapter: 'one' }]);
     expect(replica.stats().reusedPromptTokens).toBe(0);
     const [again] = await replica.generate([{ tokens: prompt, maxNewTokens: 4, adapter: 'one' }]);
-    expect(replica.stats().reusedPromptTokens).toBe(32);
+    // All but the last of the 40 tokens, from the same prompt's run under the same adapter.
+    expect(replica.stats().reusedPromptTokens).toBe(39);
     expect(base.tokens).toEqual(referenceGenerate(llama, llamaWeights, prompt.slice(0, 40), 4));
     expect(adapted.tokens).toEqual(referenceGenerate(llama, oneWeights, prompt, 4));
     expect(again.tokens).toEqual(adapted.tokens);

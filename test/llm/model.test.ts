@@ -557,23 +557,24 @@ describe('model sharding', () => {
     {
       await using replica = await ModelReplica.create({ checkpoint: path, tensorParallel: 2, pipelineParallel: 2, prefixBlockTokens: 4 });
       expect((await replica.generate(requests)).map((generation) => generation.tokens)).toEqual(wanted);
-      // The first prompt reads the 12 shared tokens; the others wait a step, then copy 12 (the last, 8).
-      expect(replica.stats()).toMatchObject({ reusedPromptTokens: 4 * 12 + 8, promptTokens: prompts.flat().length });
-      // Later prompts start from finished sequences' kept caches.
+      // The first prompt reads the 12 shared tokens; the others wait a step, then copy 12 (the last,
+      // the shared part alone, 11: all but the token it must read).
+      expect(replica.stats()).toMatchObject({ reusedPromptTokens: 4 * 12 + 11, promptTokens: prompts.flat().length });
+      // Later prompts start from finished sequences' kept caches, each from its own earlier run: all but its last token.
       expect((await replica.generate(requests.slice(0, 2))).map((generation) => generation.tokens)).toEqual(wanted.slice(0, 2));
-      expect(replica.stats().reusedPromptTokens).toBe(4 * 12 + 8 + 2 * 12);
+      expect(replica.stats().reusedPromptTokens).toBe(4 * 12 + 11 + 12 + 13);
       expect(replica.stats().retainedSequences).toBeGreaterThan(0);
       // Penalized sampling needs the whole prompt's tokens on the last stage: it reads them all.
       const [penalized] = await replica.generate([{ tokens: prompts[0], maxNewTokens: 3, sampling: { repetitionPenalty: 1.01 } }]);
       expect(penalized.tokens).toHaveLength(3);
-      expect(replica.stats().reusedPromptTokens).toBe(4 * 12 + 8 + 2 * 12);
+      expect(replica.stats().reusedPromptTokens).toBe(4 * 12 + 11 + 12 + 13);
     }
     {
       // Keeping no finished caches: sharing among prompts running together only.
       await using replica = await ModelReplica.create({ checkpoint: path, prefixBlockTokens: 4, prefixCacheTokens: 0 });
       expect((await replica.generate(requests)).map((generation) => generation.tokens)).toEqual(wanted);
       const reused = replica.stats().reusedPromptTokens;
-      expect(reused).toBe(4 * 12 + 8);
+      expect(reused).toBe(4 * 12 + 11);
       await replica.generate(requests.slice(0, 1));
       expect(replica.stats()).toMatchObject({ reusedPromptTokens: reused, retainedSequences: 0 });
     }

@@ -6,18 +6,30 @@ const sequence = (tokens: number[], past = 0): PrefixSequence => ({ id: nextId++
 const range = (from: number, count: number) => Array.from({ length: count }, (_, index) => from + index);
 
 describe('prefix cache', () => {
-  it('matches whole blocks, longest first, never the whole prompt, and checks the tokens', () => {
+  it('finds whole blocks, longest first, goes on token by token, never takes the whole prompt, and checks the tokens', () => {
     const cache = new PrefixCache<PrefixSequence>(4, 100);
     const first = sequence(range(0, 10));
     expect(cache.admit(first)).toBeUndefined();
     first.past = 10;
-    // 9 shared tokens: two whole blocks.
-    expect(cache.admit(sequence([...range(0, 9), 99]))).toMatchObject({ kind: 'match', match: { source: first, length: 8 } });
-    // The same 8 tokens as a whole prompt: one block only, so its last token is read.
-    expect(cache.admit(sequence(range(0, 8)))).toMatchObject({ kind: 'match', match: { length: 4 } });
+    // 9 shared tokens: two whole blocks found, then the 9th matched.
+    expect(cache.admit(sequence([...range(0, 9), 99]))).toMatchObject({ kind: 'match', match: { source: first, length: 9 } });
+    // The same 8 tokens as a whole prompt: its last token is read.
+    expect(cache.admit(sequence(range(0, 8)))).toMatchObject({ kind: 'match', match: { length: 7 } });
     // Other tokens: no match.
     expect(cache.admit(sequence(range(1, 10)))).toBeUndefined();
-    expect(cache.reusedTokens).toBe(12);
+    expect(cache.reusedTokens).toBe(16);
+  });
+
+  it("takes the source that matches furthest, through what it generated (a beam's parent, a conversation's last answer)", () => {
+    const cache = new PrefixCache<PrefixSequence>(4, 100);
+    const sibling = { ...sequence(range(0, 6), 6) };
+    const parent = { ...sequence([...range(0, 5), 42], 6) };
+    const answered = { ...sequence(range(0, 4), 7), generated: [50, 51, 52, 53] };
+    for (const source of [sibling, parent, answered]) cache.admit(source);
+    // The beam [0..4, 42, 7]: all three hold the first block; the parent holds all but its last token.
+    expect(cache.admit(sequence([...range(0, 5), 42, 7]))).toMatchObject({ kind: 'match', match: { source: parent, length: 6 } });
+    // The next turn of a conversation: the earlier prompt, its answer as read (7 positions), then more.
+    expect(cache.admit(sequence([...range(0, 4), 50, 51, 52, 53, 60]))).toMatchObject({ kind: 'match', match: { source: answered, length: 7 } });
   });
 
   it('says wait while a running sequence is still reading the prefix', () => {
