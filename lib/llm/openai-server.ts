@@ -52,6 +52,28 @@ interface Completion {
   finishReason: 'stop' | 'length';
 }
 
+/** A generated token as an answer's logprobs report it: its log-probability, and the likeliest alternatives there. */
+interface TokenLogprob {
+  token: number;
+  logprob: number;
+  top: Array<{ token: number; logprob: number }>;
+}
+
+/** A piece of an answer's text as it is streamed, with the tokens that completed it (when logprobs are asked). */
+interface Piece {
+  text: string;
+  logprobs: TokenLogprob[];
+}
+
+/** What a request asks of its choices: how many, and the alternatives reported per token (undefined: no logprobs). */
+interface ChoiceOptions {
+  n: number;
+  topLogprobs: number | undefined;
+}
+
+/** The most choices one request may ask for (n). */
+const MOST_CHOICES = 16;
+
 const encoder = new TextEncoder();
 const now = () => Math.floor(Date.now() / 1000);
 let counter = 0;
@@ -194,7 +216,6 @@ export class OpenAIServer {
     const body = request.json<Record<string, unknown>>();
     if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new HttpError(400, 'the request body must be a JSON object');
     if (body.use_beam_search !== undefined && typeof body.use_beam_search !== 'boolean') throw new HttpError(400, `use_beam_search must be a boolean, got ${JSON.stringify(body.use_beam_search)}`);
-    if (body.n !== undefined && body.n !== 1 && body.use_beam_search !== true) throw new HttpError(400, 'n must be 1: one choice per request, or the beams of a beam search (use_beam_search: true)');
     if (!['/v1/chat/completions', '/v1/completions', '/v1/embeddings'].includes(route)) {
       throw new HttpError(404, `${request.path} is not served (POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models)`);
     }
@@ -257,24 +278,27 @@ export class OpenAIServer {
       return;
     }
     const head = { id, object: 'chat.completion.chunk', created, model };
-    const pieces = this.#generate(tokens, body, guidedOf(body), adapter);
+    const options = chatChoices(body);
+    const guided = guidedOf(body);
+    const answers = Array.from({ length: options.n }, (_, index) => this.#generate(tokens, body, guided, adapter, options, index));
+    const logprobs = (entries: TokenLogprob[]) => (options.topLogprobs === undefined ? null : { content: entries.map((entry) => this.#chatLogprob(entry)) });
     if (body.stream === true) {
       yield* eventStream(
-        pieces,
-        (content) => ({ ...head, choices: [{ index: 0, delta: { content }, finish_reason: null }] }),
-        (result) => ({ ...head, choices: [{ index: 0, delta: {}, finish_reason: result.finishReason }], usage: usageOf(result) }),
-        { ...head, choices: [{ index: 0, delta: { role: 'assistant', content: '' }, finish_reason: null }] },
+        answers,
+        (index, piece) => ({ ...head, choices: [{ index, delta: { content: piece.text }, finish_reason: null, ...(options.topLogprobs === undefined ? {} : { logprobs: logprobs(piece.logprobs) }) }] }),
+        (index, result, usage) => ({ ...head, choices: [{ index, delta: {}, finish_reason: result.finishReason }], ...(usage ? { usage } : {}) }),
+        (index) => ({ ...head, choices: [{ index, delta: { role: 'assistant', content: '' }, finish_reason: null }] }),
       );
       return;
     }
-    const result = await drain(pieces);
+    const results = await drainAll(answers);
     yield new HttpResponse({
       id,
       object: 'chat.completion',
       created,
       model,
-      choices: [{ index: 0, message: { role: 'assistant', content: result.text }, finish_reason: result.finishReason, logprobs: null }],
-      usage: usageOf(result),
+      choices: results.map((result, index) => ({ index, message: { role: 'assistant', content: result.text }, finish_reason: result.finishReason, logprobs: logprobs(result.logprobs ?? []) })),
+      usage: usageOfAll(results),
     });
   }
 
@@ -298,25 +322,72 @@ export class OpenAIServer {
       });
       return;
     }
-    const pieces = this.#generate(tokens, body, undefined, adapter);
+    const options = completionChoices(body);
+    const answers = Array.from({ length: options.n }, (_, index) => this.#generate(tokens, body, undefined, adapter, options, index));
     if (body.stream === true) {
       const head = { id, object: 'text_completion', created, model };
+      // Text offsets of a streamed choice run on from its earlier pieces.
+      const offsets = new Array<number>(options.n).fill(0);
       yield* eventStream(
-        pieces,
-        (text) => ({ ...head, choices: [{ index: 0, text, finish_reason: null, logprobs: null }] }),
-        (result) => ({ ...head, choices: [{ index: 0, text: '', finish_reason: result.finishReason, logprobs: null }], usage: usageOf(result) }),
+        answers,
+        (index, piece) => {
+          const logprobs = this.#completionLogprobs(piece.logprobs, options.topLogprobs, offsets[index]);
+          offsets[index] += piece.text.length;
+          return { ...head, choices: [{ index, text: piece.text, finish_reason: null, logprobs }] };
+        },
+        (index, result, usage) => ({ ...head, choices: [{ index, text: '', finish_reason: result.finishReason, logprobs: null }], ...(usage ? { usage } : {}) }),
       );
       return;
     }
-    const result = await drain(pieces);
+    const results = await drainAll(answers);
     yield new HttpResponse({
       id,
       object: 'text_completion',
       created,
       model,
-      choices: [{ index: 0, text: result.text, finish_reason: result.finishReason, logprobs: null }],
-      usage: usageOf(result),
+      choices: results.map((result, index) => ({ index, text: result.text, finish_reason: result.finishReason, logprobs: this.#completionLogprobs(result.logprobs, options.topLogprobs, 0) })),
+      usage: usageOfAll(results),
     });
+  }
+
+  /** A token's text as logprobs name it: its bytes read as UTF-8 (a piece of a character shows as U+FFFD), or a special token's content. */
+  #tokenText(token: number): { text: string; bytes: number[] } {
+    const tokenizer = this.#tokenizer!;
+    const bytes = token < tokenizer.vocabSize ? tokenizer.tokenBytes(token) : undefined;
+    if (bytes) return { text: new TextDecoder().decode(bytes), bytes: [...bytes] };
+    const text = token < tokenizer.vocabSize ? tokenizer.decode([token]) : '';
+    return { text, bytes: [...encoder.encode(text)] };
+  }
+
+  /** A chat answer's logprobs entry for one token (OpenAI's chat shape). */
+  #chatLogprob(entry: TokenLogprob): unknown {
+    const { text, bytes } = this.#tokenText(entry.token);
+    return {
+      token: text,
+      logprob: entry.logprob,
+      bytes,
+      top_logprobs: entry.top.map((alternative) => {
+        const named = this.#tokenText(alternative.token);
+        return { token: named.text, logprob: alternative.logprob, bytes: named.bytes };
+      }),
+    };
+  }
+
+  /** A completion's logprobs (OpenAI's legacy shape), its text offsets counted from `offset`; null where none were asked. */
+  #completionLogprobs(entries: TokenLogprob[] | undefined, topLogprobs: number | undefined, offset: number): unknown {
+    if (topLogprobs === undefined || !entries) return null;
+    const texts = entries.map((entry) => this.#tokenText(entry.token).text);
+    const textOffset: number[] = [];
+    for (const text of texts) {
+      textOffset.push(offset);
+      offset += text.length;
+    }
+    return {
+      tokens: texts,
+      token_logprobs: entries.map((entry) => entry.logprob),
+      top_logprobs: entries.map((entry) => (topLogprobs === 0 ? null : Object.fromEntries(entry.top.map((alternative) => [this.#tokenText(alternative.token).text, alternative.logprob])))),
+      text_offset: textOffset,
+    };
   }
 
   async #embed(body: Record<string, unknown>, model: string, adapter: string | undefined): Promise<unknown> {
@@ -338,7 +409,7 @@ export class OpenAIServer {
    * A beam search (vLLM's use_beam_search, with `n` beams and `length_penalty`): each beam is a
    * choice, best first. Answers come whole: no streaming, stop strings or sampling settings.
    */
-  async #beamSearch(tokens: number[], body: Record<string, unknown>, adapter: string | undefined): Promise<{ choices: Array<{ text: string; finishReason: 'stop' | 'length' }>; usage: ReturnType<typeof usageOf> }> {
+  async #beamSearch(tokens: number[], body: Record<string, unknown>, adapter: string | undefined): Promise<{ choices: Array<{ text: string; finishReason: 'stop' | 'length' }>; usage: Usage }> {
     if (body.stream === true) throw new HttpError(400, 'use_beam_search answers whole: stream must be false');
     if (stopStringsOf(body).length > 0) throw new HttpError(400, 'use_beam_search does not take stop strings');
     if (Object.keys(samplingOf(body)).some((name) => name !== 'temperature') || (body.temperature ?? 0) !== 0) {
@@ -383,16 +454,20 @@ export class OpenAIServer {
    * Generates from `tokens`, yielding the text as it grows (a piece is held back while it ends
    * inside a character, or could be the start of a stop string), and returns the whole.
    */
-  async *#generate(tokens: number[], body: Record<string, unknown>, guided: GuidedDecoding | undefined, adapter: string | undefined): AsyncGenerator<string, Completion, undefined> {
+  async *#generate(tokens: number[], body: Record<string, unknown>, guided: GuidedDecoding | undefined, adapter: string | undefined, options: ChoiceOptions, choice: number): AsyncGenerator<Piece, Completion & { logprobs?: TokenLogprob[] }, undefined> {
     const tokenizer = this.#tokenizer!;
     const replica = this.#replica!;
     const stops = stopStringsOf(body);
     const maxNewTokens = this.#maxTokens(body);
     const text = (ids: readonly number[]) => tokenizer.decode(ids.filter((id) => id < tokenizer.vocabSize));
+    const sampling = samplingOf(body);
     const request: GenerateRequest = {
       tokens,
       maxNewTokens,
-      sampling: samplingOf(body),
+      // Choice i draws with the request's seed plus i: the first is the answer n = 1 would give.
+      sampling: choice > 0 ? { ...sampling, seed: (sampling.seed ?? 0) + choice } : sampling,
+      ...(options.topLogprobs !== undefined ? { logprobs: true } : {}),
+      ...(options.topLogprobs ? { topLogprobs: options.topLogprobs } : {}),
       ...(adapter ? { adapter } : {}),
       ...(stops.length > 0 ? { stop: (generated) => stops.some((stop) => text(generated.slice(-4 * stop.length - 4)).includes(stop)) } : {}),
       ...(guided ? { constraint: this.#guide(guided).constraint(replica.stopTokens) } : {}),
@@ -403,12 +478,22 @@ export class OpenAIServer {
     let sent = 0;
     let finish: 'stop' | 'length' = 'length';
     let whole = '';
+    // Tokens whose text has not gone out yet: they go with the piece that carries it.
+    let pending: TokenLogprob[] = [];
+    const reported: TokenLogprob[] = [];
+    const emit = (piece: string): Piece => {
+      const logprobs = pending;
+      pending = [];
+      reported.push(...logprobs);
+      return { text: piece, logprobs };
+    };
     for await (const step of replica.stream(request)) {
       count++;
       if (step.finishReason) finish = step.finishReason === 'stop' ? 'stop' : 'length';
       // The end-of-sequence token ends the answer; it is not part of its text.
       if (step.finishReason === 'stop' && replica.stopTokens.includes(step.token)) continue;
       generated.push(step.token);
+      if (step.logprob !== undefined) pending.push({ token: step.token, logprob: step.logprob, top: step.topLogprobs ?? [] });
       whole = decoded.update(generated);
       let end = whole.length;
       // A stop string's start may be at the end: hold it back until it is known not to be one.
@@ -421,21 +506,24 @@ export class OpenAIServer {
         }
       }
       if (end > sent) {
-        yield whole.slice(sent, end);
+        yield emit(whole.slice(sent, end));
         sent = end;
       }
     }
     // The stop string itself and what follows it are not part of the answer (as OpenAI's).
     let answer = decoded.update(generated, true);
+    let cut = false;
     for (const stop of stops) {
       const at = answer.indexOf(stop);
       if (at >= 0) {
         answer = answer.slice(0, at);
         finish = 'stop';
+        cut = true;
       }
     }
-    if (answer.length > sent) yield answer.slice(sent);
-    return { text: answer, tokens: count, promptTokens: tokens.length, finishReason: finish };
+    // Tokens held back that spelled only a stop string are not reported; the rest go with the last piece.
+    if (answer.length > sent || (!cut && pending.length > 0)) yield emit(answer.slice(sent));
+    return { text: answer, tokens: count, promptTokens: tokens.length, finishReason: finish, ...(options.topLogprobs !== undefined ? { logprobs: reported } : {}) };
   }
 }
 
@@ -469,38 +557,82 @@ export class IncrementalText {
   }
 }
 
-function usageOf(result: Completion): { prompt_tokens: number; completion_tokens: number; total_tokens: number } {
-  return { prompt_tokens: result.promptTokens, completion_tokens: result.tokens, total_tokens: result.promptTokens + result.tokens };
+type Usage = { prompt_tokens: number; completion_tokens: number; total_tokens: number };
+
+/** The usage of a request's choices: the prompt once, every choice's tokens. */
+function usageOfAll(results: Completion[]): Usage {
+  const completion = results.reduce((sum, result) => sum + result.tokens, 0);
+  return { prompt_tokens: results[0].promptTokens, completion_tokens: completion, total_tokens: results[0].promptTokens + completion };
 }
 
 /**
- * A generation streamed as OpenAI streams it: the event-stream head, `first` if given, an event
- * per piece of text, the last event (finish reason and usage), then [DONE].
+ * A request's choices streamed as OpenAI streams them: the event-stream head, `first` of each
+ * choice if given, an event per piece of text as any choice makes one, an event as each ends
+ * (with the usage of all on the last), then [DONE]. Where one fails, the others are stopped.
  */
 async function* eventStream(
-  pieces: AsyncGenerator<string, Completion, undefined>,
-  piece: (text: string) => unknown,
-  last: (result: Completion) => unknown,
-  first?: unknown,
+  answers: Array<AsyncGenerator<Piece, Completion, undefined>>,
+  piece: (index: number, piece: Piece) => unknown,
+  last: (index: number, result: Completion, usage: Usage | undefined) => unknown,
+  first?: (index: number) => unknown,
 ): AsyncGenerator<unknown, void, undefined> {
   yield new HttpResponse(undefined, { headers: { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' } });
-  if (first !== undefined) yield event(first);
-  for (;;) {
-    const step = await pieces.next();
-    if (step.done) {
-      yield event(last(step.value));
-      break;
+  if (first) for (let index = 0; index < answers.length; index++) yield event(first(index));
+  const advance = (index: number) => answers[index].next().then((step) => ({ index, step }));
+  const running = new Map(answers.map((_, index) => [index, advance(index)]));
+  const results: Completion[] = [];
+  try {
+    while (running.size > 0) {
+      const { index, step } = await Promise.race(running.values());
+      if (step.done) {
+        running.delete(index);
+        results[index] = step.value;
+        yield event(last(index, step.value, running.size === 0 ? usageOfAll(results) : undefined));
+      } else {
+        running.set(index, advance(index));
+        yield event(piece(index, step.value));
+      }
     }
-    yield event(piece(step.value));
+  } finally {
+    // A failed choice, or a client gone: the others' sequences end at their next token.
+    await Promise.allSettled([...running.keys()].map((index) => answers[index].return(undefined as never)));
   }
   yield event('[DONE]');
 }
 
-async function drain(pieces: AsyncGenerator<string, Completion, undefined>): Promise<Completion> {
+async function drain<T>(pieces: AsyncGenerator<Piece, T, undefined>): Promise<T> {
   for (;;) {
     const step = await pieces.next();
     if (step.done) return step.value;
   }
+}
+
+/** Every choice whole, generated at once (they share the replica's steps). */
+async function drainAll<T>(answers: Array<AsyncGenerator<Piece, T, undefined>>): Promise<T[]> {
+  try {
+    return await Promise.all(answers.map((answer) => drain(answer)));
+  } catch (error) {
+    await Promise.allSettled(answers.map((answer) => answer.return(undefined as never)));
+    throw error;
+  }
+}
+
+/** A chat request's n, logprobs and top_logprobs (OpenAI's chat fields). */
+function chatChoices(body: Record<string, unknown>): ChoiceOptions {
+  const logprobs = field<boolean>(body, 'logprobs', (value) => typeof value === 'boolean', 'a boolean') ?? false;
+  const top = field<number>(body, 'top_logprobs', (value) => Number.isInteger(value) && (value as number) >= 0 && (value as number) <= 20, 'a whole number from 0 to 20');
+  if (top !== undefined && !logprobs) throw new HttpError(400, 'top_logprobs needs logprobs: true');
+  return { n: choiceCount(body), topLogprobs: logprobs ? (top ?? 0) : undefined };
+}
+
+/** A completion request's n and logprobs (the legacy field: how many alternatives per token, 0 to 20). */
+function completionChoices(body: Record<string, unknown>): ChoiceOptions {
+  const top = field<number>(body, 'logprobs', (value) => Number.isInteger(value) && (value as number) >= 0 && (value as number) <= 20, 'a whole number from 0 to 20');
+  return { n: choiceCount(body), topLogprobs: top };
+}
+
+function choiceCount(body: Record<string, unknown>): number {
+  return field<number>(body, 'n', (value) => Number.isInteger(value) && (value as number) >= 1 && (value as number) <= MOST_CHOICES, `a whole number from 1 to ${MOST_CHOICES}`) ?? 1;
 }
 
 export const OpenAIServerActor = remote(import.meta, OpenAIServer);

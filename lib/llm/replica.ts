@@ -203,6 +203,8 @@ export interface GeneratedToken {
   index: number;
   /** With `logprobs: true`: its log-probability, as Generation.logprobs has it. */
   logprob?: number;
+  /** With `topLogprobs: k`: the k most likely tokens at its place, as Generation.topLogprobs has them. */
+  topLogprobs?: Array<{ token: number; logprob: number }>;
   /** On the last token only: why the generation ended. */
   finishReason?: Generation['finishReason'];
 }
@@ -676,7 +678,8 @@ export class ModelReplica {
     let wake: (() => void) | undefined;
     let outcome: { error?: Error } | undefined;
     const [started] = this.#startGenerating([request], (token, logprob, finishReason) => {
-      tokens.push({ token, index: started.sequence.generated.length - 1, ...(logprob !== undefined ? { logprob } : {}), ...(finishReason ? { finishReason } : {}) });
+      const top = started.sequence.top?.list.at(-1);
+      tokens.push({ token, index: started.sequence.generated.length - 1, ...(logprob !== undefined ? { logprob } : {}), ...(top ? { topLogprobs: top } : {}), ...(finishReason ? { finishReason } : {}) });
       wake?.();
     });
     started.done.then(

@@ -120,6 +120,61 @@ describe('buildOpenAIApp', () => {
     expect(stopped.choices[0].text).toBe(whole.choices[0].text.slice(0, whole.choices[0].text.indexOf(stop)));
   });
 
+  it('gives n choices, each drawn with the seed plus its index, whole or streamed side by side', async () => {
+    type Choices = { choices: Array<{ index: number; text: string; finish_reason: string }>; usage: Record<string, number> };
+    const request = { prompt: 'Once upon', max_tokens: 10, temperature: 0.9, seed: 5 };
+    const three = (await (await post('/v1/completions', { ...request, n: 3 })).json()) as Choices;
+    expect(three.choices.map((choice) => choice.index)).toEqual([0, 1, 2]);
+    let generated = 0;
+    for (const index of [0, 1, 2]) {
+      const alone = (await (await post('/v1/completions', { ...request, seed: 5 + index })).json()) as Choices;
+      expect(three.choices[index].text).toBe(alone.choices[0].text);
+      generated += alone.usage.completion_tokens;
+    }
+    expect(new Set(three.choices.map((choice) => choice.text)).size).toBeGreaterThan(1);
+    // The prompt counted once, every choice's tokens.
+    expect(three.usage).toEqual({ prompt_tokens: 9, completion_tokens: generated, total_tokens: 9 + generated });
+    // Streamed: chunks of both choices, each choice's text as the whole answer has it, the usage once at the end.
+    const messages = [{ role: 'user', content: 'Say hi' }];
+    const chat = { messages, max_tokens: 8, temperature: 0.9, seed: 3, n: 2 };
+    const whole = (await (await post('/v1/chat/completions', chat)).json()) as { choices: Array<{ message: { content: string } }>; usage: Record<string, number> };
+    const chunks = (await events(await post('/v1/chat/completions', { ...chat, stream: true }))).slice(0, -1) as Array<{ choices: Array<{ index: number; delta: { content?: string } }>; usage?: Record<string, number> }>;
+    const streamed = ['', ''];
+    for (const chunk of chunks) streamed[chunk.choices[0].index] += chunk.choices[0].delta.content ?? '';
+    expect(streamed).toEqual(whole.choices.map((choice) => choice.message.content));
+    expect(chunks.filter((chunk) => chunk.usage)).toEqual([expect.objectContaining({ usage: whole.usage })]);
+    expect(chunks.at(-1)!.usage).toEqual(whole.usage);
+  });
+
+  it("reports each token's log-probability and the likeliest alternatives, in chat's shape and the completions' legacy one", async () => {
+    type Legacy = { tokens: string[]; token_logprobs: number[]; top_logprobs: Array<Record<string, number>>; text_offset: number[] };
+    const completion = (await (await post('/v1/completions', { prompt: 'Once upon', max_tokens: 8, temperature: 0, logprobs: 2 })).json()) as { choices: Array<{ text: string; logprobs: Legacy }> };
+    const { logprobs } = completion.choices[0];
+    expect(logprobs.tokens).toHaveLength(8);
+    expect(logprobs.token_logprobs.every((value) => value <= 0)).toBe(true);
+    // Greedy: each token is the likeliest of its alternatives.
+    logprobs.top_logprobs.forEach((top, index) => {
+      expect(Object.keys(top).length).toBeLessThanOrEqual(2);
+      expect(logprobs.token_logprobs[index]).toBeCloseTo(Math.max(...Object.values(top)), 5);
+    });
+    expect(logprobs.text_offset[0]).toBe(0);
+    expect(logprobs.text_offset.every((offset, index) => index === 0 || offset >= logprobs.text_offset[index - 1])).toBe(true);
+    // Chat: tokens with their bytes (which spell the answer) and top_logprobs.
+    type Entry = { token: string; logprob: number; bytes: number[]; top_logprobs: Array<{ token: string; logprob: number; bytes: number[] }> };
+    const body = { messages: [{ role: 'user', content: 'Say hi' }], max_tokens: 6, temperature: 0, logprobs: true, top_logprobs: 3 };
+    const chat = (await (await post('/v1/chat/completions', body)).json()) as { choices: Array<{ message: { content: string }; logprobs: { content: Entry[] } }> };
+    const entries = chat.choices[0].logprobs.content;
+    expect(entries.length).toBeGreaterThan(0);
+    expect(entries.every((entry) => entry.top_logprobs.length === 3 && entry.top_logprobs[0].logprob >= entry.top_logprobs[2].logprob)).toBe(true);
+    expect(Buffer.from(entries.flatMap((entry) => entry.bytes)).toString('utf8')).toBe(chat.choices[0].message.content);
+    // Streamed, the same entries come with the pieces they spell.
+    const chunks = (await events(await post('/v1/chat/completions', { ...body, stream: true }))).slice(1, -1) as Array<{ choices: Array<{ logprobs?: { content: Entry[] } }> }>;
+    expect(chunks.flatMap((chunk) => chunk.choices[0].logprobs?.content ?? [])).toEqual(entries);
+    // Without logprobs asked, none.
+    const plain = (await (await post('/v1/chat/completions', { ...body, logprobs: false, top_logprobs: undefined })).json()) as { choices: Array<{ logprobs: unknown }> };
+    expect(plain.choices[0].logprobs).toBeNull();
+  });
+
   it('answers with the beams of a beam search as its choices (use_beam_search, n)', async () => {
     const request = { prompt: 'Once upon', max_tokens: 8, use_beam_search: true, n: 3 };
     const searched = (await (await post('/v1/completions', request)).json()) as { choices: Array<{ index: number; text: string; finish_reason: string }>; usage: Record<string, number> };
@@ -175,7 +230,9 @@ describe('buildOpenAIApp', () => {
       ['/v1/completions', { prompt: 'x', temperature: 7 }, 400, /temperature must be a number from 0 to 2/],
       ['/v1/completions', { prompt: 'x', model: 'gpt-9' }, 404, /model "gpt-9" is not served here \(this server has tiny-gpt/],
       ['/v1/completions', { prompt: 'x', model: 7 }, 400, /model must be a model's name, got 7/],
-      ['/v1/completions', { prompt: 'x', n: 2 }, 400, /n must be 1/],
+      ['/v1/completions', { prompt: 'x', n: 0 }, 400, /n must be a whole number from 1 to 16, got 0/],
+      ['/v1/completions', { prompt: 'x', logprobs: 21 }, 400, /logprobs must be a whole number from 0 to 20/],
+      ['/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }], top_logprobs: 2 }, 400, /top_logprobs needs logprobs: true/],
       ['/v1/completions', { prompt: 42 }, 400, /prompt must be a string or a list of token ids/],
       ['/v1/chat/completions', { messages: 'hi' }, 400, /messages must be an array/],
       ['/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }], response_format: { type: 'xml' } }, 400, /response_format.type must be/],
