@@ -53,6 +53,8 @@ interface ReplicaRecord {
   nextHealthCheckAt: number;
   checking: boolean;
   ongoing: number;
+  /** The node it runs on, as it said once started. */
+  nodeId?: string;
   stopWatching?: () => void;
 }
 
@@ -110,6 +112,7 @@ export class DeploymentRecord {
     };
     this.router = new Router(config.name, config, {
       replicaDied: (actorId) => onDeath(this, actorId),
+      localNode: () => currentRuntime().context().nodeId,
     });
   }
 
@@ -229,9 +232,10 @@ export class DeploymentRecord {
     const replica: ReplicaRecord = { actorId: handle.actorId, version: this.#version, handle, state: 'starting', nextHealthCheckAt: 0, checking: false, ongoing: 0 };
     this.replicas.set(replica.actorId, replica);
     get(handle.init.remote()).then(
-      () => {
+      (started) => {
         if (replica.state !== 'starting' || !isInitialized()) return;
         replica.state = 'running';
+        replica.nodeId = started.nodeId;
         replica.nextHealthCheckAt = Date.now() + config.healthCheckPeriodMs;
         this.#failures = 0;
         this.#everRan = true;
@@ -494,9 +498,11 @@ export class ServeController {
   /** Sends a deployment's running replicas to its routers (the driver's, and others' by the directory). */
   publish(record: DeploymentRecord): void {
     if (!isInitialized()) return;
-    const handles = record.running().map((replica) => replica.handle);
-    record.router.setReplicas(handles);
-    void this.directory.publish.remote(record.key, handles, record.deleting);
+    const running = record.running();
+    const handles = running.map((replica) => replica.handle);
+    const nodes = Object.fromEntries(running.flatMap((replica) => (replica.nodeId ? [[replica.actorId, replica.nodeId]] : [])));
+    record.router.setReplicas(handles, {}, nodes);
+    void this.directory.publish.remote(record.key, handles, record.deleting, nodes);
   }
 
   replicaLost(record: DeploymentRecord, replica: ReplicaRecord, why: string): void {

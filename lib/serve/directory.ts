@@ -17,6 +17,8 @@ export interface ReplicaSet {
   deleted: boolean;
   /** The multiplexed models each replica held at its last report, by actor id. */
   models: Record<string, string[]>;
+  /** The node each replica runs on, by actor id (for routers that prefer their own node's). */
+  nodes: Record<string, string>;
 }
 
 interface Entry extends ReplicaSet {
@@ -29,15 +31,16 @@ export class ServeDirectory {
 
   #entry(key: string): Entry {
     let entry = this.#entries.get(key);
-    if (!entry) this.#entries.set(key, (entry = { version: 0, replicas: [], deleted: false, models: {}, watchers: new Set() }));
+    if (!entry) this.#entries.set(key, (entry = { version: 0, replicas: [], deleted: false, models: {}, nodes: {}, watchers: new Set() }));
     return entry;
   }
 
-  publish(key: string, replicas: ActorHandle<ServeReplica>[], deleted: boolean): void {
+  publish(key: string, replicas: ActorHandle<ServeReplica>[], deleted: boolean, nodes: Record<string, string> = {}): void {
     const entry = this.#entry(key);
     entry.version++;
     entry.replicas = replicas;
     entry.deleted = deleted;
+    entry.nodes = nodes;
     this.#wake(entry);
   }
 
@@ -70,7 +73,7 @@ export class ServeDirectory {
         entry.watchers.add(wake);
       });
     }
-    return { version: entry.version, replicas: entry.replicas, deleted: entry.deleted, models: entry.models };
+    return { version: entry.version, replicas: entry.replicas, deleted: entry.deleted, models: entry.models, nodes: entry.nodes };
   }
 
   /** A caller holds requests for `key` with no replica to send them to. */

@@ -10,6 +10,7 @@ import { cancel, get } from '../core/api.js';
 import { ObjectRef } from '../core/object-ref.js';
 import type { ObjectRefGenerator } from '../core/object-ref-generator.js';
 import type { ActorHandle } from '../core/registry.js';
+import { currentRuntime } from '../core/runtime-context.js';
 import { registerPortableClass } from '../core/serialization.js';
 import type { ServeDirectory } from './directory.js';
 import { Router, type RoutedReplica } from './router.js';
@@ -26,12 +27,19 @@ export interface HandleTarget {
   directory: ActorHandle<ServeDirectory>;
   /** The multiplexed model its calls name ('' or absent: none), set by handle.options(). */
   modelId?: string;
+  /** Its calls go to a replica on the caller's node where one has room (handle.options()). */
+  preferLocalNode?: boolean;
 }
 
 /** A handle's per-call options (Ray's `handle.options(...)`). */
 export interface HandleOptions {
   /** The model its calls are for: routed to replicas holding it, read inside by getMultiplexedModelId(). */
   multiplexedModelId?: string;
+  /**
+   * Send each call to a replica on the caller's node where one has room, before the others (as
+   * Ray's _prefer_local_routing): a composed deployment's calls then stay off the network.
+   */
+  preferLocalNode?: boolean;
 }
 
 export function deploymentKey(app: string, deployment: string): string {
@@ -56,6 +64,7 @@ class WatchedRouter {
     this.#key = deploymentKey(target.app, target.deployment);
     this.router = new Router(target.deployment, target, {
       demand: () => void target.directory.demand.remote(this.#key),
+      localNode: () => currentRuntime().context().nodeId,
     });
     void this.#watch();
   }
@@ -67,7 +76,7 @@ class WatchedRouter {
         const found = await get(this.#target.directory.watch.remote(this.#key, version, 30_000));
         if (found.deleted) throw new DeploymentError(this.#target.deployment, `application ${this.#target.app} was deleted`);
         version = found.version;
-        this.router.setReplicas(found.replicas, found.models);
+        this.router.setReplicas(found.replicas, found.models, found.nodes);
       } catch (error) {
         watched.delete(this.#key);
         this.router.close(error instanceof DeploymentError ? error : new DeploymentError(this.#target.deployment, `deployment ${this.#target.deployment} can no longer be reached: ${(error as Error).message}`));
@@ -110,10 +119,10 @@ export class DeploymentResponse<T> implements PromiseLike<T> {
   readonly #value: Promise<T>;
 
   /** @internal made by a handle's method. */
-  constructor(router: Router, send: (replica: RoutedReplica, args: unknown[]) => ObjectRef<T>, args: unknown[] = [], modelId = '') {
+  constructor(router: Router, send: (replica: RoutedReplica, args: unknown[]) => ObjectRef<T>, args: unknown[] = [], modelId = '', preferLocal = false) {
     // Most calls find a replica with room and have no response among their arguments: they are
     // sent at once, with no promise in between.
-    let replica = args.some((arg) => arg instanceof DeploymentResponse) ? undefined : router.tryAcquire(modelId);
+    let replica = args.some((arg) => arg instanceof DeploymentResponse) ? undefined : router.tryAcquire(modelId, preferLocal);
     if (replica) {
       try {
         this.#sent = Promise.resolve(send(replica, args));
@@ -125,7 +134,7 @@ export class DeploymentResponse<T> implements PromiseLike<T> {
       const abort = (this.#abort = new AbortController());
       this.#sent = (async () => {
         const resolved = await resolveArguments(args);
-        replica = await router.acquire(abort.signal, modelId);
+        replica = await router.acquire(abort.signal, modelId, preferLocal);
         try {
           return send(replica, resolved);
         } catch (error) {
@@ -189,11 +198,11 @@ export class DeploymentResponseGenerator<T> implements AsyncIterableIterator<T>,
   #released = false;
 
   /** @internal */
-  constructor(router: Router, send: (replica: RoutedReplica, args: unknown[]) => ObjectRefGenerator<T>, args: unknown[] = [], modelId = '') {
+  constructor(router: Router, send: (replica: RoutedReplica, args: unknown[]) => ObjectRefGenerator<T>, args: unknown[] = [], modelId = '', preferLocal = false) {
     this.#router = router;
     this.#started = (async () => {
       const resolved = await resolveArguments(args);
-      const replica = await router.acquire(this.#abort.signal, modelId);
+      const replica = await router.acquire(this.#abort.signal, modelId, preferLocal);
       let stream: ObjectRefGenerator<T>;
       try {
         stream = send(replica, resolved);
@@ -293,9 +302,10 @@ export class DeploymentHandleBase {
           throw new DeploymentError(target.deployment, `deployment ${target.deployment} has no method '${key}' (it has: ${[...known].join(', ') || 'none'})`);
         }
         const modelId = target.modelId ?? '';
+        const local = target.preferLocalNode === true;
         caller = streaming.has(key)
-          ? (...args: unknown[]) => new DeploymentResponseGenerator(routerOf(target), (replica, resolved) => replica.handle.stream.remote(key, modelId, ...resolved) as ObjectRefGenerator<unknown>, args, modelId)
-          : (...args: unknown[]) => new DeploymentResponse(routerOf(target), (replica, resolved) => replica.handle.call.remote(key, modelId, ...resolved), args, modelId);
+          ? (...args: unknown[]) => new DeploymentResponseGenerator(routerOf(target), (replica, resolved) => replica.handle.stream.remote(key, modelId, ...resolved) as ObjectRefGenerator<unknown>, args, modelId, local)
+          : (...args: unknown[]) => new DeploymentResponse(routerOf(target), (replica, resolved) => replica.handle.call.remote(key, modelId, ...resolved), args, modelId, local);
         callers.set(key, caller);
         return caller;
       },
@@ -311,21 +321,24 @@ export class DeploymentHandleBase {
   }
 
   /**
-   * This handle with options for its calls: `multiplexedModelId` names the model they are for
-   * (routed to a replica holding it; read inside by getMultiplexedModelId()).
+   * This handle with options for its calls (those not given stay as they were):
+   * `multiplexedModelId` names the model they are for (routed to a replica holding it; read
+   * inside by getMultiplexedModelId()); `preferLocalNode` sends them to the caller's node first.
    */
   options(options: HandleOptions): this {
     if (typeof options !== 'object' || options === null) throw new InvalidArgumentError(`handle.options() takes an object, got ${options === null ? 'null' : typeof options}`);
-    const unknown = Object.keys(options).filter((key) => key !== 'multiplexedModelId');
-    if (unknown.length) throw new InvalidArgumentError(`handle.options() has no option ${unknown.map((key) => `'${key}'`).join(', ')} (it takes multiplexedModelId)`);
-    const modelId = options.multiplexedModelId;
+    const unknown = Object.keys(options).filter((key) => key !== 'multiplexedModelId' && key !== 'preferLocalNode');
+    if (unknown.length) throw new InvalidArgumentError(`handle.options() has no option ${unknown.map((key) => `'${key}'`).join(', ')} (it takes multiplexedModelId and preferLocalNode)`);
+    const { multiplexedModelId: modelId, preferLocalNode } = options;
     if (modelId !== undefined && typeof modelId !== 'string') throw new InvalidArgumentError(`multiplexedModelId must be a string, got ${typeof modelId}`);
-    return new DeploymentHandleBase({ ...DeploymentHandleBase.targetOf(this), modelId: modelId ?? '' }) as this;
+    if (preferLocalNode !== undefined && typeof preferLocalNode !== 'boolean') throw new InvalidArgumentError(`preferLocalNode must be a boolean, got ${typeof preferLocalNode}`);
+    const target = DeploymentHandleBase.targetOf(this);
+    return new DeploymentHandleBase({ ...target, modelId: modelId ?? target.modelId ?? '', preferLocalNode: preferLocalNode ?? target.preferLocalNode ?? false }) as this;
   }
 
   toString(): string {
-    const modelId = DeploymentHandleBase.targetOf(this).modelId;
-    return `DeploymentHandle(${this.appName}/${this.deploymentName}${modelId ? `, model ${modelId}` : ''})`;
+    const { modelId, preferLocalNode } = DeploymentHandleBase.targetOf(this);
+    return `DeploymentHandle(${this.appName}/${this.deploymentName}${modelId ? `, model ${modelId}` : ''}${preferLocalNode ? ', local node first' : ''})`;
   }
 
   /** @internal */
@@ -339,10 +352,10 @@ export class DeploymentHandleBase {
       'trellis.DeploymentHandle',
       (handle) => {
         const target = DeploymentHandleBase.targetOf(handle);
-        return [target.app, target.deployment, target.methods, target.maxOngoingRequests, target.maxQueuedRequests === Infinity ? -1 : target.maxQueuedRequests, target.multiplexedModelWaitMs, target.directory, target.modelId ?? ''];
+        return [target.app, target.deployment, target.methods, target.maxOngoingRequests, target.maxQueuedRequests === Infinity ? -1 : target.maxQueuedRequests, target.multiplexedModelWaitMs, target.directory, target.modelId ?? '', target.preferLocalNode === true];
       },
-      ([app, deployment, methods, maxOngoingRequests, maxQueued, multiplexedModelWaitMs, directory, modelId]: [string, string, string[], number, number, number, ActorHandle<ServeDirectory>, string]) =>
-        new DeploymentHandleBase({ app, deployment, methods, maxOngoingRequests, maxQueuedRequests: maxQueued < 0 ? Infinity : maxQueued, multiplexedModelWaitMs, directory, modelId }),
+      ([app, deployment, methods, maxOngoingRequests, maxQueued, multiplexedModelWaitMs, directory, modelId, preferLocalNode]: [string, string, string[], number, number, number, ActorHandle<ServeDirectory>, string, boolean]) =>
+        new DeploymentHandleBase({ app, deployment, methods, maxOngoingRequests, maxQueuedRequests: maxQueued < 0 ? Infinity : maxQueued, multiplexedModelWaitMs, directory, modelId, preferLocalNode }),
     );
   }
 }

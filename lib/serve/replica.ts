@@ -9,6 +9,7 @@ import { DeploymentError } from '../errors.js';
 import { Deque } from '../core/deque.js';
 import type { FunctionDescriptor } from '../core/protocol.js';
 import { importRegistered, remote } from '../core/registry.js';
+import { currentRuntime } from '../core/runtime-context.js';
 // Handles among a replica's constructor arguments arrive before the user's module is imported:
 // their class must be known here already.
 import './handle.js';
@@ -53,7 +54,8 @@ export class ServeReplica {
    * Makes the user's instance (its class's module imported here), awaits its `initialize()` if it
    * has one, and hands it its userConfig.
    */
-  async init(): Promise<void> {
+  /** Builds the user's instance; answers with the node the replica runs on (for locality-aware routing). */
+  async init(): Promise<{ nodeId: string }> {
     const cls = await importRegistered(this.#descriptor);
     if (typeof cls !== 'function') {
       throw new DeploymentError(this.#deployment, `${this.#descriptor.name} is not registered by ${this.#descriptor.module}: pass deployment() a class made by remote(import.meta, ...) at the module's top level`);
@@ -63,6 +65,7 @@ export class ServeReplica {
     if (typeof instance.initialize === 'function') await (instance.initialize as () => unknown).call(instance);
     this.#instance = instance;
     if (this.#userConfig !== undefined) await this.reconfigure(this.#userConfig);
+    return { nodeId: currentRuntime().context().nodeId };
   }
 
   async reconfigure(userConfig: unknown): Promise<void> {

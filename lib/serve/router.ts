@@ -26,6 +26,8 @@ export interface RoutedReplica {
   ongoing: number;
   /** The models it holds, by its last report, and those this router sent it since (with when). */
   models: Map<string, number>;
+  /** The node it runs on, where known. */
+  nodeId?: string;
 }
 
 /** How long a model sent to a replica counts as held there without the replica reporting it. */
@@ -33,6 +35,7 @@ const SENT_MODEL_MS = 5_000;
 
 interface Waiting {
   modelId: string;
+  preferLocal: boolean;
   /** When it arrived (ms): a request for a model spills off its holders `multiplexedModelWaitMs` after. */
   since: number;
   resolve(replica: RoutedReplica): void;
@@ -45,6 +48,8 @@ export interface RouterHooks {
   demand?(): void;
   /** A request found its replica dead. */
   replicaDied?(actorId: string): void;
+  /** The node this router's process runs on (for requests that prefer replicas there). */
+  localNode?(): string | undefined;
 }
 
 /** A deployment's limits, as its router applies them. */
@@ -98,9 +103,10 @@ export class Router {
    * The replicas to send to now, and (from the directory) the models some of them reported;
    * this router's counts on those it knew are kept.
    */
-  setReplicas(handles: readonly ActorHandle<ServeReplica>[], models: Record<string, readonly string[]> = {}): void {
+  setReplicas(handles: readonly ActorHandle<ServeReplica>[], models: Record<string, readonly string[]> = {}, nodes: Record<string, string> = {}): void {
     const known = new Map(this.#replicas.map((replica) => [replica.actorId, replica]));
     this.#replicas = handles.map((handle) => known.get(handle.actorId) ?? { actorId: handle.actorId, handle, ongoing: 0, models: new Map() });
+    for (const replica of this.#replicas) if (nodes[replica.actorId]) replica.nodeId = nodes[replica.actorId];
     for (const [actorId, modelIds] of Object.entries(models)) this.#report(actorId, modelIds);
     this.#pump();
   }
@@ -134,17 +140,18 @@ export class Router {
 
   /**
    * A replica with room for one more request, counted on it until `release()`. Waits while all are
-   * full; `signal` gives up waiting (TaskCancelledError).
+   * full; `signal` gives up waiting (TaskCancelledError). `preferLocal`: a replica on this
+   * process's node where one has room, before the others.
    */
-  acquire(signal?: AbortSignal, modelId = ''): Promise<RoutedReplica> {
+  acquire(signal?: AbortSignal, modelId = '', preferLocal = false): Promise<RoutedReplica> {
     if (this.#closed) return Promise.reject(this.#closed);
-    const chosen = this.tryAcquire(modelId);
+    const chosen = this.tryAcquire(modelId, preferLocal);
     if (chosen) return Promise.resolve(chosen);
     if (this.#waitingCount >= this.#maxQueued) {
       return Promise.reject(new BackPressureError(this.deployment, `deployment ${this.deployment} is at capacity: ${this.#replicas.length} replica(s) each running ${this.#maxOngoing} request(s), and ${this.#waitingCount} waiting (maxQueuedRequests)`));
     }
     return new Promise<RoutedReplica>((resolve, reject) => {
-      const waiting: Waiting = { modelId, since: Date.now(), resolve, reject, done: false };
+      const waiting: Waiting = { modelId, preferLocal, since: Date.now(), resolve, reject, done: false };
       this.#waiting.push(waiting);
       this.#waitingCount++;
       if (signal) {
@@ -159,17 +166,17 @@ export class Router {
   }
 
   /** A replica with room now, counted on it until `release()`; undefined where none has room or some wait. */
-  tryAcquire(modelId = ''): RoutedReplica | undefined {
+  tryAcquire(modelId = '', preferLocal = false): RoutedReplica | undefined {
     if (this.#closed || this.#waitingCount > 0) return undefined;
-    return this.#take(modelId, Date.now(), Date.now());
+    return this.#take(modelId, preferLocal, Date.now(), Date.now());
   }
 
   /**
    * The replica for a request that arrived at `since` (counted on it), or undefined where none has
    * room, or only replicas without its model do and its wait for the holders has not run out.
    */
-  #take(modelId: string, since: number, now: number): RoutedReplica | undefined {
-    const chosen = modelId ? this.#chooseForModel(modelId, now - since >= this.#modelWaitMs) : this.#choose(this.#replicas);
+  #take(modelId: string, preferLocal: boolean, since: number, now: number): RoutedReplica | undefined {
+    const chosen = modelId ? this.#chooseForModel(modelId, now - since >= this.#modelWaitMs, preferLocal) : this.#choose(this.#nearest(this.#replicas, preferLocal));
     if (!chosen) return undefined;
     chosen.ongoing++;
     if (modelId && !chosen.models.has(modelId)) chosen.models.set(modelId, now);
@@ -196,15 +203,23 @@ export class Router {
     return waiting;
   }
 
-  #chooseForModel(modelId: string, mayLoad: boolean): RoutedReplica | undefined {
+  /** Where `preferLocal` asks it: those of `replicas` on this process's node that have room, if any do; else all of them. */
+  #nearest(replicas: readonly RoutedReplica[], preferLocal: boolean): readonly RoutedReplica[] {
+    if (!preferLocal) return replicas;
+    const node = this.#hooks.localNode?.();
+    const local = node === undefined ? [] : replicas.filter((replica) => replica.nodeId === node && replica.ongoing < this.#maxOngoing);
+    return local.length > 0 ? local : replicas;
+  }
+
+  #chooseForModel(modelId: string, mayLoad: boolean, preferLocal: boolean): RoutedReplica | undefined {
     const holding = this.#replicas.filter((replica) => replica.models.has(modelId));
     if (holding.length) {
-      const chosen = this.#choose(holding);
+      const chosen = this.#choose(this.#nearest(holding, preferLocal));
       if (chosen || !mayLoad) return chosen;
     }
     // None holds it, or none holding it had room in time: the replica with room that holds fewest models loads it.
     let found: RoutedReplica | undefined;
-    for (const replica of this.#replicas) {
+    for (const replica of this.#nearest(this.#replicas, preferLocal)) {
       if (replica.ongoing >= this.#maxOngoing) continue;
       if (!found || replica.models.size < found.models.size || (replica.models.size === found.models.size && replica.ongoing < found.ongoing)) found = replica;
     }
@@ -242,7 +257,7 @@ export class Router {
     let nextSpill = Infinity;
     for (const waiting of this.#waiting) {
       if (waiting.done) continue;
-      const chosen = this.#take(waiting.modelId, waiting.since, now);
+      const chosen = this.#take(waiting.modelId, waiting.preferLocal, waiting.since, now);
       if (chosen) {
         this.#settle(waiting)!.resolve(chosen);
         continue;

@@ -138,6 +138,20 @@ describe('Router, multiplexed models', () => {
     expect(router.queued).toBe(0);
   });
 
+  it("prefers replicas on the caller's node for requests that ask, holders of a model first", () => {
+    const router = new Router('Model', limits(1, Infinity), { localNode: () => 'here' });
+    router.setReplicas([replica('far'), replica('near'), replica('also-far')], {}, { far: 'there', near: 'here', 'also-far': 'there' });
+    const first = router.tryAcquire('', true)!;
+    expect(first.actorId).toBe('near');
+    // The local one is full: the others take the next.
+    expect(router.tryAcquire('', true)!.actorId).not.toBe('near');
+    router.release(first);
+    // A model held on both nodes goes to the local holder.
+    router.setModels('near', ['x']);
+    router.setModels('far', ['x']);
+    expect(router.tryAcquire('x', true)!.actorId).toBe('near');
+  });
+
   it('keeps what a replica reports, and what it was sent lately; a model held nowhere goes to the emptiest replica', () => {
     const router = new Router('Model', limits(10, Infinity));
     router.setReplicas([replica('a'), replica('b')]);
