@@ -413,6 +413,8 @@ export class ModelReplica {
   readonly #running: Sequence[] = [];
   #released: number[] = [];
   #inFlight = 0;
+  /** A #pumpSoon() is due. */
+  #pumpScheduled = false;
   #nextSequence = 0;
   #steps = 0;
   #promptTokens = 0;
@@ -728,7 +730,7 @@ export class ModelReplica {
       });
       return { sequence, done };
     });
-    this.#pump();
+    this.#pumpSoon();
     return started;
   }
 
@@ -818,8 +820,22 @@ export class ModelReplica {
       };
       this.#waiting.push({ ...sequence, finish, fail });
     }));
-    this.#pump();
+    this.#pumpSoon();
     return Promise.all(done);
+  }
+
+  /**
+   * Steps once this turn of the event loop is over: requests made in the same turn (callers that
+   * each answer a finished step with new requests, as beam searches do) share one step instead of
+   * the first of them taking a step alone.
+   */
+  #pumpSoon(): void {
+    if (this.#pumpScheduled) return;
+    this.#pumpScheduled = true;
+    setImmediate(() => {
+      this.#pumpScheduled = false;
+      this.#pump(true);
+    });
   }
 
   /** A request's adapter, by its registered name. */
@@ -934,7 +950,7 @@ export class ModelReplica {
   }
 
   /** Starts steps while the pipeline has room and some sequence can take part. */
-  #pump(): void {
+  #pump(flushReleases = false): void {
     while (!this.#broken && this.#inFlight < this.#stepsInFlight) {
       const chosen: Sequence[] = [];
       const parts: StepSequence[] = [];
@@ -1029,7 +1045,13 @@ export class ModelReplica {
         admit(sequence);
       }
       this.#waiting.unshift(...deferred);
-      if (chosen.length === 0 && this.#released.length === 0 && loadAdapters.length === 0 && unloadAdapters.length === 0) return;
+      if (chosen.length === 0 && loadAdapters.length === 0 && unloadAdapters.length === 0) {
+        if (this.#released.length === 0) return;
+        // Releases alone (finished sequences, dropped prefixes) ride with the next step if requests
+        // come this turn, else go alone then. Learned: sent at once, they took the step that the
+        // requests answering the finished ones needed, and beam searches took two steps a token.
+        if (!flushReleases) return this.#pumpSoon();
+      }
       const message: StepMessage = {
         step: this.#steps++,
         sequences: parts,

@@ -688,18 +688,22 @@ function mostLikely(logits: Float32Array, k: number, tokens: Int32Array, values:
   let sum = 0;
   for (const value of logits) sum += Math.exp(value - maximum);
   const normalizer = maximum + Math.log(sum);
-  // k passes of a linear scan: k is small (vLLM caps it at 20), the vocabulary is not.
-  const taken = new Set<number>();
-  for (let rank = 0; rank < Math.min(k, logits.length); rank++) {
-    let best = -1;
-    for (let index = 0; index < logits.length; index++) {
-      if (taken.has(index)) continue;
-      if (best < 0 || logits[index] > logits[best]) best = index;
+  // One pass keeping the best k in order (learned: k passes over the vocabulary, skipping those
+  // taken through a Set, cost a step of 16 sequences asking for 8 each about 30 ms). A value
+  // goes in below those at least as large, so ties keep the lower token first.
+  const count = Math.min(k, logits.length);
+  let kept = 0;
+  for (let index = 0; index < logits.length; index++) {
+    const value = logits[index];
+    if (kept === count && !(value > logits[tokens[count - 1]])) continue;
+    let at = kept < count ? kept++ : count - 1;
+    while (at > 0 && logits[tokens[at - 1]] < value) {
+      tokens[at] = tokens[at - 1];
+      at--;
     }
-    taken.add(best);
-    tokens[rank] = best;
-    values[rank] = logits[best] - normalizer;
+    tokens[at] = index;
   }
+  for (let rank = 0; rank < kept; rank++) values[rank] = logits[tokens[rank]] - normalizer;
 }
 
 function logProbability(logits: Float32Array, token: number): number {
