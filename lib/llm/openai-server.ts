@@ -264,41 +264,35 @@ export class OpenAIServer {
     const tokens = this.#tokenizer!.encode(prompt, { addSpecialTokens: false });
     const id = requestId('chatcmpl');
     const created = now();
+    const options = chatChoices(body);
+    const logprobs = (entries: TokenLogprob[] | undefined) => (options.topLogprobs === undefined ? null : { content: (entries ?? []).map((entry) => this.#chatLogprob(entry)) });
+    let answered: { results: Array<Completion & { logprobs?: TokenLogprob[] }>; usage: Usage };
     if (body.use_beam_search === true) {
       if (body.response_format !== undefined && body.response_format !== null) throw new HttpError(400, 'use_beam_search does not take a response_format');
-      const searched = await this.#beamSearch(tokens, body, adapter);
-      yield new HttpResponse({
-        id,
-        object: 'chat.completion',
-        created,
-        model,
-        choices: searched.choices.map((choice, index) => ({ index, message: { role: 'assistant', content: choice.text }, finish_reason: choice.finishReason, logprobs: null })),
-        usage: searched.usage,
-      });
-      return;
+      answered = await this.#beamSearch(tokens, body, adapter);
+    } else {
+      const head = { id, object: 'chat.completion.chunk', created, model };
+      const guided = guidedOf(body);
+      const answers = Array.from({ length: options.n }, (_, index) => this.#generate(tokens, body, guided, adapter, options, index));
+      if (body.stream === true) {
+        yield* eventStream(
+          answers,
+          (index, piece) => ({ ...head, choices: [{ index, delta: { content: piece.text }, finish_reason: null, ...(options.topLogprobs === undefined ? {} : { logprobs: logprobs(piece.logprobs) }) }] }),
+          (index, result, usage) => ({ ...head, choices: [{ index, delta: {}, finish_reason: result.finishReason }], ...(usage ? { usage } : {}) }),
+          (index) => ({ ...head, choices: [{ index, delta: { role: 'assistant', content: '' }, finish_reason: null }] }),
+        );
+        return;
+      }
+      const results = await drainAll(answers);
+      answered = { results, usage: usageOfAll(results) };
     }
-    const head = { id, object: 'chat.completion.chunk', created, model };
-    const options = chatChoices(body);
-    const guided = guidedOf(body);
-    const answers = Array.from({ length: options.n }, (_, index) => this.#generate(tokens, body, guided, adapter, options, index));
-    const logprobs = (entries: TokenLogprob[]) => (options.topLogprobs === undefined ? null : { content: entries.map((entry) => this.#chatLogprob(entry)) });
-    if (body.stream === true) {
-      yield* eventStream(
-        answers,
-        (index, piece) => ({ ...head, choices: [{ index, delta: { content: piece.text }, finish_reason: null, ...(options.topLogprobs === undefined ? {} : { logprobs: logprobs(piece.logprobs) }) }] }),
-        (index, result, usage) => ({ ...head, choices: [{ index, delta: {}, finish_reason: result.finishReason }], ...(usage ? { usage } : {}) }),
-        (index) => ({ ...head, choices: [{ index, delta: { role: 'assistant', content: '' }, finish_reason: null }] }),
-      );
-      return;
-    }
-    const results = await drainAll(answers);
     yield new HttpResponse({
       id,
       object: 'chat.completion',
       created,
       model,
-      choices: results.map((result, index) => ({ index, message: { role: 'assistant', content: result.text }, finish_reason: result.finishReason, logprobs: logprobs(result.logprobs ?? []) })),
-      usage: usageOfAll(results),
+      choices: answered.results.map((result, index) => ({ index, message: { role: 'assistant', content: result.text }, finish_reason: result.finishReason, logprobs: logprobs(result.logprobs) })),
+      usage: answered.usage,
     });
   }
 
@@ -310,43 +304,37 @@ export class OpenAIServer {
     else throw new HttpError(400, 'prompt must be a string or a list of token ids (one prompt per request)');
     const id = requestId('cmpl');
     const created = now();
-    if (body.use_beam_search === true) {
-      const searched = await this.#beamSearch(tokens, body, adapter);
-      yield new HttpResponse({
-        id,
-        object: 'text_completion',
-        created,
-        model,
-        choices: searched.choices.map((choice, index) => ({ index, text: choice.text, finish_reason: choice.finishReason, logprobs: null })),
-        usage: searched.usage,
-      });
-      return;
-    }
     const options = completionChoices(body);
-    const answers = Array.from({ length: options.n }, (_, index) => this.#generate(tokens, body, undefined, adapter, options, index));
-    if (body.stream === true) {
-      const head = { id, object: 'text_completion', created, model };
-      // Text offsets of a streamed choice run on from its earlier pieces.
-      const offsets = new Array<number>(options.n).fill(0);
-      yield* eventStream(
-        answers,
-        (index, piece) => {
-          const logprobs = this.#completionLogprobs(piece.logprobs, options.topLogprobs, offsets[index]);
-          offsets[index] += piece.text.length;
-          return { ...head, choices: [{ index, text: piece.text, finish_reason: null, logprobs }] };
-        },
-        (index, result, usage) => ({ ...head, choices: [{ index, text: '', finish_reason: result.finishReason, logprobs: null }], ...(usage ? { usage } : {}) }),
-      );
-      return;
+    let answered: { results: Array<Completion & { logprobs?: TokenLogprob[] }>; usage: Usage };
+    if (body.use_beam_search === true) {
+      answered = await this.#beamSearch(tokens, body, adapter);
+    } else {
+      const answers = Array.from({ length: options.n }, (_, index) => this.#generate(tokens, body, undefined, adapter, options, index));
+      if (body.stream === true) {
+        const head = { id, object: 'text_completion', created, model };
+        // Text offsets of a streamed choice run on from its earlier pieces.
+        const offsets = new Array<number>(options.n).fill(0);
+        yield* eventStream(
+          answers,
+          (index, piece) => {
+            const logprobs = this.#completionLogprobs(piece.logprobs, options.topLogprobs, offsets[index]);
+            offsets[index] += piece.text.length;
+            return { ...head, choices: [{ index, text: piece.text, finish_reason: null, logprobs }] };
+          },
+          (index, result, usage) => ({ ...head, choices: [{ index, text: '', finish_reason: result.finishReason, logprobs: null }], ...(usage ? { usage } : {}) }),
+        );
+        return;
+      }
+      const results = await drainAll(answers);
+      answered = { results, usage: usageOfAll(results) };
     }
-    const results = await drainAll(answers);
     yield new HttpResponse({
       id,
       object: 'text_completion',
       created,
       model,
-      choices: results.map((result, index) => ({ index, text: result.text, finish_reason: result.finishReason, logprobs: this.#completionLogprobs(result.logprobs, options.topLogprobs, 0) })),
-      usage: usageOfAll(results),
+      choices: answered.results.map((result, index) => ({ index, text: result.text, finish_reason: result.finishReason, logprobs: this.#completionLogprobs(result.logprobs, options.topLogprobs, 0) })),
+      usage: answered.usage,
     });
   }
 
@@ -409,9 +397,10 @@ export class OpenAIServer {
    * A beam search (vLLM's use_beam_search, with `n` beams and `length_penalty`): each beam is a
    * choice, best first. Answers come whole: no streaming, stop strings or sampling settings.
    */
-  async #beamSearch(tokens: number[], body: Record<string, unknown>, adapter: string | undefined): Promise<{ choices: Array<{ text: string; finishReason: 'stop' | 'length' }>; usage: Usage }> {
+  async #beamSearch(tokens: number[], body: Record<string, unknown>, adapter: string | undefined): Promise<{ results: Completion[]; usage: Usage }> {
     if (body.stream === true) throw new HttpError(400, 'use_beam_search answers whole: stream must be false');
     if (stopStringsOf(body).length > 0) throw new HttpError(400, 'use_beam_search does not take stop strings');
+    if (body.logprobs !== undefined && body.logprobs !== null && body.logprobs !== false) throw new HttpError(400, 'use_beam_search does not report logprobs (each beam has its summed logprob inside the search)');
     if (Object.keys(samplingOf(body)).some((name) => name !== 'temperature') || (body.temperature ?? 0) !== 0) {
       throw new HttpError(400, 'use_beam_search picks by log-probability alone: leave temperature at 0 and the other sampling fields out');
     }
@@ -426,13 +415,12 @@ export class OpenAIServer {
       if (error instanceof InvalidArgumentError) throw new HttpError(400, error.message);
       throw error;
     }
-    const choices = searched.beams.map((beam) => {
+    const results = searched.beams.map((beam): Completion => {
       // The end-of-sequence token ends the answer; it is not part of its text.
       const ids = beam.finishReason === 'stop' && replica.stopTokens.includes(beam.tokens.at(-1)!) ? beam.tokens.slice(0, -1) : beam.tokens;
-      return { text: tokenizer.decode(ids.filter((id) => id < tokenizer.vocabSize)), finishReason: beam.finishReason === 'stop' ? ('stop' as const) : ('length' as const) };
+      return { text: tokenizer.decode(ids.filter((id) => id < tokenizer.vocabSize)), tokens: beam.tokens.length, promptTokens: searched.promptTokens, finishReason: beam.finishReason === 'stop' ? 'stop' : 'length' };
     });
-    const completionTokens = searched.beams.reduce((sum, beam) => sum + beam.tokens.length, 0);
-    return { choices, usage: { prompt_tokens: searched.promptTokens, completion_tokens: completionTokens, total_tokens: searched.promptTokens + completionTokens } };
+    return { results, usage: usageOfAll(results) };
   }
 
   #guide(spec: GuidedDecoding): TokenGuide {

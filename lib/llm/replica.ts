@@ -95,8 +95,8 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    * beginning once: a new sequence starts from (shares the cache blocks of) another's cached
    * positions, found in whole blocks of prefixBlockTokens and followed token by token past them
    * (a prompt that extends an earlier prompt and its answer reads only what is new), and prompts
-   * that arrive together wait a step for the first of them to read it (default true). Sequences with repetition, presence or frequency penalties
-   * read their whole prompt.
+   * that arrive together wait a step for the first of them to read it (default true). Sequences
+   * with repetition, presence or frequency penalties read their whole prompt.
    */
   prefixCaching?: boolean;
   /** Tokens a block of prefix has (default 16). */
@@ -646,9 +646,10 @@ export class ModelReplica {
   /**
    * Beam search (see beam-search.ts): the request's beamWidth likeliest continuations, best
    * first. Its steps are one-token requests sharing the replica's steps with every other
-   * request, each beam's positions copied from its parent's by the prefix cache, so give
+   * request, each beam started by the prefix cache from all its parent's positions, so give
    * prefixCacheTokens room for the beams of the searches that run at once (about beamWidth x
-   * their length each), or their steps read whole beams again.
+   * their length each), or their steps read whole beams again (as they all do with
+   * prefixCaching off).
    */
   async beamSearch(request: BeamSearchRequest): Promise<BeamSearchResult> {
     const what = 'beamSearch';

@@ -193,6 +193,7 @@ describe('buildOpenAIApp', () => {
       [{ ...request, temperature: 0.7 }, /leave temperature at 0/],
       [{ ...request, n: 11 }, /n must be a whole number from 1 to 10/],
       [{ ...request, stop: ['x'] }, /does not take stop strings/],
+      [{ ...request, logprobs: 2 }, /use_beam_search does not report logprobs/],
     ] as const) {
       const refused = await post('/v1/completions', body);
       expect(refused.status).toBe(400);
