@@ -13,9 +13,9 @@
  * a live beam could still climb only where lengthPenalty rewards length a great deal).
  *
  * As in vLLM, the steps are ordinary requests whose prompt is the beam so far: the replica's
- * prefix cache copies each beam's positions from its parent's request of the step before, in
- * whole blocks, so a step reads the tokens past the last whole block (fewer than
- * prefixBlockTokens), not the beam. Every beam of every search in the replica shares its steps.
+ * prefix cache starts each beam from all the positions of its parent's request of the step
+ * before, so a step reads one token a beam, not the beam. Every beam of every search in the
+ * replica shares its steps.
  */
 import { InvalidArgumentError } from '../errors.js';
 

@@ -13,7 +13,7 @@ import { InvalidArgumentError, ModelLoadError, TrellisError } from '../errors.js
 import { get, kill, placementGroup, removePlacementGroup } from '../core/api.js';
 import type { PlacementGroup } from '../core/placement-group.js';
 import { actorHandleInfo, type ActorHandle } from '../core/registry.js';
-import { currentRuntime } from '../core/runtime-context.js';
+import { currentRuntime, hasRuntime } from '../core/runtime-context.js';
 import { newObjectId } from '../store/object-id.js';
 import { createCollectiveGroup, type CollectiveGroup } from '../gpu/collective.js';
 import { InputNode, MultiOutputNode, type DAGNode } from '../dag/nodes.js';
@@ -1418,6 +1418,8 @@ export class ModelReplica {
       for (const sequence of [...this.#running, ...this.#waiting.splice(0)]) sequence.fail(error);
       this.#running.length = 0;
       this.#broken ??= error;
+      // After shutdown() the ranks went with the cluster: nothing is left to stop.
+      if (!hasRuntime()) return;
       // Taken before the kills: a killed actor no longer knows its process. A worker cannot see
       // processes exit, only the driver's word that each rank is dead.
       const runtime = currentRuntime();

@@ -142,4 +142,11 @@ describe('beam search on a replica', () => {
     }
     expect(() => buildLLMProcessor({ checkpoint: llama, beamSearch: { beamWidth: 2 }, sampling: { temperature: 0.7 } })).toThrow(/beamSearch picks by log-probability alone: drop sampling/);
   });
+
+  it('closes after shutdown() without complaint (the ranks went with the cluster), failing what was left', async () => {
+    const replica = await ModelReplica.create({ checkpoint });
+    await shutdown();
+    await expect(replica.close()).resolves.toBeUndefined();
+    await expect(replica.generate([{ tokens: [1, 2] }])).rejects.toThrow(/closed/);
+  });
 });
