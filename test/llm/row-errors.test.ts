@@ -46,4 +46,14 @@ describe("rows that cannot run, with rowErrors 'record'", () => {
     await expect(buildLLMProcessor({ checkpoint, promptColumn: 'prompt', maxNewTokens: 8 })(fromItems(rows.slice(0, 2))).takeAll()).rejects.toThrow(/ERR_PROMPT_TOO_LONG|too long|positions/);
     expect(() => buildLLMProcessor({ checkpoint, rowErrors: 'skip' as 'record' })).toThrow(/rowErrors must be 'fail' or 'record'/);
   });
+
+  it('fail alone in a beam search too, with no beams', async () => {
+    const processor = buildLLMProcessor({ checkpoint, promptColumn: 'prompt', maxNewTokens: 4, beamSearch: { beamWidth: 2 }, rowErrors: 'record' });
+    const out = await processor(fromItems([{ id: 0, prompt: 'Hello world' }, { id: 1, prompt: 'x'.repeat(60) }])).takeAll();
+    out.sort((a, b) => (a.id as number) - (b.id as number));
+    expect(out.map((row) => [row.finishReason, (row.beams as unknown[]).length])).toEqual([['length', 2], ['error', 0]]);
+    expect(out[0].error).toBeNull();
+    expect(out[1].error).toMatch(/^ERR_PROMPT_TOO_LONG: /);
+    expect(typeof out[0].generatedText).toBe('string');
+  });
 });
