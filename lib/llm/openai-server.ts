@@ -73,6 +73,8 @@ interface ChoiceOptions {
 
 /** The most choices one request may ask for (n). */
 const MOST_CHOICES = 16;
+/** The most prompts one completions request may batch. */
+const MOST_PROMPTS = 256;
 
 const encoder = new TextEncoder();
 const now = () => Math.floor(Date.now() / 1000);
@@ -277,6 +279,7 @@ export class OpenAIServer {
       if (body.stream === true) {
         yield* eventStream(
           answers,
+          options.n,
           (index, piece) => ({ ...head, choices: [{ index, delta: { content: piece.text }, finish_reason: null, ...(options.topLogprobs === undefined ? {} : { logprobs: logprobs(piece.logprobs) }) }] }),
           (index, result, usage) => ({ ...head, choices: [{ index, delta: {}, finish_reason: result.finishReason }], ...(usage ? { usage } : {}) }),
           (index) => ({ ...head, choices: [{ index, delta: { role: 'assistant', content: '' }, finish_reason: null }] }),
@@ -284,7 +287,7 @@ export class OpenAIServer {
         return;
       }
       const results = await drainAll(answers);
-      answered = { results, usage: usageOfAll(results) };
+      answered = { results, usage: usageOfAll([results]) };
     }
     yield new HttpResponse({
       id,
@@ -297,25 +300,24 @@ export class OpenAIServer {
   }
 
   async *#complete(body: Record<string, unknown>, model: string, adapter: string | undefined): AsyncGenerator<unknown, void, undefined> {
-    const prompt = body.prompt;
-    let tokens: number[];
-    if (typeof prompt === 'string') tokens = this.#tokenizer!.encode(prompt);
-    else if (Array.isArray(prompt) && prompt.length > 0 && prompt.every((token) => Number.isInteger(token) && token >= 0)) tokens = prompt as number[];
-    else throw new HttpError(400, 'prompt must be a string or a list of token ids (one prompt per request)');
+    const prompts = this.#promptsOf(body.prompt);
     const id = requestId('cmpl');
     const created = now();
     const options = completionChoices(body);
+    // Choices in prompt order: prompt p's choice c has index p × n + c (as OpenAI numbers a batch's).
     let answered: { results: Array<Completion & { logprobs?: TokenLogprob[] }>; usage: Usage };
     if (body.use_beam_search === true) {
-      answered = await this.#beamSearch(tokens, body, adapter);
+      const searched = await Promise.all(prompts.map((tokens) => this.#beamSearch(tokens, body, adapter)));
+      answered = { results: searched.flatMap((one) => one.results), usage: usageOfAll(searched.map((one) => one.results)) };
     } else {
-      const answers = Array.from({ length: options.n }, (_, index) => this.#generate(tokens, body, undefined, adapter, options, index));
+      const answers = prompts.flatMap((tokens) => Array.from({ length: options.n }, (_, index) => this.#generate(tokens, body, undefined, adapter, options, index)));
       if (body.stream === true) {
         const head = { id, object: 'text_completion', created, model };
         // Text offsets of a streamed choice run on from its earlier pieces.
-        const offsets = new Array<number>(options.n).fill(0);
+        const offsets = new Array<number>(answers.length).fill(0);
         yield* eventStream(
           answers,
+          options.n,
           (index, piece) => {
             const logprobs = this.#completionLogprobs(piece.logprobs, options.topLogprobs, offsets[index]);
             offsets[index] += piece.text.length;
@@ -326,7 +328,7 @@ export class OpenAIServer {
         return;
       }
       const results = await drainAll(answers);
-      answered = { results, usage: usageOfAll(results) };
+      answered = { results, usage: usageOfAll(byPrompt(results, options.n)) };
     }
     yield new HttpResponse({
       id,
@@ -336,6 +338,22 @@ export class OpenAIServer {
       choices: answered.results.map((result, index) => ({ index, text: result.text, finish_reason: result.finishReason, logprobs: this.#completionLogprobs(result.logprobs, options.topLogprobs, 0) })),
       usage: answered.usage,
     });
+  }
+
+  /** A completion request's prompts: a string, a list of token ids, or a list of either (a batch). */
+  #promptsOf(prompt: unknown): number[][] {
+    const one = (item: unknown): number[] | undefined => {
+      if (typeof item === 'string') return this.#tokenizer!.encode(item);
+      if (Array.isArray(item) && item.length > 0 && item.every((token) => Number.isInteger(token) && token >= 0)) return item as number[];
+      return undefined;
+    };
+    const single = one(prompt);
+    if (single) return [single];
+    const many = Array.isArray(prompt) && prompt.length > 0 && prompt.length <= MOST_PROMPTS ? prompt.map(one) : undefined;
+    if (!many || many.some((tokens) => tokens === undefined)) {
+      throw new HttpError(400, `prompt must be a string, a list of token ids, or a list of 1 to ${MOST_PROMPTS} of either (a batch)`);
+    }
+    return many as number[][];
   }
 
   /** A token's text as logprobs name it: its bytes read as UTF-8 (a piece of a character shows as U+FFFD), or a special token's content. */
@@ -420,7 +438,7 @@ export class OpenAIServer {
       const ids = beam.finishReason === 'stop' && replica.stopTokens.includes(beam.tokens.at(-1)!) ? beam.tokens.slice(0, -1) : beam.tokens;
       return { text: tokenizer.decode(ids.filter((id) => id < tokenizer.vocabSize)), tokens: beam.tokens.length, promptTokens: searched.promptTokens, finishReason: beam.finishReason === 'stop' ? 'stop' : 'length' };
     });
-    return { results, usage: usageOfAll(results) };
+    return { results, usage: usageOfAll([results]) };
   }
 
   #guide(spec: GuidedDecoding): TokenGuide {
@@ -547,10 +565,16 @@ export class IncrementalText {
 
 type Usage = { prompt_tokens: number; completion_tokens: number; total_tokens: number };
 
-/** The usage of a request's choices: the prompt once, every choice's tokens. */
-function usageOfAll(results: Completion[]): Usage {
-  const completion = results.reduce((sum, result) => sum + result.tokens, 0);
-  return { prompt_tokens: results[0].promptTokens, completion_tokens: completion, total_tokens: results[0].promptTokens + completion };
+/** The usage of a request's choices, grouped by prompt: each prompt once, every choice's tokens. */
+function usageOfAll(groups: Completion[][]): Usage {
+  const prompt = groups.reduce((sum, group) => sum + (group[0]?.promptTokens ?? 0), 0);
+  const completion = groups.reduce((sum, group) => sum + group.reduce((total, result) => total + result.tokens, 0), 0);
+  return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
+}
+
+/** Choices in prompt order, n to a prompt, as groups of each prompt's. */
+function byPrompt<T>(results: T[], n: number): T[][] {
+  return Array.from({ length: Math.ceil(results.length / n) }, (_, prompt) => results.slice(prompt * n, (prompt + 1) * n));
 }
 
 /**
@@ -560,6 +584,7 @@ function usageOfAll(results: Completion[]): Usage {
  */
 async function* eventStream(
   answers: Array<AsyncGenerator<Piece, Completion, undefined>>,
+  choicesPerPrompt: number,
   piece: (index: number, piece: Piece) => unknown,
   last: (index: number, result: Completion, usage: Usage | undefined) => unknown,
   first?: (index: number) => unknown,
@@ -575,7 +600,7 @@ async function* eventStream(
       if (step.done) {
         running.delete(index);
         results[index] = step.value;
-        yield event(last(index, step.value, running.size === 0 ? usageOfAll(results) : undefined));
+        yield event(last(index, step.value, running.size === 0 ? usageOfAll(byPrompt(results, choicesPerPrompt)) : undefined));
       } else {
         running.set(index, advance(index));
         yield event(piece(index, step.value));

@@ -146,6 +146,26 @@ describe('buildOpenAIApp', () => {
     expect(chunks.at(-1)!.usage).toEqual(whole.usage);
   });
 
+  it('completes a batch of prompts, each with its n choices in order, whole or streamed', async () => {
+    type Choices = { choices: Array<{ index: number; text: string }>; usage: Record<string, number> };
+    const request = { max_tokens: 6, temperature: 0.9, seed: 11, n: 2 };
+    const batch = (await (await post('/v1/completions', { ...request, prompt: ['Once upon', [5, 6, 7]] })).json()) as Choices;
+    expect(batch.choices.map((choice) => choice.index)).toEqual([0, 1, 2, 3]);
+    const first = (await (await post('/v1/completions', { ...request, prompt: 'Once upon' })).json()) as Choices;
+    const second = (await (await post('/v1/completions', { ...request, prompt: [5, 6, 7] })).json()) as Choices;
+    expect(batch.choices.map((choice) => choice.text)).toEqual([...first.choices, ...second.choices].map((choice) => choice.text));
+    expect(batch.usage.prompt_tokens).toBe(9 + 3);
+    expect(batch.usage.completion_tokens).toBe(first.usage.completion_tokens + second.usage.completion_tokens);
+    const chunks = (await events(await post('/v1/completions', { ...request, prompt: ['Once upon', [5, 6, 7]], stream: true }))).slice(0, -1) as Array<{ choices: Array<{ index: number; text: string }>; usage?: Record<string, number> }>;
+    const streamed = ['', '', '', ''];
+    for (const chunk of chunks) streamed[chunk.choices[0].index] += chunk.choices[0].text;
+    expect(streamed).toEqual(batch.choices.map((choice) => choice.text));
+    expect(chunks.at(-1)!.usage).toEqual(batch.usage);
+    const refused = await post('/v1/completions', { prompt: ['fine', 7] });
+    expect(refused.status).toBe(400);
+    expect(((await refused.json()) as { message: string }).message).toMatch(/prompt must be a string, a list of token ids, or a list of 1 to 256 of either/);
+  });
+
   it("reports each token's log-probability and the likeliest alternatives, in chat's shape and the completions' legacy one", async () => {
     type Legacy = { tokens: string[]; token_logprobs: number[]; top_logprobs: Array<Record<string, number>>; text_offset: number[] };
     const completion = (await (await post('/v1/completions', { prompt: 'Once upon', max_tokens: 8, temperature: 0, logprobs: 2 })).json()) as { choices: Array<{ text: string; logprobs: Legacy }> };
@@ -234,7 +254,7 @@ describe('buildOpenAIApp', () => {
       ['/v1/completions', { prompt: 'x', n: 0 }, 400, /n must be a whole number from 1 to 16, got 0/],
       ['/v1/completions', { prompt: 'x', logprobs: 21 }, 400, /logprobs must be a whole number from 0 to 20/],
       ['/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }], top_logprobs: 2 }, 400, /top_logprobs needs logprobs: true/],
-      ['/v1/completions', { prompt: 42 }, 400, /prompt must be a string or a list of token ids/],
+      ['/v1/completions', { prompt: 42 }, 400, /prompt must be a string, a list of token ids, or a list/],
       ['/v1/chat/completions', { messages: 'hi' }, 400, /messages must be an array/],
       ['/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }], response_format: { type: 'xml' } }, 400, /response_format.type must be/],
       ['/v1/nothing', {}, 404, /is not served/],
