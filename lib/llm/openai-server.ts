@@ -277,13 +277,13 @@ export class OpenAIServer {
       const guided = guidedOf(body);
       const answers = Array.from({ length: options.n }, (_, index) => this.#generate(tokens, body, guided, adapter, options, index));
       if (body.stream === true) {
-        yield* eventStream(
-          answers,
-          options.n,
-          (index, piece) => ({ ...head, choices: [{ index, delta: { content: piece.text }, finish_reason: null, ...(options.topLogprobs === undefined ? {} : { logprobs: logprobs(piece.logprobs) }) }] }),
-          (index, result, usage) => ({ ...head, choices: [{ index, delta: {}, finish_reason: result.finishReason }], ...(usage ? { usage } : {}) }),
-          (index) => ({ ...head, choices: [{ index, delta: { role: 'assistant', content: '' }, finish_reason: null }] }),
-        );
+        yield* eventStream(answers, {
+          choicesPerPrompt: options.n,
+          first: (index) => ({ ...head, choices: [{ index, delta: { role: 'assistant', content: '' }, finish_reason: null }] }),
+          piece: (index, piece) => ({ ...head, choices: [{ index, delta: { content: piece.text }, finish_reason: null, ...(options.topLogprobs === undefined ? {} : { logprobs: logprobs(piece.logprobs) }) }] }),
+          last: (index, result) => ({ ...head, choices: [{ index, delta: {}, finish_reason: result.finishReason }] }),
+          ...(streamUsage(body) ? { usage: (usage: Usage) => ({ ...head, choices: [], usage }) } : {}),
+        });
         return;
       }
       const results = await drainAll(answers);
@@ -315,16 +315,16 @@ export class OpenAIServer {
         const head = { id, object: 'text_completion', created, model };
         // Text offsets of a streamed choice run on from its earlier pieces.
         const offsets = new Array<number>(answers.length).fill(0);
-        yield* eventStream(
-          answers,
-          options.n,
-          (index, piece) => {
+        yield* eventStream(answers, {
+          choicesPerPrompt: options.n,
+          piece: (index, piece) => {
             const logprobs = this.#completionLogprobs(piece.logprobs, options.topLogprobs, offsets[index]);
             offsets[index] += piece.text.length;
             return { ...head, choices: [{ index, text: piece.text, finish_reason: null, logprobs }] };
           },
-          (index, result, usage) => ({ ...head, choices: [{ index, text: '', finish_reason: result.finishReason, logprobs: null }], ...(usage ? { usage } : {}) }),
-        );
+          last: (index, result) => ({ ...head, choices: [{ index, text: '', finish_reason: result.finishReason, logprobs: null }] }),
+          ...(streamUsage(body) ? { usage: (usage: Usage) => ({ ...head, choices: [], usage }) } : {}),
+        });
         return;
       }
       const results = await drainAll(answers);
@@ -577,20 +577,27 @@ function byPrompt<T>(results: T[], n: number): T[][] {
   return Array.from({ length: Math.ceil(results.length / n) }, (_, prompt) => results.slice(prompt * n, (prompt + 1) * n));
 }
 
+/** How a stream's events are made from its choices' pieces. */
+interface StreamShape {
+  /** Choices to a prompt (n): the usage counts each prompt once. */
+  choicesPerPrompt: number;
+  /** A choice's first event, before any text (chat's role). */
+  first?(index: number): unknown;
+  piece(index: number, piece: Piece): unknown;
+  /** A choice's last event: why it ended. */
+  last(index: number, result: Completion): unknown;
+  /** With stream_options.include_usage: the event that carries the usage, after every choice ended. */
+  usage?(usage: Usage): unknown;
+}
+
 /**
- * A request's choices streamed as OpenAI streams them: the event-stream head, `first` of each
- * choice if given, an event per piece of text as any choice makes one, an event as each ends
- * (with the usage of all on the last), then [DONE]. Where one fails, the others are stopped.
+ * A request's choices streamed as OpenAI streams them: the event-stream head, each choice's
+ * first event if any, an event per piece of text as any choice makes one, an event as each
+ * ends, the usage if asked, then [DONE]. Where one fails, the others are stopped.
  */
-async function* eventStream(
-  answers: Array<AsyncGenerator<Piece, Completion, undefined>>,
-  choicesPerPrompt: number,
-  piece: (index: number, piece: Piece) => unknown,
-  last: (index: number, result: Completion, usage: Usage | undefined) => unknown,
-  first?: (index: number) => unknown,
-): AsyncGenerator<unknown, void, undefined> {
+async function* eventStream(answers: Array<AsyncGenerator<Piece, Completion, undefined>>, shape: StreamShape): AsyncGenerator<unknown, void, undefined> {
   yield new HttpResponse(undefined, { headers: { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' } });
-  if (first) for (let index = 0; index < answers.length; index++) yield event(first(index));
+  if (shape.first) for (let index = 0; index < answers.length; index++) yield event(shape.first(index));
   const advance = (index: number) => answers[index].next().then((step) => ({ index, step }));
   const running = new Map(answers.map((_, index) => [index, advance(index)]));
   const results: Completion[] = [];
@@ -600,17 +607,26 @@ async function* eventStream(
       if (step.done) {
         running.delete(index);
         results[index] = step.value;
-        yield event(last(index, step.value, running.size === 0 ? usageOfAll(byPrompt(results, choicesPerPrompt)) : undefined));
+        yield event(shape.last(index, step.value));
       } else {
         running.set(index, advance(index));
-        yield event(piece(index, step.value));
+        yield event(shape.piece(index, step.value));
       }
     }
   } finally {
     // A failed choice, or a client gone: the others' sequences end at their next token.
     await Promise.allSettled([...running.keys()].map((index) => answers[index].return(undefined as never)));
   }
+  if (shape.usage) yield event(shape.usage(usageOfAll(byPrompt(results, shape.choicesPerPrompt))));
   yield event('[DONE]');
+}
+
+/** Whether a streamed request asks for its usage at the end (OpenAI's stream_options.include_usage). */
+function streamUsage(body: Record<string, unknown>): boolean {
+  const options = body.stream_options;
+  if (options === undefined || options === null) return false;
+  if (typeof options !== 'object' || Array.isArray(options)) throw new HttpError(400, `stream_options must be an object, got ${JSON.stringify(options)}`);
+  return field<boolean>(options as Record<string, unknown>, 'include_usage', (value) => typeof value === 'boolean', 'a boolean') ?? false;
 }
 
 async function drain<T>(pieces: AsyncGenerator<Piece, T, undefined>): Promise<T> {

@@ -134,16 +134,20 @@ describe('buildOpenAIApp', () => {
     expect(new Set(three.choices.map((choice) => choice.text)).size).toBeGreaterThan(1);
     // The prompt counted once, every choice's tokens.
     expect(three.usage).toEqual({ prompt_tokens: 9, completion_tokens: generated, total_tokens: 9 + generated });
-    // Streamed: chunks of both choices, each choice's text as the whole answer has it, the usage once at the end.
+    // Streamed: chunks of both choices, each choice's text as the whole answer has it; the usage
+    // once at the end, in a chunk of no choices, where stream_options ask for it.
     const messages = [{ role: 'user', content: 'Say hi' }];
     const chat = { messages, max_tokens: 8, temperature: 0.9, seed: 3, n: 2 };
     const whole = (await (await post('/v1/chat/completions', chat)).json()) as { choices: Array<{ message: { content: string } }>; usage: Record<string, number> };
-    const chunks = (await events(await post('/v1/chat/completions', { ...chat, stream: true }))).slice(0, -1) as Array<{ choices: Array<{ index: number; delta: { content?: string } }>; usage?: Record<string, number> }>;
+    type Chunk = { choices: Array<{ index: number; delta: { content?: string } }>; usage?: Record<string, number> };
+    const chunks = (await events(await post('/v1/chat/completions', { ...chat, stream: true, stream_options: { include_usage: true } }))).slice(0, -1) as Chunk[];
     const streamed = ['', ''];
-    for (const chunk of chunks) streamed[chunk.choices[0].index] += chunk.choices[0].delta.content ?? '';
+    for (const chunk of chunks.slice(0, -1)) streamed[chunk.choices[0].index] += chunk.choices[0].delta.content ?? '';
     expect(streamed).toEqual(whole.choices.map((choice) => choice.message.content));
-    expect(chunks.filter((chunk) => chunk.usage)).toEqual([expect.objectContaining({ usage: whole.usage })]);
-    expect(chunks.at(-1)!.usage).toEqual(whole.usage);
+    expect(chunks.filter((chunk) => chunk.usage)).toHaveLength(1);
+    expect(chunks.at(-1)).toMatchObject({ choices: [], usage: whole.usage });
+    const unasked = (await events(await post('/v1/chat/completions', { ...chat, stream: true }))).slice(0, -1) as Chunk[];
+    expect(unasked.some((chunk) => chunk.usage !== undefined || chunk.choices.length === 0)).toBe(false);
   });
 
   it('completes a batch of prompts, each with its n choices in order, whole or streamed', async () => {
@@ -156,9 +160,9 @@ describe('buildOpenAIApp', () => {
     expect(batch.choices.map((choice) => choice.text)).toEqual([...first.choices, ...second.choices].map((choice) => choice.text));
     expect(batch.usage.prompt_tokens).toBe(9 + 3);
     expect(batch.usage.completion_tokens).toBe(first.usage.completion_tokens + second.usage.completion_tokens);
-    const chunks = (await events(await post('/v1/completions', { ...request, prompt: ['Once upon', [5, 6, 7]], stream: true }))).slice(0, -1) as Array<{ choices: Array<{ index: number; text: string }>; usage?: Record<string, number> }>;
+    const chunks = (await events(await post('/v1/completions', { ...request, prompt: ['Once upon', [5, 6, 7]], stream: true, stream_options: { include_usage: true } }))).slice(0, -1) as Array<{ choices: Array<{ index: number; text: string }>; usage?: Record<string, number> }>;
     const streamed = ['', '', '', ''];
-    for (const chunk of chunks) streamed[chunk.choices[0].index] += chunk.choices[0].text;
+    for (const chunk of chunks.slice(0, -1)) streamed[chunk.choices[0].index] += chunk.choices[0].text;
     expect(streamed).toEqual(batch.choices.map((choice) => choice.text));
     expect(chunks.at(-1)!.usage).toEqual(batch.usage);
     const refused = await post('/v1/completions', { prompt: ['fine', 7] });
@@ -253,6 +257,7 @@ describe('buildOpenAIApp', () => {
       ['/v1/completions', { prompt: 'x', model: 7 }, 400, /model must be a model's name, got 7/],
       ['/v1/completions', { prompt: 'x', n: 0 }, 400, /n must be a whole number from 1 to 16, got 0/],
       ['/v1/completions', { prompt: 'x', logprobs: 21 }, 400, /logprobs must be a whole number from 0 to 20/],
+      ['/v1/completions', { prompt: 'x', stream: true, stream_options: { include_usage: 'yes' } }, 400, /include_usage must be a boolean/],
       ['/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }], top_logprobs: 2 }, 400, /top_logprobs needs logprobs: true/],
       ['/v1/completions', { prompt: 42 }, 400, /prompt must be a string, a list of token ids, or a list/],
       ['/v1/chat/completions', { messages: 'hi' }, 400, /messages must be an array/],
