@@ -106,6 +106,19 @@ function samplingOf(body: Record<string, unknown>): SamplingParameters {
   if (presence !== undefined) sampling.presencePenalty = presence;
   const frequency = field<number>(body, 'frequency_penalty', (value) => isNumber(value) && Math.abs(value as number) <= 2, 'a number from -2 to 2');
   if (frequency !== undefined) sampling.frequencyPenalty = frequency;
+  // vLLM's extra sampling fields.
+  const minP = field<number>(body, 'min_p', (value) => isNumber(value) && (value as number) >= 0 && (value as number) <= 1, 'a number from 0 to 1');
+  if (minP !== undefined) sampling.minP = minP;
+  const repetition = field<number>(body, 'repetition_penalty', (value) => isNumber(value) && (value as number) > 0, 'a number above 0');
+  if (repetition !== undefined) sampling.repetitionPenalty = repetition;
+  const bias = field<Record<string, unknown>>(body, 'logit_bias', (value) => typeof value === 'object' && !Array.isArray(value), 'an object of token ids to biases');
+  if (bias !== undefined) {
+    sampling.logitBias = {};
+    for (const [token, value] of Object.entries(bias)) {
+      if (!/^[0-9]+$/.test(token) || !isNumber(value) || Math.abs(value as number) > 100) throw new HttpError(400, `logit_bias maps token ids to numbers from -100 to 100, got ${JSON.stringify(token)}: ${JSON.stringify(value)}`);
+      sampling.logitBias[Number(token)] = value as number;
+    }
+  }
   return sampling;
 }
 

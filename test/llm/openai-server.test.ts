@@ -150,6 +150,21 @@ describe('buildOpenAIApp', () => {
     expect(unasked.some((chunk) => chunk.usage !== undefined || chunk.choices.length === 0)).toBe(false);
   });
 
+  it("takes OpenAI's logit_bias and vLLM's min_p and repetition_penalty", async () => {
+    type Legacy = { choices: Array<{ text: string; logprobs: { tokens: string[] } }> };
+    const ask = async (extra: object) => (await (await post('/v1/completions', { prompt: 'Once upon', max_tokens: 5, temperature: 0, logprobs: 0, ...extra })).json()) as Legacy;
+    // A bias of +100 on one token forces it at every position.
+    const forced = await ask({ logit_bias: { 100: 100 } });
+    expect(new Set(forced.choices[0].logprobs.tokens).size).toBe(1);
+    const greedy = await ask({});
+    expect(forced.choices[0].text).not.toBe(greedy.choices[0].text);
+    // Greedy picks are the most likely token whatever min_p; a repetition penalty of 1 changes nothing.
+    expect((await ask({ min_p: 0.5, repetition_penalty: 1 })).choices[0].text).toBe(greedy.choices[0].text);
+    const refused = await post('/v1/completions', { prompt: 'x', logit_bias: { x: 1 } });
+    expect(refused.status).toBe(400);
+    expect(((await refused.json()) as { message: string }).message).toMatch(/logit_bias maps token ids to numbers from -100 to 100/);
+  });
+
   it('completes a batch of prompts, each with its n choices in order, whole or streamed', async () => {
     type Choices = { choices: Array<{ index: number; text: string }>; usage: Record<string, number> };
     const request = { max_tokens: 6, temperature: 0.9, seed: 11, n: 2 };
