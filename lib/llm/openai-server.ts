@@ -77,6 +77,7 @@ const MOST_CHOICES = 16;
 const MOST_PROMPTS = 256;
 
 const encoder = new TextEncoder();
+const decoder = new TextDecoder();
 const now = () => Math.floor(Date.now() / 1000);
 let counter = 0;
 const requestId = (kind: string) => `${kind}-${process.pid.toString(36)}${(counter++).toString(36)}${Date.now().toString(36)}`;
@@ -373,7 +374,7 @@ export class OpenAIServer {
   #tokenText(token: number): { text: string; bytes: number[] } {
     const tokenizer = this.#tokenizer!;
     const bytes = token < tokenizer.vocabSize ? tokenizer.tokenBytes(token) : undefined;
-    if (bytes) return { text: new TextDecoder().decode(bytes), bytes: [...bytes] };
+    if (bytes) return { text: decoder.decode(bytes), bytes: [...bytes] };
     const text = token < tokenizer.vocabSize ? tokenizer.decode([token]) : '';
     return { text, bytes: [...encoder.encode(text)] };
   }

@@ -656,8 +656,7 @@ export class ModelReplica {
     const options = checkBeamSearch(request, what);
     const prompt = this.#checkPrompt(request, what, false);
     const maxNewTokens = positiveInteger(request.maxNewTokens, `${what}: maxNewTokens`, 16);
-    const stopTokens = request.stopTokens ?? this.#stopTokens;
-    if (!Array.isArray(stopTokens) || stopTokens.some((token) => !Number.isInteger(token))) throw new InvalidArgumentError(`${what}: stopTokens must be an array of token ids`, 'ERR_PROMPT');
+    const stopTokens = this.#stopTokensOf(request, what);
     this.#adapterOf(request.adapter, what);
     const adapter = request.adapter === undefined ? {} : { adapter: request.adapter };
     // Each step's requests generate one token (whichever: its stop tokens are none) for the top log-probabilities there.
@@ -907,11 +906,17 @@ export class ModelReplica {
     return prompt;
   }
 
+  /** A request's stop tokens (the replica's where it names none), checked. */
+  #stopTokensOf(request: { stopTokens?: number[] }, what: string): number[] {
+    const stopTokens = request.stopTokens ?? this.#stopTokens;
+    if (!Array.isArray(stopTokens) || stopTokens.some((token) => !Number.isInteger(token))) throw new InvalidArgumentError(`${what}: stopTokens must be an array of token ids`, 'ERR_PROMPT');
+    return stopTokens;
+  }
+
   #checkRequest(request: GenerateRequest, index: number): Omit<Sequence, 'finish' | 'fail'> {
     const what = `request ${index}`;
     const prompt = this.#checkPrompt(request, what, false);
-    const stopTokens = request.stopTokens ?? this.#stopTokens;
-    if (!Array.isArray(stopTokens) || stopTokens.some((token) => !Number.isInteger(token))) throw new InvalidArgumentError(`${what}: stopTokens must be an array of token ids`, 'ERR_PROMPT');
+    const stopTokens = this.#stopTokensOf(request, what);
     if (request.stop !== undefined && typeof request.stop !== 'function') throw new InvalidArgumentError(`${what}: stop must be a function of the generated tokens`, 'ERR_PROMPT');
     if (request.logprobs !== undefined && typeof request.logprobs !== 'boolean') throw new InvalidArgumentError(`${what}: logprobs must be a boolean`, 'ERR_PROMPT');
     if (request.promptLogprobs !== undefined && typeof request.promptLogprobs !== 'boolean') throw new InvalidArgumentError(`${what}: promptLogprobs must be a boolean`, 'ERR_PROMPT');
