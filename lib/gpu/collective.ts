@@ -106,11 +106,13 @@ export async function createCollectiveGroup(actors: ReadonlyArray<{ readonly act
     uniqueId = (await get(runtime.submitActorTask(actorIds[0], '__trellis_nccl_unique_id', []))) as Uint8Array;
   }
   try {
-    // Every rank joins at once: NCCL's init returns only when all ranks are in.
+    // Every rank joins at once: NCCL's init returns only when all ranks are in. The first rank to
+    // fail is the cause: the others then wait in NCCL's init until their timeout, and an error of
+    // theirs, read first, would hide it (a dead rank 1 reported as rank 0's timeout a minute later).
     const joins = actorIds.map((actorId, rank) =>
       runtime.submitActorTask(actorId, '__trellis_join_group', [{ name, backend, rank, size, segment, uniqueId, timeout } satisfies JoinConfig]),
     );
-    await get(joins);
+    await Promise.all(joins.map((join) => get(join)));
   } catch (error) {
     if (segment) removeCpuGroupSegment(segment);
     throw error;

@@ -290,6 +290,20 @@ describe.skipIf(!driver)(`CUDA tensors between actors on one GPU (${driver ?? `s
     }
   });
 
+  it.skipIf(!twoRanks)(`fails a group's creation with its dead member's error at once, not with the survivors' NCCL timeout${twoRanks ? '' : ' (skipped: needs two GPUs)'}`, async () => {
+    // Rank 0 waits in NCCL's init for rank 1, which is dead: the group fails with rank 1's death,
+    // long before rank 0's init would time out (past this test's own timeout).
+    const waiting = RemoteConsumer.options({ numGpus: 0 }).remote();
+    const dead = RemoteConsumer.options({ numGpus: 0 }).remote();
+    try {
+      await get([waiting.mappings.remote(), dead.mappings.remote()]);
+      kill(dead);
+      await expect(createCollectiveGroup([waiting, dead], { backend: 'nccl', name: 'half-dead', timeout: 600_000 })).rejects.toMatchObject({ name: 'ActorDiedError' });
+    } finally {
+      kill(waiting);
+    }
+  }, 30_000);
+
   it("goes through the store when asked, back onto the reader's GPU; the driver's get() copies to host", async () => {
     using stored = producer.make.options({ tensorTransport: 'store' }).remote(2 * MiB, 4);
     expect(await get(consumer.inspect.remote(stored))).toEqual([{ device: 'cuda:0', imported: false, numel: 2 * MiB, sum: 8 * MiB }]);
