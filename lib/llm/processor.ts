@@ -91,6 +91,12 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
    */
   promptLogprobs?: boolean;
   /**
+   * Rows also gain `promptTopLogprobs` (and `promptLogprobs`): per prompt token after the first,
+   * the k most likely tokens at its place ({ token, logprob, text }; most likely first; k from 1
+   * to 20), so that a harness can tell whether each prompt token was the model's greedy pick.
+   */
+  promptTopLogprobs?: number;
+  /**
    * The answer must be one of these texts (vLLM's guided choice; text prompts and conversations):
    * each token is picked among those that continue some choice as the tokenizer spells it, by the
    * sampling (greedy: the most likely choice, token by token). generatedText is the choice.
@@ -252,6 +258,11 @@ export class LLMEngine {
   #text(tokens: readonly number[]): string {
     const tokenizer = this.#tokenizer!;
     return tokenizer.decode(tokens.filter((token) => token < tokenizer.vocabSize));
+  }
+
+  /** A position's likeliest tokens as rows carry them: with their text where the engine has a tokenizer. */
+  #namedAlternatives(entries: Array<{ token: number; logprob: number }>): Array<{ token: number; logprob: number; text?: string }> {
+    return entries.map((entry) => ({ ...entry, ...(this.#tokenizer ? { text: this.#text([entry.token]) } : {}) }));
   }
 
   /**
@@ -540,9 +551,8 @@ export class LLMEngine {
         promptTokens: generation.promptTokens,
         ...(generation.logprobs ? { generatedLogprobs: generation.logprobs } : {}),
         ...(generation.promptLogprobs ? { promptLogprobs: generation.promptLogprobs } : {}),
-        ...(generation.topLogprobs
-          ? { generatedTopLogprobs: generation.topLogprobs.map((entries) => entries.map((entry) => ({ ...entry, ...(this.#tokenizer ? { text: this.#text([entry.token]) } : {}) }))) }
-          : {}),
+        ...(generation.promptTopLogprobs ? { promptTopLogprobs: generation.promptTopLogprobs.map((entries) => this.#namedAlternatives(entries)) } : {}),
+        ...(generation.topLogprobs ? { generatedTopLogprobs: generation.topLogprobs.map((entries) => this.#namedAlternatives(entries)) } : {}),
         ...(record ? { error: null } : {}),
       }));
     });
@@ -570,6 +580,7 @@ export class LLMEngine {
       ...stopTokens,
       ...this.#adapterOf(row),
       ...(this.#options.promptLogprobs ? { promptLogprobs: true } : {}),
+      ...(this.#options.promptTopLogprobs ? { promptTopLogprobs: this.#options.promptTopLogprobs } : {}),
       ...(this.#options.topLogprobs ? { topLogprobs: this.#options.topLogprobs } : {}),
     }));
   }
@@ -603,6 +614,10 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
   }
   if (engine.logprobs !== undefined && typeof engine.logprobs !== 'boolean') throw new InvalidArgumentError('logprobs must be a boolean');
   if (engine.promptLogprobs !== undefined && typeof engine.promptLogprobs !== 'boolean') throw new InvalidArgumentError('promptLogprobs must be a boolean');
+  for (const name of ['topLogprobs', 'promptTopLogprobs'] as const) {
+    const k = engine[name];
+    if (k !== undefined && (!Number.isInteger(k) || k < 1 || k > 20)) throw new InvalidArgumentError(`${name} must be an integer from 1 to 20, got ${String(k)}`);
+  }
   if (engine.truncatePromptTokens !== undefined && (!Number.isInteger(engine.truncatePromptTokens) || engine.truncatePromptTokens < 1)) {
     throw new InvalidArgumentError(`truncatePromptTokens must be a positive integer, got ${String(engine.truncatePromptTokens)}`);
   }
@@ -637,7 +652,7 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
     checkBeamSearch(engine.beamSearch);
     if (engine.task !== undefined && engine.task !== 'generate') throw new InvalidArgumentError(`beamSearch generates: task '${engine.task}' does not`, 'ERR_BEAM_SEARCH');
     if (engine.sampling !== undefined) throw new InvalidArgumentError('beamSearch picks by log-probability alone: drop sampling', 'ERR_BEAM_SEARCH');
-    const refused = (['guidedDecoding', 'choices', 'stop', 'minNewTokens', 'logprobs', 'topLogprobs', 'promptLogprobs', 'samplesPerPrompt', 'reasoning'] as const).filter((name) => engine[name] !== undefined);
+    const refused = (['guidedDecoding', 'choices', 'stop', 'minNewTokens', 'logprobs', 'topLogprobs', 'promptLogprobs', 'promptTopLogprobs', 'samplesPerPrompt', 'reasoning'] as const).filter((name) => engine[name] !== undefined);
     if (refused.length > 0) throw new InvalidArgumentError(`beamSearch does not take ${refused.join(', ')}`, 'ERR_BEAM_SEARCH');
   }
   const steps = engine.stepsInFlight ?? engine.pipelineParallel ?? 1;

@@ -181,6 +181,12 @@ export interface GenerateRequest {
    * from a cached prefix.
    */
   promptLogprobs?: boolean;
+  /**
+   * With promptLogprobs (which this implies): the k most likely tokens at each prompt position
+   * too, 1 to 20 (vLLM's prompt_logprobs=k; an evaluation harness asks whether each prompt token
+   * was the model's greedy pick).
+   */
+  promptTopLogprobs?: number;
 }
 
 export interface Generation {
@@ -192,6 +198,8 @@ export interface Generation {
   logprobs?: number[];
   /** When asked: the log-probability of prompt tokens 1 to n-1, each given those before it. */
   promptLogprobs?: number[];
+  /** When asked: for prompt tokens 1 to n-1, as promptLogprobs, the k most likely tokens at that place (most likely first). */
+  promptTopLogprobs?: Array<Array<{ token: number; logprob: number }>>;
   /** When asked: per generated token, the k most likely tokens there (most likely first) and their log-probabilities. */
   topLogprobs?: Array<Array<{ token: number; logprob: number }>>;
 }
@@ -295,6 +303,8 @@ interface Sequence {
   logprobs: number[] | undefined;
   /** Prompt scoring: the log-probability of prompt token i + 1 at index i, filled as the prompt is read. */
   promptLogprobs?: number[];
+  /** How many most likely tokens to report per prompt position, and those (index i: before prompt token i + 1). */
+  promptTop?: { k: number; list: Array<Array<{ token: number; logprob: number }>> };
   /** How many most likely tokens to report per generated token, and those reported so far. */
   top?: { k: number; list: Array<Array<{ token: number; logprob: number }>> };
   /** An embedding request: pooled when its prompt is read, no token generated. */
@@ -924,6 +934,11 @@ export class ModelReplica {
     if (topK !== undefined && (typeof topK !== 'number' || !Number.isInteger(topK) || topK < 1 || topK > 20)) {
       throw new InvalidArgumentError(`${what}: topLogprobs must be an integer from 1 to 20, got ${String(topK)}`, 'ERR_PROMPT');
     }
+    const promptTopK = request.promptTopLogprobs;
+    if (promptTopK !== undefined && (typeof promptTopK !== 'number' || !Number.isInteger(promptTopK) || promptTopK < 1 || promptTopK > 20)) {
+      throw new InvalidArgumentError(`${what}: promptTopLogprobs must be an integer from 1 to 20, got ${String(promptTopK)}`, 'ERR_PROMPT');
+    }
+    if (promptTopK !== undefined && request.promptLogprobs === false) throw new InvalidArgumentError(`${what}: promptTopLogprobs asks for prompt logprobs, but promptLogprobs is false`, 'ERR_PROMPT');
     let allowed: Int32Array | TokenMask | undefined;
     if (request.constraint !== undefined) {
       if (typeof request.constraint !== 'function') throw new InvalidArgumentError(`${what}: constraint must be a function of the generated tokens`, 'ERR_CONSTRAINT');
@@ -947,7 +962,8 @@ export class ModelReplica {
       stop: request.stop,
       sampling: checkSampling(request.sampling, what),
       logprobs: request.logprobs ? [] : undefined,
-      ...(request.promptLogprobs ? { promptLogprobs: new Array<number>(Math.max(0, prompt.length - 1)).fill(NaN) } : {}),
+      ...(request.promptLogprobs || promptTopK ? { promptLogprobs: new Array<number>(Math.max(0, prompt.length - 1)).fill(NaN) } : {}),
+      ...(promptTopK ? { promptTop: { k: promptTopK, list: Array.from({ length: Math.max(0, prompt.length - 1) }, () => []) } } : {}),
       ...(topK ? { top: { k: topK, list: [] } } : {}),
       past: 0,
       reserved: 0,
@@ -1003,7 +1019,7 @@ export class ModelReplica {
           ...this.#allowedPart(proposal?.masks ? proposal.allowed : sequence.allowed, prefill),
           ...(proposal?.masks ? { draftMasks: proposal.masks } : {}),
           ...(!prefill && sequence.generated.length < sequence.minNewTokens && sequence.stopTokens.size > 0 ? { banned: Int32Array.from(sequence.stopTokens) } : {}),
-          ...(sequence.promptLogprobs && sequence.past < sequence.prompt.length - 1 ? { targets: this.#targetsOf(sequence, count) } : {}),
+          ...(sequence.promptLogprobs && sequence.past < sequence.prompt.length - 1 ? { targets: this.#targetsOf(sequence, count), ...(sequence.promptTop ? { targetsTop: sequence.promptTop.k } : {}) } : {}),
         });
         sequence.copyFrom = undefined;
         sequence.stale = 0;
@@ -1088,13 +1104,24 @@ export class ModelReplica {
     if (this.#broken) return; // its sequences were failed with the replica
     let scored = 0;
     let draftOffset = 0;
+    // Prompt alternatives are [scored positions, width], width the largest k the step asked.
+    const promptWidth = result.promptTopTokens && result.promptLogprobs ? result.promptTopTokens.length / result.promptLogprobs.length : 0;
     chosen.forEach((sequence, index) => {
       sequence.inFlight = false;
       const part = parts[index];
       if (part.targets) {
         for (let position = 0; position < part.count; position++) {
           const at = part.past + position;
-          if (at < sequence.prompt.length - 1) sequence.promptLogprobs![at] = result.promptLogprobs![scored + position];
+          if (at >= sequence.prompt.length - 1) continue;
+          sequence.promptLogprobs![at] = result.promptLogprobs![scored + position];
+          if (sequence.promptTop) {
+            const entries: Array<{ token: number; logprob: number }> = [];
+            for (let rank = 0; rank < sequence.promptTop.k; rank++) {
+              const candidate = result.promptTopTokens![(scored + position) * promptWidth + rank];
+              if (candidate >= 0) entries.push({ token: candidate, logprob: result.promptTopLogprobs![(scored + position) * promptWidth + rank] });
+            }
+            sequence.promptTop.list[at] = entries;
+          }
         }
         scored += part.count;
       }
@@ -1178,6 +1205,7 @@ export class ModelReplica {
         promptTokens: sequence.prompt.length,
         ...(sequence.logprobs ? { logprobs: sequence.logprobs } : {}),
         ...(sequence.promptLogprobs ? { promptLogprobs: sequence.promptLogprobs } : {}),
+        ...(sequence.promptTop ? { promptTopLogprobs: sequence.promptTop.list } : {}),
         ...(sequence.top ? { topLogprobs: sequence.top.list } : {}),
       });
       return true;

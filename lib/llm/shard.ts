@@ -62,6 +62,8 @@ export interface StepSequence {
    * (-1 where none does); the log-probability of each comes back in `promptLogprobs`.
    */
   targets?: Int32Array;
+  /** With targets: the k most likely tokens at each scored position too (vLLM's prompt_logprobs=k), in `promptTopTokens`. */
+  targetsTop?: number;
 }
 
 /** What every stage of a step sees; the first stage reads `tokens`, the others `hidden`. */
@@ -100,6 +102,13 @@ export interface StepResult {
   embeddings?: Float32Array;
   /** For the sequences with targets, in order, `count` values each: each target's log-probability (NaN for -1). */
   promptLogprobs?: Float32Array;
+  /**
+   * When a sequence with targets asks for its k most likely tokens there (targetsTop): [scored
+   * positions, k] ids (most likely first; -1 pads) and their log-probabilities, laid out as
+   * promptLogprobs, k the largest any sequence of the step asked.
+   */
+  promptTopTokens?: Int32Array;
+  promptTopLogprobs?: Float32Array;
   /**
    * When a sequence asks for its k most likely tokens: [sequences, k] ids (most likely first; -1
    * pads) and their log-probabilities, k the largest any sequence of the step asked.
@@ -301,7 +310,7 @@ export class DecoderShard {
     const all = message.logits ? new Float32Array(message.sequences.length * config.vocabSize) : undefined;
     const logprobs = message.sequences.some((sequence) => sequence.logprobs) ? new Float32Array(message.sequences.length).fill(NaN) : undefined;
     const embeddings = message.sequences.some((sequence) => sequence.pooling) ? this.#pool(hidden, message.sequences) : undefined;
-    const promptLogprobs = await this.#promptLogprobs(hidden, message.sequences);
+    const scored = await this.#promptLogprobs(hidden, message.sequences);
     const topK = Math.max(0, ...message.sequences.map((sequence) => sequence.topLogprobs ?? 0));
     const top = topK > 0 ? { k: topK, tokens: new Int32Array(message.sequences.length * topK).fill(-1), logprobs: new Float32Array(message.sequences.length * topK).fill(NaN) } : undefined;
     const tokens = await this.#nextTokens(hidden, message.sequences, all, logprobs, top);
@@ -313,7 +322,7 @@ export class DecoderShard {
       ...(all ? { logits: all } : {}),
       ...(logprobs ? { logprobs } : {}),
       ...(embeddings ? { embeddings } : {}),
-      ...(promptLogprobs ? { promptLogprobs } : {}),
+      ...(scored ? { promptLogprobs: scored.logprobs, ...(scored.top ? { promptTopTokens: scored.top.tokens, promptTopLogprobs: scored.top.logprobs } : {}) } : {}),
       ...(top ? { topTokens: top.tokens, topLogprobs: top.logprobs } : {}),
     };
   }
@@ -430,12 +439,14 @@ export class DecoderShard {
   }
 
   /**
-   * Log-probabilities of the prompt's next tokens at the positions that ask. The head runs over
-   * those rows; each rank reduces its slice of the vocabulary to three numbers per row (its
-   * largest logit, the sum of exponentials below it, the target's logit if the slice holds it),
-   * so the ranks exchange those rather than whole rows of logits.
+   * Log-probabilities of the prompt's next tokens at the positions that ask, and where asked the
+   * k most likely tokens there. The head runs over those rows; each rank reduces its slice of the
+   * vocabulary to a few numbers per row (its largest logit, the sum of exponentials below it, the
+   * target's logit if the slice holds it, and its own k largest logits with their ids), so the
+   * ranks exchange those rather than whole rows of logits: the true k most likely are among the
+   * ranks' k each.
    */
-  async #promptLogprobs(hidden: Float32Array, sequences: StepSequence[]): Promise<Float32Array | undefined> {
+  async #promptLogprobs(hidden: Float32Array, sequences: StepSequence[]): Promise<{ logprobs: Float32Array; top?: { k: number; tokens: Int32Array; logprobs: Float32Array } } | undefined> {
     if (!sequences.some((sequence) => sequence.targets)) return undefined;
     const { config } = this;
     const { plan } = this.spec;
@@ -443,6 +454,7 @@ export class DecoderShard {
     const rows: number[] = [];
     const targets: number[] = [];
     const places: number[] = [];
+    const wanted: number[] = [];
     let row = 0;
     let place = 0;
     for (const sequence of sequences) {
@@ -453,14 +465,17 @@ export class DecoderShard {
             rows.push(row + index);
             targets.push(target);
             places.push(place + index);
+            wanted.push(sequence.targetsTop ?? 0);
           }
         }
         place += sequence.count;
       }
       row += sequence.count;
     }
+    const k = Math.max(0, ...sequences.map((sequence) => (sequence.targets ? (sequence.targetsTop ?? 0) : 0)));
     const out = new Float32Array(place).fill(NaN);
-    if (rows.length === 0) return out;
+    const top = k > 0 ? { k, tokens: new Int32Array(place * k).fill(-1), logprobs: new Float32Array(place * k).fill(NaN) } : undefined;
+    if (rows.length === 0) return { logprobs: out, ...(top ? { top } : {}) };
     const normed = new Float32Array(rows.length * size);
     rows.forEach((source, index) => normed.set(hidden.subarray(source * size, (source + 1) * size), index * size));
     this.#norm(normed, normed, this.#weights.finalNorm!, rows.length);
@@ -468,7 +483,10 @@ export class DecoderShard {
     const first = this.spec.rank * slice;
     const valid = Math.max(0, Math.min(slice, config.vocabSize - first));
     const local = this.#headMatmul(normed, rows.length);
-    const stats = new Float32Array(rows.length * 3);
+    // Per row: maximum, sum of exponentials, target's logit, then k (id, logit) pairs (ids below 2^24 are exact in f32).
+    const stride = 3 + 2 * k;
+    const stats = new Float32Array(rows.length * stride);
+    const largest = new Int32Array(k);
     for (let index = 0; index < rows.length; index++) {
       const logits = local.subarray(index * slice, index * slice + valid);
       let maximum = -Infinity;
@@ -476,29 +494,53 @@ export class DecoderShard {
       let sum = 0;
       for (const value of logits) sum += Math.exp(value - maximum);
       const target = targets[index] - first;
-      stats.set([maximum, sum, target >= 0 && target < valid ? logits[target] : -Infinity], index * 3);
+      const at = index * stride;
+      stats.set([maximum, sum, target >= 0 && target < valid ? logits[target] : -Infinity], at);
+      const kept = wanted[index] > 0 ? keepLargest(logits, wanted[index], largest) : 0;
+      for (let rank = 0; rank < k; rank++) {
+        stats[at + 3 + 2 * rank] = rank < kept ? first + largest[rank] : -1;
+        stats[at + 4 + 2 * rank] = rank < kept ? logits[largest[rank]] : -Infinity;
+      }
     }
     let gathered = stats;
     if (plan.tensorParallel > 1) {
       gathered = new Float32Array(plan.tensorParallel * stats.length);
       await this.#allgather(stats, gathered);
     }
+    const candidates = k > 0 ? new Float32Array(plan.tensorParallel * k) : undefined;
+    const candidateIds = k > 0 ? new Int32Array(plan.tensorParallel * k) : undefined;
+    const best = new Int32Array(k);
     for (let index = 0; index < rows.length; index++) {
       let maximum = -Infinity;
       let target = -Infinity;
       for (let rank = 0; rank < plan.tensorParallel; rank++) {
-        const at = (rank * rows.length + index) * 3;
+        const at = (rank * rows.length + index) * stride;
         maximum = Math.max(maximum, gathered[at]);
         target = Math.max(target, gathered[at + 2]);
       }
       let sum = 0;
       for (let rank = 0; rank < plan.tensorParallel; rank++) {
-        const at = (rank * rows.length + index) * 3;
+        const at = (rank * rows.length + index) * stride;
         if (gathered[at + 1] > 0) sum += gathered[at + 1] * Math.exp(gathered[at] - maximum);
       }
-      out[places[index]] = target - maximum - Math.log(sum);
+      const normalizer = maximum + Math.log(sum);
+      out[places[index]] = target - normalizer;
+      if (!top || wanted[index] === 0) continue;
+      // The ranks' candidates in vocabulary order (rank by rank), so ties keep the lower id first as on one rank.
+      for (let rank = 0; rank < plan.tensorParallel; rank++) {
+        const at = (rank * rows.length + index) * stride;
+        for (let slot = 0; slot < k; slot++) {
+          candidateIds![rank * k + slot] = gathered[at + 3 + 2 * slot];
+          candidates![rank * k + slot] = gathered[at + 4 + 2 * slot];
+        }
+      }
+      const kept = keepLargest(candidates!, wanted[index], best, candidateIds);
+      for (let rank = 0; rank < kept; rank++) {
+        top.tokens[places[index] * k + rank] = candidateIds![best[rank]];
+        top.logprobs[places[index] * k + rank] = candidates![best[rank]] - normalizer;
+      }
     }
-    return out;
+    return { logprobs: out, ...(top ? { top } : {}) };
   }
 
   /**
@@ -680,7 +722,31 @@ export function resolveCacheDType(requested: CacheDType | 'auto' = 'auto', weigh
   return requested;
 }
 
-/** log softmax(logits)[token], the sum in double with the maximum taken out. */
+/**
+ * The indices of the `k` largest of `values` (largest first) written into `into`; returns how many
+ * (fewer where `values` is shorter, or holds -Infinity or ids of -1 that pad). One pass keeping
+ * the best k in order (learned: k passes over the vocabulary, skipping those taken through a
+ * Set, cost a step of 16 sequences asking for 8 each about 30 ms). A value goes in below those at
+ * least as large, so ties keep the earlier index first; with `ids`, an entry whose id is -1 is
+ * padding and never taken.
+ */
+function keepLargest(values: Float32Array, k: number, into: Int32Array, ids?: Int32Array): number {
+  const count = Math.min(k, values.length);
+  let kept = 0;
+  for (let index = 0; index < values.length; index++) {
+    const value = values[index];
+    if (ids && ids[index] < 0) continue;
+    if (kept === count && !(value > values[into[count - 1]])) continue;
+    let at = kept < count ? kept++ : count - 1;
+    while (at > 0 && values[into[at - 1]] < value) {
+      into[at] = into[at - 1];
+      at--;
+    }
+    into[at] = index;
+  }
+  return kept;
+}
+
 /** The `k` most likely tokens (most likely first) and their log-probabilities, written into `tokens` and `values`. */
 function mostLikely(logits: Float32Array, k: number, tokens: Int32Array, values: Float32Array): void {
   let maximum = -Infinity;
@@ -688,24 +754,11 @@ function mostLikely(logits: Float32Array, k: number, tokens: Int32Array, values:
   let sum = 0;
   for (const value of logits) sum += Math.exp(value - maximum);
   const normalizer = maximum + Math.log(sum);
-  // One pass keeping the best k in order (learned: k passes over the vocabulary, skipping those
-  // taken through a Set, cost a step of 16 sequences asking for 8 each about 30 ms). A value
-  // goes in below those at least as large, so ties keep the lower token first.
-  const count = Math.min(k, logits.length);
-  let kept = 0;
-  for (let index = 0; index < logits.length; index++) {
-    const value = logits[index];
-    if (kept === count && !(value > logits[tokens[count - 1]])) continue;
-    let at = kept < count ? kept++ : count - 1;
-    while (at > 0 && logits[tokens[at - 1]] < value) {
-      tokens[at] = tokens[at - 1];
-      at--;
-    }
-    tokens[at] = index;
-  }
+  const kept = keepLargest(logits, k, tokens);
   for (let rank = 0; rank < kept; rank++) values[rank] = logits[tokens[rank]] - normalizer;
 }
 
+/** log softmax(logits)[token], the sum in double with the maximum taken out. */
 function logProbability(logits: Float32Array, token: number): number {
   let maximum = -Infinity;
   for (let index = 0; index < logits.length; index++) if (logits[index] > maximum) maximum = logits[index];

@@ -228,6 +228,27 @@ describe('model sharding', () => {
     expect(replica.stats().reusedPromptTokens).toBe(0);
     again.promptLogprobs!.forEach((logprob, position) => expect(Math.abs(logprob - generations[2].promptLogprobs![position])).toBeLessThan(1e-4));
     await expect(replica.generate([{ tokens: PROMPTS[0], promptLogprobs: 'yes' as never }])).rejects.toThrow(/promptLogprobs must be a boolean/);
+    // The k most likely tokens at each prompt position, from the two ranks' halves of the
+    // vocabulary, sequences asking different k (or none) in the same steps.
+    const asks = [5, undefined, 2, 1];
+    const scored = await replica.generate(PROMPTS.map((tokens, index) => ({ tokens, maxNewTokens: 1, promptLogprobs: true, ...(asks[index] ? { promptTopLogprobs: asks[index] } : {}) })));
+    scored.forEach((generation, index) => {
+      const k = asks[index];
+      if (!k) return expect(generation.promptTopLogprobs).toBeUndefined();
+      const prompt = PROMPTS[index];
+      const logits = referenceLogits(TINY, weights, prompt);
+      expect(generation.promptTopLogprobs).toHaveLength(prompt.length - 1);
+      generation.promptTopLogprobs!.forEach((entries, position) => {
+        const row = logits[position];
+        const maximum = Math.max(...row);
+        const normalizer = maximum + Math.log(row.reduce((sum, value) => sum + Math.exp(value - maximum), 0));
+        const best = row.map((value, token) => [value, token] as const).sort((a, b) => b[0] - a[0] || a[1] - b[1]).slice(0, k);
+        expect(entries.map((entry) => entry.token)).toEqual(best.map(([, token]) => token));
+        entries.forEach((entry, rank) => expect(Math.abs(entry.logprob - (best[rank][0] - normalizer))).toBeLessThan(1e-4));
+        expect(Math.abs(generation.promptLogprobs![position] - (row[prompt[position + 1]] - normalizer))).toBeLessThan(1e-4);
+      });
+    });
+    await expect(replica.generate([{ tokens: PROMPTS[0], promptTopLogprobs: 0 }])).rejects.toThrow(/promptTopLogprobs must be an integer from 1 to 20/);
     // The k most likely tokens at each generated position, most likely first (the greedy pick leads).
     const [topped] = await replica.generate([{ tokens: PROMPTS[3], maxNewTokens: 2, topLogprobs: 3 }]);
     const toppedLogits = referenceLogits(TINY, weights, [...PROMPTS[3], topped.tokens[0]]);
@@ -245,6 +266,10 @@ describe('model sharding', () => {
     // Through the processor: rows gain promptLogprobs.
     const [row] = await buildLLMProcessor({ checkpoint, promptLogprobs: true, maxNewTokens: 1 })(fromItems([{ tokens: PROMPTS[0] }])).takeAll();
     Array.from(row.promptLogprobs as number[]).forEach((logprob, position) => expect(Math.abs(logprob - generations[0].promptLogprobs![position])).toBeLessThan(1e-4));
+    // ... and promptTopLogprobs, as the replica reports them.
+    const [toppedRow] = await buildLLMProcessor({ checkpoint, promptTopLogprobs: 5, maxNewTokens: 1 })(fromItems([{ tokens: PROMPTS[0] }])).takeAll();
+    expect((toppedRow.promptTopLogprobs as Array<Array<{ token: number }>>).map((entries) => Array.from(entries, (entry) => entry.token))).toEqual(scored[0].promptTopLogprobs!.map((entries) => entries.map((entry) => entry.token)));
+    expect(() => buildLLMProcessor({ checkpoint, promptTopLogprobs: 21 })).toThrow(/promptTopLogprobs must be an integer from 1 to 20/);
     // truncatePromptTokens keeps the last tokens of each prompt: the generation is the short prompt's.
     const [truncated] = await buildLLMProcessor({ checkpoint, truncatePromptTokens: 3, maxNewTokens: 4 })(fromItems([{ tokens: PROMPTS[2] }])).takeAll();
     expect(Array.from(truncated.generatedTokens as number[])).toEqual(referenceGenerate(TINY, weights, PROMPTS[2].slice(-3), 4));
