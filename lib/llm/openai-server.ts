@@ -50,13 +50,18 @@ interface Completion {
   tokens: number;
   promptTokens: number;
   finishReason: 'stop' | 'length';
+  /** The generated tokens' summed log-probability, where best_of ranks candidates by it. */
+  cumulativeLogprob?: number;
 }
 
-/** A generated token as an answer's logprobs report it: its log-probability, and the likeliest alternatives there. */
+/**
+ * A token as an answer's logprobs report it: its log-probability, and the likeliest alternatives
+ * there (null for an echoed prompt's first token, which nothing came before).
+ */
 interface TokenLogprob {
   token: number;
-  logprob: number;
-  top: Array<{ token: number; logprob: number }>;
+  logprob: number | null;
+  top: Array<{ token: number; logprob: number }> | null;
 }
 
 /** A piece of an answer's text as it is streamed, with the tokens that completed it (when logprobs are asked). */
@@ -69,6 +74,18 @@ interface Piece {
 interface ChoiceOptions {
   n: number;
   topLogprobs: number | undefined;
+  /** Completions: the prompt goes before each answer, with its logprobs when they are asked (echo). */
+  echo?: boolean;
+  /** Completions: candidates drawn per prompt, the n likeliest of them answered (best_of; n when absent). */
+  bestOf?: number;
+  /** Logprobs name tokens `token_id:<id>` (vLLM's return_tokens_as_token_ids). */
+  tokenIds?: boolean;
+}
+
+/** A completion's prompt: its token ids, and its text where it came as one. */
+interface Prompt {
+  tokens: number[];
+  text?: string;
 }
 
 /** The most choices one request may ask for (n). */
@@ -281,7 +298,7 @@ export class OpenAIServer {
     const id = requestId('chatcmpl');
     const created = now();
     const options = chatChoices(body);
-    const logprobs = (entries: TokenLogprob[] | undefined) => (options.topLogprobs === undefined ? null : { content: (entries ?? []).map((entry) => this.#chatLogprob(entry)) });
+    const logprobs = (entries: TokenLogprob[] | undefined) => (options.topLogprobs === undefined ? null : { content: (entries ?? []).map((entry) => this.#chatLogprob(entry, options)) });
     let answered: { results: Array<Completion & { logprobs?: TokenLogprob[] }>; usage: Usage };
     if (body.use_beam_search === true) {
       if (body.response_format !== undefined && body.response_format !== null) throw new HttpError(400, 'use_beam_search does not take a response_format');
@@ -289,7 +306,7 @@ export class OpenAIServer {
     } else {
       const head = { id, object: 'chat.completion.chunk', created, model };
       const guided = guidedOf(body);
-      const answers = Array.from({ length: options.n }, (_, index) => this.#generate(tokens, body, guided, adapter, options, index));
+      const answers = Array.from({ length: options.n }, (_, index) => this.#generate({ tokens }, body, guided, adapter, options, index));
       if (body.stream === true) {
         yield* eventStream(answers, {
           choicesPerPrompt: options.n,
@@ -321,10 +338,20 @@ export class OpenAIServer {
     // Choices in prompt order: prompt p's choice c has index p × n + c (as OpenAI numbers a batch's).
     let answered: { results: Array<Completion & { logprobs?: TokenLogprob[] }>; usage: Usage };
     if (body.use_beam_search === true) {
-      const searched = await Promise.all(prompts.map((tokens) => this.#beamSearch(tokens, body, adapter)));
+      if (options.echo) throw new HttpError(400, 'use_beam_search does not take echo');
+      if (options.bestOf !== undefined) throw new HttpError(400, 'use_beam_search takes its beams from n, not best_of');
+      const searched = await Promise.all(prompts.map((prompt) => this.#beamSearch(prompt.tokens, body, adapter)));
       answered = { results: searched.flatMap((one) => one.results), usage: usageOfAll(searched.map((one) => one.results)) };
+    } else if (options.bestOf !== undefined && options.bestOf > options.n) {
+      if (body.stream === true) throw new HttpError(400, `best_of (${options.bestOf}) above n (${options.n}) answers whole: stream must be false`);
+      // Every candidate is drawn (seed + index, as n's choices), and each prompt answers with the n
+      // of highest summed log-probability, best first; the usage counts every candidate's tokens.
+      const candidates = await drainAll(prompts.flatMap((prompt) => Array.from({ length: options.bestOf! }, (_, index) => this.#generate(prompt, body, undefined, adapter, options, index))));
+      const groups = byPrompt(candidates, options.bestOf);
+      const results = groups.flatMap((group) => group.map((candidate, index) => ({ candidate, index })).sort((a, b) => b.candidate.cumulativeLogprob! - a.candidate.cumulativeLogprob! || a.index - b.index).slice(0, options.n).map(({ candidate }) => candidate));
+      answered = { results, usage: usageOfAll(groups) };
     } else {
-      const answers = prompts.flatMap((tokens) => Array.from({ length: options.n }, (_, index) => this.#generate(tokens, body, undefined, adapter, options, index)));
+      const answers = prompts.flatMap((prompt) => Array.from({ length: options.n }, (_, index) => this.#generate(prompt, body, undefined, adapter, options, index)));
       if (body.stream === true) {
         const head = { id, object: 'text_completion', created, model };
         // Text offsets of a streamed choice run on from its earlier pieces.
@@ -332,7 +359,7 @@ export class OpenAIServer {
         yield* eventStream(answers, {
           choicesPerPrompt: options.n,
           piece: (index, piece) => {
-            const logprobs = this.#completionLogprobs(piece.logprobs, options.topLogprobs, offsets[index]);
+            const logprobs = this.#completionLogprobs(piece.logprobs, options, offsets[index]);
             offsets[index] += piece.text.length;
             return { ...head, choices: [{ index, text: piece.text, finish_reason: null, logprobs }] };
           },
@@ -349,16 +376,16 @@ export class OpenAIServer {
       object: 'text_completion',
       created,
       model,
-      choices: answered.results.map((result, index) => ({ index, text: result.text, finish_reason: result.finishReason, logprobs: this.#completionLogprobs(result.logprobs, options.topLogprobs, 0) })),
+      choices: answered.results.map((result, index) => ({ index, text: result.text, finish_reason: result.finishReason, logprobs: this.#completionLogprobs(result.logprobs, options, 0) })),
       usage: answered.usage,
     });
   }
 
-  /** A completion request's prompts: a string, a list of token ids, or a list of either (a batch). */
-  #promptsOf(prompt: unknown): number[][] {
-    const one = (item: unknown): number[] | undefined => {
-      if (typeof item === 'string') return this.#tokenizer!.encode(item);
-      if (Array.isArray(item) && item.length > 0 && item.every((token) => Number.isInteger(token) && token >= 0)) return item as number[];
+  /** A completion request's prompts: a string, a list of token ids, or a list of either (a batch); a string keeps its text (echo answers with it). */
+  #promptsOf(prompt: unknown): Prompt[] {
+    const one = (item: unknown): Prompt | undefined => {
+      if (typeof item === 'string') return { tokens: this.#tokenizer!.encode(item), text: item };
+      if (Array.isArray(item) && item.length > 0 && item.every((token) => Number.isInteger(token) && token >= 0)) return { tokens: item as number[] };
       return undefined;
     };
     const single = one(prompt);
@@ -367,7 +394,7 @@ export class OpenAIServer {
     if (!many || many.some((tokens) => tokens === undefined)) {
       throw new HttpError(400, `prompt must be a string, a list of token ids, or a list of 1 to ${MOST_PROMPTS} of either (a batch)`);
     }
-    return many as number[][];
+    return many as Prompt[];
   }
 
   /** A token's text as logprobs name it: its bytes read as UTF-8 (a piece of a character shows as U+FFFD), or a special token's content. */
@@ -380,32 +407,42 @@ export class OpenAIServer {
   }
 
   /** A chat answer's logprobs entry for one token (OpenAI's chat shape). */
-  #chatLogprob(entry: TokenLogprob): unknown {
+  #chatLogprob(entry: TokenLogprob, options: ChoiceOptions): unknown {
     const { text, bytes } = this.#tokenText(entry.token);
     return {
-      token: text,
+      token: options.tokenIds ? `token_id:${entry.token}` : text,
       logprob: entry.logprob,
       bytes,
-      top_logprobs: entry.top.map((alternative) => {
+      top_logprobs: (entry.top ?? []).map((alternative) => {
         const named = this.#tokenText(alternative.token);
-        return { token: named.text, logprob: alternative.logprob, bytes: named.bytes };
+        return { token: options.tokenIds ? `token_id:${alternative.token}` : named.text, logprob: alternative.logprob, bytes: named.bytes };
       }),
     };
   }
 
   /** A completion's logprobs (OpenAI's legacy shape), its text offsets counted from `offset`; null where none were asked. */
-  #completionLogprobs(entries: TokenLogprob[] | undefined, topLogprobs: number | undefined, offset: number): unknown {
+  #completionLogprobs(entries: TokenLogprob[] | undefined, options: ChoiceOptions, offset: number): unknown {
+    const { topLogprobs } = options;
     if (topLogprobs === undefined || !entries) return null;
     const texts = entries.map((entry) => this.#tokenText(entry.token).text);
+    // vLLM's return_tokens_as_token_ids: tokens named by id, for a client that must tell apart tokens of the same text.
+    const name = (token: number, text: string) => (options.tokenIds ? `token_id:${token}` : text);
     const textOffset: number[] = [];
     for (const text of texts) {
       textOffset.push(offset);
       offset += text.length;
     }
+    // As OpenAI's: the alternatives, and the chosen token beside them where it is not one (up to logprobs + 1).
+    const alternatives = (entry: TokenLogprob, text: string) => {
+      if (topLogprobs === 0 || entry.top === null || entry.logprob === null) return null;
+      const named = Object.fromEntries(entry.top.map((alternative) => [name(alternative.token, this.#tokenText(alternative.token).text), alternative.logprob]));
+      if (!(text in named)) named[text] = entry.logprob;
+      return named;
+    };
     return {
-      tokens: texts,
+      tokens: entries.map((entry, index) => name(entry.token, texts[index])),
       token_logprobs: entries.map((entry) => entry.logprob),
-      top_logprobs: entries.map((entry) => (topLogprobs === 0 ? null : Object.fromEntries(entry.top.map((alternative) => [this.#tokenText(alternative.token).text, alternative.logprob])))),
+      top_logprobs: entries.map((entry, index) => alternatives(entry, name(entry.token, texts[index]))),
       text_offset: textOffset,
     };
   }
@@ -474,20 +511,26 @@ export class OpenAIServer {
    * Generates from `tokens`, yielding the text as it grows (a piece is held back while it ends
    * inside a character, or could be the start of a stop string), and returns the whole.
    */
-  async *#generate(tokens: number[], body: Record<string, unknown>, guided: GuidedDecoding | undefined, adapter: string | undefined, options: ChoiceOptions, choice: number): AsyncGenerator<Piece, Completion & { logprobs?: TokenLogprob[] }, undefined> {
+  async *#generate(prompt: Prompt, body: Record<string, unknown>, guided: GuidedDecoding | undefined, adapter: string | undefined, options: ChoiceOptions, choice: number): AsyncGenerator<Piece, Completion & { logprobs?: TokenLogprob[] }, undefined> {
+    const { tokens } = prompt;
     const tokenizer = this.#tokenizer!;
     const replica = this.#replica!;
     const stops = stopStringsOf(body);
-    const maxNewTokens = this.#maxTokens(body);
+    // Echo with max_tokens 0 scores the prompt alone: a token is generated (the replica's least) and dropped.
+    const promptOnly = options.echo === true && (body.max_tokens === 0 || body.max_completion_tokens === 0);
+    const maxNewTokens = promptOnly ? 1 : this.#maxTokens(body);
     const text = (ids: readonly number[]) => tokenizer.decode(ids.filter((id) => id < tokenizer.vocabSize));
     const sampling = samplingOf(body);
+    const reportLogprobs = options.topLogprobs !== undefined;
+    const echoLogprobs = options.echo === true && reportLogprobs;
     const request: GenerateRequest = {
       tokens,
       maxNewTokens,
       // Choice i draws with the request's seed plus i: the first is the answer n = 1 would give.
       sampling: choice > 0 ? { ...sampling, seed: (sampling.seed ?? 0) + choice } : sampling,
-      ...(options.topLogprobs !== undefined ? { logprobs: true } : {}),
+      ...(reportLogprobs || options.bestOf !== undefined ? { logprobs: true } : {}),
       ...(options.topLogprobs ? { topLogprobs: options.topLogprobs } : {}),
+      ...(echoLogprobs ? { promptLogprobs: true, ...(options.topLogprobs ? { promptTopLogprobs: options.topLogprobs } : {}) } : {}),
       ...(adapter ? { adapter } : {}),
       ...(stops.length > 0 ? { stop: (generated) => stops.some((stop) => text(generated.slice(-4 * stop.length - 4)).includes(stop)) } : {}),
       ...(guided ? { constraint: this.#guide(guided).constraint(replica.stopTokens) } : {}),
@@ -498,6 +541,7 @@ export class OpenAIServer {
     let sent = 0;
     let finish: 'stop' | 'length' = 'length';
     let whole = '';
+    let cumulativeLogprob = 0;
     // Tokens whose text has not gone out yet: they go with the piece that carries it.
     let pending: TokenLogprob[] = [];
     const reported: TokenLogprob[] = [];
@@ -507,8 +551,16 @@ export class OpenAIServer {
       reported.push(...logprobs);
       return { text: piece, logprobs };
     };
+    // Echo: the prompt's text goes first (a string prompt as given, token ids decoded), then the answer's.
+    const echoed = options.echo ? (prompt.text ?? text(tokens)) : '';
     for await (const step of replica.stream(request)) {
+      if (options.echo && step.index === 0) {
+        pending = echoLogprobs ? tokens.map((token, at) => (at === 0 ? { token, logprob: null, top: null } : { token, logprob: step.promptLogprobs![at - 1], top: step.promptTopLogprobs?.[at - 1] ?? [] })) : [];
+        yield emit(echoed);
+        if (promptOnly) break;
+      }
       count++;
+      if (step.logprob !== undefined) cumulativeLogprob += step.logprob;
       if (step.finishReason) finish = step.finishReason === 'stop' ? 'stop' : 'length';
       // The end-of-sequence token ends the answer; it is not part of its text.
       if (step.finishReason === 'stop' && replica.stopTokens.includes(step.token)) continue;
@@ -543,7 +595,14 @@ export class OpenAIServer {
     }
     // Tokens held back that spelled only a stop string are not reported; the rest go with the last piece.
     if (answer.length > sent || (!cut && pending.length > 0)) yield emit(answer.slice(sent));
-    return { text: answer, tokens: count, promptTokens: tokens.length, finishReason: finish, ...(options.topLogprobs !== undefined ? { logprobs: reported } : {}) };
+    return {
+      text: echoed + answer,
+      tokens: count,
+      promptTokens: tokens.length,
+      finishReason: finish,
+      ...(options.bestOf !== undefined ? { cumulativeLogprob } : {}),
+      ...(reportLogprobs ? { logprobs: reported } : {}),
+    };
   }
 }
 
@@ -665,13 +724,21 @@ function chatChoices(body: Record<string, unknown>): ChoiceOptions {
   const logprobs = field<boolean>(body, 'logprobs', (value) => typeof value === 'boolean', 'a boolean') ?? false;
   const top = field<number>(body, 'top_logprobs', (value) => Number.isInteger(value) && (value as number) >= 0 && (value as number) <= 20, 'a whole number from 0 to 20');
   if (top !== undefined && !logprobs) throw new HttpError(400, 'top_logprobs needs logprobs: true');
-  return { n: choiceCount(body), topLogprobs: logprobs ? (top ?? 0) : undefined };
+  return { n: choiceCount(body), topLogprobs: logprobs ? (top ?? 0) : undefined, ...tokenIdsOf(body) };
 }
 
-/** A completion request's n and logprobs (the legacy field: how many alternatives per token, 0 to 20). */
+/** A completion request's n, logprobs (the legacy field: how many alternatives per token, 0 to 20), echo and best_of. */
 function completionChoices(body: Record<string, unknown>): ChoiceOptions {
   const top = field<number>(body, 'logprobs', (value) => Number.isInteger(value) && (value as number) >= 0 && (value as number) <= 20, 'a whole number from 0 to 20');
-  return { n: choiceCount(body), topLogprobs: top };
+  const echo = field<boolean>(body, 'echo', (value) => typeof value === 'boolean', 'a boolean') ?? false;
+  const n = choiceCount(body);
+  const bestOf = field<number>(body, 'best_of', (value) => Number.isInteger(value) && (value as number) >= 1 && (value as number) <= MOST_CHOICES, `a whole number from 1 to ${MOST_CHOICES}`);
+  if (bestOf !== undefined && bestOf < n) throw new HttpError(400, `best_of (${bestOf}) must be at least n (${n}): it is how many candidates the n answers are chosen from`);
+  return { n, topLogprobs: top, ...(echo ? { echo } : {}), ...(bestOf !== undefined ? { bestOf } : {}), ...tokenIdsOf(body) };
+}
+
+function tokenIdsOf(body: Record<string, unknown>): { tokenIds?: true } {
+  return field<boolean>(body, 'return_tokens_as_token_ids', (value) => typeof value === 'boolean', 'a boolean') ? { tokenIds: true } : {};
 }
 
 function choiceCount(body: Record<string, unknown>): number {

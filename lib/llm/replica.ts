@@ -215,6 +215,9 @@ export interface GeneratedToken {
   topLogprobs?: Array<{ token: number; logprob: number }>;
   /** On the last token only: why the generation ended. */
   finishReason?: Generation['finishReason'];
+  /** On the first token only, when asked: the prompt's, as Generation has them (the prompt is read by then). */
+  promptLogprobs?: number[];
+  promptTopLogprobs?: Array<Array<{ token: number; logprob: number }>>;
 }
 
 export interface EmbedRequest {
@@ -690,8 +693,11 @@ export class ModelReplica {
     let wake: (() => void) | undefined;
     let outcome: { error?: Error } | undefined;
     const [started] = this.#startGenerating([request], (token, logprob, finishReason) => {
-      const top = started.sequence.top?.list.at(-1);
-      tokens.push({ token, index: started.sequence.generated.length - 1, ...(logprob !== undefined ? { logprob } : {}), ...(top ? { topLogprobs: top } : {}), ...(finishReason ? { finishReason } : {}) });
+      const { sequence } = started;
+      const top = sequence.top?.list.at(-1);
+      const index = sequence.generated.length - 1;
+      const prompt = index === 0 ? { ...(sequence.promptLogprobs ? { promptLogprobs: sequence.promptLogprobs } : {}), ...(sequence.promptTop ? { promptTopLogprobs: sequence.promptTop.list } : {}) } : {};
+      tokens.push({ token, index, ...(logprob !== undefined ? { logprob } : {}), ...(top ? { topLogprobs: top } : {}), ...(finishReason ? { finishReason } : {}), ...prompt });
       wake?.();
     });
     started.done.then(

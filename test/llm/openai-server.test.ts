@@ -214,6 +214,69 @@ describe('buildOpenAIApp', () => {
     expect(plain.choices[0].logprobs).toBeNull();
   });
 
+  it("echoes prompts with their tokens' logprobs and likeliest alternatives (an evaluation harness's loglikelihood request), and answers with the best of several candidates (best_of)", async () => {
+    type Legacy = { tokens: string[]; token_logprobs: Array<number | null>; top_logprobs: Array<Record<string, number> | null>; text_offset: number[] };
+    type Choices = { choices: Array<{ index: number; text: string; finish_reason: string; logprobs: Legacy }>; usage: Record<string, number> };
+    const ask = async (body: object) => (await (await post('/v1/completions', body)).json()) as Choices;
+    // A greedy continuation, its tokens named by id; then the prompt and that continuation scored
+    // as one echoed prompt (max_tokens 0): the continuation's positions carry the logprobs it was
+    // generated with, and each is the likeliest there (the harness's is_greedy).
+    const context = [40, 41, 42, 43, 44];
+    const generated = await ask({ prompt: context, max_tokens: 6, temperature: 0, logprobs: 1, return_tokens_as_token_ids: true });
+    const continuation = generated.choices[0].logprobs.tokens.map((name) => Number(name.replace('token_id:', '')));
+    expect(continuation).toHaveLength(6);
+    const scored = await ask({ prompt: [...context, ...continuation], max_tokens: 0, echo: true, temperature: 0, logprobs: 1 });
+    const { logprobs } = scored.choices[0];
+    expect(logprobs.tokens).toHaveLength(context.length + 6);
+    expect(logprobs.token_logprobs[0]).toBeNull();
+    expect(logprobs.top_logprobs[0]).toBeNull();
+    expect(scored.usage).toEqual({ prompt_tokens: 11, completion_tokens: 0, total_tokens: 11 });
+    continuation.forEach((_, index) => {
+      const at = context.length + index;
+      expect(logprobs.token_logprobs[at]).toBeCloseTo(generated.choices[0].logprobs.token_logprobs[index]!, 4);
+      expect(logprobs.token_logprobs[at]).toBeCloseTo(Math.max(...Object.values(logprobs.top_logprobs[at]!)), 5);
+    });
+    // Every prompt position after the first: its token's logprob, the likeliest alternative, and the token beside it where it is not that one.
+    for (let at = 1; at < context.length + 6; at++) {
+      const top = logprobs.top_logprobs[at]!;
+      expect(Object.keys(top).length).toBeLessThanOrEqual(2);
+      expect(top[logprobs.tokens[at]]).toBeCloseTo(logprobs.token_logprobs[at]!, 5);
+      expect(logprobs.token_logprobs[at]!).toBeLessThanOrEqual(Math.max(...Object.values(top)) + 1e-6);
+    }
+    expect(logprobs.text_offset[0]).toBe(0);
+    // Echo with an answer: the prompt's text as given, then the answer's, whole or streamed alike.
+    const request = { prompt: 'Once upon', max_tokens: 8, temperature: 0, echo: true, logprobs: 2 };
+    const plain = await ask({ ...request, echo: false });
+    const echoed = await ask(request);
+    expect(echoed.choices[0].text).toBe(`Once upon${plain.choices[0].text}`);
+    expect(echoed.choices[0].logprobs.tokens.slice(9)).toEqual(plain.choices[0].logprobs.tokens);
+    expect(echoed.usage).toEqual(plain.usage);
+    const chunks = (await events(await post('/v1/completions', { ...request, stream: true }))).slice(0, -1) as Choices[];
+    expect(chunks.map((chunk) => chunk.choices[0].text).join('')).toBe(echoed.choices[0].text);
+    expect(chunks.flatMap((chunk) => chunk.choices[0].logprobs?.token_logprobs ?? [])).toEqual(echoed.choices[0].logprobs.token_logprobs);
+    // best_of: three candidates drawn with seeds 5, 6, 7; the two of highest summed logprob answer, best first.
+    const sampled = { prompt: 'Once upon', max_tokens: 8, temperature: 1, seed: 5 };
+    const candidates = await Promise.all([0, 1, 2].map((index) => ask({ ...sampled, seed: 5 + index, logprobs: 0 })));
+    expect(candidates.every((candidate) => candidate.choices[0].finish_reason === 'length')).toBe(true);
+    const sums = candidates.map((candidate) => candidate.choices[0].logprobs.token_logprobs.reduce((sum: number, value) => sum + value!, 0));
+    const order = [0, 1, 2].sort((a, b) => sums[b] - sums[a]);
+    const best = await ask({ ...sampled, n: 2, best_of: 3 });
+    expect(best.choices.map((choice) => choice.index)).toEqual([0, 1]);
+    expect(best.choices.map((choice) => choice.text)).toEqual(order.slice(0, 2).map((index) => candidates[index].choices[0].text));
+    expect(best.usage.completion_tokens).toBe(24);
+    for (const [body, message] of [
+      [{ ...sampled, n: 2, best_of: 1 }, /best_of \(1\) must be at least n \(2\)/],
+      [{ ...sampled, best_of: 3, stream: true }, /best_of \(3\) above n \(1\) answers whole: stream must be false/],
+      [{ ...sampled, temperature: 0, echo: true, use_beam_search: true }, /use_beam_search does not take echo/],
+      [{ ...sampled, echo: 'yes' }, /echo must be a boolean/],
+      [{ ...sampled, max_tokens: 0 }, /max_tokens must be a whole number from 1/],
+    ] as const) {
+      const refused = await post('/v1/completions', body);
+      expect(refused.status).toBe(400);
+      expect(((await refused.json()) as { message: string }).message).toMatch(message);
+    }
+  });
+
   it('answers with the beams of a beam search as its choices (use_beam_search, n)', async () => {
     const request = { prompt: 'Once upon', max_tokens: 8, use_beam_search: true, n: 3 };
     const searched = (await (await post('/v1/completions', request)).json()) as { choices: Array<{ index: number; text: string; finish_reason: string }>; usage: Record<string, number> };
