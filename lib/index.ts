@@ -142,7 +142,7 @@ export { jsonSchemaToRegex } from './llm/guided/json-schema.js';
 export type { JsonSchemaOptions } from './llm/guided/json-schema.js';
 export type { GuidedDecoding } from './llm/guided/guided-decoding.js';
 export { readAdapter } from './llm/lora.js';
-export type { SpeculationOptions } from './llm/speculation.js';
+export type { DraftSpeculationOptions, NgramSpeculationOptions, SpeculationOptions } from './llm/speculation.js';
 export type { Beam, BeamSearchOptions, BeamSearchRequest, BeamSearchResult } from './llm/beam-search.js';
 export type { AdapterInfo, LayerAdapter, LowRankUpdate } from './llm/lora.js';
 export type { ChatMessage, ChatTemplateRenderOptions, ChatTemplateLoadOptions } from './llm/chat-template.js';

@@ -133,13 +133,15 @@ export interface ModelReplicaOptions extends ParallelismOptions {
    */
   maxLoadedAdapters?: number;
   /**
-   * Speculative decoding by n-gram lookup (`{ method: 'ngram', tokens: 4 }`, vLLM's
-   * speculative_config): a decoding sequence proposes the tokens that followed its last few
-   * tokens earlier in its text, and one step checks them all; the kept ones are exactly what
-   * plain steps would have picked (greedy or seeded sampling), so the text is unchanged and
-   * copying outputs take fewer steps. Constrained (guided) sequences speculate within their
-   * constraint; sequences with penalties, logprobs or minNewTokens still to go decode plainly.
-   * Default: off.
+   * Speculative decoding (vLLM's speculative_config): a decoding sequence proposes its next few
+   * tokens and one step checks them all; the kept ones are exactly what plain steps would have
+   * picked (greedy or seeded sampling), so the text is unchanged and takes fewer steps.
+   * Proposals come from n-gram lookup (`{ method: 'ngram', tokens: 4 }`: the tokens that
+   * followed the sequence's last few earlier in its text) or from a draft model (`{ method:
+   * 'draft', checkpoint, tokens: 4 }`: a smaller checkpoint of the same vocabulary, one rank of
+   * its own, drafts greedily while the model steps other sequences). Constrained (guided)
+   * sequences speculate within their constraint; sequences with penalties, logprobs or
+   * minNewTokens still to go decode plainly. Default: off.
    */
   speculation?: SpeculationOptions;
 }
@@ -338,6 +340,9 @@ interface Sequence {
    */
   proposalMisses?: number;
   proposalPause?: number;
+  /** Speculation by a draft model: its draft is being made (the sequence waits for it), or is made for the sequence at this length. */
+  drafting?: boolean;
+  drafted?: { at: number; tokens: number[] };
   finish: (generation: Generation, embedding?: Float32Array) => void;
   fail: (error: Error) => void;
   /** A streamed generation's token taken in (see stream()): its log-probability, and why it ended if it did. */
@@ -419,6 +424,8 @@ export class ModelReplica {
   #draftTokens = 0;
   #acceptedDraftTokens = 0;
   readonly #speculation: Speculation | undefined;
+  /** Speculation by a draft model: its replica, until it fails (then sequences decode plainly). */
+  #draft: ModelReplica | undefined;
   readonly #reserveMost: boolean;
   readonly #weightBytes: number;
   readonly #stopTokens: number[];
@@ -458,6 +465,7 @@ export class ModelReplica {
     maxLoadedAdapters: number;
     hasLanguageHead: boolean;
     classifier: ClassificationHead | undefined;
+    draft: ModelReplica | undefined;
   }) {
     this.config = parts.config;
     this.plan = parts.plan;
@@ -477,6 +485,7 @@ export class ModelReplica {
     this.#maxCacheTokens = parts.limits.maxCacheTokens;
     this.#reserveMost = parts.limits.reserveMost;
     this.#speculation = parts.limits.speculation;
+    this.#draft = parts.draft;
     this.#stopTokens = parts.stopTokens;
     this.#maxLoadedAdapters = parts.maxLoadedAdapters;
     this.hasLanguageHead = parts.hasLanguageHead;
@@ -573,6 +582,14 @@ export class ModelReplica {
     const utilization = options.gpuMemoryUtilization ?? 0.9;
     if (typeof utilization !== 'number' || !(utilization > 0 && utilization <= 1)) throw new InvalidArgumentError(`gpuMemoryUtilization must be a number in (0, 1], got ${String(options.gpuMemoryUtilization)}`);
 
+    const speculation = limits.speculation;
+    if (speculation?.method === 'draft') {
+      const draftConfig = readCheckpointConfig(speculation.checkpoint);
+      // A draft may lack the padding rows a model's vocabulary has; ids past the model's would mean nothing to it.
+      if (draftConfig && draftConfig.vocabSize > config.vocabSize) {
+        throw new InvalidArgumentError(`speculation: the draft model's vocabulary has ${draftConfig.vocabSize} tokens, more than the model's ${config.vocabSize}: a draft must share the model's tokenizer`, 'ERR_SPECULATION');
+      }
+    }
     const ranks = plan.tensorParallel * plan.pipelineParallel;
     const id = newObjectId().slice(0, 12);
     // The ranks' resources are reserved all together, so that two replicas starting at once cannot
@@ -589,7 +606,19 @@ export class ModelReplica {
     }
     const workers: Array<Array<ActorHandle<ShardWorker>>> = [];
     const groups: CollectiveGroup[] = [];
+    let draft: ModelReplica | undefined;
     try {
+      // The draft first: a checkpoint that cannot draft costs the model's ranks no start-up.
+      if (speculation?.method === 'draft') {
+        draft = await ModelReplica.create({
+          checkpoint: speculation.checkpoint,
+          device: speculation.device ?? device,
+          numCpusPerRank: speculation.numCpusPerRank ?? numCpus,
+          prefixCacheTokens: speculation.prefixCacheTokens,
+          maxSequencesPerStep: limits.maxSequences,
+          stopTokens: [],
+        });
+      }
       await placement?.ready();
       for (const stage of plan.stages) {
         workers.push(Array.from({ length: plan.tensorParallel }, (_, rank) => RemoteShardWorker.options(placement
@@ -636,13 +665,14 @@ export class ModelReplica {
         previous = workers[stage.index].map((worker, rank) => worker.forward.bind(previous[rank]));
       }
       const graph = await new MultiOutputNode(previous).compile({ maxInflight: Math.max(2, limits.stepsInFlight + 1) });
-      const replica = new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, kvCacheDtype, stopTokens, limits, maxLoadedAdapters, hasLanguageHead, classifier });
+      const replica = new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, kvCacheDtype, stopTokens, limits, maxLoadedAdapters, hasLanguageHead, classifier, draft });
       for (const [name, info] of adapters) replica.#register(name, info);
       return replica;
     } catch (error) {
       await Promise.allSettled(groups.map((group) => group.destroy()));
       for (const worker of workers.flat()) kill(worker);
       if (placement) removePlacementGroup(placement);
+      await draft?.close().catch(() => {});
       throw error;
     }
   }
@@ -1033,7 +1063,12 @@ export class ModelReplica {
         return true;
       };
       this.#fitRunning();
-      for (const sequence of this.#running) if (!sequence.inFlight) admit(sequence);
+      for (const sequence of this.#running) {
+        if (sequence.inFlight || sequence.drafting) continue;
+        // Speculation by a draft model: a decoding sequence waits for its draft, while others step.
+        if (this.#startsDraft(sequence)) continue;
+        admit(sequence);
+      }
       const deferred: Sequence[] = [];
       const loadAdapters: Array<{ id: number; info: AdapterInfo }> = [];
       const unloadAdapters: number[] = [];
@@ -1227,16 +1262,23 @@ export class ModelReplica {
    */
   #proposal(sequence: Sequence, budget: number): Proposal | undefined {
     const speculation = this.#speculation;
-    if (!speculation || sequence.logprobs || sequence.top || sequence.pooling || needsHistory(sequence.sampling) || this.#reservesMost(sequence)) return undefined;
-    if (sequence.generated.length < sequence.minNewTokens) return undefined;
-    if (sequence.proposalPause) {
+    if (!speculation || !this.#mayPropose(sequence)) return undefined;
+    // A draft model's sequence paused (or not) when its draft was asked for (#startsDraft).
+    if (speculation.method === 'ngram' && sequence.proposalPause) {
       sequence.proposalPause--;
       return undefined;
     }
     const known = sequence.prompt.length + sequence.generated.length;
-    // The last pick is generated too: proposals stop one short of maxNewTokens and of the positions.
-    const limit = Math.min(budget, sequence.maxNewTokens - sequence.generated.length - 1, this.config.maxPositions - known - 1);
-    const tokens = proposeTokens(sequence.prompt, sequence.generated, speculation, limit);
+    const limit = Math.min(budget, this.#proposalLimit(sequence));
+    let tokens: number[];
+    if (speculation.method === 'draft') {
+      const drafted = sequence.drafted;
+      sequence.drafted = undefined;
+      // A draft made for another length (the sequence was preempted and read again since) is stale.
+      tokens = drafted && drafted.at === known ? drafted.tokens.slice(0, Math.max(0, limit)) : [];
+    } else {
+      tokens = proposeTokens(sequence.prompt, sequence.generated, speculation, limit);
+    }
     const proposal = tokens.length > 0 && sequence.constraint ? this.#constrainProposal(sequence, tokens) : { tokens };
     if (proposal.tokens.length === 0) return undefined;
     // Released by the step's end, where #grow sets the reservation to what the sequence then knows.
@@ -1245,6 +1287,60 @@ export class ModelReplica {
     sequence.reserved += extra;
     this.#reservedTokens += extra;
     return proposal;
+  }
+
+  /** Whether a decoding sequence may take proposals: not where its picks need more than logits, a mask and a position (penalties, logprobs, stop tokens held back by minNewTokens). */
+  #mayPropose(sequence: Sequence): boolean {
+    return !sequence.logprobs && !sequence.top && !sequence.pooling && !needsHistory(sequence.sampling) && !this.#reservesMost(sequence) && sequence.generated.length >= sequence.minNewTokens;
+  }
+
+  /** The most tokens a sequence may propose: the last pick is generated too, so proposals stop one short of maxNewTokens and of the positions. */
+  #proposalLimit(sequence: Sequence): number {
+    const known = sequence.prompt.length + sequence.generated.length;
+    return Math.min(sequence.maxNewTokens - sequence.generated.length - 1, this.config.maxPositions - known - 1);
+  }
+
+  /**
+   * Speculation by a draft model: asks the draft replica for a decoding sequence's next tokens
+   * (greedy, from its whole text: the draft's prefix cache holds its last draft, so it reads only
+   * what was kept since) and returns true, the sequence then waiting for them; false where the
+   * sequence steps now (no draft model, or it failed; a sequence that may not propose, is backing
+   * off, or already holds its draft).
+   */
+  #startsDraft(sequence: Sequence): boolean {
+    const draft = this.#draft;
+    const speculation = this.#speculation;
+    if (!draft || speculation?.method !== 'draft' || !this.#mayPropose(sequence)) return false;
+    const known = sequence.prompt.length + sequence.generated.length;
+    if (sequence.past !== known - 1 || sequence.drafted?.at === known) return false;
+    const limit = Math.min(speculation.tokens, this.#proposalLimit(sequence));
+    if (limit < 1) return false;
+    if (sequence.proposalPause) {
+      sequence.proposalPause--;
+      return false;
+    }
+    sequence.drafting = true;
+    const text = [...sequence.prompt, ...sequence.generated];
+    draft.generate([{ tokens: text, maxNewTokens: limit, stopTokens: [] }]).then(
+      ([drafted]) => {
+        sequence.drafting = false;
+        // Ended meanwhile (stopped, failed, abandoned): the draft goes unused.
+        if (this.#broken || !this.#running.includes(sequence)) return;
+        sequence.drafted = { at: known, tokens: drafted.tokens };
+        this.#pumpSoon();
+      },
+      (error: Error) => {
+        sequence.drafting = false;
+        // The draft model failed (a rank died, say): sequences decode plainly from here on.
+        if (this.#draft === draft) {
+          this.#draft = undefined;
+          process.stderr.write(`trellis: speculative decoding's draft model failed, and decoding goes on without it: ${error.message}\n`);
+          void draft.close().catch(() => {});
+        }
+        if (!this.#broken) this.#pumpSoon();
+      },
+    );
+    return true;
   }
 
   /**
@@ -1457,8 +1553,11 @@ export class ModelReplica {
       for (const sequence of [...this.#running, ...this.#waiting.splice(0)]) sequence.fail(error);
       this.#running.length = 0;
       this.#broken ??= error;
+      const draft = this.#draft;
+      this.#draft = undefined;
       // After shutdown() the ranks went with the cluster: nothing is left to stop.
       if (!hasRuntime()) return;
+      const draftClosed = draft?.close().catch(() => {});
       // Taken before the kills: a killed actor no longer knows its process. A worker cannot see
       // processes exit, only the driver's word that each rank is dead.
       const runtime = currentRuntime();
@@ -1481,6 +1580,7 @@ export class ModelReplica {
       await Promise.race([Promise.all(gone), new Promise((resolve) => (timer = setTimeout(resolve, 30_000).unref()))]);
       clearTimeout(timer);
       if (this.#placement) removePlacementGroup(this.#placement);
+      await draftClosed;
     })();
     return this.#closed;
   }

@@ -2,9 +2,11 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { init, InvalidArgumentError, ModelReplica, shutdown } from '../../lib/index.js';
-import { checkSpeculation, proposeTokens } from '../../lib/llm/speculation.js';
+import { buildLLMProcessor, fromItems, init, InvalidArgumentError, ModelReplica, shutdown, state } from '../../lib/index.js';
+import { checkSpeculation, proposeTokens, type NgramSpeculation, type NgramSpeculationOptions } from '../../lib/llm/speculation.js';
 import { randomWeights, referenceGenerate, TINY, TINY_LLAMA, writeCheckpoint } from './fixtures/decoders.js';
+
+const ngram = (options: NgramSpeculationOptions) => checkSpeculation(options) as NgramSpeculation;
 
 describe('speculative decoding by n-gram lookup', () => {
   let directory: string;
@@ -24,15 +26,15 @@ describe('speculative decoding by n-gram lookup', () => {
   });
 
   it('proposes what followed the longest earlier match of the tail', () => {
-    const options = checkSpeculation({ tokens: 3 });
+    const options = ngram({ tokens: 3 });
     expect(proposeTokens(Int32Array.from([1, 2, 3, 4, 5, 1, 2]), [], options, 8)).toEqual([3, 4, 5]);
     // The latest earlier occurrence wins, and generated tokens count as text.
     expect(proposeTokens(Int32Array.from([7, 8, 1, 7, 8, 2]), [7, 8], options, 8)).toEqual([2, 7, 8]);
     // A longer tail that matches beats a shorter one: [4, 5] matched at 3 (what follows: 9), not [5] at 6.
-    expect(proposeTokens(Int32Array.from([1, 2, 3, 4, 5, 9, 5, 6, 4, 5]), [], checkSpeculation({ tokens: 1, maxMatch: 2 }), 8)).toEqual([9]);
+    expect(proposeTokens(Int32Array.from([1, 2, 3, 4, 5, 9, 5, 6, 4, 5]), [], ngram({ tokens: 1, maxMatch: 2 }), 8)).toEqual([9]);
     expect(proposeTokens(Int32Array.from([1, 2, 3]), [], options, 8)).toEqual([]);
     expect(proposeTokens(Int32Array.from([1, 2, 1, 2]), [], options, 1)).toHaveLength(1);
-    expect(proposeTokens(Int32Array.from([1, 1, 1]), [], checkSpeculation({ minMatch: 3, maxMatch: 3 }), 8)).toEqual([]);
+    expect(proposeTokens(Int32Array.from([1, 1, 1]), [], ngram({ minMatch: 3, maxMatch: 3 }), 8)).toEqual([]);
     expect(() => checkSpeculation({ method: 'eagle' as 'ngram' })).toThrow(/method must be 'ngram'/);
     expect(() => checkSpeculation({ tokens: 0 })).toThrow(InvalidArgumentError);
     expect(() => checkSpeculation({ minMatch: 3, maxMatch: 2 })).toThrow(/minMatch 3 is above maxMatch 2/);
@@ -83,5 +85,88 @@ describe('speculative decoding by n-gram lookup', () => {
     const generations = await speculating.generate(llamaPrompts.map((tokens) => ({ tokens, maxNewTokens: 20 })));
     generations.forEach((generation, index) => expect(generation.tokens, `prompt ${index}`).toEqual(referenceGenerate(TINY_LLAMA, llamaWeights, llamaPrompts[index], 20)));
     expect(speculating.stats().draftTokens).toBeGreaterThan(0);
+  });
+});
+
+describe('speculative decoding by a draft model', () => {
+  let directory: string;
+  let checkpoint: string;
+  let stranger: string;
+  const weights = randomWeights(TINY, 7);
+  const prompts = [[5, 17, 3, 5, 17, 3, 5, 17], [42, 9, 42, 9, 42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [96, 0, 33, 12]];
+  const greedy = prompts.map((tokens) => ({ tokens, maxNewTokens: 30 }));
+  const sampled = prompts.map((tokens, index) => ({ tokens, maxNewTokens: 30, sampling: { temperature: 0.8, seed: index } }));
+
+  beforeAll(async () => {
+    directory = mkdtempSync(join(tmpdir(), 'trellis-draft-'));
+    checkpoint = await writeCheckpoint(join(directory, 'tiny'), TINY, weights);
+    // A draft that rarely agrees with the model: other random weights of the same shape.
+    stranger = await writeCheckpoint(join(directory, 'stranger'), TINY, randomWeights(TINY, 8));
+    await init({ numCpus: 6 });
+  });
+  afterAll(async () => {
+    await shutdown();
+    rmSync(directory, { recursive: true, force: true });
+  });
+
+  it("generates the plain tokens, greedy and sampled, in fewer steps where the draft agrees, and the same tokens where it does not", async () => {
+    await using plain = await ModelReplica.create({ checkpoint });
+    const expected = await plain.generate(greedy);
+    const expectedSampled = await plain.generate(sampled);
+    expected.forEach((generation, index) => expect(generation.tokens).toEqual(referenceGenerate(TINY, weights, prompts[index], 30)));
+    // The model's own weights as its draft: every proposal is kept (an upper bound on what speculation saves).
+    {
+      await using speculating = await ModelReplica.create({ checkpoint, speculation: { method: 'draft', checkpoint, tokens: 4 } });
+      expect((await speculating.generate(greedy)).map((generation) => generation.tokens)).toEqual(expected.map((generation) => generation.tokens));
+      const stats = speculating.stats();
+      expect(stats.draftTokens).toBeGreaterThan(0);
+      expect(stats.acceptedDraftTokens).toBe(stats.draftTokens);
+      expect(stats.steps).toBeLessThan(plain.stats().steps / 2);
+      expect((await speculating.generate(sampled)).map((generation) => generation.tokens)).toEqual(expectedSampled.map((generation) => generation.tokens));
+    }
+    // A draft that disagrees: proposals mostly dropped, the tokens still the model's.
+    await using doubtful = await ModelReplica.create({ checkpoint, speculation: { method: 'draft', checkpoint: stranger, tokens: 3 } });
+    expect((await doubtful.generate(greedy)).map((generation) => generation.tokens)).toEqual(expected.map((generation) => generation.tokens));
+    expect((await doubtful.generate(sampled)).map((generation) => generation.tokens)).toEqual(expectedSampled.map((generation) => generation.tokens));
+    const stats = doubtful.stats();
+    expect(stats.draftTokens).toBeGreaterThan(0);
+    expect(stats.acceptedDraftTokens).toBeLessThan(stats.draftTokens);
+  });
+
+  it('runs inside a processor, and decodes plainly once the draft model dies', async () => {
+    const rows = await buildLLMProcessor({ checkpoint, maxNewTokens: 20, speculation: { method: 'draft', checkpoint, tokens: 4 } })(fromItems(prompts.map((tokens, id) => ({ id, tokens })))).takeAll();
+    rows.sort((a, b) => (a.id as number) - (b.id as number));
+    rows.forEach((row, index) => expect(Array.from(row.generatedTokens as number[])).toEqual(referenceGenerate(TINY, weights, prompts[index], 20)));
+    // The draft's one rank killed while the model generates: what is left decodes plainly, the same tokens.
+    await using speculating = await ModelReplica.create({ checkpoint, speculation: { method: 'draft', checkpoint, tokens: 2 } });
+    const ranks = new Set(speculating.ranks().map((rank) => rank.actorId));
+    const draftRanks = state().actors.filter((actor) => actor.className === 'ShardWorker' && actor.state === 'alive' && !ranks.has(actor.actorId));
+    expect(draftRanks).toHaveLength(1);
+    const long = prompts.map((tokens) => ({ tokens, maxNewTokens: 48 }));
+    const written: string[] = [];
+    const write = process.stderr.write.bind(process.stderr);
+    process.stderr.write = ((chunk: string) => (written.push(String(chunk)), true)) as typeof process.stderr.write;
+    try {
+      const running = speculating.generate(long);
+      while (speculating.stats().acceptedDraftTokens === 0) await new Promise((resolve) => setTimeout(resolve, 1));
+      process.kill(draftRanks[0].pid!, 'SIGKILL');
+      const generations = await running;
+      generations.forEach((generation, index) => expect(generation.tokens).toEqual(referenceGenerate(TINY, weights, prompts[index], 48)));
+      // Later requests decode plainly: no proposals after the failure.
+      const before = speculating.stats().draftTokens;
+      expect((await speculating.generate(greedy)).map((generation) => generation.tokens)).toEqual(prompts.map((tokens) => referenceGenerate(TINY, weights, tokens, 30)));
+      expect(speculating.stats().draftTokens).toBe(before);
+    } finally {
+      process.stderr.write = write;
+    }
+    expect(written.join('')).toMatch(/speculative decoding's draft model failed, and decoding goes on without it/);
+  });
+
+  it('refuses a draft it cannot use, naming why', async () => {
+    const wide = await writeCheckpoint(join(directory, 'wide'), { ...TINY, vocabSize: 120 }, randomWeights({ ...TINY, vocabSize: 120 }, 9));
+    await expect(ModelReplica.create({ checkpoint, speculation: { method: 'draft', checkpoint: wide } })).rejects.toMatchObject({ code: 'ERR_SPECULATION', message: expect.stringMatching(/the draft model's vocabulary has 120 tokens, more than the model's 97/) });
+    expect(() => checkSpeculation({ method: 'draft' } as never)).toThrow(/needs its checkpoint/);
+    expect(() => checkSpeculation({ method: 'draft', checkpoint, maxMatch: 2 } as never)).toThrow(/does not take maxMatch/);
+    expect(() => checkSpeculation({ method: 'draft', checkpoint, tokens: 0 })).toThrow(/speculation.tokens must be an integer from 1 to 64/);
   });
 });
