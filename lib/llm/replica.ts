@@ -343,6 +343,8 @@ interface Sequence {
   /** Speculation by a draft model: its draft is being made (the sequence waits for it), or is made for the sequence at this length. */
   drafting?: boolean;
   drafted?: { at: number; tokens: number[] };
+  /** The draft model refused this sequence's text: it decodes plainly. */
+  undraftable?: boolean;
   finish: (generation: Generation, embedding?: Float32Array) => void;
   fail: (error: Error) => void;
   /** A streamed generation's token taken in (see stream()): its log-probability, and why it ended if it did. */
@@ -1312,8 +1314,9 @@ export class ModelReplica {
     const speculation = this.#speculation;
     if (!draft || speculation?.method !== 'draft' || !this.#mayPropose(sequence)) return false;
     const known = sequence.prompt.length + sequence.generated.length;
-    if (sequence.past !== known - 1 || sequence.drafted?.at === known) return false;
-    const limit = Math.min(speculation.tokens, this.#proposalLimit(sequence));
+    if (sequence.past !== known - 1 || sequence.drafted?.at === known || sequence.undraftable) return false;
+    // The draft's positions may end before the model's: past them, the sequence decodes plainly.
+    const limit = Math.min(speculation.tokens, this.#proposalLimit(sequence), draft.config.maxPositions - known - 1);
     if (limit < 1) return false;
     if (sequence.proposalPause) {
       sequence.proposalPause--;
@@ -1331,8 +1334,11 @@ export class ModelReplica {
       },
       (error: Error) => {
         sequence.drafting = false;
-        // The draft model failed (a rank died, say): sequences decode plainly from here on.
-        if (this.#draft === draft) {
+        if (error instanceof InvalidArgumentError) {
+          // This text is not the draft's to read (a token past its vocabulary, say): this sequence decodes plainly.
+          sequence.undraftable = true;
+        } else if (this.#draft === draft) {
+          // The draft model failed (a rank died, say): every sequence decodes plainly from here on.
           this.#draft = undefined;
           process.stderr.write(`trellis: speculative decoding's draft model failed, and decoding goes on without it: ${error.message}\n`);
           void draft.close().catch(() => {});

@@ -162,7 +162,16 @@ describe('speculative decoding by a draft model', () => {
     expect(written.join('')).toMatch(/speculative decoding's draft model failed, and decoding goes on without it/);
   });
 
-  it('refuses a draft it cannot use, naming why', async () => {
+  it('refuses a draft it cannot use, naming why, and decodes plainly a sequence whose text its draft cannot read', async () => {
+    // A draft of fewer tokens (as one without a model's padding rows): a text holding a token past them decodes plainly.
+    const narrowConfig = { ...TINY, vocabSize: 60 };
+    const narrow = await writeCheckpoint(join(directory, 'narrow'), narrowConfig, randomWeights(narrowConfig, 10));
+    {
+      await using speculating = await ModelReplica.create({ checkpoint, speculation: { method: 'draft', checkpoint: narrow, tokens: 3 } });
+      const mixed = [[5, 17, 3, 5], [96, 0, 33, 12]];
+      const generations = await speculating.generate(mixed.map((tokens) => ({ tokens, maxNewTokens: 20 })));
+      generations.forEach((generation, index) => expect(generation.tokens).toEqual(referenceGenerate(TINY, weights, mixed[index], 20)));
+    }
     const wide = await writeCheckpoint(join(directory, 'wide'), { ...TINY, vocabSize: 120 }, randomWeights({ ...TINY, vocabSize: 120 }, 9));
     await expect(ModelReplica.create({ checkpoint, speculation: { method: 'draft', checkpoint: wide } })).rejects.toMatchObject({ code: 'ERR_SPECULATION', message: expect.stringMatching(/the draft model's vocabulary has 120 tokens, more than the model's 97/) });
     expect(() => checkSpeculation({ method: 'draft' } as never)).toThrow(/needs its checkpoint/);
