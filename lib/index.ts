@@ -156,6 +156,7 @@ export type { DeploymentOptions, AutoscalingConfig } from './serve/options.js';
 export { HttpRequest, HttpResponse, HttpError } from './serve/http-messages.js';
 export type { BatchOptions, BatchedFunction } from './serve/batching.js';
 export type { HttpOptions } from './serve/http-proxy.js';
+export type { NodeProxyAddress } from './serve/node-proxy.js';
 export type { StartOptions, RunOptions, ServeStatus, ApplicationStatus, DeploymentStatus } from './serve/index.js';
 export { DeploymentError, BackPressureError } from './errors.js';
 export { buildOpenAIApp, OpenAIServer } from './llm/openai-server.js';

@@ -8,7 +8,23 @@
  */
 import type { ActorHandle } from '../core/registry.js';
 import { remote } from '../core/registry.js';
+import type { DeploymentHandle } from './handle.js';
 import type { ServeReplica } from './replica.js';
+
+/** An HTTP route as the proxies on other nodes take it: the prefix, its application, and a handle to the ingress. */
+export interface ProxyRoute {
+  prefix: string;
+  app: string;
+  ingress: DeploymentHandle<unknown>;
+  /** The ingress's fetch is a generator method: its answers stream. */
+  streaming: boolean;
+}
+
+/** The routes every proxy serves, and their version. */
+export interface RouteTable {
+  version: number;
+  routes: ProxyRoute[];
+}
 
 export interface ReplicaSet {
   version: number;
@@ -28,6 +44,33 @@ interface Entry extends ReplicaSet {
 export class ServeDirectory {
   readonly #entries = new Map<string, Entry>();
   readonly #demand = new Map<string, number>();
+  #routes: RouteTable = { version: 0, routes: [] };
+  #routeWatchers = new Set<() => void>();
+
+  /** The HTTP routes, for the proxies on other nodes (the driver's proxy has them first-hand). */
+  publishRoutes(routes: ProxyRoute[]): void {
+    this.#routes = { version: this.#routes.version + 1, routes };
+    for (const wake of this.#routeWatchers) wake();
+    this.#routeWatchers.clear();
+  }
+
+  /** The routes once their version is not `known`, or after `timeoutMs` as they are. */
+  async watchRoutes(known: number, timeoutMs: number): Promise<RouteTable> {
+    if (this.#routes.version === known) {
+      await new Promise<void>((resolve) => {
+        const wake = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+        const timer = setTimeout(() => {
+          this.#routeWatchers.delete(wake);
+          resolve();
+        }, timeoutMs);
+        this.#routeWatchers.add(wake);
+      });
+    }
+    return this.#routes;
+  }
 
   #entry(key: string): Entry {
     let entry = this.#entries.get(key);

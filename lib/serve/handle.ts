@@ -97,6 +97,11 @@ function routerOf(target: HandleTarget): Router {
   return found.router;
 }
 
+/** The router this process sends `handle`'s calls through (the driver's own, or one fed by the directory). */
+export function routerForHandle(handle: DeploymentHandleBase): Router {
+  return routerOf(DeploymentHandleBase.targetOf(handle));
+}
+
 /** Top-level arguments that are responses are passed on as their refs (the value never comes here). */
 async function resolveArguments(args: unknown[]): Promise<unknown[]> {
   if (!args.some((arg) => arg instanceof DeploymentResponse)) return args;

@@ -26,6 +26,13 @@ export interface HttpOptions {
   maxBodyBytes?: number;
   /** Longest a request may take before it is stopped and answered 504 (default: no limit). */
   requestTimeoutMs?: number;
+  /**
+   * Where proxies run (Ray Serve's proxy_location): 'HeadOnly' (the default), one in the driver;
+   * 'EveryNode', one on every node of the cluster besides, each listening on `port` on its own
+   * host (with port 0, each on a free one: see serve.status().proxies), sending requests to its
+   * own node's replicas while they have room.
+   */
+  location?: 'HeadOnly' | 'EveryNode';
 }
 
 interface Route {
@@ -72,19 +79,22 @@ export class HttpProxy {
   readonly #server: Server;
   readonly #maxBodyBytes: number;
   readonly #requestTimeoutMs: number | undefined;
+  /** A proxy on a node besides the driver's: requests go to that node's replicas first. */
+  readonly #preferLocal: boolean;
   #routes: Route[] = [];
   #closed: Promise<void> | undefined;
   readonly metrics = new HttpMetrics();
 
-  private constructor(server: Server, host: string, port: number, options: HttpOptions) {
+  private constructor(server: Server, host: string, port: number, options: HttpOptions, preferLocal: boolean) {
     this.#server = server;
     this.host = host;
     this.port = port;
     this.#maxBodyBytes = options.maxBodyBytes ?? 100 * 1024 * 1024;
     this.#requestTimeoutMs = options.requestTimeoutMs;
+    this.#preferLocal = preferLocal;
   }
 
-  static async start(options: HttpOptions = {}): Promise<HttpProxy> {
+  static async start(options: HttpOptions = {}, preferLocal = false): Promise<HttpProxy> {
     const host = options.host ?? '127.0.0.1';
     const port = options.port ?? 8000;
     if (!Number.isInteger(port) || port < 0 || port > 65535) throw new InvalidArgumentError(`http.port must be a port number from 0 to 65535, got ${String(options.port)}`);
@@ -93,6 +103,9 @@ export class HttpProxy {
     }
     if (options.requestTimeoutMs !== undefined && !(typeof options.requestTimeoutMs === 'number' && options.requestTimeoutMs > 0)) {
       throw new InvalidArgumentError(`http.requestTimeoutMs must be a number of milliseconds above 0, got ${String(options.requestTimeoutMs)}`);
+    }
+    if (options.location !== undefined && options.location !== 'HeadOnly' && options.location !== 'EveryNode') {
+      throw new InvalidArgumentError(`http.location must be 'HeadOnly' or 'EveryNode', got ${JSON.stringify(options.location)}`);
     }
     let proxy: HttpProxy | undefined;
     const server = createServer((request, response) => {
@@ -108,7 +121,7 @@ export class HttpProxy {
     } catch (error) {
       throw new DeploymentError('http', `the HTTP proxy could not listen on ${host}:${port}: ${(error as Error).message}`, 'ERR_HTTP_LISTEN');
     }
-    proxy = new HttpProxy(server, host, (server.address() as AddressInfo).port, options);
+    proxy = new HttpProxy(server, host, (server.address() as AddressInfo).port, options, preferLocal);
     return proxy;
   }
 
@@ -160,7 +173,7 @@ export class HttpProxy {
 
   /** Answers with one part: a fetch that is not a generator method, by a plain call. */
   async #answer(route: Route, data: RequestData, modelId: string, response: ServerResponse): Promise<void> {
-    const answer = new DeploymentResponse<ResponsePart>(route.router, (replica) => replica.handle.httpCall.remote(data, modelId) as ObjectRef<ResponsePart>, [], modelId);
+    const answer = new DeploymentResponse<ResponsePart>(route.router, (replica) => replica.handle.httpCall.remote(data, modelId) as ObjectRef<ResponsePart>, [], modelId, this.#preferLocal);
     let timedOut = false;
     const timer = this.#requestTimeoutMs === undefined ? undefined : setTimeout(() => {
       timedOut = true;
@@ -238,7 +251,7 @@ export class HttpProxy {
       return sendJson(response, status, { error: 'BadRequest', message: `the request's model could not be read: ${(error as Error).message}` });
     }
     if (!route.streaming) return this.#answer(route, data, modelId, response);
-    const parts = new DeploymentResponseGenerator<ResponsePart>(route.router, (replica) => replica.handle.http.remote(data, modelId) as ObjectRefGenerator<ResponsePart>, [], modelId);
+    const parts = new DeploymentResponseGenerator<ResponsePart>(route.router, (replica) => replica.handle.http.remote(data, modelId) as ObjectRefGenerator<ResponsePart>, [], modelId, this.#preferLocal);
     let timedOut = false;
     const timer = this.#requestTimeoutMs === undefined ? undefined : setTimeout(() => {
       timedOut = true;

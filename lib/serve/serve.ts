@@ -4,7 +4,7 @@
  * long as the driver's cluster: trellis's shutdown() stops it too.
  */
 import { DeploymentError, InvalidArgumentError, NotInitializedError } from '../errors.js';
-import { isInitialized, kill, onShutdown } from '../core/api.js';
+import { events, get, getRuntimeContext, isInitialized, kill, onShutdown, state } from '../core/api.js';
 import { registerMetricsCollector } from '../core/metrics.js';
 import type { ActorHandle } from '../core/registry.js';
 import { ServeController, type DeploymentStatus } from './controller.js';
@@ -12,6 +12,7 @@ import { deploymentsOf, type Application } from './deployment.js';
 import { ServeDirectoryActor, type ServeDirectory } from './directory.js';
 import { deploymentKey, makeHandle, setLocalRouters, type DeploymentHandle } from './handle.js';
 import { checkRoutePrefix, HttpProxy, type HttpOptions } from './http-proxy.js';
+import { NodeProxyActor, type NodeProxy, type NodeProxyAddress } from './node-proxy.js';
 import { deploymentFamilies } from './serve-metrics.js';
 
 export interface StartOptions {
@@ -36,8 +37,10 @@ export interface ApplicationStatus {
 }
 
 export interface ServeStatus {
-  /** Where the HTTP proxy listens, if it runs. */
+  /** Where the driver's HTTP proxy listens, if it runs. */
   proxy: { host: string; port: number; url: string } | null;
+  /** Every proxy by node, the driver's first: with `http.location: 'EveryNode'`, one on each node. */
+  proxies: NodeProxyAddress[];
   applications: Record<string, ApplicationStatus>;
 }
 
@@ -46,6 +49,15 @@ interface AppRecord {
   routePrefix: string | null;
   ingress: string;
   deploying: boolean;
+  /** Its ingress's handle and whether its fetch streams, for the proxies on other nodes. */
+  ingressHandle?: DeploymentHandle<unknown>;
+  streaming?: boolean;
+}
+
+/** A proxy on a node besides the driver's, and where it listens once it does. */
+interface NodeProxyRecord {
+  actor: ActorHandle<NodeProxy>;
+  address: NodeProxyAddress | undefined;
 }
 
 interface ServeInstance {
@@ -53,8 +65,12 @@ interface ServeInstance {
   directory: ActorHandle<ServeDirectory>;
   proxy: HttpProxy | undefined;
   proxyOptions: HttpOptions | false;
+  /** With http.location 'EveryNode': the other nodes' proxies, by node. */
+  nodeProxies: Map<string, NodeProxyRecord>;
   apps: Map<string, AppRecord>;
   stopMetrics: () => void;
+  /** Stops starting proxies on nodes that join. */
+  stopFollowingNodes: () => void;
   closed: boolean;
 }
 
@@ -91,7 +107,19 @@ export async function start(options: StartOptions = {}): Promise<ServeStatus> {
     }
     const controller = new ServeController(directory);
     setLocalRouters((key) => controller.routerFor(key));
-    const started: ServeInstance = { controller, directory, proxy, proxyOptions, apps: new Map(), stopMetrics: () => undefined, closed: false };
+    const started: ServeInstance = { controller, directory, proxy, proxyOptions, nodeProxies: new Map(), apps: new Map(), stopMetrics: () => undefined, stopFollowingNodes: () => undefined, closed: false };
+    if (proxyOptions !== false && proxyOptions.location === 'EveryNode') {
+      try {
+        await startNodeProxies(started, proxyOptions);
+      } catch (error) {
+        for (const record of started.nodeProxies.values()) kill(record.actor);
+        await proxy?.close();
+        kill(directory);
+        controller.close();
+        setLocalRouters(undefined);
+        throw error;
+      }
+    }
     started.stopMetrics = registerMetricsCollector(() => [
       ...(started.proxy?.metrics.families() ?? []),
       ...(instance === started ? deploymentFamilies(status().applications) : []),
@@ -105,6 +133,57 @@ export async function start(options: StartOptions = {}): Promise<ServeStatus> {
     starting = undefined;
   }
   return status();
+}
+
+/**
+ * A proxy on every node besides the driver's, and on each node that joins later; a node's proxy
+ * goes with its node. One that cannot listen fails start() (naming its node), or for a node that
+ * joins later is reported and left out.
+ */
+async function startNodeProxies(serving: ServeInstance, options: HttpOptions): Promise<void> {
+  const here = getRuntimeContext().nodeId;
+  const startOn = (nodeId: string): NodeProxyRecord => {
+    const actor = NodeProxyActor.options({ numCpus: 0, maxRestarts: -1, maxConcurrency: 16, schedulingStrategy: { type: 'node', nodeId } }).remote(options, serving.directory) as ActorHandle<NodeProxy>;
+    const record: NodeProxyRecord = { actor, address: undefined };
+    serving.nodeProxies.set(nodeId, record);
+    return record;
+  };
+  const listening = async (nodeId: string, record: NodeProxyRecord): Promise<void> => {
+    try {
+      record.address = await get(record.actor.address.remote());
+    } catch (error) {
+      throw new DeploymentError('http', `the HTTP proxy on node ${nodeId} could not start: ${(error as Error).message}`, 'ERR_HTTP_LISTEN');
+    }
+  };
+  const cluster = events();
+  const added = ({ nodeId }: { nodeId: string }) => {
+    if (serving.closed || serving.nodeProxies.has(nodeId) || nodeId === here) return;
+    const record = startOn(nodeId);
+    listening(nodeId, record).catch((error: Error) => {
+      serving.nodeProxies.delete(nodeId);
+      kill(record.actor);
+      process.stderr.write(`trellis serve: ${error.message}\n`);
+    });
+  };
+  const removed = ({ nodeId }: { nodeId: string }) => void serving.nodeProxies.delete(nodeId);
+  cluster.on('node-added', added);
+  cluster.on('node-removed', removed);
+  serving.stopFollowingNodes = () => {
+    cluster.off('node-added', added);
+    cluster.off('node-removed', removed);
+  };
+  const others = state().nodes.map((node) => node.nodeId).filter((nodeId) => nodeId !== here);
+  await Promise.all(others.map((nodeId) => listening(nodeId, startOn(nodeId))));
+  publishRoutes(serving);
+}
+
+/** Sends the HTTP routes to the directory, where the other nodes' proxies read them. */
+function publishRoutes(serving: ServeInstance): void {
+  if (serving.proxyOptions === false || serving.proxyOptions.location !== 'EveryNode') return;
+  const routes = [...serving.apps.values()]
+    .filter((app) => app.routePrefix !== null && app.ingressHandle && !app.deploying)
+    .map((app) => ({ prefix: app.routePrefix!, app: app.name, ingress: app.ingressHandle!, streaming: app.streaming === true }));
+  void serving.directory.publishRoutes.remote(routes);
 }
 
 async function running(where: string): Promise<ServeInstance> {
@@ -158,14 +237,17 @@ export async function run<T>(app: Application<T>, options: RunOptions = {}): Pro
   }
   record.deploying = false;
   const ingressRecord = serving.controller.deployment(deploymentKey(name, ingress.name))!;
-  if (routePrefix !== null) serving.proxy!.setRoute(routePrefix, name, ingressRecord.router, ingress.methods.includes('*fetch'), ingressRecord.config.requestModelId);
+  record.ingressHandle = handles.get(app) as DeploymentHandle<unknown>;
+  record.streaming = ingress.methods.includes('*fetch');
+  if (routePrefix !== null) serving.proxy!.setRoute(routePrefix, name, ingressRecord.router, record.streaming, ingressRecord.config.requestModelId);
   else serving.proxy?.removeApp(name);
+  publishRoutes(serving);
   return handles.get(app) as DeploymentHandle<T>;
 }
 
 /** The status of every application and deployment (as `serve status`). */
 export function status(): ServeStatus {
-  if (!instance) return { proxy: null, applications: {} };
+  if (!instance) return { proxy: null, proxies: [], applications: {} };
   const applications: Record<string, ApplicationStatus> = {};
   for (const app of instance.apps.values()) {
     const deployments: Record<string, DeploymentStatus> = {};
@@ -183,7 +265,13 @@ export function status(): ServeStatus {
     applications[app.name] = { status: overall, routePrefix: app.routePrefix, ingress: app.ingress, deployments };
   }
   const proxy = instance.proxy ? { host: instance.proxy.host, port: instance.proxy.port, url: instance.proxy.url } : null;
-  return { proxy, applications };
+  const proxies: NodeProxyAddress[] = proxy ? [{ nodeId: getRuntimeContext().nodeId, ...proxy }] : [];
+  for (const record of instance.nodeProxies.values()) {
+    if (record.address) proxies.push(record.address);
+    // A proxy restarted after its process died may listen elsewhere (port 0): the next status() shows where.
+    get(record.actor.address.remote()).then((address) => void (record.address = address), () => undefined);
+  }
+  return { proxy, proxies, applications };
 }
 
 /** A handle to a running deployment, by its name and its application's (default 'default'). */
@@ -213,6 +301,7 @@ async function deleteApplication(appName: string): Promise<void> {
   if (!app) return;
   instance.proxy?.removeApp(appName);
   instance.apps.delete(appName);
+  publishRoutes(instance);
   await instance.controller.deleteApp(appName);
 }
 export { deleteApplication as delete };
@@ -226,7 +315,16 @@ async function closeInstance(closing: ServeInstance): Promise<void> {
     setLocalRouters(undefined);
   }
   closing.stopMetrics();
+  closing.stopFollowingNodes();
   closing.controller.close();
+  for (const record of closing.nodeProxies.values()) {
+    try {
+      kill(record.actor);
+    } catch {
+      // Gone with the cluster.
+    }
+  }
+  closing.nodeProxies.clear();
   await closing.proxy?.close();
 }
 
@@ -236,6 +334,9 @@ export async function shutdown(): Promise<void> {
   if (!closing) return;
   // No new requests while the applications drain.
   const proxyClosed = closing.proxy?.close();
+  closing.stopFollowingNodes();
+  for (const record of closing.nodeProxies.values()) kill(record.actor);
+  closing.nodeProxies.clear();
   await Promise.all([...closing.apps.keys()].map((app) => closing.controller.deleteApp(app)));
   closing.apps.clear();
   kill(closing.directory);

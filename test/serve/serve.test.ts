@@ -234,7 +234,7 @@ describe('serve: bad input', () => {
   it('serve.shutdown() removes every application and the proxy; serving starts again after', async () => {
     const echo = await serve.run(serve.deployment(EchoActor, light).bind('one'), { name: 'first', routePrefix: '/first' });
     await serve.shutdown();
-    expect(serve.status()).toEqual({ proxy: null, applications: {} });
+    expect(serve.status()).toEqual({ proxy: null, proxies: [], applications: {} });
     await expect(fetch(`${url}/first`)).rejects.toThrow();
     await expect(echo.greet('x')).rejects.toThrow(DeploymentError);
     const again = await serve.start({ http: { port: 0 } });
