@@ -88,6 +88,9 @@ interface Prompt {
   text?: string;
 }
 
+/** What the server answers, for the errors that name it. */
+const SERVED = 'POST /v1/chat/completions, /v1/completions, /v1/embeddings, /tokenize, /detokenize; GET /v1/models';
+
 /** The most choices one request may ask for (n). */
 const MOST_CHOICES = 16;
 /** The most prompts one completions request may batch. */
@@ -245,12 +248,20 @@ export class OpenAIServer {
       });
       return;
     }
-    if (request.method !== 'POST') throw new HttpError(request.method === 'GET' ? 404 : 405, `${request.method} ${request.path} is not served (POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models)`);
+    if (request.method !== 'POST') throw new HttpError(request.method === 'GET' ? 404 : 405, `${request.method} ${request.path} is not served (${SERVED})`);
     const body = request.json<Record<string, unknown>>();
     if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new HttpError(400, 'the request body must be a JSON object');
     if (body.use_beam_search !== undefined && typeof body.use_beam_search !== 'boolean') throw new HttpError(400, `use_beam_search must be a boolean, got ${JSON.stringify(body.use_beam_search)}`);
+    if (route === '/tokenize' || route === '/v1/tokenize') {
+      yield new HttpResponse(this.#tokenize(body));
+      return;
+    }
+    if (route === '/detokenize' || route === '/v1/detokenize') {
+      yield new HttpResponse(this.#detokenize(body));
+      return;
+    }
     if (!['/v1/chat/completions', '/v1/completions', '/v1/embeddings'].includes(route)) {
-      throw new HttpError(404, `${request.path} is not served (POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models)`);
+      throw new HttpError(404, `${request.path} is not served (${SERVED})`);
     }
     const adapter = await this.#adapterOf(body.model);
     const model = adapter ?? this.#modelId;
@@ -265,8 +276,44 @@ export class OpenAIServer {
         yield new HttpResponse(await this.#embed(body, model, adapter));
         return;
       default:
-        throw new HttpError(404, `${request.path} is not served (POST /v1/chat/completions, /v1/completions, /v1/embeddings; GET /v1/models)`);
+        throw new HttpError(404, `${request.path} is not served (${SERVED})`);
     }
+  }
+
+  /**
+   * vLLM's /tokenize: a prompt's token ids (`add_special_tokens`, default true), or a
+   * conversation's as the chat template renders it (`messages`, `add_generation_prompt`, default
+   * true), with their count and the model's positions.
+   */
+  #tokenize(body: Record<string, unknown>): unknown {
+    const tokenizer = this.#tokenizer!;
+    let tokens: number[];
+    if (body.messages !== undefined) {
+      if (!this.#template) throw new HttpError(400, `model ${this.#modelId} has no chat template: tokenize a prompt`);
+      const generationPrompt = field<boolean>(body, 'add_generation_prompt', (value) => typeof value === 'boolean', 'a boolean') ?? true;
+      let rendered: string;
+      try {
+        rendered = this.#template.render(body.messages as ChatMessage[], { addGenerationPrompt: generationPrompt });
+      } catch (error) {
+        throw new HttpError(400, (error as Error).message);
+      }
+      tokens = tokenizer.encode(rendered, { addSpecialTokens: false });
+    } else {
+      if (typeof body.prompt !== 'string') throw new HttpError(400, 'tokenize takes a prompt (a string) or messages (a conversation)');
+      const special = field<boolean>(body, 'add_special_tokens', (value) => typeof value === 'boolean', 'a boolean') ?? true;
+      tokens = tokenizer.encode(body.prompt, { addSpecialTokens: special });
+    }
+    return { count: tokens.length, max_model_len: this.#replica!.config.maxPositions, tokens };
+  }
+
+  /** vLLM's /detokenize: the text of a list of token ids. */
+  #detokenize(body: Record<string, unknown>): unknown {
+    const tokenizer = this.#tokenizer!;
+    const tokens = body.tokens;
+    if (!Array.isArray(tokens) || tokens.some((token) => !Number.isInteger(token) || token < 0 || token >= tokenizer.vocabSize)) {
+      throw new HttpError(400, `tokens must be a list of token ids from 0 to ${tokenizer.vocabSize - 1}`);
+    }
+    return { prompt: tokenizer.decode(tokens as number[]) };
   }
 
   #maxTokens(body: Record<string, unknown>): number {

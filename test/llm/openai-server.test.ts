@@ -277,6 +277,24 @@ describe('buildOpenAIApp', () => {
     }
   });
 
+  it("tokenizes and detokenizes as vLLM's /tokenize and /detokenize do, prompts and conversations", async () => {
+    type Tokenized = { count: number; max_model_len: number; tokens: number[] };
+    const prompt = (await (await post('/tokenize', { prompt: 'Once upon' })).json()) as Tokenized;
+    expect(prompt.count).toBe(9);
+    expect(prompt.max_model_len).toBe(256);
+    // The same ids a completion's usage counts, and the same text back.
+    expect((await (await post('/detokenize', { tokens: prompt.tokens })).json())).toEqual({ prompt: 'Once upon' });
+    const completion = (await (await post('/v1/completions', { prompt: prompt.tokens, max_tokens: 4, temperature: 0 })).json()) as { usage: Record<string, number> };
+    expect(completion.usage.prompt_tokens).toBe(prompt.count);
+    const chat = (await (await post('/tokenize', { messages: [{ role: 'user', content: 'Say hi' }] })).json()) as Tokenized;
+    expect((await (await post('/detokenize', { tokens: chat.tokens })).json())).toEqual({ prompt: 'user: Say hi\nassistant:' });
+    const bare = (await (await post('/tokenize', { messages: [{ role: 'user', content: 'Say hi' }], add_generation_prompt: false })).json()) as Tokenized;
+    expect(bare.count).toBeLessThan(chat.count);
+    const refused = await post('/detokenize', { tokens: [1, 99_999] });
+    expect(refused.status).toBe(400);
+    expect(((await refused.json()) as { message: string }).message).toMatch(/tokens must be a list of token ids from 0 to 256/);
+  });
+
   it('answers with the beams of a beam search as its choices (use_beam_search, n)', async () => {
     const request = { prompt: 'Once upon', max_tokens: 8, use_beam_search: true, n: 3 };
     const searched = (await (await post('/v1/completions', request)).json()) as { choices: Array<{ index: number; text: string; finish_reason: string }>; usage: Record<string, number> };
