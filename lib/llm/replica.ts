@@ -617,6 +617,7 @@ export class ModelReplica {
           device: speculation.device ?? device,
           numCpusPerRank: speculation.numCpusPerRank ?? numCpus,
           prefixCacheTokens: speculation.prefixCacheTokens,
+          ...(speculation.weightDtype !== undefined ? { weightDtype: speculation.weightDtype } : {}),
           maxSequencesPerStep: limits.maxSequences,
           stopTokens: [],
         });

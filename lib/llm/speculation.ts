@@ -13,6 +13,7 @@
  * less a token.
  */
 import { InvalidArgumentError } from '../errors.js';
+import type { WeightDType } from './kernels.js';
 
 export interface NgramSpeculationOptions {
   /** 'ngram' (the default): proposals come from the sequence's own tokens. */
@@ -35,6 +36,12 @@ export interface DraftSpeculationOptions {
   device?: 'cpu' | 'cuda';
   numCpusPerRank?: number;
   /**
+   * How the draft keeps its weights (as the model's weightDtype; default 'auto'): a draft reads
+   * its every weight for each token it drafts, so 'int8' (a quarter of f32's bytes) makes it
+   * cheaper, at some agreement with the model.
+   */
+  weightDtype?: WeightDType | 'auto';
+  /**
    * Positions of finished drafts the draft replica keeps (default 16,384): each sequence's next
    * draft starts from its last, reading only the tokens kept since, while they fit.
    */
@@ -56,6 +63,7 @@ export interface DraftSpeculation {
   checkpoint: string;
   device: 'cpu' | 'cuda' | undefined;
   numCpusPerRank: number | undefined;
+  weightDtype: WeightDType | 'auto' | undefined;
   prefixCacheTokens: number;
 }
 
@@ -75,9 +83,9 @@ export function checkSpeculation(options: SpeculationOptions): Speculation {
     if (options.device !== undefined && options.device !== 'cpu' && options.device !== 'cuda') throw new InvalidArgumentError(`speculation.device must be 'cpu' or 'cuda', got ${JSON.stringify(options.device)}`, 'ERR_SPECULATION');
     const numCpus = options.numCpusPerRank;
     if (numCpus !== undefined && (typeof numCpus !== 'number' || !(numCpus >= 0))) throw new InvalidArgumentError(`speculation.numCpusPerRank must be a number >= 0, got ${String(numCpus)}`, 'ERR_SPECULATION');
-    const unknown = Object.keys(options).filter((name) => !['method', 'checkpoint', 'tokens', 'device', 'numCpusPerRank', 'prefixCacheTokens'].includes(name));
+    const unknown = Object.keys(options).filter((name) => !['method', 'checkpoint', 'tokens', 'device', 'numCpusPerRank', 'weightDtype', 'prefixCacheTokens'].includes(name));
     if (unknown.length > 0) throw new InvalidArgumentError(`speculation by a draft model does not take ${unknown.join(', ')}`, 'ERR_SPECULATION');
-    return { method: 'draft', tokens: field('tokens', 4), checkpoint: options.checkpoint, device: options.device, numCpusPerRank: numCpus, prefixCacheTokens: field('prefixCacheTokens', 16_384, 2 ** 30) };
+    return { method: 'draft', tokens: field('tokens', 4), checkpoint: options.checkpoint, device: options.device, numCpusPerRank: numCpus, weightDtype: options.weightDtype, prefixCacheTokens: field('prefixCacheTokens', 16_384, 2 ** 30) };
   }
   if (options.method !== undefined && options.method !== 'ngram') throw new InvalidArgumentError(`speculation.method must be 'ngram' or 'draft', got ${JSON.stringify(options.method)}`, 'ERR_SPECULATION');
   const speculation: NgramSpeculation = { method: 'ngram', tokens: field('tokens', 4), maxMatch: field('maxMatch', 4), minMatch: field('minMatch', 1) };

@@ -124,8 +124,8 @@ describe('speculative decoding by a draft model', () => {
       expect(stats.steps).toBeLessThan(plain.stats().steps / 2);
       expect((await speculating.generate(sampled)).map((generation) => generation.tokens)).toEqual(expectedSampled.map((generation) => generation.tokens));
     }
-    // A draft that disagrees: proposals mostly dropped, the tokens still the model's.
-    await using doubtful = await ModelReplica.create({ checkpoint, speculation: { method: 'draft', checkpoint: stranger, tokens: 3 } });
+    // A draft that disagrees (its weights quantized to int8 besides): proposals mostly dropped, the tokens still the model's.
+    await using doubtful = await ModelReplica.create({ checkpoint, speculation: { method: 'draft', checkpoint: stranger, tokens: 3, weightDtype: 'int8' } });
     expect((await doubtful.generate(greedy)).map((generation) => generation.tokens)).toEqual(expected.map((generation) => generation.tokens));
     expect((await doubtful.generate(sampled)).map((generation) => generation.tokens)).toEqual(expectedSampled.map((generation) => generation.tokens));
     const stats = doubtful.stats();
