@@ -1294,6 +1294,7 @@ export class ModelReplica {
 
   /** Whether a decoding sequence may take proposals: not where its picks need more than logits, a mask and a position (penalties, logprobs, stop tokens held back by minNewTokens). */
   #mayPropose(sequence: Sequence): boolean {
+    if (this.#running.length > (this.#speculation?.disableByBatchSize ?? Infinity)) return false;
     return !sequence.logprobs && !sequence.top && !sequence.pooling && !needsHistory(sequence.sampling) && !this.#reservesMost(sequence) && sequence.generated.length >= sequence.minNewTokens;
   }
 

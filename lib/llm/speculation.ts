@@ -15,23 +15,31 @@
 import { InvalidArgumentError } from '../errors.js';
 import type { WeightDType } from './kernels.js';
 
-export interface NgramSpeculationOptions {
-  /** 'ngram' (the default): proposals come from the sequence's own tokens. */
-  method?: 'ngram';
+/** What both methods take. */
+interface CommonSpeculationOptions {
   /** Tokens proposed at most per step (default 4; vLLM's num_speculative_tokens). */
   tokens?: number;
+  /**
+   * No proposals while more sequences than this run (vLLM's speculative_disable_by_batch_size):
+   * a full batch already keeps the ranks busy, and checking proposals then costs about what
+   * decoding does. Default: speculate at any batch size.
+   */
+  disableByBatchSize?: number;
+}
+
+export interface NgramSpeculationOptions extends CommonSpeculationOptions {
+  /** 'ngram' (the default): proposals come from the sequence's own tokens. */
+  method?: 'ngram';
   /** The longest and shortest tails looked up (defaults 4 and 1; vLLM's prompt_lookup_max and _min). */
   maxMatch?: number;
   minMatch?: number;
 }
 
-export interface DraftSpeculationOptions {
+export interface DraftSpeculationOptions extends CommonSpeculationOptions {
   /** 'draft': proposals come from a draft model. */
   method: 'draft';
   /** The draft model's checkpoint (a directory or a .safetensors file beside its config.json); its vocabulary must be the model's. */
   checkpoint: string;
-  /** Tokens the draft proposes at most per step (default 4; vLLM's num_speculative_tokens). */
-  tokens?: number;
   /** Where the draft runs (default: the model's device). It is one rank, with numCpusPerRank CPUs (default: the model's). */
   device?: 'cpu' | 'cuda';
   numCpusPerRank?: number;
@@ -53,6 +61,7 @@ export type SpeculationOptions = NgramSpeculationOptions | DraftSpeculationOptio
 export interface NgramSpeculation {
   method: 'ngram';
   tokens: number;
+  disableByBatchSize: number;
   maxMatch: number;
   minMatch: number;
 }
@@ -60,6 +69,7 @@ export interface NgramSpeculation {
 export interface DraftSpeculation {
   method: 'draft';
   tokens: number;
+  disableByBatchSize: number;
   checkpoint: string;
   device: 'cpu' | 'cuda' | undefined;
   numCpusPerRank: number | undefined;
@@ -73,6 +83,10 @@ export type Speculation = NgramSpeculation | DraftSpeculation;
 export function checkSpeculation(options: SpeculationOptions): Speculation {
   if (typeof options !== 'object' || options === null) throw new InvalidArgumentError('speculation must be an object such as { method: "ngram", tokens: 4 }', 'ERR_SPECULATION');
   const given = options as Record<string, unknown>;
+  const disableByBatchSize = given.disableByBatchSize === undefined ? Infinity : given.disableByBatchSize;
+  if (disableByBatchSize !== Infinity && (typeof disableByBatchSize !== 'number' || !Number.isInteger(disableByBatchSize) || disableByBatchSize < 1)) {
+    throw new InvalidArgumentError(`speculation.disableByBatchSize must be an integer from 1, got ${String(given.disableByBatchSize)}`, 'ERR_SPECULATION');
+  }
   const field = (name: string, fallback: number, most = 64): number => {
     const value = given[name] ?? fallback;
     if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > most) throw new InvalidArgumentError(`speculation.${name} must be an integer from 1 to ${most}, got ${String(given[name])}`, 'ERR_SPECULATION');
@@ -83,12 +97,12 @@ export function checkSpeculation(options: SpeculationOptions): Speculation {
     if (options.device !== undefined && options.device !== 'cpu' && options.device !== 'cuda') throw new InvalidArgumentError(`speculation.device must be 'cpu' or 'cuda', got ${JSON.stringify(options.device)}`, 'ERR_SPECULATION');
     const numCpus = options.numCpusPerRank;
     if (numCpus !== undefined && (typeof numCpus !== 'number' || !(numCpus >= 0))) throw new InvalidArgumentError(`speculation.numCpusPerRank must be a number >= 0, got ${String(numCpus)}`, 'ERR_SPECULATION');
-    const unknown = Object.keys(options).filter((name) => !['method', 'checkpoint', 'tokens', 'device', 'numCpusPerRank', 'weightDtype', 'prefixCacheTokens'].includes(name));
+    const unknown = Object.keys(options).filter((name) => !['method', 'checkpoint', 'tokens', 'disableByBatchSize', 'device', 'numCpusPerRank', 'weightDtype', 'prefixCacheTokens'].includes(name));
     if (unknown.length > 0) throw new InvalidArgumentError(`speculation by a draft model does not take ${unknown.join(', ')}`, 'ERR_SPECULATION');
-    return { method: 'draft', tokens: field('tokens', 4), checkpoint: options.checkpoint, device: options.device, numCpusPerRank: numCpus, weightDtype: options.weightDtype, prefixCacheTokens: field('prefixCacheTokens', 16_384, 2 ** 30) };
+    return { method: 'draft', tokens: field('tokens', 4), disableByBatchSize, checkpoint: options.checkpoint, device: options.device, numCpusPerRank: numCpus, weightDtype: options.weightDtype, prefixCacheTokens: field('prefixCacheTokens', 16_384, 2 ** 30) };
   }
   if (options.method !== undefined && options.method !== 'ngram') throw new InvalidArgumentError(`speculation.method must be 'ngram' or 'draft', got ${JSON.stringify(options.method)}`, 'ERR_SPECULATION');
-  const speculation: NgramSpeculation = { method: 'ngram', tokens: field('tokens', 4), maxMatch: field('maxMatch', 4), minMatch: field('minMatch', 1) };
+  const speculation: NgramSpeculation = { method: 'ngram', tokens: field('tokens', 4), disableByBatchSize, maxMatch: field('maxMatch', 4), minMatch: field('minMatch', 1) };
   if (speculation.minMatch > speculation.maxMatch) throw new InvalidArgumentError(`speculation.minMatch ${speculation.minMatch} is above maxMatch ${speculation.maxMatch}`, 'ERR_SPECULATION');
   return speculation;
 }

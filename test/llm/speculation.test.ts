@@ -77,6 +77,16 @@ describe('speculative decoding by n-gram lookup', () => {
     expect(speculating.stats().draftTokens).toBe(before);
   });
 
+  it('proposes nothing while more sequences than disableByBatchSize run', async () => {
+    await using speculating = await ModelReplica.create({ checkpoint, speculation: { tokens: 4, disableByBatchSize: 2 } });
+    const generations = await speculating.generate(prompts.map((tokens) => ({ tokens, maxNewTokens: 30 })));
+    generations.forEach((generation, index) => expect(generation.tokens).toEqual(referenceGenerate(TINY, weights, prompts[index], 30)));
+    expect(speculating.stats().draftTokens).toBe(0);
+    await speculating.generate([{ tokens: prompts[0], maxNewTokens: 30 }]);
+    expect(speculating.stats().draftTokens).toBeGreaterThan(0);
+    expect(() => checkSpeculation({ disableByBatchSize: 0 })).toThrow(/disableByBatchSize must be an integer from 1/);
+  });
+
   it('checks proposals across a 2 × 2 cut of a Llama-layout model', async () => {
     const llamaWeights = randomWeights(TINY_LLAMA, 3);
     const llama = await writeCheckpoint(join(directory, 'llama'), TINY_LLAMA, llamaWeights, { prefix: 'model.' });
