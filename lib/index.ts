@@ -88,6 +88,8 @@ export { nccl, NcclCommunicator } from './gpu/nccl.js';
 export { CudaError, NcclError } from './errors.js';
 export { Dataset, fromItems, fromArrow, readDatasource } from './data/dataset.js';
 export type { TransformOptions, MapBatchesOptions, ReadOptions, IterBatchesOptions, SortOptions, ShuffleOptions, AddColumnOptions, JoinOptions, WriteOptions } from './data/dataset.js';
+export { DataIterator } from './data/streaming-split.js';
+export type { DataIteratorBatchOptions } from './data/streaming-split.js';
 export type { CheckpointOptions, CheckpointStats } from './data/checkpoint.js';
 export type { WriteMode } from './data/formats/files.js';
 export type { JoinType } from './data/exchange.js';

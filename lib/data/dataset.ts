@@ -2,13 +2,13 @@
  * Dataset: a lazy, immutable logical plan. Transforms return new datasets; consumers (take, count,
  * iterBatches, write, ...) plan the physical operators and stream through them.
  */
-import { Data, RecordBatch, Table, makeVector, type Schema, type Vector } from 'apache-arrow';
+import type { Schema } from 'apache-arrow';
 import { get, isInitialized, put } from '../core/api.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { InvalidArgumentError, NotInitializedError } from '../errors.js';
 import { workerEnvironmentOf } from '../core/options.js';
 import {
-  blockToRows, concatBlocks, formatBatch, rowsToBlock, sliceRows, type BatchFormat, type Block, type Row,
+  blockToRows, concatBlocks, formatBatch, rowsToBlock, type BatchFormat, type Block, type Row,
 } from './block.js';
 import { join } from 'node:path';
 import { ReadTask, type Datasink, type Datasource } from './datasource.js';
@@ -25,6 +25,8 @@ import { checkKeyColumns } from './keys.js';
 import type { JoinType } from './exchange.js';
 import { resolveUdf, udfName, type UdfTarget } from './udf.js';
 import { storedBytes } from './worker-tasks.js';
+import { checkBatchFormat, copyBlock, rebatch, type Batch } from './batches.js';
+import { startStreamingSplit, type DataIterator, type SplitBlock } from './streaming-split.js';
 import {
   FileDatasink, arrowSink, checkWriteMode, csvSink, jsonlSink, parquetSink, type WriteMode, type ArrowWriteOptions, type CsvWriteOptions, type JsonlWriteOptions, type ParquetWriteOptions, type WrittenFile,
 } from './formats/index.js';
@@ -148,13 +150,6 @@ function checkCompute(options: Omit<ComputeOptions, 'concurrency'>, what: string
   return { numCpus: options.numCpus, numGpus: options.numGpus, memory: options.memory, resources: options.resources, ...(runtimeEnv !== undefined ? { runtimeEnv } : {}) };
 }
 
-function checkFormat(format: unknown, what: string): BatchFormat {
-  if (format !== 'arrow' && format !== 'rows' && format !== 'columns') {
-    throw new InvalidArgumentError(`${what}: batchFormat must be 'arrow', 'rows' or 'columns', got ${String(format)}`);
-  }
-  return format;
-}
-
 function requireCluster(what: string): void {
   if (!isInitialized()) throw new NotInitializedError(`${what} runs on the cluster: call init() first`);
 }
@@ -192,7 +187,7 @@ export class Dataset {
     if (kind === 'mapBatches') {
       const batchSize = options.batchSize === undefined ? 1024 : options.batchSize;
       if (batchSize !== null) stage.batchSize = checkPositiveInteger(batchSize, `${label}(): batchSize`);
-      stage.batchFormat = checkFormat(options.batchFormat ?? 'columns', `${label}()`);
+      stage.batchFormat = checkBatchFormat(options.batchFormat ?? 'columns', `${label}()`);
     }
     const concurrency = options.concurrency;
     let bounds: [number, number] | undefined;
@@ -411,7 +406,7 @@ export class Dataset {
     if (udf.kind === 'class') throw new InvalidArgumentError(`addColumn('${name}') takes a function; classes run through mapBatches() on an actor pool`, 'ERR_DATA_UDF');
     const fnArgs = options.fnArgs ?? [];
     if (!Array.isArray(fnArgs)) throw new InvalidArgumentError(`addColumn('${name}'): fnArgs must be an array`);
-    const format = checkFormat(options.batchFormat ?? 'columns', `addColumn('${name}')`);
+    const format = checkBatchFormat(options.batchFormat ?? 'columns', `addColumn('${name}')`);
     return this.#builtin(`AddColumn(${name})`, addColumn, [name, udf.descriptor, fnArgs, format]);
   }
 
@@ -507,27 +502,14 @@ export class Dataset {
   }
 
   /** Batches of `batchSize` rows in `batchFormat` (default 'columns'), streamed as they are made. */
-  async *iterBatches(options: IterBatchesOptions = {}): AsyncGenerator<Block | Row[] | Record<string, unknown[] | ArrayBufferView>> {
+  async *iterBatches(options: IterBatchesOptions = {}): AsyncGenerator<Batch> {
     const batchSize = options.batchSize === undefined ? 256 : options.batchSize;
     if (batchSize !== null) checkPositiveInteger(batchSize, 'iterBatches(): batchSize');
-    const format = checkFormat(options.batchFormat ?? 'columns', 'iterBatches()');
-    let pending: Block[] = [];
-    let pendingRows = 0;
-    for await (const { block } of this.#blocks(options, 'Dataset.iterBatches')) {
-      if (batchSize === null) {
-        if (block.numRows > 0) yield formatBatch(block, format);
-        continue;
-      }
-      pending.push(block);
-      pendingRows += block.numRows;
-      if (pendingRows < batchSize) continue;
-      const joined = concatBlocks(pending);
-      const whole = Math.floor(joined.numRows / batchSize) * batchSize;
-      for (const batch of sliceRows(joined.slice(0, whole), batchSize)) yield formatBatch(batch, format);
-      pending = whole < joined.numRows ? [joined.slice(whole)] : [];
-      pendingRows = joined.numRows - whole;
-    }
-    if (pendingRows > 0) yield formatBatch(concatBlocks(pending), format);
+    const format = checkBatchFormat(options.batchFormat ?? 'columns', 'iterBatches()');
+    const blocks = this.#blocks(options, 'Dataset.iterBatches');
+    yield* rebatch((async function* () {
+      for await (const { block } of blocks) yield block;
+    })(), batchSize, format);
   }
 
   /** Rows one at a time, as plain objects. */
@@ -554,7 +536,7 @@ export class Dataset {
   /** The first `rows` rows as one batch. */
   async takeBatch(rows = 20, options: ExecutionOptions & { batchFormat?: BatchFormat } = {}): Promise<Block | Row[] | Record<string, unknown[] | ArrayBufferView>> {
     checkPositiveInteger(rows, 'takeBatch(rows)');
-    const format = checkFormat(options.batchFormat ?? 'columns', 'takeBatch()');
+    const format = checkBatchFormat(options.batchFormat ?? 'columns', 'takeBatch()');
     const blocks: Block[] = [];
     for await (const { block } of this.#blocks(options, 'Dataset.takeBatch', [...this.#plan, { op: 'limit', rows }])) blocks.push(block);
     return formatBatch(concatBlocks(blocks), format);
@@ -612,6 +594,35 @@ export class Dataset {
     const total = blocks.reduce((sum, block) => sum + block.meta.rows, 0);
     const sizes = Array.from({ length: n }, (_, index) => (equal ? Math.floor(total / n) : Math.floor(total / n) + (index < total % n ? 1 : 0)));
     return cutIntoDatasets(blocks, sizes, 'Split');
+  }
+
+  /**
+   * `n` iterators over one run of the plan (Ray Data's streaming_split), to pass to tasks or
+   * actors that consume them at once, each its own share: the rows go from the store to their
+   * consumer, never through the driver, and the run streams with bounded memory (each consumer
+   * may have two blocks waiting). By default a consumer takes the next block when it asks, so
+   * faster ones take more; `equal` gives each the same number of rows (dropping the fewer than n
+   * left over), a slow consumer then holding the others back. The run starts at once, in the
+   * background: start all n consumers. A failed run fails each iterator with DataError
+   * ('ERR_DATA_SPLIT', naming the cause).
+   */
+  streamingSplit(n: number, options: ExecutionOptions & { equal?: boolean } = {}): DataIterator[] {
+    checkPositiveInteger(n, 'streamingSplit(n)');
+    const { equal = false, ...execution } = options;
+    if (typeof equal !== 'boolean') throw new InvalidArgumentError(`streamingSplit(): equal must be a boolean, got ${String(equal)}`);
+    requireCluster('Dataset.streamingSplit');
+    const executor = new StreamingExecutor(planPhysical(this.#plan), execution, 'Dataset.streamingSplit');
+    const blocks = async function* (this: Dataset): AsyncGenerator<SplitBlock> {
+      await startOrClose(executor);
+      try {
+        for await (const output of executor.outputs()) {
+          yield { ref: output.ref as ObjectRef<Block>, offset: output.slice?.[0] ?? 0, rows: output.slice ? output.slice[1] : output.meta.rows };
+        }
+      } finally {
+        this.#lastStats = executor.stats();
+      }
+    };
+    return startStreamingSplit(n, equal, blocks.call(this));
   }
 
   /** Runs the plan and cuts its rows at the given row indices (ascending): indices.length + 1 datasets. */
@@ -898,25 +909,6 @@ async function startOrClose(executor: StreamingExecutor): Promise<void> {
     await executor.close();
     throw error;
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Copies out of the store
-
-/** A block whose buffers live in this process's heap (a deep copy of every buffer). */
-function copyBlock(block: Block): Block {
-  const batches = block.batches.map((batch) => new RecordBatch(batch.schema, copyData(batch.data)));
-  return new Table(block.schema, batches);
-}
-
-function copyBuffer<T extends { slice(): T } | null | undefined>(buffer: T): T {
-  return (buffer ? buffer.slice() : buffer) as T;
-}
-
-function copyData<T extends Data>(data: T): T {
-  const buffers = [copyBuffer(data.valueOffsets), copyBuffer(data.values), copyBuffer(data.nullBitmap), copyBuffer(data.typeIds)];
-  const dictionary = data.dictionary ? (makeVector(data.dictionary.data.map((chunk) => copyData(chunk))) as Vector) : undefined;
-  return new Data(data.type, data.offset, data.length, data.nullCount, buffers as never, data.children.map((child) => copyData(child)), dictionary) as T;
 }
 
 /** A file sink's own options: what configures the job's run stays with the job. */
