@@ -600,8 +600,25 @@ export class ModelReplica {
     // and whose node the ranks then share.
     const context = currentRuntime().context();
     const gpus = device === 'cuda' ? 1 : 0;
+    // A draft model's rank takes a bundle of its model's group (lent), so that the two are
+    // reserved at once: a draft holding the GPU its model then waits for would wait forever.
+    const lent = lentPlacements.get(options);
+    const draftOptions: ModelReplicaOptions | undefined = speculation?.method === 'draft'
+      ? {
+        checkpoint: speculation.checkpoint,
+        device: speculation.device ?? device,
+        numCpusPerRank: speculation.numCpusPerRank ?? numCpus,
+        prefixCacheTokens: speculation.prefixCacheTokens,
+        ...(speculation.weightDtype !== undefined ? { weightDtype: speculation.weightDtype } : {}),
+        maxSequencesPerStep: limits.maxSequences,
+        stopTokens: [],
+      }
+      : undefined;
+    const draftBundle = draftOptions && (draftOptions.numCpusPerRank! > 0 || draftOptions.device === 'cuda') ? { CPU: draftOptions.numCpusPerRank!, ...(draftOptions.device === 'cuda' ? { GPU: 1 } : {}) } : undefined;
+    const bundles = Array.from({ length: ranks }, () => ({ CPU: numCpus, ...(gpus ? { GPU: gpus } : {}) }));
     // From the driver, on its own host: the replica's compiled graph is made there.
-    const placement = context.isDriver && (numCpus > 0 || gpus > 0) ? placementGroup(Array.from({ length: ranks }, () => ({ CPU: numCpus, ...(gpus ? { GPU: gpus } : {}) })), 'PACK', { driverHost: true }) : undefined;
+    const placement = lent?.group ?? (context.isDriver && (numCpus > 0 || gpus > 0) ? placementGroup(draftBundle ? [...bundles, draftBundle] : bundles, 'PACK', { driverHost: true }) : undefined);
+    const firstBundle = lent?.bundleIndex ?? 0;
     // Inside an actor, the ranks run on that actor's GPUs, one each.
     if (device === 'cuda' && !context.isDriver && context.gpuIds.length < ranks) {
       throw new InvalidArgumentError(`a replica made inside an actor runs its ${ranks} ranks on that actor's GPUs: it holds ${context.gpuIds.length}`, 'ERR_RESOURCES');
@@ -610,22 +627,15 @@ export class ModelReplica {
     const groups: CollectiveGroup[] = [];
     let draft: ModelReplica | undefined;
     try {
-      // The draft first: a checkpoint that cannot draft costs the model's ranks no start-up.
-      if (speculation?.method === 'draft') {
-        draft = await ModelReplica.create({
-          checkpoint: speculation.checkpoint,
-          device: speculation.device ?? device,
-          numCpusPerRank: speculation.numCpusPerRank ?? numCpus,
-          prefixCacheTokens: speculation.prefixCacheTokens,
-          ...(speculation.weightDtype !== undefined ? { weightDtype: speculation.weightDtype } : {}),
-          maxSequencesPerStep: limits.maxSequences,
-          stopTokens: [],
-        });
-      }
       await placement?.ready();
+      // The draft first: a checkpoint that cannot draft costs the model's ranks no start-up.
+      if (draftOptions) {
+        if (placement && !lent && draftBundle) lentPlacements.set(draftOptions, { group: placement, bundleIndex: ranks });
+        draft = await ModelReplica.create(draftOptions);
+      }
       for (const stage of plan.stages) {
         workers.push(Array.from({ length: plan.tensorParallel }, (_, rank) => RemoteShardWorker.options(placement
-          ? { numCpus, numGpus: gpus, schedulingStrategy: { type: 'placement-group', placementGroup: placement, bundleIndex: stage.index * plan.tensorParallel + rank } }
+          ? { numCpus, numGpus: gpus, schedulingStrategy: { type: 'placement-group', placementGroup: placement, bundleIndex: firstBundle + stage.index * plan.tensorParallel + rank } }
           : { numCpus: context.isDriver ? numCpus : 0, schedulingStrategy: { type: 'node', nodeId: context.nodeId } }).remote()));
       }
       if (device === 'cuda' && !context.isDriver) {
@@ -668,14 +678,15 @@ export class ModelReplica {
         previous = workers[stage.index].map((worker, rank) => worker.forward.bind(previous[rank]));
       }
       const graph = await new MultiOutputNode(previous).compile({ maxInflight: Math.max(2, limits.stepsInFlight + 1) });
-      const replica = new ModelReplica({ config, plan, workers, groups, graph, placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, kvCacheDtype, stopTokens, limits, maxLoadedAdapters, hasLanguageHead, classifier, draft });
+      const replica = new ModelReplica({ config, plan, workers, groups, graph, placement: lent ? undefined : placement, weightBytes: loaded.reduce((sum, part) => sum + part.weightBytes, 0), weightDtype, kvCacheDtype, stopTokens, limits, maxLoadedAdapters, hasLanguageHead, classifier, draft });
       for (const [name, info] of adapters) replica.#register(name, info);
       return replica;
     } catch (error) {
       await Promise.allSettled(groups.map((group) => group.destroy()));
       for (const worker of workers.flat()) kill(worker);
-      if (placement) removePlacementGroup(placement);
       await draft?.close().catch(() => {});
+      // A lent group is its lender's to remove.
+      if (placement && !lent) removePlacementGroup(placement);
       throw error;
     }
   }
@@ -1587,8 +1598,9 @@ export class ModelReplica {
       let timer: NodeJS.Timeout | undefined;
       await Promise.race([Promise.all(gone), new Promise((resolve) => (timer = setTimeout(resolve, 30_000).unref()))]);
       clearTimeout(timer);
-      if (this.#placement) removePlacementGroup(this.#placement);
+      // The draft's rank may hold a bundle of this replica's group: it goes first.
       await draftClosed;
+      if (this.#placement) removePlacementGroup(this.#placement);
     })();
     return this.#closed;
   }
@@ -1597,6 +1609,9 @@ export class ModelReplica {
     await this.close();
   }
 }
+
+/** The placement a draft model's replica takes from its model's group: the options it was made with, to the group and its bundle. */
+const lentPlacements = new WeakMap<ModelReplicaOptions, { group: PlacementGroup; bundleIndex: number }>();
 
 /** Positions rounded up to whole cache blocks. */
 function wholeBlocks(positions: number): number {

@@ -168,9 +168,11 @@ describe('the CUDA kernels against the host', () => {
     expectReport(await deviceScenario(fakeEnv()));
   }, 120_000);
 
-  it.skipIf(!fake.path)("a replica on device 'cuda' cut 2 × 2 over four (fake) GPUs and NCCL, from the driver and inside a processor's engine, generates the reference's tokens; logprobs, prompt scores, speculation, embeddings and LoRA adapters on GPU ranks match CPU ranks; a GPU rank's death fails the requests and leaves nothing behind", async () => {
-    const { reference, fromDriver, fromProcessor, features, rankDeath } = await deviceScenario(fakeEnv(), 'device-replica-scenario.ts');
+  it.skipIf(!fake.path)("a replica on device 'cuda' cut 2 × 2 over four (fake) GPUs and NCCL, from the driver and inside a processor's engine, generates the reference's tokens; logprobs, prompt scores, speculation (n-gram, and a draft model on a GPU of its own), embeddings and LoRA adapters on GPU ranks match CPU ranks; a GPU rank's death fails the requests and leaves nothing behind", async () => {
+    const { reference, fromDriver, fromDraft, fromProcessor, features, rankDeath } = await deviceScenario(fakeEnv(), 'device-replica-scenario.ts');
     expect(fromDriver).toEqual(reference);
+    expect(fromDraft.tokens).toEqual(reference);
+    expect(fromDraft.accepted).toBeGreaterThan(0);
     expect(fromProcessor).toEqual(reference);
     expectSameFeatures(features.cuda, features.cpu);
     // A GPU rank killed mid-generation: the requests fail, and closing neither waits out the

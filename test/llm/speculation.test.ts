@@ -126,7 +126,12 @@ describe('speculative decoding by a draft model', () => {
     expected.forEach((generation, index) => expect(generation.tokens).toEqual(referenceGenerate(TINY, weights, prompts[index], 30)));
     // The model's own weights as its draft: every proposal is kept (an upper bound on what speculation saves).
     {
+      const groupsBefore = state().placementGroups.filter((group) => group.state !== 'removed').length;
       await using speculating = await ModelReplica.create({ checkpoint, speculation: { method: 'draft', checkpoint, tokens: 4 } });
+      // The draft's rank takes a bundle of the model's placement group: the two are reserved at once.
+      const groups = state().placementGroups.filter((group) => group.state !== 'removed');
+      expect(groups.length).toBe(groupsBefore + 1);
+      expect(groups.at(-1)!.bundles).toHaveLength(2);
       expect((await speculating.generate(greedy)).map((generation) => generation.tokens)).toEqual(expected.map((generation) => generation.tokens));
       const stats = speculating.stats();
       expect(stats.draftTokens).toBeGreaterThan(0);
