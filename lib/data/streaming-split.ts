@@ -12,11 +12,11 @@
  * the fewer than n left over dropped. That is exact because an iterator takes a block only while
  * it has the fewest rows: what it was sent before its held block is never above the share.
  */
-import { get } from '../core/api.js';
+import { get, getRuntimeContext, state } from '../core/api.js';
 import { ObjectRef } from '../core/object-ref.js';
 import { Queue } from '../core/queue.js';
 import { registerPortableClass } from '../core/serialization.js';
-import { DataError, InvalidArgumentError } from '../errors.js';
+import { DataError, InvalidArgumentError, QueueFullError } from '../errors.js';
 import { checkBatchFormat, copyBlock, rebatch, type Batch } from './batches.js';
 import { blockToRows, type BatchFormat, type Block, type Row } from './block.js';
 
@@ -25,6 +25,12 @@ type SplitItem =
   | { ref: ObjectRef<Block>; offset: number; rows: number }
   | { end: true }
   | { error: { name: string; message: string } };
+
+/** What an iterator tells the driver: that it reads now (in this worker), or that it stopped before its end. */
+type ConsumerNotice = { index: number; workerId: string } | { index: number; finished: 'end' | 'stopped' };
+
+/** The driver's worker id in its runtime context: an iterator read there has no process to watch. */
+const DRIVER_WORKER = 'driver';
 
 /** A block of the run as the driver has it: its ref, and the rows of it that count (offset, rows). */
 export interface SplitBlock {
@@ -47,26 +53,42 @@ export class DataIterator {
   /** Its place among the split's iterators. */
   readonly index: number;
   readonly #queue: Queue<SplitItem>;
+  readonly #notices: Queue<ConsumerNotice>;
 
   /** @internal made by Dataset.streamingSplit. */
-  constructor(index: number, queue: Queue<SplitItem>) {
+  constructor(index: number, queue: Queue<SplitItem>, notices: Queue<ConsumerNotice>) {
     this.index = index;
     this.#queue = queue;
+    this.#notices = notices;
   }
 
   /** Its blocks as they come, copied out of the store, until the split's end for it. */
   async *#blocks(): AsyncGenerator<Block> {
-    for (;;) {
-      const item = await this.#queue.get();
-      if ('end' in item) return;
-      if ('error' in item) throw new DataError('ERR_DATA_SPLIT', `streamingSplit: the dataset's run failed: ${item.error.name}: ${item.error.message}`);
-      try {
-        const stored = (await get(item.ref)) as Block;
-        const block = copyBlock(stored);
-        yield item.offset === 0 && item.rows === block.numRows ? block : block.slice(item.offset, item.offset + item.rows);
-      } finally {
-        item.ref[Symbol.dispose]();
+    // The driver watches this worker while it reads: its death fails the split rather than hang it.
+    await this.#notices.put({ index: this.index, workerId: getRuntimeContext().workerId });
+    let ended = false;
+    try {
+      for (;;) {
+        const item = await this.#queue.get();
+        if ('end' in item) {
+          ended = true;
+          return;
+        }
+        if ('error' in item) {
+          ended = true;
+          throw new DataError('ERR_DATA_SPLIT', `streamingSplit: the dataset's run failed: ${item.error.name}: ${item.error.message}`);
+        }
+        try {
+          const stored = (await get(item.ref)) as Block;
+          const block = copyBlock(stored);
+          yield item.offset === 0 && item.rows === block.numRows ? block : block.slice(item.offset, item.offset + item.rows);
+        } finally {
+          item.ref[Symbol.dispose]();
+        }
       }
+    } finally {
+      // Left before its end (a break, a throw): its share is dropped, the others go on.
+      await this.#notices.put({ index: this.index, finished: ended ? 'end' : 'stopped' }).catch(() => undefined);
     }
   }
 
@@ -90,14 +112,16 @@ export class DataIterator {
     registerPortableClass(
       DataIterator,
       'trellis.DataIterator',
-      (iterator) => [iterator.index, iterator.#queue],
-      ([index, queue]: [number, Queue<SplitItem>]) => new DataIterator(index, queue),
+      (iterator) => [iterator.index, iterator.#queue, iterator.#notices],
+      ([index, queue, notices]: [number, Queue<SplitItem>, Queue<ConsumerNotice>]) => new DataIterator(index, queue, notices),
     );
   }
 }
 
 /** Blocks a consumer may have waiting in its queue (the split's backpressure). */
 const QUEUED_BLOCKS_PER_ITERATOR = 2;
+/** How long a put waits for room before the consumers are looked at (are they alive, still reading?). */
+const CONSUMER_CHECK_MS = 1000;
 
 /**
  * Starts dealing `blocks` (the run's outputs, in order) out to `n` iterators and returns them; the
@@ -105,57 +129,141 @@ const QUEUED_BLOCKS_PER_ITERATOR = 2;
  * then its consumer hold it). The queues go once every iterator has taken its end.
  */
 export function startStreamingSplit(n: number, equal: boolean, blocks: AsyncIterable<SplitBlock>): DataIterator[] {
-  const queues = equal
-    ? Array.from({ length: n }, () => new Queue<SplitItem>({ maxSize: QUEUED_BLOCKS_PER_ITERATOR }))
-    : [new Queue<SplitItem>({ maxSize: QUEUED_BLOCKS_PER_ITERATOR * n })];
-  const iterators = Array.from({ length: n }, (_, index) => new DataIterator(index, queues[equal ? index : 0]));
-  void deal(n, equal, blocks, queues);
-  return iterators;
+  const split = new SplitDealer(n, equal);
+  void split.deal(blocks);
+  return split.iterators;
 }
 
-async function deal(n: number, equal: boolean, blocks: AsyncIterable<SplitBlock>, queues: Array<Queue<SplitItem>>): Promise<void> {
-  const queueOf = (index: number) => queues[equal ? index : 0];
-  const rows = new Array<number>(n).fill(0);
-  const held: Array<SplitBlock | undefined> = new Array(n).fill(undefined);
-  const send = async (index: number, block: SplitBlock) => {
+/** Why dealing stopped early: a consumer's process died (the run fails for all). */
+class ConsumerLost extends Error {}
+
+/**
+ * The driver's side of a split. Each iterator says when it starts reading (with its worker) and
+ * when it stops before its end; a put that waits for room looks at those: blocks for an iterator
+ * that stopped are dropped (and the run stops once none reads), and one whose worker died fails
+ * the split for every iterator, rather than leave the others waiting on its full queue forever.
+ */
+class SplitDealer {
+  readonly iterators: DataIterator[];
+  readonly #n: number;
+  readonly #equal: boolean;
+  readonly #queues: Array<Queue<SplitItem>>;
+  readonly #notices = new Queue<ConsumerNotice>();
+  readonly #workers = new Map<number, string>();
+  /** Iterators that left before their end: nothing reads what is put for them. */
+  readonly #stopped = new Set<number>();
+  /** Iterators that took their end (or the failure). */
+  readonly #ended = new Set<number>();
+  /** Iterators whose consumer's worker died while reading. */
+  readonly #lost = new Map<number, string>();
+
+  constructor(n: number, equal: boolean) {
+    this.#n = n;
+    this.#equal = equal;
+    this.#queues = equal
+      ? Array.from({ length: n }, () => new Queue<SplitItem>({ maxSize: QUEUED_BLOCKS_PER_ITERATOR }))
+      : [new Queue<SplitItem>({ maxSize: QUEUED_BLOCKS_PER_ITERATOR * n })];
+    this.iterators = Array.from({ length: n }, (_, index) => new DataIterator(index, this.#queues[equal ? index : 0], this.#notices));
+  }
+
+  #queueOf(index: number): Queue<SplitItem> {
+    return this.#queues[this.#equal ? index : 0];
+  }
+
+  /** Whether nothing will read what is put for `index` (with one shared queue: no iterator reads). */
+  #unread(index: number): boolean {
+    return this.#equal ? this.#stopped.has(index) : this.#stopped.size === this.#n;
+  }
+
+  /** Reads the iterators' notices, and notes those whose worker died while reading. */
+  async #checkConsumers(): Promise<void> {
+    const waiting = await this.#notices.size();
+    for (const notice of waiting > 0 ? await this.#notices.getNowaitBatch(waiting) : []) {
+      if (!('finished' in notice)) this.#workers.set(notice.index, notice.workerId);
+      else (notice.finished === 'end' ? this.#ended : this.#stopped).add(notice.index);
+    }
+    const alive = new Set(state().workers.filter((worker) => worker.state !== 'dead').map((worker) => worker.workerId));
+    for (const [index, workerId] of this.#workers) {
+      // An iterator read in the driver has no worker to watch.
+      if (workerId === DRIVER_WORKER || this.#stopped.has(index) || this.#ended.has(index) || alive.has(workerId)) continue;
+      this.#lost.set(index, workerId);
+    }
+  }
+
+  /** Puts `item` for iterator `index`, looking at the consumers while it waits; false: nothing reads it. */
+  async #put(index: number, item: SplitItem): Promise<boolean> {
+    for (;;) {
+      if (this.#unread(index)) return false;
+      const [lost] = this.#lost;
+      if (lost) throw new ConsumerLost(`iterator ${lost[0]}'s consumer (worker ${lost[1]}) died while reading its share`);
+      try {
+        await this.#queueOf(index).put(item, { timeout: CONSUMER_CHECK_MS });
+        return true;
+      } catch (error) {
+        if (!(error instanceof QueueFullError)) throw error;
+        await this.#checkConsumers();
+      }
+    }
+  }
+
+  async #send(index: number, block: SplitBlock): Promise<void> {
     try {
-      await queueOf(index).put({ ref: block.ref, offset: block.offset, rows: block.rows });
+      await this.#put(index, { ref: block.ref, offset: block.offset, rows: block.rows });
     } finally {
       block.ref[Symbol.dispose]();
     }
-  };
-  let failure: SplitItem | undefined;
-  try {
-    for await (const block of blocks) {
-      if (block.rows === 0) {
-        block.ref[Symbol.dispose]();
-        continue;
-      }
-      if (!equal) {
-        await send(0, block);
-        continue;
-      }
-      let fewest = 0;
-      for (let index = 1; index < n; index++) if (rows[index] < rows[fewest]) fewest = index;
-      const previous = held[fewest];
-      held[fewest] = block;
-      rows[fewest] += block.rows;
-      if (previous) await send(fewest, previous);
-    }
-    if (equal) await dealHeld(n, rows, held, send);
-  } catch (error) {
-    failure = { error: { name: (error as Error).name ?? 'Error', message: (error as Error).message ?? String(error) } };
-    for (const block of held) block?.ref[Symbol.dispose]();
   }
-  try {
-    for (let index = 0; index < n; index++) await queueOf(index).put(failure ?? { end: true });
-    // Each iterator takes its end (or the failure) last: once the queues are empty, all are done.
-    for (const queue of queues) {
-      while ((await queue.size()) > 0) await new Promise((resolve) => setTimeout(resolve, 100));
-      queue.shutdown();
+
+  async deal(blocks: AsyncIterable<SplitBlock>): Promise<void> {
+    const n = this.#n;
+    const rows = new Array<number>(n).fill(0);
+    const held: Array<SplitBlock | undefined> = new Array(n).fill(undefined);
+    let failure: SplitItem | undefined;
+    try {
+      for await (const block of blocks) {
+        if (block.rows === 0) {
+          block.ref[Symbol.dispose]();
+          continue;
+        }
+        if (!this.#equal) {
+          await this.#send(0, block);
+          // No iterator reads any more: the run stops (leaving the loop closes the executor).
+          if (this.#unread(0)) break;
+          continue;
+        }
+        let fewest = 0;
+        for (let index = 1; index < n; index++) if (rows[index] < rows[fewest]) fewest = index;
+        const previous = held[fewest];
+        held[fewest] = block;
+        rows[fewest] += block.rows;
+        if (previous) await this.#send(fewest, previous);
+        if (this.#stopped.size === n) break;
+      }
+      if (this.#equal && this.#stopped.size < n) await dealHeld(n, rows, held, (index, block) => this.#send(index, block));
+    } catch (error) {
+      failure = { error: { name: (error as Error).name ?? 'Error', message: (error as Error).message ?? String(error) } };
+    } finally {
+      for (const block of held) if (block?.ref.live) block.ref[Symbol.dispose]();
     }
-  } catch {
-    // The cluster went (shutdown): the queues went with it.
+    try {
+      // The end, or the failure, to every iterator that still reads (a shared queue: one each); each takes it last.
+      const last = failure ?? { end: true };
+      await this.#checkConsumers();
+      const readers = [...Array(n).keys()].filter((index) => !this.#stopped.has(index) && !this.#lost.has(index));
+      for (const index of this.#equal ? readers : readers.map(() => 0)) {
+        // A consumer that dies now cannot take it: the split has failed for the rest already, or ends anyway.
+        await this.#put(index, last).catch(() => this.#queueOf(index).putNowait(last).catch(() => undefined));
+      }
+      // Every iterator took its end, left, or lost its worker: the queues go.
+      while (this.#ended.size + this.#stopped.size + this.#lost.size < n) {
+        await new Promise((resolve) => setTimeout(resolve, 250));
+        await this.#checkConsumers();
+      }
+      for (const queue of this.#queues) queue.shutdown();
+      this.#notices.shutdown();
+    } catch {
+      // The cluster went (shutdown): the queues went with it.
+    }
   }
 }
 
@@ -181,5 +289,4 @@ async function dealHeld(n: number, rows: number[], held: Array<SplitBlock | unde
       if (source.rows === 0) piece++;
     }
   }
-  for (const block of held) block?.ref[Symbol.dispose]();
 }

@@ -5,7 +5,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { fromItems, get, init, InvalidArgumentError, shutdown, state } from '../../lib/index.js';
-import { consumeSplit, consumeSplitRows, double, failOn } from './fixtures/udfs.js';
+import { consumeSplit, consumeSplitPartly, consumeSplitRows, double, failOn } from './fixtures/udfs.js';
 
 beforeAll(async () => {
   await init({ numCpus: 4 });
@@ -43,6 +43,25 @@ describe('streamingSplit', () => {
     const rows = await get(fromItems(items(10), { parallelism: 3 }).streamingSplit(2, { equal: true }).map((iterator) => consumeSplitRows.remote(iterator)));
     expect(rows.map((ids) => ids.length)).toEqual([5, 5]);
     expect(rows.flat().sort((a, b) => a - b)).toEqual(items(10).map((item) => item.id));
+  });
+
+  it("drops the share of a consumer that stops reading, and fails the others rather than hang when one's process dies", async () => {
+    // Shared queue: one consumer leaves after 2 batches; the other reads every row it did not.
+    const shared = fromItems(items(400), { parallelism: 20 }).streamingSplit(2);
+    const [partial, rest] = await Promise.all([get(consumeSplitPartly.remote(shared[0], 2)), get(consumeSplit.remote(shared[1], 10))]);
+    expect(partial).toHaveLength(20);
+    expect(new Set([...partial, ...rest.ids]).size).toBe(partial.length + rest.ids.length);
+    // The leaver took its blocks whole: rows past its break are the only ones missing.
+    expect(rest.ids.length).toBeGreaterThanOrEqual(400 - 20 - 20 * 2);
+    // Equal: one consumer's process dies mid-read; the others fail, naming it, instead of waiting on its full queue.
+    const equal = fromItems(items(3000), { parallelism: 60 }).streamingSplit(3, { equal: true });
+    const outcomes = await Promise.allSettled([get(consumeSplitPartly.remote(equal[0], 1, true)), get(consumeSplit.remote(equal[1], 10)), get(consumeSplit.remote(equal[2], 10))]);
+    expect(outcomes[0].status).toBe('rejected');
+    for (const outcome of outcomes.slice(1)) {
+      expect(outcome.status).toBe('rejected');
+      expect(String((outcome as PromiseRejectedResult).reason)).toMatch(/iterator 0's consumer \(worker .*\) died while reading its share/);
+    }
+    await expect.poll(() => state().actors.filter((actor) => actor.className === 'QueueActor' && actor.state === 'alive').length, { timeout: 15_000 }).toBe(0);
   });
 
   it('fails every iterator when the run fails, and refuses what it cannot split', async () => {
