@@ -25,7 +25,7 @@ import { checkKeyColumns } from './keys.js';
 import type { JoinType } from './exchange.js';
 import { resolveUdf, udfName, type UdfTarget } from './udf.js';
 import { storedBytes } from './worker-tasks.js';
-import { checkBatchFormat, copyBlock, rebatch, type Batch } from './batches.js';
+import { checkBatchFormat, checkLocalShuffle, copyBlock, rebatch, type Batch } from './batches.js';
 import { startStreamingSplit, type DataIterator, type SplitBlock } from './streaming-split.js';
 import {
   FileDatasink, arrowSink, checkWriteMode, csvSink, jsonlSink, parquetSink, type WriteMode, type ArrowWriteOptions, type CsvWriteOptions, type JsonlWriteOptions, type ParquetWriteOptions, type WrittenFile,
@@ -129,6 +129,14 @@ export interface IterBatchesOptions extends ExecutionOptions {
   /** Rows per batch (default 256); null: each block whole. */
   batchSize?: number | null;
   batchFormat?: BatchFormat;
+  /**
+   * Draw each batch at random from a buffer of at least this many rows (Ray's
+   * local_shuffle_buffer_size): batches mix rows of several blocks, as training wants, without a
+   * shuffle of the whole dataset. Memory: the buffer's rows.
+   */
+  localShuffleBufferSize?: number;
+  /** Seeds the local shuffle's draw, for the same batches every run. */
+  localShuffleSeed?: number;
 }
 
 function checkPositiveInteger(value: unknown, what: string, allowZero = false): number {
@@ -506,10 +514,12 @@ export class Dataset {
     const batchSize = options.batchSize === undefined ? 256 : options.batchSize;
     if (batchSize !== null) checkPositiveInteger(batchSize, 'iterBatches(): batchSize');
     const format = checkBatchFormat(options.batchFormat ?? 'columns', 'iterBatches()');
-    const blocks = this.#blocks(options, 'Dataset.iterBatches');
+    const { localShuffleBufferSize, localShuffleSeed, ...execution } = options;
+    const shuffle = checkLocalShuffle(localShuffleBufferSize, localShuffleSeed, batchSize, 'iterBatches()');
+    const blocks = this.#blocks(execution, 'Dataset.iterBatches');
     yield* rebatch((async function* () {
       for await (const { block } of blocks) yield block;
-    })(), batchSize, format);
+    })(), batchSize, format, shuffle);
   }
 
   /** Rows one at a time, as plain objects. */

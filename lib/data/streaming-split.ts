@@ -17,7 +17,7 @@ import { ObjectRef } from '../core/object-ref.js';
 import { Queue } from '../core/queue.js';
 import { registerPortableClass } from '../core/serialization.js';
 import { DataError, InvalidArgumentError, QueueFullError } from '../errors.js';
-import { checkBatchFormat, copyBlock, rebatch, type Batch } from './batches.js';
+import { checkBatchFormat, checkLocalShuffle, copyBlock, rebatch, type Batch } from './batches.js';
 import { blockToRows, type BatchFormat, type Block, type Row } from './block.js';
 
 /** What an iterator reads from its queue: a block (a slice of a stored one), its end, or the run's failure. */
@@ -43,6 +43,9 @@ export interface DataIteratorBatchOptions {
   /** Rows per batch (default 256); null: each block whole. */
   batchSize?: number | null;
   batchFormat?: BatchFormat;
+  /** Draw each batch at random from a buffer of at least this many rows (see IterBatchesOptions). */
+  localShuffleBufferSize?: number;
+  localShuffleSeed?: number;
 }
 
 /**
@@ -96,7 +99,9 @@ export class DataIterator {
   async *iterBatches(options: DataIteratorBatchOptions = {}): AsyncGenerator<Batch> {
     const batchSize = options.batchSize === undefined ? 256 : options.batchSize;
     if (batchSize !== null && !(Number.isInteger(batchSize) && batchSize > 0)) throw new InvalidArgumentError(`iterBatches(): batchSize must be a positive integer or null, got ${String(batchSize)}`);
-    yield* rebatch(this.#blocks(), batchSize, checkBatchFormat(options.batchFormat ?? 'columns', 'iterBatches()'));
+    const format = checkBatchFormat(options.batchFormat ?? 'columns', 'iterBatches()');
+    const shuffle = checkLocalShuffle(options.localShuffleBufferSize, options.localShuffleSeed, batchSize, 'iterBatches()');
+    yield* rebatch(this.#blocks(), batchSize, format, shuffle);
   }
 
   /** Its rows one at a time, as plain objects. */
