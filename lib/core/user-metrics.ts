@@ -86,6 +86,22 @@ function describeDefinition(definition: Definition): string {
   return `a ${definition.kind}${tags}${bounds}`;
 }
 
+/** Set while trellis defines one of its own metrics through this module (see libraryMetric). */
+let definingLibraryMetric = false;
+
+/**
+ * Makes one of trellis's own metrics (a 'trellis_' name) as an application's are made, so that
+ * processes other than the driver report it the same way (a proxy on another node, its requests).
+ */
+export function libraryMetric<T>(make: () => T): T {
+  definingLibraryMetric = true;
+  try {
+    return make();
+  } finally {
+    definingLibraryMetric = false;
+  }
+}
+
 abstract class Metric {
   readonly name: string;
   readonly description: string;
@@ -96,7 +112,7 @@ abstract class Metric {
   protected constructor(kind: Kind, name: string, options: MetricOptions, boundaries?: readonly number[]) {
     const what = `${kind} ${JSON.stringify(name)}`;
     if (typeof name !== 'string' || !NAME.test(name)) throw new InvalidArgumentError(`${what}: a metric name is letters, digits, '_' and ':', not starting with a digit`);
-    if (name.startsWith('trellis_')) throw new InvalidArgumentError(`${what}: names starting with 'trellis_' are trellis's own metrics; choose another`);
+    if (name.startsWith('trellis_') && !definingLibraryMetric) throw new InvalidArgumentError(`${what}: names starting with 'trellis_' are trellis's own metrics; choose another`);
     const tagKeys = options.tagKeys ?? [];
     if (!Array.isArray(tagKeys)) throw new InvalidArgumentError(`${what}: tagKeys must be an array of tag names`);
     for (const key of tagKeys) {

@@ -15,6 +15,7 @@ import { DeploymentResponse, DeploymentResponseGenerator } from './handle.js';
 import { HttpError, HttpRequest, type RequestData, type ResponsePart } from './http-messages.js';
 import { MODEL_ID_HEADER } from './multiplex.js';
 import { HttpMetrics } from './serve-metrics.js';
+import { getRuntimeContext } from '../core/api.js';
 import type { Router } from './router.js';
 
 export interface HttpOptions {
@@ -83,7 +84,7 @@ export class HttpProxy {
   readonly #preferLocal: boolean;
   #routes: Route[] = [];
   #closed: Promise<void> | undefined;
-  readonly metrics = new HttpMetrics();
+  readonly #metrics = new HttpMetrics(getRuntimeContext().nodeId);
 
   private constructor(server: Server, host: string, port: number, options: HttpOptions, preferLocal: boolean) {
     this.#server = server;
@@ -220,7 +221,7 @@ export class HttpProxy {
     const started = process.hrtime.bigint();
     response.once('close', () => {
       const code = response.writableFinished ? response.statusCode : 499;
-      this.metrics.record(route?.app ?? '', code, Number(process.hrtime.bigint() - started) / 1e9);
+      this.#metrics.record(route?.app ?? '', code, Number(process.hrtime.bigint() - started) / 1e9);
     });
     if (!route) return sendJson(response, 404, { error: 'NotFound', message: `no application serves ${path} (routes: ${Object.keys(this.routes()).join(', ') || 'none'})` });
     const body = await this.#readBody(request);

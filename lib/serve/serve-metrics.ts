@@ -1,49 +1,40 @@
 /**
  * Serving's Prometheus metrics, added to every scrape of the driver (metricsText, serveMetrics):
- * the proxy's requests by application and status code with their latency, and each deployment's
- * replicas, target, load and queue as the controller sees them.
+ * every proxy's requests by application, status code and node with their latency, and each
+ * deployment's replicas, target, load and queue as the controller sees them.
  */
 import type { MetricFamily } from '../core/metrics.js';
+import { Counter, Histogram, libraryMetric } from '../core/user-metrics.js';
 import type { DeploymentStatus } from './controller.js';
 
 /** Latency buckets (seconds): from a cached answer to a long generation. */
 const BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
 
-interface Latencies {
-  counts: number[];
-  sum: number;
-  count: number;
-}
-
+/**
+ * A proxy's requests, recorded as application metrics are: a proxy on another node (an actor)
+ * reports them to the driver as any process does, so the driver's scrape sums every proxy's, each
+ * series with its node.
+ */
 export class HttpMetrics {
-  readonly #requests = new Map<string, number>();
-  readonly #latencies = new Map<string, Latencies>();
+  readonly #node: string;
+  readonly #requests = libraryMetric(() => new Counter('trellis_serve_http_requests_total', {
+    description: 'HTTP requests the proxies answered, by application, status code (499: the client left first) and node.',
+    tagKeys: ['application', 'code', 'node'],
+  }));
+  readonly #latency = libraryMetric(() => new Histogram('trellis_serve_http_request_duration_seconds', {
+    description: 'Time from a request reaching a proxy to its answer ending, by application and node.',
+    boundaries: BUCKETS,
+    tagKeys: ['application', 'node'],
+  }));
+
+  constructor(node: string) {
+    this.#node = node;
+  }
 
   /** One request answered (or abandoned: code 499) after `seconds`. */
   record(application: string, code: number, seconds: number): void {
-    const key = `${application}\u0000${code}`;
-    this.#requests.set(key, (this.#requests.get(key) ?? 0) + 1);
-    let latencies = this.#latencies.get(application);
-    if (!latencies) this.#latencies.set(application, (latencies = { counts: BUCKETS.map(() => 0), sum: 0, count: 0 }));
-    for (let index = 0; index < BUCKETS.length; index++) if (seconds <= BUCKETS[index]) latencies.counts[index]++;
-    latencies.sum += seconds;
-    latencies.count++;
-  }
-
-  families(): MetricFamily[] {
-    const requests: MetricFamily = { name: 'trellis_serve_http_requests_total', type: 'counter', help: "HTTP requests the proxy answered, by application and status code (499: the client left first).", samples: [] };
-    for (const [key, value] of this.#requests) {
-      const [application, code] = key.split('\u0000');
-      requests.samples.push({ labels: { application, code }, value });
-    }
-    const latency: MetricFamily = { name: 'trellis_serve_http_request_duration_seconds', type: 'histogram', help: 'Time from a request reaching the proxy to its answer ending, by application.', samples: [] };
-    for (const [application, latencies] of this.#latencies) {
-      BUCKETS.forEach((bound, index) => latency.samples.push({ labels: { application, le: String(bound) }, value: latencies.counts[index], suffix: '_bucket' }));
-      latency.samples.push({ labels: { application, le: '+Inf' }, value: latencies.count, suffix: '_bucket' });
-      latency.samples.push({ labels: { application }, value: latencies.sum, suffix: '_sum' });
-      latency.samples.push({ labels: { application }, value: latencies.count, suffix: '_count' });
-    }
-    return [requests, latency];
+    this.#requests.inc(1, { application, code: String(code), node: this.#node });
+    this.#latency.observe(seconds, { application, node: this.#node });
   }
 }
 

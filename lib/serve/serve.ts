@@ -121,7 +121,6 @@ export async function start(options: StartOptions = {}): Promise<ServeStatus> {
       }
     }
     started.stopMetrics = registerMetricsCollector(() => [
-      ...(started.proxy?.metrics.families() ?? []),
       ...(instance === started ? deploymentFamilies(status().applications) : []),
     ]);
     onShutdown(() => closeInstance(started));

@@ -42,7 +42,7 @@ describe('streamingSplit', () => {
     expect(all.every((id) => id >= 0 && id < 1003)).toBe(true);
     // The driver's iterBatches with a local shuffle buffer: every row once, mixed.
     const shuffled: number[] = [];
-    for await (const batch of fromItems(items(300), { parallelism: 6 }).iterBatches({ batchSize: 50, localShuffleBufferSize: 100, localShuffleSeed: 1 })) shuffled.push(...Array.from((batch as { id: ArrayLike<number> }).id));
+    for await (const batch of fromItems(items(300), { parallelism: 6 }).iterBatches({ batchSize: 50, localShuffleBufferSize: 100, localShuffleSeed: 1 })) shuffled.push(...Array.from((batch as unknown as { id: ArrayLike<number> }).id));
     expect([...shuffled].sort((a, b) => a - b)).toEqual(items(300).map((item) => item.id));
     expect(shuffled).not.toEqual(items(300).map((item) => item.id));
     const rows = await get(fromItems(items(10), { parallelism: 3 }).streamingSplit(2, { equal: true }).map((iterator) => consumeSplitRows.remote(iterator)));

@@ -5,7 +5,7 @@
  * serves again after its process dies.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { init, serve, shutdown, state } from '../../lib/index.js';
+import { init, metricsText, serve, shutdown, state } from '../../lib/index.js';
 import { NodeAnswerActor, NodeStreamActor } from './fixtures/apps.js';
 
 beforeAll(async () => {
@@ -44,6 +44,8 @@ describe('proxies on every node', () => {
     expect(await (await fetch(`${near}/answer/z`)).json()).toMatchObject({ path: '/z' });
     expect(await (await until(() => fetch(`${far}/stream`), (response) => response.status === 200)).text()).toBe('streamed from far, in two parts');
     expect(await (await fetch(`${far}/-/routes`)).json()).toEqual({ '/answer': 'answer', '/stream': 'stream' });
+    // The far proxy's requests reach the driver's metrics, as application metrics do, by node.
+    await expect.poll(() => metricsText(), { timeout: 10_000 }).toMatch(/trellis_serve_http_requests_total\{application="answer",code="200",node="far"\} [6-9]\n/);
     // An application deleted: its route goes from every proxy.
     await serve.delete('stream');
     expect((await until(() => fetch(`${far}/stream`), (response) => response.status === 404)).status).toBe(404);

@@ -58,9 +58,9 @@ describe('serve over HTTP', () => {
     expect(await (await fetch(`${url}/-/routes`)).json()).toEqual({ '/echo': 'echo' });
     // The proxy's metrics count them by application and code; the deployment's gauges say its replicas.
     const metrics = metricsText();
-    expect(metrics).toMatch(/trellis_serve_http_requests_total\{application="echo",code="200"\} 3\n/);
-    expect(metrics).toMatch(/trellis_serve_http_requests_total\{application="echo",code="413"\} 1\n/);
-    expect(metrics).toMatch(/trellis_serve_http_request_duration_seconds_count\{application="echo"\} 9\n/);
+    expect(metrics).toMatch(/trellis_serve_http_requests_total\{application="echo",code="200",node="[^"]+"\} 3\n/);
+    expect(metrics).toMatch(/trellis_serve_http_requests_total\{application="echo",code="413",node="[^"]+"\} 1\n/);
+    expect(metrics).toMatch(/trellis_serve_http_request_duration_seconds_count\{application="echo",node="[^"]+"\} 9\n/);
     expect(metrics).toMatch(/trellis_serve_deployment_replicas\{application="echo",deployment="Echo",state="running"\} 1\n/);
     expect(metrics).toMatch(/trellis_serve_deployment_healthy\{application="echo",deployment="Echo"\} 1\n/);
     await serve.delete('echo');
