@@ -76,7 +76,7 @@ interface ChoiceOptions {
   topLogprobs: number | undefined;
   /** Completions: the prompt goes before each answer, with its logprobs when they are asked (echo). */
   echo?: boolean;
-  /** Completions: candidates drawn per prompt, the n likeliest of them answered (best_of; n when absent). */
+  /** Completions: candidates drawn per prompt, the n likeliest of them answered (best_of, where above n). */
   bestOf?: number;
   /** Logprobs name tokens `token_id:<id>` (vLLM's return_tokens_as_token_ids). */
   tokenIds?: boolean;
@@ -389,7 +389,7 @@ export class OpenAIServer {
       if (options.bestOf !== undefined) throw new HttpError(400, 'use_beam_search takes its beams from n, not best_of');
       const searched = await Promise.all(prompts.map((prompt) => this.#beamSearch(prompt.tokens, body, adapter)));
       answered = { results: searched.flatMap((one) => one.results), usage: usageOfAll(searched.map((one) => one.results)) };
-    } else if (options.bestOf !== undefined && options.bestOf > options.n) {
+    } else if (options.bestOf !== undefined) {
       if (body.stream === true) throw new HttpError(400, `best_of (${options.bestOf}) above n (${options.n}) answers whole: stream must be false`);
       // Every candidate is drawn (seed + index, as n's choices), and each prompt answers with the n
       // of highest summed log-probability, best first; the usage counts every candidate's tokens.
@@ -457,12 +457,12 @@ export class OpenAIServer {
   #chatLogprob(entry: TokenLogprob, options: ChoiceOptions): unknown {
     const { text, bytes } = this.#tokenText(entry.token);
     return {
-      token: options.tokenIds ? `token_id:${entry.token}` : text,
+      token: tokenName(entry.token, text, options),
       logprob: entry.logprob,
       bytes,
       top_logprobs: (entry.top ?? []).map((alternative) => {
         const named = this.#tokenText(alternative.token);
-        return { token: options.tokenIds ? `token_id:${alternative.token}` : named.text, logprob: alternative.logprob, bytes: named.bytes };
+        return { token: tokenName(alternative.token, named.text, options), logprob: alternative.logprob, bytes: named.bytes };
       }),
     };
   }
@@ -472,8 +472,7 @@ export class OpenAIServer {
     const { topLogprobs } = options;
     if (topLogprobs === undefined || !entries) return null;
     const texts = entries.map((entry) => this.#tokenText(entry.token).text);
-    // vLLM's return_tokens_as_token_ids: tokens named by id, for a client that must tell apart tokens of the same text.
-    const name = (token: number, text: string) => (options.tokenIds ? `token_id:${token}` : text);
+    const name = (token: number, text: string) => tokenName(token, text, options);
     const textOffset: number[] = [];
     for (const text of texts) {
       textOffset.push(offset);
@@ -781,7 +780,13 @@ function completionChoices(body: Record<string, unknown>): ChoiceOptions {
   const n = choiceCount(body);
   const bestOf = field<number>(body, 'best_of', (value) => Number.isInteger(value) && (value as number) >= 1 && (value as number) <= MOST_CHOICES, `a whole number from 1 to ${MOST_CHOICES}`);
   if (bestOf !== undefined && bestOf < n) throw new HttpError(400, `best_of (${bestOf}) must be at least n (${n}): it is how many candidates the n answers are chosen from`);
-  return { n, topLogprobs: top, ...(echo ? { echo } : {}), ...(bestOf !== undefined ? { bestOf } : {}), ...tokenIdsOf(body) };
+  // best_of equal to n draws the n choices as n does: no ranking, so no logprobs to sum.
+  return { n, topLogprobs: top, ...(echo ? { echo } : {}), ...(bestOf !== undefined && bestOf > n ? { bestOf } : {}), ...tokenIdsOf(body) };
+}
+
+/** A token as logprobs name it: its text, or with vLLM's return_tokens_as_token_ids its id (for a client that must tell apart tokens of the same text). */
+function tokenName(token: number, text: string, options: ChoiceOptions): string {
+  return options.tokenIds ? `token_id:${token}` : text;
 }
 
 function tokenIdsOf(body: Record<string, unknown>): { tokenIds?: true } {
