@@ -526,7 +526,7 @@ export class DecoderShard {
       const normalizer = maximum + Math.log(sum);
       out[places[index]] = target - normalizer;
       if (!top || wanted[index] === 0) continue;
-      // The ranks' candidates in vocabulary order (rank by rank), so ties keep the lower id first as on one rank.
+      // Rank by rank (each rank's slice a higher range of ids): a tie keeps the lower id first, as one rank would.
       for (let rank = 0; rank < plan.tensorParallel; rank++) {
         const at = (rank * rows.length + index) * stride;
         for (let slot = 0; slot < k; slot++) {
@@ -724,7 +724,7 @@ export function resolveCacheDType(requested: CacheDType | 'auto' = 'auto', weigh
 
 /**
  * The indices of the `k` largest of `values` (largest first) written into `into`; returns how many
- * (fewer where `values` is shorter, or holds -Infinity or ids of -1 that pad). One pass keeping
+ * (fewer where `values` is shorter, or where `ids` marks entries as padding). One pass keeping
  * the best k in order (learned: k passes over the vocabulary, skipping those taken through a
  * Set, cost a step of 16 sequences asking for 8 each about 30 ms). A value goes in below those at
  * least as large, so ties keep the earlier index first; with `ids`, an entry whose id is -1 is
