@@ -679,5 +679,12 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
 /** The counters of a replica an engine reports. */
 function replicaCounters(replica: ModelReplica): Record<string, number> {
   const stats = replica.stats();
-  return { promptTokens: stats.promptTokens, cachedPromptTokens: stats.reusedPromptTokens, generatedTokens: stats.generatedTokens, preemptions: stats.preemptions };
+  return {
+    promptTokens: stats.promptTokens,
+    cachedPromptTokens: stats.reusedPromptTokens,
+    generatedTokens: stats.generatedTokens,
+    preemptions: stats.preemptions,
+    // Speculation's, where it proposes: how many proposed tokens the model kept.
+    ...(stats.draftTokens > 0 ? { draftTokens: stats.draftTokens, acceptedDraftTokens: stats.acceptedDraftTokens } : {}),
+  };
 }

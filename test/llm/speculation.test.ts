@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildLLMProcessor, fromItems, init, InvalidArgumentError, ModelReplica, shutdown, state } from '../../lib/index.js';
 import { checkSpeculation, proposeTokens, type NgramSpeculation, type NgramSpeculationOptions } from '../../lib/llm/speculation.js';
 import { randomWeights, referenceGenerate, TINY, TINY_LLAMA, writeCheckpoint } from './fixtures/decoders.js';
+import { RecordingReporter } from '../data/helpers.js';
 
 const ngram = (options: NgramSpeculationOptions) => checkSpeculation(options) as NgramSpeculation;
 
@@ -149,9 +150,14 @@ describe('speculative decoding by a draft model', () => {
   });
 
   it('runs inside a processor, and decodes plainly once the draft model dies', async () => {
-    const rows = await buildLLMProcessor({ checkpoint, maxNewTokens: 20, speculation: { method: 'draft', checkpoint, tokens: 4 } })(fromItems(prompts.map((tokens, id) => ({ id, tokens })))).takeAll();
+    const reporter = new RecordingReporter();
+    const rows = await buildLLMProcessor({ checkpoint, maxNewTokens: 20, speculation: { method: 'draft', checkpoint, tokens: 4 } })(fromItems(prompts.map((tokens, id) => ({ id, tokens })))).takeAll({ progress: reporter });
     rows.sort((a, b) => (a.id as number) - (b.id as number));
     rows.forEach((row, index) => expect(Array.from(row.generatedTokens as number[])).toEqual(referenceGenerate(TINY, weights, prompts[index], 20)));
+    // The engine's progress counts the proposals, and those kept (the model's own weights: all).
+    const metrics = reporter.finished!.progress.operators.at(-1)!.metrics!;
+    expect(metrics.draftTokens).toBeGreaterThan(0);
+    expect(metrics.acceptedDraftTokens).toBe(metrics.draftTokens);
     // The draft's one rank killed while the model generates: what is left decodes plainly, the same tokens.
     await using speculating = await ModelReplica.create({ checkpoint, speculation: { method: 'draft', checkpoint, tokens: 2 } });
     const ranks = new Set(speculating.ranks().map((rank) => rank.actorId));
