@@ -816,18 +816,7 @@ export function buildOpenAIApp(options: OpenAIAppOptions): Application<OpenAISer
   const base = options.modelId ?? basename(checkpointDirectory(options.checkpoint));
   const multiplexing = options.adapterDirectory !== undefined || Object.keys(options.adapters ?? {}).length > 0;
   // Requests for one adapter go to the replicas that served it lately; the base model's anywhere.
-  const requestModelId = multiplexing ? (request: HttpRequest) => adapterNamed(request, base) : undefined;
+  // As data, so that the proxy on every node reads it too.
+  const requestModelId = multiplexing ? { jsonField: 'model', except: [base] } : undefined;
   return deployment(OpenAIServerActor, { name: 'OpenAIServer', maxOngoingRequests: 64, ...(requestModelId ? { requestModelId } : {}), ...given, actorOptions }).bind(serverOptions);
-}
-
-/** The adapter an OpenAI request's body names as its `model` ('' for the base model or none). */
-function adapterNamed(request: HttpRequest, base: string): string {
-  if (request.method !== 'POST' || request.body.length === 0) return '';
-  let model: unknown;
-  try {
-    model = (request.json() as { model?: unknown } | null)?.model;
-  } catch {
-    return ''; // the replica answers 400, naming what is wrong
-  }
-  return typeof model === 'string' && model !== base ? model : '';
 }

@@ -18,6 +18,8 @@ export interface ProxyRoute {
   ingress: DeploymentHandle<unknown>;
   /** The ingress's fetch is a generator method: its answers stream. */
   streaming: boolean;
+  /** Its deployment's requestModelId where that is data ({ jsonField, except }). */
+  requestModelId?: { jsonField: string; except?: string[] };
 }
 
 /** The routes every proxy serves, and their version. */

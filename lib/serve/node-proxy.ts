@@ -6,8 +6,9 @@
  * reach an application through any node, and requests stay off the network where a replica is
  * at hand.
  *
- * A route's `requestModelId` (a function of the request, in the driver) does not travel: on these
- * proxies a multiplexed model is read from the serve_multiplexed_model_id header only.
+ * A route's `requestModelId` travels where it is data (`{ jsonField, except }`, as the OpenAI app's
+ * is); a function stays in the driver, and these proxies then read a multiplexed model from the
+ * serve_multiplexed_model_id header.
  */
 import { getRuntimeContext } from '../core/api.js';
 import type { ActorHandle } from '../core/registry.js';
@@ -16,6 +17,7 @@ import { get } from '../core/api.js';
 import type { ServeDirectory } from './directory.js';
 import { routerForHandle, type DeploymentHandleBase } from './handle.js';
 import { HttpProxy, type HttpOptions } from './http-proxy.js';
+import { modelIdReader } from './options.js';
 
 /** Where a node's proxy listens. */
 export interface NodeProxyAddress {
@@ -62,7 +64,7 @@ export class NodeProxy {
       const apps = new Set(table.routes.map((route) => route.app));
       for (const app of Object.values(proxy.routes())) if (!apps.has(app)) proxy.removeApp(app);
       for (const route of table.routes) {
-        proxy.setRoute(route.prefix, route.app, routerForHandle(route.ingress as unknown as DeploymentHandleBase), route.streaming);
+        proxy.setRoute(route.prefix, route.app, routerForHandle(route.ingress as unknown as DeploymentHandleBase), route.streaming, modelIdReader(route.requestModelId));
       }
     }
   }

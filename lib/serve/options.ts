@@ -60,9 +60,11 @@ export interface DeploymentOptions {
   /**
    * For an ingress whose requests name a multiplexed model in their body (an OpenAI request's
    * `model`, say): reads it off each HTTP request, in the proxy, before a replica is chosen. ''
-   * or undefined: none. Default: the `serve_multiplexed_model_id` header.
+   * or undefined: none. Default: the `serve_multiplexed_model_id` header. A function runs in the
+   * driver's proxy only; `{ jsonField, except }` (the JSON body's field, unless one of `except`)
+   * is data, and every node's proxy reads it the same way.
    */
-  requestModelId?: (request: HttpRequest) => string | undefined;
+  requestModelId?: RequestModelId;
   /**
    * How long a request for a multiplexed model waits for a replica holding the model, while all
    * of those are full, before it goes to another replica (which loads the model, evicting one if
@@ -95,8 +97,31 @@ export interface DeploymentConfig {
   healthCheckTimeoutMs: number;
   gracefulShutdownTimeoutMs: number;
   userConfig: unknown;
-  requestModelId: ((request: HttpRequest) => string | undefined) | undefined;
+  requestModelId: RequestModelId | undefined;
   multiplexedModelWaitMs: number;
+}
+
+/** How a proxy reads a request's multiplexed model: a function (the driver's proxy only), or a JSON body field. */
+export type RequestModelId = ((request: HttpRequest) => string | undefined) | { jsonField: string; except?: string[] };
+
+/**
+ * The reader of a request's model: the function given, or one made from a JSON field (a POST's
+ * body parsed, the field taken where it is a string not in `except`; '' otherwise, and a body
+ * that does not parse reads '' too: the replica answers it, naming what is wrong).
+ */
+export function modelIdReader(spec: RequestModelId | undefined): ((request: HttpRequest) => string | undefined) | undefined {
+  if (spec === undefined || typeof spec === 'function') return spec;
+  const except = new Set(spec.except ?? []);
+  return (request) => {
+    if (request.method !== 'POST' || request.body.length === 0) return '';
+    let value: unknown;
+    try {
+      value = (request.json() as Record<string, unknown> | null)?.[spec.jsonField];
+    } catch {
+      return '';
+    }
+    return typeof value === 'string' && !except.has(value) ? value : '';
+  };
 }
 
 const DEPLOYMENT_KEYS = new Set([
@@ -196,8 +221,13 @@ export function resolveDeploymentOptions(className: string, options: DeploymentO
       throw new InvalidArgumentError(`${where}: actorOptions.${reserved} is the deployment's to set (maxOngoingRequests says how many requests a replica runs at once; the controller replaces a replica that dies)`);
     }
   }
-  if (options.requestModelId !== undefined && typeof options.requestModelId !== 'function') {
-    throw new InvalidArgumentError(`${where}: requestModelId must be a function of the HTTP request, got ${describe(options.requestModelId)}`);
+  const modelId = options.requestModelId as unknown;
+  if (modelId !== undefined && typeof modelId !== 'function') {
+    const spec = modelId as { jsonField?: unknown; except?: unknown };
+    const valid = typeof modelId === 'object' && modelId !== null && typeof spec.jsonField === 'string' && spec.jsonField.length > 0
+      && (spec.except === undefined || (Array.isArray(spec.except) && spec.except.every((name) => typeof name === 'string')))
+      && Object.keys(modelId).every((key) => key === 'jsonField' || key === 'except');
+    if (!valid) throw new InvalidArgumentError(`${where}: requestModelId must be a function of the HTTP request or { jsonField, except }, got ${describe(options.requestModelId)}`);
   }
   return {
     name,

@@ -13,6 +13,7 @@ import { ServeDirectoryActor, type ServeDirectory } from './directory.js';
 import { deploymentKey, makeHandle, setLocalRouters, type DeploymentHandle } from './handle.js';
 import { checkRoutePrefix, HttpProxy, type HttpOptions } from './http-proxy.js';
 import { NodeProxyActor, type NodeProxy, type NodeProxyAddress } from './node-proxy.js';
+import { modelIdReader, type RequestModelId } from './options.js';
 import { deploymentFamilies } from './serve-metrics.js';
 
 export interface StartOptions {
@@ -52,6 +53,7 @@ interface AppRecord {
   /** Its ingress's handle and whether its fetch streams, for the proxies on other nodes. */
   ingressHandle?: DeploymentHandle<unknown>;
   streaming?: boolean;
+  requestModelId?: RequestModelId;
 }
 
 /** A proxy on a node besides the driver's, and where it listens once it does. */
@@ -181,7 +183,8 @@ function publishRoutes(serving: ServeInstance): void {
   if (serving.proxyOptions === false || serving.proxyOptions.location !== 'EveryNode') return;
   const routes = [...serving.apps.values()]
     .filter((app) => app.routePrefix !== null && app.ingressHandle && !app.deploying)
-    .map((app) => ({ prefix: app.routePrefix!, app: app.name, ingress: app.ingressHandle!, streaming: app.streaming === true }));
+    // A requestModelId that is data travels with its route; a function stays in the driver's proxy.
+    .map((app) => ({ prefix: app.routePrefix!, app: app.name, ingress: app.ingressHandle!, streaming: app.streaming === true, ...(app.requestModelId && typeof app.requestModelId !== 'function' ? { requestModelId: app.requestModelId } : {}) }));
   void serving.directory.publishRoutes.remote(routes);
 }
 
@@ -238,7 +241,8 @@ export async function run<T>(app: Application<T>, options: RunOptions = {}): Pro
   const ingressRecord = serving.controller.deployment(deploymentKey(name, ingress.name))!;
   record.ingressHandle = handles.get(app) as DeploymentHandle<unknown>;
   record.streaming = ingress.methods.includes('*fetch');
-  if (routePrefix !== null) serving.proxy!.setRoute(routePrefix, name, ingressRecord.router, record.streaming, ingressRecord.config.requestModelId);
+  record.requestModelId = ingressRecord.config.requestModelId;
+  if (routePrefix !== null) serving.proxy!.setRoute(routePrefix, name, ingressRecord.router, record.streaming, modelIdReader(record.requestModelId));
   else serving.proxy?.removeApp(name);
   publishRoutes(serving);
   return handles.get(app) as DeploymentHandle<T>;

@@ -6,7 +6,8 @@
 import { describe, expect, it } from 'vitest';
 import { BackPressureError, DeploymentError, InvalidArgumentError, TaskCancelledError, serve } from '../../lib/index.js';
 import { Router } from '../../lib/serve/router.js';
-import { resolveDeploymentOptions } from '../../lib/serve/options.js';
+import { modelIdReader, resolveDeploymentOptions } from '../../lib/serve/options.js';
+import { HttpRequest } from '../../lib/serve/http-messages.js';
 import { closeRequest, inRequest, openRequest } from '../../lib/serve/multiplex.js';
 
 /** Stand-ins for replica handles: the router reads only their actor ids. */
@@ -306,10 +307,26 @@ describe('deployment options', () => {
       [{ autoscaling: { upscaleDelay: 1 } }, /autoscaling: unknown option 'upscaleDelay'/],
       [{ actorOptions: { maxConcurrency: 4 } }, /actorOptions.maxConcurrency is the deployment's to set/],
       [{ name: 'a b' }, /name must be 1 to 128 letters/],
-      [{ requestModelId: 'model' }, /requestModelId must be a function of the HTTP request, got "model"/],
+      [{ requestModelId: 'model' }, /requestModelId must be a function of the HTTP request or \{ jsonField, except \}, got "model"/],
+      [{ requestModelId: { field: 'model' } }, /requestModelId must be a function of the HTTP request or \{ jsonField, except \}/],
       [{ healthCheckPeriodMs: -5 }, /healthCheckPeriodMs must be a number of milliseconds from 0/],
       [{ multiplexedModelWaitMs: '1s' }, /multiplexedModelWaitMs must be a number of milliseconds from 0, got "1s"/],
     ];
     for (const [options, message] of cases) expect(() => resolveDeploymentOptions('Model', options as never)).toThrow(message);
+  });
+});
+
+describe('requestModelId as data', () => {
+  it("reads a JSON body's field, unless it names one of except, as every node's proxy does", () => {
+    const read = modelIdReader({ jsonField: 'model', except: ['base'] })!;
+    const request = (method: string, body: string) => new HttpRequest({ method, url: '/v1/completions', path: '/v1/completions', routePath: '/v1/completions', query: {}, headers: {}, body: new TextEncoder().encode(body) });
+    expect(read(request('POST', JSON.stringify({ model: 'tuned', prompt: 'x' })))).toBe('tuned');
+    expect(read(request('POST', JSON.stringify({ model: 'base' })))).toBe('');
+    expect(read(request('POST', JSON.stringify({ model: 7 })))).toBe('');
+    expect(read(request('POST', '{not json'))).toBe('');
+    expect(read(request('GET', ''))).toBe('');
+    const given = () => 'from a function';
+    expect(modelIdReader(given)).toBe(given);
+    expect(modelIdReader(undefined)).toBeUndefined();
   });
 });
