@@ -59,7 +59,7 @@ describe('streamingSplit', () => {
     // The leaver took its blocks whole: rows past its break are the only ones missing.
     expect(rest.ids.length).toBeGreaterThanOrEqual(400 - 20 - 20 * 2);
     // Equal: one consumer's process dies mid-read; the others fail, naming it, instead of waiting on its full queue.
-    const equal = fromItems(items(3000), { parallelism: 60 }).streamingSplit(3, { equal: true });
+    const equal = fromItems(items(1200), { parallelism: 40 }).streamingSplit(3, { equal: true });
     const outcomes = await Promise.allSettled([get(consumeSplitPartly.remote(equal[0], 1, true)), get(consumeSplit.remote(equal[1], 10)), get(consumeSplit.remote(equal[2], 10))]);
     expect(outcomes[0].status).toBe('rejected');
     for (const outcome of outcomes.slice(1)) {
