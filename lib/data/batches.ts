@@ -9,6 +9,13 @@ import { seededRandom } from './keys.js';
 
 export type Batch = Block | Row[] | Record<string, unknown[] | ArrayBufferView>;
 
+/** A consumer's batchSize: a positive integer (default 256), or null for each block whole. */
+export function checkBatchSize(batchSize: unknown, what: string): number | null {
+  if (batchSize === undefined) return 256;
+  if (batchSize !== null && !(Number.isInteger(batchSize) && (batchSize as number) > 0)) throw new InvalidArgumentError(`${what}: batchSize must be a positive integer or null, got ${String(batchSize)}`);
+  return batchSize as number | null;
+}
+
 export function checkBatchFormat(format: unknown, what: string): BatchFormat {
   if (format !== 'arrow' && format !== 'rows' && format !== 'columns') {
     throw new InvalidArgumentError(`${what}: batchFormat must be 'arrow', 'rows' or 'columns', got ${String(format)}`);

@@ -25,7 +25,7 @@ import { checkKeyColumns } from './keys.js';
 import type { JoinType } from './exchange.js';
 import { resolveUdf, udfName, type UdfTarget } from './udf.js';
 import { storedBytes } from './worker-tasks.js';
-import { checkBatchFormat, checkLocalShuffle, copyBlock, rebatch, type Batch } from './batches.js';
+import { checkBatchFormat, checkBatchSize, checkLocalShuffle, copyBlock, rebatch, type Batch } from './batches.js';
 import { startStreamingSplit, type DataIterator, type SplitBlock } from './streaming-split.js';
 import {
   FileDatasink, arrowSink, checkWriteMode, csvSink, jsonlSink, parquetSink, type WriteMode, type ArrowWriteOptions, type CsvWriteOptions, type JsonlWriteOptions, type ParquetWriteOptions, type WrittenFile,
@@ -511,8 +511,7 @@ export class Dataset {
 
   /** Batches of `batchSize` rows in `batchFormat` (default 'columns'), streamed as they are made. */
   async *iterBatches(options: IterBatchesOptions = {}): AsyncGenerator<Batch> {
-    const batchSize = options.batchSize === undefined ? 256 : options.batchSize;
-    if (batchSize !== null) checkPositiveInteger(batchSize, 'iterBatches(): batchSize');
+    const batchSize = checkBatchSize(options.batchSize, 'iterBatches()');
     const format = checkBatchFormat(options.batchFormat ?? 'columns', 'iterBatches()');
     const { localShuffleBufferSize, localShuffleSeed, ...execution } = options;
     const shuffle = checkLocalShuffle(localShuffleBufferSize, localShuffleSeed, batchSize, 'iterBatches()');

@@ -16,8 +16,8 @@ import { get, getRuntimeContext, state } from '../core/api.js';
 import { ObjectRef } from '../core/object-ref.js';
 import { Queue } from '../core/queue.js';
 import { registerPortableClass } from '../core/serialization.js';
-import { DataError, InvalidArgumentError, QueueFullError } from '../errors.js';
-import { checkBatchFormat, checkLocalShuffle, copyBlock, rebatch, type Batch } from './batches.js';
+import { DataError, QueueFullError } from '../errors.js';
+import { checkBatchFormat, checkBatchSize, checkLocalShuffle, copyBlock, rebatch, type Batch } from './batches.js';
 import { blockToRows, type BatchFormat, type Block, type Row } from './block.js';
 
 /** What an iterator reads from its queue: a block (a slice of a stored one), its end, or the run's failure. */
@@ -97,8 +97,7 @@ export class DataIterator {
 
   /** Its rows in batches of `batchSize` (default 256) in `batchFormat` (default 'columns'). */
   async *iterBatches(options: DataIteratorBatchOptions = {}): AsyncGenerator<Batch> {
-    const batchSize = options.batchSize === undefined ? 256 : options.batchSize;
-    if (batchSize !== null && !(Number.isInteger(batchSize) && batchSize > 0)) throw new InvalidArgumentError(`iterBatches(): batchSize must be a positive integer or null, got ${String(batchSize)}`);
+    const batchSize = checkBatchSize(options.batchSize, 'iterBatches()');
     const format = checkBatchFormat(options.batchFormat ?? 'columns', 'iterBatches()');
     const shuffle = checkLocalShuffle(options.localShuffleBufferSize, options.localShuffleSeed, batchSize, 'iterBatches()');
     yield* rebatch(this.#blocks(), batchSize, format, shuffle);

@@ -43,11 +43,6 @@ export class NodeProxy {
     return { nodeId: getRuntimeContext().nodeId, host: proxy.host, port: proxy.port, url: proxy.url };
   }
 
-  /** The routes it serves now (prefix to application). */
-  async routes(): Promise<Record<string, string>> {
-    return (await this.#started).routes();
-  }
-
   /** Takes every change of the route table, for as long as it runs. */
   async #follow(proxy: HttpProxy, directory: ActorHandle<ServeDirectory>): Promise<void> {
     let version = -1;
