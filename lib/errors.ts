@@ -369,3 +369,21 @@ export class BackPressureError extends DeploymentError {
     super(deployment, message, 'ERR_BACKPRESSURE');
   }
 }
+
+/**
+ * A request of an HTTP batch processor failed for good: 'ERR_HTTP_STATUS' (an answer that is not
+ * 2xx, after the retries its status allows), 'ERR_HTTP_TIMEOUT', 'ERR_HTTP_NETWORK' (no answer:
+ * refused, reset), 'ERR_HTTP_RESPONSE' (a JSON answer that does not parse) or 'ERR_HTTP_PAYLOAD'
+ * (a row with nothing to send). `status` is the last answer's, `attempts` how many were sent.
+ */
+export class HttpRequestError extends TrellisError {
+  readonly url: string;
+  readonly status?: number;
+  readonly attempts: number;
+  constructor(code: string, message: string, details: { url: string; status?: number; attempts: number; cause?: unknown }) {
+    super(code, message, { cause: details.cause });
+    this.url = details.url;
+    this.status = details.status;
+    this.attempts = details.attempts;
+  }
+}

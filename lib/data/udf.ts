@@ -6,6 +6,7 @@
 import { InvalidArgumentError } from '../errors.js';
 import { descriptorOf, importRegistered, isClass, lookupRegistered, methodNames } from '../core/registry.js';
 import type { FunctionDescriptor } from '../core/protocol.js';
+import type { Row } from './block.js';
 
 type AnyFunction = (...args: any[]) => any;
 type AnyClass = new (...args: any[]) => any;
@@ -20,6 +21,9 @@ export interface UdfSpec {
 
 /** What the user may pass: the function or class itself (registered) or what remote() returned. */
 export type UdfTarget = AnyFunction | AnyClass | { readonly descriptor: FunctionDescriptor };
+
+/** A row function as a processor's preprocess or postprocess takes it: registered, or what remote() returned. */
+export type RowFunction = ((row: Row) => Row | Promise<Row>) | { readonly descriptor: FunctionDescriptor };
 
 export function udfName(spec: UdfSpec): string {
   return spec.kind === 'class' ? `${spec.descriptor.name}.${spec.method}` : spec.descriptor.name;

@@ -9,6 +9,7 @@ import { ActorDiedError, GrammarError, InvalidArgumentError, ModelLoadError } fr
 import { remote } from '../core/registry.js';
 import type { Dataset } from '../data/dataset.js';
 import type { Row } from '../data/block.js';
+import type { RowFunction } from '../data/udf.js';
 import { ModelReplica, type EmbedRequest, type GenerateRequest, type Generation, type ModelReplicaOptions } from './replica.js';
 import { checkpointDirectory } from './config.js';
 import { checkSampling, type SamplingParameters } from './sampling.js';
@@ -171,8 +172,8 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
    */
   maxReplicaRestarts?: number;
   /** Functions registered with remote() that run on each row before and after generation. */
-  preprocess?: (row: Row) => Row | Promise<Row>;
-  postprocess?: (row: Row) => Row | Promise<Row>;
+  preprocess?: RowFunction;
+  postprocess?: RowFunction;
 }
 
 /** What the engine gets: the replica's options and the row defaults (functions stay in the driver). */

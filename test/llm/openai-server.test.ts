@@ -3,13 +3,14 @@
  * tokenizer and a chat template: models, completions and chat completions (whole and streamed,
  * the stream's text the same as the whole's), stop strings, JSON-schema response formats,
  * embeddings, LoRA adapters served as models of their own (loaded on demand from a directory,
- * routed by model), and requests it refuses.
+ * routed by model), requests it refuses, and a dataset answered through the HTTP batch processor.
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Tokenizer, buildOpenAIApp, init, serve, shutdown } from '../../lib/index.js';
+import { Tokenizer, buildHttpRequestProcessor, buildOpenAIApp, fromItems, init, serve, shutdown } from '../../lib/index.js';
+import { readCompletion, toCompletionRequest } from './fixtures/http-rows.js';
 import { IncrementalText } from '../../lib/llm/openai-server.js';
 import { llama2StyleTokenizerJson } from './fixtures/tokenizers.js';
 import { byteTokenizerJson } from '../../examples/model/byte-tokenizer.js';
@@ -118,6 +119,16 @@ describe('buildOpenAIApp', () => {
     const stopped = (await (await post('/v1/completions', { ...request, stop: [stop] })).json()) as typeof whole;
     expect(stopped.choices[0].finish_reason).toBe('stop');
     expect(stopped.choices[0].text).toBe(whole.choices[0].text.slice(0, whole.choices[0].text.indexOf(stop)));
+  });
+
+  it('answers a dataset of prompts through buildHttpRequestProcessor, as it answers each request on its own', async () => {
+    const prompts = ['Once upon', 'The cat', 'In a hole', 'It was', 'Call me', 'Far out'];
+    const processor = buildHttpRequestProcessor({ url: `${url}/v1/completions`, preprocess: toCompletionRequest, postprocess: readCompletion, maxConcurrentRequests: 4, batchSize: 3 });
+    const rows = await processor(fromItems(prompts.map((prompt) => ({ prompt })))).takeAll();
+    for (const [index, prompt] of prompts.entries()) {
+      const alone = (await (await post('/v1/completions', { model: 'tiny-gpt', prompt, max_tokens: 4, temperature: 0 })).json()) as { choices: Array<{ text: string }> };
+      expect(rows[index]).toEqual({ prompt, text: alone.choices[0].text, completionTokens: 4 });
+    }
   });
 
   it('gives n choices, each drawn with the seed plus its index, whole or streamed side by side', async () => {
