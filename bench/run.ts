@@ -8,6 +8,7 @@ import { coreSuite } from './core.js';
 import { dagSuite } from './dag.js';
 import { dataSuite } from './data.js';
 import { gpuSuite } from './gpu.js';
+import { httpSuite } from './http.js';
 import { llmSuite } from './llm.js';
 import { llmGpuSuite } from './llm-gpu.js';
 import { nodesSuite } from './nodes.js';
@@ -22,6 +23,7 @@ const suites: Record<string, Suite> = {
   dag: dagSuite,
   gpu: gpuSuite,
   data: dataSuite,
+  http: httpSuite,
   llm: llmSuite,
   'llm-gpu': llmGpuSuite,
   nodes: nodesSuite,
