@@ -202,7 +202,7 @@ describe('buildHttpRequestProcessor', () => {
     expect(byId.get(2)!.error).toMatch(/^ERR_HTTP_TIMEOUT: .*did not answer within 300 ms \(attempt 2\)/);
     expect(byId.get(3)).toMatchObject({ answer: 'plain 3', httpStatus: 200, error: null });
     expect(byId.get(4)!.error).toMatch(/^ERR_HTTP_RESPONSE: .*does not parse/);
-    expect(byId.get(5)!.error).toMatch(/^ERR_HTTP_PAYLOAD: batch row \d+ has no 'payload' column/);
+    expect(byId.get(5)!.error).toMatch(/^ERR_HTTP_PAYLOAD: batch row \d+ has no 'payload' to send/);
     // Not retried: a 400; retried once: the timeout.
     expect(seen.attempts.get(1)).toBe(1);
     expect(seen.attempts.get(2)).toBe(2);
