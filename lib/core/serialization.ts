@@ -5,7 +5,6 @@
  * are collected so that the container keeps them alive.
  */
 import { Packr, addExtension } from 'msgpackr';
-import { Table, tableFromIPC, tableToIPC } from 'apache-arrow';
 import { SerializationError } from '../errors.js';
 import type { ObjectStore, ObjectView } from '../store/object-store.js';
 import type { ObjectId } from '../store/object-id.js';
@@ -338,6 +337,24 @@ export function putStoredOnce(store: ObjectStore, id: ObjectId, stored: StoredVa
   putStored(store, id, stored);
 }
 
+/**
+ * How Arrow tables travel: registered by the data layer (lib/data/table-codec.ts) when it loads, so
+ * that the runtime's core does not import apache-arrow itself. A worker's core then loads before
+ * arrow does, and can arrange where arrow comes from first (see worker-main.ts); a process that
+ * holds a table has imported trellis's index, and with it the data layer.
+ */
+export interface TableCodec {
+  isTable(value: unknown): boolean;
+  encode(table: unknown): Uint8Array;
+  decode(bytes: Uint8Array): object;
+}
+
+let tableCodec: TableCodec | undefined;
+
+export function registerTableCodec(codec: TableCodec): void {
+  tableCodec = codec;
+}
+
 /** A value encoded for transport: inline msgpack, or bytes bound for the store. */
 export type EncodedValue = { inline: Uint8Array; nested: string[] } | { stored: StoredValue; nested: string[] };
 
@@ -351,8 +368,8 @@ export function encodeValue(value: unknown): EncodedValue {
     const payload: StoredPayload = value.device === 'cpu' ? value.bytes() : { byteLength: value.byteLength, writeTo: (target) => value.memory.copyToHost(target) };
     return { stored: { metadata, payload, nested: [] }, nested: [] };
   }
-  if (value instanceof Table) {
-    const payload = tableToIPC(value, 'stream');
+  if (tableCodec?.isTable(value)) {
+    const payload = tableCodec.encode(value);
     return { stored: { metadata: Uint8Array.of(StoredKind.Arrow), payload, nested: [] }, nested: [] };
   }
   if (ArrayBuffer.isView(value) && value.byteLength > INLINE_LIMIT) {
@@ -466,7 +483,11 @@ export function decodeStored(view: ObjectView): unknown {
       return restored;
     }
     case StoredKind.Arrow: {
-      const table = tableFromIPC(data);
+      if (!tableCodec) {
+        view.release();
+        throw new SerializationError('an Arrow table arrived in a process that has not loaded the data layer (import trellis first)');
+      }
+      const table = tableCodec.decode(data);
       view.transferPinTo(table);
       return table;
     }

@@ -9,6 +9,7 @@ import {
   Uint16, Uint32, Uint64, Uint8, Utf8, makeData, makeVector, tableFromArrays, vectorFromArray, type Vector,
 } from 'apache-arrow';
 import { InvalidArgumentError } from '../errors.js';
+import './table-codec.js';
 
 export type Block = Table;
 export type Row = Record<string, unknown>;
