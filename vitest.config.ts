@@ -2,7 +2,6 @@ import { availableParallelism } from 'node:os';
 import { dirname, join, relative, resolve, sep } from 'node:path';
 import { defineConfig } from 'vitest/config';
 import { freshLibraryBuild } from './lib/core/worker-loader.js';
-import { LongestFirstSequencer } from './test/sequencer.js';
 
 /**
  * Where the checkout's build is fresh (every lib/ module compiled no earlier than its source, as
@@ -41,8 +40,6 @@ export default defineConfig({
     testTimeout: 60_000,
     hookTimeout: 60_000,
     pool: 'forks',
-    // Long files first (test/sequencer.ts): a clean clone has no timings of its own to order by.
-    sequence: { sequencer: LongestFirstSequencer },
     server: { deps: { external: build ? [new RegExp(`^${escape(build.build + sep)}`)] : [] } },
   },
 });
