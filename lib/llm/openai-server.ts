@@ -21,6 +21,7 @@ import { ModelReplica, type GenerateRequest, type ModelReplicaOptions } from './
 import type { SamplingParameters } from './sampling.js';
 import { Tokenizer } from './tokenizer.js';
 import type { BeamSearchResult } from './beam-search.js';
+import { TOOL_CALL_PARSERS, guidedToolCalls, heldBackFrom, parseToolCalls, toolGuidedDecoding, toolRequestOf, type ToolCall, type ToolCallParser, type ToolRequest } from './tool-calls.js';
 
 export interface OpenAIAppOptions extends ModelReplicaOptions {
   /** The model's name in requests and answers (default: the checkpoint directory's name). */
@@ -40,6 +41,13 @@ export interface OpenAIAppOptions extends ModelReplicaOptions {
   adapterDirectory?: string;
   /** The deployment's options: replicas, autoscaling, maxOngoingRequests (default 64), actorOptions. */
   deployment?: DeploymentOptions;
+  /**
+   * How the model writes a tool call (vLLM's --tool-call-parser), for requests with `tools` and
+   * tool_choice 'auto': 'hermes' (<tool_call>{"name", "arguments"}</tool_call>, Qwen's and
+   * Hermes' templates) or 'json' (the answer is a JSON call or list of calls, Llama 3's). Without
+   * it, tools are served with tool_choice 'required' or a named function (guided decoding).
+   */
+  toolCallParser?: ToolCallParser;
 }
 
 /** An adapter's name as a request's `model` may give it: a plain directory name. */
@@ -49,7 +57,10 @@ interface Completion {
   text: string;
   tokens: number;
   promptTokens: number;
-  finishReason: 'stop' | 'length';
+  finishReason: 'stop' | 'length' | 'tool_calls';
+  /** A chat answer's tool calls, with the text beside them (null: none). */
+  toolCalls?: ToolCall[];
+  content?: string | null;
   /** The generated tokens' summed log-probability, where best_of ranks candidates by it. */
   cumulativeLogprob?: number;
 }
@@ -68,6 +79,8 @@ interface TokenLogprob {
 interface Piece {
   text: string;
   logprobs: TokenLogprob[];
+  /** Tool calls as a chat stream's deltas carry them: the first of a call with its id and name. */
+  toolCalls?: Array<{ index: number; id?: string; name?: string; arguments: string }>;
 }
 
 /** What a request asks of its choices: how many, and the alternatives reported per token (undefined: no logprobs). */
@@ -218,7 +231,7 @@ export class OpenAIServer {
 
   /** Loads the model's ranks, its tokenizer and its chat template (if it has one). */
   async initialize(): Promise<void> {
-    const { modelId: _id, tokenizer, chatTemplate, defaultMaxTokens: _max, deployment: _deployment, ...replicaOptions } = this.#options;
+    const { modelId: _id, tokenizer, chatTemplate, defaultMaxTokens: _max, deployment: _deployment, toolCallParser: _parser, ...replicaOptions } = this.#options;
     const directory = checkpointDirectory(this.#options.checkpoint);
     this.#tokenizer = await Tokenizer.load(tokenizer ?? directory);
     try {
@@ -283,7 +296,7 @@ export class OpenAIServer {
   /**
    * vLLM's /tokenize: a prompt's token ids (`add_special_tokens`, default true), or a
    * conversation's as the chat template renders it (`messages`, `add_generation_prompt`, default
-   * true), with their count and the model's positions.
+   * true, and `tools` as a chat request shows them), with their count and the model's positions.
    */
   #tokenize(body: Record<string, unknown>): unknown {
     const tokenizer = this.#tokenizer!;
@@ -293,7 +306,8 @@ export class OpenAIServer {
       const generationPrompt = field<boolean>(body, 'add_generation_prompt', (value) => typeof value === 'boolean', 'a boolean') ?? true;
       let rendered: string;
       try {
-        rendered = this.#template.render(body.messages as ChatMessage[], { addGenerationPrompt: generationPrompt });
+        if (body.tools !== undefined && body.tools !== null && !Array.isArray(body.tools)) throw new InvalidArgumentError('tools must be a list of { type: "function", function: { ... } }');
+        rendered = this.#template.render(body.messages as ChatMessage[], { addGenerationPrompt: generationPrompt, ...(Array.isArray(body.tools) ? { variables: { tools: body.tools } } : {}) });
       } catch (error) {
         throw new HttpError(400, (error as Error).message);
       }
@@ -335,11 +349,17 @@ export class OpenAIServer {
 
   async *#chat(body: Record<string, unknown>, model: string, adapter: string | undefined): AsyncGenerator<unknown, void, undefined> {
     if (!this.#template) throw new HttpError(400, `model ${this.#modelId} has no chat template: use /v1/completions`);
+    let tools: ToolRequest | undefined;
     let prompt: string;
     try {
-      prompt = this.#template.render(body.messages as ChatMessage[]);
+      tools = toolRequestOf(body, this.#options.toolCallParser);
+      // The template shows the model its tools (with tool_choice 'none' too: it may not call them, but knows them).
+      prompt = this.#template.render(body.messages as ChatMessage[], Array.isArray(body.tools) ? { variables: { tools: body.tools } } : {});
     } catch (error) {
       throw new HttpError(400, (error as Error).message);
+    }
+    if (tools && tools.choice !== 'auto' && body.response_format !== undefined && body.response_format !== null && (body.response_format as { type?: unknown }).type !== 'text') {
+      throw new HttpError(400, 'a tool_choice of required or a named function guides the answer itself: drop response_format');
     }
     const tokens = this.#tokenizer!.encode(prompt, { addSpecialTokens: false });
     const id = requestId('chatcmpl');
@@ -349,16 +369,20 @@ export class OpenAIServer {
     let answered: { results: Array<Completion & { logprobs?: TokenLogprob[] }>; usage: Usage };
     if (body.use_beam_search === true) {
       if (body.response_format !== undefined && body.response_format !== null) throw new HttpError(400, 'use_beam_search does not take a response_format');
+      if (tools) throw new HttpError(400, 'use_beam_search does not take tools');
       answered = await this.#beamSearch(tokens, body, adapter);
     } else {
       const head = { id, object: 'chat.completion.chunk', created, model };
-      const guided = guidedOf(body);
-      const answers = Array.from({ length: options.n }, (_, index) => this.#generate({ tokens }, body, guided, adapter, options, index));
+      const guided = tools ? toolGuidedDecoding(tools) : guidedOf(body);
+      const answers = Array.from({ length: options.n }, (_, index) => {
+        const answer = this.#generate({ tokens }, body, guided, adapter, options, index);
+        return tools ? withToolCalls(answer, tools, this.#options.toolCallParser) : answer;
+      });
       if (body.stream === true) {
         yield* eventStream(answers, {
           choicesPerPrompt: options.n,
           first: (index) => ({ ...head, choices: [{ index, delta: { role: 'assistant', content: '' }, finish_reason: null }] }),
-          piece: (index, piece) => ({ ...head, choices: [{ index, delta: { content: piece.text }, finish_reason: null, ...(options.topLogprobs === undefined ? {} : { logprobs: logprobs(piece.logprobs) }) }] }),
+          piece: (index, piece) => ({ ...head, choices: [{ index, delta: piece.toolCalls ? { tool_calls: piece.toolCalls.map(toolCallDelta) } : { content: piece.text }, finish_reason: null, ...(options.topLogprobs === undefined ? {} : { logprobs: logprobs(piece.logprobs) }) }] }),
           last: (index, result) => ({ ...head, choices: [{ index, delta: {}, finish_reason: result.finishReason }] }),
           ...(streamUsage(body) ? { usage: (usage: Usage) => ({ ...head, choices: [], usage }) } : {}),
         });
@@ -372,7 +396,7 @@ export class OpenAIServer {
       object: 'chat.completion',
       created,
       model,
-      choices: answered.results.map((result, index) => ({ index, message: { role: 'assistant', content: result.text }, finish_reason: result.finishReason, logprobs: logprobs(result.logprobs) })),
+      choices: answered.results.map((result, index) => ({ index, message: chatMessage(result), finish_reason: result.finishReason, logprobs: logprobs(result.logprobs) })),
       usage: answered.usage,
     });
   }
@@ -652,6 +676,69 @@ export class OpenAIServer {
   }
 }
 
+/** A chat answer's message: its text, or its tool calls and the text beside them. */
+function chatMessage(result: Completion): Record<string, unknown> {
+  if (!result.toolCalls || result.toolCalls.length === 0) return { role: 'assistant', content: result.text };
+  return {
+    role: 'assistant',
+    content: result.content ?? null,
+    tool_calls: result.toolCalls.map((call) => ({ id: call.id, type: 'function', function: { name: call.name, arguments: call.arguments } })),
+  };
+}
+
+/** A tool call's piece as OpenAI's stream sends it. */
+function toolCallDelta(call: NonNullable<Piece['toolCalls']>[number]): Record<string, unknown> {
+  return { index: call.index, ...(call.id ? { id: call.id, type: 'function' } : {}), function: { ...(call.name ? { name: call.name } : {}), arguments: call.arguments } };
+}
+
+/**
+ * A chat answer with tools: a named function's arguments stream as its one call's deltas; a
+ * required choice's list goes out whole once it is (each call a delta); an 'auto' answer streams
+ * its text until it could be starting a call, then holds the rest back until the parser has read
+ * the whole. Its result carries the calls (finish_reason 'tool_calls' where there are any).
+ */
+export async function* withToolCalls(answer: AsyncGenerator<Piece, Completion & { logprobs?: TokenLogprob[] }, undefined>, tools: ToolRequest, parser: ToolCallParser | undefined): AsyncGenerator<Piece, Completion & { logprobs?: TokenLogprob[] }, undefined> {
+  const { choice } = tools;
+  if (choice !== 'auto') {
+    const named = choice !== 'required';
+    const [first] = named ? guidedToolCalls('', tools) : [];
+    let started = false;
+    let step = await answer.next();
+    for (; !step.done; step = await answer.next()) {
+      if (!named || step.value.text === '') continue;
+      yield { text: '', logprobs: step.value.logprobs, toolCalls: [{ index: 0, ...(started ? {} : { id: first.id, name: first.name }), arguments: step.value.text }] };
+      started = true;
+    }
+    const result = step.value;
+    const calls = named ? [{ ...first, arguments: result.text.trim() }] : guidedToolCalls(result.text, tools);
+    if (!named && calls.length > 0) yield { text: '', logprobs: [], toolCalls: calls.map((call, index) => ({ index, id: call.id, name: call.name, arguments: call.arguments })) };
+    if (named && !started) yield { text: '', logprobs: [], toolCalls: [{ index: 0, id: first.id, name: first.name, arguments: '' }] };
+    return { ...result, content: null, toolCalls: calls, finishReason: calls.length > 0 && result.finishReason === 'stop' ? 'tool_calls' : result.finishReason };
+  }
+  let whole = '';
+  let sent = 0;
+  let held: TokenLogprob[] = [];
+  let step = await answer.next();
+  for (; !step.done; step = await answer.next()) {
+    whole += step.value.text;
+    held.push(...step.value.logprobs);
+    const until = heldBackFrom(whole, parser!);
+    if (until > sent) {
+      yield { text: whole.slice(sent, until), logprobs: held };
+      held = [];
+      sent = until;
+    }
+  }
+  const result = step.value;
+  const parsed = parseToolCalls(result.text, parser!, tools);
+  if (parsed.calls.length === 0) {
+    if (result.text.length > sent || held.length > 0) yield { text: result.text.slice(sent), logprobs: held };
+    return result;
+  }
+  yield { text: '', logprobs: held, toolCalls: parsed.calls.map((call, index) => ({ index, id: call.id, name: call.name, arguments: call.arguments })) };
+  return { ...result, content: parsed.content, toolCalls: parsed.calls, finishReason: 'tool_calls' };
+}
+
 /**
  * The text of a growing list of tokens, decoding only its last stretch at each step (as vLLM's
  * incremental detokenizer), not the whole list again: the stretch since the last settled point,
@@ -808,6 +895,9 @@ export const OpenAIServerActor = remote(import.meta, OpenAIServer);
 export function buildOpenAIApp(options: OpenAIAppOptions): Application<OpenAIServer> {
   if (typeof options !== 'object' || options === null || typeof options.checkpoint !== 'string') {
     throw new InvalidArgumentError('buildOpenAIApp takes options with a checkpoint path');
+  }
+  if (options.toolCallParser !== undefined && !TOOL_CALL_PARSERS.includes(options.toolCallParser)) {
+    throw new InvalidArgumentError(`toolCallParser must be ${TOOL_CALL_PARSERS.map((name) => `'${name}'`).join(' or ')}, got ${JSON.stringify(options.toolCallParser)}`);
   }
   const ranks = (options.tensorParallel ?? 1) * (options.pipelineParallel ?? 1);
   const given = options.deployment ?? {};

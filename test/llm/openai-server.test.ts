@@ -3,7 +3,8 @@
  * tokenizer and a chat template: models, completions and chat completions (whole and streamed,
  * the stream's text the same as the whole's), stop strings, JSON-schema response formats,
  * embeddings, LoRA adapters served as models of their own (loaded on demand from a directory,
- * routed by model), requests it refuses, and a dataset answered through the HTTP batch processor.
+ * routed by model), tool calls (a named function, a required list), requests it refuses, and a
+ * dataset answered through the HTTP batch processor.
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -348,6 +349,45 @@ describe('buildOpenAIApp', () => {
     expect(['happy', 'sad']).toContain(parsed.mood);
     expect(parsed.level).toBeGreaterThanOrEqual(1);
     expect(guided.choices[0].finish_reason).toBe('stop');
+  });
+
+  it('calls tools: a named function with arguments that fit its schema, a required list of calls, streamed as deltas; auto needs a parser', async () => {
+    const weather = { type: 'function', function: { name: 'get_weather', parameters: { type: 'object', properties: { city: { enum: ['Paris', 'Oslo'] }, days: { type: 'integer', minimum: 1, maximum: 9 } }, required: ['city', 'days'] } } };
+    const time = { type: 'function', function: { name: 'get_time', parameters: { type: 'object', properties: { zone: { enum: ['UTC', 'CET'] } }, required: ['zone'] } } };
+    const messages = [{ role: 'user', content: 'Weather in Oslo?' }];
+    type ToolAnswer = { choices: Array<{ message: { content: string | null; tool_calls: Array<{ id: string; type: string; function: { name: string; arguments: string } }> }; finish_reason: string }> };
+    const request = { model: 'tiny-gpt', messages, tools: [weather, time], tool_choice: { type: 'function', function: { name: 'get_weather' } }, max_tokens: 64, temperature: 0.8, seed: 3 };
+    const named = (await (await post('/v1/chat/completions', request)).json()) as ToolAnswer;
+    const [call] = named.choices[0].message.tool_calls;
+    expect(named.choices[0]).toMatchObject({ finish_reason: 'tool_calls', message: { content: null } });
+    expect(call).toMatchObject({ type: 'function', function: { name: 'get_weather' } });
+    const args = JSON.parse(call.function.arguments) as { city: string; days: number };
+    expect(['Paris', 'Oslo']).toContain(args.city);
+    expect(Number.isInteger(args.days) && args.days >= 1 && args.days <= 9).toBe(true);
+    // Streamed: the first delta names the call, the rest carry its arguments, the same as whole.
+    const chunks = (await events(await post('/v1/chat/completions', { ...request, stream: true }))).slice(0, -1) as Array<{ choices: Array<{ delta: { tool_calls?: Array<{ index: number; id?: string; function: { name?: string; arguments: string } }> }; finish_reason: string | null }> }>;
+    const deltas = chunks.flatMap((chunk) => chunk.choices[0].delta.tool_calls ?? []);
+    expect(deltas[0]).toMatchObject({ index: 0, id: expect.stringMatching(/^call_/), function: { name: 'get_weather' } });
+    expect(deltas.map((delta) => delta.function.arguments).join('')).toBe(call.function.arguments);
+    expect(chunks.at(-1)!.choices[0].finish_reason).toBe('tool_calls');
+
+    const required = (await (await post('/v1/chat/completions', { ...request, tool_choice: 'required', max_tokens: 160 })).json()) as ToolAnswer;
+    const calls = required.choices[0].message.tool_calls;
+    expect(calls.length).toBeGreaterThanOrEqual(1);
+    for (const each of calls) {
+      expect(['get_weather', 'get_time']).toContain(each.function.name);
+      const parameters = JSON.parse(each.function.arguments) as Record<string, unknown>;
+      expect(Object.keys(parameters).sort()).toEqual(each.function.name === 'get_time' ? ['zone'] : ['city', 'days']);
+    }
+
+    const refused = async (body: unknown) => ((await (await post('/v1/chat/completions', body)).json()) as { message: string }).message;
+    expect(await refused({ ...request, tool_choice: 'auto' })).toMatch(/tool_choice 'auto' \(the default with tools\) needs the server's toolCallParser/);
+    expect(await refused({ ...request, response_format: { type: 'json_object' } })).toMatch(/guides the answer itself: drop response_format/);
+    expect(await refused({ ...request, tool_choice: { type: 'function', function: { name: 'get_news' } } })).toMatch(/tool_choice names 'get_news', which is not among the tools/);
+    // tool_choice 'none': an answer in words, the tools shown to the template all the same.
+    const none = (await (await post('/v1/chat/completions', { ...request, tool_choice: 'none', max_tokens: 4 })).json()) as { choices: Array<{ message: { content: string; tool_calls?: unknown } }> };
+    expect(typeof none.choices[0].message.content).toBe('string');
+    expect(none.choices[0].message.tool_calls).toBeUndefined();
   });
 
   it('embeds texts', async () => {
