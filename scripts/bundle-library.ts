@@ -35,6 +35,15 @@ const PROGRAMS = new Map([
   ['core/worker-main.js', ''],
   ['cli/trellis.js', '#!/usr/bin/env node\n'],
 ]);
+/**
+ * Modules that are entries of their own besides the library's: a worker that runs a
+ * library-internal actor imports only its class's module (see worker-main.ts), and through an
+ * entry of its own that is just what the module needs, not the whole library behind the public
+ * API (the data layer and apache-arrow, serving). Outputs at dist/bundle/<name>.js.
+ */
+const LIGHT_ENTRIES = new Map([
+  ['llm/shard-worker.js', 'shard-worker'],
+]);
 /** The module the public API is; the bundle evaluates it (and what it imports) first, as Node.js would. */
 const INDEX = 'index.js';
 
@@ -128,6 +137,7 @@ async function main(): Promise<void> {
     entryPoints: [
       { in: 'trellis:library', out: 'library' },
       ...[...PROGRAMS.keys()].map((program) => ({ in: join(compiled, program), out: program.replace(/\.js$/, '') })),
+      ...[...LIGHT_ENTRIES].map(([module, out]) => ({ in: join(compiled, module), out })),
     ],
     outdir: bundleFolder,
     outbase: compiled,
@@ -176,14 +186,16 @@ async function main(): Promise<void> {
   }
   library.forEach((module, index) => {
     const target = join(dist, module);
-    const fromHere = posix(relative(dirname(target), join(bundleFolder, 'library.js')));
+    const light = LIGHT_ENTRIES.get(module);
+    const fromHere = posix(relative(dirname(target), join(bundleFolder, light ? `${light}.js` : 'library.js')));
     const from = fromHere.startsWith('.') ? fromHere : `./${fromHere}`;
     const exported = names.get(module) ?? [];
     mkdirSync(dirname(target), { recursive: true });
+    // A light entry exports the module's names as they are; the library's entry under aliases.
     writeFileSync(
       target,
       exported.length
-        ? `export { ${exported.map((name) => `${alias(index, name)} as ${name}`).join(', ')} } from '${from}';\n`
+        ? `export { ${exported.map((name) => (light ? name : `${alias(index, name)} as ${name}`)).join(', ')} } from '${from}';\n`
         : `import '${from}';\n`,
     );
   });

@@ -51,6 +51,7 @@ import { describeResources, toFixed, type Resources } from './resources.js';
 import type { ActorLookup, Runtime, RuntimeContext } from './runtime-context.js';
 import { decodeStored, encodeArguments, encodeValue, pack, putStored, unpack } from './serialization.js';
 import { Deque } from './deque.js';
+import { isLightActorModule } from './worker-loader.js';
 import { Scheduler, type Lease } from './scheduler.js';
 import { StreamTable } from './streams.js';
 import { NO_NODES, addNode, callName, lostWhere, storedIdOf, streamSpec, type ActorRecord, type ObjectRecord, type RerunSpec, type TaskRecord } from './cluster-records.js';
@@ -482,8 +483,8 @@ export class Cluster implements Runtime {
   // -------------------------------------------------------------------------------------------
   // Workers
 
-  #spawn(node: Node, environment: WorkerEnvironment = DEFAULT_WORKER_ENVIRONMENT): WorkerProcess {
-    const worker = node.spawnWorker(this.#socketPath, environment);
+  #spawn(node: Node, environment: WorkerEnvironment = DEFAULT_WORKER_ENVIRONMENT, light = false): WorkerProcess {
+    const worker = node.spawnWorker(this.#socketPath, environment, light);
     if (node instanceof RemoteNode) worker.child.on('exit', () => worker.connection?.close());
     worker.child.on('exit', (code, signal) => {
       worker.recordExit(code, signal);
@@ -2112,7 +2113,7 @@ export class Cluster implements Runtime {
       // (a second or more of loading). The pool starts another worker when a task next needs one,
       // not now: a start-up competing with the actor's first calls costs more than it saves.
       const worker = [...node.workers.values()].find((candidate) => candidate.state === 'idle' && !candidate.leasedOnce && candidate.environment.key === actor.environment.key)
-        ?? this.#spawn(node, actor.environment);
+        ?? this.#spawn(node, actor.environment, isLightActorModule(actor.cls.module));
       worker.state = 'actor';
       worker.actorId = actor.id;
       actor.worker = worker;

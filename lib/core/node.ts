@@ -154,7 +154,11 @@ export abstract class Node {
   abstract readonly closed: boolean;
 
   /** Starts a worker that will connect to `address` (the cluster's socket). */
-  abstract spawnWorker(address: string, environment: WorkerEnvironment): WorkerProcess;
+  /**
+   * A new worker process. `light`: it skips loading the public API before its hello, because it is
+   * for an actor whose class needs less (see isLightActorModule); a node may ignore it.
+   */
+  abstract spawnWorker(address: string, environment: WorkerEnvironment, light?: boolean): WorkerProcess;
   /** Whether the node's store holds `id`, as far as this process can tell without asking. */
   abstract holdsObject(id: string): boolean;
   /** Deletes an object that may already be gone. */
@@ -224,7 +228,7 @@ export class LocalNode extends Node {
     return this.store.closed;
   }
 
-  spawnWorker(address: string, environment: WorkerEnvironment): WorkerProcess {
+  spawnWorker(address: string, environment: WorkerEnvironment, light = false): WorkerProcess {
     const id = `worker-${newObjectId().slice(0, 12)}`;
     const putIds = randomBytes(20);
     const ring = connectionRingWanted() ? native.ConnectionRing.create(RING_BYTES) : undefined;
@@ -239,6 +243,7 @@ export class LocalNode extends Node {
         TRELLIS_NODE_ID: this.id,
         TRELLIS_STORE: this.store.name,
         TRELLIS_PUT_IDS: putIds.toString('hex'),
+        ...(light ? { TRELLIS_WORKER_PRELOAD: '0' } : {}),
         ...this.workerEnvironment,
         // The task's or actor's own variables over the driver's (none is named TRELLIS_*).
         ...environment.env,

@@ -25,6 +25,24 @@ const fromSources = here.endsWith('.ts');
 /** The library's root folder (lib/ in a checkout, dist/ built). */
 const libraryDirectory = dirname(dirname(here));
 
+/**
+ * Library modules whose actors run in workers that load only the class's module, not the public
+ * API a worker otherwise loads before its hello: an LLM rank needs its shard, kernels and
+ * communicator (0.2 s of CPU and 56 MB to start, measured on the 2-core VM), not the data layer,
+ * apache-arrow and serving besides (0.48 s, 76 MB). Each is an entry of its own in the bundle
+ * (scripts/bundle-library.ts's LIGHT_ENTRIES), so that importing it loads no more than it needs.
+ * Only classes whose calls carry no value of a class registered outside that module's tree (a
+ * DeploymentHandle, a DataIterator, an Arrow table): it would arrive in a process that never
+ * loaded the module that reads it. (Serve's directory, tried, receives such values.)
+ */
+const LIGHT_ACTOR_MODULES = ['llm/shard-worker'];
+
+/** Whether an actor of the class registered from `module` runs in a worker that skips the public API's preload. */
+export function isLightActorModule(module: string): boolean {
+  // The library's own classes are registered under 'trellis:<module path>' (see registry.ts).
+  return module.startsWith('trellis:') && LIGHT_ACTOR_MODULES.includes(module.slice('trellis:'.length));
+}
+
 /** What a worker registers when it first imports a driver's module (TRELLIS_WORKER_LOADER). */
 interface DeferredLoader {
   /** The TypeScript loader's URL (tsx, a dependency of trellis), where it resolves. */

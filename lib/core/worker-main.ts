@@ -1100,7 +1100,9 @@ function die(error: unknown): void {
 // User modules import the public API. A worker loads it before its hello, so that a worker the
 // driver counts as ready runs its first task (an actor's constructor, say) without a second of
 // module loading and transpiling first, competing for the CPUs with the work already running.
-import('../index.js')
+// A worker started for a library actor that needs less (an LLM rank) loads only its class's
+// module, when the actor is made (TRELLIS_WORKER_PRELOAD=0; see isLightActorModule).
+(process.env.TRELLIS_WORKER_PRELOAD === '0' ? Promise.resolve() : import('../index.js'))
   .catch(() => undefined)
   .finally(() => {
     runtime.send({ t: 'hello', workerId, pid: process.pid, ...(token ? { token } : {}) });

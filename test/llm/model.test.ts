@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -501,6 +501,10 @@ describe('model sharding', () => {
     const ranks = replica.ranks();
     expect(ranks.map((rank) => [rank.stage, rank.rank])).toEqual([[0, 0], [0, 1], [1, 0], [1, 1]]);
     const pids = ranks.map((rank) => state().actors.find((actor) => actor.actorId === rank.actorId)!.pid!);
+    // Ranks started for the replica load only their shard's modules, not the public API (no data
+    // layer, no arrow): a prestarted worker that a rank took had loaded it already.
+    const light = pids.filter((pid) => readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').includes('TRELLIS_WORKER_PRELOAD=0'));
+    expect(light.length).toBeGreaterThanOrEqual(2);
     process.kill(pids[3], 'SIGKILL');
     await expect(running).rejects.toBeInstanceOf(ActorDiedError);
     await expect(replica.generate([{ tokens: [1] }])).rejects.toBeInstanceOf(ActorDiedError);
