@@ -34,8 +34,10 @@ import { busyPollTraffic, configureBusyPoll } from './busy-poll.js';
 import { claimTrap } from './trap-guard.js';
 import { CallQueue } from './call-queue.js';
 import { onMetricsPending, takeMetricUpdates } from './user-metrics.js';
-// Registers the collective-group system methods in every worker.
+// Registers the collective-group system methods in every worker, and NCCL as their backend (a
+// worker that loads no public API, an LLM rank's, still joins NCCL groups).
 import '../gpu/collective.js';
+import '../gpu/nccl.js';
 import { holdResult, mapHeld, ownHeld, receiveHeld } from '../gpu/transport.js';
 import { closeIdleMappingsOf, closeMappingsOfExporter } from '../gpu/cuda.js';
 // Idle blocks this worker exports over IPC go back to the driver on their own (see ipc-reclaim.ts).
