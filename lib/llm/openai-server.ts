@@ -593,9 +593,12 @@ export class OpenAIServer {
     const sampling = samplingOf(body);
     const reportLogprobs = options.topLogprobs !== undefined;
     const echoLogprobs = options.echo === true && reportLogprobs;
+    const priority = body.priority;
+    if (priority !== undefined && priority !== null && !Number.isInteger(priority)) throw new HttpError(400, `priority must be an integer (lower goes first), got ${JSON.stringify(priority)}`);
     const request: GenerateRequest = {
       tokens,
       maxNewTokens,
+      ...(typeof priority === 'number' ? { priority } : {}),
       // Choice i draws with the request's seed plus i: the first is the answer n = 1 would give.
       sampling: choice > 0 ? { ...sampling, seed: (sampling.seed ?? 0) + choice } : sampling,
       ...(reportLogprobs || options.bestOf !== undefined ? { logprobs: true } : {}),

@@ -62,6 +62,12 @@ export interface LLMProcessorOptions extends ModelReplicaOptions {
   maxNewTokens?: number;
   /** Tokens to generate before a stop token or stop text may end a row (vLLM's min_tokens; default 0). */
   minNewTokens?: number;
+  /**
+   * The rows' place in each replica's queue (GenerateRequest.priority: lower goes first, default
+   * 0); a row's own `priority` column wins. A job that shares replicas with live traffic (a
+   * deployment's) runs at a higher value, so that live requests overtake it.
+   */
+  priority?: number;
   sampling?: SamplingParameters;
   /**
    * Text that ends a generation (text prompts and conversations): generatedText stops before it
@@ -583,6 +589,7 @@ export class LLMEngine {
       ...(this.#options.promptLogprobs ? { promptLogprobs: true } : {}),
       ...(this.#options.promptTopLogprobs ? { promptTopLogprobs: this.#options.promptTopLogprobs } : {}),
       ...(this.#options.topLogprobs ? { topLogprobs: this.#options.topLogprobs } : {}),
+      ...(((row.priority as number | undefined) ?? this.#options.priority) !== undefined ? { priority: (row.priority as number | undefined) ?? this.#options.priority } : {}),
     }));
   }
 }
@@ -639,6 +646,7 @@ export function buildLLMProcessor(options: LLMProcessorOptions): (dataset: Datas
     if (engine.choices !== undefined) throw new InvalidArgumentError('give choices or guidedDecoding, not both', 'ERR_CONSTRAINT');
     checkGuidedDecoding(engine.guidedDecoding);
   }
+  if (engine.priority !== undefined && !Number.isInteger(engine.priority)) throw new InvalidArgumentError(`priority must be an integer (lower goes first), got ${String(engine.priority)}`);
   if (engine.samplesPerPrompt !== undefined && !(Number.isInteger(engine.samplesPerPrompt) && engine.samplesPerPrompt >= 1)) {
     throw new InvalidArgumentError(`samplesPerPrompt must be a positive integer, got ${String(engine.samplesPerPrompt)}`);
   }

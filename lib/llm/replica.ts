@@ -189,6 +189,13 @@ export interface GenerateRequest {
    * was the model's greedy pick).
    */
   promptTopLogprobs?: number;
+  /**
+   * Its place in the queue (vLLM's priority scheduling): lower goes first, 0 by default, arrival
+   * order within one value. Where the cache is full, a running sequence of a higher value is
+   * preempted (read again later, the same tokens following) to admit a waiting one of a lower:
+   * live users' requests at 0 overtake a batch job's at 10 sharing the replica.
+   */
+  priority?: number;
 }
 
 export interface Generation {
@@ -292,6 +299,8 @@ export interface ReplicaStats {
 
 interface Sequence {
   id: number;
+  /** Lower goes first (GenerateRequest.priority); ties by id, the order of arrival. */
+  priority: number;
   prompt: Int32Array;
   /** Its LoRA adapter's id; the name keeps prefix caching within one adapter's caches. */
   adapter?: number;
@@ -786,7 +795,7 @@ export class ModelReplica {
       let sequence!: Sequence;
       const done = new Promise<Generation>((finish, fail) => {
         sequence = { ...fields, finish, fail, ...(onToken ? { onToken } : {}) };
-        this.#waiting.push(sequence);
+        this.#enqueue(sequence);
       });
       return { sequence, done };
     });
@@ -862,7 +871,7 @@ export class ModelReplica {
         const { pooling = 'last', normalize = true } = request;
         if (pooling !== 'last' && pooling !== 'mean') throw new InvalidArgumentError(`${what}: pooling must be 'last' or 'mean', got ${JSON.stringify(pooling)}`, 'ERR_PROMPT');
         if (typeof normalize !== 'boolean') throw new InvalidArgumentError(`${what}: normalize must be a boolean`, 'ERR_PROMPT');
-        const sequence = { id: this.#nextSequence++, prompt, generated: [], maxNewTokens: 0, minNewTokens: 0, stopTokens: new Set<number>(), stop: undefined, sampling: undefined, logprobs: undefined, pooling, past: 0, reserved: 0, inFlight: false, ...this.#adapterOf(request.adapter, what) };
+        const sequence = { id: this.#nextSequence++, priority: 0, prompt, generated: [], maxNewTokens: 0, minNewTokens: 0, stopTokens: new Set<number>(), stop: undefined, sampling: undefined, logprobs: undefined, pooling, past: 0, reserved: 0, inFlight: false, ...this.#adapterOf(request.adapter, what) };
         return { sequence, normalize };
       });
     } catch (error) {
@@ -878,7 +887,7 @@ export class ModelReplica {
         }
         resolve({ vector: vector!, promptTokens: generation.promptTokens });
       };
-      this.#waiting.push({ ...sequence, finish, fail });
+      this.#enqueue({ ...sequence, finish, fail });
     }));
     this.#pumpSoon();
     return Promise.all(done);
@@ -996,6 +1005,8 @@ export class ModelReplica {
       if (!allowed) throw new InvalidArgumentError(`${what}: the constraint is complete before any token`, 'ERR_CONSTRAINT');
     }
     const maxNewTokens = positiveInteger(request.maxNewTokens, `${what}: maxNewTokens`, 16);
+    const priority = request.priority ?? 0;
+    if (typeof priority !== 'number' || !Number.isInteger(priority)) throw new InvalidArgumentError(`${what}: priority must be an integer (lower goes first), got ${String(request.priority)}`, 'ERR_PROMPT');
     const minNewTokens = request.minNewTokens ?? 0;
     if (typeof minNewTokens !== 'number' || !Number.isInteger(minNewTokens) || minNewTokens < 0 || minNewTokens > maxNewTokens) {
       throw new InvalidArgumentError(`${what}: minNewTokens must be an integer from 0 to maxNewTokens (${maxNewTokens}), got ${String(request.minNewTokens)}`, 'ERR_PROMPT');
@@ -1004,6 +1015,7 @@ export class ModelReplica {
       ...(request.constraint ? { constraint: request.constraint, allowed } : {}),
       ...this.#adapterOf(request.adapter, what),
       id: this.#nextSequence++,
+      priority,
       prompt,
       generated: [],
       maxNewTokens,
@@ -1077,6 +1089,13 @@ export class ModelReplica {
         return true;
       };
       this.#fitRunning();
+      // A waiting sequence that goes before running ones (a lower priority value) and does not fit
+      // takes their room now, before they are put in this step (once in a step, none can be preempted).
+      const head = this.#waiting[0];
+      if (head && this.#running.some((sequence) => sequence.priority > head.priority && !sequence.inFlight)) {
+        const room = this.#reservationOf(head);
+        if (!this.#makeRoom(room)) this.#makeRoomByPriority(head, room);
+      }
       for (const sequence of this.#running) {
         if (sequence.inFlight || sequence.drafting) continue;
         // Speculation by a draft model: a decoding sequence waits for its draft, while others step.
@@ -1101,7 +1120,8 @@ export class ModelReplica {
         // The whole blocks of a prefix it would start from are its source's to count.
         const found = this.#prefixCache?.peek(sequence, mayReuse);
         const source = found?.kind === 'match' ? found.match.source : undefined;
-        if (!this.#makeRoom(this.#reservationOf(sequence, found?.kind === 'match' ? sharedPart(found.match.length) : 0), source?.id)) break;
+        const room = this.#reservationOf(sequence, found?.kind === 'match' ? sharedPart(found.match.length) : 0);
+        if (!this.#makeRoom(room, source?.id) && !this.#makeRoomByPriority(sequence, room, source?.id)) break;
         this.#waiting.shift();
         const prefix = this.#prefixCache?.admit(sequence, mayReuse);
         if (prefix?.kind === 'wait') {
@@ -1490,20 +1510,69 @@ export class ModelReplica {
    */
   #fitRunning(): void {
     if (this.#makeRoom(0)) return;
-    for (let index = this.#running.length - 1; index >= 0 && this.#reservedTokens > this.#maxCacheTokens; index--) {
-      const sequence = this.#running[index];
-      if (sequence.inFlight || this.#reservesMost(sequence)) continue;
-      this.#running.splice(index, 1);
-      this.#reservedTokens -= sequence.reserved;
-      sequence.reserved = 0;
-      sequence.past = 0;
-      sequence.stale = 0;
-      sequence.copyFrom = undefined;
-      this.#unshare(sequence);
-      this.#release([this.#prefixCache ? this.#prefixCache.abandon(sequence) : sequence.id]);
-      this.#waiting.unshift(sequence);
-      this.#preemptions++;
+    for (const sequence of this.#preemptible(Infinity)) {
+      if (this.#reservedTokens <= this.#maxCacheTokens) break;
+      this.#preempt(sequence);
     }
+  }
+
+  /**
+   * Running sequences that may be preempted for one of priority `before` (those of a higher
+   * value; Infinity: any), in the order they go: the highest value first, the latest started
+   * within one. One in a step, or reserving its most, is never preempted.
+   */
+  #preemptible(before: number): Sequence[] {
+    const order = new Map(this.#running.map((sequence, index) => [sequence, index]));
+    return this.#running
+      .filter((sequence) => !sequence.inFlight && !this.#reservesMost(sequence) && (before === Infinity || sequence.priority > before))
+      .sort((a, b) => b.priority - a.priority || order.get(b)! - order.get(a)!);
+  }
+
+  /** Drops a running sequence's cache; it waits at the front of its priority to read what it knows again. */
+  #preempt(sequence: Sequence): void {
+    this.#running.splice(this.#running.indexOf(sequence), 1);
+    this.#reservedTokens -= sequence.reserved;
+    sequence.reserved = 0;
+    sequence.past = 0;
+    sequence.stale = 0;
+    sequence.copyFrom = undefined;
+    this.#unshare(sequence);
+    this.#release([this.#prefixCache ? this.#prefixCache.abandon(sequence) : sequence.id]);
+    this.#enqueue(sequence, true);
+    this.#preemptions++;
+  }
+
+  /**
+   * Puts a sequence in the waiting queue by priority: after those of its value (arrival order),
+   * or, `front`, before them (a preempted one was there first).
+   */
+  #enqueue(sequence: Sequence, front = false): void {
+    const waiting = this.#waiting;
+    // Most requests share one priority and arrive in order: the common case appends.
+    if (!front && (waiting.length === 0 || waiting[waiting.length - 1].priority <= sequence.priority)) {
+      waiting.push(sequence);
+      return;
+    }
+    const at = waiting.findIndex((other) => (front ? other.priority >= sequence.priority : other.priority > sequence.priority));
+    if (at < 0) waiting.push(sequence);
+    else waiting.splice(at, 0, sequence);
+  }
+
+  /**
+   * Room for a waiting sequence by preempting running ones of a higher priority value (the
+   * highest first), as long as that makes it fit; none is preempted where it would not.
+   */
+  #makeRoomByPriority(sequence: Sequence, need: number, keep?: number): boolean {
+    const victims = this.#preemptible(sequence.priority).filter((victim) => victim.id !== keep);
+    if (victims.length === 0) return false;
+    const freed = victims.reduce((sum, victim) => sum + victim.reserved, 0);
+    // Kept prefixes can always be dropped: only reservations decide whether preempting is enough.
+    if (this.#reservedTokens - freed + need > this.#maxCacheTokens) return false;
+    for (const victim of victims) {
+      this.#preempt(victim);
+      if (this.#makeRoom(need, keep)) return true;
+    }
+    return this.#makeRoom(need, keep);
   }
 
   /**

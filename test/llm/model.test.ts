@@ -700,6 +700,42 @@ describe('model sharding', () => {
     await expect(ModelReplica.create({ checkpoint, maxCacheTokens: 0 })).rejects.toThrow(/maxCacheTokens must be a positive integer/);
   });
 
+  it('serves requests by priority: lower first, and preempts a running sequence of a higher value for a waiting one when the cache is full', async () => {
+    const long = Array.from({ length: 30 }, (_, index) => (index * 7) % 97);
+    const short = Array.from({ length: 20 }, (_, index) => (index * 5 + 1) % 97);
+    const alone = referenceGenerate(TINY, weights, long, 34);
+    {
+      // Each sequence reserves its most (a block of 16), and the cache holds one: they run one at a time, by priority.
+      await using replica = await ModelReplica.create({ checkpoint, maxCacheTokens: 16, cacheReservation: 'most', prefixCaching: false });
+      const order: string[] = [];
+      const run = (name: string, tokens: number[], priority?: number) => replica.generate([{ tokens, maxNewTokens: 4, ...(priority === undefined ? {} : { priority }) }]).then(() => order.push(name));
+      await Promise.all([run('batch-a', PROMPTS[0], 10), run('batch-b', PROMPTS[1], 10), run('default', PROMPTS[3]), run('live', PROMPTS[2], -1), run('mid', PROMPTS[4], 5)]);
+      expect(order).toEqual(['live', 'default', 'mid', 'batch-a', 'batch-b']);
+      await expect(replica.generate([{ tokens: [1], priority: 0.5 }])).rejects.toThrow(/request 0: priority must be an integer \(lower goes first\), got 0\.5/);
+      expect(() => buildLLMProcessor({ checkpoint, priority: 1.5 })).toThrow(/priority must be an integer \(lower goes first\), got 1\.5/);
+    }
+    // A batch request of 30 + 34 tokens (up to four blocks) holds three once past 32 positions; a
+    // live request of 20 + 4 (two blocks) no longer fits beside it, preempts it, goes first, and
+    // the batch one reads again: the same tokens as alone.
+    await using replica = await ModelReplica.create({ checkpoint, maxCacheTokens: 64, prefixCaching: false });
+    const finished: string[] = [];
+    const stream = replica.stream({ tokens: long, maxNewTokens: 34, priority: 10 });
+    const batchTokens: number[] = [];
+    for await (const step of stream) {
+      batchTokens.push(step.token);
+      if (batchTokens.length === 3) {
+        void replica.generate([{ tokens: short, maxNewTokens: 4 }]).then(([generation]) => {
+          finished.push('live');
+          expect(generation.tokens).toEqual(referenceGenerate(TINY, weights, short, 4));
+        });
+      }
+    }
+    finished.push('batch');
+    expect(batchTokens).toEqual(alone);
+    expect(finished).toEqual(['live', 'batch']);
+    expect(replica.stats().preemptions).toBeGreaterThanOrEqual(1);
+  });
+
   it('counts a shared prefix\'s cache blocks once: more sequences run within the same budget, and a dropped source\'s blocks pass to those sharing them', async () => {
     // Six prompts of 34 tokens, the first 32 alike; with 4 new tokens each holds 38 positions, three
     // blocks of 16. Two of them are the shared prefix: counted once, a budget of 96 runs four at

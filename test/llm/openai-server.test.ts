@@ -403,6 +403,7 @@ describe('buildOpenAIApp', () => {
       ['/v1/completions', { prompt: 'x', model: 'gpt-9' }, 404, /model "gpt-9" is not served here \(this server has tiny-gpt/],
       ['/v1/completions', { prompt: 'x', model: 7 }, 400, /model must be a model's name, got 7/],
       ['/v1/completions', { prompt: 'x', n: 0 }, 400, /n must be a whole number from 1 to 16, got 0/],
+      ['/v1/completions', { prompt: 'x', priority: 'high' }, 400, /priority must be an integer \(lower goes first\), got "high"/],
       ['/v1/completions', { prompt: 'x', logprobs: 21 }, 400, /logprobs must be a whole number from 0 to 20/],
       ['/v1/completions', { prompt: 'x', stream: true, stream_options: { include_usage: 'yes' } }, 400, /include_usage must be a boolean/],
       ['/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }], top_logprobs: 2 }, 400, /top_logprobs needs logprobs: true/],
