@@ -26,6 +26,10 @@
  * - `llm_cache_grow_tokens_per_s` against `llm_cache_most_tokens_per_s`: 16 prompts allowed 192
  *   new tokens each that stop after 16, under a cache of 1,024 positions: reserving what each
  *   knows (all 16 run at once) against reserving each one's most (240 positions: 4 at once).
+ * - `llm_priority_live_ms` against `llm_fifo_live_ms`: the median time four live requests (8 new
+ *   tokens) take while a batch of 24 (64 new tokens each) fills one rank whose cache holds about
+ *   four at once: the batch at priority 10, so that the live ones go first and preempt it, against
+ *   every request at 0 (arrival order).
  * - `guided_regex_tokens_per_s` against `llm_unguided_tokens_per_s`: the same 16 requests on one
  *   rank, each token picked among those a regex allows (a TokenGuide over a synthetic byte-level
  *   vocabulary of the model's 8,192 tokens: masks built, sent with every step, applied), against
@@ -397,6 +401,26 @@ function linearGflops(m: number, dtype: 'f32' | 'bf16' | 'int8', k = CONFIG.hidd
   return (2 * m * k * n * runs) / elapsedSeconds(start) / 1e9;
 }
 
+/**
+ * The median time (ms) four live requests of 8 new tokens take while a batch of 24 requests of 64
+ * new tokens each keeps one rank busy under a cache that holds about four of them at once: with
+ * the batch at priority 10 (the live requests, at 0, go first and preempt it), or with every
+ * request at 0 (arrival order: the live ones wait behind the batch).
+ */
+async function liveLatency(checkpoint: string, prioritized: boolean): Promise<number> {
+  await using server = await ModelReplica.create({ checkpoint, maxCacheTokens: 4 * 96, prefixCaching: false });
+  const prompt = (seed: number) => Array.from({ length: 32 }, (_, index) => (index * 131 + seed * 17) % CONFIG.vocabSize);
+  const batch = Array.from({ length: 24 }, (_, index) => server.generate([{ tokens: prompt(index), maxNewTokens: 64, ...(prioritized ? { priority: 10 } : {}) }]));
+  while (server.stats().generatedTokens < 8) await new Promise((resolve) => setTimeout(resolve, 5));
+  const latencies = await Promise.all(Array.from({ length: 4 }, async (_, index) => {
+    const start = nowNs();
+    await server.generate([{ tokens: prompt(100 + index), maxNewTokens: 8 }]);
+    return elapsedSeconds(start) * 1000;
+  }));
+  await Promise.all(batch);
+  return median(latencies);
+}
+
 export const llmSuite: Suite = {
   name: 'llm',
   ratios: [
@@ -407,6 +431,7 @@ export const llmSuite: Suite = {
     ['shared 192-token prefix, cached / read by each prompt', 'llm_prefix_cached_tokens_per_s', 'llm_prefix_uncached_tokens_per_s', ''],
     ['shared prefix cached, a cache of 1,024 positions / no limit', 'llm_prefix_cached_1024_tokens_per_s', 'llm_prefix_cached_tokens_per_s', ''],
     ['requests stopping early, cache reserved as they grow / at their most', 'llm_cache_grow_tokens_per_s', 'llm_cache_most_tokens_per_s', ''],
+    ['live requests beside a batch job: batch at priority 10 / everything at 0, arrival order (time)', 'llm_priority_live_ms', 'llm_fifo_live_ms', ''],
     ['8 experts of 1024, 2 per token / dense MLP of 2048, one rank', 'llm_moe_tokens_per_s', 'llm_dense_llama_tokens_per_s', ''],
     ['n-gram speculation, 4 tokens / plain decoding, one rank (proposals rarely kept)', 'llm_ngram_speculation_tokens_per_s', 'llm_unguided_tokens_per_s', ''],
     ['n-gram speculation, 4 tokens / plain decoding, one rank (text that repeats: all kept)', 'llm_ngram_copy_tokens_per_s', 'llm_ngram_copy_plain_tokens_per_s', ''],
@@ -468,6 +493,8 @@ export const llmSuite: Suite = {
         results.llm_prefix_cached_1024_tokens_per_s = { value: round(await sharedPrefix(checkpoint, true, 1024), 1), unit: 'tokens/s' };
         results.llm_cache_most_tokens_per_s = { value: round(await earlyStops(checkpoint, 'most'), 1), unit: 'tokens/s' };
         results.llm_cache_grow_tokens_per_s = { value: round(await earlyStops(checkpoint, 'grow'), 1), unit: 'tokens/s' };
+        results.llm_priority_live_ms = { value: round(await liveLatency(checkpoint, true), 1), unit: 'ms' };
+        results.llm_fifo_live_ms = { value: round(await liveLatency(checkpoint, false), 1), unit: 'ms' };
         results.llm_unguided_tokens_per_s = { value: round(await guided(checkpoint, undefined), 1), unit: 'tokens/s' };
         // Words and punctuation: every state allows most of the vocabulary, so each step sends a full mask.
         results.llm_dense_llama_tokens_per_s = { value: round(await llamaRate(directory, false), 1), unit: 'tokens/s' };
