@@ -339,9 +339,9 @@ export function putStoredOnce(store: ObjectStore, id: ObjectId, stored: StoredVa
 
 /**
  * How Arrow tables travel: registered by the data layer (lib/data/table-codec.ts) when it loads, so
- * that the runtime's core does not import apache-arrow itself. A worker's core then loads before
- * arrow does, and can arrange where arrow comes from first (see worker-main.ts); a process that
- * holds a table has imported trellis's index, and with it the data layer.
+ * that the runtime's core does not import apache-arrow itself: a worker that runs no data (an LLM
+ * rank, see isLightActorModule) never loads it. A process that holds a table has imported
+ * trellis's index, and with it the data layer.
  */
 export interface TableCodec {
   isTable(value: unknown): boolean;

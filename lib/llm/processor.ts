@@ -575,6 +575,7 @@ export class LLMEngine {
     const choices = this.#choices;
     const stopTokens = this.#options.ignoreEos ? { stopTokens: [] } : this.#stopTokensOf(row, index);
     const guided = this.#guidedConstraint(row, index, stopTokens.stopTokens ?? this.#replica!.stopTokens);
+    const priority = (row.priority as number | undefined) ?? this.#options.priority;
     return Array.from({ length: samples }, (_, sample) => ({
       tokens,
       // A choice needs its own tokens and, where it could go on, a stop token.
@@ -589,7 +590,7 @@ export class LLMEngine {
       ...(this.#options.promptLogprobs ? { promptLogprobs: true } : {}),
       ...(this.#options.promptTopLogprobs ? { promptTopLogprobs: this.#options.promptTopLogprobs } : {}),
       ...(this.#options.topLogprobs ? { topLogprobs: this.#options.topLogprobs } : {}),
-      ...(((row.priority as number | undefined) ?? this.#options.priority) !== undefined ? { priority: (row.priority as number | undefined) ?? this.#options.priority } : {}),
+      ...(priority !== undefined ? { priority } : {}),
     }));
   }
 }
