@@ -71,19 +71,23 @@ export class HttpRequestEngine extends RequestEngine {
     try {
       const answer = await fetch(url, { method, headers, body, signal: AbortSignal.timeout(timeoutMs) });
       const text = await answer.text();
+      const hold = spentLimitHoldMs(answer.headers);
+      const held = hold === undefined ? {} : { holdMs: hold };
       if (answer.ok) {
-        if (!/\bjson\b/i.test(answer.headers.get('content-type') ?? '')) return { response: text, status: answer.status };
+        if (!/\bjson\b/i.test(answer.headers.get('content-type') ?? '')) return { response: text, status: answer.status, ...held };
         try {
-          return { response: text.length === 0 ? null : JSON.parse(text), status: answer.status };
+          return { response: text.length === 0 ? null : JSON.parse(text), status: answer.status, ...held };
         } catch (error) {
-          return { error: new HttpRequestError('ERR_HTTP_RESPONSE', `batch row ${index}: ${url} answered ${answer.status} with JSON that does not parse (${(error as Error).message}): ${quote(text)}`, { url, status: answer.status, attempts }), retry: false };
+          return { error: new HttpRequestError('ERR_HTTP_RESPONSE', `batch row ${index}: ${url} answered ${answer.status} with JSON that does not parse (${(error as Error).message}): ${quote(text)}`, { url, status: answer.status, attempts }), retry: false, ...held };
         }
       }
+      const retryAfterMs = parseDuration(answer.headers.get('retry-after-ms'), 'ms') ?? parseRetryAfter(answer.headers.get('retry-after'));
       return {
         error: new HttpRequestError('ERR_HTTP_STATUS', `batch row ${index}: ${url} answered ${answer.status} ${answer.statusText}${nth}: ${quote(text)}`, { url, status: answer.status, attempts }),
         retry: retryStatuses.includes(answer.status),
-        retryAfterMs: parseRetryAfter(answer.headers.get('retry-after')),
+        ...(retryAfterMs === undefined ? {} : { retryAfterMs }),
         slowDown: answer.status === 429 || answer.status === 503,
+        ...held,
       };
     } catch (error) {
       if ((error as Error).name === 'TimeoutError') {
@@ -102,6 +106,27 @@ function quote(text: string): string {
   const trimmed = text.trim();
   if (trimmed.length === 0) return '(empty body)';
   return JSON.stringify(trimmed.length > QUOTED_BODY ? `${trimmed.slice(0, QUOTED_BODY)}…` : trimmed);
+}
+
+/**
+ * How long a service that says its request budget is spent wants no request (OpenAI's and most
+ * hosted APIs' headers: x-ratelimit-remaining-requests 0, and x-ratelimit-reset-requests the time
+ * until it refills, as '1s', '6m0s' or '250ms'); undefined where the budget is not spent.
+ */
+export function spentLimitHoldMs(headers: Headers): number | undefined {
+  if (headers.get('x-ratelimit-remaining-requests')?.trim() !== '0') return undefined;
+  return parseDuration(headers.get('x-ratelimit-reset-requests'), 's') ?? 1000;
+}
+
+/** A duration: Go's form ('1h2m3.5s', '250ms') or a bare number in `unit`; undefined where unreadable. */
+export function parseDuration(value: string | null, unit: 's' | 'ms'): number | undefined {
+  if (value === null) return undefined;
+  const text = value.trim();
+  if (/^\d+(\.\d+)?$/.test(text)) return Number(text) * (unit === 's' ? 1000 : 1);
+  const parts = [...text.matchAll(/(\d+(?:\.\d+)?)(ms|h|m|s)/g)];
+  if (parts.length === 0 || parts.map((part) => part[0]).join('') !== text) return undefined;
+  const scale: Record<string, number> = { h: 3_600_000, m: 60_000, s: 1000, ms: 1 };
+  return parts.reduce((sum, [, amount, suffix]) => sum + Number(amount) * scale[suffix], 0);
 }
 
 /** Retry-After as milliseconds: delta seconds or an HTTP date; undefined where absent or unreadable. */

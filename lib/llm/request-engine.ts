@@ -72,9 +72,13 @@ export interface RequestEngineOptions {
  * failure that is retried (after `retryAfterMs` where the service named a wait; `slowDown` when
  * the service said it is overwhelmed, which holds back the actor's every start) or final.
  */
-export type AttemptOutcome =
+export type AttemptOutcome = (
   | { response: unknown; status?: number }
-  | { error: TrellisError & { status?: number }; retry: boolean; retryAfterMs?: number; slowDown?: boolean };
+  | { error: TrellisError & { status?: number }; retry: boolean; retryAfterMs?: number; slowDown?: boolean }
+) & {
+  /** The service's word that no request should start for this long (its rate limit spent): the actor's every start waits. */
+  holdMs?: number;
+};
 
 /** A pool's class that sends each row's payload by `attempt`, as the processor's options say. */
 export abstract class RequestEngine {
@@ -157,6 +161,8 @@ export abstract class RequestEngine {
         await this.#pacer.next();
         this.#counters.requests++;
         outcome = await this.attempt(payload, index, attempt);
+        // Before the slot passes on: the request that takes it must wait too.
+        if (outcome.holdMs !== undefined && outcome.holdMs > 0) this.#pacer.holdFor(outcome.holdMs);
       } finally {
         this.#slots.release();
       }

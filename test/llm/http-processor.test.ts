@@ -9,7 +9,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { AddressInfo } from 'node:net';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { buildHttpRequestProcessor, fromItems, init, shutdown, type Row } from '../../lib/index.js';
-import { parseRetryAfter } from '../../lib/llm/http-processor.js';
+import { parseDuration, parseRetryAfter, spentLimitHoldMs } from '../../lib/llm/http-processor.js';
 import { RequestPacer, RequestSlots, retryDelayMs } from '../../lib/llm/request-pacing.js';
 import { describeAnswer, readDoubled, toPayload } from './fixtures/http-rows.js';
 
@@ -29,6 +29,16 @@ describe('request pacing', () => {
     expect(retryDelayMs(20, 100, 10_000, undefined, () => 1)).toBe(10_000);
     expect(retryDelayMs(0, 100, 10_000, 2_500)).toBe(2_500);
     expect(retryDelayMs(0, 100, 10_000, 90_000)).toBe(10_000);
+    // Rate-limit headers (OpenAI's): durations in Go's form, or bare numbers.
+    expect(parseDuration('6m0s', 's')).toBe(360_000);
+    expect(parseDuration('1h2m3.5s', 's')).toBe(3_723_500);
+    expect(parseDuration('250ms', 's')).toBe(250);
+    expect(parseDuration('20', 'ms')).toBe(20);
+    expect(parseDuration('2', 's')).toBe(2000);
+    expect(parseDuration('soon', 's')).toBeUndefined();
+    expect(spentLimitHoldMs(new Headers({ 'x-ratelimit-remaining-requests': '0', 'x-ratelimit-reset-requests': '1.5s' }))).toBe(1500);
+    expect(spentLimitHoldMs(new Headers({ 'x-ratelimit-remaining-requests': '0' }))).toBe(1000);
+    expect(spentLimitHoldMs(new Headers({ 'x-ratelimit-remaining-requests': '12', 'x-ratelimit-reset-requests': '1s' }))).toBeUndefined();
   });
 
   it('hands slots over in arrival order, never more than its limit at once', async () => {
@@ -122,6 +132,8 @@ async function handle(request: IncomingMessage, response: ServerResponse): Promi
       return;
     case 'text':
       return answer(response, 200, `plain ${id}`);
+    case 'spent':
+      return answer(response, 200, { id, doubled: id * 2 }, { 'x-ratelimit-remaining-requests': '0', 'x-ratelimit-reset-requests': '300ms' });
     case 'broken-json':
       response.writeHead(200, { 'content-type': 'application/json' });
       return void response.end('{"doubled": ');
@@ -219,6 +231,15 @@ describe('buildHttpRequestProcessor', () => {
     // Each actor starts at most one request per 50 ms (its half of 40 a second), the first at once:
     // its 12th cannot start before 550 ms, whenever the actors began.
     expect(Math.max(...seen.arrivals) - started).toBeGreaterThanOrEqual(550);
+  });
+
+  it("waits out a spent rate limit the service reports (x-ratelimit-remaining-requests 0) before its next request", async () => {
+    reset();
+    const rows = [{ id: 0, behaviour: 'spent' }, { id: 1, behaviour: 'answer' }, { id: 2, behaviour: 'answer' }];
+    const out = await buildHttpRequestProcessor({ url, preprocess: toPayload, maxConcurrentRequests: 1, batchSize: 3 })(fromItems(rows, { parallelism: 1 })).takeAll();
+    expect(out.map((row) => row.httpStatus)).toEqual([200, 200, 200]);
+    // The answer that spent the budget came before the next request left, which then waited 300 ms.
+    expect(seen.arrivals[1] - seen.arrivals[0]).toBeGreaterThanOrEqual(290);
   });
 
   it('names what is wrong with its options', () => {
