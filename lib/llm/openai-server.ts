@@ -21,7 +21,7 @@ import { ModelReplica, type GenerateRequest, type ModelReplicaOptions } from './
 import type { SamplingParameters } from './sampling.js';
 import { Tokenizer } from './tokenizer.js';
 import type { BeamSearchResult } from './beam-search.js';
-import { TOOL_CALL_PARSERS, guidedToolCalls, heldBackFrom, parseToolCalls, toolGuidedDecoding, toolRequestOf, type ToolCall, type ToolCallParser, type ToolRequest } from './tool-calls.js';
+import { TOOL_CALL_PARSERS, guidedToolCalls, heldBackFrom, parseToolCalls, toolCall, toolGuidedDecoding, toolRequestOf, type ToolCall, type ToolCallParser, type ToolRequest } from './tool-calls.js';
 
 export interface OpenAIAppOptions extends ModelReplicaOptions {
   /** The model's name in requests and answers (default: the checkpoint directory's name). */
@@ -704,18 +704,18 @@ export async function* withToolCalls(answer: AsyncGenerator<Piece, Completion & 
   const { choice } = tools;
   if (choice !== 'auto') {
     const named = choice !== 'required';
-    const [first] = named ? guidedToolCalls('', tools) : [];
+    const first = named ? toolCall(choice.name, '') : undefined;
     let started = false;
     let step = await answer.next();
     for (; !step.done; step = await answer.next()) {
       if (!named || step.value.text === '') continue;
-      yield { text: '', logprobs: step.value.logprobs, toolCalls: [{ index: 0, ...(started ? {} : { id: first.id, name: first.name }), arguments: step.value.text }] };
+      yield { text: '', logprobs: step.value.logprobs, toolCalls: [{ index: 0, ...(started ? {} : { id: first!.id, name: first!.name }), arguments: step.value.text }] };
       started = true;
     }
     const result = step.value;
-    const calls = named ? [{ ...first, arguments: result.text.trim() }] : guidedToolCalls(result.text, tools);
+    const calls = named ? [{ ...first!, arguments: result.text.trim() }] : guidedToolCalls(result.text, tools);
     if (!named && calls.length > 0) yield { text: '', logprobs: [], toolCalls: calls.map((call, index) => ({ index, id: call.id, name: call.name, arguments: call.arguments })) };
-    if (named && !started) yield { text: '', logprobs: [], toolCalls: [{ index: 0, id: first.id, name: first.name, arguments: '' }] };
+    if (named && !started) yield { text: '', logprobs: [], toolCalls: [{ index: 0, id: first!.id, name: first!.name, arguments: '' }] };
     return { ...result, content: null, toolCalls: calls, finishReason: calls.length > 0 && result.finishReason === 'stop' ? 'tool_calls' : result.finishReason };
   }
   let whole = '';

@@ -112,8 +112,9 @@ export function toolGuidedDecoding(request: ToolRequest): GuidedDecoding | undef
   return { json: { type: 'array', minItems: 1, ...(request.parallel ? {} : { maxItems: 1 }), items: tools.length === 1 ? call(tools[0]) : { anyOf: tools.map(call) } } };
 }
 
-function callId(): string {
-  return `call_${randomBytes(12).toString('hex')}`;
+/** A call of `name` with these arguments (JSON text), under an id of its own. */
+export function toolCall(name: string, args: string): ToolCall {
+  return { id: `call_${randomBytes(12).toString('hex')}`, name, arguments: args };
 }
 
 /** A call out of a parsed JSON value: { name, arguments | parameters } naming one of the tools; undefined otherwise. */
@@ -122,7 +123,7 @@ function callOf(value: unknown, names: ReadonlySet<string>): ToolCall | undefine
   const { name } = value as { name?: unknown };
   const args = (value as { arguments?: unknown }).arguments ?? (value as { parameters?: unknown }).parameters ?? {};
   if (typeof name !== 'string' || !names.has(name)) return undefined;
-  return { id: callId(), name, arguments: typeof args === 'string' ? args : JSON.stringify(args) };
+  return toolCall(name, typeof args === 'string' ? args : JSON.stringify(args));
 }
 
 function parseJson(text: string): unknown {
@@ -173,11 +174,11 @@ export function parseToolCalls(text: string, parser: ToolCallParser, request: To
 export function guidedToolCalls(text: string, request: ToolRequest): ToolCall[] {
   const { choice } = request;
   if (choice === 'auto') throw new InvalidArgumentError("guidedToolCalls() reads a named or required choice's answer");
-  if (choice !== 'required') return [{ id: callId(), name: choice.name, arguments: text.trim() }];
+  if (choice !== 'required') return [toolCall(choice.name, text.trim())];
   const list = parseJson(text) as Array<{ name: string; parameters: unknown }> | undefined;
   // The guide ends a list only where it is whole; an answer cut at max_tokens may not be.
   if (!Array.isArray(list)) return [];
-  return list.map((item) => ({ id: callId(), name: item.name, arguments: JSON.stringify(item.parameters) }));
+  return list.map((item) => toolCall(item.name, JSON.stringify(item.parameters)));
 }
 
 /**
