@@ -247,6 +247,37 @@ export class OpenAIServer {
     if (!this.#replica) throw new Error('the model is not loaded');
   }
 
+  /**
+   * /v1/chat/completions by handle, not HTTP (buildDeploymentProcessor, a composing deployment):
+   * a request body in, the answer's JSON out. Not streamed; a request it refuses throws the
+   * HttpError whose message the HTTP answer would carry.
+   */
+  chatCompletions(body: Record<string, unknown>): Promise<unknown> {
+    return this.#byHandle('/v1/chat/completions', body);
+  }
+
+  /** /v1/completions by handle (see chatCompletions). */
+  completions(body: Record<string, unknown>): Promise<unknown> {
+    return this.#byHandle('/v1/completions', body);
+  }
+
+  /** /v1/embeddings by handle (see chatCompletions). */
+  embeddings(body: Record<string, unknown>): Promise<unknown> {
+    return this.#byHandle('/v1/embeddings', body);
+  }
+
+  async #byHandle(route: string, body: Record<string, unknown>): Promise<unknown> {
+    if (typeof body !== 'object' || body === null || Array.isArray(body)) throw new HttpError(400, 'the request body must be a JSON object');
+    if (body.stream === true) throw new HttpError(400, `${route} by handle answers whole: drop stream (or call the HTTP route)`);
+    const adapter = await this.#adapterOf(body.model);
+    const model = adapter ?? this.#modelId;
+    if (route === '/v1/embeddings') return this.#embed(body, model, adapter);
+    for await (const answer of route === '/v1/chat/completions' ? this.#chat(body, model, adapter) : this.#complete(body, model, adapter)) {
+      if (answer instanceof HttpResponse) return answer.body;
+    }
+    throw new HttpError(500, `${route} gave no answer`);
+  }
+
   async *fetch(request: HttpRequest): AsyncGenerator<unknown, void, undefined> {
     const route = request.routePath.replace(/\/+$/, '');
     if (request.method === 'GET' && route === '/v1/models') {

@@ -10,7 +10,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Tokenizer, buildHttpRequestProcessor, buildOpenAIApp, fromItems, init, serve, shutdown } from '../../lib/index.js';
+import { Tokenizer, buildDeploymentProcessor, buildHttpRequestProcessor, buildOpenAIApp, fromItems, init, serve, shutdown } from '../../lib/index.js';
 import { readCompletion, toCompletionRequest } from './fixtures/http-rows.js';
 import { IncrementalText } from '../../lib/llm/openai-server.js';
 import { llama2StyleTokenizerJson } from './fixtures/tokenizers.js';
@@ -122,7 +122,7 @@ describe('buildOpenAIApp', () => {
     expect(stopped.choices[0].text).toBe(whole.choices[0].text.slice(0, whole.choices[0].text.indexOf(stop)));
   });
 
-  it('answers a dataset of prompts through buildHttpRequestProcessor, as it answers each request on its own', async () => {
+  it('answers a dataset of prompts through buildHttpRequestProcessor and by handle through buildDeploymentProcessor, as it answers each request on its own', async () => {
     const prompts = ['Once upon', 'The cat', 'In a hole', 'It was', 'Call me', 'Far out'];
     const processor = buildHttpRequestProcessor({ url: `${url}/v1/completions`, preprocess: toCompletionRequest, postprocess: readCompletion, maxConcurrentRequests: 4, batchSize: 3 });
     const rows = await processor(fromItems(prompts.map((prompt) => ({ prompt })))).takeAll();
@@ -130,6 +130,11 @@ describe('buildOpenAIApp', () => {
       const alone = (await (await post('/v1/completions', { model: 'tiny-gpt', prompt, max_tokens: 4, temperature: 0 })).json()) as { choices: Array<{ text: string }> };
       expect(rows[index]).toEqual({ prompt, text: alone.choices[0].text, completionTokens: 4 });
     }
+    // The same through the deployment by handle (no HTTP): its completions method answers the same JSON.
+    const handle = serve.getDeploymentHandle('OpenAIServer', 'llm');
+    const byHandle = await buildDeploymentProcessor({ handle, method: 'completions', preprocess: toCompletionRequest, postprocess: readCompletion, responseColumn: 'httpResponse', maxConcurrentRequests: 4, batchSize: 3 })(fromItems(prompts.map((prompt) => ({ prompt })))).takeAll();
+    expect(byHandle).toEqual(rows);
+    await expect(handle.completions({ prompt: 'x', stream: true })).rejects.toThrow(/answers whole: drop stream/);
   });
 
   it('gives n choices, each drawn with the seed plus its index, whole or streamed side by side', async () => {
