@@ -93,7 +93,7 @@ async function callRows(rows: Row[], call: (row: Row) => unknown, limit: number)
 }
 
 /** A row function's result checked for its kind: a row for map, rows for flatMap, anything for filter. */
-function checkRowResult(kind: StageKind, name: string, result: unknown): unknown {
+export function checkRowResult(kind: StageKind, name: string, result: unknown): unknown {
   if (kind === 'map' && (typeof result !== 'object' || result === null || Array.isArray(result))) {
     throw new InvalidArgumentError(`${name} must return a row (a plain object), got ${Array.isArray(result) ? 'an array' : result === null ? 'null' : typeof result}`, 'ERR_DATA_TYPE');
   }

@@ -10,11 +10,12 @@ import type { FunctionDescriptor } from '../core/protocol.js';
 import type { Dataset } from '../data/dataset.js';
 import type { Row } from '../data/block.js';
 import { loadUdf, resolveUdf, type RowFunction } from '../data/udf.js';
+import { checkRowResult } from '../data/stages.js';
 import { RequestPacer, RequestSlots, retryDelayMs } from './request-pacing.js';
 
 /** The options every request processor takes, besides its transport's. */
 export interface RequestProcessorOptions {
-  /** The column holding each row's payload (default 'payload'); `preprocess` usually makes it. A row whose payload is null or missing fails (ERR_REQUEST_PAYLOAD). */
+  /** The column holding each row's payload (default 'payload'); `preprocess` usually makes it. A row whose payload is null or missing fails (ERR_HTTP_PAYLOAD, or ERR_REQUEST_PAYLOAD by handle). */
   payloadColumn?: string;
   /** Each row before its request (a registered function, as for `map`): builds the payload. */
   preprocess?: RowFunction;
@@ -131,13 +132,8 @@ export abstract class RequestEngine {
     const postprocess = this.#postprocess;
     if (!postprocess) return answered;
     const out: Row[] = [];
-    for (const row of answered) {
-      const result = await postprocess(row);
-      if (typeof result !== 'object' || result === null || Array.isArray(result)) {
-        throw new InvalidArgumentError(`postprocess ${postprocess.name || '(anonymous)'} must return a row (a plain object), got ${Array.isArray(result) ? 'an array' : result === null ? 'null' : typeof result}`, 'ERR_DATA_TYPE');
-      }
-      out.push(result);
-    }
+    const name = `postprocess ${postprocess.name || '(anonymous)'}`;
+    for (const row of answered) out.push(checkRowResult('map', name, await postprocess(row)) as Row);
     return out;
   }
 
