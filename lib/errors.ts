@@ -387,3 +387,23 @@ export class HttpRequestError extends TrellisError {
     this.attempts = details.attempts;
   }
 }
+
+/**
+ * Object storage refused or failed a request for good: 'ERR_STORAGE_NOT_FOUND' (no such bucket or
+ * key), 'ERR_STORAGE_ACCESS' (403: credentials wrong, expired or not allowed),
+ * 'ERR_STORAGE_REQUEST' (another 4xx), 'ERR_STORAGE_UNAVAILABLE' (5xx, throttling or no answer,
+ * after the retries). `storageCode` is the service's own (NoSuchKey, AccessDenied, SlowDown).
+ */
+export class StorageError extends TrellisError {
+  readonly url: string;
+  readonly status?: number;
+  readonly storageCode?: string;
+  readonly attempts: number;
+  constructor(code: string, message: string, details: { url: string; status?: number; storageCode?: string; attempts: number; cause?: unknown }) {
+    super(code, message, { cause: details.cause });
+    this.url = details.url;
+    this.status = details.status;
+    this.storageCode = details.storageCode;
+    this.attempts = details.attempts;
+  }
+}

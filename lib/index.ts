@@ -107,6 +107,10 @@ export type {
   CsvWriteOptions, ArrowWriteOptions, ParquetWriteOptions, WrittenFile,
 } from './data/formats/index.js';
 export { Datasource, Datasink, ReadTask } from './data/datasource.js';
+export { LocalFileSystem } from './data/filesystem/file-system.js';
+export type { FileSystem, RandomAccessFile, WritableFile, ListedFile } from './data/filesystem/file-system.js';
+export { S3FileSystem } from './data/filesystem/s3.js';
+export type { S3FileSystemOptions } from './data/filesystem/s3.js';
 export { filterBlock } from './data/row-filter.js';
 export type { RowFilter, RowPredicate, RowFilterOperator, RowFilterValue, Clauses as RowFilterClauses } from './data/row-filter.js';
 export type { WriteContext, ReadTaskMetadata, ReadResult, ReadOutput } from './data/datasource.js';
@@ -116,7 +120,7 @@ export type { Block, Row, BatchFormat, BlockMetadata } from './data/block.js';
 export { rowsToBlock, blockToRows } from './data/block.js';
 export type { JobProgress, OperatorProgress, ProgressReporter } from './data/progress-types.js';
 export { DataError, DataStallError } from './errors.js';
-export { ModelLoadError, GrammarError, HttpRequestError } from './errors.js';
+export { ModelLoadError, GrammarError, HttpRequestError, StorageError } from './errors.js';
 export { ModelReplica } from './llm/replica.js';
 export type { ModelReplicaOptions, GenerateRequest, Generation, GeneratedToken, ReplicaStats, EmbedRequest, Embedding, ClassifyRequest, Classification } from './llm/replica.js';
 export { buildLLMProcessor, LLMEngine } from './llm/processor.js';

@@ -18,6 +18,7 @@ import { deserialize, serialize } from 'node:v8';
 import { RecordBatch, Schema, Table, tableFromIPC, tableToIPC } from 'apache-arrow';
 import { get, put } from '../core/api.js';
 import { hostIdentity } from '../core/host.js';
+import { paths, urlScheme } from './filesystem/file-system.js';
 import { processAlive } from '../process-exit.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { descriptorOf, lookupRegistered, remote } from '../core/registry.js';
@@ -251,8 +252,14 @@ export function checkCheckpointOptions(options: unknown, defaultPath: string | u
   const { idColumn, path, deleteOnSuccess, fingerprint } = options as CheckpointOptions;
   if (typeof idColumn !== 'string' || idColumn === '') throw new InvalidArgumentError(`checkpoint.idColumn must name a column, got ${String(idColumn)}`, 'ERR_DATA_CHECKPOINT');
   if (path !== undefined && (typeof path !== 'string' || path === '')) throw new InvalidArgumentError(`checkpoint.path must be a directory path, got ${String(path)}`, 'ERR_DATA_CHECKPOINT');
+  if (path !== undefined && urlScheme(path)) {
+    throw new InvalidArgumentError(`checkpoint.path must be a directory on disk (a shared one when several hosts write), not a URL: got '${path}'`, 'ERR_DATA_CHECKPOINT');
+  }
   const resolved = path ?? defaultPath;
   if (!resolved) throw new InvalidArgumentError('checkpoint.path is needed for a custom sink: a directory every host that writes can reach', 'ERR_DATA_CHECKPOINT');
+  if (urlScheme(resolved)) {
+    throw new InvalidArgumentError(`checkpoint.path is needed when writing to '${paths.dirname(resolved)}': a directory on disk every host that writes can reach (a checkpoint's records and lock are files)`, 'ERR_DATA_CHECKPOINT');
+  }
   if (deleteOnSuccess !== undefined && typeof deleteOnSuccess !== 'boolean') throw new InvalidArgumentError(`checkpoint.deleteOnSuccess must be true or false, got ${String(deleteOnSuccess)}`, 'ERR_DATA_CHECKPOINT');
   if (fingerprint !== undefined && (typeof fingerprint !== 'string' || fingerprint === '')) throw new InvalidArgumentError(`checkpoint.fingerprint must be a non-empty string, got ${String(fingerprint)}`, 'ERR_DATA_CHECKPOINT');
   return { idColumn, path: resolved, deleteOnSuccess: deleteOnSuccess ?? true, ...(fingerprint !== undefined ? { fingerprint } : {}) };

@@ -10,7 +10,7 @@ import { workerEnvironmentOf } from '../core/options.js';
 import {
   blockToRows, concatBlocks, formatBatch, rowsToBlock, type BatchFormat, type Block, type Row,
 } from './block.js';
-import { join } from 'node:path';
+import { paths as filePaths } from './filesystem/file-system.js';
 import { ReadTask, type Datasink, type Datasource } from './datasource.js';
 import { cutInputBlocks } from './operators/operator.js';
 import { StreamingExecutor, checkExecutionOptions, defaultParallelism, newWriteId, trackDriverView, type ExecutionOptions, type JobStats } from './executor.js';
@@ -688,7 +688,7 @@ export class Dataset {
     const writeId = newWriteId();
     const checkpoint = checkpointOptions === undefined
       ? undefined
-      : await WriteCheckpoint.open(checkpointOptions, sink, this.#plan, writeId, sink instanceof FileDatasink ? join(sink.path, '.trellis-checkpoint') : undefined);
+      : await WriteCheckpoint.open(checkpointOptions, sink, this.#plan, writeId, sink instanceof FileDatasink ? filePaths.join(sink.path, '.trellis-checkpoint') : undefined);
     try {
       // A resume appends to what the stopped run wrote, whatever the mode.
       const resumed = checkpoint?.stats();

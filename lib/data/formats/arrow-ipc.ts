@@ -4,21 +4,22 @@
  * view the bytes read for it. A file in the file format can be split across read tasks by record
  * batches.
  */
-import { open, type FileHandle } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
 import { RecordBatchReader, Table, tableToIPC, type RecordBatch } from 'apache-arrow';
 import { InvalidArgumentError } from '../../errors.js';
 import { remote } from '../../core/registry.js';
 import { blockBytes, concatBlocks, type Block } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import {
-  DEFAULT_BLOCK_BYTES, FileDatasink, checkColumns, checkExtensions, checkPositiveInteger, checkRowIds, expandPaths, fileKey, planFileReads, withRowIds,
-  type FileEntry, type FilePiece, type FileUnit,
+  DEFAULT_BLOCK_BYTES, FileDatasink, checkColumns, checkExtensions, checkPositiveInteger, checkRowIds, fileKey, FileListing, listedFiles, planFileReads, taskFileSystem, withRowIds,
+  type FileEntry, type FilePiece, type FileSystemOptions, type FileUnit,
 } from './files.js';
+import { checkFileSystem, fileSystemFor, type FileSystem, type RandomAccessFile, type WritableFile } from '../filesystem/file-system.js';
 import { partitionedReadTasks, selectPartitions, type PartitionReadOptions, type PartitionValues } from './partitioning.js';
 
 export const ARROW_EXTENSIONS: readonly string[] = ['.arrow', '.arrows', '.feather', '.ipc'];
 
-export interface ArrowReadOptions extends PartitionReadOptions {
+export interface ArrowReadOptions extends PartitionReadOptions, FileSystemOptions {
   /** Only these columns (all by default). */
   columns?: string[];
   /** Consecutive record batches are handed on together up to about this many bytes (default 4 MiB). */
@@ -33,6 +34,7 @@ export interface ArrowReadOptions extends PartitionReadOptions {
 }
 
 interface ArrowTaskOptions {
+  filesystem?: FileSystem;
   columns?: string[];
   blockBytes: number;
   rowIds?: string;
@@ -40,10 +42,11 @@ interface ArrowTaskOptions {
 
 type IpcReader = Awaited<ReturnType<typeof openReader>>['reader'];
 
-async function openReader(path: string): Promise<{ handle: FileHandle; reader: Awaited<ReturnType<typeof RecordBatchReader.from<any>>> }> {
-  const handle = await open(path, 'r');
+async function openReader(path: string, filesystem: FileSystem | undefined): Promise<{ handle: RandomAccessFile; reader: Awaited<ReturnType<typeof RecordBatchReader.from<any>>> }> {
+  const handle = await fileSystemFor(path, filesystem).open(path);
   try {
-    const reader = await RecordBatchReader.from(handle);
+    // A RandomAccessFile has a FileHandle's shape: arrow reads it by offsets either way.
+    const reader = await RecordBatchReader.from(handle as unknown as FileHandle);
     await reader.open();
     return { handle, reader };
   } catch (error) {
@@ -79,7 +82,7 @@ function project(table: Table, columns: string[] | undefined, path: string): Tab
 
 export const readArrowFiles = remote(import.meta, async function* readArrowFiles(units: FileUnit[], options: ArrowTaskOptions): AsyncGenerator<Block> {
   for (const unit of units) {
-    const { handle, reader } = await openReader(unit.path);
+    const { handle, reader } = await openReader(unit.path, options.filesystem);
     try {
       // Batches of a file share its schema; gather small ones so a block is not a few rows.
       let batches: RecordBatch[] = [];
@@ -110,22 +113,26 @@ export const readArrowFiles = remote(import.meta, async function* readArrowFiles
 });
 
 export class ArrowDatasource extends Datasource {
-  readonly files: FileEntry[];
-  /** Hive partition values of the files under `k=v` directories (none when partitioning is off). */
-  private readonly partitions: Map<string, PartitionValues> | undefined;
+  /** The files, and the Hive partition values of those under `k=v` directories (none when partitioning is off). */
+  readonly #listing: FileListing<{ files: FileEntry[]; partitions: Map<string, PartitionValues> | undefined }>;
   private readonly taskOptions: ArrowTaskOptions;
 
   constructor(paths: string | readonly string[], options: ArrowReadOptions = {}) {
     super();
     const columns = checkColumns(options.columns, 'Arrow');
+    const filesystem = taskFileSystem(paths, checkFileSystem(options.filesystem, 'Arrow'));
     this.taskOptions = {
       blockBytes: checkPositiveInteger(options.blockBytes, 'blockBytes') ?? DEFAULT_BLOCK_BYTES,
+      ...(filesystem ? { filesystem } : {}),
       ...(columns ? { columns } : {}),
       ...(options.rowIds !== undefined ? { rowIds: checkRowIds(options.rowIds, 'Arrow') } : {}),
     };
-    const found = expandPaths(paths, checkExtensions(options.extensions, ARROW_EXTENSIONS), 'Arrow');
-    ({ files: this.files, partitions: this.partitions } = selectPartitions(found, options, 'Arrow'));
+    this.#listing = new FileListing(paths, checkExtensions(options.extensions, ARROW_EXTENSIONS), 'Arrow', filesystem, (found) => selectPartitions(found, options, 'Arrow'));
+  }
 
+  /** The files read (for URLs, known once the dataset runs). */
+  get files(): FileEntry[] {
+    return listedFiles(this.#listing, 'Arrow');
   }
 
   override get name(): string {
@@ -136,13 +143,14 @@ export class ArrowDatasource extends Datasource {
    * With fewer files than tasks wanted, reads the footers of files in the file format so that
    * their record batches can be spread over tasks; stream-format files are read whole.
    */
-  getReadTasks(parallelism: number): Promise<ReadTask[]> {
-    return partitionedReadTasks(this.files, this.partitions, parallelism, (files, share) => this.#plan(files, share));
+  async getReadTasks(parallelism: number): Promise<ReadTask[]> {
+    const { files, partitions } = await this.#listing.get();
+    return partitionedReadTasks(files, partitions, parallelism, (chosen, share) => this.#plan(chosen, share));
   }
 
   async #plan(files: FileEntry[], parallelism: number): Promise<ReadTask[]> {
     const plan = await planFileReads(files, parallelism, async (file) => {
-      const { handle, reader } = await openReader(file.path);
+      const { handle, reader } = await openReader(file.path, this.taskOptions.filesystem);
       try {
         const footer = reader.isFile() ? reader.footer : null;
         if (!footer || reader.numRecordBatches < 2) return [];
@@ -159,12 +167,12 @@ export class ArrowDatasource extends Datasource {
     );
   }
 
-  override estimateInMemorySize(): number {
-    return this.files.reduce((sum, file) => sum + file.bytes, 0);
+  override estimateInMemorySize(): number | undefined {
+    return this.#listing.now?.files.reduce((sum, file) => sum + file.bytes, 0);
   }
 }
 
-export interface ArrowWriteOptions {
+export interface ArrowWriteOptions extends FileSystemOptions {
   /** Rows go under `column=value/` directories by these columns' values (left out of the files). */
   partitionBy?: string | string[];
   /** 'file' (random access, .arrow; the default) or 'stream' (.arrows). */
@@ -174,13 +182,13 @@ export interface ArrowWriteOptions {
 }
 
 /** Writes each write task's blocks as one Arrow IPC file; the blocks must share a schema. */
-export class ArrowDatasink extends FileDatasink<{ format: 'file' | 'stream'; partitionBy?: string | string[]; rowsPerFile?: number }> {
+export class ArrowDatasink extends FileDatasink<{ format: 'file' | 'stream'; partitionBy?: string | string[]; rowsPerFile?: number; filesystem?: FileSystem }> {
   constructor(path: string, options: ArrowWriteOptions = {}) {
     const format = options.format ?? 'file';
     if (format !== 'file' && format !== 'stream') {
       throw new InvalidArgumentError(`Arrow sink option 'format' must be 'file' or 'stream', got ${JSON.stringify(format)}`, 'ERR_INVALID_ARGUMENT');
     }
-    super(path, { format, partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile }, 'Arrow');
+    super(path, { format, partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile, filesystem: options.filesystem }, 'Arrow');
   }
 
   override get name(): string {
@@ -191,7 +199,7 @@ export class ArrowDatasink extends FileDatasink<{ format: 'file' | 'stream'; par
     return this.options.format === 'stream' ? '.arrows' : '.arrow';
   }
 
-  protected async writeBlocks(blocks: Block[], handle: FileHandle): Promise<number> {
+  protected async writeBlocks(blocks: Block[], handle: WritableFile): Promise<number> {
     const table = concatBlocks(blocks);
     await handle.write(tableToIPC(table, this.options.format));
     return table.numRows;

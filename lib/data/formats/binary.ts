@@ -3,19 +3,21 @@
  * itself: images, audio, PDFs. Read tasks take runs of files of about equal total size; a block
  * holds files until it reaches `blockBytes`.
  */
-import { open } from 'node:fs/promises';
 import { Binary, Table, makeData, makeVector, type Vector } from 'apache-arrow';
 import { InvalidArgumentError } from '../../errors.js';
 import { remote } from '../../core/registry.js';
 import type { Block } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
-import { DEFAULT_BLOCK_BYTES, checkExtensions, checkPositiveInteger, checkRowIds, expandPaths, fileKey, groupByWeight, utf8Column, type FileEntry } from './files.js';
+import { DEFAULT_BLOCK_BYTES, FileListing, checkExtensions, checkPositiveInteger, checkRowIds, fileKey, groupByWeight, listedFiles, taskFileSystem, utf8Column, type FileEntry, type FileSystemOptions } from './files.js';
+import { checkFileSystem, fileSystemFor, urlScheme, type FileSystem } from '../filesystem/file-system.js';
 import { partitionedReadTasks, selectPartitions, type PartitionReadOptions, type PartitionValues } from './partitioning.js';
 
 /** The most one row's value can hold: an Arrow binary column's offsets are 32-bit. */
 const MAX_FILE_BYTES = 2 ** 31 - 1;
+/** Objects a read task fetches at once from object storage (many small files: requests, not bandwidth, bound it). */
+const REMOTE_READS_AHEAD = 8;
 
-export interface BinaryReadOptions extends PartitionReadOptions {
+export interface BinaryReadOptions extends PartitionReadOptions, FileSystemOptions {
   /** Add a `path` column with each file's absolute path (default false). */
   includePaths?: boolean;
   /** Which files of a directory are read, e.g. ['.jpg', '.png'] (default: every file, hidden ones and those starting with '_' aside). */
@@ -30,6 +32,7 @@ export interface BinaryReadOptions extends PartitionReadOptions {
 
 interface BinaryTaskOptions {
   includePaths: boolean;
+  filesystem?: FileSystem;
   rowIds?: string;
   rowsPerBlock?: number;
   blockBytes: number;
@@ -47,8 +50,8 @@ function binaryColumn(values: readonly Uint8Array[]): Vector {
   return makeVector(makeData({ type: new Binary(), length: values.length, data, valueOffsets }));
 }
 
-async function readWhole(path: string): Promise<Uint8Array> {
-  const handle = await open(path, 'r');
+async function readWhole(path: string, filesystem: FileSystem | undefined): Promise<Uint8Array> {
+  const handle = await fileSystemFor(path, filesystem).open(path);
   try {
     const { size } = await handle.stat();
     if (size > MAX_FILE_BYTES) throw new InvalidArgumentError(`binary file '${path}' is ${size} bytes: a row holds at most 2 GiB`, 'ERR_DATA_PATH');
@@ -78,8 +81,21 @@ export const readBinaryFiles = remote(import.meta, async function* readBinaryFil
     bytes = 0;
     return new Table(columns);
   };
-  for (const path of paths) {
-    const content = await readWhole(path);
+  // Remote files are fetched a few ahead, in order; a local disk is read one at a time.
+  const ahead = paths.some((path) => urlScheme(path)) ? REMOTE_READS_AHEAD : 1;
+  const reads: Array<Promise<Uint8Array>> = [];
+  const startRead = (index: number) => {
+    if (index >= paths.length) return;
+    const reading = readWhole(paths[index], options.filesystem);
+    // Read ahead of its turn: its failure is taken when its turn comes.
+    reading.catch(() => undefined);
+    reads[index] = reading;
+  };
+  for (let index = 0; index < Math.min(ahead, paths.length); index++) startRead(index);
+  for (const [index, path] of paths.entries()) {
+    const content = await reads[index];
+    delete reads[index];
+    startRead(index + ahead);
     // A block's values share one buffer with 32-bit offsets.
     if (contents.length > 0 && bytes + content.byteLength > MAX_FILE_BYTES) yield flush();
     contents.push(content);
@@ -91,8 +107,7 @@ export const readBinaryFiles = remote(import.meta, async function* readBinaryFil
 });
 
 export class BinaryDatasource extends Datasource {
-  readonly files: FileEntry[];
-  private readonly partitions: Map<string, PartitionValues> | undefined;
+  readonly #listing: FileListing<{ files: FileEntry[]; partitions: Map<string, PartitionValues> | undefined }>;
   private readonly taskOptions: BinaryTaskOptions;
 
   constructor(paths: string | readonly string[], options: BinaryReadOptions = {}) {
@@ -106,25 +121,34 @@ export class BinaryDatasource extends Datasource {
       throw new InvalidArgumentError(`binary option 'rowIds' names the '${rowIds}' column itself: choose another name`, 'ERR_INVALID_ARGUMENT');
     }
     const rowsPerBlock = checkPositiveInteger(options.rowsPerBlock, 'rowsPerBlock');
+    const filesystem = taskFileSystem(paths, checkFileSystem(options.filesystem, 'binary'));
     this.taskOptions = {
       includePaths,
+      ...(filesystem ? { filesystem } : {}),
       blockBytes: checkPositiveInteger(options.blockBytes, 'blockBytes') ?? DEFAULT_BLOCK_BYTES,
       ...(rowsPerBlock ? { rowsPerBlock } : {}),
       ...(rowIds ? { rowIds } : {}),
     };
-    const found = expandPaths(paths, options.extensions === undefined ? [''] : checkExtensions(options.extensions, []), 'binary');
-    ({ files: this.files, partitions: this.partitions } = selectPartitions(found, options, 'binary'));
-    const tooLarge = this.files.find((file) => file.bytes > MAX_FILE_BYTES);
-    if (tooLarge) throw new InvalidArgumentError(`binary file '${tooLarge.path}' is ${tooLarge.bytes} bytes: a row holds at most 2 GiB`, 'ERR_DATA_PATH');
+    this.#listing = new FileListing(paths, options.extensions === undefined ? [''] : checkExtensions(options.extensions, []), 'binary', filesystem, (found) => {
+      const selected = selectPartitions(found, options, 'binary');
+      const tooLarge = selected.files.find((file) => file.bytes > MAX_FILE_BYTES);
+      if (tooLarge) throw new InvalidArgumentError(`binary file '${tooLarge.path}' is ${tooLarge.bytes} bytes: a row holds at most 2 GiB`, 'ERR_DATA_PATH');
+      return selected;
+    });
+  }
 
+  /** The files read (for URLs, known once the dataset runs). */
+  get files(): FileEntry[] {
+    return listedFiles(this.#listing, 'binary');
   }
 
   override get name(): string {
     return 'BinaryFiles';
   }
 
-  getReadTasks(parallelism: number): Promise<ReadTask[]> {
-    return partitionedReadTasks(this.files, this.partitions, parallelism, (files, share) =>
+  async getReadTasks(parallelism: number): Promise<ReadTask[]> {
+    const { files: listed, partitions } = await this.#listing.get();
+    return partitionedReadTasks(listed, partitions, parallelism, (files, share) =>
       groupByWeight(files, (file) => file.bytes, share).map(
         (group) =>
           new ReadTask(
@@ -136,7 +160,7 @@ export class BinaryDatasource extends Datasource {
     );
   }
 
-  override estimateInMemorySize(): number {
-    return this.files.reduce((sum, file) => sum + file.bytes, 0);
+  override estimateInMemorySize(): number | undefined {
+    return this.#listing.now?.files.reduce((sum, file) => sum + file.bytes, 0);
   }
 }

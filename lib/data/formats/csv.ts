@@ -4,7 +4,6 @@
  * type: all numbers → float64, all true/false → bool, otherwise utf8; an empty unquoted field is
  * null, a quoted empty field ("") the empty string.
  */
-import type { FileHandle } from 'node:fs/promises';
 import { Bool, DataType, Float64, Null, Table, Utf8, vectorFromArray, type Schema, type Vector } from 'apache-arrow';
 import { InvalidArgumentError } from '../../errors.js';
 import { remote } from '../../core/registry.js';
@@ -12,11 +11,13 @@ import { blockToColumns, type Block } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import {
   DEFAULT_BLOCK_BYTES, DEFAULT_MIN_SPLIT_BYTES, FileDatasink, TextWriter, boolColumn, checkExtensions, checkPositiveInteger, checkSchema, coerceValue,
-  checkRowIds, estimateTextBytes, expandTextFiles, fileKey, filesOf, float64Column, isNumberText, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, rangeBytes, readLines, readRangeLines, schemaFromBytes, schemaToBytes, utf8Column, withRowIds,
+  checkRowIds, estimateTextBytes, fileKey, listedFiles, taskFileSystem, textFileListing, filesOf, float64Column, isNumberText, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, rangeBytes, readLines, readRangeLines, schemaFromBytes, schemaToBytes, utf8Column, withRowIds,
   type FileEntry, type FileRange, type LineFileReadOptions,
+  type FileListing, type FileSystemOptions,
 } from './files.js';
 import { checkCompressionOption, checkWriteCompression, type Compression } from './compression.js';
 import { partitionedReadTasks, selectPartitions, type PartitionValues } from './partitioning.js';
+import { checkFileSystem, type FileSystem, type WritableFile } from '../filesystem/file-system.js';
 
 export const CSV_EXTENSIONS: readonly string[] = ['.csv'];
 
@@ -35,6 +36,7 @@ export interface CsvReadOptions extends LineFileReadOptions {
 }
 
 interface CsvTaskOptions {
+  filesystem?: FileSystem;
   delimiter: string;
   rowIds?: string;
   schema?: Uint8Array;
@@ -135,34 +137,34 @@ interface Header {
   end: number;
 }
 
-async function readHeader(range: FileRange, delimiter: string): Promise<Header | undefined> {
+async function readHeader(range: FileRange, delimiter: string, filesystem: FileSystem | undefined): Promise<Header | undefined> {
   const { path, compression } = range;
   const parser = new CsvRecordParser(delimiter);
   let recordStart = 0;
-  for await (const line of readLines(path, 0, Number.POSITIVE_INFINITY, compression)) {
+  for await (const line of readLines(path, 0, Number.POSITIVE_INFINITY, compression, filesystem)) {
     if (!parser.pending && line.text === '') continue;
     if (!parser.pending) recordStart = line.offset;
     let record: Cell[] | undefined;
     try {
       record = parser.feed(line.text);
     } catch (error) {
-      throw await lineError(range, recordStart, (error as Error).message);
+      throw await lineError(range, recordStart, (error as Error).message, filesystem);
     }
     if (!record) continue;
     const names = record.map((name) => name ?? '');
     const seen = new Set<string>();
     for (const name of names) {
-      if (seen.has(name)) throw await lineError(range, recordStart, `the header names column '${name}' twice`);
+      if (seen.has(name)) throw await lineError(range, recordStart, `the header names column '${name}' twice`, filesystem);
       seen.add(name);
     }
     return { names, end: line.next };
   }
-  if (parser.pending) throw await lineError(range, recordStart, 'unbalanced quote: the quoted field is never closed');
+  if (parser.pending) throw await lineError(range, recordStart, 'unbalanced quote: the quoted field is never closed', filesystem);
   return undefined;
 }
 
-async function lineError(range: FileRange, offset: number, reason: string): Promise<InvalidArgumentError> {
-  return parseError(`CSV file '${range.path}', line ${await lineNumberAt(range.path, offset, range.compression)}: ${reason}`);
+async function lineError(range: FileRange, offset: number, reason: string, filesystem: FileSystem | undefined): Promise<InvalidArgumentError> {
+  return parseError(`CSV file '${range.path}', line ${await lineNumberAt(range.path, offset, range.compression, filesystem)}: ${reason}`);
 }
 
 export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ranges: FileRange[], options: CsvTaskOptions): AsyncGenerator<Block> {
@@ -184,7 +186,7 @@ export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ran
     return block;
   };
   for (const range of ranges) {
-    const header = await readHeader(range, options.delimiter);
+    const header = await readHeader(range, options.delimiter, options.filesystem);
     if (!header) continue;
     const key = options.rowIds ? fileKey(range.path) : '';
     // With a schema, its fields are the columns (in its order); the header says where each is.
@@ -197,7 +199,7 @@ export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ran
     }
     const parser = new CsvRecordParser(options.delimiter);
     let recordStart = 0;
-    for await (const lines of readRangeLines(range, Math.max(range.start, header.end))) {
+    for await (const lines of readRangeLines(range, Math.max(range.start, header.end), options.filesystem)) {
       for (const line of lines) {
         if (!parser.pending) {
           if (line.text === '') continue;
@@ -207,7 +209,7 @@ export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ran
         try {
           record = parser.feed(line.text);
         } catch (error) {
-          throw await lineError(range, recordStart, (error as Error).message);
+          throw await lineError(range, recordStart, (error as Error).message, options.filesystem);
         }
         if (!record) {
           if (range.split) {
@@ -216,12 +218,13 @@ export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ran
               recordStart,
               'unbalanced quote: a quoted field runs past the end of the line. Quoted line breaks cannot be read from a file split ' +
                 'across read tasks: pass { quotedNewlines: true } to read such files whole',
+              options.filesystem,
             );
           }
           continue;
         }
         if (record.length !== header.names.length) {
-          throw await lineError(range, recordStart, `expected ${header.names.length} fields as in the header, found ${record.length}`);
+          throw await lineError(range, recordStart, `expected ${header.names.length} fields as in the header, found ${record.length}`, options.filesystem);
         }
         if (schema) {
           for (let column = 0; column < positions.length; column++) {
@@ -229,7 +232,7 @@ export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ran
             try {
               columns[column].push(cellAs(record[positions[column]], field.type));
             } catch (error) {
-              throw await lineError(range, recordStart, `column '${field.name}': ${(error as Error).message}`);
+              throw await lineError(range, recordStart, `column '${field.name}': ${(error as Error).message}`, options.filesystem);
             }
           }
         } else {
@@ -242,7 +245,7 @@ export const readCsvFiles = remote(import.meta, async function* readCsvFiles(ran
         if (options.rowsPerBlock ? rows >= options.rowsPerBlock : bytes >= options.blockBytes) yield flush();
       }
     }
-    if (parser.pending) throw await lineError(range, recordStart, 'unbalanced quote: the quoted field is never closed');
+    if (parser.pending) throw await lineError(range, recordStart, 'unbalanced quote: the quoted field is never closed', options.filesystem);
   }
   if (rows > 0) yield flush();
 });
@@ -326,9 +329,8 @@ function checkDelimiter(value: unknown, format: string): string {
 }
 
 export class CsvDatasource extends Datasource {
-  readonly files: FileEntry[];
-  /** Hive partition values of the files under `k=v` directories (none when partitioning is off). */
-  private readonly partitions: Map<string, PartitionValues> | undefined;
+  /** The files, and the Hive partition values of those under `k=v` directories (none when partitioning is off). */
+  readonly #listing: FileListing<{ files: FileEntry[]; partitions: Map<string, PartitionValues> | undefined }>;
   private readonly taskOptions: CsvTaskOptions;
   private readonly minSplitBytes: number;
   private readonly splittable: boolean;
@@ -337,8 +339,10 @@ export class CsvDatasource extends Datasource {
     super();
     const schema = checkSchema(options.schema, 'CSV');
     const rowsPerBlock = checkPositiveInteger(options.rowsPerBlock, 'rowsPerBlock');
+    const filesystem = taskFileSystem(paths, checkFileSystem(options.filesystem, 'CSV'));
     this.taskOptions = {
       delimiter: checkDelimiter(options.delimiter, 'CSV'),
+      ...(filesystem ? { filesystem } : {}),
       blockBytes: checkPositiveInteger(options.blockBytes, 'blockBytes') ?? DEFAULT_BLOCK_BYTES,
       ...(schema ? { schema: schemaToBytes(schema) } : {}),
       ...(rowsPerBlock ? { rowsPerBlock } : {}),
@@ -346,17 +350,23 @@ export class CsvDatasource extends Datasource {
     };
     this.minSplitBytes = checkPositiveInteger(options.minSplitBytes, 'minSplitBytes') ?? DEFAULT_MIN_SPLIT_BYTES;
     this.splittable = options.quotedNewlines !== true;
-    const found = expandTextFiles(paths, checkExtensions(options.extensions, CSV_EXTENSIONS), checkCompressionOption(options.compression, 'CSV'), 'CSV');
-    ({ files: this.files, partitions: this.partitions } = selectPartitions(found, options, 'CSV'));
+    this.#listing = textFileListing(paths, checkExtensions(options.extensions, CSV_EXTENSIONS), checkCompressionOption(options.compression, 'CSV'), 'CSV', filesystem, (found) =>
+      selectPartitions(found, options, 'CSV'),
+    );
+  }
 
+  /** The files read (for URLs, known once the dataset runs). */
+  get files(): FileEntry[] {
+    return listedFiles(this.#listing, 'CSV');
   }
 
   override get name(): string {
     return 'CSV';
   }
 
-  getReadTasks(parallelism: number): Promise<ReadTask[]> {
-    return partitionedReadTasks(this.files, this.partitions, parallelism, (files, share) => this.#plan(files, share));
+  async getReadTasks(parallelism: number): Promise<ReadTask[]> {
+    const { files, partitions } = await this.#listing.get();
+    return partitionedReadTasks(files, partitions, parallelism, (chosen, share) => this.#plan(chosen, share));
   }
 
   #plan(files: FileEntry[], parallelism: number): ReadTask[] {
@@ -369,12 +379,13 @@ export class CsvDatasource extends Datasource {
     );
   }
 
-  override estimateInMemorySize(): number {
-    return estimateTextBytes(this.files);
+  override estimateInMemorySize(): number | undefined {
+    const listed = this.#listing.now;
+    return listed && estimateTextBytes(listed.files);
   }
 }
 
-export interface CsvWriteOptions {
+export interface CsvWriteOptions extends FileSystemOptions {
   /** Rows go under `column=value/` directories by these columns' values (left out of the files). */
   partitionBy?: string | string[];
   /** One character between fields (default ','). */
@@ -392,12 +403,12 @@ export interface CsvWriteOptions {
  * and the empty string is written "" so that it reads back apart from null (an empty field).
  * Timestamps are ISO strings, binary base64, lists and structs JSON.
  */
-export class CsvDatasink extends FileDatasink<{ delimiter: string; header: boolean; partitionBy?: string | string[]; rowsPerFile?: number; compression?: Compression }> {
+export class CsvDatasink extends FileDatasink<{ delimiter: string; header: boolean; partitionBy?: string | string[]; rowsPerFile?: number; compression?: Compression; filesystem?: FileSystem }> {
   constructor(path: string, options: CsvWriteOptions = {}) {
     const compression = checkWriteCompression(options.compression, 'CSV');
     super(
       path,
-      { delimiter: checkDelimiter(options.delimiter, 'CSV'), header: options.header !== false, partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile, ...(compression ? { compression } : {}) },
+      { delimiter: checkDelimiter(options.delimiter, 'CSV'), header: options.header !== false, partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile, filesystem: options.filesystem, ...(compression ? { compression } : {}) },
       'CSV',
     );
   }
@@ -414,7 +425,7 @@ export class CsvDatasink extends FileDatasink<{ delimiter: string; header: boole
     return '.csv';
   }
 
-  protected async writeBlocks(blocks: Block[], handle: FileHandle): Promise<number> {
+  protected async writeBlocks(blocks: Block[], handle: WritableFile): Promise<number> {
     const { delimiter, header } = this.options;
     const names = blocks[0].schema.fields.map((field) => field.name);
     const writer = new TextWriter(handle, this.compression);

@@ -6,10 +6,10 @@
  */
 import { createHash } from 'node:crypto';
 import { createReadStream, readdirSync, statSync, type Stats } from 'node:fs';
-import { mkdir, open, readdir, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { open, readdir, stat, unlink } from 'node:fs/promises';
 import { once } from 'node:events';
-import { basename, dirname, join, resolve } from 'node:path';
-import type { Transform } from 'node:stream';
+import { join, resolve } from 'node:path';
+import { Readable, type Transform } from 'node:stream';
 import { finished } from 'node:stream/promises';
 import {
   Bool, DataType, Float64, Null, Schema, Table, Utf8, makeData, makeVector, tableFromIPC, tableToIPC, type Field, type List, type Struct, type Vector,
@@ -18,6 +18,9 @@ import { InvalidArgumentError } from '../../errors.js';
 import type { Block, Row } from '../block.js';
 import { Datasink, type WriteContext } from '../datasource.js';
 import { checkPartitionBy, splitByPartition, type PartitionReadOptions } from './partitioning.js';
+// Loaded with the formats, so that every worker that reads or writes files knows s3:// URLs.
+import '../filesystem/s3.js';
+import { checkFileSystem, fileSystemFor, paths as filePaths, urlScheme, type FileSystem, type WritableFile } from '../filesystem/file-system.js';
 import { COMPRESSED_TEXT_RATIO, compressionFor, compressionSuffix, compressor, decompressor, withCompressionSuffixes, type Compression, type CompressionOption } from './compression.js';
 
 /** A file found on disk, with its size when it was listed. */
@@ -44,8 +47,18 @@ export interface FileRange {
   compression?: Compression;
 }
 
+/** Where a reader's or writer's files are, for URLs of object storage. */
+export interface FileSystemOptions {
+  /**
+   * The filesystem of the paths (such as `new S3FileSystem({ endpoint, region })`). By default
+   * local paths are read from disk and `s3://` URLs with credentials from the environment; either
+   * way the driver resolves it once and its tasks carry it, on every host.
+   */
+  filesystem?: FileSystem;
+}
+
 /** What every line-based reader (JSONL, CSV, text) takes. */
-export interface LineFileReadOptions extends PartitionReadOptions {
+export interface LineFileReadOptions extends PartitionReadOptions, FileSystemOptions {
   /** Rows per block; by default a block holds about `blockBytes` of text. */
   rowsPerBlock?: number;
   /** Text bytes per block when `rowsPerBlock` is not given (default 4 MiB). */
@@ -75,19 +88,31 @@ export const DEFAULT_BLOCK_BYTES = 4 << 20;
 
 const describeInput = (paths: unknown): string => (typeof paths === 'string' ? `'${paths}'` : typeof paths);
 
+const checkPathList = (paths: string | readonly string[], format: string): readonly string[] => {
+  const list = typeof paths === 'string' ? [paths] : paths;
+  if (!Array.isArray(list) || list.length === 0 || list.some((path) => typeof path !== 'string' || path === '')) {
+    throw new InvalidArgumentError(`${format} source takes a path or a non-empty array of paths, got ${describeInput(paths)}`, 'ERR_DATA_PATH');
+  }
+  return list;
+};
+
+const emptyDirectory = (format: string, given: string, wanted: readonly string[]): InvalidArgumentError =>
+  new InvalidArgumentError(
+    `${format} source: directory '${given}' holds no ${wanted.includes('') ? 'files (hidden ones and those starting with _ are left out)' : `files ending in ${wanted.join(', ')}`}`,
+    'ERR_DATA_PATH',
+  );
+
 /**
  * The files `paths` names, in a stable order: a file is taken as it is (whatever its extension);
  * a directory contributes its files with one of `extensions`, found recursively and sorted, without
  * hidden files and files starting with '_' (temp files of sinks, markers such as _SUCCESS).
  */
 export function expandPaths(paths: string | readonly string[], extensions: readonly string[], format: string): FileEntry[] {
-  const list = typeof paths === 'string' ? [paths] : paths;
-  if (!Array.isArray(list) || list.length === 0 || list.some((path) => typeof path !== 'string' || path === '')) {
-    throw new InvalidArgumentError(`${format} source takes a path or a non-empty array of paths, got ${describeInput(paths)}`, 'ERR_DATA_PATH');
-  }
+  const list = checkPathList(paths, format);
   const wanted = extensions.map((extension) => extension.toLowerCase());
   const files: FileEntry[] = [];
   for (const given of list) {
+    if (urlScheme(given)) throw new InvalidArgumentError(`${format} source: '${given}' is a URL; its files are listed when the dataset runs (see FileListing)`, 'ERR_DATA_PATH');
     const path = resolve(given);
     let info: Stats;
     try {
@@ -98,10 +123,7 @@ export function expandPaths(paths: string | readonly string[], extensions: reado
     if (info.isDirectory()) {
       const found = listDirectory(path, wanted);
       if (found.length === 0) {
-        throw new InvalidArgumentError(
-          `${format} source: directory '${given}' holds no ${wanted.includes('') ? 'files (hidden ones and those starting with _ are left out)' : `files ending in ${wanted.join(', ')}`}`,
-          'ERR_DATA_PATH',
-        );
+        throw emptyDirectory(format, given, wanted);
       }
       files.push(...found);
     } else if (info.isFile()) {
@@ -114,15 +136,116 @@ export function expandPaths(paths: string | readonly string[], extensions: reado
 }
 
 /**
+ * `expandPaths` for paths that may be URLs of object storage (listing those takes requests, so
+ * it waits); local paths among them are expanded as expandPaths does. A prefix is a directory:
+ * its objects below it, with the same rules for hidden names and extensions, sorted by key.
+ */
+export async function expandPathsAsync(paths: string | readonly string[], extensions: readonly string[], format: string, filesystem?: FileSystem): Promise<FileEntry[]> {
+  const list = checkPathList(paths, format);
+  const wanted = extensions.map((extension) => extension.toLowerCase());
+  const files: FileEntry[] = [];
+  for (const given of list) {
+    if (!urlScheme(given)) {
+      files.push(...expandPaths(given, extensions, format));
+      continue;
+    }
+    const storage = fileSystemFor(given, filesystem);
+    const found = await storage.stat(given);
+    if (found.kind === 'file') {
+      files.push({ path: given, bytes: found.bytes });
+    } else if (found.kind === 'directory') {
+      const root = given.replace(/\/+$/, '');
+      const listed = (await storage.listFiles(root))
+        .filter((file) => filePaths.relative(root, file.path).split('/').every((segment) => !segment.startsWith('.') && !segment.startsWith('_')))
+        .filter((file) => wanted.some((extension) => filePaths.basename(file.path).toLowerCase().endsWith(extension)))
+        .sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0));
+      if (listed.length === 0) throw emptyDirectory(format, given, wanted);
+      files.push(...listed.map((file) => ({ path: file.path, bytes: file.bytes, root })));
+    } else {
+      throw new InvalidArgumentError(`${format} source: path '${given}' does not exist`, 'ERR_DATA_PATH');
+    }
+  }
+  return files;
+}
+
+/**
+ * The files a datasource reads and what it makes of them (partitions, filters): worked out at
+ * once for local paths, so a missing path is refused where the dataset is made, and on first
+ * use for URLs, whose listing takes requests.
+ */
+export class FileListing<Selected> {
+  #selected: Selected | undefined;
+  #pending: Promise<Selected> | undefined;
+  readonly #list: () => Promise<Selected>;
+
+  constructor(paths: string | readonly string[], extensions: readonly string[], format: string, filesystem: FileSystem | undefined, select: (found: FileEntry[]) => Selected) {
+    const list = checkPathList(paths, format);
+    if (!list.some((path) => urlScheme(path))) {
+      this.#selected = select(expandPaths(list, extensions, format));
+      this.#list = async () => this.#selected!;
+      return;
+    }
+    this.#list = async () => select(await expandPathsAsync(list, extensions, format, filesystem));
+  }
+
+  /** What the listing made, if it is done (always for local paths). */
+  get now(): Selected | undefined {
+    return this.#selected;
+  }
+
+  async get(): Promise<Selected> {
+    if (this.#selected !== undefined) return this.#selected;
+    this.#pending ??= this.#list().then(
+      (selected) => (this.#selected = selected),
+      (error: unknown) => {
+        // A failed listing (a request that timed out) is tried again on the next use.
+        this.#pending = undefined;
+        throw error;
+      },
+    );
+    return this.#pending;
+  }
+}
+
+/** A source's files once listed: at once for local paths; a remote listing waits for the dataset to run. */
+export function listedFiles(listing: FileListing<{ files: FileEntry[] }>, format: string): FileEntry[] {
+  const now = listing.now;
+  if (!now) throw new InvalidArgumentError(`${format} source: files at URLs are listed when the dataset runs; they are not known yet`, 'ERR_DATA_PATH');
+  return now.files;
+}
+
+/**
+ * The filesystem read tasks of `paths` carry: none for local paths (workers read their own disk),
+ * else the one given or the scheme's default resolved here in the driver, so that workers on
+ * other hosts use the driver's endpoint and credentials.
+ */
+export function taskFileSystem(paths: string | readonly string[], filesystem: FileSystem | undefined): FileSystem | undefined {
+  const list = typeof paths === 'string' ? [paths] : Array.isArray(paths) ? paths : [];
+  const remote = list.find((path) => typeof path === 'string' && urlScheme(path));
+  return remote ? fileSystemFor(remote, filesystem) : undefined;
+}
+
+/**
  * The files of a line-based format, each with the codec its text is read with: by its name's
  * suffix ('auto'), none, or the one named. A directory's files may carry a compression suffix
  * after the format's extension (`part-0.jsonl.gz`).
  */
-export function expandTextFiles(paths: string | readonly string[], extensions: readonly string[], compression: CompressionOption, format: string): FileEntry[] {
-  return expandPaths(paths, withCompressionSuffixes(extensions), format).map((file) => {
-    const codec = compressionFor(file.path, compression);
-    return codec ? { ...file, compression: codec } : file;
-  });
+export function textFileListing<Selected>(
+  paths: string | readonly string[],
+  extensions: readonly string[],
+  compression: CompressionOption,
+  format: string,
+  filesystem: FileSystem | undefined,
+  select: (found: FileEntry[]) => Selected,
+): FileListing<Selected> {
+  return new FileListing(paths, withCompressionSuffixes(extensions), format, filesystem, (found) =>
+    select(
+      found.map((file) => {
+        const codec = compressionFor(file.path, compression);
+        return codec ? { ...file, compression: codec } : file;
+      }),
+    ),
+  );
 }
 
 function listDirectory(directory: string, extensions: readonly string[]): FileEntry[] {
@@ -231,9 +354,20 @@ const READ_CHUNK_BYTES = 1 << 20;
  * for), or decompressed as a stream (offsets are then positions in the decompressed text, and
  * the bytes before `from` are decompressed and dropped).
  */
-async function* fileChunks(path: string, from: number, compression: Compression | undefined): AsyncGenerator<{ chunk: Buffer; offset: number }> {
-  if (compression) yield* decompressedChunks(path, from, compression);
+async function* fileChunks(path: string, from: number, compression: Compression | undefined, filesystem?: FileSystem): AsyncGenerator<{ chunk: Buffer; offset: number }> {
+  if (compression) yield* decompressedChunks(path, from, compression, filesystem);
+  else if (urlScheme(path)) yield* streamedChunks(path, from, filesystem);
   else yield* plainChunks(path, from);
+}
+
+/** A remote file's bytes from `from` on, as one streamed request. */
+async function* streamedChunks(path: string, from: number, filesystem?: FileSystem): AsyncGenerator<{ chunk: Buffer; offset: number }> {
+  let position = from;
+  for await (const piece of fileSystemFor(path, filesystem).readStream(path, from)) {
+    const chunk = Buffer.from(piece.buffer, piece.byteOffset, piece.byteLength);
+    yield { chunk, offset: position };
+    position += chunk.length;
+  }
 }
 
 async function* plainChunks(path: string, from: number): AsyncGenerator<{ chunk: Buffer; offset: number }> {
@@ -251,10 +385,10 @@ async function* plainChunks(path: string, from: number): AsyncGenerator<{ chunk:
   }
 }
 
-async function* decompressedChunks(path: string, from: number, compression: Compression): AsyncGenerator<{ chunk: Buffer; offset: number }> {
-  const source = createReadStream(path, { highWaterMark: READ_CHUNK_BYTES });
+async function* decompressedChunks(path: string, from: number, compression: Compression, filesystem?: FileSystem): AsyncGenerator<{ chunk: Buffer; offset: number }> {
+  const source: Readable = urlScheme(path) ? Readable.from(fileSystemFor(path, filesystem).readStream(path), { objectMode: false }) : createReadStream(path, { highWaterMark: READ_CHUNK_BYTES });
   const stream = decompressor(compression);
-  source.on('error', (error) => stream.destroy(error));
+  source.on('error', (error: Error) => stream.destroy(error));
   source.pipe(stream);
   let offset = 0;
   try {
@@ -283,14 +417,14 @@ async function* decompressedChunks(path: string, from: number, compression: Comp
  * newline byte never occurs inside a UTF-8 multi-byte sequence, so cutting on it is safe. A
  * compressed file's offsets are positions in its decompressed text.
  */
-export async function* readLineBatches(path: string, start = 0, end = Number.POSITIVE_INFINITY, compression?: Compression): AsyncGenerator<Line[]> {
+export async function* readLineBatches(path: string, start = 0, end = Number.POSITIVE_INFINITY, compression?: Compression, filesystem?: FileSystem): AsyncGenerator<Line[]> {
   if (start >= end) return;
   // Read from one byte before `start`: if that byte is a newline, a line begins exactly at start.
   let skipping = start > 0;
   let lineStart = start;
   let carried: Buffer[] = [];
   let finished = false;
-  for await (const { chunk, offset: chunkOffset } of fileChunks(path, start > 0 ? start - 1 : 0, compression)) {
+  for await (const { chunk, offset: chunkOffset } of fileChunks(path, start > 0 ? start - 1 : 0, compression, filesystem)) {
     let cursor = 0;
     if (skipping) {
       const newline = chunk.indexOf(NEWLINE);
@@ -329,14 +463,14 @@ export async function* readLineBatches(path: string, start = 0, end = Number.POS
 }
 
 /** Lines one at a time, for callers that read only a few (a header). */
-export async function* readLines(path: string, start = 0, end = Number.POSITIVE_INFINITY, compression?: Compression): AsyncGenerator<Line> {
-  for await (const lines of readLineBatches(path, start, end, compression)) yield* lines;
+export async function* readLines(path: string, start = 0, end = Number.POSITIVE_INFINITY, compression?: Compression, filesystem?: FileSystem): AsyncGenerator<Line> {
+  for await (const lines of readLineBatches(path, start, end, compression, filesystem)) yield* lines;
 }
 
 /** The lines a read task's range holds, from `from` (a header's end) when given. */
-export function readRangeLines(range: FileRange, from = range.start): AsyncGenerator<Line[]> {
+export function readRangeLines(range: FileRange, from = range.start, filesystem?: FileSystem): AsyncGenerator<Line[]> {
   // A compressed file is never split: its range is the whole text, however long it decompresses to.
-  return readLineBatches(range.path, from, range.compression ? Number.POSITIVE_INFINITY : range.end, range.compression);
+  return readLineBatches(range.path, from, range.compression ? Number.POSITIVE_INFINITY : range.end, range.compression, filesystem);
 }
 
 /** About how many bytes of text files hold (a compressed file's decompressed size is a guess). */
@@ -361,10 +495,10 @@ function decodeLine(bytes: Buffer, offset: number): string {
  * The 1-based number of the line that begins at `offset`. Range tasks do not know how many lines
  * precede their range; counting them is only worth it when an error must name the line.
  */
-export async function lineNumberAt(path: string, offset: number, compression?: Compression): Promise<number> {
+export async function lineNumberAt(path: string, offset: number, compression?: Compression, filesystem?: FileSystem): Promise<number> {
   if (offset === 0) return 1;
   let lines = 1;
-  for await (const { chunk, offset: chunkOffset } of fileChunks(path, 0, compression)) {
+  for await (const { chunk, offset: chunkOffset } of fileChunks(path, 0, compression, filesystem)) {
     const piece = chunk.subarray(0, Math.max(0, Math.min(chunk.length, offset - chunkOffset)));
     for (let index = piece.indexOf(NEWLINE); index >= 0; index = piece.indexOf(NEWLINE, index + 1)) lines++;
     if (chunkOffset + chunk.length >= offset) break;
@@ -373,8 +507,8 @@ export async function lineNumberAt(path: string, offset: number, compression?: C
 }
 
 /** The first byte of a file's text that is not white space (a byte-order mark skipped), or undefined for a blank file. */
-export async function firstTextByte(path: string, compression?: Compression): Promise<number | undefined> {
-  for await (const { chunk, offset } of fileChunks(path, 0, compression)) {
+export async function firstTextByte(path: string, compression?: Compression, filesystem?: FileSystem): Promise<number | undefined> {
+  for await (const { chunk, offset } of fileChunks(path, 0, compression, filesystem)) {
     for (let index = offset === 0 && chunk[0] === 0xef && chunk[1] === 0xbb && chunk[2] === 0xbf ? 3 : 0; index < chunk.length; index++) {
       const byte = chunk[index];
       if (byte !== 0x20 && byte !== 0x09 && byte !== 0x0a && byte !== 0x0d) return byte;
@@ -384,10 +518,10 @@ export async function firstTextByte(path: string, compression?: Compression): Pr
 }
 
 /** A file's whole text, for formats that are one document; refused past `limit` bytes. */
-export async function readWholeText(path: string, compression: Compression | undefined, limit: number, format: string): Promise<string> {
+export async function readWholeText(path: string, compression: Compression | undefined, limit: number, format: string, filesystem?: FileSystem): Promise<string> {
   const pieces: Buffer[] = [];
   let total = 0;
-  for await (const { chunk } of fileChunks(path, 0, compression)) {
+  for await (const { chunk } of fileChunks(path, 0, compression, filesystem)) {
     total += chunk.length;
     if (total > limit) {
       throw parseError(`${format} file '${path}' holds more than ${limit} bytes of text in one document, more than one string can hold: write it as JSON Lines (one object per line), which streams`);
@@ -551,37 +685,53 @@ export function outputFileName(writeId: string, taskIndex: number, extension: st
 
 /** A write task's temp file: hidden (so readers skip it) and unique to the attempt and process. */
 export function tempPathFor(finalPath: string, attempt: number): string {
-  return join(dirname(finalPath), `.${basename(finalPath)}.${attempt}.${process.pid}.tmp`);
+  return filePaths.join(filePaths.dirname(finalPath), `.${filePaths.basename(finalPath)}.${attempt}.${process.pid}.tmp`);
+}
+
+/** Writes `path` through `produce`; the file is removed (an upload cancelled) if it fails. */
+async function writeThrough(path: string, filesystem: FileSystem | undefined, produce: (file: WritableFile) => Promise<void>, durable: boolean): Promise<void> {
+  const storage = fileSystemFor(path, filesystem);
+  await storage.makeDirectory(filePaths.dirname(path));
+  const file = await storage.create(path);
+  try {
+    await produce(file);
+    if (durable) await file.sync();
+    await file.close();
+  } catch (error) {
+    await file.abort().catch(() => undefined);
+    throw error;
+  }
+}
+
+async function sizeOf(path: string, filesystem: FileSystem | undefined): Promise<number> {
+  const found = await fileSystemFor(path, filesystem).stat(path);
+  return found.kind === 'file' ? found.bytes : 0;
 }
 
 /**
  * Writes through `produce` to a temp file next to `finalPath` and leaves it there (synced to disk
  * when `durable`); returns its path and size. A failure removes it.
  */
-export async function writeTempFile(finalPath: string, attempt: number, produce: (handle: FileHandle) => Promise<void>, durable = false): Promise<{ temp: string; bytes: number }> {
-  await mkdir(dirname(finalPath), { recursive: true });
+export async function writeTempFile(finalPath: string, attempt: number, produce: (file: WritableFile) => Promise<void>, durable = false, filesystem?: FileSystem): Promise<{ temp: string; bytes: number }> {
   const temp = tempPathFor(finalPath, attempt);
-  const handle = await open(temp, 'w');
-  try {
-    await produce(handle);
-    if (durable) await handle.sync();
-    await handle.close();
-  } catch (error) {
-    await handle.close().catch(() => undefined);
-    await unlink(temp).catch(() => undefined);
-    throw error;
-  }
-  return { temp, bytes: (await stat(temp)).size };
+  await writeThrough(temp, filesystem, produce, durable);
+  return { temp, bytes: await sizeOf(temp, filesystem) };
 }
 
 /**
- * Writes through `produce` to a temp file, then renames it into place: rename is atomic within a
- * directory, so a task that dies midway (or is retried) never leaves a partial file under the
- * final name. Returns the bytes written.
+ * Writes through `produce` so that the file appears whole or not at all: locally a temp file
+ * renamed into place (rename is atomic within a directory, so a task that dies midway, or is
+ * retried, never leaves a partial file under the final name); on object storage straight to its
+ * key, as an object only appears once its upload completes. Returns the bytes written.
  */
-export async function writeFileAtomically(finalPath: string, attempt: number, produce: (handle: FileHandle) => Promise<void>): Promise<number> {
-  const { temp, bytes } = await writeTempFile(finalPath, attempt, produce);
-  await rename(temp, finalPath);
+export async function writeFileAtomically(finalPath: string, attempt: number, produce: (file: WritableFile) => Promise<void>, filesystem?: FileSystem): Promise<number> {
+  const storage = fileSystemFor(finalPath, filesystem);
+  if (!storage.writesInPlace) {
+    await writeThrough(finalPath, storage, produce, false);
+    return sizeOf(finalPath, storage);
+  }
+  const { temp, bytes } = await writeTempFile(finalPath, attempt, produce, false, storage);
+  await storage.rename(temp, finalPath);
   return bytes;
 }
 
@@ -597,7 +747,7 @@ export class TextWriter {
   private writes: Promise<void> = Promise.resolve();
   private failure: Error | undefined;
 
-  constructor(private readonly handle: FileHandle, compression?: Compression, private readonly flushAt = 1 << 20) {
+  constructor(private readonly handle: WritableFile, compression?: Compression, private readonly flushAt = 1 << 20) {
     if (!compression) return;
     this.stream = compressor(compression);
     this.stream.on('data', (chunk: Buffer) => {
@@ -646,16 +796,22 @@ export class TextWriter {
  * Removes temp files that attempts of one write job left behind (a worker that died mid-write
  * cannot remove its own). Only files of this job: other jobs may be writing the same directory.
  */
-export async function removeTempFiles(directory: string, writeId: string): Promise<void> {
+export async function removeTempFiles(directory: string, writeId: string, filesystem?: FileSystem): Promise<void> {
+  const isTemp = (name: string) => name.startsWith(`.${writeId}_`) && name.endsWith('.tmp');
+  if (urlScheme(directory)) {
+    const storage = fileSystemFor(directory, filesystem);
+    const listed = await storage.listFiles(directory).catch(() => []);
+    const doomed = listed.filter((file) => !filePaths.relative(directory, file.path).includes('/') && isTemp(filePaths.basename(file.path)));
+    await Promise.all(doomed.map((file) => storage.remove(file.path).catch(() => undefined)));
+    return;
+  }
   let names: string[];
   try {
     names = await readdir(directory);
   } catch {
     return;
   }
-  await Promise.all(
-    names.filter((name) => name.startsWith(`.${writeId}_`) && name.endsWith('.tmp')).map((name) => unlink(join(directory, name)).catch(() => undefined)),
-  );
+  await Promise.all(names.filter(isTemp).map((name) => unlink(join(directory, name)).catch(() => undefined)));
 }
 
 /** Every file a write made: its partitions' files, or its one file (none for a task without blocks). */
@@ -663,13 +819,8 @@ function writtenPaths(written: WrittenFile): string[] {
   return written.files ?? (written.path ? [written.path] : []);
 }
 
-async function exists(path: string): Promise<boolean> {
-  try {
-    await stat(path);
-    return true;
-  } catch {
-    return false;
-  }
+async function exists(path: string, filesystem: FileSystem | undefined): Promise<boolean> {
+  return (await fileSystemFor(path, filesystem).stat(path)).kind !== 'missing';
 }
 
 /** What a file writer does with a directory that holds a dataset already (see FileDatasink.prepareDirectory). */
@@ -682,8 +833,21 @@ export function checkWriteMode(mode: unknown): WriteMode {
 }
 
 /** A dataset's entries in `directory`: files of the extension (compressed or not), and `column=value` directories. */
-function datasetEntries(directory: string, extension: string): string[] {
+async function datasetEntries(directory: string, extension: string, filesystem: FileSystem | undefined): Promise<string[]> {
   const extensions = withCompressionSuffixes([extension]);
+  const isDataset = (name: string, isDirectory: boolean) =>
+    !name.startsWith('.') && !name.startsWith('_') && (isDirectory ? /^[^=]+=[^=]*$/.test(name) : extensions.some((suffix) => name.endsWith(suffix)));
+  if (urlScheme(directory)) {
+    // Object storage lists keys: an entry is a key's first segment below the directory.
+    const entries = new Map<string, boolean>();
+    for (const file of await fileSystemFor(directory, filesystem).listFiles(directory)) {
+      const relative = filePaths.relative(directory, file.path);
+      const cut = relative.indexOf('/');
+      const name = cut < 0 ? relative : relative.slice(0, cut);
+      entries.set(name, (entries.get(name) ?? false) || cut >= 0);
+    }
+    return [...entries].filter(([name, isDirectory]) => isDataset(name, isDirectory)).map(([name]) => filePaths.join(directory, name)).sort();
+  }
   let names: string[];
   try {
     names = readdirSync(directory);
@@ -691,15 +855,14 @@ function datasetEntries(directory: string, extension: string): string[] {
     return [];
   }
   return names
-    .filter((name) => !name.startsWith('.') && !name.startsWith('_'))
-    .filter((name) => extensions.some((suffix) => name.endsWith(suffix)) || (/^[^=]+=[^=]*$/.test(name) && statSync(join(directory, name)).isDirectory()))
+    .filter((name) => isDataset(name, statSync(join(directory, name)).isDirectory()))
     .map((name) => join(directory, name));
 }
 
 /** The write id of a job, from the name of a file one of its tasks wrote. */
 export function writeIdOf(path: string): string | undefined {
   // The task number is followed by the extension, and by a compression suffix after it.
-  const match = /^(.*)_\d{6,}(?:\.[A-Za-z0-9]+){0,2}$/.exec(basename(path));
+  const match = /^(.*)_\d{6,}(?:\.[A-Za-z0-9]+){0,2}$/.exec(filePaths.basename(path));
   return match?.[1];
 }
 
@@ -717,16 +880,18 @@ export abstract class FileDatasink<Options extends object = object> extends Data
     if (typeof path !== 'string' || path === '') {
       throw new InvalidArgumentError(`${format} sink takes a directory path, got ${describeInput(path)}`, 'ERR_DATA_PATH');
     }
-    this.path = resolve(path);
+    this.path = filePaths.resolve(path);
+    // Object storage is checked when the write starts (that takes a request); a local path now.
     let info: Stats | undefined;
     try {
-      info = statSync(this.path);
+      info = urlScheme(this.path) ? undefined : statSync(this.path);
     } catch {
       info = undefined;
     }
     if (info && !info.isDirectory()) throw new InvalidArgumentError(`${format} sink: '${path}' exists and is not a directory`, 'ERR_DATA_PATH');
+    const filesystem = taskFileSystem(this.path, checkFileSystem((options as { filesystem?: unknown }).filesystem, `${format} sink`));
     const partitionBy = checkPartitionBy((options as { partitionBy?: unknown }).partitionBy, format);
-    this.options = partitionBy ? { ...options, partitionBy } : options;
+    this.options = { ...options, ...(partitionBy ? { partitionBy } : {}), ...(filesystem ? { filesystem } : {}) };
     this.rowsPerFile = checkPositiveInteger((options as { rowsPerFile?: unknown }).rowsPerFile, 'rowsPerFile');
   }
 
@@ -751,10 +916,20 @@ export abstract class FileDatasink<Options extends object = object> extends Data
   }
 
   /** Writes the blocks to an open file; returns the rows written. */
-  protected abstract writeBlocks(blocks: Block[], handle: FileHandle): Promise<number>;
+  protected abstract writeBlocks(blocks: Block[], file: WritableFile): Promise<number>;
+
+  /** Where the files go: the `filesystem` option, else the path's own (resolved in the driver, so write tasks carry it). */
+  protected get filesystem(): FileSystem | undefined {
+    return (this.options as { filesystem?: FileSystem }).filesystem;
+  }
 
   override async onWriteStart(): Promise<void> {
-    await mkdir(this.path, { recursive: true });
+    const storage = fileSystemFor(this.path, this.filesystem);
+    if (urlScheme(this.path)) {
+      const found = await storage.stat(this.path);
+      if (found.kind === 'file') throw new InvalidArgumentError(`sink: '${this.path}' is an object, not a prefix to write files below`, 'ERR_DATA_PATH');
+    }
+    await storage.makeDirectory(this.path);
   }
 
   /**
@@ -765,16 +940,17 @@ export abstract class FileDatasink<Options extends object = object> extends Data
    */
   async prepareDirectory(mode: WriteMode): Promise<boolean> {
     if (mode === 'append') return true;
-    const existing = datasetEntries(this.path, this.extension);
+    const existing = await datasetEntries(this.path, this.extension, this.filesystem);
     if (existing.length === 0) return true;
     if (mode === 'ignore') return false;
     if (mode === 'error') {
       throw new InvalidArgumentError(
-        `'${this.path}' already holds ${existing.length} ${this.extension} file(s) or partition(s) (${existing.slice(0, 3).map((entry) => basename(entry)).join(', ')}${existing.length > 3 ? ', ...' : ''}): write with mode 'append' or 'overwrite'`,
+        `'${this.path}' already holds ${existing.length} ${this.extension} file(s) or partition(s) (${existing.slice(0, 3).map((entry) => filePaths.basename(entry)).join(', ')}${existing.length > 3 ? ', ...' : ''}): write with mode 'append' or 'overwrite'`,
         'ERR_DATA_PATH',
       );
     }
-    await Promise.all(existing.map((entry) => rm(entry, { recursive: true, force: true })));
+    const storage = fileSystemFor(this.path, this.filesystem);
+    await Promise.all(existing.map((entry) => storage.remove(entry)));
     return true;
   }
 
@@ -786,10 +962,10 @@ export abstract class FileDatasink<Options extends object = object> extends Data
     if (blocks.length === 0) return { path: null, rows: 0, bytes: 0 };
     const name = outputFileName(context.writeId, context.taskIndex, this.fileExtension);
     const partitionBy = (this.options as { partitionBy?: string[] }).partitionBy;
-    if (!partitionBy) return this.writeFile(join(this.path, name), blocks, context);
+    if (!partitionBy) return this.writeFile(filePaths.join(this.path, name), blocks, context);
     // One file per partition this task's rows fall in, under its column=value directories.
     const written: WrittenFile[] = [];
-    for (const [directory, parts] of splitByPartition(blocks, partitionBy)) written.push(await this.writeFile(join(this.path, directory, name), parts, context));
+    for (const [directory, parts] of splitByPartition(blocks, partitionBy)) written.push(await this.writeFile(filePaths.join(this.path, directory, name), parts, context));
     return {
       path: written[0]?.path ?? null,
       rows: written.reduce((sum, file) => sum + file.rows, 0),
@@ -802,15 +978,15 @@ export abstract class FileDatasink<Options extends object = object> extends Data
   // Not a #private method: a sink reaches its write tasks rebuilt from its fields, without the brand.
   protected async writeFile(finalPath: string, blocks: Block[], context: WriteContext): Promise<WrittenFile> {
     let rows = 0;
-    const produce = async (handle: FileHandle): Promise<void> => {
-      rows = await this.writeBlocks(blocks, handle);
+    const produce = async (file: WritableFile): Promise<void> => {
+      rows = await this.writeBlocks(blocks, file);
     };
     if (context.staged) {
       // Checkpointed: the file stays a temp file until its rows are recorded (commit()).
-      const { temp, bytes } = await writeTempFile(finalPath, context.attempt ?? 0, produce, true);
+      const { temp, bytes } = await writeTempFile(finalPath, context.attempt ?? 0, produce, true, this.filesystem);
       return { path: finalPath, rows, bytes, staged: [temp] };
     }
-    const bytes = await writeFileAtomically(finalPath, context.attempt ?? 0, produce);
+    const bytes = await writeFileAtomically(finalPath, context.attempt ?? 0, produce, this.filesystem);
     return { path: finalPath, rows, bytes };
   }
 
@@ -818,7 +994,7 @@ export abstract class FileDatasink<Options extends object = object> extends Data
   override async commit(staged: WrittenFile): Promise<WrittenFile> {
     const { staged: temps, ...result } = staged;
     const finals = writtenPaths(result);
-    for (const [index, temp] of (temps ?? []).entries()) await rename(temp, finals[index]);
+    for (const [index, temp] of (temps ?? []).entries()) await fileSystemFor(temp, this.filesystem).rename(temp, finals[index]);
     return result;
   }
 
@@ -833,8 +1009,8 @@ export abstract class FileDatasink<Options extends object = object> extends Data
     for (const [index, final] of finals.entries()) {
       const temp = temps?.[index];
       // The recorded temp file wins over a file in place: a retried task's record names its own.
-      if (temp && (await exists(temp))) await rename(temp, final);
-      else if (!(await exists(final))) return null;
+      if (temp && (await exists(temp, this.filesystem))) await fileSystemFor(temp, this.filesystem).rename(temp, final);
+      else if (!(await exists(final, this.filesystem))) return null;
     }
     return result;
   }
@@ -848,11 +1024,11 @@ export abstract class FileDatasink<Options extends object = object> extends Data
         const writeId = writeIdOf(file);
         if (!writeId) continue;
         const directories = byWriteId.get(writeId) ?? new Set([this.path]);
-        directories.add(dirname(file));
+        directories.add(filePaths.dirname(file));
         byWriteId.set(writeId, directories);
       }
     }
-    await Promise.all([...byWriteId].flatMap(([writeId, directories]) => [...directories].map((directory) => removeTempFiles(directory, writeId))));
+    await Promise.all([...byWriteId].flatMap(([writeId, directories]) => [...directories].map((directory) => removeTempFiles(directory, writeId, this.filesystem))));
   }
 }
 
@@ -986,7 +1162,7 @@ export function nullColumn(length: number): Vector {
  * short (a checkpoint holds every one); two files share a key about once in 10^14 pairs.
  */
 export function fileKey(path: string): string {
-  return createHash('sha256').update(resolve(path)).digest('hex').slice(0, 12);
+  return createHash('sha256').update(filePaths.resolve(path)).digest('hex').slice(0, 12);
 }
 
 export function checkRowIds(value: unknown, format: string): string | undefined {

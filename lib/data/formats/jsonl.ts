@@ -4,7 +4,6 @@
  * whatever the file size. A .json file that holds one array of objects (as many exported
  * datasets are) is read too, whole, by one task.
  */
-import type { FileHandle } from 'node:fs/promises';
 import { DataType, Null, Table, vectorFromArray, type Schema, type Vector } from 'apache-arrow';
 import { InvalidArgumentError, TrellisError } from '../../errors.js';
 import { remote } from '../../core/registry.js';
@@ -12,10 +11,11 @@ import { blockToRows, rowsToBlock, type Block, type Row } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import {
   DEFAULT_BLOCK_BYTES, DEFAULT_MIN_SPLIT_BYTES, FileDatasink, TextWriter, boolColumn, checkExtensions, checkPositiveInteger, checkSchema, coerceRow,
-  checkRowIds, estimateTextBytes, expandTextFiles, fileKey, firstTextByte, readWholeText, filesOf, float64Column, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, readRangeLines, rangeBytes, schemaFromBytes, schemaToBytes, withRowIds,
+  checkRowIds, estimateTextBytes, fileKey, listedFiles, taskFileSystem, textFileListing, firstTextByte, readWholeText, filesOf, float64Column, jsonReplacer, lineNumberAt, nullColumn, parseError, planLineRanges, readRangeLines, rangeBytes, schemaFromBytes, schemaToBytes, withRowIds,
   utf8Column,
-  type FileEntry, type FileRange, type LineFileReadOptions,
+  type FileEntry, type FileListing, type FileRange, type FileSystemOptions, type LineFileReadOptions,
 } from './files.js';
+import { checkFileSystem, type FileSystem, type WritableFile } from '../filesystem/file-system.js';
 import { checkCompressionOption, checkWriteCompression, type Compression } from './compression.js';
 import { partitionedReadTasks, selectPartitions, type PartitionValues } from './partitioning.js';
 
@@ -29,14 +29,15 @@ export interface JsonlReadOptions extends LineFileReadOptions {
 
 /** The options as a read task receives them: plain data only. */
 interface JsonlTaskOptions {
+  filesystem?: FileSystem;
   rowIds?: string;
   schema?: Uint8Array;
   rowsPerBlock?: number;
   blockBytes: number;
 }
 
-async function lineError(range: FileRange, offset: number, reason: string): Promise<InvalidArgumentError> {
-  return parseError(`JSONL file '${range.path}', line ${await lineNumberAt(range.path, offset, range.compression)}: ${reason}`);
+async function lineError(range: FileRange, offset: number, reason: string, filesystem: FileSystem | undefined): Promise<InvalidArgumentError> {
+  return parseError(`JSONL file '${range.path}', line ${await lineNumberAt(range.path, offset, range.compression, filesystem)}: ${reason}`);
 }
 
 /** The most text one JSON document may hold: a V8 string's length limit, with room to parse it. */
@@ -83,7 +84,7 @@ export const readJsonlFiles = remote(import.meta, async function* readJsonlFiles
     const key = options.rowIds ? fileKey(range.path) : '';
     if (arrays.has(range.path)) {
       // A JSON document holding an array of objects: parsed whole; each element's id is its index.
-      const text = await readWholeText(range.path, range.compression, MAX_DOCUMENT_BYTES, 'JSON');
+      const text = await readWholeText(range.path, range.compression, MAX_DOCUMENT_BYTES, 'JSON', options.filesystem);
       let elements: unknown;
       try {
         elements = JSON.parse(text);
@@ -99,19 +100,19 @@ export const readJsonlFiles = remote(import.meta, async function* readJsonlFiles
       }
       continue;
     }
-    for await (const lines of readRangeLines(range)) {
+    for await (const lines of readRangeLines(range, range.start, options.filesystem)) {
       for (const line of lines) {
         if (isBlank(line.text)) continue;
         let value: unknown;
         try {
           value = JSON.parse(line.text);
         } catch (error) {
-          throw await lineError(range, line.offset, `malformed JSON (${(error as Error).message})`);
+          throw await lineError(range, line.offset, `malformed JSON (${(error as Error).message})`, options.filesystem);
         }
         const problem = take(value, range.path, `${key}:${line.offset}`, line.next - line.offset);
         if (problem) {
           const hint = problem.startsWith('expected a JSON object') ? ' (JSON Lines hold one object per line)' : '';
-          throw await lineError(range, line.offset, `${problem}${hint}`);
+          throw await lineError(range, line.offset, `${problem}${hint}`, options.filesystem);
         }
         if (full()) yield flush();
       }
@@ -201,9 +202,8 @@ function flatBlock(rows: Row[]): Block | undefined {
 }
 
 export class JsonlDatasource extends Datasource {
-  readonly files: FileEntry[];
-  /** Hive partition values of the files under `k=v` directories (none when partitioning is off). */
-  private readonly partitions: Map<string, PartitionValues> | undefined;
+  /** The files, and the Hive partition values of those under `k=v` directories (none when partitioning is off). */
+  readonly #listing: FileListing<{ files: FileEntry[]; partitions: Map<string, PartitionValues> | undefined }>;
   private readonly taskOptions: JsonlTaskOptions;
   private readonly minSplitBytes: number;
 
@@ -211,15 +211,23 @@ export class JsonlDatasource extends Datasource {
     super();
     const schema = checkSchema(options.schema, 'JSONL');
     const rowsPerBlock = checkPositiveInteger(options.rowsPerBlock, 'rowsPerBlock');
+    const filesystem = taskFileSystem(paths, checkFileSystem(options.filesystem, 'JSONL'));
     this.taskOptions = {
       blockBytes: checkPositiveInteger(options.blockBytes, 'blockBytes') ?? DEFAULT_BLOCK_BYTES,
+      ...(filesystem ? { filesystem } : {}),
       ...(schema ? { schema: schemaToBytes(schema) } : {}),
       ...(rowsPerBlock ? { rowsPerBlock } : {}),
       ...(options.rowIds !== undefined ? { rowIds: checkRowIds(options.rowIds, 'JSONL') } : {}),
     };
     this.minSplitBytes = checkPositiveInteger(options.minSplitBytes, 'minSplitBytes') ?? DEFAULT_MIN_SPLIT_BYTES;
-    const found = expandTextFiles(paths, checkExtensions(options.extensions, JSONL_EXTENSIONS), checkCompressionOption(options.compression, 'JSONL'), 'JSONL');
-    ({ files: this.files, partitions: this.partitions } = selectPartitions(found, options, 'JSONL'));
+    this.#listing = textFileListing(paths, checkExtensions(options.extensions, JSONL_EXTENSIONS), checkCompressionOption(options.compression, 'JSONL'), 'JSONL', filesystem, (found) =>
+      selectPartitions(found, options, 'JSONL'),
+    );
+  }
+
+  /** The files read (for URLs, known once the dataset runs). */
+  get files(): FileEntry[] {
+    return listedFiles(this.#listing, 'JSONL');
   }
 
   override get name(): string {
@@ -227,17 +235,18 @@ export class JsonlDatasource extends Datasource {
   }
 
   async getReadTasks(parallelism: number): Promise<ReadTask[]> {
-    const documents = await this.#documents();
-    return partitionedReadTasks(this.files, this.partitions, parallelism, (files, share) => this.#plan(files, share, documents));
+    const { files, partitions } = await this.#listing.get();
+    const documents = await this.#documents(files);
+    return partitionedReadTasks(files, partitions, parallelism, (chosen, share) => this.#plan(chosen, share, documents));
   }
 
   /**
    * The .json files that hold one JSON array of objects rather than lines (as exported datasets
    * often do): their text begins with '['. Each is read whole, by one task.
    */
-  async #documents(): Promise<Set<string>> {
-    const candidates = this.files.filter((file) => /\.json(?:\.[a-z0-9]+)?$/i.test(file.path));
-    const starts = await Promise.all(candidates.map((file) => firstTextByte(file.path, file.compression)));
+  async #documents(files: FileEntry[]): Promise<Set<string>> {
+    const candidates = files.filter((file) => /\.json(?:\.[a-z0-9]+)?$/i.test(file.path));
+    const starts = await Promise.all(candidates.map((file) => firstTextByte(file.path, file.compression, this.taskOptions.filesystem)));
     return new Set(candidates.filter((_, index) => starts[index] === 0x5b).map((file) => file.path));
   }
 
@@ -251,8 +260,9 @@ export class JsonlDatasource extends Datasource {
     });
   }
 
-  override estimateInMemorySize(): number {
-    return estimateTextBytes(this.files);
+  override estimateInMemorySize(): number | undefined {
+    const listed = this.#listing.now;
+    return listed && estimateTextBytes(listed.files);
   }
 }
 
@@ -260,7 +270,7 @@ export class JsonlDatasource extends Datasource {
  * Writes blocks as JSON Lines: timestamps as ISO strings, 64-bit integers as numbers when exact
  * (else strings), binary as base64. Reading back with the schema restores the types.
  */
-export interface JsonlWriteOptions {
+export interface JsonlWriteOptions extends FileSystemOptions {
   /** Rows go under `column=value/` directories by these columns' values (left out of the files). */
   partitionBy?: string | string[];
   /** Rows in each file (the last fewer), gathered across tasks; default: a file per write task's output. */
@@ -269,10 +279,10 @@ export interface JsonlWriteOptions {
   compression?: 'none' | Compression;
 }
 
-export class JsonlDatasink extends FileDatasink<{ partitionBy?: string | string[]; rowsPerFile?: number; compression?: Compression }> {
+export class JsonlDatasink extends FileDatasink<{ partitionBy?: string | string[]; rowsPerFile?: number; compression?: Compression; filesystem?: FileSystem }> {
   constructor(path: string, options: JsonlWriteOptions = {}) {
     const compression = checkWriteCompression(options.compression, 'JSONL');
-    super(path, { partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile, ...(compression ? { compression } : {}) }, 'JSONL');
+    super(path, { partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile, filesystem: options.filesystem, ...(compression ? { compression } : {}) }, 'JSONL');
   }
 
   override get name(): string {
@@ -287,7 +297,7 @@ export class JsonlDatasink extends FileDatasink<{ partitionBy?: string | string[
     return '.jsonl';
   }
 
-  protected async writeBlocks(blocks: Block[], handle: FileHandle): Promise<number> {
+  protected async writeBlocks(blocks: Block[], handle: WritableFile): Promise<number> {
     const writer = new TextWriter(handle, this.compression);
     let rows = 0;
     for (const block of blocks) {

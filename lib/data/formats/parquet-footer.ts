@@ -4,7 +4,7 @@
  * a filter can skip groups that cannot hold a matching row. The footer is Thrift's compact
  * protocol; only the fields used here are decoded, every other one is skipped by its type.
  */
-import { open } from 'node:fs/promises';
+import { fileSystemFor, type FileSystem } from '../filesystem/file-system.js';
 import { InvalidArgumentError } from '../../errors.js';
 
 const MAGIC = 'PAR1';
@@ -417,8 +417,8 @@ export function parseParquetFooter(bytes: Uint8Array, path: string): ParquetFoot
 }
 
 /** Reads and decodes the footer of the Parquet file at `path`. */
-export async function readParquetFooter(path: string): Promise<ParquetFooter> {
-  const handle = await open(path, 'r');
+export async function readParquetFooter(path: string, filesystem?: FileSystem): Promise<ParquetFooter> {
+  const handle = await fileSystemFor(path, filesystem).open(path);
   try {
     const { size } = await handle.stat();
     const tail = Buffer.alloc(8);

@@ -4,17 +4,16 @@
  * with fewer files than tasks wanted, a file's row groups are spread over tasks. parquet-wasm is
  * loaded on first use: a program that never touches Parquet does not pay for compiling its wasm.
  */
-import { openAsBlob } from 'node:fs';
-import type { FileHandle } from 'node:fs/promises';
 import { DataType, Table, tableFromIPC, tableToIPC, vectorFromArray, type Dictionary, type Vector } from 'apache-arrow';
 import { InvalidArgumentError } from '../../errors.js';
 import { remote } from '../../core/registry.js';
 import { concatBlocks, type Block } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import {
-  FileDatasink, checkColumns, checkExtensions, checkPositiveInteger, checkRowIds, expandPaths, fileKey, planFileReads, withRowIds,
-  type FileEntry, type FilePiece, type FileUnit,
+  FileDatasink, FileListing, checkColumns, checkExtensions, checkPositiveInteger, checkRowIds, fileKey, listedFiles, planFileReads, taskFileSystem, withRowIds,
+  type FileEntry, type FilePiece, type FileSystemOptions, type FileUnit,
 } from './files.js';
+import { checkFileSystem, fileSystemFor, type FileSystem, type WritableFile } from '../filesystem/file-system.js';
 import { partitionedReadTasks, selectPartitions, type PartitionReadOptions, type PartitionValues } from './partitioning.js';
 import { readParquetFooter, type ParquetFooter } from './parquet-footer.js';
 import { guardTraps } from '../../core/trap-guard.js';
@@ -30,7 +29,7 @@ export const PARQUET_EXTENSIONS: readonly string[] = ['.parquet', '.pq'];
 /** Footers a filtered read's planning reads at once. */
 const FOOTER_READS_AT_ONCE = 16;
 
-export interface ParquetReadOptions extends PartitionReadOptions {
+export interface ParquetReadOptions extends PartitionReadOptions, FileSystemOptions {
   /** Only these columns (all by default): the others are not even read from disk. */
   columns?: string[];
   /**
@@ -55,6 +54,7 @@ export interface ParquetReadOptions extends PartitionReadOptions {
 }
 
 interface ParquetTaskOptions {
+  filesystem?: FileSystem;
   columns?: string[];
   keepDictionaries: boolean;
   rowIds?: string;
@@ -73,11 +73,15 @@ export function rowGroupMayMatch(footer: ParquetFooter, group: number, clauses: 
   });
 }
 
-async function openParquet(path: string): Promise<ParquetFileHandle> {
+/** The names of the partition columns the files' directories give. */
+const partitionColumns = (partitions: Map<string, PartitionValues> | undefined): Set<string> => new Set([...(partitions?.values() ?? [])].flatMap((values) => Object.keys(values)));
+
+async function openParquet(path: string, filesystem: FileSystem | undefined): Promise<ParquetFileHandle> {
   const parquet = await loadParquet();
-  const blob = await openAsBlob(path);
+  const blob = await fileSystemFor(path, filesystem).openBlob(path);
   try {
-    return await guardTraps(() => parquet.ParquetFile.fromFile(blob));
+    // parquet-wasm reads a Blob by its size and slices: a remote object's slices are ranged GETs.
+    return await guardTraps(() => parquet.ParquetFile.fromFile(blob as Blob));
   } catch (error) {
     throw new InvalidArgumentError(`'${path}' is not a Parquet file: ${errorText(error)}`, 'ERR_DATA_PARSE');
   }
@@ -99,7 +103,7 @@ function decodeDictionaries(table: Table): Table {
 
 export const readParquetFiles = remote(import.meta, async function* readParquetFiles(units: FileUnit[], options: ParquetTaskOptions): AsyncGenerator<Block> {
   for (const unit of units) {
-    const file = await openParquet(unit.path);
+    const file = await openParquet(unit.path, options.filesystem);
     try {
       const where = `Parquet file '${unit.path}'`;
       let columns = options.columns;
@@ -172,9 +176,8 @@ function checkColumnsExist(file: ParquetFileHandle, columns: string[], path: str
 }
 
 export class ParquetDatasource extends Datasource {
-  readonly files: FileEntry[];
-  /** Hive partition values of the files under `k=v` directories (none when partitioning is off). */
-  private readonly partitions: Map<string, PartitionValues> | undefined;
+  /** The files, and the Hive partition values of those under `k=v` directories (none when partitioning is off). */
+  readonly #listing: FileListing<{ files: FileEntry[]; partitions: Map<string, PartitionValues> | undefined }>;
   private readonly taskOptions: ParquetTaskOptions;
 
   readonly #paths: string | readonly string[];
@@ -187,13 +190,24 @@ export class ParquetDatasource extends Datasource {
     const columns = checkColumns(options.columns, 'Parquet');
     const rowIds = checkRowIds(options.rowIds, 'Parquet');
     const filter = options.filter === undefined ? undefined : checkRowFilter(options.filter, 'readParquet()');
-    this.taskOptions = { keepDictionaries: options.keepDictionaries === true, ...(columns ? { columns } : {}), ...(rowIds ? { rowIds } : {}), ...(filter ? { filter } : {}) };
-    const found = expandPaths(paths, checkExtensions(options.extensions, PARQUET_EXTENSIONS), 'Parquet');
-    const selected = selectPartitions(found, options, 'Parquet');
-    this.partitions = selected.partitions;
-    // Files whose partition values refute the filter are never opened.
-    this.files = filter ? selected.files.filter((file) => this.#filterFor(file).length > 0) : selected.files;
+    const filesystem = taskFileSystem(paths, checkFileSystem(options.filesystem, 'Parquet'));
+    this.taskOptions = {
+      keepDictionaries: options.keepDictionaries === true,
+      ...(filesystem ? { filesystem } : {}),
+      ...(columns ? { columns } : {}),
+      ...(rowIds ? { rowIds } : {}),
+      ...(filter ? { filter } : {}),
+    };
+    this.#listing = new FileListing(paths, checkExtensions(options.extensions, PARQUET_EXTENSIONS), 'Parquet', filesystem, (found) => {
+      const selected = selectPartitions(found, options, 'Parquet');
+      // Files whose partition values refute the filter are never opened.
+      return filter ? { files: selected.files.filter((file) => this.#filterFor(file, selected.partitions).length > 0), partitions: selected.partitions } : selected;
+    });
+  }
 
+  /** The files read (for URLs, known once the dataset runs). */
+  get files(): FileEntry[] {
+    return listedFiles(this.#listing, 'Parquet');
   }
 
   override get name(): string {
@@ -206,7 +220,8 @@ export class ParquetDatasource extends Datasource {
    * files' columns among them: no narrowing (a read of no column would lose the row count).
    */
   override withColumns(columns: string[]): ParquetDatasource | undefined {
-    const added = new Set<string>([...(this.taskOptions.rowIds ? [this.taskOptions.rowIds] : []), ...[...(this.partitions?.values() ?? [])].flatMap((values) => Object.keys(values))]);
+    // Partition columns of files at URLs are known once listed: getReadTasks leaves them out then.
+    const added = new Set<string>([...(this.taskOptions.rowIds ? [this.taskOptions.rowIds] : []), ...partitionColumns(this.#listing.now?.partitions)]);
     const own = this.taskOptions.columns;
     const fileColumns = columns.filter((column) => !added.has(column) && (!own || own.includes(column)));
     if (fileColumns.length === 0) return undefined;
@@ -223,23 +238,35 @@ export class ParquetDatasource extends Datasource {
    * With fewer files than tasks wanted, reads each file's footer so that its row groups can be
    * spread over tasks (and rows and uncompressed sizes are known); otherwise tasks take whole files.
    */
-  getReadTasks(parallelism: number): Promise<ReadTask[]> {
-    return partitionedReadTasks(this.files, this.partitions, parallelism, (files, share) => this.#plan(files, share));
+  async getReadTasks(parallelism: number): Promise<ReadTask[]> {
+    const { files, partitions } = await this.#listing.get();
+    return partitionedReadTasks(files, partitions, parallelism, (chosen, share) => this.#plan(chosen, share, partitions));
+  }
+
+  /** The task options with partition columns left out of `columns` (they are not in the files). */
+  #taskOptionsFor(partitions: Map<string, PartitionValues> | undefined): ParquetTaskOptions {
+    const columns = this.taskOptions.columns;
+    const added = partitionColumns(partitions);
+    if (!columns || !columns.some((column) => added.has(column))) return this.taskOptions;
+    const { columns: _all, ...rest } = this.taskOptions;
+    const kept = columns.filter((column) => !added.has(column));
+    // No file column left: read them all rather than none (a read of no column would lose the row count).
+    return kept.length > 0 ? { ...rest, columns: kept } : rest;
   }
 
   /** The filter with a file's partition values decided (the whole filter for a file without). */
-  #filterFor(file: FileEntry): Clauses {
+  #filterFor(file: FileEntry, partitions: Map<string, PartitionValues> | undefined): Clauses {
     const filter = this.taskOptions.filter!;
-    const values = this.partitions?.get(file.path);
+    const values = partitions?.get(file.path);
     return values ? specializeFilter(filter, values, 'readParquet()') : filter;
   }
 
-  async #plan(files: FileEntry[], parallelism: number): Promise<ReadTask[]> {
+  async #plan(files: FileEntry[], parallelism: number, partitions: Map<string, PartitionValues> | undefined): Promise<ReadTask[]> {
     // The files planned together share their partition values, so their filter is one.
-    let taskOptions = this.taskOptions;
+    let taskOptions = this.#taskOptionsFor(partitions);
     if (taskOptions.filter && files.length > 0) {
       const { filter: _whole, ...rest } = taskOptions;
-      const filter = this.#filterFor(files[0]);
+      const filter = this.#filterFor(files[0], partitions);
       // An empty clause keeps every row: nothing left to decide in the tasks.
       taskOptions = filter.some((clause) => clause.length === 0) ? rest : { ...rest, filter };
     }
@@ -253,7 +280,7 @@ export class ParquetDatasource extends Datasource {
       const readFooters = async (): Promise<void> => {
         while (next < files.length) {
           const file = files[next++];
-          const footer = await readParquetFooter(file.path);
+          const footer = await readParquetFooter(file.path, this.taskOptions.filesystem);
           footers.set(file.path, footer);
           if (footer.rowGroups.some((_, group) => rowGroupMayMatch(footer, group, filter))) keep.add(file.path);
         }
@@ -262,7 +289,7 @@ export class ParquetDatasource extends Datasource {
       files = files.filter((file) => keep.has(file.path));
     }
     const plan = await planFileReads(files, parallelism, async (file) => {
-      const handle = await openParquet(file.path);
+      const handle = await openParquet(file.path, this.taskOptions.filesystem);
       try {
         const metadata = handle.metadata();
         const count = metadata.numRowGroups();
@@ -300,8 +327,8 @@ export class ParquetDatasource extends Datasource {
     );
   }
 
-  override estimateInMemorySize(): number {
-    return this.files.reduce((sum, file) => sum + file.bytes, 0);
+  override estimateInMemorySize(): number | undefined {
+    return this.#listing.now?.files.reduce((sum, file) => sum + file.bytes, 0);
   }
 }
 
@@ -316,7 +343,7 @@ const COMPRESSIONS: Record<ParquetCompression, keyof ParquetWasm['Compression']>
   lz4_raw: 'LZ4_RAW',
 };
 
-export interface ParquetWriteOptions {
+export interface ParquetWriteOptions extends FileSystemOptions {
   /** Rows go under `column=value/` directories by these columns' values (left out of the files). */
   partitionBy?: string | string[];
   /** Codec of the column chunks (default 'snappy'). */
@@ -328,14 +355,14 @@ export interface ParquetWriteOptions {
 }
 
 /** Writes each write task's blocks as one Parquet file; the blocks must share a schema. */
-export class ParquetDatasink extends FileDatasink<{ compression: ParquetCompression; rowGroupRows?: number; partitionBy?: string | string[]; rowsPerFile?: number }> {
+export class ParquetDatasink extends FileDatasink<{ compression: ParquetCompression; rowGroupRows?: number; partitionBy?: string | string[]; rowsPerFile?: number; filesystem?: FileSystem }> {
   constructor(path: string, options: ParquetWriteOptions = {}) {
     const compression = options.compression ?? 'snappy';
     if (!(compression in COMPRESSIONS)) {
       throw new InvalidArgumentError(`Parquet sink option 'compression' must be one of ${Object.keys(COMPRESSIONS).join(', ')}, got ${JSON.stringify(compression)}`, 'ERR_INVALID_ARGUMENT');
     }
     const rowGroupRows = checkPositiveInteger(options.rowGroupRows, 'rowGroupRows');
-    super(path, { compression, ...(rowGroupRows ? { rowGroupRows } : {}), partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile }, 'Parquet');
+    super(path, { compression, ...(rowGroupRows ? { rowGroupRows } : {}), partitionBy: options.partitionBy, rowsPerFile: options.rowsPerFile, filesystem: options.filesystem }, 'Parquet');
   }
 
   override get name(): string {
@@ -346,7 +373,7 @@ export class ParquetDatasink extends FileDatasink<{ compression: ParquetCompress
     return '.parquet';
   }
 
-  protected async writeBlocks(blocks: Block[], handle: FileHandle): Promise<number> {
+  protected async writeBlocks(blocks: Block[], handle: WritableFile): Promise<number> {
     const parquet = await loadParquet();
     const table = concatBlocks(blocks);
     let properties = new parquet.WriterPropertiesBuilder().setCompression(parquet.Compression[COMPRESSIONS[this.options.compression]]);

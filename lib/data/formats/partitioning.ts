@@ -5,6 +5,7 @@
  * columns. Values are URI-encoded in paths; null is Hive's `__HIVE_DEFAULT_PARTITION__`.
  */
 import { dirname, relative, sep } from 'node:path';
+import { paths as filePaths, urlScheme } from '../filesystem/file-system.js';
 import { Float64, Table, Utf8, type Vector } from 'apache-arrow';
 import { remote } from '../../core/registry.js';
 import type { FunctionDescriptor } from '../../core/protocol.js';
@@ -77,7 +78,7 @@ export function hivePartitions(files: readonly FileEntry[]): Map<string, Partiti
   const columns = new Set<string>();
   for (const file of files) {
     if (!file.root) continue;
-    const segments = relative(file.root, dirname(file.path)).split(sep).filter(Boolean);
+    const segments = (urlScheme(file.path) ? filePaths.relative(file.root, filePaths.dirname(file.path)).split('/') : relative(file.root, dirname(file.path)).split(sep)).filter(Boolean);
     const values: Record<string, string | null> = {};
     for (const segment of segments) {
       const at = segment.indexOf('=');

@@ -8,12 +8,13 @@ import type { Block } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import { checkCompressionOption } from './compression.js';
 import {
-  DEFAULT_BLOCK_BYTES, DEFAULT_MIN_SPLIT_BYTES, checkPositiveInteger, checkRowIds, estimateTextBytes, expandTextFiles, fileKey, filesOf, planLineRanges,
+  DEFAULT_BLOCK_BYTES, DEFAULT_MIN_SPLIT_BYTES, checkPositiveInteger, checkRowIds, estimateTextBytes, fileKey, listedFiles, taskFileSystem, textFileListing, type FileListing, filesOf, planLineRanges,
   rangeBytes, readRangeLines, utf8Column, checkExtensions,
   type FileEntry, type FileRange, type LineFileReadOptions,
 } from './files.js';
 import { partitionedReadTasks, selectPartitions, type PartitionValues } from './partitioning.js';
 import { InvalidArgumentError } from '../../errors.js';
+import { checkFileSystem, type FileSystem } from '../filesystem/file-system.js';
 
 /** Text's options: the line readers' (by default every file of a directory), and its own. */
 export interface TextReadOptions extends LineFileReadOptions {
@@ -23,6 +24,7 @@ export interface TextReadOptions extends LineFileReadOptions {
 
 interface TextTaskOptions {
   dropEmptyLines: boolean;
+  filesystem?: FileSystem;
   rowIds?: string;
   rowsPerBlock?: number;
   blockBytes: number;
@@ -41,7 +43,7 @@ export const readTextFiles = remote(import.meta, async function* readTextFiles(r
   };
   for (const range of ranges) {
     const key = options.rowIds ? fileKey(range.path) : '';
-    for await (const lines of readRangeLines(range)) {
+    for await (const lines of readRangeLines(range, range.start, options.filesystem)) {
       for (const line of lines) {
         if (options.dropEmptyLines && (line.text.length === 0 || /^\s*$/.test(line.text))) continue;
         texts.push(line.text);
@@ -55,8 +57,7 @@ export const readTextFiles = remote(import.meta, async function* readTextFiles(r
 });
 
 export class TextDatasource extends Datasource {
-  readonly files: FileEntry[];
-  private readonly partitions: Map<string, PartitionValues> | undefined;
+  readonly #listing: FileListing<{ files: FileEntry[]; partitions: Map<string, PartitionValues> | undefined }>;
   private readonly taskOptions: TextTaskOptions;
   private readonly minSplitBytes: number;
 
@@ -68,32 +69,39 @@ export class TextDatasource extends Datasource {
     const rowsPerBlock = checkPositiveInteger(options.rowsPerBlock, 'rowsPerBlock');
     const rowIds = options.rowIds !== undefined ? checkRowIds(options.rowIds, 'text') : undefined;
     if (rowIds === 'text') throw new InvalidArgumentError("text option 'rowIds' names the 'text' column itself: choose another name", 'ERR_INVALID_ARGUMENT');
+    const filesystem = taskFileSystem(paths, checkFileSystem(options.filesystem, 'text'));
     this.taskOptions = {
       dropEmptyLines: options.dropEmptyLines !== false,
+      ...(filesystem ? { filesystem } : {}),
       blockBytes: checkPositiveInteger(options.blockBytes, 'blockBytes') ?? DEFAULT_BLOCK_BYTES,
       ...(rowsPerBlock ? { rowsPerBlock } : {}),
       ...(rowIds ? { rowIds } : {}),
     };
     this.minSplitBytes = checkPositiveInteger(options.minSplitBytes, 'minSplitBytes') ?? DEFAULT_MIN_SPLIT_BYTES;
     const extensions = options.extensions === undefined ? [''] : checkExtensions(options.extensions, []);
-    const found = expandTextFiles(paths, extensions, checkCompressionOption(options.compression, 'text'), 'text');
-    ({ files: this.files, partitions: this.partitions } = selectPartitions(found, options, 'text'));
+    this.#listing = textFileListing(paths, extensions, checkCompressionOption(options.compression, 'text'), 'text', filesystem, (found) => selectPartitions(found, options, 'text'));
+  }
 
+  /** The files read (for URLs, known once the dataset runs). */
+  get files(): FileEntry[] {
+    return listedFiles(this.#listing, 'text');
   }
 
   override get name(): string {
     return 'Text';
   }
 
-  getReadTasks(parallelism: number): Promise<ReadTask[]> {
-    return partitionedReadTasks(this.files, this.partitions, parallelism, (files, share) =>
+  async getReadTasks(parallelism: number): Promise<ReadTask[]> {
+    const { files, partitions } = await this.#listing.get();
+    return partitionedReadTasks(files, partitions, parallelism, (files, share) =>
       planLineRanges(files, share, { splittable: true, minSplitBytes: this.minSplitBytes }).map(
         (ranges) => new ReadTask(readTextFiles, [ranges, this.taskOptions], { bytes: ranges.reduce((sum, range) => sum + rangeBytes(range), 0), inputFiles: filesOf(ranges) }),
       ),
     );
   }
 
-  override estimateInMemorySize(): number {
-    return estimateTextBytes(this.files);
+  override estimateInMemorySize(): number | undefined {
+    const listed = this.#listing.now;
+    return listed && estimateTextBytes(listed.files);
   }
 }
