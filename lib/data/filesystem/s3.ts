@@ -181,6 +181,8 @@ interface RequestSpec {
   body?: Uint8Array;
   /** Statuses answered to the caller rather than thrown (404 for a HEAD that finds nothing). */
   accept?: number[];
+  /** What an error names (default: the object's URL). */
+  display?: string;
 }
 
 /** Set while fromResolved constructs: the options to adopt instead of resolving. */
@@ -234,7 +236,7 @@ export class S3FileSystem implements FileSystem {
     const query = canonicalQuery(spec.query ?? []);
     const { url, encodedPath, host } = this.#url(spec.location, query);
     const payloadHash = spec.body ? sha256Hex(spec.body) : EMPTY_PAYLOAD_HASH;
-    const display = `s3://${spec.location.bucket}/${spec.location.key}`;
+    const display = spec.display ?? `s3://${spec.location.bucket}/${spec.location.key}`;
     let lastStatus: number | undefined;
     let lastCode: string | undefined;
     let lastError: unknown;
@@ -308,7 +310,7 @@ export class S3FileSystem implements FileSystem {
       const query: Array<[string, string]> = [['list-type', '2'], ['prefix', prefix]];
       if (token) query.push(['continuation-token', token]);
       if (Number.isFinite(limit)) query.push(['max-keys', String(limit)]);
-      const xml = await this.#sendText({ method: 'GET', location: { bucket, key: '' }, query });
+      const xml = await this.#sendText({ method: 'GET', location: { bucket, key: '' }, query, display: `s3://${bucket}/${prefix}` });
       for (const match of xml.matchAll(/<Contents>([\s\S]*?)<\/Contents>/g)) {
         const key = xmlValue(match[1], 'Key');
         if (key === undefined || key.endsWith('/')) continue; // folder markers made by consoles
