@@ -14,6 +14,7 @@ import { llmGpuSuite } from './llm-gpu.js';
 import { nodesSuite } from './nodes.js';
 import { serveSuite } from './serve.js';
 import { storeSuite } from './store.js';
+import { storageSuite } from './storage.js';
 import type { Suite } from './harness.js';
 
 const suites: Record<string, Suite> = {
@@ -28,6 +29,7 @@ const suites: Record<string, Suite> = {
   'llm-gpu': llmGpuSuite,
   nodes: nodesSuite,
   serve: serveSuite,
+  storage: storageSuite,
 };
 
 const args = process.argv.slice(2);

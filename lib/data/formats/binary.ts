@@ -51,10 +51,11 @@ function binaryColumn(values: readonly Uint8Array[]): Vector {
 }
 
 async function readWhole(path: string, filesystem: FileSystem | undefined): Promise<Uint8Array> {
+  if (urlScheme(path)) return readWholeStreamed(path, filesystem);
   const handle = await fileSystemFor(path, filesystem).open(path);
   try {
     const { size } = await handle.stat();
-    if (size > MAX_FILE_BYTES) throw new InvalidArgumentError(`binary file '${path}' is ${size} bytes: a row holds at most 2 GiB`, 'ERR_DATA_PATH');
+    if (size > MAX_FILE_BYTES) throw tooLarge(path, size);
     const buffer = new Uint8Array(size);
     let filled = 0;
     while (filled < size) {
@@ -67,6 +68,20 @@ async function readWhole(path: string, filesystem: FileSystem | undefined): Prom
     await handle.close();
   }
 }
+
+/** A remote file in one request (no round trip first to ask its size). */
+async function readWholeStreamed(path: string, filesystem: FileSystem | undefined): Promise<Uint8Array> {
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for await (const chunk of fileSystemFor(path, filesystem).readStream(path)) {
+    size += chunk.byteLength;
+    if (size > MAX_FILE_BYTES) throw tooLarge(path, 'more than 2 GiB');
+    chunks.push(chunk);
+  }
+  return chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, size);
+}
+
+const tooLarge = (path: string, size: number | 'more than 2 GiB') => new InvalidArgumentError(`binary file '${path}' is ${typeof size === 'number' ? `${size} bytes` : size}: a row holds at most 2 GiB`, 'ERR_DATA_PATH');
 
 export const readBinaryFiles = remote(import.meta, async function* readBinaryFiles(paths: string[], options: BinaryTaskOptions): AsyncGenerator<Block> {
   let contents: Uint8Array[] = [];
@@ -131,8 +146,8 @@ export class BinaryDatasource extends Datasource {
     };
     this.#listing = new FileListing(paths, options.extensions === undefined ? [''] : checkExtensions(options.extensions, []), 'binary', filesystem, (found) => {
       const selected = selectPartitions(found, options, 'binary');
-      const tooLarge = selected.files.find((file) => file.bytes > MAX_FILE_BYTES);
-      if (tooLarge) throw new InvalidArgumentError(`binary file '${tooLarge.path}' is ${tooLarge.bytes} bytes: a row holds at most 2 GiB`, 'ERR_DATA_PATH');
+      const large = selected.files.find((file) => file.bytes > MAX_FILE_BYTES);
+      if (large) throw tooLarge(large.path, large.bytes);
       return selected;
     });
   }
