@@ -33,7 +33,7 @@ export {
   QueueEmptyError,
 } from './errors.js';
 export type { RemoteErrorInfo } from './errors.js';
-export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getActor, getRuntimeContext, state, memorySummary, listTasks, timeline, events, placementGroup, removePlacementGroup, waitForNodes, requestResources } from './core/api.js';
+export { init, shutdown, isInitialized, get, put, wait, free, cancel, kill, getActor, getRuntimeContext, state, objectLocations, memorySummary, listTasks, timeline, events, placementGroup, removePlacementGroup, waitForNodes, requestResources } from './core/api.js';
 export type { TaskInfo, TaskAttempt, TaskState, ListTasksOptions, TraceEvent } from './core/task-events.js';
 export { NodeAgent } from './core/node-agent.js';
 export type { NodeAgentOptions } from './core/node-agent.js';
@@ -53,7 +53,7 @@ export { Counter, Gauge, Histogram } from './core/user-metrics.js';
 export type { MetricOptions, HistogramOptions, MetricTags } from './core/user-metrics.js';
 export type { PlacementGroup, PlacementGroupOptions, PlacementStrategy } from './core/placement-group.js';
 export type { Resources } from './core/resources.js';
-export type { InitOptions, ClusterState } from './core/cluster.js';
+export type { InitOptions, ClusterState, ObjectLocation } from './core/cluster.js';
 export type { MemorySummary, ObjectMemoryEntry, ObjectPin } from './core/memory-summary.js';
 export type { ListenOptions } from './core/node-listener.js';
 export { remote } from './core/registry.js';

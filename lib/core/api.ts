@@ -2,7 +2,7 @@
 import { cpus } from 'node:os';
 import { InvalidArgumentError, NotInitializedError } from '../errors.js';
 import { randomBytes } from 'node:crypto';
-import { Cluster, type ClusterState, type InitOptions, type TaskDurations } from './cluster.js';
+import { Cluster, type ClusterState, type InitOptions, type ObjectLocation, type TaskDurations } from './cluster.js';
 import type { MemorySummary } from './memory-summary.js';
 import { writeTrace, type ListTasksOptions, type TaskInfo, type TraceEvent } from './task-events.js';
 import { closeMetricsServers } from './metrics.js';
@@ -194,6 +194,17 @@ export function getRuntimeContext(): RuntimeContext {
 export function state(): ClusterState {
   if (!cluster) throw new NotInitializedError('state() is available in the driver after init()');
   return cluster.state();
+}
+
+/**
+ * Where objects' stored copies are (Ray's get_object_locations): for each ref, the nodes whose
+ * stores hold it and its size. A value small enough to travel inline has no node.
+ */
+export function objectLocations(refs: ObjectRef<unknown> | readonly ObjectRef<unknown>[]): ObjectLocation[] {
+  if (!cluster) throw new NotInitializedError('objectLocations() is available in the driver after init()');
+  const list = Array.isArray(refs) ? refs : [refs as ObjectRef<unknown>];
+  if (list.some((ref) => !(ref instanceof ObjectRef))) throw new InvalidArgumentError('objectLocations() takes an ObjectRef or an array of them');
+  return cluster.objectLocations(list.map((ref) => ref.id));
 }
 
 /**

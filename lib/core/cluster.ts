@@ -2615,6 +2615,15 @@ export class Cluster implements Runtime {
     return summarizeMemory(this.nodes, this.#objects.values(), this.#actors.values());
   }
 
+  /** Where each object's stored copies are: node ids (none for a value held inline, pending or unknown) and its size. */
+  objectLocations(ids: readonly string[]): ObjectLocation[] {
+    return ids.map((id) => {
+      const record = this.#objects.get(id);
+      if (!record || record.state !== 'ready') return { nodeIds: [], bytes: 0, ready: false };
+      return { nodeIds: [...record.nodes], bytes: record.size, ready: true };
+    });
+  }
+
   state(): ClusterState {
     const tasks: Record<string, number> = {};
     for (const task of this.#tasks.values()) tasks[task.state] = (tasks[task.state] ?? 0) + 1;
@@ -2825,6 +2834,15 @@ export interface TaskDurations {
   buckets: number[];
   count: number;
   sum: number;
+}
+
+/** Where an object's stored copies are (Ray's get_object_locations). */
+export interface ObjectLocation {
+  /** Nodes whose stores hold a copy: none for a small value held inline by its owner. */
+  nodeIds: string[];
+  bytes: number;
+  /** False while its task runs, after it failed, or for an id the driver does not know. */
+  ready: boolean;
 }
 
 export interface ClusterState {

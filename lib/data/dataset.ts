@@ -3,7 +3,7 @@
  * iterBatches, write, ...) plan the physical operators and stream through them.
  */
 import type { Schema } from 'apache-arrow';
-import { get, isInitialized, put } from '../core/api.js';
+import { get, isInitialized, put, state } from '../core/api.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { InvalidArgumentError, NotInitializedError } from '../errors.js';
 import { workerEnvironmentOf } from '../core/options.js';
@@ -611,15 +611,20 @@ export class Dataset {
    * consumer, never through the driver, and the run streams with bounded memory (each consumer
    * may have two blocks waiting). By default a consumer takes the next block when it asks, so
    * faster ones take more; `equal` gives each the same number of rows (dropping the fewer than n
-   * left over), a slow consumer then holding the others back. The run starts at once, in the
+   * left over), a slow consumer then holding the others back. `localityHints` (a node id per
+   * iterator, Ray's locality_hints) deal a block to an iterator on a node that holds it where that
+   * one has room, so its rows are read from the local store; a consumer with nothing waiting
+   * still takes a far block rather than wait (with `equal`, a near iterator is preferred only
+   * among those tied for fewest rows). The run starts at once, in the
    * background: start all n consumers. A failed run fails each iterator with DataError
    * ('ERR_DATA_SPLIT', naming the cause).
    */
-  streamingSplit(n: number, options: ExecutionOptions & { equal?: boolean } = {}): DataIterator[] {
+  streamingSplit(n: number, options: ExecutionOptions & { equal?: boolean; localityHints?: string[] } = {}): DataIterator[] {
     checkPositiveInteger(n, 'streamingSplit(n)');
-    const { equal = false, ...execution } = options;
+    const { equal = false, localityHints, ...execution } = options;
     if (typeof equal !== 'boolean') throw new InvalidArgumentError(`streamingSplit(): equal must be a boolean, got ${String(equal)}`);
     requireCluster('Dataset.streamingSplit');
+    if (localityHints !== undefined) checkLocalityHints(localityHints, n);
     const executor = new StreamingExecutor(planPhysical(this.#plan), execution, 'Dataset.streamingSplit');
     const blocks = async function* (this: Dataset): AsyncGenerator<SplitBlock> {
       await startOrClose(executor);
@@ -631,7 +636,7 @@ export class Dataset {
         this.#lastStats = executor.stats();
       }
     };
-    return startStreamingSplit(n, equal, blocks.call(this));
+    return startStreamingSplit(n, equal, blocks.call(this), localityHints);
   }
 
   /** Runs the plan and cuts its rows at the given row indices (ascending): indices.length + 1 datasets. */
@@ -921,6 +926,16 @@ async function startOrClose(executor: StreamingExecutor): Promise<void> {
 }
 
 /** A file sink's own options: what configures the job's run stays with the job. */
+/** Locality hints name one node of the cluster per iterator. */
+function checkLocalityHints(hints: unknown, n: number): void {
+  if (!Array.isArray(hints) || hints.length !== n || hints.some((hint) => typeof hint !== 'string')) {
+    throw new InvalidArgumentError(`streamingSplit(): localityHints must name one node id per iterator (${n}), got ${JSON.stringify(hints)}`);
+  }
+  const known = new Set(state().nodes.map((node) => node.nodeId));
+  const unknown = hints.filter((hint) => !known.has(hint as string));
+  if (unknown.length > 0) throw new InvalidArgumentError(`streamingSplit(): localityHints name no node of the cluster: ${unknown.join(', ')} (its nodes: ${[...known].join(', ')})`);
+}
+
 function sinkOptions<T extends WriteOptions>(options: T): Omit<T, 'checkpoint' | 'mode'> {
   const { checkpoint: _checkpoint, mode: _mode, ...rest } = options;
   return rest;

@@ -12,7 +12,7 @@
  * the fewer than n left over dropped. That is exact because an iterator takes a block only while
  * it has the fewest rows: what it was sent before its held block is never above the share.
  */
-import { get, getRuntimeContext, state } from '../core/api.js';
+import { get, getRuntimeContext, objectLocations, state } from '../core/api.js';
 import { ObjectRef } from '../core/object-ref.js';
 import { Queue } from '../core/queue.js';
 import { registerPortableClass } from '../core/serialization.js';
@@ -22,7 +22,7 @@ import { blockToRows, type BatchFormat, type Block, type Row } from './block.js'
 
 /** What an iterator reads from its queue: a block (a slice of a stored one), its end, or the run's failure. */
 type SplitItem =
-  | { ref: ObjectRef<Block>; offset: number; rows: number }
+  | { ref: ObjectRef<Block>; offset: number; rows: number; local?: boolean }
   | { end: true }
   | { error: { name: string; message: string } };
 
@@ -37,6 +37,8 @@ export interface SplitBlock {
   ref: ObjectRef<Block>;
   offset: number;
   rows: number;
+  /** With locality hints: whether the iterator it was dealt to is on a node that holds it. */
+  local?: boolean;
 }
 
 export interface DataIteratorBatchOptions {
@@ -57,6 +59,7 @@ export class DataIterator {
   readonly index: number;
   readonly #queue: Queue<SplitItem>;
   readonly #notices: Queue<ConsumerNotice>;
+  #stats = { blocks: 0, rows: 0, localBlocks: 0 };
 
   /** @internal made by Dataset.streamingSplit. */
   constructor(index: number, queue: Queue<SplitItem>, notices: Queue<ConsumerNotice>) {
@@ -81,6 +84,9 @@ export class DataIterator {
           ended = true;
           throw new DataError('ERR_DATA_SPLIT', `streamingSplit: the dataset's run failed: ${item.error.name}: ${item.error.message}`);
         }
+        this.#stats.blocks++;
+        this.#stats.rows += item.rows;
+        if (item.local) this.#stats.localBlocks++;
         try {
           const stored = (await get(item.ref)) as Block;
           const block = copyBlock(stored);
@@ -108,6 +114,14 @@ export class DataIterator {
     for await (const block of this.#blocks()) yield* blockToRows(block);
   }
 
+  /**
+   * What this iterator has read here: blocks, rows, and (with locality hints) how many of the
+   * blocks were on its hinted node when they were dealt.
+   */
+  stats(): { blocks: number; rows: number; localBlocks: number } {
+    return { ...this.#stats };
+  }
+
   toString(): string {
     return `DataIterator(${this.index})`;
   }
@@ -126,14 +140,16 @@ export class DataIterator {
 const QUEUED_BLOCKS_PER_ITERATOR = 2;
 /** How long a put waits for room before the consumers are looked at (are they alive, still reading?). */
 const CONSUMER_CHECK_MS = 1000;
+/** How long a block waits for room with the consumer its node prefers before idle consumers are looked at again. */
+const NEAR_WAIT_MS = 50;
 
 /**
  * Starts dealing `blocks` (the run's outputs, in order) out to `n` iterators and returns them; the
  * run goes on in the background, each block's ref disposed here once it is queued (the queue and
  * then its consumer hold it). The queues go once every iterator has taken its end.
  */
-export function startStreamingSplit(n: number, equal: boolean, blocks: AsyncIterable<SplitBlock>): DataIterator[] {
-  const split = new SplitDealer(n, equal);
+export function startStreamingSplit(n: number, equal: boolean, blocks: AsyncIterable<SplitBlock>, localityHints?: readonly string[]): DataIterator[] {
+  const split = new SplitDealer(n, equal, localityHints);
   void split.deal(blocks);
   return split.iterators;
 }
@@ -151,6 +167,12 @@ class SplitDealer {
   readonly iterators: DataIterator[];
   readonly #n: number;
   readonly #equal: boolean;
+  /** Each iterator's node: a block goes to an iterator on a node that holds it, where one has room. */
+  readonly #hints: readonly string[] | undefined;
+  /** A queue per iterator (equal, or with hints); else one that every iterator reads. */
+  readonly #perIterator: boolean;
+  /** Where the search for a near iterator with room starts: turns go round among equals. */
+  #turn = 0;
   readonly #queues: Array<Queue<SplitItem>>;
   readonly #notices = new Queue<ConsumerNotice>();
   readonly #workers = new Map<number, string>();
@@ -161,22 +183,89 @@ class SplitDealer {
   /** Iterators whose consumer's worker died while reading. */
   readonly #lost = new Map<number, string>();
 
-  constructor(n: number, equal: boolean) {
+  constructor(n: number, equal: boolean, hints?: readonly string[]) {
     this.#n = n;
     this.#equal = equal;
-    this.#queues = equal
+    this.#hints = hints;
+    this.#perIterator = equal || hints !== undefined;
+    this.#queues = this.#perIterator
       ? Array.from({ length: n }, () => new Queue<SplitItem>({ maxSize: QUEUED_BLOCKS_PER_ITERATOR }))
       : [new Queue<SplitItem>({ maxSize: QUEUED_BLOCKS_PER_ITERATOR * n })];
-    this.iterators = Array.from({ length: n }, (_, index) => new DataIterator(index, this.#queues[equal ? index : 0], this.#notices));
+    this.iterators = Array.from({ length: n }, (_, index) => new DataIterator(index, this.#queueOf(index), this.#notices));
   }
 
   #queueOf(index: number): Queue<SplitItem> {
-    return this.#queues[this.#equal ? index : 0];
+    return this.#queues[this.#perIterator ? index : 0];
   }
 
   /** Whether nothing will read what is put for `index` (with one shared queue: no iterator reads). */
   #unread(index: number): boolean {
-    return this.#equal ? this.#stopped.has(index) : this.#stopped.size === this.#n;
+    return this.#perIterator ? this.#stopped.has(index) : this.#stopped.size === this.#n;
+  }
+
+  /** Iterators on a node that holds the block (by their hints). */
+  #near(block: SplitBlock): Set<number> {
+    const nodes = new Set(objectLocations(block.ref)[0]?.nodeIds ?? []);
+    const near = new Set<number>();
+    this.#hints?.forEach((node, index) => {
+      if (nodes.has(node)) near.add(index);
+    });
+    return near;
+  }
+
+  /**
+   * Unequal with hints: the block goes to an iterator on its node that has room (turns going
+   * round among several), else to any other whose queue is empty (locality gives way to a consumer
+   * that would otherwise wait), else it waits for room near it. A block on no hinted node goes to
+   * whichever reader has room. False: no iterator reads any more.
+   */
+  async #sendNear(block: SplitBlock): Promise<boolean> {
+    try {
+      const near = this.#near(block);
+      let lastCheck = Date.now();
+      for (;;) {
+        const readers = [...Array(this.#n).keys()].filter((index) => !this.#unread(index));
+        if (readers.length === 0) return false;
+        const [lost] = this.#lost;
+        if (lost) throw new ConsumerLost(`iterator ${lost[0]}'s consumer (worker ${lost[1]}) died while reading its share`);
+        const preferred = readers.filter((index) => near.has(index));
+        const first = preferred.length > 0 ? preferred : readers;
+        const start = this.#turn++;
+        const rotated = first.map((_, at) => first[(start + at) % first.length]);
+        const item = (index: number): SplitItem => ({ ref: block.ref, offset: block.offset, rows: block.rows, local: near.has(index) });
+        for (const index of rotated) {
+          if (await this.#offer(index, item(index))) return true;
+        }
+        if (preferred.length > 0) {
+          for (const index of readers.filter((candidate) => !near.has(candidate))) {
+            if ((await this.#queueOf(index).size()) === 0 && (await this.#offer(index, item(index)))) return true;
+          }
+        }
+        try {
+          await this.#queueOf(rotated[0]).put(item(rotated[0]), { timeout: NEAR_WAIT_MS });
+          return true;
+        } catch (error) {
+          if (!(error instanceof QueueFullError)) throw error;
+        }
+        if (Date.now() - lastCheck >= CONSUMER_CHECK_MS) {
+          await this.#checkConsumers();
+          lastCheck = Date.now();
+        }
+      }
+    } finally {
+      block.ref[Symbol.dispose]();
+    }
+  }
+
+  /** Puts `item` for `index` if its queue has room now. */
+  async #offer(index: number, item: SplitItem): Promise<boolean> {
+    try {
+      await this.#queueOf(index).putNowait(item);
+      return true;
+    } catch (error) {
+      if (error instanceof QueueFullError) return false;
+      throw error;
+    }
   }
 
   /** Reads the iterators' notices, and notes those whose worker died while reading. */
@@ -210,9 +299,9 @@ class SplitDealer {
     }
   }
 
-  async #send(index: number, block: SplitBlock): Promise<void> {
+  async #send(index: number, block: SplitBlock, local?: boolean): Promise<void> {
     try {
-      await this.#put(index, { ref: block.ref, offset: block.offset, rows: block.rows });
+      await this.#put(index, { ref: block.ref, offset: block.offset, rows: block.rows, ...(local !== undefined ? { local } : {}) });
     } finally {
       block.ref[Symbol.dispose]();
     }
@@ -230,20 +319,27 @@ class SplitDealer {
           continue;
         }
         if (!this.#equal) {
-          await this.#send(0, block);
           // No iterator reads any more: the run stops (leaving the loop closes the executor).
+          if (this.#hints) {
+            if (!(await this.#sendNear(block))) break;
+            continue;
+          }
+          await this.#send(0, block);
           if (this.#unread(0)) break;
           continue;
         }
-        let fewest = 0;
-        for (let index = 1; index < n; index++) if (rows[index] < rows[fewest]) fewest = index;
+        // Equal: the iterator with fewest rows so far (that keeps the cut exact); among several, one near the block.
+        const least = Math.min(...rows);
+        const near = this.#hints ? this.#near(block) : new Set<number>();
+        const tied = [...Array(n).keys()].filter((index) => rows[index] === least);
+        const fewest = tied.find((index) => near.has(index)) ?? tied[0];
         const previous = held[fewest];
-        held[fewest] = block;
+        held[fewest] = { ...block, ...(this.#hints ? { local: near.has(fewest) } : {}) };
         rows[fewest] += block.rows;
-        if (previous) await this.#send(fewest, previous);
+        if (previous) await this.#send(fewest, previous, previous.local);
         if (this.#stopped.size === n) break;
       }
-      if (this.#equal && this.#stopped.size < n) await dealHeld(n, rows, held, (index, block) => this.#send(index, block));
+      if (this.#equal && this.#stopped.size < n) await dealHeld(n, rows, held, (index, block) => this.#send(index, block, block.local));
     } catch (error) {
       failure = { error: { name: (error as Error).name ?? 'Error', message: (error as Error).message ?? String(error) } };
     } finally {
@@ -254,7 +350,7 @@ class SplitDealer {
       const last = failure ?? { end: true };
       await this.#checkConsumers();
       const readers = [...Array(n).keys()].filter((index) => !this.#stopped.has(index) && !this.#lost.has(index));
-      for (const index of this.#equal ? readers : readers.map(() => 0)) {
+      for (const index of this.#perIterator ? readers : readers.map(() => 0)) {
         // A consumer that dies now cannot take it: the split has failed for the rest already, or ends anyway.
         await this.#put(index, last).catch(() => this.#queueOf(index).putNowait(last).catch(() => undefined));
       }
@@ -278,7 +374,7 @@ class SplitDealer {
 async function dealHeld(n: number, rows: number[], held: Array<SplitBlock | undefined>, send: (index: number, block: SplitBlock) => Promise<void>): Promise<void> {
   const total = rows.reduce((sum, count) => sum + count, 0);
   const share = Math.floor(total / n);
-  const pieces = held.filter((block): block is SplitBlock => block !== undefined).map((block) => ({ ...block }));
+  const pieces = held.flatMap((block, owner) => (block ? [{ ...block, owner }] : []));
   let piece = 0;
   for (let index = 0; index < n; index++) {
     let missing = share - (rows[index] - (held[index]?.rows ?? 0));
@@ -286,7 +382,8 @@ async function dealHeld(n: number, rows: number[], held: Array<SplitBlock | unde
       const source = pieces[piece];
       const taken = Math.min(missing, source.rows);
       // Slices of one held block may go to several iterators: each goes with a handle of its own.
-      await send(index, { ref: new ObjectRef<Block>(source.ref.id), offset: source.offset, rows: taken });
+      // A piece that stays with the iterator it was held for keeps its nearness.
+      await send(index, { ref: new ObjectRef<Block>(source.ref.id), offset: source.offset, rows: taken, ...(index === source.owner && source.local !== undefined ? { local: source.local } : {}) });
       source.offset += taken;
       source.rows -= taken;
       missing -= taken;

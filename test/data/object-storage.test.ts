@@ -14,7 +14,7 @@ import { blockToRows, concatBlocks, rowsToBlock, type Block, type Row } from '..
 import type { Datasource, ReadTask, WriteContext } from '../../lib/data/datasource.js';
 import { EMPTY_PAYLOAD_HASH, signRequest } from '../../lib/data/filesystem/s3-signing.js';
 import { S3FileSystem } from '../../lib/data/filesystem/s3.js';
-import { fileSystemFor } from '../../lib/data/filesystem/file-system.js';
+import { LocalFileSystem, fileSystemFor } from '../../lib/data/filesystem/file-system.js';
 import { pack, unpack } from '../../lib/core/serialization.js';
 import {
   ArrowDatasink, CsvDatasink, JsonlDatasink, ParquetDatasink, arrowSource, binarySource, csvSource, jsonlSource, parquetSource, textSource, type WrittenFile,
@@ -326,6 +326,43 @@ describe('file formats on s3:// URLs', () => {
     server.put('data', 'staged/.job2_000000.jsonl.0.999.tmp', 'another job');
     await sink.onWriteComplete([committed]);
     expect([...server.bucket('data').keys()].sort()).toEqual(['staged/.job2_000000.jsonl.0.999.tmp', 'staged/job1_000000.jsonl']);
+  });
+});
+
+describe('LocalFileSystem', () => {
+  it('does on disk what the S3 filesystem does on a bucket', async () => {
+    const local = new LocalFileSystem();
+    const root = mkdtempSync(join(tmpdir(), 'trellis-fs-'));
+    try {
+      await local.makeDirectory(join(root, 'a/b'));
+      const file = await local.create(join(root, 'a/b/f.txt'));
+      await file.write('hello ');
+      await file.write(Buffer.from('disk'));
+      await file.sync();
+      await file.close();
+      expect(await local.stat(join(root, 'a/b/f.txt'))).toEqual({ kind: 'file', bytes: 10 });
+      expect(await local.stat(join(root, 'a'))).toEqual({ kind: 'directory' });
+      expect(await local.stat(join(root, 'none'))).toEqual({ kind: 'missing' });
+      expect(await local.listFiles(root)).toEqual([{ path: join(root, 'a/b/f.txt'), bytes: 10 }]);
+      const opened = await local.open(join(root, 'a/b/f.txt'));
+      const buffer = new Uint8Array(4);
+      expect((await opened.read(buffer, 0, 4, 6)).bytesRead).toBe(4);
+      expect(Buffer.from(buffer).toString()).toBe('disk');
+      await opened.close();
+      const chunks: Buffer[] = [];
+      for await (const chunk of local.readStream(join(root, 'a/b/f.txt'), 6)) chunks.push(Buffer.from(chunk));
+      expect(Buffer.concat(chunks).toString()).toBe('disk');
+      expect(Buffer.from(await (await local.openBlob(join(root, 'a/b/f.txt'))).slice(0, 5).arrayBuffer()).toString()).toBe('hello');
+      const aborted = await local.create(join(root, 'a/b/gone.txt'));
+      await aborted.write('partial');
+      await aborted.abort();
+      expect(await local.stat(join(root, 'a/b/gone.txt'))).toEqual({ kind: 'missing' });
+      await local.rename(join(root, 'a/b/f.txt'), join(root, 'a/g.txt'));
+      await local.remove(join(root, 'a/b'));
+      expect(await local.listFiles(root)).toEqual([{ path: join(root, 'a/g.txt'), bytes: 10 }]);
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
   });
 });
 

@@ -518,7 +518,8 @@ class S3Upload implements WritableFile {
 
   /** The first `bytes` of what is pending, as one buffer. */
   #take(bytes: number): Buffer {
-    const whole = Buffer.concat(this.#pending, this.#pendingBytes);
+    // One pending piece (a large write, or what is left of one) is cut, not copied again.
+    const whole = this.#pending.length === 1 ? Buffer.from(this.#pending[0].buffer, this.#pending[0].byteOffset, this.#pending[0].byteLength) : Buffer.concat(this.#pending, this.#pendingBytes);
     this.#pending = whole.byteLength > bytes ? [whole.subarray(bytes)] : [];
     this.#pendingBytes = whole.byteLength - Math.min(bytes, whole.byteLength);
     return whole.subarray(0, bytes);

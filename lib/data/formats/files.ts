@@ -688,24 +688,30 @@ export function tempPathFor(finalPath: string, attempt: number): string {
   return filePaths.join(filePaths.dirname(finalPath), `.${filePaths.basename(finalPath)}.${attempt}.${process.pid}.tmp`);
 }
 
-/** Writes `path` through `produce`; the file is removed (an upload cancelled) if it fails. */
-async function writeThrough(path: string, filesystem: FileSystem | undefined, produce: (file: WritableFile) => Promise<void>, durable: boolean): Promise<void> {
+/** Writes `path` through `produce`; the file is removed (an upload cancelled) if it fails. Returns the bytes written. */
+async function writeThrough(path: string, filesystem: FileSystem | undefined, produce: (file: WritableFile) => Promise<void>, durable: boolean): Promise<number> {
   const storage = fileSystemFor(path, filesystem);
   await storage.makeDirectory(filePaths.dirname(path));
   const file = await storage.create(path);
+  let bytes = 0;
+  // Counted as written: no request (or stat) afterwards to learn the size.
+  const counting: WritableFile = {
+    write: (data) => {
+      bytes += typeof data === 'string' ? Buffer.byteLength(data) : data.byteLength;
+      return file.write(data);
+    },
+    sync: () => file.sync(),
+    close: () => file.close(),
+  };
   try {
-    await produce(file);
+    await produce(counting);
     if (durable) await file.sync();
     await file.close();
   } catch (error) {
     await file.abort().catch(() => undefined);
     throw error;
   }
-}
-
-async function sizeOf(path: string, filesystem: FileSystem | undefined): Promise<number> {
-  const found = await fileSystemFor(path, filesystem).stat(path);
-  return found.kind === 'file' ? found.bytes : 0;
+  return bytes;
 }
 
 /**
@@ -714,8 +720,7 @@ async function sizeOf(path: string, filesystem: FileSystem | undefined): Promise
  */
 export async function writeTempFile(finalPath: string, attempt: number, produce: (file: WritableFile) => Promise<void>, durable = false, filesystem?: FileSystem): Promise<{ temp: string; bytes: number }> {
   const temp = tempPathFor(finalPath, attempt);
-  await writeThrough(temp, filesystem, produce, durable);
-  return { temp, bytes: await sizeOf(temp, filesystem) };
+  return { temp, bytes: await writeThrough(temp, filesystem, produce, durable) };
 }
 
 /**
@@ -726,10 +731,7 @@ export async function writeTempFile(finalPath: string, attempt: number, produce:
  */
 export async function writeFileAtomically(finalPath: string, attempt: number, produce: (file: WritableFile) => Promise<void>, filesystem?: FileSystem): Promise<number> {
   const storage = fileSystemFor(finalPath, filesystem);
-  if (!storage.writesInPlace) {
-    await writeThrough(finalPath, storage, produce, false);
-    return sizeOf(finalPath, storage);
-  }
+  if (!storage.writesInPlace) return writeThrough(finalPath, storage, produce, false);
   const { temp, bytes } = await writeTempFile(finalPath, attempt, produce, false, storage);
   await storage.rename(temp, finalPath);
   return bytes;
