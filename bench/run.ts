@@ -15,6 +15,7 @@ import { nodesSuite } from './nodes.js';
 import { serveSuite } from './serve.js';
 import { storeSuite } from './store.js';
 import { storageSuite } from './storage.js';
+import { splitSuite } from './split.js';
 import type { Suite } from './harness.js';
 
 const suites: Record<string, Suite> = {
@@ -30,6 +31,7 @@ const suites: Record<string, Suite> = {
   nodes: nodesSuite,
   serve: serveSuite,
   storage: storageSuite,
+  split: splitSuite,
 };
 
 const args = process.argv.slice(2);

@@ -25,7 +25,7 @@ const MiB = 1 << 20;
 
 async function startService(): Promise<{ endpoint: string; child: ChildProcess }> {
   const script = fileURLToPath(new URL('./s3-service.ts', import.meta.url));
-  const child = spawn(process.execPath, ['--import', 'tsx', script, String(LATENCY_MS)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const child = spawn(process.execPath, ['--import', 'tsx', script, String(LATENCY_MS)], { stdio: ['pipe', 'pipe', 'inherit'] });
   const lines = createInterface({ input: child.stdout! });
   const port = await new Promise<string>((resolve, reject) => {
     lines.once('line', resolve);

@@ -140,8 +140,10 @@ export class DataIterator {
 const QUEUED_BLOCKS_PER_ITERATOR = 2;
 /** How long a put waits for room before the consumers are looked at (are they alive, still reading?). */
 const CONSUMER_CHECK_MS = 1000;
-/** How long a block waits for room with the consumer its node prefers before idle consumers are looked at again. */
+/** How long the dealer waits for room near its oldest block before it looks again (at the others, and at idle consumers). */
 const NEAR_WAIT_MS = 50;
+/** Blocks a split with hints takes ahead of placing them, per iterator (so one waiting for its consumer does not hold back the rest). */
+const PENDING_PER_ITERATOR = 8;
 
 /**
  * Starts dealing `blocks` (the run's outputs, in order) out to `n` iterators and returns them; the
@@ -214,36 +216,71 @@ class SplitDealer {
   }
 
   /**
-   * Unequal with hints: the block goes to an iterator on its node that has room (turns going
-   * round among several), else to any other whose queue is empty (locality gives way to a consumer
-   * that would otherwise wait), else it waits for room near it. A block on no hinted node goes to
-   * whichever reader has room. False: no iterator reads any more.
+   * Unequal with hints. Blocks come in the run's order but are placed out of it: up to
+   * PENDING_PER_ITERATOR × n taken ahead, each to an iterator on its node with room (turns going
+   * round among several), so a block waiting for its own consumer never holds back one whose
+   * consumer is free. With nothing near that has room and no more to take ahead, an iterator whose
+   * queue is empty takes the oldest block waiting (locality gives way to a consumer that would
+   * otherwise sit idle), else the dealer waits up to NEAR_WAIT_MS for room near the oldest
+   * (taken at once if room comes), and looks again. A block on no hinted node
+   * goes to whichever reader has room. Returns false when no iterator reads any more.
    */
-  async #sendNear(block: SplitBlock): Promise<boolean> {
+  async #dealNear(blocks: AsyncIterator<SplitBlock>): Promise<boolean> {
+    const pending: Array<{ block: SplitBlock; near: Set<number> }> = [];
+    const limit = PENDING_PER_ITERATOR * this.#n;
+    let done = false;
+    let lastCheck = Date.now();
+    const item = (block: SplitBlock, index: number, near: Set<number>): SplitItem => ({ ref: block.ref, offset: block.offset, rows: block.rows, local: near.has(index) });
     try {
-      const near = this.#near(block);
-      let lastCheck = Date.now();
-      for (;;) {
+      while (!done || pending.length > 0) {
         const readers = [...Array(this.#n).keys()].filter((index) => !this.#unread(index));
         if (readers.length === 0) return false;
         const [lost] = this.#lost;
         if (lost) throw new ConsumerLost(`iterator ${lost[0]}'s consumer (worker ${lost[1]}) died while reading its share`);
-        const preferred = readers.filter((index) => near.has(index));
-        const first = preferred.length > 0 ? preferred : readers;
-        const start = this.#turn++;
-        const rotated = first.map((_, at) => first[(start + at) % first.length]);
-        const item = (index: number): SplitItem => ({ ref: block.ref, offset: block.offset, rows: block.rows, local: near.has(index) });
-        for (const index of rotated) {
-          if (await this.#offer(index, item(index))) return true;
-        }
-        if (preferred.length > 0) {
-          for (const index of readers.filter((candidate) => !near.has(candidate))) {
-            if ((await this.#queueOf(index).size()) === 0 && (await this.#offer(index, item(index)))) return true;
+        // Room in each reader's queue, asked once a round (a failed offer would cost a call per block).
+        const sizes = await Promise.all(readers.map((index) => this.#queueOf(index).size()));
+        const room = new Map(readers.map((index, at) => [index, QUEUED_BLOCKS_PER_ITERATOR - sizes[at]]));
+        let placed = false;
+        for (let at = 0; at < pending.length; at++) {
+          const { block, near } = pending[at];
+          const preferred = readers.filter((index) => near.has(index));
+          const candidates = (preferred.length > 0 ? preferred : readers).filter((index) => room.get(index)! > 0);
+          if (candidates.length === 0) continue;
+          const index = candidates[this.#turn++ % candidates.length];
+          if (await this.#offer(index, item(block, index, near))) {
+            room.set(index, room.get(index)! - 1);
+            block.ref[Symbol.dispose]();
+            pending.splice(at--, 1);
+            placed = true;
           }
         }
+        if (placed) continue;
+        if (!done && pending.length < limit) {
+          const next = await blocks.next();
+          if (next.done) done = true;
+          else if (next.value.rows === 0) next.value.ref[Symbol.dispose]();
+          else pending.push({ block: next.value, near: this.#near(next.value) });
+          continue;
+        }
+        // Nothing fits near and nothing more to take ahead: an idle reader takes the oldest block.
+        const oldest = pending[0];
+        let given = false;
+        for (const index of readers) {
+          if (room.get(index) === QUEUED_BLOCKS_PER_ITERATOR && (await this.#offer(index, item(oldest.block, index, oldest.near)))) {
+            oldest.block.ref[Symbol.dispose]();
+            pending.shift();
+            given = true;
+            break;
+          }
+        }
+        if (given) continue;
+        // Wait for room near the oldest block: the put returns as soon as its consumer takes one.
+        const target = readers.find((index) => oldest.near.has(index)) ?? readers[0];
         try {
-          await this.#queueOf(rotated[0]).put(item(rotated[0]), { timeout: NEAR_WAIT_MS });
-          return true;
+          await this.#queueOf(target).put(item(oldest.block, target, oldest.near), { timeout: NEAR_WAIT_MS });
+          oldest.block.ref[Symbol.dispose]();
+          pending.shift();
+          continue;
         } catch (error) {
           if (!(error instanceof QueueFullError)) throw error;
         }
@@ -252,8 +289,9 @@ class SplitDealer {
           lastCheck = Date.now();
         }
       }
+      return true;
     } finally {
-      block.ref[Symbol.dispose]();
+      for (const { block } of pending) block.ref[Symbol.dispose]();
     }
   }
 
@@ -312,18 +350,23 @@ class SplitDealer {
     const rows = new Array<number>(n).fill(0);
     const held: Array<SplitBlock | undefined> = new Array(n).fill(undefined);
     let failure: SplitItem | undefined;
+    const source = blocks[Symbol.asyncIterator]();
     try {
-      for await (const block of blocks) {
+      if (!this.#equal && this.#hints) {
+        try {
+          await this.#dealNear(source);
+        } finally {
+          // Ended, stopped early (no iterator reads) or failed: the run is closed either way.
+          await source.return?.();
+        }
+      }
+      for await (const block of { [Symbol.asyncIterator]: () => source }) {
         if (block.rows === 0) {
           block.ref[Symbol.dispose]();
           continue;
         }
         if (!this.#equal) {
           // No iterator reads any more: the run stops (leaving the loop closes the executor).
-          if (this.#hints) {
-            if (!(await this.#sendNear(block))) break;
-            continue;
-          }
           await this.#send(0, block);
           if (this.#unread(0)) break;
           continue;
