@@ -6,7 +6,9 @@
  */
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { gzipSync } from 'node:zlib';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer, type IncomingMessage } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { StorageError } from '../../lib/errors.js';
@@ -47,6 +49,12 @@ async function readAll(source: Datasource, parallelism = 1): Promise<{ tasks: Re
 }
 
 const context = (taskIndex = 0, attempt = 0, writeId = 'job1'): WriteContext => ({ taskIndex, attempt, writeId });
+
+async function readText(storage: S3FileSystem, path: string): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of storage.readStream(path)) chunks.push(Buffer.from(chunk));
+  return Buffer.concat(chunks).toString();
+}
 
 const rows: Row[] = Array.from({ length: 40 }, (_, index) => ({ id: index, name: `row ${index} ü`, score: index / 4, part: index % 2 === 0 ? 'even' : 'odd' }));
 
@@ -206,6 +214,39 @@ describe('S3FileSystem', () => {
     expect(refused!.message).toMatch(/no answer/);
   });
 
+  it('resumes a read whose connection drops mid-body where it stopped, and refuses to splice a replaced object', async () => {
+    const bytes = Buffer.alloc(3 << 20);
+    for (let index = 0; index < bytes.length; index++) bytes[index] = (index * 13) % 256;
+    server.put('data', 'long.bin', bytes);
+    server.breakBodies(2, 1 << 20);
+    const chunks: Buffer[] = [];
+    for await (const chunk of storage.readStream('s3://data/long.bin')) chunks.push(Buffer.from(chunk));
+    expect(Buffer.concat(chunks).equals(bytes)).toBe(true);
+    const gets = server.requests.filter((request) => request.method === 'GET');
+    expect(gets.map((request) => request.range)).toEqual([undefined, 'bytes=1048576-', 'bytes=2097152-']);
+    // A ranged read (a footer, a column chunk) resumes the same way.
+    server.breakBodies(1, 1000);
+    const file = await storage.open('s3://data/long.bin');
+    const window = new Uint8Array(5000);
+    await file.read(window, 0, 5000, 100);
+    expect(Buffer.from(window).equals(bytes.subarray(100, 5100))).toBe(true);
+    // Replaced between the break and the resume: the read fails rather than mix two versions.
+    server.breakBodies(1, 1 << 20);
+    const reading = (async () => {
+      let read = 0;
+      for await (const chunk of storage.readStream('s3://data/long.bin')) {
+        read += chunk.byteLength;
+        if (read >= 1 << 20) server.put('data', 'long.bin', Buffer.alloc(3 << 20, 1));
+      }
+    })();
+    await expect(reading).rejects.toMatchObject({ code: 'ERR_STORAGE_REQUEST', status: 412, storageCode: 'PreconditionFailed' });
+    // Breaking off every time: a typed error after maxAttempts (3 here).
+    server.breakBodies(3, 1000);
+    await expect((async () => {
+      for await (const _ of storage.readStream('s3://data/long.bin')) void _;
+    })()).rejects.toMatchObject({ code: 'ERR_STORAGE_UNAVAILABLE', attempts: 3 });
+  });
+
   it('takes credentials and endpoint from the environment, refuses bad options, and travels resolved', () => {
     const saved = { ...process.env };
     try {
@@ -220,7 +261,7 @@ describe('S3FileSystem', () => {
       delete process.env.AWS_ACCESS_KEY_ID;
       expect(sent.filesystem).toBeInstanceOf(S3FileSystem);
       expect(sent.filesystem.resolvedOptions).toEqual(fromEnvironment.resolvedOptions);
-      expect(new S3FileSystem({ anonymous: true, profile: 'none' }).resolvedOptions.credentials).toBeUndefined();
+      expect(new S3FileSystem({ anonymous: true, profile: 'none' }).resolvedOptions).toMatchObject({ credentials: undefined, fromProviders: false });
     } finally {
       process.env = saved;
     }
@@ -230,6 +271,133 @@ describe('S3FileSystem', () => {
     expect(() => fileSystemFor('gs://bucket/x')).toThrow(/no filesystem reads gs:\/\//);
     expect(() => fileSystemFor('/local/path', storage)).toThrow(/local path/);
     expect(() => jsonlSource('s3://data/x.jsonl', { filesystem: {} as never })).toThrow(/must be a FileSystem/);
+  });
+});
+
+describe('credentials from AWS providers', () => {
+  /** A provider server that hands out numbered temporary keys, each registered with the S3 server; `lifetimeMs` until each expires. */
+  async function providerServer(handle: (request: IncomingMessage, body: string, issue: () => { AccessKeyId: string; SecretAccessKey: string; Token: string; Expiration: string }) => { status: number; body: string }, lifetimeMs = 3_600_000) {
+    let issued = 0;
+    const seen: Array<{ method: string; url: string; headers: IncomingMessage['headers']; body: string }> = [];
+    const issue = () => {
+      issued++;
+      const keys = { AccessKeyId: `TEMP${issued}`, SecretAccessKey: `temp-secret-${issued}`, Token: `token-${issued}`, Expiration: new Date(Date.now() + lifetimeMs).toISOString() };
+      server.addCredentials(keys.AccessKeyId, keys.SecretAccessKey, keys.Token);
+      return keys;
+    };
+    const http = createServer((request, response) => {
+      let body = '';
+      request.on('data', (chunk: Buffer) => (body += chunk));
+      request.on('end', () => {
+        seen.push({ method: request.method!, url: request.url!, headers: request.headers, body });
+        const answer = handle(request, body, issue);
+        response.writeHead(answer.status);
+        response.end(answer.body);
+      });
+    });
+    await new Promise<void>((resolve) => http.listen(0, '127.0.0.1', resolve));
+    return { url: `http://127.0.0.1:${(http.address() as AddressInfo).port}`, seen, issued: () => issued, close: () => new Promise<void>((resolve) => http.close(() => resolve())) };
+  }
+
+  /** Runs `body` with only these AWS variables set (no keys, no credentials file, no instance metadata unless given). */
+  async function withEnvironment(variables: Record<string, string>, body: () => Promise<void>): Promise<void> {
+    const saved = { ...process.env };
+    for (const name of Object.keys(process.env)) if (name.startsWith('AWS_')) delete process.env[name];
+    Object.assign(process.env, { AWS_SHARED_CREDENTIALS_FILE: '/nonexistent/credentials', AWS_EC2_METADATA_DISABLED: 'true' }, variables);
+    try {
+      await body();
+    } finally {
+      process.env = saved;
+    }
+  }
+
+  const endpointOnly = () => ({ endpoint: server.endpoint, region: server.region });
+
+  it('exchanges a web identity token at STS for a role, and signs with the session it gives', async () => {
+    const sts = await providerServer((_request, body, issue) => {
+      const form = new URLSearchParams(body);
+      if (form.get('Action') !== 'AssumeRoleWithWebIdentity' || form.get('WebIdentityToken') !== 'the-token') return { status: 403, body: '<ErrorResponse><Error><Code>AccessDenied</Code><Message>bad token</Message></Error></ErrorResponse>' };
+      const keys = issue();
+      return { status: 200, body: `<AssumeRoleWithWebIdentityResponse><AssumeRoleWithWebIdentityResult><Credentials><AccessKeyId>${keys.AccessKeyId}</AccessKeyId><SecretAccessKey>${keys.SecretAccessKey}</SecretAccessKey><SessionToken>${keys.Token}</SessionToken><Expiration>${keys.Expiration}</Expiration></Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>` };
+    });
+    const tokenDir = mkdtempSync(join(tmpdir(), 'trellis-irsa-'));
+    try {
+      writeFileSync(join(tokenDir, 'token'), 'the-token\n');
+      server.put('data', 'f.txt', 'signed by a role');
+      await withEnvironment({ AWS_WEB_IDENTITY_TOKEN_FILE: join(tokenDir, 'token'), AWS_ROLE_ARN: 'arn:aws:iam::1:role/reader', AWS_ENDPOINT_URL_STS: sts.url, AWS_ROLE_SESSION_NAME: 'job' }, async () => {
+        const roleStorage = new S3FileSystem(endpointOnly());
+        expect(roleStorage.resolvedOptions).toMatchObject({ credentials: undefined, fromProviders: true });
+        expect(await readText(roleStorage, 's3://data/f.txt')).toBe('signed by a role');
+        expect(await readText(roleStorage, 's3://data/f.txt')).toBe('signed by a role');
+        // Asked once: the session lasts an hour.
+        expect(sts.issued()).toBe(1);
+        expect(new URLSearchParams(sts.seen[0].body).get('RoleArn')).toBe('arn:aws:iam::1:role/reader');
+        // A worker receives what the driver was given, and signs at once without asking STS.
+        const sent = unpack(pack(roleStorage)) as S3FileSystem;
+        expect(sent.resolvedOptions.providerCredentials).toMatchObject({ accessKeyId: 'TEMP1', sessionToken: 'token-1' });
+        expect(await readText(sent, 's3://data/f.txt')).toBe('signed by a role');
+        expect(sts.issued()).toBe(1);
+      });
+      await withEnvironment({ AWS_WEB_IDENTITY_TOKEN_FILE: join(tokenDir, 'missing'), AWS_ROLE_ARN: 'arn:aws:iam::1:role/reader', AWS_ENDPOINT_URL_STS: sts.url }, async () => {
+        await expect(new S3FileSystem(endpointOnly()).stat('s3://data/f.txt')).rejects.toMatchObject({ code: 'ERR_STORAGE_ACCESS', message: expect.stringContaining('cannot be read') });
+      });
+      writeFileSync(join(tokenDir, 'token'), 'a-wrong-token');
+      await withEnvironment({ AWS_WEB_IDENTITY_TOKEN_FILE: join(tokenDir, 'token'), AWS_ROLE_ARN: 'arn:aws:iam::1:role/reader', AWS_ENDPOINT_URL_STS: sts.url }, async () => {
+        await expect(new S3FileSystem(endpointOnly()).stat('s3://data/f.txt')).rejects.toMatchObject({ code: 'ERR_STORAGE_ACCESS', message: expect.stringContaining('403 AccessDenied: bad token') });
+      });
+    } finally {
+      rmSync(tokenDir, { recursive: true, force: true });
+      await sts.close();
+    }
+  });
+
+  it("takes the container endpoint's credentials with its authorization token, and fetches them again before they expire", async () => {
+    // Each set expires in 4 minutes: within the 5 minutes before expiry, so every request asks again.
+    const container = await providerServer((request, _body, issue) => (request.headers.authorization === 'secret-auth' ? { status: 200, body: JSON.stringify(issue()) } : { status: 401, body: 'no' }), 4 * 60_000);
+    try {
+      server.put('data', 'f.txt', 'from a container');
+      await withEnvironment({ AWS_CONTAINER_CREDENTIALS_FULL_URI: `${container.url}/v2/credentials`, AWS_CONTAINER_AUTHORIZATION_TOKEN: 'secret-auth' }, async () => {
+        const podStorage = new S3FileSystem(endpointOnly());
+        expect(await readText(podStorage, 's3://data/f.txt')).toBe('from a container');
+        expect(await readText(podStorage, 's3://data/f.txt')).toBe('from a container');
+        expect(container.issued()).toBe(2);
+        expect(server.requests.filter((request) => request.method === 'GET').length).toBe(2);
+      });
+      await withEnvironment({ AWS_CONTAINER_CREDENTIALS_FULL_URI: `${container.url}/v2/credentials`, AWS_CONTAINER_AUTHORIZATION_TOKEN: 'wrong' }, async () => {
+        await expect(new S3FileSystem(endpointOnly()).stat('s3://data/f.txt')).rejects.toMatchObject({ code: 'ERR_STORAGE_ACCESS', message: expect.stringContaining('answered 401') });
+      });
+    } finally {
+      await container.close();
+    }
+  });
+
+  it("asks the instance metadata service (IMDSv2: a session token first) for its role's credentials; without any provider, requests go unsigned", async () => {
+    const metadata = await providerServer((request, _body, issue) => {
+      if (request.method === 'PUT' && request.url === '/latest/api/token') return request.headers['x-aws-ec2-metadata-token-ttl-seconds'] ? { status: 200, body: 'imds-session' } : { status: 400, body: '' };
+      if (request.headers['x-aws-ec2-metadata-token'] !== 'imds-session') return { status: 401, body: '' };
+      if (request.url === '/latest/meta-data/iam/security-credentials/') return { status: 200, body: 'worker-role\n' };
+      if (request.url === '/latest/meta-data/iam/security-credentials/worker-role') return { status: 200, body: JSON.stringify({ Code: 'Success', ...issue() }) };
+      return { status: 404, body: '' };
+    });
+    try {
+      server.put('data', 'f.txt', 'from an instance');
+      await withEnvironment({ AWS_EC2_METADATA_DISABLED: 'false', AWS_EC2_METADATA_SERVICE_ENDPOINT: metadata.url }, async () => {
+        expect(await readText(new S3FileSystem(endpointOnly()), 's3://data/f.txt')).toBe('from an instance');
+        expect(metadata.seen.map((request) => `${request.method} ${request.url}`)).toEqual([
+          'PUT /latest/api/token',
+          'GET /latest/meta-data/iam/security-credentials/',
+          'GET /latest/meta-data/iam/security-credentials/worker-role',
+        ]);
+      });
+    } finally {
+      await metadata.close();
+    }
+    // No provider answers: unsigned, and a refusal says how to give credentials.
+    await withEnvironment({}, async () => {
+      const error = await new S3FileSystem(endpointOnly()).listFiles('s3://data/').then(() => undefined, (caught: unknown) => caught as StorageError);
+      expect(error).toMatchObject({ code: 'ERR_STORAGE_ACCESS', status: 403 });
+      expect(error!.message).toContain('no credentials were found');
+    });
   });
 });
 

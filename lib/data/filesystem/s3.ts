@@ -3,13 +3,16 @@
  * node's fetch with SigV4 signing: listings page by page, reads as ranged GETs with a read-ahead
  * window, writes as one PUT or a multipart upload that only appears when complete. Credentials
  * and region come from the options, else the environment (AWS_ACCESS_KEY_ID, ...), else the
- * shared credentials file, else requests go unsigned (public buckets).
+ * shared credentials file, else AWS's providers (web identity, container endpoint, instance
+ * metadata: s3-credentials.ts), refreshed before they expire, else requests go unsigned (public
+ * buckets).
  */
 import { readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { InvalidArgumentError, StorageError } from '../../errors.js';
 import { registerPortableClass } from '../../core/serialization.js';
+import { credentialsFromProviders, type ExpiringCredentials } from './s3-credentials.js';
 import { canonicalQuery, EMPTY_PAYLOAD_HASH, amzDate, sha256Hex, signRequest, uriEncode, type Credentials } from './s3-signing.js';
 import { registerFileSystem, type BlobLike, type FileSystem, type ListedFile, type RandomAccessFile, type WritableFile } from './file-system.js';
 
@@ -45,7 +48,12 @@ interface ResolvedOptions {
   region: string;
   endpoint: string | undefined;
   forcePathStyle: boolean;
+  /** Keys given, or found in the environment or the shared credentials file. */
   credentials: Credentials | undefined;
+  /** None of those and not anonymous: AWS's providers are asked, in the process that signs. */
+  fromProviders: boolean;
+  /** What the providers last gave the sender: a worker signs with them until they near their end. */
+  providerCredentials?: ExpiringCredentials;
   partBytes: number;
   partsInFlight: number;
   maxAttempts: number;
@@ -64,6 +72,8 @@ const TAIL_WINDOW_BYTES = 64 << 10;
 const DELETES_IN_FLIGHT = 8;
 
 const RETRIED_STATUSES = new Set([429, 500, 502, 503, 504]);
+/** Temporary credentials are fetched again this long before they expire. */
+const REFRESH_BEFORE_MS = 5 * 60_000;
 
 function decodeXml(text: string): string {
   return text.replace(/&(?:#x([0-9a-f]+)|#(\d+)|(amp|lt|gt|quot|apos));/gi, (_, hex: string, decimal: string, name: string) => {
@@ -155,6 +165,7 @@ function resolveOptions(options: S3FileSystemOptions): ResolvedOptions {
     endpoint: endpoint?.replace(/\/+$/, ''),
     forcePathStyle: options.forcePathStyle ?? endpoint !== undefined,
     credentials,
+    fromProviders: !options.anonymous && credentials === undefined,
     partBytes: positiveInteger(options.partBytes, 'partBytes', 8 << 20, MIN_PART_BYTES, MAX_PART_BYTES),
     partsInFlight: positiveInteger(options.partsInFlight, 'partsInFlight', 4, 1, 64),
     maxAttempts: positiveInteger(options.maxAttempts, 'maxAttempts', 5, 1, 20),
@@ -195,8 +206,45 @@ export class S3FileSystem implements FileSystem {
   readonly writesInPlace = false;
   readonly #options: ResolvedOptions;
 
+  /** What AWS's providers gave (fromProviders): kept until it nears its end. */
+  #provided: ExpiringCredentials | undefined;
+  /** The providers were asked and none had credentials: requests go unsigned. */
+  #noProvider = false;
+  #refreshing: Promise<void> | undefined;
+
   constructor(options: S3FileSystemOptions = {}) {
     this.#options = adopting ?? resolveOptions(options);
+    this.#provided = this.#options.providerCredentials;
+  }
+
+  /** The credentials to sign with now: static ones, or the providers', fetched again before they expire. */
+  async #credentials(): Promise<Credentials | undefined> {
+    const options = this.#options;
+    if (!options.fromProviders) return options.credentials;
+    const fresh = (candidate: ExpiringCredentials | undefined, margin: number): candidate is ExpiringCredentials =>
+      candidate !== undefined && (candidate.expiration === undefined || candidate.expiration - Date.now() > margin);
+    if (fresh(this.#provided, REFRESH_BEFORE_MS) || this.#noProvider) return this.#provided;
+    this.#refreshing ??= credentialsFromProviders(options.region)
+      .then(
+        (found) => {
+          if (found) this.#provided = found.credentials;
+          else if (!fresh(this.#provided, 0)) this.#noProvider = true;
+        },
+        (error: unknown) => {
+          // A provider that fails while what it gave before still works: sign with that meanwhile.
+          if (!fresh(this.#provided, 0)) throw error;
+        },
+      )
+      .finally(() => {
+        this.#refreshing = undefined;
+      });
+    await this.#refreshing;
+    return fresh(this.#provided, 0) ? this.#provided : undefined;
+  }
+
+  /** @internal What travels to a worker: the options, with what the providers gave here. */
+  portableOptions(): ResolvedOptions {
+    return this.#provided ? { ...this.#options, providerCredentials: this.#provided } : this.#options;
   }
 
   /** @internal Made again in a worker from what the sender resolved (its environment is not read). */
@@ -240,14 +288,17 @@ export class S3FileSystem implements FileSystem {
     let lastStatus: number | undefined;
     let lastCode: string | undefined;
     let lastError: unknown;
+    let unsigned = false;
     for (let attempt = 1; attempt <= options.maxAttempts; attempt++) {
       if (attempt > 1) await sleep(Math.min(5_000, 100 * 2 ** (attempt - 2)) * (0.5 + Math.random() / 2));
+      const credentials = await this.#credentials();
       const at = new Date();
       const headers: Record<string, string> = { ...spec.headers, host, 'x-amz-date': amzDate(at), 'x-amz-content-sha256': payloadHash };
-      if (options.credentials?.sessionToken) headers['x-amz-security-token'] = options.credentials.sessionToken;
-      if (options.credentials) {
-        headers.authorization = signRequest({ method: spec.method, encodedPath, query, headers, payloadHash }, options.credentials, options.region, at).authorization;
+      if (credentials?.sessionToken) headers['x-amz-security-token'] = credentials.sessionToken;
+      if (credentials) {
+        headers.authorization = signRequest({ method: spec.method, encodedPath, query, headers, payloadHash }, credentials, options.region, at).authorization;
       }
+      unsigned = !credentials;
       const { host: _host, ...sent } = headers;
       const controller = new AbortController();
       const timer = setTimeout(() => controller.abort(), options.requestTimeoutMs);
@@ -272,7 +323,7 @@ export class S3FileSystem implements FileSystem {
       }
       throw new StorageError(
         response.status === 404 ? 'ERR_STORAGE_NOT_FOUND' : response.status === 403 ? 'ERR_STORAGE_ACCESS' : 'ERR_STORAGE_REQUEST',
-        `S3 ${spec.method} ${display} failed: ${response.status}${lastCode ? ` ${lastCode}` : ''}${message ? `: ${message}` : ''}${response.status === 403 && !options.credentials ? ' (no credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or pass them to S3FileSystem)' : ''}`,
+        `S3 ${spec.method} ${display} failed: ${response.status}${lastCode ? ` ${lastCode}` : ''}${message ? `: ${message}` : ''}${response.status === 403 && unsigned ? ' (no credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, give the process a role, or pass keys to S3FileSystem)' : ''}`,
         { url: display, status: response.status, ...(lastCode ? { storageCode: lastCode } : {}), attempts: attempt },
       );
     }
@@ -344,19 +395,56 @@ export class S3FileSystem implements FileSystem {
     return new S3File(this, location, Number(head.headers.get('content-length') ?? 0));
   }
 
-  /** @internal Bytes [start, end) of an object. */
+  /** @internal Bytes [start, end) of an object; a body that breaks off is asked for again. */
   async readRange(location: S3Location, start: number, end: number): Promise<Uint8Array> {
     if (end <= start) return new Uint8Array(0);
-    const response = await this.#send({ method: 'GET', location, headers: { range: `bytes=${start}-${end - 1}` } });
-    return new Uint8Array(await response.arrayBuffer());
+    const parts: Uint8Array[] = [];
+    let size = 0;
+    for await (const chunk of this.#body(location, start, end)) {
+      parts.push(chunk);
+      size += chunk.byteLength;
+    }
+    return parts.length === 1 ? parts[0] : Buffer.concat(parts, size);
   }
 
-  async *readStream(path: string, start = 0): AsyncIterable<Uint8Array> {
-    const location = locate(path);
-    // A start at or past the end is answered 416: there is nothing to read.
-    const response = await this.#send({ method: 'GET', location, headers: start > 0 ? { range: `bytes=${start}-` } : {}, accept: [416] });
-    if (response.status === 416 || !response.body) return;
-    yield* response.body as unknown as AsyncIterable<Uint8Array>;
+  readStream(path: string, start = 0): AsyncIterable<Uint8Array> {
+    return this.#body(locate(path), start);
+  }
+
+  /**
+   * An object's bytes from `start` (to `end`, or its end) as they arrive. A connection that drops
+   * mid-body is resumed where it stopped, with the object's ETag as a precondition (an object
+   * replaced meanwhile fails the read rather than splice two versions), up to maxAttempts times.
+   */
+  async *#body(location: S3Location, start: number, end?: number): AsyncGenerator<Uint8Array> {
+    const options = this.resolvedOptions;
+    let position = start;
+    let etag: string | undefined;
+    for (let broken = 0; ; ) {
+      const headers: Record<string, string> = {};
+      if (position > 0 || end !== undefined) headers.range = `bytes=${position}-${end === undefined ? '' : end - 1}`;
+      if (etag) headers['if-match'] = etag;
+      // A start at or past the end is answered 416: there is nothing to read.
+      const response = await this.#send({ method: 'GET', location, headers, accept: [416] });
+      if (response.status === 416 || !response.body) return;
+      etag ??= response.headers.get('etag') ?? undefined;
+      try {
+        for await (const chunk of response.body as unknown as AsyncIterable<Uint8Array>) {
+          position += chunk.byteLength;
+          yield chunk;
+        }
+        return;
+      } catch (error) {
+        if (++broken >= options.maxAttempts) {
+          throw new StorageError('ERR_STORAGE_UNAVAILABLE', `S3 GET s3://${location.bucket}/${location.key} broke off ${broken} times, last at byte ${position}: ${(error as Error).message}`, {
+            url: `s3://${location.bucket}/${location.key}`,
+            attempts: broken,
+            cause: error,
+          });
+        }
+        await sleep(Math.min(5_000, 100 * 2 ** (broken - 1)) * (0.5 + Math.random() / 2));
+      }
+    }
   }
 
   /** A Blob-shaped view of an object: each slice read is one ranged GET. */
@@ -593,6 +681,6 @@ registerFileSystem('s3', (options) => new S3FileSystem((options ?? {}) as S3File
 registerPortableClass(
   S3FileSystem,
   'trellis:data/s3-filesystem',
-  (storage) => storage.resolvedOptions,
+  (storage) => storage.portableOptions(),
   (options: ResolvedOptions) => S3FileSystem.fromResolved(options),
 );
