@@ -12,13 +12,11 @@
  * made but not yet recorded is made again).
  */
 import { createHash } from 'node:crypto';
-import { basename, dirname, join } from 'node:path';
-import { mkdir, open, readFile, readdir, rename, rm, stat, unlink, utimes, writeFile } from 'node:fs/promises';
 import { deserialize, serialize } from 'node:v8';
 import { RecordBatch, Schema, Table, tableFromIPC, tableToIPC } from 'apache-arrow';
 import { get, put } from '../core/api.js';
 import { hostIdentity } from '../core/host.js';
-import { paths, urlScheme } from './filesystem/file-system.js';
+import { fileSystemFor, paths, urlScheme, type FileSystem } from './filesystem/file-system.js';
 import { processAlive } from '../process-exit.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { descriptorOf, lookupRegistered, remote } from '../core/registry.js';
@@ -58,6 +56,8 @@ export interface CheckpointOptions {
 export interface CheckpointTarget {
   path: string;
   idColumn: string;
+  /** Where the checkpoint is, for a URL (resolved in the driver; write tasks carry it). */
+  filesystem?: FileSystem;
   /** The sink stages in write() and publishes in commit(). */
   staged: boolean;
 }
@@ -108,18 +108,6 @@ function recordName(context: WriteContext): string {
   return `${context.writeId}_${String(context.taskIndex).padStart(6, '0')}.arrow`;
 }
 
-async function writeDurably(path: string, bytes: Uint8Array): Promise<void> {
-  const temp = join(dirname(path), `.${basename(path)}.${process.pid}.tmp`);
-  const handle = await open(temp, 'w');
-  try {
-    await handle.writeFile(bytes);
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-  await rename(temp, path);
-}
-
 /**
  * Records a write: the ids of the rows it wrote, and what write() returned (kept for the results
  * a resumed job returns). Named by the task, so that a retried task replaces its own record.
@@ -137,9 +125,10 @@ export async function recordWrite(target: CheckpointTarget, blocks: readonly Blo
   const table = new Table({ id: idsToVector(ids) });
   const schema = new Schema(table.schema.fields, new Map(encoded === undefined ? [] : [[RESULT_KEY, encoded]]));
   const withResult = new Table(schema, table.batches.map((batch) => new RecordBatch(schema, batch.data)));
-  const directory = join(target.path, RECORDS);
-  await mkdir(directory, { recursive: true });
-  await writeDurably(join(directory, recordName(context)), tableToIPC(withResult, 'file'));
+  const directory = paths.join(target.path, RECORDS);
+  const storage = fileSystemFor(directory, target.filesystem);
+  await storage.makeDirectory(directory);
+  await storage.writeFileDurably(paths.join(directory, recordName(context)), tableToIPC(withResult, 'file'));
 }
 
 /** A sink's write() with its checkpoint: the write, its record, then (staged sinks) its publish. */
@@ -252,14 +241,8 @@ export function checkCheckpointOptions(options: unknown, defaultPath: string | u
   const { idColumn, path, deleteOnSuccess, fingerprint } = options as CheckpointOptions;
   if (typeof idColumn !== 'string' || idColumn === '') throw new InvalidArgumentError(`checkpoint.idColumn must name a column, got ${String(idColumn)}`, 'ERR_DATA_CHECKPOINT');
   if (path !== undefined && (typeof path !== 'string' || path === '')) throw new InvalidArgumentError(`checkpoint.path must be a directory path, got ${String(path)}`, 'ERR_DATA_CHECKPOINT');
-  if (path !== undefined && urlScheme(path)) {
-    throw new InvalidArgumentError(`checkpoint.path must be a directory on disk (a shared one when several hosts write), not a URL: got '${path}'`, 'ERR_DATA_CHECKPOINT');
-  }
   const resolved = path ?? defaultPath;
   if (!resolved) throw new InvalidArgumentError('checkpoint.path is needed for a custom sink: a directory every host that writes can reach', 'ERR_DATA_CHECKPOINT');
-  if (urlScheme(resolved)) {
-    throw new InvalidArgumentError(`checkpoint.path is needed when writing to '${paths.dirname(resolved)}': a directory on disk every host that writes can reach (a checkpoint's records and lock are files)`, 'ERR_DATA_CHECKPOINT');
-  }
   if (deleteOnSuccess !== undefined && typeof deleteOnSuccess !== 'boolean') throw new InvalidArgumentError(`checkpoint.deleteOnSuccess must be true or false, got ${String(deleteOnSuccess)}`, 'ERR_DATA_CHECKPOINT');
   if (fingerprint !== undefined && (typeof fingerprint !== 'string' || fingerprint === '')) throw new InvalidArgumentError(`checkpoint.fingerprint must be a non-empty string, got ${String(fingerprint)}`, 'ERR_DATA_CHECKPOINT');
   return { idColumn, path: resolved, deleteOnSuccess: deleteOnSuccess ?? true, ...(fingerprint !== undefined ? { fingerprint } : {}) };
@@ -274,13 +257,19 @@ export class WriteCheckpoint implements AsyncDisposable {
   readonly idColumn: string;
   readonly #sink: Datasink;
   readonly #deleteOnSuccess: boolean;
+  /** The disk, or object storage for a URL: every file of the checkpoint goes through it. */
+  readonly #storage: FileSystem;
+  /** What write tasks carry for a URL (undefined for a path on disk). */
+  readonly #filesystem: FileSystem | undefined;
   #heartbeat?: NodeJS.Timeout;
   #idsRef?: ObjectRef<Block>;
   #resumedRows = 0;
   #resumedResults: unknown[] = [];
   #closed = false;
 
-  private constructor(options: { path: string; idColumn: string; deleteOnSuccess: boolean }, sink: Datasink) {
+  private constructor(options: { path: string; idColumn: string; deleteOnSuccess: boolean }, sink: Datasink, filesystem: FileSystem | undefined) {
+    this.#filesystem = filesystem;
+    this.#storage = fileSystemFor(options.path, filesystem);
     this.path = options.path;
     this.idColumn = options.idColumn;
     this.#deleteOnSuccess = options.deleteOnSuccess;
@@ -288,11 +277,13 @@ export class WriteCheckpoint implements AsyncDisposable {
   }
 
   /** Opens (or starts) the checkpoint of a write of `plan` through `sink`; `writeId` names this run. */
-  static async open(options: unknown, sink: Datasink, plan: readonly LogicalOperator[], writeId: string, defaultPath?: string): Promise<WriteCheckpoint> {
+  static async open(options: unknown, sink: Datasink, plan: readonly LogicalOperator[], writeId: string, defaultPath?: string, filesystem?: FileSystem): Promise<WriteCheckpoint> {
     const checked = checkCheckpointOptions(options, defaultPath);
     const steps = stepsOf(plan, sink, checked.idColumn);
-    const checkpoint = new WriteCheckpoint(checked, sink);
-    await mkdir(join(checkpoint.path, RECORDS), { recursive: true });
+    // A URL's filesystem is resolved here, in the driver, so that write tasks carry it.
+    const storage = urlScheme(checked.path) ? fileSystemFor(checked.path, filesystem?.scheme === urlScheme(checked.path) ? filesystem : undefined) : undefined;
+    const checkpoint = new WriteCheckpoint(checked, sink, storage);
+    await checkpoint.#storage.makeDirectory(paths.join(checkpoint.path, RECORDS));
     await checkpoint.#lock(writeId);
     try {
       await checkpoint.#checkManifest(steps, checked.fingerprint, writeId);
@@ -305,8 +296,11 @@ export class WriteCheckpoint implements AsyncDisposable {
   }
 
   async #lock(writeId: string): Promise<void> {
-    const file = join(this.path, LOCK);
-    const take = () => writeFile(file, JSON.stringify({ host: hostIdentity(), pid: process.pid, writeId }), { flag: 'wx' });
+    const file = paths.join(this.path, LOCK);
+    const storage = this.#storage;
+    const take = async () => {
+      if (!(await storage.createExclusive(file, Buffer.from(JSON.stringify({ host: hostIdentity(), pid: process.pid, writeId }))))) throw Object.assign(new Error('taken'), { code: 'EEXIST' });
+    };
     const busy = (detail: string) => checkpointError(`checkpoint ${this.path} is in use by ${detail}: one run of a job at a time`, 'ERR_DATA_CHECKPOINT_BUSY');
     try {
       await take();
@@ -316,14 +310,15 @@ export class WriteCheckpoint implements AsyncDisposable {
       let holder: { host?: string; pid?: number } = {};
       let heartbeat = 0;
       try {
-        holder = JSON.parse(await readFile(file, 'utf8')) as typeof holder;
-        heartbeat = (await stat(file)).mtimeMs;
+        holder = JSON.parse(Buffer.from(await storage.readFile(file)).toString('utf8')) as typeof holder;
+        const found = await storage.stat(file);
+        heartbeat = found.kind === 'file' ? (found.modifiedMs ?? 0) : 0;
       } catch {
         holder = {};
       }
       const live = holder.host === hostIdentity() ? typeof holder.pid === 'number' && processAlive(holder.pid) : Date.now() - heartbeat < LOCK_STALE_MS;
       if (live) throw busy(`a run on ${holder.host ?? 'another host'} (process ${holder.pid ?? '?'})`);
-      await unlink(file).catch(() => undefined);
+      await storage.remove(file).catch(() => undefined);
       await take().catch((again: NodeJS.ErrnoException) => {
         // Taken again between our look and our write: another run got there first.
         throw again.code === 'EEXIST' ? busy('another run') : again;
@@ -332,18 +327,19 @@ export class WriteCheckpoint implements AsyncDisposable {
     // Another host judges this run alive by the lock's age.
     this.#heartbeat = setInterval(() => {
       const now = new Date();
-      utimes(file, now, now).catch(() => undefined);
+      storage.touch(file).catch(() => undefined);
     }, HEARTBEAT_MS);
     this.#heartbeat.unref();
   }
 
   async #checkManifest(steps: PlanStep[], fingerprint: string | undefined, writeId: string): Promise<void> {
-    const file = join(this.path, MANIFEST);
+    const file = paths.join(this.path, MANIFEST);
     let manifest: Manifest | undefined;
     try {
-      manifest = JSON.parse(await readFile(file, 'utf8')) as Manifest;
+      manifest = JSON.parse(Buffer.from(await this.#storage.readFile(file)).toString('utf8')) as Manifest;
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw checkpointError(`checkpoint ${this.path}: its ${MANIFEST} cannot be read (${(error as Error).message})`);
+      const code = (error as { code?: string }).code;
+      if (code !== 'ENOENT' && code !== 'ERR_STORAGE_NOT_FOUND') throw checkpointError(`checkpoint ${this.path}: its ${MANIFEST} cannot be read (${(error as Error).message})`);
     }
     if (manifest) {
       if (manifest.idColumn !== this.idColumn) {
@@ -367,15 +363,15 @@ export class WriteCheckpoint implements AsyncDisposable {
       steps,
       runs: [...(manifest?.runs ?? []), { writeId, host: hostIdentity(), pid: process.pid, startedAt: new Date().toISOString() }],
     };
-    await writeDurably(file, Buffer.from(JSON.stringify(next, null, 2)));
+    await this.#storage.writeFileDurably(file, Buffer.from(JSON.stringify(next, null, 2)));
   }
 
   /** Reads every record: a write whose output stands counts, one whose output is gone is dropped. */
   async #recover(): Promise<void> {
-    const directory = join(this.path, RECORDS);
-    const entries = await readdir(directory);
+    const directory = paths.join(this.path, RECORDS);
+    const entries = (await this.#storage.listFiles(directory)).map((file) => paths.relative(directory, file.path)).filter((name) => !name.includes('/'));
     // Records of attempts that died while being written.
-    await Promise.all(entries.filter((name) => name.startsWith('.') && name.endsWith('.tmp')).map((name) => unlink(join(directory, name)).catch(() => undefined)));
+    await Promise.all(entries.filter((name) => name.startsWith('.') && name.endsWith('.tmp')).map((name) => this.#storage.remove(paths.join(directory, name)).catch(() => undefined)));
     const names = entries.filter((name) => name.endsWith('.arrow') && !name.startsWith('.')).sort();
     // A long job leaves thousands of records: read a few at a time, kept in name order.
     const loaded: Array<{ ids: IdValues; result: unknown } | null> = new Array(names.length).fill(null);
@@ -383,7 +379,7 @@ export class WriteCheckpoint implements AsyncDisposable {
     const reader = async (): Promise<void> => {
       while (next < names.length) {
         const index = next++;
-        loaded[index] = await this.#readRecord(join(directory, names[index]), names[index]);
+        loaded[index] = await this.#readRecord(paths.join(directory, names[index]), names[index]);
       }
     };
     await Promise.all(Array.from({ length: Math.min(16, names.length) }, reader));
@@ -402,7 +398,7 @@ export class WriteCheckpoint implements AsyncDisposable {
   async #readRecord(file: string, name: string): Promise<{ ids: IdValues; result: unknown } | null> {
     let table: Table;
     try {
-      table = tableFromIPC(await readFile(file));
+      table = tableFromIPC(await this.#storage.readFile(file));
     } catch (error) {
       throw checkpointError(`checkpoint ${this.path}: record ${name} cannot be read (${(error as Error).message}); remove it to write its rows again`);
     }
@@ -412,7 +408,7 @@ export class WriteCheckpoint implements AsyncDisposable {
       const recovered = await this.#sink.recover(result);
       if (recovered === null) {
         // Its output is gone: its rows are written again.
-        await unlink(file).catch(() => undefined);
+        await this.#storage.remove(file).catch(() => undefined);
         return null;
       }
       result = recovered;
@@ -441,7 +437,7 @@ export class WriteCheckpoint implements AsyncDisposable {
   }
 
   target(): CheckpointTarget {
-    return { path: this.path, idColumn: this.idColumn, staged: typeof this.#sink.commit === 'function' };
+    return { path: this.path, idColumn: this.idColumn, staged: typeof this.#sink.commit === 'function', ...(this.#filesystem ? { filesystem: this.#filesystem } : {}) };
   }
 
   /** What earlier runs' write() calls returned, for the job's results. */
@@ -455,7 +451,7 @@ export class WriteCheckpoint implements AsyncDisposable {
 
   /** The job succeeded: the checkpoint goes (unless kept), so that a new run starts afresh. */
   async complete(): Promise<void> {
-    if (this.#deleteOnSuccess) await rm(this.path, { recursive: true, force: true });
+    if (this.#deleteOnSuccess) await this.#storage.remove(this.path);
   }
 
   async close(): Promise<void> {
@@ -465,10 +461,10 @@ export class WriteCheckpoint implements AsyncDisposable {
     this.#idsRef?.[Symbol.dispose]();
     this.#idsRef = undefined;
     // Only our own lock: a completed checkpoint's directory is already gone.
-    const file = join(this.path, LOCK);
+    const file = paths.join(this.path, LOCK);
     try {
-      const holder = JSON.parse(await readFile(file, 'utf8')) as { pid?: number; host?: string };
-      if (holder.pid === process.pid && holder.host === hostIdentity()) await unlink(file);
+      const holder = JSON.parse(Buffer.from(await this.#storage.readFile(file)).toString('utf8')) as { pid?: number; host?: string };
+      if (holder.pid === process.pid && holder.host === hostIdentity()) await this.#storage.remove(file);
     } catch {
       // Gone with the directory, or never taken.
     }

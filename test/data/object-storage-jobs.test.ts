@@ -2,11 +2,14 @@
  * Jobs on object storage through the cluster: a dataset read from s3:// in worker processes that
  * have no credentials of their own (the driver's resolved filesystem travels with the tasks),
  * mapped, and written back to s3://, plainly and checkpointed (files staged under hidden keys,
- * committed by copy; the checkpoint itself on disk).
+ * committed by copy), with the checkpoint on disk or beside the output on s3:// (a failed job
+ * resumed; its lock taken by a conditional write).
  */
 import { mkdirSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { S3FileSystem, readJsonl, readParquet, rowsToBlock, type Row } from '../../lib/index.js';
+import { S3FileSystem, range, readJsonl, readParquet, rowsToBlock, type Row } from '../../lib/index.js';
+import { hostIdentity } from '../../lib/core/host.js';
+import { failOnceAt } from './fixtures/checkpoint.js';
 import { ParquetDatasink } from '../../lib/data/formats/index.js';
 import { double } from './fixtures/udfs.js';
 import { S3TestServer } from './fixtures/s3-server.js';
@@ -66,6 +69,39 @@ describe('datasets on s3://', () => {
     const keys = [...server.bucket('data').keys()].filter((key) => key.startsWith('checkpointed/'));
     expect(keys.sort()).toEqual(paths.map((path) => path.slice('s3://data/'.length)).sort());
     expect(byId(await readParquet('s3://data/checkpointed', { filesystem: storage }).takeAll()).map((row) => row.id)).toEqual(rows.map((row) => row.id));
-    await expect(source.writeParquet('s3://data/elsewhere', { filesystem: storage, checkpoint: { idColumn: 'id' } })).rejects.toThrow(/checkpoint.path is needed when writing to 's3:\/\/data\/elsewhere'/);
+  });
+
+  it('a checkpoint on s3:// beside the output: a job that failed resumes with only the rows it had not written', async () => {
+    const storage = new S3FileSystem(server.clientOptions);
+    const flag = scratchDir.path('s3-failed-once');
+    const job = () => range(200, { parallelism: 20 }).map(failOnceAt, { fnArgs: [150, flag] });
+    const keys = (prefix: string) => [...server.bucket('data').keys()].filter((key) => key.startsWith(prefix));
+    await expect(job().writeJsonl('s3://data/resumed', { filesystem: storage, checkpoint: { idColumn: 'id' } })).rejects.toThrow(/row 150 failed once/);
+    // Its records are objects beside the output; the run let go of its lock.
+    expect(keys('resumed/.trellis-checkpoint/records/').length).toBeGreaterThan(0);
+    expect(keys('resumed/.trellis-checkpoint/')).toContain('resumed/.trellis-checkpoint/manifest.json');
+    expect(keys('resumed/.trellis-checkpoint/lock')).toEqual([]);
+    const before = keys('resumed/').filter((key) => !key.includes('.trellis-checkpoint')).length;
+    expect(before).toBeGreaterThan(0);
+
+    const dataset = job();
+    await dataset.writeJsonl('s3://data/resumed', { filesystem: storage, checkpoint: { idColumn: 'id' } });
+    expect(dataset.stats()?.checkpoint).toMatchObject({ path: 's3://data/resumed/.trellis-checkpoint', resumedWrites: before });
+    const ids = (await readJsonl('s3://data/resumed', { filesystem: storage }).takeAll()).map((row) => Number(row.id)).sort((a, b) => a - b);
+    expect(ids).toEqual(Array.from({ length: 200 }, (_, id) => id));
+    // Done: the checkpoint is gone, and nothing staged is left.
+    expect(keys('resumed/.trellis-checkpoint')).toEqual([]);
+    expect(keys('resumed/').filter((key) => key.includes('.tmp'))).toEqual([]);
+  });
+
+  it('a second run while the first holds the checkpoint on s3:// is refused; a lock left by a dead process is taken over', async () => {
+    const storage = new S3FileSystem(server.clientOptions);
+    // A live run here: this process holds it.
+    server.put('data', 'locked/.trellis-checkpoint/lock', JSON.stringify({ host: hostIdentity(), pid: process.pid, writeId: 'other' }));
+    await expect(range(10).writeJsonl('s3://data/locked', { filesystem: storage, checkpoint: { idColumn: 'id' } })).rejects.toMatchObject({ code: 'ERR_DATA_CHECKPOINT_BUSY' });
+    // A holder on this host that is gone: its lock is taken over and the job runs.
+    server.put('data', 'locked/.trellis-checkpoint/lock', JSON.stringify({ host: hostIdentity(), pid: 2 ** 22 + 1, writeId: 'dead' }));
+    await range(10).writeJsonl('s3://data/locked', { filesystem: storage, checkpoint: { idColumn: 'id' } });
+    expect((await readJsonl('s3://data/locked', { filesystem: storage }).takeAll()).length).toBe(10);
   });
 });

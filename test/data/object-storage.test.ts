@@ -84,7 +84,7 @@ describe('S3FileSystem', () => {
   it('stats and lists through paged listings; keys with spaces, unicode and reserved characters sign and read back', async () => {
     const names = ['dir/a.txt', 'dir/b c.txt', 'dir/sub/ü+(1)*.txt', 'dir/sub/d~e!.txt', 'dir/x.txt', 'dirt.txt', 'other/z.txt'];
     for (const name of names) server.put('data', name, `content of ${name}`);
-    expect(await storage.stat('s3://data/dir/a.txt')).toEqual({ kind: 'file', bytes: 'content of dir/a.txt'.length });
+    expect(await storage.stat('s3://data/dir/a.txt')).toMatchObject({ kind: 'file', bytes: 'content of dir/a.txt'.length });
     expect(await storage.stat('s3://data/dir')).toEqual({ kind: 'directory' });
     expect(await storage.stat('s3://data/dir/')).toEqual({ kind: 'directory' });
     expect(await storage.stat('s3://data/nothing')).toEqual({ kind: 'missing' });
@@ -508,7 +508,7 @@ describe('LocalFileSystem', () => {
       await file.write(Buffer.from('disk'));
       await file.sync();
       await file.close();
-      expect(await local.stat(join(root, 'a/b/f.txt'))).toEqual({ kind: 'file', bytes: 10 });
+      expect(await local.stat(join(root, 'a/b/f.txt'))).toMatchObject({ kind: 'file', bytes: 10 });
       expect(await local.stat(join(root, 'a'))).toEqual({ kind: 'directory' });
       expect(await local.stat(join(root, 'none'))).toEqual({ kind: 'missing' });
       expect(await local.listFiles(root)).toEqual([{ path: join(root, 'a/b/f.txt'), bytes: 10 }]);
@@ -535,15 +535,24 @@ describe('LocalFileSystem', () => {
 });
 
 describe('checkpoint paths', () => {
-  it('refuses a URL for the checkpoint, and asks for a local one when the sink is on object storage', async () => {
+  it('takes a URL for the checkpoint, and defaults to one beside a sink on object storage', async () => {
     const { checkCheckpointOptions } = await import('../../lib/data/checkpoint.js');
-    expect(() => checkCheckpointOptions({ idColumn: 'id', path: 's3://data/ck' }, undefined)).toThrow(/must be a directory on disk/);
-    expect(() => checkCheckpointOptions({ idColumn: 'id' }, 's3://data/out/.trellis-checkpoint')).toThrow(/checkpoint.path is needed when writing to 's3:\/\/data\/out'/);
-    const local = mkdtempSync(join(tmpdir(), 'trellis-ck-'));
-    try {
-      expect(checkCheckpointOptions({ idColumn: 'id', path: local }, 's3://data/out/.trellis-checkpoint').path).toBe(local);
-    } finally {
-      rmSync(local, { recursive: true, force: true });
-    }
+    expect(checkCheckpointOptions({ idColumn: 'id', path: 's3://data/ck' }, undefined).path).toBe('s3://data/ck');
+    expect(checkCheckpointOptions({ idColumn: 'id' }, 's3://data/out/.trellis-checkpoint').path).toBe('s3://data/out/.trellis-checkpoint');
+  });
+
+  it('S3 files take a lock by a conditional write, and a touch moves their Last-Modified', async () => {
+    expect(await storage.createExclusive('s3://data/ck/lock', Buffer.from('first'))).toBe(true);
+    expect(await storage.createExclusive('s3://data/ck/lock', Buffer.from('second'))).toBe(false);
+    expect(Buffer.from(await storage.readFile('s3://data/ck/lock')).toString()).toBe('first');
+    const before = await storage.stat('s3://data/ck/lock');
+    await new Promise((resolve) => setTimeout(resolve, 1100));
+    await storage.touch('s3://data/ck/lock');
+    const after = await storage.stat('s3://data/ck/lock');
+    expect(after.kind === 'file' && before.kind === 'file' && after.modifiedMs! > before.modifiedMs!).toBe(true);
+    expect(Buffer.from(await storage.readFile('s3://data/ck/lock')).toString()).toBe('first');
+    await storage.writeFileDurably('s3://data/ck/manifest.json', Buffer.from('{}'));
+    expect(Buffer.from(await storage.readFile('s3://data/ck/manifest.json')).toString()).toBe('{}');
+    await expect(storage.readFile('s3://data/ck/none')).rejects.toMatchObject({ code: 'ERR_STORAGE_NOT_FOUND' });
   });
 });

@@ -4,7 +4,7 @@
  * every format (Parquet, Arrow, CSV, JSONL, text, binary) reads and writes both.
  */
 import { createReadStream, openAsBlob } from 'node:fs';
-import { mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, open, readFile, readdir, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { InvalidArgumentError } from '../../errors.js';
 
@@ -43,8 +43,8 @@ export interface BlobLike {
 export interface FileSystem {
   /** 'local' or the URL scheme ('s3'). */
   readonly scheme: string;
-  /** What is at `path`: a file with its size, a directory (a prefix with objects below it), or nothing. */
-  stat(path: string): Promise<{ kind: 'file'; bytes: number } | { kind: 'directory' } | { kind: 'missing' }>;
+  /** What is at `path`: a file with its size (and when it last changed), a directory (a prefix with objects below it), or nothing. */
+  stat(path: string): Promise<{ kind: 'file'; bytes: number; modifiedMs?: number } | { kind: 'directory' } | { kind: 'missing' }>;
   /** Every file below `directory`, recursively, in no particular order. */
   listFiles(directory: string): Promise<ListedFile[]>;
   open(path: string): Promise<RandomAccessFile>;
@@ -57,6 +57,14 @@ export interface FileSystem {
    * rename it); an object appears whole when the writer closes, never in part.
    */
   create(path: string): Promise<WritableFile & { abort(): Promise<void> }>;
+  /** A whole file's bytes (a missing one rejects with code ENOENT or ERR_STORAGE_NOT_FOUND). */
+  readFile(path: string): Promise<Uint8Array>;
+  /** Writes a small file whole and durably: it appears at once with all its bytes, or not at all. */
+  writeFileDurably(path: string, bytes: Uint8Array): Promise<void>;
+  /** Writes a file only if none is there (false: one was), atomically: two racing writers, one wins. */
+  createExclusive(path: string, bytes: Uint8Array): Promise<boolean>;
+  /** Marks a file as changed now (its modifiedMs), leaving its bytes. */
+  touch(path: string): Promise<void>;
   /** Moves a file (a copy and a delete on object storage). */
   rename(from: string, to: string): Promise<void>;
   /** Removes a file, or a directory with everything below it; nothing there is not an error. */
@@ -125,11 +133,11 @@ export class LocalFileSystem implements FileSystem {
   readonly scheme = 'local';
   readonly writesInPlace = true;
 
-  async stat(path: string): Promise<{ kind: 'file'; bytes: number } | { kind: 'directory' } | { kind: 'missing' }> {
+  async stat(path: string): Promise<{ kind: 'file'; bytes: number; modifiedMs?: number } | { kind: 'directory' } | { kind: 'missing' }> {
     try {
       const info = await stat(path);
       if (info.isDirectory()) return { kind: 'directory' };
-      return { kind: 'file', bytes: info.size };
+      return { kind: 'file', bytes: info.size, modifiedMs: info.mtimeMs };
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code === 'ENOENT') return { kind: 'missing' };
       throw error;
@@ -176,6 +184,38 @@ export class LocalFileSystem implements FileSystem {
         await rm(path, { force: true });
       },
     };
+  }
+
+  readFile(path: string): Promise<Uint8Array> {
+    return readFile(path);
+  }
+
+  async writeFileDurably(path: string, bytes: Uint8Array): Promise<void> {
+    // A temp file synced, then renamed: a reader sees the old file or the whole new one.
+    const temp = join(dirname(path), `.${path.slice(dirname(path).length + 1)}.${process.pid}.tmp`);
+    const handle = await open(temp, 'w');
+    try {
+      await handle.writeFile(bytes);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    await rename(temp, path);
+  }
+
+  async createExclusive(path: string, bytes: Uint8Array): Promise<boolean> {
+    try {
+      await writeFile(path, bytes, { flag: 'wx' });
+      return true;
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'EEXIST') return false;
+      throw error;
+    }
+  }
+
+  async touch(path: string): Promise<void> {
+    const now = new Date();
+    await utimes(path, now, now);
   }
 
   rename(from: string, to: string): Promise<void> {

@@ -372,11 +372,14 @@ export class S3FileSystem implements FileSystem {
     return found;
   }
 
-  async stat(path: string): Promise<{ kind: 'file'; bytes: number } | { kind: 'directory' } | { kind: 'missing' }> {
+  async stat(path: string): Promise<{ kind: 'file'; bytes: number; modifiedMs?: number } | { kind: 'directory' } | { kind: 'missing' }> {
     const { bucket, key } = locate(path);
     if (key !== '' && !key.endsWith('/')) {
       const response = await this.#send({ method: 'HEAD', location: { bucket, key }, accept: [404] });
-      if (response.status !== 404) return { kind: 'file', bytes: Number(response.headers.get('content-length') ?? 0) };
+      if (response.status !== 404) {
+        const modified = Date.parse(response.headers.get('last-modified') ?? '');
+        return { kind: 'file', bytes: Number(response.headers.get('content-length') ?? 0), ...(Number.isNaN(modified) ? {} : { modifiedMs: modified }) };
+      }
     }
     const prefix = key === '' || key.endsWith('/') ? key : `${key}/`;
     const below = await this.#list(bucket, prefix, 1);
@@ -476,6 +479,35 @@ export class S3FileSystem implements FileSystem {
   /** @internal */
   requestText(spec: RequestSpec): Promise<string> {
     return this.#sendText(spec);
+  }
+
+  async readFile(path: string): Promise<Uint8Array> {
+    const parts: Uint8Array[] = [];
+    let size = 0;
+    for await (const chunk of this.#body(locate(path), 0)) {
+      parts.push(chunk);
+      size += chunk.byteLength;
+    }
+    return parts.length === 1 ? parts[0] : Buffer.concat(parts, size);
+  }
+
+  async writeFileDurably(path: string, bytes: Uint8Array): Promise<void> {
+    // One PUT: the object appears whole when it is stored, and is durable then.
+    const response = await this.#send({ method: 'PUT', location: locate(path), body: bytes });
+    await response.arrayBuffer();
+  }
+
+  async createExclusive(path: string, bytes: Uint8Array): Promise<boolean> {
+    // A conditional write: of two racing writers, the store lets one through and answers 412 to the other.
+    const response = await this.#send({ method: 'PUT', location: locate(path), body: bytes, headers: { 'if-none-match': '*' }, accept: [409, 412] });
+    await response.arrayBuffer();
+    return response.status !== 412 && response.status !== 409;
+  }
+
+  async touch(path: string): Promise<void> {
+    // Copied onto itself with its metadata replaced: the same bytes, a new Last-Modified.
+    const location = locate(path);
+    await this.#sendText({ method: 'PUT', location, headers: { 'x-amz-copy-source': `/${location.bucket}/${uriEncode(location.key, true)}`, 'x-amz-metadata-directive': 'REPLACE' } });
   }
 
   async rename(from: string, to: string): Promise<void> {

@@ -925,6 +925,11 @@ export abstract class FileDatasink<Options extends object = object> extends Data
     return (this.options as { filesystem?: FileSystem }).filesystem;
   }
 
+  /** The filesystem the files go through (undefined for a path on disk): a checkpoint beside them uses it too. */
+  get writesThrough(): FileSystem | undefined {
+    return this.filesystem;
+  }
+
   override async onWriteStart(): Promise<void> {
     const storage = fileSystemFor(this.path, this.filesystem);
     if (urlScheme(this.path)) {
