@@ -43,8 +43,14 @@ export interface ExecutionOptions {
   stallTimeoutMs?: number;
   /** A display of the job's progress: 'auto' (default), false, or a reporter of your own. */
   progress?: ProgressOption;
-  /** Retries of a task or batch whose worker died (default 3). */
+  /** Retries of a task or batch whose worker died, or that failed with one of `retriedErrorCodes` (default 3). */
   maxRetries?: number;
+  /**
+   * Error codes that mean a task met a passing outage rather than bad data: a task failing with
+   * one is run again (up to maxRetries), as Ray Data's retried_io_errors. Default:
+   * ['ERR_STORAGE_UNAVAILABLE'] (object storage throttling or down past its own retries).
+   */
+  retriedErrorCodes?: string[];
 }
 
 /** Defaults for every job; change fields here to change them process-wide. */
@@ -57,6 +63,7 @@ export const DataContext: Required<Omit<ExecutionOptions, 'memoryBudgetBytes'>> 
   stallTimeoutMs: 10 * 60_000,
   progress: 'auto',
   maxRetries: 3,
+  retriedErrorCodes: ['ERR_STORAGE_UNAVAILABLE'],
 };
 
 /**
@@ -99,6 +106,9 @@ export function checkExecutionOptions(options: ExecutionOptions): void {
     throw new InvalidArgumentError(`maxBlockBytes (${merged.maxBlockBytes}) is below minBlockBytes (${merged.minBlockBytes})`);
   }
   if (typeof merged.preserveOrder !== 'boolean') throw new InvalidArgumentError(`preserveOrder must be true or false, got ${String(merged.preserveOrder)}`);
+  if (!Array.isArray(merged.retriedErrorCodes) || merged.retriedErrorCodes.some((code) => typeof code !== 'string')) {
+    throw new InvalidArgumentError(`retriedErrorCodes must be an array of error codes, got ${JSON.stringify(merged.retriedErrorCodes)}`);
+  }
 }
 
 /** What a finished job reports. */
@@ -170,6 +180,7 @@ export class StreamingExecutor {
       stallTimeoutMs: options.stallTimeoutMs ?? DataContext.stallTimeoutMs,
       progress: options.progress ?? DataContext.progress,
       maxRetries: options.maxRetries ?? DataContext.maxRetries,
+      retriedErrorCodes: options.retriedErrorCodes ?? DataContext.retriedErrorCodes,
     };
     const cluster = state();
     const capacity = cluster.nodes.reduce((sum, node) => sum + node.store.capacity, 0);

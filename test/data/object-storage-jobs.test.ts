@@ -58,6 +58,18 @@ describe('datasets on s3://', () => {
     expect([...server.bucket('data').keys()].filter((key) => key.includes('.tmp'))).toEqual([]);
   });
 
+  it("runs a task again that met an outage past the filesystem's own retries (retriedErrorCodes), and fails with it when told not to", async () => {
+    // Two tries a request: three 503s on one object outlast a task's first attempt.
+    const storage = new S3FileSystem({ ...server.clientOptions, maxAttempts: 2 });
+    for (let file = 0; file < 3; file++) server.put('data', `flaky/${file}.jsonl`, rows.slice(file * 20, file * 20 + 20).map((row) => JSON.stringify(row)).join('\n'));
+    const isFlaky = (method: string, key: string) => method === 'GET' && key === 'flaky/1.jsonl';
+    server.fail(3, 503, 'SlowDown', isFlaky);
+    const read = await readJsonl('s3://data/flaky', { filesystem: storage, parallelism: 3 }).takeAll();
+    expect(byId(read)).toEqual(rows);
+    server.fail(2, 503, 'SlowDown', isFlaky);
+    await expect(readJsonl('s3://data/flaky', { filesystem: storage, parallelism: 3 }).takeAll({ retriedErrorCodes: [] })).rejects.toMatchObject({ message: expect.stringContaining('flaky/1.jsonl failed after 2 tries: status 503 SlowDown') });
+  });
+
   it('a checkpointed write to s3:// keeps its checkpoint on disk and commits every file once', async () => {
     const storage = new S3FileSystem(server.clientOptions);
     const checkpointPath = scratchDir.path('s3-checkpoint');

@@ -197,6 +197,18 @@ export abstract class Operator {
     return true;
   }
 
+  /**
+   * A task that failed with a code of retriedErrorCodes (an outage, not bad data) runs again while
+   * it has retries left; what it made before failing is dropped by the caller, so nothing doubles.
+   */
+  protected retriedAfterOutage(unit: Unit, info: StageErrorInfo, what: string, again: () => void): boolean {
+    if (info.code === undefined || !this.executor.options.retriedErrorCodes.includes(info.code) || unit.attempts >= this.executor.options.maxRetries) return false;
+    unit.attempts++;
+    this.executor.warn(`${this.name}: ${what} failed with ${info.code} (${info.message}); retrying (attempt ${unit.attempts + 1})`);
+    again();
+    return true;
+  }
+
   protected get hasFusedSink(): boolean {
     return this.#fusedSink !== undefined;
   }

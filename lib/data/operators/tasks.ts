@@ -92,6 +92,7 @@ export abstract class TaskOperator extends Operator {
         }
         if (result.error) {
           dispose(result.blocks.map((block) => ({ ref: block.ref, meta: block })));
+          if (this.retriedAfterOutage(unit, result.error, `task ${unit.seq}`, () => this.#attempt(unit))) return;
           this.onStageError(unit, result.error);
           return;
         }
@@ -277,7 +278,11 @@ export class WriteOperator extends Operator {
       (result) => {
         ref[Symbol.dispose]();
         if (this.executor.failed) return this.dropUnit(unit);
-        if (result.error) return this.onStageError(unit, result.error);
+        if (result.error) {
+          // A failed write leaves no file (its temp file or upload is removed): it may run again.
+          if (this.retriedAfterOutage(unit, result.error, `write task ${unit.seq}`, () => this.#attempt(unit))) return;
+          return this.onStageError(unit, result.error);
+        }
         if (result.rows > 0) this.writeResults.push({ seq: unit.seq, result: result.result });
         this.rowsDone += result.rows;
         this.finished(unit, noBlocks);
