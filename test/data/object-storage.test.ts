@@ -454,6 +454,10 @@ describe('file formats on s3:// URLs', () => {
     expect(source.files.map((file) => file.path)).toEqual(['s3://data/in/a.jsonl', 's3://data/in/b.jsonl.gz']);
     expect(tasks.length).toBeGreaterThan(2);
     expect(read).toEqual([...rows, ...rows]);
+    // Each range of the plain file asks for its bytes and a little past its end, not the rest of the file.
+    const ranged = server.requests.filter((request) => request.path === 'data/in/a.jsonl' && request.method === 'GET');
+    expect(ranged.length).toBeGreaterThan(1);
+    expect(ranged.every((request) => request.range === undefined || /^bytes=\d+-\d+$/.test(request.range))).toBe(true);
 
     server.put('data', 'csv/x.csv', 'id,name\n1,a\n2,"b, c"\n');
     expect((await readAll(csvSource('s3://data/csv/x.csv', { filesystem: storage }))).rows).toEqual([{ id: 1, name: 'a' }, { id: 2, name: 'b, c' }]);

@@ -50,8 +50,8 @@ export interface FileSystem {
   open(path: string): Promise<RandomAccessFile>;
   /** The file as a Blob whose slices are read on demand (a ranged request each on object storage). */
   openBlob(path: string): Promise<BlobLike>;
-  /** A file's bytes from `start` on, in chunks, in order (one request for object storage). */
-  readStream(path: string, start?: number): AsyncIterable<Uint8Array>;
+  /** A file's bytes from `start` to `end` (or its end), in chunks, in order (one request for object storage). */
+  readStream(path: string, start?: number, end?: number): AsyncIterable<Uint8Array>;
   /**
    * A file to write at `path`. Locally it is written in place (callers write a temp file and
    * rename it); an object appears whole when the writer closes, never in part.
@@ -165,8 +165,9 @@ export class LocalFileSystem implements FileSystem {
     return openAsBlob(path);
   }
 
-  async *readStream(path: string, start = 0): AsyncIterable<Uint8Array> {
-    yield* createReadStream(path, { start, highWaterMark: 1 << 20 }) as AsyncIterable<Buffer>;
+  async *readStream(path: string, start = 0, end?: number): AsyncIterable<Uint8Array> {
+    if (end !== undefined && end <= start) return;
+    yield* createReadStream(path, { start, ...(end !== undefined ? { end: end - 1 } : {}), highWaterMark: 1 << 20 }) as AsyncIterable<Buffer>;
   }
 
   async create(path: string): Promise<WritableFile & { abort(): Promise<void> }> {

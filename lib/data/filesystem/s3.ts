@@ -410,8 +410,8 @@ export class S3FileSystem implements FileSystem {
     return parts.length === 1 ? parts[0] : Buffer.concat(parts, size);
   }
 
-  readStream(path: string, start = 0): AsyncIterable<Uint8Array> {
-    return this.#body(locate(path), start);
+  readStream(path: string, start = 0, end?: number): AsyncIterable<Uint8Array> {
+    return end !== undefined && end <= start ? (async function* () {})() : this.#body(locate(path), start, end);
   }
 
   /**

@@ -354,19 +354,31 @@ const READ_CHUNK_BYTES = 1 << 20;
  * for), or decompressed as a stream (offsets are then positions in the decompressed text, and
  * the bytes before `from` are decompressed and dropped).
  */
-async function* fileChunks(path: string, from: number, compression: Compression | undefined, filesystem?: FileSystem): AsyncGenerator<{ chunk: Buffer; offset: number }> {
+async function* fileChunks(path: string, from: number, compression: Compression | undefined, filesystem?: FileSystem, until?: number): AsyncGenerator<{ chunk: Buffer; offset: number }> {
   if (compression) yield* decompressedChunks(path, from, compression, filesystem);
-  else if (urlScheme(path)) yield* streamedChunks(path, from, filesystem);
+  else if (urlScheme(path)) yield* streamedChunks(path, from, filesystem, until);
   else yield* plainChunks(path, from);
 }
 
-/** A remote file's bytes from `from` on, as one streamed request. */
-async function* streamedChunks(path: string, from: number, filesystem?: FileSystem): AsyncGenerator<{ chunk: Buffer; offset: number }> {
+/** How far past a range's end its first request reaches: its last line most often ends within. */
+const RANGE_TAIL_BYTES = 256 << 10;
+
+/**
+ * A remote file's bytes from `from` on, streamed. With `until` (a range's end), the first request
+ * stops a little past it and a second, open-ended one follows only for a last line that runs on:
+ * an open-ended request cancelled at the range's end would have fetched the socket's window past it.
+ */
+async function* streamedChunks(path: string, from: number, filesystem?: FileSystem, until?: number): AsyncGenerator<{ chunk: Buffer; offset: number }> {
+  const storage = fileSystemFor(path, filesystem);
+  const stop = until === undefined || !Number.isFinite(until) ? undefined : until + RANGE_TAIL_BYTES;
   let position = from;
-  for await (const piece of fileSystemFor(path, filesystem).readStream(path, from)) {
-    const chunk = Buffer.from(piece.buffer, piece.byteOffset, piece.byteLength);
-    yield { chunk, offset: position };
-    position += chunk.length;
+  for (const [start, end] of stop === undefined ? [[from, undefined]] : [[from, stop], [stop, undefined]]) {
+    if (start !== position) return; // the file ended before the first request's end
+    for await (const piece of storage.readStream(path, start, end)) {
+      const chunk = Buffer.from(piece.buffer, piece.byteOffset, piece.byteLength);
+      yield { chunk, offset: position };
+      position += chunk.length;
+    }
   }
 }
 
@@ -424,7 +436,7 @@ export async function* readLineBatches(path: string, start = 0, end = Number.POS
   let lineStart = start;
   let carried: Buffer[] = [];
   let finished = false;
-  for await (const { chunk, offset: chunkOffset } of fileChunks(path, start > 0 ? start - 1 : 0, compression, filesystem)) {
+  for await (const { chunk, offset: chunkOffset } of fileChunks(path, start > 0 ? start - 1 : 0, compression, filesystem, end)) {
     let cursor = 0;
     if (skipping) {
       const newline = chunk.indexOf(NEWLINE);
