@@ -4,6 +4,8 @@
  * storage_read_MBps: 48 objects of 2 MiB read by readBinaryFiles('s3://...') through 4 read tasks
  * and consumed in the driver; its floor storage_direct_read_MBps: the same GETs from this process,
  * 8 in flight, no runtime; storage_sequential_read_MBps: one GET after another (the naive loop).
+ * storage_webdataset_read_MBps: the same 96 MiB as 4 WebDataset tar shards of 12 samples, read
+ * as samples by readWebDataset (one GET a shard).
  * storage_write_MBps: a 64 MiB object through S3FileSystem's writer (8 MiB parts, 4 in flight);
  * its floor storage_put_MBps: the same bytes as one PUT. storage_parquet_projection_fetched_ratio:
  * bytes the server sent for a read of 1 of 8 Parquet columns over bytes sent for all 8 (1/8 is the
@@ -13,7 +15,8 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { tableFromArrays } from 'apache-arrow';
-import { S3FileSystem, init, readBinaryFiles, readParquet, shutdown } from '../lib/index.js';
+import { S3FileSystem, init, readBinaryFiles, readParquet, readWebDataset, shutdown } from '../lib/index.js';
+import { TAR_END, tarEntry } from '../lib/data/formats/tar.js';
 import { ParquetDatasink } from '../lib/data/formats/index.js';
 import { elapsedSeconds, median, nowNs, round, type Results, type Suite } from './harness.js';
 
@@ -67,6 +70,17 @@ async function datasetRead(storage: S3FileSystem): Promise<number> {
   return total / MiB / elapsedSeconds(start);
 }
 
+/** The same 96 MiB as 4 WebDataset shards of 12 samples (a 2 MiB `bin` and a small `json` each), read as samples. */
+async function webDatasetRead(storage: S3FileSystem): Promise<number> {
+  const start = nowNs();
+  let total = 0;
+  for await (const batch of readWebDataset('s3://bench/shards', { filesystem: storage, parallelism: 4 }).iterBatches({ batchFormat: 'rows' })) {
+    for (const row of batch as Array<{ bin: Uint8Array }>) total += row.bin.byteLength;
+  }
+  if (total !== OBJECTS * OBJECT_BYTES) throw new Error(`the shards read ${total} bytes, expected ${OBJECTS * OBJECT_BYTES}`);
+  return total / MiB / elapsedSeconds(start);
+}
+
 async function timedWrite(write: () => Promise<void>): Promise<number> {
   const start = nowNs();
   await write();
@@ -82,6 +96,7 @@ export const storageSuite: Suite = {
   ratios: [
     ['dataset read (4 read tasks) / the same GETs from one process, 8 in flight (the floor)', 'storage_read_MBps', 'storage_direct_read_MBps', ''],
     ['dataset read / one GET after another (the naive loop)', 'storage_read_MBps', 'storage_sequential_read_MBps', ''],
+    ['the same bytes as 4 WebDataset shards (one GET each) / as 48 objects', 'storage_webdataset_read_MBps', 'storage_read_MBps', ''],
     ['multipart writer (8 MiB parts, 4 in flight) / one PUT of the same bytes', 'storage_write_MBps', 'storage_put_MBps', ''],
     ['bytes fetched for 1 of 8 Parquet columns / for all 8 (floor 0.125)', 'storage_parquet_projection_fetched_ratio', 'storage_parquet_projection_floor', ''],
   ],
@@ -97,6 +112,15 @@ export const storageSuite: Suite = {
         await file.write(content);
         await file.close();
       }));
+      for (let shard = 0; shard < 4; shard++) {
+        const file = await storage.create(`s3://bench/shards/${shard}.tar`);
+        for (let sample = 0; sample < OBJECTS / 4; sample++) {
+          const key = `${String(shard * 100 + sample).padStart(6, '0')}`;
+          for (const piece of [...tarEntry(`${key}.bin`, content), ...tarEntry(`${key}.json`, Buffer.from(JSON.stringify({ shard, sample })))]) await file.write(piece);
+        }
+        await file.write(TAR_END);
+        await file.close();
+      }
       const columns = Object.fromEntries(Array.from({ length: 8 }, (_, column) => [`c${column}`, Float64Array.from({ length: 200_000 }, (_, row) => row * (column + 1) + Math.random())]));
       const sink = new ParquetDatasink('s3://bench/table', { filesystem: storage, compression: 'uncompressed' });
       await sink.onWriteStart();
@@ -104,6 +128,7 @@ export const storageSuite: Suite = {
 
       await datasetRead(storage); // warm-up: workers started, connections open
       const dataset: number[] = [];
+      const shards: number[] = [];
       const direct: number[] = [];
       const sequential: number[] = [];
       const multipart: number[] = [];
@@ -111,6 +136,7 @@ export const storageSuite: Suite = {
       const payload = Buffer.alloc(WRITE_BYTES, 3);
       for (let round = 0; round < 3; round++) {
         dataset.push(await datasetRead(storage));
+        shards.push(await webDatasetRead(storage));
         direct.push(await directRead(storage, 8));
         sequential.push(await directRead(storage, 1));
         multipart.push(await timedWrite(async () => {
@@ -124,7 +150,7 @@ export const storageSuite: Suite = {
           await file.write(payload);
           await file.close();
         }));
-        console.error(`round ${round}: dataset ${dataset[round].toFixed(0)}, direct ${direct[round].toFixed(0)}, sequential ${sequential[round].toFixed(0)} MB/s; multipart ${multipart[round].toFixed(0)}, one PUT ${single[round].toFixed(0)} MB/s`);
+        console.error(`round ${round}: dataset ${dataset[round].toFixed(0)}, shards ${shards[round].toFixed(0)}, direct ${direct[round].toFixed(0)}, sequential ${sequential[round].toFixed(0)} MB/s; multipart ${multipart[round].toFixed(0)}, one PUT ${single[round].toFixed(0)} MB/s`);
       }
       await servedBytes(endpoint);
       const all = (await readParquet('s3://bench/table', { filesystem: storage }).takeAll()).length;
@@ -135,6 +161,7 @@ export const storageSuite: Suite = {
       return {
         storage_read_MBps: { value: round(median(dataset), 0), unit: 'MB/s' },
         storage_direct_read_MBps: { value: round(median(direct), 0), unit: 'MB/s' },
+        storage_webdataset_read_MBps: { value: round(median(shards), 0), unit: 'MB/s' },
         storage_sequential_read_MBps: { value: round(median(sequential), 0), unit: 'MB/s' },
         storage_write_MBps: { value: round(median(multipart), 0), unit: 'MB/s' },
         storage_put_MBps: { value: round(median(single), 0), unit: 'MB/s' },

@@ -97,14 +97,15 @@ export { GroupedData } from './data/grouped.js';
 export type { MapGroupsOptions } from './data/grouped.js';
 export { Count, Sum, Min, Max, Mean, Std, AbsMax, Unique, Quantile, ApproximateQuantile } from './data/aggregate.js';
 export type { AggregateFn, AggregateOptions, AggregationKind } from './data/aggregate.js';
-export { range, RangeDatasource, readJsonl, readCsv, readArrow, readParquet, readText, readBinaryFiles } from './data/sources.js';
+export { range, RangeDatasource, readJsonl, readCsv, readArrow, readParquet, readText, readBinaryFiles, readWebDataset } from './data/sources.js';
 export {
   JsonlDatasource, CsvDatasource, ArrowDatasource, ParquetDatasource, TextDatasource, BinaryDatasource, JsonlDatasink, CsvDatasink, ArrowDatasink, ParquetDatasink,
+  WebDatasetDatasource, WebDatasetDatasink,
 } from './data/formats/index.js';
 export type {
   Paths, JsonlReadOptions, JsonlWriteOptions, CsvReadOptions, ArrowReadOptions, ParquetReadOptions, TextReadOptions, BinaryReadOptions, Compression, CompressionOption,
   PartitionReadOptions, PartitionValues,
-  CsvWriteOptions, ArrowWriteOptions, ParquetWriteOptions, WrittenFile,
+  CsvWriteOptions, ArrowWriteOptions, ParquetWriteOptions, WrittenFile, WebDatasetReadOptions, WebDatasetWriteOptions,
 } from './data/formats/index.js';
 export { Datasource, Datasink, ReadTask } from './data/datasource.js';
 export { LocalFileSystem } from './data/filesystem/file-system.js';

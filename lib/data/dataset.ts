@@ -28,7 +28,8 @@ import { storedBytes } from './worker-tasks.js';
 import { checkBatchFormat, checkBatchSize, checkLocalShuffle, copyBlock, rebatch, type Batch } from './batches.js';
 import { startStreamingSplit, type DataIterator, type SplitBlock } from './streaming-split.js';
 import {
-  FileDatasink, arrowSink, checkWriteMode, csvSink, jsonlSink, parquetSink, type WriteMode, type ArrowWriteOptions, type CsvWriteOptions, type JsonlWriteOptions, type ParquetWriteOptions, type WrittenFile,
+  FileDatasink, arrowSink, checkWriteMode, csvSink, jsonlSink, parquetSink, webDatasetSink, type WriteMode, type ArrowWriteOptions, type CsvWriteOptions, type JsonlWriteOptions, type ParquetWriteOptions,
+  type WebDatasetWriteOptions, type WrittenFile,
 } from './formats/index.js';
 
 /** Options of a write (besides how it runs). */
@@ -744,6 +745,14 @@ export class Dataset {
   /** Writes Parquet files into `directory`, one per write task (snappy by default). */
   writeParquet(directory: string, options: ExecutionOptions & ParquetWriteOptions & WriteOptions = {}): Promise<WrittenFile[]> {
     return this.write(parquetSink(directory, sinkOptions(options)), options);
+  }
+
+  /**
+   * Writes WebDataset tar shards into `directory`, one per write task (Ray Data's
+   * write_webdataset): a row is a sample, each column a file `<__key__>.<column>`.
+   */
+  writeWebDataset(directory: string, options: ExecutionOptions & WebDatasetWriteOptions & WriteOptions = {}): Promise<WrittenFile[]> {
+    return this.write(webDatasetSink(directory, sinkOptions(options)), options);
   }
 
   /** Writes Arrow IPC files into `directory`, one per write task. */

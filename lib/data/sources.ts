@@ -5,8 +5,8 @@ import { InvalidArgumentError } from '../errors.js';
 import { Datasource, ReadTask } from './datasource.js';
 import { Dataset, readDatasource, type ReadOptions } from './dataset.js';
 import {
-  arrowSource, binarySource, csvSource, jsonlSource, parquetSource, textSource,
-  type ArrowReadOptions, type BinaryReadOptions, type CsvReadOptions, type JsonlReadOptions, type ParquetReadOptions, type Paths, type TextReadOptions,
+  arrowSource, binarySource, csvSource, jsonlSource, parquetSource, textSource, webDatasetSource,
+  type ArrowReadOptions, type BinaryReadOptions, type CsvReadOptions, type JsonlReadOptions, type ParquetReadOptions, type Paths, type TextReadOptions, type WebDatasetReadOptions,
 } from './formats/index.js';
 
 /** Rows { id } from start to end (exclusive), in blocks of at most 64 Ki rows per read task. */
@@ -76,6 +76,14 @@ export function readText(paths: Paths, options: ReadOptions & TextReadOptions = 
 /** Reads whole files: one row `{ bytes }` (and `path` with `includePaths`) per file, for a model step to decode. */
 export function readBinaryFiles(paths: Paths, options: ReadOptions & BinaryReadOptions = {}): Dataset {
   return readDatasource(binarySource(paths, options), withoutRowIds(options));
+}
+
+/**
+ * Reads WebDataset tar shards (Ray Data's read_webdataset): a row per sample, `{ __key__, __url__,
+ * <field>... }` with a column per file extension of the sample's files (`jpg`, `json`, `txt`).
+ */
+export function readWebDataset(paths: Paths, options: ReadOptions & WebDatasetReadOptions = {}): Dataset {
+  return readDatasource(webDatasetSource(paths, options), options);
 }
 
 /** A file reader makes its row ids itself (from positions in its files), not from task keys. */

@@ -9,6 +9,7 @@ import { JsonlDatasink, JsonlDatasource, type JsonlReadOptions, type JsonlWriteO
 import { ParquetDatasink, ParquetDatasource, type ParquetReadOptions, type ParquetWriteOptions } from './parquet.js';
 import { TextDatasource, type TextReadOptions } from './text.js';
 import { BinaryDatasource, type BinaryReadOptions } from './binary.js';
+import { WebDatasetDatasink, WebDatasetDatasource, type WebDatasetReadOptions, type WebDatasetWriteOptions } from './webdataset.js';
 
 export { ArrowDatasink, ArrowDatasource, ARROW_EXTENSIONS, readArrowFiles, type ArrowReadOptions, type ArrowWriteOptions } from './arrow-ipc.js';
 export { CsvDatasink, CsvDatasource, CSV_EXTENSIONS, readCsvFiles, type CsvReadOptions, type CsvWriteOptions } from './csv.js';
@@ -18,6 +19,7 @@ export {
 } from './parquet.js';
 export { TextDatasource, readTextFiles, type TextReadOptions } from './text.js';
 export { BinaryDatasource, readBinaryFiles, type BinaryReadOptions } from './binary.js';
+export { WebDatasetDatasink, WebDatasetDatasource, WEBDATASET_EXTENSIONS, readWebDatasetShards, type WebDatasetReadOptions, type WebDatasetWriteOptions } from './webdataset.js';
 export { type Compression, type CompressionOption } from './compression.js';
 export { type PartitionReadOptions, type PartitionValues } from './partitioning.js';
 export { FileDatasink, checkWriteMode, expandPaths, type FileEntry, type WriteMode, type WrittenFile } from './files.js';
@@ -47,6 +49,14 @@ export function textSource(paths: Paths, options: TextReadOptions = {}): TextDat
 
 export function binarySource(paths: Paths, options: BinaryReadOptions = {}): BinaryDatasource {
   return new BinaryDatasource(paths, options);
+}
+
+export function webDatasetSource(paths: Paths, options: WebDatasetReadOptions = {}): WebDatasetDatasource {
+  return new WebDatasetDatasource(paths, options);
+}
+
+export function webDatasetSink(directory: string, options: WebDatasetWriteOptions = {}): WebDatasetDatasink {
+  return new WebDatasetDatasink(directory, options);
 }
 
 export function jsonlSink(directory: string, options: JsonlWriteOptions = {}): JsonlDatasink {
