@@ -246,6 +246,8 @@ export function configFromHuggingFace(json: Record<string, unknown>, file = 'con
 
 /** The directory a checkpoint path names: itself, or the one holding a .safetensors file or an index. */
 export function checkpointDirectory(checkpoint: string): string {
+  // A URL (s3://...) names its directory, or a file in it.
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(checkpoint)) return /\.(safetensors|json)$/i.test(checkpoint) ? checkpoint.slice(0, checkpoint.lastIndexOf('/')) : checkpoint.replace(/\/+$/, '');
   return existsSync(checkpoint) && statSync(checkpoint).isDirectory() ? checkpoint : dirname(checkpoint);
 }
 

@@ -12,6 +12,7 @@ import type { Row } from '../data/block.js';
 import type { RowFunction } from '../data/udf.js';
 import { ModelReplica, type EmbedRequest, type GenerateRequest, type Generation, type ModelReplicaOptions } from './replica.js';
 import { checkpointDirectory } from './config.js';
+import { localCheckpoint } from './model-source.js';
 import { checkSampling, type SamplingParameters } from './sampling.js';
 import { ChatTemplate, type ChatMessage } from './chat-template.js';
 import { choiceConstraint } from './choices.js';
@@ -207,10 +208,13 @@ export class LLMEngine {
   constructor(options: EngineOptions) {
     this.#options = options;
     this.ready = (async () => {
-      const directory = checkpointDirectory(options.checkpoint);
-      if (options.promptColumn !== undefined || options.messagesColumn !== undefined || options.guidedDecoding !== undefined || options.reasoning) this.#tokenizer = await Tokenizer.load(options.tokenizer ?? directory);
+      // On object storage: this host's copy (the replicas it starts here share it).
+      const source = { ...(options.filesystem ? { filesystem: options.filesystem } : {}) };
+      const directory = checkpointDirectory(await localCheckpoint(options.checkpoint, source));
+      const tokenizer = options.tokenizer === undefined ? undefined : await localCheckpoint(options.tokenizer, source);
+      if (options.promptColumn !== undefined || options.messagesColumn !== undefined || options.guidedDecoding !== undefined || options.reasoning) this.#tokenizer = await Tokenizer.load(tokenizer ?? directory);
       // The template and its special tokens live beside the tokenizer.
-      if (options.messagesColumn !== undefined) this.#chatTemplate = ChatTemplate.load(options.tokenizer ? checkpointDirectory(options.tokenizer) : directory, { source: options.chatTemplate });
+      if (options.messagesColumn !== undefined) this.#chatTemplate = ChatTemplate.load(tokenizer ? checkpointDirectory(tokenizer) : directory, { source: options.chatTemplate });
       if (options.choices !== undefined) {
         this.#choices = options.choices.map((choice) => this.#tokenizer!.encode(choice, { addSpecialTokens: false }));
         const empty = this.#choices.findIndex((tokens) => tokens.length === 0);

@@ -18,6 +18,8 @@ import { newObjectId } from '../store/object-id.js';
 import { createCollectiveGroup, type CollectiveGroup } from '../gpu/collective.js';
 import { InputNode, MultiOutputNode, type DAGNode } from '../dag/nodes.js';
 import type { CompiledGraph } from '../dag/compiled-graph.js';
+import { localCheckpoint } from './model-source.js';
+import type { FileSystem } from '../data/filesystem/file-system.js';
 import { checkDecoderConfig, checkpointDirectory, readCheckpointConfig, readEndOfSequenceTokens, type DecoderConfig, type ResolvedDecoderConfig } from './config.js';
 import { planSharding, type ParallelismOptions, type ShardingPlan } from './plan.js';
 import { Checkpoint } from './safetensors.js';
@@ -37,6 +39,11 @@ import { beamSearch, checkBeamSearch, type BeamSearchRequest, type BeamSearchRes
 export interface ModelReplicaOptions extends ParallelismOptions {
   /** A .safetensors file, a directory with model.safetensors or model.safetensors.index.json, or that index. */
   checkpoint: string;
+  /**
+   * The filesystem of a checkpoint URL (`s3://...`; default: the scheme's, from the environment).
+   * Each host copies the checkpoint's directory once into its model cache and loads from there.
+   */
+  filesystem?: FileSystem;
   /** The decoder's shape; default: the config.json beside the checkpoint. */
   config?: DecoderConfig;
   /**
@@ -537,7 +544,9 @@ export class ModelReplica {
     if (typeof options !== 'object' || options === null || typeof options.checkpoint !== 'string') {
       throw new InvalidArgumentError('a model replica needs options with a checkpoint path');
     }
-    const config = options.config ? checkDecoderConfig(options.config) : readCheckpointConfig(options.checkpoint);
+    // A checkpoint on object storage is read from this host's copy; the ranks make (or share) theirs.
+    const checkpointPath = await localCheckpoint(options.checkpoint, { ...(options.filesystem ? { filesystem: options.filesystem } : {}) });
+    const config = options.config ? checkDecoderConfig(options.config) : readCheckpointConfig(checkpointPath);
     if (!config) {
       throw new ModelLoadError('ERR_MODEL_CONFIG', `no config.json beside the checkpoint ${options.checkpoint}: pass the decoder's config`, { file: options.checkpoint });
     }
@@ -546,7 +555,7 @@ export class ModelReplica {
     if (options.adapters !== undefined && (typeof options.adapters !== 'object' || options.adapters === null || Object.entries(options.adapters).some(([name, path]) => name.length === 0 || typeof path !== 'string'))) {
       throw new InvalidArgumentError('adapters must map non-empty names to adapter directories', 'ERR_ADAPTER');
     }
-    const stopTokens = options.stopTokens ?? readEndOfSequenceTokens(options.checkpoint);
+    const stopTokens = options.stopTokens ?? readEndOfSequenceTokens(checkpointPath);
     if (!Array.isArray(stopTokens) || stopTokens.some((token) => !Number.isInteger(token))) throw new InvalidArgumentError('stopTokens must be an array of token ids', 'ERR_PROMPT');
     const limits: StepLimits = {
       maxSequences: positiveInteger(options.maxSequencesPerStep, 'maxSequencesPerStep', 64),
@@ -580,11 +589,11 @@ export class ModelReplica {
     const adapters: Array<[string, AdapterInfo]> = [];
     for (const [name, path] of Object.entries(options.adapters ?? {})) adapters.push([name, await readAdapter(path, config)]);
     {
-      await using checkpoint = await Checkpoint.open(options.checkpoint);
+      await using checkpoint = await Checkpoint.open(checkpointPath);
       checkCheckpoint(checkpoint, config);
       weightDtype = resolveWeightDType(checkpoint, config, options.weightDtype);
       hasLanguageHead = languageHead(checkpoint, config) !== 'none';
-      if (checkpoint.has('score.weight')) classifier = await readClassificationHead(checkpoint, options.checkpoint);
+      if (checkpoint.has('score.weight')) classifier = await readClassificationHead(checkpoint, checkpointPath);
     }
     const kvCacheDtype = resolveCacheDType(options.kvCacheDtype, weightDtype);
     // One position of every layer's keys and values, over all ranks together.
@@ -595,7 +604,7 @@ export class ModelReplica {
 
     const speculation = limits.speculation;
     if (speculation?.method === 'draft') {
-      const draftConfig = readCheckpointConfig(speculation.checkpoint);
+      const draftConfig = readCheckpointConfig(await localCheckpoint(speculation.checkpoint, { ...(options.filesystem ? { filesystem: options.filesystem } : {}) }));
       // A draft may lack the padding rows a model's vocabulary has; ids past the model's would mean nothing to it.
       if (draftConfig && draftConfig.vocabSize > config.vocabSize) {
         throw new InvalidArgumentError(`speculation: the draft model's vocabulary has ${draftConfig.vocabSize} tokens, more than the model's ${config.vocabSize}: a draft must share the model's tokenizer`, 'ERR_SPECULATION');
@@ -615,6 +624,7 @@ export class ModelReplica {
     const draftOptions: ModelReplicaOptions | undefined = speculation?.method === 'draft'
       ? {
         checkpoint: speculation.checkpoint,
+        ...(options.filesystem ? { filesystem: options.filesystem } : {}),
         device: speculation.device ?? device,
         numCpusPerRank: speculation.numCpusPerRank ?? numCpus,
         prefixCacheTokens: speculation.prefixCacheTokens,
@@ -663,7 +673,7 @@ export class ModelReplica {
       }
       const step = { tokens: limits.maxTokens, sequences: limits.maxSequences };
       const loaded = (await get(plan.stages.flatMap((stage) => workers[stage.index].map((worker, rank) =>
-        worker.load.remote({ checkpoint: options.checkpoint, config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype, ...(device === 'cuda' ? { layers: 'cuda' as const, hiddenOnDevice: true } : {}) }, groupNames[stage.index], threads, step))))) as ShardLoaded[];
+        worker.load.remote({ checkpoint: options.checkpoint, ...(options.filesystem ? { filesystem: options.filesystem } : {}), config, plan, stage: stage.index, rank, weightDtype, kvCacheDtype, ...(device === 'cuda' ? { layers: 'cuda' as const, hiddenOnDevice: true } : {}) }, groupNames[stage.index], threads, step))))) as ShardLoaded[];
       if (options.maxCacheTokens === undefined && loaded.some((part) => part.device)) limits.maxCacheTokens = deviceCacheBudget(loaded, utilization);
       if (device === 'cuda') {
         // As vLLM does, a GPU rank takes its cache's memory at start: a budget its GPU cannot hold

@@ -13,6 +13,8 @@ import { checkDecoderConfig, rotaryInverseFrequencies, type DecoderConfig, type 
 import { layerNorm, linear, readRows, rmsNorm, type CacheDType, type WeightDType, type WeightMatrix } from './kernels.js';
 import type { ShardingPlan } from './plan.js';
 import { Checkpoint } from './safetensors.js';
+import { localCheckpoint } from './model-source.js';
+import type { FileSystem } from '../data/filesystem/file-system.js';
 import { needsHistory, pickToken, type SamplingParameters, type TokenHistory } from './sampling.js';
 import { loadShardWeights, resolveWeightDType, type NormWeights, type ShardWeights } from './weights.js';
 import { loadShardAdapter, type AdapterInfo } from './lora.js';
@@ -120,7 +122,9 @@ export interface StepResult {
 }
 
 export interface ShardSpec {
+  /** A local path or a URL (the host's copy is loaded, made first if there is none). */
   checkpoint: string;
+  filesystem?: FileSystem;
   config: DecoderConfig;
   plan: ShardingPlan;
   stage: number;
@@ -179,7 +183,7 @@ export class DecoderShard {
     if (plan.tensorParallel > 1 && communicator?.size !== plan.tensorParallel) {
       throw new InvalidArgumentError(`tensor parallelism ${plan.tensorParallel} needs a communicator of that size, got ${communicator ? communicator.size : 'none'}`);
     }
-    await using checkpoint = await Checkpoint.open(spec.checkpoint);
+    await using checkpoint = await Checkpoint.open(await localCheckpoint(spec.checkpoint, { ...(spec.filesystem ? { filesystem: spec.filesystem } : {}) }));
     const weightDtype = resolveWeightDType(checkpoint, config, spec.weightDtype);
     const weights = await loadShardWeights(checkpoint, config, plan, spec.stage, rank, weightDtype);
     const kvCacheDtype = resolveCacheDType(spec.kvCacheDtype, weightDtype);
