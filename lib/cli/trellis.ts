@@ -27,6 +27,7 @@ const usage = `usage: trellis node --head HOST:PORT [options]
                           [--include-dependencies] | --cwd DIR] [--name NAME] [--env K=V]...
                           [--follow] -- COMMAND [ARGS...]
        trellis job list|status|logs|stop --broker HOST:PORT [--token T] [JOB] [--follow] [--json]
+       trellis model pull URL [--cache-dir DIR]
 
 node --head: joins this host to the cluster of the driver listening at HOST:PORT (init({ listen })).
 node --broker: offers this host to a shared cluster's broker, which lends slices of it to the
@@ -40,6 +41,11 @@ broker: runs a shared cluster's broker (port 7390 by default). --max-share 0.5: 
   finish what runs there. --metrics-port N serves the cluster's metrics (hosts, jobs, their
   slices) at http://127.0.0.1:N/metrics for Prometheus (--metrics-host to open it wider).
 status: what a broker's hosts offer and have free, and which jobs hold or wait for what.
+model pull: copies a checkpoint on object storage (s3://bucket/models/NAME) into this host's
+  model cache (--cache-dir, else TRELLIS_MODEL_CACHE, else ~/.cache/trellis/models), as a
+  replica's first load would, and prints the local path: warm a host before a job starts.
+  Credentials and endpoint as the data layer takes them (AWS_* variables, the credentials file,
+  the host's role).
 job submit: the broker runs COMMAND (a driver script) on its host, with TRELLIS_BROKER and the
   token set, in --working-dir (a directory here, sent along; the driver sends it on to the hosts
   its workers run on, leaving out node_modules/, .git/, --exclude and .trellisignore lines, and
@@ -251,9 +257,25 @@ async function runJob(rest: string[]): Promise<number> {
   }
 }
 
+async function runModel(argv: string[]): Promise<number> {
+  const [action, ...rest] = argv;
+  const { values, positionals } = parseArgs({ args: rest, allowPositionals: true, options: { 'cache-dir': { type: 'string' } } });
+  if (action !== 'pull' || positionals.length !== 1) {
+    process.stderr.write(usage);
+    return 2;
+  }
+  const { localCheckpoint } = await import('../llm/model-source.js');
+  const started = Date.now();
+  const path = await localCheckpoint(positionals[0], values['cache-dir'] ? { cacheDirectory: resolve(values['cache-dir']) } : {});
+  process.stderr.write(`trellis model: ${positionals[0]} is at ${path} (${((Date.now() - started) / 1000).toFixed(1)} s)\n`);
+  process.stdout.write(`${path}\n`);
+  return 0;
+}
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   if (command === 'broker') return runBroker(rest);
+  if (command === 'model') return runModel(rest);
   if (command === 'status') return runStatus(rest);
   if (command === 'job') return runJob(rest);
   if (command !== 'node') {

@@ -11,9 +11,13 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { S3FileSystem, buildLLMProcessor, fromItems, init, shutdown } from '../../lib/index.js';
 import { localCheckpoint } from '../../lib/llm/model-source.js';
 import { hostIdentity } from '../../lib/core/host.js';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { trellisCli } from '../core/helpers.js';
 import { S3TestServer } from '../data/fixtures/s3-server.js';
 import { randomWeights, referenceGenerate, TINY_LLAMA, writeCheckpoint } from './fixtures/decoders.js';
 
+const run = promisify(execFile);
 const server = new S3TestServer();
 let storage: S3FileSystem;
 let root: string;
@@ -77,6 +81,17 @@ describe('checkpoints on object storage', () => {
     expect(readdirSync(failing)).toEqual([]);
     await expect(localCheckpoint('s3://models/none', { filesystem: storage, cacheDirectory: failing })).rejects.toMatchObject({ code: 'ERR_MODEL_DOWNLOAD', message: expect.stringContaining('nothing is stored under it') });
     expect(existsSync(join(failing, `${name}.lock`))).toBe(false);
+  });
+
+  it('trellis model pull copies a checkpoint into the cache with the environment\'s credentials, and prints where', async () => {
+    const cache = join(root, 'cache-cli');
+    const { stdout } = await run(process.execPath, [...trellisCli, 'model', 'pull', 's3://models/tiny-llama', '--cache-dir', cache], {
+      env: { ...process.env, AWS_ACCESS_KEY_ID: server.accessKeyId, AWS_SECRET_ACCESS_KEY: server.secretAccessKey, AWS_REGION: server.region, AWS_ENDPOINT_URL_S3: server.endpoint },
+    });
+    const path = stdout.trim();
+    expect(path.startsWith(cache)).toBe(true);
+    expect(readFileSync(join(path, 'model.safetensors')).equals(readFileSync(join(localModel, 'model.safetensors')))).toBe(true);
+    await expect(run(process.execPath, [...trellisCli, 'model', 'pull'], {})).rejects.toMatchObject({ code: 2 });
   });
 
   describe('through the cluster', () => {
