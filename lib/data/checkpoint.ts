@@ -298,14 +298,9 @@ export class WriteCheckpoint implements AsyncDisposable {
   async #lock(writeId: string): Promise<void> {
     const file = paths.join(this.path, LOCK);
     const storage = this.#storage;
-    const take = async () => {
-      if (!(await storage.createExclusive(file, Buffer.from(JSON.stringify({ host: hostIdentity(), pid: process.pid, writeId }))))) throw Object.assign(new Error('taken'), { code: 'EEXIST' });
-    };
+    const take = () => storage.createExclusive(file, Buffer.from(JSON.stringify({ host: hostIdentity(), pid: process.pid, writeId })));
     const busy = (detail: string) => checkpointError(`checkpoint ${this.path} is in use by ${detail}: one run of a job at a time`, 'ERR_DATA_CHECKPOINT_BUSY');
-    try {
-      await take();
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
+    if (!(await take())) {
       // Taken: by a live run (refused), or by one that is gone (taken over).
       let holder: { host?: string; pid?: number } = {};
       let heartbeat = 0;
@@ -319,14 +314,11 @@ export class WriteCheckpoint implements AsyncDisposable {
       const live = holder.host === hostIdentity() ? typeof holder.pid === 'number' && processAlive(holder.pid) : Date.now() - heartbeat < LOCK_STALE_MS;
       if (live) throw busy(`a run on ${holder.host ?? 'another host'} (process ${holder.pid ?? '?'})`);
       await storage.remove(file).catch(() => undefined);
-      await take().catch((again: NodeJS.ErrnoException) => {
-        // Taken again between our look and our write: another run got there first.
-        throw again.code === 'EEXIST' ? busy('another run') : again;
-      });
+      // Taken again between our look and our write: another run got there first.
+      if (!(await take())) throw busy('another run');
     }
     // Another host judges this run alive by the lock's age.
     this.#heartbeat = setInterval(() => {
-      const now = new Date();
       storage.touch(file).catch(() => undefined);
     }, HEARTBEAT_MS);
     this.#heartbeat.unref();

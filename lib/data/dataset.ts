@@ -694,7 +694,7 @@ export class Dataset {
     const writeId = newWriteId();
     const checkpoint = checkpointOptions === undefined
       ? undefined
-      : await WriteCheckpoint.open(checkpointOptions, sink, this.#plan, writeId, sink instanceof FileDatasink ? filePaths.join(sink.path, '.trellis-checkpoint') : undefined, sink instanceof FileDatasink ? sink.writesThrough : undefined);
+      : await WriteCheckpoint.open(checkpointOptions, sink, this.#plan, writeId, sink instanceof FileDatasink ? filePaths.join(sink.path, '.trellis-checkpoint') : undefined, sink instanceof FileDatasink ? sink.filesystem : undefined);
     try {
       // A resume appends to what the stopped run wrote, whatever the mode.
       const resumed = checkpoint?.stats();

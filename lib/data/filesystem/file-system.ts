@@ -5,7 +5,7 @@
  */
 import { createReadStream, openAsBlob } from 'node:fs';
 import { mkdir, open, readFile, readdir, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
-import { dirname, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { InvalidArgumentError } from '../../errors.js';
 
 /** A file found by a listing: its full path (or URL) and size. */
@@ -193,7 +193,7 @@ export class LocalFileSystem implements FileSystem {
 
   async writeFileDurably(path: string, bytes: Uint8Array): Promise<void> {
     // A temp file synced, then renamed: a reader sees the old file or the whole new one.
-    const temp = join(dirname(path), `.${path.slice(dirname(path).length + 1)}.${process.pid}.tmp`);
+    const temp = join(dirname(path), `.${basename(path)}.${process.pid}.tmp`);
     const handle = await open(temp, 'w');
     try {
       await handle.writeFile(bytes);

@@ -8,6 +8,7 @@
 import { readFileSync } from 'node:fs';
 import { StorageError } from '../../errors.js';
 import type { Credentials } from './s3-signing.js';
+import { xmlValue } from './s3-xml.js';
 
 /** Credentials with the time they stop working (ms since the epoch), if they do. */
 export interface ExpiringCredentials extends Credentials {
@@ -18,7 +19,6 @@ export interface ExpiringCredentials extends Credentials {
 const METADATA_TIMEOUT_MS = 1_000;
 const PROVIDER_TIMEOUT_MS = 10_000;
 
-const xmlValue = (xml: string, tag: string): string | undefined => new RegExp(`<${tag}>([\\s\\S]*?)</${tag}>`).exec(xml)?.[1];
 
 function expirationOf(text: string | undefined): number | undefined {
   if (!text) return undefined;

@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { InvalidArgumentError, StorageError } from '../../errors.js';
 import { registerPortableClass } from '../../core/serialization.js';
 import { credentialsFromProviders, type ExpiringCredentials } from './s3-credentials.js';
+import { escapeXml, xmlValue } from './s3-xml.js';
 import { canonicalQuery, EMPTY_PAYLOAD_HASH, amzDate, sha256Hex, signRequest, uriEncode, type Credentials } from './s3-signing.js';
 import { registerFileSystem, type BlobLike, type FileSystem, type ListedFile, type RandomAccessFile, type WritableFile } from './file-system.js';
 
@@ -75,25 +76,6 @@ const RETRIED_STATUSES = new Set([429, 500, 502, 503, 504]);
 /** Temporary credentials are fetched again this long before they expire. */
 const REFRESH_BEFORE_MS = 5 * 60_000;
 
-function decodeXml(text: string): string {
-  return text.replace(/&(?:#x([0-9a-f]+)|#(\d+)|(amp|lt|gt|quot|apos));/gi, (_, hex: string, decimal: string, name: string) => {
-    if (hex) return String.fromCodePoint(parseInt(hex, 16));
-    if (decimal) return String.fromCodePoint(Number(decimal));
-    return { amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" }[name.toLowerCase() as 'amp']!;
-  });
-}
-
-/** The texts of every `<tag>` element (S3's answers have no nesting within the tags read here). */
-function xmlValues(xml: string, tag: string): string[] {
-  const found: string[] = [];
-  const pattern = new RegExp(`<${tag}>([\\s\\S]*?)</${tag}>`, 'g');
-  for (let match = pattern.exec(xml); match; match = pattern.exec(xml)) found.push(decodeXml(match[1]));
-  return found;
-}
-
-const xmlValue = (xml: string, tag: string): string | undefined => xmlValues(xml, tag)[0];
-
-const escapeXml = (text: string): string => text.replace(/[&<>"']/g, (character) => `&${{ '&': 'amp', '<': 'lt', '>': 'gt', '"': 'quot', "'": 'apos' }[character]};`);
 
 /** The profile's keys from an INI-style shared credentials file, if it has them. */
 function credentialsFromFile(profile: string): Credentials | undefined {
@@ -201,6 +183,21 @@ let adopting: ResolvedOptions | undefined;
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
+/** The wait before retry `retry` (1, 2, ...): doubling from 100 ms to at most 5 s, jittered down by up to half. */
+const backoffMs = (retry: number): number => Math.min(5_000, 100 * 2 ** (retry - 1)) * (0.5 + Math.random() / 2);
+
+const notFound = (path: string): StorageError => new StorageError('ERR_STORAGE_NOT_FOUND', `S3 object ${path} does not exist`, { url: path, status: 404, attempts: 1 });
+
+async function collect(chunks: AsyncIterable<Uint8Array>): Promise<Uint8Array> {
+  const parts: Uint8Array[] = [];
+  let size = 0;
+  for await (const chunk of chunks) {
+    parts.push(chunk);
+    size += chunk.byteLength;
+  }
+  return parts.length === 1 ? parts[0] : Buffer.concat(parts, size);
+}
+
 export class S3FileSystem implements FileSystem {
   readonly scheme = 's3';
   readonly writesInPlace = false;
@@ -290,7 +287,7 @@ export class S3FileSystem implements FileSystem {
     let lastError: unknown;
     let unsigned = false;
     for (let attempt = 1; attempt <= options.maxAttempts; attempt++) {
-      if (attempt > 1) await sleep(Math.min(5_000, 100 * 2 ** (attempt - 2)) * (0.5 + Math.random() / 2));
+      if (attempt > 1) await sleep(backoffMs(attempt - 1));
       const credentials = await this.#credentials();
       const at = new Date();
       const headers: Record<string, string> = { ...spec.headers, host, 'x-amz-date': amzDate(at), 'x-amz-content-sha256': payloadHash };
@@ -394,20 +391,13 @@ export class S3FileSystem implements FileSystem {
   async open(path: string): Promise<RandomAccessFile> {
     const location = locate(path);
     const head = await this.#send({ method: 'HEAD', location, accept: [404] });
-    if (head.status === 404) throw new StorageError('ERR_STORAGE_NOT_FOUND', `S3 object ${path} does not exist`, { url: path, status: 404, attempts: 1 });
+    if (head.status === 404) throw notFound(path);
     return new S3File(this, location, Number(head.headers.get('content-length') ?? 0));
   }
 
   /** @internal Bytes [start, end) of an object; a body that breaks off is asked for again. */
   async readRange(location: S3Location, start: number, end: number): Promise<Uint8Array> {
-    if (end <= start) return new Uint8Array(0);
-    const parts: Uint8Array[] = [];
-    let size = 0;
-    for await (const chunk of this.#body(location, start, end)) {
-      parts.push(chunk);
-      size += chunk.byteLength;
-    }
-    return parts.length === 1 ? parts[0] : Buffer.concat(parts, size);
+    return end <= start ? new Uint8Array(0) : collect(this.#body(location, start, end));
   }
 
   readStream(path: string, start = 0, end?: number): AsyncIterable<Uint8Array> {
@@ -445,7 +435,7 @@ export class S3FileSystem implements FileSystem {
             cause: error,
           });
         }
-        await sleep(Math.min(5_000, 100 * 2 ** (broken - 1)) * (0.5 + Math.random() / 2));
+        await sleep(backoffMs(broken));
       }
     }
   }
@@ -481,14 +471,8 @@ export class S3FileSystem implements FileSystem {
     return this.#sendText(spec);
   }
 
-  async readFile(path: string): Promise<Uint8Array> {
-    const parts: Uint8Array[] = [];
-    let size = 0;
-    for await (const chunk of this.#body(locate(path), 0)) {
-      parts.push(chunk);
-      size += chunk.byteLength;
-    }
-    return parts.length === 1 ? parts[0] : Buffer.concat(parts, size);
+  readFile(path: string): Promise<Uint8Array> {
+    return collect(this.#body(locate(path), 0));
   }
 
   async writeFileDurably(path: string, bytes: Uint8Array): Promise<void> {
@@ -515,7 +499,7 @@ export class S3FileSystem implements FileSystem {
     const target = locate(to);
     const copySource = `/${source.bucket}/${uriEncode(source.key, true)}`;
     const head = await this.#send({ method: 'HEAD', location: source, accept: [404] });
-    if (head.status === 404) throw new StorageError('ERR_STORAGE_NOT_FOUND', `S3 object ${from} does not exist`, { url: from, status: 404, attempts: 1 });
+    if (head.status === 404) throw notFound(from);
     const size = Number(head.headers.get('content-length') ?? 0);
     if (size <= MAX_COPY_BYTES) {
       await this.#sendText({ method: 'PUT', location: target, headers: { 'x-amz-copy-source': copySource } });
@@ -543,12 +527,9 @@ export class S3FileSystem implements FileSystem {
 
   async remove(path: string): Promise<void> {
     const { bucket, key } = locate(path);
-    const doomed = key === '' ? [] : [key];
-    if (key === '' || !key.endsWith('/')) {
-      for (const file of await this.#list(bucket, key === '' ? '' : `${key}/`)) doomed.push(locate(file.path).key);
-    } else {
-      for (const file of await this.#list(bucket, key)) doomed.push(locate(file.path).key);
-    }
+    // The object of that name, if any, and everything below it as a prefix.
+    const prefix = key === '' || key.endsWith('/') ? key : `${key}/`;
+    const doomed = [...(key === '' ? [] : [key]), ...(await this.#list(bucket, prefix)).map((file) => locate(file.path).key)];
     let next = 0;
     const worker = async (): Promise<void> => {
       while (next < doomed.length) await this.#send({ method: 'DELETE', location: { bucket, key: doomed[next++] }, accept: [404] });

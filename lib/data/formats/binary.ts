@@ -51,7 +51,12 @@ function binaryColumn(values: readonly Uint8Array[]): Vector {
 }
 
 async function readWhole(path: string, filesystem: FileSystem | undefined): Promise<Uint8Array> {
-  if (urlScheme(path)) return readWholeStreamed(path, filesystem);
+  if (urlScheme(path)) {
+    // One request, with no round trip first to ask its size (the listing refused files past 2 GiB).
+    const bytes = await fileSystemFor(path, filesystem).readFile(path);
+    if (bytes.byteLength > MAX_FILE_BYTES) throw tooLarge(path, bytes.byteLength);
+    return bytes;
+  }
   const handle = await fileSystemFor(path, filesystem).open(path);
   try {
     const { size } = await handle.stat();
@@ -69,19 +74,7 @@ async function readWhole(path: string, filesystem: FileSystem | undefined): Prom
   }
 }
 
-/** A remote file in one request (no round trip first to ask its size). */
-async function readWholeStreamed(path: string, filesystem: FileSystem | undefined): Promise<Uint8Array> {
-  const chunks: Uint8Array[] = [];
-  let size = 0;
-  for await (const chunk of fileSystemFor(path, filesystem).readStream(path)) {
-    size += chunk.byteLength;
-    if (size > MAX_FILE_BYTES) throw tooLarge(path, 'more than 2 GiB');
-    chunks.push(chunk);
-  }
-  return chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, size);
-}
-
-const tooLarge = (path: string, size: number | 'more than 2 GiB') => new InvalidArgumentError(`binary file '${path}' is ${typeof size === 'number' ? `${size} bytes` : size}: a row holds at most 2 GiB`, 'ERR_DATA_PATH');
+const tooLarge = (path: string, size: number) => new InvalidArgumentError(`binary file '${path}' is ${size} bytes: a row holds at most 2 GiB`, 'ERR_DATA_PATH');
 
 export const readBinaryFiles = remote(import.meta, async function* readBinaryFiles(paths: string[], options: BinaryTaskOptions): AsyncGenerator<Block> {
   let contents: Uint8Array[] = [];

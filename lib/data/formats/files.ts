@@ -360,6 +360,14 @@ async function* fileChunks(path: string, from: number, compression: Compression 
   else yield* plainChunks(path, from);
 }
 
+/**
+ * A file's bytes in order, decompressed when it is compressed, from disk or object storage. A
+ * chunk may be a buffer the next one reuses: keep a copy of what must outlive the next step.
+ */
+export async function* fileBytes(path: string, compression: Compression | undefined, filesystem?: FileSystem): AsyncGenerator<Uint8Array> {
+  for await (const { chunk } of fileChunks(path, 0, compression, filesystem)) yield chunk;
+}
+
 /** How far past a range's end its first request reaches: its last line most often ends within. */
 const RANGE_TAIL_BYTES = 256 << 10;
 
@@ -932,14 +940,12 @@ export abstract class FileDatasink<Options extends object = object> extends Data
   /** Writes the blocks to an open file; returns the rows written. */
   protected abstract writeBlocks(blocks: Block[], file: WritableFile): Promise<number>;
 
-  /** Where the files go: the `filesystem` option, else the path's own (resolved in the driver, so write tasks carry it). */
-  protected get filesystem(): FileSystem | undefined {
+  /**
+   * Where the files go: the `filesystem` option, else the path's own, resolved in the driver so
+   * that write tasks carry it (undefined for a path on disk). A checkpoint beside them uses it too.
+   */
+  get filesystem(): FileSystem | undefined {
     return (this.options as { filesystem?: FileSystem }).filesystem;
-  }
-
-  /** The filesystem the files go through (undefined for a path on disk): a checkpoint beside them uses it too. */
-  get writesThrough(): FileSystem | undefined {
-    return this.filesystem;
   }
 
   override async onWriteStart(): Promise<void> {

@@ -6,15 +6,14 @@
  * make `{ __key__: '000017', __url__, jpg, json, txt }`. A shard is streamed by one read task (one
  * GET on object storage), `.tar.gz` decompressed on the way.
  */
-import { Readable } from 'node:stream';
 import { remote } from '../../core/registry.js';
 import { InvalidArgumentError } from '../../errors.js';
 import { blockToRows, rowsToBlock, type Block, type Row } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
-import { checkFileSystem, fileSystemFor, type FileSystem, type WritableFile } from '../filesystem/file-system.js';
-import { compressionFor, decompressor, type Compression } from './compression.js';
+import { checkFileSystem, type FileSystem, type WritableFile } from '../filesystem/file-system.js';
+import { compressionFor, type Compression } from './compression.js';
 import {
-  DEFAULT_BLOCK_BYTES, FileDatasink, FileListing, checkExtensions, checkPositiveInteger, groupByWeight, listedFiles, parseError, taskFileSystem,
+  DEFAULT_BLOCK_BYTES, FileDatasink, FileListing, checkExtensions, checkPositiveInteger, fileBytes, groupByWeight, listedFiles, parseError, taskFileSystem,
   type FileEntry, type FileSystemOptions,
 } from './files.js';
 import { partitionedReadTasks, selectPartitions, type PartitionReadOptions, type PartitionValues } from './partitioning.js';
@@ -78,15 +77,6 @@ function decodeField(field: string, bytes: Uint8Array, where: string): unknown {
   return bytes;
 }
 
-function shardChunks(shard: Shard, filesystem: FileSystem | undefined): AsyncIterable<Uint8Array> {
-  const raw = fileSystemFor(shard.path, filesystem).readStream(shard.path);
-  if (!shard.compression) return raw;
-  const source = Readable.from(raw, { objectMode: false });
-  const stream = decompressor(shard.compression);
-  source.on('error', (error: Error) => stream.destroy(error));
-  return source.pipe(stream);
-}
-
 export const readWebDatasetShards = remote(import.meta, async function* readWebDatasetShards(shards: Shard[], options: WebDatasetTaskOptions): AsyncGenerator<Block> {
   let rows: Row[] = [];
   let bytes = 0;
@@ -97,7 +87,7 @@ export const readWebDatasetShards = remote(import.meta, async function* readWebD
       if (sample) rows.push(sample);
       sample = undefined;
     };
-    for await (const entry of tarEntries(shardChunks(shard, options.filesystem), `WebDataset shard '${shard.path}'`)) {
+    for await (const entry of tarEntries(fileBytes(shard.path, shard.compression, options.filesystem), `WebDataset shard '${shard.path}'`)) {
       const parts = splitName(entry.name);
       // Files without an extension (a shard's own metadata) belong to no sample.
       if (!parts) continue;
