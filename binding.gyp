@@ -26,7 +26,11 @@
         "native/kernels/thread_pool.cc",
         "native/kernels/device_kernels.cc",
         "native/kernels/device_kernels_binding.cc",
-        "native/cuda/cublas.cc"
+        "native/cuda/cublas.cc",
+        "native/image/jpeg_decoder.cc",
+        "native/image/png_decoder.cc",
+        "native/image/resize.cc",
+        "native/image/image_binding.cc"
       ],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")",

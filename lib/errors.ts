@@ -114,6 +114,10 @@ export function errorFromNative(code: string, message: string, details: Record<s
     case 'ERR_NCCL_ABORTED':
     case 'ERR_NCCL_DESTROYED':
       return new NcclError(code, message, details);
+    case 'ERR_IMAGE_DECODE':
+    case 'ERR_IMAGE_UNSUPPORTED':
+    case 'ERR_IMAGE_TOO_LARGE':
+      return new ImageError(code, message);
     default:
       return new ObjectStoreError(code, message);
   }
@@ -405,5 +409,18 @@ export class StorageError extends TrellisError {
     this.status = details.status;
     this.storageCode = details.storageCode;
     this.attempts = details.attempts;
+  }
+}
+
+/**
+ * An image could not be decoded: damaged or truncated data (`ERR_IMAGE_DECODE`), a format or
+ * variant the decoders do not read (`ERR_IMAGE_UNSUPPORTED`: GIF, WebP, arithmetic-coded JPEG) or
+ * more pixels than allowed (`ERR_IMAGE_TOO_LARGE`). `source` names the file where one is known.
+ */
+export class ImageError extends TrellisError {
+  readonly source?: string;
+  constructor(code: string, message: string, details: { source?: string; cause?: unknown } = {}) {
+    super(code, details.source ? `${details.source}: ${message}` : message, { cause: details.cause });
+    this.source = details.source;
   }
 }

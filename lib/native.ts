@@ -385,6 +385,38 @@ export interface NativeDeviceKernels {
   close(): void;
 }
 
+/** A decoded image: 8-bit channels, interleaved, row-major. */
+export interface NativeDecodedImage {
+  width: number;
+  height: number;
+  channels: number;
+  pixels: Uint8Array;
+}
+
+/** PNG's IHDR fields that shape its image data. */
+export interface NativePngHeader {
+  width: number;
+  height: number;
+  bitDepth: number;
+  colorType: number;
+  interlace: number;
+}
+
+/**
+ * Image decoding (native/image): JPEG whole, PNG after lib/image has parsed its chunks and
+ * inflated its data; bilinear resizing. Synchronous: a read task's worker has nothing else to do.
+ * Channels are 1 (gray), 3 (RGB) or 4 (RGBA). Failures are ImageError (ERR_IMAGE_*).
+ */
+export interface NativeImage {
+  probeJpeg(bytes: Uint8Array): { width: number; height: number; channels: number };
+  /** maxPixels 0: no limit. */
+  decodeJpeg(bytes: Uint8Array, channels: number, maxPixels: number): NativeDecodedImage;
+  /** The bytes the inflated image data holds for this header, filter bytes included. */
+  pngDataSize(header: NativePngHeader): number;
+  reconstructPng(inflated: Uint8Array, header: NativePngHeader, palette: Uint8Array | null, transparency: Uint8Array | null, channels: number): NativeDecodedImage;
+  resize(pixels: Uint8Array, height: number, width: number, channels: number, outHeight: number, outWidth: number): Uint8Array;
+}
+
 export interface NativeAddon {
   setErrorFactory(factory: (code: string, message: string, details: Record<string, unknown>) => Error): void;
   NativeObjectStore: new (options: NativeStoreOptions) => NativeObjectStore;
@@ -396,6 +428,7 @@ export interface NativeAddon {
   nccl: NativeNccl;
   busyPoll: NativeBusyPoll;
   kernels: NativeKernels;
+  image: NativeImage;
   DeviceKernels: new (options: { backend: 'cpu' | 'cuda'; device?: number }) => NativeDeviceKernels;
   deviceKernels: {
     /** The address of a host buffer's first byte (the 'cpu' backend's memory). */

@@ -4,6 +4,7 @@
 
 #include "common/js_error.h"
 #include "cuda/cuda_binding.h"
+#include "image/image_binding.h"
 #include "nccl/nccl_binding.h"
 #include "channel/channel_binding.h"
 #include "channel/connection_ring_binding.h"
@@ -37,6 +38,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   trellis::loop::RegisterBusyPoll(env, exports);
   trellis::kernels::RegisterKernelsBinding(env, exports);
   trellis::kernels::RegisterDeviceKernelsBinding(env, exports);
+  trellis::image::RegisterImageBinding(env, exports);
   return exports;
 }
 

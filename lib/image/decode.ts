@@ -1,0 +1,138 @@
+/**
+ * Images to tensors for models: JPEG and PNG decoded natively into 8-bit pixels, in the mode a
+ * model takes (RGB, RGBA or L), resized where a size is asked for. An image is a CPU Tensor of
+ * dtype u8 and shape [height, width, channels] ([height, width] in mode L, as PIL and NumPy have
+ * it), so it moves to a GPU with `.to('cuda:0')` and into a dataset's tensor column as it is.
+ */
+import { ImageError, InvalidArgumentError } from '../errors.js';
+import { Tensor } from '../gpu/tensor.js';
+import { native, type NativeDecodedImage } from '../native.js';
+import { decodePng, probePng, PNG_SIGNATURE } from './png.js';
+
+export type ImageMode = 'RGB' | 'RGBA' | 'L';
+export type ImageFormat = 'jpeg' | 'png';
+
+export const IMAGE_MODES: readonly ImageMode[] = ['RGB', 'RGBA', 'L'];
+const CHANNELS: Record<ImageMode, number> = { L: 1, RGB: 3, RGBA: 4 };
+
+/** PIL's decompression-bomb limit: a larger image is refused unless `maxPixels` says otherwise. */
+export const DEFAULT_MAX_IMAGE_PIXELS = 178_956_970;
+
+export interface DecodeImageOptions {
+  /** Channels of the result (default 'RGB'): a gray image is repeated into RGB, alpha dropped or set to 255. */
+  mode?: ImageMode;
+  /** [height, width] to resize to (bilinear, antialiased when shrinking). */
+  size?: readonly [height: number, width: number];
+  /** Images of more pixels are refused with ERR_IMAGE_TOO_LARGE before they are decoded (0: no limit). */
+  maxPixels?: number;
+}
+
+export interface ImageInfo {
+  format: ImageFormat;
+  width: number;
+  height: number;
+  /** As stored: 1 gray, 2 gray and alpha, 3 colour (palettes too), 4 RGBA or CMYK. */
+  channels: number;
+}
+
+/** Formats known by their first bytes, so a file the decoders cannot read is named, not misread. */
+const OTHER_FORMATS: Array<[string, number[]]> = [
+  ['GIF', [0x47, 0x49, 0x46, 0x38]],
+  ['BMP', [0x42, 0x4d]],
+  ['TIFF', [0x49, 0x49, 0x2a, 0x00]],
+  ['TIFF', [0x4d, 0x4d, 0x00, 0x2a]],
+];
+
+/** The format of an image's bytes, or undefined when it is none the decoders read. */
+export function imageFormat(bytes: Uint8Array): ImageFormat | undefined {
+  if (bytes.length >= 3 && bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff) return 'jpeg';
+  if (bytes.length >= 8 && PNG_SIGNATURE.every((value, index) => bytes[index] === value)) return 'png';
+  return undefined;
+}
+
+function unknownFormat(bytes: Uint8Array): ImageError {
+  const startsWith = (magic: number[]) => magic.every((value, index) => bytes[index] === value);
+  const named = OTHER_FORMATS.find(([, magic]) => startsWith(magic))?.[0];
+  const webp = bytes.length >= 12 && String.fromCharCode(...bytes.subarray(0, 4)) === 'RIFF' && String.fromCharCode(...bytes.subarray(8, 12)) === 'WEBP';
+  const format = named ?? (webp ? 'WebP' : undefined);
+  return format
+    ? new ImageError('ERR_IMAGE_UNSUPPORTED', `${format} images are not supported (JPEG and PNG are)`)
+    : new ImageError('ERR_IMAGE_DECODE', `not a JPEG or PNG image (first bytes ${Buffer.from(bytes.subarray(0, 8)).toString('hex') || 'none'})`);
+}
+
+function asBytes(bytes: unknown, what: string): Uint8Array {
+  if (bytes instanceof Uint8Array) return bytes;
+  if (bytes instanceof ArrayBuffer) return new Uint8Array(bytes);
+  throw new InvalidArgumentError(`${what} takes an image's bytes as a Uint8Array or Buffer, got ${bytes === null ? 'null' : typeof bytes}`, 'ERR_INVALID_ARGUMENT');
+}
+
+/** An image's format and size from its header, without decoding it. */
+export function imageInfo(bytes: Uint8Array): ImageInfo {
+  const data = asBytes(bytes, 'imageInfo');
+  const format = imageFormat(data);
+  if (format === 'jpeg') return { format, ...native.image.probeJpeg(data) };
+  if (format === 'png') return { format, ...probePng(data) };
+  throw unknownFormat(data);
+}
+
+export function checkImageMode(mode: unknown, what: string): ImageMode {
+  if (!IMAGE_MODES.includes(mode as ImageMode)) {
+    throw new InvalidArgumentError(`${what}: mode must be one of ${IMAGE_MODES.join(', ')}, got ${JSON.stringify(mode)}`, 'ERR_INVALID_ARGUMENT');
+  }
+  return mode as ImageMode;
+}
+
+export function checkImageSize(size: unknown, what: string): readonly [number, number] {
+  const valid = Array.isArray(size) && size.length === 2 && size.every((value) => Number.isSafeInteger(value) && value >= 1 && value <= 1 << 20);
+  if (!valid) throw new InvalidArgumentError(`${what}: size must be [height, width], two positive integers, got ${JSON.stringify(size)}`, 'ERR_INVALID_ARGUMENT');
+  return size as unknown as readonly [number, number];
+}
+
+function checkMaxPixels(maxPixels: unknown, what: string): number {
+  if (maxPixels === undefined) return DEFAULT_MAX_IMAGE_PIXELS;
+  if (typeof maxPixels !== 'number' || !Number.isSafeInteger(maxPixels) || maxPixels < 0) {
+    throw new InvalidArgumentError(`${what}: maxPixels must be a non-negative integer (0: no limit), got ${String(maxPixels)}`, 'ERR_INVALID_ARGUMENT');
+  }
+  return maxPixels;
+}
+
+/** Pixels as a tensor: [height, width] for one channel, else [height, width, channels]. */
+function toTensor(pixels: Uint8Array, height: number, width: number, channels: number): Tensor {
+  return Tensor.wrap(pixels, 'u8', channels === 1 ? [height, width] : [height, width, channels]);
+}
+
+/** Decodes a JPEG or PNG image into a u8 tensor [height, width, channels] ([height, width] for 'L'). */
+export function decodeImage(bytes: Uint8Array, options: DecodeImageOptions = {}): Tensor {
+  const data = asBytes(bytes, 'decodeImage');
+  const mode = checkImageMode(options.mode ?? 'RGB', 'decodeImage');
+  const size = options.size === undefined ? undefined : checkImageSize(options.size, 'decodeImage');
+  const maxPixels = checkMaxPixels(options.maxPixels, 'decodeImage');
+  const channels = CHANNELS[mode];
+  const format = imageFormat(data);
+  let decoded: NativeDecodedImage;
+  if (format === 'jpeg') decoded = native.image.decodeJpeg(data, channels, maxPixels);
+  else if (format === 'png') decoded = decodePng(data, channels, maxPixels);
+  else throw unknownFormat(data);
+  let { pixels, height, width } = decoded;
+  if (size && (size[0] !== height || size[1] !== width)) {
+    pixels = native.image.resize(pixels, height, width, channels, size[0], size[1]);
+    [height, width] = size;
+  }
+  return toTensor(pixels, height, width, channels);
+}
+
+/** A u8 image tensor ([height, width] or [height, width, channels]) resized to [height, width]. */
+export function resizeImage(image: Tensor, size: readonly [height: number, width: number]): Tensor {
+  const [height, width] = checkImageSize(size, 'resizeImage');
+  if (!(image instanceof Tensor) || image.dtype !== 'u8' || image.device !== 'cpu' || (image.shape.length !== 2 && image.shape.length !== 3)) {
+    throw new InvalidArgumentError(
+      `resizeImage takes a CPU u8 tensor of shape [height, width] or [height, width, channels], got ${image instanceof Tensor ? String(image) : typeof image}`,
+      'ERR_INVALID_ARGUMENT',
+    );
+  }
+  const [inHeight, inWidth, channels = 1] = image.shape;
+  if (inHeight === height && inWidth === width) return image;
+  const data = image.data as Uint8Array;
+  const pixels = native.image.resize(data, inHeight, inWidth, channels, height, width);
+  return Tensor.wrap(pixels, 'u8', image.shape.length === 2 ? [height, width] : [height, width, channels]);
+}

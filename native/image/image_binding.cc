@@ -1,0 +1,134 @@
+// Node-API face of the image decoders. Every argument is checked here: the decoders index raw
+// memory with these numbers.
+#include "image/image_binding.h"
+
+#include <cstring>
+#include <string>
+
+#include "common/js_error.h"
+#include "image/jpeg_decoder.h"
+#include "image/png_decoder.h"
+#include "image/resize.h"
+
+namespace trellis::image {
+namespace {
+
+Bytes BytesArgument(const Napi::Value& value, const char* name, bool optional = false) {
+  if (optional && (value.IsNull() || value.IsUndefined())) return {};
+  if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+    throw InvalidArgument(std::string(name) + " must be a Uint8Array");
+  }
+  auto array = value.As<Napi::Uint8Array>();
+  return {array.Data(), array.ElementLength()};
+}
+
+uint32_t DimensionArgument(const Napi::Value& value, const char* name, uint32_t low, uint32_t high) {
+  if (!value.IsNumber()) throw InvalidArgument(std::string(name) + " must be a number");
+  double number = value.As<Napi::Number>().DoubleValue();
+  if (!(number >= low && number <= high) || number != static_cast<double>(static_cast<uint32_t>(number))) {
+    throw InvalidArgument(std::string(name) + " must be an integer from " + std::to_string(low) + " to " + std::to_string(high));
+  }
+  return static_cast<uint32_t>(number);
+}
+
+uint32_t ChannelsArgument(const Napi::Value& value) {
+  uint32_t channels = DimensionArgument(value, "channels", 1, 4);
+  if (channels == 2) throw InvalidArgument("channels must be 1, 3 or 4");
+  return channels;
+}
+
+Napi::Uint8Array ToArray(Napi::Env env, const std::vector<uint8_t>& bytes) {
+  Napi::ArrayBuffer buffer = Napi::ArrayBuffer::New(env, bytes.size());
+  if (!bytes.empty()) std::memcpy(buffer.Data(), bytes.data(), bytes.size());
+  return Napi::Uint8Array::New(env, bytes.size(), buffer, 0);
+}
+
+Napi::Object ToObject(Napi::Env env, const DecodedImage& image) {
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("width", image.width);
+  result.Set("height", image.height);
+  result.Set("channels", image.channels);
+  result.Set("pixels", ToArray(env, image.pixels));
+  return result;
+}
+
+PngHeader HeaderArgument(const Napi::Value& value) {
+  if (!value.IsObject()) throw InvalidArgument("header must be an object");
+  Napi::Object object = value.As<Napi::Object>();
+  PngHeader header;
+  header.width = DimensionArgument(object.Get("width"), "header.width", 0, 0x7FFFFFFF);
+  header.height = DimensionArgument(object.Get("height"), "header.height", 0, 0x7FFFFFFF);
+  header.bit_depth = DimensionArgument(object.Get("bitDepth"), "header.bitDepth", 0, 255);
+  header.color_type = DimensionArgument(object.Get("colorType"), "header.colorType", 0, 255);
+  header.interlace = DimensionArgument(object.Get("interlace"), "header.interlace", 0, 255);
+  return header;
+}
+
+Napi::Value ProbeJpegFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    Bytes bytes = BytesArgument(info[0], "bytes");
+    ImageSize size = ProbeJpeg(bytes.data, bytes.size);
+    Napi::Object result = Napi::Object::New(info.Env());
+    result.Set("width", size.width);
+    result.Set("height", size.height);
+    result.Set("channels", size.channels);
+    return result;
+  });
+}
+
+Napi::Value DecodeJpegFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    Bytes bytes = BytesArgument(info[0], "bytes");
+    uint32_t channels = ChannelsArgument(info[1]);
+    if (!info[2].IsNumber() || info[2].As<Napi::Number>().DoubleValue() < 0) throw InvalidArgument("maxPixels must be a non-negative number");
+    auto max_pixels = static_cast<uint64_t>(info[2].As<Napi::Number>().DoubleValue());
+    return ToObject(info.Env(), DecodeJpeg(bytes.data, bytes.size, channels, max_pixels));
+  });
+}
+
+Napi::Value PngDataSizeFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    return Napi::Number::New(info.Env(), static_cast<double>(PngDataSize(HeaderArgument(info[0]))));
+  });
+}
+
+Napi::Value ReconstructPngFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    Bytes inflated = BytesArgument(info[0], "inflated");
+    PngHeader header = HeaderArgument(info[1]);
+    Bytes palette = BytesArgument(info[2], "palette", true);
+    Bytes transparency = BytesArgument(info[3], "transparency", true);
+    uint32_t channels = ChannelsArgument(info[4]);
+    return ToObject(info.Env(), ReconstructPng(inflated, header, palette, transparency, channels));
+  });
+}
+
+Napi::Value ResizeFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    Bytes pixels = BytesArgument(info[0], "pixels");
+    uint32_t height = DimensionArgument(info[1], "height", 1, 1 << 20);
+    uint32_t width = DimensionArgument(info[2], "width", 1, 1 << 20);
+    uint32_t channels = DimensionArgument(info[3], "channels", 1, 64);
+    uint32_t out_height = DimensionArgument(info[4], "outHeight", 1, 1 << 20);
+    uint32_t out_width = DimensionArgument(info[5], "outWidth", 1, 1 << 20);
+    if (static_cast<double>(height) * width * channels != static_cast<double>(pixels.size)) {
+      throw InvalidArgument("pixels holds " + std::to_string(pixels.size) + " bytes, not height x width x channels = " +
+                            std::to_string(static_cast<double>(height) * width * channels));
+    }
+    return ToArray(info.Env(), ResizeBilinear(pixels.data, height, width, channels, out_height, out_width));
+  });
+}
+
+}  // namespace
+
+void RegisterImageBinding(Napi::Env env, Napi::Object exports) {
+  Napi::Object image = Napi::Object::New(env);
+  image.Set("probeJpeg", Napi::Function::New(env, ProbeJpegFunction, "probeJpeg"));
+  image.Set("decodeJpeg", Napi::Function::New(env, DecodeJpegFunction, "decodeJpeg"));
+  image.Set("pngDataSize", Napi::Function::New(env, PngDataSizeFunction, "pngDataSize"));
+  image.Set("reconstructPng", Napi::Function::New(env, ReconstructPngFunction, "reconstructPng"));
+  image.Set("resize", Napi::Function::New(env, ResizeFunction, "resize"));
+  exports.Set("image", image);
+}
+
+}  // namespace trellis::image

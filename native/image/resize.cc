@@ -1,0 +1,92 @@
+#include "image/resize.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+
+namespace trellis::image {
+namespace {
+
+// For each output position along one axis: the first input position it reads and the weights of
+// the inputs from there on (they sum to 1).
+struct Taps {
+  std::vector<uint32_t> first;
+  std::vector<uint32_t> count;
+  std::vector<float> weights;
+  uint32_t width = 0;  // weights per output position
+};
+
+Taps MakeTaps(uint32_t in, uint32_t out) {
+  Taps taps;
+  double scale = static_cast<double>(in) / out;
+  double filter_scale = std::max(scale, 1.0);
+  double support = filter_scale;  // the triangle's half-width
+  taps.width = static_cast<uint32_t>(std::ceil(support)) * 2 + 1;
+  taps.first.resize(out);
+  taps.count.resize(out);
+  taps.weights.assign(static_cast<size_t>(out) * taps.width, 0.0f);
+  for (uint32_t o = 0; o < out; ++o) {
+    double center = (o + 0.5) * scale;
+    auto low = static_cast<int64_t>(std::floor(center - support));
+    auto high = static_cast<int64_t>(std::ceil(center + support));
+    low = std::max<int64_t>(low, 0);
+    high = std::min<int64_t>(high, in);
+    double total = 0;
+    uint32_t n = 0;
+    float* weights = &taps.weights[static_cast<size_t>(o) * taps.width];
+    for (int64_t i = low; i < high && n < taps.width; ++i, ++n) {
+      double weight = std::max(0.0, 1.0 - std::fabs((i + 0.5 - center) / filter_scale));
+      weights[n] = static_cast<float>(weight);
+      total += weight;
+    }
+    if (total <= 0) {  // cannot happen for in, out >= 1; kept so a weight is never divided by 0
+      weights[0] = 1;
+      total = 1;
+      n = 1;
+    }
+    for (uint32_t k = 0; k < n; ++k) weights[k] = static_cast<float>(weights[k] / total);
+    taps.first[o] = static_cast<uint32_t>(low);
+    taps.count[o] = n;
+  }
+  return taps;
+}
+
+}  // namespace
+
+std::vector<uint8_t> ResizeBilinear(const uint8_t* pixels, uint32_t height, uint32_t width, uint32_t channels, uint32_t out_height,
+                                    uint32_t out_width) {
+  Taps horizontal = MakeTaps(width, out_width);
+  Taps vertical = MakeTaps(height, out_height);
+  // Horizontal pass into floats, then the vertical pass rounds once.
+  std::vector<float> rows(static_cast<size_t>(height) * out_width * channels);
+  for (uint32_t y = 0; y < height; ++y) {
+    const uint8_t* source = pixels + static_cast<size_t>(y) * width * channels;
+    float* target = &rows[static_cast<size_t>(y) * out_width * channels];
+    for (uint32_t x = 0; x < out_width; ++x) {
+      const float* weights = &horizontal.weights[static_cast<size_t>(x) * horizontal.width];
+      const uint8_t* first = source + static_cast<size_t>(horizontal.first[x]) * channels;
+      for (uint32_t c = 0; c < channels; ++c) {
+        float sum = 0;
+        for (uint32_t k = 0; k < horizontal.count[x]; ++k) sum += weights[k] * first[k * channels + c];
+        target[x * channels + c] = sum;
+      }
+    }
+  }
+  std::vector<uint8_t> out(static_cast<size_t>(out_height) * out_width * channels);
+  size_t row_length = static_cast<size_t>(out_width) * channels;
+  std::vector<float> sums(row_length);
+  for (uint32_t y = 0; y < out_height; ++y) {
+    std::fill(sums.begin(), sums.end(), 0.0f);
+    const float* weights = &vertical.weights[static_cast<size_t>(y) * vertical.width];
+    for (uint32_t k = 0; k < vertical.count[y]; ++k) {
+      const float* source = &rows[static_cast<size_t>(vertical.first[y] + k) * row_length];
+      float weight = weights[k];
+      for (size_t i = 0; i < row_length; ++i) sums[i] += weight * source[i];
+    }
+    uint8_t* target = &out[static_cast<size_t>(y) * row_length];
+    for (size_t i = 0; i < row_length; ++i) target[i] = static_cast<uint8_t>(std::clamp(static_cast<int>(sums[i] + 0.5f), 0, 255));
+  }
+  return out;
+}
+
+}  // namespace trellis::image
