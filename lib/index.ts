@@ -97,15 +97,15 @@ export { GroupedData } from './data/grouped.js';
 export type { MapGroupsOptions } from './data/grouped.js';
 export { Count, Sum, Min, Max, Mean, Std, AbsMax, Unique, Quantile, ApproximateQuantile } from './data/aggregate.js';
 export type { AggregateFn, AggregateOptions, AggregationKind } from './data/aggregate.js';
-export { range, RangeDatasource, readJsonl, readCsv, readArrow, readParquet, readText, readBinaryFiles, readWebDataset } from './data/sources.js';
+export { range, RangeDatasource, readJsonl, readCsv, readArrow, readParquet, readText, readBinaryFiles, readImages, readWebDataset } from './data/sources.js';
 export {
   JsonlDatasource, CsvDatasource, ArrowDatasource, ParquetDatasource, TextDatasource, BinaryDatasource, JsonlDatasink, CsvDatasink, ArrowDatasink, ParquetDatasink,
-  WebDatasetDatasource, WebDatasetDatasink,
+  WebDatasetDatasource, WebDatasetDatasink, ImageDatasource,
 } from './data/formats/index.js';
 export type {
   Paths, JsonlReadOptions, JsonlWriteOptions, CsvReadOptions, ArrowReadOptions, ParquetReadOptions, TextReadOptions, BinaryReadOptions, Compression, CompressionOption,
   PartitionReadOptions, PartitionValues,
-  CsvWriteOptions, ArrowWriteOptions, ParquetWriteOptions, WrittenFile, WebDatasetReadOptions, WebDatasetWriteOptions,
+  CsvWriteOptions, ArrowWriteOptions, ParquetWriteOptions, WrittenFile, WebDatasetReadOptions, WebDatasetWriteOptions, ImageReadOptions,
 } from './data/formats/index.js';
 export { Datasource, Datasink, ReadTask } from './data/datasource.js';
 export { LocalFileSystem } from './data/filesystem/file-system.js';
@@ -117,11 +117,15 @@ export type { RowFilter, RowPredicate, RowFilterOperator, RowFilterValue, Clause
 export type { WriteContext, ReadTaskMetadata, ReadResult, ReadOutput } from './data/datasource.js';
 export { DataContext } from './data/executor.js';
 export type { ExecutionOptions, JobStats } from './data/executor.js';
-export type { Block, Row, BatchFormat, BlockMetadata } from './data/block.js';
+export type { Block, Row, BatchFormat, BlockMetadata, BatchColumns, FormattedColumns } from './data/block.js';
+export { tensorColumnInfo, FIXED_SHAPE_TENSOR, VARIABLE_SHAPE_TENSOR } from './data/tensor-column.js';
+export type { TensorColumnInfo } from './data/tensor-column.js';
+export { decodeImage, resizeImage, imageInfo, imageFormat, DEFAULT_MAX_IMAGE_PIXELS } from './image/decode.js';
+export type { ImageMode, ImageFormat, ImageInfo, DecodeImageOptions } from './image/decode.js';
 export { rowsToBlock, blockToRows } from './data/block.js';
 export type { JobProgress, OperatorProgress, ProgressReporter } from './data/progress-types.js';
 export { DataError, DataStallError } from './errors.js';
-export { ModelLoadError, GrammarError, HttpRequestError, StorageError } from './errors.js';
+export { ModelLoadError, GrammarError, HttpRequestError, StorageError, ImageError } from './errors.js';
 export { ModelReplica } from './llm/replica.js';
 export type { ModelReplicaOptions, GenerateRequest, Generation, GeneratedToken, ReplicaStats, EmbedRequest, Embedding, ClassifyRequest, Classification } from './llm/replica.js';
 export { buildLLMProcessor, LLMEngine } from './llm/processor.js';

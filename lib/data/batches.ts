@@ -4,10 +4,10 @@
  */
 import { Data, RecordBatch, Table, makeVector, type Vector } from 'apache-arrow';
 import { InvalidArgumentError } from '../errors.js';
-import { concatBlocks, formatBatch, sliceRows, takeRows, type BatchFormat, type Block, type Row } from './block.js';
+import { concatBlocks, formatBatch, sliceRows, takeRows, type BatchFormat, type Block, type FormattedColumns, type Row } from './block.js';
 import { seededRandom } from './keys.js';
 
-export type Batch = Block | Row[] | Record<string, unknown[] | ArrayBufferView>;
+export type Batch = Block | Row[] | FormattedColumns;
 
 /** A consumer's batchSize: a positive integer (default 256), or null for each block whole. */
 export function checkBatchSize(batchSize: unknown, what: string): number | null {

@@ -9,11 +9,20 @@ import {
   Uint16, Uint32, Uint64, Uint8, Utf8, makeData, makeVector, tableFromArrays, vectorFromArray, type Vector,
 } from 'apache-arrow';
 import { InvalidArgumentError } from '../errors.js';
+import { Tensor } from '../gpu/tensor.js';
 import './table-codec.js';
+import {
+  columnTensor, columnTensorCells, tensorCellsToColumn, tensorColumnInfo, tensorToColumn, tensorToPlainVector, unifyTensorFields,
+  type TensorColumnInfo,
+} from './tensor-column.js';
 
 export type Block = Table;
 export type Row = Record<string, unknown>;
 export type Columns = Record<string, ArrayLike<unknown>>;
+/** Columns as user functions return them: arrays, typed arrays, or a Tensor [rows, ...] (a tensor column). */
+export type BatchColumns = Record<string, ArrayLike<unknown> | Tensor>;
+/** Columns as user functions receive them: a tensor column without nulls arrives as one Tensor [rows, ...cell shape]. */
+export type FormattedColumns = Record<string, unknown[] | ArrayBufferView | Tensor>;
 export type BatchFormat = 'arrow' | 'rows' | 'columns';
 
 /** What the executor knows of a block without reading it. */
@@ -130,11 +139,24 @@ export function vectorOf(values: unknown[], type: DataType): Vector {
 export function rowsToBlock(rows: readonly Row[], schema?: Schema): Block {
   if (schema) {
     const columns: Record<string, Vector> = {};
-    for (const field of schema.fields) columns[field.name] = vectorOf(rows.map((row) => row[field.name]), field.type);
-    return new Table(schema, columns);
+    const fields: Field[] = [];
+    for (const field of schema.fields) {
+      const values = rows.map((row) => row[field.name]);
+      const info = tensorColumnInfo(field);
+      if (info) {
+        const built = tensorCellsToColumn(field.name, values as Tensor[], { like: field, variable: info.kind === 'variable' });
+        fields.push(built.field);
+        columns[field.name] = built.vector;
+      } else {
+        fields.push(field);
+        columns[field.name] = vectorOf(values, field.type);
+      }
+    }
+    return new Table(new Schema(fields, schema.metadata), columns);
   }
   const names: string[] = [];
   const types = new Map<string, DataType | undefined>();
+  const tensorNames = new Set<string>();
   for (const row of rows) {
     if (typeof row !== 'object' || row === null || Array.isArray(row)) {
       throw new InvalidArgumentError(`a row must be a plain object, got ${row === null ? 'null' : Array.isArray(row) ? 'an array' : typeof row}`, 'ERR_DATA_TYPE');
@@ -144,6 +166,10 @@ export function rowsToBlock(rows: readonly Row[], schema?: Schema): Block {
         names.push(name);
         types.set(name, undefined);
       }
+      if (value instanceof Tensor) {
+        tensorNames.add(name);
+        continue;
+      }
       const type = typeOfValue(value, name);
       if (type) {
         const seen = types.get(name);
@@ -152,12 +178,63 @@ export function rowsToBlock(rows: readonly Row[], schema?: Schema): Block {
     }
   }
   const columns: Record<string, Vector> = {};
-  for (const name of names) columns[name] = vectorOf(rows.map((row) => row[name]), types.get(name) ?? new Null());
-  return new Table(columns);
+  if (tensorNames.size === 0) {
+    for (const name of names) columns[name] = vectorOf(rows.map((row) => row[name]), types.get(name) ?? new Null());
+    return new Table(columns);
+  }
+  const fields: Field[] = [];
+  for (const name of names) {
+    if (tensorNames.has(name)) {
+      const built = tensorCellsToColumn(name, rows.map((row) => row[name] as Tensor | null));
+      fields.push(built.field);
+      columns[name] = built.vector;
+    } else {
+      columns[name] = vectorOf(rows.map((row) => row[name]), types.get(name) ?? new Null());
+      fields.push(new Field(name, columns[name].type, true));
+    }
+  }
+  return new Table(new Schema(fields), columns);
 }
 
-/** Columns (arrays or typed arrays of one length) to a block. Typed arrays are used zero-copy. */
-export function columnsToBlock(columns: Columns): Block {
+/**
+ * Columns (arrays or typed arrays of one length) to a block. Typed arrays are used zero-copy; a
+ * Tensor [rows, ...] becomes a tensor column over the same memory (a 1-D one a plain column), and
+ * an array of Tensors a tensor column of those cells.
+ */
+export function columnsToBlock(columns: BatchColumns): Block {
+  const tensors = new Map<string, { field: Field; vector: Vector }>();
+  const plainColumns: Columns = {};
+  for (const [name, column] of Object.entries(columns)) {
+    if (column instanceof Tensor) {
+      tensors.set(name, column.shape.length >= 2 ? tensorToColumn(name, column) : tensorToPlainVector(name, column));
+    } else if (Array.isArray(column) && column.some((value) => value instanceof Tensor)) {
+      tensors.set(name, tensorCellsToColumn(name, column as Tensor[]));
+    } else {
+      plainColumns[name] = column;
+    }
+  }
+  if (tensors.size === 0) return plainColumnsToBlock(plainColumns);
+  const lengths = [...Object.entries(plainColumns).map(([name, column]) => [name, column.length] as const), ...[...tensors].map(([name, built]) => [name, built.vector.length] as const)];
+  if (new Set(lengths.map(([, length]) => length)).size > 1) {
+    throw new InvalidArgumentError(`columns of a batch must have one length, got ${lengths.map(([name, length]) => `${name}=${length}`).join(', ')}`, 'ERR_DATA_TYPE');
+  }
+  const rest = Object.keys(plainColumns).length > 0 ? plainColumnsToBlock(plainColumns) : undefined;
+  const fields: Field[] = [];
+  const vectors: Record<string, Vector> = {};
+  for (const name of Object.keys(columns)) {
+    const built = tensors.get(name);
+    if (built) {
+      fields.push(built.field);
+      vectors[name] = built.vector;
+    } else {
+      fields.push(rest!.schema.fields.find((field) => field.name === name)!);
+      vectors[name] = rest!.getChild(name)!;
+    }
+  }
+  return new Table(new Schema(fields), vectors);
+}
+
+function plainColumnsToBlock(columns: Columns): Block {
   const lengths = new Set(Object.values(columns).map((column) => column.length));
   if (lengths.size > 1) {
     const described = Object.entries(columns).map(([name, column]) => `${name}=${column.length}`).join(', ');
@@ -251,11 +328,15 @@ function validityOf(column: ArrayLike<unknown>): Uint8Array {
 export function toBlock(value: unknown, what: string): Block {
   if (value instanceof Table) return value;
   if (Array.isArray(value)) return rowsToBlock(value as Row[]);
-  if (typeof value === 'object' && value !== null && Object.values(value).every((column) => Array.isArray(column) || ArrayBuffer.isView(column))) {
-    return columnsToBlock(value as Columns);
+  if (
+    typeof value === 'object' &&
+    value !== null &&
+    Object.values(value).every((column) => Array.isArray(column) || ArrayBuffer.isView(column) || column instanceof Tensor)
+  ) {
+    return columnsToBlock(value as BatchColumns);
   }
   throw new InvalidArgumentError(
-    `${what} must return an Arrow table, an array of rows or a record of column arrays; got ${value === null ? 'null' : typeof value}`,
+    `${what} must return an Arrow table, an array of rows or a record of column arrays (or Tensors); got ${value === null ? 'null' : typeof value}`,
     'ERR_DATA_TYPE',
   );
 }
@@ -265,10 +346,17 @@ export function blockToRows(block: Block): Row[] {
   const names = block.schema.fields.map((field) => field.name);
   const columns = names.map((name) => block.getChild(name)!);
   const types = block.schema.fields.map((field) => field.type);
+  const tensorCells = block.schema.fields.map((field, column) => {
+    const info = tensorColumnInfo(field);
+    return info ? columnTensorCells(columns[column], info) : undefined;
+  });
   const rows: Row[] = new Array(block.numRows);
   for (let index = 0; index < block.numRows; index++) {
     const row: Row = {};
-    for (let column = 0; column < names.length; column++) row[names[column]] = plain(columns[column].get(index), types[column]);
+    for (let column = 0; column < names.length; column++) {
+      const cells = tensorCells[column];
+      row[names[column]] = cells ? cells[index] : plain(columns[column].get(index), types[column]);
+    }
     rows[index] = row;
   }
   return rows;
@@ -291,11 +379,20 @@ export function plain(value: unknown, type: DataType): unknown {
   return value;
 }
 
-/** Columns of a block: typed arrays where the column is a primitive without nulls, else arrays. */
-export function blockToColumns(block: Block): Record<string, unknown[] | ArrayBufferView> {
-  const columns: Record<string, unknown[] | ArrayBufferView> = {};
+/**
+ * Columns of a block: typed arrays where the column is a primitive without nulls, else arrays; a
+ * tensor column one Tensor [rows, ...shape] (a view of the block) where its cells share a shape
+ * and none is null, else an array of its cells.
+ */
+export function blockToColumns(block: Block): FormattedColumns {
+  const columns: FormattedColumns = {};
   for (const field of block.schema.fields) {
     const vector = block.getChild(field.name)!;
+    const info = tensorColumnInfo(field);
+    if (info) {
+      columns[field.name] = columnTensor(vector, info) ?? columnTensorCells(vector, info);
+      continue;
+    }
     const primitive = DataType.isInt(field.type) || DataType.isFloat(field.type);
     if (primitive && vector.nullCount === 0) {
       columns[field.name] = vector.toArray() as ArrayBufferView;
@@ -309,7 +406,7 @@ export function blockToColumns(block: Block): Record<string, unknown[] | ArrayBu
 }
 
 /** A block in the format a user function asked for. */
-export function formatBatch(block: Block, format: BatchFormat): Block | Row[] | Record<string, unknown[] | ArrayBufferView> {
+export function formatBatch(block: Block, format: BatchFormat): Block | Row[] | FormattedColumns {
   if (format === 'arrow') return block;
   if (format === 'rows') return blockToRows(block);
   return blockToColumns(block);
@@ -366,6 +463,16 @@ function unifySchemas(schemas: readonly Schema[]): Schema | undefined {
   if (schemas.some((schema) => schema.fields.length !== names.length || schema.fields.some((field, index) => field.name !== names[index]))) return undefined;
   const fields: Field[] = [];
   for (let index = 0; index < names.length; index++) {
+    const tensorInfos = schemas.map((schema) => tensorColumnInfo(schema.fields[index]));
+    if (tensorInfos.some((info) => info !== undefined)) {
+      // Tensor columns meet only tensor columns (or columns that are all null).
+      const known = tensorInfos.filter((info, position) => info !== undefined || !(schemas[position].fields[index].type instanceof Null));
+      if (known.some((info) => info === undefined)) return undefined;
+      const field = unifyTensorFields(names[index], known as TensorColumnInfo[]);
+      if (!field) return undefined;
+      fields.push(field);
+      continue;
+    }
     const types = schemas.map((schema) => schema.fields[index].type).filter((type) => !(type instanceof Null));
     const type = types.length === 0 ? new Null() : unifyTypes(types);
     if (!type) return undefined;
@@ -394,7 +501,19 @@ function castBlock(block: Block, schema: Schema): Block {
   const columns: Record<string, Vector> = {};
   for (const field of schema.fields) {
     const vector = block.getChild(field.name)!;
-    const from = block.schema.fields.find((candidate) => candidate.name === field.name)!.type;
+    const fromField = block.schema.fields.find((candidate) => candidate.name === field.name)!;
+    const from = fromField.type;
+    const targetInfo = tensorColumnInfo(field);
+    if (targetInfo) {
+      const fromInfo = tensorColumnInfo(fromField);
+      if (fromInfo && fieldSignature(fromField) === fieldSignature(field)) {
+        columns[field.name] = vector;
+      } else {
+        const cells = fromInfo ? columnTensorCells(vector, fromInfo) : new Array<null>(vector.length).fill(null);
+        columns[field.name] = tensorCellsToColumn(field.name, cells, { variable: targetInfo.kind === 'variable', like: field }).vector;
+      }
+      continue;
+    }
     if (String(from) === String(field.type)) {
       columns[field.name] = vector;
       continue;
@@ -407,14 +526,35 @@ function castBlock(block: Block, schema: Schema): Block {
     }
     columns[field.name] = vectorOf(values, field.type);
   }
-  return new Table(columns);
+  return new Table(schema, columns);
 }
 
-/** Names and types of a schema's fields, nested ones included (nullability aside). */
+/** A field's name and type, nested ones included (nullability aside), and its tensor shape if any. */
+function fieldSignature(field: Field): string {
+  const describe = (inner: Field): string =>
+    `${JSON.stringify(inner.name)}:${inner.type}${inner.type.children?.length ? `<${inner.type.children.map(describe).join(',')}>` : ''}`;
+  const tensor = tensorColumnInfo(field);
+  return tensor ? `${describe(field)}#${JSON.stringify(tensor)}` : describe(field);
+}
+
 function schemaSignature(schema: Schema): string {
-  const describe = (field: Field): string =>
-    `${JSON.stringify(field.name)}:${field.type}${field.type.children?.length ? `<${field.type.children.map(describe).join(',')}>` : ''}`;
-  return schema.fields.map(describe).join(',');
+  return schema.fields.map(fieldSignature).join(',');
+}
+
+/**
+ * A block of these vectors whose fields keep the extension metadata (tensor columns) of the
+ * field of the same name and type in `sources` (columns rebuilt from vectors lose it otherwise).
+ */
+export function tableOfVectors(columns: Record<string, Vector>, sources: ReadonlyMap<string, Field> | readonly Schema[]): Block {
+  const lookup = (name: string): Field | undefined =>
+    Array.isArray(sources) ? (sources as readonly Schema[]).flatMap((schema) => schema.fields).find((field) => field.name === name) : (sources as ReadonlyMap<string, Field>).get(name);
+  const fields = Object.entries(columns).map(([name, vector]) => {
+    const source = lookup(name);
+    return source && source.metadata.size > 0 && String(source.type) === String(vector.type)
+      ? new Field(name, vector.type, true, source.metadata)
+      : new Field(name, vector.type, true);
+  });
+  return new Table(new Schema(fields), columns);
 }
 
 /** Splits a block into slices of at most `rows` rows (zero-copy). */

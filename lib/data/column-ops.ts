@@ -7,7 +7,8 @@ import { Field, RecordBatch, Schema, Struct, Table, Vector, makeData } from 'apa
 import { remote } from '../core/registry.js';
 import type { FunctionDescriptor } from '../core/protocol.js';
 import { InvalidArgumentError } from '../errors.js';
-import { columnsToBlock, formatBatch, takeRows, type BatchFormat, type Block } from './block.js';
+import { Tensor } from '../gpu/tensor.js';
+import { columnsToBlock, formatBatch, tableOfVectors, takeRows, type BatchFormat, type Block } from './block.js';
 import { hashPartition, seededRandom } from './keys.js';
 import { loadUdf } from './udf.js';
 import { filterBlock, type Clauses } from './row-filter.js';
@@ -93,14 +94,20 @@ export const addColumn = remote(import.meta, async function trellisAddColumn(
   const fn = (await loadUdf(descriptor)) as (...args: unknown[]) => unknown;
   const values = await fn(formatBatch(batch, batchFormat), ...fnArgs);
   let column: Vector;
+  let made: Field | undefined;
   if (values instanceof Vector) column = values;
-  else if (Array.isArray(values) || ArrayBuffer.isView(values)) column = columnsToBlock({ [name]: values as ArrayLike<unknown> }).getChild(name)!;
-  else throw new InvalidArgumentError(`addColumn('${name}'): ${descriptor.name} must return an array, a typed array or an Arrow vector, got ${values === null ? 'null' : typeof values}`, 'ERR_DATA_TYPE');
+  else if (Array.isArray(values) || ArrayBuffer.isView(values) || values instanceof Tensor) {
+    const block = columnsToBlock({ [name]: values as ArrayLike<unknown> | Tensor });
+    column = block.getChild(name)!;
+    made = block.schema.fields[0];
+  } else throw new InvalidArgumentError(`addColumn('${name}'): ${descriptor.name} must return an array, a typed array, a Tensor or an Arrow vector, got ${values === null ? 'null' : typeof values}`, 'ERR_DATA_TYPE');
   if (column.length !== batch.numRows) {
     throw new InvalidArgumentError(`addColumn('${name}'): ${descriptor.name} returned ${column.length} values for a batch of ${batch.numRows} rows`, 'ERR_DATA_TYPE');
   }
   const columns: Record<string, Vector> = {};
   for (const field of batch.schema.fields) if (field.name !== name) columns[field.name] = batch.getChild(field.name)!;
   columns[name] = column;
-  return new Table(columns);
+  const fields = new Map(batch.schema.fields.map((field) => [field.name, field]));
+  if (made) fields.set(name, made);
+  return tableOfVectors(columns, fields);
 });

@@ -8,7 +8,7 @@ import type { ObjectRef } from '../core/object-ref.js';
 import { InvalidArgumentError, NotInitializedError } from '../errors.js';
 import { workerEnvironmentOf } from '../core/options.js';
 import {
-  blockToRows, concatBlocks, formatBatch, rowsToBlock, type BatchFormat, type Block, type Row,
+  blockToRows, concatBlocks, formatBatch, rowsToBlock, type BatchFormat, type Block, type Row, type FormattedColumns,
 } from './block.js';
 import { paths as filePaths } from './filesystem/file-system.js';
 import { ReadTask, type Datasink, type Datasource } from './datasource.js';
@@ -544,7 +544,7 @@ export class Dataset {
   }
 
   /** The first `rows` rows as one batch. */
-  async takeBatch(rows = 20, options: ExecutionOptions & { batchFormat?: BatchFormat } = {}): Promise<Block | Row[] | Record<string, unknown[] | ArrayBufferView>> {
+  async takeBatch(rows = 20, options: ExecutionOptions & { batchFormat?: BatchFormat } = {}): Promise<Block | Row[] | FormattedColumns> {
     checkPositiveInteger(rows, 'takeBatch(rows)');
     const format = checkBatchFormat(options.batchFormat ?? 'columns', 'takeBatch()');
     const blocks: Block[] = [];

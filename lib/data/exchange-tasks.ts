@@ -4,12 +4,12 @@
  * Registered at this module's top level so that any worker finds them. Failures come back as
  * values (located by stage and rows where a user function threw), as data tasks' do.
  */
-import { Table, tableFromIPC, tableToIPC, type Vector } from 'apache-arrow';
+import { Table, tableFromIPC, tableToIPC, type Field, type Vector } from 'apache-arrow';
 import { put } from '../core/api.js';
 import { remote } from '../core/registry.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { finalizeAggregate, mergePartials, partialAggregate, type AggregationPlan } from './aggregate.js';
-import { concatBlocks, formatBatch, toBlock, type Block } from './block.js';
+import { concatBlocks, formatBatch, tableOfVectors, toBlock, type Block } from './block.js';
 import { groupsOf, joinBlocks, partitionBlock, sampleKeys, shuffleBlock, sortBlock, taskSeed, topRows, type ExchangeSpec, type Reduction } from './exchange.js';
 import type { SortKey } from './keys.js';
 import { loadStage, StageFailure } from './stages.js';
@@ -180,13 +180,18 @@ export const zipTask = remote(import.meta, async function trellisZip(
     const left = concatBlocks(input.slice(0, leftCount));
     const right = concatBlocks(input.slice(leftCount));
     const columns: Record<string, Vector> = {};
-    for (const field of left.schema.fields) columns[field.name] = left.getChild(field.name)!;
+    const fields = new Map<string, Field>();
+    for (const field of left.schema.fields) {
+      columns[field.name] = left.getChild(field.name)!;
+      fields.set(field.name, field);
+    }
     for (const field of right.schema.fields) {
       let name = field.name;
       while (name in columns) name = `${name}${suffix}`;
       columns[name] = right.getChild(field.name)!;
+      fields.set(name, field);
     }
-    return [new Table(columns)];
+    return [tableOfVectors(columns, fields)];
   });
 });
 

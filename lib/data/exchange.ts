@@ -7,7 +7,7 @@
 import { Table, type Vector } from 'apache-arrow';
 import { InvalidArgumentError } from '../errors.js';
 import type { AggregationPlan } from './aggregate.js';
-import { type Block, concatBlocks, plain, takeRows, vectorOf } from './block.js';
+import { type Block, concatBlocks, plain, tableOfVectors, takeRows, vectorOf } from './block.js';
 import { compareKeys, groupName, hashPartition, isPlainNumbers, keyOf, readKeyColumns, seededRandom, sortedOrder, type KeyColumns, type SortKey } from './keys.js';
 import type { StageSpec } from './stages.js';
 
@@ -201,7 +201,7 @@ export function joinBlocks(left: Block, right: Block, spec: Extract<ExchangeSpec
     const names = new Map(spec.rightKeys.map((key, index) => [key, spec.leftKeys[index]]));
     const columns: Record<string, Vector> = {};
     for (const field of right.schema.fields) columns[names.get(field.name) ?? field.name] = right.getChild(field.name)!;
-    return new Table(columns);
+    return tableOfVectors(columns, new Map(right.schema.fields.map((field) => [names.get(field.name) ?? field.name, field])));
   }
   const leftKeys = readKeyColumns(left, spec.leftKeys, 'join');
   const rightKeys = readKeyColumns(right, spec.rightKeys, 'join');
@@ -240,6 +240,7 @@ export function joinBlocks(left: Block, right: Block, spec: Extract<ExchangeSpec
   const leftTaken = takeRows(left, Int32Array.from(leftRows));
   const rightTaken = takeRows(right, Int32Array.from(rightRows));
   const columns: Record<string, Vector> = {};
+  const fields = new Map(left.schema.fields.map((field) => [field.name, field]));
   const coalesce = spec.how === 'right' || spec.how === 'outer';
   for (const field of left.schema.fields) {
     const keyIndex = spec.leftKeys.indexOf(field.name);
@@ -258,6 +259,7 @@ export function joinBlocks(left: Block, right: Block, spec: Extract<ExchangeSpec
     const name = field.name in columns ? `${field.name}${spec.rightSuffix}` : field.name;
     if (name in columns) throw new InvalidArgumentError(`join: column '${name}' is on both sides even with the suffix '${spec.rightSuffix}'`, 'ERR_DATA_COLUMN');
     columns[name] = rightTaken.getChild(field.name)!;
+    fields.set(name, field);
   }
-  return new Table(columns);
+  return tableOfVectors(columns, fields);
 }

@@ -5,8 +5,8 @@ import { InvalidArgumentError } from '../errors.js';
 import { Datasource, ReadTask } from './datasource.js';
 import { Dataset, readDatasource, type ReadOptions } from './dataset.js';
 import {
-  arrowSource, binarySource, csvSource, jsonlSource, parquetSource, textSource, webDatasetSource,
-  type ArrowReadOptions, type BinaryReadOptions, type CsvReadOptions, type JsonlReadOptions, type ParquetReadOptions, type Paths, type TextReadOptions, type WebDatasetReadOptions,
+  arrowSource, binarySource, csvSource, imageSource, jsonlSource, parquetSource, textSource, webDatasetSource,
+  type ArrowReadOptions, type BinaryReadOptions, type ImageReadOptions, type CsvReadOptions, type JsonlReadOptions, type ParquetReadOptions, type Paths, type TextReadOptions, type WebDatasetReadOptions,
 } from './formats/index.js';
 
 /** Rows { id } from start to end (exclusive), in blocks of at most 64 Ki rows per read task. */
@@ -76,6 +76,16 @@ export function readText(paths: Paths, options: ReadOptions & TextReadOptions = 
 /** Reads whole files: one row `{ bytes }` (and `path` with `includePaths`) per file, for a model step to decode. */
 export function readBinaryFiles(paths: Paths, options: ReadOptions & BinaryReadOptions = {}): Dataset {
   return readDatasource(binarySource(paths, options), withoutRowIds(options));
+}
+
+/**
+ * Reads JPEG and PNG images (Ray Data's read_images): one row `{ image }` per file (and `path` with
+ * `includePaths`), the image decoded in the read task into a u8 tensor [height, width, channels]
+ * in a tensor column; with `size: [height, width]` every image is resized to it and a batch
+ * reaches the model as one Tensor [N, height, width, channels].
+ */
+export function readImages(paths: Paths, options: ReadOptions & ImageReadOptions = {}): Dataset {
+  return readDatasource(imageSource(paths, options), withoutRowIds(options));
 }
 
 /**

@@ -87,8 +87,10 @@ class BitReader {
     for (int length = kFastBits + 1; length <= 16; ++length) {
       auto code = static_cast<int32_t>(peek >> (16 - length));
       if (code <= table.max_code[length]) {
+        int32_t index = table.first_symbol[length] + code - table.first_code[length];
+        if (index < 0 || index > 255) break;
         Consume(length);
-        return table.symbols[table.first_symbol[length] + code - table.first_code[length]];
+        return table.symbols[index];
       }
     }
     Corrupt("bad Huffman code");
@@ -320,6 +322,7 @@ class JpegDecoder {
         table.first_symbol[length] = symbol;
         table.first_code[length] = code;
         for (uint32_t n = 0; n < counts[length]; ++n, ++symbol, ++code) {
+          if (code >= (1 << length)) Corrupt("bad Huffman table (more codes than its lengths allow)");
           if (length <= kFastBits) {
             uint32_t shift = kFastBits - length;
             for (uint32_t fill = 0; fill < (1u << shift); ++fill) {
@@ -328,7 +331,6 @@ class JpegDecoder {
           }
         }
         table.max_code[length] = counts[length] != 0 ? code - 1 : -1;
-        if (code > (1 << length)) Corrupt("bad Huffman table (too many codes)");
         code <<= 1;
       }
       table.max_code[17] = 0x7FFFFFFF;

@@ -76,6 +76,29 @@ async function readWhole(path: string, filesystem: FileSystem | undefined): Prom
 
 const tooLarge = (path: string, size: number) => new InvalidArgumentError(`binary file '${path}' is ${size} bytes: a row holds at most 2 GiB`, 'ERR_DATA_PATH');
 
+/**
+ * Whole files in order, each as `[path, bytes]`: remote files are fetched a few ahead, a local
+ * disk is read one at a time.
+ */
+export async function* wholeFiles(paths: readonly string[], filesystem: FileSystem | undefined): AsyncGenerator<[string, Uint8Array]> {
+  const ahead = paths.some((path) => urlScheme(path)) ? REMOTE_READS_AHEAD : 1;
+  const reads: Array<Promise<Uint8Array>> = [];
+  const startRead = (index: number) => {
+    if (index >= paths.length) return;
+    const reading = readWhole(paths[index], filesystem);
+    // Read ahead of its turn: its failure is taken when its turn comes.
+    reading.catch(() => undefined);
+    reads[index] = reading;
+  };
+  for (let index = 0; index < Math.min(ahead, paths.length); index++) startRead(index);
+  for (const [index, path] of paths.entries()) {
+    const content = await reads[index];
+    delete reads[index];
+    startRead(index + ahead);
+    yield [path, content];
+  }
+}
+
 export const readBinaryFiles = remote(import.meta, async function* readBinaryFiles(paths: string[], options: BinaryTaskOptions): AsyncGenerator<Block> {
   let contents: Uint8Array[] = [];
   let names: string[] = [];
@@ -89,21 +112,7 @@ export const readBinaryFiles = remote(import.meta, async function* readBinaryFil
     bytes = 0;
     return new Table(columns);
   };
-  // Remote files are fetched a few ahead, in order; a local disk is read one at a time.
-  const ahead = paths.some((path) => urlScheme(path)) ? REMOTE_READS_AHEAD : 1;
-  const reads: Array<Promise<Uint8Array>> = [];
-  const startRead = (index: number) => {
-    if (index >= paths.length) return;
-    const reading = readWhole(paths[index], options.filesystem);
-    // Read ahead of its turn: its failure is taken when its turn comes.
-    reading.catch(() => undefined);
-    reads[index] = reading;
-  };
-  for (let index = 0; index < Math.min(ahead, paths.length); index++) startRead(index);
-  for (const [index, path] of paths.entries()) {
-    const content = await reads[index];
-    delete reads[index];
-    startRead(index + ahead);
+  for await (const [path, content] of wholeFiles(paths, options.filesystem)) {
     // A block's values share one buffer with 32-bit offsets.
     if (contents.length > 0 && bytes + content.byteLength > MAX_FILE_BYTES) yield flush();
     contents.push(content);

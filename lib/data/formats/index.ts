@@ -9,6 +9,7 @@ import { JsonlDatasink, JsonlDatasource, type JsonlReadOptions, type JsonlWriteO
 import { ParquetDatasink, ParquetDatasource, type ParquetReadOptions, type ParquetWriteOptions } from './parquet.js';
 import { TextDatasource, type TextReadOptions } from './text.js';
 import { BinaryDatasource, type BinaryReadOptions } from './binary.js';
+import { ImageDatasource, type ImageReadOptions } from './images.js';
 import { WebDatasetDatasink, WebDatasetDatasource, type WebDatasetReadOptions, type WebDatasetWriteOptions } from './webdataset.js';
 
 export { ArrowDatasink, ArrowDatasource, ARROW_EXTENSIONS, readArrowFiles, type ArrowReadOptions, type ArrowWriteOptions } from './arrow-ipc.js';
@@ -19,6 +20,7 @@ export {
 } from './parquet.js';
 export { TextDatasource, readTextFiles, type TextReadOptions } from './text.js';
 export { BinaryDatasource, readBinaryFiles, type BinaryReadOptions } from './binary.js';
+export { ImageDatasource, IMAGE_EXTENSIONS, readImageFiles, type ImageReadOptions } from './images.js';
 export { WebDatasetDatasink, WebDatasetDatasource, WEBDATASET_EXTENSIONS, readWebDatasetShards, type WebDatasetReadOptions, type WebDatasetWriteOptions } from './webdataset.js';
 export { type Compression, type CompressionOption } from './compression.js';
 export { type PartitionReadOptions, type PartitionValues } from './partitioning.js';
@@ -49,6 +51,10 @@ export function textSource(paths: Paths, options: TextReadOptions = {}): TextDat
 
 export function binarySource(paths: Paths, options: BinaryReadOptions = {}): BinaryDatasource {
   return new BinaryDatasource(paths, options);
+}
+
+export function imageSource(paths: Paths, options: ImageReadOptions = {}): ImageDatasource {
+  return new ImageDatasource(paths, options);
 }
 
 export function webDatasetSource(paths: Paths, options: WebDatasetReadOptions = {}): WebDatasetDatasource {

@@ -7,7 +7,7 @@
 import { DataType, Table, tableFromIPC, tableToIPC, vectorFromArray, type Dictionary, type Vector } from 'apache-arrow';
 import { InvalidArgumentError } from '../../errors.js';
 import { remote } from '../../core/registry.js';
-import { concatBlocks, type Block } from '../block.js';
+import { concatBlocks, tableOfVectors, type Block } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import {
   FileDatasink, FileListing, checkColumns, checkExtensions, checkPositiveInteger, checkRowIds, fileKey, listedFiles, planFileReads, taskFileSystem, withRowIds,
@@ -98,7 +98,7 @@ function decodeDictionaries(table: Table): Table {
     const column = table.getChild(field.name)!;
     vectors[field.name] = DataType.isDictionary(field.type) ? vectorFromArray(Array.from(column), (field.type as Dictionary).dictionary) : column;
   }
-  return new Table(vectors);
+  return tableOfVectors(vectors, [table.schema]);
 }
 
 export const readParquetFiles = remote(import.meta, async function* readParquetFiles(units: FileUnit[], options: ParquetTaskOptions): AsyncGenerator<Block> {

@@ -10,7 +10,7 @@ import { Float64, Table, Utf8, type Vector } from 'apache-arrow';
 import { remote } from '../../core/registry.js';
 import type { FunctionDescriptor } from '../../core/protocol.js';
 import { InvalidArgumentError } from '../../errors.js';
-import { type Block, takeRows, vectorOf } from '../block.js';
+import { type Block, tableOfVectors, takeRows, vectorOf } from '../block.js';
 import { ReadTask, iterateReadResult } from '../datasource.js';
 import { groupName, readKeyColumns } from '../keys.js';
 import { loadUdf } from '../udf.js';
@@ -211,5 +211,5 @@ function withColumns(block: Block, values: PartitionValues): Block {
     const type = typeof value === 'number' ? new Float64() : new Utf8();
     columns[column] = vectorOf(new Array(block.numRows).fill(value), type);
   }
-  return new Table(columns);
+  return tableOfVectors(columns, [block.schema]);
 }

@@ -1,0 +1,187 @@
+/**
+ * Image files as rows of decoded pixels (Ray's read_images): `{ image }` per file (and `path`),
+ * the image a u8 tensor [height, width, channels] in a tensor column. Decoding happens in the read
+ * tasks, so it spreads over the cluster's CPUs ahead of the model. With `size` every image is
+ * resized to it and the column is fixed-shape: a batch reaches the model as one Tensor [N, H, W, C].
+ * Without it images keep their own sizes in a variable-shape column.
+ */
+import { Field, Schema, Table, type Vector } from 'apache-arrow';
+import { ImageError, InvalidArgumentError } from '../../errors.js';
+import { remote } from '../../core/registry.js';
+import type { Tensor } from '../../gpu/tensor.js';
+import { checkImageMode, checkImageSize, decodeImage, type ImageMode } from '../../image/decode.js';
+import type { Block } from '../block.js';
+import { Datasource, ReadTask } from '../datasource.js';
+import { fixedTensorField, tensorCellsToColumn, variableTensorField } from '../tensor-column.js';
+import { checkFileSystem, type FileSystem } from '../filesystem/file-system.js';
+import { wholeFiles } from './binary.js';
+import { FileListing, checkExtensions, checkPositiveInteger, checkRowIds, fileKey, groupByWeight, listedFiles, taskFileSystem, utf8Column, type FileEntry, type FileSystemOptions } from './files.js';
+import { partitionedReadTasks, selectPartitions, type PartitionReadOptions, type PartitionValues } from './partitioning.js';
+
+export const IMAGE_EXTENSIONS: readonly string[] = ['.jpg', '.jpeg', '.png'];
+/** Decoded bytes per block: images are many times their files' size once decoded. */
+const DEFAULT_IMAGE_BLOCK_BYTES = 16 << 20;
+
+export interface ImageReadOptions extends PartitionReadOptions, FileSystemOptions {
+  /** [height, width] every image is resized to (bilinear, antialiased when shrinking); the column is then fixed-shape. */
+  size?: readonly [height: number, width: number];
+  /** Channels: 'RGB' (default), 'RGBA' or 'L' (gray, a [height, width] tensor). */
+  mode?: ImageMode;
+  /** Add a `path` column with each file's path (default false). */
+  includePaths?: boolean;
+  /** Which files of a directory are read (default .jpg, .jpeg, .png). */
+  extensions?: string[];
+  /** Images per block; by default a block holds images until their pixels reach `blockBytes`. */
+  rowsPerBlock?: number;
+  /** Decoded bytes per block when `rowsPerBlock` is not given (default 16 MiB). */
+  blockBytes?: number;
+  /** Adds a column of this name holding each file's id: its file key (a hash of its path). */
+  rowIds?: string;
+  /** Images of more pixels fail to decode with ERR_IMAGE_TOO_LARGE (default 178,956,970, PIL's; 0: no limit). */
+  maxPixels?: number;
+  /**
+   * An image that does not decode: 'fail' (default) fails the job with an ImageError naming the
+   * file; 'null' keeps its row with a null image and the reason in an `imageError` column (null
+   * for the images that decoded), so nothing is dropped unseen.
+   */
+  onDecodeError?: 'fail' | 'null';
+}
+
+interface ImageTaskOptions {
+  mode: ImageMode;
+  size?: readonly [number, number];
+  includePaths: boolean;
+  filesystem?: FileSystem;
+  rowIds?: string;
+  rowsPerBlock?: number;
+  blockBytes: number;
+  maxPixels?: number;
+  recordErrors: boolean;
+}
+
+const CHANNELS: Record<ImageMode, number> = { L: 1, RGB: 3, RGBA: 4 };
+
+/** The image column's field: fixed-shape when every image is resized to one size. */
+function imageField(options: ImageTaskOptions): Field {
+  const channels = CHANNELS[options.mode];
+  if (options.size) return fixedTensorField('image', 'u8', channels === 1 ? [...options.size] : [...options.size, channels]);
+  return variableTensorField('image', 'u8', channels === 1 ? 2 : 3);
+}
+
+export const readImageFiles = remote(import.meta, async function* readImageFiles(paths: string[], options: ImageTaskOptions): AsyncGenerator<Block> {
+  const field = imageField(options);
+  let images: Array<Tensor | null> = [];
+  let names: string[] = [];
+  let errors: Array<string | null> = [];
+  let bytes = 0;
+  const flush = (): Block => {
+    const built = tensorCellsToColumn('image', images, { like: field, variable: !options.size });
+    const fields: Field[] = [built.field];
+    const columns: Record<string, Vector> = { image: built.vector };
+    const add = (name: string, vector: Vector) => {
+      columns[name] = vector;
+      fields.push(new Field(name, vector.type, true));
+    };
+    if (options.includePaths) add('path', utf8Column(names));
+    if (options.recordErrors) add('imageError', utf8Column(errors as string[]));
+    if (options.rowIds) add(options.rowIds, utf8Column(names.map(fileKey)));
+    images = [];
+    names = [];
+    errors = [];
+    bytes = 0;
+    return new Table(new Schema(fields), columns);
+  };
+  for await (const [path, content] of wholeFiles(paths, options.filesystem)) {
+    let image: Tensor | null = null;
+    let failure: string | null = null;
+    try {
+      image = decodeImage(content, { mode: options.mode, ...(options.size ? { size: options.size } : {}), ...(options.maxPixels !== undefined ? { maxPixels: options.maxPixels } : {}) });
+    } catch (error) {
+      if (!(error instanceof ImageError)) throw error;
+      if (!options.recordErrors) throw new ImageError(error.code, error.message, { source: path, cause: error });
+      failure = `${error.code}: ${error.message}`;
+    }
+    images.push(image);
+    names.push(path);
+    errors.push(failure);
+    bytes += image ? image.byteLength : 0;
+    if (options.rowsPerBlock ? images.length >= options.rowsPerBlock : bytes >= options.blockBytes) yield flush();
+  }
+  if (images.length > 0) yield flush();
+});
+
+export class ImageDatasource extends Datasource {
+  readonly #listing: FileListing<{ files: FileEntry[]; partitions: Map<string, PartitionValues> | undefined }>;
+  private readonly taskOptions: ImageTaskOptions;
+
+  constructor(paths: string | readonly string[], options: ImageReadOptions = {}) {
+    super();
+    if (options.includePaths !== undefined && typeof options.includePaths !== 'boolean') {
+      throw new InvalidArgumentError(`images option 'includePaths' must be a boolean, got ${JSON.stringify(options.includePaths)}`);
+    }
+    if (options.onDecodeError !== undefined && options.onDecodeError !== 'fail' && options.onDecodeError !== 'null') {
+      throw new InvalidArgumentError(`images option 'onDecodeError' must be 'fail' or 'null', got ${JSON.stringify(options.onDecodeError)}`);
+    }
+    const mode = checkImageMode(options.mode ?? 'RGB', 'readImages');
+    const size = options.size === undefined ? undefined : checkImageSize(options.size, 'readImages');
+    if (options.maxPixels !== undefined && (!Number.isSafeInteger(options.maxPixels) || options.maxPixels < 0)) {
+      throw new InvalidArgumentError(`images option 'maxPixels' must be a non-negative integer (0: no limit), got ${String(options.maxPixels)}`);
+    }
+    const includePaths = options.includePaths === true;
+    const recordErrors = options.onDecodeError === 'null';
+    const rowIds = options.rowIds !== undefined ? checkRowIds(options.rowIds, 'images') : undefined;
+    const taken = ['image', ...(includePaths ? ['path'] : []), ...(recordErrors ? ['imageError'] : [])];
+    if (rowIds && taken.includes(rowIds)) {
+      throw new InvalidArgumentError(`images option 'rowIds' names the '${rowIds}' column itself: choose another name`, 'ERR_INVALID_ARGUMENT');
+    }
+    const rowsPerBlock = checkPositiveInteger(options.rowsPerBlock, 'rowsPerBlock');
+    const filesystem = taskFileSystem(paths, checkFileSystem(options.filesystem, 'images'));
+    this.taskOptions = {
+      mode,
+      ...(size ? { size } : {}),
+      includePaths,
+      recordErrors,
+      ...(filesystem ? { filesystem } : {}),
+      blockBytes: checkPositiveInteger(options.blockBytes, 'blockBytes') ?? DEFAULT_IMAGE_BLOCK_BYTES,
+      ...(rowsPerBlock ? { rowsPerBlock } : {}),
+      ...(rowIds ? { rowIds } : {}),
+      ...(options.maxPixels !== undefined ? { maxPixels: options.maxPixels } : {}),
+    };
+    this.#listing = new FileListing(paths, checkExtensions(options.extensions, IMAGE_EXTENSIONS), 'images', filesystem, (found) => selectPartitions(found, options, 'images'));
+  }
+
+  /** The files read (for URLs, known once the dataset runs). */
+  get files(): FileEntry[] {
+    return listedFiles(this.#listing, 'images');
+  }
+
+  override get name(): string {
+    return 'Images';
+  }
+
+  async getReadTasks(parallelism: number): Promise<ReadTask[]> {
+    const { files: listed, partitions } = await this.#listing.get();
+    return partitionedReadTasks(listed, partitions, parallelism, (files, share) =>
+      groupByWeight(files, (file) => file.bytes, share).map(
+        (group) =>
+          new ReadTask(
+            readImageFiles,
+            [group.map((file) => file.path), this.taskOptions],
+            { rows: group.length, bytes: this.#decodedBytes(group), inputFiles: group.map((file) => file.path) },
+          ),
+      ),
+    );
+  }
+
+  /** What a group's images hold decoded, where the size says; else a JPEG's usual tenfold. */
+  #decodedBytes(files: readonly FileEntry[]): number {
+    const { size, mode } = this.taskOptions;
+    if (size) return files.length * size[0] * size[1] * CHANNELS[mode];
+    return files.reduce((sum, file) => sum + file.bytes * 10, 0);
+  }
+
+  override estimateInMemorySize(): number | undefined {
+    const files = this.#listing.now?.files;
+    return files ? this.#decodedBytes(files) : undefined;
+  }
+}

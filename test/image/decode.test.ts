@@ -1,0 +1,168 @@
+/**
+ * Image decoding against references: every fixture (made by Pillow and libjpeg's cjpeg, see
+ * fixtures/make-fixtures.py) decoded and compared with the pixels Pillow and libjpeg decode from it
+ * (PNG exactly; JPEG within the rounding of a different inverse DCT); resizing against Pillow's
+ * BILINEAR; damaged, truncated, unsupported and oversized inputs refused with typed errors, and
+ * thousands of corrupted JPEGs and PNGs never read outside their input.
+ */
+import { readFileSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { ImageError, InvalidArgumentError } from '../../lib/errors.js';
+import { Tensor } from '../../lib/gpu/tensor.js';
+import { decodeImage, imageFormat, imageInfo, resizeImage } from '../../lib/image/decode.js';
+
+const fixtures = join(import.meta.dirname, 'fixtures');
+const read = (name: string) => new Uint8Array(readFileSync(join(fixtures, name)));
+const images = readdirSync(fixtures).filter((name) => /\.(jpg|png)$/.test(name) && !name.startsWith('bench'));
+
+function difference(actual: Uint8Array, expected: Uint8Array): { max: number; mean: number } {
+  expect(actual.length).toBe(expected.length);
+  let max = 0;
+  let sum = 0;
+  for (let index = 0; index < actual.length; index++) {
+    const delta = Math.abs(actual[index] - expected[index]);
+    max = Math.max(max, delta);
+    sum += delta;
+  }
+  return { max, mean: sum / actual.length };
+}
+
+function codeOf(run: () => unknown): string | undefined {
+  try {
+    run();
+    return undefined;
+  } catch (error) {
+    expect(error).toBeInstanceOf(ImageError);
+    return (error as ImageError).code;
+  }
+}
+
+describe('decodeImage', () => {
+  it.each(images)('decodes %s as Pillow and libjpeg do', (name) => {
+    const reference = read(name.replace(/\.\w+$/, '.rgba'));
+    const image = decodeImage(read(name), { mode: 'RGBA' });
+    expect(image.dtype).toBe('u8');
+    expect(image.shape).toEqual([47, 61, 4]);
+    const { max, mean } = difference(image.data as Uint8Array, reference);
+    if (name.endsWith('.png')) {
+      expect(max).toBe(0);
+    } else {
+      // libjpeg's integer inverse DCT and ours (floats) round differently by a level or two.
+      expect(max).toBeLessThanOrEqual(4);
+      expect(mean).toBeLessThan(0.6);
+    }
+  });
+
+  it('gives the channels of each mode: RGB drops alpha, L is [height, width] luma', () => {
+    const rgba = decodeImage(read('rgba.png'), { mode: 'RGBA' });
+    const rgb = decodeImage(read('rgba.png'));
+    const gray = decodeImage(read('rgba.png'), { mode: 'L' });
+    expect(rgb.shape).toEqual([47, 61, 3]);
+    expect(gray.shape).toEqual([47, 61]);
+    const [r, g, b] = [...(rgba.data as Uint8Array).subarray(0, 3)];
+    expect([...(rgb.data as Uint8Array).subarray(0, 3)]).toEqual([r, g, b]);
+    expect((gray.data as Uint8Array)[0]).toBe(Math.round((r * 299 + g * 587 + b * 114) / 1000));
+    // A gray JPEG in RGB repeats its one channel; a colour JPEG in L is its luma plane.
+    const grayJpeg = decodeImage(read('gray.jpg'));
+    const pixels = grayJpeg.data as Uint8Array;
+    expect(pixels[0]).toBe(pixels[1]);
+    expect(pixels[1]).toBe(pixels[2]);
+    const luma = decodeImage(read('baseline-444.jpg'), { mode: 'L' }).data as Uint8Array;
+    const reference = read('baseline-444.rgba');
+    let worst = 0;
+    for (let index = 0; index < luma.length; index++) {
+      const expected = (reference[index * 4] * 299 + reference[index * 4 + 1] * 587 + reference[index * 4 + 2] * 114) / 1000;
+      worst = Math.max(worst, Math.abs(luma[index] - expected));
+    }
+    expect(worst).toBeLessThan(6);
+  });
+
+  it('resizes as Pillow BILINEAR does, shrinking with an antialiasing filter', () => {
+    const source = decodeImage(read('rgb.png'));
+    const down = resizeImage(source, [18, 24]);
+    expect(down.shape).toEqual([18, 24, 3]);
+    expect(difference(down.data as Uint8Array, read('resize-down.rgb')).max).toBeLessThanOrEqual(2);
+    const up = decodeImage(read('rgb.png'), { size: [70, 90] });
+    expect(up.shape).toEqual([70, 90, 3]);
+    expect(difference(up.data as Uint8Array, read('resize-up.rgb')).max).toBeLessThanOrEqual(2);
+    // A one-pixel checkerboard shrunk fourfold averages out to gray: sampling would keep black or white.
+    const checker = new Uint8Array(64 * 64).map((_, index) => (((index >> 6) + index) % 2 === 0 ? 0 : 255));
+    const small = resizeImage(Tensor.wrap(checker, 'u8', [64, 64]), [16, 16]).data as Uint8Array;
+    for (const value of small) expect(Math.abs(value - 127.5)).toBeLessThan(20);
+    // The same size is the same tensor.
+    expect(resizeImage(source, [47, 61])).toBe(source);
+  });
+
+  it('reads a header without decoding', () => {
+    expect(imageInfo(read('progressive-420.jpg'))).toEqual({ format: 'jpeg', width: 61, height: 47, channels: 3 });
+    expect(imageInfo(read('gray.jpg'))).toEqual({ format: 'jpeg', width: 61, height: 47, channels: 1 });
+    expect(imageInfo(read('cmyk.jpg'))).toEqual({ format: 'jpeg', width: 61, height: 47, channels: 4 });
+    expect(imageInfo(read('palette.png'))).toEqual({ format: 'png', width: 61, height: 47, channels: 3 });
+    expect(imageInfo(read('gray-alpha.png'))).toEqual({ format: 'png', width: 61, height: 47, channels: 2 });
+    expect(imageFormat(read('rgb.png'))).toBe('png');
+    expect(imageFormat(new Uint8Array([1, 2, 3]))).toBeUndefined();
+  });
+
+  it('refuses damaged, truncated, unsupported and oversized images with typed errors', () => {
+    const jpeg = read('baseline-420.jpg');
+    const png = read('rgb.png');
+    expect(codeOf(() => decodeImage(jpeg.subarray(0, jpeg.length - 400)))).toBe('ERR_IMAGE_DECODE');
+    expect(codeOf(() => decodeImage(jpeg.subarray(0, 300)))).toBe('ERR_IMAGE_DECODE');
+    expect(codeOf(() => decodeImage(png.subarray(0, png.length - 1000)))).toBe('ERR_IMAGE_DECODE');
+    const badCrc = png.slice();
+    badCrc[40] ^= 0xff; // inside IDAT
+    expect(() => decodeImage(badCrc)).toThrow(/CRC/);
+    // SOF9 (arithmetic coding) and 12-bit samples: named, not misdecoded.
+    const arithmetic = jpeg.slice();
+    const sof = arithmetic.findIndex((value, index) => value === 0xff && arithmetic[index + 1] === 0xc0);
+    arithmetic[sof + 1] = 0xc9;
+    expect(() => decodeImage(arithmetic)).toThrow(/arithmetic/);
+    expect(codeOf(() => decodeImage(arithmetic))).toBe('ERR_IMAGE_UNSUPPORTED');
+    const twelveBit = jpeg.slice();
+    twelveBit[sof + 4] = 12;
+    expect(codeOf(() => decodeImage(twelveBit))).toBe('ERR_IMAGE_UNSUPPORTED');
+    // A Huffman table claiming five 1-bit codes (a bit can tell only two apart).
+    const overfull = jpeg.slice();
+    const dht = overfull.findIndex((value, index) => value === 0xff && overfull[index + 1] === 0xc4);
+    const counts = dht + 5; // after the marker, the length and the class/index byte: codes of 1..16 bits
+    const moved = 5 - overfull[counts];
+    const donor = [...Array(15).keys()].map((step) => counts + 1 + step).find((at) => overfull[at] >= moved)!;
+    overfull[donor] -= moved;
+    overfull[counts] = 5;
+    expect(() => decodeImage(overfull)).toThrow(/Huffman table/);
+    expect(() => decodeImage(new Uint8Array(Buffer.from('GIF89a....')))).toThrow(/GIF images are not supported/);
+    expect(() => decodeImage(new Uint8Array(Buffer.from('RIFF\0\0\0\0WEBPVP8 ')))).toThrow(/WebP/);
+    expect(codeOf(() => decodeImage(new Uint8Array([1, 2, 3, 4])))).toBe('ERR_IMAGE_DECODE');
+    expect(codeOf(() => decodeImage(jpeg, { maxPixels: 1000 }))).toBe('ERR_IMAGE_TOO_LARGE');
+    expect(codeOf(() => decodeImage(png, { maxPixels: 1000 }))).toBe('ERR_IMAGE_TOO_LARGE');
+    expect(() => decodeImage(jpeg, { maxPixels: 0 })).not.toThrow();
+    expect(() => decodeImage('x' as never)).toThrow(InvalidArgumentError);
+    expect(() => decodeImage(jpeg, { mode: 'CMYK' as never })).toThrow(/mode must be one of RGB, RGBA, L/);
+    expect(() => decodeImage(jpeg, { size: [0, 10] })).toThrow(/size must be \[height, width\]/);
+  });
+
+  it('survives corrupted files: each decodes or fails with an ImageError, never a crash', () => {
+    // A seeded generator: the same corruptions every run.
+    let state = 12345;
+    const random = () => {
+      state = (state * 1103515245 + 12345) & 0x7fffffff;
+      return state / 0x7fffffff;
+    };
+    for (const name of ['baseline-420.jpg', 'progressive-420.jpg', 'restart.jpg', 'rgba-interlaced.png', 'palette4.png']) {
+      const original = read(name);
+      for (let trial = 0; trial < 300; trial++) {
+        const damaged = original.slice(0, trial % 3 === 0 ? Math.floor(random() * original.length) : original.length);
+        for (let flips = 1 + Math.floor(random() * 4); flips > 0; flips--) {
+          damaged[Math.floor(random() * damaged.length)] = Math.floor(random() * 256);
+        }
+        try {
+          const image = decodeImage(damaged, { maxPixels: 1 << 22 });
+          expect(image.shape[2]).toBe(3);
+        } catch (error) {
+          expect(error).toBeInstanceOf(ImageError);
+        }
+      }
+    }
+  });
+});
