@@ -267,9 +267,10 @@ export function columnTensorCells(vector: Vector, info: TensorColumnInfo): Array
         cells.push(null);
         continue;
       }
-      // List offsets index the child's full buffer; its values start at the child's own offset.
-      const start = offsets[dataChild.offset + row] - elementOffset;
-      const end = offsets[dataChild.offset + row + 1] - elementOffset;
+      // A sliced list's offsets are cut with it, but still count from the start of its child,
+      // whose values begin at the child's own offset.
+      const start = offsets[row] - elementOffset;
+      const end = offsets[row + 1] - elementOffset;
       const shape = Array.from(shapes.subarray(row * info.ndim, (row + 1) * info.ndim));
       cells.push(Tensor.wrap(elements.subarray(start, end) as HostArray, info.dtype, shape));
     }
