@@ -9,6 +9,7 @@ import { dagSuite } from './dag.js';
 import { dataSuite } from './data.js';
 import { gpuSuite } from './gpu.js';
 import { httpSuite } from './http.js';
+import { imagesSuite } from './images.js';
 import { llmSuite } from './llm.js';
 import { llmGpuSuite } from './llm-gpu.js';
 import { nodesSuite } from './nodes.js';
@@ -26,6 +27,7 @@ const suites: Record<string, Suite> = {
   gpu: gpuSuite,
   data: dataSuite,
   http: httpSuite,
+  images: imagesSuite,
   llm: llmSuite,
   'llm-gpu': llmGpuSuite,
   nodes: nodesSuite,

@@ -110,7 +110,7 @@ export function decodeImage(bytes: Uint8Array, options: DecodeImageOptions = {})
   const channels = CHANNELS[mode];
   const format = imageFormat(data);
   let decoded: NativeDecodedImage;
-  if (format === 'jpeg') decoded = native.image.decodeJpeg(data, channels, maxPixels);
+  if (format === 'jpeg') decoded = size ? native.image.decodeJpeg(data, channels, maxPixels, size[0], size[1]) : native.image.decodeJpeg(data, channels, maxPixels);
   else if (format === 'png') decoded = decodePng(data, channels, maxPixels);
   else throw unknownFormat(data);
   let { pixels, height, width } = decoded;

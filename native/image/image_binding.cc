@@ -4,6 +4,7 @@
 
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "common/js_error.h"
 #include "image/jpeg_decoder.h"
@@ -82,7 +83,36 @@ Napi::Value DecodeJpegFunction(const Napi::CallbackInfo& info) {
     uint32_t channels = ChannelsArgument(info[1]);
     if (!info[2].IsNumber() || info[2].As<Napi::Number>().DoubleValue() < 0) throw InvalidArgument("maxPixels must be a non-negative number");
     auto max_pixels = static_cast<uint64_t>(info[2].As<Napi::Number>().DoubleValue());
-    return ToObject(info.Env(), DecodeJpeg(bytes.data, bytes.size, channels, max_pixels));
+    Napi::ArrayBuffer buffer;
+    ImageSize size;
+    if (info.Length() > 3 && !info[3].IsUndefined()) {
+      // Resized on the way out: the full-size pixels stay in a buffer this thread reuses, and only
+      // the small result is a new ArrayBuffer.
+      uint32_t out_height = DimensionArgument(info[3], "outHeight", 1, 1 << 20);
+      uint32_t out_width = DimensionArgument(info[4], "outWidth", 1, 1 << 20);
+      thread_local std::vector<uint8_t> decoded;
+      size = DecodeJpegInto(bytes.data, bytes.size, channels, max_pixels, [&](size_t length) {
+        decoded.resize(length);
+        return decoded.data();
+      });
+      buffer = Napi::ArrayBuffer::New(info.Env(), static_cast<size_t>(out_height) * out_width * channels);
+      ResizeBilinearInto(decoded.data(), size.height, size.width, channels, out_height, out_width, static_cast<uint8_t*>(buffer.Data()));
+      if (decoded.capacity() > (64u << 20)) std::vector<uint8_t>().swap(decoded);
+      size.width = out_width;
+      size.height = out_height;
+    } else {
+      // Decoded straight into the ArrayBuffer the tensor will view.
+      size = DecodeJpegInto(bytes.data, bytes.size, channels, max_pixels, [&](size_t length) {
+        buffer = Napi::ArrayBuffer::New(info.Env(), length);
+        return static_cast<uint8_t*>(buffer.Data());
+      });
+    }
+    Napi::Object result = Napi::Object::New(info.Env());
+    result.Set("width", size.width);
+    result.Set("height", size.height);
+    result.Set("channels", size.channels);
+    result.Set("pixels", Napi::Uint8Array::New(info.Env(), buffer.ByteLength(), buffer, 0));
+    return result;
   });
 }
 
@@ -115,7 +145,9 @@ Napi::Value ResizeFunction(const Napi::CallbackInfo& info) {
       throw InvalidArgument("pixels holds " + std::to_string(pixels.size) + " bytes, not height x width x channels = " +
                             std::to_string(static_cast<double>(height) * width * channels));
     }
-    return ToArray(info.Env(), ResizeBilinear(pixels.data, height, width, channels, out_height, out_width));
+    Napi::ArrayBuffer buffer = Napi::ArrayBuffer::New(info.Env(), static_cast<size_t>(out_height) * out_width * channels);
+    ResizeBilinearInto(pixels.data, height, width, channels, out_height, out_width, static_cast<uint8_t*>(buffer.Data()));
+    return Napi::Uint8Array::New(info.Env(), buffer.ByteLength(), buffer, 0);
   });
 }
 

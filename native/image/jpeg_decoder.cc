@@ -22,6 +22,28 @@ constexpr std::array<uint8_t, 64> kZigzag = {0,  1,  8,  16, 9,  2,  3,  10, 17,
 
 constexpr int kFastBits = 9;
 
+// Buffers reused from one image to the next on a thread (decoding is synchronous, one image at a
+// time per thread): a fresh large allocation is pages the kernel must fault in and zero, which
+// cost a tenth of a decode. Buffers past kKeptBytes are let go after the image.
+struct Scratch {
+  std::array<std::vector<int16_t>, 4> coefficients;
+  std::array<std::vector<uint8_t>, 4> samples;
+  std::array<std::vector<uint8_t>, 4> full;
+};
+thread_local Scratch scratch;
+constexpr size_t kKeptBytes = 64u << 20;
+
+template <typename T>
+void ReleaseIfLarge(std::vector<T>& buffer) {
+  if (buffer.capacity() * sizeof(T) > kKeptBytes) std::vector<T>().swap(buffer);
+}
+
+// A plane of 8-bit samples and the bytes from one row to the next.
+struct Plane {
+  const uint8_t* data;
+  size_t stride;
+};
+
 struct HuffmanTable {
   bool defined = false;
   // Codes of up to kFastBits bits: (length << 8) | symbol, 0 where the code is longer.
@@ -32,6 +54,9 @@ struct HuffmanTable {
   std::array<int32_t, 17> first_code{};
   std::array<int32_t, 17> first_symbol{};
   std::array<uint8_t, 256> symbols{};
+  // AC codes whose magnitude bits also fit in kFastBits: (value << 8) | (run << 4) | bits used,
+  // so a whole coefficient is one lookup; 0 where they do not fit.
+  std::array<int32_t, 1 << kFastBits> fast_ac{};
 };
 
 struct Component {
@@ -49,10 +74,11 @@ struct Component {
   uint32_t blocks_high = 0;
   uint32_t stored_wide = 0;
   uint32_t stored_high = 0;
-  std::vector<int16_t> coefficients;  // 64 per stored block, natural order, not dequantized
+  uint32_t index = 0;                  // its place in the frame, and its scratch buffers
+  int16_t* coefficients = nullptr;     // 64 per stored block, natural order, not dequantized
   int32_t dc_prediction = 0;
 
-  int16_t* Block(uint32_t row, uint32_t column) { return &coefficients[(static_cast<size_t>(row) * stored_wide + column) * 64]; }
+  int16_t* Block(uint32_t row, uint32_t column) const { return &coefficients[(static_cast<size_t>(row) * stored_wide + column) * 64]; }
 };
 
 // Reads entropy-coded bits: 0xFF 0x00 is a data byte 0xFF, and a marker ends the data (zeros are
@@ -182,12 +208,13 @@ class JpegDecoder {
     return {width_, height_, static_cast<uint32_t>(components_.size())};
   }
 
-  DecodedImage Decode(uint32_t channels, uint64_t max_pixels) {
+  ImageSize Decode(uint32_t channels, uint64_t max_pixels, const PixelAllocator& allocate) {
     max_pixels_ = max_pixels;
     ReadMarkers(/*stop_at_frame=*/false);
     if (!frame_seen_) Corrupt("no frame header (SOF) before the end of the data");
     if (scans_ == 0) Corrupt("no scan (SOS) in the data");
-    return Output(channels);
+    Output(channels, allocate(static_cast<size_t>(width_) * height_ * channels));
+    return {width_, height_, channels};
   }
 
  private:
@@ -270,6 +297,7 @@ class JpegDecoder {
     components_.resize(count);
     for (uint32_t index = 0; index < count; ++index) {
       Component& component = components_[index];
+      component.index = index;
       component.id = segment[6 + 3 * index];
       component.h = segment[7 + 3 * index] >> 4;
       component.v = segment[7 + 3 * index] & 15;
@@ -298,7 +326,9 @@ class JpegDecoder {
       component.blocks_high = (samples_high + 7) / 8;
       component.stored_wide = mcus_wide_ * component.h;
       component.stored_high = mcus_high_ * component.v;
-      component.coefficients.assign(static_cast<size_t>(component.stored_wide) * component.stored_high * 64, 0);
+      std::vector<int16_t>& buffer = scratch.coefficients[component.index];
+      buffer.assign(static_cast<size_t>(component.stored_wide) * component.stored_high * 64, 0);
+      component.coefficients = buffer.data();
     }
   }
 
@@ -335,6 +365,19 @@ class JpegDecoder {
       }
       table.max_code[17] = 0x7FFFFFFF;
       table.defined = true;
+      if (kind == 1) {
+        for (uint32_t peek = 0; peek < (1u << kFastBits); ++peek) {
+          uint16_t entry = table.fast[peek];
+          if (entry == 0) continue;
+          int length = entry >> 8;
+          int run = (entry & 0xFF) >> 4;
+          int category = entry & 15;
+          if (category == 0 || length + category > kFastBits) continue;
+          auto bits = static_cast<int32_t>((peek >> (kFastBits - length - category)) & ((1u << category) - 1));
+          if (bits < (1 << (category - 1))) bits += 1 - (1 << category);
+          table.fast_ac[peek] = static_cast<int32_t>(static_cast<uint32_t>(bits) << 8) | (run << 4) | (length + category);
+        }
+      }
       at += 17 + total;
     }
   }
@@ -476,6 +519,15 @@ class JpegDecoder {
     block[0] = static_cast<int16_t>(component.dc_prediction);
     const HuffmanTable& ac = ac_tables_[component.ac_table];
     for (int k = 1; k < 64;) {
+      int32_t fast = ac.fast_ac[reader.Peek(kFastBits)];
+      if (fast != 0) {
+        reader.Consume(fast & 15);
+        k += (fast >> 4) & 15;
+        if (k > 63) Corrupt("a block's coefficients run past 64");
+        block[kZigzag[k]] = static_cast<int16_t>(fast >> 8);
+        ++k;
+        continue;
+      }
       int symbol = reader.DecodeSymbol(ac);
       int run = symbol >> 4;
       int size = symbol & 15;
@@ -567,79 +619,104 @@ class JpegDecoder {
   }
 
   // Dequantizes and inverse-transforms every block of a component into a plane of samples.
-  std::vector<uint8_t> Samples(const Component& component, uint32_t& plane_width) const {
-    plane_width = component.stored_wide * 8;
-    std::vector<uint8_t> plane(static_cast<size_t>(plane_width) * component.stored_high * 8);
+  Plane Samples(const Component& component) const {
+    const uint32_t plane_width = component.stored_wide * 8;
+    std::vector<uint8_t>& plane = scratch.samples[component.index];
+    plane.resize(static_cast<size_t>(plane_width) * component.stored_high * 8);
     // The blocks outside the image's own (padding of the last MCUs) are never shown.
     for (uint32_t row = 0; row < component.blocks_high; ++row) {
       for (uint32_t column = 0; column < component.blocks_wide; ++column) {
-        const int16_t* block = &component.coefficients[(static_cast<size_t>(row) * component.stored_wide + column) * 64];
-        InverseTransform(block, component.quant.data(), &plane[(static_cast<size_t>(row) * 8 * plane_width) + column * 8], plane_width);
+        InverseTransform(component.Block(row, column), component.quant.data(), &plane[(static_cast<size_t>(row) * 8 * plane_width) + column * 8], plane_width);
       }
     }
-    return plane;
+    return {plane.data(), plane_width};
   }
 
-  // The 8x8 inverse DCT, separable, in floats; rows or columns with no AC energy take a shortcut,
-  // which is most of them in a photograph.
+  // The 8x8 inverse DCT as two matrix products in floats, written over rows of eight (GCC and
+  // Clang vectors) and cut to the rows and columns that hold coefficients: a photograph's blocks
+  // keep a few low frequencies, and a block with none but DC is its DC value everywhere.
+  using Row8 = float __attribute__((vector_size(32)));
+  using Ints8 = int32_t __attribute__((vector_size(32)));
+
   static void InverseTransform(const int16_t* block, const uint16_t* quant, uint8_t* out, uint32_t stride) {
-    static const std::array<float, 64> basis = [] {
-      std::array<float, 64> table{};
+    struct Basis {
+      Row8 by_sample[8];     // by_sample[y][v] = C(v)/2 cos((2y + 1) v pi / 16)
+      Row8 by_frequency[8];  // by_frequency[u][x], the same numbers transposed
+    };
+    static const Basis basis = [] {
+      Basis made{};
       for (int x = 0; x < 8; ++x) {
         for (int u = 0; u < 8; ++u) {
           double scale = u == 0 ? std::sqrt(0.125) : 0.5;
-          table[x * 8 + u] = static_cast<float>(scale * std::cos((2 * x + 1) * u * M_PI / 16.0));
+          auto value = static_cast<float>(scale * std::cos((2 * x + 1) * u * M_PI / 16.0));
+          made.by_sample[x][u] = value;
+          made.by_frequency[u][x] = value;
         }
       }
-      return table;
+      return made;
     }();
-    float coefficients[64];
-    for (int i = 0; i < 64; ++i) coefficients[i] = static_cast<float>(block[i]) * quant[i];
-    float columns[64];  // after the vertical pass: columns[y * 8 + u]
-    for (int u = 0; u < 8; ++u) {
-      bool ac = false;
-      for (int v = 1; v < 8; ++v) ac = ac || coefficients[v * 8 + u] != 0.0f;
-      if (!ac) {
-        float dc = coefficients[u] * basis[0];
-        for (int y = 0; y < 8; ++y) columns[y * 8 + u] = dc;
-        continue;
-      }
-      for (int y = 0; y < 8; ++y) {
-        float sum = 0;
-        for (int v = 0; v < 8; ++v) sum += basis[y * 8 + v] * coefficients[v * 8 + u];
-        columns[y * 8 + u] = sum;
-      }
+    // Rows (vertical frequencies) and columns (horizontal ones) up to the last non-zero
+    // coefficient, found four coefficients at a time: a row is two 64-bit words.
+    uint64_t words[16];
+    std::memcpy(words, block, sizeof(words));
+    int rows = 0;
+    uint64_t left = 0;   // columns 0-3 of every row, ORed
+    uint64_t right = 0;  // columns 4-7
+    for (int v = 0; v < 8; ++v) {
+      if ((words[2 * v] | words[2 * v + 1]) != 0) rows = v + 1;
+      left |= words[2 * v];
+      right |= words[2 * v + 1];
     }
+    // The highest non-zero 16-bit lane of a word (little-endian: lane i is bits 16i..16i+15).
+    auto last_lane = [](uint64_t word) { return word == 0 ? 0 : (63 - __builtin_clzll(word)) / 16 + 1; };
+    int columns_used = right != 0 ? 4 + last_lane(right) : last_lane(left);
+    if (rows <= 1 && columns_used <= 1) {
+      // F(0,0) C(0)^2 / 4 = F(0,0) / 8 at every sample.
+      int value = static_cast<int>(static_cast<float>(block[0]) * quant[0] * 0.125f + 128.5f);
+      auto sample = static_cast<uint8_t>(std::clamp(value, 0, 255));
+      for (int y = 0; y < 8; ++y) std::memset(out + static_cast<size_t>(y) * stride, sample, 8);
+      return;
+    }
+    Row8 coefficients[8];
+    for (int v = 0; v < rows; ++v) {
+      for (int u = 0; u < 8; ++u) coefficients[v][u] = static_cast<float>(block[v * 8 + u]) * quant[v * 8 + u];
+    }
+    // Vertical: columns[y] = sum over v of basis[y][v] * F[v].
+    Row8 columns[8];
     for (int y = 0; y < 8; ++y) {
-      const float* row = &columns[y * 8];
+      Row8 sum = coefficients[0] * basis.by_sample[y][0];
+      for (int v = 1; v < rows; ++v) sum += coefficients[v] * basis.by_sample[y][v];
+      columns[y] = sum;
+    }
+    // Horizontal: samples[y] = sum over u of columns[y][u] * basis[.][u].
+    for (int y = 0; y < 8; ++y) {
+      Row8 sum = basis.by_frequency[0] * columns[y][0];
+      for (int u = 1; u < columns_used; ++u) sum += basis.by_frequency[u] * columns[y][u];
+      // Truncation rounds here: anything below zero is clamped to 0 anyway.
+      Ints8 values = __builtin_convertvector(sum + 128.5f, Ints8);
+      values = values < 0 ? 0 : values;
+      values = values > 255 ? 255 : values;
       uint8_t* target = out + static_cast<size_t>(y) * stride;
-      for (int x = 0; x < 8; ++x) {
-        float sum = 0;
-        for (int u = 0; u < 8; ++u) sum += basis[x * 8 + u] * row[u];
-        // Truncation rounds here: anything below zero is clamped to 0 anyway.
-        int value = static_cast<int>(sum + 128.5f);
-        target[x] = static_cast<uint8_t>(std::clamp(value, 0, 255));
-      }
+      for (int x = 0; x < 8; ++x) target[x] = static_cast<uint8_t>(values[x]);
     }
   }
 
   // A component's plane brought up to the image's full size. Halved chroma (4:2:0, 4:2:2, 4:4:0)
   // is interpolated with a triangle filter (3/4 of the sample an output lies in, 1/4 of its nearer
   // neighbour, per halved axis); other factors are replicated.
-  std::vector<uint8_t> FullSize(const Component& component) const {
-    uint32_t plane_width = 0;
-    std::vector<uint8_t> plane = Samples(component, plane_width);
+  Plane FullSize(const Component& component) const {
+    const Plane samples = Samples(component);
     uint32_t scale_x = max_h_ / component.h;
     uint32_t scale_y = max_v_ / component.v;
-    std::vector<uint8_t> out(static_cast<size_t>(width_) * height_);
-    if (scale_x == 1 && scale_y == 1) {
-      for (uint32_t y = 0; y < height_; ++y) std::memcpy(&out[static_cast<size_t>(y) * width_], &plane[static_cast<size_t>(y) * plane_width], width_);
-      return out;
-    }
+    if (scale_x == 1 && scale_y == 1) return samples;
+    const uint8_t* plane = samples.data;
+    const size_t plane_width = samples.stride;
+    std::vector<uint8_t>& out = scratch.full[component.index];
+    out.resize(static_cast<size_t>(width_) * height_);
     const uint32_t source_width = (width_ + scale_x - 1) / scale_x;
     const uint32_t source_height = (height_ + scale_y - 1) / scale_y;
     const bool smooth = (scale_x == 1 || scale_x == 2) && (scale_y == 1 || scale_y == 2);
-    auto row_of = [&](int64_t y) { return &plane[static_cast<size_t>(std::clamp<int64_t>(y, 0, source_height - 1)) * plane_width]; };
+    auto row_of = [&](int64_t y) { return plane + static_cast<size_t>(std::clamp<int64_t>(y, 0, source_height - 1)) * plane_width; };
     std::vector<int> sums(source_width + 2);
     for (uint32_t y = 0; y < height_; ++y) {
       uint8_t* target = &out[static_cast<size_t>(y) * width_];
@@ -668,87 +745,99 @@ class JpegDecoder {
         if (left + 1 < width_) target[left + 1] = static_cast<uint8_t>((here + sums[x + 2] + odd_bias) >> 4);
       }
     }
-    return out;
+    return {out.data(), width_};
   }
 
-  DecodedImage Output(uint32_t channels) {
-    DecodedImage image;
-    image.width = width_;
-    image.height = height_;
-    image.channels = channels;
-    size_t pixels = static_cast<size_t>(width_) * height_;
-    image.pixels.resize(pixels * channels);
-    uint8_t* out = image.pixels.data();
-    auto write = [&](size_t index, int r, int g, int b) {
-      if (channels == 1) {
-        out[index] = static_cast<uint8_t>((r * 19595 + g * 38470 + b * 7471 + 32768) >> 16);
-        return;
-      }
-      uint8_t* pixel = out + index * channels;
-      pixel[0] = static_cast<uint8_t>(r);
-      pixel[1] = static_cast<uint8_t>(g);
-      pixel[2] = static_cast<uint8_t>(b);
-      if (channels == 4) pixel[3] = 255;
-    };
-
-    if (components_.size() == 1) {
-      std::vector<uint8_t> gray = FullSize(components_[0]);
-      for (size_t i = 0; i < pixels; ++i) write(i, gray[i], gray[i], gray[i]);
-      return image;
-    }
+  // Writes the image as `channels` interleaved 8-bit channels (width x height x channels bytes).
+  void Output(uint32_t channels, uint8_t* out) const {
     // Colour transform: JFIF files and 3-component files without an Adobe marker are YCbCr unless
     // their components are named R, G, B; Adobe's marker says so itself.
     bool transform = true;
     if (components_.size() == 3) {
       if (adobe_) transform = adobe_transform_ != 0;
       else if (!jfif_ && components_[0].id == 'R' && components_[1].id == 'G' && components_[2].id == 'B') transform = false;
-    } else {
+    } else if (components_.size() == 4) {
       transform = adobe_ && adobe_transform_ == 2;  // YCCK; else plain CMYK
     }
-    if (components_.size() == 3 && transform && channels == 1) {
-      std::vector<uint8_t> luma = FullSize(components_[0]);
-      std::memcpy(out, luma.data(), pixels);
-      return image;
+    auto store = [channels](uint8_t* pixel, int r, int g, int b) {
+      if (channels == 1) {
+        *pixel = static_cast<uint8_t>((r * 19595 + g * 38470 + b * 7471 + 32768) >> 16);
+        return;
+      }
+      pixel[0] = static_cast<uint8_t>(r);
+      pixel[1] = static_cast<uint8_t>(g);
+      pixel[2] = static_cast<uint8_t>(b);
+      if (channels == 4) pixel[3] = 255;
+    };
+    if (components_.size() == 1 || (components_.size() == 3 && transform && channels == 1)) {
+      // Gray, or a YCbCr image asked for in gray: its luma plane as it is.
+      const Plane gray = FullSize(components_[0]);
+      for (uint32_t y = 0; y < height_; ++y) {
+        const uint8_t* row = gray.data + y * gray.stride;
+        uint8_t* target = out + static_cast<size_t>(y) * width_ * channels;
+        if (channels == 1) {
+          std::memcpy(target, row, width_);
+          continue;
+        }
+        for (uint32_t x = 0; x < width_; ++x) store(target + x * channels, row[x], row[x], row[x]);
+      }
+      return;
     }
-    std::vector<std::vector<uint8_t>> planes;
-    for (const Component& component : components_) planes.push_back(FullSize(component));
+    std::array<Plane, 4> planes{};
+    for (const Component& component : components_) planes[component.index] = FullSize(component);
     // JFIF's YCbCr to RGB in 16.16 fixed point, one table per term.
     static const auto tables = [] {
       std::array<std::array<int32_t, 256>, 4> made{};
       for (int value = 0; value < 256; ++value) {
         int centered = value - 128;
-        made[0][value] = (91881 * centered + 32768) >> 16;  // Cr's part of R
+        made[0][value] = (91881 * centered + 32768) >> 16;   // Cr's part of R
         made[1][value] = (116130 * centered + 32768) >> 16;  // Cb's part of B
         made[2][value] = 22554 * centered;                   // Cb's part of G (unshifted)
         made[3][value] = 46802 * centered - 32768;           // Cr's part of G (unshifted, rounding)
       }
       return made;
     }();
-    const uint8_t* plane0 = planes[0].data();
-    const uint8_t* plane1 = planes[1].data();
-    const uint8_t* plane2 = planes[2].data();
-    for (size_t i = 0; i < pixels; ++i) {
-      int r = plane0[i];
-      int g = plane1[i];
-      int b = plane2[i];
-      if (transform) {
-        int y = r;
-        int cb = g;
-        int cr = b;
-        r = std::clamp(y + tables[0][cr], 0, 255);
-        g = std::clamp(y - ((tables[2][cb] + tables[3][cr]) >> 16), 0, 255);
-        b = std::clamp(y + tables[1][cb], 0, 255);
+    const bool inked = components_.size() == 4;
+    for (uint32_t y = 0; y < height_; ++y) {
+      const uint8_t* first = planes[0].data + y * planes[0].stride;
+      const uint8_t* second = planes[1].data + y * planes[1].stride;
+      const uint8_t* third = planes[2].data + y * planes[2].stride;
+      const uint8_t* black = inked ? planes[3].data + y * planes[3].stride : nullptr;
+      uint8_t* target = out + static_cast<size_t>(y) * width_ * channels;
+      if (transform && !inked && channels == 3) {
+        // The common case on its own: YCbCr to RGB.
+        for (uint32_t x = 0; x < width_; ++x) {
+          int luma = first[x];
+          int cb = second[x];
+          int cr = third[x];
+          target[3 * x] = static_cast<uint8_t>(std::clamp(luma + tables[0][cr], 0, 255));
+          target[3 * x + 1] = static_cast<uint8_t>(std::clamp(luma - ((tables[2][cb] + tables[3][cr]) >> 16), 0, 255));
+          target[3 * x + 2] = static_cast<uint8_t>(std::clamp(luma + tables[1][cb], 0, 255));
+        }
+        continue;
       }
-      if (components_.size() == 4) {
-        // Adobe writes CMYK inverted, so each stored value is already 255 - ink: scale by K's.
-        int k = planes[3][i];
-        r = (r * k + 127) / 255;
-        g = (g * k + 127) / 255;
-        b = (b * k + 127) / 255;
+      for (uint32_t x = 0; x < width_; ++x) {
+        int r = first[x];
+        int g = second[x];
+        int b = third[x];
+        if (transform) {
+          int luma = r;
+          int cb = g;
+          int cr = b;
+          r = std::clamp(luma + tables[0][cr], 0, 255);
+          g = std::clamp(luma - ((tables[2][cb] + tables[3][cr]) >> 16), 0, 255);
+          b = std::clamp(luma + tables[1][cb], 0, 255);
+        }
+        if (inked) {
+          // Adobe writes CMYK inverted, so each stored value is already 255 - ink: scale by K's.
+          int k = black[x];
+          r = (r * k + 127) / 255;
+          g = (g * k + 127) / 255;
+          b = (b * k + 127) / 255;
+        }
+        store(target + x * channels, r, g, b);
       }
-      write(i, r, g, b);
     }
-    return image;
   }
 
   const uint8_t* data_;
@@ -778,10 +867,30 @@ class JpegDecoder {
 
 ImageSize ProbeJpeg(const uint8_t* data, size_t size) { return JpegDecoder(data, size).Probe(); }
 
-DecodedImage DecodeJpeg(const uint8_t* data, size_t size, uint32_t channels, uint64_t max_pixels) {
+ImageSize DecodeJpegInto(const uint8_t* data, size_t size, uint32_t channels, uint64_t max_pixels, const PixelAllocator& allocate) {
   if (channels != 1 && channels != 3 && channels != 4) throw NativeError("ERR_INVALID_ARGUMENT", "channels must be 1, 3 or 4");
   if (max_pixels == 0) max_pixels = UINT64_MAX;
-  return JpegDecoder(data, size).Decode(channels, max_pixels);
+  struct Release {
+    ~Release() {
+      for (auto& buffer : scratch.coefficients) ReleaseIfLarge(buffer);
+      for (auto& buffer : scratch.samples) ReleaseIfLarge(buffer);
+      for (auto& buffer : scratch.full) ReleaseIfLarge(buffer);
+    }
+  } release;
+  return JpegDecoder(data, size).Decode(channels, max_pixels, allocate);
 }
+
+DecodedImage DecodeJpeg(const uint8_t* data, size_t size, uint32_t channels, uint64_t max_pixels) {
+  DecodedImage image;
+  ImageSize decoded = DecodeJpegInto(data, size, channels, max_pixels, [&](size_t bytes) {
+    image.pixels.resize(bytes);
+    return image.pixels.data();
+  });
+  image.width = decoded.width;
+  image.height = decoded.height;
+  image.channels = decoded.channels;
+  return image;
+}
+
 
 }  // namespace trellis::image

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace trellis::image {
@@ -28,6 +29,13 @@ struct DecodedImage {
 
 // The frame header's size, without decoding the image.
 ImageSize ProbeJpeg(const uint8_t* data, size_t size);
+
+// Where decoded pixels go: given their byte count once the header is read, returns the memory to
+// fill (a JavaScript ArrayBuffer's, so pixels are written once, where they will stay).
+using PixelAllocator = std::function<uint8_t*(size_t bytes)>;
+
+// Decodes into `channels` (1, 3 or 4) 8-bit channels per pixel, in memory from `allocate`.
+ImageSize DecodeJpegInto(const uint8_t* data, size_t size, uint32_t channels, uint64_t max_pixels, const PixelAllocator& allocate);
 
 // Decodes into `channels` (1, 3 or 4) 8-bit channels per pixel. An image of more than
 // `max_pixels` pixels is ERR_IMAGE_TOO_LARGE before anything is allocated for it.

@@ -51,28 +51,56 @@ Taps MakeTaps(uint32_t in, uint32_t out) {
   return taps;
 }
 
-}  // namespace
+// The horizontal pass for a channel count known at compile time (1, 3, 4: the inner loops unroll).
+template <uint32_t kChannels>
+void HorizontalPass(const uint8_t* pixels, uint32_t height, uint32_t width, const Taps& taps, uint32_t out_width, float* rows) {
+  for (uint32_t y = 0; y < height; ++y) {
+    const uint8_t* source = pixels + static_cast<size_t>(y) * width * kChannels;
+    float* target = rows + static_cast<size_t>(y) * out_width * kChannels;
+    for (uint32_t x = 0; x < out_width; ++x) {
+      const float* weights = &taps.weights[static_cast<size_t>(x) * taps.width];
+      const uint8_t* first = source + static_cast<size_t>(taps.first[x]) * kChannels;
+      float sums[kChannels] = {};
+      for (uint32_t k = 0; k < taps.count[x]; ++k) {
+        const float weight = weights[k];
+        for (uint32_t c = 0; c < kChannels; ++c) sums[c] += weight * first[k * kChannels + c];
+      }
+      for (uint32_t c = 0; c < kChannels; ++c) target[x * kChannels + c] = sums[c];
+    }
+  }
+}
 
-std::vector<uint8_t> ResizeBilinear(const uint8_t* pixels, uint32_t height, uint32_t width, uint32_t channels, uint32_t out_height,
-                                    uint32_t out_width) {
-  Taps horizontal = MakeTaps(width, out_width);
-  Taps vertical = MakeTaps(height, out_height);
-  // Horizontal pass into floats, then the vertical pass rounds once.
-  std::vector<float> rows(static_cast<size_t>(height) * out_width * channels);
+// The same for any other channel count.
+void HorizontalPassAny(const uint8_t* pixels, uint32_t height, uint32_t width, uint32_t channels, const Taps& taps, uint32_t out_width, float* rows) {
   for (uint32_t y = 0; y < height; ++y) {
     const uint8_t* source = pixels + static_cast<size_t>(y) * width * channels;
-    float* target = &rows[static_cast<size_t>(y) * out_width * channels];
+    float* target = rows + static_cast<size_t>(y) * out_width * channels;
     for (uint32_t x = 0; x < out_width; ++x) {
-      const float* weights = &horizontal.weights[static_cast<size_t>(x) * horizontal.width];
-      const uint8_t* first = source + static_cast<size_t>(horizontal.first[x]) * channels;
+      const float* weights = &taps.weights[static_cast<size_t>(x) * taps.width];
+      const uint8_t* first = source + static_cast<size_t>(taps.first[x]) * channels;
       for (uint32_t c = 0; c < channels; ++c) {
         float sum = 0;
-        for (uint32_t k = 0; k < horizontal.count[x]; ++k) sum += weights[k] * first[k * channels + c];
+        for (uint32_t k = 0; k < taps.count[x]; ++k) sum += weights[k] * first[k * channels + c];
         target[x * channels + c] = sum;
       }
     }
   }
-  std::vector<uint8_t> out(static_cast<size_t>(out_height) * out_width * channels);
+}
+
+}  // namespace
+
+void ResizeBilinearInto(const uint8_t* pixels, uint32_t height, uint32_t width, uint32_t channels, uint32_t out_height, uint32_t out_width,
+                        uint8_t* out) {
+  Taps horizontal = MakeTaps(width, out_width);
+  Taps vertical = MakeTaps(height, out_height);
+  // Horizontal pass into floats (a buffer kept per thread: a fresh one is pages to fault in every
+  // image), then the vertical pass rounds once.
+  thread_local std::vector<float> rows;
+  rows.resize(static_cast<size_t>(height) * out_width * channels);
+  if (channels == 1) HorizontalPass<1>(pixels, height, width, horizontal, out_width, rows.data());
+  else if (channels == 3) HorizontalPass<3>(pixels, height, width, horizontal, out_width, rows.data());
+  else if (channels == 4) HorizontalPass<4>(pixels, height, width, horizontal, out_width, rows.data());
+  else HorizontalPassAny(pixels, height, width, channels, horizontal, out_width, rows.data());
   size_t row_length = static_cast<size_t>(out_width) * channels;
   std::vector<float> sums(row_length);
   for (uint32_t y = 0; y < out_height; ++y) {
@@ -83,9 +111,16 @@ std::vector<uint8_t> ResizeBilinear(const uint8_t* pixels, uint32_t height, uint
       float weight = weights[k];
       for (size_t i = 0; i < row_length; ++i) sums[i] += weight * source[i];
     }
-    uint8_t* target = &out[static_cast<size_t>(y) * row_length];
+    uint8_t* target = out + static_cast<size_t>(y) * row_length;
     for (size_t i = 0; i < row_length; ++i) target[i] = static_cast<uint8_t>(std::clamp(static_cast<int>(sums[i] + 0.5f), 0, 255));
   }
+  if (rows.capacity() * sizeof(float) > (64u << 20)) std::vector<float>().swap(rows);
+}
+
+std::vector<uint8_t> ResizeBilinear(const uint8_t* pixels, uint32_t height, uint32_t width, uint32_t channels, uint32_t out_height,
+                                    uint32_t out_width) {
+  std::vector<uint8_t> out(static_cast<size_t>(out_height) * out_width * channels);
+  ResizeBilinearInto(pixels, height, width, channels, out_height, out_width, out.data());
   return out;
 }
 

@@ -8,6 +8,10 @@
 
 namespace trellis::image {
 
+// Into `out`, out_height x out_width x channels bytes.
+void ResizeBilinearInto(const uint8_t* pixels, uint32_t height, uint32_t width, uint32_t channels, uint32_t out_height, uint32_t out_width,
+                        uint8_t* out);
+
 std::vector<uint8_t> ResizeBilinear(const uint8_t* pixels, uint32_t height, uint32_t width, uint32_t channels, uint32_t out_height,
                                     uint32_t out_width);
 

@@ -90,6 +90,10 @@ describe('decodeImage', () => {
     const checker = new Uint8Array(64 * 64).map((_, index) => (((index >> 6) + index) % 2 === 0 ? 0 : 255));
     const small = resizeImage(Tensor.wrap(checker, 'u8', [64, 64]), [16, 16]).data as Uint8Array;
     for (const value of small) expect(Math.abs(value - 127.5)).toBeLessThan(20);
+    // A JPEG resized as it decodes (one native call) equals decoding then resizing.
+    const jpeg = read('progressive-420.jpg');
+    expect(decodeImage(jpeg, { size: [20, 30] }).data).toEqual(resizeImage(decodeImage(jpeg), [20, 30]).data);
+    expect(decodeImage(jpeg, { size: [47, 61], mode: 'L' }).data).toEqual(decodeImage(jpeg, { mode: 'L' }).data);
     // The same size is the same tensor.
     expect(resizeImage(source, [47, 61])).toBe(source);
   });
