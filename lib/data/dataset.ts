@@ -6,6 +6,7 @@ import type { Schema } from 'apache-arrow';
 import { get, isInitialized, put, state } from '../core/api.js';
 import type { ObjectRef } from '../core/object-ref.js';
 import { InvalidArgumentError, NotInitializedError } from '../errors.js';
+import { Tensor } from '../gpu/tensor.js';
 import { workerEnvironmentOf } from '../core/options.js';
 import {
   blockToRows, concatBlocks, formatBatch, rowsToBlock, type BatchFormat, type Block, type Row, type FormattedColumns,
@@ -555,7 +556,8 @@ export class Dataset {
   /** Prints the first `rows` rows, one JSON line each. */
   async show(rows = 20, options: ExecutionOptions = {}): Promise<void> {
     for (const row of await this.take(rows, options)) {
-      console.log(JSON.stringify(row, (_key, value) => (typeof value === 'bigint' ? value.toString() : value)));
+      // A tensor is shown by its dtype and shape: an image's pixels would fill the screen.
+      console.log(JSON.stringify(row, (_key, value) => (typeof value === 'bigint' ? value.toString() : value instanceof Tensor ? String(value) : value)));
     }
   }
 

@@ -168,6 +168,21 @@ describe('readImages', () => {
     expect(tensorColumnInfo(schema.fields.find((field) => field.name === 'embedding')!)).toEqual({ kind: 'fixed', shape: [3], dtype: 'f32' });
   });
 
+  it('writes tensor cells to JSONL and CSV as nested arrays', async () => {
+    const squares = range(3, { parallelism: 1 }).map(squareOfId);
+    const jsonl = cluster.scratchDir.path('jsonl');
+    const csv = cluster.scratchDir.path('csv');
+    await squares.writeJsonl(jsonl);
+    await squares.writeCsv(csv);
+    const text = (dir: string) => readdirSync(dir).filter((name) => !name.startsWith('.')).map((name) => readFileSync(join(dir, name), 'utf8')).join('');
+    expect(text(jsonl).trim().split('\n').map((line) => JSON.parse(line))).toEqual([
+      { id: 0, square: [[0]] },
+      { id: 1, square: [[1, 1], [1, 1]] },
+      { id: 2, square: [[2, 2, 2], [2, 2, 2], [2, 2, 2]] },
+    ]);
+    expect(text(csv)).toBe('id,square\n0,[[0]]\n1,"[[1,1],[1,1]]"\n2,"[[2,2,2],[2,2,2],[2,2,2]]"\n');
+  });
+
   it('refuses bad options by name', () => {
     expect(() => readImages(imageDirectory(), { mode: 'CMYK' as never })).toThrow(/mode must be one of RGB, RGBA, L/);
     expect(() => readImages(imageDirectory(), { size: [10] as never })).toThrow(/size must be \[height, width\]/);

@@ -18,6 +18,7 @@ import {
 import { checkCompressionOption, checkWriteCompression, type Compression } from './compression.js';
 import { partitionedReadTasks, selectPartitions, type PartitionValues } from './partitioning.js';
 import { checkFileSystem, type FileSystem, type WritableFile } from '../filesystem/file-system.js';
+import { columnTensorCells, tensorColumnInfo } from '../tensor-column.js';
 
 export const CSV_EXTENSIONS: readonly string[] = ['.csv'];
 
@@ -437,7 +438,11 @@ export class CsvDatasink extends FileDatasink<{ delimiter: string; header: boole
         throw new InvalidArgumentError(`CSV sink: a write task's blocks have different columns: (${names.join(', ')}) vs (${blockNames.join(', ')})`, 'ERR_DATA_SCHEMA');
       }
       const columns = blockToColumns(block);
-      const values = names.map((name) => columns[name] as ArrayLike<unknown>);
+      // A tensor column's cells, each written as its nested arrays in JSON.
+      const values = block.schema.fields.map((field) => {
+        const info = tensorColumnInfo(field);
+        return info ? columnTensorCells(block.getChild(field.name)!, info) : (columns[field.name] as ArrayLike<unknown>);
+      });
       for (let row = 0; row < block.numRows; row++) {
         let line = '';
         for (let column = 0; column < values.length; column++) {

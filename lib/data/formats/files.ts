@@ -22,6 +22,8 @@ import { checkPartitionBy, splitByPartition, type PartitionReadOptions } from '.
 import '../filesystem/s3.js';
 import { checkFileSystem, fileSystemFor, paths as filePaths, urlScheme, type FileSystem, type WritableFile } from '../filesystem/file-system.js';
 import { COMPRESSED_TEXT_RATIO, compressionFor, compressionSuffix, compressor, decompressor, withCompressionSuffixes, type Compression, type CompressionOption } from './compression.js';
+import { Tensor } from '../../gpu/tensor.js';
+import { tensorToNested } from '../tensor-column.js';
 
 /** A file found on disk, with its size when it was listed. */
 export interface FileEntry {
@@ -676,9 +678,10 @@ export function isNumberText(text: string): boolean {
 
 /**
  * JSON for values JSON has no form of: bigints as numbers when exact and strings otherwise, bytes
- * as base64. Dates arrive here already as ISO strings (their toJSON runs first).
+ * as base64, tensors (a tensor column's cells) as nested arrays. Dates arrive here already as ISO strings (their toJSON runs first).
  */
 export function jsonReplacer(this: unknown, _key: string, value: unknown): unknown {
+  if (value instanceof Tensor) return tensorToNested(value);
   if (typeof value === 'bigint') return value >= BigInt(Number.MIN_SAFE_INTEGER) && value <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(value) : value.toString();
   if (value instanceof Uint8Array) return Buffer.from(value.buffer, value.byteOffset, value.byteLength).toString('base64');
   if (ArrayBuffer.isView(value)) return Array.from(value as unknown as ArrayLike<unknown>);

@@ -18,6 +18,7 @@ import {
 import { checkFileSystem, type FileSystem, type WritableFile } from '../filesystem/file-system.js';
 import { checkCompressionOption, checkWriteCompression, type Compression } from './compression.js';
 import { partitionedReadTasks, selectPartitions, type PartitionValues } from './partitioning.js';
+import { tensorColumnInfo } from '../tensor-column.js';
 
 export const JSONL_EXTENSIONS: readonly string[] = ['.jsonl', '.ndjson', '.json'];
 
@@ -302,7 +303,7 @@ export class JsonlDatasink extends FileDatasink<{ partitionBy?: string | string[
     let rows = 0;
     for (const block of blocks) {
       // A replacer slows JSON.stringify severalfold: use it only where a column needs it.
-      const replacer = block.schema.fields.some((field) => needsReplacer(field.type)) ? jsonReplacer : undefined;
+      const replacer = block.schema.fields.some((field) => needsReplacer(field.type) || tensorColumnInfo(field)) ? jsonReplacer : undefined;
       for (const row of blockToRows(block)) await writer.write(`${JSON.stringify(row, replacer)}\n`);
       rows += block.numRows;
     }
