@@ -13,6 +13,8 @@ import type { Datasource } from '../../lib/data/datasource.js';
 import { S3FileSystem } from '../../lib/data/filesystem/s3.js';
 import { WebDatasetDatasink, webDatasetSource } from '../../lib/data/formats/index.js';
 import { TAR_END, tarEntry } from '../../lib/data/formats/tar.js';
+import { Tensor } from '../../lib/gpu/tensor.js';
+import { decodeImage } from '../../lib/image/decode.js';
 import { S3TestServer } from './fixtures/s3-server.js';
 
 let root: string;
@@ -120,6 +122,31 @@ describe('WebDataset', () => {
     expect(() => webDatasetSource(shards, { decode: 'yes' as never })).toThrow(/'decode' must be a boolean/);
     const sink = new WebDatasetDatasink(fresh('dotted'));
     await expect(sink.write([rowsToBlock([{ __key__: 'a.b', txt: 'x' }])], { writeId: 'job', taskIndex: 0, attempt: 0 })).rejects.toThrow(/__key__ 'a.b' has a dot/);
+  });
+
+  it('decodes image fields into tensors when asked, naming an image that does not decode', async () => {
+    const fixtures = join(import.meta.dirname, '..', 'image', 'fixtures');
+    const jpeg = readFileSync(join(fixtures, 'baseline-420.jpg'));
+    const png = readFileSync(join(fixtures, 'rgba.png'));
+    const shards = fresh('images');
+    writeFileSync(join(shards, 'a.tar'), Buffer.concat([
+      ...tarEntry('s/1.jpg', jpeg), ...tarEntry('s/1.cls', Buffer.from('3')),
+      ...tarEntry('s/2.png', png), ...tarEntry('s/2.cls', Buffer.from('5')),
+      TAR_END,
+    ]));
+    const sized = await readAll(webDatasetSource(shards, { images: { size: [8, 10] } }));
+    expect(sized.map((row) => [row.__key__, (row.jpg as Tensor | null)?.shape ?? null, (row.png as Tensor | null)?.shape ?? null, row.cls])).toEqual([
+      ['s/1', [8, 10, 3], null, 3],
+      ['s/2', null, [8, 10, 3], 5],
+    ]);
+    expect(((sized[0].jpg as Tensor).data as Uint8Array)).toEqual(decodeImage(jpeg, { size: [8, 10] }).data);
+    const own = await readAll(webDatasetSource(shards, { images: true }));
+    expect((own[1].png as Tensor).shape).toEqual([47, 61, 3]);
+    expect((await readAll(webDatasetSource(shards)))[0].jpg).toBeInstanceOf(Uint8Array);
+    writeFileSync(join(shards, 'b.tar'), Buffer.concat([...tarEntry('t/1.jpg', jpeg.subarray(0, 200)), TAR_END]));
+    await expect(readAll(webDatasetSource(join(shards, 'b.tar'), { images: true }))).rejects.toThrow(/b\.tar', t\/1\.jpg: JPEG/);
+    expect(() => webDatasetSource(shards, { images: true, decode: false })).toThrow(/contradict/);
+    expect(() => webDatasetSource(shards, { images: { mode: 'P' as never } })).toThrow(/mode must be one of/);
   });
 
   it('reads and writes shards on s3://, each shard one GET', async () => {

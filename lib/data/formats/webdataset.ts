@@ -7,7 +7,8 @@
  * GET on object storage), `.tar.gz` decompressed on the way.
  */
 import { remote } from '../../core/registry.js';
-import { InvalidArgumentError } from '../../errors.js';
+import { ImageError, InvalidArgumentError } from '../../errors.js';
+import { checkImageMode, checkImageSize, decodeImage, type DecodeImageOptions, type ImageMode } from '../../image/decode.js';
 import { blockToRows, rowsToBlock, type Block, type Row } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import { checkFileSystem, type FileSystem, type WritableFile } from '../filesystem/file-system.js';
@@ -32,6 +33,13 @@ export interface WebDatasetReadOptions extends PartitionReadOptions, FileSystemO
    * step to decode. false: every field as bytes.
    */
   decode?: boolean;
+  /**
+   * Decode image fields (jpg, jpeg, png) too, into u8 tensors [height, width, channels] in tensor
+   * columns (Ray's default decoder decodes them as well): true for RGB at their own sizes, or
+   * `{ mode, size }` as readImages takes them (with `size` a batch of a field is one Tensor
+   * [N, H, W, C]). Default false: images stay bytes.
+   */
+  images?: boolean | { mode?: ImageMode; size?: readonly [height: number, width: number]; maxPixels?: number };
   /** Which files of a directory are shards (default .tar, .tar.gz, .tgz). */
   extensions?: string[];
   /** Samples per block; by default a block holds about `blockBytes`. */
@@ -42,6 +50,7 @@ export interface WebDatasetReadOptions extends PartitionReadOptions, FileSystemO
 
 interface WebDatasetTaskOptions {
   decode: boolean;
+  images?: DecodeImageOptions;
   blockBytes: number;
   rowsPerBlock?: number;
   filesystem?: FileSystem;
@@ -60,8 +69,18 @@ function splitName(name: string): { key: string; field: string } | undefined {
   return { key: name.slice(0, dot), field: name.slice(dot + 1).toLowerCase() };
 }
 
-function decodeField(field: string, bytes: Uint8Array, where: string): unknown {
+const IMAGE_FIELDS = new Set(['jpg', 'jpeg', 'png']);
+
+function decodeField(field: string, bytes: Uint8Array, where: string, images: DecodeImageOptions | undefined): unknown {
   const last = field.slice(field.lastIndexOf('.') + 1);
+  if (images && IMAGE_FIELDS.has(last)) {
+    try {
+      return decodeImage(bytes, images);
+    } catch (error) {
+      if (error instanceof ImageError) throw new ImageError(error.code, error.message, { source: where, cause: error });
+      throw error;
+    }
+  }
   if (last === 'json') {
     try {
       return JSON.parse(Buffer.from(bytes).toString('utf8'));
@@ -101,7 +120,7 @@ export const readWebDatasetShards = remote(import.meta, async function* readWebD
         sample = { __key__: parts.key, __url__: shard.path };
       }
       if (parts.field in sample) throw parseError(`WebDataset shard '${shard.path}': sample '${parts.key}' has two '${parts.field}' files`);
-      sample[parts.field] = options.decode ? decodeField(parts.field, entry.bytes, `WebDataset shard '${shard.path}', ${entry.name}`) : entry.bytes;
+      sample[parts.field] = options.decode ? decodeField(parts.field, entry.bytes, `WebDataset shard '${shard.path}', ${entry.name}`, options.images) : entry.bytes;
       bytes += entry.bytes.byteLength;
     }
     finish();
@@ -118,8 +137,11 @@ export class WebDatasetDatasource extends Datasource {
     if (options.decode !== undefined && typeof options.decode !== 'boolean') throw new InvalidArgumentError(`WebDataset option 'decode' must be a boolean, got ${JSON.stringify(options.decode)}`);
     const filesystem = taskFileSystem(paths, checkFileSystem(options.filesystem, 'WebDataset'));
     const rowsPerBlock = checkPositiveInteger(options.rowsPerBlock, 'rowsPerBlock');
+    const images = imageDecoding(options.images);
+    if (images && options.decode === false) throw new InvalidArgumentError(`WebDataset options 'images' and 'decode: false' contradict each other`);
     this.taskOptions = {
       decode: options.decode !== false,
+      ...(images ? { images } : {}),
       blockBytes: checkPositiveInteger(options.blockBytes, 'blockBytes') ?? DEFAULT_BLOCK_BYTES,
       ...(rowsPerBlock ? { rowsPerBlock } : {}),
       ...(filesystem ? { filesystem } : {}),
@@ -223,3 +245,17 @@ export class WebDatasetDatasink extends FileDatasink<{ rowsPerFile?: number; fil
   }
 }
 remote(import.meta, WebDatasetDatasink);
+
+function imageDecoding(value: WebDatasetReadOptions['images']): DecodeImageOptions | undefined {
+  if (value === undefined || value === false) return undefined;
+  if (value === true) return { mode: 'RGB' };
+  if (typeof value !== 'object' || value === null) {
+    throw new InvalidArgumentError(`WebDataset option 'images' must be a boolean or { mode, size }, got ${JSON.stringify(value)}`);
+  }
+  const mode = checkImageMode(value.mode ?? 'RGB', 'readWebDataset');
+  const size = value.size === undefined ? undefined : checkImageSize(value.size, 'readWebDataset');
+  if (value.maxPixels !== undefined && (!Number.isSafeInteger(value.maxPixels) || value.maxPixels < 0)) {
+    throw new InvalidArgumentError(`WebDataset option 'images.maxPixels' must be a non-negative integer, got ${String(value.maxPixels)}`);
+  }
+  return { mode, ...(size ? { size } : {}), ...(value.maxPixels !== undefined ? { maxPixels: value.maxPixels } : {}) };
+}
