@@ -122,6 +122,8 @@ export { tensorColumnInfo, FIXED_SHAPE_TENSOR, VARIABLE_SHAPE_TENSOR } from './d
 export type { TensorColumnInfo } from './data/tensor-column.js';
 export { decodeImage, resizeImage, imageInfo, imageFormat, DEFAULT_MAX_IMAGE_PIXELS } from './image/decode.js';
 export type { ImageMode, ImageFormat, ImageInfo, DecodeImageOptions } from './image/decode.js';
+export { normalizeImages, IMAGENET_MEAN, IMAGENET_STD } from './image/normalize.js';
+export type { NormalizeImagesOptions } from './image/normalize.js';
 export { rowsToBlock, blockToRows } from './data/block.js';
 export type { JobProgress, OperatorProgress, ProgressReporter } from './data/progress-types.js';
 export { DataError, DataStallError } from './errors.js';

@@ -11,6 +11,8 @@ import { describe, expect, it } from 'vitest';
 import { ImageError, InvalidArgumentError } from '../../lib/errors.js';
 import { Tensor } from '../../lib/gpu/tensor.js';
 import { decodeImage, imageFormat, imageInfo, resizeImage } from '../../lib/image/decode.js';
+import { IMAGENET_MEAN, IMAGENET_STD, normalizeImages } from '../../lib/image/normalize.js';
+import { f16ToFloat } from '../../lib/gpu/dtype.js';
 
 const fixtures = join(import.meta.dirname, 'fixtures');
 const read = (name: string) => new Uint8Array(readFileSync(join(fixtures, name)));
@@ -168,5 +170,35 @@ describe('decodeImage', () => {
         }
       }
     }
+  });
+});
+
+describe('normalizeImages', () => {
+  // Two 1x2 RGB images: pixel values chosen so each position is recognizable.
+  const pixels = Uint8Array.from([0, 51, 102, 153, 204, 255, 255, 0, 0, 0, 255, 0]);
+  const batch = Tensor.wrap(pixels, 'u8', [2, 1, 2, 3]);
+
+  it('scales, centres and spreads each channel, laid out NCHW or NHWC', () => {
+    const plain = normalizeImages(batch);
+    expect(plain.shape).toEqual([2, 3, 1, 2]);
+    // Image 0, channel 0 holds its two pixels' red values; channel 1 their green ones.
+    expect(Array.from(plain.data as Float32Array).map((value) => Math.round(value * 255))).toEqual([0, 153, 51, 204, 102, 255, 255, 0, 0, 255, 0, 0]);
+    const imagenet = normalizeImages(batch, { mean: IMAGENET_MEAN, std: IMAGENET_STD, layout: 'NHWC' });
+    expect(imagenet.shape).toEqual([2, 1, 2, 3]);
+    const values = imagenet.data as Float32Array;
+    pixels.forEach((value, index) => expect(values[index]).toBeCloseTo((value / 255 - IMAGENET_MEAN[index % 3]) / IMAGENET_STD[index % 3], 5));
+    const half = normalizeImages(batch, { mean: 0.5, std: 0.5, dtype: 'f16' });
+    expect(half.dtype).toBe('f16');
+    expect(f16ToFloat((half.data as Uint16Array)[0])).toBe(-1);
+    expect(f16ToFloat((half.data as Uint16Array)[5])).toBe(1);
+    // One image [H, W, C] gives [C, H, W].
+    expect(normalizeImages(Tensor.wrap(pixels.subarray(0, 6), 'u8', [1, 2, 3])).shape).toEqual([3, 1, 2]);
+  });
+
+  it('refuses what it cannot normalize by name', () => {
+    expect(() => normalizeImages(Tensor.wrap(new Float32Array(6), 'f32', [1, 2, 3]))).toThrow(/takes a u8 tensor/);
+    expect(() => normalizeImages(batch, { mean: [0.5, 0.5] })).toThrow(/mean must be a number or 3 numbers/);
+    expect(() => normalizeImages(batch, { std: 0 })).toThrow(/std must not be 0/);
+    expect(() => normalizeImages(batch, { layout: 'CHW' as never })).toThrow(/layout must be 'NCHW' or 'NHWC'/);
   });
 });
