@@ -29,6 +29,8 @@
         "native/cuda/cublas.cc",
         "native/image/jpeg_decoder.cc",
         "native/image/png_decoder.cc",
+        "native/image/jpeg_encoder.cc",
+        "native/image/png_encoder.cc",
         "native/image/resize.cc",
         "native/image/image_binding.cc"
       ],

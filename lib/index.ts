@@ -100,12 +100,12 @@ export type { AggregateFn, AggregateOptions, AggregationKind } from './data/aggr
 export { range, RangeDatasource, readJsonl, readCsv, readArrow, readParquet, readText, readBinaryFiles, readImages, readWebDataset } from './data/sources.js';
 export {
   JsonlDatasource, CsvDatasource, ArrowDatasource, ParquetDatasource, TextDatasource, BinaryDatasource, JsonlDatasink, CsvDatasink, ArrowDatasink, ParquetDatasink,
-  WebDatasetDatasource, WebDatasetDatasink, ImageDatasource,
+  WebDatasetDatasource, WebDatasetDatasink, ImageDatasource, ImageDatasink,
 } from './data/formats/index.js';
 export type {
   Paths, JsonlReadOptions, JsonlWriteOptions, CsvReadOptions, ArrowReadOptions, ParquetReadOptions, TextReadOptions, BinaryReadOptions, Compression, CompressionOption,
   PartitionReadOptions, PartitionValues,
-  CsvWriteOptions, ArrowWriteOptions, ParquetWriteOptions, WrittenFile, WebDatasetReadOptions, WebDatasetWriteOptions, ImageReadOptions,
+  CsvWriteOptions, ArrowWriteOptions, ParquetWriteOptions, WrittenFile, WebDatasetReadOptions, WebDatasetWriteOptions, ImageReadOptions, ImageWriteOptions, WrittenImages,
 } from './data/formats/index.js';
 export { Datasource, Datasink, ReadTask } from './data/datasource.js';
 export { LocalFileSystem } from './data/filesystem/file-system.js';
@@ -123,6 +123,8 @@ export type { TensorColumnInfo } from './data/tensor-column.js';
 export { decodeImage, resizeImage, imageInfo, imageFormat, DEFAULT_MAX_IMAGE_PIXELS } from './image/decode.js';
 export type { ImageMode, ImageFormat, ImageInfo, DecodeImageOptions } from './image/decode.js';
 export { normalizeImages, IMAGENET_MEAN, IMAGENET_STD } from './image/normalize.js';
+export { encodeImage } from './image/encode.js';
+export type { EncodeImageOptions, EncodedImageFormat } from './image/encode.js';
 export type { NormalizeImagesOptions } from './image/normalize.js';
 export { rowsToBlock, blockToRows } from './data/block.js';
 export type { JobProgress, OperatorProgress, ProgressReporter } from './data/progress-types.js';

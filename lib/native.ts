@@ -415,6 +415,10 @@ export interface NativeImage {
   pngDataSize(header: NativePngHeader): number;
   reconstructPng(inflated: Uint8Array, header: NativePngHeader, palette: Uint8Array | null, transparency: Uint8Array | null, channels: number): NativeDecodedImage;
   resize(pixels: Uint8Array, height: number, width: number, channels: number, outHeight: number, outWidth: number): Uint8Array;
+  /** A baseline JFIF file; channels 1, 3 or 4 (alpha dropped); quality 1-100; 4:2:0 chroma when subsample. */
+  encodeJpeg(pixels: Uint8Array, height: number, width: number, channels: number, quality: number, subsample: boolean): Uint8Array;
+  /** PNG image data before deflating: each row prefixed with its filter type. */
+  filterPng(pixels: Uint8Array, height: number, width: number, channels: number): Uint8Array;
 }
 
 export interface NativeAddon {

@@ -32,6 +32,7 @@ import {
   FileDatasink, arrowSink, checkWriteMode, csvSink, jsonlSink, parquetSink, webDatasetSink, type WriteMode, type ArrowWriteOptions, type CsvWriteOptions, type JsonlWriteOptions, type ParquetWriteOptions,
   type WebDatasetWriteOptions, type WrittenFile,
 } from './formats/index.js';
+import { ImageDatasink, type ImageWriteOptions, type WrittenImages } from './formats/images.js';
 
 /** Options of a write (besides how it runs). */
 export interface WriteOptions {
@@ -755,6 +756,24 @@ export class Dataset {
    */
   writeWebDataset(directory: string, options: ExecutionOptions & WebDatasetWriteOptions & WriteOptions = {}): Promise<WrittenFile[]> {
     return this.write(webDatasetSink(directory, sinkOptions(options)), options);
+  }
+
+  /**
+   * Writes each row's image (a tensor column, default 'image') as a PNG or JPEG file of its own
+   * in `directory` (Ray's write_images); `filenameColumn` names the files after a column so that
+   * a rerun rewrites the same files. Returns each write task's files.
+   */
+  writeImages(directory: string, options: ExecutionOptions & ImageWriteOptions = {}): Promise<WrittenImages[]> {
+    const { column, format, quality, chroma, filenameColumn, filesystem, ...execution } = options;
+    const sink = new ImageDatasink(directory, {
+      ...(column !== undefined ? { column } : {}),
+      ...(format !== undefined ? { format } : {}),
+      ...(quality !== undefined ? { quality } : {}),
+      ...(chroma !== undefined ? { chroma } : {}),
+      ...(filenameColumn !== undefined ? { filenameColumn } : {}),
+      ...(filesystem !== undefined ? { filesystem } : {}),
+    });
+    return this.write(sink, execution);
   }
 
   /** Writes Arrow IPC files into `directory`, one per write task. */

@@ -8,6 +8,8 @@
 
 #include "common/js_error.h"
 #include "image/jpeg_decoder.h"
+#include "image/jpeg_encoder.h"
+#include "image/png_encoder.h"
 #include "image/png_decoder.h"
 #include "image/resize.h"
 
@@ -151,6 +153,41 @@ Napi::Value ResizeFunction(const Napi::CallbackInfo& info) {
   });
 }
 
+// pixels, height, width, channels: checked together (the encoders read height x width x channels).
+struct PixelsArgument {
+  Bytes pixels;
+  uint32_t height;
+  uint32_t width;
+  uint32_t channels;
+};
+
+PixelsArgument PixelsArguments(const Napi::CallbackInfo& info) {
+  PixelsArgument argument{BytesArgument(info[0], "pixels"), DimensionArgument(info[1], "height", 1, 1 << 20), DimensionArgument(info[2], "width", 1, 1 << 20),
+                          DimensionArgument(info[3], "channels", 1, 4)};
+  if (static_cast<double>(argument.height) * argument.width * argument.channels != static_cast<double>(argument.pixels.size)) {
+    throw InvalidArgument("pixels holds " + std::to_string(argument.pixels.size) + " bytes, not height x width x channels");
+  }
+  return argument;
+}
+
+Napi::Value EncodeJpegFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    PixelsArgument image = PixelsArguments(info);
+    if (image.channels == 2) throw InvalidArgument("JPEG encoding takes 1, 3 or 4 channels");
+    JpegEncodeOptions options;
+    options.quality = DimensionArgument(info[4], "quality", 1, 100);
+    options.subsample_chroma = info[5].ToBoolean().Value();
+    return ToArray(info.Env(), EncodeJpeg(image.pixels.data, image.height, image.width, image.channels, options));
+  });
+}
+
+Napi::Value FilterPngFunction(const Napi::CallbackInfo& info) {
+  return Guarded(info.Env(), [&]() -> Napi::Value {
+    PixelsArgument image = PixelsArguments(info);
+    return ToArray(info.Env(), FilterPngRows(image.pixels.data, image.height, image.width, image.channels));
+  });
+}
+
 }  // namespace
 
 void RegisterImageBinding(Napi::Env env, Napi::Object exports) {
@@ -160,6 +197,8 @@ void RegisterImageBinding(Napi::Env env, Napi::Object exports) {
   image.Set("pngDataSize", Napi::Function::New(env, PngDataSizeFunction, "pngDataSize"));
   image.Set("reconstructPng", Napi::Function::New(env, ReconstructPngFunction, "reconstructPng"));
   image.Set("resize", Napi::Function::New(env, ResizeFunction, "resize"));
+  image.Set("encodeJpeg", Napi::Function::New(env, EncodeJpegFunction, "encodeJpeg"));
+  image.Set("filterPng", Napi::Function::New(env, FilterPngFunction, "filterPng"));
   exports.Set("image", image);
 }
 

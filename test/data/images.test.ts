@@ -11,7 +11,7 @@ import { Float32, tableFromIPC, tableToIPC } from 'apache-arrow';
 import { describe, expect, it } from 'vitest';
 import { blockToColumns, blockToRows, columnsToBlock, concatBlocks, rowsToBlock } from '../../lib/data/block.js';
 import { tensorColumnInfo } from '../../lib/data/tensor-column.js';
-import { DataError, Tensor, decodeImage, fromItems, range, readImages, readParquet, type Row } from '../../lib/index.js';
+import { DataError, Tensor, decodeImage, fromItems, range, readImages, readParquet, readWebDataset, type Row } from '../../lib/index.js';
 import { describeImages, embedImages, pairOfId, squareOfId } from './fixtures/image-udfs.js';
 import { useDataCluster } from './helpers.js';
 
@@ -181,6 +181,40 @@ describe('readImages', () => {
       { id: 2, square: [[2, 2, 2], [2, 2, 2], [2, 2, 2]] },
     ]);
     expect(text(csv)).toBe('id,square\n0,[[0]]\n1,"[[1,1],[1,1]]"\n2,"[[2,2,2],[2,2,2],[2,2,2]]"\n');
+  });
+
+  it('writes each image as a file, named after a column so that a rerun rewrites the same files', async () => {
+    const dir = imageDirectory();
+    const out = cluster.scratchDir.path('written');
+    const source = readImages(dir, { size: [12, 16], rowIds: 'key', parallelism: 3 });
+    const written = await source.writeImages(out, { filenameColumn: 'key' });
+    expect(written.reduce((sum, task) => sum + task.files.length, 0)).toBe(imageNames.length);
+    await source.writeImages(out, { filenameColumn: 'key' });
+    const files = readdirSync(out).sort();
+    expect(files).toHaveLength(imageNames.length); // the same names again, no temporaries left
+    expect(files.every((name) => name.endsWith('.png'))).toBe(true);
+    // PNG is lossless: what is read back is what was written.
+    const expected = (await source.takeAll()).map((row) => sumOf(row.image as Tensor)).sort((a, b) => a - b);
+    const back = (await readImages(out).takeAll()).map((row) => sumOf(row.image as Tensor)).sort((a, b) => a - b);
+    expect(back).toEqual(expected);
+    const jpegs = cluster.scratchDir.path('jpegs');
+    await readImages(dir, { size: [12, 16] }).writeImages(jpegs, { format: 'jpeg', quality: 80 });
+    expect(readdirSync(jpegs).filter((name) => name.endsWith('.jpg'))).toHaveLength(imageNames.length);
+    expect((await readImages(jpegs).take(1))[0].image).toBeInstanceOf(Tensor);
+    await expect(range(3).writeImages(cluster.scratchDir.path('none'))).rejects.toThrow(/column 'image' is missing/);
+    expect(() => range(3).writeImages(out, { format: 'tiff' as never })).toThrow(/format must be 'png' or 'jpeg'/);
+  });
+
+  it('writes image tensors into WebDataset shards by the column\'s extension, and reads them back', async () => {
+    const dir = imageDirectory();
+    const shards = cluster.scratchDir.path('shards');
+    await readImages(dir, { size: [10, 10], includePaths: true })
+      .renameColumns({ image: 'png' })
+      .dropColumns(['path'])
+      .writeWebDataset(shards);
+    const rows = await readImages(dir, { size: [10, 10] }).takeAll();
+    const back = await readWebDataset(shards, { images: true }).takeAll();
+    expect(back.map((row) => sumOf(row.png as Tensor)).sort((a, b) => a - b)).toEqual(rows.map((row) => sumOf(row.image as Tensor)).sort((a, b) => a - b));
   });
 
   it('refuses bad options by name', () => {

@@ -8,12 +8,13 @@
 import { Field, Schema, Table, type Vector } from 'apache-arrow';
 import { ImageError, InvalidArgumentError } from '../../errors.js';
 import { remote } from '../../core/registry.js';
-import type { Tensor } from '../../gpu/tensor.js';
+import { Tensor } from '../../gpu/tensor.js';
 import { checkImageMode, checkImageSize, decodeImage, type ImageMode } from '../../image/decode.js';
-import type { Block } from '../block.js';
-import { Datasource, ReadTask } from '../datasource.js';
-import { fixedTensorField, tensorCellsToColumn, variableTensorField } from '../tensor-column.js';
-import { checkFileSystem, type FileSystem } from '../filesystem/file-system.js';
+import { encodeImage, type EncodedImageFormat } from '../../image/encode.js';
+import { blockToColumns, type Block } from '../block.js';
+import { Datasink, Datasource, ReadTask, type WriteContext } from '../datasource.js';
+import { columnTensorCells, fixedTensorField, tensorCellsToColumn, tensorColumnInfo, variableTensorField } from '../tensor-column.js';
+import { checkFileSystem, fileSystemFor, urlScheme, type FileSystem } from '../filesystem/file-system.js';
 import { wholeFiles } from './binary.js';
 import { FileListing, checkExtensions, checkPositiveInteger, checkRowIds, fileKey, groupByWeight, listedFiles, taskFileSystem, utf8Column, type FileEntry, type FileSystemOptions } from './files.js';
 import { partitionedReadTasks, selectPartitions, type PartitionReadOptions, type PartitionValues } from './partitioning.js';
@@ -185,3 +186,118 @@ export class ImageDatasource extends Datasource {
     return files ? this.#decodedBytes(files) : undefined;
   }
 }
+
+export interface ImageWriteOptions extends FileSystemOptions {
+  /** The tensor column holding the images (default 'image'). */
+  column?: string;
+  /** 'png' (default) or 'jpeg'. */
+  format?: EncodedImageFormat;
+  /** JPEG quality, 1-100 (default 90). */
+  quality?: number;
+  /** JPEG chroma: '4:2:0' (default) or '4:4:4'. */
+  chroma?: '4:2:0' | '4:4:4';
+  /**
+   * A column naming each file (its value, made safe for a file name, then the extension); the
+   * same row always lands in the same file, so a job run again rewrites instead of adding. By
+   * default files are named `<write>-<task>-<row>`.
+   */
+  filenameColumn?: string;
+}
+
+interface ImageSinkOptions {
+  column: string;
+  format: EncodedImageFormat;
+  quality?: number;
+  chroma?: '4:2:0' | '4:4:4';
+  filenameColumn?: string;
+  filesystem?: FileSystem;
+}
+
+/** What a write task reports: the files it wrote. */
+export interface WrittenImages {
+  files: string[];
+  rows: number;
+}
+
+const unsafeFileCharacters = /[^A-Za-z0-9._=-]+/g;
+
+/**
+ * Writes each row's image as a file of its own (Ray's write_images), encoded in the write task:
+ * PNG or JPEG. A row whose image is null is skipped (counted in `rows`, not in `files`). Files
+ * appear whole: a local one is written under a hidden name and renamed, an object on s3:// is one
+ * PUT.
+ */
+export class ImageDatasink extends Datasink<WrittenImages> {
+  readonly directory: string;
+  readonly options: ImageSinkOptions;
+
+  constructor(directory: string, options: ImageWriteOptions = {}) {
+    super();
+    if (typeof directory !== 'string' || directory === '') throw new InvalidArgumentError('writeImages takes a directory or s3:// prefix', 'ERR_INVALID_ARGUMENT');
+    const format = options.format ?? 'png';
+    if (format !== 'png' && format !== 'jpeg') throw new InvalidArgumentError(`writeImages: format must be 'png' or 'jpeg', got ${JSON.stringify(format)}`, 'ERR_INVALID_ARGUMENT');
+    const filesystem = taskFileSystem([directory], checkFileSystem(options.filesystem, 'images'));
+    this.directory = directory.replace(/\/+$/, '');
+    this.options = {
+      column: options.column ?? 'image',
+      format,
+      ...(options.quality !== undefined ? { quality: options.quality } : {}),
+      ...(options.chroma !== undefined ? { chroma: options.chroma } : {}),
+      ...(options.filenameColumn !== undefined ? { filenameColumn: options.filenameColumn } : {}),
+      ...(filesystem ? { filesystem } : {}),
+    };
+    // Encoding options are checked here, on the driver, not first in a worker.
+    encodeImage(Tensor.wrap(new Uint8Array(3), 'u8', [1, 1, 3]), { format, quality: options.quality, chroma: options.chroma });
+  }
+
+  override get name(): string {
+    return 'Images';
+  }
+
+  override async onWriteStart(): Promise<void> {
+    await fileSystemFor(this.directory, this.options.filesystem).makeDirectory(this.directory);
+  }
+
+  async write(blocks: Block[], context: WriteContext): Promise<WrittenImages> {
+    const { column, format, filenameColumn } = this.options;
+    const filesystem = fileSystemFor(this.directory, this.options.filesystem);
+    const extension = format === 'png' ? '.png' : '.jpg';
+    const files: string[] = [];
+    let rows = 0;
+    for (const block of blocks) {
+      const field = block.schema.fields.find((candidate) => candidate.name === column);
+      const info = field && tensorColumnInfo(field);
+      if (!info) {
+        throw new InvalidArgumentError(
+          `writeImages: column '${column}' is ${field ? `not a tensor column (${field.type})` : `missing (columns: ${block.schema.fields.map((candidate) => candidate.name).join(', ')})`}`,
+          'ERR_DATA_COLUMN',
+        );
+      }
+      const images = columnTensorCells(block.getChild(column)!, info);
+      const names = filenameColumn ? blockToColumns(block.select([filenameColumn]))[filenameColumn] : undefined;
+      if (filenameColumn && !names) throw new InvalidArgumentError(`writeImages: filenameColumn '${filenameColumn}' is missing`, 'ERR_DATA_COLUMN');
+      for (const [index, image] of images.entries()) {
+        const row = rows++;
+        if (!image) continue;
+        const given = names ? (names as ArrayLike<unknown>)[index] : undefined;
+        const stem = given === null || given === undefined ? `${context.writeId}-${context.taskIndex}-${row}` : String(given).replace(unsafeFileCharacters, '_');
+        const path = `${this.directory}/${stem}${extension}`;
+        const bytes = encodeImage(image, { format, quality: this.options.quality, chroma: this.options.chroma });
+        const remote = urlScheme(path) !== undefined;
+        const temporary = remote ? path : `${this.directory}/.${stem}${extension}.${context.attempt}.tmp`;
+        const file = await filesystem.create(temporary);
+        try {
+          await file.write(bytes);
+          await file.close();
+        } catch (error) {
+          await file.abort().catch(() => undefined);
+          throw error;
+        }
+        if (temporary !== path) await filesystem.rename(temporary, path);
+        files.push(path);
+      }
+    }
+    return { files, rows };
+  }
+}
+remote(import.meta, ImageDatasink);

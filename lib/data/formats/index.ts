@@ -20,7 +20,7 @@ export {
 } from './parquet.js';
 export { TextDatasource, readTextFiles, type TextReadOptions } from './text.js';
 export { BinaryDatasource, readBinaryFiles, type BinaryReadOptions } from './binary.js';
-export { ImageDatasource, IMAGE_EXTENSIONS, readImageFiles, type ImageReadOptions } from './images.js';
+export { ImageDatasink, ImageDatasource, IMAGE_EXTENSIONS, readImageFiles, type ImageReadOptions, type ImageWriteOptions, type WrittenImages } from './images.js';
 export { WebDatasetDatasink, WebDatasetDatasource, WEBDATASET_EXTENSIONS, readWebDatasetShards, type WebDatasetReadOptions, type WebDatasetWriteOptions } from './webdataset.js';
 export { type Compression, type CompressionOption } from './compression.js';
 export { type PartitionReadOptions, type PartitionValues } from './partitioning.js';

@@ -8,7 +8,9 @@
  */
 import { remote } from '../../core/registry.js';
 import { ImageError, InvalidArgumentError } from '../../errors.js';
+import { Tensor } from '../../gpu/tensor.js';
 import { checkImageMode, checkImageSize, decodeImage, type DecodeImageOptions, type ImageMode } from '../../image/decode.js';
+import { encodeImage } from '../../image/encode.js';
 import { blockToRows, rowsToBlock, type Block, type Row } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
 import { checkFileSystem, type FileSystem, type WritableFile } from '../filesystem/file-system.js';
@@ -188,9 +190,18 @@ export interface WebDatasetWriteOptions extends FileSystemOptions {
   rowsPerFile?: number;
 }
 
-/** A value as a file's bytes: bytes as they are, text as UTF-8, numbers and booleans as text, the rest as JSON. */
-function fieldBytes(value: unknown): Uint8Array {
+/**
+ * A value as a file's bytes: bytes as they are, text as UTF-8, numbers and booleans as text, an
+ * image tensor encoded by its extension (png, jpg, jpeg), the rest as JSON.
+ */
+function fieldBytes(value: unknown, field: string): Uint8Array {
   if (value instanceof Uint8Array) return value;
+  if (value instanceof Tensor) {
+    const last = field.slice(field.lastIndexOf('.') + 1);
+    if (last === 'png') return encodeImage(value, { format: 'png' });
+    if (last === 'jpg' || last === 'jpeg') return encodeImage(value, { format: 'jpeg' });
+    throw new InvalidArgumentError(`WebDataset sink: column '${field}' holds tensors; name it .png, .jpg or .jpeg to write them as images`, 'ERR_DATA_TYPE');
+  }
   if (typeof value === 'string') return Buffer.from(value, 'utf8');
   if (typeof value === 'number' || typeof value === 'bigint' || typeof value === 'boolean') return Buffer.from(String(value));
   return Buffer.from(JSON.stringify(value, (_key, inner: unknown) => (typeof inner === 'bigint' ? inner.toString() : inner)));
@@ -229,7 +240,7 @@ export class WebDatasetDatasink extends FileDatasink<{ rowsPerFile?: number; fil
         if (key.includes('.')) throw new InvalidArgumentError(`WebDataset sink: __key__ '${key}' has a dot; a sample's key ends at its name's first dot`, 'ERR_DATA_TYPE');
         for (const [column, value] of Object.entries(row)) {
           if (column === '__key__' || column === '__url__' || value === null || value === undefined) continue;
-          for (const piece of tarEntry(`${key}.${column}`, fieldBytes(value))) {
+          for (const piece of tarEntry(`${key}.${column}`, fieldBytes(value, column))) {
             pending.push(piece);
             pendingBytes += piece.length;
           }
