@@ -409,8 +409,11 @@ export interface NativePngHeader {
  */
 export interface NativeImage {
   probeJpeg(bytes: Uint8Array): { width: number; height: number; channels: number };
-  /** maxPixels 0: no limit. With outHeight and outWidth, the pixels come resized to them (bilinear). */
-  decodeJpeg(bytes: Uint8Array, channels: number, maxPixels: number, outHeight?: number, outWidth?: number): NativeDecodedImage;
+  /**
+   * maxPixels 0: no limit. With outHeight and outWidth, the pixels come resized to them (bilinear);
+   * with draft too, decoded first at 1/2, 1/4 or 1/8 scale where that stays at least that size.
+   */
+  decodeJpeg(bytes: Uint8Array, channels: number, maxPixels: number, outHeight?: number, outWidth?: number, draft?: boolean): NativeDecodedImage;
   /** The bytes the inflated image data holds for this header, filter bytes included. */
   pngDataSize(header: NativePngHeader): number;
   reconstructPng(inflated: Uint8Array, header: NativePngHeader, palette: Uint8Array | null, transparency: Uint8Array | null, channels: number): NativeDecodedImage;

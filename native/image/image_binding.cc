@@ -92,11 +92,16 @@ Napi::Value DecodeJpegFunction(const Napi::CallbackInfo& info) {
       // the small result is a new ArrayBuffer.
       uint32_t out_height = DimensionArgument(info[3], "outHeight", 1, 1 << 20);
       uint32_t out_width = DimensionArgument(info[4], "outWidth", 1, 1 << 20);
+      // Draft: decode reduced in the DCT domain to no smaller than the target, then resize.
+      bool draft = info.Length() > 5 && info[5].ToBoolean().Value();
       thread_local std::vector<uint8_t> decoded;
-      size = DecodeJpegInto(bytes.data, bytes.size, channels, max_pixels, [&](size_t length) {
-        decoded.resize(length);
-        return decoded.data();
-      });
+      size = DecodeJpegInto(
+          bytes.data, bytes.size, channels, max_pixels,
+          [&](size_t length) {
+            decoded.resize(length);
+            return decoded.data();
+          },
+          draft ? out_width : 0, draft ? out_height : 0);
       buffer = Napi::ArrayBuffer::New(info.Env(), static_cast<size_t>(out_height) * out_width * channels);
       ResizeBilinearInto(decoded.data(), size.height, size.width, channels, out_height, out_width, static_cast<uint8_t*>(buffer.Data()));
       if (decoded.capacity() > (64u << 20)) std::vector<uint8_t>().swap(decoded);

@@ -208,13 +208,24 @@ class JpegDecoder {
     return {width_, height_, static_cast<uint32_t>(components_.size())};
   }
 
-  ImageSize Decode(uint32_t channels, uint64_t max_pixels, const PixelAllocator& allocate) {
+  ImageSize Decode(uint32_t channels, uint64_t max_pixels, const PixelAllocator& allocate, uint32_t min_width, uint32_t min_height) {
     max_pixels_ = max_pixels;
     ReadMarkers(/*stop_at_frame=*/false);
     if (!frame_seen_) Corrupt("no frame header (SOF) before the end of the data");
     if (scans_ == 0) Corrupt("no scan (SOS) in the data");
-    Output(channels, allocate(static_cast<size_t>(width_) * height_ * channels));
-    return {width_, height_, channels};
+    // Reduced decoding: the largest of 1/2, 1/4, 1/8 that keeps the image at least the size asked.
+    for (uint32_t size : {1u, 2u, 4u}) {
+      uint32_t reduced_width = (width_ * size + 7) / 8;
+      uint32_t reduced_height = (height_ * size + 7) / 8;
+      if (min_width != 0 && reduced_width >= min_width && reduced_height >= min_height) {
+        block_size_ = size;
+        break;
+      }
+    }
+    out_width_ = (width_ * block_size_ + 7) / 8;
+    out_height_ = (height_ * block_size_ + 7) / 8;
+    Output(channels, allocate(static_cast<size_t>(out_width_) * out_height_ * channels));
+    return {out_width_, out_height_, channels};
   }
 
  private:
@@ -619,14 +630,28 @@ class JpegDecoder {
   }
 
   // Dequantizes and inverse-transforms every block of a component into a plane of samples.
+  // How many times the output's block size a subsampled component is decoded at when decoding
+  // reduced: its chroma then needs less upsampling, or none (libjpeg scales chroma up through the
+  // IDCT the same way). 1 at full size, where 8 samples a block is the most there is.
+  uint32_t ComponentMultiplier(const Component& component) const {
+    uint32_t factor_x = max_h_ / component.h;
+    uint32_t factor_y = max_v_ / component.v;
+    uint32_t multiplier = 1;
+    while (block_size_ * multiplier * 2 <= 8 && factor_x % (multiplier * 2) == 0 && factor_y % (multiplier * 2) == 0) multiplier *= 2;
+    return multiplier;
+  }
+
   Plane Samples(const Component& component) const {
-    const uint32_t plane_width = component.stored_wide * 8;
+    const uint32_t block = block_size_ * ComponentMultiplier(component);
+    const uint32_t plane_width = component.stored_wide * block;
     std::vector<uint8_t>& plane = scratch.samples[component.index];
-    plane.resize(static_cast<size_t>(plane_width) * component.stored_high * 8);
+    plane.resize(static_cast<size_t>(plane_width) * component.stored_high * block);
     // The blocks outside the image's own (padding of the last MCUs) are never shown.
     for (uint32_t row = 0; row < component.blocks_high; ++row) {
       for (uint32_t column = 0; column < component.blocks_wide; ++column) {
-        InverseTransform(component.Block(row, column), component.quant.data(), &plane[(static_cast<size_t>(row) * 8 * plane_width) + column * 8], plane_width);
+        uint8_t* target = &plane[(static_cast<size_t>(row) * block * plane_width) + column * block];
+        if (block == 8) InverseTransform(component.Block(row, column), component.quant.data(), target, plane_width);
+        else ReducedInverseTransform(component.Block(row, column), component.quant.data(), target, plane_width, block);
       }
     }
     return {plane.data(), plane_width};
@@ -701,29 +726,65 @@ class JpegDecoder {
     }
   }
 
+  // The inverse DCT to `size` (4, 2 or 1) samples a side from the block's lowest size x size
+  // frequencies: an orthonormal size-point transform of them, scaled by sqrt(size / 8) per axis so
+  // each sample is the mean of the 8 / size pixels it stands for (Pillow's draft mode, libjpeg's
+  // scaled decoding).
+  static void ReducedInverseTransform(const int16_t* block, const uint16_t* quant, uint8_t* out, uint32_t stride, uint32_t size) {
+    static const auto bases = [] {
+      std::array<std::array<float, 16>, 5> made{};  // made[size][n * size + u]
+      for (int points : {1, 2, 4}) {
+        for (int n = 0; n < points; ++n) {
+          for (int u = 0; u < points; ++u) {
+            double normal = u == 0 ? std::sqrt(1.0 / points) : std::sqrt(2.0 / points);
+            made[points][n * points + u] = static_cast<float>(normal * std::sqrt(points / 8.0) * std::cos((2 * n + 1) * u * M_PI / (2.0 * points)));
+          }
+        }
+      }
+      return made;
+    }();
+    const float* basis = bases[size].data();
+    float columns[16];
+    for (uint32_t y = 0; y < size; ++y) {
+      for (uint32_t u = 0; u < size; ++u) {
+        float sum = 0;
+        for (uint32_t v = 0; v < size; ++v) sum += basis[y * size + v] * static_cast<float>(block[v * 8 + u]) * quant[v * 8 + u];
+        columns[y * size + u] = sum;
+      }
+    }
+    for (uint32_t y = 0; y < size; ++y) {
+      for (uint32_t x = 0; x < size; ++x) {
+        float sum = 0;
+        for (uint32_t u = 0; u < size; ++u) sum += basis[x * size + u] * columns[y * size + u];
+        out[static_cast<size_t>(y) * stride + x] = static_cast<uint8_t>(std::clamp(static_cast<int>(sum + 128.5f), 0, 255));
+      }
+    }
+  }
+
   // A component's plane brought up to the image's full size. Halved chroma (4:2:0, 4:2:2, 4:4:0)
   // is interpolated with a triangle filter (3/4 of the sample an output lies in, 1/4 of its nearer
   // neighbour, per halved axis); other factors are replicated.
   Plane FullSize(const Component& component) const {
     const Plane samples = Samples(component);
-    uint32_t scale_x = max_h_ / component.h;
-    uint32_t scale_y = max_v_ / component.v;
+    const uint32_t multiplier = ComponentMultiplier(component);
+    uint32_t scale_x = max_h_ / component.h / multiplier;
+    uint32_t scale_y = max_v_ / component.v / multiplier;
     if (scale_x == 1 && scale_y == 1) return samples;
     const uint8_t* plane = samples.data;
     const size_t plane_width = samples.stride;
     std::vector<uint8_t>& out = scratch.full[component.index];
-    out.resize(static_cast<size_t>(width_) * height_);
-    const uint32_t source_width = (width_ + scale_x - 1) / scale_x;
-    const uint32_t source_height = (height_ + scale_y - 1) / scale_y;
+    out.resize(static_cast<size_t>(out_width_) * out_height_);
+    const uint32_t source_width = (out_width_ + scale_x - 1) / scale_x;
+    const uint32_t source_height = (out_height_ + scale_y - 1) / scale_y;
     const bool smooth = (scale_x == 1 || scale_x == 2) && (scale_y == 1 || scale_y == 2);
     auto row_of = [&](int64_t y) { return plane + static_cast<size_t>(std::clamp<int64_t>(y, 0, source_height - 1)) * plane_width; };
     std::vector<int> sums(source_width + 2);
-    for (uint32_t y = 0; y < height_; ++y) {
-      uint8_t* target = &out[static_cast<size_t>(y) * width_];
+    for (uint32_t y = 0; y < out_height_; ++y) {
+      uint8_t* target = &out[static_cast<size_t>(y) * out_width_];
       int64_t source_y = y / scale_y;
       const uint8_t* row = row_of(source_y);
       if (!smooth) {
-        for (uint32_t x = 0; x < width_; ++x) target[x] = row[x / scale_x];
+        for (uint32_t x = 0; x < out_width_; ++x) target[x] = row[x / scale_x];
         continue;
       }
       // Vertical blend in units of 1/4, edge samples repeated at both ends.
@@ -732,7 +793,7 @@ class JpegDecoder {
       sums[0] = sums[1];
       sums[source_width + 1] = sums[source_width];
       if (scale_x == 1) {
-        for (uint32_t x = 0; x < width_; ++x) target[x] = static_cast<uint8_t>((sums[x + 1] + 2) >> 2);
+        for (uint32_t x = 0; x < out_width_; ++x) target[x] = static_cast<uint8_t>((sums[x + 1] + 2) >> 2);
         continue;
       }
       // Rounding biases alternate between the two outputs of a sample so that errors do not pile up one way.
@@ -742,10 +803,10 @@ class JpegDecoder {
         int here = 3 * sums[x + 1];
         uint32_t left = 2 * x;
         target[left] = static_cast<uint8_t>((here + sums[x] + even_bias) >> 4);
-        if (left + 1 < width_) target[left + 1] = static_cast<uint8_t>((here + sums[x + 2] + odd_bias) >> 4);
+        if (left + 1 < out_width_) target[left + 1] = static_cast<uint8_t>((here + sums[x + 2] + odd_bias) >> 4);
       }
     }
-    return {out.data(), width_};
+    return {out.data(), out_width_};
   }
 
   // Writes the image as `channels` interleaved 8-bit channels (width x height x channels bytes).
@@ -772,14 +833,14 @@ class JpegDecoder {
     if (components_.size() == 1 || (components_.size() == 3 && transform && channels == 1)) {
       // Gray, or a YCbCr image asked for in gray: its luma plane as it is.
       const Plane gray = FullSize(components_[0]);
-      for (uint32_t y = 0; y < height_; ++y) {
+      for (uint32_t y = 0; y < out_height_; ++y) {
         const uint8_t* row = gray.data + y * gray.stride;
-        uint8_t* target = out + static_cast<size_t>(y) * width_ * channels;
+        uint8_t* target = out + static_cast<size_t>(y) * out_width_ * channels;
         if (channels == 1) {
-          std::memcpy(target, row, width_);
+          std::memcpy(target, row, out_width_);
           continue;
         }
-        for (uint32_t x = 0; x < width_; ++x) store(target + x * channels, row[x], row[x], row[x]);
+        for (uint32_t x = 0; x < out_width_; ++x) store(target + x * channels, row[x], row[x], row[x]);
       }
       return;
     }
@@ -798,15 +859,15 @@ class JpegDecoder {
       return made;
     }();
     const bool inked = components_.size() == 4;
-    for (uint32_t y = 0; y < height_; ++y) {
+    for (uint32_t y = 0; y < out_height_; ++y) {
       const uint8_t* first = planes[0].data + y * planes[0].stride;
       const uint8_t* second = planes[1].data + y * planes[1].stride;
       const uint8_t* third = planes[2].data + y * planes[2].stride;
       const uint8_t* black = inked ? planes[3].data + y * planes[3].stride : nullptr;
-      uint8_t* target = out + static_cast<size_t>(y) * width_ * channels;
+      uint8_t* target = out + static_cast<size_t>(y) * out_width_ * channels;
       if (transform && !inked && channels == 3) {
         // The common case on its own: YCbCr to RGB.
-        for (uint32_t x = 0; x < width_; ++x) {
+        for (uint32_t x = 0; x < out_width_; ++x) {
           int luma = first[x];
           int cb = second[x];
           int cr = third[x];
@@ -816,7 +877,7 @@ class JpegDecoder {
         }
         continue;
       }
-      for (uint32_t x = 0; x < width_; ++x) {
+      for (uint32_t x = 0; x < out_width_; ++x) {
         int r = first[x];
         int g = second[x];
         int b = third[x];
@@ -850,6 +911,10 @@ class JpegDecoder {
   uint8_t adobe_transform_ = 1;
   uint32_t width_ = 0;
   uint32_t height_ = 0;
+  // Samples per block side in the output: 8, or 4, 2, 1 when decoding reduced.
+  uint32_t block_size_ = 8;
+  uint32_t out_width_ = 0;
+  uint32_t out_height_ = 0;
   uint32_t max_h_ = 1;
   uint32_t max_v_ = 1;
   uint32_t mcus_wide_ = 0;
@@ -867,7 +932,8 @@ class JpegDecoder {
 
 ImageSize ProbeJpeg(const uint8_t* data, size_t size) { return JpegDecoder(data, size).Probe(); }
 
-ImageSize DecodeJpegInto(const uint8_t* data, size_t size, uint32_t channels, uint64_t max_pixels, const PixelAllocator& allocate) {
+ImageSize DecodeJpegInto(const uint8_t* data, size_t size, uint32_t channels, uint64_t max_pixels, const PixelAllocator& allocate, uint32_t min_width,
+                         uint32_t min_height) {
   if (channels != 1 && channels != 3 && channels != 4) throw NativeError("ERR_INVALID_ARGUMENT", "channels must be 1, 3 or 4");
   if (max_pixels == 0) max_pixels = UINT64_MAX;
   struct Release {
@@ -877,7 +943,7 @@ ImageSize DecodeJpegInto(const uint8_t* data, size_t size, uint32_t channels, ui
       for (auto& buffer : scratch.full) ReleaseIfLarge(buffer);
     }
   } release;
-  return JpegDecoder(data, size).Decode(channels, max_pixels, allocate);
+  return JpegDecoder(data, size).Decode(channels, max_pixels, allocate, min_width, min_height);
 }
 
 DecodedImage DecodeJpeg(const uint8_t* data, size_t size, uint32_t channels, uint64_t max_pixels) {

@@ -34,8 +34,11 @@ ImageSize ProbeJpeg(const uint8_t* data, size_t size);
 // fill (a JavaScript ArrayBuffer's, so pixels are written once, where they will stay).
 using PixelAllocator = std::function<uint8_t*(size_t bytes)>;
 
-// Decodes into `channels` (1, 3 or 4) 8-bit channels per pixel, in memory from `allocate`.
-ImageSize DecodeJpegInto(const uint8_t* data, size_t size, uint32_t channels, uint64_t max_pixels, const PixelAllocator& allocate);
+// Decodes into `channels` (1, 3 or 4) 8-bit channels per pixel, in memory from `allocate`. With
+// min_width and min_height, decodes reduced (1/2, 1/4 or 1/8 in the DCT domain: far less work) to
+// the smallest size that is still at least that large; the size returned is what was decoded.
+ImageSize DecodeJpegInto(const uint8_t* data, size_t size, uint32_t channels, uint64_t max_pixels, const PixelAllocator& allocate,
+                         uint32_t min_width = 0, uint32_t min_height = 0);
 
 // Decodes into `channels` (1, 3 or 4) 8-bit channels per pixel. An image of more than
 // `max_pixels` pixels is ERR_IMAGE_TOO_LARGE before anything is allocated for it.

@@ -100,6 +100,29 @@ describe('decodeImage', () => {
     expect(resizeImage(source, [47, 61])).toBe(source);
   });
 
+  it('decodes reduced in the DCT domain (draft) as Pillow\'s draft mode does', () => {
+    for (const name of ['baseline-420', 'baseline-444', 'gray']) {
+      for (const [width, height, worst, mean] of [[31, 24, 12, 2.5], [16, 12, 30, 4]]) {
+        const image = decodeImage(read(`${name}.jpg`), { size: [height, width], draft: true });
+        const { max, mean: average } = difference(image.data as Uint8Array, read(`draft-${name}-${width}x${height}.rgb`));
+        expect(max).toBeLessThanOrEqual(worst);
+        expect(average).toBeLessThan(mean);
+      }
+    }
+    // At 1/8 each pixel of a gray image is its block's mean.
+    const full = decodeImage(read('gray.jpg'), { mode: 'L' }).data as Uint8Array;
+    const eighth = decodeImage(read('gray.jpg'), { mode: 'L', size: [6, 8], draft: true }).data as Uint8Array;
+    for (let y = 0; y < 5; y++) {
+      for (let x = 0; x < 7; x++) {
+        let sum = 0;
+        for (let dy = 0; dy < 8; dy++) for (let dx = 0; dx < 8; dx++) sum += full[(y * 8 + dy) * 61 + x * 8 + dx];
+        expect(Math.abs(eighth[y * 8 + x] - sum / 64)).toBeLessThan(1.5);
+      }
+    }
+    // Without a size there is nothing to reduce toward; PNG has no DCT and decodes whole.
+    expect(decodeImage(read('rgb.png'), { size: [12, 16], draft: true }).data).toEqual(decodeImage(read('rgb.png'), { size: [12, 16] }).data);
+  });
+
   it('reads a header without decoding', () => {
     expect(imageInfo(read('progressive-420.jpg'))).toEqual({ format: 'jpeg', width: 61, height: 47, channels: 3 });
     expect(imageInfo(read('gray.jpg'))).toEqual({ format: 'jpeg', width: 61, height: 47, channels: 1 });
