@@ -7,6 +7,7 @@
 import { ImageError, InvalidArgumentError } from '../errors.js';
 import { Tensor } from '../gpu/tensor.js';
 import { native, type NativeDecodedImage } from '../native.js';
+import { applyOrientation, jpegOrientation, swapsAxes } from './orientation.js';
 import { decodePng, probePng, PNG_SIGNATURE } from './png.js';
 
 export type ImageMode = 'RGB' | 'RGBA' | 'L';
@@ -32,6 +33,11 @@ export interface DecodeImageOptions {
    * full decode and resize (default false).
    */
   draft?: boolean;
+  /**
+   * Turn a JPEG upright by its EXIF orientation, as a photo viewer shows it (default false, as
+   * Pillow and Ray leave it; `size` is then the upright image's).
+   */
+  applyExifOrientation?: boolean;
 }
 
 export interface ImageInfo {
@@ -118,6 +124,17 @@ export function decodeImage(bytes: Uint8Array, options: DecodeImageOptions = {})
   const format = imageFormat(data);
   let decoded: NativeDecodedImage;
   if (options.draft !== undefined && typeof options.draft !== 'boolean') throw new InvalidArgumentError(`decodeImage: draft must be a boolean, got ${JSON.stringify(options.draft)}`, 'ERR_INVALID_ARGUMENT');
+  if (options.applyExifOrientation !== undefined && typeof options.applyExifOrientation !== 'boolean') {
+    throw new InvalidArgumentError(`decodeImage: applyExifOrientation must be a boolean, got ${JSON.stringify(options.applyExifOrientation)}`, 'ERR_INVALID_ARGUMENT');
+  }
+  const orientation = options.applyExifOrientation && format === 'jpeg' ? jpegOrientation(data) : 1;
+  if (orientation !== 1) {
+    // Resized before it is turned (the filter is the same along both axes, so the order does
+    // not change the pixels): a quarter turn swaps the size asked for.
+    const sideways = size && swapsAxes(orientation) ? ([size[1], size[0]] as const) : size;
+    const upright = decodeImage(data, { mode, maxPixels, ...(sideways ? { size: sideways } : {}), ...(options.draft ? { draft: true } : {}) });
+    return applyOrientation(upright, orientation);
+  }
   if (format === 'jpeg') decoded = size ? native.image.decodeJpeg(data, channels, maxPixels, size[0], size[1], options.draft === true) : native.image.decodeJpeg(data, channels, maxPixels);
   else if (format === 'png') decoded = decodePng(data, channels, maxPixels);
   else throw unknownFormat(data);

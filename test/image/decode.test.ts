@@ -123,6 +123,53 @@ describe('decodeImage', () => {
     expect(decodeImage(read('rgb.png'), { size: [12, 16], draft: true }).data).toEqual(decodeImage(read('rgb.png'), { size: [12, 16] }).data);
   });
 
+  it('turns a JPEG upright by its EXIF orientation when asked', () => {
+    // A JPEG with an EXIF segment holding one tag, the orientation (little- or big-endian TIFF).
+    const withOrientation = (jpeg: Uint8Array, orientation: number, little = true): Uint8Array => {
+      const tiff = Buffer.alloc(26);
+      tiff.write(little ? 'II' : 'MM', 0, 'latin1');
+      const u16 = (value: number, at: number) => (little ? tiff.writeUInt16LE(value, at) : tiff.writeUInt16BE(value, at));
+      const u32 = (value: number, at: number) => (little ? tiff.writeUInt32LE(value, at) : tiff.writeUInt32BE(value, at));
+      u16(42, 2);
+      u32(8, 4);
+      u16(1, 8);
+      u16(0x0112, 10);
+      u16(3, 12);
+      u32(1, 14);
+      u16(orientation, 18);
+      u32(0, 22);
+      const body = Buffer.concat([Buffer.from('Exif\0\0', 'latin1'), tiff]);
+      const segment = Buffer.concat([Buffer.from([0xff, 0xe1, (body.length + 2) >> 8, (body.length + 2) & 0xff]), body]);
+      return new Uint8Array(Buffer.concat([jpeg.subarray(0, 2), segment, jpeg.subarray(2)]));
+    };
+    const jpeg = read('baseline-444.jpg');
+    const plain = decodeImage(jpeg);
+    const pixel = (image: Tensor, y: number, x: number) => [...(image.data as Uint8Array).subarray((y * image.shape[1] + x) * 3, (y * image.shape[1] + x) * 3 + 3)];
+    const [height, width] = [47, 61];
+    // The source corner each orientation shows at the top left.
+    const corners: Record<number, [number, number]> = { 1: [0, 0], 2: [0, width - 1], 3: [height - 1, width - 1], 4: [height - 1, 0], 5: [0, 0], 6: [height - 1, 0], 7: [height - 1, width - 1], 8: [0, width - 1] };
+    for (let orientation = 1; orientation <= 8; orientation++) {
+      for (const little of [true, false]) {
+        const tagged = withOrientation(jpeg, orientation, little);
+        expect(decodeImage(tagged).shape).toEqual([47, 61, 3]); // not applied unless asked
+        const upright = decodeImage(tagged, { applyExifOrientation: true });
+        expect(upright.shape).toEqual(orientation >= 5 ? [61, 47, 3] : [47, 61, 3]);
+        expect(pixel(upright, 0, 0)).toEqual(pixel(plain, ...corners[orientation]));
+        // A size is the upright image's; resized then turned equals turned then resized.
+        const small = decodeImage(tagged, { applyExifOrientation: true, size: [20, 30] });
+        expect(small.shape).toEqual([20, 30, 3]);
+        expect(difference(small.data as Uint8Array, resizeImage(upright, [20, 30]).data as Uint8Array).max).toBeLessThanOrEqual(1);
+      }
+    }
+    // Orientation 6 pixel by pixel: a quarter turn clockwise.
+    const turned = decodeImage(withOrientation(jpeg, 6), { applyExifOrientation: true });
+    for (const [y, x] of [[0, 0], [10, 20], [60, 46], [33, 5]]) expect(pixel(turned, y, x)).toEqual(pixel(plain, height - 1 - x, y));
+    // A damaged EXIF segment is ignored: the pixels are fine.
+    const damaged = withOrientation(jpeg, 6);
+    damaged[12] = 0x00; // the TIFF byte order
+    expect(decodeImage(damaged, { applyExifOrientation: true }).shape).toEqual([47, 61, 3]);
+  });
+
   it('reads a header without decoding', () => {
     expect(imageInfo(read('progressive-420.jpg'))).toEqual({ format: 'jpeg', width: 61, height: 47, channels: 3 });
     expect(imageInfo(read('gray.jpg'))).toEqual({ format: 'jpeg', width: 61, height: 47, channels: 1 });

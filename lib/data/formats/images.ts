@@ -46,6 +46,8 @@ export interface ImageReadOptions extends PartitionReadOptions, FileSystemOption
    * slightly different from a full decode (default false).
    */
   draft?: boolean;
+  /** Turn JPEGs upright by their EXIF orientation before `size` applies (default false, as Ray and Pillow). */
+  applyExifOrientation?: boolean;
   /**
    * An image that does not decode: 'fail' (default) fails the job with an ImageError naming the
    * file; 'null' keeps its row with a null image and the reason in an `imageError` column (null
@@ -64,6 +66,7 @@ interface ImageTaskOptions {
   blockBytes: number;
   maxPixels?: number;
   draft?: boolean;
+  applyExifOrientation?: boolean;
   recordErrors: boolean;
 }
 
@@ -108,6 +111,7 @@ export const readImageFiles = remote(import.meta, async function* readImageFiles
         ...(options.size ? { size: options.size } : {}),
         ...(options.maxPixels !== undefined ? { maxPixels: options.maxPixels } : {}),
         ...(options.draft ? { draft: true } : {}),
+        ...(options.applyExifOrientation ? { applyExifOrientation: true } : {}),
       });
     } catch (error) {
       if (!(error instanceof ImageError)) throw error;
@@ -144,6 +148,9 @@ export class ImageDatasource extends Datasource {
     const recordErrors = options.onDecodeError === 'null';
     if (options.draft !== undefined && typeof options.draft !== 'boolean') throw new InvalidArgumentError(`images option 'draft' must be a boolean, got ${JSON.stringify(options.draft)}`);
     if (options.draft && !size) throw new InvalidArgumentError(`images option 'draft' needs 'size': it decodes reduced toward a target size`);
+    if (options.applyExifOrientation !== undefined && typeof options.applyExifOrientation !== 'boolean') {
+      throw new InvalidArgumentError(`images option 'applyExifOrientation' must be a boolean, got ${JSON.stringify(options.applyExifOrientation)}`);
+    }
     const rowIds = options.rowIds !== undefined ? checkRowIds(options.rowIds, 'images') : undefined;
     const taken = ['image', ...(includePaths ? ['path'] : []), ...(recordErrors ? ['imageError'] : [])];
     if (rowIds && taken.includes(rowIds)) {
@@ -162,6 +169,7 @@ export class ImageDatasource extends Datasource {
       ...(rowIds ? { rowIds } : {}),
       ...(options.maxPixels !== undefined ? { maxPixels: options.maxPixels } : {}),
       ...(options.draft ? { draft: true } : {}),
+      ...(options.applyExifOrientation ? { applyExifOrientation: true } : {}),
     };
     this.#listing = new FileListing(paths, checkExtensions(options.extensions, IMAGE_EXTENSIONS), 'images', filesystem, (found) => selectPartitions(found, options, 'images'));
   }
