@@ -3,11 +3,12 @@
  * have no credentials of their own (the driver's resolved filesystem travels with the tasks),
  * mapped, and written back to s3://, plainly and checkpointed (files staged under hidden keys,
  * committed by copy), with the checkpoint on disk or beside the output on s3:// (a failed job
- * resumed; its lock taken by a conditional write).
+ * resumed; its lock taken by a conditional write); images read from s3:// and written back.
  */
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { S3FileSystem, range, readJsonl, readParquet, rowsToBlock, type Row } from '../../lib/index.js';
+import { S3FileSystem, Tensor, decodeImage, range, readImages, readJsonl, readParquet, rowsToBlock, type Row } from '../../lib/index.js';
 import { hostIdentity } from '../../lib/core/host.js';
 import { failOnceAt } from './fixtures/checkpoint.js';
 import { ParquetDatasink } from '../../lib/data/formats/index.js';
@@ -115,5 +116,22 @@ describe('datasets on s3://', () => {
     server.put('data', 'locked/.trellis-checkpoint/lock', JSON.stringify({ host: hostIdentity(), pid: 2 ** 22 + 1, writeId: 'dead' }));
     await range(10).writeJsonl('s3://data/locked', { filesystem: storage, checkpoint: { idColumn: 'id' } });
     expect((await readJsonl('s3://data/locked', { filesystem: storage }).takeAll()).length).toBe(10);
+  });
+  it('reads images from s3:// (decoded in the tasks) and writes them back as files, each an object', async () => {
+    const storage = new S3FileSystem(server.clientOptions);
+    const fixtures = join(import.meta.dirname, '..', 'image', 'fixtures');
+    const names = ['baseline-420.jpg', 'progressive-444.jpg', 'rgba.png', 'palette.png', 'gray.jpg'];
+    for (const name of names) server.put('data', `photos/${name}`, readFileSync(join(fixtures, name)));
+    server.put('data', 'photos/notes.txt', 'not an image');
+    const rows = await readImages('s3://data/photos', { size: [16, 16], includePaths: true, filesystem: storage }).takeAll();
+    expect(rows.map((row) => String(row.path).split('/').pop()).sort()).toEqual([...names].sort());
+    for (const row of rows) {
+      const local = decodeImage(new Uint8Array(readFileSync(join(fixtures, String(row.path).split('/').pop()!))), { size: [16, 16] });
+      expect(Buffer.compare((row.image as Tensor).data as Uint8Array, local.data as Uint8Array)).toBe(0);
+    }
+    await readImages('s3://data/photos', { size: [16, 16], rowIds: 'key', filesystem: storage }).writeImages('s3://data/thumbs', { filenameColumn: 'key', filesystem: storage });
+    const thumbs = [...server.bucket('data').keys()].filter((key) => key.startsWith('thumbs/'));
+    expect(thumbs).toHaveLength(names.length);
+    expect(thumbs.every((key) => key.endsWith('.png') && !key.includes('.tmp'))).toBe(true);
   });
 });
