@@ -6,7 +6,8 @@
  */
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { gzipSync } from 'node:zlib';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { createServer, type IncomingMessage } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -303,7 +304,7 @@ describe('credentials from AWS providers', () => {
   async function withEnvironment(variables: Record<string, string>, body: () => Promise<void>): Promise<void> {
     const saved = { ...process.env };
     for (const name of Object.keys(process.env)) if (name.startsWith('AWS_')) delete process.env[name];
-    Object.assign(process.env, { AWS_SHARED_CREDENTIALS_FILE: '/nonexistent/credentials', AWS_EC2_METADATA_DISABLED: 'true' }, variables);
+    Object.assign(process.env, { AWS_SHARED_CREDENTIALS_FILE: '/nonexistent/credentials', AWS_CONFIG_FILE: '/nonexistent/config', AWS_EC2_METADATA_DISABLED: 'true' }, variables);
     try {
       await body();
     } finally {
@@ -348,6 +349,78 @@ describe('credentials from AWS providers', () => {
     } finally {
       rmSync(tokenDir, { recursive: true, force: true });
       await sts.close();
+    }
+  });
+
+  it("runs a profile's credential_process for its credentials, once while they last, and names its failure", async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'trellis-process-'));
+    try {
+      server.addCredentials('PROC1', 'process-secret', 'process-token');
+      server.put('data', 'f.txt', 'from a process');
+      const expiration = new Date(Date.now() + 3_600_000).toISOString();
+      writeFileSync(join(dir, 'creds.sh'), `echo run >> ${join(dir, 'runs')}\necho '{"Version": 1, "AccessKeyId": "PROC1", "SecretAccessKey": "process-secret", "SessionToken": "process-token", "Expiration": "${expiration}"}'\n`);
+      writeFileSync(join(dir, 'fail.sh'), 'echo "no badge in the reader" >&2\nexit 3\n');
+      writeFileSync(join(dir, 'v2.sh'), `echo '{"Version": 2, "AccessKeyId": "PROC1", "SecretAccessKey": "x"}'\n`);
+      writeFileSync(
+        join(dir, 'config'),
+        `[default]\nregion = nowhere\n\n[profile batch]\ncredential_process = /bin/sh ${join(dir, 'creds.sh')}\n\n[profile broken]\ncredential_process = /bin/sh ${join(dir, 'fail.sh')}\n\n[profile future]\ncredential_process = /bin/sh ${join(dir, 'v2.sh')}\n\n[profile keys]\naws_access_key_id = CONFIGKEY\naws_secret_access_key = config-secret\n`,
+      );
+      await withEnvironment({ AWS_CONFIG_FILE: join(dir, 'config'), AWS_PROFILE: 'batch' }, async () => {
+        const storage = new S3FileSystem(endpointOnly());
+        expect(storage.resolvedOptions).toMatchObject({ credentials: undefined, fromProviders: true, profile: 'batch' });
+        expect(await readText(storage, 's3://data/f.txt')).toBe('from a process');
+        expect(await readText(storage, 's3://data/f.txt')).toBe('from a process');
+        expect(readFileSync(join(dir, 'runs'), 'utf8').trim().split('\n')).toHaveLength(1);
+        await expect(new S3FileSystem({ ...endpointOnly(), profile: 'broken' }).stat('s3://data/f.txt')).rejects.toMatchObject({
+          code: 'ERR_STORAGE_ACCESS',
+          message: expect.stringMatching(/credential_process of profile 'broken'.*failed \(3\): no badge in the reader/),
+        });
+        await expect(new S3FileSystem({ ...endpointOnly(), profile: 'future' }).stat('s3://data/f.txt')).rejects.toThrow(/Version 2; version 1 is the one AWS defines/);
+        // Keys in a config file's profile are static credentials, as in the credentials file.
+        expect(new S3FileSystem({ ...endpointOnly(), profile: 'keys' }).resolvedOptions.credentials).toEqual({ accessKeyId: 'CONFIGKEY', secretAccessKey: 'config-secret' });
+      });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("exchanges the login `aws sso login` cached for the profile's SSO role, and says to log in again when it expired", async () => {
+    const portal = await providerServer((request, _body, issue) => {
+      const url = new URL(request.url!, 'http://portal');
+      if (request.headers['x-amz-sso_bearer_token'] !== 'sso-access-token') return { status: 401, body: '{"message":"Session token not found or invalid"}' };
+      if (url.pathname !== '/federation/credentials' || url.searchParams.get('role_name') !== 'Reader' || url.searchParams.get('account_id') !== '111122223333') return { status: 403, body: '{"message":"No access"}' };
+      const keys = issue();
+      return { status: 200, body: JSON.stringify({ roleCredentials: { accessKeyId: keys.AccessKeyId, secretAccessKey: keys.SecretAccessKey, sessionToken: keys.Token, expiration: Date.parse(keys.Expiration) } }) };
+    });
+    const home = mkdtempSync(join(tmpdir(), 'trellis-sso-'));
+    try {
+      server.put('data', 'f.txt', 'from an SSO role');
+      const cache = join(home, '.aws', 'sso', 'cache');
+      mkdirSync(cache, { recursive: true });
+      const login = (key: string, expiresAt: number) =>
+        writeFileSync(join(cache, `${createHash('sha1').update(key).digest('hex')}.json`), JSON.stringify({ accessToken: 'sso-access-token', expiresAt: new Date(expiresAt).toISOString() }));
+      writeFileSync(
+        join(home, 'config'),
+        '[profile dev]\nsso_session = my-sso\nsso_account_id = 111122223333\nsso_role_name = Reader\n\n[sso-session my-sso]\nsso_start_url = https://example.awsapps.com/start\nsso_region = eu-west-1\n\n' +
+          '[profile legacy]\nsso_start_url = https://legacy.awsapps.com/start\nsso_region = eu-west-1\nsso_account_id = 111122223333\nsso_role_name = Reader\n',
+      );
+      login('my-sso', Date.now() + 3_600_000);
+      login('https://legacy.awsapps.com/start', Date.now() + 3_600_000);
+      await withEnvironment({ AWS_CONFIG_FILE: join(home, 'config'), AWS_PROFILE: 'dev', AWS_ENDPOINT_URL_SSO: portal.url, HOME: home }, async () => {
+        const storage = new S3FileSystem(endpointOnly());
+        expect(await readText(storage, 's3://data/f.txt')).toBe('from an SSO role');
+        expect(await readText(storage, 's3://data/f.txt')).toBe('from an SSO role');
+        expect(portal.issued()).toBe(1);
+        expect(await readText(new S3FileSystem({ ...endpointOnly(), profile: 'legacy' }), 's3://data/f.txt')).toBe('from an SSO role');
+        login('my-sso', Date.now() - 60_000);
+        await expect(new S3FileSystem(endpointOnly()).stat('s3://data/f.txt')).rejects.toMatchObject({
+          code: 'ERR_STORAGE_ACCESS',
+          message: expect.stringMatching(/SSO for profile 'dev'.*expired at .*run `aws sso login --profile dev`/),
+        });
+      });
+    } finally {
+      rmSync(home, { recursive: true, force: true });
+      await portal.close();
     }
   });
 

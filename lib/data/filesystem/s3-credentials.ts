@@ -1,11 +1,17 @@
 /**
  * Where S3 credentials come from when neither the options nor the environment's keys nor the
- * shared credentials file give them: the providers a workload on AWS has, each asked over HTTP
- * and each handing out temporary credentials that expire. In the order AWS's SDKs ask them: a web
- * identity token exchanged at STS (EKS service accounts, IRSA), the container credentials endpoint
- * (ECS tasks, EKS Pod Identity), and the instance metadata service (IMDSv2, EC2 instance profiles).
+ * profile's keys give them: the providers that hand out temporary credentials that expire. In the
+ * order AWS's SDKs ask them: the profile's IAM Identity Center (SSO) role, from the token `aws sso
+ * login` cached, or its `credential_process` command; a web identity token exchanged at STS (EKS
+ * service accounts, IRSA); the container credentials endpoint (ECS tasks, EKS Pod Identity); and
+ * the instance metadata service (IMDSv2, EC2 instance profiles). Also here: the shared credentials
+ * and config files (INI) that name profiles.
  */
+import { execFile } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
 import { StorageError } from '../../errors.js';
 import type { Credentials } from './s3-signing.js';
 import { xmlValue } from './s3-xml.js';
@@ -74,6 +80,47 @@ async function fromWebIdentity(environment: NodeJS.ProcessEnv, region: string): 
   return { accessKeyId, secretAccessKey, ...(sessionToken ? { sessionToken } : {}), ...(expiration !== undefined ? { expiration } : {}) };
 }
 
+/** `~` as AWS's tools read it: HOME where it is set. */
+const homeOf = (environment: NodeJS.ProcessEnv): string => environment.HOME || homedir();
+
+/** Sections of an INI file (AWS's shared credentials and config files), keys lower-cased; empty when it cannot be read. */
+export function readIni(file: string): Map<string, Record<string, string>> {
+  const sections = new Map<string, Record<string, string>>();
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch {
+    return sections;
+  }
+  let section: Record<string, string> | undefined;
+  for (const raw of text.split(/\r?\n/)) {
+    const line = raw.trim();
+    if (line === '' || line.startsWith('#') || line.startsWith(';')) continue;
+    const header = /^\[\s*(.+?)\s*\]$/.exec(line);
+    if (header) {
+      const name = header[1].replace(/\s+/g, ' ');
+      section = sections.get(name) ?? {};
+      sections.set(name, section);
+      continue;
+    }
+    const cut = line.indexOf('=');
+    if (section && cut > 0) section[line.slice(0, cut).trim().toLowerCase()] = line.slice(cut + 1).trim();
+  }
+  return sections;
+}
+
+/**
+ * A profile's settings: the config file's `[profile NAME]` (`[default]` for the default one)
+ * under the credentials file's `[NAME]`, which wins where both say something; and the config
+ * file's sections, for the `[sso-session ...]` a profile may name.
+ */
+export function profileSettings(profile: string, environment: NodeJS.ProcessEnv = process.env): { settings: Record<string, string>; config: Map<string, Record<string, string>> } {
+  const config = readIni(environment.AWS_CONFIG_FILE ?? join(homeOf(environment), '.aws', 'config'));
+  const credentials = readIni(environment.AWS_SHARED_CREDENTIALS_FILE ?? join(homeOf(environment), '.aws', 'credentials'));
+  const fromConfig = config.get(profile === 'default' ? 'default' : `profile ${profile}`) ?? (profile === 'default' ? config.get('profile default') : undefined);
+  return { settings: { ...fromConfig, ...credentials.get(profile) }, config };
+}
+
 /** The JSON shape the container endpoint and the instance metadata service answer with. */
 function fromJson(text: string, provider: string): ExpiringCredentials {
   let parsed: { AccessKeyId?: string; SecretAccessKey?: string; Token?: string; Expiration?: string };
@@ -139,11 +186,104 @@ async function fromInstanceMetadata(environment: NodeJS.ProcessEnv): Promise<Exp
 }
 
 /**
+ * The profile's `credential_process`: a command that prints credentials as JSON (`Version` 1,
+ * `AccessKeyId`, `SecretAccessKey`, `SessionToken`, `Expiration`), as AWS's SDKs run it.
+ */
+async function fromProcess(command: string, profile: string): Promise<ExpiringCredentials> {
+  const provider = `credential_process of profile '${profile}'`;
+  const stdout = await new Promise<string>((resolve, reject) => {
+    execFile('/bin/sh', ['-c', command], { timeout: 60_000, maxBuffer: 1 << 20, encoding: 'utf8' }, (error, out, stderr) => {
+      if (error) reject(failed(provider, `\`${command}\` failed (${error.code ?? error.message}): ${String(stderr).trim().slice(0, 300)}`, error));
+      else resolve(out);
+    });
+  });
+  let parsed: { Version?: number; AccessKeyId?: string; SecretAccessKey?: string; SessionToken?: string; Expiration?: string };
+  try {
+    parsed = JSON.parse(stdout) as typeof parsed;
+  } catch {
+    throw failed(provider, `\`${command}\` printed something other than JSON: ${stdout.slice(0, 200)}`);
+  }
+  if (parsed.Version !== 1) throw failed(provider, `its JSON has Version ${JSON.stringify(parsed.Version)}; version 1 is the one AWS defines`);
+  if (!parsed.AccessKeyId || !parsed.SecretAccessKey) throw failed(provider, 'its JSON holds no AccessKeyId and SecretAccessKey');
+  const expiration = expirationOf(parsed.Expiration);
+  return {
+    accessKeyId: parsed.AccessKeyId,
+    secretAccessKey: parsed.SecretAccessKey,
+    ...(parsed.SessionToken ? { sessionToken: parsed.SessionToken } : {}),
+    ...(expiration !== undefined ? { expiration } : {}),
+  };
+}
+
+/**
+ * The profile's IAM Identity Center (SSO) role: the access token `aws sso login` cached (in
+ * ~/.aws/sso/cache, named by the SHA-1 of the session's name, or of the start URL for a profile of
+ * the older form) exchanged at the SSO portal for the role's credentials.
+ */
+async function fromSso(settings: Record<string, string>, config: Map<string, Record<string, string>>, profile: string, environment: NodeJS.ProcessEnv): Promise<ExpiringCredentials> {
+  const provider = `SSO for profile '${profile}'`;
+  let startUrl = settings.sso_start_url;
+  let region = settings.sso_region;
+  let cacheKey = startUrl;
+  if (settings.sso_session) {
+    const session = config.get(`sso-session ${settings.sso_session}`);
+    if (!session) throw failed(provider, `the config file has no [sso-session ${settings.sso_session}] section`);
+    startUrl = session.sso_start_url;
+    region = session.sso_region ?? region;
+    cacheKey = settings.sso_session;
+  }
+  const missing = [['sso_start_url', startUrl], ['sso_region', region], ['sso_account_id', settings.sso_account_id], ['sso_role_name', settings.sso_role_name]].filter(([, value]) => !value).map(([name]) => name);
+  if (missing.length > 0) throw failed(provider, `the profile lacks ${missing.join(', ')}`);
+  const cacheFile = join(homeOf(environment), '.aws', 'sso', 'cache', `${createHash('sha1').update(cacheKey!).digest('hex')}.json`);
+  let token: { accessToken?: string; expiresAt?: string };
+  try {
+    token = JSON.parse(readFileSync(cacheFile, 'utf8')) as typeof token;
+  } catch {
+    throw failed(provider, `no cached login (${cacheFile}); run \`aws sso login --profile ${profile}\``);
+  }
+  const expiresAt = expirationOf(token.expiresAt);
+  if (!token.accessToken || (expiresAt !== undefined && expiresAt <= Date.now())) {
+    throw failed(provider, `the cached login ${expiresAt !== undefined ? `expired at ${new Date(expiresAt).toISOString()}` : 'holds no access token'}; run \`aws sso login --profile ${profile}\``);
+  }
+  const endpoint = (environment.AWS_ENDPOINT_URL_SSO ?? `https://portal.sso.${region}.amazonaws.com`).replace(/\/+$/, '');
+  const url = `${endpoint}/federation/credentials?role_name=${encodeURIComponent(settings.sso_role_name)}&account_id=${encodeURIComponent(settings.sso_account_id)}`;
+  let answer: Response;
+  try {
+    answer = await request(url, { headers: { 'x-amz-sso_bearer_token': token.accessToken } }, PROVIDER_TIMEOUT_MS);
+  } catch (error) {
+    throw failed(provider, `the SSO portal (${endpoint}) did not answer (${(error as Error).message})`, error);
+  }
+  const text = await answer.text();
+  if (!answer.ok) throw failed(provider, `the SSO portal answered ${answer.status}: ${text.slice(0, 200)}`);
+  let role: { roleCredentials?: { accessKeyId?: string; secretAccessKey?: string; sessionToken?: string; expiration?: number } };
+  try {
+    role = JSON.parse(text) as typeof role;
+  } catch {
+    throw failed(provider, `the SSO portal's answer is not JSON: ${text.slice(0, 200)}`);
+  }
+  const keys = role.roleCredentials;
+  if (!keys?.accessKeyId || !keys.secretAccessKey) throw failed(provider, "the SSO portal's answer holds no credentials");
+  return {
+    accessKeyId: keys.accessKeyId,
+    secretAccessKey: keys.secretAccessKey,
+    ...(keys.sessionToken ? { sessionToken: keys.sessionToken } : {}),
+    ...(typeof keys.expiration === 'number' ? { expiration: keys.expiration } : {}),
+  };
+}
+
+/**
  * The first provider of the chain that has credentials, with its name, or undefined when none
  * does (requests then go unsigned). A provider that is configured but fails (a token file that
- * cannot be read, STS refusing the role) is an error, not a reason to go on unsigned.
+ * cannot be read, STS refusing the role, an SSO login that expired) is an error, not a reason to
+ * go on unsigned.
  */
-export async function credentialsFromProviders(region: string, environment: NodeJS.ProcessEnv = process.env): Promise<{ credentials: ExpiringCredentials; provider: string } | undefined> {
+export async function credentialsFromProviders(
+  region: string,
+  environment: NodeJS.ProcessEnv = process.env,
+  profile: string = environment.AWS_PROFILE ?? 'default',
+): Promise<{ credentials: ExpiringCredentials; provider: string } | undefined> {
+  const { settings, config } = profileSettings(profile, environment);
+  if (settings.sso_session || settings.sso_start_url || settings.sso_account_id) return { credentials: await fromSso(settings, config, profile, environment), provider: 'SSO' };
+  if (settings.credential_process) return { credentials: await fromProcess(settings.credential_process, profile), provider: 'credential_process' };
   const webIdentity = await fromWebIdentity(environment, region);
   if (webIdentity) return { credentials: webIdentity, provider: 'web identity' };
   const container = await fromContainer(environment);

@@ -7,12 +7,9 @@
  * metadata: s3-credentials.ts), refreshed before they expire, else requests go unsigned (public
  * buckets).
  */
-import { readFileSync } from 'node:fs';
-import { homedir } from 'node:os';
-import { join } from 'node:path';
 import { InvalidArgumentError, StorageError } from '../../errors.js';
 import { registerPortableClass } from '../../core/serialization.js';
-import { credentialsFromProviders, type ExpiringCredentials } from './s3-credentials.js';
+import { credentialsFromProviders, profileSettings, type ExpiringCredentials } from './s3-credentials.js';
 import { escapeXml, xmlValue } from './s3-xml.js';
 import { canonicalQuery, EMPTY_PAYLOAD_HASH, amzDate, sha256Hex, signRequest, uriEncode, type Credentials } from './s3-signing.js';
 import { registerFileSystem, type BlobLike, type FileSystem, type ListedFile, type RandomAccessFile, type WritableFile } from './file-system.js';
@@ -30,7 +27,7 @@ export interface S3FileSystemOptions {
   accessKeyId?: string;
   secretAccessKey?: string;
   sessionToken?: string;
-  /** The shared credentials file's profile (default: AWS_PROFILE, else 'default'). */
+  /** The profile of the shared credentials and config files: its keys, SSO role or credential_process (default: AWS_PROFILE, else 'default'). */
   profile?: string;
   /** Send requests unsigned even where credentials are found (public buckets). */
   anonymous?: boolean;
@@ -55,6 +52,8 @@ interface ResolvedOptions {
   fromProviders: boolean;
   /** What the providers last gave the sender: a worker signs with them until they near their end. */
   providerCredentials?: ExpiringCredentials;
+  /** The profile whose SSO role or credential_process the providers ask. */
+  profile: string;
   partBytes: number;
   partsInFlight: number;
   maxAttempts: number;
@@ -77,31 +76,11 @@ const RETRIED_STATUSES = new Set([429, 500, 502, 503, 504]);
 const REFRESH_BEFORE_MS = 5 * 60_000;
 
 
-/** The profile's keys from an INI-style shared credentials file, if it has them. */
+/** The profile's keys from the shared credentials file, or its section in the config file, if they have them. */
 function credentialsFromFile(profile: string): Credentials | undefined {
-  const file = process.env.AWS_SHARED_CREDENTIALS_FILE ?? join(homedir(), '.aws', 'credentials');
-  let text: string;
-  try {
-    text = readFileSync(file, 'utf8');
-  } catch {
-    return undefined;
-  }
-  let section = '';
-  const values: Record<string, string> = {};
-  for (const raw of text.split(/\r?\n/)) {
-    const line = raw.trim();
-    if (line === '' || line.startsWith('#') || line.startsWith(';')) continue;
-    const header = /^\[\s*(.+?)\s*\]$/.exec(line);
-    if (header) {
-      section = header[1];
-      continue;
-    }
-    if (section !== profile) continue;
-    const cut = line.indexOf('=');
-    if (cut > 0) values[line.slice(0, cut).trim().toLowerCase()] = line.slice(cut + 1).trim();
-  }
-  if (!values.aws_access_key_id || !values.aws_secret_access_key) return undefined;
-  return { accessKeyId: values.aws_access_key_id, secretAccessKey: values.aws_secret_access_key, ...(values.aws_session_token ? { sessionToken: values.aws_session_token } : {}) };
+  const { settings } = profileSettings(profile);
+  if (!settings.aws_access_key_id || !settings.aws_secret_access_key) return undefined;
+  return { accessKeyId: settings.aws_access_key_id, secretAccessKey: settings.aws_secret_access_key, ...(settings.aws_session_token ? { sessionToken: settings.aws_session_token } : {}) };
 }
 
 function positiveInteger(value: unknown, name: string, fallback: number, min = 1, max = Number.MAX_SAFE_INTEGER): number {
@@ -129,6 +108,7 @@ function resolveOptions(options: S3FileSystemOptions): ResolvedOptions {
     throw new InvalidArgumentError('S3FileSystem takes accessKeyId and secretAccessKey together, or neither');
   }
   let credentials: Credentials | undefined;
+  const profile = options.profile ?? environment.AWS_PROFILE ?? 'default';
   if (!options.anonymous) {
     if (options.accessKeyId !== undefined) {
       credentials = { accessKeyId: options.accessKeyId, secretAccessKey: options.secretAccessKey!, ...(options.sessionToken ? { sessionToken: options.sessionToken } : {}) };
@@ -139,10 +119,11 @@ function resolveOptions(options: S3FileSystemOptions): ResolvedOptions {
         ...(environment.AWS_SESSION_TOKEN ? { sessionToken: environment.AWS_SESSION_TOKEN } : {}),
       };
     } else {
-      credentials = credentialsFromFile(options.profile ?? environment.AWS_PROFILE ?? 'default');
+      credentials = credentialsFromFile(profile);
     }
   }
   return {
+    profile,
     region: options.region ?? environment.AWS_REGION ?? environment.AWS_DEFAULT_REGION ?? 'us-east-1',
     endpoint: endpoint?.replace(/\/+$/, ''),
     forcePathStyle: options.forcePathStyle ?? endpoint !== undefined,
@@ -221,7 +202,7 @@ export class S3FileSystem implements FileSystem {
     const fresh = (candidate: ExpiringCredentials | undefined, margin: number): candidate is ExpiringCredentials =>
       candidate !== undefined && (candidate.expiration === undefined || candidate.expiration - Date.now() > margin);
     if (fresh(this.#provided, REFRESH_BEFORE_MS) || this.#noProvider) return this.#provided;
-    this.#refreshing ??= credentialsFromProviders(options.region)
+    this.#refreshing ??= credentialsFromProviders(options.region, process.env, options.profile)
       .then(
         (found) => {
           if (found) this.#provided = found.credentials;
