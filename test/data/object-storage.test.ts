@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { StorageError } from '../../lib/errors.js';
 import { blockToRows, concatBlocks, rowsToBlock, type Block, type Row } from '../../lib/data/block.js';
 import type { Datasource, ReadTask, WriteContext } from '../../lib/data/datasource.js';
-import { EMPTY_PAYLOAD_HASH, signRequest } from '../../lib/data/filesystem/s3-signing.js';
+import { EMPTY_PAYLOAD_HASH, sha256Hex, signRequest } from '../../lib/data/filesystem/s3-signing.js';
 import { S3FileSystem } from '../../lib/data/filesystem/s3.js';
 import { LocalFileSystem, fileSystemFor } from '../../lib/data/filesystem/file-system.js';
 import { pack, unpack } from '../../lib/core/serialization.js';
@@ -421,6 +421,56 @@ describe('credentials from AWS providers', () => {
     } finally {
       rmSync(home, { recursive: true, force: true });
       await portal.close();
+    }
+  });
+
+  it("assumes a profile's role at STS with its source profile's credentials (signed with SigV4), through chains of roles", async () => {
+    const secrets = new Map([['SRCKEY', { secret: 'src-secret', token: undefined as string | undefined }]]);
+    const sts = await providerServer((request, body, issue) => {
+      // Checks the signature as STS would: the same request signed again with the caller's secret.
+      const authorization = String(request.headers.authorization ?? '');
+      const keyId = /Credential=([^/]+)\//.exec(authorization)?.[1] ?? '';
+      const known = secrets.get(keyId);
+      const headers: Record<string, string> = { host: String(request.headers.host), 'content-type': String(request.headers['content-type']), 'x-amz-date': String(request.headers['x-amz-date']) };
+      if (request.headers['x-amz-security-token']) headers['x-amz-security-token'] = String(request.headers['x-amz-security-token']);
+      const expected = known && signRequest({ method: 'POST', encodedPath: '/', query: '', headers, payloadHash: sha256Hex(body) }, { accessKeyId: keyId, secretAccessKey: known.secret, ...(known.token ? { sessionToken: known.token } : {}) }, 'eu-west-1', new Date(Date.parse(headers['x-amz-date'].replace(/(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})Z/, '$1-$2-$3T$4:$5:$6Z'))), 'sts').authorization;
+      if (!expected || expected !== authorization || (known.token && known.token !== request.headers['x-amz-security-token'])) {
+        return { status: 403, body: '<ErrorResponse><Error><Code>SignatureDoesNotMatch</Code><Message>bad signature</Message></Error></ErrorResponse>' };
+      }
+      const form = new URLSearchParams(body);
+      if (form.get('Action') !== 'AssumeRole') return { status: 400, body: '<ErrorResponse><Error><Code>InvalidAction</Code><Message>no</Message></Error></ErrorResponse>' };
+      const keys = issue();
+      secrets.set(keys.AccessKeyId, { secret: keys.SecretAccessKey, token: keys.Token });
+      return { status: 200, body: `<AssumeRoleResponse><AssumeRoleResult><Credentials><AccessKeyId>${keys.AccessKeyId}</AccessKeyId><SecretAccessKey>${keys.SecretAccessKey}</SecretAccessKey><SessionToken>${keys.Token}</SessionToken><Expiration>${keys.Expiration}</Expiration></Credentials></AssumeRoleResult></AssumeRoleResponse>` };
+    });
+    const dir = mkdtempSync(join(tmpdir(), 'trellis-roles-'));
+    try {
+      server.put('data', 'f.txt', 'from an assumed role');
+      writeFileSync(
+        join(dir, 'config'),
+        [
+          '[profile base]', 'aws_access_key_id = SRCKEY', 'aws_secret_access_key = src-secret', '',
+          '[profile reader]', 'role_arn = arn:aws:iam::2:role/reader', 'source_profile = base', 'external_id = ext-1', 'role_session_name = nightly', 'region = eu-west-1', '',
+          '[profile chained]', 'role_arn = arn:aws:iam::3:role/second', 'source_profile = reader', 'region = eu-west-1', '',
+          '[profile mfa]', 'role_arn = arn:aws:iam::2:role/reader', 'source_profile = base', 'mfa_serial = arn:aws:iam::1:mfa/me', '',
+          '[profile loop-a]', 'role_arn = arn:aws:iam::4:role/a', 'source_profile = loop-b', '',
+          '[profile loop-b]', 'role_arn = arn:aws:iam::4:role/b', 'source_profile = loop-a', '',
+        ].join('\n'),
+      );
+      await withEnvironment({ AWS_CONFIG_FILE: join(dir, 'config'), AWS_ENDPOINT_URL_STS: sts.url }, async () => {
+        expect(await readText(new S3FileSystem({ ...endpointOnly(), profile: 'reader' }), 's3://data/f.txt')).toBe('from an assumed role');
+        const first = new URLSearchParams(sts.seen[0].body);
+        expect([first.get('RoleArn'), first.get('ExternalId'), first.get('RoleSessionName')]).toEqual(['arn:aws:iam::2:role/reader', 'ext-1', 'nightly']);
+        // Two roles deep: the second AssumeRole is signed with the first's session.
+        expect(await readText(new S3FileSystem({ ...endpointOnly(), profile: 'chained' }), 's3://data/f.txt')).toBe('from an assumed role');
+        expect(sts.seen.slice(1).map((seen) => new URLSearchParams(seen.body).get('RoleArn'))).toEqual(['arn:aws:iam::2:role/reader', 'arn:aws:iam::3:role/second']);
+        expect(sts.seen[2].headers['x-amz-security-token']).toBe('token-2');
+        await expect(new S3FileSystem({ ...endpointOnly(), profile: 'mfa' }).stat('s3://data/f.txt')).rejects.toThrow(/asks for an MFA code/);
+        await expect(new S3FileSystem({ ...endpointOnly(), profile: 'loop-a' }).stat('s3://data/f.txt')).rejects.toThrow(/more than four roles deep/);
+      });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+      await sts.close();
     }
   });
 

@@ -1,8 +1,9 @@
 /**
  * Where S3 credentials come from when neither the options nor the environment's keys nor the
  * profile's keys give them: the providers that hand out temporary credentials that expire. In the
- * order AWS's SDKs ask them: the profile's IAM Identity Center (SSO) role, from the token `aws sso
- * login` cached, or its `credential_process` command; a web identity token exchanged at STS (EKS
+ * order AWS's SDKs ask them: the profile's role (`role_arn`, assumed at STS with its source
+ * profile's credentials), its IAM Identity Center (SSO) role, from the token `aws sso login`
+ * cached, or its `credential_process` command; a web identity token exchanged at STS (EKS
  * service accounts, IRSA); the container credentials endpoint (ECS tasks, EKS Pod Identity); and
  * the instance metadata service (IMDSv2, EC2 instance profiles). Also here: the shared credentials
  * and config files (INI) that name profiles.
@@ -13,7 +14,7 @@ import { readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { StorageError } from '../../errors.js';
-import type { Credentials } from './s3-signing.js';
+import { amzDate, sha256Hex, signRequest, type Credentials } from './s3-signing.js';
 import { xmlValue } from './s3-xml.js';
 
 /** Credentials with the time they stop working (ms since the epoch), if they do. */
@@ -70,8 +71,13 @@ async function fromWebIdentity(environment: NodeJS.ProcessEnv, region: string): 
   } catch (error) {
     throw failed(`STS (${endpoint})`, `no answer (${(error as Error).message})`, error);
   }
+  return stsCredentials(answer, endpoint, 'AssumeRoleWithWebIdentity', role);
+}
+
+/** The credentials in STS's XML answer to an AssumeRole action, or the error it answered. */
+async function stsCredentials(answer: Response, endpoint: string, action: string, role: string): Promise<ExpiringCredentials> {
   const xml = await answer.text();
-  if (!answer.ok) throw failed(`STS (${endpoint})`, `AssumeRoleWithWebIdentity for ${role} answered ${answer.status}${xmlValue(xml, 'Code') ? ` ${xmlValue(xml, 'Code')}` : ''}: ${xmlValue(xml, 'Message') ?? xml.slice(0, 200)}`);
+  if (!answer.ok) throw failed(`STS (${endpoint})`, `${action} for ${role} answered ${answer.status}${xmlValue(xml, 'Code') ? ` ${xmlValue(xml, 'Code')}` : ''}: ${xmlValue(xml, 'Message') ?? xml.slice(0, 200)}`);
   const accessKeyId = xmlValue(xml, 'AccessKeyId');
   const secretAccessKey = xmlValue(xml, 'SecretAccessKey');
   if (!accessKeyId || !secretAccessKey) throw failed(`STS (${endpoint})`, 'its answer holds no credentials');
@@ -271,6 +277,72 @@ async function fromSso(settings: Record<string, string>, config: Map<string, Rec
 }
 
 /**
+ * A profile's `role_arn` assumed at STS (AssumeRole, signed with SigV4) with the credentials of
+ * its `source_profile` (which may itself be keys, SSO, a process or another role) or of its
+ * `credential_source` (Environment, Ec2InstanceMetadata, EcsContainer).
+ */
+async function fromAssumeRole(settings: Record<string, string>, profile: string, environment: NodeJS.ProcessEnv, region: string, depth: number): Promise<ExpiringCredentials> {
+  const role = settings.role_arn;
+  const provider = `role ${role} for profile '${profile}'`;
+  if (settings.mfa_serial) throw failed(provider, 'the profile asks for an MFA code (mfa_serial), which a job cannot type; give it credentials that need none');
+  let source: Credentials | undefined;
+  if (settings.source_profile) {
+    if (depth >= 4) throw failed(provider, 'source_profile chains more than four roles deep (a cycle?)');
+    source = settings.source_profile === profile ? staticCredentials(settings) : await profileCredentials(settings.source_profile, environment, region, depth + 1);
+    if (!source) throw failed(provider, `its source_profile '${settings.source_profile}' has no credentials`);
+  } else if (settings.credential_source === 'Environment') {
+    if (!environment.AWS_ACCESS_KEY_ID || !environment.AWS_SECRET_ACCESS_KEY) throw failed(provider, 'credential_source Environment, but AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set');
+    source = { accessKeyId: environment.AWS_ACCESS_KEY_ID, secretAccessKey: environment.AWS_SECRET_ACCESS_KEY, ...(environment.AWS_SESSION_TOKEN ? { sessionToken: environment.AWS_SESSION_TOKEN } : {}) };
+  } else if (settings.credential_source === 'Ec2InstanceMetadata') {
+    source = await fromInstanceMetadata(environment);
+  } else if (settings.credential_source === 'EcsContainer') {
+    source = await fromContainer(environment);
+  } else {
+    throw failed(provider, settings.credential_source ? `credential_source '${settings.credential_source}' is not Environment, Ec2InstanceMetadata or EcsContainer` : 'the profile names role_arn without source_profile or credential_source');
+  }
+  if (!source) throw failed(provider, `credential_source ${settings.credential_source} gave no credentials`);
+  const stsRegion = settings.region ?? region;
+  const endpoint = (environment.AWS_ENDPOINT_URL_STS ?? `https://sts.${stsRegion}.amazonaws.com`).replace(/\/+$/, '');
+  const body = new URLSearchParams({
+    Action: 'AssumeRole',
+    Version: '2011-06-15',
+    RoleArn: role,
+    RoleSessionName: settings.role_session_name ?? `trellis-${process.pid}`,
+    ...(settings.external_id ? { ExternalId: settings.external_id } : {}),
+    ...(settings.duration_seconds ? { DurationSeconds: settings.duration_seconds } : {}),
+  }).toString();
+  const url = new URL(`${endpoint}/`);
+  const at = new Date();
+  const headers: Record<string, string> = { host: url.host, 'content-type': 'application/x-www-form-urlencoded; charset=utf-8', 'x-amz-date': amzDate(at) };
+  if (source.sessionToken) headers['x-amz-security-token'] = source.sessionToken;
+  headers.authorization = signRequest({ method: 'POST', encodedPath: url.pathname, query: '', headers, payloadHash: sha256Hex(body) }, source, stsRegion, at, 'sts').authorization;
+  const { host: _host, ...sent } = headers;
+  let answer: Response;
+  try {
+    answer = await request(url.toString(), { method: 'POST', headers: sent, body }, PROVIDER_TIMEOUT_MS);
+  } catch (error) {
+    throw failed(`STS (${endpoint})`, `no answer (${(error as Error).message})`, error);
+  }
+  return stsCredentials(answer, endpoint, 'AssumeRole', role);
+}
+
+function staticCredentials(settings: Record<string, string>): Credentials | undefined {
+  if (!settings.aws_access_key_id || !settings.aws_secret_access_key) return undefined;
+  return { accessKeyId: settings.aws_access_key_id, secretAccessKey: settings.aws_secret_access_key, ...(settings.aws_session_token ? { sessionToken: settings.aws_session_token } : {}) };
+}
+
+/** What a named profile gives, as a source for a role: a role of its own, its keys, its SSO role or its process. */
+async function profileCredentials(profile: string, environment: NodeJS.ProcessEnv, region: string, depth: number): Promise<ExpiringCredentials | undefined> {
+  const { settings, config } = profileSettings(profile, environment);
+  if (settings.role_arn) return fromAssumeRole(settings, profile, environment, region, depth);
+  const keys = staticCredentials(settings);
+  if (keys) return keys;
+  if (settings.sso_session || settings.sso_start_url || settings.sso_account_id) return fromSso(settings, config, profile, environment);
+  if (settings.credential_process) return fromProcess(settings.credential_process, profile);
+  return undefined;
+}
+
+/**
  * The first provider of the chain that has credentials, with its name, or undefined when none
  * does (requests then go unsigned). A provider that is configured but fails (a token file that
  * cannot be read, STS refusing the role, an SSO login that expired) is an error, not a reason to
@@ -282,6 +354,7 @@ export async function credentialsFromProviders(
   profile: string = environment.AWS_PROFILE ?? 'default',
 ): Promise<{ credentials: ExpiringCredentials; provider: string } | undefined> {
   const { settings, config } = profileSettings(profile, environment);
+  if (settings.role_arn) return { credentials: await fromAssumeRole(settings, profile, environment, region, 0), provider: 'assumed role' };
   if (settings.sso_session || settings.sso_start_url || settings.sso_account_id) return { credentials: await fromSso(settings, config, profile, environment), provider: 'SSO' };
   if (settings.credential_process) return { credentials: await fromProcess(settings.credential_process, profile), provider: 'credential_process' };
   const webIdentity = await fromWebIdentity(environment, region);

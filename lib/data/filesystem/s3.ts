@@ -79,7 +79,8 @@ const REFRESH_BEFORE_MS = 5 * 60_000;
 /** The profile's keys from the shared credentials file, or its section in the config file, if they have them. */
 function credentialsFromFile(profile: string): Credentials | undefined {
   const { settings } = profileSettings(profile);
-  if (!settings.aws_access_key_id || !settings.aws_secret_access_key) return undefined;
+  // A profile that assumes a role signs with the role's credentials, not the keys beside it.
+  if (settings.role_arn || !settings.aws_access_key_id || !settings.aws_secret_access_key) return undefined;
   return { accessKeyId: settings.aws_access_key_id, secretAccessKey: settings.aws_secret_access_key, ...(settings.aws_session_token ? { sessionToken: settings.aws_session_token } : {}) };
 }
 
