@@ -1,4 +1,5 @@
 #include "image/png_decoder.h"
+#include "image/png_filter.h"
 
 #include <algorithm>
 #include <array>
@@ -59,15 +60,6 @@ std::vector<Pass> Passes(const PngHeader& header) {
 
 size_t RowBytes(uint32_t width, uint32_t bits_per_pixel) { return (static_cast<size_t>(width) * bits_per_pixel + 7) / 8; }
 
-int Paeth(int left, int up, int up_left) {
-  int estimate = left + up - up_left;
-  int to_left = std::abs(estimate - left);
-  int to_up = std::abs(estimate - up);
-  int to_up_left = std::abs(estimate - up_left);
-  if (to_left <= to_up && to_left <= to_up_left) return left;
-  if (to_up <= to_up_left) return up;
-  return up_left;
-}
 
 // Undoes a row's filter in place; `previous` is the row above after its own unfiltering (zeros for
 // a pass's first row), `stride` the bytes of one whole pixel (at least 1).

@@ -1,23 +1,11 @@
 #include "image/png_encoder.h"
+#include "image/png_filter.h"
 
 #include <array>
 #include <cstdlib>
 #include <cstring>
 
 namespace trellis::image {
-namespace {
-
-int Paeth(int left, int up, int up_left) {
-  int estimate = left + up - up_left;
-  int to_left = std::abs(estimate - left);
-  int to_up = std::abs(estimate - up);
-  int to_up_left = std::abs(estimate - up_left);
-  if (to_left <= to_up && to_left <= to_up_left) return left;
-  if (to_up <= to_up_left) return up;
-  return up_left;
-}
-
-}  // namespace
 
 std::vector<uint8_t> FilterPngRows(const uint8_t* pixels, uint32_t height, uint32_t width, uint32_t channels) {
   const size_t row_bytes = static_cast<size_t>(width) * channels;

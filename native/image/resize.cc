@@ -51,38 +51,23 @@ Taps MakeTaps(uint32_t in, uint32_t out) {
   return taps;
 }
 
-// The horizontal pass for a channel count known at compile time (1, 3, 4: the inner loops unroll).
+// The horizontal pass. kChannels is the channel count when known at compile time (1, 3, 4: the
+// inner loops unroll), 0 for any other count, read from `channels`.
 template <uint32_t kChannels>
-void HorizontalPass(const uint8_t* pixels, uint32_t height, uint32_t width, const Taps& taps, uint32_t out_width, float* rows) {
+void HorizontalPass(const uint8_t* pixels, uint32_t height, uint32_t width, uint32_t channels, const Taps& taps, uint32_t out_width, float* rows) {
+  const uint32_t count = kChannels != 0 ? kChannels : channels;
   for (uint32_t y = 0; y < height; ++y) {
-    const uint8_t* source = pixels + static_cast<size_t>(y) * width * kChannels;
-    float* target = rows + static_cast<size_t>(y) * out_width * kChannels;
+    const uint8_t* source = pixels + static_cast<size_t>(y) * width * count;
+    float* target = rows + static_cast<size_t>(y) * out_width * count;
     for (uint32_t x = 0; x < out_width; ++x) {
       const float* weights = &taps.weights[static_cast<size_t>(x) * taps.width];
-      const uint8_t* first = source + static_cast<size_t>(taps.first[x]) * kChannels;
-      float sums[kChannels] = {};
+      const uint8_t* first = source + static_cast<size_t>(taps.first[x]) * count;
+      float sums[kChannels != 0 ? kChannels : 64] = {};
       for (uint32_t k = 0; k < taps.count[x]; ++k) {
         const float weight = weights[k];
-        for (uint32_t c = 0; c < kChannels; ++c) sums[c] += weight * first[k * kChannels + c];
+        for (uint32_t c = 0; c < count; ++c) sums[c] += weight * first[k * count + c];
       }
-      for (uint32_t c = 0; c < kChannels; ++c) target[x * kChannels + c] = sums[c];
-    }
-  }
-}
-
-// The same for any other channel count.
-void HorizontalPassAny(const uint8_t* pixels, uint32_t height, uint32_t width, uint32_t channels, const Taps& taps, uint32_t out_width, float* rows) {
-  for (uint32_t y = 0; y < height; ++y) {
-    const uint8_t* source = pixels + static_cast<size_t>(y) * width * channels;
-    float* target = rows + static_cast<size_t>(y) * out_width * channels;
-    for (uint32_t x = 0; x < out_width; ++x) {
-      const float* weights = &taps.weights[static_cast<size_t>(x) * taps.width];
-      const uint8_t* first = source + static_cast<size_t>(taps.first[x]) * channels;
-      for (uint32_t c = 0; c < channels; ++c) {
-        float sum = 0;
-        for (uint32_t k = 0; k < taps.count[x]; ++k) sum += weights[k] * first[k * channels + c];
-        target[x * channels + c] = sum;
-      }
+      for (uint32_t c = 0; c < count; ++c) target[x * count + c] = sums[c];
     }
   }
 }
@@ -97,10 +82,10 @@ void ResizeBilinearInto(const uint8_t* pixels, uint32_t height, uint32_t width, 
   // image), then the vertical pass rounds once.
   thread_local std::vector<float> rows;
   rows.resize(static_cast<size_t>(height) * out_width * channels);
-  if (channels == 1) HorizontalPass<1>(pixels, height, width, horizontal, out_width, rows.data());
-  else if (channels == 3) HorizontalPass<3>(pixels, height, width, horizontal, out_width, rows.data());
-  else if (channels == 4) HorizontalPass<4>(pixels, height, width, horizontal, out_width, rows.data());
-  else HorizontalPassAny(pixels, height, width, channels, horizontal, out_width, rows.data());
+  if (channels == 1) HorizontalPass<1>(pixels, height, width, channels, horizontal, out_width, rows.data());
+  else if (channels == 3) HorizontalPass<3>(pixels, height, width, channels, horizontal, out_width, rows.data());
+  else if (channels == 4) HorizontalPass<4>(pixels, height, width, channels, horizontal, out_width, rows.data());
+  else HorizontalPass<0>(pixels, height, width, channels, horizontal, out_width, rows.data());  // at most 64 (the binding's limit)
   size_t row_length = static_cast<size_t>(out_width) * channels;
   std::vector<float> sums(row_length);
   for (uint32_t y = 0; y < out_height; ++y) {

@@ -8,6 +8,7 @@ import { InvalidArgumentError } from '../../errors.js';
 import { remote } from '../../core/registry.js';
 import type { Block } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
+import type { UdfTarget } from '../udf.js';
 import { DEFAULT_BLOCK_BYTES, FileListing, checkExtensions, checkPositiveInteger, checkRowIds, fileKey, groupByWeight, listedFiles, taskFileSystem, utf8Column, type FileEntry, type FileSystemOptions } from './files.js';
 import { checkFileSystem, fileSystemFor, urlScheme, type FileSystem } from '../filesystem/file-system.js';
 import { partitionedReadTasks, selectPartitions, type PartitionReadOptions, type PartitionValues } from './partitioning.js';
@@ -123,12 +124,58 @@ export const readBinaryFiles = remote(import.meta, async function* readBinaryFil
   if (contents.length > 0) yield flush();
 });
 
-export class BinaryDatasource extends Datasource {
+/**
+ * A source of whole files, each read by one task, tasks taking runs of files of about equal
+ * bytes: binary files and images. Subclasses name the read function and what it is given.
+ */
+export abstract class WholeFilesDatasource<TaskOptions> extends Datasource {
   readonly #listing: FileListing<{ files: FileEntry[]; partitions: Map<string, PartitionValues> | undefined }>;
-  private readonly taskOptions: BinaryTaskOptions;
+  readonly #format: string;
+
+  protected constructor(listing: FileListing<{ files: FileEntry[]; partitions: Map<string, PartitionValues> | undefined }>, format: string) {
+    super();
+    this.#listing = listing;
+    this.#format = format;
+  }
+
+  /** The registered read function a task runs, with (paths, taskOptions). */
+  protected abstract get readFunction(): UdfTarget;
+  protected abstract get taskOptions(): TaskOptions;
+
+  /** What a group of files holds once read (the executor budgets memory with it). */
+  protected bytesOf(files: readonly FileEntry[]): number {
+    return files.reduce((sum, file) => sum + file.bytes, 0);
+  }
+
+  /** The files read (for URLs, known once the dataset runs). */
+  get files(): FileEntry[] {
+    return listedFiles(this.#listing, this.#format);
+  }
+
+  async getReadTasks(parallelism: number): Promise<ReadTask[]> {
+    const { files: listed, partitions } = await this.#listing.get();
+    return partitionedReadTasks(listed, partitions, parallelism, (files, share) =>
+      groupByWeight(files, (file) => file.bytes, share).map(
+        (group) =>
+          new ReadTask(this.readFunction, [group.map((file) => file.path), this.taskOptions], {
+            rows: group.length,
+            bytes: this.bytesOf(group),
+            inputFiles: group.map((file) => file.path),
+          }),
+      ),
+    );
+  }
+
+  override estimateInMemorySize(): number | undefined {
+    const files = this.#listing.now?.files;
+    return files ? this.bytesOf(files) : undefined;
+  }
+}
+
+export class BinaryDatasource extends WholeFilesDatasource<BinaryTaskOptions> {
+  readonly #taskOptions: BinaryTaskOptions;
 
   constructor(paths: string | readonly string[], options: BinaryReadOptions = {}) {
-    super();
     if (options.includePaths !== undefined && typeof options.includePaths !== 'boolean') {
       throw new InvalidArgumentError(`binary option 'includePaths' must be a boolean, got ${JSON.stringify(options.includePaths)}`);
     }
@@ -139,45 +186,33 @@ export class BinaryDatasource extends Datasource {
     }
     const rowsPerBlock = checkPositiveInteger(options.rowsPerBlock, 'rowsPerBlock');
     const filesystem = taskFileSystem(paths, checkFileSystem(options.filesystem, 'binary'));
-    this.taskOptions = {
+    super(
+      new FileListing(paths, options.extensions === undefined ? [''] : checkExtensions(options.extensions, []), 'binary', filesystem, (found) => {
+        const selected = selectPartitions(found, options, 'binary');
+        const large = selected.files.find((file) => file.bytes > MAX_FILE_BYTES);
+        if (large) throw tooLarge(large.path, large.bytes);
+        return selected;
+      }),
+      'binary',
+    );
+    this.#taskOptions = {
       includePaths,
       ...(filesystem ? { filesystem } : {}),
       blockBytes: checkPositiveInteger(options.blockBytes, 'blockBytes') ?? DEFAULT_BLOCK_BYTES,
       ...(rowsPerBlock ? { rowsPerBlock } : {}),
       ...(rowIds ? { rowIds } : {}),
     };
-    this.#listing = new FileListing(paths, options.extensions === undefined ? [''] : checkExtensions(options.extensions, []), 'binary', filesystem, (found) => {
-      const selected = selectPartitions(found, options, 'binary');
-      const large = selected.files.find((file) => file.bytes > MAX_FILE_BYTES);
-      if (large) throw tooLarge(large.path, large.bytes);
-      return selected;
-    });
   }
 
-  /** The files read (for URLs, known once the dataset runs). */
-  get files(): FileEntry[] {
-    return listedFiles(this.#listing, 'binary');
+  protected get readFunction(): UdfTarget {
+    return readBinaryFiles;
+  }
+
+  protected get taskOptions(): BinaryTaskOptions {
+    return this.#taskOptions;
   }
 
   override get name(): string {
     return 'BinaryFiles';
-  }
-
-  async getReadTasks(parallelism: number): Promise<ReadTask[]> {
-    const { files: listed, partitions } = await this.#listing.get();
-    return partitionedReadTasks(listed, partitions, parallelism, (files, share) =>
-      groupByWeight(files, (file) => file.bytes, share).map(
-        (group) =>
-          new ReadTask(
-            readBinaryFiles,
-            [group.map((file) => file.path), this.taskOptions],
-            { rows: group.length, bytes: group.reduce((sum, file) => sum + file.bytes, 0), inputFiles: group.map((file) => file.path) },
-          ),
-      ),
-    );
-  }
-
-  override estimateInMemorySize(): number | undefined {
-    return this.#listing.now?.files.reduce((sum, file) => sum + file.bytes, 0);
   }
 }

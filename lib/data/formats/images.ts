@@ -12,12 +12,13 @@ import { Tensor } from '../../gpu/tensor.js';
 import { checkImageMode, checkImageSize, decodeImage, type ImageMode } from '../../image/decode.js';
 import { encodeImage, type EncodedImageFormat } from '../../image/encode.js';
 import { blockToColumns, type Block } from '../block.js';
-import { Datasink, Datasource, ReadTask, type WriteContext } from '../datasource.js';
+import { Datasink, type WriteContext } from '../datasource.js';
 import { columnTensorCells, fixedTensorField, tensorCellsToColumn, tensorColumnInfo, variableTensorField } from '../tensor-column.js';
 import { checkFileSystem, fileSystemFor, urlScheme, type FileSystem } from '../filesystem/file-system.js';
-import { wholeFiles } from './binary.js';
-import { FileListing, checkExtensions, checkPositiveInteger, checkRowIds, fileKey, groupByWeight, listedFiles, taskFileSystem, utf8Column, type FileEntry, type FileSystemOptions } from './files.js';
-import { partitionedReadTasks, selectPartitions, type PartitionReadOptions, type PartitionValues } from './partitioning.js';
+import { WholeFilesDatasource, wholeFiles } from './binary.js';
+import type { UdfTarget } from '../udf.js';
+import { FileListing, checkExtensions, checkPositiveInteger, checkRowIds, fileKey, taskFileSystem, utf8Column, type FileEntry, type FileSystemOptions } from './files.js';
+import { selectPartitions, type PartitionReadOptions } from './partitioning.js';
 
 export const IMAGE_EXTENSIONS: readonly string[] = ['.jpg', '.jpeg', '.png'];
 /** Decoded bytes per block: images are many times their files' size once decoded. */
@@ -127,12 +128,10 @@ export const readImageFiles = remote(import.meta, async function* readImageFiles
   if (images.length > 0) yield flush();
 });
 
-export class ImageDatasource extends Datasource {
-  readonly #listing: FileListing<{ files: FileEntry[]; partitions: Map<string, PartitionValues> | undefined }>;
-  private readonly taskOptions: ImageTaskOptions;
+export class ImageDatasource extends WholeFilesDatasource<ImageTaskOptions> {
+  readonly #taskOptions: ImageTaskOptions;
 
   constructor(paths: string | readonly string[], options: ImageReadOptions = {}) {
-    super();
     if (options.includePaths !== undefined && typeof options.includePaths !== 'boolean') {
       throw new InvalidArgumentError(`images option 'includePaths' must be a boolean, got ${JSON.stringify(options.includePaths)}`);
     }
@@ -158,7 +157,7 @@ export class ImageDatasource extends Datasource {
     }
     const rowsPerBlock = checkPositiveInteger(options.rowsPerBlock, 'rowsPerBlock');
     const filesystem = taskFileSystem(paths, checkFileSystem(options.filesystem, 'images'));
-    this.taskOptions = {
+    const taskOptions: ImageTaskOptions = {
       mode,
       ...(size ? { size } : {}),
       includePaths,
@@ -171,42 +170,27 @@ export class ImageDatasource extends Datasource {
       ...(options.draft ? { draft: true } : {}),
       ...(options.applyExifOrientation ? { applyExifOrientation: true } : {}),
     };
-    this.#listing = new FileListing(paths, checkExtensions(options.extensions, IMAGE_EXTENSIONS), 'images', filesystem, (found) => selectPartitions(found, options, 'images'));
+    super(new FileListing(paths, checkExtensions(options.extensions, IMAGE_EXTENSIONS), 'images', filesystem, (found) => selectPartitions(found, options, 'images')), 'images');
+    this.#taskOptions = taskOptions;
   }
 
-  /** The files read (for URLs, known once the dataset runs). */
-  get files(): FileEntry[] {
-    return listedFiles(this.#listing, 'images');
+  protected get readFunction(): UdfTarget {
+    return readImageFiles;
+  }
+
+  protected get taskOptions(): ImageTaskOptions {
+    return this.#taskOptions;
   }
 
   override get name(): string {
     return 'Images';
   }
 
-  async getReadTasks(parallelism: number): Promise<ReadTask[]> {
-    const { files: listed, partitions } = await this.#listing.get();
-    return partitionedReadTasks(listed, partitions, parallelism, (files, share) =>
-      groupByWeight(files, (file) => file.bytes, share).map(
-        (group) =>
-          new ReadTask(
-            readImageFiles,
-            [group.map((file) => file.path), this.taskOptions],
-            { rows: group.length, bytes: this.#decodedBytes(group), inputFiles: group.map((file) => file.path) },
-          ),
-      ),
-    );
-  }
-
-  /** What a group's images hold decoded, where the size says; else a JPEG's usual tenfold. */
-  #decodedBytes(files: readonly FileEntry[]): number {
-    const { size, mode } = this.taskOptions;
+  /** What images hold decoded, where the size says; else a JPEG's usual tenfold. */
+  protected override bytesOf(files: readonly FileEntry[]): number {
+    const { size, mode } = this.#taskOptions;
     if (size) return files.length * size[0] * size[1] * CHANNELS[mode];
     return files.reduce((sum, file) => sum + file.bytes * 10, 0);
-  }
-
-  override estimateInMemorySize(): number | undefined {
-    const files = this.#listing.now?.files;
-    return files ? this.#decodedBytes(files) : undefined;
   }
 }
 
