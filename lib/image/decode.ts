@@ -1,5 +1,5 @@
 /**
- * Images to tensors for models: JPEG and PNG decoded natively into 8-bit pixels, in the mode a
+ * Images to tensors for models: JPEG and PNG decoded natively (GIF's first frame in TypeScript) into 8-bit pixels, in the mode a
  * model takes (RGB, RGBA or L), resized where a size is asked for. An image is a CPU Tensor of
  * dtype u8 and shape [height, width, channels] ([height, width] in mode L, as PIL and NumPy have
  * it), so it moves to a GPU with `.to('cuda:0')` and into a dataset's tensor column as it is.
@@ -8,10 +8,11 @@ import { ImageError, InvalidArgumentError } from '../errors.js';
 import { Tensor } from '../gpu/tensor.js';
 import { native, type NativeDecodedImage } from '../native.js';
 import { applyOrientation, jpegOrientation, swapsAxes } from './orientation.js';
+import { decodeGif, isGif, probeGif } from './gif.js';
 import { decodePng, probePng, PNG_SIGNATURE } from './png.js';
 
 export type ImageMode = 'RGB' | 'RGBA' | 'L';
-export type ImageFormat = 'jpeg' | 'png';
+export type ImageFormat = 'jpeg' | 'png' | 'gif';
 
 export const IMAGE_MODES: readonly ImageMode[] = ['RGB', 'RGBA', 'L'];
 const CHANNELS: Record<ImageMode, number> = { L: 1, RGB: 3, RGBA: 4 };
@@ -50,7 +51,6 @@ export interface ImageInfo {
 
 /** Formats known by their first bytes, so a file the decoders cannot read is named, not misread. */
 const OTHER_FORMATS: Array<[string, number[]]> = [
-  ['GIF', [0x47, 0x49, 0x46, 0x38]],
   ['BMP', [0x42, 0x4d]],
   ['TIFF', [0x49, 0x49, 0x2a, 0x00]],
   ['TIFF', [0x4d, 0x4d, 0x00, 0x2a]],
@@ -60,6 +60,7 @@ const OTHER_FORMATS: Array<[string, number[]]> = [
 export function imageFormat(bytes: Uint8Array): ImageFormat | undefined {
   if (bytes.length >= 3 && bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff) return 'jpeg';
   if (bytes.length >= 8 && PNG_SIGNATURE.every((value, index) => bytes[index] === value)) return 'png';
+  if (isGif(bytes)) return 'gif';
   return undefined;
 }
 
@@ -69,8 +70,8 @@ function unknownFormat(bytes: Uint8Array): ImageError {
   const webp = bytes.length >= 12 && String.fromCharCode(...bytes.subarray(0, 4)) === 'RIFF' && String.fromCharCode(...bytes.subarray(8, 12)) === 'WEBP';
   const format = named ?? (webp ? 'WebP' : undefined);
   return format
-    ? new ImageError('ERR_IMAGE_UNSUPPORTED', `${format} images are not supported (JPEG and PNG are)`)
-    : new ImageError('ERR_IMAGE_DECODE', `not a JPEG or PNG image (first bytes ${Buffer.from(bytes.subarray(0, 8)).toString('hex') || 'none'})`);
+    ? new ImageError('ERR_IMAGE_UNSUPPORTED', `${format} images are not supported (JPEG, PNG and GIF are)`)
+    : new ImageError('ERR_IMAGE_DECODE', `not a JPEG, PNG or GIF image (first bytes ${Buffer.from(bytes.subarray(0, 8)).toString('hex') || 'none'})`);
 }
 
 function asBytes(bytes: unknown, what: string): Uint8Array {
@@ -85,6 +86,7 @@ export function imageInfo(bytes: Uint8Array): ImageInfo {
   const format = imageFormat(data);
   if (format === 'jpeg') return { format, ...native.image.probeJpeg(data) };
   if (format === 'png') return { format, ...probePng(data) };
+  if (format === 'gif') return { format, ...probeGif(data) };
   throw unknownFormat(data);
 }
 
@@ -137,6 +139,7 @@ export function decodeImage(bytes: Uint8Array, options: DecodeImageOptions = {})
   }
   if (format === 'jpeg') decoded = size ? native.image.decodeJpeg(data, channels, maxPixels, size[0], size[1], options.draft === true) : native.image.decodeJpeg(data, channels, maxPixels);
   else if (format === 'png') decoded = decodePng(data, channels, maxPixels);
+  else if (format === 'gif') decoded = decodeGif(data, channels, maxPixels);
   else throw unknownFormat(data);
   let { pixels, height, width } = decoded;
   if (size && (size[0] !== height || size[1] !== width)) {

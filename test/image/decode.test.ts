@@ -16,7 +16,7 @@ import { f16ToFloat } from '../../lib/gpu/dtype.js';
 
 const fixtures = join(import.meta.dirname, 'fixtures');
 const read = (name: string) => new Uint8Array(readFileSync(join(fixtures, name)));
-const images = readdirSync(fixtures).filter((name) => /\.(jpg|png)$/.test(name) && !name.startsWith('bench'));
+const images = readdirSync(fixtures).filter((name) => /\.(jpg|png|gif)$/.test(name) && !name.startsWith('bench'));
 
 function difference(actual: Uint8Array, expected: Uint8Array): { max: number; mean: number } {
   expect(actual.length).toBe(expected.length);
@@ -47,8 +47,8 @@ describe('decodeImage', () => {
     expect(image.dtype).toBe('u8');
     expect(image.shape).toEqual([47, 61, 4]);
     const { max, mean } = difference(image.data as Uint8Array, reference);
-    if (name.endsWith('.png')) {
-      expect(max).toBe(0);
+    if (!name.endsWith('.jpg')) {
+      expect(max).toBe(0); // PNG and GIF are lossless: Pillow's pixels exactly
     } else {
       // libjpeg's integer inverse DCT and ours (floats) round differently by a level or two.
       expect(max).toBeLessThanOrEqual(4);
@@ -177,6 +177,7 @@ describe('decodeImage', () => {
     expect(imageInfo(read('palette.png'))).toEqual({ format: 'png', width: 61, height: 47, channels: 3 });
     expect(imageInfo(read('gray-alpha.png'))).toEqual({ format: 'png', width: 61, height: 47, channels: 2 });
     expect(imageFormat(read('rgb.png'))).toBe('png');
+    expect(imageInfo(read('gif-animated.gif'))).toEqual({ format: 'gif', width: 61, height: 47, channels: 3 });
     expect(imageFormat(new Uint8Array([1, 2, 3]))).toBeUndefined();
   });
 
@@ -207,7 +208,11 @@ describe('decodeImage', () => {
     overfull[donor] -= moved;
     overfull[counts] = 5;
     expect(() => decodeImage(overfull)).toThrow(/Huffman table/);
-    expect(() => decodeImage(new Uint8Array(Buffer.from('GIF89a....')))).toThrow(/GIF images are not supported/);
+    expect(codeOf(() => decodeImage(new Uint8Array(Buffer.from('GIF89a....'))))).toBe('ERR_IMAGE_DECODE');
+    const gif = read('gif-plain.gif');
+    expect(() => decodeImage(gif.subarray(0, 40))).toThrow(/GIF: the file ends before its first image/);
+    expect(codeOf(() => decodeImage(gif, { maxPixels: 100 }))).toBe('ERR_IMAGE_TOO_LARGE');
+    expect(() => decodeImage(new Uint8Array(Buffer.from('BM6\0\0\0')))).toThrow(/BMP images are not supported/);
     expect(() => decodeImage(new Uint8Array(Buffer.from('RIFF\0\0\0\0WEBPVP8 ')))).toThrow(/WebP/);
     expect(codeOf(() => decodeImage(new Uint8Array([1, 2, 3, 4])))).toBe('ERR_IMAGE_DECODE');
     expect(codeOf(() => decodeImage(jpeg, { maxPixels: 1000 }))).toBe('ERR_IMAGE_TOO_LARGE');
@@ -225,7 +230,7 @@ describe('decodeImage', () => {
       state = (state * 1103515245 + 12345) & 0x7fffffff;
       return state / 0x7fffffff;
     };
-    for (const name of ['baseline-420.jpg', 'progressive-420.jpg', 'restart.jpg', 'rgba-interlaced.png', 'palette4.png']) {
+    for (const name of ['baseline-420.jpg', 'progressive-420.jpg', 'restart.jpg', 'rgba-interlaced.png', 'palette4.png', 'gif-interlaced.gif']) {
       const original = read(name);
       for (let trial = 0; trial < 300; trial++) {
         const damaged = original.slice(0, trial % 3 === 0 ? Math.floor(random() * original.length) : original.length);

@@ -20,7 +20,7 @@ import type { UdfTarget } from '../udf.js';
 import { FileListing, checkExtensions, checkPositiveInteger, checkRowIds, fileKey, taskFileSystem, utf8Column, type FileEntry, type FileSystemOptions } from './files.js';
 import { selectPartitions, type PartitionReadOptions } from './partitioning.js';
 
-export const IMAGE_EXTENSIONS: readonly string[] = ['.jpg', '.jpeg', '.png'];
+export const IMAGE_EXTENSIONS: readonly string[] = ['.jpg', '.jpeg', '.png', '.gif'];
 /** Decoded bytes per block: images are many times their files' size once decoded. */
 const DEFAULT_IMAGE_BLOCK_BYTES = 16 << 20;
 
@@ -31,7 +31,7 @@ export interface ImageReadOptions extends PartitionReadOptions, FileSystemOption
   mode?: ImageMode;
   /** Add a `path` column with each file's path (default false). */
   includePaths?: boolean;
-  /** Which files of a directory are read (default .jpg, .jpeg, .png). */
+  /** Which files of a directory are read (default .jpg, .jpeg, .png, .gif). */
   extensions?: string[];
   /** Images per block; by default a block holds images until their pixels reach `blockBytes`. */
   rowsPerBlock?: number;

@@ -36,7 +36,7 @@ export interface WebDatasetReadOptions extends PartitionReadOptions, FileSystemO
    */
   decode?: boolean;
   /**
-   * Decode image fields (jpg, jpeg, png) too, into u8 tensors [height, width, channels] in tensor
+   * Decode image fields (jpg, jpeg, png, gif) too, into u8 tensors [height, width, channels] in tensor
    * columns (Ray's default decoder decodes them as well): true for RGB at their own sizes, or
    * `{ mode, size }` as readImages takes them (with `size` a batch of a field is one Tensor
    * [N, H, W, C]). Default false: images stay bytes.
@@ -71,7 +71,7 @@ function splitName(name: string): { key: string; field: string } | undefined {
   return { key: name.slice(0, dot), field: name.slice(dot + 1).toLowerCase() };
 }
 
-const IMAGE_FIELDS = new Set(['jpg', 'jpeg', 'png']);
+const IMAGE_FIELDS = new Set(['jpg', 'jpeg', 'png', 'gif']);
 
 function decodeField(field: string, bytes: Uint8Array, where: string, images: DecodeImageOptions | undefined): unknown {
   const last = field.slice(field.lastIndexOf('.') + 1);
