@@ -561,6 +561,16 @@ class JpegDecoder {
     }
     const HuffmanTable& ac = ac_tables_[component.ac_table];
     for (uint32_t k = start; k <= end;) {
+      // A coefficient in one lookup where it fits, as in sequential scans (end-of-band runs never do).
+      int32_t fast = ac.fast_ac[reader.Peek(kFastBits)];
+      if (fast != 0) {
+        reader.Consume(fast & 15);
+        k += (fast >> 4) & 15;
+        if (k > 63) Corrupt("a block's coefficients run past 64");
+        block[kZigzag[k]] = static_cast<int16_t>((fast >> 8) * (1 << low));
+        ++k;
+        continue;
+      }
       int symbol = reader.DecodeSymbol(ac);
       int run = symbol >> 4;
       int size = symbol & 15;
