@@ -121,7 +121,7 @@ export type { Block, Row, BatchFormat, BlockMetadata, BatchColumns, FormattedCol
 export { tensorColumnInfo, FIXED_SHAPE_TENSOR, VARIABLE_SHAPE_TENSOR } from './data/tensor-column.js';
 export type { TensorColumnInfo } from './data/tensor-column.js';
 export { decodeImage, resizeImage, imageInfo, imageFormat, DEFAULT_MAX_IMAGE_PIXELS } from './image/decode.js';
-export type { ImageMode, ImageFormat, ImageInfo, DecodeImageOptions } from './image/decode.js';
+export type { ImageMode, ImageFormat, ImageFit, ImageInfo, DecodeImageOptions } from './image/decode.js';
 export { normalizeImages, IMAGENET_MEAN, IMAGENET_STD } from './image/normalize.js';
 export { encodeImage } from './image/encode.js';
 export type { EncodeImageOptions, EncodedImageFormat } from './image/encode.js';

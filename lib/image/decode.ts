@@ -13,6 +13,7 @@ import { decodePng, probePng, PNG_SIGNATURE } from './png.js';
 
 export type ImageMode = 'RGB' | 'RGBA' | 'L';
 export type ImageFormat = 'jpeg' | 'png' | 'gif';
+export type ImageFit = 'fill' | 'cover' | 'contain';
 
 export const IMAGE_MODES: readonly ImageMode[] = ['RGB', 'RGBA', 'L'];
 const CHANNELS: Record<ImageMode, number> = { L: 1, RGB: 3, RGBA: 4 };
@@ -25,6 +26,13 @@ export interface DecodeImageOptions {
   mode?: ImageMode;
   /** [height, width] to resize to (bilinear, antialiased when shrinking). */
   size?: readonly [height: number, width: number];
+  /**
+   * How the image meets `size`: 'fill' (default) stretches it to exactly that; 'cover' keeps its
+   * aspect ratio, scaled to cover the size, and crops the centre (torchvision's Resize then
+   * CenterCrop, the usual evaluation transform); 'contain' keeps its aspect ratio inside the size
+   * and pads the rest with zeros (letterboxing, as detectors take input).
+   */
+  fit?: ImageFit;
   /** Images of more pixels are refused with ERR_IMAGE_TOO_LARGE before they are decoded (0: no limit). */
   maxPixels?: number;
   /**
@@ -129,13 +137,26 @@ export function decodeImage(bytes: Uint8Array, options: DecodeImageOptions = {})
   if (options.applyExifOrientation !== undefined && typeof options.applyExifOrientation !== 'boolean') {
     throw new InvalidArgumentError(`decodeImage: applyExifOrientation must be a boolean, got ${JSON.stringify(options.applyExifOrientation)}`, 'ERR_INVALID_ARGUMENT');
   }
+  const fit = options.fit ?? 'fill';
+  if (fit !== 'fill' && fit !== 'cover' && fit !== 'contain') throw new InvalidArgumentError(`decodeImage: fit must be 'fill', 'cover' or 'contain', got ${JSON.stringify(fit)}`, 'ERR_INVALID_ARGUMENT');
   const orientation = options.applyExifOrientation && format === 'jpeg' ? jpegOrientation(data) : 1;
   if (orientation !== 1) {
     // Resized before it is turned (the filter is the same along both axes, so the order does
     // not change the pixels): a quarter turn swaps the size asked for.
     const sideways = size && swapsAxes(orientation) ? ([size[1], size[0]] as const) : size;
-    const upright = decodeImage(data, { mode, maxPixels, ...(sideways ? { size: sideways } : {}), ...(options.draft ? { draft: true } : {}) });
+    const upright = decodeImage(data, { mode, maxPixels, fit, ...(sideways ? { size: sideways } : {}), ...(options.draft ? { draft: true } : {}) });
     return applyOrientation(upright, orientation);
+  }
+  if (size && fit !== 'fill' && format) {
+    // Scaled as a whole to cover (or fit inside) the size, then cut (or padded) to it.
+    const { height, width } = imageInfo(data);
+    const scale = fit === 'cover' ? Math.max(size[0] / height, size[1] / width) : Math.min(size[0] / height, size[1] / width);
+    const scaled: [number, number] =
+      fit === 'cover'
+        ? [Math.max(size[0], Math.round(height * scale)), Math.max(size[1], Math.round(width * scale))]
+        : [Math.max(1, Math.min(size[0], Math.round(height * scale))), Math.max(1, Math.min(size[1], Math.round(width * scale)))];
+    const resized = decodeImage(data, { mode, maxPixels, size: scaled, ...(options.draft ? { draft: true } : {}) });
+    return placeCentered(resized, size);
   }
   if (format === 'jpeg') decoded = size ? native.image.decodeJpeg(data, channels, maxPixels, size[0], size[1], options.draft === true) : native.image.decodeJpeg(data, channels, maxPixels);
   else if (format === 'png') decoded = decodePng(data, channels, maxPixels);
@@ -147,6 +168,27 @@ export function decodeImage(bytes: Uint8Array, options: DecodeImageOptions = {})
     [height, width] = size;
   }
   return toTensor(pixels, height, width, channels);
+}
+
+/** The centre of `image` cut to `size`, or `image` in the centre of a zero `size` where it is smaller (per axis). */
+function placeCentered(image: Tensor, size: readonly [number, number]): Tensor {
+  const [height, width, channels = 1] = image.shape;
+  const [outHeight, outWidth] = size;
+  if (height === outHeight && width === outWidth) return image;
+  const source = image.data as Uint8Array;
+  const out = new Uint8Array(outHeight * outWidth * channels);
+  // Offsets of the source in the output: negative where the source is cut, positive where padded.
+  const top = Math.floor((outHeight - height) / 2);
+  const left = Math.floor((outWidth - width) / 2);
+  const columns = Math.min(width, outWidth);
+  const fromColumn = Math.max(0, -left);
+  const toColumn = Math.max(0, left);
+  for (let y = Math.max(0, top); y < Math.min(outHeight, top + height); y++) {
+    const sourceRow = y - top;
+    const start = (sourceRow * width + fromColumn) * channels;
+    out.set(source.subarray(start, start + columns * channels), (y * outWidth + toColumn) * channels);
+  }
+  return Tensor.wrap(out, 'u8', image.shape.length === 2 ? [outHeight, outWidth] : [outHeight, outWidth, channels]);
 }
 
 /** A u8 image tensor ([height, width] or [height, width, channels]) resized to [height, width]. */

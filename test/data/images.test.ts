@@ -133,11 +133,14 @@ describe('readImages', () => {
     expect(described.every((row) => row.batchShape === 'cells' && row.shape === '47x61')).toBe(true);
     const rgba = await readImages(dir, { mode: 'RGBA', size: [8, 8] }).take(1);
     expect((rgba[0].image as Tensor).shape).toEqual([8, 8, 4]);
+    const covered = await readImages(dir, { size: [8, 12], fit: 'cover', includePaths: true }).take(2);
+    for (const row of covered) expect(sumOf(row.image as Tensor)).toBe(sumOf(decodeImage(readFileSync(row.path as string), { size: [8, 12], fit: 'cover' })));
+    expect(() => readImages(dir, { size: [8, 8], fit: 'stretch' as never })).toThrow(/'fit' must be 'fill', 'cover' or 'contain'/);
   });
 
   it('fails the job naming a file that does not decode, or keeps its row with a null image and the reason', async () => {
     const jpeg = readFileSync(join(fixtures, 'baseline-420.jpg'));
-    const dir = imageDirectory({ 'broken.jpg': new Uint8Array(jpeg.subarray(0, 400)), 'fake.png': new Uint8Array(Buffer.from('GIF89a not a png')) });
+    const dir = imageDirectory({ 'broken.jpg': new Uint8Array(jpeg.subarray(0, 400)), 'fake.png': new Uint8Array(Buffer.from('RIFF\0\0\0\0WEBPVP8 not a png')) });
     const failure = await readImages(dir, { size: [8, 8] }).takeAll().catch((error: unknown) => error);
     expect(failure).toBeInstanceOf(DataError);
     expect((failure as Error).message).toMatch(/broken\.jpg|fake\.png/);

@@ -170,6 +170,28 @@ describe('decodeImage', () => {
     expect(decodeImage(damaged, { applyExifOrientation: true }).shape).toEqual([47, 61, 3]);
   });
 
+  it('keeps the aspect ratio with fit: cover crops the centre, contain pads with zeros', () => {
+    const jpeg = read('baseline-444.jpg'); // 61 wide, 47 high
+    const full = decodeImage(jpeg);
+    const row = (image: Tensor, y: number) => [...(image.data as Uint8Array).subarray(y * image.shape[1] * 3, (y + 1) * image.shape[1] * 3)];
+    // cover [32, 32]: scaled to 32 x 42, then columns 5..36 kept.
+    const covered = decodeImage(jpeg, { size: [32, 32], fit: 'cover' });
+    expect(covered.shape).toEqual([32, 32, 3]);
+    const scaled = resizeImage(full, [32, 42]);
+    for (const y of [0, 15, 31]) expect(row(covered, y)).toEqual(row(scaled, y).slice(5 * 3, 37 * 3));
+    // contain [32, 32]: scaled to 25 x 32, rows 3..27 of the output, zeros above and below.
+    const contained = decodeImage(jpeg, { size: [32, 32], fit: 'contain' });
+    expect(contained.shape).toEqual([32, 32, 3]);
+    const inside = resizeImage(full, [25, 32]);
+    expect(row(contained, 0).every((value) => value === 0)).toBe(true);
+    expect(row(contained, 31).every((value) => value === 0)).toBe(true);
+    for (const y of [0, 12, 24]) expect(row(contained, y + 3)).toEqual(row(inside, y));
+    // A PNG the same way, and a quarter-turned JPEG (fit applies to the upright image).
+    expect(decodeImage(read('rgb.png'), { size: [10, 40], fit: 'cover' }).shape).toEqual([10, 40, 3]);
+    expect(decodeImage(read('gray8.png'), { mode: 'L', size: [40, 10], fit: 'contain' }).shape).toEqual([40, 10]);
+    expect(() => decodeImage(jpeg, { size: [8, 8], fit: 'crop' as never })).toThrow(/fit must be 'fill', 'cover' or 'contain'/);
+  });
+
   it('reads a header without decoding', () => {
     expect(imageInfo(read('progressive-420.jpg'))).toEqual({ format: 'jpeg', width: 61, height: 47, channels: 3 });
     expect(imageInfo(read('gray.jpg'))).toEqual({ format: 'jpeg', width: 61, height: 47, channels: 1 });

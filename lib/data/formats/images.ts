@@ -9,7 +9,7 @@ import { Field, Schema, Table, type Vector } from 'apache-arrow';
 import { ImageError, InvalidArgumentError } from '../../errors.js';
 import { remote } from '../../core/registry.js';
 import { Tensor } from '../../gpu/tensor.js';
-import { checkImageMode, checkImageSize, decodeImage, type ImageMode } from '../../image/decode.js';
+import { checkImageMode, checkImageSize, decodeImage, type ImageFit, type ImageMode } from '../../image/decode.js';
 import { encodeImage, type EncodedImageFormat } from '../../image/encode.js';
 import { blockToColumns, type Block } from '../block.js';
 import { Datasink, type WriteContext } from '../datasource.js';
@@ -27,6 +27,8 @@ const DEFAULT_IMAGE_BLOCK_BYTES = 16 << 20;
 export interface ImageReadOptions extends PartitionReadOptions, FileSystemOptions {
   /** [height, width] every image is resized to (bilinear, antialiased when shrinking); the column is then fixed-shape. */
   size?: readonly [height: number, width: number];
+  /** How images meet `size`: 'fill' (default: stretched), 'cover' (scaled, centre cropped) or 'contain' (scaled, padded). */
+  fit?: ImageFit;
   /** Channels: 'RGB' (default), 'RGBA' or 'L' (gray, a [height, width] tensor). */
   mode?: ImageMode;
   /** Add a `path` column with each file's path (default false). */
@@ -59,6 +61,7 @@ export interface ImageReadOptions extends PartitionReadOptions, FileSystemOption
 
 interface ImageTaskOptions {
   mode: ImageMode;
+  fit?: ImageFit;
   size?: readonly [number, number];
   includePaths: boolean;
   filesystem?: FileSystem;
@@ -110,6 +113,7 @@ export const readImageFiles = remote(import.meta, async function* readImageFiles
       image = decodeImage(content, {
         mode: options.mode,
         ...(options.size ? { size: options.size } : {}),
+        ...(options.fit ? { fit: options.fit } : {}),
         ...(options.maxPixels !== undefined ? { maxPixels: options.maxPixels } : {}),
         ...(options.draft ? { draft: true } : {}),
         ...(options.applyExifOrientation ? { applyExifOrientation: true } : {}),
@@ -139,6 +143,9 @@ export class ImageDatasource extends WholeFilesDatasource<ImageTaskOptions> {
       throw new InvalidArgumentError(`images option 'onDecodeError' must be 'fail' or 'null', got ${JSON.stringify(options.onDecodeError)}`);
     }
     const mode = checkImageMode(options.mode ?? 'RGB', 'readImages');
+    if (options.fit !== undefined && options.fit !== 'fill' && options.fit !== 'cover' && options.fit !== 'contain') {
+      throw new InvalidArgumentError(`images option 'fit' must be 'fill', 'cover' or 'contain', got ${JSON.stringify(options.fit)}`);
+    }
     const size = options.size === undefined ? undefined : checkImageSize(options.size, 'readImages');
     if (options.maxPixels !== undefined && (!Number.isSafeInteger(options.maxPixels) || options.maxPixels < 0)) {
       throw new InvalidArgumentError(`images option 'maxPixels' must be a non-negative integer (0: no limit), got ${String(options.maxPixels)}`);
@@ -159,6 +166,7 @@ export class ImageDatasource extends WholeFilesDatasource<ImageTaskOptions> {
     const filesystem = taskFileSystem(paths, checkFileSystem(options.filesystem, 'images'));
     const taskOptions: ImageTaskOptions = {
       mode,
+      ...(options.fit && options.fit !== 'fill' ? { fit: options.fit } : {}),
       ...(size ? { size } : {}),
       includePaths,
       recordErrors,
