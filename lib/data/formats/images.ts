@@ -98,7 +98,7 @@ export const readImageFiles = remote(import.meta, async function* readImageFiles
       fields.push(new Field(name, vector.type, true));
     };
     if (options.includePaths) add('path', utf8Column(names));
-    if (options.recordErrors) add('imageError', utf8Column(errors as string[]));
+    if (options.recordErrors) add('imageError', utf8Column(errors));
     if (options.rowIds) add(options.rowIds, utf8Column(names.map(fileKey)));
     images = [];
     names = [];
