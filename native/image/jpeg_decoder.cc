@@ -524,21 +524,27 @@ class JpegDecoder {
     return reader.MarkerPosition();
   }
 
+  // A whole AC coefficient in one lookup where its code and bits fit (HuffmanTable::fast_ac): it
+  // goes to zigzag position k after its run of zeros, scaled by 2^shift, and k steps past it.
+  template <typename Index>
+  static bool FastCoefficient(BitReader& reader, const HuffmanTable& ac, int16_t* block, Index& k, uint32_t shift) {
+    int32_t fast = ac.fast_ac[reader.Peek(kFastBits)];
+    if (fast == 0) return false;
+    reader.Consume(fast & 15);
+    k += static_cast<Index>((fast >> 4) & 15);
+    if (k > 63) Corrupt("a block's coefficients run past 64");
+    block[kZigzag[k]] = static_cast<int16_t>((fast >> 8) * (1 << shift));
+    ++k;
+    return true;
+  }
+
   void DecodeSequential(BitReader& reader, Component& component, int16_t* block) {
     int category = reader.DecodeSymbol(dc_tables_[component.dc_table]);
     component.dc_prediction += reader.Extend(category);
     block[0] = static_cast<int16_t>(component.dc_prediction);
     const HuffmanTable& ac = ac_tables_[component.ac_table];
     for (int k = 1; k < 64;) {
-      int32_t fast = ac.fast_ac[reader.Peek(kFastBits)];
-      if (fast != 0) {
-        reader.Consume(fast & 15);
-        k += (fast >> 4) & 15;
-        if (k > 63) Corrupt("a block's coefficients run past 64");
-        block[kZigzag[k]] = static_cast<int16_t>(fast >> 8);
-        ++k;
-        continue;
-      }
+      if (FastCoefficient(reader, ac, block, k, 0)) continue;
       int symbol = reader.DecodeSymbol(ac);
       int run = symbol >> 4;
       int size = symbol & 15;
@@ -561,16 +567,8 @@ class JpegDecoder {
     }
     const HuffmanTable& ac = ac_tables_[component.ac_table];
     for (uint32_t k = start; k <= end;) {
-      // A coefficient in one lookup where it fits, as in sequential scans (end-of-band runs never do).
-      int32_t fast = ac.fast_ac[reader.Peek(kFastBits)];
-      if (fast != 0) {
-        reader.Consume(fast & 15);
-        k += (fast >> 4) & 15;
-        if (k > 63) Corrupt("a block's coefficients run past 64");
-        block[kZigzag[k]] = static_cast<int16_t>((fast >> 8) * (1 << low));
-        ++k;
-        continue;
-      }
+      // End-of-band runs are never in the one-lookup table, so it serves first scans as it is.
+      if (FastCoefficient(reader, ac, block, k, low)) continue;
       int symbol = reader.DecodeSymbol(ac);
       int run = symbol >> 4;
       int size = symbol & 15;
