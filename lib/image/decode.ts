@@ -16,7 +16,8 @@ export type ImageFormat = 'jpeg' | 'png' | 'gif';
 export type ImageFit = 'fill' | 'cover' | 'contain';
 
 export const IMAGE_MODES: readonly ImageMode[] = ['RGB', 'RGBA', 'L'];
-const CHANNELS: Record<ImageMode, number> = { L: 1, RGB: 3, RGBA: 4 };
+/** Channels per pixel of each mode. */
+export const IMAGE_CHANNELS: Readonly<Record<ImageMode, number>> = { L: 1, RGB: 3, RGBA: 4 };
 
 /** PIL's decompression-bomb limit: a larger image is refused unless `maxPixels` says otherwise. */
 export const DEFAULT_MAX_IMAGE_PIXELS = 178_956_970;
@@ -111,7 +112,8 @@ export function checkImageSize(size: unknown, what: string): readonly [number, n
   return size as unknown as readonly [number, number];
 }
 
-function checkMaxPixels(maxPixels: unknown, what: string): number {
+/** A maxPixels option checked (undefined: the default limit). */
+export function checkMaxPixels(maxPixels: unknown, what: string): number {
   if (maxPixels === undefined) return DEFAULT_MAX_IMAGE_PIXELS;
   if (typeof maxPixels !== 'number' || !Number.isSafeInteger(maxPixels) || maxPixels < 0) {
     throw new InvalidArgumentError(`${what}: maxPixels must be a non-negative integer (0: no limit), got ${String(maxPixels)}`, 'ERR_INVALID_ARGUMENT');
@@ -130,7 +132,7 @@ export function decodeImage(bytes: Uint8Array, options: DecodeImageOptions = {})
   const mode = checkImageMode(options.mode ?? 'RGB', 'decodeImage');
   const size = options.size === undefined ? undefined : checkImageSize(options.size, 'decodeImage');
   const maxPixels = checkMaxPixels(options.maxPixels, 'decodeImage');
-  const channels = CHANNELS[mode];
+  const channels = IMAGE_CHANNELS[mode];
   const format = imageFormat(data);
   let decoded: NativeDecodedImage;
   if (options.draft !== undefined && typeof options.draft !== 'boolean') throw new InvalidArgumentError(`decodeImage: draft must be a boolean, got ${JSON.stringify(options.draft)}`, 'ERR_INVALID_ARGUMENT');

@@ -9,7 +9,7 @@ import { Field, Schema, Table, type Vector } from 'apache-arrow';
 import { ImageError, InvalidArgumentError } from '../../errors.js';
 import { remote } from '../../core/registry.js';
 import { Tensor } from '../../gpu/tensor.js';
-import { checkImageMode, checkImageSize, decodeImage, type ImageFit, type ImageMode } from '../../image/decode.js';
+import { IMAGE_CHANNELS, checkImageMode, checkImageSize, checkMaxPixels, decodeImage, type ImageFit, type ImageMode } from '../../image/decode.js';
 import { encodeImage, type EncodedImageFormat } from '../../image/encode.js';
 import { blockToColumns, type Block } from '../block.js';
 import { Datasink, type WriteContext } from '../datasource.js';
@@ -74,11 +74,9 @@ interface ImageTaskOptions {
   recordErrors: boolean;
 }
 
-const CHANNELS: Record<ImageMode, number> = { L: 1, RGB: 3, RGBA: 4 };
-
 /** The image column's field: fixed-shape when every image is resized to one size. */
 function imageField(options: ImageTaskOptions): Field {
-  const channels = CHANNELS[options.mode];
+  const channels = IMAGE_CHANNELS[options.mode];
   if (options.size) return fixedTensorField('image', 'u8', channels === 1 ? [...options.size] : [...options.size, channels]);
   return variableTensorField('image', 'u8', channels === 1 ? 2 : 3);
 }
@@ -147,9 +145,7 @@ export class ImageDatasource extends WholeFilesDatasource<ImageTaskOptions> {
       throw new InvalidArgumentError(`images option 'fit' must be 'fill', 'cover' or 'contain', got ${JSON.stringify(options.fit)}`);
     }
     const size = options.size === undefined ? undefined : checkImageSize(options.size, 'readImages');
-    if (options.maxPixels !== undefined && (!Number.isSafeInteger(options.maxPixels) || options.maxPixels < 0)) {
-      throw new InvalidArgumentError(`images option 'maxPixels' must be a non-negative integer (0: no limit), got ${String(options.maxPixels)}`);
-    }
+    if (options.maxPixels !== undefined) checkMaxPixels(options.maxPixels, 'readImages');
     const includePaths = options.includePaths === true;
     const recordErrors = options.onDecodeError === 'null';
     if (options.draft !== undefined && typeof options.draft !== 'boolean') throw new InvalidArgumentError(`images option 'draft' must be a boolean, got ${JSON.stringify(options.draft)}`);
@@ -197,7 +193,7 @@ export class ImageDatasource extends WholeFilesDatasource<ImageTaskOptions> {
   /** What images hold decoded, where the size says; else a JPEG's usual tenfold. */
   protected override bytesOf(files: readonly FileEntry[]): number {
     const { size, mode } = this.#taskOptions;
-    if (size) return files.length * size[0] * size[1] * CHANNELS[mode];
+    if (size) return files.length * size[0] * size[1] * IMAGE_CHANNELS[mode];
     return files.reduce((sum, file) => sum + file.bytes * 10, 0);
   }
 }

@@ -9,7 +9,7 @@
 import { remote } from '../../core/registry.js';
 import { ImageError, InvalidArgumentError } from '../../errors.js';
 import { Tensor } from '../../gpu/tensor.js';
-import { checkImageMode, checkImageSize, decodeImage, type DecodeImageOptions, type ImageMode } from '../../image/decode.js';
+import { checkImageMode, checkImageSize, checkMaxPixels, decodeImage, type DecodeImageOptions, type ImageMode } from '../../image/decode.js';
 import { encodeImage } from '../../image/encode.js';
 import { blockToRows, rowsToBlock, type Block, type Row } from '../block.js';
 import { Datasource, ReadTask } from '../datasource.js';
@@ -265,8 +265,6 @@ function imageDecoding(value: WebDatasetReadOptions['images']): DecodeImageOptio
   }
   const mode = checkImageMode(value.mode ?? 'RGB', 'readWebDataset');
   const size = value.size === undefined ? undefined : checkImageSize(value.size, 'readWebDataset');
-  if (value.maxPixels !== undefined && (!Number.isSafeInteger(value.maxPixels) || value.maxPixels < 0)) {
-    throw new InvalidArgumentError(`WebDataset option 'images.maxPixels' must be a non-negative integer, got ${String(value.maxPixels)}`);
-  }
+  if (value.maxPixels !== undefined) checkMaxPixels(value.maxPixels, 'readWebDataset');
   return { mode, ...(size ? { size } : {}), ...(value.maxPixels !== undefined ? { maxPixels: value.maxPixels } : {}) };
 }
